@@ -1,0 +1,46 @@
+# One entry point for set-up, demo and checks. `make test` is what CI runs.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+# .python-version selects 3.12 under pyenv; elsewhere use any python3 >= 3.12.
+PYTHON ?= $(shell command -v python3.12 >/dev/null 2>&1 && echo python3.12 || echo python3)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test check lint typecheck pytest bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml kernels/requirements.txt
+	@if command -v apt-get >/dev/null && ! ldconfig -p | grep -q libnl-route-3.so.200; then \
+	  echo "installing libnl-route-3-200 (needed by nsjail)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnl-route-3-200 >/dev/null; \
+	fi
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), f"Python >= 3.12 needed, {sys.executable} is {sys.version.split()[0]}"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]" -r kernels/requirements.txt
+	touch $@
+
+demo: setup
+	$(BIN)/sandkernel doctor
+	$(BIN)/python examples/demo.py
+
+lint: setup
+	$(BIN)/ruff check engine tests kernels
+	$(BIN)/ruff format --check engine tests kernels
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+check: test
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache dist build

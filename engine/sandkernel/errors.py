@@ -1,0 +1,70 @@
+"""The exception tree of sandkernel.
+
+Every error the engine raises on purpose derives from :class:`SandkernelError`::
+
+    SandkernelError
+    ├── PolicyError            a policy file or value is invalid (names the field)
+    ├── SandboxUnavailable     nsjail, cgroups or namespaces are missing or unusable
+    ├── KernelStartFailed      a sandboxed kernel did not come up (says why)
+    ├── KernelDead             the kernel is gone; its session needs a new one
+    ├── SelfCheckFailed        a fresh kernel did not pass its isolation self-check
+    ├── PoolExhausted          no warm kernel within the deadline (names the setting)
+    ├── SessionError
+    │   ├── SessionExpired     used after its TTL / idle timeout / max lifetime
+    │   ├── SessionClosed      used after close()
+    │   └── SessionNotFound
+    └── EngineClosed           used after the engine shut down
+
+User code failing is *not* an exception: it is an ``ExecutionResult`` whose
+``status`` says what happened (``error``, ``timeout``, ``oom``, ``dead``...).
+"""
+
+from __future__ import annotations
+
+
+class SandkernelError(Exception):
+    """Root of every error sandkernel raises on purpose."""
+
+
+class PolicyError(SandkernelError):
+    """A sandbox policy is invalid; the message names the field and the fix."""
+
+
+class SandboxUnavailable(SandkernelError):
+    """The sandbox cannot be built on this machine (run ``sandkernel doctor``)."""
+
+
+class KernelStartFailed(SandkernelError):
+    """A sandboxed kernel did not reach the ready state."""
+
+
+class KernelDead(SandkernelError):
+    """The kernel process has exited; nothing more can run in it."""
+
+
+class SelfCheckFailed(SandkernelError):
+    """A kernel failed its isolation self-check and was destroyed (fail closed)."""
+
+
+class PoolExhausted(SandkernelError):
+    """No warm kernel became available before the deadline."""
+
+
+class SessionError(SandkernelError):
+    """Base for session lifecycle errors."""
+
+
+class SessionExpired(SessionError):
+    """The session reached its TTL, idle timeout or maximum lifetime."""
+
+
+class SessionClosed(SessionError):
+    """The session was closed by its owner."""
+
+
+class SessionNotFound(SessionError):
+    """No session with that id exists."""
+
+
+class EngineClosed(SandkernelError):
+    """The engine has been shut down."""

@@ -1,0 +1,520 @@
+"""One sandboxed kernel: start, execute, interrupt, self-check, shut down.
+
+A :class:`SandboxedKernel` is single-use: it serves one session and is then
+destroyed. ``execute`` never raises for what user code does; it returns an
+:class:`~sandkernel.results.ExecutionResult` whose ``status`` says whether
+the cell finished, failed, timed out, ran out of memory or killed its kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import re
+import secrets
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from sandkernel._resources import data_dir
+from sandkernel.errors import KernelDead, KernelStartFailed, SelfCheckFailed
+from sandkernel.policy import Policy
+from sandkernel.provisioner import IPC_NAME, SandboxLaunch, SandboxProvisioner
+from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, Status, Usage
+from sandkernel.sandbox import CgroupUsage, KernelCgroup, KernelLayout, SandboxHost
+
+KERNEL_NAME = "sandkernel-python"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_POLL_S = 0.2  # how often a waiting execute checks that the kernel still lives
+_DISPLAY_MAX_BYTES = 32 << 20
+
+#: Optional callback fed each iopub message of a cell as it arrives (streaming).
+OutputCallback = Callable[[dict[str, Any]], None]
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+class _Capped:
+    """A text stream kept within ``limit`` bytes: the head and the tail survive."""
+
+    def __init__(self, limit: int) -> None:
+        self.half = max(1, limit // 2)
+        self.head: list[str] = []
+        self.head_len = 0
+        self.tail = ""
+        self.dropped = 0
+
+    def add(self, text: str) -> None:
+        if self.head_len < self.half:
+            take = text[: self.half - self.head_len]
+            self.head.append(take)
+            self.head_len += len(take)
+            text = text[len(take) :]
+            if not text:
+                return
+        joined = self.tail + text
+        if len(joined) > self.half:
+            self.dropped += len(joined) - self.half
+            joined = joined[-self.half :]
+        self.tail = joined
+
+    def clear(self) -> None:
+        self.head, self.head_len, self.tail, self.dropped = [], 0, "", 0
+
+    def value(self) -> tuple[str, bool]:
+        head = "".join(self.head)
+        if not self.dropped:
+            return head + self.tail, False
+        note = f"\n[... {self.dropped} characters cut ...]\n"
+        return head + note + self.tail, True
+
+
+class _CellOutput:
+    """Folds a cell's iopub messages into the parts of an ExecutionResult."""
+
+    def __init__(self, output_max_bytes: int) -> None:
+        self.stdout = _Capped(output_max_bytes)
+        self.stderr = _Capped(output_max_bytes)
+        self.displays: list[DisplayOutput] = []
+        self.display_bytes = 0
+        self.displays_truncated = False
+        self.value: DisplayOutput | None = None
+        self.error: ErrorInfo | None = None
+        self.execution_count: int | None = None
+        self.idle = False
+
+    def add(self, msg: dict[str, Any]) -> None:
+        kind = msg["msg_type"]
+        content = msg["content"]
+        if kind == "stream":
+            target = self.stdout if content.get("name") == "stdout" else self.stderr
+            target.add(content.get("text", ""))
+        elif kind in ("display_data", "update_display_data"):
+            size = len(json.dumps(content.get("data", {})))
+            if self.display_bytes + size > _DISPLAY_MAX_BYTES:
+                self.displays_truncated = True
+                return
+            self.display_bytes += size
+            self.displays.append(
+                DisplayOutput(data=content.get("data", {}), metadata=content.get("metadata", {}))
+            )
+        elif kind == "execute_result":
+            self.value = DisplayOutput(
+                data=content.get("data", {}), metadata=content.get("metadata", {})
+            )
+            self.execution_count = content.get("execution_count")
+        elif kind == "error":
+            self.error = ErrorInfo(
+                name=content.get("ename", ""),
+                value=content.get("evalue", ""),
+                traceback=strip_ansi("\n".join(content.get("traceback", []))),
+            )
+        elif kind == "execute_input":
+            self.execution_count = content.get("execution_count")
+        elif kind == "clear_output":
+            self.stdout.clear()
+            self.stderr.clear()
+            self.displays.clear()
+        elif kind == "status" and content.get("execution_state") == "idle":
+            self.idle = True
+
+
+_SELF_CHECK = r"""
+import json as _j, os as _o
+def _sk_check():
+    s = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+    def _writable(p):
+        try:
+            with open(_o.path.join(p, ".sk-probe"), "w"):
+                pass
+            _o.unlink(_o.path.join(p, ".sk-probe"))
+            return True
+        except OSError:
+            return False
+    return {
+        "uid": _o.getuid(), "gid": _o.getgid(),
+        "cap_eff": s["CapEff"].strip(), "no_new_privs": s["NoNewPrivs"].strip(),
+        "seccomp": s["Seccomp"].strip(), "cwd": _o.getcwd(),
+        "pids": sorted(int(p) for p in _o.listdir("/proc") if p.isdigit()),
+        "usr_writable": _writable("/usr"), "workspace_writable": _writable("."),
+        "env_keys": sorted(_o.environ),
+    }
+print(_j.dumps(_sk_check())); del _sk_check, _j, _o
+"""
+
+
+class SandboxedKernel:
+    """An ipykernel running inside its own nsjail sandbox.
+
+    Args:
+        host: the engine's :class:`~sandkernel.sandbox.SandboxHost`.
+        policy: limits and permissions of this kernel.
+        workspace: a host folder to use as ``/mnt/data`` (default: a fresh
+            size-limited tmpfs that disappears with the kernel).
+    """
+
+    def __init__(self, host: SandboxHost, policy: Policy, *, workspace: Path | None = None):
+        self.host = host
+        self.policy = policy
+        self.kernel_id = host.new_kernel_id()
+        self._workspace_arg = workspace
+        self._km: AsyncKernelManager | None = None
+        self._client: AsyncKernelClient | None = None
+        self._layout: KernelLayout | None = None
+        self._lock = asyncio.Lock()
+        self._dead_reason: str | None = None
+        self._closed = False
+        self.started_at: float | None = None
+
+    # -- properties ----------------------------------------------------------
+
+    @property
+    def workspace(self) -> Path:
+        """Host path of the kernel's ``/mnt/data``."""
+        if self._layout is None:
+            raise KernelDead("kernel not started")
+        return self._layout.workspace.resolve()
+
+    @property
+    def cgroup(self) -> KernelCgroup:
+        return self.host.cgroup(self.kernel_id)
+
+    @property
+    def provisioner(self) -> SandboxProvisioner | None:
+        prov = self._km.provisioner if self._km is not None else None
+        return prov if isinstance(prov, SandboxProvisioner) else None
+
+    @property
+    def alive(self) -> bool:
+        prov = self.provisioner
+        return (
+            not self._closed and prov is not None and prov.process is not None
+            and prov.process.poll() is None
+        )  # fmt: skip
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead_reason
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self, *, timeout_s: float = 30.0) -> None:
+        """Start the sandbox and wait until the kernel answers ``kernel_info``.
+
+        Raises:
+            KernelStartFailed: with nsjail's and the kernel's last log lines.
+        """
+        layout = await asyncio.to_thread(
+            self.host.prepare, self.kernel_id, self.policy, self._workspace_arg
+        )
+        self._layout = layout
+        km = AsyncKernelManager(
+            kernel_name=KERNEL_NAME,
+            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(data_dir("kernels"))]),
+            transport="ipc",
+            ip=str(layout.connection_dir / IPC_NAME),
+            connection_file=str(layout.root / "connection.json"),
+        )
+        km.session.key = secrets.token_hex(32).encode()
+        self._km = km
+        try:
+            await km.start_kernel(sandbox=SandboxLaunch(self.host, self.policy, layout))
+            client = km.client()
+            assert isinstance(client, AsyncKernelClient)
+            client.start_channels()
+            self._client = client
+            await asyncio.wait_for(client.wait_for_ready(timeout=timeout_s), timeout_s + 1)
+        except BaseException as exc:
+            detail = self.provisioner.log_tail() if self.provisioner else ""
+            await self.shutdown()
+            if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+                raise
+            raise KernelStartFailed(
+                f"sandboxed kernel did not start: {exc}"
+                + (f"\n--- sandbox log ---\n{detail}" if detail else "")
+                + "\n(run `sandkernel doctor` to check the sandbox)"
+            ) from None
+        self.started_at = time.monotonic()
+
+    async def shutdown(self, *, grace_s: float = 1.0) -> None:
+        """End the kernel: SIGTERM to nsjail, SIGKILL after ``grace_s``; remove every trace.
+
+        Idempotent and bounded in time; safe to call from any state.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._client is not None:
+            self._client.stop_channels()
+        km = self._km
+        prov = self.provisioner
+        try:
+            if prov is not None and prov.process is not None:
+                await prov.terminate()
+                try:
+                    await asyncio.wait_for(prov.wait(), grace_s)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        prov.process.send_signal(signal.SIGKILL)
+                    await asyncio.wait_for(prov.wait(), 5)
+        finally:
+            if km is not None:
+                # Connection file, control socket, zmq context, then the
+                # provisioner's cleanup (cgroup, mounts, runtime folder).
+                await km.cleanup_resources(restart=False)
+            elif self._layout is not None:
+                await asyncio.to_thread(self.host.destroy, self.kernel_id)
+
+    async def __aenter__(self) -> SandboxedKernel:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # -- execution -------------------------------------------------------------
+
+    async def execute(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        silent: bool = False,
+        store_history: bool = True,
+        on_output: OutputCallback | None = None,
+    ) -> ExecutionResult:
+        """Run one cell and return what happened.
+
+        Args:
+            code: Python source of the cell.
+            timeout_s: wall timeout (default: the policy's ``wall_timeout_s``).
+                On expiry the cell is interrupted through the kernel; if it
+                does not stop within the policy's ``interrupt_grace_s`` the
+                kernel is killed and ``state_lost`` is set.
+            silent: do not count or record the cell (used for set-up code).
+            store_history: record the cell in the kernel's history.
+            on_output: called with each iopub message of this cell as it arrives.
+
+        Raises:
+            KernelDead: the kernel was already dead before the cell started.
+        """
+        async with self._lock:
+            if not self.alive or self._client is None:
+                raise KernelDead(self._dead_reason or "the kernel is not running")
+            return await self._execute(code, timeout_s, silent, store_history, on_output)
+
+    async def _execute(
+        self,
+        code: str,
+        timeout_s: float | None,
+        silent: bool,
+        store_history: bool,
+        on_output: OutputCallback | None,
+    ) -> ExecutionResult:
+        assert self._client is not None
+        client = self._client
+        timeout = self.policy.wall_timeout_s if timeout_s is None else timeout_s
+        cgroup = self.cgroup
+        cgroup.reset_peak()
+        before = cgroup.usage()
+        started = time.monotonic()
+        msg_id = client.execute(code, silent=silent, store_history=store_history, allow_stdin=False)
+        out = _CellOutput(self.policy.output_max_bytes)
+        status: Status | None = None
+        message: str | None = None
+        try:
+            finished = await self._collect(msg_id, out, started + timeout, on_output)
+            if not finished and self.alive:
+                status = "timeout"
+                message = f"the cell ran longer than its {timeout:g} s limit"
+                await self._km_interrupt()
+                grace = time.monotonic() + self.policy.interrupt_grace_s
+                if await self._collect(msg_id, out, grace, on_output):
+                    message += " and was interrupted; the kernel and its variables survive"
+                else:
+                    await self._kill()
+                    message += (
+                        " and did not stop when interrupted; the kernel was killed "
+                        "and its variables are lost"
+                    )
+        except asyncio.CancelledError:
+            # A cancelled run interrupts its cell so the session stays usable.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._settle_after_cancel(msg_id, out))
+            raise
+        reply = None
+        if out.idle:
+            with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
+                reply = await self._shell_reply(msg_id, 1.0)
+        after = cgroup.usage()
+        wall_ms = (time.monotonic() - started) * 1000
+        alive = self.alive
+        if after.oom_kills > before.oom_kills:
+            status = "oom"
+            message = (
+                f"the sandbox ran out of memory (limit {self.policy.memory_mb} MiB, "
+                "policy field memory_mb)"
+                + ("; the kernel was killed and its variables are lost" if not alive else
+                   "; a process of the cell was killed")
+            )  # fmt: skip
+        elif not alive and status is None:
+            status, message = await self._death_status()
+        elif status is None:
+            status = "error" if out.error is not None else "ok"
+            if reply is not None and reply["content"].get("status") == "error":
+                status = "error"
+        if not alive:
+            self._dead_reason = self._dead_reason or message
+        if after.pids_limit_hits > before.pids_limit_hits:
+            note = f"the cell hit the process limit ({self.policy.pids_max}, policy field pids_max)"
+            message = f"{message}; {note}" if message else note
+        stdout, stdout_cut = out.stdout.value()
+        stderr, stderr_cut = out.stderr.value()
+        return ExecutionResult(
+            status=status,
+            stdout=stdout,
+            stderr=stderr,
+            stdout_truncated=stdout_cut,
+            stderr_truncated=stderr_cut,
+            displays=out.displays,
+            displays_truncated=out.displays_truncated,
+            value=out.value,
+            error=out.error,
+            usage=_usage(wall_ms, before, after),
+            execution_count=out.execution_count,
+            message=message,
+            kernel_alive=alive,
+            state_lost=not alive,
+        )
+
+    async def _collect(
+        self,
+        msg_id: str,
+        out: _CellOutput,
+        deadline: float,
+        on_output: OutputCallback | None,
+    ) -> bool:
+        """Read this cell's iopub messages until idle (True), the deadline or death."""
+        assert self._client is not None
+        while not out.idle:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                msg = await self._client.get_iopub_msg(timeout=min(remaining, _POLL_S))
+            except queue.Empty:
+                if not self.alive:
+                    return False
+                continue
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            out.add(msg)
+            if on_output is not None:
+                on_output(msg)
+        return True
+
+    async def _shell_reply(self, msg_id: str, within_s: float) -> dict[str, Any]:
+        assert self._client is not None
+        deadline = time.monotonic() + within_s
+        while True:
+            msg = await self._client.get_shell_msg(timeout=max(0.0, deadline - time.monotonic()))
+            if msg.get("parent_header", {}).get("msg_id") == msg_id:
+                return msg
+
+    async def _km_interrupt(self) -> None:
+        if self._km is not None:
+            with contextlib.suppress(Exception):
+                await self._km.interrupt_kernel()
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell (``KeyboardInterrupt`` in the kernel)."""
+        await self._km_interrupt()
+
+    async def _settle_after_cancel(self, msg_id: str, out: _CellOutput) -> None:
+        await self._km_interrupt()
+        if not await self._collect(
+            msg_id, out, time.monotonic() + self.policy.interrupt_grace_s, None
+        ):
+            await self._kill()
+        elif self._client is not None:
+            with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
+                await self._shell_reply(msg_id, 0.5)
+
+    async def _kill(self) -> None:
+        prov = self.provisioner
+        if prov is not None and prov.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                prov.process.send_signal(signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(prov.wait_exit(), 5)
+        self._dead_reason = self._dead_reason or "killed after a timeout it did not survive"
+
+    async def _death_status(self) -> tuple[Status, str]:
+        prov = self.provisioner
+        code = None
+        if prov is not None and prov.process is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(prov.wait_exit(), 2)
+            code = prov.process.poll()
+        if code is not None and code > 128:
+            signum = code - 128
+            try:
+                name = signal.Signals(signum).name
+            except ValueError:
+                name = f"signal {signum}"
+            if signum == signal.SIGKILL:
+                return "killed", "the kernel was killed (SIGKILL); its variables are lost"
+            return "dead", f"the kernel died from {name}; its variables are lost"
+        if code is not None:
+            return "dead", f"the kernel process exited with code {code}; its variables are lost"
+        return "dead", "the kernel stopped responding; its variables are lost"
+
+    # -- self-check -------------------------------------------------------------
+
+    async def self_check(self) -> dict[str, Any]:
+        """Verify, from inside, that the isolation holds. Fail closed.
+
+        Raises:
+            SelfCheckFailed: with every check that did not hold.
+        """
+        result = await self.execute(_SELF_CHECK, silent=True, store_history=False, timeout_s=10)
+        if result.status != "ok":
+            raise SelfCheckFailed(f"self-check did not run: {result.status} {result.message}")
+        report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+        problems = []
+        if int(report["cap_eff"], 16) != 0:
+            problems.append(f"capabilities present (CapEff {report['cap_eff']})")
+        if report["no_new_privs"] != "1":
+            problems.append("no_new_privs not set")
+        if report["seccomp"] != "2":
+            problems.append("seccomp filter not active")
+        if report["uid"] == 0 or report["gid"] == 0:
+            problems.append("runs as root")
+        if report["usr_writable"]:
+            problems.append("/usr is writable")
+        if not report["workspace_writable"]:
+            problems.append("workspace is not writable")
+        if any(p > 64 for p in report["pids"]) and 1 not in report["pids"]:
+            problems.append("not in its own PID namespace")
+        if problems:
+            raise SelfCheckFailed("kernel failed its isolation self-check: " + "; ".join(problems))
+        return report
+
+
+def _usage(wall_ms: float, before: CgroupUsage, after: CgroupUsage) -> Usage:
+    cpu_ms = None
+    if before.cpu_ns is not None and after.cpu_ns is not None:
+        cpu_ms = (after.cpu_ns - before.cpu_ns) / 1e6
+    return Usage(
+        wall_ms=round(wall_ms, 3), cpu_ms=cpu_ms, peak_memory_bytes=after.peak_memory_bytes
+    )

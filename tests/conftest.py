@@ -1,0 +1,118 @@
+"""Shared fixtures: sandbox hosts and kernels that always clean up, with a leak check."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandkernel.policy import Policy, load_policy
+from sandkernel.sandbox import CgroupLayout, CgroupVersion, SandboxHost, mounts_under
+
+
+def sandbox_available() -> str | None:
+    """None if real sandboxes can run here, else why not."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if CgroupLayout.detect().version is CgroupVersion.NONE:
+        return "no usable cgroups"
+    try:
+        from sandkernel.sandbox import find_nsjail
+
+        find_nsjail()
+    except Exception as exc:  # noqa: BLE001 - any reason is a reason to skip
+        return str(exc)
+    return None
+
+
+_WHY_NOT = sandbox_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _WHY_NOT is None:
+        return
+    skip = pytest.mark.skip(reason=f"sandbox unavailable: {_WHY_NOT}")
+    for item in items:
+        if "sandbox" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def leftovers(host: SandboxHost) -> list[str]:
+    """Everything of this host's still on the machine: kernel dirs, cgroups, mounts."""
+    found = [
+        f"dir {p}"
+        for p in host.root.iterdir()
+        if p.name != "owners" and p.name.startswith(host.owner)
+    ]
+    for parent in host.cgroups.parent_dirs():
+        found += [f"cgroup {p}" for p in parent.glob(f"{host.owner}-*")]
+    found += [f"mount {m}" for m in mounts_under(host.root)]
+    return found
+
+
+def open_fds() -> Counter[str]:
+    """This process's open fds, counted by what they point at."""
+    fds: Counter[str] = Counter()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[os.readlink(f"/proc/self/fd/{fd}")] += 1
+        except OSError:
+            continue
+    return fds
+
+
+@pytest.fixture
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxHost]:
+    """A SandboxHost in its own runtime folder; after the test nothing of it may remain."""
+    root = Path("/run") / f"sandkernel-test-{os.getpid()}"
+    fds_before = open_fds()
+    with SandboxHost(root) as h:
+        yield h
+        left = leftovers(h)
+    assert not left, f"sandbox resources left behind: {left}"
+    gc.collect()
+    new_fds = open_fds() - fds_before
+    assert not new_fds, f"file descriptors left open: {dict(new_fds)}"
+
+
+KernelFactory = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+async def kernel_factory(host: SandboxHost) -> AsyncIterator[KernelFactory]:
+    """Start sandboxed kernels on demand; all are shut down after the test."""
+    from sandkernel.kernel import SandboxedKernel
+
+    kernels: list[SandboxedKernel] = []
+
+    async def make(policy: Policy | str | None = None, **kwargs: Any) -> SandboxedKernel:
+        kernel = SandboxedKernel(host, load_policy(policy), **kwargs)
+        kernels.append(kernel)
+        await kernel.start()
+        return kernel
+
+    yield make
+    for kernel in kernels:
+        await kernel.shutdown()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    root = Path("/run") / f"sandkernel-test-{os.getpid()}"
+    if root.exists():
+        shutil.rmtree(root / "owners", ignore_errors=True)
+        try:
+            root.rmdir()
+        except OSError:
+            print(f"\nsandkernel test runtime folder not empty: {list(root.iterdir())}")
+            session.exitstatus = 1

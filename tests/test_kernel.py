@@ -1,0 +1,146 @@
+"""A real sandboxed kernel: results, limits, timeouts, deaths."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sandkernel.errors import KernelDead
+from sandkernel.policy import Policy
+from tests.conftest import KernelFactory
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
+
+
+async def test_print_gives_ok_and_stdout(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory()
+    r = await k.execute("print(1+1)")
+    assert r.status == "ok" and r.stdout == "2\n" and r.error is None
+    assert r.usage.wall_ms > 0 and r.usage.peak_memory_bytes and r.usage.cpu_ms is not None
+
+
+async def test_state_persists_across_cells_and_value_is_returned(
+    kernel_factory: KernelFactory,
+) -> None:
+    k = await kernel_factory()
+    assert (await k.execute("x = 21")).status == "ok"
+    r = await k.execute("x * 2")
+    assert r.text == "42" and r.execution_count == 2
+
+
+async def test_exception_is_a_value_with_plain_traceback(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory()
+    r = await k.execute("def f():\n    return 1/0\nf()")
+    assert r.status == "error" and r.error is not None
+    assert r.error.name == "ZeroDivisionError" and r.error.value == "division by zero"
+    assert "\x1b[" not in r.error.traceback and "return 1/0" in r.error.traceback
+    assert r.kernel_alive and not r.state_lost
+
+
+async def test_stderr_and_matplotlib_figure_as_png_display(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory()
+    r = await k.execute(
+        "import sys, matplotlib.pyplot as plt\n"
+        "print('warn', file=sys.stderr)\n"
+        "plt.plot([1, 2, 3], [1, 4, 9]); plt.show()"
+    )
+    assert r.status == "ok", r
+    assert r.stderr == "warn\n"
+    assert any("image/png" in d.data for d in r.displays)
+
+
+async def test_output_over_the_cap_keeps_head_and_tail(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory(Policy(output_max_bytes=4096))
+    r = await k.execute("print('HEAD'); print('x' * 100_000); print('TAIL')")
+    assert r.status == "ok" and r.stdout_truncated
+    assert r.stdout.startswith("HEAD") and r.stdout.rstrip().endswith("TAIL")
+    assert len(r.stdout) < 4096 + 100
+
+
+async def test_timeout_interrupts_and_kernel_survives(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory()
+    await k.execute("y = 7")
+    started = time.monotonic()
+    r = await k.execute("while True: pass", timeout_s=1)
+    assert time.monotonic() - started < 1 + 2
+    assert r.status == "timeout" and r.kernel_alive and not r.state_lost
+    assert "1 s limit" in (r.message or "")
+    assert (await k.execute("y")).text == "7"
+
+
+async def test_uninterruptible_cell_is_killed_and_a_new_kernel_works(
+    kernel_factory: KernelFactory,
+) -> None:
+    k = await kernel_factory(Policy(interrupt_grace_s=0.5))
+    started = time.monotonic()
+    r = await k.execute(
+        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
+        timeout_s=1,
+    )
+    assert time.monotonic() - started < 1 + 2
+    assert r.status == "timeout" and not r.kernel_alive and r.state_lost
+    with pytest.raises(KernelDead):
+        await k.execute("1")
+    fresh = await kernel_factory()
+    assert (await fresh.execute("1+1")).text == "2"
+
+
+async def test_4gib_allocation_gives_oom_naming_the_limit(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory()
+    r = await k.execute("b = bytearray(4 * 1024**3)")
+    assert r.status == "oom", r
+    assert "1024 MiB" in (r.message or "") and "memory_mb" in (r.message or "")
+    assert not r.kernel_alive and r.state_lost
+
+
+async def test_os_exit_gives_dead_with_the_code(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory()
+    r = await k.execute("import os; os._exit(1)")
+    assert r.status == "dead" and "code 1" in (r.message or "")
+    assert not k.alive
+
+
+async def test_segfault_gives_dead_with_the_signal(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory()
+    r = await k.execute("import ctypes; ctypes.string_at(0)")
+    assert r.status == "dead" and "SIGSEGV" in (r.message or "")
+
+
+async def test_fork_bomb_is_contained_and_reported(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory(Policy(pids_max=64))
+    r = await k.execute(
+        "import os, time\n"
+        "n = 0\n"
+        "for _ in range(10_000):\n"
+        "    try:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(60); os._exit(0)\n"
+        "        n += 1\n"
+        "    except OSError:\n"
+        "        break\n"
+        "print(n)",
+        timeout_s=20,
+    )
+    assert r.status == "ok", r
+    assert int(r.stdout) < 64
+    assert "process limit (64" in (r.message or "")
+    assert len(k.cgroup.pids()) <= 64
+    assert (await k.execute("1+1")).text == "2"
+
+
+async def test_self_check_reports_isolation(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory()
+    report = await k.self_check()
+    assert report["cap_eff"] == "0000000000000000"
+    assert report["no_new_privs"] == "1" and report["seccomp"] == "2"
+    assert report["uid"] == 65534 and report["cwd"] == "/mnt/data"
+
+
+async def test_shutdown_is_idempotent_and_removes_everything(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory()
+    root = k.workspace.parent
+    await k.shutdown()
+    await k.shutdown()
+    assert not root.exists()
+    assert not k.cgroup.pids()
