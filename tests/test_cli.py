@@ -1,0 +1,76 @@
+"""The `sandkernel` command, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SANDKERNEL = [sys.executable, "-m", "sandkernel.cli"]
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SANDKERNEL, *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.sandbox
+def test_run_json_prints_ok_and_stdout() -> None:
+    proc = run_cli("run", "--json", "print(1+1)")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["status"] == "ok" and result["stdout"] == "2\n"
+
+
+@pytest.mark.sandbox
+def test_run_reads_stdin_and_reports_errors_with_exit_1() -> None:
+    proc = run_cli("run", stdin="print('piped')\n")
+    assert proc.returncode == 0 and proc.stdout == "piped\n"
+    proc = run_cli("run", "raise ValueError('bad input')")
+    assert proc.returncode == 1
+    assert "[error] ValueError: bad input" in proc.stderr
+
+
+@pytest.mark.sandbox
+def test_run_with_workspace_keeps_files_and_saves_displays(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    code = (
+        "open('out.txt', 'w').write('hello')\n"
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()"
+    )
+    proc = run_cli("run", "--workspace", str(ws), code)
+    assert proc.returncode == 0, proc.stderr
+    assert (ws / "out.txt").read_text() == "hello"
+    pngs = list(ws.glob("display-*.png"))
+    assert pngs and pngs[0].read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.sandbox
+def test_doctor_exits_0_and_lists_each_control() -> None:
+    proc = run_cli("doctor", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    names = {c["name"] for c in report["checks"] if c["ok"]}
+    controls = ["net namespace", "pid namespace", "seccomp", "no_new_privs", "capabilities"]
+    controls += ["memory limit", "pids limit", "cpu quota", "network", "host files"]
+    assert set(controls) <= names
+    assert report["ok"] is True
+
+
+def test_policy_show_prints_the_rendered_config() -> None:
+    proc = run_cli("policy", "show", "strict")
+    assert proc.returncode == 0, proc.stderr
+    assert "memory_mb = 512" in proc.stdout
+    assert 'hostname: "sandbox"' in proc.stdout and "seccomp_string" in proc.stdout
+
+
+def test_bad_policy_is_a_clear_error_with_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("cpus = 0\n")
+    proc = run_cli("policy", "show", str(bad))
+    assert proc.returncode == 2
+    assert "cpus" in proc.stderr and "Traceback" not in proc.stderr
