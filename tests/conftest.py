@@ -116,3 +116,37 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         except OSError:
             print(f"\nsandkernel test runtime folder not empty: {list(root.iterdir())}")
             session.exitstatus = 1
+
+
+def runtime_root() -> Path:
+    return Path("/run") / f"sandkernel-test-{os.getpid()}"
+
+
+@pytest.fixture
+async def engine_factory() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Engines in the test runtime folder; after the test: closed, nothing left behind."""
+    from sandkernel.engine import Engine
+
+    engines: list[Engine] = []
+    fds_before = open_fds()
+
+    async def make(**kwargs: Any) -> Engine:
+        kwargs.setdefault("runtime_dir", runtime_root())
+        kwargs.setdefault("prewarm_imports", ())
+        kwargs.setdefault("pool_size", 1)
+        kwargs.setdefault("handle_sigterm", False)
+        engine = Engine(**kwargs)
+        engines.append(engine)
+        await engine.start()
+        return engine
+
+    yield make
+    for engine in engines:
+        host = engine._host
+        await engine.aclose()
+        if host is not None:
+            left = leftovers(host)
+            assert not left, f"engine left resources behind: {left}"
+    gc.collect()
+    new_fds = open_fds() - fds_before
+    assert not new_fds, f"file descriptors left open: {dict(new_fds)}"

@@ -12,8 +12,12 @@ Every error the engine raises on purpose derives from :class:`SandkernelError`::
     ├── SessionError
     │   ├── SessionExpired     used after its TTL / idle timeout / max lifetime
     │   ├── SessionClosed      used after close()
-    │   └── SessionNotFound
-    └── EngineClosed           used after the engine shut down
+    │   ├── SessionNotFound
+    │   └── SessionLimitReached  max_sessions are active (names the setting)
+    ├── EngineClosed           used after the engine shut down
+    └── FileError              the file store cannot do what was asked
+        ├── FileRejected       an upload or file was refused (says why and what is allowed)
+        └── FileNotFoundInStore  no stored file with that id (never stored, deleted or expired)
 
 User code failing is *not* an exception: it is an ``ExecutionResult`` whose
 ``status`` says what happened (``error``, ``timeout``, ``oom``, ``dead``...).
@@ -66,5 +70,21 @@ class SessionNotFound(SessionError):
     """No session with that id exists."""
 
 
+class SessionLimitReached(SessionError):
+    """As many sessions as ``max_sessions`` allows are active."""
+
+
 class EngineClosed(SandkernelError):
     """The engine has been shut down."""
+
+
+class FileError(SandkernelError):
+    """Base for file store errors; raised as such when the store is closed."""
+
+
+class FileRejected(FileError):
+    """A file was refused; the message says why and what would be accepted."""
+
+
+class FileNotFoundInStore(FileError):
+    """No stored file has that id: it was never stored, was deleted, or expired."""

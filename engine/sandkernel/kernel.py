@@ -174,6 +174,7 @@ class SandboxedKernel:
         self._lock = asyncio.Lock()
         self._dead_reason: str | None = None
         self._closed = False
+        self._shutdown_task: asyncio.Future[None] | None = None
         self.started_at: float | None = None
 
     # -- properties ----------------------------------------------------------
@@ -249,11 +250,16 @@ class SandboxedKernel:
     async def shutdown(self, *, grace_s: float = 1.0) -> None:
         """End the kernel: SIGTERM to nsjail, SIGKILL after ``grace_s``; remove every trace.
 
-        Idempotent and bounded in time; safe to call from any state.
+        Idempotent and bounded in time; safe to call from any state. Runs as one
+        shielded task: a caller that is cancelled does not leave it half done,
+        and every caller waits for the same shutdown.
         """
-        if self._closed:
-            return
-        self._closed = True
+        if self._shutdown_task is None:
+            self._closed = True
+            self._shutdown_task = asyncio.ensure_future(self._shutdown(grace_s))
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self, grace_s: float) -> None:
         if self._client is not None:
             self._client.stop_channels()
         km = self._km
@@ -348,10 +354,18 @@ class SandboxedKernel:
                         "and its variables are lost"
                     )
         except asyncio.CancelledError:
-            # A cancelled run interrupts its cell so the session stays usable.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._settle_after_cancel(msg_id, out))
-            raise
+            task = asyncio.current_task()
+            if not (self._closed and task is not None and task.cancelling() == 0):
+                # The caller cancelled: interrupt the cell so the session stays usable.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._settle_after_cancel(msg_id, out))
+                raise
+            # Nobody cancelled us: the kernel was shut down under the running cell
+            # (session closed, engine shutting down). That is a result, not an error.
+            status = "killed"
+            message = (
+                "the kernel was shut down while the cell ran (session closed or engine stopped)"
+            )
         reply = None
         if out.idle:
             with contextlib.suppress(queue.Empty, asyncio.TimeoutError):

@@ -1,0 +1,393 @@
+"""The public entry point: an async :class:`Engine` of warm, sandboxed sessions.
+
+::
+
+    async with Engine(pool_size=2) as engine:
+        session = await engine.session("thread-42")
+        result = await session.run("print(1 + 1)")
+
+The engine owns the sandbox host, the warm pool, every session and two
+background tasks (pool refill and session reaper). Leaving its context ends
+every kernel within a bounded time and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Coroutine, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from sandkernel.errors import (
+    EngineClosed,
+    KernelStartFailed,
+    SessionClosed,
+    SessionLimitReached,
+    SessionNotFound,
+)
+from sandkernel.kernel import SandboxedKernel
+from sandkernel.policy import Policy, load_policy
+from sandkernel.pool import Pool, PoolStats
+from sandkernel.sandbox import Runtime, SandboxHost
+from sandkernel.session import Clock, Lifetime, Session, SessionInfo, SessionState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREWARM: tuple[str, ...] = ("numpy", "pandas", "matplotlib.pyplot")
+_SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+_KEEP_ENDED = 10_000  # ended sessions remembered, to answer "expired when and why"
+
+
+class EngineStats(BaseModel):
+    """Pool and session figures, as ``engine.stats()`` reports them."""
+
+    pool: PoolStats
+    sessions_active: int
+    sessions_dead: int
+    sessions_expired: int
+    sessions_closed: int
+    uptime_s: float
+
+
+class Engine:
+    """Warm sandboxed kernels, handed out as sessions. Use as ``async with Engine(...)``.
+
+    Args:
+        policy: sandbox policy of pooled kernels (name, TOML path or Policy).
+        pool_size: kernels kept warm.
+        max_sessions: sessions alive at once (active or dead-awaiting-restart).
+        max_kernels: kernels alive at once (default: ``max_sessions + pool_size``).
+        max_concurrent_starts: kernel starts in flight (default 2: do not thrash the CPUs).
+        session_ttl_s: a session expires this long after its last activity (1 hour).
+        idle_timeout_s: optional: expire after this long without a run.
+        max_lifetime_s: optional hard bound on a session's age.
+        acquire_timeout_s: how long ``session()`` waits for a kernel before
+            raising :class:`~sandkernel.errors.PoolExhausted`.
+        prewarm_imports: modules imported in each kernel before it is handed out.
+        self_check: verify each kernel's isolation before handing it out (fail closed).
+        restart_dead_kernels: default for ``Session.run(restart=...)``.
+        python: the Python environment the sandbox runs (default: this one).
+        runtime_dir: where kernel runtime folders live (default ``/run/sandkernel``).
+        reap_interval_s: how often expired sessions are ended.
+        clock: monotonic clock (injected in tests).
+        handle_sigterm: in the main thread, end every kernel on SIGTERM, then exit.
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: Policy | str | Path | None = None,
+        pool_size: int = 2,
+        max_sessions: int = 32,
+        max_kernels: int | None = None,
+        max_concurrent_starts: int = 2,
+        session_ttl_s: float = 3600.0,
+        idle_timeout_s: float | None = None,
+        max_lifetime_s: float | None = None,
+        acquire_timeout_s: float = 60.0,
+        prewarm_imports: Iterable[str] = DEFAULT_PREWARM,
+        self_check: bool = True,
+        restart_dead_kernels: bool = False,
+        python: str | Path | None = None,
+        runtime_dir: str | Path | None = None,
+        reap_interval_s: float = 5.0,
+        clock: Clock = time.monotonic,
+        handle_sigterm: bool = True,
+    ) -> None:
+        if pool_size < 0 or max_sessions < 1 or max_concurrent_starts < 1:
+            raise ValueError("pool_size >= 0, max_sessions >= 1, max_concurrent_starts >= 1")
+        self.policy = load_policy(policy)
+        self.pool_size = pool_size
+        self.max_sessions = max_sessions
+        self.max_kernels = max_kernels if max_kernels is not None else max_sessions + pool_size
+        self.max_concurrent_starts = max_concurrent_starts
+        self.session_ttl_s = session_ttl_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_lifetime_s = max_lifetime_s
+        self.acquire_timeout_s = acquire_timeout_s
+        self.prewarm_imports = tuple(prewarm_imports)
+        self.self_check = self_check
+        self.restart_dead_kernels = restart_dead_kernels
+        self._python = python
+        self._runtime_dir = Path(runtime_dir) if runtime_dir is not None else None
+        self.reap_interval_s = reap_interval_s
+        self._clock = clock
+        self._handle_sigterm = handle_sigterm
+        self._host: SandboxHost | None = None
+        self._pool: Pool | None = None
+        self._sessions: dict[str, Session] = {}
+        self._creating: dict[str, asyncio.Future[Session]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started_at = 0.0
+        self._state: Literal["new", "running", "closing", "closed"] = "new"
+        self._sigterm_installed = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Claim the host, sweep what a dead engine left, start the pool and the reaper."""
+        if self._state != "new":
+            raise EngineClosed("an Engine can be started once")
+        runtime = Runtime.detect(self._python)
+        self._host = await asyncio.to_thread(SandboxHost, self._runtime_dir, runtime=runtime)
+        self._pool = Pool(
+            self._start_kernel,
+            size=self.pool_size,
+            max_kernels=self.max_kernels,
+            max_concurrent_starts=self.max_concurrent_starts,
+        )
+        self._started_at = self._clock()
+        self._state = "running"
+        self._spawn(self._pool.run(), "pool")
+        self._spawn(self._reaper(), "reaper")
+        self._install_sigterm()
+
+    async def aclose(self) -> None:
+        """End every session and kernel; release the host. Idempotent and bounded."""
+        if self._state in ("closing", "closed", "new"):
+            self._state = "closed" if self._state == "new" else self._state
+            return
+        self._state = "closing"
+        self._remove_sigterm()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(s._end(SessionState.CLOSED, "engine") for s in self._sessions.values()),
+            return_exceptions=True,
+        )
+        if self._pool is not None:
+            await self._pool.close()
+        if self._host is not None:
+            self._host.close()
+        self._state = "closed"
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=f"sandkernel-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _install_sigterm(self) -> None:
+        if not self._handle_sigterm or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return  # the embedding program handles SIGTERM itself
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        self._sigterm_installed = True
+
+    def _remove_sigterm(self) -> None:
+        if self._sigterm_installed:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+            self._sigterm_installed = False
+
+    def _on_sigterm(self) -> None:
+        async def shutdown_then_exit() -> None:
+            await self.aclose()
+            # Die of SIGTERM as the sender asked, now that nothing is left behind.
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        asyncio.get_running_loop().create_task(shutdown_then_exit())
+
+    def _require_running(self) -> tuple[SandboxHost, Pool]:
+        if self._state != "running" or self._host is None or self._pool is None:
+            raise EngineClosed(
+                "the engine is not running: use `async with Engine(...)` or await start()"
+            )
+        return self._host, self._pool
+
+    # -- kernels --------------------------------------------------------------------
+
+    async def _start_kernel(self) -> SandboxedKernel:
+        host, _ = self._require_running()
+        kernel = SandboxedKernel(host, self.policy)
+        try:
+            await kernel.start()
+            if self.self_check:
+                await kernel.self_check()
+            if self.prewarm_imports:
+                await self._prewarm(kernel)
+        except BaseException:
+            await kernel.shutdown()
+            raise
+        return kernel
+
+    async def _prewarm(self, kernel: SandboxedKernel) -> None:
+        # A module that is missing is not fatal: the user's own import will say so.
+        lines = [
+            f"try:\n    import {m}\nexcept ImportError:\n    pass" for m in self.prewarm_imports
+        ]
+        code = "\n".join(lines) + "\n" + _forget_names(self.prewarm_imports)
+        result = await kernel.execute(code, silent=True, store_history=False, timeout_s=120)
+        if result.status not in ("ok", "error"):
+            raise KernelStartFailed(f"prewarm imports failed: {result.status}: {result.message}")
+
+    # -- sessions ------------------------------------------------------------------
+
+    async def session(
+        self,
+        session_id: str | None = None,
+        *,
+        if_expired: Literal["raise", "new"] = "raise",
+    ) -> Session:
+        """Get the session for a conversation/thread id, creating it if needed.
+
+        Args:
+            session_id: the conversation's id; ``None`` creates a new random one.
+            if_expired: for an id whose session expired or was closed: ``"raise"``
+                (:class:`~sandkernel.errors.SessionExpired` says when and why) or
+                ``"new"`` (start a fresh session under the same id).
+
+        Raises:
+            PoolExhausted: no kernel within ``acquire_timeout_s``.
+            SessionLimitReached: ``max_sessions`` are alive.
+            SessionExpired, SessionClosed: see ``if_expired``.
+        """
+        _, pool = self._require_running()
+        if session_id is None:
+            session_id = f"sess-{secrets.token_hex(8)}"
+        elif not _SESSION_ID.match(session_id):
+            raise ValueError(
+                f"invalid session id {session_id[:40]!r}: 1-128 characters of letters, "
+                "digits and ._:@- starting with a letter or digit"
+            )
+        existing = self._sessions.get(session_id)
+        if existing is not None:
+            if not existing.closed:
+                existing._check_usable()
+            if not existing.closed:
+                return existing
+            if if_expired == "raise":
+                if existing.state is SessionState.EXPIRED:
+                    raise existing.expired_error()
+                raise SessionClosed(f"session {session_id!r} was closed")
+        pending = self._creating.get(session_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        alive = sum(1 for s in self._sessions.values() if not s.closed)
+        if alive >= self.max_sessions:
+            raise SessionLimitReached(
+                f"{alive} sessions are alive (max_sessions={self.max_sessions}); "
+                "close some or raise max_sessions"
+            )
+        future: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self._creating[session_id] = future
+        try:
+            kernel = await pool.acquire(timeout_s=self.acquire_timeout_s)
+            now = self._clock()
+            session = Session(
+                session_id,
+                kernel,
+                Lifetime(now, self.session_ttl_s, self.idle_timeout_s, self.max_lifetime_s),
+                clock=self._clock,
+                acquire_kernel=lambda: pool.acquire(timeout_s=self.acquire_timeout_s),
+                release_kernel=pool.release,
+                restart_dead_kernels=self.restart_dead_kernels,
+            )
+            self._sessions[session_id] = session
+            self._forget_old_sessions()
+            future.set_result(session)
+            return session
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
+            raise
+        finally:
+            del self._creating[session_id]
+
+    def get_session(self, session_id: str) -> Session:
+        """The live session with this id (never creates one).
+
+        Raises:
+            SessionNotFound, SessionExpired, SessionClosed.
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        session._check_usable()
+        return session
+
+    async def close_session(self, session_id: str) -> None:
+        """Close a session by id (idempotent for ended sessions)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        await session.close()
+
+    def sessions(self) -> list[SessionInfo]:
+        """Every session the engine knows, alive or recently ended."""
+        return [s.info() for s in self._sessions.values()]
+
+    def _forget_old_sessions(self) -> None:
+        ended = [s for s in self._sessions.values() if s.closed]
+        for s in sorted(ended, key=lambda s: s.ended_at or 0)[: max(0, len(ended) - _KEEP_ENDED)]:
+            del self._sessions[s.id]
+
+    # -- reaping ------------------------------------------------------------------
+
+    async def reap(self, now: float | None = None) -> list[str]:
+        """End every session past its expiry. Returns their ids.
+
+        Kernels are shut down concurrently, so one slow kernel delays no other.
+        """
+        now = self._clock() if now is None else now
+        expired = []
+        for session in list(self._sessions.values()):
+            if session.closed:
+                continue
+            expiry = session.lifetime.expiry(now)
+            if expiry is not None:
+                expired.append((session, expiry))
+        await asyncio.gather(
+            *(s.expire(reason, when) for s, (reason, when) in expired), return_exceptions=True
+        )
+        return [s.id for s, _ in expired]
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.reap_interval_s)
+            try:
+                ended = await self.reap()
+                if ended:
+                    log.info("expired sessions: %s", ", ".join(ended))
+            except Exception:
+                log.exception("session reaper pass failed; continuing")
+
+    # -- reporting ----------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """Pool and session metrics."""
+        _, pool = self._require_running()
+        counts = dict.fromkeys(SessionState, 0)
+        for s in self._sessions.values():
+            counts[s.state] += 1
+        return EngineStats(
+            pool=pool.stats(),
+            sessions_active=counts[SessionState.ACTIVE],
+            sessions_dead=counts[SessionState.DEAD],
+            sessions_expired=counts[SessionState.EXPIRED],
+            sessions_closed=counts[SessionState.CLOSED],
+            uptime_s=round(self._clock() - self._started_at, 3),
+        )
+
+
+def _forget_names(modules: Iterable[str]) -> str:
+    """``del`` the top-level names the prewarm imports bound, so the user starts clean."""
+    names = list(dict.fromkeys(m.split(".")[0] for m in modules))
+    return "\n".join(f"globals().pop({n!r}, None)" for n in names)

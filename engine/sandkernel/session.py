@@ -1,0 +1,266 @@
+"""Sessions: one conversation's kernel, its lifetime and its queue of cells.
+
+A session is active **one hour by default**: it expires ``ttl_s`` after its
+last activity (a run or :meth:`Session.extend`). Two optional bounds come on
+top: an idle timeout counted from the last *run* only (extending does not
+reset it), and a hard maximum lifetime counted from creation. The rules are
+the pure :class:`Lifetime`; the engine's reaper applies them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel
+
+from sandkernel.errors import KernelDead, SessionClosed, SessionExpired
+from sandkernel.kernel import OutputCallback, SandboxedKernel
+from sandkernel.results import KERNEL_LOST, ExecutionResult
+
+Clock = Callable[[], float]
+
+
+class SessionState(StrEnum):
+    ACTIVE = "active"
+    DEAD = "dead"  # its kernel died; the next run raises or restarts
+    EXPIRED = "expired"
+    CLOSED = "closed"
+
+
+@dataclass
+class Lifetime:
+    """When a session expires, as plain data. Times are from the engine's clock."""
+
+    created_at: float
+    ttl_s: float
+    idle_timeout_s: float | None = None
+    max_lifetime_s: float | None = None
+    last_touch: float = 0.0
+    last_run: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.last_touch = self.last_touch or self.created_at
+        self.last_run = self.last_run or self.created_at
+
+    def deadlines(self) -> dict[str, float]:
+        found = {"ttl": self.last_touch + self.ttl_s}
+        if self.idle_timeout_s is not None:
+            found["idle"] = self.last_run + self.idle_timeout_s
+        if self.max_lifetime_s is not None:
+            found["max_lifetime"] = self.created_at + self.max_lifetime_s
+        return found
+
+    def expires_at(self) -> float:
+        return min(self.deadlines().values())
+
+    def expiry(self, now: float) -> tuple[str, float] | None:
+        """``(reason, when)`` if expired at ``now``, else None."""
+        reason, when = min(self.deadlines().items(), key=lambda kv: kv[1])
+        return (reason, when) if now >= when else None
+
+    def touch(self, now: float) -> None:
+        self.last_touch = max(self.last_touch, now)
+
+    def ran(self, now: float) -> None:
+        self.touch(now)
+        self.last_run = max(self.last_run, now)
+
+    def describe(self, reason: str) -> str:
+        return {
+            "ttl": f"no activity for {self.ttl_s:g} s (session_ttl_s)",
+            "idle": f"no code run for {self.idle_timeout_s or 0:g} s (idle_timeout_s)",
+            "max_lifetime": f"it reached its maximum lifetime of {self.max_lifetime_s or 0:g} s "
+            "(max_lifetime_s)",
+            "closed": "it was closed",
+            "engine": "the engine shut down",
+        }.get(reason, reason)
+
+
+class SessionInfo(BaseModel):
+    """A session as ``engine.sessions()`` lists it (times are UTC datetimes)."""
+
+    id: str
+    state: SessionState
+    created_at: datetime
+    last_active: datetime
+    expires_at: datetime
+    cells_run: int
+    kernel_id: str | None
+    ended_reason: str | None = None
+
+
+class Session:
+    """One conversation's sandboxed kernel. Created by :meth:`Engine.session`.
+
+    Cells sent to one session run one at a time, in order; different sessions
+    run in parallel.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        kernel: SandboxedKernel,
+        lifetime: Lifetime,
+        *,
+        clock: Clock,
+        acquire_kernel: Callable[[], Awaitable[SandboxedKernel]],
+        release_kernel: Callable[[SandboxedKernel], Awaitable[None]],
+        restart_dead_kernels: bool = False,
+    ) -> None:
+        self.id = session_id
+        self.kernel: SandboxedKernel | None = kernel
+        self.lifetime = lifetime
+        self.state = SessionState.ACTIVE
+        self.cells_run = 0
+        self.ended_reason: str | None = None
+        self.ended_at: float | None = None
+        self._clock = clock
+        self._acquire = acquire_kernel
+        self._release = release_kernel
+        self._restart_dead = restart_dead_kernels
+        self._lock = asyncio.Lock()
+        self._dead_message: str | None = None
+
+    # -- running code ---------------------------------------------------------------
+
+    async def run(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        on_output: OutputCallback | None = None,
+        restart: bool | None = None,
+    ) -> ExecutionResult:
+        """Run one cell in this session's kernel.
+
+        Args:
+            code: the cell's Python source.
+            timeout_s: wall timeout (default: the policy's).
+            on_output: called with each iopub message as it arrives.
+            restart: if the kernel has died, start on a fresh one (the result
+                then has ``state_lost``) instead of raising. Defaults to the
+                engine's ``restart_dead_kernels``.
+
+        Raises:
+            SessionExpired: past its TTL, idle timeout or maximum lifetime.
+            SessionClosed: after :meth:`close`.
+            KernelDead: its kernel died and restarting is not allowed.
+        """
+        async with self._lock:
+            self._check_usable()
+            state_lost = False
+            if self.state is SessionState.DEAD:
+                if not (self._restart_dead if restart is None else restart):
+                    raise KernelDead(
+                        f"session {self.id!r}: {self._dead_message}. Its variables are lost; "
+                        "run again with restart=True for a fresh kernel, or open a new session"
+                    )
+                self.kernel = await self._acquire()
+                self.state = SessionState.ACTIVE
+                state_lost = True
+            assert self.kernel is not None
+            self.lifetime.ran(self._clock())
+            result = await self.kernel.execute(code, timeout_s=timeout_s, on_output=on_output)
+            self.lifetime.ran(self._clock())
+            self.cells_run += 1
+            if result.status in KERNEL_LOST or not result.kernel_alive:
+                await self._kernel_died(result.message or result.status)
+            if state_lost:
+                result = result.model_copy(update={"state_lost": True})
+            return result
+
+    async def _kernel_died(self, message: str) -> None:
+        if self.closed:  # closed or expired while the cell ran: that state stands
+            return
+        self.state = SessionState.DEAD
+        self._dead_message = f"its kernel died ({message})"
+        kernel, self.kernel = self.kernel, None
+        if kernel is not None:
+            await self._release(kernel)
+
+    def _check_usable(self) -> None:
+        if self.state is SessionState.CLOSED:
+            raise SessionClosed(f"session {self.id!r} was closed")
+        if self.state is SessionState.EXPIRED:
+            raise self.expired_error()
+        expiry = self.lifetime.expiry(self._clock())
+        if expiry is not None:
+            # Expired since the reaper's last pass: same answer as after it.
+            self.state = SessionState.EXPIRED
+            self.ended_reason, self.ended_at = expiry
+            raise self.expired_error()
+
+    def expired_error(self) -> SessionExpired:
+        when = self._wall(self.ended_at or self._clock()).isoformat(timespec="seconds")
+        why = self.lifetime.describe(self.ended_reason or "ttl")
+        return SessionExpired(
+            f"session {self.id!r} expired at {when} because {why}; its kernel was ended. "
+            "Open a new session (its files stay downloadable by id)"
+        )
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell, if any."""
+        if self.kernel is not None:
+            await self.kernel.interrupt()
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    def extend(self, ttl_s: float | None = None) -> float:
+        """Keep the session alive: its TTL counts again from now.
+
+        Args:
+            ttl_s: a new TTL for this session (default: keep the current one).
+
+        Returns:
+            The new expiry time (engine clock).
+        """
+        self._check_usable()
+        if ttl_s is not None:
+            self.lifetime.ttl_s = ttl_s
+        self.lifetime.touch(self._clock())
+        return self.lifetime.expires_at()
+
+    async def close(self) -> None:
+        """End the session and destroy its kernel. Idempotent."""
+        await self._end(SessionState.CLOSED, "closed")
+
+    async def _end(self, state: SessionState, reason: str, when: float | None = None) -> None:
+        if self.state in (SessionState.CLOSED, SessionState.EXPIRED):
+            return
+        self.state = state
+        self.ended_reason = reason
+        self.ended_at = self._clock() if when is None else when
+        kernel, self.kernel = self.kernel, None
+        if kernel is not None:
+            # A cell still running sees its kernel end and returns "killed".
+            await self._release(kernel)
+
+    async def expire(self, reason: str, when: float) -> None:
+        """Called by the reaper: end the session as expired."""
+        await self._end(SessionState.EXPIRED, reason, when)
+
+    @property
+    def closed(self) -> bool:
+        return self.state in (SessionState.CLOSED, SessionState.EXPIRED)
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def _wall(self, t: float) -> datetime:
+        return datetime.fromtimestamp(time.time() - (self._clock() - t), tz=UTC)
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            id=self.id,
+            state=self.state,
+            created_at=self._wall(self.lifetime.created_at),
+            last_active=self._wall(self.lifetime.last_touch),
+            expires_at=self._wall(self.ended_at or self.lifetime.expires_at()),
+            cells_run=self.cells_run,
+            kernel_id=self.kernel.kernel_id if self.kernel is not None else None,
+            ended_reason=self.ended_reason,
+        )

@@ -1,0 +1,204 @@
+"""The Engine with real sandboxed kernels: pool, sessions, lifetimes, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from sandkernel import (
+    Engine,
+    KernelDead,
+    PoolExhausted,
+    SessionExpired,
+    SessionLimitReached,
+    SessionNotFound,
+    SessionState,
+)
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
+EngineFactory = Callable[..., Awaitable[Engine]]
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 20) -> None:
+    """Wait for engine state that has no event of its own, with a deadline."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 - polled state, bounded by the deadline
+            await asyncio.sleep(0.02)
+
+
+async def test_state_persists_across_cells(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory()
+    s = await engine.session("conv-1")
+    await s.run("import math\nradius = 2")
+    r = await s.run("round(math.pi * radius**2, 3)")
+    assert r.text == "12.566"
+    assert await engine.session("conv-1") is s
+
+
+async def test_two_sessions_are_isolated(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=2)
+    a, b = await engine.session("a"), await engine.session("b")
+    await a.run(
+        "secret = 'only-a'\n"
+        "open('/mnt/data/a.txt', 'w').write('a')\n"
+        "import subprocess; p = subprocess.Popen(['sleep', '30'])"
+    )
+    r = await b.run(
+        "import os\n"
+        "print('secret' in globals(), os.path.exists('/mnt/data/a.txt'),\n"
+        "      any(open(f'/proc/{p}/cmdline').read().startswith('sleep')\n"
+        "          for p in os.listdir('/proc') if p.isdigit()))"
+    )
+    assert r.stdout.strip() == "False False False"
+    assert (await a.run("p.poll() is None")).text == "True"
+
+
+async def test_pool_refills_after_hand_outs(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=2)
+    await wait_until(lambda: engine.stats().pool.warm == 2)
+    await engine.session("one")
+    await engine.session("two")
+    stats = engine.stats()
+    assert stats.pool.hits == 2 and stats.pool.in_use == 2
+    await wait_until(lambda: engine.stats().pool.warm == 2)
+    assert engine.stats().pool.kernels_started == 4
+
+
+async def test_warm_kernels_are_prewarmed_and_self_checked(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(prewarm_imports=("numpy",))
+    s = await engine.session()
+    r = await s.run("import sys; 'numpy' in sys.modules, 'numpy' in globals()")
+    assert r.text == "(True, False)"
+    assert r.execution_count == 1
+
+
+async def test_empty_pool_raises_pool_exhausted_naming_the_setting(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory(pool_size=0, max_kernels=1, acquire_timeout_s=2)
+    await engine.session("first")  # cold start on demand
+    assert engine.stats().pool.misses == 1
+    with pytest.raises(PoolExhausted, match="max_kernels"):
+        await engine.session("second")
+
+
+async def test_max_sessions_is_enforced(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(max_sessions=1)
+    await engine.session("only")
+    with pytest.raises(SessionLimitReached, match="max_sessions=1"):
+        await engine.session("another")
+
+
+async def test_ttl_expiry_with_injected_clock(engine_factory: EngineFactory) -> None:
+    now = [0.0]
+    engine = await engine_factory(session_ttl_s=100, reap_interval_s=3600, clock=lambda: now[0])
+    s = await engine.session("t")
+    await s.run("1")
+    now[0] = 99
+    assert await engine.reap() == []
+    now[0] = 101
+    assert await engine.reap() == ["t"]
+    assert s.state is SessionState.EXPIRED and s.kernel is None
+    with pytest.raises(SessionExpired, match="no activity for 100 s"):
+        await s.run("1")
+    with pytest.raises(SessionExpired):
+        await engine.session("t")
+    fresh = await engine.session("t", if_expired="new")
+    assert fresh is not s and (await fresh.run("2")).text == "2"
+
+
+async def test_real_short_ttl_through_the_reaper(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(session_ttl_s=0.5, reap_interval_s=0.1)
+    s = await engine.session("short")
+    await s.run("1")
+    await wait_until(lambda: s.state is SessionState.EXPIRED, timeout_s=10)
+    assert s.kernel is None
+    info = {i.id: i for i in engine.sessions()}["short"]
+    assert info.state is SessionState.EXPIRED and info.ended_reason == "ttl"
+    with pytest.raises(SessionExpired):
+        await s.run("1")
+
+
+async def test_sessions_lists_state_and_times(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(session_ttl_s=3600)
+    await engine.session("listed")
+    (info,) = engine.sessions()
+    assert info.id == "listed" and info.state is SessionState.ACTIVE
+    assert 3590 < (info.expires_at - info.last_active).total_seconds() <= 3600
+    with pytest.raises(SessionNotFound):
+        engine.get_session("nope")
+
+
+async def test_different_sessions_run_in_parallel(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=2)
+    a, b = await engine.session("pa"), await engine.session("pb")
+    started = time.monotonic()
+    await asyncio.gather(a.run("import time; time.sleep(1)"), b.run("import time; time.sleep(1)"))
+    assert time.monotonic() - started < 1.8
+
+
+async def test_cancelled_run_interrupts_the_cell_and_session_stays_usable(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory()
+    s = await engine.session("c")
+    await s.run("before = 1")
+    task = asyncio.create_task(s.run("import time\nfor i in range(300): time.sleep(0.1)"))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.monotonic()
+    r = await s.run("before + 1")
+    assert r.text == "2" and time.monotonic() - started < 2
+    assert (await s.run("'i' in globals() and i < 299")).text == "True"
+
+
+async def test_dead_kernel_marks_session_dead_then_restart(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory()
+    s = await engine.session("d")
+    r = await s.run("import os; os._exit(3)")
+    assert r.status == "dead" and s.state is SessionState.DEAD
+    with pytest.raises(KernelDead, match="code 3"):
+        await s.run("1")
+    r = await s.run("40 + 2", restart=True)
+    assert r.text == "42" and r.state_lost
+    assert engine.stats().sessions_active == 1
+
+
+async def test_fifty_sessions_leave_nothing_behind(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=2)
+    for n in range(50):
+        s = await engine.session(f"s{n}")
+        assert (await s.run(f"{n} * 2")).text == str(n * 2)
+        await s.close()
+    stats = engine.stats()
+    assert stats.sessions_closed == 50 and stats.pool.in_use == 0
+    # the fixture asserts: no kernel folder, cgroup, mount or fd left after close
+
+
+async def test_engine_exit_ends_everything_within_10s(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=2)
+    busy = [await engine.session(f"busy{n}") for n in range(2)]
+    tasks = [asyncio.create_task(s.run("while True: pass")) for s in busy]
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await engine.aclose()
+    assert time.monotonic() - started < 10
+    results = await asyncio.gather(*tasks)
+    assert [r.status for r in results] == ["killed", "killed"]
+    assert all("shut down" in (r.message or "") for r in results)
+    assert all(s.state is SessionState.CLOSED for s in busy)
+
+
+async def test_concurrent_session_calls_for_one_id_share_one_kernel(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory(pool_size=2)
+    sessions: list[Any] = await asyncio.gather(*(engine.session("same") for _ in range(5)))
+    assert all(s is sessions[0] for s in sessions)
+    assert engine.stats().pool.in_use == 1

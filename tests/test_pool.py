@@ -1,0 +1,79 @@
+"""The pool's bookkeeping, without processes."""
+
+from __future__ import annotations
+
+from sandkernel.pool import PoolBook, percentile
+
+
+def test_starts_fill_up_to_target_within_concurrency() -> None:
+    book = PoolBook(target_warm=4, max_kernels=10, max_concurrent_starts=2)
+    assert book.starts_needed() == 2
+    book.begin_start()
+    book.begin_start()
+    assert book.starts_needed() == 0  # both start slots busy
+    book.start_succeeded()
+    assert book.starts_needed() == 1
+    book.begin_start()
+    book.start_succeeded()
+    book.start_succeeded()
+    assert (book.warm, book.starting) == (3, 0)
+    assert book.starts_needed() == 1
+
+
+def test_hand_out_triggers_refill_and_counts_hits() -> None:
+    book = PoolBook(target_warm=2, max_kernels=10)
+    for _ in range(2):
+        book.begin_start()
+        book.start_succeeded()
+    assert book.starts_needed() == 0
+    book.hand_out(waited=False, latency_s=0.001)
+    assert (book.warm, book.in_use, book.hits, book.misses) == (1, 1, 1, 0)
+    assert book.starts_needed() == 1
+
+
+def test_waiters_add_demand_beyond_target() -> None:
+    book = PoolBook(target_warm=0, max_kernels=5, max_concurrent_starts=4)
+    assert book.starts_needed() == 0
+    book.waiters = 3
+    assert book.starts_needed() == 3
+
+
+def test_max_kernels_bounds_starts_even_with_waiters() -> None:
+    book = PoolBook(target_warm=2, max_kernels=3, max_concurrent_starts=8)
+    book.in_use = 3
+    book.waiters = 5
+    assert book.starts_needed() == 0
+    book.released()
+    assert book.starts_needed() == 1
+
+
+def test_exhaustion_and_miss_are_counted() -> None:
+    book = PoolBook(target_warm=1, max_kernels=1)
+    book.begin_start()
+    book.start_succeeded()
+    book.hand_out(waited=True, latency_s=0.5)
+    assert book.misses == 1 and book.hits == 0
+    assert book.starts_needed() == 0  # the only kernel is in use
+
+
+def test_failed_starts_back_off_exponentially_and_reset() -> None:
+    book = PoolBook(target_warm=1, max_kernels=2)
+    assert book.retry_delay_s() == 0
+    delays = []
+    for _ in range(8):
+        book.begin_start()
+        book.start_failed()
+        delays.append(book.retry_delay_s())
+    assert delays[:3] == [0.5, 1.0, 2.0] and delays[-1] == 30.0
+    assert book.failed == 8
+    book.begin_start()
+    book.start_succeeded()
+    assert book.retry_delay_s() == 0
+
+
+def test_percentile_nearest_rank() -> None:
+    assert percentile([], 50) is None
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([3.0], 99) == 3.0

@@ -1,0 +1,154 @@
+"""Session lifetimes and ordering, with an injected clock and a fake kernel."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sandkernel.errors import KernelDead, SessionClosed, SessionExpired
+from sandkernel.results import ExecutionResult, Usage
+from sandkernel.session import Lifetime, Session, SessionState
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeKernel:
+    """Duck-typed stand-in for SandboxedKernel: records cells, can 'die'."""
+
+    instances = 0
+
+    def __init__(self, log: list[str]) -> None:
+        FakeKernel.instances += 1
+        self.kernel_id = f"fake-{FakeKernel.instances}"
+        self.log = log
+        self.shut = False
+
+    async def execute(self, code: str, **_: Any) -> ExecutionResult:
+        self.log.append(f"start {code}")
+        await asyncio.sleep(0.01)
+        self.log.append(f"end {code}")
+        if code == "die":
+            return ExecutionResult(status="dead", usage=Usage(wall_ms=1), kernel_alive=False,
+                                   state_lost=True, message="exited with code 1")  # fmt: skip
+        return ExecutionResult(status="ok", usage=Usage(wall_ms=1), stdout=code)
+
+    async def interrupt(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        self.shut = True
+
+
+def make_session(clock: FakeClock, log: list[str], **lifetime: Any) -> tuple[Session, list[Any]]:
+    released: list[Any] = []
+
+    async def acquire() -> Any:
+        return FakeKernel(log)
+
+    async def release(kernel: Any) -> None:
+        released.append(kernel)
+
+    life = Lifetime(clock(), lifetime.pop("ttl_s", 3600), **lifetime)
+    session = Session("s1", FakeKernel(log), life, clock=clock,  # type: ignore[arg-type]
+                      acquire_kernel=acquire, release_kernel=release)  # fmt: skip
+    return session, released
+
+
+def test_ttl_counts_from_last_activity_and_extend_resets_it() -> None:
+    life = Lifetime(created_at=0, ttl_s=3600)
+    assert life.expires_at() == 3600
+    assert life.expiry(3599) is None
+    assert life.expiry(3600) == ("ttl", 3600)
+    life.touch(1000)
+    assert life.expires_at() == 4600
+
+
+def test_idle_timeout_counts_runs_only() -> None:
+    life = Lifetime(created_at=0, ttl_s=3600, idle_timeout_s=600)
+    life.touch(500)  # extend(): not a run
+    assert life.expiry(600) == ("idle", 600)
+    life.ran(550)
+    assert life.expires_at() == 1150
+
+
+def test_max_lifetime_is_not_extended_by_activity() -> None:
+    life = Lifetime(created_at=0, ttl_s=3600, max_lifetime_s=5000)
+    life.ran(4000)
+    assert life.expiry(4999) is None
+    assert life.expiry(5000) == ("max_lifetime", 5000)
+
+
+async def test_expired_session_says_when_and_why() -> None:
+    clock, log = FakeClock(), []
+    session, released = make_session(clock, log, ttl_s=60)
+    await session.run("a")
+    clock.now += 61
+    with pytest.raises(
+        SessionExpired, match=r"expired at .* no activity for 60 s \(session_ttl_s\)"
+    ):
+        await session.run("b")
+    assert session.state is SessionState.EXPIRED
+    assert "start b" not in log
+
+
+async def test_reaper_expiry_releases_the_kernel_and_later_use_raises() -> None:
+    clock, log = FakeClock(), []
+    session, released = make_session(clock, log, ttl_s=60)
+    kernel = session.kernel
+    await session.expire("ttl", clock.now)
+    assert released == [kernel] and session.kernel is None
+    with pytest.raises(SessionExpired):
+        await session.run("x")
+    with pytest.raises(SessionExpired):
+        session.extend()
+
+
+async def test_extend_keeps_the_session_alive() -> None:
+    clock, log = FakeClock(), []
+    session, _ = make_session(clock, log, ttl_s=60)
+    clock.now += 50
+    assert session.extend() == clock.now + 60
+    clock.now += 50
+    assert (await session.run("still")).stdout == "still"
+
+
+async def test_cells_of_one_session_run_one_at_a_time_in_order() -> None:
+    clock, log = FakeClock(), []
+    session, _ = make_session(clock, log)
+    await asyncio.gather(*(session.run(c) for c in ("1", "2", "3")))
+    assert log == ["start 1", "end 1", "start 2", "end 2", "start 3", "end 3"]
+
+
+async def test_dead_kernel_raises_then_restart_gives_state_lost() -> None:
+    clock, log = FakeClock(), []
+    session, released = make_session(clock, log)
+    first = session.kernel
+    result = await session.run("die")
+    assert result.status == "dead" and session.state is SessionState.DEAD
+    assert released == [first]
+    with pytest.raises(KernelDead, match="exited with code 1.*restart=True"):
+        await session.run("x")
+    again = await session.run("x", restart=True)
+    assert again.status == "ok" and again.state_lost
+    assert session.state is SessionState.ACTIVE and session.kernel is not first
+    assert not (await session.run("y")).state_lost
+
+
+async def test_closed_session_refuses_runs() -> None:
+    clock, log = FakeClock(), []
+    session, released = make_session(clock, log)
+    await session.close()
+    await session.close()
+    assert len(released) == 1
+    with pytest.raises(SessionClosed):
+        await session.run("x")
