@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml kernels/requirements.txt
 
 demo: setup
 	$(BIN)/sandkernel doctor
-	$(BIN)/python examples/demo.py
+	$(BIN)/sandkernel demo --out demo-output
 
 lint: setup
 	$(BIN)/ruff check engine tests kernels

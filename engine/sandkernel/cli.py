@@ -115,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--python", help="runtime Python to check (default: this one)")
 
+    demo = sub.add_parser("demo", help="a short tour: analysis, chart, state, escapes tried")
+    demo.add_argument("--out", default="demo-output", help="folder for the charts")
+
     policy = sub.add_parser("policy", help="list policies or show one's nsjail config")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     policy_sub.add_parser("list", help="the shipped policies")
@@ -132,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_doctor(as_json=args.json, python=args.python)
         if args.command == "policy":
             return _cmd_policy(args)
+        if args.command == "demo":
+            from sandkernel._demo import run_demo
+
+            return run_demo(Path(args.out))
     except SandkernelError as exc:
         print(f"sandkernel: {exc}", file=sys.stderr)
         return 2

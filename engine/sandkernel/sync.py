@@ -27,13 +27,14 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from sandkernel import engine as _async
 from sandkernel.kernel import OutputCallback
 from sandkernel.results import ExecutionResult
+from sandkernel.session import Session as _AsyncSession
 from sandkernel.session import SessionInfo, SessionState
 
 
 class Session:
     """Blocking view of a :class:`sandkernel.session.Session`."""
 
-    def __init__(self, portal: BlockingPortal, session: _async.Session) -> None:
+    def __init__(self, portal: BlockingPortal, session: _AsyncSession) -> None:
         self._portal = portal
         self._session = session
 
@@ -60,7 +61,8 @@ class Session:
         )  # fmt: skip
 
     def extend(self, ttl_s: float | None = None) -> float:
-        return self._portal.call(partial(_call_sync, self._session.extend, ttl_s))
+        expires: float = self._portal.call(partial(_call_sync, self._session.extend, ttl_s))
+        return expires
 
     def interrupt(self) -> None:
         self._portal.call(self._session.interrupt)

@@ -1,0 +1,34 @@
+"""The README's examples run as shown and print what their comments say."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import runtime_root
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_async_and_sync_examples_under_15_lines() -> None:
+    assert len(BLOCKS) >= 2
+    for block in BLOCKS:
+        assert len(block.strip().splitlines()) < 15
+
+
+@pytest.mark.sandbox
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"example{n}" for n in range(len(BLOCKS))])
+def test_readme_example_runs_and_prints_what_it_says(block: str) -> None:
+    expected = [c.strip() for c in re.findall(r"#\s*(ok .*)$", block, flags=re.M)]
+    env = {**os.environ, "SANDKERNEL_RUNTIME_DIR": str(runtime_root())}
+    proc = subprocess.run(
+        [sys.executable, "-c", block], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [line.strip() for line in proc.stdout.splitlines()] == expected
