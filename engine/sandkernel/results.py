@@ -45,6 +45,19 @@ class DisplayOutput(_Model):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+class ProducedFile(_Model):
+    """A file the cell created or changed under ``/mnt/data``, or an image it displayed."""
+
+    id: str = Field(description="file id in the engine's store (download with it)")
+    name: str
+    path: str = Field(description="path in the sandbox; displayed images have none on disk")
+    mime_type: str
+    size_bytes: int
+    sha256: str
+    execution_count: int | None = None
+    source: Literal["workspace", "display"] = "workspace"
+
+
 class ExecutionResult(_Model):
     """The outcome of running one cell in a sandboxed kernel."""
 
@@ -66,6 +79,13 @@ class ExecutionResult(_Model):
     state_lost: bool = Field(
         default=False, description="variables from earlier cells are gone (kernel replaced/died)"
     )
+    files: list[ProducedFile] = Field(
+        default_factory=list, description="files the cell produced, registered in the store"
+    )
+    files_truncated: bool = Field(
+        default=False, description="some produced files were left out (count or size caps)"
+    )
+    files_note: str | None = Field(default=None, description="why files were left out")
 
     @property
     def ok(self) -> bool:
