@@ -57,7 +57,11 @@ def leftovers(host: SandboxHost) -> list[str]:
     ]
     for parent in host.cgroups.parent_dirs():
         found += [f"cgroup {p}" for p in parent.glob(f"{host.owner}-*")]
-    found += [f"mount {m}" for m in mounts_under(host.root)]
+    found += [
+        f"mount {m}"
+        for m in mounts_under(host.root)
+        if m.relative_to(host.root).parts[0].startswith(host.owner)
+    ]
     return found
 
 
@@ -123,7 +127,9 @@ def runtime_root() -> Path:
 
 
 @pytest.fixture
-async def engine_factory() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+async def engine_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """Engines in the test runtime folder; after the test: closed, nothing left behind."""
     from sandkernel.engine import Engine
 
@@ -132,6 +138,7 @@ async def engine_factory() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
 
     async def make(**kwargs: Any) -> Engine:
         kwargs.setdefault("runtime_dir", runtime_root())
+        kwargs.setdefault("store_dir", tmp_path_factory.mktemp("store"))
         kwargs.setdefault("prewarm_imports", ())
         kwargs.setdefault("pool_size", 1)
         kwargs.setdefault("handle_sigterm", False)

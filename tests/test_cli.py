@@ -74,3 +74,36 @@ def test_bad_policy_is_a_clear_error_with_exit_2(tmp_path: Path) -> None:
     proc = run_cli("policy", "show", str(bad))
     assert proc.returncode == 2
     assert "cpus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.sandbox
+def test_run_lists_produced_files_and_files_get_downloads_them(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    proc = run_cli("run", "--json", "--store", store, "open('r.csv', 'w').write('a,b\\n1,2\\n')")
+    assert proc.returncode == 0, proc.stderr
+    (produced,) = json.loads(proc.stdout)["files"]
+    assert produced["name"] == "r.csv" and produced["mime_type"] == "application/csv"
+    human = run_cli("run", "--store", store, "open('s.txt', 'w').write('x')")
+    assert "[file] /mnt/data/s.txt  text/plain, 1 bytes  id=file-" in human.stdout
+    target = tmp_path / "downloaded.csv"
+    got = run_cli("files", "--store", store, "get", produced["id"], "-o", str(target))
+    assert got.returncode == 0, got.stderr
+    assert target.read_text() == "a,b\n1,2\n"
+    listing = run_cli("files", "--store", store, "list")
+    assert produced["id"] in listing.stdout and "s.txt" in listing.stdout
+
+
+@pytest.mark.sandbox
+def test_run_uploads_inputs_first(tmp_path: Path) -> None:
+    data = tmp_path / "in.csv"
+    data.write_text("x,y\n3,4\n")
+    proc = run_cli(
+        "run",
+        "--store",
+        str(tmp_path / "s"),
+        "-i",
+        str(data),
+        "print(open('in.csv').read(), end='')",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("x,y\n3,4\n")

@@ -24,9 +24,13 @@ def test_readme_has_async_and_sync_examples_under_15_lines() -> None:
 
 @pytest.mark.sandbox
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"example{n}" for n in range(len(BLOCKS))])
-def test_readme_example_runs_and_prints_what_it_says(block: str) -> None:
+def test_readme_example_runs_and_prints_what_it_says(block: str, tmp_path: Path) -> None:
     expected = [c.strip() for c in re.findall(r"#\s*(ok .*)$", block, flags=re.M)]
-    env = {**os.environ, "SANDKERNEL_RUNTIME_DIR": str(runtime_root())}
+    env = {
+        **os.environ,
+        "SANDKERNEL_RUNTIME_DIR": str(runtime_root()),
+        "SANDKERNEL_STATE_DIR": str(tmp_path),
+    }
     proc = subprocess.run(
         [sys.executable, "-c", block], capture_output=True, text=True, timeout=180, env=env
     )

@@ -19,8 +19,10 @@ from tests.conftest import runtime_root
 pytestmark = pytest.mark.sandbox
 
 
-def test_sync_engine_runs_cells_with_state() -> None:
-    with Engine(pool_size=1, prewarm_imports=(), runtime_dir=runtime_root()) as engine:
+def test_sync_engine_runs_cells_with_state(tmp_path: Path) -> None:
+    with Engine(
+        pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(), store_dir=tmp_path
+    ) as engine:
         session = engine.session("sync-1")
         session.run("total = 40")
         result = session.run("total + 2")
@@ -38,7 +40,8 @@ def test_sigterm_in_an_embedding_process_ends_every_kernel(tmp_path: Path) -> No
     script = textwrap.dedent(f"""
         import pathlib, time
         from sandkernel.sync import Engine
-        engine = Engine(pool_size=2, prewarm_imports=(), runtime_dir={str(root)!r})
+        engine = Engine(pool_size=2, prewarm_imports=(), runtime_dir={str(root)!r},
+                        store_dir={str(tmp_path / "store")!r})
         s = engine.session("x")
         s.run("1")
         pathlib.Path({str(ready)!r}).write_text(engine._engine._host.owner)

@@ -41,6 +41,11 @@ def _print_human(result: ExecutionResult, save_dir: Path | None) -> None:
         else:
             kinds = ", ".join(sorted(display.data))
             print(f"[display {n}: {kinds}]")
+    for f in result.files:
+        where = f.path or "(displayed)"
+        print(f"[file] {where}  {f.mime_type}, {f.size_bytes} bytes  id={f.id}")
+    if result.files_truncated:
+        print(f"[files left out: {result.files_note}]", file=sys.stderr)
     if result.error is not None:
         print(result.error.traceback, file=sys.stderr)
     if result.status != "ok" or result.message:
@@ -51,24 +56,55 @@ def _print_human(result: ExecutionResult, save_dir: Path | None) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from sandkernel.kernel import SandboxedKernel
-    from sandkernel.sandbox import SandboxHost
+    from sandkernel.engine import Engine
 
     code = _read_code(args)
-    policy = load_policy(args.policy)
     workspace = Path(args.workspace) if args.workspace else None
-    with SandboxHost() as host:
-        kernel = SandboxedKernel(host, policy, workspace=workspace)
-        try:
-            await kernel.start()
-            result = await kernel.execute(code, timeout_s=args.timeout)
-        finally:
-            await kernel.shutdown()
+    engine = Engine(
+        policy=load_policy(args.policy),
+        pool_size=0,
+        prewarm_imports=(),
+        store_dir=args.store,
+        handle_sigterm=False,
+    )
+    async with engine:
+        session = await engine.session(workspace=workspace)
+        for path in args.input or ():
+            await session.upload(path)
+        result = await session.run(code, timeout_s=args.timeout)
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
         _print_human(result, workspace)
     return 0 if result.status == "ok" else 1
+
+
+def _files(args: argparse.Namespace) -> int:
+    from sandkernel.engine import default_store_dir
+    from sandkernel.files import FileStore
+
+    store = FileStore(Path(args.store) if args.store else default_store_dir())
+    try:
+        if args.files_command == "list":
+            for f in store.list(session_id=args.session):
+                where = f"session {f.session_id}" if f.session_id else f"agent {f.agent_id}"
+                print(
+                    f"{f.id}  {f.size_bytes:>10}  {f.mime_type:40} {f.name}  ({f.origin}, {where})"
+                )
+        elif args.files_command == "info":
+            print(store.get(args.id).model_dump_json(indent=2))
+        elif args.files_command == "get":
+            stored = store.get(args.id)
+            target = Path(args.output) if args.output else Path(stored.name)
+            if target.is_dir():
+                target = target / stored.name
+            with store.open(stored.id) as src, open(target, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            print(f"{stored.id} -> {target} ({stored.size_bytes} bytes, {stored.mime_type})")
+    finally:
+        store.close()
+    return 0
 
 
 def _cmd_policy(args: argparse.Namespace) -> int:
@@ -110,6 +146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--policy", default=None, help="policy name or TOML path (default: default)")
     run.add_argument("--timeout", type=float, default=None, help="wall timeout in seconds")
     run.add_argument("--workspace", help="host folder used as /mnt/data (kept afterwards)")
+    run.add_argument("-i", "--input", action="append", help="upload this file to /mnt/data first")
+    run.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
+
+    files = sub.add_parser("files", help="list stored files and download them by id")
+    files.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
+    files_sub = files.add_subparsers(dest="files_command", required=True)
+    files_list = files_sub.add_parser("list", help="stored files")
+    files_list.add_argument("--session", help="only this session's")
+    files_info = files_sub.add_parser("info", help="a file's metadata as JSON")
+    files_info.add_argument("id")
+    files_get = files_sub.add_parser("get", help="download a file by id")
+    files_get.add_argument("id")
+    files_get.add_argument("-o", "--output", help="file or folder to write (default: its name)")
 
     doctor = sub.add_parser("doctor", help="check that this machine can sandbox kernels")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -129,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return asyncio.run(_run(args))
+        if args.command == "files":
+            return _files(args)
         if args.command == "doctor":
             from sandkernel.doctor import run_doctor
 

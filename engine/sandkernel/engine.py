@@ -21,24 +21,42 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel
 
 from sandkernel.errors import (
     EngineClosed,
+    FileNotFoundInStore,
     KernelStartFailed,
     SessionClosed,
     SessionLimitReached,
     SessionNotFound,
 )
+from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES, FileStore, StoredFile
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import Pool, PoolStats
+from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import Runtime, SandboxHost
-from sandkernel.session import Clock, Lifetime, Session, SessionInfo, SessionState
+from sandkernel.session import (
+    Clock,
+    Lifetime,
+    Session,
+    SessionInfo,
+    SessionState,
+    UploadSource,
+)
+from sandkernel.workspace import (
+    OutputCaps,
+    WorkspaceState,
+    collect_outputs,
+    place_file,
+    restore_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +95,14 @@ class Engine:
         restart_dead_kernels: default for ``Session.run(restart=...)``.
         python: the Python environment the sandbox runs (default: this one).
         runtime_dir: where kernel runtime folders live (default ``/run/sandkernel``).
-        reap_interval_s: how often expired sessions are ended.
+        store_dir: where uploaded and produced files are kept, across restarts
+            (default ``$SANDKERNEL_STATE_DIR/files`` or ``/var/lib/sandkernel/files``).
+        max_upload_bytes: largest file accepted by ``upload``.
+        produced_file_retention_s: how long produced files stay downloadable
+            (also after their session ended); ``None`` keeps them.
+        max_produced_files: files one cell may add to the store.
+        max_produced_bytes: bytes one cell may add to the store.
+        reap_interval_s: how often expired sessions and files are removed.
         clock: monotonic clock (injected in tests).
         handle_sigterm: in the main thread, end every kernel on SIGTERM, then exit.
     """
@@ -99,6 +124,11 @@ class Engine:
         restart_dead_kernels: bool = False,
         python: str | Path | None = None,
         runtime_dir: str | Path | None = None,
+        store_dir: str | Path | None = None,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        produced_file_retention_s: float | None = 7 * 24 * 3600,
+        max_produced_files: int = 100,
+        max_produced_bytes: int = 256 << 20,
         reap_interval_s: float = 5.0,
         clock: Clock = time.monotonic,
         handle_sigterm: bool = True,
@@ -119,6 +149,14 @@ class Engine:
         self.restart_dead_kernels = restart_dead_kernels
         self._python = python
         self._runtime_dir = Path(runtime_dir) if runtime_dir is not None else None
+        self._store_dir = Path(store_dir) if store_dir is not None else default_store_dir()
+        self.max_upload_bytes = max_upload_bytes
+        self.output_caps = OutputCaps(
+            max_files=max_produced_files,
+            max_bytes=max_produced_bytes,
+            retention_s=produced_file_retention_s,
+        )
+        self._store: FileStore | None = None
         self.reap_interval_s = reap_interval_s
         self._clock = clock
         self._handle_sigterm = handle_sigterm
@@ -145,7 +183,14 @@ class Engine:
         if self._state != "new":
             raise EngineClosed("an Engine can be started once")
         runtime = Runtime.detect(self._python)
-        self._host = await asyncio.to_thread(SandboxHost, self._runtime_dir, runtime=runtime)
+        self._store = await asyncio.to_thread(
+            FileStore, self._store_dir, max_bytes=self.max_upload_bytes
+        )
+        try:
+            self._host = await asyncio.to_thread(SandboxHost, self._runtime_dir, runtime=runtime)
+        except BaseException:
+            self._store.close()
+            raise
         self._pool = Pool(
             self._start_kernel,
             size=self.pool_size,
@@ -176,6 +221,8 @@ class Engine:
             await self._pool.close()
         if self._host is not None:
             self._host.close()
+        if self._store is not None:
+            self._store.close()
         self._state = "closed"
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -214,9 +261,9 @@ class Engine:
 
     # -- kernels --------------------------------------------------------------------
 
-    async def _start_kernel(self) -> SandboxedKernel:
+    async def _start_kernel(self, workspace: Path | None = None) -> SandboxedKernel:
         host, _ = self._require_running()
-        kernel = SandboxedKernel(host, self.policy)
+        kernel = SandboxedKernel(host, self.policy, workspace=workspace)
         try:
             await kernel.start()
             if self.self_check:
@@ -244,12 +291,19 @@ class Engine:
         self,
         session_id: str | None = None,
         *,
+        agent_id: str | None = None,
+        workspace: str | Path | None = None,
         if_expired: Literal["raise", "new"] = "raise",
     ) -> Session:
         """Get the session for a conversation/thread id, creating it if needed.
 
         Args:
             session_id: the conversation's id; ``None`` creates a new random one.
+            agent_id: the agent the session works for: its files appear in
+                ``/mnt/data``, read-only (only used when the session is created).
+            workspace: a host folder to use as ``/mnt/data`` instead of a fresh
+                tmpfs (its size is then not capped). Such a session's kernel is
+                started cold, outside the warm pool.
             if_expired: for an id whose session expired or was closed: ``"raise"``
                 (:class:`~sandkernel.errors.SessionExpired` says when and why) or
                 ``"new"`` (start a fresh session under the same id).
@@ -262,11 +316,8 @@ class Engine:
         _, pool = self._require_running()
         if session_id is None:
             session_id = f"sess-{secrets.token_hex(8)}"
-        elif not _SESSION_ID.match(session_id):
-            raise ValueError(
-                f"invalid session id {session_id[:40]!r}: 1-128 characters of letters, "
-                "digits and ._:@- starting with a letter or digit"
-            )
+        else:
+            _check_id(session_id, "session")
         existing = self._sessions.get(session_id)
         if existing is not None:
             if not existing.closed:
@@ -288,17 +339,31 @@ class Engine:
             )
         future: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         self._creating[session_id] = future
+        if agent_id is not None:
+            _check_id(agent_id, "agent")
+        if workspace is None:
+            acquire = partial(pool.acquire, timeout_s=self.acquire_timeout_s)
+        else:
+            acquire = partial(self._start_kernel, Path(workspace))
         try:
-            kernel = await pool.acquire(timeout_s=self.acquire_timeout_s)
+            kernel = await acquire()
+            files = _SessionFiles(self, session_id, agent_id)
+            try:
+                await files.prepare(kernel, restart=False)
+            except BaseException:
+                await pool.release(kernel)
+                raise
             now = self._clock()
             session = Session(
                 session_id,
                 kernel,
                 Lifetime(now, self.session_ttl_s, self.idle_timeout_s, self.max_lifetime_s),
                 clock=self._clock,
-                acquire_kernel=lambda: pool.acquire(timeout_s=self.acquire_timeout_s),
+                acquire_kernel=acquire,
                 release_kernel=pool.release,
                 restart_dead_kernels=self.restart_dead_kernels,
+                files=files,
+                agent_id=agent_id,
             )
             self._sessions[session_id] = session
             self._forget_old_sessions()
@@ -357,6 +422,8 @@ class Engine:
         await asyncio.gather(
             *(s.expire(reason, when) for s, (reason, when) in expired), return_exceptions=True
         )
+        if self._store is not None:
+            await asyncio.to_thread(self._store.purge_expired, time.time())
         return [s.id for s, _ in expired]
 
     async def _reaper(self) -> None:
@@ -368,6 +435,92 @@ class Engine:
                     log.info("expired sessions: %s", ", ".join(ended))
             except Exception:
                 log.exception("session reaper pass failed; continuing")
+
+    # -- files ----------------------------------------------------------------------
+
+    def _require_store(self) -> FileStore:
+        if self._store is None or self._state != "running":
+            raise EngineClosed("the engine is not running")
+        return self._store
+
+    async def upload(
+        self,
+        source: UploadSource,
+        name: str | None = None,
+        *,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        retention_s: float | None = None,
+    ) -> StoredFile:
+        """Store a file and get its id.
+
+        Args:
+            source: bytes, a path, or a binary stream.
+            name: the file's name (default: the path's name; required otherwise).
+                Its extension must be a supported type and match the content.
+            session_id: give it to this live session (copied into its ``/mnt/data``).
+            agent_id: give it to this agent: every session of the agent sees it
+                read-only in ``/mnt/data``, live sessions included.
+            retention_s: delete it after this long (default: keep).
+
+        Raises:
+            FileRejected: why, and what is allowed.
+            SessionNotFound, SessionExpired, SessionClosed: for ``session_id``.
+        """
+        store = self._require_store()
+        if session_id is not None:
+            return await self.get_session(session_id).upload(source, name)
+        if agent_id is not None:
+            _check_id(agent_id, "agent")
+        stored = await asyncio.to_thread(
+            _store_upload, store, source, name, agent_id=agent_id, retention_s=retention_s
+        )
+        if agent_id is not None:
+            await self._give_to_agent_sessions(agent_id, [stored])
+        return stored
+
+    async def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
+        """Give stored files to an agent (they appear in its sessions, read-only)."""
+        store = self._require_store()
+        _check_id(agent_id, "agent")
+        attached = []
+        for file_id in file_ids:
+            stored = await asyncio.to_thread(store.get, file_id)
+            if stored.session_id is not None or stored.agent_id not in (None, agent_id):
+                raise FileNotFoundInStore(f"no file {file_id!r} that can be given to an agent")
+            attached.append(await asyncio.to_thread(store.attach, file_id, agent_id=agent_id))
+        await self._give_to_agent_sessions(agent_id, attached)
+        return attached
+
+    async def _give_to_agent_sessions(self, agent_id: str, files: list[StoredFile]) -> None:
+        for session in self._sessions.values():
+            if session.agent_id == agent_id and not session.closed and session.kernel:
+                handler = session._files
+                if isinstance(handler, _SessionFiles):
+                    await handler.place_agent_files(session.kernel, files)
+
+    async def file(self, file_id: str) -> StoredFile:
+        """A stored file's metadata. Raises FileNotFoundInStore."""
+        return await asyncio.to_thread(self._require_store().get, file_id)
+
+    async def download(self, file_id: str) -> bytes:
+        """A stored file's bytes (use :meth:`open_file` to stream large ones)."""
+        return await asyncio.to_thread(self._require_store().read_bytes, file_id)
+
+    def open_file(self, file_id: str) -> BinaryIO:
+        """A stored file as a binary stream (blocking reads; close it when done)."""
+        return self._require_store().open(file_id)
+
+    async def list_files(
+        self, *, session_id: str | None = None, agent_id: str | None = None
+    ) -> list[StoredFile]:
+        """Stored files, optionally of one session or one agent."""
+        store = self._require_store()
+        return await asyncio.to_thread(store.list, session_id=session_id, agent_id=agent_id)
+
+    async def delete_file(self, file_id: str) -> None:
+        """Delete a stored file (copies already in workspaces stay there)."""
+        await asyncio.to_thread(self._require_store().delete, file_id)
 
     # -- reporting ----------------------------------------------------------------
 
@@ -391,3 +544,128 @@ def _forget_names(modules: Iterable[str]) -> str:
     """``del`` the top-level names the prewarm imports bound, so the user starts clean."""
     names = list(dict.fromkeys(m.split(".")[0] for m in modules))
     return "\n".join(f"globals().pop({n!r}, None)" for n in names)
+
+
+def default_store_dir() -> Path:
+    """``$SANDKERNEL_STATE_DIR/files``, else ``/var/lib/sandkernel/files``."""
+    return Path(os.environ.get("SANDKERNEL_STATE_DIR") or "/var/lib/sandkernel") / "files"
+
+
+def _check_id(value: str, kind: str) -> None:
+    if not _SESSION_ID.match(value):
+        raise ValueError(
+            f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, "
+            "digits and ._:@- starting with a letter or digit"
+        )
+
+
+def _store_upload(
+    store: FileStore,
+    source: UploadSource,
+    name: str | None,
+    *,
+    session_id: str | None = None,
+    agent_id: str | None = None,
+    retention_s: float | None = None,
+) -> StoredFile:
+    owner: dict[str, Any] = {
+        "session_id": session_id, "agent_id": agent_id, "retention_s": retention_s,
+    }  # fmt: skip
+    if isinstance(source, bytes):
+        if name is None:
+            raise ValueError("uploading bytes needs a name (with its extension)")
+        return store.add_bytes(source, name, **owner)
+    if isinstance(source, str | os.PathLike):
+        return store.add_file(source, name, **owner)
+    if name is None:
+        name = os.path.basename(str(getattr(source, "name", "") or "")) or None
+        if name is None:
+            raise ValueError("uploading a stream needs a name (with its extension)")
+    return store.add_stream(source, name, **owner)
+
+
+class _SessionFiles:
+    """One session's view of the store (implements ``session.SessionFiles``).
+
+    A session may use files uploaded to it, files it produced, files of its
+    agent, and fresh uploads nobody owns yet (which then become its own);
+    never another session's or another agent's: those ids are "not found".
+    """
+
+    def __init__(self, engine: Engine, session_id: str, agent_id: str | None) -> None:
+        self._engine = engine
+        self.session_id = session_id
+        self.agent_id = agent_id
+        self.state = WorkspaceState()
+
+    @property
+    def _store(self) -> FileStore:
+        return self._engine._require_store()
+
+    async def prepare(self, kernel: SandboxedKernel, *, restart: bool) -> None:
+        store = self._store
+        previous, self.state = dict(self.state.latest), WorkspaceState()
+        if self.agent_id is not None:
+            agent_files = await asyncio.to_thread(store.list, agent_id=self.agent_id)
+            await self.place_agent_files(kernel, [f for f in agent_files if f.session_id is None])
+        if restart and previous:
+            agent_paths = set(self.state.latest)
+            mine = {p: i for p, i in previous.items() if p not in agent_paths}
+            await asyncio.to_thread(restore_files, store, mine, kernel.workspace, self.state)
+
+    async def place_agent_files(self, kernel: SandboxedKernel, files: list[StoredFile]) -> None:
+        store = self._store
+        for stored in files:
+            await asyncio.to_thread(
+                place_file, store, stored, kernel.workspace, self.state, read_only=True
+            )
+
+    async def attach(self, kernel: SandboxedKernel, file_ids: Sequence[str]) -> list[str]:
+        store = self._store
+        paths = []
+        for file_id in file_ids:
+            stored = await asyncio.to_thread(self._usable, store, file_id)
+            read_only = stored.session_id is None and stored.agent_id is not None
+            if stored.session_id is None and stored.agent_id is None:
+                stored = await asyncio.to_thread(store.attach, file_id, session_id=self.session_id)
+            paths.append(
+                await asyncio.to_thread(
+                    place_file, store, stored, kernel.workspace, self.state, read_only=read_only
+                )
+            )
+        return paths
+
+    def _usable(self, store: FileStore, file_id: str) -> StoredFile:
+        stored = store.get(file_id)
+        if stored.session_id not in (None, self.session_id) or (
+            stored.session_id is None and stored.agent_id not in (None, self.agent_id)
+        ):
+            raise FileNotFoundInStore(f"no file {file_id!r} for session {self.session_id!r}")
+        return stored
+
+    async def upload(
+        self, kernel: SandboxedKernel | None, source: UploadSource, name: str | None
+    ) -> StoredFile:
+        store = self._store
+        stored = await asyncio.to_thread(
+            _store_upload, store, source, name, session_id=self.session_id
+        )
+        if kernel is not None:
+            await asyncio.to_thread(
+                place_file, store, stored, kernel.workspace, self.state, read_only=False
+            )
+        return stored
+
+    async def collect(self, kernel: SandboxedKernel, result: ExecutionResult) -> ExecutionResult:
+        return await asyncio.to_thread(
+            collect_outputs,
+            self._store,
+            kernel.workspace,
+            self.state,
+            result,
+            session_id=self.session_id,
+            caps=self._engine.output_caps,
+        )
+
+    async def list(self) -> list[StoredFile]:
+        return await asyncio.to_thread(self._store.list, session_id=self.session_id)

@@ -215,9 +215,18 @@ class SandboxedKernel:
         Raises:
             KernelStartFailed: with nsjail's and the kernel's last log lines.
         """
-        layout = await asyncio.to_thread(
-            self.host.prepare, self.kernel_id, self.policy, self._workspace_arg
+        # prepare() mounts and creates cgroups in a thread: if we are cancelled
+        # meanwhile, wait for it and undo what it made, or it would leak.
+        preparing = asyncio.ensure_future(
+            asyncio.to_thread(self.host.prepare, self.kernel_id, self.policy, self._workspace_arg)
         )
+        try:
+            layout = await asyncio.shield(preparing)
+        except asyncio.CancelledError:
+            await asyncio.wait([preparing])
+            self._closed = True
+            await asyncio.to_thread(self.host.destroy, self.kernel_id)
+            raise
         self._layout = layout
         km = AsyncKernelManager(
             kernel_name=KERNEL_NAME,
@@ -278,7 +287,9 @@ class SandboxedKernel:
                 # Connection file, control socket, zmq context, then the
                 # provisioner's cleanup (cgroup, mounts, runtime folder).
                 await km.cleanup_resources(restart=False)
-            elif self._layout is not None:
+            if self._layout is not None:
+                # Idempotent; covers a start cancelled before the provisioner
+                # took charge of the layout.
                 await asyncio.to_thread(self.host.destroy, self.kernel_id)
 
     async def __aenter__(self) -> SandboxedKernel:

@@ -359,9 +359,9 @@ _MS_NODEV = 4
 _MNT_DETACH = 2
 
 
-def mount_tmpfs(path: Path, *, size_mb: int, inodes: int, uid: int, gid: int) -> None:
-    """Mount a size- and inode-limited tmpfs at ``path`` (host mount namespace)."""
-    options = f"size={size_mb}m,nr_inodes={inodes},mode=0700,uid={uid},gid={gid}"
+def mount_tmpfs(path: Path, *, size_mb: int, inodes: int, mode: int = 0o700) -> None:
+    """Mount a size- and inode-limited tmpfs owned by root at ``path`` (host namespace)."""
+    options = f"size={size_mb}m,nr_inodes={inodes},mode={mode:04o},uid=0,gid=0"
     rc = _libc.mount(
         b"sandkernel", os.fsencode(path), b"tmpfs", _MS_NOSUID | _MS_NODEV, options.encode()
     )
@@ -599,13 +599,18 @@ def default_runtime_root() -> Path:
     return Path(os.environ.get("SANDKERNEL_RUNTIME_DIR") or "/run/sandkernel")
 
 
+def owners_dir() -> Path:
+    """Where every engine on this host keeps its owner lock (``/run/sandkernel/owners``)."""
+    return Path(os.environ.get("SANDKERNEL_OWNERS_DIR") or "/run/sandkernel/owners")
+
+
 _OWNER_RE = re.compile(r"^(?P<owner>\d+-[0-9a-f]{8})-[0-9a-f]{8}$")
 
 
 class SandboxHost:
     """One engine's claim on the host: creates and destroys kernel sandboxes.
 
-    Holds an exclusive ``flock`` on ``<root>/owners/<owner>.lock`` for its
+    Holds an exclusive ``flock`` on ``<owners_dir>/<owner>.lock`` for its
     lifetime. Kernel ids are ``<owner>-<random>``; :meth:`sweep` removes the
     folders, cgroups, mounts and processes of every owner whose lock is free,
     that is, of engines that died without cleaning up.
@@ -634,8 +639,11 @@ class SandboxHost:
             )
         ensure_cgroup_parents(self.cgroups)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
-        owners = self.root / "owners"
-        owners.mkdir(exist_ok=True, mode=0o700)
+        # One place for every engine's lock, whatever its runtime root: cgroups
+        # are shared by all engines on the host, so a sweep must be able to
+        # tell a live owner from a dead one even when it used another root.
+        owners = self.owners_dir = owners_dir()
+        owners.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._lock_path = owners / f"{self.owner}.lock"
         self._lock_fd: int | None = os.open(self._lock_path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -667,12 +675,11 @@ class SandboxHost:
         ws = layout.workspace
         if workspace is None:
             ws.mkdir(mode=0o700)
+            # Sticky and world-writable, like /tmp: the sandbox user creates and
+            # owns its files, while files the engine places as root (an agent's)
+            # can be neither changed, deleted nor renamed from inside.
             mount_tmpfs(
-                ws,
-                size_mb=policy.workspace_mb,
-                inodes=policy.workspace_inodes,
-                uid=SANDBOX_UID,
-                gid=SANDBOX_GID,
+                ws, size_mb=policy.workspace_mb, inodes=policy.workspace_inodes, mode=0o1777
             )
         else:
             workspace = workspace.resolve()
@@ -722,13 +729,13 @@ class SandboxHost:
         for owner, is_alive in alive.items():
             if not is_alive:
                 with contextlib.suppress(FileNotFoundError):
-                    (self.root / "owners" / f"{owner}.lock").unlink()
+                    (self.owners_dir / f"{owner}.lock").unlink()
         return removed
 
     def _owner_alive(self, owner: str) -> bool:
         if owner == self.owner:
             return True
-        path = self.root / "owners" / f"{owner}.lock"
+        path = self.owners_dir / f"{owner}.lock"
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:

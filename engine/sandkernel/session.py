@@ -10,19 +10,45 @@ the pure :class:`Lifetime`; the engine's reaper applies them.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import BinaryIO, Protocol
 
 from pydantic import BaseModel
 
 from sandkernel.errors import KernelDead, SessionClosed, SessionExpired
+from sandkernel.files import StoredFile
 from sandkernel.kernel import OutputCallback, SandboxedKernel
 from sandkernel.results import KERNEL_LOST, ExecutionResult
 
 Clock = Callable[[], float]
+#: What can be uploaded: bytes, a path, or a binary stream.
+UploadSource = bytes | str | os.PathLike[str] | BinaryIO
+
+
+class SessionFiles(Protocol):
+    """What a session asks of the engine's file store (see ``Engine``)."""
+
+    async def prepare(self, kernel: SandboxedKernel, *, restart: bool) -> None:
+        """Fill a new kernel's workspace (agent files; after a restart, the session's)."""
+
+    async def attach(self, kernel: SandboxedKernel, file_ids: Sequence[str]) -> list[str]:
+        """Copy stored files into the workspace; return their paths in the sandbox."""
+
+    async def upload(
+        self, kernel: SandboxedKernel | None, source: UploadSource, name: str | None
+    ) -> StoredFile:
+        """Store a file for this session and place it in the workspace."""
+
+    async def collect(self, kernel: SandboxedKernel, result: ExecutionResult) -> ExecutionResult:
+        """Register what the cell produced; return the result with its files."""
+
+    async def list(self) -> list[StoredFile]:
+        """The session's files (uploaded to it and produced by it)."""
 
 
 class SessionState(StrEnum):
@@ -111,8 +137,12 @@ class Session:
         acquire_kernel: Callable[[], Awaitable[SandboxedKernel]],
         release_kernel: Callable[[SandboxedKernel], Awaitable[None]],
         restart_dead_kernels: bool = False,
+        files: SessionFiles | None = None,
+        agent_id: str | None = None,
     ) -> None:
         self.id = session_id
+        self.agent_id = agent_id
+        self._files = files
         self.kernel: SandboxedKernel | None = kernel
         self.lifetime = lifetime
         self.state = SessionState.ACTIVE
@@ -135,8 +165,12 @@ class Session:
         timeout_s: float | None = None,
         on_output: OutputCallback | None = None,
         restart: bool | None = None,
+        file_ids: Sequence[str] = (),
     ) -> ExecutionResult:
         """Run one cell in this session's kernel.
+
+        Files the cell creates or changes under ``/mnt/data``, and images it
+        displays, are stored and listed in the result's ``files``.
 
         Args:
             code: the cell's Python source.
@@ -144,7 +178,10 @@ class Session:
             on_output: called with each iopub message as it arrives.
             restart: if the kernel has died, start on a fresh one (the result
                 then has ``state_lost``) instead of raising. Defaults to the
-                engine's ``restart_dead_kernels``.
+                engine's ``restart_dead_kernels``. The session's files are put
+                back into the fresh workspace.
+            file_ids: stored files to copy into ``/mnt/data`` before the cell
+                (they become this session's).
 
         Raises:
             SessionExpired: past its TTL, idle timeout or maximum lifetime.
@@ -160,14 +197,24 @@ class Session:
                         f"session {self.id!r}: {self._dead_message}. Its variables are lost; "
                         "run again with restart=True for a fresh kernel, or open a new session"
                     )
-                self.kernel = await self._acquire()
+                fresh = await self._acquire()
+                if self._files is not None:
+                    await self._files.prepare(fresh, restart=True)
+                self.kernel = fresh
                 self.state = SessionState.ACTIVE
                 state_lost = True
-            assert self.kernel is not None
+            current = self.kernel
+            assert current is not None
+            kernel = current
             self.lifetime.ran(self._clock())
-            result = await self.kernel.execute(code, timeout_s=timeout_s, on_output=on_output)
+            if file_ids and self._files is not None:
+                await self._files.attach(kernel, file_ids)
+            result = await kernel.execute(code, timeout_s=timeout_s, on_output=on_output)
             self.lifetime.ran(self._clock())
             self.cells_run += 1
+            if self._files is not None and not self.closed:
+                # Before a dead kernel is released: its workspace still exists.
+                result = await self._files.collect(kernel, result)
             if result.status in KERNEL_LOST or not result.kernel_alive:
                 await self._kernel_died(result.message or result.status)
             if state_lost:
@@ -202,6 +249,41 @@ class Session:
             f"session {self.id!r} expired at {when} because {why}; its kernel was ended. "
             "Open a new session (its files stay downloadable by id)"
         )
+
+    # -- files -----------------------------------------------------------------------
+
+    async def upload(self, source: UploadSource, name: str | None = None) -> StoredFile:
+        """Store a file for this session and copy it into ``/mnt/data``.
+
+        Args:
+            source: bytes, a path, or a binary stream.
+            name: the file's name (default: the path's name; required otherwise).
+
+        Raises:
+            FileRejected: unsupported type, mislabelled content, over the size cap.
+        """
+        self._check_usable()
+        files = self._require_files()
+        async with self._lock:
+            return await files.upload(self.kernel, source, name)
+
+    async def attach(self, file_ids: Sequence[str]) -> list[str]:
+        """Copy stored files into ``/mnt/data`` now; returns their paths there."""
+        self._check_usable()
+        files = self._require_files()
+        async with self._lock:
+            if self.kernel is None:
+                raise KernelDead(f"session {self.id!r} has no kernel: {self._dead_message}")
+            return await files.attach(self.kernel, file_ids)
+
+    async def files(self) -> list[StoredFile]:
+        """Files uploaded to this session and produced by it (also after it ended)."""
+        return await self._require_files().list()
+
+    def _require_files(self) -> SessionFiles:
+        if self._files is None:
+            raise SessionClosed(f"session {self.id!r} has no file store")
+        return self._files
 
     async def interrupt(self) -> None:
         """Interrupt the running cell, if any."""

@@ -1,0 +1,77 @@
+"""Sweeping: what a killed engine left is removed; a live engine's kernels are not."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sandkernel.kernel import SandboxedKernel
+from sandkernel.policy import load_policy
+from sandkernel.sandbox import SandboxHost, iter_sandkernel_cgroups, mounts_under
+
+pytestmark = pytest.mark.sandbox
+
+
+@pytest.mark.anyio
+async def test_a_sweep_spares_a_live_engine_that_uses_another_root(tmp_path: Path) -> None:
+    with SandboxHost(tmp_path / "live-root") as live:
+        kernel = SandboxedKernel(live, load_policy())
+        await kernel.start()
+        try:
+            with SandboxHost(tmp_path / "other-root") as other:
+                assert kernel.kernel_id not in other.sweep()
+            assert kernel.alive
+            assert (await kernel.execute("1 + 1")).text == "2"
+        finally:
+            await kernel.shutdown()
+
+
+def test_sigkilled_engine_leaves_nothing_once_the_next_one_started(tmp_path: Path) -> None:
+    root = tmp_path / "rt"
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(f"""
+        import asyncio, pathlib
+        from sandkernel.engine import Engine
+        async def main():
+            engine = Engine(pool_size=2, prewarm_imports=(), runtime_dir={str(root)!r},
+                            store_dir={str(tmp_path / "store")!r}, handle_sigterm=False)
+            await engine.start()
+            s = await engine.session("doomed")
+            await s.run("import subprocess; p = subprocess.Popen(['sleep', '300'])")
+            while engine.stats().pool.warm < 2:
+                await asyncio.sleep(0.05)
+            pathlib.Path({str(ready)!r}).write_text(engine._host.owner)
+            await asyncio.sleep(300)
+        asyncio.run(main())
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "engine did not start"
+            time.sleep(0.05)
+        owner = ready.read_text()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    with SandboxHost(root) as host:
+        cgroups = [p for p in iter_sandkernel_cgroups(host.cgroups) if p.name.startswith(owner)]
+        assert cgroups == []
+        assert [p for p in root.iterdir() if p.name.startswith(owner)] == []
+        assert mounts_under(root) == []
+    leftover = [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if p.info["cmdline"] and owner in " ".join(p.info["cmdline"])
+    ]
+    assert leftover == []
