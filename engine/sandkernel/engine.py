@@ -85,6 +85,8 @@ class Engine:
         max_sessions: sessions alive at once (active or dead-awaiting-restart).
         max_kernels: kernels alive at once (default: ``max_sessions + pool_size``).
         max_concurrent_starts: kernel starts in flight (default 2: do not thrash the CPUs).
+        refill_delay_s: how long after handing out a kernel the pool starts its
+            replacement, so the start does not slow the session's first cell.
         session_ttl_s: a session expires this long after its last activity (1 hour).
         idle_timeout_s: optional: expire after this long without a run.
         max_lifetime_s: optional hard bound on a session's age.
@@ -115,6 +117,7 @@ class Engine:
         max_sessions: int = 32,
         max_kernels: int | None = None,
         max_concurrent_starts: int = 2,
+        refill_delay_s: float = 0.1,
         session_ttl_s: float = 3600.0,
         idle_timeout_s: float | None = None,
         max_lifetime_s: float | None = None,
@@ -140,6 +143,7 @@ class Engine:
         self.max_sessions = max_sessions
         self.max_kernels = max_kernels if max_kernels is not None else max_sessions + pool_size
         self.max_concurrent_starts = max_concurrent_starts
+        self.refill_delay_s = refill_delay_s
         self.session_ttl_s = session_ttl_s
         self.idle_timeout_s = idle_timeout_s
         self.max_lifetime_s = max_lifetime_s
@@ -196,6 +200,7 @@ class Engine:
             size=self.pool_size,
             max_kernels=self.max_kernels,
             max_concurrent_starts=self.max_concurrent_starts,
+            refill_delay_s=self.refill_delay_s,
         )
         self._started_at = self._clock()
         self._state = "running"

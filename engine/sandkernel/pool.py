@@ -142,6 +142,7 @@ class Pool:
         size: kernels kept warm.
         max_kernels: bound on live kernels (warm + starting + in use).
         max_concurrent_starts: bound on starts in flight.
+        refill_delay_s: how long after a hand-out the refill starts.
     """
 
     def __init__(
@@ -151,8 +152,10 @@ class Pool:
         size: int,
         max_kernels: int,
         max_concurrent_starts: int = 2,
+        refill_delay_s: float = 0.0,
     ) -> None:
         self._factory = factory
+        self.refill_delay_s = refill_delay_s
         self.book = PoolBook(size, max_kernels, max_concurrent_starts)
         self._warm: deque[SandboxedKernel] = deque()
         self._waiters: deque[asyncio.Future[SandboxedKernel]] = deque()
@@ -224,7 +227,10 @@ class Pool:
             if kernel.alive:
                 self.book.hand_out(waited=waited, latency_s=time.monotonic() - started)
                 self._in_use.add(kernel)
-                self._wake.set()
+                # The refill starts a little later: started at once, it would
+                # compete with the first cell of the session that just got this
+                # kernel, which usually follows right away.
+                asyncio.get_running_loop().call_later(self.refill_delay_s, self._wake.set)
                 return kernel
             # Died while warm (rare): discard and take the next one.
             self.book.discard_warm()
