@@ -17,12 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_public_api_is_exactly_this() -> None:
     assert sandkernel.__all__ == sorted(sandkernel.__all__)
     assert sandkernel.__all__ == [
-        "DisplayOutput", "Engine", "EngineClosed", "EngineStats", "ErrorInfo",
-        "ExecutionResult", "KernelDead", "KernelStartFailed", "Policy", "PolicyError",
-        "PoolExhausted", "SandboxHost", "SandboxUnavailable", "SandboxedKernel",
-        "SandkernelError", "SelfCheckFailed", "Session", "SessionClosed", "SessionError",
-        "SessionExpired", "SessionInfo", "SessionLimitReached", "SessionNotFound",
-        "SessionState", "Usage", "load_policy",
+        "ChatModel", "DisplayOutput", "Engine", "EngineClosed", "EngineStats", "ErrorInfo",
+        "ExecutionResult", "FileNotFoundInStore", "FileRejected", "KernelDead",
+        "KernelStartFailed", "LoopResult", "ModelCallFailed", "OpenAIChatModel", "PYTHON_TOOL",
+        "Policy", "PolicyError", "PoolExhausted", "ProducedFile", "SandboxHost",
+        "SandboxUnavailable", "SandboxedKernel", "SandkernelError", "SelfCheckFailed",
+        "Session", "SessionClosed", "SessionError", "SessionExpired", "SessionInfo",
+        "SessionLimitReached", "SessionNotFound", "SessionState", "StoredFile", "Usage",
+        "format_result", "load_policy", "run_loop",
     ]  # fmt: skip
     for name in sandkernel.__all__:
         assert getattr(sandkernel, name) is not None

@@ -8,8 +8,11 @@ from __future__ import annotations
 from sandkernel.engine import Engine, EngineStats
 from sandkernel.errors import (
     EngineClosed,
+    FileNotFoundInStore,
+    FileRejected,
     KernelDead,
     KernelStartFailed,
+    ModelCallFailed,
     PolicyError,
     PoolExhausted,
     SandboxUnavailable,
@@ -21,24 +24,41 @@ from sandkernel.errors import (
     SessionLimitReached,
     SessionNotFound,
 )
+from sandkernel.files import StoredFile
 from sandkernel.kernel import SandboxedKernel
+from sandkernel.loop import (
+    PYTHON_TOOL,
+    ChatModel,
+    LoopResult,
+    OpenAIChatModel,
+    format_result,
+    run_loop,
+)
 from sandkernel.policy import Policy, load_policy
-from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, Usage
+from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, ProducedFile, Usage
 from sandkernel.sandbox import SandboxHost
 from sandkernel.session import Session, SessionInfo, SessionState
 
 __all__ = [
+    "ChatModel",
     "DisplayOutput",
     "Engine",
     "EngineClosed",
     "EngineStats",
     "ErrorInfo",
     "ExecutionResult",
+    "FileNotFoundInStore",
+    "FileRejected",
     "KernelDead",
     "KernelStartFailed",
+    "LoopResult",
+    "ModelCallFailed",
+    "OpenAIChatModel",
+    "PYTHON_TOOL",
     "Policy",
     "PolicyError",
     "PoolExhausted",
+    "ProducedFile",
     "SandboxHost",
     "SandboxUnavailable",
     "SandboxedKernel",
@@ -52,7 +72,10 @@ __all__ = [
     "SessionLimitReached",
     "SessionNotFound",
     "SessionState",
+    "StoredFile",
     "Usage",
+    "format_result",
     "load_policy",
+    "run_loop",
 ]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sandkernel._solve_cli import add_solve_parser, run_solve
 from sandkernel.errors import SandkernelError
 from sandkernel.policy import load_policy, shipped_policy_names
 from sandkernel.results import ExecutionResult
@@ -167,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="a short tour: analysis, chart, state, escapes tried")
     demo.add_argument("--out", default="demo-output", help="folder for the charts")
 
+    add_solve_parser(sub)
+
     policy = sub.add_parser("policy", help="list policies or show one's nsjail config")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     policy_sub.add_parser("list", help="the shipped policies")
@@ -178,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return asyncio.run(_run(args))
+        if args.command == "solve":
+            return run_solve(args)
         if args.command == "files":
             return _files(args)
         if args.command == "doctor":

@@ -74,6 +74,10 @@ class SessionLimitReached(SessionError):
     """As many sessions as ``max_sessions`` allows are active."""
 
 
+class ModelCallFailed(SandkernelError):
+    """The chat model could not be called or gave an unusable reply (says which and why)."""
+
+
 class EngineClosed(SandkernelError):
     """The engine has been shut down."""
 

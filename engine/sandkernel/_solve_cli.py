@@ -1,0 +1,249 @@
+"""``sandkernel solve``: a chat model solves a task by running Python in a sandboxed session.
+
+::
+
+    sandkernel solve "Plot the sales by month" --file sales.csv \\
+        --base-url http://127.0.0.1:8080/v1 --model qwen2.5-coder
+
+Each attempt is printed as it happens (the code, its status, a short output),
+then the model's answer; the files the code produced are saved to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from sandkernel.loop import LoopEvent, LoopResult, OpenAIChatModel, run_loop
+from sandkernel.results import ProducedFile
+
+if TYPE_CHECKING:
+    from sandkernel.engine import Engine
+
+SYSTEM_PROMPT = (
+    "You solve the user's task by writing Python and running it with the python tool. "
+    "Work step by step: run code, read its output, fix it if it fails. Save every file "
+    "you make for the user (charts, tables, reports) in /mnt/data. When the task is done, "
+    "answer briefly in plain text with the result and the names of the files you saved."
+)
+_CODE_LINES_SHOWN = 30
+_OUTPUT_LINES_SHOWN = 12
+_OUTPUT_CHARS_SHOWN = 1500
+
+
+def add_solve_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add the ``solve`` command to a ``sandkernel`` sub-parser set; returns its parser."""
+    solve = subparsers.add_parser(
+        "solve",
+        help="let a chat model solve a task by running Python in a sandbox",
+        description="A chat model (any OpenAI-compatible endpoint) writes Python, the sandbox "
+        "runs it, the model reads the result and fixes its code until it can answer.",
+    )
+    solve.add_argument("task", help="what to do, in words")
+    solve.add_argument(
+        "--base-url",
+        default=os.environ.get("OPENAI_BASE_URL"),
+        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 "
+        "(default: $OPENAI_BASE_URL, else OpenAI's)",
+    )
+    solve.add_argument("--model", required=True, help="model name the endpoint knows")
+    solve.add_argument("--api-key", default=None, help="API key (default: $OPENAI_API_KEY)")
+    solve.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="F",
+        help="a file to put in /mnt/data for the model (repeatable)",
+    )
+    solve.add_argument(
+        "--max-attempts", type=int, default=5, help="code executions allowed (default 5)"
+    )
+    solve.add_argument(
+        "--out", default="solve-output", help="folder for the files produced (solve-output)"
+    )
+    solve.add_argument("--policy", default=None, help="policy name or TOML path (default: default)")
+    solve.add_argument("--timeout", type=float, default=None, help="wall timeout per cell, s")
+    solve.add_argument(
+        "--tool-choice",
+        choices=["auto", "required"],
+        default="auto",
+        help="'required' makes the model run code before it answers",
+    )
+    return solve
+
+
+def run_solve(args: argparse.Namespace) -> int:
+    """Run ``sandkernel solve``: 0 if the model answered, 1 if it did not.
+
+    Engine and model errors are raised (``SandkernelError``) for the caller to report.
+    """
+    missing = [f for f in args.file if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"sandkernel solve: no such file: {', '.join(missing)}")
+    if args.max_attempts < 1:
+        raise SystemExit("sandkernel solve: --max-attempts must be at least 1")
+    return asyncio.run(_solve(args))
+
+
+async def _solve(args: argparse.Namespace) -> int:
+    from sandkernel.engine import Engine
+
+    async with Engine(pool_size=1, policy=args.policy) as engine:
+        return await solve_with_engine(args, engine)
+
+
+async def solve_with_engine(
+    args: argparse.Namespace,
+    engine: Engine,
+    *,
+    out: TextIO | None = None,
+    client_kwargs: dict[str, Any] | None = None,
+) -> int:
+    """The ``solve`` command on a running engine (the CLI starts one with ``pool_size=1``).
+
+    Args:
+        args: parsed by the parser :func:`add_solve_parser` adds.
+        engine: a started engine.
+        out: where progress and the answer are printed (default: stdout).
+        client_kwargs: passed to ``AsyncOpenAI`` (``timeout``, ``max_retries``...).
+    """
+    stream = out if out is not None else sys.stdout
+    session = await engine.session()
+    try:
+        uploaded = await _upload(engine, session.id, args.file, stream)
+        task = args.task
+        if uploaded:
+            task += "\n\nFiles in /mnt/data: " + ", ".join(uploaded)
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": task},
+        ]
+        api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        async with OpenAIChatModel(
+            model=args.model, base_url=args.base_url, api_key=api_key, **(client_kwargs or {})
+        ) as model:
+            result = await run_loop(
+                model,
+                messages,
+                session,
+                max_attempts=args.max_attempts,
+                tool_choice=args.tool_choice,
+                timeout_s=args.timeout,
+                on_event=_Progress(stream, args.max_attempts),
+            )
+    finally:
+        await session.close()
+    if result.answered:
+        print(f"\n=== answer ===\n{result.final_answer or '(empty answer)'}", file=stream)
+    else:
+        print(f"\n=== stopped ({result.outcome}) ===\n{result.message}", file=stream)
+        if result.final_answer:
+            print(f"The model's last words: {result.final_answer}", file=stream)
+    saved = await _save_files(engine, result, Path(args.out))
+    if saved:
+        print(f"\nfiles saved in {args.out}/: {', '.join(p.name for p in saved)}", file=stream)
+    stream.flush()
+    return 0 if result.answered else 1
+
+
+async def _upload(engine: Engine, session_id: str, files: list[str], out: TextIO) -> list[str]:
+    """Put ``files`` in the session's /mnt/data; returns their names there."""
+    names = []
+    for file in files:
+        path = Path(file)
+        stored = await engine.upload(path, path.name, session_id=session_id)
+        names.append(stored.name)
+    if names:
+        print(f"uploaded to /mnt/data: {', '.join(names)}", file=out)
+    return names
+
+
+async def _save_files(engine: Engine, result: LoopResult, out_dir: Path) -> list[Path]:
+    """Save the files the code produced (its displayed images included) in ``out_dir``."""
+    wanted = [(f.name, await engine.download(f.id)) for f in _latest_versions(result.files)]
+    return await asyncio.to_thread(_write_files, out_dir, wanted)
+
+
+def _write_files(out_dir: Path, files: list[tuple[str, bytes]]) -> list[Path]:
+    if not files:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved: list[Path] = []
+    taken: set[str] = set()
+    for name, data in files:
+        target = out_dir / _unique(_safe_name(name), taken)
+        target.write_bytes(data)
+        saved.append(target)
+    return saved
+
+
+def _latest_versions(files: list[ProducedFile]) -> list[ProducedFile]:
+    """One file per sandbox path (the last version written); displayed images all kept."""
+    latest: dict[str, ProducedFile] = {}
+    for file in files:
+        key = file.path if file.source == "workspace" and file.path else file.id
+        latest.pop(key, None)  # re-insert: keep the order in which final versions appeared
+        latest[key] = file
+    return list(latest.values())
+
+
+def _safe_name(name: str) -> str:
+    # Names come from the sandbox: never let one leave the output folder.
+    base = Path(name.replace("\\", "/")).name
+    return base if base not in ("", ".", "..") else "file"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    stem, dot, suffix = name.partition(".")
+    while candidate in taken:
+        n += 1
+        candidate = f"{stem}-{n}{dot}{suffix}"
+    taken.add(candidate)
+    return candidate
+
+
+class _Progress:
+    """Prints each step of the loop as it happens."""
+
+    def __init__(self, out: TextIO, max_attempts: int) -> None:
+        self.out = out
+        self.max_attempts = max_attempts
+
+    def __call__(self, event: LoopEvent) -> None:
+        if event.kind == "model_reply" and event.reply is not None:
+            if event.reply.tool_calls and event.reply.content:
+                self._print(f"\nmodel: {event.reply.content.strip()}")
+        elif event.kind == "code" and event.code is not None:
+            self._print(f"\n=== attempt {event.attempt}/{self.max_attempts} ===")
+            lines = event.code.rstrip("\n").split("\n")
+            shown = [f"  | {line}" for line in lines[:_CODE_LINES_SHOWN]]
+            if len(lines) > _CODE_LINES_SHOWN:
+                shown.append(f"  | ... ({len(lines) - _CODE_LINES_SHOWN} more lines)")
+            self._print("\n".join(shown))
+        elif event.kind == "result" and event.tool_message is not None:
+            self._print(_indent(_short(event.tool_message)))
+        elif event.kind == "rejected_call" and event.tool_message is not None:
+            self._print(f"\n=== attempt {event.attempt}: not run ===")
+            self._print(_indent(_short(event.tool_message)))
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+
+def _short(text: str) -> str:
+    lines = text[:_OUTPUT_CHARS_SHOWN].split("\n")
+    shown = lines[:_OUTPUT_LINES_SHOWN]
+    if len(lines) > _OUTPUT_LINES_SHOWN or len(text) > _OUTPUT_CHARS_SHOWN:
+        shown.append("...")
+    return "\n".join(shown)
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" if line else "" for line in text.split("\n"))
