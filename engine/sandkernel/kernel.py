@@ -243,7 +243,9 @@ class SandboxedKernel:
             assert isinstance(client, AsyncKernelClient)
             client.start_channels()
             self._client = client
-            await asyncio.wait_for(self._wait_ready(client, timeout_s), timeout_s + 1)
+            await asyncio.wait_for(
+                wait_until_ready(client, timeout_s, lambda: self.alive), timeout_s + 1
+            )
         except BaseException as exc:
             detail = self.provisioner.log_tail() if self.provisioner else ""
             await self.shutdown()
@@ -255,33 +257,6 @@ class SandboxedKernel:
                 + "\n(run `sandkernel doctor` to check the sandbox)"
             ) from None
         self.started_at = time.monotonic()
-
-    async def _wait_ready(self, client: AsyncKernelClient, timeout_s: float) -> None:
-        """Wait until the kernel answers ``kernel_info`` and IOPub is connected.
-
-        jupyter_client's ``wait_for_ready`` does the same and then waits for
-        0.2 s of IOPub silence to flush it: a fixed cost on every start (a third
-        of it), useless here since ``execute`` ignores messages not its own.
-        """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            msg_id = client.kernel_info()
-            try:
-                reply = await client.get_shell_msg(timeout=1.0)
-            except queue.Empty:
-                reply = None
-            if reply is not None and reply.get("parent_header", {}).get("msg_id") == msg_id:
-                try:
-                    # Any IOPub message (the welcome, or kernel_info's status)
-                    # proves the subscription is live; else ask again.
-                    await client.get_iopub_msg(timeout=0.2)
-                    return
-                except queue.Empty:
-                    pass
-            if not self.alive:
-                raise RuntimeError("the kernel died before replying to kernel_info")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the kernel did not answer kernel_info within {timeout_s:g} s")
 
     async def shutdown(self, *, grace_s: float = 1.0) -> None:
         """End the kernel: SIGTERM to nsjail, SIGKILL after ``grace_s``; remove every trace.
@@ -561,6 +536,39 @@ class SandboxedKernel:
         if problems:
             raise SelfCheckFailed("kernel failed its isolation self-check: " + "; ".join(problems))
         return report
+
+
+async def wait_until_ready(
+    client: AsyncKernelClient, timeout_s: float, alive: Callable[[], bool]
+) -> None:
+    """Wait until a kernel answers ``kernel_info`` and its IOPub is connected.
+
+    jupyter_client's ``wait_for_ready`` does the same and then waits for 0.2 s
+    of IOPub silence to flush it: a fixed cost on every start (a third of it),
+    not needed by clients that ignore IOPub messages that are not their own.
+
+    Raises:
+        RuntimeError: the kernel died first. TimeoutError: no answer in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        msg_id = client.kernel_info()
+        try:
+            reply = await client.get_shell_msg(timeout=1.0)
+        except queue.Empty:
+            reply = None
+        if reply is not None and reply.get("parent_header", {}).get("msg_id") == msg_id:
+            try:
+                # Any IOPub message (the welcome, or kernel_info's status)
+                # proves the subscription is live; else ask again.
+                await client.get_iopub_msg(timeout=0.2)
+                return
+            except queue.Empty:
+                pass
+        if not alive():
+            raise RuntimeError("the kernel died before replying to kernel_info")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the kernel did not answer kernel_info within {timeout_s:g} s")
 
 
 def _usage(wall_ms: float, before: CgroupUsage, after: CgroupUsage) -> Usage:
