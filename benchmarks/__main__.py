@@ -1,0 +1,83 @@
+"""Run the benchmarks: ``python -m benchmarks [--quick] [--only NAME]``.
+
+Each benchmark's result is written to ``benchmarks/out/<name>.json`` and
+printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks._stats import machine_info
+
+#: Benchmark name -> module with ``run(*, quick: bool) -> dict``. Run in this order.
+BENCHMARKS: dict[str, str] = {
+    "kernel": "benchmarks.kernel",
+    "engine": "benchmarks.engine",
+}
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+
+
+def render_markdown(name: str, result: dict[str, Any]) -> str:
+    """A result as Markdown: title, machine, table, notes."""
+    lines = [f"## {name}: {result.get('title', '')}".rstrip(": "), ""]
+    machine = result.get("machine") or {}
+    if machine:
+        load = machine.get("load_average")
+        lines.append(
+            f"{machine.get('cpu_count')} CPUs ({machine.get('cpu_model')}), "
+            f"Linux {machine.get('kernel')}, Python {machine.get('python')}, "
+            f"load average {load}, {machine.get('date')}"
+            + (" — quick run" if result.get("quick") else "")
+        )
+        lines.append("")
+    table = result.get("table")
+    if table:
+        columns = [str(c) for c in table["columns"]]
+        lines.append("| " + " | ".join(columns) + " |")
+        lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|")
+        for row in table["rows"]:
+            lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+        lines.append("")
+    for note in result.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="Run sandkernel's benchmarks."
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="few repetitions: a smoke run, not a measurement"
+    )
+    parser.add_argument(
+        "--only", choices=sorted(BENCHMARKS), metavar="NAME", help="run one benchmark"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})"
+    )
+    args = parser.parse_args(argv)
+
+    names = [args.only] if args.only else list(BENCHMARKS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        module = importlib.import_module(BENCHMARKS[name])
+        print(f"running {name}{' (quick)' if args.quick else ''}...", file=sys.stderr, flush=True)
+        result: dict[str, Any] = module.run(quick=args.quick)
+        result.setdefault("machine", machine_info())
+        path = args.out / f"{name}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(render_markdown(name, result))
+        print(f"(full results: {path})\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
