@@ -26,8 +26,8 @@ demo: setup
 	$(BIN)/sandkernel demo --out demo-output
 
 lint: setup
-	$(BIN)/ruff check engine tests kernels
-	$(BIN)/ruff format --check engine tests kernels
+	$(BIN)/ruff check engine tests kernels benchmarks
+	$(BIN)/ruff format --check engine tests kernels benchmarks
 
 typecheck: setup
 	$(BIN)/mypy
