@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from sandkernel.errors import KernelDead
+from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy
+from sandkernel.sandbox import Runtime, SandboxHost
 from tests.conftest import KernelFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -144,3 +147,34 @@ async def test_shutdown_is_idempotent_and_removes_everything(kernel_factory: Ker
     await k.shutdown()
     assert not root.exists()
     assert not k.cgroup.pids()
+
+
+@pytest.fixture
+def venv_under_tmp(tmp_path: Path) -> tuple[Path, str]:
+    """A pip-less venv under /tmp that reaches this environment's packages by a .pth."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = sysconfig.get_paths()["purelib"]
+    (next(venv.glob("lib/python*/site-packages")) / "engine.pth").write_text(site + "\n")
+    return venv, site
+
+
+async def test_runtime_under_tmp_is_not_hidden_by_the_sandbox_tmp(
+    host: SandboxHost, venv_under_tmp: tuple[Path, str]
+) -> None:
+    """A Python environment that lives under /tmp still works inside the sandbox."""
+    venv, site = venv_under_tmp
+    runtime = Runtime.detect(venv / "bin" / "python")
+    assert any(m.startswith("/tmp/") for m in runtime.mounts)
+    with SandboxHost(host.root, runtime=runtime, sweep=False) as under_tmp:
+        kernel = SandboxedKernel(under_tmp, Policy(readonly_mounts=[site]))
+        try:
+            await kernel.start()
+            r = await kernel.execute("import sys; print(sys.prefix)")
+            assert r.stdout.strip() == str(venv)
+        finally:
+            await kernel.shutdown()

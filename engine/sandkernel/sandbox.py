@@ -527,9 +527,6 @@ def render_nsjail_config(
         mounts.append(MountPt(src_content=_HOSTS, dst="/etc/hosts", rw=False))
     else:
         mounts.append(MountPt(src="/etc/hosts", dst="/etc/hosts", is_bind=True, mandatory=False))
-    mounts += [MountPt(src=m, dst=m, is_bind=True, rw=False) for m in runtime.mounts]
-    mounts += [MountPt(src=m, dst=m, is_bind=True, rw=False) for m in policy.readonly_mounts]
-    mounts.append(MountPt(src=str(kernel_runtime), dst=RUNTIME_IN_JAIL, is_bind=True))
     mounts += [
         MountPt(dst="/proc", fstype="proc", rw=False, nosuid=True, nodev=True, noexec=True),
         MountPt(dst="/dev", fstype="tmpfs", rw=True, options="size=64k,mode=0755",
@@ -540,6 +537,13 @@ def render_nsjail_config(
                 nosuid=True, nodev=True, noexec=True),
         MountPt(dst="/tmp", fstype="tmpfs", rw=True, options=f"size={policy.tmp_mb}m",
                 nosuid=True, nodev=True),
+    ]  # fmt: skip
+    # Binds of host folders come after the sandbox's own filesystems, so a
+    # runtime that lives under /tmp (or /dev...) is not hidden by the tmpfs.
+    mounts += [MountPt(src=m, dst=m, is_bind=True, rw=False) for m in runtime.mounts]
+    mounts += [MountPt(src=m, dst=m, is_bind=True, rw=False) for m in policy.readonly_mounts]
+    mounts.append(MountPt(src=str(kernel_runtime), dst=RUNTIME_IN_JAIL, is_bind=True))
+    mounts += [
         MountPt(src=str(layout.workspace), dst=WORKSPACE_IN_JAIL, is_bind=True, rw=True,
                 nosuid=True, nodev=True),
         MountPt(src=str(layout.connection_dir), dst=CONNECTION_DIR_IN_JAIL, is_bind=True,
