@@ -48,6 +48,9 @@ def _show(title: str, result: ExecutionResult, out_dir: Path) -> None:
             path = out_dir / f"chart-{n}.png"
             path.write_bytes(base64.b64decode(display.data["image/png"]))
             print(f"chart saved: {path} ({path.stat().st_size} bytes)")
+    for f in result.files:
+        where = f.path or "displayed image"
+        print(f"produced file {f.name} ({f.mime_type}, {f.size_bytes} bytes, {where}) id={f.id}")
     if result.error:
         print(f"{result.error.name}: {result.error.value}")
     if result.message:
