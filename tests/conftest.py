@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -157,3 +161,22 @@ async def engine_factory(
     gc.collect()
     new_fds = open_fds() - fds_before
     assert not new_fds, f"file descriptors left open: {dict(new_fds)}"
+
+
+@contextlib.contextmanager
+def engine_process(script: str, ready: Path, *, timeout_s: float = 60) -> Iterator[tuple[Any, str]]:
+    """Run ``script`` (Python) in a child process until it writes ``ready``.
+
+    Yields the process and what it wrote to ``ready`` (its engine's owner id);
+    the process is killed and reaped afterwards whatever happened.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "engine did not start"
+            time.sleep(0.05)
+        yield proc, ready.read_text()
+    finally:
+        proc.kill()
+        proc.wait()

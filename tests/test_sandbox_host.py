@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psutil
@@ -16,6 +13,7 @@ import pytest
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import load_policy
 from sandkernel.sandbox import SandboxHost, iter_sandkernel_cgroups, mounts_under
+from tests.conftest import engine_process
 
 pytestmark = pytest.mark.sandbox
 
@@ -52,18 +50,9 @@ def test_sigkilled_engine_leaves_nothing_once_the_next_one_started(tmp_path: Pat
             await asyncio.sleep(300)
         asyncio.run(main())
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "engine did not start"
-            time.sleep(0.05)
-        owner = ready.read_text()
+    with engine_process(script, ready) as (proc, owner):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-    finally:
-        proc.kill()
-        proc.wait()
     with SandboxHost(root) as host:
         cgroups = [p for p in iter_sandkernel_cgroups(host.cgroups) if p.name.startswith(owner)]
         assert cgroups == []

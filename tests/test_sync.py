@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from sandkernel.sandbox import CgroupLayout, iter_sandkernel_cgroups
 from sandkernel.sync import Engine
-from tests.conftest import runtime_root
+from tests.conftest import engine_process, runtime_root
 
 pytestmark = pytest.mark.sandbox
 
@@ -47,17 +44,8 @@ def test_sigterm_in_an_embedding_process_ends_every_kernel(tmp_path: Path) -> No
         pathlib.Path({str(ready)!r}).write_text(engine._engine._host.owner)
         time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "engine did not start"
-            time.sleep(0.05)
-        owner = ready.read_text()
+    with engine_process(script, ready) as (proc, owner):
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=10) == -signal.SIGTERM
-    finally:
-        proc.kill()
-        proc.wait()
     assert [p.name for p in root.iterdir() if p.name != "owners"] == []
     assert not [p for p in iter_sandkernel_cgroups(CgroupLayout.detect()) if owner in p.name]
