@@ -269,6 +269,21 @@ class KernelCgroup:
             _write(cpu / "cpu.cfs_period_us", str(_CPU_PERIOD_US))
             _write(cpu / "cpu.cfs_quota_us", str(quota))
 
+    def lower_memory_limit(self, limit_bytes: int) -> None:
+        """Lower the memory limit for this kernel (never above the policy's)."""
+        if self.layout.version is CgroupVersion.V2:
+            path = self.dirs["memory"] / "memory.max"
+            current = path.read_text().strip()
+            if current == "max" or int(current) > limit_bytes:
+                _write(path, str(limit_bytes))
+        elif self.layout.version is CgroupVersion.V1:
+            mem = self.dirs["memory"]
+            if int((mem / "memory.limit_in_bytes").read_text()) > limit_bytes:
+                # memsw must stay >= the limit: lower the limit first, then memsw.
+                _write(mem / "memory.limit_in_bytes", str(limit_bytes))
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    _write(mem / "memory.memsw.limit_in_bytes", str(limit_bytes))
+
     def usage(self) -> CgroupUsage:
         if self.layout.version is CgroupVersion.V2:
             d = self.dirs["memory"]

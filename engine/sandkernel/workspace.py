@@ -174,6 +174,50 @@ def _record(state: WorkspaceState, workspace: Path, rel: str, file_id: str) -> s
     return path
 
 
+def write_workspace_file(workspace: Path, rel: str, data: bytes) -> None:
+    """Write ``data`` at a relative path in the workspace, as the sandbox user's file.
+
+    Missing folders are created; no symlink is followed on the way (each
+    folder is opened with ``O_NOFOLLOW`` relative to its parent), and an
+    existing file is replaced only if it is a regular file.
+    """
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+        raise FileExistsError(errno.EINVAL, f"not a relative path: {rel!r}")
+    fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for part in parts[:-1]:
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+                os.chown(part, SANDBOX_UID, SANDBOX_GID, dir_fd=fd, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        out = os.open(
+            parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=fd
+        )
+        try:
+            os.fchown(out, SANDBOX_UID, SANDBOX_GID)
+            with os.fdopen(out, "wb", closefd=False) as f:
+                f.write(data)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+
+
+def read_workspace_file(workspace: Path, rel: str, max_bytes: int = 256 << 20) -> bytes | None:
+    """A regular file's bytes (no symlink followed), or None if absent, odd or too large."""
+    try:
+        with open_workspace_file(workspace, rel) as f:
+            data = f.read(max_bytes + 1)
+    except (OSError, SandkernelError):
+        return None
+    return None if len(data) > max_bytes else data
+
+
 def collect_outputs(
     store: FileStore,
     workspace: Path,

@@ -1,0 +1,235 @@
+"""SandboxFusion-compatible one-shot runs: ``/run_code`` and ``/run_jupyter``.
+
+Grading and reward pipelines (verl among them) talk to a SandboxFusion server;
+these are its request and response models, with the same fields, defaults and
+status values, served by sandkernel: ``run_code`` on the batch path (sandboxed
+fork servers), ``run_jupyter`` on a warm pooled kernel used once and destroyed.
+
+Where SandboxFusion leaves a behaviour open, sandkernel's choice is noted:
+
+* files (``path -> base64``) are written relative to the working directory
+  (``/mnt/data`` for Jupyter); absolute paths and ``..`` are refused;
+* ``run_jupyter`` enforces ``cell_timeout`` (when > 0) and ``total_timeout``
+  itself, and on a time-out also returns the cells that ran;
+* ``memory_limit_MB`` (when > 0) lowers the sandbox's memory limit; it is
+  capped by the engine's policy, never raised above it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from sandkernel.engine import Engine
+from sandkernel.errors import SandkernelError
+from sandkernel.results import ExecutionResult
+from sandkernel.sandbox import WORKSPACE_IN_JAIL
+from sandkernel.workspace import read_workspace_file, write_workspace_file
+
+#: What ``run_code`` runs; SandboxFusion lists many more, which are refused by name.
+SUPPORTED_LANGUAGES = ("python", "pytest")
+
+
+class CommandRunStatus(StrEnum):
+    Finished = "Finished"
+    Error = "Error"
+    TimeLimitExceeded = "TimeLimitExceeded"
+
+
+class RunStatus(StrEnum):
+    Success = "Success"  # every command finished with return code 0
+    Failed = "Failed"  # a non-zero return code or a time limit
+    SandboxError = "SandboxError"  # the sandbox itself failed
+
+
+class CommandRunResult(BaseModel):
+    status: CommandRunStatus
+    execution_time: float | None = None
+    return_code: int | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+
+
+class RunCodeRequest(BaseModel):
+    compile_timeout: float = Field(10, description="compile timeout for compiled languages")
+    run_timeout: float = Field(10, description="code run timeout")
+    memory_limit_MB: int = Field(-1, description="maximum memory allowed in megabytes")
+    code: str = Field(..., examples=['print("hello")'], description="the code to run")
+    stdin: str | None = Field(None, examples=[""], description="optional string for stdin")
+    language: str = Field(..., examples=["python"], description="language or execution mode")
+    files: dict[str, str | None] = Field(
+        default_factory=dict, description="a dict from file path to base64 encoded content"
+    )
+    fetch_files: list[str] = Field(
+        default_factory=list, description="a list of file paths to fetch after execution"
+    )
+    args: list[str] = Field(
+        default_factory=list, description="additional command-line arguments passed to pytest"
+    )
+
+
+class RunCodeResponse(BaseModel):
+    status: RunStatus
+    message: str
+    compile_result: CommandRunResult | None = None
+    run_result: CommandRunResult | None = None
+    executor_pod_name: str | None = None
+    files: dict[str, str] = Field(default_factory=dict)
+
+
+class RunJupyterRequest(BaseModel):
+    cells: list[str] = Field(..., description="list of code blocks to run in jupyter notebook")
+    cell_timeout: float = Field(0, description="max run time for each of the cells")
+    total_timeout: float = Field(45, description="max run time for all the cells")
+    memory_limit_MB: int = Field(-1, description="maximum memory allowed in megabytes")
+    kernel: Literal["python3"] = "python3"
+    files: dict[str, str] = Field(
+        default_factory=dict, description="a dict from file path to base64 encoded content"
+    )
+    fetch_files: list[str] = Field(
+        default_factory=list, description="a list of file paths to fetch after code execution"
+    )
+
+
+class CellRunResult(BaseModel):
+    stdout: str
+    stderr: str
+    display: list[dict[str, Any]]
+    error: list[dict[str, Any]]
+
+
+class RunJupyterResponse(BaseModel):
+    status: RunStatus
+    message: str
+    driver: CommandRunResult | None = None
+    cells: list[CellRunResult] = Field(default_factory=list)
+    executor_pod_name: str | None = None
+    files: dict[str, str] = Field(default_factory=dict)
+
+
+class BadRequest(SandkernelError):
+    """A SandboxFusion request sandkernel cannot serve (says why)."""
+
+
+def relative_path(path: str) -> str:
+    """A request's file path as a safe relative path (no absolute paths, no ``..``)."""
+    pure = PurePosixPath(path)
+    if not path or pure.is_absolute() or ".." in pure.parts or "\x00" in path:
+        raise BadRequest(f"file path {path!r} must be relative and must not contain '..'")
+    return str(pure)
+
+
+def decode_files(files: dict[str, str | None]) -> dict[str, bytes]:
+    """``path -> base64`` to ``relative path -> bytes`` (``None`` means an empty file)."""
+    decoded = {}
+    for path, content in files.items():
+        try:
+            decoded[relative_path(path)] = base64.b64decode(content or "", validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"file {path!r}: content is not valid base64") from None
+    return decoded
+
+
+def cell_result(result: ExecutionResult) -> CellRunResult:
+    """One executed cell in SandboxFusion's shape (display includes the cell's value)."""
+    display = [d.data for d in result.displays]
+    if result.value is not None:
+        display.append(result.value.data)
+    errors = []
+    if result.error is not None:
+        errors.append(
+            {
+                "ename": result.error.name,
+                "evalue": result.error.value,
+                "traceback": result.error.traceback.splitlines(),
+            }
+        )
+    return CellRunResult(stdout=result.stdout, stderr=result.stderr, display=display, error=errors)
+
+
+async def run_jupyter(
+    engine: Engine, request: RunJupyterRequest, *, pod_name: str | None = None
+) -> RunJupyterResponse:
+    """Run the cells in a fresh warm kernel, fetch files, destroy the kernel."""
+    started = time.monotonic()
+    try:
+        files = decode_files(dict(request.files))
+        fetch = [relative_path(p) for p in request.fetch_files]
+    except BadRequest as exc:
+        return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc),
+                                  executor_pod_name=pod_name)  # fmt: skip
+    session = await engine.session()
+    try:
+        kernel = session.kernel
+        assert kernel is not None
+        workspace = kernel.workspace
+        if request.memory_limit_MB > 0:
+            kernel.cgroup.lower_memory_limit(request.memory_limit_MB << 20)
+        for path, data in files.items():
+            await asyncio.to_thread(write_workspace_file, workspace, path, data)
+        cells: list[CellRunResult] = []
+        deadline = started + request.total_timeout
+        status = CommandRunStatus.Finished
+        for code in request.cells:
+            remaining = deadline - time.monotonic()
+            timeout = (
+                remaining if request.cell_timeout <= 0 else min(remaining, request.cell_timeout)
+            )
+            if timeout <= 0:
+                status = CommandRunStatus.TimeLimitExceeded
+                break
+            result = await session.run(code, timeout_s=timeout)
+            cells.append(cell_result(result))
+            if result.status == "timeout":
+                status = CommandRunStatus.TimeLimitExceeded
+                break
+            if result.status in ("oom", "dead", "killed"):
+                status = CommandRunStatus.Error
+                break
+        fetched: dict[str, str] = {}
+        for path in fetch:
+            content = await asyncio.to_thread(read_workspace_file, workspace, path)
+            if content is not None:
+                fetched[path] = base64.b64encode(content).decode()
+    finally:
+        await session.close()
+    driver = CommandRunResult(
+        status=status, execution_time=round(time.monotonic() - started, 6), return_code=0
+    )
+    if status is CommandRunStatus.Finished:
+        return RunJupyterResponse(
+            status=RunStatus.Success, message="", driver=driver, cells=cells, files=fetched,
+            executor_pod_name=pod_name,
+        )  # fmt: skip
+    why = {
+        CommandRunStatus.TimeLimitExceeded: "time limit exceeded",
+        CommandRunStatus.Error: "the kernel died (out of memory or crashed)",
+    }[status]
+    return RunJupyterResponse(status=RunStatus.Failed, message=why, driver=driver, cells=cells,
+                              files=fetched, executor_pod_name=pod_name)  # fmt: skip
+
+
+__all__ = [
+    "SUPPORTED_LANGUAGES",
+    "WORKSPACE_IN_JAIL",
+    "BadRequest",
+    "CellRunResult",
+    "CommandRunResult",
+    "CommandRunStatus",
+    "RunCodeRequest",
+    "RunCodeResponse",
+    "RunJupyterRequest",
+    "RunJupyterResponse",
+    "RunStatus",
+    "cell_result",
+    "decode_files",
+    "relative_path",
+    "run_jupyter",
+]
