@@ -1,0 +1,94 @@
+"""cgroup v1/v2 detection and per-kernel limits, against fake cgroup trees.
+
+This host runs v1; most users run v2. The files the engine writes and reads
+are checked on both layouts here, without real cgroups.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sandkernel.policy import Policy
+from sandkernel.sandbox import CgroupLayout, CgroupVersion, KernelCgroup
+
+
+def _mounts(tmp_path: Path, lines: list[str]) -> str:
+    f = tmp_path / "mounts"
+    f.write_text("\n".join(lines) + "\n")
+    return str(f)
+
+
+def test_detects_v2_when_its_root_offers_memory_pids_cpu(tmp_path: Path) -> None:
+    root = tmp_path / "cg2"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma\n")
+    layout = CgroupLayout.detect(_mounts(tmp_path, [f"cgroup2 {root} cgroup2 rw,nosuid 0 0"]))
+    assert layout.version is CgroupVersion.V2
+    assert set(layout.mounts.values()) == {root}
+
+
+def test_hybrid_host_without_v2_controllers_uses_v1(tmp_path: Path) -> None:
+    unified = tmp_path / "unified"
+    unified.mkdir()
+    (unified / "cgroup.controllers").write_text("\n")
+    lines = [f"cgroup2 {unified} cgroup2 rw 0 0"] + [
+        f"cgroup {tmp_path / c} cgroup rw,{opts} 0 0"
+        for c, opts in (("memory", "memory"), ("pids", "pids"), ("cpu,cpuacct", "cpu,cpuacct"))
+    ]
+    layout = CgroupLayout.detect(_mounts(tmp_path, lines))
+    assert layout.version is CgroupVersion.V1
+    assert layout.mounts["cpu"] == layout.mounts["cpuacct"] == tmp_path / "cpu,cpuacct"
+
+
+def test_no_usable_controllers_is_none(tmp_path: Path) -> None:
+    layout = CgroupLayout.detect(_mounts(tmp_path, ["proc /proc proc rw 0 0"]))
+    assert layout.version is CgroupVersion.NONE
+
+
+def test_v2_limits_usage_and_lowering(tmp_path: Path) -> None:
+    root = tmp_path / "cg2"
+    root.mkdir()
+    layout = CgroupLayout(CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")})
+    cg = KernelCgroup(layout, "1-aaaaaaaa-bbbbbbbb")
+    cg.create(Policy(memory_mb=512, pids_max=64, cpus=1.5))
+    d = root / "sandkernel" / "1-aaaaaaaa-bbbbbbbb"
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert (d / "memory.max").read_text() == str(512 << 20)
+    assert (d / "memory.swap.max").read_text() == "0"
+    assert (d / "pids.max").read_text() == "64"
+    assert (d / "cpu.max").read_text() == "150000 100000"
+    (d / "cpu.stat").write_text("usage_usec 2500\nuser_usec 2000\n")
+    (d / "memory.peak").write_text("4096\n")
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (d / "pids.events").write_text("max 7\n")
+    usage = cg.usage()
+    assert (usage.cpu_ns, usage.peak_memory_bytes, usage.oom_kills) == (2_500_000, 4096, 1)
+    assert usage.pids_limit_hits == 7
+    cg.lower_memory_limit(128 << 20)
+    assert (d / "memory.max").read_text() == str(128 << 20)
+    cg.lower_memory_limit(1 << 40)  # never raised above the policy
+    assert (d / "memory.max").read_text() == str(128 << 20)
+
+
+def test_v1_limits_usage_and_lowering(tmp_path: Path) -> None:
+    mounts = {c: tmp_path / c for c in ("memory", "pids", "cpu", "cpuacct")}
+    layout = CgroupLayout(CgroupVersion.V1, mounts)
+    for m in mounts.values():
+        m.mkdir()
+    cg = KernelCgroup(layout, "1-aaaaaaaa-cccccccc")
+    cg.create(Policy(memory_mb=256, pids_max=32, cpus=0.5))
+    mem = mounts["memory"] / "sandkernel" / "1-aaaaaaaa-cccccccc"
+    assert (mem / "memory.limit_in_bytes").read_text() == str(256 << 20)
+    assert (mounts["pids"] / "sandkernel" / "1-aaaaaaaa-cccccccc" / "pids.max").read_text() == "32"
+    cpu = mounts["cpu"] / "sandkernel" / "1-aaaaaaaa-cccccccc"
+    assert (cpu / "cpu.cfs_quota_us").read_text() == "50000"
+    (mem / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    (mem / "memory.max_usage_in_bytes").write_text("8192\n")
+    (mounts["cpuacct"] / "sandkernel" / "1-aaaaaaaa-cccccccc" / "cpuacct.usage").write_text("99\n")
+    usage = cg.usage()
+    assert (usage.cpu_ns, usage.peak_memory_bytes, usage.oom_kills) == (99, 8192, 2)
+    cg.lower_memory_limit(64 << 20)
+    assert (mem / "memory.limit_in_bytes").read_text() == str(64 << 20)
+    assert cg.procs_files == sorted(
+        m / "sandkernel" / "1-aaaaaaaa-cccccccc" / "cgroup.procs" for m in mounts.values()
+    )
