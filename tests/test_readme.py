@@ -16,15 +16,19 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_has_async_and_sync_examples_under_15_lines() -> None:
-    assert len(BLOCKS) >= 2
+def test_readme_examples_are_short() -> None:
+    """Embedding: async and sync under 15 lines each; the model loop under 20."""
+    assert len(BLOCKS) >= 3
     for block in BLOCKS:
-        assert len(block.strip().splitlines()) < 15
+        limit = 20 if "run_loop" in block else 15
+        assert len(block.strip().splitlines()) < limit, block
 
 
 @pytest.mark.sandbox
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"example{n}" for n in range(len(BLOCKS))])
 def test_readme_example_runs_and_prints_what_it_says(block: str, tmp_path: Path) -> None:
+    if "base_url=" in block:
+        pytest.skip("needs a model server; run_loop is tested against a scripted one")
     expected = [c.strip() for c in re.findall(r"#\s*(ok .*)$", block, flags=re.M)]
     env = {
         **os.environ,
