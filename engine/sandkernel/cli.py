@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sandkernel._solve_cli import add_solve_parser, run_solve
+from sandkernel.daemon.cli import add_daemon_parsers, run_daemon_command, run_via_daemon
 from sandkernel.errors import SandkernelError
 from sandkernel.policy import load_policy, shipped_policy_names
 from sandkernel.results import ExecutionResult
@@ -149,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--workspace", help="host folder used as /mnt/data (kept afterwards)")
     run.add_argument("-i", "--input", action="append", help="upload this file to /mnt/data first")
     run.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
+    run.add_argument("--socket", help="run in the daemon listening on this Unix socket")
 
     files = sub.add_parser("files", help="list stored files and download them by id")
     files.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
@@ -169,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--out", default="demo-output", help="folder for the charts")
 
     add_solve_parser(sub)
+    add_daemon_parsers(sub)
 
     policy = sub.add_parser("policy", help="list policies or show one's nsjail config")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -180,7 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
+            if args.socket:
+                if args.policy or args.workspace or args.store:
+                    parser.error("--policy, --workspace and --store are the daemon's with --socket")
+                return run_via_daemon(
+                    args.socket, _read_code(args), timeout_s=args.timeout,
+                    json_output=args.json, inputs=args.input or (),
+                )  # fmt: skip
             return asyncio.run(_run(args))
+        if args.command in ("serve", "mcp"):
+            return run_daemon_command(args)
         if args.command == "solve":
             return run_solve(args)
         if args.command == "files":

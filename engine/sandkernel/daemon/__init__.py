@@ -1,0 +1,68 @@
+"""sandkernel as a local daemon: one engine behind an HTTP API on a Unix socket.
+
+- ``sandkernel serve`` runs it (:mod:`sandkernel.daemon.server`, API in
+  :mod:`sandkernel.daemon.app`);
+- :class:`AsyncClient` and :class:`Client` talk to it with the embedded
+  engine's methods, so switching is one line;
+- ``sandkernel mcp`` offers the sandbox as Model Context Protocol tools
+  (:mod:`sandkernel.daemon.mcp_server`).
+
+Names are imported on first use, so ``import sandkernel.daemon`` needs none of
+the optional libraries.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sandkernel.daemon.client import AsyncClient, Client, RemoteSession, SyncRemoteSession
+    from sandkernel.daemon.errors import (
+        DaemonError,
+        DaemonUnavailable,
+        InvalidRequest,
+        RequestTooLarge,
+        SessionLost,
+        Unauthorized,
+    )
+    from sandkernel.daemon.server import Daemon, DaemonConfig, run_daemon
+
+_WHERE = {
+    "AsyncClient": "client",
+    "Client": "client",
+    "RemoteSession": "client",
+    "SyncRemoteSession": "client",
+    "DaemonError": "errors",
+    "DaemonUnavailable": "errors",
+    "InvalidRequest": "errors",
+    "RequestTooLarge": "errors",
+    "SessionLost": "errors",
+    "Unauthorized": "errors",
+    "Daemon": "server",
+    "DaemonConfig": "server",
+    "run_daemon": "server",
+}
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Daemon",
+    "DaemonConfig",
+    "DaemonError",
+    "DaemonUnavailable",
+    "InvalidRequest",
+    "RemoteSession",
+    "RequestTooLarge",
+    "SessionLost",
+    "SyncRemoteSession",
+    "Unauthorized",
+    "run_daemon",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sandkernel.daemon' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sandkernel.daemon.{module}"), name)

@@ -1,0 +1,682 @@
+"""The daemon's HTTP API: a FastAPI application over one running :class:`~sandkernel.Engine`.
+
+Resources follow the OpenAI Containers / code-interpreter API where it fits
+(a session is a container)::
+
+    POST   /v1/sessions                       get or create a session
+    GET    /v1/sessions                       every session the engine knows
+    GET    /v1/sessions/{id}                  one session (also an ended one)
+    DELETE /v1/sessions/{id}                  close it
+    POST   /v1/sessions/{id}/execute          run a cell (?stream=true: Server-Sent Events)
+    POST   /v1/sessions/{id}/files            upload into its /mnt/data (multipart)
+    GET    /v1/sessions/{id}/files            its files (uploaded and produced)
+    POST   /v1/sessions/{id}/attach           copy stored files into /mnt/data
+    POST   /v1/sessions/{id}/extend           keep it alive
+    POST   /v1/sessions/{id}/interrupt        interrupt the running cell
+    POST   /v1/files                          upload (multipart: file, session_id | agent_id)
+    GET    /v1/files                          list (?session_id=, ?agent_id=)
+    GET    /v1/files/{id}                     metadata
+    GET    /v1/files/{id}/content             the bytes, streamed
+    DELETE /v1/files/{id}                     delete
+    POST   /v1/agents/{id}/files              give stored files to an agent
+    GET    /v1/agents/{id}/files              an agent's files
+    GET    /v1/stats                          pool and session figures
+    GET    /v1/health                         liveness, version and policy
+    GET    /openapi.json                      this API's schema
+
+Every error is ``{"error": {"type": "<exception class>", "message": "..."}}``
+with a status from :func:`sandkernel.daemon.errors.status_for`. Nothing here
+blocks the event loop: the engine does its file and database work in worker
+threads, and so do the downloads and the session records here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final
+from urllib.parse import quote
+
+import anyio
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sandkernel import __version__
+from sandkernel.daemon import sse
+from sandkernel.daemon.errors import error_type_for, status_for
+from sandkernel.daemon.records import SessionRecords
+from sandkernel.daemon.schemas import (
+    CreateSession,
+    Deleted,
+    ErrorBody,
+    Execute,
+    Extend,
+    Extended,
+    FileIds,
+    FileList,
+    Health,
+    PathList,
+    SessionList,
+)
+from sandkernel.engine import Engine, EngineStats
+from sandkernel.errors import PolicyError, SandkernelError, SessionNotFound
+from sandkernel.files import StoredFile
+from sandkernel.results import ExecutionResult
+from sandkernel.session import Session, SessionInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_JSON_BYTES: Final = 1 << 20
+DEFAULT_MAX_UPLOAD_BYTES: Final = 600 << 20
+_UPLOAD_PATH: Final = re.compile(r"^/v1/(?:sessions/[^/]+/)?files/?$")
+_KEEPALIVE_S: Final = 15.0
+# A client reading a stream slower than the cell writes: past this many pending
+# events, further ones are dropped (the final result still holds the output).
+_MAX_PENDING_EVENTS: Final = 10_000
+_DOWNLOAD_CHUNK: Final = 1 << 20
+_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    "4XX": {"model": ErrorBody, "description": "the request was refused; `type` says why"},
+    "5XX": {"model": ErrorBody, "description": "the engine cannot serve it now"},
+}
+
+
+def _json(model: BaseModel, status_code: int = 200) -> Response:
+    # Serialised once by pydantic; FastAPI passes a Response through untouched.
+    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+
+
+def error_body(
+    exc: Exception, *, message: str | None = None, details: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": error_type_for(exc), "message": message or str(exc)}
+    if details is not None:
+        error["details"] = details
+    return {"error": error}
+
+
+def _error_response(status_code: int, body: dict[str, Any]) -> Response:
+    headers = {"Retry-After": "1"} if status_code in (429, 503) else None
+    return Response(
+        json.dumps(body), status_code=status_code, media_type="application/json", headers=headers
+    )
+
+
+async def _send_error(
+    send: Send, status_code: int, error_type: str, message: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """An error answer from an ASGI middleware, before the application saw the request."""
+    body = json.dumps({"error": {"type": error_type, "message": message}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestTooLargeError(HTTPException):
+    """Raised while reading a body past its limit (FastAPI lets HTTPExceptions through)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes, the limit here")
+
+
+class TokenAuth:
+    """Requires ``Authorization: Bearer <token>`` on every request that did not come
+    over the Unix socket (whose 0600 mode is its access control).
+
+    A connection counts as Unix-socket only when the server address has no port,
+    as uvicorn reports for ``AF_UNIX``; anything else must authenticate.
+    """
+
+    def __init__(self, app: ASGIApp, *, token: str | None) -> None:
+        self.app = app
+        self._token = token.encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not _over_unix_socket(scope):
+            if not self._authorized(scope):
+                await _send_error(
+                    send,
+                    401,
+                    "Unauthorized",
+                    "this address needs `Authorization: Bearer <token>` with the daemon's token "
+                    "(set by --token or SANDKERNEL_TOKEN when it started)",
+                    [(b"www-authenticate", b'Bearer realm="sandkernel"')],
+                )
+                return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self._token is None:
+            return False
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, given = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    return hmac.compare_digest(given.strip(), self._token)
+        return False
+
+
+def _over_unix_socket(scope: Scope) -> bool:
+    server = scope.get("server")
+    return server is not None and len(server) == 2 and server[1] is None
+
+
+class BodyLimit:
+    """Caps request bodies: ``max_upload_bytes`` for uploads, ``max_json_bytes`` elsewhere.
+
+    A declared Content-Length over the cap is refused before the body is read; a
+    body that grows past it (chunked) is cut off with the same 413. Written here
+    rather than taken from Starlette so the refusal has the daemon's error shape.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_json_bytes: int, max_upload_bytes: int) -> None:
+        self.app = app
+        self.max_json_bytes = max_json_bytes
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_upload = scope["method"] == "POST" and _UPLOAD_PATH.match(scope["path"]) is not None
+        limit = self.max_upload_bytes if is_upload else self.max_json_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            setting = "--max-upload-mb" if is_upload else "--max-json-kb"
+            await _send_error(
+                send,
+                413,
+                "RequestTooLarge",
+                f"the request body is {declared} bytes; this daemon accepts at most {limit} "
+                f"bytes here (setting {setting})",
+                [(b"connection", b"close")],
+            )
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise RequestTooLargeError(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _validation_details(exc: RequestValidationError) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether the JSON itself was malformed, and each failure (without echoing input)."""
+    details = []
+    malformed = False
+    for error in exc.errors():
+        malformed = malformed or error.get("type") == "json_invalid"
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        reason = str(error.get("msg", ""))
+        if error.get("type") == "json_invalid":
+            reason = f"malformed JSON: {error.get('ctx', {}).get('error', 'cannot be parsed')}"
+        details.append({"loc": where, "msg": reason, "type": str(error.get("type", ""))})
+    return malformed, details
+
+
+def create_app(
+    engine: Engine,
+    records: SessionRecords,
+    *,
+    token: str | None = None,
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+) -> FastAPI:
+    """The daemon's application, serving ``engine``.
+
+    Args:
+        engine: a started engine; the application never starts or closes it.
+        records: the session records, opened (they tell lost sessions from unknown ones).
+        token: the bearer token required on TCP connections.
+        max_json_bytes: largest JSON request body.
+        max_upload_bytes: largest upload request body (multipart overhead included).
+    """
+    started = time.time()
+    app = FastAPI(
+        title="sandkernel daemon",
+        version=__version__,
+        description=(
+            "Sandboxed, stateful Python sessions (warm Jupyter kernels in nsjail). "
+            'Errors are `{"error": {"type", "message"}}`; streamed execution is '
+            "Server-Sent Events (see `sandkernel.daemon.sse`)."
+        ),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    # Added last = outermost: a request is authenticated before its body is read.
+    app.add_middleware(BodyLimit, max_json_bytes=max_json_bytes, max_upload_bytes=max_upload_bytes)
+    app.add_middleware(TokenAuth, token=token)
+    _add_error_handlers(app)
+
+    def lost_or_unknown(session_id: str) -> Exception:
+        """The error for an id the engine does not know: lost in a restart (410), or 404."""
+        lost = records.lost(session_id)
+        return lost if lost is not None else SessionNotFound(f"no session {session_id!r}")
+
+    def live_session(session_id: str) -> Session:
+        try:
+            return engine.get_session(session_id)
+        except SessionNotFound:
+            raise lost_or_unknown(session_id) from None
+
+    def session_info(session_id: str) -> SessionInfo:
+        """A session the engine knows, alive or ended."""
+        for info in engine.sessions():
+            if info.id == session_id:
+                return info
+        raise lost_or_unknown(session_id)
+
+    # -- sessions --------------------------------------------------------------------
+
+    @app.post("/v1/sessions", response_model=SessionInfo, responses=_ERRORS, tags=["sessions"])
+    async def create_session(body: CreateSession) -> Response:
+        """Get the session with this id, creating it (a fresh sandboxed kernel) if needed."""
+        if body.policy is not None and body.policy != engine.policy.name:
+            raise PolicyError(
+                f"this daemon runs the policy {engine.policy.name!r}, not {body.policy!r}: "
+                f"leave `policy` out, or start a daemon with `sandkernel serve --policy "
+                f"{body.policy}` on another socket"
+            )
+        if body.id is not None and body.if_expired == "raise":
+            lost = records.lost(body.id)
+            if lost is not None:
+                raise lost
+        session = await engine.session(body.id, agent_id=body.agent_id, if_expired=body.if_expired)
+        if session.id not in records:
+            await anyio.to_thread.run_sync(records.record, session.id, session.agent_id)
+        if body.ttl_s is not None:
+            session.extend(body.ttl_s)
+        return _json(session.info())
+
+    @app.get("/v1/sessions", response_model=SessionList, responses=_ERRORS, tags=["sessions"])
+    async def list_sessions() -> Response:
+        """Every session the engine knows: active, dead, and recently ended."""
+        return _json(SessionList(data=engine.sessions()))
+
+    @app.get(
+        "/v1/sessions/{session_id}",
+        response_model=SessionInfo,
+        responses=_ERRORS,
+        tags=["sessions"],
+    )
+    async def get_session(session_id: str) -> Response:
+        """A session's state and times; an ended one too (410 if the daemon restarted since)."""
+        return _json(session_info(session_id))
+
+    @app.delete(
+        "/v1/sessions/{session_id}", response_model=Deleted, responses=_ERRORS, tags=["sessions"]
+    )
+    async def close_session(session_id: str) -> Response:
+        """Close a session and end its kernel (idempotent for ended sessions)."""
+        try:
+            await engine.close_session(session_id)
+        except SessionNotFound:
+            raise lost_or_unknown(session_id) from None
+        return _json(Deleted(id=session_id))
+
+    @app.post(
+        "/v1/sessions/{session_id}/execute",
+        response_model=ExecutionResult,
+        responses={
+            **_ERRORS,
+            200: {
+                "description": "the result; with ?stream=true, Server-Sent Events",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+        },
+        tags=["sessions"],
+    )
+    async def execute(
+        session_id: str,
+        body: Execute,
+        request: Request,
+        stream: Annotated[bool, Query(description="stream outputs as Server-Sent Events")] = False,
+    ) -> Response:
+        """Run one cell; user code failing is a result with a status, not an HTTP error."""
+        session = live_session(session_id)
+        if stream or "text/event-stream" in request.headers.get("accept", ""):
+            return StreamingResponse(
+                _stream_run(session, body),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        result = await session.run(
+            body.code, timeout_s=body.timeout_s, restart=body.restart, file_ids=body.file_ids
+        )
+        return _json(result)
+
+    @app.post(
+        "/v1/sessions/{session_id}/files",
+        response_model=StoredFile,
+        responses=_ERRORS,
+        tags=["sessions"],
+    )
+    async def upload_to_session(
+        session_id: str,
+        file: Annotated[UploadFile, File(description="the file; its name needs an extension")],
+        name: Annotated[str | None, Form(description="a name instead of the file's")] = None,
+    ) -> Response:
+        """Store a file for this session and copy it into its /mnt/data."""
+        try:
+            session = live_session(session_id)
+            stored = await session.upload(file.file, _upload_name(file, name))
+        finally:
+            await file.close()
+        return _json(stored)
+
+    @app.get(
+        "/v1/sessions/{session_id}/files",
+        response_model=FileList,
+        responses=_ERRORS,
+        tags=["sessions"],
+    )
+    async def session_files(session_id: str) -> Response:
+        """Files uploaded to the session and produced by it (also after it ended or was lost)."""
+        if records.lost(session_id) is None:
+            session_info(session_id)  # 404 for an id never seen
+        return _json(FileList(data=await engine.list_files(session_id=session_id)))
+
+    @app.post(
+        "/v1/sessions/{session_id}/attach",
+        response_model=PathList,
+        responses=_ERRORS,
+        tags=["sessions"],
+    )
+    async def attach(session_id: str, body: FileIds) -> Response:
+        """Copy stored files into the session's /mnt/data now; answers their paths there."""
+        paths = await live_session(session_id).attach(body.file_ids)
+        return _json(PathList(data=paths))
+
+    @app.post(
+        "/v1/sessions/{session_id}/extend",
+        response_model=Extended,
+        responses=_ERRORS,
+        tags=["sessions"],
+    )
+    async def extend(session_id: str, body: Extend) -> Response:
+        """Keep the session alive: its TTL counts again from now."""
+        session = live_session(session_id)
+        session.extend(body.ttl_s)
+        return _json(Extended(id=session_id, expires_at=session.info().expires_at))
+
+    @app.post(
+        "/v1/sessions/{session_id}/interrupt",
+        response_model=SessionInfo,
+        responses=_ERRORS,
+        tags=["sessions"],
+    )
+    async def interrupt(session_id: str) -> Response:
+        """Interrupt the session's running cell, if any (it ends with KeyboardInterrupt)."""
+        session = live_session(session_id)
+        await session.interrupt()
+        return _json(session.info())
+
+    # -- files -------------------------------------------------------------------------
+
+    @app.post("/v1/files", response_model=StoredFile, responses=_ERRORS, tags=["files"])
+    async def upload(
+        file: Annotated[UploadFile, File(description="the file; its name needs an extension")],
+        name: Annotated[str | None, Form(description="a name instead of the file's")] = None,
+        session_id: Annotated[str | None, Form(description="give it to this live session")] = None,
+        agent_id: Annotated[
+            str | None, Form(description="give it to this agent (read-only in its sessions)")
+        ] = None,
+        retention_s: Annotated[
+            float | None, Form(gt=0, description="delete it after this long")
+        ] = None,
+    ) -> Response:
+        """Store a file and get its id; with no owner it can be attached to a session later."""
+        try:
+            if session_id is not None and agent_id is not None:
+                raise ValueError("give session_id or agent_id, not both")
+            if session_id is not None:
+                live_session(session_id)
+            stored = await engine.upload(
+                file.file,
+                _upload_name(file, name),
+                session_id=session_id,
+                agent_id=agent_id,
+                retention_s=retention_s,
+            )
+        finally:
+            await file.close()
+        return _json(stored)
+
+    @app.get("/v1/files", response_model=FileList, responses=_ERRORS, tags=["files"])
+    async def list_files(
+        session_id: Annotated[str | None, Query(description="only this session's")] = None,
+        agent_id: Annotated[str | None, Query(description="only this agent's")] = None,
+    ) -> Response:
+        """Stored files, optionally of one session or one agent."""
+        return _json(
+            FileList(data=await engine.list_files(session_id=session_id, agent_id=agent_id))
+        )
+
+    @app.get("/v1/files/{file_id}", response_model=StoredFile, responses=_ERRORS, tags=["files"])
+    async def file_info(file_id: str) -> Response:
+        """A stored file's metadata."""
+        return _json(await engine.file(file_id))
+
+    @app.get(
+        "/v1/files/{file_id}/content",
+        responses={
+            **_ERRORS,
+            200: {"description": "the file's bytes", "content": {"application/octet-stream": {}}},
+        },
+        tags=["files"],
+    )
+    async def file_content(file_id: str) -> Response:
+        """A stored file's bytes, streamed, with its MIME type."""
+        stored = await engine.file(file_id)
+        return StreamingResponse(
+            _read_file(engine, file_id),
+            media_type=stored.mime_type,
+            headers={
+                "Content-Length": str(stored.size_bytes),
+                "Content-Disposition": f"attachment; filename*=UTF-8''{quote(stored.name)}",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    @app.delete("/v1/files/{file_id}", response_model=Deleted, responses=_ERRORS, tags=["files"])
+    async def delete_file(file_id: str) -> Response:
+        """Delete a stored file (copies already in workspaces stay there)."""
+        await engine.file(file_id)  # 404 for an unknown id, as for the other file routes
+        await engine.delete_file(file_id)
+        return _json(Deleted(id=file_id))
+
+    # -- agents ------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/agents/{agent_id}/files", response_model=FileList, responses=_ERRORS, tags=["agents"]
+    )
+    async def attach_to_agent(agent_id: str, body: FileIds) -> Response:
+        """Give stored files to an agent: they appear read-only in its sessions, live ones too."""
+        return _json(FileList(data=await engine.attach_to_agent(agent_id, body.file_ids)))
+
+    @app.get(
+        "/v1/agents/{agent_id}/files", response_model=FileList, responses=_ERRORS, tags=["agents"]
+    )
+    async def agent_files(agent_id: str) -> Response:
+        """The files every session of this agent sees."""
+        return _json(FileList(data=await engine.list_files(agent_id=agent_id)))
+
+    # -- reporting -----------------------------------------------------------------------
+
+    @app.get("/v1/stats", response_model=EngineStats, responses=_ERRORS, tags=["daemon"])
+    async def stats() -> Response:
+        """Pool and session figures."""
+        return _json(engine.stats())
+
+    @app.get("/v1/health", response_model=Health, responses=_ERRORS, tags=["daemon"])
+    async def health() -> Response:
+        """The daemon is up: its version, policy and uptime."""
+        return _json(
+            Health(
+                version=__version__,
+                policy=engine.policy.name,
+                pid=os.getpid(),
+                started_at=datetime.fromtimestamp(started, tz=UTC),
+                uptime_s=round(time.time() - started, 3),
+            )
+        )
+
+    return app
+
+
+def _upload_name(file: UploadFile, name: str | None) -> str:
+    chosen = name or file.filename
+    if not chosen:
+        raise ValueError("the upload has no file name: send one with the file part or `name`")
+    return chosen
+
+
+async def _read_file(engine: Engine, file_id: str) -> AsyncIterator[bytes]:
+    # Opened here, on the first chunk, so a response never sent leaves nothing open.
+    handle = await anyio.to_thread.run_sync(engine.open_file, file_id)
+    try:
+        while chunk := await anyio.to_thread.run_sync(handle.read, _DOWNLOAD_CHUNK):
+            yield chunk
+    finally:
+        handle.close()
+
+
+async def _stream_run(session: Session, body: Execute) -> AsyncIterator[bytes]:
+    """Run the cell, yielding each output as an event the moment the kernel sends it."""
+    pending: asyncio.Queue[bytes | None] = asyncio.Queue()
+    dropped = 0
+
+    def on_output(message: dict[str, Any]) -> None:
+        nonlocal dropped
+        event = sse.output_event(message)
+        if event is None:
+            return
+        if pending.qsize() >= _MAX_PENDING_EVENTS:
+            dropped += 1
+            return
+        pending.put_nowait(sse.encode_json(*event))
+
+    run = asyncio.create_task(
+        session.run(
+            body.code,
+            timeout_s=body.timeout_s,
+            on_output=on_output,
+            restart=body.restart,
+            file_ids=body.file_ids,
+        )
+    )
+    run.add_done_callback(lambda _: pending.put_nowait(None))
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(pending.get(), _KEEPALIVE_S)
+            except TimeoutError:
+                yield sse.KEEPALIVE
+                continue
+            if chunk is None:
+                break
+            yield chunk
+        if dropped:
+            log.warning(
+                "session %s: %d output events dropped for a slow reader", session.id, dropped
+            )
+        try:
+            result = run.result()
+        except (SandkernelError, ValueError) as exc:
+            yield sse.encode_json(sse.ERROR, {**error_body(exc), "status": status_for(exc)})
+            return
+        except Exception as exc:
+            log.exception("session %s: the streamed run failed", session.id)
+            yield sse.encode_json(sse.ERROR, {**error_body(exc), "status": 500})
+            return
+        yield sse.encode(sse.RESULT, result.model_dump_json())
+    finally:
+        if not run.done():
+            # The client went away: stop the cell (the engine interrupts it) and wait for that.
+            run.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({run})
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def engine_error(request: Request, exc: Exception) -> Response:
+        return _error_response(status_for(exc), error_body(exc))
+
+    async def invalid_request(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        malformed, details = _validation_details(exc)
+        summary = "; ".join(f"{d['loc']}: {d['msg']}" for d in details[:5])
+        body = {
+            "error": {
+                "type": "InvalidRequest",
+                "message": f"invalid request: {summary}",
+                "details": details,
+            }
+        }
+        return _error_response(400 if malformed else 422, body)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        error_type = {
+            400: "InvalidRequest", 401: "Unauthorized", 404: "NotFound",
+            405: "MethodNotAllowed", 413: "RequestTooLarge",
+        }.get(exc.status_code, "HTTPError")  # fmt: skip
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path} (see /openapi.json)"
+        body = {"error": {"type": error_type, "message": message}}
+        response = _error_response(exc.status_code, body)
+        response.headers.update(exc.headers or {})
+        return response
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error_response(
+            500, {"error": {"type": "InternalError", "message": f"internal error: {exc!r}"}}
+        )
+
+    handlers: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
+        SandkernelError: engine_error,
+        ValueError: engine_error,
+        RequestValidationError: invalid_request,
+        HTTPException: http_error,
+        Exception: internal_error,
+    }
+    for cls, handler in handlers.items():
+        app.add_exception_handler(cls, handler)

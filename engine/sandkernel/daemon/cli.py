@@ -1,0 +1,247 @@
+"""The ``serve`` and ``mcp`` commands, and ``sandkernel run --socket``.
+
+``sandkernel`` adds these with :func:`add_daemon_parsers` and hands the parsed
+arguments to :func:`run_daemon_command`; ``python -m sandkernel.daemon`` runs
+them on their own. The server and MCP libraries are imported only when a
+command needs them, so the rest of the command line works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sandkernel.daemon.paths import default_records_path, default_socket_path
+from sandkernel.errors import SandkernelError
+
+_MISSING_EXTRA = (
+    "sandkernel {command} needs the {extra} extra: pip install 'sandkernel[{extra}]' ({exc})"
+)
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy", default=None, help="policy name or TOML path (default: default)"
+    )
+    parser.add_argument("--pool-size", type=int, default=2, help="kernels kept warm (default: 2)")
+    parser.add_argument(
+        "--max-sessions", type=int, default=32, help="sessions alive at once (default: 32)"
+    )
+    parser.add_argument(
+        "--session-ttl",
+        type=float,
+        default=3600.0,
+        help="seconds a session lives after its last use (default: 3600)",
+    )
+    parser.add_argument(
+        "--acquire-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a new session waits for a kernel (default: 60)",
+    )
+    parser.add_argument(
+        "--prewarm",
+        default=None,
+        metavar="MODULES",
+        help="comma-separated modules imported in warm kernels ('' for none; "
+        "default: numpy,pandas,matplotlib.pyplot)",
+    )
+    parser.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
+    parser.add_argument("--runtime-dir", help="kernel runtime folder (default: /run/sandkernel)")
+
+
+def add_daemon_parsers(subparsers: Any) -> None:
+    """Add ``serve`` and ``mcp`` to the ``sandkernel`` command's sub-parsers."""
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the daemon: the engine behind an HTTP API on a Unix socket",
+        description="One engine, served over HTTP/JSON on a Unix socket (mode 0600) and "
+        "optionally on TCP with a bearer token. SIGTERM stops it gracefully.",
+    )
+    serve.set_defaults(daemon_command="serve")
+    serve.add_argument(
+        "--socket", help=f"Unix socket to listen on (default: {default_socket_path()})"
+    )
+    serve.add_argument(
+        "--tcp",
+        metavar="[HOST:]PORT",
+        help="also listen on TCP (host default 127.0.0.1); requires a token",
+    )
+    serve.add_argument("--token", help="bearer token for TCP (default: $SANDKERNEL_TOKEN)")
+    serve.add_argument("--token-file", help="read the bearer token from this file")
+    serve.add_argument(
+        "--max-upload-mb", type=float, default=600.0, help="largest upload body (default: 600)"
+    )
+    serve.add_argument(
+        "--max-json-kb", type=float, default=1024.0, help="largest JSON body (default: 1024)"
+    )
+    serve.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=10.0,
+        help="seconds running requests get to finish on SIGTERM (default: 10)",
+    )
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--log-level", default="info", help="debug, info, warning (default: info)")
+    _add_engine_options(serve)
+
+    mcp = subparsers.add_parser(
+        "mcp",
+        help="serve the sandbox as Model Context Protocol tools over stdio",
+        description="MCP tools run_python, upload_file, list_files and read_file, on an "
+        "embedded engine or on a running daemon (--socket).",
+    )
+    mcp.set_defaults(daemon_command="mcp")
+    mcp.add_argument("--socket", help="use the daemon listening here instead of an embedded engine")
+    mcp.add_argument("--log-level", default="warning", help="logging to stderr (default: warning)")
+    _add_engine_options(mcp)
+
+
+def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> Any:
+    from sandkernel.engine import DEFAULT_PREWARM, Engine
+
+    prewarm: Sequence[str] = DEFAULT_PREWARM
+    if args.prewarm is not None:
+        prewarm = [m.strip() for m in args.prewarm.split(",") if m.strip()]
+    return Engine(
+        policy=args.policy,
+        pool_size=args.pool_size,
+        max_sessions=args.max_sessions,
+        session_ttl_s=args.session_ttl,
+        acquire_timeout_s=args.acquire_timeout,
+        prewarm_imports=prewarm,
+        store_dir=args.store,
+        runtime_dir=args.runtime_dir,
+        handle_sigterm=handle_sigterm,
+    )
+
+
+def _tcp_address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise SystemExit(f"sandkernel serve: --tcp {value!r}: expected [HOST:]PORT") from None
+    if not 0 <= number <= 65535:
+        raise SystemExit(f"sandkernel serve: --tcp {value!r}: the port must be 0-65535")
+    return host, number
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        return Path(args.token_file).read_text(encoding="utf-8").strip() or None
+    return args.token or os.environ.get("SANDKERNEL_TOKEN") or None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from sandkernel.daemon.server import DaemonConfig, run_daemon
+    except ImportError as exc:
+        raise SystemExit(_MISSING_EXTRA.format(command="serve", extra="daemon", exc=exc)) from None
+    from sandkernel.engine import default_store_dir
+
+    store = Path(args.store) if args.store else default_store_dir()
+    config = DaemonConfig(
+        socket_path=Path(args.socket) if args.socket else default_socket_path(),
+        records_path=default_records_path(store),
+        tcp=_tcp_address(args.tcp) if args.tcp else None,
+        token=_token(args),
+        max_json_bytes=int(args.max_json_kb * 1024),
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        graceful_timeout_s=args.graceful_timeout,
+        access_log=args.access_log,
+    )
+    _configure_logging(args.log_level)
+    args.store = str(store)
+    asyncio.run(run_daemon(_engine(args, handle_sigterm=False), config))
+    return 0
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    try:
+        from sandkernel.daemon.mcp_server import run_mcp_server
+    except ImportError as exc:
+        raise SystemExit(_MISSING_EXTRA.format(command="mcp", extra="mcp", exc=exc)) from None
+    _configure_logging(args.log_level)
+    if args.socket:
+        asyncio.run(run_mcp_server(socket=Path(args.socket), engine=None))
+    else:
+        asyncio.run(run_mcp_server(socket=None, engine=_engine(args, handle_sigterm=True)))
+    return 0
+
+
+def run_daemon_command(args: argparse.Namespace) -> int:
+    """Run ``serve`` or ``mcp`` from arguments parsed with :func:`add_daemon_parsers`."""
+    if args.daemon_command == "serve":
+        return _serve(args)
+    if args.daemon_command == "mcp":
+        return _mcp(args)
+    raise ValueError(f"not a daemon command: {args.daemon_command!r}")
+
+
+def run_via_daemon(
+    socket: str | os.PathLike[str] | None,
+    code: str,
+    *,
+    timeout_s: float | None,
+    json_output: bool,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+) -> int:
+    """``sandkernel run --socket PATH``: one cell in a fresh session of a running daemon.
+
+    Prints like ``sandkernel run`` does; returns 0 if the cell's status is ok, else 1.
+
+    Raises:
+        SandkernelError: the daemon refused (or cannot be reached: DaemonUnavailable).
+    """
+    from sandkernel.cli import _print_human
+    from sandkernel.daemon.client import Client
+
+    with Client(socket) as client:
+        session = client.session()
+        try:
+            for path in inputs:
+                session.upload(path)
+            result = session.run(code, timeout_s=timeout_s)
+        finally:
+            with contextlib.suppress(SandkernelError):
+                session.close()
+    if json_output:
+        print(result.model_dump_json(indent=2))
+    else:
+        _print_human(result, None)
+    return 0 if result.status == "ok" else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sandkernel.daemon serve|mcp ...``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sandkernel.daemon", description="The sandkernel daemon and MCP server."
+    )
+    add_daemon_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return run_daemon_command(args)
+    except SandkernelError as exc:
+        print(f"sandkernel: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,785 @@
+"""Clients of the daemon whose methods mirror the embedded engine's.
+
+Switching from the embedded engine to a running daemon is one line::
+
+    async with Engine() as engine:                      # embedded
+    async with AsyncClient() as engine:                 # the daemon at the default socket
+        session = await engine.session("thread-42")
+        result = await session.run("print(1 + 1)")      # the same ExecutionResult
+
+Sessions, files and stats come back as the engine's own models
+(:class:`~sandkernel.results.ExecutionResult`, :class:`~sandkernel.files.StoredFile`,
+:class:`~sandkernel.session.SessionInfo`, :class:`~sandkernel.engine.EngineStats`),
+and a refusal of the daemon is raised as the engine's exception class
+(``SessionNotFound``, ``SessionExpired``, ``FileRejected``...), see
+:mod:`sandkernel.daemon.errors`. What differs: what is a plain method on the
+engine (``sessions()``, ``stats()``, ``get_session()``, ``Session.info()``,
+``Session.extend()``) is a coroutine here, ``extend`` returns a Unix time, and
+``on_output`` receives ``{"msg_type", "content"}`` (the message without its
+Jupyter header), see :mod:`sandkernel.daemon.sse`.
+
+:class:`Client` is the blocking twin (the daemon is the async core here, so
+both are thin: each call is described once, by a ``_Call``, and each client
+only sends it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+from urllib.parse import quote
+
+import anyio
+import httpx
+from pydantic import BaseModel
+
+from sandkernel import __version__
+from sandkernel.daemon import sse
+from sandkernel.daemon.errors import DaemonError, DaemonUnavailable, error_from_response
+from sandkernel.daemon.paths import default_socket_path
+from sandkernel.daemon.schemas import Extended, Health
+from sandkernel.engine import EngineStats
+from sandkernel.errors import SessionClosed, SessionExpired
+from sandkernel.files import StoredFile
+from sandkernel.results import ExecutionResult
+from sandkernel.session import SessionInfo, SessionState, UploadSource
+
+#: What ``on_output`` receives: ``{"msg_type": ..., "content": ...}``.
+RemoteOutputCallback = Callable[[dict[str, Any]], None]
+_CONNECT_TIMEOUT_S = 10.0
+
+
+# -- the calls, described once for both clients ----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call[T]:
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    json: Any = None
+    params: dict[str, str] | None = None
+
+
+def _model[M: BaseModel](cls: type[M]) -> Callable[[httpx.Response], M]:
+    return lambda response: cls.model_validate_json(response.content)
+
+
+def _data[M: BaseModel](cls: type[M]) -> Callable[[httpx.Response], list[M]]:
+    return lambda response: [cls.model_validate(item) for item in response.json()["data"]]
+
+
+def _nothing(response: httpx.Response) -> None:
+    return None
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _without_none(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _create_session(
+    session_id: str | None,
+    agent_id: str | None,
+    if_expired: str,
+    ttl_s: float | None,
+    policy: str | None,
+) -> _Call[SessionInfo]:
+    body = _without_none(
+        id=session_id, agent_id=agent_id, ttl_s=ttl_s, policy=policy, if_expired=if_expired
+    )
+    return _Call("POST", "/v1/sessions", _model(SessionInfo), json=body)
+
+
+def _session_info(session_id: str) -> _Call[SessionInfo]:
+    return _Call("GET", f"/v1/sessions/{_seg(session_id)}", _model(SessionInfo))
+
+
+def _sessions() -> _Call[list[SessionInfo]]:
+    return _Call("GET", "/v1/sessions", _data(SessionInfo))
+
+
+def _close_session(session_id: str) -> _Call[None]:
+    return _Call("DELETE", f"/v1/sessions/{_seg(session_id)}", _nothing)
+
+
+def _execute_body(
+    code: str, timeout_s: float | None, restart: bool | None, file_ids: Sequence[str]
+) -> dict[str, Any]:
+    return _without_none(
+        code=code, timeout_s=timeout_s, restart=restart, file_ids=list(file_ids) or None
+    )
+
+
+def _execute(session_id: str, body: dict[str, Any]) -> _Call[ExecutionResult]:
+    path = f"/v1/sessions/{_seg(session_id)}/execute"
+    return _Call("POST", path, _model(ExecutionResult), json=body)
+
+
+def _session_files(session_id: str) -> _Call[list[StoredFile]]:
+    return _Call("GET", f"/v1/sessions/{_seg(session_id)}/files", _data(StoredFile))
+
+
+def _attach(session_id: str, file_ids: Sequence[str]) -> _Call[list[str]]:
+    path = f"/v1/sessions/{_seg(session_id)}/attach"
+    return _Call("POST", path, lambda r: list(r.json()["data"]), json={"file_ids": list(file_ids)})
+
+
+def _extend(session_id: str, ttl_s: float | None) -> _Call[float]:
+    path = f"/v1/sessions/{_seg(session_id)}/extend"
+    parse = _model(Extended)
+    return _Call(
+        "POST", path, lambda r: parse(r).expires_at.timestamp(), json=_without_none(ttl_s=ttl_s)
+    )
+
+
+def _interrupt(session_id: str) -> _Call[None]:
+    return _Call("POST", f"/v1/sessions/{_seg(session_id)}/interrupt", _nothing)
+
+
+def _stats() -> _Call[EngineStats]:
+    return _Call("GET", "/v1/stats", _model(EngineStats))
+
+
+def _health() -> _Call[Health]:
+    return _Call("GET", "/v1/health", _model(Health))
+
+
+def _file(file_id: str) -> _Call[StoredFile]:
+    return _Call("GET", f"/v1/files/{_seg(file_id)}", _model(StoredFile))
+
+
+def _list_files(session_id: str | None, agent_id: str | None) -> _Call[list[StoredFile]]:
+    params = _without_none(session_id=session_id, agent_id=agent_id)
+    return _Call("GET", "/v1/files", _data(StoredFile), params=params)
+
+
+def _delete_file(file_id: str) -> _Call[None]:
+    return _Call("DELETE", f"/v1/files/{_seg(file_id)}", _nothing)
+
+
+def _attach_to_agent(agent_id: str, file_ids: Sequence[str]) -> _Call[list[StoredFile]]:
+    path = f"/v1/agents/{_seg(agent_id)}/files"
+    return _Call("POST", path, _data(StoredFile), json={"file_ids": list(file_ids)})
+
+
+def _check_live(info: SessionInfo) -> SessionInfo:
+    """``get_session`` answers only live sessions, as the engine's does."""
+    if info.state is SessionState.EXPIRED:
+        raise SessionExpired(
+            f"session {info.id!r} expired at {info.expires_at.isoformat(timespec='seconds')} "
+            f"({info.ended_reason}); open a new session (its files stay downloadable by id)"
+        )
+    if info.state is SessionState.CLOSED:
+        raise SessionClosed(f"session {info.id!r} was closed")
+    return info
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    """Raise what the daemon's error body names (the body must have been read)."""
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+        error_type, message = str(error["type"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        error_type = f"HTTP{response.status_code}"
+        message = response.text[:1000] or response.reason_phrase
+    raise error_from_response(response.status_code, error_type, message)
+
+
+def _stream_event(event: sse.Event, on_output: RemoteOutputCallback) -> ExecutionResult | None:
+    if event.event == sse.RESULT:
+        return ExecutionResult.model_validate_json(event.data)
+    if event.event == sse.ERROR:
+        body = json.loads(event.data)
+        error = body["error"]
+        raise error_from_response(int(body.get("status", 500)), error["type"], error["message"])
+    on_output(json.loads(event.data))
+    return None
+
+
+def _upload_form(
+    name: str | None,
+    session_id: str | None = None,
+    agent_id: str | None = None,
+    retention_s: float | None = None,
+) -> dict[str, str]:
+    fields = _without_none(
+        name=name, session_id=session_id, agent_id=agent_id, retention_s=retention_s
+    )
+    return {k: str(v) for k, v in fields.items()}
+
+
+@contextmanager
+def _upload_part(
+    source: UploadSource, name: str | None
+) -> Iterator[dict[str, tuple[str, bytes | IO[bytes], str]]]:
+    """The multipart file part for ``source``; a path is opened here and closed after."""
+    if isinstance(source, bytes):
+        if name is None:
+            raise ValueError("uploading bytes needs a name (with its extension)")
+        yield {"file": (name, source, "application/octet-stream")}
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source)
+        with path.open("rb") as handle:
+            yield {"file": (name or path.name, handle, "application/octet-stream")}
+    else:
+        chosen = name or os.path.basename(str(getattr(source, "name", "") or ""))
+        if not chosen:
+            raise ValueError("uploading a stream needs a name (with its extension)")
+        yield {"file": (chosen, source, "application/octet-stream")}
+
+
+def _joined(chunks: list[bytes], max_bytes: int | None) -> bytes:
+    data = b"".join(chunks)
+    return data if max_bytes is None else data[:max_bytes]
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    headers = {"User-Agent": f"sandkernel/{__version__}"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _where(socket: str | os.PathLike[str] | None, url: str | None) -> tuple[str, str | None]:
+    """The base URL and the Unix socket path (None for TCP)."""
+    if socket is not None and url is not None:
+        raise ValueError("give socket or url, not both")
+    if url is not None:
+        return url.rstrip("/"), None
+    return "http://sandkernel", str(socket if socket is not None else default_socket_path())
+
+
+@contextmanager
+def _transport_errors(where: str) -> Iterator[None]:
+    try:
+        yield
+    except httpx.ConnectError as exc:
+        raise DaemonUnavailable(
+            f"cannot reach the sandkernel daemon at {where} ({exc}): start it with "
+            "`sandkernel serve`, or pass the socket it listens on"
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise DaemonError(
+            f"the sandkernel daemon at {where} did not answer in time: {exc!r}"
+        ) from exc
+    except httpx.TransportError as exc:
+        raise DaemonError(f"the connection to the daemon at {where} failed: {exc!r}") from exc
+
+
+# -- async -------------------------------------------------------------------------------
+
+
+class AsyncClient:
+    """The daemon's API with the embedded :class:`~sandkernel.Engine`'s methods.
+
+    Args:
+        socket: the daemon's Unix socket (default: ``sandkernel serve``'s default).
+        url: instead of a socket, the daemon's TCP address (``http://127.0.0.1:8765``).
+        token: the bearer token for TCP (default: ``$SANDKERNEL_TOKEN``).
+        timeout_s: how long a request may take, on top of a cell's own timeout.
+    """
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        timeout_s: float = 300.0,
+    ) -> None:
+        base_url, uds = _where(socket, url)
+        self.where = f"unix:{uds}" if uds is not None else base_url
+        if url is not None and token is None:
+            token = os.environ.get("SANDKERNEL_TOKEN")
+        self.timeout_s = timeout_s
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            transport=httpx.AsyncHTTPTransport(uds=uds) if uds is not None else None,
+            headers=_headers(token),
+            timeout=httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S),
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections (sessions stay alive in the daemon)."""
+        await self._http.aclose()
+
+    async def _send[T](self, call: _Call[T], http_timeout: httpx.Timeout | None = None) -> T:
+        with _transport_errors(self.where):
+            response = await self._http.request(
+                call.method,
+                call.path,
+                json=call.json,
+                params=call.params,
+                timeout=http_timeout or self._http.timeout,
+            )
+        _raise_for_error(response)
+        return call.parse(response)
+
+    def _run_timeout(self, timeout_s: float | None) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout_s + (timeout_s or 0), connect=_CONNECT_TIMEOUT_S)
+
+    # sessions
+
+    async def session(
+        self,
+        session_id: str | None = None,
+        *,
+        agent_id: str | None = None,
+        if_expired: Literal["raise", "new"] = "raise",
+        ttl_s: float | None = None,
+        policy: str | None = None,
+    ) -> RemoteSession:
+        """Get the session for a conversation id, creating it if needed (see ``Engine.session``).
+
+        Args:
+            session_id: the conversation's id; ``None`` creates a new random one.
+            agent_id: its agent (the agent's files appear read-only in ``/mnt/data``).
+            if_expired: for an ended or lost session's id: raise, or start a new one.
+            ttl_s: this session's TTL (default: the daemon's).
+            policy: if given, must be the daemon's policy (else PolicyError).
+        """
+        call = _create_session(session_id, agent_id, if_expired, ttl_s, policy)
+        info = await self._send(call)
+        return RemoteSession(self, info.id, agent_id)
+
+    async def get_session(self, session_id: str) -> RemoteSession:
+        """The live session with this id (never creates one)."""
+        _check_live(await self._send(_session_info(session_id)))
+        return RemoteSession(self, session_id, None)
+
+    async def close_session(self, session_id: str) -> None:
+        """Close a session by id (idempotent for ended sessions)."""
+        await self._send(_close_session(session_id))
+
+    async def sessions(self) -> list[SessionInfo]:
+        """Every session the daemon's engine knows, alive or recently ended."""
+        return await self._send(_sessions())
+
+    async def stats(self) -> EngineStats:
+        """Pool and session figures."""
+        return await self._send(_stats())
+
+    async def health(self) -> Health:
+        """The daemon's version, policy and uptime."""
+        return await self._send(_health())
+
+    # files
+
+    async def upload(
+        self,
+        source: UploadSource,
+        name: str | None = None,
+        *,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        retention_s: float | None = None,
+    ) -> StoredFile:
+        """Store a file and get its id (see ``Engine.upload``)."""
+        form = _upload_form(name, session_id, agent_id, retention_s)
+        with _upload_part(source, name) as files, _transport_errors(self.where):
+            response = await self._http.post("/v1/files", data=form, files=files)
+        _raise_for_error(response)
+        return StoredFile.model_validate_json(response.content)
+
+    async def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
+        """Give stored files to an agent (they appear in its sessions, read-only)."""
+        return await self._send(_attach_to_agent(agent_id, file_ids))
+
+    async def file(self, file_id: str) -> StoredFile:
+        """A stored file's metadata."""
+        return await self._send(_file(file_id))
+
+    async def download(self, file_id: str, *, max_bytes: int | None = None) -> bytes:
+        """A stored file's bytes (:meth:`download_to` streams large ones to disk).
+
+        Args:
+            file_id: the file's id.
+            max_bytes: read only the first this many bytes.
+        """
+        chunks: list[bytes] = []
+        size = 0
+        with _transport_errors(self.where):
+            async with self._http.stream("GET", f"/v1/files/{_seg(file_id)}/content") as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_error(response)
+                async for chunk in response.aiter_bytes():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if max_bytes is not None and size >= max_bytes:
+                        break
+        return _joined(chunks, max_bytes)
+
+    async def download_to(self, file_id: str, path: str | os.PathLike[str]) -> Path:
+        """Stream a stored file into ``path``; returns it."""
+        target = Path(path)
+        with _transport_errors(self.where):
+            async with self._http.stream("GET", f"/v1/files/{_seg(file_id)}/content") as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_error(response)
+                async with await anyio.open_file(target, "wb") as out:
+                    async for chunk in response.aiter_bytes():
+                        await out.write(chunk)
+        return target
+
+    async def list_files(
+        self, *, session_id: str | None = None, agent_id: str | None = None
+    ) -> list[StoredFile]:
+        """Stored files, optionally of one session or one agent."""
+        return await self._send(_list_files(session_id, agent_id))
+
+    async def delete_file(self, file_id: str) -> None:
+        """Delete a stored file."""
+        await self._send(_delete_file(file_id))
+
+    # used by RemoteSession
+
+    async def _upload_to_session(
+        self, session_id: str, source: UploadSource, name: str | None
+    ) -> StoredFile:
+        with _upload_part(source, name) as files, _transport_errors(self.where):
+            response = await self._http.post(
+                f"/v1/sessions/{_seg(session_id)}/files", data=_upload_form(name), files=files
+            )
+        _raise_for_error(response)
+        return StoredFile.model_validate_json(response.content)
+
+    async def _stream_execute(
+        self,
+        session_id: str,
+        body: dict[str, Any],
+        on_output: RemoteOutputCallback,
+        http_timeout: httpx.Timeout,
+    ) -> ExecutionResult:
+        decoder = sse.Decoder()
+        with _transport_errors(self.where):
+            async with self._http.stream(
+                "POST",
+                f"/v1/sessions/{_seg(session_id)}/execute",
+                json=body,
+                params={"stream": "true"},
+                headers={"Accept": "text/event-stream"},
+                timeout=http_timeout,
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_error(response)
+                async for line in response.aiter_lines():
+                    event = decoder.feed(line)
+                    if event is not None:
+                        result = _stream_event(event, on_output)
+                        if result is not None:
+                            return result
+        raise DaemonError(f"the daemon at {self.where} ended the stream without a result")
+
+
+class RemoteSession:
+    """A session in the daemon, with the methods of :class:`sandkernel.session.Session`."""
+
+    def __init__(self, client: AsyncClient, session_id: str, agent_id: str | None) -> None:
+        self._client = client
+        self.id = session_id
+        self.agent_id = agent_id
+
+    def __repr__(self) -> str:
+        return f"RemoteSession({self.id!r}, at={self._client.where!r})"
+
+    async def run(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        on_output: RemoteOutputCallback | None = None,
+        restart: bool | None = None,
+        file_ids: Sequence[str] = (),
+    ) -> ExecutionResult:
+        """Run one cell (see ``Session.run``); with ``on_output``, outputs stream as they come.
+
+        Raises:
+            SessionExpired, SessionClosed, SessionLost, KernelDead, SessionNotFound.
+        """
+        body = _execute_body(code, timeout_s, restart, file_ids)
+        timeout = self._client._run_timeout(timeout_s)
+        if on_output is None:
+            return await self._client._send(_execute(self.id, body), timeout)
+        return await self._client._stream_execute(self.id, body, on_output, timeout)
+
+    async def upload(self, source: UploadSource, name: str | None = None) -> StoredFile:
+        """Store a file for this session and copy it into ``/mnt/data``."""
+        return await self._client._upload_to_session(self.id, source, name)
+
+    async def attach(self, file_ids: Sequence[str]) -> list[str]:
+        """Copy stored files into ``/mnt/data`` now; returns their paths there."""
+        return await self._client._send(_attach(self.id, file_ids))
+
+    async def files(self) -> list[StoredFile]:
+        """Files uploaded to this session and produced by it."""
+        return await self._client._send(_session_files(self.id))
+
+    async def extend(self, ttl_s: float | None = None) -> float:
+        """Keep the session alive; returns its new expiry as a Unix time."""
+        return await self._client._send(_extend(self.id, ttl_s))
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell, if any."""
+        await self._client._send(_interrupt(self.id))
+
+    async def info(self) -> SessionInfo:
+        """The session's state and times."""
+        return await self._client._send(_session_info(self.id))
+
+    async def close(self) -> None:
+        """End the session and its kernel. Idempotent."""
+        await self._client.close_session(self.id)
+
+
+# -- blocking -----------------------------------------------------------------------------
+
+
+class Client:
+    """The blocking twin of :class:`AsyncClient` (mirrors :class:`sandkernel.sync.Engine`)."""
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        timeout_s: float = 300.0,
+    ) -> None:
+        base_url, uds = _where(socket, url)
+        self.where = f"unix:{uds}" if uds is not None else base_url
+        if url is not None and token is None:
+            token = os.environ.get("SANDKERNEL_TOKEN")
+        self.timeout_s = timeout_s
+        self._http = httpx.Client(
+            base_url=base_url,
+            transport=httpx.HTTPTransport(uds=uds) if uds is not None else None,
+            headers=_headers(token),
+            timeout=httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S),
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections (sessions stay alive in the daemon)."""
+        self._http.close()
+
+    def _send[T](self, call: _Call[T], http_timeout: httpx.Timeout | None = None) -> T:
+        with _transport_errors(self.where):
+            response = self._http.request(
+                call.method,
+                call.path,
+                json=call.json,
+                params=call.params,
+                timeout=http_timeout or self._http.timeout,
+            )
+        _raise_for_error(response)
+        return call.parse(response)
+
+    def _run_timeout(self, timeout_s: float | None) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout_s + (timeout_s or 0), connect=_CONNECT_TIMEOUT_S)
+
+    def session(
+        self,
+        session_id: str | None = None,
+        *,
+        agent_id: str | None = None,
+        if_expired: Literal["raise", "new"] = "raise",
+        ttl_s: float | None = None,
+        policy: str | None = None,
+    ) -> SyncRemoteSession:
+        """See :meth:`AsyncClient.session`."""
+        call = _create_session(session_id, agent_id, if_expired, ttl_s, policy)
+        info = self._send(call)
+        return SyncRemoteSession(self, info.id, agent_id)
+
+    def get_session(self, session_id: str) -> SyncRemoteSession:
+        """The live session with this id (never creates one)."""
+        _check_live(self._send(_session_info(session_id)))
+        return SyncRemoteSession(self, session_id, None)
+
+    def close_session(self, session_id: str) -> None:
+        self._send(_close_session(session_id))
+
+    def sessions(self) -> list[SessionInfo]:
+        return self._send(_sessions())
+
+    def stats(self) -> EngineStats:
+        return self._send(_stats())
+
+    def health(self) -> Health:
+        return self._send(_health())
+
+    def upload(
+        self,
+        source: UploadSource,
+        name: str | None = None,
+        *,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        retention_s: float | None = None,
+    ) -> StoredFile:
+        """See :meth:`AsyncClient.upload`."""
+        form = _upload_form(name, session_id, agent_id, retention_s)
+        with _upload_part(source, name) as files, _transport_errors(self.where):
+            response = self._http.post("/v1/files", data=form, files=files)
+        _raise_for_error(response)
+        return StoredFile.model_validate_json(response.content)
+
+    def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
+        return self._send(_attach_to_agent(agent_id, file_ids))
+
+    def file(self, file_id: str) -> StoredFile:
+        return self._send(_file(file_id))
+
+    def download(self, file_id: str, *, max_bytes: int | None = None) -> bytes:
+        """See :meth:`AsyncClient.download`."""
+        chunks: list[bytes] = []
+        size = 0
+        with (
+            _transport_errors(self.where),
+            self._http.stream("GET", f"/v1/files/{_seg(file_id)}/content") as response,
+        ):
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_error(response)
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                size += len(chunk)
+                if max_bytes is not None and size >= max_bytes:
+                    break
+        return _joined(chunks, max_bytes)
+
+    def download_to(self, file_id: str, path: str | os.PathLike[str]) -> Path:
+        target = Path(path)
+        with (
+            _transport_errors(self.where),
+            self._http.stream("GET", f"/v1/files/{_seg(file_id)}/content") as response,
+        ):
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_error(response)
+            with target.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        return target
+
+    def list_files(
+        self, *, session_id: str | None = None, agent_id: str | None = None
+    ) -> list[StoredFile]:
+        return self._send(_list_files(session_id, agent_id))
+
+    def delete_file(self, file_id: str) -> None:
+        self._send(_delete_file(file_id))
+
+    def _upload_to_session(
+        self, session_id: str, source: UploadSource, name: str | None
+    ) -> StoredFile:
+        with _upload_part(source, name) as files, _transport_errors(self.where):
+            response = self._http.post(
+                f"/v1/sessions/{_seg(session_id)}/files", data=_upload_form(name), files=files
+            )
+        _raise_for_error(response)
+        return StoredFile.model_validate_json(response.content)
+
+    def _stream_execute(
+        self,
+        session_id: str,
+        body: dict[str, Any],
+        on_output: RemoteOutputCallback,
+        http_timeout: httpx.Timeout,
+    ) -> ExecutionResult:
+        decoder = sse.Decoder()
+        with (
+            _transport_errors(self.where),
+            self._http.stream(
+                "POST",
+                f"/v1/sessions/{_seg(session_id)}/execute",
+                json=body,
+                params={"stream": "true"},
+                headers={"Accept": "text/event-stream"},
+                timeout=http_timeout,
+            ) as response,
+        ):
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_error(response)
+            for line in response.iter_lines():
+                event = decoder.feed(line)
+                if event is not None:
+                    result = _stream_event(event, on_output)
+                    if result is not None:
+                        return result
+        raise DaemonError(f"the daemon at {self.where} ended the stream without a result")
+
+
+class SyncRemoteSession:
+    """The blocking twin of :class:`RemoteSession` (mirrors :class:`sandkernel.sync.Session`)."""
+
+    def __init__(self, client: Client, session_id: str, agent_id: str | None) -> None:
+        self._client = client
+        self.id = session_id
+        self.agent_id = agent_id
+
+    def __repr__(self) -> str:
+        return f"SyncRemoteSession({self.id!r}, at={self._client.where!r})"
+
+    def run(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        on_output: RemoteOutputCallback | None = None,
+        restart: bool | None = None,
+        file_ids: Sequence[str] = (),
+    ) -> ExecutionResult:
+        """See :meth:`RemoteSession.run`."""
+        body = _execute_body(code, timeout_s, restart, file_ids)
+        timeout = self._client._run_timeout(timeout_s)
+        if on_output is None:
+            return self._client._send(_execute(self.id, body), timeout)
+        return self._client._stream_execute(self.id, body, on_output, timeout)
+
+    def upload(self, source: UploadSource, name: str | None = None) -> StoredFile:
+        return self._client._upload_to_session(self.id, source, name)
+
+    def attach(self, file_ids: Sequence[str]) -> list[str]:
+        return self._client._send(_attach(self.id, file_ids))
+
+    def files(self) -> list[StoredFile]:
+        return self._client._send(_session_files(self.id))
+
+    def extend(self, ttl_s: float | None = None) -> float:
+        return self._client._send(_extend(self.id, ttl_s))
+
+    def interrupt(self) -> None:
+        self._client._send(_interrupt(self.id))
+
+    def info(self) -> SessionInfo:
+        return self._client._send(_session_info(self.id))
+
+    def close(self) -> None:
+        self._client.close_session(self.id)

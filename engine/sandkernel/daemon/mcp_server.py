@@ -1,0 +1,223 @@
+"""``sandkernel mcp``: the sandbox as Model Context Protocol tools, over stdio.
+
+Tools:
+
+- ``run_python``: run a cell in a session (one default session per server, or
+  one named by ``session_id``); answers the result as a model reads it, plus
+  the images the cell displayed;
+- ``upload_file``: put a file (a host path, or base64 content) into the
+  session's ``/mnt/data``;
+- ``list_files``: the session's files (uploaded and produced) with their ids;
+- ``read_file``: a stored file by id, as text or base64.
+
+The tools work on an embedded engine, or on a running daemon (``--socket``):
+the daemon's client has the engine's methods, so the code is the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import json
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import anyio
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ImageContent, TextContent
+from pydantic import Field
+
+from sandkernel import __version__
+from sandkernel.daemon.client import AsyncClient, RemoteSession
+from sandkernel.engine import Engine
+from sandkernel.errors import SandkernelError
+from sandkernel.files import StoredFile
+from sandkernel.loop import format_result
+from sandkernel.session import Session
+
+_MAX_IMAGES: Final = 4
+_READ_LIMIT: Final = 10 << 20
+
+Backend = Engine | AsyncClient
+
+INSTRUCTIONS = (
+    "Run Python in a sandboxed, stateful Jupyter kernel (no network; numpy, pandas and "
+    "matplotlib are installed). Variables persist between run_python calls of one session. "
+    "Files are under /mnt/data; files a cell writes there, and figures it shows, are "
+    "stored and listed with ids you can read back with read_file."
+)
+
+
+@contextmanager
+def _anticipated() -> Iterator[None]:
+    """Engine refusals reach the model with their message (the SDK hides other errors')."""
+    try:
+        yield
+    except (SandkernelError, ValueError, OSError) as exc:
+        raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+
+
+class SandboxTools:
+    """The tool implementations, on an engine or a daemon client."""
+
+    def __init__(self, backend: Backend, *, default_session_id: str | None = None) -> None:
+        self.backend = backend
+        self.default_session_id = default_session_id or f"mcp-{secrets.token_hex(6)}"
+
+    async def _session(self, session_id: str | None) -> Session | RemoteSession:
+        if session_id is None:
+            # The default session starts afresh if it expired: the server outlives it.
+            return await self.backend.session(self.default_session_id, if_expired="new")
+        return await self.backend.session(session_id)
+
+    async def run_python(
+        self,
+        code: Annotated[str, Field(description="Python source of one cell")],
+        session_id: Annotated[
+            str | None, Field(description="session to run in (default: this server's own)")
+        ] = None,
+        timeout_s: Annotated[
+            float | None, Field(gt=0, description="wall timeout (default: the policy's)")
+        ] = None,
+    ) -> list[TextContent | ImageContent]:
+        """Run Python code in a sandboxed Jupyter kernel; state persists across calls."""
+        with _anticipated():
+            session = await self._session(session_id)
+            result = await session.run(code, timeout_s=timeout_s)
+            content: list[TextContent | ImageContent] = [
+                TextContent(type="text", text=format_result(result))
+            ]
+            images = [d.data["image/png"] for d in result.displays if "image/png" in d.data]
+            for png in images[:_MAX_IMAGES]:
+                if isinstance(png, str):
+                    content.append(ImageContent(type="image", data=png, mime_type="image/png"))
+            return content
+
+    async def upload_file(
+        self,
+        path: Annotated[str | None, Field(description="a file on this machine to upload")] = None,
+        content_base64: Annotated[
+            str | None, Field(description="or the file's content, base64-encoded")
+        ] = None,
+        name: Annotated[
+            str | None, Field(description="its name in /mnt/data (required with content_base64)")
+        ] = None,
+        session_id: Annotated[
+            str | None, Field(description="session to give it to (default: this server's own)")
+        ] = None,
+    ) -> str:
+        """Upload a file into the session's /mnt/data; answers its id and path."""
+        with _anticipated():
+            if (path is None) == (content_base64 is None):
+                raise ValueError("give exactly one of path or content_base64")
+            session = await self._session(session_id)
+            if content_base64 is not None:
+                try:
+                    data = base64.b64decode(content_base64, validate=True)
+                except binascii.Error as exc:
+                    raise ValueError(f"content_base64 is not valid base64: {exc}") from None
+                if name is None:
+                    raise ValueError("name is required with content_base64 (with its extension)")
+                stored = await session.upload(data, name)
+            else:
+                assert path is not None
+                source = await anyio.Path(path).expanduser()
+                if not await source.is_file():
+                    raise ValueError(f"{source} is not a file")
+                stored = await session.upload(Path(source), name)
+            return json.dumps({**_describe(stored), "sandbox_path": f"/mnt/data/{stored.name}"})
+
+    async def list_files(
+        self,
+        session_id: Annotated[
+            str | None, Field(description="whose files (default: this server's session)")
+        ] = None,
+    ) -> str:
+        """List the session's files (uploaded and produced) with their ids."""
+        with _anticipated():
+            files = await self.backend.list_files(session_id=session_id or self.default_session_id)
+            return json.dumps([_describe(f) for f in files], indent=1)
+
+    async def read_file(
+        self,
+        file_id: Annotated[str, Field(description="the file's id, e.g. file-0123...")],
+        max_bytes: Annotated[
+            int, Field(gt=0, le=_READ_LIMIT, description="read at most this many bytes")
+        ] = 1 << 20,
+    ) -> str:
+        """Read a stored file: text for text files, else base64."""
+        with _anticipated():
+            stored = await self.backend.file(file_id)
+            data = await _read_head(self.backend, file_id, max_bytes)
+            truncated = stored.size_bytes > len(data)
+            answer: dict[str, Any] = {**_describe(stored), "truncated": truncated}
+            text = _as_text(data, truncated=truncated)
+            if text is not None:
+                answer.update(encoding="text", content=text)
+            else:
+                answer.update(encoding="base64", content=base64.b64encode(data).decode())
+            return json.dumps(answer)
+
+
+def _as_text(data: bytes, *, truncated: bool) -> str | None:
+    """The bytes as text if they are UTF-8 without NULs (a cut last character is dropped)."""
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=not truncated)
+    except UnicodeDecodeError:
+        return None
+    return None if "\x00" in text else text
+
+
+def _describe(stored: StoredFile) -> dict[str, Any]:
+    return {
+        "id": stored.id,
+        "name": stored.name,
+        "mime_type": stored.mime_type,
+        "size_bytes": stored.size_bytes,
+        "origin": stored.origin,
+        "path": stored.path,
+    }
+
+
+async def _read_head(backend: Backend, file_id: str, max_bytes: int) -> bytes:
+    if isinstance(backend, AsyncClient):
+        return await backend.download(file_id, max_bytes=max_bytes)
+
+    def read() -> bytes:
+        with backend.open_file(file_id) as handle:
+            return handle.read(max_bytes)
+
+    return await anyio.to_thread.run_sync(read)
+
+
+def build_mcp_server(tools: SandboxTools) -> MCPServer[Any]:
+    """An MCP server exposing ``tools``."""
+    server: MCPServer[Any] = MCPServer(
+        name="sandkernel", version=__version__, instructions=INSTRUCTIONS
+    )
+    for fn in (tools.run_python, tools.upload_file, tools.list_files, tools.read_file):
+        server.add_tool(fn, structured_output=False)
+    return server
+
+
+async def run_mcp_server(*, socket: Path | None, engine: Engine | None) -> None:
+    """Serve the tools over stdio until the client closes stdin.
+
+    Args:
+        socket: a running daemon's socket; or None to use ``engine``.
+        engine: a not yet started engine (used when ``socket`` is None).
+    """
+    if socket is not None:
+        async with AsyncClient(socket) as client:
+            await client.health()  # fail now, with the daemon's address, if it is not there
+            await build_mcp_server(SandboxTools(client)).run_stdio_async()
+        return
+    if engine is None:
+        raise ValueError("give a daemon socket or an engine")
+    async with engine:  # leaving it ends every kernel
+        await build_mcp_server(SandboxTools(engine)).run_stdio_async()

@@ -1,0 +1,258 @@
+"""The daemon process: one engine, one uvicorn server, one task group.
+
+::
+
+    async with Engine(...) as engine:            # pool refill + reaper tasks
+        async with anyio.create_task_group() as tg:
+            await tg.start(Daemon(engine, config).serve)   # Unix socket (+ TCP)
+
+:func:`run_daemon` is that, plus signals: SIGTERM or SIGINT stops accepting
+connections, lets running requests finish (up to ``graceful_timeout_s``, then
+cancels them, which interrupts their cells), then closes the engine, which ends
+every kernel. The Unix socket is created with mode 0600 (under a restrictive
+umask, then chmod, so it is never reachable by others even for an instant) in
+a folder only its owner can write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import math
+import os
+import signal
+import socket
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import uvicorn
+
+from sandkernel.daemon.app import DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_UPLOAD_BYTES, create_app
+from sandkernel.daemon.errors import DaemonError
+from sandkernel.daemon.records import SessionRecords
+from sandkernel.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """How the daemon listens and what it accepts.
+
+    Args:
+        socket_path: the Unix socket (mode 0600).
+        records_path: the SQLite file of session ids, kept across restarts.
+        tcp: also listen on this ``(host, port)``; requires ``token``. Port 0 picks one.
+        token: the bearer token TCP requests must carry.
+        max_json_bytes: largest JSON request body.
+        max_upload_bytes: largest upload request body.
+        graceful_timeout_s: on shutdown, how long running requests may finish.
+        access_log: log every request.
+    """
+
+    socket_path: Path
+    records_path: Path
+    tcp: tuple[str, int] | None = None
+    token: str | None = field(default=None, repr=False)
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    graceful_timeout_s: float = 10.0
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tcp is not None and not self.token:
+            raise DaemonError(
+                "listening on TCP needs a bearer token: pass --token, --token-file or set "
+                "SANDKERNEL_TOKEN (clients then send `Authorization: Bearer <token>`)"
+            )
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The daemon handles SIGTERM/SIGINT itself for its whole life (the engine
+        # starts before uvicorn and closes after it), so uvicorn must not replace
+        # those handlers nor re-raise the signal when it is done.
+        yield
+
+
+class Daemon:
+    """Serves one started :class:`~sandkernel.Engine` over HTTP (Unix socket, optional TCP)."""
+
+    def __init__(self, engine: Engine, config: DaemonConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.records = SessionRecords(config.records_path)
+        self.tcp_address: tuple[str, int] | None = None
+        self.ready = asyncio.Event()
+        self._server: _Server | None = None
+        self._stop_requested = False
+
+    def shutdown(self) -> None:
+        """Stop gracefully (a second call stops without waiting for running requests)."""
+        if self._stop_requested and self._server is not None:
+            self._server.force_exit = True
+        self._stop_requested = True
+        if self._server is not None:
+            self._server.should_exit = True
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen until :meth:`shutdown`; reports started once the sockets accept connections."""
+        config = self.config
+        await anyio.to_thread.run_sync(self.records.open)
+        sockets: list[socket.socket] = []
+        bound_inode: int | None = None
+        try:
+            sockets.append(await anyio.to_thread.run_sync(bind_unix_socket, config.socket_path))
+            bound_inode = config.socket_path.lstat().st_ino
+            if config.tcp is not None:
+                tcp = bind_tcp_socket(*config.tcp)
+                sockets.append(tcp)
+                host, port = tcp.getsockname()[:2]
+                self.tcp_address = (str(host), int(port))
+            app = create_app(
+                self.engine,
+                self.records,
+                token=config.token,
+                max_json_bytes=config.max_json_bytes,
+                max_upload_bytes=config.max_upload_bytes,
+            )
+            server = _Server(
+                uvicorn.Config(
+                    app,
+                    http="auto",  # httptools when installed (faster), else h11
+                    ws="none",
+                    lifespan="off",
+                    log_config=None,
+                    access_log=config.access_log,
+                    proxy_headers=False,
+                    server_header=False,
+                    timeout_graceful_shutdown=math.ceil(config.graceful_timeout_s),
+                )
+            )
+            self._server = server
+            server.should_exit = self._stop_requested
+            where = f"unix:{config.socket_path}"
+            if self.tcp_address is not None:
+                where += f" and http://{self.tcp_address[0]}:{self.tcp_address[1]} (token required)"
+            log.info("sandkernel daemon listening on %s, policy %s", where, self.engine.policy.name)
+            task_status.started()
+            self.ready.set()
+            await server.serve(sockets=sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
+            _unlink_socket(config.socket_path, bound_inode)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.records.finish)
+
+
+def bind_unix_socket(path: Path, *, backlog: int = 2048) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600, in a folder only its owner can write.
+
+    Raises:
+        DaemonError: another daemon listens there, or the path or folder is unsafe.
+    """
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = parent.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise DaemonError(
+            f"{parent} must belong to uid {os.geteuid()} and be writable by it alone "
+            f"(it is mode {stat.filemode(info.st_mode)}, uid {info.st_uid}): "
+            "choose another --socket or fix the folder"
+        )
+    with contextlib.suppress(FileNotFoundError):
+        existing = path.lstat()
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise DaemonError(f"{path} exists and is not a socket; remove it or choose --socket")
+        if _socket_answers(path):
+            raise DaemonError(f"a daemon already listens at {path}; stop it or choose --socket")
+        path.unlink()  # left by a daemon that died
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # umask first, so the socket file never exists with a wider mode; chmod
+        # after, so the mode does not depend on the umask the process had.
+        previous = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(previous)
+        os.chmod(path, 0o600)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _socket_answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _unlink_socket(path: Path, inode: int | None) -> None:
+    # Only the file this daemon bound: never one a newer daemon put there since.
+    if inode is None:
+        return
+    with contextlib.suppress(OSError):
+        if path.lstat().st_ino == inode:
+            path.unlink()
+
+
+def bind_tcp_socket(host: str, port: int, *, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket; warns when the address is not loopback (plain HTTP)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        log.warning(
+            "listening on %s:%d, which is not a loopback address: requests and the token "
+            "travel unencrypted; put a TLS proxy in front",
+            host,
+            port,
+        )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=backlog)
+
+
+async def run_daemon(engine: Engine, config: DaemonConfig) -> None:
+    """Start ``engine``, serve it until SIGTERM or SIGINT, then close everything.
+
+    The engine must not be started yet and should be created with
+    ``handle_sigterm=False``: the daemon owns the signals.
+    """
+    daemon = Daemon(engine, config)
+    loop = asyncio.get_running_loop()
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+        loop.add_signal_handler(signum, daemon.shutdown)
+    try:
+        async with engine, anyio.create_task_group() as tasks:
+            await tasks.start(daemon.serve)
+        log.info("sandkernel daemon stopped; every kernel ended")
+    except BaseExceptionGroup as group:
+        # One failing task (a socket that cannot be bound...): raise its own error,
+        # which says what to fix, rather than the group around it.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
