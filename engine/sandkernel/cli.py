@@ -14,6 +14,7 @@ from pathlib import Path
 from sandkernel._solve_cli import add_solve_parser, run_solve
 from sandkernel.daemon.cli import add_daemon_parsers, run_daemon_command, run_via_daemon
 from sandkernel.errors import SandkernelError
+from sandkernel.evaluate.cli import add_eval_parser, run_eval
 from sandkernel.policy import load_policy, shipped_policy_names
 from sandkernel.results import ExecutionResult
 
@@ -172,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_solve_parser(sub)
     add_daemon_parsers(sub)
+    add_eval_parser(sub)
 
     policy = sub.add_parser("policy", help="list policies or show one's nsjail config")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -191,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     json_output=args.json, inputs=args.input or (),
                 )  # fmt: skip
             return asyncio.run(_run(args))
+        if args.command == "eval":
+            return run_eval(args)
         if args.command in ("serve", "mcp"):
             return run_daemon_command(args)
         if args.command == "solve":

@@ -21,13 +21,14 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel
 
+from sandkernel.batch import BatchPool, RunRequest, RunResult
 from sandkernel.errors import (
     EngineClosed,
     FileNotFoundInStore,
@@ -104,6 +105,8 @@ class Engine:
             (also after their session ended); ``None`` keeps them.
         max_produced_files: files one cell may add to the store.
         max_produced_bytes: bytes one cell may add to the store.
+        batch_workers: sandboxed fork servers for ``run_once``/``run_many``
+            (default: the number of CPUs); started on first use.
         reap_interval_s: how often expired sessions and files are removed.
         clock: monotonic clock (injected in tests).
         handle_sigterm: in the main thread, end every kernel on SIGTERM, then exit.
@@ -132,6 +135,7 @@ class Engine:
         produced_file_retention_s: float | None = 7 * 24 * 3600,
         max_produced_files: int = 100,
         max_produced_bytes: int = 256 << 20,
+        batch_workers: int | None = None,
         reap_interval_s: float = 5.0,
         clock: Clock = time.monotonic,
         handle_sigterm: bool = True,
@@ -161,6 +165,9 @@ class Engine:
             retention_s=produced_file_retention_s,
         )
         self._store: FileStore | None = None
+        self.batch_workers = batch_workers
+        self._batch: BatchPool | None = None
+        self._batch_lock = asyncio.Lock()
         self.reap_interval_s = reap_interval_s
         self._clock = clock
         self._handle_sigterm = handle_sigterm
@@ -224,6 +231,8 @@ class Engine:
         )
         if self._pool is not None:
             await self._pool.close()
+        if self._batch is not None:
+            await self._batch.close()
         if self._host is not None:
             self._host.close()
         if self._store is not None:
@@ -440,6 +449,65 @@ class Engine:
                     log.info("expired sessions: %s", ", ".join(ended))
             except Exception:
                 log.exception("session reaper pass failed; continuing")
+
+    # -- one-shot runs (the batch path) ------------------------------------------------
+
+    async def _batch_pool(self) -> BatchPool:
+        host, _ = self._require_running()
+        async with self._batch_lock:
+            if self._batch is None:
+                pool = BatchPool(host, self.policy, workers=self.batch_workers)
+                await pool.start()
+                self._batch = pool
+            return self._batch
+
+    async def run_once(
+        self,
+        code: str,
+        *,
+        stdin: str | bytes | None = None,
+        files: Mapping[str, bytes] | None = None,
+        fetch_files: Sequence[str] = (),
+        argv: Sequence[str] = (),
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+    ) -> RunResult:
+        """Run ``code`` once as a program (``python main.py``), statelessly.
+
+        Runs on the batch path: a fork of a warm, sandboxed server, in a fresh
+        working directory, with nothing left for the next run. Exit codes,
+        stdin, ``sys.argv`` and ``__main__`` behave as for ``python file.py``.
+
+        Args:
+            code: the program.
+            stdin: what it reads on standard input.
+            files: ``relative path -> bytes`` written into its working directory.
+            fetch_files: relative paths returned afterwards (``RunResult.files``).
+            argv: ``sys.argv[1:]``.
+            timeout_s: wall limit (default: the policy's ``wall_timeout_s``).
+            memory_mb: memory limit of the run (default: the policy's).
+        """
+        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        request = RunRequest(
+            code=code, stdin=data, files=dict(files or {}), fetch_files=list(fetch_files),
+            argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb,
+        )  # fmt: skip
+        return await (await self._batch_pool()).run(request)
+
+    async def run_many(
+        self,
+        requests: Iterable[RunRequest] | AsyncIterable[RunRequest],
+        *,
+        concurrency: int | None = None,
+    ) -> AsyncIterator[RunResult]:
+        """Run many requests, yielding results as they finish (tag them with ``id``).
+
+        Requests are pulled only as slots free up, so memory stays bounded
+        for any number of them.
+        """
+        pool = await self._batch_pool()
+        async for result in pool.run_many(requests, concurrency=concurrency):
+            yield result
 
     # -- files ----------------------------------------------------------------------
 

