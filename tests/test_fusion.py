@@ -92,3 +92,72 @@ async def test_bad_files_are_a_sandbox_error_naming_the_problem(
     for files, why in (({"/etc/x": ""}, "must be relative"), ({"a.txt": "@@@"}, "base64")):
         response = await run_jupyter(engine, RunJupyterRequest(cells=["1"], files=files))
         assert response.status is RunStatus.SandboxError and why in response.message
+
+
+async def run(engine: Engine, body: dict[str, object]) -> dict[str, object]:
+    from sandkernel.fusion import RunCodeRequest, run_code
+
+    response = await run_code(engine, RunCodeRequest.model_validate(body))
+    return response.model_dump(mode="json")
+
+
+async def test_run_code_as_documented(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=0, batch_workers=1)
+    r = await run(engine, {"code": "print('Hello, world!')", "language": "python"})
+    assert r["status"] == "Success" and r["message"] == ""
+    rr = r["run_result"]
+    assert isinstance(rr, dict)
+    assert (rr["status"], rr["return_code"], rr["stdout"], rr["stderr"]) == (
+        "Finished",
+        0,
+        "Hello, world!\n",
+        "",
+    )
+    assert rr["execution_time"] is not None and r["files"] == {} and r["compile_result"] is None
+    r = await run(engine, {"code": "print(input()[::-1])", "stdin": "abc", "language": "python"})
+    assert r["run_result"]["stdout"] == "cba\n"  # type: ignore[index]
+    r = await run(engine, {"code": "import sys; sys.exit(1)", "language": "python"})
+    assert r["status"] == "Failed" and r["run_result"]["return_code"] == 1  # type: ignore[index]
+    r = await run(engine, {"code": "raise ValueError('boom')", "language": "python"})
+    assert r["status"] == "Failed"
+    assert "ValueError: boom" in r["run_result"]["stderr"]  # type: ignore[index]
+
+
+async def test_run_code_time_and_memory_limits(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=0, batch_workers=1)
+    started = time.monotonic()
+    r = await run(engine, {"code": "while True: pass", "language": "python", "run_timeout": 1})
+    assert time.monotonic() - started < 1 + 1
+    assert r["status"] == "Failed" and r["run_result"]["status"] == "TimeLimitExceeded"  # type: ignore[index]
+    r = await run(
+        engine,
+        {"code": "x = bytearray(300 * 1024 * 1024)", "language": "python", "memory_limit_MB": 100},
+    )
+    assert r["status"] == "Failed" and r["run_result"]["return_code"] != 0  # type: ignore[index]
+
+
+async def test_run_code_files_pytest_and_unsupported_language(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory(pool_size=0, batch_workers=1)
+    blob = bytes(range(256))
+    r = await run(
+        engine,
+        {
+            "code": "open('out.bin', 'wb').write(open('in.bin', 'rb').read()[::-1])",
+            "language": "python",
+            "files": {"in.bin": base64.b64encode(blob).decode()},
+            "fetch_files": ["out.bin"],
+        },
+    )
+    assert r["status"] == "Success"
+    assert base64.b64decode(r["files"]["out.bin"]) == blob[::-1]  # type: ignore[index]
+    r = await run(
+        engine,
+        {"code": "def test_ok():\n    assert 1 + 1 == 2\n\ndef test_bad():\n    assert 1 == 2\n",
+         "language": "pytest"},
+    )  # fmt: skip
+    assert r["status"] == "Failed"
+    assert "1 failed, 1 passed" in r["run_result"]["stdout"]  # type: ignore[index]
+    r = await run(engine, {"code": "int main() {}", "language": "cpp"})
+    assert r["status"] == "SandboxError" and "supported: python, pytest" in str(r["message"])

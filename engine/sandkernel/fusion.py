@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from sandkernel.batch import RunResult
 from sandkernel.engine import Engine
 from sandkernel.errors import SandkernelError
 from sandkernel.results import ExecutionResult
@@ -154,6 +155,75 @@ def cell_result(result: ExecutionResult) -> CellRunResult:
     return CellRunResult(stdout=result.stdout, stderr=result.stderr, display=display, error=errors)
 
 
+_PYTEST_MAIN = (
+    "import sys\nimport pytest\n"
+    "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'test_main.py', *sys.argv[1:]]))\n"
+)
+
+
+def command_result(result: RunResult) -> CommandRunResult:
+    """A batch-path result as SandboxFusion's ``run_result``."""
+    status = (
+        CommandRunStatus.TimeLimitExceeded if result.status == "timeout"
+        else CommandRunStatus.Finished
+    )  # fmt: skip
+    return_code = result.return_code
+    if return_code is None and status is CommandRunStatus.Finished:
+        return_code = 137 if result.status in ("oom", "killed") else 1
+    stderr = result.stderr
+    if result.message and result.status in ("oom", "killed"):
+        separator = "" if not stderr or stderr.endswith("\n") else "\n"
+        stderr = f"{stderr}{separator}{result.message}"
+    return CommandRunResult(
+        status=status,
+        execution_time=round(result.execution_time_s, 6),
+        return_code=return_code,
+        stdout=result.stdout,
+        stderr=stderr,
+    )
+
+
+async def run_code(
+    engine: Engine, request: RunCodeRequest, *, pod_name: str | None = None
+) -> RunCodeResponse:
+    """Run a ``/run_code`` request once on the batch path (a fresh sandboxed fork)."""
+    if request.language not in SUPPORTED_LANGUAGES:
+        return RunCodeResponse(
+            status=RunStatus.SandboxError,
+            message=f"language {request.language!r} is not supported by this server; "
+            f"supported: {', '.join(SUPPORTED_LANGUAGES)}",
+            executor_pod_name=pod_name,
+        )
+    try:
+        files = decode_files(request.files)
+        fetch = [relative_path(p) for p in request.fetch_files]
+    except BadRequest as exc:
+        return RunCodeResponse(status=RunStatus.SandboxError, message=str(exc),
+                               executor_pod_name=pod_name)  # fmt: skip
+    code, argv = request.code, []
+    if request.language == "pytest":
+        files["test_main.py"] = request.code.encode()
+        code, argv = _PYTEST_MAIN, list(request.args)
+    result = await engine.run_once(
+        code,
+        stdin=request.stdin,
+        files=files,
+        fetch_files=fetch,
+        argv=argv,
+        timeout_s=request.run_timeout if request.run_timeout > 0 else None,
+        memory_mb=request.memory_limit_MB if request.memory_limit_MB > 0 else None,
+    )
+    run_result = command_result(result)
+    ok = run_result.status is CommandRunStatus.Finished and run_result.return_code == 0
+    return RunCodeResponse(
+        status=RunStatus.Success if ok else RunStatus.Failed,
+        message="",
+        run_result=run_result,
+        executor_pod_name=pod_name,
+        files={f.path: base64.b64encode(f.content).decode() for f in result.files},
+    )
+
+
 async def run_jupyter(
     engine: Engine, request: RunJupyterRequest, *, pod_name: str | None = None
 ) -> RunJupyterResponse:
@@ -231,5 +301,7 @@ __all__ = [
     "cell_result",
     "decode_files",
     "relative_path",
+    "command_result",
+    "run_code",
     "run_jupyter",
 ]
