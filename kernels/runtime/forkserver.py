@@ -811,9 +811,60 @@ def _wipe(path):
         os.close(top)
 
 
+def _mount_points():
+    """Mount points of this sandbox, and every folder above one (read once at start)."""
+    points, above = set(), set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            points.add(point)
+            parent = os.path.dirname(point)
+            while parent not in ("/", ""):
+                above.add(parent)
+                parent = os.path.dirname(parent)
+    return points, above
+
+
+def _clear(path, points, above):
+    """Empty ``path`` but keep mount points and the folders that lead to them.
+
+    A runtime that lives under /tmp on the host is bound read-only at the same
+    path inside the sandbox: wiping /tmp must not try to remove it.
+    """
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    for name in names:
+        full = os.path.join(path, name)
+        if full in points:
+            continue
+        if full in above:
+            _clear(full, points, above)
+            continue
+        fd = _open_dir(path)
+        try:
+            if not _unlink_in(fd, name):
+                _wipe(full)
+                try:
+                    _rmdir(name, dir_fd=fd)
+                except PermissionError:
+                    _fchmod(fd, 0o700)
+                    _rmdir(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+
+_MOUNTS = (set(), set())
+
+
 def _wipe_all():
+    points, above = _MOUNTS
     for path in WRITABLE_DIRS:
-        _wipe(path)
+        if path in above:
+            _clear(path, points, above)
+        else:
+            _wipe(path)
 
 
 def serve_one(request, blobs, config):
@@ -977,6 +1028,8 @@ def main():
     _prctl(_PR_SET_DUMPABLE, 0)
     # Python handles SIGINT; PID 1 must handle nothing a sample could send it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _MOUNTS
+    _MOUNTS = _mount_points()  # the sandbox's mounts do not change while it runs
     loaded, failed = _preload(config.get("preload", ()))
     _wipe_all()
     _warm_up()
