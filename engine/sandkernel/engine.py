@@ -105,6 +105,9 @@ class Engine:
             (also after their session ended); ``None`` keeps them.
         max_produced_files: files one cell may add to the store.
         max_produced_bytes: bytes one cell may add to the store.
+        max_session_produced_bytes: bytes of produced files one session keeps in
+            the store (default: the policy's workspace size); superseded
+            versions are deleted first to make room.
         batch_workers: sandboxed fork servers for ``run_once``/``run_many``
             (default: the number of CPUs); started on first use.
         reap_interval_s: how often expired sessions and files are removed.
@@ -135,6 +138,7 @@ class Engine:
         produced_file_retention_s: float | None = 7 * 24 * 3600,
         max_produced_files: int = 100,
         max_produced_bytes: int = 256 << 20,
+        max_session_produced_bytes: int | None = None,
         batch_workers: int | None = None,
         reap_interval_s: float = 5.0,
         clock: Clock = time.monotonic,
@@ -163,6 +167,11 @@ class Engine:
             max_files=max_produced_files,
             max_bytes=max_produced_bytes,
             retention_s=produced_file_retention_s,
+            max_session_bytes=(
+                self.policy.workspace_mb << 20
+                if max_session_produced_bytes is None
+                else max_session_produced_bytes
+            ),
         )
         self._store: FileStore | None = None
         self.batch_workers = batch_workers

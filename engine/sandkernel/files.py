@@ -189,15 +189,16 @@ def safe_name(name: str) -> str:
     Raises:
         FileRejected: the name is empty or ends in a separator, ``.`` or ``..``
             (it names a directory); it contains NUL, a line break or another
-            control character; it is not valid Unicode; or the file name is
-            over 255 bytes in UTF-8 (the whole name over 4096).
+            invisible character (a control, a bidi override...); it is not
+            valid Unicode; or the file name is over 255 bytes in UTF-8 (the
+            whole name over 4096).
     """
     if not name:
         raise FileRejected("upload rejected: the file name is empty; give the file a name")
     for char in name:
-        if unicodedata.category(char) == "Cc":
+        if unicodedata.category(char) in _HIDDEN_CATEGORIES - {"Cs"}:  # Cs: not Unicode
             what = {"\x00": "a NUL byte", "\n": "a line break", "\r": "a line break"}.get(
-                char, f"the control character U+{ord(char):04X}"
+                char, f"the invisible character U+{ord(char):04X}"
             )
             raise FileRejected(
                 f"upload rejected: the file name {name!r} contains {what}; "
@@ -229,12 +230,21 @@ def safe_name(name: str) -> str:
     return base
 
 
+#: Unicode categories of characters that do not show as themselves: controls,
+#: format characters (bidi overrides, zero-width joiners), line and paragraph
+#: separators, surrogates, private use and unassigned code points. Spaces
+#: other than U+0020 (such as U+00A0) show as spaces and are kept.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
 def _printable(raw: str) -> str:
     """A name from a workspace made safe to store and show.
 
     Bytes that are not UTF-8 (kept by ``os.fsdecode`` as surrogate escapes)
-    become ``\\xNN``, and control characters become escapes such as ``\\n``,
-    so the result can go into SQLite, JSON and HTTP headers.
+    become ``\\xNN``, and characters that do not print (controls, and format
+    characters such as the bidi overrides that would make ``report\\u202etxt.exe``
+    show as ``reportexe.txt``) become escapes such as ``\\n`` or ``\\u202e``,
+    so the result can go into SQLite, JSON and HTTP headers and shows what it is.
     """
     try:
         data = raw.encode("utf-8", "surrogateescape")
@@ -243,7 +253,7 @@ def _printable(raw: str) -> str:
     text = data.decode("utf-8", "backslashreplace")
     return "".join(
         char.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(char) == "Cc"
+        if unicodedata.category(char) in _HIDDEN_CATEGORIES
         else char
         for char in text
     )
@@ -1213,6 +1223,19 @@ class FileStore:
         with self._read() as conn:
             rows = conn.execute(query, params).fetchall()
         return [_record(row) for row in rows]
+
+    def stored_bytes(self, *, session_id: str, origin: Origin | None = None) -> int:
+        """Total size of a session's files that are not expired (of one origin, if given)."""
+        query = """
+            SELECT coalesce(sum(size_bytes), 0) FROM files
+            WHERE session_id = :session_id
+              AND (expires_at IS NULL OR expires_at > :now)
+              AND (:origin IS NULL OR origin = :origin)
+        """
+        params = {"session_id": session_id, "now": self._clock(), "origin": origin}
+        with self._read() as conn:
+            (total,) = conn.execute(query, params).fetchone()
+        return int(total)
 
     # ----------------------------------------------------------------- changing
 

@@ -41,11 +41,59 @@ _IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "im
 
 @dataclass(frozen=True)
 class OutputCaps:
-    """Bounds on what one cell may add to the store."""
+    """Bounds on what one cell, and one session, may add to the store.
+
+    ``max_session_bytes`` bounds the produced files a session keeps in the
+    store: without it, a session that rewrites its files every cell would
+    grow the host's store by a version per cell. When a new file does not
+    fit, the oldest superseded versions (of a path produced again since, and
+    displayed images of earlier cells) are deleted first; what still does not
+    fit is not stored, and the result says so.
+    """
 
     max_files: int = 100
     max_bytes: int = 256 << 20
     retention_s: float | None = 7 * 24 * 3600
+    max_session_bytes: int | None = None
+
+
+class _SessionQuota:
+    """The room left under :attr:`OutputCaps.max_session_bytes` for one session."""
+
+    def __init__(self, store: FileStore, session_id: str, state: WorkspaceState, cap: int | None):
+        self.store, self.session_id, self.state, self.cap = store, session_id, state, cap
+        self.used = (
+            0 if cap is None else store.stored_bytes(session_id=session_id, origin="produced")
+        )
+        self.evicted = 0
+
+    def make_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit, after deleting superseded versions if needed."""
+        if self.cap is None or self.used + size <= self.cap:
+            return True
+        if size > self.cap:
+            return False
+        current = set(self.state.latest.values())
+        for old in self.store.list(session_id=self.session_id, origin="produced"):
+            if self.used + size <= self.cap:
+                break
+            if old.id in current:
+                continue
+            try:
+                self.store.delete(old.id)
+            except SandkernelError:
+                continue  # deleted meanwhile
+            self.used -= old.size_bytes
+            self.evicted += 1
+        return self.used + size <= self.cap
+
+    def refused(self, what: str, size: int) -> str:
+        assert self.cap is not None
+        return (
+            f"{what} ({size} bytes) not stored: the session's produced files would exceed "
+            f"its {self.cap}-byte cap (max_session_produced_bytes); delete files or "
+            "write smaller ones"
+        )
 
 
 @dataclass
@@ -233,8 +281,12 @@ def collect_outputs(
     )
     produced: list[ProducedFile] = []
     notes = [scan.truncated_reason] if scan.truncated_reason else []
+    quota = _SessionQuota(store, session_id, state, caps.max_session_bytes)
     for entry in scan.changed:
         path = f"{WORKSPACE_IN_JAIL}/{entry.path}"
+        if not quota.make_room(entry.size_bytes):
+            notes.append(quota.refused(entry.path, entry.size_bytes))
+            continue
         try:
             with open_workspace_file(workspace, entry.path) as f:
                 stored = store.add_stream(
@@ -252,18 +304,25 @@ def collect_outputs(
             notes.append(f"{entry.path}: not stored ({exc})")
             continue
         state.latest[path] = stored.id
+        quota.used += stored.size_bytes
         produced.append(_produced(stored, path, "workspace"))
     state.snapshot = scan.snapshot
     for path in scan.removed:
         state.latest.pop(f"{WORKSPACE_IN_JAIL}/{path}", None)
-    produced += _store_displays(store, result, session_id=session_id, caps=caps,
+    produced += _store_displays(store, result, session_id=session_id, caps=caps, quota=quota,
                                 room=caps.max_files - len(produced), notes=notes)  # fmt: skip
+    truncated = bool(notes)
+    if quota.evicted:  # not a truncation: what this cell produced is all there
+        notes.append(
+            f"{quota.evicted} superseded version(s) of earlier cells' files deleted to stay "
+            "within the session's cap (max_session_produced_bytes)"
+        )
     if not produced and not notes:
         return result
     return result.model_copy(
         update={
             "files": produced,
-            "files_truncated": bool(notes),
+            "files_truncated": truncated,
             "files_note": "; ".join(notes) or None,
         }
     )
@@ -275,6 +334,7 @@ def _store_displays(
     *,
     session_id: str,
     caps: OutputCaps,
+    quota: _SessionQuota,
     room: int,
     notes: list[str],
 ) -> list[ProducedFile]:
@@ -295,6 +355,9 @@ def _store_displays(
             notes.append(f"displayed {mime} #{n} is not valid base64")
             continue
         name = f"image-{result.execution_count or 0}-{n}.{_IMAGE_TYPES[mime]}"
+        if not quota.make_room(len(data)):
+            notes.append(quota.refused(name, len(data)))
+            continue
         stored = store.add_bytes(
             data,
             name,
@@ -304,6 +367,7 @@ def _store_displays(
             retention_s=caps.retention_s,
             mime=mime,
         )
+        quota.used += stored.size_bytes
         produced.append(_produced(stored, "", "display"))
     return produced
 
@@ -312,7 +376,7 @@ def _produced(stored: StoredFile, path: str, source: str) -> ProducedFile:
     return ProducedFile(
         id=stored.id,
         name=stored.name,
-        path=path,
+        path=stored.path or path,  # the store's printable form of the path
         mime_type=stored.mime_type,
         size_bytes=stored.size_bytes,
         sha256=stored.sha256,
