@@ -19,6 +19,10 @@ from benchmarks._stats import machine_info
 BENCHMARKS: dict[str, str] = {
     "kernel": "benchmarks.kernel",
     "engine": "benchmarks.engine",
+    "daemon": "benchmarks.daemon",
+    "eval": "benchmarks.eval",
+    # Last: it takes 10 minutes (1 with --quick).
+    "soak": "benchmarks.soak",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"

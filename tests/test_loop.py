@@ -384,7 +384,7 @@ def test_long_output_keeps_head_and_tail_and_counts_the_cut() -> None:
 
 def test_engine_cut_is_added_to_the_count_and_the_full_output_file_is_named() -> None:
     head, tail = "FIRST\n" + "a" * 5000 + "\n", "b" * 5000 + "\nLAST\n"
-    stdout = head + "\n[... 9000000 characters cut ...]\n" + tail
+    stdout = head + "\n[... 9000000 bytes cut ...]\n" + tail
     result = make_result(
         status="ok",
         stdout=stdout,

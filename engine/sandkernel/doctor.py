@@ -17,14 +17,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sandkernel._attacks import attack_outcomes, attacks_json, print_attacks
 from sandkernel._resources import data_dir
 from sandkernel.errors import SandkernelError
 from sandkernel.policy import load_policy
 from sandkernel.sandbox import (
+    SELF_CHECK_PROBE,
     CgroupLayout,
     CgroupVersion,
     Runtime,
     find_nsjail,
+    verify_cgroup_limits,
+    verify_isolation_report,
 )
 
 
@@ -157,6 +161,13 @@ async def _live_checks(runtime: Runtime) -> list[Check]:
             probe: dict[str, Any] = json.loads(probe_result.stdout.strip().splitlines()[-1])
             usage_dirs = kernel.cgroup.dirs
             limits = _cgroup_limits(usage_dirs, host.cgroups.version)
+            isolation = await kernel.execute(
+                SELF_CHECK_PROBE, silent=True, store_history=False, timeout_s=10
+            )
+            mounts_env = verify_isolation_report(
+                json.loads(isolation.stdout.strip().splitlines()[-1]), policy, runtime
+            )
+            cgroup_problems = verify_cgroup_limits(kernel.cgroup, policy)
         finally:
             await kernel.shutdown()
     host_ns = _host_ns()
@@ -184,6 +195,15 @@ async def _live_checks(runtime: Runtime) -> list[Check]:
     ]  # fmt: skip
     for name, (value, expected) in limits.items():
         checks.append(Check(name, value == expected, f"{value} (policy: {expected})"))
+    checks += [
+        Check("mounts and env", not mounts_env,
+              "as rendered: / read-only, /mnt/data writable, environment from the allowlist"
+              if not mounts_env else "; ".join(mounts_env), "report this as a bug"),
+        Check("cgroup in force", not cgroup_problems,
+              "every controller holds the kernel, within the policy's limits"
+              if not cgroup_problems else "; ".join(cgroup_problems),
+              "check the cgroup controllers (see the cgroups check above)"),
+    ]  # fmt: skip
     return checks
 
 
@@ -214,8 +234,13 @@ def _cgroup_limits(dirs: dict[str, Path], version: CgroupVersion) -> dict[str, t
     }
 
 
-def run_doctor(*, as_json: bool = False, python: str | None = None) -> int:
-    """Run every check, print the report, return the exit code (0: safe and working)."""
+def run_doctor(*, as_json: bool = False, python: str | None = None, attack: bool = False) -> int:
+    """Run every check, print the report, return the exit code (0: safe and working).
+
+    With ``attack``, a quick subset of the attack catalogue runs next (see
+    :mod:`sandkernel._attacks`), once the checks passed; an attack that
+    succeeds makes the exit code 1 too.
+    """
     os.environ["SANDKERNEL_DOCTOR"] = "1"  # must not be visible inside the sandbox
     checks, runtime = _prerequisites(python)
     if runtime is not None and all(c.ok or not c.critical for c in checks):
@@ -227,8 +252,15 @@ def run_doctor(*, as_json: bool = False, python: str | None = None) -> int:
         checks.append(Check("kernel start", False, "skipped: prerequisites failed",
                             "fix the failed checks above"))  # fmt: skip
     failed = [c for c in checks if not c.ok and c.critical]
+    outcomes = None
+    if attack and not failed:
+        outcomes = attack_outcomes(python)
     if as_json:
-        print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
+        report: dict[str, Any] = {"ok": not failed, "checks": [asdict(c) for c in checks]}
+        if outcomes is not None:
+            report |= attacks_json(outcomes)
+            report["ok"] = report["ok"] and report["held"] == report["tried"]
+        print(json.dumps(report, indent=2))
     else:
         print("sandkernel doctor")
         for c in checks:
@@ -240,4 +272,9 @@ def run_doctor(*, as_json: bool = False, python: str | None = None) -> int:
         print(f"\n{len(enforced)} checks passed; enforced: {', '.join(enforced)}")
         print("result: " + ("the sandbox is safe to use" if not failed else
                             f"UNSAFE or unusable: {len(failed)} check(s) failed"))  # fmt: skip
+        if outcomes is not None:
+            print()
+            print_attacks(outcomes)
+    if outcomes is not None and not all(o.held for o in outcomes):
+        return 1
     return 1 if failed else 0

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import zmq
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
@@ -29,7 +30,15 @@ from sandkernel.errors import KernelDead, KernelStartFailed, SelfCheckFailed
 from sandkernel.policy import Policy
 from sandkernel.provisioner import IPC_NAME, SandboxLaunch, SandboxProvisioner
 from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, Status, Usage
-from sandkernel.sandbox import CgroupUsage, KernelCgroup, KernelLayout, SandboxHost
+from sandkernel.sandbox import (
+    SELF_CHECK_PROBE,
+    CgroupUsage,
+    KernelCgroup,
+    KernelLayout,
+    SandboxHost,
+    verify_cgroup_limits,
+    verify_isolation_report,
+)
 
 KERNEL_NAME = "sandkernel-python"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -45,38 +54,48 @@ def strip_ansi(text: str) -> str:
 
 
 class _Capped:
-    """A text stream kept within ``limit`` bytes: the head and the tail survive."""
+    """A text stream kept within ``limit`` bytes of UTF-8: the head and the tail survive.
+
+    Counted in bytes, not characters, so a flood of 4-byte characters keeps no
+    more than a flood of ASCII. A character cut at either edge is dropped; a
+    lone surrogate becomes ``?``.
+    """
 
     def __init__(self, limit: int) -> None:
         self.half = max(1, limit // 2)
         self.head: list[str] = []
         self.head_len = 0
-        self.tail = ""
+        self.tail = b""
         self.dropped = 0
 
     def add(self, text: str) -> None:
+        data = text.encode("utf-8", "replace")
         if self.head_len < self.half:
-            take = text[: self.half - self.head_len]
-            self.head.append(take)
-            self.head_len += len(take)
-            text = text[len(take) :]
-            if not text:
+            room = self.half - self.head_len
+            if len(data) <= room:
+                self.head.append(text)
+                self.head_len += len(data)
                 return
-        joined = self.tail + text
+            take = data[:room].decode("utf-8", "ignore")
+            self.head.append(take)
+            self.head_len = self.half  # a cut character's bytes stay unused
+            data = data[len(take.encode("utf-8", "replace")) :]
+        joined = self.tail + data
         if len(joined) > self.half:
             self.dropped += len(joined) - self.half
             joined = joined[-self.half :]
         self.tail = joined
 
     def clear(self) -> None:
-        self.head, self.head_len, self.tail, self.dropped = [], 0, "", 0
+        self.head, self.head_len, self.tail, self.dropped = [], 0, b"", 0
 
     def value(self) -> tuple[str, bool]:
         head = "".join(self.head)
+        tail = self.tail.decode("utf-8", "ignore")
         if not self.dropped:
-            return head + self.tail, False
-        note = f"\n[... {self.dropped} characters cut ...]\n"
-        return head + note + self.tail, True
+            return head + tail, False
+        note = f"\n[... {self.dropped} bytes cut ...]\n"
+        return head + note + tail, True
 
 
 class _CellOutput:
@@ -129,30 +148,6 @@ class _CellOutput:
             self.idle = True
 
 
-_SELF_CHECK = r"""
-import json as _j, os as _o
-def _sk_check():
-    s = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
-    def _writable(p):
-        try:
-            with open(_o.path.join(p, ".sk-probe"), "w"):
-                pass
-            _o.unlink(_o.path.join(p, ".sk-probe"))
-            return True
-        except OSError:
-            return False
-    return {
-        "uid": _o.getuid(), "gid": _o.getgid(),
-        "cap_eff": s["CapEff"].strip(), "no_new_privs": s["NoNewPrivs"].strip(),
-        "seccomp": s["Seccomp"].strip(), "cwd": _o.getcwd(),
-        "pids": sorted(int(p) for p in _o.listdir("/proc") if p.isdigit()),
-        "usr_writable": _writable("/usr"), "workspace_writable": _writable("."),
-        "env_keys": sorted(_o.environ),
-    }
-print(_j.dumps(_sk_check())); del _sk_check, _j, _o
-"""
-
-
 class SandboxedKernel:
     """An ipykernel running inside its own nsjail sandbox.
 
@@ -172,6 +167,7 @@ class SandboxedKernel:
         self._client: AsyncKernelClient | None = None
         self._layout: KernelLayout | None = None
         self._lock = asyncio.Lock()
+        self._drain: asyncio.Task[None] | None = None
         self._dead_reason: str | None = None
         self._closed = False
         self._shutdown_task: asyncio.Future[None] | None = None
@@ -246,6 +242,7 @@ class SandboxedKernel:
             await asyncio.wait_for(
                 wait_until_ready(client, timeout_s, lambda: self.alive), timeout_s + 1
             )
+            self._start_drain()
         except BaseException as exc:
             detail = self.provisioner.log_tail() if self.provisioner else ""
             await self.shutdown()
@@ -271,6 +268,7 @@ class SandboxedKernel:
         await asyncio.shield(self._shutdown_task)
 
     async def _shutdown(self, grace_s: float) -> None:
+        await self._stop_drain()
         if self._client is not None:
             self._client.stop_channels()
         km = self._km
@@ -330,7 +328,28 @@ class SandboxedKernel:
         async with self._lock:
             if not self.alive or self._client is None:
                 raise KernelDead(self._dead_reason or "the kernel is not running")
-            return await self._execute(code, timeout_s, silent, store_history, on_output)
+            await self._stop_drain()
+            try:
+                return await self._execute(code, timeout_s, silent, store_history, on_output)
+            finally:
+                if self.alive:
+                    self._start_drain()
+
+    def _start_drain(self) -> None:
+        """Read and drop IOPub while no cell runs.
+
+        A thread a cell left running can keep printing after the cell ended;
+        unread, zmq would queue its messages in the engine (1000 of any size).
+        The raw frames are dropped without being parsed or verified.
+        """
+        if self._drain is None and self._client is not None:
+            self._drain = asyncio.ensure_future(_drain(self._client.iopub_channel.socket))
+
+    async def _stop_drain(self) -> None:
+        task, self._drain = self._drain, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
 
     async def _execute(
         self,
@@ -509,12 +528,20 @@ class SandboxedKernel:
     # -- self-check -------------------------------------------------------------
 
     async def self_check(self) -> dict[str, Any]:
-        """Verify, from inside, that the isolation holds. Fail closed.
+        """Verify that the isolation holds before the kernel is handed out. Fail closed.
+
+        From inside: no capabilities, no new privileges, seccomp on, not root,
+        its own PID namespace, every mount as the policy renders it (``/``
+        and the system read-only, ``/mnt/data`` and ``/tmp`` writable, nothing
+        extra) and only the allowlisted environment. From outside: the
+        kernel's cgroups hold it, within the policy's limits.
 
         Raises:
             SelfCheckFailed: with every check that did not hold.
         """
-        result = await self.execute(_SELF_CHECK, silent=True, store_history=False, timeout_s=10)
+        result = await self.execute(
+            SELF_CHECK_PROBE, silent=True, store_history=False, timeout_s=10
+        )
         if result.status != "ok":
             raise SelfCheckFailed(f"self-check did not run: {result.status} {result.message}")
         report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
@@ -533,9 +560,18 @@ class SandboxedKernel:
             problems.append("workspace is not writable")
         if any(p > 64 for p in report["pids"]) and 1 not in report["pids"]:
             problems.append("not in its own PID namespace")
+        # Mounts and environment as rendered; the cgroup limits from outside.
+        problems += verify_isolation_report(report, self.policy, self.host.runtime)
+        problems += verify_cgroup_limits(self.cgroup, self.policy)
         if problems:
             raise SelfCheckFailed("kernel failed its isolation self-check: " + "; ".join(problems))
         return report
+
+
+async def _drain(socket: Any) -> None:
+    with contextlib.suppress(zmq.ZMQError):
+        while True:
+            await socket.recv_multipart(copy=False)
 
 
 async def wait_until_ready(
@@ -551,20 +587,28 @@ async def wait_until_ready(
         RuntimeError: the kernel died first. TimeoutError: no answer in time.
     """
     deadline = time.monotonic() + timeout_s
+    # A slow kernel (a starved CPU) may answer after a request has been sent
+    # again: a reply to any of them proves the shell channel works.
+    sent = {client.kernel_info()}
+    last_sent = time.monotonic()
     while True:
-        msg_id = client.kernel_info()
         try:
             reply = await client.get_shell_msg(timeout=1.0)
         except queue.Empty:
             reply = None
-        if reply is not None and reply.get("parent_header", {}).get("msg_id") == msg_id:
+            if time.monotonic() - last_sent > 5.0:
+                sent.add(client.kernel_info())
+                last_sent = time.monotonic()
+        if reply is not None and reply.get("parent_header", {}).get("msg_id") in sent:
             try:
                 # Any IOPub message (the welcome, or kernel_info's status)
-                # proves the subscription is live; else ask again.
+                # proves the subscription is live; else ask again, which
+                # makes the kernel publish a status.
                 await client.get_iopub_msg(timeout=0.2)
                 return
             except queue.Empty:
-                pass
+                sent.add(client.kernel_info())
+                last_sent = time.monotonic()
         if not alive():
             raise RuntimeError("the kernel died before replying to kernel_info")
         if time.monotonic() > deadline:

@@ -122,7 +122,7 @@ _DF_HTML = re.compile(r"<table\b[^>]*\bclass=\"[^\"]*\bdataframe\b")
 _DF_HTML_SHAPE = re.compile(r"<p>(\d+) rows × (\d+) columns</p>")
 _DF_MAX_LINES = 10
 _DF_MAX_LINE_CHARS = 160
-_ENGINE_CUT = re.compile(r"\n\[\.\.\. (\d+) characters cut \.\.\.\]\n")
+_ENGINE_CUT = re.compile(r"\n\[\.\.\. (\d+) (?:bytes|characters) cut \.\.\.\]\n")
 _CELL_FILE = re.compile(r"\(\d+\.py, line (\d+)\)")
 _MISSING_MODULE = re.compile(r"No module named '([^']+)'")
 _TIME_LIMIT = re.compile(r"its (\d+(?:\.\d+)?) s limit")

@@ -56,6 +56,11 @@ RUNTIME_IN_JAIL = "/opt/sandkernel"
 SANDBOX_UID = 65534
 SANDBOX_GID = 65534
 
+#: Size and files of the tmpfs that holds one kernel's runtime folder (config,
+#: logs, the kernel's own output, the connection dir bound into the sandbox).
+KERNEL_DIR_MB = 16
+KERNEL_DIR_INODES = 512
+
 CGROUP_PARENT = "sandkernel"
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 _V2_CONTROLLERS = ("memory", "pids", "cpu")
@@ -494,8 +499,20 @@ def sandbox_env(policy: Policy, runtime: Runtime) -> list[str]:
     return [f"{k}={v}" for k, v in env.items()]
 
 
+#: Socket families the sandbox may open: Unix, IPv4, IPv6, and netlink's
+#: NETLINK_ROUTE (getifaddrs). Every other family fails with EAFNOSUPPORT, as
+#: if the kernel lacked it. Some are not confined by the network namespace
+#: at all: AF_VSOCK reaches the hypervisor's host (CID 2) from any namespace.
+_SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10}
+_AF_NETLINK, _NETLINK_ROUTE = 16, 0
+_EAFNOSUPPORT = 97
+
+
 def seccomp_policy(policy: Policy) -> str:
-    """Kafel policy: deny-list with EPERM, no namespace-creating clone, default allow."""
+    """Kafel policy: deny-list with EPERM, no namespace-creating clone, default allow.
+
+    Sockets are limited to :data:`_SOCKET_FAMILIES` and ``NETLINK_ROUTE``.
+    """
     namespace_flags = 0x7E020000  # CLONE_NEW{NS,CGROUP,UTS,IPC,USER,PID,NET}
     deny = ", ".join(policy.seccomp_deny)
     parts = [f"ERRNO(1) {{ {deny} }}"] if deny else []
@@ -503,7 +520,16 @@ def seccomp_policy(policy: Policy) -> str:
     # ENOSYS makes libc fall back to clone(), whose flags are checked below.
     parts.append("ERRNO(38) { clone3 }")
     parts.append(f"ERRNO(1) {{ clone {{ (clone_flags & {namespace_flags:#x}) != 0 }} }}")
+    families = " && ".join(f"family != {n}" for n in _SOCKET_FAMILIES.values())
+    netlink = f"(family != {_AF_NETLINK} || protocol != {_NETLINK_ROUTE})"
+    parts.append(f"ERRNO({_EAFNOSUPPORT}) {{ socket {{ {families} && {netlink} }} }}")
     return " ".join(parts) + " DEFAULT ALLOW"
+
+
+def _tmpfs_options(size_mb: int) -> str:
+    # One inode per page of the size: as many files as can hold data, and no
+    # more, so that millions of empty files cannot pin kernel memory instead.
+    return f"size={size_mb}m,nr_inodes={size_mb * 256}"
 
 
 def render_nsjail_config(
@@ -544,13 +570,15 @@ def render_nsjail_config(
         mounts.append(MountPt(src="/etc/hosts", dst="/etc/hosts", is_bind=True, mandatory=False))
     mounts += [
         MountPt(dst="/proc", fstype="proc", rw=False, nosuid=True, nodev=True, noexec=True),
-        MountPt(dst="/dev", fstype="tmpfs", rw=True, options="size=64k,mode=0755",
+        # Read-only once built: nsjail makes the tmpfs owned by the sandbox
+        # user, who could otherwise create files next to the devices.
+        MountPt(dst="/dev", fstype="tmpfs", rw=False, options="size=64k,mode=0755",
                 nosuid=True, noexec=True),
         *(MountPt(src=f"/dev/{d}", dst=f"/dev/{d}", is_bind=True, rw=True) for d in _DEVICES),
         MountPt(src="/proc/self/fd", dst="/dev/fd", is_symlink=True),
-        MountPt(dst="/dev/shm", fstype="tmpfs", rw=True, options=f"size={policy.shm_mb}m",
+        MountPt(dst="/dev/shm", fstype="tmpfs", rw=True, options=_tmpfs_options(policy.shm_mb),
                 nosuid=True, nodev=True, noexec=True),
-        MountPt(dst="/tmp", fstype="tmpfs", rw=True, options=f"size={policy.tmp_mb}m",
+        MountPt(dst="/tmp", fstype="tmpfs", rw=True, options=_tmpfs_options(policy.tmp_mb),
                 nosuid=True, nodev=True),
     ]  # fmt: skip
     # Binds of host folders come after the sandbox's own filesystems, so a
@@ -607,6 +635,157 @@ def render_nsjail_config(
 def render_config_text(config: NsJailConfig) -> str:
     """The nsjail config in protobuf text format, as written to ``--config``."""
     return str(to_textproto(config)) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# verifying a running kernel against its policy (fail closed)
+
+#: Variables ipykernel sets in its own environment once started.
+IPYKERNEL_ENV = frozenset(
+    {"CLICOLOR", "CLICOLOR_FORCE", "FORCE_COLOR", "GIT_PAGER", "PAGER", "TERM",
+     "PYDEVD_USE_FRAME_EVAL", "JPY_PARENT_PID", "JPY_SESSION_NAME"}
+)  # fmt: skip
+
+#: Run in a kernel, prints one JSON line: who it runs as, its mounts, its
+#: environment and which places it can write. Leaves no name behind.
+SELF_CHECK_PROBE = r"""
+import json as _j, os as _o
+def _sk_check():
+    s = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+    def _writable(p):
+        try:
+            with open(_o.path.join(p, ".sk-probe"), "w"):
+                pass
+            _o.unlink(_o.path.join(p, ".sk-probe"))
+            return True
+        except OSError:
+            return False
+    mounts = []
+    for line in open("/proc/self/mountinfo").read().splitlines():
+        f = line.split()
+        point = f[4].replace("\\040", " ")
+        opts = f[5].split(",")
+        mounts.append([point, "ro" if "ro" in opts else "rw", f[f.index("-") + 1]])
+    return {
+        "uid": _o.getuid(), "gid": _o.getgid(),
+        "cap_eff": s["CapEff"].strip(), "no_new_privs": s["NoNewPrivs"].strip(),
+        "seccomp": s["Seccomp"].strip(), "cwd": _o.getcwd(),
+        "pids": sorted(int(p) for p in _o.listdir("/proc") if p.isdigit()),
+        "usr_writable": _writable("/usr"), "workspace_writable": _writable("."),
+        "root_writable": _writable("/"), "tmp_writable": _writable("/tmp"),
+        "env_keys": sorted(_o.environ), "env": dict(_o.environ), "mounts": mounts,
+    }
+print(_j.dumps(_sk_check())); del _sk_check, _j, _o
+"""
+
+
+def expected_mounts(policy: Policy, runtime: Runtime) -> dict[str, tuple[bool, bool]]:
+    """Mount points the sandbox of ``policy`` has: ``{path: (writable, mandatory)}``."""
+    layout = KernelLayout("0-00000000-00000000", Path("/nonexistent"))
+    config = render_nsjail_config(policy, layout, runtime, [runtime.python])
+    return {
+        str(m.dst): (bool(m.rw), bool(m.mandatory))
+        for m in config.mount
+        if not m.is_symlink and m.dst is not None
+    }
+
+
+def verify_isolation_report(
+    report: dict[str, object], policy: Policy, runtime: Runtime
+) -> list[str]:
+    """What in a :data:`SELF_CHECK_PROBE` report does not match the policy.
+
+    Checks what the kernel's own self-check does not: the mount table (no
+    mount the policy does not render, each read-only or writable as
+    rendered, ``/`` read-only), and the environment (only the allowlist of
+    :func:`sandbox_env`, plus what ipykernel sets, with the rendered values).
+
+    Returns:
+        One line per problem; empty when the sandbox is as rendered.
+    """
+    problems: list[str] = []
+    expected = expected_mounts(policy, runtime)
+    seen: dict[str, str] = {}
+    mounts = report.get("mounts")
+    for entry in mounts if isinstance(mounts, list) else []:
+        point, mode = str(entry[0]), str(entry[1])
+        seen[point] = mode
+        if point not in expected:
+            problems.append(f"unexpected mount {point} ({mode})")
+        elif mode == "rw" and not expected[point][0]:
+            problems.append(f"{point} is writable, the policy mounts it read-only")
+        elif mode == "ro" and expected[point][0]:
+            problems.append(f"{point} is read-only, the policy mounts it writable")
+    for point, (_, mandatory) in expected.items():
+        if mandatory and point not in seen:
+            problems.append(f"mount {point} is missing")
+    if report.get("root_writable"):
+        problems.append("/ is writable")
+    if not report.get("workspace_writable"):
+        problems.append(f"{WORKSPACE_IN_JAIL} is not writable")
+    if not report.get("tmp_writable"):
+        problems.append("/tmp is not writable")
+    wanted = dict(item.split("=", 1) for item in sandbox_env(policy, runtime))
+    env = report.get("env")
+    actual = {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
+    extra = sorted(set(actual) - set(wanted) - IPYKERNEL_ENV)
+    if extra:
+        problems.append(f"environment variables not in the allowlist: {', '.join(extra)}")
+    for key, value in wanted.items():
+        if actual.get(key) != value:
+            problems.append(f"environment variable {key} is {actual.get(key)!r}, not {value!r}")
+    return problems
+
+
+def verify_cgroup_limits(cgroup: KernelCgroup, policy: Policy) -> list[str]:
+    """Host side: the kernel's cgroup holds at most the policy's limits, and the kernel.
+
+    A limit may be lower than the policy's (the engine may lower memory for
+    a kernel), never higher or absent. Every controller's cgroup must hold
+    at least one process: one that does not limits nothing.
+
+    Returns:
+        One line per problem; empty when the limits are in place.
+    """
+    problems: list[str] = []
+    memory = policy.memory_mb << 20
+    quota = max(1000, round(policy.cpus * _CPU_PERIOD_US))
+
+    def at_most(path: Path, limit: int, field_name: str, *, column: int = 0) -> None:
+        try:
+            text = path.read_text().split()[column]
+        except (OSError, IndexError) as exc:
+            problems.append(f"{path} unreadable ({exc})")
+            return
+        value = int(text) if text.lstrip("-").isdigit() else None
+        if value is None or value < 0 or value > limit:
+            problems.append(f"{path} is {text}, above the policy's {limit} ({field_name})")
+
+    if cgroup.layout.version is CgroupVersion.V2:
+        d = cgroup.dirs["memory"]
+        at_most(d / "memory.max", memory, "memory_mb")
+        if (d / "memory.swap.max").exists():
+            at_most(d / "memory.swap.max", 0, "no swap")
+        at_most(d / "pids.max", policy.pids_max, "pids_max")
+        at_most(d / "cpu.max", quota, "cpus")
+    elif cgroup.layout.version is CgroupVersion.V1:
+        mem = cgroup.dirs["memory"]
+        at_most(mem / "memory.limit_in_bytes", memory, "memory_mb")
+        if (mem / "memory.memsw.limit_in_bytes").exists():
+            at_most(mem / "memory.memsw.limit_in_bytes", memory, "memory_mb, no swap")
+        at_most(cgroup.dirs["pids"] / "pids.max", policy.pids_max, "pids_max")
+        at_most(cgroup.dirs["cpu"] / "cpu.cfs_quota_us", quota, "cpus")
+        at_most(cgroup.dirs["cpu"] / "cpu.cfs_period_us", _CPU_PERIOD_US, "cpus")
+    else:
+        problems.append("no cgroup controllers: no limit is enforced")
+    for procs in cgroup.procs_files:
+        try:
+            empty = not procs.read_text().split()
+        except OSError:
+            empty = True
+        if empty:
+            problems.append(f"{procs.parent} holds no process: its limits apply to nothing")
+    return problems
 
 
 # ---------------------------------------------------------------------------
@@ -688,6 +867,11 @@ class SandboxHost:
         """
         layout = KernelLayout(kernel_id, self.root / kernel_id)
         layout.root.mkdir(mode=0o700)
+        # The folder is a small tmpfs of its own: the connection dir is
+        # writable from inside, and the kernel's stdout/stderr (which code in
+        # the sandbox can reach through the descriptors it inherits) go to
+        # ``kernel.out`` here. Neither may fill the host's disk or /run.
+        mount_tmpfs(layout.root, size_mb=KERNEL_DIR_MB, inodes=KERNEL_DIR_INODES, mode=0o700)
         conn = layout.connection_dir
         conn.mkdir(mode=0o700)
         os.chown(conn, SANDBOX_UID, SANDBOX_GID)
@@ -787,6 +971,7 @@ def _destroy(layout: CgroupLayout, root: Path, kernel_id: str) -> None:
     cgroup.kill_all()
     for point in mounts_under(root):
         unmount(point)
+    unmount(root)
     if root.exists():
         shutil.rmtree(root, ignore_errors=True)
     # A killed process leaves its cgroup asynchronously: retry briefly.

@@ -1,0 +1,102 @@
+"""Helpers shared by the attack modules: run hostile code, read its verdict."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+import time
+from typing import Any
+
+from sandkernel.kernel import SandboxedKernel
+from sandkernel.results import ExecutionResult
+from sandkernel.session import Session
+
+#: Defined in the sandbox before an attack: ``attempt(f)`` runs ``f`` and says
+#: ``"allowed"`` or the errno name it failed with; ``call(nr, *args)`` makes a
+#: raw system call the same way (a child made by a clone that got through exits).
+PRELUDE = textwrap.dedent("""
+    import ctypes, errno as _errno, json, os, socket
+    _libc = ctypes.CDLL(None, use_errno=True)
+    def _name(code):
+        return _errno.errorcode.get(code, str(code))
+    def attempt(f):
+        try:
+            f()
+        except OSError as e:
+            return _name(e.errno) if e.errno else type(e).__name__
+        except Exception as e:
+            return type(e).__name__
+        return "allowed"
+    def call(nr, *args):
+        rc = _libc.syscall(nr, *[ctypes.c_long(a) for a in args])
+        if rc == 0 and nr in (56,):
+            _libc._exit(0)
+        return "allowed" if rc >= 0 else _name(ctypes.get_errno())
+""")
+
+
+def _code(code: str) -> str:
+    return PRELUDE + textwrap.dedent(code) + "\nprint(json.dumps(result))\n"
+
+
+async def run_json(target: SandboxedKernel | Session, code: str, *, timeout_s: float = 30) -> Any:
+    """Run ``code`` (which sets ``result``) after :data:`PRELUDE`; return ``result``."""
+    r = await run(target, _code(code), timeout_s=timeout_s)
+    assert r.status == "ok", f"{r.status}: {r.message}\n{r.stderr}\n{r.error}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+async def run(
+    target: SandboxedKernel | Session, code: str, *, timeout_s: float | None = None
+) -> ExecutionResult:
+    """One cell, on a kernel or a session."""
+    if isinstance(target, SandboxedKernel):
+        return await target.execute(code, timeout_s=timeout_s)
+    return await target.run(code, timeout_s=timeout_s)
+
+
+async def latency_s(session: Session) -> float:
+    """Seconds a trivial cell takes in ``session`` (and that it answered right)."""
+    started = time.monotonic()
+    r = await session.run("6 * 7", timeout_s=30)
+    elapsed = time.monotonic() - started
+    assert r.status == "ok" and r.text == "42", r
+    return elapsed
+
+
+#: An attack prints this (flushed) once it is under way.
+STARTED = "ATTACK-UNDER-WAY"
+ANNOUNCE = f"print({STARTED!r}, flush=True)\n"
+
+
+async def while_running(
+    attacker: Session, code: str, bystander: Session, *, timeout_s: float, probes: int = 5
+) -> tuple[ExecutionResult, list[float]]:
+    """Run ``code`` in ``attacker`` and, while it runs, time cells of ``bystander``.
+
+    ``code`` must print :data:`STARTED` (see :data:`ANNOUNCE`) once the attack
+    is under way; the probes start then, and stop early if the attack ends.
+    """
+    under_way = asyncio.Event()
+
+    def watch(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream" and STARTED in msg["content"].get("text", ""):
+            under_way.set()
+
+    task = asyncio.ensure_future(attacker.run(code, timeout_s=timeout_s, on_output=watch))
+    latencies: list[float] = []
+    try:
+        signal = asyncio.ensure_future(under_way.wait())
+        await asyncio.wait({task, signal}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        signal.cancel()
+        assert under_way.is_set(), "the attack never got under way"
+        for _ in range(probes):
+            latencies.append(await latency_s(bystander))
+            if task.done():
+                break
+        return await task, latencies
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
