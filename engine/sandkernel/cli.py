@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sandkernel._attacks import add_attack_option
 from sandkernel._solve_cli import add_solve_parser, run_solve
 from sandkernel.daemon.cli import add_daemon_parsers, run_daemon_command, run_via_daemon
 from sandkernel.errors import SandkernelError
@@ -167,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doctor = sub.add_parser("doctor", help="check that this machine can sandbox kernels")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--python", help="runtime Python to check (default: this one)")
+    add_attack_option(doctor)
 
     demo = sub.add_parser("demo", help="a short tour: analysis, chart, state, escapes tried")
     demo.add_argument("--out", default="demo-output", help="folder for the charts")
@@ -204,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "doctor":
             from sandkernel.doctor import run_doctor
 
-            return run_doctor(as_json=args.json, python=args.python)
+            return run_doctor(as_json=args.json, python=args.python, attack=args.attack)
         if args.command == "policy":
             return _cmd_policy(args)
         if args.command == "demo":
