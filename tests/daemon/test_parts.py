@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from sandkernel.daemon.errors import (
     status_for,
 )
 from sandkernel.daemon.records import SessionRecords
-from sandkernel.daemon.server import DaemonConfig, bind_unix_socket
+from sandkernel.daemon.server import DaemonConfig, bind_tcp_socket, bind_unix_socket
 from sandkernel.errors import (
     FileRejected,
     KernelDead,
@@ -164,6 +165,9 @@ def test_command_line_options() -> None:
     add_daemon_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--tcp", "8765", "--pool-size", "4", "--prewarm", ""])
     assert args.daemon_command == "serve" and args.pool_size == 4 and args.prewarm == ""
+    assert args.batch_workers is None and not args.fusion_without_token
+    args = parser.parse_args(["serve", "--batch-workers", "3", "--fusion-without-token"])
+    assert args.batch_workers == 3 and args.fusion_without_token
     assert _tcp_address("8765") == ("127.0.0.1", 8765)
     assert _tcp_address("0.0.0.0:1") == ("0.0.0.0", 1)
     assert _tcp_address("[::1]:99") == ("::1", 99)
@@ -180,3 +184,15 @@ def test_bind_helper_leaves_no_socket_on_failure(tmp_path: Path) -> None:
         bind_unix_socket(deep)
     assert not deep.exists()
     deep.parent.rmdir()
+
+
+def test_accepted_tcp_connections_do_not_wait_for_delayed_acks() -> None:
+    # Nagle's algorithm on the server side holds a response's second write
+    # until the client ACKs the first, which it delays by ~40 ms on a
+    # kept-alive connection: every accepted connection must have TCP_NODELAY.
+    with bind_tcp_socket("127.0.0.1", 0) as listener:
+        with socket.create_connection(listener.getsockname()[:2]) as client:
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            assert client.fileno() >= 0

@@ -20,6 +20,9 @@ Resources follow the OpenAI Containers / code-interpreter API where it fits
     DELETE /v1/files/{id}                     delete
     POST   /v1/agents/{id}/files              give stored files to an agent
     GET    /v1/agents/{id}/files              an agent's files
+    POST   /v1/run                            one program, statelessly (Engine.run_once)
+    POST   /v1/runs                           many programs, results as NDJSON (Engine.run_many)
+    POST   /run_code, /run_jupyter            SandboxFusion's API (see sandkernel.daemon.runs)
     GET    /v1/stats                          pool and session figures
     GET    /v1/health                         liveness, version and policy
     GET    /openapi.json                      this API's schema
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -56,6 +60,7 @@ from sandkernel import __version__
 from sandkernel.daemon import sse
 from sandkernel.daemon.errors import error_type_for, status_for
 from sandkernel.daemon.records import SessionRecords
+from sandkernel.daemon.runs import FUSION_PATHS, RUN_PATHS, add_run_routes
 from sandkernel.daemon.schemas import (
     CreateSession,
     Deleted,
@@ -143,16 +148,21 @@ class TokenAuth:
     over the Unix socket (whose 0600 mode is its access control).
 
     A connection counts as Unix-socket only when the server address has no port,
-    as uvicorn reports for ``AF_UNIX``; anything else must authenticate.
+    as uvicorn reports for ``AF_UNIX``; anything else must authenticate, except,
+    when ``open_paths`` is given, requests for those paths from a loopback
+    client to a loopback address (SandboxFusion's clients send no token).
     """
 
-    def __init__(self, app: ASGIApp, *, token: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, *, token: str | None, open_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self._token = token.encode() if token else None
+        self._open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not _over_unix_socket(scope):
-            if not self._authorized(scope):
+            if not (self._authorized(scope) or self._open(scope)):
                 await _send_error(
                     send,
                     401,
@@ -164,6 +174,12 @@ class TokenAuth:
                 return
         await self.app(scope, receive, send)
 
+    def _open(self, scope: Scope) -> bool:
+        if scope.get("path") not in self._open_paths:
+            return False
+        client, server = scope.get("client"), scope.get("server")
+        return bool(client and server and _loopback(client[0]) and _loopback(server[0]))
+
     def _authorized(self, scope: Scope) -> bool:
         if self._token is None:
             return False
@@ -172,6 +188,13 @@ class TokenAuth:
                 scheme, _, given = value.partition(b" ")
                 if scheme.lower() == b"bearer":
                     return hmac.compare_digest(given.strip(), self._token)
+        return False
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
         return False
 
 
@@ -197,7 +220,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        is_upload = scope["method"] == "POST" and _UPLOAD_PATH.match(scope["path"]) is not None
+        is_upload = scope["method"] == "POST" and (
+            _UPLOAD_PATH.match(scope["path"]) is not None or scope["path"] in RUN_PATHS
+        )
         limit = self.max_upload_bytes if is_upload else self.max_json_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
@@ -256,6 +281,7 @@ def create_app(
     token: str | None = None,
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    fusion_without_token: bool = False,
 ) -> FastAPI:
     """The daemon's application, serving ``engine``.
 
@@ -264,7 +290,10 @@ def create_app(
         records: the session records, opened (they tell lost sessions from unknown ones).
         token: the bearer token required on TCP connections.
         max_json_bytes: largest JSON request body.
-        max_upload_bytes: largest upload request body (multipart overhead included).
+        max_upload_bytes: largest upload request body (multipart overhead included);
+            also the limit of the one-shot runs' bodies, which carry files.
+        fusion_without_token: serve SandboxFusion's routes to loopback TCP
+            clients without a token (everything else still needs one).
     """
     started = time.time()
     app = FastAPI(
@@ -281,7 +310,9 @@ def create_app(
     )
     # Added last = outermost: a request is authenticated before its body is read.
     app.add_middleware(BodyLimit, max_json_bytes=max_json_bytes, max_upload_bytes=max_upload_bytes)
-    app.add_middleware(TokenAuth, token=token)
+    app.add_middleware(
+        TokenAuth, token=token, open_paths=FUSION_PATHS if fusion_without_token else frozenset()
+    )
     _add_error_handlers(app)
 
     def lost_or_unknown(session_id: str) -> Exception:
@@ -536,6 +567,10 @@ def create_app(
     async def agent_files(agent_id: str) -> Response:
         """The files every session of this agent sees."""
         return _json(FileList(data=await engine.list_files(agent_id=agent_id)))
+
+    # -- one-shot runs ------------------------------------------------------------------
+
+    add_run_routes(app, engine, _ERRORS)
 
     # -- reporting -----------------------------------------------------------------------
 

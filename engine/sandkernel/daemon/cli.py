@@ -53,6 +53,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="comma-separated modules imported in warm kernels ('' for none; "
         "default: numpy,pandas,matplotlib.pyplot)",
     )
+    parser.add_argument(
+        "--batch-workers",
+        type=int,
+        default=None,
+        help="sandboxed fork servers for one-shot runs (default: one per core)",
+    )
     parser.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
     parser.add_argument("--runtime-dir", help="kernel runtime folder (default: /run/sandkernel)")
 
@@ -72,10 +78,18 @@ def add_daemon_parsers(subparsers: Any) -> None:
     serve.add_argument(
         "--tcp",
         metavar="[HOST:]PORT",
-        help="also listen on TCP (host default 127.0.0.1); requires a token",
+        help="also listen on TCP (host default 127.0.0.1); requires a token, "
+        "or --fusion-without-token",
     )
     serve.add_argument("--token", help="bearer token for TCP (default: $SANDKERNEL_TOKEN)")
     serve.add_argument("--token-file", help="read the bearer token from this file")
+    serve.add_argument(
+        "--fusion-without-token",
+        action="store_true",
+        help="serve SandboxFusion's /run_code and /run_jupyter to loopback TCP clients "
+        "without a token, as its clients expect (any local user can then run code "
+        "in the sandbox); off by default",
+    )
     serve.add_argument(
         "--max-upload-mb", type=float, default=600.0, help="largest upload body (default: 600)"
     )
@@ -119,6 +133,7 @@ def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> Any:
         prewarm_imports=prewarm,
         store_dir=args.store,
         runtime_dir=args.runtime_dir,
+        batch_workers=args.batch_workers,
         handle_sigterm=handle_sigterm,
     )
 
@@ -168,6 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         graceful_timeout_s=args.graceful_timeout,
         access_log=args.access_log,
+        fusion_without_token=args.fusion_without_token,
     )
     _configure_logging(args.log_level)
     args.store = str(store)
@@ -229,6 +245,25 @@ def run_via_daemon(
     else:
         _print_human(result, None)
     return 0 if result.status == "ok" else 1
+
+
+def run_once_via_daemon(
+    socket: str | os.PathLike[str] | None,
+    code: str,
+    stdin: bytes,
+    files: dict[str, bytes],
+    *,
+    args: argparse.Namespace,
+) -> int:
+    """``sandkernel run --once --socket PATH``: one program on the daemon's batch path."""
+    from sandkernel.cli import print_run_result
+    from sandkernel.daemon.client import Client
+
+    with Client(socket) as client:
+        result = client.run_once(
+            code, stdin=stdin, files=files, argv=args.arg or (), timeout_s=args.timeout
+        )
+    return print_run_result(result, json_output=args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

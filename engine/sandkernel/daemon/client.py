@@ -27,7 +27,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +47,7 @@ import httpx
 from pydantic import BaseModel
 
 from sandkernel import __version__
+from sandkernel.batch import RunRequest, RunResult
 from sandkernel.daemon import sse
 from sandkernel.daemon.errors import DaemonError, DaemonUnavailable, error_from_response
 from sandkernel.daemon.paths import default_socket_path
@@ -169,6 +178,39 @@ def _delete_file(file_id: str) -> _Call[None]:
 def _attach_to_agent(agent_id: str, file_ids: Sequence[str]) -> _Call[list[StoredFile]]:
     path = f"/v1/agents/{_seg(agent_id)}/files"
     return _Call("POST", path, _data(StoredFile), json={"file_ids": list(file_ids)})
+
+
+def _run_request(
+    code: str,
+    stdin: str | bytes | None,
+    files: Mapping[str, bytes] | None,
+    fetch_files: Sequence[str],
+    argv: Sequence[str],
+    timeout_s: float | None,
+    memory_mb: int | None,
+) -> RunRequest:
+    data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+    return RunRequest(
+        code=code, stdin=data, files=dict(files or {}), fetch_files=list(fetch_files),
+        argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb,
+    )  # fmt: skip
+
+
+def _run_once(request: RunRequest) -> _Call[RunResult]:
+    return _Call("POST", "/v1/run", _model(RunResult), json=request.model_dump(mode="json"))
+
+
+def _ndjson(request: RunRequest) -> bytes:
+    return request.model_dump_json().encode() + b"\n"
+
+
+def _run_line(line: str) -> RunResult:
+    """One line of ``/v1/runs``: a result, or the refusal of a run the daemon could not read."""
+    raw = json.loads(line)
+    if "error" in raw and "status" not in raw:
+        error = raw["error"]
+        raise error_from_response(422, str(error["type"]), str(error["message"]))
+    return RunResult.model_validate(raw)
 
 
 def _check_live(info: SessionInfo) -> SessionInfo:
@@ -334,6 +376,58 @@ class AsyncClient:
 
     def _run_timeout(self, timeout_s: float | None) -> httpx.Timeout:
         return httpx.Timeout(self.timeout_s + (timeout_s or 0), connect=_CONNECT_TIMEOUT_S)
+
+    # one-shot runs
+
+    async def run_once(
+        self,
+        code: str,
+        *,
+        stdin: str | bytes | None = None,
+        files: Mapping[str, bytes] | None = None,
+        fetch_files: Sequence[str] = (),
+        argv: Sequence[str] = (),
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+    ) -> RunResult:
+        """Run ``code`` once as a program, statelessly (see :meth:`Engine.run_once`)."""
+        request = _run_request(code, stdin, files, fetch_files, argv, timeout_s, memory_mb)
+        return await self._send(_run_once(request), self._run_timeout(timeout_s))
+
+    async def run_many(
+        self,
+        requests: Iterable[RunRequest] | AsyncIterable[RunRequest],
+        *,
+        concurrency: int | None = None,
+    ) -> AsyncIterator[RunResult]:
+        """Run many requests, yielding results as they finish (see :meth:`Engine.run_many`).
+
+        The requests go out as NDJSON on one HTTP request as they are
+        produced; the daemon reads them all, then streams the results back
+        as they finish (the request's body counts against its upload limit).
+        """
+
+        async def body() -> AsyncIterator[bytes]:
+            if isinstance(requests, AsyncIterable):
+                async for request in requests:
+                    yield _ndjson(request)
+            else:
+                for request in requests:
+                    yield _ndjson(request)
+
+        params = {"concurrency": str(concurrency)} if concurrency is not None else None
+        with _transport_errors(self.where):
+            async with self._http.stream(
+                "POST", "/v1/runs", content=body(), params=params,
+                headers={"content-type": "application/x-ndjson"},
+                timeout=httpx.Timeout(self.timeout_s, connect=_CONNECT_TIMEOUT_S, read=None),
+            ) as response:  # fmt: skip
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_error(response)
+                async for line in response.aiter_lines():
+                    if line.strip():
+                        yield _run_line(line)
 
     # sessions
 
@@ -601,6 +695,39 @@ class Client:
 
     def _run_timeout(self, timeout_s: float | None) -> httpx.Timeout:
         return httpx.Timeout(self.timeout_s + (timeout_s or 0), connect=_CONNECT_TIMEOUT_S)
+
+    def run_once(
+        self,
+        code: str,
+        *,
+        stdin: str | bytes | None = None,
+        files: Mapping[str, bytes] | None = None,
+        fetch_files: Sequence[str] = (),
+        argv: Sequence[str] = (),
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+    ) -> RunResult:
+        """Run ``code`` once as a program, statelessly (see :meth:`Engine.run_once`)."""
+        request = _run_request(code, stdin, files, fetch_files, argv, timeout_s, memory_mb)
+        return self._send(_run_once(request), self._run_timeout(timeout_s))
+
+    def run_many(
+        self, requests: Iterable[RunRequest], *, concurrency: int | None = None
+    ) -> Iterator[RunResult]:
+        """Run many requests, yielding results as they finish (see :meth:`Engine.run_many`)."""
+        params = {"concurrency": str(concurrency)} if concurrency is not None else None
+        with _transport_errors(self.where):
+            with self._http.stream(
+                "POST", "/v1/runs", content=(_ndjson(r) for r in requests), params=params,
+                headers={"content-type": "application/x-ndjson"},
+                timeout=httpx.Timeout(self.timeout_s, connect=_CONNECT_TIMEOUT_S, read=None),
+            ) as response:  # fmt: skip
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_error(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield _run_line(line)
 
     def session(
         self,

@@ -1,0 +1,193 @@
+"""One-shot runs over HTTP: sandkernel's own and SandboxFusion's.
+
+::
+
+    POST /v1/run          one RunRequest -> its RunResult (Engine.run_once)
+    POST /v1/runs         many runs -> NDJSON results in completion order (Engine.run_many)
+    POST /run_code        SandboxFusion's RunCodeRequest -> RunCodeResponse
+    POST /run_jupyter     SandboxFusion's RunJupyterRequest -> RunJupyterResponse
+    GET  /v1/ping         "pong", as SandboxFusion answers it
+
+``/v1/runs`` takes either a JSON object ``{"runs": [...], "concurrency": N}``
+or, with ``Content-Type: application/x-ndjson``, one run per line. Each
+result line is a :class:`~sandkernel.batch.RunResult` carrying the caller's
+``id``; a line that is not a valid run gets ``{"id": ..., "line": N,
+"error": {...}}`` and the others still run.
+
+The body is read whole (within the upload size limit) before the first
+result is sent: HTTP/1.1 clients such as httpx send all of a request before
+they read its response, so a server that answered while still reading
+would fill both directions' buffers and stall. Its lines are parsed only as
+runs are started, so at most ``concurrency`` runs are held as objects.
+
+SandboxFusion's clients (verl among them) send no credentials: with the
+daemon's ``--fusion-without-token`` flag, :data:`FUSION_PATHS` are served to
+loopback TCP clients without a token. Everything else still needs one.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Final
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from sandkernel.batch import RunRequest, RunResult
+from sandkernel.engine import Engine
+from sandkernel.fusion import (
+    RunCodeRequest,
+    RunCodeResponse,
+    RunJupyterRequest,
+    RunJupyterResponse,
+    run_code,
+    run_jupyter,
+)
+
+#: SandboxFusion's routes, the ones ``--fusion-without-token`` opens to loopback clients.
+FUSION_PATHS: Final = frozenset({"/run_code", "/run_jupyter", "/v1/ping"})
+#: Routes whose bodies carry files (base64): they get the upload size limit.
+RUN_PATHS: Final = frozenset({"/run_code", "/run_jupyter", "/v1/run", "/v1/runs"})
+NDJSON: Final = "application/x-ndjson"
+
+
+class RunBatch(BaseModel):
+    """The JSON form of a ``/v1/runs`` body."""
+
+    runs: list[RunRequest] = Field(description="the runs; tag each with `id`")
+    concurrency: int | None = Field(
+        default=None, ge=1, le=4096, description="runs in flight (default: the batch workers)"
+    )
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def add_run_routes(app: FastAPI, engine: Engine, errors: dict[int | str, dict[str, Any]]) -> None:
+    """Add the one-shot routes to the daemon's application."""
+    pod_name = socket.gethostname()
+
+    @app.post("/v1/run", response_model=RunResult, responses=errors, tags=["runs"])
+    async def run(body: RunRequest) -> Response:
+        """Run one program on the batch path (a fresh sandboxed fork); nothing is kept."""
+        results = [r async for r in engine.run_many([body], concurrency=1)]
+        return _json(results[0])
+
+    @app.post(
+        "/v1/runs",
+        responses={
+            **errors,
+            200: {"description": "one RunResult per line", "content": {NDJSON: {}}},
+        },
+        tags=["runs"],
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/json": {"schema": RunBatch.model_json_schema()},
+                    NDJSON: {"schema": {"type": "string", "description": "a RunRequest a line"}},
+                },
+                "required": True,
+            }
+        },
+    )
+    async def runs(
+        request: Request,
+        concurrency: Annotated[
+            int | None, Query(ge=1, le=4096, description="runs in flight (NDJSON bodies)")
+        ] = None,
+    ) -> Response:
+        """Run many programs; results stream back as NDJSON in the order they finish."""
+        body = await request.body()
+        if request.headers.get("content-type", "").split(";")[0].strip() == NDJSON:
+            return StreamingResponse(_ndjson_batch(engine, body, concurrency), media_type=NDJSON)
+        try:
+            batch = RunBatch.model_validate_json(body)
+        except ValidationError as exc:
+            # The same 400/422 answer as for the other routes' bodies.
+            raise RequestValidationError(exc.errors(include_url=False)) from None
+        return StreamingResponse(
+            _results(engine.run_many(batch.runs, concurrency=batch.concurrency or concurrency)),
+            media_type=NDJSON,
+        )
+
+    @app.post("/run_code", response_model=RunCodeResponse, tags=["SandboxFusion"])
+    async def fusion_run_code(body: RunCodeRequest) -> Response:
+        """SandboxFusion's `/run_code`: `python` and `pytest`, each run in a fresh sandbox."""
+        return _json(await run_code(engine, body, pod_name=pod_name))
+
+    @app.post("/run_jupyter", response_model=RunJupyterResponse, tags=["SandboxFusion"])
+    async def fusion_run_jupyter(body: RunJupyterRequest) -> Response:
+        """SandboxFusion's `/run_jupyter`: the cells in a warm kernel, used once, then destroyed."""
+        return _json(await run_jupyter(engine, body, pod_name=pod_name))
+
+    @app.get("/v1/ping", response_class=PlainTextResponse, tags=["SandboxFusion"])
+    async def ping() -> str:
+        """SandboxFusion's liveness probe."""
+        return "pong"
+
+
+async def _results(results: AsyncIterator[RunResult]) -> AsyncIterator[bytes]:
+    async for result in results:
+        yield result.model_dump_json().encode() + b"\n"
+
+
+async def _ndjson_batch(
+    engine: Engine, body: bytes, concurrency: int | None
+) -> AsyncIterator[bytes]:
+    """Run the body's lines; bad lines are answered, not fatal."""
+    refused: list[bytes] = []
+
+    def requests() -> Iterator[RunRequest]:
+        for number, line in enumerate(_lines(body), 1):
+            if not line.strip():
+                continue
+            try:
+                yield RunRequest.model_validate_json(line)
+            except ValidationError as exc:
+                refused.append(_refusal(line, number, _summary(exc)))
+
+    async for result in engine.run_many(requests(), concurrency=concurrency):
+        while refused:
+            yield refused.pop(0)
+        yield result.model_dump_json().encode() + b"\n"
+    for line in refused:
+        yield line
+
+
+def _summary(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'line'}: {e['msg']}" for e in errors[:5]
+    )
+
+
+def _refusal(line: bytes, number: int, summary: str) -> bytes:
+    tag: Any = None
+    try:
+        raw = json.loads(line)
+        if isinstance(raw, dict) and isinstance(raw.get("id"), str | int):
+            tag = raw["id"]
+    except ValueError:
+        pass
+    body = {
+        "id": tag,
+        "line": number,
+        "error": {"type": "InvalidRequest", "message": f"line {number} is not a run: {summary}"},
+    }
+    return json.dumps(body).encode() + b"\n"
+
+
+def _lines(body: bytes) -> Iterator[bytes]:
+    """The body's lines, one at a time (no copy of the whole body as a list)."""
+    start = 0
+    while start < len(body):
+        end = body.find(b"\n", start)
+        if end < 0:
+            end = len(body)
+        yield body[start:end]
+        start = end + 1
