@@ -107,3 +107,15 @@ def test_run_uploads_inputs_first(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("x,y\n3,4\n")
+
+
+@pytest.mark.sandbox
+def test_run_once_is_a_program_with_our_stdin_its_argv_and_its_exit_status() -> None:
+    code = "import sys\nprint(sys.argv[1:], sys.stdin.read().upper())\nsys.exit(4)"
+    proc = run_cli("run", "--once", "--arg", "a", "--arg", "b", code, stdin="piped")
+    assert (proc.returncode, proc.stdout) == (4, "['a', 'b'] PIPED\n"), proc.stderr
+    proc = run_cli("run", "--once", "--json", "--timeout", "1", "while True: pass")
+    assert proc.returncode == 124
+    assert json.loads(proc.stdout)["status"] == "timeout"
+    proc = run_cli("run", "--once", stdin="print(1)")
+    assert proc.returncode != 0 and "standard input is the program's" in proc.stderr

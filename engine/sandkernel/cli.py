@@ -10,14 +10,27 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandkernel._attacks import add_attack_option
 from sandkernel._solve_cli import add_solve_parser, run_solve
-from sandkernel.daemon.cli import add_daemon_parsers, run_daemon_command, run_via_daemon
+from sandkernel.daemon.cli import (
+    add_daemon_parsers,
+    run_daemon_command,
+    run_once_via_daemon,
+    run_via_daemon,
+)
 from sandkernel.errors import SandkernelError
 from sandkernel.evaluate.cli import add_eval_parser, run_eval
 from sandkernel.policy import load_policy, shipped_policy_names
 from sandkernel.results import ExecutionResult
+
+if TYPE_CHECKING:
+    from sandkernel.batch import RunResult
+
+#: Exit status of `sandkernel run --once` for a run that did not exit by itself,
+#: as coreutils' `timeout` and a shell report them.
+_ONCE_EXIT = {"timeout": 124, "oom": 137, "killed": 137}
 
 
 def _read_code(args: argparse.Namespace) -> str:
@@ -81,6 +94,55 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         _print_human(result, workspace)
     return 0 if result.status == "ok" else 1
+
+
+def _once_inputs(args: argparse.Namespace) -> tuple[str, bytes, dict[str, bytes]]:
+    """``run --once``: the program, its stdin (ours, unless a terminal) and its files."""
+    if args.file is None and (args.code is None or args.code == "-"):
+        raise SystemExit(
+            "sandkernel run --once: give the program as an argument or --file FILE "
+            "(standard input is the program's)"
+        )
+    code = _read_code(args)
+    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    files = {Path(path).name: Path(path).read_bytes() for path in args.input or ()}
+    return code, stdin, files
+
+
+def print_run_result(result: RunResult, *, json_output: bool) -> int:
+    """Print a one-shot run as ``python file.py`` would have; its exit status."""
+    if json_output:
+        print(result.model_dump_json(indent=2))
+    else:
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
+        if result.stdout_truncated or result.stderr_truncated:
+            print("[output truncated]", file=sys.stderr)
+        if result.status in _ONCE_EXIT:
+            print(f"[{result.status}] {result.message or ''}".rstrip(), file=sys.stderr)
+    if result.status in _ONCE_EXIT:
+        return _ONCE_EXIT[result.status]
+    return result.return_code if result.return_code is not None and result.return_code >= 0 else 1
+
+
+async def _run_once(args: argparse.Namespace) -> int:
+    from sandkernel.engine import Engine
+
+    code, stdin, files = _once_inputs(args)
+    engine = Engine(
+        policy=load_policy(args.policy),
+        pool_size=0,
+        batch_workers=1,
+        prewarm_imports=(),
+        store_dir=args.store,
+        handle_sigterm=False,
+    )
+    async with engine:
+        result = await engine.run_once(
+            code, stdin=stdin, files=files, argv=args.arg or (), timeout_s=args.timeout
+        )
+    return print_run_result(result, json_output=args.json)
 
 
 def _files(args: argparse.Namespace) -> int:
@@ -153,6 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("-i", "--input", action="append", help="upload this file to /mnt/data first")
     run.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
     run.add_argument("--socket", help="run in the daemon listening on this Unix socket")
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="run as a program (`python main.py`) on the batch path: stdin is the program's, "
+        "the exit status is its own; nothing is kept",
+    )
+    run.add_argument(
+        "--arg", action="append", metavar="ARG", help="with --once: append ARG to sys.argv"
+    )
 
     files = sub.add_parser("files", help="list stored files and download them by id")
     files.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
@@ -187,6 +258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
+            if args.arg and not args.once:
+                parser.error("--arg needs --once")
+            if args.once:
+                if args.workspace:
+                    parser.error("--workspace is for sessions; --once runs in a fresh folder")
+                if args.socket:
+                    if args.policy or args.store:
+                        parser.error("--policy and --store are the daemon's with --socket")
+                    return run_once_via_daemon(args.socket, *_once_inputs(args), args=args)
+                return asyncio.run(_run_once(args))
             if args.socket:
                 if args.policy or args.workspace or args.store:
                     parser.error("--policy, --workspace and --store are the daemon's with --socket")
