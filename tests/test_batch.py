@@ -660,3 +660,45 @@ async def test_a_sandbox_that_cannot_start_is_an_error_that_says_why(host: Sandb
         await pool.start()
     with pytest.raises(EngineClosed):
         await pool.run(RunRequest(code="print(1)"))
+
+
+class _FakeWorker:
+    """What BatchPool._acquire looks at of a worker: whether it takes requests, its queue."""
+
+    def __init__(self) -> None:
+        self.accepting = True
+        self.outstanding: list[object] = []
+
+
+@pytest.mark.anyio
+async def test_callers_waiting_for_a_slot_get_one_in_arrival_order() -> None:
+    pool = BatchPool(host=None, workers=1, pipeline_depth=1)
+    worker = _FakeWorker()
+    pool._started = True
+    pool._live = [worker]  # type: ignore[list-item]
+    worker.outstanding.append(object())  # its one slot is taken
+    served: list[int] = []
+
+    async def caller(n: int) -> None:
+        got = await pool._acquire()
+        assert got is worker
+        served.append(n)
+        got.outstanding.append(object())  # as submit() does
+
+    tasks = []
+    for n in range(6):
+        tasks.append(asyncio.ensure_future(caller(n)))
+        await asyncio.sleep(0)  # each reaches the queue before the next arrives
+    cancelled = tasks.pop(2)
+    cancelled.cancel()  # a caller that gives up leaves the line without holding it up
+    for turn in range(6):
+        worker.outstanding.pop()
+        pool._slot_freed()
+        if turn == 0:
+            # A newcomer arriving as the slot frees waits behind those in line.
+            tasks.append(asyncio.ensure_future(caller(99)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert served == [0, 1, 3, 4, 5, 99]
+    assert cancelled.cancelled()

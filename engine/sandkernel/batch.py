@@ -788,7 +788,9 @@ class BatchPool:
         self._start_timeout_s = start_timeout_s
         self._live: list[_Worker] = []
         self._replacing: set[asyncio.Task[None]] = set()
-        self._slot_free = asyncio.Event()
+        # Callers waiting for a slot, oldest first: a freed slot goes to the
+        # oldest, so under load a run waits its turn rather than a random time.
+        self._waiting: deque[asyncio.Future[None]] = deque()
         self._failure: BaseException | None = None
         self._started = False
         self._closed = False
@@ -826,7 +828,7 @@ class BatchPool:
         if self._closed:
             return
         self._closed = True
-        self._slot_free.set()
+        self._wake_all()
         # A replacement being started stops itself once up (bounded by start_timeout_s).
         if self._replacing:
             await asyncio.gather(*self._replacing, return_exceptions=True)
@@ -851,7 +853,7 @@ class BatchPool:
             fetch_max_bytes=self._fetch_max_bytes,
             start_timeout_s=self._start_timeout_s,
         )
-        return _Worker(config, self._slot_free.set, self._replace)
+        return _Worker(config, self._slot_freed, self._replace)
 
     async def _add_worker(self) -> None:
         worker = self._new_worker()
@@ -860,7 +862,7 @@ class BatchPool:
             await worker.stop()
             return
         self._live.append(worker)
-        self._slot_free.set()
+        self._wake_all()
 
     def _replace(self, worker: _Worker) -> None:
         """Stop a lost worker and start another in its place, in the background."""
@@ -880,7 +882,7 @@ class BatchPool:
                     if attempt == 2:
                         self._failure = exc
                         self._replacing.discard(task)
-                        self._slot_free.set()
+                        self._wake_all()
                         return
                     await asyncio.sleep(0.2 * (attempt + 1))
 
@@ -888,24 +890,60 @@ class BatchPool:
         self._replacing.add(task)
         task.add_done_callback(self._replacing.discard)
 
+    def _slot_freed(self) -> None:
+        """A slot came free: wake the caller that has waited longest."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        """Capacity changed (a worker came or went, the pool closed): everyone looks again."""
+        waiting, self._waiting = self._waiting, deque()
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _least_loaded(self) -> _Worker | None:
+        best: _Worker | None = None
+        for worker in self._live:
+            if worker.accepting and len(worker.outstanding) < self.pipeline_depth:
+                if best is None or len(worker.outstanding) < len(best.outstanding):
+                    best = worker
+        return best
+
     async def _acquire(self) -> _Worker:
-        """The worker with the shortest queue, once one has room."""
+        """The worker with the shortest queue, once one has room; callers in arrival order."""
+        woken = False
         while True:
             if self._closed:
                 raise EngineClosed("the batch pool is closed")
             if not self._started:
                 raise EngineClosed("the batch pool is not started: use `async with` or start()")
-            best: _Worker | None = None
-            for worker in self._live:
-                if worker.accepting and len(worker.outstanding) < self.pipeline_depth:
-                    if best is None or len(worker.outstanding) < len(best.outstanding):
-                        best = worker
-            if best is not None:
-                return best
+            # A newcomer takes a free slot only if nobody is waiting for one.
+            if woken or not self._waiting:
+                best = self._least_loaded()
+                if best is not None:
+                    return best
             if self._failure is not None and not self._live and not self._replacing:
                 raise KernelStartFailed(f"no batch worker left: {self._failure}")
-            self._slot_free.clear()
-            await self._slot_free.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            # Woken but beaten to the slot: first in line for the next one.
+            if woken:
+                self._waiting.appendleft(waiter)
+            else:
+                self._waiting.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._slot_freed()  # pass on the slot this caller will not use
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove(waiter)
+                raise
+            woken = True
 
     # -- running -------------------------------------------------------------
 
