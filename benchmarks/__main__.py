@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks._chart import render_chart
 from benchmarks._stats import machine_info
 
 #: Benchmark name -> module with ``run(*, quick: bool) -> dict``. Run in this order.
@@ -21,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "engine": "benchmarks.engine",
     "daemon": "benchmarks.daemon",
     "eval": "benchmarks.eval",
+    "fusion": "benchmarks.fusion",
     # Last: it takes 10 minutes (1 with --quick).
     "soak": "benchmarks.soak",
 }
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"{name}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(render_markdown(name, result))
-        print(f"(full results: {path})\n", flush=True)
+        chart = render_chart(name, result, args.out / f"{name}.png")
+        print(f"(full results: {path}{f'; chart: {chart}' if chart else ''})\n", flush=True)
     return 0
 
 

