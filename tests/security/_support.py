@@ -67,7 +67,12 @@ async def latency_s(session: Session) -> float:
 
 #: An attack prints this (flushed) once it is under way.
 STARTED = "ATTACK-UNDER-WAY"
-ANNOUNCE = f"print({STARTED!r}, flush=True)\n"
+# ipykernel's flush() returns once its IOPub thread has *queued* the stream
+# message; the send itself is one more step on that thread, which needs the
+# GIL. An attack that then holds the GIL in C (a regex backtracking) would
+# keep its announcement from ever leaving. A second flush returns only after
+# the IOPub thread has got past that send.
+ANNOUNCE = f"import sys\nprint({STARTED!r}, flush=True)\nsys.stdout.flush()\n"
 
 
 async def while_running(
