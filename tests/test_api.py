@@ -18,9 +18,10 @@ def test_public_api_is_exactly_this() -> None:
     assert sandkernel.__all__ == sorted(sandkernel.__all__)
     assert sandkernel.__all__ == [
         "ChatModel", "DisplayOutput", "Engine", "EngineClosed", "EngineStats", "ErrorInfo",
-        "ExecutionResult", "FileNotFoundInStore", "FileRejected", "KernelDead",
+        "ExecutionResult", "FetchedFile", "FileNotFoundInStore", "FileRejected", "KernelDead",
         "KernelStartFailed", "LoopResult", "ModelCallFailed", "OpenAIChatModel", "PYTHON_TOOL",
-        "Policy", "PolicyError", "PoolExhausted", "ProducedFile", "SandboxHost",
+        "Policy", "PolicyError", "PoolExhausted", "ProducedFile", "RunRequest", "RunResult",
+        "SandboxHost",
         "SandboxUnavailable", "SandboxedKernel", "SandkernelError", "SelfCheckFailed",
         "Session", "SessionClosed", "SessionError", "SessionExpired", "SessionInfo",
         "SessionLimitReached", "SessionNotFound", "SessionState", "StoredFile", "Usage",

@@ -5,6 +5,7 @@ Start with :class:`Engine` (async) or :class:`sandkernel.sync.Engine` (blocking)
 
 from __future__ import annotations
 
+from sandkernel.batch import FetchedFile, RunRequest, RunResult
 from sandkernel.engine import Engine, EngineStats
 from sandkernel.errors import (
     EngineClosed,
@@ -47,6 +48,7 @@ __all__ = [
     "EngineStats",
     "ErrorInfo",
     "ExecutionResult",
+    "FetchedFile",
     "FileNotFoundInStore",
     "FileRejected",
     "KernelDead",
@@ -59,6 +61,8 @@ __all__ = [
     "PolicyError",
     "PoolExhausted",
     "ProducedFile",
+    "RunRequest",
+    "RunResult",
     "SandboxHost",
     "SandboxUnavailable",
     "SandboxedKernel",
