@@ -23,8 +23,10 @@ BENCHMARKS: dict[str, str] = {
     "daemon": "benchmarks.daemon",
     "eval": "benchmarks.eval",
     "fusion": "benchmarks.fusion",
-    # Last: it takes 10 minutes (1 with --quick).
+    # It takes 10 minutes (1 with --quick).
     "soak": "benchmarks.soak",
+    # After the others: importing Ray leaves threads and fork handlers in this process.
+    "ray": "benchmarks.ray",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"

@@ -240,6 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--python", help="runtime Python to check (default: this one)")
     add_attack_option(doctor)
+    doctor.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="run the checks on every node of this Ray cluster (default: auto)",
+    )
 
     demo = sub.add_parser("demo", help="a short tour: analysis, chart, state, escapes tried")
     demo.add_argument("--out", default="demo-output", help="folder for the charts")
@@ -287,7 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "doctor":
             from sandkernel.doctor import run_doctor
 
-            return run_doctor(as_json=args.json, python=args.python, attack=args.attack)
+            return run_doctor(
+                as_json=args.json, python=args.python, attack=args.attack, ray=args.ray
+            )
         if args.command == "policy":
             return _cmd_policy(args)
         if args.command == "demo":

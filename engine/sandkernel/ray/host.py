@@ -1,0 +1,665 @@
+"""The host actor: one per Ray node, owning that node's :class:`~sandkernel.engine.Engine`.
+
+A :class:`NodeHost` runs as a detached async actor pinned to its node (hard
+node affinity, ``num_cpus=0`` so it never takes a CPU from tasks). It owns the
+node's warm pool, sessions and file store, and answers the driver's calls.
+
+At its boundary it translates ids (see :mod:`sandkernel.ray._protocol`):
+sessions are known inside by their bare names and outside as
+``<tag>.<name>``; a stored file's local id becomes a cluster id carrying the
+tag. Expected errors (:class:`~sandkernel.errors.SandkernelError`,
+``ValueError``) come back as :class:`~sandkernel.ray._protocol.Raised` values,
+so the driver re-raises them as they were, without Ray's wrapper.
+
+Lifetime: every driver holds a lease, renewed by its poll. When the last
+lease is released or expires, the host closes its engine and kills itself.
+Whatever way the actor's process ends, its guardian (see
+:mod:`sandkernel.ray._guardian`) then sweeps the node of its kernels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import platform
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, Literal, cast
+
+import ray
+
+from sandkernel.batch import RunRequest, RunResult
+from sandkernel.engine import Engine, default_store_dir
+from sandkernel.errors import FileNotFoundInStore, SandkernelError
+from sandkernel.files import FileStore, StoredFile
+from sandkernel.ray._channel import ChannelServer, Endpoint
+from sandkernel.ray._guardian import start_guardian
+from sandkernel.ray._protocol import (
+    CHANNEL_METHODS,
+    HostClosing,
+    HostConfig,
+    HostInfo,
+    HostStats,
+    NeedFiles,
+    Raised,
+    cluster_file_id,
+    expand_path,
+    file_tag,
+    node_tag,
+    session_id_of,
+)
+from sandkernel.ray.errors import FileLost
+from sandkernel.results import ExecutionResult
+from sandkernel.sandbox import default_runtime_root
+from sandkernel.session import Session, SessionInfo
+
+log = logging.getLogger(__name__)
+
+_KEEP_ENDED = 10_000  # as the local engine: ended sessions remembered
+
+
+def _replying[**P, R](
+    method: Callable[Concatenate[NodeHost, P], Awaitable[R]],
+) -> Callable[Concatenate[NodeHost, P], Awaitable[R | Raised]]:
+    """Send expected errors back as values; anything else is a bug and stays an exception."""
+
+    async def reply(self: NodeHost, /, *args: P.args, **kwargs: P.kwargs) -> R | Raised:
+        try:
+            return await method(self, *args, **kwargs)
+        except (SandkernelError, ValueError) as exc:
+            return Raised(exc)
+
+    # Ray reads the name and the signature of actor methods.
+    functools.update_wrapper(reply, method)
+    return reply
+
+
+class _FileIds:
+    """Local file ids <-> cluster ids, plus the copies of other nodes' files."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self._local: dict[str, str] = {}
+        #: a file of another node (its cluster id) -> the local copy's id
+        self._copies: dict[str, str] = {}
+
+    def outward(self, local_id: str) -> str:
+        cluster_id = cluster_file_id(self.tag, local_id)
+        self._local[cluster_id] = local_id
+        return cluster_id
+
+    def local(self, cluster_id: str) -> str | None:
+        return self._local.get(cluster_id) or self._copies.get(cluster_id)
+
+    def add_copy(self, cluster_id: str, local_id: str) -> None:
+        self._copies[cluster_id] = local_id
+        self.outward(local_id)
+
+    def forget(self, local_id: str) -> None:
+        for table in (self._local, self._copies):
+            for key in [k for k, v in table.items() if v == local_id]:
+                del table[key]
+
+
+class NodeHost:
+    """The sandkernel engine of one Ray node. Created by the cluster engine, not by hand."""
+
+    def __init__(self, config: HostConfig) -> None:
+        if config.niceness is not None:
+            _renice_threads(config.niceness)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.tag = node_tag(self.node_id)
+        self._config = config
+        self._runtime_dir = expand_path(config.runtime_dir, self.node_id) or default_runtime_root()
+        self._store_dir = expand_path(config.store_dir, self.node_id) or default_store_dir()
+        kwargs = dict(config.engine_kwargs)
+        kwargs.update(
+            runtime_dir=self._runtime_dir, store_dir=self._store_dir, handle_sigterm=False
+        )
+        # One sandboxed fork server per CPU Ray gives the node (not per CPU of the
+        # machine: several nodes may share one), unless told otherwise.
+        if kwargs.get("batch_workers") is None:
+            kwargs["batch_workers"] = config.batch_slots or _node_cpus(self.node_id)
+        self.engine = Engine(**kwargs)
+        self._batch_slots: int = config.batch_slots or kwargs["batch_workers"]
+        self._batch_running = 0
+        self._ids = _FileIds(self.tag)
+        self._sessions: dict[str, Session] = {}
+        self._agents: dict[str, str | None] = {}
+        self._leases: dict[str, float] = {}
+        self._state: Literal["new", "running", "failed", "closing"] = "new"
+        self._failure: SandkernelError | None = None
+        self._start_lock = asyncio.Lock()
+        self._store: FileStore | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started_at = time.time()
+        self._channel = ChannelServer(self._channel_call)
+        self._endpoint: Endpoint | None = None
+        # Started before any kernel, so that no kernel ever runs unguarded.
+        self._guardian_fd: int | None = start_guardian(self._runtime_dir)
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    async def start(
+        self, client_id: str, lease_ttl_s: float
+    ) -> tuple[HostInfo, Endpoint | None] | Raised:
+        """Start the engine (once) and take a client's lease.
+
+        Answers who this host is, and where its direct channel listens (None
+        if it could not listen: drivers then use Ray calls only).
+        """
+        async with self._start_lock:
+            if self._state == "new":
+                try:
+                    await self.engine.start()
+                    self._store = await asyncio.to_thread(
+                        FileStore, self._store_dir, max_bytes=self.engine.max_upload_bytes
+                    )
+                except SandkernelError as exc:
+                    self._state, self._failure = "failed", exc
+                    # After a delay, so that this answer reaches the driver first.
+                    self._spawn(self._exit(f"its engine did not start: {exc}", delay_s=2.0))
+                    return Raised(exc)
+                address = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]  # ray: untyped
+                try:
+                    self._endpoint = await self._channel.start(address)
+                except OSError as exc:
+                    log.warning("sandkernel host %s: no direct channel (%s)", self.tag, exc)
+                self._state = "running"
+                self._spawn(self._watch_leases())
+        if self._state == "failed" and self._failure is not None:
+            return Raised(self._failure)
+        if self._state != "running":
+            return Raised(HostClosing(f"the sandkernel host on node {self.node_id} is closing"))
+        self._leases[client_id] = time.monotonic() + lease_ttl_s
+        return self._info(), self._endpoint
+
+    async def _channel_call(self, method: str, args: Sequence[Any]) -> Any:
+        """A call that came over the direct channel: the same methods, the same replies."""
+        if method not in CHANNEL_METHODS:
+            return Raised(ValueError(f"{method!r} is not served over the channel"))
+        return await getattr(self, method)(*args)
+
+    def _info(self) -> HostInfo:
+        host = self.engine._host
+        return HostInfo(
+            node_id=self.node_id,
+            tag=self.tag,
+            hostname=socket.gethostname(),
+            address=ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]  # ray: untyped
+            pid=os.getpid(),
+            owner=host.owner if host is not None else "",
+            runtime_dir=str(self._runtime_dir),
+            store_dir=str(self._store_dir),
+            policy=self.engine.policy.name,
+            max_sessions=self.engine.max_sessions,
+            pool_size=self.engine.pool_size,
+            batch_slots=self._batch_slots,
+            started_at=self._started_at,
+            sandkernel_version=_version(),
+            ray_version=ray.__version__,
+            python=platform.python_version(),
+        )
+
+    @_replying
+    async def poll(
+        self, client_id: str, lease_ttl_s: float, names: Sequence[str]
+    ) -> tuple[HostStats, list[SessionInfo]]:
+        """Renew a client's lease; answers the figures and the infos of ``names``."""
+        if self._state != "running":
+            raise HostClosing(f"the sandkernel host on node {self.node_id} is closing")
+        self._leases[client_id] = time.monotonic() + lease_ttl_s
+        infos = [self._session_info(self._sessions[n]) for n in names if n in self._sessions]
+        return self._stats(), infos
+
+    async def release(self, client_id: str) -> None:
+        """A client leaves; the last one to leave shuts the host down."""
+        self._leases.pop(client_id, None)
+        if not self._leases and self._state == "running":
+            self._spawn(self._exit("its last client left"))
+
+    async def ping(self) -> None:
+        """Answers while the actor lives (used to wait for its exit)."""
+
+    async def shutdown(self) -> None:
+        """Close the engine now, whoever holds a lease, then end the actor."""
+        self._spawn(self._exit("it was told to shut down"))
+
+    async def _watch_leases(self) -> None:
+        period = max(0.5, min(5.0, self._config.lease_ttl_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for client, until in list(self._leases.items()):
+                if until < now:
+                    log.warning("sandkernel host %s: client %s stopped renewing", self.tag, client)
+                    del self._leases[client]
+            if not self._leases:
+                await self._exit("no client renewed its lease")
+                return
+
+    async def _exit(self, why: str, *, delay_s: float = 0.0) -> None:
+        if self._state == "closing":
+            return
+        self._state = "closing"
+        await asyncio.sleep(delay_s)
+        log.info("sandkernel host on node %s shuts down: %s", self.node_id, why)
+        try:
+            await self._channel.close()
+            await self.engine.aclose()
+            if self._store is not None:
+                self._store.close()
+        finally:
+            if self._guardian_fd is not None:
+                os.close(self._guardian_fd)  # the guardian sweeps whatever is left, and exits
+                self._guardian_fd = None
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _stats(self) -> HostStats:
+        stats = self.engine.stats()
+        alive = stats.sessions_active + stats.sessions_dead
+        return HostStats(
+            node_id=self.node_id,
+            tag=self.tag,
+            engine=stats,
+            free_session_slots=max(0, self.engine.max_sessions - alive),
+            batch_slots=self._batch_slots,
+            batch_running=self._batch_running,
+            clients=len(self._leases),
+        )
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def _session_info(self, session: Session) -> SessionInfo:
+        return session.info().model_copy(update={"id": session_id_of(self.tag, session.id)})
+
+    @_replying
+    async def open_session(
+        self,
+        name: str,
+        agent_id: str | None,
+        workspace: str | None,
+        if_expired: Literal["raise", "new"],
+    ) -> SessionInfo:
+        """Get or create the session ``name`` (the local engine's semantics)."""
+        session = await self.engine.session(
+            name, agent_id=agent_id, workspace=workspace, if_expired=if_expired
+        )
+        if self._sessions.get(name) is not session:
+            self._sessions[name] = session
+            self._agents[name] = session.agent_id
+            self._forget_old_sessions()
+        return self._session_info(session)
+
+    def _forget_old_sessions(self) -> None:
+        ended = [s for s in self._sessions.values() if s.closed]
+        for s in sorted(ended, key=lambda s: s.ended_at or 0)[: max(0, len(ended) - _KEEP_ENDED)]:
+            del self._sessions[s.id]
+            self._agents.pop(s.id, None)
+
+    @_replying
+    async def find_session(self, name: str) -> SessionInfo | None:
+        """The session ``name`` if this host has or had it, else None."""
+        session = self._sessions.get(name)
+        return None if session is None else self._session_info(session)
+
+    @_replying
+    async def run(
+        self,
+        name: str,
+        code: str,
+        timeout_s: float | None,
+        restart: bool | None,
+        file_ids: Sequence[str],
+    ) -> tuple[ExecutionResult, SessionInfo] | NeedFiles:
+        """Run one cell; answers the result and the session's info (or the files it lacks)."""
+        session = self.engine.get_session(name)
+        local_ids = await self._resolve(file_ids) if file_ids else []
+        if isinstance(local_ids, NeedFiles):
+            return local_ids
+        result = await session.run(code, timeout_s=timeout_s, restart=restart, file_ids=local_ids)
+        return self._outward_result(result), self._session_info(session)
+
+    async def run_stream(
+        self,
+        name: str,
+        code: str,
+        timeout_s: float | None,
+        restart: bool | None,
+        file_ids: Sequence[str],
+    ) -> AsyncIterator[object]:
+        """As :meth:`run`, yielding each iopub message first (a Ray streaming generator).
+
+        Yields dicts (messages), then one of: ``(result, info)``, :class:`NeedFiles`,
+        :class:`Raised`.
+        """
+        try:
+            session = self.engine.get_session(name)
+            local_ids = await self._resolve(file_ids) if file_ids else []
+        except (SandkernelError, ValueError) as exc:
+            yield Raised(exc)
+            return
+        if isinstance(local_ids, NeedFiles):
+            yield local_ids
+            return
+        messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def on_output(message: dict[str, Any]) -> None:
+            # Buffers are memoryviews (not picklable) and no iopub output uses them.
+            messages.put_nowait({k: v for k, v in message.items() if k != "buffers"})
+
+        task = asyncio.create_task(
+            session.run(
+                code, timeout_s=timeout_s, restart=restart, file_ids=local_ids, on_output=on_output
+            )
+        )
+        task.add_done_callback(lambda _: messages.put_nowait(None))
+        try:
+            while (message := await messages.get()) is not None:
+                yield message
+            try:
+                result = task.result()
+            except (SandkernelError, ValueError) as exc:
+                yield Raised(exc)
+                return
+            yield self._outward_result(result), self._session_info(session)
+        finally:
+            if not task.done():
+                task.cancel()  # the driver went away or cancelled: the engine interrupts the cell
+                await asyncio.wait({task})
+
+    @_replying
+    async def extend(self, name: str, ttl_s: float | None) -> SessionInfo:
+        session = self.engine.get_session(name)
+        session.extend(ttl_s)
+        return self._session_info(session)
+
+    @_replying
+    async def interrupt(self, name: str) -> SessionInfo:
+        session = self.engine.get_session(name)
+        await session.interrupt()
+        return self._session_info(session)
+
+    @_replying
+    async def close_session(self, name: str) -> SessionInfo:
+        await self.engine.close_session(name)
+        return self._session_info(self._sessions.get(name) or self.engine.get_session(name))
+
+    @_replying
+    async def session_info(self, name: str) -> SessionInfo:
+        session = self._sessions.get(name)
+        if session is None:
+            session = self.engine.get_session(name)
+        return self._session_info(session)
+
+    def sessions(self) -> list[SessionInfo]:
+        """Every session of this host's engine, alive or recently ended."""
+        return [
+            info.model_copy(update={"id": session_id_of(self.tag, info.id)})
+            for info in self.engine.sessions()
+        ]
+
+    @_replying
+    async def reap(self) -> list[str]:
+        return [session_id_of(self.tag, name) for name in await self.engine.reap()]
+
+    @_replying
+    async def has_agent_sessions(self, agent_id: str) -> bool:
+        return any(
+            agent == agent_id and not self._sessions[name].closed
+            for name, agent in self._agents.items()
+        )
+
+    # -- one-shot and batch runs ------------------------------------------------------
+
+    @_replying
+    async def run_batch(self, requests: Sequence[RunRequest]) -> list[RunResult]:
+        """Run one-shot requests on this node's batch path; results in the requests' order.
+
+        The driver sends requests in chunks, so one Ray call carries several runs.
+        """
+        self._batch_running += len(requests)
+        try:
+            # Tagged by position for the way back, whatever tags the caller gave them.
+            tagged = [r.model_copy(update={"id": i}) for i, r in enumerate(requests)]
+            results: list[RunResult | None] = [None] * len(requests)
+            async for result in self.engine.run_many(tagged, concurrency=len(tagged)):
+                assert isinstance(result.id, int)
+                results[result.id] = result.model_copy(update={"id": requests[result.id].id})
+            missing = [i for i, r in enumerate(results) if r is None]
+            if missing:  # the batch path answers every request: this would be a bug
+                raise RuntimeError(f"no result for requests {missing} of {len(requests)}")
+            return cast(list[RunResult], results)
+        finally:
+            self._batch_running -= len(requests)
+
+    # -- files --------------------------------------------------------------------------
+
+    def _require_store(self) -> FileStore:
+        if self._store is None or self._state != "running":
+            raise HostClosing(f"the sandkernel host on node {self.node_id} is not running")
+        return self._store
+
+    def _outward_file(self, stored: StoredFile) -> StoredFile:
+        session = stored.session_id
+        return stored.model_copy(
+            update={
+                "id": self._ids.outward(stored.id),
+                "session_id": None if session is None else session_id_of(self.tag, session),
+            }
+        )
+
+    def _outward_result(self, result: ExecutionResult) -> ExecutionResult:
+        if not result.files:
+            return result
+        files = [f.model_copy(update={"id": self._ids.outward(f.id)}) for f in result.files]
+        return result.model_copy(update={"files": files})
+
+    async def _local_id(self, file_id: str) -> str:
+        """The local id of one of this node's files (or of a copy held here)."""
+        local = self._ids.local(file_id)
+        if local is None and file_tag(file_id) == self.tag:
+            # Stored before this actor started (the store outlives it): learn the ids.
+            store = self._require_store()
+            for stored in await asyncio.to_thread(store.list):
+                self._ids.outward(stored.id)
+            local = self._ids.local(file_id)
+        if local is None:
+            raise FileNotFoundInStore(
+                f"no file with id {file_id!r}: it was never stored or has been deleted"
+            )
+        return local
+
+    async def _resolve(self, file_ids: Sequence[str]) -> list[str] | NeedFiles:
+        missing = [
+            f for f in file_ids if self._ids.local(f) is None and file_tag(f) not in (self.tag,)
+        ]
+        if missing:
+            return NeedFiles(tuple(missing))
+        return [await self._local_id(f) for f in file_ids]
+
+    @_replying
+    async def store(
+        self, data: bytes, name: str, agent_id: str | None, retention_s: float | None
+    ) -> StoredFile:
+        """A fresh upload, unowned or given to an agent."""
+        stored = await self.engine.upload(data, name, agent_id=agent_id, retention_s=retention_s)
+        return self._outward_file(stored)
+
+    @_replying
+    async def upload_to_session(self, name: str, data: bytes, filename: str | None) -> StoredFile:
+        session = self.engine.get_session(name)
+        return self._outward_file(await session.upload(data, filename))
+
+    @_replying
+    async def attach(self, name: str, file_ids: Sequence[str]) -> list[str] | NeedFiles:
+        session = self.engine.get_session(name)
+        local_ids = await self._resolve(file_ids)
+        if isinstance(local_ids, NeedFiles):
+            return local_ids
+        return await session.attach(local_ids)
+
+    @_replying
+    async def file(self, file_id: str) -> StoredFile:
+        return self._outward_file(await self.engine.file(await self._local_id(file_id)))
+
+    @_replying
+    async def download(self, file_id: str) -> bytes:
+        return await self.engine.download(await self._local_id(file_id))
+
+    @_replying
+    async def read_chunk(self, file_id: str, offset: int, size: int) -> bytes:
+        store = self._require_store()
+        local = await self._local_id(file_id)
+
+        def read() -> bytes:
+            with store.open(local) as f:
+                f.seek(offset)
+                return f.read(size)
+
+        return await asyncio.to_thread(read)
+
+    @_replying
+    async def list_files(self, session_name: str | None, agent_id: str | None) -> list[StoredFile]:
+        files = await self.engine.list_files(session_id=session_name, agent_id=agent_id)
+        return [self._outward_file(f) for f in files]
+
+    @_replying
+    async def agent_files(self, agent_id: str) -> list[StoredFile]:
+        """The files every session of ``agent_id`` on this node sees."""
+        files = await self.engine.list_files(agent_id=agent_id)
+        return [self._outward_file(f) for f in files if f.session_id is None]
+
+    @_replying
+    async def delete_file(self, file_id: str) -> StoredFile:
+        local = await self._local_id(file_id)
+        stored = await self.engine.file(local)
+        await self.engine.delete_file(local)
+        self._ids.forget(local)
+        return self._outward_file(stored)
+
+    @_replying
+    async def drop_copies(self, agent_id: str, name: str, sha256: str) -> int:
+        """Delete this node's copies of an agent file deleted at its origin."""
+        dropped = 0
+        for stored in await self.engine.list_files(agent_id=agent_id):
+            if stored.session_id is None and (stored.name, stored.sha256) == (name, sha256):
+                await self.engine.delete_file(stored.id)
+                self._ids.forget(stored.id)
+                dropped += 1
+        return dropped
+
+    @_replying
+    async def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
+        local_ids = [await self._local_id(f) for f in file_ids]
+        return [
+            self._outward_file(f) for f in await self.engine.attach_to_agent(agent_id, local_ids)
+        ]
+
+    @_replying
+    async def export_file(self, file_id: str) -> tuple[StoredFile, bytes]:
+        """A file's metadata (cluster ids) and content, for another node to copy."""
+        store = self._require_store()
+        local = await self._local_id(file_id)
+        stored = await asyncio.to_thread(store.get, local)
+        data = await asyncio.to_thread(store.read_bytes, local)
+        return self._outward_file(stored), data
+
+    @_replying
+    async def import_files(
+        self, sources: dict[str, Any], session_name: str | None
+    ) -> list[StoredFile]:
+        """Copy other nodes' files here: ``sources`` maps each cluster id to its host's actor.
+
+        For a session, a file owned by another session or another agent is not
+        found, as on one machine. Copies keep their agent, so an agent's file
+        stays read-only; the copy of an unowned upload becomes the session's
+        when it is attached.
+        """
+        store = self._require_store()
+        copies = []
+        for file_id, source in sources.items():
+            if self._ids.local(file_id) is not None:
+                continue
+            try:
+                reply = await source.export_file.remote(file_id)
+            except ray.exceptions.RayActorError as exc:
+                raise FileLost(
+                    f"file {file_id!r}: the node holding it did not answer ({exc}); "
+                    "it left the cluster or is leaving"
+                ) from None
+            if isinstance(reply, Raised):
+                raise reply.error
+            stored, data = reply
+            if session_name is not None:
+                self._check_scope(stored, session_name)
+            retention_s = None
+            if stored.expires_at is not None:
+                retention_s = stored.expires_at - time.time()
+                if retention_s <= 0:
+                    raise FileNotFoundInStore(f"file {file_id!r} has expired")
+            copy = await asyncio.to_thread(
+                functools.partial(
+                    store.add_bytes,
+                    data,
+                    stored.name,
+                    origin=stored.origin,
+                    mime=stored.mime_type,
+                    agent_id=stored.agent_id,
+                    execution_count=stored.execution_count,
+                    path=stored.path,
+                    retention_s=retention_s,
+                )
+            )
+            self._ids.add_copy(file_id, copy.id)
+            if session_name is None and copy.agent_id is not None:
+                # Also into this node's live sessions of the agent, read-only.
+                await self.engine.attach_to_agent(copy.agent_id, [copy.id])
+            copies.append(self._outward_file(copy))
+        return copies
+
+    def _check_scope(self, stored: StoredFile, session_name: str) -> None:
+        session_id = session_id_of(self.tag, session_name)
+        agent = self._agents.get(session_name)
+        if stored.session_id not in (None, session_id) or (
+            stored.session_id is None and stored.agent_id not in (None, agent)
+        ):
+            raise FileNotFoundInStore(f"no file {stored.id!r} for session {session_id!r}")
+
+
+def _renice_threads(niceness: int) -> None:
+    """Give every thread of this process ``niceness`` (Linux keeps one per thread).
+
+    Ray starts workers at nice 15, under its own daemons. A host is not a
+    batch task: it answers every session of its node, and its kernels run
+    user code at the policy's nice level (0); at 15 it would be starved by
+    them, and kernel starts would time out on a busy node. Threads created
+    later inherit the value from their creator.
+    """
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+
+
+def _node_cpus(node_id: str) -> int:
+    """The CPUs Ray gives the node (its ``num_cpus``), at least 1."""
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]  # ray: untyped
+    for node in nodes:
+        if node.get("NodeID") == node_id:
+            return max(1, int(node.get("Resources", {}).get("CPU", 0)))
+    return os.cpu_count() or 1
+
+
+def _version() -> str:
+    from sandkernel import __version__
+
+    return __version__

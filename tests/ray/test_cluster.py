@@ -1,0 +1,272 @@
+"""The cluster engine on a local 3-node Ray cluster: hosts, routing, files, node loss and growth.
+
+The tests share one cluster and one engine (starting them takes ~15 s) and
+run in this file's order: the last two remove a node and add one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from sandkernel import FileNotFoundInStore, SessionClosed, SessionNotFound  # noqa: E402
+from sandkernel.ray import ClusterEngine, ClusterSession, SessionLost  # noqa: E402
+from sandkernel.ray._protocol import HOST_ACTOR_PREFIX, node_tag  # noqa: E402
+from sandkernel.ray.cli import diagnose_cluster  # noqa: E402
+from tests.ray._support import LocalCluster, leftovers_of, wait_until  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.sandbox, pytest.mark.anyio, pytest.mark.timeout(300)]
+
+
+def alive_node_ids() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+async def wait_for(predicate: Any, timeout_s: float) -> None:
+    """Wait for engine state that has no event of its own, with a deadline."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 - polled state, bounded by the deadline
+            await asyncio.sleep(0.05)
+
+
+async def test_one_host_per_node_each_on_its_own_node(
+    cluster_engine: ClusterEngine, ray_cluster: LocalCluster
+) -> None:
+    hosts = cluster_engine.hosts()
+    assert {h.node_id for h in hosts} == alive_node_ids()
+    assert len(hosts) == 3
+    for info in hosts:
+        assert info.tag == node_tag(info.node_id)
+        assert info.runtime_dir == str(ray_cluster.root / info.tag)
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(HOST_ACTOR_PREFIX)
+    ]
+    assert sorted(names) == sorted(f"{HOST_ACTOR_PREFIX}{h.node_id}" for h in hosts)
+    # A second engine in the namespace joins the same hosts, and leaving does not stop them.
+    async with ClusterEngine(**ray_cluster.engine_kwargs()) as second:
+        assert {(h.node_id, h.pid) for h in second.hosts()} == {(h.node_id, h.pid) for h in hosts}
+    await cluster_engine.refresh()
+    assert {(h.node_id, h.pid) for h in cluster_engine.hosts()} == {
+        (h.node_id, h.pid) for h in hosts
+    }
+
+
+async def test_a_session_keeps_its_state_and_its_kernel(cluster_engine: ClusterEngine) -> None:
+    session = await cluster_engine.session("conv-1")
+    tag, _, name = session.id.partition(".")
+    assert name == "conv-1" and tag == node_tag(session.node_id)
+    first = await session.run("import os\ncounter = 40")
+    assert first.ok
+    kernel_id = session.info().kernel_id
+    assert kernel_id is not None
+    for n in range(3):
+        result = await session.run("counter += 1\ncounter")
+        assert result.text == str(41 + n)
+        assert session.info().kernel_id == kernel_id
+    # By name, by cluster-wide id, sync or async: always this session.
+    assert await cluster_engine.session("conv-1") is session
+    assert await cluster_engine.session(session.id) is session
+    assert cluster_engine.get_session(session.id) is session
+    assert cluster_engine.get_session("conv-1") is session
+    assert {i.id for i in cluster_engine.sessions()} >= {session.id}
+    await session.close()
+    with pytest.raises(SessionClosed):
+        await session.run("1")
+    with pytest.raises(SessionNotFound):
+        cluster_engine.get_session("never-opened")
+
+
+async def test_twenty_sessions_spread_over_every_node(cluster_engine: ClusterEngine) -> None:
+    sessions: list[ClusterSession] = await asyncio.gather(
+        *(cluster_engine.session(f"spread-{n}") for n in range(20))
+    )
+    results = await asyncio.gather(*(s.run(f"{n} * 2") for n, s in enumerate(sessions)))
+    assert [r.text for r in results] == [str(n * 2) for n in range(20)]
+    per_node = Counter(s.node_id for s in sessions)
+    assert set(per_node) == alive_node_ids()
+    assert min(per_node.values()) >= 5, per_node
+    await cluster_engine.refresh()
+    assert cluster_engine.stats().sessions_active >= 20
+    await asyncio.gather(*(s.close() for s in sessions))
+
+
+async def test_output_streams_while_the_cell_runs(cluster_engine: ClusterEngine) -> None:
+    session = await cluster_engine.session()
+    seen: list[tuple[float, str]] = []
+    started = time.monotonic()
+
+    def on_output(message: dict[str, Any]) -> None:
+        if message["msg_type"] == "stream":
+            seen.append((time.monotonic() - started, message["content"]["text"]))
+
+    result = await session.run(
+        "import time\nprint('first', flush=True)\ntime.sleep(1.5)\nprint('second')",
+        on_output=on_output,
+    )
+    assert result.ok and result.stdout == "first\nsecond\n"
+    assert [text for _, text in seen] == ["first\n", "second\n"]
+    assert seen[1][0] - seen[0][0] > 1.0  # the first came before the cell ended
+    await session.close()
+
+
+async def test_cancelling_a_run_interrupts_the_cell(cluster_engine: ClusterEngine) -> None:
+    session = await cluster_engine.session()
+    await session.run("before = 1")
+    task = asyncio.create_task(session.run("import time\nfor i in range(600): time.sleep(0.1)"))
+    await asyncio.sleep(1.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.monotonic()
+    result = await session.run("before + 1")
+    assert result.text == "2" and time.monotonic() - started < 5
+    await session.close()
+
+
+async def test_extend_answers_at_once_and_the_host_confirms(cluster_engine: ClusterEngine) -> None:
+    session = await cluster_engine.session()
+    before = session.info().expires_at
+    expected = session.extend(7200)
+    assert expected > time.monotonic() + 7000
+    await wait_for(lambda: session.info().expires_at > before, timeout_s=10)
+    fresh = await session.refresh()
+    assert 7100 < (fresh.expires_at - fresh.last_active).total_seconds() <= 7200
+    await session.close()
+
+
+async def test_files_cross_nodes(cluster_engine: ClusterEngine) -> None:
+    # A fresh upload lands on this driver's node; a session elsewhere gets a copy.
+    here = ray.get_runtime_context().get_node_id()
+    upload = await cluster_engine.upload(b"a,b\n1,2\n", "table.csv")
+    assert upload.id.startswith(f"file-{node_tag(here)}")
+    sessions = await asyncio.gather(*(cluster_engine.session() for _ in range(6)))
+    remote = next(s for s in sessions if s.node_id != here)
+    assert await remote.attach([upload.id]) == ["/mnt/data/table.csv"]
+    result = await remote.run(
+        "print(open('/mnt/data/table.csv').read().strip())\n"
+        "open('/mnt/data/out.txt', 'w').write('made on ' + 'the node')"
+    )
+    assert result.stdout.strip() == "a,b\n1,2"
+    (produced,) = result.files
+    # The produced file's id names the node that holds it; any caller downloads by id.
+    assert produced.id.startswith(f"file-{node_tag(remote.node_id)}")
+    assert await cluster_engine.download(produced.id) == b"made on the node"
+    assert (await cluster_engine.file(produced.id)).session_id == remote.id
+    with cluster_engine.open_file(produced.id) as stream:
+        assert stream.read() == b"made on the node"
+    assert produced.id in {f.id for f in await remote.files()}
+    # A file of one session is not found by a session on another node.
+    third = next(s for s in sessions if s.node_id not in (remote.node_id,))
+    with pytest.raises(FileNotFoundInStore):
+        await third.run("1", file_ids=[produced.id])
+    # run(file_ids=...) brings files over too.
+    doc = await cluster_engine.upload(b"hello", "note.txt")
+    elsewhere = next(s for s in sessions if s.node_id != here and s is not remote)
+    result = await elsewhere.run("print(open('/mnt/data/note.txt').read())", file_ids=[doc.id])
+    assert result.stdout.strip() == "hello"
+    await asyncio.gather(*(s.close() for s in sessions))
+
+
+async def test_agent_files_reach_every_node_running_the_agent(
+    cluster_engine: ClusterEngine,
+) -> None:
+    early = await cluster_engine.session(agent_id="analyst")
+    stored = await cluster_engine.upload(b"shared facts", "facts.txt", agent_id="analyst")
+    # The live session sees it, and so do sessions opened later on every node.
+    later = await asyncio.gather(*(cluster_engine.session(agent_id="analyst") for _ in range(5)))
+    agent_sessions = [early, *later]
+    assert {s.node_id for s in agent_sessions} == alive_node_ids()
+    reads = await asyncio.gather(
+        *(s.run("print(open('/mnt/data/facts.txt').read())") for s in agent_sessions)
+    )
+    assert [r.stdout.strip() for r in reads] == ["shared facts"] * len(agent_sessions)
+    write = await later[0].run("open('/mnt/data/facts.txt', 'w').write('changed')")
+    assert write.status == "error" and write.error is not None
+    listed = await cluster_engine.list_files(agent_id="analyst")
+    assert [f.name for f in listed] == ["facts.txt"]  # copies are listed once
+    await cluster_engine.delete_file(stored.id)
+    assert await cluster_engine.list_files(agent_id="analyst") == []
+    await asyncio.gather(*(s.close() for s in agent_sessions))
+
+
+async def test_doctor_runs_on_every_node(
+    cluster_engine: ClusterEngine, ray_cluster: LocalCluster
+) -> None:
+    # In a thread: the engine's loop keeps renewing its leases meanwhile.
+    reports = await asyncio.to_thread(diagnose_cluster, None, timeout_s=300)
+    assert set(reports) == alive_node_ids()
+    for node_id, report in reports.items():
+        failed = [c for c in report["checks"] if not c["ok"] and c.get("critical", True)]
+        assert report["ok"], (node_id, failed)
+        assert any(c["name"] == "kernel start" and c["ok"] for c in report["checks"])
+
+
+async def test_a_lost_node_fails_its_sessions_fast_and_only_them(
+    cluster_engine: ClusterEngine, ray_cluster: LocalCluster
+) -> None:
+    sessions = await asyncio.gather(*(cluster_engine.session() for _ in range(6)))
+    for s in sessions:
+        await s.run("alive = True")
+    here = ray.get_runtime_context().get_node_id()
+    doomed_node = next(n for n in ray_cluster.worker_nodes() if n.node_id != here)
+    doomed = [s for s in sessions if s.node_id == doomed_node.node_id]
+    spared = [s for s in sessions if s.node_id != doomed_node.node_id]
+    assert doomed and spared
+    (host,) = [h for h in cluster_engine.hosts() if h.node_id == doomed_node.node_id]
+    ray_cluster.remember(cluster_engine.hosts())
+    # A cell in flight there, with a process of its own in the sandbox.
+    in_flight = asyncio.create_task(
+        doomed[0].run("import subprocess, time\np = subprocess.Popen(['sleep', '600'])\n"
+                      "time.sleep(600)")
+    )  # fmt: skip
+    await asyncio.sleep(1.0)
+    assert [p for p in leftovers_of(host) if p.startswith("process")]
+
+    started = time.monotonic()
+    await asyncio.to_thread(ray_cluster.cluster.remove_node, doomed_node)  # type: ignore[union-attr]
+    with pytest.raises(SessionLost, match=doomed_node.node_id):
+        await in_flight
+    for s in doomed:
+        with pytest.raises(SessionLost, match=doomed_node.node_id):
+            await s.run("alive")
+    assert time.monotonic() - started < 5
+    for s in spared:
+        assert (await s.run("alive")).text == "True"
+    fresh = await cluster_engine.session()
+    assert fresh.node_id != doomed_node.node_id
+    assert (await fresh.run("1 + 1")).text == "2"
+    # The guardian ends the node's kernels: nothing of that host is left.
+    assert wait_until(lambda: not leftovers_of(host), timeout_s=10), leftovers_of(host)
+    await wait_for(lambda: cluster_engine.stats().hosts_lost >= 1, timeout_s=5)
+    assert doomed_node.node_id not in {h.node_id for h in cluster_engine.hosts()}
+    await asyncio.gather(*(s.close() for s in [*sessions, fresh]))
+
+
+async def test_a_joining_node_gets_a_host_and_new_sessions(
+    cluster_engine: ClusterEngine, ray_cluster: LocalCluster
+) -> None:
+    from tests.ray._support import NODE_ARGS
+
+    assert ray_cluster.cluster is not None
+    # Sessions held on the other hosts, so that the new host is the emptiest.
+    held = await asyncio.gather(*(cluster_engine.session() for _ in range(4)))
+    # In this thread: a node installs signal handlers. It takes a few seconds, well
+    # within the hosts' leases.
+    node = ray_cluster.cluster.add_node(**NODE_ARGS)
+    await wait_for(
+        lambda: node.node_id in {h.node_id for h in cluster_engine.hosts()}, timeout_s=60
+    )
+    ray_cluster.remember(cluster_engine.hosts())
+    # The emptiest host takes the next sessions: the new one.
+    session = await cluster_engine.session()
+    assert session.node_id == node.node_id
+    assert (await session.run("6 * 7")).text == "42"
+    await asyncio.gather(*(s.close() for s in [*held, session]))
