@@ -1010,7 +1010,7 @@ class BatchPool:
         limit = concurrency or self.workers * self.pipeline_depth
         if limit < 1:
             raise ValueError("concurrency must be at least 1")
-        source = _aiter(requests)
+        source = iterate_async(requests)
         running: set[asyncio.Task[RunResult]] = set()
         exhausted = False
         try:
@@ -1034,9 +1034,8 @@ class BatchPool:
                 await asyncio.gather(*running, return_exceptions=True)
 
 
-async def _aiter(
-    items: Iterable[RunRequest] | AsyncIterable[RunRequest],
-) -> AsyncIterator[RunRequest]:
+async def iterate_async[T](items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    """``items`` as an async iterator, whether it is a plain or an async iterable."""
     if isinstance(items, AsyncIterable):
         async for item in items:
             yield item

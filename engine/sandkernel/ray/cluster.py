@@ -55,7 +55,7 @@ from typing import Any, BinaryIO, Literal
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from sandkernel.batch import RunRequest, RunResult
+from sandkernel.batch import RunRequest, RunResult, iterate_async
 from sandkernel.engine import Engine
 from sandkernel.errors import (
     EngineClosed,
@@ -1323,7 +1323,7 @@ class ClusterEngine:
         if concurrency is not None and concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         assert self._capacity is not None
-        source = _aiter(requests)
+        source = iterate_async(requests)
         pending: deque[tuple[RunRequest, int]] = deque()  # (request, hosts lost under it)
         running: dict[asyncio.Future[Any], list[tuple[RunRequest, int]]] = {}
         held = 0  # pulled from the source, not yet yielded
@@ -1684,12 +1684,3 @@ def _read_path(path: str, max_bytes: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         return f.read(max_bytes + 1)
-
-
-async def _aiter[T](items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
