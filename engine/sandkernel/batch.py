@@ -462,7 +462,7 @@ class _Worker:
         except asyncio.CancelledError:
             await asyncio.wait([preparing])
             self._stopping = True
-            await asyncio.to_thread(self.host.destroy, self.kernel_id)
+            await self._destroy_sandbox()
             raise
         try:
             await self._launch(self.layout)
@@ -714,7 +714,22 @@ class _Worker:
             if self.reply_fd >= 0:
                 os.close(self.reply_fd)
                 self.reply_fd = -1
-            await asyncio.shield(asyncio.to_thread(self.host.destroy, self.kernel_id))
+            await self._destroy_sandbox()
+
+    async def _destroy_sandbox(self) -> None:
+        """Remove the sandbox's folder, mounts and cgroup, even if cancelled meanwhile.
+
+        A cancellation mid-clean-up (two workers failing at once in start(),
+        whose task group then cancels the other) waits for the removal to end
+        before it goes on: otherwise the caller returns while the sandbox's
+        traces still exist.
+        """
+        destroying = asyncio.ensure_future(asyncio.to_thread(self.host.destroy, self.kernel_id))
+        try:
+            await asyncio.shield(destroying)
+        except asyncio.CancelledError:
+            await asyncio.wait([destroying])
+            raise
 
 
 # ---------------------------------------------------------------------------
