@@ -141,7 +141,7 @@ class PlainKernel:
             await km.start_kernel(env=self.env, cwd=str(self.work_dir / "workspace"))
             client = km.client()
             assert isinstance(client, AsyncKernelClient)
-            client.start_channels()
+            client.start_channels(hb=False)  # as the engine starts its own
             self.client = client
             # The same readiness check as the sandboxed kernel, so that the
             # comparison is of the sandbox alone.

@@ -237,7 +237,10 @@ class SandboxedKernel:
             await km.start_kernel(sandbox=SandboxLaunch(self.host, self.policy, layout))
             client = km.client()
             assert isinstance(client, AsyncKernelClient)
-            client.start_channels()
+            # No heartbeat channel: death is told by the process and its cgroup,
+            # and each heartbeat is a thread with an event loop and a socket of
+            # its own per kernel, which the engine would carry for nothing.
+            client.start_channels(hb=False)
             self._client = client
             await asyncio.wait_for(
                 wait_until_ready(client, timeout_s, lambda: self.alive), timeout_s + 1
