@@ -41,7 +41,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -136,6 +136,25 @@ class RunRequest(BaseModel):
         if not name or "/" in name or name in (".", "..") or "\0" in name:
             raise ValueError(f"{name!r} is not a plain file name")
         return name
+
+    @classmethod
+    def program(
+        cls,
+        code: str,
+        *,
+        stdin: str | bytes | None = None,
+        files: Mapping[str, bytes] | None = None,
+        fetch_files: Sequence[str] = (),
+        argv: Sequence[str] = (),
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+    ) -> RunRequest:
+        """The request ``run_once(code, ...)`` makes, from its arguments (text stdin as UTF-8)."""
+        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        return cls(
+            code=code, stdin=data, files=dict(files or {}), fetch_files=list(fetch_files),
+            argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb,
+        )  # fmt: skip
 
     @model_validator(mode="after")
     def _code_file_is_not_an_input(self) -> RunRequest:

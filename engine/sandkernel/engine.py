@@ -496,10 +496,9 @@ class Engine:
             timeout_s: wall limit (default: the policy's ``wall_timeout_s``).
             memory_mb: memory limit of the run (default: the policy's).
         """
-        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
-        request = RunRequest(
-            code=code, stdin=data, files=dict(files or {}), fetch_files=list(fetch_files),
-            argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb,
+        request = RunRequest.program(
+            code, stdin=stdin, files=files, fetch_files=fetch_files, argv=argv,
+            timeout_s=timeout_s, memory_mb=memory_mb,
         )  # fmt: skip
         return await (await self._batch_pool()).run(request)
 

@@ -180,22 +180,6 @@ def _attach_to_agent(agent_id: str, file_ids: Sequence[str]) -> _Call[list[Store
     return _Call("POST", path, _data(StoredFile), json={"file_ids": list(file_ids)})
 
 
-def _run_request(
-    code: str,
-    stdin: str | bytes | None,
-    files: Mapping[str, bytes] | None,
-    fetch_files: Sequence[str],
-    argv: Sequence[str],
-    timeout_s: float | None,
-    memory_mb: int | None,
-) -> RunRequest:
-    data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
-    return RunRequest(
-        code=code, stdin=data, files=dict(files or {}), fetch_files=list(fetch_files),
-        argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb,
-    )  # fmt: skip
-
-
 def _run_once(request: RunRequest) -> _Call[RunResult]:
     return _Call("POST", "/v1/run", _model(RunResult), json=request.model_dump(mode="json"))
 
@@ -391,7 +375,10 @@ class AsyncClient:
         memory_mb: int | None = None,
     ) -> RunResult:
         """Run ``code`` once as a program, statelessly (see :meth:`Engine.run_once`)."""
-        request = _run_request(code, stdin, files, fetch_files, argv, timeout_s, memory_mb)
+        request = RunRequest.program(
+            code, stdin=stdin, files=files, fetch_files=fetch_files, argv=argv,
+            timeout_s=timeout_s, memory_mb=memory_mb,
+        )  # fmt: skip
         return await self._send(_run_once(request), self._run_timeout(timeout_s))
 
     async def run_many(
@@ -708,7 +695,10 @@ class Client:
         memory_mb: int | None = None,
     ) -> RunResult:
         """Run ``code`` once as a program, statelessly (see :meth:`Engine.run_once`)."""
-        request = _run_request(code, stdin, files, fetch_files, argv, timeout_s, memory_mb)
+        request = RunRequest.program(
+            code, stdin=stdin, files=files, fetch_files=fetch_files, argv=argv,
+            timeout_s=timeout_s, memory_mb=memory_mb,
+        )  # fmt: skip
         return self._send(_run_once(request), self._run_timeout(timeout_s))
 
     def run_many(

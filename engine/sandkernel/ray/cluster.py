@@ -1281,10 +1281,9 @@ class ClusterEngine:
             SandboxUnavailable: no host is running, or three hosts were lost in turn.
         """
         self._require_running()
-        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
-        request = RunRequest(
-            code=code, stdin=data, files=dict(files or {}), fetch_files=list(fetch_files),
-            argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb,
+        request = RunRequest.program(
+            code, stdin=stdin, files=files, fetch_files=fetch_files, argv=argv,
+            timeout_s=timeout_s, memory_mb=memory_mb,
         )  # fmt: skip
         failures: list[str] = []
         while len(failures) < _RUN_ATTEMPTS:
