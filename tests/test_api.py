@@ -25,7 +25,7 @@ def test_public_api_is_exactly_this() -> None:
         "SandboxUnavailable", "SandboxedKernel", "SandkernelError", "SelfCheckFailed",
         "Session", "SessionClosed", "SessionError", "SessionExpired", "SessionInfo",
         "SessionLimitReached", "SessionNotFound", "SessionState", "StoredFile", "Usage",
-        "format_result", "load_policy", "run_loop",
+        "format_result", "listed_file_name", "load_policy", "raw_file_name", "run_loop",
     ]  # fmt: skip
     for name in sandkernel.__all__:
         assert getattr(sandkernel, name) is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sandkernel import Engine
+from sandkernel import Engine, raw_file_name
 from sandkernel.errors import FileNotFoundInStore, FileRejected
 from sandkernel.files import MIME_TYPES
 from tests.test_files import SAMPLES
@@ -219,3 +219,41 @@ async def test_restart_after_a_crash_restores_the_sessions_files(
     )
     assert r.state_lost and r.stdout == "input\nr\n"
     assert r.files == []
+
+
+async def test_look_alike_and_undecodable_names_are_listed_apart_and_map_back(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory()
+    s = await engine.session("odd-names")
+    contents = {
+        b"sk new\nline.txt": b"a line feed in the name\n",
+        b"sk new\\nline.txt": b"a backslash and n in the name\n",
+        b"bad\xff.txt": b"a name that is not UTF-8\n",
+    }
+    # Bytes paths, so that the names reach the disk exactly as written here.
+    code = "import os\n" + "".join(
+        f"fd = os.open({b'/mnt/data/' + raw!r}, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)\n"
+        f"os.write(fd, {data!r}); os.close(fd)\n"
+        for raw, data in contents.items()
+    )
+    r = await s.run(code)
+    assert r.status == "ok", r
+    assert r == type(r).model_validate_json(r.model_dump_json())  # fit for JSON
+    by_raw = {raw_file_name(f.name): f for f in r.files}
+    assert len(r.files) == 3 and set(by_raw) == set(contents)
+    assert {f.name for f in r.files} == {
+        "sk new\\nline.txt",
+        "sk new\\\\nline.txt",
+        "bad\\xff.txt",
+    }
+    for raw, produced in by_raw.items():
+        assert await engine.download(produced.id) == contents[raw]
+        assert raw_file_name(produced.path) == b"/mnt/data/" + raw
+        assert (await engine.file(produced.id)).name == produced.name
+    assert {f.name for f in await s.files()} == {f.name for f in r.files}
+    # The listed path, mapped back, opens the very file in the sandbox.
+    paths = [raw_file_name(f.path) for f in r.files]
+    check = await s.run(f"print([open(p, 'rb').read() for p in {paths!r}])")
+    assert check.status == "ok", check
+    assert check.stdout.strip() == repr([contents[raw_file_name(f.name)] for f in r.files])

@@ -25,7 +25,7 @@ from sandkernel.errors import (
     SessionLimitReached,
     SessionNotFound,
 )
-from sandkernel.files import StoredFile
+from sandkernel.files import StoredFile, listed_file_name, raw_file_name
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.loop import (
     PYTHON_TOOL,
@@ -79,7 +79,9 @@ __all__ = [
     "StoredFile",
     "Usage",
     "format_result",
+    "listed_file_name",
     "load_policy",
+    "raw_file_name",
     "run_loop",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,9 @@ Three parts, none of which starts a kernel or a process:
 
 Names of uploads are reduced to their last path component (see
 :func:`safe_name`); names seen in a workspace are kept byte-exact as ``str``
-with surrogate escapes (see :func:`scan_workspace`).
+with surrogate escapes (see :func:`scan_workspace`), and a produced file is
+listed under a printable form of its name that :func:`raw_file_name` turns
+back into the exact bytes (see :func:`listed_file_name`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import secrets
 import sqlite3
 import stat
 import struct
+import sys
 import tarfile
 import tempfile
 import threading
@@ -236,33 +239,145 @@ def safe_name(name: str) -> str:
 #: other than U+0020 (such as U+00A0) show as spaces and are kept.
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 
+_SHORT_ESCAPES: Final[Mapping[str, str]] = MappingProxyType(
+    {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+)
+_SHORT_UNESCAPES: Final[Mapping[str, str]] = MappingProxyType(
+    {escape[1]: char for char, escape in _SHORT_ESCAPES.items()}
+)
+# os.fsdecode keeps a byte that is not UTF-8 as the lone surrogate U+DC80..U+DCFF
+# (surrogateescape); any other lone surrogate comes from no file system.
+_NOT_A_BYTE: Final = re.compile("([\ud800-\udc7f\udd00-\udfff])")
+_LISTED_TOKEN: Final = re.compile(
+    r"\\(?:[\\ntr]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})|\\|[^\\]+"
+)
 
-def _printable(raw: str) -> str:
-    """A name from a workspace made safe to store and show.
 
-    Bytes that are not UTF-8 (kept by ``os.fsdecode`` as surrogate escapes)
-    become ``\\xNN``, and characters that do not print (controls, and format
-    characters such as the bidi overrides that would make ``report\\u202etxt.exe``
-    show as ``reportexe.txt``) become escapes such as ``\\n`` or ``\\u202e``,
-    so the result can go into SQLite, JSON and HTTP headers and shows what it is.
+def _canonical(raw: str) -> str:
+    r"""The string ``os.fsdecode`` gives for the bytes ``raw`` stands for.
+
+    ``"\udcc3\udca9"`` and ``"é"`` are the same two bytes on disk; both become
+    ``"é"``, so that one file has one listed name. Surrogates that stand for no
+    byte are kept as they are (they cannot be encoded at all).
     """
-    try:
-        data = raw.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that no file system produced
-        data = raw.encode("utf-8", "surrogatepass")
-    text = data.decode("utf-8", "backslashreplace")
+    pieces = _NOT_A_BYTE.split(raw)  # odd indices: the surrogates that stand for no byte
     return "".join(
-        char.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(char) in _HIDDEN_CATEGORIES
-        else char
-        for char in text
+        piece if index % 2 else _decode_name(piece.encode("utf-8", "surrogateescape"))
+        for index, piece in enumerate(pieces)
     )
 
 
+def _decode_name(raw: bytes) -> str:
+    # What os.fsdecode does on Linux, spelt out: the listed form is defined on
+    # UTF-8, whatever the interpreter's file system encoding.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _listed_char(char: str) -> str:
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    if unicodedata.category(char) in _HIDDEN_CATEGORIES:
+        return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+    return char
+
+
+def listed_file_name(raw: str | bytes) -> str:
+    r"""The printable, reversible form in which a file's name or path is listed.
+
+    Produced files (:attr:`StoredFile.name` and :attr:`StoredFile.path`,
+    :class:`~sandkernel.results.ProducedFile`) are listed this way, because a
+    name on disk may hold bytes and characters that cannot go into JSON or an
+    HTTP header, or that show as something else (``report\u202etxt.exe``
+    shows as ``reportexe.txt``):
+
+    * a backslash is listed as ``\\``;
+    * a line feed, a tab, a carriage return as ``\n``, ``\t``, ``\r``;
+    * a byte that is not part of valid UTF-8 as ``\xNN`` (``NN`` from 80 to ff);
+    * any other character that does not show (a control; a format character
+      such as a bidi override; a line or paragraph separator; private use;
+      unassigned) as ``\uXXXX``, or ``\UXXXXXXXX`` above U+FFFF;
+    * anything else as itself.
+
+    Hexadecimal digits are lowercase. Since the backslash is escaped too,
+    different names are always listed differently, and :func:`raw_file_name`
+    gives the name back byte for byte. A printable name without a backslash
+    (every upload's name, see :func:`safe_name`) is listed as it is.
+
+    Args:
+        raw: The name or path as bytes, or as ``os.fsdecode`` gives it (bytes
+            that are not UTF-8 as the surrogate escapes U+DC80..U+DCFF).
+
+    Returns:
+        Printable text, valid Unicode (no surrogates), ``/`` kept as it is.
+    """
+    text = _decode_name(raw) if isinstance(raw, bytes) else raw
+    return "".join(_listed_char(char) for char in _canonical(text))
+
+
+def _unescaped(listed: str) -> str:
+    chars: builtins.list[str] = []
+    for token in _LISTED_TOKEN.finditer(listed):  # the tokens cover the whole text
+        text = token.group()
+        if not text.startswith("\\"):
+            chars.append(text)
+        elif text == "\\":
+            raise ValueError(
+                f"{listed!r} is not a listed file name: the backslash at index {token.start()} "
+                r"starts no escape (\\, \n, \t, \r, \xNN, \uXXXX, \UXXXXXXXX)"
+            )
+        elif text[1] in _SHORT_UNESCAPES:
+            chars.append(_SHORT_UNESCAPES[text[1]])
+        else:
+            code = int(text[2:], 16)
+            if text[1] == "x":
+                chars.append(chr(0xDC00 + code if code >= 0x80 else code))
+            elif code > sys.maxunicode:
+                raise ValueError(f"{listed!r} is not a listed file name: {text} is past U+10FFFF")
+            elif 0xD800 <= code <= 0xDFFF:
+                raise ValueError(_lone_surrogate(listed, text))
+            else:
+                chars.append(chr(code))
+    return "".join(chars)
+
+
+def raw_file_name(listed: str) -> bytes:
+    r"""The exact bytes on disk of a name or path listed by :func:`listed_file_name`.
+
+    ``raw_file_name(listed_file_name(raw)) == os.fsencode(raw)`` for every name
+    a file can have. Open ``raw_file_name(listed)`` as a bytes path, or use
+    ``os.fsdecode(raw_file_name(listed))`` where a ``str`` is needed; both name
+    the same file.
+
+    Examples:
+        ``sk new\nline.txt`` gives ``b"sk new\nline.txt"`` with a line feed,
+        ``sk new\\nline.txt`` gives ``b"sk new\\nline.txt"`` with a backslash
+        and an ``n``, and ``bad\xff.txt`` gives ``b"bad\xff.txt"``.
+
+    Raises:
+        ValueError: ``listed`` has a backslash that starts no escape, or
+            escapes a character no name on disk can hold (a lone surrogate
+            such as ``\ud800``).
+    """
+    text = _unescaped(listed)
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:  # a lone surrogate given as itself, not escaped
+        raise ValueError(_lone_surrogate(listed, listed_file_name(text[exc.start]))) from None
+
+
+def _lone_surrogate(listed: str, escape: str) -> str:
+    return f"{listed!r} names no file: {escape} is a lone surrogate, which no name can hold"
+
+
 def _produced_name(name: str) -> str:
-    base = _printable(name.rsplit("/", 1)[-1])
+    base = listed_file_name(name.rsplit("/", 1)[-1])
     if base in ("", ".", ".."):
-        raise FileRejected(f"file rejected: {_printable(name)!r} names a directory, not a file")
+        raise FileRejected(
+            f"file rejected: {listed_file_name(name)!r} names a directory, not a file"
+        )
     return base
 
 
@@ -728,6 +843,21 @@ def check_upload(
 # --------------------------------------------------------------------------- the store
 
 
+# The field's description, which the daemon's OpenAPI schema shows to clients.
+_NAME_DESCRIPTION: Final = (
+    "The file name, without directories. An upload's is the last component of the "
+    "name it was given (printable UTF-8 without a backslash, so it needs no escape). "
+    "A produced file's name on disk is "
+    r"escaped so that it is printable, unique and reversible: a backslash becomes `\\`, "
+    r"a line feed `\n`, a tab `\t`, a carriage return `\r`, a byte that is not valid "
+    r"UTF-8 `\xNN` (80 to ff), any other character that does not show (control, "
+    "format character such as a bidi override, line or paragraph separator, private "
+    r"use, unassigned) `\uXXXX`, or `\UXXXXXXXX` above U+FFFF; everything else is "
+    "itself, and hexadecimal digits are lowercase. Undoing the escapes gives the exact "
+    "bytes on disk (in Python: sandkernel.raw_file_name(name))."
+)
+
+
 class StoredFile(BaseModel):
     """A file kept by a :class:`FileStore`.
 
@@ -742,7 +872,7 @@ class StoredFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(pattern=r"^file-[0-9a-f]{24}$", description="unguessable (96 random bits)")
-    name: str = Field(description="a file name without directories, printable")
+    name: str = Field(description=_NAME_DESCRIPTION)
     mime_type: str = Field(pattern=r"^[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*$")
     size_bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -750,7 +880,10 @@ class StoredFile(BaseModel):
     origin: Origin
     session_id: str | None = None
     execution_count: int | None = Field(default=None, description="the cell that produced it")
-    path: str | None = Field(default=None, description="where a produced file was in the sandbox")
+    path: str | None = Field(
+        default=None,
+        description="where a produced file was in the sandbox, escaped as `name` is",
+    )
     agent_id: str | None = None
     expires_at: float | None = Field(default=None, description="unix time; None keeps it")
 
@@ -1051,13 +1184,14 @@ class FileStore:
         Args:
             fileobj: Anything with ``read(size) -> bytes``; read in 1 MiB chunks.
             name: The file's name. An upload's is checked by :func:`safe_name`;
-                a produced file's is reduced to its last component and made
-                printable.
+                a produced file's is reduced to its last component and listed
+                as :func:`listed_file_name` gives it.
             origin: ``"uploaded"`` (checked by :func:`check_upload`) or
                 ``"produced"`` (stored as is).
             session_id: The owning session, if any.
             execution_count: For a produced file, the cell that made it.
-            path: For a produced file, where it was in the sandbox.
+            path: For a produced file, where it was in the sandbox (listed as
+                :func:`listed_file_name` gives it).
             agent_id: The owning agent, if any.
             retention_s: Seconds to keep the file; ``None`` keeps it until deleted.
             mime: The type the client declared. For an upload it is kept only if
@@ -1104,7 +1238,7 @@ class FileStore:
                 origin=origin,
                 session_id=session_id,
                 execution_count=execution_count,
-                path=None if path is None else _printable(path),
+                path=None if path is None else listed_file_name(path),
                 agent_id=agent_id,
                 expires_at=None if retention_s is None else now + retention_s,
             )
@@ -1568,7 +1702,8 @@ def scan_workspace(
     Paths are relative, ``/``-separated ``str``; bytes that are not UTF-8 are
     kept as surrogate escapes (``os.fsdecode``), so ``os.fsencode(path)`` gives
     the exact name back. Such strings cannot be encoded as UTF-8: show them
-    through a printable form (as :class:`FileStore` does for produced files).
+    through :func:`listed_file_name` (as :class:`FileStore` does for produced
+    files).
 
     A file counts as changed when its size, ``mtime_ns`` or inode differs from
     ``since``.
@@ -1633,7 +1768,7 @@ def open_workspace_file(root: str | os.PathLike[str], rel_path: str) -> BinaryIO
     parts = rel_path.split("/")
     if rel_path.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise FileRejected(
-            f"cannot read {_printable(rel_path)!r}: give a relative path without '.' or '..'"
+            f"cannot read {listed_file_name(rel_path)!r}: give a relative path without '.' or '..'"
         )
     try:
         fd = os.open(root, _DIR_FLAGS)
@@ -1648,7 +1783,7 @@ def open_workspace_file(root: str | os.PathLike[str], rel_path: str) -> BinaryIO
             except OSError as exc:
                 why = "it is a symlink" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else None
                 raise FileRejected(
-                    f"cannot read {_printable(rel_path)!r}: {_printable(part)!r}: "
+                    f"cannot read {listed_file_name(rel_path)!r}: {listed_file_name(part)!r}: "
                     f"{why or exc.strerror}"
                 ) from None
             os.close(fd)

@@ -49,8 +49,13 @@ class ProducedFile(_Model):
     """A file the cell created or changed under ``/mnt/data``, or an image it displayed."""
 
     id: str = Field(description="file id in the engine's store (download with it)")
-    name: str
-    path: str = Field(description="path in the sandbox; displayed images have none on disk")
+    name: str = Field(
+        description="the file's name, escaped to be printable, unique and reversible as "
+        "StoredFile.name describes; sandkernel.raw_file_name(name) gives the bytes on disk"
+    )
+    path: str = Field(
+        description="path in the sandbox, escaped as name is; displayed images have none on disk"
+    )
     mime_type: str
     size_bytes: int
     sha256: str
