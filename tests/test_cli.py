@@ -119,3 +119,12 @@ def test_run_once_is_a_program_with_our_stdin_its_argv_and_its_exit_status() -> 
     assert json.loads(proc.stdout)["status"] == "timeout"
     proc = run_cli("run", "--once", stdin="print(1)")
     assert proc.returncode != 0 and "standard input is the program's" in proc.stderr
+
+
+@pytest.mark.sandbox
+def test_run_once_with_an_anti_exit_header_exits_as_the_program() -> None:
+    header = "exit = None\nimport os, sys\nos._exit = None\nsys.exit = None\n"
+    proc = run_cli("run", "--once", header + "print('hello')")
+    assert (proc.returncode, proc.stdout) == (0, "hello\n"), proc.stderr
+    proc = run_cli("run", "--once", header + "assert False")
+    assert proc.returncode == 1 and "AssertionError" in proc.stderr

@@ -45,3 +45,28 @@ async def test_run_many_streams_tagged_results(engine_factory: EngineFactory) ->
     requests = (RunRequest(code=f"print({n} * {n})", id=n) for n in range(20))
     results = {r.id: r.stdout.strip() async for r in engine.run_many(requests, concurrency=4)}
     assert results == {n: str(n * n) for n in range(20)}
+
+
+async def test_fetch_files_as_sandboxfusion_fetches_them(engine_factory: EngineFactory) -> None:
+    """Relative and writable absolute paths come back; the rest is missing; the run stands."""
+    engine = await engine_factory(pool_size=0, batch_workers=1)
+    r = await engine.run_once(
+        "open('a.txt', 'wb').write(b'\\x00a')\n"
+        "open('/tmp/b', 'wb').write(b'b' * 3)\n"
+        "import os; os.symlink('/etc/passwd', '/tmp/link')\n"
+        "print('ran')",
+        fetch_files=[
+            "a.txt",
+            "/tmp/b",
+            "/etc/passwd",
+            "missing.txt",
+            "/tmp/link",
+            "../../etc/passwd",
+        ],
+    )
+    assert (r.status, r.return_code, r.stdout) == ("ok", 0, "ran\n")
+    assert [(f.path, f.content) for f in r.files] == [("a.txt", b"\x00a"), ("/tmp/b", b"bbb")]
+    assert r.missing_files == ["/etc/passwd", "missing.txt", "/tmp/link", "../../etc/passwd"]
+    # what one run left in /tmp is gone for the next
+    again = await engine.run_once("print('next')", fetch_files=["/tmp/b"])
+    assert again.files == [] and again.missing_files == ["/tmp/b"]

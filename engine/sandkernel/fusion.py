@@ -9,6 +9,11 @@ Where SandboxFusion leaves a behaviour open, sandkernel's choice is noted:
 
 * files (``path -> base64``) are written relative to the working directory
   (``/mnt/data`` for Jupyter); absolute paths and ``..`` are refused;
+* ``fetch_files`` are fetched as SandboxFusion fetches them: relative to the
+  working directory, or absolute inside a place the run can write (for
+  ``run_code`` ``/tmp``, ``/dev/shm`` and ``/mnt/data``; for ``run_jupyter``
+  the kernel's workspace ``/mnt/data``); any other path, like a missing file,
+  is left out of ``files`` and the run's own result stands;
 * ``run_jupyter`` enforces ``cell_timeout`` (when > 0) and ``total_timeout``
   itself, and on a time-out also returns the cells that ran;
 * ``memory_limit_MB`` (when > 0) lowers the sandbox's memory limit; it is
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import posixpath
 import time
 from enum import StrEnum
 from pathlib import PurePosixPath
@@ -127,6 +133,15 @@ def relative_path(path: str) -> str:
     return str(pure)
 
 
+def workspace_path(path: str) -> str | None:
+    """A fetched path in a kernel's workspace (``/mnt/data``), relative; None if outside it."""
+    if not path or "\x00" in path:
+        return None
+    full = posixpath.normpath(posixpath.join(str(WORKSPACE_IN_JAIL), path))
+    prefix = f"{WORKSPACE_IN_JAIL}/"
+    return full[len(prefix) :] if full.startswith(prefix) else None
+
+
 def decode_files(files: dict[str, str | None]) -> dict[str, bytes]:
     """``path -> base64`` to ``relative path -> bytes`` (``None`` means an empty file)."""
     decoded = {}
@@ -196,7 +211,6 @@ async def run_code(
         )
     try:
         files = decode_files(request.files)
-        fetch = [relative_path(p) for p in request.fetch_files]
     except BadRequest as exc:
         return RunCodeResponse(status=RunStatus.SandboxError, message=str(exc),
                                executor_pod_name=pod_name)  # fmt: skip
@@ -208,7 +222,7 @@ async def run_code(
         code,
         stdin=request.stdin,
         files=files,
-        fetch_files=fetch,
+        fetch_files=request.fetch_files,
         argv=argv,
         timeout_s=request.run_timeout if request.run_timeout > 0 else None,
         memory_mb=request.memory_limit_MB if request.memory_limit_MB > 0 else None,
@@ -231,7 +245,6 @@ async def run_jupyter(
     started = time.monotonic()
     try:
         files = decode_files(dict(request.files))
-        fetch = [relative_path(p) for p in request.fetch_files]
     except BadRequest as exc:
         return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc),
                                   executor_pod_name=pod_name)  # fmt: skip
@@ -272,8 +285,11 @@ async def run_jupyter(
                 status = CommandRunStatus.Error
                 break
         fetched: dict[str, str] = {}
-        for path in fetch:
-            content = await asyncio.to_thread(read_workspace_file, workspace, path)
+        for path in request.fetch_files:
+            rel = workspace_path(path)
+            if rel is None:
+                continue
+            content = await asyncio.to_thread(read_workspace_file, workspace, rel)
             if content is not None:
                 fetched[path] = base64.b64encode(content).decode()
     finally:

