@@ -177,3 +177,16 @@ async def test_run_jupyter_fetches_workspace_paths_and_skips_the_rest(
         "a.txt": b"A",
         "/mnt/data/a.txt": b"A",
     }
+
+
+async def test_run_jupyter_with_an_anti_exit_header_runs_its_cells(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory()
+    header = "exit = None\nimport os, sys\nos._exit = None\nsys.exit = None\n"
+    response = await run_jupyter(engine, RunJupyterRequest(cells=[header, "print('hello')"]))
+    assert response.status is RunStatus.Success
+    assert [c.stdout for c in response.cells] == ["", "hello\n"]
+    # the kernel was destroyed afterwards as usual, and the next request is served
+    again = await run_jupyter(engine, RunJupyterRequest(cells=["print(os)"]))
+    assert again.cells[0].error[0]["ename"] == "NameError"  # a fresh kernel
