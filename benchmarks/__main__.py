@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, str] = {
     "daemon": "benchmarks.daemon",
     "eval": "benchmarks.eval",
     "fusion": "benchmarks.fusion",
+    # The same daemon far beyond its queue bound (1,024 clients).
+    "overload": "benchmarks.overload",
     # It takes 10 minutes (1 with --quick).
     "soak": "benchmarks.soak",
     # After the others: importing Ray leaves threads and fork handlers in this process.

@@ -16,6 +16,10 @@ to each server in turn, in the same run:
 A request is an error if it raises or answers other than 200; a verdict is
 the response's ``status`` (``Success`` when the program's checks pass). Both
 servers must give every task the same verdict.
+
+The same daemon far beyond its queue bound (1,024 clients) is
+:mod:`benchmarks.overload`, which reuses the bodies and the daemon's command
+line from here.
 """
 
 from __future__ import annotations
@@ -45,14 +49,41 @@ RUN_TIMEOUT_S = 10
 MEMORY_MB = 1024
 
 
-def _free_port() -> int:
+def humaneval_bodies() -> list[tuple[str, dict[str, Any]]]:
+    """``(task id, /run_code body)`` for the HumanEval check programs (canonical solutions)."""
+    problems = load_problems("humaneval")
+    return [
+        (
+            p.task_id,
+            {
+                "code": p.check_program(p.reference or ""),
+                "language": "python",
+                "run_timeout": RUN_TIMEOUT_S,
+                "memory_limit_MB": MEMORY_MB,
+            },
+        )
+        for p in problems.values()
+    ]
+
+
+def sandkernel_argv(tmp: Path, port: int, *extra: str) -> list[str]:
+    """``sandkernel serve`` on loopback TCP for SandboxFusion's clients: batch path only."""
+    return [
+        sys.executable, "-m", "sandkernel.daemon", "serve",
+        "--socket", str(tmp / "daemon.sock"), "--store", str(tmp / "store"),
+        "--tcp", f"127.0.0.1:{port}", "--fusion-without-token",
+        "--pool-size", "0", "--prewarm", "", "--log-level", "warning", *extra,
+    ]  # fmt: skip
+
+
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
 
 
-async def _wait_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+async def wait_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
     async with asyncio.timeout(120):
         while True:
             if process.poll() is not None:
@@ -113,7 +144,7 @@ async def _measure(
         max_connections=plan["clients"], max_keepalive_connections=plan["clients"]
     )
     try:
-        await _wait_listening(port, process, log)
+        await wait_listening(port, process, log)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits
         ) as http:
@@ -132,32 +163,14 @@ async def _measure(
 
 
 async def _run(plan: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    problems = load_problems("humaneval")
-    bodies = [
-        (
-            p.task_id,
-            {
-                "code": p.check_program(p.reference or ""),
-                "language": "python",
-                "run_timeout": RUN_TIMEOUT_S,
-                "memory_limit_MB": MEMORY_MB,
-            },
-        )
-        for p in problems.values()
-    ]
-    port = _free_port()
-    sandkernel_argv = [
-        sys.executable, "-m", "sandkernel.daemon", "serve",
-        "--socket", str(tmp / "daemon.sock"), "--store", str(tmp / "store"),
-        "--tcp", f"127.0.0.1:{port}", "--fusion-without-token",
-        "--pool-size", "0", "--prewarm", "", "--log-level", "warning",
-    ]  # fmt: skip
+    bodies = humaneval_bodies()
+    port = free_port()
     results = {
         "sandkernel": await _measure(
-            "sandkernel", sandkernel_argv, port, plan, bodies, tmp / "daemon.log"
+            "sandkernel", sandkernel_argv(tmp, port), port, plan, bodies, tmp / "daemon.log"
         )
     }
-    port = _free_port()
+    port = free_port()
     fresh_argv = [sys.executable, "-m", "benchmarks._fresh_sandbox_server", "--port", str(port)]
     results["fresh sandbox per request"] = await _measure(
         "fresh sandbox per request", fresh_argv, port, plan, bodies, tmp / "fresh.log"

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         DaemonUnavailable,
         InvalidRequest,
         RequestTooLarge,
+        RunQueueFull,
         SessionLost,
         Unauthorized,
     )
@@ -37,6 +38,7 @@ _WHERE = {
     "DaemonUnavailable": "errors",
     "InvalidRequest": "errors",
     "RequestTooLarge": "errors",
+    "RunQueueFull": "errors",
     "SessionLost": "errors",
     "Unauthorized": "errors",
     "Daemon": "server",
@@ -54,6 +56,7 @@ __all__ = [
     "InvalidRequest",
     "RemoteSession",
     "RequestTooLarge",
+    "RunQueueFull",
     "SessionLost",
     "SyncRemoteSession",
     "Unauthorized",

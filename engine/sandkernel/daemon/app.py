@@ -28,7 +28,9 @@ Resources follow the OpenAI Containers / code-interpreter API where it fits
     GET    /openapi.json                      this API's schema
 
 Every error is ``{"error": {"type": "<exception class>", "message": "..."}}``
-with a status from :func:`sandkernel.daemon.errors.status_for`. Nothing here
+with a status from :func:`sandkernel.daemon.errors.status_for`; 429 and 503
+carry ``Retry-After``. One-shot runs are admitted before their bodies are read
+(:class:`RunAdmissionGate`), or refused at once with 503. Nothing here
 blocks the event loop: the engine does its file and database work in worker
 threads, and so do the downloads and the session records here.
 """
@@ -58,7 +60,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandkernel import __version__
 from sandkernel.daemon import sse
-from sandkernel.daemon.errors import error_type_for, status_for
+from sandkernel.daemon.admission import (
+    DEFAULT_MAX_QUEUED_BYTES,
+    RETRY_AFTER_S,
+    TICKET_SCOPE_KEY,
+    RunAdmission,
+    default_max_queued_runs,
+)
+from sandkernel.daemon.errors import RunQueueFull, error_type_for, status_for
 from sandkernel.daemon.records import SessionRecords
 from sandkernel.daemon.runs import FUSION_PATHS, RUN_PATHS, add_run_routes
 from sandkernel.daemon.schemas import (
@@ -111,7 +120,7 @@ def error_body(
 
 
 def _error_response(status_code: int, body: dict[str, Any]) -> Response:
-    headers = {"Retry-After": "1"} if status_code in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status_code in (429, 503) else None
     return Response(
         json.dumps(body), status_code=status_code, media_type="application/json", headers=headers
     )
@@ -141,6 +150,13 @@ class RequestTooLargeError(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body is larger than {limit} bytes, the limit here")
+
+
+class RunBodyRefused(HTTPException):
+    """Raised while reading a body of undeclared length that the run queue has no room for."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message)
 
 
 class TokenAuth:
@@ -250,6 +266,60 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class RunAdmissionGate:
+    """Admits each one-shot run request before its body is read, or refuses it at once.
+
+    The refusal is a 503 with ``Retry-After`` and a ``RunQueueFull`` error. It
+    leaves the connection open: the server discards the unread body, and the
+    client's retry reuses the connection instead of opening another. An
+    admitted request's :class:`~sandkernel.daemon.admission.RunTicket` is in
+    the scope (``/v1/runs`` takes more slots with it). It is released just
+    before the last part of the response is sent, its runs being over then
+    (streamed results too), so a client that has its answer finds the place
+    free for its next request; or, if no response completes (the client left,
+    an error), when the application returns.
+    """
+
+    def __init__(self, app: ASGIApp, *, admission: RunAdmission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in RUN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        try:
+            ticket = self.admission.admit(declared)
+        except RunQueueFull as exc:
+            await _error_response(status_for(exc), error_body(exc))(scope, receive, send)
+            return
+        counted = receive
+        if declared is None:
+            # A chunked body: its bytes are counted as they arrive.
+            async def counted_receive() -> Message:
+                message = await receive()
+                if message["type"] == "http.request":
+                    try:
+                        ticket.hold_body_bytes(len(message.get("body", b"")))
+                    except RunQueueFull as exc:
+                        raise RunBodyRefused(str(exc)) from None
+                return message
+
+            counted = counted_receive
+
+        async def send_then_release(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                ticket.release()
+            await send(message)
+
+        scope[TICKET_SCOPE_KEY] = ticket
+        try:
+            await self.app(scope, counted, send_then_release)
+        finally:
+            ticket.release()
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -282,6 +352,8 @@ def create_app(
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     fusion_without_token: bool = False,
+    max_queued_runs: int | None = None,
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
 ) -> FastAPI:
     """The daemon's application, serving ``engine``.
 
@@ -294,8 +366,20 @@ def create_app(
             also the limit of the one-shot runs' bodies, which carry files.
         fusion_without_token: serve SandboxFusion's routes to loopback TCP
             clients without a token (everything else still needs one).
+        max_queued_runs: one-shot runs admitted and not finished; past it,
+            503 with ``Retry-After`` (default: :func:`default_max_queued_runs`
+            of the engine's batch workers).
+        max_queued_bytes: bytes of request bodies those runs may hold.
     """
     started = time.time()
+    # A cluster engine has no local batch workers: its default is then per local CPU.
+    batch_workers: int | None = getattr(engine, "batch_workers", None)
+    admission = RunAdmission(
+        max_runs=default_max_queued_runs(batch_workers)
+        if max_queued_runs is None
+        else max_queued_runs,
+        max_body_bytes=max_queued_bytes,
+    )
     app = FastAPI(
         title="sandkernel daemon",
         version=__version__,
@@ -308,7 +392,9 @@ def create_app(
         redoc_url=None,
         openapi_url="/openapi.json",
     )
-    # Added last = outermost: a request is authenticated before its body is read.
+    # Added last = outermost: a request is authenticated, then checked against the
+    # size limit (413 says more than 503 would), then admitted, before its body is read.
+    app.add_middleware(RunAdmissionGate, admission=admission)
     app.add_middleware(BodyLimit, max_json_bytes=max_json_bytes, max_upload_bytes=max_upload_bytes)
     app.add_middleware(
         TokenAuth, token=token, open_paths=FUSION_PATHS if fusion_without_token else frozenset()
@@ -570,7 +656,11 @@ def create_app(
 
     # -- one-shot runs ------------------------------------------------------------------
 
-    add_run_routes(app, engine, _ERRORS)
+    # A batch that names no concurrency keeps each worker busy with one run and
+    # the next one queued, as the batch pool's own default does.
+    add_run_routes(
+        app, engine, _ERRORS, default_batch_concurrency=2 * (batch_workers or os.cpu_count() or 1)
+    )
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -690,7 +780,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, HTTPException)
         error_type = {
             400: "InvalidRequest", 401: "Unauthorized", 404: "NotFound",
-            405: "MethodNotAllowed", 413: "RequestTooLarge",
+            405: "MethodNotAllowed", 413: "RequestTooLarge", 503: "RunQueueFull",
         }.get(exc.status_code, "HTTPError")  # fmt: skip
         message = str(exc.detail)
         if exc.status_code == 404:

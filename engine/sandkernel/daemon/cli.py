@@ -16,10 +16,19 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sandkernel.daemon.admission import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUED_BYTES,
+    MIN_DEFAULT_QUEUED_RUNS,
+    QUEUED_RUNS_PER_WORKER,
+)
 from sandkernel.daemon.paths import default_records_path, default_socket_path
 from sandkernel.errors import SandkernelError
+
+if TYPE_CHECKING:
+    from sandkernel.daemon.server import DaemonConfig
 
 _MISSING_EXTRA = (
     "sandkernel {command} needs the {extra} extra: pip install 'sandkernel[{extra}]' ({exc})"
@@ -104,6 +113,30 @@ def add_daemon_parsers(subparsers: Any) -> None:
         "--max-json-kb", type=float, default=1024.0, help="largest JSON body (default: 1024)"
     )
     serve.add_argument(
+        "--max-queued-runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="one-shot runs (/v1/run, /v1/runs lines, /run_code, /run_jupyter) admitted and "
+        "not finished; beyond, 503 with Retry-After at once (default: "
+        f"{QUEUED_RUNS_PER_WORKER} per batch worker, at least {MIN_DEFAULT_QUEUED_RUNS})",
+    )
+    serve.add_argument(
+        "--max-queued-mb",
+        type=float,
+        default=DEFAULT_MAX_QUEUED_BYTES / (1 << 20),
+        help="request bodies those runs may hold in memory, in MiB (default: "
+        f"{DEFAULT_MAX_QUEUED_BYTES >> 20})",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections; beyond, requests get 503 and the connection is closed "
+        f"(default: {DEFAULT_MAX_CONNECTIONS})",
+    )
+    serve.add_argument(
         "--graceful-timeout",
         type=float,
         default=10.0,
@@ -181,18 +214,16 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        from sandkernel.daemon.server import DaemonConfig, run_daemon
-    except ImportError as exc:
-        raise SystemExit(_MISSING_EXTRA.format(command="serve", extra="daemon", exc=exc)) from None
+def daemon_config(args: argparse.Namespace) -> DaemonConfig:
+    """The :class:`~sandkernel.daemon.server.DaemonConfig` that ``serve``'s arguments describe."""
+    from sandkernel.daemon.server import DaemonConfig
     from sandkernel.engine import default_store_dir
 
     store = Path(args.store) if args.store else default_store_dir()
     # With --ray the store may be a per-node template ({node}); the records are
     # the daemon's own and stay on its machine.
     records_store = default_store_dir() if "{node}" in str(store) else store
-    config = DaemonConfig(
+    return DaemonConfig(
         socket_path=Path(args.socket) if args.socket else default_socket_path(),
         records_path=default_records_path(records_store),
         tcp=_tcp_address(args.tcp) if args.tcp else None,
@@ -202,9 +233,22 @@ def _serve(args: argparse.Namespace) -> int:
         graceful_timeout_s=args.graceful_timeout,
         access_log=args.access_log,
         fusion_without_token=args.fusion_without_token,
+        max_queued_runs=args.max_queued_runs,
+        max_queued_bytes=int(args.max_queued_mb * 1024 * 1024),
+        max_connections=args.max_connections,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from sandkernel.daemon.server import run_daemon
+    except ImportError as exc:
+        raise SystemExit(_MISSING_EXTRA.format(command="serve", extra="daemon", exc=exc)) from None
+    from sandkernel.engine import default_store_dir
+
+    config = daemon_config(args)
     _configure_logging(args.log_level)
-    args.store = str(store)
+    args.store = args.store or str(default_store_dir())
     asyncio.run(run_daemon(_engine(args, handle_sigterm=False), config))
     return 0
 

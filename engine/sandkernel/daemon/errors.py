@@ -11,7 +11,8 @@ class the embedded engine would have raised::
         ├── DaemonUnavailable  nothing listens at the socket or address
         ├── InvalidRequest     malformed JSON, wrong types, invalid ids (also a ValueError)
         ├── Unauthorized       TCP without the right bearer token
-        └── RequestTooLarge    the body is over the daemon's size limit
+        ├── RequestTooLarge    the body is over the daemon's size limit
+        └── RunQueueFull       as many one-shot runs are queued as it accepts (503, Retry-After)
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ class RequestTooLarge(DaemonError):
     """The request body is larger than the daemon accepts."""
 
 
+class RunQueueFull(DaemonError):
+    """The daemon holds as many one-shot runs as it queues: retry after ``Retry-After`` seconds.
+
+    Raised at once, before the request's body is read; the limits are the
+    daemon's ``--max-queued-runs`` and ``--max-queued-mb``.
+    """
+
+
 #: Most specific first: the first class an exception is an instance of decides.
 _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (SessionNotFound, 404),
@@ -93,6 +102,7 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (InvalidRequest, 400),
     (Unauthorized, 401),
     (RequestTooLarge, 413),
+    (RunQueueFull, 503),
     (ValueError, 400),
 )
 

@@ -20,6 +20,12 @@ they read its response, so a server that answered while still reading
 would fill both directions' buffers and stall. Its lines are parsed only as
 runs are started, so at most ``concurrency`` runs are held as objects.
 
+Every request to these routes but the ping is admitted before its body is
+read, or answered at once with 503, ``Retry-After`` and a ``RunQueueFull``
+error when the daemon already holds ``--max-queued-runs`` one-shot runs (see
+:mod:`sandkernel.daemon.admission`). A ``/v1/runs`` batch counts as many runs
+as it has lines in flight.
+
 SandboxFusion's clients (verl among them) send no credentials: with the
 daemon's ``--fusion-without-token`` flag, :data:`FUSION_PATHS` are served to
 loopback TCP clients without a token. Everything else still needs one.
@@ -38,6 +44,8 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from sandkernel.batch import RunRequest, RunResult
+from sandkernel.daemon.admission import RETRY_AFTER_S, TICKET_SCOPE_KEY, RunTicket
+from sandkernel.daemon.schemas import ErrorBody
 from sandkernel.engine import Engine
 from sandkernel.fusion import (
     RunCodeRequest,
@@ -53,6 +61,21 @@ FUSION_PATHS: Final = frozenset({"/run_code", "/run_jupyter", "/v1/ping"})
 #: Routes whose bodies carry files (base64): they get the upload size limit.
 RUN_PATHS: Final = frozenset({"/run_code", "/run_jupyter", "/v1/run", "/v1/runs"})
 NDJSON: Final = "application/x-ndjson"
+#: The OpenAPI entry of the answer to a run the daemon has no room for.
+RUN_QUEUE_FULL: Final[dict[int | str, dict[str, Any]]] = {
+    503: {
+        "model": ErrorBody,
+        "description": "`RunQueueFull`: the daemon holds as many one-shot runs as it queues "
+        "(`--max-queued-runs`, `--max-queued-mb`); answered at once, before the body is "
+        "read. Retry after `Retry-After` seconds.",
+        "headers": {
+            "Retry-After": {
+                "description": f"seconds to wait before retrying (now {RETRY_AFTER_S})",
+                "schema": {"type": "integer"},
+            }
+        },
+    }
+}
 
 
 class RunBatch(BaseModel):
@@ -68,9 +91,21 @@ def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def add_run_routes(app: FastAPI, engine: Engine, errors: dict[int | str, dict[str, Any]]) -> None:
-    """Add the one-shot routes to the daemon's application."""
+def add_run_routes(
+    app: FastAPI,
+    engine: Engine,
+    errors: dict[int | str, dict[str, Any]],
+    *,
+    default_batch_concurrency: int,
+) -> None:
+    """Add the one-shot routes to the daemon's application.
+
+    Their requests must come through :class:`~sandkernel.daemon.app.RunAdmissionGate`,
+    which admits them; ``default_batch_concurrency`` is the lines a ``/v1/runs``
+    batch that names no concurrency may have in flight.
+    """
     pod_name = socket.gethostname()
+    errors = {**errors, **RUN_QUEUE_FULL}
 
     @app.post("/v1/run", response_model=RunResult, responses=errors, tags=["runs"])
     async def run(body: RunRequest) -> Response:
@@ -102,25 +137,39 @@ def add_run_routes(app: FastAPI, engine: Engine, errors: dict[int | str, dict[st
         ] = None,
     ) -> Response:
         """Run many programs; results stream back as NDJSON in the order they finish."""
+        ticket: RunTicket = request.scope[TICKET_SCOPE_KEY]
         body = await request.body()
         if request.headers.get("content-type", "").split(";")[0].strip() == NDJSON:
-            return StreamingResponse(_ndjson_batch(engine, body, concurrency), media_type=NDJSON)
+            lines = body.count(b"\n") + 1  # at least as many as the runs in it
+            wanted = min(concurrency or default_batch_concurrency, lines)
+            return StreamingResponse(_ndjson_batch(engine, body, ticket, wanted), media_type=NDJSON)
         try:
             batch = RunBatch.model_validate_json(body)
         except ValidationError as exc:
             # The same 400/422 answer as for the other routes' bodies.
             raise RequestValidationError(exc.errors(include_url=False)) from None
+        wanted = min(batch.concurrency or concurrency or default_batch_concurrency, len(batch.runs))
         return StreamingResponse(
-            _results(engine.run_many(batch.runs, concurrency=batch.concurrency or concurrency)),
+            _results(_admitted_batch(engine, iter(batch.runs), ticket, wanted)),
             media_type=NDJSON,
         )
 
-    @app.post("/run_code", response_model=RunCodeResponse, tags=["SandboxFusion"])
+    @app.post(
+        "/run_code",
+        response_model=RunCodeResponse,
+        responses=RUN_QUEUE_FULL,
+        tags=["SandboxFusion"],
+    )
     async def fusion_run_code(body: RunCodeRequest) -> Response:
         """SandboxFusion's `/run_code`: `python` and `pytest`, each run in a fresh sandbox."""
         return _json(await run_code(engine, body, pod_name=pod_name))
 
-    @app.post("/run_jupyter", response_model=RunJupyterResponse, tags=["SandboxFusion"])
+    @app.post(
+        "/run_jupyter",
+        response_model=RunJupyterResponse,
+        responses=RUN_QUEUE_FULL,
+        tags=["SandboxFusion"],
+    )
     async def fusion_run_jupyter(body: RunJupyterRequest) -> Response:
         """SandboxFusion's `/run_jupyter`: the cells in a warm kernel, used once, then destroyed."""
         return _json(await run_jupyter(engine, body, pod_name=pod_name))
@@ -136,8 +185,45 @@ async def _results(results: AsyncIterator[RunResult]) -> AsyncIterator[bytes]:
         yield result.model_dump_json().encode() + b"\n"
 
 
+async def _admitted_batch(
+    engine: Engine, requests: Iterator[RunRequest], ticket: RunTicket, wanted: int
+) -> AsyncIterator[RunResult]:
+    """``engine.run_many`` over ``requests``, with no more lines in flight than ``ticket`` holds.
+
+    Each line in flight holds one of the daemon's run slots, so a batch counts
+    against ``--max-queued-runs`` as the runs it has started. The slots are
+    taken when the batch starts: the one it was admitted with, plus as many
+    free ones as it wants (``wanted``: its concurrency, at most its line
+    count); that is its concurrency in ``run_many``, and as its last lines
+    finish it gives back the slots its tail no longer needs. It takes none
+    later. Waiting for a slot inside ``run_many``'s source would also hold up
+    the results of the lines whose end frees slots (a deadlock once the batch
+    held them all), and counting each line as it starts, by running the lines
+    one by one, would lose what the engine does with a batch (a cluster engine
+    sends lines to its hosts in chunks). The cost: a batch that starts while
+    the daemon is busy keeps the concurrency it found then, at least one line.
+    """
+    in_flight = ticket.hold_runs(wanted)
+    pulled = 0
+    exhausted = False
+
+    def counted() -> Iterator[RunRequest]:
+        nonlocal pulled, exhausted
+        for request in requests:
+            pulled += 1
+            yield request
+        exhausted = True
+
+    finished = 0
+    async for result in engine.run_many(counted(), concurrency=in_flight):
+        finished += 1
+        if exhausted:
+            ticket.hold_runs(pulled - finished)
+        yield result
+
+
 async def _ndjson_batch(
-    engine: Engine, body: bytes, concurrency: int | None
+    engine: Engine, body: bytes, ticket: RunTicket, wanted: int
 ) -> AsyncIterator[bytes]:
     """Run the body's lines; bad lines are answered, not fatal."""
     refused: list[bytes] = []
@@ -151,7 +237,7 @@ async def _ndjson_batch(
             except ValidationError as exc:
                 refused.append(_refusal(line, number, _summary(exc)))
 
-    async for result in engine.run_many(requests(), concurrency=concurrency):
+    async for result in _admitted_batch(engine, requests(), ticket, wanted):
         while refused:
             yield refused.pop(0)
         yield result.model_dump_json().encode() + b"\n"

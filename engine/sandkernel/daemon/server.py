@@ -12,6 +12,13 @@ cancels them, which interrupts their cells), then closes the engine, which ends
 every kernel. The Unix socket is created with mode 0600 (under a restrictive
 umask, then chmod, so it is never reachable by others even for an instant) in
 a folder only its owner can write.
+
+What a flood of clients can make the daemon hold is bounded: one-shot runs
+and their bodies by the run admission (``max_queued_runs``,
+``max_queued_bytes``; see :mod:`sandkernel.daemon.admission`), request bodies
+elsewhere by the size limits, connections by ``max_connections`` (past it,
+uvicorn answers every request with 503 and closes the connection), and
+connections not yet accepted by the listen backlog, in the kernel.
 """
 
 from __future__ import annotations
@@ -22,23 +29,33 @@ import ipaddress
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import anyio
 import anyio.abc
 import uvicorn
 
+from sandkernel.daemon.admission import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUED_BYTES
 from sandkernel.daemon.app import DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_UPLOAD_BYTES, create_app
 from sandkernel.daemon.errors import DaemonError
 from sandkernel.daemon.records import SessionRecords
 from sandkernel.engine import Engine
 
 log = logging.getLogger(__name__)
+
+#: Connections the kernel queues for the daemon to accept. uvicorn listens again
+#: on the sockets it is given, with its own backlog, so both are set.
+LISTEN_BACKLOG: Final = 2048
+#: File descriptors the daemon needs besides its connections (engine, kernels,
+#: batch workers, store): the usual soft limit, which it ran within before.
+_RESERVED_FDS: Final = 1024
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,12 @@ class DaemonConfig:
         max_upload_bytes: largest upload request body.
         graceful_timeout_s: on shutdown, how long running requests may finish.
         access_log: log every request.
+        max_queued_runs: one-shot runs admitted and not finished; beyond, 503
+            with ``Retry-After`` at once (default: from the batch workers, see
+            :func:`~sandkernel.daemon.admission.default_max_queued_runs`).
+        max_queued_bytes: bytes of request bodies those runs may hold.
+        max_connections: open connections; past it every request is answered
+            503 and its connection closed (uvicorn's ``limit_concurrency``).
     """
 
     socket_path: Path
@@ -69,8 +92,16 @@ class DaemonConfig:
     graceful_timeout_s: float = 10.0
     access_log: bool = False
     fusion_without_token: bool = False
+    max_queued_runs: int | None = None
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
+        for name in ("max_queued_runs", "max_queued_bytes", "max_connections"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = "--" + name.replace("_", "-").replace("-bytes", "-mb")
+                raise DaemonError(f"{name} must be at least 1 (got {value}): check {flag}")
         if self.fusion_without_token:
             if self.tcp is None or not is_loopback(self.tcp[0]):
                 raise DaemonError(
@@ -136,6 +167,8 @@ class Daemon:
                 max_json_bytes=config.max_json_bytes,
                 max_upload_bytes=config.max_upload_bytes,
                 fusion_without_token=config.fusion_without_token,
+                max_queued_runs=config.max_queued_runs,
+                max_queued_bytes=config.max_queued_bytes,
             )
             server = _Server(
                 uvicorn.Config(
@@ -148,6 +181,9 @@ class Daemon:
                     proxy_headers=False,
                     server_header=False,
                     timeout_graceful_shutdown=math.ceil(config.graceful_timeout_s),
+                    # uvicorn counts the connection asking among the open ones.
+                    limit_concurrency=config.max_connections + 1,
+                    backlog=LISTEN_BACKLOG,
                 )
             )
             self._server = server
@@ -167,7 +203,7 @@ class Daemon:
                 await anyio.to_thread.run_sync(self.records.finish)
 
 
-def bind_unix_socket(path: Path, *, backlog: int = 2048) -> socket.socket:
+def bind_unix_socket(path: Path, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A listening Unix socket at ``path``, mode 0600, in a folder only its owner can write.
 
     Raises:
@@ -235,7 +271,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bind_tcp_socket(host: str, port: int, *, backlog: int = 2048) -> socket.socket:
+def bind_tcp_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A listening TCP socket; warns when the address is not loopback (plain HTTP)."""
     if not is_loopback(host):
         log.warning(
@@ -253,12 +289,41 @@ def bind_tcp_socket(host: str, port: int, *, backlog: int = 2048) -> socket.sock
     return listener
 
 
+def raise_open_files_limit(connections: int) -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` so ``connections`` fit; returns the limit.
+
+    Only ever raised, and only up to the hard limit: past that, a warning
+    names the fix. (Without it, a daemon under the usual soft limit of 1024
+    fails to accept the 1000th connection, whatever ``max_connections`` says.)
+    """
+    needed = connections + _RESERVED_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        ceiling = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        if ceiling > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+        if soft < needed:
+            log.warning(
+                "the open files limit is %d (hard limit %d): about %d connections fit, not "
+                "the %d of --max-connections; raise it (ulimit -n, or LimitNOFILE= in a "
+                "systemd unit) or lower --max-connections",
+                soft,
+                hard,
+                max(0, soft - _RESERVED_FDS),
+                connections,
+            )
+    return soft
+
+
 async def run_daemon(engine: Engine, config: DaemonConfig) -> None:
     """Start ``engine``, serve it until SIGTERM or SIGINT, then close everything.
 
     The engine must not be started yet and should be created with
-    ``handle_sigterm=False``: the daemon owns the signals.
+    ``handle_sigterm=False``: the daemon owns the signals. The process's open
+    files limit is raised to fit ``config.max_connections``.
     """
+    raise_open_files_limit(config.max_connections)
     daemon = Daemon(engine, config)
     loop = asyncio.get_running_loop()
     handled = (signal.SIGTERM, signal.SIGINT)
