@@ -18,6 +18,8 @@ from benchmarks._stats import machine_info
 
 #: Benchmark name -> module with ``run(*, quick: bool) -> dict``. Run in this order.
 BENCHMARKS: dict[str, str] = {
+    # Fresh processes only: first, while nothing else has warmed or loaded the machine.
+    "startup": "benchmarks.startup",
     "kernel": "benchmarks.kernel",
     "engine": "benchmarks.engine",
     "daemon": "benchmarks.daemon",

@@ -1,49 +1,111 @@
 """sandkernel: a local sandbox execution engine for code written by language models.
 
 Start with :class:`Engine` (async) or :class:`sandkernel.sync.Engine` (blocking).
+
+Every public name is imported from its module on first use (PEP 562), so
+``import sandkernel`` is cheap and a program pays only for what it touches:
+the errors do not load pydantic, ``Policy`` does not load jupyter_client.
 """
 
 from __future__ import annotations
 
-from sandkernel.batch import FetchedFile, RunRequest, RunResult
-from sandkernel.engine import Engine, EngineStats
-from sandkernel.errors import (
-    EngineClosed,
-    FileNotFoundInStore,
-    FileRejected,
-    KernelDead,
-    KernelStartFailed,
-    ModelCallFailed,
-    PolicyError,
-    PoolExhausted,
-    SandboxUnavailable,
-    SandkernelError,
-    SelfCheckFailed,
-    SessionClosed,
-    SessionError,
-    SessionExpired,
-    SessionLimitReached,
-    SessionNotFound,
-)
-from sandkernel.files import StoredFile, listed_file_name, raw_file_name
-from sandkernel.kernel import SandboxedKernel
-from sandkernel.loop import (
-    PYTHON_TOOL,
-    ChatModel,
-    LoopResult,
-    OpenAIChatModel,
-    format_result,
-    run_loop,
-)
-from sandkernel.policy import Policy, load_policy
-from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, ProducedFile, Usage
-from sandkernel.sandbox import SandboxHost
-from sandkernel.session import Session, SessionInfo, SessionState
+import importlib
+
+# Not ``typing.TYPE_CHECKING``: importing typing would double what ``import
+# sandkernel`` costs. Type checkers treat any name TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from sandkernel.api import EngineAPI, SessionAPI
+    from sandkernel.batch import FetchedFile, RunRequest, RunResult
+    from sandkernel.engine import Engine, EngineStats
+    from sandkernel.errors import (
+        EngineClosed,
+        FileNotFoundInStore,
+        FileRejected,
+        KernelDead,
+        KernelStartFailed,
+        ModelCallFailed,
+        PolicyError,
+        PoolExhausted,
+        SandboxUnavailable,
+        SandkernelError,
+        SelfCheckFailed,
+        SessionClosed,
+        SessionError,
+        SessionExpired,
+        SessionLimitReached,
+        SessionNotFound,
+    )
+    from sandkernel.files import StoredFile, listed_file_name, raw_file_name
+    from sandkernel.kernel import SandboxedKernel
+    from sandkernel.loop import (
+        PYTHON_TOOL,
+        ChatModel,
+        LoopResult,
+        OpenAIChatModel,
+        format_result,
+        run_loop,
+    )
+    from sandkernel.policy import Policy, load_policy
+    from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, ProducedFile, Usage
+    from sandkernel.sandbox import SandboxHost
+    from sandkernel.session import Session, SessionInfo, SessionState
+
+#: Public name -> the module (under ``sandkernel.``) that defines it.
+_WHERE: dict[str, str] = {
+    "EngineAPI": "api",
+    "SessionAPI": "api",
+    "FetchedFile": "batch",
+    "RunRequest": "batch",
+    "RunResult": "batch",
+    "Engine": "engine",
+    "EngineStats": "engine",
+    "EngineClosed": "errors",
+    "FileNotFoundInStore": "errors",
+    "FileRejected": "errors",
+    "KernelDead": "errors",
+    "KernelStartFailed": "errors",
+    "ModelCallFailed": "errors",
+    "PolicyError": "errors",
+    "PoolExhausted": "errors",
+    "SandboxUnavailable": "errors",
+    "SandkernelError": "errors",
+    "SelfCheckFailed": "errors",
+    "SessionClosed": "errors",
+    "SessionError": "errors",
+    "SessionExpired": "errors",
+    "SessionLimitReached": "errors",
+    "SessionNotFound": "errors",
+    "StoredFile": "files",
+    "listed_file_name": "files",
+    "raw_file_name": "files",
+    "SandboxedKernel": "kernel",
+    "ChatModel": "loop",
+    "LoopResult": "loop",
+    "OpenAIChatModel": "loop",
+    "PYTHON_TOOL": "loop",
+    "format_result": "loop",
+    "run_loop": "loop",
+    "Policy": "policy",
+    "load_policy": "policy",
+    "DisplayOutput": "results",
+    "ErrorInfo": "results",
+    "ExecutionResult": "results",
+    "ProducedFile": "results",
+    "Usage": "results",
+    "SandboxHost": "sandbox",
+    "Session": "session",
+    "SessionInfo": "session",
+    "SessionState": "session",
+}
 
 __all__ = [
     "ChatModel",
     "DisplayOutput",
     "Engine",
+    "EngineAPI",
     "EngineClosed",
     "EngineStats",
     "ErrorInfo",
@@ -69,6 +131,7 @@ __all__ = [
     "SandkernelError",
     "SelfCheckFailed",
     "Session",
+    "SessionAPI",
     "SessionClosed",
     "SessionError",
     "SessionExpired",
@@ -85,3 +148,20 @@ __all__ = [
     "run_loop",
 ]
 __version__ = "0.1.0"
+
+
+# Runtime only: a module ``__getattr__`` that type checkers saw would make
+# every misspelt ``sandkernel.X`` type-check as Any.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        module = _WHERE.get(name)
+        if module is None:
+            raise AttributeError(f"module 'sandkernel' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"sandkernel.{module}"), name)
+        # Later lookups find it in the module's namespace and no longer come here.
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})

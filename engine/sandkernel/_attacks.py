@@ -10,11 +10,8 @@ the host first: a listener, a secret in the environment).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import secrets
-import socket
 import textwrap
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -218,6 +215,9 @@ def _pids_max() -> int:
 
 
 async def _attack_all(python: str | None) -> list[AttackOutcome]:
+    import secrets
+    import socket
+
     from sandkernel.kernel import SandboxedKernel
     from sandkernel.policy import load_policy
     from sandkernel.sandbox import Runtime, SandboxHost
@@ -276,6 +276,8 @@ async def _one(
 
 def attack_outcomes(python: str | None = None) -> list[AttackOutcome]:
     """Run the quick attack subset in real sandboxes; what happened to each attack."""
+    import asyncio
+
     return asyncio.run(_attack_all(python))
 
 

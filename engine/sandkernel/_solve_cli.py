@@ -12,17 +12,15 @@ then the model's answer; the files the code produced are saved to ``--out``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from sandkernel.loop import LoopEvent, LoopResult, OpenAIChatModel, run_loop
-from sandkernel.results import ProducedFile
-
 if TYPE_CHECKING:
     from sandkernel.engine import Engine
+    from sandkernel.loop import LoopEvent, LoopResult
+    from sandkernel.results import ProducedFile
 
 SYSTEM_PROMPT = (
     "You solve the user's task by writing Python and running it with the python tool. "
@@ -88,6 +86,8 @@ def run_solve(args: argparse.Namespace) -> int:
         raise SystemExit(f"sandkernel solve: no such file: {', '.join(missing)}")
     if args.max_attempts < 1:
         raise SystemExit("sandkernel solve: --max-attempts must be at least 1")
+    import asyncio
+
     return asyncio.run(_solve(args))
 
 
@@ -113,6 +113,8 @@ async def solve_with_engine(
         out: where progress and the answer are printed (default: stdout).
         client_kwargs: passed to ``AsyncOpenAI`` (``timeout``, ``max_retries``...).
     """
+    from sandkernel.loop import OpenAIChatModel, run_loop
+
     stream = out if out is not None else sys.stdout
     session = await engine.session()
     try:
@@ -166,6 +168,8 @@ async def _upload(engine: Engine, session_id: str, files: list[str], out: TextIO
 
 async def _save_files(engine: Engine, result: LoopResult, out_dir: Path) -> list[Path]:
     """Save the files the code produced (its displayed images included) in ``out_dir``."""
+    import asyncio
+
     wanted = [(f.name, await engine.download(f.id)) for f in _latest_versions(result.files)]
     return await asyncio.to_thread(_write_files, out_dir, wanted)
 

@@ -1,36 +1,25 @@
-"""The ``sandkernel`` command: run code in the sandbox, check the machine, show policies."""
+"""The ``sandkernel`` command: run code in the sandbox, check the machine, show policies.
+
+Building the parser imports only the standard library and each command's
+parser setup; a command imports the engine, pydantic, jupyter_client or
+asyncio when it runs, so ``sandkernel --help`` (and a command that needs
+none of them) starts about as fast as Python itself. ``tests/test_startup.py``
+keeps it that way.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sandkernel._attacks import add_attack_option
-from sandkernel._solve_cli import add_solve_parser, run_solve
-from sandkernel.daemon.cli import (
-    add_daemon_parsers,
-    run_daemon_command,
-    run_once_via_daemon,
-    run_via_daemon,
-)
+from sandkernel._solve_cli import add_solve_parser
+from sandkernel.daemon.cli import add_daemon_parsers
 from sandkernel.errors import SandkernelError
-from sandkernel.evaluate.cli import add_eval_parser, run_eval
-from sandkernel.policy import load_policy, shipped_policy_names
-from sandkernel.results import ExecutionResult
-
-if TYPE_CHECKING:
-    from sandkernel.batch import RunResult
-
-#: Exit status of `sandkernel run --once` for a run that did not exit by itself,
-#: as coreutils' `timeout` and a shell report them.
-_ONCE_EXIT = {"timeout": 124, "oom": 137, "killed": 137}
+from sandkernel.evaluate.cli import add_eval_parser
 
 
 def _read_code(args: argparse.Namespace) -> str:
@@ -43,37 +32,10 @@ def _read_code(args: argparse.Namespace) -> str:
     raise SystemExit("sandkernel run: give code as an argument, --file FILE, or on stdin")
 
 
-def _print_human(result: ExecutionResult, save_dir: Path | None) -> None:
-    if result.stdout:
-        sys.stdout.write(result.stdout if result.stdout.endswith("\n") else result.stdout + "\n")
-    if result.stderr:
-        sys.stderr.write(result.stderr if result.stderr.endswith("\n") else result.stderr + "\n")
-    if result.value is not None and result.text is not None:
-        print(f"Out[{result.execution_count}]: {result.text}")
-    for n, display in enumerate(result.displays, 1):
-        if "image/png" in display.data and save_dir is not None:
-            path = save_dir / f"display-{result.execution_count or 0}-{n}.png"
-            path.write_bytes(base64.b64decode(display.data["image/png"]))
-            print(f"[display {n}: image/png saved to {path}]")
-        else:
-            kinds = ", ".join(sorted(display.data))
-            print(f"[display {n}: {kinds}]")
-    for f in result.files:
-        where = f.path or "(displayed)"
-        print(f"[file] {where}  {f.mime_type}, {f.size_bytes} bytes  id={f.id}")
-    if result.files_truncated:
-        print(f"[files left out: {result.files_note}]", file=sys.stderr)
-    if result.error is not None:
-        print(result.error.traceback, file=sys.stderr)
-    if result.status != "ok" or result.message:
-        detail = result.message or (
-            f"{result.error.name}: {result.error.value}" if result.error else ""
-        )
-        print(f"[{result.status}] {detail}".rstrip(), file=sys.stderr)
-
-
 async def _run(args: argparse.Namespace) -> int:
+    from sandkernel._cli_output import print_execution_result
     from sandkernel.engine import Engine
+    from sandkernel.policy import load_policy
 
     code = _read_code(args)
     workspace = Path(args.workspace) if args.workspace else None
@@ -92,7 +54,7 @@ async def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
-        _print_human(result, workspace)
+        print_execution_result(result, workspace)
     return 0 if result.status == "ok" else 1
 
 
@@ -109,25 +71,10 @@ def _once_inputs(args: argparse.Namespace) -> tuple[str, bytes, dict[str, bytes]
     return code, stdin, files
 
 
-def print_run_result(result: RunResult, *, json_output: bool) -> int:
-    """Print a one-shot run as ``python file.py`` would have; its exit status."""
-    if json_output:
-        print(result.model_dump_json(indent=2))
-    else:
-        sys.stdout.write(result.stdout)
-        sys.stdout.flush()
-        sys.stderr.write(result.stderr)
-        if result.stdout_truncated or result.stderr_truncated:
-            print("[output truncated]", file=sys.stderr)
-        if result.status in _ONCE_EXIT:
-            print(f"[{result.status}] {result.message or ''}".rstrip(), file=sys.stderr)
-    if result.status in _ONCE_EXIT:
-        return _ONCE_EXIT[result.status]
-    return result.return_code if result.return_code is not None and result.return_code >= 0 else 1
-
-
 async def _run_once(args: argparse.Namespace) -> int:
+    from sandkernel._cli_output import print_run_result
     from sandkernel.engine import Engine
+    from sandkernel.policy import load_policy
 
     code, stdin, files = _once_inputs(args)
     engine = Engine(
@@ -174,6 +121,9 @@ def _files(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy(args: argparse.Namespace) -> int:
+    import json
+
+    from sandkernel.policy import load_policy, shipped_policy_names
     from sandkernel.sandbox import (
         KernelLayout,
         Runtime,
@@ -198,8 +148,8 @@ def _cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sandkernel`` command."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sandkernel`` command's parser, every subcommand included (cheap: no engine import)."""
     parser = argparse.ArgumentParser(
         prog="sandkernel", description="Run model-written Python in sandboxed Jupyter kernels."
     )
@@ -261,48 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     show = policy_sub.add_parser("show", help="print the nsjail config a policy renders to")
     show.add_argument("name", help="policy name or TOML path")
     show.add_argument("--python", help="runtime Python (default: this one)")
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sandkernel`` command."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "run":
-            if args.arg and not args.once:
-                parser.error("--arg needs --once")
-            if args.once:
-                if args.workspace:
-                    parser.error("--workspace is for sessions; --once runs in a fresh folder")
-                if args.socket:
-                    if args.policy or args.store:
-                        parser.error("--policy and --store are the daemon's with --socket")
-                    return run_once_via_daemon(args.socket, *_once_inputs(args), args=args)
-                return asyncio.run(_run_once(args))
-            if args.socket:
-                if args.policy or args.workspace or args.store:
-                    parser.error("--policy, --workspace and --store are the daemon's with --socket")
-                return run_via_daemon(
-                    args.socket, _read_code(args), timeout_s=args.timeout,
-                    json_output=args.json, inputs=args.input or (),
-                )  # fmt: skip
-            return asyncio.run(_run(args))
-        if args.command == "eval":
-            return run_eval(args)
-        if args.command in ("serve", "mcp"):
-            return run_daemon_command(args)
-        if args.command == "solve":
-            return run_solve(args)
-        if args.command == "files":
-            return _files(args)
-        if args.command == "doctor":
-            from sandkernel.doctor import run_doctor
-
-            return run_doctor(
-                as_json=args.json, python=args.python, attack=args.attack, ray=args.ray
-            )
-        if args.command == "policy":
-            return _cmd_policy(args)
-        if args.command == "demo":
-            from sandkernel._demo import run_demo
-
-            return run_demo(Path(args.out))
+        return _dispatch(parser, args)
     except SandkernelError as exc:
         print(f"sandkernel: {exc}", file=sys.stderr)
         return 2
@@ -312,8 +229,96 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`| head`): not an error; silence the final flush.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if argv is None:
+            _skip_final_collection()
+
+
+def _skip_final_collection() -> None:
+    """Spare the exiting ``sandkernel`` process the collection of what its command left.
+
+    At exit Python collects and frees every cyclic structure still alive: for
+    a command that loaded pydantic's validators and asyncio (``eval``, ``run``)
+    that takes longer than starting Python (about 30 ms). The command is done
+    and its engine closed, so nothing left needs finalising: moving the
+    objects out of the collector's reach lets the process end at once. Only
+    for the program itself (``argv`` from the command line), never for a
+    caller that runs :func:`main` in its own process.
+    """
+    import gc
+
+    gc.freeze()
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the parsed command, importing only what that command needs."""
+    if args.command == "run":
+        return _cmd_run(parser, args)
+    if args.command == "eval":
+        from sandkernel.evaluate.cli import run_eval
+
+        return run_eval(args)
+    if args.command in ("serve", "mcp"):
+        from sandkernel.daemon.cli import run_daemon_command
+
+        return run_daemon_command(args)
+    if args.command == "solve":
+        from sandkernel._solve_cli import run_solve
+
+        return run_solve(args)
+    if args.command == "files":
+        return _files(args)
+    if args.command == "doctor":
+        return _cmd_doctor(args)
+    if args.command == "policy":
+        return _cmd_policy(args)
+    if args.command == "demo":
+        from sandkernel._demo import run_demo
+
+        return run_demo(Path(args.out))
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    if args.ray is None:
+        from sandkernel.doctor import run_doctor
+
+        return run_doctor(as_json=args.json, python=args.python, attack=args.attack)
+    if args.attack:
+        print(
+            "sandkernel doctor: --attack runs on this machine only, not with --ray", file=sys.stderr
+        )
+        return 2
+    # The cluster's doctor runs the local one on each node (ray.cli imports doctor).
+    from sandkernel.ray.cli import doctor_ray
+
+    return doctor_ray(args.ray, as_json=args.json, python=args.python)
+
+
+def _cmd_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sandkernel.daemon.cli import run_once_via_daemon, run_via_daemon
+
+    if args.arg and not args.once:
+        parser.error("--arg needs --once")
+    if args.once:
+        if args.workspace:
+            parser.error("--workspace is for sessions; --once runs in a fresh folder")
+        if args.socket:
+            if args.policy or args.store:
+                parser.error("--policy and --store are the daemon's with --socket")
+            return run_once_via_daemon(args.socket, *_once_inputs(args), args=args)
+        return asyncio.run(_run_once(args))
+    if args.socket:
+        if args.policy or args.workspace or args.store:
+            parser.error("--policy, --workspace and --store are the daemon's with --socket")
+        return run_via_daemon(
+            args.socket, _read_code(args), timeout_s=args.timeout,
+            json_output=args.json, inputs=args.input or (),
+        )  # fmt: skip
+    return asyncio.run(_run(args))
 
 
 if __name__ == "__main__":

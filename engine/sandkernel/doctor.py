@@ -239,26 +239,15 @@ def run_doctor(
     as_json: bool = False,
     python: str | None = None,
     attack: bool = False,
-    ray: str | None = None,
 ) -> int:
     """Run every check, print the report, return the exit code (0: safe and working).
 
     With ``attack``, a quick subset of the attack catalogue runs next (see
     :mod:`sandkernel._attacks`), once the checks passed; an attack that
-    succeeds makes the exit code 1 too. With ``ray`` (``auto`` or a cluster's
-    address), the checks run on every node of that Ray cluster instead, and
-    the exit code is 0 only if every node passed.
+    succeeds makes the exit code 1 too. The checks run on this machine;
+    ``sandkernel doctor --ray`` runs them on every node of a Ray cluster
+    (:func:`sandkernel.ray.cli.doctor_ray`, which calls this on each node).
     """
-    if ray is not None:
-        if attack:
-            print(
-                "sandkernel doctor: --attack runs on this machine only, not with --ray",
-                file=sys.stderr,
-            )
-            return 2
-        from sandkernel.ray.cli import doctor_ray
-
-        return doctor_ray(ray, as_json=as_json, python=python)
     os.environ["SANDKERNEL_DOCTOR"] = "1"  # must not be visible inside the sandbox
     checks, runtime = _prerequisites(python)
     if runtime is not None and all(c.ok or not c.critical for c in checks):

@@ -9,7 +9,6 @@ command needs them, so the rest of the command line works without them.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -240,6 +239,8 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
     try:
         from sandkernel.daemon.server import run_daemon
     except ImportError as exc:
@@ -254,6 +255,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _mcp(args: argparse.Namespace) -> int:
+    import asyncio
+
     try:
         from sandkernel.daemon.mcp_server import run_mcp_server
     except ImportError as exc:
@@ -290,7 +293,7 @@ def run_via_daemon(
     Raises:
         SandkernelError: the daemon refused (or cannot be reached: DaemonUnavailable).
     """
-    from sandkernel.cli import _print_human
+    from sandkernel._cli_output import print_execution_result
     from sandkernel.daemon.client import Client
 
     with Client(socket) as client:
@@ -305,7 +308,7 @@ def run_via_daemon(
     if json_output:
         print(result.model_dump_json(indent=2))
     else:
-        _print_human(result, None)
+        print_execution_result(result, None)
     return 0 if result.status == "ok" else 1
 
 
@@ -318,7 +321,7 @@ def run_once_via_daemon(
     args: argparse.Namespace,
 ) -> int:
     """``sandkernel run --once --socket PATH``: one program on the daemon's batch path."""
-    from sandkernel.cli import print_run_result
+    from sandkernel._cli_output import print_run_result
     from sandkernel.daemon.client import Client
 
     with Client(socket) as client:

@@ -13,14 +13,14 @@ each sample, and prints pass@k and a summary.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from sandkernel.batch import DEFAULT_PRELOAD, BatchPool
+# The harness and the problem loader are plain Python; the batch path (pydantic,
+# asyncio, the sandbox) is imported when an evaluation runs, not to build the parser.
 from sandkernel.evaluate.harness import DEFAULT_TIMEOUT_S, EvalSummary, evaluate_samples
 from sandkernel.evaluate.problems import HUMANEVAL, EvalInputError, load_problems, read_samples
 from sandkernel.evaluate.progress import Progress
@@ -76,8 +76,9 @@ def add_eval_parser(
     )
     parser.add_argument(
         "--preload",
-        default=",".join(DEFAULT_PRELOAD),
-        help="modules each sandbox imports once, before forking (comma-separated)",
+        default=None,
+        help="modules each sandbox imports once, before forking (comma-separated; "
+        "default: the standard-library modules benchmark programs use)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="results file (default: <samples>_results.jsonl)"
@@ -159,8 +160,15 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
             f"{args.samples}: {missing} of {len(problems)} problems have no sample; "
             "pass --ignore-incomplete to evaluate only the ones that do"
         )
+    # Only now that the input is known good: a mistake in it is reported at once.
+    from sandkernel.batch import DEFAULT_PRELOAD, BatchPool
+
     out_path = args.out or Path(f"{args.samples}_results.jsonl")
-    preload = [m.strip() for m in args.preload.split(",") if m.strip()]
+    preload = (
+        list(DEFAULT_PRELOAD)
+        if args.preload is None
+        else [m.strip() for m in args.preload.split(",") if m.strip()]
+    )
     workers = args.workers or os.cpu_count() or 1
     runner: Any
     if args.ray is not None:
@@ -205,6 +213,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         print("sandkernel eval: --timeout must be positive", file=sys.stderr)
         return 2
+    import asyncio
+
     try:
         summary, workers = asyncio.run(_evaluate(args))
     except EvalInputError as exc:

