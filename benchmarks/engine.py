@@ -31,7 +31,7 @@ QUICK = {"warm": 10, "cold": 3, "sustained_s": 3.0, "clients": 2}
 
 async def _wait_warm(engine: Engine, count: int) -> None:
     async with asyncio.timeout(120):
-        while engine.stats().pool.warm < count:  # noqa: ASYNC110 - polled, bounded
+        while (await engine.stats()).pool.warm < count:  # noqa: ASYNC110 - polled, bounded
             await asyncio.sleep(0.01)
 
 
@@ -81,7 +81,7 @@ async def _sustained(pool: int, seconds: float, clients: int, store: Path) -> di
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         elapsed = time.perf_counter() - started
-        stats = engine.stats().pool
+        stats = (await engine.stats()).pool
         return {
             "sessions": len(latencies),
             "sessions_per_s": round(len(latencies) / elapsed, 2),

@@ -59,13 +59,13 @@ async def test_two_sessions_are_isolated(engine_factory: EngineFactory) -> None:
 
 async def test_pool_refills_after_hand_outs(engine_factory: EngineFactory) -> None:
     engine = await engine_factory(pool_size=2)
-    await wait_until(lambda: engine.stats().pool.warm == 2)
+    await wait_until(lambda: engine.stats_now().pool.warm == 2)
     await engine.session("one")
     await engine.session("two")
-    stats = engine.stats()
+    stats = await engine.stats()
     assert stats.pool.hits == 2 and stats.pool.in_use == 2
-    await wait_until(lambda: engine.stats().pool.warm == 2)
-    assert engine.stats().pool.kernels_started == 4
+    await wait_until(lambda: engine.stats_now().pool.warm == 2)
+    assert (await engine.stats()).pool.kernels_started == 4
 
 
 async def test_warm_kernels_are_prewarmed_and_self_checked(engine_factory: EngineFactory) -> None:
@@ -81,7 +81,7 @@ async def test_empty_pool_raises_pool_exhausted_naming_the_setting(
 ) -> None:
     engine = await engine_factory(pool_size=0, max_kernels=1, acquire_timeout_s=2)
     await engine.session("first")  # cold start on demand
-    assert engine.stats().pool.misses == 1
+    assert (await engine.stats()).pool.misses == 1
     with pytest.raises(PoolExhausted, match="max_kernels"):
         await engine.session("second")
 
@@ -117,7 +117,7 @@ async def test_real_short_ttl_through_the_reaper(engine_factory: EngineFactory) 
     await s.run("1")
     await wait_until(lambda: s.state is SessionState.EXPIRED, timeout_s=10)
     assert s.kernel is None
-    info = {i.id: i for i in engine.sessions()}["short"]
+    info = {i.id: i for i in (await engine.sessions())}["short"]
     assert info.state is SessionState.EXPIRED and info.ended_reason == "ttl"
     with pytest.raises(SessionExpired):
         await s.run("1")
@@ -126,12 +126,12 @@ async def test_real_short_ttl_through_the_reaper(engine_factory: EngineFactory) 
 async def test_sessions_lists_state_and_times(engine_factory: EngineFactory) -> None:
     engine = await engine_factory(session_ttl_s=3600)
     await engine.session("listed")
-    (info,) = engine.sessions()
+    (info,) = await engine.sessions()
     assert info.id == "listed" and info.state is SessionState.ACTIVE
     # Monotonic times become datetimes one by one: each may round by a microsecond.
     assert 3590 < (info.expires_at - info.last_active).total_seconds() <= 3600.001
     with pytest.raises(SessionNotFound):
-        engine.get_session("nope")
+        await engine.get_session("nope")
 
 
 async def test_different_sessions_run_in_parallel(engine_factory: EngineFactory) -> None:
@@ -168,7 +168,7 @@ async def test_dead_kernel_marks_session_dead_then_restart(engine_factory: Engin
         await s.run("1")
     r = await s.run("40 + 2", restart=True)
     assert r.text == "42" and r.state_lost
-    assert engine.stats().sessions_active == 1
+    assert (await engine.stats()).sessions_active == 1
 
 
 async def test_fifty_sessions_leave_nothing_behind(engine_factory: EngineFactory) -> None:
@@ -177,7 +177,7 @@ async def test_fifty_sessions_leave_nothing_behind(engine_factory: EngineFactory
         s = await engine.session(f"s{n}")
         assert (await s.run(f"{n} * 2")).text == str(n * 2)
         await s.close()
-    stats = engine.stats()
+    stats = await engine.stats()
     assert stats.sessions_closed == 50 and stats.pool.in_use == 0
     # the fixture asserts: no kernel folder, cgroup, mount or fd left after close
 
@@ -202,4 +202,4 @@ async def test_concurrent_session_calls_for_one_id_share_one_kernel(
     engine = await engine_factory(pool_size=2)
     sessions: list[Any] = await asyncio.gather(*(engine.session("same") for _ in range(5)))
     assert all(s is sessions[0] for s in sessions)
-    assert engine.stats().pool.in_use == 1
+    assert (await engine.stats()).pool.in_use == 1

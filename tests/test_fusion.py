@@ -40,7 +40,7 @@ async def test_documented_example_cells(engine_factory: EngineFactory) -> None:
     (error,) = c[4].error
     assert error["ename"] == "RuntimeError" and error["evalue"] == "error message"
     assert any("error message" in line for line in error["traceback"])
-    stats = engine.stats()
+    stats = await engine.stats()
     assert stats.pool.in_use == 0 and stats.sessions_closed == 1  # used once, destroyed
 
 

@@ -44,7 +44,7 @@ def test_sigkilled_engine_leaves_nothing_once_the_next_one_started(tmp_path: Pat
             await engine.start()
             s = await engine.session("doomed")
             await s.run("import subprocess; p = subprocess.Popen(['sleep', '300'])")
-            while engine.stats().pool.warm < 2:
+            while (await engine.stats()).pool.warm < 2:
                 await asyncio.sleep(0.05)
             pathlib.Path({str(ready)!r}).write_text(engine._host.owner)
             await asyncio.sleep(300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -110,14 +111,16 @@ async def test_reaper_expiry_releases_the_kernel_and_later_use_raises() -> None:
     with pytest.raises(SessionExpired):
         await session.run("x")
     with pytest.raises(SessionExpired):
-        session.extend()
+        await session.extend()
 
 
 async def test_extend_keeps_the_session_alive() -> None:
     clock, log = FakeClock(), []
     session, _ = make_session(clock, log, ttl_s=60)
     clock.now += 50
-    assert session.extend() == clock.now + 60
+    expires_at = await session.extend()
+    assert expires_at == pytest.approx(time.time() + 60, abs=1)
+    assert session.lifetime.expires_at() == clock.now + 60
     clock.now += 50
     assert (await session.run("still")).stdout == "still"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import textwrap
@@ -9,13 +10,51 @@ from pathlib import Path
 
 import pytest
 
+from sandkernel.api import EngineAPI, SessionAPI
 from sandkernel.sandbox import CgroupLayout, iter_sandkernel_cgroups
-from sandkernel.sync import Engine
+from sandkernel.sync import BlockingEngine, BlockingSession, Engine
 from tests.conftest import engine_process, runtime_root
 
-pytestmark = pytest.mark.sandbox
+
+def _contract_methods(protocol: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in inspect.getmembers(protocol, inspect.isfunction)
+        if not name.startswith("_")
+    }
 
 
+def _same_parameters(blocking: inspect.Signature, contract: inspect.Signature) -> bool:
+    def shape(sig: inspect.Signature) -> list[tuple[str, object, object]]:
+        return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+
+    return shape(blocking) == shape(contract)
+
+
+@pytest.mark.parametrize(
+    ("facade", "protocol", "renamed"),
+    [(BlockingEngine, EngineAPI, {"aclose": "close"}), (BlockingSession, SessionAPI, {})],
+)
+def test_the_blocking_facade_has_every_method_of_the_contract_with_its_parameters(
+    facade: type, protocol: type, renamed: dict[str, str]
+) -> None:
+    contract = _contract_methods(protocol)
+    assert len(contract) >= 9  # the protocols were read, not an empty list
+    for name, signature in contract.items():
+        blocking = getattr(facade, renamed.get(name, name), None)
+        assert blocking is not None, f"{facade.__name__} has no {name}"
+        assert _same_parameters(inspect.signature(blocking), signature), name
+    if protocol is SessionAPI:
+        assert isinstance(SessionAPI.id, property) and isinstance(BlockingSession.id, property)
+
+
+def test_every_blocking_backend_is_the_one_facade() -> None:
+    from sandkernel.daemon import Client
+
+    assert issubclass(Engine, BlockingEngine) and issubclass(Client, BlockingEngine)
+
+
+@pytest.mark.sandbox
 def test_sync_engine_runs_cells_with_state(tmp_path: Path) -> None:
     with Engine(
         pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(), store_dir=tmp_path
@@ -31,6 +70,7 @@ def test_sync_engine_runs_cells_with_state(tmp_path: Path) -> None:
         assert engine.stats().sessions_closed == 1
 
 
+@pytest.mark.sandbox
 def test_sigterm_in_an_embedding_process_ends_every_kernel(tmp_path: Path) -> None:
     root = tmp_path / "rt"
     ready = tmp_path / "ready"
@@ -41,7 +81,7 @@ def test_sigterm_in_an_embedding_process_ends_every_kernel(tmp_path: Path) -> No
                         store_dir={str(tmp_path / "store")!r})
         s = engine.session("x")
         s.run("1")
-        pathlib.Path({str(ready)!r}).write_text(engine._engine._host.owner)
+        pathlib.Path({str(ready)!r}).write_text(engine.backend._host.owner)
         time.sleep(60)
     """)
     with engine_process(script, ready) as (proc, owner):

@@ -399,12 +399,16 @@ class Engine:
         finally:
             del self._creating[session_id]
 
-    def get_session(self, session_id: str) -> Session:
+    async def get_session(self, session_id: str) -> Session:
         """The live session with this id (never creates one).
 
         Raises:
             SessionNotFound, SessionExpired, SessionClosed.
         """
+        return self.live_session(session_id)
+
+    def live_session(self, session_id: str) -> Session:
+        """:meth:`get_session`, for code on the engine's own loop (no await)."""
         session = self._sessions.get(session_id)
         if session is None:
             raise SessionNotFound(f"no session {session_id!r}")
@@ -418,9 +422,9 @@ class Engine:
             raise SessionNotFound(f"no session {session_id!r}")
         await session.close()
 
-    def sessions(self) -> list[SessionInfo]:
+    async def sessions(self) -> list[SessionInfo]:
         """Every session the engine knows, alive or recently ended."""
-        return [s.info() for s in self._sessions.values()]
+        return [s.snapshot() for s in self._sessions.values()]
 
     def _forget_old_sessions(self) -> None:
         ended = [s for s in self._sessions.values() if s.closed]
@@ -550,7 +554,7 @@ class Engine:
         """
         store = self._require_store()
         if session_id is not None:
-            return await self.get_session(session_id).upload(source, name)
+            return await self.live_session(session_id).upload(source, name)
         if agent_id is not None:
             _check_id(agent_id, "agent")
         stored = await asyncio.to_thread(
@@ -605,8 +609,12 @@ class Engine:
 
     # -- reporting ----------------------------------------------------------------
 
-    def stats(self) -> EngineStats:
+    async def stats(self) -> EngineStats:
         """Pool and session metrics."""
+        return self.stats_now()
+
+    def stats_now(self) -> EngineStats:
+        """:meth:`stats`, for code on the engine's own loop (no await)."""
         _, pool = self._require_running()
         counts = dict.fromkeys(SessionState, 0)
         for s in self._sessions.values():

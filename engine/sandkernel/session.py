@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from typing import BinaryIO, Protocol
 
 from pydantic import BaseModel
@@ -24,6 +25,7 @@ from sandkernel.errors import KernelDead, SessionClosed, SessionExpired
 from sandkernel.files import StoredFile
 from sandkernel.kernel import OutputCallback, SandboxedKernel
 from sandkernel.results import KERNEL_LOST, ExecutionResult
+from sandkernel.streaming import StreamEvent, stream_run
 
 Clock = Callable[[], float]
 #: What can be uploaded: bytes, a path, or a binary stream.
@@ -221,6 +223,20 @@ class Session:
                 result = result.model_copy(update={"state_lost": True})
             return result
 
+    def stream(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        restart: bool | None = None,
+        file_ids: Sequence[str] = (),
+    ) -> AsyncIterator[StreamEvent]:
+        """:meth:`run`, yielding each output as it comes, then the result (last)."""
+        return stream_run(
+            partial(self.run, code, timeout_s=timeout_s, restart=restart, file_ids=file_ids),
+            label=f"session {self.id}",
+        )
+
     async def _kernel_died(self, message: str) -> None:
         if self.closed:  # closed or expired while the cell ran: that state stands
             return
@@ -292,20 +308,24 @@ class Session:
 
     # -- lifetime ----------------------------------------------------------------------
 
-    def extend(self, ttl_s: float | None = None) -> float:
+    async def extend(self, ttl_s: float | None = None) -> float:
         """Keep the session alive: its TTL counts again from now.
 
         Args:
             ttl_s: a new TTL for this session (default: keep the current one).
 
         Returns:
-            The new expiry time (engine clock).
+            The new expiry time, as a Unix time.
         """
+        return self.extend_now(ttl_s)
+
+    def extend_now(self, ttl_s: float | None = None) -> float:
+        """:meth:`extend`, for code on the engine's own loop (no await)."""
         self._check_usable()
         if ttl_s is not None:
             self.lifetime.ttl_s = ttl_s
         self.lifetime.touch(self._clock())
-        return self.lifetime.expires_at()
+        return self._wall(self.lifetime.expires_at()).timestamp()
 
     async def close(self) -> None:
         """End the session and destroy its kernel. Idempotent."""
@@ -335,7 +355,12 @@ class Session:
     def _wall(self, t: float) -> datetime:
         return datetime.fromtimestamp(time.time() - (self._clock() - t), tz=UTC)
 
-    def info(self) -> SessionInfo:
+    async def info(self) -> SessionInfo:
+        """The session's state and times."""
+        return self.snapshot()
+
+    def snapshot(self) -> SessionInfo:
+        """:meth:`info`, for code on the engine's own loop (no await)."""
         return SessionInfo(
             id=self.id,
             state=self.state,

@@ -1,14 +1,24 @@
-"""The blocking facade: the async :class:`~sandkernel.engine.Engine` for sync code.
+"""The blocking facade: any backend of the contract, for code that does not use asyncio.
 
-One event loop runs in a portal thread (``anyio.from_thread``); every method
-here hands the matching coroutine of the async API to it and waits. No logic
-lives here, so the two APIs cannot drift apart::
+One event loop runs in a portal thread (``anyio.from_thread``); the backend
+lives on it, and every method here hands the backend's coroutine of the same
+name to it and waits. No logic lives here, and every method of
+:class:`~sandkernel.api.EngineAPI` and :class:`~sandkernel.api.SessionAPI`
+has its blocking twin with the same parameters (a test checks it), so the
+blocking API cannot drift from the async one::
 
-    from sandkernel.sync import Engine
+    from sandkernel.sync import Engine                  # the embedded engine
 
     with Engine(pool_size=2) as engine:
         session = engine.session("thread-42")
         print(session.run("1 + 1").text)
+
+    from sandkernel.daemon import Client                # a daemon
+    from sandkernel.sync import BlockingEngine
+    from sandkernel.ray import ClusterEngine            # a Ray cluster
+
+    with BlockingEngine(lambda: ClusterEngine("auto")) as cluster:
+        print(cluster.run_once("print(6 * 7)").stdout)
 """
 
 from __future__ import annotations
@@ -16,25 +26,93 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractContextManager
 from functools import partial
-from types import FrameType
-from typing import Any, Literal
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from sandkernel import engine as _async
-from sandkernel.kernel import OutputCallback
-from sandkernel.results import ExecutionResult
-from sandkernel.session import Session as _AsyncSession
-from sandkernel.session import SessionInfo, SessionState
+from sandkernel.api import EngineAPI, SessionAPI
+
+if TYPE_CHECKING:
+    from sandkernel import engine as _embedded  # noqa: F401 - named in Engine's base, quoted
+    from sandkernel.batch import RunRequest, RunResult
+    from sandkernel.engine import EngineStats
+    from sandkernel.files import StoredFile
+    from sandkernel.results import ExecutionResult
+    from sandkernel.session import SessionInfo, UploadSource
+    from sandkernel.streaming import StreamEvent
+
+__all__ = ["BlockingEngine", "BlockingSession", "Engine", "ManagedBackend"]
 
 
-class Session:
-    """Blocking view of a :class:`sandkernel.session.Session`."""
+class ManagedBackend(EngineAPI, Protocol):
+    """A backend that starts and stops as an async context manager (all of them do)."""
 
-    def __init__(self, portal: BlockingPortal, session: _AsyncSession) -> None:
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> object: ...
+
+
+class _Portal:
+    """Calls into the loop thread: one value, or an async iterator item by item."""
+
+    def __init__(self, portal: BlockingPortal) -> None:
+        self.portal = portal
+
+    def call[T](self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        return self.portal.call(partial(fn, *args, **kwargs))
+
+    def iterate[T](self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
+        iterator = self.portal.call(_made, make)
+        try:
+            while True:
+                item = self.portal.call(_next_or_end, iterator)
+                if item is _END:
+                    return
+                yield item
+        finally:
+            self.portal.call(_close, iterator)
+
+
+_END: Any = object()
+
+
+async def _made[T](make: Callable[[], T]) -> T:
+    # Made in the loop thread: async iterators and backends belong to its loop.
+    return make()
+
+
+async def _next_or_end[T](iterator: AsyncIterator[T]) -> T:
+    return await anext(iterator, _END)
+
+
+async def _close(iterator: AsyncIterator[Any]) -> None:
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()
+
+
+class BlockingSession:
+    """A :class:`~sandkernel.api.SessionAPI`, blocking."""
+
+    def __init__(self, portal: _Portal, session: SessionAPI) -> None:
         self._portal = portal
         self._session = session
 
@@ -42,108 +120,208 @@ class Session:
     def id(self) -> str:
         return self._session.id
 
-    @property
-    def state(self) -> SessionState:
-        return self._session.state
-
     def run(
         self,
         code: str,
         *,
         timeout_s: float | None = None,
-        on_output: OutputCallback | None = None,
         restart: bool | None = None,
+        file_ids: Sequence[str] = (),
     ) -> ExecutionResult:
-        """See :meth:`sandkernel.session.Session.run` (``on_output`` runs in the loop thread)."""
+        """Run one cell (see :meth:`sandkernel.api.SessionAPI.run`)."""
         return self._portal.call(
-            partial(self._session.run, code, timeout_s=timeout_s, on_output=on_output,
-                    restart=restart)
-        )  # fmt: skip
+            self._session.run, code, timeout_s=timeout_s, restart=restart, file_ids=file_ids
+        )
+
+    def stream(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        restart: bool | None = None,
+        file_ids: Sequence[str] = (),
+    ) -> Iterator[StreamEvent]:
+        """Run one cell, yielding its outputs as they come, then its result (last)."""
+        return self._portal.iterate(
+            partial(
+                self._session.stream, code, timeout_s=timeout_s, restart=restart, file_ids=file_ids
+            )
+        )
+
+    def upload(self, source: UploadSource, name: str | None = None) -> StoredFile:
+        return self._portal.call(self._session.upload, source, name)
+
+    def attach(self, file_ids: Sequence[str]) -> list[str]:
+        return self._portal.call(self._session.attach, file_ids)
+
+    def files(self) -> list[StoredFile]:
+        return self._portal.call(self._session.files)
 
     def extend(self, ttl_s: float | None = None) -> float:
-        expires: float = self._portal.call(partial(_call_sync, self._session.extend, ttl_s))
-        return expires
+        return self._portal.call(self._session.extend, ttl_s)
 
     def interrupt(self) -> None:
         self._portal.call(self._session.interrupt)
 
+    def info(self) -> SessionInfo:
+        return self._portal.call(self._session.info)
+
     def close(self) -> None:
         self._portal.call(self._session.close)
 
-    def info(self) -> SessionInfo:
-        return self._session.info()
 
+class BlockingEngine[B: ManagedBackend]:
+    """Any backend of :class:`~sandkernel.api.EngineAPI`, blocking.
 
-async def _call_sync(fn: Callable[..., Any], *args: Any) -> Any:
-    # Sync methods of the async objects still run in the loop thread: they
-    # touch state that only that thread may change.
-    return fn(*args)
+    Args:
+        make_backend: builds the backend (called in the loop thread); it is
+            entered as an async context manager (started) here and exited
+            by :meth:`close`.
+    """
 
-
-class Engine:
-    """Blocking view of :class:`sandkernel.engine.Engine`; takes the same arguments."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        wants_sigterm = kwargs.pop("handle_sigterm", True)
+    def __init__(self, make_backend: Callable[[], B]) -> None:
         self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal()
-        self._portal = self._portal_cm.__enter__()
+        portal = self._portal_cm.__enter__()
+        self._portal = _Portal(portal)
         self._closed = False
-        self._previous_sigterm: Any = None
         try:
-            # The loop thread cannot take signals; this facade handles SIGTERM.
-            self._engine = _async.Engine(handle_sigterm=False, **kwargs)
-            self._portal.call(self._engine.start)
+            backend = self._portal.call(_made, make_backend)
+            self._backend_cm = portal.wrap_async_context_manager(backend)
+            self._backend: B = self._backend_cm.__enter__()
         except BaseException:
             self._portal_cm.__exit__(None, None, None)
             raise
-        if wants_sigterm:
-            self._install_sigterm()
 
-    def _run(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        return self._portal.call(partial(fn, *args, **kwargs))
+    @property
+    def backend(self) -> B:
+        """The async backend; reach its extras with :meth:`call`."""
+        return self._backend
+
+    def call[T](self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run one of the backend's coroutines (``fn(*args, **kwargs)``) and wait for it."""
+        return self._portal.call(fn, *args, **kwargs)
 
     def session(
-        self, session_id: str | None = None, *, if_expired: Literal["raise", "new"] = "raise"
-    ) -> Session:
-        """See :meth:`sandkernel.engine.Engine.session`."""
-        inner = self._run(self._engine.session, session_id, if_expired=if_expired)
-        return Session(self._portal, inner)
+        self,
+        session_id: str | None = None,
+        *,
+        agent_id: str | None = None,
+        if_expired: Literal["raise", "new"] = "raise",
+    ) -> BlockingSession:
+        session = self.call(
+            self._backend.session, session_id, agent_id=agent_id, if_expired=if_expired
+        )
+        return BlockingSession(self._portal, session)
 
-    def get_session(self, session_id: str) -> Session:
-        inner = self._run(_call_sync, self._engine.get_session, session_id)
-        return Session(self._portal, inner)
+    def get_session(self, session_id: str) -> BlockingSession:
+        return BlockingSession(self._portal, self.call(self._backend.get_session, session_id))
 
     def close_session(self, session_id: str) -> None:
-        self._run(self._engine.close_session, session_id)
+        self.call(self._backend.close_session, session_id)
 
     def sessions(self) -> list[SessionInfo]:
-        result: list[SessionInfo] = self._run(_call_sync, self._engine.sessions)
-        return result
+        return self.call(self._backend.sessions)
 
-    def stats(self) -> _async.EngineStats:
-        result: _async.EngineStats = self._run(_call_sync, self._engine.stats)
-        return result
+    def stats(self) -> EngineStats:
+        return self.call(self._backend.stats)
 
-    def reap(self, now: float | None = None) -> list[str]:
-        result: list[str] = self._run(self._engine.reap, now)
-        return result
+    def run_once(
+        self,
+        code: str,
+        *,
+        stdin: str | bytes | None = None,
+        files: Mapping[str, bytes] | None = None,
+        fetch_files: Sequence[str] = (),
+        argv: Sequence[str] = (),
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+    ) -> RunResult:
+        return self.call(
+            self._backend.run_once, code, stdin=stdin, files=files, fetch_files=fetch_files,
+            argv=argv, timeout_s=timeout_s, memory_mb=memory_mb,
+        )  # fmt: skip
+
+    def run_many(
+        self,
+        requests: Iterable[RunRequest] | AsyncIterable[RunRequest],
+        *,
+        concurrency: int | None = None,
+    ) -> Iterator[RunResult]:
+        return self._portal.iterate(
+            partial(self._backend.run_many, requests, concurrency=concurrency)
+        )
+
+    def upload(
+        self,
+        source: UploadSource,
+        name: str | None = None,
+        *,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        retention_s: float | None = None,
+    ) -> StoredFile:
+        return self.call(
+            self._backend.upload, source, name, session_id=session_id, agent_id=agent_id,
+            retention_s=retention_s,
+        )  # fmt: skip
+
+    def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
+        return self.call(self._backend.attach_to_agent, agent_id, file_ids)
+
+    def file(self, file_id: str) -> StoredFile:
+        return self.call(self._backend.file, file_id)
+
+    def download(self, file_id: str) -> bytes:
+        return self.call(self._backend.download, file_id)
+
+    def list_files(
+        self, *, session_id: str | None = None, agent_id: str | None = None
+    ) -> list[StoredFile]:
+        return self.call(self._backend.list_files, session_id=session_id, agent_id=agent_id)
+
+    def delete_file(self, file_id: str) -> None:
+        self.call(self._backend.delete_file, file_id)
 
     def close(self) -> None:
-        """End every session and kernel, then stop the loop thread. Idempotent."""
+        """Stop the backend (for a client: close its connections), then the loop. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._restore_sigterm()
         try:
-            self._portal.call(self._engine.aclose)
+            self._backend_cm.__exit__(None, None, None)
         finally:
             self._portal_cm.__exit__(None, None, None)
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Engine(BlockingEngine["_embedded.Engine"]):
+    """The embedded :class:`sandkernel.engine.Engine`, blocking; takes the same arguments.
+
+    In the main thread it also handles SIGTERM (the loop thread cannot): the
+    engine is closed, then the signal's default action runs.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        from sandkernel import engine as embedded
+
+        wants_sigterm = kwargs.pop("handle_sigterm", True)
+        self._previous_sigterm: Any = None
+        super().__init__(partial(embedded.Engine, handle_sigterm=False, **kwargs))
+        if wants_sigterm:
+            self._install_sigterm()
+
+    def reap(self, now: float | None = None) -> list[str]:
+        """End every expired session now (see :meth:`sandkernel.engine.Engine.reap`)."""
+        return self.call(self.backend.reap, now)
+
+    def close(self) -> None:
+        self._restore_sigterm()
+        super().close()
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -138,11 +138,9 @@ async def test_the_blocking_client_mirrors_the_async_one(daemon_factory: DaemonF
     def use() -> tuple[str, list[str], bytes]:
         with Client(running.socket) as client:
             session = client.session("sync")
-            chunks: list[str] = []
-            result = session.run(
-                "print('a', flush=True); print('b')",
-                on_output=lambda m: chunks.append(m["content"].get("text", "")),
-            )
+            *outputs, result = session.stream("print('a', flush=True); print('b')")
+            assert isinstance(result, ExecutionResult)
+            chunks = [m["content"].get("text", "") for m in outputs if isinstance(m, dict)]
             stored = session.upload(b"x,y\n1,2\n", "t.csv")
             return result.stdout, chunks, client.download(stored.id)
 
@@ -216,5 +214,5 @@ async def test_sandkernel_run_through_the_daemon(
     )
     assert code == 1
     assert "ZeroDivisionError" in capsys.readouterr().err
-    states = {s.state for s in running.engine.sessions()}
+    states = {s.state for s in (await running.engine.sessions())}
     assert states == {SessionState.CLOSED}  # each run used a fresh session and closed it

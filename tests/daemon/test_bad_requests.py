@@ -160,7 +160,7 @@ async def test_tcp_needs_the_token_and_compares_it(daemon_factory: DaemonFactory
             "/v1/sessions", json={"id": "nope"}, headers={"Authorization": "Bearer wrong"}
         )
         assert response.status_code == 401
-    assert "nope" not in [s.id for s in running.engine.sessions()]
+    assert "nope" not in [s.id for s in (await running.engine.sessions())]
     with pytest.raises(Unauthorized):
         await running.client(url=running.url, token="wrong").health()
     good = running.client(url=running.url, token="s3cret-token")

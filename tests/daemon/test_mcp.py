@@ -106,7 +106,7 @@ async def test_mcp_server_on_a_running_daemon(
         args=["-m", "sandkernel.daemon", "mcp", "--socket", str(running.socket)],
     )
     await _drive(params, tmp_path / "mcp.log", csv_path)
-    sessions = [s.id for s in running.engine.sessions()]
+    sessions = [s.id for s in (await running.engine.sessions())]
     assert len(sessions) == 1 and sessions[0].startswith("mcp-")  # it ran in the daemon
 
 

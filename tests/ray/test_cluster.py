@@ -7,6 +7,7 @@ run in this file's order: the last two remove a node and add one.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections import Counter
 from typing import Any
@@ -29,9 +30,17 @@ def alive_node_ids() -> set[str]:
 
 
 async def wait_for(predicate: Any, timeout_s: float) -> None:
-    """Wait for engine state that has no event of its own, with a deadline."""
+    """Wait for engine state that has no event of its own, with a deadline.
+
+    ``predicate`` returns a bool, or an awaitable of one.
+    """
     async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - polled state, bounded by the deadline
+        while True:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return
             await asyncio.sleep(0.05)
 
 
@@ -65,23 +74,23 @@ async def test_a_session_keeps_its_state_and_its_kernel(cluster_engine: ClusterE
     assert name == "conv-1" and tag == node_tag(session.node_id)
     first = await session.run("import os\ncounter = 40")
     assert first.ok
-    kernel_id = session.info().kernel_id
+    kernel_id = (await session.info()).kernel_id
     assert kernel_id is not None
     for n in range(3):
         result = await session.run("counter += 1\ncounter")
         assert result.text == str(41 + n)
-        assert session.info().kernel_id == kernel_id
+        assert (await session.info()).kernel_id == kernel_id
     # By name, by cluster-wide id, sync or async: always this session.
     assert await cluster_engine.session("conv-1") is session
     assert await cluster_engine.session(session.id) is session
-    assert cluster_engine.get_session(session.id) is session
-    assert cluster_engine.get_session("conv-1") is session
-    assert {i.id for i in cluster_engine.sessions()} >= {session.id}
+    assert await cluster_engine.get_session(session.id) is session
+    assert await cluster_engine.get_session("conv-1") is session
+    assert {i.id for i in (await cluster_engine.sessions())} >= {session.id}
     await session.close()
     with pytest.raises(SessionClosed):
         await session.run("1")
     with pytest.raises(SessionNotFound):
-        cluster_engine.get_session("never-opened")
+        await cluster_engine.get_session("never-opened")
 
 
 async def test_twenty_sessions_spread_over_every_node(cluster_engine: ClusterEngine) -> None:
@@ -94,7 +103,7 @@ async def test_twenty_sessions_spread_over_every_node(cluster_engine: ClusterEng
     assert set(per_node) == alive_node_ids()
     assert min(per_node.values()) >= 5, per_node
     await cluster_engine.refresh()
-    assert cluster_engine.stats().sessions_active >= 20
+    assert (await cluster_engine.stats()).sessions_active >= 20
     await asyncio.gather(*(s.close() for s in sessions))
 
 
@@ -131,12 +140,12 @@ async def test_cancelling_a_run_interrupts_the_cell(cluster_engine: ClusterEngin
     await session.close()
 
 
-async def test_extend_answers_at_once_and_the_host_confirms(cluster_engine: ClusterEngine) -> None:
+async def test_extend_answers_with_the_hosts_new_expiry(cluster_engine: ClusterEngine) -> None:
     session = await cluster_engine.session()
-    before = session.info().expires_at
-    expected = session.extend(7200)
-    assert expected > time.monotonic() + 7000
-    await wait_for(lambda: session.info().expires_at > before, timeout_s=10)
+    before = (await session.info()).expires_at
+    expected = await session.extend(7200)
+    assert expected > time.time() + 7000
+    assert (await session.info()).expires_at > before
     fresh = await session.refresh()
     assert 7100 < (fresh.expires_at - fresh.last_active).total_seconds() <= 7200
     await session.close()
@@ -245,7 +254,11 @@ async def test_a_lost_node_fails_its_sessions_fast_and_only_them(
     assert (await fresh.run("1 + 1")).text == "2"
     # The guardian ends the node's kernels: nothing of that host is left.
     assert wait_until(lambda: not leftovers_of(host), timeout_s=10), leftovers_of(host)
-    await wait_for(lambda: cluster_engine.stats().hosts_lost >= 1, timeout_s=5)
+
+    async def host_counted_lost() -> bool:
+        return (await cluster_engine.stats()).hosts_lost >= 1
+
+    await wait_for(host_counted_lost, timeout_s=5)
     assert doomed_node.node_id not in {h.node_id for h in cluster_engine.hosts()}
     await asyncio.gather(*(s.close() for s in [*sessions, fresh]))
 

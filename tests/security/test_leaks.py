@@ -110,7 +110,7 @@ def test_a_sigkilled_engine_with_busy_kernels_leaves_nothing_after_the_next_star
                               "for _ in range(4): os.fork()\\\\ntime.sleep(600)'])")
             await busy[1].run("open('/mnt/data/f.bin', 'wb').write(b'x' * (8 << 20))")
             cells = [asyncio.ensure_future(s.run("while True: pass")) for s in busy]
-            while engine.stats().pool.warm < 2:
+            while (await engine.stats()).pool.warm < 2:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
             pathlib.Path({str(ready)!r}).write_text(engine._host.owner)
@@ -186,8 +186,8 @@ async def test_a_kernel_whose_limits_are_missing_is_destroyed_not_handed_out(
     ) as engine:  # fmt: skip
         with pytest.raises(PoolExhausted, match="pids.max"):
             await engine.session()
-        assert engine.stats().pool.kernels_failed >= 1
-        assert engine.stats().pool.in_use == 0
+        assert (await engine.stats()).pool.kernels_failed >= 1
+        assert (await engine.stats()).pool.in_use == 0
         host = engine._host
         assert host is not None
         assert leftovers(host) == []

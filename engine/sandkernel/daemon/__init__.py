@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sandkernel.daemon.client import AsyncClient, Client, RemoteSession, SyncRemoteSession
+    from sandkernel.daemon.client import AsyncClient, Client, RemoteSession
     from sandkernel.daemon.errors import (
         DaemonError,
         DaemonUnavailable,
@@ -33,7 +33,6 @@ _WHERE = {
     "AsyncClient": "client",
     "Client": "client",
     "RemoteSession": "client",
-    "SyncRemoteSession": "client",
     "DaemonError": "errors",
     "DaemonUnavailable": "errors",
     "InvalidRequest": "errors",
@@ -58,7 +57,6 @@ __all__ = [
     "RequestTooLarge",
     "RunQueueFull",
     "SessionLost",
-    "SyncRemoteSession",
     "Unauthorized",
     "run_daemon",
 ]

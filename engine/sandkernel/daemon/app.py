@@ -59,6 +59,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandkernel import __version__
+from sandkernel.api import SessionAPI
 from sandkernel.daemon import sse
 from sandkernel.daemon.admission import (
     DEFAULT_MAX_QUEUED_BYTES,
@@ -88,6 +89,7 @@ from sandkernel.errors import PolicyError, SandkernelError, SessionNotFound
 from sandkernel.files import StoredFile
 from sandkernel.results import ExecutionResult
 from sandkernel.session import Session, SessionInfo
+from sandkernel.streaming import StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +97,6 @@ DEFAULT_MAX_JSON_BYTES: Final = 1 << 20
 DEFAULT_MAX_UPLOAD_BYTES: Final = 600 << 20
 _UPLOAD_PATH: Final = re.compile(r"^/v1/(?:sessions/[^/]+/)?files/?$")
 _KEEPALIVE_S: Final = 15.0
-# A client reading a stream slower than the cell writes: past this many pending
-# events, further ones are dropped (the final result still holds the output).
-_MAX_PENDING_EVENTS: Final = 10_000
 _DOWNLOAD_CHUNK: Final = 1 << 20
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     "4XX": {"model": ErrorBody, "description": "the request was refused; `type` says why"},
@@ -406,15 +405,15 @@ def create_app(
         lost = records.lost(session_id)
         return lost if lost is not None else SessionNotFound(f"no session {session_id!r}")
 
-    def live_session(session_id: str) -> Session:
+    async def live_session(session_id: str) -> Session:
         try:
-            return engine.get_session(session_id)
+            return await engine.get_session(session_id)
         except SessionNotFound:
             raise lost_or_unknown(session_id) from None
 
-    def session_info(session_id: str) -> SessionInfo:
+    async def session_info(session_id: str) -> SessionInfo:
         """A session the engine knows, alive or ended."""
-        for info in engine.sessions():
+        for info in await engine.sessions():
             if info.id == session_id:
                 return info
         raise lost_or_unknown(session_id)
@@ -438,13 +437,13 @@ def create_app(
         if session.id not in records:
             await anyio.to_thread.run_sync(records.record, session.id, session.agent_id)
         if body.ttl_s is not None:
-            session.extend(body.ttl_s)
-        return _json(session.info())
+            await session.extend(body.ttl_s)
+        return _json(await session.info())
 
     @app.get("/v1/sessions", response_model=SessionList, responses=_ERRORS, tags=["sessions"])
     async def list_sessions() -> Response:
         """Every session the engine knows: active, dead, and recently ended."""
-        return _json(SessionList(data=engine.sessions()))
+        return _json(SessionList(data=await engine.sessions()))
 
     @app.get(
         "/v1/sessions/{session_id}",
@@ -454,7 +453,7 @@ def create_app(
     )
     async def get_session(session_id: str) -> Response:
         """A session's state and times; an ended one too (410 if the daemon restarted since)."""
-        return _json(session_info(session_id))
+        return _json(await session_info(session_id))
 
     @app.delete(
         "/v1/sessions/{session_id}", response_model=Deleted, responses=_ERRORS, tags=["sessions"]
@@ -486,7 +485,7 @@ def create_app(
         stream: Annotated[bool, Query(description="stream outputs as Server-Sent Events")] = False,
     ) -> Response:
         """Run one cell; user code failing is a result with a status, not an HTTP error."""
-        session = live_session(session_id)
+        session = await live_session(session_id)
         if stream or "text/event-stream" in request.headers.get("accept", ""):
             return StreamingResponse(
                 _stream_run(session, body),
@@ -511,7 +510,7 @@ def create_app(
     ) -> Response:
         """Store a file for this session and copy it into its /mnt/data."""
         try:
-            session = live_session(session_id)
+            session = await live_session(session_id)
             stored = await session.upload(file.file, _upload_name(file, name))
         finally:
             await file.close()
@@ -526,7 +525,7 @@ def create_app(
     async def session_files(session_id: str) -> Response:
         """Files uploaded to the session and produced by it (also after it ended or was lost)."""
         if records.lost(session_id) is None:
-            session_info(session_id)  # 404 for an id never seen
+            await session_info(session_id)  # 404 for an id never seen
         return _json(FileList(data=await engine.list_files(session_id=session_id)))
 
     @app.post(
@@ -537,7 +536,7 @@ def create_app(
     )
     async def attach(session_id: str, body: FileIds) -> Response:
         """Copy stored files into the session's /mnt/data now; answers their paths there."""
-        paths = await live_session(session_id).attach(body.file_ids)
+        paths = await (await live_session(session_id)).attach(body.file_ids)
         return _json(PathList(data=paths))
 
     @app.post(
@@ -548,9 +547,9 @@ def create_app(
     )
     async def extend(session_id: str, body: Extend) -> Response:
         """Keep the session alive: its TTL counts again from now."""
-        session = live_session(session_id)
-        session.extend(body.ttl_s)
-        return _json(Extended(id=session_id, expires_at=session.info().expires_at))
+        session = await live_session(session_id)
+        await session.extend(body.ttl_s)
+        return _json(Extended(id=session_id, expires_at=(await session.info()).expires_at))
 
     @app.post(
         "/v1/sessions/{session_id}/interrupt",
@@ -560,9 +559,9 @@ def create_app(
     )
     async def interrupt(session_id: str) -> Response:
         """Interrupt the session's running cell, if any (it ends with KeyboardInterrupt)."""
-        session = live_session(session_id)
+        session = await live_session(session_id)
         await session.interrupt()
-        return _json(session.info())
+        return _json(await session.info())
 
     # -- files -------------------------------------------------------------------------
 
@@ -583,7 +582,7 @@ def create_app(
             if session_id is not None and agent_id is not None:
                 raise ValueError("give session_id or agent_id, not both")
             if session_id is not None:
-                live_session(session_id)
+                await live_session(session_id)
             stored = await engine.upload(
                 file.file,
                 _upload_name(file, name),
@@ -667,7 +666,7 @@ def create_app(
     @app.get("/v1/stats", response_model=EngineStats, responses=_ERRORS, tags=["daemon"])
     async def stats() -> Response:
         """Pool and session figures."""
-        return _json(engine.stats())
+        return _json(await engine.stats())
 
     @app.get("/v1/health", response_model=Health, responses=_ERRORS, tags=["daemon"])
     async def health() -> Response:
@@ -702,61 +701,49 @@ async def _read_file(engine: Engine, file_id: str) -> AsyncIterator[bytes]:
         handle.close()
 
 
-async def _stream_run(session: Session, body: Execute) -> AsyncIterator[bytes]:
-    """Run the cell, yielding each output as an event the moment the kernel sends it."""
-    pending: asyncio.Queue[bytes | None] = asyncio.Queue()
-    dropped = 0
+async def _stream_run(session: SessionAPI, body: Execute) -> AsyncIterator[bytes]:
+    """Run the cell, yielding each output as an event the moment the kernel sends it.
 
-    def on_output(message: dict[str, Any]) -> None:
-        nonlocal dropped
-        event = sse.output_event(message)
-        if event is None:
-            return
-        if pending.qsize() >= _MAX_PENDING_EVENTS:
-            dropped += 1
-            return
-        pending.put_nowait(sse.encode_json(*event))
-
-    run = asyncio.create_task(
-        session.run(
-            body.code,
-            timeout_s=body.timeout_s,
-            on_output=on_output,
-            restart=body.restart,
-            file_ids=body.file_ids,
-        )
+    The cell's outputs come from the session's own :meth:`stream`; this adds
+    the SSE encoding and a keep-alive comment while the cell is quiet. A client
+    that goes away closes this generator, which closes the stream: the cell is
+    interrupted.
+    """
+    events = session.stream(
+        body.code, timeout_s=body.timeout_s, restart=body.restart, file_ids=body.file_ids
     )
-    run.add_done_callback(lambda _: pending.put_nowait(None))
+    upcoming: asyncio.Future[StreamEvent] | None = None
     try:
         while True:
-            try:
-                chunk = await asyncio.wait_for(pending.get(), _KEEPALIVE_S)
-            except TimeoutError:
+            if upcoming is None:
+                upcoming = asyncio.ensure_future(anext(events))
+            # Waited on without cancelling it: a quiet cell gets keep-alives.
+            done, _ = await asyncio.wait({upcoming}, timeout=_KEEPALIVE_S)
+            if not done:
                 yield sse.KEEPALIVE
                 continue
-            if chunk is None:
-                break
-            yield chunk
-        if dropped:
-            log.warning(
-                "session %s: %d output events dropped for a slow reader", session.id, dropped
-            )
-        try:
-            result = run.result()
-        except (SandkernelError, ValueError) as exc:
-            yield sse.encode_json(sse.ERROR, {**error_body(exc), "status": status_for(exc)})
-            return
-        except Exception as exc:
-            log.exception("session %s: the streamed run failed", session.id)
-            yield sse.encode_json(sse.ERROR, {**error_body(exc), "status": 500})
-            return
-        yield sse.encode(sse.RESULT, result.model_dump_json())
+            try:
+                event = upcoming.result()
+            except (SandkernelError, ValueError) as exc:
+                yield sse.encode_json(sse.ERROR, {**error_body(exc), "status": status_for(exc)})
+                return
+            except Exception as exc:
+                log.exception("session %s: the streamed run failed", session.id)
+                yield sse.encode_json(sse.ERROR, {**error_body(exc), "status": 500})
+                return
+            upcoming = None
+            if isinstance(event, ExecutionResult):
+                yield sse.encode(sse.RESULT, event.model_dump_json())
+                return
+            encoded = sse.output_event(event)
+            if encoded is not None:
+                yield sse.encode_json(*encoded)
     finally:
-        if not run.done():
-            # The client went away: stop the cell (the engine interrupts it) and wait for that.
-            run.cancel()
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait({run})
+        with anyio.CancelScope(shield=True):
+            if upcoming is not None and not upcoming.done():
+                upcoming.cancel()
+                await asyncio.wait({upcoming})
+            await events.aclose()  # type: ignore[attr-defined]  # an async generator
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -7,20 +7,17 @@ Switching from the embedded engine to a running daemon is one line::
         session = await engine.session("thread-42")
         result = await session.run("print(1 + 1)")      # the same ExecutionResult
 
-Sessions, files and stats come back as the engine's own models
+:class:`AsyncClient` implements :class:`sandkernel.api.EngineAPI` (mypy checks
+it): sessions, files and stats come back as the engine's own models
 (:class:`~sandkernel.results.ExecutionResult`, :class:`~sandkernel.files.StoredFile`,
 :class:`~sandkernel.session.SessionInfo`, :class:`~sandkernel.engine.EngineStats`),
 and a refusal of the daemon is raised as the engine's exception class
 (``SessionNotFound``, ``SessionExpired``, ``FileRejected``...), see
-:mod:`sandkernel.daemon.errors`. What differs: what is a plain method on the
-engine (``sessions()``, ``stats()``, ``get_session()``, ``Session.info()``,
-``Session.extend()``) is a coroutine here, ``extend`` returns a Unix time, and
-``on_output`` receives ``{"msg_type", "content"}`` (the message without its
+:mod:`sandkernel.daemon.errors`. Streamed outputs (``session.stream``, or
+``on_output``) are ``{"msg_type", "content"}`` (the message without its
 Jupyter header), see :mod:`sandkernel.daemon.sse`.
 
-:class:`Client` is the blocking twin (the daemon is the async core here, so
-both are thin: each call is described once, by a ``_Call``, and each client
-only sends it).
+:class:`Client` is the blocking facade of :mod:`sandkernel.sync` over it.
 """
 
 from __future__ import annotations
@@ -38,6 +35,7 @@ from collections.abc import (
 )
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Literal
 from urllib.parse import quote
@@ -57,6 +55,8 @@ from sandkernel.errors import SessionClosed, SessionExpired
 from sandkernel.files import StoredFile
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
+from sandkernel.streaming import StreamEvent, stream_run
+from sandkernel.sync import BlockingEngine
 
 #: What ``on_output`` receives: ``{"msg_type": ..., "content": ...}``.
 RemoteOutputCallback = Callable[[dict[str, Any]], None]
@@ -603,6 +603,20 @@ class RemoteSession:
             return await self._client._send(_execute(self.id, body), timeout)
         return await self._client._stream_execute(self.id, body, on_output, timeout)
 
+    def stream(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        restart: bool | None = None,
+        file_ids: Sequence[str] = (),
+    ) -> AsyncIterator[StreamEvent]:
+        """:meth:`run`, yielding each output as it comes, then the result (last)."""
+        return stream_run(
+            partial(self.run, code, timeout_s=timeout_s, restart=restart, file_ids=file_ids),
+            label=f"session {self.id}",
+        )
+
     async def upload(self, source: UploadSource, name: str | None = None) -> StoredFile:
         """Store a file for this session and copy it into ``/mnt/data``."""
         return await self._client._upload_to_session(self.id, source, name)
@@ -635,8 +649,12 @@ class RemoteSession:
 # -- blocking -----------------------------------------------------------------------------
 
 
-class Client:
-    """The blocking twin of :class:`AsyncClient` (mirrors :class:`sandkernel.sync.Engine`)."""
+class Client(BlockingEngine[AsyncClient]):
+    """:class:`AsyncClient`, blocking: :mod:`sandkernel.sync`'s one facade over it.
+
+    Takes :class:`AsyncClient`'s arguments; every method of the contract is
+    here with the same parameters, plus the client's own extras.
+    """
 
     def __init__(
         self,
@@ -646,257 +664,17 @@ class Client:
         token: str | None = None,
         timeout_s: float = 300.0,
     ) -> None:
-        base_url, uds = _where(socket, url)
-        self.where = f"unix:{uds}" if uds is not None else base_url
-        if url is not None and token is None:
-            token = os.environ.get("SANDKERNEL_TOKEN")
-        self.timeout_s = timeout_s
-        self._http = httpx.Client(
-            base_url=base_url,
-            transport=httpx.HTTPTransport(uds=uds) if uds is not None else None,
-            headers=_headers(token),
-            timeout=httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S),
-        )
+        super().__init__(partial(AsyncClient, socket, url=url, token=token, timeout_s=timeout_s))
 
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connections (sessions stay alive in the daemon)."""
-        self._http.close()
-
-    def _send[T](self, call: _Call[T], http_timeout: httpx.Timeout | None = None) -> T:
-        with _transport_errors(self.where):
-            response = self._http.request(
-                call.method,
-                call.path,
-                json=call.json,
-                params=call.params,
-                timeout=http_timeout or self._http.timeout,
-            )
-        _raise_for_error(response)
-        return call.parse(response)
-
-    def _run_timeout(self, timeout_s: float | None) -> httpx.Timeout:
-        return httpx.Timeout(self.timeout_s + (timeout_s or 0), connect=_CONNECT_TIMEOUT_S)
-
-    def run_once(
-        self,
-        code: str,
-        *,
-        stdin: str | bytes | None = None,
-        files: Mapping[str, bytes] | None = None,
-        fetch_files: Sequence[str] = (),
-        argv: Sequence[str] = (),
-        timeout_s: float | None = None,
-        memory_mb: int | None = None,
-    ) -> RunResult:
-        """Run ``code`` once as a program, statelessly (see :meth:`Engine.run_once`)."""
-        request = RunRequest.program(
-            code, stdin=stdin, files=files, fetch_files=fetch_files, argv=argv,
-            timeout_s=timeout_s, memory_mb=memory_mb,
-        )  # fmt: skip
-        return self._send(_run_once(request), self._run_timeout(timeout_s))
-
-    def run_many(
-        self, requests: Iterable[RunRequest], *, concurrency: int | None = None
-    ) -> Iterator[RunResult]:
-        """Run many requests, yielding results as they finish (see :meth:`Engine.run_many`)."""
-        params = {"concurrency": str(concurrency)} if concurrency is not None else None
-        with _transport_errors(self.where):
-            with self._http.stream(
-                "POST", "/v1/runs", content=(_ndjson(r) for r in requests), params=params,
-                headers={"content-type": "application/x-ndjson"},
-                timeout=httpx.Timeout(self.timeout_s, connect=_CONNECT_TIMEOUT_S, read=None),
-            ) as response:  # fmt: skip
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for_error(response)
-                for line in response.iter_lines():
-                    if line.strip():
-                        yield _run_line(line)
-
-    def session(
-        self,
-        session_id: str | None = None,
-        *,
-        agent_id: str | None = None,
-        if_expired: Literal["raise", "new"] = "raise",
-        ttl_s: float | None = None,
-        policy: str | None = None,
-    ) -> SyncRemoteSession:
-        """See :meth:`AsyncClient.session`."""
-        call = _create_session(session_id, agent_id, if_expired, ttl_s, policy)
-        info = self._send(call)
-        return SyncRemoteSession(self, info.id, agent_id)
-
-    def get_session(self, session_id: str) -> SyncRemoteSession:
-        """The live session with this id (never creates one)."""
-        _check_live(self._send(_session_info(session_id)))
-        return SyncRemoteSession(self, session_id, None)
-
-    def close_session(self, session_id: str) -> None:
-        self._send(_close_session(session_id))
-
-    def sessions(self) -> list[SessionInfo]:
-        return self._send(_sessions())
-
-    def stats(self) -> EngineStats:
-        return self._send(_stats())
+    @property
+    def where(self) -> str:
+        """The daemon's address, as errors name it."""
+        return self.backend.where
 
     def health(self) -> Health:
-        return self._send(_health())
-
-    def upload(
-        self,
-        source: UploadSource,
-        name: str | None = None,
-        *,
-        session_id: str | None = None,
-        agent_id: str | None = None,
-        retention_s: float | None = None,
-    ) -> StoredFile:
-        """See :meth:`AsyncClient.upload`."""
-        form = _upload_form(name, session_id, agent_id, retention_s)
-        with _upload_part(source, name) as files, _transport_errors(self.where):
-            response = self._http.post("/v1/files", data=form, files=files)
-        _raise_for_error(response)
-        return StoredFile.model_validate_json(response.content)
-
-    def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
-        return self._send(_attach_to_agent(agent_id, file_ids))
-
-    def file(self, file_id: str) -> StoredFile:
-        return self._send(_file(file_id))
-
-    def download(self, file_id: str, *, max_bytes: int | None = None) -> bytes:
-        """See :meth:`AsyncClient.download`."""
-        chunks: list[bytes] = []
-        size = 0
-        with (
-            _transport_errors(self.where),
-            self._http.stream("GET", f"/v1/files/{_seg(file_id)}/content") as response,
-        ):
-            if response.status_code >= 400:
-                response.read()
-                _raise_for_error(response)
-            for chunk in response.iter_bytes():
-                chunks.append(chunk)
-                size += len(chunk)
-                if max_bytes is not None and size >= max_bytes:
-                    break
-        return _joined(chunks, max_bytes)
+        """The daemon's version, uptime and pool, without a token."""
+        return self.call(self.backend.health)
 
     def download_to(self, file_id: str, path: str | os.PathLike[str]) -> Path:
-        target = Path(path)
-        with (
-            _transport_errors(self.where),
-            self._http.stream("GET", f"/v1/files/{_seg(file_id)}/content") as response,
-        ):
-            if response.status_code >= 400:
-                response.read()
-                _raise_for_error(response)
-            with target.open("wb") as out:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
-        return target
-
-    def list_files(
-        self, *, session_id: str | None = None, agent_id: str | None = None
-    ) -> list[StoredFile]:
-        return self._send(_list_files(session_id, agent_id))
-
-    def delete_file(self, file_id: str) -> None:
-        self._send(_delete_file(file_id))
-
-    def _upload_to_session(
-        self, session_id: str, source: UploadSource, name: str | None
-    ) -> StoredFile:
-        with _upload_part(source, name) as files, _transport_errors(self.where):
-            response = self._http.post(
-                f"/v1/sessions/{_seg(session_id)}/files", data=_upload_form(name), files=files
-            )
-        _raise_for_error(response)
-        return StoredFile.model_validate_json(response.content)
-
-    def _stream_execute(
-        self,
-        session_id: str,
-        body: dict[str, Any],
-        on_output: RemoteOutputCallback,
-        http_timeout: httpx.Timeout,
-    ) -> ExecutionResult:
-        decoder = sse.Decoder()
-        with (
-            _transport_errors(self.where),
-            self._http.stream(
-                "POST",
-                f"/v1/sessions/{_seg(session_id)}/execute",
-                json=body,
-                params={"stream": "true"},
-                headers={"Accept": "text/event-stream"},
-                timeout=http_timeout,
-            ) as response,
-        ):
-            if response.status_code >= 400:
-                response.read()
-                _raise_for_error(response)
-            for line in response.iter_lines():
-                event = decoder.feed(line)
-                if event is not None:
-                    result = _stream_event(event, on_output)
-                    if result is not None:
-                        return result
-        raise DaemonError(f"the daemon at {self.where} ended the stream without a result")
-
-
-class SyncRemoteSession:
-    """The blocking twin of :class:`RemoteSession` (mirrors :class:`sandkernel.sync.Session`)."""
-
-    def __init__(self, client: Client, session_id: str, agent_id: str | None) -> None:
-        self._client = client
-        self.id = session_id
-        self.agent_id = agent_id
-
-    def __repr__(self) -> str:
-        return f"SyncRemoteSession({self.id!r}, at={self._client.where!r})"
-
-    def run(
-        self,
-        code: str,
-        *,
-        timeout_s: float | None = None,
-        on_output: RemoteOutputCallback | None = None,
-        restart: bool | None = None,
-        file_ids: Sequence[str] = (),
-    ) -> ExecutionResult:
-        """See :meth:`RemoteSession.run`."""
-        body = _execute_body(code, timeout_s, restart, file_ids)
-        timeout = self._client._run_timeout(timeout_s)
-        if on_output is None:
-            return self._client._send(_execute(self.id, body), timeout)
-        return self._client._stream_execute(self.id, body, on_output, timeout)
-
-    def upload(self, source: UploadSource, name: str | None = None) -> StoredFile:
-        return self._client._upload_to_session(self.id, source, name)
-
-    def attach(self, file_ids: Sequence[str]) -> list[str]:
-        return self._client._send(_attach(self.id, file_ids))
-
-    def files(self) -> list[StoredFile]:
-        return self._client._send(_session_files(self.id))
-
-    def extend(self, ttl_s: float | None = None) -> float:
-        return self._client._send(_extend(self.id, ttl_s))
-
-    def interrupt(self) -> None:
-        self._client._send(_interrupt(self.id))
-
-    def info(self) -> SessionInfo:
-        return self._client._send(_session_info(self.id))
-
-    def close(self) -> None:
-        self._client.close_session(self.id)
+        """Stream a stored file into ``path``; returns it."""
+        return self.call(self.backend.download_to, file_id, path)

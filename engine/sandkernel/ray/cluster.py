@@ -48,7 +48,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -93,6 +93,7 @@ from sandkernel.ray.errors import FileLost, HostUnreachable, SessionLost
 from sandkernel.ray.host import NodeHost
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
+from sandkernel.streaming import StreamEvent, stream_run
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,6 @@ class ClusterSession:
         self.agent_id = agent_id
         self._info = info
         self._ttl_s: float = engine.session_ttl_s
-        self._pending_error: BaseException | None = None
 
     # -- state ----------------------------------------------------------------------
 
@@ -339,8 +339,14 @@ class ClusterSession:
         """Its node left the cluster (or its host died) while it was open."""
         return self._host.gone and not self.closed
 
-    def info(self) -> SessionInfo:
-        """The session as last reported by its host."""
+    async def info(self) -> SessionInfo:
+        """The session's state and times, asked of its host (as last known once it ended)."""
+        if self.closed:
+            return self._info
+        return await self.refresh()
+
+    def snapshot(self) -> SessionInfo:
+        """The session as last reported by its host (kept fresh by calls and polls)."""
         return self._info
 
     def _update(self, info: SessionInfo) -> None:
@@ -358,9 +364,6 @@ class ClusterSession:
         )
 
     def _check_usable(self) -> None:
-        if self._pending_error is not None:
-            error, self._pending_error = self._pending_error, None
-            raise error
         if self._info.state is SessionState.CLOSED:
             raise SessionClosed(f"session {self.id!r} was closed")
         if self._info.state is SessionState.EXPIRED:
@@ -452,6 +455,20 @@ class ClusterSession:
             raise HostUnreachable(f"session {self.id!r}: the host's stream ended without a result")
         return final
 
+    def stream(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        restart: bool | None = None,
+        file_ids: Sequence[str] = (),
+    ) -> AsyncIterator[StreamEvent]:
+        """:meth:`run`, yielding each output as it comes, then the result (last)."""
+        return stream_run(
+            partial(self.run, code, timeout_s=timeout_s, restart=restart, file_ids=file_ids),
+            label=f"session {self.id}",
+        )
+
     async def interrupt(self) -> None:
         """Interrupt the running cell, if any."""
         self._update(await self._call("interrupt", self.name))
@@ -486,49 +503,16 @@ class ClusterSession:
 
     # -- lifetime ---------------------------------------------------------------------
 
-    def extend(self, ttl_s: float | None = None) -> float:
+    async def extend(self, ttl_s: float | None = None) -> float:
         """Keep the session alive: its TTL counts again from now.
 
-        Sent without waiting; returns the expected expiry on this side's
-        monotonic clock. :meth:`info` shows the host's answer once it arrives.
+        Returns:
+            The new expiry, as a Unix time (the host's answer).
         """
-        self._check_usable()
         if ttl_s is not None:
             self._ttl_s = ttl_s
-        # Over the channel when open, so that calls sent after it run after it.
-        channel = self._host.channel
-        sent = False
-        if channel is not None and channel.open:
-            try:
-                _, answer = channel.submit("extend", (self.name, ttl_s))
-                answer.add_done_callback(self._extended)
-                sent = True
-            except ChannelClosed:
-                pass
-        if not sent:
-            try:
-                ref = self._host.submit("extend", self.name, ttl_s)
-            except _HostGone:
-                raise self._lost_error() from None
-            ref.future().add_done_callback(self._extended)
-        now = datetime.now(UTC)
-        self._info = self._info.model_copy(
-            update={"last_active": now, "expires_at": now + timedelta(seconds=self._ttl_s)}
-        )
-        return time.monotonic() + self._ttl_s
-
-    def _extended(self, future: Any) -> None:
-        # Runs on the loop (channel) or in a Ray thread: only plain assignments here.
-        if future.cancelled():
-            return
-        try:
-            reply = future.result()
-        except Exception:  # noqa: BLE001 - host trouble: the next call reports it
-            return
-        if isinstance(reply, Raised):
-            self._pending_error = reply.error
-        elif isinstance(reply, SessionInfo):
-            self._info = reply
+        self._update(await self._call("extend", self.name, ttl_s))
+        return self._info.expires_at.timestamp()
 
     async def refresh(self) -> SessionInfo:
         """Ask the host for the session's state now."""
@@ -1147,23 +1131,17 @@ class ClusterEngine:
             raise SessionLost(f"session {session_id!r} was on {lost.where}, which {lost.reason}")
         raise SessionNotFound(f"no session {session_id!r}: no node of the cluster has tag {tag}")
 
-    def get_session(self, session_id: str) -> ClusterSession:
-        """The live session with this id or name, as this engine knows it (never creates one).
+    async def get_session(self, session_id: str) -> ClusterSession:
+        """The live session with this id or name (never creates one).
 
-        A session created by another engine is found with ``await session(id)``.
+        A session this engine does not know yet (opened by another engine in
+        the namespace) is looked up on its host.
 
         Raises:
             SessionNotFound, SessionExpired, SessionClosed, SessionLost.
         """
-        session = self._known(session_id)
-        if session is None:
-            parsed = parse_session_id(session_id)
-            if parsed is not None and parsed[0] in self._lost:
-                self._host_of_tag(parsed[0], session_id)
-            raise SessionNotFound(
-                f"no session {session_id!r} known to this engine "
-                f"(`await engine.session({session_id!r})` looks for it on the cluster)"
-            )
+        self._require_running()
+        session = await self._lookup(session_id)
         session._check_usable()
         return session
 
@@ -1194,15 +1172,15 @@ class ClusterEngine:
         self._require_running()
         await (await self._lookup(session_id)).close()
 
-    def sessions(self) -> list[SessionInfo]:
-        """The sessions this engine opened or looked up, alive or recently ended.
+    def known_sessions(self) -> list[SessionInfo]:
+        """The sessions this engine opened or looked up, as last reported (no call).
 
-        Refreshed by every call and by the reconciler's polls; ``all_sessions()``
+        Refreshed by every call and by the reconciler's polls; :meth:`sessions`
         asks every host for every session.
         """
-        return [s.info() for s in self._sessions.values()]
+        return [s.snapshot() for s in self._sessions.values()]
 
-    async def all_sessions(self) -> list[SessionInfo]:
+    async def sessions(self) -> list[SessionInfo]:
         """Every session of every host (of every engine in the namespace)."""
         self._require_running()
         hosts = self._alive()
@@ -1578,7 +1556,7 @@ class ClusterEngine:
 
     # -- reporting ----------------------------------------------------------------------
 
-    def stats(self) -> ClusterStats:
+    async def stats(self) -> ClusterStats:
         """Every host's figures summed (as of the reconciler's last poll), and each host's."""
         self._require_running()
         hosts = [h.stats for h in self._alive() if h.stats is not None]

@@ -265,7 +265,7 @@ class NodeHost:
         task.add_done_callback(self._tasks.discard)
 
     def _stats(self) -> HostStats:
-        stats = self.engine.stats()
+        stats = self.engine.stats_now()
         alive = stats.sessions_active + stats.sessions_dead
         return HostStats(
             node_id=self.node_id,
@@ -280,7 +280,7 @@ class NodeHost:
     # -- sessions ---------------------------------------------------------------------
 
     def _session_info(self, session: Session) -> SessionInfo:
-        return session.info().model_copy(update={"id": session_id_of(self.tag, session.id)})
+        return session.snapshot().model_copy(update={"id": session_id_of(self.tag, session.id)})
 
     @_replying
     async def open_session(
@@ -322,7 +322,7 @@ class NodeHost:
         file_ids: Sequence[str],
     ) -> tuple[ExecutionResult, SessionInfo] | NeedFiles:
         """Run one cell; answers the result and the session's info (or the files it lacks)."""
-        session = self.engine.get_session(name)
+        session = self.engine.live_session(name)
         local_ids = await self._resolve(file_ids) if file_ids else []
         if isinstance(local_ids, NeedFiles):
             return local_ids
@@ -343,7 +343,7 @@ class NodeHost:
         :class:`Raised`.
         """
         try:
-            session = self.engine.get_session(name)
+            session = self.engine.live_session(name)
             local_ids = await self._resolve(file_ids) if file_ids else []
         except (SandkernelError, ValueError) as exc:
             yield Raised(exc)
@@ -379,33 +379,33 @@ class NodeHost:
 
     @_replying
     async def extend(self, name: str, ttl_s: float | None) -> SessionInfo:
-        session = self.engine.get_session(name)
-        session.extend(ttl_s)
+        session = self.engine.live_session(name)
+        session.extend_now(ttl_s)
         return self._session_info(session)
 
     @_replying
     async def interrupt(self, name: str) -> SessionInfo:
-        session = self.engine.get_session(name)
+        session = self.engine.live_session(name)
         await session.interrupt()
         return self._session_info(session)
 
     @_replying
     async def close_session(self, name: str) -> SessionInfo:
         await self.engine.close_session(name)
-        return self._session_info(self._sessions.get(name) or self.engine.get_session(name))
+        return self._session_info(self._sessions.get(name) or self.engine.live_session(name))
 
     @_replying
     async def session_info(self, name: str) -> SessionInfo:
         session = self._sessions.get(name)
         if session is None:
-            session = self.engine.get_session(name)
+            session = self.engine.live_session(name)
         return self._session_info(session)
 
-    def sessions(self) -> list[SessionInfo]:
+    async def sessions(self) -> list[SessionInfo]:
         """Every session of this host's engine, alive or recently ended."""
         return [
             info.model_copy(update={"id": session_id_of(self.tag, info.id)})
-            for info in self.engine.sessions()
+            for info in await self.engine.sessions()
         ]
 
     @_replying
@@ -497,12 +497,12 @@ class NodeHost:
 
     @_replying
     async def upload_to_session(self, name: str, data: bytes, filename: str | None) -> StoredFile:
-        session = self.engine.get_session(name)
+        session = self.engine.live_session(name)
         return self._outward_file(await session.upload(data, filename))
 
     @_replying
     async def attach(self, name: str, file_ids: Sequence[str]) -> list[str] | NeedFiles:
-        session = self.engine.get_session(name)
+        session = self.engine.live_session(name)
         local_ids = await self._resolve(file_ids)
         if isinstance(local_ids, NeedFiles):
             return local_ids

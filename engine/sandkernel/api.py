@@ -1,0 +1,206 @@
+"""The engine's contract: what every backend offers and every frontend may use.
+
+::
+
+    frontends  CLI · model loop · eval · daemon routes · MCP · gateways
+                 │   typed against EngineAPI / SessionAPI, never a concrete class
+                 ▼
+    contract   EngineAPI (sessions, one-shot runs, files, stats)
+               SessionAPI (one stateful sandboxed kernel)
+                 │
+       ┌─────────┼──────────────────────┐
+       ▼         ▼                      ▼
+    Engine    daemon.AsyncClient     ray.ClusterEngine
+    (this     (a daemon over its     (one Engine per node
+    process)   socket or TCP)         of a Ray cluster)
+
+Every method that can cross a process is a coroutine, on every backend, so a
+frontend written against these protocols runs unchanged on any of them. A
+backend may offer more (``Engine.open_file``, ``AsyncClient.health``,
+``ClusterEngine.hosts``) and take more optional arguments; what is here is
+what all of them take and return. ``sandkernel.sync`` wraps any of them in
+one blocking facade.
+
+Errors are the classes of :mod:`sandkernel.errors`, raised the same way by
+every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from sandkernel.batch import RunRequest, RunResult
+    from sandkernel.engine import EngineStats
+    from sandkernel.files import StoredFile
+    from sandkernel.results import ExecutionResult
+    from sandkernel.session import SessionInfo, UploadSource
+    from sandkernel.streaming import StreamEvent
+
+__all__ = ["EngineAPI", "SessionAPI"]
+
+
+class SessionAPI(Protocol):
+    """One conversation's stateful, sandboxed Python kernel."""
+
+    @property
+    def id(self) -> str:
+        """The session's id (a conversation's or thread's id)."""
+        ...
+
+    async def run(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        restart: bool | None = None,
+        file_ids: Sequence[str] = (),
+    ) -> ExecutionResult:
+        """Run one cell; the result lists the files it produced.
+
+        Raises:
+            SessionExpired, SessionClosed, SessionLost, KernelDead.
+        """
+        ...
+
+    def stream(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        restart: bool | None = None,
+        file_ids: Sequence[str] = (),
+    ) -> AsyncIterator[StreamEvent]:
+        """Run one cell, yielding each output as it comes, then its result (last).
+
+        See :mod:`sandkernel.streaming`; close the iterator early to stop the cell.
+        """
+        ...
+
+    async def upload(self, source: UploadSource, name: str | None = None) -> StoredFile:
+        """Store a file for this session and copy it into ``/mnt/data``."""
+        ...
+
+    async def attach(self, file_ids: Sequence[str]) -> list[str]:
+        """Copy stored files into ``/mnt/data``; returns their paths there."""
+        ...
+
+    async def files(self) -> list[StoredFile]:
+        """Files uploaded to this session and produced by it."""
+        ...
+
+    async def extend(self, ttl_s: float | None = None) -> float:
+        """Keep the session alive; returns its new expiry as a Unix time."""
+        ...
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell, if any."""
+        ...
+
+    async def info(self) -> SessionInfo:
+        """The session's state and times."""
+        ...
+
+    async def close(self) -> None:
+        """End the session and its kernel (idempotent)."""
+        ...
+
+
+class EngineAPI(Protocol):
+    """Sessions, one-shot runs and files, on whatever backend runs them."""
+
+    async def session(
+        self,
+        session_id: str | None = None,
+        *,
+        agent_id: str | None = None,
+        if_expired: Literal["raise", "new"] = "raise",
+    ) -> SessionAPI:
+        """The session for a conversation id, created if needed.
+
+        Raises:
+            PoolExhausted, SessionLimitReached, SessionExpired, SessionClosed.
+        """
+        ...
+
+    async def get_session(self, session_id: str) -> SessionAPI:
+        """The live session with this id (never creates one).
+
+        Raises:
+            SessionNotFound, SessionExpired, SessionClosed, SessionLost.
+        """
+        ...
+
+    async def close_session(self, session_id: str) -> None:
+        """Close a session by id (idempotent for ended sessions)."""
+        ...
+
+    async def sessions(self) -> list[SessionInfo]:
+        """Every session the engine knows, alive or recently ended."""
+        ...
+
+    async def stats(self) -> EngineStats:
+        """Pool and session figures."""
+        ...
+
+    async def run_once(
+        self,
+        code: str,
+        *,
+        stdin: str | bytes | None = None,
+        files: Mapping[str, bytes] | None = None,
+        fetch_files: Sequence[str] = (),
+        argv: Sequence[str] = (),
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+    ) -> RunResult:
+        """Run ``code`` once as ``python main.py``, statelessly, in a fresh sandbox fork."""
+        ...
+
+    def run_many(
+        self,
+        requests: Iterable[RunRequest] | AsyncIterable[RunRequest],
+        *,
+        concurrency: int | None = None,
+    ) -> AsyncIterator[RunResult]:
+        """Run many requests, yielding results as they finish (tagged with ``id``)."""
+        ...
+
+    async def upload(
+        self,
+        source: UploadSource,
+        name: str | None = None,
+        *,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        retention_s: float | None = None,
+    ) -> StoredFile:
+        """Store a file and get its id (given to a session or an agent if named)."""
+        ...
+
+    async def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
+        """Give stored files to an agent: its sessions see them read-only."""
+        ...
+
+    async def file(self, file_id: str) -> StoredFile:
+        """A stored file's metadata."""
+        ...
+
+    async def download(self, file_id: str) -> bytes:
+        """A stored file's bytes."""
+        ...
+
+    async def list_files(
+        self, *, session_id: str | None = None, agent_id: str | None = None
+    ) -> list[StoredFile]:
+        """Stored files, optionally of one session or one agent."""
+        ...
+
+    async def delete_file(self, file_id: str) -> None:
+        """Delete a stored file."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything the backend holds (for a client: its connection)."""
+        ...

@@ -1,0 +1,78 @@
+"""A cell's outputs as an async iterator: the one way every backend streams.
+
+``session.stream(code)`` yields each output message (a Jupyter IOPub message
+as a JSON-able dict: ``stream``, ``display_data``, ``execute_result``,
+``error``…) the moment the kernel sends it, and ends with the cell's
+:class:`~sandkernel.results.ExecutionResult`. Closing the iterator early
+(``contextlib.aclosing``) or cancelling the consumer interrupts the cell and
+waits for it to stop.
+
+Every session type builds its ``stream`` with :func:`stream_run` from its own
+``run(..., on_output=...)``, so the queue, the bound and the cancellation
+are written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from sandkernel.results import ExecutionResult
+
+log = logging.getLogger(__name__)
+
+#: One output of a running cell: a Jupyter IOPub message as a dict.
+OutputMessage = dict[str, Any]
+#: What ``stream`` yields: outputs, then exactly one result, last.
+StreamEvent = OutputMessage | ExecutionResult
+
+#: Outputs held for a consumer that reads slower than the cell writes; past
+#: it, outputs are dropped (and counted) rather than held without bound. The
+#: result still carries the cell's whole (capped) stdout and stderr.
+MAX_PENDING_OUTPUTS = 10_000
+
+_DONE = object()
+
+
+async def stream_run(
+    run: Callable[..., Awaitable[ExecutionResult]],
+    *,
+    max_pending: int = MAX_PENDING_OUTPUTS,
+    label: str = "cell",
+) -> AsyncIterator[StreamEvent]:
+    """Turn ``run(on_output=...)`` into an iterator of its outputs, then its result.
+
+    Args:
+        run: runs the cell, calling ``on_output`` with each output message.
+        max_pending: outputs held for a slow consumer before dropping more.
+        label: names the cell in the log line about dropped outputs.
+    """
+    pending: asyncio.Queue[object] = asyncio.Queue()
+    dropped = 0
+
+    def on_output(message: OutputMessage) -> None:
+        nonlocal dropped
+        if pending.qsize() >= max_pending:
+            dropped += 1
+            return
+        pending.put_nowait(message)
+
+    task = asyncio.ensure_future(run(on_output=on_output))
+    task.add_done_callback(lambda _: pending.put_nowait(_DONE))
+    try:
+        while (item := await pending.get()) is not _DONE:
+            assert isinstance(item, dict)
+            yield item
+        if dropped:
+            log.warning("%s: %d outputs dropped for a slow reader", label, dropped)
+        yield task.result()
+    finally:
+        if not task.done():
+            # The consumer went away: stop the cell (the session interrupts it) and wait.
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({task})

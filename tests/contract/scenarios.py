@@ -1,0 +1,179 @@
+"""The contract's scenarios: what every backend of ``EngineAPI`` must do, alike.
+
+Each scenario is an async function taking the backend (typed as the contract,
+never a concrete class). ``test_contract.py`` runs them against the embedded
+engine and the daemon over its socket; the Ray test run runs the same list
+against ``ClusterEngine`` and a daemon serving a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from sandkernel.api import EngineAPI
+from sandkernel.batch import RunRequest
+from sandkernel.errors import (
+    FileNotFoundInStore,
+    SandkernelError,
+    SessionClosed,
+    SessionExpired,
+    SessionNotFound,
+)
+from sandkernel.results import ExecutionResult
+
+Scenario = Callable[[EngineAPI], Awaitable[None]]
+
+
+async def state_is_kept_across_cells(api: EngineAPI) -> None:
+    session = await api.session("contract-state")
+    assert session.id.endswith("contract-state")
+    await session.run("total = 40")
+    assert (await session.run("total + 2")).text == "42"
+    again = await api.get_session(session.id)
+    assert (await again.run("total")).text == "40"
+    await session.close()
+
+
+async def sessions_are_isolated(api: EngineAPI) -> None:
+    a, b = await api.session(), await api.session()
+    assert a.id != b.id
+    await a.run("secret = 1\nopen('/mnt/data/mine.txt', 'w').write('a')")
+    result = await b.run("secret")
+    assert result.status == "error" and result.error is not None
+    assert result.error.name == "NameError"
+    listed = await b.run("import os; sorted(os.listdir('/mnt/data'))")
+    assert "mine.txt" not in listed.text
+    await a.close()
+    await b.close()
+
+
+async def outputs_stream_before_the_result(api: EngineAPI) -> None:
+    session = await api.session()
+    events = []
+    async with contextlib.aclosing(
+        session.stream("print('a', flush=True)\nprint('b', flush=True)\n6 * 7")
+    ) as stream:
+        async for event in stream:
+            events.append(event)
+    *outputs, result = events
+    assert isinstance(result, ExecutionResult) and result.text == "42"
+    assert all(isinstance(e, dict) for e in outputs)
+    text = "".join(
+        e["content"].get("text", "")
+        for e in outputs
+        if e.get("msg_type", e.get("type")) == "stream"
+    )
+    assert text == "a\nb\n" and result.stdout == "a\nb\n"
+    await session.close()
+
+
+async def files_go_up_and_come_back_by_id(api: EngineAPI) -> None:
+    session = await api.session()
+    uploaded = await session.upload(b"x,y\n3,4\n", "in.csv")
+    made = await session.run(
+        "data = open('/mnt/data/in.csv').read()\nopen('/mnt/data/out.txt', 'w').write(data.upper())"
+    )
+    assert made.status == "ok", made.error
+    (produced,) = [f for f in made.files if f.name == "out.txt"]
+    assert await api.download(produced.id) == b"X,Y\n3,4\n"
+    assert await api.download(uploaded.id) == b"x,y\n3,4\n"
+    assert (await api.file(uploaded.id)).name == "in.csv"
+    ids = {f.id for f in await api.list_files(session_id=session.id)}
+    assert {uploaded.id, produced.id} <= ids
+    assert {f.id for f in await session.files()} >= {uploaded.id, produced.id}
+    await api.delete_file(uploaded.id)
+    with pytest.raises(FileNotFoundInStore):
+        await api.file(uploaded.id)
+    with pytest.raises(FileNotFoundInStore):
+        await api.download("file-doesnotexist")
+    await session.close()
+
+
+async def agent_files_are_seen_read_only_by_its_sessions(api: EngineAPI) -> None:
+    stored = await api.upload(b"rules\n", "rules.txt", agent_id="contract-agent")
+    session = await api.session(agent_id="contract-agent")
+    result = await session.run(
+        "print(open('/mnt/data/rules.txt').read(), end='')\n"
+        "try:\n    open('/mnt/data/rules.txt', 'w')\n"
+        "except OSError as e:\n    print(type(e).__name__)"
+    )
+    assert result.stdout.startswith("rules\n") and "Error" in result.stdout, result.stdout
+    assert stored.id in {f.id for f in await api.list_files(agent_id="contract-agent")}
+    other = await api.session()
+    assert (await other.run("import os; os.path.exists('/mnt/data/rules.txt')")).text == "False"
+    await session.close()
+    await other.close()
+
+
+async def ended_sessions_answer_with_their_error(api: EngineAPI) -> None:
+    session = await api.session("contract-ended")
+    await session.run("x = 1")
+    await session.close()
+    with pytest.raises(SessionClosed):
+        await session.run("x")
+    with pytest.raises(SessionClosed):
+        await api.get_session(session.id)
+    with pytest.raises(SessionClosed):
+        await api.session(session.id)
+    fresh = await api.session(session.id, if_expired="new")
+    assert (await fresh.run("x")).error is not None  # a new kernel: x is gone
+    await fresh.close()
+    with pytest.raises(SessionNotFound):
+        await api.get_session("contract-never-opened")
+
+
+async def a_session_expires_after_its_ttl(api: EngineAPI) -> None:
+    session = await api.session()
+    expires_at = await session.extend(1.0)
+    info = await session.info()
+    assert abs(info.expires_at.timestamp() - expires_at) < 0.5
+    # the TTL has to pass: nothing to wait on but the clock
+    await asyncio.sleep(1.6)
+    with pytest.raises(SessionExpired):
+        await session.run("1")
+
+
+async def one_shot_runs_are_programs(api: EngineAPI) -> None:
+    result = await api.run_once("import sys\nprint(sys.stdin.read()[::-1])", stdin="abc")
+    assert (result.status, result.return_code, result.stdout) == ("ok", 0, "cba\n")
+    failed = await api.run_once("raise SystemExit(3)")
+    assert (failed.status, failed.return_code) == ("error", 3)
+    requests = [RunRequest(code=f"print({n} * 2)", id=n) for n in range(8)]
+    results = {r.id: r.stdout async for r in api.run_many(requests, concurrency=2)}
+    assert results == {n: f"{n * 2}\n" for n in range(8)}
+
+
+async def stats_count_sessions(api: EngineAPI) -> None:
+    session = await api.session()
+    stats = await api.stats()
+    assert stats.sessions_active >= 1
+    assert session.id in {s.id for s in await api.sessions()}
+    await session.close()
+
+
+async def bad_input_is_refused_by_name_and_the_engine_serves_on(api: EngineAPI) -> None:
+    with pytest.raises((SandkernelError, ValueError)):
+        await api.session("not a valid id/../")
+    with pytest.raises((SandkernelError, ValueError)):
+        await api.upload(b"MZ\x90\x00", "tool.exe")
+    session = await api.session()
+    assert (await session.run("1 + 1")).text == "2"
+    await session.close()
+
+
+SCENARIOS: list[Scenario] = [
+    state_is_kept_across_cells,
+    sessions_are_isolated,
+    outputs_stream_before_the_result,
+    files_go_up_and_come_back_by_id,
+    agent_files_are_seen_read_only_by_its_sessions,
+    ended_sessions_answer_with_their_error,
+    a_session_expires_after_its_ttl,
+    one_shot_runs_are_programs,
+    stats_count_sessions,
+    bad_input_is_refused_by_name_and_the_engine_serves_on,
+]
