@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from sandkernel.session import SessionInfo, UploadSource
     from sandkernel.streaming import StreamEvent
 
-__all__ = ["EngineAPI", "SessionAPI"]
+__all__ = ["EngineAPI", "RunsMany", "SessionAPI"]
 
 
 class SessionAPI(Protocol):
@@ -107,7 +107,20 @@ class SessionAPI(Protocol):
         ...
 
 
-class EngineAPI(Protocol):
+class RunsMany(Protocol):
+    """What runs batches of one-shot programs: every engine, and a bare ``BatchPool``."""
+
+    def run_many(
+        self,
+        requests: Iterable[RunRequest] | AsyncIterable[RunRequest],
+        *,
+        concurrency: int | None = None,
+    ) -> AsyncIterator[RunResult]:
+        """Run many requests, yielding results as they finish (tagged with ``id``)."""
+        ...
+
+
+class EngineAPI(RunsMany, Protocol):
     """Sessions, one-shot runs and files, on whatever backend runs them."""
 
     async def session(
@@ -158,15 +171,6 @@ class EngineAPI(Protocol):
         """Run ``code`` once as ``python main.py``, statelessly, in a fresh sandbox fork."""
         ...
 
-    def run_many(
-        self,
-        requests: Iterable[RunRequest] | AsyncIterable[RunRequest],
-        *,
-        concurrency: int | None = None,
-    ) -> AsyncIterator[RunResult]:
-        """Run many requests, yielding results as they finish (tagged with ``id``)."""
-        ...
-
     async def upload(
         self,
         source: UploadSource,
@@ -187,8 +191,8 @@ class EngineAPI(Protocol):
         """A stored file's metadata."""
         ...
 
-    async def download(self, file_id: str) -> bytes:
-        """A stored file's bytes."""
+    async def download(self, file_id: str, *, max_bytes: int | None = None) -> bytes:
+        """A stored file's bytes (only the first ``max_bytes`` if given)."""
         ...
 
     async def list_files(

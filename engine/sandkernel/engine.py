@@ -588,9 +588,17 @@ class Engine:
         """A stored file's metadata. Raises FileNotFoundInStore."""
         return await asyncio.to_thread(self._require_store().get, file_id)
 
-    async def download(self, file_id: str) -> bytes:
-        """A stored file's bytes (use :meth:`open_file` to stream large ones)."""
-        return await asyncio.to_thread(self._require_store().read_bytes, file_id)
+    async def download(self, file_id: str, *, max_bytes: int | None = None) -> bytes:
+        """A stored file's bytes, or its first ``max_bytes`` (:meth:`open_file` streams)."""
+        store = self._require_store()
+        if max_bytes is None:
+            return await asyncio.to_thread(store.read_bytes, file_id)
+
+        def head() -> bytes:
+            with store.open(file_id) as handle:
+                return handle.read(max_bytes)
+
+        return await asyncio.to_thread(head)
 
     def open_file(self, file_id: str) -> BinaryIO:
         """A stored file as a binary stream (blocking reads; close it when done)."""

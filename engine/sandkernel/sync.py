@@ -271,8 +271,8 @@ class BlockingEngine[B: ManagedBackend]:
     def file(self, file_id: str) -> StoredFile:
         return self.call(self._backend.file, file_id)
 
-    def download(self, file_id: str) -> bytes:
-        return self.call(self._backend.download, file_id)
+    def download(self, file_id: str, *, max_bytes: int | None = None) -> bytes:
+        return self.call(self._backend.download, file_id, max_bytes=max_bytes)
 
     def list_files(
         self, *, session_id: str | None = None, agent_id: str | None = None

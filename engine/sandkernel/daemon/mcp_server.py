@@ -33,17 +33,16 @@ from mcp.types import ImageContent, TextContent
 from pydantic import Field
 
 from sandkernel import __version__
-from sandkernel.daemon.client import AsyncClient, RemoteSession
+from sandkernel.api import EngineAPI, SessionAPI
+from sandkernel.daemon.client import AsyncClient
 from sandkernel.engine import Engine
 from sandkernel.errors import SandkernelError
 from sandkernel.files import StoredFile
 from sandkernel.loop import format_result
-from sandkernel.session import Session
 
 _MAX_IMAGES: Final = 4
 _READ_LIMIT: Final = 10 << 20
 
-Backend = Engine | AsyncClient
 
 INSTRUCTIONS = (
     "Run Python in a sandboxed, stateful Jupyter kernel (no network; numpy, pandas and "
@@ -65,11 +64,11 @@ def _anticipated() -> Iterator[None]:
 class SandboxTools:
     """The tool implementations, on an engine or a daemon client."""
 
-    def __init__(self, backend: Backend, *, default_session_id: str | None = None) -> None:
+    def __init__(self, backend: EngineAPI, *, default_session_id: str | None = None) -> None:
         self.backend = backend
         self.default_session_id = default_session_id or f"mcp-{secrets.token_hex(6)}"
 
-    async def _session(self, session_id: str | None) -> Session | RemoteSession:
+    async def _session(self, session_id: str | None) -> SessionAPI:
         if session_id is None:
             # The default session starts afresh if it expired: the server outlives it.
             return await self.backend.session(self.default_session_id, if_expired="new")
@@ -153,7 +152,7 @@ class SandboxTools:
         """Read a stored file: text for text files, else base64."""
         with _anticipated():
             stored = await self.backend.file(file_id)
-            data = await _read_head(self.backend, file_id, max_bytes)
+            data = await self.backend.download(file_id, max_bytes=max_bytes)
             truncated = stored.size_bytes > len(data)
             answer: dict[str, Any] = {**_describe(stored), "truncated": truncated}
             text = _as_text(data, truncated=truncated)
@@ -182,17 +181,6 @@ def _describe(stored: StoredFile) -> dict[str, Any]:
         "origin": stored.origin,
         "path": stored.path,
     }
-
-
-async def _read_head(backend: Backend, file_id: str, max_bytes: int) -> bytes:
-    if isinstance(backend, AsyncClient):
-        return await backend.download(file_id, max_bytes=max_bytes)
-
-    def read() -> bytes:
-        with backend.open_file(file_id) as handle:
-            return handle.read(max_bytes)
-
-    return await anyio.to_thread.run_sync(read)
 
 
 def build_mcp_server(tools: SandboxTools) -> MCPServer[Any]:

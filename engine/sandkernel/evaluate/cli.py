@@ -17,13 +17,31 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # The harness and the problem loader are plain Python; the batch path (pydantic,
 # asyncio, the sandbox) is imported when an evaluation runs, not to build the parser.
 from sandkernel.evaluate.harness import DEFAULT_TIMEOUT_S, EvalSummary, evaluate_samples
 from sandkernel.evaluate.problems import HUMANEVAL, EvalInputError, load_problems, read_samples
 from sandkernel.evaluate.progress import Progress
+
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Protocol, Self
+
+    from sandkernel.api import RunsMany
+
+    class BatchRunner(RunsMany, Protocol):
+        """What an evaluation runs on: a batch pool or a cluster engine (``async with``)."""
+
+        async def __aenter__(self) -> Self: ...
+
+        async def __aexit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> object: ...
 
 
 def _ks(text: str) -> list[int]:
@@ -170,12 +188,13 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
         else [m.strip() for m in args.preload.split(",") if m.strip()]
     )
     workers = args.workers or os.cpu_count() or 1
-    runner: Any
+    runner: BatchRunner
+    cluster = None
     if args.ray is not None:
         from sandkernel.ray import ClusterEngine
 
         # No warm session kernels: an evaluation uses only the nodes' batch path.
-        runner = ClusterEngine(
+        runner = cluster = ClusterEngine(
             args.ray, policy=args.policy, pool_size=0, batch_workers=args.workers
         )
     else:
@@ -184,14 +203,14 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
     # Writing one result line is instant next to a sandboxed run.
     with out_path.open("w", encoding="utf-8") as out:  # noqa: ASYNC230
         async with runner:
-            if args.ray is not None:
-                workers = runner.batch_slots()
+            if cluster is not None:
+                workers = cluster.batch_slots()
             if not args.no_progress:
                 progress = Progress(total, label="eval", stream=sys.stderr)
             summary = await evaluate_samples(
                 problems,
                 read_samples(args.samples),
-                runner,  # a BatchPool, or a ClusterEngine: both have run_many()
+                runner,
                 timeout_s=args.timeout,
                 memory_mb=args.memory_mb,
                 ks=args.k,

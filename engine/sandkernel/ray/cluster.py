@@ -1488,10 +1488,17 @@ class ClusterEngine:
         stored: StoredFile = await self._file_call("file", file_id)
         return stored
 
-    async def download(self, file_id: str) -> bytes:
-        """A stored file's bytes, from the node that holds it."""
-        data: bytes = await self._file_call("download", file_id)
-        return data
+    async def download(self, file_id: str, *, max_bytes: int | None = None) -> bytes:
+        """A stored file's bytes (or its first ``max_bytes``), from the node that holds it."""
+        if max_bytes is None:
+            data: bytes = await self._file_call("download", file_id)
+            return data
+
+        def head() -> bytes:
+            with self.open_file(file_id) as handle:
+                return handle.read(max_bytes)
+
+        return await asyncio.to_thread(head)
 
     def open_file(self, file_id: str) -> BinaryIO:
         """A stored file as a binary stream, read from its node in 1 MiB chunks.
