@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sandkernel.api import EngineAPI, SessionAPI
+    from sandkernel.api import EngineAPI, ManagedBackend, SessionAPI
     from sandkernel.daemon.client import AsyncClient, RemoteSession
     from sandkernel.engine import Engine
     from sandkernel.ray.cluster import ClusterEngine, ClusterSession
     from sandkernel.session import Session
-    from sandkernel.sync import BlockingEngine, ManagedBackend
+    from sandkernel.sync import BlockingEngine
 
     def _embedded(engine: Engine, session: Session) -> tuple[EngineAPI, SessionAPI]:
         return engine, session

@@ -28,7 +28,8 @@ every backend.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Literal, Protocol
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal, Protocol, Self
 
 if TYPE_CHECKING:
     from sandkernel.batch import RunRequest, RunResult
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from sandkernel.session import SessionInfo, UploadSource
     from sandkernel.streaming import StreamEvent
 
-__all__ = ["EngineAPI", "RunsMany", "SessionAPI"]
+__all__ = ["EngineAPI", "Managed", "ManagedBackend", "RunsMany", "SessionAPI"]
 
 
 class SessionAPI(Protocol):
@@ -208,3 +209,20 @@ class EngineAPI(RunsMany, Protocol):
     async def aclose(self) -> None:
         """Release everything the backend holds (for a client: its connection)."""
         ...
+
+
+class Managed(Protocol):
+    """Started and stopped as an async context manager (``async with``)."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> object: ...
+
+
+class ManagedBackend(EngineAPI, Managed, Protocol):
+    """A backend that starts and stops with ``async with`` (every backend does)."""

@@ -38,12 +38,12 @@ from collections.abc import (
 )
 from contextlib import AbstractContextManager
 from functools import partial
-from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from sandkernel.api import EngineAPI, SessionAPI
+from sandkernel.api import ManagedBackend, SessionAPI
 
 if TYPE_CHECKING:
     from sandkernel import engine as _embedded  # noqa: F401 - named in Engine's base, quoted
@@ -55,19 +55,6 @@ if TYPE_CHECKING:
     from sandkernel.streaming import StreamEvent
 
 __all__ = ["BlockingEngine", "BlockingSession", "Engine", "ManagedBackend"]
-
-
-class ManagedBackend(EngineAPI, Protocol):
-    """A backend that starts and stops as an async context manager (all of them do)."""
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> object: ...
 
 
 class _Portal:

@@ -26,22 +26,12 @@ from sandkernel.evaluate.problems import HUMANEVAL, EvalInputError, load_problem
 from sandkernel.evaluate.progress import Progress
 
 if TYPE_CHECKING:
-    from types import TracebackType
-    from typing import Protocol, Self
+    from typing import Protocol
 
-    from sandkernel.api import RunsMany
+    from sandkernel.api import Managed, RunsMany
 
-    class BatchRunner(RunsMany, Protocol):
+    class BatchRunner(RunsMany, Managed, Protocol):
         """What an evaluation runs on: a batch pool or a cluster engine (``async with``)."""
-
-        async def __aenter__(self) -> Self: ...
-
-        async def __aexit__(
-            self,
-            exc_type: type[BaseException] | None,
-            exc: BaseException | None,
-            tb: TracebackType | None,
-        ) -> object: ...
 
 
 def _ks(text: str) -> list[int]:
