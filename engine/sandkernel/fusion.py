@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 
 from sandkernel.batch import RunResult
 from sandkernel.engine import Engine
-from sandkernel.errors import SandkernelError
+from sandkernel.errors import FusionInputError
 from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
 from sandkernel.workspace import read_workspace_file, write_workspace_file
@@ -121,15 +121,15 @@ class RunJupyterResponse(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
 
 
-class BadRequest(SandkernelError):
-    """A SandboxFusion request sandkernel cannot serve (says why)."""
+#: The error of a request whose files cannot be used (its name before the tree was one).
+BadRequest = FusionInputError
 
 
 def relative_path(path: str) -> str:
     """A request's file path as a safe relative path (no absolute paths, no ``..``)."""
     pure = PurePosixPath(path)
     if not path or pure.is_absolute() or ".." in pure.parts or "\x00" in path:
-        raise BadRequest(f"file path {path!r} must be relative and must not contain '..'")
+        raise FusionInputError(f"file path {path!r} must be relative and must not contain '..'")
     return str(pure)
 
 
@@ -146,10 +146,11 @@ def decode_files(files: dict[str, str | None]) -> dict[str, bytes]:
     """``path -> base64`` to ``relative path -> bytes`` (``None`` means an empty file)."""
     decoded = {}
     for path, content in files.items():
+        relative = relative_path(path)
         try:
-            decoded[relative_path(path)] = base64.b64decode(content or "", validate=True)
+            decoded[relative] = base64.b64decode(content or "", validate=True)
         except (binascii.Error, ValueError):
-            raise BadRequest(f"file {path!r}: content is not valid base64") from None
+            raise FusionInputError(f"file {path!r}: content is not valid base64") from None
     return decoded
 
 
@@ -211,7 +212,7 @@ async def run_code(
         )
     try:
         files = decode_files(request.files)
-    except BadRequest as exc:
+    except FusionInputError as exc:
         return RunCodeResponse(status=RunStatus.SandboxError, message=str(exc),
                                executor_pod_name=pod_name)  # fmt: skip
     code, argv = request.code, []
@@ -245,7 +246,7 @@ async def run_jupyter(
     started = time.monotonic()
     try:
         files = decode_files(dict(request.files))
-    except BadRequest as exc:
+    except FusionInputError as exc:
         return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc),
                                   executor_pod_name=pod_name)  # fmt: skip
     session = await engine.session()
@@ -314,6 +315,7 @@ __all__ = [
     "SUPPORTED_LANGUAGES",
     "WORKSPACE_IN_JAIL",
     "BadRequest",
+    "FusionInputError",
     "CellRunResult",
     "CommandRunResult",
     "CommandRunStatus",

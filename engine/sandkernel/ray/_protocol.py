@@ -22,7 +22,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from sandkernel.engine import EngineStats
-from sandkernel.errors import SandkernelError
+
+# HostClosing is sent back by hosts; it lives in the tree with the other errors.
+from sandkernel.errors import HostClosing as HostClosing
 
 TAG_LENGTH = 8
 #: The longest session name the cluster accepts: ``<tag>.<name>`` stays within 128.
@@ -170,7 +172,3 @@ class NeedFiles:
     """The host does not hold these files yet: copy them over, then call again."""
 
     file_ids: tuple[str, ...]
-
-
-class HostClosing(SandkernelError):
-    """The host is shutting down (its last client left); a new one will take its node."""

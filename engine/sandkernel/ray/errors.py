@@ -1,30 +1,13 @@
-"""Errors of the cluster engine, under the tree of :mod:`sandkernel.errors`::
+"""The errors a cluster engine adds, under the tree of :mod:`sandkernel.errors` (same classes).
 
-SandkernelError
-├── SessionError
-│   └── SessionLost        the node holding the session's kernel left the cluster
-├── FileError
-│   └── FileNotFoundInStore
-│       └── FileLost       the node holding the file left the cluster
-└── HostUnreachable        a node's host did not answer; the call may or may not have run
+- :class:`SessionLost` (410): the node holding the session's kernel left the cluster;
+- :class:`FileLost` (404, a ``FileNotFoundInStore``): the node holding the file left;
+- :class:`HostUnreachable` (503): a node's host did not answer; the call may or
+  may not have run.
 """
 
 from __future__ import annotations
 
-from sandkernel.errors import FileNotFoundInStore, SandkernelError, SessionError
+from sandkernel.errors import FileLost, HostUnreachable, SessionLost
 
-
-class SessionLost(SessionError):
-    """The node (or its host actor) that held the session's kernel is gone.
-
-    The message names the node. The session's variables and workspace are
-    lost; its files stay downloadable only if they were copied elsewhere.
-    """
-
-
-class FileLost(FileNotFoundInStore):
-    """The node that stored the file is gone (the message names it)."""
-
-
-class HostUnreachable(SandkernelError):
-    """A host did not answer and is not (yet) known to be gone: retry later."""
+__all__ = ["FileLost", "HostUnreachable", "SessionLost"]
