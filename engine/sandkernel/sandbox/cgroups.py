@@ -1,0 +1,250 @@
+"""cgroups, v1 or v2 (detected at start): one per kernel, created and limited by the engine.
+
+nsjail is started *inside* the kernel's cgroup (see
+:meth:`~sandkernel.sandbox.host.SandboxHost.launch_argv`), so the OOM-kill
+counter, CPU time and peak memory are read from a directory that outlives
+the kernel, the same way on v1 and v2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from sandkernel.errors import SandboxUnavailable
+from sandkernel.policy import Policy
+
+CGROUP_PARENT = "sandkernel"
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+_V2_CONTROLLERS = ("memory", "pids", "cpu")
+#: The CPU controller's period; a policy's ``cpus`` is a quota of it.
+CPU_PERIOD_US = 100_000
+
+
+def cpu_quota_us(cpus: float) -> int:
+    """The CPU quota per :data:`CPU_PERIOD_US` that lets a kernel use ``cpus`` CPUs."""
+    return max(1000, round(cpus * CPU_PERIOD_US))
+
+
+class CgroupVersion(StrEnum):
+    V1 = "v1"
+    V2 = "v2"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    """Where the cgroup controllers are mounted on this host."""
+
+    version: CgroupVersion
+    #: v1: controller -> mount point; v2: every controller -> the unified mount.
+    mounts: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def detect(cls, mounts_file: str = "/proc/self/mounts") -> CgroupLayout:
+        """Read the cgroup mounts. v2 wins when its root offers the controllers we use."""
+        v1: dict[str, Path] = {}
+        v2_root: Path | None = None
+        try:
+            lines = Path(mounts_file).read_text().splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 4:
+                continue
+            mountpoint, fstype, options = Path(parts[1]), parts[2], parts[3].split(",")
+            if fstype == "cgroup2":
+                controllers = mountpoint / "cgroup.controllers"
+                with contextlib.suppress(OSError):
+                    available = controllers.read_text().split()
+                    if all(c in available for c in _V2_CONTROLLERS):
+                        v2_root = mountpoint
+            elif fstype == "cgroup":
+                for controller in _V1_CONTROLLERS:
+                    if controller in options:
+                        v1.setdefault(controller, mountpoint)
+        if v2_root is not None:
+            return cls(CgroupVersion.V2, {c: v2_root for c in _V2_CONTROLLERS})
+        if all(c in v1 for c in ("memory", "pids", "cpu")):
+            return cls(CgroupVersion.V1, v1)
+        return cls(CgroupVersion.NONE, {})
+
+    def parent_dirs(self) -> list[Path]:
+        return sorted({m / CGROUP_PARENT for m in self.mounts.values()})
+
+
+def _write(path: Path, value: str) -> None:
+    path.write_text(value)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_keyed(path: Path, key: str) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    return None
+
+
+@dataclass(frozen=True)
+class CgroupUsage:
+    cpu_ns: int | None
+    peak_memory_bytes: int | None
+    oom_kills: int
+    #: times a fork/clone failed because the pids limit was reached
+    pids_limit_hits: int = 0
+
+
+class KernelCgroup:
+    """The cgroup(s) of one kernel: created with limits, read, killed, removed."""
+
+    def __init__(self, layout: CgroupLayout, name: str) -> None:
+        self.layout = layout
+        self.name = name
+        self.dirs: dict[str, Path] = {c: m / CGROUP_PARENT / name for c, m in layout.mounts.items()}
+
+    @property
+    def procs_files(self) -> list[Path]:
+        return [d / "cgroup.procs" for d in sorted(set(self.dirs.values()))]
+
+    def create(self, policy: Policy) -> None:
+        """Create the cgroup dirs and write the policy's limits."""
+        ensure_cgroup_parents(self.layout)
+        for d in sorted(set(self.dirs.values())):
+            d.mkdir(exist_ok=True)
+        memory = policy.memory_mb << 20
+        quota = cpu_quota_us(policy.cpus)
+        if self.layout.version is CgroupVersion.V2:
+            d = self.dirs["memory"]
+            _write(d / "memory.max", str(memory))
+            with contextlib.suppress(FileNotFoundError):
+                _write(d / "memory.swap.max", "0")
+            _write(d / "pids.max", str(policy.pids_max))
+            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        elif self.layout.version is CgroupVersion.V1:
+            mem = self.dirs["memory"]
+            _write(mem / "memory.limit_in_bytes", str(memory))
+            # No swap: memory+swap capped at the same figure, where accounted.
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                _write(mem / "memory.memsw.limit_in_bytes", str(memory))
+            with contextlib.suppress(OSError):
+                _write(mem / "memory.swappiness", "0")
+            _write(self.dirs["pids"] / "pids.max", str(policy.pids_max))
+            cpu = self.dirs["cpu"]
+            _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(cpu / "cpu.cfs_quota_us", str(quota))
+
+    def lower_memory_limit(self, limit_bytes: int) -> None:
+        """Lower the memory limit for this kernel (never above the policy's)."""
+        if self.layout.version is CgroupVersion.V2:
+            path = self.dirs["memory"] / "memory.max"
+            current = path.read_text().strip()
+            if current == "max" or int(current) > limit_bytes:
+                _write(path, str(limit_bytes))
+        elif self.layout.version is CgroupVersion.V1:
+            mem = self.dirs["memory"]
+            if int((mem / "memory.limit_in_bytes").read_text()) > limit_bytes:
+                # memsw must stay >= the limit: lower the limit first, then memsw.
+                _write(mem / "memory.limit_in_bytes", str(limit_bytes))
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    _write(mem / "memory.memsw.limit_in_bytes", str(limit_bytes))
+
+    def usage(self) -> CgroupUsage:
+        if self.layout.version is CgroupVersion.V2:
+            d = self.dirs["memory"]
+            usec = _read_keyed(d / "cpu.stat", "usage_usec")
+            return CgroupUsage(
+                cpu_ns=None if usec is None else usec * 1000,
+                peak_memory_bytes=_read_int(d / "memory.peak"),
+                oom_kills=_read_keyed(d / "memory.events", "oom_kill") or 0,
+                pids_limit_hits=_read_keyed(d / "pids.events", "max") or 0,
+            )
+        if self.layout.version is CgroupVersion.V1:
+            cpuacct = self.dirs.get("cpuacct")
+            return CgroupUsage(
+                cpu_ns=_read_int(cpuacct / "cpuacct.usage") if cpuacct else None,
+                peak_memory_bytes=_read_int(self.dirs["memory"] / "memory.max_usage_in_bytes"),
+                oom_kills=_read_keyed(self.dirs["memory"] / "memory.oom_control", "oom_kill") or 0,
+                pids_limit_hits=_read_keyed(self.dirs["pids"] / "pids.events", "max") or 0,
+            )
+        return CgroupUsage(None, None, 0)
+
+    def reset_peak(self) -> None:
+        """Start a new peak-memory window (v1; v2's peak is per kernel lifetime)."""
+        if self.layout.version is CgroupVersion.V1:
+            with contextlib.suppress(OSError):
+                _write(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
+
+    def pids(self) -> list[int]:
+        found: set[int] = set()
+        for procs in self.procs_files:
+            with contextlib.suppress(OSError):
+                found.update(int(p) for p in procs.read_text().split())
+        return sorted(found)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the cgroup (used only when nsjail did not clean up)."""
+        if self.layout.version is CgroupVersion.V2:
+            with contextlib.suppress(OSError):
+                _write(self.dirs["memory"] / "cgroup.kill", "1")
+                return
+        # Freeze-free loop: a fork bomb is bounded by pids.max, so a few rounds empty it.
+        for _ in range(20):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def remove(self) -> bool:
+        """Remove the cgroup dirs. Returns False if one is still busy."""
+        ok = True
+        for d in sorted(set(self.dirs.values())):
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                ok = False
+        return ok
+
+
+def ensure_cgroup_parents(layout: CgroupLayout) -> None:
+    """Create ``<mount>/sandkernel`` for each controller (v2: enable the controllers)."""
+    try:
+        if layout.version is CgroupVersion.V2:
+            root = layout.mounts["memory"]
+            parent = root / CGROUP_PARENT
+            wanted = " ".join(f"+{c}" for c in _V2_CONTROLLERS)
+            _write(root / "cgroup.subtree_control", wanted)
+            parent.mkdir(exist_ok=True)
+            _write(parent / "cgroup.subtree_control", wanted)
+        else:
+            for parent in layout.parent_dirs():
+                parent.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise SandboxUnavailable(
+            f"cannot create sandkernel's cgroups ({exc}): run as root on a host with "
+            "cgroups v1 (memory, pids, cpu) or v2 with those controllers; see `sandkernel doctor`"
+        ) from None
+
+
+def iter_sandkernel_cgroups(layout: CgroupLayout) -> Iterator[Path]:
+    """Every per-kernel cgroup dir on the host (for leak checks)."""
+    for parent in layout.parent_dirs():
+        with contextlib.suppress(OSError):
+            yield from (p for p in parent.iterdir() if p.is_dir())
