@@ -1,0 +1,130 @@
+"""Archives: whether an uploaded zip or tar is a bomb or unpacks outside its folder.
+
+Only what an archive declares is read (its directory, its members' headers);
+nothing is unpacked, and nested archives are not opened.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import tarfile
+import zipfile
+from typing import BinaryIO
+
+from sandkernel.errors import FileRejected
+from sandkernel.files._common import human_size
+from sandkernel.files.sniff import ooxml_kind
+
+
+def _escapes(member: str) -> bool:
+    """Whether an archive member path is absolute or climbs with ``..``."""
+    path = member.replace("\\", "/")
+    if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+        return True
+    return ".." in path.split("/")
+
+
+def _zip_end(f: BinaryIO, size: int) -> tuple[int, int] | None:
+    """(entries, central directory size) declared by a zip's end record.
+
+    Read before :mod:`zipfile` parses the central directory, because parsing
+    builds an object per entry and a crafted archive can declare millions.
+    """
+    tail_len = min(size, 22 + 0xFFFF)
+    f.seek(size - tail_len)
+    tail = f.read(tail_len)
+    pos = tail.rfind(b"PK\x05\x06")
+    if pos < 0 or len(tail) - pos < 22:
+        return None
+    entries, cd_size = struct.unpack_from("<HI", tail, pos + 10)
+    if entries != 0xFFFF and cd_size != 0xFFFFFFFF:
+        return entries, cd_size
+    locator_at = size - tail_len + pos - 20
+    if locator_at < 0:
+        return None
+    f.seek(locator_at)
+    locator = f.read(20)
+    if len(locator) < 20 or locator[:4] != b"PK\x06\x07":
+        return None
+    (record_at,) = struct.unpack_from("<Q", locator, 8)
+    f.seek(record_at)
+    record = f.read(56)
+    if len(record) < 56 or record[:4] != b"PK\x06\x06":
+        return None
+    entries64, cd_size64 = struct.unpack_from("<QQ", record, 32)
+    return int(entries64), int(cd_size64)
+
+
+def check_zip(
+    f: BinaryIO, size: int, name: str, *, max_archive_bytes: int, max_archive_entries: int
+) -> str:
+    """Check a zip's directory; return its kind (zip or an Office type)."""
+    end = _zip_end(f, size)
+    if end is None:
+        raise FileRejected(f"upload rejected: {name!r} is not a valid zip archive (no end record)")
+    entries, cd_size = end
+    # 1 KiB per entry is far above what real archives need (46 bytes plus the name).
+    if entries > max_archive_entries or cd_size > max_archive_entries * 1024:
+        raise FileRejected(
+            f"upload rejected: {name!r} holds more than {max_archive_entries} entries "
+            "(setting max_archive_entries)"
+        )
+    f.seek(0)
+    try:
+        with zipfile.ZipFile(f) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        raise FileRejected(f"upload rejected: {name!r} is not a valid zip archive: {exc}") from None
+    if len(infos) > max_archive_entries:
+        raise FileRejected(
+            f"upload rejected: {name!r} holds {len(infos)} entries, over the "
+            f"{max_archive_entries} allowed (setting max_archive_entries)"
+        )
+    for info in infos:
+        if _escapes(info.filename):
+            raise FileRejected(
+                f"upload rejected: {name!r} contains the path {info.filename!r}, which "
+                "would unpack outside its folder; archives may only hold relative paths "
+                "without '..'"
+            )
+    declared = sum(info.file_size for info in infos)
+    if declared > max_archive_bytes:
+        raise FileRejected(
+            f"upload rejected: {name!r} unpacks to {human_size(declared)}, over the "
+            f"{human_size(max_archive_bytes)} cap on archive contents (setting max_archive_bytes)"
+        )
+    return ooxml_kind(info.filename for info in infos) or "application/zip"
+
+
+def check_tar(f: BinaryIO, name: str, *, max_archive_bytes: int, max_archive_entries: int) -> None:
+    """Check a tar's members, without unpacking any."""
+    f.seek(0)
+    declared = 0
+    count = 0
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as archive:
+            for member in archive:
+                count += 1
+                if count > max_archive_entries:
+                    raise FileRejected(
+                        f"upload rejected: {name!r} holds more than {max_archive_entries} "
+                        "entries (setting max_archive_entries)"
+                    )
+                escaping = _escapes(member.name) or (
+                    (member.issym() or member.islnk()) and _escapes(member.linkname)
+                )
+                if escaping:
+                    raise FileRejected(
+                        f"upload rejected: {name!r} contains {member.name!r}, which would "
+                        "unpack or link outside its folder; archives may only hold relative "
+                        "paths without '..'"
+                    )
+                declared += member.size
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        raise FileRejected(f"upload rejected: {name!r} is not a valid tar archive: {exc}") from None
+    if declared > max_archive_bytes:
+        raise FileRejected(
+            f"upload rejected: {name!r} unpacks to {human_size(declared)}, over the "
+            f"{human_size(max_archive_bytes)} cap on archive contents (setting max_archive_bytes)"
+        )

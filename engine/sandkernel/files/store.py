@@ -1,0 +1,723 @@
+"""The file store: files kept across restarts, addressed by unguessable ids.
+
+Metadata in SQLite (WAL mode, every write in a transaction), content on disk
+under ``blobs/`` named by its SHA-256, so identical content is stored once.
+A file may carry an expiry; :meth:`FileStore.purge_expired` deletes what has
+expired and the content no file refers to any more.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import os
+import re
+import secrets
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Final, Literal, Protocol, Self
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandkernel.errors import FileError, FileNotFoundInStore, FileRejected
+from sandkernel.files._common import CHUNK_BYTES, human_size, open_regular
+from sandkernel.files.mime import MIME_TYPES, OCTET_STREAM, extension, mime_for_name
+from sandkernel.files.names import listed_file_name, produced_name, safe_name
+from sandkernel.files.sniff import sniff_path
+from sandkernel.files.upload import (
+    DEFAULT_MAX_ARCHIVE_BYTES,
+    DEFAULT_MAX_ARCHIVE_ENTRIES,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    check_extension,
+    check_upload,
+)
+
+Origin = Literal["uploaded", "produced"]
+Scope = Literal["session", "agent", "none"]
+#: What can be uploaded: bytes, a path, or a binary stream.
+UploadSource = bytes | str | os.PathLike[str] | BinaryIO
+
+_STALE_TEMP_S: Final = 3600.0
+
+
+class Readable(Protocol):
+    """What :meth:`FileStore.add_stream` reads from."""
+
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+# The field's description, which the daemon's OpenAPI schema shows to clients.
+_NAME_DESCRIPTION: Final = (
+    "The file name, without directories. An upload's is the last component of the "
+    "name it was given (printable UTF-8 without a backslash, so it needs no escape). "
+    "A produced file's name on disk is "
+    r"escaped so that it is printable, unique and reversible: a backslash becomes `\\`, "
+    r"a line feed `\n`, a tab `\t`, a carriage return `\r`, a byte that is not valid "
+    r"UTF-8 `\xNN` (80 to ff), any other character that does not show (control, "
+    "format character such as a bidi override, line or paragraph separator, private "
+    r"use, unassigned) `\uXXXX`, or `\UXXXXXXXX` above U+FFFF; everything else is "
+    "itself, and hexadecimal digits are lowercase. Undoing the escapes gives the exact "
+    "bytes on disk (in Python: sandkernel.raw_file_name(name))."
+)
+
+
+class StoredFile(BaseModel):
+    """A file kept by a :class:`FileStore`.
+
+    Ownership is two optional ids rather than one field, so the engine can list
+    both "files of session S" and "files of agent A": an upload starts with
+    neither and is attached later (:meth:`FileStore.attach`); a produced file is
+    stored with the session (and agent) it came from. A file belongs to at most
+    one session and one agent; to give the same content to another owner, add
+    it again (the content is stored once).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^file-[0-9a-f]{24}$", description="unguessable (96 random bits)")
+    name: str = Field(description=_NAME_DESCRIPTION)
+    mime_type: str = Field(pattern=r"^[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*$")
+    size_bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    created_at: float = Field(description="unix time")
+    origin: Origin
+    session_id: str | None = None
+    execution_count: int | None = Field(default=None, description="the cell that produced it")
+    path: str | None = Field(
+        default=None,
+        description="where a produced file was in the sandbox, escaped as `name` is",
+    )
+    agent_id: str | None = None
+    expires_at: float | None = Field(default=None, description="unix time; None keeps it")
+
+    @property
+    def scope(self) -> Scope:
+        """Who may see the file: one session, every session of an agent, or no one yet."""
+        if self.session_id is not None:
+            return "session"
+        if self.agent_id is not None:
+            return "agent"
+        return "none"
+
+
+_SCHEMA_VERSION: Final = 1
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    mime_type TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    origin TEXT NOT NULL CHECK (origin IN ('uploaded', 'produced')),
+    session_id TEXT,
+    execution_count INTEGER,
+    path TEXT,
+    agent_id TEXT,
+    expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS files_by_sha256 ON files (sha256);
+CREATE INDEX IF NOT EXISTS files_by_session ON files (session_id);
+CREATE INDEX IF NOT EXISTS files_by_agent ON files (agent_id);
+CREATE INDEX IF NOT EXISTS files_by_expiry ON files (expires_at) WHERE expires_at IS NOT NULL;
+"""
+_INSERT: Final = """
+INSERT INTO files (
+    id, name, mime_type, size_bytes, sha256, created_at, origin,
+    session_id, execution_count, path, agent_id, expires_at
+) VALUES (
+    :id, :name, :mime_type, :size_bytes, :sha256, :created_at, :origin,
+    :session_id, :execution_count, :path, :agent_id, :expires_at
+)
+"""
+_ID_PATTERN: Final = re.compile(r"file-[0-9a-f]{24}")
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def _record(row: sqlite3.Row) -> StoredFile:
+    # extra="forbid" turns a column the model does not know into a loud error.
+    return StoredFile(**{key: row[key] for key in row.keys()})
+
+
+def _make_private_dir(path: Path) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes a rename or a new entry in the directory survive a power loss.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """Files kept on disk across restarts, addressed by unguessable ids.
+
+    Layout under ``root`` (directories 0700, files 0600)::
+
+        files.sqlite3            metadata, WAL mode
+        blobs/ab/abcdef...       content, named by its SHA-256; stored once
+        tmp/                     content being received (same file system)
+
+    Content is written to ``tmp/``, fsynced, then renamed into ``blobs/``,
+    so a blob is either complete or absent. A row is inserted only after its
+    blob is in place, and blobs are created and removed only while holding
+    SQLite's write lock, so several processes may share one root.
+
+    Thread safety: one SQLite connection serves every thread, guarded by a
+    lock held only for database work; receiving, hashing and checking content
+    happen outside it, so concurrent adds overlap their I/O. The methods are
+    blocking; async code calls them in a worker thread.
+
+    Uploads (``origin="uploaded"``) pass
+    :func:`~sandkernel.files.upload.check_upload`; produced files are stored
+    whatever their type, with their name made printable.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        allowed: Mapping[str, Sequence[str]] = MIME_TYPES,
+        max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+        max_archive_entries: int = DEFAULT_MAX_ARCHIVE_ENTRIES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Open (or create) the store at ``root``.
+
+        Args:
+            root: Directory of the store; created with mode 0700 if missing.
+            allowed: Upload types, as for :func:`~sandkernel.files.upload.check_upload`.
+            max_bytes: Largest file accepted, uploaded or produced.
+            max_archive_bytes: See :func:`~sandkernel.files.upload.check_upload`.
+            max_archive_entries: See :func:`~sandkernel.files.upload.check_upload`.
+            clock: Unix time; decides expiry and ``created_at``.
+
+        Raises:
+            FileError: the database cannot be opened or is from a newer version.
+        """
+        self.root = Path(root)
+        self._allowed = allowed
+        self._max_bytes = max_bytes
+        self._max_archive_bytes = max_archive_bytes
+        self._max_archive_entries = max_archive_entries
+        self._clock = clock
+        self._blobs = self.root / "blobs"
+        self._tmp = self.root / "tmp"
+        self._lock = threading.Lock()
+        self._closed = False
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        for directory in (self.root, self._blobs, self._tmp):
+            _make_private_dir(directory)
+        db = self.root / "files.sqlite3"
+        # Created here with 0600 so SQLite, which gives its -wal and -shm files
+        # the database's mode, never makes a readable copy of the metadata.
+        fd = os.open(db, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        self._conn = sqlite3.connect(
+            db, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        self._conn.row_factory = sqlite3.Row
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed id survives a power loss, as its blob does.
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("BEGIN IMMEDIATE")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise FileError(
+                    f"the file store at {str(self.root)!r} was written by a newer sandkernel "
+                    f"(schema {version}); upgrade sandkernel to open it"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._conn.execute(statement)
+            self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise FileError(f"cannot open the file store at {str(self.root)!r}: {exc}") from None
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # ----------------------------------------------------------------- plumbing
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database; later calls raise :class:`FileError`. Idempotent."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise FileError(f"the file store at {str(self.root)!r} is closed")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._ensure_open()
+            yield self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes SQLite's write lock up front; blob renames and unlinks
+        # done inside are thereby ordered with other processes' row changes.
+        with self._lock:
+            self._ensure_open()
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def _blob_for(self, sha256: str) -> Path:
+        return self._blobs / sha256[:2] / sha256
+
+    def _row(self, conn: sqlite3.Connection, file_id: str) -> StoredFile | None:
+        if not _ID_PATTERN.fullmatch(file_id):
+            return None
+        row = conn.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        return None if row is None else _record(row)
+
+    # ----------------------------------------------------------------- adding
+
+    def add_bytes(
+        self,
+        data: bytes,
+        name: str,
+        *,
+        origin: Origin = "uploaded",
+        session_id: str | None = None,
+        execution_count: int | None = None,
+        path: str | None = None,
+        agent_id: str | None = None,
+        retention_s: float | None = None,
+        mime: str | None = None,
+    ) -> StoredFile:
+        """Store ``data`` under ``name``. See :meth:`add_stream` for the arguments."""
+        return self.add_stream(
+            io.BytesIO(data),
+            name,
+            origin=origin,
+            session_id=session_id,
+            execution_count=execution_count,
+            path=path,
+            agent_id=agent_id,
+            retention_s=retention_s,
+            mime=mime,
+        )
+
+    def add_upload(
+        self,
+        source: UploadSource,
+        name: str | None = None,
+        *,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        retention_s: float | None = None,
+    ) -> StoredFile:
+        """Store an upload given as bytes, a path or a binary stream.
+
+        Args:
+            source: The content, a path to it, or a stream of it.
+            name: The file's name; defaults to the path's last component or the
+                stream's ``name``, and is required for bytes.
+            session_id: The owning session, if any.
+            agent_id: The owning agent, if any.
+            retention_s: Seconds to keep the file; ``None`` keeps it until deleted.
+
+        Raises:
+            FileRejected: the name, type, size or content is refused.
+            ValueError: no name was given and none can be derived.
+        """
+        owner: dict[str, Any] = {
+            "session_id": session_id, "agent_id": agent_id, "retention_s": retention_s,
+        }  # fmt: skip
+        if isinstance(source, bytes):
+            if name is None:
+                raise ValueError("uploading bytes needs a name (with its extension)")
+            return self.add_bytes(source, name, **owner)
+        if isinstance(source, str | os.PathLike):
+            return self.add_file(source, name, **owner)
+        if name is None:
+            name = os.path.basename(str(getattr(source, "name", "") or "")) or None
+            if name is None:
+                raise ValueError("uploading a stream needs a name (with its extension)")
+        return self.add_stream(source, name, **owner)
+
+    def add_file(
+        self,
+        source: str | os.PathLike[str],
+        name: str | None = None,
+        /,
+        *,
+        origin: Origin = "uploaded",
+        session_id: str | None = None,
+        execution_count: int | None = None,
+        path: str | None = None,
+        agent_id: str | None = None,
+        retention_s: float | None = None,
+        mime: str | None = None,
+    ) -> StoredFile:
+        """Store the regular file at ``source``, streaming it (never all in memory).
+
+        A symlink at ``source`` is refused, not followed. To take a file out of
+        a workspace the sandbox can write, prefer :func:`~sandkernel.workspace.open_workspace_file`
+        with :meth:`add_stream`, which follows no symlink on the whole path.
+        ``name`` defaults to the last component of ``source``. See
+        :meth:`add_stream` for the other arguments.
+        """
+        if name is None:
+            name = os.fsdecode(os.path.basename(os.fspath(source)))
+        with open_regular(source) as f:
+            return self.add_stream(
+                f,
+                name,
+                origin=origin,
+                session_id=session_id,
+                execution_count=execution_count,
+                path=path,
+                agent_id=agent_id,
+                retention_s=retention_s,
+                mime=mime,
+            )
+
+    def add_stream(
+        self,
+        fileobj: Readable,
+        name: str,
+        *,
+        origin: Origin = "uploaded",
+        session_id: str | None = None,
+        execution_count: int | None = None,
+        path: str | None = None,
+        agent_id: str | None = None,
+        retention_s: float | None = None,
+        mime: str | None = None,
+    ) -> StoredFile:
+        """Store what ``fileobj.read()`` returns until it is exhausted.
+
+        Args:
+            fileobj: Anything with ``read(size) -> bytes``; read in 1 MiB chunks.
+            name: The file's name. An upload's is checked by
+                :func:`~sandkernel.files.names.safe_name`; a produced file's is
+                reduced to its last component and listed as
+                :func:`~sandkernel.files.names.listed_file_name` gives it.
+            origin: ``"uploaded"`` (checked by :func:`~sandkernel.files.upload.check_upload`) or
+                ``"produced"`` (stored as is).
+            session_id: The owning session, if any.
+            execution_count: For a produced file, the cell that made it.
+            path: For a produced file, where it was in the sandbox (listed as
+                :func:`~sandkernel.files.names.listed_file_name` gives it).
+            agent_id: The owning agent, if any.
+            retention_s: Seconds to keep the file; ``None`` keeps it until deleted.
+            mime: The type the client declared. For an upload it is kept only if
+                :data:`~sandkernel.files.mime.MIME_TYPES` lists it for the extension (otherwise the
+                canonical type is stored); for a produced file it is used as
+                given, else guessed from the name, then the content.
+
+        Returns:
+            The stored file's metadata, with a new id.
+
+        Raises:
+            FileRejected: the name, type, size or content is refused.
+        """
+        if retention_s is not None and retention_s < 0:
+            raise ValueError(f"retention_s must be >= 0, not {retention_s}")
+        if origin == "uploaded":
+            clean = safe_name(name)
+            check_extension(clean, self._allowed)  # before receiving anything
+        else:
+            clean = produced_name(name)
+        tmp, sha256, size = self._receive(fileobj, clean, origin)
+        try:
+            if origin == "uploaded":
+                _, canonical = check_upload(
+                    clean,
+                    tmp,
+                    allowed=self._allowed,
+                    max_bytes=self._max_bytes,
+                    max_archive_bytes=self._max_archive_bytes,
+                    max_archive_entries=self._max_archive_entries,
+                )
+                accepted = self._allowed[extension(clean)]
+                mime_type = mime if mime is not None and mime in accepted else canonical
+            else:
+                mime_type = mime or mime_for_name(clean) or sniff_path(tmp) or OCTET_STREAM
+            now = self._clock()
+            record = StoredFile(
+                id=f"file-{secrets.token_hex(12)}",
+                name=clean,
+                mime_type=mime_type,
+                size_bytes=size,
+                sha256=sha256,
+                created_at=now,
+                origin=origin,
+                session_id=session_id,
+                execution_count=execution_count,
+                path=None if path is None else listed_file_name(path),
+                agent_id=agent_id,
+                expires_at=None if retention_s is None else now + retention_s,
+            )
+            with self._write() as conn:
+                self._place_blob(tmp, sha256)
+                conn.execute(_INSERT, record.model_dump())
+        finally:
+            with suppress(FileNotFoundError):
+                tmp.unlink()
+        return record
+
+    def _receive(self, fileobj: Readable, name: str, origin: Origin) -> tuple[Path, str, int]:
+        """Copy a stream into ``tmp/``, hashing it and enforcing the size cap."""
+        self._ensure_open()
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="incoming-")
+        tmp = Path(tmp_name)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := fileobj.read(CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > self._max_bytes:
+                        verb = "upload" if origin == "uploaded" else "file"
+                        raise FileRejected(
+                            f"{verb} rejected: {name!r} is larger than the "
+                            f"{human_size(self._max_bytes)} size cap (setting max_bytes)"
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, digest.hexdigest(), size
+
+    def _place_blob(self, tmp: Path, sha256: str) -> None:
+        # Called with the write lock held (see _write).
+        blob = self._blob_for(sha256)
+        _make_private_dir(blob.parent)
+        if blob.exists():
+            return  # same content already stored; the caller removes tmp
+        os.replace(tmp, blob)
+        _fsync_dir(blob.parent)
+
+    # ----------------------------------------------------------------- reading
+
+    def get(self, file_id: str) -> StoredFile:
+        """The metadata of a file.
+
+        Raises:
+            FileNotFoundInStore: no such id, or the file has expired.
+        """
+        with self._read() as conn:
+            record = self._row(conn, file_id)
+        if record is None:
+            raise FileNotFoundInStore(
+                f"no file with id {file_id!r}: it was never stored here or has been deleted"
+            )
+        if record.expires_at is not None and record.expires_at <= self._clock():
+            raise FileNotFoundInStore(
+                f"file {file_id!r} expired at {record.expires_at:.0f} (unix time)"
+            )
+        return record
+
+    def blob_path(self, file_id: str) -> Path:
+        """Where a file's content is on disk, to copy it into a workspace.
+
+        The file is shared by every id with the same content: copy it, never
+        modify or move it.
+
+        Raises:
+            FileNotFoundInStore: no such id, expired, or its content is missing.
+        """
+        record = self.get(file_id)
+        blob = self._blob_for(record.sha256)
+        if not blob.is_file():
+            raise FileNotFoundInStore(
+                f"the content of {file_id!r} is missing from {str(blob)!r}: the store was "
+                "changed by something other than sandkernel"
+            )
+        return blob
+
+    def open(self, file_id: str) -> BinaryIO:
+        """A binary stream of a file's content; the caller closes it."""
+        return builtins.open(self.blob_path(file_id), "rb")
+
+    def read_bytes(self, file_id: str) -> bytes:
+        """A file's whole content."""
+        with self.open(file_id) as f:
+            return f.read()
+
+    def list(
+        self,
+        *,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        origin: Origin | None = None,
+    ) -> builtins.list[StoredFile]:
+        """Files that are not expired, oldest first, filtered by every given argument."""
+        query = """
+            SELECT * FROM files
+            WHERE (expires_at IS NULL OR expires_at > :now)
+              AND (:session_id IS NULL OR session_id = :session_id)
+              AND (:agent_id IS NULL OR agent_id = :agent_id)
+              AND (:origin IS NULL OR origin = :origin)
+            ORDER BY created_at, id
+        """
+        params = {
+            "now": self._clock(),
+            "session_id": session_id,
+            "agent_id": agent_id,
+            "origin": origin,
+        }
+        with self._read() as conn:
+            rows = conn.execute(query, params).fetchall()
+        return [_record(row) for row in rows]
+
+    def stored_bytes(self, *, session_id: str, origin: Origin | None = None) -> int:
+        """Total size of a session's files that are not expired (of one origin, if given)."""
+        query = """
+            SELECT coalesce(sum(size_bytes), 0) FROM files
+            WHERE session_id = :session_id
+              AND (expires_at IS NULL OR expires_at > :now)
+              AND (:origin IS NULL OR origin = :origin)
+        """
+        params = {"session_id": session_id, "now": self._clock(), "origin": origin}
+        with self._read() as conn:
+            (total,) = conn.execute(query, params).fetchone()
+        return int(total)
+
+    # ----------------------------------------------------------------- changing
+
+    def attach(
+        self, file_id: str, *, session_id: str | None = None, agent_id: str | None = None
+    ) -> StoredFile:
+        """Give a file to a session and/or an agent; ``None`` leaves that owner as is.
+
+        Raises:
+            FileNotFoundInStore: no such id, or the file has expired.
+        """
+        self.get(file_id)
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET session_id = coalesce(?, session_id),"
+                " agent_id = coalesce(?, agent_id) WHERE id = ?",
+                (session_id, agent_id, file_id),
+            )
+        return self.get(file_id)
+
+    def set_expiry(self, file_id: str, expires_at: float | None) -> StoredFile:
+        """Set when a file expires (unix time), or keep it (``None``).
+
+        Raises:
+            FileNotFoundInStore: no such id, or the file has already expired.
+        """
+        self.get(file_id)
+        with self._write() as conn:
+            conn.execute("UPDATE files SET expires_at = ? WHERE id = ?", (expires_at, file_id))
+        return self.get(file_id)
+
+    def delete(self, file_id: str) -> None:
+        """Delete a file; its content goes when no other id shares it.
+
+        Raises:
+            FileNotFoundInStore: no such id (an expired file can still be deleted).
+        """
+        with self._write() as conn:
+            record = self._row(conn, file_id)
+            if record is None:
+                raise FileNotFoundInStore(
+                    f"no file with id {file_id!r}: it was never stored here or has been deleted"
+                )
+            conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        # The row is committed away first: a crash now leaves an orphan blob,
+        # which purge_expired removes, never a row without its blob.
+        self._drop_unreferenced({record.sha256})
+
+    def _drop_unreferenced(self, hashes: Iterable[str]) -> None:
+        with self._write() as conn:
+            for sha256 in hashes:
+                if conn.execute("SELECT 1 FROM files WHERE sha256 = ?", (sha256,)).fetchone():
+                    continue
+                with suppress(FileNotFoundError):
+                    self._blob_for(sha256).unlink()
+
+    def purge_expired(self, now: float) -> int:
+        """Delete files expired at ``now`` and content no file refers to.
+
+        Also removes blobs left behind by a crash between a delete and its
+        blob removal, and partial uploads in ``tmp/`` older than an hour.
+
+        Args:
+            now: Unix time.
+
+        Returns:
+            How many files were deleted.
+        """
+        with self._write() as conn:
+            expired = conn.execute(
+                "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
+            ).fetchall()
+            conn.execute(
+                "DELETE FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
+            )
+        with self._write() as conn:
+            referenced = {row[0] for row in conn.execute("SELECT DISTINCT sha256 FROM files")}
+            with os.scandir(self._blobs) as subdirs:
+                fanout = [sub.path for sub in subdirs if sub.is_dir(follow_symlinks=False)]
+            for sub in fanout:
+                with os.scandir(sub) as blobs:
+                    orphans = [
+                        blob.path
+                        for blob in blobs
+                        if _HEX64.fullmatch(blob.name) and blob.name not in referenced
+                    ]
+                for orphan in orphans:
+                    with suppress(FileNotFoundError):
+                        os.unlink(orphan)
+        with os.scandir(self._tmp) as partials:
+            for partial in partials:
+                # An add finishing meanwhile renames its file away: not an error.
+                with suppress(FileNotFoundError):
+                    if partial.stat(follow_symlinks=False).st_mtime < now - _STALE_TEMP_S:
+                        os.unlink(partial.path)
+        return len(expired)

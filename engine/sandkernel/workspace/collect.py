@@ -1,0 +1,201 @@
+"""Files out of a workspace: what a cell produced, registered in the store.
+
+After each cell, new and changed regular files are registered in the store
+(see :func:`~sandkernel.workspace.scan.scan_workspace`: no symlink is ever
+followed), and so are images the cell displayed. Both come back on the result
+as :class:`~sandkernel.results.ProducedFile`, within the caps of
+:class:`OutputCaps`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from sandkernel.errors import SandkernelError
+from sandkernel.files import FileStore, StoredFile
+from sandkernel.results import ExecutionResult, ProducedFile
+from sandkernel.sandbox import WORKSPACE_IN_JAIL
+from sandkernel.workspace.place import WorkspaceState
+from sandkernel.workspace.scan import open_workspace_file, scan_workspace
+
+#: Displayed image types that become files, with their extension.
+_IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/svg+xml": "svg"}
+
+
+@dataclass(frozen=True)
+class OutputCaps:
+    """Bounds on what one cell, and one session, may add to the store.
+
+    ``max_session_bytes`` bounds the produced files a session keeps in the
+    store: without it, a session that rewrites its files every cell would
+    grow the host's store by a version per cell. When a new file does not
+    fit, the oldest superseded versions (of a path produced again since, and
+    displayed images of earlier cells) are deleted first; what still does not
+    fit is not stored, and the result says so.
+    """
+
+    max_files: int = 100
+    max_bytes: int = 256 << 20
+    retention_s: float | None = 7 * 24 * 3600
+    max_session_bytes: int | None = None
+
+
+class _SessionQuota:
+    """The room left under :attr:`OutputCaps.max_session_bytes` for one session."""
+
+    def __init__(self, store: FileStore, session_id: str, state: WorkspaceState, cap: int | None):
+        self.store, self.session_id, self.state, self.cap = store, session_id, state, cap
+        self.used = (
+            0 if cap is None else store.stored_bytes(session_id=session_id, origin="produced")
+        )
+        self.evicted = 0
+
+    def make_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit, after deleting superseded versions if needed."""
+        if self.cap is None or self.used + size <= self.cap:
+            return True
+        if size > self.cap:
+            return False
+        current = set(self.state.latest.values())
+        for old in self.store.list(session_id=self.session_id, origin="produced"):
+            if self.used + size <= self.cap:
+                break
+            if old.id in current:
+                continue
+            try:
+                self.store.delete(old.id)
+            except SandkernelError:
+                continue  # deleted meanwhile
+            self.used -= old.size_bytes
+            self.evicted += 1
+        return self.used + size <= self.cap
+
+    def refused(self, what: str, size: int) -> str:
+        assert self.cap is not None
+        return (
+            f"{what} ({size} bytes) not stored: the session's produced files would exceed "
+            f"its {self.cap}-byte cap (max_session_produced_bytes); delete files or "
+            "write smaller ones"
+        )
+
+
+def collect_outputs(
+    store: FileStore,
+    workspace: Path,
+    state: WorkspaceState,
+    result: ExecutionResult,
+    *,
+    session_id: str,
+    caps: OutputCaps,
+) -> ExecutionResult:
+    """Register what the cell produced and return the result with its ``files``."""
+    scan = scan_workspace(
+        workspace, since=state.snapshot, max_files=caps.max_files, max_bytes=caps.max_bytes
+    )
+    produced: list[ProducedFile] = []
+    notes = [scan.truncated_reason] if scan.truncated_reason else []
+    quota = _SessionQuota(store, session_id, state, caps.max_session_bytes)
+    for entry in scan.changed:
+        path = f"{WORKSPACE_IN_JAIL}/{entry.path}"
+        if not quota.make_room(entry.size_bytes):
+            notes.append(quota.refused(entry.path, entry.size_bytes))
+            continue
+        try:
+            with open_workspace_file(workspace, entry.path) as f:
+                stored = store.add_stream(
+                    f,
+                    PurePosixPath(entry.path).name,
+                    origin="produced",
+                    session_id=session_id,
+                    execution_count=result.execution_count,
+                    path=path,
+                    retention_s=caps.retention_s,
+                )
+        except OSError:
+            continue  # vanished or replaced since the scan: the next scan sees it
+        except Exception as exc:  # noqa: BLE001 - one odd file must not lose the result
+            notes.append(f"{entry.path}: not stored ({exc})")
+            continue
+        state.latest[path] = stored.id
+        quota.used += stored.size_bytes
+        produced.append(_produced(stored, path, "workspace"))
+    state.snapshot = scan.snapshot
+    for path in scan.removed:
+        state.latest.pop(f"{WORKSPACE_IN_JAIL}/{path}", None)
+    produced += _store_displays(store, result, session_id=session_id, caps=caps, quota=quota,
+                                room=caps.max_files - len(produced), notes=notes)  # fmt: skip
+    truncated = bool(notes)
+    if quota.evicted:  # not a truncation: what this cell produced is all there
+        notes.append(
+            f"{quota.evicted} superseded version(s) of earlier cells' files deleted to stay "
+            "within the session's cap (max_session_produced_bytes)"
+        )
+    if not produced and not notes:
+        return result
+    return result.model_copy(
+        update={
+            "files": produced,
+            "files_truncated": truncated,
+            "files_note": "; ".join(notes) or None,
+        }
+    )
+
+
+def _store_displays(
+    store: FileStore,
+    result: ExecutionResult,
+    *,
+    session_id: str,
+    caps: OutputCaps,
+    quota: _SessionQuota,
+    room: int,
+    notes: list[str],
+) -> list[ProducedFile]:
+    produced: list[ProducedFile] = []
+    images = [d for d in result.displays if any(t in d.data for t in _IMAGE_TYPES)]
+    for n, display in enumerate(images, 1):
+        if len(produced) >= room:
+            notes.append(f"more displayed images than the {caps.max_files}-file cap (max_files)")
+            break
+        mime = next(t for t in _IMAGE_TYPES if t in display.data)
+        payload = display.data[mime]
+        try:
+            if mime == "image/svg+xml":
+                data = (payload if isinstance(payload, str) else "".join(payload)).encode()
+            else:
+                data = base64.b64decode(payload, validate=False)
+        except (binascii.Error, TypeError, ValueError):
+            notes.append(f"displayed {mime} #{n} is not valid base64")
+            continue
+        name = f"image-{result.execution_count or 0}-{n}.{_IMAGE_TYPES[mime]}"
+        if not quota.make_room(len(data)):
+            notes.append(quota.refused(name, len(data)))
+            continue
+        stored = store.add_bytes(
+            data,
+            name,
+            origin="produced",
+            session_id=session_id,
+            execution_count=result.execution_count,
+            retention_s=caps.retention_s,
+            mime=mime,
+        )
+        quota.used += stored.size_bytes
+        produced.append(_produced(stored, "", "display"))
+    return produced
+
+
+def _produced(stored: StoredFile, path: str, source: str) -> ProducedFile:
+    return ProducedFile(
+        id=stored.id,
+        name=stored.name,
+        path=stored.path or path,  # the store's printable form of the path
+        mime_type=stored.mime_type,
+        size_bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        execution_count=stored.execution_count,
+        source="display" if source == "display" else "workspace",
+    )

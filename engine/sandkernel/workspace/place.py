@@ -1,0 +1,194 @@
+"""Files into a workspace: stored files placed in a kernel's ``/mnt/data``.
+
+A stored file is copied into the workspace under its name. Agent files are
+owned by root and read-only: the workspace is a sticky, world-writable folder
+(like ``/tmp``), so the sandbox user can neither change nor delete nor rename
+them. Session files belong to the sandbox user. Files are created with
+``O_EXCL | O_NOFOLLOW``, so a name the code in the sandbox planted (a
+symlink, say) is never written through; a name already taken gets the file
+id appended, predictably.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from sandkernel.errors import SandkernelError
+from sandkernel.files import FileStore, StoredFile
+from sandkernel.sandbox import SANDBOX_GID, SANDBOX_UID, WORKSPACE_IN_JAIL
+from sandkernel.workspace.scan import Snapshot, open_workspace_file
+
+
+@dataclass
+class WorkspaceState:
+    """What the engine knows of one session's workspace between cells."""
+
+    snapshot: Snapshot = field(default_factory=dict)
+    #: in-sandbox path -> file id of what was placed there or produced last
+    latest: dict[str, str] = field(default_factory=dict)
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = path.lstat()
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def place_file(
+    store: FileStore,
+    stored: StoredFile,
+    workspace: Path,
+    state: WorkspaceState,
+    *,
+    read_only: bool,
+    subdir: str = "",
+) -> str:
+    """Copy a stored file into the workspace; return its path in the sandbox.
+
+    Args:
+        store: where the content is.
+        stored: the file to copy (placed under its stored name).
+        workspace: host path of the kernel's ``/mnt/data``.
+        state: updated so the copy does not count as produced.
+        read_only: owned by root, mode 0444 (agent files); else the sandbox
+            user's, mode 0644.
+        subdir: a relative folder inside the workspace (only used to restore
+            files into a fresh workspace, before any code ran there).
+    """
+    stem, dot, ext = stored.name.rpartition(".")
+    suffixed = (
+        f"{stem}-{stored.id[5:13]}.{ext}" if dot and stem else f"{stored.name}-{stored.id[5:13]}"
+    )
+    prefix = f"{subdir}/" if subdir else ""
+    target_dir = workspace / subdir if subdir else workspace
+    dir_fd = os.open(target_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for candidate in (stored.name, suffixed):
+            if _same_file_there(target_dir, candidate, stored):
+                return _record(state, workspace, prefix + candidate, stored.id)
+            try:
+                fd = os.open(
+                    candidate,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=dir_fd,
+                )
+            except FileExistsError:
+                continue
+            try:
+                with store.open(stored.id) as src, os.fdopen(fd, "wb", closefd=False) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                if read_only:
+                    os.fchown(fd, 0, 0)
+                    os.fchmod(fd, 0o444)
+                else:
+                    os.fchown(fd, SANDBOX_UID, SANDBOX_GID)
+                    os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
+            return _record(state, workspace, prefix + candidate, stored.id)
+    finally:
+        os.close(dir_fd)
+    raise FileExistsError(
+        errno.EEXIST, f"cannot place {stored.name!r}: it and {suffixed!r} are both taken"
+    )
+
+
+def restore_files(
+    store: FileStore, files: dict[str, str], workspace: Path, state: WorkspaceState
+) -> list[str]:
+    """Put a session's files back into a fresh workspace (after its kernel died).
+
+    Args:
+        files: in-sandbox path -> file id (a previous :attr:`WorkspaceState.latest`).
+
+    Returns:
+        The paths that could not be restored (their file expired or was deleted).
+    """
+    lost = []
+    for path, file_id in files.items():
+        rel = PurePosixPath(path).relative_to(WORKSPACE_IN_JAIL)
+        try:
+            stored = store.get(file_id)
+        except SandkernelError:
+            lost.append(path)
+            continue
+        subdir = str(rel.parent) if str(rel.parent) != "." else ""
+        if subdir:
+            # Fresh workspace, no code has run in it yet: plain makedirs is safe.
+            (workspace / subdir).mkdir(parents=True, exist_ok=True)
+            for part in range(1, len(rel.parent.parts) + 1):
+                os.chown(workspace.joinpath(*rel.parent.parts[:part]), SANDBOX_UID, SANDBOX_GID)
+        if stored.name != rel.name:
+            stored = stored.model_copy(update={"name": rel.name})
+        place_file(store, stored, workspace, state, read_only=False, subdir=subdir)
+    return lost
+
+
+def _same_file_there(directory: Path, name: str, stored: StoredFile) -> bool:
+    """The name already holds exactly this file (placed earlier, unchanged)."""
+    try:
+        with open_workspace_file(directory, name) as f:
+            if os.fstat(f.fileno()).st_size != stored.size_bytes:
+                return False
+            digest = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+            return digest.hexdigest() == stored.sha256
+    except (OSError, SandkernelError):
+        return False
+
+
+def _record(state: WorkspaceState, workspace: Path, rel: str, file_id: str) -> str:
+    state.snapshot[rel] = _stat_key(workspace / rel)
+    path = f"{WORKSPACE_IN_JAIL}/{rel}"
+    state.latest[path] = file_id
+    return path
+
+
+def write_workspace_file(workspace: Path, rel: str, data: bytes) -> None:
+    """Write ``data`` at a relative path in the workspace, as the sandbox user's file.
+
+    Missing folders are created; no symlink is followed on the way (each
+    folder is opened with ``O_NOFOLLOW`` relative to its parent), and an
+    existing file is replaced only if it is a regular file.
+    """
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+        raise FileExistsError(errno.EINVAL, f"not a relative path: {rel!r}")
+    fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for part in parts[:-1]:
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+                os.chown(part, SANDBOX_UID, SANDBOX_GID, dir_fd=fd, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        out = os.open(
+            parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=fd
+        )
+        try:
+            os.fchown(out, SANDBOX_UID, SANDBOX_GID)
+            with os.fdopen(out, "wb", closefd=False) as f:
+                f.write(data)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+
+
+def read_workspace_file(workspace: Path, rel: str, max_bytes: int = 256 << 20) -> bytes | None:
+    """A regular file's bytes (no symlink followed), or None if absent, odd or too large."""
+    try:
+        with open_workspace_file(workspace, rel) as f:
+            data = f.read(max_bytes + 1)
+    except (OSError, SandkernelError):
+        return None
+    return None if len(data) > max_bytes else data
