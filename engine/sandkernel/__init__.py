@@ -38,16 +38,13 @@ if TYPE_CHECKING:
         SessionLimitReached,
         SessionNotFound,
     )
-    from sandkernel.files import StoredFile, listed_file_name, raw_file_name
+    from sandkernel.files.names import listed_file_name, raw_file_name
+    from sandkernel.files.store import StoredFile
     from sandkernel.kernel import SandboxedKernel
-    from sandkernel.loop import (
-        PYTHON_TOOL,
-        ChatModel,
-        LoopResult,
-        OpenAIChatModel,
-        format_result,
-        run_loop,
-    )
+    from sandkernel.loop.formatting import format_result
+    from sandkernel.loop.models import ChatModel, OpenAIChatModel
+    from sandkernel.loop.run import LoopResult, run_loop
+    from sandkernel.loop.tool import PYTHON_TOOL
     from sandkernel.policy import Policy, load_policy
     from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, ProducedFile, Usage
     from sandkernel.sandbox import SandboxHost
@@ -78,16 +75,16 @@ _WHERE: dict[str, str] = {
     "SessionExpired": "errors",
     "SessionLimitReached": "errors",
     "SessionNotFound": "errors",
-    "StoredFile": "files",
-    "listed_file_name": "files",
-    "raw_file_name": "files",
+    "listed_file_name": "files.names",
+    "raw_file_name": "files.names",
+    "StoredFile": "files.store",
     "SandboxedKernel": "kernel",
-    "ChatModel": "loop",
-    "LoopResult": "loop",
-    "OpenAIChatModel": "loop",
-    "PYTHON_TOOL": "loop",
-    "format_result": "loop",
-    "run_loop": "loop",
+    "format_result": "loop.formatting",
+    "ChatModel": "loop.models",
+    "OpenAIChatModel": "loop.models",
+    "LoopResult": "loop.run",
+    "run_loop": "loop.run",
+    "PYTHON_TOOL": "loop.tool",
     "Policy": "policy",
     "load_policy": "policy",
     "DisplayOutput": "results",
