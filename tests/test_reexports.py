@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 
-PACKAGES = ("sandkernel.sandbox",)
+PACKAGES = ("sandkernel.sandbox", "sandkernel.batch")
 
 
 def modules_after(code: str) -> set[str]:
@@ -44,4 +44,11 @@ def test_a_sandbox_constant_loads_only_where_it_is_defined() -> None:
     loaded = modules_after("from sandkernel.sandbox import SANDBOX_UID, WORKSPACE_IN_JAIL")
     assert {m for m in loaded if m.startswith("sandkernel.sandbox.")} == {
         "sandkernel.sandbox.layout"
+    }
+
+
+def test_building_a_run_request_loads_neither_the_pool_nor_the_sandbox() -> None:
+    loaded = modules_after("from sandkernel.batch import RunRequest, RunResult")
+    assert {m for m in loaded if m.startswith(("sandkernel.batch.", "sandkernel.sandbox"))} == {
+        "sandkernel.batch.models"
     }

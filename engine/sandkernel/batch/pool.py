@@ -1,0 +1,357 @@
+"""The batch pool: sandboxed fork servers that run requests, one per worker at a time.
+
+Callers wait for a slot in arrival order; a request goes to the worker with
+the shortest queue. A request whose sandbox died under it is run again on
+another worker, and only it: the requests queued behind it never started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+
+from pydantic import BaseModel
+
+from sandkernel.batch.frames import request_frame
+from sandkernel.batch.models import RunRequest, RunResult, lost_result, result_from_reply
+from sandkernel.batch.worker import Worker, WorkerConfig, WorkerLost
+from sandkernel.errors import EngineClosed, KernelStartFailed
+from sandkernel.policy import Policy, load_policy
+from sandkernel.sandbox import SandboxHost
+
+#: Modules the fork server imports before it forks: what typical benchmark
+#: programs import (HumanEval's prompts and tests use these), so that a child
+#: does not pay for importing them. Each adds pages a child may have to copy.
+DEFAULT_PRELOAD: tuple[str, ...] = (
+    "typing", "math", "re", "collections", "itertools", "functools", "string",
+    "random", "copy", "hashlib", "heapq", "bisect",
+)  # fmt: skip
+
+#: Bytes of fetched files returned per run, all files together.
+DEFAULT_FETCH_MAX_BYTES = 64 << 20
+
+
+class BatchStats(BaseModel):
+    """Counters of a :class:`BatchPool`."""
+
+    workers: int
+    runs: int = 0
+    reruns: int = 0
+    lost: int = 0
+    worker_restarts: int = 0
+
+
+class BatchPool:
+    """Sandboxed fork servers that run :class:`RunRequest` s, one per worker at a time.
+
+    Args:
+        host: the engine's :class:`~sandkernel.sandbox.SandboxHost`; ``None``
+            creates one that the pool owns and closes.
+        policy: limits and permissions of every worker's sandbox (a name, a
+            TOML path or a :class:`~sandkernel.policy.Policy`; default ``default``).
+            ``memory_mb`` is the cgroup limit of the worker (server and run),
+            and the default address-space limit of a run; ``wall_timeout_s``
+            the default timeout of a run.
+        workers: sandboxes run in parallel (default: the number of CPUs).
+        preload: modules the server imports before forking.
+        output_max_bytes: stdout and stderr kept per run, each (default: the
+            policy's ``output_max_bytes``).
+        fetch_max_bytes: bytes of ``fetch_files`` returned per run.
+        start_timeout_s: how long a worker may take to come up.
+        max_attempts: runs of a request whose sandbox died under it before it
+            fails with ``killed`` (or ``oom``).
+        pipeline_depth: requests queued per worker, the running one included;
+            2 keeps the next one waiting in the pipe while one runs.
+
+    Use as ``async with BatchPool(...) as pool:`` or call :meth:`start` and
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        host: SandboxHost | None = None,
+        policy: Policy | str | None = None,
+        *,
+        workers: int | None = None,
+        preload: Iterable[str] = DEFAULT_PRELOAD,
+        output_max_bytes: int | None = None,
+        fetch_max_bytes: int = DEFAULT_FETCH_MAX_BYTES,
+        start_timeout_s: float = 30.0,
+        max_attempts: int = 2,
+        pipeline_depth: int = 2,
+    ) -> None:
+        if workers is not None and workers < 1:
+            raise ValueError("workers must be at least 1")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be at least 1")
+        self.policy = load_policy(policy)
+        self.workers = workers or os.cpu_count() or 1
+        self.max_attempts = max_attempts
+        self.pipeline_depth = pipeline_depth
+        self._host = host
+        self._owns_host = host is None
+        self._preload = tuple(preload)
+        self._output_max_bytes = output_max_bytes or self.policy.output_max_bytes
+        self._fetch_max_bytes = fetch_max_bytes
+        self._start_timeout_s = start_timeout_s
+        self._live: list[Worker] = []
+        self._replacing: set[asyncio.Task[None]] = set()
+        # Callers waiting for a slot, oldest first: a freed slot goes to the
+        # oldest, so under load a run waits its turn rather than a random time.
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._failure: BaseException | None = None
+        self._started = False
+        self._closed = False
+        self.stats = BatchStats(workers=self.workers)
+
+    @property
+    def host(self) -> SandboxHost:
+        if self._host is None:
+            raise EngineClosed("the batch pool is not started")
+        return self._host
+
+    def worker_ids(self) -> list[str]:
+        """Kernel ids (cgroup names) of the workers taking requests now."""
+        return sorted(w.kernel_id for w in self._live if w.accepting)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every worker; raises KernelStartFailed if one does not come up."""
+        if self._started:
+            raise EngineClosed("a BatchPool can be started once")
+        self._started = True
+        if self._host is None:
+            self._host = await asyncio.to_thread(SandboxHost)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self.workers):
+                    group.create_task(self._add_worker())
+        except BaseExceptionGroup as group_error:
+            await self.close()
+            raise group_error.exceptions[0] from None
+
+    async def close(self) -> None:
+        """Stop every worker and remove its sandbox. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake_all()
+        # A replacement being started stops itself once up (bounded by start_timeout_s).
+        if self._replacing:
+            await asyncio.gather(*self._replacing, return_exceptions=True)
+        workers, self._live = self._live, []
+        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+        if self._owns_host and self._host is not None:
+            self._host.close()
+
+    async def __aenter__(self) -> BatchPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _new_worker(self) -> Worker:
+        config = WorkerConfig(
+            host=self.host,
+            policy=self.policy,
+            preload=self._preload,
+            output_max_bytes=self._output_max_bytes,
+            fetch_max_bytes=self._fetch_max_bytes,
+            start_timeout_s=self._start_timeout_s,
+        )
+        return Worker(config, self._slot_freed, self._replace)
+
+    async def _add_worker(self) -> None:
+        worker = self._new_worker()
+        await worker.start()
+        if self._closed:
+            await worker.stop()
+            return
+        self._live.append(worker)
+        self._wake_all()
+
+    def _replace(self, worker: Worker) -> None:
+        """Stop a lost worker and start another in its place, in the background."""
+        if worker in self._live:
+            self._live.remove(worker)
+        if self._closed:
+            return
+        self.stats.worker_restarts += 1
+
+        async def replace() -> None:
+            await worker.stop()
+            for attempt in range(3):
+                try:
+                    await self._add_worker()
+                    return
+                except KernelStartFailed as exc:
+                    if attempt == 2:
+                        self._failure = exc
+                        self._replacing.discard(task)
+                        self._wake_all()
+                        return
+                    await asyncio.sleep(0.2 * (attempt + 1))
+
+        task = asyncio.ensure_future(replace())
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    def _slot_freed(self) -> None:
+        """A slot came free: wake the caller that has waited longest."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        """Capacity changed (a worker came or went, the pool closed): everyone looks again."""
+        waiting, self._waiting = self._waiting, deque()
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _least_loaded(self) -> Worker | None:
+        best: Worker | None = None
+        for worker in self._live:
+            if worker.accepting and len(worker.outstanding) < self.pipeline_depth:
+                if best is None or len(worker.outstanding) < len(best.outstanding):
+                    best = worker
+        return best
+
+    async def _acquire(self) -> Worker:
+        """The worker with the shortest queue, once one has room; callers in arrival order."""
+        woken = False
+        while True:
+            if self._closed:
+                raise EngineClosed("the batch pool is closed")
+            if not self._started:
+                raise EngineClosed("the batch pool is not started: use `async with` or start()")
+            # A newcomer takes a free slot only if nobody is waiting for one.
+            if woken or not self._waiting:
+                best = self._least_loaded()
+                if best is not None:
+                    return best
+            if self._failure is not None and not self._live and not self._replacing:
+                raise KernelStartFailed(f"no batch worker left: {self._failure}")
+            waiter = asyncio.get_running_loop().create_future()
+            # Woken but beaten to the slot: first in line for the next one.
+            if woken:
+                self._waiting.appendleft(waiter)
+            else:
+                self._waiting.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._slot_freed()  # pass on the slot this caller will not use
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove(waiter)
+                raise
+            woken = True
+
+    # -- running -------------------------------------------------------------
+
+    async def run(self, request: RunRequest) -> RunResult:
+        """Run one request on the next free worker.
+
+        User code failing is a result, never an exception. Raises
+        EngineClosed if the pool is closed, KernelStartFailed if no sandbox
+        can be started any more.
+        """
+        timeout_s = request.timeout_s or self.policy.wall_timeout_s
+        memory_mb = request.memory_mb or self.policy.memory_mb
+        frame = request_frame(request, timeout_s=timeout_s, memory_mb=memory_mb)
+        limit_s = timeout_s + 1 if request.mode == "check" else timeout_s
+        reasons: list[str] = []
+        oom = False
+        while True:
+            worker = await self._acquire()
+            future = worker.submit(frame, limit_s)
+            try:
+                header, blobs = await future
+            except WorkerLost as lost:
+                if not lost.blamed:
+                    continue  # it never started: run it elsewhere
+                reasons.append(str(lost))
+                oom = oom or lost.oom
+                if len(reasons) >= self.max_attempts:
+                    self.stats.runs += 1
+                    self.stats.lost += 1
+                    return lost_result(
+                        request, oom_killed=oom, attempts=len(reasons), reason="; ".join(reasons)
+                    )
+                self.stats.reruns += 1
+                continue
+            except asyncio.CancelledError:
+                if future.cancelled():
+                    # The request runs or waits in that sandbox: end it there
+                    # (requests queued behind it are run elsewhere).
+                    worker.kill()
+                raise
+            self.stats.runs += 1
+            return result_from_reply(
+                request,
+                header,
+                blobs,
+                timeout_s=timeout_s,
+                memory_mb=memory_mb,
+                oom_killed=bool(header.get("oom_killed")),
+                attempts=len(reasons) + 1,
+            )
+
+    async def run_many(
+        self,
+        requests: Iterable[RunRequest] | AsyncIterable[RunRequest],
+        *,
+        concurrency: int | None = None,
+    ) -> AsyncIterator[RunResult]:
+        """Run requests, yielding each result as it finishes (not in input order).
+
+        Requests are pulled from ``requests`` only as slots free up, so at most
+        ``concurrency`` (default: workers × pipeline depth) requests and their
+        results are held at a time. Match results to requests with ``RunRequest.id``.
+        """
+        limit = concurrency or self.workers * self.pipeline_depth
+        if limit < 1:
+            raise ValueError("concurrency must be at least 1")
+        source = iterate_async(requests)
+        running: set[asyncio.Task[RunResult]] = set()
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(running) < limit:
+                    try:
+                        request = await anext(source)
+                    except StopAsyncIteration:
+                        exhausted = True
+                        break
+                    running.add(asyncio.ensure_future(self.run(request)))
+                if not running:
+                    return
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    yield task.result()
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+
+async def iterate_async[T](items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    """``items`` as an async iterator, whether it is a plain or an async iterable."""
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

@@ -1,0 +1,416 @@
+"""One batch worker: a sandbox running the fork server, fed requests over a pipe.
+
+The pool's internals: :class:`Worker` starts one nsjail running
+``kernels/runtime/forkserver.py``, writes request frames to its stdin as they
+are submitted and matches the replies on its stdout to them; a timer kills a
+server that does not answer its current request in time. When the sandbox
+dies, hangs or breaks the protocol, every request still outstanding fails
+with :class:`WorkerLost`, blamed only on the one that was running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sandkernel.batch.frames import Reply, decode_frame_body
+from sandkernel.errors import KernelStartFailed
+from sandkernel.policy import Policy
+from sandkernel.sandbox import (
+    RUNTIME_IN_JAIL,
+    KernelLayout,
+    SandboxHost,
+    render_config_text,
+    render_nsjail_config,
+)
+
+#: After a request's own time limit, how long the server may take to clean
+#: up and answer before the worker is considered hung and replaced.
+_ANSWER_GRACE_S = 10.0
+_SERVER = "forkserver.py"
+
+
+class WorkerLost(Exception):
+    """The worker's sandbox died, hung, broke the protocol or was stopped.
+
+    ``blamed``: the request was running (or next to run) when it happened;
+    requests still queued behind it were never started and are not to blame.
+    """
+
+    def __init__(self, reason: str, *, blamed: bool, oom: bool = False) -> None:
+        super().__init__(reason)
+        self.blamed = blamed
+        self.oom = oom
+
+
+async def _wait_exit(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Wait for ``process`` to exit (pidfd, no polling); True if it did in time."""
+    if process.poll() is not None:
+        return True
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        process.wait()
+        return True
+    loop = asyncio.get_running_loop()
+    exited = asyncio.Event()
+    loop.add_reader(pidfd, exited.set)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await exited.wait()
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    process.wait()
+    return True
+
+
+@dataclass
+class WorkerConfig:
+    """What every worker of a pool is started with."""
+
+    host: SandboxHost
+    policy: Policy
+    preload: tuple[str, ...]
+    output_max_bytes: int
+    fetch_max_bytes: int
+    start_timeout_s: float
+
+
+@dataclass
+class _Pending:
+    limit_s: float
+    future: asyncio.Future[Reply]
+
+
+class Worker:
+    """One nsjail running the fork server.
+
+    Requests are written to the server's stdin as soon as they are submitted
+    (up to the pool's pipeline depth), so the next one is waiting in the pipe
+    when the server finishes the current one; the server reads them one at a
+    time and replies in order. A reader task matches replies to requests and
+    notices the sandbox's death; a timer kills a server that does not answer
+    its current request in time.
+    """
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        on_slot_free: Callable[[], None],
+        on_lost: Callable[[Worker], None],
+    ) -> None:
+        self.config = config
+        self.host = config.host
+        self.kernel_id = self.host.new_kernel_id()
+        self.layout: KernelLayout | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.request_fd = -1
+        self.reply_fd = -1
+        self.hello: dict[str, Any] = {}
+        self.served = 0
+        #: taking requests: started, not lost, not stopping
+        self.accepting = False
+        self.outstanding: deque[_Pending] = deque()
+        self._on_slot_free = on_slot_free
+        self._on_lost = on_lost
+        self._buffer = bytearray()
+        self._unsent = bytearray()
+        self._oom_kills = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._hung = False
+        self._stopping = False
+        self._stopped = False
+
+    # -- start -------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        preparing = asyncio.ensure_future(
+            asyncio.to_thread(self.host.prepare, self.kernel_id, config.policy)
+        )
+        try:
+            self.layout = await asyncio.shield(preparing)
+        except asyncio.CancelledError:
+            await asyncio.wait([preparing])
+            self._stopping = True
+            await self._destroy_sandbox()
+            raise
+        try:
+            await self._launch(self.layout)
+        except BaseException as exc:
+            detail = self.log_tail()
+            await self.stop()
+            if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+                raise
+            raise KernelStartFailed(
+                f"batch worker did not start: {exc}"
+                + (f"\n--- sandbox log ---\n{detail}" if detail else "")
+                + "\n(run `sandkernel doctor` to check the sandbox)"
+            ) from None
+        self._reader = asyncio.ensure_future(self._read_replies())
+        self.accepting = True
+
+    async def _launch(self, layout: KernelLayout) -> None:
+        config = self.config
+        server_config = {
+            "preload": list(config.preload),
+            "file_size_mb": config.policy.file_size_mb,
+            "nofile": config.policy.nofile,
+            "output_max_bytes": config.output_max_bytes,
+            "fetch_max_bytes": config.fetch_max_bytes,
+        }
+        argv = [
+            self.host.runtime.python, "-s", f"{RUNTIME_IN_JAIL}/{_SERVER}",
+            json.dumps(server_config),
+        ]  # fmt: skip
+        nsjail = render_nsjail_config(config.policy, layout, self.host.runtime, argv)
+        layout.config_file.write_text(render_config_text(nsjail))
+        request_r, self.request_fd = os.pipe2(os.O_CLOEXEC)
+        self.reply_fd, reply_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            # Opening a local file and spawning the wrapper (vfork + exec) take
+            # well under a millisecond: not worth a thread.
+            with open(layout.output_file, "ab") as output:  # noqa: ASYNC230
+                self.process = subprocess.Popen(  # noqa: ASYNC220
+                    self.host.launch_argv(layout),
+                    stdin=request_r,
+                    stdout=reply_w,
+                    stderr=output,
+                    env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                    cwd=layout.root,
+                    # A terminal's ^C reaches the engine, which shuts workers down.
+                    start_new_session=True,
+                )
+        finally:
+            os.close(request_r)
+            os.close(reply_w)
+        os.set_blocking(self.request_fd, False)
+        os.set_blocking(self.reply_fd, False)
+        header, _ = await self._read_frame(time.monotonic() + config.start_timeout_s)
+        if not header.get("ready"):
+            raise WorkerLost(f"unexpected first frame from the server: {header}", blamed=False)
+        self.hello = header
+        self._oom_kills = self.host.cgroup(self.kernel_id).usage().oom_kills
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.layout is None:
+            return ""
+        parts = []
+        for path in (self.layout.log_file, self.layout.output_file):
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace").splitlines()
+                kept = [t for t in text if "no version information available" not in t]
+                if kept:
+                    parts.append("\n".join(kept[-lines:]))
+        return "\n".join(parts)
+
+    # -- requests ------------------------------------------------------------
+
+    def submit(self, frame: bytes, limit_s: float) -> asyncio.Future[Reply]:
+        """Queue a request frame; the future gets its reply or a WorkerLost."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(limit_s, loop.create_future())
+        self.outstanding.append(pending)
+        if len(self.outstanding) == 1:
+            self._arm_timer()
+        self._send(frame)
+        return pending.future
+
+    def _send(self, frame: bytes) -> None:
+        if self._unsent:
+            self._unsent += frame
+            return
+        try:
+            written = os.write(self.request_fd, frame)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return  # the sandbox is gone: the reader sees it and fails the request
+        if written < len(frame):
+            self._unsent += frame[written:]
+            asyncio.get_running_loop().add_writer(self.request_fd, self._flush)
+
+    def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            written = os.write(self.request_fd, self._unsent)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(self._unsent)
+        del self._unsent[:written]
+        if not self._unsent:
+            loop.remove_writer(self.request_fd)
+
+    def _arm_timer(self) -> None:
+        """Kill the sandbox if its current request is not answered in time."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.outstanding:
+            limit = self.outstanding[0].limit_s + _ANSWER_GRACE_S
+            self._timer = asyncio.get_running_loop().call_later(limit, self._on_hung)
+
+    def _on_hung(self) -> None:
+        self._timer = None
+        self._hung = True
+        self.kill()
+
+    async def _read_replies(self) -> None:
+        """Match replies to requests until the sandbox goes away."""
+        reason = "the sandbox stopped"
+        head_blamed = True
+        try:
+            while True:
+                header, blobs = await self._read_frame(None)
+                if not self.outstanding:
+                    reason = "the server answered a request it was not sent"
+                    break
+                if "error" in header:
+                    reason = f"the server failed: {header['error']}"
+                    break
+                pending = self.outstanding.popleft()
+                self._arm_timer()
+                self.served += 1
+                if header.get("signal") is not None:
+                    header["oom_killed"] = self.oom_killed_since_last()
+                if not pending.future.done():
+                    pending.future.set_result((header, blobs))
+                if header.get("restart"):
+                    # The server exits after this reply; what is queued behind
+                    # it never started.
+                    reason = f"the server restarts: {header['restart']}"
+                    head_blamed = False
+                    break
+                self._on_slot_free()
+        except WorkerLost as lost:
+            reason = str(lost)
+            if self._hung:
+                reason = "the server did not answer in time"
+        finally:
+            self.accepting = False
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            oom = False
+            if self.outstanding and not self._stopping:
+                self.kill()
+                oom = self.oom_killed_since_last()
+            blamed = head_blamed and not self._stopping
+            while self.outstanding:
+                pending = self.outstanding.popleft()
+                if not pending.future.done():
+                    pending.future.set_exception(WorkerLost(reason, blamed=blamed, oom=oom))
+                blamed = False
+            if not self._stopping:
+                self._on_lost(self)
+
+    async def _wait_readable(self, deadline: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(self.reply_fd, wake)
+        try:
+            if deadline is None:
+                await ready
+            else:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await ready
+        except TimeoutError:
+            raise WorkerLost("the server did not start in time", blamed=False) from None
+        finally:
+            loop.remove_reader(self.reply_fd)
+
+    async def _fill(self, size: int, deadline: float | None) -> None:
+        while len(self._buffer) < size:
+            try:
+                chunk = os.read(self.reply_fd, max(size - len(self._buffer), 1 << 16))
+            except BlockingIOError:
+                await self._wait_readable(deadline)
+                continue
+            if not chunk:
+                raise WorkerLost("the sandbox is gone", blamed=True)
+            self._buffer += chunk
+
+    async def _read_frame(self, deadline: float | None) -> Reply:
+        await self._fill(8, deadline)
+        size = int.from_bytes(self._buffer[:8], "little")
+        await self._fill(8 + size, deadline)
+        body = bytes(self._buffer[8 : 8 + size])
+        del self._buffer[: 8 + size]
+        return decode_frame_body(body)
+
+    def oom_killed_since_last(self) -> bool:
+        """Whether the cgroup counted an OOM kill since the last call (and remember)."""
+        count = self.host.cgroup(self.kernel_id).usage().oom_kills
+        killed = count > self._oom_kills
+        self._oom_kills = count
+        return killed
+
+    # -- shutdown ------------------------------------------------------------
+
+    def kill(self) -> None:
+        """SIGKILL the whole sandbox now (its cgroup); :meth:`stop` still cleans up."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGKILL)
+        self.host.cgroup(self.kernel_id).kill_all()
+
+    async def stop(self, *, grace_s: float = 1.0) -> None:
+        """End the server (EOF on its stdin, then SIGKILL) and remove every trace.
+
+        Requests still outstanding fail with an unblamed WorkerLost.
+        """
+        if self._stopped:
+            return
+        self._stopped = self._stopping = True
+        self.accepting = False
+        try:
+            if self.request_fd >= 0:
+                if self._unsent:
+                    asyncio.get_running_loop().remove_writer(self.request_fd)
+                os.close(self.request_fd)
+                self.request_fd = -1
+            process = self.process
+            if process is not None and not await _wait_exit(process, grace_s):
+                self.kill()
+                await _wait_exit(process, 5.0)
+            if self._reader is not None:
+                await asyncio.gather(self._reader, return_exceptions=True)
+        finally:
+            if self.reply_fd >= 0:
+                os.close(self.reply_fd)
+                self.reply_fd = -1
+            await self._destroy_sandbox()
+
+    async def _destroy_sandbox(self) -> None:
+        """Remove the sandbox's folder, mounts and cgroup, even if cancelled meanwhile.
+
+        A cancellation mid-clean-up (two workers failing at once in start(),
+        whose task group then cancels the other) waits for the removal to end
+        before it goes on: otherwise the caller returns while the sandbox's
+        traces still exist.
+        """
+        destroying = asyncio.ensure_future(asyncio.to_thread(self.host.destroy, self.kernel_id))
+        try:
+            await asyncio.shield(destroying)
+        except asyncio.CancelledError:
+            await asyncio.wait([destroying])
+            raise
