@@ -41,7 +41,6 @@ from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES, FileStore, StoredFile
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import Pool, PoolStats
-from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import Runtime, SandboxHost
 from sandkernel.session import (
     Clock,
@@ -51,13 +50,7 @@ from sandkernel.session import (
     SessionState,
     UploadSource,
 )
-from sandkernel.workspace import (
-    OutputCaps,
-    WorkspaceState,
-    collect_outputs,
-    place_file,
-    restore_files,
-)
+from sandkernel.workspace import OutputCaps, SessionWorkspace
 
 log = logging.getLogger(__name__)
 
@@ -370,9 +363,11 @@ class Engine:
             acquire = partial(self._start_kernel, Path(workspace))
         try:
             kernel = await acquire()
-            files = _SessionFiles(self, session_id, agent_id)
+            files = SessionWorkspace(
+                self._require_store(), self.output_caps, session_id=session_id, agent_id=agent_id
+            )
             try:
-                await files.prepare(kernel, restart=False)
+                await files.prepare(kernel.workspace, restart=False)
             except BaseException:
                 await pool.release(kernel)
                 raise
@@ -385,7 +380,7 @@ class Engine:
                 acquire_kernel=acquire,
                 release_kernel=pool.release,
                 restart_dead_kernels=self.restart_dead_kernels,
-                files=files,
+                workspace=files,
                 agent_id=agent_id,
             )
             self._sessions[session_id] = session
@@ -558,7 +553,7 @@ class Engine:
         if agent_id is not None:
             _check_id(agent_id, "agent")
         stored = await asyncio.to_thread(
-            _store_upload, store, source, name, agent_id=agent_id, retention_s=retention_s
+            store.add_upload, source, name, agent_id=agent_id, retention_s=retention_s
         )
         if agent_id is not None:
             await self._give_to_agent_sessions(agent_id, [stored])
@@ -580,9 +575,8 @@ class Engine:
     async def _give_to_agent_sessions(self, agent_id: str, files: list[StoredFile]) -> None:
         for session in self._sessions.values():
             if session.agent_id == agent_id and not session.closed and session.kernel:
-                handler = session._files
-                if isinstance(handler, _SessionFiles):
-                    await handler.place_agent_files(session.kernel, files)
+                if session.workspace is not None:
+                    await session.workspace.place_agent_files(session.kernel.workspace, files)
 
     async def file(self, file_id: str) -> StoredFile:
         """A stored file's metadata. Raises FileNotFoundInStore."""
@@ -654,115 +648,3 @@ def _check_id(value: str, kind: str) -> None:
             f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, "
             "digits and ._:@- starting with a letter or digit"
         )
-
-
-def _store_upload(
-    store: FileStore,
-    source: UploadSource,
-    name: str | None,
-    *,
-    session_id: str | None = None,
-    agent_id: str | None = None,
-    retention_s: float | None = None,
-) -> StoredFile:
-    owner: dict[str, Any] = {
-        "session_id": session_id, "agent_id": agent_id, "retention_s": retention_s,
-    }  # fmt: skip
-    if isinstance(source, bytes):
-        if name is None:
-            raise ValueError("uploading bytes needs a name (with its extension)")
-        return store.add_bytes(source, name, **owner)
-    if isinstance(source, str | os.PathLike):
-        return store.add_file(source, name, **owner)
-    if name is None:
-        name = os.path.basename(str(getattr(source, "name", "") or "")) or None
-        if name is None:
-            raise ValueError("uploading a stream needs a name (with its extension)")
-    return store.add_stream(source, name, **owner)
-
-
-class _SessionFiles:
-    """One session's view of the store (implements ``session.SessionFiles``).
-
-    A session may use files uploaded to it, files it produced, files of its
-    agent, and fresh uploads nobody owns yet (which then become its own);
-    never another session's or another agent's: those ids are "not found".
-    """
-
-    def __init__(self, engine: Engine, session_id: str, agent_id: str | None) -> None:
-        self._engine = engine
-        self.session_id = session_id
-        self.agent_id = agent_id
-        self.state = WorkspaceState()
-
-    @property
-    def _store(self) -> FileStore:
-        return self._engine._require_store()
-
-    async def prepare(self, kernel: SandboxedKernel, *, restart: bool) -> None:
-        store = self._store
-        previous, self.state = dict(self.state.latest), WorkspaceState()
-        if self.agent_id is not None:
-            agent_files = await asyncio.to_thread(store.list, agent_id=self.agent_id)
-            await self.place_agent_files(kernel, [f for f in agent_files if f.session_id is None])
-        if restart and previous:
-            agent_paths = set(self.state.latest)
-            mine = {p: i for p, i in previous.items() if p not in agent_paths}
-            await asyncio.to_thread(restore_files, store, mine, kernel.workspace, self.state)
-
-    async def place_agent_files(self, kernel: SandboxedKernel, files: list[StoredFile]) -> None:
-        store = self._store
-        for stored in files:
-            await asyncio.to_thread(
-                place_file, store, stored, kernel.workspace, self.state, read_only=True
-            )
-
-    async def attach(self, kernel: SandboxedKernel, file_ids: Sequence[str]) -> list[str]:
-        store = self._store
-        paths = []
-        for file_id in file_ids:
-            stored = await asyncio.to_thread(self._usable, store, file_id)
-            read_only = stored.session_id is None and stored.agent_id is not None
-            if stored.session_id is None and stored.agent_id is None:
-                stored = await asyncio.to_thread(store.attach, file_id, session_id=self.session_id)
-            paths.append(
-                await asyncio.to_thread(
-                    place_file, store, stored, kernel.workspace, self.state, read_only=read_only
-                )
-            )
-        return paths
-
-    def _usable(self, store: FileStore, file_id: str) -> StoredFile:
-        stored = store.get(file_id)
-        if stored.session_id not in (None, self.session_id) or (
-            stored.session_id is None and stored.agent_id not in (None, self.agent_id)
-        ):
-            raise FileNotFoundInStore(f"no file {file_id!r} for session {self.session_id!r}")
-        return stored
-
-    async def upload(
-        self, kernel: SandboxedKernel | None, source: UploadSource, name: str | None
-    ) -> StoredFile:
-        store = self._store
-        stored = await asyncio.to_thread(
-            _store_upload, store, source, name, session_id=self.session_id
-        )
-        if kernel is not None:
-            await asyncio.to_thread(
-                place_file, store, stored, kernel.workspace, self.state, read_only=False
-            )
-        return stored
-
-    async def collect(self, kernel: SandboxedKernel, result: ExecutionResult) -> ExecutionResult:
-        return await asyncio.to_thread(
-            collect_outputs,
-            self._store,
-            kernel.workspace,
-            self.state,
-            result,
-            session_id=self.session_id,
-            caps=self._engine.output_caps,
-        )
-
-    async def list(self) -> list[StoredFile]:
-        return await asyncio.to_thread(self._store.list, session_id=self.session_id)

@@ -10,47 +10,24 @@ the pure :class:`Lifetime`; the engine's reaper applies them.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import partial
-from typing import BinaryIO, Protocol
 
 from pydantic import BaseModel
 
 from sandkernel.errors import KernelDead, SessionClosed, SessionExpired
 from sandkernel.files import StoredFile
+from sandkernel.files import UploadSource as UploadSource  # where the contract imports it from
 from sandkernel.kernel import OutputCallback, SandboxedKernel
 from sandkernel.results import KERNEL_LOST, ExecutionResult
 from sandkernel.streaming import StreamEvent, stream_run
+from sandkernel.workspace import SessionWorkspace
 
 Clock = Callable[[], float]
-#: What can be uploaded: bytes, a path, or a binary stream.
-UploadSource = bytes | str | os.PathLike[str] | BinaryIO
-
-
-class SessionFiles(Protocol):
-    """What a session asks of the engine's file store (see ``Engine``)."""
-
-    async def prepare(self, kernel: SandboxedKernel, *, restart: bool) -> None:
-        """Fill a new kernel's workspace (agent files; after a restart, the session's)."""
-
-    async def attach(self, kernel: SandboxedKernel, file_ids: Sequence[str]) -> list[str]:
-        """Copy stored files into the workspace; return their paths in the sandbox."""
-
-    async def upload(
-        self, kernel: SandboxedKernel | None, source: UploadSource, name: str | None
-    ) -> StoredFile:
-        """Store a file for this session and place it in the workspace."""
-
-    async def collect(self, kernel: SandboxedKernel, result: ExecutionResult) -> ExecutionResult:
-        """Register what the cell produced; return the result with its files."""
-
-    async def list(self) -> list[StoredFile]:
-        """The session's files (uploaded to it and produced by it)."""
 
 
 class SessionState(StrEnum):
@@ -139,12 +116,13 @@ class Session:
         acquire_kernel: Callable[[], Awaitable[SandboxedKernel]],
         release_kernel: Callable[[SandboxedKernel], Awaitable[None]],
         restart_dead_kernels: bool = False,
-        files: SessionFiles | None = None,
+        workspace: SessionWorkspace | None = None,
         agent_id: str | None = None,
     ) -> None:
         self.id = session_id
         self.agent_id = agent_id
-        self._files = files
+        #: The session's files: its view of the store and what its kernel's workspace holds.
+        self.workspace = workspace
         self.kernel: SandboxedKernel | None = kernel
         self.lifetime = lifetime
         self.state = SessionState.ACTIVE
@@ -200,8 +178,8 @@ class Session:
                         "run again with restart=True for a fresh kernel, or open a new session"
                     )
                 fresh = await self._acquire()
-                if self._files is not None:
-                    await self._files.prepare(fresh, restart=True)
+                if self.workspace is not None:
+                    await self.workspace.prepare(fresh.workspace, restart=True)
                 self.kernel = fresh
                 self.state = SessionState.ACTIVE
                 state_lost = True
@@ -209,14 +187,14 @@ class Session:
             assert current is not None
             kernel = current
             self.lifetime.ran(self._clock())
-            if file_ids and self._files is not None:
-                await self._files.attach(kernel, file_ids)
+            if file_ids and self.workspace is not None:
+                await self.workspace.attach(kernel.workspace, file_ids)
             result = await kernel.execute(code, timeout_s=timeout_s, on_output=on_output)
             self.lifetime.ran(self._clock())
             self.cells_run += 1
-            if self._files is not None and not self.closed:
+            if self.workspace is not None and not self.closed:
                 # Before a dead kernel is released: its workspace still exists.
-                result = await self._files.collect(kernel, result)
+                result = await self.workspace.collect(kernel.workspace, result)
             if result.status in KERNEL_LOST or not result.kernel_alive:
                 await self._kernel_died(result.message or result.status)
             if state_lost:
@@ -279,27 +257,28 @@ class Session:
             FileRejected: unsupported type, mislabelled content, over the size cap.
         """
         self._check_usable()
-        files = self._require_files()
+        workspace = self._require_workspace()
         async with self._lock:
-            return await files.upload(self.kernel, source, name)
+            folder = self.kernel.workspace if self.kernel is not None else None
+            return await workspace.upload(folder, source, name)
 
     async def attach(self, file_ids: Sequence[str]) -> list[str]:
         """Copy stored files into ``/mnt/data`` now; returns their paths there."""
         self._check_usable()
-        files = self._require_files()
+        workspace = self._require_workspace()
         async with self._lock:
             if self.kernel is None:
                 raise KernelDead(f"session {self.id!r} has no kernel: {self._dead_message}")
-            return await files.attach(self.kernel, file_ids)
+            return await workspace.attach(self.kernel.workspace, file_ids)
 
     async def files(self) -> list[StoredFile]:
         """Files uploaded to this session and produced by it (also after it ended)."""
-        return await self._require_files().list()
+        return await self._require_workspace().list()
 
-    def _require_files(self) -> SessionFiles:
-        if self._files is None:
+    def _require_workspace(self) -> SessionWorkspace:
+        if self.workspace is None:
             raise SessionClosed(f"session {self.id!r} has no file store")
-        return self._files
+        return self.workspace
 
     async def interrupt(self) -> None:
         """Interrupt the running cell, if any."""

@@ -7,6 +7,8 @@
                files restored after a restart, single files read/written
 ``collect``    what a cell produced, registered in the store within the
                caps of :class:`OutputCaps` (:func:`collect_outputs`)
+``session``    :class:`SessionWorkspace`: one session's files, built from
+               the store, the caps and its ids; what a session holds
 =============  ==========================================================
 """
 
@@ -27,11 +29,13 @@ from sandkernel.workspace.scan import (
     open_workspace_file,
     scan_workspace,
 )
+from sandkernel.workspace.session import SessionWorkspace
 
 __all__ = [
     "OutputCaps",
     "ScanResult",
     "ScannedFile",
+    "SessionWorkspace",
     "Snapshot",
     "WorkspaceState",
     "collect_outputs",

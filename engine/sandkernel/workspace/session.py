@@ -1,0 +1,135 @@
+"""One session's files: its view of the store and of its kernel's workspace.
+
+The engine gives each session a :class:`SessionWorkspace` built from exactly
+what it needs (the store, the output caps, the session's and agent's ids);
+the session asks it to fill a new kernel's workspace, to place files, and to
+collect what a cell produced. It knows nothing of the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+from sandkernel.errors import EngineClosed, FileNotFoundInStore
+from sandkernel.files import FileStore, StoredFile, UploadSource
+from sandkernel.results import ExecutionResult
+from sandkernel.workspace.collect import OutputCaps, collect_outputs
+from sandkernel.workspace.place import WorkspaceState, place_file, restore_files
+
+
+class SessionWorkspace:
+    """What one session may do with the store, and what its workspace holds.
+
+    A session may use files uploaded to it, files it produced, files of its
+    agent, and fresh uploads nobody owns yet (which then become its own);
+    never another session's or another agent's: those ids are "not found".
+
+    A session's kernel, and so its workspace folder, is replaced when the
+    kernel dies; each method takes the folder it works on (the host path of
+    the kernel's ``/mnt/data``). The methods run the blocking store and file
+    work in a worker thread.
+
+    Args:
+        store: where files are kept; the engine closes it when it stops.
+        caps: bounds on what one cell, and the session, may add to the store.
+        session_id: the session's id; files it uploads or produces are its own.
+        agent_id: the agent the session works for: its files are placed read-only.
+    """
+
+    def __init__(
+        self,
+        store: FileStore,
+        caps: OutputCaps,
+        *,
+        session_id: str,
+        agent_id: str | None = None,
+    ) -> None:
+        self._store = store
+        self.caps = caps
+        self.session_id = session_id
+        self.agent_id = agent_id
+        self.state = WorkspaceState()
+
+    def _open_store(self) -> FileStore:
+        if self._store.closed:
+            # The engine closes its store as it stops: to the caller, the engine is gone.
+            raise EngineClosed("the engine is not running: its file store is closed")
+        return self._store
+
+    async def prepare(self, folder: Path, *, restart: bool) -> None:
+        """Fill a new kernel's workspace: the agent's files; after a restart, the session's."""
+        store = self._open_store()
+        previous, self.state = dict(self.state.latest), WorkspaceState()
+        if self.agent_id is not None:
+            agent_files = await asyncio.to_thread(store.list, agent_id=self.agent_id)
+            await self.place_agent_files(folder, [f for f in agent_files if f.session_id is None])
+        if restart and previous:
+            agent_paths = set(self.state.latest)
+            mine = {p: i for p, i in previous.items() if p not in agent_paths}
+            await asyncio.to_thread(restore_files, store, mine, folder, self.state)
+
+    async def place_agent_files(self, folder: Path, files: Sequence[StoredFile]) -> None:
+        """Copy files of the session's agent into the workspace, read-only."""
+        store = self._open_store()
+        for stored in files:
+            await asyncio.to_thread(place_file, store, stored, folder, self.state, read_only=True)
+
+    async def attach(self, folder: Path, file_ids: Sequence[str]) -> list[str]:
+        """Copy stored files into the workspace; return their paths in the sandbox.
+
+        Raises:
+            FileNotFoundInStore: an id this session may not use (or none at all).
+        """
+        store = self._open_store()
+        paths = []
+        for file_id in file_ids:
+            stored = await asyncio.to_thread(self._usable, store, file_id)
+            read_only = stored.session_id is None and stored.agent_id is not None
+            if stored.session_id is None and stored.agent_id is None:
+                stored = await asyncio.to_thread(store.attach, file_id, session_id=self.session_id)
+            paths.append(
+                await asyncio.to_thread(
+                    place_file, store, stored, folder, self.state, read_only=read_only
+                )
+            )
+        return paths
+
+    def _usable(self, store: FileStore, file_id: str) -> StoredFile:
+        stored = store.get(file_id)
+        if stored.session_id not in (None, self.session_id) or (
+            stored.session_id is None and stored.agent_id not in (None, self.agent_id)
+        ):
+            raise FileNotFoundInStore(f"no file {file_id!r} for session {self.session_id!r}")
+        return stored
+
+    async def upload(
+        self, folder: Path | None, source: UploadSource, name: str | None
+    ) -> StoredFile:
+        """Store a file for this session and place it in the workspace (if there is one).
+
+        Raises:
+            FileRejected: unsupported type, mislabelled content, over the size cap.
+        """
+        store = self._open_store()
+        stored = await asyncio.to_thread(store.add_upload, source, name, session_id=self.session_id)
+        if folder is not None:
+            await asyncio.to_thread(place_file, store, stored, folder, self.state, read_only=False)
+        return stored
+
+    async def collect(self, folder: Path, result: ExecutionResult) -> ExecutionResult:
+        """Register what the cell produced; return the result with its files."""
+        return await asyncio.to_thread(
+            collect_outputs,
+            self._open_store(),
+            folder,
+            self.state,
+            result,
+            session_id=self.session_id,
+            caps=self.caps,
+        )
+
+    async def list(self) -> list[StoredFile]:
+        """The session's files (uploaded to it and produced by it)."""
+        return await asyncio.to_thread(self._open_store().list, session_id=self.session_id)

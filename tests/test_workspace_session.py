@@ -1,0 +1,115 @@
+"""A session's workspace on its own: a store, caps and ids, and no engine."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandkernel.errors import EngineClosed, FileNotFoundInStore
+from sandkernel.files import FileStore
+from sandkernel.results import ExecutionResult, Usage
+from sandkernel.sandbox import SANDBOX_UID
+from sandkernel.workspace import OutputCaps, SessionWorkspace
+
+pytestmark = [
+    pytest.mark.anyio,
+    # Placed files are given to the sandbox user (or root, read-only): that takes root.
+    pytest.mark.skipif(os.geteuid() != 0, reason="placing files changes their owner"),
+]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[FileStore]:
+    with FileStore(tmp_path / "store") as opened:
+        yield opened
+
+
+def folder(tmp_path: Path, name: str = "ws") -> Path:
+    """A stand-in for a kernel's /mnt/data on the host."""
+    path = tmp_path / name
+    path.mkdir(mode=0o1777)
+    return path
+
+
+def cell(count: int) -> ExecutionResult:
+    return ExecutionResult(status="ok", usage=Usage(wall_ms=1.0), execution_count=count)
+
+
+async def test_an_upload_is_the_sessions_and_is_placed_in_its_folder(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    stored = await workspace.upload(ws, b"a,b\n1,2\n", "data.csv")
+    assert stored.session_id == "s1"
+    placed = ws / "data.csv"
+    assert placed.read_bytes() == b"a,b\n1,2\n"
+    assert placed.stat().st_uid == SANDBOX_UID
+    assert workspace.state.latest == {"/mnt/data/data.csv": stored.id}
+    assert [f.id for f in await workspace.list()] == [stored.id]
+
+
+async def test_another_sessions_or_agents_file_is_not_found_and_the_agents_is_read_only(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1", agent_id="a1")
+    other_session = store.add_bytes(b"theirs\n", "theirs.txt", session_id="s2")
+    other_agent = store.add_bytes(b"not ours\n", "agent.txt", agent_id="a2")
+    for file_id in (other_session.id, other_agent.id):
+        with pytest.raises(FileNotFoundInStore, match="for session 's1'"):
+            await workspace.attach(ws, [file_id])
+    ours = store.add_bytes(b"shared\n", "shared.txt", agent_id="a1")
+    assert await workspace.attach(ws, [ours.id]) == ["/mnt/data/shared.txt"]
+    placed = (ws / "shared.txt").stat()
+    assert (placed.st_uid, stat.S_IMODE(placed.st_mode)) == (0, 0o444)
+    fresh = store.add_bytes(b"nobody's yet\n", "fresh.txt")
+    await workspace.attach(ws, [fresh.id])
+    assert store.get(fresh.id).session_id == "s1"
+
+
+async def test_collect_stores_what_a_cell_wrote_within_the_caps(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(max_files=1), session_id="s1")
+    (ws / "a.txt").write_text("first")
+    (ws / "b.txt").write_text("second")
+    result = await workspace.collect(ws, cell(1))
+    (produced,) = result.files
+    assert (produced.path, produced.execution_count) == ("/mnt/data/a.txt", 1)
+    assert result.files_truncated and "max_files" in (result.files_note or "")
+    assert store.get(produced.id).session_id == "s1"
+
+
+async def test_a_restart_puts_the_sessions_files_into_the_fresh_folder(
+    store: FileStore, tmp_path: Path
+) -> None:
+    first = folder(tmp_path, "first")
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1", agent_id="a1")
+    store.add_bytes(b"agent\n", "agent.txt", agent_id="a1")
+    await workspace.prepare(first, restart=False)
+    await workspace.upload(first, b"mine\n", "mine.txt")
+    (first / "out").mkdir()
+    (first / "out" / "made.txt").write_text("made")
+    await workspace.collect(first, cell(1))
+    second = folder(tmp_path, "second")
+    await workspace.prepare(second, restart=True)
+    assert (second / "agent.txt").read_bytes() == b"agent\n"
+    assert (second / "mine.txt").read_bytes() == b"mine\n"
+    assert (second / "out" / "made.txt").read_text() == "made"
+    again = await workspace.collect(second, cell(2))
+    assert again.files == []  # what was put back is not produced again
+
+
+async def test_a_closed_store_is_reported_as_the_engine_not_running(
+    store: FileStore, tmp_path: Path
+) -> None:
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    store.close()
+    with pytest.raises(EngineClosed, match="not running"):
+        await workspace.list()
