@@ -30,6 +30,7 @@ from sandkernel.batch import (
     request_frame,
     result_from_reply,
 )
+from sandkernel.batch import frames as batch_frames
 from sandkernel.errors import EngineClosed, KernelStartFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox import Runtime, SandboxHost
@@ -99,6 +100,23 @@ def test_server_reads_exactly_one_frame_and_leaves_the_next_in_the_pipe() -> Non
         os.close(write_end)
     body = encode_frame({"k": "v"}, [b"a", b"", b"bc"])[8:]
     assert decode_frame_body(body) == ({"k": "v", "sizes": [1, 0, 2]}, [b"a", b"", b"bc"])
+
+
+def test_engine_and_server_share_one_frame_codec() -> None:
+    server = forkserver_module()
+    codec = FORKSERVER.with_name("frames.py")
+    assert Path(server._frames.__file__) == codec
+    assert Path(batch_frames._CODEC.__file__).resolve() == codec.resolve()
+    read_end, write_end = os.pipe()
+    try:
+        server.write_frame(write_end, {"ready": True}, [b"out", b""])
+        data = os.read(read_end, 1 << 16)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert batch_frames.frame_body_size(data) == len(data) - batch_frames.LENGTH_SIZE
+    header, blobs = decode_frame_body(data[batch_frames.LENGTH_SIZE :])
+    assert (header, blobs) == ({"ready": True, "sizes": [3, 0]}, [b"out", b""])
 
 
 @pytest.mark.parametrize(
@@ -272,6 +290,18 @@ async def test_files_in_and_out_symlinks_refused_and_output_capped(
     assert files["out.png"].content == png and files["out.png"].mime_type == "image/png"
     assert sorted(r.missing_files) == ["absent.txt", "fifo", "link.txt"]
     assert r.stdout_truncated and len(r.stdout) == 1 << 16 and not r.stderr_truncated
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_a_programs_own_module_named_like_the_servers_codec_is_its_own(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory()
+    result = await run(
+        pool, "import frames\nprint(frames.WHO)", files={"frames.py": b"WHO = 'mine'\n"}
+    )
+    assert (result.status, result.stdout) == ("ok", "mine\n")
 
 
 @sandbox

@@ -7,16 +7,12 @@ other process of the PID namespace, wipes every writable place and answers.
 Nothing of one request survives into the next.
 
 Protocol: requests arrive on stdin, replies leave on stdout; nothing else is
-ever read or written on them. Each frame is::
-
-    8 bytes   little-endian length N of the rest of the frame
-    4 bytes   little-endian length H of the header
-    H bytes   header (JSON object)
-    N-4-H     blobs, concatenated, sizes listed in the header's "sizes"
-
-A request is read with ``os.read`` for exactly the bytes its length says: no
-buffered reader ever reads ahead, so a forked child holds no other request in
-its memory. The first frame the server writes is a ``ready`` header.
+ever read or written on them. Both are length-prefixed frames of a JSON
+header and blobs, encoded and decoded by ``frames.py`` next to this file, the
+codec the engine uses too. A request is read with ``os.read`` for exactly the
+bytes its length says: no buffered reader ever reads ahead, so a forked child
+holds no other request in its memory. The first frame the server writes is a
+``ready`` header.
 
 Why PID 1: signals sent from inside a PID namespace to its init are dropped
 unless init handles them (the server ignores SIGINT, the only one Python
@@ -54,6 +50,7 @@ import ctypes
 import errno
 import faulthandler
 import gc
+import importlib.util
 import io
 import json
 import os
@@ -232,44 +229,28 @@ def _install_ipc_filter():
 
 
 # ---------------------------------------------------------------------------
-# framing
+# framing: the codec shared with the engine (the server's side only; a child
+# never reads or writes a frame)
 
 
-def _read_exact(fd, size):
-    chunks = []
-    while size:
-        chunk = os.read(fd, min(size, 1 << 20))
-        if not chunk:
-            raise EOFError
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+def _load_frames():
+    """``frames.py`` from this file's folder, as a module of its own.
+
+    Not ``import frames``: this folder is the server's ``sys.path[0]``, and a
+    module left in ``sys.modules`` is what a program's own ``import frames``
+    (a ``frames.py`` among its files) would find instead of its file.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "frames.py")
+    spec = importlib.util.spec_from_file_location("_sandkernel_frames", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def read_frame(fd):
-    """One frame: (header, blobs). Reads exactly the frame's bytes, never more."""
-    size = int.from_bytes(_read_exact(fd, 8), "little")
-    body = _read_exact(fd, size)
-    header_size = int.from_bytes(body[:4], "little")
-    header = json.loads(body[4 : 4 + header_size])
-    blobs = []
-    offset = 4 + header_size
-    for blob_size in header.get("sizes", ()):
-        blobs.append(body[offset : offset + blob_size])
-        offset += blob_size
-    return header, blobs
-
-
-def write_frame(fd, header, blobs=()):
-    header = dict(header, sizes=[len(b) for b in blobs])
-    encoded = json.dumps(header).encode()
-    size = 4 + len(encoded) + sum(len(b) for b in blobs)
-    data = b"".join(
-        [size.to_bytes(8, "little"), len(encoded).to_bytes(4, "little"), encoded, *blobs]
-    )
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+_frames = _load_frames()
+read_frame = _frames.read_frame
+write_frame = _frames.write_frame
+_read_exact = _frames.read_exact
 
 
 # ---------------------------------------------------------------------------

@@ -1,43 +1,56 @@
 """The engine's side of the fork server's protocol: length-prefixed frames over pipes.
 
-Each frame is::
-
-    8 bytes   little-endian length N of the rest of the frame
-    4 bytes   little-endian length H of the header
-    H bytes   header (JSON object)
-    N-4-H     blobs, concatenated, sizes listed in the header's "sizes"
+The codec is ``kernels/runtime/frames.py``, the very file the fork server
+loads inside the sandbox (standard library only, no sandkernel import), so
+the two ends cannot drift apart. It is loaded here from the shipped
+``kernels/runtime`` folder and given types.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import importlib.util
+from collections.abc import Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
+from sandkernel._resources import data_dir
 from sandkernel.batch.models import RunRequest
 
 #: A frame read: its header and its blobs.
 Reply = tuple[dict[str, Any], list[bytes]]
 
 
-def encode_frame(header: dict[str, Any], blobs: Sequence[bytes] = ()) -> bytes:
+def _load_codec() -> ModuleType:
+    path = data_dir("kernels") / "runtime" / "frames.py"
+    spec = importlib.util.spec_from_file_location("sandkernel.batch._codec", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"the frame codec {path} cannot be loaded (broken install?)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_CODEC = _load_codec()
+
+#: Bytes of the length that starts every frame.
+LENGTH_SIZE: int = _CODEC.LENGTH_SIZE
+
+
+def encode_frame(header: Mapping[str, Any], blobs: Sequence[bytes] = ()) -> bytes:
     """One frame of the fork server's protocol: length, header length, header, blobs."""
-    encoded = json.dumps(dict(header, sizes=[len(b) for b in blobs])).encode()
-    size = 4 + len(encoded) + sum(len(b) for b in blobs)
-    return b"".join(
-        [size.to_bytes(8, "little"), len(encoded).to_bytes(4, "little"), encoded, *blobs]
-    )
+    frame: bytes = _CODEC.encode_frame(header, blobs)
+    return frame
+
+
+def frame_body_size(prefix: bytes | bytearray) -> int:
+    """The length of a frame's body, from its first :data:`LENGTH_SIZE` bytes."""
+    size: int = _CODEC.body_size(prefix)
+    return size
 
 
 def decode_frame_body(body: bytes) -> Reply:
-    """Split a frame's body (what follows its 8-byte length) into header and blobs."""
-    header_size = int.from_bytes(body[:4], "little")
-    header: dict[str, Any] = json.loads(body[4 : 4 + header_size])
-    blobs: list[bytes] = []
-    offset = 4 + header_size
-    for size in header.get("sizes", ()):
-        blobs.append(body[offset : offset + size])
-        offset += size
+    """Split a frame's body (what follows its length) into header and blobs."""
+    header, blobs = _CODEC.decode_body(body)
     return header, blobs
 
 

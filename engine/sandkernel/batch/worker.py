@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sandkernel.batch.frames import Reply, decode_frame_body
+from sandkernel.batch.frames import LENGTH_SIZE, Reply, decode_frame_body, frame_body_size
 from sandkernel.errors import KernelStartFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox import (
@@ -350,11 +350,11 @@ class Worker:
             self._buffer += chunk
 
     async def _read_frame(self, deadline: float | None) -> Reply:
-        await self._fill(8, deadline)
-        size = int.from_bytes(self._buffer[:8], "little")
-        await self._fill(8 + size, deadline)
-        body = bytes(self._buffer[8 : 8 + size])
-        del self._buffer[: 8 + size]
+        await self._fill(LENGTH_SIZE, deadline)
+        end = LENGTH_SIZE + frame_body_size(self._buffer)
+        await self._fill(end, deadline)
+        body = bytes(self._buffer[LENGTH_SIZE:end])
+        del self._buffer[:end]
         return decode_frame_body(body)
 
     def oom_killed_since_last(self) -> bool:
