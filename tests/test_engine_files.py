@@ -12,7 +12,7 @@ import pytest
 from sandkernel import Engine, raw_file_name
 from sandkernel.errors import FileNotFoundInStore, FileRejected
 from sandkernel.files import MIME_TYPES
-from tests.test_files import SAMPLES
+from tests.files._samples import SAMPLES
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 EngineFactory = Callable[..., Awaitable[Engine]]

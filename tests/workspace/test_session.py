@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,6 @@ pytestmark = [
     # Placed files are given to the sandbox user (or root, read-only): that takes root.
     pytest.mark.skipif(os.geteuid() != 0, reason="placing files changes their owner"),
 ]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[FileStore]:
-    with FileStore(tmp_path / "store") as opened:
-        yield opened
 
 
 def folder(tmp_path: Path, name: str = "ws") -> Path:

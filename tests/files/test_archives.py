@@ -1,0 +1,77 @@
+"""Archives: bombs, escaping paths and corrupt files are refused."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tarfile
+import zipfile
+
+import pytest
+
+from sandkernel.errors import FileRejected
+from sandkernel.files import check_upload
+from tests.files._samples import docx_bytes, tar_bytes, zip_bytes
+
+
+def test_zip_bomb_is_refused_by_its_declared_size() -> None:
+    bomb = zip_bytes({f"zeros{i}.bin": bytes(1 << 20) for i in range(4)})  # 4 MiB in ~4 KiB
+    assert len(bomb) < 64 * 1024
+    assert check_upload("ok.zip", bomb, max_archive_bytes=4 << 20)[1] == "application/zip"
+    with pytest.raises(FileRejected) as caught:
+        check_upload("bomb.zip", bomb, max_archive_bytes=(4 << 20) - 1)
+    assert "unpacks to 4 MiB" in str(caught.value)
+    assert "(setting max_archive_bytes)" in str(caught.value)
+
+
+def test_office_file_with_a_bomb_inside_is_refused() -> None:
+    with zipfile.ZipFile(io.BytesIO(docx_bytes())) as source:
+        parts = {name: source.read(name) for name in source.namelist()}
+    parts["word/media/huge.bin"] = bytes(2 << 20)
+    with pytest.raises(FileRejected, match="over the 1 MiB cap on archive contents"):
+        check_upload("memo.docx", zip_bytes(parts), max_archive_bytes=1 << 20)
+
+
+def test_zip_with_forged_huge_declared_size_is_refused() -> None:
+    data = bytearray(zip_bytes({"a.txt": b"hello"}))
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 24 : central + 28] = struct.pack("<I", 0xFFFFFFF0)  # uncompressed size
+    with pytest.raises(FileRejected, match="unpacks to 4 GiB"):
+        check_upload("forged.zip", bytes(data))
+
+
+@pytest.mark.parametrize("member", ["../evil.sh", "/etc/cron.d/evil", "a/../../b", "..\\x.bat"])
+def test_path_traversing_zip_is_refused(member: str) -> None:
+    archive = zip_bytes({"ok.txt": b"fine", member: b"evil"})
+    with pytest.raises(FileRejected) as caught:
+        check_upload("archive.zip", archive)
+    assert repr(member) in str(caught.value)
+    assert "outside its folder" in str(caught.value)
+
+
+def test_path_traversing_tar_and_escaping_links_are_refused() -> None:
+    with pytest.raises(FileRejected, match="outside its folder"):
+        check_upload("a.tar", tar_bytes({"../../etc/x": b"evil"}))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        link = tarfile.TarInfo("innocent")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/shadow"
+        archive.addfile(link)
+    with pytest.raises(FileRejected, match="'innocent', which would unpack or link outside"):
+        check_upload("b.tar", buf.getvalue())
+
+
+def test_archive_with_too_many_entries_is_refused() -> None:
+    many = zip_bytes({f"f{i}.txt": b"" for i in range(6)})
+    assert check_upload("ok.zip", many, max_archive_entries=6)[1] == "application/zip"
+    with pytest.raises(FileRejected, match=r"more than 5 entries \(setting max_archive_entries"):
+        check_upload("many.zip", many, max_archive_entries=5)
+    with pytest.raises(FileRejected, match="max_archive_entries"):
+        check_upload("many.tar", tar_bytes({f"f{i}": b"" for i in range(6)}), max_archive_entries=5)
+
+
+def test_corrupt_zip_is_refused_not_crashed() -> None:
+    truncated = zip_bytes({"a.txt": b"x" * 100})[:40]
+    with pytest.raises(FileRejected, match="not a valid zip archive"):
+        check_upload("broken.zip", truncated)

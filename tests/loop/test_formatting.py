@@ -1,0 +1,212 @@
+"""format_result: the text a model reads for one cell."""
+
+from __future__ import annotations
+
+import re
+
+from sandkernel.loop import format_result
+from sandkernel.results import DisplayOutput, ErrorInfo
+from tests.loop._support import (
+    DATAFRAME_HTML,
+    PNG_B64,
+    SMALL_FRAME,
+    SMALL_FRAME_HTML,
+    TIMEIT_KEYERROR,
+    DATAFRAME_100x3,
+    check_snapshot,
+    make_result,
+    produced,
+)
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def test_snapshot_ok_with_stdout_and_value() -> None:
+    result = make_result(
+        status="ok",
+        stdout="rows: 3\nmean: 2.0\n",
+        value=DisplayOutput(data={"text/plain": "{'rows': 3, 'mean': 2.0}"}),
+        execution_count=3,
+    )
+    check_snapshot("ok", format_result(result))
+
+
+def test_snapshot_error_keeps_only_the_users_frames() -> None:
+    result = make_result(
+        status="error",
+        error=ErrorInfo(name="KeyError", value="'revenue'", traceback=TIMEIT_KEYERROR),
+        execution_count=7,
+    )
+    text = format_result(result)
+    check_snapshot("error", text)
+    assert "IPython" not in text and "magic-timeit" not in text and "interactiveshell" not in text
+    assert "Cell In[6], line 4, in summarise(frame)" in text
+    assert '----> 4     return monthly["revenue"] / monthly["units"]' in text
+    assert "(1 library frame omitted)" in text and "(4 library frames omitted)" in text
+    assert "-> 3812     raise KeyError(key) from err" in text  # where the library raised
+
+
+def test_snapshot_timeout() -> None:
+    traceback = (
+        "-" * 75 + "\n"
+        "KeyboardInterrupt                         Traceback (most recent call last)\n"
+        "Cell In[4], line 3\n      1 total = 0\n      2 for i in range(10**10):\n"
+        "----> 3     total += i\n\nKeyboardInterrupt: "
+    )
+    result = make_result(
+        status="timeout",
+        stdout="started\n",
+        error=ErrorInfo(name="KeyboardInterrupt", value="", traceback=traceback),
+        message="the cell ran longer than its 60 s limit and was interrupted; "
+        "the kernel and its variables survive",
+        execution_count=4,
+    )
+    text = format_result(result)
+    check_snapshot("timeout", text)
+    assert "60 s time limit" in text and "split the work" in text
+
+
+def test_snapshot_oom() -> None:
+    result = make_result(
+        status="oom",
+        message="the sandbox ran out of memory (limit 1024 MiB, policy field memory_mb); "
+        "the kernel was killed and its variables are lost",
+        kernel_alive=False,
+        state_lost=True,
+    )
+    text = format_result(result)
+    check_snapshot("oom", text)
+    assert "1024 MiB memory limit" in text and "variables and imports are lost" in text
+
+
+def test_snapshot_produced_files_and_images() -> None:
+    chart = produced("display-5-1.png", "image/png", 20_480, source="display")
+    result = make_result(
+        status="ok",
+        stdout="saved\n",
+        displays=[
+            DisplayOutput(data={"image/png": PNG_B64, "text/plain": "<Figure size 640x480>"}),
+            DisplayOutput(data={"image/svg+xml": "<svg/>"}),
+            DisplayOutput(data={"application/vnd.plotly.v1+json": {}}),
+        ],
+        files=[
+            produced("summary.csv", "text/csv", 812),
+            produced(
+                "report.xlsx",
+                "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+                5_500_000,
+            ),
+            chart,
+        ],
+        execution_count=5,
+    )
+    text = format_result(result)
+    check_snapshot("files", text)
+    assert "[image/png displayed, saved as display-5-1.png]" in text
+    assert "[image displayed]" in text  # the svg: no file was stored for it
+
+
+def test_snapshot_dataframe_value_is_summarised() -> None:
+    result = make_result(
+        status="ok",
+        displays=[DisplayOutput(data={"text/plain": SMALL_FRAME, "text/html": SMALL_FRAME_HTML})],
+        value=DisplayOutput(data={"text/plain": DATAFRAME_100x3, "text/html": DATAFRAME_HTML}),
+        execution_count=8,
+    )
+    text = format_result(result)
+    check_snapshot("dataframe", text)
+    assert "DataFrame, 100 rows x 3 columns" in text and "DataFrame, 2 rows x 2 columns" in text
+    assert "98  294" not in text  # summarised, not dumped
+
+
+# --------------------------------------------------------------------------- format_result
+
+
+def test_missing_module_hint_names_what_is_available() -> None:
+    tb = "Cell In[1], line 1\n----> 1 import sklearn\n\nModuleNotFoundError: No module named 'x'"
+    result = make_result(
+        status="error",
+        error=ErrorInfo(
+            name="ModuleNotFoundError", value="No module named 'sklearn'", traceback=tb
+        ),
+    )
+    text = format_result(result, available_modules=["numpy", "scipy"])
+    hint = text.splitlines()[-1]
+    assert hint.startswith("Hint: 'sklearn' is not installed") and "no internet" in hint
+    assert "numpy, scipy" in hint
+    default = format_result(result).splitlines()[-1]
+    assert "numpy, pandas, matplotlib, openpyxl" in default
+
+
+def test_name_error_hint_only_after_a_restart() -> None:
+    error = ErrorInfo(name="NameError", value="name 'df' is not defined", traceback="")
+    fresh = make_result(status="error", error=error)
+    assert "Hint" not in format_result(fresh)
+    lost = make_result(status="error", error=error, state_lost=True)
+    assert "variables and imports defined in earlier cells are gone" in format_result(lost)
+    later = format_result(fresh, after_restart=True)
+    assert later.splitlines()[-1].startswith("Hint: the kernel was restarted")
+
+
+def test_dead_kernel_says_state_is_lost() -> None:
+    result = make_result(
+        status="dead",
+        message="the kernel exited (signal 9)",
+        kernel_alive=False,
+        state_lost=True,
+    )
+    text = format_result(result)
+    assert text.startswith("Status: dead: the kernel exited (signal 9)")
+    assert "Hint: the kernel died, so variables and imports are lost" in text
+
+
+def test_long_output_keeps_head_and_tail_and_counts_the_cut() -> None:
+    stdout = "".join(f"line {i:05d}\n" for i in range(5000))
+    text = format_result(make_result(status="ok", stdout=stdout), budget_chars=2000)
+    assert len(text) <= 2000
+    assert "line 00000" in text and "line 04999" in text
+    note = re.search(r"\[\.\.\. ([\d,]+) characters \(([\d,]+) lines\) cut \.\.\.\]", text)
+    assert note is not None, text
+    cut_chars = int(note.group(1).replace(",", ""))
+    kept = [ln for ln in text.split("\n") if ln.startswith("line ")]
+    # every line is either shown or counted as cut
+    assert cut_chars + sum(len(ln) + 1 for ln in kept) == len(stdout)
+    assert int(note.group(2).replace(",", "")) + len(kept) == 5000
+
+
+def test_engine_cut_is_added_to_the_count_and_the_full_output_file_is_named() -> None:
+    head, tail = "FIRST\n" + "a" * 5000 + "\n", "b" * 5000 + "\nLAST\n"
+    stdout = head + "\n[... 9000000 bytes cut ...]\n" + tail
+    result = make_result(
+        status="ok",
+        stdout=stdout,
+        stdout_truncated=True,
+        files=[produced("stdout.txt", "text/plain", 9_010_012)],
+    )
+    text = format_result(result, budget_chars=1000)
+    assert "FIRST" in text and "LAST" in text and len(text) <= 1000
+    note = re.search(
+        r"\[\.\.\. ([\d,]+) characters \(at least [\d,]+ lines\) cut; (.*) \.\.\.\]", text
+    )
+    assert note is not None, text
+    assert int(note.group(1).replace(",", "")) > 9_000_000
+    assert note.group(2) == "the full output is in /mnt/data/stdout.txt"
+
+
+def test_budget_holds_whatever_the_cell_printed() -> None:
+    huge = "y" * 300_000
+    tb = "Cell In[1], line 1\n----> 1 boom()\n\n" + "\n".join(["x" * 90] * 3000)
+    result = make_result(
+        status="error",
+        stdout=huge,
+        stderr=huge,
+        value=DisplayOutput(data={"text/plain": huge}),
+        error=ErrorInfo(name="ValueError", value="v" * 5000, traceback=tb),
+        files=[produced(f"f{i}.csv", "text/csv", i) for i in range(40)],
+        execution_count=1,
+    )
+    for budget in (300, 600, 2000, 8000, 20000):
+        text = format_result(result, budget_chars=budget)
+        assert len(text) <= budget, budget
+        assert text.startswith("Status: error: ValueError: vvv")
+    assert "- ... and 20 more" in format_result(result, budget_chars=20000)

@@ -1,0 +1,57 @@
+"""user_traceback: the user's frames only."""
+
+from __future__ import annotations
+
+from sandkernel.loop import format_result, user_traceback
+from sandkernel.results import ErrorInfo
+from tests.loop._support import INPUT_IN_KERNEL, make_result
+
+
+def test_ipykernel_frames_are_dropped_from_an_input_error() -> None:
+    text = user_traceback(INPUT_IN_KERNEL)
+    assert "ipykernel" not in text and "kernelbase" not in text
+    assert text.splitlines()[:3] == [
+        "StdinNotImplementedError  Traceback (most recent call last)",
+        "Cell In[2], line 1",
+        '----> 1 name = input("Your name? ")',
+    ]
+    result = make_result(
+        status="error",
+        error=ErrorInfo(name="StdinNotImplementedError", value="...", traceback=INPUT_IN_KERNEL),
+    )
+    assert "input() cannot work here" in format_result(result)
+
+
+def test_plain_python_tracebacks_are_filtered_too() -> None:
+    tb = (
+        "Traceback (most recent call last):\n"
+        '  File "/mnt/data/job.py", line 9, in <module>\n    main()\n'
+        '  File "/usr/lib/python3/dist-packages/IPython/core/interactiveshell.py", line 1, in x\n'
+        "    exec(code)\n"
+        '  File "/mnt/data/job.py", line 5, in main\n    json.loads(raw)\n'
+        '  File "/usr/lib/python3.12/json/__init__.py", line 346, in loads\n'
+        "    return _default_decoder.decode(s)\n"
+        '  File "/usr/lib/python3.12/json/decoder.py", line 355, in raw_decode\n'
+        '    raise JSONDecodeError("Expecting value", s, err.value) from None\n'
+        "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)"
+    )
+    assert user_traceback(tb) == (
+        "Traceback (most recent call last):\n"
+        '  File "/mnt/data/job.py", line 9, in <module>\n    main()\n'
+        '  File "/mnt/data/job.py", line 5, in main\n    json.loads(raw)\n'
+        "(1 library frame omitted)\n"
+        '  File "json/decoder.py", line 355, in raw_decode\n'
+        '    raise JSONDecodeError("Expecting value", s, err.value) from None\n'
+        "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)"
+    )
+
+
+def test_deep_recursion_is_shown_once_with_a_count() -> None:
+    frame = "Cell In[5], line 1, in r(n)\n----> 1 def r(n): return r(n+1)\n\n"
+    tb = (
+        "RecursionError                            Traceback (most recent call last)\n"
+        "Cell In[5], line 2\n----> 2 r(0)\n\n" + frame * 978 + "RecursionError: maximum recursion"
+    )
+    text = user_traceback(tb)
+    assert text.count("def r(n)") == 1
+    assert "[... the frame above repeated 977 more times]" in text

@@ -1,0 +1,71 @@
+"""sandkernel solve: its parser, and a run against a scripted model."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import pytest
+
+from sandkernel._solve_cli import add_solve_parser, solve_with_engine
+from tests.loop._support import EngineFactory, ScriptedChatServer, code, completion
+
+
+@pytest.mark.sandbox
+@pytest.mark.anyio
+async def test_solve_prints_each_attempt_and_saves_the_chart(
+    engine_factory: EngineFactory, tmp_path: Path
+) -> None:
+    engine = await engine_factory()
+    data = tmp_path / "data.csv"
+    data.write_text("month,sales\n1,10\n2,12\n")
+    chart = (
+        "import pandas as pd, matplotlib.pyplot as plt\n"
+        "sales = pd.read_csv('/mnt/data/data.csv')\n"
+        "sales.describe().to_csv('/mnt/data/summary.csv')\n"
+        "plt.plot(sales.month, sales.sales)\nplt.show()"
+    )
+    script = [
+        completion(None, [("c1", code("plt.plot([10, 12])"))]),
+        completion("plt was not imported.", [("c2", code(chart))]),
+        completion("Sales grew from 10 to 12; the chart is saved."),
+    ]
+    parser = argparse.ArgumentParser()
+    add_solve_parser(parser.add_subparsers(dest="command"))
+    out = io.StringIO()
+    async with ScriptedChatServer(script) as server:
+        args = parser.parse_args(
+            ["solve", "Chart the sales", "--base-url", server.base_url, "--model", "scripted"]
+            + ["--api-key", "sk-test", "--file", str(data), "--max-attempts", "3"]
+            + ["--out", str(tmp_path / "out"), "--timeout", "60"]
+        )
+        code_ = await solve_with_engine(args, engine, out=out, client_kwargs={"max_retries": 0})
+    printed = out.getvalue()
+    assert code_ == 0, printed
+    assert "=== attempt 1/3 ===\n  | plt.plot([10, 12])\n  Status: error: NameError" in printed
+    assert "model: plt was not imported." in printed and "=== attempt 2/3 ===" in printed
+    assert "=== answer ===\nSales grew from 10 to 12; the chart is saved." in printed
+    assert printed.startswith("uploaded to /mnt/data: data.csv\n")
+    assert server.requests[0]["messages"][0]["role"] == "system"
+    assert server.requests[0]["messages"][1]["content"].endswith("Files in /mnt/data: data.csv")
+    assert "files saved in" in printed
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert saved["summary.csv"].startswith(b",month,sales\ncount,2.0,2.0")
+    pngs = [name for name, data in saved.items() if data.startswith(b"\x89PNG")]
+    assert pngs == ["image-2-1.png"], sorted(saved)
+
+
+def test_solve_parser_takes_the_documented_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    parser = argparse.ArgumentParser()
+    add_solve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["solve", "task", "--model", "m", "--file", "a", "--file", "b"])
+    assert args.base_url == "http://127.0.0.1:9/v1" and args.file == ["a", "b"]
+    assert (args.max_attempts, args.out, args.policy, args.timeout) == (
+        5,
+        "solve-output",
+        None,
+        None,
+    )
+    assert args.api_key is None and args.tool_choice == "auto"
