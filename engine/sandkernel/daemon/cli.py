@@ -141,6 +141,19 @@ def add_daemon_parsers(subparsers: Any) -> None:
         default=10.0,
         help="seconds running requests get to finish on SIGTERM (default: 10)",
     )
+    serve.add_argument(
+        "--model-url",
+        metavar="URL",
+        default=None,
+        help="the OpenAI-compatible chat endpoint (e.g. http://127.0.0.1:8080/v1) that runs "
+        "of the Assistants API under /openai call; without it, those runs are refused",
+    )
+    serve.add_argument(
+        "--model-key-file",
+        metavar="PATH",
+        default=None,
+        help="a file holding the API key of --model-url",
+    )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument("--log-level", default="info", help="debug, info, warning (default: info)")
     _add_engine_options(serve)
@@ -235,6 +248,9 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         max_queued_runs=args.max_queued_runs,
         max_queued_bytes=int(args.max_queued_mb * 1024 * 1024),
         max_connections=args.max_connections,
+        model_url=args.model_url,
+        model_key_file=Path(args.model_key_file) if args.model_key_file else None,
+        openai_state_path=records_store.parent / f"{records_store.name}-openai.sqlite3",
     )
 
 

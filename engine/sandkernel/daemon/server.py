@@ -81,6 +81,12 @@ class DaemonConfig:
         max_queued_bytes: bytes of request bodies those runs may hold.
         max_connections: open connections; past it every request is answered
             503 and its connection closed (uvicorn's ``limit_concurrency``).
+        model_url: the OpenAI-compatible chat endpoint that runs of the
+            Assistants API under ``/openai`` call (``None``: those runs are
+            refused, saying so).
+        model_key_file: a file holding that endpoint's API key.
+        openai_state_path: the SQLite file of the Assistants API's assistants,
+            threads and runs (default: beside ``records_path``).
     """
 
     socket_path: Path
@@ -95,6 +101,29 @@ class DaemonConfig:
     max_queued_runs: int | None = None
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    model_url: str | None = None
+    model_key_file: Path | None = None
+    openai_state_path: Path | None = None
+
+    @property
+    def openai_state(self) -> Path:
+        """Where the Assistants API keeps its state."""
+        if self.openai_state_path is not None:
+            return self.openai_state_path
+        return self.records_path.with_name(self.records_path.stem + "-openai.sqlite3")
+
+    def model_key(self) -> str | None:
+        """The chat endpoint's API key, read from ``model_key_file``.
+
+        Raises:
+            DaemonError: the file cannot be read.
+        """
+        if self.model_key_file is None:
+            return None
+        try:
+            return self.model_key_file.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise DaemonError(f"--model-key-file {self.model_key_file}: {exc}") from None
 
     def __post_init__(self) -> None:
         for name in ("max_queued_runs", "max_queued_bytes", "max_connections"):
@@ -152,6 +181,7 @@ class Daemon:
         await anyio.to_thread.run_sync(self.records.open)
         sockets: list[socket.socket] = []
         bound_inode: int | None = None
+        stack = contextlib.AsyncExitStack()
         try:
             sockets.append(await anyio.to_thread.run_sync(bind_unix_socket, config.socket_path))
             bound_inode = config.socket_path.lstat().st_ino
@@ -170,9 +200,24 @@ class Daemon:
                 max_queued_runs=config.max_queued_runs,
                 max_queued_bytes=config.max_queued_bytes,
             )
+            # Imported here: the Assistants API's modules load only when a daemon serves.
+            from sandkernel.openai_api import openai_gate
+
+            served = await stack.enter_async_context(
+                openai_gate(
+                    app,
+                    self.engine,
+                    state_path=config.openai_state,
+                    model_url=config.model_url,
+                    model_key=config.model_key(),
+                    token=config.token,
+                    max_json_bytes=config.max_json_bytes,
+                    max_upload_bytes=config.max_upload_bytes,
+                )
+            )
             server = _Server(
                 uvicorn.Config(
-                    app,
+                    served,
                     http="auto",  # httptools when installed (faster), else h11
                     ws="none",
                     lifespan="off",
@@ -199,8 +244,13 @@ class Daemon:
             for sock in sockets:
                 sock.close()
             _unlink_socket(config.socket_path, bound_inode)
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.records.finish)
+            try:
+                # Not in the shielded scope below: what the stack holds opened its own
+                # cancel scopes, which close in the order they opened.
+                await stack.aclose()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.records.finish)
 
 
 def bind_unix_socket(path: Path, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:

@@ -1,0 +1,461 @@
+"""The HTTP side: OpenAI's routes under ``/openai`` and ``/openai/v1``, and their gate.
+
+``AzureOpenAI(azure_endpoint=URL, api_key=TOKEN, api_version=...)`` calls
+``URL/openai/files?api-version=...`` with ``api-key: TOKEN``;
+``OpenAI(base_url=URL + "/openai", api_key=TOKEN)`` calls the same paths with
+``Authorization: Bearer TOKEN``. Both are served; ``api-version`` is accepted
+and ignored. ::
+
+    POST   /files                                upload (multipart: file, purpose=assistants)
+    GET    /files, /files/{id}, /files/{id}/content;  DELETE /files/{id}
+    POST   /assistants;  GET /assistants;  GET|POST|DELETE /assistants/{id}
+    POST   /threads;  GET|POST|DELETE /threads/{id};  POST /threads/runs
+    POST   /threads/{id}/messages;  GET /threads/{id}/messages
+    GET|POST|DELETE /threads/{id}/messages/{id}
+    POST   /threads/{id}/runs (stream: true for events);  GET /threads/{id}/runs
+    GET|POST /threads/{id}/runs/{id};  POST .../cancel;  POST .../submit_tool_outputs
+    GET    /threads/{id}/runs/{id}/steps, .../steps/{id}
+
+:class:`OpenAIGate` sits in front of the daemon's own application: it sends
+``/openai`` requests here, checked as the daemon checks its TCP requests (the
+Unix socket needs no token; TCP needs the daemon's token, as ``api-key`` or
+as a bearer token) and held to the daemon's body size limits, and passes
+every other request on untouched. Its refusals are in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Literal, cast
+from urllib.parse import quote
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sandkernel.openai_api.errors import APIError, bad_request, from_validation_error, unauthorized
+from sandkernel.openai_api.events import Subscription
+from sandkernel.openai_api.service import AssistantsService
+from sandkernel.openai_api.wire import (
+    AssistantCreate,
+    AssistantUpdate,
+    MessageCreate,
+    MessageUpdate,
+    RunCreate,
+    RunUpdate,
+    SubmitToolOutputs,
+    ThreadAndRunCreate,
+    ThreadCreate,
+    ThreadUpdate,
+)
+
+log = logging.getLogger(__name__)
+
+PREFIXES: Final = ("/openai", "/openai/v1")
+#: How soon OpenAI's clients poll a run again (``create_and_poll``), in ms.
+POLL_AFTER_MS: Final = 100
+_FILES_PATH_TAIL: Final = "/files"
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def is_openai_path(path: str) -> bool:
+    return path == "/openai" or path.startswith("/openai/")
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+class OpenAIGate:
+    """Routes ``/openai/...`` to ``openai_app`` (authenticated, size-limited), the rest to ``app``.
+
+    Args:
+        app: the daemon's own application.
+        openai_app: :func:`create_openai_app`'s.
+        token: the daemon's token, required over TCP (``None``: TCP is refused here).
+        max_json_bytes: largest JSON body.
+        max_upload_bytes: largest upload body (``POST .../files``).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        openai_app: ASGIApp,
+        *,
+        token: str | None,
+        max_json_bytes: int,
+        max_upload_bytes: int,
+    ) -> None:
+        self.app = app
+        self.openai_app = openai_app
+        self._token = token.encode() if token else None
+        self.max_json_bytes = max_json_bytes
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_openai_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if not (_over_unix_socket(scope) or self._authorized(scope)):
+            await _send(send, unauthorized(), [(b"www-authenticate", b'Bearer realm="sandkernel"')])
+            return
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/").endswith(_FILES_PATH_TAIL)
+        limit = self.max_upload_bytes if upload else self.max_json_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _send(send, _too_large(limit, upload), [(b"connection", b"close")])
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large(limit, upload)
+            return message
+
+        await self.openai_app(scope, limited, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self._token is None:
+            return False
+        for name, value in scope.get("headers", ()):
+            given: bytes | None = None
+            if name == b"api-key":
+                given = value.strip()
+            elif name == b"authorization":
+                scheme, _, rest = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = rest.strip()
+            if given is not None and hmac.compare_digest(given, self._token):
+                return True
+        return False
+
+
+def _over_unix_socket(scope: Scope) -> bool:
+    # uvicorn reports a Unix socket's server address without a port.
+    server = scope.get("server")
+    return server is not None and len(server) == 2 and server[1] is None
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(limit: int, upload: bool) -> APIError:
+    setting = "--max-upload-mb" if upload else "--max-json-kb"
+    return APIError(
+        413,
+        f"The request body is larger than this server accepts ({limit} bytes; "
+        f"`sandkernel serve {setting}` sets it).",
+        code="request_too_large",
+    )
+
+
+async def _send(send: Send, error: APIError, headers: list[tuple[bytes, bytes]]) -> None:
+    body = error.encoded()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- the routes
+
+
+def create_openai_app(service: AssistantsService) -> Starlette:
+    """The routes, under each of :data:`PREFIXES`, on ``service``."""
+    routes: list[Route] = []
+    for prefix in PREFIXES:
+        for path, methods, endpoint in _routes(service):
+            routes.append(Route(prefix + path, endpoint, methods=methods))
+    return Starlette(
+        routes=routes,
+        exception_handlers={
+            APIError: _api_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+    )
+
+
+def _routes(service: AssistantsService) -> list[tuple[str, list[str], Handler]]:
+    s = service
+
+    async def upload_file(request: Request) -> Response:
+        async with request.form(max_files=1, max_fields=20) as form:
+            file = form.get("file")
+            purpose = form.get("purpose")
+            if not isinstance(file, UploadFile):
+                raise bad_request("Missing required parameter: 'file' (a file part).", "file")
+            if not isinstance(purpose, str):
+                raise bad_request("Missing required parameter: 'purpose'.", "purpose")
+            if not file.filename:
+                raise bad_request("The file part has no file name (with its extension).", "file")
+            retention = _expiry(
+                form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+            )
+            created = await s.upload_file(file.file, file.filename, purpose, retention_s=retention)
+        return _json(created)
+
+    async def list_files(request: Request) -> Response:
+        q = request.query_params
+        return _json(
+            await s.list_files(
+                purpose=q.get("purpose"),
+                limit=_int(q.get("limit"), 10_000, "limit"),
+                order=_order(q.get("order")),
+                after=q.get("after"),
+            )
+        )
+
+    async def file(request: Request) -> Response:
+        file_id = request.path_params["file_id"]
+        if request.method == "DELETE":
+            return _json(await s.delete_file(file_id))
+        return _json(await s.file(file_id))
+
+    async def file_content(request: Request) -> Response:
+        content, stored = await s.file_content(request.path_params["file_id"])
+        return Response(
+            content,
+            media_type=stored.mime_type,
+            headers={
+                "Content-Disposition": f"attachment; filename*=UTF-8''{quote(stored.name)}",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    async def assistants(request: Request) -> Response:
+        if request.method == "POST":
+            return _json(await s.create_assistant(await _body(request, AssistantCreate)))
+        return _json(await s.list_assistants(**_listing(request)))
+
+    async def assistant(request: Request) -> Response:
+        assistant_id = request.path_params["assistant_id"]
+        if request.method == "POST":
+            body = await _body(request, AssistantUpdate)
+            return _json(await s.update_assistant(assistant_id, body))
+        if request.method == "DELETE":
+            return _json(await s.delete_assistant(assistant_id))
+        return _json(await s.assistant(assistant_id))
+
+    async def threads(request: Request) -> Response:
+        return _json(await s.create_thread(await _body(request, ThreadCreate)))
+
+    async def thread(request: Request) -> Response:
+        thread_id = request.path_params["thread_id"]
+        if request.method == "POST":
+            return _json(await s.update_thread(thread_id, await _body(request, ThreadUpdate)))
+        if request.method == "DELETE":
+            return _json(await s.delete_thread(thread_id))
+        return _json(await s.thread(thread_id))
+
+    async def thread_and_run(request: Request) -> Response:
+        body = await _body(request, ThreadAndRunCreate)
+        _, run, events = await s.create_thread_and_run(body, stream=bool(body.stream))
+        return _run_answer(run, events)
+
+    async def messages(request: Request) -> Response:
+        thread_id = request.path_params["thread_id"]
+        if request.method == "POST":
+            return _json(await s.create_message(thread_id, await _body(request, MessageCreate)))
+        listing = _listing(request)
+        return _json(
+            await s.list_messages(thread_id, run_id=request.query_params.get("run_id"), **listing)
+        )
+
+    async def message(request: Request) -> Response:
+        thread_id = request.path_params["thread_id"]
+        message_id = request.path_params["message_id"]
+        if request.method == "POST":
+            body = await _body(request, MessageUpdate)
+            return _json(await s.update_message(thread_id, message_id, body))
+        if request.method == "DELETE":
+            return _json(await s.delete_message(thread_id, message_id))
+        return _json(await s.message(thread_id, message_id))
+
+    async def runs(request: Request) -> Response:
+        thread_id = request.path_params["thread_id"]
+        if request.method == "POST":
+            body = await _body(request, RunCreate)
+            run, events = await s.create_run(thread_id, body, stream=bool(body.stream))
+            return _run_answer(run, events)
+        return _json(await s.list_runs(thread_id, **_listing(request)))
+
+    async def run(request: Request) -> Response:
+        thread_id = request.path_params["thread_id"]
+        run_id = request.path_params["run_id"]
+        if request.method == "POST":
+            body = await _body(request, RunUpdate)
+            return _json(await s.update_run(thread_id, run_id, body), poll=True)
+        return _json(await s.run(thread_id, run_id), poll=True)
+
+    async def cancel(request: Request) -> Response:
+        params = request.path_params
+        return _json(await s.cancel_run(params["thread_id"], params["run_id"]), poll=True)
+
+    async def submit_tool_outputs(request: Request) -> Response:
+        params = request.path_params
+        body = await _body(request, SubmitToolOutputs)
+        run, events = await s.submit_tool_outputs(
+            params["thread_id"], params["run_id"], body, stream=bool(body.stream)
+        )
+        return _run_answer(run, events)
+
+    async def steps(request: Request) -> Response:
+        params = request.path_params
+        return _json(await s.list_steps(params["thread_id"], params["run_id"], **_listing(request)))
+
+    async def step(request: Request) -> Response:
+        params = request.path_params
+        return _json(await s.step(params["thread_id"], params["run_id"], params["step_id"]))
+
+    get, post, delete = "GET", "POST", "DELETE"
+    threads_runs = "/threads/{thread_id}/runs"
+    return [
+        ("/files", [post], upload_file),
+        ("/files", [get], list_files),
+        ("/files/{file_id}", [get, delete], file),
+        ("/files/{file_id}/content", [get], file_content),
+        ("/assistants", [get, post], assistants),
+        ("/assistants/{assistant_id}", [get, post, delete], assistant),
+        ("/threads", [post], threads),
+        ("/threads/runs", [post], thread_and_run),
+        ("/threads/{thread_id}", [get, post, delete], thread),
+        ("/threads/{thread_id}/messages", [get, post], messages),
+        ("/threads/{thread_id}/messages/{message_id}", [get, post, delete], message),
+        (threads_runs, [get, post], runs),
+        (threads_runs + "/{run_id}", [get, post], run),
+        (threads_runs + "/{run_id}/cancel", [post], cancel),
+        (threads_runs + "/{run_id}/submit_tool_outputs", [post], submit_tool_outputs),
+        (threads_runs + "/{run_id}/steps", [get], steps),
+        (threads_runs + "/{run_id}/steps/{step_id}", [get], step),
+    ]
+
+
+def _json(model: BaseModel, *, poll: bool = False) -> Response:
+    headers = {"openai-poll-after-ms": str(POLL_AFTER_MS)} if poll else None
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def _run_answer(run: BaseModel, events: Subscription | None) -> Response:
+    if events is None:
+        return _json(run, poll=True)
+    return StreamingResponse(
+        events.sse(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _body[M: BaseModel](request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    try:
+        data: Any = json.loads(raw) if raw.strip() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(
+            f"We could not parse the JSON body of your request ({exc}). The body must be "
+            "a JSON object."
+        ) from None
+    if not isinstance(data, dict):
+        raise bad_request("The body of your request must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _int(value: str | None, most: int, param: str, default: int = 20) -> int:
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise bad_request(f"{param} must be an integer (got {value!r})", param) from None
+    if not 1 <= number <= most:
+        raise bad_request(f"{param} must be between 1 and {most} (got {number})", param)
+    return number
+
+
+def _order(value: str | None) -> Literal["asc", "desc"]:
+    if value is None or value == "desc":
+        return "desc"
+    if value == "asc":
+        return "asc"
+    raise bad_request(f"order must be 'asc' or 'desc' (got {value!r})", "order")
+
+
+def _listing(request: Request) -> dict[str, Any]:
+    q = request.query_params
+    return {
+        "limit": _int(q.get("limit"), 100, "limit"),
+        "order": _order(q.get("order")),
+        "after": q.get("after"),
+        "before": q.get("before"),
+    }
+
+
+def _expiry(anchor: object, seconds: object) -> float | None:
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at" or not isinstance(seconds, str):
+        raise bad_request(
+            "expires_after needs anchor 'created_at' and seconds", "expires_after[anchor]"
+        )
+    try:
+        value = int(seconds)
+    except ValueError:
+        raise bad_request(
+            "expires_after[seconds] must be an integer", "expires_after[seconds]"
+        ) from None
+    if not 3600 <= value <= 2_592_000:
+        raise bad_request(
+            "expires_after[seconds] must be between 3600 and 2592000", "expires_after[seconds]"
+        )
+    return float(value)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    error = cast(APIError, exc)
+    return Response(error.encoded(), status_code=error.status, media_type="application/json")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error = APIError(404, f"Invalid URL ({request.method} {request.url.path})")
+    elif exc.status_code == 405:
+        error = APIError(405, f"Method not allowed: {request.method} {request.url.path}")
+    else:
+        error = APIError(exc.status_code, str(exc.detail))
+    return Response(error.encoded(), status_code=error.status, media_type="application/json")
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    error = APIError(500, f"The server had an error processing your request: {exc!r}")
+    return Response(error.encoded(), status_code=500, media_type="application/json")

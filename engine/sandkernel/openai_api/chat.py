@@ -1,0 +1,217 @@
+"""The chat model behind the runs: any OpenAI-compatible chat-completions endpoint.
+
+The model loop's :class:`~sandkernel.loop.OpenAIChatModel` serves one model
+name with ``auto``/``required``/``none``; a run names its model (Azure's
+"deployment") per request, may force one function, has a token budget and
+reports token usage, so runs call the endpoint through :class:`ChatEndpoint`,
+which gives the same :class:`~sandkernel.loop.ModelReply` and raises the same
+:class:`~sandkernel.errors.ModelCallFailed`. With ``on_text`` the reply is
+streamed and its text handed over as it comes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from sandkernel.errors import ModelCallFailed
+from sandkernel.loop import ModelReply, ToolCall
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+TextCallback = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One assistant turn to ask for."""
+
+    model: str
+    messages: Sequence[dict[str, Any]]
+    tools: Sequence[dict[str, Any]] = ()
+    tool_choice: str | dict[str, Any] = "auto"
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    parallel_tool_calls: bool = True
+    response_format: Any = None
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """The model's reply and what it cost."""
+
+    reply: ModelReply
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class AssistantModel(Protocol):
+    """What a run needs from a chat model."""
+
+    async def turn(self, request: ChatRequest, *, on_text: TextCallback | None = None) -> ChatTurn:
+        """One assistant turn; ``on_text`` gets its text as it is generated, if given.
+
+        Raises:
+            ModelCallFailed: the endpoint failed or replied with nothing usable.
+        """
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class _Accumulated:
+    content: list[str] = field(default_factory=list)
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ChatEndpoint:
+    """An :class:`AssistantModel` over the ``openai`` package's ``AsyncOpenAI``.
+
+    Args:
+        base_url: the endpoint, e.g. ``http://127.0.0.1:8080/v1``.
+        api_key: its key (a placeholder is sent when it needs none).
+        timeout_s: per request.
+        max_retries: of a failed request, by the client.
+
+    Raises:
+        ImportError: the ``openai`` package is missing.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        max_retries: int = 2,
+    ) -> None:
+        try:
+            import openai
+        except ImportError as exc:
+            raise ImportError(
+                "the OpenAI-compatible API's runs need the openai package: "
+                "pip install 'sandkernel[openai]'"
+            ) from exc
+        self.base_url = base_url
+        self.client: AsyncOpenAI = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key or "not-needed",
+            timeout=timeout_s,
+            max_retries=max_retries,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    async def turn(self, request: ChatRequest, *, on_text: TextCallback | None = None) -> ChatTurn:
+        import openai
+
+        options: dict[str, Any] = {}
+        if request.tools:
+            options["tools"] = list(request.tools)
+            options["tool_choice"] = request.tool_choice
+            if not request.parallel_tool_calls:
+                options["parallel_tool_calls"] = False
+        for name in ("max_completion_tokens", "temperature", "top_p"):
+            value = getattr(request, name)
+            if value is not None:
+                options[name] = value
+        if request.response_format not in (None, "auto"):
+            options["response_format"] = request.response_format
+        try:
+            if on_text is None:
+                return await self._complete(request, options)
+            return await self._stream(request, options, on_text)
+        except openai.OpenAIError as exc:
+            raise ModelCallFailed(
+                f"the chat model {request.model!r} at {self.base_url} failed: {exc} "
+                "(check the model name, the daemon's --model-url and --model-key-file)"
+            ) from exc
+
+    async def _complete(self, request: ChatRequest, options: dict[str, Any]) -> ChatTurn:
+        response = await self.client.chat.completions.create(
+            model=request.model,
+            messages=cast(Any, list(request.messages)),
+            stream=False,
+            **options,
+        )
+        if not response.choices:
+            raise ModelCallFailed(f"the chat model {request.model!r} replied with no choices")
+        choice = response.choices[0]
+        calls = []
+        for call in choice.message.tool_calls or []:
+            function = getattr(call, "function", None)
+            if function is None:  # a custom (non-function) tool call: not one of ours
+                continue
+            calls.append(
+                ToolCall(id=call.id, name=function.name, arguments=_text(function.arguments))
+            )
+        usage = response.usage
+        return ChatTurn(
+            reply=ModelReply(
+                content=choice.message.content,
+                tool_calls=calls,
+                finish_reason=choice.finish_reason,
+            ),
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+        )
+
+    async def _stream(
+        self, request: ChatRequest, options: dict[str, Any], on_text: TextCallback
+    ) -> ChatTurn:
+        stream = await self.client.chat.completions.create(
+            model=request.model,
+            messages=cast(Any, list(request.messages)),
+            stream=True,
+            stream_options={"include_usage": True},
+            **options,
+        )
+        got = _Accumulated()
+        async with stream:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    got.prompt_tokens = chunk.usage.prompt_tokens
+                    got.completion_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices[:1]:
+                    delta = choice.delta
+                    if delta.content:
+                        got.content.append(delta.content)
+                        await on_text(delta.content)
+                    for part in delta.tool_calls or []:
+                        call = got.calls.setdefault(part.index, {"id": "", "name": "", "args": []})
+                        if part.id:
+                            call["id"] = part.id
+                        if part.function is not None:
+                            if part.function.name:
+                                call["name"] += part.function.name
+                            if part.function.arguments:
+                                call["args"].append(part.function.arguments)
+                    if choice.finish_reason is not None:
+                        got.finish_reason = choice.finish_reason
+        calls = [
+            ToolCall(id=c["id"] or f"call-{i}", name=c["name"], arguments="".join(c["args"]))
+            for i, c in sorted(got.calls.items())
+        ]
+        return ChatTurn(
+            reply=ModelReply(
+                content="".join(got.content) if got.content else None,
+                tool_calls=calls,
+                finish_reason=got.finish_reason,
+            ),
+            prompt_tokens=got.prompt_tokens,
+            completion_tokens=got.completion_tokens,
+        )
+
+
+def _text(arguments: Any) -> str:
+    # Some servers send the arguments as an object rather than JSON text.
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)

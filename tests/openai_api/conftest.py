@@ -1,0 +1,475 @@
+"""A daemon serving the OpenAI-compatible API, a scripted chat model, and checked clients.
+
+- :class:`ScriptedModel` is an OpenAI-compatible ``/v1/chat/completions`` on
+  loopback that plays scripted replies (plain JSON, or streamed chunks when
+  asked to stream) and records every request, so a test sees what the
+  daemon sent the model.
+- Every ``openai`` client made here (the seed's ``AzureOpenAI`` included,
+  through :class:`CheckedAzureOpenAI`) goes through :class:`CheckingTransport`,
+  which validates every JSON answer with the ``openai`` package's own pydantic
+  types, and every streamed event with its ``AssistantStreamEvent``; a body
+  that does not validate fails the request, hence the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+import openai
+import pydantic
+import pytest
+from openai.types import FileDeleted, FileObject
+from openai.types.beta import (
+    Assistant,
+    AssistantDeleted,
+    AssistantStreamEvent,
+    Thread,
+    ThreadDeleted,
+)
+from openai.types.beta.threads import Message, MessageDeleted, Run
+from openai.types.beta.threads.runs import RunStep
+
+from tests.daemon.conftest import DaemonFactory, RunningDaemon
+from tests.daemon.conftest import daemon_factory as daemon_factory  # noqa: F401 - a fixture
+from tests.daemon.conftest import short_dir as short_dir  # noqa: F401 - a fixture
+
+TOKEN = "openai-api-test-token"
+DEPLOYMENT = "gpt-4o-deployment"
+API_VERSION = "2024-05-01-preview"
+
+# The openai package marks the Assistants API deprecated; these tests use it on purpose.
+ASSISTANTS_DEPRECATED = [
+    pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The Assistants API is deprecated:DeprecationWarning"),
+]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Reply:
+    """One scripted assistant turn: text, and ``(call id, tool name, arguments)`` calls."""
+
+    content: str | None = None
+    calls: Sequence[tuple[str, str, str]] = ()
+    finish_reason: str | None = None
+    #: awaited before answering (to hold a reply until something else happened)
+    before: Callable[[], Awaitable[None]] | None = None
+
+
+def code_call(call_id: str, source: str) -> tuple[str, str, str]:
+    return call_id, "python", json.dumps({"code": source})
+
+
+Script = Callable[[dict[str, Any]], Reply]
+
+
+def in_order(*replies: Reply) -> Script:
+    """A script answering each request with the next reply."""
+    queue = list(replies)
+
+    def next_reply(request: dict[str, Any]) -> Reply:
+        if not queue:
+            raise LookupError("the script has no more replies")
+        return queue.pop(0)
+
+    return next_reply
+
+
+def by_marker(scripts: dict[str, Script]) -> Script:
+    """Scripts per conversation, chosen by a marker in its first user message."""
+
+    def choose(request: dict[str, Any]) -> Reply:
+        first = next(m for m in request["messages"] if m["role"] == "user")
+        for marker, script in scripts.items():
+            if marker in str(first["content"]):
+                return script(request)
+        raise LookupError(f"no script for {first['content']!r}")
+
+    return choose
+
+
+class ScriptedModel:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 that plays a script.
+
+    One request per connection, each bounded in time; a request the script
+    has no reply for gets a 500. Streamed answers (``stream: true``) send the
+    text in several chunks, then the tool calls, then the usage.
+    """
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.requests: list[dict[str, Any]] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def __aenter__(self) -> ScriptedModel:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        async with asyncio.timeout(10):
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(60):
+                await self._answer(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        request_line, *header_lines = head.split("\r\n")
+        method, path, _ = request_line.split(" ", 2)
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, value in (line.split(":", 1) for line in header_lines if ":" in line)
+        }
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        if (method, path) != ("POST", "/v1/chat/completions"):
+            _write_json(writer, "404 Not Found", {"error": {"message": f"no route {path}"}})
+            return
+        request = json.loads(body)
+        self.requests.append(request)
+        try:
+            reply = self.script(request)
+        except LookupError as exc:
+            error = {"message": str(exc), "type": "server_error"}
+            _write_json(writer, "500 Internal Server Error", {"error": error})
+            return
+        if reply.before is not None:
+            await reply.before()
+        if request.get("stream"):
+            await _write_stream(writer, reply)
+        else:
+            _write_json(writer, "200 OK", completion(reply))
+        await writer.drain()
+
+
+def completion(reply: Reply) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.calls:
+        message["tool_calls"] = [
+            {"id": i, "type": "function", "function": {"name": name, "arguments": args}}
+            for i, name, args in reply.calls
+        ]
+    finish = reply.finish_reason or ("tool_calls" if reply.calls else "stop")
+    return {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "scripted",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+
+
+def _write_json(writer: asyncio.StreamWriter, status: str, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+
+
+async def _write_stream(writer: asyncio.StreamWriter, reply: Reply) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> None:
+        data = {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": "scripted",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if delta else [],
+            "usage": usage,
+        }
+        writer.write(f"data: {json.dumps(data)}\n\n".encode())
+
+    chunk({"role": "assistant", "content": ""})
+    text = reply.content or ""
+    for start in range(0, len(text), 8):
+        chunk({"content": text[start : start + 8]})
+        await writer.drain()
+    for index, (call_id, name, args) in enumerate(reply.calls):
+        half = len(args) // 2
+        first = {"index": index, "id": call_id, "type": "function"}
+        chunk({"tool_calls": [{**first, "function": {"name": name, "arguments": args[:half]}}]})
+        chunk({"tool_calls": [{"index": index, "function": {"arguments": args[half:]}}]})
+    chunk({}, None)  # no choices: skipped by the client
+    finish = reply.finish_reason or ("tool_calls" if reply.calls else "stop")
+    chunk({"content": ""}, finish)
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    data = {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": "scripted",
+        "choices": [],
+        "usage": usage,
+    }
+    writer.write(f"data: {json.dumps(data)}\n\ndata: [DONE]\n\n".encode())
+
+
+class Rendezvous:
+    """Holds each arrival until ``count`` have arrived (or the deadline passes)."""
+
+    def __init__(self, count: int, *, deadline_s: float = 90) -> None:
+        self.count = count
+        self.arrived = 0
+        self.deadline_s = deadline_s
+        self._all = asyncio.Event()
+
+    async def arrive(self) -> None:
+        self.arrived += 1
+        if self.arrived >= self.count:
+            self._all.set()
+        async with asyncio.timeout(self.deadline_s):
+            await self._all.wait()
+
+
+# --------------------------------------------------------------------------- checked clients
+
+_BY_OBJECT: dict[str, type[pydantic.BaseModel]] = {
+    "assistant": Assistant,
+    "assistant.deleted": AssistantDeleted,
+    "thread": Thread,
+    "thread.deleted": ThreadDeleted,
+    "thread.message": Message,
+    "thread.message.deleted": MessageDeleted,
+    "thread.run": Run,
+    "thread.run.step": RunStep,
+}
+_STREAM_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(AssistantStreamEvent)
+
+
+@dataclass
+class Checked:
+    """What the checking transport validated (so a test can see that it did)."""
+
+    bodies: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_body(data: Any, checked: Checked, status: int) -> None:
+    """Validate one JSON answer with the openai package's types (AssertionError if not)."""
+    if status >= 400:
+        assert isinstance(data, dict) and set(data) == {"error"}, data
+        assert set(data["error"]) == {"message", "type", "param", "code"}, data
+        assert isinstance(data["error"]["message"], str) and data["error"]["message"]
+        checked.errors.append(data["error"])
+        return
+    kind = data.get("object")
+    if kind == "list":
+        assert set(data) == {"object", "data", "first_id", "last_id", "has_more"}, data
+        for item in data["data"]:
+            check_body(item, checked, status)
+        checked.bodies.append("list")
+        return
+    if kind == "file":
+        model: type[pydantic.BaseModel] = FileDeleted if "deleted" in data else FileObject
+    else:
+        assert kind in _BY_OBJECT, f"an answer of unknown object {kind!r}: {data}"
+        model = _BY_OBJECT[kind]
+    model.model_validate(data)
+    _no_extra_fields(model, data)
+    checked.bodies.append(str(kind))
+
+
+def _no_extra_fields(model: type[pydantic.BaseModel], data: dict[str, Any]) -> None:
+    extra = set(data) - set(model.model_fields)
+    assert not extra, f"{model.__name__} has no fields {sorted(extra)}: {data}"
+
+
+def check_event(event: str, data: str, checked: Checked) -> None:
+    if event == "done":
+        assert data == "[DONE]"
+    else:
+        _STREAM_EVENT.validate_python({"event": event, "data": json.loads(data)})
+    checked.events.append(event)
+
+
+class _CheckedStream(httpx2.SyncByteStream):
+    def __init__(self, inner: httpx2.SyncByteStream, response: httpx2.Response, checked: Checked):
+        self.inner = inner
+        self.checked = checked
+        self.status = response.status_code
+        content_type = response.headers.get("content-type", "")
+        self.sse = content_type.startswith("text/event-stream")
+        self.json = content_type.startswith("application/json")
+        self.buffer = b""
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.inner:
+            if self.sse:
+                self.buffer += chunk
+                while b"\n\n" in self.buffer:
+                    raw, self.buffer = self.buffer.split(b"\n\n", 1)
+                    self._event(raw.decode())
+            elif self.json:
+                self.buffer += chunk
+            yield chunk
+        if self.json:
+            check_body(json.loads(self.buffer), self.checked, self.status)
+
+    def _event(self, raw: str) -> None:
+        event, data = "message", []
+        for line in raw.split("\n"):
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+        if data:
+            check_event(event, "\n".join(data), self.checked)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class CheckingTransport(httpx2.HTTPTransport):
+    """An HTTP transport that validates every answer as it is read (see the module doc)."""
+
+    def __init__(self, checked: Checked) -> None:
+        super().__init__()
+        self.checked = checked
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = super().handle_request(request)
+        assert isinstance(response.stream, httpx2.SyncByteStream)
+        return httpx2.Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            stream=_CheckedStream(response.stream, response, self.checked),
+            extensions=response.extensions,
+            request=request,
+        )
+
+
+@dataclass
+class Clients:
+    """Checked openai clients; closed by the fixture."""
+
+    checked: Checked = field(default_factory=Checked)
+    made: list[openai.OpenAI] = field(default_factory=list)
+
+    def http_client(self) -> httpx2.Client:
+        return httpx2.Client(transport=CheckingTransport(self.checked), timeout=120)
+
+    def close(self) -> None:
+        for client in self.made:
+            client.close()
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+@dataclass
+class OpenAIDaemon:
+    """A daemon on loopback TCP with its token, the scripted model, and client makers."""
+
+    running: RunningDaemon
+    model: ScriptedModel | None
+    clients: Clients
+
+    @property
+    def endpoint(self) -> str:
+        return self.running.url
+
+    def azure(self, **kwargs: Any) -> openai.AzureOpenAI:
+        kwargs.setdefault("azure_endpoint", self.endpoint)
+        kwargs.setdefault("api_key", TOKEN)
+        kwargs.setdefault("api_version", API_VERSION)
+        kwargs.setdefault("max_retries", 0)
+        client = openai.AzureOpenAI(http_client=self.clients.http_client(), **kwargs)
+        self.clients.made.append(client)
+        return client
+
+    def openai(self, **kwargs: Any) -> openai.OpenAI:
+        kwargs.setdefault("base_url", self.endpoint + "/openai")
+        kwargs.setdefault("api_key", TOKEN)
+        kwargs.setdefault("max_retries", 0)
+        client = openai.OpenAI(http_client=self.clients.http_client(), **kwargs)
+        self.clients.made.append(client)
+        return client
+
+
+OpenAIDaemonFactory = Callable[..., Awaitable[OpenAIDaemon]]
+
+
+@pytest.fixture
+async def openai_daemon(
+    daemon_factory: DaemonFactory,  # noqa: F811 - the fixture imported above
+) -> AsyncIterator[OpenAIDaemonFactory]:
+    """Start a daemon (and, given a script, its scripted model); all stopped after the test."""
+    clients = Clients()
+    models: list[ScriptedModel] = []
+    try:
+
+        async def start(
+            script: Script | None = None,
+            *,
+            model: ScriptedModel | None = None,
+            engine_options: dict[str, Any] | None = None,
+            **config: Any,
+        ) -> OpenAIDaemon:
+            if model is None and script is not None:
+                model = await ScriptedModel(script).__aenter__()
+                models.append(model)
+            config.setdefault("tcp", ("127.0.0.1", 0))
+            config.setdefault("token", TOKEN)
+            if model is not None:
+                config.setdefault("model_url", model.base_url)
+            running = await daemon_factory(engine_options=engine_options, **config)
+            return OpenAIDaemon(running, model, clients)
+
+        yield start
+    finally:
+        clients.close()
+        for model in models:
+            await model.__aexit__(None, None, None)
+
+
+@pytest.fixture
+def checked_azure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clients]:
+    """``openai.AzureOpenAI`` replaced by a subclass whose clients are checked and closed.
+
+    So code that does ``from openai import AzureOpenAI`` (the seed's samples,
+    run verbatim) talks through :class:`CheckingTransport`.
+    """
+    clients = Clients()
+
+    class CheckedAzureOpenAI(openai.AzureOpenAI):
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs.setdefault("http_client", clients.http_client())
+            kwargs.setdefault("max_retries", 0)
+            super().__init__(**kwargs)
+            clients.made.append(self)
+
+    monkeypatch.setattr(openai, "AzureOpenAI", CheckedAzureOpenAI)
+    try:
+        yield clients
+    finally:
+        clients.close()
