@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from functools import partial
 
 from pydantic import BaseModel
 
@@ -24,7 +23,7 @@ from sandkernel.files import StoredFile
 from sandkernel.files import UploadSource as UploadSource  # where the contract imports it from
 from sandkernel.kernel import OutputCallback, SandboxedKernel
 from sandkernel.results import KERNEL_LOST, ExecutionResult
-from sandkernel.streaming import StreamEvent, stream_run
+from sandkernel.streaming import StreamsFromRun
 from sandkernel.workspace import SessionWorkspace
 
 Clock = Callable[[], float]
@@ -99,7 +98,7 @@ class SessionInfo(BaseModel):
     ended_reason: str | None = None
 
 
-class Session:
+class Session(StreamsFromRun):
     """One conversation's sandboxed kernel. Created by :meth:`Engine.session`.
 
     Cells sent to one session run one at a time, in order; different sessions
@@ -200,20 +199,6 @@ class Session:
             if state_lost:
                 result = result.model_copy(update={"state_lost": True})
             return result
-
-    def stream(
-        self,
-        code: str,
-        *,
-        timeout_s: float | None = None,
-        restart: bool | None = None,
-        file_ids: Sequence[str] = (),
-    ) -> AsyncIterator[StreamEvent]:
-        """:meth:`run`, yielding each output as it comes, then the result (last)."""
-        return stream_run(
-            partial(self.run, code, timeout_s=timeout_s, restart=restart, file_ids=file_ids),
-            label=f"session {self.id}",
-        )
 
     async def _kernel_died(self, message: str) -> None:
         if self.closed:  # closed or expired while the cell ran: that state stands

@@ -7,7 +7,8 @@ as a JSON-able dict: ``stream``, ``display_data``, ``execute_result``,
 (``contextlib.aclosing``) or cancelling the consumer interrupts the cell and
 waits for it to stop.
 
-Every session type builds its ``stream`` with :func:`stream_run` from its own
+Every session type gets its ``stream`` from :class:`StreamsFromRun`, which
+builds it with :func:`stream_run` from the session's own
 ``run(..., on_output=...)``, so the queue, the bound and the cancellation
 are written once.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import anyio
@@ -76,3 +78,24 @@ async def stream_run(
             task.cancel()
             with anyio.CancelScope(shield=True):
                 await asyncio.wait({task})
+
+
+class StreamsFromRun:
+    """Gives a session class ``stream()``, made from its ``run(..., on_output=...)``."""
+
+    id: str
+    run: Callable[..., Awaitable[ExecutionResult]]
+
+    def stream(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        restart: bool | None = None,
+        file_ids: Sequence[str] = (),
+    ) -> AsyncIterator[StreamEvent]:
+        """Run one cell, yielding each output as it comes, then the result (last)."""
+        return stream_run(
+            partial(self.run, code, timeout_s=timeout_s, restart=restart, file_ids=file_ids),
+            label=f"session {self.id}",
+        )

@@ -61,7 +61,7 @@ from sandkernel.errors import (
 from sandkernel.files import StoredFile
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
-from sandkernel.streaming import StreamEvent, stream_run
+from sandkernel.streaming import StreamsFromRun
 from sandkernel.sync import BlockingEngine
 
 #: What ``on_output`` receives: ``{"msg_type": ..., "content": ...}``.
@@ -578,7 +578,7 @@ class AsyncClient:
         raise DaemonError(f"the daemon at {self.where} ended the stream without a result")
 
 
-class RemoteSession:
+class RemoteSession(StreamsFromRun):
     """A session in the daemon, with the methods of :class:`sandkernel.session.Session`."""
 
     def __init__(self, client: AsyncClient, session_id: str, agent_id: str | None) -> None:
@@ -608,20 +608,6 @@ class RemoteSession:
         if on_output is None:
             return await self._client._send(_execute(self.id, body), timeout)
         return await self._client._stream_execute(self.id, body, on_output, timeout)
-
-    def stream(
-        self,
-        code: str,
-        *,
-        timeout_s: float | None = None,
-        restart: bool | None = None,
-        file_ids: Sequence[str] = (),
-    ) -> AsyncIterator[StreamEvent]:
-        """:meth:`run`, yielding each output as it comes, then the result (last)."""
-        return stream_run(
-            partial(self.run, code, timeout_s=timeout_s, restart=restart, file_ids=file_ids),
-            label=f"session {self.id}",
-        )
 
     async def upload(self, source: UploadSource, name: str | None = None) -> StoredFile:
         """Store a file for this session and copy it into ``/mnt/data``."""

@@ -48,7 +48,6 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -93,7 +92,7 @@ from sandkernel.ray.errors import FileLost, HostUnreachable, SessionLost
 from sandkernel.ray.host import NodeHost
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
-from sandkernel.streaming import StreamEvent, stream_run
+from sandkernel.streaming import StreamsFromRun
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +291,7 @@ class _Lost:
 # sessions
 
 
-class ClusterSession:
+class ClusterSession(StreamsFromRun):
     """One conversation's sandboxed kernel on one node of the cluster.
 
     The methods of :class:`~sandkernel.session.Session`. ``info()`` and
@@ -454,20 +453,6 @@ class ClusterSession:
         if final is None:
             raise HostUnreachable(f"session {self.id!r}: the host's stream ended without a result")
         return final
-
-    def stream(
-        self,
-        code: str,
-        *,
-        timeout_s: float | None = None,
-        restart: bool | None = None,
-        file_ids: Sequence[str] = (),
-    ) -> AsyncIterator[StreamEvent]:
-        """:meth:`run`, yielding each output as it comes, then the result (last)."""
-        return stream_run(
-            partial(self.run, code, timeout_s=timeout_s, restart=restart, file_ids=file_ids),
-            label=f"session {self.id}",
-        )
 
     async def interrupt(self) -> None:
         """Interrupt the running cell, if any."""
