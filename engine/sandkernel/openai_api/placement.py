@@ -64,7 +64,10 @@ class Placement:
             try:
                 found.append(await self.engine.file(file_id))
             except FileNotFoundInStore:
-                raise bad_request(f"No file found with id '{file_id}'.", f"{param}[{i}]") from None
+                where = (
+                    param if len(file_ids) == 1 and not param.endswith("ids") else f"{param}[{i}]"
+                )
+                raise bad_request(f"No file found with id '{file_id}'.", where) from None
         return found
 
     # ------------------------------------------------------------------ assistants

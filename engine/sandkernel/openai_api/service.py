@@ -337,7 +337,7 @@ class AssistantsService:
             for i, part in enumerate(body.content):
                 if isinstance(part, ImageFileIn):
                     await self.placement.check_files(
-                        [part.image_file.file_id], f"{param}.content[{i}].image_file.file_id"
+                        [part.image_file.file_id], _field(param, f"content[{i}].image_file.file_id")
                     )
                     content.append(ImageFileContent(image_file=part.image_file))
                 elif isinstance(part, ImageUrlIn):
@@ -347,12 +347,13 @@ class AssistantsService:
         attachments = list(body.attachments or [])
         for i, attachment in enumerate(attachments):
             if any(tool.type == "file_search" for tool in attachment.tools):
-                raise bad_request(_FILE_SEARCH, f"{param}.attachments[{i}].tools")
-        await self.placement.check_files(
-            [a.file_id for a in attachments], f"{param}.attachments[*].file_id"
-        )
+                raise bad_request(_FILE_SEARCH, _field(param, f"attachments[{i}].tools"))
+        for i, attachment in enumerate(attachments):
+            await self.placement.check_files(
+                [attachment.file_id], _field(param, f"attachments[{i}].file_id")
+            )
         legacy = list(body.file_ids or [])
-        await self.placement.check_files(legacy, f"{param}.file_ids")
+        await self.placement.check_files(legacy, _field(param, "file_ids"))
         code = [AttachmentTool(type="code_interpreter")]
         attachments += [Attachment(file_id=file_id, tools=code) for file_id in legacy]
         return Message(
@@ -696,6 +697,10 @@ class AssistantsService:
                 f"No object with id '{exc}' in this list.", "after" if after else "before"
             ) from None
         return page(items, has_more=more)
+
+
+def _field(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def page(items: Sequence[Any], *, has_more: bool) -> Page:

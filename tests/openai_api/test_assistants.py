@@ -1,0 +1,222 @@
+"""Assistants, threads and messages under /openai, with the real openai clients."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, DEPLOYMENT, TOKEN, OpenAIDaemonFactory
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]
+NO_KERNELS = {"pool_size": 0}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+async def test_assistants_crud_with_tools_files_and_metadata(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(engine_options=NO_KERNELS)
+    native = daemon.running.client()
+    client = daemon.azure()
+
+    def crud() -> tuple[str, str, str]:
+        data = client.files.create(file=("data.csv", b"x\n1\n"), purpose="assistants")
+        extra = client.files.create(file=("extra.txt", b"more\n"), purpose="assistants")
+        made = client.beta.assistants.create(
+            model=DEPLOYMENT,
+            name="Analyst",
+            instructions="Answer with code.",
+            tools=[{"type": "code_interpreter"}, WEATHER],  # type: ignore[list-item]
+            tool_resources={"code_interpreter": {"file_ids": [data.id]}},
+            metadata={"team": "data"},
+        )
+        assert made.model == DEPLOYMENT and made.name == "Analyst"
+        assert [t.type for t in made.tools] == ["code_interpreter", "function"]
+        assert made.tool_resources is not None and made.tool_resources.code_interpreter
+        assert made.tool_resources.code_interpreter.file_ids == [data.id]
+        assert made.metadata == {"team": "data"}
+        got = client.beta.assistants.retrieve(made.id)
+        assert got.model_dump() == made.model_dump()
+        changed = client.beta.assistants.update(
+            made.id,
+            instructions="Be brief.",
+            tool_resources={"code_interpreter": {"file_ids": [extra.id]}},
+        )
+        assert changed.instructions == "Be brief." and changed.name == "Analyst"
+        assert changed.tool_resources and changed.tool_resources.code_interpreter
+        assert changed.tool_resources.code_interpreter.file_ids == [extra.id]
+        return made.id, data.id, extra.id
+
+    assistant_id, data_id, extra_id = await anyio.to_thread.run_sync(crud)
+    # The assistant's files are the agent's copies: the uploads stay free for others.
+    agent_files = await native.list_files(agent_id=assistant_id)
+    assert [f.name for f in agent_files] == ["extra.txt"]
+    assert agent_files[0].id not in (data_id, extra_id)
+    assert (await native.file(extra_id)).scope == "none"
+
+    def delete() -> None:
+        listed = client.files.list()
+        assert {f.id for f in listed} == {data_id, extra_id}  # copies are not listed
+        gone = client.beta.assistants.delete(assistant_id)
+        assert gone.deleted and gone.id == assistant_id
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.beta.assistants.retrieve(assistant_id)
+        assert assistant_id in missing.value.message
+
+    await anyio.to_thread.run_sync(delete)
+    assert await native.list_files(agent_id=assistant_id) == []
+
+
+async def test_assistants_list_pages_in_either_order(openai_daemon: OpenAIDaemonFactory) -> None:
+    daemon = await openai_daemon(engine_options=NO_KERNELS)
+    client = daemon.openai()
+
+    def pages() -> None:
+        ids = [client.beta.assistants.create(model=DEPLOYMENT, name=f"a{i}").id for i in range(5)]
+        first = client.beta.assistants.list(limit=2)
+        assert [a.id for a in first.data] == ids[:-3:-1] and first.has_more
+        assert [a.id for a in client.beta.assistants.list()] == ids[::-1]
+        ascending = client.beta.assistants.list(order="asc", limit=2, after=ids[1])
+        assert [a.id for a in ascending.data] == ids[2:4] and ascending.has_more
+        before = client.beta.assistants.list(order="asc", before=ids[2])
+        assert [a.id for a in before.data] == ids[:2] and not before.has_more
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.beta.assistants.list(limit=101)
+        assert bad.value.param == "limit"
+
+    await anyio.to_thread.run_sync(pages)
+
+
+async def test_bad_bodies_are_400_naming_the_field(openai_daemon: OpenAIDaemonFactory) -> None:
+    daemon = await openai_daemon(engine_options=NO_KERNELS)
+    client = daemon.openai()
+
+    def refused() -> None:
+        with pytest.raises(openai.BadRequestError) as search:
+            client.beta.assistants.create(model=DEPLOYMENT, tools=[{"type": "file_search"}])
+        assert search.value.param == "tools[0]" and "file_search" in search.value.message
+        with pytest.raises(openai.BadRequestError) as search_files:
+            client.beta.assistants.create(
+                model=DEPLOYMENT, tool_resources={"file_search": {"vector_store_ids": ["vs"]}}
+            )
+        assert search_files.value.param == "tool_resources.file_search"
+        with pytest.raises(openai.BadRequestError) as unknown:
+            client.beta.assistants.create(model=DEPLOYMENT, extra_body={"colour": "blue"})
+        assert unknown.value.param == "colour" and "colour" in unknown.value.message
+        with pytest.raises(openai.BadRequestError) as tool_type:
+            client.beta.assistants.create(model=DEPLOYMENT, tools=[{"type": "browser"}])  # type: ignore[list-item]
+        assert tool_type.value.param is not None and tool_type.value.param.startswith("tools[0]")
+        with pytest.raises(openai.BadRequestError) as no_file:
+            client.beta.assistants.create(
+                model=DEPLOYMENT,
+                tool_resources={"code_interpreter": {"file_ids": ["file-nope"]}},
+            )
+        assert no_file.value.param == "tool_resources.code_interpreter.file_ids[0]"
+        with pytest.raises(openai.BadRequestError) as python_name:
+            client.beta.assistants.create(
+                model=DEPLOYMENT,
+                tools=[
+                    {"type": "code_interpreter"},
+                    {"type": "function", "function": {"name": "python"}},
+                ],
+            )
+        assert python_name.value.param == "tools"
+        with pytest.raises(openai.NotFoundError):
+            client.beta.threads.retrieve("thread-nope")
+        with pytest.raises(openai.NotFoundError):
+            client.beta.threads.messages.list("thread-nope")
+
+    await anyio.to_thread.run_sync(refused)
+    async with httpx.AsyncClient(base_url=daemon.endpoint + "/openai") as raw:
+        broken = await raw.post("/assistants", content=b"{not json", headers={"api-key": TOKEN})
+        assert broken.status_code == 400
+        assert broken.json()["error"]["type"] == "invalid_request_error"
+        no_model = await raw.post("/assistants", json={"name": "x"}, headers={"api-key": TOKEN})
+        assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
+        nowhere = await raw.get("/no-such-thing", headers={"api-key": TOKEN})
+        assert nowhere.status_code == 404 and nowhere.json()["error"]["message"]
+
+
+async def test_threads_and_messages_with_attachments_and_the_seeds_spellings(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(engine_options=NO_KERNELS)
+    client = daemon.azure()
+
+    def threads() -> None:
+        csv = client.files.create(file=("a.csv", b"k\n1\n"), purpose="assistants")
+        txt = client.files.create(file=("b.txt", b"hello\n"), purpose="assistants")
+        # Azure's page spells the key "code interpreter" and still shows v1's file_ids.
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT,
+            tools=[{"type": "code_interpreter"}],
+            tool_resources={"code interpreter": {"file_ids": [csv.id]}},  # type: ignore[typeddict-unknown-key]
+        )
+        assert assistant.tool_resources and assistant.tool_resources.code_interpreter
+        assert assistant.tool_resources.code_interpreter.file_ids == [csv.id]
+        thread = client.beta.threads.create(
+            messages=[
+                {"role": "user", "content": "first", "file_ids": [csv.id]},  # type: ignore[typeddict-unknown-key]
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "second"}],
+                    "attachments": [{"file_id": txt.id, "tools": [{"type": "code_interpreter"}]}],
+                },
+            ],
+            metadata={"user": "u1"},
+        )
+        assert thread.metadata == {"user": "u1"}
+        assert client.beta.threads.retrieve(thread.id).id == thread.id
+        updated = client.beta.threads.update(thread.id, metadata={"user": "u2"})
+        assert updated.metadata == {"user": "u2"}
+        messages = client.beta.threads.messages.list(thread.id, order="asc")
+        first, second = messages.data
+        assert first.content[0].type == "text" and first.content[0].text.value == "first"
+        assert first.attachments and first.attachments[0].file_id == csv.id
+        assert second.attachments and second.attachments[0].file_id == txt.id
+        third = client.beta.threads.messages.create(thread.id, role="user", content="third")
+        assert third.thread_id == thread.id and third.role == "user" and third.status == "completed"
+        newest = client.beta.threads.messages.list(thread.id, limit=1)
+        assert [m.id for m in newest.data] == [third.id] and newest.has_more
+        before = client.beta.threads.messages.list(thread.id, order="asc", before=third.id)
+        assert [m.id for m in before.data] == [first.id, second.id]
+        after = client.beta.threads.messages.list(thread.id, order="desc", after=third.id)
+        assert [m.id for m in after.data] == [second.id, first.id]
+        assert client.beta.threads.messages.retrieve(second.id, thread_id=thread.id).id == second.id
+        other = client.beta.threads.create()
+        with pytest.raises(openai.NotFoundError):
+            client.beta.threads.messages.retrieve(second.id, thread_id=other.id)
+        with pytest.raises(openai.BadRequestError) as searched:
+            client.beta.threads.messages.create(
+                thread.id,
+                role="user",
+                content="x",
+                attachments=[{"file_id": txt.id, "tools": [{"type": "file_search"}]}],
+            )
+        assert searched.value.param == "attachments[0].tools"
+        with pytest.raises(openai.BadRequestError) as unknown_file:
+            client.beta.threads.create(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": "x",
+                        "attachments": [{"file_id": "file-nope", "tools": []}],
+                    }
+                ]
+            )
+        assert unknown_file.value.param == "messages[0].attachments[0].file_id"
+        gone = client.beta.threads.delete(thread.id)
+        assert gone.deleted
+        with pytest.raises(openai.NotFoundError):
+            client.beta.threads.messages.list(thread.id)
+
+    await anyio.to_thread.run_sync(threads)
