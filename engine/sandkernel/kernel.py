@@ -26,15 +26,15 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from sandkernel._resources import data_dir
-from sandkernel.errors import KernelDead, KernelStartFailed, SelfCheckFailed
+from sandkernel.errors import KernelDead, SelfCheckFailed
 from sandkernel.policy import Policy
-from sandkernel.provisioner import IPC_NAME, SandboxLaunch, SandboxProvisioner
+from sandkernel.provisioner import IPC_NAME, SandboxProvisioner
 from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, Status, Usage
 from sandkernel.sandbox import (
     SELF_CHECK_PROBE,
     CgroupUsage,
+    Jail,
     KernelCgroup,
-    KernelLayout,
     SandboxHost,
     verify_cgroup_limits,
     verify_isolation_report,
@@ -161,11 +161,10 @@ class SandboxedKernel:
     def __init__(self, host: SandboxHost, policy: Policy, *, workspace: Path | None = None):
         self.host = host
         self.policy = policy
-        self.kernel_id = host.new_kernel_id()
-        self._workspace_arg = workspace
+        self._jail = Jail(host, policy, workspace=workspace)
+        self.kernel_id = self._jail.kernel_id
         self._km: AsyncKernelManager | None = None
         self._client: AsyncKernelClient | None = None
-        self._layout: KernelLayout | None = None
         self._lock = asyncio.Lock()
         self._drain: asyncio.Task[None] | None = None
         self._dead_reason: str | None = None
@@ -178,13 +177,14 @@ class SandboxedKernel:
     @property
     def workspace(self) -> Path:
         """Host path of the kernel's ``/mnt/data``."""
-        if self._layout is None:
+        layout = self._jail.layout
+        if layout is None:
             raise KernelDead("kernel not started")
-        return self._layout.workspace.resolve()
+        return layout.workspace.resolve()
 
     @property
     def cgroup(self) -> KernelCgroup:
-        return self.host.cgroup(self.kernel_id)
+        return self._jail.cgroup
 
     @property
     def provisioner(self) -> SandboxProvisioner | None:
@@ -193,11 +193,7 @@ class SandboxedKernel:
 
     @property
     def alive(self) -> bool:
-        prov = self.provisioner
-        return (
-            not self._closed and prov is not None and prov.process is not None
-            and prov.process.poll() is None
-        )  # fmt: skip
+        return not self._closed and self._jail.running
 
     @property
     def dead_reason(self) -> str | None:
@@ -211,19 +207,11 @@ class SandboxedKernel:
         Raises:
             KernelStartFailed: with nsjail's and the kernel's last log lines.
         """
-        # prepare() mounts and creates cgroups in a thread: if we are cancelled
-        # meanwhile, wait for it and undo what it made, or it would leak.
-        preparing = asyncio.ensure_future(
-            asyncio.to_thread(self.host.prepare, self.kernel_id, self.policy, self._workspace_arg)
-        )
         try:
-            layout = await asyncio.shield(preparing)
+            layout = await self._jail.prepare()  # undone if cancelled meanwhile
         except asyncio.CancelledError:
-            await asyncio.wait([preparing])
             self._closed = True
-            await asyncio.to_thread(self.host.destroy, self.kernel_id)
             raise
-        self._layout = layout
         km = AsyncKernelManager(
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(data_dir("kernels"))]),
@@ -233,8 +221,8 @@ class SandboxedKernel:
         )
         km.session.key = secrets.token_hex(32).encode()
         self._km = km
-        try:
-            await km.start_kernel(sandbox=SandboxLaunch(self.host, self.policy, layout))
+        async with self._jail.starting("sandboxed kernel", self.shutdown):
+            await km.start_kernel(sandbox=self._jail)
             client = km.client()
             assert isinstance(client, AsyncKernelClient)
             # No heartbeat channel: death is told by the process and its cgroup,
@@ -246,16 +234,6 @@ class SandboxedKernel:
                 wait_until_ready(client, timeout_s, lambda: self.alive), timeout_s + 1
             )
             self._start_drain()
-        except BaseException as exc:
-            detail = self.provisioner.log_tail() if self.provisioner else ""
-            await self.shutdown()
-            if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
-                raise
-            raise KernelStartFailed(
-                f"sandboxed kernel did not start: {exc}"
-                + (f"\n--- sandbox log ---\n{detail}" if detail else "")
-                + "\n(run `sandkernel doctor` to check the sandbox)"
-            ) from None
         self.started_at = time.monotonic()
 
     async def shutdown(self, *, grace_s: float = 1.0) -> None:
@@ -275,25 +253,17 @@ class SandboxedKernel:
         if self._client is not None:
             self._client.stop_channels()
         km = self._km
-        prov = self.provisioner
         try:
-            if prov is not None and prov.process is not None:
-                await prov.terminate()
-                try:
-                    await asyncio.wait_for(prov.wait(), grace_s)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        prov.process.send_signal(signal.SIGKILL)
-                    await asyncio.wait_for(prov.wait(), 5)
+            await self._jail.stop(grace_s)
         finally:
             if km is not None:
                 # Connection file, control socket, zmq context, then the
-                # provisioner's cleanup (cgroup, mounts, runtime folder).
+                # provisioner's cleanup (the jail's cgroup, mounts and folder).
                 await km.cleanup_resources(restart=False)
-            if self._layout is not None:
+            if self._jail.layout is not None:
                 # Idempotent; covers a start cancelled before the provisioner
-                # took charge of the layout.
-                await asyncio.to_thread(self.host.destroy, self.kernel_id)
+                # took charge of the jail.
+                await self._jail.destroy()
 
     async def __aenter__(self) -> SandboxedKernel:
         await self.start()
@@ -500,21 +470,13 @@ class SandboxedKernel:
                 await self._shell_reply(msg_id, 0.5)
 
     async def _kill(self) -> None:
-        prov = self.provisioner
-        if prov is not None and prov.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                prov.process.send_signal(signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(prov.wait_exit(), 5)
+        self._jail.kill()
+        await self._jail.wait(5)
         self._dead_reason = self._dead_reason or "killed after a timeout it did not survive"
 
     async def _death_status(self) -> tuple[Status, str]:
-        prov = self.provisioner
-        code = None
-        if prov is not None and prov.process is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(prov.wait_exit(), 2)
-            code = prov.process.poll()
+        await self._jail.wait(2)
+        code = self._jail.exit_code
         if code is not None and code > 128:
             signum = code - 128
             try:

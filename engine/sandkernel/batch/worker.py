@@ -11,11 +11,8 @@ with :class:`WorkerLost`, blamed only on the one that was running.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,15 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandkernel.batch.frames import LENGTH_SIZE, Reply, decode_frame_body, frame_body_size
-from sandkernel.errors import KernelStartFailed
 from sandkernel.policy import Policy
-from sandkernel.sandbox import (
-    RUNTIME_IN_JAIL,
-    KernelLayout,
-    SandboxHost,
-    render_config_text,
-    render_nsjail_config,
-)
+from sandkernel.sandbox import RUNTIME_IN_JAIL, Jail, SandboxHost
 
 #: After a request's own time limit, how long the server may take to clean
 #: up and answer before the worker is considered hung and replaced.
@@ -50,30 +40,6 @@ class WorkerLost(Exception):
         super().__init__(reason)
         self.blamed = blamed
         self.oom = oom
-
-
-async def _wait_exit(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    """Wait for ``process`` to exit (pidfd, no polling); True if it did in time."""
-    if process.poll() is not None:
-        return True
-    try:
-        pidfd = os.pidfd_open(process.pid)
-    except ProcessLookupError:
-        process.wait()
-        return True
-    loop = asyncio.get_running_loop()
-    exited = asyncio.Event()
-    loop.add_reader(pidfd, exited.set)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await exited.wait()
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-    process.wait()
-    return True
 
 
 @dataclass
@@ -112,10 +78,8 @@ class Worker:
         on_lost: Callable[[Worker], None],
     ) -> None:
         self.config = config
-        self.host = config.host
-        self.kernel_id = self.host.new_kernel_id()
-        self.layout: KernelLayout | None = None
-        self.process: subprocess.Popen[bytes] | None = None
+        self.jail = Jail(config.host, config.policy)
+        self.kernel_id = self.jail.kernel_id
         self.request_fd = -1
         self.reply_fd = -1
         self.hello: dict[str, Any] = {}
@@ -137,33 +101,17 @@ class Worker:
     # -- start -------------------------------------------------------------
 
     async def start(self) -> None:
-        config = self.config
-        preparing = asyncio.ensure_future(
-            asyncio.to_thread(self.host.prepare, self.kernel_id, config.policy)
-        )
         try:
-            self.layout = await asyncio.shield(preparing)
+            await self.jail.prepare()  # undone if cancelled meanwhile
         except asyncio.CancelledError:
-            await asyncio.wait([preparing])
             self._stopping = True
-            await self._destroy_sandbox()
             raise
-        try:
-            await self._launch(self.layout)
-        except BaseException as exc:
-            detail = self.log_tail()
-            await self.stop()
-            if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
-                raise
-            raise KernelStartFailed(
-                f"batch worker did not start: {exc}"
-                + (f"\n--- sandbox log ---\n{detail}" if detail else "")
-                + "\n(run `sandkernel doctor` to check the sandbox)"
-            ) from None
+        async with self.jail.starting("batch worker", self.stop):
+            await self._launch()
         self._reader = asyncio.ensure_future(self._read_replies())
         self.accepting = True
 
-    async def _launch(self, layout: KernelLayout) -> None:
+    async def _launch(self) -> None:
         config = self.config
         server_config = {
             "preload": list(config.preload),
@@ -173,27 +121,13 @@ class Worker:
             "fetch_max_bytes": config.fetch_max_bytes,
         }
         argv = [
-            self.host.runtime.python, "-s", f"{RUNTIME_IN_JAIL}/{_SERVER}",
+            config.host.runtime.python, "-s", f"{RUNTIME_IN_JAIL}/{_SERVER}",
             json.dumps(server_config),
         ]  # fmt: skip
-        nsjail = render_nsjail_config(config.policy, layout, self.host.runtime, argv)
-        layout.config_file.write_text(render_config_text(nsjail))
         request_r, self.request_fd = os.pipe2(os.O_CLOEXEC)
         self.reply_fd, reply_w = os.pipe2(os.O_CLOEXEC)
         try:
-            # Opening a local file and spawning the wrapper (vfork + exec) take
-            # well under a millisecond: not worth a thread.
-            with open(layout.output_file, "ab") as output:  # noqa: ASYNC230
-                self.process = subprocess.Popen(  # noqa: ASYNC220
-                    self.host.launch_argv(layout),
-                    stdin=request_r,
-                    stdout=reply_w,
-                    stderr=output,
-                    env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
-                    cwd=layout.root,
-                    # A terminal's ^C reaches the engine, which shuts workers down.
-                    start_new_session=True,
-                )
+            self.jail.spawn(argv, stdin=request_r, stdout=reply_w)
         finally:
             os.close(request_r)
             os.close(reply_w)
@@ -203,19 +137,7 @@ class Worker:
         if not header.get("ready"):
             raise WorkerLost(f"unexpected first frame from the server: {header}", blamed=False)
         self.hello = header
-        self._oom_kills = self.host.cgroup(self.kernel_id).usage().oom_kills
-
-    def log_tail(self, lines: int = 15) -> str:
-        if self.layout is None:
-            return ""
-        parts = []
-        for path in (self.layout.log_file, self.layout.output_file):
-            with contextlib.suppress(OSError):
-                text = path.read_text(errors="replace").splitlines()
-                kept = [t for t in text if "no version information available" not in t]
-                if kept:
-                    parts.append("\n".join(kept[-lines:]))
-        return "\n".join(parts)
+        self._oom_kills = self.jail.cgroup.usage().oom_kills
 
     # -- requests ------------------------------------------------------------
 
@@ -359,7 +281,7 @@ class Worker:
 
     def oom_killed_since_last(self) -> bool:
         """Whether the cgroup counted an OOM kill since the last call (and remember)."""
-        count = self.host.cgroup(self.kernel_id).usage().oom_kills
+        count = self.jail.cgroup.usage().oom_kills
         killed = count > self._oom_kills
         self._oom_kills = count
         return killed
@@ -368,10 +290,7 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the whole sandbox now (its cgroup); :meth:`stop` still cleans up."""
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGKILL)
-        self.host.cgroup(self.kernel_id).kill_all()
+        self.jail.kill()
 
     async def stop(self, *, grace_s: float = 1.0) -> None:
         """End the server (EOF on its stdin, then SIGKILL) and remove every trace.
@@ -388,29 +307,12 @@ class Worker:
                     asyncio.get_running_loop().remove_writer(self.request_fd)
                 os.close(self.request_fd)
                 self.request_fd = -1
-            process = self.process
-            if process is not None and not await _wait_exit(process, grace_s):
-                self.kill()
-                await _wait_exit(process, 5.0)
+            # The server exits at EOF on its stdin: no SIGTERM.
+            await self.jail.stop(grace_s, terminate=False)
             if self._reader is not None:
                 await asyncio.gather(self._reader, return_exceptions=True)
         finally:
             if self.reply_fd >= 0:
                 os.close(self.reply_fd)
                 self.reply_fd = -1
-            await self._destroy_sandbox()
-
-    async def _destroy_sandbox(self) -> None:
-        """Remove the sandbox's folder, mounts and cgroup, even if cancelled meanwhile.
-
-        A cancellation mid-clean-up (two workers failing at once in start(),
-        whose task group then cancels the other) waits for the removal to end
-        before it goes on: otherwise the caller returns while the sandbox's
-        traces still exist.
-        """
-        destroying = asyncio.ensure_future(asyncio.to_thread(self.host.destroy, self.kernel_id))
-        try:
-            await asyncio.shield(destroying)
-        except asyncio.CancelledError:
-            await asyncio.wait([destroying])
-            raise
+            await self.jail.destroy()

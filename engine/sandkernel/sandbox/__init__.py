@@ -12,6 +12,8 @@ Everything a sandbox needs on the host, one module per concept:
 ``verify``    a running kernel checked against its policy (fail closed)
 ``host``      one engine's claim on the host: kernel folders, the owner lock,
               sweeping what dead engines left
+``jail``      one sandbox's lifecycle, the same for a kernel and a batch
+              worker: prepare → spawn → wait → log tail → destroy
 ============  ================================================================
 
 The names below are imported from their module on first use, so taking a
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
         default_runtime_root,
         owners_dir,
     )
+    from sandkernel.sandbox.jail import Jail, wait_exit
     from sandkernel.sandbox.layout import (
         CONNECTION_DIR_IN_JAIL,
         RUNTIME_IN_JAIL,
@@ -81,6 +84,8 @@ _WHERE: dict[str, str] = {
     "SandboxHost": "host",
     "default_runtime_root": "host",
     "owners_dir": "host",
+    "Jail": "jail",
+    "wait_exit": "jail",
     "CONNECTION_DIR_IN_JAIL": "layout",
     "RUNTIME_IN_JAIL": "layout",
     "SANDBOX_GID": "layout",
@@ -110,6 +115,7 @@ __all__ = [
     "CgroupUsage",
     "CgroupVersion",
     "IPYKERNEL_ENV",
+    "Jail",
     "KERNEL_DIR_INODES",
     "KERNEL_DIR_MB",
     "KernelCgroup",
@@ -136,6 +142,7 @@ __all__ = [
     "unmount",
     "verify_cgroup_limits",
     "verify_isolation_report",
+    "wait_exit",
 ]
 
 # Runtime only: a module ``__getattr__`` that type checkers saw would make
