@@ -362,7 +362,8 @@ class _Progress:
             )
             return True
         if text.strip() or self.message is not None:
-            await self.finish_message(text)  # the model's words before its tool calls
+            # The model's words before its tool calls; the turn's usage goes on the tool step.
+            await self.finish_message(text, usage=None)
         self.rs.transcript.append(_assistant_message(reply))
         return await self.tool_calls(calls, space)
 
@@ -409,7 +410,11 @@ class _Progress:
         )
 
     async def finish_message(
-        self, text: str, *, status: Literal["completed", "incomplete"] = "completed"
+        self,
+        text: str,
+        *,
+        status: Literal["completed", "incomplete"] = "completed",
+        usage: Usage | None | Literal["turn"] = "turn",
     ) -> None:
         """The message of this turn (made now, unless its text was streamed), completed."""
         streamed = self.message is not None
@@ -443,7 +448,11 @@ class _Progress:
             }
         )
         step = self.step.model_copy(
-            update={"status": "completed", "completed_at": done, "usage": self.turn_usage}
+            update={
+                "status": "completed",
+                "completed_at": done,
+                "usage": self.turn_usage if usage == "turn" else usage,
+            }
         )
         self.rs.pending_images, self.rs.pending_files = [], []
         self.rs.transcript.append({"role": "assistant", "content": text})
@@ -936,8 +945,10 @@ def _system_prompt(run: Run, space: Workspace | None) -> str:
     parts = [run.instructions.strip()] if run.instructions.strip() else []
     if space is None:
         return "\n\n".join(parts)
-    files = [f"- /mnt/data/{name} (read-only)" for name in space.assistant_files]
-    files += [f"- {path}" for path in space.paths.values()]
+    listed = {f"/mnt/data/{name}": " (read-only)" for name in space.assistant_files}
+    for path in space.paths.values():
+        listed.setdefault(path, "")
+    files = [f"- {path}{note}" for path, note in listed.items()]
     if files:
         parts.append(
             "Files in the sandbox (use the python tool to read them):\n" + "\n".join(files)

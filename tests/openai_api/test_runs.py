@@ -1,0 +1,268 @@
+"""Runs: the seed's samples verbatim, the model fixing its code, threads, tools, restarts.
+
+The chat model is :class:`ScriptedModel` on loopback; the code runs in real
+sandboxed sessions of the daemon's engine.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import anyio
+import openai
+import pytest
+from openai.types.beta.threads import Run
+from PIL import Image
+
+from tests.openai_api.conftest import (
+    ASSISTANTS_DEPRECATED,
+    DEPLOYMENT,
+    TOKEN,
+    OpenAIDaemonFactory,
+    Rendezvous,
+    Reply,
+    by_marker,
+    code_call,
+    in_order,
+)
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]
+
+SAMPLES = Path(__file__).with_name("seed_samples.txt")
+SPEECH = "def speak(words):\n    print(words)\n\nspeak('3x + 11 = 14')\n"
+INSTRUCTIONS = "You are an AI assistant that can write code to help answer math questions."
+SEED_MODEL = "gpt-4-1106-preview"  # the second sample names this deployment itself
+BROKEN = "print(open('/mnt/data/speech.txt').read())"
+FIXED = (
+    "import matplotlib.pyplot as plt\n"
+    "source = open('/mnt/data/speech.py').read()\n"
+    "x = (14 - 11) / 3\n"
+    "print(f'{len(source.splitlines())} lines read; x = {x}')\n"
+    "open('/mnt/data/solution.csv', 'w').write(f'x\\n{x}\\n')\n"
+    "plt.figure(figsize=(3, 2))\n"
+    "plt.plot([0, 1, 2], [11, 14, 17])\n"
+    "plt.axvline(x)\n"
+    "plt.show()\n"
+)
+ANSWER = "x = 1. The plot shows it; the table is [here](sandbox:/mnt/data/solution.csv)."
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def samples() -> dict[str, str]:
+    """The code samples of the seed's page, verbatim, by name."""
+    found: dict[str, str] = {}
+    for block in SAMPLES.read_text(encoding="utf-8").split("### ")[1:]:
+        name, _, code = block.partition("\n")
+        found[name] = code
+    return found
+
+
+def fix_and_plot_script() -> list[Reply]:
+    return [
+        Reply("Let me look at the file.", [code_call("call_read", BROKEN)]),
+        Reply(None, [code_call("call_fixed", FIXED)]),
+        Reply(ANSWER),
+    ]
+
+
+def check_fixed_and_plotted(
+    client: openai.OpenAI, run: Run, requests: list[dict[str, Any]], model: str
+) -> str:
+    """The run completed after a failed and a fixed code call; returns the image's id."""
+    assert run.status == "completed", run.last_error
+    assert run.usage is not None and run.usage.total_tokens == 45
+    assert [r["model"] for r in requests] == [model] * 3
+    assert requests[0]["messages"][0]["role"] == "system"
+    assert INSTRUCTIONS in requests[0]["messages"][0]["content"]
+    assert [t["function"]["name"] for t in requests[0]["tools"]] == ["python"]
+    handed_back = requests[1]["messages"][-1]
+    assert handed_back["role"] == "tool" and handed_back["tool_call_id"] == "call_read"
+    assert handed_back["content"].startswith("Status: error: FileNotFoundError")
+    steps = client.beta.threads.runs.steps.list(run.id, thread_id=run.thread_id, order="asc")
+    kinds = [s.step_details.type for s in steps.data]
+    assert kinds == ["message_creation", "tool_calls", "tool_calls", "message_creation"]
+    assert all(s.status == "completed" for s in steps.data)
+    failed_call, fixed_call = (s.step_details.tool_calls[0] for s in steps.data[1:3])  # type: ignore[union-attr]
+    assert failed_call.type == "code_interpreter" and fixed_call.type == "code_interpreter"
+    assert failed_call.code_interpreter.input == BROKEN
+    (failed_logs,) = failed_call.code_interpreter.outputs
+    assert failed_logs.type == "logs" and "FileNotFoundError" in failed_logs.logs
+    assert fixed_call.code_interpreter.input == FIXED
+    logs, image = fixed_call.code_interpreter.outputs
+    assert logs.type == "logs" and "lines read; x = 1.0" in logs.logs
+    assert image.type == "image"
+    messages = client.beta.threads.messages.list(run.thread_id, order="asc")
+    answers = [m for m in messages.data if m.role == "assistant"]
+    assert [m.run_id for m in answers] == [run.id, run.id]
+    assert answers[0].content[0].type == "text"
+    assert answers[0].content[0].text.value == "Let me look at the file."
+    picture, text = answers[1].content
+    assert picture.type == "image_file" and picture.image_file.file_id == image.image.file_id
+    assert text.type == "text" and text.text.value == ANSWER
+    (annotation,) = text.text.annotations
+    assert annotation.type == "file_path" and annotation.text == "sandbox:/mnt/data/solution.csv"
+    assert ANSWER[annotation.start_index : annotation.end_index] == annotation.text
+    table = client.files.content(annotation.file_path.file_id).read()
+    assert table == b"x\n1.0\n"
+    assert client.files.retrieve(image.image.file_id).purpose == "assistants_output"
+    return image.image.file_id
+
+
+@pytest.mark.filterwarnings(
+    "ignore:unclosed file <_io.BufferedReader name='speech.py'>:ResourceWarning"
+)
+async def test_the_seeds_samples_run_verbatim_and_the_model_fixes_its_code(
+    openai_daemon: OpenAIDaemonFactory,
+    checked_azure: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    daemon = await openai_daemon(in_order(*fix_and_plot_script()))
+    assert daemon.model is not None
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", TOKEN)
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", daemon.endpoint)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "speech.py").write_text(SPEECH)
+    code = samples()
+
+    def seed_flow() -> tuple[dict[str, Any], str]:
+        names: dict[str, Any] = {"os": os}
+        exec(  # noqa: S102 - the seed's own samples, verbatim but for the placeholders
+            code["enable_code_interpreter"].replace(
+                "<REPLACE WITH MODEL DEPLOYMENT NAME>", DEPLOYMENT
+            ),
+            names,
+        )
+        assert names["assistant"].model == DEPLOYMENT
+        exec(code["upload_file_for_code_interpreter"], names)  # noqa: S102
+        uploaded = names["file"]
+        assistant = names["assistant"]
+        assert assistant.tool_resources.code_interpreter.file_ids == [uploaded.id]
+        exec(code["pass_file_to_thread"].replace('"file.id"', repr(uploaded.id)), names)  # noqa: S102
+        thread = names["thread"]
+        client = names["client"]
+        run = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id
+        )
+        image_id = check_fixed_and_plotted(client, run, daemon.model.requests, SEED_MODEL)
+        exec(code["download_generated_file"].replace("assistant-abc123", image_id), names)  # noqa: S102
+        return names, image_id
+
+    names, image_id = await anyio.to_thread.run_sync(seed_flow)
+    saved = (tmp_path / "my-image.png").read_bytes()
+    assert saved.startswith(PNG_SIGNATURE)
+    with Image.open(io.BytesIO(saved)) as picture:
+        picture.verify()
+    # The first user message carried the uploaded file (v1's file_ids): the model was told.
+    first_user = daemon.model.requests[0]["messages"][1]
+    assert first_user["role"] == "user" and "3x + 11 = 14" in first_user["content"]
+    assert "/mnt/data/speech" in first_user["content"]
+    checked = checked_azure.checked
+    assert {"assistant", "file", "thread", "thread.run", "thread.run.step", "list"} <= set(
+        checked.bodies
+    )
+    assert saved == names["image_data_bytes"] and len(saved) > 1000
+
+
+async def test_the_same_flow_with_openai_and_base_url(openai_daemon: OpenAIDaemonFactory) -> None:
+    daemon = await openai_daemon(in_order(*fix_and_plot_script()))
+    assert daemon.model is not None
+    client = daemon.openai()
+
+    def flow() -> None:
+        speech = client.files.create(file=("speech.py", SPEECH.encode()), purpose="assistants")
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT,
+            instructions=INSTRUCTIONS,
+            tools=[{"type": "code_interpreter"}],
+            tool_resources={"code_interpreter": {"file_ids": [speech.id]}},
+        )
+        thread = client.beta.threads.create(
+            messages=[{"role": "user", "content": "Solve `3x + 11 = 14` and plot it."}]
+        )
+        run = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id
+        )
+        assert daemon.model is not None
+        image_id = check_fixed_and_plotted(client, run, daemon.model.requests, DEPLOYMENT)
+        assert client.files.content(image_id).read().startswith(PNG_SIGNATURE)
+        listed = client.beta.threads.runs.list(thread.id)
+        assert [r.id for r in listed.data] == [run.id]
+
+    await anyio.to_thread.run_sync(flow)
+    assert "thread.run" in daemon.clients.checked.bodies
+
+
+LIST_FILES = "import os\nprint(sorted(os.listdir('/mnt/data')))"
+
+
+async def test_two_threads_run_at_once_in_two_sessions_that_see_only_their_files(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    both = Rendezvous(2)
+    script = by_marker(
+        {
+            f"thread {name}": in_order(
+                Reply(None, [code_call(f"ls_{name}", LIST_FILES)], before=both.arrive),
+                Reply(f"listed {name}"),
+            )
+            for name in ("A", "B")
+        }
+    )
+    daemon = await openai_daemon(script, engine_options={"pool_size": 2})
+    client = daemon.openai()
+
+    def start_both() -> tuple[str, list[Run]]:
+        shared = client.files.create(file=("shared.txt", b"for all\n"), purpose="assistants")
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT,
+            tools=[{"type": "code_interpreter"}],
+            tool_resources={"code_interpreter": {"file_ids": [shared.id]}},
+        )
+        runs = []
+        for name in ("A", "B"):
+            own = client.files.create(
+                file=(f"{name.lower()}.csv", f"n\n{name}\n".encode()), purpose="assistants"
+            )
+            thread = client.beta.threads.create(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": f"thread {name}: list the files",
+                        "attachments": [
+                            {"file_id": own.id, "tools": [{"type": "code_interpreter"}]}
+                        ],
+                    }
+                ]
+            )
+            # Not polled yet: both runs are under way before either is waited for.
+            runs.append(client.beta.threads.runs.create(thread.id, assistant_id=assistant.id))
+        return assistant.id, runs
+
+    assistant_id, started = await anyio.to_thread.run_sync(start_both)
+    assert [r.status for r in started] == ["queued", "queued"]
+    done = await anyio.to_thread.run_sync(
+        lambda: [client.beta.threads.runs.poll(r.id, thread_id=r.thread_id) for r in started]
+    )
+    assert both.arrived == 2  # each first model call waited for the other's: they overlapped
+    seen = {}
+    for run, name in zip(done, ("A", "B"), strict=True):
+        assert run.status == "completed", run.last_error
+        steps = await anyio.to_thread.run_sync(
+            lambda run=run: client.beta.threads.runs.steps.list(run.id, thread_id=run.thread_id)
+        )
+        (call,) = next(s for s in steps.data if s.type == "tool_calls").step_details.tool_calls  # type: ignore[union-attr]
+        assert call.type == "code_interpreter"
+        seen[name] = call.code_interpreter.outputs[0].logs  # type: ignore[union-attr]
+    assert seen == {"A": "['a.csv', 'shared.txt']\n", "B": "['b.csv', 'shared.txt']\n"}
+    sessions = {s.id: s for s in await daemon.running.client().sessions()}
+    for run in done:
+        session = sessions[run.thread_id]  # one session per thread, named by the thread
+        assert session.state == "active"
+        assert (session.expires_at - session.last_active).total_seconds() == pytest.approx(3600)
+    assert len({run.thread_id for run in done}) == 2
+    agent_files = await daemon.running.client().list_files(agent_id=assistant_id)
+    assert [f.name for f in agent_files] == ["shared.txt"]
