@@ -17,7 +17,11 @@ Where SandboxFusion leaves a behaviour open, sandkernel's choice is noted:
 * ``run_jupyter`` enforces ``cell_timeout`` (when > 0) and ``total_timeout``
   itself, and on a time-out also returns the cells that ran;
 * ``memory_limit_MB`` (when > 0) lowers the sandbox's memory limit; it is
-  capped by the engine's policy, never raised above it.
+  capped by the engine's policy, never raised above it;
+* numbers are strict: SandboxFusion's lax models take ``false`` for 0 and
+  ``"10"`` for 10, which no client means; here they are refused (422), as
+  are timeouts over a day and memory limits under 16 MB (no Python starts
+  in less).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from sandkernel.batch import RunResult
 from sandkernel.engine import Engine
@@ -42,6 +46,33 @@ from sandkernel.workspace import read_workspace_file, write_workspace_file
 
 #: What ``run_code`` runs; SandboxFusion lists many more, which are refused by name.
 SUPPORTED_LANGUAGES = ("python", "pytest")
+#: The longest timeout a request may give (a one-shot run's longest).
+MAX_TIMEOUT_S = 86_400.0
+#: The smallest memory limit a request may set, in MB (a one-shot run's smallest).
+MIN_MEMORY_MB = 16
+_MEMORY_SCHEMA: dict[str, Any] = {"anyOf": [{"maximum": 0}, {"minimum": MIN_MEMORY_MB}]}
+
+
+def _timeout(default: float, description: str) -> Any:
+    return Field(default, strict=True, le=MAX_TIMEOUT_S, description=description)
+
+
+def _memory_limit() -> Any:
+    return Field(
+        -1,
+        strict=True,
+        json_schema_extra=_MEMORY_SCHEMA,
+        description=f"maximum memory allowed in megabytes (<= 0: the policy's; else >= "
+        f"{MIN_MEMORY_MB})",
+    )
+
+
+def _check_memory_limit(value: int) -> int:
+    if 0 < value < MIN_MEMORY_MB:
+        raise ValueError(
+            f"memory_limit_MB must be at least {MIN_MEMORY_MB} (or <= 0 for the policy's limit)"
+        )
+    return value
 
 
 class CommandRunStatus(StrEnum):
@@ -65,9 +96,9 @@ class CommandRunResult(BaseModel):
 
 
 class RunCodeRequest(BaseModel):
-    compile_timeout: float = Field(10, description="compile timeout for compiled languages")
-    run_timeout: float = Field(10, description="code run timeout")
-    memory_limit_MB: int = Field(-1, description="maximum memory allowed in megabytes")
+    compile_timeout: float = _timeout(10, "compile timeout for compiled languages")
+    run_timeout: float = _timeout(10, "code run timeout (<= 0: the policy's)")
+    memory_limit_MB: int = _memory_limit()
     code: str = Field(..., examples=['print("hello")'], description="the code to run")
     stdin: str | None = Field(None, examples=[""], description="optional string for stdin")
     language: str = Field(..., examples=["python"], description="language or execution mode")
@@ -81,6 +112,8 @@ class RunCodeRequest(BaseModel):
         default_factory=list, description="additional command-line arguments passed to pytest"
     )
 
+    _memory = field_validator("memory_limit_MB")(_check_memory_limit)
+
 
 class RunCodeResponse(BaseModel):
     status: RunStatus
@@ -93,9 +126,9 @@ class RunCodeResponse(BaseModel):
 
 class RunJupyterRequest(BaseModel):
     cells: list[str] = Field(..., description="list of code blocks to run in jupyter notebook")
-    cell_timeout: float = Field(0, description="max run time for each of the cells")
-    total_timeout: float = Field(45, description="max run time for all the cells")
-    memory_limit_MB: int = Field(-1, description="maximum memory allowed in megabytes")
+    cell_timeout: float = _timeout(0, "max run time for each of the cells (<= 0: none)")
+    total_timeout: float = _timeout(45, "max run time for all the cells")
+    memory_limit_MB: int = _memory_limit()
     kernel: Literal["python3"] = "python3"
     files: dict[str, str] = Field(
         default_factory=dict, description="a dict from file path to base64 encoded content"
@@ -103,6 +136,8 @@ class RunJupyterRequest(BaseModel):
     fetch_files: list[str] = Field(
         default_factory=list, description="a list of file paths to fetch after code execution"
     )
+
+    _memory = field_validator("memory_limit_MB")(_check_memory_limit)
 
 
 class CellRunResult(BaseModel):
@@ -263,7 +298,17 @@ async def run_jupyter(
             )
         workspace = kernel.workspace
         if request.memory_limit_MB > 0:
-            kernel.cgroup.lower_memory_limit(request.memory_limit_MB << 20)
+            try:
+                kernel.cgroup.lower_memory_limit(request.memory_limit_MB << 20)
+            except OSError as exc:
+                # cgroup v1 refuses (EBUSY) a limit below what the kernel already uses.
+                return RunJupyterResponse(
+                    status=RunStatus.SandboxError,
+                    message=f"memory_limit_MB={request.memory_limit_MB} cannot be set: the "
+                    f"kernel already uses more ({exc.strerror}); give a larger limit, or -1 "
+                    "for the policy's",
+                    executor_pod_name=pod_name,
+                )
         for path, data in files.items():
             await asyncio.to_thread(write_workspace_file, workspace, path, data)
         cells: list[CellRunResult] = []

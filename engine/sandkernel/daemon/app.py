@@ -54,7 +54,7 @@ from typing import Annotated, Any, Final
 from urllib.parse import quote
 
 import anyio
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -73,8 +73,9 @@ from sandkernel.daemon.admission import (
     default_max_queued_runs,
 )
 from sandkernel.daemon.records import SessionRecords
-from sandkernel.daemon.runs import FUSION_PATHS, RUN_PATHS, add_run_routes
+from sandkernel.daemon.runs import FUSION_PATHS, RUN_PATHS, add_run_routes, document_run_bodies
 from sandkernel.daemon.schemas import (
+    ID_PATTERN,
     MAX_TTL_S,
     STREAM_EVENT_SCHEMA,
     CreateSession,
@@ -131,6 +132,8 @@ DEFAULT_MAX_JSON_BYTES: Final = 1 << 20
 DEFAULT_MAX_UPLOAD_BYTES: Final = 600 << 20
 _UPLOAD_PATH: Final = re.compile(r"^/v1/(?:sessions/[^/]+/)?files/?$")
 _KEEPALIVE_S: Final = 15.0
+#: An agent id in a path, checked as the engine checks it.
+_AgentId = Annotated[str, Path(pattern=ID_PATTERN, description="the agent's id")]
 _DOWNLOAD_CHUNK: Final = 1 << 20
 
 # What the routes may raise, in groups (each route's OpenAPI answers are built from them).
@@ -447,6 +450,7 @@ def create_app(
         TokenAuth, token=token, open_paths=FUSION_PATHS if fusion_without_token else frozenset()
     )
     _add_error_handlers(app)
+    _refine_openapi(app, policy=engine.policy.name)
 
     def lost_or_unknown(session_id: str) -> Exception:
         """The error for an id the engine does not know: lost in a restart (410), or 404."""
@@ -464,7 +468,9 @@ def create_app(
         for info in await engine.sessions():
             if info.id == session_id:
                 return info
-        raise lost_or_unknown(session_id)
+        # Not listed: the engine says why (a cluster's session lost with its node is
+        # SessionLost), or the records do (lost in a restart), or it is unknown.
+        return await (await live_session(session_id)).info()
 
     # -- sessions --------------------------------------------------------------------
 
@@ -657,7 +663,10 @@ def create_app(
         name: Annotated[str | None, Form(description="a name instead of the file's")] = None,
         session_id: Annotated[str | None, Form(description="give it to this live session")] = None,
         agent_id: Annotated[
-            str | None, Form(description="give it to this agent (read-only in its sessions)")
+            str | None,
+            Form(
+                pattern=ID_PATTERN, description="give it to this agent (read-only in its sessions)"
+            ),
         ] = None,
         retention_s: Annotated[
             float | None,
@@ -691,7 +700,9 @@ def create_app(
     )
     async def list_files(
         session_id: Annotated[str | None, Query(description="only this session's")] = None,
-        agent_id: Annotated[str | None, Query(description="only this agent's")] = None,
+        agent_id: Annotated[
+            str | None, Query(pattern=ID_PATTERN, description="only this agent's")
+        ] = None,
     ) -> Response:
         """Stored files, optionally of one session or one agent."""
         return _json(
@@ -752,7 +763,7 @@ def create_app(
         responses=error_responses(*_BODY, *_FILES, *_ENGINE),
         tags=["agents"],
     )
-    async def attach_to_agent(agent_id: str, body: FileIds) -> Response:
+    async def attach_to_agent(agent_id: _AgentId, body: FileIds) -> Response:
         """Give stored files to an agent: they appear read-only in its sessions, live ones too."""
         return _json(FileList(data=await engine.attach_to_agent(agent_id, body.file_ids)))
 
@@ -762,7 +773,7 @@ def create_app(
         responses=error_responses(InvalidRequest, FileError, *_ENGINE),
         tags=["agents"],
     )
-    async def agent_files(agent_id: str) -> Response:
+    async def agent_files(agent_id: _AgentId) -> Response:
         """The files every session of this agent sees."""
         return _json(FileList(data=await engine.list_files(agent_id=agent_id)))
 
@@ -860,6 +871,39 @@ async def _stream_run(session: SessionAPI, body: Execute) -> AsyncIterator[bytes
                 upcoming.cancel()
                 await asyncio.wait({upcoming})
             await events.aclose()  # type: ignore[attr-defined]  # an async generator
+
+
+def _refine_openapi(app: FastAPI, *, policy: str) -> None:
+    """What the generated OpenAPI schema cannot say by itself, added once it is built.
+
+    - ``policy`` of ``POST /v1/sessions`` can only name this daemon's policy;
+    - a multipart form field is absent or a string: never ``null``; an upload names
+      a session or an agent, not both;
+    - the bodies of the one-shot routes, which read them themselves.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["CreateSession"]["properties"]["policy"]["anyOf"] = [
+            {"type": "string", "enum": [policy]},
+            {"type": "null"},
+        ]
+        for name, body in components.items():
+            if name.startswith("Body_"):  # FastAPI's name for a form's fields
+                for field in body.get("properties", {}).values():
+                    alternatives = field.pop("anyOf", None)
+                    if alternatives is not None:
+                        field.update(next(a for a in alternatives if a.get("type") != "null"))
+        # `give session_id or agent_id, not both`
+        components["Body_upload_v1_files_post"]["not"] = {"required": ["session_id", "agent_id"]}
+        document_run_bodies(components)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
 
 
 #: Starlette's own refusals, by status: the ``type`` each is answered with.

@@ -92,6 +92,43 @@ class RunBatch(BaseModel):
     )
 
 
+_RUN_REQUEST_REF: Final = "#/components/schemas/RunRequest"
+_RUN_BATCH_REF: Final = "#/components/schemas/RunBatch"
+#: What a file name or content of a run must be, beyond RunRequest's own schema.
+_FILENAME_SCHEMA: Final = {"pattern": "^[^/\\u0000]+$", "not": {"enum": [".", ".."]}}
+#: Bytes travel as base64 (standard or URL-safe alphabet).
+_BYTES_SCHEMA: Final = {"type": "string", "format": "byte"}
+
+
+def document_run_bodies(components: dict[str, Any]) -> None:
+    """Add the bodies of ``/v1/run`` and ``/v1/runs`` to the OpenAPI ``components.schemas``.
+
+    The routes read their bodies themselves (strictly, see :func:`_strict`);
+    this documents them, with what RunRequest's validators check: a plain
+    file name, and bytes as base64.
+    """
+    template = "#/components/schemas/{model}"
+    run = RunRequest.model_json_schema(ref_template=template)
+    run["properties"]["filename"].update(_FILENAME_SCHEMA)
+    run["properties"]["stdin"].update(_BYTES_SCHEMA)
+    run["properties"]["files"]["additionalProperties"] = dict(_BYTES_SCHEMA)
+    batch = RunBatch.model_json_schema(ref_template=template)
+    batch.pop("$defs", None)
+    components["RunRequest"] = run
+    components["RunBatch"] = batch
+
+
+def _strict[M: BaseModel](model: type[M], body: bytes) -> M:
+    """``body`` as ``model``, strictly: ``false`` is not a number, ``"5"`` not an integer.
+
+    Raises the 400 (malformed JSON) or 422 answer of the other routes' bodies.
+    """
+    try:
+        return model.model_validate_json(body, strict=True)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
 def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
@@ -106,9 +143,21 @@ def add_run_routes(app: FastAPI, engine: Engine, *, default_batch_concurrency: i
     pod_name = socket.gethostname()
     errors = error_responses(*_RUN_ERRORS)
 
-    @app.post("/v1/run", response_model=RunResult, responses=errors, tags=["runs"])
-    async def run(body: RunRequest) -> Response:
+    @app.post(
+        "/v1/run",
+        response_model=RunResult,
+        responses=errors,
+        tags=["runs"],
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": {"$ref": _RUN_REQUEST_REF}}},
+                "required": True,
+            }
+        },
+    )
+    async def run(request: Request) -> Response:
         """Run one program on the batch path (a fresh sandboxed fork); nothing is kept."""
+        body = _strict(RunRequest, await request.body())
         results = [r async for r in engine.run_many([body], concurrency=1)]
         return _json(results[0])
 
@@ -122,7 +171,7 @@ def add_run_routes(app: FastAPI, engine: Engine, *, default_batch_concurrency: i
         openapi_extra={
             "requestBody": {
                 "content": {
-                    "application/json": {"schema": RunBatch.model_json_schema()},
+                    "application/json": {"schema": {"$ref": _RUN_BATCH_REF}},
                     NDJSON: {"schema": {"type": "string", "description": "a RunRequest a line"}},
                 },
                 "required": True,
@@ -142,11 +191,7 @@ def add_run_routes(app: FastAPI, engine: Engine, *, default_batch_concurrency: i
             lines = body.count(b"\n") + 1  # at least as many as the runs in it
             wanted = min(concurrency or default_batch_concurrency, lines)
             return StreamingResponse(_ndjson_batch(engine, body, ticket, wanted), media_type=NDJSON)
-        try:
-            batch = RunBatch.model_validate_json(body)
-        except ValidationError as exc:
-            # The same 400/422 answer as for the other routes' bodies.
-            raise RequestValidationError(exc.errors(include_url=False)) from None
+        batch = _strict(RunBatch, body)
         wanted = min(batch.concurrency or concurrency or default_batch_concurrency, len(batch.runs))
         return StreamingResponse(
             _results(_admitted_batch(engine, iter(batch.runs), ticket, wanted)),
@@ -237,7 +282,7 @@ async def _ndjson_batch(
             if not line.strip():
                 continue
             try:
-                yield RunRequest.model_validate_json(line)
+                yield RunRequest.model_validate_json(line, strict=True)
             except ValidationError as exc:
                 refused.append(_refusal(line, number, _summary(exc)))
 

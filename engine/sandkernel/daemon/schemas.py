@@ -14,10 +14,11 @@ Each route's error answers are documented from the classes it may raise
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from sandkernel.daemon.admission import RETRY_AFTER_S
 from sandkernel.daemon.sse import ERROR, OUTPUT_EVENTS, RESULT
@@ -25,6 +26,9 @@ from sandkernel.errors import INTERNAL_ERROR, InvalidRequest, SandkernelError, U
 from sandkernel.files import StoredFile
 from sandkernel.session import SessionInfo
 
+#: A session or agent id, as the engine accepts it.
+ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+_ID: Final = re.compile(ID_PATTERN.removeprefix("^").removesuffix("$"))
 #: The longest TTL or retention a request may ask for: 30 days.
 MAX_TTL_S: Final = 30 * 24 * 3600.0
 #: The longest wall timeout a request may ask for: one day (as a one-shot run's).
@@ -39,10 +43,14 @@ class CreateSession(_Request):
     """``POST /v1/sessions``: get or create a session."""
 
     id: str | None = Field(
-        default=None, description="the conversation's id; omitted: a new random id"
+        default=None,
+        json_schema_extra={"pattern": ID_PATTERN},
+        description="the conversation's id; omitted: a new random id",
     )
     agent_id: str | None = Field(
-        default=None, description="its agent's files appear read-only in /mnt/data"
+        default=None,
+        json_schema_extra={"pattern": ID_PATTERN},
+        description="its agent's files appear read-only in /mnt/data",
     )
     ttl_s: float | None = Field(
         default=None,
@@ -57,6 +65,17 @@ class CreateSession(_Request):
         default="raise",
         description="for the id of an ended or lost session: answer 410 (raise) or start anew",
     )
+
+    @field_validator("id", "agent_id")
+    @classmethod
+    def _check_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and _ID.fullmatch(value) is None:
+            kind = "session" if info.field_name == "id" else "agent"
+            raise ValueError(
+                f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, digits and "
+                "._:@- starting with a letter or digit"
+            )
+        return value
 
 
 class Execute(_Request):
