@@ -1,0 +1,222 @@
+"""Caller-defined function tools, tool_choice, instructions and token budgets of runs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import openai
+import pytest
+
+from tests.openai_api.conftest import (
+    ASSISTANTS_DEPRECATED,
+    DEPLOYMENT,
+    OpenAIDaemonFactory,
+    Reply,
+    code_call,
+    in_order,
+)
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]
+
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+CITY = json.dumps({"city": "Paris"})
+
+
+async def test_a_function_call_waits_for_its_output_then_the_run_completes(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(None, [("call_weather", "get_weather", CITY), code_call("call_sum", "print(2 + 3)")]),
+        Reply("It is sunny in Paris, and 2 + 3 = 5."),
+    )
+    daemon = await openai_daemon(script)
+    assert daemon.model is not None
+    client = daemon.openai()
+
+    def flow() -> None:
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT, tools=[{"type": "code_interpreter"}, WEATHER]
+        )
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Weather?"}])
+        run = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id
+        )
+        assert run.status == "requires_action" and run.required_action is not None
+        assert run.expires_at is not None
+        (call,) = run.required_action.submit_tool_outputs.tool_calls
+        assert (call.id, call.function.name, call.function.arguments) == (
+            "call_weather",
+            "get_weather",
+            CITY,
+        )
+        with pytest.raises(openai.BadRequestError) as busy:
+            client.beta.threads.messages.create(thread.id, role="user", content="hurry")
+        assert busy.value.code == "thread_busy"
+        with pytest.raises(openai.BadRequestError) as busy_run:
+            client.beta.threads.runs.create(thread.id, assistant_id=assistant.id)
+        assert run.id in busy_run.value.message
+        with pytest.raises(openai.BadRequestError) as wrong:
+            client.beta.threads.runs.submit_tool_outputs(
+                run.id,
+                thread_id=thread.id,
+                tool_outputs=[{"tool_call_id": "call_other", "output": "?"}],
+            )
+        assert wrong.value.param == "tool_outputs" and "call_weather" in wrong.value.message
+        steps = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id)
+        (waiting,) = steps.data
+        assert waiting.status == "in_progress"
+        done = client.beta.threads.runs.submit_tool_outputs_and_poll(
+            run_id=run.id,
+            thread_id=thread.id,
+            tool_outputs=[{"tool_call_id": "call_weather", "output": "sunny, 21 C"}],
+        )
+        assert done.status == "completed" and done.required_action is None
+        steps = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc")
+        tools_step, message_step = steps.data
+        assert tools_step.status == "completed" and message_step.type == "message_creation"
+        function_call, code = tools_step.step_details.tool_calls  # type: ignore[union-attr]
+        assert function_call.type == "function" and function_call.function.output == "sunny, 21 C"
+        assert code.type == "code_interpreter"
+        assert code.code_interpreter.outputs[0].logs == "5\n"  # type: ignore[union-attr]
+        with pytest.raises(openai.BadRequestError):
+            client.beta.threads.runs.submit_tool_outputs(
+                run.id,
+                thread_id=thread.id,
+                tool_outputs=[{"tool_call_id": "call_weather", "output": "again"}],
+            )
+
+    await anyio.to_thread.run_sync(flow)
+    first, second = daemon.model.requests
+    assert [t["function"]["name"] for t in first["tools"]] == ["python", "get_weather"]
+    assert first["tools"][1]["function"]["parameters"] == WEATHER["function"]["parameters"]
+    answers = {m["tool_call_id"]: m["content"] for m in second["messages"] if m["role"] == "tool"}
+    assert answers["call_weather"] == "sunny, 21 C"
+    assert answers["call_sum"].startswith("Status: ok")
+
+
+async def test_tool_choice_instructions_and_budgets_reach_the_model(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(None, [code_call("c1", "print(1)")]),  # run 1, tool_choice required
+        Reply("one"),
+        Reply(None, [code_call("c2", "print(2)")]),  # run 2, code_interpreter forced
+        Reply("two"),
+        Reply(None, [("w1", "get_weather", CITY)]),  # run 3, get_weather forced
+        Reply("three"),
+        Reply("four"),  # run 4, none
+    )
+    daemon = await openai_daemon(script)
+    assert daemon.model is not None
+    client = daemon.openai()
+
+    def runs() -> None:
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT,
+            instructions="Use tools.",
+            tools=[{"type": "code_interpreter"}, WEATHER],
+        )
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Go."}])
+
+        def run(**options: Any) -> Any:
+            return client.beta.threads.runs.create_and_poll(
+                thread_id=thread.id, assistant_id=assistant.id, **options
+            )
+
+        assert (
+            run(
+                tool_choice="required",
+                instructions="Only numbers.",
+                additional_instructions="Be brief.",
+                max_completion_tokens=500,
+            ).status
+            == "completed"
+        )
+        assert run(tool_choice={"type": "code_interpreter"}, model="other-deployment").status == (
+            "completed"
+        )
+        waiting = run(tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        assert waiting.status == "requires_action"
+        assert (
+            client.beta.threads.runs.submit_tool_outputs_and_poll(
+                run_id=waiting.id,
+                thread_id=thread.id,
+                tool_outputs=[{"tool_call_id": "w1", "output": "rain"}],
+            ).status
+            == "completed"
+        )
+        assert run(tool_choice="none").status == "completed"
+        with pytest.raises(openai.BadRequestError) as unknown:
+            run(tool_choice={"type": "function", "function": {"name": "nope"}})
+        assert unknown.value.param == "tool_choice.function.name"
+        with pytest.raises(openai.BadRequestError) as no_code:
+            run(tools=[WEATHER], tool_choice={"type": "code_interpreter"})
+        assert no_code.value.param == "tool_choice"
+        with pytest.raises(openai.BadRequestError) as search:
+            run(tools=[{"type": "file_search"}])
+        assert search.value.param == "tools[0]"
+        texts = [
+            m.content[0].text.value  # type: ignore[union-attr]
+            for m in client.beta.threads.messages.list(thread.id, order="asc")
+            if m.role == "assistant"
+        ]
+        assert texts == ["one", "two", "three", "four"]
+
+    await anyio.to_thread.run_sync(runs)
+    requests = daemon.model.requests
+    assert [r["tool_choice"] for r in requests] == [
+        "required",
+        "auto",
+        {"type": "function", "function": {"name": "python"}},
+        "auto",
+        {"type": "function", "function": {"name": "get_weather"}},
+        "auto",
+        "none",
+    ]
+    assert requests[0]["messages"][0] == {
+        "role": "system",
+        "content": requests[0]["messages"][0]["content"],
+    }
+    assert requests[0]["messages"][0]["content"].startswith("Only numbers.\n\nBe brief.")
+    assert requests[2]["messages"][0]["content"].startswith("Use tools.")
+    assert [r.get("max_completion_tokens") for r in requests[:3]] == [500, 495, None]
+    assert [r["model"] for r in requests] == [DEPLOYMENT] * 2 + ["other-deployment"] * 2 + [
+        DEPLOYMENT
+    ] * 3
+    # Later runs see the earlier runs' code and results, as the model wrote and read them.
+    history = requests[-1]["messages"]
+    calls = [c["id"] for m in history if m["role"] == "assistant" for c in m.get("tool_calls", [])]
+    assert calls == ["c1", "c2", "w1"]
+    assert [m["content"] for m in history if m["role"] == "tool"][-1] == "rain"
+
+
+async def test_a_run_without_a_model_endpoint_is_refused_saying_how_to_give_one(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(engine_options={"pool_size": 0})
+    client = daemon.openai()
+
+    def refused() -> None:
+        assistant = client.beta.assistants.create(model=DEPLOYMENT)
+        thread = client.beta.threads.create()
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.beta.threads.runs.create(thread.id, assistant_id=assistant.id)
+        assert "--model-url" in refused.value.message
+        with pytest.raises(openai.NotFoundError) as no_assistant:
+            client.beta.threads.runs.create(thread.id, assistant_id="asst-nope")
+        assert no_assistant.value.param == "assistant_id"
+
+    await anyio.to_thread.run_sync(refused)
