@@ -129,6 +129,8 @@ class ScriptedModel:
         try:
             async with asyncio.timeout(60):
                 await self._answer(reader, writer)
+        except ConnectionError:
+            pass  # the daemon went away while its call was held: nothing to answer
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):

@@ -1,0 +1,142 @@
+"""A thread outlives the daemon: its messages, runs and files, and a run interrupted by a stop."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.daemon.conftest import RunningDaemon
+from tests.openai_api.conftest import (
+    ASSISTANTS_DEPRECATED,
+    DEPLOYMENT,
+    OpenAIDaemonFactory,
+    Reply,
+    ScriptedModel,
+    code_call,
+    in_order,
+)
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]
+
+FIRST = "x = 42\nopen('/mnt/data/kept.txt', 'w').write('kept across restarts')\nprint(x)"
+SECOND = "print(open('/mnt/data/kept.txt').read())\nprint(x)"
+
+
+async def stop(running: RunningDaemon) -> None:
+    """Stop a daemon and its engine, as a daemon process ending would."""
+    running.daemon.shutdown()
+    async with asyncio.timeout(60):
+        await running.task
+    await running.engine.aclose()
+
+
+async def test_a_thread_and_its_files_survive_a_restart_and_its_next_run_is_told(
+    openai_daemon: OpenAIDaemonFactory, tmp_path: Path
+) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        arrived.set()
+        await release.wait()
+
+    script = in_order(
+        Reply(None, [code_call("c1", FIRST)]),
+        Reply("x is 42."),
+        Reply(None, [code_call("c2", SECOND)]),
+        Reply("The file is back; x is gone."),
+        Reply("never sent", before=hold),
+    )
+    model = await ScriptedModel(script).__aenter__()
+    try:
+        await _restarts(openai_daemon, model, tmp_path, arrived, release)
+    finally:
+        release.set()
+        await model.__aexit__(None, None, None)
+
+
+async def _restarts(
+    openai_daemon: OpenAIDaemonFactory,
+    model: ScriptedModel,
+    tmp_path: Path,
+    arrived: asyncio.Event,
+    release: asyncio.Event,
+) -> None:
+    store = tmp_path / "store"
+    options: dict[str, Any] = {"engine_options": {"store_dir": store}, "model": model}
+    first = await openai_daemon(**options)
+    client = first.openai()
+
+    def first_run() -> dict[str, str]:
+        upload = client.files.create(file=("notes.txt", b"some notes\n"), purpose="assistants")
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT,
+            tools=[{"type": "code_interpreter"}],
+            tool_resources={"code_interpreter": {"file_ids": [upload.id]}},
+        )
+        thread = client.beta.threads.create(
+            messages=[{"role": "user", "content": "Remember 42.", "file_ids": [upload.id]}]  # type: ignore[typeddict-unknown-key]
+        )
+        run = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id
+        )
+        assert run.status == "completed", run.last_error
+        return {"upload": upload.id, "assistant": assistant.id, "thread": thread.id, "run": run.id}
+
+    ids = await anyio.to_thread.run_sync(first_run)
+    await stop(first.running)
+
+    second = await openai_daemon(**options)
+    client = second.openai()
+
+    def second_run() -> str:
+        thread = client.beta.threads.retrieve(ids["thread"])
+        before = client.beta.threads.messages.list(thread.id, order="asc")
+        assert [m.role for m in before.data] == ["user", "assistant"]
+        assert before.data[1].content[0].text.value == "x is 42."  # type: ignore[union-attr]
+        assert client.files.retrieve(ids["upload"]).filename == "notes.txt"
+        earlier = client.beta.threads.runs.retrieve(ids["run"], thread_id=thread.id)
+        assert earlier.status == "completed"
+        steps = client.beta.threads.runs.steps.list(ids["run"], thread_id=thread.id)
+        assert len(steps.data) == 2
+        assert client.beta.assistants.retrieve(ids["assistant"]).model == DEPLOYMENT
+        client.beta.threads.messages.create(thread.id, role="user", content="What is x?")
+        run = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=ids["assistant"]
+        )
+        assert run.status == "completed", run.last_error
+        (tools_step,) = [
+            s
+            for s in client.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
+            if s.type == "tool_calls"
+        ]
+        (call,) = tools_step.step_details.tool_calls  # type: ignore[union-attr]
+        logs = call.code_interpreter.outputs[0].logs  # type: ignore[union-attr]
+        assert "kept across restarts" in logs and "NameError" in logs
+        # The next run starts and stays in its model call until the daemon stops.
+        return client.beta.threads.runs.create(thread.id, assistant_id=ids["assistant"]).id
+
+    interrupted = await anyio.to_thread.run_sync(second_run)
+    told = model.requests[2]
+    system = told["messages"][0]["content"]
+    assert "restarted" in system and "variables" in system and "/mnt/data/kept.txt" in system
+    assert "Remember 42." in str(told["messages"]) and "x is 42." in str(told["messages"])
+    handed_back = model.requests[3]["messages"][-1]["content"]
+    assert "NameError: name 'x' is not defined" in handed_back
+    async with asyncio.timeout(60):
+        await arrived.wait()
+    await stop(second.running)
+    release.set()
+
+    third = await openai_daemon(**options)
+    client = third.openai()
+    failed = await anyio.to_thread.run_sync(
+        lambda: client.beta.threads.runs.retrieve(interrupted, thread_id=ids["thread"])
+    )
+    assert failed.status == "failed" and failed.last_error is not None
+    assert failed.last_error.code == "server_error"
+    assert "shut down while this run was in progress" in failed.last_error.message
+    assert len(model.requests) == 5

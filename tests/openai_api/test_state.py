@@ -1,0 +1,160 @@
+"""The Assistants API's SQLite state: lists, one active run per thread, recovery after a crash."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandkernel.openai_api.state import (
+    INTERRUPTED,
+    ApiState,
+    RunState,
+    ThreadBusy,
+    ThreadState,
+    UnknownCursor,
+)
+from sandkernel.openai_api.wire import (
+    Assistant,
+    Message,
+    MessageCreationDetails,
+    MessageCreationRef,
+    Run,
+    RunStep,
+    Text,
+    TextContent,
+    Thread,
+)
+
+
+def make_run(run_id: str, thread_id: str, status: str) -> Run:
+    return Run.model_validate(
+        {
+            "id": run_id,
+            "created_at": 1,
+            "thread_id": thread_id,
+            "assistant_id": "asst-a",
+            "status": status,
+            "model": "m",
+            "instructions": "",
+            "expires_at": 601,
+        }
+    )
+
+
+def make_message(message_id: str, thread_id: str, *, run_id: str | None = None) -> Message:
+    return Message(
+        id=message_id,
+        created_at=1,
+        thread_id=thread_id,
+        role="assistant" if run_id else "user",
+        content=[TextContent(text=Text(value=message_id))],
+        run_id=run_id,
+        status="in_progress" if run_id else "completed",
+    )
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[ApiState]:
+    opened = ApiState(tmp_path / "openai.sqlite3")
+    opened.open()
+    yield opened
+    opened.close()
+
+
+def test_lists_page_in_both_orders_from_either_cursor(state: ApiState) -> None:
+    ids = [f"asst-{i}" for i in range(5)]
+    for assistant_id in ids:
+        state.save(Assistant(id=assistant_id, created_at=1, model="m"))
+    newest, more = state.page(Assistant, limit=2)
+    assert [a.id for a in newest] == ["asst-4", "asst-3"] and more
+    rest, more = state.page(Assistant, after="asst-3", limit=10)
+    assert [a.id for a in rest] == ["asst-2", "asst-1", "asst-0"] and not more
+    middle, more = state.page(Assistant, order="asc", after="asst-0", before="asst-4", limit=2)
+    assert [a.id for a in middle] == ["asst-1", "asst-2"] and more
+    with pytest.raises(UnknownCursor):
+        state.page(Assistant, after="asst-nope")
+    state.save(Assistant(id="asst-2", created_at=1, model="changed"))  # keeps its place
+    assert [a.id for a in state.all(Assistant)] == ids
+    assert state.get(Assistant, "asst-2") == Assistant(id="asst-2", created_at=1, model="changed")
+
+
+def test_a_thread_takes_one_active_run_and_no_message_meanwhile(state: ApiState) -> None:
+    state.save(Thread(id="thread-t", created_at=1))
+    first = make_run("run-1", "thread-t", "queued")
+    state.create_run(first, RunState(), [make_message("msg-1", "thread-t")])
+    with pytest.raises(ThreadBusy) as busy:
+        state.create_run(make_run("run-2", "thread-t", "queued"), RunState(), [])
+    assert busy.value.run.id == "run-1"
+    with pytest.raises(ThreadBusy):
+        state.add_messages("thread-t", [make_message("msg-2", "thread-t")])
+    assert [m.id for m in state.all(Message, thread_id="thread-t")] == ["msg-1"]
+    state.save(first.model_copy(update={"status": "completed"}))
+    state.add_messages("thread-t", [make_message("msg-2", "thread-t")])
+    timeline = state.timeline("thread-t")
+    assert [obj.id for obj, _ in timeline] == ["msg-1", "run-1", "msg-2"]
+    assert state.delete_thread("thread-t")
+    assert state.all(Message, thread_id="thread-t") == [] and state.get(Run, "run-1") is None
+
+
+def test_private_state_is_kept_beside_its_object(state: ApiState) -> None:
+    state.save(Thread(id="thread-t", created_at=1))
+    assert state.private(Thread, "thread-t", ThreadState) == ThreadState()
+    state.save(private={"thread-t": ThreadState(session_agent_id="asst-a", ran_code=True)})
+    run = make_run("run-1", "thread-t", "queued")
+    state.create_run(run, RunState(code_calls=2), [])
+    state.save(run.model_copy(update={"status": "in_progress"}))  # no private: kept
+    assert state.private(Run, "run-1", RunState).code_calls == 2
+    assert state.private(Thread, "thread-t", ThreadState).ran_code
+
+
+def test_reopening_fails_the_runs_a_crashed_daemon_left_running(tmp_path: Path) -> None:
+    path = tmp_path / "openai.sqlite3"
+    state = ApiState(path)
+    state.open()
+    state.save(Thread(id="thread-t", created_at=1))
+    running = make_run("run-busy", "thread-t", "in_progress")
+    step = RunStep(
+        id="step-1",
+        created_at=1,
+        run_id="run-busy",
+        assistant_id="asst-a",
+        thread_id="thread-t",
+        type="message_creation",
+        step_details=MessageCreationDetails(message_creation=MessageCreationRef(message_id="m")),
+    )
+    state.save(
+        running,
+        step,
+        make_message("msg-half", "thread-t", run_id="run-busy"),
+        make_run("run-waiting", "thread-t", "requires_action"),
+        make_run("run-stopping", "thread-t", "cancelling"),
+        make_run("run-done", "thread-t", "completed"),
+    )
+    state.close()  # as if the daemon died here: nothing settled the runs
+
+    reopened = ApiState(path)
+    assert sorted(reopened.open(now=1000)) == ["run-busy", "run-stopping"]
+    try:
+        busy = reopened.get(Run, "run-busy")
+        assert busy is not None and busy.status == "failed" and busy.failed_at == 1000
+        assert busy.last_error is not None and busy.last_error.code == "server_error"
+        assert busy.last_error.message == INTERRUPTED and "daemon stopped" in INTERRUPTED
+        assert busy.expires_at is None
+        failed_step = reopened.get(RunStep, "step-1")
+        assert failed_step is not None and failed_step.status == "failed"
+        assert failed_step.last_error == busy.last_error
+        half = reopened.get(Message, "msg-half")
+        assert half is not None and half.status == "incomplete"
+        assert half.incomplete_details is not None
+        assert half.incomplete_details.reason == "run_failed"
+        stopping = reopened.get(Run, "run-stopping")
+        assert stopping is not None and stopping.status == "cancelled"
+        waiting = reopened.get(Run, "run-waiting")
+        assert waiting is not None and waiting.status == "requires_action"  # can still go on
+        done = reopened.get(Run, "run-done")
+        assert done is not None and done.status == "completed"
+        assert reopened.active_run("thread-t") == waiting
+    finally:
+        reopened.close()
