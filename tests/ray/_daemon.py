@@ -1,0 +1,48 @@
+"""A daemon serving a ClusterEngine in this process, as ``sandkernel serve --ray`` builds it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from sandkernel.daemon.client import AsyncClient
+from sandkernel.daemon.server import Daemon, DaemonConfig
+from sandkernel.ray import ClusterEngine
+from sandkernel.ray.cli import make_cluster_engine
+
+
+def cluster_engine_as_served(**cluster_kwargs: Any) -> ClusterEngine:
+    """The engine ``sandkernel serve --ray`` gives its daemon (not started)."""
+    # The command passes Engine's options and these two, which a cluster drops.
+    return make_cluster_engine(None, clock=None, handle_sigterm=False, **cluster_kwargs)
+
+
+@contextlib.asynccontextmanager
+async def serving(engine: ClusterEngine) -> AsyncIterator[Path]:
+    """Serve a started ``engine`` on a Unix socket until the block ends; yields the socket."""
+    folder = Path(tempfile.mkdtemp(prefix="skr-", dir="/tmp"))  # short: a socket path
+    daemon = Daemon(
+        engine,  # type: ignore[arg-type]  # the daemon serves any engine of the contract
+        DaemonConfig(socket_path=folder / "d.sock", records_path=folder / "sessions.sqlite3"),
+    )
+    task = asyncio.create_task(daemon.serve())
+    try:
+        async with asyncio.timeout(30):
+            await daemon.ready.wait()
+        yield daemon.config.socket_path
+    finally:
+        daemon.shutdown()
+        async with asyncio.timeout(30):
+            await task
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def client_of(socket: Path) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(socket) as client:
+        yield client
