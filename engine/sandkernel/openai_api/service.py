@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Self
 
@@ -135,8 +136,9 @@ class AssistantsService:
                     await self.model.aclose()
                 await anyio.to_thread.run_sync(self.state.close)
 
-    async def _db(self, function: Any, *args: Any) -> Any:
-        return await anyio.to_thread.run_sync(function, *args)
+    async def _db[**P, R](self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """``function`` (a blocking state call) in a worker thread."""
+        return await anyio.to_thread.run_sync(partial(function, *args, **kwargs))
 
     def _lock(self, thread_id: str) -> asyncio.Lock:
         return self._locks.setdefault(thread_id, asyncio.Lock())
@@ -233,7 +235,7 @@ class AssistantsService:
         found = await self._db(self.state.get, Assistant, assistant_id)
         if found is None:
             raise not_found("assistant", assistant_id, param)
-        return found  # type: ignore[no-any-return]
+        return found
 
     async def list_assistants(
         self, *, limit: int, order: Order, after: str | None, before: str | None
@@ -286,14 +288,14 @@ class AssistantsService:
             await self._message(thread.id, item, f"{param}messages[{i}]")
             for i, item in enumerate(body.messages)
         ]
-        await self._db(lambda: self.state.save(thread, *messages))
+        await self._db(self.state.save, thread, *messages)
         return thread
 
     async def thread(self, thread_id: str) -> Thread:
         found = await self._db(self.state.get, Thread, thread_id)
         if found is None:
             raise not_found("thread", thread_id)
-        return found  # type: ignore[no-any-return]
+        return found
 
     async def update_thread(self, thread_id: str, body: ThreadUpdate) -> Thread:
         thread = await self.thread(thread_id)
@@ -550,7 +552,7 @@ class AssistantsService:
 
     async def _expire(self, run: Run) -> Run:
         at = now()
-        steps: list[RunStep] = await self._db(lambda: self.state.all(RunStep, run_id=run.id))
+        steps: list[RunStep] = await self._db(self.state.all, RunStep, run_id=run.id)
         expired_steps = [
             s.model_copy(update={"status": "expired", "expired_at": at})
             for s in steps
@@ -559,7 +561,7 @@ class AssistantsService:
         expired = run.model_copy(
             update={"status": "expired", "required_action": None, "expires_at": None}
         )
-        await self._db(lambda: self.state.save(*expired_steps, expired))
+        await self._db(self.state.save, *expired_steps, expired)
         self.events.emit(run.id, "thread.run.expired", expired)
         return expired
 
@@ -620,7 +622,7 @@ class AssistantsService:
                     f"missing: {missing}, not expected: {unknown}.",
                     "tool_outputs",
                 )
-            steps: list[RunStep] = await self._db(lambda: self.state.all(RunStep, run_id=run_id))
+            steps: list[RunStep] = await self._db(self.state.all, RunStep, run_id=run_id)
             step = next(s for s in steps if s.status == "in_progress")
             details = step.step_details
             assert isinstance(details, ToolCallsDetails)
@@ -641,7 +643,7 @@ class AssistantsService:
             queued = run.model_copy(
                 update={"status": "queued", "required_action": None, "expires_at": None}
             )
-            await self._db(lambda: self.state.save(step, queued, private={run_id: run_state}))
+            await self._db(self.state.save, step, queued, private={run_id: run_state})
         return queued, self._start(queued, stream=stream)
 
     async def step(self, thread_id: str, run_id: str, step_id: str) -> RunStep:
@@ -682,15 +684,14 @@ class AssistantsService:
         check_limit(limit, 100)
         try:
             items, more = await self._db(
-                lambda: self.state.page(
-                    cls,
-                    thread_id=thread_id,
-                    run_id=run_id,
-                    order=order,
-                    after=after,
-                    before=before,
-                    limit=limit,
-                )
+                self.state.page,
+                cls,
+                thread_id=thread_id,
+                run_id=run_id,
+                order=order,
+                after=after,
+                before=before,
+                limit=limit,
             )
         except UnknownCursor as exc:
             raise bad_request(
