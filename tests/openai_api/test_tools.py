@@ -220,3 +220,48 @@ async def test_a_run_without_a_model_endpoint_is_refused_saying_how_to_give_one(
         assert no_assistant.value.param == "assistant_id"
 
     await anyio.to_thread.run_sync(refused)
+
+
+async def test_run_endings_incomplete_failed_and_create_and_run(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply("Cut sh", finish_reason="length"),  # the model ran out of tokens
+        Reply("Hello from a new thread."),  # threads.create_and_run
+    )  # then nothing: the next model call fails
+    daemon = await openai_daemon(script, engine_options={"pool_size": 0})
+    client = daemon.openai()
+
+    def endings() -> None:
+        assistant = client.beta.assistants.create(model=DEPLOYMENT)
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Long story"}])
+        cut = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id, max_completion_tokens=5
+        )
+        assert cut.status == "incomplete" and cut.incomplete_details is not None
+        assert cut.incomplete_details.reason == "max_completion_tokens"
+        (partial,) = client.beta.threads.messages.list(thread.id, run_id=cut.id).data
+        assert partial.status == "incomplete" and partial.content[0].text.value == "Cut sh"  # type: ignore[union-attr]
+        both = client.beta.threads.create_and_run_poll(
+            assistant_id=assistant.id,
+            thread={"messages": [{"role": "user", "content": "Hi"}], "metadata": {"k": "v"}},
+        )
+        assert both.status == "completed"
+        assert client.beta.threads.retrieve(both.thread_id).metadata == {"k": "v"}
+        (hello,) = [
+            m
+            for m in client.beta.threads.messages.list(both.thread_id).data
+            if m.role == "assistant"
+        ]
+        assert hello.content[0].text.value == "Hello from a new thread."  # type: ignore[union-attr]
+        failed = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id
+        )
+        assert failed.status == "failed" and failed.last_error is not None
+        assert failed.last_error.code == "server_error"
+        assert (
+            DEPLOYMENT in failed.last_error.message and "--model-url" in failed.last_error.message
+        )
+        assert failed.failed_at is not None and failed.expires_at is None
+
+    await anyio.to_thread.run_sync(endings)
