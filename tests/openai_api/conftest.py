@@ -104,8 +104,9 @@ class ScriptedModel:
     text in several chunks, then the tool calls, then the usage.
     """
 
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, *, streams: bool = True) -> None:
         self.script = script
+        self.streams = streams
         self.requests: list[dict[str, Any]] = []
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -150,6 +151,10 @@ class ScriptedModel:
             return
         request = json.loads(body)
         self.requests.append(request)
+        if request.get("stream") and not self.streams:
+            error = {"message": "streaming is not supported", "type": "invalid_request_error"}
+            _write_json(writer, "400 Bad Request", {"error": error})
+            return
         try:
             reply = self.script(request)
         except LookupError as exc:

@@ -17,6 +17,7 @@ from tests.openai_api.conftest import (
     DEPLOYMENT,
     OpenAIDaemonFactory,
     Reply,
+    ScriptedModel,
     code_call,
     in_order,
 )
@@ -231,3 +232,35 @@ async def test_streamed_tool_outputs_and_a_cancelled_run(
     sent = daemon.model.requests[-2]["messages"]
     cancelled_call = [m for m in sent if m.get("tool_call_id") == "call_wait"]
     assert cancelled_call and "Not run" in json.dumps(cancelled_call)
+
+
+async def test_a_model_that_cannot_stream_still_serves_a_streamed_run(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    model = await ScriptedModel(
+        in_order(Reply("Whole."), Reply("Again.")), streams=False
+    ).__aenter__()
+    try:
+        daemon = await openai_daemon(model=model, engine_options={"pool_size": 0})
+        client = daemon.openai()
+
+        def stream_twice() -> list[Recorder]:
+            assistant = client.beta.assistants.create(model=DEPLOYMENT)
+            thread = client.beta.threads.create(messages=[{"role": "user", "content": "Hi"}])
+            handlers = []
+            for _ in range(2):
+                handler = Recorder(lambda: None)
+                with client.beta.threads.runs.stream(
+                    thread_id=thread.id, assistant_id=assistant.id, event_handler=handler
+                ) as events:
+                    events.until_done()
+                    assert events.get_final_run().status == "completed"
+                handlers.append(handler)
+            return handlers
+
+        first, second = await anyio.to_thread.run_sync(stream_twice)
+    finally:
+        await model.__aexit__(None, None, None)
+    assert first.text_deltas == ["Whole."] and second.text_deltas == ["Again."]
+    # Refused once, asked again without streaming; not streamed after that.
+    assert [bool(r.get("stream")) for r in model.requests] == [True, False, False]

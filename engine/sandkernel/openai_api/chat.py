@@ -12,6 +12,7 @@ streamed and its text handed over as it comes.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -21,6 +22,8 @@ from sandkernel.loop import ModelReply, ToolCall
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
+
+log = logging.getLogger(__name__)
 
 TextCallback = Callable[[str], Awaitable[None]]
 
@@ -101,6 +104,7 @@ class ChatEndpoint:
                 "pip install 'sandkernel[openai]'"
             ) from exc
         self.base_url = base_url
+        self._streams = True
         self.client: AsyncOpenAI = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key or "not-needed",
@@ -127,9 +131,22 @@ class ChatEndpoint:
         if request.response_format not in (None, "auto"):
             options["response_format"] = request.response_format
         try:
-            if on_text is None:
-                return await self._complete(request, options)
-            return await self._stream(request, options, on_text)
+            if on_text is not None and self._streams:
+                try:
+                    return await self._stream(request, options, on_text)
+                except openai.BadRequestError:
+                    # Some servers refuse stream_options or streamed tool calls: ask
+                    # once more without streaming, and stop streaming if that works.
+                    turn = await self._complete(request, options)
+                    log.warning("%s refused a streamed request; not streaming", self.base_url)
+                    self._streams = False
+                    if turn.reply.content:
+                        await on_text(turn.reply.content)
+                    return turn
+            turn = await self._complete(request, options)
+            if on_text is not None and turn.reply.content:
+                await on_text(turn.reply.content)
+            return turn
         except openai.OpenAIError as exc:
             raise ModelCallFailed(
                 f"the chat model {request.model!r} at {self.base_url} failed: {exc} "

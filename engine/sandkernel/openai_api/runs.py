@@ -43,6 +43,7 @@ from sandkernel.openai_api.events import RunEvents
 from sandkernel.openai_api.placement import Placement, Workspace
 from sandkernel.openai_api.state import ApiState, RunState, ThreadState
 from sandkernel.openai_api.wire import (
+    ACTIVE_RUN_STATUSES,
     Attachment,
     AttachmentTool,
     CodeInterpreterCall,
@@ -151,6 +152,8 @@ class RunDriver:
     async def drive(self, run_id: str) -> None:
         """Run a queued run until it completes, fails, or waits for tool outputs."""
         progress = await _Progress.load(self, run_id)
+        if progress.run.status not in ("queued", "in_progress"):
+            return  # settled meanwhile (cancelled while queued)
         try:
             await progress.go()
         except RunStopped as stop:
@@ -168,6 +171,8 @@ class RunDriver:
     async def settle_cancelled(self, run_id: str, *, by_caller: bool) -> None:
         """After the run's task was cancelled: cancelled (by the caller) or failed (shutdown)."""
         progress = await _Progress.load(self, run_id)
+        if progress.run.status not in ACTIVE_RUN_STATUSES:
+            return  # it ended before the cancellation reached it
         if by_caller:
             await progress.cancelled()
         else:

@@ -450,9 +450,9 @@ class AssistantsService:
             thread_body = thread_body.model_copy(update={"tool_resources": body.tool_resources})
         options = body.model_dump(exclude={"thread", "tool_resources"}, exclude_unset=True)
         run_body = RunCreate.model_validate(options)
-        await self.assistant(body.assistant_id, "assistant_id")
+        run = await self._new_run("", run_body)  # checked before the thread is made
         thread = await self.create_thread(thread_body, "thread.")
-        run = await self._new_run(thread.id, run_body)
+        run = run.model_copy(update={"thread_id": thread.id})
         await self._db(self.state.create_run, run, RunState(), [])
         subscription = self._start(run, stream=stream, created=True, thread=thread)
         return thread, run, subscription
