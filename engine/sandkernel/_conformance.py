@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sandkernel.api import EngineAPI, ManagedBackend, SessionAPI
+    from sandkernel.api import EngineAPI, ManagedBackend, ServedEngine, SessionAPI
     from sandkernel.daemon.client import AsyncClient, RemoteSession
     from sandkernel.engine import Engine
     from sandkernel.ray.cluster import ClusterEngine, ClusterSession
@@ -32,3 +32,6 @@ if TYPE_CHECKING:
 
     def _blocking(cluster: ClusterEngine) -> BlockingEngine[ClusterEngine]:
         return BlockingEngine(lambda: cluster)
+
+    def _served(engine: Engine, cluster: ClusterEngine) -> list[ServedEngine]:
+        return [engine, cluster]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from sandkernel.engine import Engine
+    from sandkernel.api import EngineAPI
     from sandkernel.loop import LoopEvent, LoopResult
     from sandkernel.results import ProducedFile
 
@@ -100,7 +100,7 @@ async def _solve(args: argparse.Namespace) -> int:
 
 async def solve_with_engine(
     args: argparse.Namespace,
-    engine: Engine,
+    engine: EngineAPI,
     *,
     out: TextIO | None = None,
     client_kwargs: dict[str, Any] | None = None,
@@ -154,7 +154,7 @@ async def solve_with_engine(
     return 0 if result.answered else 1
 
 
-async def _upload(engine: Engine, session_id: str, files: list[str], out: TextIO) -> list[str]:
+async def _upload(engine: EngineAPI, session_id: str, files: list[str], out: TextIO) -> list[str]:
     """Put ``files`` in the session's /mnt/data; returns their names there."""
     names = []
     for file in files:
@@ -166,7 +166,7 @@ async def _upload(engine: Engine, session_id: str, files: list[str], out: TextIO
     return names
 
 
-async def _save_files(engine: Engine, result: LoopResult, out_dir: Path) -> list[Path]:
+async def _save_files(engine: EngineAPI, result: LoopResult, out_dir: Path) -> list[Path]:
     """Save the files the code produced (its displayed images included) in ``out_dir``."""
     import asyncio
 

@@ -29,17 +29,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Protocol, Self
+from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol, Self
 
 if TYPE_CHECKING:
     from sandkernel.batch import RunRequest, RunResult
     from sandkernel.engine import EngineStats
     from sandkernel.files import StoredFile
+    from sandkernel.policy import Policy
     from sandkernel.results import ExecutionResult
     from sandkernel.session import SessionInfo, UploadSource
     from sandkernel.streaming import StreamEvent
 
-__all__ = ["EngineAPI", "Managed", "ManagedBackend", "RunsMany", "SessionAPI"]
+__all__ = ["EngineAPI", "Managed", "ManagedBackend", "RunsMany", "ServedEngine", "SessionAPI"]
 
 
 class SessionAPI(Protocol):
@@ -48,6 +49,11 @@ class SessionAPI(Protocol):
     @property
     def id(self) -> str:
         """The session's id (a conversation's or thread's id)."""
+        ...
+
+    @property
+    def agent_id(self) -> str | None:
+        """The agent the session works for (its files are read-only in ``/mnt/data``)."""
         ...
 
     async def run(
@@ -226,3 +232,20 @@ class Managed(Protocol):
 
 class ManagedBackend(EngineAPI, Managed, Protocol):
     """A backend that starts and stops with ``async with`` (every backend does)."""
+
+
+class ServedEngine(ManagedBackend, Protocol):
+    """What the daemon serves: a backend on the daemon's side of the socket.
+
+    The embedded ``Engine`` and ``ClusterEngine`` are both; a daemon client is
+    not (a daemon does not front another daemon).
+    """
+
+    @property
+    def policy(self) -> Policy:
+        """The sandbox policy its kernels and one-shot runs use."""
+        ...
+
+    def open_file(self, file_id: str) -> BinaryIO:
+        """A stored file as a blocking binary stream (read it from a worker thread)."""
+        ...

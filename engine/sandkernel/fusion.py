@@ -37,11 +37,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from sandkernel.api import EngineAPI
 from sandkernel.batch import RunResult
-from sandkernel.engine import Engine
 from sandkernel.errors import FusionInputError
 from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
+from sandkernel.session import Session
 from sandkernel.workspace import read_workspace_file, write_workspace_file
 
 #: What ``run_code`` runs; SandboxFusion lists many more, which are refused by name.
@@ -206,9 +207,13 @@ def cell_result(result: ExecutionResult) -> CellRunResult:
     return CellRunResult(stdout=result.stdout, stderr=result.stderr, display=display, error=errors)
 
 
+# `raise SystemExit`, not `sys.exit`: a test file's anti-exit header
+# (`sys.exit = None`) must not turn a green run into a failure.
 _PYTEST_MAIN = (
     "import sys\nimport pytest\n"
-    "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'test_main.py', *sys.argv[1:]]))\n"
+    "raise SystemExit(\n"
+    "    pytest.main(['-q', '-p', 'no:cacheprovider', 'test_main.py', *sys.argv[1:]])\n"
+    ")\n"
 )
 
 
@@ -235,7 +240,7 @@ def command_result(result: RunResult) -> CommandRunResult:
 
 
 async def run_code(
-    engine: Engine, request: RunCodeRequest, *, pod_name: str | None = None
+    engine: EngineAPI, request: RunCodeRequest, *, pod_name: str | None = None
 ) -> RunCodeResponse:
     """Run a ``/run_code`` request once on the batch path (a fresh sandboxed fork)."""
     if request.language not in SUPPORTED_LANGUAGES:
@@ -275,7 +280,7 @@ async def run_code(
 
 
 async def run_jupyter(
-    engine: Engine, request: RunJupyterRequest, *, pod_name: str | None = None
+    engine: EngineAPI, request: RunJupyterRequest, *, pod_name: str | None = None
 ) -> RunJupyterResponse:
     """Run the cells in a fresh warm kernel, fetch files, destroy the kernel."""
     started = time.monotonic()
@@ -286,9 +291,10 @@ async def run_jupyter(
                                   executor_pod_name=pod_name)  # fmt: skip
     session = await engine.session()
     try:
-        # The workspace and cgroup are reached on this machine: a cluster
-        # engine's sessions live on other nodes.
-        kernel = getattr(session, "kernel", None)
+        # The workspace and cgroup are reached on this machine: only the
+        # embedded engine's sessions have them here (a cluster's live on its
+        # nodes, a daemon's behind its socket).
+        kernel = session.kernel if isinstance(session, Session) else None
         if kernel is None:
             return RunJupyterResponse(
                 status=RunStatus.SandboxError,

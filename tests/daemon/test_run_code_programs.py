@@ -52,3 +52,15 @@ async def test_fetch_files_returns_what_exists_and_the_run_still_runs(
         "a.txt": b"A",
         "/tmp/b": b"\xffB",
     }
+
+
+async def test_pytest_with_an_anti_exit_header_in_the_test_file_passes(
+    daemon_factory: DaemonFactory,
+) -> None:
+    http = loopback(await fusion_daemon(daemon_factory))
+    tests = ANTI_EXIT_HEADER + "def test_ok():\n    assert 1 + 1 == 2\n"
+    r = await run_code(http, {"code": tests, "language": "pytest"})
+    assert r["status"] == "Success", r["run_result"]
+    failing = ANTI_EXIT_HEADER + "def test_no():\n    assert 1 + 1 == 3\n"
+    r = await run_code(http, {"code": failing, "language": "pytest"})
+    assert r["status"] == "Failed" and r["run_result"]["return_code"] == 1

@@ -63,7 +63,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandkernel import __version__
-from sandkernel.api import SessionAPI
+from sandkernel.api import ServedEngine, SessionAPI
 from sandkernel.daemon import sse
 from sandkernel.daemon.admission import (
     DEFAULT_MAX_QUEUED_BYTES,
@@ -90,7 +90,7 @@ from sandkernel.daemon.schemas import (
     SessionList,
     error_responses,
 )
-from sandkernel.engine import Engine, EngineStats
+from sandkernel.engine import EngineStats
 from sandkernel.errors import (
     FOREIGN_ERRORS,
     INTERNAL_ERROR,
@@ -123,7 +123,7 @@ from sandkernel.errors import (
 )
 from sandkernel.files import StoredFile
 from sandkernel.results import ExecutionResult
-from sandkernel.session import Session, SessionInfo
+from sandkernel.session import SessionInfo
 from sandkernel.streaming import StreamEvent
 
 log = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ def _validation_details(exc: RequestValidationError) -> tuple[bool, list[dict[st
 
 
 def create_app(
-    engine: Engine,
+    engine: ServedEngine,
     records: SessionRecords,
     *,
     token: str | None = None,
@@ -457,7 +457,7 @@ def create_app(
         lost = records.lost(session_id)
         return lost if lost is not None else SessionNotFound(f"no session {session_id!r}")
 
-    async def live_session(session_id: str) -> Session:
+    async def live_session(session_id: str) -> SessionAPI:
         try:
             return await engine.get_session(session_id)
         except SessionNotFound:
@@ -820,7 +820,7 @@ def _upload_name(file: UploadFile, name: str | None) -> str:
     return chosen
 
 
-async def _read_file(engine: Engine, file_id: str) -> AsyncIterator[bytes]:
+async def _read_file(engine: ServedEngine, file_id: str) -> AsyncIterator[bytes]:
     # Opened here, on the first chunk, so a response never sent leaves nothing open.
     handle = await anyio.to_thread.run_sync(engine.open_file, file_id)
     try:

@@ -27,6 +27,7 @@ from sandkernel.daemon.paths import default_records_path, default_socket_path
 from sandkernel.errors import SandkernelError
 
 if TYPE_CHECKING:
+    from sandkernel.api import ServedEngine
     from sandkernel.daemon.server import DaemonConfig
 
 _MISSING_EXTRA = (
@@ -170,7 +171,7 @@ def add_daemon_parsers(subparsers: Any) -> None:
     _add_engine_options(mcp)
 
 
-def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> Any:
+def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> ServedEngine:
     from sandkernel.engine import DEFAULT_PREWARM, Engine
 
     prewarm: Sequence[str] = DEFAULT_PREWARM

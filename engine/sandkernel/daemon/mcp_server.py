@@ -33,9 +33,8 @@ from mcp.types import ImageContent, TextContent
 from pydantic import Field
 
 from sandkernel import __version__
-from sandkernel.api import EngineAPI, SessionAPI
+from sandkernel.api import EngineAPI, ManagedBackend, SessionAPI
 from sandkernel.daemon.client import AsyncClient
-from sandkernel.engine import Engine
 from sandkernel.errors import SandkernelError
 from sandkernel.files import StoredFile
 from sandkernel.loop import format_result
@@ -193,7 +192,7 @@ def build_mcp_server(tools: SandboxTools) -> MCPServer[Any]:
     return server
 
 
-async def run_mcp_server(*, socket: Path | None, engine: Engine | None) -> None:
+async def run_mcp_server(*, socket: Path | None, engine: ManagedBackend | None) -> None:
     """Serve the tools over stdio until the client closes stdin.
 
     Args:

@@ -43,10 +43,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from sandkernel.api import ServedEngine
 from sandkernel.batch import RunRequest, RunResult
 from sandkernel.daemon.admission import TICKET_SCOPE_KEY, RunTicket
 from sandkernel.daemon.schemas import error_responses
-from sandkernel.engine import Engine
 from sandkernel.errors import (
     EngineClosed,
     HostUnreachable,
@@ -133,7 +133,7 @@ def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def add_run_routes(app: FastAPI, engine: Engine, *, default_batch_concurrency: int) -> None:
+def add_run_routes(app: FastAPI, engine: ServedEngine, *, default_batch_concurrency: int) -> None:
     """Add the one-shot routes to the daemon's application.
 
     Their requests must come through :class:`~sandkernel.daemon.app.RunAdmissionGate`,
@@ -235,7 +235,7 @@ async def _results(results: AsyncIterator[RunResult]) -> AsyncIterator[bytes]:
 
 
 async def _admitted_batch(
-    engine: Engine, requests: Iterator[RunRequest], ticket: RunTicket, wanted: int
+    engine: ServedEngine, requests: Iterator[RunRequest], ticket: RunTicket, wanted: int
 ) -> AsyncIterator[RunResult]:
     """``engine.run_many`` over ``requests``, with no more lines in flight than ``ticket`` holds.
 
@@ -272,7 +272,7 @@ async def _admitted_batch(
 
 
 async def _ndjson_batch(
-    engine: Engine, body: bytes, ticket: RunTicket, wanted: int
+    engine: ServedEngine, body: bytes, ticket: RunTicket, wanted: int
 ) -> AsyncIterator[bytes]:
     """Run the body's lines; bad lines are answered, not fatal."""
     refused: list[bytes] = []

@@ -42,11 +42,11 @@ import anyio
 import anyio.abc
 import uvicorn
 
+from sandkernel.api import ServedEngine
 from sandkernel.daemon.admission import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUED_BYTES
 from sandkernel.daemon.app import DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_UPLOAD_BYTES, create_app
 from sandkernel.daemon.errors import DaemonError
 from sandkernel.daemon.records import SessionRecords
-from sandkernel.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,9 @@ class _Server(uvicorn.Server):
 
 
 class Daemon:
-    """Serves one started :class:`~sandkernel.Engine` over HTTP (Unix socket, optional TCP)."""
+    """Serves one engine (embedded or a Ray cluster) over HTTP (Unix socket, optional TCP)."""
 
-    def __init__(self, engine: Engine, config: DaemonConfig) -> None:
+    def __init__(self, engine: ServedEngine, config: DaemonConfig) -> None:
         self.engine = engine
         self.config = config
         self.records = SessionRecords(config.records_path)
@@ -366,7 +366,7 @@ def raise_open_files_limit(connections: int) -> int:
     return soft
 
 
-async def run_daemon(engine: Engine, config: DaemonConfig) -> None:
+async def run_daemon(engine: ServedEngine, config: DaemonConfig) -> None:
     """Start ``engine``, serve it until SIGTERM or SIGINT, then close everything.
 
     The engine must not be started yet and should be created with
