@@ -140,3 +140,47 @@ async def _restarts(
     assert failed.last_error.code == "server_error"
     assert "shut down while this run was in progress" in failed.last_error.message
     assert len(model.requests) == 5
+
+
+async def test_a_run_waiting_for_tool_outputs_takes_them_after_a_restart(
+    openai_daemon: OpenAIDaemonFactory, tmp_path: Path
+) -> None:
+    weather: Any = {"type": "function", "function": {"name": "get_weather"}}
+    script = in_order(Reply(None, [("call_w", "get_weather", "{}")]), Reply("Sunny, it says."))
+    model = await ScriptedModel(script).__aenter__()
+    try:
+        options: dict[str, Any] = {
+            "engine_options": {"store_dir": tmp_path / "store", "pool_size": 0},
+            "model": model,
+        }
+        first = await openai_daemon(**options)
+        client = first.openai()
+
+        def ask() -> tuple[str, str]:
+            assistant = client.beta.assistants.create(model=DEPLOYMENT, tools=[weather])
+            thread = client.beta.threads.create(messages=[{"role": "user", "content": "Weather?"}])
+            run = client.beta.threads.runs.create_and_poll(
+                thread_id=thread.id, assistant_id=assistant.id
+            )
+            assert run.status == "requires_action"
+            return thread.id, run.id
+
+        thread_id, run_id = await anyio.to_thread.run_sync(ask)
+        await stop(first.running)
+        second = await openai_daemon(**options)
+        client = second.openai()
+        done = await anyio.to_thread.run_sync(
+            lambda: client.beta.threads.runs.submit_tool_outputs_and_poll(
+                run_id=run_id,
+                thread_id=thread_id,
+                tool_outputs=[{"tool_call_id": "call_w", "output": "sunny"}],
+            )
+        )
+        assert done.status == "completed", done.last_error
+        assert model.requests[1]["messages"][-1] == {
+            "role": "tool",
+            "tool_call_id": "call_w",
+            "content": "sunny",
+        }
+    finally:
+        await model.__aexit__(None, None, None)
