@@ -17,15 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 def test_public_api_is_exactly_this() -> None:
     assert sandkernel.__all__ == sorted(sandkernel.__all__)
     assert sandkernel.__all__ == [
-        "ChatModel", "DisplayOutput", "Engine", "EngineAPI", "EngineClosed", "EngineStats",
-        "ErrorInfo", "ExecutionResult", "FetchedFile", "FileNotFoundInStore", "FileRejected",
-        "KernelDead", "KernelStartFailed", "LoopResult", "ModelCallFailed", "OpenAIChatModel",
-        "PYTHON_TOOL", "Policy", "PolicyError", "PoolExhausted", "ProducedFile", "RunRequest",
-        "RunResult", "SandboxHost",
-        "SandboxUnavailable", "SandboxedKernel", "SandkernelError", "SelfCheckFailed",
-        "Session", "SessionAPI", "SessionClosed", "SessionError", "SessionExpired", "SessionInfo",
-        "SessionLimitReached", "SessionNotFound", "SessionState", "StoredFile", "Usage",
-        "format_result", "listed_file_name", "load_policy", "raw_file_name", "run_loop",
+        "BadInput", "ChatModel", "DisplayOutput", "Engine", "EngineAPI", "EngineClosed",
+        "EngineStats", "ErrorInfo", "ExecutionResult", "FetchedFile", "FileLost",
+        "FileNotFoundInStore", "FileRejected", "FileTooLarge", "HostUnreachable", "KernelDead",
+        "KernelStartFailed", "LoopResult", "ModelCallFailed", "OpenAIChatModel", "PYTHON_TOOL",
+        "Policy", "PolicyError", "PoolExhausted", "ProducedFile", "RunRequest", "RunResult",
+        "SandboxHost", "SandboxUnavailable", "SandboxedKernel", "SandkernelError",
+        "SelfCheckFailed", "Session", "SessionAPI", "SessionClosed", "SessionError",
+        "SessionExpired", "SessionInfo", "SessionLimitReached", "SessionLost", "SessionNotFound",
+        "SessionState", "StoredFile", "Usage", "format_result", "listed_file_name", "load_policy",
+        "raw_file_name", "run_loop",
     ]  # fmt: skip
     for name in sandkernel.__all__:
         assert getattr(sandkernel, name) is not None

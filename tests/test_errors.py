@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ast
 import importlib
+import io
 import pickle
 import re
 from pathlib import Path
+
+import pytest
 
 import sandkernel
 from sandkernel import errors
@@ -148,13 +151,22 @@ def test_other_libraries_errors_are_mapped_at_the_boundary() -> None:
     assert error_class_of(Private("x")) is FileRejected and http_status_of(Private("x")) == 422
 
 
-def test_an_upload_over_the_stores_size_cap_is_answered_413_as_file_rejected() -> None:
-    over = FileRejected(
-        "upload rejected: 'a' is larger than the 1 KiB size cap (setting max_bytes)"
-    )
-    assert (http_status_of(over), error_type_of(over)) == (413, "FileRejected")
+def test_an_upload_over_a_size_cap_raises_file_too_large_answered_413(tmp_path: Path) -> None:
+    from sandkernel.files import FileStore, check_upload
+
+    with pytest.raises(FileTooLarge) as checked:
+        check_upload("a.txt", b"x" * 2048, max_bytes=1024)
+    store = FileStore(tmp_path / "store", max_bytes=1024)
+    try:
+        with pytest.raises(FileTooLarge) as streamed:
+            store.add_upload(io.BytesIO(b"x" * 2048), "a.txt")
+    finally:
+        store.close()
+    for raised in (checked.value, streamed.value):
+        assert (http_status_of(raised), error_type_of(raised)) == (413, "FileTooLarge")
+        assert "max_bytes" in str(raised)
     assert http_status_of(FileRejected("upload rejected: .exe is not a supported type")) == 422
-    assert issubclass(FileTooLarge, FileRejected) and http_status_of(FileTooLarge("x")) == 413
+    assert issubclass(FileTooLarge, FileRejected)
 
 
 def test_an_unknown_type_is_a_daemon_error_with_its_status() -> None:

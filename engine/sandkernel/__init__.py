@@ -21,9 +21,13 @@ if TYPE_CHECKING:
     from sandkernel.batch import FetchedFile, RunRequest, RunResult
     from sandkernel.engine import Engine, EngineStats
     from sandkernel.errors import (
+        BadInput,
         EngineClosed,
+        FileLost,
         FileNotFoundInStore,
         FileRejected,
+        FileTooLarge,
+        HostUnreachable,
         KernelDead,
         KernelStartFailed,
         ModelCallFailed,
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
         SessionError,
         SessionExpired,
         SessionLimitReached,
+        SessionLost,
         SessionNotFound,
     )
     from sandkernel.files.names import listed_file_name, raw_file_name
@@ -59,7 +64,12 @@ _WHERE: dict[str, str] = {
     "RunResult": "batch",
     "Engine": "engine",
     "EngineStats": "engine",
+    "BadInput": "errors",
     "EngineClosed": "errors",
+    "FileLost": "errors",
+    "FileTooLarge": "errors",
+    "HostUnreachable": "errors",
+    "SessionLost": "errors",
     "FileNotFoundInStore": "errors",
     "FileRejected": "errors",
     "KernelDead": "errors",
@@ -99,6 +109,7 @@ _WHERE: dict[str, str] = {
 }
 
 __all__ = [
+    "BadInput",
     "ChatModel",
     "DisplayOutput",
     "Engine",
@@ -108,8 +119,11 @@ __all__ = [
     "ErrorInfo",
     "ExecutionResult",
     "FetchedFile",
+    "FileLost",
     "FileNotFoundInStore",
     "FileRejected",
+    "FileTooLarge",
+    "HostUnreachable",
     "KernelDead",
     "KernelStartFailed",
     "LoopResult",
@@ -134,6 +148,7 @@ __all__ = [
     "SessionExpired",
     "SessionInfo",
     "SessionLimitReached",
+    "SessionLost",
     "SessionNotFound",
     "SessionState",
     "StoredFile",

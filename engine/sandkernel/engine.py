@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from sandkernel.batch import BatchPool, RunRequest, RunResult
 from sandkernel.errors import (
+    BadInput,
     EngineClosed,
     FileNotFoundInStore,
     KernelStartFailed,
@@ -55,7 +56,7 @@ from sandkernel.workspace import OutputCaps, SessionWorkspace
 log = logging.getLogger(__name__)
 
 DEFAULT_PREWARM: tuple[str, ...] = ("numpy", "pandas", "matplotlib.pyplot")
-_SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _KEEP_ENDED = 10_000  # ended sessions remembered, to answer "expired when and why"
 
 
@@ -643,8 +644,8 @@ def default_store_dir() -> Path:
 
 
 def _check_id(value: str, kind: str) -> None:
-    if not _SESSION_ID.match(value):
-        raise ValueError(
+    if not _SESSION_ID.fullmatch(value):
+        raise BadInput(
             f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, "
             "digits and ._:@- starting with a letter or digit"
         )

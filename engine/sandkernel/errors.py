@@ -374,10 +374,6 @@ def http_status_of(exc: BaseException) -> int:
     cls = error_class_of(exc)
     if cls is None:
         return 500
-    if cls is FileRejected and "size cap" in str(exc):
-        # The local file store raises FileRejected for an upload over its size
-        # limit too; it is answered as the FileTooLarge that it is.
-        return FileTooLarge.http_status
     return cls.http_status
 
 

@@ -128,7 +128,7 @@ async def test_engine_refusals_keep_their_class_and_status(daemon_factory: Daemo
     response = await raw.post("/v1/files", files={"file": ("tool.exe", b"MZ")})
     assert response.status_code == 422 and error_of(response)["type"] == "FileRejected"
     response = await raw.post("/v1/files", files={"file": ("big.txt", b"a" * 2000)})
-    assert response.status_code == 413 and error_of(response)["type"] == "FileRejected"
+    assert response.status_code == 413 and error_of(response)["type"] == "FileTooLarge"
     response = await raw.post("/v1/files", data={"name": "x.txt"})
     assert response.status_code == 422 and error_of(response)["type"] == "InvalidRequest"
     policy = running.engine.policy.name

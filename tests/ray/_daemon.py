@@ -27,7 +27,7 @@ async def serving(engine: ClusterEngine) -> AsyncIterator[Path]:
     """Serve a started ``engine`` on a Unix socket until the block ends; yields the socket."""
     folder = Path(tempfile.mkdtemp(prefix="skr-", dir="/tmp"))  # short: a socket path
     daemon = Daemon(
-        engine,  # type: ignore[arg-type]  # the daemon serves any engine of the contract
+        engine,
         DaemonConfig(socket_path=folder / "d.sock", records_path=folder / "sessions.sqlite3"),
     )
     task = asyncio.create_task(daemon.serve())

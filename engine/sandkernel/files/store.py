@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Final, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sandkernel.errors import FileError, FileNotFoundInStore, FileRejected
+from sandkernel.errors import FileError, FileNotFoundInStore, FileTooLarge
 from sandkernel.files._common import CHUNK_BYTES, human_size, open_regular
 from sandkernel.files.mime import MIME_TYPES, OCTET_STREAM, extension, mime_for_name
 from sandkernel.files.names import listed_file_name, produced_name, safe_name
@@ -518,7 +518,7 @@ class FileStore:
                     size += len(chunk)
                     if size > self._max_bytes:
                         verb = "upload" if origin == "uploaded" else "file"
-                        raise FileRejected(
+                        raise FileTooLarge(
                             f"{verb} rejected: {name!r} is larger than the "
                             f"{human_size(self._max_bytes)} size cap (setting max_bytes)"
                         )

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import BinaryIO, Final
 
-from sandkernel.errors import FileRejected
+from sandkernel.errors import FileRejected, FileTooLarge
 from sandkernel.files._common import CHUNK_BYTES, human_size, open_regular
 from sandkernel.files.archives import check_tar, check_zip
 from sandkernel.files.mime import MIME_TYPES, OOXML_PARTS, ZIP_FAMILY, extension, is_textual
@@ -173,7 +173,7 @@ def check_upload(
         raise TypeError(f"path_or_bytes must be bytes or a path, not {type(path_or_bytes)}")
     with f:
         if size > max_bytes:
-            raise FileRejected(
+            raise FileTooLarge(
                 f"upload rejected: {clean!r} is {human_size(size)}, over the "
                 f"{human_size(max_bytes)} size cap (setting max_bytes)"
             )

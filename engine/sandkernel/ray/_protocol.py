@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from sandkernel.engine import EngineStats
 
 # HostClosing is sent back by hosts; it lives in the tree with the other errors.
+from sandkernel.errors import BadInput
 from sandkernel.errors import HostClosing as HostClosing
 
 TAG_LENGTH = 8
@@ -38,7 +39,7 @@ CHANNEL_METHODS = frozenset(
 )  # fmt: skip
 DEFAULT_NAMESPACE = "sandkernel"
 
-_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_NAME_LENGTH - 1}}}$")
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_NAME_LENGTH - 1}}}")
 _QUALIFIED_SESSION = re.compile(rf"^(?P<tag>[0-9a-f]{{{TAG_LENGTH}}})\.(?P<name>.+)$")
 _CLUSTER_FILE = re.compile(rf"^file-(?P<tag>[0-9a-f]{{{TAG_LENGTH}}})[0-9a-f]{{16}}$")
 _LOCAL_FILE = re.compile(r"^file-[0-9a-f]{24}$")
@@ -58,8 +59,8 @@ def host_actor_name(node_id: str) -> str:
 
 def check_name(name: str, kind: str = "session") -> None:
     """Refuse an id the local engine would refuse, or too long to carry its node's tag."""
-    if not _NAME.match(name):
-        raise ValueError(
+    if not _NAME.fullmatch(name):
+        raise BadInput(
             f"invalid {kind} id {name[:40]!r}: 1-{MAX_NAME_LENGTH} characters of letters, "
             "digits and ._:@- starting with a letter or digit (on a cluster, the id also "
             "carries its node's tag)"
