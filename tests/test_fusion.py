@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from sandkernel import Engine
-from sandkernel.fusion import RunJupyterRequest, RunStatus, run_jupyter
+from sandkernel.daemon.fusion import RunJupyterRequest, RunStatus, run_jupyter
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 EngineFactory = Callable[..., Awaitable[Engine]]
@@ -95,7 +95,7 @@ async def test_bad_files_are_a_sandbox_error_naming_the_problem(
 
 
 async def run(engine: Engine, body: dict[str, object]) -> dict[str, object]:
-    from sandkernel.fusion import RunCodeRequest, run_code
+    from sandkernel.daemon.fusion import RunCodeRequest, run_code
 
     response = await run_code(engine, RunCodeRequest.model_validate(body))
     return response.model_dump(mode="json")
@@ -190,3 +190,12 @@ async def test_run_jupyter_with_an_anti_exit_header_runs_its_cells(
     # the kernel was destroyed afterwards as usual, and the next request is served
     again = await run_jupyter(engine, RunJupyterRequest(cells=["print(os)"]))
     assert again.cells[0].error[0]["ename"] == "NameError"  # a fresh kernel
+
+
+def test_the_old_module_name_reexports_the_same_objects() -> None:
+    import sandkernel.daemon.fusion as moved
+    import sandkernel.fusion as old
+
+    assert set(moved.__all__) <= set(old.__all__)
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(moved, name), name

@@ -46,6 +46,14 @@ from pydantic import BaseModel, Field, ValidationError
 from sandkernel.api import ServedEngine
 from sandkernel.batch import RunRequest, RunResult
 from sandkernel.daemon.admission import TICKET_SCOPE_KEY, RunTicket
+from sandkernel.daemon.fusion import (
+    RunCodeRequest,
+    RunCodeResponse,
+    RunJupyterRequest,
+    RunJupyterResponse,
+    run_code,
+    run_jupyter,
+)
 from sandkernel.daemon.schemas import error_responses
 from sandkernel.errors import (
     EngineClosed,
@@ -58,14 +66,6 @@ from sandkernel.errors import (
     SandboxUnavailable,
     SelfCheckFailed,
     SessionLimitReached,
-)
-from sandkernel.fusion import (
-    RunCodeRequest,
-    RunCodeResponse,
-    RunJupyterRequest,
-    RunJupyterResponse,
-    run_code,
-    run_jupyter,
 )
 
 #: SandboxFusion's routes, the ones ``--fusion-without-token`` opens to loopback clients.
