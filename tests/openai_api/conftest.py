@@ -34,6 +34,8 @@ from openai.types.beta import (
 )
 from openai.types.beta.threads import Message, MessageDeleted, Run
 from openai.types.beta.threads.runs import RunStep
+from openai.types.container_retrieve_response import ContainerRetrieveResponse
+from openai.types.containers.file_retrieve_response import FileRetrieveResponse
 
 from tests.daemon.conftest import DaemonFactory, RunningDaemon
 from tests.daemon.conftest import daemon_factory as daemon_factory  # noqa: F401 - a fixture
@@ -264,7 +266,11 @@ _BY_OBJECT: dict[str, type[pydantic.BaseModel]] = {
     "thread.message.deleted": MessageDeleted,
     "thread.run": Run,
     "thread.run.step": RunStep,
+    "container": ContainerRetrieveResponse,
+    "container.file": FileRetrieveResponse,
 }
+#: Deleted objects the openai package has no type for (its delete methods return None).
+_DELETED = ("container.deleted", "container.file.deleted")
 _STREAM_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(AssistantStreamEvent)
 
 
@@ -291,6 +297,10 @@ def check_body(data: Any, checked: Checked, status: int) -> None:
         for item in data["data"]:
             check_body(item, checked, status)
         checked.bodies.append("list")
+        return
+    if kind in _DELETED:
+        assert set(data) == {"id", "object", "deleted"} and data["deleted"] is True, data
+        checked.bodies.append(str(kind))
         return
     if kind == "file":
         model: type[pydantic.BaseModel] = FileDeleted if "deleted" in data else FileObject

@@ -47,6 +47,8 @@ from sandkernel.openai_api.service import AssistantsService
 from sandkernel.openai_api.wire import (
     AssistantCreate,
     AssistantUpdate,
+    ContainerCreate,
+    ContainerFileCreate,
     MessageCreate,
     MessageUpdate,
     RunCreate,
@@ -334,6 +336,69 @@ def _routes(service: AssistantsService) -> list[tuple[str, list[str], Handler]]:
         params = request.path_params
         return _json(await s.step(params["thread_id"], params["run_id"], params["step_id"]))
 
+    c = service.containers
+
+    async def containers(request: Request) -> Response:
+        if request.method == "POST":
+            return _json(await c.create(await _body(request, ContainerCreate)))
+        q = request.query_params
+        return _json(
+            await c.list(
+                limit=_int(q.get("limit"), 100, "limit"),
+                order=_order(q.get("order")),
+                after=q.get("after"),
+            )
+        )
+
+    async def container(request: Request) -> Response:
+        container_id = request.path_params["container_id"]
+        if request.method == "DELETE":
+            return _json(await c.delete(container_id))
+        return _json(await c.get(container_id))
+
+    async def container_files(request: Request) -> Response:
+        container_id = request.path_params["container_id"]
+        if request.method == "GET":
+            q = request.query_params
+            return _json(
+                await c.files(
+                    container_id,
+                    limit=_int(q.get("limit"), 100, "limit"),
+                    order=_order(q.get("order")),
+                    after=q.get("after"),
+                )
+            )
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            async with request.form(max_files=1, max_fields=20) as form:
+                file = form.get("file")
+                file_id = form.get("file_id")
+                if isinstance(file, UploadFile) and file.filename:
+                    return _json(await c.add_upload(container_id, file.file, file.filename))
+                if isinstance(file_id, str):
+                    return _json(await c.add_file_id(container_id, file_id))
+                raise bad_request("Give either 'file' (a named file part) or 'file_id'.", "file")
+        body = await _body(request, ContainerFileCreate)
+        return _json(await c.add_file_id(container_id, body.file_id))
+
+    async def container_file(request: Request) -> Response:
+        params = request.path_params
+        if request.method == "DELETE":
+            return _json(await c.delete_file(params["container_id"], params["file_id"]))
+        found, _ = await c.file(params["container_id"], params["file_id"])
+        return _json(found)
+
+    async def container_file_content(request: Request) -> Response:
+        params = request.path_params
+        content, stored = await c.content(params["container_id"], params["file_id"])
+        return Response(
+            content,
+            media_type=stored.mime_type,
+            headers={
+                "Content-Disposition": f"attachment; filename*=UTF-8''{quote(stored.name)}",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
     get, post, delete = "GET", "POST", "DELETE"
     threads_runs = "/threads/{thread_id}/runs"
     return [
@@ -354,6 +419,11 @@ def _routes(service: AssistantsService) -> list[tuple[str, list[str], Handler]]:
         (threads_runs + "/{run_id}/submit_tool_outputs", [post], submit_tool_outputs),
         (threads_runs + "/{run_id}/steps", [get], steps),
         (threads_runs + "/{run_id}/steps/{step_id}", [get], step),
+        ("/containers", [get, post], containers),
+        ("/containers/{container_id}", [get, delete], container),
+        ("/containers/{container_id}/files", [get, post], container_files),
+        ("/containers/{container_id}/files/{file_id}", [get, delete], container_file),
+        ("/containers/{container_id}/files/{file_id}/content", [get], container_file_content),
     ]
 
 

@@ -24,6 +24,7 @@ from sandkernel.api import EngineAPI
 from sandkernel.errors import FileNotFoundInStore, SandkernelError, SessionError
 from sandkernel.files import StoredFile
 from sandkernel.openai_api.chat import AssistantModel
+from sandkernel.openai_api.containers import Containers
 from sandkernel.openai_api.errors import bad_request, from_engine_error, not_found
 from sandkernel.openai_api.events import RunEvents, Subscription
 from sandkernel.openai_api.placement import Placement
@@ -104,6 +105,7 @@ class AssistantsService:
         self.state = ApiState(state_path)
         self.events = RunEvents()
         self.placement = Placement(engine, self.state)
+        self.containers = Containers(engine, self.state)
         self.model = model
         self.driver = RunDriver(engine, self.state, self.events, self.placement, model, limits)
         self._tasks: anyio.abc.TaskGroup | None = None

@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field
 from sandkernel.openai_api.wire import (
     RUNNING_STATUSES,
     Assistant,
+    Container,
     IncompleteDetails,
     LastError,
     Message,
@@ -45,7 +46,7 @@ from sandkernel.openai_api.wire import (
     Thread,
 )
 
-Stored = Assistant | Thread | Message | Run | RunStep
+Stored = Assistant | Thread | Message | Run | RunStep | Container
 T = TypeVar("T", bound=BaseModel)
 
 _KINDS: Final[dict[type[BaseModel], str]] = {
@@ -54,6 +55,7 @@ _KINDS: Final[dict[type[BaseModel], str]] = {
     Message: "message",
     Run: "run",
     RunStep: "step",
+    Container: "container",
 }
 _SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
@@ -462,9 +464,9 @@ def _filters(
 
 
 def _upsert(conn: sqlite3.Connection, obj: Stored, private: BaseModel | None) -> None:
-    thread_id = None if isinstance(obj, Assistant | Thread) else obj.thread_id
+    thread_id = None if isinstance(obj, Assistant | Thread | Container) else obj.thread_id
     run_id = obj.run_id if isinstance(obj, Message | RunStep) else None
-    status = obj.status if isinstance(obj, Message | Run | RunStep) else None
+    status = obj.status if isinstance(obj, Message | Run | RunStep | Container) else None
     conn.execute(
         "INSERT INTO objects (id, kind, thread_id, run_id, status, data, private)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)"

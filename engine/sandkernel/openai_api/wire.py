@@ -533,6 +533,46 @@ class RunStep(_Object):
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------- containers
+
+
+class ContainerExpiry(_Object):
+    anchor: Literal["last_active_at"] = "last_active_at"
+    minutes: int = Field(default=20, ge=1, le=20_160)
+
+
+class ContainerCreate(_Request):
+    name: str = Field(max_length=256)
+    file_ids: list[str] | None = None
+    expires_after: ContainerExpiry = Field(default_factory=ContainerExpiry)
+    memory_limit: str | None = None
+
+
+class Container(_Object):
+    id: str
+    object: Literal["container"] = "container"
+    created_at: int
+    name: str
+    status: Literal["running", "expired"]
+    expires_after: ContainerExpiry
+    last_active_at: int
+    memory_limit: str | None = None
+
+
+class ContainerFileCreate(_Request):
+    file_id: str
+
+
+class ContainerFile(_Object):
+    id: str
+    object: Literal["container.file"] = "container.file"
+    bytes: int
+    container_id: str
+    created_at: int
+    path: str
+    source: Literal["user", "assistant"]
+
+
 # --------------------------------------------------------------------------- lists
 
 

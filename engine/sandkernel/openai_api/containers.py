@@ -1,0 +1,250 @@
+"""OpenAI's Containers API: a container is a sandkernel session, its files the session's.
+
+A container's id is its session's id. ``expires_after`` (anchor
+``last_active_at``, in minutes) is the session's time to live, renewed with
+``extend`` on every use (a file added, a response that runs code in it); a
+container whose session has ended (expired, closed, lost) is ``expired``
+and answers as OpenAI's do: it is listed and retrieved, but using it is a
+400 naming it.
+
+Container files are the session's files in the engine's store, by their
+store ids: what the caller put there is ``source: user``, what code wrote
+is ``source: assistant``; ``path`` is where the file is in ``/mnt/data``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import BinaryIO, Literal
+
+import anyio
+
+from sandkernel.api import EngineAPI, SessionAPI
+from sandkernel.errors import FileNotFoundInStore, SandkernelError, SessionError
+from sandkernel.files import StoredFile
+from sandkernel.openai_api.errors import APIError, bad_request, from_engine_error, not_found
+from sandkernel.openai_api.state import ApiState, UnknownCursor
+from sandkernel.openai_api.wire import (
+    Container,
+    ContainerCreate,
+    ContainerFile,
+    Deleted,
+    Page,
+    new_id,
+)
+
+MNT_DATA = "/mnt/data"
+#: The only memory limit offered: the daemon's policy sets every session's memory.
+MEMORY_LIMIT = "1g"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class Containers:
+    """Containers and their files on an engine, kept in the API's state.
+
+    Args:
+        engine: whose sessions are the containers.
+        state: where the containers' records are kept.
+    """
+
+    def __init__(self, engine: EngineAPI, state: ApiState) -> None:
+        self.engine = engine
+        self.state = state
+
+    async def _db[**P, R](self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return await anyio.to_thread.run_sync(partial(function, *args, **kwargs))
+
+    # ------------------------------------------------------------------ containers
+
+    async def create(self, body: ContainerCreate) -> Container:
+        if body.memory_limit is not None and body.memory_limit != MEMORY_LIMIT:
+            raise bad_request(
+                f"memory_limit {body.memory_limit!r} is not offered here: every container runs "
+                f"under the daemon's sandbox policy ({MEMORY_LIMIT!r}; `sandkernel serve "
+                "--policy` chooses the policy). Leave memory_limit out or give '1g'.",
+                "memory_limit",
+            )
+        file_ids = list(body.file_ids or [])
+        stored = [
+            await self._uploaded(file_id, f"file_ids[{i}]") for i, file_id in enumerate(file_ids)
+        ]
+        container = Container(
+            id=_new_container_id(),
+            created_at=_now(),
+            name=body.name,
+            status="running",
+            expires_after=body.expires_after,
+            last_active_at=_now(),
+            memory_limit=MEMORY_LIMIT,
+        )
+        try:
+            session = await self.engine.session(container.id)
+        except SandkernelError as exc:
+            raise from_engine_error(exc) from exc
+        await self._db(self.state.save, container)
+        await session.extend(self.ttl_s(container))
+        for file in stored:
+            await self._add(session, file)
+        return container
+
+    def ttl_s(self, container: Container) -> float:
+        return float(container.expires_after.minutes * 60)
+
+    async def get(self, container_id: str, param: str | None = None) -> Container:
+        found = await self._db(self.state.get, Container, container_id)
+        if found is None:
+            raise not_found("container", container_id, param)
+        if found.status == "running" and await self._live(container_id) is None:
+            found = found.model_copy(update={"status": "expired"})
+            await self._db(self.state.save, found)
+        return found
+
+    async def session(self, container_id: str, param: str | None = None) -> SessionAPI:
+        """The running container's session, its lifetime renewed (400 if it expired)."""
+        container = await self.get(container_id, param)
+        session = await self._live(container_id) if container.status == "running" else None
+        if session is None:
+            raise APIError(
+                400,
+                f"Container '{container_id}' has expired (it was unused for "
+                f"{container.expires_after.minutes} minutes, or it ended): create a new one.",
+                param=param,
+                code="container_expired",
+            )
+        await session.extend(self.ttl_s(container))
+        await self._db(self.state.save, container.model_copy(update={"last_active_at": _now()}))
+        return session
+
+    async def _live(self, container_id: str) -> SessionAPI | None:
+        try:
+            return await self.engine.get_session(container_id)
+        except SessionError:
+            return None
+
+    async def list(self, *, limit: int, order: Literal["asc", "desc"], after: str | None) -> Page:
+        try:
+            items, more = await self._db(
+                self.state.page, Container, order=order, after=after, limit=limit
+            )
+        except UnknownCursor:
+            raise bad_request(
+                f"No container found with id '{after}' in this list.", "after"
+            ) from None
+        items = [await self.get(c.id) for c in items]
+        return _page(items, has_more=more)
+
+    async def delete(self, container_id: str) -> Deleted:
+        await self.get(container_id)
+        try:
+            await self.engine.close_session(container_id)
+        except SessionError:
+            pass
+        for file in await self.engine.list_files(session_id=container_id):
+            try:
+                await self.engine.delete_file(file.id)
+            except FileNotFoundInStore:
+                pass
+        await self._db(self.state.delete, Container, container_id)
+        return Deleted(id=container_id, object="container.deleted")
+
+    # ------------------------------------------------------------------ files
+
+    async def add_upload(self, container_id: str, source: BinaryIO, filename: str) -> ContainerFile:
+        session = await self.session(container_id)
+        try:
+            stored = await session.upload(source, filename)
+        except SandkernelError as exc:
+            raise from_engine_error(exc, param="file") from exc
+        return container_file(container_id, stored)
+
+    async def add_file_id(self, container_id: str, file_id: str) -> ContainerFile:
+        stored = await self._uploaded(file_id, "file_id")
+        session = await self.session(container_id)
+        return await self._add(session, stored)
+
+    async def _add(self, session: SessionAPI, stored: StoredFile) -> ContainerFile:
+        """Put an uploaded file in the session: itself if no one has it, else a copy."""
+        if stored.session_id is None and stored.agent_id is None:
+            local = stored
+        else:
+            local = await self.engine.upload(await self.engine.download(stored.id), stored.name)
+        await session.attach([local.id])
+        return container_file(session.id, await self.engine.file(local.id))
+
+    async def _uploaded(self, file_id: str, param: str) -> StoredFile:
+        try:
+            return await self.engine.file(file_id)
+        except FileNotFoundInStore:
+            raise bad_request(f"No file found with id '{file_id}'.", param) from None
+
+    async def files(
+        self, container_id: str, *, limit: int, order: Literal["asc", "desc"], after: str | None
+    ) -> Page:
+        await self.get(container_id)
+        stored = await self.engine.list_files(session_id=container_id)
+        stored.sort(key=lambda f: (f.created_at, f.id), reverse=order == "desc")
+        objects = [container_file(container_id, f) for f in stored]
+        if after is not None:
+            ids = [f.id for f in objects]
+            if after not in ids:
+                raise bad_request(f"No file found with id '{after}' in this list.", "after")
+            objects = objects[ids.index(after) + 1 :]
+        return _page(objects[:limit], has_more=len(objects) > limit)
+
+    async def file(self, container_id: str, file_id: str) -> tuple[ContainerFile, StoredFile]:
+        await self.get(container_id)
+        try:
+            stored = await self.engine.file(file_id)
+        except FileNotFoundInStore:
+            raise not_found("file", file_id) from None
+        if stored.session_id != container_id:
+            raise not_found("file", file_id)
+        return container_file(container_id, stored), stored
+
+    async def content(self, container_id: str, file_id: str) -> tuple[bytes, StoredFile]:
+        _, stored = await self.file(container_id, file_id)
+        try:
+            return await self.engine.download(file_id), stored
+        except FileNotFoundInStore:
+            raise not_found("file", file_id) from None
+
+    async def delete_file(self, container_id: str, file_id: str) -> Deleted:
+        await self.file(container_id, file_id)
+        try:
+            await self.engine.delete_file(file_id)
+        except FileNotFoundInStore:
+            raise not_found("file", file_id) from None
+        return Deleted(id=file_id, object="container.file.deleted")
+
+
+def _new_container_id() -> str:
+    return new_id("cntr")
+
+
+def container_file(container_id: str, stored: StoredFile) -> ContainerFile:
+    produced = stored.origin == "produced"
+    path = stored.path if produced and stored.path else stored.name
+    if not path.startswith("/"):
+        path = f"{MNT_DATA}/{path}"
+    return ContainerFile(
+        id=stored.id,
+        bytes=stored.size_bytes,
+        container_id=container_id,
+        created_at=int(stored.created_at),
+        path=path,
+        source="assistant" if produced else "user",
+    )
+
+
+def _page(items: list[Container] | list[ContainerFile], *, has_more: bool) -> Page:
+    return Page(
+        data=list(items),
+        first_id=items[0].id if items else None,
+        last_id=items[-1].id if items else None,
+        has_more=has_more,
+    )

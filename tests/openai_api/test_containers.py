@@ -1,0 +1,136 @@
+"""The Containers API under /openai: containers are sessions, their files the session's."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import anyio
+import openai
+import pytest
+
+from sandkernel.errors import SessionError
+from tests.openai_api.conftest import OpenAIDaemonFactory
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
+
+
+async def test_containers_create_list_retrieve_delete(openai_daemon: OpenAIDaemonFactory) -> None:
+    daemon = await openai_daemon()
+    client = daemon.openai()
+    native = daemon.running.client()
+
+    def create() -> tuple[str, str]:
+        first = client.containers.create(
+            name="first", expires_after={"anchor": "last_active_at", "minutes": 5}
+        )
+        assert (first.name, first.status, first.object) == ("first", "running", "container")
+        assert first.expires_after is not None and first.expires_after.minutes == 5
+        second = client.containers.create(name="second")
+        assert client.containers.retrieve(first.id).name == "first"
+        assert [c.id for c in client.containers.list()] == [second.id, first.id]
+        assert [c.id for c in client.containers.list(order="asc", limit=1).data] == [first.id]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.containers.create(name="big", memory_limit="64g")
+        assert refused.value.body is not None and "memory_limit" in str(refused.value.body)
+        return first.id, second.id
+
+    first_id, second_id = await anyio.to_thread.run_sync(create)
+    session = await native.get_session(first_id)  # the container is a session of that id
+    assert (await session.run("print(6 * 7)")).stdout.strip() == "42"
+
+    def delete() -> None:
+        client.containers.delete(second_id)
+        with pytest.raises(openai.NotFoundError):
+            client.containers.retrieve(second_id)
+        assert [c.id for c in client.containers.list()] == [first_id]
+
+    await anyio.to_thread.run_sync(delete)
+    with pytest.raises(SessionError):
+        await native.get_session(second_id)
+    assert "container.deleted" in daemon.clients.checked.bodies
+    assert daemon.clients.checked.bodies.count("container") >= 3
+
+
+async def test_container_files_round_trip_with_sources_and_paths(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon()
+    client = daemon.openai()
+    native = daemon.running.client()
+    data = _zip({"table.csv": bytes(range(256)) * 3})
+
+    def upload() -> tuple[str, str, str]:
+        uploaded = client.files.create(file=("seed.csv", b"a,b\n1,2\n"), purpose="assistants")
+        container = client.containers.create(name="files", file_ids=[uploaded.id])
+        direct = client.containers.files.create(container.id, file=("blob.zip", data))
+        assert (direct.source, direct.path, direct.bytes) == (
+            "user",
+            "/mnt/data/blob.zip",
+            len(data),
+        )
+        other = client.files.create(file=("more.txt", b"more"), purpose="assistants")
+        by_id = client.containers.files.create(container.id, file_id=other.id)
+        assert (by_id.source, by_id.path) == ("user", "/mnt/data/more.txt")
+        return container.id, direct.id, by_id.id
+
+    container_id, blob_id, _ = await anyio.to_thread.run_sync(upload)
+    session = await native.get_session(container_id)
+    result = await session.run(
+        "import os\n"
+        "print(sorted(os.listdir('/mnt/data')))\n"
+        "open('/mnt/data/made.txt', 'w').write('from code')\n"
+    )
+    assert result.stdout.strip() == "['blob.zip', 'more.txt', 'seed.csv']"
+
+    def check() -> None:
+        listed = {f.path: f for f in client.containers.files.list(container_id)}
+        assert set(listed) == {
+            "/mnt/data/seed.csv",
+            "/mnt/data/blob.zip",
+            "/mnt/data/more.txt",
+            "/mnt/data/made.txt",
+        }
+        assert listed["/mnt/data/made.txt"].source == "assistant"
+        assert {listed[p].source for p in listed if p != "/mnt/data/made.txt"} == {"user"}
+        made = listed["/mnt/data/made.txt"]
+        got = client.containers.files.content.retrieve(made.id, container_id=container_id)
+        assert got.read() == b"from code"
+        blob = client.containers.files.content.retrieve(blob_id, container_id=container_id)
+        assert blob.read() == data
+        assert client.containers.files.retrieve(blob_id, container_id=container_id).bytes == len(
+            data
+        )
+        client.containers.files.delete(blob_id, container_id=container_id)
+        with pytest.raises(openai.NotFoundError):
+            client.containers.files.retrieve(blob_id, container_id=container_id)
+        assert len(client.containers.files.list(container_id).data) == 3
+
+    await anyio.to_thread.run_sync(check)
+    assert "container.file.deleted" in daemon.clients.checked.bodies
+
+
+async def test_an_ended_container_is_expired_and_refuses_files(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon()
+    client = daemon.openai()
+    container = await anyio.to_thread.run_sync(lambda: client.containers.create(name="short"))
+    # The session ending is what its time to live running out does.
+    await daemon.running.client().close_session(container.id)
+
+    def check() -> None:
+        assert client.containers.retrieve(container.id).status == "expired"
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.containers.files.create(container.id, file=("x.txt", b"x"))
+        assert "expired" in refused.value.message
+
+    await anyio.to_thread.run_sync(check)
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
