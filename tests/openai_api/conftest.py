@@ -36,6 +36,7 @@ from openai.types.beta.threads import Message, MessageDeleted, Run
 from openai.types.beta.threads.runs import RunStep
 from openai.types.container_retrieve_response import ContainerRetrieveResponse
 from openai.types.containers.file_retrieve_response import FileRetrieveResponse
+from openai.types.responses import Response, ResponseItem
 
 from tests.daemon.conftest import DaemonFactory, RunningDaemon
 from tests.daemon.conftest import daemon_factory as daemon_factory  # noqa: F401 - a fixture
@@ -268,9 +269,11 @@ _BY_OBJECT: dict[str, type[pydantic.BaseModel]] = {
     "thread.run.step": RunStep,
     "container": ContainerRetrieveResponse,
     "container.file": FileRetrieveResponse,
+    "response": Response,
 }
+_RESPONSE_ITEM: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseItem)
 #: Deleted objects the openai package has no type for (its delete methods return None).
-_DELETED = ("container.deleted", "container.file.deleted")
+_DELETED = ("container.deleted", "container.file.deleted", "response.deleted")
 _STREAM_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(AssistantStreamEvent)
 
 
@@ -292,6 +295,10 @@ def check_body(data: Any, checked: Checked, status: int) -> None:
         checked.errors.append(data["error"])
         return
     kind = data.get("object")
+    if kind is None and "type" in data:  # a response's input item
+        _RESPONSE_ITEM.validate_python(data)
+        checked.bodies.append(f"item:{data['type']}")
+        return
     if kind == "list":
         assert set(data) == {"object", "data", "first_id", "last_id", "has_more"}, data
         for item in data["data"]:

@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandkernel.openai_api.errors import APIError, bad_request, from_validation_error, unauthorized
 from sandkernel.openai_api.events import Subscription
+from sandkernel.openai_api.responses import ResponseCreate
 from sandkernel.openai_api.service import AssistantsService
 from sandkernel.openai_api.wire import (
     AssistantCreate,
@@ -399,6 +400,21 @@ def _routes(service: AssistantsService) -> list[tuple[str, list[str], Handler]]:
             },
         )
 
+    r = service.responses
+
+    async def responses(request: Request) -> Response:
+        return _json(await r.create(await _body(request, ResponseCreate)))
+
+    async def response(request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        if request.method == "DELETE":
+            return _json(await r.delete(response_id))
+        return _json(await r.get(response_id))
+
+    async def input_items(request: Request) -> Response:
+        order = _order(request.query_params.get("order"))
+        return _json(await r.input_items(request.path_params["response_id"], order=order))
+
     get, post, delete = "GET", "POST", "DELETE"
     threads_runs = "/threads/{thread_id}/runs"
     return [
@@ -419,6 +435,9 @@ def _routes(service: AssistantsService) -> list[tuple[str, list[str], Handler]]:
         (threads_runs + "/{run_id}/submit_tool_outputs", [post], submit_tool_outputs),
         (threads_runs + "/{run_id}/steps", [get], steps),
         (threads_runs + "/{run_id}/steps/{step_id}", [get], step),
+        ("/responses", [post], responses),
+        ("/responses/{response_id}", [get, delete], response),
+        ("/responses/{response_id}/input_items", [get], input_items),
         ("/containers", [get, post], containers),
         ("/containers/{container_id}", [get, delete], container),
         ("/containers/{container_id}/files", [get, post], container_files),

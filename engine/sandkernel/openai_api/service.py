@@ -28,6 +28,7 @@ from sandkernel.openai_api.containers import Containers
 from sandkernel.openai_api.errors import bad_request, from_engine_error, not_found
 from sandkernel.openai_api.events import RunEvents, Subscription
 from sandkernel.openai_api.placement import Placement
+from sandkernel.openai_api.responses import Responses
 from sandkernel.openai_api.runs import PYTHON, RunDriver, RunLimits, now
 from sandkernel.openai_api.state import ApiState, RunState, ThreadBusy, UnknownCursor
 from sandkernel.openai_api.wire import (
@@ -106,6 +107,7 @@ class AssistantsService:
         self.events = RunEvents()
         self.placement = Placement(engine, self.state)
         self.containers = Containers(engine, self.state)
+        self.responses = Responses(self.state, self.containers, model)
         self.model = model
         self.driver = RunDriver(engine, self.state, self.events, self.placement, model, limits)
         self._tasks: anyio.abc.TaskGroup | None = None

@@ -41,12 +41,13 @@ from sandkernel.openai_api.wire import (
     IncompleteDetails,
     LastError,
     Message,
+    ResponseObject,
     Run,
     RunStep,
     Thread,
 )
 
-Stored = Assistant | Thread | Message | Run | RunStep | Container
+Stored = Assistant | Thread | Message | Run | RunStep | Container | ResponseObject
 T = TypeVar("T", bound=BaseModel)
 
 _KINDS: Final[dict[type[BaseModel], str]] = {
@@ -56,6 +57,7 @@ _KINDS: Final[dict[type[BaseModel], str]] = {
     Run: "run",
     RunStep: "step",
     Container: "container",
+    ResponseObject: "response",
 }
 _SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
@@ -104,6 +106,16 @@ class RunState(BaseModel):
         default_factory=list,
         description="(file id, sandbox path) of files written, not yet shown in a message",
     )
+
+
+class ResponseState(BaseModel):
+    """What a response keeps that OpenAI's object does not show."""
+
+    transcript: list[dict[str, Any]] = Field(
+        default_factory=list, description="the chat turns so far, this response's included"
+    )
+    input_items: list[dict[str, Any]] = Field(default_factory=list)
+    container_id: str | None = None
 
 
 class ThreadState(BaseModel):
@@ -446,7 +458,7 @@ class ApiState:
             )
 
 
-PrivateT = TypeVar("PrivateT", RunState, ThreadState)
+PrivateT = TypeVar("PrivateT", RunState, ThreadState, ResponseState)
 
 
 def _filters(
@@ -464,9 +476,15 @@ def _filters(
 
 
 def _upsert(conn: sqlite3.Connection, obj: Stored, private: BaseModel | None) -> None:
-    thread_id = None if isinstance(obj, Assistant | Thread | Container) else obj.thread_id
+    thread_id = (
+        None if isinstance(obj, Assistant | Thread | Container | ResponseObject) else obj.thread_id
+    )
     run_id = obj.run_id if isinstance(obj, Message | RunStep) else None
-    status = obj.status if isinstance(obj, Message | Run | RunStep | Container) else None
+    status = (
+        obj.status
+        if isinstance(obj, Message | Run | RunStep | Container | ResponseObject)
+        else None
+    )
     conn.execute(
         "INSERT INTO objects (id, kind, thread_id, run_id, status, data, private)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)"

@@ -573,6 +573,32 @@ class ContainerFile(_Object):
     source: Literal["user", "assistant"]
 
 
+# --------------------------------------------------------------------------- responses
+
+
+class ResponseObject(_Object):
+    """A response of the Responses API (output items as the ``openai`` package reads them)."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "failed", "incomplete", "in_progress", "queued"]
+    model: str
+    output: list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]]
+    tool_choice: str | dict[str, Any]
+    parallel_tool_calls: bool
+    previous_response_id: str | None = None
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    incomplete_details: dict[str, Any] | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    temperature: float | None = None
+    top_p: float | None = None
+    max_output_tokens: int | None = None
+
+
 # --------------------------------------------------------------------------- lists
 
 

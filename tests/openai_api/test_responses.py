@@ -1,0 +1,228 @@
+"""The Responses API's code_interpreter tool under /openai, with the real openai client."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import openai
+import pytest
+from openai.types.responses import Response, ResponseCodeInterpreterToolCall, ResponseOutputMessage
+
+from tests.openai_api.conftest import DEPLOYMENT, OpenAIDaemonFactory, Reply, code_call, in_order
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
+AUTO = [{"type": "code_interpreter", "container": {"type": "auto"}}]
+OUTPUTS: list[Any] = ["code_interpreter_call.outputs"]
+
+
+def _code_calls(response: Response) -> list[ResponseCodeInterpreterToolCall]:
+    return [i for i in response.output if isinstance(i, ResponseCodeInterpreterToolCall)]
+
+
+def _message(response: Response) -> ResponseOutputMessage:
+    (message,) = [i for i in response.output if isinstance(i, ResponseOutputMessage)]
+    return message
+
+
+async def test_code_runs_in_an_auto_container_and_its_file_is_cited(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(
+            calls=[
+                code_call(
+                    "c1",
+                    "open('/mnt/data/report.txt', 'w').write('hello report')\nprint('written')",
+                )
+            ]
+        ),
+        Reply(content="Done: sandbox:/mnt/data/report.txt"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        response = client.responses.create(
+            model=DEPLOYMENT, tools=AUTO, input="Write a report", include=OUTPUTS
+        )
+        assert response.status == "completed"
+        (call,) = _code_calls(response)
+        assert call.status == "completed" and "report.txt" in (call.code or "")
+        assert call.outputs is not None
+        assert [o.type for o in call.outputs] == ["logs"]
+        assert "written" in call.outputs[0].logs  # type: ignore[union-attr]
+        text = _message(response).content[0]
+        assert text.type == "output_text" and text.text == "Done: sandbox:/mnt/data/report.txt"
+        (citation,) = text.annotations
+        assert citation.type == "container_file_citation"
+        assert (citation.container_id, citation.filename) == (call.container_id, "report.txt")
+        assert text.text[citation.start_index : citation.end_index] == "/mnt/data/report.txt"
+        content = client.containers.files.content.retrieve(
+            citation.file_id, container_id=call.container_id
+        )
+        assert content.read() == b"hello report"
+        listed = {f.path: f.source for f in client.containers.files.list(call.container_id)}
+        assert listed == {"/mnt/data/report.txt": "assistant"}
+        assert response.usage is not None and response.usage.total_tokens == 30  # two turns
+        assert client.responses.retrieve(response.id).output == response.output
+        items = client.responses.input_items.list(response.id)
+        assert [i.type for i in items] == ["message"]
+        client.responses.delete(response.id)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(response.id)
+
+    await anyio.to_thread.run_sync(exercise)
+    assert daemon.clients.checked.bodies.count("response") >= 2
+    assert "item:message" in daemon.clients.checked.bodies
+
+
+async def test_previous_response_continues_in_the_same_container(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", "x = 41")]),
+        Reply(content="x is set"),
+        Reply(calls=[code_call("c2", "print(x + 1)")]),
+        Reply(content="42"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        first = client.responses.create(model=DEPLOYMENT, tools=AUTO, input="Set x")
+        assert _code_calls(first)[0].outputs is None  # not asked for with include
+        second = client.responses.create(
+            model=DEPLOYMENT,
+            tools=AUTO,
+            input="Add one",
+            previous_response_id=first.id,
+            include=OUTPUTS,
+        )
+        (call,) = _code_calls(second)
+        assert call.container_id == _code_calls(first)[0].container_id
+        assert call.outputs is not None and call.outputs[0].logs.strip() == "42"  # type: ignore[union-attr]
+
+    await anyio.to_thread.run_sync(exercise)
+    assert daemon.model is not None
+    last = daemon.model.requests[-1]["messages"]
+    users = [m["content"] for m in last if m["role"] == "user"]
+    assert users == ["Set x", "Add one"]
+
+
+async def test_a_caller_function_gives_a_function_call_item(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[("call-1", "get_weather", json.dumps({"city": "Paris"}))]),
+        Reply(content="It is sunny in Paris."),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+    weather = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+
+    def exercise() -> None:
+        asked = client.responses.create(
+            model=DEPLOYMENT,
+            tools=[*AUTO, weather],  # type: ignore[list-item]
+            tool_choice={"type": "function", "name": "get_weather"},
+            input="Weather in Paris?",
+        )
+        (call,) = asked.output
+        assert call.type == "function_call"
+        assert (call.name, json.loads(call.arguments), call.call_id) == (
+            "get_weather",
+            {"city": "Paris"},
+            "call-1",
+        )
+        answered = client.responses.create(
+            model=DEPLOYMENT,
+            tools=[*AUTO, weather],  # type: ignore[list-item]
+            previous_response_id=asked.id,
+            input=[{"type": "function_call_output", "call_id": "call-1", "output": "sunny"}],
+        )
+        assert answered.output_text == "It is sunny in Paris."
+
+    await anyio.to_thread.run_sync(exercise)
+    assert daemon.model is not None
+    first, second = daemon.model.requests
+    assert first["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert {"role": "tool", "tool_call_id": "call-1", "content": "sunny"} in second["messages"]
+
+
+async def test_an_expired_container_is_replaced_for_the_next_auto_response(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", "x = 1")]),
+        Reply(content="set"),
+        Reply(calls=[code_call("c2", "print('x' in globals())")]),
+        Reply(content="fresh"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+    first = await anyio.to_thread.run_sync(
+        lambda: client.responses.create(model=DEPLOYMENT, tools=AUTO, input="Set x")
+    )
+    old = _code_calls(first)[0].container_id
+    # The session ending is what its time to live running out does.
+    await daemon.running.client().close_session(old)
+
+    def exercise() -> None:
+        assert client.containers.retrieve(old).status == "expired"
+        second = client.responses.create(
+            model=DEPLOYMENT,
+            tools=AUTO,
+            input="Is x there?",
+            previous_response_id=first.id,
+            include=OUTPUTS,
+        )
+        (call,) = _code_calls(second)
+        assert call.container_id != old
+        assert client.containers.retrieve(call.container_id).status == "running"
+        assert call.outputs is not None and call.outputs[0].logs.strip() == "False"  # type: ignore[union-attr]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(
+                model=DEPLOYMENT,
+                tools=[{"type": "code_interpreter", "container": old}],
+                input="again",
+            )
+        assert "expired" in refused.value.message
+
+    await anyio.to_thread.run_sync(exercise)
+
+
+async def test_a_named_container_runs_the_code_and_sees_its_files(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", "print(open('/mnt/data/data.csv').read().strip())")]),
+        Reply(content="read it"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        container = client.containers.create(name="named")
+        client.containers.files.create(container.id, file=("data.csv", b"a,b\n1,2\n"))
+        response = client.responses.create(
+            model=DEPLOYMENT,
+            tools=[{"type": "code_interpreter", "container": container.id}],
+            input="Read data.csv",
+            include=OUTPUTS,
+        )
+        (call,) = _code_calls(response)
+        assert call.container_id == container.id
+        assert call.outputs is not None and call.outputs[0].logs == "a,b\n1,2\n"  # type: ignore[union-attr]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(
+                model=DEPLOYMENT, tools=[{"type": "web_search"}], input="search"
+            )
+        assert refused.value.body is not None and "web_search" in str(refused.value.body)
+
+    await anyio.to_thread.run_sync(exercise)
