@@ -36,7 +36,7 @@ from openai.types.beta.threads import Message, MessageDeleted, Run
 from openai.types.beta.threads.runs import RunStep
 from openai.types.container_retrieve_response import ContainerRetrieveResponse
 from openai.types.containers.file_retrieve_response import FileRetrieveResponse
-from openai.types.responses import Response, ResponseItem
+from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 
 from tests.daemon.conftest import DaemonFactory, RunningDaemon
 from tests.daemon.conftest import daemon_factory as daemon_factory  # noqa: F401 - a fixture
@@ -272,6 +272,7 @@ _BY_OBJECT: dict[str, type[pydantic.BaseModel]] = {
     "response": Response,
 }
 _RESPONSE_ITEM: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseItem)
+_RESPONSE_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseStreamEvent)
 #: Deleted objects the openai package has no type for (its delete methods return None).
 _DELETED = ("container.deleted", "container.file.deleted", "response.deleted")
 _STREAM_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(AssistantStreamEvent)
@@ -327,6 +328,10 @@ def _no_extra_fields(model: type[pydantic.BaseModel], data: dict[str, Any]) -> N
 def check_event(event: str, data: str, checked: Checked) -> None:
     if event == "done":
         assert data == "[DONE]"
+    elif event.startswith("response."):
+        parsed = json.loads(data)
+        assert parsed["type"] == event, (event, parsed)
+        _RESPONSE_EVENT.validate_python(parsed)
     else:
         _STREAM_EVENT.validate_python({"event": event, "data": json.loads(data)})
     checked.events.append(event)

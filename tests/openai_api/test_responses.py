@@ -226,3 +226,49 @@ async def test_a_named_container_runs_the_code_and_sees_its_files(
         assert refused.value.body is not None and "web_search" in str(refused.value.body)
 
     await anyio.to_thread.run_sync(exercise)
+
+
+async def test_streaming_sends_openai_event_sequence(openai_daemon: OpenAIDaemonFactory) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", "open('/mnt/data/out.txt', 'w').write('streamed')")]),
+        Reply(content="Saved to sandbox:/mnt/data/out.txt for you."),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> list[Any]:
+        with client.responses.create(
+            model=DEPLOYMENT, tools=AUTO, input="Save it", include=OUTPUTS, stream=True
+        ) as stream:
+            return list(stream)
+
+    events = await anyio.to_thread.run_sync(exercise)
+    kinds = [e.type for e in events]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.code_interpreter_call.in_progress",
+        "response.code_interpreter_call_code.delta",
+        "response.code_interpreter_call_code.done",
+        "response.code_interpreter_call.interpreting",
+        "response.code_interpreter_call.completed",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * kinds.count("response.output_text.delta"),
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert kinds.count("response.output_text.delta") > 1  # the text came as it was generated
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == "Saved to sandbox:/mnt/data/out.txt for you."
+    completed = events[-1].response
+    (citation,) = completed.output[-1].content[0].annotations
+    assert citation.filename == "out.txt"
+    stored = await anyio.to_thread.run_sync(lambda: client.responses.retrieve(completed.id))
+    assert stored.output_text == deltas
+    assert len(daemon.clients.checked.events) == len(events)  # each one validated

@@ -403,7 +403,14 @@ def _routes(service: AssistantsService) -> list[tuple[str, list[str], Handler]]:
     r = service.responses
 
     async def responses(request: Request) -> Response:
-        return _json(await r.create(await _body(request, ResponseCreate)))
+        body = await _body(request, ResponseCreate)
+        if not body.stream:
+            return _json(await r.create(body))
+        return StreamingResponse(
+            await r.stream(body),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def response(request: Request) -> Response:
         response_id = request.path_params["response_id"]

@@ -17,8 +17,10 @@ same container its variables are still there.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Literal
 
@@ -60,6 +62,20 @@ class ResponseCreate(BaseModel):
     top_p: float | None = None
     max_output_tokens: int | None = None
     parallel_tool_calls: bool = True
+
+
+@dataclass
+class _Prepared:
+    """A checked request, its container ready: what answering it needs."""
+
+    body: ResponseCreate
+    response: ResponseObject
+    session: SessionAPI | None
+    functions: dict[str, dict[str, Any]]
+    code: bool
+    transcript: list[dict[str, Any]]
+    input_items: list[dict[str, Any]]
+    container_id: str | None
 
 
 def _now() -> int:
@@ -115,16 +131,45 @@ class Responses:
         return saved
 
     async def create(self, body: ResponseCreate) -> ResponseObject:
+        """Answer ``body`` (without streaming)."""
+        prepared = await self._prepare(body)
+        return await self._answer(prepared, _no_events)
+
+    async def stream(self, body: ResponseCreate) -> AsyncIterator[bytes]:
+        """Answer ``body`` as OpenAI's Server-Sent Events.
+
+        What the caller got wrong is raised here, before any event is sent.
+        """
+        prepared = await self._prepare(body)
+        return self._events(prepared)
+
+    async def _events(self, prepared: _Prepared) -> AsyncIterator[bytes]:
+        sent, received = anyio.create_memory_object_stream[bytes](64)
+        sequence = 0
+
+        async def emit(kind: str, data: dict[str, Any]) -> None:
+            nonlocal sequence
+            event = {"type": kind, "sequence_number": sequence, **data}
+            sequence += 1
+            await sent.send(f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode())
+
+        async def answer() -> None:
+            async with sent:
+                await self._answer(prepared, emit)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(answer)
+            async with received:
+                async for chunk in received:
+                    yield chunk
+
+    async def _prepare(self, body: ResponseCreate) -> _Prepared:
         if self.model is None:
             raise bad_request(
                 "this sandkernel daemon has no chat model to answer with: start it with "
                 "`sandkernel serve --model-url URL` (an OpenAI-compatible endpoint)",
                 "model",
                 code="model_not_configured",
-            )
-        if body.stream:
-            raise bad_request(
-                "stream: true is not served for responses yet; ask without it.", "stream"
             )
         history = ResponseState()
         if body.previous_response_id is not None:
@@ -134,34 +179,57 @@ class Responses:
         if code_tool is not None:
             session = await self._container(code_tool, history.container_id)
         input_items, messages = _input(body.input)
-        transcript = [*history.transcript, *messages]
-        turn = _Turn(body, session, functions, code_tool is not None)
-        run = await turn.run(self.model, transcript)
         response = ResponseObject(
             id=new_id("resp"),
             created_at=_now(),
-            status=run.status,
+            status="in_progress",
             model=body.model,
-            output=run.output,
+            output=[],
             instructions=body.instructions,
             tools=body.tools,
             tool_choice=body.tool_choice,
             parallel_tool_calls=body.parallel_tool_calls,
             previous_response_id=body.previous_response_id,
-            usage=run.usage(),
-            error=run.error,
             metadata=body.metadata or {},
             temperature=body.temperature,
             top_p=body.top_p,
             max_output_tokens=body.max_output_tokens,
         )
-        if body.store:
+        return _Prepared(
+            body=body,
+            response=response,
+            session=session,
+            functions=functions,
+            code=code_tool is not None,
+            transcript=[*history.transcript, *messages],
+            input_items=input_items,
+            container_id=session.id if session is not None else history.container_id,
+        )
+
+    async def _answer(self, prepared: _Prepared, emit: Emit) -> ResponseObject:
+        assert self.model is not None
+        started = {"response": prepared.response.model_dump(mode="json")}
+        await emit("response.created", started)
+        await emit("response.in_progress", started)
+        turn = _Turn(prepared.body, prepared.session, prepared.functions, prepared.code, emit)
+        await turn.run(self.model, prepared.transcript)
+        response = prepared.response.model_copy(
+            update={
+                "status": turn.status,
+                "output": turn.output,
+                "usage": turn.usage(),
+                "error": turn.error,
+            }
+        )
+        if prepared.body.store:
             saved = ResponseState(
-                transcript=transcript,
-                input_items=input_items,
-                container_id=session.id if session is not None else history.container_id,
+                transcript=prepared.transcript,
+                input_items=prepared.input_items,
+                container_id=prepared.container_id,
             )
             await self._db(self.state.save, response, private={response.id: saved})
+        ended = "response.completed" if turn.status == "completed" else f"response.{turn.status}"
+        await emit(ended, {"response": response.model_dump(mode="json")})
         return response
 
     async def _container(self, tool: dict[str, Any], previous: str | None) -> SessionAPI:
@@ -187,8 +255,15 @@ class Responses:
         return await self.containers.session(created.id)
 
 
+Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+async def _no_events(kind: str, data: dict[str, Any]) -> None:
+    return None
+
+
 class _Turn:
-    """One response's model turns and code calls."""
+    """One response's model turns and code calls, telling ``emit`` each step as it happens."""
 
     def __init__(
         self,
@@ -196,11 +271,13 @@ class _Turn:
         session: SessionAPI | None,
         functions: dict[str, dict[str, Any]],
         code: bool,
+        emit: Emit = _no_events,
     ) -> None:
         self.body = body
         self.session = session
         self.functions = functions
         self.code = code
+        self.emit = emit
         self.output: list[dict[str, Any]] = []
         self.status: Literal["completed", "failed", "incomplete"] = "completed"
         self.error: dict[str, Any] | None = None
@@ -235,6 +312,16 @@ class _Turn:
             return {"type": "function", "function": {"name": choice.get("name")}}
         return "auto"
 
+    async def _add_item(self, item: dict[str, Any]) -> int:
+        self.output.append(item)
+        index = len(self.output) - 1
+        await self.emit("response.output_item.added", {"output_index": index, "item": item})
+        return index
+
+    async def _item_done(self, index: int) -> None:
+        item = self.output[index]
+        await self.emit("response.output_item.done", {"output_index": index, "item": item})
+
     async def run(self, model: AssistantModel, transcript: list[dict[str, Any]]) -> _Turn:
         system = [{"role": "system", "content": self._system()}]
         for index in range(MAX_TURNS):
@@ -248,8 +335,11 @@ class _Turn:
                 top_p=self.body.top_p,
                 parallel_tool_calls=self.body.parallel_tool_calls,
             )
+            text = _TextItem(self)
             try:
-                chat = await model.turn(request)
+                chat = await model.turn(
+                    request, on_text=text.delta if self.emit is not _no_events else None
+                )
             except ModelCallFailed as exc:
                 self.status = "failed"
                 self.error = {"code": "server_error", "message": str(exc)}
@@ -268,24 +358,16 @@ class _Turn:
                     for c in reply.tool_calls
                 ]
             transcript.append(assistant)
+            if reply.content or not reply.tool_calls:
+                await text.done(reply.content or "", final=not reply.tool_calls)
             if not reply.tool_calls:
-                self.output.append(self._message(reply.content or ""))
                 return self
             waiting = False
             for call in reply.tool_calls:
                 if call.name == PYTHON and self.code:
                     transcript.append(await self._run_code(call.id, call.arguments))
                 elif call.name in self.functions:
-                    self.output.append(
-                        {
-                            "type": "function_call",
-                            "id": new_id("fc"),
-                            "call_id": call.id,
-                            "name": call.name,
-                            "arguments": call.arguments,
-                            "status": "completed",
-                        }
-                    )
+                    await self._function_call(call.id, call.name, call.arguments)
                     waiting = True
                 else:
                     transcript.append(
@@ -299,6 +381,22 @@ class _Turn:
                 return self
         self.status = "incomplete"
         return self
+
+    async def _function_call(self, call_id: str, name: str, arguments: str) -> None:
+        item = {
+            "type": "function_call",
+            "id": new_id("fc"),
+            "call_id": call_id,
+            "name": name,
+            "arguments": "",
+            "status": "in_progress",
+        }
+        index = await self._add_item(item)
+        where = {"item_id": item["id"], "output_index": index}
+        await self.emit("response.function_call_arguments.delta", {**where, "delta": arguments})
+        await self.emit("response.function_call_arguments.done", {**where, "arguments": arguments})
+        item.update(arguments=arguments, status="completed")
+        await self._item_done(index)
 
     def _system(self) -> str:
         parts = [self.body.instructions.strip()] if self.body.instructions else []
@@ -315,19 +413,29 @@ class _Turn:
         item: dict[str, Any] = {
             "type": "code_interpreter_call",
             "id": new_id("ci"),
-            "code": code or "",
+            "code": "",
             "container_id": self.session.id,
-            "status": "completed",
+            "status": "in_progress",
             "outputs": None,
         }
-        self.output.append(item)
+        index = await self._add_item(item)
+        where = {"item_id": item["id"], "output_index": index}
+        await self.emit("response.code_interpreter_call.in_progress", where)
+        if code is not None:
+            await self.emit("response.code_interpreter_call_code.delta", {**where, "delta": code})
+        item["code"] = code or ""
+        await self.emit("response.code_interpreter_call_code.done", {**where, "code": item["code"]})
         if code is None:
             item["status"] = "failed"
+            await self._item_done(index)
             return {"role": "tool", "tool_call_id": call_id, "content": problem}
+        item["status"] = "interpreting"
+        await self.emit("response.code_interpreter_call.interpreting", where)
         try:
             result = await self.session.run(code)
         except SandkernelError as exc:
             item["status"] = "failed"
+            await self._item_done(index)
             return {"role": "tool", "tool_call_id": call_id, "content": f"Error: {exc}"}
         outputs: list[dict[str, Any]] = []
         logs = result.stdout + result.stderr + _result_tail(result)
@@ -340,20 +448,20 @@ class _Turn:
                 self.written.append((produced.id, produced.path))
         if _OUTPUTS in self.body.include:
             item["outputs"] = outputs
-        if result.status not in ("ok", "error"):
-            item["status"] = "incomplete"
+        item["status"] = "completed" if result.status in ("ok", "error") else "incomplete"
+        await self.emit("response.code_interpreter_call.completed", where)
+        await self._item_done(index)
         return {"role": "tool", "tool_call_id": call_id, "content": format_result(result)}
 
-    def _message(self, text: str) -> dict[str, Any]:
-        assert self.session is not None or not self.written
+    def citations(self, text: str) -> list[dict[str, Any]]:
+        """``container_file_citation`` annotations for the files the code wrote."""
         annotations = []
         seen: set[str] = set()
         for file_id, path in self.written:
-            if file_id in seen:
+            if file_id in seen or self.session is None:
                 continue
             seen.add(file_id)
             full = path if path.startswith("/") else f"{MNT_DATA}/{path}"
-            name = full.rsplit("/", 1)[-1]
             start = text.find(full)
             end = start + len(full)
             if start < 0:
@@ -361,22 +469,55 @@ class _Turn:
             annotations.append(
                 {
                     "type": "container_file_citation",
-                    "container_id": self.session.id if self.session else "",
+                    "container_id": self.session.id,
                     "file_id": file_id,
-                    "filename": name,
+                    "filename": full.rsplit("/", 1)[-1],
                     "start_index": start,
                     "end_index": end,
                 }
             )
-        return {
+        return annotations
+
+
+class _TextItem:
+    """A message item of the model's text: opened at its first delta, closed with ``done``."""
+
+    def __init__(self, turn: _Turn) -> None:
+        self.turn = turn
+        self.index: int | None = None
+        self.item: dict[str, Any] = {
             "type": "message",
             "id": new_id("msg"),
             "role": "assistant",
-            "status": "completed",
-            "content": [
-                {"type": "output_text", "text": text, "annotations": annotations, "logprobs": []}
-            ],
+            "status": "in_progress",
+            "content": [],
         }
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.item["id"], "output_index": self.index, "content_index": 0}
+
+    async def _open(self) -> None:
+        if self.index is None:
+            self.index = await self.turn._add_item(self.item)
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            await self.turn.emit("response.content_part.added", {**self._where(), "part": part})
+
+    async def delta(self, text: str) -> None:
+        await self._open()
+        await self.turn.emit(
+            "response.output_text.delta", {**self._where(), "delta": text, "logprobs": []}
+        )
+
+    async def done(self, text: str, *, final: bool) -> None:
+        await self._open()
+        assert self.index is not None
+        annotations = self.turn.citations(text) if final else []
+        part = {"type": "output_text", "text": text, "annotations": annotations, "logprobs": []}
+        where = self._where()
+        await self.turn.emit("response.output_text.done", {**where, "text": text, "logprobs": []})
+        await self.turn.emit("response.content_part.done", {**where, "part": part})
+        self.item.update(content=[part], status="completed")
+        await self.turn._item_done(self.index)
 
 
 def _tools(
