@@ -1,4 +1,4 @@
-"""OpenAI's Files and Assistants API (v2), served by the daemon over any engine and chat model.
+"""OpenAI's Files, Assistants (v2), Containers and Responses APIs, over any engine and model.
 
 What Azure OpenAI's and OpenAI's hosted "code interpreter" does, locally: the
 ``openai`` package's clients (``AzureOpenAI`` with the daemon as endpoint, or
@@ -15,6 +15,8 @@ it makes come back as file ids. One module per concept:
 ``chat``        the chat model runs call (any OpenAI-compatible endpoint)
 ``runs``        a run: model turns, code in the sandbox, tool outputs
 ``events``      a run's stream events (Server-Sent Events)
+``containers``  the Containers API: a container is a session, its files the session's
+``responses``   the Responses API's code_interpreter and function tools, over containers
 ``service``     each request's work, typed against the engine contract
 ``app``         the routes under ``/openai`` and ``/openai/v1``, and their gate
 ==============  ==========================================================

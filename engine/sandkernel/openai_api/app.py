@@ -15,6 +15,11 @@ and ignored. ::
     POST   /threads/{id}/runs (stream: true for events);  GET /threads/{id}/runs
     GET|POST /threads/{id}/runs/{id};  POST .../cancel;  POST .../submit_tool_outputs
     GET    /threads/{id}/runs/{id}/steps, .../steps/{id}
+    POST   /containers;  GET /containers;  GET|DELETE /containers/{id}
+    POST   /containers/{id}/files (multipart file, or file_id);  GET /containers/{id}/files
+    GET|DELETE /containers/{id}/files/{id};  GET /containers/{id}/files/{id}/content
+    POST   /responses (stream: true for events);  GET|DELETE /responses/{id}
+    GET    /responses/{id}/input_items
 
 :class:`OpenAIGate` sits in front of the daemon's own application: it sends
 ``/openai`` requests here, checked as the daemon checks its TCP requests (the
