@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 import anyio
 import openai
 import pytest
-from openai.types.responses import Response, ResponseCodeInterpreterToolCall, ResponseOutputMessage
+from openai.types.responses import (
+    FunctionToolParam,
+    Response,
+    ResponseCodeInterpreterToolCall,
+    ResponseOutputMessage,
+    ToolParam,
+)
 
 from tests.openai_api.conftest import DEPLOYMENT, OpenAIDaemonFactory, Reply, code_call, in_order
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
-AUTO = [{"type": "code_interpreter", "container": {"type": "auto"}}]
+AUTO: list[ToolParam] = [{"type": "code_interpreter", "container": {"type": "auto"}}]
 OUTPUTS: list[Any] = ["code_interpreter_call.outputs"]
 
 
@@ -120,16 +127,17 @@ async def test_a_caller_function_gives_a_function_call_item(
     )
     daemon = await openai_daemon(script)
     client = daemon.openai()
-    weather = {
+    weather: FunctionToolParam = {
         "type": "function",
         "name": "get_weather",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "strict": False,
     }
 
     def exercise() -> None:
         asked = client.responses.create(
             model=DEPLOYMENT,
-            tools=[*AUTO, weather],  # type: ignore[list-item]
+            tools=[*AUTO, weather],
             tool_choice={"type": "function", "name": "get_weather"},
             input="Weather in Paris?",
         )
@@ -142,7 +150,7 @@ async def test_a_caller_function_gives_a_function_call_item(
         )
         answered = client.responses.create(
             model=DEPLOYMENT,
-            tools=[*AUTO, weather],  # type: ignore[list-item]
+            tools=[*AUTO, weather],
             previous_response_id=asked.id,
             input=[{"type": "function_call_output", "call_id": "call-1", "output": "sunny"}],
         )
@@ -272,3 +280,29 @@ async def test_streaming_sends_openai_event_sequence(openai_daemon: OpenAIDaemon
     stored = await anyio.to_thread.run_sync(lambda: client.responses.retrieve(completed.id))
     assert stored.output_text == deltas
     assert len(daemon.clients.checked.events) == len(events)  # each one validated
+
+
+async def test_a_shown_chart_is_an_image_output(openai_daemon: OpenAIDaemonFactory) -> None:
+    chart = (
+        "import matplotlib.pyplot as plt\n"
+        "plt.figure(figsize=(3, 2))\n"
+        "plt.plot([0, 1, 2], [11, 14, 17])\n"
+        "plt.show()\n"
+    )
+    daemon = await openai_daemon(
+        in_order(Reply(calls=[code_call("c1", chart)]), Reply(content="Here it is."))
+    )
+    client = daemon.openai()
+    response = await anyio.to_thread.run_sync(
+        lambda: client.responses.create(
+            model=DEPLOYMENT, tools=AUTO, input="Plot it", include=OUTPUTS
+        )
+    )
+    (call,) = _code_calls(response)
+    assert call.outputs is not None
+    (image,) = [o for o in call.outputs if o.type == "image"]
+    head, _, encoded = image.url.partition(",")
+    assert head == "data:image/png;base64"
+    assert base64.b64decode(encoded).startswith(b"\x89PNG\r\n\x1a\n")
+    text = _message(response).content[0]
+    assert text.type == "output_text" and text.annotations == []  # a shown image is no file

@@ -17,6 +17,7 @@ same container its variables are still there.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,9 +34,10 @@ from sandkernel.loop import format_result, python_tool
 from sandkernel.openai_api.chat import AssistantModel, ChatRequest
 from sandkernel.openai_api.containers import MNT_DATA, Containers
 from sandkernel.openai_api.errors import APIError, bad_request, not_found
-from sandkernel.openai_api.runs import _code_argument, _result_tail
+from sandkernel.openai_api.runs import code_argument, result_tail
 from sandkernel.openai_api.state import ApiState, ResponseState
 from sandkernel.openai_api.wire import ContainerCreate, Deleted, Page, ResponseObject, new_id
+from sandkernel.results import ProducedFile
 
 PYTHON: Final = str(python_tool()["function"]["name"])
 #: Model turns one response may take (each code call is one).
@@ -211,7 +213,14 @@ class Responses:
         started = {"response": prepared.response.model_dump(mode="json")}
         await emit("response.created", started)
         await emit("response.in_progress", started)
-        turn = _Turn(prepared.body, prepared.session, prepared.functions, prepared.code, emit)
+        turn = _Turn(
+            prepared.body,
+            prepared.session,
+            prepared.functions,
+            prepared.code,
+            emit,
+            self.containers.engine.download,
+        )
         await turn.run(self.model, prepared.transcript)
         response = prepared.response.model_copy(
             update={
@@ -272,12 +281,14 @@ class _Turn:
         functions: dict[str, dict[str, Any]],
         code: bool,
         emit: Emit = _no_events,
+        download: Callable[[str], Awaitable[bytes]] | None = None,
     ) -> None:
         self.body = body
         self.session = session
         self.functions = functions
         self.code = code
         self.emit = emit
+        self.download = download
         self.output: list[dict[str, Any]] = []
         self.status: Literal["completed", "failed", "incomplete"] = "completed"
         self.error: dict[str, Any] | None = None
@@ -409,7 +420,7 @@ class _Turn:
 
     async def _run_code(self, call_id: str, arguments: str) -> dict[str, Any]:
         assert self.session is not None
-        code, problem = _code_argument(arguments)
+        code, problem = code_argument(arguments)
         item: dict[str, Any] = {
             "type": "code_interpreter_call",
             "id": new_id("ci"),
@@ -438,12 +449,12 @@ class _Turn:
             await self._item_done(index)
             return {"role": "tool", "tool_call_id": call_id, "content": f"Error: {exc}"}
         outputs: list[dict[str, Any]] = []
-        logs = result.stdout + result.stderr + _result_tail(result)
+        logs = result.stdout + result.stderr + result_tail(result)
         if logs:
             outputs.append({"type": "logs", "logs": logs})
         for produced in result.files:
             if produced.source == "display":
-                outputs.append({"type": "image", "url": f"/files/{produced.id}/content"})
+                outputs.append({"type": "image", "url": await self._image_url(produced)})
             else:
                 self.written.append((produced.id, produced.path))
         if _OUTPUTS in self.body.include:
@@ -452,6 +463,13 @@ class _Turn:
         await self.emit("response.code_interpreter_call.completed", where)
         await self._item_done(index)
         return {"role": "tool", "tool_call_id": call_id, "content": format_result(result)}
+
+    async def _image_url(self, produced: ProducedFile) -> str:
+        """A ``data:`` URL of a displayed image: usable as is, with no second request."""
+        if self.download is None:
+            return f"sandbox:{produced.path}"
+        content = await self.download(produced.id)
+        return f"data:{produced.mime_type};base64,{base64.b64encode(content).decode()}"
 
     def citations(self, text: str) -> list[dict[str, Any]]:
         """``container_file_citation`` annotations for the files the code wrote."""

@@ -488,7 +488,7 @@ class _Progress:
         shown: list[tuple[ToolCall, CodeInterpreterCall | FunctionToolCall]] = []
         for call in calls:
             if call.name == PYTHON and space is not None:
-                code, _ = _code_argument(call.arguments)
+                code, _ = code_argument(call.arguments)
                 shown.append(
                     (
                         call,
@@ -590,7 +590,7 @@ class _Progress:
     ) -> CodeInterpreterCall:
         """Run one code call in the session; the model gets the result as the tool's answer."""
         limits = self.driver.limits
-        code, problem = _code_argument(call.arguments)
+        code, problem = code_argument(call.arguments)
         self.emit_tool_delta(
             index,
             {
@@ -614,7 +614,7 @@ class _Progress:
         last = self.rs.code_calls >= limits.max_code_calls
         logs = _Logs(self, index)
         result = await _execute(space.session, code, logs)
-        logs.add(_result_tail(result))
+        logs.add(result_tail(result))
         outputs: list[LogsOutput | ImageOutput] = []
         if logs.text:
             outputs.append(LogsOutput(logs=logs.text))
@@ -802,7 +802,7 @@ async def _execute(session: SessionAPI, code: str, logs: _Logs) -> ExecutionResu
     raise SandkernelError("the session's stream ended without a result")
 
 
-def _result_tail(result: ExecutionResult) -> str:
+def result_tail(result: ExecutionResult) -> str:
     """What the logs show after the streamed output: the value, the error, why it stopped."""
     tail = []
     if result.value is not None:
@@ -817,7 +817,7 @@ def _result_tail(result: ExecutionResult) -> str:
     return "".join(tail)
 
 
-def _code_argument(arguments: str) -> tuple[str | None, str]:
+def code_argument(arguments: str) -> tuple[str | None, str]:
     """The ``code`` argument of a python call, or what to tell the model instead."""
     expected = 'Call the python tool with JSON arguments like {"code": "print(1 + 1)"}.'
     try:
