@@ -26,6 +26,7 @@ from sandkernel.daemon.records import SessionRecords
 from sandkernel.daemon.server import DaemonConfig, bind_tcp_socket, bind_unix_socket
 from sandkernel.errors import (
     FileRejected,
+    FileTooLarge,
     KernelDead,
     PoolExhausted,
     SessionExpired,
@@ -76,7 +77,7 @@ def test_every_engine_error_has_its_status_and_comes_back_as_its_class() -> None
         (SessionLimitReached("x"), 429),
         (PoolExhausted("x"), 503),
         (FileRejected("upload rejected: .exe is not a supported type"), 422),
-        (FileRejected("upload rejected: 'a' is larger than the 1 KiB size cap"), 413),
+        (FileTooLarge("upload rejected: 'a' is larger than the 1 KiB size cap"), 413),
         (ValueError("invalid session id"), 400),
         (RuntimeError("bug"), 500),
     ]

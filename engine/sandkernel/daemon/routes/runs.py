@@ -136,7 +136,7 @@ def _json(model: BaseModel) -> Response:
 def add_run_routes(app: FastAPI, engine: ServedEngine, *, default_batch_concurrency: int) -> None:
     """Add the one-shot routes to the daemon's application.
 
-    Their requests must come through :class:`~sandkernel.daemon.app.RunAdmissionGate`,
+    Their requests must come through :class:`~sandkernel.daemon.middleware.RunAdmissionGate`,
     which admits them; ``default_batch_concurrency`` is the lines a ``/v1/runs``
     batch that names no concurrency may have in flight.
     """

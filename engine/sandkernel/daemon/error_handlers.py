@@ -1,0 +1,124 @@
+"""How the daemon answers an exception, wherever it was raised: one place for all of them.
+
+- a class of the tree (:mod:`sandkernel.errors`), or a foreign exception it maps
+  (``FOREIGN_ERRORS``), with the status the class carries;
+- an invalid body or parameter as ``InvalidRequest``: 400 for malformed JSON, else 422;
+- Starlette's own refusals (no such route, wrong method, a body FastAPI could
+  not parse, a :class:`~sandkernel.daemon.responses.Refusal`) in the same shape;
+- anything else as a logged 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+
+from sandkernel.daemon.responses import Refusal, error_body, error_response
+from sandkernel.errors import (
+    FOREIGN_ERRORS,
+    INTERNAL_ERROR,
+    InvalidRequest,
+    RequestTooLarge,
+    SandkernelError,
+    http_status_of,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _validation_details(exc: RequestValidationError) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether the JSON itself was malformed, and each failure (without echoing input)."""
+    details = []
+    malformed = False
+    for error in exc.errors():
+        malformed = malformed or error.get("type") == "json_invalid"
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        reason = str(error.get("msg", ""))
+        if error.get("type") == "json_invalid":
+            reason = f"malformed JSON: {error.get('ctx', {}).get('error', 'cannot be parsed')}"
+        details.append({"loc": where, "msg": reason, "type": str(error.get("type", ""))})
+    return malformed, details
+
+
+#: Starlette's own refusals, by status: the ``type`` each is answered with.
+_HTTP_ERROR_TYPES: Final = {
+    400: InvalidRequest.__name__,  # a form or body FastAPI could not parse
+    404: "NotFound",  # no such route
+    405: "MethodNotAllowed",
+    413: RequestTooLarge.__name__,
+}
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route of ``path`` answers (Starlette's 405 names one route's only)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods |= route.methods or set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Answer every exception in the daemon's error shape, with the status its class carries."""
+
+    async def engine_error(request: Request, exc: Exception) -> Response:
+        return error_response(http_status_of(exc), error_body(exc))
+
+    async def invalid_request(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        malformed, details = _validation_details(exc)
+        summary = "; ".join(f"{d['loc']}: {d['msg']}" for d in details[:5])
+        body = {
+            "error": {
+                "type": InvalidRequest.__name__,
+                "message": f"invalid request: {summary}",
+                "details": details,
+            }
+        }
+        return error_response(InvalidRequest.http_status if malformed else 422, body)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if isinstance(exc, Refusal):
+            return error_response(exc.error.http_status, error_body(exc.error))
+        error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "HTTPError")
+        message = str(exc.detail)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path} (see /openapi.json)"
+        elif exc.status_code == 405:
+            allowed = _allowed_methods(app, request.url.path)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not served at {request.url.path}: use " + ", ".join(
+                allowed
+            )
+        body = {"error": {"type": error_type, "message": message}}
+        response = error_response(exc.status_code, body)
+        response.headers.update(headers)
+        return response
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(
+            500, {"error": {"type": INTERNAL_ERROR, "message": f"internal error: {exc!r}"}}
+        )
+
+    handlers: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
+        SandkernelError: engine_error,
+        # Other libraries' errors that cross as a class of the tree (a ValueError).
+        **{foreign: engine_error for foreign, _ in FOREIGN_ERRORS},
+        RequestValidationError: invalid_request,
+        HTTPException: http_error,
+        Exception: internal_error,
+    }
+    for cls, handler in handlers.items():
+        app.add_exception_handler(cls, handler)
