@@ -232,6 +232,20 @@ async def test_a_named_container_runs_the_code_and_sees_its_files(
                 model=DEPLOYMENT, tools=[{"type": "web_search"}], input="search"
             )
         assert refused.value.body is not None and "web_search" in str(refused.value.body)
+        with pytest.raises(openai.BadRequestError) as unknown:
+            client.responses.create(
+                model=DEPLOYMENT,
+                tools=AUTO,
+                tool_choice={"type": "function", "name": "missing"},
+                input="call it",
+            )
+        assert unknown.value.param == "tool_choice.name"
+        with pytest.raises(openai.NotFoundError):
+            client.responses.create(
+                model=DEPLOYMENT,
+                tools=[{"type": "code_interpreter", "container": "cntr-nosuchcontainer"}],
+                input="run",
+            )
 
     await anyio.to_thread.run_sync(exercise)
 

@@ -177,6 +177,7 @@ class Responses:
         if body.previous_response_id is not None:
             history = await self._saved(body.previous_response_id)
         functions, code_tool = _tools(body.tools)
+        _check_tool_choice(body.tool_choice, functions, code=code_tool is not None)
         session = None
         if code_tool is not None:
             session = await self._container(code_tool, history.container_id)
@@ -565,6 +566,32 @@ def _tools(
     return functions, code
 
 
+def _check_tool_choice(
+    choice: str | dict[str, Any], functions: dict[str, dict[str, Any]], *, code: bool
+) -> None:
+    """A 400 for a tool_choice that names a tool the request does not give."""
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise bad_request(
+                f"tool_choice {choice!r} is not one of auto, none, required", "tool_choice"
+            )
+        if choice == "required" and not (functions or code):
+            raise bad_request("tool_choice 'required' needs at least one tool", "tool_choice")
+        return
+    kind = choice.get("type")
+    if kind == "code_interpreter" and not code:
+        raise bad_request(
+            "tool_choice names code_interpreter, which is not among the tools", "tool_choice"
+        )
+    if kind == "function" and choice.get("name") not in functions:
+        raise bad_request(
+            f"tool_choice names the function {choice.get('name')!r}, which is not among the tools",
+            "tool_choice.name",
+        )
+    if kind not in ("code_interpreter", "function"):
+        raise bad_request(f"tool_choice of type {kind!r} is not supported here", "tool_choice")
+
+
 def _input(given: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The input items as stored, and as chat messages."""
     if isinstance(given, str):
@@ -598,7 +625,8 @@ def _input(given: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
             text = content
         else:
             text = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-        messages.append({"role": role, "content": text})
+        # Chat endpoints know "system"; the Responses API's "developer" is the same thing.
+        messages.append({"role": "system" if role == "developer" else role, "content": text})
         items.append(
             {
                 "type": "message",
