@@ -15,9 +15,10 @@ from sandkernel.daemon.app import create_app
 from sandkernel.daemon.records import SessionRecords
 from sandkernel.daemon.routes.agents import add_agent_routes
 from sandkernel.daemon.routes.files import add_file_routes
+from sandkernel.daemon.routes.fusion import FUSION_PATHS, add_fusion_routes
 from sandkernel.daemon.routes.lookup import SessionLookup
 from sandkernel.daemon.routes.reporting import add_reporting_routes
-from sandkernel.daemon.routes.runs import add_run_routes
+from sandkernel.daemon.routes.runs import RUN_PATHS, add_run_routes
 from sandkernel.daemon.routes.sessions import add_session_routes
 from sandkernel.engine import Engine
 
@@ -26,6 +27,7 @@ ROUTE_MODULES: list[Callable[..., None]] = [
     add_file_routes,
     add_agent_routes,
     add_run_routes,
+    add_fusion_routes,
     add_reporting_routes,
 ]
 
@@ -54,6 +56,7 @@ def test_the_application_serves_the_route_modules_routes_in_their_order(tmp_path
         add_file_routes: ((engine, lookup), {}),
         add_agent_routes: ((engine,), {}),
         add_run_routes: ((engine,), {"default_batch_concurrency": 2 * (os.cpu_count() or 1)}),
+        add_fusion_routes: ((engine,), {}),
         add_reporting_routes: ((engine,), {"started": 0.0}),
     }
     expected: list[tuple[str, str]] = []
@@ -67,3 +70,12 @@ def test_the_application_serves_the_route_modules_routes_in_their_order(tmp_path
     served = _operations(create_app(engine, records))
     assert served == expected
     assert len(set(served)) == len(served)
+
+
+def test_every_one_shot_run_path_is_a_served_post_route(tmp_path: Path) -> None:
+    app = create_app(
+        Engine(store_dir=tmp_path / "store"), SessionRecords(tmp_path / "records.sqlite3")
+    )
+    posts = {path for method, path in _operations(app) if method == "POST"}
+    assert RUN_PATHS <= posts
+    assert FUSION_PATHS - {"/v1/ping"} <= RUN_PATHS

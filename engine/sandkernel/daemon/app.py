@@ -22,7 +22,7 @@ Resources follow the OpenAI Containers / code-interpreter API where it fits
     GET    /v1/agents/{id}/files              an agent's files
     POST   /v1/run                            one program, statelessly (Engine.run_once)
     POST   /v1/runs                           many programs, results as NDJSON (Engine.run_many)
-    POST   /run_code, /run_jupyter            SandboxFusion's API (see daemon/routes/runs.py)
+    POST   /run_code, /run_jupyter            SandboxFusion's API (see daemon/routes/fusion.py)
     GET    /v1/stats                          pool and session figures
     GET    /v1/health                         liveness, version and policy
     GET    /openapi.json                      this API's schema
@@ -69,9 +69,10 @@ from sandkernel.daemon.openapi import refine_openapi
 from sandkernel.daemon.records import SessionRecords
 from sandkernel.daemon.routes.agents import add_agent_routes
 from sandkernel.daemon.routes.files import add_file_routes
+from sandkernel.daemon.routes.fusion import FUSION_PATHS, add_fusion_routes
 from sandkernel.daemon.routes.lookup import SessionLookup
 from sandkernel.daemon.routes.reporting import add_reporting_routes
-from sandkernel.daemon.routes.runs import FUSION_PATHS, add_run_routes
+from sandkernel.daemon.routes.runs import add_run_routes
 from sandkernel.daemon.routes.sessions import add_session_routes
 
 __all__ = ["DEFAULT_MAX_JSON_BYTES", "DEFAULT_MAX_UPLOAD_BYTES", "create_app"]
@@ -145,5 +146,6 @@ def create_app(
     add_run_routes(
         app, engine, default_batch_concurrency=2 * (batch_workers or os.cpu_count() or 1)
     )
+    add_fusion_routes(app, engine)
     add_reporting_routes(app, engine, started=started)
     return app

@@ -5,8 +5,9 @@
     sessions   /v1/sessions...                 sessions: create, list, execute, files, attach…
     files      /v1/files...                    the file store
     agents     /v1/agents/{id}/files           files an agent's sessions see
-    runs       /v1/run, /v1/runs, /run_code,   one-shot runs, sandkernel's and SandboxFusion's
-               /run_jupyter, /v1/ping
+    runs       /v1/run, /v1/runs               one-shot runs (batch path)
+    fusion     /run_code, /run_jupyter,        SandboxFusion's API
+               /v1/ping
     reporting  /v1/stats, /v1/health           figures and liveness
 
 Each ``add_*_routes(app, engine, ...)`` takes the engine as the contract

@@ -16,6 +16,7 @@ from sandkernel.errors import (
     KernelStartFailed,
     PoolExhausted,
     RequestTooLarge,
+    RunQueueFull,
     SandboxUnavailable,
     SelfCheckFailed,
     SessionClosed,
@@ -39,3 +40,11 @@ NEW_KERNEL: Final = (
 FILES: Final = (FileNotFoundInStore, FileLost, FileError)
 #: An upload the store may refuse.
 UPLOAD: Final = (FileRejected, FileTooLarge, FileError)
+#: Any one-shot run: its body refused, no room in the run queue (``RunQueueFull``,
+#: answered at once, before the body is read), or no sandbox to run in.
+ONE_SHOT_RUN: Final = (
+    InvalidRequest, RequestTooLarge, RunQueueFull, SandboxUnavailable, KernelStartFailed,
+    EngineClosed, HostUnreachable,
+)  # fmt: skip
+#: A one-shot run in a kernel taken from the pool (SandboxFusion's ``/run_jupyter``).
+POOLED_KERNEL: Final = (SessionLimitReached, PoolExhausted, SelfCheckFailed)

@@ -8,6 +8,9 @@
     POST /run_jupyter     SandboxFusion's RunJupyterRequest -> RunJupyterResponse
     GET  /v1/ping         "pong", as SandboxFusion answers it
 
+The first two are here; SandboxFusion's are in
+:mod:`sandkernel.daemon.routes.fusion`, next to its models.
+
 ``/v1/runs`` takes either a JSON object ``{"runs": [...], "concurrency": N}``
 or, with ``Content-Type: application/x-ndjson``, one run per line. Each
 result line is a :class:`~sandkernel.batch.RunResult` carrying the caller's
@@ -27,60 +30,31 @@ error when the daemon already holds ``--max-queued-runs`` one-shot runs (see
 as it has lines in flight.
 
 SandboxFusion's clients (verl among them) send no credentials: with the
-daemon's ``--fusion-without-token`` flag, :data:`FUSION_PATHS` are served to
+daemon's ``--fusion-without-token`` flag, its ``FUSION_PATHS`` are served to
 loopback TCP clients without a token. Everything else still needs one.
 """
 
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Final
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from sandkernel.api import ServedEngine
 from sandkernel.batch import RunRequest, RunResult
 from sandkernel.daemon.admission import TICKET_SCOPE_KEY, RunTicket
-from sandkernel.daemon.fusion import (
-    RunCodeRequest,
-    RunCodeResponse,
-    RunJupyterRequest,
-    RunJupyterResponse,
-    run_code,
-    run_jupyter,
-)
+from sandkernel.daemon.routes.raises import ONE_SHOT_RUN
 from sandkernel.daemon.schemas import error_responses
-from sandkernel.errors import (
-    EngineClosed,
-    HostUnreachable,
-    InvalidRequest,
-    KernelStartFailed,
-    PoolExhausted,
-    RequestTooLarge,
-    RunQueueFull,
-    SandboxUnavailable,
-    SelfCheckFailed,
-    SessionLimitReached,
-)
 
-#: SandboxFusion's routes, the ones ``--fusion-without-token`` opens to loopback clients.
-FUSION_PATHS: Final = frozenset({"/run_code", "/run_jupyter", "/v1/ping"})
-#: Routes whose bodies carry files (base64): they get the upload size limit.
+#: Routes whose bodies carry files (base64), SandboxFusion's too: they get the upload
+#: size limit, and are admitted before their bodies are read.
 RUN_PATHS: Final = frozenset({"/run_code", "/run_jupyter", "/v1/run", "/v1/runs"})
 NDJSON: Final = "application/x-ndjson"
-#: What every one-shot route may raise: its body refused, no room in the run queue
-#: (``RunQueueFull``, answered at once, before the body is read), or no sandbox to run in.
-_RUN_ERRORS: Final = (
-    InvalidRequest, RequestTooLarge, RunQueueFull, SandboxUnavailable, KernelStartFailed,
-    EngineClosed, HostUnreachable,
-)  # fmt: skip
-#: ``/run_jupyter`` also takes a kernel from the pool.
-_KERNEL_ERRORS: Final = (SessionLimitReached, PoolExhausted, SelfCheckFailed)
 
 
 class RunBatch(BaseModel):
@@ -140,8 +114,7 @@ def add_run_routes(app: FastAPI, engine: ServedEngine, *, default_batch_concurre
     which admits them; ``default_batch_concurrency`` is the lines a ``/v1/runs``
     batch that names no concurrency may have in flight.
     """
-    pod_name = socket.gethostname()
-    errors = error_responses(*_RUN_ERRORS)
+    errors = error_responses(*ONE_SHOT_RUN)
 
     @app.post(
         "/v1/run",
@@ -197,36 +170,6 @@ def add_run_routes(app: FastAPI, engine: ServedEngine, *, default_batch_concurre
             _results(_admitted_batch(engine, iter(batch.runs), ticket, wanted)),
             media_type=NDJSON,
         )
-
-    @app.post(
-        "/run_code",
-        response_model=RunCodeResponse,
-        responses=errors,
-        tags=["SandboxFusion"],
-    )
-    async def fusion_run_code(body: RunCodeRequest) -> Response:
-        """SandboxFusion's `/run_code`: `python` and `pytest`, each run in a fresh sandbox."""
-        return _json(await run_code(engine, body, pod_name=pod_name))
-
-    @app.post(
-        "/run_jupyter",
-        response_model=RunJupyterResponse,
-        responses=error_responses(*_RUN_ERRORS, *_KERNEL_ERRORS),
-        tags=["SandboxFusion"],
-    )
-    async def fusion_run_jupyter(body: RunJupyterRequest) -> Response:
-        """SandboxFusion's `/run_jupyter`: the cells in a warm kernel, used once, then destroyed."""
-        return _json(await run_jupyter(engine, body, pod_name=pod_name))
-
-    @app.get(
-        "/v1/ping",
-        response_class=PlainTextResponse,
-        responses=error_responses(),
-        tags=["SandboxFusion"],
-    )
-    async def ping() -> str:
-        """SandboxFusion's liveness probe."""
-        return "pong"
 
 
 async def _results(results: AsyncIterator[RunResult]) -> AsyncIterator[bytes]:
