@@ -320,3 +320,42 @@ async def test_a_shown_chart_is_an_image_output(openai_daemon: OpenAIDaemonFacto
     assert base64.b64decode(encoded).startswith(b"\x89PNG\r\n\x1a\n")
     text = _message(response).content[0]
     assert text.type == "output_text" and text.annotations == []  # a shown image is no file
+
+
+async def test_streaming_a_function_call_and_a_failed_model_call(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    # One reply only: the second response's model call fails.
+    daemon = await openai_daemon(
+        in_order(Reply(calls=[("call-1", "lookup", json.dumps({"key": "a"}))]))
+    )
+    client = daemon.openai()
+    lookup: FunctionToolParam = {
+        "type": "function",
+        "name": "lookup",
+        "parameters": {"type": "object"},
+        "strict": False,
+    }
+
+    def exercise(prompt: str) -> list[Any]:
+        with client.responses.create(
+            model=DEPLOYMENT, tools=[lookup], input=prompt, stream=True
+        ) as stream:
+            return list(stream)
+
+    called = await anyio.to_thread.run_sync(exercise, "look it up")
+    assert [e.type for e in called] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    (item,) = called[-1].response.output
+    assert (item.type, item.name, item.arguments) == ("function_call", "lookup", '{"key": "a"}')
+    failed = await anyio.to_thread.run_sync(exercise, "again")
+    assert [e.type for e in failed][-1] == "response.failed"
+    assert failed[-1].response.status == "failed"
+    assert failed[-1].response.error.code == "server_error"

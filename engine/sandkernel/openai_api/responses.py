@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from sandkernel.openai_api.runs import code_argument, result_tail
 from sandkernel.openai_api.state import ApiState, ResponseState
 from sandkernel.openai_api.wire import ContainerCreate, Deleted, Page, ResponseObject, new_id
 from sandkernel.results import ProducedFile
+
+log = logging.getLogger(__name__)
 
 PYTHON: Final = str(python_tool()["function"]["name"])
 #: Model turns one response may take (each code call is one).
@@ -157,7 +160,13 @@ class Responses:
 
         async def answer() -> None:
             async with sent:
-                await self._answer(prepared, emit)
+                try:
+                    await self._answer(prepared, emit)
+                except Exception as exc:
+                    # The status line is sent: what went wrong can only be an event now.
+                    log.exception("response %s failed", prepared.response.id)
+                    message = f"The server had an error processing your request: {exc!r}"
+                    await emit("error", {"code": "server_error", "message": message, "param": None})
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(answer)
