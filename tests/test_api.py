@@ -18,7 +18,7 @@ def test_public_api_is_exactly_this() -> None:
     assert sandkernel.__all__ == sorted(sandkernel.__all__)
     assert sandkernel.__all__ == [
         "BadInput", "ChatModel", "DisplayOutput", "Engine", "EngineAPI", "EngineClosed",
-        "EngineStats", "ErrorInfo", "ExecutionResult", "FetchedFile", "FileLost",
+        "EngineConfig", "EngineStats", "ErrorInfo", "ExecutionResult", "FetchedFile", "FileLost",
         "FileNotFoundInStore", "FileRejected", "FileTooLarge", "HostUnreachable", "KernelDead",
         "KernelStartFailed", "LoopResult", "ModelCallFailed", "OpenAIChatModel", "PYTHON_TOOL",
         "Policy", "PolicyError", "PoolExhausted", "ProducedFile", "RunRequest", "RunResult",

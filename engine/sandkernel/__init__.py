@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from sandkernel.api import EngineAPI, SessionAPI
     from sandkernel.batch import FetchedFile, RunRequest, RunResult
+    from sandkernel.config import EngineConfig
     from sandkernel.engine import Engine, EngineStats
     from sandkernel.errors import (
         BadInput,
@@ -62,6 +63,7 @@ _WHERE: dict[str, str] = {
     "FetchedFile": "batch",
     "RunRequest": "batch",
     "RunResult": "batch",
+    "EngineConfig": "config",
     "Engine": "engine",
     "EngineStats": "engine",
     "BadInput": "errors",
@@ -115,6 +117,7 @@ __all__ = [
     "Engine",
     "EngineAPI",
     "EngineClosed",
+    "EngineConfig",
     "EngineStats",
     "ErrorInfo",
     "ExecutionResult",

@@ -34,18 +34,16 @@ def _read_code(args: argparse.Namespace) -> str:
 
 async def _run(args: argparse.Namespace) -> int:
     from sandkernel._cli_output import print_execution_result
+    from sandkernel.config import EngineConfig
     from sandkernel.engine import Engine
     from sandkernel.policy import load_policy
 
     code = _read_code(args)
     workspace = Path(args.workspace) if args.workspace else None
-    engine = Engine(
-        policy=load_policy(args.policy),
-        pool_size=0,
-        prewarm_imports=(),
-        store_dir=args.store,
-        handle_sigterm=False,
+    config = EngineConfig(
+        policy=load_policy(args.policy), pool_size=0, prewarm_imports=(), store_dir=args.store
     )
+    engine = Engine(config, handle_sigterm=False)
     async with engine:
         session = await engine.session(workspace=workspace)
         for path in args.input or ():
@@ -73,18 +71,19 @@ def _once_inputs(args: argparse.Namespace) -> tuple[str, bytes, dict[str, bytes]
 
 async def _run_once(args: argparse.Namespace) -> int:
     from sandkernel._cli_output import print_run_result
+    from sandkernel.config import EngineConfig
     from sandkernel.engine import Engine
     from sandkernel.policy import load_policy
 
     code, stdin, files = _once_inputs(args)
-    engine = Engine(
+    config = EngineConfig(
         policy=load_policy(args.policy),
         pool_size=0,
         batch_workers=1,
         prewarm_imports=(),
         store_dir=args.store,
-        handle_sigterm=False,
     )
+    engine = Engine(config, handle_sigterm=False)
     async with engine:
         result = await engine.run_once(
             code, stdin=stdin, files=files, argv=args.arg or (), timeout_s=args.timeout

@@ -24,11 +24,13 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Unpack
 
 from pydantic import BaseModel
 
 from sandkernel.batch import BatchPool, RunRequest, RunResult
+from sandkernel.config import DEFAULT_PREWARM as DEFAULT_PREWARM
+from sandkernel.config import EngineConfig, EngineSettings
 from sandkernel.errors import (
     BadInput,
     EngineClosed,
@@ -38,9 +40,9 @@ from sandkernel.errors import (
     SessionLimitReached,
     SessionNotFound,
 )
-from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES, FileStore, StoredFile
+from sandkernel.files import FileStore, StoredFile
 from sandkernel.kernel import SandboxedKernel
-from sandkernel.policy import Policy, load_policy
+from sandkernel.policy import load_policy
 from sandkernel.pool import Pool, PoolStats
 from sandkernel.sandbox import Runtime, SandboxHost
 from sandkernel.session import (
@@ -55,7 +57,6 @@ from sandkernel.workspace import OutputCaps, SessionWorkspace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREWARM: tuple[str, ...] = ("numpy", "pandas", "matplotlib.pyplot")
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _KEEP_ENDED = 10_000  # ended sessions remembered, to answer "expired when and why"
 
@@ -75,103 +76,66 @@ class Engine:
     """Warm sandboxed kernels, handed out as sessions. Use as ``async with Engine(...)``.
 
     Args:
-        policy: sandbox policy of pooled kernels (name, TOML path or Policy).
-        pool_size: kernels kept warm.
-        max_sessions: sessions alive at once (active or dead-awaiting-restart).
-        max_kernels: kernels alive at once (default: ``max_sessions + pool_size``).
-        max_concurrent_starts: kernel starts in flight (default 2: do not thrash the CPUs).
-        refill_delay_s: how long after handing out a kernel the pool starts its
-            replacement, so the start does not slow the session's first cell.
-        session_ttl_s: a session expires this long after its last activity (1 hour).
-        idle_timeout_s: optional: expire after this long without a run.
-        max_lifetime_s: optional hard bound on a session's age.
-        acquire_timeout_s: how long ``session()`` waits for a kernel before
-            raising :class:`~sandkernel.errors.PoolExhausted`.
-        prewarm_imports: modules imported in each kernel before it is handed out.
-        self_check: verify each kernel's isolation before handing it out (fail closed).
-        restart_dead_kernels: default for ``Session.run(restart=...)``.
-        python: the Python environment the sandbox runs (default: this one).
-        runtime_dir: where kernel runtime folders live (default ``/run/sandkernel``).
-        store_dir: where uploaded and produced files are kept, across restarts
-            (default ``$SANDKERNEL_STATE_DIR/files`` or ``/var/lib/sandkernel/files``).
-        max_upload_bytes: largest file accepted by ``upload``.
-        produced_file_retention_s: how long produced files stay downloadable
-            (also after their session ended); ``None`` keeps them.
-        max_produced_files: files one cell may add to the store.
-        max_produced_bytes: bytes one cell may add to the store.
-        max_session_produced_bytes: bytes of produced files one session keeps in
-            the store (default: the policy's workspace size); superseded
-            versions are deleted first to make room.
-        batch_workers: sandboxed fork servers for ``run_once``/``run_many``
-            (default: the number of CPUs); started on first use.
-        reap_interval_s: how often expired sessions and files are removed.
+        config: the engine's settings (see :class:`~sandkernel.config.EngineConfig`
+            for each one, its unit and default).
         clock: monotonic clock (injected in tests).
         handle_sigterm: in the main thread, end every kernel on SIGTERM, then exit.
+        **settings: fields of :class:`~sandkernel.config.EngineConfig`, applied over
+            ``config``: ``Engine(pool_size=2)`` is ``Engine(EngineConfig(pool_size=2))``.
+
+    Raises:
+        TypeError: a setting EngineConfig does not have.
+        ValueError: a setting out of range.
     """
 
     def __init__(
         self,
+        config: EngineConfig | None = None,
         *,
-        policy: Policy | str | Path | None = None,
-        pool_size: int = 2,
-        max_sessions: int = 32,
-        max_kernels: int | None = None,
-        max_concurrent_starts: int = 2,
-        refill_delay_s: float = 0.1,
-        session_ttl_s: float = 3600.0,
-        idle_timeout_s: float | None = None,
-        max_lifetime_s: float | None = None,
-        acquire_timeout_s: float = 60.0,
-        prewarm_imports: Iterable[str] = DEFAULT_PREWARM,
-        self_check: bool = True,
-        restart_dead_kernels: bool = False,
-        python: str | Path | None = None,
-        runtime_dir: str | Path | None = None,
-        store_dir: str | Path | None = None,
-        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-        produced_file_retention_s: float | None = 7 * 24 * 3600,
-        max_produced_files: int = 100,
-        max_produced_bytes: int = 256 << 20,
-        max_session_produced_bytes: int | None = None,
-        batch_workers: int | None = None,
-        reap_interval_s: float = 5.0,
         clock: Clock = time.monotonic,
         handle_sigterm: bool = True,
+        **settings: Unpack[EngineSettings],
     ) -> None:
-        if pool_size < 0 or max_sessions < 1 or max_concurrent_starts < 1:
-            raise ValueError("pool_size >= 0, max_sessions >= 1, max_concurrent_starts >= 1")
-        self.policy = load_policy(policy)
-        self.pool_size = pool_size
-        self.max_sessions = max_sessions
-        self.max_kernels = max_kernels if max_kernels is not None else max_sessions + pool_size
-        self.max_concurrent_starts = max_concurrent_starts
-        self.refill_delay_s = refill_delay_s
-        self.session_ttl_s = session_ttl_s
-        self.idle_timeout_s = idle_timeout_s
-        self.max_lifetime_s = max_lifetime_s
-        self.acquire_timeout_s = acquire_timeout_s
-        self.prewarm_imports = tuple(prewarm_imports)
-        self.self_check = self_check
-        self.restart_dead_kernels = restart_dead_kernels
-        self._python = python
-        self._runtime_dir = Path(runtime_dir) if runtime_dir is not None else None
-        self._store_dir = Path(store_dir) if store_dir is not None else default_store_dir()
-        self.max_upload_bytes = max_upload_bytes
+        config = EngineConfig.build(config, settings)
+        self.config = config
+        self.policy = load_policy(config.policy)
+        self.pool_size = config.pool_size
+        self.max_sessions = config.max_sessions
+        self.max_kernels = (
+            config.max_kernels
+            if config.max_kernels is not None
+            else config.max_sessions + config.pool_size
+        )
+        self.max_concurrent_starts = config.max_concurrent_starts
+        self.refill_delay_s = config.refill_delay_s
+        self.session_ttl_s = config.session_ttl_s
+        self.idle_timeout_s = config.idle_timeout_s
+        self.max_lifetime_s = config.max_lifetime_s
+        self.acquire_timeout_s = config.acquire_timeout_s
+        self.prewarm_imports = config.prewarm_imports
+        self.self_check = config.self_check
+        self.restart_dead_kernels = config.restart_dead_kernels
+        self._python = config.python
+        self._runtime_dir = Path(config.runtime_dir) if config.runtime_dir is not None else None
+        self._store_dir = (
+            Path(config.store_dir) if config.store_dir is not None else default_store_dir()
+        )
+        self.max_upload_bytes = config.max_upload_bytes
         self.output_caps = OutputCaps(
-            max_files=max_produced_files,
-            max_bytes=max_produced_bytes,
-            retention_s=produced_file_retention_s,
+            max_files=config.max_produced_files,
+            max_bytes=config.max_produced_bytes,
+            retention_s=config.produced_file_retention_s,
             max_session_bytes=(
                 self.policy.workspace_mb << 20
-                if max_session_produced_bytes is None
-                else max_session_produced_bytes
+                if config.max_session_produced_bytes is None
+                else config.max_session_produced_bytes
             ),
         )
         self._store: FileStore | None = None
-        self.batch_workers = batch_workers
+        self.batch_workers = config.batch_workers
         self._batch: BatchPool | None = None
         self._batch_lock = asyncio.Lock()
-        self.reap_interval_s = reap_interval_s
+        self.reap_interval_s = config.reap_interval_s
         self._clock = clock
         self._handle_sigterm = handle_sigterm
         self._host: SandboxHost | None = None

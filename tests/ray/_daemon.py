@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from sandkernel.config import EngineConfig
 from sandkernel.daemon.client import AsyncClient
 from sandkernel.daemon.server import Daemon, DaemonConfig
 from sandkernel.ray import ClusterEngine
@@ -18,8 +19,10 @@ from sandkernel.ray.cli import make_cluster_engine
 
 def cluster_engine_as_served(**cluster_kwargs: Any) -> ClusterEngine:
     """The engine ``sandkernel serve --ray`` gives its daemon (not started)."""
-    # The command passes Engine's options and these two, which a cluster drops.
-    return make_cluster_engine(None, clock=None, handle_sigterm=False, **cluster_kwargs)
+    # The command builds one EngineConfig, and passes it alone.
+    settings = {k: v for k, v in cluster_kwargs.items() if k in EngineConfig.model_fields}
+    options = {k: v for k, v in cluster_kwargs.items() if k not in settings}
+    return make_cluster_engine(None, EngineConfig(**settings), **options)
 
 
 @contextlib.asynccontextmanager

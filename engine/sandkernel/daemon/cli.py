@@ -172,22 +172,22 @@ def add_daemon_parsers(subparsers: Any) -> None:
 
 
 def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> ServedEngine:
-    from sandkernel.engine import DEFAULT_PREWARM, Engine
+    from sandkernel.config import DEFAULT_PREWARM, EngineConfig
 
     prewarm: Sequence[str] = DEFAULT_PREWARM
     if args.prewarm is not None:
         prewarm = [m.strip() for m in args.prewarm.split(",") if m.strip()]
-    options: dict[str, Any] = {
-        "policy": args.policy,
-        "pool_size": args.pool_size,
-        "max_sessions": args.max_sessions,
-        "session_ttl_s": args.session_ttl,
-        "acquire_timeout_s": args.acquire_timeout,
-        "prewarm_imports": prewarm,
-        "store_dir": args.store,
-        "runtime_dir": args.runtime_dir,
-        "batch_workers": args.batch_workers,
-    }
+    config = EngineConfig(
+        policy=args.policy,
+        pool_size=args.pool_size,
+        max_sessions=args.max_sessions,
+        session_ttl_s=args.session_ttl,
+        acquire_timeout_s=args.acquire_timeout,
+        prewarm_imports=tuple(prewarm),
+        store_dir=args.store,
+        runtime_dir=args.runtime_dir,
+        batch_workers=args.batch_workers,
+    )
     if getattr(args, "ray", None) is not None:
         try:
             from sandkernel.ray.cli import make_cluster_engine
@@ -195,8 +195,10 @@ def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> ServedEngine:
             raise SystemExit(
                 _MISSING_EXTRA.format(command="serve --ray", extra="ray", exc=exc)
             ) from None
-        return make_cluster_engine(args.ray, **options)
-    return Engine(**options, handle_sigterm=handle_sigterm)
+        return make_cluster_engine(args.ray, config)
+    from sandkernel.engine import Engine
+
+    return Engine(config, handle_sigterm=handle_sigterm)
 
 
 def _tcp_address(value: str) -> tuple[str, int]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 
+from sandkernel.config import EngineConfig
 from sandkernel.engine import EngineStats
 
 # HostClosing is sent back by hosts; it lives in the tree with the other errors.
@@ -107,10 +107,9 @@ def expand_path(template: str | Path | None, node_id: str) -> Path | None:
 class HostConfig:
     """How a host actor builds its node's engine."""
 
-    #: ``Engine(...)`` keyword arguments (policy, pool_size, max_sessions, ...).
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    runtime_dir: str | None = None
-    store_dir: str | None = None
+    #: each node's engine settings; runtime_dir and store_dir may hold ``{node}``
+    #: templates (see :func:`expand_path`).
+    engine: EngineConfig = field(default_factory=EngineConfig)
     #: one-shot runs a host takes at once (None: the node's CPUs).
     batch_slots: int | None = None
     #: a host with no client lease for this long shuts its engine down and exits.

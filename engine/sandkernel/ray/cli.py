@@ -27,6 +27,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from sandkernel.config import EngineConfig
 from sandkernel.ray.cluster import ClusterEngine, alive_nodes
 
 
@@ -40,21 +41,21 @@ def add_ray_option(parser: argparse.ArgumentParser, *, help_suffix: str = "") ->
     )
 
 
-def make_cluster_engine(address: str | None, **engine_kwargs: Any) -> ClusterEngine:
-    """A cluster engine for ``address``, with ``Engine``'s keyword arguments (not started).
+def make_cluster_engine(
+    address: str | None, config: EngineConfig | None = None, **cluster_options: Any
+) -> ClusterEngine:
+    """A cluster engine for ``address`` whose nodes' engines follow ``config`` (not started).
 
-    ``runtime_dir`` and ``store_dir`` may use ``{node}`` (the node's tag); the
-    cluster arguments of :class:`~sandkernel.ray.ClusterEngine` (``namespace``,
-    ``node_resource``, ``batch_slots``...) are accepted too. ``clock`` and
-    ``handle_sigterm`` are dropped: they concern this process only.
+    ``config.runtime_dir`` and ``config.store_dir`` may use ``{node}`` (the
+    node's tag); ``cluster_options`` are the other arguments of
+    :class:`~sandkernel.ray.ClusterEngine` (``namespace``, ``node_resource``,
+    ``batch_slots``...), or engine settings applied over ``config``.
     """
-    engine_kwargs.pop("clock", None)
-    engine_kwargs.pop("handle_sigterm", None)
-    return ClusterEngine(address or "auto", **engine_kwargs)
+    return ClusterEngine(address or "auto", config, **cluster_options)
 
 
 def cluster_engine_factory(address: str | None) -> Callable[..., ClusterEngine]:
-    """``lambda **kwargs: make_cluster_engine(address, **kwargs)``, for ``eval --ray``."""
+    """``lambda config=None, **options: make_cluster_engine(address, config, **options)``."""
     return functools.partial(make_cluster_engine, address)
 
 

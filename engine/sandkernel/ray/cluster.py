@@ -29,7 +29,6 @@ How calls travel:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import io
 import logging
 import os
@@ -49,13 +48,13 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Unpack
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sandkernel.batch import RunRequest, RunResult, iterate_async
-from sandkernel.engine import Engine
+from sandkernel.config import EngineConfig, EngineSettings
 from sandkernel.errors import (
     EngineClosed,
     FileNotFoundInStore,
@@ -96,13 +95,8 @@ from sandkernel.streaming import StreamsFromRun
 
 log = logging.getLogger(__name__)
 
-_ENGINE_DEFAULTS: dict[str, Any] = {
-    name: p.default
-    for name, p in inspect.signature(Engine.__init__).parameters.items()
-    if name != "self"
-}
-#: Engine arguments that make no sense on a remote node.
-_DRIVER_ONLY = frozenset({"clock", "handle_sigterm", "runtime_dir", "store_dir"})
+#: ``Engine`` arguments outside its settings, that make no sense on a remote node.
+_DRIVER_ONLY = frozenset({"clock", "handle_sigterm"})
 _MAX_CONCURRENCY = 4096  # calls in flight per host actor (most wait on a kernel)
 _FILE_ROUNDS = 3  # "copy these files over, then call again" rounds per call
 _RUN_ATTEMPTS = 3  # hosts a one-shot run is tried on before giving up
@@ -525,19 +519,17 @@ class ClusterSession(StreamsFromRun):
 class ClusterEngine:
     """The :class:`~sandkernel.engine.Engine` API over a Ray cluster.
 
-    Use as ``async with ClusterEngine(address, ...)``. Every keyword argument
-    of ``Engine`` is accepted and applies to each node's engine (``pool_size``,
-    ``max_sessions``, ``policy``... are per node).
+    Use as ``async with ClusterEngine(address, ...)``. The engine settings
+    (:class:`~sandkernel.config.EngineConfig`, as ``config`` or keyword
+    arguments) apply to each node's engine: ``pool_size``, ``max_sessions``,
+    ``policy``... are per node.
 
     Args:
         address: the Ray cluster (``"auto"``, ``"ray://head:10001"``, ``"10.0.0.1:6379"``);
             None uses the current Ray connection, else ``"auto"``.
+        config: each node's engine settings.
         namespace: Ray namespace of the host actors; engines in one namespace
             share the hosts (and see each other's sessions by id).
-        runtime_dir: each node's kernel runtime folder; ``{node}`` is replaced
-            by the node's tag, ``{node_id}`` by its id (default ``/run/sandkernel``).
-        store_dir: each node's file store, with the same replacements (default:
-            the engine's, ``/var/lib/sandkernel/files``).
         batch_slots: one-shot runs a host takes at once (default: its CPUs).
         node_resource: run hosts only on nodes that offer this custom Ray
             resource (e.g. ``"sandkernel"``); default: every node.
@@ -546,44 +538,47 @@ class ClusterEngine:
             shuts its engine down and exits.
         start_timeout_s: how long ``start()`` waits for ``min_hosts`` hosts.
         min_hosts: hosts ``start()`` waits for.
-        **engine_kwargs: ``Engine`` arguments for each node's engine.
+        **settings: :class:`~sandkernel.config.EngineConfig` fields, applied over
+            ``config``. ``runtime_dir`` and ``store_dir`` are per node: ``{node}``
+            is replaced by the node's tag, ``{node_id}`` by its id.
+
+    Raises:
+        TypeError: a setting EngineConfig does not have, or one that concerns
+            a local engine only (``clock``, ``handle_sigterm``).
+        ValueError: a setting out of range.
     """
 
     def __init__(
         self,
         address: str | None = None,
+        config: EngineConfig | None = None,
         *,
         namespace: str = DEFAULT_NAMESPACE,
-        runtime_dir: str | Path | None = None,
-        store_dir: str | Path | None = None,
         batch_slots: int | None = None,
         node_resource: str | None = None,
         refresh_interval_s: float = 1.0,
         lease_ttl_s: float = 60.0,
         start_timeout_s: float = 120.0,
         min_hosts: int = 1,
-        **engine_kwargs: Any,
+        **settings: Unpack[EngineSettings],
     ) -> None:
-        unknown = sorted(set(engine_kwargs) - set(_ENGINE_DEFAULTS))
-        if unknown:
-            raise TypeError(f"ClusterEngine got unexpected arguments: {', '.join(unknown)}")
-        driver_only = sorted(set(engine_kwargs) & _DRIVER_ONLY)
+        driver_only = sorted(set(settings) & _DRIVER_ONLY)
         if driver_only:
             raise TypeError(
-                f"{', '.join(driver_only)} cannot be given to a cluster's engines "
-                "(runtime_dir and store_dir are ClusterEngine arguments with {node} templates)"
+                f"{', '.join(driver_only)} cannot be given to a cluster's engines: "
+                "they concern a local Engine in this process only"
             )
         if min_hosts < 1 or refresh_interval_s <= 0 or lease_ttl_s <= refresh_interval_s:
             raise ValueError("min_hosts >= 1, refresh_interval_s > 0, lease_ttl_s > refresh")
-        self.policy: Policy = load_policy(engine_kwargs.pop("policy", None))
+        config = EngineConfig.build(config, settings)
+        self.policy: Policy = load_policy(config.policy)
         # Loaded here, sent as a value: the nodes need not have the policy's file.
-        engine_kwargs["policy"] = self.policy
-        settings = {**_ENGINE_DEFAULTS, **engine_kwargs}
-        self.pool_size: int = settings["pool_size"]
-        self.max_sessions: int = settings["max_sessions"]
-        self.session_ttl_s: float = settings["session_ttl_s"]
-        self.acquire_timeout_s: float = settings["acquire_timeout_s"]
-        self.max_upload_bytes: int = settings["max_upload_bytes"]
+        self.config = EngineConfig.build(config, {"policy": self.policy})
+        self.pool_size: int = self.config.pool_size
+        self.max_sessions: int = self.config.max_sessions
+        self.session_ttl_s: float = self.config.session_ttl_s
+        self.acquire_timeout_s: float = self.config.acquire_timeout_s
+        self.max_upload_bytes: int = self.config.max_upload_bytes
         self._address = address
         self._namespace = namespace
         self._node_resource = node_resource
@@ -592,9 +587,7 @@ class ClusterEngine:
         self._start_timeout_s = start_timeout_s
         self._min_hosts = min_hosts
         self._host_config = HostConfig(
-            engine_kwargs=engine_kwargs,
-            runtime_dir=None if runtime_dir is None else str(runtime_dir),
-            store_dir=None if store_dir is None else str(store_dir),
+            engine=self.config,
             batch_slots=batch_slots,
             lease_ttl_s=lease_ttl_s,
         )

@@ -114,18 +114,22 @@ class NodeHost:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.tag = node_tag(self.node_id)
         self._config = config
-        self._runtime_dir = expand_path(config.runtime_dir, self.node_id) or default_runtime_root()
-        self._store_dir = expand_path(config.store_dir, self.node_id) or default_store_dir()
-        kwargs = dict(config.engine_kwargs)
-        kwargs.update(
-            runtime_dir=self._runtime_dir, store_dir=self._store_dir, handle_sigterm=False
+        settings = config.engine
+        self._runtime_dir = (
+            expand_path(settings.runtime_dir, self.node_id) or default_runtime_root()
         )
+        self._store_dir = expand_path(settings.store_dir, self.node_id) or default_store_dir()
         # One sandboxed fork server per CPU Ray gives the node (not per CPU of the
         # machine: several nodes may share one), unless told otherwise.
-        if kwargs.get("batch_workers") is None:
-            kwargs["batch_workers"] = config.batch_slots or _node_cpus(self.node_id)
-        self.engine = Engine(**kwargs)
-        self._batch_slots: int = config.batch_slots or kwargs["batch_workers"]
+        batch_workers = settings.batch_workers or config.batch_slots or _node_cpus(self.node_id)
+        self.engine = Engine(
+            settings,
+            handle_sigterm=False,
+            runtime_dir=self._runtime_dir,
+            store_dir=self._store_dir,
+            batch_workers=batch_workers,
+        )
+        self._batch_slots: int = config.batch_slots or batch_workers
         self._batch_running = 0
         self._ids = _FileIds(self.tag)
         self._sessions: dict[str, Session] = {}

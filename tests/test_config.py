@@ -1,0 +1,80 @@
+"""EngineConfig: the one model of the engine's settings, and how Engine takes it."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from sandkernel.config import DEFAULT_PREWARM, EngineConfig, EngineSettings
+from sandkernel.engine import Engine
+from sandkernel.policy import load_policy
+
+
+def test_the_keyword_settings_are_the_model_fields() -> None:
+    assert list(EngineSettings.__annotations__) == list(EngineConfig.model_fields)
+
+
+def test_every_field_has_a_default_and_a_description() -> None:
+    EngineConfig()  # every field has a default
+    for name, field in EngineConfig.model_fields.items():
+        assert field.description, name
+
+
+def test_unknown_fields_are_refused() -> None:
+    with pytest.raises(ValidationError, match="pool_sise"):
+        EngineConfig(pool_sise=2)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"pool_size": -1},
+        {"max_sessions": 0},
+        {"max_concurrent_starts": 0},
+        {"session_ttl_s": 0},
+        {"reap_interval_s": -1},
+        {"max_upload_bytes": 0},
+        {"batch_workers": 0},
+        {"max_kernels": 1, "pool_size": 2},
+    ],
+)
+def test_out_of_range_values_are_refused(settings: dict[str, int]) -> None:
+    with pytest.raises(ValidationError):
+        EngineConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_build_applies_settings_over_a_config() -> None:
+    policy = load_policy(None)
+    base = EngineConfig(policy=policy, pool_size=3, prewarm_imports=["json"])  # type: ignore[arg-type]
+    assert base.prewarm_imports == ("json",)
+    built = EngineConfig.build(base, {"max_sessions": 4})
+    assert (built.pool_size, built.max_sessions, built.policy) == (3, 4, policy)
+    assert EngineConfig.build(base, {}) is base
+    assert EngineConfig.build(None, {}) == EngineConfig()
+    with pytest.raises(TypeError, match="unknown engine setting.*pool_sise.*pool_size"):
+        EngineConfig.build(base, {"pool_sise": 1})
+
+
+def test_a_config_survives_pickling() -> None:
+    config = EngineConfig(policy=load_policy(None), store_dir=Path("/srv/{node}"))
+    assert pickle.loads(pickle.dumps(config)) == config  # noqa: S301 - our own bytes
+
+
+def test_engine_takes_a_config_or_its_fields() -> None:
+    config = EngineConfig(pool_size=0, max_sessions=3, store_dir="/tmp/unused")  # noqa: S108
+    from_config = Engine(config)
+    from_keywords = Engine(pool_size=0, max_sessions=3, store_dir="/tmp/unused")  # noqa: S108
+    assert from_config.config == from_keywords.config == config
+    assert (from_config.max_sessions, from_config.max_kernels) == (3, 3)
+    assert Engine(config, max_sessions=5).max_sessions == 5
+    assert Engine().prewarm_imports == DEFAULT_PREWARM
+
+
+def test_engine_refuses_unknown_settings_by_name() -> None:
+    with pytest.raises(TypeError, match="pool_sise"):
+        Engine(pool_sise=2)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="pool_size"):
+        Engine(pool_size=-1)
