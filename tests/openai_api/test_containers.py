@@ -105,9 +105,18 @@ async def test_container_files_round_trip_with_sources_and_paths(
         with pytest.raises(openai.NotFoundError):
             client.containers.files.retrieve(blob_id, container_id=container_id)
         assert len(client.containers.files.list(container_id).data) == 3
+        # Container files are not the Files API's.
+        assert {f.filename for f in client.files.list()} == {"seed.csv", "more.txt"}
 
     await anyio.to_thread.run_sync(check)
     assert "container.file.deleted" in daemon.clients.checked.bodies
+
+    def delete_container() -> None:
+        client.containers.delete(container_id)
+        # The files given by id were copied in: the uploads outlive the container.
+        assert {f.filename for f in client.files.list()} == {"seed.csv", "more.txt"}
+
+    await anyio.to_thread.run_sync(delete_container)
 
 
 async def test_an_ended_container_is_expired_and_refuses_files(

@@ -168,13 +168,17 @@ class Containers:
         return await self._add(session, stored)
 
     async def _add(self, session: SessionAPI, stored: StoredFile) -> ContainerFile:
-        """Put an uploaded file in the session: itself if no one has it, else a copy."""
-        if stored.session_id is None and stored.agent_id is None:
-            local = stored
-        else:
-            local = await self.engine.upload(await self.engine.download(stored.id), stored.name)
-        await session.attach([local.id])
-        return container_file(session.id, await self.engine.file(local.id))
+        """Put a copy of an uploaded file in the session (its content is stored once).
+
+        A copy, as OpenAI's container files are: deleting it, or the container,
+        leaves the uploaded file as it was.
+        """
+        content = await self.engine.download(stored.id)
+        try:
+            local = await session.upload(content, stored.name)
+        except SandkernelError as exc:
+            raise from_engine_error(exc, param="file_id") from exc
+        return container_file(session.id, local)
 
     async def _uploaded(self, file_id: str, param: str) -> StoredFile:
         try:

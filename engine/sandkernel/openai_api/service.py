@@ -39,6 +39,7 @@ from sandkernel.openai_api.wire import (
     Attachment,
     AttachmentTool,
     CodeInterpreterTool,
+    Container,
     Deleted,
     FileObject,
     FileSearchTool,
@@ -167,7 +168,13 @@ class AssistantsService:
     ) -> Page:
         check_limit(limit, 10_000)
         copies = await self._db(self.state.copies)
-        files = [f for f in await self.engine.list_files() if f.id not in copies]
+        # Container files are the Containers API's (as OpenAI's are not in /files).
+        containers = {c.id for c in await self._db(self.state.all, Container)}
+        files = [
+            f
+            for f in await self.engine.list_files()
+            if f.id not in copies and f.session_id not in containers
+        ]
         files.sort(key=lambda f: (f.created_at, f.id), reverse=order == "desc")
         objects = [file_object(f) for f in files]
         if purpose is not None:
