@@ -394,8 +394,10 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         return [i for r in replies if isinstance(r, list) for i in r]
 
     async def stats(self) -> ClusterStats:
-        """Every host's figures summed (as of the reconciler's last poll), and each host's."""
+        """Every host's figures summed, and each host's, as the hosts report them now."""
         self._require_running()
+        # One poll of every live host first: a session opened a moment ago counts.
+        await asyncio.gather(*(self._poll(h) for h in self._alive()), return_exceptions=True)
         hosts = [h.stats for h in self._alive() if h.stats is not None]
         pools = [s.engine.pool for s in hosts]
         p50s = [p.acquire_p50_ms for p in pools if p.acquire_p50_ms is not None]
