@@ -135,7 +135,7 @@ async def test_run_code_answers_sandboxfusion_bodies_field_by_field(
 
 async def test_run_jupyter_runs_cells_in_a_kernel_used_once(daemon_factory: DaemonFactory) -> None:
     running = await daemon_factory(
-        engine_options={"pool_size": 1, "batch_workers": 0},
+        engine_options={"pool_size": 1},  # the batch path starts only when used
         tcp=("127.0.0.1", 0),
         fusion_without_token=True,
     )

@@ -21,7 +21,7 @@ Two budgets, both checked at admission:
   limit is always accepted on an idle daemon.
 
 Plain data, no I/O, no clock: the ASGI middleware that applies it is
-:class:`sandkernel.daemon.app.RunAdmissionGate`.
+:class:`sandkernel.daemon.middleware.RunAdmissionGate`.
 """
 
 from __future__ import annotations
