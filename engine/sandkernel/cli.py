@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check that this machine can sandbox kernels")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--python", help="runtime Python to check (default: this one)")
+    doctor.add_argument(
+        "--model-url", help="also check that this OpenAI-compatible chat endpoint answers"
+    )
+    doctor.add_argument("--model-key-file", type=Path, help="the endpoint's API key, in a file")
     add_attack_option(doctor)
     doctor.add_argument(
         "--ray",
@@ -283,7 +287,14 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if args.ray is None:
         from sandkernel.doctor import run_doctor
 
-        return run_doctor(as_json=args.json, python=args.python, attack=args.attack)
+        key = args.model_key_file.read_text().strip() if args.model_key_file else None
+        return run_doctor(
+            as_json=args.json,
+            python=args.python,
+            attack=args.attack,
+            model_url=args.model_url,
+            model_key=key,
+        )
     if args.attack:
         print(
             "sandkernel doctor: --attack runs on this machine only, not with --ray", file=sys.stderr

@@ -234,17 +234,52 @@ def _cgroup_limits(dirs: dict[str, Path], version: CgroupVersion) -> dict[str, t
     }
 
 
+def check_model_endpoint(url: str, key: str | None = None, *, timeout_s: float = 5.0) -> Check:
+    """Whether an OpenAI-compatible chat endpoint (``serve --model-url``) answers ``/models``.
+
+    Not critical: the sandbox is safe without it; only the OpenAI-compatible
+    API's runs need it.
+    """
+    import httpx
+
+    target = url.rstrip("/") + "/models"
+    fix = (
+        "start the model server (llama.cpp, vLLM, Ollama...) or correct --model-url; "
+        "the URL is the API root that ends in /v1"
+    )
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(target, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        return Check("model endpoint", False, f"{target}: {exc}", fix, critical=False)
+    if response.status_code == 401:
+        return Check("model endpoint", False, f"{target}: 401, the key was refused",
+                     "give the endpoint's key with --model-key-file", critical=False)  # fmt: skip
+    if response.status_code >= 400:
+        return Check("model endpoint", False, f"{target}: HTTP {response.status_code}", fix,
+                     critical=False)  # fmt: skip
+    try:
+        models = [m["id"] for m in response.json().get("data", [])]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        models = []
+    listed = ", ".join(models[:5]) if models else "no models listed"
+    return Check("model endpoint", True, f"{url} answers ({listed})", critical=False)
+
+
 def run_doctor(
     *,
     as_json: bool = False,
     python: str | None = None,
     attack: bool = False,
+    model_url: str | None = None,
+    model_key: str | None = None,
 ) -> int:
     """Run every check, print the report, return the exit code (0: safe and working).
 
     With ``attack``, a quick subset of the attack catalogue runs next (see
     :mod:`sandkernel._attacks`), once the checks passed; an attack that
-    succeeds makes the exit code 1 too. The checks run on this machine;
+    succeeds makes the exit code 1 too. With ``model_url``, it also says
+    whether that chat endpoint answers (not critical). The checks run on this machine;
     ``sandkernel doctor --ray`` runs them on every node of a Ray cluster
     (:func:`sandkernel.ray.cli.doctor_ray`, which calls this on each node).
     """
@@ -258,6 +293,8 @@ def run_doctor(
     else:
         checks.append(Check("kernel start", False, "skipped: prerequisites failed",
                             "fix the failed checks above"))  # fmt: skip
+    if model_url is not None:
+        checks.append(check_model_endpoint(model_url, model_key))
     failed = [c for c in checks if not c.ok and c.critical]
     outcomes = None
     if attack and not failed:
