@@ -234,7 +234,8 @@ def result_from_reply(
         verdict = "timed out"
     # Here, not at the top: the clients that only build requests and read
     # results do not load the file store's module.
-    from sandkernel.files import mime_for_name, sniff_mime
+    from sandkernel.files.mime import mime_for_name
+    from sandkernel.files.sniff import sniff_mime
 
     stdout, stderr, *file_blobs = blobs
     files = [
