@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 
 import anyio
@@ -10,6 +11,7 @@ import openai
 import pytest
 
 from sandkernel.errors import SessionError
+from sandkernel.openai_api.containers import Containers
 from tests.openai_api.conftest import OpenAIDaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -143,3 +145,55 @@ def _zip(members: dict[str, bytes]) -> bytes:
         for name, content in members.items():
             archive.writestr(name, content)
     return buffer.getvalue()
+
+
+#: Seconds in one of ``expires_after``'s minutes while the expiry test runs.
+SHORT_MINUTE_S = 1.0
+SEED_CSV = b"x,y\n1,2\n"
+
+
+async def test_an_idle_container_expires_after_its_minutes_and_keeps_its_files(
+    openai_daemon: OpenAIDaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Containers, "minute_s", SHORT_MINUTE_S)
+    daemon = await openai_daemon(engine_options={"reap_interval_s": 0.1})
+    client = daemon.openai()
+    native = daemon.running.client()
+    container = await anyio.to_thread.run_sync(
+        lambda: client.containers.create(
+            name="idle", expires_after={"anchor": "last_active_at", "minutes": 2}
+        )
+    )
+    uploaded = await anyio.to_thread.run_sync(
+        lambda: client.containers.files.create(container.id, file=("in.csv", SEED_CSV))
+    )
+    # Adding the file was the container's last use: its two "minutes" count from here.
+    last_used = time.monotonic()
+    session = await native.get_session(container.id)
+    await session.run("open('/mnt/data/out.txt', 'w').write('made before expiry')")
+
+    def wait_for_expiry() -> float:
+        assert client.containers.retrieve(container.id).status == "running"
+        deadline = time.monotonic() + 30 * SHORT_MINUTE_S
+        while client.containers.retrieve(container.id).status == "running":
+            assert time.monotonic() < deadline, "the container did not expire"
+        return time.monotonic() - last_used
+
+    idle_s = await anyio.to_thread.run_sync(wait_for_expiry)
+    assert idle_s >= 2 * SHORT_MINUTE_S * 0.9  # not before its minutes were up
+
+    def check() -> None:
+        assert client.containers.retrieve(container.id).status == "expired"
+        assert container.id in [c.id for c in client.containers.list() if c.status == "expired"]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.containers.files.create(container.id, file=("late.txt", b"late"))
+        assert refused.value.code == "container_expired"
+        # Its files stay in the store: listed and downloadable under the container.
+        listed = {f.path: f for f in client.containers.files.list(container.id)}
+        assert set(listed) == {"/mnt/data/in.csv", "/mnt/data/out.txt"}
+        content = client.containers.files.content.retrieve
+        assert content(uploaded.id, container_id=container.id).read() == SEED_CSV
+        made = listed["/mnt/data/out.txt"].id
+        assert content(made, container_id=container.id).read() == b"made before expiry"
+
+    await anyio.to_thread.run_sync(check)

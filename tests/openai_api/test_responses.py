@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -16,6 +18,7 @@ from openai.types.responses import (
     ResponseOutputMessage,
     ToolParam,
 )
+from openai.types.responses.response_output_text import AnnotationContainerFileCitation
 
 from tests.openai_api.conftest import DEPLOYMENT, OpenAIDaemonFactory, Reply, code_call, in_order
 
@@ -359,3 +362,212 @@ async def test_streaming_a_function_call_and_a_failed_model_call(
     assert [e.type for e in failed][-1] == "response.failed"
     assert failed[-1].response.status == "failed"
     assert failed[-1].response.error.code == "server_error"
+
+
+SALES = b"month,amount\nJan,10\nFeb,14\nMar,17\n"
+READ_SALES_WRONG = (
+    "import csv\n"
+    "rows = list(csv.DictReader(open('/mnt/data/sales.csv')))\n"
+    "print(sum(float(r['revenue']) for r in rows))\n"
+)
+PLOT_SALES = (
+    "import csv, hashlib\n"
+    "import matplotlib\n"
+    "matplotlib.use('Agg')\n"
+    "import matplotlib.pyplot as plt\n"
+    "rows = list(csv.DictReader(open('/mnt/data/sales.csv')))\n"
+    "fig, ax = plt.subplots(figsize=(3, 2))\n"
+    "ax.bar([r['month'] for r in rows], [float(r['amount']) for r in rows])\n"
+    "fig.savefig('/mnt/data/chart.png')\n"
+    "plt.close(fig)\n"
+    "print('sha256', hashlib.sha256(open('/mnt/data/chart.png', 'rb').read()).hexdigest())\n"
+)
+
+
+async def test_a_csv_is_read_an_error_fixed_and_the_saved_chart_cited_and_downloaded(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", READ_SALES_WRONG)]),
+        Reply(calls=[code_call("c2", PLOT_SALES)]),
+        Reply(content="The chart is at sandbox:/mnt/data/chart.png"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        uploaded = client.files.create(file=("sales.csv", SALES), purpose="assistants")
+        response = client.responses.create(
+            model=DEPLOYMENT,
+            tools=[
+                {
+                    "type": "code_interpreter",
+                    "container": {"type": "auto", "file_ids": [uploaded.id]},
+                }
+            ],
+            input="Chart the sales in sales.csv",
+            include=OUTPUTS,
+        )
+        assert response.status == "completed"
+        failed, fixed = _code_calls(response)
+        assert failed.container_id == fixed.container_id
+        assert failed.outputs is not None and fixed.outputs is not None
+        failed_logs = "".join(o.logs for o in failed.outputs if o.type == "logs")
+        assert "KeyError" in failed_logs and "revenue" in failed_logs
+        fixed_logs = "".join(o.logs for o in fixed.outputs if o.type == "logs")
+        assert "Error" not in fixed_logs
+        written_hash = fixed_logs.split("sha256", 1)[1].split()[0]
+        text = _message(response).content[0]
+        assert text.type == "output_text"
+        (citation,) = text.annotations
+        assert citation.type == "container_file_citation"
+        assert (citation.container_id, citation.filename) == (fixed.container_id, "chart.png")
+        assert text.text[citation.start_index : citation.end_index] == "/mnt/data/chart.png"
+        png = client.containers.files.content.retrieve(
+            citation.file_id, container_id=citation.container_id
+        ).read()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        assert hashlib.sha256(png).hexdigest() == written_hash
+        listed = {f.path: f.source for f in client.containers.files.list(citation.container_id)}
+        assert listed == {"/mnt/data/sales.csv": "user", "/mnt/data/chart.png": "assistant"}
+
+    await anyio.to_thread.run_sync(exercise)
+    assert daemon.model is not None
+    # The model was shown the error before it wrote the fix.
+    shown = [m for m in daemon.model.requests[1]["messages"] if m["role"] == "tool"]
+    assert len(shown) == 1 and "KeyError" in shown[0]["content"]
+
+
+async def test_an_explicit_container_serves_two_responses_in_turn(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", "total = 40")]),
+        Reply(content="set"),
+        Reply(calls=[code_call("c2", "print(total + 2)")]),
+        Reply(content="42"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        container = client.containers.create(name="shared")
+        tools: list[ToolParam] = [{"type": "code_interpreter", "container": container.id}]
+        first = client.responses.create(model=DEPLOYMENT, tools=tools, input="Set total")
+        second = client.responses.create(
+            model=DEPLOYMENT, tools=tools, input="Print total + 2", include=OUTPUTS
+        )
+        assert second.previous_response_id is None  # only the container is shared
+        assert [c.container_id for c in (*_code_calls(first), *_code_calls(second))] == [
+            container.id,
+            container.id,
+        ]
+        (call,) = _code_calls(second)
+        assert call.outputs is not None and call.outputs[0].logs.strip() == "42"  # type: ignore[union-attr]
+        again = client.containers.retrieve(container.id)
+        assert again.last_active_at is not None and container.last_active_at is not None
+        assert again.status == "running" and again.last_active_at >= container.last_active_at
+
+    await anyio.to_thread.run_sync(exercise)
+    assert daemon.model is not None
+    # Two conversations: the second response's model call did not see the first's.
+    last = daemon.model.requests[-1]["messages"]
+    assert [m["content"] for m in last if m["role"] == "user"] == ["Print total + 2"]
+
+
+async def test_the_clients_stream_helper_completes_with_a_valid_final_response(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", "open('/mnt/data/out.txt', 'w').write('x')\nprint('ok')")]),
+        Reply(content="Wrote sandbox:/mnt/data/out.txt as asked."),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> tuple[list[Any], Response]:
+        with client.responses.stream(
+            model=DEPLOYMENT, tools=AUTO, input="Write it", include=OUTPUTS
+        ) as stream:
+            events = list(stream)
+            final = stream.get_final_response()
+        return events, final
+
+    events, final = await anyio.to_thread.run_sync(exercise)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert kinds.index("response.code_interpreter_call.completed") < kinds.index(
+        "response.output_text.done"
+    )
+    Response.model_validate(final.model_dump(mode="json"))
+    assert final.status == "completed"
+    assert final.output_text == "Wrote sandbox:/mnt/data/out.txt as asked."
+    (call,) = _code_calls(final)
+    assert call.outputs is not None and call.outputs[0].logs.strip() == "ok"  # type: ignore[union-attr]
+    (citation,) = _message(final).content[0].annotations  # type: ignore[union-attr]
+    assert isinstance(citation, AnnotationContainerFileCitation)
+    assert citation.filename == "out.txt"
+    stored = await anyio.to_thread.run_sync(lambda: client.responses.retrieve(final.id))
+    # The helper's final response is its parsed subclass; the items are the stored ones.
+    assert [i.id for i in stored.output] == [i.id for i in final.output]
+    assert stored.output_text == final.output_text
+
+
+async def test_responses_and_containers_answer_errors_in_openais_shape(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(in_order())
+    client = daemon.openai()
+    stranger = daemon.openai(api_key="not-the-token")
+
+    def exercise() -> None:
+        container = client.containers.create(name="errors")
+        missing: list[Callable[[], object]] = [
+            lambda: client.responses.retrieve("resp_missing"),
+            lambda: client.responses.delete("resp_missing"),
+            lambda: client.responses.input_items.list("resp_missing"),
+            lambda: client.containers.retrieve("cntr_missing"),
+            lambda: client.containers.delete("cntr_missing"),
+            lambda: client.containers.files.list("cntr_missing"),
+            lambda: client.containers.files.retrieve("cfile_missing", container_id=container.id),
+            lambda: client.containers.files.content.retrieve(
+                "cfile_missing", container_id=container.id
+            ),
+            lambda: client.containers.files.delete("cfile_missing", container_id=container.id),
+        ]
+        for call in missing:
+            with pytest.raises(openai.NotFoundError) as not_found:
+                call()
+            assert "missing" in not_found.value.message
+        with pytest.raises(openai.BadRequestError) as no_previous:
+            client.responses.create(
+                model=DEPLOYMENT, input="go on", previous_response_id="resp_missing"
+            )
+        assert no_previous.value.param == "previous_response_id"
+        assert no_previous.value.code == "previous_response_not_found"
+        with pytest.raises(openai.BadRequestError) as bad_container:
+            client.responses.create(
+                model=DEPLOYMENT,
+                tools=[{"type": "code_interpreter", "container": {"type": "fixed"}}],  # type: ignore[typeddict-item]
+                input="run",
+            )
+        assert bad_container.value.param == "tools.container"
+        with pytest.raises(openai.BadRequestError) as bad_limit:
+            client.containers.create(name="big", memory_limit="64g")
+        assert bad_limit.value.param == "memory_limit"
+        for refused in (
+            lambda: stranger.containers.list(),
+            lambda: stranger.containers.retrieve(container.id),
+            lambda: stranger.containers.files.list(container.id),
+            lambda: stranger.responses.create(model=DEPLOYMENT, input="hi"),
+            lambda: stranger.responses.retrieve("resp_missing"),
+        ):
+            with pytest.raises(openai.AuthenticationError) as unauthorized:
+                refused()
+            assert unauthorized.value.code == "invalid_api_key"
+
+    await anyio.to_thread.run_sync(exercise)
+    errors = daemon.clients.checked.errors  # each one checked in OpenAI's shape
+    assert len(errors) == 9 + 3 + 5
+    assert {e["type"] for e in errors} == {"invalid_request_error"}

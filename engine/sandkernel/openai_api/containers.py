@@ -5,7 +5,9 @@ A container's id is its session's id. ``expires_after`` (anchor
 ``extend`` on every use (a file added, a response that runs code in it); a
 container whose session has ended (expired, closed, lost) is ``expired``
 and answers as OpenAI's do: it is listed and retrieved, but using it is a
-400 naming it.
+400 naming it. Unlike OpenAI's, an expired container's files are not
+deleted with it: they stay in the engine's store, listed and downloadable
+under the container, until the container (or the file) is deleted.
 
 Container files are the session's files in the engine's store, by their
 store ids: what the caller put there is ``source: user``, what code wrote
@@ -50,11 +52,20 @@ class Containers:
     Args:
         engine: whose sessions are the containers.
         state: where the containers' records are kept.
+        minute_s: how many seconds one of ``expires_after``'s minutes lasts
+            (60; shorter only to test expiry without waiting for minutes).
     """
 
-    def __init__(self, engine: EngineAPI, state: ApiState) -> None:
+    #: The default of ``minute_s``.
+    minute_s: float = 60.0
+
+    def __init__(
+        self, engine: EngineAPI, state: ApiState, *, minute_s: float | None = None
+    ) -> None:
         self.engine = engine
         self.state = state
+        if minute_s is not None:
+            self.minute_s = minute_s
 
     async def _db[**P, R](self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await anyio.to_thread.run_sync(partial(function, *args, **kwargs))
@@ -93,7 +104,8 @@ class Containers:
         return container
 
     def ttl_s(self, container: Container) -> float:
-        return float(container.expires_after.minutes * 60)
+        """The session's time to live: ``expires_after.minutes``, in seconds."""
+        return container.expires_after.minutes * self.minute_s
 
     async def get(self, container_id: str, param: str | None = None) -> Container:
         found = await self._db(self.state.get, Container, container_id)

@@ -135,6 +135,20 @@ class Responses:
         )
         return saved
 
+    async def _previous(self, response_id: str) -> ResponseState:
+        """The state of the response continued: a 400 naming it if there is none, as OpenAI's."""
+        try:
+            return await self._saved(response_id)
+        except APIError as exc:
+            if exc.status != 404:
+                raise
+            raise APIError(
+                400,
+                f"Previous response with id '{response_id}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            ) from None
+
     async def create(self, body: ResponseCreate) -> ResponseObject:
         """Answer ``body`` (without streaming)."""
         prepared = await self._prepare(body)
@@ -184,7 +198,7 @@ class Responses:
             )
         history = ResponseState()
         if body.previous_response_id is not None:
-            history = await self._saved(body.previous_response_id)
+            history = await self._previous(body.previous_response_id)
         functions, code_tool = _tools(body.tools)
         _check_tool_choice(body.tool_choice, functions, code=code_tool is not None)
         session = None

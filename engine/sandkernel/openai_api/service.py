@@ -93,6 +93,8 @@ class AssistantsService:
         model: the chat model runs call (``None``: runs are refused, saying how
             to give one).
         limits: of each run.
+        container_minute_s: seconds in one of a container's ``expires_after``
+            minutes (default 60; shorter only in tests of expiry).
     """
 
     def __init__(
@@ -102,12 +104,13 @@ class AssistantsService:
         *,
         model: AssistantModel | None,
         limits: RunLimits | None = None,
+        container_minute_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.state = ApiState(state_path)
         self.events = RunEvents()
         self.placement = Placement(engine, self.state)
-        self.containers = Containers(engine, self.state)
+        self.containers = Containers(engine, self.state, minute_s=container_minute_s)
         self.responses = Responses(self.state, self.containers, model)
         self.model = model
         self.driver = RunDriver(engine, self.state, self.events, self.placement, model, limits)
