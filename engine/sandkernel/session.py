@@ -316,8 +316,11 @@ class Session(StreamsFromRun):
 
     # -- reporting ---------------------------------------------------------------------
 
-    def _wall(self, t: float) -> datetime:
-        return datetime.fromtimestamp(time.time() - (self._clock() - t), tz=UTC)
+    def _wall(self, t: float, offset: float | None = None) -> datetime:
+        """Engine-clock time ``t`` as a UTC datetime (``offset``: wall minus engine clock)."""
+        if offset is None:
+            offset = time.time() - self._clock()
+        return datetime.fromtimestamp(t + offset, tz=UTC)
 
     async def info(self) -> SessionInfo:
         """The session's state and times."""
@@ -325,12 +328,14 @@ class Session(StreamsFromRun):
 
     def snapshot(self) -> SessionInfo:
         """:meth:`info`, for code on the engine's own loop (no await)."""
+        # One offset for all three: their differences are the engine clock's.
+        offset = time.time() - self._clock()
         return SessionInfo(
             id=self.id,
             state=self.state,
-            created_at=self._wall(self.lifetime.created_at),
-            last_active=self._wall(self.lifetime.last_touch),
-            expires_at=self._wall(self.ended_at or self.lifetime.expires_at()),
+            created_at=self._wall(self.lifetime.created_at, offset),
+            last_active=self._wall(self.lifetime.last_touch, offset),
+            expires_at=self._wall(self.ended_at or self.lifetime.expires_at(), offset),
             cells_run=self.cells_run,
             kernel_id=self.kernel.kernel_id if self.kernel is not None else None,
             ended_reason=self.ended_reason,
