@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandkernel.daemon.admission import TICKET_SCOPE_KEY, RunAdmission
+from sandkernel.daemon.asgi import content_length, limit_body, over_unix_socket
 from sandkernel.daemon.responses import Refusal, error_body, error_response, send_error
 from sandkernel.daemon.routes.runs import RUN_PATHS
 from sandkernel.errors import RequestTooLarge, RunQueueFull, Unauthorized
@@ -65,7 +66,7 @@ class TokenAuth:
         self._open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not _over_unix_socket(scope):
+        if scope["type"] == "http" and not over_unix_socket(scope):
             if not (self._authorized(scope) or self._open(scope)):
                 await send_error(
                     send,
@@ -102,11 +103,6 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _over_unix_socket(scope: Scope) -> bool:
-    server = scope.get("server")
-    return server is not None and len(server) == 2 and server[1] is None
-
-
 class BodyLimit:
     """Caps request bodies: ``max_upload_bytes`` for uploads, ``max_json_bytes`` elsewhere.
 
@@ -128,7 +124,7 @@ class BodyLimit:
             _UPLOAD_PATH.match(scope["path"]) is not None or scope["path"] in RUN_PATHS
         )
         limit = self.max_upload_bytes if is_upload else self.max_json_bytes
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > limit:
             setting = "--max-upload-mb" if is_upload else "--max-json-kb"
             await send_error(
@@ -140,22 +136,13 @@ class BodyLimit:
                 [(b"connection", b"close")],
             )
             return
-        received = 0
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise Refusal(
-                        RequestTooLarge(
-                            f"the request body is larger than {limit} bytes, the limit here"
-                        )
-                    )
-            return message
+        def too_large() -> Exception:
+            return Refusal(
+                RequestTooLarge(f"the request body is larger than {limit} bytes, the limit here")
+            )
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, limit_body(receive, limit, too_large), send)
 
 
 class RunAdmissionGate:
@@ -180,7 +167,7 @@ class RunAdmissionGate:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in RUN_PATHS:
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared = content_length(scope)
         try:
             ticket = self.admission.admit(declared)
         except RunQueueFull as exc:
@@ -210,13 +197,3 @@ class RunAdmissionGate:
             await self.app(scope, counted, send_then_release)
         finally:
             ticket.release()
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None

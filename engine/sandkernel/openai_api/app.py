@@ -44,8 +44,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from sandkernel.daemon.asgi import content_length, limit_body, over_unix_socket
 from sandkernel.openai_api.errors import APIError, bad_request, from_validation_error, unauthorized
 from sandkernel.openai_api.events import Subscription
 from sandkernel.openai_api.responses import ResponseCreate
@@ -111,26 +112,16 @@ class OpenAIGate:
         if scope["type"] != "http" or not is_openai_path(scope["path"]):
             await self.app(scope, receive, send)
             return
-        if not (_over_unix_socket(scope) or self._authorized(scope)):
+        if not (over_unix_socket(scope) or self._authorized(scope)):
             await _send(send, unauthorized(), [(b"www-authenticate", b'Bearer realm="sandkernel"')])
             return
         upload = scope["method"] == "POST" and scope["path"].rstrip("/").endswith(_FILES_PATH_TAIL)
         limit = self.max_upload_bytes if upload else self.max_json_bytes
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > limit:
             await _send(send, _too_large(limit, upload), [(b"connection", b"close")])
             return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _too_large(limit, upload)
-            return message
-
+        limited = limit_body(receive, limit, lambda: _too_large(limit, upload))
         await self.openai_app(scope, limited, send)
 
     def _authorized(self, scope: Scope) -> bool:
@@ -147,22 +138,6 @@ class OpenAIGate:
             if given is not None and hmac.compare_digest(given, self._token):
                 return True
         return False
-
-
-def _over_unix_socket(scope: Scope) -> bool:
-    # uvicorn reports a Unix socket's server address without a port.
-    server = scope.get("server")
-    return server is not None and len(server) == 2 and server[1] is None
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
 
 
 def _too_large(limit: int, upload: bool) -> APIError:
