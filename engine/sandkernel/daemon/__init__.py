@@ -13,8 +13,9 @@ the optional libraries.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sandkernel._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from sandkernel.daemon.client import AsyncClient, Client, RemoteSession
@@ -62,8 +63,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sandkernel.daemon' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"sandkernel.daemon.{module}"), name)
+# Runtime only: a module ``__getattr__`` that type checkers saw would make
+# every misspelt ``sandkernel.daemon.X`` type-check as Any.
+if not TYPE_CHECKING:
+    __getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
