@@ -298,16 +298,6 @@ def attacks_json(outcomes: list[AttackOutcome]) -> dict[str, Any]:
     }
 
 
-def run_attacks(*, as_json: bool = False, python: str | None = None) -> int:
-    """Run the quick attack subset, print which held; 0 if all held, else 1."""
-    outcomes = attack_outcomes(python)
-    if as_json:
-        print(json.dumps(attacks_json(outcomes), indent=2))
-    else:
-        print_attacks(outcomes)
-    return 0 if all(o.held for o in outcomes) else 1
-
-
 def add_attack_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--attack`` to the ``doctor`` command's parser."""
     parser.add_argument(

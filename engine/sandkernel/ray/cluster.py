@@ -368,14 +368,6 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         self._require_running()
         await (await self._lookup(session_id)).close()
 
-    def known_sessions(self) -> list[SessionInfo]:
-        """The sessions this engine opened or looked up, as last reported (no call).
-
-        Refreshed by every call and by the reconciler's polls; :meth:`sessions`
-        asks every host for every session.
-        """
-        return [s.snapshot() for s in self._sessions.values()]
-
     async def sessions(self) -> list[SessionInfo]:
         """Every session of every host (of every engine in the namespace)."""
         self._require_running()
