@@ -5,15 +5,12 @@
   and lacks;
 * ``sandkernel serve --ray ADDRESS``: :func:`make_cluster_engine` gives the
   daemon a :class:`~sandkernel.ray.ClusterEngine` in place of an ``Engine``;
-* ``sandkernel eval --ray auto|ADDRESS``: :func:`cluster_engine_factory` gives
-  the evaluation an engine factory with ``Engine``'s keyword arguments.
+* ``sandkernel eval --ray auto|ADDRESS`` builds its ``ClusterEngine`` itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import io
 import json
 import logging
@@ -21,7 +18,6 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -29,16 +25,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sandkernel.config import EngineConfig
 from sandkernel.ray.cluster import ClusterEngine, alive_nodes
-
-
-def add_ray_option(parser: argparse.ArgumentParser, *, help_suffix: str = "") -> None:
-    """Add ``--ray ADDRESS`` to a subcommand (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``)."""
-    parser.add_argument(
-        "--ray",
-        metavar="ADDRESS",
-        default=None,
-        help="run on this Ray cluster: auto, HOST:PORT or ray://HOST:PORT" + help_suffix,
-    )
 
 
 def make_cluster_engine(
@@ -52,11 +38,6 @@ def make_cluster_engine(
     ``batch_slots``...), or engine settings applied over ``config``.
     """
     return ClusterEngine(address or "auto", config, **cluster_options)
-
-
-def cluster_engine_factory(address: str | None) -> Callable[..., ClusterEngine]:
-    """``lambda config=None, **options: make_cluster_engine(address, config, **options)``."""
-    return functools.partial(make_cluster_engine, address)
 
 
 # -- doctor ----------------------------------------------------------------------------
