@@ -199,6 +199,24 @@ class SandboxedKernel:
     def dead_reason(self) -> str | None:
         return self._dead_reason
 
+    def connection_info(self) -> dict[str, Any]:
+        """The kernel's Jupyter connection info (transport, ports, HMAC key).
+
+        For frontends that speak the Jupyter messaging protocol to the kernel
+        themselves (the Kernel Gateway API relays WebSocket messages over
+        sockets of its own); the engine's own client is not shared.
+
+        Raises:
+            KernelDead: the kernel is not started or has ended.
+        """
+        if self._km is None or not self.alive:
+            raise KernelDead(self._dead_reason or "the kernel is not running")
+        info: dict[str, Any] = dict(self._km.get_connection_info())
+        key = info.get("key")
+        if isinstance(key, bytes):
+            info["key"] = key.decode()
+        return info
+
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self, *, timeout_s: float = 30.0) -> None:
