@@ -9,9 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sandkernel.api import EngineAPI, ManagedBackend, ServedEngine, SessionAPI
+    from sandkernel.api import (
+        EngineAPI,
+        ExposesKernels,
+        KernelLink,
+        ManagedBackend,
+        ServedEngine,
+        SessionAPI,
+    )
     from sandkernel.daemon.client import AsyncClient, RemoteSession
-    from sandkernel.engine import Engine
+    from sandkernel.engine import Engine, SessionKernelLink
     from sandkernel.ray.cluster import ClusterEngine, ClusterSession
     from sandkernel.session import Session
     from sandkernel.sync import BlockingEngine
@@ -35,3 +42,8 @@ if TYPE_CHECKING:
 
     def _served(engine: Engine, cluster: ClusterEngine) -> list[ServedEngine]:
         return [engine, cluster]
+
+    def _exposes_kernels(
+        engine: Engine, link: SessionKernelLink
+    ) -> tuple[ExposesKernels, KernelLink]:
+        return engine, link

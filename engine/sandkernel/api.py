@@ -29,18 +29,28 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol, Self
+from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol, Self, TypedDict, runtime_checkable
 
 if TYPE_CHECKING:
     from sandkernel.batch import RunRequest, RunResult
     from sandkernel.engine import EngineStats
     from sandkernel.files import StoredFile
     from sandkernel.policy import Policy
-    from sandkernel.results import ExecutionResult
+    from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile
     from sandkernel.session import SessionInfo, UploadSource
     from sandkernel.streaming import StreamEvent
 
-__all__ = ["EngineAPI", "Managed", "ManagedBackend", "RunsMany", "ServedEngine", "SessionAPI"]
+__all__ = [
+    "EngineAPI",
+    "ExposesKernels",
+    "KernelConnectionInfo",
+    "KernelLink",
+    "Managed",
+    "ManagedBackend",
+    "RunsMany",
+    "ServedEngine",
+    "SessionAPI",
+]
 
 
 class SessionAPI(Protocol):
@@ -248,4 +258,86 @@ class ServedEngine(ManagedBackend, Protocol):
 
     def open_file(self, file_id: str) -> BinaryIO:
         """A stored file as a blocking binary stream (read it from a worker thread)."""
+        ...
+
+
+class KernelConnectionInfo(TypedDict):
+    """Where a kernel's Jupyter sockets are and how its messages are signed."""
+
+    transport: str
+    ip: str
+    shell_port: int
+    iopub_port: int
+    stdin_port: int
+    control_port: int
+    hb_port: int
+    key: str
+    signature_scheme: str
+
+
+class KernelLink(Protocol):
+    """A live session's kernel, for a frontend that speaks the Jupyter protocol to it.
+
+    The frontend opens sockets of its own to the kernel (``connection_info``)
+    and relays messages; the engine keeps what it owns: the kernel's limits,
+    the session's lifetime and its files. A link is bound to one kernel: once
+    that kernel has ended, ``alive`` stays false, and a restart is a new link.
+    """
+
+    @property
+    def session_id(self) -> str:
+        """The session the kernel serves."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """The kernel still runs and still serves its session."""
+        ...
+
+    @property
+    def policy(self) -> Policy:
+        """The kernel's limits (a relayed cell's wall timeout and interrupt grace)."""
+        ...
+
+    def connection_info(self) -> KernelConnectionInfo:
+        """The kernel's sockets and signing key.
+
+        Raises:
+            KernelDead: the kernel has ended.
+        """
+        ...
+
+    def touch(self, *, ran: bool) -> None:
+        """Count activity for the session's expiry (``ran``: a cell started or ended)."""
+        ...
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell, if any."""
+        ...
+
+    async def collect(
+        self, displays: Sequence[DisplayOutput], execution_count: int | None
+    ) -> list[ProducedFile]:
+        """Store what a relayed cell produced (workspace files, displayed images)."""
+        ...
+
+    async def end(self, reason: str) -> str:
+        """End the kernel (killed, or found dead); the session is then dead.
+
+        Returns:
+            Why it ended, as a user should read it (out of memory, ``reason``...).
+        """
+        ...
+
+
+@runtime_checkable
+class ExposesKernels(Protocol):
+    """A backend whose sessions' kernels a frontend may reach directly (the embedded Engine)."""
+
+    async def kernel_link(self, session_id: str) -> KernelLink:
+        """The live kernel of a session.
+
+        Raises:
+            SessionNotFound, SessionExpired, SessionClosed, KernelDead.
+        """
         ...

@@ -14,6 +14,7 @@ every kernel within a bounded time and leaves nothing behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ from typing import Any, BinaryIO, Literal, Unpack
 
 from pydantic import BaseModel
 
+from sandkernel.api import KernelConnectionInfo
 from sandkernel.batch import BatchPool, RunRequest, RunResult
 from sandkernel.config import DEFAULT_PREWARM as DEFAULT_PREWARM
 from sandkernel.config import EngineConfig, EngineSettings
@@ -35,6 +37,7 @@ from sandkernel.errors import (
     BadInput,
     EngineClosed,
     FileNotFoundInStore,
+    KernelDead,
     KernelStartFailed,
     SessionClosed,
     SessionLimitReached,
@@ -42,8 +45,9 @@ from sandkernel.errors import (
 )
 from sandkernel.files import FileStore, StoredFile
 from sandkernel.kernel import SandboxedKernel
-from sandkernel.policy import load_policy
+from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import Pool, PoolStats
+from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile, Usage
 from sandkernel.sandbox import Runtime, SandboxHost
 from sandkernel.session import (
     Clock,
@@ -375,6 +379,17 @@ class Engine:
         session._check_usable()
         return session
 
+    async def kernel_link(self, session_id: str) -> SessionKernelLink:
+        """The live kernel of a session, for a frontend that relays Jupyter messages to it.
+
+        Raises:
+            SessionNotFound, SessionExpired, SessionClosed, KernelDead.
+        """
+        session = self.live_session(session_id)
+        if session.kernel is None or not session.kernel.alive:
+            raise KernelDead(f"session {session_id!r} has no live kernel")
+        return SessionKernelLink(session, session.kernel, self._clock)
+
     async def close_session(self, session_id: str) -> None:
         """Close a session by id (idempotent for ended sessions)."""
         session = self._sessions.get(session_id)
@@ -594,6 +609,85 @@ class Engine:
             sessions_closed=counts[SessionState.CLOSED],
             uptime_s=round(self._clock() - self._started_at, 3),
         )
+
+
+class SessionKernelLink:
+    """One session's kernel as :class:`~sandkernel.api.KernelLink` offers it to a frontend."""
+
+    def __init__(self, session: Session, kernel: SandboxedKernel, clock: Clock) -> None:
+        self._session = session
+        self._kernel = kernel
+        self._clock = clock
+
+    @property
+    def session_id(self) -> str:
+        return self._session.id
+
+    @property
+    def policy(self) -> Policy:
+        return self._kernel.policy
+
+    @property
+    def alive(self) -> bool:
+        return self._kernel.alive and self._session.kernel is self._kernel
+
+    def connection_info(self) -> KernelConnectionInfo:
+        info = self._kernel.connection_info()
+        return KernelConnectionInfo(
+            transport=str(info["transport"]),
+            ip=str(info["ip"]),
+            shell_port=int(info["shell_port"]),
+            iopub_port=int(info["iopub_port"]),
+            stdin_port=int(info["stdin_port"]),
+            control_port=int(info["control_port"]),
+            hb_port=int(info["hb_port"]),
+            key=str(info["key"]),
+            signature_scheme=str(info["signature_scheme"]),
+        )
+
+    def touch(self, *, ran: bool) -> None:
+        if self._session.closed:
+            return
+        now = self._clock()
+        if ran:
+            self._session.lifetime.ran(now)
+        else:
+            self._session.lifetime.touch(now)
+
+    async def interrupt(self) -> None:
+        if self.alive:
+            await self._kernel.interrupt()
+
+    async def collect(
+        self, displays: Sequence[DisplayOutput], execution_count: int | None
+    ) -> list[ProducedFile]:
+        workspace = self._session.workspace
+        if workspace is None or not self.alive:
+            return []
+        self._session.cells_run += 1
+        # The cell ran outside Session.run: what collecting needs of its result
+        # is the images it displayed and its number.
+        result = ExecutionResult(
+            status="ok",
+            displays=list(displays),
+            usage=Usage(wall_ms=0),
+            execution_count=execution_count,
+        )
+        return (await workspace.collect(self._kernel.workspace, result)).files
+
+    async def end(self, reason: str) -> str:
+        kernel = self._kernel
+        with contextlib.suppress(OSError):
+            if kernel.cgroup.usage().oom_kills:
+                reason = (
+                    f"the sandbox ran out of memory (limit {kernel.policy.memory_mb} MiB, "
+                    "policy field memory_mb)"
+                )
+        if self._session.kernel is kernel:
+            await self._session._kernel_died(reason)
+        else:
+            await kernel.shutdown()
+        return reason
 
 
 def _forget_names(modules: Iterable[str]) -> str:
