@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml kernels/requirements.txt
 	  echo "installing libnl-route-3-200 (needed by nsjail)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnl-route-3-200 >/dev/null; \
 	fi
+	@if command -v apt-get >/dev/null && ! { command -v chromium && command -v chromedriver; } >/dev/null; then \
+	  echo "installing chromium and chromium-driver (JupyterLab's browser test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), f"Python >= 3.12 needed, {sys.executable} is {sys.version.split()[0]}"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
