@@ -9,7 +9,6 @@ the host first: a listener, a secret in the environment).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import textwrap
@@ -296,12 +295,3 @@ def attacks_json(outcomes: list[AttackOutcome]) -> dict[str, Any]:
         "tried": len(outcomes),
         "held": sum(o.held for o in outcomes),
     }
-
-
-def add_attack_option(parser: argparse.ArgumentParser) -> None:
-    """Add ``--attack`` to the ``doctor`` command's parser."""
-    parser.add_argument(
-        "--attack",
-        action="store_true",
-        help="also run a quick subset of the attack catalogue and say which held",
-    )

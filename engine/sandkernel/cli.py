@@ -15,7 +15,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sandkernel._attacks import add_attack_option
 from sandkernel._solve_cli import add_solve_parser
 from sandkernel.daemon.cli import add_daemon_parsers
 from sandkernel.errors import SandkernelError
@@ -192,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-url", help="also check that this OpenAI-compatible chat endpoint answers"
     )
     doctor.add_argument("--model-key-file", type=Path, help="the endpoint's API key, in a file")
-    add_attack_option(doctor)
+    # The catalogue itself (sandkernel._attacks) is imported only when it runs.
+    doctor.add_argument(
+        "--attack",
+        action="store_true",
+        help="also run a quick subset of the attack catalogue and say which held",
+    )
     doctor.add_argument(
         "--ray",
         nargs="?",

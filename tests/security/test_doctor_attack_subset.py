@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from sandkernel._attacks import ATTACKS, AttackOutcome, add_attack_option, print_attacks
+from sandkernel._attacks import ATTACKS, AttackOutcome, print_attacks
+from sandkernel.cli import build_parser
 from sandkernel.doctor import run_doctor
 
 
 def test_the_attack_option_parses() -> None:
-    parser = argparse.ArgumentParser()
-    add_attack_option(parser)
-    assert parser.parse_args(["--attack"]).attack is True
-    assert parser.parse_args([]).attack is False
+    parser = build_parser()
+    assert parser.parse_args(["doctor", "--attack"]).attack is True
+    assert parser.parse_args(["doctor"]).attack is False
 
 
 def test_the_report_names_what_did_not_hold(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandkernel._resources import data_dir
-from sandkernel.batch.models import RunRequest
+
+if TYPE_CHECKING:
+    # Types only: a worker starts its sandbox without building the request models.
+    from sandkernel.batch.models import RunRequest
 
 #: A frame read: its header and its blobs.
 Reply = tuple[dict[str, Any], list[bytes]]

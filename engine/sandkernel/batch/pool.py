@@ -127,7 +127,16 @@ class BatchPool:
             raise EngineClosed("a BatchPool can be started once")
         self._started = True
         if self._host is None:
-            self._host = await asyncio.to_thread(SandboxHost)
+            making = asyncio.ensure_future(asyncio.to_thread(SandboxHost))
+            try:
+                self._host = await asyncio.shield(making)
+            except asyncio.CancelledError:
+                # The thread runs to its end whatever happens here: keep the
+                # host it made, so that close() releases it (its owner lock).
+                await asyncio.wait([making])
+                if not making.cancelled() and making.exception() is None:
+                    self._host = making.result()
+                raise
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self.workers):

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from typing import Protocol
 
     from sandkernel.api import Managed, RunsMany
+    from sandkernel.evaluate.problems import Problem
+    from sandkernel.ray import ClusterEngine
 
     class BatchRunner(RunsMany, Managed, Protocol):
         """What an evaluation runs on: a batch pool or a cluster engine (``async with``)."""
@@ -159,7 +161,8 @@ def summary_table(summary: EvalSummary, *, workers: int) -> str:
     return "\n".join(lines)
 
 
-async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
+def _checked_input(args: argparse.Namespace) -> tuple[dict[str, Problem], int]:
+    """The problems and the number of samples, once the samples are known to fit them."""
     problems = load_problems(args.problems)
     total, seen = _prescan(args.samples, problems)
     if not args.ignore_incomplete and seen != set(problems):
@@ -168,35 +171,56 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
             f"{args.samples}: {missing} of {len(problems)} problems have no sample; "
             "pass --ignore-incomplete to evaluate only the ones that do"
         )
-    # Only now that the input is known good: a mistake in it is reported at once.
+    return problems, total
+
+
+def _runner(args: argparse.Namespace, workers: int) -> tuple[BatchRunner, ClusterEngine | None]:
+    """The batch pool (or cluster engine) the samples run on, not started yet."""
+    if args.ray is not None:
+        from sandkernel.ray import ClusterEngine
+
+        # No warm session kernels: an evaluation uses only the nodes' batch path.
+        cluster = ClusterEngine(
+            args.ray, policy=args.policy, pool_size=0, batch_workers=args.workers
+        )
+        return cluster, cluster
     from sandkernel.batch import DEFAULT_PRELOAD, BatchPool
 
-    out_path = args.out or Path(f"{args.samples}_results.jsonl")
     preload = (
         list(DEFAULT_PRELOAD)
         if args.preload is None
         else [m.strip() for m in args.preload.split(",") if m.strip()]
     )
-    workers = args.workers or os.cpu_count() or 1
-    runner: BatchRunner
-    cluster = None
-    if args.ray is not None:
-        from sandkernel.ray import ClusterEngine
+    return BatchPool(policy=args.policy, workers=workers, preload=preload), None
 
-        # No warm session kernels: an evaluation uses only the nodes' batch path.
-        runner = cluster = ClusterEngine(
-            args.ray, policy=args.policy, pool_size=0, batch_workers=args.workers
-        )
-    else:
-        runner = BatchPool(policy=args.policy, workers=workers, preload=preload)
+
+async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
+    import asyncio
+
+    workers = args.workers or os.cpu_count() or 1
+    runner, cluster = _runner(args, workers)
+    # The sandboxes boot in processes of their own, which is most of a short
+    # evaluation's start: they start first, and the input is read and checked
+    # meanwhile, in a thread so that this loop goes on starting them. A mistake
+    # in the input is still reported at once: the start is then called off.
+    starting = asyncio.ensure_future(runner.__aenter__())
+    try:
+        problems, total = await asyncio.to_thread(_checked_input, args)
+        await asyncio.shield(starting)
+    except BaseException:
+        starting.cancel()
+        await asyncio.wait([starting])
+        await runner.__aexit__(None, None, None)
+        raise
+    out_path = args.out or Path(f"{args.samples}_results.jsonl")
     progress: Progress | None = None
-    # Writing one result line is instant next to a sandboxed run.
-    with out_path.open("w", encoding="utf-8") as out:  # noqa: ASYNC230
-        async with runner:
-            if cluster is not None:
-                workers = cluster.batch_slots()
-            if not args.no_progress:
-                progress = Progress(total, label="eval", stream=sys.stderr)
+    try:
+        if cluster is not None:
+            workers = cluster.batch_slots()
+        if not args.no_progress:
+            progress = Progress(total, label="eval", stream=sys.stderr)
+        # Writing one result line is instant next to a sandboxed run.
+        with out_path.open("w", encoding="utf-8") as out:  # noqa: ASYNC230
             summary = await evaluate_samples(
                 problems,
                 read_samples(args.samples),
@@ -208,6 +232,8 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
                 on_result=None if progress is None else lambda _: progress.update(),
                 where=str(args.samples),
             )
+    finally:
+        await runner.__aexit__(None, None, None)
     if progress is not None:
         progress.close()
     summary.results_path = out_path
@@ -222,6 +248,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         print("sandkernel eval: --timeout must be positive", file=sys.stderr)
         return 2
+    # pydantic looks for plugins in every installed distribution's entry points
+    # when it builds its first model, a scan of ~10 ms that is on the way to
+    # the sandboxes' start; the evaluation's models are internal and no
+    # plugin has anything to do with them. A value the user set is kept.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     import asyncio
 
     try:
