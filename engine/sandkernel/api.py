@@ -321,12 +321,15 @@ class KernelLink(Protocol):
         """Store what a relayed cell produced (workspace files, displayed images)."""
         ...
 
-    async def end(self, reason: str) -> str:
-        """End the kernel (killed, or found dead); the session is then dead.
+    def ended_because(self, fallback: str) -> str:
+        """Why the kernel ended, as a user should read it (out of memory, expired...).
 
-        Returns:
-            Why it ended, as a user should read it (out of memory, ``reason``...).
+        ``fallback`` when nothing the engine knows says more.
         """
+        ...
+
+    async def end(self, reason: str) -> None:
+        """End the kernel (kill it, or clear up after its death); the session is then dead."""
         ...
 
 

@@ -7,16 +7,24 @@ the thread they run on, and the daemon must keep answering meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import re
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import httpx
+import websockets
+from websockets.asyncio.client import ClientConnection
 
 from tests.daemon.conftest import DaemonProcess, leftovers_of, spawn_daemon, stop_process
 
@@ -98,3 +106,196 @@ def running_gateway(
         shutil.rmtree(folder, ignore_errors=True)
     assert code == 0, f"the daemon exited {code}:\n{log[-4000:]}"
     assert not left, f"the daemon left resources behind: {left}"
+
+
+# -- a Jupyter client over the gateway's WebSocket ---------------------------------------
+
+
+def ws_url(gateway: Gateway, kernel_id: str, **query: str) -> str:
+    """The kernel's channels URL (``ws://``), with ``query`` parameters."""
+    url = gateway.url.replace("http://", "ws://", 1) + f"/api/kernels/{kernel_id}/channels"
+    if query:
+        url += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+    return url
+
+
+def auth(gateway: Gateway) -> dict[str, str]:
+    """The header Jupyter clients send the token in."""
+    return {"Authorization": f"token {gateway.token}"}
+
+
+def message(
+    msg_type: str, content: dict[str, Any], channel: str = "shell", session: str = "test"
+) -> dict[str, Any]:
+    """A Jupyter message as a client sends it on the JSON protocol."""
+    return {
+        "header": {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": msg_type,
+            "username": "test",
+            "session": session,
+            "date": datetime.now(UTC).isoformat(),
+            "version": "5.3",
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": content,
+        "channel": channel,
+        "buffers": [],
+    }
+
+
+def execute_request(code: str, *, allow_stdin: bool = False) -> dict[str, Any]:
+    return message(
+        "execute_request",
+        {
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": allow_stdin,
+            "stop_on_error": True,
+        },
+    )
+
+
+@dataclass
+class Cell:
+    """What one execute_request brought back: its reply and its IOPub messages."""
+
+    reply: dict[str, Any]
+    outputs: list[dict[str, Any]]
+
+    @property
+    def stdout(self) -> str:
+        return "".join(
+            m["content"]["text"]
+            for m in self.outputs
+            if m["header"]["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+        )
+
+    @property
+    def status(self) -> str:
+        return str(self.reply["content"]["status"])
+
+    def of_type(self, msg_type: str) -> list[dict[str, Any]]:
+        return [m for m in self.outputs if m["header"]["msg_type"] == msg_type]
+
+
+class KernelSocket:
+    """One WebSocket on a kernel: send messages, wait for the ones a test expects.
+
+    Every message received is kept (``seen``), so a test can look for one
+    that came while it waited for another. Waits have deadlines, never sleeps.
+    """
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.seen: list[dict[str, Any]] = []
+        self._read = 0
+
+    async def send(self, msg: dict[str, Any]) -> str:
+        await self.ws.send(json.dumps(msg))
+        return str(msg["header"]["msg_id"])
+
+    async def next(self, timeout_s: float = 60) -> dict[str, Any]:
+        """The next message not yet handed out (received now if needed)."""
+        if self._read < len(self.seen):
+            self._read += 1
+            return self.seen[self._read - 1]
+        async with asyncio.timeout(timeout_s):
+            frame = await self.ws.recv()
+        msg: dict[str, Any] = json.loads(frame)
+        self.seen.append(msg)
+        self._read += 1
+        return msg
+
+    async def until(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 60
+    ) -> dict[str, Any]:
+        """The first message (from the unread ones on) for which ``predicate`` holds."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            msg = await self.next(max(0.01, deadline - time.monotonic()))
+            if predicate(msg):
+                return msg
+
+    async def execute(self, code: str, timeout_s: float = 60, **options: Any) -> Cell:
+        """Run a cell; returns once its reply and its IOPub ``idle`` have both come."""
+        msg_id = await self.send(execute_request(code, **options))
+        return await self.result_of(msg_id, timeout_s)
+
+    async def result_of(self, msg_id: str, timeout_s: float = 60) -> Cell:
+        reply: dict[str, Any] | None = None
+        outputs: list[dict[str, Any]] = []
+        idle = False
+        deadline = time.monotonic() + timeout_s
+        while reply is None or not idle:
+            msg = await self.next(max(0.01, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["channel"] == "shell":
+                reply = msg
+            elif msg["channel"] == "iopub":
+                outputs.append(msg)
+                if msg["header"]["msg_type"] == "status":
+                    idle = msg["content"]["execution_state"] == "idle"
+        return Cell(reply, outputs)
+
+
+def is_status(state: str) -> Callable[[dict[str, Any]], bool]:
+    def check(msg: dict[str, Any]) -> bool:
+        return (
+            msg.get("channel") == "iopub"
+            and msg["header"]["msg_type"] == "status"
+            and msg["content"].get("execution_state") == state
+        )
+
+    return check
+
+
+class GatewayClient:
+    """REST and WebSocket calls on one gateway, with its token; kernels deleted on close."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.http = httpx.AsyncClient(base_url=gateway.url, headers=auth(gateway), timeout=120)
+        self._kernels: list[str] = []
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+        for kernel_id in self._kernels:
+            await self.http.delete(f"/api/kernels/{kernel_id}")
+        await self.http.aclose()
+
+    async def start_kernel(self, name: str | None = None) -> str:
+        response = await self.http.post("/api/kernels", json={"name": name} if name else {})
+        assert response.status_code == 201, response.text
+        kernel_id = str(response.json()["id"])
+        self._kernels.append(kernel_id)
+        return kernel_id
+
+    async def kernel(self, kernel_id: str) -> dict[str, Any]:
+        response = await self.http.get(f"/api/kernels/{kernel_id}")
+        assert response.status_code == 200, response.text
+        model: dict[str, Any] = response.json()
+        return model
+
+    async def connect(
+        self, kernel_id: str, *, subprotocols: Sequence[str] | None = None, **query: str
+    ) -> KernelSocket:
+        ws = await self._stack.enter_async_context(
+            websockets.connect(
+                ws_url(self.gateway, kernel_id, **query),
+                additional_headers=auth(self.gateway),
+                subprotocols=[websockets.Subprotocol(s) for s in subprotocols]
+                if subprotocols
+                else None,
+                max_size=None,
+            )
+        )
+        return KernelSocket(ws)

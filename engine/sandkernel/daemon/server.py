@@ -200,7 +200,8 @@ class Daemon:
                 max_queued_runs=config.max_queued_runs,
                 max_queued_bytes=config.max_queued_bytes,
             )
-            # Imported here: the Assistants API's modules load only when a daemon serves.
+            # Imported here: the Assistants API's and the Jupyter gateway's modules load
+            # only when a daemon serves.
             from sandkernel.openai_api import openai_gate
 
             served = await stack.enter_async_context(
@@ -215,11 +216,22 @@ class Daemon:
                     max_upload_bytes=config.max_upload_bytes,
                 )
             )
+            from sandkernel.jupyter_gateway import jupyter_gate
+
+            served = await stack.enter_async_context(
+                jupyter_gate(
+                    served,
+                    self.engine,
+                    token=config.token,
+                    max_json_bytes=config.max_json_bytes,
+                )
+            )
             server = _Server(
                 uvicorn.Config(
                     served,
                     http="auto",  # httptools when installed (faster), else h11
-                    ws="none",
+                    # The Jupyter gateway's kernel channels (/api/kernels/{id}/channels).
+                    ws="websockets-sansio",
                     lifespan="off",
                     log_config=None,
                     access_log=config.access_log,

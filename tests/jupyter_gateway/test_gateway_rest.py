@@ -1,0 +1,202 @@
+"""The REST API's shapes, as Jupyter Server and Kernel Gateway answer them, on real kernels."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.jupyter_gateway._support import Gateway, GatewayClient, is_status
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
+
+_ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def _is_kernel_model(model: dict[str, Any]) -> None:
+    assert set(model) == {"id", "name", "last_activity", "execution_state", "connections"}
+    assert _ISO_UTC.match(model["last_activity"])
+    assert isinstance(model["connections"], int)
+
+
+async def test_api_and_kernelspecs(gateway: Gateway) -> None:
+    async with GatewayClient(gateway) as client:
+        api = (await client.http.get("/api")).json()
+        assert isinstance(api["version"], str)
+        specs = (await client.http.get("/api/kernelspecs")).json()
+        assert specs["default"] == "sandkernel-default"
+        assert {"sandkernel-default", "sandkernel-strict", "sandkernel-networked"} <= set(
+            specs["kernelspecs"]
+        )
+        one = (await client.http.get("/api/kernelspecs/sandkernel-strict")).json()
+        assert one == specs["kernelspecs"]["sandkernel-strict"]
+        assert one["spec"]["metadata"]["sandkernel"]["limits"]["wall_timeout_s"] > 0
+        missing = await client.http.get("/api/kernelspecs/nope")
+        assert missing.status_code == 404
+        assert set(missing.json()) == {"message", "reason"}
+
+
+async def test_start_get_list_delete_a_kernel(gateway: Gateway) -> None:
+    async with GatewayClient(gateway) as client:
+        response = await client.http.post(
+            "/api/kernels", json={"name": "sandkernel-default", "env": {"LD_PRELOAD": "/x.so"}}
+        )
+        assert response.status_code == 201
+        model = response.json()
+        _is_kernel_model(model)
+        kernel_id = model["id"]
+        assert response.headers["location"] == f"/api/kernels/{kernel_id}"
+        assert model["name"] == "sandkernel-default"
+        assert model["execution_state"] == "idle"
+        assert model["connections"] == 0
+        assert kernel_id in [k["id"] for k in (await client.http.get("/api/kernels")).json()]
+        sock = await client.connect(kernel_id)
+        # The env a client sent is not the kernel's: only the policy's reaches it.
+        cell = await sock.execute("import os; print(os.environ.get('LD_PRELOAD'))")
+        assert cell.stdout == "None\n"
+        fetched = await client.kernel(kernel_id)
+        _is_kernel_model(fetched)
+        assert fetched["connections"] == 1
+        assert fetched["last_activity"] >= model["last_activity"]
+        assert (await client.http.delete(f"/api/kernels/{kernel_id}")).status_code == 204
+        assert (await client.http.get(f"/api/kernels/{kernel_id}")).status_code == 404
+        assert kernel_id not in [k["id"] for k in (await client.http.get("/api/kernels")).json()]
+        # Its connection is closed with it.
+        async with asyncio.timeout(10):
+            await sock.ws.wait_closed()
+
+
+async def test_the_kernel_is_a_sandkernel_session(gateway: Gateway) -> None:
+    async with GatewayClient(gateway) as client:
+        kernel_id = await client.start_kernel()
+        bearer = {"Authorization": f"Bearer {gateway.token}"}
+        session = (await client.http.get(f"/v1/sessions/{kernel_id}", headers=bearer)).json()
+        assert session["state"] == "active"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({"name": "sandkernel-strict"}, 400, "sandkernel serve --policy strict"),
+        ({"name": "ruby"}, 400, "no kernel spec"),
+        ({"name": 3}, 400, "string"),
+    ],
+)
+async def test_a_kernel_the_daemon_does_not_serve_is_refused(
+    gateway: Gateway, body: dict[str, Any], status: int, says: str
+) -> None:
+    async with GatewayClient(gateway) as client:
+        response = await client.http.post("/api/kernels", json=body)
+        assert response.status_code == status
+        assert says in response.json()["message"]
+
+
+async def test_python3_and_no_name_start_the_served_spec(gateway: Gateway) -> None:
+    async with GatewayClient(gateway) as client:
+        for body in ({"name": "python3"}, {}):
+            response = await client.http.post("/api/kernels", json=body)
+            assert response.status_code == 201
+            assert response.json()["name"] == "sandkernel-default"
+            await client.http.delete(f"/api/kernels/{response.json()['id']}")
+
+
+async def test_unknown_kernel_ids_are_404_on_every_kernel_route(gateway: Gateway) -> None:
+    async with GatewayClient(gateway) as client:
+        for method, path in [
+            ("GET", "/api/kernels/nope"),
+            ("DELETE", "/api/kernels/nope"),
+            ("POST", "/api/kernels/nope/interrupt"),
+            ("POST", "/api/kernels/nope/restart"),
+            ("GET", "/api/sessions/nope"),
+            ("PATCH", "/api/sessions/nope"),
+            ("DELETE", "/api/sessions/nope"),
+        ]:
+            response = await client.http.request(method, path)
+            assert response.status_code == 404, (method, path)
+            assert set(response.json()) == {"message", "reason"}
+
+
+async def test_restart_is_a_fresh_sandbox_under_the_same_id(gateway: Gateway) -> None:
+    async with GatewayClient(gateway) as client:
+        kernel_id = await client.start_kernel()
+        sock = await client.connect(kernel_id)
+        assert (
+            await sock.execute("x = 5; open('/mnt/data/kept.txt', 'w').write('k')")
+        ).status == "ok"
+        response = await client.http.post(f"/api/kernels/{kernel_id}/restart")
+        assert response.status_code == 200
+        assert response.json()["id"] == kernel_id
+        await sock.until(is_status("restarting"), timeout_s=5)
+        # The same WebSocket now reaches the fresh kernel: its variables are gone.
+        cell = await sock.execute("print('x' in globals())")
+        assert cell.stdout == "False\n"
+        assert (await client.kernel(kernel_id))["execution_state"] == "idle"
+        # Files the old sandbox produced stay in the store, under the kernel's id.
+        bearer = {"Authorization": f"Bearer {gateway.token}"}
+        files = (await client.http.get(f"/v1/sessions/{kernel_id}/files", headers=bearer)).json()
+        assert "kept.txt" in [f["name"] for f in files["data"]]
+
+
+async def test_sessions_crud_as_jupyter_server_defines_it(gateway: Gateway) -> None:
+    async with GatewayClient(gateway) as client:
+        created = await client.http.post(
+            "/api/sessions",
+            json={
+                "path": "a.ipynb",
+                "name": "a",
+                "type": "notebook",
+                "kernel": {"name": "python3"},
+            },
+        )
+        assert created.status_code == 201
+        session = created.json()
+        assert set(session) >= {"id", "path", "name", "type", "kernel"}
+        assert session["path"] == "a.ipynb"
+        assert session["type"] == "notebook"
+        assert session["kernel"]["name"] == "sandkernel-default"
+        kernel_id = session["kernel"]["id"]
+        client._kernels.append(kernel_id)
+        again = await client.http.post("/api/sessions", json={"path": "a.ipynb"})
+        assert again.json()["id"] == session["id"]
+        listed = (await client.http.get("/api/sessions")).json()
+        assert [s["id"] for s in listed] == [session["id"]]
+        fetched = (await client.http.get(f"/api/sessions/{session['id']}")).json()
+        assert fetched["kernel"]["id"] == kernel_id
+        renamed = await client.http.patch(
+            f"/api/sessions/{session['id']}", json={"path": "b.ipynb", "name": "b"}
+        )
+        assert renamed.status_code == 200
+        assert (renamed.json()["path"], renamed.json()["name"]) == ("b.ipynb", "b")
+        assert renamed.json()["kernel"]["id"] == kernel_id
+        # A session on an existing kernel, by id.
+        other = await client.http.post(
+            "/api/sessions", json={"path": "c.py", "type": "console", "kernel": {"id": kernel_id}}
+        )
+        assert other.json()["kernel"]["id"] == kernel_id
+        assert (await client.http.delete(f"/api/sessions/{session['id']}")).status_code == 204
+        # The kernel stays while another session uses it, and goes with the last one.
+        assert (await client.http.get(f"/api/kernels/{kernel_id}")).status_code == 200
+        assert (await client.http.delete(f"/api/sessions/{other.json()['id']}")).status_code == 204
+        assert (await client.http.get(f"/api/kernels/{kernel_id}")).status_code == 404
+        assert (await client.http.get("/api/sessions")).json() == []
+        bad = await client.http.post("/api/sessions", json={"kernel": {"name": "python3"}})
+        assert bad.status_code == 400
+
+
+async def test_max_sessions_holds_for_gateway_kernels(gateway_factory: Any) -> None:
+    process = gateway_factory(pool_size=1, extra=["--max-sessions", "1"])
+    async with GatewayClient(process.gateway) as client:
+        await client.start_kernel()
+        refused = await client.http.post("/api/kernels", json={})
+        assert refused.status_code == 429
+        assert "max_sessions" in refused.json()["message"]
+        assert refused.json()["reason"] == "SessionLimitReached"
+
+
+async def test_the_unix_socket_needs_no_token(gateway_process: Any) -> None:
+    transport = httpx.AsyncHTTPTransport(uds=str(gateway_process.socket))
+    async with httpx.AsyncClient(transport=transport, base_url="http://sandkernel") as raw:
+        assert (await raw.get("/api/kernelspecs")).status_code == 200
