@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sandkernel._solve_cli import add_solve_parser, solve_with_engine
-from tests.loop._support import EngineFactory, ScriptedChatServer, code, completion
+from tests._model import ScriptedModel, in_order
+from tests.loop._support import EngineFactory, code, completion
 
 
 @pytest.mark.sandbox
@@ -34,7 +35,7 @@ async def test_solve_prints_each_attempt_and_saves_the_chart(
     parser = argparse.ArgumentParser()
     add_solve_parser(parser.add_subparsers(dest="command"))
     out = io.StringIO()
-    async with ScriptedChatServer(script) as server:
+    async with ScriptedModel(in_order(*script)) as server:
         args = parser.parse_args(
             ["solve", "Chart the sales", "--base-url", server.base_url, "--model", "scripted"]
             + ["--api-key", "sk-test", "--file", str(data), "--max-attempts", "3"]

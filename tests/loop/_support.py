@@ -8,7 +8,6 @@ is checked as a server sees it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -20,6 +19,7 @@ from typing import Any
 from sandkernel import Engine, ExecutionResult
 from sandkernel.loop import ModelReply, OpenAIChatModel, ToolChoice
 from sandkernel.results import ProducedFile, Usage
+from tests._model import Reply, ScriptedModel, in_order
 
 SNAPSHOTS = Path(__file__).resolve().parents[1] / "snapshots"
 EngineFactory = Callable[..., Awaitable[Engine]]
@@ -155,92 +155,9 @@ SMALL_FRAME_HTML = (
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5E"
 
 
-class ScriptedChatServer:
-    """An OpenAI-compatible ``/v1/chat/completions`` on 127.0.0.1 that plays a script.
-
-    Each request gets the next scripted reply; requests past the script get a
-    500. Every request body is recorded. One request per connection, each
-    bounded in time, and the listener is closed on exit.
-    """
-
-    def __init__(self, script: Sequence[dict[str, Any]]) -> None:
-        self.script = list(script)
-        self.requests: list[dict[str, Any]] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def __aenter__(self) -> ScriptedChatServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        async with asyncio.timeout(5):
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(10):
-                status, payload = await self._answer(reader)
-                body = json.dumps(payload).encode()
-                head = (
-                    f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                )
-                writer.write(head.encode() + body)
-                await writer.drain()
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[str, dict[str, Any]]:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        request_line, *header_lines = head.split("\r\n")
-        method, path, _ = request_line.split(" ", 2)
-        headers = dict(
-            (name.strip().lower(), value.strip())
-            for name, value in (line.split(":", 1) for line in header_lines if ":" in line)
-        )
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-        if (method, path) != ("POST", "/v1/chat/completions"):
-            return "404 Not Found", {"error": {"message": f"no route {method} {path}"}}
-        self.requests.append(json.loads(body))
-        if len(self.requests) > len(self.script):
-            error = {"message": "the script has no more replies", "type": "server_error"}
-            return "500 Internal Server Error", {"error": error}
-        return "200 OK", self.script[len(self.requests) - 1]
-
-
-def completion(content: str | None = None, calls: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
-    """A chat.completion body; ``calls`` are ``(id, arguments JSON text)`` of python calls."""
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = [
-            {"id": call_id, "type": "function", "function": {"name": "python", "arguments": args}}
-            for call_id, args in calls
-        ]
-    return {
-        "id": "chatcmpl-scripted",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": "scripted",
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": "tool_calls" if calls else "stop",
-                "logprobs": None,
-            }
-        ],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-    }
+def completion(content: str | None = None, calls: Sequence[tuple[str, str]] = ()) -> Reply:
+    """A scripted turn; ``calls`` are ``(id, arguments JSON text)`` of python calls."""
+    return Reply(content, [(call_id, "python", args) for call_id, args in calls])
 
 
 def code(source: str) -> str:
@@ -249,9 +166,9 @@ def code(source: str) -> str:
 
 @contextlib.asynccontextmanager
 async def scripted_model(
-    script: Sequence[dict[str, Any]],
-) -> AsyncIterator[tuple[ScriptedChatServer, OpenAIChatModel]]:
-    async with ScriptedChatServer(script) as server:
+    script: Sequence[Reply],
+) -> AsyncIterator[tuple[ScriptedModel, OpenAIChatModel]]:
+    async with ScriptedModel(in_order(*script)) as server:
         model = OpenAIChatModel(
             model="scripted", base_url=server.base_url, api_key="sk-test", max_retries=0, timeout=30
         )

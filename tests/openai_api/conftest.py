@@ -1,9 +1,8 @@
 """A daemon serving the OpenAI-compatible API, a scripted chat model, and checked clients.
 
-- :class:`ScriptedModel` is an OpenAI-compatible ``/v1/chat/completions`` on
-  loopback that plays scripted replies (plain JSON, or streamed chunks when
-  asked to stream) and records every request, so a test sees what the
-  daemon sent the model.
+- :class:`~tests._model.ScriptedModel` (re-exported) is an OpenAI-compatible
+  ``/v1/chat/completions`` on loopback that plays scripted replies and
+  records every request, so a test sees what the daemon sent the model.
 - Every ``openai`` client made here (the seed's ``AzureOpenAI`` included,
   through :class:`CheckedAzureOpenAI`) goes through :class:`CheckingTransport`,
   which validates every JSON answer with the ``openai`` package's own pydantic
@@ -14,9 +13,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +36,7 @@ from openai.types.container_retrieve_response import ContainerRetrieveResponse
 from openai.types.containers.file_retrieve_response import FileRetrieveResponse
 from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 
+from tests._model import Script, ScriptedModel
 from tests.daemon.conftest import DaemonFactory, RunningDaemon
 from tests.daemon.conftest import daemon_factory as daemon_factory  # noqa: F401 - a fixture
 from tests.daemon.conftest import short_dir as short_dir  # noqa: F401 - a fixture
@@ -54,189 +53,7 @@ ASSISTANTS_DEPRECATED = [
 
 
 # --------------------------------------------------------------------------- the model
-
-
-@dataclass
-class Reply:
-    """One scripted assistant turn: text, and ``(call id, tool name, arguments)`` calls."""
-
-    content: str | None = None
-    calls: Sequence[tuple[str, str, str]] = ()
-    finish_reason: str | None = None
-    #: awaited before answering (to hold a reply until something else happened)
-    before: Callable[[], Awaitable[None]] | None = None
-
-
-def code_call(call_id: str, source: str) -> tuple[str, str, str]:
-    return call_id, "python", json.dumps({"code": source})
-
-
-Script = Callable[[dict[str, Any]], Reply]
-
-
-def in_order(*replies: Reply) -> Script:
-    """A script answering each request with the next reply."""
-    queue = list(replies)
-
-    def next_reply(request: dict[str, Any]) -> Reply:
-        if not queue:
-            raise LookupError("the script has no more replies")
-        return queue.pop(0)
-
-    return next_reply
-
-
-def by_marker(scripts: dict[str, Script]) -> Script:
-    """Scripts per conversation, chosen by a marker in its first user message."""
-
-    def choose(request: dict[str, Any]) -> Reply:
-        first = next(m for m in request["messages"] if m["role"] == "user")
-        for marker, script in scripts.items():
-            if marker in str(first["content"]):
-                return script(request)
-        raise LookupError(f"no script for {first['content']!r}")
-
-    return choose
-
-
-class ScriptedModel:
-    """An OpenAI-compatible chat endpoint on 127.0.0.1 that plays a script.
-
-    One request per connection, each bounded in time; a request the script
-    has no reply for gets a 500. Streamed answers (``stream: true``) send the
-    text in several chunks, then the tool calls, then the usage.
-    """
-
-    def __init__(self, script: Script, *, streams: bool = True) -> None:
-        self.script = script
-        self.streams = streams
-        self.requests: list[dict[str, Any]] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def __aenter__(self) -> ScriptedModel:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        async with asyncio.timeout(10):
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(60):
-                await self._answer(reader, writer)
-        except ConnectionError:
-            pass  # the daemon went away while its call was held: nothing to answer
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        request_line, *header_lines = head.split("\r\n")
-        method, path, _ = request_line.split(" ", 2)
-        headers = {
-            name.strip().lower(): value.strip()
-            for name, value in (line.split(":", 1) for line in header_lines if ":" in line)
-        }
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-        if (method, path) != ("POST", "/v1/chat/completions"):
-            _write_json(writer, "404 Not Found", {"error": {"message": f"no route {path}"}})
-            return
-        request = json.loads(body)
-        self.requests.append(request)
-        if request.get("stream") and not self.streams:
-            error = {"message": "streaming is not supported", "type": "invalid_request_error"}
-            _write_json(writer, "400 Bad Request", {"error": error})
-            return
-        try:
-            reply = self.script(request)
-        except LookupError as exc:
-            error = {"message": str(exc), "type": "server_error"}
-            _write_json(writer, "500 Internal Server Error", {"error": error})
-            return
-        if reply.before is not None:
-            await reply.before()
-        if request.get("stream"):
-            await _write_stream(writer, reply)
-        else:
-            _write_json(writer, "200 OK", completion(reply))
-        await writer.drain()
-
-
-def completion(reply: Reply) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
-    if reply.calls:
-        message["tool_calls"] = [
-            {"id": i, "type": "function", "function": {"name": name, "arguments": args}}
-            for i, name, args in reply.calls
-        ]
-    finish = reply.finish_reason or ("tool_calls" if reply.calls else "stop")
-    return {
-        "id": "chatcmpl-scripted",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": "scripted",
-        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-    }
-
-
-def _write_json(writer: asyncio.StreamWriter, status: str, payload: dict[str, Any]) -> None:
-    body = json.dumps(payload).encode()
-    head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    writer.write(head.encode() + body)
-
-
-async def _write_stream(writer: asyncio.StreamWriter, reply: Reply) -> None:
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
-
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> None:
-        data = {
-            "id": "chatcmpl-scripted",
-            "object": "chat.completion.chunk",
-            "created": 1_700_000_000,
-            "model": "scripted",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if delta else [],
-            "usage": usage,
-        }
-        writer.write(f"data: {json.dumps(data)}\n\n".encode())
-
-    chunk({"role": "assistant", "content": ""})
-    text = reply.content or ""
-    for start in range(0, len(text), 8):
-        chunk({"content": text[start : start + 8]})
-        await writer.drain()
-    for index, (call_id, name, args) in enumerate(reply.calls):
-        half = len(args) // 2
-        first = {"index": index, "id": call_id, "type": "function"}
-        chunk({"tool_calls": [{**first, "function": {"name": name, "arguments": args[:half]}}]})
-        chunk({"tool_calls": [{"index": index, "function": {"arguments": args[half:]}}]})
-    chunk({}, None)  # no choices: skipped by the client
-    finish = reply.finish_reason or ("tool_calls" if reply.calls else "stop")
-    chunk({"content": ""}, finish)
-    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-    data = {
-        "id": "chatcmpl-scripted",
-        "object": "chat.completion.chunk",
-        "created": 1_700_000_000,
-        "model": "scripted",
-        "choices": [],
-        "usage": usage,
-    }
-    writer.write(f"data: {json.dumps(data)}\n\ndata: [DONE]\n\n".encode())
+# (tests/_model.py, shared with the model loop's tests)
 
 
 class Rendezvous:

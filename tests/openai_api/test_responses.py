@@ -20,7 +20,8 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_output_text import AnnotationContainerFileCitation
 
-from tests.openai_api.conftest import DEPLOYMENT, OpenAIDaemonFactory, Reply, code_call, in_order
+from tests._model import Reply, code_call, in_order
+from tests.openai_api.conftest import DEPLOYMENT, OpenAIDaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 AUTO: list[ToolParam] = [{"type": "code_interpreter", "container": {"type": "auto"}}]

@@ -9,16 +9,9 @@ from typing import Any
 import anyio
 import pytest
 
+from tests._model import Reply, ScriptedModel, code_call, in_order
 from tests.daemon.conftest import RunningDaemon
-from tests.openai_api.conftest import (
-    ASSISTANTS_DEPRECATED,
-    DEPLOYMENT,
-    OpenAIDaemonFactory,
-    Reply,
-    ScriptedModel,
-    code_call,
-    in_order,
-)
+from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, DEPLOYMENT, OpenAIDaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]
 

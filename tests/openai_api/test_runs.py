@@ -17,16 +17,13 @@ import pytest
 from openai.types.beta.threads import Run
 from PIL import Image
 
+from tests._model import Reply, by_marker, code_call, in_order
 from tests.openai_api.conftest import (
     ASSISTANTS_DEPRECATED,
     DEPLOYMENT,
     TOKEN,
     OpenAIDaemonFactory,
     Rendezvous,
-    Reply,
-    by_marker,
-    code_call,
-    in_order,
 )
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]

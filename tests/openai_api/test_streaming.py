@@ -12,15 +12,8 @@ from openai import AssistantEventHandler
 from openai.types.beta.threads import Message, Text, TextDelta
 from openai.types.beta.threads.runs import RunStep, ToolCall, ToolCallDelta
 
-from tests.openai_api.conftest import (
-    ASSISTANTS_DEPRECATED,
-    DEPLOYMENT,
-    OpenAIDaemonFactory,
-    Reply,
-    ScriptedModel,
-    code_call,
-    in_order,
-)
+from tests._model import Reply, ScriptedModel, code_call, in_order
+from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, DEPLOYMENT, OpenAIDaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]
 

@@ -9,14 +9,8 @@ import anyio
 import openai
 import pytest
 
-from tests.openai_api.conftest import (
-    ASSISTANTS_DEPRECATED,
-    DEPLOYMENT,
-    OpenAIDaemonFactory,
-    Reply,
-    code_call,
-    in_order,
-)
+from tests._model import Reply, code_call, in_order
+from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, DEPLOYMENT, OpenAIDaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]
 
