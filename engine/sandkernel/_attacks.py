@@ -16,8 +16,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-#: Defined in the sandbox before each attack (see tests/security/_support.py).
-_PRELUDE = textwrap.dedent("""
+#: Defined in the sandbox before an attack (here and in the test suite's
+#: catalogue, tests/security): ``attempt(f)`` runs ``f`` and says ``"allowed"``
+#: or the errno name it failed with; ``call(nr, *args)`` makes a raw system
+#: call the same way (a child made by a clone that got through exits).
+PRELUDE = textwrap.dedent("""
     import ctypes, errno as _errno, json, os, socket
     _libc = ctypes.CDLL(None, use_errno=True)
     def _name(code):
@@ -32,6 +35,8 @@ _PRELUDE = textwrap.dedent("""
         return "allowed"
     def call(nr, *args):
         rc = _libc.syscall(nr, *[ctypes.c_long(a) for a in args])
+        if rc == 0 and nr in (56,):
+            _libc._exit(0)
         return "allowed" if rc >= 0 else _name(ctypes.get_errno())
 """)
 
@@ -263,7 +268,7 @@ async def _one(
             r = await kernel.execute(code, timeout_s=60)
             held, detail = attack.verdict(r.status)
         else:
-            r = await kernel.execute(_PRELUDE + code + "\nprint(json.dumps(result))", timeout_s=60)
+            r = await kernel.execute(PRELUDE + code + "\nprint(json.dumps(result))", timeout_s=60)
             if r.status != "ok":
                 return AttackOutcome(attack.name, False, f"could not run: {r.status} {r.error}")
             held, detail = attack.verdict(json.loads(r.stdout.strip().splitlines()[-1]))

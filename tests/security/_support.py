@@ -8,32 +8,10 @@ import textwrap
 import time
 from typing import Any
 
+from sandkernel._attacks import PRELUDE
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.results import ExecutionResult
 from sandkernel.session import Session
-
-#: Defined in the sandbox before an attack: ``attempt(f)`` runs ``f`` and says
-#: ``"allowed"`` or the errno name it failed with; ``call(nr, *args)`` makes a
-#: raw system call the same way (a child made by a clone that got through exits).
-PRELUDE = textwrap.dedent("""
-    import ctypes, errno as _errno, json, os, socket
-    _libc = ctypes.CDLL(None, use_errno=True)
-    def _name(code):
-        return _errno.errorcode.get(code, str(code))
-    def attempt(f):
-        try:
-            f()
-        except OSError as e:
-            return _name(e.errno) if e.errno else type(e).__name__
-        except Exception as e:
-            return type(e).__name__
-        return "allowed"
-    def call(nr, *args):
-        rc = _libc.syscall(nr, *[ctypes.c_long(a) for a in args])
-        if rc == 0 and nr in (56,):
-            _libc._exit(0)
-        return "allowed" if rc >= 0 else _name(ctypes.get_errno())
-""")
 
 
 def _code(code: str) -> str:
