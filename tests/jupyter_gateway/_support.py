@@ -193,10 +193,13 @@ class KernelSocket:
         self.ws = ws
         self.seen: list[dict[str, Any]] = []
         self._read = 0
+        self._sent_at: dict[str, int] = {}  # msg_id -> messages received before it was sent
 
     async def send(self, msg: dict[str, Any]) -> str:
+        msg_id = str(msg["header"]["msg_id"])
+        self._sent_at[msg_id] = len(self.seen)
         await self.ws.send(json.dumps(msg))
-        return str(msg["header"]["msg_id"])
+        return msg_id
 
     async def next(self, timeout_s: float = 60) -> dict[str, Any]:
         """The next message not yet handed out (received now if needed)."""
@@ -226,20 +229,34 @@ class KernelSocket:
         return await self.result_of(msg_id, timeout_s)
 
     async def result_of(self, msg_id: str, timeout_s: float = 60) -> Cell:
+        """The reply and IOPub messages of a request, also those already received.
+
+        Complete once the reply and the request's IOPub ``idle`` have come, or
+        the reply and the kernel's ``status: dead`` (a dead kernel goes idle no more).
+        """
         reply: dict[str, Any] | None = None
         outputs: list[dict[str, Any]] = []
-        idle = False
+        done = False
         deadline = time.monotonic() + timeout_s
-        while reply is None or not idle:
-            msg = await self.next(max(0.01, deadline - time.monotonic()))
+        index = self._sent_at.get(msg_id, 0)
+        while reply is None or not done:
+            if index < len(self.seen):
+                msg = self.seen[index]
+            else:
+                await self.next(max(0.01, deadline - time.monotonic()))
+                continue
+            index += 1
+            self._read = max(self._read, index)
+            if is_status("dead")(msg):
+                done = True
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
             if msg["channel"] == "shell":
                 reply = msg
             elif msg["channel"] == "iopub":
                 outputs.append(msg)
-                if msg["header"]["msg_type"] == "status":
-                    idle = msg["content"]["execution_state"] == "idle"
+                if is_status("idle")(msg):
+                    done = True
         return Cell(reply, outputs)
 
 

@@ -299,6 +299,9 @@ class KernelRelay:
                 self._answer_dead_cell(
                     _Cell(msg, connection), self.dead_reason or "the kernel is not running"
                 )
+                dead = self._status("dead")
+                dead.parent_header = dict(msg.header)
+                connection.send(dead)
             return
         self.last_activity = now_utc()
         if msg.channel == "control" and msg.msg_type == "shutdown_request":
