@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sandkernel.policy import Policy
 from sandkernel.sandbox import CgroupLayout, CgroupVersion, KernelCgroup
+from sandkernel.sandbox.cgroups import UsageReader
 
 
 def _mounts(tmp_path: Path, lines: list[str]) -> str:
@@ -92,3 +93,44 @@ def test_v1_limits_usage_and_lowering(tmp_path: Path) -> None:
     assert cg.procs_files == sorted(
         m / "sandkernel" / "1-aaaaaaaa-cccccccc" / "cgroup.procs" for m in mounts.values()
     )
+
+
+def test_usage_reader_rereads_kept_files_resets_peak_and_closes(tmp_path: Path) -> None:
+    mounts = {c: tmp_path / c for c in ("memory", "pids", "cpu", "cpuacct")}
+    layout = CgroupLayout(CgroupVersion.V1, mounts)
+    for m in mounts.values():
+        m.mkdir()
+    cg = KernelCgroup(layout, "1-aaaaaaaa-dddddddd")
+    cg.create(Policy(memory_mb=256, pids_max=32, cpus=0.5))
+    mem = mounts["memory"] / "sandkernel" / "1-aaaaaaaa-dddddddd"
+    cpuacct = mounts["cpuacct"] / "sandkernel" / "1-aaaaaaaa-dddddddd" / "cpuacct.usage"
+    (mem / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    (mem / "memory.max_usage_in_bytes").write_text("8192\n")
+    cpuacct.write_text("100\n")
+    reader = UsageReader(cg)
+    first = reader.read()
+    assert (first.cpu_ns, first.peak_memory_bytes, first.oom_kills) == (100, 8192, 0)
+    assert first.pids_limit_hits == 0  # no pids.events: unknown reads as none
+    # Kept descriptors see each new value (a real cgroup file is rendered per read).
+    (mem / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    cpuacct.write_text("250\n")
+    (mounts["pids"] / "sandkernel" / "1-aaaaaaaa-dddddddd" / "pids.events").write_text("max 4\n")
+    second = reader.read(peak=False)
+    assert (second.cpu_ns, second.peak_memory_bytes, second.oom_kills) == (250, None, 3)
+    assert second.pids_limit_hits == 4
+    reader.reset_peak()
+    assert (mem / "memory.max_usage_in_bytes").read_text().startswith("0")
+    reader.close()
+    reader.close()
+    assert reader.read().cpu_ns == 250  # reopened on demand
+    reader.close()
+
+
+def test_usage_reader_of_a_removed_cgroup_reads_unknown(tmp_path: Path) -> None:
+    root = tmp_path / "cg2"
+    root.mkdir()
+    layout = CgroupLayout(CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")})
+    reader = UsageReader(KernelCgroup(layout, "1-aaaaaaaa-eeeeeeee"))
+    usage = reader.read()
+    assert (usage.cpu_ns, usage.peak_memory_bytes, usage.oom_kills) == (None, None, 0)
+    reader.close()
