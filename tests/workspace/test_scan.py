@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,11 @@ import pytest
 from sandkernel.errors import FileError, FileRejected
 from sandkernel.files import FileStore
 from sandkernel.workspace import ScanResult, open_workspace_file, scan_workspace
+from sandkernel.workspace.scan import (
+    QUICK_CHECK_MAX_ENTRIES,
+    empty_workspace_stamps,
+    workspace_unchanged,
+)
 from tests.files._samples import png_bytes
 
 
@@ -279,3 +285,85 @@ def test_the_scan_is_still_imported_from_sandkernel_files_and_loaded_only_then()
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def _settled_tree(root: Path) -> ScanResult:
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.txt").write_bytes(b"one")
+    (root / "sub" / "b.txt").write_bytes(b"two")
+    (root / "sub" / "deeper" / "c.txt").write_bytes(b"three")
+    found = _scan(root)
+    assert found.dirs is not None and set(found.dirs) == {"", "sub", "sub/deeper"}
+    assert workspace_unchanged(root, found.snapshot, found.dirs)
+    return found
+
+
+@pytest.mark.usefixtures("no_stamp_tick")
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda r: (r / "new.txt").write_bytes(b""), id="file added at the root"),
+        pytest.param(lambda r: (r / "sub/deeper/new").write_bytes(b"x"), id="file added deep"),
+        pytest.param(lambda r: (r / "sub/b.txt").unlink(), id="file removed"),
+        pytest.param(lambda r: (r / "sub/b.txt").rename(r / "sub/d.txt"), id="file renamed"),
+        pytest.param(lambda r: (r / "sub/deeper/more").mkdir(), id="directory added"),
+        pytest.param(lambda r: (r / "a.txt").write_bytes(b"ONE!"), id="file rewritten"),
+        pytest.param(
+            lambda r: os.utime(r / "sub/deeper/c.txt", ns=(1, 1)), id="same size, other mtime"
+        ),
+    ],
+)
+def test_the_quick_check_sees_every_change_a_scan_would_see(
+    tmp_path: Path, change: Callable[[Path], object]
+) -> None:
+    found = _settled_tree(tmp_path)
+    assert found.dirs is not None
+    change(tmp_path)
+    assert not workspace_unchanged(tmp_path, found.snapshot, found.dirs)
+    rescan = _scan(tmp_path, found.snapshot)
+    # The scan it falls back to sees the change too (an empty new folder: its stamp).
+    assert rescan.changed or rescan.removed or rescan.dirs != found.dirs
+
+
+@pytest.mark.usefixtures("no_stamp_tick")
+def test_the_quick_check_follows_no_symlink(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    root.mkdir()
+    found = _settled_tree(root)
+    assert found.dirs is not None
+    outside = tmp_path / "outside"
+    (root / "sub").rename(outside)
+    (root / "sub").symlink_to(outside)  # same files behind a link: not the same tree
+    assert not workspace_unchanged(root, found.snapshot, found.dirs)
+
+
+def test_a_directory_changed_within_a_clock_tick_proves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "just-written.txt").write_bytes(b"now")
+    found = _scan(tmp_path)
+    assert found.dirs is None  # its mtime may not move again for the next change
+    assert empty_workspace_stamps(tmp_path) is None
+
+
+@pytest.mark.usefixtures("no_stamp_tick")
+def test_an_incomplete_scan_or_a_big_tree_is_never_skipped(tmp_path: Path) -> None:
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "pipe")
+    assert _scan(tmp_path).dirs is None  # something skipped: scanned again next time
+    big = tmp_path / "big"
+    big.mkdir()
+    for n in range(QUICK_CHECK_MAX_ENTRIES + 1):
+        (big / f"f{n}").write_bytes(b"")
+    found = _scan(big)
+    assert found.dirs is not None
+    assert not workspace_unchanged(big, found.snapshot, found.dirs)
+
+
+@pytest.mark.usefixtures("no_stamp_tick")
+def test_an_empty_workspace_is_stamped_without_a_scan(tmp_path: Path) -> None:
+    stamps = empty_workspace_stamps(tmp_path)
+    assert stamps is not None
+    assert stamps == _scan(tmp_path).dirs
+    assert workspace_unchanged(tmp_path, {}, stamps)
+    (tmp_path / "x").write_bytes(b"")
+    assert not workspace_unchanged(tmp_path, {}, stamps)
+    assert empty_workspace_stamps(tmp_path) is None

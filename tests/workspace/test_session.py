@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sandkernel.errors import EngineClosed, FileNotFoundInStore
 from sandkernel.files import FileStore
-from sandkernel.results import ExecutionResult, Usage
+from sandkernel.results import DisplayOutput, ExecutionResult, Usage
 from sandkernel.sandbox import SANDBOX_UID
 from sandkernel.workspace import OutputCaps, SessionWorkspace
+from tests.files._samples import png_bytes
 
 pytestmark = [
     pytest.mark.anyio,
@@ -106,3 +110,40 @@ async def test_a_closed_store_is_reported_as_the_engine_not_running(
     store.close()
     with pytest.raises(EngineClosed, match="not running"):
         await workspace.list()
+
+
+@pytest.mark.usefixtures("no_stamp_tick")
+async def test_an_unchanged_workspace_is_collected_without_a_thread_or_the_store(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(max_session_bytes=1 << 20), session_id="s1")
+    await workspace.prepare(ws, restart=False)
+    assert workspace.state.dirs is not None  # a fresh, empty folder: proved empty at once
+    threads: list[object] = []
+
+    async def to_thread(func: Callable[..., object], /, *args: object, **kwargs: object) -> object:
+        threads.append(func)
+        return func(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    first = cell(1)
+    assert await workspace.collect(ws, first) is first
+    assert threads == []
+    (ws / "out.csv").write_text("a,b\n")
+    (produced,) = (await workspace.collect(ws, cell(2))).files
+    assert produced.path == "/mnt/data/out.csv" and len(threads) == 1
+    third = cell(3)
+    assert await workspace.collect(ws, third) is third  # that scan's stamps prove it
+    assert len(threads) == 1
+    (ws / "out.csv").write_text("a,b\n1,2\n")  # rewritten in place: the folder's mtime stays
+    (again,) = (await workspace.collect(ws, cell(4))).files
+    assert again.path == "/mnt/data/out.csv" and len(threads) == 2
+    image = ExecutionResult(
+        status="ok",
+        usage=Usage(wall_ms=1.0),
+        execution_count=5,
+        displays=[DisplayOutput(data={"image/png": base64.b64encode(png_bytes()).decode()})],
+    )
+    (shown,) = (await workspace.collect(ws, image)).files
+    assert shown.source == "display" and len(threads) == 3

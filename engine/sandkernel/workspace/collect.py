@@ -22,7 +22,7 @@ from sandkernel.workspace.place import WorkspaceState
 from sandkernel.workspace.scan import open_workspace_file, scan_workspace
 
 #: Displayed image types that become files, with their extension.
-_IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/svg+xml": "svg"}
+IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/svg+xml": "svg"}
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,20 @@ class _SessionQuota:
 
     def __init__(self, store: FileStore, session_id: str, state: WorkspaceState, cap: int | None):
         self.store, self.session_id, self.state, self.cap = store, session_id, state, cap
-        self.used = (
-            0 if cap is None else store.stored_bytes(session_id=session_id, origin="produced")
-        )
+        self._used: int | None = None if cap is not None else 0
         self.evicted = 0
+
+    @property
+    def used(self) -> int:
+        """Bytes the session's produced files hold; asked of the store when first needed."""
+        if self._used is None:
+            # Most cells store nothing: they do not pay for this query.
+            self._used = self.store.stored_bytes(session_id=self.session_id, origin="produced")
+        return self._used
+
+    @used.setter
+    def used(self, value: int) -> None:
+        self._used = value
 
     def make_room(self, size: int) -> bool:
         """Whether ``size`` more bytes fit, after deleting superseded versions if needed."""
@@ -123,6 +133,7 @@ def collect_outputs(
         quota.used += stored.size_bytes
         produced.append(_produced(stored, path, "workspace"))
     state.snapshot = scan.snapshot
+    state.dirs = scan.dirs
     for path in scan.removed:
         state.latest.pop(f"{WORKSPACE_IN_JAIL}/{path}", None)
     produced += _store_displays(store, result, session_id=session_id, caps=caps, quota=quota,
@@ -155,12 +166,12 @@ def _store_displays(
     notes: list[str],
 ) -> list[ProducedFile]:
     produced: list[ProducedFile] = []
-    images = [d for d in result.displays if any(t in d.data for t in _IMAGE_TYPES)]
+    images = [d for d in result.displays if any(t in d.data for t in IMAGE_TYPES)]
     for n, display in enumerate(images, 1):
         if len(produced) >= room:
             notes.append(f"more displayed images than the {caps.max_files}-file cap (max_files)")
             break
-        mime = next(t for t in _IMAGE_TYPES if t in display.data)
+        mime = next(t for t in IMAGE_TYPES if t in display.data)
         payload = display.data[mime]
         try:
             if mime == "image/svg+xml":
@@ -170,7 +181,7 @@ def _store_displays(
         except (binascii.Error, TypeError, ValueError):
             notes.append(f"displayed {mime} #{n} is not valid base64")
             continue
-        name = f"image-{result.execution_count or 0}-{n}.{_IMAGE_TYPES[mime]}"
+        name = f"image-{result.execution_count or 0}-{n}.{IMAGE_TYPES[mime]}"
         if not quota.make_room(len(data)):
             notes.append(quota.refused(name, len(data)))
             continue

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from sandkernel.errors import SandkernelError
 from sandkernel.files import FileStore, StoredFile
 from sandkernel.sandbox import SANDBOX_GID, SANDBOX_UID, WORKSPACE_IN_JAIL
-from sandkernel.workspace.scan import Snapshot, open_workspace_file
+from sandkernel.workspace.scan import DirStamps, Snapshot, open_workspace_file
 
 
 @dataclass
@@ -31,6 +31,9 @@ class WorkspaceState:
     snapshot: Snapshot = field(default_factory=dict)
     #: in-sandbox path -> file id of what was placed there or produced last
     latest: dict[str, str] = field(default_factory=dict)
+    #: the directories' stamps when ``snapshot`` was taken, if they can prove the
+    #: tree unchanged since (see ``workspace_unchanged``); None: scan next time
+    dirs: DirStamps | None = None
 
 
 def _stat_key(path: Path) -> tuple[int, int, int]:
@@ -145,6 +148,7 @@ def _same_file_there(directory: Path, name: str, stored: StoredFile) -> bool:
 
 def _record(state: WorkspaceState, workspace: Path, rel: str, file_id: str) -> str:
     state.snapshot[rel] = _stat_key(workspace / rel)
+    state.dirs = None  # the tree changed: the next collect scans it
     path = f"{WORKSPACE_IN_JAIL}/{rel}"
     state.latest[path] = file_id
     return path

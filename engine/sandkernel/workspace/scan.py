@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO, Final
@@ -22,6 +23,17 @@ from sandkernel.files.names import listed_file_name
 
 #: Relative path -> (size, mtime_ns, inode) of every regular file seen by a scan.
 Snapshot = dict[str, tuple[int, int, int]]
+#: Relative path of a directory (``""``: the root) -> its (mtime_ns, ctime_ns, inode, size, links).
+DirStamps = dict[str, tuple[int, int, int, int, int]]
+
+#: A directory changed this recently before a scan began may change again
+#: without its mtime moving: file systems stamp times from a clock that ticks
+#: every few milliseconds (one jiffy, at most 10 ms). Such a scan's stamps
+#: cannot prove the next tree unchanged.
+_STAMP_TICK_NS: Final = 50_000_000
+#: Most files and directories :func:`workspace_unchanged` looks at (it runs
+#: on the engine's event loop; a bigger tree is scanned in a worker thread).
+QUICK_CHECK_MAX_ENTRIES: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +60,10 @@ class ScanResult:
             being read, and files left out by a cap.
         truncated: A cap left something out.
         truncated_reason: Which cap, and the setting that raises it.
+        dirs: The stamps of every directory walked, taken before it was read;
+            ``None`` when they cannot prove a later tree unchanged (something
+            was skipped or left out, or a directory changed just before the
+            scan): see :func:`workspace_unchanged`.
     """
 
     changed: list[ScannedFile]
@@ -56,6 +72,7 @@ class ScanResult:
     skipped: list[tuple[str, str]]
     truncated: bool
     truncated_reason: str | None
+    dirs: DirStamps | None = None
 
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -132,6 +149,10 @@ class _Walk:
         self.total_bytes = 0
         self.entries = 0
         self.stopped = False
+        self.dirs: DirStamps = {}
+        #: no directory was changed too recently for its stamp to be trusted
+        self.settled = True
+        self.started_ns = time.time_ns()
 
     def cap(self, reason: str) -> None:
         if reason not in self.reasons:
@@ -139,6 +160,11 @@ class _Walk:
 
     def directory(self, dir_fd: int, prefix: str, depth: int) -> None:
         try:
+            # Before reading it: a change after this is seen by the next check.
+            st = os.fstat(dir_fd)
+            self.dirs[prefix[:-1]] = _dir_stamp(st)
+            if max(st.st_mtime_ns, st.st_ctime_ns) >= self.started_ns - _STAMP_TICK_NS:
+                self.settled = False
             with os.scandir(dir_fd) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
@@ -270,6 +296,7 @@ def scan_workspace(
     finally:
         os.close(root_fd)
     removed = [rel for rel in (since or {}) if rel not in walk.snapshot]
+    conclusive = walk.settled and not walk.skipped and not walk.reasons
     return ScanResult(
         changed=walk.changed,
         snapshot=walk.snapshot,
@@ -277,7 +304,101 @@ def scan_workspace(
         skipped=walk.skipped,
         truncated=bool(walk.reasons),
         truncated_reason="; ".join(walk.reasons) or None,
+        dirs=walk.dirs if conclusive else None,
     )
+
+
+def _dir_stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size, st.st_nlink)
+
+
+def workspace_unchanged(
+    root: str | os.PathLike[str], snapshot: Mapping[str, tuple[int, int, int]], dirs: DirStamps
+) -> bool:
+    """Whether a scan now would find exactly ``snapshot`` again, proved cheaply.
+
+    True only if every directory of the last scan (``dirs``, from a
+    :class:`ScanResult` that has them) still has its stamp, and every file of
+    ``snapshot`` its size, ``mtime_ns`` and inode. That cannot miss a change
+    a scan would see: adding, removing or renaming an entry sets its
+    directory's mtime and ctime to the current time, which the scan's stamps
+    predate by more than a clock tick; and a file's content is judged by the
+    same stat fields a scan compares. The walk opens each directory relative
+    to its parent with ``O_NOFOLLOW`` and follows no symlink; any surprise
+    (a directory gone or replaced, a file not regular) answers False, and so
+    does a tree of more than :data:`QUICK_CHECK_MAX_ENTRIES`.
+    """
+    if len(dirs) + len(snapshot) > QUICK_CHECK_MAX_ENTRIES or "" not in dirs:
+        return False
+    files: dict[str, list[str]] = {d: [] for d in dirs}
+    subdirs: dict[str, list[str]] = {d: [] for d in dirs}
+    for rel in snapshot:
+        parent, _, name = rel.rpartition("/")
+        if parent not in files:
+            return False
+        files[parent].append(name)
+    for rel in dirs:
+        if rel:
+            parent, _, name = rel.rpartition("/")
+            if parent not in subdirs:
+                return False
+            subdirs[parent].append(name)
+
+    def same(dir_fd: int, rel_dir: str) -> bool:
+        if _dir_stamp(os.fstat(dir_fd)) != dirs[rel_dir]:
+            return False
+        prefix = rel_dir + "/" if rel_dir else ""
+        for name in files[rel_dir]:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            if (st.st_size, st.st_mtime_ns, st.st_ino) != snapshot[prefix + name]:
+                return False
+        for name in subdirs[rel_dir]:
+            child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                if not same(child, prefix + name):
+                    return False
+            finally:
+                os.close(child)
+        return True
+
+    try:
+        root_fd = os.open(root, _DIR_FLAGS)
+    except OSError:
+        return False
+    try:
+        return same(root_fd, "")
+    except OSError:
+        return False
+    finally:
+        os.close(root_fd)
+
+
+def empty_workspace_stamps(root: str | os.PathLike[str]) -> DirStamps | None:
+    """The stamps of an empty, settled workspace: what a scan of it would record.
+
+    Lets the first cell of a fresh workspace be checked by
+    :func:`workspace_unchanged` instead of a scan. ``None`` if ``root``
+    holds anything, cannot be opened, or changed within a clock tick.
+    """
+    started_ns = time.time_ns()
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)  # before reading it, as a scan does
+        with os.scandir(fd) as it:
+            if next(it, None) is not None:
+                return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if max(st.st_mtime_ns, st.st_ctime_ns) >= started_ns - _STAMP_TICK_NS:
+        return None
+    return {"": _dir_stamp(st)}
 
 
 def open_workspace_file(root: str | os.PathLike[str], rel_path: str) -> BinaryIO:

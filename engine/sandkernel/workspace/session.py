@@ -15,8 +15,9 @@ from pathlib import Path
 from sandkernel.errors import EngineClosed, FileNotFoundInStore
 from sandkernel.files import FileStore, StoredFile, UploadSource
 from sandkernel.results import ExecutionResult
-from sandkernel.workspace.collect import OutputCaps, collect_outputs
+from sandkernel.workspace.collect import IMAGE_TYPES, OutputCaps, collect_outputs
 from sandkernel.workspace.place import WorkspaceState, place_file, restore_files
+from sandkernel.workspace.scan import empty_workspace_stamps, workspace_unchanged
 
 
 class SessionWorkspace:
@@ -62,6 +63,8 @@ class SessionWorkspace:
         """Fill a new kernel's workspace: the agent's files; after a restart, the session's."""
         store = self._open_store()
         previous, self.state = dict(self.state.latest), WorkspaceState()
+        # A fresh workspace is empty: proved so now, its first cell needs no scan.
+        self.state.dirs = empty_workspace_stamps(folder)
         if self.agent_id is not None:
             agent_files = await asyncio.to_thread(store.list, agent_id=self.agent_id)
             await self.place_agent_files(folder, [f for f in agent_files if f.session_id is None])
@@ -119,7 +122,22 @@ class SessionWorkspace:
         return stored
 
     async def collect(self, folder: Path, result: ExecutionResult) -> ExecutionResult:
-        """Register what the cell produced; return the result with its files."""
+        """Register what the cell produced; return the result with its files.
+
+        A cell that displayed no image and left the workspace as the last scan
+        saw it (proved by :func:`~sandkernel.workspace.scan.workspace_unchanged`:
+        a few ``stat`` calls, made here) produced nothing: no worker thread,
+        no scan, no store. Anything else is scanned and stored in a worker
+        thread.
+        """
+        self._open_store()
+        dirs = self.state.dirs
+        if (
+            dirs is not None
+            and not any(IMAGE_TYPES.keys() & d.data.keys() for d in result.displays)
+            and workspace_unchanged(folder, self.state.snapshot, dirs)
+        ):
+            return result
         return await asyncio.to_thread(
             collect_outputs,
             self._open_store(),
