@@ -26,6 +26,10 @@ async def test_cells_keep_their_state_and_answer_every_shell_request(gateway: Ga
         sock = await client.connect(await client.start_kernel(), session_id="sess-a")
         first = await sock.execute("x = 20")
         assert first.status == "ok"
+        # As Jupyter Server sends them: msg_id and msg_type also at the top (clients read them).
+        for msg in [first.reply, *first.outputs]:
+            assert msg["msg_type"] == msg["header"]["msg_type"]
+            assert msg["msg_id"] == msg["header"]["msg_id"]
         second = await sock.execute("x * 2 + 2")
         assert second.status == "ok"
         [result] = second.of_type("execute_result")

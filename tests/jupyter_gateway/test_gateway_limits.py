@@ -76,6 +76,8 @@ async def test_out_of_memory_is_reported_dead_at_once_and_never_reused(
         assert time.monotonic() - sent < 1.0 + REPORTED_WITHIN_S
         cell = await sock.result_of(msg_id, timeout_s=5)
         assert cell.status == "error"
+        # The cell ends (idle) for clients that wait for that rather than for the reply.
+        assert cell.of_type("status")[-1]["content"]["execution_state"] == "idle"
         assert "out of memory" in cell.reply["content"]["evalue"]
         assert "memory_mb" in cell.of_type("error")[0]["content"]["evalue"]
         model = await client.kernel(kernel_id)

@@ -163,8 +163,12 @@ def encode(msg: WireMessage, protocol: str | None) -> str | bytes:
             offsets.append(offsets[-1] + len(part))
         head = struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets)
         return b"".join([head, channel, *parts])
+    # Jupyter Server's JSON messages repeat msg_id and msg_type at the top,
+    # and clients read them there (Open WebUI's code execution does).
     body = {
         "header": msg.header,
+        "msg_id": msg.msg_id,
+        "msg_type": msg.msg_type,
         "parent_header": msg.parent_header,
         "metadata": msg.metadata,
         "content": msg.content,

@@ -468,7 +468,11 @@ class KernelRelay:
         return WireMessage(request.channel, raw["header"], dict(request.header), {}, content)
 
     def _answer_dead_cell(self, cell: _Cell, reason: str) -> None:
-        """A cell the dead kernel will never answer: an error, then its reply."""
+        """A cell the dead kernel will never answer: an error, its reply, its ``idle``.
+
+        The ``idle`` ends the cell for clients that wait for it rather than for
+        the reply (Open WebUI's); ``status: dead`` follows, for the kernel.
+        """
         error = {"ename": "DeadKernelError", "evalue": reason, "traceback": [reason]}
         shown = self._session.msg("error", error, parent=cell.request.header)
         self.broadcast(WireMessage("iopub", shown["header"], dict(cell.request.header), {}, error))
@@ -478,6 +482,9 @@ class KernelRelay:
             cell.requester.send(reply)
         else:
             self.broadcast(reply)
+        idle = self._status("idle")
+        idle.parent_header = dict(cell.request.header)
+        self.broadcast(idle)
 
     # -- limits ---------------------------------------------------------------------------
 
