@@ -25,6 +25,8 @@ BENCHMARKS: dict[str, str] = {
     "daemon": "benchmarks.daemon",
     "eval": "benchmarks.eval",
     "fusion": "benchmarks.fusion",
+    # The daemon's Jupyter Kernel Gateway API against the stock Kernel Gateway.
+    "gateway": "benchmarks.gateway",
     # The same daemon far beyond its queue bound (1,024 clients).
     "overload": "benchmarks.overload",
     # It takes 10 minutes (1 with --quick).
