@@ -2,7 +2,8 @@
 
 - a stock Jupyter Server started with ``--gateway-url``, driven through its own
   REST API and kernel WebSocket (never the daemon's directly);
-- JupyterLab in headless Chromium, running a notebook cell that plots.
+- JupyterLab in headless Chromium, running a notebook cell that plots;
+- the request sequence of Open WebUI's Jupyter code-execution engine.
 
 The clients speak only the public protocol, so the same tests run against the
 stock Jupyter Kernel Gateway with ``SANDKERNEL_TEST_GATEWAY=kernel-gateway``
@@ -31,6 +32,7 @@ from tests.jupyter_gateway._clients import (
     KernelSocket,
     ServerProcess,
     kernel_socket,
+    open_webui_execute,
     start_jupyter,
     start_kernel_gateway,
 )
@@ -360,3 +362,29 @@ def test_jupyterlab_runs_a_plotting_cell_in_chromium(
     kernels = [s["kernel"] for s in sessions if s["path"].endswith("plot.ipynb")]
     assert [k["name"] for k in kernels] == [target.kernel_name], sessions
     assert target.kernel(kernels[0]["id"]).status_code == 200
+
+
+# ---------------------------------------------------------------------------
+# Open WebUI's Jupyter code-execution engine
+
+
+@pytest.mark.anyio
+async def test_open_webui_gets_stdout(target: Target) -> None:
+    result = await open_webui_execute(target.url, "print('hello from the sandbox')", target.token)
+    assert result["stdout"] == "hello from the sandbox", result
+    assert result["stderr"] == "", result
+    assert target.kernel(result["kernel_id"]).status_code == 404, "the kernel was not deleted"
+
+
+@pytest.mark.anyio
+async def test_open_webui_gets_a_displayed_image(target: Target) -> None:
+    result = await open_webui_execute(target.url, PLOT, target.token, timeout_s=90)
+    assert result["result"].startswith("data:image/png;base64,"), result
+    assert base64.b64decode(result["result"].split(",", 1)[1]).startswith(PNG_MAGIC)
+
+
+@pytest.mark.anyio
+async def test_open_webui_gets_an_error(target: Target) -> None:
+    result = await open_webui_execute(target.url, "print('before')\n1 / 0", target.token)
+    assert result["stdout"] == "before", result
+    assert "ZeroDivisionError" in result["stderr"], result
