@@ -314,7 +314,7 @@ class KernelRelay:
             if msg.msg_type == "execute_request":
                 self._cells[msg.msg_id] = _Cell(msg, connection)
         elif msg.channel == "stdin" and msg.msg_type == "input_reply":
-            self._resume(msg.parent_id)
+            self._resume()
         await self._send_raw(msg.channel, msg.parts())
 
     async def _client_shutdown(self, connection: Connection, msg: WireMessage) -> None:
@@ -440,8 +440,9 @@ class KernelRelay:
             cell.paused_at = time.monotonic()
             self._changed.set()
 
-    def _resume(self, parent_id: str) -> None:
-        # An input_reply answers the input_request whose parent is the cell.
+    def _resume(self) -> None:
+        # An input_reply's parent is the input_request, not the cell: every cell
+        # waiting for input resumes (the kernel runs one at a time anyway).
         for cell in self._cells.values():
             if cell.paused_at is not None:
                 if cell.deadline is not None:
@@ -491,8 +492,10 @@ class KernelRelay:
     async def _watch_life(self) -> None:
         link = self._link
         assert link is not None
-        # Polled: the engine's kernel has no event to await for its death.
-        for _ in iter(lambda: link.alive, False):
+        while True:
+            if not link.alive:
+                break
+            # Polled: the engine's kernel has no event to await for its death.
             await asyncio.sleep(_WATCH_S)
         await self._die(link, "the kernel process ended")
 
