@@ -149,3 +149,26 @@ async def test_bodies_over_the_limit_are_refused_before_they_are_read() -> None:
         )
         assert response.status_code == 413
         assert "--max-json-kb" in response.json()["message"]
+
+
+@pytest.mark.anyio
+async def test_an_engine_that_does_not_expose_its_kernels_gets_501_from_the_gate() -> None:
+    from sandkernel.jupyter_gateway import jupyter_gate
+
+    class ClusterLike:
+        """What the gateway sees of a served engine without ``kernel_link`` (a cluster)."""
+
+        policy = load_policy("default")
+
+    async def daemon_app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the gateway's paths never reach the daemon's application")
+
+    engine: Any = ClusterLike()
+    async with jupyter_gate(daemon_app, engine, token=TOKEN, max_json_bytes=1024) as gate:
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            headers = {"Authorization": f"token {TOKEN}"}
+            response = await client.post("/api/kernels", headers=headers)
+            assert response.status_code == 501
+            specs = await client.get("/api/kernelspecs", headers=headers)
+            assert specs.json()["default"] == "sandkernel-default"

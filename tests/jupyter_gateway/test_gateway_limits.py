@@ -88,6 +88,19 @@ async def test_out_of_memory_is_reported_dead_at_once_and_never_reused(
         await _next_kernel_is_warm(client)
 
 
+async def test_a_crashed_kernel_is_reported_dead_at_once(tight: GatewayProcess) -> None:
+    async with GatewayClient(tight.gateway) as client:
+        kernel_id = await client.start_kernel()
+        sock = await client.connect(kernel_id)
+        sent = time.monotonic()
+        msg_id = await sock.send(execute_request("import os, signal\nos.kill(os.getpid(), 9)"))
+        await sock.until(is_status("dead"), timeout_s=30)
+        assert time.monotonic() - sent < REPORTED_WITHIN_S
+        cell = await sock.result_of(msg_id, timeout_s=5)
+        assert cell.reply["content"]["ename"] == "DeadKernelError"
+        assert (await client.kernel(kernel_id))["execution_state"] == "dead"
+
+
 async def test_a_cell_past_its_wall_timeout_is_interrupted_and_the_kernel_lives(
     tight: GatewayProcess,
 ) -> None:
