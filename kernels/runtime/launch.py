@@ -5,14 +5,27 @@ get default signal actions, so this process stays a minimal init: it forks
 the kernel, forwards termination signals to it, reaps every child, and exits
 with the kernel's status (128 + signal number when the kernel was killed).
 The child prepares the environment and runs ipykernel.
+
+``launch.py --adopt`` (run with ``-I -S``) is the same init for a kernel
+forked from the zygote (see ``zygote.py``): by the time it runs, nsjail has
+made the sandbox whole. It says so on its stdout (one line, read by the
+engine), then waits for its kernel: the zygote's child enters this
+process's namespaces and forks the kernel so that it is adopted by this
+process, and the kernel announces itself with SIGUSR1, whose sender is the
+kernel's pid. From then on it is the init above.
 """
 
 import os
 import signal
 import sys
 
+#: How long a sandbox waits for its forked kernel before it gives up (and ends).
+ADOPT_TIMEOUT_S = 60.0
 
-def _init(kernel_pid):
+
+def init(kernel_pid):
+    """Be PID 1 of the sandbox: forward signals to the kernel, reap, exit with its status."""
+
     def forward(signum, _frame):
         try:
             os.kill(kernel_pid, signum)
@@ -34,8 +47,8 @@ def _init(kernel_pid):
             os._exit(os.WEXITSTATUS(status))
 
 
-def _kernel():
-    os.setsid()
+def run_kernel(args):
+    """Run ipykernel with ``args`` (``-f <connection file>``); never returns."""
     for path in (os.environ.get("MPLCONFIGDIR"), os.environ.get("IPYTHONDIR")):
         if path:
             os.makedirs(path, exist_ok=True)
@@ -44,7 +57,7 @@ def _kernel():
     # single-use kernel), inline matplotlib figures as image/png displays.
     sys.argv = [
         sys.argv[0],
-        *sys.argv[1:],
+        *args,
         "--HistoryManager.enabled=False",
         "--InlineBackend.figure_formats=png",
         "--IPKernelApp.quiet=True",
@@ -54,9 +67,28 @@ def _kernel():
     kernelapp.launch_new_instance()
 
 
+def adopt():
+    """Wait for the kernel the zygote forks into this sandbox, then be its init."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    os.write(1, b"ready\n")
+    # The engine's pipe is not needed any more: stdout becomes the log file.
+    os.dup2(2, 1)
+    info = signal.sigtimedwait({signal.SIGUSR1}, ADOPT_TIMEOUT_S)
+    if info is None:
+        sys.stderr.write(f"launch.py: no kernel came within {ADOPT_TIMEOUT_S:g} s\n")
+        os._exit(125)
+    # Only the first announcement counts: from now on SIGUSR1 is ignored.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    init(info.si_pid)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--adopt"]:
+        adopt()
     if os.getpid() == 1:
         child = os.fork()
         if child:
-            _init(child)
-    _kernel()
+            init(child)
+    os.setsid()
+    run_kernel(sys.argv[1:])

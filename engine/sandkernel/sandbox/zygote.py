@@ -1,0 +1,433 @@
+"""Kernels forked from a warm zygote, each into a sandbox of its own.
+
+A :class:`Zygote` is one warm interpreter per engine and policy
+(``kernels/runtime/zygote.py``), a child of the engine (root, outside every
+sandbox) that talks to it over a private ``SOCK_SEQPACKET`` socketpair. It has
+imported ipykernel, IPython and the policy's prewarm modules, so a new kernel
+costs a fork instead of an interpreter start, and the imported code's pages
+are shared copy-on-write by every kernel.
+
+The sandbox is made exactly as for a cold kernel, by nsjail, from the same
+rendered config: only the jail's command differs, ``stub.py``, which waits as
+the sandbox's PID 1. :meth:`Zygote.fork_into` then has the zygote fork a
+child that enters the stub's namespaces, root and cgroup, and forks the
+kernel into its PID namespace, where it drops to the stub's credentials,
+rlimits and seccomp filters (read from the stub by the engine) before it runs
+ipykernel. :func:`verify_forked` checks all of it from outside once the
+kernel answers: the kernel's isolation never rests on the zygote's word.
+
+:class:`ZygoteSupervisor` keeps one zygote alive for the pool: it starts it,
+notices its death or failures, falls back to cold starts meanwhile, and
+starts a new one with a back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandkernel._resources import data_dir
+from sandkernel.errors import KernelStartFailed, SelfCheckFailed
+from sandkernel.policy import Policy
+from sandkernel.sandbox.confinement import (
+    compare_confinement,
+    confinement,
+    nspid,
+    seccomp_filters,
+)
+from sandkernel.sandbox.host import SandboxHost
+from sandkernel.sandbox.jail import Jail, wait_exit
+from sandkernel.sandbox.layout import (
+    RUNTIME_IN_JAIL,
+    SANDBOX_GID,
+    SANDBOX_UID,
+    WORKSPACE_IN_JAIL,
+)
+from sandkernel.sandbox.render import sandbox_env
+
+log = logging.getLogger(__name__)
+
+#: The sandbox's init when its kernel comes from the zygote: it waits to adopt it.
+STUB_ARGS = ("-I", "-S", f"{RUNTIME_IN_JAIL}/launch.py", "--adopt")
+#: The zygote's command line is overwritten with each kernel's (see zygote.py): room for it.
+_CMDLINE_ROOM = "--room=" + "." * 160
+_NAMESPACE_FLAGS = (
+    os.CLONE_NEWNS | os.CLONE_NEWPID | os.CLONE_NEWNET | os.CLONE_NEWIPC
+    | os.CLONE_NEWUTS | os.CLONE_NEWCGROUP
+)  # fmt: skip
+_MAX_MSG = 1 << 20
+_STUB_READY_S = 10.0
+_FORK_REPLY_S = 30.0
+
+
+class ZygoteFailed(KernelStartFailed):
+    """The zygote could not fork a kernel (it died, or its child failed): start cold.
+
+    Internal to the start path, which falls back to a cold start: a user sees
+    it only as the :class:`~sandkernel.errors.KernelStartFailed` it is.
+    """
+
+
+@dataclass(frozen=True)
+class ForkedKernel:
+    """A kernel forked into a sandbox: the sandbox's init and the kernel, as host pids."""
+
+    stub_pid: int
+    kernel_pid_in_jail: int
+    filters: tuple[bytes, ...]
+
+
+class Zygote:
+    """One warm interpreter that forks kernels into sandboxes (see the module's doc).
+
+    Args:
+        host: the engine's sandbox host (its runtime Python runs the zygote).
+        policy: the sandbox policy of the kernels (their environment is the zygote's).
+        prewarm: modules to import before the first fork.
+    """
+
+    def __init__(self, host: SandboxHost, policy: Policy, prewarm: Sequence[str] = ()) -> None:
+        self.host = host
+        self.policy = policy
+        self.prewarm = tuple(prewarm)
+        self.process: subprocess.Popen[bytes] | None = None
+        #: what the zygote said when it was ready (pid, imports, threads, fds)
+        self.info: dict[str, Any] = {}
+        self.forks = 0
+        self._sock: socket.socket | None = None
+        self._stderr: Any = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None and self._sock is not None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    async def start(self, timeout_s: float = 120.0) -> None:
+        """Spawn the zygote and wait until it has imported everything.
+
+        Raises:
+            ZygoteFailed: it exited or did not get ready in time (with its stderr).
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        env = dict(e.split("=", 1) for e in sandbox_env(self.policy, self.host.runtime))
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        script = data_dir("kernels") / "runtime" / "zygote.py"
+        argv = [self.host.runtime.python, str(script), "--fd", str(theirs.fileno()), _CMDLINE_ROOM]
+        if self.prewarm:
+            argv += ["--prewarm", ",".join(self.prewarm)]
+        try:
+            # Spawned from the event loop's thread: the zygote's parent-death
+            # signal fires when the spawning thread ends, not only the process.
+            self.process = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, no wait
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
+                env=env,
+                cwd="/",
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+        try:
+            async with asyncio.timeout(timeout_s):
+                data = await asyncio.get_running_loop().sock_recv(ours, _MAX_MSG)
+            if not data:
+                raise ZygoteFailed(f"the zygote exited while warming up: {self._stderr_tail()}")
+            self.info = json.loads(data)
+        except BaseException:
+            await self.close()
+            raise
+        if self.info.get("threads") != 1:
+            await self.close()
+            raise ZygoteFailed(f"the zygote has {self.info.get('threads')} threads, not 1")
+
+    def _stderr_tail(self) -> str:
+        if self._stderr is None:
+            return ""
+        with contextlib.suppress(OSError, ValueError):
+            self._stderr.seek(0)
+            text: str = self._stderr.read().decode(errors="replace")
+            return "\n".join(text.splitlines()[-15:])
+        return ""
+
+    async def close(self, grace_s: float = 2.0) -> None:
+        """End the zygote: EOF on its socket, then SIGKILL after ``grace_s``. Idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        process = self.process
+        if process is not None and not await wait_exit(process, grace_s):
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await wait_exit(process, 5.0)
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    # -- forking -----------------------------------------------------------------
+
+    async def fork_into(self, jail: Jail, argv: list[str]) -> ForkedKernel:
+        """Start ``jail`` with the stub and fork a kernel into it, as if it ran ``argv``.
+
+        ``jail`` must be prepared; on return its nsjail runs, and the kernel
+        is starting ipykernel with ``argv``'s arguments from the third on
+        (``-f <connection file in jail>``); ``argv`` is a cold kernel's
+        command (``python /opt/sandkernel/launch.py -f ...``), which it shows.
+
+        Raises:
+            ZygoteFailed: the zygote is dead or its child failed; the jail
+                may be running its stub (the caller destroys it).
+        """
+        layout = jail.layout
+        if layout is None:
+            raise RuntimeError("fork_into() before prepare()")
+        reader, writer = os.pipe2(os.O_CLOEXEC)
+        try:
+            process = jail.spawn([jail.host.runtime.python, *STUB_ARGS], stdout=writer)
+        finally:
+            os.close(writer)
+        try:
+            await _wait_readable(reader, _STUB_READY_S, lambda: process.poll() is None)
+            if os.read(reader, 64) != b"ready\n":
+                raise ZygoteFailed("the sandbox's stub did not start")
+        finally:
+            os.close(reader)
+        stub_pid = _only_child(process.pid)
+        pidfd = os.pidfd_open(stub_pid)
+        try:
+            if nspid(stub_pid)[-1] != 1:
+                raise ZygoteFailed("nsjail's child is not the sandbox's init")
+            filters = tuple(await asyncio.to_thread(seccomp_filters, stub_pid))
+            if not filters:
+                raise ZygoteFailed("the sandbox's stub has no seccomp filter")
+            request = {
+                "id": secrets.token_hex(4),
+                "procs": [str(p) for p in jail.cgroup.procs_files],
+                "flags": _NAMESPACE_FLAGS,
+                "uid": SANDBOX_UID,
+                "gid": SANDBOX_GID,
+                "filters": [f.hex() for f in filters],
+                "args": argv[2:],
+                "cmdline": argv,
+                "cwd": WORKSPACE_IN_JAIL,
+            }
+            empty, closed = os.pipe2(os.O_CLOEXEC)
+            os.close(closed)
+            output = os.open(layout.output_file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                reply = await self._request(request, [pidfd, empty, output])
+            finally:
+                os.close(empty)
+                os.close(output)
+        finally:
+            os.close(pidfd)
+        if not reply.get("ok"):
+            raise ZygoteFailed(f"the zygote could not fork a kernel: {reply.get('error')}")
+        self.forks += 1
+        return ForkedKernel(stub_pid, int(reply["pid"]), filters)
+
+    async def _request(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        async with self._lock:
+            sock = self._sock
+            if sock is None or not self.alive:
+                raise ZygoteFailed("the zygote is not running")
+            loop = asyncio.get_running_loop()
+            try:
+                socket.send_fds(sock, [json.dumps(request).encode()], fds)
+                async with asyncio.timeout(_FORK_REPLY_S):
+                    data = await loop.sock_recv(sock, _MAX_MSG)
+            except (OSError, TimeoutError) as exc:
+                await self.close()
+                raise ZygoteFailed(f"the zygote did not answer: {exc}") from None
+            if not data:
+                await self.close()
+                raise ZygoteFailed(f"the zygote died: {self._stderr_tail()}")
+        reply: dict[str, Any] = json.loads(data)
+        if reply.get("id") != request["id"]:
+            await self.close()
+            raise ZygoteFailed("the zygote answered another request")
+        return reply
+
+
+async def _wait_readable(fd: int, timeout_s: float, alive: Any) -> None:
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    loop.add_reader(fd, ready.set)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await ready.wait()
+    except TimeoutError:
+        raise ZygoteFailed(
+            "the sandbox's stub did not start"
+            + ("" if alive() else " (nsjail exited)")
+            + f" within {timeout_s:g} s"
+        ) from None
+    finally:
+        loop.remove_reader(fd)
+
+
+def _only_child(pid: int) -> int:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if len(children) != 1:
+        raise ZygoteFailed(f"nsjail has {len(children)} children, expected its one")
+    return int(children[0])
+
+
+def _kernel_host_pid(jail: Jail, pid_in_jail: int, stub_pid: int) -> int:
+    for pid in jail.cgroup.pids():
+        with contextlib.suppress(OSError):
+            chain = nspid(pid)
+            if len(chain) == 2 and chain[1] == pid_in_jail and pid != stub_pid:
+                return pid
+    raise SelfCheckFailed("the forked kernel is not in its sandbox's cgroup")
+
+
+def verify_forked(jail: Jail, forked: ForkedKernel) -> int:
+    """Check from outside that a forked kernel is confined exactly as its sandbox's init.
+
+    Same namespaces, root, uid/gid and groups, no capability (bounding and
+    ambient sets too), no_new_privs, cgroups and rlimits, and the very same
+    seccomp programs (compared byte for byte). Blocking: call it in a thread.
+
+    Returns:
+        The kernel's host pid.
+
+    Raises:
+        SelfCheckFailed: with every difference found.
+    """
+    pid = _kernel_host_pid(jail, forked.kernel_pid_in_jail, forked.stub_pid)
+    problems = compare_confinement(confinement(pid), confinement(forked.stub_pid))
+    try:
+        if tuple(seccomp_filters(pid)) != forked.filters:
+            problems.append("its seccomp filters are not the sandbox's")
+    except OSError as exc:
+        problems.append(f"its seccomp filters cannot be read: {exc}")
+    if problems:
+        raise SelfCheckFailed("forked kernel failed its outside check: " + "; ".join(problems))
+    return pid
+
+
+class ZygoteSupervisor:
+    """Keeps one zygote for the pool: started lazily, replaced when it dies or fails.
+
+    Args:
+        host, policy, prewarm: as for :class:`Zygote`.
+        max_failures: consecutive failed forks after which the zygote is
+            replaced (a dead zygote is replaced at once).
+    """
+
+    def __init__(
+        self,
+        host: SandboxHost,
+        policy: Policy,
+        prewarm: Sequence[str] = (),
+        *,
+        max_failures: int = 3,
+    ) -> None:
+        self.host = host
+        self.policy = policy
+        self.prewarm = tuple(prewarm)
+        self.max_failures = max_failures
+        self.zygote: Zygote | None = None
+        self._starting: asyncio.Task[Zygote] | None = None
+        self._retry_at = 0.0
+        self._backoff_s = 0.5
+        self.failures = 0
+        self.forks = 0
+        self.fallbacks = 0
+        self.restarts = 0
+        self.last_error: str | None = None
+        self._closed = False
+
+    def status(self) -> str:
+        """One line: which start is in force and why."""
+        zygote = self.zygote
+        if zygote is not None and zygote.alive:
+            return f"zygote fork (zygote pid {zygote.pid}, {self.forks} kernels forked)"
+        why = self.last_error or "the zygote is starting"
+        return f"cold start (fallback: {why})"
+
+    async def get(self) -> Zygote | None:
+        """The live zygote, starting one if needed; None to start cold this time."""
+        if self._closed:
+            return None
+        zygote = self.zygote
+        if zygote is not None and zygote.alive:
+            return zygote
+        if zygote is not None:
+            self.last_error = self.last_error or "the zygote died"
+            self.zygote = None
+            await zygote.close()
+        if self._starting is None:
+            if time.monotonic() < self._retry_at:
+                return None
+            self._starting = asyncio.ensure_future(self._start())
+        starting = self._starting
+        try:
+            self.zygote = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported; kernels start cold meanwhile
+            self.last_error = f"the zygote did not start: {exc}"
+            self._retry_at = time.monotonic() + self._backoff_s
+            self._backoff_s = min(30.0, self._backoff_s * 2)
+            return None
+        finally:
+            if self._starting is starting and starting.done():
+                self._starting = None
+        self._backoff_s = 0.5
+        return self.zygote
+
+    async def _start(self) -> Zygote:
+        zygote = Zygote(self.host, self.policy, self.prewarm)
+        await zygote.start()
+        self.restarts += 1
+        return zygote
+
+    def succeeded(self) -> None:
+        self.forks += 1
+        self.failures = 0
+        self.last_error = None
+
+    async def failed(self, error: BaseException | str) -> None:
+        """A forked start failed: count it; replace the zygote if it died or keeps failing."""
+        self.fallbacks += 1
+        self.failures += 1
+        self.last_error = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.warning("kernel fork failed, starting cold: %s", self.last_error)
+        zygote = self.zygote
+        if zygote is not None and (not zygote.alive or self.failures >= self.max_failures):
+            self.zygote = None
+            self.failures = 0
+            await zygote.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await (await starting).close()
+        current, self.zygote = self.zygote, None
+        if current is not None:
+            await current.close()
