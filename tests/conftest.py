@@ -18,6 +18,10 @@ import pytest
 
 from sandkernel.policy import Policy, load_policy
 from sandkernel.sandbox import CgroupLayout, CgroupVersion, SandboxHost, mounts_under
+from tests.zygote import mode as zygote_mode
+
+if zygote_mode.enabled():
+    zygote_mode.install()
 
 
 def sandbox_available() -> str | None:
@@ -105,7 +109,10 @@ async def kernel_factory(host: SandboxHost) -> AsyncIterator[KernelFactory]:
     kernels: list[SandboxedKernel] = []
 
     async def make(policy: Policy | str | None = None, **kwargs: Any) -> SandboxedKernel:
-        kernel = SandboxedKernel(host, load_policy(policy), **kwargs)
+        policy = load_policy(policy)
+        if zygote_mode.enabled() and "workspace" not in kwargs:
+            kwargs.setdefault("zygote", await zygote_mode.ZYGOTES.get(host, policy))
+        kernel = SandboxedKernel(host, policy, **kwargs)
         kernels.append(kernel)
         await kernel.start()
         return kernel
@@ -113,6 +120,7 @@ async def kernel_factory(host: SandboxHost) -> AsyncIterator[KernelFactory]:
     yield make
     for kernel in kernels:
         await kernel.shutdown()
+    await zygote_mode.ZYGOTES.close(host)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

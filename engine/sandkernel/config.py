@@ -76,6 +76,12 @@ class EngineConfig(BaseModel):
         default=True,
         description="verify each kernel's isolation before handing it out (fail closed)",
     )
+    zygote: bool = Field(
+        default=False,
+        description="fork new kernels from a warm zygote (which has imported ipykernel and "
+        "prewarm_imports) into their own sandbox, instead of starting an interpreter in it; "
+        "falls back to cold starts while the zygote is unavailable",
+    )
     restart_dead_kernels: bool = Field(
         default=False, description="default of Session.run(restart=...)"
     )
@@ -173,6 +179,7 @@ class EngineSettings(TypedDict, total=False):
     acquire_timeout_s: float
     prewarm_imports: Iterable[str]
     self_check: bool
+    zygote: bool
     restart_dead_kernels: bool
     python: str | Path | None
     runtime_dir: str | Path | None

@@ -49,6 +49,7 @@ from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import Pool, PoolStats
 from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile, Usage
 from sandkernel.sandbox import Runtime, SandboxHost
+from sandkernel.sandbox.zygote import Zygote, ZygoteSupervisor
 from sandkernel.session import (
     Clock,
     Lifetime,
@@ -143,6 +144,8 @@ class Engine:
         self._clock = clock
         self._handle_sigterm = handle_sigterm
         self._host: SandboxHost | None = None
+        #: the warm zygote kernels are forked from (``config.zygote``), set by start()
+        self.zygotes: ZygoteSupervisor | None = None
         self._pool: Pool | None = None
         self._sessions: dict[str, Session] = {}
         self._creating: dict[str, asyncio.Future[Session]] = {}
@@ -173,6 +176,8 @@ class Engine:
         except BaseException:
             self._store.close()
             raise
+        if self.config.zygote:
+            self.zygotes = ZygoteSupervisor(self._host, self.policy, self.prewarm_imports)
         self._pool = Pool(
             self._start_kernel,
             size=self.pool_size,
@@ -202,6 +207,8 @@ class Engine:
         )
         if self._pool is not None:
             await self._pool.close()
+        if self.zygotes is not None:
+            await self.zygotes.close()
         if self._batch is not None:
             await self._batch.close()
         if self._host is not None:
@@ -248,7 +255,22 @@ class Engine:
 
     async def _start_kernel(self, workspace: Path | None = None) -> SandboxedKernel:
         host, _ = self._require_running()
-        kernel = SandboxedKernel(host, self.policy, workspace=workspace)
+        zygotes = self.zygotes
+        zygote = await zygotes.get() if zygotes is not None else None
+        if zygotes is not None and zygote is not None:
+            try:
+                kernel = await self._start_one(host, workspace, zygote)
+            except Exception as exc:  # noqa: BLE001 - the fallback is a cold start
+                await zygotes.failed(exc)
+            else:
+                zygotes.succeeded()
+                return kernel
+        return await self._start_one(host, workspace, None)
+
+    async def _start_one(
+        self, host: SandboxHost, workspace: Path | None, zygote: Zygote | None
+    ) -> SandboxedKernel:
+        kernel = SandboxedKernel(host, self.policy, workspace=workspace, zygote=zygote)
         try:
             await kernel.start()
             if self.self_check:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -36,6 +35,7 @@ from sandkernel.sandbox import (
     SandboxHost,
     wait_exit,
 )
+from sandkernel.sandbox.zygote import ForkedKernel, Zygote
 
 IPC_NAME = "k"
 CONNECTION_FILE_IN_JAIL = f"{CONNECTION_DIR_IN_JAIL}/kernel.json"
@@ -47,9 +47,14 @@ class SandboxProvisioner(LocalProvisioner):
     jail: Jail | None = None
     #: the jail's host was made for this kernel alone (a plain Jupyter client's)
     owns_host = False
+    #: fork the kernel from this zygote into the jail (``start_kernel(zygote=...)``)
+    zygote: Zygote | None = None
+    #: set by launch_kernel() when the kernel was forked from the zygote
+    forked: ForkedKernel | None = None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         jail = kwargs.pop("sandbox", None)
+        self.zygote = kwargs.pop("zygote", None)
         if jail is None:
             jail = await self._standalone_jail()
         self.jail = jail
@@ -101,13 +106,22 @@ class SandboxProvisioner(LocalProvisioner):
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start nsjail running ``cmd``, the kernel's command inside the jail.
 
+        With a zygote, nsjail runs the stub and the kernel is forked into the
+        jail, running ``cmd``'s arguments (``-f <connection file>``).
+
         The jail starts nsjail (in the jail's folder, ``kwargs["cwd"]``);
         jupyter_client's other Popen options in ``kwargs`` are not used, and
         the sandbox's environment is set by the config alone.
         """
         if self.jail is None:
             raise RuntimeError("launch_kernel() before pre_launch()")
-        process: subprocess.Popen[bytes] = self.jail.spawn(cmd)
+        if self.zygote is not None:
+            # The same sandbox, its init a stub; the kernel is forked into it.
+            self.forked = await self.zygote.fork_into(self.jail, cmd)
+            process = self.jail.process
+            assert process is not None
+        else:
+            process = self.jail.spawn(cmd)
         self.process = process
         self.pid = process.pid
         self.pgid = process.pid  # a session, and so a process group, of its own

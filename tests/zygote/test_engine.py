@@ -1,0 +1,79 @@
+"""The pool refills from the zygote, and falls back to cold starts when it is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from sandkernel.config import EngineConfig
+from sandkernel.engine import Engine
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
+
+EngineFactory = Callable[..., Awaitable[Any]]
+
+
+def test_the_zygote_is_a_setting_users_can_turn_off() -> None:
+    assert EngineConfig(zygote=False).zygote is False
+    assert EngineConfig(zygote=True).zygote is True
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the condition did not hold in time")
+        await asyncio.sleep(0.05)  # the pool's refills have no event to wait on from here
+
+
+async def test_pool_kernels_are_forked_and_self_checked(engine_factory: EngineFactory) -> None:
+    engine: Engine = await engine_factory(zygote=True, pool_size=2)
+    session = await engine.session()
+    assert session.kernel is not None and session.kernel.forked_pid is not None
+    r = await session.run("import os\n(os.getuid(), os.getpid())")
+    assert r.status == "ok" and r.text == "(65534, 3)"
+    zygotes = engine.zygotes
+    assert zygotes is not None and zygotes.status().startswith("zygote fork")
+
+
+async def test_killing_the_zygote_mid_refill_loses_no_session_and_the_pool_recovers(
+    engine_factory: EngineFactory,
+) -> None:
+    engine: Engine = await engine_factory(zygote=True, pool_size=2, refill_delay_s=0)
+    zygotes = engine.zygotes
+    assert zygotes is not None
+    held = [await engine.session() for _ in range(2)]  # both refills start now
+    first = zygotes.zygote
+    assert first is not None and first.pid is not None
+    os.kill(first.pid, signal.SIGKILL)
+    # New sessions meanwhile: every one gets a working kernel (cold, or forked again).
+    more = [await engine.session() for _ in range(3)]
+    for session in held + more:
+        r = await session.run("6 * 7")
+        assert r.status == "ok" and r.text == "42", r
+    await _until(lambda: zygotes.zygote is not None and zygotes.zygote is not first)
+    fresh = await engine.session()
+    await _until(lambda: zygotes.forks > 0 and zygotes.status().startswith("zygote fork"))
+    assert (await fresh.run("1 + 1")).text == "2"
+    assert zygotes.restarts >= 2
+    # And it forks again: the next kernels come from the new zygote.
+    forked_before = zygotes.forks
+    later = [await engine.session() for _ in range(3)]
+    await _until(lambda: zygotes.forks > forked_before)
+    for session in later:
+        assert (await session.run("2 + 2")).text == "4"
+    stats = await engine.stats()
+    assert stats.pool.kernels_failed == 0, stats.pool.last_start_error
+
+
+async def test_with_the_setting_off_kernels_start_cold(engine_factory: EngineFactory) -> None:
+    engine: Engine = await engine_factory(zygote=False)
+    session = await engine.session()
+    assert engine.zygotes is None
+    assert session.kernel is not None and session.kernel.forked_pid is None

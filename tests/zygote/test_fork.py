@@ -1,0 +1,193 @@
+"""Kernels forked from a zygote: each in its own sandbox, sharing nothing they should not."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sandkernel.errors import KernelStartFailed
+from sandkernel.kernel import SandboxedKernel
+from sandkernel.policy import Policy, load_policy
+from sandkernel.sandbox import SandboxHost
+from sandkernel.sandbox.confinement import compare_confinement, confinement
+from sandkernel.sandbox.zygote import Zygote
+from tests.conftest import KernelFactory
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
+
+
+@pytest.fixture
+async def zygote(host: SandboxHost) -> AsyncIterator[Zygote]:
+    """A zygote with numpy imported, as the default prewarm has."""
+    z = Zygote(host, load_policy(None), ("numpy",))
+    await z.start()
+    try:
+        yield z
+    finally:
+        await z.close()
+
+
+async def _forked(kernel_factory: KernelFactory, zygote: Zygote) -> SandboxedKernel:
+    kernel: SandboxedKernel = await kernel_factory(zygote=zygote)
+    assert kernel.forked_pid is not None
+    return kernel
+
+
+async def _json(kernel: SandboxedKernel, code: str) -> object:
+    r = await kernel.execute(code)
+    assert r.status == "ok", r
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+async def test_a_forked_kernel_runs_cells_and_passes_the_self_check(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    kernel = await _forked(kernel_factory, zygote)
+    report = await kernel.self_check()
+    assert report["uid"] == 65534 and report["seccomp"] == "2"
+    r = await kernel.execute("import numpy\nx = numpy.arange(4)\nint(x.sum())")
+    assert r.status == "ok" and r.text == "6"
+    assert zygote.info["threads"] == 1 and "numpy" in zygote.info["imported"]
+
+
+async def test_the_outside_check_tells_a_process_confined_otherwise(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    kernel = await _forked(kernel_factory, zygote)
+    assert kernel.forked_pid is not None
+    sandboxed = confinement(kernel.forked_pid)
+    # The engine itself (root, the host's namespaces) differs in every respect.
+    problems = compare_confinement(confinement(os.getpid()), sandboxed)
+    for what in ("mnt namespace", "pid namespace", "CapEff", "Uid", "NoNewPrivs", "cgroups"):
+        assert any(what in p for p in problems), (what, problems)
+
+
+async def test_two_forked_kernels_see_neither_processes_files_nor_memory(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    a = await _forked(kernel_factory, zygote)
+    b = await _forked(kernel_factory, zygote)
+    setup = (
+        "import os, json\n"
+        "secret = 'SECRET-' + os.urandom(8).hex()\n"
+        "for d in ('/tmp', '/mnt/data', '/dev/shm'):\n"
+        "    open(f'{d}/mine', 'w').write(secret)\n"
+        "print(json.dumps(secret))"
+    )
+    secret_a = await _json(a, setup)
+    seen = await _json(
+        b,
+        "import os, json\n"
+        "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+        "cmds = [open(f'/proc/{p}/cmdline', 'rb').read().decode(errors='replace') for p in pids]\n"
+        "files = {d: os.path.exists(f'{d}/mine') for d in ('/tmp', '/mnt/data', '/dev/shm')}\n"
+        "shared = [l for l in open('/proc/self/maps') if l.split()[1][1:] == 'w-s']\n"
+        "print(json.dumps({'pids': sorted(map(int, pids)), 'files': files, 'shared': shared,"
+        " 'cmds': cmds}))",
+    )
+    assert isinstance(seen, dict) and isinstance(secret_a, str)
+    assert not any(seen["files"].values()), seen["files"]
+    # Its own init (the stub) and itself, nothing of the other kernel or the host.
+    assert seen["pids"] == [1, 3], seen
+    assert not any(secret_a in c for c in seen["cmds"])
+    assert seen["shared"] == [], "a writable shared mapping survived the fork"
+    assert a.forked_pid is not None
+    peek = await b.execute(
+        f"open('/proc/{a.forked_pid}/mem', 'rb')", timeout_s=10
+    )  # the other kernel's host pid means nothing here
+    assert peek.status == "error" and peek.error is not None
+    assert peek.error.name in ("FileNotFoundError", "PermissionError")
+
+
+async def test_forked_kernels_draw_different_random_numbers(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    code = "import json, random, numpy\nprint(json.dumps([random.random(), numpy.random.random()]))"
+    draws = [await _json(await _forked(kernel_factory, zygote), code) for _ in range(3)]
+    assert len({d[0] for d in draws}) == 3, draws  # type: ignore[index]
+    assert len({d[1] for d in draws}) == 3, draws  # type: ignore[index]
+
+
+async def test_a_kernel_cannot_signal_ptrace_or_read_the_zygote(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    kernel = await _forked(kernel_factory, zygote)
+    zpid = zygote.pid
+    assert zpid is not None and kernel.forked_pid is not None
+    tried = await _json(
+        kernel,
+        f"zpid = {zpid}\n"
+        "import ctypes, json, os, signal\n"
+        "def attempt(f):\n"
+        "    try:\n"
+        "        f(); return 'allowed'\n"
+        "    except OSError as e:\n"
+        "        return type(e).__name__\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def ptrace():\n"
+        "    if libc.ptrace(16, zpid, 0, 0) != 0:\n"
+        "        raise OSError(ctypes.get_errno(), 'ptrace')\n"
+        "print(json.dumps({'kill': attempt(lambda: os.kill(zpid, signal.SIGKILL)),\n"
+        "  'proc': attempt(lambda: os.listdir(f'/proc/{zpid}/fd')),\n"
+        "  'ptrace': attempt(ptrace), 'ppid': os.getppid()}))",
+    )
+    assert tried == {
+        "kill": "ProcessLookupError",
+        "proc": "FileNotFoundError",
+        "ptrace": "PermissionError",
+        "ppid": 1,
+    }, tried
+    assert zygote.alive
+    # No descriptor of the zygote's reached the kernel (its channel, its stderr).
+    theirs = _fd_targets(zpid) - {"/dev/null"}
+    assert theirs and not theirs & _fd_targets(kernel.forked_pid)
+
+
+def _fd_targets(pid: int) -> set[str]:
+    targets = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return targets
+
+
+async def test_a_forked_kernel_dies_as_a_cold_one_does(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    kernel = await _forked(kernel_factory, zygote)
+    r = await kernel.execute("import os\nos._exit(3)")
+    assert r.status == "dead" and "code 3" in (r.message or ""), r
+    kernel = await _forked(kernel_factory, zygote)
+    r = await kernel.execute("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert r.status == "killed", r
+
+
+async def test_a_dead_zygote_fails_the_fork_and_leaves_no_sandbox(
+    host: SandboxHost, zygote: Zygote
+) -> None:
+    assert zygote.pid is not None
+    os.kill(zygote.pid, signal.SIGKILL)
+    kernel = SandboxedKernel(host, load_policy(None), zygote=zygote)
+    with pytest.raises(KernelStartFailed, match="zygote"):
+        await kernel.start()
+    assert not kernel.alive and not zygote.alive
+
+
+async def test_a_policy_with_network_forks_into_the_host_network(
+    kernel_factory: KernelFactory, host: SandboxHost
+) -> None:
+    policy = Policy(network=True)
+    z = Zygote(host, policy)
+    await z.start()
+    try:
+        kernel = await kernel_factory(policy, zygote=z)
+        assert kernel.forked_pid is not None
+        await kernel.self_check()
+    finally:
+        await z.close()
