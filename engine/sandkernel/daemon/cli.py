@@ -78,7 +78,9 @@ def add_daemon_parsers(subparsers: Any) -> None:
         "serve",
         help="run the daemon: the engine behind an HTTP API on a Unix socket",
         description="One engine, served over HTTP/JSON on a Unix socket (mode 0600) and "
-        "optionally on TCP with a bearer token. SIGTERM stops it gracefully.",
+        "optionally on TCP with a bearer token. Jupyter clients reach its kernels under /api "
+        "(jupyter lab --gateway-url http://HOST:PORT --GatewayClient.auth_token TOKEN). "
+        "SIGTERM stops it gracefully.",
     )
     serve.set_defaults(daemon_command="serve")
     serve.add_argument(
