@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -178,3 +179,48 @@ async def test_runtime_under_tmp_is_not_hidden_by_the_sandbox_tmp(
             assert r.stdout.strip() == str(venv)
         finally:
             await kernel.shutdown()
+
+
+async def test_a_failing_output_callback_is_raised_and_the_kernel_runs_on(
+    kernel_factory: KernelFactory,
+) -> None:
+    k = await kernel_factory()
+
+    def fail(message: dict[str, object]) -> None:
+        raise LookupError("the consumer failed")
+
+    with pytest.raises(LookupError, match="the consumer failed"):
+        await k.execute("print('x')", on_output=fail)
+    r = await k.execute("1+1")
+    assert r.status == "ok" and r.text == "2"
+
+
+async def test_shutdown_under_a_running_cell_gives_killed_at_once(
+    kernel_factory: KernelFactory,
+) -> None:
+    k = await kernel_factory()
+    seen = asyncio.Event()
+    cell = asyncio.ensure_future(
+        k.execute(
+            "print('sleeping', flush=True); import time; time.sleep(30)",
+            on_output=lambda m: m["msg_type"] == "stream" and seen.set(),
+        )
+    )
+    await asyncio.wait_for(seen.wait(), 10)
+    started = time.monotonic()
+    await k.shutdown()
+    r = await asyncio.wait_for(cell, 5)
+    assert r.status == "killed" and "shut down while the cell ran" in (r.message or "")
+    assert time.monotonic() - started < 5
+
+
+async def test_warm_up_leaves_the_kernel_as_new(kernel_factory: KernelFactory) -> None:
+    k = await kernel_factory()
+    await k.warm_up()
+    r = await k.execute("1+1")
+    assert r.status == "ok" and r.text == "2" and r.execution_count == 1
+    names = await k.execute(
+        "print(sorted(n for n in globals() if not n.startswith('_')), "
+        "'IPython.core.logger' in __import__('sys').modules)"
+    )
+    assert names.stdout == "['In', 'Out', 'exit', 'get_ipython', 'open', 'quit'] True\n"

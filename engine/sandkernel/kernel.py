@@ -26,7 +26,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from sandkernel._resources import data_dir
-from sandkernel.errors import KernelDead, SelfCheckFailed
+from sandkernel.errors import KernelDead, KernelStartFailed, SelfCheckFailed
 from sandkernel.policy import Policy
 from sandkernel.provisioner import IPC_NAME, SandboxProvisioner
 from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, Status, Usage
@@ -39,12 +39,15 @@ from sandkernel.sandbox import (
     verify_cgroup_limits,
     verify_isolation_report,
 )
-from sandkernel.sandbox.zygote import Zygote, verify_forked
+from sandkernel.sandbox.cgroups import UsageReader
 
 KERNEL_NAME = "sandkernel-python"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _POLL_S = 0.2  # how often a waiting execute checks that the kernel still lives
 _DISPLAY_MAX_BYTES = 32 << 20
+
+#: The warm-up cell (see ``SandboxedKernel.warm_up``): no name is left behind.
+_WARM_UP = "(lambda ip: (ip.logger, ip.display_formatter.format(0)))(get_ipython())"
 
 #: Optional callback fed each iopub message of a cell as it arrives (streaming).
 OutputCallback = Callable[[dict[str, Any]], None]
@@ -149,6 +152,19 @@ class _CellOutput:
             self.idle = True
 
 
+class _CellSink:
+    """The running cell, as the IOPub reader sees it: its id, its output, who to tell."""
+
+    __slots__ = ("done", "msg_id", "on_output", "out")
+
+    def __init__(self, msg_id: str, out: _CellOutput, on_output: OutputCallback | None) -> None:
+        self.msg_id = msg_id
+        self.out = out
+        self.on_output = on_output
+        #: set at the cell's idle status, or to what the output callback raised
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
 class SandboxedKernel:
     """An ipykernel running inside its own nsjail sandbox.
 
@@ -157,23 +173,16 @@ class SandboxedKernel:
         policy: limits and permissions of this kernel.
         workspace: a host folder to use as ``/mnt/data`` (default: a fresh
             size-limited tmpfs that disappears with the kernel).
-        zygote: fork the kernel from this warm zygote into its sandbox
-            instead of starting an interpreter there (the sandbox is the same).
     """
 
-    def __init__(
-        self,
-        host: SandboxHost,
-        policy: Policy,
-        *,
-        workspace: Path | None = None,
-        zygote: Zygote | None = None,
-    ):
+    #: the running cell, which the IOPub reader feeds (None between cells)
+    _cell: _CellSink | None = None
+    #: the cgroup counters' kept descriptors, opened by the first cell
+    _usage: UsageReader | None = None
+
+    def __init__(self, host: SandboxHost, policy: Policy, *, workspace: Path | None = None):
         self.host = host
         self.policy = policy
-        self.zygote = zygote
-        #: the kernel's host pid, once a forked kernel passed its outside check
-        self.forked_pid: int | None = None
         self._jail = Jail(host, policy, workspace=workspace)
         self.kernel_id = self._jail.kernel_id
         self._km: AsyncKernelManager | None = None
@@ -253,7 +262,7 @@ class SandboxedKernel:
         km.session.key = secrets.token_hex(32).encode()
         self._km = km
         async with self._jail.starting("sandboxed kernel", self.shutdown):
-            await km.start_kernel(sandbox=self._jail, zygote=self.zygote)
+            await km.start_kernel(sandbox=self._jail)
             client = km.client()
             assert isinstance(client, AsyncKernelClient)
             # No heartbeat channel: death is told by the process and its cgroup,
@@ -264,10 +273,6 @@ class SandboxedKernel:
             await asyncio.wait_for(
                 wait_until_ready(client, timeout_s, lambda: self.alive), timeout_s + 1
             )
-            forked = self.provisioner.forked if self.provisioner is not None else None
-            if forked is not None:
-                # Its isolation is checked from outside, not taken from the zygote.
-                self.forked_pid = await asyncio.to_thread(verify_forked, self._jail, forked)
             self._start_drain()
         self.started_at = time.monotonic()
 
@@ -336,28 +341,78 @@ class SandboxedKernel:
         async with self._lock:
             if not self.alive or self._client is None:
                 raise KernelDead(self._dead_reason or "the kernel is not running")
-            await self._stop_drain()
-            try:
-                return await self._execute(code, timeout_s, silent, store_history, on_output)
-            finally:
-                if self.alive:
-                    self._start_drain()
+            self._start_drain()  # running already, unless someone took IOPub over
+            return await self._execute(code, timeout_s, silent, store_history, on_output)
 
     def _start_drain(self) -> None:
-        """Read and drop IOPub while no cell runs.
+        """Start the kernel's one IOPub reader (idempotent).
 
-        A thread a cell left running can keep printing after the cell ended;
-        unread, zmq would queue its messages in the engine (1000 of any size).
-        The raw frames are dropped without being parsed or verified.
+        It runs from the kernel's start to its shutdown. While no cell runs it
+        drains: a thread a cell left running can keep printing after the cell
+        ended, and unread, zmq would queue its messages in the engine (1000 of
+        any size); those raw frames are dropped without being parsed or
+        verified. While a cell runs, it hands that cell's messages to it. One
+        long-lived reader costs a cell nothing to set up, where a reader per
+        cell (stopping the drain, polling with a timeout per message, starting
+        it again) cost a few hundred microseconds a cell.
         """
         if self._drain is None and self._client is not None:
-            self._drain = asyncio.ensure_future(_drain(self._client.iopub_channel.socket))
+            channel = self._client.iopub_channel
+            self._drain = asyncio.ensure_future(self._read_iopub(channel.socket, channel.session))
 
     async def _stop_drain(self) -> None:
+        """Stop the IOPub reader and close what the cell path holds open (idempotent).
+
+        A cell still waiting (the kernel is being shut down under it) is woken
+        at once, and ends as ``killed``.
+        """
+        if self._closed and self._cell is not None:
+            self._cell.done.cancel()
         task, self._drain = self._drain, None
         if task is not None:
             task.cancel()
             await asyncio.wait([task])
+        reader, self._usage = self._usage, None
+        if reader is not None:
+            reader.close()
+
+    async def _read_iopub(self, socket: Any, session: Any) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            while True:
+                frames = await socket.recv_multipart(copy=False)
+                sink = self._cell
+                if sink is None or sink.done.done():
+                    continue  # no cell is waiting: dropped unparsed
+                try:
+                    _, parts = session.feed_identities([f.bytes for f in frames])
+                    msg = session.deserialize(parts)
+                except Exception:  # noqa: BLE001, S112 - malformed or unsigned: not the cell's
+                    continue
+                if msg.get("parent_header", {}).get("msg_id") != sink.msg_id:
+                    continue
+                try:
+                    sink.out.add(msg)
+                    if sink.on_output is not None:
+                        sink.on_output(msg)
+                except Exception as exc:  # noqa: BLE001 - raised to the cell's caller
+                    sink.done.set_exception(exc)
+                    continue
+                if sink.out.idle:
+                    sink.done.set_result(None)
+
+    def _read_usage(self, *, peak: bool = True, reset_peak: bool = False) -> CgroupUsage:
+        """The kernel's cgroup counters, through descriptors kept open between cells.
+
+        ``reset_peak`` first starts a new peak-memory window; ``peak=False``
+        leaves the peak out (a cell needs it only at its end).
+        """
+        if self._closed:  # shutting down: read once and keep nothing open
+            return self.cgroup.usage()
+        if self._usage is None:
+            self._usage = UsageReader(self.cgroup)
+        if reset_peak:
+            self._usage.reset_peak()
+        return self._usage.read(peak=peak)
 
     async def _execute(
         self,
@@ -370,22 +425,34 @@ class SandboxedKernel:
         assert self._client is not None
         client = self._client
         timeout = self.policy.wall_timeout_s if timeout_s is None else timeout_s
-        cgroup = self.cgroup
-        cgroup.reset_peak()
-        before = cgroup.usage()
+        before = self._read_usage(peak=False, reset_peak=True)
         started = time.monotonic()
         msg_id = client.execute(code, silent=silent, store_history=store_history, allow_stdin=False)
         out = _CellOutput(self.policy.output_max_bytes)
+        # Registered before anything is awaited: the reader cannot see this
+        # cell's first message before the cell is there to take it.
+        sink = self._cell = _CellSink(msg_id, out, on_output)
+        try:
+            return await self._run_cell(sink, before, started, timeout)
+        finally:
+            self._cell = None
+            if sink.done.done() and not sink.done.cancelled():
+                sink.done.exception()  # retrieved: an unawaited failure is not logged as lost
+
+    async def _run_cell(
+        self, sink: _CellSink, before: CgroupUsage, started: float, limit_s: float
+    ) -> ExecutionResult:
+        msg_id, out = sink.msg_id, sink.out
         status: Status | None = None
         message: str | None = None
         try:
-            finished = await self._collect(msg_id, out, started + timeout, on_output)
+            finished = await self._collect(sink, started + limit_s)
             if not finished and self.alive:
                 status = "timeout"
-                message = f"the cell ran longer than its {timeout:g} s limit"
+                message = f"the cell ran longer than its {limit_s:g} s limit"
                 await self._km_interrupt()
                 grace = time.monotonic() + self.policy.interrupt_grace_s
-                if await self._collect(msg_id, out, grace, on_output):
+                if await self._collect(sink, grace):
                     message += " and was interrupted; the kernel and its variables survive"
                 else:
                     await self._kill()
@@ -398,7 +465,7 @@ class SandboxedKernel:
             if not (self._closed and task is not None and task.cancelling() == 0):
                 # The caller cancelled: interrupt the cell so the session stays usable.
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._settle_after_cancel(msg_id, out))
+                    await asyncio.shield(self._settle_after_cancel(sink))
                 raise
             # Nobody cancelled us: the kernel was shut down under the running cell
             # (session closed, engine shutting down). That is a result, not an error.
@@ -410,7 +477,7 @@ class SandboxedKernel:
         if out.idle:
             with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
                 reply = await self._shell_reply(msg_id, 1.0)
-        after = cgroup.usage()
+        after = self._read_usage()
         wall_ms = (time.monotonic() - started) * 1000
         alive = self.alive
         if after.oom_kills > before.oom_kills:
@@ -451,30 +518,21 @@ class SandboxedKernel:
             state_lost=not alive,
         )
 
-    async def _collect(
-        self,
-        msg_id: str,
-        out: _CellOutput,
-        deadline: float,
-        on_output: OutputCallback | None,
-    ) -> bool:
-        """Read this cell's iopub messages until idle (True), the deadline or death."""
-        assert self._client is not None
-        while not out.idle:
+    async def _collect(self, sink: _CellSink, deadline: float) -> bool:
+        """Wait for the cell's idle status (True), the deadline or the kernel's death.
+
+        The IOPub reader folds the messages into the cell's output as they
+        come; this wakes every ``_POLL_S`` to see whether the kernel still
+        lives. What the output callback raised is raised here.
+        """
+        while not sink.done.done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            try:
-                msg = await self._client.get_iopub_msg(timeout=min(remaining, _POLL_S))
-            except queue.Empty:
-                if not self.alive:
-                    return False
-                continue
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            out.add(msg)
-            if on_output is not None:
-                on_output(msg)
+            await asyncio.wait([sink.done], timeout=min(remaining, _POLL_S))
+            if not sink.done.done() and not self.alive:
+                return False
+        sink.done.result()
         return True
 
     async def _shell_reply(self, msg_id: str, within_s: float) -> dict[str, Any]:
@@ -494,15 +552,14 @@ class SandboxedKernel:
         """Interrupt the running cell (``KeyboardInterrupt`` in the kernel)."""
         await self._km_interrupt()
 
-    async def _settle_after_cancel(self, msg_id: str, out: _CellOutput) -> None:
+    async def _settle_after_cancel(self, sink: _CellSink) -> None:
+        sink.on_output = None  # the caller has gone
         await self._km_interrupt()
-        if not await self._collect(
-            msg_id, out, time.monotonic() + self.policy.interrupt_grace_s, None
-        ):
+        if not await self._collect(sink, time.monotonic() + self.policy.interrupt_grace_s):
             await self._kill()
         elif self._client is not None:
             with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
-                await self._shell_reply(msg_id, 0.5)
+                await self._shell_reply(sink.msg_id, 0.5)
 
     async def _kill(self) -> None:
         self._jail.kill()
@@ -524,6 +581,22 @@ class SandboxedKernel:
         if code is not None:
             return "dead", f"the kernel process exited with code {code}; its variables are lost"
         return "dead", "the kernel stopped responding; its variables are lost"
+
+    async def warm_up(self) -> None:
+        """Pay the kernel's first-cell costs now, before a session gets the kernel.
+
+        A kernel's first cell that shows a value costs about 2 ms more than the
+        next ones, for one-time work in IPython: it builds its session logger
+        (importing ``IPython.core.logger``) and runs its display formatters
+        for the first time. A silent cell does both, leaving the user's
+        namespace, history and execution count as they were.
+
+        Raises:
+            KernelStartFailed: the cell did not run.
+        """
+        result = await self.execute(_WARM_UP, silent=True, store_history=False, timeout_s=30)
+        if result.status != "ok":
+            raise KernelStartFailed(f"warm-up cell failed: {result.status}: {result.message}")
 
     # -- self-check -------------------------------------------------------------
 
@@ -566,12 +639,6 @@ class SandboxedKernel:
         if problems:
             raise SelfCheckFailed("kernel failed its isolation self-check: " + "; ".join(problems))
         return report
-
-
-async def _drain(socket: Any) -> None:
-    with contextlib.suppress(zmq.ZMQError):
-        while True:
-            await socket.recv_multipart(copy=False)
 
 
 async def wait_until_ready(
