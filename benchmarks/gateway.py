@@ -56,7 +56,7 @@ import httpx
 from websockets.sync.client import ClientConnection, connect
 
 from benchmarks._servers import progress
-from benchmarks._stats import machine_info, ns_to_ms, ratio, summary
+from benchmarks._stats import machine_info, median, ns_to_ms, ratio, summary
 
 POOL_SIZE = 2
 SANDKERNEL_SPEC = "sandkernel-default"
@@ -330,55 +330,69 @@ def _execute(ws: ClientConnection, session: str) -> int:
 # the measurements
 
 
-def _start_by_post(server: Server) -> int:
-    """POST a kernel, connect, execute: ns from before the POST to the first reply."""
-    started = time.perf_counter_ns()
-    kernel_id = server.new_kernel()
+#: One start: its phases in ns (the request, the WebSocket's opening, the first
+#: reply), in order; their sum is the start.
+Phases = dict[str, int]
+
+
+def _connect_and_execute(server: Server, kernel_id: str, phases: Phases, mark: int) -> None:
     with server.channels(kernel_id) as ws:
+        connected = time.perf_counter_ns()
+        phases["connect"] = connected - mark
         msg_id, raw = _execute_request(uuid.uuid4().hex)
         ws.send(raw)
-        elapsed = _read_until_reply(ws, msg_id, idle_too=False) - started
+        phases["first_reply"] = _read_until_reply(ws, msg_id, idle_too=False) - connected
+
+
+def _start_by_post(server: Server) -> Phases:
+    """POST a kernel, connect, execute: from before the POST to the first reply."""
+    phases: Phases = {}
+    started = time.perf_counter_ns()
+    kernel_id = server.new_kernel()
+    posted = time.perf_counter_ns()
+    phases["request"] = posted - started
+    _connect_and_execute(server, kernel_id, phases, posted)
     server.delete_kernel(kernel_id)
     if server.kernel_name == SANDKERNEL_SPEC:
         _wait_pool_full(server)
-    return elapsed
+    return phases
 
 
-def _start_prespawned(server: Server, used: set[str]) -> int:
-    """Take a prespawned kernel nobody used, connect, execute: ns from before the GET."""
+def _start_prespawned(server: Server, used: set[str]) -> Phases:
+    """Take a prespawned kernel nobody used, connect, execute: from before the GET."""
+    phases: Phases = {}
     started = time.perf_counter_ns()
     response = server.http.get("/api/kernels")
     kernel_id = next((k["id"] for k in response.json() if k["id"] not in used), None)
     if kernel_id is None:
         raise server.fail("no prespawned kernel left")
+    listed = time.perf_counter_ns()
+    phases["request"] = listed - started
     used.add(kernel_id)
-    with server.channels(kernel_id) as ws:
-        msg_id, raw = _execute_request(uuid.uuid4().hex)
-        ws.send(raw)
-        elapsed = _read_until_reply(ws, msg_id, idle_too=False) - started
+    _connect_and_execute(server, kernel_id, phases, listed)
     server.delete_kernel(kernel_id)
-    return elapsed
+    return phases
 
 
 def _starts(
     plan: Plan, sandkernel: Server, kg: Server, kg_prespawn: Server
-) -> dict[str, list[int]]:
+) -> dict[str, list[Phases]]:
     used: set[str] = set()
-    variants: dict[str, Callable[[], int]] = {
+    variants: dict[str, Callable[[], Phases]] = {
         "sandkernel": lambda: _start_by_post(sandkernel),
         "kernel_gateway": lambda: _start_by_post(kg),
         "kernel_gateway_prespawn_post": lambda: _start_by_post(kg_prespawn),
         "kernel_gateway_prespawned": lambda: _start_prespawned(kg_prespawn, used),
     }
     names = list(variants)
-    samples: dict[str, list[int]] = {name: [] for name in names}
+    samples: dict[str, list[Phases]] = {name: [] for name in names}
     for round_ in range(plan.start_warmup + plan.starts):
         # The order rotates every round so that no variant always follows another.
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            ns = variants[name]()
+            phases = variants[name]()
             if round_ >= plan.start_warmup:
-                samples[name].append(ns)
+                samples[name].append(phases)
         progress(f"starts: round {round_ + 1} of {plan.start_warmup + plan.starts}")
     return samples
 
@@ -468,7 +482,12 @@ def run(*, quick: bool) -> dict[str, Any]:
             pool = _pool_stats(sandkernel)
     load_after = machine_info()["load_average"]
 
-    start = {name: summary(ns_to_ms(ns)) for name, ns in starts.items()}
+    start = {name: summary(ns_to_ms([sum(p.values()) for p in ps])) for name, ps in starts.items()}
+    # Where each start's time goes: the median of each phase.
+    phase_ms = {
+        name: {phase: round(median(ns_to_ms([p[phase] for p in ps])), 2) for phase in ps[0]}
+        for name, ps in starts.items()
+    }
     trip = {name: summary(ns_to_ms(ns)) for name, ns in trips.items()}
     sk = start["sandkernel"]
 
@@ -544,6 +563,13 @@ def run(*, quick: bool) -> dict[str, Any]:
         "`GET /api/kernels` and the first unused one, which no stock client does.",
         f"Start: {plan.start_warmup} warm-up round(s), then {plan.starts}; the four variants "
         "take turns, their order rotated every round. p99 of so few is close to the maximum.",
+        "Where a start goes, medians in ms (request: the POST, or the GET of the prespawned "
+        "kernels; connect: the WebSocket's opening; first reply: execute to reply): "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{phase} {ms:.1f}" for phase, ms in phases.items())
+            for name, phases in phase_ms.items()
+        )
+        + ".",
         f"Round trips: {plan.execute_warmup} warm-up each, then {plan.executes} each in blocks "
         f"of {plan.block}, the order of the three rotating, all kernels held at once. The "
         "floor is a plain ipykernel driven by jupyter_client over ZeroMQ, `tcp` transport "
@@ -561,6 +587,7 @@ def run(*, quick: bool) -> dict[str, Any]:
             for pkg in ("jupyter-kernel-gateway", "jupyter-server", "ipykernel", "websockets")
         },
         "start_ms": start,
+        "start_phase_median_ms": phase_ms,
         "round_trip_ms": trip,
         "pool": pool,
         "ratios": {
@@ -578,7 +605,10 @@ def run(*, quick: bool) -> dict[str, Any]:
             "round_trip_p99": ratio(trip["sandkernel"]["p99"], trip["kernel_gateway"]["p99"]),
         },
         "samples_ms": {
-            "start": {name: [round(ms, 3) for ms in ns_to_ms(ns)] for name, ns in starts.items()},
+            "start": {
+                name: [{phase: round(ns / 1e6, 3) for phase, ns in p.items()} for p in ps]
+                for name, ps in starts.items()
+            },
             "round_trip": {
                 name: [round(ms, 3) for ms in ns_to_ms(ns)] for name, ns in trips.items()
             },
