@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,13 @@ from typing import Any
 from sandkernel._attacks import attack_outcomes, attacks_json, print_attacks
 from sandkernel._resources import data_dir
 from sandkernel.errors import SandkernelError
-from sandkernel.policy import load_policy
+from sandkernel.policy import Policy, load_policy
 from sandkernel.sandbox import (
     SELF_CHECK_PROBE,
     CgroupLayout,
     CgroupVersion,
     Runtime,
+    SandboxHost,
     find_nsjail,
     verify_cgroup_limits,
     verify_isolation_report,
@@ -143,7 +145,6 @@ def _prerequisites(python: str | None) -> tuple[list[Check], Runtime | None]:
 
 async def _live_checks(runtime: Runtime) -> list[Check]:
     from sandkernel.kernel import SandboxedKernel
-    from sandkernel.sandbox import SandboxHost
 
     policy = load_policy("default")
     checks: list[Check] = []
@@ -170,6 +171,7 @@ async def _live_checks(runtime: Runtime) -> list[Check]:
             cgroup_problems = verify_cgroup_limits(kernel.cgroup, policy)
         finally:
             await kernel.shutdown()
+        zygote_check = await _zygote_check(host, policy)
     host_ns = _host_ns()
     expected_top = _EXPECTED_TOP | {Path(m).parts[1] for m in runtime.mounts}
     unexpected = sorted(set(probe["top"]) - expected_top)
@@ -203,8 +205,48 @@ async def _live_checks(runtime: Runtime) -> list[Check]:
               "every controller holds the kernel, within the policy's limits"
               if not cgroup_problems else "; ".join(cgroup_problems),
               "check the cgroup controllers (see the cgroups check above)"),
+        zygote_check,
     ]  # fmt: skip
     return checks
+
+
+async def _zygote_check(host: SandboxHost, policy: Policy) -> Check:
+    """Which start is in force for pool kernels, and why: fork a kernel from a zygote once.
+
+    Not critical: a pool whose zygote fails starts its kernels cold, as safe.
+    """
+    from sandkernel.config import DEFAULT_PREWARM, EngineConfig
+    from sandkernel.kernel import SandboxedKernel
+    from sandkernel.sandbox.zygote import Zygote
+
+    on = bool(EngineConfig.model_fields["zygote"].default)
+    setting = f"EngineConfig.zygote is {'on' if on else 'off'} by default"
+    zygote = Zygote(host, policy, DEFAULT_PREWARM)
+    kernel = SandboxedKernel(host, policy, zygote=zygote)
+    try:
+        await zygote.start()
+        started = time.monotonic()
+        await kernel.start()
+        await kernel.self_check()
+        ms = (time.monotonic() - started) * 1000
+    except SandkernelError as exc:
+        return Check("kernel start path", False,
+                     f"in force: cold start ({setting}, but kernels cannot be forked from "
+                     f"a zygote here: {exc})",
+                     "nothing to do: cold starts are as safe, only slower; or set "
+                     "EngineConfig(zygote=False) to stop trying", critical=False)  # fmt: skip
+    finally:
+        await kernel.shutdown()
+        await zygote.close()
+    forked = (f"a kernel forked from a zygote passed the outside check and the self-check "
+              f"({ms:.0f} ms to ready)")  # fmt: skip
+    detail = (
+        f"in force: zygote fork ({setting}; cold start while the zygote is unavailable): {forked}"
+        if on
+        else f"in force: cold start ({setting}); zygote fork available with "
+        f"EngineConfig(zygote=True): {forked}"
+    )
+    return Check("kernel start path", True, detail, critical=False)
 
 
 def _cgroup_limits(dirs: dict[str, Path], version: CgroupVersion) -> dict[str, tuple[str, str]]:

@@ -28,6 +28,7 @@ from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy, load_policy
 from sandkernel.sandbox import SandboxHost
 from tests.conftest import leftovers, runtime_root
+from tests.zygote import mode as zygote_mode
 
 _ATTACK_FILE = re.compile(r"(^|/)tests/security/test_\w+_attacks\.py::")
 
@@ -120,7 +121,7 @@ class KernelBox:
         """The shared kernel called ``name`` (started or restarted if needed)."""
         kernel = self._kernels.get(name)
         if kernel is None or not kernel.alive:
-            kernel = SandboxedKernel(self.host, load_policy(policy))
+            kernel = await self._new(policy)
             self._all.append(kernel)
             await kernel.start()
             self._kernels[name] = kernel
@@ -128,13 +129,19 @@ class KernelBox:
 
     async def fresh(self, policy: Policy | str | None = None) -> SandboxedKernel:
         """A kernel of its own, for an attack that destroys it."""
-        kernel = SandboxedKernel(self.host, load_policy(policy))
+        kernel = await self._new(policy)
         self._all.append(kernel)
         await kernel.start()
         return kernel
 
+    async def _new(self, policy: Policy | str | None) -> SandboxedKernel:
+        loaded = load_policy(policy)
+        zygote = await zygote_mode.ZYGOTES.get(self.host, loaded) if zygote_mode.enabled() else None
+        return SandboxedKernel(self.host, loaded, zygote=zygote)
+
     async def close(self) -> None:
         await asyncio.gather(*(k.shutdown() for k in self._all))
+        await zygote_mode.ZYGOTES.close(self.host)
 
 
 async def _nothing_left_of(owner: str) -> None:
