@@ -7,7 +7,11 @@ with its ratio to the baseline:
   the same ``sandkernel.kernel.wait_until_ready`` on both sides), shutdown
   timed apart;
 - the round trip of ``execute("pass")`` in a held, warmed-up kernel;
-- the memory of an idle, freshly started kernel.
+- the memory of an idle, freshly started kernel;
+- the engine's own path, against the baseline's ``1+1`` round trip in the
+  same phase: a held session's ``run("1+1")``, and a warm session's first
+  result (``engine.session()`` then ``run("1+1")``, the pool full, with the
+  engine's default prewarm imports and self-check).
 
 The baseline is the same ipykernel, run by the same interpreter with the same
 command-line flags, environment (paths moved out of ``/tmp``) and transport
@@ -41,6 +45,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from benchmarks._stats import machine_info, median, ns_to_ms, ratio, summary
+from sandkernel import Engine, Session
 from sandkernel.errors import KernelDead, KernelStartFailed
 from sandkernel.kernel import SandboxedKernel, wait_until_ready
 from sandkernel.policy import Policy, load_policy
@@ -80,10 +85,18 @@ class Plan:
     executes: int
     #: round trips per block; blocks of the variants alternate
     block: int
+    #: warm sessions' first results (each waits, untimed, for the pool's refill)
+    first_results: int = 60
+    #: baseline round trips timed before each first result
+    first_result_baseline: int = 5
 
 
 FULL = Plan(start_warmup=2, starts=20, execute_warmup=50, executes=500, block=50)
-QUICK = Plan(start_warmup=1, starts=3, execute_warmup=10, executes=50, block=10)
+QUICK = Plan(start_warmup=1, starts=3, execute_warmup=10, executes=50, block=10, first_results=5)
+#: What a session runs in the engine-path measurements (a value, as users' cells have).
+SESSION_CODE = "1+1"
+#: Warm kernels the engine keeps for the first-result measurement.
+SESSION_POOL = 2
 
 
 # ---------------------------------------------------------------------------
@@ -475,6 +488,98 @@ async def _round_trips_once(setup: _Setup, plan: Plan) -> dict[str, list[int]]:
         return samples
 
 
+async def _wait_warm(engine: Engine, count: int) -> None:
+    async with asyncio.timeout(120):
+        while (await engine.stats()).pool.warm < count:  # noqa: ASYNC110 - polled, bounded
+            await asyncio.sleep(0.01)
+
+
+async def _session_cell(session: Session) -> None:
+    result = await session.run(SESSION_CODE, timeout_s=EXECUTE_TIMEOUT_S)
+    if not result.kernel_alive:
+        raise KernelLost(f"the session's kernel died running {SESSION_CODE!r}: {result.message}")
+    if result.text != "2":
+        raise RuntimeError(f"{SESSION_CODE!r} in a session gave {result.status}: {result.text}")
+
+
+async def _sessions_once(setup: _Setup, plan: Plan, store: Path) -> dict[str, list[int]]:
+    samples: dict[str, list[int]] = {
+        "session_held": [],
+        "unsandboxed_protocol_held": [],
+        "session_first_result": [],
+        "unsandboxed_protocol_first": [],
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        plain = setup.plain()
+        stack.push_async_callback(plain.shutdown)
+        await plain.start(timeout_s=START_TIMEOUT_S)
+        assert plain.client is not None
+        plain_client = plain.client
+
+        async def baseline() -> None:
+            await protocol_round_trip(plain_client, SESSION_CODE, lambda: plain.alive)
+
+        engine = Engine(
+            policy=setup.policy, store_dir=store, pool_size=SESSION_POOL, handle_sigterm=False
+        )
+        await stack.enter_async_context(engine)
+        await _wait_warm(engine, SESSION_POOL)
+
+        async def timed(name: str, run_once: Callable[[], Awaitable[None]], count: int) -> None:
+            for _ in range(count):
+                started = time.perf_counter_ns()
+                await run_once()
+                samples[name].append(time.perf_counter_ns() - started)
+
+        # A warm session's first result: session() then run, the pool full.
+        for _ in range(plan.execute_warmup):
+            await baseline()
+        for i in range(3 + plan.first_results):
+            gc.collect()
+            await timed("unsandboxed_protocol_first", baseline, plan.first_result_baseline)
+            started = time.perf_counter_ns()
+            session = await engine.session()
+            await _session_cell(session)
+            elapsed = time.perf_counter_ns() - started
+            await session.close()
+            if i >= 3:  # 3 warm-ups
+                samples["session_first_result"].append(elapsed)
+            else:
+                del samples["unsandboxed_protocol_first"][-plan.first_result_baseline :]
+            await _wait_warm(engine, SESSION_POOL)
+
+        # A held session's cell, in blocks rotating with the baseline's.
+        session = await engine.session()
+        stack.push_async_callback(session.close)
+        await _wait_warm(engine, SESSION_POOL)  # its refill is not measured
+
+        async def held() -> None:
+            await _session_cell(session)
+
+        variants = {"session_held": held, "unsandboxed_protocol_held": baseline}
+        for run_once in variants.values():
+            for _ in range(plan.execute_warmup):
+                await run_once()
+        names = list(variants)
+        for block in range(math.ceil(plan.executes / plan.block)):
+            count = min(plan.block, plan.executes - block * plan.block)
+            shift = block % len(names)
+            for name in names[shift:] + names[:shift]:
+                gc.collect()
+                await timed(name, variants[name], count)
+    return samples
+
+
+async def _measure_sessions(setup: _Setup, plan: Plan) -> dict[str, list[int]]:
+    store = setup.work_dir / "store"
+
+    async def measure() -> dict[str, list[int]]:
+        shutil.rmtree(store, ignore_errors=True)
+        return await _sessions_once(setup, plan, store)
+
+    return await _attempt(setup, "sessions", measure)
+
+
 async def _run(host: SandboxHost, plan: Plan, work_dir: Path) -> dict[str, Any]:
     policy = load_policy(POLICY)
     spec_dir = work_dir / "kernels"
@@ -484,6 +589,7 @@ async def _run(host: SandboxHost, plan: Plan, work_dir: Path) -> dict[str, Any]:
     transport = await _choose_transport(setup)
     cycles = await _measure_starts(setup, plan)
     round_trips = await _measure_round_trips(setup, plan)
+    round_trips.update(await _measure_sessions(setup, plan))
     return {
         "transport": transport,
         "repeats": setup.repeats,
@@ -561,6 +667,14 @@ def run(*, quick: bool) -> dict[str, Any]:
     ]
     if "sandboxed_protocol" in trips:
         rows += pair("Protocol-only round trip", trips["sandboxed_protocol"], base)
+    held, held_base = trips["session_held"], trips["unsandboxed_protocol_held"]
+    first, first_base = trips["session_first_result"], trips["unsandboxed_protocol_first"]
+    rows += [
+        *pair(f'Held session, `run("{SESSION_CODE}")` ({plan.executes})', held, held_base),
+        *pair(
+            f"Warm session, `session()` → first result ({plan.first_results})", first, first_base
+        ),
+    ]
     rows += [
         [
             "Idle memory, RSS of process tree (MiB)",
@@ -603,6 +717,14 @@ def run(*, quick: bool) -> dict[str, Any]:
         f"blocks of {plan.block} rotating between the variants, all kernels held at once. "
         "`execute` is the engine API (includes cgroup accounting and the result model); "
         "protocol-only drives the sandboxed kernel's client exactly like the baseline's.",
+        f"Sessions: an `Engine` (policy `{raw['policy']}`, default prewarm imports and "
+        f"self-check, a pool of {SESSION_POOL}) beside a held baseline kernel running "
+        f"`{SESSION_CODE}` the same way. Held: {plan.execute_warmup} warm-up cells each, then "
+        f"{plan.executes} each in rotating blocks of {plan.block}. First result: "
+        f"`session()` then `run`, {plan.first_results} times after 3 warm-ups, each after "
+        f"{plan.first_result_baseline} baseline round trips and with the pool refilled "
+        "(awaited, untimed); its ratio is to those round trips. Targets: held ≤ 1.2×, "
+        "first result ≤ 1.5× the baseline.",
         "Memory: median over the freshly started kernels of the start runs. The sandboxed "
         "tree is nsjail, the in-sandbox init and the kernel; USS counts pages only that "
         "process maps, so the forked init adds little.",
@@ -633,6 +755,10 @@ def run(*, quick: bool) -> dict[str, Any]:
             "round_trip_median": ratio(trips["sandboxed_execute"]["median"], base["median"]),
             "round_trip_p99": ratio(trips["sandboxed_execute"]["p99"], base["p99"]),
             "shutdown_median": ratio(stop["sandboxed"]["median"], stop["unsandboxed"]["median"]),
+            "session_held_median": ratio(held["median"], held_base["median"]),
+            "session_held_p99": ratio(held["p99"], held_base["p99"]),
+            "session_first_result_median": ratio(first["median"], first_base["median"]),
+            "session_first_result_p99": ratio(first["p99"], first_base["p99"]),
             "idle_rss": ratio(sb_mem["rss_bytes"], un_mem["rss_bytes"]),
             "idle_uss": ratio(sb_mem["uss_bytes"], un_mem["uss_bytes"]),
         },
