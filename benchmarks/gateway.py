@@ -1,7 +1,7 @@
 """The daemon's Jupyter Kernel Gateway API against the stock Jupyter Kernel Gateway.
 
 What a Jupyter client (JupyterLab through ``--gateway-url``, Open WebUI) waits
-for, measured over HTTP and the kernel WebSocket on loopback, both servers
+for, measured over HTTP and the kernel WebSocket on loopback, every server
 running in the same run:
 
 - **start**: ``POST /api/kernels`` → WebSocket to ``/api/kernels/{id}/channels``
@@ -18,17 +18,22 @@ running in the same run:
     ``services/kernels/pool.py``, ``KernelPool.initialize``). Two figures: its
     ``POST`` (which starts a kernel anyway), and the best a client can do
     with the prespawned kernels: ``GET /api/kernels``, take one not used yet,
-    connect and execute, timed from before the GET.
+    connect and execute, timed from before the GET;
+  - *Kernel Gateway with TCP_NODELAY*, prespawned likewise: Kernel Gateway
+    never turns Nagle's algorithm off on its WebSockets, so a small frame
+    after another waits for the client's delayed ACK (~40 ms); a config file
+    patches that in, for a baseline without the stall.
 
 - **round trip**: ``execute_request("pass")`` → ``execute_reply`` on a held
-  WebSocket to a warmed-up kernel, in blocks alternating between the daemon
-  and Kernel Gateway (no prespawn). Its ``idle`` status, which may come before
-  or after the reply, is read (untimed if after) before the next request.
+  WebSocket to a warmed-up kernel, in blocks rotating between the daemon,
+  Kernel Gateway (no prespawn), Kernel Gateway with TCP_NODELAY and, as the
+  floor, a plain ipykernel driven by jupyter_client over ZeroMQ (no gateway).
+  Its ``idle`` status, which may come before or after the reply, is read
+  (untimed if after) before the next request.
 
-Clients authenticate as Jupyter Server does (``Authorization: token T``). Both
-servers keep their kernels' default settings; the daemon's kernels are
-sandboxed (default policy), Kernel Gateway's are plain ipykernels of this
-virtual environment.
+Clients authenticate as Jupyter Server does (``Authorization: token T``). The
+daemon's kernels are sandboxed (default policy); Kernel Gateway's are plain
+ipykernels of this virtual environment, with their default settings.
 """
 
 from __future__ import annotations
@@ -217,11 +222,37 @@ def _sandkernel(folder: Path) -> Iterator[Server]:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
+#: A Kernel Gateway config file that turns Nagle's algorithm off on its WebSockets.
+#: Neither Kernel Gateway nor jupyter_server calls tornado's ``set_nodelay(True)``,
+#: so a reply frame written right after another small one waits for the
+#: client's delayed ACK (about 40 ms on Linux loopback). The patched baseline
+#: shows what Kernel Gateway costs without that stall.
+_NODELAY_CONFIG = """\
+import tornado.websocket
+
+_write_message = tornado.websocket.WebSocketHandler.write_message
+
+
+def _write_message_nodelay(self, *args, **kwargs):
+    if self.ws_connection is not None:
+        self.ws_connection.set_nodelay(True)
+    return _write_message(self, *args, **kwargs)
+
+
+tornado.websocket.WebSocketHandler.write_message = _write_message_nodelay
+"""
+
+
 @contextlib.contextmanager
-def _kernel_gateway(folder: Path, name: str, prespawn: int = 0) -> Iterator[Server]:
+def _kernel_gateway(
+    folder: Path, name: str, prespawn: int = 0, *, nodelay: bool = False
+) -> Iterator[Server]:
     token = secrets.token_urlsafe(24)
     port = _free_port()
     home = folder / name.replace(" ", "-")
+    if nodelay:
+        (home / "config").mkdir(parents=True)
+        (home / "config" / "jupyter_kernel_gateway_config.py").write_text(_NODELAY_CONFIG)
     env = {
         "JUPYTER_CONFIG_DIR": str(home / "config"),
         "JUPYTER_DATA_DIR": str(home / "data"),
@@ -375,7 +406,7 @@ def _start_prespawned(server: Server, used: set[str]) -> Phases:
 
 
 def _starts(
-    plan: Plan, sandkernel: Server, kg: Server, kg_prespawn: Server
+    plan: Plan, sandkernel: Server, kg: Server, kg_prespawn: Server, kg_nodelay: Server
 ) -> dict[str, list[Phases]]:
     used: set[str] = set()
     variants: dict[str, Callable[[], Phases]] = {
@@ -383,6 +414,7 @@ def _starts(
         "kernel_gateway": lambda: _start_by_post(kg),
         "kernel_gateway_prespawn_post": lambda: _start_by_post(kg_prespawn),
         "kernel_gateway_prespawned": lambda: _start_prespawned(kg_prespawn, used),
+        "kernel_gateway_nodelay_prespawned": lambda: _start_prespawned(kg_nodelay, used),
     }
     names = list(variants)
     samples: dict[str, list[Phases]] = {name: [] for name in names}
@@ -430,8 +462,10 @@ def _plain_kernel() -> Iterator[Callable[[], int]]:
         km.shutdown_kernel(now=True)
 
 
-def _round_trips(plan: Plan, sandkernel: Server, kg: Server) -> dict[str, list[int]]:
-    servers = {"sandkernel": sandkernel, "kernel_gateway": kg}
+def _round_trips(
+    plan: Plan, sandkernel: Server, kg: Server, kg_nodelay: Server
+) -> dict[str, list[int]]:
+    servers = {"sandkernel": sandkernel, "kernel_gateway": kg, "kernel_gateway_nodelay": kg_nodelay}
     with contextlib.ExitStack() as stack:
         runs: dict[str, Callable[[], int]] = {}
         for name, server in servers.items():
@@ -471,14 +505,15 @@ def run(*, quick: bool) -> dict[str, Any]:
     prespawn = plan.start_warmup + plan.starts
     with tempfile.TemporaryDirectory(prefix="sk-bench-gateway-") as tmp:
         folder = Path(tmp)
-        progress(f"starting the daemon and Kernel Gateway (twice; one with {prespawn} prespawned)")
+        progress(f"starting the daemon and three Kernel Gateways (two with {prespawn} prespawned)")
         with (
             _sandkernel(folder) as sandkernel,
             _kernel_gateway(folder, "Kernel Gateway") as kg,
             _kernel_gateway(folder, "Kernel Gateway prespawn", prespawn) as kg_prespawn,
+            _kernel_gateway(folder, "Kernel Gateway nodelay", prespawn, nodelay=True) as kg_nodelay,
         ):
-            starts = _starts(plan, sandkernel, kg, kg_prespawn)
-            trips = _round_trips(plan, sandkernel, kg)
+            starts = _starts(plan, sandkernel, kg, kg_prespawn, kg_nodelay)
+            trips = _round_trips(plan, sandkernel, kg, kg_nodelay)
             pool = _pool_stats(sandkernel)
     load_after = machine_info()["load_average"]
 
@@ -517,6 +552,16 @@ def run(*, quick: bool) -> dict[str, Any]:
     for stat in ("median", "p99"):
         rows.append(
             start_row(
+                "vs KG prespawned kernel, KG with TCP_NODELAY",
+                "kernel_gateway_nodelay_prespawned",
+                stat,
+                1.0,
+                "≤ 1.0, no slower",
+            )
+        )
+    for stat in ("median", "p99"):
+        rows.append(
+            start_row(
                 f"vs KG `POST` with prespawn_count={prespawn}",
                 "kernel_gateway_prespawn_post",
                 stat,
@@ -532,6 +577,18 @@ def run(*, quick: bool) -> dict[str, Any]:
                 f"of {plan.executes} (ms)",
                 _ms(trip["sandkernel"][stat]),
                 _ms(trip["kernel_gateway"][stat]),
+                "—" if value is None else f"{value:.2f}",
+                f"≤ 1.2 ({_verdict(value, 1.2)})",
+            ]
+        )
+
+    for stat in ("median", "p99"):
+        value = ratio(trip["sandkernel"][stat], trip["kernel_gateway_nodelay"][stat])
+        rows.append(
+            [
+                f"same round trip, KG with TCP_NODELAY, {'p50' if stat == 'median' else stat} (ms)",
+                _ms(trip["sandkernel"][stat]),
+                _ms(trip["kernel_gateway_nodelay"][stat]),
                 "—" if value is None else f"{value:.2f}",
                 f"≤ 1.2 ({_verdict(value, 1.2)})",
             ]
@@ -561,7 +618,11 @@ def run(*, quick: bool) -> dict[str, Any]:
         f"`{KERNEL_GATEWAY_SPEC}`, ipykernel {version('ipykernel')}, unsandboxed). Its "
         "`POST /api/kernels` never hands out a prespawned kernel; the prespawned figure is "
         "`GET /api/kernels` and the first unused one, which no stock client does.",
-        f"Start: {plan.start_warmup} warm-up round(s), then {plan.starts}; the four variants "
+        "KG with TCP_NODELAY: the same Kernel Gateway with a config file that sets "
+        "`set_nodelay(True)` on its WebSockets (neither Kernel Gateway nor jupyter_server "
+        "does, so its frames wait out the client's delayed ACK, about 40 ms); a baseline "
+        "without that stall, also prespawned.",
+        f"Start: {plan.start_warmup} warm-up round(s), then {plan.starts}; the five variants "
         "take turns, their order rotated every round. p99 of so few is close to the maximum.",
         "Where a start goes, medians in ms (request: the POST, or the GET of the prespawned "
         "kernels; connect: the WebSocket's opening; first reply: execute to reply): "
@@ -571,7 +632,7 @@ def run(*, quick: bool) -> dict[str, Any]:
         )
         + ".",
         f"Round trips: {plan.execute_warmup} warm-up each, then {plan.executes} each in blocks "
-        f"of {plan.block}, the order of the three rotating, all kernels held at once. The "
+        f"of {plan.block}, the order of the four rotating, all kernels held at once. The "
         "floor is a plain ipykernel driven by jupyter_client over ZeroMQ, `tcp` transport "
         "like Kernel Gateway's kernels: its row's KG column is that floor.",
     ]
@@ -598,6 +659,12 @@ def run(*, quick: bool) -> dict[str, Any]:
             ),
             "start_vs_prespawned_p99": ratio(
                 sk["p99"], start["kernel_gateway_prespawned"]["p99"], digits=3
+            ),
+            "start_vs_nodelay_prespawned_median": ratio(
+                sk["median"], start["kernel_gateway_nodelay_prespawned"]["median"], digits=3
+            ),
+            "round_trip_nodelay_median": ratio(
+                trip["sandkernel"]["median"], trip["kernel_gateway_nodelay"]["median"]
             ),
             "round_trip_median": ratio(
                 trip["sandkernel"]["median"], trip["kernel_gateway"]["median"]
