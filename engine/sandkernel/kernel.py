@@ -40,6 +40,7 @@ from sandkernel.sandbox import (
     verify_isolation_report,
 )
 from sandkernel.sandbox.cgroups import UsageReader
+from sandkernel.sandbox.zygote import Zygote, verify_forked
 
 KERNEL_NAME = "sandkernel-python"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -173,6 +174,8 @@ class SandboxedKernel:
         policy: limits and permissions of this kernel.
         workspace: a host folder to use as ``/mnt/data`` (default: a fresh
             size-limited tmpfs that disappears with the kernel).
+        zygote: fork the kernel from this warm zygote into its sandbox
+            instead of starting an interpreter there (the sandbox is the same).
     """
 
     #: the running cell, which the IOPub reader feeds (None between cells)
@@ -180,9 +183,19 @@ class SandboxedKernel:
     #: the cgroup counters' kept descriptors, opened by the first cell
     _usage: UsageReader | None = None
 
-    def __init__(self, host: SandboxHost, policy: Policy, *, workspace: Path | None = None):
+    def __init__(
+        self,
+        host: SandboxHost,
+        policy: Policy,
+        *,
+        workspace: Path | None = None,
+        zygote: Zygote | None = None,
+    ):
         self.host = host
         self.policy = policy
+        self.zygote = zygote
+        #: the kernel's host pid, once a forked kernel passed its outside check
+        self.forked_pid: int | None = None
         self._jail = Jail(host, policy, workspace=workspace)
         self.kernel_id = self._jail.kernel_id
         self._km: AsyncKernelManager | None = None
@@ -262,7 +275,7 @@ class SandboxedKernel:
         km.session.key = secrets.token_hex(32).encode()
         self._km = km
         async with self._jail.starting("sandboxed kernel", self.shutdown):
-            await km.start_kernel(sandbox=self._jail)
+            await km.start_kernel(sandbox=self._jail, zygote=self.zygote)
             client = km.client()
             assert isinstance(client, AsyncKernelClient)
             # No heartbeat channel: death is told by the process and its cgroup,
@@ -273,6 +286,10 @@ class SandboxedKernel:
             await asyncio.wait_for(
                 wait_until_ready(client, timeout_s, lambda: self.alive), timeout_s + 1
             )
+            forked = self.provisioner.forked if self.provisioner is not None else None
+            if forked is not None:
+                # Its isolation is checked from outside, not taken from the zygote.
+                self.forked_pid = await asyncio.to_thread(verify_forked, self._jail, forked)
             self._start_drain()
         self.started_at = time.monotonic()
 
