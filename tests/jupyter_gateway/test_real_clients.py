@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.jupyter_gateway._clients import (
     KernelSocket,
@@ -316,17 +317,19 @@ def test_jupyterlab_runs_a_plotting_cell_in_chromium(
     service = Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "jupyterlab-plot.png"
+    plot_shot = ARTIFACTS / "jupyterlab-plot-output.png"
     driver = webdriver.Chrome(service=service, options=options)
     try:
         driver.get(f"{jupyter_lab.url}/lab/tree/plot.ipynb?token={jupyter_lab.token}")
         wait = WebDriverWait(driver, 60)
         # Lab runs a cell only once the notebook's kernel is connected: wait for
         # the status bar's "<kernel> | Idle".
-        wait.until(
+        kernel_status = wait.until(
             expected_conditions.presence_of_element_located(
                 (By.XPATH, "//*[contains(@class, 'jp-StatusBar')]//*[contains(text(), '| Idle')]")
             )
         )
+        status_text = kernel_status.text
         editor = wait.until(
             expected_conditions.element_to_be_clickable(
                 (By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell .cm-content")
@@ -349,12 +352,19 @@ def test_jupyterlab_runs_a_plotting_cell_in_chromium(
         src = image.get_attribute("src") or ""
         width = driver.execute_script("return arguments[0].naturalWidth", image)
         driver.save_screenshot(str(screenshot))
+        image.screenshot(str(plot_shot))
     finally:
         driver.quit()
     assert src.startswith("data:image/png;base64,"), src[:80]
     assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
     assert width > 100
     assert screenshot.read_bytes().startswith(PNG_MAGIC)
+    assert status_text.startswith(spec["spec"]["display_name"]), status_text
+    # What the browser drew where the image is: a plot (axes, ticks, an
+    # antialiased line), not a blank or broken-image box.
+    with Image.open(plot_shot) as drawn:
+        colors = drawn.convert("RGB").getcolors(maxcolors=1 << 16) or []
+    assert len(colors) > 20, f"the plot's area is nearly uniform: {len(colors)} colours"
 
     # The notebook's kernel is the gateway's, on the kernelspec it asked for.
     with jupyter_lab.http() as http:
