@@ -247,6 +247,25 @@ def test_jupyter_server_code_runs_as_the_sandbox_uid(
     assert execution.data("text/plain") == [f"({SANDBOX_UID}, {SANDBOX_UID})"]
 
 
+def test_jupyter_server_restart_gives_a_fresh_kernel(
+    jupyter_server: JupyterServer, server_kernel: dict[str, Any], target: Target
+) -> None:
+    # Last of the Jupyter Server tests: it ends the state the others share.
+    # The WebSocket stays open across the restart, as a notebook's does.
+    with kernel_socket(jupyter_server.url, server_kernel["id"], jupyter_server.headers) as sock:
+        assert sock.execute("kept = 1").status == "ok"
+        with jupyter_server.http() as http:
+            response = http.post(f"/api/kernels/{server_kernel['id']}/restart")
+        assert response.status_code == 200, response.text
+        assert response.json()["id"] == server_kernel["id"]
+        execution = sock.execute("'kept' in dir()")
+        uid = sock.execute("import os\nos.getuid()")
+    assert execution.data("text/plain") == ["False"], execution.summary()
+    assert target.kernel(server_kernel["id"]).status_code == 200
+    if target.sandboxed:  # the fresh kernel is sandboxed too
+        assert uid.data("text/plain") == [str(SANDBOX_UID)], uid.summary()
+
+
 # ---------------------------------------------------------------------------
 # JupyterLab in headless Chromium
 
