@@ -1,8 +1,14 @@
-"""The pool's bookkeeping, without processes."""
+"""The pool's bookkeeping and its hand-out order, without processes."""
 
 from __future__ import annotations
 
-from sandkernel.pool import PoolBook, percentile
+import asyncio
+from typing import Any
+
+import pytest
+
+from sandkernel.errors import KernelStartFailed
+from sandkernel.pool import Pool, PoolBook, percentile
 
 
 def test_starts_fill_up_to_target_within_concurrency() -> None:
@@ -77,3 +83,70 @@ def test_percentile_nearest_rank() -> None:
     assert percentile(values, 50) == 50.0
     assert percentile(values, 99) == 99.0
     assert percentile([3.0], 99) == 3.0
+
+
+class _FakeKernel:
+    """Stands in for a SandboxedKernel: numbered, warm-up and shutdown recorded."""
+
+    def __init__(self, number: int, *, warm_up_fails: bool = False) -> None:
+        self.number = number
+        self.alive = True
+        self.warmed = False
+        self.shut_down = False
+        self._warm_up_fails = warm_up_fails
+
+    async def warm_up(self) -> None:
+        if self._warm_up_fails:
+            raise KernelStartFailed("warm-up cell failed: dead")
+        self.warmed = True
+
+    async def shutdown(self) -> None:
+        self.alive = False
+        self.shut_down = True
+
+
+async def _filled(pool: Pool, count: int) -> None:
+    async with asyncio.timeout(5):
+        while pool.book.warm < count:  # noqa: ASYNC110 - the pool's own task fills it
+            await asyncio.sleep(0)
+
+
+@pytest.mark.anyio
+async def test_kernels_are_warmed_up_then_handed_out_last_in_first_out() -> None:
+    made: list[_FakeKernel] = []
+
+    async def factory() -> Any:
+        made.append(_FakeKernel(len(made)))
+        return made[-1]
+
+    pool = Pool(factory, size=2, max_kernels=4, max_concurrent_starts=1)
+    runner = asyncio.ensure_future(pool.run())
+    try:
+        await _filled(pool, 2)
+        assert all(k.warmed for k in made)
+        first = await pool.acquire(timeout_s=5)
+        assert first is made[1]  # the most recently warmed
+    finally:
+        runner.cancel()
+        await pool.close()
+    assert all(k.shut_down for k in made)
+
+
+@pytest.mark.anyio
+async def test_a_kernel_whose_warm_up_fails_is_shut_down_and_counted_failed() -> None:
+    made: list[_FakeKernel] = []
+
+    async def factory() -> Any:
+        made.append(_FakeKernel(len(made), warm_up_fails=not made))
+        return made[-1]
+
+    pool = Pool(factory, size=1, max_kernels=2, max_concurrent_starts=1)
+    runner = asyncio.ensure_future(pool.run())
+    try:
+        await _filled(pool, 1)
+        assert made[0].shut_down and not made[0].warmed
+        assert pool.book.failed == 1 and "warm-up cell failed" in (pool.last_start_error or "")
+        assert await pool.acquire(timeout_s=5) is made[1]
+    finally:
+        runner.cancel()
+        await pool.close()
