@@ -254,8 +254,14 @@ class KernelRelay:
             self.broadcast_status("restarting")
             await self.detach()
             self.execution_state = "restarting"
-            link = await self._restart_link()
-            await self.attach(link)
+            try:
+                await self.attach(await self._restart_link())
+            except BaseException:
+                # No fresh sandbox (the pool is exhausted...): the kernel stays dead,
+                # and says so, until a restart succeeds.
+                self._ending = True
+                self.broadcast_status("dead")
+                raise
             self.broadcast_status("idle")
 
     async def shutdown(self) -> None:
