@@ -231,3 +231,26 @@ async def test_malformed_frames_are_dropped_and_everything_keeps_serving(
         assert (await victim.execute("print('still here')")).stdout == "still here\n"
         assert (await bystander.execute("print('unbothered')")).stdout == "unbothered\n"
         assert (await client.http.get("/api/kernels")).status_code == 200
+
+
+async def test_a_client_reconnecting_with_its_session_id_gets_what_it_missed(
+    gateway: Gateway,
+) -> None:
+    async with GatewayClient(gateway) as client:
+        kernel_id = await client.start_kernel()
+        away = await client.connect(kernel_id, session_id="away")
+        runner = await client.connect(kernel_id, session_id="runner")
+        await away.ws.close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await client.kernel(kernel_id))["connections"] != 1:
+            assert asyncio.get_running_loop().time() < deadline, "the close was never seen"
+            await asyncio.sleep(0.05)  # the daemon's count, polled with a deadline
+        cell = await runner.execute("print('while you were away')")
+        msg_id = cell.reply["parent_header"]["msg_id"]
+        back = await client.connect(kernel_id, session_id="away")
+        missed = await back.until(is_stream_of(msg_id), timeout_s=10)
+        assert missed["content"]["text"] == "while you were away\n"
+        # A new client (another session id) gets only what comes after it connected.
+        fresh = await client.connect(kernel_id, session_id="new")
+        assert (await fresh.execute("print('now')")).stdout == "now\n"
+        assert not any(m["parent_header"].get("msg_id") == msg_id for m in fresh.seen)

@@ -53,6 +53,8 @@ _SEND_TIMEOUT_S: Final = 5.0  # a kernel that takes no message in this long is n
 _CONNECTION_QUEUE: Final = 10_000  # frames a slow connection may have pending, then it is closed
 _MAX_ROUTES: Final = 10_000  # requests remembered to route their replies
 _READY_TIMEOUT_S: Final = 20.0
+_MAX_MISSED_SESSIONS: Final = 8  # disconnected clients whose messages are kept for them
+_MAX_MISSED_MESSAGES: Final = 1000  # kept per disconnected client, the first ones
 _SOCKETS: Final = {
     "shell": zmq.DEALER,
     "control": zmq.DEALER,
@@ -150,6 +152,8 @@ class KernelRelay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._routes: dict[str, Connection] = {}
         self._internal: set[str] = set()
+        #: messages kept for clients (by session_id) whose connections are gone
+        self._missed: dict[str, list[WireMessage]] = {}
         self._cells: dict[str, _Cell] = {}
         self._running: _Cell | None = None
         self._changed = asyncio.Event()
@@ -281,7 +285,11 @@ class KernelRelay:
     # -- from clients ------------------------------------------------------------------
 
     def connect(self, connection: Connection) -> None:
+        """A new WebSocket; one that comes back with its ``session_id`` gets what it missed."""
         self.connections.add(connection)
+        missed = self._missed.pop(connection.session_id or "", None)
+        for msg in missed or ():
+            connection.send(msg)
         if self.execution_state == "dead":
             connection.send(self._status("dead"))
 
@@ -290,6 +298,13 @@ class KernelRelay:
         self.connections.discard(connection)
         for key in [k for k, c in self._routes.items() if c is connection]:
             del self._routes[key]
+        session_id = connection.session_id
+        if session_id and not any(c.session_id == session_id for c in self.connections):
+            # As Jupyter Server does: what the kernel says while a client's last
+            # connection is gone waits for it to reconnect (within bounds).
+            self._missed[session_id] = []
+            while len(self._missed) > _MAX_MISSED_SESSIONS:
+                del self._missed[next(iter(self._missed))]
 
     async def from_client(self, connection: Connection, frame: str | bytes) -> None:
         """Relay one frame a client sent.
@@ -461,6 +476,9 @@ class KernelRelay:
     def broadcast(self, msg: WireMessage) -> None:
         for connection in list(self.connections):
             connection.send(msg)
+        for missed in self._missed.values():
+            if len(missed) < _MAX_MISSED_MESSAGES:
+                missed.append(msg)
 
     def _status(self, state: str) -> WireMessage:
         raw = self._session.msg("status", {"execution_state": state})
