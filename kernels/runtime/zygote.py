@@ -176,6 +176,14 @@ def _become_kernel(request, limits, last_cap, report_fd):
     if os.getppid() != 1:
         raise RuntimeError("the kernel was not adopted by the sandbox's init")
     os.setsid()
+    # Every descriptor but stdio and the report, before RLIMIT_NOFILE is lowered
+    # (a descriptor above the new limit would survive a ranged close).
+    for fd in [int(fd) for fd in os.listdir("/proc/self/fd")]:
+        if fd > 2 and fd != report_fd:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
     for res, (soft, hard) in limits.items():
         resource.setrlimit(res, (soft, hard))
     for cap in range(last_cap + 1):
@@ -192,8 +200,6 @@ def _become_kernel(request, limits, last_cap, report_fd):
     _prctl(_PR_SET_DUMPABLE, 1, what="PR_SET_DUMPABLE")
     for program in request["filters"]:  # oldest first, as the stub got them
         _install_filter(bytes.fromhex(program))
-    os.closerange(3, report_fd)
-    os.closerange(report_fd + 1, 1 << 16)
     os.write(report_fd, json.dumps({"ok": True, "pid": os.getpid()}).encode())
     os.close(report_fd)
     os.kill(1, signal.SIGUSR1)
@@ -217,6 +223,7 @@ def _set_cmdline(argv):
     text = "\0".join(argv).encode() + b"\0"
     if len(text) <= end - start:
         ctypes.memmove(start, text.ljust(end - start, b"\0"), end - start)
+    sys.orig_argv = list(argv)
 
 
 def _run_kernel(args):

@@ -334,6 +334,8 @@ class ZygoteSupervisor:
         host, policy, prewarm: as for :class:`Zygote`.
         max_failures: consecutive failed forks after which the zygote is
             replaced (a dead zygote is replaced at once).
+        wait_for_start_s: how long a kernel start waits for a zygote that
+            is warming up before it starts cold instead.
     """
 
     def __init__(
@@ -343,11 +345,13 @@ class ZygoteSupervisor:
         prewarm: Sequence[str] = (),
         *,
         max_failures: int = 3,
+        wait_for_start_s: float = 15.0,
     ) -> None:
         self.host = host
         self.policy = policy
         self.prewarm = tuple(prewarm)
         self.max_failures = max_failures
+        self.wait_for_start_s = wait_for_start_s
         self.zygote: Zygote | None = None
         self._starting: asyncio.Task[Zygote] | None = None
         self._retry_at = 0.0
@@ -383,18 +387,19 @@ class ZygoteSupervisor:
                 return None
             self._starting = asyncio.ensure_future(self._start())
         starting = self._starting
-        try:
-            self.zygote = await asyncio.shield(starting)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported; kernels start cold meanwhile
-            self.last_error = f"the zygote did not start: {exc}"
+        # A start that takes long (a loaded machine) does not hold refills up:
+        # they go cold meanwhile, and the zygote is taken once it is ready.
+        done, _ = await asyncio.wait({starting}, timeout=self.wait_for_start_s)
+        if not done:
+            return None
+        self._starting = None
+        error = None if starting.cancelled() else starting.exception()
+        if starting.cancelled() or error is not None:
+            self.last_error = f"the zygote did not start: {error or 'cancelled'}"
             self._retry_at = time.monotonic() + self._backoff_s
             self._backoff_s = min(30.0, self._backoff_s * 2)
             return None
-        finally:
-            if self._starting is starting and starting.done():
-                self._starting = None
+        self.zygote = starting.result()
         self._backoff_s = 0.5
         return self.zygote
 
