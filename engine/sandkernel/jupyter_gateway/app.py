@@ -215,7 +215,8 @@ def create_gateway_app(specs: KernelSpecs, kernels: GatewayKernels | None) -> St
                 try:
                     await relay.from_client(connection, frame)
                 except BadInput as exc:
-                    log.info("kernel %s: dropped a client's message: %s", relay.id, exc)
+                    # Debug only: a client sending garbage must not flood the log.
+                    log.debug("kernel %s: dropped a client's message: %s", relay.id, exc)
                 except Exception:  # noqa: BLE001 - one bad message never ends the daemon
                     log.exception("kernel %s: relaying a client's message failed", relay.id)
         except WebSocketDisconnect:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 import zmq.asyncio
@@ -24,9 +25,9 @@ from sandkernel.jupyter_gateway.specs import KernelSpecs
 _KEEP_DEAD: Final = 1000  # dead kernels still listed (as dead) until deleted, at most
 
 
-def iso(moment: Any) -> str:
+def iso(moment: datetime) -> str:
     """A time as Jupyter Server writes it (UTC, ``Z``)."""
-    return str(moment.isoformat()).replace("+00:00", "Z")
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 class GatewayKernels:
