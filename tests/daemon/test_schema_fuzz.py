@@ -53,7 +53,7 @@ def daemon_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     daemon = spawn_daemon(
         sockets / "daemon.sock", folder / "store", folder / "log",
-        "--tcp", f"127.0.0.1:{port}", "--token", TOKEN, "--max-sessions", "4",
+        "--tcp", f"127.0.0.1:{port}", f"--token={TOKEN}", "--max-sessions", "4",
         "--batch-workers", "1", "--session-ttl", "120", "--acquire-timeout", "5",
     )  # fmt: skip
     try:
