@@ -13,6 +13,7 @@ import pytest
 
 from sandkernel.config import EngineConfig
 from sandkernel.engine import Engine
+from sandkernel.errors import SelfCheckFailed
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -77,3 +78,22 @@ async def test_with_the_setting_off_kernels_start_cold(engine_factory: EngineFac
     session = await engine.session()
     assert engine.zygotes is None
     assert session.kernel is not None and session.kernel.forked_pid is None
+
+
+async def test_a_forked_kernel_that_fails_its_outside_check_is_destroyed_and_replaced_cold(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the zygote's child did is checked, not trusted: a mismatch is never served."""
+    import sandkernel.kernel
+
+    def mismatch(jail: Any, forked: Any) -> int:
+        raise SelfCheckFailed("forked kernel failed its outside check: CapEff is '1'")
+
+    monkeypatch.setattr(sandkernel.kernel, "verify_forked", mismatch)
+    engine: Engine = await engine_factory(zygote=True, pool_size=1)
+    session = await engine.session()
+    assert session.kernel is not None and session.kernel.forked_pid is None  # cold
+    assert (await session.run("1 + 1")).text == "2"
+    zygotes = engine.zygotes
+    assert zygotes is not None and zygotes.fallbacks >= 1
+    assert "outside check" in (zygotes.last_error or "")

@@ -52,6 +52,12 @@ async def test_a_forked_kernel_runs_cells_and_passes_the_self_check(
     r = await kernel.execute("import numpy\nx = numpy.arange(4)\nint(x.sum())")
     assert r.status == "ok" and r.text == "6"
     assert zygote.info["threads"] == 1 and "numpy" in zygote.info["imported"]
+    # The zygote holds nothing but stdio and its channel to the engine: no thread
+    # (checked by itself before each fork), no other socket, no file.
+    assert zygote.pid is not None
+    assert len(os.listdir(f"/proc/{zygote.pid}/task")) == 1
+    extra = _fd_targets(zygote.pid, above=2)
+    assert len(extra) == 1 and extra.pop().startswith("socket:"), extra
 
 
 async def test_the_outside_check_tells_a_process_confined_otherwise(
@@ -147,9 +153,11 @@ async def test_a_kernel_cannot_signal_ptrace_or_read_the_zygote(
     assert theirs and not theirs & _fd_targets(kernel.forked_pid)
 
 
-def _fd_targets(pid: int) -> set[str]:
+def _fd_targets(pid: int, *, above: int = -1) -> set[str]:
     targets = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
+        if int(fd) <= above:
+            continue
         try:
             targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
