@@ -372,12 +372,24 @@ def _private_tmp():
     _check(mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b"size=64m,mode=1777"), "mount /tmp")
 
 
+#: What a kernel imports: ipykernel and IPython, and what IPKernelApp.initialize
+#: and the first cells import on top (measured: the modules a forked kernel had
+#: that the zygote had not), so that no kernel imports them again on its own pages.
+_KERNEL_MODULES = (
+    "ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.debugger", "IPython",
+    "IPython.core.completerlib", "IPython.core.debugger", "IPython.core.logger",
+    "IPython.core.oinspect", "IPython.extensions.storemagic", "IPython.utils.wildcard",
+    "bdb", "cmd", "code", "faulthandler", "pdb", "resource", "tornado.gen", "tornado.locks",
+    "tornado.platform.asyncio", "tornado.queues", "encodings.utf_16_be",
+)  # fmt: skip
+
+
 def _warm_up(modules):
     # A debugger the kernel does not offer: debugpy's import alone would double
     # each kernel's private memory and start-up CPU (ipykernel runs without it).
     sys.modules["debugpy"] = None
     imported = []
-    for name in ("ipykernel.kernelapp", "ipykernel.ipkernel", "IPython", *modules):
+    for name in (*_KERNEL_MODULES, *modules):
         try:
             __import__(name)
             imported.append(name)
