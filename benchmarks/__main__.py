@@ -22,6 +22,8 @@ BENCHMARKS: dict[str, str] = {
     "startup": "benchmarks.startup",
     "kernel": "benchmarks.kernel",
     "engine": "benchmarks.engine",
+    # Cold starts against kernels forked from the zygote (8 minutes here; 2 with --quick).
+    "zygote": "benchmarks.zygote",
     "daemon": "benchmarks.daemon",
     "eval": "benchmarks.eval",
     "fusion": "benchmarks.fusion",
