@@ -53,6 +53,7 @@ _SEND_TIMEOUT_S: Final = 5.0  # a kernel that takes no message in this long is n
 _CONNECTION_QUEUE: Final = 10_000  # frames a slow connection may have pending, then it is closed
 _MAX_ROUTES: Final = 10_000  # requests remembered to route their replies
 _READY_TIMEOUT_S: Final = 20.0
+_IDLE_AFTER_REPLY_S: Final = 5.0  # how long a reply waits for its cell's last IOPub message
 _MAX_MISSED_SESSIONS: Final = 8  # disconnected clients whose messages are kept for them
 _MAX_MISSED_MESSAGES: Final = 1000  # kept per disconnected client, the first ones
 _SOCKETS: Final = {
@@ -117,7 +118,8 @@ class _Cell:
     paused_at: float | None = None  # waiting for input(): the wall clock stops
     displays: list[DisplayOutput] = field(default_factory=list)
     execution_count: int | None = None
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # its reply or its idle came
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # its IOPub idle came
 
 
 class KernelRelay:
@@ -278,9 +280,20 @@ class KernelRelay:
                 connection.close()
 
     async def interrupt(self) -> None:
-        """Interrupt the running cell (REST ``/interrupt``)."""
-        if self._link is not None:
+        """Interrupt the running cell (REST ``/interrupt``, and past the wall timeout).
+
+        An ``interrupt_request`` on the relay's own control socket, as the kernel
+        spec's ``interrupt_mode`` (``message``) asks and as a Jupyter client sends
+        it: the path a connected client's own interrupts take.
+        """
+        if self._link is None:
+            return
+        if "control" not in self._sockets:
             await self._link.interrupt()
+            return
+        msg = self._session.msg("interrupt_request", {})
+        self._internal.add(msg["header"]["msg_id"])  # its reply is the relay's
+        await self._send_raw("control", msg)
 
     # -- from clients ------------------------------------------------------------------
 
@@ -424,6 +437,7 @@ class KernelRelay:
                 self._running = cell
                 self._changed.set()
             elif cell is not None and state == "idle":
+                cell.idle.set()
                 self._end_cell(cell)
         elif cell is not None and kind in ("display_data", "execute_result"):
             data = msg.content.get("data")
@@ -445,6 +459,10 @@ class KernelRelay:
     async def _finish(self, cell: _Cell) -> None:
         """The cell's reply came: store what it produced before the client sees the reply."""
         self._end_cell(cell)
+        # The reply and the cell's IOPub travel on different sockets: the images it
+        # displayed may still be on their way. Its idle comes after all of them.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cell.idle.wait(), _IDLE_AFTER_REPLY_S)
         self._cells.pop(cell.request.msg_id, None)
         link = self._link
         if link is None:
@@ -545,7 +563,7 @@ class KernelRelay:
         grace = link.policy.interrupt_grace_s
         note = f"the cell ran longer than its {limit:g} s limit (policy field wall_timeout_s)"
         self._stderr(cell, f"\n[sandkernel] {note}; interrupting it\n")
-        await link.interrupt()
+        await self.interrupt()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(cell.done.wait(), grace)
         if cell.done.is_set():
