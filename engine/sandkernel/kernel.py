@@ -182,6 +182,8 @@ class SandboxedKernel:
     _cell: _CellSink | None = None
     #: the cgroup counters' kept descriptors, opened by the first cell
     _usage: UsageReader | None = None
+    #: :attr:`workspace`, once resolved (the jail's folder does not move)
+    _workspace: Path | None = None
 
     def __init__(
         self,
@@ -215,7 +217,10 @@ class SandboxedKernel:
         layout = self._jail.layout
         if layout is None:
             raise KernelDead("kernel not started")
-        return layout.workspace.resolve()
+        if self._workspace is None:
+            # Resolved once (a dozen system calls): a session asks after every cell.
+            self._workspace = layout.workspace.resolve()
+        return self._workspace
 
     @property
     def cgroup(self) -> KernelCgroup:
