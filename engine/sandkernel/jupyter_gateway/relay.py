@@ -207,8 +207,11 @@ class KernelRelay:
     async def _wait_for_iopub(self, link: KernelLink) -> None:
         # A SUB socket misses what is published before its subscription reaches
         # the kernel: ask kernel_info (which publishes a status) until IOPub speaks.
+        # Over ipc the subscription arrives within a millisecond or two, so the
+        # first waits are short (a kernel_info costs the kernel well under one):
+        # a first request sent too early costs 2 ms, not a 20 ms timeout.
         deadline = time.monotonic() + _READY_TIMEOUT_S
-        wait_s = 0.02
+        wait_s = 0.002
         while True:
             msg = self._session.msg("kernel_info_request", {})
             self._internal.add(msg["header"]["msg_id"])
