@@ -39,6 +39,7 @@ from sandkernel.errors import (
     FileNotFoundInStore,
     KernelDead,
     KernelStartFailed,
+    SelfCheckFailed,
     SessionClosed,
     SessionLimitReached,
     SessionNotFound,
@@ -260,6 +261,10 @@ class Engine:
         if zygotes is not None and zygote is not None:
             try:
                 kernel = await self._start_one(host, workspace, zygote)
+            except SelfCheckFailed:
+                # The sandbox failed, not the fork (whose own checks are part of
+                # start()): a cold kernel would fail alike, so none is tried.
+                raise
             except Exception as exc:  # noqa: BLE001 - the fallback is a cold start
                 await zygotes.failed(exc)
             else:
