@@ -9,6 +9,7 @@ answers it with; the daemon's client raises the class named by the answer's
     ├── PolicyError                 400  a policy file or value is invalid (names the field)
     ├── SandboxUnavailable          503  nsjail, cgroups or namespaces are missing or unusable
     ├── KernelStartFailed           503  a sandboxed kernel did not come up (says why)
+    │   └── ZygoteFailed            503  the zygote could not fork a kernel (the engine starts cold)
     ├── SelfCheckFailed             503  a fresh kernel failed its isolation self-check
     ├── KernelDead                  409  the kernel is gone: run again with restart=True
     ├── PoolExhausted               503  no warm kernel within the deadline (names the setting)
@@ -80,6 +81,14 @@ class KernelStartFailed(SandkernelError):
     """A sandboxed kernel did not reach the ready state."""
 
     http_status = 503
+
+
+class ZygoteFailed(KernelStartFailed):
+    """The zygote could not fork a kernel (it died, or its child failed): start cold.
+
+    Internal to the start path, which falls back to a cold start: a user sees
+    it only as the :class:`KernelStartFailed` it is.
+    """
 
 
 class SelfCheckFailed(SandkernelError):
@@ -306,6 +315,7 @@ ERROR_CLASSES: Final = _by_name(
     PolicyError,
     SandboxUnavailable,
     KernelStartFailed,
+    ZygoteFailed,
     SelfCheckFailed,
     KernelDead,
     PoolExhausted,

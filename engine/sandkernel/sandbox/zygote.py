@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sandkernel._resources import data_dir
-from sandkernel.errors import KernelStartFailed, SelfCheckFailed
+from sandkernel.errors import SelfCheckFailed, ZygoteFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox.confinement import (
     compare_confinement,
@@ -70,14 +70,6 @@ _NAMESPACE_FLAGS = (
 _MAX_MSG = 1 << 20
 _STUB_READY_S = 10.0
 _FORK_REPLY_S = 30.0
-
-
-class ZygoteFailed(KernelStartFailed):
-    """The zygote could not fork a kernel (it died, or its child failed): start cold.
-
-    Internal to the start path, which falls back to a cold start: a user sees
-    it only as the :class:`~sandkernel.errors.KernelStartFailed` it is.
-    """
 
 
 @dataclass(frozen=True)
