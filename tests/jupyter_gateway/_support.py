@@ -15,10 +15,8 @@ import secrets
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,6 +25,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from tests.daemon.conftest import DaemonProcess, leftovers_of, spawn_daemon, stop_process
+from tests.jupyter_gateway._clients import new_message
 
 _LISTENING = re.compile(r"and http://(?P<host>[^\s]+):(?P<port>\d+) \(token required\)")
 
@@ -128,21 +127,7 @@ def message(
     msg_type: str, content: dict[str, Any], channel: str = "shell", session: str = "test"
 ) -> dict[str, Any]:
     """A Jupyter message as a client sends it on the JSON protocol."""
-    return {
-        "header": {
-            "msg_id": uuid.uuid4().hex,
-            "msg_type": msg_type,
-            "username": "test",
-            "session": session,
-            "date": datetime.now(UTC).isoformat(),
-            "version": "5.3",
-        },
-        "parent_header": {},
-        "metadata": {},
-        "content": content,
-        "channel": channel,
-        "buffers": [],
-    }
+    return new_message(msg_type, content, session=session, channel=channel)
 
 
 def execute_request(code: str, *, allow_stdin: bool = False) -> dict[str, Any]:
