@@ -27,7 +27,7 @@ every backend.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol, Self, TypedDict, runtime_checkable
 
@@ -279,6 +279,7 @@ class KernelLink(Protocol):
     """A live session's kernel, for a frontend that speaks the Jupyter protocol to it.
 
     The frontend opens sockets of its own to the kernel (``connection_info``)
+    for requests and replies, takes IOPub from the engine's (``tap_iopub``),
     and relays messages; the engine keeps what it owns: the kernel's limits,
     the session's lifetime and its files. A link is bound to one kernel: once
     that kernel has ended, ``alive`` stays false, and a restart is a new link.
@@ -304,6 +305,14 @@ class KernelLink(Protocol):
 
         Raises:
             KernelDead: the kernel has ended.
+        """
+        ...
+
+    def tap_iopub(self, tap: Callable[[list[bytes]], None]) -> Callable[[], None]:
+        """Hand ``tap`` the raw frames of each IOPub message from now on; returns its removal.
+
+        Through the engine's own subscription, in place since the kernel
+        started: nothing published after the call is missed.
         """
         ...
 

@@ -22,7 +22,15 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Unpack
@@ -671,6 +679,9 @@ class SessionKernelLink:
             key=str(info["key"]),
             signature_scheme=str(info["signature_scheme"]),
         )
+
+    def tap_iopub(self, tap: Callable[[list[bytes]], None]) -> Callable[[], None]:
+        return self._kernel.tap_iopub(tap)
 
     def touch(self, *, ran: bool) -> None:
         if self._session.closed:

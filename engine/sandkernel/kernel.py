@@ -206,6 +206,8 @@ class SandboxedKernel:
         self._drain: asyncio.Task[None] | None = None
         self._dead_reason: str | None = None
         self._closed = False
+        #: handed every IOPub message's raw frames (frontends relaying the kernel)
+        self._iopub_taps: list[Callable[[list[bytes]], None]] = []
         self._shutdown_task: asyncio.Future[None] | None = None
         self.started_at: float | None = None
 
@@ -238,6 +240,23 @@ class SandboxedKernel:
     @property
     def dead_reason(self) -> str | None:
         return self._dead_reason
+
+    def tap_iopub(self, tap: Callable[[list[bytes]], None]) -> Callable[[], None]:
+        """Hand ``tap`` the raw frames of every IOPub message from now on.
+
+        The engine's IOPub subscription has been in place since the kernel
+        started, so a frontend that relays the kernel's messages misses none
+        published after this call, where a subscription of its own would take
+        effect only some milliseconds later. ``tap`` is called on the event
+        loop and must not block. Returns the function that removes it.
+        """
+        self._iopub_taps.append(tap)
+
+        def untap() -> None:
+            with contextlib.suppress(ValueError):
+                self._iopub_taps.remove(tap)
+
+        return untap
 
     def connection_info(self) -> dict[str, Any]:
         """The kernel's Jupyter connection info (transport, ports, HMAC key).
@@ -402,6 +421,10 @@ class SandboxedKernel:
         with contextlib.suppress(zmq.ZMQError):
             while True:
                 frames = await socket.recv_multipart(copy=False)
+                if self._iopub_taps:
+                    raw = [f.bytes for f in frames]
+                    for tap in tuple(self._iopub_taps):
+                        tap(raw)
                 sink = self._cell
                 if sink is None or sink.done.done():
                     continue  # no cell is waiting: dropped unparsed

@@ -5,10 +5,15 @@
     WebSocket ─┐                        ┌─ shell   DEALER ─┐
     WebSocket ─┼─ KernelRelay ──────────┼─ control DEALER ─┼─ the kernel, in its sandbox
     WebSocket ─┘   (signs, routes,      ├─ stdin   DEALER ─┤  (KernelLink.connection_info)
-                    keeps the limits)   └─ iopub   SUB    ─┘
+                    keeps the limits)   └─ iopub, through the engine's own subscription
+                                           (KernelLink.tap_iopub)
 
-The relay opens sockets of its own to the kernel, as Jupyter Server does, and
-signs with the kernel's key (jupyter_client's ``Session``). IOPub goes to
+The relay opens sockets of its own to the kernel for requests and replies, as
+Jupyter Server does, and signs with the kernel's key (jupyter_client's
+``Session``). IOPub it takes from the engine's subscription, in place since
+the kernel started: a subscription of its own would take effect some
+milliseconds after it is made, and what the kernel published meanwhile would
+be lost (a new kernel's start would wait for it). IOPub goes to
 every connection; a reply, and an ``input_request``, to the connection whose
 request it answers. What the engine enforces on its own cells holds here too:
 
@@ -42,7 +47,7 @@ from jupyter_client.session import Session
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sandkernel.api import KernelConnectionInfo, KernelLink
-from sandkernel.errors import BadInput, KernelDead, KernelStartFailed
+from sandkernel.errors import BadInput
 from sandkernel.jupyter_gateway.codec import WireMessage, decode, encode
 from sandkernel.results import DisplayOutput
 
@@ -52,7 +57,7 @@ _WATCH_S: Final = 0.25  # how often a kernel's life is checked: its death is tol
 _SEND_TIMEOUT_S: Final = 5.0  # a kernel that takes no message in this long is not waited for
 _CONNECTION_QUEUE: Final = 10_000  # frames a slow connection may have pending, then it is closed
 _MAX_ROUTES: Final = 10_000  # requests remembered to route their replies
-_READY_TIMEOUT_S: Final = 20.0
+_IOPUB_QUEUE: Final = 1000  # IOPub messages waiting for the relay; past it, dropped (zmq's HWM)
 _IDLE_AFTER_REPLY_S: Final = 5.0  # how long a reply waits for its cell's last IOPub message
 _MAX_MISSED_SESSIONS: Final = 8  # disconnected clients whose messages are kept for them
 _MAX_MISSED_MESSAGES: Final = 1000  # kept per disconnected client, the first ones
@@ -60,7 +65,6 @@ _SOCKETS: Final = {
     "shell": zmq.DEALER,
     "control": zmq.DEALER,
     "stdin": zmq.DEALER,
-    "iopub": zmq.SUB,
 }
 
 
@@ -151,6 +155,7 @@ class KernelRelay:
         # Replaced by one with the kernel's key when a kernel is attached.
         self._session = Session(key=secrets.token_hex(16).encode(), username="sandkernel")
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._untap: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._routes: dict[str, Connection] = {}
         self._internal: set[str] = set()
@@ -182,51 +187,31 @@ class KernelRelay:
             for channel, kind in _SOCKETS.items():
                 sock = self._context.socket(kind)
                 sock.setsockopt(zmq.LINGER, 0)
-                if kind == zmq.SUB:
-                    sock.setsockopt(zmq.SUBSCRIBE, b"")
-                else:
-                    # ipykernel sends input_request to the identity that sent the
-                    # execute_request: shell and stdin must share it.
-                    sock.setsockopt(zmq.IDENTITY, identity)
+                # ipykernel sends input_request to the identity that sent the
+                # execute_request: shell and stdin must share it.
+                sock.setsockopt(zmq.IDENTITY, identity)
                 sock.connect(_address(info, channel))
                 self._sockets[channel] = sock
-            await self._wait_for_iopub(link)
         except BaseException:
             self._close_sockets()
             raise
+        iopub: asyncio.Queue[list[bytes]] = asyncio.Queue(_IOPUB_QUEUE)
+
+        def take(frames: list[bytes]) -> None:
+            with contextlib.suppress(asyncio.QueueFull):
+                iopub.put_nowait(frames)
+
+        self._untap = link.tap_iopub(take)
         self._link = link
         self._ending = False
         self.dead_reason = None
         self.execution_state = "idle"
         self.last_activity = now_utc()
-        for channel in _SOCKETS:
-            self._spawn(self._pump(channel))
+        for channel, sock in self._sockets.items():
+            self._spawn(self._pump(channel, sock.recv_multipart))
+        self._spawn(self._pump("iopub", iopub.get))
         self._spawn(self._watch_life())
         self._spawn(self._watch_cells())
-
-    async def _wait_for_iopub(self, link: KernelLink) -> None:
-        # A SUB socket misses what is published before its subscription reaches
-        # the kernel: ask kernel_info (which publishes a status) until IOPub speaks.
-        # Over ipc the subscription arrives within a millisecond or two, so the
-        # first waits are short (a kernel_info costs the kernel well under one):
-        # a first request sent too early costs 2 ms, not a 20 ms timeout.
-        deadline = time.monotonic() + _READY_TIMEOUT_S
-        wait_s = 0.002
-        while True:
-            msg = self._session.msg("kernel_info_request", {})
-            self._internal.add(msg["header"]["msg_id"])
-            await self._send_raw("shell", msg)
-            try:
-                await asyncio.wait_for(self._sockets["iopub"].recv_multipart(), wait_s)
-                return
-            except TimeoutError:
-                if not link.alive:
-                    raise KernelDead("the kernel ended before its channels opened") from None
-                wait_s = min(2 * wait_s, 0.5)
-                if time.monotonic() > deadline:
-                    raise KernelStartFailed(
-                        f"the kernel's IOPub channel did not answer within {_READY_TIMEOUT_S:g} s"
-                    ) from None
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -245,6 +230,9 @@ class KernelRelay:
         for sock in self._sockets.values():
             sock.close(linger=0)
         self._sockets.clear()
+        untap, self._untap = self._untap, None
+        if untap is not None:
+            untap()
 
     async def detach(self) -> KernelLink | None:
         """Stop relaying and close the sockets; returns the link that was served."""
@@ -385,10 +373,9 @@ class KernelRelay:
 
     # -- from the kernel ------------------------------------------------------------------
 
-    async def _pump(self, channel: str) -> None:
-        sock = self._sockets[channel]
+    async def _pump(self, channel: str, receive: Callable[[], Awaitable[list[bytes]]]) -> None:
         while True:
-            frames = await sock.recv_multipart()
+            frames = await receive()
             try:
                 _, parts = self._session.feed_identities(frames)
                 raw = self._session.deserialize(parts, content=True)
@@ -615,7 +602,6 @@ def _address(info: KernelConnectionInfo, channel: str) -> str:
         "shell": info["shell_port"],
         "control": info["control_port"],
         "stdin": info["stdin_port"],
-        "iopub": info["iopub_port"],
     }[channel]
     if info["transport"] == "ipc":
         return f"ipc://{info['ip']}-{port}"
