@@ -421,6 +421,7 @@ class SandboxedKernel:
         with contextlib.suppress(zmq.ZMQError):
             while True:
                 frames = await socket.recv_multipart(copy=False)
+                raw: list[bytes] | None = None
                 if self._iopub_taps:
                     raw = [f.bytes for f in frames]
                     for tap in tuple(self._iopub_taps):
@@ -429,7 +430,7 @@ class SandboxedKernel:
                 if sink is None or sink.done.done():
                     continue  # no cell is waiting: dropped unparsed
                 try:
-                    _, parts = session.feed_identities([f.bytes for f in frames])
+                    _, parts = session.feed_identities(raw or [f.bytes for f in frames])
                     msg = session.deserialize(parts)
                 except Exception:  # noqa: BLE001, S112 - malformed or unsigned: not the cell's
                     continue

@@ -38,9 +38,8 @@ class KernelSpecs:
     def __init__(self, served: Policy) -> None:
         self.served = served
         self.default = spec_name(served)
-        policies = {
-            spec_name(load_policy(name)): load_policy(name) for name in shipped_policy_names()
-        }
+        shipped = (load_policy(name) for name in shipped_policy_names())
+        policies = {spec_name(policy): policy for policy in shipped}
         policies[self.default] = served
         self._policies = dict(sorted(policies.items()))
         base = json.loads((data_dir("kernels") / KERNEL_NAME / "kernel.json").read_text())

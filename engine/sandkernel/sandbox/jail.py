@@ -56,18 +56,27 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout_s: float | None = 
     except ProcessLookupError:
         process.wait()
         return True
+    try:
+        if not await wait_readable(pidfd, timeout_s):
+            return False
+    finally:
+        os.close(pidfd)
+    process.wait()
+    return True
+
+
+async def wait_readable(fd: int, timeout_s: float | None = None) -> bool:
+    """Wait in the event loop until ``fd`` is readable; False if ``timeout_s`` passed first."""
     loop = asyncio.get_running_loop()
-    exited = asyncio.Event()
-    loop.add_reader(pidfd, exited.set)
+    ready = asyncio.Event()
+    loop.add_reader(fd, ready.set)
     try:
         async with asyncio.timeout(timeout_s):
-            await exited.wait()
+            await ready.wait()
     except TimeoutError:
         return False
     finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-    process.wait()
+        loop.remove_reader(fd)
     return True
 
 

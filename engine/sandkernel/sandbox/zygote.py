@@ -48,7 +48,7 @@ from sandkernel.sandbox.confinement import (
     seccomp_filters,
 )
 from sandkernel.sandbox.host import SandboxHost
-from sandkernel.sandbox.jail import Jail, wait_exit
+from sandkernel.sandbox.jail import Jail, wait_exit, wait_readable
 from sandkernel.sandbox.layout import (
     RUNTIME_IN_JAIL,
     SANDBOX_GID,
@@ -199,7 +199,12 @@ class Zygote:
         finally:
             os.close(writer)
         try:
-            await _wait_readable(reader, _STUB_READY_S, lambda: process.poll() is None)
+            if not await wait_readable(reader, _STUB_READY_S):
+                raise ZygoteFailed(
+                    "the sandbox's stub did not start"
+                    + ("" if process.poll() is None else " (nsjail exited)")
+                    + f" within {_STUB_READY_S:g} s"
+                )
             if os.read(reader, 64) != b"ready\n":
                 raise ZygoteFailed("the sandbox's stub did not start")
         finally:
@@ -259,23 +264,6 @@ class Zygote:
             await self.close()
             raise ZygoteFailed("the zygote answered another request")
         return reply
-
-
-async def _wait_readable(fd: int, timeout_s: float, alive: Any) -> None:
-    loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
-    loop.add_reader(fd, ready.set)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await ready.wait()
-    except TimeoutError:
-        raise ZygoteFailed(
-            "the sandbox's stub did not start"
-            + ("" if alive() else " (nsjail exited)")
-            + f" within {timeout_s:g} s"
-        ) from None
-    finally:
-        loop.remove_reader(fd)
 
 
 def _only_child(pid: int) -> int:
