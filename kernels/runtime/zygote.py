@@ -57,7 +57,9 @@ _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _SECCOMP_SET_MODE_FILTER = 1
-_SYS_SECCOMP = 317  # x86_64
+# seccomp(2)'s number on the architectures sandkernel runs on; elsewhere the
+# zygote does not start and the engine starts kernels cold.
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}[os.uname().machine]
 _CAP_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
