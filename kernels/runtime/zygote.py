@@ -369,9 +369,24 @@ def _private_tmp():
     os.unshare(os.CLONE_NEWNS)
     mount = _libc.mount
     mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-    ms_rec, ms_private = 0x4000, 1 << 18
+    ms_bind, ms_rec, ms_private = 0x1000, 0x4000, 1 << 18
     _check(mount(None, b"/", None, ms_rec | ms_private, None), "mount --make-rprivate /")
-    _check(mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b"size=64m,mode=1777"), "mount /tmp")
+    # A runtime (or checkout) that lives under /tmp stays visible, as the
+    # sandbox's config binds it over the sandbox's own /tmp: its folders are
+    # bound back from the host's /tmp, reached through a descriptor opened
+    # before the tmpfs covers it.
+    here = os.path.dirname(os.path.abspath(__file__))
+    needed = {sys.prefix, sys.base_prefix, here, *(p for p in sys.path if p)}
+    tops = sorted({p.split("/")[2] for p in needed if p.startswith("/tmp/") and len(p) > 5})
+    host_tmp = os.open("/tmp", os.O_PATH | os.O_DIRECTORY)
+    try:
+        _check(mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b"size=64m,mode=1777"), "mount /tmp")
+        for top in tops:
+            os.mkdir(f"/tmp/{top}")
+            source = f"/proc/self/fd/{host_tmp}/{top}".encode()
+            _check(mount(source, f"/tmp/{top}".encode(), None, ms_bind | ms_rec, None), "bind")
+    finally:
+        os.close(host_tmp)
 
 
 #: What a kernel imports: ipykernel and IPython, and what IPKernelApp.initialize
