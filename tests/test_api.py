@@ -54,12 +54,15 @@ def test_wheel_contains_policies_kernel_spec_runtime_and_py_typed(tmp_path: Path
         "sandkernel/_data/kernels/sandkernel-python/kernel.json",
         "sandkernel/_data/kernels/runtime/launch.py",
         "sandkernel/_data/kernels/runtime/forkserver.py",
+        "sandkernel/_data/kernels/runtime/start_forkserver.py",
         "sandkernel/_data/kernels/runtime/frames.py",
         "sandkernel/_data/kernels/runtime/zygote.py",
         "sandkernel/_data/kernels/requirements.txt",
         "sandkernel/py.typed",
     ):
         assert expected in names, expected
+    # Bytecode is written where the package is installed, for its interpreter.
+    assert not [n for n in names if n.endswith(".pyc")]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "sandkernel-provisioner = sandkernel.provisioner:SandboxProvisioner" in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -20,10 +21,12 @@ from typing import Any
 
 import pytest
 
+from sandkernel._resources import data_dir
 from sandkernel.batch import BatchPool, RunRequest, RunResult
 from sandkernel.errors import EngineClosed, KernelStartFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox import Runtime, SandboxHost
+from sandkernel.sandbox.runtime import _bytecode_is_current
 
 PoolFactory = Callable[..., Any]
 
@@ -136,6 +139,20 @@ async def test_files_in_and_out_symlinks_refused_and_output_capped(
     assert files["out.png"].content == png and files["out.png"].mime_type == "image/png"
     assert sorted(r.missing_files) == ["absent.txt", "fifo", "link.txt"]
     assert r.stdout_truncated and len(r.stdout) == 1 << 16 and not r.stderr_truncated
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_the_server_starts_from_the_bytecode_the_engine_wrote(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory()
+    runtime = data_dir("kernels") / "runtime"
+    for name in ("forkserver.py", "frames.py"):
+        source = runtime / name
+        assert _bytecode_is_current(source, Path(importlib.util.cache_from_source(str(source))))
+    result = await run(pool, "print(open('/proc/1/cmdline').read().split(chr(0))[2])")
+    assert result.stdout.strip().endswith("/start_forkserver.py")
 
 
 @sandbox

@@ -11,6 +11,7 @@ with :class:`WorkerLost`, blamed only on the one that was running.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import time
@@ -19,14 +20,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sandkernel._resources import data_dir
 from sandkernel.batch.frames import LENGTH_SIZE, Reply, decode_frame_body, frame_body_size
 from sandkernel.policy import Policy
 from sandkernel.sandbox import RUNTIME_IN_JAIL, Jail, SandboxHost
+from sandkernel.sandbox.runtime import write_bytecode
 
 #: After a request's own time limit, how long the server may take to clean
 #: up and answer before the worker is considered hung and replaced.
 _ANSWER_GRACE_S = 10.0
-_SERVER = "forkserver.py"
+#: The script that starts the server from its bytecode, and the modules it loads.
+_SERVER = "start_forkserver.py"
+_SERVER_MODULES = ("forkserver.py", "frames.py")
+
+
+@functools.cache
+def _write_server_bytecode() -> None:
+    """The server's bytecode, written once per process (a check of two headers after that)."""
+    folder = data_dir("kernels") / "runtime"
+    write_bytecode(*(folder / name for name in _SERVER_MODULES))
 
 
 class WorkerLost(Exception):
@@ -120,6 +132,7 @@ class Worker:
             "output_max_bytes": config.output_max_bytes,
             "fetch_max_bytes": config.fetch_max_bytes,
         }
+        _write_server_bytecode()
         argv = [
             config.host.runtime.python, "-s", f"{RUNTIME_IN_JAIL}/{_SERVER}",
             json.dumps(server_config),

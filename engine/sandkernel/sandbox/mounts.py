@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 from pathlib import Path
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library is already in this process: its symbols are found without a
+# search (`ctypes.util.find_library` runs `ldconfig -p` in a subprocess).
+_libc = ctypes.CDLL(None, use_errno=True)
 _MS_NOSUID = 2
 _MS_NODEV = 4
 _MNT_DETACH = 2

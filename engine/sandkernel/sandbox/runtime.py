@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -90,3 +91,48 @@ def _runtime_of(python: str) -> Runtime:
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         raise SandboxUnavailable(f"runtime Python {python!r} does not run: {exc}") from None
     return _runtime_from_prefixes(python, [str(p) for p in prefixes])
+
+
+def write_bytecode(*sources: Path) -> None:
+    """Compile each of ``sources`` into its ``__pycache__``, unless the bytecode there is current.
+
+    Code that runs in the sandbox is imported from a read-only mount: Python
+    there uses bytecode it finds but cannot write any, so without this it
+    compiles the same source at every start. Best effort: where the engine
+    cannot write (an install whose installer compiled nothing), the sandbox
+    compiles as before. The bytecode is this interpreter's (its name carries
+    the version tag), and a runtime of another version ignores it.
+    """
+    for source in sources:
+        cached = Path(importlib.util.cache_from_source(str(source)))
+        with contextlib.suppress(OSError):
+            if _bytecode_is_current(source, cached):
+                continue
+            import py_compile
+
+            # Timestamp-checked, whatever SOURCE_DATE_EPOCH says: checked against
+            # the source's mtime and size as above, and without hashing it.
+            with contextlib.suppress(py_compile.PyCompileError):
+                py_compile.compile(
+                    str(source),
+                    cfile=str(cached),
+                    doraise=True,
+                    invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP,
+                )
+
+
+def _bytecode_is_current(source: Path, cached: Path) -> bool:
+    """``cached`` is this interpreter's timestamp-checked bytecode of ``source`` as it is now."""
+    stat = source.stat()
+    try:
+        with cached.open("rb") as f:
+            header = f.read(16)
+    except OSError:
+        return False
+    return (
+        len(header) == 16
+        and header[:4] == importlib.util.MAGIC_NUMBER
+        and int.from_bytes(header[4:8], "little") == 0
+        and int.from_bytes(header[8:12], "little") == int(stat.st_mtime) & 0xFFFFFFFF
+        and int.from_bytes(header[12:16], "little") == stat.st_size & 0xFFFFFFFF
+    )
