@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -107,6 +108,30 @@ async def test_two_forked_kernels_see_neither_processes_files_nor_memory(
     )  # the other kernel's host pid means nothing here
     assert peek.status == "error" and peek.error is not None
     assert peek.error.name in ("FileNotFoundError", "PermissionError")
+
+
+async def test_the_zygotes_objects_are_immortal_and_a_kernels_own_are_freed(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    if sys.version_info[:2] not in ((3, 12), (3, 13)):
+        pytest.skip("immortal objects are made on CPython 3.12 and 3.13 only")
+    assert zygote.info["immortal"] > 50_000, zygote.info["immortal"]
+    kernel = await _forked(kernel_factory, zygote)
+    seen = await _json(
+        kernel,
+        "import gc, json, sys, weakref, numpy\n"
+        "class Mine: pass\n"
+        "mine = Mine(); gone = []; ref = weakref.ref(mine, gone.append)\n"
+        "before = sys.getrefcount(numpy.arange)\n"
+        "held = [numpy.arange] * 1000\n"
+        "after = sys.getrefcount(numpy.arange)\n"
+        "del mine, held; gc.collect()\n"
+        "print(json.dumps({'shared': [before, after], 'freed': ref() is None and len(gone) == 1,"
+        " 'sum': int(numpy.arange(10).sum())}))",
+    )
+    # A reference to the zygote's function does not write its count (its page
+    # stays shared); the kernel's own objects live and die as usual.
+    assert seen == {"shared": [0xFFFFFFFF, 0xFFFFFFFF], "freed": True, "sum": 45}, seen
 
 
 async def test_forked_kernels_draw_different_random_numbers(
