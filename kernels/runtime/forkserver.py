@@ -171,9 +171,11 @@ def _prctl(option, value):
 # System V IPC objects and POSIX message queues live in the jail's IPC
 # namespace, which every sample of this worker shares; killing processes does
 # not remove them, and message queues cannot even be listed without mounting
-# mqueue. Refusing their creation (EPERM) in the child keeps the per-sample
-# clean-up to processes and files. POSIX shared memory and semaphores are
-# files in /dev/shm and are wiped with it.
+# mqueue. Refusing their creation (EPERM) keeps the per-sample clean-up to
+# processes and files. POSIX shared memory and semaphores are files in
+# /dev/shm and are wiped with it. The server needs none of these calls: it
+# loads the filter on itself at start, and every child inherits it (a filter
+# cannot be removed), which spares each child compiling its own.
 
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _IPC_SYSCALLS = {
@@ -619,7 +621,6 @@ def _child(request, program, fds, config, tag):
         if check:
             os.dup2(status_w, 3)
         os.closerange(4 if check else 3, _MAX_FD)
-        _install_ipc_filter()
         timeout = float(request["timeout_s"])
         cpu = int(timeout) + 2
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -1142,6 +1143,7 @@ def main():
         # init of a PID namespace that holds nothing but this server's children.
         sys.exit("forkserver.py must run as PID 1 of its own PID namespace (inside nsjail)")
     _prctl(_PR_SET_DUMPABLE, 0)
+    _install_ipc_filter()  # before any preloaded module runs
     # Python handles SIGINT; PID 1 must handle nothing a sample could send it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _MOUNTS
