@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from sandkernel.cli import _COMMANDS, build_parser
 
 SANDKERNEL = [sys.executable, "-m", "sandkernel.cli"]
 
@@ -128,3 +131,27 @@ def test_run_once_with_an_anti_exit_header_exits_as_the_program() -> None:
     assert (proc.returncode, proc.stdout) == (0, "hello\n"), proc.stderr
     proc = run_cli("run", "--once", header + "assert False")
     assert proc.returncode == 1 and "AssertionError" in proc.stderr
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_a_command_gets_the_same_parser_built_alone() -> None:
+    everything = _subcommands(build_parser())
+    assert set(everything) == {name for names, _ in _COMMANDS for name in names}
+    for name, full in everything.items():
+        alone = _subcommands(build_parser(name))
+        assert name in alone and len(alone) <= 2  # the daemon's set-up adds serve and mcp
+        assert alone[name].format_help() == full.format_help()
+    # anything that is not a command (an option, a typo, nothing) lists them all
+    for first in ("--help", "evl", None):
+        assert set(_subcommands(build_parser(first))) == set(everything)
+
+
+def test_an_unknown_command_is_refused_with_every_command_listed() -> None:
+    proc = run_cli("evl")
+    assert proc.returncode == 2
+    assert "invalid choice: 'evl'" in proc.stderr
+    assert all(name in proc.stderr for name in ("eval", "serve", "run", "policy"))

@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sandkernel._solve_cli import add_solve_parser
-from sandkernel.daemon.cli import add_daemon_parsers
 from sandkernel.errors import SandkernelError
-from sandkernel.evaluate.cli import add_eval_parser
 
 
 def _read_code(args: argparse.Namespace) -> str:
@@ -146,13 +143,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``sandkernel`` command's parser, every subcommand included (cheap: no engine import)."""
-    parser = argparse.ArgumentParser(
-        prog="sandkernel", description="Run model-written Python in sandboxed Jupyter kernels."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="run code in a fresh sandboxed kernel")
     run.add_argument("code", nargs="?", help="Python code; '-' or omitted reads stdin")
     run.add_argument("-f", "--file", help="read the code from this file")
@@ -173,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--arg", action="append", metavar="ARG", help="with --once: append ARG to sys.argv"
     )
 
+
+def _add_files_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     files = sub.add_parser("files", help="list stored files and download them by id")
     files.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
     files_sub = files.add_subparsers(dest="files_command", required=True)
@@ -184,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     files_get.add_argument("id")
     files_get.add_argument("-o", "--output", help="file or folder to write (default: its name)")
 
+
+def _add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     doctor = sub.add_parser("doctor", help="check that this machine can sandbox kernels")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--python", help="runtime Python to check (default: this one)")
@@ -205,26 +200,80 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the checks on every node of this Ray cluster (default: auto)",
     )
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="a short tour: analysis, chart, state, escapes tried")
     demo.add_argument("--out", default="demo-output", help="folder for the charts")
 
+
+def _add_solve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sandkernel._solve_cli import add_solve_parser
+
     add_solve_parser(sub)
+
+
+def _add_daemon_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sandkernel.daemon.cli import add_daemon_parsers
+
     add_daemon_parsers(sub)
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sandkernel.evaluate.cli import add_eval_parser
+
     add_eval_parser(sub)
 
+
+def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     policy = sub.add_parser("policy", help="list policies or show one's nsjail config")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     policy_sub.add_parser("list", help="the shipped policies")
     show = policy_sub.add_parser("show", help="print the nsjail config a policy renders to")
     show.add_argument("name", help="policy name or TOML path")
     show.add_argument("--python", help="runtime Python (default: this one)")
+
+
+#: Each command's parser set-up and the commands it adds, in the order of ``--help``.
+_COMMANDS: tuple[
+    tuple[tuple[str, ...], Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]],
+    ...,
+] = (
+    (("run",), _add_run_parser),
+    (("files",), _add_files_parser),
+    (("doctor",), _add_doctor_parser),
+    (("demo",), _add_demo_parser),
+    (("solve",), _add_solve_parser),
+    (("serve", "mcp"), _add_daemon_parsers),
+    (("eval",), _add_eval_parser),
+    (("policy",), _add_policy_parser),
+)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``sandkernel`` command's parser (cheap: no engine import).
+
+    Args:
+        command: the command about to run (the first argument). If it names
+            one, only its parser is built: a command then pays for its own
+            options' set-up and imports, not every other command's. Anything
+            else (``--help``, a typo) gets every command, so that usage and
+            errors list them all.
+    """
+    parser = argparse.ArgumentParser(
+        prog="sandkernel", description="Run model-written Python in sandboxed Jupyter kernels."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    chosen = [add for names, add in _COMMANDS if command in names]
+    for add in chosen or [add for _, add in _COMMANDS]:
+        add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sandkernel`` command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(arguments[0] if arguments else None)
+    args = parser.parse_args(arguments)
     try:
         return _dispatch(parser, args)
     except SandkernelError as exc:
