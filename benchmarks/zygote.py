@@ -6,8 +6,10 @@ its own; the only difference is ``EngineConfig.zygote``:
 
 - refill: the pool's start of one kernel (request → ready, self-checked and
   prewarmed), wall time p50/p99, alternating cold and forked starts;
-- CPU per new kernel: the engine's own CPU, the zygote's (with the children
-  it reaps) and the kernel's cgroup (nsjail, the sandbox's init, the kernel);
+- CPU per new kernel: the engine's own CPU, the zygote's (its own, and its
+  child's until that joins the kernel's cgroup, as the child reports it) and
+  the kernel's cgroup (nsjail, the sandbox's init, the zygote's child, the
+  kernel);
 - idle memory with N kernels alive: USS and RSS per kernel (its cgroup's
   processes), for forked kernels (sharing the zygote's pages) and cold ones;
 - sustained new sessions per second: 8 clients, each creating a session,
@@ -74,13 +76,26 @@ def _process_cpu_s(pid: int, children: bool = True) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu_s(pid: int) -> float:
+    """CPU of a single-threaded process, to the nanosecond (``/proc/<pid>/schedstat``)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except OSError:  # a kernel without schedstats: clock ticks
+        return _process_cpu_s(pid, children=False)
+
+
 def _zygote_cpu_s(engine: Engine) -> float:
+    """The zygote's own CPU and its children's before they joined a kernel's cgroup.
+
+    Not the zygote's reaped children's CPU as a whole: a child joins the
+    kernel's cgroup, whose CPU is counted with the kernel's, as its first act.
+    """
     zygotes = engine.zygotes
     zygote = zygotes.zygote if zygotes is not None else None
     if zygote is None or zygote.pid is None:
         return 0.0
     with contextlib.suppress(OSError):
-        return _process_cpu_s(zygote.pid)
+        return _thread_cpu_s(zygote.pid) + zygote.outside_cpu_s
     return 0.0
 
 
@@ -284,7 +299,8 @@ def run(*, quick: bool) -> dict[str, Any]:
         f"{raw['refills']['forked']} of {plan.refill_warmup + plan.refills} zygote-side "
         f"starts were forked ({raw['fallbacks']} fell back cold).",
         "CPU per kernel: the engine's process CPU during the start, plus the zygote's "
-        "(with its reaped children), plus the kernel's cgroup (nsjail, init, kernel).",
+        "own and its child's before that joined the kernel's cgroup, plus the kernel's "
+        "cgroup (nsjail, init, the zygote's child, kernel).",
         f"The zygote itself: USS {zmem.get('uss_mib', 0):.1f} MiB, RSS "
         f"{zmem.get('rss_mib', 0):.1f} MiB, shared by every forked kernel.",
         f"Sustained: {CLIENTS} clients for {plan.sustained_s:g} s each side, each creating a "

@@ -50,24 +50,62 @@ def init(kernel_pid):
             os._exit(os.WEXITSTATUS(status))
 
 
-def run_kernel(args):
-    """Run ipykernel with ``args`` (``-f <connection file>``); never returns."""
+#: ipykernel's options for every kernel: no history database (nothing to
+#: persist in a single-use kernel), inline matplotlib figures as image/png.
+KERNEL_OPTIONS = (
+    "--HistoryManager.enabled=False",
+    "--InlineBackend.figure_formats=png",
+    "--IPKernelApp.quiet=True",
+)
+
+
+def prepare_kernel_app():
+    """Make the part of every kernel's IPKernelApp that nothing per-kernel goes into.
+
+    Called by the zygote before it forks: the options parsed, the IPython
+    profile found and the configuration files read, as ``initialize()``
+    does first. No connection file, key, socket or thread: the kernel makes
+    those after the fork (:func:`run_kernel`).
+    """
+    from IPython.core.application import BaseIPythonApplication
+    from ipykernel.kernelapp import IPKernelApp
+
+    app = IPKernelApp.instance()
+    BaseIPythonApplication.initialize(app, list(KERNEL_OPTIONS))
+    return app
+
+
+def run_kernel(args, app=None):
+    """Run ipykernel with ``args`` (``-f <connection file>``); never returns.
+
+    ``app``: the zygote's prepared IPKernelApp (:func:`prepare_kernel_app`),
+    which only needs the connection file.
+    """
     for path in (os.environ.get("MPLCONFIGDIR"), os.environ.get("IPYTHONDIR")):
         if path:
             os.makedirs(path, exist_ok=True)
     os.chdir(os.environ.get("SANDKERNEL_WORKSPACE", "/mnt/data"))
-    # ipykernel's own options: no history database (nothing to persist in a
-    # single-use kernel), inline matplotlib figures as image/png displays.
-    sys.argv = [
-        sys.argv[0],
-        *args,
-        "--HistoryManager.enabled=False",
-        "--InlineBackend.figure_formats=png",
-        "--IPKernelApp.quiet=True",
-    ]
-    from ipykernel import kernelapp
+    sys.argv = [sys.argv[0], *args, *KERNEL_OPTIONS]
+    if app is None or len(args) != 2 or args[0] != "-f":
+        from ipykernel import kernelapp
 
-    kernelapp.launch_new_instance()
+        kernelapp.launch_new_instance()
+        return
+    from IPython.core.application import BaseIPythonApplication
+
+    app.connection_file = args[1]
+    # Its folders were made in the zygote's /tmp, not this sandbox's.
+    os.makedirs(app.profile_dir.location, exist_ok=True)
+    app.profile_dir.check_dirs()
+    # IPKernelApp.initialize() begins with the generic part, done before the
+    # fork: the rest (connection, sockets, threads, the kernel and its shell).
+    BaseIPythonApplication.initialize = _prepared
+    app.initialize([])
+    app.start()
+
+
+def _prepared(app, argv=None):
+    """``BaseIPythonApplication.initialize`` in a forked kernel: done before the fork."""
 
 
 def adopt():

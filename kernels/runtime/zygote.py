@@ -3,19 +3,24 @@
 Run by the engine (as root, outside every sandbox) with one end of a private
 ``SOCK_SEQPACKET`` socketpair (``--fd N``). It imports what a kernel needs
 (ipykernel, IPython, the policy's prewarm modules), freezes the garbage
-collector's view of that heap (``gc.freeze()``: the pages stay shared), and
-then serves one request at a time. It holds no secret, no socket but its
-own pair, no thread; it never runs user code.
+collector's view of that heap (``gc.freeze()``) and makes its objects
+immortal (their reference counts are never written again, so their pages
+stay shared with every kernel), and then serves one request at a time. It
+holds no secret, no socket but its own pair, no thread; it never runs user
+code.
 
 A request names a sandbox that nsjail has already made whole, with
 ``launch.py --adopt`` (the stub) as its PID 1, and passes a pidfd of that
-stub, the kernel's stdin and output. The zygote forks; the child:
+stub, the kernel's stdin and output. The zygote sets the stub's PID
+namespace as its children's (``setns(CLONE_NEWPID)`` does not move the
+zygote itself), forks, and sets its own back; the child, born in the
+sandbox's PID namespace:
 
 1. joins the kernel's cgroup (its ``cgroup.procs`` files, host paths);
-2. enters the stub's mount, PID, network, IPC, UTS and cgroup namespaces
+2. enters the stub's mount, network, IPC, UTS and cgroup namespaces
    (``setns`` on the pidfd: one call, no pid-reuse race) and its root;
-3. forks into the PID namespace; that child forks the kernel and exits, so
-   the kernel is adopted by the stub, the sandbox's init;
+3. forks the kernel and exits, so the kernel is adopted by the stub, the
+   sandbox's init;
 4. the kernel takes the stub's rlimits, drops the capability bounding set
    and ambient set, becomes uid/gid 65534 with no groups and no capability,
    sets no_new_privs, installs the very filters the stub has (read from it
@@ -49,6 +54,8 @@ _MAX_MSG = 1 << 20
 _REPORT_TIMEOUT_S = 20.0
 #: the engine's end of the channel, set by main()
 _CHANNEL = [_DEFAULT_FD]
+#: the IPKernelApp prepared before any fork (launch.prepare_kernel_app), set by _warm_up()
+_KERNEL_APP = [None]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
@@ -163,7 +170,7 @@ def _pid_of_pidfd(pidfd):
 # -- the kernel ------------------------------------------------------------------
 
 
-def _become_kernel(request, limits, last_cap, report_fd):
+def _become_kernel(request, limits, last_cap, report_fd, outside_cpu_ns):
     """In the sandbox's PID namespace, adopted by its init: drop everything, run ipykernel."""
     # Adopted by the stub once our parent (in this namespace) has exited.
     parent = os.getppid()
@@ -202,7 +209,8 @@ def _become_kernel(request, limits, last_cap, report_fd):
     _prctl(_PR_SET_DUMPABLE, 1, what="PR_SET_DUMPABLE")
     for program in request["filters"]:  # oldest first, as the stub got them
         _install_filter(bytes.fromhex(program))
-    os.write(report_fd, json.dumps({"ok": True, "pid": os.getpid()}).encode())
+    report = {"ok": True, "pid": os.getpid(), "outside_cpu_ns": outside_cpu_ns}
+    os.write(report_fd, json.dumps(report).encode())
     os.close(report_fd)
     os.kill(1, signal.SIGUSR1)
     # Signal dispositions stay the interpreter's (SIGPIPE and SIGXFSZ ignored,
@@ -238,7 +246,7 @@ def _run_kernel(args):
     try:
         import launch
 
-        launch.run_kernel(args)
+        launch.run_kernel(args, _KERNEL_APP[0])
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
@@ -266,18 +274,24 @@ def _reseed():
         numpy.random.seed()
 
 
-def _child(request, fds, report_fd):
-    """The zygote's child (root, outside): join the sandbox, then fork the kernel into it."""
+def _middle(request, fds, report_fd, stub):
+    """The zygote's child, already in the sandbox's PID namespace: join the rest, fork the kernel.
+
+    Root and outside the sandbox otherwise until it has joined the kernel's
+    cgroup (first, so that the start's CPU is the sandbox's), entered the
+    stub's other namespaces and root; its child is the kernel, which the
+    stub adopts when this process exits.
+    """
     pidfd, stdin_fd, output_fd = fds
-    stub = _pid_of_pidfd(pidfd)
+    for path in request["procs"]:
+        with open(path, "w") as f:
+            f.write("0")  # this process, whatever its number in its namespace
+    outside_cpu_ns = time.thread_time_ns()
     limits = _limits_of(stub)
     last_cap = _last_cap()
     root = os.open(f"/proc/{stub}/root", os.O_PATH | os.O_DIRECTORY)
     # The pid was the stub's while the pidfd was open and still is now: no reuse.
     signal.pidfd_send_signal(pidfd, 0)
-    for path in request["procs"]:
-        with open(path, "w") as f:
-            f.write(str(os.getpid()))
     os.setns(pidfd, request["flags"])
     os.fchdir(root)
     os.chroot(".")
@@ -287,24 +301,23 @@ def _child(request, fds, report_fd):
     os.dup2(output_fd, 2)
     for fd in (root, pidfd, stdin_fd, output_fd):
         os.close(fd)
-    middle = os.fork()
-    if middle == 0:
-        # In the sandbox's PID namespace now. Fork the kernel and leave it to init.
-        try:
-            kernel = os.fork()
-        except BaseException as exc:  # noqa: BLE001 - reported, then exit
-            _report(report_fd, exc)
-            os._exit(1)
-        if kernel:
-            os._exit(0)
-        try:
-            _become_kernel(request, limits, last_cap, report_fd)
-        except BaseException as exc:  # noqa: BLE001 - reported, then exit
-            _report(report_fd, exc)
-            os._exit(1)
-        _run_kernel(request["args"])
-    _, status = os.waitpid(middle, 0)
-    os._exit(0 if status == 0 else 1)
+    kernel = os.fork()
+    if kernel:
+        os._exit(0)  # the kernel is the stub's from now on
+    try:
+        _become_kernel(request, limits, last_cap, report_fd, outside_cpu_ns)
+    except BaseException as exc:  # noqa: BLE001 - reported, then exit
+        _report(report_fd, exc)
+        os._exit(1)
+    _run_kernel(request["args"])
+
+
+def _restore_pid_namespace(own):
+    try:
+        os.setns(own, os.CLONE_NEWPID)
+    except BaseException:
+        # Every later child would be born in that sandbox: never fork again.
+        os._exit(1)
 
 
 def _report(fd, exc):
@@ -320,16 +333,30 @@ def _report(fd, exc):
 
 
 def _fork_kernel(request, fds):
+    stub = _pid_of_pidfd(fds[0])
     reader, writer = os.pipe()
-    pid = os.fork()
+    # The child is born in the sandbox's PID namespace (setns with CLONE_NEWPID
+    # moves this process's children only): one fork fewer than a child that
+    # enters it and forks again. Then this process's children are its own again.
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.setns(fds[0], os.CLONE_NEWPID)
+        pid = os.fork()
+    except BaseException:
+        _restore_pid_namespace(own)
+        os.close(own)
+        raise
     if pid == 0:
         try:
+            os.close(own)
             os.close(reader)
             os.close(_CHANNEL[0])
-            _child(request, fds, writer)
+            _middle(request, fds, writer, stub)
         except BaseException as exc:  # noqa: BLE001 - reported, then exit
             _report(writer, exc)
         os._exit(1)
+    _restore_pid_namespace(own)
+    os.close(own)
     os.close(writer)
     for fd in fds:
         os.close(fd)
@@ -419,6 +446,11 @@ def _warm_up(modules):
             imported.append("matplotlib_inline.backend_inline")
         except ImportError:
             pass
+    if "ipykernel.kernelapp" in imported:
+        import launch
+
+        # What every kernel's IPKernelApp has in common, made once, shared.
+        _KERNEL_APP[0] = launch.prepare_kernel_app()
     gc.collect()
     immortal = _immortalize()
     # Out of the collector's sight too: a collection in a kernel does not

@@ -59,6 +59,10 @@ async def test_a_forked_kernel_runs_cells_and_passes_the_self_check(
     assert len(os.listdir(f"/proc/{zygote.pid}/task")) == 1
     extra = _fd_targets(zygote.pid, above=2)
     assert len(extra) == 1 and extra.pop().startswith("socket:"), extra
+    # It gave its child the sandbox's PID namespace, and its next children its own again.
+    ns = f"/proc/{zygote.pid}/ns"
+    assert os.readlink(f"{ns}/pid_for_children") == os.readlink(f"{ns}/pid")
+    assert os.readlink(f"{ns}/pid") == os.readlink("/proc/self/ns/pid")
 
 
 async def test_the_outside_check_tells_a_process_confined_otherwise(
@@ -132,6 +136,22 @@ async def test_the_zygotes_objects_are_immortal_and_a_kernels_own_are_freed(
     # A reference to the zygote's function does not write its count (its page
     # stays shared); the kernel's own objects live and die as usual.
     assert seen == {"shared": [0xFFFFFFFF, 0xFFFFFFFF], "freed": True, "sum": 45}, seen
+
+
+async def test_a_forked_kernels_shell_is_its_own_with_in_and_out(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    kernel = await _forked(kernel_factory, zygote)
+    first = await kernel.execute("6 * 7")
+    assert first.status == "ok" and first.text == "42", first
+    seen = await kernel.execute(
+        "shell = get_ipython()\n"
+        "(Out[1], In[1], _, shell.kernel is shell.parent, shell.kernel.shell is shell,"
+        " shell.displayhook.session is shell.kernel.session, shell.history_manager.enabled)"
+    )
+    # The shell made before the fork belongs to this kernel: its session (and
+    # so its key), its numbering from 1, In/Out kept without a history database.
+    assert seen.status == "ok" and seen.text == "(42, '6 * 7', 42, True, True, True, False)", seen
 
 
 async def test_forked_kernels_draw_different_random_numbers(

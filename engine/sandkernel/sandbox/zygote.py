@@ -98,6 +98,8 @@ class Zygote:
         #: what the zygote said when it was ready (pid, imports, threads, fds)
         self.info: dict[str, Any] = {}
         self.forks = 0
+        #: CPU its children spent before they joined a kernel's cgroup (as they report it)
+        self.outside_cpu_s = 0.0
         self._sock: socket.socket | None = None
         self._stderr: Any = None
         self._lock = asyncio.Lock()
@@ -241,6 +243,7 @@ class Zygote:
         if not reply.get("ok"):
             raise ZygoteFailed(f"the zygote could not fork a kernel: {reply.get('error')}")
         self.forks += 1
+        self.outside_cpu_s += int(reply.get("outside_cpu_ns") or 0) / 1e9
         return ForkedKernel(stub_pid, int(reply["pid"]), filters)
 
     async def _request(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
