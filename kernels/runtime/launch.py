@@ -72,7 +72,33 @@ def prepare_kernel_app():
 
     app = IPKernelApp.instance()
     BaseIPythonApplication.initialize(app, list(KERNEL_OPTIONS))
+    _prepare_shell(app)
     return app
+
+
+def _prepare_shell(app):
+    """Make the kernel's InteractiveShell, the largest part of a kernel's start, once.
+
+    As ``IPythonKernel.__init__`` makes it, but before there is a kernel to
+    name: its namespace, magics, completer, formatters and display hooks.
+    It holds nothing of a kernel's own: the kernel gives its display hooks
+    the session and IOPub socket after the fork, and the history database is
+    off (``KERNEL_OPTIONS``), so there is no file and no saving thread.
+    A configured kernel or shell class is left to make its own shell.
+    """
+    from ipykernel.ipkernel import IPythonKernel
+
+    if app.kernel_class is not IPythonKernel or "IPythonKernel" in app.config:
+        return
+    shell_class = IPythonKernel.shell_class.default_value
+    shell_class.instance(
+        parent=app,
+        profile_dir=app.profile_dir,
+        user_module=None,
+        user_ns=None,
+        kernel=None,
+        compiler_class=IPythonKernel.compiler_class.default_value,
+    )
 
 
 def run_kernel(args, app=None):
@@ -100,7 +126,12 @@ def run_kernel(args, app=None):
     # IPKernelApp.initialize() begins with the generic part, done before the
     # fork: the rest (connection, sockets, threads, the kernel and its shell).
     BaseIPythonApplication.initialize = _prepared
-    app.initialize([])
+    app.initialize([])  # the kernel takes the prepared shell (it is a singleton)
+    shell = app.shell
+    if shell is not None and shell.kernel is None:
+        # Made before there was a kernel (_prepare_shell): this is its kernel.
+        shell.kernel = app.kernel
+        shell.parent = app.kernel
     app.start()
 
 
