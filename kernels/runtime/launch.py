@@ -15,12 +15,11 @@ process, and the kernel announces itself with SIGUSR1, whose sender is the
 kernel's pid. From then on it is the init above.
 """
 
-import os
-import sys
-
 # The C module, not ``signal``: that one imports ``enum`` for its constants'
 # names, 3.6 ms of each sandbox's start when this file runs as the stub.
 import _signal as signal
+import os
+import sys
 
 #: How long a sandbox waits for its forked kernel before it gives up (and ends).
 ADOPT_TIMEOUT_S = 60.0
@@ -67,8 +66,8 @@ def prepare_kernel_app():
     does first. No connection file, key, socket or thread: the kernel makes
     those after the fork (:func:`run_kernel`).
     """
-    from IPython.core.application import BaseIPythonApplication
     from ipykernel.kernelapp import IPKernelApp
+    from IPython.core.application import BaseIPythonApplication
 
     app = IPKernelApp.instance()
     BaseIPythonApplication.initialize(app, list(KERNEL_OPTIONS))
