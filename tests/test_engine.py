@@ -203,3 +203,25 @@ async def test_concurrent_session_calls_for_one_id_share_one_kernel(
     sessions: list[Any] = await asyncio.gather(*(engine.session("same") for _ in range(5)))
     assert all(s is sessions[0] for s in sessions)
     assert (await engine.stats()).pool.in_use == 1
+
+
+async def test_a_kernel_links_end_is_awaited_not_polled(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=2)
+    crashing = await engine.session()
+    closing = await engine.session()
+    crash_link = await engine.kernel_link(crashing.id)
+    close_link = await engine.kernel_link(closing.id)
+    crashed = asyncio.ensure_future(crash_link.wait_ended())
+    closed = asyncio.ensure_future(close_link.wait_ended())
+    assert (await crashing.run("1 + 1")).text == "2"
+    assert not crashed.done() and not closed.done()
+    # the kernel's process dies: the waiter returns, with no poll to wait for
+    await crashing.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    await asyncio.wait_for(crashed, 10)
+    assert not crash_link.alive
+    assert not closed.done() and close_link.alive
+    # the session ends: its kernel is shut down, and that ends the wait too
+    await engine.close_session(closing.id)
+    await asyncio.wait_for(closed, 10)
+    assert not close_link.alive
+    await asyncio.wait_for(close_link.wait_ended(), 1)  # at once, once ended

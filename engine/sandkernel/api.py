@@ -316,6 +316,15 @@ class KernelLink(Protocol):
         """
         ...
 
+    async def wait_ended(self) -> None:
+        """Return once the kernel's process has ended (at once if it has).
+
+        Its death (a crash, out of memory, a kill, its session closed or
+        expired, the engine shut down) is an event to await, not a state to
+        poll.
+        """
+        ...
+
     def touch(self, *, ran: bool) -> None:
         """Count activity for the session's expiry (``ran``: a cell started or ended)."""
         ...

@@ -683,6 +683,9 @@ class SessionKernelLink:
     def tap_iopub(self, tap: Callable[[list[bytes]], None]) -> Callable[[], None]:
         return self._kernel.tap_iopub(tap)
 
+    async def wait_ended(self) -> None:
+        await self._kernel.wait_ended()
+
     def touch(self, *, ran: bool) -> None:
         if self._session.closed:
             return

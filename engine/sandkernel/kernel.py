@@ -241,6 +241,13 @@ class SandboxedKernel:
     def dead_reason(self) -> str | None:
         return self._dead_reason
 
+    async def wait_ended(self) -> None:
+        """Return once the kernel's sandbox has ended (at once if it has, or never started).
+
+        Its process is awaited on a pidfd: no polling, any number of waiters.
+        """
+        await self._jail.wait()
+
     def tap_iopub(self, tap: Callable[[list[bytes]], None]) -> Callable[[], None]:
         """Hand ``tap`` the raw frames of every IOPub message from now on.
 

@@ -53,7 +53,9 @@ from sandkernel.results import DisplayOutput
 
 log = logging.getLogger(__name__)
 
-_WATCH_S: Final = 0.25  # how often a kernel's life is checked: its death is told within it
+#: How often a kernel that has not ended is checked for still serving its
+#: session; its end itself is awaited, and told at once.
+_RECHECK_S: Final = 2.0
 _SEND_TIMEOUT_S: Final = 5.0  # a kernel that takes no message in this long is not waited for
 _CONNECTION_QUEUE: Final = 10_000  # frames a slow connection may have pending, then it is closed
 _MAX_ROUTES: Final = 10_000  # requests remembered to route their replies
@@ -183,6 +185,7 @@ class KernelRelay:
             username="sandkernel",
         )
         identity = uuid.uuid4().hex.encode()
+        stdin_monitor: zmq.asyncio.Socket | None = None
         try:
             for channel, kind in _SOCKETS.items():
                 sock = self._context.socket(kind)
@@ -190,11 +193,26 @@ class KernelRelay:
                 # ipykernel sends input_request to the identity that sent the
                 # execute_request: shell and stdin must share it.
                 sock.setsockopt(zmq.IDENTITY, identity)
-                sock.connect(_address(info, channel))
                 self._sockets[channel] = sock
+                if channel == "stdin":
+                    stdin_monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                sock.connect(_address(info, channel))
+            # Requests wait in the shell socket until it connects, but the
+            # kernel's ROUTER drops an input_request to a stdin socket whose
+            # handshake has not completed: an execute with allow_stdin sent
+            # at once would then never get its prompt.
+            assert stdin_monitor is not None
+            await _handshake(stdin_monitor)
         except BaseException:
             self._close_sockets()
             raise
+        finally:
+            stdin = self._sockets.get("stdin")
+            if stdin is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    stdin.disable_monitor()
+            if stdin_monitor is not None:
+                stdin_monitor.close(linger=0)
         iopub: asyncio.Queue[list[bytes]] = asyncio.Queue(_IOPUB_QUEUE)
 
         def take(frames: list[bytes]) -> None:
@@ -524,11 +542,9 @@ class KernelRelay:
     async def _watch_life(self) -> None:
         link = self._link
         assert link is not None
-        while True:
-            if not link.alive:
-                break
-            # Polled: the engine's kernel has no event to await for its death.
-            await asyncio.sleep(_WATCH_S)
+        while link.alive:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.wait_ended(), _RECHECK_S)
         await self._die(link, "the kernel process ended")
 
     async def _watch_cells(self) -> None:
@@ -595,6 +611,19 @@ class KernelRelay:
             await link.end(reason)
         except Exception:  # noqa: BLE001 - the kernel is reported dead whatever ending it says
             log.exception("kernel %s: ending it failed", self.id)
+
+
+async def _handshake(monitor: zmq.asyncio.Socket, timeout_s: float = _SEND_TIMEOUT_S) -> None:
+    """Wait for the handshake ``monitor`` watches (set up before its socket's connect).
+
+    After ``timeout_s`` it stops waiting, and the socket goes on connecting
+    as it would have: a kernel that is this slow is reported by the rest.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await monitor.recv_multipart()
+    except TimeoutError:
+        log.warning("no handshake with the kernel's stdin socket within %g s", timeout_s)
 
 
 def _address(info: KernelConnectionInfo, channel: str) -> str:
