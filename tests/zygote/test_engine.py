@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sandkernel.config import EngineConfig
+from sandkernel.config import FORKED_CONCURRENT_STARTS, EngineConfig
 from sandkernel.engine import Engine
 from sandkernel.errors import SelfCheckFailed
 
@@ -23,6 +23,16 @@ EngineFactory = Callable[..., Awaitable[Any]]
 def test_the_zygote_is_a_setting_users_can_turn_off() -> None:
     assert EngineConfig(zygote=False).zygote is False
     assert EngineConfig(zygote=True).zygote is True
+
+
+def test_forked_starts_run_more_at_once_unless_the_user_set_how_many() -> None:
+    assert EngineConfig(zygote=False).max_concurrent_starts == 2
+    assert EngineConfig(zygote=True).max_concurrent_starts == FORKED_CONCURRENT_STARTS > 2
+    assert EngineConfig(zygote="true").max_concurrent_starts == FORKED_CONCURRENT_STARTS
+    assert EngineConfig(zygote=True, max_concurrent_starts=1).max_concurrent_starts == 1
+    assert (
+        EngineConfig.build(None, {"zygote": True}).max_concurrent_starts == FORKED_CONCURRENT_STARTS
+    )
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
