@@ -14,7 +14,7 @@ its own; the only difference is ``EngineConfig.zygote``:
   processes), for forked kernels (sharing the zygote's pages) and cold ones;
 - sustained new sessions per second: 8 clients, each creating a session,
   running ``1 + 1`` and closing it, for a fixed time, on a default engine
-  (pool of 2, 2 starts at a time);
+  (pool of 2; 2 starts at a time cold, ``FORKED_CONCURRENT_STARTS`` forked);
 - a warm ``session()`` → first result: the pool full, one session created and
   its first cell run, p50/p99.
 """
@@ -35,7 +35,7 @@ import psutil
 
 from benchmarks._stats import machine_info, median, ratio, summary
 from benchmarks.engine import _wait_warm
-from sandkernel.config import DEFAULT_PREWARM
+from sandkernel.config import DEFAULT_PREWARM, FORKED_CONCURRENT_STARTS
 from sandkernel.engine import Engine
 from sandkernel.kernel import SandboxedKernel
 
@@ -304,7 +304,8 @@ def run(*, quick: bool) -> dict[str, Any]:
         f"The zygote itself: USS {zmem.get('uss_mib', 0):.1f} MiB, RSS "
         f"{zmem.get('rss_mib', 0):.1f} MiB, shared by every forked kernel.",
         f"Sustained: {CLIENTS} clients for {plan.sustained_s:g} s each side, each creating a "
-        "session, running `1 + 1` and closing it; default pool (2 warm, 2 starts at a time). "
+        "session, running `1 + 1` and closing it; default pool (2 warm; starts at a time: "
+        f"2 cold, {FORKED_CONCURRENT_STARTS} forked, the defaults). "
         f"Errors: cold {raw['sustained']['cold']['errors']}, "
         f"zygote {raw['sustained']['zygote']['errors']}.",
     ]
