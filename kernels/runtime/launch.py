@@ -116,6 +116,8 @@ def run_kernel(args, app=None):
 
         kernelapp.launch_new_instance()
         return
+    from pathlib import Path
+
     from IPython.core.application import BaseIPythonApplication
 
     app.connection_file = args[1]
@@ -131,6 +133,9 @@ def run_kernel(args, app=None):
         # Made before there was a kernel (_prepare_shell): this is its kernel.
         shell.kernel = app.kernel
         shell.parent = app.kernel
+        # And in the zygote's folder: this kernel starts in its workspace.
+        shell.starting_dir = os.getcwd()
+        shell.history_manager.dir_hist[:] = [Path.cwd()]
     app.start()
 
 

@@ -15,6 +15,7 @@ from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy, load_policy
 from sandkernel.sandbox import SandboxHost
 from sandkernel.sandbox.confinement import compare_confinement, confinement
+from sandkernel.sandbox.layout import WORKSPACE_IN_JAIL as WORKSPACE
 from sandkernel.sandbox.zygote import Zygote
 from tests.conftest import KernelFactory
 
@@ -147,11 +148,14 @@ async def test_a_forked_kernels_shell_is_its_own_with_in_and_out(
     seen = await kernel.execute(
         "shell = get_ipython()\n"
         "(Out[1], In[1], _, shell.kernel is shell.parent, shell.kernel.shell is shell,"
-        " shell.displayhook.session is shell.kernel.session, shell.history_manager.enabled)"
+        " shell.displayhook.session is shell.kernel.session, shell.history_manager.enabled,"
+        " str(_dh[0]), shell.starting_dir)"
     )
     # The shell made before the fork belongs to this kernel: its session (and
-    # so its key), its numbering from 1, In/Out kept without a history database.
-    assert seen.status == "ok" and seen.text == "(42, '6 * 7', 42, True, True, True, False)", seen
+    # so its key), its numbering from 1, In/Out kept without a history
+    # database, and its start in the kernel's workspace (not the zygote's /).
+    expected = f"(42, '6 * 7', 42, True, True, True, False, '{WORKSPACE}', '{WORKSPACE}')"
+    assert seen.status == "ok" and seen.text == expected, seen
 
 
 async def test_forked_kernels_draw_different_random_numbers(
