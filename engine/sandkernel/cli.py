@@ -36,8 +36,13 @@ async def _run(args: argparse.Namespace) -> int:
 
     code = _read_code(args)
     workspace = Path(args.workspace) if args.workspace else None
+    # One kernel, started once: a zygote would be one more interpreter start, not one fewer.
     config = EngineConfig(
-        policy=load_policy(args.policy), pool_size=0, prewarm_imports=(), store_dir=args.store
+        policy=load_policy(args.policy),
+        pool_size=0,
+        prewarm_imports=(),
+        store_dir=args.store,
+        zygote=False,
     )
     engine = Engine(config, handle_sigterm=False)
     async with engine:

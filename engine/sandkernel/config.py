@@ -84,10 +84,11 @@ class EngineConfig(BaseModel):
         description="verify each kernel's isolation before handing it out (fail closed)",
     )
     zygote: bool = Field(
-        default=False,
+        default=True,
         description="fork new kernels from a warm zygote (which has imported ipykernel and "
         "prewarm_imports) into their own sandbox, instead of starting an interpreter in it; "
-        "falls back to cold starts while the zygote is unavailable",
+        "falls back to cold starts while the zygote is unavailable; False: every kernel "
+        "starts cold (one interpreter start per sandbox)",
     )
     restart_dead_kernels: bool = Field(
         default=False, description="default of Session.run(restart=...)"
