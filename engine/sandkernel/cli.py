@@ -17,6 +17,9 @@ from pathlib import Path
 
 from sandkernel.errors import SandkernelError
 
+#: The ``sandkernel`` parser's set of commands.
+type _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
 
 def _read_code(args: argparse.Namespace) -> str:
     if args.file is not None:
@@ -148,7 +151,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_run_parser(sub: _SubParsers) -> None:
     run = sub.add_parser("run", help="run code in a fresh sandboxed kernel")
     run.add_argument("code", nargs="?", help="Python code; '-' or omitted reads stdin")
     run.add_argument("-f", "--file", help="read the code from this file")
@@ -170,7 +173,7 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
 
 
-def _add_files_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_files_parser(sub: _SubParsers) -> None:
     files = sub.add_parser("files", help="list stored files and download them by id")
     files.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
     files_sub = files.add_subparsers(dest="files_command", required=True)
@@ -183,7 +186,7 @@ def _add_files_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     files_get.add_argument("-o", "--output", help="file or folder to write (default: its name)")
 
 
-def _add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_doctor_parser(sub: _SubParsers) -> None:
     doctor = sub.add_parser("doctor", help="check that this machine can sandbox kernels")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--python", help="runtime Python to check (default: this one)")
@@ -206,30 +209,30 @@ def _add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
 
 
-def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_demo_parser(sub: _SubParsers) -> None:
     demo = sub.add_parser("demo", help="a short tour: analysis, chart, state, escapes tried")
     demo.add_argument("--out", default="demo-output", help="folder for the charts")
 
 
-def _add_solve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_solve_parser(sub: _SubParsers) -> None:
     from sandkernel._solve_cli import add_solve_parser
 
     add_solve_parser(sub)
 
 
-def _add_daemon_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_daemon_parsers(sub: _SubParsers) -> None:
     from sandkernel.daemon.cli import add_daemon_parsers
 
     add_daemon_parsers(sub)
 
 
-def _add_eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_eval_parser(sub: _SubParsers) -> None:
     from sandkernel.evaluate.cli import add_eval_parser
 
     add_eval_parser(sub)
 
 
-def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_policy_parser(sub: _SubParsers) -> None:
     policy = sub.add_parser("policy", help="list policies or show one's nsjail config")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     policy_sub.add_parser("list", help="the shipped policies")
@@ -239,10 +242,7 @@ def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 #: Each command's parser set-up and the commands it adds, in the order of ``--help``.
-_COMMANDS: tuple[
-    tuple[tuple[str, ...], Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]],
-    ...,
-] = (
+_COMMANDS: tuple[tuple[tuple[str, ...], Callable[[_SubParsers], None]], ...] = (
     (("run",), _add_run_parser),
     (("files",), _add_files_parser),
     (("doctor",), _add_doctor_parser),
