@@ -136,7 +136,24 @@ def run_kernel(args, app=None):
         # And in the zygote's folder: this kernel starts in its workspace.
         shell.starting_dir = os.getcwd()
         shell.history_manager.dir_hist[:] = [Path.cwd()]
+    if shell is not None:
+        _inline_figures()
     app.start()
+
+
+def _inline_figures():
+    """Hook matplotlib's inline backend into this kernel's shell, as its import would have.
+
+    The zygote imported matplotlib and its inline backend before there was
+    any shell, and the backend hooks itself into the running shell only when
+    it is imported: without this, a forked kernel shows a figure as its text
+    repr instead of a PNG. (A cold kernel imports matplotlib in a cell, once
+    its shell exists.)
+    """
+    backend_inline = sys.modules.get("matplotlib_inline.backend_inline")
+    enable = getattr(backend_inline, "_enable_matplotlib_integration", None)
+    if enable is not None:
+        enable()
 
 
 def _prepared(app, argv=None):

@@ -53,6 +53,20 @@ async def test_pool_kernels_are_forked_and_self_checked(engine_factory: EngineFa
     assert zygotes is not None and zygotes.status().startswith("zygote fork")
 
 
+async def test_a_forked_kernel_shows_figures_as_png_as_a_cold_one(
+    engine_factory: EngineFactory,
+) -> None:
+    # matplotlib is imported in the zygote, before any kernel's shell exists
+    engine: Engine = await engine_factory(zygote=True, prewarm_imports=("matplotlib.pyplot",))
+    session = await engine.session()
+    assert session.kernel is not None and session.kernel.forked_pid is not None
+    at_the_end = await session.run("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])")
+    shown = await session.run("plt.figure()\nplt.plot([3, 2])\nplt.show()")
+    for result in (at_the_end, shown):
+        assert result.status == "ok"
+        assert any("image/png" in d.data for d in result.displays), result.displays
+
+
 async def test_killing_the_zygote_mid_refill_loses_no_session_and_the_pool_recovers(
     engine_factory: EngineFactory,
 ) -> None:
