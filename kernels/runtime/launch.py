@@ -98,6 +98,8 @@ def _prepare_shell(app):
         kernel=None,
         compiler_class=IPythonKernel.compiler_class.default_value,
     )
+    # Here rather than in each kernel: what it makes is shared, not copied.
+    _inline_figures()
 
 
 def run_kernel(args, app=None):
@@ -136,15 +138,15 @@ def run_kernel(args, app=None):
         # And in the zygote's folder: this kernel starts in its workspace.
         shell.starting_dir = os.getcwd()
         shell.history_manager.dir_hist[:] = [Path.cwd()]
-    if shell is not None:
-        _inline_figures()
+    elif shell is not None:
+        _inline_figures()  # a shell made after the fork (a configured kernel class)
     app.start()
 
 
 def _inline_figures():
-    """Hook matplotlib's inline backend into this kernel's shell, as its import would have.
+    """Hook matplotlib's inline backend into the shell just made, as its import would have.
 
-    The zygote imported matplotlib and its inline backend before there was
+    The zygote imports matplotlib and its inline backend before there is
     any shell, and the backend hooks itself into the running shell only when
     it is imported: without this, a forked kernel shows a figure as its text
     repr instead of a PNG. (A cold kernel imports matplotlib in a cell, once
