@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import gc
 import json
 import subprocess
@@ -392,7 +391,7 @@ async def test_fd_exhaustion_stops_at_nofile_and_the_kernel_recovers(
 def _return_freed_memory() -> None:
     """Collect garbage, then have glibc give every arena's free pages back to the system."""
     gc.collect()
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc = ctypes.CDLL(None)  # the C library this process has loaded
     libc.malloc_trim(0)
 
 

@@ -542,9 +542,13 @@ class KernelRelay:
     async def _watch_life(self) -> None:
         link = self._link
         assert link is not None
-        while link.alive:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(link.wait_ended(), _RECHECK_S)
+        # One wait for the end, rechecked beside: not a new wait (a pidfd) every time.
+        ended = asyncio.ensure_future(link.wait_ended())
+        try:
+            while link.alive and not ended.done():
+                await asyncio.wait({ended}, timeout=_RECHECK_S)
+        finally:
+            ended.cancel()
         await self._die(link, "the kernel process ended")
 
     async def _watch_cells(self) -> None:
