@@ -115,7 +115,9 @@ def _kill_kernel_from_outside(session: Session) -> None:
             parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        if b"launch.py" in cmdline and b"launch.py" in parent:  # the kernel, not its init
+        # The kernel, not its init: that one runs launch.py too (a cold kernel's)
+        # or imports launch (a forked kernel's stub), and its parent is nsjail.
+        if b"launch.py" in cmdline and b"launch" in parent:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             return

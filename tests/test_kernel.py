@@ -214,13 +214,13 @@ async def test_shutdown_under_a_running_cell_gives_killed_at_once(
     assert time.monotonic() - started < 5
 
 
-async def test_warm_up_leaves_the_kernel_as_new(kernel_factory: KernelFactory) -> None:
+async def test_the_set_up_cell_leaves_the_kernel_as_new(kernel_factory: KernelFactory) -> None:
     k = await kernel_factory()
-    await k.warm_up()
+    await k.prepare(self_check=True, imports=("json", "no_such_module_here"))
     r = await k.execute("1+1")
     assert r.status == "ok" and r.text == "2" and r.execution_count == 1
     names = await k.execute(
         "print(sorted(n for n in globals() if not n.startswith('_')), "
-        "'IPython.core.logger' in __import__('sys').modules)"
+        "'IPython.core.logger' in __import__('sys').modules, 'json' in __import__('sys').modules)"
     )
-    assert names.stdout == "['In', 'Out', 'exit', 'get_ipython', 'open', 'quit'] True\n"
+    assert names.stdout == "['In', 'Out', 'exit', 'get_ipython', 'open', 'quit'] True True\n"

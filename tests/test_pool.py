@@ -86,19 +86,12 @@ def test_percentile_nearest_rank() -> None:
 
 
 class _FakeKernel:
-    """Stands in for a SandboxedKernel: numbered, warm-up and shutdown recorded."""
+    """Stands in for a SandboxedKernel the factory made ready: numbered, shutdown recorded."""
 
-    def __init__(self, number: int, *, warm_up_fails: bool = False) -> None:
+    def __init__(self, number: int) -> None:
         self.number = number
         self.alive = True
-        self.warmed = False
         self.shut_down = False
-        self._warm_up_fails = warm_up_fails
-
-    async def warm_up(self) -> None:
-        if self._warm_up_fails:
-            raise KernelStartFailed("warm-up cell failed: dead")
-        self.warmed = True
 
     async def shutdown(self) -> None:
         self.alive = False
@@ -112,7 +105,7 @@ async def _filled(pool: Pool, count: int) -> None:
 
 
 @pytest.mark.anyio
-async def test_kernels_are_warmed_up_then_handed_out_last_in_first_out() -> None:
+async def test_kernels_are_handed_out_last_in_first_out() -> None:
     made: list[_FakeKernel] = []
 
     async def factory() -> Any:
@@ -123,9 +116,8 @@ async def test_kernels_are_warmed_up_then_handed_out_last_in_first_out() -> None
     runner = asyncio.ensure_future(pool.run())
     try:
         await _filled(pool, 2)
-        assert all(k.warmed for k in made)
         first = await pool.acquire(timeout_s=5)
-        assert first is made[1]  # the most recently warmed
+        assert first is made[1]  # the most recently started
     finally:
         runner.cancel()
         await pool.close()
@@ -133,19 +125,20 @@ async def test_kernels_are_warmed_up_then_handed_out_last_in_first_out() -> None
 
 
 @pytest.mark.anyio
-async def test_a_kernel_whose_warm_up_fails_is_shut_down_and_counted_failed() -> None:
+async def test_a_start_that_fails_is_counted_failed_and_the_next_one_serves() -> None:
     made: list[_FakeKernel] = []
 
     async def factory() -> Any:
-        made.append(_FakeKernel(len(made), warm_up_fails=not made))
+        made.append(_FakeKernel(len(made)))
+        if len(made) == 1:
+            raise KernelStartFailed("set-up cell failed: dead")
         return made[-1]
 
     pool = Pool(factory, size=1, max_kernels=2, max_concurrent_starts=1)
     runner = asyncio.ensure_future(pool.run())
     try:
         await _filled(pool, 1)
-        assert made[0].shut_down and not made[0].warmed
-        assert pool.book.failed == 1 and "warm-up cell failed" in (pool.last_start_error or "")
+        assert pool.book.failed == 1 and "set-up cell failed" in (pool.last_start_error or "")
         assert await pool.acquire(timeout_s=5) is made[1]
     finally:
         runner.cancel()

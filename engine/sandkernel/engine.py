@@ -46,7 +46,6 @@ from sandkernel.errors import (
     EngineClosed,
     FileNotFoundInStore,
     KernelDead,
-    KernelStartFailed,
     SelfCheckFailed,
     SessionClosed,
     SessionLimitReached,
@@ -286,24 +285,11 @@ class Engine:
         kernel = SandboxedKernel(host, self.policy, workspace=workspace, zygote=zygote)
         try:
             await kernel.start()
-            if self.self_check:
-                await kernel.self_check()
-            if self.prewarm_imports:
-                await self._prewarm(kernel)
+            await kernel.prepare(self_check=self.self_check, imports=self.prewarm_imports)
         except BaseException:
             await kernel.shutdown()
             raise
         return kernel
-
-    async def _prewarm(self, kernel: SandboxedKernel) -> None:
-        # A module that is missing is not fatal: the user's own import will say so.
-        lines = [
-            f"try:\n    import {m}\nexcept ImportError:\n    pass" for m in self.prewarm_imports
-        ]
-        code = "\n".join(lines) + "\n" + _forget_names(self.prewarm_imports)
-        result = await kernel.execute(code, silent=True, store_history=False, timeout_s=120)
-        if result.status not in ("ok", "error"):
-            raise KernelStartFailed(f"prewarm imports failed: {result.status}: {result.message}")
 
     # -- sessions ------------------------------------------------------------------
 
@@ -736,12 +722,6 @@ class SessionKernelLink:
             await self._session._kernel_died(reason)
         else:
             await self._kernel.shutdown()
-
-
-def _forget_names(modules: Iterable[str]) -> str:
-    """``del`` the top-level names the prewarm imports bound, so the user starts clean."""
-    names = list(dict.fromkeys(m.split(".")[0] for m in modules))
-    return "\n".join(f"globals().pop({n!r}, None)" for n in names)
 
 
 def default_store_dir() -> Path:

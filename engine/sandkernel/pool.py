@@ -187,13 +187,8 @@ class Pool:
 
     async def _start_one(self) -> None:
         try:
+            # Ready for a session: self-checked, prewarmed and warmed up.
             kernel = await self._factory()
-            try:
-                # Its first cell's one-time costs are paid here, not by a session.
-                await kernel.warm_up()
-            except BaseException:
-                await kernel.shutdown()
-                raise
         except asyncio.CancelledError:
             self.book.start_failed()
             raise

@@ -6,8 +6,10 @@ the kernel, forwards termination signals to it, reaps every child, and exits
 with the kernel's status (128 + signal number when the kernel was killed).
 The child prepares the environment and runs ipykernel.
 
-``launch.py --adopt`` (run with ``-I -S``) is the same init for a kernel
-forked from the zygote (see ``zygote.py``): by the time it runs, nsjail has
+:func:`adopt` (the sandbox's stub: a Python run with ``-I -S`` that imports
+this module, from its bytecode, and calls it; ``launch.py --adopt`` does the
+same) is the same init for a kernel forked from the zygote (see
+``zygote.py``): by the time it runs, nsjail has
 made the sandbox whole. It says so on its stdout (one line, read by the
 engine), then waits for its kernel: the zygote's child enters this
 process's namespaces and forks the kernel so that it is adopted by this
