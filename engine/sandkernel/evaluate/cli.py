@@ -19,16 +19,18 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# The harness and the problem loader are plain Python; the batch path (pydantic,
-# asyncio, the sandbox) is imported when an evaluation runs, not to build the parser.
-from sandkernel.evaluate.harness import DEFAULT_TIMEOUT_S, EvalSummary, evaluate_samples
-from sandkernel.evaluate.problems import HUMANEVAL, EvalInputError, load_problems, read_samples
-from sandkernel.evaluate.progress import Progress
+# The parser needs only the defaults. The batch path (pydantic, asyncio, the
+# sandbox) is imported when an evaluation runs; the harness and the problem
+# loader once its sandboxes are spawned, while they boot.
+from sandkernel.errors import EvalInputError
+from sandkernel.evaluate.defaults import DEFAULT_TIMEOUT_S, HUMANEVAL
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from typing import Protocol
 
     from sandkernel.api import Managed, RunsMany
+    from sandkernel.evaluate.harness import EvalSummary
     from sandkernel.evaluate.problems import Problem
     from sandkernel.ray import ClusterEngine
 
@@ -112,6 +114,8 @@ def add_eval_parser(
 
 def _prescan(samples: Path, problems: dict[str, Any]) -> tuple[int, set[str]]:
     """Count the samples and check their task ids before anything runs."""
+    from sandkernel.evaluate.problems import read_samples
+
     count = 0
     seen: set[str] = set()
     for number, sample in read_samples(samples):
@@ -163,6 +167,8 @@ def summary_table(summary: EvalSummary, *, workers: int) -> str:
 
 def _checked_input(args: argparse.Namespace) -> tuple[dict[str, Problem], int]:
     """The problems and the number of samples, once the samples are known to fit them."""
+    from sandkernel.evaluate.problems import load_problems
+
     problems = load_problems(args.problems)
     total, seen = _prescan(args.samples, problems)
     if not args.ignore_incomplete and seen != set(problems):
@@ -174,8 +180,14 @@ def _checked_input(args: argparse.Namespace) -> tuple[dict[str, Problem], int]:
     return problems, total
 
 
-def _runner(args: argparse.Namespace, workers: int) -> tuple[BatchRunner, ClusterEngine | None]:
-    """The batch pool (or cluster engine) the samples run on, not started yet."""
+def _runner(
+    args: argparse.Namespace, workers: int
+) -> tuple[BatchRunner, ClusterEngine | None, Callable[[], Awaitable[None]] | None]:
+    """The batch pool (or cluster engine) the samples run on, not started yet.
+
+    With it: the cluster engine, if that is the runner, and what to await for
+    the runner's sandboxes to be spawned, if it can say.
+    """
     if args.ray is not None:
         from sandkernel.ray import ClusterEngine
 
@@ -183,7 +195,7 @@ def _runner(args: argparse.Namespace, workers: int) -> tuple[BatchRunner, Cluste
         cluster = ClusterEngine(
             args.ray, policy=args.policy, pool_size=0, batch_workers=args.workers
         )
-        return cluster, cluster
+        return cluster, cluster, None
     from sandkernel.batch import DEFAULT_PRELOAD, BatchPool
 
     preload = (
@@ -191,20 +203,27 @@ def _runner(args: argparse.Namespace, workers: int) -> tuple[BatchRunner, Cluste
         if args.preload is None
         else [m.strip() for m in args.preload.split(",") if m.strip()]
     )
-    return BatchPool(policy=args.policy, workers=workers, preload=preload), None
+    pool = BatchPool(policy=args.policy, workers=workers, preload=preload)
+    return pool, None, pool.wait_spawned
 
 
 async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
     import asyncio
 
     workers = args.workers or os.cpu_count() or 1
-    runner, cluster = _runner(args, workers)
+    runner, cluster, wait_spawned = _runner(args, workers)
     # The sandboxes boot in processes of their own, which is most of a short
     # evaluation's start: they start first, and the input is read and checked
-    # meanwhile, in a thread so that this loop goes on starting them. A mistake
-    # in the input is still reported at once: the start is then called off.
+    # while they boot, once they are spawned (read sooner, it would compete
+    # with spawning them), in a thread so that this loop goes on starting
+    # them. A mistake in the input is still reported at once: the start is
+    # then called off.
     starting = asyncio.ensure_future(runner.__aenter__())
     try:
+        if wait_spawned is not None:
+            spawned = asyncio.ensure_future(wait_spawned())
+            await asyncio.wait([starting, spawned], return_when=asyncio.FIRST_COMPLETED)
+            spawned.cancel()
         problems, total = await asyncio.to_thread(_checked_input, args)
         await asyncio.shield(starting)
     except BaseException:
@@ -212,6 +231,10 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
         await asyncio.wait([starting])
         await runner.__aexit__(None, None, None)
         raise
+    from sandkernel.evaluate.harness import evaluate_samples
+    from sandkernel.evaluate.problems import read_samples
+    from sandkernel.evaluate.progress import Progress
+
     out_path = args.out or Path(f"{args.samples}_results.jsonl")
     progress: Progress | None = None
     try:

