@@ -217,6 +217,8 @@ async def test_shutdown_under_a_running_cell_gives_killed_at_once(
 async def test_the_set_up_cell_leaves_the_kernel_as_new(kernel_factory: KernelFactory) -> None:
     k = await kernel_factory()
     await k.prepare(self_check=True, imports=("json", "no_such_module_here"))
+    shown = await k.execute("print(repr(_), len(In), dict(Out))", store_history=False)
+    assert shown.stdout == "'' 1 {}\n"  # nothing of the set-up in the history or in _
     r = await k.execute("1+1")
     assert r.status == "ok" and r.text == "2" and r.execution_count == 1
     names = await k.execute(
