@@ -52,11 +52,17 @@ def init(kernel_pid):
 
 
 #: ipykernel's options for every kernel: no history database (nothing to
-#: persist in a single-use kernel), inline matplotlib figures as image/png.
+#: persist in a single-use kernel), inline matplotlib figures as image/png,
+#: and no 0.5 ms sleep before each execute_reply. ipykernel sleeps there so
+#: that a client which takes the reply as the cell's end has likely read the
+#: cell's last output first; sandkernel ends a cell at its idle status, which
+#: comes after that output on the same IOPub socket, and so do Jupyter's own
+#: clients. Every cell is half a millisecond shorter.
 KERNEL_OPTIONS = (
     "--HistoryManager.enabled=False",
     "--InlineBackend.figure_formats=png",
     "--IPKernelApp.quiet=True",
+    "--Kernel._execute_sleep=0",
 )
 
 

@@ -53,6 +53,17 @@ async def test_pool_kernels_are_forked_and_self_checked(engine_factory: EngineFa
     assert zygotes is not None and zygotes.status().startswith("zygote fork")
 
 
+@pytest.mark.parametrize("zygote", [True, False], ids=["forked", "cold"])
+async def test_a_kernel_sends_its_reply_without_ipykernels_sleep_and_ends_with_its_output(
+    engine_factory: EngineFactory, zygote: bool
+) -> None:
+    engine: Engine = await engine_factory(zygote=zygote)
+    session = await engine.session()
+    assert session.kernel is not None and (session.kernel.forked_pid is not None) == zygote
+    r = await session.run("print('x' * 100_000, end=''); get_ipython().kernel._execute_sleep")
+    assert r.status == "ok" and r.text == "0.0" and r.stdout == "x" * 100_000
+
+
 async def test_a_forked_kernel_shows_figures_as_png_as_a_cold_one(
     engine_factory: EngineFactory,
 ) -> None:
