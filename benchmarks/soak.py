@@ -117,7 +117,7 @@ def _kill_kernel_from_outside(session: Session) -> None:
             continue
         # The kernel, not its init: that one runs launch.py too (a cold kernel's)
         # or imports launch (a forked kernel's stub), and its parent is nsjail.
-        if b"launch.py" in cmdline and b"launch" in parent:
+        if b"launch.py" in cmdline and (b"launch.py" in parent or b"import launch" in parent):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             return

@@ -623,14 +623,22 @@ async def test_callers_waiting_for_a_slot_get_one_in_arrival_order() -> None:
 @sandbox
 @pytest.mark.anyio
 async def test_wait_spawned_returns_while_the_sandboxes_boot(host: SandboxHost) -> None:
-    pool = BatchPool(host, workers=2)
+    # One worker: with more, the first could be up before the last is spawned.
+    pool = BatchPool(host, workers=1)
     starting = asyncio.ensure_future(pool.start())
     try:
         await asyncio.wait_for(pool.wait_spawned(), 30)
         assert pool.worker_ids() == [] and not starting.done()  # spawned, not ready
         await asyncio.wait_for(starting, 30)
-        assert len(pool.worker_ids()) == 2
+        assert len(pool.worker_ids()) == 1
         result = await pool.run(RunRequest(code="print(6 * 7)"))
         assert result.stdout == "42\n"
     finally:
         await pool.close()
+
+
+@pytest.mark.anyio
+async def test_wait_spawned_returns_once_the_pool_is_closed() -> None:
+    pool = BatchPool(host=None, workers=1)
+    await pool.close()  # never started: nothing will be spawned
+    await asyncio.wait_for(pool.wait_spawned(), 1)

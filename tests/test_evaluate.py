@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from sandkernel.batch import BatchPool
+from sandkernel.errors import SandboxUnavailable
 from sandkernel.evaluate import (
     EvalInputError,
     Problem,
@@ -451,3 +452,15 @@ def test_an_anti_exit_header_in_front_of_the_check_leaves_every_verdict_as_it_wa
     by_id = {p.task_id: p.raw | {"prompt": header + p.raw["prompt"]} for p in chosen}
     items = [(by_id[line["task_id"]], line["completion"]) for line in lines]
     assert official_results(items, timeout=2.0) == results["header"]
+
+
+def test_eval_says_its_sandbox_cannot_start_before_it_reads_the_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The start fails before any sandbox is spawned: that is the error the
+    # user gets, not the input's, which is not even read.
+    monkeypatch.setenv("SANDKERNEL_NSJAIL", str(tmp_path / "no-nsjail-here"))
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "no/such/task", "completion": ""}\n')
+    with pytest.raises(SandboxUnavailable, match="SANDKERNEL_NSJAIL"):
+        run_eval(eval_args("--samples", str(samples), "--workers", "1", "--no-progress"))

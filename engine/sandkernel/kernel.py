@@ -646,26 +646,29 @@ class SandboxedKernel:
         """Make the kernel ready for a session, in one cell: check it, import, warm it up.
 
         In this order: the isolation self-check (:meth:`self_check`, skipped
-        when ``self_check`` is false), the prewarm ``imports`` (a missing
-        module is not fatal: the user's own import will say so; the names
-        they bind are removed) and the warm-up. A kernel's first cell that
-        shows a value costs about 2 ms more than the next ones, for one-time
-        work in IPython (it builds its session logger, importing
-        ``IPython.core.logger``, and runs its display formatters for the
-        first time): the warm-up does both now, before a session gets the
+        when ``self_check`` is false), the prewarm ``imports`` (a module that
+        is missing or fails to import is not fatal: the user's own import will
+        say so; the names they bind are removed) and the warm-up. A kernel's
+        first cell that shows a value costs about 2 ms more than the next
+        ones, for one-time work in IPython (it builds its session logger,
+        importing ``IPython.core.logger``, and runs its display formatters for
+        the first time): the warm-up does both now, before a session gets the
         kernel. The cell is not silent, so that a session's first cell is not
         the kernel's first to publish its input and run IPython's per-cell
         hooks (measured: a session's second cell 1 ms faster, its first
-        0.2 ms), but it is kept out of the history: the user's namespace, ``In``/``Out``
-        and execution count stay as new. One cell rather than one per step:
-        each round trip costs the engine and the kernel about 3 ms of CPU.
+        0.2 ms), but it is kept out of the history: the user's namespace,
+        ``In``/``Out`` and execution count stay as new. One cell rather than
+        one per step: each round trip costs the engine and the kernel about
+        3 ms of CPU.
 
         Raises:
-            SelfCheckFailed: a check did not hold. KernelStartFailed: the cell did not run.
+            KernelStartFailed: the cell did not run to its end (the kernel died,
+                hung) or failed after the check. SelfCheckFailed: a check did
+                not hold, or the check itself failed.
         """
         parts = [SELF_CHECK_PROBE] if self_check else []
         if imports:
-            parts += [f"try:\n    import {m}\nexcept ImportError:\n    pass" for m in imports]
+            parts += [f"try:\n    import {m}\nexcept Exception:\n    pass" for m in imports]
             parts.append(_forget_names(imports))
         parts.append(_WARM_UP)
         # A cold kernel imports the prewarm modules here (numpy, pandas: seconds).
@@ -673,13 +676,12 @@ class SandboxedKernel:
         result = await self.execute(
             "\n".join(parts), silent=False, store_history=False, timeout_s=timeout_s
         )
-        # The imports may fail with an error of their own (not ImportError), which
-        # leaves the kernel as usable as a failed cell would: only the check counts.
-        if self_check:
-            self._check_report(result)
-        elif result.status != "ok":
-            raise KernelStartFailed(f"warm-up cell failed: {result.status}: {result.message}")
         if result.status not in ("ok", "error"):
+            # The kernel died or hung: a start that failed, not a check.
+            raise KernelStartFailed(f"set-up cell failed: {result.status}: {result.message}")
+        if self_check:
+            self._check_report(result)  # its report missing: the probe itself failed
+        if result.status != "ok":
             raise KernelStartFailed(f"set-up cell failed: {result.status}: {result.message}")
 
     # -- self-check -------------------------------------------------------------
@@ -709,9 +711,9 @@ class SandboxedKernel:
         try:
             report: dict[str, Any] = json.loads(lines[0])
         except (IndexError, ValueError):
-            raise SelfCheckFailed(
-                f"self-check did not run: {result.status} {result.message}"
-            ) from None
+            error = result.error
+            why = f"{error.name}: {error.value}" if error is not None else repr(result.stdout[:200])
+            raise SelfCheckFailed(f"self-check did not run: {why}") from None
         problems = []
         if int(report["cap_eff"], 16) != 0:
             problems.append(f"capabilities present (CapEff {report['cap_eff']})")

@@ -7,9 +7,8 @@ with the kernel's status (128 + signal number when the kernel was killed).
 The child prepares the environment and runs ipykernel.
 
 :func:`adopt` (the sandbox's stub: a Python run with ``-I -S`` that imports
-this module, from its bytecode, and calls it; ``launch.py --adopt`` does the
-same) is the same init for a kernel forked from the zygote (see
-``zygote.py``): by the time it runs, nsjail has
+this module, from its bytecode, and calls it) is the same init for a kernel
+forked from the zygote (see ``zygote.py``): by the time it runs, nsjail has
 made the sandbox whole. It says so on its stdout (one line, read by the
 engine), then waits for its kernel: the zygote's child enters this
 process's namespaces and forks the kernel so that it is adopted by this
@@ -187,8 +186,6 @@ def adopt():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--adopt"]:
-        adopt()
     if os.getpid() == 1:
         child = os.fork()
         if child:

@@ -10,7 +10,7 @@ holds no secret, no socket but its own pair, no thread; it never runs user
 code.
 
 A request names a sandbox that nsjail has already made whole, with
-``launch.py --adopt`` (the stub) as its PID 1, and passes a pidfd of that
+``launch.adopt()`` (the stub) as its PID 1, and passes a pidfd of that
 stub, the kernel's stdin and output. The zygote sets the stub's PID
 namespace as its children's (``setns(CLONE_NEWPID)`` does not move the
 zygote itself), forks, and sets its own back; the child, born in the

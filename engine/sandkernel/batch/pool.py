@@ -159,7 +159,7 @@ class BatchPool:
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self.workers):
-                    group.create_task(self._add_worker())
+                    group.create_task(self._add_worker(initial=True))
         except BaseExceptionGroup as group_error:
             await self.close()
             raise group_error.exceptions[0] from None
@@ -169,6 +169,7 @@ class BatchPool:
         if self._closed:
             return
         self._closed = True
+        self._all_spawned.set()  # nothing more will be spawned
         self._wake_all()
         # A replacement being started stops itself once up (bounded by start_timeout_s).
         if self._replacing:
@@ -185,7 +186,7 @@ class BatchPool:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _new_worker(self) -> Worker:
+    def _new_worker(self, *, initial: bool) -> Worker:
         config = WorkerConfig(
             host=self.host,
             policy=self.policy,
@@ -194,7 +195,9 @@ class BatchPool:
             fetch_max_bytes=self._fetch_max_bytes,
             start_timeout_s=self._start_timeout_s,
         )
-        return Worker(config, self._slot_freed, self._replace, on_spawned=self._spawned)
+        # Only the start's workers count towards wait_spawned(), not replacements.
+        on_spawned = self._spawned if initial else _import_result_models
+        return Worker(config, self._slot_freed, self._replace, on_spawned=on_spawned)
 
     def _spawned(self) -> None:
         self._spawns += 1
@@ -207,13 +210,14 @@ class BatchPool:
 
         For a caller with work of its own to do while the pool starts
         (``sandkernel eval`` reads its input then): done after the spawns, it
-        does not delay them. Never returns if the start fails first: wait
-        for this or for :meth:`start`, whichever ends first.
+        does not delay them. Returns at once when the pool is closed; does
+        not return if the start fails before every spawn: wait for this or
+        for :meth:`start`, whichever ends first.
         """
         await self._all_spawned.wait()
 
-    async def _add_worker(self) -> None:
-        worker = self._new_worker()
+    async def _add_worker(self, *, initial: bool = False) -> None:
+        worker = self._new_worker(initial=initial)
         await worker.start()
         if self._closed:
             await worker.stop()

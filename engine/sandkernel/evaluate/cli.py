@@ -222,13 +222,21 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
     try:
         if wait_spawned is not None:
             spawned = asyncio.ensure_future(wait_spawned())
-            await asyncio.wait([starting, spawned], return_when=asyncio.FIRST_COMPLETED)
-            spawned.cancel()
+            try:
+                await asyncio.wait([starting, spawned], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                spawned.cancel()
+            if starting.done():
+                await starting  # it failed before the spawns: say so now
         problems, total = await asyncio.to_thread(_checked_input, args)
         await asyncio.shield(starting)
     except BaseException:
         starting.cancel()
         await asyncio.wait([starting])
+        if not starting.cancelled():
+            # Retrieved: the error raised here (the input's, say) is the one
+            # reported, and asyncio does not log the start's as unretrieved.
+            starting.exception()
         await runner.__aexit__(None, None, None)
         raise
     from sandkernel.evaluate.harness import evaluate_samples

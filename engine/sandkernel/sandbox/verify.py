@@ -52,7 +52,7 @@ def _sk_check():
         "root_writable": _writable("/"), "tmp_writable": _writable("/tmp"),
         "env_keys": sorted(_o.environ), "env": dict(_o.environ), "mounts": mounts,
     }
-print(_j.dumps(_sk_check())); del _sk_check, _j, _o
+print(_j.dumps(_sk_check()), flush=True); del _sk_check, _j, _o
 """
 
 
