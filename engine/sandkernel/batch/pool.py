@@ -195,8 +195,9 @@ class BatchPool:
             fetch_max_bytes=self._fetch_max_bytes,
             start_timeout_s=self._start_timeout_s,
         )
-        # Only the start's workers count towards wait_spawned(), not replacements.
-        on_spawned = self._spawned if initial else _import_result_models
+        # Only the start's workers count towards wait_spawned(); a replacement
+        # comes after the start, which has built the result models already.
+        on_spawned = self._spawned if initial else None
         return Worker(config, self._slot_freed, self._replace, on_spawned=on_spawned)
 
     def _spawned(self) -> None:
