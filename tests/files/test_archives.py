@@ -62,6 +62,31 @@ def test_path_traversing_tar_and_escaping_links_are_refused() -> None:
         check_upload("b.tar", buf.getvalue())
 
 
+def _zip_with_link(name: str, target: str) -> bytes:
+    """A zip holding a symlink entry, as Info-ZIP's ``zip --symlinks`` writes it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("ok.txt", b"fine")
+        link = zipfile.ZipInfo(name)
+        link.create_system = 3  # Unix: unzip makes the entry a symlink
+        link.external_attr = (0o120777 << 16) | 0x20
+        archive.writestr(link, target)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("target", ["../../../../etc", "/etc/shadow", "a/../../b"])
+def test_zip_symlink_escaping_its_folder_is_refused(target: str) -> None:
+    with pytest.raises(FileRejected, match="'escape', which would unpack or link outside"):
+        check_upload("links.zip", _zip_with_link("escape", target))
+
+
+def test_zip_symlink_within_its_folder_is_accepted() -> None:
+    assert check_upload("links.zip", _zip_with_link("alias", "data/ok.txt")) == (
+        "links.zip",
+        "application/zip",
+    )
+
+
 def test_archive_with_too_many_entries_is_refused() -> None:
     many = zip_bytes({f"f{i}.txt": b"" for i in range(6)})
     assert check_upload("ok.zip", many, max_archive_entries=6)[1] == "application/zip"

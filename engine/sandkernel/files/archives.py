@@ -7,6 +7,7 @@ nothing is unpacked, and nested archives are not opened.
 from __future__ import annotations
 
 import re
+import stat
 import struct
 import tarfile
 import zipfile
@@ -56,6 +57,29 @@ def _zip_end(f: BinaryIO, size: int) -> tuple[int, int] | None:
     return int(entries64), int(cd_size64)
 
 
+#: The longest symlink target a zip entry may hold (Linux's PATH_MAX).
+_ZIP_LINK_MAX_BYTES = 4096
+
+
+def _zip_link_escapes(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
+    """Whether a zip entry is a symlink (as ``unzip`` makes it) whose target escapes.
+
+    A Unix zip stores a symlink as an entry whose mode says so and whose
+    content is the target. A target that cannot be read (encrypted, an
+    unknown compression) or is over-long counts as escaping.
+    """
+    if not stat.S_ISLNK(info.external_attr >> 16):
+        return False
+    if info.file_size > _ZIP_LINK_MAX_BYTES:
+        return True
+    try:
+        with archive.open(info) as entry:
+            target = entry.read(_ZIP_LINK_MAX_BYTES + 1)
+    except (RuntimeError, NotImplementedError):
+        return True
+    return len(target) > _ZIP_LINK_MAX_BYTES or _escapes(target.decode("utf-8", "replace"))
+
+
 def check_zip(
     f: BinaryIO, size: int, name: str, *, max_archive_bytes: int, max_archive_entries: int
 ) -> str:
@@ -74,20 +98,20 @@ def check_zip(
     try:
         with zipfile.ZipFile(f) as archive:
             infos = archive.infolist()
+            if len(infos) > max_archive_entries:
+                raise FileRejected(
+                    f"upload rejected: {name!r} holds {len(infos)} entries, over the "
+                    f"{max_archive_entries} allowed (setting max_archive_entries)"
+                )
+            for info in infos:
+                if _escapes(info.filename) or _zip_link_escapes(archive, info):
+                    raise FileRejected(
+                        f"upload rejected: {name!r} contains {info.filename!r}, which would "
+                        "unpack or link outside its folder; archives may only hold relative "
+                        "paths without '..'"
+                    )
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
         raise FileRejected(f"upload rejected: {name!r} is not a valid zip archive: {exc}") from None
-    if len(infos) > max_archive_entries:
-        raise FileRejected(
-            f"upload rejected: {name!r} holds {len(infos)} entries, over the "
-            f"{max_archive_entries} allowed (setting max_archive_entries)"
-        )
-    for info in infos:
-        if _escapes(info.filename):
-            raise FileRejected(
-                f"upload rejected: {name!r} contains the path {info.filename!r}, which "
-                "would unpack outside its folder; archives may only hold relative paths "
-                "without '..'"
-            )
     declared = sum(info.file_size for info in infos)
     if declared > max_archive_bytes:
         raise FileRejected(
