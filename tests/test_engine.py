@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from sandkernel import (
+    BadInput,
     Engine,
     KernelDead,
     PoolExhausted,
@@ -109,6 +110,31 @@ async def test_ttl_expiry_with_injected_clock(engine_factory: EngineFactory) -> 
         await engine.session("t")
     fresh = await engine.session("t", if_expired="new")
     assert fresh is not s and (await fresh.run("2")).text == "2"
+
+
+async def test_a_session_found_expired_on_use_loses_its_kernel_at_the_next_reap(
+    engine_factory: EngineFactory,
+) -> None:
+    now = [0.0]
+    engine = await engine_factory(session_ttl_s=100, reap_interval_s=3600, clock=lambda: now[0])
+    s = await engine.session("t")
+    kernel = s.kernel
+    assert kernel is not None
+    now[0] = 101
+    with pytest.raises(SessionExpired):
+        await engine.get_session("t")  # marks it expired; the reaper has not run
+    assert await engine.reap() == ["t"]
+    assert s.kernel is None and not kernel.alive
+    assert s.ended_reason == "ttl" and (await engine.stats()).pool.in_use == 0
+
+
+async def test_a_bad_agent_id_leaves_the_session_id_usable(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory()
+    with pytest.raises(BadInput):
+        await engine.session("thread-1", agent_id="bad id with spaces")
+    async with asyncio.timeout(60):
+        s = await engine.session("thread-1")
+    assert (await s.run("1+1")).text == "2"
 
 
 async def test_real_short_ttl_through_the_reaper(engine_factory: EngineFactory) -> None:
@@ -225,3 +251,30 @@ async def test_a_kernel_links_end_is_awaited_not_polled(engine_factory: EngineFa
     await asyncio.wait_for(closed, 10)
     assert not close_link.alive
     await asyncio.wait_for(close_link.wait_ended(), 1)  # at once, once ended
+
+
+async def test_agent_files_reach_sessions_created_while_they_are_placed(tmp_path: Any) -> None:
+    """Sessions come and go while an agent's files are placed (each placement awaits)."""
+    engine = Engine(store_dir=tmp_path, handle_sigterm=False)
+    placed: list[str] = []
+
+    class Workspace:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def place_agent_files(self, folder: Any, files: Any) -> None:
+            placed.append(self.name)
+            # Another request creates a session meanwhile.
+            engine._sessions[f"new-{len(placed)}"] = FakeSession(f"new-{len(placed)}")  # type: ignore[assignment]
+            await asyncio.sleep(0)
+
+    class FakeSession:
+        def __init__(self, name: str) -> None:
+            self.agent_id = "a"
+            self.closed = False
+            self.kernel = type("K", (), {"workspace": tmp_path})()
+            self.workspace = Workspace(name)
+
+    engine._sessions.update({n: FakeSession(n) for n in ("s1", "s2")})  # type: ignore[misc]
+    await engine._give_to_agent_sessions("a", [])
+    assert placed == ["s1", "s2"]

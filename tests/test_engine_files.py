@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sandkernel import Engine, raw_file_name
-from sandkernel.errors import FileNotFoundInStore, FileRejected
+from sandkernel.errors import BadInput, FileNotFoundInStore, FileRejected
 from sandkernel.files import MIME_TYPES
 from tests.files._samples import SAMPLES
 
@@ -213,12 +213,26 @@ async def test_restart_after_a_crash_restores_the_sessions_files(
     )
     dead = await s.run("import os; os._exit(1)")
     assert dead.status == "dead"
+    # Uploaded while there is no kernel: placed in the workspace the restart makes.
+    await s.upload(b"late\n", "late.txt")
     r = await s.run(
-        "print(open('/mnt/data/in.txt').read() + open('/mnt/data/out/r.txt').read())",
+        "print(open('/mnt/data/in.txt').read() + open('/mnt/data/out/r.txt').read()"
+        " + open('/mnt/data/late.txt').read())",
         restart=True,
     )
-    assert r.state_lost and r.stdout == "input\nr\n"
+    assert r.state_lost and r.stdout == "input\nrlate\n\n"
     assert r.files == []
+
+
+async def test_an_upload_to_a_session_keeps_its_retention(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory()
+    s = await engine.session("kept")
+    stored = await engine.upload(b"a\n", "a.txt", session_id=s.id, retention_s=60)
+    assert stored.session_id == "kept" and stored.expires_at is not None
+    assert (await engine.file(stored.id)).expires_at == stored.expires_at
+    assert (await s.run("print(open('/mnt/data/a.txt').read(), end='')")).stdout == "a\n"
+    with pytest.raises(BadInput, match="not both"):
+        await engine.upload(b"b\n", "b.txt", session_id=s.id, agent_id="x")
 
 
 async def test_look_alike_and_undecodable_names_are_listed_apart_and_map_back(

@@ -155,3 +155,87 @@ async def test_closed_session_refuses_runs() -> None:
     assert len(released) == 1
     with pytest.raises(SessionClosed):
         await session.run("x")
+
+
+class GatedKernel(FakeKernel):
+    """A kernel whose cells end when the test says so."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__(log)
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def execute(self, code: str, **_: Any) -> ExecutionResult:
+        self.log.append(f"start {code}")
+        self.started.set()
+        await self.gate.wait()
+        return ExecutionResult(status="ok", usage=Usage(wall_ms=1), stdout=code)
+
+
+async def test_a_running_cell_keeps_the_ttl_and_idle_timeout_off() -> None:
+    clock, log = FakeClock(), []
+    kernel = GatedKernel(log)
+    life = Lifetime(clock(), 60, idle_timeout_s=30, max_lifetime_s=1000)
+    session = Session("s1", kernel, life, clock=clock,  # type: ignore[arg-type]
+                      acquire_kernel=None, release_kernel=None)  # type: ignore[arg-type]  # fmt: skip
+    cell = asyncio.create_task(session.run("long"))
+    await kernel.started.wait()
+    clock.now += 120  # past the TTL and the idle timeout, the cell still running
+    assert session.expiry(clock.now) is None
+    session._check_usable()  # a lookup meanwhile does not end it either
+    assert session.state is SessionState.ACTIVE
+    kernel.gate.set()
+    assert (await cell).stdout == "long"
+    # Both count again from the cell's end.
+    assert session.expiry(clock.now + 29) is None
+    assert session.expiry(clock.now + 30) == ("idle", clock.now + 30)
+    # The maximum lifetime holds even while a cell runs.
+    kernel.gate.clear()
+    kernel.started.clear()
+    cell = asyncio.create_task(session.run("longer"))
+    await kernel.started.wait()
+    assert session.expiry(life.created_at + 1000) == ("max_lifetime", life.created_at + 1000)
+    kernel.gate.set()
+    await cell
+
+
+async def test_a_session_found_expired_on_use_releases_its_kernel_when_expired() -> None:
+    clock, log = FakeClock(), []
+    session, released = make_session(clock, log, ttl_s=60)
+    kernel = session.kernel
+    clock.now += 61
+    with pytest.raises(SessionExpired):
+        await session.run("late")
+    assert session.state is SessionState.EXPIRED and released == []
+    await session.expire("ttl", clock.now + 5)  # the reaper's next pass
+    assert released == [kernel] and session.kernel is None
+    assert session.ended_at == 1060  # its deadline, not the time of the pass
+    await session.close()
+    assert released == [kernel] and session.state is SessionState.EXPIRED
+
+
+async def test_a_session_closed_while_its_dead_kernel_is_replaced_stays_closed() -> None:
+    clock, log = FakeClock(), []
+    gate = asyncio.Event()
+    released: list[Any] = []
+    fresh = FakeKernel(log)
+
+    async def acquire() -> Any:
+        await gate.wait()
+        return fresh
+
+    async def release(kernel: Any) -> None:
+        released.append(kernel)
+
+    session = Session("s1", FakeKernel(log), Lifetime(clock(), 3600), clock=clock,  # type: ignore[arg-type]
+                      acquire_kernel=acquire, release_kernel=release)  # fmt: skip
+    await session.run("die")
+    restart = asyncio.create_task(session.run("x", restart=True))
+    await asyncio.sleep(0.01)  # waiting for a kernel
+    await session.close()
+    gate.set()
+    with pytest.raises(SessionClosed):
+        await restart
+    assert session.state is SessionState.CLOSED and session.kernel is None
+    assert released[-1] is fresh  # the kernel it got is given back, not kept
+    assert "start x" not in log

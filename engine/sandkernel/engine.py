@@ -343,10 +343,10 @@ class Engine:
                 f"{alive} sessions are alive (max_sessions={self.max_sessions}); "
                 "close some or raise max_sessions"
             )
-        future: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
-        self._creating[session_id] = future
         if agent_id is not None:
             _check_id(agent_id, "agent")
+        future: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self._creating[session_id] = future
         if workspace is None:
             acquire = partial(pool.acquire, timeout_s=self.acquire_timeout_s)
         else:
@@ -438,8 +438,11 @@ class Engine:
         expired = []
         for session in list(self._sessions.values()):
             if session.closed:
+                if session.kernel is not None and session.state is SessionState.EXPIRED:
+                    # Found expired on use since the last pass: it keeps when and why.
+                    expired.append((session, (session.ended_reason or "ttl", now)))
                 continue
-            expiry = session.lifetime.expiry(now)
+            expiry = session.expiry(now)
             if expiry is not None:
                 expired.append((session, expiry))
         await asyncio.gather(
@@ -550,7 +553,10 @@ class Engine:
         """
         store = self._require_store()
         if session_id is not None:
-            return await self.live_session(session_id).upload(source, name)
+            if agent_id is not None:
+                raise BadInput("a file goes to a session or to an agent, not both")
+            session = self.live_session(session_id)
+            return await session._store_upload(source, name, retention_s=retention_s)
         if agent_id is not None:
             _check_id(agent_id, "agent")
         stored = await asyncio.to_thread(
@@ -574,7 +580,8 @@ class Engine:
         return attached
 
     async def _give_to_agent_sessions(self, agent_id: str, files: list[StoredFile]) -> None:
-        for session in self._sessions.values():
+        # A copy: sessions come and go while each placement awaits its thread.
+        for session in list(self._sessions.values()):
             if session.agent_id == agent_id and not session.closed and session.kernel:
                 if session.workspace is not None:
                     await session.workspace.place_agent_files(session.kernel.workspace, files)

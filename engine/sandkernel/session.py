@@ -62,9 +62,19 @@ class Lifetime:
     def expires_at(self) -> float:
         return min(self.deadlines().values())
 
-    def expiry(self, now: float) -> tuple[str, float] | None:
-        """``(reason, when)`` if expired at ``now``, else None."""
-        reason, when = min(self.deadlines().items(), key=lambda kv: kv[1])
+    def expiry(self, now: float, *, running: bool = False) -> tuple[str, float] | None:
+        """``(reason, when)`` if expired at ``now``, else None.
+
+        ``running``: a cell is running, which is activity: only the maximum
+        lifetime can end the session then (the TTL and idle timeout count
+        again from the cell's end).
+        """
+        deadlines = self.deadlines()
+        if running:
+            deadlines = {k: v for k, v in deadlines.items() if k == "max_lifetime"}
+            if not deadlines:
+                return None
+        reason, when = min(deadlines.items(), key=lambda kv: kv[1])
         return (reason, when) if now >= when else None
 
     def touch(self, now: float) -> None:
@@ -136,6 +146,8 @@ class Session(StreamsFromRun):
         self._dead_message: str | None = None
 
     # -- running code ---------------------------------------------------------------
+        #: a cell is executing (activity: it keeps the TTL and idle timeout off)
+        self._running = False
 
     async def run(
         self,
@@ -177,8 +189,14 @@ class Session(StreamsFromRun):
                         "run again with restart=True for a fresh kernel, or open a new session"
                     )
                 fresh = await self._acquire()
-                if self.workspace is not None:
-                    await self.workspace.prepare(fresh.workspace, restart=True)
+                try:
+                    # Closed or expired while the kernel was being acquired: that stands.
+                    self._check_usable()
+                    if self.workspace is not None:
+                        await self.workspace.prepare(fresh.workspace, restart=True)
+                except BaseException:
+                    await self._release(fresh)
+                    raise
                 self.kernel = fresh
                 self.state = SessionState.ACTIVE
                 state_lost = True
@@ -188,7 +206,11 @@ class Session(StreamsFromRun):
             self.lifetime.ran(self._clock())
             if file_ids and self.workspace is not None:
                 await self.workspace.attach(kernel.workspace, file_ids)
-            result = await kernel.execute(code, timeout_s=timeout_s, on_output=on_output)
+            self._running = True
+            try:
+                result = await kernel.execute(code, timeout_s=timeout_s, on_output=on_output)
+            finally:
+                self._running = False
             self.lifetime.ran(self._clock())
             self.cells_run += 1
             if self.workspace is not None and not self.closed:
@@ -214,15 +236,21 @@ class Session(StreamsFromRun):
             raise SessionClosed(f"session {self.id!r} was closed")
         if self.state is SessionState.EXPIRED:
             raise self.expired_error()
-        expiry = self.lifetime.expiry(self._clock())
+        expiry = self.expiry(self._clock())
         if expiry is not None:
-            # Expired since the reaper's last pass: same answer as after it.
+            # Expired since the reaper's last pass: same answer as after it (its
+            # next pass ends the kernel).
             self.state = SessionState.EXPIRED
             self.ended_reason, self.ended_at = expiry
             raise self.expired_error()
 
     def expired_error(self) -> SessionExpired:
         when = self._wall(self.ended_at or self._clock()).isoformat(timespec="seconds")
+    def expiry(self, now: float) -> tuple[str, float] | None:
+        """``(reason, when)`` if the session is past its expiry at ``now`` (a running
+        cell counts as activity), else None."""
+        return self.lifetime.expiry(now, running=self._running)
+
         why = self.lifetime.describe(self.ended_reason or "ttl")
         return SessionExpired(
             f"session {self.id!r} expired at {when} because {why}; its kernel was ended. "
@@ -243,9 +271,16 @@ class Session(StreamsFromRun):
         """
         self._check_usable()
         workspace = self._require_workspace()
+        return await self._store_upload(source, name)
+
+    async def _store_upload(
+        self, source: UploadSource, name: str | None, *, retention_s: float | None = None
+    ) -> StoredFile:
         async with self._lock:
             folder = self.kernel.workspace if self.kernel is not None else None
-            return await workspace.upload(folder, source, name)
+            return await workspace.upload(folder, source, name, retention_s=retention_s)
+            self._check_usable()  # closed or expired while a cell held the lock
+            # A dead kernel has no workspace: the file is placed when a restart makes one.
 
     async def attach(self, file_ids: Sequence[str]) -> list[str]:
         """Copy stored files into ``/mnt/data`` now; returns their paths there."""
@@ -254,6 +289,7 @@ class Session(StreamsFromRun):
         async with self._lock:
             if self.kernel is None:
                 raise KernelDead(f"session {self.id!r} has no kernel: {self._dead_message}")
+            self._check_usable()
             return await workspace.attach(self.kernel.workspace, file_ids)
 
     async def files(self) -> list[StoredFile]:
@@ -296,11 +332,11 @@ class Session(StreamsFromRun):
         await self._end(SessionState.CLOSED, "closed")
 
     async def _end(self, state: SessionState, reason: str, when: float | None = None) -> None:
-        if self.state in (SessionState.CLOSED, SessionState.EXPIRED):
-            return
-        self.state = state
-        self.ended_reason = reason
-        self.ended_at = self._clock() if when is None else when
+        if not self.closed:
+            self.state = state
+            self.ended_reason = reason
+            self.ended_at = self._clock() if when is None else when
+        # Also for a session found expired on use (which only marks it): its kernel ends now.
         kernel, self.kernel = self.kernel, None
         if kernel is not None:
             # A cell still running sees its kernel end and returns "killed".

@@ -15,6 +15,7 @@ from pathlib import Path
 from sandkernel.errors import EngineClosed, FileNotFoundInStore
 from sandkernel.files import FileStore, StoredFile, UploadSource
 from sandkernel.results import ExecutionResult
+from sandkernel.sandbox import WORKSPACE_IN_JAIL
 from sandkernel.workspace.collect import IMAGE_TYPES, OutputCaps, collect_outputs
 from sandkernel.workspace.place import WorkspaceState, place_file, restore_files
 from sandkernel.workspace.scan import empty_workspace_stamps, workspace_unchanged
@@ -108,17 +109,29 @@ class SessionWorkspace:
         return stored
 
     async def upload(
-        self, folder: Path | None, source: UploadSource, name: str | None
+        self,
+        folder: Path | None,
+        source: UploadSource,
+        name: str | None,
+        *,
+        retention_s: float | None = None,
     ) -> StoredFile:
-        """Store a file for this session and place it in the workspace (if there is one).
+        """Store a file for this session and place it in the workspace.
+
+        Without a workspace (the session's kernel died) the file is placed in
+        the next one, with the session's other files, when a restart makes it.
 
         Raises:
             FileRejected: unsupported type, mislabelled content, over the size cap.
         """
         store = self._open_store()
-        stored = await asyncio.to_thread(store.add_upload, source, name, session_id=self.session_id)
+        stored = await asyncio.to_thread(
+            store.add_upload, source, name, session_id=self.session_id, retention_s=retention_s
+        )
         if folder is not None:
             await asyncio.to_thread(place_file, store, stored, folder, self.state, read_only=False)
+        else:
+            self.state.latest[f"{WORKSPACE_IN_JAIL}/{stored.name}"] = stored.id
         return stored
 
     async def collect(self, folder: Path, result: ExecutionResult) -> ExecutionResult:
