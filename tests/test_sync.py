@@ -44,8 +44,10 @@ def test_the_blocking_facade_has_every_method_of_the_contract_with_its_parameter
         blocking = getattr(facade, renamed.get(name, name), None)
         assert blocking is not None, f"{facade.__name__} has no {name}"
         assert _same_parameters(inspect.signature(blocking), signature), name
-    if protocol is SessionAPI:
-        assert isinstance(SessionAPI.id, property) and isinstance(BlockingSession.id, property)
+    properties = [n for n, m in inspect.getmembers(protocol) if isinstance(m, property)]
+    assert properties == ([] if protocol is EngineAPI else ["agent_id", "id"])
+    for name in properties:
+        assert isinstance(getattr(facade, name, None), property), f"{facade.__name__}.{name}"
 
 
 def test_every_blocking_backend_is_the_one_facade() -> None:

@@ -106,6 +106,8 @@ class SessionInfo(BaseModel):
     cells_run: int
     kernel_id: str | None
     ended_reason: str | None = None
+    #: the agent the session works for, if any
+    agent_id: str | None = None
 
 
 class Session(StreamsFromRun):
@@ -144,10 +146,10 @@ class Session(StreamsFromRun):
         self._restart_dead = restart_dead_kernels
         self._lock = asyncio.Lock()
         self._dead_message: str | None = None
-
-    # -- running code ---------------------------------------------------------------
         #: a cell is executing (activity: it keeps the TTL and idle timeout off)
         self._running = False
+
+    # -- running code ---------------------------------------------------------------
 
     async def run(
         self,
@@ -244,13 +246,13 @@ class Session(StreamsFromRun):
             self.ended_reason, self.ended_at = expiry
             raise self.expired_error()
 
-    def expired_error(self) -> SessionExpired:
-        when = self._wall(self.ended_at or self._clock()).isoformat(timespec="seconds")
     def expiry(self, now: float) -> tuple[str, float] | None:
         """``(reason, when)`` if the session is past its expiry at ``now`` (a running
         cell counts as activity), else None."""
         return self.lifetime.expiry(now, running=self._running)
 
+    def expired_error(self) -> SessionExpired:
+        when = self._wall(self.ended_at or self._clock()).isoformat(timespec="seconds")
         why = self.lifetime.describe(self.ended_reason or "ttl")
         return SessionExpired(
             f"session {self.id!r} expired at {when} because {why}; its kernel was ended. "
@@ -269,27 +271,27 @@ class Session(StreamsFromRun):
         Raises:
             FileRejected: unsupported type, mislabelled content, over the size cap.
         """
-        self._check_usable()
-        workspace = self._require_workspace()
         return await self._store_upload(source, name)
 
     async def _store_upload(
         self, source: UploadSource, name: str | None, *, retention_s: float | None = None
     ) -> StoredFile:
+        self._check_usable()
+        workspace = self._require_workspace()
         async with self._lock:
-            folder = self.kernel.workspace if self.kernel is not None else None
-            return await workspace.upload(folder, source, name, retention_s=retention_s)
             self._check_usable()  # closed or expired while a cell held the lock
             # A dead kernel has no workspace: the file is placed when a restart makes one.
+            folder = self.kernel.workspace if self.kernel is not None else None
+            return await workspace.upload(folder, source, name, retention_s=retention_s)
 
     async def attach(self, file_ids: Sequence[str]) -> list[str]:
         """Copy stored files into ``/mnt/data`` now; returns their paths there."""
         self._check_usable()
         workspace = self._require_workspace()
         async with self._lock:
+            self._check_usable()
             if self.kernel is None:
                 raise KernelDead(f"session {self.id!r} has no kernel: {self._dead_message}")
-            self._check_usable()
             return await workspace.attach(self.kernel.workspace, file_ids)
 
     async def files(self) -> list[StoredFile]:
@@ -375,4 +377,5 @@ class Session(StreamsFromRun):
             cells_run=self.cells_run,
             kernel_id=self.kernel.kernel_id if self.kernel is not None else None,
             ended_reason=self.ended_reason,
+            agent_id=self.agent_id,
         )

@@ -107,6 +107,10 @@ class BlockingSession:
     def id(self) -> str:
         return self._session.id
 
+    @property
+    def agent_id(self) -> str | None:
+        return self._session.agent_id
+
     def run(
         self,
         code: str,

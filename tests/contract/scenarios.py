@@ -105,6 +105,10 @@ async def agent_files_are_seen_read_only_by_its_sessions(api: EngineAPI) -> None
     assert stored.id in {f.id for f in await api.list_files(agent_id="contract-agent")}
     other = await api.session()
     assert (await other.run("import os; os.path.exists('/mnt/data/rules.txt')")).text == "False"
+    # Every handle on the session knows its agent, however it was got.
+    assert session.agent_id == "contract-agent" and other.agent_id is None
+    assert (await api.get_session(session.id)).agent_id == "contract-agent"
+    assert (await api.session(session.id)).agent_id == "contract-agent"
     await session.close()
     await other.close()
 

@@ -444,12 +444,14 @@ class AsyncClient:
         """
         call = _create_session(session_id, agent_id, if_expired, ttl_s, policy)
         info = await self._send(call)
-        return RemoteSession(self, info.id, agent_id)
+        # The daemon's word: an existing session keeps the agent it was made for.
+        return RemoteSession(self, info.id, info.agent_id)
 
     async def get_session(self, session_id: str) -> RemoteSession:
         """The live session with this id (never creates one)."""
-        _check_live(await self._send(_session_info(session_id)))
-        return RemoteSession(self, session_id, None)
+        info = await self._send(_session_info(session_id))
+        _check_live(info)
+        return RemoteSession(self, session_id, info.agent_id)
 
     async def close_session(self, session_id: str) -> None:
         """Close a session by id (idempotent for ended sessions)."""

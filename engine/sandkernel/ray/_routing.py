@@ -33,6 +33,8 @@ class SessionRouting(HostDirectory):
         self, host: HostHandle, name: str, info: SessionInfo, agent_id: str | None
     ) -> ClusterSession:
         session_id = session_id_of(host.tag, name)
+        # The host's word: an existing session keeps the agent it was made for.
+        agent_id = info.agent_id if info.agent_id is not None else agent_id
         session = self._sessions.get(session_id)
         if session is None or session._host is not host:
             session = ClusterSession(self, host, name, info, agent_id)
