@@ -90,6 +90,20 @@ async def files_go_up_and_come_back_by_id(api: EngineAPI) -> None:
         await api.file(uploaded.id)
     with pytest.raises(FileNotFoundInStore):
         await api.download("file-doesnotexist")
+    with pytest.raises(FileNotFoundInStore):
+        await api.delete_file(uploaded.id)  # gone
+    # Past its retention, not purged yet: unreadable, and still deletable.
+    brief = await api.upload(b"brief\n", "brief.txt", retention_s=0.2)
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                await api.file(brief.id)
+            except FileNotFoundInStore:
+                break
+            await asyncio.sleep(0.05)
+    await api.delete_file(brief.id)
+    with pytest.raises(FileNotFoundInStore):
+        await api.delete_file(brief.id)
     await session.close()
 
 

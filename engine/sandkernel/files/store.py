@@ -542,8 +542,11 @@ class FileStore:
 
     # ----------------------------------------------------------------- reading
 
-    def get(self, file_id: str) -> StoredFile:
+    def get(self, file_id: str, *, expired: bool = False) -> StoredFile:
         """The metadata of a file.
+
+        Args:
+            expired: also a file past its retention that is not purged yet (to delete it).
 
         Raises:
             FileNotFoundInStore: no such id, or the file has expired.
@@ -554,7 +557,7 @@ class FileStore:
             raise FileNotFoundInStore(
                 f"no file with id {file_id!r}: it was never stored here or has been deleted"
             )
-        if record.expires_at is not None and record.expires_at <= self._clock():
+        if not expired and record.expires_at is not None and record.expires_at <= self._clock():
             raise FileNotFoundInStore(
                 f"file {file_id!r} expired at {record.expires_at:.0f} (unix time)"
             )

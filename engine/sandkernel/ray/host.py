@@ -546,7 +546,8 @@ class NodeHost:
     @_replying
     async def delete_file(self, file_id: str) -> StoredFile:
         local = await self._local_id(file_id)
-        stored = await self.engine.file(local)
+        # Also a file past its retention, not purged yet: it can still be deleted.
+        stored = await asyncio.to_thread(self._require_store().get, local, expired=True)
         await self.engine.delete_file(local)
         self._ids.forget(local)
         return self._outward_file(stored)

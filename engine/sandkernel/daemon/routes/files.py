@@ -132,7 +132,7 @@ def add_file_routes(app: FastAPI, engine: ServedEngine, lookup: SessionLookup) -
     )
     async def delete_file(file_id: str) -> Response:
         """Delete a stored file (copies already in workspaces stay there)."""
-        await engine.file(file_id)  # 404 for an unknown id, as for the other file routes
+        # An unknown id is a 404 (FileNotFoundInStore); an expired one can still be deleted.
         await engine.delete_file(file_id)
         return json_response(Deleted(id=file_id))
 
