@@ -123,6 +123,56 @@ def test_records_tell_sessions_of_earlier_runs_and_how_they_ended(tmp_path: Path
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_records_keep_a_bounded_memory_of_what_they_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sandkernel.daemon.records._RECORDED_IN_MEMORY", 3)
+    records = SessionRecords(tmp_path / "records.sqlite3")
+    records.open()
+    for i in range(10):
+        records.record(f"s{i}", None)
+        assert f"s{i}" in records and len(records._recorded) <= 3
+    records.record("s0", None)  # forgotten in memory: written again, the same record
+    records.finish()
+    again = SessionRecords(tmp_path / "records.sqlite3")
+    again.open()
+    assert all(again.lost(f"s{i}") is not None for i in range(10))
+    again.finish()
+
+
+@pytest.mark.anyio
+async def test_a_live_session_is_looked_up_by_its_id_not_in_the_whole_list(
+    tmp_path: Path,
+) -> None:
+    from types import SimpleNamespace
+
+    from sandkernel.daemon.routes.lookup import SessionLookup
+    from sandkernel.errors import SessionClosed
+
+    listed: list[str] = []
+
+    class Live:
+        async def info(self) -> str:
+            return "live info"
+
+    class Engine:
+        async def get_session(self, session_id: str) -> Live:
+            if session_id == "ended":
+                raise SessionClosed("closed")
+            return Live()
+
+        async def sessions(self) -> list[SimpleNamespace]:
+            listed.append("listed")
+            return [SimpleNamespace(id="ended")]
+
+    records = SessionRecords(tmp_path / "records.sqlite3")
+    records.open()
+    lookup = SessionLookup(Engine(), records)  # type: ignore[arg-type]
+    assert await lookup.info("alive") == "live info" and listed == []
+    assert (await lookup.info("ended")).id == "ended" and listed == ["listed"]
+    records.finish()
+
+
 def test_the_socket_is_0600_and_unsafe_places_are_refused(tmp_path: Path) -> None:
     base = Path("/tmp") / f"skd-parts-{os.getpid()}"
     base.mkdir(mode=0o700)

@@ -26,6 +26,9 @@ from typing import Final
 from sandkernel.daemon.errors import SessionLost
 
 _KEEP: Final = 10_000  # sessions remembered; older ids answer 404 again
+#: ids this run knows it recorded, kept in memory to skip a write; past this
+#: many the set starts again (a session recorded twice is recorded the same)
+_RECORDED_IN_MEMORY = 2 * _KEEP
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS boots (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -110,6 +113,8 @@ class SessionRecords:
                     "(SELECT id FROM sessions ORDER BY created_at DESC LIMIT ?)",
                     (_KEEP,),
                 )
+        if len(self._recorded) >= _RECORDED_IN_MEMORY:
+            self._recorded.clear()
         self._recorded.add(session_id)
         self._previous.pop(session_id, None)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sandkernel.api import EngineAPI, SessionAPI
 from sandkernel.daemon.records import SessionRecords
-from sandkernel.errors import SessionLost, SessionNotFound
+from sandkernel.errors import SessionClosed, SessionExpired, SessionLost, SessionNotFound
 from sandkernel.session import SessionInfo
 
 
@@ -38,6 +38,14 @@ class SessionLookup:
 
     async def info(self, session_id: str) -> SessionInfo:
         """A session the engine knows, alive or ended."""
+        try:
+            # A live session is found by its id; listing every session (thousands
+            # remembered) for it would cost each lookup time on the event loop.
+            return await (await self.engine.get_session(session_id)).info()
+        except (SessionExpired, SessionClosed):
+            pass  # ended: the engine lists it, with when and why
+        except SessionNotFound:
+            pass  # not live here: perhaps listed (a cluster's other engine's)
         for info in await self.engine.sessions():
             if info.id == session_id:
                 return info
