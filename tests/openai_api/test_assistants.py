@@ -89,6 +89,11 @@ async def test_assistants_list_pages_in_either_order(openai_daemon: OpenAIDaemon
         assert [a.id for a in ascending.data] == ids[2:4] and ascending.has_more
         before = client.beta.assistants.list(order="asc", before=ids[2])
         assert [a.id for a in before.data] == ids[:2] and not before.has_more
+        # The page just before the cursor, however far from the list's start it is.
+        back = client.beta.assistants.list(limit=2, before=ids[1])
+        assert [a.id for a in back.data] == [ids[3], ids[2]] and back.has_more
+        back_asc = client.beta.assistants.list(order="asc", limit=2, before=ids[4])
+        assert [a.id for a in back_asc.data] == ids[2:4] and back_asc.has_more
         with pytest.raises(openai.BadRequestError) as bad:
             client.beta.assistants.list(limit=101)
         assert bad.value.param == "limit"

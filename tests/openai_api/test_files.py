@@ -119,3 +119,21 @@ async def test_a_missing_or_wrong_key_is_401_over_tcp_and_the_socket_needs_none(
     over_socket = daemon.running.raw()
     answer = await over_socket.get("/openai/files?api-version=2024-05-01-preview")
     assert answer.status_code == 200 and answer.json()["data"] == []
+
+
+async def test_a_list_of_files_without_a_limit_has_them_all(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(engine_options=NO_KERNELS)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        uploaded = [
+            client.files.create(file=(f"f{i}.txt", b"x"), purpose="assistants").id
+            for i in range(25)
+        ]
+        # One page, as OpenAI's (its default limit is 10,000).
+        page = client.files.list(order="asc")
+        assert [f.id for f in page.data] == uploaded and not page.has_more
+
+    await anyio.to_thread.run_sync(exercise)

@@ -572,3 +572,162 @@ async def test_responses_and_containers_answer_errors_in_openais_shape(
     errors = daemon.clients.checked.errors  # each one checked in OpenAI's shape
     assert len(errors) == 9 + 3 + 5
     assert {e["type"] for e in errors} == {"invalid_request_error"}
+
+
+async def test_a_responses_output_sent_back_as_input_continues_the_conversation(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    # OpenAI's function-calling loop: no previous_response_id, `input += response.output`.
+    script = in_order(
+        Reply(
+            content="Let me check.",
+            calls=[code_call("c1", "print(6 * 7)"), ("call-1", "get_weather", '{"city": "Paris"}')],
+        ),
+        Reply(content="42, and sunny."),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+    weather: FunctionToolParam = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "strict": False,
+    }
+    tools: list[ToolParam] = [*AUTO, weather]
+
+    def exercise() -> str:
+        conversation: list[Any] = [{"role": "user", "content": "Compute, then the weather"}]
+        asked = client.responses.create(
+            model=DEPLOYMENT, tools=tools, input=conversation, include=OUTPUTS
+        )
+        assert [i.type for i in asked.output] == [
+            "message",
+            "code_interpreter_call",
+            "function_call",
+        ]
+        conversation += asked.output
+        conversation.append(
+            {"type": "function_call_output", "call_id": "call-1", "output": "sunny"}
+        )
+        answered = client.responses.create(model=DEPLOYMENT, tools=tools, input=conversation)
+        assert answered.status == "completed" and answered.output_text == "42, and sunny."
+        items = client.responses.input_items.list(answered.id, order="asc")
+        assert [i.type for i in items] == [
+            "message",
+            "message",
+            "code_interpreter_call",
+            "function_call",
+            "function_call_output",
+        ]
+        return _code_calls(asked)[0].id
+
+    code_item = await anyio.to_thread.run_sync(exercise)
+    assert daemon.model is not None
+    sent = [m for m in daemon.model.requests[1]["messages"] if m["role"] != "system"]
+    code = {"id": code_item, "type": "function", "function": {"name": "python"}}
+    assert sent == [
+        {"role": "user", "content": "Compute, then the weather"},
+        {
+            "role": "assistant",
+            "content": "Let me check.",
+            "tool_calls": [
+                {**code, "function": {**code["function"], "arguments": '{"code": "print(6 * 7)"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": code_item, "content": "42\n"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call-1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call-1", "content": "sunny"},
+    ]
+
+
+async def test_a_refused_request_leaves_no_container_behind(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(in_order())
+    client = daemon.openai()
+
+    def exercise() -> None:
+        refusals: list[tuple[Any, str]] = [
+            ([{"type": "web_search_call", "id": "ws_1"}], "input[0]"),
+            ([{"role": "user", "content": None}], "input[0].content"),
+        ]
+        for given, param in refusals:
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.responses.create(model=DEPLOYMENT, tools=AUTO, input=given)
+            assert refused.value.param == param
+            assert client.containers.list().data == []
+
+    await anyio.to_thread.run_sync(exercise)
+    assert await daemon.running.client().sessions() == []  # no kernel left running either
+
+
+async def test_an_input_message_without_text_or_parts_is_a_400(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(in_order())
+    client = daemon.openai()
+
+    def exercise() -> None:
+        refusals: list[tuple[Any, str]] = [
+            ([{"role": "user", "content": None}], "input[0].content"),
+            (
+                [{"role": "user", "content": "hi"}, {"role": "user", "content": 7}],
+                "input[1].content",
+            ),
+            ([{"type": "message", "role": "user", "content": [3]}], "input[0].content"),
+            ([{"role": "tool", "content": "x"}], "input[0].role"),
+            (
+                [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}],
+                "input",
+            ),
+        ]
+        for given, param in refusals:
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.responses.create(model=DEPLOYMENT, input=given)
+            assert refused.value.param == param
+
+    await anyio.to_thread.run_sync(exercise)
+    assert daemon.model is not None and daemon.model.requests == []
+    assert len(daemon.clients.checked.errors) == 5  # each in OpenAI's shape
+
+
+async def test_a_deleted_auto_container_is_replaced_for_the_next_response(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", "x = 1")]),
+        Reply(content="set"),
+        Reply(calls=[code_call("c2", "print('x' in globals())")]),
+        Reply(content="fresh"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        first = client.responses.create(model=DEPLOYMENT, tools=AUTO, input="Set x")
+        old = _code_calls(first)[0].container_id
+        client.containers.delete(old)
+        second = client.responses.create(
+            model=DEPLOYMENT,
+            tools=AUTO,
+            input="Is x there?",
+            previous_response_id=first.id,
+            include=OUTPUTS,
+        )
+        assert second.status == "completed"
+        (call,) = _code_calls(second)
+        assert call.container_id != old
+        assert client.containers.retrieve(call.container_id).status == "running"
+        assert call.outputs is not None and call.outputs[0].logs.strip() == "False"  # type: ignore[union-attr]
+
+    await anyio.to_thread.run_sync(exercise)

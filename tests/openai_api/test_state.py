@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from sandkernel.openai_api.wire import (
     Text,
     TextContent,
     Thread,
+    ToolCallsDetails,
 )
 
 
@@ -80,6 +82,23 @@ def test_lists_page_in_both_orders_from_either_cursor(state: ApiState) -> None:
     assert state.get(Assistant, "asst-2") == Assistant(id="asst-2", created_at=1, model="changed")
 
 
+def test_before_gives_the_page_just_before_it_in_either_order(state: ApiState) -> None:
+    for i in range(6):
+        state.save(Assistant(id=f"asst-{i}", created_at=1, model="m"))
+
+    def page(**cursor: str | int) -> tuple[list[str], bool]:
+        items, more = state.page(Assistant, **cursor)  # type: ignore[arg-type]
+        return [a.id for a in items], more
+
+    # Newest first: asst-5 ... asst-0; before asst-1, two: the two listed just above it.
+    assert page(before="asst-1", limit=2) == (["asst-3", "asst-2"], True)
+    assert page(before="asst-3", limit=2) == (["asst-5", "asst-4"], False)
+    assert page(before="asst-4", limit=5) == (["asst-5"], False)
+    assert page(order="asc", before="asst-4", limit=2) == (["asst-2", "asst-3"], True)
+    assert page(order="asc", before="asst-2", limit=2) == (["asst-0", "asst-1"], False)
+    assert page(order="asc", before="asst-0", limit=2) == ([], False)
+
+
 def test_a_thread_takes_one_active_run_and_no_message_meanwhile(state: ApiState) -> None:
     state.save(Thread(id="thread-t", created_at=1))
     first = make_run("run-1", "thread-t", "queued")
@@ -96,6 +115,27 @@ def test_a_thread_takes_one_active_run_and_no_message_meanwhile(state: ApiState)
     assert [obj.id for obj, _ in timeline] == ["msg-1", "run-1", "msg-2"]
     assert state.delete_thread("thread-t")
     assert state.all(Message, thread_id="thread-t") == [] and state.get(Run, "run-1") is None
+
+
+def test_a_wait_for_tool_outputs_past_its_expiry_frees_the_thread(state: ApiState) -> None:
+    state.save(Thread(id="thread-t", created_at=1))
+    waiting = make_run("run-1", "thread-t", "requires_action")  # expires_at 601: long past
+    step = RunStep(
+        id="step-1",
+        created_at=1,
+        run_id="run-1",
+        assistant_id="asst-a",
+        thread_id="thread-t",
+        type="tool_calls",
+        step_details=ToolCallsDetails(),
+    )
+    state.save(waiting, step)
+    state.add_messages("thread-t", [make_message("msg-1", "thread-t")])
+    expired = state.get(Run, "run-1")
+    assert expired is not None and expired.status == "expired" and expired.expires_at is None
+    stopped = state.get(RunStep, "step-1")
+    assert stopped is not None and stopped.status == "expired" and stopped.expired_at is not None
+    assert state.active_run("thread-t") is None
 
 
 def test_private_state_is_kept_beside_its_object(state: ApiState) -> None:
@@ -128,7 +168,10 @@ def test_reopening_fails_the_runs_a_crashed_daemon_left_running(tmp_path: Path) 
         running,
         step,
         make_message("msg-half", "thread-t", run_id="run-busy"),
-        make_run("run-waiting", "thread-t", "requires_action"),
+        # Its wait for tool outputs is not over yet.
+        make_run("run-waiting", "thread-t", "requires_action").model_copy(
+            update={"expires_at": int(time.time()) + 600}
+        ),
         make_run("run-stopping", "thread-t", "cancelling"),
         make_run("run-done", "thread-t", "completed"),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -9,6 +10,7 @@ import anyio
 import openai
 import pytest
 
+from sandkernel.openai_api import runs as runs_module
 from tests._model import Reply, code_call, in_order
 from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, DEPLOYMENT, OpenAIDaemonFactory
 
@@ -195,6 +197,134 @@ async def test_tool_choice_instructions_and_budgets_reach_the_model(
     calls = [c["id"] for m in history if m["role"] == "assistant" for c in m.get("tool_calls", [])]
     assert calls == ["c1", "c2", "w1"]
     assert [m["content"] for m in history if m["role"] == "tool"][-1] == "rain"
+
+
+async def test_words_said_with_tool_calls_are_in_later_turns_once(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply("Let me compute.", [code_call("c1", "print(6 * 7)")]),
+        Reply("It is 42."),
+        Reply("Still 42."),  # a second run on the thread
+    )
+    daemon = await openai_daemon(script)
+    assert daemon.model is not None
+    client = daemon.openai()
+
+    def runs() -> list[str]:
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT, tools=[{"type": "code_interpreter"}]
+        )
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "6 * 7?"}])
+        for _ in range(2):
+            run = client.beta.threads.runs.create_and_poll(
+                thread_id=thread.id, assistant_id=assistant.id
+            )
+            assert run.status == "completed"
+        return [
+            m.content[0].text.value  # type: ignore[union-attr]
+            for m in client.beta.threads.messages.list(thread.id, order="asc")
+            if m.role == "assistant"
+        ]
+
+    assert await anyio.to_thread.run_sync(runs) == ["Let me compute.", "It is 42.", "Still 42."]
+    for request in daemon.model.requests[1:]:
+        said = [m for m in request["messages"] if m.get("content") == "Let me compute."]
+        assert len(said) == 1, request["messages"]
+        assert [c["id"] for c in said[0]["tool_calls"]] == ["c1"]
+
+
+async def test_a_run_waiting_past_its_expiry_frees_its_thread_unretrieved(
+    openai_daemon: OpenAIDaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Runs wait no time for tool outputs: each is overdue once it waits.
+    monkeypatch.setattr(runs_module, "REQUIRES_ACTION_TTL_S", -1)
+    script = in_order(
+        Reply(None, [("w1", "get_weather", CITY)]),
+        Reply(None, [("w2", "get_weather", CITY)]),
+        Reply("A new run."),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def flow() -> None:
+        assistant = client.beta.assistants.create(model=DEPLOYMENT, tools=[WEATHER])
+
+        def waiting_thread() -> tuple[str, str]:
+            thread = client.beta.threads.create(messages=[{"role": "user", "content": "Hi"}])
+            # Streamed, so the run is never retrieved: its events say it waits.
+            with client.beta.threads.runs.create(
+                thread_id=thread.id, assistant_id=assistant.id, stream=True
+            ) as events:
+                last = [e for e in events][-1]
+            assert last.event == "thread.run.requires_action"
+            return thread.id, last.data.id
+
+        listed_thread, listed_run = waiting_thread()
+        busy_thread, _ = waiting_thread()
+        (run,) = client.beta.threads.runs.list(listed_thread)
+        assert (run.id, run.status, run.required_action) == (listed_run, "expired", None)
+        (step,) = client.beta.threads.runs.steps.list(listed_run, thread_id=listed_thread)
+        assert step.status == "expired" and step.expired_at is not None
+        client.beta.threads.messages.create(busy_thread, role="user", content="Still there?")
+        again = client.beta.threads.runs.create_and_poll(
+            thread_id=busy_thread, assistant_id=assistant.id
+        )
+        assert again.status == "completed"
+        assert [r.status for r in client.beta.threads.runs.list(busy_thread)] == [
+            "completed",
+            "expired",
+        ]
+
+    await anyio.to_thread.run_sync(flow)
+
+
+async def test_metadata_set_while_a_run_is_in_progress_outlasts_its_completion(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    answering, answer = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        answering.set()
+        await answer.wait()
+
+    daemon = await openai_daemon(in_order(Reply("Done.", before=hold)))
+    client = daemon.openai()
+
+    def start() -> tuple[str, str, str]:
+        assistant = client.beta.assistants.create(model=DEPLOYMENT)
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Hi"}])
+        run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
+        (message,) = client.beta.threads.messages.list(thread.id)
+        return thread.id, run.id, message.id
+
+    thread_id, run_id, message_id = await anyio.to_thread.run_sync(start)
+    async with asyncio.timeout(60):
+        await answering.wait()
+
+    def update() -> None:
+        updated = client.beta.threads.runs.update(
+            run_id, thread_id=thread_id, metadata={"tag": "mid-run"}
+        )
+        assert (updated.status, updated.metadata) == ("in_progress", {"tag": "mid-run"})
+        client.beta.threads.messages.update(
+            message_id, thread_id=thread_id, metadata={"tag": "read"}
+        )
+
+    await anyio.to_thread.run_sync(update)
+    answer.set()
+
+    def finish() -> None:
+        run = client.beta.threads.runs.poll(run_id, thread_id=thread_id)
+        assert (run.status, run.metadata) == ("completed", {"tag": "mid-run"})
+        first, answered = client.beta.threads.messages.list(thread_id, order="asc")
+        assert first.metadata == {"tag": "read"}
+        assert answered.content[0].text.value == "Done."  # type: ignore[union-attr]
+        # A later update changes the metadata only: the run stays completed.
+        later = client.beta.threads.runs.update(run_id, thread_id=thread_id, metadata={})
+        assert (later.status, later.metadata) == ("completed", {})
+
+    await anyio.to_thread.run_sync(finish)
 
 
 async def test_a_run_without_a_model_endpoint_is_refused_saying_how_to_give_one(

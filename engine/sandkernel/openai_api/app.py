@@ -209,7 +209,7 @@ def _routes(service: AssistantsService) -> list[tuple[str, list[str], Handler]]:
         return _json(
             await s.list_files(
                 purpose=q.get("purpose"),
-                limit=_int(q.get("limit"), 10_000, "limit"),
+                limit=_int(q.get("limit"), 10_000, "limit", default=10_000),
                 order=_order(q.get("order")),
                 after=q.get("after"),
             )

@@ -37,7 +37,14 @@ from sandkernel.openai_api.containers import MNT_DATA, Containers
 from sandkernel.openai_api.errors import APIError, bad_request, not_found
 from sandkernel.openai_api.runs import code_argument, result_tail
 from sandkernel.openai_api.state import ApiState, ResponseState
-from sandkernel.openai_api.wire import ContainerCreate, Deleted, Page, ResponseObject, new_id
+from sandkernel.openai_api.wire import (
+    Container,
+    ContainerCreate,
+    Deleted,
+    Page,
+    ResponseObject,
+    new_id,
+)
 from sandkernel.results import ProducedFile
 
 log = logging.getLogger(__name__)
@@ -201,10 +208,11 @@ class Responses:
             history = await self._previous(body.previous_response_id)
         functions, code_tool = _tools(body.tools)
         _check_tool_choice(body.tool_choice, functions, code=code_tool is not None)
+        input_items, messages = _input(body.input)
+        # Last: a container made for a request refused afterwards would be left running.
         session = None
         if code_tool is not None:
             session = await self._container(code_tool, history.container_id)
-        input_items, messages = _input(body.input)
         response = ResponseObject(
             id=new_id("resp"),
             created_at=_now(),
@@ -276,8 +284,13 @@ class Responses:
             )
         file_ids = [str(f) for f in spec.get("file_ids") or []]
         if previous is not None:
-            container = await self.containers.get(previous)
-            if container.status == "running":
+            try:
+                container: Container | None = await self.containers.get(previous)
+            except APIError as exc:
+                if exc.status != 404:
+                    raise
+                container = None  # deleted since: replaced, as an expired one is
+            if container is not None and container.status == "running":
                 session = await self.containers.session(previous)
                 for file_id in file_ids:
                     await self.containers.add_file_id(previous, file_id)
@@ -616,47 +629,180 @@ def _check_tool_choice(
 
 
 def _input(given: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The input items as stored, and as chat messages."""
+    """The input items as stored, and as chat messages (a 400 naming the first bad one).
+
+    Besides messages and function outputs, the items a response gave are taken
+    back (OpenAI's function-calling loop sends ``input += response.output``):
+    its assistant messages, its ``function_call`` items, its
+    ``code_interpreter_call`` items.
+    """
     if isinstance(given, str):
         given = [{"role": "user", "content": given}]
     items: list[dict[str, Any]] = []
     messages: list[dict[str, Any]] = []
     for i, item in enumerate(given):
+        where = f"input[{i}]"
         kind = item.get("type", "message")
-        if kind == "function_call_output":
+        if kind == "message":
+            items.append(_message_item(item, where, messages))
+        elif kind == "function_call_output":
             call_id, output = item.get("call_id"), item.get("output")
             if not isinstance(call_id, str) or not isinstance(output, str):
-                raise bad_request("function_call_output needs call_id and output", f"input[{i}]")
+                raise bad_request("function_call_output needs call_id and output", where)
             messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
             items.append(
                 {
                     "type": "function_call_output",
-                    "id": new_id("fco"),
+                    "id": _item_id(item, "fco"),
                     "call_id": call_id,
                     "output": output,
                     "status": "completed",
                 }
             )
-            continue
-        if kind != "message":
-            raise APIError(
-                400, f"Input items of type {kind!r} are not supported here.", param=f"input[{i}]"
+        elif kind == "function_call":
+            call_id, name, arguments = (item.get(k) for k in ("call_id", "name", "arguments"))
+            if not all(isinstance(v, str) for v in (call_id, name, arguments)):
+                raise bad_request(
+                    "function_call needs call_id, name and arguments (strings)", where
+                )
+            _add_call(messages, str(call_id), str(name), str(arguments))
+            items.append(
+                {
+                    "type": "function_call",
+                    "id": _item_id(item, "fc"),
+                    "call_id": call_id,
+                    "name": name,
+                    "arguments": arguments,
+                    "status": "completed",
+                }
             )
-        role = item.get("role", "user")
-        content = item.get("content", "")
-        if isinstance(content, str):
-            text = content
+        elif kind == "code_interpreter_call":
+            items.append(_code_item(item, where, messages))
         else:
-            text = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-        # Chat endpoints know "system"; the Responses API's "developer" is the same thing.
-        messages.append({"role": "system" if role == "developer" else role, "content": text})
-        items.append(
-            {
-                "type": "message",
-                "id": new_id("msg"),
-                "role": role,
-                "status": "completed",
-                "content": [{"type": "input_text", "text": text}],
-            }
-        )
+            raise APIError(
+                400, f"Input items of type {kind!r} are not supported here.", param=where
+            )
+    answered = {m["tool_call_id"] for m in messages if m["role"] == "tool"}
+    for item in items:
+        if item["type"] == "function_call" and item["call_id"] not in answered:
+            # The model would be asked to go on from a call with no answer: its endpoint refuses.
+            raise bad_request(f"No tool output found for function call {item['call_id']}.", "input")
     return items, messages
+
+
+def _item_id(item: dict[str, Any], prefix: str) -> str:
+    given = item.get("id")
+    return given if isinstance(given, str) and given else new_id(prefix)
+
+
+def _add_call(messages: list[dict[str, Any]], call_id: str, name: str, arguments: str) -> None:
+    """A tool call in the transcript: on the assistant turn just before it, if there is one.
+
+    Calls a model made in one turn come as items one after the other; joined,
+    they are that turn again, and their outputs, which follow, answer it.
+    """
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant":
+        last.setdefault("tool_calls", []).append(call)
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+
+
+_ROLES: Final = ("user", "assistant", "system", "developer")
+
+
+def _message_item(
+    item: dict[str, Any], where: str, messages: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A message input item as stored; its chat message is added to ``messages``."""
+    role = item.get("role", "user")
+    if role not in _ROLES:
+        raise bad_request(
+            f"role must be one of {', '.join(_ROLES)} (got {role!r})", f"{where}.role"
+        )
+    content = item.get("content", "")
+    if isinstance(content, str):
+        parts: list[dict[str, Any]] = [{"type": "input_text", "text": content}]
+    elif isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        parts = content
+    else:
+        raise bad_request("content must be a string or a list of content parts", f"{where}.content")
+    texts = [
+        str(part.get("refusal" if part.get("type") == "refusal" else "text", "")) for part in parts
+    ]
+    text = "".join(texts)
+    # Chat endpoints know "system"; the Responses API's "developer" is the same thing.
+    messages.append({"role": "system" if role == "developer" else role, "content": text})
+    if role == "assistant":
+        return {
+            "type": "message",
+            "id": _item_id(item, "msg"),
+            "role": "assistant",
+            "status": "completed",
+            "content": [
+                {"type": "refusal", "refusal": t}
+                if part.get("type") == "refusal"
+                else {"type": "output_text", "text": t, "annotations": []}
+                for part, t in zip(parts, texts, strict=True)
+            ],
+        }
+    return {
+        "type": "message",
+        "id": new_id("msg"),
+        "role": role,
+        "status": "completed",
+        "content": [{"type": "input_text", "text": text}],
+    }
+
+
+def _code_item(item: dict[str, Any], where: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """A code_interpreter_call input item as stored; its call and result go in ``messages``.
+
+    The call is kept (rather than left out) so the model sees the code that
+    ran. What it was told of the result then is not in the item; the logs the
+    item carries are what the caller was shown, so they stand for it, or a
+    note that the item has none (``include`` did not ask for them). An item
+    whose code is null shows the model nothing, so it is only stored.
+    """
+    item_id, code, container_id = (item.get(k) for k in ("id", "code", "container_id"))
+    outputs = item.get("outputs")
+    if not isinstance(item_id, str) or not isinstance(container_id, str):
+        raise bad_request("code_interpreter_call needs id and container_id", where)
+    if code is not None and not isinstance(code, str):
+        raise bad_request("code must be a string or null", f"{where}.code")
+    if outputs is not None and not (
+        isinstance(outputs, list)
+        and all(
+            isinstance(o, dict)
+            and (
+                (o.get("type") == "logs" and isinstance(o.get("logs"), str))
+                or (o.get("type") == "image" and isinstance(o.get("url"), str))
+            )
+            for o in outputs
+        )
+    ):
+        raise bad_request(
+            "outputs must be null or a list of logs and image outputs", f"{where}.outputs"
+        )
+    status = item.get("status", "completed")
+    if status not in _CODE_STATUSES:
+        raise bad_request(f"status {status!r} is not a code_interpreter_call status", where)
+    if code:
+        _add_call(messages, item_id, PYTHON, json.dumps({"code": code}))
+        if outputs is None:
+            result = "[The output of this code is not available.]"
+        else:
+            result = "".join(o["logs"] if o["type"] == "logs" else "[image]\n" for o in outputs)
+        messages.append({"role": "tool", "tool_call_id": item_id, "content": result})
+    return {
+        "type": "code_interpreter_call",
+        "id": item_id,
+        "code": code,
+        "container_id": container_id,
+        "outputs": outputs,
+        "status": status,
+    }
+
+
+_CODE_STATUSES: Final = ("in_progress", "completed", "incomplete", "interpreting", "failed")

@@ -213,11 +213,20 @@ class _Progress:
     # ------------------------------------------------------------------ saving
 
     async def save(self, *objects: Message | RunStep | Run) -> None:
-        """The run, its private state and ``objects``, in one transaction."""
-        run, rs = self.run, self.rs.model_copy(deep=True)
-        await anyio.to_thread.run_sync(
-            lambda: self.driver.state.save(*objects, run, private={run.id: rs})
-        )
+        """The run, its private state and ``objects``, in one transaction.
+
+        Their metadata is the stored one: the caller may update it while the run
+        goes on, and the run never changes it.
+        """
+        run, rs, state = self.run, self.rs.model_copy(deep=True), self.driver.state
+
+        def write() -> Run | None:
+            state.save(*objects, run, private={run.id: rs}, keep_metadata=True)
+            return state.get(Run, run.id)
+
+        saved = await anyio.to_thread.run_sync(write)
+        if saved is not None:
+            self.run = self.run.model_copy(update={"metadata": saved.metadata})
 
     def emit(self, event: str, data: Any) -> None:
         self.driver.events.emit(self.run.id, event, data)
@@ -366,10 +375,11 @@ class _Progress:
                 expires_at=None,
             )
             return True
-        if text.strip() or self.message is not None:
-            # The model's words before its tool calls; the turn's usage goes on the tool step.
-            await self.finish_message(text, usage=None)
+        # The model's words before its tool calls are in the transcript once, with the calls.
         self.rs.transcript.append(_assistant_message(reply))
+        if text.strip() or self.message is not None:
+            # The turn's usage goes on the tool step.
+            await self.finish_message(text, usage=None, in_transcript=False)
         return await self.tool_calls(calls, space)
 
     # ------------------------------------------------------------------ messages
@@ -420,8 +430,12 @@ class _Progress:
         *,
         status: Literal["completed", "incomplete"] = "completed",
         usage: Usage | None | Literal["turn"] = "turn",
+        in_transcript: bool = True,
     ) -> None:
-        """The message of this turn (made now, unless its text was streamed), completed."""
+        """The message of this turn (made now, unless its text was streamed), completed.
+
+        ``in_transcript=False``: the text is in the transcript already.
+        """
         streamed = self.message is not None
         if not streamed:
             await self.start_message()
@@ -460,7 +474,8 @@ class _Progress:
             }
         )
         self.rs.pending_images, self.rs.pending_files = [], []
-        self.rs.transcript.append({"role": "assistant", "content": text})
+        if in_transcript:
+            self.rs.transcript.append({"role": "assistant", "content": text})
         self.message, self.step = None, None
         await self.save(message, step)
         self.emit(

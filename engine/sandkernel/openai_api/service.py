@@ -424,9 +424,13 @@ class AssistantsService:
         )
 
     async def update_message(self, thread_id: str, message_id: str, body: MessageUpdate) -> Message:
-        message = await self.message(thread_id, message_id)
-        updated = message.model_copy(update={"metadata": body.metadata or {}})
-        await self._db(self.state.save, updated)
+        await self.message(thread_id, message_id)
+        # Metadata alone: a run may be writing this message's content meanwhile.
+        updated = await self._db(
+            self.state.update_metadata, Message, message_id, body.metadata or {}
+        )
+        if updated is None:
+            raise not_found("message", message_id)
         return updated
 
     async def delete_message(self, thread_id: str, message_id: str) -> Deleted:
@@ -559,47 +563,41 @@ class AssistantsService:
         if found is None or found.thread_id != thread_id:
             raise not_found("run", run_id)
         if found.status == "requires_action" and (found.expires_at or 0) < now():
-            found = await self._expire(found)
-        if run_id in self._cancelling and found.status in ("queued", "in_progress"):
-            found = found.model_copy(update={"status": "cancelling"})
-        return found
+            await self._expire_overdue(thread_id)
+            found = await self._db(self.state.get, Run, run_id) or found
+        return self._shown(found)
 
-    async def _expire(self, run: Run) -> Run:
-        at = now()
-        steps: list[RunStep] = await self._db(self.state.all, RunStep, run_id=run.id)
-        expired_steps = [
-            s.model_copy(update={"status": "expired", "expired_at": at})
-            for s in steps
-            if s.status == "in_progress"
-        ]
-        expired = run.model_copy(
-            update={"status": "expired", "required_action": None, "expires_at": None}
-        )
-        await self._db(self.state.save, *expired_steps, expired)
-        self.events.emit(run.id, "thread.run.expired", expired)
+    def _shown(self, run: Run) -> Run:
+        """The run as stored, ``cancelling`` while its cancellation reaches its task."""
+        if run.id in self._cancelling and run.status in ("queued", "in_progress"):
+            return run.model_copy(update={"status": "cancelling"})
+        return run
+
+    async def _expire_overdue(self, thread_id: str) -> list[Run]:
+        """Expire the thread's runs whose wait for tool outputs is over (announced)."""
+        expired: list[Run] = await self._db(self.state.expire_overdue, thread_id)
+        for run in expired:
+            self.events.emit(run.id, "thread.run.expired", run)
         return expired
 
     async def list_runs(
         self, thread_id: str, *, limit: int, order: Order, after: str | None, before: str | None
     ) -> Page:
         await self.thread(thread_id)
+        await self._expire_overdue(thread_id)
         listed = await self._page(
             Run, thread_id=thread_id, limit=limit, order=order, after=after, before=before
         )
-        listed.data = [
-            r.model_copy(update={"status": "cancelling"})
-            if r.id in self._cancelling and r.status in ("queued", "in_progress")
-            else r
-            for r in listed.data
-        ]
+        listed.data = [self._shown(r) for r in listed.data]
         return listed
 
     async def update_run(self, thread_id: str, run_id: str, body: RunUpdate) -> Run:
-        async with self._lock(thread_id):
-            run = await self.run(thread_id, run_id)
-            updated = run.model_copy(update={"metadata": body.metadata or {}})
-            await self._db(self.state.save, updated)
-        return updated
+        await self.run(thread_id, run_id)
+        # Metadata alone, read and written at once: the run's task saves its status meanwhile.
+        updated = await self._db(self.state.update_metadata, Run, run_id, body.metadata or {})
+        if updated is None:
+            raise not_found("run", run_id)
+        return self._shown(updated)
 
     async def cancel_run(self, thread_id: str, run_id: str) -> Run:
         async with self._lock(thread_id):
@@ -657,7 +655,9 @@ class AssistantsService:
             queued = run.model_copy(
                 update={"status": "queued", "required_action": None, "expires_at": None}
             )
-            await self._db(self.state.save, step, queued, private={run_id: run_state})
+            await self._db(
+                self.state.save, step, queued, private={run_id: run_state}, keep_metadata=True
+            )
         return queued, self._start(queued, stream=stream)
 
     async def step(self, thread_id: str, run_id: str, step_id: str) -> RunStep:

@@ -22,6 +22,7 @@ The methods block (SQLite); the service calls them in worker threads.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -217,10 +218,23 @@ class ApiState:
 
     # ----------------------------------------------------------------- objects
 
-    def save(self, *objects: Stored, private: Mapping[str, BaseModel] | None = None) -> None:
-        """Insert or replace objects (and private states, by object id) in one transaction."""
+    def save(
+        self,
+        *objects: Stored,
+        private: Mapping[str, BaseModel] | None = None,
+        keep_metadata: bool = False,
+    ) -> None:
+        """Insert or replace objects (and private states, by object id) in one transaction.
+
+        Args:
+            keep_metadata: objects already stored keep their stored metadata: for a
+                writer that does not change metadata and whose copies may predate an
+                :meth:`update_metadata` (a run's driver), which would be undone.
+        """
         with self._transaction() as conn:
             for obj in objects:
+                if keep_metadata:
+                    obj = _with_stored_metadata(conn, obj)
                 _upsert(conn, obj, (private or {}).get(obj.id))
             for object_id, state in (private or {}).items():
                 if not any(obj.id == object_id for obj in objects):
@@ -228,6 +242,24 @@ class ApiState:
                         "UPDATE objects SET private = ? WHERE id = ?",
                         (state.model_dump_json(), object_id),
                     )
+
+    def update_metadata(self, cls: type[T], object_id: str, metadata: dict[str, str]) -> T | None:
+        """Replace an object's metadata, and nothing else of it (``None``: no such object).
+
+        Read and written in one transaction, so what another writer saved
+        meanwhile (a run's status, a message's content) stays as it is.
+        """
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT data FROM objects WHERE id = ? AND kind = ?", (object_id, kind_of(cls))
+            ).fetchone()
+            if row is None:
+                return None
+            updated = cls.model_validate_json(row[0]).model_copy(update={"metadata": metadata})
+            conn.execute(
+                "UPDATE objects SET data = ? WHERE id = ?", (updated.model_dump_json(), object_id)
+            )
+        return updated
 
     def get(self, cls: type[T], object_id: str) -> T | None:
         with self._reading() as conn:
@@ -289,13 +321,20 @@ class ApiState:
                     raise UnknownCursor(cursor)
                 bounded += " AND seq > ?" if later else " AND seq < ?"
                 bounds += (int(row[0]),)
-            direction = "ASC" if order == "asc" else "DESC"
+            # Only ``before`` given: the page is the one just before it, so it is read from
+            # ``before`` backwards (``has_more``: more precede it) and turned back. With
+            # ``after`` too, ``after`` starts the page and ``before`` only ends the list.
+            backwards = before is not None and after is None
+            ascending = (order == "asc") != backwards
             rows = conn.execute(
                 f"SELECT data FROM objects WHERE {where}{bounded}"  # noqa: S608 - fixed SQL
-                f" ORDER BY seq {direction} LIMIT ?",
+                f" ORDER BY seq {'ASC' if ascending else 'DESC'} LIMIT ?",
                 (*params, *bounds, limit + 1),
             ).fetchall()
-        items = [cls.model_validate_json(row[0]) for row in rows[:limit]]
+        kept = rows[:limit]
+        if backwards:
+            kept.reverse()
+        items = [cls.model_validate_json(row[0]) for row in kept]
         return items, len(rows) > limit
 
     def delete(self, cls: type[BaseModel], object_id: str) -> bool:
@@ -336,9 +375,15 @@ class ApiState:
     # ----------------------------------------------------------------- runs
 
     def active_run(self, thread_id: str) -> Run | None:
-        """The thread's run that is not finished, if any."""
-        with self._reading() as conn:
+        """The thread's run that is not finished, if any (an overdue wait expires first)."""
+        with self._transaction() as conn:
+            _expire_overdue(conn, thread_id, _now())
             return _active_run(conn, thread_id)
+
+    def expire_overdue(self, thread_id: str, now: int | None = None) -> list[Run]:
+        """Expire the thread's runs whose wait for tool outputs is over; those runs, expired."""
+        with self._transaction() as conn:
+            return _expire_overdue(conn, thread_id, _now() if now is None else now)
 
     def create_run(self, run: Run, state: RunState, messages: list[Message]) -> None:
         """Store a new run (and the messages it adds first), if its thread has no active run.
@@ -347,6 +392,7 @@ class ApiState:
             ThreadBusy: the thread has a run that is not finished.
         """
         with self._transaction() as conn:
+            _expire_overdue(conn, run.thread_id, _now())
             active = _active_run(conn, run.thread_id)
             if active is not None:
                 raise ThreadBusy(active)
@@ -361,6 +407,7 @@ class ApiState:
             ThreadBusy: the thread has a run that is not finished.
         """
         with self._transaction() as conn:
+            _expire_overdue(conn, thread_id, _now())
             active = _active_run(conn, thread_id)
             if active is not None:
                 raise ThreadBusy(active)
@@ -509,3 +556,54 @@ def _active_run(conn: sqlite3.Connection, thread_id: str) -> Run | None:
         (thread_id,),
     ).fetchone()
     return None if row is None else Run.model_validate_json(row[0])
+
+
+def _expire_overdue(conn: sqlite3.Connection, thread_id: str, now: int) -> list[Run]:
+    """Expire the thread's runs waiting for tool outputs past ``expires_at``, as OpenAI's do.
+
+    Done wherever a thread's runs are looked at, so the thread is free once the
+    wait is over, not only when that run is retrieved.
+    """
+    rows = conn.execute(
+        "SELECT data FROM objects WHERE kind = 'run' AND thread_id = ?"
+        " AND status = 'requires_action'",
+        (thread_id,),
+    ).fetchall()
+    expired: list[Run] = []
+    for (data,) in rows:
+        run = Run.model_validate_json(data)
+        if (run.expires_at or 0) >= now:
+            continue
+        for (item,) in conn.execute(
+            "SELECT data FROM objects WHERE kind = 'step' AND run_id = ? AND status = ?",
+            (run.id, "in_progress"),
+        ).fetchall():
+            step = RunStep.model_validate_json(item).model_copy(
+                update={"status": "expired", "expired_at": now}
+            )
+            conn.execute(
+                "UPDATE objects SET data = ?, status = ? WHERE id = ?",
+                (step.model_dump_json(), step.status, step.id),
+            )
+        run = run.model_copy(
+            update={"status": "expired", "required_action": None, "expires_at": None}
+        )
+        conn.execute(
+            "UPDATE objects SET data = ?, status = ? WHERE id = ?",
+            (run.model_dump_json(), run.status, run.id),
+        )
+        expired.append(run)
+    return expired
+
+
+def _with_stored_metadata(conn: sqlite3.Connection, obj: Stored) -> Stored:
+    if "metadata" not in type(obj).model_fields:
+        return obj
+    row = conn.execute("SELECT data FROM objects WHERE id = ?", (obj.id,)).fetchone()
+    if row is None:
+        return obj
+    return obj.model_copy(update={"metadata": json.loads(row[0]).get("metadata") or {}})
+
+
+def _now() -> int:
+    return int(time.time())
