@@ -23,8 +23,17 @@ def text_of(result: CallToolResult) -> str:
     return "\n".join(c.text for c in result.content if isinstance(c, TextContent))
 
 
-async def _drive(params: StdioServerParameters, errlog: Path, csv_path: Path) -> None:
+async def _drive(
+    params: StdioServerParameters, errlog: Path, csv_path: Path, other_file: str | None = None
+) -> None:
+    """Drive every tool; ``csv_path``'s folder is the server's upload folder.
+
+    ``other_file``: the id of a file of a session the model never used.
+    """
     csv_text = csv_path.read_text()  # noqa: ASYNC240 - a small test file
+    outside = csv_path.parent.parent / "outside.txt"
+    outside.write_text("not for the model\n")  # noqa: ASYNC240 - a small test file
+    (csv_path.parent / "link.txt").symlink_to(outside)
     with errlog.open("w") as err:
         async with stdio_client(params, errlog=err) as (read, write):
             async with ClientSession(read, write) as mcp:
@@ -41,6 +50,10 @@ async def _drive(params: StdioServerParameters, errlog: Path, csv_path: Path) ->
                     text_of(await mcp.call_tool("upload_file", {"path": str(csv_path)}))
                 )
                 assert up["sandbox_path"] == "/mnt/data/points.csv"
+                # Host files outside the upload folder stay out of reach, links included.
+                for path in (str(outside), str(csv_path.parent / "link.txt"), "/etc/passwd"):
+                    refused = await mcp.call_tool("upload_file", {"path": path, "name": "x.txt"})
+                    assert refused.is_error and "not under an upload folder" in str(refused.content)
                 encoded = base64.b64encode(b"hello from base64\n").decode()
                 await mcp.call_tool(
                     "upload_file", {"content_base64": encoded, "name": "greeting.txt"}
@@ -56,6 +69,13 @@ async def _drive(params: StdioServerParameters, errlog: Path, csv_path: Path) ->
                 )
                 assert "hello from base64" in text_of(plot)
                 assert any(isinstance(c, ImageContent) for c in plot.content)
+                # An image as the cell's value is shown too.
+                value = await mcp.call_tool(
+                    "run_python",
+                    {"code": "from IPython.display import Image\nImage('/mnt/data/points.png')"},
+                )
+                shown = [c for c in value.content if isinstance(c, ImageContent)]
+                assert [c.mime_type for c in shown] == ["image/png"], value.content
 
                 listed = json.loads(text_of(await mcp.call_tool("list_files", {})))
                 by_name = {f["name"]: f for f in listed}
@@ -78,16 +98,20 @@ async def _drive(params: StdioServerParameters, errlog: Path, csv_path: Path) ->
                     "read_file", {"file_id": "file-000000000000000000000000"}
                 )
                 assert failed.is_error and "file-000000000000000000000000" in str(failed.content)
+                if other_file is not None:  # another client's file: as if it did not exist
+                    foreign = await mcp.call_tool("read_file", {"file_id": other_file})
+                    assert foreign.is_error and "FileNotFoundInStore" in str(foreign.content)
 
 
 async def test_mcp_server_with_an_embedded_engine(tmp_path: Path) -> None:
-    csv_path = tmp_path / "points.csv"
+    (tmp_path / "uploads").mkdir()
+    csv_path = tmp_path / "uploads" / "points.csv"
     csv_path.write_text("x,y\n1,2\n2,4\n3,9\n")
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "sandkernel.daemon", "mcp", "--store", str(tmp_path / "store"),
               "--runtime-dir", str(runtime_root()), "--pool-size", "0", "--prewarm", "",
-              "--acquire-timeout", "100"],
+              "--acquire-timeout", "100", "--upload-dir", str(tmp_path / "uploads")],
     )  # fmt: skip
     await _drive(params, tmp_path / "mcp.log", csv_path)
     leftovers = [p for p in runtime_root().iterdir() if p.name != "owners"]
@@ -99,15 +123,32 @@ async def test_mcp_server_on_a_running_daemon(
     daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
     running = await daemon_factory()
-    csv_path = tmp_path / "points.csv"
+    other = await running.engine.session("someone-else")
+    private = await other.upload(b"private\n", "private.txt")
+    (tmp_path / "uploads").mkdir()
+    csv_path = tmp_path / "uploads" / "points.csv"
     csv_path.write_text("x,y\n1,1\n2,3\n")
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "sandkernel.daemon", "mcp", "--socket", str(running.socket)],
-    )
-    await _drive(params, tmp_path / "mcp.log", csv_path)
-    sessions = [s.id for s in (await running.engine.sessions())]
-    assert len(sessions) == 1 and sessions[0].startswith("mcp-")  # it ran in the daemon
+        args=["-m", "sandkernel.daemon", "mcp", "--socket", str(running.socket),
+              "--upload-dir", str(tmp_path / "uploads")],
+    )  # fmt: skip
+    await _drive(params, tmp_path / "mcp.log", csv_path, other_file=private.id)
+    ran = [s for s in await running.engine.sessions() if s.id != "someone-else"]
+    assert len(ran) == 1 and ran[0].id.startswith("mcp-")  # it ran in the daemon
+    assert ran[0].state == "closed"  # and ended its session as it exited
+    await other.close()
+
+
+def test_mcp_on_a_daemon_refuses_engine_options() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sandkernel.daemon", "mcp", "--socket", "/nonexistent",
+         "--policy", "strict"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "--policy would be ignored with --socket" in done.stderr
 
 
 def _owned_by_live_process(path: Path) -> bool:

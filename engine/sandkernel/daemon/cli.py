@@ -169,6 +169,14 @@ def add_daemon_parsers(subparsers: Any) -> None:
     )
     mcp.set_defaults(daemon_command="mcp")
     mcp.add_argument("--socket", help="use the daemon listening here instead of an embedded engine")
+    mcp.add_argument(
+        "--upload-dir",
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="a host folder whose files upload_file may read (repeatable; default: none, "
+        "uploads then take base64 content only)",
+    )
     mcp.add_argument("--log-level", default="warning", help="logging to stderr (default: warning)")
     _add_engine_options(mcp)
 
@@ -283,11 +291,33 @@ def _mcp(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise SystemExit(_MISSING_EXTRA.format(command="mcp", extra="mcp", exc=exc)) from None
     _configure_logging(args.log_level)
+    folders = [Path(d) for d in args.upload_dir]
+    for folder in folders:
+        if not folder.is_dir():
+            raise SystemExit(f"sandkernel mcp: --upload-dir {folder}: not a folder")
     if args.socket:
-        asyncio.run(run_mcp_server(socket=Path(args.socket), engine=None))
+        given = _engine_options_given(args)
+        if given:
+            raise SystemExit(
+                f"sandkernel mcp: {', '.join(given)} would be ignored with --socket: "
+                "the daemon's engine has its own settings"
+            )
+        asyncio.run(run_mcp_server(socket=Path(args.socket), engine=None, upload_dirs=folders))
     else:
-        asyncio.run(run_mcp_server(socket=None, engine=_engine(args, handle_sigterm=True)))
+        engine = _engine(args, handle_sigterm=True)
+        asyncio.run(run_mcp_server(socket=None, engine=engine, upload_dirs=folders))
     return 0
+
+
+def _engine_options_given(args: argparse.Namespace) -> list[str]:
+    """The engine options set to something other than their defaults, as flags."""
+    probe = argparse.ArgumentParser(add_help=False)
+    _add_engine_options(probe)
+    return [
+        action.option_strings[0]
+        for action in probe._actions
+        if getattr(args, action.dest, action.default) != action.default
+    ]
 
 
 def run_daemon_command(args: argparse.Namespace) -> int:

@@ -5,10 +5,15 @@ Tools:
 - ``run_python``: run a cell in a session (one default session per server, or
   one named by ``session_id``); answers the result as a model reads it, plus
   the images the cell displayed;
-- ``upload_file``: put a file (a host path, or base64 content) into the
-  session's ``/mnt/data``;
+- ``upload_file``: put a file (base64 content, or a host path under a folder
+  the server was given with ``--upload-dir``) into the session's ``/mnt/data``;
 - ``list_files``: the session's files (uploaded and produced) with their ids;
 - ``read_file``: a stored file by id, as text or base64.
+
+The model reaches the sessions it works in and their files, nothing else:
+the server runs as root (sandboxes need it), so a host path it may read is
+the user's choice, and a file of a session the model never used is "not
+found" (the store is shared with the daemon's other clients).
 
 The tools work on an embedded engine, or on a running daemon (``--socket``):
 the daemon's client has the engine's methods, so the code is the same.
@@ -19,9 +24,10 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import contextlib
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -35,12 +41,17 @@ from pydantic import Field
 from sandkernel import __version__
 from sandkernel.api import EngineAPI, ManagedBackend, SessionAPI
 from sandkernel.daemon.client import AsyncClient
-from sandkernel.errors import SandkernelError
+from sandkernel.errors import FileNotFoundInStore, SandkernelError
 from sandkernel.files import StoredFile
 from sandkernel.loop import format_result
+from sandkernel.results import ExecutionResult
 
 _MAX_IMAGES: Final = 4
 _READ_LIMIT: Final = 10 << 20
+#: images a model can be shown (MCP's ImageContent), in order of preference
+_IMAGE_TYPES: Final = ("image/png", "image/jpeg", "image/gif", "image/webp")
+#: a cell's longest wall timeout through the tool (the daemon's bound too)
+MAX_TIMEOUT_S: Final = 24 * 3600.0
 
 
 INSTRUCTIONS = (
@@ -61,17 +72,51 @@ def _anticipated() -> Iterator[None]:
 
 
 class SandboxTools:
-    """The tool implementations, on an engine or a daemon client."""
+    """The tool implementations, on an engine or a daemon client.
 
-    def __init__(self, backend: EngineAPI, *, default_session_id: str | None = None) -> None:
+    Args:
+        backend: the engine, or a daemon's client.
+        default_session_id: the session used when a tool names none.
+        upload_dirs: host folders ``upload_file`` may read files from (default:
+            none; uploads then take base64 content only).
+    """
+
+    def __init__(
+        self,
+        backend: EngineAPI,
+        *,
+        default_session_id: str | None = None,
+        upload_dirs: Sequence[Path] = (),
+    ) -> None:
         self.backend = backend
         self.default_session_id = default_session_id or f"mcp-{secrets.token_hex(6)}"
+        self.upload_dirs = [Path(d).resolve() for d in upload_dirs]
+        #: the sessions the model used through this server: their files are its own
+        self.used: set[str] = set()
 
     async def _session(self, session_id: str | None) -> SessionAPI:
         if session_id is None:
             # The default session starts afresh if it expired: the server outlives it.
-            return await self.backend.session(self.default_session_id, if_expired="new")
-        return await self.backend.session(session_id)
+            session = await self.backend.session(self.default_session_id, if_expired="new")
+        else:
+            session = await self.backend.session(session_id)
+        self.used.add(session.id)
+        return session
+
+    def _host_file(self, path: str) -> Path:
+        """``path`` if it is a file under one of the upload folders (symlinks resolved)."""
+        if not self.upload_dirs:
+            raise ValueError(
+                "this server reads no host files: send content_base64, or start it with "
+                "--upload-dir FOLDER to allow files under FOLDER"
+            )
+        source = Path(path).expanduser().resolve()
+        if not any(source.is_relative_to(d) for d in self.upload_dirs):
+            allowed = ", ".join(str(d) for d in self.upload_dirs)
+            raise ValueError(f"{path} is not under an upload folder ({allowed})")
+        if not source.is_file():
+            raise ValueError(f"{path} is not a file")
+        return source
 
     async def run_python(
         self,
@@ -80,7 +125,8 @@ class SandboxTools:
             str | None, Field(description="session to run in (default: this server's own)")
         ] = None,
         timeout_s: Annotated[
-            float | None, Field(gt=0, description="wall timeout (default: the policy's)")
+            float | None,
+            Field(gt=0, le=MAX_TIMEOUT_S, description="wall timeout (default: the policy's)"),
         ] = None,
     ) -> list[TextContent | ImageContent]:
         """Run Python code in a sandboxed Jupyter kernel; state persists across calls."""
@@ -90,15 +136,17 @@ class SandboxTools:
             content: list[TextContent | ImageContent] = [
                 TextContent(type="text", text=format_result(result))
             ]
-            images = [d.data["image/png"] for d in result.displays if "image/png" in d.data]
-            for png in images[:_MAX_IMAGES]:
-                if isinstance(png, str):
-                    content.append(ImageContent(type="image", data=png, mime_type="image/png"))
+            content += _images(result)[:_MAX_IMAGES]
             return content
 
     async def upload_file(
         self,
-        path: Annotated[str | None, Field(description="a file on this machine to upload")] = None,
+        path: Annotated[
+            str | None,
+            Field(
+                description="a file on this machine to upload (under the server's upload folders)"
+            ),
+        ] = None,
         content_base64: Annotated[
             str | None, Field(description="or the file's content, base64-encoded")
         ] = None,
@@ -124,10 +172,8 @@ class SandboxTools:
                 stored = await session.upload(data, name)
             else:
                 assert path is not None
-                source = await anyio.Path(path).expanduser()
-                if not await source.is_file():
-                    raise ValueError(f"{source} is not a file")
-                stored = await session.upload(Path(source), name)
+                source = await anyio.to_thread.run_sync(self._host_file, path)
+                stored = await session.upload(source, name)
             return json.dumps({**_describe(stored), "sandbox_path": f"/mnt/data/{stored.name}"})
 
     async def list_files(
@@ -138,7 +184,12 @@ class SandboxTools:
     ) -> str:
         """List the session's files (uploaded and produced) with their ids."""
         with _anticipated():
-            files = await self.backend.list_files(session_id=session_id or self.default_session_id)
+            session_id = session_id or self.default_session_id
+            if session_id not in self.used:
+                # Another session: the model may use it (run_python could), so it is
+                # looked up live, and from then on it is one of the model's.
+                self.used.add((await self.backend.get_session(session_id)).id)
+            files = await self.backend.list_files(session_id=session_id)
             return json.dumps([_describe(f) for f in files], indent=1)
 
     async def read_file(
@@ -151,6 +202,8 @@ class SandboxTools:
         """Read a stored file: text for text files, else base64."""
         with _anticipated():
             stored = await self.backend.file(file_id)
+            if stored.session_id not in self.used:
+                raise FileNotFoundInStore(f"no file {file_id!r} in the sessions used here")
             data = await self.backend.download(file_id, max_bytes=max_bytes)
             truncated = stored.size_bytes > len(data)
             answer: dict[str, Any] = {**_describe(stored), "truncated": truncated}
@@ -160,6 +213,19 @@ class SandboxTools:
             else:
                 answer.update(encoding="base64", content=base64.b64encode(data).decode())
             return json.dumps(answer)
+
+
+def _images(result: ExecutionResult) -> list[TextContent | ImageContent]:
+    """The images a cell showed, then the one it returned (a figure as its value)."""
+    found: list[TextContent | ImageContent] = []
+    bundles = [d.data for d in result.displays]
+    if result.value is not None:
+        bundles.append(result.value.data)
+    for data in bundles:
+        kind = next((t for t in _IMAGE_TYPES if isinstance(data.get(t), str)), None)
+        if kind is not None:
+            found.append(ImageContent(type="image", data=data[kind], mime_type=kind))
+    return found
 
 
 def _as_text(data: bytes, *, truncated: bool) -> str | None:
@@ -192,19 +258,29 @@ def build_mcp_server(tools: SandboxTools) -> MCPServer[Any]:
     return server
 
 
-async def run_mcp_server(*, socket: Path | None, engine: ManagedBackend | None) -> None:
+async def run_mcp_server(
+    *, socket: Path | None, engine: ManagedBackend | None, upload_dirs: Sequence[Path] = ()
+) -> None:
     """Serve the tools over stdio until the client closes stdin.
 
     Args:
         socket: a running daemon's socket; or None to use ``engine``.
         engine: a not yet started engine (used when ``socket`` is None).
+        upload_dirs: host folders ``upload_file`` may read files from.
     """
     if socket is not None:
         async with AsyncClient(socket) as client:
             await client.health()  # fail now, with the daemon's address, if it is not there
-            await build_mcp_server(SandboxTools(client)).run_stdio_async()
+            tools = SandboxTools(client, upload_dirs=upload_dirs)
+            try:
+                await build_mcp_server(tools).run_stdio_async()
+            finally:
+                # The daemon outlives this server: its own session ends with it.
+                if tools.default_session_id in tools.used:
+                    with contextlib.suppress(SandkernelError):
+                        await client.close_session(tools.default_session_id)
         return
     if engine is None:
         raise ValueError("give a daemon socket or an engine")
     async with engine:  # leaving it ends every kernel
-        await build_mcp_server(SandboxTools(engine)).run_stdio_async()
+        await build_mcp_server(SandboxTools(engine, upload_dirs=upload_dirs)).run_stdio_async()
