@@ -112,6 +112,11 @@ async def test_csv_png_and_shown_figure_come_back_as_three_files(
         assert hashlib.sha256(data).hexdigest() == f.sha256 and len(data) == f.size_bytes
     again = await s.run("x = 1")
     assert again.files == []  # unchanged files are not reported twice
+    # An image as the cell's value is a produced file too, as a displayed one is.
+    value = await s.run("from IPython.display import Image\nImage('/mnt/data/chart.png')")
+    (shown,) = value.files
+    assert shown.source == "display" and shown.mime_type == "image/png"
+    assert shown.sha256 == inside["chart.png"]
 
 
 async def test_symlink_to_a_host_secret_is_not_followed(

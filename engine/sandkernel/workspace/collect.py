@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from sandkernel.errors import SandkernelError
 from sandkernel.files import FileStore, StoredFile
-from sandkernel.results import ExecutionResult, ProducedFile
+from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
 from sandkernel.workspace.place import WorkspaceState
 from sandkernel.workspace.scan import open_workspace_file, scan_workspace
@@ -155,6 +155,12 @@ def collect_outputs(
     )
 
 
+def shown_images(result: ExecutionResult) -> list[DisplayOutput]:
+    """The images a cell displayed, then its value if that is one (``Image(...)`` last)."""
+    shown = [*result.displays, *([result.value] if result.value is not None else [])]
+    return [d for d in shown if IMAGE_TYPES.keys() & d.data.keys()]
+
+
 def _store_displays(
     store: FileStore,
     result: ExecutionResult,
@@ -166,7 +172,7 @@ def _store_displays(
     notes: list[str],
 ) -> list[ProducedFile]:
     produced: list[ProducedFile] = []
-    images = [d for d in result.displays if any(t in d.data for t in IMAGE_TYPES)]
+    images = shown_images(result)
     for n, display in enumerate(images, 1):
         if len(produced) >= room:
             notes.append(f"more displayed images than the {caps.max_files}-file cap (max_files)")

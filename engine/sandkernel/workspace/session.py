@@ -16,7 +16,7 @@ from sandkernel.errors import EngineClosed, FileNotFoundInStore
 from sandkernel.files import FileStore, StoredFile, UploadSource
 from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
-from sandkernel.workspace.collect import IMAGE_TYPES, OutputCaps, collect_outputs
+from sandkernel.workspace.collect import OutputCaps, collect_outputs, shown_images
 from sandkernel.workspace.place import WorkspaceState, place_file, restore_files
 from sandkernel.workspace.scan import empty_workspace_stamps, workspace_unchanged
 
@@ -147,7 +147,7 @@ class SessionWorkspace:
         dirs = self.state.dirs
         if (
             dirs is not None
-            and not any(IMAGE_TYPES.keys() & d.data.keys() for d in result.displays)
+            and not shown_images(result)
             and workspace_unchanged(folder, self.state.snapshot, dirs)
         ):
             return result
