@@ -150,6 +150,27 @@ def test_a_command_gets_the_same_parser_built_alone() -> None:
         assert set(_subcommands(build_parser(first))) == set(everything)
 
 
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["run", "--timeout", "inf", "1"], "must be above 0 and at most 86400"),
+        (["run", "--timeout", "0", "1"], "must be above 0"),
+        (["run", "--timeout", "nan", "1"], "must be above 0"),
+        (["solve", "--timeout", "-5", "q"], "must be above 0"),
+        (["eval", "--workers", "0", "--samples", "s.jsonl"], "must be above 0"),
+        (["serve", "--max-queued-mb", "nan"], "must be above 0"),
+        (["serve", "--max-upload-mb", "-1"], "must be above 0"),
+        (["serve", "--session-ttl", "inf"], "at most 2.592e+06"),
+        (["serve", "--graceful-timeout", "-5"], "must be at least 0"),
+        (["serve", "--pool-size", "two"], "not 'int': 'two'"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_before_anything_starts(args: list[str], why: str) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and why in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_an_unknown_command_is_refused_with_every_command_listed() -> None:
     proc = run_cli("evl")
     assert proc.returncode == 2

@@ -39,9 +39,16 @@ def test_unknown_fields_are_refused() -> None:
         {"max_upload_bytes": 0},
         {"batch_workers": 0},
         {"max_kernels": 1, "pool_size": 2},
+        # inf, nan or 1e12 s are no TTL: their expiry times overflow datetime
+        {"session_ttl_s": float("inf")},
+        {"session_ttl_s": 1e12},
+        {"idle_timeout_s": float("nan")},
+        {"max_lifetime_s": 31 * 24 * 3600},
+        {"produced_file_retention_s": float("inf")},
+        {"acquire_timeout_s": 1e9},
     ],
 )
-def test_out_of_range_values_are_refused(settings: dict[str, int]) -> None:
+def test_out_of_range_values_are_refused(settings: dict[str, float]) -> None:
     with pytest.raises(ValidationError):
         EngineConfig(**settings)  # type: ignore[arg-type]
 

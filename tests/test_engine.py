@@ -278,3 +278,12 @@ async def test_agent_files_reach_sessions_created_while_they_are_placed(tmp_path
     engine._sessions.update({n: FakeSession(n) for n in ("s1", "s2")})  # type: ignore[misc]
     await engine._give_to_agent_sessions("a", [])
     assert placed == ["s1", "s2"]
+
+
+async def test_a_timeout_that_is_no_timeout_is_refused(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory()
+    s = await engine.session("bounded")
+    for timeout_s in (float("inf"), float("nan"), 0.0, -1.0, 86_401.0):
+        with pytest.raises(BadInput, match="timeout_s must be above 0 and at most 86400"):
+            await s.run("1", timeout_s=timeout_s)
+    assert (await s.run("1 + 1", timeout_s=86_400)).text == "2"  # and the session serves on

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from sandkernel._cli_types import number
+from sandkernel.limits import MAX_TIMEOUT_S
+
 if TYPE_CHECKING:
     from sandkernel.api import EngineAPI
     from sandkernel.loop import LoopEvent, LoopResult
@@ -60,13 +63,18 @@ def add_solve_parser(
         help="a file to put in /mnt/data for the model (repeatable)",
     )
     solve.add_argument(
-        "--max-attempts", type=int, default=5, help="code executions allowed (default 5)"
+        "--max-attempts", type=number(int), default=5, help="code executions allowed (default 5)"
     )
     solve.add_argument(
         "--out", default="solve-output", help="folder for the files produced (solve-output)"
     )
     solve.add_argument("--policy", default=None, help="policy name or TOML path (default: default)")
-    solve.add_argument("--timeout", type=float, default=None, help="wall timeout per cell, s")
+    solve.add_argument(
+        "--timeout",
+        type=number(float, maximum=MAX_TIMEOUT_S),
+        default=None,
+        help="wall timeout per cell, s",
+    )
     solve.add_argument(
         "--tool-choice",
         choices=["auto", "required"],

@@ -15,7 +15,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sandkernel._cli_types import number
 from sandkernel.errors import SandkernelError
+from sandkernel.limits import MAX_TIMEOUT_S
 
 #: The ``sandkernel`` parser's set of commands.
 type _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -157,7 +159,12 @@ def _add_run_parser(sub: _SubParsers) -> None:
     run.add_argument("-f", "--file", help="read the code from this file")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--policy", default=None, help="policy name or TOML path (default: default)")
-    run.add_argument("--timeout", type=float, default=None, help="wall timeout in seconds")
+    run.add_argument(
+        "--timeout",
+        type=number(float, maximum=MAX_TIMEOUT_S),
+        default=None,
+        help="wall timeout in seconds",
+    )
     run.add_argument("--workspace", help="host folder used as /mnt/data (kept afterwards)")
     run.add_argument("-i", "--input", action="append", help="upload this file to /mnt/data first")
     run.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")

@@ -21,6 +21,7 @@ from typing import Any, Self, TypedDict
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES
+from sandkernel.limits import MAX_TIMEOUT_S, MAX_TTL_S
 from sandkernel.policy import Policy
 
 DEFAULT_PREWARM: tuple[str, ...] = ("numpy", "pandas", "matplotlib.pyplot")
@@ -33,7 +34,8 @@ FORKED_CONCURRENT_STARTS = 4
 class EngineConfig(BaseModel):
     """How an engine is built: its sandbox policy, pool, sessions, files and batch workers."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are no setting: an infinite TTL is an overflow in its expiry time.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     policy: Policy | str | Path | None = Field(
         default=None,
@@ -58,21 +60,29 @@ class EngineConfig(BaseModel):
     refill_delay_s: float = Field(
         default=0.1,
         ge=0,
+        le=60,
         description="how long after handing out a kernel the pool starts its replacement, "
         "so the start does not slow the session's first cell",
     )
     session_ttl_s: float = Field(
-        default=3600.0, gt=0, description="a session expires this long after its last activity"
+        default=3600.0,
+        gt=0,
+        le=MAX_TTL_S,
+        description="a session expires this long after its last activity (at most 30 days)",
     )
     idle_timeout_s: float | None = Field(
-        default=None, gt=0, description="optional: expire a session after this long without a run"
+        default=None,
+        gt=0,
+        le=MAX_TTL_S,
+        description="optional: expire a session after this long without a run",
     )
     max_lifetime_s: float | None = Field(
-        default=None, gt=0, description="optional hard bound on a session's age"
+        default=None, gt=0, le=MAX_TTL_S, description="optional hard bound on a session's age"
     )
     acquire_timeout_s: float = Field(
         default=60.0,
         ge=0,
+        le=MAX_TIMEOUT_S,
         description="how long session() waits for a kernel before raising PoolExhausted",
     )
     prewarm_imports: tuple[str, ...] = Field(
@@ -131,7 +141,10 @@ class EngineConfig(BaseModel):
         "CPUs); started on first use",
     )
     reap_interval_s: float = Field(
-        default=5.0, gt=0, description="how often expired sessions and files are removed"
+        default=5.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="how often expired sessions and files are removed",
     )
 
     @model_validator(mode="before")

@@ -26,7 +26,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from sandkernel._resources import data_dir
-from sandkernel.errors import KernelDead, KernelStartFailed, SelfCheckFailed
+from sandkernel.errors import BadInput, KernelDead, KernelStartFailed, SelfCheckFailed
+from sandkernel.limits import MAX_TIMEOUT_S
 from sandkernel.policy import Policy
 from sandkernel.provisioner import IPC_NAME, SandboxProvisioner
 from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, Status, Usage
@@ -392,7 +393,12 @@ class SandboxedKernel:
 
         Raises:
             KernelDead: the kernel was already dead before the cell started.
+            BadInput: ``timeout_s`` is not above 0 and at most a day.
         """
+        if timeout_s is not None and not 0 < timeout_s <= MAX_TIMEOUT_S:  # nan too
+            raise BadInput(
+                f"timeout_s must be above 0 and at most {MAX_TIMEOUT_S:g} s (got {timeout_s!r})"
+            )
         async with self._lock:
             if not self.alive or self._client is None:
                 raise KernelDead(self._dead_reason or "the kernel is not running")

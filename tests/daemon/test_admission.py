@@ -132,8 +132,10 @@ def test_the_serve_flags_reach_the_daemon_config(tmp_path: Path) -> None:
         2 << 20,
         99,
     )
+    with pytest.raises(SystemExit):  # refused by the parser, naming the range
+        parser.parse_args([*common, "--max-queued-runs", "0"])
     with pytest.raises(DaemonError, match="--max-queued-runs"):
-        daemon_config(parser.parse_args([*common, "--max-queued-runs", "0"]))
+        DaemonConfig(socket_path=tmp_path / "s", records_path=tmp_path / "r", max_queued_runs=0)
     with pytest.raises(DaemonError, match="--max-queued-mb"):
         DaemonConfig(socket_path=tmp_path / "s", records_path=tmp_path / "r", max_queued_bytes=0)
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sandkernel._cli_types import number
 from sandkernel.daemon.admission import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_QUEUED_BYTES,
@@ -25,6 +26,7 @@ from sandkernel.daemon.admission import (
 )
 from sandkernel.daemon.paths import default_records_path, default_socket_path
 from sandkernel.errors import SandkernelError
+from sandkernel.limits import MAX_TIMEOUT_S, MAX_TTL_S
 
 if TYPE_CHECKING:
     from sandkernel.api import ServedEngine
@@ -39,19 +41,24 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy", default=None, help="policy name or TOML path (default: default)"
     )
-    parser.add_argument("--pool-size", type=int, default=2, help="kernels kept warm (default: 2)")
     parser.add_argument(
-        "--max-sessions", type=int, default=32, help="sessions alive at once (default: 32)"
+        "--pool-size",
+        type=number(int, above=False),
+        default=2,
+        help="kernels kept warm (default: 2)",
+    )
+    parser.add_argument(
+        "--max-sessions", type=number(int), default=32, help="sessions alive at once (default: 32)"
     )
     parser.add_argument(
         "--session-ttl",
-        type=float,
+        type=number(float, maximum=MAX_TTL_S),
         default=3600.0,
         help="seconds a session lives after its last use (default: 3600)",
     )
     parser.add_argument(
         "--acquire-timeout",
-        type=float,
+        type=number(float, above=False, maximum=MAX_TIMEOUT_S),
         default=60.0,
         help="seconds a new session waits for a kernel (default: 60)",
     )
@@ -64,7 +71,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch-workers",
-        type=int,
+        type=number(int),
         default=None,
         help="sandboxed fork servers for one-shot runs (default: one per core)",
     )
@@ -109,14 +116,20 @@ def add_daemon_parsers(subparsers: Any) -> None:
         "in the sandbox); off by default",
     )
     serve.add_argument(
-        "--max-upload-mb", type=float, default=600.0, help="largest upload body (default: 600)"
+        "--max-upload-mb",
+        type=number(float),
+        default=600.0,
+        help="largest upload body (default: 600)",
     )
     serve.add_argument(
-        "--max-json-kb", type=float, default=1024.0, help="largest JSON body (default: 1024)"
+        "--max-json-kb",
+        type=number(float),
+        default=1024.0,
+        help="largest JSON body (default: 1024)",
     )
     serve.add_argument(
         "--max-queued-runs",
-        type=int,
+        type=number(int),
         default=None,
         metavar="N",
         help="one-shot runs (/v1/run, /v1/runs lines, /run_code, /run_jupyter) admitted and "
@@ -125,14 +138,14 @@ def add_daemon_parsers(subparsers: Any) -> None:
     )
     serve.add_argument(
         "--max-queued-mb",
-        type=float,
+        type=number(float),
         default=DEFAULT_MAX_QUEUED_BYTES / (1 << 20),
         help="request bodies those runs may hold in memory, in MiB (default: "
         f"{DEFAULT_MAX_QUEUED_BYTES >> 20})",
     )
     serve.add_argument(
         "--max-connections",
-        type=int,
+        type=number(int),
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
         help="open connections; beyond, requests get 503 and the connection is closed "
@@ -140,7 +153,7 @@ def add_daemon_parsers(subparsers: Any) -> None:
     )
     serve.add_argument(
         "--graceful-timeout",
-        type=float,
+        type=number(float, above=False, maximum=MAX_TIMEOUT_S),
         default=10.0,
         help="seconds running requests get to finish on SIGTERM (default: 10)",
     )

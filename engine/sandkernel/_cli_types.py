@@ -1,0 +1,32 @@
+"""Argument types for numbers the command line accepts: finite, in range, refused clearly."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def number[T: (int, float)](
+    kind: type[T], *, minimum: float = 0, above: bool = True, maximum: float | None = None
+) -> Callable[[str], T]:
+    """An argparse ``type``: a finite ``kind`` above (or at least) ``minimum``, up to ``maximum``.
+
+    ``inf``, ``nan`` and values out of range are an argument error naming the
+    range, not a traceback later.
+    """
+
+    def parse(text: str) -> T:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {kind.__name__!r}: {text!r}") from None
+        low_ok = value > minimum if above else value >= minimum
+        if not math.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
+            low = f"{'above' if above else 'at least'} {minimum:g}"
+            high = f" and at most {maximum:g}" if maximum is not None else ""
+            raise argparse.ArgumentTypeError(f"must be {low}{high} (got {text})")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
