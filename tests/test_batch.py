@@ -344,6 +344,35 @@ async def test_a_setsid_daemon_does_not_survive_into_the_next_run(
 
 @sandbox
 @pytest.mark.anyio
+async def test_the_next_run_finds_nothing_of_the_last_in_the_servers_frames(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory()
+    first = await run(
+        pool,
+        "print('SECRET-OF-THE-FIRST-RUN')\nopen('out.txt', 'w').write('FILE-OF-THE-FIRST-RUN')",
+        fetch_files=["out.txt"],
+    )
+    assert [(f.path, f.content) for f in first.files] == [("out.txt", b"FILE-OF-THE-FIRST-RUN")]
+    second = await run(
+        pool,
+        """
+        import sys
+        frame, seen = sys._getframe(), []
+        while frame is not None:
+            for value in list(frame.f_locals.values()):
+                seen.append(repr(value))
+            frame = frame.f_back
+        text = ' '.join(seen)
+        # Spelled apart: this program's own source is in the server's frames.
+        print('SECRET-OF-THE-' + 'FIRST-RUN' in text, 'FILE-OF-THE-' + 'FIRST-RUN' in text)
+        """,
+    )
+    assert second.stdout == "False False\n", second
+
+
+@sandbox
+@pytest.mark.anyio
 async def test_environment_random_state_and_ipc_do_not_carry_over(
     pool_factory: PoolFactory,
 ) -> None:

@@ -4,7 +4,12 @@ One server per batch worker. It imports what the samples need, freezes the
 garbage collector's view of those objects, then serves one request at a time:
 it forks a child per request, waits for it under a wall deadline, kills every
 other process of the PID namespace, wipes every writable place and answers.
-Nothing of one request survives into the next.
+No object of one request survives into the next: none is reachable from
+the next child (its frames lead up to this server's, which hold only the
+request being run). What is not cleared is memory the server freed: a
+program that reads raw memory (``ctypes``) can find fragments of earlier
+requests' code, input and output in it, so a batch pool serves one trust
+domain (one daemon's clients), not mutually distrusting tenants.
 
 Protocol: requests arrive on stdin, replies leave on stdout; nothing else is
 ever read or written on them. Both are length-prefixed frames of a JSON
@@ -1167,23 +1172,31 @@ def main():
         },
     )
     while True:
-        try:
-            request, blobs = read_frame(0)
-        except EOFError:
-            os._exit(0)
-        restart = None
-        try:
-            header, reply_blobs = serve_one(request, blobs, config)
-        except Exception as exc:  # noqa: BLE001 - answered, then a fresh server
-            header, reply_blobs = {"error": f"{type(exc).__name__}: {exc}"}, []
-            restart = "the server failed while handling a request"
-        if _process_state() != saved and not _restore_state(saved):
-            restart = "a sample changed the server's limits or scheduling"
-        header["restart"] = restart
-        del request, blobs
-        write_frame(1, header, reply_blobs)
-        if restart is not None:
+        # One request's objects live in _answer's frame only: a program can walk
+        # its frames up to this one, and must find nothing of the run before it
+        # (its output and fetched files) when it is forked.
+        if not _answer(config, saved):
             os._exit(3)
+
+
+def _answer(config, saved):
+    """Read one request, run it, write its reply; False if the server must restart."""
+    try:
+        request, blobs = read_frame(0)
+    except EOFError:
+        os._exit(0)
+    restart = None
+    try:
+        header, reply_blobs = serve_one(request, blobs, config)
+    except Exception as exc:  # noqa: BLE001 - answered, then a fresh server
+        header, reply_blobs = {"error": f"{type(exc).__name__}: {exc}"}, []
+        restart = "the server failed while handling a request"
+    if _process_state() != saved and not _restore_state(saved):
+        restart = "a sample changed the server's limits or scheduling"
+    header["restart"] = restart
+    del request, blobs
+    write_frame(1, header, reply_blobs)
+    return restart is None
 
 
 if __name__ == "__main__":
