@@ -521,7 +521,9 @@ def main():
     modules = [m for m in modules if m]
     _CHANNEL[0] = int(args[args.index("--fd") + 1]) if "--fd" in args else _DEFAULT_FD
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, what="PR_SET_PDEATHSIG")
-    if os.getppid() == 1:
+    # The engine that started us, not "not init": an engine can be PID 1 (a container's).
+    parent = int(args[args.index("--parent") + 1]) if "--parent" in args else None
+    if parent is not None and os.getppid() != parent:
         os._exit(1)  # the engine is already gone
     started = time.monotonic()
     _private_tmp()
@@ -538,6 +540,7 @@ def main():
                 "immortal": immortal,
                 "threads": threads,
                 "fds": fds,
+                "user_site": not sys.flags.no_user_site,
                 "warm_up_s": round(time.monotonic() - started, 3),
                 "modules": len(sys.modules),
             }

@@ -54,6 +54,8 @@ async def test_a_forked_kernel_runs_cells_and_passes_the_self_check(
     r = await kernel.execute("import numpy\nx = numpy.arange(4)\nint(x.sum())")
     assert r.status == "ok" and r.text == "6"
     assert zygote.info["threads"] == 1 and "numpy" in zygote.info["imported"]
+    # Started as root with HOME=/tmp: no user site folder (anyone's .pth) was read.
+    assert zygote.info["user_site"] is False
     # The zygote holds nothing but stdio and its channel to the engine: no thread
     # (checked by itself before each fork), no other socket, no file.
     assert zygote.pid is not None
@@ -248,3 +250,21 @@ async def test_a_policy_with_network_forks_into_the_host_network(
         await kernel.self_check()
     finally:
         await z.close()
+
+
+def test_a_zygote_whose_engine_is_gone_ends_at_once_whatever_the_engines_pid() -> None:
+    """It compares its parent with the engine's pid, not with 1 (an engine may be PID 1)."""
+    import socket
+    import subprocess
+
+    from sandkernel._resources import data_dir
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        script = str(data_dir("kernels") / "runtime" / "zygote.py")
+        args = [sys.executable, "-s", script, "--fd", str(theirs.fileno())]
+        gone = subprocess.run(
+            [*args, "--parent", str(os.getpid() + 1)],  # not its parent: the engine is gone
+            pass_fds=(theirs.fileno(),), timeout=30, check=False, capture_output=True,
+        )  # fmt: skip
+        assert gone.returncode == 1 and gone.stderr == b""

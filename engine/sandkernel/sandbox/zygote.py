@@ -133,7 +133,13 @@ class Zygote:
         script = runtime / "zygote.py"
         # The stub of every sandbox it forks into, and the zygote, import it.
         write_bytecode(runtime / "launch.py")
-        argv = [self.host.runtime.python, str(script), "--fd", str(theirs.fileno()), _CMDLINE_ROOM]
+        # -s: the zygote runs as root with the sandbox's HOME (/tmp, the host's
+        # until the zygote covers it): a user site folder there would run
+        # anyone's .pth file as root.
+        argv = [
+            self.host.runtime.python, "-s", str(script),
+            "--fd", str(theirs.fileno()), "--parent", str(os.getpid()), _CMDLINE_ROOM,
+        ]  # fmt: skip
         if self.prewarm:
             argv += ["--prewarm", ",".join(self.prewarm)]
         try:
