@@ -232,6 +232,35 @@ async def test_each_run_gets_its_limits_its_own_pipes_and_no_other_fd(
 
 @sandbox
 @pytest.mark.anyio
+async def test_a_memory_limit_above_the_policys_is_the_policys(pool_factory: PoolFactory) -> None:
+    pool = await pool_factory(Policy(memory_mb=512))
+    r = await run(
+        pool, "import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0] >> 20)",
+        memory_mb=1_000_000,
+    )  # fmt: skip
+    assert r.stdout == "512\n"
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_paths_no_file_system_takes_fail_the_run_not_the_server(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory()
+    # Past the request's validation (a client of the frames could send them).
+    bad_input = RunRequest.model_construct(
+        **{**RunRequest(code="print(1)").model_dump(), "files": {"a\ud800": b"x"}}
+    )
+    r = await pool.run(bad_input)
+    assert r.status == "error" and "surrogate" in (r.message or "") + r.stderr, r
+    fetch = RunRequest(code="print(2)", fetch_files=["x\ud800", "ok.txt"])
+    r = await pool.run(fetch)
+    assert r.status == "ok" and r.missing_files == ["x\ud800", "ok.txt"], r
+    assert pool.stats.worker_restarts == 0 and pool.stats.reruns == 0
+
+
+@sandbox
+@pytest.mark.anyio
 async def test_a_check_cannot_forge_its_verdict_on_the_report_pipe(
     pool_factory: PoolFactory,
 ) -> None:
@@ -369,6 +398,28 @@ async def test_the_next_run_finds_nothing_of_the_last_in_the_servers_frames(
         """,
     )
     assert second.stdout == "False False\n", second
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_a_caller_giving_up_on_a_queued_run_ends_it_not_the_one_running(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory()  # one worker: the second run queues behind the first
+    first = asyncio.create_task(run(pool, "import time\ntime.sleep(0.5)\nprint('first done')"))
+    queued = asyncio.create_task(run(pool, "import time\ntime.sleep(30)"))
+    async with asyncio.timeout(30):
+        while not pool._live or len(pool._live[0].outstanding) < 2:  # noqa: ASYNC110 - bounded
+            await asyncio.sleep(0.01)
+    queued.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await queued
+    result = await first
+    assert result.status == "ok" and result.stdout == "first done\n" and result.attempts == 1
+    assert pool.stats.reruns == 0 and pool.stats.lost == 0
+    # The abandoned run was ended when its turn came (not left to run its 30 s).
+    async with asyncio.timeout(20):
+        assert (await run(pool, "print('next')")).stdout == "next\n"
 
 
 @sandbox

@@ -13,11 +13,13 @@ from sandkernel.batch import RunRequest, RunResult, lost_result, result_from_rep
 def test_input_paths_must_stay_inside_the_working_dir() -> None:
     ok = RunRequest(code="", files={"a/./b.txt": b"x"})
     assert list(ok.files) == ["a/b.txt"]
-    for bad in ("/etc/passwd", "../x", "a/../../x", "", "."):
+    for bad in ("/etc/passwd", "../x", "a/../../x", "", ".", "a\ud800", "a\0b"):
         with pytest.raises(ValidationError):
             RunRequest(code="", files={bad: b""})
+    with pytest.raises(ValidationError, match="not UTF-8"):
+        RunRequest(code="", filename="main\udc80.py")
     # fetched paths are taken as asked: what may not be fetched is reported missing
-    fetch = ["out/../o.txt", "/tmp/b", "/etc/passwd", "../x", ""]
+    fetch = ["out/../o.txt", "/tmp/b", "/etc/passwd", "../x", "", "x\ud800"]
     assert RunRequest(code="", fetch_files=fetch).fetch_files == fetch
     with pytest.raises(ValidationError):
         RunRequest(code="", filename="sub/main.py")

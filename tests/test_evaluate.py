@@ -14,8 +14,10 @@ import inspect
 import io
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -351,6 +353,25 @@ def test_eval_command_checks_mbpp_and_refuses_incomplete_samples(
     samples.write_text(json.dumps({"task_id": 3, "completion": ""}) + "\n")
     assert run_eval(eval_args("--problems", str(problems), "--samples", str(samples))) == 2
     assert "no problem has task_id '3'" in capsys.readouterr().err
+    # Interrupted while it checks: the last complete results file stays as it
+    # was, and no partial one is left.
+    samples.write_text(
+        json.dumps({"task_id": 1, "completion": "def add(a, b):\n    return a + b"}) + "\n"
+        + json.dumps({"task_id": 1, "completion": "import time\ntime.sleep(60)"}) + "\n"
+    )  # fmt: skip
+    partial = tmp_path / ".samples.jsonl_results.jsonl.partial"
+    command = [sys.executable, "-m", "sandkernel.cli", "eval", "--problems", str(problems),
+               "--samples", str(samples), "--ignore-incomplete", "--k", "1", "--workers", "1",
+               "--timeout", "50", "--no-progress"]  # fmt: skip
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.monotonic() + 60
+        while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert partial.exists(), proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+    assert Path(f"{samples}_results.jsonl").read_text() == text
+    assert not partial.exists()
 
 
 @sandbox

@@ -89,7 +89,12 @@ async def test_bad_files_are_a_sandbox_error_naming_the_problem(
     engine_factory: EngineFactory,
 ) -> None:
     engine = await engine_factory()
-    for files, why in (({"/etc/x": ""}, "must be relative"), ({"a.txt": "@@@"}, "base64")):
+    for files, why in (
+        ({"/etc/x": ""}, "must be relative"),
+        ({"a.txt": "@@@"}, "base64"),
+        ({".": ""}, "names no file"),
+        ({"a\ud800.txt": ""}, "not valid UTF-8"),  # JSON's "\ud800" parses to this
+    ):
         response = await run_jupyter(engine, RunJupyterRequest(cells=["1"], files=files))
         assert response.status is RunStatus.SandboxError and why in response.message
 

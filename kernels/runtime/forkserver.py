@@ -843,7 +843,7 @@ def _fetch(paths, limit):
             if location is None:
                 raise FileNotFoundError(rel)
             fd = _open_beneath(*location)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a path no file system takes
             missing.append(rel)
             continue
         try:
@@ -999,11 +999,13 @@ def serve_one(request, blobs, config):
         program = _compile(blobs[0].decode("utf-8", "surrogatepass"), path)
     try:
         _prepare_work_dir(request, blobs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a path no file system takes
         # The request's files do not fit (no space, a path both file and
         # folder): the run's failure, not the server's.
         _wipe_all()
-        return {"setup_error": f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")}, [
+        why = getattr(exc, "strerror", None) or exc
+        where = getattr(exc, "filename", None) or ""
+        return {"setup_error": f"{why}: {where}".rstrip(": ")}, [
             b"",
             b"",
         ]

@@ -15,13 +15,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sandkernel.limits import MAX_TIMEOUT_S
+
 RunMode = Literal["program", "check"]
 RunStatus = Literal["ok", "error", "timeout", "oom", "killed"]
 
 
+def _file_path(path: str) -> str:
+    """``path`` if a file system can hold it: no NUL, and UTF-8 (no lone surrogate)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{path!r} is not a valid file path (not UTF-8)") from None
+    if not path or "\0" in path:
+        raise ValueError(f"{path!r} is not a valid file path")
+    return path
+
+
 def _relative_path(path: str) -> str:
     """A path inside the run's working directory, normalised; ValueError if it escapes."""
-    if not path or "\0" in path or path.startswith("/"):
+    if _file_path(path).startswith("/"):
         raise ValueError(f"{path!r} is not a relative path")
     normalised = posixpath.normpath(path)
     if normalised in (".", "..") or normalised.startswith("../"):
@@ -57,10 +70,12 @@ class RunRequest(BaseModel):
         "the result's missing_files and the run's own result is unaffected",
     )
     timeout_s: float | None = Field(
-        default=None, gt=0, le=86_400, description="wall limit (default: the policy's)"
+        default=None, gt=0, le=MAX_TIMEOUT_S, description="wall limit (default: the policy's)"
     )
     memory_mb: int | None = Field(
-        default=None, ge=16, description="address-space limit of the run (default: the policy's)"
+        default=None,
+        ge=16,
+        description="address-space limit of the run (default, and at most: the policy's)",
     )
     id: str | int | None = Field(default=None, description="the caller's tag, echoed in the result")
 
@@ -72,7 +87,7 @@ class RunRequest(BaseModel):
     @field_validator("filename")
     @classmethod
     def _check_filename(cls, name: str) -> str:
-        if not name or "/" in name or name in (".", "..") or "\0" in name:
+        if "/" in _file_path(name) or name in (".", ".."):
             raise ValueError(f"{name!r} is not a plain file name")
         return name
 

@@ -319,7 +319,9 @@ class BatchPool:
         from sandkernel.batch.models import lost_result, result_from_reply
 
         timeout_s = request.timeout_s or self.policy.wall_timeout_s
-        memory_mb = request.memory_mb or self.policy.memory_mb
+        # Never above the policy's: the sandbox's cgroup holds that much, and a
+        # larger address space would meet the OOM killer instead of MemoryError.
+        memory_mb = min(request.memory_mb or self.policy.memory_mb, self.policy.memory_mb)
         frame = request_frame(request, timeout_s=timeout_s, memory_mb=memory_mb)
         limit_s = timeout_s + 1 if request.mode == "check" else timeout_s
         reasons: list[str] = []
@@ -346,7 +348,7 @@ class BatchPool:
                 if future.cancelled():
                     # The request runs or waits in that sandbox: end it there
                     # (requests queued behind it are run elsewhere).
-                    worker.kill()
+                    worker.abandon(future)
                 raise
             self.stats.runs += 1
             return result_from_reply(

@@ -70,6 +70,8 @@ class WorkerConfig:
 class _Pending:
     limit_s: float
     future: asyncio.Future[Reply]
+    #: its caller gave up while it was queued: ended when its turn comes
+    abandoned: bool = False
 
 
 class Worker:
@@ -225,6 +227,10 @@ class Worker:
                 pending = self.outstanding.popleft()
                 self._arm_timer()
                 self.served += 1
+                if self.outstanding and self.outstanding[0].abandoned:
+                    # Its caller is gone and the server has just started it: end it
+                    # (it takes the blame; what is queued behind runs elsewhere).
+                    self.kill()
                 if header.get("signal") is not None:
                     header["oom_killed"] = self.oom_killed_since_last()
                 if not pending.future.done():
@@ -309,6 +315,21 @@ class Worker:
     def kill(self) -> None:
         """SIGKILL the whole sandbox now (its cgroup); :meth:`stop` still cleans up."""
         self.jail.kill()
+
+    def abandon(self, future: asyncio.Future[Reply]) -> None:
+        """Its caller gave up on the request behind ``future``: end it, not another.
+
+        The request running now is ended with its sandbox; one queued behind
+        another caller's is ended when its turn comes, so the request running
+        now, someone else's, is neither killed nor blamed.
+        """
+        for i, pending in enumerate(self.outstanding):
+            if pending.future is future:
+                if i == 0:
+                    self.kill()
+                else:
+                    pending.abandoned = True
+                return
 
     async def stop(self, *, grace_s: float = 1.0) -> None:
         """End the server (EOF on its stdin, then SIGKILL) and remove every trace.

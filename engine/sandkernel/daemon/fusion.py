@@ -166,6 +166,12 @@ def relative_path(path: str) -> str:
     pure = PurePosixPath(path)
     if not path or pure.is_absolute() or ".." in pure.parts or "\x00" in path:
         raise FusionInputError(f"file path {path!r} must be relative and must not contain '..'")
+    if str(pure) == ".":
+        raise FusionInputError(f"file path {path!r} names no file")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FusionInputError(f"file path {path!r} is not valid UTF-8") from None
     return str(pure)
 
 

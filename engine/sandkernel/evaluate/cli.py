@@ -252,6 +252,10 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
     from sandkernel.evaluate.progress import Progress
 
     out_path = args.out or Path(f"{args.samples}_results.jsonl")
+    # Written beside it and renamed onto it once every sample is checked: an
+    # interrupted or failed evaluation leaves an earlier complete file as it
+    # was, and no partial file under the final name.
+    partial = out_path.with_name(f".{out_path.name}.partial")
     progress: Progress | None = None
     try:
         if cluster is not None:
@@ -259,7 +263,7 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
         if not args.no_progress:
             progress = Progress(total, label="eval", stream=sys.stderr)
         # Writing one result line is instant next to a sandboxed run.
-        with out_path.open("w", encoding="utf-8") as out:  # noqa: ASYNC230
+        with partial.open("w", encoding="utf-8") as out:  # noqa: ASYNC230
             summary = await evaluate_samples(
                 problems,
                 read_samples(args.samples),
@@ -271,7 +275,9 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
                 on_result=None if progress is None else lambda _: progress.update(),
                 where=str(args.samples),
             )
+        partial.replace(out_path)
     finally:
+        partial.unlink(missing_ok=True)
         await runner.__aexit__(None, None, None)
     if progress is not None:
         progress.close()
