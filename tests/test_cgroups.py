@@ -134,3 +134,33 @@ def test_usage_reader_of_a_removed_cgroup_reads_unknown(tmp_path: Path) -> None:
     usage = reader.read()
     assert (usage.cpu_ns, usage.peak_memory_bytes, usage.oom_kills) == (None, None, 0)
     reader.close()
+
+
+def test_a_shorter_cpu_period_than_the_policys_is_a_limit_not_in_place(tmp_path: Path) -> None:
+    """The quota is a share of the period: quota 100000 of a 50000 period is two CPUs."""
+    from sandkernel.sandbox.verify import verify_cgroup_limits
+
+    policy = Policy(memory_mb=256, pids_max=32, cpus=1)
+    root = tmp_path / "cg2"
+    root.mkdir()
+    v2 = KernelCgroup(CgroupLayout(CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")}),
+                      "1-aaaaaaaa-dddddddd")  # fmt: skip
+    v2.create(policy)
+    v2.procs_files[0].write_text("4242\n")
+    cpu_max = root / "sandkernel" / "1-aaaaaaaa-dddddddd" / "cpu.max"
+    assert verify_cgroup_limits(v2, policy) == []
+    cpu_max.write_text("100000 50000")
+    assert any("CPU period of 50000" in p for p in verify_cgroup_limits(v2, policy))
+
+    mounts = {c: tmp_path / c for c in ("memory", "pids", "cpu", "cpuacct")}
+    for m in mounts.values():
+        m.mkdir()
+    v1 = KernelCgroup(CgroupLayout(CgroupVersion.V1, mounts), "1-aaaaaaaa-eeeeeeee")
+    v1.create(policy)
+    for procs in v1.procs_files:
+        procs.write_text("4242\n")
+    period = mounts["cpu"] / "sandkernel" / "1-aaaaaaaa-eeeeeeee" / "cpu.cfs_period_us"
+    period.write_text("100000")
+    assert verify_cgroup_limits(v1, policy) == []
+    period.write_text("50000")
+    assert any("CPU period of 50000" in p for p in verify_cgroup_limits(v1, policy))

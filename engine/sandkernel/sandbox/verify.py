@@ -138,6 +138,16 @@ def verify_cgroup_limits(cgroup: KernelCgroup, policy: Policy) -> list[str]:
         if value is None or value < 0 or value > limit:
             problems.append(f"{path} is {text}, above the policy's {limit} ({field_name})")
 
+    def period(path: Path, *, column: int = 0) -> None:
+        # The quota is a share of this period: a shorter one grants more CPU.
+        try:
+            text = path.read_text().split()[column]
+        except (OSError, IndexError) as exc:
+            problems.append(f"{path} unreadable ({exc})")
+            return
+        if text != str(CPU_PERIOD_US):
+            problems.append(f"{path} has a CPU period of {text}, not {CPU_PERIOD_US} (cpus)")
+
     if cgroup.layout.version is CgroupVersion.V2:
         d = cgroup.dirs["memory"]
         at_most(d / "memory.max", memory, "memory_mb")
@@ -145,6 +155,7 @@ def verify_cgroup_limits(cgroup: KernelCgroup, policy: Policy) -> list[str]:
             at_most(d / "memory.swap.max", 0, "no swap")
         at_most(d / "pids.max", policy.pids_max, "pids_max")
         at_most(d / "cpu.max", quota, "cpus")
+        period(d / "cpu.max", column=1)
     elif cgroup.layout.version is CgroupVersion.V1:
         mem = cgroup.dirs["memory"]
         at_most(mem / "memory.limit_in_bytes", memory, "memory_mb")
@@ -152,7 +163,7 @@ def verify_cgroup_limits(cgroup: KernelCgroup, policy: Policy) -> list[str]:
             at_most(mem / "memory.memsw.limit_in_bytes", memory, "memory_mb, no swap")
         at_most(cgroup.dirs["pids"] / "pids.max", policy.pids_max, "pids_max")
         at_most(cgroup.dirs["cpu"] / "cpu.cfs_quota_us", quota, "cpus")
-        at_most(cgroup.dirs["cpu"] / "cpu.cfs_period_us", CPU_PERIOD_US, "cpus")
+        period(cgroup.dirs["cpu"] / "cpu.cfs_period_us")
     else:
         problems.append("no cgroup controllers: no limit is enforced")
     for procs in cgroup.procs_files:
