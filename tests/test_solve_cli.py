@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sandkernel._solve_cli import add_solve_parser, solve_with_engine
+from sandkernel._solve_cli import add_solve_parser, run_solve, solve_with_engine
 from tests._model import ScriptedModel, in_order
 from tests.loop._support import EngineFactory, code, completion
 
@@ -70,3 +70,14 @@ def test_solve_parser_takes_the_documented_options(monkeypatch: pytest.MonkeyPat
         None,
     )
     assert args.api_key is None and args.tool_choice == "auto"
+
+
+def test_solve_without_a_model_to_ask_says_so_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    parser = argparse.ArgumentParser()
+    add_solve_parser(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit, match="set OPENAI_API_KEY .* or --base-url"):
+        run_solve(parser.parse_args(["solve", "task", "--model", "m"]))

@@ -94,6 +94,12 @@ def run_solve(args: argparse.Namespace) -> int:
         raise SystemExit(f"sandkernel solve: no such file: {', '.join(missing)}")
     if args.max_attempts < 1:
         raise SystemExit("sandkernel solve: --max-attempts must be at least 1")
+    if not (args.base_url or args.api_key or os.environ.get("OPENAI_API_KEY")):
+        # Said before a sandbox starts, not as the model client's traceback after.
+        raise SystemExit(
+            "sandkernel solve: no model to ask: set OPENAI_API_KEY (or --api-key) for "
+            "OpenAI, or --base-url for an OpenAI-compatible server"
+        )
     import asyncio
 
     return asyncio.run(_solve(args))

@@ -17,6 +17,15 @@ def test_openai_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
         OpenAIChatModel(model="m")
 
 
+def test_a_model_without_a_key_or_server_is_model_call_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ModelCallFailed, match="cannot be called"):
+        OpenAIChatModel(model="m")
+
+
 @pytest.mark.anyio
 async def test_model_errors_are_mapped_to_model_call_failed() -> None:
     async with scripted_model([]) as (server, model):

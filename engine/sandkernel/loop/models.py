@@ -98,9 +98,12 @@ class OpenAIChatModel:
             api_key = "not-needed"  # local servers ignore it; the client insists on one
         self.model = model
         self.create_kwargs = dict(create_kwargs or {})
-        self.client: AsyncOpenAI = openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key, **client_kwargs
-        )
+        try:
+            self.client: AsyncOpenAI = openai.AsyncOpenAI(
+                base_url=base_url, api_key=api_key, **client_kwargs
+            )
+        except openai.OpenAIError as exc:  # no key: a model that cannot be called
+            raise ModelCallFailed(f"the chat model cannot be called: {exc}") from exc
 
     async def __aenter__(self) -> Self:
         return self
