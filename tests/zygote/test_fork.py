@@ -268,3 +268,34 @@ def test_a_zygote_whose_engine_is_gone_ends_at_once_whatever_the_engines_pid() -
             pass_fds=(theirs.fileno(),), timeout=30, check=False, capture_output=True,
         )  # fmt: skip
         assert gone.returncode == 1 and gone.stderr == b""
+
+
+async def test_a_fork_request_given_up_on_does_not_take_the_next_ones_reply() -> None:
+    """Its reply still comes; the next request skips it instead of closing the zygote."""
+    import asyncio
+    import socket
+    import subprocess
+
+    zygote = Zygote(None, Policy())  # type: ignore[arg-type] - no start: a peer plays it
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    zygote._sock = ours
+    zygote.process = subprocess.Popen(["sleep", "60"])  # noqa: ASYNC220 - stands for it
+    try:
+        first = asyncio.create_task(zygote._request({"id": "a"}, []))
+        assert json.loads(await asyncio.to_thread(peer.recv, 4096))["id"] == "a"
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second = asyncio.create_task(zygote._request({"id": "b"}, []))
+        assert json.loads(await asyncio.to_thread(peer.recv, 4096))["id"] == "b"
+        peer.send(json.dumps({"id": "a", "ok": True, "pid": 7}).encode())
+        peer.send(json.dumps({"id": "b", "ok": True, "pid": 8}).encode())
+        async with asyncio.timeout(10):
+            assert (await second)["pid"] == 8
+        assert zygote.alive and not zygote._abandoned
+    finally:
+        zygote.process.kill()
+        zygote.process.wait()
+        ours.close()
+        peer.close()

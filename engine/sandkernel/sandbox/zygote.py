@@ -110,6 +110,8 @@ class Zygote:
         self._sock: socket.socket | None = None
         self._stderr: Any = None
         self._lock = asyncio.Lock()
+        #: ids of requests whose callers gave up waiting: their replies are dropped
+        self._abandoned: set[str] = set()
 
     @property
     def alive(self) -> bool:
@@ -271,17 +273,28 @@ class Zygote:
             try:
                 socket.send_fds(sock, [json.dumps(request).encode()], fds)
                 async with asyncio.timeout(_FORK_REPLY_S):
-                    data = await loop.sock_recv(sock, _MAX_MSG)
+                    while True:
+                        data = await loop.sock_recv(sock, _MAX_MSG)
+                        if not data:
+                            break
+                        reply: dict[str, Any] = json.loads(data)
+                        if reply.get("id") not in self._abandoned:
+                            break
+                        # A caller before this one gave up: its kernel's jail is gone.
+                        self._abandoned.discard(reply["id"])
+            except asyncio.CancelledError:
+                # The reply still comes: the next request must not take it for its own.
+                self._abandoned.add(request["id"])
+                raise
             except (OSError, TimeoutError) as exc:
                 await self.close()
                 raise ZygoteFailed(f"the zygote did not answer: {exc}") from None
             if not data:
                 await self.close()
                 raise ZygoteFailed(f"the zygote died: {self._stderr_tail()}")
-        reply: dict[str, Any] = json.loads(data)
-        if reply.get("id") != request["id"]:
-            await self.close()
-            raise ZygoteFailed("the zygote answered another request")
+            if reply.get("id") != request["id"]:
+                await self.close()
+                raise ZygoteFailed("the zygote answered another request")
         return reply
 
 
