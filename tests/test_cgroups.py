@@ -164,3 +164,26 @@ def test_a_shorter_cpu_period_than_the_policys_is_a_limit_not_in_place(tmp_path:
     assert verify_cgroup_limits(v1, policy) == []
     period.write_text("50000")
     assert any("CPU period of 50000" in p for p in verify_cgroup_limits(v1, policy))
+
+
+def test_kill_all_signals_only_processes_still_in_the_cgroup(tmp_path: Path) -> None:
+    """A pid listed, then gone from the cgroup (and perhaps reused), is not signalled."""
+    import subprocess
+
+    mounts = {c: tmp_path / c for c in ("memory", "pids", "cpu", "cpuacct")}
+    for m in mounts.values():
+        m.mkdir()
+    cg = KernelCgroup(CgroupLayout(CgroupVersion.V1, mounts), "1-aaaaaaaa-ffffffff")
+    cg.create(Policy())
+    bystander = subprocess.Popen(["sleep", "60"])
+    member = subprocess.Popen(["sleep", "60"])
+    try:
+        listings = iter([[bystander.pid], [], [member.pid], [member.pid]])
+        cg.pids = lambda: next(listings, [])  # type: ignore[method-assign]
+        cg.kill_all()
+        assert bystander.poll() is None  # listed once, not a member when signalled
+        assert member.wait(timeout=10) == -9
+    finally:
+        for process in (bystander, member):
+            process.kill()
+            process.wait()

@@ -178,9 +178,27 @@ class KernelCgroup:
             pids = self.pids()
             if not pids:
                 return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            self._kill_members(pids)
+
+    def _kill_members(self, pids: list[int]) -> None:
+        """SIGKILL the listed processes still in this cgroup (a listed pid may be reused).
+
+        Each pidfd pins a process; found in the cgroup after it was opened,
+        it is the one listed, not a host process that got the number since.
+        """
+        pidfds: dict[int, int] = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):  # gone already
+                pidfds[pid] = os.pidfd_open(pid)
+        try:
+            members = set(self.pids())
+            for pid, pidfd in pidfds.items():
+                if pid in members:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        finally:
+            for pidfd in pidfds.values():
+                os.close(pidfd)
 
     def remove(self) -> bool:
         """Remove the cgroup dirs. Returns False if one is still busy."""
