@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from sandkernel.policy import Policy
 from sandkernel.sandbox import CgroupLayout, CgroupVersion, KernelCgroup
 from sandkernel.sandbox.cgroups import UsageReader
@@ -187,3 +189,73 @@ def test_kill_all_signals_only_processes_still_in_the_cgroup(tmp_path: Path) -> 
         for process in (bystander, member):
             process.kill()
             process.wait()
+
+
+def test_v2_in_a_cgroup_namespace_moves_its_processes_to_a_leaf_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The namespace's root holds the container's processes: controllers need them out."""
+    import errno
+
+    from sandkernel.sandbox import cgroups
+
+    root = tmp_path / "cg2"
+    root.mkdir()
+    (root / "cgroup.procs").write_text("1\n42\n")
+    real_write = cgroups._write
+
+    def write(path: Path, value: str) -> None:
+        # As the kernel: no controllers for children while the root holds processes.
+        if path == root / "cgroup.subtree_control" and (root / "cgroup.procs").read_text():
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        if path.name == "cgroup.procs":  # a move: out of the root, into the leaf
+            (root / "cgroup.procs").write_text(
+                "".join(f"{p}\n" for p in (root / "cgroup.procs").read_text().split() if p != value)
+            )
+            with path.open("a") as f:
+                f.write(f"{value}\n")
+            return
+        real_write(path, value)
+
+    monkeypatch.setattr(cgroups, "_write", write)
+    layout = CgroupLayout(CgroupVersion.V2, {c: root for c in ("memory", "pids", "cpu")})
+    cgroups.ensure_cgroup_parents(layout)
+    assert (root / "sandkernel-engine" / "cgroup.procs").read_text() == "1\n42\n"
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert (root / "sandkernel" / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+
+
+def test_a_read_only_cgroup_mount_is_said_to_be_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from sandkernel.errors import SandboxUnavailable
+    from sandkernel.sandbox import cgroups
+
+    def read_only(path: Path, value: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cgroups, "_write", read_only)
+    layout = CgroupLayout(CgroupVersion.V2, {c: tmp_path for c in ("memory", "pids", "cpu")})
+    with pytest.raises(SandboxUnavailable, match="the cgroup mount is read-only"):
+        cgroups.ensure_cgroup_parents(layout)
+
+
+def test_doctor_fails_cgroups_it_finds_but_cannot_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from sandkernel import doctor
+    from sandkernel.sandbox import cgroups
+
+    def read_only(path: Path, value: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    layout = CgroupLayout(CgroupVersion.V2, {c: tmp_path for c in ("memory", "pids", "cpu")})
+    monkeypatch.setattr(doctor.CgroupLayout, "detect", classmethod(lambda cls: layout))
+    monkeypatch.setattr(cgroups, "_write", read_only)
+    checks, _ = doctor._prerequisites(None)
+    (check,) = [c for c in checks if c.name == "cgroups"]
+    assert not check.ok and "read-only" in check.detail, check

@@ -28,6 +28,7 @@ from sandkernel.sandbox import (
     CgroupVersion,
     Runtime,
     SandboxHost,
+    ensure_cgroup_parents,
     find_nsjail,
     verify_cgroup_limits,
     verify_isolation_report,
@@ -133,7 +134,15 @@ def _prerequisites(python: str | None) -> tuple[list[Check], Runtime | None]:
                             "mount cgroup2 with memory, pids and cpu enabled"))  # fmt: skip
     else:
         where = ", ".join(f"{c}={m}" for c, m in sorted(layout.mounts.items()))
-        checks.append(Check("cgroups", True, f"{layout.version.value}: {where}"))
+        try:
+            # What the engine does first, so a mount found but not usable (read-only,
+            # or controllers that cannot be delegated) fails here and says why.
+            ensure_cgroup_parents(layout)
+        except SandkernelError as exc:
+            what = f"{layout.version.value}: {where}: {exc}"
+            checks.append(Check("cgroups", False, what, "a writable cgroup hierarchy (see above)"))
+        else:
+            checks.append(Check("cgroups", True, f"{layout.version.value}: {where}"))
     runtime = None
     try:
         runtime = Runtime.detect(python)

@@ -9,6 +9,7 @@ the kernel, the same way on v1 and v2.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from sandkernel.errors import SandboxUnavailable
 from sandkernel.policy import Policy
 
 CGROUP_PARENT = "sandkernel"
+#: v2, in a cgroup namespace: the leaf the namespace root's own processes move to
+ENGINE_LEAF = "sandkernel-engine"
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 _V2_CONTROLLERS = ("memory", "pids", "cpu")
 #: The CPU controller's period; a policy's ``cpus`` is a quota of it.
@@ -326,17 +329,47 @@ def ensure_cgroup_parents(layout: CgroupLayout) -> None:
             root = layout.mounts["memory"]
             parent = root / CGROUP_PARENT
             wanted = " ".join(f"+{c}" for c in _V2_CONTROLLERS)
-            _write(root / "cgroup.subtree_control", wanted)
+            try:
+                _write(root / "cgroup.subtree_control", wanted)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                _leave_the_root(root)
+                _write(root / "cgroup.subtree_control", wanted)
             parent.mkdir(exist_ok=True)
             _write(parent / "cgroup.subtree_control", wanted)
         else:
             for parent in layout.parent_dirs():
                 parent.mkdir(exist_ok=True)
     except OSError as exc:
+        hint = (
+            " (the cgroup mount is read-only: in a container, give it a writable cgroup "
+            "namespace, e.g. --cgroupns=private with a read-write /sys/fs/cgroup)"
+            if exc.errno == errno.EROFS
+            else ""
+        )
         raise SandboxUnavailable(
-            f"cannot create sandkernel's cgroups ({exc}): run as root on a host with "
+            f"cannot create sandkernel's cgroups ({exc}){hint}: run as root on a host with "
             "cgroups v1 (memory, pids, cpu) or v2 with those controllers; see `sandkernel doctor`"
         ) from None
+
+
+def _leave_the_root(root: Path) -> None:
+    """Move the processes of a v2 mount's root into a leaf, so it can delegate controllers.
+
+    Only the true root cgroup may hold processes and enable controllers for
+    its children. In a container with its own cgroup namespace the mount's
+    root is the container's cgroup, which holds the container's processes
+    (this engine's among them): enabling controllers there fails with EBUSY
+    until they live in a leaf of their own (what docker-in-docker does).
+    """
+    leaf = root / ENGINE_LEAF
+    leaf.mkdir(exist_ok=True)
+    for pid in (root / "cgroup.procs").read_text().split():
+        try:
+            _write(leaf / "cgroup.procs", pid)
+        except ProcessLookupError:
+            pass  # gone meanwhile
 
 
 def iter_sandkernel_cgroups(layout: CgroupLayout) -> Iterator[Path]:
