@@ -229,3 +229,50 @@ async def test_the_set_up_cell_leaves_the_kernel_as_new(kernel_factory: KernelFa
     )
     # The imports after the failing one ran, and the names they bound are gone.
     assert names.stdout == "['In', 'Out', 'exit', 'get_ipython', 'open', 'quit'] True True True\n"
+
+
+async def test_a_socket_swapped_for_a_link_to_a_host_socket_is_not_followed(
+    kernel_factory: KernelFactory, tmp_path: Path
+) -> None:
+    """The engine connects as root in the host's mounts: never through the sandbox's names."""
+    import socket
+
+    import zmq
+    import zmq.asyncio
+
+    host_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host_socket.bind(str(tmp_path / "host.sock"))
+    host_socket.listen()
+    host_socket.setblocking(False)
+    kernel = await kernel_factory()
+    swap = await kernel.execute(
+        "import json, os\n"
+        "info = json.load(open('/run/sandkernel/kernel.json'))\n"
+        "for name in ('shell_port', 'iopub_port', 'stdin_port', 'control_port'):\n"
+        "    path = f\"{info['ip']}-{info[name]}\"\n"
+        "    os.rename(path, path + '.moved')\n"
+        f"    os.symlink({str(tmp_path / 'host.sock')!r}, path)\n"
+        "print(sorted(os.listdir('/run/sandkernel')))"
+    )
+    assert swap.status == "ok" and ".moved" in swap.stdout, swap
+    # A new connection, as a gateway's relay makes one after user code ran.
+    info = kernel.connection_info()
+    context = zmq.asyncio.Context()
+    dealer = context.socket(zmq.DEALER)
+    try:
+        dealer.connect(f"ipc://{info['ip']}-{info['shell_port']}")
+        from jupyter_client.session import Session
+
+        session = Session(key=info["key"].encode())
+        session.send(dealer, "kernel_info_request", {})
+        async with asyncio.timeout(20):
+            frames = await dealer.recv_multipart()
+        reply = session.deserialize(session.feed_identities(frames)[1])
+        assert reply["msg_type"] == "kernel_info_reply"  # the kernel's own socket answered
+    finally:
+        dealer.close(linger=0)
+        context.term()
+    with pytest.raises(BlockingIOError):
+        host_socket.accept()  # and nothing reached the host's socket
+    host_socket.close()
+    assert (await kernel.execute("1 + 1")).text == "2"  # the engine's own client too
