@@ -17,6 +17,7 @@ import pytest
 from sandkernel.api import EngineAPI
 from sandkernel.batch import RunRequest
 from sandkernel.errors import (
+    BadInput,
     FileNotFoundInStore,
     SandkernelError,
     SessionClosed,
@@ -92,6 +93,12 @@ async def files_go_up_and_come_back_by_id(api: EngineAPI) -> None:
         await api.download("file-doesnotexist")
     with pytest.raises(FileNotFoundInStore):
         await api.delete_file(uploaded.id)  # gone
+    # A session's upload keeps its retention; a file has one owner.
+    kept = await api.upload(b"k\n", "k.txt", session_id=session.id, retention_s=600)
+    assert kept.session_id is not None and kept.expires_at is not None
+    assert (await api.file(kept.id)).expires_at == kept.expires_at
+    with pytest.raises(BadInput):
+        await api.upload(b"b\n", "b.txt", session_id=session.id, agent_id="contract-agent")
     # Past its retention, not purged yet: unreadable, and still deletable.
     brief = await api.upload(b"brief\n", "brief.txt", retention_s=0.2)
     async with asyncio.timeout(10):

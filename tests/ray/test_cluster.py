@@ -91,6 +91,12 @@ async def test_a_session_keeps_its_state_and_its_kernel(cluster_engine: ClusterE
         await session.run("1")
     with pytest.raises(SessionNotFound):
         await cluster_engine.get_session("never-opened")
+    # A name that only looks qualified (no node has that tag) is a name.
+    dated = await cluster_engine.session("20240105.thread-1")
+    assert dated.id.partition(".")[2] == "20240105.thread-1"
+    assert await cluster_engine.session("20240105.thread-1") is dated
+    assert (await dated.run("1 + 1")).text == "2"
+    await dated.close()
 
 
 async def test_twenty_sessions_spread_over_every_node(cluster_engine: ClusterEngine) -> None:

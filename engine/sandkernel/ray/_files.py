@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 
 import ray
 
-from sandkernel.errors import FileNotFoundInStore, SandboxUnavailable
+from sandkernel.errors import BadInput, FileNotFoundInStore, SandboxUnavailable
 from sandkernel.files import StoredFile
 from sandkernel.ray._handle import HostGone, HostHandle
 from sandkernel.ray._protocol import Raised, check_name, file_tag, session_id_of
@@ -87,7 +87,10 @@ class ClusterFiles(SessionRouting):
         """
         self._require_running()
         if session_id is not None:
-            return await (await self._lookup(session_id)).upload(source, name)
+            if agent_id is not None:
+                raise BadInput("a file goes to a session or to an agent, not both")
+            session = await self._lookup(session_id)
+            return await session._store_upload(source, name, retention_s=retention_s)
         if agent_id is not None:
             check_name(agent_id, "agent")
         data, filename = await read_upload(source, name, self.max_upload_bytes)

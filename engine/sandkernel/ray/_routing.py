@@ -89,6 +89,10 @@ class SessionRouting(HostDirectory):
             session = self._sessions.get(self._by_name[session_id])
         return session
 
+    def _is_node_tag(self, tag: str) -> bool:
+        """Whether ``tag`` is a node's, alive or lost (else an id only looks qualified)."""
+        return tag in self._by_tag or tag in self._lost
+
     def _host_of_tag(self, tag: str, session_id: str) -> HostHandle:
         host = self._by_tag.get(tag)
         if host is not None and not host.gone:

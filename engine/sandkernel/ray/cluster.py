@@ -272,6 +272,9 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
             name = f"sess-{secrets.token_hex(8)}"
         else:
             parsed = parse_session_id(session_id)
+            if parsed is not None and not self._is_node_tag(parsed[0]):
+                # Not a node's: a name that looks qualified ("20240105.thread-1").
+                parsed = None
             name = session_id if parsed is None else parsed[1]
             check_name(name)
             known = self._known(session_id)
@@ -291,7 +294,7 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         future: asyncio.Future[ClusterSession] = asyncio.get_running_loop().create_future()
         self._creating[name] = future
         try:
-            if host is None and session_id is not None and parse_session_id(session_id) is None:
+            if host is None and session_id is not None and name == session_id:
                 host = await self._find_session_host(name)
             session = await self._open(name, host, agent_id, workspace, if_expired)
             future.set_result(session)

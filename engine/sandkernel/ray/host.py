@@ -500,9 +500,12 @@ class NodeHost:
         return self._outward_file(stored)
 
     @_replying
-    async def upload_to_session(self, name: str, data: bytes, filename: str | None) -> StoredFile:
+    async def upload_to_session(
+        self, name: str, data: bytes, filename: str | None, retention_s: float | None = None
+    ) -> StoredFile:
         session = self.engine.live_session(name)
-        return self._outward_file(await session.upload(data, filename))
+        stored = await session._store_upload(data, filename, retention_s=retention_s)
+        return self._outward_file(stored)
 
     @_replying
     async def attach(self, name: str, file_ids: Sequence[str]) -> list[str] | NeedFiles:

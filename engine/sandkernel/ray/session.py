@@ -210,9 +210,16 @@ class ClusterSession(StreamsFromRun):
 
         The bytes are read here and sent to the session's node.
         """
+        return await self._store_upload(source, name)
+
+    async def _store_upload(
+        self, source: UploadSource, name: str | None, *, retention_s: float | None = None
+    ) -> StoredFile:
         self._check_usable()
         data, filename = await read_upload(source, name, self._engine.max_upload_bytes)
-        stored: StoredFile = await self._call("upload_to_session", self.name, data, filename)
+        stored: StoredFile = await self._call(
+            "upload_to_session", self.name, data, filename, retention_s
+        )
         return stored
 
     async def attach(self, file_ids: Sequence[str]) -> list[str]:
