@@ -87,6 +87,31 @@ def test_zip_symlink_within_its_folder_is_accepted() -> None:
     )
 
 
+def test_a_zip64_record_cannot_hide_the_entry_count_from_the_check() -> None:
+    """zipfile takes the zip64 record's count: the check must read the same one."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", allowZip64=True) as archive:
+        for i in range(70_000):  # past 65,535: zipfile writes a zip64 end record
+            archive.writestr(f"{i}", b"")
+    data = bytearray(buf.getvalue())
+    end = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<HHI", data, end + 8, 1, 1, 46)  # the plain record: "1 entry"
+    parsed = []
+    real = zipfile.ZipFile.__init__
+
+    def counting(self: zipfile.ZipFile, *args: object, **kwargs: object) -> None:
+        parsed.append(True)
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    zipfile.ZipFile.__init__ = counting  # type: ignore[method-assign]
+    try:
+        with pytest.raises(FileRejected, match="more than 1000 entries"):
+            check_upload("many.zip", bytes(data), max_archive_entries=1000)
+    finally:
+        zipfile.ZipFile.__init__ = real  # type: ignore[method-assign]
+    assert parsed == []  # refused before zipfile built an object per entry
+
+
 def test_archive_with_too_many_entries_is_refused() -> None:
     many = zip_bytes({f"f{i}.txt": b"" for i in range(6)})
     assert check_upload("ok.zip", many, max_archive_entries=6)[1] == "application/zip"

@@ -39,22 +39,25 @@ def _zip_end(f: BinaryIO, size: int) -> tuple[int, int] | None:
     if pos < 0 or len(tail) - pos < 22:
         return None
     entries, cd_size = struct.unpack_from("<HI", tail, pos + 10)
-    if entries != 0xFFFF and cd_size != 0xFFFFFFFF:
-        return entries, cd_size
+    # zipfile takes the zip64 record's figures whenever a zip64 locator sits
+    # just before the end record (at a fixed place, whatever the figures
+    # above say): read them the same way, or a crafted archive declares one
+    # entry here and millions to zipfile.
     locator_at = size - tail_len + pos - 20
-    if locator_at < 0:
-        return None
+    if locator_at < 56:
+        return entries, cd_size
     f.seek(locator_at)
     locator = f.read(20)
     if len(locator) < 20 or locator[:4] != b"PK\x06\x07":
-        return None
-    (record_at,) = struct.unpack_from("<Q", locator, 8)
-    f.seek(record_at)
+        if entries == 0xFFFF or cd_size == 0xFFFFFFFF:
+            return None  # the figures are in a zip64 record that is not there
+        return entries, cd_size
+    f.seek(locator_at - 56)
     record = f.read(56)
     if len(record) < 56 or record[:4] != b"PK\x06\x06":
-        return None
+        return entries, cd_size
     entries64, cd_size64 = struct.unpack_from("<QQ", record, 32)
-    return int(entries64), int(cd_size64)
+    return max(entries, int(entries64)), max(cd_size, int(cd_size64))
 
 
 #: The longest symlink target a zip entry may hold (Linux's PATH_MAX).
