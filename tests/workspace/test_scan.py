@@ -233,6 +233,33 @@ def test_file_that_changes_while_read_is_skipped_and_retried(
     assert [f.path for f in retry.changed] == ["log.txt"]
 
 
+def test_files_rewritten_while_read_cannot_make_a_scan_read_without_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each is read, found changed and skipped: what was read still counts."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    size = 1 << 20
+    for i in range(40):
+        with (root / f"f{i}").open("wb") as f:
+            f.truncate(size)  # sparse: no space taken
+    real_read = os.read
+    read: list[int] = []
+
+    def touching_read(fd: int, n: int) -> bytes:
+        data = real_read(fd, n)
+        read.append(len(data))
+        os.utime(fd)  # the kernel keeps touching them
+        return data
+
+    monkeypatch.setattr(os, "read", touching_read)
+    result = scan_workspace(root, since={}, max_files=100, max_bytes=4 * size)
+    monkeypatch.undo()
+    assert result.changed == []
+    assert sum(read) <= 2 * 4 * size + 40  # twice max_bytes, not 40 files' worth
+    assert result.truncated and "twice max_bytes" in (result.truncated_reason or "")
+
+
 def test_file_that_vanishes_while_read_is_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -147,3 +147,30 @@ async def test_an_unchanged_workspace_is_collected_without_a_thread_or_the_store
     )
     (shown,) = (await workspace.collect(ws, image)).files
     assert shown.source == "display" and len(threads) == 3
+
+
+async def test_a_file_grown_or_rewritten_after_the_scan_is_not_stored_past_the_caps(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caps hold for what the scan read: what is stored is exactly that."""
+    from sandkernel.workspace import collect
+
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(max_bytes=1 << 20), session_id="s1")
+    await workspace.prepare(ws, restart=False)
+    for name in ("grown.txt", "rewritten.txt", "kept.txt"):
+        (ws / name).write_bytes(b"x")
+    real_open = collect.open_workspace_file
+
+    def racing_open(root: Path, rel: str) -> object:
+        # The kernel writes between the scan and the engine's read.
+        if rel == "grown.txt":
+            (ws / rel).write_bytes(b"x" * (8 << 20))
+        elif rel == "rewritten.txt":
+            (ws / rel).write_bytes(b"y")
+        return real_open(root, rel)
+
+    monkeypatch.setattr(collect, "open_workspace_file", racing_open)
+    result = await workspace.collect(ws, cell(1))
+    assert [f.name for f in result.files] == ["kept.txt"]
+    assert [f.name for f in store.list(session_id="s1")] == ["kept.txt"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from sandkernel.errors import SandkernelError
 from sandkernel.files import FileStore, StoredFile
@@ -116,7 +118,7 @@ def collect_outputs(
         try:
             with open_workspace_file(workspace, entry.path) as f:
                 stored = store.add_stream(
-                    f,
+                    _AsScanned(f, entry.size_bytes),
                     PurePosixPath(entry.path).name,
                     origin="produced",
                     session_id=session_id,
@@ -125,9 +127,12 @@ def collect_outputs(
                     retention_s=caps.retention_s,
                 )
         except OSError:
-            continue  # vanished or replaced since the scan: the next scan sees it
+            continue  # vanished, replaced or grown since the scan: the next scan sees it
         except Exception as exc:  # noqa: BLE001 - one odd file must not lose the result
             notes.append(f"{entry.path}: not stored ({exc})")
+            continue
+        if stored.sha256 != entry.sha256:
+            store.delete(stored.id)  # rewritten since the scan: the caps held for what it read
             continue
         state.latest[path] = stored.id
         quota.used += stored.size_bytes
@@ -153,6 +158,28 @@ def collect_outputs(
             "files_note": "; ".join(notes) or None,
         }
     )
+
+
+class _AsScanned:
+    """A produced file read back for the store: at most the size the scan saw.
+
+    The caps were checked against the scan's size; the sandbox may have grown
+    the file since. More data than that is an OSError (the file is left for
+    the next scan), never stored.
+    """
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f = f
+        self._left = size
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            if self._f.read(1):
+                raise OSError(errno.EFBIG, "the file grew after the scan")
+            return b""
+        chunk = self._f.read(self._left if size < 0 else min(size, self._left))
+        self._left -= len(chunk)
+        return chunk
 
 
 def shown_images(result: ExecutionResult) -> list[DisplayOutput]:

@@ -78,31 +78,34 @@ class ScanResult:
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _hash_regular(dir_fd: int, name: str, seen: os.stat_result) -> tuple[str, int] | str:
+def _hash_regular(dir_fd: int, name: str, seen: os.stat_result) -> tuple[str, int, bool]:
     """Hash a file found by the walk, or say why not.
 
     Returns:
-        ``(sha256, bytes read)``, or the reason it was skipped.
+        ``(sha256, bytes read, True)``, or ``(why it was skipped, bytes read, False)``:
+        what was read counts against the scan's budget either way.
     """
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except FileNotFoundError:
-        return "vanished before it was read"
+        return "vanished before it was read", 0, False
     except OSError as exc:
-        return (
-            "replaced by a symlink" if exc.errno == errno.ELOOP else f"unreadable: {exc.strerror}"
-        )
+        why = "replaced by a symlink" if exc.errno == errno.ELOOP else f"unreadable: {exc.strerror}"
+        return why, 0, False
+    got = 0
     try:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
-            return f"replaced by a {file_kind(before.st_mode)}"
+            return f"replaced by a {file_kind(before.st_mode)}", 0, False
         if (before.st_dev, before.st_ino) != (seen.st_dev, seen.st_ino):
-            return "replaced while being scanned"
+            return "replaced while being scanned", 0, False
+        if (before.st_size, before.st_mtime_ns) != (seen.st_size, seen.st_mtime_ns):
+            # Changing now: not read at all (the walk's size is what the caps allowed).
+            return "changed while being read", 0, False
         digest = hashlib.sha256()
-        got = 0
-        # One byte more than expected, so that growth is seen without reading on.
-        left = before.st_size + 1
+        # One byte more than the walk saw, so that growth is seen without reading on.
+        left = seen.st_size + 1
         while left > 0:
             chunk = os.read(fd, min(CHUNK_BYTES, left))
             if not chunk:
@@ -112,19 +115,15 @@ def _hash_regular(dir_fd: int, name: str, seen: os.stat_result) -> tuple[str, in
             left -= len(chunk)
         after = os.fstat(fd)
     except OSError as exc:
-        return f"unreadable: {exc.strerror}"
+        return f"unreadable: {exc.strerror}", got, False
     finally:
         os.close(fd)
     if after.st_nlink == 0:
-        return "vanished while being read"
+        return "vanished while being read", got, False
     stamp = (before.st_size, before.st_mtime_ns)
-    if (
-        got != before.st_size
-        or (seen.st_size, seen.st_mtime_ns) != stamp
-        or (after.st_size, after.st_mtime_ns) != stamp
-    ):
-        return "changed while being read"
-    return digest.hexdigest(), got
+    if got != before.st_size or (after.st_size, after.st_mtime_ns) != stamp:
+        return "changed while being read", got, False
+    return digest.hexdigest(), got, True
 
 
 class _Walk:
@@ -147,6 +146,9 @@ class _Walk:
         self.skipped: list[tuple[str, str]] = []
         self.reasons: list[str] = []
         self.total_bytes = 0
+        #: every byte read, stored or not: files rewritten while read are read
+        #: again next time, and must not make one scan read without end
+        self.read_bytes = 0
         self.entries = 0
         self.stopped = False
         self.dirs: DirStamps = {}
@@ -223,14 +225,20 @@ class _Walk:
             cap = human_size(self.max_bytes)
             self.cap(f"new or changed files total more than {cap} (max_bytes)")
             return
-        outcome = _hash_regular(dir_fd, name, seen)
-        if isinstance(outcome, str):
-            self.skipped.append((rel, outcome))
+        if self.read_bytes + seen.st_size > 2 * self.max_bytes:
+            self.skipped.append((rel, "over the bytes one scan may read"))
+            if rel in self.previous:
+                self.snapshot[rel] = self.previous[rel]
+            self.cap("files changed while read add up to more than twice max_bytes")
+            return
+        digest, size, ok = _hash_regular(dir_fd, name, seen)
+        self.read_bytes += size
+        if not ok:
+            self.skipped.append((rel, digest))
             # Keep the old entry (if any) so the next scan looks at the file again.
             if rel in self.previous:
                 self.snapshot[rel] = self.previous[rel]
             return
-        digest, size = outcome
         self.snapshot[rel] = key
         self.total_bytes += size
         self.changed.append(ScannedFile(rel, size, seen.st_mtime_ns, seen.st_ino, digest))
