@@ -174,3 +174,30 @@ async def test_a_file_grown_or_rewritten_after_the_scan_is_not_stored_past_the_c
     result = await workspace.collect(ws, cell(1))
     assert [f.name for f in result.files] == ["kept.txt"]
     assert [f.name for f in store.list(session_id="s1")] == ["kept.txt"]
+
+
+async def test_an_agent_file_placed_while_a_cell_is_collected_is_not_produced_by_it(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agent files are placed without waiting for a running cell, so even during its scan."""
+    from sandkernel.workspace import collect
+
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1", agent_id="a1")
+    await workspace.prepare(ws, restart=False)
+    rules = store.add_bytes(b"rules\n", "rules.txt", agent_id="a1")
+    real_scan = collect.scan_workspace
+
+    def scan_meanwhile(*args: object, **kwargs: object) -> object:
+        scanned = real_scan(*args, **kwargs)  # type: ignore[arg-type]
+        # Placed after the walk passed, before the scan's snapshot is taken in.
+        asyncio.run(workspace.place_agent_files(ws, [rules]))
+        return scanned
+
+    monkeypatch.setattr(collect, "scan_workspace", scan_meanwhile)
+    result = await workspace.collect(ws, cell(1))
+    monkeypatch.undo()
+    assert result.files == [] and store.list(session_id="s1") == []
+    assert workspace.state.latest["/mnt/data/rules.txt"] == rules.id
+    again = await workspace.collect(ws, cell(2))
+    assert again.files == []  # and it is not found new by the next scan either

@@ -104,13 +104,20 @@ def collect_outputs(
     caps: OutputCaps,
 ) -> ExecutionResult:
     """Register what the cell produced and return the result with its ``files``."""
+    # The engine places an agent's files without waiting for a running cell:
+    # one placed while this scan runs is recorded in state.snapshot, and is
+    # neither produced by the cell nor to be forgotten by it.
+    since = dict(state.snapshot)
     scan = scan_workspace(
-        workspace, since=state.snapshot, max_files=caps.max_files, max_bytes=caps.max_bytes
+        workspace, since=since, max_files=caps.max_files, max_bytes=caps.max_bytes
     )
+    placed = {p: k for p, k in dict(state.snapshot).items() if since.get(p) != k}
     produced: list[ProducedFile] = []
     notes = [scan.truncated_reason] if scan.truncated_reason else []
     quota = _SessionQuota(store, session_id, state, caps.max_session_bytes)
     for entry in scan.changed:
+        if placed.get(entry.path) == (entry.size_bytes, entry.mtime_ns, entry.inode):
+            continue
         path = f"{WORKSPACE_IN_JAIL}/{entry.path}"
         if not quota.make_room(entry.size_bytes):
             notes.append(quota.refused(entry.path, entry.size_bytes))
@@ -137,8 +144,8 @@ def collect_outputs(
         state.latest[path] = stored.id
         quota.used += stored.size_bytes
         produced.append(_produced(stored, path, "workspace"))
-    state.snapshot = scan.snapshot
-    state.dirs = scan.dirs
+    state.snapshot = {**scan.snapshot, **placed}
+    state.dirs = None if placed else scan.dirs  # placed since the walk: not proved unchanged
     for path in scan.removed:
         state.latest.pop(f"{WORKSPACE_IN_JAIL}/{path}", None)
     produced += _store_displays(store, result, session_id=session_id, caps=caps, quota=quota,
