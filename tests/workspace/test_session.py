@@ -201,3 +201,35 @@ async def test_an_agent_file_placed_while_a_cell_is_collected_is_not_produced_by
     assert workspace.state.latest["/mnt/data/rules.txt"] == rules.id
     again = await workspace.collect(ws, cell(2))
     assert again.files == []  # and it is not found new by the next scan either
+
+
+def test_restoring_into_a_reused_folder_follows_no_link_out_of_it(
+    store: FileStore, tmp_path: Path
+) -> None:
+    """A host folder as the workspace keeps what the dead kernel left: links too."""
+    from sandkernel.workspace.place import WorkspaceState, restore_files
+
+    ws = folder(tmp_path)
+    host_dir = tmp_path / "host"
+    host_dir.mkdir()
+    (ws / "a").symlink_to(host_dir)
+    saved = store.add_bytes(b"payload\n", "payload.txt", session_id="s1")
+    state = WorkspaceState()
+    lost = restore_files(store, {"/mnt/data/a/b/payload.txt": saved.id}, ws, state)
+    assert lost == ["/mnt/data/a/b/payload.txt"]
+    assert list(host_dir.iterdir()) == [] and host_dir.stat().st_uid == os.getuid()
+
+
+def test_writing_a_workspace_file_over_a_fifo_refuses_without_blocking(tmp_path: Path) -> None:
+    from sandkernel.workspace.place import write_workspace_file
+
+    ws = folder(tmp_path)
+    os.mkfifo(ws / "planted")
+    with pytest.raises(OSError):  # no reader: ENXIO at once
+        write_workspace_file(ws, "planted", b"data")
+    reader = os.open(ws / "planted", os.O_RDONLY | os.O_NONBLOCK)  # the sandbox holds one
+    try:
+        with pytest.raises(FileExistsError, match="not a regular file"):
+            write_workspace_file(ws, "planted", b"data")
+    finally:
+        os.close(reader)

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -67,11 +68,10 @@ def place_file(
         f"{stem}-{stored.id[5:13]}.{ext}" if dot and stem else f"{stored.name}-{stored.id[5:13]}"
     )
     prefix = f"{subdir}/" if subdir else ""
-    target_dir = workspace / subdir if subdir else workspace
-    dir_fd = os.open(target_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    dir_fd = _open_folder(workspace, PurePosixPath(subdir).parts if subdir else (), create=False)
     try:
         for candidate in (stored.name, suffixed):
-            if _same_file_there(target_dir, candidate, stored):
+            if _same_file_there(workspace, prefix + candidate, stored):
                 return _record(state, workspace, prefix + candidate, stored.id)
             try:
                 fd = os.open(
@@ -121,14 +121,16 @@ def restore_files(
             lost.append(path)
             continue
         subdir = str(rel.parent) if str(rel.parent) != "." else ""
-        if subdir:
-            # Fresh workspace, no code has run in it yet: plain makedirs is safe.
-            (workspace / subdir).mkdir(parents=True, exist_ok=True)
-            for part in range(1, len(rel.parent.parts) + 1):
-                os.chown(workspace.joinpath(*rel.parent.parts[:part]), SANDBOX_UID, SANDBOX_GID)
         if stored.name != rel.name:
             stored = stored.model_copy(update={"name": rel.name})
-        place_file(store, stored, workspace, state, read_only=False, subdir=subdir)
+        try:
+            if subdir:
+                # Not followed through a link: a host folder bound as the workspace
+                # keeps what the dead kernel left there, links included.
+                os.close(_open_folder(workspace, rel.parent.parts, create=True))
+            place_file(store, stored, workspace, state, read_only=False, subdir=subdir)
+        except OSError:
+            lost.append(path)  # its place is a link or a file now: not restored there
     return lost
 
 
@@ -164,21 +166,14 @@ def write_workspace_file(workspace: Path, rel: str, data: bytes) -> None:
     parts = PurePosixPath(rel).parts
     if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
         raise FileExistsError(errno.EINVAL, f"not a relative path: {rel!r}")
-    fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fd = _open_folder(workspace, parts[:-1], create=True)
     try:
-        for part in parts[:-1]:
-            try:
-                os.mkdir(part, 0o755, dir_fd=fd)
-                os.chown(part, SANDBOX_UID, SANDBOX_GID, dir_fd=fd, follow_symlinks=False)
-            except FileExistsError:
-                pass
-            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        out = os.open(
-            parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=fd
-        )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        out = os.open(parts[-1], flags, 0o644, dir_fd=fd)
         try:
+            if not stat.S_ISREG(os.fstat(out).st_mode):  # a FIFO or a device planted there
+                raise FileExistsError(errno.EEXIST, f"{rel!r} is not a regular file")
+            os.ftruncate(out, 0)
             os.fchown(out, SANDBOX_UID, SANDBOX_GID)
             with os.fdopen(out, "wb", closefd=False) as f:
                 f.write(data)
@@ -186,6 +181,32 @@ def write_workspace_file(workspace: Path, rel: str, data: bytes) -> None:
             os.close(out)
     finally:
         os.close(fd)
+
+
+def _open_folder(workspace: Path, parts: tuple[str, ...], *, create: bool) -> int:
+    """A descriptor of ``workspace/<parts>``, reached without following any link.
+
+    Each folder is opened relative to its parent with ``O_NOFOLLOW``; with
+    ``create``, a missing one is made (the sandbox user's, as code in the
+    sandbox would have made it).
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(workspace, flags)
+    try:
+        for part in parts:
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    os.chown(part, SANDBOX_UID, SANDBOX_GID, dir_fd=fd, follow_symlinks=False)
+                except FileExistsError:
+                    pass
+            child = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_workspace_file(workspace: Path, rel: str, max_bytes: int = 256 << 20) -> bytes | None:
