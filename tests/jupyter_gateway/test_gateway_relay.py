@@ -1,15 +1,49 @@
-"""The relay's own waits, on plain ZeroMQ sockets (no sandbox)."""
+"""The relay on plain ZeroMQ sockets and kernels the tests play (no sandbox)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import zmq
 import zmq.asyncio
+from jupyter_client.jsonutil import json_default
+from starlette.websockets import WebSocket
 
-from sandkernel.jupyter_gateway.relay import _handshake
+from sandkernel.jupyter_gateway import relay as relay_module
+from sandkernel.jupyter_gateway.app import create_gateway_app
+from sandkernel.jupyter_gateway.codec import V1_PROTOCOL, WireMessage
+from sandkernel.jupyter_gateway.codec import encode as codec_encode
+from sandkernel.jupyter_gateway.kernels import GatewayKernels
+from sandkernel.jupyter_gateway.relay import (
+    _CONNECTION_QUEUE,
+    CLOSE_TOO_SLOW,
+    Connection,
+    _handshake,
+)
+from sandkernel.jupyter_gateway.specs import KernelSpecs
+from sandkernel.policy import load_policy
+from tests.jupyter_gateway._fake_kernel import (
+    DEADLINE_S,
+    FakeClient,
+    FakeKernel,
+    FakeLink,
+    FakeWebSocket,
+    Harness,
+    fake_relay,
+    reply_to,
+    status_is,
+    terminate,
+)
+from tests.jupyter_gateway._support import execute_request, message
 
 pytestmark = pytest.mark.anyio
 
@@ -54,3 +88,635 @@ async def test_a_handshake_that_never_comes_is_waited_for_a_bounded_time(tmp_pat
     finally:
         dealer.close(linger=0)
         context.term()
+
+
+# -- a relay on a kernel the test plays (see _fake_kernel) --------------------------------
+
+
+def _stream(text: str) -> WireMessage:
+    return WireMessage(
+        "iopub",
+        header={"msg_id": uuid.uuid4().hex, "msg_type": "stream"},
+        content={"name": "stdout", "text": text},
+    )
+
+
+async def test_a_client_too_slow_for_its_messages_is_closed_and_its_writer_ends() -> None:
+    ws = FakeWebSocket(stuck=True)
+    connection = Connection(cast(WebSocket, ws), None, None)
+    writer = asyncio.ensure_future(connection.write_loop())
+    # One frame in the stuck send, a full queue, then one too many.
+    for _ in range(_CONNECTION_QUEUE + 2):
+        connection.send(_stream("x"))
+    async with asyncio.timeout(DEADLINE_S):
+        await writer
+    assert connection.closed
+    # Not 1000 or 1001: after those JupyterLab would not reconnect.
+    assert ws.close_code == CLOSE_TOO_SLOW
+
+
+async def test_deleting_a_kernel_closes_a_connection_whose_client_reads_nothing() -> None:
+    async with fake_relay() as harness:
+        stuck = harness.client(stuck=True)
+        harness.kernel.publish("stream", {"name": "stdout", "text": "never read"})
+        async with asyncio.timeout(DEADLINE_S):
+            await stuck.ws.sending.wait()
+        await harness.relay.shutdown()
+        await stuck.closed()
+        assert stuck.ws.closed.is_set()
+
+
+async def test_the_websocket_handler_ends_when_its_slow_client_is_closed() -> None:
+    """The handler of a connection the relay closed returns, whatever its client does."""
+    folder = Path(tempfile.mkdtemp(prefix="skr-", dir="/tmp"))
+    context = zmq.asyncio.Context()
+    fakes: list[FakeKernel] = []
+
+    class Sessions:
+        async def session(self, session_id: str, **options: Any) -> None:
+            pass
+
+        async def close_session(self, session_id: str) -> None:
+            pass
+
+    class Links:
+        async def kernel_link(self, session_id: str) -> FakeLink:
+            fakes.append(FakeKernel(context, folder, f"k{len(fakes)}"))
+            return FakeLink(fakes[-1])
+
+    engine: Any = Sessions()
+    links: Any = Links()
+    kernels = GatewayKernels(engine, links, KernelSpecs(load_policy("default")))
+    try:
+        relay = await kernels.start(None)
+        app = create_gateway_app(KernelSpecs(load_policy("default")), kernels)
+        incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        incoming.put_nowait({"type": "websocket.connect"})
+        never, reading = asyncio.Event(), asyncio.Event()
+        receives = 0
+        closes: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal receives
+            receives += 1
+            if receives > 1:
+                reading.set()  # past the accept: the handler is connected and reads
+            return await incoming.get()  # a client that sends nothing, and is never seen leaving
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "websocket.send":
+                await never.wait()  # a client that reads nothing
+            elif message["type"] == "websocket.close":
+                closes.append(message["code"])
+
+        scope = {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "path": f"/api/kernels/{relay.id}/channels",
+            "raw_path": f"/api/kernels/{relay.id}/channels".encode(),
+            "root_path": "",
+            "query_string": b"session_id=s",
+            "headers": [],
+            "subprotocols": [],
+            "scheme": "ws",
+            "server": ("gateway", 80),
+            "client": ("client", 1234),
+        }
+        handler = asyncio.ensure_future(app(scope, receive, send))
+        async with asyncio.timeout(DEADLINE_S):
+            await reading.wait()
+        assert relay.connection_count == 1
+        for _ in range(_CONNECTION_QUEUE + 2):
+            relay.broadcast(_stream("x"))
+        # Waited for, not cancelled: a cancelled handler would still wait for its writer.
+        done, _ = await asyncio.wait({handler}, timeout=DEADLINE_S)
+        assert handler in done, "the handler did not end"
+        assert closes == [1013]
+        assert relay.connection_count == 0
+    finally:
+        await kernels.aclose()
+        for fake in fakes:
+            fake.close()
+        try:
+            await terminate(context)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_restart_shows_a_kernel_starting_not_one_that_died() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        await harness.relay.restart()
+        # Jupyter Server sends "restarting" only for a kernel that died and was
+        # restarted automatically; JupyterLab then says the kernel died.
+        first, second = await client.next(), await client.next()
+        assert [first.content["execution_state"], second.content["execution_state"]] == [
+            "starting",
+            "idle",
+        ]
+        assert harness.relay.execution_state == "idle"
+        request = await client.send(message("shutdown_request", {"restart": True}, "control"))
+        assert (await client.next()).parent_id == request["header"]["msg_id"]
+        states = [(await client.next()).content["execution_state"] for _ in range(2)]
+        assert states == ["starting", "idle"]
+        assert len(harness.kernels) == 3
+
+
+async def test_what_clients_send_during_a_restart_goes_to_the_fresh_kernel() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        harness.restart_gate.clear()
+        restarting = asyncio.ensure_future(harness.relay.restart())
+        async with asyncio.timeout(DEADLINE_S):
+            await harness.restart_asked.wait()
+        execute = execute_request("print(1)")
+        info = message("kernel_info_request", {})
+
+        async def handler() -> None:  # as a WebSocket's handler: one frame after the other
+            await client.send(execute)
+            await client.send(info)
+
+        sending = asyncio.ensure_future(handler())
+        harness.restart_gate.set()
+        async with asyncio.timeout(DEADLINE_S):
+            await restarting
+            await sending
+        fresh = harness.kernel
+        assert len(harness.kernels) == 2
+        got = await fresh.receive()
+        assert got["header"]["msg_id"] == execute["header"]["msg_id"]
+        asked = await fresh.receive()
+        assert asked["header"]["msg_id"] == info["header"]["msg_id"]
+        await fresh.reply(asked, "kernel_info_reply", {"status": "ok"})
+        fresh.status("busy", got)
+        fresh.status("idle", got)
+        await fresh.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        assert (await client.until(reply_to(info))).content["status"] == "ok"
+        assert (await client.until(reply_to(execute))).content["status"] == "ok"
+        assert not any(status_is("dead")(m) for m in client.seen)
+        assert not any(m.content.get("ename") == "DeadKernelError" for m in client.seen)
+
+
+async def _flushed(client: FakeClient, harness: Harness) -> None:
+    """Wait until ``client`` got all that was sent to it so far (a broadcast goes last)."""
+    harness.kernel.publish("stream", {"name": "stdout", "text": "marker"})
+    await client.until(lambda m: m.msg_type == "stream" and m.content["text"] == "marker")
+
+
+async def test_a_client_back_with_its_session_id_gets_the_replies_its_stale_socket_would() -> None:
+    async with fake_relay() as harness:
+        old = harness.client(session_id="same")
+        bystander = harness.client(session_id="other")
+        request = await old.execute("x = 1")
+        got = await harness.kernel.receive()
+        # The old socket is half-open: its client is gone, the server has not noticed.
+        new = harness.client(session_id="same")
+        # 1000: were the old socket still read, its client must not reconnect in turn.
+        assert await old.closed() == 1000
+        harness.kernel.status("busy", got)
+        harness.kernel.status("idle", got)
+        await harness.kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        assert (await new.until(reply_to(request))).content["status"] == "ok"
+        await _flushed(bystander, harness)
+        assert not any(reply_to(request)(m) for m in bystander.seen)
+        assert harness.relay.connection_count == 2
+        # The stale socket's handler ends later; the client's new connection stays.
+        harness.relay.disconnect(old.connection)
+        assert harness.relay.connection_count == 2
+
+
+async def test_a_cell_sent_before_a_reconnect_gets_its_dead_reply_on_the_new_socket() -> None:
+    async with fake_relay() as harness:
+        old = harness.client(session_id="same")
+        bystander = harness.client(session_id="other")
+        request = await old.execute("while True: pass")
+        await harness.kernel.receive()
+        new = harness.client(session_id="same")
+        harness.link.die()
+        reply = await new.until(reply_to(request))
+        assert reply.content["ename"] == "DeadKernelError"
+        await bystander.until(status_is("dead"))
+        assert not any(reply_to(request)(m) for m in bystander.seen)
+
+
+async def test_what_a_replaced_socket_sent_during_a_restart_is_answered_on_the_new_one() -> None:
+    async with fake_relay() as harness:
+        old = harness.client(session_id="same")
+        bystander = harness.client(session_id="other")
+        harness.restart_gate.clear()
+        restarting = asyncio.ensure_future(harness.relay.restart())
+        async with asyncio.timeout(DEADLINE_S):
+            await harness.restart_asked.wait()
+        info = message("kernel_info_request", {})
+        sending = asyncio.ensure_future(old.send(info))
+        new = harness.client(session_id="same")
+        harness.restart_gate.set()
+        async with asyncio.timeout(DEADLINE_S):
+            await restarting
+            await sending
+        got = await harness.kernel.receive()
+        await harness.kernel.reply(got, "kernel_info_reply", {"status": "ok"})
+        assert (await new.until(reply_to(info))).content["status"] == "ok"
+        await _flushed(bystander, harness)
+        assert not any(reply_to(info)(m) for m in bystander.seen)
+
+
+async def test_a_kernel_message_that_cannot_be_relayed_is_dropped_and_the_rest_flows() -> None:
+    async with fake_relay() as harness:
+        plain = harness.client()
+        binary = harness.client(protocol=V1_PROTOCOL)
+        kernel = harness.kernel
+
+        def header(msg_type: str) -> bytes:
+            raw = kernel.session.msg(msg_type, {})
+            return json.dumps(raw["header"], default=json_default).encode()
+
+        kernel.publish_raw([header("stream"), b"{}", b"{}", b'"text, not an object"'])
+        kernel.publish_raw([header("stream"), b"{}", b"[]", b"{}"])
+        kernel.publish_raw([header("stream"), b"[]", b"{}", b"{}"])
+        kernel.publish_raw([b'"header"', b"{}", b"{}", b"{}"])
+        # A lone surrogate: valid JSON, and no UTF-8 encodes it.
+        kernel.publish_raw(
+            [header("stream"), b"{}", b"{}", b'{"name": "stdout", "text": "odd \\ud800"}']
+        )
+        kernel.publish("stream", {"name": "stdout", "text": "after"})
+        for client in (plain, binary):
+            odd = await client.until(lambda m: m.msg_type == "stream")
+            assert odd.content["text"] == "odd \ud800"
+            after = await client.next()
+            assert after.content["text"] == "after"
+        # The shell channel goes on too.
+        request = await plain.request("kernel_info_request")
+        got = await kernel.receive()
+        await kernel.send_raw("shell", [header("kernel_info_reply"), b"{}", b"{}", b"[1]"])
+        await kernel.reply(got, "kernel_info_reply", {"status": "ok"})
+        assert (await plain.until(reply_to(request))).content == {"status": "ok"}
+
+
+async def test_text_no_utf8_encodes_reaches_the_client_escaped() -> None:
+    ws = FakeWebSocket()
+    connection = Connection(cast(WebSocket, ws), None, None)
+    writer = asyncio.ensure_future(connection.write_loop())
+    connection.send(_stream("odd \ud800"))
+    connection.send(_stream("after"))
+    async with asyncio.timeout(DEADLINE_S):
+        first, second = await ws.frames.get(), await ws.frames.get()
+    assert isinstance(first, str)
+    assert json.loads(first)["content"]["text"] == "odd \ud800"
+    assert json.loads(second)["content"]["text"] == "after"
+    connection.close()
+    async with asyncio.timeout(DEADLINE_S):
+        await writer
+
+
+async def test_a_dying_kernels_last_messages_come_before_dead_and_their_reply_is_real() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        kernel = harness.kernel
+        first = await client.execute("print('last words')")
+        second = await client.execute("print('never runs')")
+        got = await kernel.receive()
+        await kernel.receive()
+        kernel.status("busy", got)
+        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        # The reply waits in the relay for the cell's idle (its outputs may still come).
+        async with asyncio.timeout(DEADLINE_S):
+            await harness.relay._cells[first["header"]["msg_id"]].done.wait()
+
+        def last_words() -> None:
+            kernel.publish("stream", {"name": "stdout", "text": "last words\n"}, got)
+            kernel.status("idle", got)
+
+        harness.link.last_words = last_words
+        harness.link.die()
+        await client.until(status_is("dead"))
+        seen = client.seen
+        first_id, second_id = first["header"]["msg_id"], second["header"]["msg_id"]
+        stream = [m for m in seen if m.msg_type == "stream" and m.parent_id == first_id]
+        assert [m.content["text"] for m in stream] == ["last words\n"]
+        [reply] = [m for m in seen if m.channel == "shell" and m.parent_id == first_id]
+        assert reply.content["status"] == "ok"
+        assert not any(m.parent_id == first_id and m.msg_type == "error" for m in seen)
+        # The cell the kernel never ran gets its reply made up, after what the kernel said.
+        [made_up] = [m for m in seen if m.channel == "shell" and m.parent_id == second_id]
+        assert made_up.content["ename"] == "DeadKernelError"
+        assert seen.index(stream[0]) < seen.index(made_up)
+        assert status_is("dead")(seen[-1])
+
+
+async def test_a_message_naming_no_channel_goes_to_shell() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        request = message("kernel_info_request", {})
+        del request["channel"]
+        await harness.relay.from_client(client.connection, json.dumps(request))
+        got = await harness.kernel.receive("shell")
+        assert got["header"]["msg_id"] == request["header"]["msg_id"]
+
+
+async def test_what_clients_send_during_a_restart_is_never_dropped() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        harness.restart_gate.clear()
+        restarting = asyncio.ensure_future(harness.relay.restart())
+        async with asyncio.timeout(DEADLINE_S):
+            await harness.restart_asked.wait()
+        # More than any buffer for a restart would hold: the client's handler waits instead.
+        requests = [message("kernel_info_request", {}) for _ in range(1500)]
+
+        async def handler() -> None:
+            for request in requests:
+                await client.send(request)
+
+        sending = asyncio.ensure_future(handler())
+        harness.restart_gate.set()
+        async with asyncio.timeout(DEADLINE_S):
+            await restarting
+        got = [(await harness.kernel.receive())["header"]["msg_id"] for _ in requests]
+        assert got == [r["header"]["msg_id"] for r in requests]
+        async with asyncio.timeout(DEADLINE_S):
+            await sending
+
+
+# -- a dying kernel ---------------------------------------------------------------------
+
+
+def _flood_frames(kernel: FakeKernel, identity: list[bytes], count: int) -> list[list[bytes]]:
+    """``count`` distinct signed shell messages from ``kernel`` (no parent: every client's)."""
+    frames = []
+    for n in range(count):
+        header = json.dumps({"msg_id": f"flood-{n}", "msg_type": "comm_msg"}).encode()
+        parts = [header, b"{}", b"{}", b'{"data": {}}']
+        frames.append([*identity, b"<IDS|MSG>", kernel.session.sign(parts), *parts])
+    return frames
+
+
+def _flood(
+    kernel: FakeKernel, frames: list[list[bytes]], stop: threading.Event, full: threading.Event
+) -> None:
+    """Send ``frames`` on the kernel's shell socket, as fast as the relay's socket takes them.
+
+    Runs in a thread of its own, as a kernel runs in a process of its own: the
+    event loop's being held stops nothing here. ``full``: the relay's socket
+    took no more for a while.
+    """
+    sock: zmq.Socket[bytes] = zmq.Socket.shadow(kernel.sockets["shell"].underlying)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # wait while the relay's socket is full
+    sock.setsockopt(zmq.SNDTIMEO, 100)
+    for msg in frames:
+        while not stop.is_set():
+            try:
+                sock.send_multipart(msg)
+                break
+            except zmq.Again:
+                full.set()
+            except zmq.ZMQError:
+                return  # the relay's socket is closed
+        if stop.is_set():
+            return
+
+
+@pytest.mark.parametrize("bound", ["count", "deadline"])
+async def test_a_kernel_flooding_its_drain_holds_neither_the_event_loop_nor_the_death(
+    monkeypatch: pytest.MonkeyPatch, bound: str
+) -> None:
+    """Whatever a dead kernel's session still sends, it is reported dead, and the daemon runs."""
+    cap = 100
+    if bound == "count":
+        monkeypatch.setattr(relay_module, "_DRAIN_S", 3600.0)
+        monkeypatch.setattr(relay_module, "_DRAIN_MAX", cap)
+    else:
+        monkeypatch.setattr(relay_module, "_DRAIN_MAX", 10**9)
+        monkeypatch.setattr(relay_module, "_DRAIN_S", 0.3)
+    async with fake_relay() as harness:
+        relay, kernel, link = harness.relay, harness.kernel, harness.link
+        client = harness.client()
+        relayed = drained = 0
+        send = client.connection.send
+
+        def counting(msg: WireMessage) -> None:
+            nonlocal relayed, drained
+            if msg.msg_type == "comm_msg":
+                relayed += 1
+                drained += relay._draining
+            send(msg)
+
+        monkeypatch.setattr(client.connection, "send", counting)
+        # The shell channel stops reading (storing a cell's files) while the kernel
+        # fills it: there is a backlog when it dies.
+        link.collect_gate.clear()
+        await client.execute("1")
+        got = await kernel.receive()
+        kernel.status("busy", got)
+        kernel.status("idle", got)
+        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        async with asyncio.timeout(DEADLINE_S):
+            await link.collecting.wait()
+        frames = _flood_frames(kernel, kernel.identities["shell"], 30_000)
+        stop, full = threading.Event(), threading.Event()
+        flooding = threading.Thread(target=_flood, args=(kernel, frames, stop, full), daemon=True)
+        flooding.start()
+        # What another task of the daemon sees: how far the relay got each time it ran.
+        seen: list[int] = []
+
+        async def tick() -> None:
+            while True:
+                if relay._draining:
+                    seen.append(relayed)
+                await asyncio.sleep(0)
+
+        ticker = asyncio.ensure_future(tick())
+        try:
+            assert await asyncio.to_thread(full.wait, DEADLINE_S)
+            link.die()
+            link.collect_gate.set()
+            async with asyncio.timeout(3 * DEADLINE_S):
+                await client.until(status_is("dead"))
+        finally:
+            stop.set()
+            ticker.cancel()
+            await asyncio.to_thread(flooding.join, DEADLINE_S)
+        assert not flooding.is_alive()
+        steps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+        assert max(steps, default=0) <= 20, "the drain held the event loop"
+        if bound == "count":
+            assert drained == cap
+
+
+async def test_a_kernel_the_relay_kills_is_ended_before_it_is_drained() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        link = harness.link
+        ended_while_draining: list[bool] = []
+        end = link.end
+
+        async def recording_end(reason: str) -> None:
+            ended_while_draining.append(harness.relay._draining)
+            await end(reason)
+
+        link.end = recording_end  # type: ignore[method-assign]
+        request = await client.execute("import time; time.sleep(60)")
+        got = await harness.kernel.receive()
+        harness.kernel.status("busy", got)
+        await client.until(status_is("busy", got["header"]["msg_id"]))
+        shutdown = await client.send(message("shutdown_request", {"restart": False}, "control"))
+        await client.until(reply_to(shutdown))
+        reply = await client.until(reply_to(request))
+        assert reply.content["ename"] == "DeadKernelError"
+        await client.until(status_is("dead"))
+        assert ended_while_draining == [False]
+        # What the cell wrote is stored before the end takes its workspace.
+        assert link.collected == [False]
+
+
+async def test_a_restart_racing_a_death_gets_a_working_fresh_kernel() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        link, kernel = harness.link, harness.kernel
+        link.collect_gate.clear()
+        request = await client.execute("1")
+        got = await kernel.receive()
+        kernel.status("busy", got)
+        kernel.status("idle", got)
+        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        async with asyncio.timeout(DEADLINE_S):
+            await link.collecting.wait()
+        # The client ends the kernel: its death is reported once the reply is out.
+        shutdown = message("shutdown_request", {"restart": False}, "control")
+        shutting = asyncio.ensure_future(client.send(shutdown))
+        await client.until(reply_to(shutdown))
+        restarting = asyncio.ensure_future(harness.relay.restart())
+        await asyncio.sleep(0)  # the restart begins (not a wait for time)
+        link.collect_gate.set()
+        async with asyncio.timeout(DEADLINE_S):
+            await restarting
+            await shutting
+        assert (await client.until(reply_to(request))).content["status"] == "ok"
+        assert len(harness.kernels) == 2
+        assert harness.relay.execution_state == "idle"
+        info = await client.request("kernel_info_request")
+        fresh = harness.kernel
+        asked = await fresh.receive()
+        await fresh.reply(asked, "kernel_info_reply", {"status": "ok"})
+        assert (await client.until(reply_to(info))).content["status"] == "ok"
+        assert not status_is("dead")(client.seen[-1])
+
+
+async def test_a_reply_stuck_storing_its_files_past_the_drain_goes_out_as_the_kernel_sent_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "_DRAIN_S", 0.5)
+    async with fake_relay() as harness:
+        client = harness.client()
+        link, kernel = harness.link, harness.kernel
+        link.collect_gate.clear()  # never set: storing the files hangs
+        request = await client.execute("1")
+        got = await kernel.receive()
+        kernel.status("busy", got)
+        kernel.status("idle", got)
+        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        async with asyncio.timeout(DEADLINE_S):
+            await link.collecting.wait()
+        link.die()
+        await client.until(status_is("dead"))
+        [reply] = [m for m in client.seen if reply_to(request)(m)]
+        assert reply.content["status"] == "ok"
+        assert not any(m.content.get("ename") == "DeadKernelError" for m in client.seen)
+        assert len(link.collected) == 1
+
+
+# -- failures of the relay's own ------------------------------------------------------------
+
+
+async def test_a_failure_relaying_a_kernel_message_is_logged_with_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+
+        def broken(msg: WireMessage) -> None:
+            raise RuntimeError("a bug in the relay")
+
+        monkeypatch.setattr(harness.relay, "_track", broken)
+        harness.kernel.publish("stream", {"name": "stdout", "text": "x"})
+        request = await client.request("kernel_info_request")
+        got = await harness.kernel.receive()
+        await harness.kernel.reply(got, "kernel_info_reply", {"status": "ok"})
+        await client.until(reply_to(request))
+        [record] = [r for r in caplog.records if "relaying a iopub message failed" in r.message]
+        assert record.exc_info is not None
+
+
+async def test_a_message_one_connection_cannot_take_still_reaches_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with fake_relay() as harness:
+        encode = codec_encode
+
+        def failing(msg: WireMessage, protocol: str | None) -> str | bytes:
+            if protocol == V1_PROTOCOL:
+                raise ValueError("cannot encode")
+            return encode(msg, protocol)
+
+        monkeypatch.setattr(relay_module, "encode", failing)
+        harness.client(protocol=V1_PROTOCOL)
+        away = harness.client(session_id="away")
+        harness.relay.disconnect(away.connection)
+        other = harness.client()
+        harness.kernel.publish("stream", {"name": "stdout", "text": "for all"})
+        assert (await other.until(lambda m: m.msg_type == "stream")).content["text"] == "for all"
+        # ...and a client away at the time gets it when it is back.
+        back = harness.client(session_id="away")
+        assert (await back.until(lambda m: m.msg_type == "stream")).content["text"] == "for all"
+
+
+class _SendFails(FakeWebSocket):
+    async def send_text(self, text: str) -> None:
+        raise ValueError("the server's send failed")
+
+
+async def test_a_writer_whose_send_fails_logs_it_and_closes_as_a_server_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ws = _SendFails()
+    connection = Connection(cast(WebSocket, ws), None, None)
+    writer = asyncio.ensure_future(connection.write_loop())
+    connection.send(_stream("x"))
+    async with asyncio.timeout(DEADLINE_S):
+        await writer
+    assert ws.close_code == 1011
+    [record] = [r for r in caplog.records if "sending to a WebSocket client failed" in r.message]
+    assert record.exc_info is not None
+
+
+class _SendingTracked(FakeWebSocket):
+    """Records whether a send was still under way when the socket was closed."""
+
+    def __init__(self) -> None:
+        super().__init__(stuck=True)
+        self.in_send = False
+        self.closed_in_send: bool | None = None
+
+    async def send_text(self, text: str) -> None:
+        self.in_send = True
+        try:
+            await super().send_text(text)
+        finally:
+            self.in_send = False
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed_in_send = self.in_send
+        await super().close(code, reason)
+
+
+async def test_a_socket_is_closed_only_once_its_send_is_over() -> None:
+    ws = _SendingTracked()
+    connection = Connection(cast(WebSocket, ws), None, None)
+    writer = asyncio.ensure_future(connection.write_loop())
+    connection.send(_stream("never read"))
+    async with asyncio.timeout(DEADLINE_S):
+        await ws.sending.wait()
+    connection.close(flush=False)
+    async with asyncio.timeout(DEADLINE_S):
+        await writer
+    assert ws.closed_in_send is False

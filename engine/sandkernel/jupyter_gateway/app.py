@@ -202,9 +202,16 @@ def create_gateway_app(specs: KernelSpecs, kernels: GatewayKernels | None) -> St
         connection = Connection(websocket, protocol, session_id)
         relay.connect(connection)
         writer = asyncio.ensure_future(connection.write_loop())
+        receiving: asyncio.Future[Message] | None = None
         try:
-            while not connection.closed:
-                message = await websocket.receive()
+            while True:
+                # The writer ends once the relay closed the connection (or the client
+                # is gone): then so does this handler, whatever the client sends.
+                receiving = asyncio.ensure_future(websocket.receive())
+                await asyncio.wait({receiving, writer}, return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    break
+                message = receiving.result()
                 if message["type"] == "websocket.disconnect":
                     break
                 frame = message.get("text")
@@ -222,6 +229,8 @@ def create_gateway_app(specs: KernelSpecs, kernels: GatewayKernels | None) -> St
         except WebSocketDisconnect:
             pass
         finally:
+            if receiving is not None:
+                receiving.cancel()
             relay.disconnect(connection)
             await writer
 

@@ -10,7 +10,7 @@ Jupyter Server's two formats, both ways:
   parent header, metadata and content as JSON, then the buffers.
 
 Whatever a client sends is checked here before it goes near a kernel: a
-frame that does not decode, or names no known channel, raises
+frame that does not decode, or names a channel that is not Jupyter's, raises
 :class:`~sandkernel.errors.BadInput`, which the connection answers without
 closing.
 """
@@ -18,6 +18,7 @@ closing.
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -26,9 +27,12 @@ from jupyter_client.jsonutil import json_default
 
 from sandkernel.errors import BadInput
 
+log = logging.getLogger(__name__)
+
 V1_PROTOCOL: Final = "v1.kernel.websocket.jupyter.org"
 CHANNELS: Final = frozenset({"shell", "iopub", "stdin", "control"})
 _MAX_PARTS: Final = 1024  # header, parent, metadata, content and the buffers
+_warned_no_channel = False
 
 
 @dataclass
@@ -66,7 +70,26 @@ class WireMessage:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, default=json_default, ensure_ascii=False)
+    """``value`` as JSON text that is valid UTF-8, as a WebSocket frame must be.
+
+    A kernel's text may hold lone surrogates, which UTF-8 cannot encode: such
+    text is written with ``\\u`` escapes (``"\\ud800"``), which is still JSON
+    every client parses.
+    """
+    text = json.dumps(value, default=json_default, ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return json.dumps(value, default=json_default)
+    return text
+
+
+def _dumps_bytes(value: Any) -> bytes:
+    try:
+        return json.dumps(value, default=json_default, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, default=json_default).encode()
 
 
 def _dict(value: Any, name: str) -> dict[str, Any]:
@@ -76,6 +99,10 @@ def _dict(value: Any, name: str) -> dict[str, Any]:
 
 
 def _message(channel: Any, parts: dict[str, Any], buffers: list[bytes]) -> WireMessage:
+    if channel is None:
+        # As Jupyter Server does, which some clients rely on.
+        _log_no_channel()
+        channel = "shell"
     if channel not in CHANNELS:
         raise BadInput(f"unknown channel {channel!r}: use one of {', '.join(sorted(CHANNELS))}")
     header = _dict(parts.get("header"), "header")
@@ -90,6 +117,14 @@ def _message(channel: Any, parts: dict[str, Any], buffers: list[bytes]) -> WireM
         content=_dict(parts.get("content") or {}, "content"),
         buffers=buffers,
     )
+
+
+def _log_no_channel() -> None:
+    # Once as a warning: a client that never names the channel would flood the log.
+    global _warned_no_channel  # noqa: PLW0603 - one flag for the process
+    level = logging.DEBUG if _warned_no_channel else logging.WARNING
+    _warned_no_channel = True
+    log.log(level, "a client's message names no channel; it goes to shell")
 
 
 def _json(data: bytes | str, what: str) -> Any:
@@ -152,7 +187,7 @@ def encode(msg: WireMessage, protocol: str | None) -> str | bytes:
     """A kernel's message as a frame of the connection's protocol."""
     if protocol == V1_PROTOCOL:
         parts = [
-            _dumps(part).encode()
+            _dumps_bytes(part)
             for part in (msg.header, msg.parent_header, msg.metadata, msg.content)
         ]
         parts += msg.buffers
@@ -177,7 +212,7 @@ def encode(msg: WireMessage, protocol: str | None) -> str | bytes:
     if not msg.buffers:
         body["buffers"] = []
         return _dumps(body)
-    parts = [_dumps(body).encode(), *msg.buffers]
+    parts = [_dumps_bytes(body), *msg.buffers]
     offsets = [4 * (len(parts) + 1)]
     for part in parts[:-1]:
         offsets.append(offsets[-1] + len(part))

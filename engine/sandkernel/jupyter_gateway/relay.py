@@ -21,9 +21,10 @@ request it answers. What the engine enforces on its own cells holds here too:
   ``input()`` not counted); then it is interrupted, and if it does not stop
   within ``interrupt_grace_s`` the kernel is killed;
 - a kernel that dies (out of memory, killed, expired, crashed) is reported at
-  once: each cell still running gets an ``error`` and an ``execute_reply``,
-  then every connection gets IOPub ``status: dead``; the kernel is never used
-  again (a restart is a fresh sandbox);
+  once: what it sent before it died is relayed, each cell it never answered
+  gets an ``error`` and an ``execute_reply``, then every connection gets IOPub
+  ``status: dead``; the kernel is never used again (a restart is a fresh
+  sandbox, and what clients send while it comes is held for it);
 - after each ``execute_reply`` the files the cell wrote under ``/mnt/data``
   and the images it displayed are stored, as after a cell of the session API.
 """
@@ -36,7 +37,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -63,6 +64,16 @@ _IOPUB_QUEUE: Final = 1000  # IOPub messages waiting for the relay; past it, dro
 _IDLE_AFTER_REPLY_S: Final = 5.0  # how long a reply waits for its cell's last IOPub message
 _MAX_MISSED_SESSIONS: Final = 8  # disconnected clients whose messages are kept for them
 _MAX_MISSED_MESSAGES: Final = 1000  # kept per disconnected client, the first ones
+_DRAIN_S: Final = 10.0  # how long a dead kernel's last messages may take to be relayed
+_DRAIN_MAX: Final = 2000  # of a dead kernel's last messages, relayed per socket at most
+_COLLECT_DEAD_S: Final = 5.0  # how long storing a dead kernel's unanswered cell's files may take
+_CLOSE_FLUSH_S: Final = 2.0  # how long a closed connection's queued frames may take to go out
+_CLOSE_S: Final = 5.0  # how long closing a WebSocket is waited for
+#: The close code of a client too slow for its messages: "try again later".
+#: JupyterLab reconnects after it, not after 1000 or 1001.
+CLOSE_TOO_SLOW: Final = 1013
+#: What sending to a client that is gone raises.
+_GONE: Final = (WebSocketDisconnect, RuntimeError, OSError)
 _SOCKETS: Final = {
     "shell": zmq.DEALER,
     "control": zmq.DEALER,
@@ -75,43 +86,97 @@ def now_utc() -> datetime:
 
 
 class Connection:
-    """One client's WebSocket on a kernel; frames to it go through a bounded queue."""
+    """One client's WebSocket on a kernel; frames to it go through a bounded queue.
+
+    :meth:`write_loop` sends them, and once the connection is closed (or the
+    client is gone) closes the socket and returns, whatever the client does:
+    the WebSocket's handler ends with it.
+    """
 
     def __init__(self, websocket: WebSocket, protocol: str | None, session_id: str | None) -> None:
         self.websocket = websocket
         self.protocol = protocol
         self.session_id = session_id
-        self._queue: asyncio.Queue[str | bytes | None] = asyncio.Queue(_CONNECTION_QUEUE)
+        self._queue: asyncio.Queue[str | bytes] = asyncio.Queue(_CONNECTION_QUEUE)
+        self._stopped = asyncio.Event()
+        self._close_code = 1000
+        self._flush = True
         self.closed = False
+        #: the connection of the same client that replaced this one, if any
+        self.replaced_by: Connection | None = None
 
     def send(self, msg: WireMessage) -> None:
         """Queue a message; a connection too slow to take its messages is closed."""
         if self.closed:
             return
         try:
-            self._queue.put_nowait(encode(msg, self.protocol))
+            frame = encode(msg, self.protocol)
+        except Exception:  # noqa: BLE001 - one connection's failure is not the others'
+            log.exception("a message for a WebSocket client could not be encoded; not sent")
+            return
+        try:
+            self._queue.put_nowait(frame)
         except asyncio.QueueFull:
             log.warning("a WebSocket client of a kernel is too slow; closing it")
-            self.close()
+            self.close(CLOSE_TOO_SLOW, flush=False)
 
-    def close(self) -> None:
+    def close(self, code: int = 1000, *, flush: bool = True) -> None:
+        """Stop sending and close the socket with ``code``.
+
+        ``flush``: what is queued still goes out first, if the client takes it
+        within ``_CLOSE_FLUSH_S``; a client that is gone or too slow gets
+        nothing more.
+        """
         if not self.closed:
             self.closed = True
-            with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(None)
+            self._close_code = code
+            self._flush = flush
+            self._stopped.set()
 
     async def write_loop(self) -> None:
-        """Send queued frames until closed or the client is gone."""
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        """Send queued frames until closed or the client is gone; then close the socket."""
+        sender = asyncio.ensure_future(self._send_queued())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({sender, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if self._flush and not sender.done():
+                flushed = asyncio.ensure_future(self._queue.join())
+                try:
+                    await asyncio.wait(
+                        {sender, flushed},
+                        timeout=_CLOSE_FLUSH_S,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    flushed.cancel()
+        finally:
+            # A send the client does not take would wait for it forever; and it
+            # must be over before the close, which the server cannot interleave with it.
+            sender.cancel()
+            stopped.cancel()
+            await asyncio.wait({sender}, timeout=_CLOSE_S)
+            self.closed = True
+            if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                log.error(
+                    "sending to a WebSocket client failed; closing it",
+                    exc_info=sender.exception(),
+                )
+                self._close_code = 1011  # the server's failure: the client may reconnect
+            with contextlib.suppress(*_GONE, TimeoutError):
+                async with asyncio.timeout(_CLOSE_S):
+                    await self.websocket.close(self._close_code)
+
+    async def _send_queued(self) -> None:
+        with contextlib.suppress(*_GONE):
             while True:
                 frame = await self._queue.get()
-                if frame is None:
-                    await self.websocket.close()
-                    return
-                if isinstance(frame, str):
-                    await self.websocket.send_text(frame)
-                else:
-                    await self.websocket.send_bytes(frame)
+                try:
+                    if isinstance(frame, str):
+                        await self.websocket.send_text(frame)
+                    else:
+                        await self.websocket.send_bytes(frame)
+                finally:
+                    self._queue.task_done()
 
 
 @dataclass
@@ -124,8 +189,62 @@ class _Cell:
     paused_at: float | None = None  # waiting for input(): the wall clock stops
     displays: list[DisplayOutput] = field(default_factory=list)
     execution_count: int | None = None
+    collected: bool = False  # its files are stored (or being stored): once is all
     done: asyncio.Event = field(default_factory=asyncio.Event)  # its reply or its idle came
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # its IOPub idle came
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one channel's messages from the kernel come from.
+
+    ``receive`` waits for the next one, and has taken nothing if it is
+    cancelled while it waits; ``take`` takes one already here (``None``: none is);
+    ``pending`` is at least how many are here now, at most what a drain takes.
+    """
+
+    channel: str
+    receive: Callable[[], Awaitable[list[bytes]]]
+    take: Callable[[], Awaitable[list[bytes] | None]]
+    pending: Callable[[], int]
+
+
+def _socket_source(channel: str, sock: zmq.asyncio.Socket) -> _Source:
+    async def take() -> list[bytes] | None:
+        try:
+            # Non-blocking: the future is done at once.
+            return await sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+
+    async def receive() -> list[bytes]:
+        while True:
+            # Polled, then taken: a wait cancelled in the poll has taken no message.
+            await sock.poll()  # for POLLIN, with no timeout
+            frames = await take()
+            if frames is not None:
+                return frames
+
+    # ZeroMQ does not tell how many messages a socket holds: at most its
+    # high-water mark, and what the kernel sent before it died is in flight behind.
+    return _Source(channel, receive, take, lambda: _DRAIN_MAX)
+
+
+def _queue_source(channel: str, queue: asyncio.Queue[list[bytes]]) -> _Source:
+    async def take() -> list[bytes] | None:
+        try:
+            return queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    return _Source(channel, queue.get, take, queue.qsize)
+
+
+def _object(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name)
+    if not isinstance(value, dict):
+        raise ValueError(f"its {name} is not a JSON object")
+    return dict(value)
 
 
 class KernelRelay:
@@ -159,10 +278,18 @@ class KernelRelay:
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._untap: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pumps: dict[asyncio.Task[None], _Source] = {}
+        self._waiting: set[asyncio.Task[None]] = set()  # pumps waiting for a message
+        self._draining = False  # the kernel is dying: pumps relay only what is already here
+        self._drain_deadline = 0.0
+        self._iopub_flushed = asyncio.Event()  # ...and IOPub's is all relayed
         self._routes: dict[str, Connection] = {}
         self._internal: set[str] = set()
         #: messages kept for clients (by session_id) whose connections are gone
         self._missed: dict[str, list[WireMessage]] = {}
+        self._restarts = 0  # under way or waiting for the lock
+        self._no_restart = asyncio.Event()  # set while _restarts is 0
+        self._no_restart.set()
         self._cells: dict[str, _Cell] = {}
         self._running: _Cell | None = None
         self._changed = asyncio.Event()
@@ -222,19 +349,22 @@ class KernelRelay:
         self._untap = link.tap_iopub(take)
         self._link = link
         self._ending = False
+        self._draining = False
+        self._iopub_flushed = asyncio.Event()
         self.dead_reason = None
         self.execution_state = "idle"
         self.last_activity = now_utc()
-        for channel, sock in self._sockets.items():
-            self._spawn(self._pump(channel, sock.recv_multipart))
-        self._spawn(self._pump("iopub", iopub.get))
+        sources = [_socket_source(c, s) for c, s in self._sockets.items()]
+        for source in [*sources, _queue_source("iopub", iopub)]:
+            self._pumps[self._spawn(self._pump(source))] = source
         self._spawn(self._watch_life())
         self._spawn(self._watch_cells())
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _stop_tasks(self) -> None:
         current = asyncio.current_task()
@@ -243,6 +373,8 @@ class KernelRelay:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        self._pumps.clear()
+        self._waiting.clear()
 
     def _close_sockets(self) -> None:
         for sock in self._sockets.values():
@@ -264,20 +396,35 @@ class KernelRelay:
         return link
 
     async def restart(self) -> None:
-        """A fresh sandbox under the same id; connections stay and see ``restarting``."""
-        async with self._lock:
-            self.broadcast_status("restarting")
-            await self.detach()
-            self.execution_state = "restarting"
-            try:
-                await self.attach(await self._restart_link())
-            except BaseException:
-                # No fresh sandbox (the pool is exhausted...): the kernel stays dead,
-                # and says so, until a restart succeeds.
-                self._ending = True
-                self.broadcast_status("dead")
-                raise
-            self.broadcast_status("idle")
+        """A fresh sandbox under the same id; connections stay, and see it start.
+
+        They get ``status: starting``, then ``idle`` once the fresh kernel is
+        attached: what a kernel that starts publishes. ``restarting`` is what
+        Jupyter Server sends when a kernel died and was restarted automatically,
+        and JupyterLab tells its user so ("the kernel appears to have died").
+        What clients send meanwhile waits in their handlers (see :meth:`from_client`)
+        and goes to the fresh kernel.
+        """
+        self._restarts += 1
+        self._no_restart.clear()
+        try:
+            async with self._lock:
+                self.broadcast_status("starting")
+                await self.detach()
+                self.execution_state = "starting"
+                try:
+                    await self.attach(await self._restart_link())
+                except BaseException:
+                    # No fresh sandbox (the pool is exhausted...): the kernel stays dead,
+                    # and says so, until a restart succeeds.
+                    self._ending = True
+                    self.broadcast_status("dead")
+                    raise
+                self.broadcast_status("idle")
+        finally:
+            self._restarts -= 1
+            if not self._restarts:
+                self._no_restart.set()
 
     async def shutdown(self) -> None:
         """Stop relaying and close every connection (the session is the caller's to close)."""
@@ -308,12 +455,35 @@ class KernelRelay:
 
     def connect(self, connection: Connection) -> None:
         """A new WebSocket; one that comes back with its ``session_id`` gets what it missed."""
+        if connection.session_id:
+            for stale in [c for c in self.connections if c.session_id == connection.session_id]:
+                self._replace(stale, connection)
         self.connections.add(connection)
         missed = self._missed.pop(connection.session_id or "", None)
         for msg in missed or ():
             connection.send(msg)
         if self.execution_state == "dead":
             connection.send(self._status("dead"))
+
+    def _replace(self, stale: Connection, connection: Connection) -> None:
+        """A client back with its ``session_id`` while its old socket still seems open.
+
+        As Jupyter Server does: it is the same client, whose network went away
+        unnoticed; the old socket is closed, and the replies to what the client
+        sent through it go to the new one.
+        """
+        log.warning("kernel %s: replacing a stale connection of the same session", self.id)
+        stale.replaced_by = connection
+        self.connections.discard(stale)
+        # 1000: were the old socket still read after all, its client must not
+        # reconnect and replace the new one in turn.
+        stale.close(flush=False)
+        for msg_id, routed in self._routes.items():
+            if routed is stale:
+                self._routes[msg_id] = connection
+        for cell in self._cells.values():
+            if cell.requester is stale:
+                cell.requester = connection
 
     def disconnect(self, connection: Connection) -> None:
         connection.close()
@@ -337,6 +507,16 @@ class KernelRelay:
         msg = decode(frame, connection.protocol)
         if msg.channel == "iopub":
             raise BadInput("clients do not send on iopub")
+        # The kernel is not gone, only being replaced: the fresh one answers. Its
+        # handler waits here, reading nothing more from its client meanwhile, so
+        # what a client sends waits in order, and in its own socket's buffers.
+        while self._restarts:
+            await self._no_restart.wait()
+        while connection.replaced_by is not None:
+            connection = connection.replaced_by
+        await self._handle(connection, msg)
+
+    async def _handle(self, connection: Connection, msg: WireMessage) -> None:
         if self._link is None or self._ending:
             if msg.channel == "shell" and msg.msg_type == "execute_request":
                 self._answer_dead_cell(
@@ -369,7 +549,9 @@ class KernelRelay:
         if restart:
             await self.restart()
         elif self._link is not None:
-            await self._die(self._link, "the kernel was shut down by a client's shutdown_request")
+            await self._die(
+                self._link, "the kernel was shut down by a client's shutdown_request", kill=True
+            )
 
     async def _send_raw(self, channel: str, msg: dict[str, Any]) -> None:
         # Serialised here and sent on the asyncio socket: Session.send would send
@@ -391,25 +573,88 @@ class KernelRelay:
 
     # -- from the kernel ------------------------------------------------------------------
 
-    async def _pump(self, channel: str, receive: Callable[[], Awaitable[list[bytes]]]) -> None:
+    async def _pump(self, source: _Source) -> None:
+        """Relay one channel's messages from the kernel, in order.
+
+        Once the kernel is dying (``_draining``), only those already here, then
+        return: at most what was pending as the drain began, until its deadline,
+        and yielding after each, so that a kernel still sending can neither keep
+        the drain going nor hold the event loop.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        left: int | None = None
         while True:
-            frames = await receive()
-            try:
-                _, parts = self._session.feed_identities(frames)
-                raw = self._session.deserialize(parts, content=True)
-            except Exception as exc:  # noqa: BLE001 - a bad message is dropped, never fatal
-                log.warning("kernel %s: dropped a %s message: %s", self.id, channel, exc)
-                continue
+            if self._draining:
+                if left is None:
+                    left = source.pending()
+                frames = None
+                if left > 0 and time.monotonic() < self._drain_deadline:
+                    frames = await source.take()
+                if frames is None:
+                    if source.channel == "iopub":
+                        self._iopub_flushed.set()
+                    return
+                left -= 1
+                await self._relay(source.channel, frames)
+                await asyncio.sleep(0)
+            else:
+                self._waiting.add(task)
+                try:
+                    frames = await source.receive()
+                finally:
+                    self._waiting.discard(task)
+                await self._relay(source.channel, frames)
+
+    async def _relay(self, channel: str, frames: list[bytes]) -> None:
+        # The kernel's code holds the key: whatever it sends is checked, and
+        # what cannot be relayed is dropped without stopping the channel.
+        try:
+            _, parts = self._session.feed_identities(frames)
+            raw = self._session.deserialize(parts, content=True)
             msg = WireMessage(
                 channel=channel,
-                header=dict(raw["header"]),
-                parent_header=dict(raw["parent_header"]),
-                metadata=dict(raw["metadata"]),
-                content=dict(raw["content"]),
+                header=_object(raw, "header"),
+                parent_header=_object(raw, "parent_header"),
+                metadata=_object(raw, "metadata"),
+                content=_object(raw, "content"),
                 buffers=[bytes(b) for b in raw.get("buffers") or ()],
             )
-            self.last_activity = now_utc()
+        except Exception as exc:  # noqa: BLE001 - a bad message is dropped, never fatal
+            log.warning("kernel %s: dropped a %s message: %s", self.id, channel, exc)
+            return
+        self.last_activity = now_utc()
+        try:
             await self._from_kernel(msg)
+        except Exception:  # noqa: BLE001 - the channel goes on; the failure is the relay's
+            log.exception("kernel %s: relaying a %s message failed", self.id, channel)
+
+    async def _drain(self) -> None:
+        """Relay what the kernel sent and is already here; the pumps end with it.
+
+        A pump waiting for a message is cancelled (it has taken none) and its
+        channel drained anew; one relaying a message finishes it first.
+        """
+        self._draining = True
+        self._drain_deadline = time.monotonic() + _DRAIN_S
+        current = asyncio.current_task()
+        pumps = {t: s for t, s in self._pumps.items() if t is not current and not t.done()}
+        if not any(s.channel == "iopub" for s in pumps.values()):
+            self._iopub_flushed.set()
+        waiting = [t for t in pumps if t in self._waiting]
+        for task in waiting:
+            task.cancel()
+        if waiting:
+            await asyncio.wait(waiting)
+        drains = [t for t in pumps if t not in waiting]
+        drains += [self._spawn(self._pump(pumps[t])) for t in waiting]
+        if drains:
+            _, late = await asyncio.wait(drains, timeout=_DRAIN_S)
+            # Stuck storing a cell's files: its reply still goes out (see _from_kernel).
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
 
     async def _from_kernel(self, msg: WireMessage) -> None:
         parent = msg.parent_id
@@ -421,12 +666,24 @@ class KernelRelay:
             return
         cell = self._cells.get(parent)
         if msg.channel == "shell" and msg.msg_type == "execute_reply" and cell is not None:
-            await self._finish(cell)
-        elif msg.channel == "stdin" and msg.msg_type == "input_request" and cell is not None:
+            try:
+                await self._finish(cell)
+            finally:
+                # Also when cancelled storing its files (the kernel is dying or
+                # replaced): the reply is the kernel's own, not one to make up.
+                self._deliver(msg)
+                # Only now: a cell still here when the kernel dies gets a reply made up.
+                self._cells.pop(parent, None)
+            return
+        if msg.channel == "stdin" and msg.msg_type == "input_request" and cell is not None:
             self._pause(cell)
-        target = self._routes.get(parent)
+        self._deliver(msg)
+
+    def _deliver(self, msg: WireMessage) -> None:
+        """A reply or request from the kernel, to the connection it answers."""
+        target = self._routes.get(msg.parent_id)
         if msg.channel in ("shell", "control"):
-            self._routes.pop(parent, None)
+            self._routes.pop(msg.parent_id, None)
         if target is not None and target in self.connections:
             target.send(msg)
         else:
@@ -468,17 +725,35 @@ class KernelRelay:
         """The cell's reply came: store what it produced before the client sees the reply."""
         self._end_cell(cell)
         # The reply and the cell's IOPub travel on different sockets: the images it
-        # displayed may still be on their way. Its idle comes after all of them.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(cell.idle.wait(), _IDLE_AFTER_REPLY_S)
-        self._cells.pop(cell.request.msg_id, None)
+        # displayed may still be on their way. Its idle comes after all of them
+        # (from a dying kernel, it may never come).
+        if not cell.idle.is_set():
+            waits = [
+                asyncio.ensure_future(cell.idle.wait()),
+                asyncio.ensure_future(self._iopub_flushed.wait()),
+            ]
+            try:
+                await asyncio.wait(
+                    waits, timeout=_IDLE_AFTER_REPLY_S, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for wait in waits:
+                    wait.cancel()
         link = self._link
         if link is None:
             return
         link.touch(ran=True)
+        await self._collect(link, cell)
+
+    async def _collect(self, link: KernelLink, cell: _Cell, timeout_s: float | None = None) -> None:
+        """Store the files ``cell`` wrote and the images it displayed, unless done already."""
         async with self._collect_lock:
+            if cell.collected:
+                return
+            cell.collected = True
             try:
-                await link.collect(cell.displays, cell.execution_count)
+                async with asyncio.timeout(timeout_s):
+                    await link.collect(cell.displays, cell.execution_count)
             except Exception:  # noqa: BLE001 - the reply goes out whatever the store says
                 log.exception("kernel %s: collecting a cell's files failed", self.id)
 
@@ -522,7 +797,8 @@ class KernelRelay:
         """A cell the dead kernel will never answer: an error, its reply, its ``idle``.
 
         The ``idle`` ends the cell for clients that wait for it rather than for
-        the reply (Open WebUI's); ``status: dead`` follows, for the kernel.
+        the reply (Open WebUI's), unless the kernel sent it; ``status: dead``
+        follows, for the kernel.
         """
         error = {"ename": "DeadKernelError", "evalue": reason, "traceback": [reason]}
         shown = self._session.msg("error", error, parent=cell.request.header)
@@ -533,9 +809,10 @@ class KernelRelay:
             cell.requester.send(reply)
         else:
             self.broadcast(reply)
-        idle = self._status("idle")
-        idle.parent_header = dict(cell.request.header)
-        self.broadcast(idle)
+        if not cell.idle.is_set():
+            idle = self._status("idle")
+            idle.parent_header = dict(cell.request.header)
+            self.broadcast(idle)
 
     # -- limits ---------------------------------------------------------------------------
 
@@ -583,6 +860,7 @@ class KernelRelay:
             link,
             f"{note} and did not stop within {grace:g} s of an interrupt; the kernel was killed "
             "and its variables are lost",
+            kill=True,
         )
 
     def _stderr(self, cell: _Cell, text: str) -> None:
@@ -590,27 +868,45 @@ class KernelRelay:
         raw = self._session.msg("stream", content, parent=cell.request.header)
         self.broadcast(WireMessage("iopub", raw["header"], dict(cell.request.header), {}, content))
 
-    async def _die(self, link: KernelLink, fallback: str) -> None:
-        """Report the kernel dead to every client at once, then end it for good."""
-        if self._ending or self._link is not link:
-            return
-        self._ending = True
-        reason = link.ended_because(fallback)
-        self.dead_reason = reason
-        running = [c for c in self._cells.values() if not c.done.is_set()]
-        for cell in running:
-            self._answer_dead_cell(cell, reason)
-        self.broadcast_status("dead")
-        log.info("kernel %s is dead: %s", self.id, reason)
-        await self._stop_tasks()
-        self._close_sockets()
-        self._cells.clear()
-        self._running = None
-        # What a dying cell wrote is still in its workspace until the kernel ends.
-        async with self._collect_lock:
-            for cell in running:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(link.collect(cell.displays, cell.execution_count), 5)
+    async def _die(self, link: KernelLink, fallback: str, *, kill: bool = False) -> None:
+        """Report the kernel dead to every client at once, then end it for good.
+
+        What the kernel sent before it died goes out first (as Jupyter Server
+        flushes IOPub before ``dead``); then a made-up reply for each cell whose
+        real one never came, then ``status: dead``. ``kill``: the kernel still
+        runs, and the relay ends it; first, so that what is drained is all it
+        will ever send.
+        """
+        # Under the lock: a restart must not attach a fresh kernel while this one
+        # is being reported dead, and have its sockets closed for it.
+        async with self._lock:
+            if self._ending or self._link is not link:
+                return
+            self._ending = True
+            reason = link.ended_because(fallback)
+            self.dead_reason = reason
+            if kill:
+                # Ending it takes its workspace, and what its cells wrote there.
+                for cell in [c for c in self._cells.values() if c.deadline is not None]:
+                    await self._collect(link, cell, _COLLECT_DEAD_S)
+                await self._end(link, reason)
+            await self._drain()
+            unanswered = list(self._cells.values())
+            for cell in unanswered:
+                self._answer_dead_cell(cell, reason)
+            self.broadcast_status("dead")
+            log.info("kernel %s is dead: %s", self.id, reason)
+            await self._stop_tasks()
+            self._close_sockets()
+            self._cells.clear()
+            self._running = None
+            if not kill:
+                # What a dying cell wrote is still in its workspace until the kernel ends.
+                for cell in unanswered:
+                    await self._collect(link, cell, _COLLECT_DEAD_S)
+                await self._end(link, reason)
+
+    async def _end(self, link: KernelLink, reason: str) -> None:
         try:
             await link.end(reason)
         except Exception:  # noqa: BLE001 - the kernel is reported dead whatever ending it says
