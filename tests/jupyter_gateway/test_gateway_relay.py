@@ -720,3 +720,20 @@ async def test_a_socket_is_closed_only_once_its_send_is_over() -> None:
     async with asyncio.timeout(DEADLINE_S):
         await writer
     assert ws.closed_in_send is False
+
+
+async def test_a_restart_that_waited_behind_a_shutdown_brings_nothing_back() -> None:
+    """A deleted kernel stays deleted: no fresh sandbox for a relay nobody holds."""
+    from sandkernel.errors import SessionNotFound
+
+    async with fake_relay() as harness:
+        relay = harness.relay
+        async with relay._lock:  # a shutdown under way holds it
+            shutting = asyncio.ensure_future(relay.shutdown())
+            restarting = asyncio.ensure_future(relay.restart())
+            await asyncio.sleep(0)  # both wait for the lock (not a wait for time)
+        async with asyncio.timeout(DEADLINE_S):
+            await shutting
+            with pytest.raises(SessionNotFound):
+                await restarting
+        assert len(harness.kernels) == 1 and relay.execution_state == "dead"

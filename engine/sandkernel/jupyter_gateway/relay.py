@@ -48,7 +48,7 @@ from jupyter_client.session import Session
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sandkernel.api import KernelConnectionInfo, KernelLink
-from sandkernel.errors import BadInput
+from sandkernel.errors import BadInput, SessionNotFound
 from sandkernel.jupyter_gateway.codec import WireMessage, decode, encode
 from sandkernel.results import DisplayOutput
 
@@ -70,7 +70,6 @@ _COLLECT_DEAD_S: Final = 5.0  # how long storing a dead kernel's unanswered cell
 _CLOSE_FLUSH_S: Final = 2.0  # how long a closed connection's queued frames may take to go out
 _CLOSE_S: Final = 5.0  # how long closing a WebSocket is waited for
 #: The close code of a client too slow for its messages: "try again later".
-#: JupyterLab reconnects after it, not after 1000 or 1001.
 CLOSE_TOO_SLOW: Final = 1013
 #: What sending to a client that is gone raises.
 _GONE: Final = (WebSocketDisconnect, RuntimeError, OSError)
@@ -156,15 +155,19 @@ class Connection:
             stopped.cancel()
             await asyncio.wait({sender}, timeout=_CLOSE_S)
             self.closed = True
-            if sender.done() and not sender.cancelled() and sender.exception() is not None:
-                log.error(
-                    "sending to a WebSocket client failed; closing it",
-                    exc_info=sender.exception(),
-                )
-                self._close_code = 1011  # the server's failure: the client may reconnect
-            with contextlib.suppress(*_GONE, TimeoutError):
-                async with asyncio.timeout(_CLOSE_S):
-                    await self.websocket.close(self._close_code)
+            if not sender.done():
+                # Its transport is stuck: a close would only be interleaved with that send.
+                log.warning("a WebSocket send did not end when cancelled; not closing it")
+            else:
+                if not sender.cancelled() and sender.exception() is not None:
+                    log.error(
+                        "sending to a WebSocket client failed; closing it",
+                        exc_info=sender.exception(),
+                    )
+                    self._close_code = 1011  # the server's failure: the client may reconnect
+                with contextlib.suppress(*_GONE, TimeoutError):
+                    async with asyncio.timeout(_CLOSE_S):
+                        await self.websocket.close(self._close_code)
 
     async def _send_queued(self) -> None:
         with contextlib.suppress(*_GONE):
@@ -287,6 +290,7 @@ class KernelRelay:
         self._internal: set[str] = set()
         #: messages kept for clients (by session_id) whose connections are gone
         self._missed: dict[str, list[WireMessage]] = {}
+        self._shut_down = False  # by shutdown(): a restart waiting for the lock gives up
         self._restarts = 0  # under way or waiting for the lock
         self._no_restart = asyncio.Event()  # set while _restarts is 0
         self._no_restart.set()
@@ -409,6 +413,9 @@ class KernelRelay:
         self._no_restart.clear()
         try:
             async with self._lock:
+                if self._shut_down:
+                    # Deleted while this waited: no kernel to bring back.
+                    raise SessionNotFound(f"kernel {self.id} was shut down")
                 self.broadcast_status("starting")
                 await self.detach()
                 self.execution_state = "starting"
@@ -429,6 +436,7 @@ class KernelRelay:
     async def shutdown(self) -> None:
         """Stop relaying and close every connection (the session is the caller's to close)."""
         async with self._lock:
+            self._shut_down = True
             await self.detach()
             self._ending = True
             self.execution_state = "dead"
@@ -475,8 +483,8 @@ class KernelRelay:
         log.warning("kernel %s: replacing a stale connection of the same session", self.id)
         stale.replaced_by = connection
         self.connections.discard(stale)
-        # 1000: were the old socket still read after all, its client must not
-        # reconnect and replace the new one in turn.
+        # A normal close; were the old socket still read after all, its client may
+        # reconnect (JupyterLab does after any close) and replace this one in turn.
         stale.close(flush=False)
         for msg_id, routed in self._routes.items():
             if routed is stale:
@@ -493,8 +501,9 @@ class KernelRelay:
         session_id = connection.session_id
         if session_id and not any(c.session_id == session_id for c in self.connections):
             # As Jupyter Server does: what the kernel says while a client's last
-            # connection is gone waits for it to reconnect (within bounds).
-            self._missed[session_id] = []
+            # connection is gone waits for it to reconnect (within bounds). A
+            # replaced connection's late end keeps what was kept for it already.
+            self._missed.setdefault(session_id, [])
             while len(self._missed) > _MAX_MISSED_SESSIONS:
                 del self._missed[next(iter(self._missed))]
 
@@ -901,8 +910,9 @@ class KernelRelay:
             self._cells.clear()
             self._running = None
             if not kill:
-                # What a dying cell wrote is still in its workspace until the kernel ends.
-                for cell in unanswered:
+                # What a dying cell wrote is still in its workspace until the kernel ends
+                # (cells queued behind it never ran: nothing of theirs to store).
+                for cell in [c for c in unanswered if c.deadline is not None]:
                     await self._collect(link, cell, _COLLECT_DEAD_S)
                 await self._end(link, reason)
 
