@@ -148,6 +148,13 @@ def test_list_filters_by_owner_and_origin_and_attach_sets_owners(store: FileStor
     assert store.list(agent_id="a1", origin="produced") == [produced]
     assert store.attach(upload.id, session_id="s2").agent_id == "a1"
     assert store.list(session_id="s2")[0].scope == "session"
+    # An owner once set stays (two sessions attaching one upload: the first keeps it).
+    assert store.attach(upload.id, session_id="s2").session_id == "s2"
+    with pytest.raises(FileNotFoundInStore):
+        store.attach(upload.id, session_id="s3")
+    with pytest.raises(FileNotFoundInStore):
+        store.attach(upload.id, agent_id="a2")
+    assert store.get(upload.id).session_id == "s2" and store.get(upload.id).agent_id == "a1"
 
 
 def test_produced_files_keep_any_type_and_get_printable_names(store: FileStore) -> None:

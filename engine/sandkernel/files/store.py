@@ -636,16 +636,24 @@ class FileStore:
     ) -> StoredFile:
         """Give a file to a session and/or an agent; ``None`` leaves that owner as is.
 
+        An owner once set stays: a file another session or agent got first
+        (two attaching the same upload at once) is not taken from it.
+
         Raises:
-            FileNotFoundInStore: no such id, or the file has expired.
+            FileNotFoundInStore: no such id, the file has expired, or it has
+                another owner of that kind.
         """
         self.get(file_id)
         with self._write() as conn:
-            conn.execute(
+            changed = conn.execute(
                 "UPDATE files SET session_id = coalesce(?, session_id),"
-                " agent_id = coalesce(?, agent_id) WHERE id = ?",
-                (session_id, agent_id, file_id),
-            )
+                " agent_id = coalesce(?, agent_id) WHERE id = ?"
+                " AND (? IS NULL OR session_id IS NULL OR session_id = ?)"
+                " AND (? IS NULL OR agent_id IS NULL OR agent_id = ?)",
+                (session_id, agent_id, file_id, session_id, session_id, agent_id, agent_id),
+            ).rowcount
+        if not changed:
+            raise FileNotFoundInStore(f"no file {file_id!r} that can be given to that owner")
         return self.get(file_id)
 
     def set_expiry(self, file_id: str, expires_at: float | None) -> StoredFile:
