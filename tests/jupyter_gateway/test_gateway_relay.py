@@ -222,13 +222,19 @@ async def test_a_restart_shows_a_kernel_starting_not_one_that_died() -> None:
         assert len(harness.kernels) == 3
 
 
+async def held_restart(harness: Harness) -> asyncio.Future[None]:
+    """A restart begun, held while it waits for its fresh kernel (release: restart_gate)."""
+    harness.restart_gate.clear()
+    restarting = asyncio.ensure_future(harness.relay.restart())
+    async with asyncio.timeout(DEADLINE_S):
+        await harness.restart_asked.wait()
+    return restarting
+
+
 async def test_what_clients_send_during_a_restart_goes_to_the_fresh_kernel() -> None:
     async with fake_relay() as harness:
         client = harness.client()
-        harness.restart_gate.clear()
-        restarting = asyncio.ensure_future(harness.relay.restart())
-        async with asyncio.timeout(DEADLINE_S):
-            await harness.restart_asked.wait()
+        restarting = await held_restart(harness)
         execute = execute_request("print(1)")
         info = message("kernel_info_request", {})
 
@@ -303,10 +309,7 @@ async def test_what_a_replaced_socket_sent_during_a_restart_is_answered_on_the_n
     async with fake_relay() as harness:
         old = harness.client(session_id="same")
         bystander = harness.client(session_id="other")
-        harness.restart_gate.clear()
-        restarting = asyncio.ensure_future(harness.relay.restart())
-        async with asyncio.timeout(DEADLINE_S):
-            await harness.restart_asked.wait()
+        restarting = await held_restart(harness)
         info = message("kernel_info_request", {})
         sending = asyncio.ensure_future(old.send(info))
         new = harness.client(session_id="same")
@@ -417,10 +420,7 @@ async def test_a_message_naming_no_channel_goes_to_shell() -> None:
 async def test_what_clients_send_during_a_restart_is_never_dropped() -> None:
     async with fake_relay() as harness:
         client = harness.client()
-        harness.restart_gate.clear()
-        restarting = asyncio.ensure_future(harness.relay.restart())
-        async with asyncio.timeout(DEADLINE_S):
-            await harness.restart_asked.wait()
+        restarting = await held_restart(harness)
         # More than any buffer for a restart would hold: the client's handler waits instead.
         requests = [message("kernel_info_request", {}) for _ in range(1500)]
 
