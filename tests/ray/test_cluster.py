@@ -16,7 +16,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from sandkernel import FileNotFoundInStore, SessionClosed, SessionNotFound  # noqa: E402
+from sandkernel import (  # noqa: E402
+    FileNotFoundInStore,
+    SandboxUnavailable,
+    SessionClosed,
+    SessionNotFound,
+)
 from sandkernel.ray import ClusterEngine, ClusterSession, SessionLost  # noqa: E402
 from sandkernel.ray._protocol import HOST_ACTOR_PREFIX, node_tag  # noqa: E402
 from sandkernel.ray.cli import diagnose_cluster  # noqa: E402
@@ -62,6 +67,11 @@ async def test_one_host_per_node_each_on_its_own_node(
     # A second engine in the namespace joins the same hosts, and leaving does not stop them.
     async with ClusterEngine(**ray_cluster.engine_kwargs()) as second:
         assert {(h.node_id, h.pid) for h in second.hosts()} == {(h.node_id, h.pid) for h in hosts}
+    # One with another policy does not run its code under theirs: no host for it.
+    stricter = ClusterEngine(**ray_cluster.engine_kwargs(policy="strict", start_timeout_s=5))
+    with pytest.raises(SandboxUnavailable, match="enforces policy 'default', not this engine's"):
+        await stricter.start()
+    await stricter.aclose()
     await cluster_engine.refresh()
     assert {(h.node_id, h.pid) for h in cluster_engine.hosts()} == {
         (h.node_id, h.pid) for h in hosts

@@ -11,8 +11,16 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sandkernel.errors import EngineClosed, SandboxUnavailable
+from sandkernel.policy import Policy
 from sandkernel.ray._handle import HostGone, HostHandle, LostHost, alive_nodes, death_reason
-from sandkernel.ray._protocol import HostClosing, HostConfig, HostInfo, Raised, host_actor_name
+from sandkernel.ray._protocol import (
+    HostClosing,
+    HostConfig,
+    HostInfo,
+    Raised,
+    host_actor_name,
+    policy_digest,
+)
 from sandkernel.ray.errors import HostUnreachable
 from sandkernel.ray.session import ClusterSession
 
@@ -174,6 +182,7 @@ class HostDirectory:
                 if isinstance(reply, Raised):
                     raise reply.error
                 info, endpoint = reply
+                self._check_same_policy(node_id, info)
                 host = HostHandle(actor, info, endpoint, self._confirm_lost)
                 await host.connect()
                 self._add_host(host)
@@ -186,6 +195,23 @@ class HostDirectory:
             log.warning("no sandkernel host on node %s: %s", node_id, exc)
         finally:
             self._starting.pop(node_id, None)
+
+    def _check_same_policy(self, node_id: str, info: HostInfo) -> None:
+        """Refuse a node's host that enforces another policy than this engine's.
+
+        The host actor is per node and namespace, and found by name: one that
+        another engine started keeps the settings it was started with. Sharing
+        it is fine; running this engine's code under another policy is not.
+        """
+        mine = self._host_config.engine.policy
+        if not isinstance(mine, Policy) or not info.policy_digest:
+            return  # resolved by each node (not this engine's build), or an older host
+        if info.policy_digest != policy_digest(mine):
+            raise SandboxUnavailable(
+                f"node {node_id} already runs a host, started by another engine, that "
+                f"enforces policy {info.policy!r}, not this engine's {mine.name!r}: use the "
+                "same policy, or another Ray namespace for this engine"
+            )
 
     def _add_host(self, host: HostHandle) -> None:
         other = self._by_tag.get(host.tag)

@@ -14,6 +14,7 @@ The tag is the first 8 hex digits of the Ray node id.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from sandkernel.engine import EngineStats
 # HostClosing is sent back by hosts; it lives in the tree with the other errors.
 from sandkernel.errors import BadInput
 from sandkernel.errors import HostClosing as HostClosing
+from sandkernel.policy import Policy
 
 TAG_LENGTH = 8
 #: The longest session name the cluster accepts: ``<tag>.<name>`` stays within 128.
@@ -118,6 +120,11 @@ class HostConfig:
     niceness: int | None = 0
 
 
+def policy_digest(policy: Policy) -> str:
+    """A digest of what a policy enforces: two engines agree on it, or they differ."""
+    return hashlib.sha256(policy.model_dump_json().encode()).hexdigest()
+
+
 class HostInfo(BaseModel):
     """A host actor as it describes itself."""
 
@@ -130,6 +137,8 @@ class HostInfo(BaseModel):
     runtime_dir: str
     store_dir: str
     policy: str
+    #: :func:`policy_digest` of the policy its engine enforces (its contents, not its name)
+    policy_digest: str = ""
     max_sessions: int
     pool_size: int
     batch_slots: int

@@ -50,6 +50,7 @@ from sandkernel.ray._protocol import (
     expand_path,
     file_tag,
     node_tag,
+    policy_digest,
     session_id_of,
 )
 from sandkernel.ray.errors import FileLost
@@ -200,6 +201,7 @@ class NodeHost:
             runtime_dir=str(self._runtime_dir),
             store_dir=str(self._store_dir),
             policy=self.engine.policy.name,
+            policy_digest=policy_digest(self.engine.policy),
             max_sessions=self.engine.max_sessions,
             pool_size=self.engine.pool_size,
             batch_slots=self._batch_slots,
