@@ -37,3 +37,30 @@ def test_unknown_and_out_of_range_settings_are_refused_by_name() -> None:
         ClusterEngine("auto", pool_sise=1)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="max_sessions"):
         ClusterEngine("auto", max_sessions=0)
+
+
+@pytest.mark.anyio
+async def test_a_node_lost_under_a_file_call_is_a_public_error_not_an_internal_one() -> None:
+    """Storing or attaching files on a host that goes: SandboxUnavailable, FileLost."""
+    from sandkernel.errors import SandboxUnavailable
+    from sandkernel.ray import FileLost
+    from sandkernel.ray._handle import HostGone
+
+    class GoneHost:
+        node_id, lost_reason = "n1", "left the cluster"
+
+        def describe(self) -> str:
+            return "node n1"
+
+        async def call(self, *args: object) -> object:
+            raise HostGone(self)  # type: ignore[arg-type]
+
+    engine = ClusterEngine("auto")
+    engine._state = "running"
+    host = GoneHost()
+    engine._home = lambda: host  # type: ignore[assignment,method-assign,return-value]
+    engine._file_host = lambda file_id: host  # type: ignore[assignment,method-assign,return-value]
+    with pytest.raises(SandboxUnavailable, match="node n1, where the file was being stored"):
+        await engine.upload(b"a\n", "a.txt")
+    with pytest.raises(FileLost, match="left the cluster"):
+        await engine.attach_to_agent("agent", ["file-0123456789abcdef01234567"])

@@ -95,7 +95,13 @@ class ClusterFiles(SessionRouting):
             check_name(agent_id, "agent")
         data, filename = await read_upload(source, name, self.max_upload_bytes)
         home = self._home()
-        stored: StoredFile = await home.call("store", data, filename, agent_id, retention_s)
+        try:
+            stored: StoredFile = await home.call("store", data, filename, agent_id, retention_s)
+        except HostGone:
+            raise SandboxUnavailable(
+                f"{home.describe()}, where the file was being stored, {home.lost_reason}; "
+                "upload it again"
+            ) from None
         if agent_id is not None:
             await self._spread_agent_files(agent_id, [stored], home)
         return stored
@@ -105,12 +111,17 @@ class ClusterFiles(SessionRouting):
         self._require_running()
         check_name(agent_id, "agent")
         attached: dict[str, StoredFile] = {}
-        by_host: dict[str, list[str]] = {}
+        by_host: dict[str, tuple[HostHandle, list[str]]] = {}
         for file_id in file_ids:
-            by_host.setdefault(self._file_host(file_id).node_id, []).append(file_id)
-        for node_id, ids in by_host.items():
-            host = self._hosts[node_id]
-            files: list[StoredFile] = await host.call("attach_to_agent", agent_id, ids)
+            host = self._file_host(file_id)
+            by_host.setdefault(host.node_id, (host, []))[1].append(file_id)
+        for host, ids in by_host.values():
+            try:
+                files: list[StoredFile] = await host.call("attach_to_agent", agent_id, ids)
+            except HostGone:
+                raise FileLost(
+                    f"file {ids[0]!r} was stored on {host.describe()}, which {host.lost_reason}"
+                ) from None
             attached.update(zip(ids, files, strict=True))
             await self._spread_agent_files(agent_id, files, host)
         return [attached[f] for f in file_ids]
