@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field, field_validator
 from sandkernel.api import EngineAPI
 from sandkernel.batch import RunResult
 from sandkernel.errors import FusionInputError
+from sandkernel.limits import MAX_TIMEOUT_S as MAX_TIMEOUT_S  # a request's longest (a run's)
 from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
 from sandkernel.session import Session
@@ -47,8 +48,6 @@ from sandkernel.workspace import read_workspace_file, write_workspace_file
 
 #: What ``run_code`` runs; SandboxFusion lists many more, which are refused by name.
 SUPPORTED_LANGUAGES = ("python", "pytest")
-#: The longest timeout a request may give (a one-shot run's longest).
-MAX_TIMEOUT_S = 86_400.0
 #: The smallest memory limit a request may set, in MB (a one-shot run's smallest).
 MIN_MEMORY_MB = 16
 _MEMORY_SCHEMA: dict[str, Any] = {"anyOf": [{"maximum": 0}, {"minimum": MIN_MEMORY_MB}]}

@@ -43,15 +43,15 @@ from sandkernel.api import EngineAPI, ManagedBackend, SessionAPI
 from sandkernel.daemon.client import AsyncClient
 from sandkernel.errors import FileNotFoundInStore, SandkernelError
 from sandkernel.files import StoredFile
+from sandkernel.limits import MAX_TIMEOUT_S
 from sandkernel.loop import format_result
 from sandkernel.results import ExecutionResult
+from sandkernel.workspace.collect import shown_images
 
 _MAX_IMAGES: Final = 4
 _READ_LIMIT: Final = 10 << 20
 #: images a model can be shown (MCP's ImageContent), in order of preference
 _IMAGE_TYPES: Final = ("image/png", "image/jpeg", "image/gif", "image/webp")
-#: a cell's longest wall timeout through the tool (the daemon's bound too)
-MAX_TIMEOUT_S: Final = 24 * 3600.0
 
 
 INSTRUCTIONS = (
@@ -216,15 +216,12 @@ class SandboxTools:
 
 
 def _images(result: ExecutionResult) -> list[TextContent | ImageContent]:
-    """The images a cell showed, then the one it returned (a figure as its value)."""
+    """The images a cell showed, then the one it returned, as the store keeps them."""
     found: list[TextContent | ImageContent] = []
-    bundles = [d.data for d in result.displays]
-    if result.value is not None:
-        bundles.append(result.value.data)
-    for data in bundles:
-        kind = next((t for t in _IMAGE_TYPES if isinstance(data.get(t), str)), None)
+    for shown in shown_images(result):
+        kind = next((t for t in _IMAGE_TYPES if isinstance(shown.data.get(t), str)), None)
         if kind is not None:
-            found.append(ImageContent(type="image", data=data[kind], mime_type=kind))
+            found.append(ImageContent(type="image", data=shown.data[kind], mime_type=kind))
     return found
 
 

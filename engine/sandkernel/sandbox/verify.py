@@ -128,11 +128,17 @@ def verify_cgroup_limits(cgroup: KernelCgroup, policy: Policy) -> list[str]:
     memory = policy.memory_mb << 20
     quota = cpu_quota_us(policy.cpus)
 
-    def at_most(path: Path, limit: int, field_name: str, *, column: int = 0) -> None:
+    def field(path: Path, column: int) -> str | None:
+        """One whitespace-separated field of a cgroup file; None (a problem) if unreadable."""
         try:
-            text = path.read_text().split()[column]
+            return path.read_text().split()[column]
         except (OSError, IndexError) as exc:
             problems.append(f"{path} unreadable ({exc})")
+            return None
+
+    def at_most(path: Path, limit: int, field_name: str, *, column: int = 0) -> None:
+        text = field(path, column)
+        if text is None:
             return
         value = int(text) if text.lstrip("-").isdigit() else None
         if value is None or value < 0 or value > limit:
@@ -140,12 +146,8 @@ def verify_cgroup_limits(cgroup: KernelCgroup, policy: Policy) -> list[str]:
 
     def period(path: Path, *, column: int = 0) -> None:
         # The quota is a share of this period: a shorter one grants more CPU.
-        try:
-            text = path.read_text().split()[column]
-        except (OSError, IndexError) as exc:
-            problems.append(f"{path} unreadable ({exc})")
-            return
-        if text != str(CPU_PERIOD_US):
+        text = field(path, column)
+        if text is not None and text != str(CPU_PERIOD_US):
             problems.append(f"{path} has a CPU period of {text}, not {CPU_PERIOD_US} (cpus)")
 
     if cgroup.layout.version is CgroupVersion.V2:
