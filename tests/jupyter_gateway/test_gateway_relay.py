@@ -222,6 +222,20 @@ async def test_a_restart_shows_a_kernel_starting_not_one_that_died() -> None:
         assert len(harness.kernels) == 3
 
 
+async def answered_while_storing(harness: Harness, client: FakeClient) -> dict[str, Any]:
+    """A cell run and answered ok, the relay held storing its files (release: collect_gate)."""
+    link, kernel = harness.link, harness.kernel
+    link.collect_gate.clear()
+    request = await client.execute("1")
+    got = await kernel.receive()
+    kernel.status("busy", got)
+    kernel.status("idle", got)
+    await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+    async with asyncio.timeout(DEADLINE_S):
+        await link.collecting.wait()
+    return request
+
+
 async def held_restart(harness: Harness) -> asyncio.Future[None]:
     """A restart begun, held while it waits for its fresh kernel (release: restart_gate)."""
     harness.restart_gate.clear()
@@ -504,14 +518,7 @@ async def test_a_kernel_flooding_its_drain_holds_neither_the_event_loop_nor_the_
         monkeypatch.setattr(client.connection, "send", counting)
         # The shell channel stops reading (storing a cell's files) while the kernel
         # fills it: there is a backlog when it dies.
-        link.collect_gate.clear()
-        await client.execute("1")
-        got = await kernel.receive()
-        kernel.status("busy", got)
-        kernel.status("idle", got)
-        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
-        async with asyncio.timeout(DEADLINE_S):
-            await link.collecting.wait()
+        await answered_while_storing(harness, client)
         frames = _flood_frames(kernel, kernel.identities["shell"], 30_000)
         stop, full = threading.Event(), threading.Event()
         flooding = threading.Thread(target=_flood, args=(kernel, frames, stop, full), daemon=True)
@@ -572,15 +579,8 @@ async def test_a_kernel_the_relay_kills_is_ended_before_it_is_drained() -> None:
 async def test_a_restart_racing_a_death_gets_a_working_fresh_kernel() -> None:
     async with fake_relay() as harness:
         client = harness.client()
-        link, kernel = harness.link, harness.kernel
-        link.collect_gate.clear()
-        request = await client.execute("1")
-        got = await kernel.receive()
-        kernel.status("busy", got)
-        kernel.status("idle", got)
-        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
-        async with asyncio.timeout(DEADLINE_S):
-            await link.collecting.wait()
+        link = harness.link
+        request = await answered_while_storing(harness, client)
         # The client ends the kernel: its death is reported once the reply is out.
         shutdown = message("shutdown_request", {"restart": False}, "control")
         shutting = asyncio.ensure_future(client.send(shutdown))
@@ -608,15 +608,8 @@ async def test_a_reply_stuck_storing_its_files_past_the_drain_goes_out_as_the_ke
     monkeypatch.setattr(relay_module, "_DRAIN_S", 0.5)
     async with fake_relay() as harness:
         client = harness.client()
-        link, kernel = harness.link, harness.kernel
-        link.collect_gate.clear()  # never set: storing the files hangs
-        request = await client.execute("1")
-        got = await kernel.receive()
-        kernel.status("busy", got)
-        kernel.status("idle", got)
-        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
-        async with asyncio.timeout(DEADLINE_S):
-            await link.collecting.wait()
+        link = harness.link
+        request = await answered_while_storing(harness, client)  # the gate is never set
         link.die()
         await client.until(status_is("dead"))
         [reply] = [m for m in client.seen if reply_to(request)(m)]
