@@ -112,15 +112,19 @@ def _kill_kernel_from_outside(session: Session) -> None:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
+            parent = Path(f"/proc/{ppid}/status").read_text()
         except (OSError, ValueError, IndexError):
             continue
-        # The kernel, not its init: that one runs launch.py too (a cold kernel's)
-        # or imports launch (a forked kernel's stub), and its parent is nsjail.
-        if b"launch.py" in cmdline and (b"launch.py" in parent or b"import launch" in parent):
+        # The kernel, not its init (which runs launch.py too, for a cold kernel):
+        # the kernel's parent is its sandbox's init, PID 1 in the sandbox.
+        if b"launch.py" in cmdline and "\nNSpid:" in parent and _nspid(parent)[-1] == "1":
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             return
+
+
+def _nspid(status: str) -> list[str]:
+    return status.split("\nNSpid:", 1)[1].split("\n", 1)[0].split()
 
 
 async def _normal(

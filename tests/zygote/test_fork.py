@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from sandkernel._resources import data_dir
 from sandkernel.errors import KernelStartFailed
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy, load_policy
 from sandkernel.sandbox import SandboxHost
-from sandkernel.sandbox.confinement import compare_confinement, confinement
+from sandkernel.sandbox.confinement import compare_confinement, confinement, nspid
+from sandkernel.sandbox.layout import RUNTIME_IN_JAIL
 from sandkernel.sandbox.layout import WORKSPACE_IN_JAIL as WORKSPACE
-from sandkernel.sandbox.zygote import Zygote
+from sandkernel.sandbox.zygote import PERL, STUB_ARGS, Zygote, stub_command
 from tests.conftest import KernelFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
 
-@pytest.fixture
-async def zygote(host: SandboxHost) -> AsyncIterator[Zygote]:
-    """A zygote with numpy imported, as the default prewarm has."""
+@pytest.fixture(params=["perl", "python"])
+async def zygote(host: SandboxHost, request: pytest.FixtureRequest) -> AsyncIterator[Zygote]:
+    """A zygote with numpy imported, as the default prewarm has, with each sandbox init."""
     z = Zygote(host, load_policy(None), ("numpy",))
+    z.stub = stub_command(host.runtime.python)
+    if request.param == "python":
+        z.stub = [host.runtime.python, *STUB_ARGS]
+    elif z.stub[0] != PERL:
+        pytest.skip(f"no {PERL}: every sandbox's init is the Python stub")
     await z.start()
     try:
         yield z
@@ -227,6 +237,39 @@ async def test_a_forked_kernel_dies_as_a_cold_one_does(
     assert r.status == "killed", r
 
 
+async def test_the_sandboxs_init_passes_sigterm_to_the_kernel_and_ends_with_its_status(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    kernel = await _forked(kernel_factory, zygote)
+    r = await kernel.execute(
+        "import os, signal\nsignal.signal(signal.SIGTERM, lambda *_: os._exit(7))"
+    )
+    assert r.status == "ok", r
+    init = [p for p in kernel.cgroup.pids() if nspid(p)[-1] == 1]
+    assert len(init) == 1 and init[0] != kernel.forked_pid and zygote.stub is not None
+    cmdline = Path(f"/proc/{init[0]}/cmdline").read_bytes()  # noqa: ASYNC240 - procfs
+    program = cmdline.split(b"\0")[0]
+    assert program == zygote.stub[0].encode()
+    os.kill(init[0], signal.SIGTERM)
+    async with asyncio.timeout(10):
+        await kernel.wait_ended()
+    assert kernel._jail.exit_code == 7
+
+
+def test_a_stub_told_no_kernel_ends_with_125(host: SandboxHost) -> None:
+    """Its engine gone (EOF) or a line that is no pid: the stub ends; it said it was ready."""
+    stubs = [[host.runtime.python, *STUB_ARGS]]
+    if stub_command(host.runtime.python)[0] == PERL:
+        stubs.append(stub_command(host.runtime.python))
+    runtime = str(data_dir("kernels") / "runtime")
+    for stub in stubs:
+        for given in (b"", b"12x\n", b"-1\n"):
+            argv = [a.replace(RUNTIME_IN_JAIL, runtime) for a in stub]
+            done = subprocess.run(argv, input=given, capture_output=True, timeout=30, env={})
+            assert (done.returncode, done.stdout) == (125, b"ready\n"), (stub[0], given, done)
+            assert b"no kernel came" in done.stderr
+
+
 async def test_a_dead_zygote_fails_the_fork_and_leaves_no_sandbox(
     host: SandboxHost, zygote: Zygote
 ) -> None:
@@ -255,7 +298,6 @@ async def test_a_policy_with_network_forks_into_the_host_network(
 def test_a_zygote_whose_engine_is_gone_ends_at_once_whatever_the_engines_pid() -> None:
     """It compares its parent with the engine's pid, not with 1 (an engine may be PID 1)."""
     import socket
-    import subprocess
 
     from sandkernel._resources import data_dir
 
@@ -272,9 +314,7 @@ def test_a_zygote_whose_engine_is_gone_ends_at_once_whatever_the_engines_pid() -
 
 async def test_a_fork_request_given_up_on_does_not_take_the_next_ones_reply() -> None:
     """Its reply still comes; the next request skips it instead of closing the zygote."""
-    import asyncio
     import socket
-    import subprocess
 
     zygote = Zygote(None, Policy())  # type: ignore[arg-type] - no start: a peer plays it
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
