@@ -256,6 +256,24 @@ async def test_the_sandboxs_init_passes_sigterm_to_the_kernel_and_ends_with_its_
     assert kernel._jail.exit_code == 7
 
 
+async def test_signals_from_inside_end_the_sandboxs_init_only_through_its_kernel(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    """Init ignores what it has no handler for; its one timeout is gone once it has its kernel."""
+    kernel = await _forked(kernel_factory, zygote)
+    r = await kernel.execute(
+        "import os, signal, time\n"
+        "for s in (signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD,"
+        " signal.SIGKILL):\n"
+        "    os.kill(1, s)\n"
+        "time.sleep(0.2)"
+    )
+    assert r.status == "ok", r
+    r = await kernel.execute("6 * 7")
+    assert r.status == "ok" and r.text == "42", r
+    assert kernel.alive
+
+
 def test_a_stub_told_no_kernel_ends_with_125(host: SandboxHost) -> None:
     """Its engine gone (EOF) or a line that is no pid: the stub ends; it said it was ready."""
     stubs = [[host.runtime.python, *STUB_ARGS]]
