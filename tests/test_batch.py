@@ -23,6 +23,7 @@ import pytest
 
 from sandkernel._resources import data_dir
 from sandkernel.batch import BatchPool, RunRequest, RunResult
+from sandkernel.batch.worker import IMMORTAL_AFTER
 from sandkernel.errors import EngineClosed, KernelStartFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox import Runtime, SandboxHost
@@ -148,7 +149,7 @@ async def test_the_server_starts_from_the_bytecode_the_engine_wrote(
 ) -> None:
     pool = await pool_factory()
     runtime = data_dir("kernels") / "runtime"
-    for name in ("forkserver.py", "frames.py"):
+    for name in ("forkserver.py", "frames.py", "immortal.py"):
         source = runtime / name
         assert _bytecode_is_current(source, Path(importlib.util.cache_from_source(str(source))))
     result = await run(pool, "print(open('/proc/1/cmdline').read().split(chr(0))[2])")
@@ -165,6 +166,45 @@ async def test_a_programs_own_module_named_like_the_servers_codec_is_its_own(
         pool, "import frames\nprint(frames.WHO)", files={"frames.py": b"WHO = 'mine'\n"}
     )
     assert (result.status, result.stdout) == ("ok", "mine\n")
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_a_programs_own_module_named_like_the_servers_helper_is_its_own(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory()
+    result = await run(
+        pool, "import immortal\nprint(immortal.WHO)", files={"immortal.py": b"WHO = 'mine'\n"}
+    )
+    assert (result.status, result.stdout) == ("ok", "mine\n")
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_the_servers_objects_are_immortal_and_a_programs_own_are_freed(
+    pool_factory: PoolFactory,
+) -> None:
+    if sys.version_info[:2] not in ((3, 12), (3, 13)):
+        pytest.skip("immortal objects are made on CPython 3.12 and 3.13 only")
+    pool = await pool_factory()  # one worker
+    code = (
+        "import gc, json, sys, weakref\n"
+        "class Mine: pass\n"
+        "mine = Mine(); gone = []; ref = weakref.ref(mine, gone.append)\n"
+        "held = [json.dumps] * 1000\n"
+        "shared = sys.getrefcount(json.dumps)\n"
+        "del mine, held; gc.collect()\n"
+        "print(shared == 0xFFFFFFFF, ref() is None and len(gone) == 1)"
+    )
+    # Not before the server has answered a few requests (a short run never pays).
+    for _ in range(IMMORTAL_AFTER):
+        result = await run(pool, code)
+        assert (result.status, result.stdout) == ("ok", "False True\n"), result
+    # A reference to the server's function does not write its count (its page
+    # stays shared); the program's own objects live and die as usual.
+    result = await run(pool, code)
+    assert (result.status, result.stdout) == ("ok", "True True\n"), result
 
 
 @sandbox

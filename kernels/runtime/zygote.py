@@ -33,7 +33,7 @@ sandbox's PID namespace:
 Nothing about the kernel's isolation depends on this file doing its job:
 the engine checks from outside that the kernel's namespaces, cgroup,
 credentials, capabilities and seccomp filters are the stub's before the
-kernel is used (``sandkernel.zygote``), and the kernel passes the same
+kernel is used (``sandkernel.sandbox.zygote``), and the kernel passes the same
 self-check as a cold one.
 """
 
@@ -458,60 +458,15 @@ def _warm_up(modules):
     return imported, immortal
 
 
-#: CPython's refcount of an immortal object (PEP 683) on the versions whose
-#: layout this file knows: 64-bit, the GIL's build, 3.12 and 3.13, where
-#: ``Py_INCREF`` does not write a refcount whose low 32 bits are all ones and
-#: ``Py_DECREF`` skips one whose low 32 bits read as a negative int32.
-_IMMORTAL_REFCNT = 0xFFFFFFFF
-_IMMORTAL_VERSIONS = ((3, 12), (3, 13))
-
-
 def _immortalize():
-    """Make every object the warm-up left immortal; return how many, or 0 if unsupported.
+    """:func:`immortal.immortalize`, loaded from this folder and not left in ``sys.modules``."""
+    import immortal
 
-    A forked kernel's private memory is mostly the zygote's pages copied on
-    write, and the write is most often a reference count: reading a module's
-    function or a class's method writes the object's refcount. Immortal
-    objects' counts are never written, so those pages stay shared. The cost
-    is that the warm-up's objects are never freed, in the zygote or in a
-    kernel; they are shared pages that a kernel does not pay for.
-    Code that compares refcounts (``sys.getrefcount``, in-place tricks that
-    need a count of 1) only sees a large count and takes its general path.
-    """
-    import sysconfig
-
-    if (
-        sys.implementation.name != "cpython"
-        or sys.version_info[:2] not in _IMMORTAL_VERSIONS
-        or sys.maxsize <= 1 << 32
-        or sysconfig.get_config_var("Py_GIL_DISABLED")
-    ):
-        return 0
-    # This interpreter must behave as the versions above: an object made
-    # immortal keeps its count through references taken and dropped.
-    probe = [object()]
-    ctypes.c_ssize_t.from_address(id(probe)).value = _IMMORTAL_REFCNT
-    held = [probe] * 8
-    del held
-    if sys.getrefcount(probe) != _IMMORTAL_REFCNT:
-        return 0
-    level = gc.get_objects()
-    seen = {id(level)}
-    count = 0
-    while level:
-        following = []
-        for obj in level:
-            address = id(obj)
-            if address in seen:
-                continue
-            seen.add(address)
-            refcnt = ctypes.c_ssize_t.from_address(address)
-            if refcnt.value & 0x80000000 == 0:  # not immortal yet
-                refcnt.value = _IMMORTAL_REFCNT
-                count += 1
-            following.append(obj)
-        level = [r for r in gc.get_referents(*following) if id(r) not in seen]
-    return count
+    try:
+        return immortal.immortalize()
+    finally:
+        # Nothing a kernel needs: every kernel inherits sys.modules.
+        del sys.modules["immortal"]
 
 
 def main():
