@@ -15,7 +15,7 @@ child enters this process's namespaces and forks the kernel so that it is
 adopted by this process, and the engine, told the kernel's pid by the
 zygote once it is adopted, writes that pid on this process's stdin. From
 then on it is the init above. (``sandkernel/sandbox/zygote.py`` has the
-same stub in Perl, which starts in a fifth of the time.)
+same stub in Perl, which costs a third of its CPU.)
 """
 
 # The C module, not ``signal``: that one imports ``enum`` for its constants'

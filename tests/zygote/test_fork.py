@@ -18,6 +18,7 @@ from sandkernel.errors import KernelStartFailed
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy, load_policy
 from sandkernel.sandbox import SandboxHost
+from sandkernel.sandbox import zygote as zygote_module
 from sandkernel.sandbox.confinement import compare_confinement, confinement, nspid
 from sandkernel.sandbox.layout import RUNTIME_IN_JAIL
 from sandkernel.sandbox.layout import WORKSPACE_IN_JAIL as WORKSPACE
@@ -274,6 +275,22 @@ async def test_signals_from_inside_end_the_sandboxs_init_only_through_its_kernel
     assert kernel.alive
 
 
+async def test_the_sandbox_cannot_write_on_its_inits_stdin(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    """The pipe the engine tells the stub its kernel's pid on is root's, not the sandbox's."""
+    kernel = await _forked(kernel_factory, zygote)
+    r = await kernel.execute(
+        "import os\n"
+        "try:\n"
+        "    fd = os.open('/proc/1/fd/0', os.O_WRONLY | os.O_NONBLOCK)\n"
+        "    os.write(fd, b'2\\n'); print('written')\n"
+        "except OSError as e:\n"
+        "    print(type(e).__name__)"
+    )
+    assert (r.status, r.stdout) == ("ok", "PermissionError\n"), r
+
+
 def test_a_stub_told_no_kernel_ends_with_125(host: SandboxHost) -> None:
     """Its engine gone (EOF) or a line that is no pid: the stub ends; it said it was ready."""
     stubs = [[host.runtime.python, *STUB_ARGS]]
@@ -286,6 +303,44 @@ def test_a_stub_told_no_kernel_ends_with_125(host: SandboxHost) -> None:
             done = subprocess.run(argv, input=given, capture_output=True, timeout=30, env={})
             assert (done.returncode, done.stdout) == (125, b"ready\n"), (stub[0], given, done)
             assert b"no kernel came" in done.stderr
+
+
+async def test_a_perl_that_cannot_be_the_init_gives_way_to_pythons_stub(
+    kernel_factory: KernelFactory, host: SandboxHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if stub_command(host.runtime.python)[0] != PERL:
+        pytest.skip(f"no {PERL}: every sandbox's init is the Python stub")
+    monkeypatch.setattr(zygote_module, "PERL_STUB", "exit 3")
+    z = Zygote(host, load_policy(None))
+    await z.start()
+    try:
+        with pytest.raises(KernelStartFailed, match="stub did not start"):
+            await kernel_factory(zygote=z)
+        assert z.stub is not None and z.stub[0] == host.runtime.python
+        kernel = await _forked(kernel_factory, z)
+        r = await kernel.execute("6 * 7")
+        assert r.status == "ok" and r.text == "42", r
+    finally:
+        await z.close()
+
+
+async def test_a_policys_perl_options_do_not_reach_the_perl_init(
+    kernel_factory: KernelFactory, host: SandboxHost
+) -> None:
+    if stub_command(host.runtime.python)[0] != PERL:
+        pytest.skip(f"no {PERL}: every sandbox's init is the Python stub")
+    policy = load_policy(None).model_copy(
+        update={"env": {"PERL5OPT": "-Mstrict", "PERL5LIB": "/mnt/data"}}
+    )
+    z = Zygote(host, policy)
+    await z.start()
+    try:
+        kernel: SandboxedKernel = await kernel_factory(policy, zygote=z)
+        assert kernel.forked_pid is not None and z.stub is None  # Perl's started
+        r = await kernel.execute("import os\nos.environ['PERL5OPT']")
+        assert r.status == "ok" and r.text == "'-Mstrict'", r
+    finally:
+        await z.close()
 
 
 async def test_a_dead_zygote_fails_the_fork_and_leaves_no_sandbox(

@@ -8,10 +8,11 @@ costs a fork instead of an interpreter start, and the imported code's pages
 are shared copy-on-write by every kernel.
 
 The sandbox is made exactly as for a cold kernel, by nsjail, from the same
-rendered config: only the jail's command differs, ``stub.py``, which waits as
-the sandbox's PID 1. :meth:`Zygote.fork_into` then has the zygote fork a
-child that enters the stub's namespaces, root and cgroup, and forks the
-kernel into its PID namespace, where it drops to the stub's credentials,
+rendered config: only the jail's command differs, the stub (``PERL_STUB``, or
+``launch.adopt()`` in Python), which waits as the sandbox's PID 1.
+:meth:`Zygote.fork_into` then has the zygote fork a child that enters the
+stub's namespaces, root and cgroup, and forks the kernel into its PID
+namespace, where it drops to the stub's credentials,
 rlimits and seccomp filters (read from the stub by the engine) before it runs
 ipykernel. :func:`verify_forked` checks all of it from outside once the
 kernel answers: the kernel's isolation never rests on the zygote's word.
@@ -103,7 +104,8 @@ while (1) {
 def stub_command(python: str) -> list[str]:
     """The stub's command in the jail: Perl's where the host's ``/usr`` has it, else Python's."""
     if os.path.realpath(PERL).startswith("/usr/") and os.access(PERL, os.X_OK):
-        return [PERL, "-e", PERL_STUB]
+        # -T: taint mode, which also ignores PERL5OPT and PERL5LIB (a policy's env).
+        return [PERL, "-T", "-e", PERL_STUB]
     return [python, *STUB_ARGS]
 
 
@@ -254,25 +256,38 @@ class Zygote:
         layout = jail.layout
         if layout is None:
             raise RuntimeError("fork_into() before prepare()")
-        reader, writer = os.pipe2(os.O_CLOEXEC)
-        # The stub's stdin: its kernel's pid, written once the kernel is its child.
-        pid_reader, pid_writer = os.pipe2(os.O_CLOEXEC)
+        opened: list[int] = []
         try:
+            reader, writer = os.pipe2(os.O_CLOEXEC)
+            opened += (reader, writer)
+            # The stub's stdin: its kernel's pid, written once the kernel is its
+            # child. The engine (root) makes the pipe: the sandbox's uid cannot
+            # open it through /proc/1/fd to write a pid of its choosing.
+            pid_reader, pid_writer = os.pipe2(os.O_CLOEXEC)
+            opened += (pid_reader, pid_writer)
+            stub = self.stub or stub_command(jail.host.runtime.python)
             try:
-                stub = self.stub or stub_command(jail.host.runtime.python)
                 process = jail.spawn(stub, stdin=pid_reader, stdout=writer)
             finally:
-                os.close(writer)
-                os.close(pid_reader)
-            forked = await self._fork(jail, layout, process, reader, argv)
+                for fd in (writer, pid_reader):  # nsjail has them now
+                    opened.remove(fd)
+                    os.close(fd)
+            failed = await _stub_failed(process, reader)
+            if failed is not None:
+                if self.stub is None and stub[0] == PERL and process.poll() is not None:
+                    # A Perl that does not run in this jail: Python's stub from now on.
+                    self.stub = [jail.host.runtime.python, *STUB_ARGS]
+                    log.warning("%s: forked kernels' init is Python's from now on", failed)
+                raise ZygoteFailed(f"{failed}: {jail.log_tail(5)}")
+            forked = await self._fork(jail, layout, process, argv)
             try:
                 # The kernel was adopted before it reported: the stub can wait for it.
                 os.write(pid_writer, b"%d\n" % forked.kernel_pid_in_jail)
             except BrokenPipeError:
                 raise ZygoteFailed("the sandbox's stub ended before its kernel came") from None
         finally:
-            os.close(reader)
-            os.close(pid_writer)
+            for fd in opened:
+                os.close(fd)
         return forked
 
     async def _fork(
@@ -280,18 +295,9 @@ class Zygote:
         jail: Jail,
         layout: KernelLayout,
         process: subprocess.Popen[bytes],
-        reader: int,
         argv: list[str],
     ) -> ForkedKernel:
-        """Wait for the stub's ready line on ``reader``, then ask the zygote for the kernel."""
-        if not await wait_readable(reader, _STUB_READY_S):
-            raise ZygoteFailed(
-                "the sandbox's stub did not start"
-                + ("" if process.poll() is None else " (nsjail exited)")
-                + f" within {_STUB_READY_S:g} s"
-            )
-        if os.read(reader, 64) != b"ready\n":
-            raise ZygoteFailed("the sandbox's stub did not start")
+        """Ask the zygote for the kernel of the jail whose stub is ready."""
         stub_pid = _only_child(process.pid)
         pidfd = os.pidfd_open(stub_pid)
         try:
@@ -313,12 +319,14 @@ class Zygote:
             }
             empty, closed = os.pipe2(os.O_CLOEXEC)
             os.close(closed)
-            output = os.open(layout.output_file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             try:
-                reply = await self._request(request, [pidfd, empty, output])
+                output = os.open(layout.output_file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                try:
+                    reply = await self._request(request, [pidfd, empty, output])
+                finally:
+                    os.close(output)
             finally:
                 os.close(empty)
-                os.close(output)
         finally:
             os.close(pidfd)
         if not reply.get("ok"):
@@ -359,6 +367,16 @@ class Zygote:
                 await self.close()
                 raise ZygoteFailed("the zygote answered another request")
         return reply
+
+
+async def _stub_failed(process: subprocess.Popen[bytes], reader: int) -> str | None:
+    """Why the stub did not say it is ready on ``reader``; None once it did."""
+    if not await wait_readable(reader, _STUB_READY_S):
+        exited = "" if process.poll() is None else " (nsjail exited)"
+        return f"the sandbox's stub did not start{exited} within {_STUB_READY_S:g} s"
+    if os.read(reader, 64) != b"ready\n":
+        return "the sandbox's stub did not start"
+    return None
 
 
 def _only_child(pid: int) -> int:
