@@ -92,8 +92,6 @@ def run_solve(args: argparse.Namespace) -> int:
     missing = [f for f in args.file if not Path(f).is_file()]
     if missing:
         raise SystemExit(f"sandkernel solve: no such file: {', '.join(missing)}")
-    if args.max_attempts < 1:
-        raise SystemExit("sandkernel solve: --max-attempts must be at least 1")
     if not (args.base_url or args.api_key or os.environ.get("OPENAI_API_KEY")):
         # Said before a sandbox starts, not as the model client's traceback after.
         raise SystemExit(

@@ -896,9 +896,7 @@ class KernelRelay:
             self.dead_reason = reason
             if kill:
                 # Ending it takes its workspace, and what its cells wrote there.
-                for cell in [c for c in self._cells.values() if c.deadline is not None]:
-                    await self._collect(link, cell, _COLLECT_DEAD_S)
-                await self._end(link, reason)
+                await self._collect_and_end(link, list(self._cells.values()), reason)
             await self._drain()
             unanswered = list(self._cells.values())
             for cell in unanswered:
@@ -910,13 +908,14 @@ class KernelRelay:
             self._cells.clear()
             self._running = None
             if not kill:
-                # What a dying cell wrote is still in its workspace until the kernel ends
-                # (cells queued behind it never ran: nothing of theirs to store).
-                for cell in [c for c in unanswered if c.deadline is not None]:
-                    await self._collect(link, cell, _COLLECT_DEAD_S)
-                await self._end(link, reason)
+                # What a dying cell wrote is still in its workspace until the kernel ends.
+                await self._collect_and_end(link, unanswered, reason)
 
-    async def _end(self, link: KernelLink, reason: str) -> None:
+    async def _collect_and_end(self, link: KernelLink, cells: list[_Cell], reason: str) -> None:
+        """Store what ``cells`` wrote (those that ran: a queued one has nothing), then end."""
+        for cell in cells:
+            if cell.deadline is not None:
+                await self._collect(link, cell, _COLLECT_DEAD_S)
         try:
             await link.end(reason)
         except Exception:  # noqa: BLE001 - the kernel is reported dead whatever ending it says

@@ -207,6 +207,12 @@ class _Walk:
         finally:
             os.close(child)
 
+    def look_again(self, rel: str, why: str) -> None:
+        """Skip ``rel`` this time, keeping its old entry (if any): the next scan reads it."""
+        self.skipped.append((rel, why))
+        if rel in self.previous:
+            self.snapshot[rel] = self.previous[rel]
+
     def file(self, dir_fd: int, name: str, rel: str, seen: os.stat_result) -> None:
         key = (seen.st_size, seen.st_mtime_ns, seen.st_ino)
         if self.previous.get(rel) == key:
@@ -226,18 +232,13 @@ class _Walk:
             self.cap(f"new or changed files total more than {cap} (max_bytes)")
             return
         if self.read_bytes + seen.st_size > 2 * self.max_bytes:
-            self.skipped.append((rel, "over the bytes one scan may read"))
-            if rel in self.previous:
-                self.snapshot[rel] = self.previous[rel]
+            self.look_again(rel, "over the bytes one scan may read")
             self.cap("files changed while read add up to more than twice max_bytes")
             return
         digest, size, ok = _hash_regular(dir_fd, name, seen)
         self.read_bytes += size
         if not ok:
-            self.skipped.append((rel, digest))
-            # Keep the old entry (if any) so the next scan looks at the file again.
-            if rel in self.previous:
-                self.snapshot[rel] = self.previous[rel]
+            self.look_again(rel, digest)
             return
         self.snapshot[rel] = key
         self.total_bytes += size
