@@ -56,6 +56,7 @@ def test_wheel_contains_policies_kernel_spec_runtime_and_py_typed(tmp_path: Path
         "sandkernel/_data/kernels/runtime/forkserver.py",
         "sandkernel/_data/kernels/runtime/start_forkserver.py",
         "sandkernel/_data/kernels/runtime/frames.py",
+        "sandkernel/_data/kernels/runtime/hugepages.py",
         "sandkernel/_data/kernels/runtime/immortal.py",
         "sandkernel/_data/kernels/runtime/zygote.py",
         "sandkernel/_data/kernels/requirements.txt",

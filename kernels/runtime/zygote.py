@@ -5,7 +5,9 @@ Run by the engine (as root, outside every sandbox) with one end of a private
 (ipykernel, IPython, the policy's prewarm modules), freezes the garbage
 collector's view of that heap (``gc.freeze()``) and makes its objects
 immortal (their reference counts are never written again, so their pages
-stay shared with every kernel), and then serves one request at a time. It
+stay shared with every kernel), moves its heap onto huge pages where Linux
+can (each fork copies fewer page-table entries), and then serves one
+request at a time. It
 holds no secret, no socket but its own pair, no thread; it never runs user
 code.
 
@@ -455,7 +457,7 @@ def _warm_up(modules):
     # Out of the collector's sight too: a collection in a kernel does not
     # visit (nor write to) the warm-up's objects.
     gc.freeze()
-    return imported, immortal
+    return imported, immortal, _collapse()
 
 
 def _immortalize():
@@ -467,6 +469,16 @@ def _immortalize():
     finally:
         # Nothing a kernel needs: every kernel inherits sys.modules.
         del sys.modules["immortal"]
+
+
+def _collapse():
+    """:func:`hugepages.collapse`, loaded from this folder and not left in ``sys.modules``."""
+    import hugepages
+
+    try:
+        return hugepages.collapse()
+    finally:
+        del sys.modules["hugepages"]
 
 
 def main():
@@ -481,7 +493,7 @@ def main():
         os._exit(1)  # the engine is already gone
     started = time.monotonic()
     _private_tmp()
-    imported, immortal = _warm_up(modules)
+    imported, immortal, huge_mib = _warm_up(modules)
     sock = socket.socket(fileno=_CHANNEL[0])
     threads = len(os.listdir("/proc/self/task"))
     fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
@@ -492,6 +504,7 @@ def main():
                 "pid": os.getpid(),
                 "imported": imported,
                 "immortal": immortal,
+                "huge_pages_mib": huge_mib,
                 "threads": threads,
                 "fds": fds,
                 "user_site": not sys.flags.no_user_site,

@@ -152,6 +152,95 @@ async def test_the_zygotes_objects_are_immortal_and_a_kernels_own_are_freed(
     assert seen == {"shared": [0xFFFFFFFF, 0xFFFFFFFF], "freed": True, "sum": 45}, seen
 
 
+def _huge_pages_unsupported() -> str | None:
+    """Why ``MADV_COLLAPSE`` cannot work here, or None."""
+    try:
+        enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "no transparent huge pages in this kernel"
+    if "[never]" in enabled:
+        return "transparent huge pages are off ([never])"
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    if (major, minor) < (6, 1):
+        return f"MADV_COLLAPSE needs Linux 6.1, this is {os.uname().release}"
+    return None
+
+
+_COLLAPSE_PROBE = """
+import ctypes, json, mmap, sys
+sys.path.insert(0, sys.argv[1])
+import hugepages
+def mapping(size, touched, prot=mmap.PROT_READ | mmap.PROT_WRITE):
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=prot)
+    for i in range(0, touched, mmap.PAGESIZE):
+        m[i] = 1
+    return m, ctypes.addressof(ctypes.c_char.from_buffer(m))
+full, full_at = mapping(8 << 20, 8 << 20)
+# Executable too, so that it is a mapping of its own, not merged with the other.
+sparse, sparse_at = mapping(8 << 20, 64 << 10, mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+def stat(at):
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        start, _, end = line.partition(" ")[0].partition("-")
+        if end and int(start, 16) <= at < int(end, 16):
+            fields = dict(l.split(":", 1) for l in lines[i + 1 : i + 25] if ":" in l)
+            return {k: int(fields[k].split()[0]) for k in ("Rss", "AnonHugePages")}
+before = stat(sparse_at)
+moved = hugepages.collapse()
+print(json.dumps({"moved": moved, "full": stat(full_at), "sparse": [before, stat(sparse_at)],
+                  "content": full[0] + full[(8 << 20) - 4096]}))
+"""
+
+
+def test_collapse_moves_a_filled_range_to_huge_pages_and_leaves_a_sparse_one() -> None:
+    why = _huge_pages_unsupported()
+    if why:
+        pytest.skip(why)
+    runtime = data_dir("kernels") / "runtime"
+    out = subprocess.run(
+        [sys.executable, "-c", _COLLAPSE_PROBE, str(runtime)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    seen = json.loads(out.stdout)
+    # An 8 MiB mapping holds three aligned 2 MiB ranges at least; its contents stay.
+    assert seen["full"]["AnonHugePages"] >= 6 * 1024, seen
+    assert seen["moved"] >= 6, seen
+    assert seen["content"] == 2, seen
+    # 64 KiB used of 8 MiB: collapsing it would make the rest resident.
+    before, after = seen["sparse"]
+    assert after == before and before["Rss"] < 2048, seen
+
+
+def _anon_huge_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no AnonHugePages in /proc/{pid}/smaps_rollup")
+
+
+async def test_the_zygotes_memory_is_on_huge_pages_and_a_kernels_own_is_not(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    why = _huge_pages_unsupported()
+    if why:
+        pytest.skip(why)
+    assert zygote.info["huge_pages_mib"] >= 4, zygote.info
+    assert zygote.pid is not None
+    assert _anon_huge_kib(zygote.pid) >= 2048
+    kernel = await _forked(kernel_factory, zygote)
+    # A kernel that writes splits its own mapping of a huge page and copies
+    # 4 KiB of it, as before: its private memory does not grow by 2 MiB a write.
+    seen = await _json(
+        kernel,
+        "import json, numpy\n"
+        "numpy.random.seed(1); x = [str(i) for i in range(20000)]\n"
+        "f = dict(l.split(':', 1) for l in open('/proc/self/smaps_rollup') if ':' in l)\n"
+        "print(json.dumps({k: int(f[k].split()[0]) for k in ('Private_Dirty', 'Rss')}))",
+    )
+    assert isinstance(seen, dict)
+    assert seen["Private_Dirty"] < 16 * 1024, seen
+
+
 async def test_a_forked_kernels_shell_is_its_own_with_in_and_out(
     kernel_factory: KernelFactory, zygote: Zygote
 ) -> None:

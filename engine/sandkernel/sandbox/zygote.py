@@ -176,8 +176,8 @@ class Zygote:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         runtime = data_dir("kernels") / "runtime"
         script = runtime / "zygote.py"
-        # The stub of every sandbox it forks into, and the zygote, import it.
-        write_bytecode(runtime / "launch.py", runtime / "immortal.py")
+        # The stub of every sandbox it forks into, and the zygote, import them.
+        write_bytecode(runtime / "launch.py", runtime / "immortal.py", runtime / "hugepages.py")
         # -s: the zygote runs as root with the sandbox's HOME (/tmp, the host's
         # until the zygote covers it): a user site folder there would run
         # anyone's .pth file as root.
