@@ -109,6 +109,24 @@ async def test_a_session_keeps_its_state_and_its_kernel(cluster_engine: ClusterE
     await dated.close()
 
 
+async def test_an_engine_that_closes_closes_only_the_sessions_it_made(
+    cluster_engine: ClusterEngine, ray_cluster: LocalCluster
+) -> None:
+    mine = await cluster_engine.session("owned-by-first")
+    await mine.run("kept = 7")
+    async with ClusterEngine(**ray_cluster.engine_kwargs()) as second:
+        theirs = await second.session()
+        # The first engine's session, used by the second: found, by id and by name.
+        used = await second.get_session(mine.id)
+        assert await second.session("owned-by-first") is used
+        assert (await used.run("kept")).text == "7"
+    # Closing the second closed its own session, not the one it only used.
+    assert (await mine.run("kept + 1")).text == "8"
+    with pytest.raises(SessionClosed):
+        await (await cluster_engine.get_session(theirs.id)).run("1")
+    await mine.close()
+
+
 async def test_twenty_sessions_spread_over_every_node(cluster_engine: ClusterEngine) -> None:
     sessions: list[ClusterSession] = await asyncio.gather(
         *(cluster_engine.session(f"spread-{n}") for n in range(20))

@@ -197,9 +197,10 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         )
 
     async def aclose(self) -> None:
-        """Close this engine's sessions and leave the hosts (the last client stops them).
+        """Close the sessions this engine made and leave the hosts (the last client stops them).
 
-        Idempotent. A host that other engines still use keeps running.
+        Idempotent. A host that other engines still use keeps running, and so
+        does a session this engine only used: the engine that made it owns it.
         """
         if self._state in ("closing", "closed", "new"):
             self._state = "closed" if self._state == "new" else self._state
@@ -210,7 +211,7 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(
-            *(s.close() for s in list(self._sessions.values()) if not s.closed),
+            *(s.close() for s in list(self._sessions.values()) if s._created_here and not s.closed),
             return_exceptions=True,
         )
         hosts = list(self._hosts.values())
@@ -325,7 +326,7 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
                 if agent_id is not None:
                     await self._sync_agent_files(agent_id, target)
                 ws = None if workspace is None else str(workspace)
-                info = await target.call("open_session", name, agent_id, ws, if_expired)
+                info, created = await target.call("open_session", name, agent_id, ws, if_expired)
             except HostGone as exc:
                 if not placed:
                     raise SessionLost(
@@ -349,7 +350,9 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
             if placed:
                 target.free_slots -= 1
                 target.opened += 1
-            return self._register(target, name, info, agent_id)
+            session = self._register(target, name, info, agent_id)
+            session._created_here = session._created_here or created
+            return session
         raise SandboxUnavailable(f"no host could open session {name!r}: {last_error}")
 
     async def get_session(self, session_id: str) -> ClusterSession:

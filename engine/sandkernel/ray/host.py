@@ -295,16 +295,21 @@ class NodeHost:
         agent_id: str | None,
         workspace: str | None,
         if_expired: Literal["raise", "new"],
-    ) -> SessionInfo:
-        """Get or create the session ``name`` (the local engine's semantics)."""
+    ) -> tuple[SessionInfo, bool]:
+        """Get or create the session ``name`` (the local engine's semantics).
+
+        Answers its info and whether this call made it: the engine that made
+        a session closes it when it closes, one that only used it does not.
+        """
         session = await self.engine.session(
             name, agent_id=agent_id, workspace=workspace, if_expired=if_expired
         )
-        if self._sessions.get(name) is not session:
+        created = self._sessions.get(name) is not session
+        if created:
             self._sessions[name] = session
             self._agents[name] = session.agent_id
             self._forget_old_sessions()
-        return self._session_info(session)
+        return self._session_info(session), created
 
     def _forget_old_sessions(self) -> None:
         ended = [s for s in self._sessions.values() if s.closed]

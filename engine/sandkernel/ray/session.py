@@ -62,6 +62,8 @@ class ClusterSession(StreamsFromRun):
         self.agent_id = agent_id
         self._info = info
         self._ttl_s: float = engine.session_ttl_s
+        #: Made by this engine (not only found): closed when the engine closes.
+        self._created_here = False
 
     # -- state ----------------------------------------------------------------------
 
