@@ -215,6 +215,10 @@ async def test_files_cross_nodes(cluster_engine: ClusterEngine) -> None:
     elsewhere = next(s for s in sessions if s.node_id != here and s is not remote)
     result = await elsewhere.run("print(open('/mnt/data/note.txt').read())", file_ids=[doc.id])
     assert result.stdout.strip() == "hello"
+    # Deleted where it was uploaded, its id finds the copy on that node no more.
+    await cluster_engine.delete_file(doc.id)
+    with pytest.raises(FileNotFoundInStore):
+        await elsewhere.run("1", file_ids=[doc.id])
     await asyncio.gather(*(s.close() for s in sessions))
 
 

@@ -226,18 +226,13 @@ class ClusterFiles(SessionRouting):
         return sorted(merged.values(), key=lambda f: (f.created_at, f.id))
 
     async def delete_file(self, file_id: str) -> None:
-        """Delete a stored file (and the copies of an agent's file on other nodes)."""
-        stored: StoredFile = await self._file_call("delete_file", file_id)
-        if stored.agent_id is not None and stored.session_id is None:
-            owner = self._file_host(file_id)
-            await asyncio.gather(
-                *(
-                    h.call("drop_copies", stored.agent_id, stored.name, stored.sha256)
-                    for h in self._alive()
-                    if h is not owner
-                ),
-                return_exceptions=True,
-            )
+        """Delete a stored file, and the copies other nodes made of it to run sessions."""
+        await self._file_call("delete_file", file_id)
+        owner = self._file_host(file_id)
+        await asyncio.gather(
+            *(h.call("drop_copy", file_id) for h in self._alive() if h is not owner),
+            return_exceptions=True,
+        )
 
 
 class RemoteFile(io.RawIOBase):

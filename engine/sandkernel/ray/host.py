@@ -85,8 +85,10 @@ class _FileIds:
     def __init__(self, tag: str) -> None:
         self.tag = tag
         self._local: dict[str, str] = {}
-        #: a file of another node (its cluster id) -> the local copy's id
+        #: a file of another node (its cluster id, and its original's) -> the local copy's id
         self._copies: dict[str, str] = {}
+        #: a local copy's id -> the cluster id of the file it copies, at its first node
+        self._origins: dict[str, str] = {}
 
     def outward(self, local_id: str) -> str:
         cluster_id = cluster_file_id(self.tag, local_id)
@@ -96,14 +98,26 @@ class _FileIds:
     def local(self, cluster_id: str) -> str | None:
         return self._local.get(cluster_id) or self._copies.get(cluster_id)
 
-    def add_copy(self, cluster_id: str, local_id: str) -> None:
+    def add_copy(self, cluster_id: str, local_id: str, origin: str) -> None:
+        """``local_id`` copies ``cluster_id``, itself ``origin`` or a copy of it."""
         self._copies[cluster_id] = local_id
+        self._copies[origin] = local_id
+        self._origins[local_id] = origin
         self.outward(local_id)
+
+    def origin(self, local_id: str, cluster_id: str) -> str:
+        """The original of the file ``cluster_id`` (``local_id`` here): itself unless a copy."""
+        return self._origins.get(local_id, cluster_id)
+
+    def copy_of(self, cluster_id: str) -> str | None:
+        """The local copy of another node's file, if this node made one."""
+        return self._copies.get(cluster_id)
 
     def forget(self, local_id: str) -> None:
         for table in (self._local, self._copies):
             for key in [k for k, v in table.items() if v == local_id]:
                 del table[key]
+        self._origins.pop(local_id, None)
 
 
 class NodeHost:
@@ -133,6 +147,9 @@ class NodeHost:
         self._batch_slots: int = config.batch_slots or batch_workers
         self._batch_running = 0
         self._ids = _FileIds(self.tag)
+        # One import at a time: two sessions of an agent opening at once must
+        # not each copy the same file (the second copy would be known by no id).
+        self._importing = asyncio.Lock()
         self._sessions: dict[str, Session] = {}
         self._agents: dict[str, str | None] = {}
         self._leases: dict[str, float] = {}
@@ -563,15 +580,21 @@ class NodeHost:
         return self._outward_file(stored)
 
     @_replying
-    async def drop_copies(self, agent_id: str, name: str, sha256: str) -> int:
-        """Delete this node's copies of an agent file deleted at its origin."""
-        dropped = 0
-        for stored in await self.engine.list_files(agent_id=agent_id):
-            if stored.session_id is None and (stored.name, stored.sha256) == (name, sha256):
-                await self.engine.delete_file(stored.id)
-                self._ids.forget(stored.id)
-                dropped += 1
-        return dropped
+    async def drop_copy(self, file_id: str) -> bool:
+        """Delete this node's copy of another node's file, deleted at its origin.
+
+        Found by the original's id, whatever became of the copy (an upload's
+        copy attached to a session, an agent file's): once the original is
+        deleted, its id must not find the copy here either. Another file with
+        the same name and content is another file, and stays.
+        """
+        local = self._ids.copy_of(file_id)
+        if local is None:
+            return False
+        with contextlib.suppress(FileNotFoundInStore):  # deleted here already
+            await self.engine.delete_file(local)
+        self._ids.forget(local)
+        return True
 
     @_replying
     async def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
@@ -581,13 +604,17 @@ class NodeHost:
         ]
 
     @_replying
-    async def export_file(self, file_id: str) -> tuple[StoredFile, bytes]:
-        """A file's metadata (cluster ids) and content, for another node to copy."""
+    async def export_file(self, file_id: str) -> tuple[StoredFile, bytes, str]:
+        """A file's metadata (cluster ids), content and original's id, for another node to copy.
+
+        A copy's copy is known by its original's id too, so that deleting the
+        original finds every copy, however it travelled.
+        """
         store = self._require_store()
         local = await self._local_id(file_id)
         stored = await asyncio.to_thread(store.get, local)
         data = await asyncio.to_thread(store.read_bytes, local)
-        return self._outward_file(stored), data
+        return self._outward_file(stored), data, self._ids.origin(local, file_id)
 
     @_replying
     async def import_files(
@@ -600,6 +627,12 @@ class NodeHost:
         stays read-only; the copy of an unowned upload becomes the session's
         when it is attached.
         """
+        async with self._importing:
+            return await self._import_files(sources, session_name)
+
+    async def _import_files(
+        self, sources: dict[str, Any], session_name: str | None
+    ) -> list[StoredFile]:
         store = self._require_store()
         copies = []
         for file_id, source in sources.items():
@@ -614,9 +647,13 @@ class NodeHost:
                 ) from None
             if isinstance(reply, Raised):
                 raise reply.error
-            stored, data = reply
+            stored, data, origin = reply
             if session_name is not None:
                 self._check_scope(stored, session_name)
+            known = self._ids.local(origin)
+            if known is not None:  # a copy of the same original is here already
+                self._ids.add_copy(file_id, known, origin)
+                continue
             retention_s = None
             if stored.expires_at is not None:
                 retention_s = stored.expires_at - time.time()
@@ -635,7 +672,7 @@ class NodeHost:
                     retention_s=retention_s,
                 )
             )
-            self._ids.add_copy(file_id, copy.id)
+            self._ids.add_copy(file_id, copy.id, origin)
             if session_name is None and copy.agent_id is not None:
                 # Also into this node's live sessions of the agent, read-only.
                 await self.engine.attach_to_agent(copy.agent_id, [copy.id])
