@@ -138,6 +138,40 @@ def test_a_wait_for_tool_outputs_past_its_expiry_frees_the_thread(state: ApiStat
     assert state.active_run("thread-t") is None
 
 
+def _waiting(state: ApiState, run_id: str) -> tuple[RunStep, Run]:
+    """A run waiting for tool outputs (expires_at 601), its step, and the run queued."""
+    step = RunStep(
+        id=f"step-{run_id}",
+        created_at=1,
+        run_id=run_id,
+        assistant_id="asst-a",
+        thread_id="thread-t",
+        type="tool_calls",
+        step_details=ToolCallsDetails(),
+    )
+    state.save(make_run(run_id, "thread-t", "requires_action"), step)
+    return step, make_run(run_id, "thread-t", "queued").model_copy(update={"expires_at": None})
+
+
+def test_tool_outputs_are_taken_only_while_the_run_waits_for_them(state: ApiState) -> None:
+    state.save(Thread(id="thread-t", created_at=1))
+    # In time: stored, in the same transaction as the check.
+    step, queued = _waiting(state, "run-1")
+    taken, stored, expired = state.accept_tool_outputs(step, queued, RunState(), now=601)
+    assert taken and stored is not None and stored.status == "queued" and expired == []
+    state.save(queued.model_copy(update={"status": "completed"}))
+    # The wait ran out after the caller read the run: it stays expired.
+    step, queued = _waiting(state, "run-2")
+    taken, stored, expired = state.accept_tool_outputs(step, queued, RunState(), now=602)
+    assert not taken and stored is not None and stored.status == "expired"
+    assert [r.id for r in expired] == ["run-2"]
+    kept = state.get(Run, "run-2")
+    assert kept is not None and kept.status == "expired"
+    # Gone with its thread meanwhile.
+    state.delete_thread("thread-t")
+    assert state.accept_tool_outputs(step, queued, RunState(), now=602) == (False, None, [])
+
+
 def test_private_state_is_kept_beside_its_object(state: ApiState) -> None:
     state.save(Thread(id="thread-t", created_at=1))
     assert state.private(Thread, "thread-t", ThreadState) == ThreadState()

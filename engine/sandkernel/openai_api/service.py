@@ -655,9 +655,19 @@ class AssistantsService:
             queued = run.model_copy(
                 update={"status": "queued", "required_action": None, "expires_at": None}
             )
-            await self._db(
-                self.state.save, step, queued, private={run_id: run_state}, keep_metadata=True
+            taken, stored, expired = await self._db(
+                self.state.accept_tool_outputs, step, queued, run_state
             )
+            for ended in expired:
+                self.events.emit(ended.id, "thread.run.expired", ended)
+            if stored is None:
+                raise not_found("run", run_id)
+            if not taken:
+                # Its wait ran out since it was read: it stays expired.
+                raise bad_request(
+                    f"Runs in status '{stored.status}' do not accept tool outputs.", "run_id"
+                )
+            queued = stored
         return queued, self._start(queued, stream=stream)
 
     async def step(self, thread_id: str, run_id: str, step_id: str) -> RunStep:

@@ -385,6 +385,34 @@ class ApiState:
         with self._transaction() as conn:
             return _expire_overdue(conn, thread_id, _now() if now is None else now)
 
+    def accept_tool_outputs(
+        self, step: RunStep, queued: Run, state: RunState, now: int | None = None
+    ) -> tuple[bool, Run | None, list[Run]]:
+        """Store a run's tool outputs and queue it, if it still waits for them.
+
+        The check and the write are one transaction: a run whose wait ran out
+        (expired here, or by another request since the caller read it) stays
+        expired, and one that another request answered stays as it is.
+
+        Returns:
+            Whether the outputs were taken; the run as stored after the call
+            (``queued`` if they were, else as it was; None if it is gone); and
+            the thread's runs this call expired.
+        """
+        with self._transaction() as conn:
+            expired = _expire_overdue(conn, queued.thread_id, _now() if now is None else now)
+            row = conn.execute(
+                "SELECT data FROM objects WHERE id = ? AND kind = 'run'", (queued.id,)
+            ).fetchone()
+            current = None if row is None else Run.model_validate_json(row[0])
+            if current is None or current.status != "requires_action":
+                return False, current, expired
+            # The stored metadata: an update_metadata since the caller read the run stays.
+            queued = queued.model_copy(update={"metadata": current.metadata})
+            _upsert(conn, _with_stored_metadata(conn, step), None)
+            _upsert(conn, queued, state)
+        return True, queued, expired
+
     def create_run(self, run: Run, state: RunState, messages: list[Message]) -> None:
         """Store a new run (and the messages it adds first), if its thread has no active run.
 
