@@ -1,8 +1,9 @@
 """Back a forking process's private memory with huge pages, so each fork copies less.
 
-Standard library only and no sandkernel import: the zygote (on the host) and
-the batch path's fork server (in its sandbox) load this file from their own
-folder, in whatever runtime they run.
+Standard library only and no sandkernel import: the zygote loads this file
+from its own folder, in whatever runtime it runs. (The batch path's fork
+server was measured with it and gained nothing: its heap is a few 1 MiB
+arenas, too small to hold an aligned huge page.)
 
 ``fork()`` copies the parent's page tables, one entry per 4 KiB page that is
 mapped, and a child's exit frees its copy the same way: for a zygote that has
@@ -21,7 +22,6 @@ import ctypes
 import os
 
 _MADV_COLLAPSE = 25
-_HUGE = 2 << 20
 #: A range is collapsed only if at least this share of its small pages is in use:
 #: a sparse one (a reservation, a mostly empty arena) would grow the process's
 #: resident memory by the holes it fills.
@@ -29,11 +29,19 @@ _MIN_FILLED = 0.5
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def _huge_page_size():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
 def collapse():
     """Collapse the process's populated private memory into huge pages; return MiB moved.
 
     Walks ``/proc/self/maps`` for private writable mappings (the heap and
-    anonymous ones, not files), and asks for each 2 MiB-aligned range in one
+    anonymous ones, not files), and asks for each huge-page-aligned range in one
     whose small pages are at least half resident (``mincore``). Returns 0
     where the kernel does not support it.
     """
@@ -44,20 +52,25 @@ def collapse():
         return 0
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
-    pages = _HUGE // _PAGE
-    resident = ctypes.create_string_buffer(pages)
+    huge = _huge_page_size()
+    resident = ctypes.create_string_buffer(huge // _PAGE)
     moved = 0
     for start, end in _private_ranges():
-        first = (start + _HUGE - 1) & ~(_HUGE - 1)
-        for at in range(first, end - _HUGE + 1, _HUGE):
-            if mincore(at, _HUGE, resident) != 0:
+        first = (start + huge - 1) & ~(huge - 1)
+        for at in range(first, end - huge + 1, huge):
+            if mincore(at, huge, resident) != 0:
                 continue
-            filled = pages - resident.raw.count(0)
             # A refusal (EINVAL: no such advice, or a range it cannot take) is
             # not an error: that range stays on small pages.
-            if filled >= _MIN_FILLED * pages and madvise(at, _HUGE, _MADV_COLLAPSE) == 0:
-                moved += _HUGE
+            if worth_collapsing(resident.raw) and madvise(at, huge, _MADV_COLLAPSE) == 0:
+                moved += huge
     return moved >> 20
+
+
+def worth_collapsing(resident):
+    """Whether a range whose ``mincore`` vector is ``resident`` is full enough to collapse."""
+    filled = sum(b & 1 for b in resident)  # only bit 0 of each byte is defined
+    return filled >= _MIN_FILLED * len(resident)
 
 
 def _private_ranges():

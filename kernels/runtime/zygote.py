@@ -472,13 +472,18 @@ def _immortalize():
 
 
 def _collapse():
-    """:func:`hugepages.collapse`, loaded from this folder and not left in ``sys.modules``."""
-    import hugepages
+    """:func:`hugepages.collapse`, loaded from this folder and not left in ``sys.modules``.
 
+    Only a saving: whatever goes wrong, the zygote runs on small pages.
+    """
     try:
+        import hugepages
+
         return hugepages.collapse()
+    except Exception:  # noqa: BLE001 - an optimisation that failed, not a failed start
+        return 0
     finally:
-        del sys.modules["hugepages"]
+        sys.modules.pop("hugepages", None)
 
 
 def main():
