@@ -226,11 +226,18 @@ class ClusterFiles(SessionRouting):
         return sorted(merged.values(), key=lambda f: (f.created_at, f.id))
 
     async def delete_file(self, file_id: str) -> None:
-        """Delete a stored file, and the copies other nodes made of it to run sessions."""
-        await self._file_call("delete_file", file_id)
+        """Delete a stored file, and the copies nodes made of it to run sessions."""
+        stored: StoredFile = await self._file_call("delete_file", file_id)
         owner = self._file_host(file_id)
+        agent_file = None
+        if stored.agent_id is not None and stored.session_id is None:
+            agent_file = (stored.agent_id, stored.name, stored.sha256)
         await asyncio.gather(
-            *(h.call("drop_copy", file_id) for h in self._alive() if h is not owner),
+            *(
+                # Its own node keeps its other files of that name and content.
+                h.call("drop_copies", file_id, None if h is owner else agent_file)
+                for h in self._alive()
+            ),
             return_exceptions=True,
         )
 

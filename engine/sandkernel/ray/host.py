@@ -85,9 +85,9 @@ class _FileIds:
     def __init__(self, tag: str) -> None:
         self.tag = tag
         self._local: dict[str, str] = {}
-        #: a file of another node (its cluster id, and its original's) -> the local copy's id
+        #: a file of another node (its cluster id) -> the local copy's id
         self._copies: dict[str, str] = {}
-        #: a local copy's id -> the cluster id of the file it copies, at its first node
+        #: a local copy's id -> the cluster id of the original it copies, at its first node
         self._origins: dict[str, str] = {}
 
     def outward(self, local_id: str) -> str:
@@ -101,7 +101,6 @@ class _FileIds:
     def add_copy(self, cluster_id: str, local_id: str, origin: str) -> None:
         """``local_id`` copies ``cluster_id``, itself ``origin`` or a copy of it."""
         self._copies[cluster_id] = local_id
-        self._copies[origin] = local_id
         self._origins[local_id] = origin
         self.outward(local_id)
 
@@ -109,9 +108,9 @@ class _FileIds:
         """The original of the file ``cluster_id`` (``local_id`` here): itself unless a copy."""
         return self._origins.get(local_id, cluster_id)
 
-    def copy_of(self, cluster_id: str) -> str | None:
-        """The local copy of another node's file, if this node made one."""
-        return self._copies.get(cluster_id)
+    def copies_of(self, origin: str) -> list[str]:
+        """The local copies of the original ``origin`` (directly or through other copies)."""
+        return [local for local, of in self._origins.items() if of == origin]
 
     def forget(self, local_id: str) -> None:
         for table in (self._local, self._copies):
@@ -580,21 +579,32 @@ class NodeHost:
         return self._outward_file(stored)
 
     @_replying
-    async def drop_copy(self, file_id: str) -> bool:
-        """Delete this node's copy of another node's file, deleted at its origin.
+    async def drop_copies(self, file_id: str, agent_file: tuple[str, str, str] | None) -> int:
+        """Delete this node's copies of a file deleted at its origin; how many.
 
-        Found by the original's id, whatever became of the copy (an upload's
-        copy attached to a session, an agent file's): once the original is
-        deleted, its id must not find the copy here either. Another file with
-        the same name and content is another file, and stays.
+        Found by the original's id, whatever became of a copy (an upload's
+        copy attached to a session, an agent file's, a copy of a copy): once
+        the original is deleted, no id of it finds a copy here. A copy made
+        before this host started (the store outlives it) has no known origin:
+        for an agent's file (``agent_file``: its agent, name and content
+        hash), such copies are found by those instead.
         """
-        local = self._ids.copy_of(file_id)
-        if local is None:
-            return False
-        with contextlib.suppress(FileNotFoundInStore):  # deleted here already
-            await self.engine.delete_file(local)
-        self._ids.forget(local)
-        return True
+        async with self._importing:  # not while an import may still map one
+            found = self._ids.copies_of(file_id)
+            if not found and agent_file is not None:
+                agent_id, name, sha256 = agent_file
+                found = [
+                    f.id
+                    for f in await self.engine.list_files(agent_id=agent_id)
+                    if f.session_id is None
+                    and (f.name, f.sha256) == (name, sha256)
+                    and f.created_at < self._started_at
+                ]
+            for local in found:
+                with contextlib.suppress(FileNotFoundInStore):  # deleted here already
+                    await self.engine.delete_file(local)
+                self._ids.forget(local)
+            return len(found)
 
     @_replying
     async def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
@@ -650,10 +660,6 @@ class NodeHost:
             stored, data, origin = reply
             if session_name is not None:
                 self._check_scope(stored, session_name)
-            known = self._ids.local(origin)
-            if known is not None:  # a copy of the same original is here already
-                self._ids.add_copy(file_id, known, origin)
-                continue
             retention_s = None
             if stored.expires_at is not None:
                 retention_s = stored.expires_at - time.time()
