@@ -133,6 +133,8 @@ class FakeLink:
         self.collecting = asyncio.Event()  # storing a cell's files began
         #: per call to ``collect``: whether the kernel had been ended
         self.collected: list[bool] = []
+        #: per call to ``collect``: the displays it was given to store
+        self.displays: list[list[DisplayOutput]] = []
 
     @property
     def session_id(self) -> str:
@@ -166,6 +168,7 @@ class FakeLink:
         self, displays: Sequence[DisplayOutput], execution_count: int | None
     ) -> list[ProducedFile]:
         self.collected.append(self.ended.is_set())
+        self.displays.append(list(displays))
         self.collecting.set()
         await self.collect_gate.wait()
         return []

@@ -18,12 +18,14 @@ import zmq.asyncio
 from jupyter_client.jsonutil import json_default
 from starlette.websockets import WebSocket
 
+from sandkernel.errors import BadInput
 from sandkernel.jupyter_gateway import relay as relay_module
 from sandkernel.jupyter_gateway.app import create_gateway_app
 from sandkernel.jupyter_gateway.codec import V1_PROTOCOL, WireMessage
 from sandkernel.jupyter_gateway.codec import encode as codec_encode
 from sandkernel.jupyter_gateway.kernels import GatewayKernels
 from sandkernel.jupyter_gateway.relay import (
+    _CONNECTION_BYTES,
     _CONNECTION_QUEUE,
     CLOSE_TOO_SLOW,
     Connection,
@@ -113,6 +115,77 @@ async def test_a_client_too_slow_for_its_messages_is_closed_and_its_writer_ends(
     assert connection.closed
     # Not 1000 or 1001: after those JupyterLab would not reconnect.
     assert ws.close_code == CLOSE_TOO_SLOW
+
+
+async def test_a_client_too_slow_for_the_bytes_of_its_messages_is_closed() -> None:
+    ws = FakeWebSocket(stuck=True)
+    connection = Connection(cast(WebSocket, ws), None, None)
+    writer = asyncio.ensure_future(connection.write_loop())
+    # Far fewer frames than the queue takes, but more bytes than a client may owe.
+    big = _stream("x" * (1 << 20))
+    for _ in range((_CONNECTION_BYTES >> 20) + 2):
+        connection.send(big)
+    async with asyncio.timeout(DEADLINE_S):
+        await writer
+    assert connection.closed and ws.close_code == CLOSE_TOO_SLOW
+
+
+async def test_a_cells_images_are_kept_to_be_stored_nothing_else_and_within_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "_CELL_IMAGES", 2)
+    async with fake_relay() as harness:
+        client = harness.client()
+        request = await client.execute("show()")
+        got = await harness.kernel.receive()
+        kernel = harness.kernel
+        kernel.status("busy", got)
+        kernel.publish("display_data", {"data": {"text/plain": "t" * (1 << 20)}}, got)
+        for n in range(3):
+            data = {"image/png": f"png-{n}", "text/plain": "<Figure>"}
+            kernel.publish("display_data", {"data": data, "metadata": {}}, got)
+        kernel.status("idle", got)
+        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        await client.until(reply_to(request))
+        kept = [d.data for d in harness.link.displays[0]]
+        assert kept == [{"image/png": "png-0"}, {"image/png": "png-1"}]
+        # Every display still reached the client.
+        shown = [m for m in client.seen if m.msg_type == "display_data"]
+        assert len(shown) == 4
+
+
+async def test_what_a_gone_client_missed_is_kept_within_a_byte_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "_MAX_MISSED_BYTES", 4 << 20)
+    async with fake_relay() as harness:
+        away = harness.client(session_id="away")
+        watcher = harness.client()
+        harness.relay.disconnect(away.connection)
+        for n in range(10):
+            harness.kernel.publish("stream", {"name": "stdout", "text": f"{n}" + "x" * (1 << 20)})
+        harness.kernel.publish("stream", {"name": "stdout", "text": "last"})
+        await watcher.until(lambda m: m.content.get("text") == "last")
+        back = harness.client(session_id="away")
+        texts = []
+        while len(texts) < 3:
+            texts.append((await back.next()).content["text"][:1])
+        # The first ones, as many as fit; not the other 7, nor "last".
+        assert texts == ["0", "1", "2"]
+        assert back.ws.frames.empty()
+
+
+async def test_a_request_no_utf8_encodes_is_refused_and_leaves_no_cell_waiting() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        with pytest.raises(BadInput, match="cannot be sent to a kernel"):
+            await client.execute("print('\ud800')")
+        assert not harness.relay._cells and not harness.relay._routes
+        # The kernel got nothing; the next request goes through.
+        request = await client.request("kernel_info_request")
+        got = await harness.kernel.receive()
+        await harness.kernel.reply(got, "kernel_info_reply", {"status": "ok"})
+        assert (await client.until(reply_to(request))).content == {"status": "ok"}
 
 
 async def test_deleting_a_kernel_closes_a_connection_whose_client_reads_nothing() -> None:

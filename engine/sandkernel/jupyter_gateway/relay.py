@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -51,6 +52,7 @@ from sandkernel.api import KernelConnectionInfo, KernelLink
 from sandkernel.errors import BadInput, SessionNotFound
 from sandkernel.jupyter_gateway.codec import WireMessage, decode, encode
 from sandkernel.results import DisplayOutput
+from sandkernel.workspace.collect import IMAGE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +61,17 @@ log = logging.getLogger(__name__)
 _RECHECK_S: Final = 2.0
 _SEND_TIMEOUT_S: Final = 5.0  # a kernel that takes no message in this long is not waited for
 _CONNECTION_QUEUE: Final = 10_000  # frames a slow connection may have pending, then it is closed
+_CONNECTION_BYTES: Final = 64 << 20  # and bytes: output is the kernel's to size, not the client's
 _MAX_ROUTES: Final = 10_000  # requests remembered to route their replies
 _IOPUB_QUEUE: Final = 1000  # IOPub messages waiting for the relay; past it, dropped (zmq's HWM)
 _IDLE_AFTER_REPLY_S: Final = 5.0  # how long a reply waits for its cell's last IOPub message
 _MAX_MISSED_SESSIONS: Final = 8  # disconnected clients whose messages are kept for them
 _MAX_MISSED_MESSAGES: Final = 1000  # kept per disconnected client, the first ones
+_MAX_MISSED_BYTES: Final = 16 << 20  # and at most this much of them
+#: A cell's displayed images kept until its reply, to be stored (the store's own
+#: cap is 100 files a cell): what the kernel displays is the kernel's to size.
+_CELL_IMAGES: Final = 100
+_CELL_IMAGE_BYTES: Final = 64 << 20
 _DRAIN_S: Final = 10.0  # how long a dead kernel's last messages may take to be relayed
 _DRAIN_MAX: Final = 2000  # of a dead kernel's last messages, relayed per socket at most
 _COLLECT_DEAD_S: Final = 5.0  # how long storing a dead kernel's unanswered cell's files may take
@@ -84,6 +92,15 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
+def _size(msg: WireMessage) -> int:
+    """About how many bytes a message takes: its content as JSON and its buffers."""
+    try:
+        content = len(json.dumps(msg.content, default=str))
+    except (TypeError, ValueError):
+        content = 0
+    return content + sum(len(b) for b in msg.buffers)
+
+
 class Connection:
     """One client's WebSocket on a kernel; frames to it go through a bounded queue.
 
@@ -97,6 +114,7 @@ class Connection:
         self.protocol = protocol
         self.session_id = session_id
         self._queue: asyncio.Queue[str | bytes] = asyncio.Queue(_CONNECTION_QUEUE)
+        self._queued_bytes = 0
         self._stopped = asyncio.Event()
         self._close_code = 1000
         self._flush = True
@@ -113,11 +131,17 @@ class Connection:
         except Exception:  # noqa: BLE001 - one connection's failure is not the others'
             log.exception("a message for a WebSocket client could not be encoded; not sent")
             return
+        if self._queued_bytes + len(frame) > _CONNECTION_BYTES and self._queued_bytes:
+            log.warning("a WebSocket client of a kernel is too slow for its output; closing it")
+            self.close(CLOSE_TOO_SLOW, flush=False)
+            return
         try:
             self._queue.put_nowait(frame)
         except asyncio.QueueFull:
             log.warning("a WebSocket client of a kernel is too slow; closing it")
             self.close(CLOSE_TOO_SLOW, flush=False)
+            return
+        self._queued_bytes += len(frame)
 
     def close(self, code: int = 1000, *, flush: bool = True) -> None:
         """Stop sending and close the socket with ``code``.
@@ -179,6 +203,7 @@ class Connection:
                     else:
                         await self.websocket.send_bytes(frame)
                 finally:
+                    self._queued_bytes -= len(frame)
                     self._queue.task_done()
 
 
@@ -190,7 +215,8 @@ class _Cell:
     requester: Connection | None
     deadline: float | None = None  # set when the kernel starts it (IOPub busy)
     paused_at: float | None = None  # waiting for input(): the wall clock stops
-    displays: list[DisplayOutput] = field(default_factory=list)
+    displays: list[DisplayOutput] = field(default_factory=list)  # its images, to store
+    display_bytes: int = 0
     execution_count: int | None = None
     collected: bool = False  # its files are stored (or being stored): once is all
     done: asyncio.Event = field(default_factory=asyncio.Event)  # its reply or its idle came
@@ -290,6 +316,7 @@ class KernelRelay:
         self._internal: set[str] = set()
         #: messages kept for clients (by session_id) whose connections are gone
         self._missed: dict[str, list[WireMessage]] = {}
+        self._missed_bytes: dict[str, int] = {}
         self._shut_down = False  # by shutdown(): a restart waiting for the lock gives up
         self._restarts = 0  # under way or waiting for the lock
         self._no_restart = asyncio.Event()  # set while _restarts is 0
@@ -468,6 +495,7 @@ class KernelRelay:
                 self._replace(stale, connection)
         self.connections.add(connection)
         missed = self._missed.pop(connection.session_id or "", None)
+        self._missed_bytes.pop(connection.session_id or "", None)
         for msg in missed or ():
             connection.send(msg)
         if self.execution_state == "dead":
@@ -504,8 +532,11 @@ class KernelRelay:
             # connection is gone waits for it to reconnect (within bounds). A
             # replaced connection's late end keeps what was kept for it already.
             self._missed.setdefault(session_id, [])
+            self._missed_bytes.setdefault(session_id, 0)
             while len(self._missed) > _MAX_MISSED_SESSIONS:
-                del self._missed[next(iter(self._missed))]
+                oldest = next(iter(self._missed))
+                del self._missed[oldest]
+                self._missed_bytes.pop(oldest, None)
 
     async def from_client(self, connection: Connection, frame: str | bytes) -> None:
         """Relay one frame a client sent.
@@ -539,15 +570,27 @@ class KernelRelay:
         if msg.channel == "control" and msg.msg_type == "shutdown_request":
             await self._client_shutdown(connection, msg)
             return
+        # Serialised first: a message that cannot be (text no UTF-8 encodes) is
+        # the client's error, and leaves no cell or route waiting for a reply.
+        frames = self._frames(msg.parts())
         if msg.channel in ("shell", "control"):
             self._route(msg.msg_id, connection)
+        cell = None
         if msg.channel == "shell":
             self._link.touch(ran=msg.msg_type == "execute_request")
             if msg.msg_type == "execute_request":
-                self._cells[msg.msg_id] = _Cell(msg, connection)
+                cell = self._cells[msg.msg_id] = _Cell(msg, connection)
         elif msg.channel == "stdin" and msg.msg_type == "input_reply":
             self._resume()
-        await self._send_raw(msg.channel, msg.parts())
+        if not await self._send_frames(msg.channel, frames):
+            self._routes.pop(msg.msg_id, None)
+            if cell is not None and self._cells.pop(msg.msg_id, None) is cell:
+                self._answer_unrun_cell(
+                    cell,
+                    "the kernel did not take the request "
+                    f"within {_SEND_TIMEOUT_S:g} s; it was not run",
+                    "KernelNotResponding",
+                )
 
     async def _client_shutdown(self, connection: Connection, msg: WireMessage) -> None:
         # The kernel would exit and leave its sandbox for nobody to restart: the
@@ -563,17 +606,35 @@ class KernelRelay:
             )
 
     async def _send_raw(self, channel: str, msg: dict[str, Any]) -> None:
-        # Serialised here and sent on the asyncio socket: Session.send would send
-        # blocking, and a kernel that stopped reading would stall the daemon.
-        frames = self._session.serialize(msg)
-        frames += [bytes(b) for b in msg.get("buffers") or ()]
+        await self._send_frames(channel, self._frames(msg))
+
+    def _frames(self, msg: dict[str, Any]) -> list[bytes]:
+        """The message signed and serialised for the kernel.
+
+        Raises:
+            BadInput: it cannot be (text that no UTF-8 encodes, a value JSON has not).
+        """
+        try:
+            frames = self._session.serialize(msg)
+        except (UnicodeError, TypeError, ValueError) as exc:
+            raise BadInput(f"the message cannot be sent to a kernel: {exc}") from None
+        return [*frames, *(bytes(b) for b in msg.get("buffers") or ())]
+
+    async def _send_frames(self, channel: str, frames: list[bytes]) -> bool:
+        """Send on the asyncio socket; False if the kernel did not take it in time.
+
+        Not ``Session.send``: that sends blocking, and a kernel that stopped
+        reading would stall the daemon.
+        """
         sock = self._sockets.get(channel)
         if sock is None:
-            return
+            return False
         try:
             await asyncio.wait_for(sock.send_multipart(frames), _SEND_TIMEOUT_S)
         except (TimeoutError, zmq.ZMQError) as exc:
             log.warning("kernel %s: a %s message was not sent: %s", self.id, channel, exc)
+            return False
+        return True
 
     def _route(self, msg_id: str, connection: Connection) -> None:
         self._routes[msg_id] = connection
@@ -713,16 +774,25 @@ class KernelRelay:
             elif cell is not None and state == "idle":
                 cell.idle.set()
                 self._end_cell(cell)
-        elif cell is not None and kind in ("display_data", "execute_result"):
-            data = msg.content.get("data")
-            if kind == "display_data" and isinstance(data, dict):
-                meta = msg.content.get("metadata")
-                cell.displays.append(
-                    DisplayOutput(data=data, metadata=meta if isinstance(meta, dict) else {})
-                )
+        elif cell is not None and kind == "display_data":
+            self._keep_image(cell, msg.content.get("data"))
         elif cell is not None and kind == "execute_input":
             count = msg.content.get("execution_count")
             cell.execution_count = count if isinstance(count, int) else None
+
+    def _keep_image(self, cell: _Cell, data: object) -> None:
+        """Keep a displayed image to store with the cell's files; nothing else, and bounded."""
+        if not isinstance(data, dict):
+            return
+        mime = next((t for t in IMAGE_TYPES if t in data), None)
+        if mime is None:
+            return
+        payload = data[mime]
+        size = len(payload) if isinstance(payload, str) else _CELL_IMAGE_BYTES + 1
+        if len(cell.displays) >= _CELL_IMAGES or cell.display_bytes + size > _CELL_IMAGE_BYTES:
+            return  # not stored: the client still sees it
+        cell.displays.append(DisplayOutput(data={mime: payload}, metadata={}))
+        cell.display_bytes += size
 
     def _end_cell(self, cell: _Cell) -> None:
         cell.done.set()
@@ -786,9 +856,16 @@ class KernelRelay:
     def broadcast(self, msg: WireMessage) -> None:
         for connection in list(self.connections):
             connection.send(msg)
-        for missed in self._missed.values():
-            if len(missed) < _MAX_MISSED_MESSAGES:
+        if not self._missed:
+            return
+        size = _size(msg)
+        for session_id, missed in self._missed.items():
+            kept = self._missed_bytes.get(session_id, 0)
+            if len(missed) < _MAX_MISSED_MESSAGES and kept + size <= _MAX_MISSED_BYTES:
                 missed.append(msg)
+                self._missed_bytes[session_id] = kept + size
+            else:  # full: the first ones are kept, with no gap among them
+                self._missed_bytes[session_id] = _MAX_MISSED_BYTES + 1
 
     def _status(self, state: str) -> WireMessage:
         raw = self._session.msg("status", {"execution_state": state})
@@ -805,11 +882,17 @@ class KernelRelay:
     def _answer_dead_cell(self, cell: _Cell, reason: str) -> None:
         """A cell the dead kernel will never answer: an error, its reply, its ``idle``.
 
-        The ``idle`` ends the cell for clients that wait for it rather than for
-        the reply (Open WebUI's), unless the kernel sent it; ``status: dead``
-        follows, for the kernel.
+        ``status: dead`` follows, for the kernel.
         """
-        error = {"ename": "DeadKernelError", "evalue": reason, "traceback": [reason]}
+        self._answer_unrun_cell(cell, reason, "DeadKernelError")
+
+    def _answer_unrun_cell(self, cell: _Cell, reason: str, ename: str) -> None:
+        """A cell the kernel will never answer: an error, its reply, its ``idle``.
+
+        The ``idle`` ends the cell for clients that wait for it rather than for
+        the reply (Open WebUI's), unless the kernel sent it.
+        """
+        error = {"ename": ename, "evalue": reason, "traceback": [reason]}
         shown = self._session.msg("error", error, parent=cell.request.header)
         self.broadcast(WireMessage("iopub", shown["header"], dict(cell.request.header), {}, error))
         reply = self._reply(cell.request, "execute_reply", {"status": "error", **error})
