@@ -167,6 +167,33 @@ async def test_a_caller_function_gives_a_function_call_item(
     assert {"role": "tool", "tool_call_id": "call-1", "content": "sunny"} in second["messages"]
 
 
+async def test_an_answer_cut_off_by_max_output_tokens_is_incomplete_saying_why(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("call-1", "print(6 * 7)")]),
+        Reply(content="The answer is", finish_reason="length"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> Response:
+        return client.responses.create(
+            model=DEPLOYMENT, tools=AUTO, input="Compute 6 * 7.", max_output_tokens=20
+        )
+
+    response = await anyio.to_thread.run_sync(exercise)
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    message = _message(response)
+    assert message.status == "incomplete" and response.output_text == "The answer is"
+    # The bound is the response's: the second turn gets what the first left (5 used).
+    assert daemon.model is not None
+    first, second = daemon.model.requests
+    assert (first["max_completion_tokens"], second["max_completion_tokens"]) == (20, 15)
+
+
 async def test_an_expired_container_is_replaced_for_the_next_auto_response(
     openai_daemon: OpenAIDaemonFactory,
 ) -> None:

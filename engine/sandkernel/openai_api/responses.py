@@ -260,6 +260,7 @@ class Responses:
                 "output": turn.output,
                 "usage": turn.usage(),
                 "error": turn.error,
+                "incomplete_details": turn.incomplete_details,
             }
         )
         if prepared.body.store:
@@ -329,10 +330,16 @@ class _Turn:
         self.output: list[dict[str, Any]] = []
         self.status: Literal["completed", "failed", "incomplete"] = "completed"
         self.error: dict[str, Any] | None = None
+        self.incomplete_details: dict[str, Any] | None = None
         self.input_tokens = 0
         self.output_tokens = 0
         #: (file id, path) of files the code wrote, to cite in the answer
         self.written: list[tuple[str, str]] = []
+
+    def _cut_off(self) -> _Turn:
+        self.status = "incomplete"
+        self.incomplete_details = {"reason": "max_output_tokens"}
+        return self
 
     def usage(self) -> dict[str, Any]:
         return {
@@ -372,13 +379,18 @@ class _Turn:
 
     async def run(self, model: AssistantModel, transcript: list[dict[str, Any]]) -> _Turn:
         system = [{"role": "system", "content": self._system()}]
+        limit = self.body.max_output_tokens
         for index in range(MAX_TURNS):
+            # The response's bound, over all its model turns, as OpenAI counts it.
+            left = None if limit is None else limit - self.output_tokens
+            if left is not None and left <= 0:
+                return self._cut_off()
             request = ChatRequest(
                 model=self.body.model,
                 messages=[*system, *transcript],
                 tools=self._chat_tools(),
                 tool_choice=self._tool_choice(index == 0) if self._chat_tools() else "auto",
-                max_completion_tokens=self.body.max_output_tokens,
+                max_completion_tokens=left,
                 temperature=self.body.temperature,
                 top_p=self.body.top_p,
                 parallel_tool_calls=self.body.parallel_tool_calls,
@@ -406,6 +418,13 @@ class _Turn:
                     for c in reply.tool_calls
                 ]
             transcript.append(assistant)
+            if reply.finish_reason == "length":
+                # Cut off by the token bound: what it said so far, and no call
+                # (its arguments may be cut too).
+                transcript[-1] = {"role": "assistant", "content": reply.content or ""}
+                if reply.content:
+                    await text.done(reply.content, final=True, status="incomplete")
+                return self._cut_off()
             if reply.content or not reply.tool_calls:
                 await text.done(reply.content or "", final=not reply.tool_calls)
             if not reply.tool_calls:
@@ -563,7 +582,7 @@ class _TextItem:
             "response.output_text.delta", {**self._where(), "delta": text, "logprobs": []}
         )
 
-    async def done(self, text: str, *, final: bool) -> None:
+    async def done(self, text: str, *, final: bool, status: str = "completed") -> None:
         await self._open()
         assert self.index is not None
         annotations = self.turn.citations(text) if final else []
@@ -571,7 +590,7 @@ class _TextItem:
         where = self._where()
         await self.turn.emit("response.output_text.done", {**where, "text": text, "logprobs": []})
         await self.turn.emit("response.content_part.done", {**where, "part": part})
-        self.item.update(content=[part], status="completed")
+        self.item.update(content=[part], status=status)
         await self.turn._item_done(self.index)
 
 
