@@ -538,15 +538,19 @@ class AssistantsService:
                 try:
                     await self.driver.drive(run_id)
                 finally:
-                    self._scopes.pop(run_id, None)
+                    # The run's next task (after its tool outputs) may be known
+                    # already: only this task's own entries are removed.
+                    if self._scopes.get(run_id) is scope:
+                        del self._scopes[run_id]
             if scope.cancelled_caught:
                 with anyio.CancelScope(shield=True):
                     await self.driver.settle_cancelled(run_id, by_caller=run_id in self._cancelling)
         except Exception:
             log.exception("run %s: could not record how it ended", run_id)
         finally:
-            self._cancelling.discard(run_id)
-            self._finished.pop(run_id, None)
+            if self._finished.get(run_id) is finished:
+                del self._finished[run_id]
+                self._cancelling.discard(run_id)
             finished.set()
 
     async def _cancel_task(self, run_id: str, *, wait: bool = False) -> None:
@@ -635,7 +639,12 @@ class AssistantsService:
                     "tool_outputs",
                 )
             steps: list[RunStep] = await self._db(self.state.all, RunStep, run_id=run_id)
-            step = next(s for s in steps if s.status == "in_progress")
+            step = next((s for s in steps if s.status == "in_progress"), None)
+            if step is None:  # its wait ran out since the run was read
+                now_run = await self.run(thread_id, run_id)
+                raise bad_request(
+                    f"Runs in status '{now_run.status}' do not accept tool outputs.", "run_id"
+                )
             details = step.step_details
             assert isinstance(details, ToolCallsDetails)
             calls = [

@@ -1,0 +1,124 @@
+"""The Assistants service's own bookkeeping, on its state alone (no engine, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from sandkernel.api import EngineAPI
+from sandkernel.openai_api.errors import APIError
+from sandkernel.openai_api.service import AssistantsService
+from sandkernel.openai_api.wire import (
+    FunctionCallDetails,
+    FunctionToolCall,
+    Run,
+    RunStep,
+    SubmitToolOutputs,
+    Thread,
+    ToolCallsDetails,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def _run(status: str, **fields: Any) -> Run:
+    return Run.model_validate(
+        {
+            "id": "run-1",
+            "created_at": 1,
+            "thread_id": "thread-t",
+            "assistant_id": "asst-a",
+            "status": status,
+            "model": "m",
+            "instructions": "",
+            **fields,
+        }
+    )
+
+
+def _service(tmp_path: Path) -> AssistantsService:
+    # Nothing here reaches an engine or a model.
+    return AssistantsService(cast(EngineAPI, None), tmp_path / "state.sqlite3", model=None)
+
+
+async def test_a_run_task_that_ends_late_leaves_its_next_tasks_bookkeeping(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    first_running, release_first, second_running, release_second = (
+        asyncio.Event() for _ in range(4)
+    )
+    drives = 0
+
+    async def drive(run_id: str) -> None:
+        nonlocal drives
+        drives += 1
+        if drives == 1:
+            first_running.set()
+            await release_first.wait()  # a task that committed, and is slow to end
+        else:
+            second_running.set()
+            await release_second.wait()
+
+    service.driver.drive = drive  # type: ignore[method-assign]
+    run = _run("queued")
+    async with service:
+        service._start(run, stream=False)
+        first_ended = service._finished[run.id]
+        async with asyncio.timeout(10):
+            await first_running.wait()
+        # The run's next task (its tool outputs came), started before the first ended.
+        service._start(run, stream=False)
+        second_ends = service._finished[run.id]
+        async with asyncio.timeout(10):
+            await second_running.wait()
+            release_first.set()
+            await first_ended.wait()
+        # The second task is still the run's: a cancel reaches it and can be waited for.
+        assert service._finished.get(run.id) is second_ends
+        assert run.id in service._scopes
+        release_second.set()
+
+
+async def test_tool_outputs_for_a_run_that_expired_after_it_was_read_get_a_400(
+    tmp_path: Path,
+) -> None:
+    service = _service(tmp_path)
+    call = {"id": "call-1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    waiting = _run(
+        "requires_action",
+        expires_at=int(time.time()) + 600,
+        required_action={"submit_tool_outputs": {"tool_calls": [call]}},
+    )
+    step = RunStep(
+        id="step-1",
+        created_at=1,
+        run_id="run-1",
+        assistant_id="asst-a",
+        thread_id="thread-t",
+        type="tool_calls",
+        step_details=ToolCallsDetails(
+            tool_calls=[
+                FunctionToolCall(id="call-1", function=FunctionCallDetails(name="f", arguments=""))
+            ]
+        ),
+    )
+    async with service:
+        service.state.save(Thread(id="thread-t", created_at=1), waiting, step)
+        read_steps = service.state.all
+
+        def expiring(cls: type[Any], **where: Any) -> Any:
+            if cls is RunStep:  # another request expires the run just now
+                service.state.expire_overdue("thread-t", now=int(time.time()) + 10_000)
+            return read_steps(cls, **where)
+
+        service.state.all = expiring  # type: ignore[method-assign]
+        body = SubmitToolOutputs(tool_outputs=[{"tool_call_id": "call-1", "output": "1"}])
+        with pytest.raises(APIError) as refused:
+            await service.submit_tool_outputs("thread-t", "run-1", body)
+        assert refused.value.status == 400
+        assert "'expired'" in str(refused.value)
+        stored = service.state.get(Run, "run-1")
+        assert stored is not None and stored.status == "expired"
