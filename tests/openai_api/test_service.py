@@ -13,6 +13,8 @@ from sandkernel.api import EngineAPI
 from sandkernel.openai_api.errors import APIError
 from sandkernel.openai_api.service import AssistantsService
 from sandkernel.openai_api.wire import (
+    Container,
+    ContainerExpiry,
     FunctionCallDetails,
     FunctionToolCall,
     Run,
@@ -122,3 +124,27 @@ async def test_tool_outputs_for_a_run_that_expired_after_it_was_read_get_a_400(
         assert "'expired'" in str(refused.value)
         stored = service.state.get(Run, "run-1")
         assert stored is not None and stored.status == "expired"
+
+
+async def test_a_container_deleted_while_it_was_looked_up_stays_deleted(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    container = Container(
+        id="cntr_1",
+        created_at=1,
+        name="c",
+        status="running",
+        expires_after=ContainerExpiry(anchor="last_active_at", minutes=20),
+        last_active_at=1,
+    )
+
+    async def gone_meanwhile(container_id: str) -> None:
+        # Its session ended, and a DELETE of the container lands before the GET writes.
+        service.state.delete(Container, container_id)
+
+    async with service:
+        service.state.save(container)
+        service.containers._live = gone_meanwhile  # type: ignore[method-assign,assignment]
+        with pytest.raises(APIError) as missing:
+            await service.containers.get("cntr_1")
+        assert missing.value.status == 404
+        assert service.state.get(Container, "cntr_1") is None

@@ -11,6 +11,7 @@ import pytest
 from sandkernel.openai_api.state import (
     INTERRUPTED,
     ApiState,
+    NotStored,
     RunState,
     ThreadBusy,
     ThreadState,
@@ -170,6 +171,23 @@ def test_tool_outputs_are_taken_only_while_the_run_waits_for_them(state: ApiStat
     # Gone with its thread meanwhile.
     state.delete_thread("thread-t")
     assert state.accept_tool_outputs(step, queued, RunState(), now=602) == (False, None, [])
+
+
+def test_nothing_is_written_for_a_thread_or_object_deleted_meanwhile(state: ApiState) -> None:
+    state.save(Thread(id="thread-t", created_at=1, metadata={"v": "1"}))
+    assert state.replace(Thread(id="thread-t", created_at=1, metadata={"v": "2"}))
+    kept = state.get(Thread, "thread-t")
+    assert kept is not None and kept.metadata == {"v": "2"}
+    assert state.delete_thread("thread-t")
+    # A writer that read the thread before it was deleted does not bring it back...
+    assert not state.replace(Thread(id="thread-t", created_at=1, metadata={"v": "3"}))
+    assert state.get(Thread, "thread-t") is None
+    # ...nor leaves a message or a run without it.
+    with pytest.raises(NotStored):
+        state.add_messages("thread-t", [make_message("msg-1", "thread-t")])
+    with pytest.raises(NotStored):
+        state.create_run(make_run("run-1", "thread-t", "queued"), RunState(), [])
+    assert state.get(Message, "msg-1") is None and state.get(Run, "run-1") is None
 
 
 def test_private_state_is_kept_beside_its_object(state: ApiState) -> None:

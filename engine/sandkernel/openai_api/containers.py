@@ -113,7 +113,8 @@ class Containers:
             raise not_found("container", container_id, param)
         if found.status == "running" and await self._live(container_id) is None:
             found = found.model_copy(update={"status": "expired"})
-            await self._db(self.state.save, found)
+            if not await self._db(self.state.replace, found):  # deleted meanwhile: stays so
+                raise not_found("container", container_id, param)
         return found
 
     async def session(self, container_id: str, param: str | None = None) -> SessionAPI:
@@ -129,7 +130,9 @@ class Containers:
                 code="container_expired",
             )
         await session.extend(self.ttl_s(container))
-        await self._db(self.state.save, container.model_copy(update={"last_active_at": _now()}))
+        used = container.model_copy(update={"last_active_at": _now()})
+        if not await self._db(self.state.replace, used):
+            raise not_found("container", container_id, param)
         return session
 
     async def _live(self, container_id: str) -> SessionAPI | None:

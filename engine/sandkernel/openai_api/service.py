@@ -30,7 +30,7 @@ from sandkernel.openai_api.events import RunEvents, Subscription
 from sandkernel.openai_api.placement import Placement
 from sandkernel.openai_api.responses import Responses
 from sandkernel.openai_api.runs import PYTHON, RunDriver, RunLimits, now
-from sandkernel.openai_api.state import ApiState, RunState, ThreadBusy, UnknownCursor
+from sandkernel.openai_api.state import ApiState, NotStored, RunState, ThreadBusy, UnknownCursor
 from sandkernel.openai_api.wire import (
     ACTIVE_RUN_STATUSES,
     Assistant,
@@ -323,7 +323,8 @@ class AssistantsService:
             )
             changes["tool_resources"] = resources
         updated = thread.model_copy(update=changes)
-        await self._db(self.state.save, updated)
+        if not await self._db(self.state.replace, updated):  # deleted meanwhile: stays so
+            raise not_found("thread", thread_id)
         return updated
 
     async def delete_thread(self, thread_id: str) -> Deleted:
@@ -389,6 +390,8 @@ class AssistantsService:
         message = await self._message(thread_id, body, "")
         try:
             await self._db(self.state.add_messages, thread_id, [message])
+        except NotStored:
+            raise not_found("thread", thread_id) from None
         except ThreadBusy as busy:
             raise bad_request(
                 f"Can't add messages to {thread_id} while a run {busy.run.id} is active.",
@@ -453,6 +456,8 @@ class AssistantsService:
         async with self._lock(thread_id):
             try:
                 await self._db(self.state.create_run, run, RunState(), messages)
+            except NotStored:
+                raise not_found("thread", thread_id) from None
             except ThreadBusy as busy:
                 raise bad_request(
                     f"Thread {thread_id} already has an active run {busy.run.id}.",
@@ -471,7 +476,10 @@ class AssistantsService:
         run = await self._new_run("", run_body)  # checked before the thread is made
         thread = await self.create_thread(thread_body, "thread.")
         run = run.model_copy(update={"thread_id": thread.id})
-        await self._db(self.state.create_run, run, RunState(), [])
+        try:
+            await self._db(self.state.create_run, run, RunState(), [])
+        except NotStored:  # deleted as soon as it was made
+            raise not_found("thread", thread.id) from None
         subscription = self._start(run, stream=stream, created=True, thread=thread)
         return thread, run, subscription
 

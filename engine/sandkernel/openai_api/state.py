@@ -136,6 +136,14 @@ class FileLink:
     path: str | None
 
 
+class NotStored(Exception):
+    """The object a write depends on is not stored (deleted meanwhile)."""
+
+    def __init__(self, object_id: str) -> None:
+        super().__init__(object_id)
+        self.object_id = object_id
+
+
 class ThreadBusy(Exception):
     """The thread has a run that is not finished (raised by :meth:`ApiState.create_run`)."""
 
@@ -242,6 +250,21 @@ class ApiState:
                         "UPDATE objects SET private = ? WHERE id = ?",
                         (state.model_dump_json(), object_id),
                     )
+
+    def replace(self, obj: Stored) -> bool:
+        """Write ``obj`` over its stored self; False (and nothing written) if it is gone.
+
+        For a writer that read the object, awaited something, and must not
+        bring it back if it was deleted meanwhile.
+        """
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM objects WHERE id = ? AND kind = ?", (obj.id, kind_of(type(obj)))
+            ).fetchone()
+            if row is None:
+                return False
+            _upsert(conn, obj, None)
+        return True
 
     def update_metadata(self, cls: type[T], object_id: str, metadata: dict[str, str]) -> T | None:
         """Replace an object's metadata, and nothing else of it (``None``: no such object).
@@ -418,8 +441,10 @@ class ApiState:
 
         Raises:
             ThreadBusy: the thread has a run that is not finished.
+            NotStored: the thread is gone (deleted since the caller looked).
         """
         with self._transaction() as conn:
+            _require_thread(conn, run.thread_id)
             _expire_overdue(conn, run.thread_id, _now())
             active = _active_run(conn, run.thread_id)
             if active is not None:
@@ -433,8 +458,10 @@ class ApiState:
 
         Raises:
             ThreadBusy: the thread has a run that is not finished.
+            NotStored: the thread is gone (deleted since the caller looked).
         """
         with self._transaction() as conn:
+            _require_thread(conn, thread_id)
             _expire_overdue(conn, thread_id, _now())
             active = _active_run(conn, thread_id)
             if active is not None:
@@ -584,6 +611,16 @@ def _active_run(conn: sqlite3.Connection, thread_id: str) -> Run | None:
         (thread_id,),
     ).fetchone()
     return None if row is None else Run.model_validate_json(row[0])
+
+
+def _require_thread(conn: sqlite3.Connection, thread_id: str) -> None:
+    if (
+        conn.execute(
+            "SELECT 1 FROM objects WHERE id = ? AND kind = 'thread'", (thread_id,)
+        ).fetchone()
+        is None
+    ):
+        raise NotStored(thread_id)
 
 
 def _expire_overdue(conn: sqlite3.Connection, thread_id: str, now: int) -> list[Run]:
