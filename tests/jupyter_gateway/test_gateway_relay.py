@@ -199,6 +199,24 @@ async def test_deleting_a_kernel_closes_a_connection_whose_client_reads_nothing(
         assert stuck.ws.closed.is_set()
 
 
+async def test_a_socket_accepted_as_its_kernel_was_deleted_is_closed_at_once() -> None:
+    async with fake_relay() as harness:
+        await harness.relay.shutdown()
+        late = harness.client()
+        assert await late.closed() == 1000
+        assert harness.relay.connection_count == 0
+
+
+async def test_the_relays_own_requests_are_remembered_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "_MAX_ROUTES", 3)
+    async with fake_relay() as harness:
+        for _ in range(5):
+            await harness.relay.interrupt()  # as REST /interrupt and every timeout do
+        assert len(harness.relay._internal) == 3
+
+
 async def test_the_websocket_handler_ends_when_its_slow_client_is_closed() -> None:
     """The handler of a connection the relay closed returns, whatever its client does."""
     folder = Path(tempfile.mkdtemp(prefix="skr-", dir="/tmp"))

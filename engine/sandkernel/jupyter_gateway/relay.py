@@ -313,7 +313,9 @@ class KernelRelay:
         self._drain_deadline = 0.0
         self._iopub_flushed = asyncio.Event()  # ...and IOPub's is all relayed
         self._routes: dict[str, Connection] = {}
-        self._internal: set[str] = set()
+        #: the relay's own requests (their replies and status are not the clients'),
+        #: the latest ``_MAX_ROUTES`` of them: an insertion-ordered set
+        self._internal: dict[str, None] = {}
         #: messages kept for clients (by session_id) whose connections are gone
         self._missed: dict[str, list[WireMessage]] = {}
         self._missed_bytes: dict[str, int] = {}
@@ -483,13 +485,21 @@ class KernelRelay:
             await self._link.interrupt()
             return
         msg = self._session.msg("interrupt_request", {})
-        self._internal.add(msg["header"]["msg_id"])  # its reply is the relay's
+        self._internal[msg["header"]["msg_id"]] = None  # its reply is the relay's
+        while len(self._internal) > _MAX_ROUTES:
+            del self._internal[next(iter(self._internal))]
         await self._send_raw("control", msg)
 
     # -- from clients ------------------------------------------------------------------
 
     def connect(self, connection: Connection) -> None:
-        """A new WebSocket; one that comes back with its ``session_id`` gets what it missed."""
+        """A new WebSocket; one that comes back with its ``session_id`` gets what it missed.
+
+        A kernel deleted while the socket was being accepted closes it at once.
+        """
+        if self._shut_down:
+            connection.close()
+            return
         if connection.session_id:
             for stale in [c for c in self.connections if c.session_id == connection.session_id]:
                 self._replace(stale, connection)
