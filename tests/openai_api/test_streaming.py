@@ -211,6 +211,9 @@ async def test_streamed_tool_outputs_and_a_cancelled_run(
         assert "thread.run.step.cancelled" in third.events
         steps = client.beta.threads.runs.steps.list(cancelled.id, thread_id=thread.id)
         assert [s.status for s in steps.data] == ["cancelled"]
+        # The call it was running is in it.
+        (stopped,) = steps.data[0].step_details.tool_calls  # type: ignore[union-attr]
+        assert stopped.id == "call_wait"
         # The cell was stopped: the thread's next run runs code at once.
         after = client.beta.threads.runs.create_and_poll(
             thread_id=thread.id, assistant_id=assistant.id

@@ -558,6 +558,8 @@ class _Progress:
             self.step = step.model_copy(
                 update={"step_details": ToolCallsDetails(tool_calls=list(tool_calls))}
             )
+            # Stored before it runs: a run cancelled or stopped meanwhile shows it.
+            await self.save(self.step)
             done = await self.run_code(index, call, shown_call, space)
             tool_calls[-1] = done
         self.step = step.model_copy(
