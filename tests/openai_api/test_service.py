@@ -11,6 +11,7 @@ import pytest
 
 from sandkernel.api import EngineAPI
 from sandkernel.openai_api.errors import APIError
+from sandkernel.openai_api.events import RunEvents
 from sandkernel.openai_api.service import AssistantsService
 from sandkernel.openai_api.wire import (
     Container,
@@ -148,3 +149,14 @@ async def test_a_container_deleted_while_it_was_looked_up_stays_deleted(tmp_path
             await service.containers.get("cntr_1")
         assert missing.value.status == 404
         assert service.state.get(Container, "cntr_1") is None
+
+
+def test_a_stream_never_read_is_let_go_when_its_run_ends() -> None:
+    hub = RunEvents()
+    never_read = hub.subscribe("run-1")
+    hub.emit("run-1", "thread.run.in_progress", {"id": "run-1"})
+    assert hub.watched("run-1")
+    hub.emit("run-1", "thread.run.completed", {"id": "run-1"})
+    assert not hub.watched("run-1")
+    # What it was given stays for it, should its body start after all.
+    assert never_read._queue.qsize() == 2

@@ -123,3 +123,7 @@ class RunEvents:
         encoded = encode(event, data)
         for subscription in list(subscribers):
             subscription.put(event, encoded)
+            if event in CLOSING or event == "error":
+                # Its last event is queued: a stream whose body never started
+                # (its client left first) is not kept for a run that has ended.
+                self.unsubscribe(subscription)
