@@ -396,6 +396,22 @@ async def test_a_client_back_with_its_session_id_gets_the_replies_its_stale_sock
         assert harness.relay.connection_count == 2
 
 
+async def test_a_reply_to_a_client_that_left_waits_for_it_and_reaches_no_other() -> None:
+    async with fake_relay() as harness:
+        leaving = harness.client(session_id="leaving")
+        bystander = harness.client(session_id="other")
+        request = await leaving.request("kernel_info_request")
+        got = await harness.kernel.receive()
+        harness.relay.disconnect(leaving.connection)
+        await harness.kernel.reply(got, "kernel_info_reply", {"status": "ok"})
+        # Its client comes back (before or after the reply was relayed) and gets it...
+        back = harness.client(session_id="leaving")
+        assert (await back.until(reply_to(request))).content == {"status": "ok"}
+        # ...and only it.
+        await _flushed(bystander, harness)
+        assert not any(reply_to(request)(m) for m in bystander.seen)
+
+
 async def test_a_cell_sent_before_a_reconnect_gets_its_dead_reply_on_the_new_socket() -> None:
     async with fake_relay() as harness:
         old = harness.client(session_id="same")

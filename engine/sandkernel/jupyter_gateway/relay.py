@@ -534,8 +534,7 @@ class KernelRelay:
     def disconnect(self, connection: Connection) -> None:
         connection.close()
         self.connections.discard(connection)
-        for key in [k for k, c in self._routes.items() if c is connection]:
-            del self._routes[key]
+        # Its routes stay: the replies to what it asked wait for its client (see _deliver).
         session_id = connection.session_id
         if session_id and not any(c.session_id == session_id for c in self.connections):
             # As Jupyter Server does: what the kernel says while a client's last
@@ -583,8 +582,8 @@ class KernelRelay:
         # Serialised first: a message that cannot be (text no UTF-8 encodes) is
         # the client's error, and leaves no cell or route waiting for a reply.
         frames = self._frames(msg.parts())
-        if msg.channel in ("shell", "control"):
-            self._route(msg.msg_id, connection)
+        if msg.channel in ("shell", "control") and msg.msg_type.endswith("_request"):
+            self._route(msg.msg_id, connection)  # a request: its reply goes back to it
         cell = None
         if msg.channel == "shell":
             self._link.touch(ran=msg.msg_type == "execute_request")
@@ -760,14 +759,26 @@ class KernelRelay:
         self._deliver(msg)
 
     def _deliver(self, msg: WireMessage) -> None:
-        """A reply or request from the kernel, to the connection it answers."""
+        """A reply or request from the kernel, to the connection it answers, and it only.
+
+        As Jupyter Server does: another client never gets it. If that
+        connection is gone, its client gets it on coming back with its
+        ``session_id`` (within the bounds of what is kept for it). What
+        answers no request a client made here goes to every client.
+        """
         target = self._routes.get(msg.parent_id)
         if msg.channel in ("shell", "control"):
             self._routes.pop(msg.parent_id, None)
-        if target is not None and target in self.connections:
-            target.send(msg)
-        else:
+        if target is None:
             self.broadcast(msg)
+        elif target in self.connections:
+            target.send(msg)
+        elif target.session_id:
+            back = [c for c in self.connections if c.session_id == target.session_id]
+            if back:  # its client came back with its session_id
+                back[-1].send(msg)
+            else:
+                self._keep_missed(target.session_id, msg, _size(msg))
 
     def _track(self, msg: WireMessage) -> None:
         cell = self._cells.get(msg.parent_id)
@@ -869,13 +880,20 @@ class KernelRelay:
         if not self._missed:
             return
         size = _size(msg)
-        for session_id, missed in self._missed.items():
-            kept = self._missed_bytes.get(session_id, 0)
-            if len(missed) < _MAX_MISSED_MESSAGES and kept + size <= _MAX_MISSED_BYTES:
-                missed.append(msg)
-                self._missed_bytes[session_id] = kept + size
-            else:  # full: the first ones are kept, with no gap among them
-                self._missed_bytes[session_id] = _MAX_MISSED_BYTES + 1
+        for session_id in self._missed:
+            self._keep_missed(session_id, msg, size)
+
+    def _keep_missed(self, session_id: str, msg: WireMessage, size: int) -> None:
+        """Keep ``msg`` for a client that is gone (within bounds, the first ones)."""
+        missed = self._missed.get(session_id)
+        if missed is None:
+            return
+        kept = self._missed_bytes.get(session_id, 0)
+        if len(missed) < _MAX_MISSED_MESSAGES and kept + size <= _MAX_MISSED_BYTES:
+            missed.append(msg)
+            self._missed_bytes[session_id] = kept + size
+        else:  # full: the first ones are kept, with no gap among them
+            self._missed_bytes[session_id] = _MAX_MISSED_BYTES + 1
 
     def _status(self, state: str) -> WireMessage:
         raw = self._session.msg("status", {"execution_state": state})
