@@ -176,6 +176,17 @@ async def test_sessions_crud_as_jupyter_server_defines_it(gateway: Gateway) -> N
         assert renamed.status_code == 200
         assert (renamed.json()["path"], renamed.json()["name"]) == ("b.ipynb", "b")
         assert renamed.json()["kernel"]["id"] == kernel_id
+        # A kernel with neither id nor name changes nothing (Jupyter Server's reading);
+        # a refused part leaves every other part as it was.
+        kept = await client.http.patch(f"/api/sessions/{session['id']}", json={"kernel": {}})
+        assert kept.status_code == 200 and kept.json()["kernel"]["id"] == kernel_id
+        refused = await client.http.patch(
+            f"/api/sessions/{session['id']}",
+            json={"path": "c.ipynb", "kernel": {"name": 7}},
+        )
+        assert refused.status_code == 400
+        fetched = (await client.http.get(f"/api/sessions/{session['id']}")).json()
+        assert (fetched["path"], fetched["kernel"]["id"]) == ("b.ipynb", kernel_id)
         # A session on an existing kernel, by id.
         other = await client.http.post(
             "/api/sessions", json={"path": "c.py", "type": "console", "kernel": {"id": kernel_id}}

@@ -186,16 +186,28 @@ class JupyterSessions:
         return session
 
     async def update(self, session_id: str, body: dict[str, Any]) -> JupyterSession:
+        """Change a session as Jupyter Server does; nothing changes if any part is refused.
+
+        ``kernel``: an ``id`` moves the session to that kernel, a ``name``
+        starts a new one; neither, no change of kernel. An old kernel no
+        session uses any more is shut down.
+        """
         session = self.get(session_id)
-        for field in ("path", "name", "type"):
-            if field in body:
-                setattr(session, field, _text(body[field], getattr(session, field)))
-        if "kernel" in body:
-            old = session.kernel_id
-            session.kernel_id = await self._kernel_for(body["kernel"])
-            if old != session.kernel_id and not any(s.kernel_id == old for s in self._live()):
-                with contextlib.suppress(SessionNotFound):
-                    await self.kernels.delete(old)
+        changes = {
+            f: _text(body[f], getattr(session, f)) for f in ("path", "name", "type") if f in body
+        }
+        kernel = body.get("kernel")
+        if kernel is not None and not isinstance(kernel, dict):
+            raise BadInput("kernel must be an object with a name or an id")
+        kernel_id = session.kernel_id
+        if kernel and (kernel.get("id") or kernel.get("name") is not None):
+            kernel_id = await self._kernel_for(kernel)
+        for field, value in changes.items():
+            setattr(session, field, value)
+        old, session.kernel_id = session.kernel_id, kernel_id
+        if old != kernel_id and not any(s.kernel_id == old for s in self._live()):
+            with contextlib.suppress(SessionNotFound):
+                await self.kernels.delete(old)
         return session
 
     async def delete(self, session_id: str) -> None:
