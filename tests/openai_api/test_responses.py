@@ -194,6 +194,39 @@ async def test_an_answer_cut_off_by_max_output_tokens_is_incomplete_saying_why(
     assert (first["max_completion_tokens"], second["max_completion_tokens"]) == (20, 15)
 
 
+async def test_going_on_from_an_unanswered_function_call_is_refused_as_openai_does(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(Reply(calls=[("call-1", "get_weather", json.dumps({"city": "Paris"}))]))
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+    weather: FunctionToolParam = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {}},
+        "strict": False,
+    }
+
+    def exercise() -> None:
+        asked = client.responses.create(model=DEPLOYMENT, tools=[weather], input="Weather?")
+        assert asked.output[0].type == "function_call"
+        with pytest.raises(openai.BadRequestError, match="No tool output found for function call"):
+            client.responses.create(
+                model=DEPLOYMENT, tools=[weather], previous_response_id=asked.id, input="Well?"
+            )
+        with pytest.raises(openai.BadRequestError, match="No tool call found"):
+            client.responses.create(
+                model=DEPLOYMENT,
+                tools=[weather],
+                previous_response_id=asked.id,
+                input=[{"type": "function_call_output", "call_id": "call-9", "output": "x"}],
+            )
+
+    await anyio.to_thread.run_sync(exercise)
+    assert daemon.model is not None
+    assert len(daemon.model.requests) == 1  # neither reached the model
+
+
 async def test_an_expired_container_is_replaced_for_the_next_auto_response(
     openai_daemon: OpenAIDaemonFactory,
 ) -> None:

@@ -209,6 +209,7 @@ class Responses:
         functions, code_tool = _tools(body.tools)
         _check_tool_choice(body.tool_choice, functions, code=code_tool is not None)
         input_items, messages = _input(body.input)
+        _check_answers([*history.transcript, *messages])
         # Last: a container made for a request refused afterwards would be left running.
         session = None
         if code_tool is not None:
@@ -707,6 +708,25 @@ def _input(given: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
             # The model would be asked to go on from a call with no answer: its endpoint refuses.
             raise bad_request(f"No tool output found for function call {item['call_id']}.", "input")
     return items, messages
+
+
+def _check_answers(transcript: list[dict[str, Any]]) -> None:
+    """Every function call answered, every output answering a call: else OpenAI's 400.
+
+    Over the previous responses' transcript too: a response that ended
+    waiting for a function's output goes on only with that output.
+    """
+    calls = [
+        c["id"] for m in transcript if m["role"] == "assistant" for c in m.get("tool_calls") or ()
+    ]
+    answered = {m["tool_call_id"] for m in transcript if m["role"] == "tool"}
+    for call_id in answered - set(calls):
+        raise bad_request(
+            f"No tool call found for function call output with call_id {call_id}.", "input"
+        )
+    for call_id in calls:
+        if call_id not in answered:
+            raise bad_request(f"No tool output found for function call {call_id}.", "input")
 
 
 def _item_id(item: dict[str, Any], prefix: str) -> str:
