@@ -22,8 +22,8 @@ from sandkernel.openai_api.wire import (
     RunStep,
     SubmitToolOutputs,
     Thread,
-    ToolCallsDetails,
 )
+from tests.openai_api._objects import make_step
 
 pytestmark = pytest.mark.anyio
 
@@ -95,18 +95,10 @@ async def test_tool_outputs_for_a_run_that_expired_after_it_was_read_get_a_400(
         expires_at=int(time.time()) + 600,
         required_action={"submit_tool_outputs": {"tool_calls": [call]}},
     )
-    step = RunStep(
-        id="step-1",
-        created_at=1,
-        run_id="run-1",
-        assistant_id="asst-a",
-        thread_id="thread-t",
-        type="tool_calls",
-        step_details=ToolCallsDetails(
-            tool_calls=[
-                FunctionToolCall(id="call-1", function=FunctionCallDetails(name="f", arguments=""))
-            ]
-        ),
+    step = make_step(
+        "step-1",
+        "run-1",
+        [FunctionToolCall(id="call-1", function=FunctionCallDetails(name="f", arguments=""))],
     )
     async with service:
         service.state.save(Thread(id="thread-t", created_at=1), waiting, step)

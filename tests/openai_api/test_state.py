@@ -27,23 +27,8 @@ from sandkernel.openai_api.wire import (
     Text,
     TextContent,
     Thread,
-    ToolCallsDetails,
 )
-
-
-def make_run(run_id: str, thread_id: str, status: str) -> Run:
-    return Run.model_validate(
-        {
-            "id": run_id,
-            "created_at": 1,
-            "thread_id": thread_id,
-            "assistant_id": "asst-a",
-            "status": status,
-            "model": "m",
-            "instructions": "",
-            "expires_at": 601,
-        }
-    )
+from tests.openai_api._objects import make_run, make_step
 
 
 def make_message(message_id: str, thread_id: str, *, run_id: str | None = None) -> Message:
@@ -121,15 +106,7 @@ def test_a_thread_takes_one_active_run_and_no_message_meanwhile(state: ApiState)
 def test_a_wait_for_tool_outputs_past_its_expiry_frees_the_thread(state: ApiState) -> None:
     state.save(Thread(id="thread-t", created_at=1))
     waiting = make_run("run-1", "thread-t", "requires_action")  # expires_at 601: long past
-    step = RunStep(
-        id="step-1",
-        created_at=1,
-        run_id="run-1",
-        assistant_id="asst-a",
-        thread_id="thread-t",
-        type="tool_calls",
-        step_details=ToolCallsDetails(),
-    )
+    step = make_step("step-1", "run-1")
     state.save(waiting, step)
     state.add_messages("thread-t", [make_message("msg-1", "thread-t")])
     expired = state.get(Run, "run-1")
@@ -141,15 +118,7 @@ def test_a_wait_for_tool_outputs_past_its_expiry_frees_the_thread(state: ApiStat
 
 def _waiting(state: ApiState, run_id: str) -> tuple[RunStep, Run]:
     """A run waiting for tool outputs (expires_at 601), its step, and the run queued."""
-    step = RunStep(
-        id=f"step-{run_id}",
-        created_at=1,
-        run_id=run_id,
-        assistant_id="asst-a",
-        thread_id="thread-t",
-        type="tool_calls",
-        step_details=ToolCallsDetails(),
-    )
+    step = make_step(f"step-{run_id}", run_id)
     state.save(make_run(run_id, "thread-t", "requires_action"), step)
     return step, make_run(run_id, "thread-t", "queued").model_copy(update={"expires_at": None})
 
