@@ -185,6 +185,10 @@ async def test_sessions_crud_as_jupyter_server_defines_it(gateway: Gateway) -> N
             json={"path": "c.ipynb", "kernel": {"name": 7}},
         )
         assert refused.status_code == 400
+        unknown = await client.http.patch(
+            f"/api/sessions/{session['id']}", json={"kernel": {"id": "no-such-kernel"}}
+        )
+        assert unknown.status_code == 400 and "No such kernel" in unknown.json()["message"]
         fetched = (await client.http.get(f"/api/sessions/{session['id']}")).json()
         assert (fetched["path"], fetched["kernel"]["id"]) == ("b.ipynb", kernel_id)
         # A session on an existing kernel, by id.

@@ -201,7 +201,10 @@ class JupyterSessions:
             raise BadInput("kernel must be an object with a name or an id")
         kernel_id = session.kernel_id
         if kernel and (kernel.get("id") or kernel.get("name") is not None):
-            kernel_id = await self._kernel_for(kernel)
+            try:
+                kernel_id = await self._kernel_for(kernel)
+            except SessionNotFound:  # Jupyter Server's answer: a 400
+                raise BadInput(f"No such kernel: {str(kernel.get('id'))[:80]}") from None
         for field, value in changes.items():
             setattr(session, field, value)
         old, session.kernel_id = session.kernel_id, kernel_id
