@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from sandkernel import Engine
+from sandkernel.daemon import fusion
 from sandkernel.daemon.fusion import RunJupyterRequest, RunStatus, run_jupyter
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -61,6 +62,22 @@ async def test_files_in_and_fetch_files_out_are_byte_identical(
     assert response.status is RunStatus.Success, response
     assert base64.b64decode(response.files["out.bin"]) == payload[::-1]
     assert "missing.txt" not in response.files
+
+
+async def test_fetch_files_returns_no_more_than_a_total_however_often_a_file_is_named(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fusion, "JUPYTER_FETCH_MAX_BYTES", 5 << 19)  # 2.5 MiB
+    engine = await engine_factory()
+    request = RunJupyterRequest(
+        cells=["for n in 'ab': open(f'{n}.bin', 'wb').write(n.encode() * (1 << 20))"],
+        fetch_files=["a.bin", "./a.bin", "././a.bin", "b.bin"],
+    )
+    response = await run_jupyter(engine, request)
+    assert response.status is RunStatus.Success, response
+    # Each name asked for counts: two fit in the total, the next ones do not.
+    assert sorted(response.files) == ["./a.bin", "a.bin"]
+    assert base64.b64decode(response.files["./a.bin"]) == b"a" * (1 << 20)
 
 
 async def test_total_timeout_gives_failed_with_time_limit(engine_factory: EngineFactory) -> None:

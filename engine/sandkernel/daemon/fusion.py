@@ -13,7 +13,8 @@ Where SandboxFusion leaves a behaviour open, sandkernel's choice is noted:
   working directory, or absolute inside a place the run can write (for
   ``run_code`` ``/tmp``, ``/dev/shm`` and ``/mnt/data``; for ``run_jupyter``
   the kernel's workspace ``/mnt/data``); any other path, like a missing file,
-  is left out of ``files`` and the run's own result stands;
+  is left out of ``files`` and the run's own result stands, and so is a file
+  past 64 MiB of ``files`` in all (each name asked for counts);
 * ``run_jupyter`` enforces ``cell_timeout`` (when > 0) and ``total_timeout``
   itself, and on a time-out also returns the cells that ran;
 * ``memory_limit_MB`` (when > 0) lowers the sandbox's memory limit; it is
@@ -73,6 +74,12 @@ def _check_memory_limit(value: int) -> int:
             f"memory_limit_MB must be at least {MIN_MEMORY_MB} (or <= 0 for the policy's limit)"
         )
     return value
+
+
+#: Bytes of ``fetch_files`` one /run_jupyter request returns, in all: what /run_code
+#: returns (``sandkernel.batch.DEFAULT_FETCH_MAX_BYTES``, not imported: the batch
+#: pool's module is not needed here).
+JUPYTER_FETCH_MAX_BYTES = 64 << 20
 
 
 class CommandRunStatus(StrEnum):
@@ -342,12 +349,19 @@ async def run_jupyter(
                 status = CommandRunStatus.Error
                 break
         fetched: dict[str, str] = {}
+        # Under each name asked for (SandboxFusion's clients look them up so), each
+        # read once, and no more in all than /run_code returns: a name past what is
+        # left is not returned, so that naming one file many times cannot grow the answer.
+        left, read = JUPYTER_FETCH_MAX_BYTES, {}
         for path in request.fetch_files:
             rel = workspace_path(path)
             if rel is None:
                 continue
-            content = await asyncio.to_thread(read_workspace_file, workspace, rel)
-            if content is not None:
+            if rel not in read:
+                read[rel] = await asyncio.to_thread(read_workspace_file, workspace, rel, left)
+            content = read[rel]
+            if content is not None and len(content) <= left:
+                left -= len(content)
                 fetched[path] = base64.b64encode(content).decode()
     finally:
         await session.close()
