@@ -36,6 +36,8 @@ StreamEvent = OutputMessage | ExecutionResult
 #: it, outputs are dropped (and counted) rather than held without bound. The
 #: result still carries the cell's whole (capped) stdout and stderr.
 MAX_PENDING_OUTPUTS = 10_000
+#: ...and this many bytes of them (a cell's output is the cell's to size).
+MAX_PENDING_BYTES = 64 << 20
 
 _DONE = object()
 
@@ -44,6 +46,7 @@ async def stream_run(
     run: Callable[..., Awaitable[ExecutionResult]],
     *,
     max_pending: int = MAX_PENDING_OUTPUTS,
+    max_pending_bytes: int = MAX_PENDING_BYTES,
     label: str = "cell",
 ) -> AsyncIterator[StreamEvent]:
     """Turn ``run(on_output=...)`` into an iterator of its outputs, then its result.
@@ -51,16 +54,20 @@ async def stream_run(
     Args:
         run: runs the cell, calling ``on_output`` with each output message.
         max_pending: outputs held for a slow consumer before dropping more.
+        max_pending_bytes: and bytes of them (about: their text and data).
         label: names the cell in the log line about dropped outputs.
     """
     pending: asyncio.Queue[object] = asyncio.Queue()
     dropped = 0
+    held = 0
 
     def on_output(message: OutputMessage) -> None:
-        nonlocal dropped
-        if pending.qsize() >= max_pending:
+        nonlocal dropped, held
+        weight = _weight(message)
+        if pending.qsize() >= max_pending or held + weight > max_pending_bytes:
             dropped += 1
             return
+        held += weight
         pending.put_nowait(message)
 
     task = asyncio.ensure_future(run(on_output=on_output))
@@ -68,6 +75,7 @@ async def stream_run(
     try:
         while (item := await pending.get()) is not _DONE:
             assert isinstance(item, dict)
+            held -= _weight(item)
             yield item
         if dropped:
             log.warning("%s: %d outputs dropped for a slow reader", label, dropped)
@@ -78,6 +86,24 @@ async def stream_run(
             task.cancel()
             with anyio.CancelScope(shield=True):
                 await asyncio.wait({task})
+
+
+def _weight(message: OutputMessage) -> int:
+    """About how many bytes an output holds: its text, data and traceback."""
+    content = message.get("content")
+    weight = 256
+    if not isinstance(content, dict):
+        return weight
+    text = content.get("text")
+    if isinstance(text, str):
+        weight += len(text)
+    data = content.get("data")
+    if isinstance(data, dict):
+        weight += sum(len(v) for v in data.values() if isinstance(v, str))
+    traceback = content.get("traceback")
+    if isinstance(traceback, list):
+        weight += sum(len(line) for line in traceback if isinstance(line, str))
+    return weight
 
 
 class StreamsFromRun:
