@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
-from sandkernel.errors import EngineClosed, FileNotFoundInStore
+from sandkernel.errors import EngineClosed, FileNotFoundInStore, FileTooLarge
 from sandkernel.files import FileStore
 from sandkernel.results import DisplayOutput, ExecutionResult, Usage
 from sandkernel.sandbox import SANDBOX_UID
-from sandkernel.workspace import OutputCaps, SessionWorkspace
+from sandkernel.workspace import OutputCaps, SessionWorkspace, place
 from tests.files._samples import png_bytes
 
 pytestmark = [
@@ -48,6 +50,25 @@ async def test_an_upload_is_the_sessions_and_is_placed_in_its_folder(
     assert placed.stat().st_uid == SANDBOX_UID
     assert workspace.state.latest == {"/mnt/data/data.csv": stored.id}
     assert [f.id for f in await workspace.list()] == [stored.id]
+
+
+async def test_an_upload_the_workspace_has_no_room_for_is_refused_and_leaves_nothing(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+
+    def full(src: BinaryIO, dst: BinaryIO, length: int = 0) -> None:
+        dst.write(src.read(4))
+        dst.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(place.shutil, "copyfileobj", full)
+    with pytest.raises(FileTooLarge, match="no room for 'data.csv'"):
+        await workspace.upload(ws, b"a,b\n1,2\n", "data.csv")
+    # No half-written file the sandbox could not remove, and nothing stored.
+    assert list(ws.iterdir()) == []
+    assert await workspace.list() == [] and store.list() == []
 
 
 async def test_another_sessions_or_agents_file_is_not_found_and_the_agents_is_read_only(

@@ -11,6 +11,7 @@ id appended, predictably.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -19,7 +20,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from sandkernel.errors import SandkernelError
+from sandkernel.errors import FileTooLarge, SandkernelError
 from sandkernel.files import FileStore, StoredFile
 from sandkernel.sandbox import SANDBOX_GID, SANDBOX_UID, WORKSPACE_IN_JAIL
 from sandkernel.workspace.scan import DirStamps, Snapshot, open_workspace_file
@@ -91,6 +92,17 @@ def place_file(
                 else:
                     os.fchown(fd, SANDBOX_UID, SANDBOX_GID)
                     os.fchmod(fd, 0o644)
+            except BaseException as exc:
+                # Not left half-written: made by root in a sticky folder, the
+                # sandbox could never remove it, nor get its space back.
+                with contextlib.suppress(OSError):
+                    os.unlink(candidate, dir_fd=dir_fd)
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise FileTooLarge(
+                        f"no room for {stored.name!r} ({stored.size_bytes} bytes) in the "
+                        "workspace: delete files there, or give the policy a larger workspace_mb"
+                    ) from None
+                raise
             finally:
                 os.close(fd)
             return _record(state, workspace, prefix + candidate, stored.id)

@@ -9,10 +9,11 @@ collect what a cell produced. It knows nothing of the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from sandkernel.errors import EngineClosed, FileNotFoundInStore
+from sandkernel.errors import EngineClosed, FileNotFoundInStore, SandkernelError
 from sandkernel.files import FileStore, StoredFile, UploadSource
 from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
@@ -122,14 +123,23 @@ class SessionWorkspace:
         the next one, with the session's other files, when a restart makes it.
 
         Raises:
-            FileRejected: unsupported type, mislabelled content, over the size cap.
+            FileRejected: unsupported type, mislabelled content, over the size cap;
+                FileTooLarge when the workspace has no room left for it.
         """
         store = self._open_store()
         stored = await asyncio.to_thread(
             store.add_upload, source, name, session_id=self.session_id, retention_s=retention_s
         )
         if folder is not None:
-            await asyncio.to_thread(place_file, store, stored, folder, self.state, read_only=False)
+            try:
+                await asyncio.to_thread(
+                    place_file, store, stored, folder, self.state, read_only=False
+                )
+            except BaseException:
+                # Not in the workspace: not the session's either (nothing to list or restore).
+                with contextlib.suppress(SandkernelError):
+                    await asyncio.to_thread(store.delete, stored.id)
+                raise
         else:
             self.state.latest[f"{WORKSPACE_IN_JAIL}/{stored.name}"] = stored.id
         return stored
