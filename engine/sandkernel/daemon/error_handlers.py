@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -107,10 +108,17 @@ def add_error_handlers(app: FastAPI) -> None:
         return response
 
     async def internal_error(request: Request, exc: Exception) -> Response:
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(
-            500, {"error": {"type": INTERNAL_ERROR, "message": f"internal error: {exc!r}"}}
+        # Its details (paths, internals) go to the daemon's log, not to the client.
+        incident = secrets.token_hex(4)
+        log.error(
+            "unexpected error %s on %s %s",
+            incident,
+            request.method,
+            request.url.path,
+            exc_info=exc,
         )
+        message = f"internal error {incident} ({type(exc).__name__}): the daemon's log has it"
+        return error_response(500, {"error": {"type": INTERNAL_ERROR, "message": message}})
 
     handlers: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
         SandkernelError: engine_error,
