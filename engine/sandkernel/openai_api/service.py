@@ -25,7 +25,7 @@ from sandkernel.errors import FileNotFoundInStore, SandkernelError, SessionError
 from sandkernel.files import StoredFile
 from sandkernel.openai_api.chat import AssistantModel
 from sandkernel.openai_api.containers import Containers
-from sandkernel.openai_api.errors import bad_request, from_engine_error, not_found
+from sandkernel.openai_api.errors import APIError, bad_request, from_engine_error, not_found
 from sandkernel.openai_api.events import RunEvents, Subscription
 from sandkernel.openai_api.placement import Placement
 from sandkernel.openai_api.responses import Responses
@@ -633,9 +633,7 @@ class AssistantsService:
         async with self._lock(thread_id):
             run = await self.run(thread_id, run_id)
             if run.status != "requires_action" or run.required_action is None:
-                raise bad_request(
-                    f"Runs in status '{run.status}' do not accept tool outputs.", "run_id"
-                )
+                raise _no_tool_outputs(run)
             expected = [call.id for call in run.required_action.submit_tool_outputs.tool_calls]
             given = {output.tool_call_id: output.output for output in body.tool_outputs}
             unknown = sorted(set(given) - set(expected))
@@ -649,10 +647,7 @@ class AssistantsService:
             steps: list[RunStep] = await self._db(self.state.all, RunStep, run_id=run_id)
             step = next((s for s in steps if s.status == "in_progress"), None)
             if step is None:  # its wait ran out since the run was read
-                now_run = await self.run(thread_id, run_id)
-                raise bad_request(
-                    f"Runs in status '{now_run.status}' do not accept tool outputs.", "run_id"
-                )
+                raise _no_tool_outputs(await self.run(thread_id, run_id))
             details = step.step_details
             assert isinstance(details, ToolCallsDetails)
             calls = [
@@ -679,11 +674,8 @@ class AssistantsService:
                 self.events.emit(ended.id, "thread.run.expired", ended)
             if stored is None:
                 raise not_found("run", run_id)
-            if not taken:
-                # Its wait ran out since it was read: it stays expired.
-                raise bad_request(
-                    f"Runs in status '{stored.status}' do not accept tool outputs.", "run_id"
-                )
+            if not taken:  # its wait ran out since it was read: it stays expired
+                raise _no_tool_outputs(stored)
             queued = stored
         return queued, self._start(queued, stream=stream)
 
@@ -827,3 +819,8 @@ def check_tool_choice(choice: str | ToolChoiceObject, tools: Sequence[Tool]) -> 
                 f"tool_choice names the function {name!r}, which is not among the run's tools",
                 "tool_choice.function.name",
             )
+
+
+def _no_tool_outputs(run: Run) -> APIError:
+    """OpenAI's 400 for tool outputs sent to a run that does not wait for them."""
+    return bad_request(f"Runs in status '{run.status}' do not accept tool outputs.", "run_id")

@@ -258,10 +258,7 @@ class ApiState:
         bring it back if it was deleted meanwhile.
         """
         with self._transaction() as conn:
-            row = conn.execute(
-                "SELECT 1 FROM objects WHERE id = ? AND kind = ?", (obj.id, kind_of(type(obj)))
-            ).fetchone()
-            if row is None:
+            if not _is_stored(conn, kind_of(type(obj)), obj.id):
                 return False
             _upsert(conn, obj, None)
         return True
@@ -273,12 +270,10 @@ class ApiState:
         meanwhile (a run's status, a message's content) stays as it is.
         """
         with self._transaction() as conn:
-            row = conn.execute(
-                "SELECT data FROM objects WHERE id = ? AND kind = ?", (object_id, kind_of(cls))
-            ).fetchone()
-            if row is None:
+            found = _fetch(conn, cls, object_id)
+            if found is None:
                 return None
-            updated = cls.model_validate_json(row[0]).model_copy(update={"metadata": metadata})
+            updated = found.model_copy(update={"metadata": metadata})
             conn.execute(
                 "UPDATE objects SET data = ? WHERE id = ?", (updated.model_dump_json(), object_id)
             )
@@ -286,10 +281,7 @@ class ApiState:
 
     def get(self, cls: type[T], object_id: str) -> T | None:
         with self._reading() as conn:
-            row = conn.execute(
-                "SELECT data FROM objects WHERE id = ? AND kind = ?", (object_id, kind_of(cls))
-            ).fetchone()
-        return None if row is None else cls.model_validate_json(row[0])
+            return _fetch(conn, cls, object_id)
 
     def private(self, cls: type[BaseModel], object_id: str, state: type[PrivateT]) -> PrivateT:
         """The private state of an object (a fresh one if it has none yet)."""
@@ -424,10 +416,7 @@ class ApiState:
         """
         with self._transaction() as conn:
             expired = _expire_overdue(conn, queued.thread_id, _now() if now is None else now)
-            row = conn.execute(
-                "SELECT data FROM objects WHERE id = ? AND kind = 'run'", (queued.id,)
-            ).fetchone()
-            current = None if row is None else Run.model_validate_json(row[0])
+            current = _fetch(conn, Run, queued.id)
             if current is None or current.status != "requires_action":
                 return False, current, expired
             # The stored metadata: an update_metadata since the caller read the run stays.
@@ -613,13 +602,20 @@ def _active_run(conn: sqlite3.Connection, thread_id: str) -> Run | None:
     return None if row is None else Run.model_validate_json(row[0])
 
 
+def _fetch[M: BaseModel](conn: sqlite3.Connection, cls: type[M], object_id: str) -> M | None:
+    row = conn.execute(
+        "SELECT data FROM objects WHERE id = ? AND kind = ?", (object_id, kind_of(cls))
+    ).fetchone()
+    return None if row is None else cls.model_validate_json(row[0])
+
+
+def _is_stored(conn: sqlite3.Connection, kind: str, object_id: str) -> bool:
+    row = conn.execute("SELECT 1 FROM objects WHERE id = ? AND kind = ?", (object_id, kind))
+    return row.fetchone() is not None
+
+
 def _require_thread(conn: sqlite3.Connection, thread_id: str) -> None:
-    if (
-        conn.execute(
-            "SELECT 1 FROM objects WHERE id = ? AND kind = 'thread'", (thread_id,)
-        ).fetchone()
-        is None
-    ):
+    if not _is_stored(conn, kind_of(Thread), thread_id):
         raise NotStored(thread_id)
 
 
