@@ -68,15 +68,16 @@ async def stream_run(
             dropped += 1
             return
         held += weight
-        pending.put_nowait(message)
+        pending.put_nowait((message, weight))
 
     task = asyncio.ensure_future(run(on_output=on_output))
     task.add_done_callback(lambda _: pending.put_nowait(_DONE))
     try:
         while (item := await pending.get()) is not _DONE:
-            assert isinstance(item, dict)
-            held -= _weight(item)
-            yield item
+            assert isinstance(item, tuple)
+            message, weight = item
+            held -= weight
+            yield message
         if dropped:
             log.warning("%s: %d outputs dropped for a slow reader", label, dropped)
         yield task.result()
