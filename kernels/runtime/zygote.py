@@ -461,29 +461,26 @@ def _warm_up(modules):
 
 
 def _immortalize():
-    """:func:`immortal.immortalize`, loaded from this folder and not left in ``sys.modules``."""
-    import immortal
-
-    try:
-        return immortal.immortalize()
-    finally:
-        # Nothing a kernel needs: every kernel inherits sys.modules.
-        del sys.modules["immortal"]
+    return _from_here("immortal", "immortalize")
 
 
 def _collapse():
-    """:func:`hugepages.collapse`, loaded from this folder and not left in ``sys.modules``.
-
-    Only a saving: whatever goes wrong, the zygote runs on small pages.
-    """
+    """Only a saving: whatever goes wrong, the zygote runs on small pages."""
     try:
-        import hugepages
-
-        return hugepages.collapse()
+        return _from_here("hugepages", "collapse")
     except Exception:  # noqa: BLE001 - an optimisation that failed, not a failed start
         return 0
+
+
+def _from_here(module, function):
+    """``<module>.<function>()``, from this folder, the module not left in ``sys.modules``.
+
+    Nothing a kernel needs: every kernel inherits ``sys.modules``.
+    """
+    try:
+        return getattr(__import__(module), function)()
     finally:
-        sys.modules.pop("hugepages", None)
+        sys.modules.pop(module, None)
 
 
 def main():
