@@ -24,11 +24,16 @@ def text_of(result: CallToolResult) -> str:
 
 
 async def _drive(
-    params: StdioServerParameters, errlog: Path, csv_path: Path, other_file: str | None = None
+    params: StdioServerParameters,
+    errlog: Path,
+    csv_path: Path,
+    other_file: str | None = None,
+    other_session: str | None = None,
 ) -> None:
     """Drive every tool; ``csv_path``'s folder is the server's upload folder.
 
-    ``other_file``: the id of a file of a session the model never used.
+    ``other_file``: the id of a file of a session the model never used;
+    ``other_session``: the id of another client's session, where ``secret`` is set.
     """
     csv_text = csv_path.read_text()  # noqa: ASYNC240 - a small test file
     outside = csv_path.parent.parent / "outside.txt"
@@ -102,6 +107,22 @@ async def _drive(
                     foreign = await mcp.call_tool("read_file", {"file_id": other_file})
                     assert foreign.is_error and "FileNotFoundInStore" in str(foreign.content)
 
+                # Sessions the model names are its own: state kept per name, apart
+                # from the default session's, and no other client's session is reached.
+                named = {"session_id": "scratch"}
+                await mcp.call_tool("run_python", {"code": "y = 5", **named})
+                assert "5" in text_of(await mcp.call_tool("run_python", {"code": "y", **named}))
+                assert json.loads(text_of(await mcp.call_tool("list_files", named))) == []
+                apart = await mcp.call_tool("run_python", {"code": "print('y' in globals())"})
+                assert "False" in text_of(apart)
+                unknown = await mcp.call_tool("list_files", {"session_id": "never-used"})
+                assert unknown.is_error and "no session named 'never-used'" in str(unknown.content)
+                bad = await mcp.call_tool("run_python", {"code": "1", "session_id": "../x"})
+                assert bad.is_error and "invalid session name" in str(bad.content)
+                if other_session is not None:
+                    probe = {"code": "print('secret' in globals())", "session_id": other_session}
+                    assert "False" in text_of(await mcp.call_tool("run_python", probe))
+
 
 async def test_mcp_server_with_an_embedded_engine(tmp_path: Path) -> None:
     (tmp_path / "uploads").mkdir()
@@ -133,10 +154,18 @@ async def test_mcp_server_on_a_running_daemon(
         args=["-m", "sandkernel.daemon", "mcp", "--socket", str(running.socket),
               "--upload-dir", str(tmp_path / "uploads")],
     )  # fmt: skip
-    await _drive(params, tmp_path / "mcp.log", csv_path, other_file=private.id)
-    ran = [s for s in await running.engine.sessions() if s.id != "someone-else"]
-    assert len(ran) == 1 and ran[0].id.startswith("mcp-")  # it ran in the daemon
-    assert ran[0].state == "closed"  # and ended its session as it exited
+    await other.run("secret = 'not for the model'")
+    await _drive(
+        params, tmp_path / "mcp.log", csv_path, other_file=private.id, other_session=other.id
+    )
+    ran = {s.id: s.state for s in await running.engine.sessions() if s.id != "someone-else"}
+    # It ran in the daemon: its own session and the two it named ...
+    default = min(ran, key=len)
+    assert default.startswith("mcp-") and len(ran) == 3, ran
+    assert set(ran) == {default, f"{default}.scratch", f"{default}.someone-else"}
+    # ... and ended each as it exited; the other client's session is untouched.
+    assert set(ran.values()) == {"closed"}, ran
+    assert (await other.run("secret")).text == "'not for the model'"
     await other.close()
 
 

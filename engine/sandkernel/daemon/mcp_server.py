@@ -3,8 +3,8 @@
 Tools:
 
 - ``run_python``: run a cell in a session (one default session per server, or
-  one named by ``session_id``); answers the result as a model reads it, plus
-  the images the cell displayed;
+  one of its own the model names with ``session_id``); answers the result as
+  a model reads it, plus the images the cell displayed;
 - ``upload_file``: put a file (base64 content, or a host path under a folder
   the server was given with ``--upload-dir``) into the session's ``/mnt/data``;
 - ``list_files``: the session's files (uploaded and produced) with their ids;
@@ -12,8 +12,10 @@ Tools:
 
 The model reaches the sessions it works in and their files, nothing else:
 the server runs as root (sandboxes need it), so a host path it may read is
-the user's choice, and a file of a session the model never used is "not
-found" (the store is shared with the daemon's other clients).
+the user's choice. A session name the model gives is a name within this
+server (``mcp-<random>.<name>`` in the engine), so it cannot reach another
+client's session of a shared daemon, and a file of a session it never used
+is "not found". When the server exits it ends every session it began.
 
 The tools work on an embedded engine, or on a running daemon (``--socket``):
 the daemon's client has the engine's methods, so the code is the same.
@@ -26,6 +28,7 @@ import binascii
 import codecs
 import contextlib
 import json
+import re
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +51,9 @@ from sandkernel.loop import format_result
 from sandkernel.results import ExecutionResult
 from sandkernel.workspace.collect import shown_images
 
+#: a session name the model gives: the engine's id syntax (its prefix added)
+_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
+_ID_LENGTH: Final = 128
 _MAX_IMAGES: Final = 4
 _READ_LIMIT: Final = 10 << 20
 #: images a model can be shown (MCP's ImageContent), in order of preference
@@ -76,7 +82,9 @@ class SandboxTools:
 
     Args:
         backend: the engine, or a daemon's client.
-        default_session_id: the session used when a tool names none.
+        default_session_id: the session used when a tool names none (default:
+            ``mcp-<random>``, this server's own). The application's choice: the
+            model reaches it, and the server does not end it.
         upload_dirs: host folders ``upload_file`` may read files from (default:
             none; uploads then take base64 content only).
     """
@@ -89,19 +97,43 @@ class SandboxTools:
         upload_dirs: Sequence[Path] = (),
     ) -> None:
         self.backend = backend
-        self.default_session_id = default_session_id or f"mcp-{secrets.token_hex(6)}"
+        #: the prefix of the engine's ids of the sessions the model names
+        self.namespace = f"mcp-{secrets.token_hex(6)}"
+        self.default_session_id = default_session_id or self.namespace
         self.upload_dirs = [Path(d).resolve() for d in upload_dirs]
         #: the sessions the model used through this server: their files are its own
         self.used: set[str] = set()
+        #: the sessions this server began, ended by :meth:`close_sessions`
+        self.began: set[str] = set()
+
+    def engine_id(self, session_id: str | None) -> str:
+        """The engine's id of the session the model names (None: the default one)."""
+        if session_id is None:
+            return self.default_session_id
+        longest = _ID_LENGTH - len(self.namespace) - 1
+        if not _NAME.fullmatch(session_id) or len(session_id) > longest:
+            raise ValueError(
+                f"invalid session name {session_id[:40]!r}: 1-{longest} characters of "
+                "letters, digits and ._:@- starting with a letter or digit"
+            )
+        return f"{self.namespace}.{session_id}"
 
     async def _session(self, session_id: str | None) -> SessionAPI:
-        if session_id is None:
-            # The default session starts afresh if it expired: the server outlives it.
-            session = await self.backend.session(self.default_session_id, if_expired="new")
+        engine_id = self.engine_id(session_id)
+        if session_id is None and self.default_session_id != self.namespace:
+            session = await self.backend.session(engine_id)  # the application's session
         else:
-            session = await self.backend.session(session_id)
+            # Ours: it starts afresh if it expired, as the server outlives it.
+            session = await self.backend.session(engine_id, if_expired="new")
+            self.began.add(session.id)
         self.used.add(session.id)
         return session
+
+    async def close_sessions(self) -> None:
+        """End the sessions this server began (the daemon outlives it)."""
+        for session_id in sorted(self.began):
+            with contextlib.suppress(SandkernelError):
+                await self.backend.close_session(session_id)
 
     def _host_file(self, path: str) -> Path:
         """``path`` if it is a file under one of the upload folders (symlinks resolved)."""
@@ -122,7 +154,8 @@ class SandboxTools:
         self,
         code: Annotated[str, Field(description="Python source of one cell")],
         session_id: Annotated[
-            str | None, Field(description="session to run in (default: this server's own)")
+            str | None,
+            Field(description="name of another session of yours to run in (default: your own)"),
         ] = None,
         timeout_s: Annotated[
             float | None,
@@ -154,7 +187,7 @@ class SandboxTools:
             str | None, Field(description="its name in /mnt/data (required with content_base64)")
         ] = None,
         session_id: Annotated[
-            str | None, Field(description="session to give it to (default: this server's own)")
+            str | None, Field(description="name of the session to give it to (default: your own)")
         ] = None,
     ) -> str:
         """Upload a file into the session's /mnt/data; answers its id and path."""
@@ -179,17 +212,20 @@ class SandboxTools:
     async def list_files(
         self,
         session_id: Annotated[
-            str | None, Field(description="whose files (default: this server's session)")
+            str | None, Field(description="name of the session (default: your own)")
         ] = None,
     ) -> str:
         """List the session's files (uploaded and produced) with their ids."""
         with _anticipated():
-            session_id = session_id or self.default_session_id
-            if session_id not in self.used:
-                # Another session: the model may use it (run_python could), so it is
-                # looked up live, and from then on it is one of the model's.
-                self.used.add((await self.backend.get_session(session_id)).id)
-            files = await self.backend.list_files(session_id=session_id)
+            engine_id = self.engine_id(session_id)
+            if engine_id not in self.used:
+                if session_id is not None:
+                    raise ValueError(
+                        f"no session named {session_id!r} yet: run_python or upload_file "
+                        "with that session_id begins it"
+                    )
+                return "[]"  # the default session, before its first use: no files
+            files = await self.backend.list_files(session_id=engine_id)
             return json.dumps([_describe(f) for f in files], indent=1)
 
     async def read_file(
@@ -272,10 +308,7 @@ async def run_mcp_server(
             try:
                 await build_mcp_server(tools).run_stdio_async()
             finally:
-                # The daemon outlives this server: its own session ends with it.
-                if tools.default_session_id in tools.used:
-                    with contextlib.suppress(SandkernelError):
-                        await client.close_session(tools.default_session_id)
+                await tools.close_sessions()  # the daemon outlives this server
         return
     if engine is None:
         raise ValueError("give a daemon socket or an engine")
