@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, BinaryIO
 
+import anyio
 import httpx
 import pytest
 
@@ -18,6 +19,7 @@ from sandkernel.errors import (
     PolicyError,
     SessionNotFound,
 )
+from sandkernel.files import StoredFile
 from tests.daemon.conftest import DaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -223,3 +225,37 @@ async def test_shutdown_interrupts_requests_still_running_after_the_grace_time(
     with pytest.raises(DaemonError):
         await cell
     assert not running.socket.exists()
+
+
+async def test_a_file_deleted_as_its_download_begins_is_a_404_not_a_200_cut_short(
+    daemon_factory: DaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await daemon_factory()
+    engine = running.engine
+    gone, kept = [await engine.upload(b"0123456789" * 100, f"{n}.txt") for n in ("gone", "kept")]
+    looked_up = engine.file
+
+    async def found_then_deleted(file_id: str) -> StoredFile:
+        stored = await looked_up(file_id)
+        if file_id == gone.id:
+            await engine.delete_file(file_id)  # between the lookup and the read
+        return stored
+
+    opened = engine.open_file
+
+    def opened_then_deleted(file_id: str) -> BinaryIO:
+        handle = opened(file_id)
+        if file_id == kept.id:
+            anyio.from_thread.run(engine.delete_file, file_id)  # once it is open
+        return handle
+
+    monkeypatch.setattr(engine, "file", found_then_deleted)
+    monkeypatch.setattr(engine, "open_file", opened_then_deleted)
+    raw = running.raw()
+    response = await raw.get(f"/v1/files/{gone.id}/content")
+    assert response.status_code == 404, response.text
+    assert error_of(response)["type"] == "FileNotFoundInStore"
+    # A file deleted once its download has begun is still sent whole.
+    response = await raw.get(f"/v1/files/{kept.id}/content")
+    assert response.status_code == 200 and response.content == b"0123456789" * 100
+    assert (await raw.get(f"/v1/files/{kept.id}")).status_code == 404

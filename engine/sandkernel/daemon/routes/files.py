@@ -114,8 +114,12 @@ def add_file_routes(app: FastAPI, engine: ServedEngine, lookup: SessionLookup) -
     async def file_content(file_id: str) -> Response:
         """A stored file's bytes, streamed, with its MIME type."""
         stored = await engine.file(file_id)
+        body = _read_file(engine, file_id)
+        # Opened before the status is sent: a file deleted (or expired) meanwhile is
+        # its 404 or 410, not a 200 cut short. Once open, it reads to its end.
+        await anext(body)
         return StreamingResponse(
-            _read_file(engine, file_id),
+            body,
             media_type=stored.mime_type,
             headers={
                 "Content-Length": str(stored.size_bytes),
@@ -146,9 +150,14 @@ def upload_name(file: UploadFile, name: str | None) -> str:
 
 
 async def _read_file(engine: ServedEngine, file_id: str) -> AsyncIterator[bytes]:
-    # Opened here, on the first chunk, so a response never sent leaves nothing open.
+    """The file's bytes, after one empty chunk once it is open.
+
+    Opened inside the generator, so that closing it (as the server does with a
+    response it stops sending) closes the file.
+    """
     handle = await anyio.to_thread.run_sync(engine.open_file, file_id)
     try:
+        yield b""
         while chunk := await anyio.to_thread.run_sync(handle.read, _DOWNLOAD_CHUNK):
             yield chunk
     finally:
