@@ -197,6 +197,24 @@ async def test_dead_kernel_marks_session_dead_then_restart(engine_factory: Engin
     assert (await engine.stats()).sessions_active == 1
 
 
+async def test_a_kernel_killed_between_cells_is_dead_at_the_next_run(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory()
+    s = await engine.session("k")
+    # The cell returns; the thread it left kills the kernel a moment later.
+    await s.run("import os, threading\nthreading.Timer(0.2, os.kill, (os.getpid(), 9)).start()")
+    assert s.kernel is not None
+    async with asyncio.timeout(30):
+        await s.kernel.wait_ended()
+    with pytest.raises(KernelDead, match="restart=True"):
+        await s.run("1")
+    assert s.state is SessionState.DEAD
+    r = await s.run("40 + 2", restart=True)
+    assert r.text == "42" and r.state_lost
+    assert (await engine.stats()).sessions_active == 1
+
+
 async def test_fifty_sessions_leave_nothing_behind(engine_factory: EngineFactory) -> None:
     engine = await engine_factory(pool_size=2)
     for n in range(50):

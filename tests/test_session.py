@@ -33,6 +33,8 @@ class FakeKernel:
         self.kernel_id = f"fake-{FakeKernel.instances}"
         self.log = log
         self.shut = False
+        self.alive = True
+        self.dead_reason: str | None = None
 
     async def execute(self, code: str, **_: Any) -> ExecutionResult:
         self.log.append(f"start {code}")
@@ -145,6 +147,21 @@ async def test_dead_kernel_raises_then_restart_gives_state_lost() -> None:
     assert again.status == "ok" and again.state_lost
     assert session.state is SessionState.ACTIVE and session.kernel is not first
     assert not (await session.run("y")).state_lost
+
+
+async def test_a_kernel_that_died_between_cells_is_found_dead_at_the_next_run() -> None:
+    clock, log = FakeClock(), []
+    session, released = make_session(clock, log)
+    first = session.kernel
+    assert first is not None
+    await session.run("a")
+    first.alive, first.dead_reason = False, "killed by SIGKILL"
+    with pytest.raises(KernelDead, match=r"killed by SIGKILL.*restart=True"):
+        await session.run("b")
+    assert session.state is SessionState.DEAD and released == [first]
+    again = await session.run("b", restart=True)
+    assert again.status == "ok" and again.state_lost and session.kernel is not first
+    assert "start b" in log
 
 
 async def test_closed_session_refuses_runs() -> None:

@@ -184,6 +184,10 @@ class Session(StreamsFromRun):
         async with self._lock:
             self._check_usable()
             state_lost = False
+            if self.kernel is not None and not self.kernel.alive:
+                # It died between cells (a thread a cell left, the OOM killer, a kill
+                # from outside): found now, it is a dead kernel like one a cell ended.
+                await self._kernel_died(self.kernel.dead_reason or "it exited between cells")
             if self.state is SessionState.DEAD:
                 if not (self._restart_dead if restart is None else restart):
                     raise KernelDead(
