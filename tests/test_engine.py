@@ -19,6 +19,7 @@ from sandkernel import (
     SessionNotFound,
     SessionState,
 )
+from sandkernel.kernel import SandboxedKernel
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 EngineFactory = Callable[..., Awaitable[Engine]]
@@ -94,6 +95,44 @@ async def test_max_sessions_is_enforced(engine_factory: EngineFactory) -> None:
         await engine.session("another")
 
 
+async def test_max_sessions_counts_sessions_being_created(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(max_sessions=1, pool_size=2)
+    made = await asyncio.gather(
+        *(engine.session(f"s{n}") for n in range(3)), return_exceptions=True
+    )
+    assert sorted(type(m).__name__ for m in made) == [
+        "Session", "SessionLimitReached", "SessionLimitReached"
+    ]  # fmt: skip
+    assert (await engine.stats()).sessions_active == 1
+
+
+async def test_a_cancelled_creator_leaves_those_waiting_for_the_session_to_make_it(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await engine_factory()
+    pool = engine._pool
+    assert pool is not None
+    acquire, entered, gate = pool.acquire, asyncio.Event(), asyncio.Event()
+
+    async def held_acquire(**options: Any) -> SandboxedKernel:
+        entered.set()
+        await gate.wait()
+        return await acquire(**options)
+
+    monkeypatch.setattr(pool, "acquire", held_acquire)
+    first = asyncio.create_task(engine.session("shared"))
+    await entered.wait()
+    waiting = asyncio.create_task(engine.session("shared"))
+    await asyncio.sleep(0)  # one step: it now waits for the first caller's session
+    first.cancel()  # a client that went away while its kernel was on the way
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    gate.set()
+    async with asyncio.timeout(60):
+        session = await waiting
+    assert session.id == "shared" and (await session.run("1 + 1")).text == "2"
+
+
 async def test_ttl_expiry_with_injected_clock(engine_factory: EngineFactory) -> None:
     now = [0.0]
     engine = await engine_factory(session_ttl_s=100, reap_interval_s=3600, clock=lambda: now[0])
@@ -126,6 +165,25 @@ async def test_a_session_found_expired_on_use_loses_its_kernel_at_the_next_reap(
     assert await engine.reap() == ["t"]
     assert s.kernel is None and not kernel.alive
     assert s.ended_reason == "ttl" and (await engine.stats()).pool.in_use == 0
+
+
+@pytest.mark.parametrize("seen_expired_first", [False, True])
+async def test_a_new_session_in_place_of_one_expired_before_the_reap_ends_the_old_kernel(
+    engine_factory: EngineFactory, seen_expired_first: bool
+) -> None:
+    now = [0.0]
+    engine = await engine_factory(session_ttl_s=100, reap_interval_s=3600, clock=lambda: now[0])
+    old = await engine.session("t")
+    kernel = old.kernel
+    assert kernel is not None
+    now[0] = 101  # past its TTL; the reaper has not run
+    if seen_expired_first:
+        with pytest.raises(SessionExpired):
+            await engine.get_session("t")
+    fresh = await engine.session("t", if_expired="new")
+    assert fresh is not old and (await fresh.run("2")).text == "2"
+    assert old.state is SessionState.EXPIRED and old.kernel is None and not kernel.alive
+    assert (await engine.stats()).pool.in_use == 1  # the new session's kernel only
 
 
 async def test_a_bad_agent_id_leaves_the_session_id_usable(engine_factory: EngineFactory) -> None:

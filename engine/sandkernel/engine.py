@@ -48,6 +48,7 @@ from sandkernel.errors import (
     KernelDead,
     SelfCheckFailed,
     SessionClosed,
+    SessionExpired,
     SessionLimitReached,
     SessionNotFound,
 )
@@ -327,20 +328,32 @@ class Engine:
         existing = self._sessions.get(session_id)
         if existing is not None:
             if not existing.closed:
-                existing._check_usable()
+                with contextlib.suppress(SessionExpired):  # answered below, as if_expired says
+                    existing._check_usable()
             if not existing.closed:
                 return existing
             if if_expired == "raise":
                 if existing.state is SessionState.EXPIRED:
                     raise existing.expired_error()
                 raise SessionClosed(f"session {session_id!r} was closed")
+            if existing.kernel is not None:
+                # Found expired since the reaper's last pass: the new session under
+                # its id replaces it in the table, where the reaper would find it.
+                await existing.expire(existing.ended_reason or "ttl", existing.ended_at or 0.0)
         pending = self._creating.get(session_id)
         if pending is not None:
-            return await asyncio.shield(pending)
-        alive = sum(1 for s in self._sessions.values() if not s.closed)
+            try:
+                return await asyncio.shield(pending)
+            except _CreationAbandoned:
+                # Its creator was cancelled: this caller was not, and starts over.
+                return await self.session(
+                    session_id, agent_id=agent_id, workspace=workspace, if_expired=if_expired
+                )
+        # Sessions being created count: their kernels are on the way.
+        alive = sum(1 for s in self._sessions.values() if not s.closed) + len(self._creating)
         if alive >= self.max_sessions:
             raise SessionLimitReached(
-                f"{alive} sessions are alive (max_sessions={self.max_sessions}); "
+                f"{alive} sessions are alive or starting (max_sessions={self.max_sessions}); "
                 "close some or raise max_sessions"
             )
         if agent_id is not None:
@@ -378,7 +391,9 @@ class Engine:
             future.set_result(session)
             return session
         except BaseException as exc:
-            future.set_exception(exc)
+            # A cancellation is this caller's, not an answer for the others waiting.
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            future.set_exception(_CreationAbandoned() if cancelled else exc)
             future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
             raise
         finally:
@@ -729,6 +744,10 @@ class SessionKernelLink:
             await self._session._kernel_died(reason)
         else:
             await self._kernel.shutdown()
+
+
+class _CreationAbandoned(Exception):
+    """The caller creating a session was cancelled; those waiting for it try again."""
 
 
 def default_store_dir() -> Path:
