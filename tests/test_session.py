@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sandkernel.errors import KernelDead, SessionClosed, SessionExpired
+from sandkernel.errors import BadInput, KernelDead, SessionClosed, SessionExpired
 from sandkernel.results import ExecutionResult, Usage
 from sandkernel.session import Lifetime, Session, SessionState
 
@@ -162,6 +162,16 @@ async def test_a_kernel_that_died_between_cells_is_found_dead_at_the_next_run() 
     again = await session.run("b", restart=True)
     assert again.status == "ok" and again.state_lost and session.kernel is not first
     assert "start b" in log
+
+
+@pytest.mark.parametrize("ttl_s", [0.0, -1.0, float("inf"), float("nan"), 3.6e15])
+async def test_extend_refuses_a_ttl_out_of_bounds_and_keeps_the_old_one(ttl_s: float) -> None:
+    clock, log = FakeClock(), []
+    session, _ = make_session(clock, log, ttl_s=60)
+    with pytest.raises(BadInput, match="ttl_s must be above 0 and at most"):
+        await session.extend(ttl_s)
+    assert session.lifetime.ttl_s == 60
+    assert session.snapshot().expires_at is not None  # still representable
 
 
 async def test_closed_session_refuses_runs() -> None:

@@ -18,10 +18,11 @@ from enum import StrEnum
 
 from pydantic import BaseModel
 
-from sandkernel.errors import KernelDead, SessionClosed, SessionExpired
+from sandkernel.errors import BadInput, KernelDead, SessionClosed, SessionExpired
 from sandkernel.files import StoredFile
 from sandkernel.files import UploadSource as UploadSource  # where the contract imports it from
 from sandkernel.kernel import OutputCallback, SandboxedKernel
+from sandkernel.limits import MAX_TTL_S
 from sandkernel.results import KERNEL_LOST, ExecutionResult
 from sandkernel.streaming import StreamsFromRun
 from sandkernel.workspace import SessionWorkspace
@@ -322,11 +323,16 @@ class Session(StreamsFromRun):
 
         Returns:
             The new expiry time, as a Unix time.
+
+        Raises:
+            BadInput: ``ttl_s`` is not above 0 and at most 30 days.
         """
         return self.extend_now(ttl_s)
 
     def extend_now(self, ttl_s: float | None = None) -> float:
         """:meth:`extend`, for code on the engine's own loop (no await)."""
+        if ttl_s is not None and not 0 < ttl_s <= MAX_TTL_S:  # nan too
+            raise BadInput(f"ttl_s must be above 0 and at most {MAX_TTL_S:g} s (got {ttl_s!r})")
         self._check_usable()
         if ttl_s is not None:
             self.lifetime.ttl_s = ttl_s
