@@ -352,7 +352,7 @@ async def test_agent_files_reach_sessions_created_while_they_are_placed(tmp_path
             self.workspace = Workspace(name)
 
     engine._sessions.update({n: FakeSession(n) for n in ("s1", "s2")})  # type: ignore[misc]
-    await engine._give_to_agent_sessions("a", [])
+    await engine._give_to_agent_sessions("a", [type("File", (), {"name": "f.txt"})()])  # type: ignore[list-item]
     assert placed == ["s1", "s2"]
 
 

@@ -12,6 +12,7 @@ import pytest
 from sandkernel import Engine, raw_file_name
 from sandkernel.errors import BadInput, FileNotFoundInStore, FileRejected
 from sandkernel.files import MIME_TYPES
+from sandkernel.policy import load_policy
 from tests.files._samples import SAMPLES
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -80,6 +81,24 @@ async def test_agent_files_are_in_every_session_of_the_agent_read_only(
     late = await engine.upload(b"added later\n", "late.txt", agent_id="analyst")
     r = await mine2.run("print(open('/mnt/data/late.txt').read(), end='')")
     assert r.stdout == "added later\n" and late.agent_id == "analyst"
+
+
+async def test_an_agent_upload_skips_a_session_with_no_room_and_reaches_the_others(
+    engine_factory: EngineFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = load_policy("default").model_copy(update={"workspace_mb": 4})
+    engine = await engine_factory(pool_size=2, policy=policy)
+    full = await engine.session("full", agent_id="analyst")
+    other = await engine.session("other", agent_id="analyst")
+    filled = await full.run("open('/mnt/data/fill.bin', 'wb').write(b'x' * ((4 << 20) - 16384))")
+    assert filled.status == "ok", filled
+    stored = await engine.upload(b"a,b\n" * 10_000, "kb.csv", agent_id="analyst")
+    assert [f.id for f in await engine.list_files(agent_id="analyst")] == [stored.id]
+    r = await other.run("print(len(open('/mnt/data/kb.csv').read()))")
+    assert r.stdout.strip() == "40000"
+    r = await full.run("import os; print(os.path.exists('/mnt/data/kb.csv'))")
+    assert r.stdout.strip() == "False"
+    assert "session full did not get kb.csv" in caplog.text
 
 
 async def test_csv_png_and_shown_figure_come_back_as_three_files(

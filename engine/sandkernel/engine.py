@@ -46,6 +46,7 @@ from sandkernel.errors import (
     EngineClosed,
     FileNotFoundInStore,
     KernelDead,
+    SandkernelError,
     SelfCheckFailed,
     SessionClosed,
     SessionExpired,
@@ -597,9 +598,22 @@ class Engine:
     async def _give_to_agent_sessions(self, agent_id: str, files: list[StoredFile]) -> None:
         # A copy: sessions come and go while each placement awaits its thread.
         for session in list(self._sessions.values()):
-            if session.agent_id == agent_id and not session.closed and session.kernel:
-                if session.workspace is not None:
-                    await session.workspace.place_agent_files(session.kernel.workspace, files)
+            if session.agent_id != agent_id or session.closed or session.kernel is None:
+                continue
+            if session.workspace is None:
+                continue
+            for stored in files:
+                try:
+                    await session.workspace.place_agent_files(session.kernel.workspace, [stored])
+                except (SandkernelError, OSError) as exc:
+                    # One session's full (or vanishing) workspace is not the upload's
+                    # failure: the file is the agent's, and the other sessions get it.
+                    log.warning(
+                        "agent %s's session %s did not get %s: %s",
+                        agent_id, session.id, stored.name, exc,
+                    )  # fmt: skip
+                if session.closed or session.kernel is None:
+                    break
 
     async def file(self, file_id: str) -> StoredFile:
         """A stored file's metadata. Raises FileNotFoundInStore."""
