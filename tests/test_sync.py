@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sandkernel.api import EngineAPI, SessionAPI
+from sandkernel.config import EngineConfig
 from sandkernel.sandbox import CgroupLayout, iter_sandkernel_cgroups
 from sandkernel.sync import BlockingEngine, BlockingSession, Engine
 from tests.conftest import engine_process, runtime_root
@@ -70,6 +71,16 @@ def test_sync_engine_runs_cells_with_state(tmp_path: Path) -> None:
         assert engine.stats().sessions_active == 1
         session.close()
         assert engine.stats().sessions_closed == 1
+
+
+@pytest.mark.sandbox
+def test_sync_engine_takes_a_config_as_the_engine_does(tmp_path: Path) -> None:
+    config = EngineConfig(
+        pool_size=0, prewarm_imports=(), runtime_dir=runtime_root(), store_dir=tmp_path
+    )
+    with Engine(config, max_sessions=3) as engine:
+        assert engine.backend.config.pool_size == 0
+        assert engine.backend.config.max_sessions == 3  # keywords over the config, as there
 
 
 @pytest.mark.sandbox

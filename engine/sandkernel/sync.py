@@ -48,6 +48,7 @@ from sandkernel.api import ManagedBackend, SessionAPI
 if TYPE_CHECKING:
     from sandkernel import engine as _embedded  # noqa: F401 - named in Engine's base, quoted
     from sandkernel.batch import RunRequest, RunResult
+    from sandkernel.config import EngineConfig
     from sandkernel.engine import EngineStats
     from sandkernel.files import StoredFile
     from sandkernel.results import ExecutionResult
@@ -297,12 +298,12 @@ class Engine(BlockingEngine["_embedded.Engine"]):
     engine is closed, then the signal's default action runs.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         from sandkernel import engine as embedded
 
         wants_sigterm = kwargs.pop("handle_sigterm", True)
         self._previous_sigterm: Any = None
-        super().__init__(partial(embedded.Engine, handle_sigterm=False, **kwargs))
+        super().__init__(partial(embedded.Engine, config, handle_sigterm=False, **kwargs))
         if wants_sigterm:
             self._install_sigterm()
 
