@@ -101,6 +101,25 @@ async def test_an_agent_upload_skips_a_session_with_no_room_and_reaches_the_othe
     assert "session full did not get kb.csv" in caplog.text
 
 
+async def test_a_longest_name_taken_twice_gets_a_suffixed_name_that_is_still_legal(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory()
+    s = await engine.session("long")
+    name = "a" * 251 + ".txt"  # 255 bytes, the most a name can have
+    first = await s.upload(b"one", name)
+    second = await s.upload(b"two", name)
+    assert first.id != second.id
+    r = await s.run(
+        "import os\n"
+        "names = sorted(os.listdir('/mnt/data'))\n"
+        "print([(len(n.encode()), n[-13:], open(n).read()) for n in names])"
+    )
+    assert r.stdout.strip() == str(
+        [(255, "-" + second.id[5:13] + ".txt", "two"), (255, "aaaaaaaaa.txt", "one")]
+    )
+
+
 async def test_csv_png_and_shown_figure_come_back_as_three_files(
     engine_factory: EngineFactory,
 ) -> None:

@@ -43,6 +43,30 @@ def _stat_key(path: Path) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+#: The longest file name Linux takes, in bytes.
+_NAME_MAX = 255
+
+
+def _suffixed(name: str, tag: str) -> str:
+    """``name`` with ``-tag`` before its extension, its stem cut to keep it a legal name."""
+    stem, dot, ext = name.rpartition(".")
+    if not (dot and stem):
+        stem, ext = name, ""
+    tail = f"-{tag}" + (f".{ext}" if ext else "")
+    room = _NAME_MAX - len(tail.encode())
+    if room < 1:  # an extension as long as a name: the tag goes at the end
+        stem, tail = name, f"-{tag}"
+        room = _NAME_MAX - len(tail.encode())
+    # Cut between characters, counting the bytes the file system sees (os.fsencode).
+    kept = 0
+    for index, char in enumerate(stem):
+        size = len(char.encode("utf-8", "surrogateescape"))
+        if kept + size > room:
+            return stem[:index] + tail
+        kept += size
+    return stem + tail
+
+
 def place_file(
     store: FileStore,
     stored: StoredFile,
@@ -64,10 +88,7 @@ def place_file(
         subdir: a relative folder inside the workspace (only used to restore
             files into a fresh workspace, before any code ran there).
     """
-    stem, dot, ext = stored.name.rpartition(".")
-    suffixed = (
-        f"{stem}-{stored.id[5:13]}.{ext}" if dot and stem else f"{stored.name}-{stored.id[5:13]}"
-    )
+    suffixed = _suffixed(stored.name, stored.id[5:13])
     prefix = f"{subdir}/" if subdir else ""
     dir_fd = _open_folder(workspace, PurePosixPath(subdir).parts if subdir else (), create=False)
     try:
