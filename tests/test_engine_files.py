@@ -120,6 +120,29 @@ async def test_a_longest_name_taken_twice_gets_a_suffixed_name_that_is_still_leg
     )
 
 
+async def test_after_a_restart_a_session_file_keeps_its_name_over_an_agent_file(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory()
+    s = await engine.session("own", agent_id="analyst")
+    await s.run("open('/mnt/data/report.txt', 'w').write('my results')")
+    agents = await engine.upload(b"template", "report.txt", agent_id="analyst")
+    show = (
+        "import os\n"
+        "for n in sorted(os.listdir('/mnt/data')):\n"
+        "    st = os.stat(n)\n"
+        "    print(n, st.st_uid, oct(st.st_mode & 0o777), open(n).read())"
+    )
+    before = (await s.run(show)).stdout
+    assert (await s.run("import os; os._exit(3)")).status == "dead"
+    after = await s.run(show, restart=True)
+    assert after.state_lost and after.stdout == before
+    assert after.stdout.splitlines() == [
+        f"report-{agents.id[5:13]}.txt 0 0o444 template",
+        "report.txt 65534 0o644 my results",
+    ]
+
+
 async def test_csv_png_and_shown_figure_come_back_as_three_files(
     engine_factory: EngineFactory,
 ) -> None:

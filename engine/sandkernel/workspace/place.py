@@ -144,6 +144,8 @@ def restore_files(
 
     Returns:
         The paths that could not be restored (their file expired or was deleted).
+        An agent's file among ``files`` is not restored: it is the agent's to
+        place, read-only, where its name is free.
     """
     lost = []
     for path, file_id in files.items():
@@ -152,6 +154,8 @@ def restore_files(
             stored = store.get(file_id)
         except SandkernelError:
             lost.append(path)
+            continue
+        if stored.session_id is None and stored.agent_id is not None:
             continue
         subdir = str(rel.parent) if str(rel.parent) != "." else ""
         if stored.name != rel.name:

@@ -62,18 +62,20 @@ class SessionWorkspace:
         return self._store
 
     async def prepare(self, folder: Path, *, restart: bool) -> None:
-        """Fill a new kernel's workspace: the agent's files; after a restart, the session's."""
+        """Fill a new kernel's workspace: after a restart, the session's files; the agent's.
+
+        The session's own files go back first, each at its path, so that an
+        agent file whose name one of them took is again the one suffixed.
+        """
         store = self._open_store()
         previous, self.state = dict(self.state.latest), WorkspaceState()
         # A fresh workspace is empty: proved so now, its first cell needs no scan.
         self.state.dirs = empty_workspace_stamps(folder)
+        if restart and previous:
+            await asyncio.to_thread(restore_files, store, previous, folder, self.state)
         if self.agent_id is not None:
             agent_files = await asyncio.to_thread(store.list, agent_id=self.agent_id)
             await self.place_agent_files(folder, [f for f in agent_files if f.session_id is None])
-        if restart and previous:
-            agent_paths = set(self.state.latest)
-            mine = {p: i for p, i in previous.items() if p not in agent_paths}
-            await asyncio.to_thread(restore_files, store, mine, folder, self.state)
 
     async def place_agent_files(self, folder: Path, files: Sequence[StoredFile]) -> None:
         """Copy files of the session's agent into the workspace, read-only."""
