@@ -226,6 +226,45 @@ async def test_a_running_cell_keeps_the_ttl_and_idle_timeout_off() -> None:
     await cell
 
 
+class EndedKernel(GatedKernel):
+    """A kernel whose running cell is ended by its shutdown, as a real kernel's is."""
+
+    async def execute(self, code: str, **_: Any) -> ExecutionResult:
+        self.log.append(f"start {code}")
+        self.started.set()
+        await self.gate.wait()
+        return ExecutionResult(
+            status="killed", usage=Usage(wall_ms=1), message="the kernel was shut down"
+        )
+
+    async def shutdown(self) -> None:
+        self.gate.set()
+
+
+async def test_a_cell_ended_by_the_sessions_expiry_says_so() -> None:
+    clock, log = FakeClock(), []
+    kernel = EndedKernel(log)
+    released: list[Any] = []
+
+    async def release(ended: Any) -> None:
+        released.append(ended)
+        await ended.shutdown()
+
+    life = Lifetime(clock(), 60, max_lifetime_s=1000)
+    session = Session("s1", kernel, life, clock=clock,  # type: ignore[arg-type]
+                      acquire_kernel=None, release_kernel=release)  # type: ignore[arg-type]  # fmt: skip
+    cell = asyncio.create_task(session.run("long"))
+    await kernel.started.wait()
+    clock.now += 1000
+    await session.expire(*life.expiry(clock.now, running=True))  # type: ignore[misc]
+    result = await cell
+    assert result.status == "killed" and released == [kernel]
+    assert result.message == (
+        "the session expired while the cell ran: it reached its maximum lifetime of 1000 s "
+        "(max_lifetime_s)"
+    )
+
+
 async def test_a_session_found_expired_on_use_releases_its_kernel_when_expired() -> None:
     clock, log = FakeClock(), []
     session, released = make_session(clock, log, ttl_s=60)

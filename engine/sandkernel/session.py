@@ -225,6 +225,12 @@ class Session(StreamsFromRun):
                 result = await self.workspace.collect(kernel.workspace, result)
             if result.status in KERNEL_LOST or not result.kernel_alive:
                 await self._kernel_died(result.message or result.status)
+            if self.state is SessionState.EXPIRED and result.status == "killed":
+                # Ended by its expiry (max_lifetime_s, or a TTL passed meanwhile): say so.
+                why = self.lifetime.describe(self.ended_reason or "ttl")
+                result = result.model_copy(
+                    update={"message": f"the session expired while the cell ran: {why}"}
+                )
             if state_lost:
                 result = result.model_copy(update={"state_lost": True})
             return result
