@@ -40,6 +40,29 @@ async def test_run_once_files_in_and_out(engine_factory: EngineFactory) -> None:
     ]
 
 
+async def test_a_runs_input_does_not_count_against_its_memory_limit(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory(pool_size=0, batch_workers=1)
+    big = b"\x01" * (150 << 20)
+    allocate = "x = bytearray(120 << 20)\n"
+    plain = await engine.run_once(allocate, memory_mb=256)
+    assert plain.status == "ok", plain
+    # An input of 150 MiB and an allocation of 120 MiB fit a 256 MiB limit, as
+    # for `python main.py < input`: the input is the program's only once it reads it.
+    with_file = await engine.run_once(allocate, memory_mb=256, files={"data.bin": big})
+    assert with_file.status == "ok", with_file.message
+    with_stdin = await engine.run_once(
+        allocate + "import sys\nprint(len(sys.stdin.buffer.read(1 << 20)), sys.stdin.read(3))",
+        memory_mb=256,
+        stdin=big,
+    )
+    assert with_stdin.status == "ok", with_stdin.stderr
+    assert with_stdin.stdout == f"{1 << 20} \x01\x01\x01\n"
+    assert with_stdin.peak_memory_bytes is not None and plain.peak_memory_bytes is not None
+    assert with_stdin.peak_memory_bytes < plain.peak_memory_bytes + (20 << 20)
+
+
 async def test_run_many_streams_tagged_results(engine_factory: EngineFactory) -> None:
     engine = await engine_factory(pool_size=0, batch_workers=2)
     requests = (RunRequest(code=f"print({n} * {n})", id=n) for n in range(20))

