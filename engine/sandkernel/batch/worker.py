@@ -24,6 +24,7 @@ from sandkernel._resources import data_dir
 from sandkernel.batch.frames import LENGTH_SIZE, Reply, decode_frame_body, frame_body_size
 from sandkernel.policy import Policy
 from sandkernel.sandbox import RUNTIME_IN_JAIL, Jail, SandboxHost
+from sandkernel.sandbox.cgroups import UsageReader
 from sandkernel.sandbox.runtime import write_bytecode
 
 #: After a request's own time limit, how long the server may take to clean
@@ -114,6 +115,7 @@ class Worker:
         self._buffer = bytearray()
         self._unsent = bytearray()
         self._oom_kills = 0
+        self._usage: UsageReader | None = None
         self._reader: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._hung = False
@@ -163,7 +165,9 @@ class Worker:
         if not header.get("ready"):
             raise WorkerLost(f"unexpected first frame from the server: {header}", blamed=False)
         self.hello = header
-        self._oom_kills = self.jail.cgroup.usage().oom_kills
+        # Kept open: the count is read after every reply (one pread, not an open).
+        self._usage = UsageReader(self.jail.cgroup)
+        self.oom_killed_since_last()  # the baseline: what the server's start cost is no run's
 
     # -- requests ------------------------------------------------------------
 
@@ -237,8 +241,13 @@ class Worker:
                     # Its caller is gone and the server has just started it: end it
                     # (it takes the blame; what is queued behind runs elsewhere).
                     self.kill()
+                # Read after every reply, not only a killed run's: an OOM kill of a
+                # run's own subprocess, in a run that then ends normally, is that
+                # run's; left uncounted, it would be blamed on the next run killed
+                # by a signal, whatever the signal.
+                oom_killed = self.oom_killed_since_last()
                 if header.get("signal") is not None:
-                    header["oom_killed"] = self.oom_killed_since_last()
+                    header["oom_killed"] = oom_killed
                 if not pending.future.done():
                     pending.future.set_result((header, blobs))
                 if header.get("restart"):
@@ -311,7 +320,11 @@ class Worker:
 
     def oom_killed_since_last(self) -> bool:
         """Whether the cgroup counted an OOM kill since the last call (and remember)."""
-        count = self.jail.cgroup.usage().oom_kills
+        count = None if self._usage is None else self._usage.oom_kills()
+        if count is None:
+            # Unreadable now (or stopped): keep the baseline, so that a count
+            # read again later is not taken for new kills.
+            return False
         killed = count > self._oom_kills
         self._oom_kills = count
         return killed
@@ -360,4 +373,7 @@ class Worker:
             if self.reply_fd >= 0:
                 os.close(self.reply_fd)
                 self.reply_fd = -1
+            if self._usage is not None:
+                self._usage.close()
+                self._usage = None
             await self.jail.destroy()

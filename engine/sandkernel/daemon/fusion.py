@@ -280,6 +280,11 @@ async def run_code(
         timeout_s=request.run_timeout if request.run_timeout > 0 else None,
         memory_mb=request.memory_limit_MB if request.memory_limit_MB > 0 else None,
     )
+    if result.setup_failed:
+        # The code never ran: SandboxFusion answers a run it could not set up
+        # so, with no run_result, and the message says why.
+        return RunCodeResponse(status=RunStatus.SandboxError, message=result.message or "",
+                               executor_pod_name=pod_name)  # fmt: skip
     run_result = command_result(result)
     ok = run_result.status is CommandRunStatus.Finished and run_result.return_code == 0
     return RunCodeResponse(

@@ -306,6 +306,10 @@ class UsageReader:
             pids_limit_hits=self._value("pids_max_hits") or 0,
         )
 
+    def oom_kills(self) -> int | None:
+        """The OOM-kill count alone (None if it cannot be read now): one ``pread``."""
+        return self._value("oom_kills")
+
     def reset_peak(self) -> None:
         """Start a new peak-memory window (v1; v2's peak is per kernel lifetime)."""
         if self._peak_resettable:
