@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -419,6 +419,78 @@ def test_samples_that_hang_hog_memory_kill_their_sandbox_or_tamper_fail_alone(
     ]  # fmt: skip
     assert results == per_problem * 2
     assert summary["statuses"]["oom"] == 4  # MemoryError twice, the sandbox's OOM twice
+
+
+def _one_problem_three_samples(tmp_path: Path) -> tuple[Path, str]:
+    """A problem file, and samples for it (pass, fail, pass) as JSONL text."""
+    problems = tmp_path / "problems.jsonl"
+    problem = {
+        "task_id": "T/0",
+        "prompt": "def add(a, b):\n",
+        "test": "def check(f):\n    assert f(1, 2) == 3\n",
+        "entry_point": "add",
+    }
+    problems.write_text(json.dumps(problem) + "\n")
+    completions = ("    return a + b\n", "    return a - b\n", "    return b + a\n")
+    samples = "".join(json.dumps({"task_id": "T/0", "completion": c}) + "\n" for c in completions)
+    return problems, samples
+
+
+@sandbox
+def test_eval_reads_samples_from_a_pipe_and_checks_every_one(
+    tmp_path: Path, host: SandboxHost
+) -> None:
+    problems, samples = _one_problem_three_samples(tmp_path)
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "sandkernel.cli", "eval", "--problems", str(problems),
+               "--samples", "/dev/stdin", "--k", "1", "--workers", "1", "--no-progress",
+               "--json"]  # fmt: skip
+    done = subprocess.run(
+        [*command, "--out", str(out)], input=samples, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["samples"] == 3
+    assert [json.loads(line)["passed"] for line in out.read_text().splitlines()] == [
+        True, False, True,
+    ]  # fmt: skip
+    # The results cannot go beside a pipe: refused before anything runs.
+    refused = subprocess.run(command, input=samples, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pass --out FILE" in refused.stderr
+
+
+@sandbox
+def test_eval_fails_when_the_samples_change_between_the_check_and_the_run(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    host: SandboxHost,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sandkernel.evaluate import problems as problems_module
+
+    problems, text = _one_problem_three_samples(tmp_path)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(text)
+    read_samples = problems_module.read_samples
+    reads = 0
+
+    def cut_short_after_the_first_read(
+        path: Path, *, name: str | None = None
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        nonlocal reads
+        reads += 1
+        yield from read_samples(path, name=name)
+        if reads == 1:
+            samples.write_text(text.splitlines(keepends=True)[0])
+
+    monkeypatch.setattr(problems_module, "read_samples", cut_short_after_the_first_read)
+    code = run_eval(
+        eval_args("--problems", str(problems), "--samples", str(samples), "--k", "1",
+                  "--workers", "1", "--no-progress")
+    )  # fmt: skip
+    assert reads == 2
+    assert code == 2
+    assert "3 samples were read before the run and 1 evaluated" in capsys.readouterr().err
+    assert not Path(f"{samples}_results.jsonl").exists()
 
 
 def test_summary_table_lists_results_and_throughput() -> None:

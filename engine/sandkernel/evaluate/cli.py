@@ -13,8 +13,10 @@ each sample, and prints pass@k and a summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,16 +122,16 @@ def add_eval_parser(
     return parser
 
 
-def _prescan(samples: Path, problems: dict[str, Any]) -> tuple[int, set[str]]:
+def _prescan(samples: Path, problems: dict[str, Any], *, name: str) -> tuple[int, set[str]]:
     """Count the samples and check their task ids before anything runs."""
     from sandkernel.evaluate.problems import read_samples
 
     count = 0
     seen: set[str] = set()
-    for line, sample in read_samples(samples):
+    for line, sample in read_samples(samples, name=name):
         task_id = str(sample["task_id"])
         if task_id not in problems:
-            raise EvalInputError(f"{samples}:{line}: no problem has task_id {task_id!r}")
+            raise EvalInputError(f"{name}:{line}: no problem has task_id {task_id!r}")
         seen.add(task_id)
         count += 1
     return count, seen
@@ -173,19 +175,58 @@ def summary_table(summary: EvalSummary, *, workers: int) -> str:
     return "\n".join(lines)
 
 
-def _checked_input(args: argparse.Namespace) -> tuple[dict[str, Problem], int]:
-    """The problems and the number of samples, once the samples are known to fit them."""
+def _readable_twice(args: argparse.Namespace, spools: contextlib.ExitStack) -> Path:
+    """The samples file, or a copy of it when it is not a regular file (a pipe, say).
+
+    The samples are read twice: checked before anything runs, then streamed
+    into the run (never all in memory). A pipe (``--samples /dev/stdin``,
+    ``<(...)``) gives its lines once, and the second read would find none;
+    its copy, in a folder ``spools`` removes, is read twice instead.
+    """
+    samples: Path = args.samples
+    try:
+        regular = stat.S_ISREG(samples.stat().st_mode)
+    except OSError:
+        return samples  # reading it says why it cannot be read
+    if regular:
+        return samples
+    if args.out is None:
+        raise EvalInputError(
+            f"{samples} is not a regular file, so the results cannot go beside it: pass --out FILE"
+        )
+    import shutil
+    import tempfile
+
+    folder = Path(spools.enter_context(tempfile.TemporaryDirectory(prefix="sandkernel-eval-")))
+    copy = folder / (samples.name or "samples.jsonl")  # the name says whether it is gzipped
+    try:
+        with samples.open("rb") as source, copy.open("wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+    except OSError as exc:
+        raise EvalInputError(f"cannot read {samples}: {exc.strerror or exc}") from None
+    return copy
+
+
+def _checked_input(
+    args: argparse.Namespace, spools: contextlib.ExitStack
+) -> tuple[dict[str, Problem], int, Path]:
+    """The problems, the number of samples and the file to read them from, once checked.
+
+    The samples are checked to fit the problems; the file is ``--samples``, or
+    its copy when that cannot be read twice (see :func:`_readable_twice`).
+    """
     from sandkernel.evaluate.problems import load_problems
 
     problems = load_problems(args.problems)
-    total, seen = _prescan(args.samples, problems)
+    samples = _readable_twice(args, spools)
+    total, seen = _prescan(samples, problems, name=str(args.samples))
     if not args.ignore_incomplete and seen != set(problems):
         missing = len(problems) - len(seen)
         raise EvalInputError(
             f"{args.samples}: {missing} of {len(problems)} problems have no sample; "
             "pass --ignore-incomplete to evaluate only the ones that do"
         )
-    return problems, total
+    return problems, total, samples
 
 
 def _runner(
@@ -215,7 +256,9 @@ def _runner(
     return pool, None, pool.wait_spawned
 
 
-async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
+async def _evaluate(
+    args: argparse.Namespace, spools: contextlib.ExitStack
+) -> tuple[EvalSummary, int]:
     import asyncio
 
     workers = args.workers or os.cpu_count() or 1
@@ -236,7 +279,7 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
                 spawned.cancel()
             if starting.done():
                 await starting  # it failed before the spawns: say so now
-        problems, total = await asyncio.to_thread(_checked_input, args)
+        problems, total, samples = await asyncio.to_thread(_checked_input, args, spools)
         await asyncio.shield(starting)
     except BaseException:
         starting.cancel()
@@ -266,7 +309,7 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
         with partial.open("w", encoding="utf-8") as out:  # noqa: ASYNC230
             summary = await evaluate_samples(
                 problems,
-                read_samples(args.samples),
+                read_samples(samples, name=str(args.samples)),
                 runner,
                 timeout_s=args.timeout,
                 memory_mb=args.memory_mb,
@@ -274,6 +317,13 @@ async def _evaluate(args: argparse.Namespace) -> tuple[EvalSummary, int]:
                 out=out,
                 on_result=None if progress is None else lambda _: progress.update(),
                 where=str(args.samples),
+            )
+        if summary.samples != total:
+            # The file changed between the check and the run: these results are
+            # not those of the samples checked, nor all of them.
+            raise EvalInputError(
+                f"{args.samples}: {total} samples were read before the run and "
+                f"{summary.samples} evaluated; was it changed while it was read?"
             )
         partial.replace(out_path)
     finally:
@@ -301,7 +351,10 @@ def run_eval(args: argparse.Namespace) -> int:
     import asyncio
 
     try:
-        summary, workers = asyncio.run(_evaluate(args))
+        # A copy of samples read from a pipe is removed here, whatever ended
+        # the run: asyncio.run returns only once the thread writing it is done.
+        with contextlib.ExitStack() as spools:
+            summary, workers = asyncio.run(_evaluate(args, spools))
     except EvalInputError as exc:
         print(f"sandkernel eval: {exc}", file=sys.stderr)
         return 2

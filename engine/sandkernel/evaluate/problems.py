@@ -108,8 +108,14 @@ def humaneval_path() -> Path:
     return path
 
 
-def stream_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` for each non-blank line of a JSONL file (``.gz`` too)."""
+def stream_jsonl(path: Path, *, name: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for each non-blank line of a JSONL file (``.gz`` too).
+
+    Args:
+        path: the file.
+        name: what error messages call it (default: ``path``).
+    """
+    where = str(path) if name is None else name
     try:
         opened = (
             gzip.open(path, "rt", encoding="utf-8")
@@ -117,7 +123,7 @@ def stream_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             else path.open(encoding="utf-8")
         )
     except OSError as exc:
-        raise EvalInputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise EvalInputError(f"cannot read {where}: {exc.strerror or exc}") from None
     with opened as lines:
         try:
             for number, line in enumerate(lines, 1):
@@ -126,12 +132,12 @@ def stream_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise EvalInputError(f"{path}:{number}: not JSON ({exc.msg})") from None
+                    raise EvalInputError(f"{where}:{number}: not JSON ({exc.msg})") from None
                 if not isinstance(record, dict):
-                    raise EvalInputError(f"{path}:{number}: not a JSON object")
+                    raise EvalInputError(f"{where}:{number}: not a JSON object")
                 yield number, record
         except (OSError, EOFError, UnicodeDecodeError) as exc:
-            raise EvalInputError(f"cannot read {path}: {exc}") from None
+            raise EvalInputError(f"cannot read {where}: {exc}") from None
 
 
 def load_problems(spec: str | Path) -> dict[str, Problem]:
@@ -148,11 +154,17 @@ def load_problems(spec: str | Path) -> dict[str, Problem]:
     return problems
 
 
-def read_samples(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Samples as ``(line number, record)``, each checked for ``task_id`` and ``completion``."""
-    for number, record in stream_jsonl(path):
+def read_samples(path: Path, *, name: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Samples as ``(line number, record)``, each checked for ``task_id`` and ``completion``.
+
+    Args:
+        path: the samples file (JSONL, or ``.jsonl.gz``).
+        name: what error messages call it (default: ``path``).
+    """
+    where = str(path) if name is None else name
+    for number, record in stream_jsonl(path, name=where):
         if "task_id" not in record or "completion" not in record:
-            raise EvalInputError(f"{path}:{number}: a sample needs task_id and completion")
+            raise EvalInputError(f"{where}:{number}: a sample needs task_id and completion")
         if not isinstance(record["completion"], str):
-            raise EvalInputError(f"{path}:{number}: completion must be a string")
+            raise EvalInputError(f"{where}:{number}: completion must be a string")
         yield number, record
