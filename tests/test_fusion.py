@@ -185,6 +185,28 @@ async def test_run_code_files_pytest_and_unsupported_language(
     assert r["status"] == "SandboxError" and "supported: python, pytest" in str(r["message"])
 
 
+async def test_run_code_takes_files_named_as_its_own_program_and_test_file(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory(pool_size=0, batch_workers=1)
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    helper = {"main.py": b64("def f():\n    return 1\n")}
+    r = await run(engine, {"code": "import main\nprint(main.f())", "language": "python",
+                           "files": helper})  # fmt: skip
+    assert (r["status"], r["run_result"]["stdout"]) == ("Success", "1\n"), r  # type: ignore[index]
+    test = "from main import f\ndef test_f():\n    assert f() == 1\n"
+    r = await run(engine, {"code": test, "language": "pytest", "files": helper})
+    assert r["status"] == "Success", r
+    # A request's own test_main.py is left as it was, not replaced by the code.
+    test = "def test_mine():\n    assert open('test_main.py').read() == 'mine'\n"
+    r = await run(engine, {"code": test, "language": "pytest",
+                           "files": {"test_main.py": b64("mine")}})  # fmt: skip
+    assert r["status"] == "Success", r
+
+
 async def test_run_code_whose_files_cannot_be_written_is_a_sandbox_error_saying_why(
     engine_factory: EngineFactory,
 ) -> None:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from sandkernel.api import EngineAPI
-from sandkernel.batch import RunResult
+from sandkernel.batch import RunRequest, RunResult
 from sandkernel.errors import FusionInputError
 from sandkernel.limits import MAX_TIMEOUT_S as MAX_TIMEOUT_S  # a request's longest (a run's)
 from sandkernel.results import ExecutionResult
@@ -219,14 +219,30 @@ def cell_result(result: ExecutionResult) -> CellRunResult:
     return CellRunResult(stdout=result.stdout, stderr=result.stderr, display=display, error=errors)
 
 
-# `raise SystemExit`, not `sys.exit`: a test file's anti-exit header
-# (`sys.exit = None`) must not turn a green run into a failure.
-_PYTEST_MAIN = (
-    "import sys\nimport pytest\n"
-    "raise SystemExit(\n"
-    "    pytest.main(['-q', '-p', 'no:cacheprovider', 'test_main.py', *sys.argv[1:]])\n"
-    ")\n"
-)
+def _pytest_main(test_file: str) -> str:
+    """The program that runs pytest on ``test_file``, as SandboxFusion's pytest runner does."""
+    # `raise SystemExit`, not `sys.exit`: a test file's anti-exit header
+    # (`sys.exit = None`) must not turn a green run into a failure.
+    return (
+        "import sys\nimport pytest\n"
+        "raise SystemExit(\n"
+        f"    pytest.main(['-q', '-p', 'no:cacheprovider', {test_file!r}, *sys.argv[1:]])\n"
+        ")\n"
+    )
+
+
+def _free_name(name: str, files: dict[str, bytes]) -> str:
+    """``name``, or ``<stem>_<n>.py`` if the request's files have it.
+
+    SandboxFusion names its program and test files at random, so a request's
+    own files can have any name, ``main.py`` included.
+    """
+    stem = name.removesuffix(".py")
+    number = 0
+    while name in files:
+        number += 1
+        name = f"{stem}_{number}.py"
+    return name
 
 
 def command_result(result: RunResult) -> CommandRunResult:
@@ -269,17 +285,22 @@ async def run_code(
                                executor_pod_name=pod_name)  # fmt: skip
     code, argv = request.code, []
     if request.language == "pytest":
-        files["test_main.py"] = request.code.encode()
-        code, argv = _PYTEST_MAIN, list(request.args)
-    result = await engine.run_once(
-        code,
-        stdin=request.stdin,
+        # The request's own files keep their names: the test file and the program
+        # that runs it take names none of them has.
+        test_file = _free_name("test_main.py", files)
+        files[test_file] = request.code.encode()
+        code, argv = _pytest_main(test_file), list(request.args)
+    run = RunRequest(
+        code=code,
+        stdin=request.stdin.encode() if request.stdin else b"",
         files=files,
-        fetch_files=request.fetch_files,
+        fetch_files=list(request.fetch_files),
         argv=argv,
+        filename=_free_name("main.py", files),
         timeout_s=request.run_timeout if request.run_timeout > 0 else None,
         memory_mb=request.memory_limit_MB if request.memory_limit_MB > 0 else None,
     )
+    result = [r async for r in engine.run_many([run], concurrency=1)][0]
     if result.setup_failed:
         # The code never ran: SandboxFusion answers a run it could not set up
         # so, with no run_result, and the message says why.
