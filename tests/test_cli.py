@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,19 @@ def test_run_with_workspace_keeps_files_and_saves_displays(tmp_path: Path) -> No
 
 
 @pytest.mark.sandbox
+def test_doctor_with_ray_refuses_the_options_it_would_not_use(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("sk-test")
+    for extra in (
+        ["--attack"],
+        ["--model-url", "http://127.0.0.1:9"],
+        ["--model-key-file", str(key)],
+    ):
+        proc = run_cli("doctor", "--ray", "127.0.0.1:1", *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{extra[0]}: for this machine only, not with --ray" in proc.stderr
+
+
 def test_doctor_exits_0_and_lists_each_control() -> None:
     proc = run_cli("doctor", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -122,6 +136,13 @@ def test_run_once_is_a_program_with_our_stdin_its_argv_and_its_exit_status() -> 
     assert json.loads(proc.stdout)["status"] == "timeout"
     proc = run_cli("run", "--once", stdin="print(1)")
     assert proc.returncode != 0 and "standard input is the program's" in proc.stderr
+
+
+@pytest.mark.sandbox
+@pytest.mark.parametrize("signum", [signal.SIGSEGV, signal.SIGTERM, signal.SIGABRT])
+def test_run_once_killed_by_a_signal_exits_as_a_shell_reports_it(signum: int) -> None:
+    proc = run_cli("run", "--once", f"import os\nos.kill(os.getpid(), {int(signum)})")
+    assert proc.returncode == 128 + signum, proc.stderr  # 139, 143, 134, as `python prog.py`
 
 
 @pytest.mark.sandbox

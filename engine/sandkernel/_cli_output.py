@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from sandkernel.results import ExecutionResult
 
 #: Exit status of `sandkernel run --once` for a run that did not exit by itself,
-#: as coreutils' `timeout` and a shell report them.
+#: as coreutils' `timeout` and a shell report them (a run killed by a signal
+#: it names exits 128 + that signal, below).
 _ONCE_EXIT = {"timeout": 124, "oom": 137, "killed": 137}
 
 
@@ -66,6 +67,9 @@ def print_run_result(result: RunResult, *, json_output: bool) -> int:
             print("[output truncated]", file=sys.stderr)
         if result.status in _ONCE_EXIT:
             print(f"[{result.status}] {result.message or ''}".rstrip(), file=sys.stderr)
+    code = result.return_code
+    if result.status == "killed" and code is not None and code < 0:
+        return 128 - code  # as a shell reports `python prog.py` killed by that signal
     if result.status in _ONCE_EXIT:
         return _ONCE_EXIT[result.status]
-    return result.return_code if result.return_code is not None and result.return_code >= 0 else 1
+    return code if code is not None and code >= 0 else 1

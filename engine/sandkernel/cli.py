@@ -352,7 +352,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if args.ray is None:
         from sandkernel.doctor import run_doctor
 
-        key = args.model_key_file.read_text().strip() if args.model_key_file else None
+        try:
+            key = args.model_key_file.read_text().strip() if args.model_key_file else None
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"sandkernel doctor: cannot read --model-key-file: {exc}", file=sys.stderr)
+            return 2
         return run_doctor(
             as_json=args.json,
             python=args.python,
@@ -360,9 +364,19 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             model_url=args.model_url,
             model_key=key,
         )
-    if args.attack:
+    local_only = [
+        option
+        for option, given in (
+            ("--attack", args.attack),
+            ("--model-url", args.model_url),
+            ("--model-key-file", args.model_key_file),
+        )
+        if given
+    ]
+    if local_only:
         print(
-            "sandkernel doctor: --attack runs on this machine only, not with --ray", file=sys.stderr
+            f"sandkernel doctor: {', '.join(local_only)}: for this machine only, not with --ray",
+            file=sys.stderr,
         )
         return 2
     # The cluster's doctor runs the local one on each node (ray.cli imports doctor).
