@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sandkernel._solve_cli import add_solve_parser, run_solve, solve_with_engine
+from sandkernel._solve_cli import _Progress, add_solve_parser, run_solve, solve_with_engine
+from sandkernel.loop import LoopEvent, ModelReply, ToolCall
 from tests._model import ScriptedModel, in_order
 from tests.loop._support import EngineFactory, code, completion
 
@@ -81,3 +82,15 @@ def test_solve_without_a_model_to_ask_says_so_before_starting_anything(
     add_solve_parser(parser.add_subparsers(dest="command"))
     with pytest.raises(SystemExit, match="set OPENAI_API_KEY .* or --base-url"):
         run_solve(parser.parse_args(["solve", "task", "--model", "m"]))
+
+
+def test_progress_shows_half_a_character_a_model_wrote_escaped() -> None:
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8")  # as a terminal's: strict UTF-8
+    reply = ModelReply(
+        content="Printing \ud83d now.",
+        tool_calls=[ToolCall(id="c1", name="python", arguments="{}")],
+    )
+    _Progress(out, max_attempts=3)(LoopEvent(kind="model_reply", attempt=0, reply=reply))
+    out.flush()
+    assert raw.getvalue().decode() == "\nmodel: Printing \\ud83d now.\n"

@@ -250,6 +250,8 @@ class _Progress:
             self._print(_indent(_short(event.tool_message)))
 
     def _print(self, text: str) -> None:
+        # What a model wrote can hold lone surrogates: shown escaped, never fatal.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         print(text, file=self.out, flush=True)
 
 

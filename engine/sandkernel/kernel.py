@@ -426,12 +426,21 @@ class SandboxedKernel:
 
         Raises:
             KernelDead: the kernel was already dead before the cell started.
-            BadInput: ``timeout_s`` is not above 0 and at most a day.
+            BadInput: ``timeout_s`` is not above 0 and at most a day, or ``code`` is not
+                valid text (a lone surrogate).
         """
         if timeout_s is not None and not 0 < timeout_s <= MAX_TIMEOUT_S:  # nan too
             raise BadInput(
                 f"timeout_s must be above 0 and at most {MAX_TIMEOUT_S:g} s (got {timeout_s!r})"
             )
+        try:
+            code.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # JSON can carry one ("\ud83d"), but a Jupyter message cannot.
+            raise BadInput(
+                f"the code is not valid text: a lone surrogate ({code[exc.start]!r}) at "
+                f"position {exc.start}"
+            ) from None
         async with self._lock:
             if not self.alive or self._client is None:
                 raise KernelDead(self._dead_reason or "the kernel is not running")

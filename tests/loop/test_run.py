@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from sandkernel.errors import BadInput
 from sandkernel.loop import PYTHON_TOOL, LoopEvent, ModelReply, ToolCall, run_loop
 from tests.loop._support import (
     EngineFactory,
@@ -158,22 +159,29 @@ async def test_malformed_tool_arguments_get_the_expected_format(
 ) -> None:
     engine = await engine_factory()
     session = await engine.session()
+    half = '{"code": "print(\'\\ud83d\')"}'  # valid JSON: half of an emoji
     script = [
-        completion(None, [("bad_json", "{'code': print(1)"), ("no_code", '{"source": "1"}')]),
+        completion(
+            None,
+            [("bad_json", "{'code': print(1)"), ("no_code", '{"source": "1"}'), ("half", half)],
+        ),  # fmt: skip
         completion(None, [("good", code("print('fixed')"))]),
         completion("fixed"),
     ]
     async with scripted_model(script) as (server, model):
         result = await run_loop(model, "Print.", session)
-    assert result.outcome == "answered" and result.attempts == 3 and len(result.executions) == 1
-    bad_json, no_code, good = tool_messages(result.transcript)
+    assert result.outcome == "answered" and result.attempts == 4 and len(result.executions) == 1
+    bad_json, no_code, half_char, good = tool_messages(result.transcript)
     assert bad_json.startswith("Error: the arguments are not valid JSON")
     assert no_code.startswith('Error: the "code" argument (a string) is missing (got: source)')
+    assert half_char.startswith('Error: the "code" argument holds half of a character')
     expected = 'JSON arguments like {"code": "print(1 + 1)"}'
-    assert expected in bad_json and expected in no_code
+    assert expected in bad_json and expected in no_code and expected in half_char
     assert good == "Status: ok\n--- stdout ---\nfixed"
     ids = [m["tool_call_id"] for m in server.requests[1]["messages"] if m["role"] == "tool"]
-    assert ids == ["bad_json", "no_code"]
+    assert ids == ["bad_json", "no_code", "half"]
+    with pytest.raises(BadInput, match="lone surrogate"):
+        await session.run("print('\ud83d')")  # and the session's own door says why
 
 
 @pytest.mark.sandbox

@@ -250,6 +250,15 @@ def _code_of(call: ToolCall) -> tuple[str | None, str]:
         return None, f'Error: the "code" argument (a string) is missing (got: {got}). {expected}'
     if not code.strip():
         return None, f'Error: the "code" argument is empty. {expected}'
+    try:
+        code.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # Valid JSON (a "\\ud83d" escape alone), but no text a kernel can be sent.
+        return None, (
+            f'Error: the "code" argument holds half of a character (the lone surrogate '
+            f"{code[exc.start]!r} at position {exc.start}); write the whole character or "
+            f"an escape such as \\N{{...}} or \\U0001F600 in the code. {expected}"
+        )
     return code, ""
 
 
