@@ -42,6 +42,16 @@ async def test_exception_is_a_value_with_plain_traceback(kernel_factory: KernelF
     assert r.kernel_alive and not r.state_lost
 
 
+async def test_an_exception_group_is_an_error_with_its_name_and_value(
+    kernel_factory: KernelFactory,
+) -> None:
+    k = await kernel_factory()
+    # IPython shows it on stderr, with no error message: the reply still names it.
+    r = await k.execute("raise ExceptionGroup('two failed', [ValueError('a'), KeyError('b')])")
+    assert r.status == "error" and r.error is not None
+    assert (r.error.name, r.error.value) == ("ExceptionGroup", "two failed (2 sub-exceptions)")
+
+
 async def test_stderr_and_matplotlib_figure_as_png_display(kernel_factory: KernelFactory) -> None:
     k = await kernel_factory()
     r = await k.execute(

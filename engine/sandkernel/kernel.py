@@ -607,6 +607,17 @@ class SandboxedKernel:
         if after.pids_limit_hits > before.pids_limit_hits:
             note = f"the cell hit the process limit ({self.policy.pids_max}, policy field pids_max)"
             message = f"{message}; {note}" if message else note
+        error = out.error
+        if error is None and reply is not None and reply["content"].get("status") == "error":
+            # Some errors come with no error message on IOPub (IPython prints an
+            # ExceptionGroup's traceback to stderr): the reply still names them.
+            content = reply["content"]
+            if isinstance(content.get("ename"), str):
+                error = ErrorInfo(
+                    name=content["ename"],
+                    value=str(content.get("evalue") or ""),
+                    traceback=strip_ansi("\n".join(map(str, content.get("traceback") or []))),
+                )
         stdout, stdout_cut = out.stdout.value()
         stderr, stderr_cut = out.stderr.value()
         return ExecutionResult(
@@ -618,7 +629,7 @@ class SandboxedKernel:
             displays=out.displays,
             displays_truncated=out.displays_truncated,
             value=out.value,
-            error=out.error,
+            error=error,
             usage=_usage(wall_ms, before, after),
             execution_count=out.execution_count,
             message=message,
