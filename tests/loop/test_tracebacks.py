@@ -46,6 +46,37 @@ def test_plain_python_tracebacks_are_filtered_too() -> None:
     )
 
 
+def test_the_layout_of_a_syntax_error_raised_in_called_code_is_cleaned_too() -> None:
+    # As IPython formats it when code a cell called (ast.parse) raised a SyntaxError.
+    tb = (
+        "Traceback (most recent call last):\n\n"
+        "  File /venv/lib/python3.12/site-packages/IPython/core/interactiveshell.py:3823 in "
+        "run_code\n    exec(code_obj, self.user_global_ns, self.user_ns)\n\n"
+        "  Cell In[1], line 2\n    tree = ast.parse('def f(:\\n    pass')\n\n"
+        "  File /usr/lib/python3.12/ast.py:52 in parse\n"
+        "    return compile(source, filename, mode, flags,\n\n"
+        "  File <unknown>:1\n    def f(:\n          ^\nSyntaxError: invalid syntax\n"
+    )
+    assert user_traceback(tb) == (
+        "Traceback (most recent call last):\n\n"
+        "  Cell In[1], line 2\n    tree = ast.parse('def f(:\\n    pass')\n"
+        "(1 library frame omitted)\n"
+        "  File <unknown>:1\n    def f(:\n          ^\nSyntaxError: invalid syntax"
+    )
+    # A broken module of the workspace is the user's: shown whole.
+    tb = (
+        "Traceback (most recent call last):\n\n"
+        "  File /venv/lib/python3.12/site-packages/IPython/core/interactiveshell.py:3823 in "
+        "run_code\n    exec(code_obj, self.user_global_ns, self.user_ns)\n\n"
+        "  Cell In[2], line 3\n    import helpers\n\n"
+        "  File /mnt/data/helpers.py:2\n    return 1\n    ^\n"
+        "IndentationError: expected an indented block after function definition on line 1\n"
+    )
+    cleaned = user_traceback(tb)
+    assert "interactiveshell" not in cleaned and "/venv/" not in cleaned
+    assert "  File /mnt/data/helpers.py:2\n    return 1\n    ^\nIndentationError" in cleaned
+
+
 def test_deep_recursion_is_shown_once_with_a_count() -> None:
     frame = "Cell In[5], line 1, in r(n)\n----> 1 def r(n): return r(n+1)\n\n"
     tb = (

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 _IPY_FRAME = re.compile(r"^(?:Cell In\[\d+\], line \d+|File \S.*)")
-_PLAIN_FRAME = re.compile(r'^  File "(?P<path>[^"]+)", line \d+')
+#: A frame of a plain Python traceback, or of the indented layout IPython uses
+#: when code the cell called raised a SyntaxError (``  File PATH:LINE in f``).
+_PLAIN_FRAME = re.compile(
+    r'^  (?:File "(?P<path>[^"]+)", line \d+'
+    r'|File (?P<ipath>[^\s"]\S*?):\d+(?: in .*)?$'
+    r"|(?P<cell>Cell In\[\d+\], line \d+))"
+)
 _IPY_FILE = re.compile(r"^File (?P<path>.+?)(?::\d+)?(?:, in .*)?$")
 _HEADER = re.compile(r"^(\w[\w.]*) {2,}Traceback \(most recent call last\)$")
 _DASHES = re.compile(r"^-{20,}$")
@@ -83,6 +89,9 @@ def _parse_traceback(lines: list[str]) -> list[str | _Frame]:
                 while i < len(lines) and lines[i].startswith("    "):
                     frame.append(lines[i])
                     i += 1
+                # The indented layout puts a blank line between frames: absorbed too.
+                if i + 1 < len(lines) and not lines[i].strip() and _PLAIN_FRAME.match(lines[i + 1]):
+                    i += 1
             else:
                 while i < len(lines) and lines[i].strip():
                     frame.append(lines[i])
@@ -100,10 +109,10 @@ def _parse_traceback(lines: list[str]) -> list[str | _Frame]:
 
 
 def _frame_kind(header: str, plain: re.Match[str] | None) -> FrameKind:
-    if header.startswith("Cell In["):
+    if header.startswith("Cell In[") or (plain and plain.group("cell")):
         return "user"
     if plain:
-        path = plain.group("path")
+        path = plain.group("path") or plain.group("ipath")
     else:
         match = _IPY_FILE.match(header)
         path = match.group("path") if match else header[5:]
@@ -167,7 +176,7 @@ def _omitted(count: int) -> str:
 
 def _brief(frame: _Frame) -> list[str]:
     header = frame.lines[0]
-    prefix = '  File "' if header.startswith('  File "') else "File "
+    prefix = next(p for p in ('  File "', "  File ", "File ") if header.startswith(p))
     rest = header[len(prefix) :]
     shorter = _SITE_PACKAGES.sub("", rest)
     header = prefix + (shorter if shorter != rest else _STDLIB.sub("", rest))
