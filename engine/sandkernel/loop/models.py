@@ -139,26 +139,41 @@ class OpenAIChatModel:
                 **extra,
                 **self.create_kwargs,
             )
-        except openai.OpenAIError as exc:
+        except (openai.OpenAIError, ValueError) as exc:  # ValueError: a body not JSON
             where = str(self.client.base_url)
             raise ModelCallFailed(
                 f"the chat model {self.model!r} at {where} failed: {exc} "
                 "(check the base URL, model name and API key)"
             ) from exc
-        if not response.choices:
-            raise ModelCallFailed(f"the chat model {self.model!r} replied with no choices")
-        choice = response.choices[0]
-        calls = []
-        for call in choice.message.tool_calls or []:
-            function = getattr(call, "function", None)
-            if function is None:  # a custom (non-function) tool call: not ours
-                continue
-            arguments = function.arguments
-            if not isinstance(arguments, str):  # some servers send an object, not JSON text
-                arguments = json.dumps(arguments)
-            calls.append(ToolCall(id=call.id, name=function.name, arguments=arguments))
-        return ModelReply(
-            content=choice.message.content,
-            tool_calls=calls,
-            finish_reason=choice.finish_reason,
-        )
+        try:
+            return _reply_of(response)
+        except (AttributeError, TypeError, ValueError) as exc:  # ValidationError too
+            # A server that answered 200 with something else than a chat completion.
+            raise ModelCallFailed(
+                f"the chat model {self.model!r} replied with no usable choice: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _reply_of(response: Any) -> ModelReply:
+    """The first choice of a chat completion as a :class:`ModelReply`."""
+    if not response.choices:
+        raise ValueError("the reply has no choices")
+    choice = response.choices[0]
+    if choice.message is None:
+        raise ValueError("the reply's choice has no message")
+    calls = []
+    for n, call in enumerate(choice.message.tool_calls or []):
+        function = getattr(call, "function", None)
+        if function is None:  # a custom (non-function) tool call: not ours
+            continue
+        arguments = function.arguments
+        if not isinstance(arguments, str):  # some servers send an object, not JSON text
+            arguments = json.dumps(arguments)
+        # Some servers leave the id out: the tool message must still answer the call.
+        calls.append(ToolCall(id=call.id or f"call_{n}", name=function.name, arguments=arguments))
+    return ModelReply(
+        content=choice.message.content,
+        tool_calls=calls,
+        finish_reason=choice.finish_reason,
+    )
