@@ -181,7 +181,9 @@ def test_a_command_gets_the_same_parser_built_alone() -> None:
         (["eval", "--workers", "0", "--samples", "s.jsonl"], "must be above 0"),
         (["serve", "--max-queued-mb", "nan"], "must be above 0"),
         (["serve", "--max-upload-mb", "-1"], "must be above 0"),
-        (["serve", "--session-ttl", "inf"], "at most 2.592e+06"),
+        (["serve", "--session-ttl", "inf"], "at most 2592000"),
+        (["serve", "--max-queued-mb", "1e306"], "at most 1048576"),
+        (["serve", "--log-level", "verbose"], "invalid choice: 'verbose'"),
         (["serve", "--graceful-timeout", "-5"], "must be at least 0"),
         (["serve", "--pool-size", "two"], "not 'int': 'two'"),
     ],
@@ -197,3 +199,33 @@ def test_an_unknown_command_is_refused_with_every_command_listed() -> None:
     assert proc.returncode == 2
     assert "invalid choice: 'evl'" in proc.stderr
     assert all(name in proc.stderr for name in ("eval", "serve", "run", "policy"))
+
+
+@pytest.mark.sandbox
+def test_paths_that_cannot_be_used_are_refused_with_a_message_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    latin1 = tmp_path / "latin1.py"
+    latin1.write_bytes(b'print("caf\xe9")\n')
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    missing = tmp_path / "missing"
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"task_id": "t/0", "prompt": "", "test": "", "entry_point": "f"}\n')
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "t/0", "completion": "pass"}\n')
+    for args, code, why in [
+        (["run", "-f", str(missing)], 2, f"cannot read --file {missing}: No such file"),
+        (["run", "-f", str(latin1)], 2, f"cannot read --file {latin1}: it is not UTF-8 text"),
+        (["run", "--once", "-i", str(missing), "1"], 2, f"cannot read --input {missing}"),
+        (["run", "--workspace", str(a_file), "1"], 2, f"the workspace {a_file} is not a folder"),
+        (["doctor", "--model-key-file", str(missing)], 2, "cannot read --model-key-file"),
+        (["serve", "--token-file", str(missing)], 1, "cannot read --token-file"),
+        (["solve", "q", "--model", "m", "--out", str(a_file)], 1, "is not a folder"),
+        (["eval", "--problems", str(problems), "--samples", str(samples), "--no-progress",
+          "--workers", "1", "--out", str(missing / "r.jsonl")], 2, f"{missing} is not a folder"),
+        (["eval", "--samples", str(samples), "--memory-mb", "8"], 2, "must be at least 16"),
+    ]:  # fmt: skip
+        proc = run_cli(*args)
+        assert (proc.returncode, "Traceback" in proc.stderr) == (code, False), (args, proc.stderr)
+        assert why in proc.stderr, (args, proc.stderr)

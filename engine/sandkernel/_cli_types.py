@@ -23,8 +23,8 @@ def number[T: (int, float)](
             raise argparse.ArgumentTypeError(f"not {kind.__name__!r}: {text!r}") from None
         low_ok = value > minimum if above else value >= minimum
         if not math.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
-            low = f"{'above' if above else 'at least'} {minimum:g}"
-            high = f" and at most {maximum:g}" if maximum is not None else ""
+            low = f"{'above' if above else 'at least'} {minimum:.15g}"
+            high = f" and at most {maximum:.15g}" if maximum is not None else ""
             raise argparse.ArgumentTypeError(f"must be {low}{high} (got {text})")
         return value
 

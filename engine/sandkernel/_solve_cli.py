@@ -92,6 +92,10 @@ def run_solve(args: argparse.Namespace) -> int:
     missing = [f for f in args.file if not Path(f).is_file()]
     if missing:
         raise SystemExit(f"sandkernel solve: no such file: {', '.join(missing)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        # Found now, not after the model's work, when its files are to be saved.
+        raise SystemExit(f"sandkernel solve: --out {out} is not a folder")
     if not (args.base_url or args.api_key or os.environ.get("OPENAI_API_KEY")):
         # Said before a sandbox starts, not as the model client's traceback after.
         raise SystemExit(

@@ -16,16 +16,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sandkernel._cli_types import number
-from sandkernel.errors import SandkernelError
+from sandkernel.errors import BadInput, SandkernelError
 from sandkernel.limits import MAX_TIMEOUT_S
 
 #: The ``sandkernel`` parser's set of commands.
 type _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
+def _read_input(path: str | Path, option: str) -> bytes:
+    """A file the command line names; BadInput (exit 2) if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read {option} {path}: {exc.strerror or exc}") from None
+
+
+def _read_text(path: str | Path, option: str) -> str:
+    """:func:`_read_input` as UTF-8 text."""
+    try:
+        return _read_input(path, option).decode()
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"cannot read {option} {path}: it is not UTF-8 text ({exc})") from None
+
+
 def _read_code(args: argparse.Namespace) -> str:
     if args.file is not None:
-        return Path(args.file).read_text(encoding="utf-8")
+        return _read_text(args.file, "--file")
     if args.code is not None and args.code != "-":
         return str(args.code)
     if args.code == "-" or not sys.stdin.isatty():
@@ -71,7 +87,7 @@ def _once_inputs(args: argparse.Namespace) -> tuple[str, bytes, dict[str, bytes]
         )
     code = _read_code(args)
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    files = {Path(path).name: Path(path).read_bytes() for path in args.input or ()}
+    files = {Path(path).name: _read_input(path, "--input") for path in args.input or ()}
     return code, stdin, files
 
 
@@ -352,11 +368,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if args.ray is None:
         from sandkernel.doctor import run_doctor
 
-        try:
-            key = args.model_key_file.read_text().strip() if args.model_key_file else None
-        except (OSError, UnicodeDecodeError) as exc:
-            print(f"sandkernel doctor: cannot read --model-key-file: {exc}", file=sys.stderr)
-            return 2
+        key = (
+            _read_text(args.model_key_file, "--model-key-file").strip()
+            if args.model_key_file
+            else None
+        )
         return run_doctor(
             as_json=args.json,
             python=args.python,

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from sandkernel.api import ServedEngine
     from sandkernel.daemon.server import DaemonConfig
 
+#: The most a size option takes, in its own unit (MiB or KiB): 2**20 of them.
+_MAX_SIZE = float(1 << 20)
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
 _MISSING_EXTRA = (
     "sandkernel {command} needs the {extra} extra: pip install 'sandkernel[{extra}]' ({exc})"
 )
@@ -117,13 +121,13 @@ def add_daemon_parsers(subparsers: Any) -> None:
     )
     serve.add_argument(
         "--max-upload-mb",
-        type=number(float),
+        type=number(float, maximum=_MAX_SIZE),
         default=600.0,
         help="largest upload body (default: 600)",
     )
     serve.add_argument(
         "--max-json-kb",
-        type=number(float),
+        type=number(float, maximum=_MAX_SIZE),
         default=1024.0,
         help="largest JSON body (default: 1024)",
     )
@@ -138,7 +142,7 @@ def add_daemon_parsers(subparsers: Any) -> None:
     )
     serve.add_argument(
         "--max-queued-mb",
-        type=number(float),
+        type=number(float, maximum=_MAX_SIZE),
         default=DEFAULT_MAX_QUEUED_BYTES / (1 << 20),
         help="request bodies those runs may hold in memory, in MiB (default: "
         f"{DEFAULT_MAX_QUEUED_BYTES >> 20})",
@@ -171,7 +175,8 @@ def add_daemon_parsers(subparsers: Any) -> None:
         help="a file holding the API key of --model-url",
     )
     serve.add_argument("--access-log", action="store_true", help="log every request")
-    serve.add_argument("--log-level", default="info", help="debug, info, warning (default: info)")
+    serve.add_argument("--log-level", default="info", type=str.lower, choices=_LOG_LEVELS,
+                       help="debug, info, warning, error (default: info)")  # fmt: skip
     _add_engine_options(serve)
 
     mcp = subparsers.add_parser(
@@ -190,7 +195,8 @@ def add_daemon_parsers(subparsers: Any) -> None:
         help="a host folder whose files upload_file may read (repeatable; default: none, "
         "uploads then take base64 content only)",
     )
-    mcp.add_argument("--log-level", default="warning", help="logging to stderr (default: warning)")
+    mcp.add_argument("--log-level", default="warning", type=str.lower, choices=_LOG_LEVELS,
+                     help="logging to stderr (default: warning)")  # fmt: skip
     _add_engine_options(mcp)
 
 
@@ -240,7 +246,11 @@ def _tcp_address(value: str) -> tuple[str, int]:
 
 def _token(args: argparse.Namespace) -> str | None:
     if args.token_file:
-        return Path(args.token_file).read_text(encoding="utf-8").strip() or None
+        try:
+            return Path(args.token_file).read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise SystemExit(f"sandkernel serve: cannot read --token-file: {why}") from None
     return args.token or os.environ.get("SANDKERNEL_TOKEN") or None
 
 

@@ -89,7 +89,7 @@ def add_eval_parser(
     )
     parser.add_argument(
         "--memory-mb",
-        type=number(int),
+        type=number(int, minimum=16, above=False),
         default=None,
         help="memory per sample (default: the policy's)",
     )
@@ -217,6 +217,9 @@ def _checked_input(
     """
     from sandkernel.evaluate.problems import load_problems
 
+    out_path = args.out or Path(f"{args.samples}_results.jsonl")
+    if not out_path.parent.is_dir():  # found now, not once every sample has run
+        raise EvalInputError(f"cannot write {out_path}: {out_path.parent} is not a folder")
     problems = load_problems(args.problems)
     samples = _readable_twice(args, spools)
     total, seen = _prescan(samples, problems, name=str(args.samples))

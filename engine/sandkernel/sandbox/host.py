@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sandkernel.errors import SandboxUnavailable
+from sandkernel.errors import BadInput, SandboxUnavailable
 from sandkernel.policy import Policy
 from sandkernel.sandbox.cgroups import (
     CgroupLayout,
@@ -115,6 +115,13 @@ class SandboxHost:
             workspace: a host folder to bind as ``/mnt/data`` instead of a
                 fresh size-limited tmpfs (its size is then not capped).
         """
+        if workspace is not None:
+            # Checked before anything is made: a refusal leaves nothing to undo.
+            workspace = workspace.resolve()
+            try:
+                workspace.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise BadInput(f"the workspace {workspace} is not a folder") from None
         layout = KernelLayout(kernel_id, self.root / kernel_id)
         layout.root.mkdir(mode=0o700)
         # The folder is a small tmpfs of its own: the connection dir is
@@ -135,8 +142,6 @@ class SandboxHost:
                 ws, size_mb=policy.workspace_mb, inodes=policy.workspace_inodes, mode=0o1777
             )
         else:
-            workspace = workspace.resolve()
-            workspace.mkdir(parents=True, exist_ok=True)
             os.chown(workspace, SANDBOX_UID, SANDBOX_GID)
             ws.symlink_to(workspace)
         KernelCgroup(self.cgroups, kernel_id).create(policy)
