@@ -229,3 +229,10 @@ def test_paths_that_cannot_be_used_are_refused_with_a_message_not_a_traceback(
         proc = run_cli(*args)
         assert (proc.returncode, "Traceback" in proc.stderr) == (code, False), (args, proc.stderr)
         assert why in proc.stderr, (args, proc.stderr)
+
+
+def test_files_list_on_a_store_that_is_not_there_says_so_and_makes_none(tmp_path: Path) -> None:
+    missing = tmp_path / "no-store"
+    proc = run_cli("files", "--store", str(missing), "list")
+    assert proc.returncode == 2 and f"no file store at {missing}" in proc.stderr, proc.stderr
+    assert not missing.exists()

@@ -94,3 +94,11 @@ def test_progress_shows_half_a_character_a_model_wrote_escaped() -> None:
     _Progress(out, max_attempts=3)(LoopEvent(kind="model_reply", attempt=0, reply=reply))
     out.flush()
     assert raw.getvalue().decode() == "\nmodel: Printing \\ud83d now.\n"
+
+
+def test_saved_names_keep_their_backslashes_and_stay_in_the_folder() -> None:
+    from sandkernel._solve_cli import _safe_name
+
+    assert _safe_name("/mnt/data/caf\\xe9.csv") == "caf\\xe9.csv"  # an escaped byte
+    assert _safe_name("Q1\\tsales.csv") == "Q1\\tsales.csv"
+    assert _safe_name("/mnt/data/sub/../..") == "file" and _safe_name("../x.csv") == "x.csv"

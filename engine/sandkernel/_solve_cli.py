@@ -214,8 +214,10 @@ def _latest_versions(files: list[ProducedFile]) -> list[ProducedFile]:
 
 
 def _safe_name(name: str) -> str:
-    # Names come from the sandbox: never let one leave the output folder.
-    base = Path(name.replace("\\", "/")).name
+    # Names come from the sandbox: never let one leave the output folder. A
+    # backslash is a character of the name there (and of its escapes), not a
+    # separator: only the last "/" part is kept.
+    base = name.rsplit("/", 1)[-1]
     return base if base not in ("", ".", "..") else "file"
 
 

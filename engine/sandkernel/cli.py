@@ -117,7 +117,11 @@ def _files(args: argparse.Namespace) -> int:
     from sandkernel.engine import default_store_dir
     from sandkernel.files import FileStore
 
-    store = FileStore(Path(args.store) if args.store else default_store_dir())
+    root = Path(args.store) if args.store else default_store_dir()
+    if not root.is_dir():
+        # Reading a store that is not there: said so, and none made by looking.
+        raise BadInput(f"no file store at {root}: give --store, or run something that stores files")
+    store = FileStore(root)
     try:
         if args.files_command == "list":
             for f in store.list(session_id=args.session):

@@ -256,3 +256,15 @@ async def test_required_but_answered_without_code_is_reported() -> None:
     assert result.message == (
         "the model answered without running code although tool_choice='required'"
     )
+
+
+@pytest.mark.anyio
+async def test_the_last_attempts_note_is_within_the_budget() -> None:
+    long_code = "print('x' * 10_000)  # " + "y" * 10_000  # the stub prints its code back
+    model = ListModel(
+        [ModelReply(tool_calls=[ToolCall(id="c", name="python", arguments=code(long_code))]),
+         ModelReply(content="done")]
+    )  # fmt: skip
+    result = await run_loop(model, "t", StubSession(), max_attempts=1, budget_chars=1000)
+    (message,) = tool_messages(result.transcript)
+    assert len(message) <= 1000 and message.endswith("answer now with what you have.]")

@@ -210,7 +210,7 @@ async def run_loop(
             executions.append(result)
             text = format_result(
                 result,
-                budget_chars=budget_chars,
+                budget_chars=max(0, budget_chars - len(last)),  # the note is within the budget
                 available_modules=available_modules,
                 after_restart=restarted,
             )
