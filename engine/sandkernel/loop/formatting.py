@@ -251,10 +251,17 @@ def _hints(
                 "Hint: input() cannot work here: nobody can type an answer. Put the values "
                 "in the code instead."
             ]
-        if error.name == "NameError" and (result.state_lost or after_restart):
+        if error.name == "NameError" and result.state_lost:
             return [
                 "Hint: the kernel was restarted, so variables and imports defined in earlier "
                 "cells are gone; run their definitions again (in this cell or a new one)."
+            ]
+        if error.name == "NameError" and after_restart:
+            # Not this cell's restart: the name may as well be a typo.
+            return [
+                "Hint: the kernel was restarted earlier in this conversation; a name defined "
+                "only before that restart is gone: define it again if so, else check its "
+                "spelling."
             ]
         return []
     if result.status == "timeout":
