@@ -151,6 +151,7 @@ async def test_run_code_time_and_memory_limits(engine_factory: EngineFactory) ->
     r = await run(engine, {"code": "while True: pass", "language": "python", "run_timeout": 1})
     assert time.monotonic() - started < 1 + 1
     assert r["status"] == "Failed" and r["run_result"]["status"] == "TimeLimitExceeded"  # type: ignore[index]
+    assert r["run_result"]["return_code"] is None  # type: ignore[index]  # as SandboxFusion's
     r = await run(
         engine,
         {"code": "x = bytearray(300 * 1024 * 1024)", "language": "python", "memory_limit_MB": 100},
@@ -205,6 +206,15 @@ async def test_run_code_takes_files_named_as_its_own_program_and_test_file(
     r = await run(engine, {"code": test, "language": "pytest",
                            "files": {"test_main.py": b64("mine")}})  # fmt: skip
     assert r["status"] == "Success", r
+
+
+async def test_run_code_writes_files_as_sandboxfusion_does(engine_factory: EngineFactory) -> None:
+    engine = await engine_factory(pool_size=0, batch_workers=1)
+    x = base64.b64encode(b"x").decode()
+    files = {"kept.txt": x, "null.txt": None, "dir/IGNORE_THIS_FILE.txt": x}
+    listing = "import os\nprint(sorted(os.listdir('.')))"
+    r = await run(engine, {"code": listing, "language": "python", "files": files})
+    assert r["run_result"]["stdout"] == "['kept.txt', 'main.py']\n", r  # type: ignore[index]
 
 
 async def test_run_code_whose_files_cannot_be_written_is_a_sandbox_error_saying_why(

@@ -191,12 +191,18 @@ def workspace_path(path: str) -> str | None:
 
 
 def decode_files(files: dict[str, str | None]) -> dict[str, bytes]:
-    """``path -> base64`` to ``relative path -> bytes`` (``None`` means an empty file)."""
+    """``path -> base64`` to ``relative path -> bytes``, as SandboxFusion writes them.
+
+    As there, a file whose content is not a string (``null``) or whose path
+    holds ``IGNORE_THIS_FILE`` is not written.
+    """
     decoded = {}
     for path, content in files.items():
+        if not isinstance(content, str) or "IGNORE_THIS_FILE" in path:
+            continue
         relative = relative_path(path)
         try:
-            decoded[relative] = base64.b64decode(content or "", validate=True)
+            decoded[relative] = base64.b64decode(content, validate=True)
         except (binascii.Error, ValueError):
             raise FusionInputError(f"file {path!r}: content is not valid base64") from None
     return decoded
@@ -252,7 +258,9 @@ def command_result(result: RunResult) -> CommandRunResult:
         else CommandRunStatus.Finished
     )  # fmt: skip
     return_code = result.return_code
-    if return_code is None and status is CommandRunStatus.Finished:
+    if status is CommandRunStatus.TimeLimitExceeded:
+        return_code = None  # SandboxFusion reports none for a run it stopped
+    elif return_code is None:
         return_code = 137 if result.status in ("oom", "killed") else 1
     stderr = result.stderr
     if result.message and result.status in ("oom", "killed"):
