@@ -120,6 +120,13 @@ async def test_an_engine_that_closes_closes_only_the_sessions_it_made(
         used = await second.get_session(mine.id)
         assert await second.session("owned-by-first") is used
         assert (await used.run("kept")).text == "7"
+        # Also by a name that only looks qualified (no node has tag 20240106).
+        dated = await cluster_engine.session("20240106.thread-2")
+        assert (await second.get_session("20240106.thread-2")).id == dated.id
+        assert await second.list_files(session_id="20240106.thread-2") == []
+        await second.close_session("20240106.thread-2")
+        with pytest.raises(SessionClosed):
+            await dated.run("1")
     # Closing the second closed its own session, not the one it only used.
     assert (await mine.run("kept + 1")).text == "8"
     with pytest.raises(SessionClosed):

@@ -110,6 +110,9 @@ class SessionRouting(HostDirectory):
         if session is not None:
             return session
         parsed = parse_session_id(session_id)
+        if parsed is not None and not self._is_node_tag(parsed[0]):
+            # Not a node's: a name that looks qualified ("20240105.thread-1"), as session() has it.
+            parsed = None
         host = (
             self._host_of_tag(parsed[0], session_id)
             if parsed is not None
