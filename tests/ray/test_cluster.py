@@ -251,6 +251,30 @@ async def test_agent_files_reach_every_node_running_the_agent(
     await asyncio.gather(*(s.close() for s in agent_sessions))
 
 
+async def test_an_agent_file_uploaded_while_its_session_opens_reaches_that_session(
+    cluster_engine: ClusterEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = cluster_engine._home()  # where an upload is stored
+    away = next(h for h in cluster_engine._hosts.values() if h is not home and not h.gone)
+
+    async def place_away(exclude: Any) -> Any:
+        return away
+
+    sync, uploaded = cluster_engine._sync_agent_files, []
+
+    async def sync_then_upload(agent_id: str, target: Any) -> None:
+        await sync(agent_id, target)
+        if not uploaded:  # lands after the session's files were synced, before it opened
+            uploaded.append(await cluster_engine.upload(b"v\n", "notes.txt", agent_id=agent_id))
+
+    monkeypatch.setattr(cluster_engine, "_place_session", place_away)
+    monkeypatch.setattr(cluster_engine, "_sync_agent_files", sync_then_upload)
+    session = await cluster_engine.session("racing", agent_id="racer")
+    assert session.node_id == away.node_id and uploaded
+    assert (await session.run("print(open('/mnt/data/notes.txt').read(), end='')")).stdout == "v\n"
+    await session.close()
+
+
 async def test_doctor_runs_on_every_node(
     cluster_engine: ClusterEngine, ray_cluster: LocalCluster
 ) -> None:

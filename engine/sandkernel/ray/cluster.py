@@ -34,6 +34,7 @@ across nodes (``_files``) and :class:`ClusterSession` (``session``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -352,6 +353,11 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
                 target.opened += 1
             session = self._register(target, name, info, agent_id)
             session._created_here = session._created_here or created
+            if agent_id is not None:
+                # An agent's file uploaded while the session opened went to the nodes
+                # that had the agent's sessions then: once more, now that it has one.
+                with contextlib.suppress(HostGone):
+                    await self._sync_agent_files(agent_id, target)
             return session
         raise SandboxUnavailable(f"no host could open session {name!r}: {last_error}")
 
