@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -227,6 +228,29 @@ async def test_files_cross_nodes(cluster_engine: ClusterEngine) -> None:
     with pytest.raises(FileNotFoundInStore):
         await elsewhere.run("1", file_ids=[doc.id])
     await asyncio.gather(*(s.close() for s in sessions))
+
+
+async def test_a_large_upload_is_handed_to_ray_off_the_event_loop(
+    cluster_engine: ClusterEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandkernel.ray._handle import HostHandle
+
+    loop_thread, on_loop = threading.get_ident(), {}
+    submit = HostHandle.submit
+
+    def recording_submit(self: HostHandle, method: str, *args: Any) -> Any:
+        on_loop[method] = threading.get_ident() == loop_thread
+        return submit(self, method, *args)
+
+    monkeypatch.setattr(HostHandle, "submit", recording_submit)
+    # Ray copies the bytes as the call is made: seconds for hundreds of MiB.
+    big = await cluster_engine.upload(b"a,b\n" * (1 << 19), "big.csv")  # 2 MiB
+    assert on_loop["store"] is False
+    small = await cluster_engine.upload(b"a,b\n", "small.csv")
+    assert on_loop["store"] is True
+    assert await cluster_engine.download(big.id) == b"a,b\n" * (1 << 19)
+    for stored in (big, small):
+        await cluster_engine.delete_file(stored.id)
 
 
 async def test_agent_files_reach_every_node_running_the_agent(

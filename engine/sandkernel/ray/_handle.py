@@ -15,6 +15,9 @@ from sandkernel.ray._channel import ChannelClient, ChannelClosed, Endpoint
 from sandkernel.ray._protocol import CHANNEL_METHODS, HostClosing, HostInfo, HostStats, Raised
 from sandkernel.ray.errors import HostUnreachable
 
+#: A call's bytes argument (an upload) larger than this is handed to Ray off the loop.
+_BIG_ARGUMENT = 1 << 20
+
 log = logging.getLogger(__name__)
 
 MIN_CHUNK = 4  # one-shot runs per Ray call, at least (when that many wait)
@@ -121,7 +124,12 @@ class HostHandle:
         if channel is not None and channel.open and method in CHANNEL_METHODS:
             reply = await self._call_channel(channel, method, args)
         else:
-            ref = self.submit(method, *args)
+            if any(isinstance(a, bytes | bytearray) and len(a) > _BIG_ARGUMENT for a in args):
+                # Ray copies the bytes into its object store as the call is made
+                # (seconds for an upload of hundreds of MiB): not on the event loop.
+                ref = await asyncio.to_thread(self.submit, method, *args)
+            else:
+                ref = self.submit(method, *args)
             reply = await self.guard(asyncio.wrap_future(ref.future()), cancel=ref)
         if isinstance(reply, Raised):
             raise reply.error
