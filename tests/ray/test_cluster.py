@@ -21,6 +21,7 @@ from sandkernel import (  # noqa: E402
     FileNotFoundInStore,
     SandboxUnavailable,
     SessionClosed,
+    SessionExpired,
     SessionNotFound,
 )
 from sandkernel.ray import ClusterEngine, ClusterSession, SessionLost  # noqa: E402
@@ -133,6 +134,30 @@ async def test_an_engine_that_closes_closes_only_the_sessions_it_made(
     with pytest.raises(SessionClosed):
         await (await cluster_engine.get_session(theirs.id)).run("1")
     await mine.close()
+
+
+async def test_a_session_past_its_ttl_is_expired_before_the_reaper_passes(
+    ray_cluster: LocalCluster,
+) -> None:
+    kwargs = ray_cluster.engine_kwargs(
+        namespace=f"{ray_cluster.namespace}-ttl",
+        runtime_dir=str(ray_cluster.root / "ttl-{node}"),
+        store_dir=str(ray_cluster.stores / "ttl-{node}"),
+        session_ttl_s=1.0,
+        reap_interval_s=3600.0,  # no reaper pass: the expiry is found on use, as locally
+    )
+    async with ClusterEngine(**kwargs) as engine:
+        ray_cluster.remember(engine.hosts())
+        session = await engine.session("conv-ttl")
+        await session.run("x = 1")
+        async with asyncio.timeout(30):
+            while not session._past_expiry():  # noqa: ASYNC110 - wall time passing, no event
+                await asyncio.sleep(0.1)
+        with pytest.raises(SessionExpired):
+            await engine.get_session(session.id)
+        fresh = await engine.session("conv-ttl", if_expired="new")
+        assert (await fresh.run("'x' in globals()")).text == "False"
+        await fresh.close()
 
 
 async def test_twenty_sessions_spread_over_every_node(cluster_engine: ClusterEngine) -> None:

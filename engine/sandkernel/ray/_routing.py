@@ -107,6 +107,14 @@ class SessionRouting(HostDirectory):
     async def _lookup(self, session_id: str) -> ClusterSession:
         """A session by id or name, known here or found on its host."""
         session = self._known(session_id)
+        if session is not None and session._past_expiry() and not session._host.gone:
+            # What its host says now: expired, or kept alive meanwhile by another engine.
+            try:
+                info = await session._host.call("find_session", session.name)
+            except HostGone:
+                raise session._lost_error() from None
+            if info is not None:
+                session._update(info)
         if session is not None:
             return session
         parsed = parse_session_id(session_id)

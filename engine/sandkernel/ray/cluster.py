@@ -280,7 +280,8 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
             name = session_id if parsed is None else parsed[1]
             check_name(name)
             known = self._known(session_id)
-            if known is not None and not known.closed and not known._host.gone:
+            past = known is not None and known._past_expiry()
+            if known is not None and not known.closed and not known._host.gone and not past:
                 known._check_usable()
                 return known
             if known is not None and known._host.gone:

@@ -302,6 +302,10 @@ class NodeHost:
     # -- sessions ---------------------------------------------------------------------
 
     def _session_info(self, session: Session) -> SessionInfo:
+        if not session.closed:
+            # Past its expiry, not yet reaped: expired, as the local engine answers it.
+            with contextlib.suppress(SandkernelError):
+                session._check_usable()
         return session.snapshot().model_copy(update={"id": session_id_of(self.tag, session.id)})
 
     @_replying

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sandkernel.errors import FileNotFoundInStore, SessionClosed, SessionExpired, SessionNotFound
@@ -108,6 +109,10 @@ class ClusterSession(StreamsFromRun):
             f"{self._host.lost_reason}: its kernel, variables and workspace are gone. "
             "Open a new session"
         )
+
+    def _past_expiry(self) -> bool:
+        """The expiry the host last reported has passed (the host may know better)."""
+        return not self.closed and self._info.expires_at <= datetime.now(UTC)
 
     def _check_usable(self) -> None:
         if self._info.state is SessionState.CLOSED:
