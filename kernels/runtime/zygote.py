@@ -144,6 +144,12 @@ def _last_cap():
         return int(f.read())
 
 
+def _nice_of(pid):
+    """``pid``'s nice value, from ``/proc/<pid>/stat`` (its number is the host's, not ours)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
 def _limits_of(pid):
     """``pid``'s rlimits, by resource number, from ``/proc/<pid>/limits``.
 
@@ -172,7 +178,7 @@ def _pid_of_pidfd(pidfd):
 # -- the kernel ------------------------------------------------------------------
 
 
-def _become_kernel(request, limits, last_cap, report_fd, outside_cpu_ns):
+def _become_kernel(request, limits, nice, last_cap, report_fd, outside_cpu_ns):
     """In the sandbox's PID namespace, adopted by its init: drop everything, run ipykernel."""
     # Adopted by the stub once our parent (in this namespace) has exited.
     parent = os.getppid()
@@ -197,6 +203,7 @@ def _become_kernel(request, limits, last_cap, report_fd, outside_cpu_ns):
                 pass
     for res, (soft, hard) in limits.items():
         resource.setrlimit(res, (soft, hard))
+    os.setpriority(os.PRIO_PROCESS, 0, nice)  # not the engine's (nice -n 10 sandkernel serve)
     for cap in range(last_cap + 1):
         _prctl(_PR_CAPBSET_DROP, cap, what="PR_CAPBSET_DROP")
     _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, what="PR_CAP_AMBIENT")
@@ -219,6 +226,10 @@ def _become_kernel(request, limits, last_cap, report_fd, outside_cpu_ns):
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     _reseed()
     _set_cmdline(request["cmdline"])
+    # A cold kernel's environment, the policy's variables included: the zygote
+    # ran without them (paths it would have read as root on the host).
+    os.environ.clear()
+    os.environ.update(item.split("=", 1) for item in request["env"])
 
 
 def _set_cmdline(argv):
@@ -289,6 +300,7 @@ def _middle(request, fds, report_fd, stub):
             f.write("0")  # this process, whatever its number in its namespace
     outside_cpu_ns = time.thread_time_ns()
     limits = _limits_of(stub)
+    nice = _nice_of(stub)  # the policy's, as nsjail set it
     last_cap = _last_cap()
     root = os.open(f"/proc/{stub}/root", os.O_PATH | os.O_DIRECTORY)
     # The pid was the stub's while the pidfd was open and still is now: no reuse.
@@ -306,7 +318,7 @@ def _middle(request, fds, report_fd, stub):
     if kernel:
         os._exit(0)  # the kernel is the stub's from now on
     try:
-        _become_kernel(request, limits, last_cap, report_fd, outside_cpu_ns)
+        _become_kernel(request, limits, nice, last_cap, report_fd, outside_cpu_ns)
     except BaseException as exc:  # noqa: BLE001 - reported, then exit
         _report(report_fd, exc)
         os._exit(1)
@@ -387,14 +399,26 @@ def _fork_kernel(request, fds):
 # -- the zygote ----------------------------------------------------------------------
 
 
+#: The host name every sandbox has (its nsjail config's ``hostname``).
+_SANDBOX_HOSTNAME = b"sandbox"
+#: Configuration folders of the host that no sandbox has (its /etc is an allowlist)
+#: and that IPython and Jupyter read, as Python: hidden from the zygote, root here.
+_HOST_ONLY_CONFIG = ("/etc/ipython", "/etc/jupyter")
+
+
 def _private_tmp():
-    """A mount namespace of the zygote's own, with a /tmp tmpfs: what imports write stays here.
+    """Mount and host-name namespaces of the zygote's own, seen as a sandbox sees them.
 
     The sandbox's environment points caches at /tmp (matplotlib's font list,
     IPython's folder); in the zygote they must neither touch the host's /tmp
-    nor differ from the paths a kernel sees in its sandbox.
+    nor differ from the paths a kernel sees in its sandbox. The host's own
+    IPython and Jupyter configuration is hidden, as in a sandbox (the
+    zygote would run it as root, and every kernel would inherit what it
+    did), and what the warm-up caches of the host name (``platform.node()``)
+    is the sandbox's.
     """
-    os.unshare(os.CLONE_NEWNS)
+    os.unshare(os.CLONE_NEWNS | os.CLONE_NEWUTS)
+    socket.sethostname(_SANDBOX_HOSTNAME)
     mount = _libc.mount
     mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
     ms_bind, ms_rec, ms_private = 0x1000, 0x4000, 1 << 18
@@ -406,6 +430,11 @@ def _private_tmp():
     here = os.path.dirname(os.path.abspath(__file__))
     needed = {sys.prefix, sys.base_prefix, here, *(p for p in sys.path if p)}
     tops = sorted({p.split("/")[2] for p in needed if p.startswith("/tmp/") and len(p) > 5})
+    ms_rdonly = 1
+    for folder in _HOST_ONLY_CONFIG:
+        if os.path.isdir(folder):
+            options = b"size=4k,mode=0755"
+            _check(mount(b"tmpfs", folder.encode(), b"tmpfs", ms_rdonly, options), "hide")
     host_tmp = os.open("/tmp", os.O_PATH | os.O_DIRECTORY)
     try:
         _check(mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b"size=64m,mode=1777"), "mount /tmp")

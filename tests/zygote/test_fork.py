@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -22,7 +23,15 @@ from sandkernel.sandbox import zygote as zygote_module
 from sandkernel.sandbox.confinement import compare_confinement, confinement, nspid
 from sandkernel.sandbox.layout import RUNTIME_IN_JAIL
 from sandkernel.sandbox.layout import WORKSPACE_IN_JAIL as WORKSPACE
-from sandkernel.sandbox.zygote import PERL, STUB_ARGS, Zygote, stub_command
+from sandkernel.sandbox.zygote import (
+    PERL,
+    STUB_ARGS,
+    Zygote,
+    ZygoteFailed,
+    ZygoteSupervisor,
+    fork_refused,
+    stub_command,
+)
 from tests.conftest import KernelFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -89,6 +98,10 @@ async def test_the_outside_check_tells_a_process_confined_otherwise(
     problems = compare_confinement(confinement(os.getpid()), sandboxed)
     for what in ("mnt namespace", "pid namespace", "CapEff", "Uid", "NoNewPrivs", "cgroups"):
         assert any(what in p for p in problems), (what, problems)
+    reniced = dataclasses.replace(sandboxed, nice=sandboxed.nice + 5)
+    assert compare_confinement(reniced, sandboxed) == [
+        f"its nice value is {sandboxed.nice + 5}, the sandbox's is {sandboxed.nice}"
+    ]
 
 
 async def test_two_forked_kernels_see_neither_processes_files_nor_memory(
@@ -438,6 +451,69 @@ async def test_a_policys_perl_options_do_not_reach_the_perl_init(
         await z.close()
 
 
+async def test_the_policys_environment_is_the_kernels_and_never_the_zygotes(
+    kernel_factory: KernelFactory, host: SandboxHost, tmp_path: Path
+) -> None:
+    # Paths the policy names are the sandbox's: read by the root zygote on the
+    # host, an IPython config there would run as root.
+    config = tmp_path / "ipython" / "profile_default"
+    config.mkdir(parents=True)
+    marker = tmp_path / "ran-as-root"
+    (config / "ipython_kernel_config.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    policy = load_policy(None).model_copy(
+        update={"env": {"IPYTHONDIR": str(tmp_path / "ipython"), "TEAM": "analysts"}}
+    )
+    z = Zygote(host, policy)
+    await z.start()
+    try:
+        assert z.pid is not None
+        environ = await asyncio.to_thread(Path(f"/proc/{z.pid}/environ").read_bytes)
+        zygote_env = environ.decode().split("\0")
+        assert "IPYTHONDIR=/tmp/.ipython" in zygote_env  # the sandbox's own, not the policy's
+        assert not [v for v in zygote_env if v.startswith("TEAM=")]
+        kernel: SandboxedKernel = await kernel_factory(policy, zygote=z)
+        assert kernel.forked_pid is not None
+        r = await kernel.execute("import os\nprint(os.environ['TEAM'], os.environ['IPYTHONDIR'])")
+        assert r.stdout == f"analysts {tmp_path / 'ipython'}\n", r
+        await kernel.self_check()  # the whole environment, as rendered for a cold kernel
+    finally:
+        await z.close()
+    assert not marker.exists()
+
+
+async def test_a_policy_setting_what_a_process_reads_as_it_starts_is_not_forked(
+    host: SandboxHost,
+) -> None:
+    policy = load_policy(None).model_copy(update={"env": {"PYTHONPATH": "/mnt/data/lib"}})
+    assert fork_refused(policy) is not None and "PYTHONPATH" in str(fork_refused(policy))
+    with pytest.raises(ZygoteFailed, match="PYTHONPATH"):
+        await Zygote(host, policy).start()
+    supervisor = ZygoteSupervisor(host, policy)
+    assert await supervisor.get() is None and "start cold" in supervisor.status()
+    await supervisor.close()
+
+
+async def test_a_forked_kernel_has_the_sandboxs_nice_value_not_the_engines(
+    kernel_factory: KernelFactory, host: SandboxHost
+) -> None:
+    policy = load_policy(None)
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    os.setpriority(os.PRIO_PROCESS, 0, 7)  # an engine run as `nice -n 7 sandkernel serve`
+    try:
+        z = Zygote(host, policy)
+        await z.start()
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, before)
+    try:
+        assert z.pid is not None and os.getpriority(os.PRIO_PROCESS, z.pid) == 7
+        kernel: SandboxedKernel = await kernel_factory(policy, zygote=z)
+        assert kernel.forked_pid is not None  # and it passed the outside check, nice included
+        r = await kernel.execute("import os\nos.getpriority(os.PRIO_PROCESS, 0)")
+        assert r.text == "0", r  # the policy's (nsjail's nice_level), as a cold kernel's
+    finally:
+        await z.close()
+
+
 async def test_a_dead_zygote_fails_the_fork_and_leaves_no_sandbox(
     host: SandboxHost, zygote: Zygote
 ) -> None:
@@ -461,6 +537,46 @@ async def test_a_policy_with_network_forks_into_the_host_network(
         await kernel.self_check()
     finally:
         await z.close()
+
+
+_HOST_CONFIG_PROBE = """
+import asyncio, tempfile
+from sandkernel import Engine
+from tests.conftest import runtime_root
+
+async def main():
+    async with Engine(pool_size=0, prewarm_imports=(), runtime_dir=runtime_root(),
+                      store_dir=tempfile.mkdtemp(), handle_sigterm=False) as engine:
+        session = await engine.session()
+        assert session.kernel is not None and session.kernel.forked_pid is not None
+        r = await session.run("import platform\\nprint(platform.node(), 'HOST_ONLY' in globals())")
+        print(r.stdout.strip() or r)
+
+asyncio.run(main())
+"""
+
+
+def test_a_forked_kernel_sees_neither_the_hosts_name_nor_its_ipython_config(
+    tmp_path: Path,
+) -> None:
+    # A copy of this machine's /etc with an IPython configuration no sandbox
+    # mounts, put over /etc in a mount namespace of the test's own.
+    etc = tmp_path / "etc"
+    subprocess.run(["cp", "-a", "/etc", str(etc)], check=True)
+    (etc / "ipython").mkdir(exist_ok=True)
+    (etc / "ipython" / "ipython_kernel_config.py").write_text(
+        "c = get_config()\nc.InteractiveShellApp.exec_lines = ['HOST_ONLY = 1']\n"
+    )
+    probe = tmp_path / "probe.py"
+    probe.write_text(_HOST_CONFIG_PROBE)
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f'mount --bind "{etc}" /etc && exec "{sys.executable}" "{probe}"'],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "sandbox False", done.stdout
 
 
 def test_a_zygote_whose_engine_is_gone_ends_at_once_whatever_the_engines_pid() -> None:

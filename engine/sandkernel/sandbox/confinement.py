@@ -90,10 +90,11 @@ class Confinement:
     status: dict[str, str]
     cgroups: str
     limits: dict[str, tuple[int, int]]
+    nice: int = 0
 
 
 def confinement(pid: int) -> Confinement:
-    """Read ``pid``'s namespaces, root, credentials, capabilities, cgroups and rlimits."""
+    """Read ``pid``'s namespaces, root, credentials, capabilities, cgroups, rlimits and nice."""
     proc = Path(f"/proc/{pid}")
     namespaces = {ns: os.stat(proc / "ns" / ns).st_ino for ns in NAMESPACES}
     root = os.stat(proc / "root")
@@ -104,7 +105,9 @@ def confinement(pid: int) -> Confinement:
             status[key] = " ".join(value.split())
     limits = limits_of(pid)
     cgroups = (proc / "cgroup").read_text()
-    return Confinement(pid, namespaces, (root.st_dev, root.st_ino), status, cgroups, limits)
+    # The fields after "pid (comm)": state is the first, nice the 17th.
+    nice = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[16])
+    return Confinement(pid, namespaces, (root.st_dev, root.st_ino), status, cgroups, limits, nice)
 
 
 def limits_of(pid: int) -> dict[str, tuple[int, int]]:
@@ -149,4 +152,6 @@ def compare_confinement(process: Confinement, reference: Confinement) -> list[st
     for name, limit in reference.limits.items():
         if process.limits.get(name) != limit:
             problems.append(f"{name} is {process.limits.get(name)}, the sandbox's is {limit}")
+    if process.nice != reference.nice:
+        problems.append(f"its nice value is {process.nice}, the sandbox's is {reference.nice}")
     return problems

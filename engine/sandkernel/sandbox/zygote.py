@@ -129,6 +129,26 @@ class ForkedKernel:
     filters: tuple[bytes, ...]
 
 
+#: Environment variables read as a process starts (the interpreter's, the
+#: dynamic loader's, glibc's) or as the zygote's libraries load (their thread
+#: pools), which a kernel forked from a running interpreter cannot honour.
+_READ_AT_START = (
+    "PYTHON", "LD_", "GCONV_PATH", "GLIBC_TUNABLES", "MALLOC_",
+    "OMP_", "OPENBLAS_", "MKL_", "NUMEXPR_",
+)  # fmt: skip
+
+
+def fork_refused(policy: Policy) -> str | None:
+    """Why kernels of ``policy`` cannot be forked (they start cold), or None."""
+    at_start = sorted(k for k in policy.env if k.startswith(_READ_AT_START))
+    if at_start:
+        return (
+            f"the policy's env sets {', '.join(at_start)}, read only as a process starts: "
+            "its kernels start cold"
+        )
+    return None
+
+
 class Zygote:
     """One warm interpreter that forks kernels into sandboxes (see the module's doc).
 
@@ -170,9 +190,16 @@ class Zygote:
         Raises:
             ZygoteFailed: it exited or did not get ready in time (with its stderr).
         """
+        refused = fork_refused(self.policy)
+        if refused is not None:
+            raise ZygoteFailed(refused)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
-        env = dict(e.split("=", 1) for e in sandbox_env(self.policy, self.host.runtime))
+        # The sandbox's environment without the policy's own variables: the
+        # zygote is root on the host, where a path the policy names (a config
+        # folder, PYTHONPATH) may be anyone's. Each kernel gets them after the fork.
+        plain = self.policy.model_copy(update={"env": {}})
+        env = dict(e.split("=", 1) for e in sandbox_env(plain, self.host.runtime))
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         runtime = data_dir("kernels") / "runtime"
         script = runtime / "zygote.py"
@@ -317,6 +344,8 @@ class Zygote:
                 "args": argv[2:],
                 "cmdline": argv,
                 "cwd": WORKSPACE_IN_JAIL,
+                # The whole environment a cold kernel starts with, set once it is unprivileged.
+                "env": sandbox_env(self.policy, jail.host.runtime),
             }
             empty, closed = os.pipe2(os.O_CLOEXEC)
             os.close(closed)
@@ -468,6 +497,10 @@ class ZygoteSupervisor:
     async def get(self) -> Zygote | None:
         """The live zygote, starting one if needed; None to start cold this time."""
         if self._closed:
+            return None
+        refused = fork_refused(self.policy)
+        if refused is not None:
+            self.last_error = refused
             return None
         zygote = self.zygote
         if zygote is not None and zygote.alive:
