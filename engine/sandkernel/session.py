@@ -315,7 +315,12 @@ class Session(StreamsFromRun):
         return self.workspace
 
     async def interrupt(self) -> None:
-        """Interrupt the running cell, if any."""
+        """Interrupt the running cell, if any.
+
+        Raises:
+            SessionExpired, SessionClosed: the session has ended (as its other calls do).
+        """
+        self._check_usable()
         if self.kernel is not None:
             await self.kernel.interrupt()
 

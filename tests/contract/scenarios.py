@@ -141,6 +141,8 @@ async def ended_sessions_answer_with_their_error(api: EngineAPI) -> None:
     with pytest.raises(SessionClosed):
         await session.run("x")
     with pytest.raises(SessionClosed):
+        await session.interrupt()
+    with pytest.raises(SessionClosed):
         await api.get_session(session.id)
     with pytest.raises(SessionClosed):
         await api.session(session.id)
@@ -149,6 +151,7 @@ async def ended_sessions_answer_with_their_error(api: EngineAPI) -> None:
     await fresh.close()
     with pytest.raises(SessionNotFound):
         await api.get_session("contract-never-opened")
+    assert await api.list_files(session_id="contract-never-opened") == []
 
 
 async def a_session_expires_after_its_ttl(api: EngineAPI) -> None:
@@ -170,6 +173,8 @@ async def one_shot_runs_are_programs(api: EngineAPI) -> None:
     requests = [RunRequest(code=f"print({n} * 2)", id=n) for n in range(8)]
     results = {r.id: r.stdout async for r in api.run_many(requests, concurrency=2)}
     assert results == {n: f"{n * 2}\n" for n in range(8)}
+    with pytest.raises((SandkernelError, ValueError)):
+        [r async for r in api.run_many(requests, concurrency=0)]
 
 
 async def stats_count_sessions(api: EngineAPI) -> None:

@@ -373,7 +373,7 @@ class BatchPool:
         ``concurrency`` (default: workers × pipeline depth) requests and their
         results are held at a time. Match results to requests with ``RunRequest.id``.
         """
-        limit = concurrency or self.workers * self.pipeline_depth
+        limit = self.workers * self.pipeline_depth if concurrency is None else concurrency
         if limit < 1:
             raise ValueError("concurrency must be at least 1")
         source = iterate_async(requests)

@@ -10,7 +10,12 @@ from typing import Any, BinaryIO
 
 import ray
 
-from sandkernel.errors import BadInput, FileNotFoundInStore, SandboxUnavailable
+from sandkernel.errors import (
+    BadInput,
+    FileNotFoundInStore,
+    SandboxUnavailable,
+    SessionNotFound,
+)
 from sandkernel.files import StoredFile
 from sandkernel.ray._handle import HostGone, HostHandle
 from sandkernel.ray._protocol import Raised, check_name, file_tag, session_id_of
@@ -203,7 +208,10 @@ class ClusterFiles(SessionRouting):
         """
         self._require_running()
         if session_id is not None:
-            session = await self._lookup(session_id)
+            try:
+                session = await self._lookup(session_id)
+            except SessionNotFound:
+                return []  # as the local store answers for a session it has no files of
             files: list[StoredFile] = await session._call(
                 "list_files", session.name, agent_id, usable=False
             )
