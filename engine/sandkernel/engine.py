@@ -598,9 +598,12 @@ class Engine:
     async def _give_to_agent_sessions(self, agent_id: str, files: list[StoredFile]) -> None:
         # A copy: sessions come and go while each placement awaits its thread.
         for session in list(self._sessions.values()):
-            if session.agent_id != agent_id or session.closed or session.kernel is None:
-                continue
-            if session.workspace is None:
+            if (
+                session.agent_id != agent_id
+                or session.closed
+                or session.kernel is None
+                or session.workspace is None
+            ):
                 continue
             for stored in files:
                 try:

@@ -144,10 +144,15 @@ def _last_cap():
         return int(f.read())
 
 
-def _nice_of(pid):
-    """``pid``'s nice value, from ``/proc/<pid>/stat`` (its number is the host's, not ours)."""
+def _stat_fields(pid):
+    """The fields of ``/proc/<pid>/stat`` after ``pid (comm)``: state is the first."""
     with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _nice_of(pid):
+    """``pid``'s nice value (its number is the host's, not ours: read from /proc)."""
+    return int(_stat_fields(pid)[16])
 
 
 def _limits_of(pid):
@@ -239,8 +244,7 @@ def _set_cmdline(argv):
     does); the engine passed them long enough. Tools that tell a kernel by its
     command line then see the same in both kinds of kernel.
     """
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = _stat_fields("self")
     start, end = int(fields[45]), int(fields[46])
     text = "\0".join(argv).encode() + b"\0"
     if len(text) <= end - start:

@@ -134,12 +134,13 @@ class RunRequest(BaseModel):
         argv: Sequence[str] = (),
         timeout_s: float | None = None,
         memory_mb: int | None = None,
+        filename: str = "main.py",
     ) -> RunRequest:
         """The request ``run_once(code, ...)`` makes, from its arguments (text stdin as UTF-8)."""
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         return cls(
             code=code, stdin=data, files=dict(files or {}), fetch_files=list(fetch_files),
-            argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb,
+            argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb, filename=filename,
         )  # fmt: skip
 
     @model_validator(mode="after")

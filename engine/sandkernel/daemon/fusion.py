@@ -298,15 +298,15 @@ async def run_code(
         test_file = _free_name("test_main.py", files)
         files[test_file] = request.code.encode()
         code, argv = _pytest_main(test_file), list(request.args)
-    run = RunRequest(
-        code=code,
-        stdin=request.stdin.encode() if request.stdin else b"",
+    run = RunRequest.program(
+        code,
+        stdin=request.stdin,
         files=files,
-        fetch_files=list(request.fetch_files),
+        fetch_files=request.fetch_files,
         argv=argv,
-        filename=_free_name("main.py", files),
         timeout_s=request.run_timeout if request.run_timeout > 0 else None,
         memory_mb=request.memory_limit_MB if request.memory_limit_MB > 0 else None,
+        filename=_free_name("main.py", files),
     )
     result = [r async for r in engine.run_many([run], concurrency=1)][0]
     if result.setup_failed:

@@ -95,6 +95,15 @@ class SessionRouting(HostDirectory):
         """Whether ``tag`` is a node's, alive or lost (else an id only looks qualified)."""
         return tag in self._by_tag or tag in self._lost
 
+    def _qualified(self, session_id: str) -> tuple[str, str] | None:
+        """``(node tag, name)`` of a session id, or None for a bare name.
+
+        A name that only looks qualified ("20240105.thread-1": no node has
+        that tag) is a bare name.
+        """
+        parsed = parse_session_id(session_id)
+        return parsed if parsed is not None and self._is_node_tag(parsed[0]) else None
+
     def _host_of_tag(self, tag: str, session_id: str) -> HostHandle:
         host = self._by_tag.get(tag)
         if host is not None and not host.gone:
@@ -117,10 +126,7 @@ class SessionRouting(HostDirectory):
                 session._update(info)
         if session is not None:
             return session
-        parsed = parse_session_id(session_id)
-        if parsed is not None and not self._is_node_tag(parsed[0]):
-            # Not a node's: a name that looks qualified ("20240105.thread-1"), as session() has it.
-            parsed = None
+        parsed = self._qualified(session_id)
         host = (
             self._host_of_tag(parsed[0], session_id)
             if parsed is not None

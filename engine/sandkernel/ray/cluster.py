@@ -56,7 +56,6 @@ from sandkernel.ray._protocol import (
     ClusterStats,
     HostConfig,
     check_name,
-    parse_session_id,
     session_id_of,
 )
 from sandkernel.ray.errors import HostUnreachable, SessionLost
@@ -273,10 +272,7 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         if session_id is None:
             name = f"sess-{secrets.token_hex(8)}"
         else:
-            parsed = parse_session_id(session_id)
-            if parsed is not None and not self._is_node_tag(parsed[0]):
-                # Not a node's: a name that looks qualified ("20240105.thread-1").
-                parsed = None
+            parsed = self._qualified(session_id)
             name = session_id if parsed is None else parsed[1]
             check_name(name)
             known = self._known(session_id)

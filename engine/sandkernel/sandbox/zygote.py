@@ -483,7 +483,9 @@ class ZygoteSupervisor:
         self.forks = 0
         self.fallbacks = 0
         self.restarts = 0
-        self.last_error: str | None = None
+        #: why this policy's kernels cannot be forked, if so (its env is fixed)
+        self.refused = fork_refused(policy)
+        self.last_error: str | None = self.refused
         self._closed = False
 
     def status(self) -> str:
@@ -496,11 +498,7 @@ class ZygoteSupervisor:
 
     async def get(self) -> Zygote | None:
         """The live zygote, starting one if needed; None to start cold this time."""
-        if self._closed:
-            return None
-        refused = fork_refused(self.policy)
-        if refused is not None:
-            self.last_error = refused
+        if self._closed or self.refused is not None:
             return None
         zygote = self.zygote
         if zygote is not None and zygote.alive:
