@@ -151,6 +151,19 @@ async def test_self_check_reports_isolation(kernel_factory: KernelFactory) -> No
     assert report["uid"] == 65534 and report["cwd"] == "/mnt/data"
 
 
+async def test_the_users_modules_are_not_shadowed_by_the_runtimes(
+    kernel_factory: KernelFactory,
+) -> None:
+    k = await kernel_factory()
+    # Names of the runtime's own files.
+    for name in ("launch", "zygote", "frames"):
+        (k.workspace / f"{name}.py").write_text(f"MINE = {name!r}\ndef report(): return '{{}}'\n")
+    r = await k.execute(
+        "import launch, zygote, frames\nprint(launch.MINE, zygote.MINE, frames.MINE)"
+    )
+    assert r.stdout == "launch zygote frames\n", r
+
+
 async def test_shutdown_is_idempotent_and_removes_everything(kernel_factory: KernelFactory) -> None:
     k = await kernel_factory()
     root = k.workspace.parent

@@ -121,6 +121,13 @@ def run_kernel(args, app=None):
         if path:
             os.makedirs(path, exist_ok=True)
     os.chdir(os.environ.get("SANDKERNEL_WORKSPACE", "/mnt/data"))
+    # The runtime's folder leaves the path, and this module sys.modules (a
+    # forked kernel's zygote imported it): the user's own launch.py, frames.py
+    # or zygote.py in the workspace is theirs to import, not shadowed by ours.
+    runtime = os.path.dirname(os.path.abspath(sys.argv[0]))
+    sys.path[:] = [p for p in sys.path if not p or os.path.abspath(p) != runtime]
+    if __name__ == "launch":
+        sys.modules.pop("launch", None)
     sys.argv = [sys.argv[0], *args, *KERNEL_OPTIONS]
     if app is None or len(args) != 2 or args[0] != "-f":
         from ipykernel import kernelapp
