@@ -155,13 +155,16 @@ async def test_the_users_modules_are_not_shadowed_by_the_runtimes(
     kernel_factory: KernelFactory,
 ) -> None:
     k = await kernel_factory()
-    # Names of the runtime's own files.
-    for name in ("launch", "zygote", "frames"):
+    # Names of the runtime's own files, and of the self-check's module.
+    for name in ("launch", "zygote", "frames", "_sandkernel_selfcheck"):
         (k.workspace / f"{name}.py").write_text(f"MINE = {name!r}\ndef report(): return '{{}}'\n")
     r = await k.execute(
         "import launch, zygote, frames\nprint(launch.MINE, zygote.MINE, frames.MINE)"
     )
     assert r.stdout == "launch zygote frames\n", r
+    # The self-check keeps the module the kernel imported before any user file.
+    report = await k.self_check()
+    assert report["uid"] == 65534 and report["cap_eff"] == "0000000000000000"
 
 
 async def test_shutdown_is_idempotent_and_removes_everything(kernel_factory: KernelFactory) -> None:

@@ -75,6 +75,7 @@ def prepare_kernel_app():
     does first. No connection file, key, socket or thread: the kernel makes
     those after the fork (:func:`run_kernel`).
     """
+    import _sandkernel_selfcheck  # noqa: F401 - every kernel's first cell calls it
     from ipykernel.kernelapp import IPKernelApp
     from IPython.core.application import BaseIPythonApplication
 
@@ -121,7 +122,11 @@ def run_kernel(args, app=None):
         if path:
             os.makedirs(path, exist_ok=True)
     os.chdir(os.environ.get("SANDKERNEL_WORKSPACE", "/mnt/data"))
-    # The runtime's folder leaves the path, and this module sys.modules (a
+    # The self-check's code (its cell calls it), from the runtime, before any
+    # file of the user's is on the path; a forked kernel has it from the zygote.
+    import _sandkernel_selfcheck  # noqa: F401
+
+    # Then the runtime's folder leaves the path, and this module sys.modules (a
     # forked kernel's zygote imported it): the user's own launch.py, frames.py
     # or zygote.py in the workspace is theirs to import, not shadowed by ours.
     runtime = os.path.dirname(os.path.abspath(sys.argv[0]))

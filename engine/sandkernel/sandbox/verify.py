@@ -24,36 +24,11 @@ IPYKERNEL_ENV = frozenset(
 )  # fmt: skip
 
 #: Run in a kernel, prints one JSON line: who it runs as, its mounts, its
-#: environment and which places it can write. Leaves no name behind.
-SELF_CHECK_PROBE = r"""
-import json as _j, os as _o
-def _sk_check():
-    s = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
-    def _writable(p):
-        try:
-            with open(_o.path.join(p, ".sk-probe"), "w"):
-                pass
-            _o.unlink(_o.path.join(p, ".sk-probe"))
-            return True
-        except OSError:
-            return False
-    mounts = []
-    for line in open("/proc/self/mountinfo").read().splitlines():
-        f = line.split()
-        point = f[4].replace("\\040", " ")
-        opts = f[5].split(",")
-        mounts.append([point, "ro" if "ro" in opts else "rw", f[f.index("-") + 1]])
-    return {
-        "uid": _o.getuid(), "gid": _o.getgid(),
-        "cap_eff": s["CapEff"].strip(), "no_new_privs": s["NoNewPrivs"].strip(),
-        "seccomp": s["Seccomp"].strip(), "cwd": _o.getcwd(),
-        "pids": sorted(int(p) for p in _o.listdir("/proc") if p.isdigit()),
-        "usr_writable": _writable("/usr"), "workspace_writable": _writable("."),
-        "root_writable": _writable("/"), "tmp_writable": _writable("/tmp"),
-        "env_keys": sorted(_o.environ), "env": dict(_o.environ), "mounts": mounts,
-    }
-print(_j.dumps(_sk_check()), flush=True); del _sk_check, _j, _o
-"""
+#: environment and which places it can write. Leaves no name behind. The
+#: check itself is ``kernels/runtime/_sandkernel_selfcheck.py``, imported by
+#: every kernel before it starts (``launch.run_kernel``; a forked kernel has it
+#: from the zygote, compiled and shared): this cell only calls it.
+SELF_CHECK_PROBE = "import _sandkernel_selfcheck as _sk\nprint(_sk.report(), flush=True); del _sk"
 
 
 def expected_mounts(policy: Policy, runtime: Runtime) -> dict[str, tuple[bool, bool]]:

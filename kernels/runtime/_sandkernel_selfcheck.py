@@ -1,0 +1,55 @@
+"""The self-check a kernel runs before it is handed out (``sandkernel.sandbox.verify``).
+
+Standard library only and no sandkernel import: it runs in the kernel, in
+the sandbox. Imported once before the kernel starts (by ``launch.py``, or
+by the zygote, whose kernels share its compiled and warmed code), so the
+check's cell is a call, not 30 lines for IPython to transform and compile
+in every new kernel. The module's name is private: a user's own
+``selfcheck.py`` stays theirs.
+"""
+
+import json
+import os
+
+
+def _writable(path):
+    probe = os.path.join(path, ".sk-probe")
+    try:
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
+
+
+def report():
+    """One line of JSON: who this process runs as, its mounts, environment and writable places."""
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f.read().splitlines():
+            fields = line.split()
+            point = fields[4].replace("\\040", " ")
+            options = fields[5].split(",")
+            kind = fields[fields.index("-") + 1]
+            mounts.append([point, "ro" if "ro" in options else "rw", kind])
+    return json.dumps(
+        {
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+            "cap_eff": status["CapEff"].strip(),
+            "no_new_privs": status["NoNewPrivs"].strip(),
+            "seccomp": status["Seccomp"].strip(),
+            "cwd": os.getcwd(),
+            "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+            "usr_writable": _writable("/usr"),
+            "workspace_writable": _writable("."),
+            "root_writable": _writable("/"),
+            "tmp_writable": _writable("/tmp"),
+            "env_keys": sorted(os.environ),
+            "env": dict(os.environ),
+            "mounts": mounts,
+        }
+    )
