@@ -107,9 +107,9 @@ async def test_a_longest_name_taken_twice_gets_a_suffixed_name_that_is_still_leg
     engine = await engine_factory()
     s = await engine.session("long")
     name = "a" * 251 + ".txt"  # 255 bytes, the most a name can have
-    first = await s.upload(b"one", name)
+    await s.run(f"open('/mnt/data/{name}', 'w').write('one')")  # the code's file
     second = await s.upload(b"two", name)
-    assert first.id != second.id
+    assert second.path == f"/mnt/data/{'a' * 242}-{second.id[5:13]}.txt"
     r = await s.run(
         "import os\n"
         "names = sorted(os.listdir('/mnt/data'))\n"
@@ -118,6 +118,26 @@ async def test_a_longest_name_taken_twice_gets_a_suffixed_name_that_is_still_leg
     assert r.stdout.strip() == str(
         [(255, "-" + second.id[5:13] + ".txt", "two"), (255, "aaaaaaaaa.txt", "one")]
     )
+
+
+async def test_a_corrected_upload_is_read_at_the_path_of_the_one_it_replaces(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory()
+    s = await engine.session("again")
+    first = await s.upload(b"month,sales\njan,1\n", "data.csv")
+    assert (await s.run("print(len(open('/mnt/data/data.csv').readlines()))")).stdout == "2\n"
+    corrected = await s.upload(b"month,sales\njan,1\nfeb,999\n", "data.csv")
+    assert first.path == corrected.path == "/mnt/data/data.csv"
+    r = await s.run(
+        "import os\nprint(sorted(os.listdir('/mnt/data')), open('/mnt/data/data.csv').read())"
+    )
+    assert r.stdout == "['data.csv'] month,sales\njan,1\nfeb,999\n\n"
+    assert r.files == []
+    assert {f.id: f.path for f in await s.files()} == {
+        first.id: None,  # still stored, no longer in the sandbox
+        corrected.id: "/mnt/data/data.csv",
+    }
 
 
 async def test_after_a_restart_a_session_file_keeps_its_name_over_an_agent_file(

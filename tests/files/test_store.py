@@ -264,3 +264,16 @@ def test_closed_says_whether_the_store_was_closed(tmp_path: Path) -> None:
     assert not store.closed
     store.close()
     assert store.closed
+
+
+def test_set_path_records_where_a_file_was_placed_as_produced_paths_are_listed(
+    store: FileStore,
+) -> None:
+    stored = store.add_bytes(b"a,b\n", "data.csv", session_id="s1")
+    assert stored.path is None
+    placed = store.set_path(stored.id, "/mnt/data/data-1a2b3c4d.csv")
+    assert placed.path == store.get(stored.id).path == "/mnt/data/data-1a2b3c4d.csv"
+    assert store.set_path(stored.id, "/mnt/data/a\\b.csv").path == "/mnt/data/a\\\\b.csv"
+    assert store.set_path(stored.id, None).path is None  # no longer there
+    with pytest.raises(FileNotFoundInStore):
+        store.set_path("file-000000000000000000000000", "/mnt/data/x.csv")

@@ -12,7 +12,7 @@ import openpyxl
 import pytest
 from PIL import Image
 
-from sandkernel.errors import FileRejected, SandkernelError
+from sandkernel.errors import FileRejected, FileTooLarge, SandkernelError
 from sandkernel.files import MIME_TYPES, FileStore, check_upload
 from tests.files._samples import (
     SAMPLES,
@@ -143,10 +143,14 @@ def test_size_cap_holds_and_names_the_setting(tmp_path: Path) -> None:
     assert "over the 10 bytes size cap (setting max_bytes)" in str(caught.value)
     with FileStore(tmp_path / "small", max_bytes=1024) as small:
         small.add_bytes(b"y" * 1024, "ok.txt")
-        with pytest.raises(
-            FileRejected, match=r"larger than the 1 KiB size cap \(setting max_bytes"
-        ):
+        with pytest.raises(FileTooLarge) as refused:
             small.add_stream(io.BytesIO(b"y" * 5000), "big.txt")
+        # The settings a user has: the engine's, and the daemon's flag.
+        assert str(refused.value) == (
+            "upload rejected: 'big.txt' is larger than the 1 KiB size cap (the store's "
+            "max_bytes, set by EngineConfig.max_upload_bytes or `sandkernel serve "
+            "--max-upload-mb`)"
+        )
         assert [f.name for f in small.list()] == ["ok.txt"]
         assert len(blob_files(small.root)) == 1
         assert list((small.root / "tmp").iterdir()) == []

@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import pytest
 
-from sandkernel.errors import EngineClosed, FileNotFoundInStore, FileTooLarge
+from sandkernel.errors import EngineClosed, FileNotFoundInStore, FileRejected, FileTooLarge
 from sandkernel.files import FileStore
 from sandkernel.results import DisplayOutput, ExecutionResult, Usage
 from sandkernel.sandbox import SANDBOX_UID
@@ -254,3 +254,195 @@ def test_writing_a_workspace_file_over_a_fifo_refuses_without_blocking(tmp_path:
             write_workspace_file(ws, "planted", b"data")
     finally:
         os.close(reader)
+
+
+def shown(count: int, *images: bytes) -> ExecutionResult:
+    """A cell that displayed ``images`` as PNGs."""
+    displays = [DisplayOutput(data={"image/png": base64.b64encode(i).decode()}) for i in images]
+    return ExecutionResult(
+        status="ok", usage=Usage(wall_ms=1.0), execution_count=count, displays=displays
+    )
+
+
+async def test_uploading_a_name_again_replaces_the_sessions_own_earlier_upload(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    first = await workspace.upload(ws, b"month,sales\njan,1\n", "data.csv")
+    corrected = await workspace.upload(ws, b"month,sales\njan,1\nfeb,999\n", "data.csv")
+    assert sorted(p.name for p in ws.iterdir()) == ["data.csv"]
+    assert (ws / "data.csv").read_bytes() == b"month,sales\njan,1\nfeb,999\n"
+    placed = (ws / "data.csv").stat()
+    assert (placed.st_uid, stat.S_IMODE(placed.st_mode)) == (SANDBOX_UID, 0o644)
+    assert first.path == corrected.path == "/mnt/data/data.csv"
+    assert workspace.state.latest == {"/mnt/data/data.csv": corrected.id}
+    # The earlier one is still stored, and said to be nowhere in the sandbox now.
+    listed = {f.id: f.path for f in await workspace.list()}
+    assert listed == {first.id: None, corrected.id: "/mnt/data/data.csv"}
+    assert (await workspace.collect(ws, cell(1))).files == []  # placed, not produced
+
+
+async def test_an_upload_leaves_names_the_session_does_not_own_and_says_where_it_went(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1", agent_id="a1")
+    store.add_bytes(b"agent's\n", "rules.txt", agent_id="a1")
+    await workspace.prepare(ws, restart=False)
+    (ws / "out.csv").write_text("made,by\ncode,1\n")  # produced by a cell
+    await workspace.collect(ws, cell(1))
+    notes = await workspace.upload(ws, b"v1\n", "notes.txt")
+    with (ws / "notes.txt").open("a") as edit:  # the code edits the session's upload
+        edit.write("edited\n")
+    for name in ("rules.txt", "out.csv", "notes.txt"):
+        stored = await workspace.upload(ws, b"a,b\n" if name == "out.csv" else b"new\n", name)
+        stem, ext = name.split(".")
+        expected = f"/mnt/data/{stem}-{stored.id[5:13]}.{ext}"
+        assert stored.path == expected
+        assert {f.id: f.path for f in await workspace.list()}[stored.id] == expected
+        assert workspace.state.latest[expected] == stored.id
+    assert (ws / "rules.txt").read_bytes() == b"agent's\n"
+    assert (ws / "out.csv").read_text() == "made,by\ncode,1\n"
+    assert (ws / "notes.txt").read_bytes() == b"v1\nedited\n"
+    assert notes.path == "/mnt/data/notes.txt"
+
+
+async def test_an_upload_while_the_kernel_is_dead_says_where_the_restart_puts_it(
+    store: FileStore, tmp_path: Path
+) -> None:
+    first = folder(tmp_path, "first")
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    await workspace.prepare(first, restart=False)
+    await workspace.upload(first, b"v1\n", "notes.txt")
+    (first / "out.csv").write_text("made\n")
+    await workspace.collect(first, cell(1))
+    # The kernel died: no workspace until a restart makes one.
+    corrected = await workspace.upload(None, b"v2\n", "notes.txt")
+    beside = await workspace.upload(None, b"a,b\n", "out.csv")
+    tag = beside.id[5:13]
+    assert corrected.path == "/mnt/data/notes.txt"
+    assert [f.path for f in await workspace.list() if f.name == "notes.txt"] == [
+        None,
+        "/mnt/data/notes.txt",
+    ]
+    assert beside.path == f"/mnt/data/out-{tag}.csv"
+    second = folder(tmp_path, "second")
+    await workspace.prepare(second, restart=True)
+    assert (second / "notes.txt").read_bytes() == b"v2\n"
+    assert (second / "out.csv").read_text() == "made\n"
+    assert (second / f"out-{tag}.csv").read_bytes() == b"a,b\n"
+
+
+async def test_attaching_a_file_again_gives_its_unchanged_copy_or_a_fresh_one(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    upload = store.add_bytes(b"a,b\n1,2\n", "data.csv")
+    tag = upload.id[5:13]
+    paths = []
+    for n in range(1, 5):
+        (path,) = await workspace.attach(ws, [upload.id])
+        assert await workspace.attach(ws, [upload.id]) == [path]  # unchanged: the same copy
+        assert (ws / path.removeprefix("/mnt/data/")).read_bytes() == b"a,b\n1,2\n"
+        with (ws / path.removeprefix("/mnt/data/")).open("a") as edit:
+            edit.write("3,4\n")  # the analysis edits its input
+        await workspace.collect(ws, cell(n))
+        paths.append(path)
+    assert paths == [
+        "/mnt/data/data.csv",
+        f"/mnt/data/data-{tag}.csv",
+        f"/mnt/data/data-{tag}-2.csv",
+        f"/mnt/data/data-{tag}-3.csv",
+    ]
+    assert store.get(upload.id).path == paths[-1]
+
+
+async def test_a_file_with_no_free_name_left_is_refused_as_a_file_error(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    upload = store.add_bytes(b"a,b\n1,2\n", "data.csv")
+    tag = upload.id[5:13]
+    taken = ["data.csv", f"data-{tag}.csv"]
+    taken += [f"data-{tag}-{n}.csv" for n in range(2, place.MAX_COPIES + 1)]
+    for name in taken:
+        (ws / name).write_text("the code's own\n")
+    with pytest.raises(FileRejected, match=r"cannot place 'data\.csv' in /mnt/data") as refused:
+        await workspace.attach(ws, [upload.id])
+    assert 400 <= refused.value.http_status < 500
+    assert sorted(p.name for p in ws.iterdir()) == sorted(taken)
+
+
+@pytest.mark.usefixtures("no_stamp_tick")
+async def test_a_file_the_store_cannot_write_is_noted_and_stored_by_a_later_cell(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    await workspace.prepare(ws, restart=False)
+    (ws / "small.txt").write_text("ok")
+    (ws / "report.bin").write_bytes(b"r" * 4096)
+    real_add = store.add_stream
+
+    def full_disk(fileobj: BinaryIO, name: str, **kwargs: object) -> object:
+        if name == "report.bin":
+            fileobj.read(1024)
+            raise OSError(errno.ENOSPC, "No space left on device", str(store.root / "tmp" / "x"))
+        return real_add(fileobj, name, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "add_stream", full_disk)
+    first = await workspace.collect(ws, cell(1))
+    assert [f.name for f in first.files] == ["small.txt"]
+    assert first.files_truncated
+    note = first.files_note or ""
+    assert note == (
+        "report.bin: not stored (the file store failed: No space left on device; "
+        "a later cell stores it once the store can)"
+    )
+    assert str(store.root) not in note  # the host's paths stay on the host
+    monkeypatch.undo()
+    second = await workspace.collect(ws, cell(2))
+    assert [f.name for f in second.files] == ["report.bin"]
+    assert not second.files_truncated
+    assert store.read_bytes(second.files[0].id) == b"r" * 4096
+
+
+async def test_an_image_the_store_cannot_write_is_noted_and_the_result_kept(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+
+    def failing_disk(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store, "add_bytes", failing_disk)
+    result = await workspace.collect(ws, shown(1, png_bytes()))
+    assert result.files == [] and result.files_truncated
+    assert "image-1-1.png" in (result.files_note or "")
+    assert "Input/output error" in (result.files_note or "")
+
+
+async def test_the_session_cap_never_deletes_a_file_of_the_cell_being_collected(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(max_session_bytes=300_000), session_id="s1")
+    first = await workspace.collect(ws, shown(1, *(os.urandom(120_000) for _ in range(3))))
+    assert [f.name for f in first.files] == ["image-1-1.png", "image-1-2.png"]
+    for produced in first.files:
+        assert store.get(produced.id).size_bytes == 120_000  # still there to download
+    assert first.files_truncated
+    note = first.files_note or ""
+    assert "image-1-3.png (120000 bytes) not stored" in note and "superseded" not in note
+    # An earlier cell's image is what makes room for a later cell's.
+    later = await workspace.collect(ws, shown(2, os.urandom(120_000)))
+    assert [f.name for f in later.files] == ["image-2-1.png"]
+    assert not later.files_truncated
+    assert "1 superseded version(s) of earlier cells' files deleted" in (later.files_note or "")
+    with pytest.raises(FileNotFoundInStore):
+        store.get(first.files[0].id)
+    store.get(first.files[1].id)

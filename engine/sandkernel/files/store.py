@@ -92,7 +92,11 @@ class StoredFile(BaseModel):
     execution_count: int | None = Field(default=None, description="the cell that produced it")
     path: str | None = Field(
         default=None,
-        description="where a produced file was in the sandbox, escaped as `name` is",
+        description="where the file is in its session's sandbox, escaped as `name` is: "
+        "where the code wrote a produced file; where an upload to a session was placed "
+        "(its own name, or a suffixed one if that was taken). None for an upload not "
+        "placed yet, or replaced there by a later upload of its name, and for an agent's "
+        "files, which each session places where their name is free",
     )
     agent_id: str | None = None
     expires_at: float | None = Field(default=None, description="unix time; None keeps it")
@@ -518,9 +522,12 @@ class FileStore:
                     size += len(chunk)
                     if size > self._max_bytes:
                         verb = "upload" if origin == "uploaded" else "file"
+                        # Named as users set it: the engine's setting, the daemon's flag.
                         raise FileTooLarge(
                             f"{verb} rejected: {name!r} is larger than the "
-                            f"{human_size(self._max_bytes)} size cap (setting max_bytes)"
+                            f"{human_size(self._max_bytes)} size cap (the store's max_bytes, "
+                            "set by EngineConfig.max_upload_bytes or `sandkernel serve "
+                            "--max-upload-mb`)"
                         )
                     digest.update(chunk)
                     out.write(chunk)
@@ -665,6 +672,21 @@ class FileStore:
         self.get(file_id)
         with self._write() as conn:
             conn.execute("UPDATE files SET expires_at = ? WHERE id = ?", (expires_at, file_id))
+        return self.get(file_id)
+
+    def set_path(self, file_id: str, path: str | None) -> StoredFile:
+        """Record where a file is in its session's sandbox (listed as a produced file's).
+
+        Args:
+            path: the in-sandbox path; ``None``: the file is no longer there.
+
+        Raises:
+            FileNotFoundInStore: no such id, or the file has already expired.
+        """
+        self.get(file_id)
+        listed = None if path is None else listed_file_name(path)
+        with self._write() as conn:
+            conn.execute("UPDATE files SET path = ? WHERE id = ?", (listed, file_id))
         return self.get(file_id)
 
     def delete(self, file_id: str) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from sandkernel.errors import SandkernelError
-from sandkernel.files import FileStore, StoredFile
+from sandkernel.errors import FileRejected, SandkernelError
+from sandkernel.files import FileStore, StoredFile, listed_file_name
 from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
 from sandkernel.workspace.place import WorkspaceState
@@ -36,7 +35,8 @@ class OutputCaps:
     grow the host's store by a version per cell. When a new file does not
     fit, the oldest superseded versions (of a path produced again since, and
     displayed images of earlier cells) are deleted first; what still does not
-    fit is not stored, and the result says so.
+    fit is not stored, and the result says so. A file of the cell being
+    collected is never deleted to make room: its result lists it.
     """
 
     max_files: int = 100
@@ -52,6 +52,8 @@ class _SessionQuota:
         self.store, self.session_id, self.state, self.cap = store, session_id, state, cap
         self._used: int | None = None if cap is not None else 0
         self.evicted = 0
+        #: what this cell stored: its result lists these, so they are not superseded
+        self.kept: set[str] = set()
 
     @property
     def used(self) -> int:
@@ -71,7 +73,9 @@ class _SessionQuota:
             return True
         if size > self.cap:
             return False
-        current = set(self.state.latest.values())
+        # A displayed image never enters state.latest: only earlier cells' files
+        # that are not the latest at their path are superseded.
+        current = set(self.state.latest.values()) | self.kept
         for old in self.store.list(session_id=self.session_id, origin="produced"):
             if self.used + size <= self.cap:
                 break
@@ -84,6 +88,11 @@ class _SessionQuota:
             self.used -= old.size_bytes
             self.evicted += 1
         return self.used + size <= self.cap
+
+    def stored(self, stored: StoredFile) -> None:
+        """Count a file this cell stored, and keep it from being deleted for room."""
+        self.used += stored.size_bytes
+        self.kept.add(stored.id)
 
     def refused(self, what: str, size: int) -> str:
         assert self.cap is not None
@@ -115,6 +124,8 @@ def collect_outputs(
     produced: list[ProducedFile] = []
     notes = [scan.truncated_reason] if scan.truncated_reason else []
     quota = _SessionQuota(store, session_id, state, caps.max_session_bytes)
+    #: changed files not stored, that the next collect reads again
+    retry: list[str] = []
     for entry in scan.changed:
         if placed.get(entry.path) == (entry.size_bytes, entry.mtime_ns, entry.inode):
             continue
@@ -133,19 +144,37 @@ def collect_outputs(
                     path=path,
                     retention_s=caps.retention_s,
                 )
-        except OSError:
-            continue  # vanished, replaced or grown since the scan: the next scan sees it
+        except _ChangedSinceScan:
+            retry.append(entry.path)  # grown or unreadable since the scan: not noted
+            continue
         except Exception as exc:  # noqa: BLE001 - one odd file must not lose the result
-            notes.append(f"{entry.path}: not stored ({exc})")
+            why = _reason(exc)
+            if not isinstance(exc, FileRejected):
+                # The store failed (a full or failing disk), not the file: it is
+                # still there, and a later cell stores it once the store can. A
+                # refused file stays refused until it changes, which any scan sees.
+                retry.append(entry.path)
+                why += "; a later cell stores it once the store can"
+            notes.append(f"{listed_file_name(entry.path)}: not stored ({why})")
             continue
         if stored.sha256 != entry.sha256:
             store.delete(stored.id)  # rewritten since the scan: the caps held for what it read
+            retry.append(entry.path)
             continue
         state.latest[path] = stored.id
-        quota.used += stored.size_bytes
+        quota.stored(stored)
         produced.append(_produced(stored, path, "workspace"))
-    state.snapshot = {**scan.snapshot, **placed}
-    state.dirs = None if placed else scan.dirs  # placed since the walk: not proved unchanged
+    snapshot = {**scan.snapshot, **placed}
+    for rel in retry:
+        # Its entry as before this scan (as the scan's look_again keeps one): the
+        # next scan finds it new or changed, even if its size and times are the same.
+        if rel in since:
+            snapshot[rel] = since[rel]
+        else:
+            snapshot.pop(rel, None)
+    state.snapshot = snapshot
+    # Placed since the walk, or left to retry: the tree is not proved unchanged.
+    state.dirs = None if placed or retry else scan.dirs
     for path in scan.removed:
         state.latest.pop(f"{WORKSPACE_IN_JAIL}/{path}", None)
     produced += _store_displays(store, result, session_id=session_id, caps=caps, quota=quota,
@@ -167,12 +196,17 @@ def collect_outputs(
     )
 
 
+class _ChangedSinceScan(Exception):
+    """A produced file could not be read back as the scan saw it: the next scan looks again."""
+
+
 class _AsScanned:
     """A produced file read back for the store: at most the size the scan saw.
 
     The caps were checked against the scan's size; the sandbox may have grown
-    the file since. More data than that is an OSError (the file is left for
-    the next scan), never stored.
+    the file since. More data than that, or a read that fails, is a
+    :class:`_ChangedSinceScan` (the file is left for the next scan), never
+    stored; being none of the store's errors, it is never taken for one.
     """
 
     def __init__(self, f: BinaryIO, size: int) -> None:
@@ -180,13 +214,23 @@ class _AsScanned:
         self._left = size
 
     def read(self, size: int = -1) -> bytes:
-        if self._left <= 0:
-            if self._f.read(1):
-                raise OSError(errno.EFBIG, "the file grew after the scan")
-            return b""
-        chunk = self._f.read(self._left if size < 0 else min(size, self._left))
+        try:
+            if self._left <= 0:
+                if self._f.read(1):
+                    raise _ChangedSinceScan("the file grew after the scan")
+                return b""
+            chunk = self._f.read(self._left if size < 0 else min(size, self._left))
+        except OSError as exc:
+            raise _ChangedSinceScan(f"the file could not be read again: {exc.strerror}") from exc
         self._left -= len(chunk)
         return chunk
+
+
+def _reason(exc: Exception) -> str:
+    """Why a file was not stored, without the host's paths (an OSError's strerror only)."""
+    if isinstance(exc, OSError):
+        return f"the file store failed: {exc.strerror or type(exc).__name__}"
+    return str(exc)
 
 
 def shown_images(result: ExecutionResult) -> list[DisplayOutput]:
@@ -225,16 +269,20 @@ def _store_displays(
         if not quota.make_room(len(data)):
             notes.append(quota.refused(name, len(data)))
             continue
-        stored = store.add_bytes(
-            data,
-            name,
-            origin="produced",
-            session_id=session_id,
-            execution_count=result.execution_count,
-            retention_s=caps.retention_s,
-            mime=mime,
-        )
-        quota.used += stored.size_bytes
+        try:
+            stored = store.add_bytes(
+                data,
+                name,
+                origin="produced",
+                session_id=session_id,
+                execution_count=result.execution_count,
+                retention_s=caps.retention_s,
+                mime=mime,
+            )
+        except Exception as exc:  # noqa: BLE001 - a full store must not lose the result
+            notes.append(f"{name}: not stored ({_reason(exc)})")
+            continue
+        quota.stored(stored)
         produced.append(_produced(stored, "", "display"))
     return produced
 

@@ -6,7 +6,9 @@ owned by root and read-only: the workspace is a sticky, world-writable folder
 them. Session files belong to the sandbox user. Files are created with
 ``O_EXCL | O_NOFOLLOW``, so a name the code in the sandbox planted (a
 symlink, say) is never written through; a name already taken gets the file
-id appended, predictably.
+id appended, predictably (then a count: ``data-1a2b3c4d-2.csv``). The one
+name that is written over is that of a file the caller says the new one
+replaces, and only while the workspace holds that file there unchanged.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import hashlib
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Final
 
-from sandkernel.errors import FileTooLarge, SandkernelError
+from sandkernel.errors import FileRejected, FileTooLarge, SandkernelError
 from sandkernel.files import FileStore, StoredFile
 from sandkernel.sandbox import SANDBOX_GID, SANDBOX_UID, WORKSPACE_IN_JAIL
 from sandkernel.workspace.scan import DirStamps, Snapshot, open_workspace_file
@@ -67,6 +71,26 @@ def _suffixed(name: str, tag: str) -> str:
     return stem + tail
 
 
+#: The suffixed names a file is tried under when its own is taken: its id's
+#: first 8 hex digits, then those and a count up to this (``data-1a2b3c4d-100.csv``).
+MAX_COPIES: Final = 100
+
+
+def candidate_names(stored: StoredFile) -> Iterator[str]:
+    """The names ``stored`` is placed under, in the order they are tried.
+
+    Its own name, then suffixed with its id: predictable, so the same file
+    lands where it did before. A count follows for a file attached again
+    after the code changed its earlier copies (each attach gives the file's
+    stored content a name of its own, and never writes over the code's work).
+    """
+    yield stored.name
+    tag = stored.id[5:13]
+    yield _suffixed(stored.name, tag)
+    for count in range(2, MAX_COPIES + 1):
+        yield _suffixed(stored.name, f"{tag}-{count}")
+
+
 def place_file(
     store: FileStore,
     stored: StoredFile,
@@ -75,8 +99,13 @@ def place_file(
     *,
     read_only: bool,
     subdir: str = "",
+    replacing: StoredFile | None = None,
 ) -> str:
     """Copy a stored file into the workspace; return its path in the sandbox.
+
+    A name that already holds exactly this file is where it is (placing it
+    again changes nothing); a taken name is left alone and the next of
+    :func:`candidate_names` tried.
 
     Args:
         store: where the content is.
@@ -87,51 +116,113 @@ def place_file(
             user's, mode 0644.
         subdir: a relative folder inside the workspace (only used to restore
             files into a fresh workspace, before any code ran there).
+        replacing: a file ``stored`` supersedes (an earlier upload of the same
+            name): if the workspace still holds it, unchanged, under
+            ``stored``'s name, the new file takes that name over.
+
+    Raises:
+        FileTooLarge: the workspace has no room for the file.
+        FileRejected: every name tried is taken, or the workspace refuses the copy.
     """
-    suffixed = _suffixed(stored.name, stored.id[5:13])
     prefix = f"{subdir}/" if subdir else ""
-    dir_fd = _open_folder(workspace, PurePosixPath(subdir).parts if subdir else (), create=False)
+    where = f"{WORKSPACE_IN_JAIL}/{subdir}" if subdir else WORKSPACE_IN_JAIL
     try:
-        for candidate in (stored.name, suffixed):
+        dir_fd = _open_folder(
+            workspace, PurePosixPath(subdir).parts if subdir else (), create=False
+        )
+    except OSError as exc:
+        raise _not_placed(stored, where, exc) from None
+    try:
+        for candidate in candidate_names(stored):
             if _same_file_there(workspace, prefix + candidate, stored):
                 return _record(state, workspace, prefix + candidate, stored.id)
+            if (
+                replacing is not None
+                and candidate == stored.name
+                and _same_file_there(workspace, prefix + candidate, replacing)
+            ):
+                # Written beside it, then renamed over it: the name never holds
+                # half a file, and a reader that has the old one open keeps it.
+                try:
+                    _copy_in(
+                        store, stored, dir_fd, f".sandkernel-{stored.id}", where,
+                        read_only=read_only, rename_to=candidate,
+                    )  # fmt: skip
+                except FileExistsError:
+                    pass  # the code planted that name: the old file stays, the new one is suffixed
+                else:
+                    return _record(state, workspace, prefix + candidate, stored.id)
             try:
-                fd = os.open(
-                    candidate,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=dir_fd,
-                )
+                _copy_in(store, stored, dir_fd, candidate, where, read_only=read_only)
             except FileExistsError:
                 continue
-            try:
-                with store.open(stored.id) as src, os.fdopen(fd, "wb", closefd=False) as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                if read_only:
-                    os.fchown(fd, 0, 0)
-                    os.fchmod(fd, 0o444)
-                else:
-                    os.fchown(fd, SANDBOX_UID, SANDBOX_GID)
-                    os.fchmod(fd, 0o644)
-            except BaseException as exc:
-                # Not left half-written: made by root in a sticky folder, the
-                # sandbox could never remove it, nor get its space back.
-                with contextlib.suppress(OSError):
-                    os.unlink(candidate, dir_fd=dir_fd)
-                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise FileTooLarge(
-                        f"no room for {stored.name!r} ({stored.size_bytes} bytes) in the "
-                        "workspace: delete files there, or give the policy a larger workspace_mb"
-                    ) from None
-                raise
-            finally:
-                os.close(fd)
             return _record(state, workspace, prefix + candidate, stored.id)
     finally:
         os.close(dir_fd)
-    raise FileExistsError(
-        errno.EEXIST, f"cannot place {stored.name!r}: it and {suffixed!r} are both taken"
+    last = _suffixed(stored.name, f"{stored.id[5:13]}-{MAX_COPIES}")
+    raise FileRejected(
+        f"cannot place {stored.name!r} in {where}: that name and its {MAX_COPIES} suffixed "
+        f"forms (up to {last!r}) are all taken; delete or rename some of those files "
+        "(from the session's code) and try again"
     )
+
+
+def _copy_in(
+    store: FileStore,
+    stored: StoredFile,
+    dir_fd: int,
+    name: str,
+    where: str,
+    *,
+    read_only: bool,
+    rename_to: str | None = None,
+) -> None:
+    """Write ``stored`` as the new file ``name`` of the folder (then rename it to ``rename_to``).
+
+    Raises:
+        FileExistsError: ``name`` is taken; nothing was written.
+        FileTooLarge: no room for it; nothing is left behind.
+        FileRejected: the workspace refused the copy; nothing is left behind.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise _not_placed(stored, where, exc) from None
+    try:
+        with store.open(stored.id) as src, os.fdopen(fd, "wb", closefd=False) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        if read_only:
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o444)
+        else:
+            os.fchown(fd, SANDBOX_UID, SANDBOX_GID)
+            os.fchmod(fd, 0o644)
+        if rename_to is not None:
+            os.rename(name, rename_to, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException as exc:
+        # Not left half-written: made by root in a sticky folder, the
+        # sandbox could never remove it, nor get its space back.
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
+        if isinstance(exc, OSError):
+            raise _not_placed(stored, where, exc) from None
+        raise
+    finally:
+        os.close(fd)
+
+
+def _not_placed(stored: StoredFile, where: str, exc: OSError) -> FileRejected:
+    """The error for a copy the workspace refused: a full one is FileTooLarge."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FileTooLarge(
+            f"no room for {stored.name!r} ({stored.size_bytes} bytes) in the "
+            "workspace: delete files there, or give the policy a larger workspace_mb"
+        )
+    # Its strerror only: the host's paths are no business of the sandbox's user.
+    return FileRejected(f"cannot place {stored.name!r} in {where}: {exc.strerror or exc}")
 
 
 def restore_files(
@@ -166,7 +257,9 @@ def restore_files(
                 # keeps what the dead kernel left there, links included.
                 os.close(_open_folder(workspace, rel.parent.parts, create=True))
             place_file(store, stored, workspace, state, read_only=False, subdir=subdir)
-        except OSError:
+        except FileTooLarge:
+            raise  # no room in the fresh workspace: the restart fails, saying so
+        except (OSError, FileRejected):
             lost.append(path)  # its place is a link or a file now: not restored there
     return lost
 

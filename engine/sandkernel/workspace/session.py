@@ -13,12 +13,17 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from sandkernel.errors import EngineClosed, FileNotFoundInStore, SandkernelError
+from sandkernel.errors import EngineClosed, FileNotFoundInStore, FileRejected, SandkernelError
 from sandkernel.files import FileStore, StoredFile, UploadSource
 from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
 from sandkernel.workspace.collect import OutputCaps, collect_outputs, shown_images
-from sandkernel.workspace.place import WorkspaceState, place_file, restore_files
+from sandkernel.workspace.place import (
+    WorkspaceState,
+    candidate_names,
+    place_file,
+    restore_files,
+)
 from sandkernel.workspace.scan import empty_workspace_stamps, workspace_unchanged
 
 
@@ -86,22 +91,56 @@ class SessionWorkspace:
     async def attach(self, folder: Path, file_ids: Sequence[str]) -> list[str]:
         """Copy stored files into the workspace; return their paths in the sandbox.
 
+        A file whose copy is still there unchanged is where it is. One the
+        code changed since (or whose name something else took) is copied
+        again under a free name: the path returned holds exactly the stored
+        file, and the code's work is never written over.
+
         Raises:
             FileNotFoundInStore: an id this session may not use (or none at all).
+            FileRejected: no free name for it, or the workspace refused the copy
+                (FileTooLarge: no room for it).
         """
         store = self._open_store()
-        paths = []
-        for file_id in file_ids:
-            stored = await asyncio.to_thread(self._usable, store, file_id)
-            read_only = stored.session_id is None and stored.agent_id is not None
-            if stored.session_id is None and stored.agent_id is None:
-                stored = await asyncio.to_thread(store.attach, file_id, session_id=self.session_id)
-            paths.append(
-                await asyncio.to_thread(
-                    place_file, store, stored, folder, self.state, read_only=read_only
-                )
-            )
-        return paths
+        return [
+            await asyncio.to_thread(self._attach_one, store, folder, file_id)
+            for file_id in file_ids
+        ]
+
+    def _attach_one(self, store: FileStore, folder: Path, file_id: str) -> str:
+        stored = self._usable(store, file_id)
+        if stored.session_id is None and stored.agent_id is not None:
+            return place_file(store, stored, folder, self.state, read_only=True)
+        if stored.session_id is None:
+            stored = store.attach(file_id, session_id=self.session_id)
+        replaced = self._replaced(store, stored)
+        path = place_file(store, stored, folder, self.state, read_only=False, replacing=replaced)
+        if stored.origin == "uploaded":
+            # A produced file's path is where the code wrote it; it keeps that.
+            _record_placement(store, stored, path, replaced)
+        return path
+
+    def _replaced(self, store: FileStore, new: StoredFile) -> StoredFile | None:
+        """The session's own upload that ``new``, of the same name, supersedes, if any.
+
+        Users upload a corrected file under the same name, and the code must
+        find the new content where it read the old. Only the session's own
+        uploads give their name up: an agent's file is shared and read-only,
+        and a file the code produced (or changed: it is then a produced file)
+        is the code's work; ``new`` is placed beside those, suffixed.
+        """
+        if new.origin != "uploaded":
+            return None
+        held = self.state.latest.get(f"{WORKSPACE_IN_JAIL}/{new.name}")
+        if held is None or held == new.id:
+            return None
+        try:
+            earlier = store.get(held)
+        except SandkernelError:
+            return None  # deleted or expired: the name is not known to hold it
+        if earlier.origin == "uploaded" and earlier.session_id == self.session_id:
+            return earlier
+        return None
 
     def _usable(self, store: FileStore, file_id: str) -> StoredFile:
         stored = store.get(file_id)
@@ -124,27 +163,56 @@ class SessionWorkspace:
         Without a workspace (the session's kernel died) the file is placed in
         the next one, with the session's other files, when a restart makes it.
 
+        A file of the same name the session uploaded earlier, still there
+        unchanged, is replaced; any other file of that name stays, and the
+        upload gets a suffixed name (see :func:`~sandkernel.workspace.place.place_file`).
+        The returned file's ``path`` says where it is.
+
         Raises:
-            FileRejected: unsupported type, mislabelled content, over the size cap;
-                FileTooLarge when the workspace has no room left for it.
+            FileRejected: unsupported type, mislabelled content, over the size cap,
+                no free name for it; FileTooLarge when the workspace has no room left.
         """
         store = self._open_store()
         stored = await asyncio.to_thread(
             store.add_upload, source, name, session_id=self.session_id, retention_s=retention_s
         )
+        try:
+            return await asyncio.to_thread(self._place_upload, store, folder, stored)
+        except BaseException:
+            # Not in the workspace: not the session's either (nothing to list or restore).
+            with contextlib.suppress(SandkernelError):
+                await asyncio.to_thread(store.delete, stored.id)
+            raise
+
+    def _place_upload(
+        self, store: FileStore, folder: Path | None, stored: StoredFile
+    ) -> StoredFile:
+        replaced = self._replaced(store, stored)
         if folder is not None:
-            try:
-                await asyncio.to_thread(
-                    place_file, store, stored, folder, self.state, read_only=False
-                )
-            except BaseException:
-                # Not in the workspace: not the session's either (nothing to list or restore).
-                with contextlib.suppress(SandkernelError):
-                    await asyncio.to_thread(store.delete, stored.id)
-                raise
+            path = place_file(
+                store, stored, folder, self.state, read_only=False, replacing=replaced
+            )
         else:
-            self.state.latest[f"{WORKSPACE_IN_JAIL}/{stored.name}"] = stored.id
-        return stored
+            path = self._path_after_restart(stored, replaced)
+            self.state.latest[path] = stored.id
+        return _record_placement(store, stored, path, replaced)
+
+    def _path_after_restart(self, stored: StoredFile, replaced: StoredFile | None) -> str:
+        """Where an upload made while the kernel is dead will be in the next workspace.
+
+        A restart puts the session's files back at their paths (see
+        :meth:`prepare`): the upload takes the path of the one it replaces,
+        else the first of its names no other file of the session holds.
+        """
+        held_by_replaced = replaced.id if replaced is not None else None
+        for name in candidate_names(stored):
+            path = f"{WORKSPACE_IN_JAIL}/{name}"
+            if self.state.latest.get(path) in (None, held_by_replaced):
+                return path
+        raise FileRejected(
+            f"cannot place {stored.name!r} in {WORKSPACE_IN_JAIL}: that name and its suffixed "
+            "forms are all taken by the session's files; delete some of them"
+        )
 
     async def collect(self, folder: Path, result: ExecutionResult) -> ExecutionResult:
         """Register what the cell produced; return the result with its files.
@@ -176,3 +244,12 @@ class SessionWorkspace:
     async def list(self) -> list[StoredFile]:
         """The session's files (uploaded to it and produced by it)."""
         return await asyncio.to_thread(self._open_store().list, session_id=self.session_id)
+
+
+def _record_placement(
+    store: FileStore, stored: StoredFile, path: str, replaced: StoredFile | None
+) -> StoredFile:
+    """Record where an upload is in the sandbox; one it replaced there is nowhere now."""
+    if replaced is not None and path == f"{WORKSPACE_IN_JAIL}/{stored.name}":
+        store.set_path(replaced.id, None)
+    return store.set_path(stored.id, path)
