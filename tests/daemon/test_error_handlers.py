@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 
 import httpx
 import pytest
-from fastapi import FastAPI
+import uvicorn
+from fastapi import FastAPI, Request
 
 from sandkernel.daemon.error_handlers import add_error_handlers
 
@@ -35,3 +38,47 @@ async def test_an_unexpected_failure_is_a_500_that_keeps_its_details_in_the_log(
     incident = message.split()[2]
     (record,) = [r for r in caplog.records if incident in r.getMessage()]
     assert record.exc_info is not None and "/var/lib/sandkernel" in str(record.exc_info[1])
+
+
+async def test_an_unexpected_failure_is_answered_on_a_connection_that_serves_the_next_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Answered in full, it is not raised on to the server, which would close the connection."""
+    app = FastAPI()
+    add_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise FileExistsError(17, "File exists")
+
+    @app.get("/port")
+    async def port(request: Request) -> int:
+        assert request.client is not None
+        return request.client.port  # the client's end of the connection
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # connections wait in the backlog until the server accepts them
+    host, number = listener.getsockname()
+    config = uvicorn.Config(app, lifespan="off", ws="none", log_config=None)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        async with (
+            asyncio.timeout(30),
+            httpx.AsyncClient(base_url=f"http://{host}:{number}") as client,
+        ):
+            before = (await client.get("/port")).json()
+            with caplog.at_level(logging.ERROR):
+                failed = await client.get("/boom")
+            after = (await client.get("/port")).json()
+    finally:
+        server.should_exit = True
+        await serving
+        listener.close()
+    assert failed.status_code == 500
+    assert failed.json()["error"]["type"] == "InternalError"
+    assert "FileExistsError" in failed.json()["error"]["message"]
+    assert after == before  # the same connection
+    assert "Exception in ASGI application" not in caplog.text
+    assert "unexpected error" in caplog.text  # logged once, by the daemon, with its id

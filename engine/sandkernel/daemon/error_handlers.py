@@ -5,7 +5,8 @@
 - an invalid body or parameter as ``InvalidRequest``: 400 for malformed JSON, else 422;
 - Starlette's own refusals (no such route, wrong method, a body FastAPI could
   not parse, a :class:`~sandkernel.daemon.responses.Refusal`) in the same shape;
-- anything else as a logged 500.
+- anything else as a logged 500, on a connection that stays open
+  (:class:`_InternalErrorAnswered`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandkernel.daemon.responses import Refusal, error_body, error_response
 from sandkernel.errors import (
@@ -66,6 +68,42 @@ def _allowed_methods(app: FastAPI, path: str) -> list[str]:
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)
+
+
+class _InternalErrorAnswered:
+    """Answers an exception no handler took with ``answer`` (the logged 500), and ends it there.
+
+    Starlette's outermost layer would answer it as well, then raise it on for
+    the server to log; uvicorn, seeing an exception after a response began,
+    closes the connection, and a client's next request on it (kept alive)
+    fails. An exception after the response began is raised on as before: the
+    connection closing is then the only way to say the response is cut short.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, answer: Callable[[Request, Exception], Awaitable[Response]]
+    ) -> None:
+        self.app = app
+        self.answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            if started:
+                raise
+            response = await self.answer(Request(scope, receive), exc)
+            await response(scope, receive, send)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -130,3 +168,4 @@ def add_error_handlers(app: FastAPI) -> None:
     }
     for cls, handler in handlers.items():
         app.add_exception_handler(cls, handler)
+    app.add_middleware(_InternalErrorAnswered, answer=internal_error)
