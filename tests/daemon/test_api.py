@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from sandkernel.daemon.client import AsyncClient, Client
-from sandkernel.errors import FileNotFoundInStore, SessionClosed, SessionNotFound
+from sandkernel.errors import FileNotFoundInStore, FileRejected, SessionClosed, SessionNotFound
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionState
+from sandkernel.workspace.place import MAX_COPIES
 from tests.daemon.conftest import DaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -112,6 +113,50 @@ async def test_unowned_uploads_attach_by_id_and_agents_share_files(
     await client.delete_file(loose.id)
     with pytest.raises(FileNotFoundInStore):
         await client.file(loose.id)
+
+
+async def test_a_paths_name_arrives_as_the_engine_would_store_it(
+    daemon_factory: DaemonFactory, tmp_path: Any
+) -> None:
+    running = await daemon_factory()
+    client = running.client()
+    session = await client.session("names")
+    source = tmp_path / 'quo"te ü.csv'
+    source.write_bytes(b"a,b\n1,2\n")
+    assert (await client.upload(source)).name == 'quo"te ü.csv'
+    assert (await session.upload(source)).name == 'quo"te ü.csv'
+    assert (await client.upload(b"a\n", 'x"%22.csv')).name == 'x"%22.csv'
+    assert (await running.engine.upload(source)).name == 'quo"te ü.csv'
+
+
+async def test_attaching_a_file_again_and_again_answers_a_path_or_a_clear_refusal(
+    daemon_factory: DaemonFactory,
+) -> None:
+    running = await daemon_factory()
+    client = running.client()
+    upload = await client.upload(b"a,b\n1,2\n", "data.csv")
+    session = await client.session("attach-again")
+    paths = []
+    for _ in range(3):
+        (path,) = await session.attach([upload.id])
+        read_then_edit = f"print(open({path!r}).read(), end='')\nopen({path!r}, 'a').write('3,4')"
+        assert (await session.run(read_then_edit)).stdout == "a,b\n1,2\n"  # as stored
+        paths.append(path)
+    tag = upload.id[5:13]
+    assert paths == [
+        "/mnt/data/data.csv",
+        f"/mnt/data/data-{tag}.csv",
+        f"/mnt/data/data-{tag}-2.csv",
+    ]
+    fill = (
+        f"for n in range(3, {MAX_COPIES + 1}):\n"
+        f"    open(f'/mnt/data/data-{tag}-{{n}}.csv', 'w').write('taken')"
+    )
+    assert (await session.run(fill)).status == "ok"
+    with pytest.raises(FileRejected, match="cannot place 'data.csv' in /mnt/data"):
+        await session.attach([upload.id])
+    # The refusal is an answer like any other: the connection serves the next call.
+    assert (await client.file(upload.id)).path == paths[-1]
 
 
 async def test_extend_interrupt_and_close(daemon_factory: DaemonFactory) -> None:

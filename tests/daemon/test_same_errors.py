@@ -9,7 +9,9 @@ is an ``InvalidRequest``).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,6 +98,24 @@ async def test_the_client_raises_the_embedded_engines_class(daemon_factory: Daem
     assert type(here) is BadInput and type(there) is InvalidRequest
     assert isinstance(there, BadInput) and isinstance(there, ValueError)
     assert str(here) in str(there)
+
+
+async def test_a_path_the_engine_refuses_the_client_refuses_alike_without_blocking(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    running = await daemon_factory()
+    engine, client = running.engine, running.client()
+    session = await client.session("paths")
+    (tmp_path / "real.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "real.csv")
+    (tmp_path / "folder.csv").mkdir()
+    os.mkfifo(tmp_path / "fifo.csv")  # with no writer: opening it to read would wait
+    for name in ("missing.csv", "link.csv", "folder.csv", "fifo.csv"):
+        path = tmp_path / name
+        async with asyncio.timeout(30):
+            await assert_same_error(engine.upload(path), client.upload(path), FileRejected)
+            await assert_same_error(engine.upload(str(path)), session.upload(path), FileRejected)
+    assert await engine.list_files() == []
 
 
 async def test_a_full_run_queue_is_run_queue_full_with_503(daemon_factory: DaemonFactory) -> None:

@@ -34,7 +34,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,6 +59,7 @@ from sandkernel.errors import (
     error_from_wire,
 )
 from sandkernel.files import StoredFile
+from sandkernel.files._common import open_regular
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
 from sandkernel.streaming import StreamsFromRun
@@ -251,24 +252,38 @@ def _upload_form(
     return {k: str(v) for k, v in fields.items()}
 
 
-@contextmanager
-def _upload_part(
+_FilePart = dict[str, tuple[str, bytes | IO[bytes], str]]
+
+
+@asynccontextmanager
+async def _upload_part(
     source: UploadSource, name: str | None
-) -> Iterator[dict[str, tuple[str, bytes | IO[bytes], str]]]:
-    """The multipart file part for ``source``; a path is opened here and closed after."""
+) -> AsyncIterator[tuple[str, _FilePart]]:
+    """The name to store ``source`` under, and its multipart file part.
+
+    The name goes to the daemon as the ``name`` form field: as the part's
+    ``filename`` httpx would percent-escape a ``"`` in it, which the daemon
+    then stores as it came. A path is opened here, and closed after.
+    """
     if isinstance(source, bytes):
         if name is None:
             raise ValueError("uploading bytes needs a name (with its extension)")
-        yield {"file": (name, source, "application/octet-stream")}
+        yield name, {"file": (name, source, "application/octet-stream")}
     elif isinstance(source, str | os.PathLike):
-        path = Path(source)
-        with path.open("rb") as handle:
-            yield {"file": (name or path.name, handle, "application/octet-stream")}
+        chosen = name or os.fsdecode(os.path.basename(os.fspath(source)))
+        # Opened as the engine's store opens a path: a symlink, a FIFO, a folder
+        # or a missing file is the same FileRejected, and a FIFO is refused at
+        # once rather than waited on. In a worker thread, as any open can stall.
+        handle = await anyio.to_thread.run_sync(open_regular, source)
+        try:
+            yield chosen, {"file": (chosen, handle, "application/octet-stream")}
+        finally:
+            handle.close()
     else:
         chosen = name or os.path.basename(str(getattr(source, "name", "") or ""))
         if not chosen:
             raise ValueError("uploading a stream needs a name (with its extension)")
-        yield {"file": (chosen, source, "application/octet-stream")}
+        yield chosen, {"file": (chosen, source, "application/octet-stream")}
 
 
 def _joined(chunks: list[bytes], max_bytes: int | None) -> bytes:
@@ -480,10 +495,16 @@ class AsyncClient:
         agent_id: str | None = None,
         retention_s: float | None = None,
     ) -> StoredFile:
-        """Store a file and get its id (see ``Engine.upload``)."""
-        form = _upload_form(name, session_id, agent_id, retention_s)
-        with _upload_part(source, name) as files, _transport_errors(self.where):
-            response = await self._http.post("/v1/files", data=form, files=files)
+        """Store a file and get its id (see ``Engine.upload``).
+
+        Raises:
+            FileRejected: as the engine does, also for a path that is a symlink,
+                a FIFO, a folder or missing (checked here, before sending).
+        """
+        async with _upload_part(source, name) as (chosen, files):
+            form = _upload_form(chosen, session_id, agent_id, retention_s)
+            with _transport_errors(self.where):
+                response = await self._http.post("/v1/files", data=form, files=files)
         _raise_for_error(response)
         return StoredFile.model_validate_json(response.content)
 
@@ -544,10 +565,13 @@ class AsyncClient:
     async def _upload_to_session(
         self, session_id: str, source: UploadSource, name: str | None
     ) -> StoredFile:
-        with _upload_part(source, name) as files, _transport_errors(self.where):
-            response = await self._http.post(
-                f"/v1/sessions/{_seg(session_id)}/files", data=_upload_form(name), files=files
-            )
+        async with _upload_part(source, name) as (chosen, files):
+            with _transport_errors(self.where):
+                response = await self._http.post(
+                    f"/v1/sessions/{_seg(session_id)}/files",
+                    data=_upload_form(chosen),
+                    files=files,
+                )
         _raise_for_error(response)
         return StoredFile.model_validate_json(response.content)
 

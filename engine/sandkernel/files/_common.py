@@ -1,7 +1,8 @@
 """Pieces the file modules share: reading a host file safely, and sizes in words.
 
-Private to sandkernel's file handling (this package and
-:mod:`sandkernel.workspace`, whose scans read what the sandbox wrote).
+Private to sandkernel's file handling (this package;
+:mod:`sandkernel.workspace`, whose scans read what the sandbox wrote; and the
+daemon's client, which opens a path to upload as the store does).
 """
 
 from __future__ import annotations
