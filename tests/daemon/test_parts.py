@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sandkernel.daemon import sse
-from sandkernel.daemon.cli import _tcp_address, add_daemon_parsers
+from sandkernel.daemon.cli import _tcp_address, add_daemon_parsers, daemon_config, engine_config
 from sandkernel.daemon.errors import (
     DaemonError,
     InvalidRequest,
@@ -33,6 +33,7 @@ from sandkernel.errors import (
     SessionLimitReached,
     SessionNotFound,
 )
+from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES
 
 
 def test_events_round_trip_through_the_decoder() -> None:
@@ -226,6 +227,24 @@ def test_command_line_options() -> None:
         _tcp_address("host:port")
     mcp = parser.parse_args(["mcp", "--socket", "/run/x.sock"])
     assert mcp.daemon_command == "mcp" and mcp.socket == "/run/x.sock"
+
+
+def test_max_upload_mb_caps_each_file_with_the_body_limit_just_above_it() -> None:
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command")
+    add_daemon_parsers(commands)
+    args = parser.parse_args(["serve", "--max-upload-mb", "3", "--store", "/tmp/x"])
+    assert engine_config(args).max_upload_bytes == 3 << 20
+    body_limit = daemon_config(args).max_upload_bytes
+    # Room for a file of the cap's size, its multipart framing and form fields; no more.
+    assert (3 << 20) + (16 << 10) <= body_limit <= (3 << 20) + (1 << 20)
+    # Not given: the engine's own cap, which the help names.
+    default = parser.parse_args(["serve", "--store", "/tmp/x"])
+    assert engine_config(default).max_upload_bytes == DEFAULT_MAX_UPLOAD_BYTES
+    assert daemon_config(default).max_upload_bytes > DEFAULT_MAX_UPLOAD_BYTES
+    assert engine_config(parser.parse_args(["mcp"])).max_upload_bytes == DEFAULT_MAX_UPLOAD_BYTES
+    shown = " ".join(commands.choices["serve"].format_help().split())
+    assert f"(default: {DEFAULT_MAX_UPLOAD_BYTES >> 20}, the engine's max_upload_bytes)" in shown
 
 
 def test_bind_helper_leaves_no_socket_on_failure(tmp_path: Path) -> None:

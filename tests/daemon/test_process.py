@@ -14,6 +14,7 @@ import pytest
 
 from sandkernel.daemon.client import Client
 from sandkernel.daemon.errors import SessionLost
+from sandkernel.errors import FileTooLarge
 from tests.daemon.conftest import leftovers_of, spawn_daemon, stop_process
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
@@ -125,3 +126,23 @@ def test_a_second_daemon_on_the_same_socket_is_refused(short_dir: Path, tmp_path
             assert client.health().pid == first.pid  # untouched
     finally:
         assert stop_process(first.process) == 0
+
+
+def test_max_upload_mb_lets_a_file_of_that_size_through_and_refuses_a_byte_more(
+    short_dir: Path, tmp_path: Path
+) -> None:
+    socket, store, log = short_dir / "run" / "daemon.sock", tmp_path / "store", tmp_path / "log"
+    daemon = spawn_daemon(socket, store, log, "--max-upload-mb", "2")
+    try:
+        row = b"0123456789,abcdefghijklmnopqrstuvwxyz\n"  # 38 bytes
+        at_cap = b"n,s\n" + row * ((2 << 20) // len(row))
+        at_cap += b"#" * ((2 << 20) - len(at_cap) - 1) + b"\n"
+        assert len(at_cap) == 2 << 20
+        with Client(socket) as client:
+            assert client.upload(at_cap, "at-cap.csv").size_bytes == 2 << 20
+            with pytest.raises(FileTooLarge, match="--max-upload-mb") as refused:
+                client.upload(at_cap + b"\n", "over.csv")
+            assert "EngineConfig.max_upload_bytes" in str(refused.value)
+            assert [f.name for f in client.list_files()] == ["at-cap.csv"]
+    finally:
+        assert stop_process(daemon.process) == 0, daemon.log_text()

@@ -30,10 +30,15 @@ from sandkernel.limits import MAX_TIMEOUT_S, MAX_TTL_S
 
 if TYPE_CHECKING:
     from sandkernel.api import ServedEngine
+    from sandkernel.config import EngineConfig
     from sandkernel.daemon.server import DaemonConfig
 
 #: The most a size option takes, in its own unit (MiB or KiB): 2**20 of them.
 _MAX_SIZE = float(1 << 20)
+#: What an upload's request body may hold beyond its file: the multipart
+#: boundaries and part headers, and the form fields (a name of at most 255
+#: bytes, the owner's id, the retention); far less than this.
+_UPLOAD_FRAMING_BYTES = 64 << 10
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _MISSING_EXTRA = (
@@ -122,8 +127,10 @@ def add_daemon_parsers(subparsers: Any) -> None:
     serve.add_argument(
         "--max-upload-mb",
         type=number(float, maximum=_MAX_SIZE),
-        default=600.0,
-        help="largest upload body (default: 600)",
+        default=None,
+        # The default is named, not imported: building the parser loads no store.
+        help="largest file an upload may store, in MiB; its request body may be a little "
+        "larger, for the multipart framing (default: 512, the engine's max_upload_bytes)",
     )
     serve.add_argument(
         "--max-json-kb",
@@ -200,13 +207,20 @@ def add_daemon_parsers(subparsers: Any) -> None:
     _add_engine_options(mcp)
 
 
-def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> ServedEngine:
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The :class:`~sandkernel.config.EngineConfig` that ``serve``'s or ``mcp``'s arguments give."""
     from sandkernel.config import DEFAULT_PREWARM, EngineConfig
 
     prewarm: Sequence[str] = DEFAULT_PREWARM
     if args.prewarm is not None:
         prewarm = [m.strip() for m in args.prewarm.split(",") if m.strip()]
-    config = EngineConfig(
+    settings: dict[str, Any] = {}
+    file_cap = _upload_bytes(args)
+    if file_cap is not None:
+        # The store's cap, not only the HTTP body's: a file the body limit lets
+        # through must not be refused once it has all been received.
+        settings["max_upload_bytes"] = file_cap
+    return EngineConfig(
         policy=args.policy,
         pool_size=args.pool_size,
         max_sessions=args.max_sessions,
@@ -216,7 +230,18 @@ def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> ServedEngine:
         store_dir=args.store,
         runtime_dir=args.runtime_dir,
         batch_workers=args.batch_workers,
+        **settings,
     )
+
+
+def _upload_bytes(args: argparse.Namespace) -> int | None:
+    """``--max-upload-mb`` in bytes; None when not given (``mcp`` has no such flag)."""
+    mib: float | None = getattr(args, "max_upload_mb", None)
+    return None if mib is None else int(mib * (1 << 20))
+
+
+def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> ServedEngine:
+    config = engine_config(args)
     if getattr(args, "ray", None) is not None:
         try:
             from sandkernel.ray.cli import make_cluster_engine
@@ -266,7 +291,9 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
     """The :class:`~sandkernel.daemon.server.DaemonConfig` that ``serve``'s arguments describe."""
     from sandkernel.daemon.server import DaemonConfig
     from sandkernel.engine import default_store_dir
+    from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES
 
+    file_cap = _upload_bytes(args) or DEFAULT_MAX_UPLOAD_BYTES
     store = Path(args.store) if args.store else default_store_dir()
     # With --ray the store may be a per-node template ({node}); the records are
     # the daemon's own and stay on its machine.
@@ -277,7 +304,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         tcp=_tcp_address(args.tcp) if args.tcp else None,
         token=_token(args),
         max_json_bytes=int(args.max_json_kb * 1024),
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_upload_bytes=file_cap + _UPLOAD_FRAMING_BYTES,
         graceful_timeout_s=args.graceful_timeout,
         access_log=args.access_log,
         fusion_without_token=args.fusion_without_token,
