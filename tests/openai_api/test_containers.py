@@ -12,6 +12,7 @@ import pytest
 
 from sandkernel.errors import SessionError
 from sandkernel.openai_api.containers import Containers
+from sandkernel.openai_api.errors import APIError
 from tests.openai_api.conftest import OpenAIDaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -197,3 +198,50 @@ async def test_an_idle_container_expires_after_its_minutes_and_keeps_its_files(
         assert content(made, container_id=container.id).read() == b"made before expiry"
 
     await anyio.to_thread.run_sync(check)
+
+
+async def test_a_path_written_twice_is_one_file_and_deleting_it_brings_back_no_older_one(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon()
+    client = daemon.openai()
+    native = daemon.running.client()
+    container = await anyio.to_thread.run_sync(lambda: client.containers.create(name="twice"))
+    session = await native.get_session(container.id)
+    await session.run("open('/mnt/data/notes.txt', 'w').write('first')")
+    await session.run("open('/mnt/data/notes.txt', 'w').write('second')")
+    await session.run("open('/mnt/data/other.txt', 'w').write('other')")
+
+    def check() -> None:
+        listed = {f.path: f for f in client.containers.files.list(container.id)}
+        assert set(listed) == {"/mnt/data/notes.txt", "/mnt/data/other.txt"}
+        newest = listed["/mnt/data/notes.txt"]
+        content = client.containers.files.content.retrieve(newest.id, container_id=container.id)
+        assert content.read() == b"second"
+        page = client.containers.files.list(container.id, limit=1, order="asc")
+        assert len(page.data) == 1 and page.has_more
+        client.containers.files.delete(newest.id, container_id=container.id)
+        after = [f.path for f in client.containers.files.list(container.id)]
+        assert after == ["/mnt/data/other.txt"]
+
+    await anyio.to_thread.run_sync(check)
+
+
+async def test_a_container_whose_files_cannot_be_put_in_is_not_left_running(
+    openai_daemon: OpenAIDaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_room(self: Containers, session: object, stored: object) -> None:
+        raise APIError(400, "no room for it in the workspace", param="file_ids")
+
+    monkeypatch.setattr(Containers, "_add", no_room)
+    daemon = await openai_daemon()
+    client = daemon.openai()
+
+    def check() -> None:
+        uploaded = client.files.create(file=("seed.csv", b"a,b\n1,2\n"), purpose="assistants")
+        with pytest.raises(openai.BadRequestError, match="no room"):
+            client.containers.create(name="full", file_ids=[uploaded.id])
+        assert client.containers.list().data == []
+
+    await anyio.to_thread.run_sync(check)
+    assert [s.state for s in await daemon.running.client().sessions()] == ["closed"]

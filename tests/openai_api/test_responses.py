@@ -20,6 +20,7 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_output_text import AnnotationContainerFileCitation
 
+from sandkernel.openai_api import responses as responses_module
 from tests._model import Reply, code_call, in_order
 from tests.openai_api.conftest import DEPLOYMENT, OpenAIDaemonFactory
 
@@ -789,5 +790,307 @@ async def test_a_deleted_auto_container_is_replaced_for_the_next_response(
         assert call.container_id != old
         assert client.containers.retrieve(call.container_id).status == "running"
         assert call.outputs is not None and call.outputs[0].logs.strip() == "False"  # type: ignore[union-attr]
+
+    await anyio.to_thread.run_sync(exercise)
+
+
+async def test_malformed_bodies_are_400s_naming_the_field_and_leave_no_container(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(in_order())
+    raw = daemon.running.raw()
+    code = '{"type":"code_interpreter","container":{"type":"auto"}}'
+    refusals = [
+        ('{"model":"m","input":"hi","tools":[{"type":"code_interpreter",'
+         '"container":{"type":"auto","file_ids":7}}]}', "tools.container.file_ids"),
+        ('{"model":"m","input":"hi","tools":[{"type":"code_interpreter",'
+         '"container":{"type":"auto","file_ids":["file-000000000000000000000000"]}}]}',
+         "tools.container.file_ids[0]"),
+        ('{"model":"m","input":"hi","tools":[{"type":"function","name":"f"}],'
+         '"tool_choice":{"type":"function","name":["f"]}}', "tool_choice.name"),
+        ('{"model":"m","input":"hi","tools":[{"type":"function","name":"f","parameters":"zz"}]}',
+         "tools[0].parameters"),
+        ('{"model":"m","input":"hi","temperature":NaN,"tools":[' + code + "]}", "temperature"),
+        ('{"model":"m","input":"hi","temperature":2.5,"tools":[' + code + "]}", "temperature"),
+        ('{"model":"m","input":"hi","top_p":1.01,"tools":[' + code + "]}", "top_p"),
+        ('{"model":"m","input":"\\ud800","tools":[' + code + "]}", "input"),
+        ('{"model":"m","input":[{"role":"user","content":[{"type":"input_text",'
+         '"text":"\\udc00"}]}],"tools":[' + code + "]}", "input[0].content[0].text"),
+        ('{"model":"m","input":"hi","tools":[' + code + '],"metadata":'
+         + "[" * 100_000 + "]" * 100_000 + "}", None),
+    ]  # fmt: skip
+    for body, param in refusals:
+        answer = await raw.post(
+            "/openai/responses", content=body.encode(), headers={"content-type": "application/json"}
+        )
+        assert answer.status_code == 400, (body[:120], answer.text)
+        assert answer.json()["error"]["param"] == param, body[:120]
+    assert (await raw.get("/openai/containers")).json()["data"] == []
+    assert await daemon.running.client().sessions() == []  # no kernel left running
+    assert daemon.model is not None and daemon.model.requests == []
+
+
+async def test_an_unexpected_error_after_the_container_is_made_fails_the_response_and_keeps_it(
+    openai_daemon: OpenAIDaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(result: object) -> str:
+        raise RuntimeError("the result could not be formatted")
+
+    monkeypatch.setattr(responses_module, "format_result", broken)
+    daemon = await openai_daemon(in_order(Reply(calls=[code_call("c1", "print(1)")])))
+    client = daemon.openai()
+
+    def exercise() -> None:
+        response = client.responses.create(model=DEPLOYMENT, tools=AUTO, input="Run it")
+        assert response.status == "failed"
+        assert response.error is not None and response.error.code == "server_error"
+        assert "could not be formatted" in response.error.message
+        stored = client.responses.retrieve(response.id)
+        assert stored.status == "failed" and stored.output == response.output
+        (call,) = _code_calls(response)
+        assert client.containers.retrieve(call.container_id).status == "running"
+
+    await anyio.to_thread.run_sync(exercise)
+
+
+SALES_CSV = b"month,total\njan,3\n"
+
+
+async def test_an_input_file_is_put_in_the_container_before_the_model_turn(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", "import os\nprint(open('/mnt/data/sales.csv').read())")]),
+        Reply(content="read it"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        uploaded = client.files.create(file=("sales.csv", SALES_CSV), purpose="assistants")
+        response = client.responses.create(
+            model=DEPLOYMENT,
+            tools=AUTO,
+            include=OUTPUTS,
+            input=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "Total the sales."},
+                        {"type": "input_file", "file_id": uploaded.id},
+                    ],
+                }
+            ],
+        )
+        (call,) = _code_calls(response)
+        assert call.outputs is not None
+        assert call.outputs[0].logs == SALES_CSV.decode() + "\n"  # type: ignore[union-attr]
+        listed = {f.path: f.source for f in client.containers.files.list(call.container_id)}
+        assert listed == {"/mnt/data/sales.csv": "user"}
+        (item,) = client.responses.input_items.list(response.id)
+        assert item.type == "message"
+        parts = [(p.type, getattr(p, "file_id", None)) for p in item.content]
+        assert parts == [("input_text", None), ("input_file", uploaded.id)]
+        # A copy went in: the upload is still the Files API's.
+        assert client.files.retrieve(uploaded.id).filename == "sales.csv"
+
+    await anyio.to_thread.run_sync(exercise)
+    assert daemon.model is not None
+    # The model is told where the file is, and gets the user's words as they were sent.
+    note, user = [m for m in daemon.model.requests[0]["messages"] if m["role"] == "user"]
+    assert "/mnt/data/sales.csv" in note["content"] and user["content"] == "Total the sales."
+
+
+async def test_input_parts_not_served_are_400s_saying_what_is_served(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(in_order())
+    client = daemon.openai()
+
+    def exercise() -> None:
+        uploaded = client.files.create(file=("a.csv", b"a\n1\n"), purpose="assistants")
+        text = {"type": "input_text", "text": "look"}
+        refusals: list[tuple[list[ToolParam], Any, str]] = [
+            (AUTO, {"type": "input_file", "file_id": "file-000000000000000000000000"},
+             "input[0].content[1].file_id"),
+            (AUTO, {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+             "input[0].content[1]"),
+            (AUTO, {"type": "input_file", "file_data": "data:text/csv;base64,YQ==",
+                    "filename": "a.csv"}, "input[0].content[1]"),
+            (AUTO, {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+             "input[0].content[1]"),
+            (AUTO, {"type": "input_text", "text": 7}, "input[0].content[1].text"),
+            ([], {"type": "input_file", "file_id": uploaded.id}, "input[0].content[1]"),
+            ([], {"type": "input_file", "file_id": "file-000000000000000000000000"},
+             "input[0].content[1].file_id"),
+        ]  # fmt: skip
+        for tools, part, param in refusals:
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.responses.create(
+                    model=DEPLOYMENT,
+                    tools=tools,
+                    input=[{"role": "user", "content": [text, part]}],
+                )
+            assert refused.value.param == param, part
+            if param == "input[0].content[1]":
+                assert "input_text" in refused.value.message, refused.value.message
+            assert client.containers.list().data == []
+
+    await anyio.to_thread.run_sync(exercise)
+    assert await daemon.running.client().sessions() == []
+    assert daemon.model is not None and daemon.model.requests == []
+
+
+async def test_a_file_written_twice_is_one_container_file_cited_once_at_its_last_version(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", "open('/mnt/data/report.txt', 'w').write('draft')")]),
+        Reply(calls=[code_call("c2", "open('/mnt/data/report.txt', 'w').write('final')")]),
+        Reply(content="Your report: /mnt/data/report.txt"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        response = client.responses.create(model=DEPLOYMENT, tools=AUTO, input="Write it twice")
+        container_id = _code_calls(response)[0].container_id
+        (listed,) = client.containers.files.list(container_id)
+        assert listed.path == "/mnt/data/report.txt"
+        (citation,) = _message(response).content[0].annotations  # type: ignore[union-attr]
+        assert isinstance(citation, AnnotationContainerFileCitation)
+        assert citation.file_id == listed.id
+        content = client.containers.files.content.retrieve(
+            citation.file_id, container_id=container_id
+        )
+        assert content.read() == b"final"
+
+    await anyio.to_thread.run_sync(exercise)
+
+
+async def test_input_items_are_paged_with_limit_and_cursors(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(in_order(Reply(content="ok")))
+    client = daemon.openai()
+
+    def exercise() -> None:
+        response = client.responses.create(
+            model=DEPLOYMENT, input=[{"role": "user", "content": f"m{i}"} for i in range(5)]
+        )
+        every = [i.id for i in client.responses.input_items.list(response.id, order="asc").data]
+        assert len(every) == 5
+        page = client.responses.input_items.list(response.id, limit=2, order="asc")
+        assert [i.id for i in page.data] == every[:2] and page.has_more
+        following = client.responses.input_items.list(
+            response.id, limit=2, order="asc", after=every[1]
+        )
+        assert [i.id for i in following.data] == every[2:4] and following.has_more
+        last = client.responses.input_items.list(response.id, limit=2, order="asc", after=every[3])
+        assert [i.id for i in last.data] == every[4:] and not last.has_more
+        # The client's own paging walks every page.
+        paged = client.responses.input_items.list(response.id, limit=2, order="asc")
+        assert [i.id for i in paged] == every
+        newest = client.responses.input_items.list(response.id, limit=2)
+        assert [i.id for i in newest.data] == every[::-1][:2]
+        before = client.responses.input_items.list(
+            response.id, limit=2, order="asc", extra_query={"before": every[4]}
+        )
+        assert [i.id for i in before.data] == every[2:4] and before.has_more
+        for query, param in (
+            ({"after": "msg_unknown"}, "after"),
+            ({"before": "msg_unknown"}, "before"),
+            ({"limit": 0}, "limit"),
+            ({"limit": 101}, "limit"),
+        ):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.responses.input_items.list(response.id, extra_query=query)
+            assert refused.value.param == param
+
+    await anyio.to_thread.run_sync(exercise)
+
+
+async def test_files_written_before_a_function_call_or_earlier_in_the_chain_are_cited(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(
+            calls=[
+                code_call("c1", "open('/mnt/data/chart.csv', 'w').write('a,b')"),
+                ("call-1", "get_rate", "{}"),
+            ]
+        ),
+        Reply(content="Here is your file: /mnt/data/chart.csv"),
+        Reply(content="Not /mnt/data/chart.csv.bak: it is at sandbox:/mnt/data/chart.csv."),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+    rate: FunctionToolParam = {
+        "type": "function",
+        "name": "get_rate",
+        "parameters": {"type": "object", "properties": {}},
+        "strict": False,
+    }
+    tools: list[ToolParam] = [*AUTO, rate]
+
+    def exercise() -> None:
+        asked = client.responses.create(model=DEPLOYMENT, tools=tools, input="Chart, then rate")
+        container_id = _code_calls(asked)[0].container_id
+        (written,) = client.containers.files.list(container_id)
+        answered = client.responses.create(
+            model=DEPLOYMENT,
+            tools=tools,
+            previous_response_id=asked.id,
+            input=[{"type": "function_call_output", "call_id": "call-1", "output": "1.1"}],
+        )
+        text = _message(answered).content[0]
+        assert text.type == "output_text"
+        (citation,) = text.annotations
+        assert isinstance(citation, AnnotationContainerFileCitation)
+        assert (citation.file_id, citation.container_id) == (written.id, container_id)
+        assert text.text[citation.start_index : citation.end_index] == "/mnt/data/chart.csv"
+        later = client.responses.create(
+            model=DEPLOYMENT, tools=tools, previous_response_id=answered.id, input="Where?"
+        )
+        text = _message(later).content[0]
+        assert text.type == "output_text"
+        (again,) = text.annotations
+        assert isinstance(again, AnnotationContainerFileCitation)
+        assert again.file_id == written.id
+        start = text.text.rindex("/mnt/data/chart.csv")  # the whole path, not the .bak
+        assert (again.start_index, again.end_index) == (start, start + len("/mnt/data/chart.csv"))
+
+    await anyio.to_thread.run_sync(exercise)
+
+
+async def test_a_file_the_code_wrote_that_the_answer_does_not_name_is_cited_at_its_end(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(calls=[code_call("c1", "open('/mnt/data/plot.png', 'wb').write(b'png')")]),
+        Reply(content="Here is the plot."),
+        Reply(content="Nothing new."),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        response = client.responses.create(model=DEPLOYMENT, tools=AUTO, input="Plot it")
+        text = _message(response).content[0]
+        assert text.type == "output_text"
+        (citation,) = text.annotations
+        assert isinstance(citation, AnnotationContainerFileCitation)
+        assert citation.filename == "plot.png"
+        assert citation.start_index == citation.end_index == len(text.text)
+        content = client.containers.files.content.retrieve(
+            citation.file_id, container_id=citation.container_id
+        )
+        assert content.read() == b"png"
+        # A later answer that writes nothing and names nothing cites nothing.
+        later = client.responses.create(
+            model=DEPLOYMENT, tools=AUTO, previous_response_id=response.id, input="More?"
+        )
+        later_text = _message(later).content[0]
+        assert later_text.type == "output_text" and later_text.annotations == []
 
     await anyio.to_thread.run_sync(exercise)

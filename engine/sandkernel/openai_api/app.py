@@ -399,8 +399,7 @@ def _routes(service: AssistantsService) -> list[tuple[str, list[str], Handler]]:
         return _json(await r.get(response_id))
 
     async def input_items(request: Request) -> Response:
-        order = _order(request.query_params.get("order"))
-        return _json(await r.input_items(request.path_params["response_id"], order=order))
+        return _json(await r.input_items(request.path_params["response_id"], **_listing(request)))
 
     get, post, delete = "GET", "POST", "DELETE"
     threads_runs = "/threads/{thread_id}/runs"
@@ -457,12 +456,70 @@ async def _body[M: BaseModel](request: Request, model: type[M]) -> M:
             f"We could not parse the JSON body of your request ({exc}). The body must be "
             "a JSON object."
         ) from None
+    except RecursionError:
+        raise bad_request(_too_deep()) from None
     if not isinstance(data, dict):
         raise bad_request("The body of your request must be a JSON object.")
+    _check_strings_and_depth(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+
+
+#: How deep a body may nest: far more than any OpenAI body needs, and well within
+#: what is stored and sent on can be written back as JSON (pydantic stops at 255).
+MAX_BODY_DEPTH: Final = 100
+
+
+def _too_deep() -> str:
+    return (
+        f"The JSON body of your request nests too deep: more than {MAX_BODY_DEPTH} levels of "
+        "objects and arrays. Send a flatter body."
+    )
+
+
+def _check_strings_and_depth(data: dict[str, Any]) -> None:
+    """A 400 for a body nested too deep, or holding a string UTF-8 cannot encode.
+
+    JSON's ``\\ud800`` escapes decode to lone surrogates, which no later step
+    (the model call, the stored JSON) can encode: refused here, naming where,
+    before anything acts on the body. Walked without recursion, so that depth
+    is what is checked, not what breaks the check.
+    """
+    pending: list[tuple[Any, tuple[int | str, ...]]] = [(data, ())]
+    while pending:
+        value, where = pending.pop()
+        if isinstance(value, str):
+            _check_utf8(value, where)
+        elif isinstance(value, dict | list):
+            if len(where) >= MAX_BODY_DEPTH:
+                raise bad_request(_too_deep())
+            # Pushed last first: the first bad string in the body is the one named.
+            if isinstance(value, dict):
+                for key in value:
+                    _check_utf8(key, where)
+                pending.extend((value[k], (*where, k)) for k in reversed(list(value)))
+            else:
+                pending.extend((value[i], (*where, i)) for i in reversed(range(len(value))))
+
+
+def _check_utf8(text: str, where: tuple[int | str, ...]) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end]
+        named = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in where)
+        param = named.removeprefix(".") or None
+        what = f"the string at {param!r}" if param else "a key of the body"
+        raise bad_request(
+            f"The body of your request is not valid UTF-8: {what} holds a lone surrogate "
+            f"({bad.encode('unicode_escape').decode()}), which UTF-8 cannot encode. In JSON, "
+            "a \\uD800-\\uDFFF escape must be one half of a pair.",
+            param,
+        ) from None
 
 
 def _int(value: str | None, most: int, param: str, default: int = 20) -> int:

@@ -12,10 +12,17 @@ under the container, until the container (or the file) is deleted.
 Container files are the session's files in the engine's store, by their
 store ids: what the caller put there is ``source: user``, what code wrote
 is ``source: assistant``; ``path`` is where the file is in ``/mnt/data``.
+A path code wrote again is one container file, its last version (the store
+keeps the earlier ones, downloadable by id). Deleting a container file
+deletes it from the store; unlike OpenAI's, a copy already in a running
+container's ``/mnt/data`` stays there until the container ends: the
+engine's contract reaches a running kernel's files only through a cell,
+which would count in the user's execution count and history.
 """
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Callable
 from functools import partial
@@ -82,7 +89,7 @@ class Containers:
             )
         file_ids = list(body.file_ids or [])
         stored = [
-            await self._uploaded(file_id, f"file_ids[{i}]") for i, file_id in enumerate(file_ids)
+            await self.uploaded(file_id, f"file_ids[{i}]") for i, file_id in enumerate(file_ids)
         ]
         container = Container(
             id=_new_container_id(),
@@ -97,10 +104,16 @@ class Containers:
             session = await self.engine.session(container.id)
         except SandkernelError as exc:
             raise from_engine_error(exc) from exc
-        await self._db(self.state.save, container)
-        await session.extend(self.ttl_s(container))
-        for file in stored:
-            await self._add(session, file)
+        try:
+            await self._db(self.state.save, container)
+            await session.extend(self.ttl_s(container))
+            for file in stored:
+                await self._add(session, file)
+        except BaseException:
+            # Refused (a file that does not fit...) or cancelled: no container is left running.
+            with anyio.CancelScope(shield=True):
+                await self._discard(container.id)
+            raise
         return container
 
     def ttl_s(self, container: Container) -> float:
@@ -155,6 +168,11 @@ class Containers:
 
     async def delete(self, container_id: str) -> Deleted:
         await self.get(container_id)
+        await self._discard(container_id)
+        return Deleted(id=container_id, object="container.deleted")
+
+    async def _discard(self, container_id: str) -> None:
+        """End the container's session, delete its files and its record."""
         try:
             await self.engine.close_session(container_id)
         except SessionError:
@@ -165,7 +183,6 @@ class Containers:
             except FileNotFoundInStore:
                 pass
         await self._db(self.state.delete, Container, container_id)
-        return Deleted(id=container_id, object="container.deleted")
 
     # ------------------------------------------------------------------ files
 
@@ -178,7 +195,7 @@ class Containers:
         return container_file(container_id, stored)
 
     async def add_file_id(self, container_id: str, file_id: str) -> ContainerFile:
-        stored = await self._uploaded(file_id, "file_id")
+        stored = await self.uploaded(file_id, "file_id")
         session = await self.session(container_id)
         return await self._add(session, stored)
 
@@ -195,7 +212,8 @@ class Containers:
             raise from_engine_error(exc, param="file_id") from exc
         return container_file(session.id, local)
 
-    async def _uploaded(self, file_id: str, param: str) -> StoredFile:
+    async def uploaded(self, file_id: str, param: str) -> StoredFile:
+        """The stored file a request names by id (a 400 naming ``param`` if there is none)."""
         try:
             return await self.engine.file(file_id)
         except FileNotFoundInStore:
@@ -205,8 +223,9 @@ class Containers:
         self, container_id: str, *, limit: int, order: Literal["asc", "desc"], after: str | None
     ) -> Page:
         await self.get(container_id)
-        stored = await self.engine.list_files(session_id=container_id)
-        stored.sort(key=lambda f: (f.created_at, f.id), reverse=order == "desc")
+        stored = await self.current_files(container_id)
+        if order == "desc":
+            stored.reverse()
         objects = [container_file(container_id, f) for f in stored]
         if after is not None:
             ids = [f.id for f in objects]
@@ -214,6 +233,17 @@ class Containers:
                 raise bad_request(f"No file found with id '{after}' in this list.", "after")
             objects = objects[ids.index(after) + 1 :]
         return _page(objects[:limit], has_more=len(objects) > limit)
+
+    async def current_files(self, container_id: str) -> builtins.list[StoredFile]:
+        """The container's files, oldest first: one per path, the version there now.
+
+        Each cell that changes a file stores a new version of it; the store
+        keeps the earlier ones (a citation an earlier answer gave still
+        downloads what it cited), but the container holds one file at that
+        path: its last version, which supersedes whatever was listed there
+        before.
+        """
+        return _current(container_id, await self.engine.list_files(session_id=container_id))
 
     async def file(self, container_id: str, file_id: str) -> tuple[ContainerFile, StoredFile]:
         await self.get(container_id)
@@ -233,16 +263,51 @@ class Containers:
             raise not_found("file", file_id) from None
 
     async def delete_file(self, container_id: str, file_id: str) -> Deleted:
-        await self.file(container_id, file_id)
+        """Delete a container file; deleting the one at its path deletes its earlier versions.
+
+        Else the version it superseded would be listed at its path again.
+        """
+        found, _ = await self.file(container_id, file_id)
+        every = await self.engine.list_files(session_id=container_id)
+        current = {f.id for f in _current(container_id, every)}
+        superseded = [
+            f.id
+            for f in every
+            if file_id in current
+            and f.id not in current
+            and container_file(container_id, f).path == found.path
+        ]
         try:
             await self.engine.delete_file(file_id)
         except FileNotFoundInStore:
             raise not_found("file", file_id) from None
+        for earlier in superseded:
+            try:
+                await self.engine.delete_file(earlier)
+            except FileNotFoundInStore:
+                pass  # deleted meanwhile
         return Deleted(id=file_id, object="container.file.deleted")
 
 
 def _new_container_id() -> str:
     return new_id("cntr")
+
+
+def written_by_code(stored: StoredFile) -> bool:
+    """A file code wrote in ``/mnt/data`` (not an upload, nor an image a cell showed)."""
+    return stored.origin == "produced" and bool(stored.path)
+
+
+def _current(container_id: str, stored: list[StoredFile]) -> list[StoredFile]:
+    """``stored`` oldest first, without what a later version written by code superseded."""
+    ordered = sorted(stored, key=lambda f: (f.created_at, f.id))
+    paths = [container_file(container_id, f).path for f in ordered]
+    last_written = {path: i for i, path in enumerate(paths) if written_by_code(ordered[i])}
+    return [
+        f
+        for i, (f, path) in enumerate(zip(ordered, paths, strict=True))
+        if i >= last_written.get(path, i)
+    ]
 
 
 def container_file(container_id: str, stored: StoredFile) -> ContainerFile:

@@ -4,11 +4,13 @@ A response asks the chat model for turns until it answers in text or calls
 one of the caller's functions. Code it writes runs in the response's
 container (:mod:`~sandkernel.openai_api.containers`): the one named by the
 tool's ``container``, or for ``{"type": "auto"}`` the container of the
-``previous_response_id`` while it runs, else a new one. Each code call is a
-``code_interpreter_call`` item; a function call is a ``function_call`` item,
-answered by a ``function_call_output`` input item of the next response; the
-answer is a ``message`` whose text cites the files the code wrote as
-``container_file_citation`` annotations.
+``previous_response_id`` while it runs, else a new one. Files given as
+``input_file`` parts (by ``file_id``) are put in it before the model's first
+turn. Each code call is a ``code_interpreter_call`` item; a function call is
+a ``function_call`` item, answered by a ``function_call_output`` input item of
+the next response; the answer is a ``message`` whose text cites the files
+code wrote in the container, at their last version, wherever the text names
+their path, as ``container_file_citation`` annotations.
 
 The chat turns of a response (and of the responses it continues) are kept
 with it, so ``previous_response_id`` continues the conversation, and in the
@@ -31,9 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandkernel.api import SessionAPI
 from sandkernel.errors import ModelCallFailed, SandkernelError
+from sandkernel.files import StoredFile
 from sandkernel.loop import format_result, python_tool
 from sandkernel.openai_api.chat import AssistantModel, ChatRequest
-from sandkernel.openai_api.containers import MNT_DATA, Containers
+from sandkernel.openai_api.containers import MNT_DATA, Containers, written_by_code
 from sandkernel.openai_api.errors import APIError, bad_request, not_found
 from sandkernel.openai_api.runs import code_argument, result_tail
 from sandkernel.openai_api.state import ApiState, ResponseState
@@ -70,8 +73,9 @@ class ResponseCreate(BaseModel):
     store: bool = True
     stream: bool = False
     metadata: dict[str, str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    # OpenAI's bounds; a NaN would only fail later, at the model call.
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     max_output_tokens: int | None = None
     parallel_tool_calls: bool = True
 
@@ -124,15 +128,23 @@ class Responses:
         await self._db(self.state.delete, ResponseObject, response_id)
         return Deleted(id=response_id, object="response.deleted")
 
-    async def input_items(self, response_id: str, *, order: Literal["asc", "desc"]) -> Page:
+    async def input_items(
+        self,
+        response_id: str,
+        *,
+        limit: int,
+        order: Literal["asc", "desc"],
+        after: str | None,
+        before: str | None,
+    ) -> Page:
+        """One page of a response's input items, with the other lists' cursors."""
         saved = await self._saved(response_id)
-        items = list(saved.input_items)
-        if order == "desc":
-            items.reverse()
+        items, more = _page(saved.input_items, limit=limit, order=order, after=after, before=before)
         return Page(
             data=items,
             first_id=items[0]["id"] if items else None,
             last_id=items[-1]["id"] if items else None,
+            has_more=more,
         )
 
     async def _saved(self, response_id: str) -> ResponseState:
@@ -208,12 +220,29 @@ class Responses:
             history = await self._previous(body.previous_response_id)
         functions, code_tool = _tools(body.tools)
         _check_tool_choice(body.tool_choice, functions, code=code_tool is not None)
-        input_items, messages = _input(body.input)
+        input_items, messages, given_files = _input(body.input)
         _check_answers([*history.transcript, *messages])
+        file_ids: list[str] = []
+        named: str | None = None
+        if code_tool is not None:
+            named, listed = _container_spec(code_tool)
+            for i, file_id in enumerate(listed):
+                await self.containers.uploaded(file_id, f"tools.container.file_ids[{i}]")
+            file_ids += listed
+        for given in given_files:
+            stored = await self.containers.uploaded(given.file_id, f"{given.where}.file_id")
+            if code_tool is None:
+                raise bad_request(
+                    "An input_file part needs the code_interpreter tool here: its file is put "
+                    f"in the tool's container. Add the tool, or send the text; {_SERVED_PARTS}.",
+                    given.where,
+                )
+            given.found(stored)
+            file_ids.append(stored.id)
         # Last: a container made for a request refused afterwards would be left running.
         session = None
         if code_tool is not None:
-            session = await self._container(code_tool, history.container_id)
+            session = await self._container(named, history.container_id, file_ids)
         response = ResponseObject(
             id=new_id("resp"),
             created_at=_now(),
@@ -253,8 +282,19 @@ class Responses:
             prepared.code,
             emit,
             self.containers.engine.download,
+            container_id=prepared.container_id,
+            container_files=self.containers.current_files,
         )
-        await turn.run(self.model, prepared.transcript)
+        answered = len(prepared.transcript)
+        try:
+            await turn.run(self.model, prepared.transcript)
+        except Exception as exc:
+            # Its container is made and may have run code: the response is kept, failed,
+            # rather than lost with a 500.
+            log.exception("response %s failed", prepared.response.id)
+            turn.failed(f"The server had an error while answering: {exc!r}")
+            # Turns cut off mid-way (a call with no output) would refuse the next response.
+            del prepared.transcript[answered:]
         response = prepared.response.model_copy(
             update={
                 "status": turn.status,
@@ -275,16 +315,19 @@ class Responses:
         await emit(ended, {"response": response.model_dump(mode="json")})
         return response
 
-    async def _container(self, tool: dict[str, Any], previous: str | None) -> SessionAPI:
-        spec = tool.get("container")
-        if isinstance(spec, str):
-            return await self.containers.session(spec, "tools.container")
-        if not isinstance(spec, dict) or spec.get("type") != "auto":
-            raise bad_request(
-                "code_interpreter needs container: a container id, or {'type': 'auto'}",
-                "tools.container",
-            )
-        file_ids = [str(f) for f in spec.get("file_ids") or []]
+    async def _container(
+        self, named: str | None, previous: str | None, file_ids: list[str]
+    ) -> SessionAPI:
+        """The session of the response's container, with ``file_ids`` put in it.
+
+        ``named``: the tool's container id (else ``{"type": "auto"}``).
+        """
+        file_ids = list(dict.fromkeys(file_ids))  # one copy of a file named twice
+        if named is not None:
+            session = await self.containers.session(named, "tools.container")
+            for file_id in file_ids:
+                await self.containers.add_file_id(named, file_id)
+            return session
         if previous is not None:
             try:
                 container: Container | None = await self.containers.get(previous)
@@ -310,6 +353,56 @@ async def _no_events(kind: str, data: dict[str, Any]) -> None:
     return None
 
 
+def _container_spec(tool: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """The code_interpreter tool's container: its id if it names one, and the file ids to add."""
+    spec = tool.get("container")
+    if isinstance(spec, str):
+        return spec, []
+    if not isinstance(spec, dict) or spec.get("type") != "auto":
+        raise bad_request(
+            "code_interpreter needs container: a container id, or {'type': 'auto'}",
+            "tools.container",
+        )
+    file_ids = spec.get("file_ids")
+    if file_ids is None:
+        return None, []
+    if not isinstance(file_ids, list) or not all(isinstance(f, str) for f in file_ids):
+        raise bad_request(
+            "container.file_ids must be a list of file ids (strings)", "tools.container.file_ids"
+        )
+    return None, file_ids
+
+
+def _page(
+    items: list[dict[str, Any]],
+    *,
+    limit: int,
+    order: Literal["asc", "desc"],
+    after: str | None,
+    before: str | None,
+) -> tuple[list[dict[str, Any]], bool]:
+    """One page of ``items`` (oldest first), as the stored lists page: also whether more follow.
+
+    ``after`` starts the page after that item, in ``order``; ``before`` alone
+    gives the page just before that item; an id not in the list is a 400.
+    """
+    ordered = items if order == "asc" else items[::-1]
+    ids = [item["id"] for item in ordered]
+    start, end = 0, len(ordered)
+    for cursor, param in ((after, "after"), (before, "before")):
+        if cursor is not None and cursor not in ids:
+            raise bad_request(f"No input item found with id '{cursor}' in this list.", param)
+    if after is not None:
+        start = ids.index(after) + 1
+    if before is not None:
+        end = max(start, ids.index(before))
+    if before is not None and after is None:
+        # The page just before ``before``: more follow if any precede it.
+        first = max(0, end - limit)
+        return ordered[first:end], first > 0
+    return ordered[start : start + limit], end - start > limit
+
+
 class _Turn:
     """One response's model turns and code calls, telling ``emit`` each step as it happens."""
 
@@ -321,6 +414,9 @@ class _Turn:
         code: bool,
         emit: Emit = _no_events,
         download: Callable[[str], Awaitable[bytes]] | None = None,
+        *,
+        container_id: str | None = None,
+        container_files: Callable[[str], Awaitable[list[StoredFile]]] | None = None,
     ) -> None:
         self.body = body
         self.session = session
@@ -334,13 +430,25 @@ class _Turn:
         self.incomplete_details: dict[str, Any] | None = None
         self.input_tokens = 0
         self.output_tokens = 0
-        #: (file id, path) of files the code wrote, to cite in the answer
-        self.written: list[tuple[str, str]] = []
+        #: the container whose files the answer cites (this response's, or its chain's)
+        self.container_id = session.id if session is not None else container_id
+        self.container_files = container_files
+        #: paths in the sandbox the code wrote in this response
+        self.written: set[str] = set()
 
     def _cut_off(self) -> _Turn:
         self.status = "incomplete"
         self.incomplete_details = {"reason": "max_output_tokens"}
         return self
+
+    def failed(self, message: str) -> None:
+        """End as failed: items still going end too (as failed code calls, else incomplete)."""
+        self.status = "failed"
+        self.error = {"code": "server_error", "message": message}
+        for item in self.output:
+            if item["status"] in ("in_progress", "interpreting"):
+                code = item["type"] == "code_interpreter_call"
+                item["status"] = "failed" if code else "incomplete"
 
     def usage(self) -> dict[str, Any]:
         return {
@@ -513,7 +621,8 @@ class _Turn:
             if produced.source == "display":
                 outputs.append({"type": "image", "url": await self._image_url(produced)})
             else:
-                self.written.append((produced.id, produced.path))
+                path = produced.path
+                self.written.add(path if path.startswith("/") else f"{MNT_DATA}/{path}")
         if _OUTPUTS in self.body.include:
             item["outputs"] = outputs
         item["status"] = "completed" if result.status in ("ok", "error") else "incomplete"
@@ -528,30 +637,59 @@ class _Turn:
         content = await self.download(produced.id)
         return f"data:{produced.mime_type};base64,{base64.b64encode(content).decode()}"
 
-    def citations(self, text: str) -> list[dict[str, Any]]:
-        """``container_file_citation`` annotations for the files the code wrote."""
-        annotations = []
-        seen: set[str] = set()
-        for file_id, path in self.written:
-            if file_id in seen or self.session is None:
+    async def citations(self, text: str) -> list[dict[str, Any]]:
+        """``container_file_citation`` annotations for the container's files ``text`` names.
+
+        The files code wrote in the container, in this response or before it
+        (before a function call, in an earlier response of the chain), at
+        their last version: one per path the text names, at its first mention.
+        A file this response's code wrote that the text does not name is cited
+        at the text's end (an empty span), so the caller still finds it.
+        """
+        if self.container_id is None or self.container_files is None:
+            return []
+        annotations: list[dict[str, Any]] = []
+        for stored in await self.container_files(self.container_id):
+            if not written_by_code(stored):
                 continue
-            seen.add(file_id)
+            path = str(stored.path)
             full = path if path.startswith("/") else f"{MNT_DATA}/{path}"
-            start = text.find(full)
+            start = _mention(text, full)
             end = start + len(full)
             if start < 0:
+                if full not in self.written:
+                    continue
                 start = end = len(text)
             annotations.append(
                 {
                     "type": "container_file_citation",
-                    "container_id": self.session.id,
-                    "file_id": file_id,
+                    "container_id": self.container_id,
+                    "file_id": stored.id,
                     "filename": full.rsplit("/", 1)[-1],
                     "start_index": start,
                     "end_index": end,
                 }
             )
+        annotations.sort(key=lambda a: a["start_index"])
         return annotations
+
+
+def _mention(text: str, path: str) -> int:
+    """Where ``text`` first names ``path`` whole (not as the start of a longer name), or -1."""
+    start = text.find(path)
+    while start >= 0:
+        rest = text[start + len(path) : start + len(path) + 2]
+        if not rest or not _goes_on(rest):
+            return start
+        start = text.find(path, start + 1)
+    return -1
+
+
+def _goes_on(rest: str) -> bool:
+    """The characters after a path continue its name (``.bak``, ``-2``), not the sentence."""
+    if rest[0].isalnum() or rest[0] in "_-/~":
+        return True
+    return rest[0] == "." and len(rest) > 1 and (rest[1].isalnum() or rest[1] in "_-")
 
 
 class _TextItem:
@@ -586,7 +724,7 @@ class _TextItem:
     async def done(self, text: str, *, final: bool, status: str = "completed") -> None:
         await self._open()
         assert self.index is not None
-        annotations = self.turn.citations(text) if final else []
+        annotations = await self.turn.citations(text) if final else []
         part = {"type": "output_text", "text": text, "annotations": annotations, "logprobs": []}
         where = self._where()
         await self.turn.emit("response.output_text.done", {**where, "text": text, "logprobs": []})
@@ -610,6 +748,12 @@ def _tools(
                 raise bad_request(
                     f"A function needs a name other than {PYTHON!r}.", f"tools[{i}].name"
                 )
+            for key, kind_of, what in (
+                ("parameters", dict, "a JSON schema object"),
+                ("description", str, "a string"),
+            ):
+                if tool.get(key) is not None and not isinstance(tool[key], kind_of):
+                    raise bad_request(f"A function's {key} must be {what}.", f"tools[{i}].{key}")
             functions[name] = {
                 k: tool[k] for k in ("name", "description", "parameters") if k in tool
             }
@@ -639,32 +783,38 @@ def _check_tool_choice(
         raise bad_request(
             "tool_choice names code_interpreter, which is not among the tools", "tool_choice"
         )
-    if kind == "function" and choice.get("name") not in functions:
+    name = choice.get("name")
+    if kind == "function" and not isinstance(name, str):
+        raise bad_request("tool_choice.name must be a function name (a string)", "tool_choice.name")
+    if kind == "function" and name not in functions:
         raise bad_request(
-            f"tool_choice names the function {choice.get('name')!r}, which is not among the tools",
+            f"tool_choice names the function {name!r}, which is not among the tools",
             "tool_choice.name",
         )
     if kind not in ("code_interpreter", "function"):
         raise bad_request(f"tool_choice of type {kind!r} is not supported here", "tool_choice")
 
 
-def _input(given: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The input items as stored, and as chat messages (a 400 naming the first bad one).
+def _input(
+    given: str | list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[_GivenFile]]:
+    """The input items as stored, as chat messages, and the files they give.
 
-    Besides messages and function outputs, the items a response gave are taken
-    back (OpenAI's function-calling loop sends ``input += response.output``):
-    its assistant messages, its ``function_call`` items, its
-    ``code_interpreter_call`` items.
+    A 400 names the first bad one. Besides messages and function outputs, the
+    items a response gave are taken back (OpenAI's function-calling loop sends
+    ``input += response.output``): its assistant messages, its
+    ``function_call`` items, its ``code_interpreter_call`` items.
     """
     if isinstance(given, str):
         given = [{"role": "user", "content": given}]
     items: list[dict[str, Any]] = []
     messages: list[dict[str, Any]] = []
+    files: list[_GivenFile] = []
     for i, item in enumerate(given):
         where = f"input[{i}]"
         kind = item.get("type", "message")
         if kind == "message":
-            items.append(_message_item(item, where, messages))
+            items.append(_message_item(item, where, messages, files))
         elif kind == "function_call_output":
             call_id, output = item.get("call_id"), item.get("output")
             if not isinstance(call_id, str) or not isinstance(output, str):
@@ -707,7 +857,7 @@ def _input(given: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
         if item["type"] == "function_call" and item["call_id"] not in answered:
             # The model would be asked to go on from a call with no answer: its endpoint refuses.
             raise bad_request(f"No tool output found for function call {item['call_id']}.", "input")
-    return items, messages
+    return items, messages, files
 
 
 def _check_answers(transcript: list[dict[str, Any]]) -> None:
@@ -751,10 +901,46 @@ def _add_call(messages: list[dict[str, Any]], call_id: str, name: str, arguments
 _ROLES: Final = ("user", "assistant", "system", "developer")
 
 
+class _GivenFile:
+    """An ``input_file`` part's file: looked up, then put in the container and named to the model.
+
+    The model is told of it in a message of its own, just before the text of
+    the message that gave it (whose words stay as they were sent). Until
+    :meth:`found`, that note and the part as stored lack what only the stored
+    file tells: its name, and so its path.
+    """
+
+    def __init__(self, file_id: str, where: str, part: dict[str, Any], note: dict[str, Any]):
+        self.file_id = file_id
+        #: the part's name in the request (``input[0].content[1]``)
+        self.where = where
+        self.part = part
+        self.note = note
+
+    def found(self, stored: StoredFile) -> None:
+        self.part["filename"] = stored.name
+        self.note["content"] = (
+            f"[Attached file {stored.name}: it is in the container at {MNT_DATA}/{stored.name}]"
+        )
+
+
+_SERVED_PARTS: Final = (
+    "sandkernel serves input_text parts (output_text and refusal in assistant messages) and "
+    "input_file parts with a file_id, whose file is put in the code_interpreter container"
+)
+
+
 def _message_item(
-    item: dict[str, Any], where: str, messages: list[dict[str, Any]]
+    item: dict[str, Any],
+    where: str,
+    messages: list[dict[str, Any]],
+    files: list[_GivenFile],
 ) -> dict[str, Any]:
-    """A message input item as stored; its chat message is added to ``messages``."""
+    """A message input item as stored; its chat message is added to ``messages``.
+
+    Its ``input_file`` parts are added to ``files``; a part of a type not
+    served is a 400 saying what is, never dropped.
+    """
     role = item.get("role", "user")
     if role not in _ROLES:
         raise bad_request(
@@ -767,31 +953,58 @@ def _message_item(
         parts = content
     else:
         raise bad_request("content must be a string or a list of content parts", f"{where}.content")
-    texts = [
-        str(part.get("refusal" if part.get("type") == "refusal" else "text", "")) for part in parts
-    ]
-    text = "".join(texts)
     # Chat endpoints know "system"; the Responses API's "developer" is the same thing.
-    messages.append({"role": "system" if role == "developer" else role, "content": text})
+    chat_role = "system" if role == "developer" else role
+    notes: list[dict[str, Any]] = []
+    texts: list[str] = []
+    stored: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type")
+        if kind in ("input_text", "output_text", "refusal"):
+            key = "refusal" if kind == "refusal" else "text"
+            text = part.get(key)
+            if not isinstance(text, str):
+                raise bad_request(f"a {kind} part needs {key} (a string)", f"{at}.{key}")
+            texts.append(text)
+            if role != "assistant":
+                stored.append({"type": "input_text", "text": text})
+            elif kind == "refusal":
+                stored.append({"type": "refusal", "refusal": text})
+            else:
+                stored.append({"type": "output_text", "text": text, "annotations": []})
+        elif kind == "input_file" and part.get("file_id") is not None and role != "assistant":
+            file_id = part["file_id"]
+            if not isinstance(file_id, str):
+                raise bad_request("file_id must be a file's id (a string)", f"{at}.file_id")
+            file_part = {"type": "input_file", "file_id": file_id}
+            stored.append(file_part)
+            notes.append({"role": chat_role, "content": ""})
+            files.append(_GivenFile(file_id, at, file_part, notes[-1]))
+        else:
+            detail = " without a file_id" if kind == "input_file" else ""
+            raise bad_request(
+                f"Content parts of type {kind!r}{detail} are not served in {role} messages "
+                f"here: {_SERVED_PARTS}.",
+                at,
+            )
+    messages.extend(notes)
+    if texts or not notes:
+        messages.append({"role": chat_role, "content": "".join(texts)})
     if role == "assistant":
         return {
             "type": "message",
             "id": _item_id(item, "msg"),
             "role": "assistant",
             "status": "completed",
-            "content": [
-                {"type": "refusal", "refusal": t}
-                if part.get("type") == "refusal"
-                else {"type": "output_text", "text": t, "annotations": []}
-                for part, t in zip(parts, texts, strict=True)
-            ],
+            "content": stored,
         }
     return {
         "type": "message",
         "id": new_id("msg"),
         "role": role,
         "status": "completed",
-        "content": [{"type": "input_text", "text": text}],
+        "content": stored,
     }
 
 
