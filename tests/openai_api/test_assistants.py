@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import httpx
 import openai
 import pytest
+from openai.types.beta import Assistant as OpenAIAssistant
 
+from sandkernel.openai_api.wire import Assistant as StoredAssistant
+from tests._model import Reply, in_order
 from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, DEPLOYMENT, TOKEN, OpenAIDaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]
@@ -225,3 +230,80 @@ async def test_threads_and_messages_with_attachments_and_the_seeds_spellings(
             client.beta.threads.messages.list(thread.id)
 
     await anyio.to_thread.run_sync(threads)
+
+
+JSON_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "answer",
+        "description": "The answer",
+        "schema": {"type": "object", "properties": {"x": {"type": "number"}}},
+        "strict": True,
+    },
+}
+
+
+async def test_response_format_takes_what_openai_takes_and_refuses_the_rest(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(Reply('{"x": 1}'), Reply('{"x": 2}'), Reply('{"x": 3}'))
+    daemon = await openai_daemon(script, engine_options=NO_KERNELS)
+    assert daemon.model is not None
+    client = daemon.openai()
+    bad: list[Any] = [
+        "banana",
+        {"type": "xml"},
+        {"type": "text", "junk": 1},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"schema": {}}},
+        {"type": "json_schema", "json_schema": {"name": "has space"}},
+    ]
+
+    def check() -> None:
+        for given in ("auto", {"type": "text"}, {"type": "json_object"}, JSON_SCHEMA):
+            made = client.beta.assistants.create(model=DEPLOYMENT, response_format=given)  # type: ignore[arg-type]
+            shown: Any = made.response_format
+            if not isinstance(shown, str):
+                shown = shown.model_dump(by_alias=True, exclude_none=True)
+            assert shown == given
+        assistant = client.beta.assistants.create(model=DEPLOYMENT)
+        thread = client.beta.threads.create()
+        for given in bad:
+            with pytest.raises(openai.BadRequestError) as created:
+                client.beta.assistants.create(model=DEPLOYMENT, response_format=given)
+            assert created.value.param == "response_format", given
+            with pytest.raises(openai.BadRequestError) as updated:
+                client.beta.assistants.update(assistant.id, response_format=given)
+            assert updated.value.param == "response_format", given
+            with pytest.raises(openai.BadRequestError) as run:
+                client.beta.threads.runs.create(
+                    thread.id, assistant_id=assistant.id, response_format=given
+                )
+            assert run.value.param == "response_format", given
+            with pytest.raises(openai.BadRequestError) as thread_and_run:
+                client.beta.threads.create_and_run(assistant_id=assistant.id, response_format=given)
+            assert thread_and_run.value.param == "response_format", given
+        for given in ({"type": "json_object"}, JSON_SCHEMA):
+            done = client.beta.threads.runs.create_and_poll(
+                thread_id=thread.id,
+                assistant_id=assistant.id,
+                response_format=given,  # type: ignore[arg-type]
+            )
+            assert done.status == "completed", done.last_error
+        both = client.beta.threads.create_and_run_poll(
+            assistant_id=assistant.id,
+            response_format=JSON_SCHEMA,  # type: ignore[arg-type]
+        )
+        assert both.status == "completed", both.last_error
+
+    await anyio.to_thread.run_sync(check)
+    sent = [request.get("response_format") for request in daemon.model.requests]
+    assert sent == [{"type": "json_object"}, JSON_SCHEMA, JSON_SCHEMA]
+
+
+async def test_a_stored_response_format_openai_would_refuse_is_read_as_auto() -> None:
+    # What a daemon that did not check response_format may have stored.
+    stored = {"id": "asst-a", "created_at": 1, "model": DEPLOYMENT, "response_format": "banana"}
+    assistant = StoredAssistant.model_validate(stored)
+    assert assistant.response_format == "auto"
+    OpenAIAssistant.model_validate(assistant.model_dump(mode="json"))

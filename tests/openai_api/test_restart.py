@@ -177,3 +177,56 @@ async def test_a_run_waiting_for_tool_outputs_takes_them_after_a_restart(
         }
     finally:
         await model.__aexit__(None, None, None)
+
+
+LIST_WITH_CONTENT = (
+    "import os\nprint({n: open('/mnt/data/' + n).read() for n in sorted(os.listdir('/mnt/data'))})"
+)
+
+
+async def test_a_replaced_session_gets_the_latest_version_of_a_file_code_rewrote(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(None, [code_call("v1", "open('/mnt/data/out.csv', 'w').write('v1')")]),
+        Reply("Wrote v1."),
+        Reply(None, [code_call("v2", "open('/mnt/data/out.csv', 'w').write('v2')")]),
+        Reply("Wrote v2."),
+        Reply(None, [code_call("ls", LIST_WITH_CONTENT)]),
+        Reply("Listed."),
+    )
+    daemon = await openai_daemon(script)
+    assert daemon.model is not None
+    client = daemon.openai()
+    native = daemon.running.client()
+
+    def run(thread_id: str, assistant_id: str, question: str) -> str:
+        client.beta.threads.messages.create(thread_id, role="user", content=question)
+        run = client.beta.threads.runs.create_and_poll(
+            thread_id=thread_id, assistant_id=assistant_id
+        )
+        assert run.status == "completed", run.last_error
+        (step,) = [
+            s
+            for s in client.beta.threads.runs.steps.list(run.id, thread_id=thread_id).data
+            if s.type == "tool_calls"
+        ]
+        (call,) = step.step_details.tool_calls  # type: ignore[union-attr]
+        return call.code_interpreter.outputs[0].logs  # type: ignore[union-attr,no-any-return]
+
+    def twice() -> tuple[str, str]:
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT, tools=[{"type": "code_interpreter"}]
+        )
+        thread = client.beta.threads.create()
+        run(thread.id, assistant.id, "Write v1.")
+        run(thread.id, assistant.id, "Now v2.")
+        return thread.id, assistant.id
+
+    thread_id, assistant_id = await anyio.to_thread.run_sync(twice)
+    # The session ends (as when its time to live runs out): the next run gets a new one.
+    await native.close_session(thread_id)
+    listed = await anyio.to_thread.run_sync(run, thread_id, assistant_id, "What is there?")
+    assert listed == "{'out.csv': 'v2'}\n"
+    system = daemon.model.requests[4]["messages"][0]["content"]
+    assert "restarted" in system and "put back: /mnt/data/out.csv." in system

@@ -17,7 +17,12 @@ import pytest
 from openai.types.beta.threads import Run
 from PIL import Image
 
+from sandkernel.openai_api.runs import chat_context
+from sandkernel.openai_api.state import RunState
+from sandkernel.openai_api.wire import Message
+from sandkernel.openai_api.wire import Run as StoredRun
 from tests._model import Reply, by_marker, code_call, in_order
+from tests.openai_api._objects import make_run
 from tests.openai_api.conftest import (
     ASSISTANTS_DEPRECATED,
     DEPLOYMENT,
@@ -263,3 +268,219 @@ async def test_two_threads_run_at_once_in_two_sessions_that_see_only_their_files
     assert len({run.thread_id for run in done}) == 2
     agent_files = await daemon.running.client().list_files(agent_id=assistant_id)
     assert [f.name for f in agent_files] == ["shared.txt"]
+
+
+async def test_runs_that_run_no_code_hold_no_session_and_the_first_cell_sees_the_files(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    chats = 3
+    script = in_order(
+        *[Reply(f"hello {i}") for i in range(chats)],
+        Reply(None, [code_call("ls", LIST_FILES)]),
+        Reply("listed"),
+    )
+    daemon = await openai_daemon(script, engine_options={"max_sessions": 1})
+    assert daemon.model is not None
+    client = daemon.openai()
+    native = daemon.running.client()
+
+    def chat_only() -> tuple[str, str]:
+        shared = client.files.create(file=("shared.txt", b"for all\n"), purpose="assistants")
+        own = client.files.create(file=("own.csv", b"n\n1\n"), purpose="assistants")
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT,
+            tools=[{"type": "code_interpreter"}],
+            tool_resources={"code_interpreter": {"file_ids": [shared.id]}},
+        )
+        for i in range(chats):  # more conversations than max_sessions
+            thread = client.beta.threads.create(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": f"say hello {i}",
+                        "attachments": [
+                            {"file_id": own.id, "tools": [{"type": "code_interpreter"}]}
+                        ],
+                    }
+                ]
+            )
+            run = client.beta.threads.runs.create_and_poll(
+                thread_id=thread.id, assistant_id=assistant.id
+            )
+            assert run.status == "completed", run.last_error
+        return assistant.id, thread.id
+
+    assistant_id, thread_id = await anyio.to_thread.run_sync(chat_only)
+    assert await native.sessions() == []
+    for request in daemon.model.requests:
+        system = request["messages"][0]["content"]
+        assert "/mnt/data/shared.txt (read-only)" in system and "/mnt/data/own.csv" in system
+
+    def code() -> str:
+        client.beta.threads.messages.create(thread_id, role="user", content="list the files")
+        run = client.beta.threads.runs.create_and_poll(
+            thread_id=thread_id, assistant_id=assistant_id
+        )
+        assert run.status == "completed", run.last_error
+        steps = client.beta.threads.runs.steps.list(run.id, thread_id=thread_id)
+        (call,) = next(s for s in steps.data if s.type == "tool_calls").step_details.tool_calls  # type: ignore[union-attr]
+        return call.code_interpreter.outputs[0].logs  # type: ignore[union-attr,no-any-return]
+
+    assert await anyio.to_thread.run_sync(code) == "['own.csv', 'shared.txt']\n"
+    assert [s.id for s in await native.sessions()] == [thread_id]
+
+
+def _said(request: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What a model request's messages said: (role, content), tool calls as their ids."""
+    return [
+        (m["role"], [c["id"] for c in m["tool_calls"]] if m.get("tool_calls") else m["content"])
+        for m in request["messages"]
+    ]
+
+
+WEATHER: Any = {"type": "function", "function": {"name": "get_weather"}}
+
+
+async def test_a_deleted_reply_and_the_tool_calls_it_came_from_leave_later_runs_context(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply("Checking.", [("w1", "get_weather", "{}")]),
+        Reply("Sunny."),
+        Reply("Still sunny."),
+        Reply("No idea."),
+    )
+    daemon = await openai_daemon(script, engine_options={"pool_size": 0})
+    assert daemon.model is not None
+    client = daemon.openai()
+
+    def runs() -> None:
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT, instructions="SYS", tools=[WEATHER]
+        )
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Weather?"}])
+
+        def run(question: str) -> None:
+            client.beta.threads.messages.create(thread.id, role="user", content=question)
+            done = client.beta.threads.runs.create_and_poll(
+                thread_id=thread.id, assistant_id=assistant.id
+            )
+            assert done.status == "completed", done.last_error
+
+        waiting = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id
+        )
+        assert waiting.status == "requires_action"
+        client.beta.threads.runs.submit_tool_outputs_and_poll(
+            run_id=waiting.id,
+            thread_id=thread.id,
+            tool_outputs=[{"tool_call_id": "w1", "output": "sun"}],
+        )
+        run("And now?")
+        replies = {
+            m.content[0].text.value: m.id  # type: ignore[union-attr]
+            for m in client.beta.threads.messages.list(thread.id)
+            if m.role == "assistant"
+        }
+        client.beta.threads.messages.delete(replies["Sunny."], thread_id=thread.id)
+        client.beta.threads.messages.delete(replies["Still sunny."], thread_id=thread.id)
+        run("Tomorrow?")
+
+    await anyio.to_thread.run_sync(runs)
+    second_run, third_run = daemon.model.requests[2:]
+    assert _said(second_run) == [
+        ("system", "SYS"),
+        ("user", "Weather?"),
+        ("assistant", ["w1"]),
+        ("tool", "sun"),
+        ("assistant", "Sunny."),
+        ("user", "And now?"),
+    ]
+    assert second_run["messages"][2]["content"] == "Checking."
+    # The words said with the call stay; the call, its result and what came of them go.
+    assert _said(third_run) == [
+        ("system", "SYS"),
+        ("user", "Weather?"),
+        ("assistant", "Checking."),
+        ("user", "And now?"),
+        ("user", "Tomorrow?"),
+    ]
+
+
+async def test_last_messages_keeps_that_many_of_the_threads_messages(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(Reply("first answer"), Reply("second answer"), Reply("third answer"))
+    daemon = await openai_daemon(script, engine_options={"pool_size": 0})
+    assert daemon.model is not None
+    client = daemon.openai()
+
+    def runs() -> None:
+        assistant = client.beta.assistants.create(model=DEPLOYMENT, instructions="SYS")
+        thread = client.beta.threads.create()
+        for question, keep in (("first?", None), ("second?", None), ("third?", 2)):
+            client.beta.threads.messages.create(thread.id, role="user", content=question)
+            truncation: Any = {"type": "last_messages", "last_messages": keep} if keep else None
+            done = client.beta.threads.runs.create_and_poll(
+                thread_id=thread.id,
+                assistant_id=assistant.id,
+                **({"truncation_strategy": truncation} if truncation else {}),
+            )
+            assert done.status == "completed", done.last_error
+
+    await anyio.to_thread.run_sync(runs)
+    assert _said(daemon.model.requests[1]) == [
+        ("system", "SYS"),
+        ("user", "first?"),
+        ("assistant", "first answer"),
+        ("user", "second?"),
+    ]
+    assert _said(daemon.model.requests[2]) == [
+        ("system", "SYS"),
+        ("assistant", "second answer"),
+        ("user", "third?"),
+    ]
+
+
+async def test_last_messages_keeps_the_tool_calls_a_kept_reply_came_of() -> None:
+    def message(message_id: str, role: str, text: str, run_id: str | None = None) -> Message:
+        return Message.model_validate(
+            {
+                "id": message_id,
+                "created_at": 1,
+                "thread_id": "thread-t",
+                "role": role,
+                "content": [{"type": "text", "text": {"value": text, "annotations": []}}],
+                "run_id": run_id,
+            }
+        )
+
+    calls = [{"id": "w1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]
+    said = RunState(
+        transcript=[
+            {"role": "assistant", "content": "Checking.", "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "w1", "content": "sun"},
+            {"role": "assistant", "content": "Sunny."},
+        ],
+        message_turns=[("msg-1", 0), ("msg-2", 2)],
+    )
+    now = StoredRun.model_validate(
+        {
+            **make_run("run-2", "thread-t", "in_progress").model_dump(),
+            "truncation_strategy": {"type": "last_messages", "last_messages": 2},
+        }
+    )
+    timeline: list[tuple[Message | StoredRun, RunState | None]] = [
+        (message("msg-0", "user", "Weather?"), None),
+        (make_run("run-1", "thread-t", "completed"), said),
+        (message("msg-1", "assistant", "Checking.", "run-1"), None),
+        (message("msg-2", "assistant", "Sunny.", "run-1"), None),
+        (message("msg-3", "user", "And now?"), None),
+        (now, RunState()),
+    ]
+    assert chat_context(now, RunState(), timeline, None) == [
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "w1", "content": "sun"},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "And now?"},
+    ]

@@ -40,7 +40,8 @@ class ChatRequest:
     temperature: float | None = None
     top_p: float | None = None
     parallel_tool_calls: bool = True
-    response_format: Any = None
+    #: the chat endpoint's ``response_format`` (``None`` or ``"auto"``: not sent)
+    response_format: str | dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -29,25 +29,37 @@ from sandkernel.files import StoredFile
 from sandkernel.openai_api.errors import bad_request
 from sandkernel.openai_api.state import ApiState, FileLink, ThreadState
 from sandkernel.openai_api.wire import Message, Run, Thread
+from sandkernel.sandbox import WORKSPACE_IN_JAIL
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Workspace:
-    """A thread's session, ready for a run, and what the model should be told about it."""
+    """What a run's sandbox holds, told to the model, and the thread's session once code runs.
 
-    session: SessionAPI
-    #: the session is not the one earlier code of this thread ran in: its variables are gone
+    Made when the run starts from what is stored, without a session: one is
+    only made (or taken up again) when the run first calls the interpreter
+    (:meth:`Placement.ready`), which puts the files in place and makes the
+    paths here the ones they got.
+    """
+
+    thread_id: str
+    assistant_id: str
+    #: the session earlier code of this thread ran in is gone: its variables are gone
     replaced: bool
+    #: the thread's code interpreter files (OpenAI ids), in the order they are placed
+    file_ids: list[str] = field(default_factory=list)
     #: OpenAI file id -> path in the sandbox, for the thread's files
     paths: dict[str, str] = field(default_factory=dict)
     #: the assistant's files (read-only), by name
     assistant_files: list[str] = field(default_factory=list)
-    #: files earlier code wrote, put back into a replaced session: name -> path
+    #: files earlier code wrote, put back into a new session: name -> path
     restored: dict[str, str] = field(default_factory=dict)
     #: thread files that could not be placed (deleted since), by OpenAI id
     missing: list[str] = field(default_factory=list)
+    #: the thread's session, once the run called the interpreter
+    session: SessionAPI | None = None
 
 
 class Placement:
@@ -116,65 +128,103 @@ class Placement:
     # ------------------------------------------------------------------ threads
 
     async def workspace(self, thread: Thread, run: Run, messages: Sequence[Message]) -> Workspace:
-        """The thread's session for this run, with every file of the thread in place.
+        """What the run's sandbox will hold, from the stored files alone (no session is made).
 
-        The session (its id is the thread's) is reused while it lives and was
-        made for this run's assistant; otherwise a new one is made, and if
-        earlier code of the thread ran in another, the files that code wrote
-        are put back and ``replaced`` says its variables are gone.
+        The thread's session (its id is the thread's) is taken up again if it
+        lives and was made for this run's assistant; otherwise the first code
+        call makes a new one, which gets the files earlier code wrote back, and
+        ``replaced`` says the variables of that code are gone. Paths of files
+        not placed in the session yet are where they are placed unless their
+        name is taken (then :meth:`ready` gives the path they got).
         """
-        thread_state = await anyio.to_thread.run_sync(
-            self.state.private, Thread, thread.id, ThreadState
+        thread_state = await self._thread_state(thread.id)
+        live = await self._session_of(thread.id)
+        if thread_state.session_agent_id != run.assistant_id:
+            live = None  # made for another assistant: the first code call replaces it
+        space = Workspace(
+            thread_id=thread.id,
+            assistant_id=run.assistant_id,
+            replaced=live is None and thread_state.ran_code,
+            file_ids=thread_files(thread, messages),
         )
-        session: SessionAPI | None = None
-        try:
-            session = await self.engine.get_session(thread.id)
-        except SessionError:
-            session = None
-        if session is not None and thread_state.session_agent_id != run.assistant_id:
+        links = {link.file_id: link for link in await self._links(thread.id)}
+        if live is None:
+            for stored in await self._outputs(thread.id, links, space.file_ids):
+                space.restored[stored.name] = f"{WORKSPACE_IN_JAIL}/{stored.name}"
+        for file_id in space.file_ids:
+            link = links.get(file_id)
+            try:
+                stored = await self.engine.file(link.local_id if link is not None else file_id)
+            except FileNotFoundInStore:
+                space.missing.append(file_id)
+                continue
+            known = link.path if link is not None else None
+            space.paths[file_id] = known or f"{WORKSPACE_IN_JAIL}/{stored.name}"
+        for link in await self._links(run.assistant_id):
+            try:
+                space.assistant_files.append((await self.engine.file(link.local_id)).name)
+            except FileNotFoundInStore:
+                continue
+        return space
+
+    async def ready(self, space: Workspace) -> SessionAPI:
+        """The thread's session for the run's code, with every file of the thread in place.
+
+        Made now if the thread has none (or one made for another assistant,
+        which is closed): the files earlier code of the thread wrote are put
+        back, and if code ran in the session it replaces, ``space.replaced``
+        says so. The thread's files are placed (again, in a new session) and
+        ``space`` gets the paths they have.
+        """
+        if space.session is not None:
+            return space.session
+        thread_id = space.thread_id
+        thread_state = await self._thread_state(thread_id)
+        session = await self._session_of(thread_id)
+        if session is not None and thread_state.session_agent_id != space.assistant_id:
             # Agent files are given when a session starts: another assistant needs another.
-            await self.engine.close_session(thread.id)
+            await self.engine.close_session(thread_id)
             session = None
         fresh = session is None
+        links = {link.file_id: link for link in await self._links(thread_id)}
         if session is None:
             session = await self.engine.session(
-                thread.id, agent_id=run.assistant_id, if_expired="new"
+                thread_id, agent_id=space.assistant_id, if_expired="new"
             )
-            replaced = thread_state.ran_code
-            thread_state = ThreadState(session_agent_id=run.assistant_id, ran_code=False)
-            await anyio.to_thread.run_sync(
-                lambda: self.state.save(private={thread.id: thread_state})
-            )
-        else:
-            replaced = False
-        space = Workspace(session=session, replaced=replaced)
-        links = {link.file_id: link for link in await self._links(thread.id)}
-        if replaced:
-            space.restored = await self._restore_outputs(session, thread.id, links)
-        for file_id in thread_files(thread, messages):
+            space.replaced = space.replaced or thread_state.ran_code
+            new_state = ThreadState(session_agent_id=space.assistant_id, ran_code=False)
+            await anyio.to_thread.run_sync(lambda: self.state.save(private={thread_id: new_state}))
+            space.restored = await self._restore_outputs(session, thread_id, links, space.file_ids)
+        space.paths, space.missing = {}, []
+        for file_id in space.file_ids:
             link = links.get(file_id)
             if link is not None and link.path is not None and not fresh:
                 space.paths[file_id] = link.path
                 continue
             try:
                 local_id = (
-                    link.local_id if link is not None else await self._local(thread.id, file_id)
+                    link.local_id if link is not None else await self._local(thread_id, file_id)
                 )
                 (path,) = await session.attach([local_id])
             except FileNotFoundInStore:
                 space.missing.append(file_id)
                 continue
             await anyio.to_thread.run_sync(
-                self.state.link, FileLink(thread.id, file_id, local_id, path)
+                self.state.link, FileLink(thread_id, file_id, local_id, path)
             )
             space.paths[file_id] = path
-        assistant_links = await self._links(run.assistant_id)
-        for link in assistant_links:
-            try:
-                space.assistant_files.append((await self.engine.file(link.local_id)).name)
-            except FileNotFoundInStore:
-                continue
-        return space
+        space.session = session
+        return session
+
+    async def _thread_state(self, thread_id: str) -> ThreadState:
+        return await anyio.to_thread.run_sync(self.state.private, Thread, thread_id, ThreadState)
+
+    async def _session_of(self, thread_id: str) -> SessionAPI | None:
+        """The thread's session if it lives (never makes one)."""
+        try:
+            return await self.engine.get_session(thread_id)
+        except SessionError:
+            return None
 
     async def _local(self, thread_id: str, file_id: str) -> str:
         """The engine file the thread's session gets for an uploaded file: itself, or a copy."""
@@ -186,11 +236,15 @@ class Placement:
         copy = await self.engine.upload(await self.engine.download(file_id), stored.name)
         return copy.id
 
-    async def _restore_outputs(
-        self, session: SessionAPI, thread_id: str, links: dict[str, FileLink]
-    ) -> dict[str, str]:
-        """Put back the latest version of each file earlier code of the thread wrote."""
-        inputs = {link.local_id for link in links.values()}
+    async def _outputs(
+        self, thread_id: str, links: dict[str, FileLink], file_ids: Sequence[str]
+    ) -> list[StoredFile]:
+        """The latest version of each file earlier code of the thread wrote, by path.
+
+        A file code wrote that is also one of the thread's files (attached to a
+        message since) is placed as a thread file, not here.
+        """
+        inputs = {links[f].local_id if f in links else f for f in file_ids}
         latest: dict[str, StoredFile] = {}
         for stored in await self.engine.list_files(session_id=thread_id):
             if stored.origin != "produced" or not stored.path or stored.id in inputs:
@@ -198,8 +252,18 @@ class Placement:
             known = latest.get(stored.path)
             if known is None or stored.created_at >= known.created_at:
                 latest[stored.path] = stored
+        return list(latest.values())
+
+    async def _restore_outputs(
+        self,
+        session: SessionAPI,
+        thread_id: str,
+        links: dict[str, FileLink],
+        file_ids: Sequence[str],
+    ) -> dict[str, str]:
+        """Put back the latest version of each file earlier code of the thread wrote."""
         restored = {}
-        for stored in latest.values():
+        for stored in await self._outputs(thread_id, links, file_ids):
             try:
                 (path,) = await session.attach([stored.id])
             except FileNotFoundInStore:
@@ -209,9 +273,16 @@ class Placement:
 
 
 def thread_files(thread: Thread, messages: Sequence[Message]) -> list[str]:
-    """The thread's code interpreter files: its resources', then its messages' attachments."""
+    """The thread's code interpreter files: its resources', then its messages' attachments.
+
+    The attachments of the answers runs gave are files the code wrote: those
+    are put back as such (the latest version of each, see
+    :meth:`Placement.ready`), not as files given to the thread.
+    """
     found = dict.fromkeys(thread.tool_resources.file_ids())
     for message in messages:
+        if message.run_id is not None:
+            continue
         for attachment in message.attachments:
             if not attachment.tools or any(t.type == "code_interpreter" for t in attachment.tools):
                 found.setdefault(attachment.file_id)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import anyio
+from pydantic import BaseModel
 
 from sandkernel.api import EngineAPI, SessionAPI
 from sandkernel.errors import (
@@ -80,6 +81,7 @@ from sandkernel.openai_api.wire import (
     new_id,
 )
 from sandkernel.results import ExecutionResult
+from sandkernel.sandbox import WORKSPACE_IN_JAIL
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +335,7 @@ class _Progress:
             temperature=run.temperature,
             top_p=run.top_p,
             parallel_tool_calls=run.parallel_tool_calls,
-            response_format=run.response_format,
+            response_format=_chat_response_format(run.response_format),
         )
         streamed = driver.limits.stream_text and driver.events.watched(run.id)
         turn = await driver.model.turn(request, on_text=self.text_delta if streamed else None)
@@ -476,6 +478,8 @@ class _Progress:
         self.rs.pending_images, self.rs.pending_files = [], []
         if in_transcript:
             self.rs.transcript.append({"role": "assistant", "content": text})
+        # The turn that said it (appended just now, or with the turn's calls).
+        self.rs.message_turns.append((message.id, len(self.rs.transcript) - 1))
         self.message, self.step = None, None
         await self.save(message, step)
         self.emit(
@@ -630,7 +634,9 @@ class _Progress:
         self.rs.code_calls += 1
         last = self.rs.code_calls >= limits.max_code_calls
         logs = _Logs(self, index)
-        result = await _execute(space.session, code, logs)
+        # The thread's session is made (or taken up again) when code first runs in the run.
+        session = await self.driver.placement.ready(space)
+        result = await _execute(session, code, logs)
         logs.add(result_tail(result))
         outputs: list[LogsOutput | ImageOutput] = []
         if logs.text:
@@ -847,6 +853,13 @@ def code_argument(arguments: str) -> tuple[str | None, str]:
     return code, ""
 
 
+def _chat_response_format(response_format: str | BaseModel | None) -> str | dict[str, Any] | None:
+    """The run's ``response_format`` as the chat endpoint takes it (OpenAI's JSON)."""
+    if response_format is None or isinstance(response_format, str):
+        return response_format
+    return response_format.model_dump(by_alias=True, exclude_none=True)
+
+
 def _assistant_message(reply: ModelReply) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
     if reply.tool_calls:
@@ -903,28 +916,118 @@ def chat_context(
     timeline: Sequence[tuple[Message | Run, RunState | None]],
     space: Workspace | None,
 ) -> list[dict[str, Any]]:
-    """The chat messages for the run's next turn: instructions, the thread, this run so far."""
+    """The chat messages for the run's next turn: instructions, the thread, this run so far.
+
+    The thread is its messages, as OpenAI's runs read it: a deleted message is
+    not in it, and ``last_messages`` keeps that many of them. A message a run
+    made is the turns of the run's transcript that led to it (see
+    :class:`_RunTurns`), so its code and the code's results go with it. A run
+    that stopped before it said anything (cancelled while its code ran, say)
+    has its turns where it is in the thread, so the model knows what it began.
+    """
     paths = space.paths if space is not None else {}
-    items = list(timeline)
-    keep = run.truncation_strategy.last_messages
-    if run.truncation_strategy.type == "last_messages" and keep is not None:
-        seen = 0
-        for position in range(len(items) - 1, -1, -1):
-            if isinstance(items[position][0], Message):
-                seen += 1
-                if seen == keep:
-                    items = items[position:]
-                    break
+    turns = {
+        obj.id: _RunTurns(private)
+        for obj, private in timeline
+        if isinstance(obj, Run) and private is not None and obj.id != run.id
+    }
+    messages = [obj for obj, _ in timeline if isinstance(obj, Message)]
+    last_of_run = {m.run_id: m.id for m in messages if m.run_id is not None}
+    #: the last message of each run, which the rest of its turns follows
+    ends = set(last_of_run.values())
+    #: runs that never made a message: the rest of their turns is where they are
+    silent = {
+        run_id for run_id, made in turns.items() if not made.said and run_id not in last_of_run
+    }
+    strategy = run.truncation_strategy
+    keep = strategy.last_messages if strategy.type == "last_messages" else None
+    if keep is not None:
+        messages = messages[-keep:]
+    kept = {m.id for m in messages}
+    turns[run.id] = _RunTurns(current)
     history: list[dict[str, Any]] = []
-    for obj, private in items:
-        if isinstance(obj, Message):
-            if obj.run_id is None:
-                history.append(_chat_message(obj, paths))
-        elif obj.id != run.id and private is not None:
-            history.extend(_closed(private.transcript))
-    history.extend(current.transcript)
+    started = keep is None  # past the first message kept: what is before it is cut
+    for obj, _ in timeline:
+        if isinstance(obj, Run):
+            if started and obj.id in silent:
+                turns[obj.id].add_rest(history)
+            continue
+        if obj.id not in kept:
+            continue
+        started = True
+        made_by = turns.get(obj.run_id) if obj.run_id is not None else None
+        if made_by is None:
+            history.append(_chat_message(obj, paths))
+            continue
+        made_by.add(obj.id, history)
+        if obj.run_id != run.id and obj.id in ends:
+            made_by.add_rest(history)
+    turns[run.id].add_rest(history)  # this run so far, all of it
     system = _system_prompt(run, space)
-    return ([{"role": "system", "content": system}] if system else []) + history
+    return ([{"role": "system", "content": system}] if system else []) + _answered(history)
+
+
+@dataclass
+class _Part:
+    """The turns of a run that go with one of its messages (or follow its last one)."""
+
+    #: the previous message's words and their whole turn, when calls were made with them:
+    #: those calls led here
+    after: tuple[dict[str, Any], dict[str, Any]] | None
+    #: tool calls and results
+    turns: list[dict[str, Any]]
+    #: the message's words
+    words: dict[str, Any] | None
+
+
+class _RunTurns:
+    """A run's transcript cut at the messages it made.
+
+    A message is the turn that said its words and the tool calls and results
+    since the run's previous message, with the calls said with that message's
+    words: what the message came of. What follows the run's last message (a
+    run that stopped, or this run so far) is its rest. A run's messages are
+    one after another in the thread (no message is added while it runs). A
+    run stored before its messages' turns were recorded is all rest.
+    """
+
+    def __init__(self, state: RunState) -> None:
+        transcript = state.transcript
+        #: the run made messages (the thread may have none of them now)
+        self.said = bool(state.message_turns)
+        self.parts: dict[str, _Part] = {}
+        start = 0
+        with_calls: tuple[dict[str, Any], dict[str, Any]] | None = None
+        for message_id, index in sorted(state.message_turns, key=lambda turn: turn[1]):
+            if not start <= index < len(transcript):
+                continue
+            turn = transcript[index]
+            words = {"role": "assistant", "content": turn.get("content") or ""}
+            self.parts[message_id] = _Part(with_calls, transcript[start:index], words)
+            with_calls = (words, turn) if turn.get("tool_calls") else None
+            start = index + 1
+        self.rest = _Part(with_calls, transcript[start:], None)
+
+    def add(self, message_id: str, history: list[dict[str, Any]]) -> None:
+        """A message's turns (none for a message no turn said: one the run left incomplete)."""
+        part = self.parts.get(message_id)
+        if part is not None:
+            _add_part(part, history)
+
+    def add_rest(self, history: list[dict[str, Any]]) -> None:
+        _add_part(self.rest, history)
+
+
+def _add_part(part: _Part, history: list[dict[str, Any]]) -> None:
+    if part.after is not None:
+        words, turn = part.after
+        if history and history[-1] is words:
+            history[-1] = turn  # the words and the calls made with them: one turn, as said
+        else:
+            history.append({"role": "assistant", "content": None, "tool_calls": turn["tool_calls"]})
+    history.extend(part.turns)
+    if part.words is not None:
+        history.append(part.words)
 
 
 def _chat_message(message: Message, paths: dict[str, str]) -> dict[str, Any]:
@@ -947,14 +1050,19 @@ def _chat_message(message: Message, paths: dict[str, str]) -> dict[str, Any]:
     return {"role": message.role, "content": text}
 
 
-def _closed(transcript: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A past run's turns with every tool call answered (a run that stopped may not have)."""
+def _answered(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every tool call answered right after it, and no answer without its call.
+
+    A run that stopped may not have answered its calls; the turns of a deleted
+    message go with it.
+    """
     out: list[dict[str, Any]] = []
     open_ids: list[str] = []
-    for message in transcript:
+    for message in history:
         if message.get("role") == "tool":
-            open_ids = [i for i in open_ids if i != message.get("tool_call_id")]
-            out.append(message)
+            if message.get("tool_call_id") in open_ids:
+                open_ids.remove(message["tool_call_id"])
+                out.append(message)
             continue
         out += [_tool_message(i, _MISSED_CALL) for i in open_ids]
         out.append(message)
@@ -967,8 +1075,8 @@ def _system_prompt(run: Run, space: Workspace | None) -> str:
     parts = [run.instructions.strip()] if run.instructions.strip() else []
     if space is None:
         return "\n\n".join(parts)
-    listed = {f"/mnt/data/{name}": " (read-only)" for name in space.assistant_files}
-    for path in space.paths.values():
+    listed = {f"{WORKSPACE_IN_JAIL}/{name}": " (read-only)" for name in space.assistant_files}
+    for path in [*space.paths.values(), *space.restored.values()]:
         listed.setdefault(path, "")
     files = [f"- {path}{note}" for path, note in listed.items()]
     if files:

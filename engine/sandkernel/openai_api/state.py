@@ -98,6 +98,11 @@ class RunState(BaseModel):
         default_factory=list,
         description="chat messages this run added: assistant turns and tool results",
     )
+    message_turns: list[tuple[str, int]] = Field(
+        default_factory=list,
+        description="(message id, index of the transcript turn that said its words) "
+        "of each message this run made",
+    )
     code_calls: int = 0
     model_calls: int = 0
     pending_images: list[str] = Field(

@@ -19,7 +19,15 @@ import secrets
 import string
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -108,6 +116,75 @@ class ToolChoiceObject(_Object):
 ToolChoice = Literal["none", "auto", "required"] | ToolChoiceObject
 
 
+class ResponseFormatText(_Object):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(_Object):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Object):
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    # ``schema`` would shadow BaseModel.schema(): the field is named otherwise, shown as OpenAI's.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJsonSchema(_Object):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+_RESPONSE_FORMAT_SHAPES = (
+    '\'auto\', {"type": "text"}, {"type": "json_object"} or '
+    '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}'
+)
+
+
+def _one_response_format_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # One error for the field (its param is ``response_format``), not one per shape it is not.
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        why = _shape_error(exc) if isinstance(value, dict) else ""
+        raise ValueError(f"expected {_RESPONSE_FORMAT_SHAPES}{why}") from None
+
+
+def _shape_error(exc: ValidationError) -> str:
+    """What is wrong inside the shape the value named by its ``type``, if it named one."""
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        if loc and loc[0].startswith("tagged-union["):
+            where = ".".join(loc[2:])  # after the union and the tag it chose
+            return f" ({where}: {error['msg']})" if where else f" ({error['msg']})"
+    return ""
+
+
+def _stored_response_format(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # Objects stored before response_format was checked may hold anything: shown as "auto".
+    try:
+        return handler(value)
+    except ValidationError:
+        return "auto"
+
+
+_ResponseFormatShape = (
+    Literal["auto"]
+    | Annotated[
+        ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+        Field(discriminator="type"),
+    ]
+)
+#: ``response_format`` in a request: what OpenAI accepts (``None``: not given).
+ResponseFormatIn = Annotated[_ResponseFormatShape | None, WrapValidator(_one_response_format_error)]
+#: ``response_format`` of a stored assistant or run.
+ResponseFormat = Annotated[_ResponseFormatShape | None, WrapValidator(_stored_response_format)]
+
+
 class TruncationStrategy(_Object):
     type: Literal["auto", "last_messages"] = "auto"
     last_messages: int | None = Field(default=None, ge=1)
@@ -150,7 +227,7 @@ class Assistant(_Object):
     metadata: dict[str, str] = Field(default_factory=dict)
     temperature: float | None = None
     top_p: float | None = None
-    response_format: Any = "auto"
+    response_format: ResponseFormat = "auto"
 
 
 class AssistantCreate(_Request):
@@ -163,7 +240,7 @@ class AssistantCreate(_Request):
     metadata: Metadata | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    response_format: Any = None
+    response_format: ResponseFormatIn = None
     reasoning_effort: str | None = None
 
 
@@ -177,7 +254,7 @@ class AssistantUpdate(_Request):
     metadata: Metadata | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    response_format: Any = None
+    response_format: ResponseFormatIn = None
     reasoning_effort: str | None = None
 
 
@@ -403,7 +480,7 @@ class Run(_Object):
     max_prompt_tokens: int | None = None
     max_completion_tokens: int | None = None
     truncation_strategy: TruncationStrategy = Field(default_factory=TruncationStrategy)
-    response_format: Any = "auto"
+    response_format: ResponseFormat = "auto"
     tool_choice: ToolChoice = "auto"
     parallel_tool_calls: bool = True
 
@@ -421,7 +498,7 @@ class _RunOptions(_Request):
     truncation_strategy: TruncationStrategy | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: Any = None
+    response_format: ResponseFormatIn = None
     reasoning_effort: str | None = None
 
 
