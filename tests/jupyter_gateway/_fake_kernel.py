@@ -32,7 +32,7 @@ import zmq.asyncio
 from jupyter_client.session import Session
 from starlette.websockets import WebSocket
 
-from sandkernel.api import KernelConnectionInfo
+from sandkernel.api import KernelConnectionInfo, KernelLink
 from sandkernel.jupyter_gateway.codec import WireMessage, decode
 from sandkernel.jupyter_gateway.relay import Connection, KernelRelay
 from sandkernel.policy import Policy, load_policy
@@ -121,8 +121,9 @@ class FakeKernel:
 class FakeLink:
     """The engine's side of a :class:`FakeKernel`: alive until :meth:`die` or ``end``."""
 
-    def __init__(self, kernel: FakeKernel) -> None:
+    def __init__(self, kernel: FakeKernel, policy: Policy | None = None) -> None:
         self.kernel = kernel
+        self._policy = policy or load_policy("default")
         self.ended = asyncio.Event()
         self.ended_reason: str | None = None
         #: called as the kernel's end is noticed: what it sent just before it died
@@ -146,7 +147,7 @@ class FakeLink:
 
     @property
     def policy(self) -> Policy:
-        return load_policy("default")
+        return self._policy
 
     def connection_info(self) -> KernelConnectionInfo:
         return self.kernel.info()
@@ -290,6 +291,10 @@ class Harness:
     restart_gate: asyncio.Event = field(default_factory=asyncio.Event)
     #: set when a restart asks for its fresh kernel
     restart_asked: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the links each restart was given to replace, in order
+    replaced: list[KernelLink | None] = field(default_factory=list)
+    #: the policy of every fake kernel (default: the shipped default)
+    policy: Policy | None = None
 
     @property
     def kernel(self) -> FakeKernel:
@@ -302,10 +307,11 @@ class Harness:
     def new_link(self) -> FakeLink:
         kernel = FakeKernel(self.context, self.folder, f"k{len(self.kernels)}")
         self.kernels.append(kernel)
-        self.links.append(FakeLink(kernel))
+        self.links.append(FakeLink(kernel, self.policy))
         return self.links[-1]
 
-    async def fresh_link(self) -> FakeLink:
+    async def fresh_link(self, replaced: KernelLink | None) -> FakeLink:
+        self.replaced.append(replaced)
         self.restart_asked.set()
         await self.restart_gate.wait()
         return self.new_link()
@@ -324,8 +330,11 @@ async def terminate(context: zmq.asyncio.Context) -> None:
 
 
 @contextlib.asynccontextmanager
-async def fake_relay() -> AsyncIterator[Harness]:
-    """A :class:`KernelRelay` attached to a fake kernel; shut down, and everything closed, after."""
+async def fake_relay(policy: Policy | None = None) -> AsyncIterator[Harness]:
+    """A :class:`KernelRelay` attached to a fake kernel; shut down, and everything closed, after.
+
+    ``policy``: the fake kernels' limits (default: the shipped default policy's).
+    """
     # ipc:// paths must be short: not under pytest's long tmp_path.
     folder = Path(tempfile.mkdtemp(prefix="skr-", dir="/tmp"))
     context = zmq.asyncio.Context()
@@ -333,12 +342,12 @@ async def fake_relay() -> AsyncIterator[Harness]:
     harness: Harness | None = None
     try:
 
-        async def on_restart() -> FakeLink:
+        async def on_restart(replaced: KernelLink | None) -> FakeLink:
             assert harness is not None
-            return await harness.fresh_link()
+            return await harness.fresh_link(replaced)
 
         relay = KernelRelay("kernel-id", "sandkernel-default", context, on_restart)
-        harness = Harness(relay, context, folder)
+        harness = Harness(relay, context, folder, policy=policy)
         harness.restart_gate.set()
         await relay.attach(harness.new_link())
         yield harness

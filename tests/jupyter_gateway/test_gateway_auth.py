@@ -6,7 +6,13 @@ import httpx
 import pytest
 import websockets
 
-from tests.jupyter_gateway._support import Gateway, GatewayClient, ws_url
+from tests.jupyter_gateway._support import (
+    Gateway,
+    GatewayClient,
+    GatewayProcess,
+    KernelSocket,
+    ws_url,
+)
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -93,3 +99,28 @@ async def test_the_rest_of_the_daemon_keeps_its_own_auth(gateway: Gateway) -> No
         assert (await http.get("/v1/health", headers=token)).status_code == 401
         bearer = {"Authorization": f"Bearer {gateway.token}"}
         assert (await http.get("/v1/health", headers=bearer)).status_code == 200
+
+
+async def test_a_token_in_the_query_string_never_reaches_the_log(
+    gateway_process: GatewayProcess,
+) -> None:
+    """Open WebUI sends ``?token=`` on the WebSocket; the server logs each handshake's URL."""
+    gateway = gateway_process.gateway
+    async with GatewayClient(gateway) as client:
+        kernel_id = await client.start_kernel()
+        url = ws_url(gateway, kernel_id, token=gateway.token, session_id="webui")
+        async with websockets.connect(url) as ws:
+            sock = KernelSocket(ws)
+            assert (await sock.execute("print('in')")).stdout == "in\n"
+        # Refused handshakes are logged too: one whose token the real one begins.
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(ws_url(gateway, kernel_id, token=gateway.token + "x")):
+                pass
+        assert refused.value.response.status_code == 403
+        async with httpx.AsyncClient(base_url=gateway.url) as http:
+            response = await http.get(f"/api/kernels/{kernel_id}", params={"token": gateway.token})
+            assert response.status_code == 200
+    log = gateway_process.process.log_text()
+    # The handshake is logged, its other parameters with it; the token is not.
+    assert f"/api/kernels/{kernel_id}/channels?session_id=webui" in log
+    assert gateway.token not in log

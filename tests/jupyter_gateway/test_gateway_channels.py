@@ -13,6 +13,7 @@ from sandkernel.jupyter_gateway.codec import V1_PROTOCOL, WireMessage, decode, e
 from tests.jupyter_gateway._support import (
     Gateway,
     GatewayClient,
+    GatewayProcess,
     execute_request,
     is_status,
     message,
@@ -208,8 +209,9 @@ async def test_comms_pass_through(gateway: Gateway) -> None:
 
 
 async def test_malformed_frames_are_dropped_and_everything_keeps_serving(
-    gateway: Gateway,
+    gateway_process: GatewayProcess,
 ) -> None:
+    gateway = gateway_process.gateway
     async with GatewayClient(gateway) as client:
         victim = await client.connect(await client.start_kernel())
         bystander = await client.connect(await client.start_kernel())
@@ -225,12 +227,16 @@ async def test_malformed_frames_are_dropped_and_everything_keeps_serving(
             b"\x00\x00\x00\x09garbage",
             b"",
             "{" * 10_000,
+            '{"header": ' + "[" * 200_000,  # deeper than Python's JSON parser goes
         ]:
             await victim.ws.send(frame)
         # The same connection still serves, and so does another kernel.
         assert (await victim.execute("print('still here')")).stdout == "still here\n"
         assert (await bystander.execute("print('unbothered')")).stdout == "unbothered\n"
         assert (await client.http.get("/api/kernels")).status_code == 200
+    # Dropped at debug level: a client sending garbage must not fill the log.
+    log = gateway_process.process.log_text()
+    assert "relaying a client's message failed" not in log
 
 
 async def test_a_client_reconnecting_with_its_session_id_gets_what_it_missed(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from sandkernel.engine import Engine
 from sandkernel.errors import BadInput
 from sandkernel.jupyter_gateway.app import JupyterGate, create_gateway_app
 from sandkernel.jupyter_gateway.codec import V1_PROTOCOL, WireMessage, decode, encode
+from sandkernel.jupyter_gateway.kernels import iso
 from sandkernel.jupyter_gateway.specs import KernelSpecs
 from sandkernel.policy import load_policy, shipped_policy_names
 from tests.jupyter_gateway._support import message
@@ -97,6 +99,23 @@ BAD_FRAMES: list[tuple[str | bytes, str | None, str]] = [
     ("text", V1_PROTOCOL, "binary"),
     (struct.pack("<QQQ", 2, 24, 24), V1_PROTOCOL, "needs header"),
     (struct.pack("<QQQ", 2, 5000, 24), V1_PROTOCOL, "offsets"),
+]
+
+
+def _v1_frame(parts: list[bytes]) -> bytes:
+    """A ``v1.kernel.websocket.jupyter.org`` frame of raw parts (channel first)."""
+    offsets = [8 * (len(parts) + 2)]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + b"".join(parts)
+
+
+#: JSON nested deeper than Python's parser goes (it raises RecursionError, not ValueError).
+_DEEP = b"[" * 200_000
+BAD_FRAMES += [
+    ('{"header": ' + _DEEP.decode(), None, "not JSON"),
+    (struct.pack(">II", 1, 8) + _DEEP, None, "not JSON"),
+    (_v1_frame([b"shell", _DEEP, b"{}", b"{}", b"{}"]), V1_PROTOCOL, "header is not JSON"),
 ]
 
 
@@ -203,3 +222,18 @@ async def test_an_engine_that_does_not_expose_its_kernels_gets_501_from_the_gate
             assert response.status_code == 501
             specs = await client.get("/api/kernelspecs", headers=headers)
             assert specs.json()["default"] == "sandkernel-default"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("microsecond", [0, 123_456])
+async def test_last_activity_is_what_jupyter_servers_gateway_client_parses(
+    microsecond: int,
+) -> None:
+    from jupyter_server.gateway.managers import GatewayKernelManager
+
+    moment = datetime(2026, 1, 2, 3, 4, 5, microsecond, tzinfo=UTC)  # 0: on the second
+    model = {"id": "k", "name": "sandkernel-default", "execution_state": "idle",
+             "connections": 0, "last_activity": iso(moment)}  # fmt: skip
+    manager = GatewayKernelManager(kernel_name="sandkernel-default")
+    await manager.refresh_model(model)
+    assert manager.last_activity == moment

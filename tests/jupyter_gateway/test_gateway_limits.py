@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -15,6 +15,7 @@ from tests.jupyter_gateway._support import (
     GatewayProcess,
     execute_request,
     is_status,
+    message,
     running_gateway,
 )
 
@@ -170,3 +171,38 @@ def test_the_tight_policy_is_the_served_spec(tight: GatewayProcess) -> None:
     assert specs["default"] == "sandkernel-tight"
     limits = specs["kernelspecs"]["sandkernel-tight"]["spec"]["metadata"]["sandkernel"]["limits"]
     assert (limits["memory_mb"], limits["wall_timeout_s"]) == (256, WALL_S)
+
+
+def _replied(msg_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m["channel"] != "iopub" and m["parent_header"].get("msg_id") == msg_id
+
+
+async def test_every_cell_keeps_the_wall_timeout_whatever_channel_or_subshell_it_names(
+    tight: GatewayProcess,
+) -> None:
+    """ipykernel 7 runs a cell sent on control there, and offers subshells: out of reach."""
+    async with GatewayClient(tight.gateway) as client:
+        sock = await client.connect(await client.start_kernel())
+        info_id = await sock.send(message("kernel_info_request", {}))
+        info = await sock.until(_replied(info_id))
+        assert "kernel subshells" not in info["content"].get("supported_features", [])
+        create_id = await sock.send(message("create_subshell_request", {}, channel="control"))
+        assert (await sock.until(_replied(create_id)))["content"]["status"] == "error"
+        on_control = execute_request("import time\ntime.sleep(100)")
+        on_control["channel"] = "control"
+        refused = await sock.until(_replied(await sock.send(on_control)), timeout_s=5)
+        assert refused["content"]["ename"] == "RequestRefused"
+        # A long cell, and beside it one naming a subshell (whose error reply the
+        # kernel would send with a busy and an idle of its own): the long cell is
+        # still interrupted at its limit.
+        long_id = await sock.send(
+            execute_request("import time\nprint('long', flush=True)\ntime.sleep(100)")
+        )
+        await sock.until(lambda m: m["header"]["msg_type"] == "stream")
+        beside = execute_request("print('beside')")
+        beside["header"]["subshell_id"] = "any"
+        refused = await sock.result_of(await sock.send(beside), timeout_s=5)
+        assert refused.reply["content"]["ename"] == "RequestRefused"
+        cell = await sock.result_of(long_id, timeout_s=WALL_S + 15)
+        assert cell.reply["content"]["ename"] == "KeyboardInterrupt"
+        assert any("wall_timeout_s" in m["content"]["text"] for m in cell.of_type("stream"))

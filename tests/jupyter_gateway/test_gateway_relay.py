@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,7 +32,7 @@ from sandkernel.jupyter_gateway.relay import (
     _handshake,
 )
 from sandkernel.jupyter_gateway.specs import KernelSpecs
-from sandkernel.policy import load_policy
+from sandkernel.policy import Policy, load_policy
 from tests.jupyter_gateway._fake_kernel import (
     DEADLINE_S,
     FakeClient,
@@ -311,6 +311,8 @@ async def test_a_restart_shows_a_kernel_starting_not_one_that_died() -> None:
         states = [(await client.next()).content["execution_state"] for _ in range(2)]
         assert states == ["starting", "idle"]
         assert len(harness.kernels) == 3
+        # Each restart is handed the kernel it replaces (its session's files go on).
+        assert harness.replaced == harness.links[:2]
 
 
 async def answered_while_storing(harness: Harness, client: FakeClient) -> dict[str, Any]:
@@ -837,3 +839,143 @@ async def test_a_restart_that_waited_behind_a_shutdown_brings_nothing_back() -> 
             with pytest.raises(SessionNotFound):
                 await restarting
         assert len(harness.kernels) == 1 and relay.execution_state == "dead"
+
+
+# -- every cell keeps the policy's wall timeout ------------------------------------------
+
+
+def _refusal_to(request: dict[str, Any]) -> Callable[[WireMessage], bool]:
+    """The error reply the relay itself sends for ``request`` (the kernel never saw it)."""
+    return lambda m: reply_to(request)(m) and m.content.get("status") == "error"
+
+
+async def _next_on(kernel: FakeKernel, channel: str) -> str:
+    """The msg_type of the next message the kernel gets on ``channel``."""
+    return str((await kernel.receive(channel))["header"]["msg_type"])
+
+
+@pytest.mark.parametrize("channel", ["control", "stdin"])
+async def test_an_execute_request_off_the_shell_channel_is_refused_to_its_sender_only(
+    channel: str,
+) -> None:
+    """ipykernel runs one sent on control there, where no limit and no interrupt reach it."""
+    async with fake_relay() as harness:
+        client = harness.client(session_id="sender")
+        bystander = harness.client(session_id="other")
+        request = execute_request("while True: pass")
+        request["channel"] = channel
+        await client.send(request)
+        after = "interrupt_request" if channel == "control" else "input_reply"
+        await client.send(message(after, {"value": ""}, channel=channel))
+        # The kernel never got the cell: the next thing it gets there is what came after.
+        assert await _next_on(harness.kernel, channel) == after
+        refused = await client.until(_refusal_to(request))
+        assert refused.msg_type == "execute_reply"
+        assert "shell" in refused.content["evalue"]
+        await client.until(status_is("idle", request["header"]["msg_id"]))
+        await _flushed(bystander, harness)
+        assert not any(m.parent_id == request["header"]["msg_id"] for m in bystander.seen)
+
+
+async def test_an_execute_request_reusing_a_pending_msg_id_is_refused() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        first = await client.execute("print('short')")
+        second = execute_request("while True: pass")
+        second["header"]["msg_id"] = first["header"]["msg_id"]
+        await client.send(second)
+        await client.request("kernel_info_request")
+        kernel = harness.kernel
+        got = await kernel.receive()
+        assert got["content"]["code"] == "print('short')"
+        # The second cell never reached the kernel, to run there untimed.
+        assert await _next_on(kernel, "shell") == "kernel_info_request"
+        refused = await client.until(_refusal_to(second))
+        assert "msg_id" in refused.content["evalue"]
+        kernel.status("busy", got)
+        kernel.status("idle", got)
+        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        assert (await client.until(reply_to(first))).content["status"] == "ok"
+        # Once answered, the id is free again.
+        await client.send(second)
+        assert (await kernel.receive())["header"]["msg_id"] == first["header"]["msg_id"]
+
+
+def _tight_policy(wall_timeout_s: float) -> Policy:
+    return load_policy("default").model_copy(
+        update={"wall_timeout_s": wall_timeout_s, "interrupt_grace_s": DEADLINE_S}
+    )
+
+
+async def test_a_cell_keeps_its_deadline_while_another_cell_starts_and_ends() -> None:
+    """Whatever the kernel says of other cells, a cell that started is interrupted in time."""
+    async with fake_relay(policy=_tight_policy(0.5)) as harness:
+        client = harness.client()
+        kernel = harness.kernel
+        long = await client.execute("while True: pass")
+        short = await client.execute("1")
+        got_long, got_short = await kernel.receive(), await kernel.receive()
+        kernel.status("busy", got_long)
+        await client.until(status_is("busy", long["header"]["msg_id"]))
+        # As a kernel running the second cell beside the first (in a subshell) says it.
+        kernel.status("busy", got_short)
+        kernel.status("idle", got_short)
+        await kernel.reply(got_short, "execute_reply", {"status": "ok", "execution_count": 2})
+        await client.until(reply_to(short))
+        assert await _next_on(kernel, "control") == "interrupt_request"
+        note = await client.until(lambda m: m.msg_type == "stream")
+        assert note.parent_id == long["header"]["msg_id"]
+        assert "wall_timeout_s" in note.content["text"]
+        kernel.status("idle", got_long)
+        await kernel.reply(got_long, "execute_reply", {"status": "error", "ename": "KI"})
+        await client.until(reply_to(long))
+
+
+async def test_kernel_subshells_are_not_offered_and_not_made() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        kernel = harness.kernel
+        info = await client.request("kernel_info_request")
+        asked = await kernel.receive()
+        await kernel.reply(
+            asked,
+            "kernel_info_reply",
+            {"status": "ok", "supported_features": ["kernel subshells", "debugger"]},
+        )
+        reply = await client.until(reply_to(info))
+        assert reply.content["supported_features"] == ["debugger"]
+        create = await client.request("create_subshell_request", channel="control")
+        in_subshell = execute_request("while True: pass")
+        in_subshell["header"]["subshell_id"] = "made-up"
+        await client.send(in_subshell)
+        await client.request("interrupt_request", channel="control")
+        await client.request("kernel_info_request")
+        # Neither reached the kernel.
+        assert await _next_on(kernel, "control") == "interrupt_request"
+        assert await _next_on(kernel, "shell") == "kernel_info_request"
+        refused = await client.until(_refusal_to(create))
+        assert refused.msg_type == "create_subshell_reply"
+        assert "subshell" in refused.content["evalue"]
+        refused = await client.until(_refusal_to(in_subshell))
+        assert refused.msg_type == "execute_reply"
+
+
+async def test_a_made_up_reply_for_a_client_that_left_reaches_no_other_client() -> None:
+    async with fake_relay() as harness:
+        leaving = harness.client(session_id="leaving")
+        anonymous = harness.client()
+        bystander = harness.client(session_id="other")
+        kept = await leaving.execute("while True: pass")
+        lost = await anonymous.execute("while True: pass")
+        await harness.kernel.receive()
+        await harness.kernel.receive()
+        harness.relay.disconnect(leaving.connection)
+        harness.relay.disconnect(anonymous.connection)
+        harness.link.die()
+        await bystander.until(status_is("dead"))
+        for request in (kept, lost):
+            assert not any(reply_to(request)(m) for m in bystander.seen)
+        # The client that can come back (it has a session_id) gets its reply then.
+        back = harness.client(session_id="leaving")
+        reply = await back.until(reply_to(kept))
+        assert reply.content["ename"] == "DeadKernelError"

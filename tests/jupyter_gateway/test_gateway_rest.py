@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.jupyter_gateway._support import Gateway, GatewayClient, is_status
+from tests.jupyter_gateway._support import Gateway, GatewayClient, execute_request, is_status
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -220,3 +220,39 @@ async def test_the_unix_socket_needs_no_token(gateway_process: Any) -> None:
     transport = httpx.AsyncHTTPTransport(uds=str(gateway_process.socket))
     async with httpx.AsyncClient(transport=transport, base_url="http://sandkernel") as raw:
         assert (await raw.get("/api/kernelspecs")).status_code == 200
+
+
+async def test_a_restarted_kernel_finds_the_files_its_sandbox_had(gateway: Gateway) -> None:
+    """As on a Jupyter server's disk: a restart (also after a death) keeps /mnt/data."""
+    async with GatewayClient(gateway) as client:
+        kernel_id = await client.start_kernel()
+        sock = await client.connect(kernel_id)
+        wrote = await sock.execute(
+            "import os\nos.makedirs('/mnt/data/cache', exist_ok=True)\n"
+            "open('/mnt/data/cache/table.csv', 'w').write('a,b\\n1,2\\n')\n"
+            "open('/mnt/data/notes.txt', 'w').write('first')\n"
+            "open('/mnt/data/notes.txt', 'w').write('second')\nx = 1"
+        )
+        assert wrote.status == "ok", wrote.reply
+        read = (
+            "print(open('/mnt/data/cache/table.csv').read() + open('/mnt/data/notes.txt').read())"
+        )
+        assert (await client.http.post(f"/api/kernels/{kernel_id}/restart")).status_code == 200
+        await sock.until(is_status("idle"), timeout_s=30)
+        after = await sock.execute(read + "\nprint('x' in globals())")
+        assert after.stdout == "a,b\n1,2\nsecond\nFalse\n", after.reply
+        # A kernel that died (here killed by its own code) comes back with them too.
+        await sock.send(execute_request("import os, signal\nos.kill(os.getpid(), 9)"))
+        await sock.until(is_status("dead"), timeout_s=30)
+        assert (await client.http.post(f"/api/kernels/{kernel_id}/restart")).status_code == 200
+        assert (await sock.execute(read)).stdout == "a,b\n1,2\nsecond\n"
+
+
+@pytest.mark.parametrize("path", ["/api/kernels", "/api/sessions"])
+async def test_a_body_nested_too_deep_to_parse_is_a_bad_input(gateway: Gateway, path: str) -> None:
+    async with GatewayClient(gateway) as client:
+        response = await client.http.post(
+            path, content=b"[" * 200_000, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 400
+        assert response.json() == {"message": "the body is not JSON", "reason": "BadInput"}

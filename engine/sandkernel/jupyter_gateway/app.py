@@ -26,7 +26,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
-from urllib.parse import parse_qs
+from urllib.parse import unquote_plus
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -91,7 +91,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
         raise BadInput("the body is not JSON") from None
     if not isinstance(body, dict):
         raise BadInput("the body must be a JSON object")
@@ -266,7 +266,10 @@ class JupyterGate:
     Over TCP a request must carry the daemon's token as Jupyter clients send
     it: ``Authorization: token T``, ``Authorization: Bearer T`` or ``?token=T``;
     none is 401, a wrong one 403. Over the Unix socket, as everywhere on the
-    daemon, the socket's mode is the access control.
+    daemon, the socket's mode is the access control. A ``token`` query
+    parameter is taken out of the request before anything answers it: the
+    server logs the URL of every WebSocket handshake (and of every request,
+    with ``--access-log``).
 
     Args:
         app: the daemon's application (every other path goes there).
@@ -287,6 +290,7 @@ class JupyterGate:
         if scope["type"] not in ("http", "websocket") or not is_gateway_path(scope["path"]):
             await self.app(scope, receive, send)
             return
+        query_token = _take_query_token(scope)
         if scope["type"] == "websocket":
             # The handshake's first event; the answer (refusal or upgrade) follows it.
             connect = await receive()
@@ -294,7 +298,7 @@ class JupyterGate:
                 return
             receive = _replay(connect, receive)
         if not over_unix_socket(scope):
-            given = self._given_token(scope)
+            given = self._given_token(scope, query_token)
             if given is None or self._token is None or not hmac.compare_digest(given, self._token):
                 status = 401 if given is None else 403
                 message = (
@@ -323,15 +327,34 @@ class JupyterGate:
         await self.gateway_app(scope, receive, send)
 
     @staticmethod
-    def _given_token(scope: Scope) -> bytes | None:
+    def _given_token(scope: Scope, query_token: bytes | None) -> bytes | None:
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 scheme, _, rest = value.partition(b" ")
                 if scheme.lower() in (b"token", b"bearer"):
                     return bytes(rest).strip()
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        values = query.get("token")
-        return values[0].encode() if values else None
+        return query_token
+
+
+def _take_query_token(scope: Scope) -> bytes | None:
+    """The ``token`` query parameter, removed from ``scope`` in place; the rest kept as sent.
+
+    In place, not in a copy for the routes: the server logs the handshake's
+    URL (and, with its access log, each request's) from this same scope.
+    """
+    raw = bytes(scope.get("query_string", b""))
+    if not raw:
+        return None
+    token: bytes | None = None
+    kept = []
+    for pair in raw.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if unquote_plus(name.decode("latin-1")) != "token":
+            kept.append(pair)
+        elif token is None and value:  # the first one given, as parse_qs takes it
+            token = unquote_plus(value.decode("latin-1")).encode()
+    scope["query_string"] = b"&".join(kept)
+    return token
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

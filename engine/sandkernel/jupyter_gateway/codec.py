@@ -130,7 +130,7 @@ def _log_no_channel() -> None:
 def _json(data: bytes | str, what: str) -> Any:
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested deeper than Python parses
         raise BadInput(f"{what} is not JSON") from None
 
 

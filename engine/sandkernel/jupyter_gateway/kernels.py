@@ -1,9 +1,10 @@
 """The gateway's kernels and Jupyter sessions, kept over the engine's sessions.
 
 A gateway kernel is a sandkernel session whose id is the kernel's id, taken
-from the warm pool; a restart closes it and opens a fresh one under the same
-id (a new sandbox, the same store of files). A Jupyter session (notebook path
-to kernel) is a record here, as Jupyter Server keeps it.
+from the warm pool; a restart ends its kernel and gives the session a fresh
+one (a new sandbox, variables gone), whose ``/mnt/data`` holds the session's
+files again, as a Jupyter server's disk keeps them. A Jupyter session
+(notebook path to kernel) is a record here, as Jupyter Server keeps it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from typing import Any, Final
 import zmq.asyncio
 
 from sandkernel.api import ExposesKernels, KernelLink, ServedEngine
-from sandkernel.errors import BadInput, SandkernelError, SessionNotFound
+from sandkernel.errors import (
+    BadInput,
+    SandkernelError,
+    SessionClosed,
+    SessionExpired,
+    SessionNotFound,
+)
 from sandkernel.jupyter_gateway.relay import KernelRelay
 from sandkernel.jupyter_gateway.specs import KernelSpecs
 
@@ -27,7 +34,8 @@ _KEEP_DEAD: Final = 1000  # dead kernels still listed (as dead) until deleted, a
 
 def iso(moment: datetime) -> str:
     """A time as Jupyter Server writes it (UTC, ``Z``)."""
-    return moment.isoformat().replace("+00:00", "Z")
+    # Always with microseconds: Jupyter Server's GatewayClient parses "%Y-%m-%dT%H:%M:%S.%fZ".
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class GatewayKernels:
@@ -56,7 +64,9 @@ class GatewayKernels:
         kernel_id = str(uuid.uuid4())
         await self.engine.session(kernel_id)
         try:
-            relay = KernelRelay(kernel_id, spec, self._context, lambda: self._fresh(kernel_id))
+            relay = KernelRelay(
+                kernel_id, spec, self._context, lambda replaced: self._fresh(kernel_id, replaced)
+            )
             await relay.attach(await self.kernels.kernel_link(kernel_id))
         except BaseException:
             with contextlib.suppress(SandkernelError):
@@ -66,10 +76,27 @@ class GatewayKernels:
         self._forget_dead()
         return relay
 
-    async def _fresh(self, kernel_id: str) -> KernelLink:
-        with contextlib.suppress(SandkernelError):
-            await self.engine.close_session(kernel_id)
-        await self.engine.session(kernel_id, if_expired="new")
+    async def _fresh(self, kernel_id: str, replaced: KernelLink | None) -> KernelLink:
+        """A new kernel for the session, its files put back in ``/mnt/data``.
+
+        The engine's own restart does that: once the old kernel is ended (the
+        session is then dead, not closed), a run with ``restart=True`` starts
+        a fresh kernel and restores the session's files, each at its path, as
+        the cells last left them. Its cell is empty: IPython neither counts
+        nor records it. A session that expired or was closed is over: a new
+        one under the same id starts empty (its files stay in the store).
+        """
+        if replaced is not None:
+            with contextlib.suppress(SandkernelError):
+                # What the running cell (or a thread) wrote since the last reply.
+                await replaced.collect((), None)
+            await replaced.end("the kernel was restarted")
+        try:
+            session = await self.engine.get_session(kernel_id)
+        except (SessionExpired, SessionClosed, SessionNotFound):
+            await self.engine.session(kernel_id, if_expired="new")
+        else:
+            await session.run("", restart=True)
         return await self.kernels.kernel_link(kernel_id)
 
     def get(self, kernel_id: str) -> KernelRelay:

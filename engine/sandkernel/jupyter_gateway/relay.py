@@ -19,7 +19,10 @@ request it answers. What the engine enforces on its own cells holds here too:
 
 - a cell runs at most the policy's ``wall_timeout_s`` (time spent waiting for
   ``input()`` not counted); then it is interrupted, and if it does not stop
-  within ``interrupt_grace_s`` the kernel is killed;
+  within ``interrupt_grace_s`` the kernel is killed. So that every cell is one
+  the relay times, a cell runs on shell only, one at a time: an
+  ``execute_request`` on control or stdin, one whose ``msg_id`` is already
+  pending, and kernel subshells are refused (an error reply to the sender);
 - a kernel that dies (out of memory, killed, expired, crashed) is reported at
   once: what it sent before it died is relayed, each cell it never answered
   gets an ``error`` and an ``execute_reply``, then every connection gets IOPub
@@ -269,6 +272,13 @@ def _queue_source(channel: str, queue: asyncio.Queue[list[bytes]]) -> _Source:
     return _Source(channel, queue.get, take, queue.qsize)
 
 
+def _without_subshells(reply: WireMessage) -> None:
+    """Not offered here (see ``KernelRelay._refusal``): clients then send no subshell requests."""
+    features = reply.content.get("supported_features")
+    if isinstance(features, list):
+        reply.content["supported_features"] = [f for f in features if f != "kernel subshells"]
+
+
 def _object(raw: dict[str, Any], name: str) -> dict[str, Any]:
     value = raw.get(name)
     if not isinstance(value, dict):
@@ -283,7 +293,8 @@ class KernelRelay:
         kernel_id: the Jupyter kernel id (also the sandkernel session's id).
         name: the kernel spec it was started from.
         context: the gateway's ZMQ context.
-        on_restart: gets a fresh link for the kernel (a new sandbox, same id).
+        on_restart: gets a fresh link for the kernel (a new sandbox, same id), given
+            the link it replaces (``None``: none was attached).
     """
 
     def __init__(
@@ -291,7 +302,7 @@ class KernelRelay:
         kernel_id: str,
         name: str,
         context: zmq.asyncio.Context,
-        on_restart: Callable[[], Awaitable[KernelLink]],
+        on_restart: Callable[[KernelLink | None], Awaitable[KernelLink]],
     ) -> None:
         self.id = kernel_id
         self.name = name
@@ -324,7 +335,8 @@ class KernelRelay:
         self._no_restart = asyncio.Event()  # set while _restarts is 0
         self._no_restart.set()
         self._cells: dict[str, _Cell] = {}
-        self._running: _Cell | None = None
+        #: cells the kernel started (IOPub busy) and has not ended, each with its deadline
+        self._running: list[_Cell] = []
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._collect_lock = asyncio.Lock()
@@ -423,7 +435,7 @@ class KernelRelay:
         self._close_sockets()
         link, self._link = self._link, None
         self._cells.clear()
-        self._running = None
+        self._running.clear()
         self._routes.clear()
         self._internal.clear()
         return link
@@ -446,10 +458,10 @@ class KernelRelay:
                     # Deleted while this waited: no kernel to bring back.
                     raise SessionNotFound(f"kernel {self.id} was shut down")
                 self.broadcast_status("starting")
-                await self.detach()
+                replaced = await self.detach()
                 self.execution_state = "starting"
                 try:
-                    await self.attach(await self._restart_link())
+                    await self.attach(await self._restart_link(replaced))
                 except BaseException:
                     # No fresh sandbox (the pool is exhausted...): the kernel stays dead,
                     # and says so, until a restart succeeds.
@@ -566,6 +578,10 @@ class KernelRelay:
         await self._handle(connection, msg)
 
     async def _handle(self, connection: Connection, msg: WireMessage) -> None:
+        refusal = self._refusal(msg)
+        if refusal is not None:
+            self._refuse(connection, msg, refusal)
+            return
         if self._link is None or self._ending:
             if msg.channel == "shell" and msg.msg_type == "execute_request":
                 self._answer_dead_cell(
@@ -600,6 +616,59 @@ class KernelRelay:
                     f"within {_SEND_TIMEOUT_S:g} s; it was not run",
                     "KernelNotResponding",
                 )
+
+    def _refusal(self, msg: WireMessage) -> str | None:
+        """Why ``msg`` must not reach the kernel, if it must not: a cell the relay could not time.
+
+        The wall timeout holds for a cell the relay sees start and end, and
+        interrupts it with a message on control, which ipykernel turns into a
+        SIGINT for its main thread. A cell on control would block that channel
+        (and its interrupts) untimed; one reusing a pending ``msg_id`` would
+        take the timing of the other. Subshells (ipykernel 7) run cells in
+        threads of their own, which no SIGINT interrupts: not offered, rather
+        than timed and then killed with the kernel and every variable in it.
+        """
+        if msg.header.get("subshell_id") is not None or msg.msg_type == "create_subshell_request":
+            return (
+                "kernel subshells are not offered by this kernel: its cells run one at a "
+                "time, within the policy's wall_timeout_s; send the request without subshell_id"
+            )
+        if msg.msg_type != "execute_request":
+            return None
+        if msg.channel != "shell":
+            return (
+                f"an execute_request on {msg.channel} is not run: cells run on the shell "
+                "channel, where the policy's wall_timeout_s and interrupts reach them"
+            )
+        if msg.msg_id in self._cells:
+            return (
+                f"an execute_request with msg_id {msg.msg_id[:80]!r} is already pending; "
+                "give each request a msg_id of its own"
+            )
+        return None
+
+    def _refuse(self, connection: Connection, msg: WireMessage, reason: str) -> None:
+        """Answer a request the kernel will never see: an error reply, then ``idle``, to its sender.
+
+        Raises:
+            BadInput: ``msg`` is no request (nothing to answer; the caller drops it).
+        """
+        if not msg.msg_type.endswith("_request"):
+            raise BadInput(reason)
+        error = {"ename": "RequestRefused", "evalue": reason, "traceback": [reason]}
+        if msg.msg_type == "execute_request":
+            shown = self._session.msg("error", error, parent=msg.header)
+            connection.send(WireMessage("iopub", shown["header"], dict(msg.header), {}, error))
+        reply_type = msg.msg_type.removesuffix("_request") + "_reply"
+        reply = self._reply(msg, reply_type, {"status": "error", **error})
+        reply.metadata = {"status": "error"}
+        if reply.channel not in ("shell", "control"):
+            reply.channel = "shell"  # a reply on stdin would be read as an input_request
+        connection.send(reply)
+        # Clients wait for the idle as much as for the reply (Open WebUI, JupyterLab's futures).
+        idle = self._status("idle")
+        idle.parent_header = dict(msg.header)
+        connection.send(idle)
 
     async def _client_shutdown(self, connection: Connection, msg: WireMessage) -> None:
         # The kernel would exit and leave its sandbox for nobody to restart: the
@@ -743,6 +812,8 @@ class KernelRelay:
             self._track(msg)
             self.broadcast(msg)
             return
+        if msg.msg_type == "kernel_info_reply":
+            _without_subshells(msg)
         cell = self._cells.get(parent)
         if msg.channel == "shell" and msg.msg_type == "execute_reply" and cell is not None:
             try:
@@ -771,7 +842,12 @@ class KernelRelay:
             self._routes.pop(msg.parent_id, None)
         if target is None:
             self.broadcast(msg)
-        elif target in self.connections:
+        else:
+            self._send_to(target, msg)
+
+    def _send_to(self, target: Connection, msg: WireMessage) -> None:
+        """To ``target`` only; if it is gone, to its client once back with its ``session_id``."""
+        if target in self.connections:
             target.send(msg)
         elif target.session_id:
             back = [c for c in self.connections if c.session_id == target.session_id]
@@ -790,7 +866,11 @@ class KernelRelay:
             if cell is not None and state == "busy" and cell.deadline is None:
                 assert self._link is not None
                 cell.deadline = time.monotonic() + self._link.policy.wall_timeout_s
-                self._running = cell
+                # A deadline per cell, not one slot for "the" running cell: what the
+                # kernel says of another cell (an error reply to a request naming an
+                # unknown subshell comes with its own busy and idle, beside a running
+                # cell) must not end the timing of this one.
+                self._running.append(cell)
                 self._changed.set()
             elif cell is not None and state == "idle":
                 cell.idle.set()
@@ -817,8 +897,7 @@ class KernelRelay:
 
     def _end_cell(self, cell: _Cell) -> None:
         cell.done.set()
-        if self._running is cell:
-            self._running = None
+        self._running = [c for c in self._running if c is not cell]
         self._changed.set()
 
     async def _finish(self, cell: _Cell) -> None:
@@ -925,10 +1004,11 @@ class KernelRelay:
         self.broadcast(WireMessage("iopub", shown["header"], dict(cell.request.header), {}, error))
         reply = self._reply(cell.request, "execute_reply", {"status": "error", **error})
         reply.metadata = {"status": "error"}
-        if cell.requester is not None and cell.requester in self.connections:
-            cell.requester.send(reply)
-        else:
-            self.broadcast(reply)
+        self._routes.pop(cell.request.msg_id, None)
+        # As the kernel's own replies go: never to another client; to nobody if
+        # its requester is gone for good.
+        if cell.requester is not None:
+            self._send_to(cell.requester, reply)
         if not cell.idle.is_set():
             idle = self._status("idle")
             idle.parent_header = dict(cell.request.header)
@@ -953,10 +1033,12 @@ class KernelRelay:
         assert link is not None
         while True:
             self._changed.clear()
-            cell = self._running
-            if cell is None or cell.paused_at is not None or cell.deadline is None:
+            timed = [c for c in self._running if c.paused_at is None and c.deadline is not None]
+            if not timed:
                 await self._changed.wait()
                 continue
+            cell = min(timed, key=lambda c: c.deadline or 0.0)
+            assert cell.deadline is not None
             remaining = cell.deadline - time.monotonic()
             if remaining > 0:
                 with contextlib.suppress(TimeoutError):
@@ -1017,7 +1099,7 @@ class KernelRelay:
             await self._stop_tasks()
             self._close_sockets()
             self._cells.clear()
-            self._running = None
+            self._running.clear()
             if not kill:
                 # What a dying cell wrote is still in its workspace until the kernel ends.
                 await self._collect_and_end(link, unanswered, reason)
