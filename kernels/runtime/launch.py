@@ -131,6 +131,12 @@ def run_kernel(args, app=None):
     # or zygote.py in the workspace is theirs to import, not shadowed by ours.
     runtime = os.path.dirname(os.path.abspath(sys.argv[0]))
     sys.path[:] = [p for p in sys.path if not p or os.path.abspath(p) != runtime]
+    # A forked kernel has the zygote's path, made on the host: a folder a .pth
+    # file added there (an editable install's source, say) that this sandbox
+    # does not have goes, as site.py leaves it out in a cold kernel. The
+    # interpreter's own entries stay, whether they exist or not, as in a cold one.
+    prefixes = tuple({sys.prefix, sys.base_prefix})
+    sys.path[:] = [p for p in sys.path if not p or p.startswith(prefixes) or os.path.isdir(p)]
     if __name__ == "launch":
         sys.modules.pop("launch", None)
     sys.argv = [sys.argv[0], *args, *KERNEL_OPTIONS]

@@ -132,3 +132,16 @@ async def test_a_forked_kernel_that_fails_its_outside_check_is_destroyed_and_rep
     zygotes = engine.zygotes
     assert zygotes is not None and zygotes.fallbacks >= 1
     assert "outside check" in (zygotes.last_error or "")
+
+
+async def test_a_forked_kernels_import_path_is_a_cold_ones(engine_factory: EngineFactory) -> None:
+    paths = []
+    for zygote in (True, False):
+        engine: Engine = await engine_factory(zygote=zygote)
+        session = await engine.session()
+        assert session.kernel is not None and (session.kernel.forked_pid is not None) == zygote
+        r = await session.run("import sys\nprint(sys.path)")
+        assert r.status == "ok", r
+        paths.append(r.stdout)
+    forked, cold = paths
+    assert forked == cold
