@@ -146,3 +146,21 @@ def test_max_upload_mb_lets_a_file_of_that_size_through_and_refuses_a_byte_more(
             assert [f.name for f in client.list_files()] == ["at-cap.csv"]
     finally:
         assert stop_process(daemon.process) == 0, daemon.log_text()
+
+
+def test_max_upload_mb_leaves_the_files_a_cell_writes_to_their_own_caps(
+    short_dir: Path, tmp_path: Path
+) -> None:
+    socket, store, log = short_dir / "run" / "daemon.sock", tmp_path / "store", tmp_path / "log"
+    daemon = spawn_daemon(socket, store, log, "--max-upload-mb", "1")
+    try:
+        with Client(socket) as client:
+            session = client.session("writes")
+            made = session.run("open('/mnt/data/big.bin', 'wb').write(b'x' * (2 << 20))")
+            assert [(f.name, f.size_bytes) for f in made.files] == [("big.bin", 2 << 20)]
+            assert not made.files_truncated, made.files_note
+            assert client.download(made.files[0].id) == b"x" * (2 << 20)
+            with pytest.raises(FileTooLarge, match="--max-upload-mb"):
+                client.upload(b"y" * ((1 << 20) + 1), "big.txt", session_id="writes")
+    finally:
+        assert stop_process(daemon.process) == 0, daemon.log_text()

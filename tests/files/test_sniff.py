@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+
 from sandkernel.files import MIME_TYPES, sniff_mime
+from sandkernel.files.sniff import sniff_path
 from tests.files._samples import (
     SAMPLES,
     docx_bytes,
@@ -31,3 +38,24 @@ def test_sniff_mime_recognises_signatures_office_files_and_text() -> None:
     assert sniff_mime(b"MZ is a postcode\n") == "text/plain"  # weak magic needs binary
     assert sniff_mime(b"\x00\x01\x02\x03") is None
     assert sniff_mime(b"") is None
+
+
+def zip_needing_version(version: int) -> bytes:
+    """A zip whose one entry says it needs ``version`` (tenths) to be extracted."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("big", b"y" * 10)
+    data = bytearray(buffer.getvalue())
+    entry = data.index(b"PK\x01\x02")  # the central directory's record of the entry
+    data[entry + 6 : entry + 8] = version.to_bytes(2, "little")
+    return bytes(data)
+
+
+def test_a_zip_the_archive_library_cannot_read_is_sniffed_as_a_zip(tmp_path: Path) -> None:
+    data = zip_needing_version(166)  # 16.6: zipfile refuses it (NotImplementedError)
+    with pytest.raises(NotImplementedError):
+        zipfile.ZipFile(io.BytesIO(data))
+    assert sniff_mime(data) == "application/zip"
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert sniff_path(path) == "application/zip"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import os
 import stat
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sandkernel.errors import FileError, FileNotFoundInStore, FileRejected
-from sandkernel.files import MIME_TYPES, FileStore, StoredFile
+from sandkernel.errors import FileError, FileNotFoundInStore, FileRejected, FileTooLarge
+from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES, MIME_TYPES, FileStore, StoredFile
 from tests.files._samples import blob_files, png_bytes, xlsx_bytes
 
 
@@ -277,3 +278,28 @@ def test_set_path_records_where_a_file_was_placed_as_produced_paths_are_listed(
     assert store.set_path(stored.id, None).path is None  # no longer there
     with pytest.raises(FileNotFoundInStore):
         store.set_path("file-000000000000000000000000", "/mnt/data/x.csv")
+
+
+def test_the_upload_cap_leaves_produced_files_to_their_own_cap(tmp_path: Path) -> None:
+    # A daemon's --max-upload-mb: what clients send, not what the code writes.
+    with FileStore(tmp_path / "store", max_bytes=1024) as store:
+        produced = store.add_bytes(b"p" * 4096, "report.bin", origin="produced", session_id="s1")
+        assert store.read_bytes(produced.id) == b"p" * 4096
+        with pytest.raises(FileTooLarge, match="upload rejected: 'report.txt'"):
+            store.add_bytes(b"u" * 4096, "report.txt", session_id="s1")
+        assert [f.id for f in store.list()] == [produced.id]
+
+
+def test_a_produced_file_is_bounded_by_the_engines_default_upload_cap(tmp_path: Path) -> None:
+    default = inspect.signature(FileStore).parameters["max_produced_file_bytes"].default
+    assert default == DEFAULT_MAX_UPLOAD_BYTES  # the bound it always had, whatever max_bytes
+    with FileStore(tmp_path / "store", max_produced_file_bytes=1024) as store:
+        store.add_bytes(b"p" * 1024, "at-cap.bin", origin="produced")
+        with pytest.raises(FileTooLarge) as refused:
+            store.add_stream(io.BytesIO(b"p" * 1025), "over.bin", origin="produced")
+        assert str(refused.value) == (
+            "file rejected: 'over.bin' is larger than the 1 KiB a produced file may be "
+            "(the store's max_produced_file_bytes)"
+        )
+        assert [f.name for f in store.list()] == ["at-cap.bin"]
+        assert list((store.root / "tmp").iterdir()) == []

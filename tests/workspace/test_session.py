@@ -6,6 +6,7 @@ import asyncio
 import base64
 import errno
 import os
+import sqlite3
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -359,6 +360,36 @@ async def test_attaching_a_file_again_gives_its_unchanged_copy_or_a_fresh_one(
     assert store.get(upload.id).path == paths[-1]
 
 
+async def test_attaching_an_earlier_upload_again_leaves_the_one_that_replaced_it(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    old = await workspace.upload(ws, b"v,w\nOLD,1\n", "data.csv")
+    new = await workspace.upload(ws, b"v,w\nNEW,2\n", "data.csv")
+    # Clients send all of a conversation's file ids again with each run.
+    (again,) = await workspace.attach(ws, [old.id])
+    assert again == f"/mnt/data/data-{old.id[5:13]}.csv"
+    assert (ws / "data.csv").read_bytes() == b"v,w\nNEW,2\n"
+    assert (ws / again.removeprefix("/mnt/data/")).read_bytes() == b"v,w\nOLD,1\n"
+    assert await workspace.attach(ws, [old.id, new.id]) == [again, "/mnt/data/data.csv"]
+    # An upload nobody owned yet, of the same name, is attached beside it too.
+    fresh = store.add_bytes(b"v,w\nFRESH,3\n", "data.csv")
+    (beside,) = await workspace.attach(ws, [fresh.id])
+    assert beside == f"/mnt/data/data-{fresh.id[5:13]}.csv"
+    assert (ws / "data.csv").read_bytes() == b"v,w\nNEW,2\n"
+    assert {f.id: f.path for f in await workspace.list()} == {
+        old.id: again,
+        new.id: "/mnt/data/data.csv",
+        fresh.id: beside,
+    }
+    assert workspace.state.latest == {
+        "/mnt/data/data.csv": new.id,
+        again: old.id,
+        beside: fresh.id,
+    }
+
+
 async def test_a_file_with_no_free_name_left_is_refused_as_a_file_error(
     store: FileStore, tmp_path: Path
 ) -> None:
@@ -408,6 +439,61 @@ async def test_a_file_the_store_cannot_write_is_noted_and_stored_by_a_later_cell
     assert [f.name for f in second.files] == ["report.bin"]
     assert not second.files_truncated
     assert store.read_bytes(second.files[0].id) == b"r" * 4096
+
+
+@pytest.mark.usefixtures("no_stamp_tick")
+async def test_a_failing_store_database_is_noted_and_the_file_stored_by_a_later_cell(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    await workspace.prepare(ws, restart=False)
+    (ws / "report.bin").write_bytes(b"r" * 4096)
+
+    def full_database(fileobj: BinaryIO, name: str, **kwargs: object) -> object:
+        fileobj.read()
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "add_stream", full_database)
+    first = await workspace.collect(ws, cell(1))
+    assert first.files == [] and first.files_truncated
+    assert first.files_note == (
+        "report.bin: not stored (the file store failed: database or disk is full; "
+        "a later cell stores it once the store can)"
+    )
+    monkeypatch.undo()
+    (stored,) = (await workspace.collect(ws, cell(2))).files
+    assert store.read_bytes(stored.id) == b"r" * 4096
+
+
+@pytest.mark.usefixtures("no_stamp_tick")
+async def test_a_file_failing_for_a_reason_of_its_own_is_noted_once_and_tried_when_changed(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    await workspace.prepare(ws, restart=False)
+    (ws / "blob").write_bytes(b"PK\x03\x04 an archive a library cannot read")
+    tried: list[str] = []
+
+    def unreadable_archive(fileobj: BinaryIO, name: str, **kwargs: object) -> object:
+        tried.append(name)
+        fileobj.read()
+        raise NotImplementedError("zip file version 16.6")  # as zipfile raises it
+
+    monkeypatch.setattr(store, "add_stream", unreadable_archive)
+    first = await workspace.collect(ws, cell(1))
+    assert first.files == [] and first.files_truncated
+    assert first.files_note == "blob: not stored (NotImplementedError: zip file version 16.6)"
+    for count in (2, 3):
+        later = cell(count)
+        # Proved unchanged by the folder's stamps: not read, copied nor noted again.
+        assert await workspace.collect(ws, later) is later
+    assert tried == ["blob"]
+    (ws / "blob").write_bytes(b"rewritten\n")
+    monkeypatch.undo()
+    (stored,) = (await workspace.collect(ws, cell(4))).files
+    assert stored.name == "blob" and store.read_bytes(stored.id) == b"rewritten\n"
 
 
 async def test_an_image_the_store_cannot_write_is_noted_and_the_result_kept(

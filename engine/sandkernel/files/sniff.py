@@ -14,9 +14,8 @@ import io
 import unicodedata
 import zipfile
 from collections.abc import Iterable
-from contextlib import suppress
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from sandkernel.files.mime import OOXML_PARTS
 
@@ -178,9 +177,9 @@ def sniff_mime(head: bytes) -> str | None:
         return None
     found = signature(head)
     if found == "application/zip":
-        with suppress(zipfile.BadZipFile, OSError, EOFError, ValueError):
-            with zipfile.ZipFile(io.BytesIO(head)) as archive:
-                return ooxml_kind(archive.namelist()) or found
+        names = _zip_entries(io.BytesIO(head))
+        if names is not None:
+            return ooxml_kind(names) or found
     if found is None and looks_like_text(head):
         return "text/plain"
     return found
@@ -190,8 +189,23 @@ def sniff_path(path: Path) -> str | None:
     """:func:`sniff_mime` of a file, whose zip entries can be read to tell Office files apart."""
     with builtins.open(path, "rb") as f:
         head = f.read(HEAD_BYTES)
-    if signature(head) == "application/zip":
-        with suppress(zipfile.BadZipFile, OSError, EOFError, ValueError):
-            with zipfile.ZipFile(path) as archive:
-                return ooxml_kind(archive.namelist()) or "application/zip"
+        if signature(head) == "application/zip":
+            names = _zip_entries(f)
+            if names is not None:
+                return ooxml_kind(names) or "application/zip"
     return sniff_mime(head)
+
+
+def _zip_entries(source: BinaryIO) -> list[str] | None:
+    """The entry names of the zip ``source`` holds; None if :mod:`zipfile` cannot list them.
+
+    A zip is only a signature here, and the content anyone's: any error in
+    parsing it (zipfile raises many: BadZipFile, NotImplementedError for a
+    version it does not know, struct.error, OverflowError, ValueError...) means
+    an archive this cannot look into, never a failure of the caller.
+    """
+    try:
+        with zipfile.ZipFile(source) as archive:
+            return archive.namelist()
+    except Exception:  # noqa: BLE001 - see above: untrusted bytes, any parsing error
+        return None

@@ -45,6 +45,11 @@ Scope = Literal["session", "agent", "none"]
 UploadSource = bytes | str | os.PathLike[str] | BinaryIO
 
 _STALE_TEMP_S: Final = 3600.0
+#: The largest file the store takes from the code (written or displayed),
+#: whatever the upload cap: the engine's default upload cap. The engine's caps
+#: on what a cell and a session produce (OutputCaps) are tighter; this is the
+#: store's own last bound.
+DEFAULT_MAX_PRODUCED_FILE_BYTES: Final = DEFAULT_MAX_UPLOAD_BYTES
 
 
 class Readable(Protocol):
@@ -199,6 +204,7 @@ class FileStore:
         max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
         max_archive_entries: int = DEFAULT_MAX_ARCHIVE_ENTRIES,
+        max_produced_file_bytes: int = DEFAULT_MAX_PRODUCED_FILE_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Open (or create) the store at ``root``.
@@ -206,9 +212,12 @@ class FileStore:
         Args:
             root: Directory of the store; created with mode 0700 if missing.
             allowed: Upload types, as for :func:`~sandkernel.files.upload.check_upload`.
-            max_bytes: Largest file accepted, uploaded or produced.
+            max_bytes: Largest upload accepted (``EngineConfig.max_upload_bytes``,
+                ``sandkernel serve --max-upload-mb``).
             max_archive_bytes: See :func:`~sandkernel.files.upload.check_upload`.
             max_archive_entries: See :func:`~sandkernel.files.upload.check_upload`.
+            max_produced_file_bytes: Largest produced file accepted: a bound of last
+                resort, the engine's caps on what code produces are tighter.
             clock: Unix time; decides expiry and ``created_at``.
 
         Raises:
@@ -219,6 +228,7 @@ class FileStore:
         self._max_bytes = max_bytes
         self._max_archive_bytes = max_archive_bytes
         self._max_archive_entries = max_archive_entries
+        self._max_produced_file_bytes = max_produced_file_bytes
         self._clock = clock
         self._blobs = self.root / "blobs"
         self._tmp = self.root / "tmp"
@@ -510,8 +520,10 @@ class FileStore:
         return record
 
     def _receive(self, fileobj: Readable, name: str, origin: Origin) -> tuple[Path, str, int]:
-        """Copy a stream into ``tmp/``, hashing it and enforcing the size cap."""
+        """Copy a stream into ``tmp/``, hashing it and enforcing the size cap of its origin."""
         self._ensure_open()
+        # The upload cap is what clients may send: never a bound on what code writes.
+        cap = self._max_bytes if origin == "uploaded" else self._max_produced_file_bytes
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="incoming-")
         tmp = Path(tmp_name)
         digest = hashlib.sha256()
@@ -520,15 +532,8 @@ class FileStore:
             with os.fdopen(fd, "wb") as out:
                 while chunk := fileobj.read(CHUNK_BYTES):
                     size += len(chunk)
-                    if size > self._max_bytes:
-                        verb = "upload" if origin == "uploaded" else "file"
-                        # Named as users set it: the engine's setting, the daemon's flag.
-                        raise FileTooLarge(
-                            f"{verb} rejected: {name!r} is larger than the "
-                            f"{human_size(self._max_bytes)} size cap (the store's max_bytes, "
-                            "set by EngineConfig.max_upload_bytes or `sandkernel serve "
-                            "--max-upload-mb`)"
-                        )
+                    if size > cap:
+                        raise self._too_large(name, origin)
                     digest.update(chunk)
                     out.write(chunk)
                 out.flush()
@@ -537,6 +542,20 @@ class FileStore:
             tmp.unlink(missing_ok=True)
             raise
         return tmp, digest.hexdigest(), size
+
+    def _too_large(self, name: str, origin: Origin) -> FileTooLarge:
+        if origin == "uploaded":
+            # Named as users set it: the engine's setting, the daemon's flag.
+            return FileTooLarge(
+                f"upload rejected: {name!r} is larger than the "
+                f"{human_size(self._max_bytes)} size cap (the store's max_bytes, "
+                "set by EngineConfig.max_upload_bytes or `sandkernel serve --max-upload-mb`)"
+            )
+        return FileTooLarge(
+            f"file rejected: {name!r} is larger than the "
+            f"{human_size(self._max_produced_file_bytes)} a produced file may be "
+            "(the store's max_produced_file_bytes)"
+        )
 
     def _place_blob(self, tmp: Path, sha256: str) -> None:
         # Called with the write lock held (see _write).

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
-from sandkernel.errors import FileRejected, SandkernelError
+from sandkernel.errors import SandkernelError
 from sandkernel.files import FileStore, StoredFile, listed_file_name
 from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
@@ -134,9 +137,9 @@ def collect_outputs(
             notes.append(quota.refused(entry.path, entry.size_bytes))
             continue
         try:
-            with open_workspace_file(workspace, entry.path) as f:
+            with _read_back(workspace, entry.path, entry.size_bytes) as source:
                 stored = store.add_stream(
-                    _AsScanned(f, entry.size_bytes),
+                    source,
                     PurePosixPath(entry.path).name,
                     origin="produced",
                     session_id=session_id,
@@ -147,15 +150,18 @@ def collect_outputs(
         except _ChangedSinceScan:
             retry.append(entry.path)  # grown or unreadable since the scan: not noted
             continue
-        except Exception as exc:  # noqa: BLE001 - one odd file must not lose the result
-            why = _reason(exc)
-            if not isinstance(exc, FileRejected):
-                # The store failed (a full or failing disk), not the file: it is
-                # still there, and a later cell stores it once the store can. A
-                # refused file stays refused until it changes, which any scan sees.
-                retry.append(entry.path)
-                why += "; a later cell stores it once the store can"
+        except _STORE_FAILURES as exc:
+            # The store failed (a full or failing disk), not the file: it is
+            # still there, and a later cell stores it once the store can.
+            retry.append(entry.path)
+            why = f"{_reason(exc)}; a later cell stores it once the store can"
             notes.append(f"{listed_file_name(entry.path)}: not stored ({why})")
+            continue
+        except Exception as exc:  # noqa: BLE001 - one odd file must not lose the result
+            # Refused, or failing for a reason of its own: trying it again as it
+            # is would fail again, and cost a read and a copy every cell. It is
+            # noted once, and tried again when it changes, which any scan sees.
+            notes.append(f"{listed_file_name(entry.path)}: not stored ({_reason(exc)})")
             continue
         if stored.sha256 != entry.sha256:
             store.delete(stored.id)  # rewritten since the scan: the caps held for what it read
@@ -196,8 +202,29 @@ def collect_outputs(
     )
 
 
+#: What the store raises when its own disk or database fails, not the file.
+_STORE_FAILURES: Final = (OSError, sqlite3.Error)
+
+
 class _ChangedSinceScan(Exception):
     """A produced file could not be read back as the scan saw it: the next scan looks again."""
+
+
+@contextmanager
+def _read_back(workspace: Path, rel: str, size: int) -> Iterator[_AsScanned]:
+    """A produced file opened again for the store, as :class:`_AsScanned` reads it.
+
+    Failing to open it is the workspace's doing (the file went, or changed
+    kind, since the scan), never to be taken for the store's: a
+    :class:`_ChangedSinceScan`, or the :class:`~sandkernel.errors.FileRejected`
+    of a link or a file that is not regular.
+    """
+    try:
+        f = open_workspace_file(workspace, rel)
+    except OSError as exc:
+        raise _ChangedSinceScan(f"the file could not be opened again: {exc.strerror}") from exc
+    with f:
+        yield _AsScanned(f, size)
 
 
 class _AsScanned:
@@ -230,7 +257,12 @@ def _reason(exc: Exception) -> str:
     """Why a file was not stored, without the host's paths (an OSError's strerror only)."""
     if isinstance(exc, OSError):
         return f"the file store failed: {exc.strerror or type(exc).__name__}"
-    return str(exc)
+    if isinstance(exc, sqlite3.Error):
+        return f"the file store failed: {exc}"
+    if isinstance(exc, SandkernelError):
+        return str(exc)
+    # Not an error of ours: its type says more than its message alone.
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def shown_images(result: ExecutionResult) -> list[DisplayOutput]:

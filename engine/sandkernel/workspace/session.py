@@ -94,7 +94,8 @@ class SessionWorkspace:
         A file whose copy is still there unchanged is where it is. One the
         code changed since (or whose name something else took) is copied
         again under a free name: the path returned holds exactly the stored
-        file, and the code's work is never written over.
+        file, and nothing in the workspace is written over, the session's
+        later upload of the same name included (only :meth:`upload` replaces).
 
         Raises:
             FileNotFoundInStore: an id this session may not use (or none at all).
@@ -113,15 +114,17 @@ class SessionWorkspace:
             return place_file(store, stored, folder, self.state, read_only=True)
         if stored.session_id is None:
             stored = store.attach(file_id, session_id=self.session_id)
-        replaced = self._replaced(store, stored)
-        path = place_file(store, stored, folder, self.state, read_only=False, replacing=replaced)
+        # Never replacing: an attach names a file the client already has, maybe
+        # an upload a newer one replaced (clients send all their ids again with
+        # each run); written over that newer one, it would undo the correction.
+        path = place_file(store, stored, folder, self.state, read_only=False)
         if stored.origin == "uploaded":
             # A produced file's path is where the code wrote it; it keeps that.
-            _record_placement(store, stored, path, replaced)
+            _record_placement(store, stored, path, None)
         return path
 
     def _replaced(self, store: FileStore, new: StoredFile) -> StoredFile | None:
-        """The session's own upload that ``new``, of the same name, supersedes, if any.
+        """The session's own upload that the new upload ``new``, of its name, supersedes, if any.
 
         Users upload a corrected file under the same name, and the code must
         find the new content where it read the old. Only the session's own
