@@ -124,3 +124,34 @@ async def test_a_token_in_the_query_string_never_reaches_the_log(
     # The handshake is logged, its other parameters with it; the token is not.
     assert f"/api/kernels/{kernel_id}/channels?session_id=webui" in log
     assert gateway.token not in log
+
+
+async def test_a_trailing_slash_is_served_in_place_with_a_token_in_the_query(
+    gateway_process: GatewayProcess,
+) -> None:
+    """No redirect: one would have to carry the token, which is taken out of the URL."""
+    gateway = gateway_process.gateway
+    async with GatewayClient(gateway) as client:
+        kernel_id = await client.start_kernel()
+        async with httpx.AsyncClient(base_url=gateway.url, params={"token": gateway.token}) as http:
+            for path in ("/api/", "/api/kernelspecs/", "/api/sessions/"):
+                response = await http.get(path)
+                assert response.status_code == 200, (path, response.status_code)
+                assert response.json() == (await http.get(path.rstrip("/"))).json()
+            listed = await http.get("/api/kernels/")
+            assert listed.status_code == 200 and kernel_id in {k["id"] for k in listed.json()}
+            one = await http.get(f"/api/kernels/{kernel_id}/")
+            assert one.status_code == 200 and one.json()["id"] == kernel_id
+            assert (await http.post(f"/api/kernels/{kernel_id}/interrupt/")).status_code == 204
+            started = await http.post("/api/kernels/", json={})
+            assert started.status_code == 201
+            deleted = await http.delete(f"/api/kernels/{started.json()['id']}/")
+            assert deleted.status_code == 204
+        async with httpx.AsyncClient(base_url=gateway.url) as anonymous:
+            assert (await anonymous.get("/api/kernels/")).status_code == 401
+        async with websockets.connect(
+            ws_url(gateway, kernel_id).replace("/channels", "/channels/")
+            + f"?token={gateway.token}"
+        ) as ws:
+            assert (await KernelSocket(ws).execute("print('in')")).stdout == "in\n"
+    assert gateway.token not in gateway_process.process.log_text()

@@ -269,7 +269,8 @@ class JupyterGate:
     daemon, the socket's mode is the access control. A ``token`` query
     parameter is taken out of the request before anything answers it: the
     server logs the URL of every WebSocket handshake (and of every request,
-    with ``--access-log``).
+    with ``--access-log``). A path's trailing slash is ignored (``/api/kernels/``
+    is ``/api/kernels``), never redirected.
 
     Args:
         app: the daemon's application (every other path goes there).
@@ -290,6 +291,7 @@ class JupyterGate:
         if scope["type"] not in ("http", "websocket") or not is_gateway_path(scope["path"]):
             await self.app(scope, receive, send)
             return
+        _drop_trailing_slash(scope)
         query_token = _take_query_token(scope)
         if scope["type"] == "websocket":
             # The handshake's first event; the answer (refusal or upgrade) follows it.
@@ -334,6 +336,22 @@ class JupyterGate:
                 if scheme.lower() in (b"token", b"bearer"):
                     return bytes(rest).strip()
         return query_token
+
+
+def _drop_trailing_slash(scope: Scope) -> None:
+    """Route ``/api/kernels/`` as ``/api/kernels``, in place: never a redirect.
+
+    Jupyter clients may add a trailing slash, which Jupyter Server redirects
+    away. A redirect from here would be built after the ``token`` query
+    parameter has been taken out of the scope: the client would follow it
+    without its token, and be refused.
+    """
+    path: str = scope["path"]
+    if len(path) > 1 and path.endswith("/"):
+        scope["path"] = path.rstrip("/")
+        raw = scope.get("raw_path")
+        if raw:
+            scope["raw_path"] = bytes(raw).rstrip(b"/")
 
 
 def _take_query_token(scope: Scope) -> bytes | None:
