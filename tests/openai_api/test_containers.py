@@ -11,7 +11,8 @@ import openai
 import pytest
 
 from sandkernel.errors import SessionError
-from sandkernel.openai_api.containers import Containers
+from sandkernel.files import StoredFile
+from sandkernel.openai_api.containers import Containers, _current
 from sandkernel.openai_api.errors import APIError
 from tests.openai_api.conftest import OpenAIDaemonFactory
 
@@ -245,3 +246,124 @@ async def test_a_container_whose_files_cannot_be_put_in_is_not_left_running(
 
     await anyio.to_thread.run_sync(check)
     assert [s.state for s in await daemon.running.client().sessions()] == ["closed"]
+
+
+async def test_an_upload_beside_a_file_the_code_wrote_keeps_its_own_path_and_survives_it(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon()
+    client = daemon.openai()
+    native = daemon.running.client()
+    container = await anyio.to_thread.run_sync(lambda: client.containers.create(name="beside"))
+    session = await native.get_session(container.id)
+    await session.run("open('/mnt/data/data.csv', 'w').write('code v1')")
+    upload = await anyio.to_thread.run_sync(
+        lambda: client.containers.files.create(container.id, file=("data.csv", b"user upload"))
+    )
+    # The code's file keeps its name: the upload is placed beside it, and says where.
+    assert upload.path != "/mnt/data/data.csv"
+    assert upload.path.startswith("/mnt/data/data-") and upload.path.endswith(".csv")
+    seen = await session.run(f"print(open({upload.path!r}).read())")
+    assert seen.stdout.strip() == "user upload"
+    await session.run("open('/mnt/data/data.csv', 'w').write('code v2')")
+
+    def check() -> None:
+        listed = {(f.path, f.source): f.id for f in client.containers.files.list(container.id)}
+        code_file = listed.get(("/mnt/data/data.csv", "assistant"))
+        assert listed == {
+            (upload.path, "user"): upload.id,
+            ("/mnt/data/data.csv", "assistant"): code_file,
+        }
+        assert code_file is not None
+        got = client.containers.files.content.retrieve(code_file, container_id=container.id)
+        assert got.read() == b"code v2"
+        client.containers.files.delete(code_file, container_id=container.id)
+        # Deleting the code's file (and its earlier version) leaves the user's upload.
+        (left,) = client.containers.files.list(container.id)
+        assert (left.id, left.path, left.source) == (upload.id, upload.path, "user")
+        kept = client.containers.files.content.retrieve(upload.id, container_id=container.id)
+        assert kept.read() == b"user upload"
+
+    await anyio.to_thread.run_sync(check)
+
+
+async def test_an_upload_the_code_rewrote_stays_listed_and_is_not_deleted_with_the_code_file(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon()
+    client = daemon.openai()
+    native = daemon.running.client()
+    container = await anyio.to_thread.run_sync(lambda: client.containers.create(name="rewrite"))
+    upload = await anyio.to_thread.run_sync(
+        lambda: client.containers.files.create(container.id, file=("data.csv", b"user upload"))
+    )
+    assert upload.path == "/mnt/data/data.csv"
+    session = await native.get_session(container.id)
+    await session.run("open('/mnt/data/data.csv', 'w').write('cleaned')")
+
+    def check() -> None:
+        listed = {(f.source, f.path): f.id for f in client.containers.files.list(container.id)}
+        assert set(listed) == {("user", upload.path), ("assistant", "/mnt/data/data.csv")}
+        client.containers.files.delete(listed["assistant", upload.path], container_id=container.id)
+        (left,) = client.containers.files.list(container.id)
+        assert left.id == upload.id
+        kept = client.containers.files.content.retrieve(upload.id, container_id=container.id)
+        assert kept.read() == b"user upload"
+
+    await anyio.to_thread.run_sync(check)
+
+
+async def test_an_upload_replaced_by_a_later_upload_of_its_name_is_not_listed(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon()
+    client = daemon.openai()
+    native = daemon.running.client()
+    container = await anyio.to_thread.run_sync(lambda: client.containers.create(name="again"))
+
+    def upload_twice() -> tuple[str, str]:
+        first = client.containers.files.create(container.id, file=("data.csv", b"first"))
+        second = client.containers.files.create(container.id, file=("data.csv", b"second"))
+        assert first.path == second.path == "/mnt/data/data.csv"
+        return first.id, second.id
+
+    first_id, second_id = await anyio.to_thread.run_sync(upload_twice)
+    session = await native.get_session(container.id)
+    seen = await session.run(
+        "import os\nprint(os.listdir('/mnt/data'), open('/mnt/data/data.csv').read())"
+    )
+    assert seen.stdout.strip() == "['data.csv'] second"
+
+    def check() -> None:
+        listed = [(f.id, f.path) for f in client.containers.files.list(container.id)]
+        assert listed == [(second_id, "/mnt/data/data.csv")]
+        # Still downloadable by id, as an earlier version of a code file is.
+        got = client.containers.files.content.retrieve(first_id, container_id=container.id)
+        assert got.read() == b"first"
+
+    await anyio.to_thread.run_sync(check)
+
+
+def test_an_upload_without_a_recorded_place_is_listed_unless_a_later_one_took_its_name() -> None:
+    def upload(n: int, path: str | None, name: str = "data.csv") -> StoredFile:
+        return StoredFile(
+            id=f"file-{n:024x}",
+            name=name,
+            mime_type="text/csv",
+            size_bytes=1,
+            sha256="0" * 64,
+            created_at=float(n),
+            origin="uploaded",
+            session_id="cntr-x",
+            path=path,
+        )
+
+    # Stored before placements were recorded: no path, nothing took its place.
+    older = upload(1, None)
+    assert [f.id for f in _current("cntr-x", [older])] == [older.id]
+    # Replaced at its path by a later upload of its name: only the later one is there.
+    later = upload(2, "/mnt/data/data.csv")
+    assert [f.id for f in _current("cntr-x", [older, later])] == [later.id]
+    # A later upload placed elsewhere (its name was taken) took nobody's place.
+    beside = upload(3, "/mnt/data/data-00000000.csv", name="data.csv")
+    assert [f.id for f in _current("cntr-x", [older, beside])] == [older.id, beside.id]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -901,6 +902,106 @@ async def test_an_input_file_is_put_in_the_container_before_the_model_turn(
     assert "/mnt/data/sales.csv" in note["content"] and user["content"] == "Total the sales."
 
 
+def _told_paths(messages: list[dict[str, Any]]) -> list[str]:
+    """The paths the latest input's file notes name, in order."""
+    since_answer = messages
+    for i, message in enumerate(messages):
+        if message["role"] in ("assistant", "tool"):
+            since_answer = messages[i + 1 :]
+    notes = [m["content"] for m in since_answer if str(m["content"]).startswith("[Attached file")]
+    return [re.search(r" at (/mnt/data/\S+)\]$", note)[1] for note in notes]  # type: ignore[index]
+
+
+def _does_as_told(request: dict[str, Any]) -> Reply:
+    """A model that trusts its file notes: reads (or, asked to clean, rewrites) each named path."""
+    messages = request["messages"]
+    if messages[-1]["role"] == "tool":
+        return Reply(content="done")
+    paths = _told_paths(messages)
+    if messages[-1]["content"] == "clean":
+        source = "".join(f"open({p!r}, 'w').write('cleaned')\n" for p in paths)
+    else:
+        source = "".join(f"print(open({p!r}).read())\n" for p in paths)
+    return Reply(calls=[code_call(f"c{len(request['messages'])}", source)])
+
+
+def _file_message(text: str, *file_ids: str) -> list[Any]:
+    parts = [{"type": "input_file", "file_id": file_id} for file_id in file_ids]
+    return [{"role": "user", "content": [*parts, {"type": "input_text", "text": text}]}]
+
+
+async def test_an_input_file_whose_name_is_taken_is_named_where_it_was_placed(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(_does_as_told)
+    client = daemon.openai()
+
+    def exercise() -> tuple[str, str]:
+        first = client.files.create(file=("data.csv", b"v1"), purpose="assistants")
+        cleaned = client.responses.create(
+            model=DEPLOYMENT, tools=AUTO, input=_file_message("clean", first.id)
+        )
+        container_id = _code_calls(cleaned)[0].container_id
+        corrected = client.files.create(file=("data.csv", b"v2 corrected"), purpose="assistants")
+        read = client.responses.create(
+            model=DEPLOYMENT,
+            tools=AUTO,
+            include=OUTPUTS,
+            previous_response_id=cleaned.id,
+            input=_file_message("read", corrected.id),
+        )
+        (call,) = _code_calls(read)
+        assert call.container_id == container_id
+        assert call.outputs is not None
+        # What the model was told to read is the corrected file, not the code's data.csv.
+        assert call.outputs[0].logs == "v2 corrected\n"  # type: ignore[union-attr]
+        uploads = [f.path for f in client.containers.files.list(container_id) if f.source == "user"]
+        return container_id, uploads
+
+    container_id, uploads = await anyio.to_thread.run_sync(exercise)
+    assert daemon.model is not None
+    (told,) = _told_paths(daemon.model.requests[-2]["messages"])
+    assert told != "/mnt/data/data.csv" and told.startswith("/mnt/data/data-")
+    assert told in uploads
+    session = await daemon.running.client().get_session(container_id)
+    seen = await session.run(f"print(open({told!r}).read())")
+    assert seen.stdout == "v2 corrected\n"
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named-container", "auto-container"])
+async def test_input_files_of_one_name_in_one_request_are_each_named_at_their_own_path(
+    openai_daemon: OpenAIDaemonFactory, named: bool
+) -> None:
+    daemon = await openai_daemon(_does_as_told)
+    client = daemon.openai()
+
+    def exercise() -> str:
+        tools = AUTO
+        if named:
+            container = client.containers.create(name="same")
+            tools = [{"type": "code_interpreter", "container": container.id}]
+        a = client.files.create(file=("x.txt", b"A"), purpose="assistants")
+        b = client.files.create(file=("x.txt", b"B"), purpose="assistants")
+        response = client.responses.create(
+            model=DEPLOYMENT,
+            tools=tools,
+            include=OUTPUTS,
+            input=_file_message("read", a.id, b.id, a.id),
+        )
+        (call,) = _code_calls(response)
+        assert call.outputs is not None
+        # Each file where the model was told it is: the second did not take the first's place.
+        assert call.outputs[0].logs == "A\nB\nA\n"  # type: ignore[union-attr]
+        return call.container_id
+
+    container_id = await anyio.to_thread.run_sync(exercise)
+    assert daemon.model is not None
+    told = _told_paths(daemon.model.requests[0]["messages"])
+    assert len(told) == 3 and told[0] == told[2] != told[1]
+    listed = await anyio.to_thread.run_sync(lambda: client.containers.files.list(container_id))
+    assert sorted(f.path for f in listed) == sorted(told[:2])
+
+
 async def test_input_parts_not_served_are_400s_saying_what_is_served(
     openai_daemon: OpenAIDaemonFactory,
 ) -> None:
@@ -1006,6 +1107,36 @@ async def test_input_items_are_paged_with_limit_and_cursors(
             with pytest.raises(openai.BadRequestError) as refused:
                 client.responses.input_items.list(response.id, extra_query=query)
             assert refused.value.param == param
+
+    await anyio.to_thread.run_sync(exercise)
+
+
+async def test_input_items_between_after_and_before_stop_at_before(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(in_order(Reply(content="ok")))
+    client = daemon.openai()
+
+    def exercise() -> None:
+        response = client.responses.create(
+            model=DEPLOYMENT, input=[{"role": "user", "content": f"m{i}"} for i in range(6)]
+        )
+        every = [i.id for i in client.responses.input_items.list(response.id, order="asc").data]
+        assert len(every) == 6
+
+        def page(order: Any, after: str, before: str, limit: int = 20) -> tuple[list[str], bool]:
+            got = client.responses.input_items.list(
+                response.id, order=order, after=after, limit=limit, extra_query={"before": before}
+            )
+            return [i.id for i in got.data], got.has_more
+
+        assert page("asc", every[0], every[3]) == (every[1:3], False)
+        assert page("asc", every[0], every[4], limit=2) == (every[1:3], True)
+        assert page("asc", every[0], every[3], limit=2) == (every[1:3], False)
+        newest_first = every[::-1]
+        assert page("desc", newest_first[0], newest_first[3]) == (newest_first[1:3], False)
+        # Cursors the wrong way round leave nothing between them.
+        assert page("asc", every[3], every[1]) == ([], False)
 
     await anyio.to_thread.run_sync(exercise)
 

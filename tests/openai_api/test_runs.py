@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -484,3 +485,118 @@ async def test_last_messages_keeps_the_tool_calls_a_kept_reply_came_of() -> None
         {"role": "assistant", "content": "Sunny."},
         {"role": "user", "content": "And now?"},
     ]
+
+
+_ATTACHED = re.compile(r"\[Files attached to this message, in the sandbox: (.+)\]$")
+_LOOK = "import os\nprint(sorted(os.listdir('/mnt/data')))"
+
+
+def _attachments_told(request: dict[str, Any]) -> list[str]:
+    """What the last message with attachments says of them, one entry per file."""
+    notes = [
+        found[1]
+        for m in request["messages"]
+        if m["role"] == "user" and (found := _ATTACHED.search(str(m["content"])))
+    ]
+    return notes[-1].split(", ")
+
+
+def _reads_its_attachments(request: dict[str, Any]) -> Reply:
+    """A model that reads each attached file where it is told it is, once told where."""
+    messages = request["messages"]
+    calls = [m["tool_call_id"] for m in messages if m["role"] == "tool"]
+    if calls and calls[-1].startswith("read"):
+        return Reply("read")
+    told = _attachments_told(request)
+    if not all(entry.startswith("/mnt/data/") for entry in told):
+        return Reply(None, [code_call(f"look{len(calls)}", _LOOK)])
+    source = "".join(f"print(open({path!r}).read())\n" for path in told)
+    return Reply(None, [code_call(f"read{len(calls)}", source)])
+
+
+def _code_logs(client: openai.OpenAI, run: Run) -> list[str]:
+    steps = client.beta.threads.runs.steps.list(run.id, thread_id=run.thread_id, order="asc")
+    return [
+        call.code_interpreter.outputs[0].logs  # type: ignore[union-attr]
+        for step in steps.data
+        if step.step_details.type == "tool_calls"
+        for call in step.step_details.tool_calls  # type: ignore[union-attr]
+    ]
+
+
+async def test_before_code_runs_a_thread_file_is_told_where_it_will_be_beside_an_assistant_file(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(_reads_its_attachments)
+    assert daemon.model is not None
+    client = daemon.openai()
+
+    def exercise() -> list[str]:
+        reference = client.files.create(file=("data.csv", b"the assistant's"), purpose="assistants")
+        data = client.files.create(file=("data.csv", b"the thread's"), purpose="assistants")
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT,
+            tools=[{"type": "code_interpreter"}],
+            tool_resources={"code_interpreter": {"file_ids": [reference.id]}},
+        )
+        attachment: Any = {"file_id": data.id, "tools": [{"type": "code_interpreter"}]}
+        thread = client.beta.threads.create(
+            messages=[{"role": "user", "content": "my data", "attachments": [attachment]}]
+        )
+        run = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id
+        )
+        assert run.status == "completed", run.last_error
+        return _code_logs(client, run)
+
+    # The first turn, before any session, reads the thread's file where it was told it is.
+    assert await anyio.to_thread.run_sync(exercise) == ["the thread's\n"]
+    before, after = daemon.model.requests
+    (told,) = _attachments_told(before)
+    assert told != "/mnt/data/data.csv" and told.startswith("/mnt/data/data-")
+    assert _attachments_told(after) == [told]
+    # Told before the session exists what it is told once it does: where each file is.
+    assert before["messages"][0] == after["messages"][0]
+    system = before["messages"][0]["content"]
+    assert f"- /mnt/data/data.csv (read-only)\n- {told}" in system
+
+
+async def test_a_thread_file_whose_place_cannot_be_foreseen_is_told_after_the_first_code_call(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(_reads_its_attachments)
+    assert daemon.model is not None
+    client = daemon.openai()
+
+    def exercise() -> list[str]:
+        reference = client.files.create(file=("data.csv", b"the assistant's"), purpose="assistants")
+        data = client.files.create(file=("data.csv", b"the threads'"), purpose="assistants")
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT,
+            tools=[{"type": "code_interpreter"}],
+            tool_resources={"code_interpreter": {"file_ids": [reference.id]}},
+        )
+        attachment: Any = {"file_id": data.id, "tools": [{"type": "code_interpreter"}]}
+        logs = []
+        # The second thread gets a copy of the file the first one's session holds: the
+        # copy's id, which names it where its own name is taken, exists once it is placed.
+        for _ in range(2):
+            thread = client.beta.threads.create(
+                messages=[{"role": "user", "content": "my data", "attachments": [attachment]}]
+            )
+            run = client.beta.threads.runs.create_and_poll(
+                thread_id=thread.id, assistant_id=assistant.id
+            )
+            assert run.status == "completed", run.last_error
+            logs += _code_logs(client, run)
+        return logs
+
+    first, listed, second = await anyio.to_thread.run_sync(exercise)
+    assert first == second == "the threads'\n"
+    _, _, looking, reading, _ = daemon.model.requests
+    (unknown,) = _attachments_told(looking)
+    assert not unknown.startswith("/") and "data.csv" in unknown and "code" in unknown
+    assert "/mnt/data/data-" not in looking["messages"][0]["content"]
+    (told,) = _attachments_told(reading)
+    assert told.startswith("/mnt/data/data-") and told.removeprefix("/mnt/data/") in listed
+    assert told in reading["messages"][0]["content"]

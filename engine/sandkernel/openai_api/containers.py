@@ -11,12 +11,14 @@ under the container, until the container (or the file) is deleted.
 
 Container files are the session's files in the engine's store, by their
 store ids: what the caller put there is ``source: user``, what code wrote
-is ``source: assistant``; ``path`` is where the file is in ``/mnt/data``.
+is ``source: assistant``; ``path`` is where the file is in ``/mnt/data``
+(an upload whose name was taken is placed at a suffixed name, and says so).
 A path code wrote again is one container file, its last version (the store
-keeps the earlier ones, downloadable by id). Deleting a container file
-deletes it from the store; unlike OpenAI's, a copy already in a running
-container's ``/mnt/data`` stays there until the container ends: the
-engine's contract reaches a running kernel's files only through a cell,
+keeps the earlier ones, downloadable by id); an upload is never one of those
+versions, so what the code writes neither hides nor deletes it. Deleting a
+container file deletes it from the store; unlike OpenAI's, a copy already in
+a running container's ``/mnt/data`` stays there until the container ends:
+the engine's contract reaches a running kernel's files only through a cell,
 which would count in the user's execution count and history.
 """
 
@@ -26,6 +28,7 @@ import builtins
 import time
 from collections.abc import Callable
 from functools import partial
+from itertools import islice
 from typing import BinaryIO, Literal
 
 import anyio
@@ -43,6 +46,7 @@ from sandkernel.openai_api.wire import (
     Page,
     new_id,
 )
+from sandkernel.workspace.place import candidate_names
 
 MNT_DATA = "/mnt/data"
 #: The only memory limit offered: the daemon's policy sets every session's memory.
@@ -80,6 +84,13 @@ class Containers:
     # ------------------------------------------------------------------ containers
 
     async def create(self, body: ContainerCreate) -> Container:
+        container, _ = await self.create_with_files(body)
+        return container
+
+    async def create_with_files(
+        self, body: ContainerCreate
+    ) -> tuple[Container, builtins.list[ContainerFile]]:
+        """A new container with ``body.file_ids`` put in it; also where each of those is."""
         if body.memory_limit is not None and body.memory_limit != MEMORY_LIMIT:
             raise bad_request(
                 f"memory_limit {body.memory_limit!r} is not offered here: every container runs "
@@ -107,14 +118,13 @@ class Containers:
         try:
             await self._db(self.state.save, container)
             await session.extend(self.ttl_s(container))
-            for file in stored:
-                await self._add(session, file)
+            placed = await self.add_files(session, stored)
         except BaseException:
             # Refused (a file that does not fit...) or cancelled: no container is left running.
             with anyio.CancelScope(shield=True):
                 await self._discard(container.id)
             raise
-        return container
+        return container, placed
 
     def ttl_s(self, container: Container) -> float:
         """The session's time to live: ``expires_after.minutes``, in seconds."""
@@ -199,6 +209,30 @@ class Containers:
         session = await self.session(container_id)
         return await self._add(session, stored)
 
+    async def add_files(
+        self, session: SessionAPI, files: builtins.list[StoredFile]
+    ) -> builtins.list[ContainerFile]:
+        """Put copies of uploaded files, given together, in the session; where each is, in order.
+
+        An upload of a name the session uploaded before replaces that one (a
+        corrected file, read where the old one was), but files given together
+        are each wanted: a later one whose name an earlier one of them took is
+        put in beside it, under its name suffixed with its id as the engine
+        suffixes a taken name. A file given twice is one copy.
+        """
+        placed: dict[str, ContainerFile] = {}
+        names: set[str] = set()
+        for stored in files:
+            if stored.id in placed:
+                continue
+            copy = stored
+            if stored.name in names:
+                suffixed = next(islice(candidate_names(stored), 1, None))
+                copy = stored.model_copy(update={"name": suffixed})
+            placed[stored.id] = await self._add(session, copy)
+            names.add(stored.name)
+        return [placed[stored.id] for stored in files]
+
     async def _add(self, session: SessionAPI, stored: StoredFile) -> ContainerFile:
         """Put a copy of an uploaded file in the session (its content is stored once).
 
@@ -263,20 +297,25 @@ class Containers:
             raise not_found("file", file_id) from None
 
     async def delete_file(self, container_id: str, file_id: str) -> Deleted:
-        """Delete a container file; deleting the one at its path deletes its earlier versions.
+        """Delete a container file; deleting what the code wrote deletes its earlier versions.
 
-        Else the version it superseded would be listed at its path again.
+        Else the version it superseded would be listed at its path again. An
+        earlier version is one the code wrote at the same path: an upload is
+        never one (see :func:`_current`), and stays.
         """
-        found, _ = await self.file(container_id, file_id)
-        every = await self.engine.list_files(session_id=container_id)
-        current = {f.id for f in _current(container_id, every)}
-        superseded = [
-            f.id
-            for f in every
-            if file_id in current
-            and f.id not in current
-            and container_file(container_id, f).path == found.path
-        ]
+        found, stored = await self.file(container_id, file_id)
+        superseded: builtins.list[str] = []
+        if written_by_code(stored):
+            every = await self.engine.list_files(session_id=container_id)
+            current = {f.id for f in _current(container_id, every)}
+            if file_id in current:
+                superseded = [
+                    f.id
+                    for f in every
+                    if f.id not in current
+                    and written_by_code(f)
+                    and container_file(container_id, f).path == found.path
+                ]
         try:
             await self.engine.delete_file(file_id)
         except FileNotFoundInStore:
@@ -298,21 +337,56 @@ def written_by_code(stored: StoredFile) -> bool:
     return stored.origin == "produced" and bool(stored.path)
 
 
+def _replaced_upload(stored: StoredFile, ordered: list[StoredFile]) -> bool:
+    """An upload a later upload of its name took the place of: it is no longer in the container.
+
+    The engine records where each upload was placed, and clears that when a
+    later upload of the session replaces it there. Not listed: its path holds
+    the later upload (listed there), and a copy of it is nowhere in the
+    container to read; it stays in the store, retrievable by id, until the
+    container is deleted, as an earlier version of a file the code wrote does.
+    An upload without a path and no later one in its place (stored before
+    the engine recorded placements) is listed, as it was.
+    """
+    if stored.origin != "uploaded" or stored.path is not None:
+        return False
+    own_place = f"{MNT_DATA}/{stored.name}"
+    return any(
+        later.origin == "uploaded"
+        and later.name == stored.name
+        and later.path == own_place
+        and (later.created_at, later.id) > (stored.created_at, stored.id)
+        for later in ordered
+    )
+
+
 def _current(container_id: str, stored: list[StoredFile]) -> list[StoredFile]:
-    """``stored`` oldest first, without what a later version written by code superseded."""
+    """``stored`` oldest first, without what a later version written by code superseded.
+
+    Only what the code wrote has earlier versions: a file it wrote again at
+    the same path. An upload is the user's, never a version of the code's
+    work: one the code rewrote in place stays listed beside the code's file
+    (both at that path: what the user gave, and what the code made of it).
+    """
     ordered = sorted(stored, key=lambda f: (f.created_at, f.id))
     paths = [container_file(container_id, f).path for f in ordered]
     last_written = {path: i for i, path in enumerate(paths) if written_by_code(ordered[i])}
     return [
         f
         for i, (f, path) in enumerate(zip(ordered, paths, strict=True))
-        if i >= last_written.get(path, i)
+        if not _replaced_upload(f, ordered) and (not written_by_code(f) or i >= last_written[path])
     ]
 
 
 def container_file(container_id: str, stored: StoredFile) -> ContainerFile:
+    """The container file ``stored`` is, at its path in the container.
+
+    Where the engine placed it (an upload whose name was taken is at a
+    suffixed name), or where the code wrote it; else (an image a cell showed,
+    an upload replaced there later) ``/mnt/data`` and its name.
+    """
     produced = stored.origin == "produced"
-    path = stored.path if produced and stored.path else stored.name
+    path = stored.path or stored.name
     if not path.startswith("/"):
         path = f"{MNT_DATA}/{path}"
     return ContainerFile(

@@ -30,6 +30,7 @@ from sandkernel.openai_api.errors import bad_request
 from sandkernel.openai_api.state import ApiState, FileLink, ThreadState
 from sandkernel.openai_api.wire import Message, Run, Thread
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
+from sandkernel.workspace.place import candidate_names
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ class Workspace:
     file_ids: list[str] = field(default_factory=list)
     #: OpenAI file id -> path in the sandbox, for the thread's files
     paths: dict[str, str] = field(default_factory=dict)
-    #: the assistant's files (read-only), by name
-    assistant_files: list[str] = field(default_factory=list)
+    #: OpenAI file id -> name, for thread files whose path is known only once placed
+    unplaced: dict[str, str] = field(default_factory=dict)
+    #: where the assistant's files (read-only) are
+    assistant_paths: list[str] = field(default_factory=list)
     #: files earlier code wrote, put back into a new session: name -> path
     restored: dict[str, str] = field(default_factory=dict)
     #: thread files that could not be placed (deleted since), by OpenAI id
@@ -133,9 +136,14 @@ class Placement:
         The thread's session (its id is the thread's) is taken up again if it
         lives and was made for this run's assistant; otherwise the first code
         call makes a new one, which gets the files earlier code wrote back, and
-        ``replaced`` says the variables of that code are gone. Paths of files
-        not placed in the session yet are where they are placed unless their
-        name is taken (then :meth:`ready` gives the path they got).
+        ``replaced`` says the variables of that code are gone.
+
+        The paths are the ones :meth:`ready` will give the files: a new session
+        is filled as the engine fills it (the assistant's files, then what
+        earlier code wrote, then the thread's files, each under the first of
+        its names that is free), foreseen by :class:`_NewWorkspace`. A file
+        whose path cannot be foreseen is in ``unplaced``: the model is told
+        its path once code has run.
         """
         thread_state = await self._thread_state(thread.id)
         live = await self._session_of(thread.id)
@@ -148,9 +156,19 @@ class Placement:
             file_ids=thread_files(thread, messages),
         )
         links = {link.file_id: link for link in await self._links(thread.id)}
+        names = _NewWorkspace()
+        # Placed first when a session starts, so where this says in a live one too (unless
+        # its kernel was restarted: the session's own files go back before them then).
+        for stored in await self.engine.list_files(agent_id=run.assistant_id):
+            if stored.session_id is None:
+                space.assistant_paths.append(names.place(stored) or stored.name)
+        taken: set[str] = set()
         if live is None:
             for stored in await self._outputs(thread.id, links, space.file_ids):
-                space.restored[stored.name] = f"{WORKSPACE_IN_JAIL}/{stored.name}"
+                space.restored[stored.name] = names.place(stored) or stored.name
+        else:
+            taken = {*names.paths(), *(link.path for link in links.values() if link.path)}
+            taken |= {f.path for f in await self.engine.list_files(session_id=thread.id) if f.path}
         for file_id in space.file_ids:
             link = links.get(file_id)
             try:
@@ -158,13 +176,23 @@ class Placement:
             except FileNotFoundInStore:
                 space.missing.append(file_id)
                 continue
-            known = link.path if link is not None else None
-            space.paths[file_id] = known or f"{WORKSPACE_IN_JAIL}/{stored.name}"
-        for link in await self._links(run.assistant_id):
-            try:
-                space.assistant_files.append((await self.engine.file(link.local_id)).name)
-            except FileNotFoundInStore:
-                continue
+            path: str | None
+            if live is None:
+                # A file another session holds is placed as a copy, made then: its id,
+                # which names it where its own name is taken, is not known yet.
+                itself = link is not None or self._given_itself(thread.id, stored)
+                path = names.place(stored, known_id=itself)
+            elif link is not None and link.path is not None:
+                path = link.path
+            else:
+                # Added to a live session: what it holds is only partly known here
+                # (the code may have made files), so a name seen taken is not foreseen.
+                path = f"{WORKSPACE_IN_JAIL}/{stored.name}"
+                path = None if path in taken else path
+            if path is None:
+                space.unplaced[file_id] = stored.name
+            else:
+                space.paths[file_id] = path
         return space
 
     async def ready(self, space: Workspace) -> SessionAPI:
@@ -195,7 +223,7 @@ class Placement:
             new_state = ThreadState(session_agent_id=space.assistant_id, ran_code=False)
             await anyio.to_thread.run_sync(lambda: self.state.save(private={thread_id: new_state}))
             space.restored = await self._restore_outputs(session, thread_id, links, space.file_ids)
-        space.paths, space.missing = {}, []
+        space.paths, space.unplaced, space.missing = {}, {}, []
         for file_id in space.file_ids:
             link = links.get(file_id)
             if link is not None and link.path is not None and not fresh:
@@ -229,12 +257,17 @@ class Placement:
     async def _local(self, thread_id: str, file_id: str) -> str:
         """The engine file the thread's session gets for an uploaded file: itself, or a copy."""
         stored = await self.engine.file(file_id)
-        if stored.session_id == thread_id or (
-            stored.session_id is None and stored.agent_id is None
-        ):
+        if self._given_itself(thread_id, stored):
             return file_id
         copy = await self.engine.upload(await self.engine.download(file_id), stored.name)
         return copy.id
+
+    @staticmethod
+    def _given_itself(thread_id: str, stored: StoredFile) -> bool:
+        """The thread's session is given the file itself: it is the thread's, or no one's yet."""
+        return stored.session_id == thread_id or (
+            stored.session_id is None and stored.agent_id is None
+        )
 
     async def _outputs(
         self, thread_id: str, links: dict[str, FileLink], file_ids: Sequence[str]
@@ -270,6 +303,43 @@ class Placement:
                 continue
             restored[stored.name] = path
         return restored
+
+
+class _NewWorkspace:
+    """A new session's ``/mnt/data`` as the engine fills it, foreseen from the stored files.
+
+    Each file is placed under the first of its names
+    (:func:`~sandkernel.workspace.place.candidate_names`) that is free or
+    already holds the same content, as the engine places a file it is given;
+    placing the files in the order the engine does gives the paths the engine
+    will give them.
+    """
+
+    def __init__(self) -> None:
+        #: name -> the file placed there
+        self._held: dict[str, StoredFile] = {}
+
+    def paths(self) -> list[str]:
+        return [f"{WORKSPACE_IN_JAIL}/{name}" for name in self._held]
+
+    def place(self, stored: StoredFile, *, known_id: bool = True) -> str | None:
+        """Where ``stored`` goes; None if that depends on an id not known yet.
+
+        Args:
+            known_id: ``stored`` is the file placed; else a copy of it made
+                then, whose id (and so any name but its own) is not known.
+        """
+        names = candidate_names(stored) if known_id else iter([stored.name])
+        for name in names:
+            there = self._held.get(name)
+            if there is None or _same_content(there, stored):
+                self._held[name] = stored
+                return f"{WORKSPACE_IN_JAIL}/{name}"
+        return None
+
+
+def _same_content(a: StoredFile, b: StoredFile) -> bool:
+    return (a.size_bytes, a.sha256) == (b.size_bytes, b.sha256)
 
 
 def thread_files(thread: Thread, messages: Sequence[Message]) -> list[str]:

@@ -222,27 +222,33 @@ class Responses:
         _check_tool_choice(body.tool_choice, functions, code=code_tool is not None)
         input_items, messages, given_files = _input(body.input)
         _check_answers([*history.transcript, *messages])
-        file_ids: list[str] = []
+        listed: list[StoredFile] = []
         named: str | None = None
         if code_tool is not None:
-            named, listed = _container_spec(code_tool)
-            for i, file_id in enumerate(listed):
-                await self.containers.uploaded(file_id, f"tools.container.file_ids[{i}]")
-            file_ids += listed
+            named, listed_ids = _container_spec(code_tool)
+            for i, file_id in enumerate(listed_ids):
+                where = f"tools.container.file_ids[{i}]"
+                listed.append(await self.containers.uploaded(file_id, where))
+        given_stored: list[StoredFile] = []
         for given in given_files:
-            stored = await self.containers.uploaded(given.file_id, f"{given.where}.file_id")
+            where = f"{given.where}.file_id"
+            given_stored.append(await self.containers.uploaded(given.file_id, where))
             if code_tool is None:
                 raise bad_request(
                     "An input_file part needs the code_interpreter tool here: its file is put "
                     f"in the tool's container. Add the tool, or send the text; {_SERVED_PARTS}.",
                     given.where,
                 )
-            given.found(stored)
-            file_ids.append(stored.id)
         # Last: a container made for a request refused afterwards would be left running.
         session = None
         if code_tool is not None:
-            session = await self._container(named, history.container_id, file_ids)
+            files = [*listed, *given_stored]
+            session, placed = await self._container(named, history.container_id, files)
+            # Each named where the container put it, which is not its own name when that
+            # was taken there (by a file the code wrote, an earlier file of this request).
+            at = {f.id: path for f, path in zip(files, placed, strict=True)}
+            for given, stored in zip(given_files, given_stored, strict=True):
+                given.placed(stored, at[stored.id])
         response = ResponseObject(
             id=new_id("resp"),
             created_at=_now(),
@@ -316,19 +322,19 @@ class Responses:
         return response
 
     async def _container(
-        self, named: str | None, previous: str | None, file_ids: list[str]
-    ) -> SessionAPI:
-        """The session of the response's container, with ``file_ids`` put in it.
+        self, named: str | None, previous: str | None, files: list[StoredFile]
+    ) -> tuple[SessionAPI, list[str]]:
+        """The session of the response's container, with ``files`` put in it.
 
         ``named``: the tool's container id (else ``{"type": "auto"}``).
+
+        Returns:
+            The session, and where in it each of ``files`` is, in their order.
         """
-        file_ids = list(dict.fromkeys(file_ids))  # one copy of a file named twice
+        session: SessionAPI | None = None
         if named is not None:
             session = await self.containers.session(named, "tools.container")
-            for file_id in file_ids:
-                await self.containers.add_file_id(named, file_id)
-            return session
-        if previous is not None:
+        elif previous is not None:
             try:
                 container: Container | None = await self.containers.get(previous)
             except APIError as exc:
@@ -337,13 +343,13 @@ class Responses:
                 container = None  # deleted since: replaced, as an expired one is
             if container is not None and container.status == "running":
                 session = await self.containers.session(previous)
-                for file_id in file_ids:
-                    await self.containers.add_file_id(previous, file_id)
-                return session
-        created = await self.containers.create(
-            ContainerCreate(name="code interpreter (auto)", file_ids=file_ids)
+        if session is not None:
+            placed = await self.containers.add_files(session, files)
+            return session, [f.path for f in placed]
+        created, placed = await self.containers.create_with_files(
+            ContainerCreate(name="code interpreter (auto)", file_ids=[f.id for f in files])
         )
-        return await self.containers.session(created.id)
+        return await self.containers.session(created.id), [f.path for f in placed]
 
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -384,7 +390,8 @@ def _page(
     """One page of ``items`` (oldest first), as the stored lists page: also whether more follow.
 
     ``after`` starts the page after that item, in ``order``; ``before`` alone
-    gives the page just before that item; an id not in the list is a 400.
+    gives the page just before that item, and with ``after`` ends the list
+    there (the items strictly between the two); an id not in the list is a 400.
     """
     ordered = items if order == "asc" else items[::-1]
     ids = [item["id"] for item in ordered]
@@ -400,7 +407,8 @@ def _page(
         # The page just before ``before``: more follow if any precede it.
         first = max(0, end - limit)
         return ordered[first:end], first > 0
-    return ordered[start : start + limit], end - start > limit
+    between = ordered[start:end]
+    return between[:limit], len(between) > limit
 
 
 class _Turn:
@@ -906,8 +914,8 @@ class _GivenFile:
 
     The model is told of it in a message of its own, just before the text of
     the message that gave it (whose words stay as they were sent). Until
-    :meth:`found`, that note and the part as stored lack what only the stored
-    file tells: its name, and so its path.
+    :meth:`placed`, that note and the part as stored lack what only the stored
+    file and its placing tell: its name, and its path in the container.
     """
 
     def __init__(self, file_id: str, where: str, part: dict[str, Any], note: dict[str, Any]):
@@ -917,11 +925,10 @@ class _GivenFile:
         self.part = part
         self.note = note
 
-    def found(self, stored: StoredFile) -> None:
+    def placed(self, stored: StoredFile, path: str) -> None:
+        """Name the file, put in the container at ``path`` (not always its own name)."""
         self.part["filename"] = stored.name
-        self.note["content"] = (
-            f"[Attached file {stored.name}: it is in the container at {MNT_DATA}/{stored.name}]"
-        )
+        self.note["content"] = f"[Attached file {stored.name}: it is in the container at {path}]"
 
 
 _SERVED_PARTS: Final = (

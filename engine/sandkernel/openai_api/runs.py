@@ -81,7 +81,6 @@ from sandkernel.openai_api.wire import (
     new_id,
 )
 from sandkernel.results import ExecutionResult
-from sandkernel.sandbox import WORKSPACE_IN_JAIL
 
 log = logging.getLogger(__name__)
 
@@ -926,6 +925,7 @@ def chat_context(
     has its turns where it is in the thread, so the model knows what it began.
     """
     paths = space.paths if space is not None else {}
+    unplaced = space.unplaced if space is not None else {}
     turns = {
         obj.id: _RunTurns(private)
         for obj, private in timeline
@@ -957,7 +957,7 @@ def chat_context(
         started = True
         made_by = turns.get(obj.run_id) if obj.run_id is not None else None
         if made_by is None:
-            history.append(_chat_message(obj, paths))
+            history.append(_chat_message(obj, paths, unplaced))
             continue
         made_by.add(obj.id, history)
         if obj.run_id != run.id and obj.id in ends:
@@ -1030,7 +1030,9 @@ def _add_part(part: _Part, history: list[dict[str, Any]]) -> None:
         history.append(part.words)
 
 
-def _chat_message(message: Message, paths: dict[str, str]) -> dict[str, Any]:
+def _chat_message(
+    message: Message, paths: dict[str, str], unplaced: dict[str, str]
+) -> dict[str, Any]:
     parts = []
     for part in message.content:
         if isinstance(part, TextContent):
@@ -1041,13 +1043,27 @@ def _chat_message(message: Message, paths: dict[str, str]) -> dict[str, Any]:
             parts.append(f"[image: {part.image_url.url}]")
     text = "\n".join(parts)
     attached = [
-        paths.get(a.file_id, f"{a.file_id} (not available)")
+        _told_path(a.file_id, paths, unplaced)
         for a in message.attachments
-        if a.file_id in paths or any(t.type == "code_interpreter" for t in a.tools)
+        if a.file_id in paths
+        or a.file_id in unplaced
+        or any(t.type == "code_interpreter" for t in a.tools)
     ]
     if attached:
         text += "\n\n[Files attached to this message, in the sandbox: " + ", ".join(attached) + "]"
     return {"role": message.role, "content": text}
+
+
+#: Said of a file whose path is known only once the session has placed it.
+_PATH_AFTER_CODE: Final = "its path is given after the first code call"
+
+
+def _told_path(file_id: str, paths: dict[str, str], unplaced: dict[str, str]) -> str:
+    if file_id in paths:
+        return paths[file_id]
+    if file_id in unplaced:
+        return f"{unplaced[file_id]} ({_PATH_AFTER_CODE})"
+    return f"{file_id} (not available)"
 
 
 def _answered(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1075,10 +1091,12 @@ def _system_prompt(run: Run, space: Workspace | None) -> str:
     parts = [run.instructions.strip()] if run.instructions.strip() else []
     if space is None:
         return "\n\n".join(parts)
-    listed = {f"{WORKSPACE_IN_JAIL}/{name}": " (read-only)" for name in space.assistant_files}
+    listed = dict.fromkeys(space.assistant_paths, " (read-only)")
     for path in [*space.paths.values(), *space.restored.values()]:
         listed.setdefault(path, "")
     files = [f"- {path}{note}" for path, note in listed.items()]
+    # Its own name is taken there, and the one it gets is known only once it is placed.
+    files += [f"- {name} ({_PATH_AFTER_CODE})" for name in space.unplaced.values()]
     if files:
         parts.append(
             "Files in the sandbox (use the python tool to read them):\n" + "\n".join(files)
