@@ -125,3 +125,12 @@ def test_corrupt_zip_is_refused_not_crashed() -> None:
     truncated = zip_bytes({"a.txt": b"x" * 100})[:40]
     with pytest.raises(FileRejected, match="not a valid zip archive"):
         check_upload("broken.zip", truncated)
+
+
+def test_a_zip_needing_a_version_zipfile_cannot_read_is_refused_not_crashed() -> None:
+    data = bytearray(zip_bytes({"a.txt": b"x"}))
+    central = data.index(b"PK\x01\x02")
+    struct.pack_into("<H", data, central + 6, 166)  # "version needed to extract": 16.6
+    for name in ("new.zip", "new.docx"):
+        with pytest.raises(FileRejected, match="not a valid zip archive: zip file version 16.6"):
+            check_upload(name, bytes(data))

@@ -113,7 +113,14 @@ def check_zip(
                         "unpack or link outside its folder; archives may only hold relative "
                         "paths without '..'"
                     )
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        NotImplementedError,  # an entry that needs a newer zip version than zipfile reads
+    ) as exc:
         raise FileRejected(f"upload rejected: {name!r} is not a valid zip archive: {exc}") from None
     declared = sum(info.file_size for info in infos)
     if declared > max_archive_bytes:
