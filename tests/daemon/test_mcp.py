@@ -122,6 +122,11 @@ async def _drive(
                 if other_session is not None:
                     probe = {"code": "print('secret' in globals())", "session_id": other_session}
                     assert "False" in text_of(await mcp.call_tool("run_python", probe))
+                # A kernel that died: the next call runs on a fresh one, as the result says.
+                dead = await mcp.call_tool("run_python", {"code": "import os\nos._exit(3)"})
+                assert "The next call starts a fresh kernel" in text_of(dead)
+                again = await mcp.call_tool("run_python", {"code": "print('alive')"})
+                assert "alive" in text_of(again)
 
 
 async def test_mcp_server_with_an_embedded_engine(tmp_path: Path) -> None:

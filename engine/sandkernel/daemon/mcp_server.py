@@ -165,7 +165,9 @@ class SandboxTools:
         """Run Python code in a sandboxed Jupyter kernel; state persists across calls."""
         with _anticipated():
             session = await self._session(session_id)
-            result = await session.run(code, timeout_s=timeout_s)
+            # A dead kernel is replaced: the result that said it died told the
+            # model its next call starts a fresh one (and to redo its definitions).
+            result = await session.run(code, timeout_s=timeout_s, restart=True)
             content: list[TextContent | ImageContent] = [
                 TextContent(type="text", text=format_result(result))
             ]
