@@ -6,6 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from sandkernel.errors import KernelDead
@@ -302,3 +303,15 @@ async def test_a_socket_swapped_for_a_link_to_a_host_socket_is_not_followed(
         host_socket.accept()  # and nothing reached the host's socket
     host_socket.close()
     assert (await kernel.execute("1 + 1")).text == "2"  # the engine's own client too
+
+
+async def test_a_cell_its_caller_gave_up_on_settles_before_the_next_one_runs(
+    kernel_factory: KernelFactory,
+) -> None:
+    k = await kernel_factory()
+    # An anyio cancel scope cancels every await in it, again and again.
+    with anyio.move_on_after(1):
+        await k.execute("import time\ntime.sleep(30)")
+    r = await k.execute("1 + 1")
+    # Sent once the interrupted cell had ended: run, not aborted by the kernel.
+    assert r.status == "ok" and r.text == "2" and r.execution_count == 2, r

@@ -571,9 +571,18 @@ class SandboxedKernel:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not (self._closed and task is not None and task.cancelling() == 0):
-                # The caller cancelled: interrupt the cell so the session stays usable.
+                # The caller cancelled: interrupt the cell so the session stays usable,
+                # and return only once it settled, so that the session's next cell is
+                # not sent while this one still runs (the kernel would abort it).
+                # Waited out whatever else is cancelled meanwhile: an anyio cancel
+                # scope cancels every await in it, again and again; the wait is
+                # bounded by the interrupt's grace and the kill.
+                settle = asyncio.ensure_future(self._settle_after_cancel(sink))
+                while not settle.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(settle)
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._settle_after_cancel(sink))
+                    settle.result()
                 raise
             # Nobody cancelled us: the kernel was shut down under the running cell
             # (session closed, engine shutting down). That is a result, not an error.
