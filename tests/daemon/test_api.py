@@ -8,6 +8,7 @@ import stat
 import time
 from typing import Any
 
+import anyio
 import pytest
 
 from sandkernel.daemon.client import AsyncClient, Client
@@ -262,3 +263,19 @@ async def test_sandkernel_run_through_the_daemon(
     assert "ZeroDivisionError" in capsys.readouterr().err
     states = {s.state for s in (await running.engine.sessions())}
     assert states == {SessionState.CLOSED}  # each run used a fresh session and closed it
+
+
+async def test_a_cell_whose_caller_gave_up_is_interrupted_as_the_engine_does(
+    daemon_factory: DaemonFactory,
+) -> None:
+    running = await daemon_factory()
+    session = await running.client().session("gave-up")
+    with anyio.move_on_after(1):
+        await session.run("import time\ntime.sleep(30)")
+    started = time.monotonic()
+    result = await session.run("1 + 1")
+    # Not waited out: the cell the caller gave up on was interrupted.
+    assert result.status == "ok" and result.text == "2"
+    assert time.monotonic() - started < 15
+    missing = await session.run("undefined_name")  # errors still come back as results
+    assert missing.status == "error" and missing.error is not None
