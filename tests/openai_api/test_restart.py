@@ -230,3 +230,63 @@ async def test_a_replaced_session_gets_the_latest_version_of_a_file_code_rewrote
     assert listed == "{'out.csv': 'v2'}\n"
     system = daemon.model.requests[4]["messages"][0]["content"]
     assert "restarted" in system and "put back: /mnt/data/out.csv." in system
+
+
+async def test_a_session_that_did_not_get_its_files_is_made_again_by_the_next_run(
+    openai_daemon: OpenAIDaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandkernel.errors import FileRejected
+    from sandkernel.openai_api.placement import Placement
+
+    script = in_order(
+        Reply(None, [code_call("v1", "open('/mnt/data/out.csv', 'w').write('v1')")]),
+        Reply("Wrote v1."),
+        Reply(None, [code_call("ls", LIST_WITH_CONTENT)]),  # its session gets no files
+        Reply(None, [code_call("ls", LIST_WITH_CONTENT)]),
+        Reply("Listed."),
+    )
+    daemon = await openai_daemon(script)
+    assert daemon.model is not None
+    client = daemon.openai()
+    native = daemon.running.client()
+
+    def run(thread_id: str, assistant_id: str, question: str) -> Any:
+        client.beta.threads.messages.create(thread_id, role="user", content=question)
+        return client.beta.threads.runs.create_and_poll(
+            thread_id=thread_id, assistant_id=assistant_id
+        )
+
+    def first() -> tuple[str, str]:
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT, tools=[{"type": "code_interpreter"}]
+        )
+        thread = client.beta.threads.create()
+        assert run(thread.id, assistant.id, "Write v1.").status == "completed"
+        return thread.id, assistant.id
+
+    thread_id, assistant_id = await anyio.to_thread.run_sync(first)
+    await native.close_session(thread_id)  # its time to live ran out
+
+    async def refused(*args: Any, **kwargs: Any) -> dict[str, str]:
+        raise FileRejected("no room for 'out.csv' in the workspace")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Placement, "_restore_outputs", refused)
+        failed = await anyio.to_thread.run_sync(run, thread_id, assistant_id, "Again.")
+    assert failed.status == "failed", failed
+    assert "no room" in (failed.last_error.message if failed.last_error else "")
+
+    def last() -> str:  # the next run makes the session again and puts the file back
+        listed = run(thread_id, assistant_id, "What is there?")
+        assert listed.status == "completed", listed.last_error
+        (step,) = [
+            s
+            for s in client.beta.threads.runs.steps.list(listed.id, thread_id=thread_id).data
+            if s.type == "tool_calls"
+        ]
+        (call,) = step.step_details.tool_calls  # type: ignore[union-attr]
+        return call.code_interpreter.outputs[0].logs  # type: ignore[union-attr,no-any-return]
+
+    assert await anyio.to_thread.run_sync(last) == "{'out.csv': 'v1'}\n"
+    system = daemon.model.requests[3]["messages"][0]["content"]  # the last run's first
+    assert "restarted" in system and "put back: /mnt/data/out.csv." in system

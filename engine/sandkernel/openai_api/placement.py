@@ -17,6 +17,7 @@ OpenAI id, and where it is in the sandbox.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -213,16 +214,46 @@ class Placement:
             # Agent files are given when a session starts: another assistant needs another.
             await self.engine.close_session(thread_id)
             session = None
-        fresh = session is None
         links = {link.file_id: link for link in await self._links(thread_id)}
         if session is None:
             session = await self.engine.session(
                 thread_id, agent_id=space.assistant_id, if_expired="new"
             )
-            space.replaced = space.replaced or thread_state.ran_code
-            new_state = ThreadState(session_agent_id=space.assistant_id, ran_code=False)
-            await anyio.to_thread.run_sync(lambda: self.state.save(private={thread_id: new_state}))
-            space.restored = await self._restore_outputs(session, thread_id, links, space.file_ids)
+            try:
+                await self._fill(space, session, thread_state, links)
+            except BaseException:
+                # A session that did not get its files is not the thread's: closed,
+                # the next run makes it again, puts the files back and says so.
+                with anyio.CancelScope(shield=True), contextlib.suppress(SessionError):
+                    await self.engine.close_session(thread_id)
+                raise
+            space.session = session
+            return session
+        await self._place_thread_files(space, session, links, fresh=False)
+        space.session = session
+        return session
+
+    async def _fill(
+        self,
+        space: Workspace,
+        session: SessionAPI,
+        thread_state: ThreadState,
+        links: dict[str, FileLink],
+    ) -> None:
+        """Put a new session's files in: what earlier code wrote, then the thread's."""
+        thread_id = space.thread_id
+        space.replaced = space.replaced or thread_state.ran_code
+        space.restored = await self._restore_outputs(session, thread_id, links, space.file_ids)
+        await self._place_thread_files(space, session, links, fresh=True)
+        # The thread's state names this session once it holds what it should.
+        new_state = ThreadState(session_agent_id=space.assistant_id, ran_code=False)
+        await anyio.to_thread.run_sync(lambda: self.state.save(private={thread_id: new_state}))
+
+    async def _place_thread_files(
+        self, space: Workspace, session: SessionAPI, links: dict[str, FileLink], *, fresh: bool
+    ) -> None:
+        """Attach the thread's files to ``session`` (a live one keeps those it has)."""
+        thread_id = space.thread_id
         space.paths, space.unplaced, space.missing = {}, {}, []
         for file_id in space.file_ids:
             link = links.get(file_id)
@@ -241,8 +272,6 @@ class Placement:
                 self.state.link, FileLink(thread_id, file_id, local_id, path)
             )
             space.paths[file_id] = path
-        space.session = session
-        return session
 
     async def _thread_state(self, thread_id: str) -> ThreadState:
         return await anyio.to_thread.run_sync(self.state.private, Thread, thread_id, ThreadState)
