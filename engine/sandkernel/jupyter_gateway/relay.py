@@ -655,19 +655,13 @@ class KernelRelay:
         """
         if not msg.msg_type.endswith("_request"):
             raise BadInput(reason)
-        error = {"ename": "RequestRefused", "evalue": reason, "traceback": [reason]}
-        if msg.msg_type == "execute_request":
-            shown = self._session.msg("error", error, parent=msg.header)
-            connection.send(WireMessage("iopub", shown["header"], dict(msg.header), {}, error))
-        reply_type = msg.msg_type.removesuffix("_request") + "_reply"
-        reply = self._reply(msg, reply_type, {"status": "error", **error})
-        reply.metadata = {"status": "error"}
+        shown, reply, idle = self._error_answer(msg, reason, "RequestRefused")
+        if shown is not None:
+            connection.send(shown)
         if reply.channel not in ("shell", "control"):
             reply.channel = "shell"  # a reply on stdin would be read as an input_request
         connection.send(reply)
         # Clients wait for the idle as much as for the reply (Open WebUI, JupyterLab's futures).
-        idle = self._status("idle")
-        idle.parent_header = dict(msg.header)
         connection.send(idle)
 
     async def _client_shutdown(self, connection: Connection, msg: WireMessage) -> None:
@@ -999,20 +993,36 @@ class KernelRelay:
         The ``idle`` ends the cell for clients that wait for it rather than for
         the reply (Open WebUI's), unless the kernel sent it.
         """
-        error = {"ename": ename, "evalue": reason, "traceback": [reason]}
-        shown = self._session.msg("error", error, parent=cell.request.header)
-        self.broadcast(WireMessage("iopub", shown["header"], dict(cell.request.header), {}, error))
-        reply = self._reply(cell.request, "execute_reply", {"status": "error", **error})
-        reply.metadata = {"status": "error"}
+        shown, reply, idle = self._error_answer(cell.request, reason, ename)
+        if shown is not None:
+            self.broadcast(shown)
         self._routes.pop(cell.request.msg_id, None)
         # As the kernel's own replies go: never to another client; to nobody if
         # its requester is gone for good.
         if cell.requester is not None:
             self._send_to(cell.requester, reply)
         if not cell.idle.is_set():
-            idle = self._status("idle")
-            idle.parent_header = dict(cell.request.header)
             self.broadcast(idle)
+
+    def _error_answer(
+        self, request: WireMessage, reason: str, ename: str
+    ) -> tuple[WireMessage | None, WireMessage, WireMessage]:
+        """An answer to ``request`` that the kernel did not give: its error, reply and ``idle``.
+
+        The error shown on IOPub (for a cell only: None for another request),
+        the ``<kind>_reply`` with status error, and the ``idle`` that ends it.
+        """
+        error = {"ename": ename, "evalue": reason, "traceback": [reason]}
+        shown = None
+        if request.msg_type == "execute_request":
+            raw = self._session.msg("error", error, parent=request.header)
+            shown = WireMessage("iopub", raw["header"], dict(request.header), {}, error)
+        reply_type = request.msg_type.removesuffix("_request") + "_reply"
+        reply = self._reply(request, reply_type, {"status": "error", **error})
+        reply.metadata = {"status": "error"}
+        idle = self._status("idle")
+        idle.parent_header = dict(request.header)
+        return shown, reply, idle
 
     # -- limits ---------------------------------------------------------------------------
 
