@@ -54,14 +54,17 @@ def init(kernel_pid):
 
 #: ipykernel's options for every kernel: no history database (nothing to
 #: persist in a single-use kernel), inline matplotlib figures as image/png,
-#: and no 0.5 ms sleep before each execute_reply. ipykernel sleeps there so
-#: that a client which takes the reply as the cell's end has likely read the
-#: cell's last output first; sandkernel ends a cell at its idle status, which
-#: comes after that output on the same IOPub socket, and so do Jupyter's own
-#: clients. Every cell is half a millisecond shorter.
+#: no 0.5 ms sleep before each execute_reply, and standard streams that skip
+#: a flush with nothing to send (``_sandkernel_outstream``: a cell that prints
+#: nothing no longer waits on ipykernel's IOPub thread six times). ipykernel
+#: sleeps there so that a client which takes the reply as the cell's end has
+#: likely read the cell's last output first; sandkernel ends a cell at its idle
+#: status, which comes after that output on the same IOPub socket, and so do
+#: Jupyter's own clients. Every cell is half a millisecond shorter.
 KERNEL_OPTIONS = (
     "--HistoryManager.enabled=False",
     "--InlineBackend.figure_formats=png",
+    "--IPKernelApp.outstream_class=_sandkernel_outstream.OutStream",
     "--IPKernelApp.quiet=True",
     "--Kernel._execute_sleep=0",
 )
@@ -75,6 +78,7 @@ def prepare_kernel_app():
     does first. No connection file, key, socket or thread: the kernel makes
     those after the fork (:func:`run_kernel`).
     """
+    import _sandkernel_outstream  # noqa: F401 - every kernel's streams (KERNEL_OPTIONS)
     import _sandkernel_selfcheck  # noqa: F401 - every kernel's first cell calls it
     from ipykernel.kernelapp import IPKernelApp
     from IPython.core.application import BaseIPythonApplication
@@ -122,8 +126,10 @@ def run_kernel(args, app=None):
         if path:
             os.makedirs(path, exist_ok=True)
     os.chdir(os.environ.get("SANDKERNEL_WORKSPACE", "/mnt/data"))
-    # The self-check's code (its cell calls it), from the runtime, before any
-    # file of the user's is on the path; a forked kernel has it from the zygote.
+    # The self-check's code (its cell calls it) and the streams' class, from
+    # the runtime, before any file of the user's is on the path; a forked
+    # kernel has them from the zygote.
+    import _sandkernel_outstream  # noqa: F401
     import _sandkernel_selfcheck  # noqa: F401
 
     # Then the runtime's folder leaves the path, and this module sys.modules (a

@@ -64,6 +64,42 @@ async def test_a_kernel_sends_its_reply_without_ipykernels_sleep_and_ends_with_i
     assert r.status == "ok" and r.text == "0.0" and r.stdout == "x" * 100_000
 
 
+#: Counts, in the kernel, the flushes its streams hand to the IOPub thread and wait on.
+_COUNT_HANDED_FLUSHES = """
+import sys
+from ipykernel.iostream import OutStream as _Stock
+_handed = []
+_stock_flush = _Stock.flush
+def _counting(self):
+    _handed.append(self.name)
+    _stock_flush(self)
+_Stock.flush = _counting
+"""
+
+
+@pytest.mark.parametrize("zygote", [True, False], ids=["forked", "cold"])
+async def test_a_cell_that_writes_nothing_waits_on_no_flush_and_output_still_arrives(
+    engine_factory: EngineFactory, zygote: bool
+) -> None:
+    engine: Engine = await engine_factory(zygote=zygote)
+    session = await engine.session()
+    assert session.kernel is not None and (session.kernel.forked_pid is not None) == zygote
+    assert (await session.run(_COUNT_HANDED_FLUSHES)).status == "ok"
+    assert (await session.run("1+1")).text == "2"
+    r = await session.run("n = len(_handed); _handed.clear(); n")
+    assert r.text == "0", "a cell without output handed flushes to the IOPub thread"
+    # Output is still flushed, complete and in order, before the cell ends.
+    r = await session.run(
+        "import sys, threading\nprint('a')\nprint('e', file=sys.stderr)\n"
+        "t = threading.Thread(target=print, args=('from a thread',)); t.start(); t.join()\n"
+        "display('shown')\nprint('b')\n7"
+    )
+    assert r.stdout == "a\nfrom a thread\nb\n" and r.stderr == "e\n" and r.text == "7", r
+    assert [d.data["text/plain"] for d in r.displays] == ["'shown'"]
+    r = await session.run("sorted(set(_handed))")
+    assert r.text == "['stderr', 'stdout']"
+
+
 async def test_a_forked_kernel_shows_figures_as_png_as_a_cold_one(
     engine_factory: EngineFactory,
 ) -> None:

@@ -204,7 +204,10 @@ class Zygote:
         runtime = data_dir("kernels") / "runtime"
         script = runtime / "zygote.py"
         # The stub of every sandbox it forks into, and the zygote, import them.
-        names = ("launch.py", "immortal.py", "hugepages.py", "_sandkernel_selfcheck.py")
+        names = (
+            "launch.py", "immortal.py", "hugepages.py",
+            "_sandkernel_outstream.py", "_sandkernel_selfcheck.py",
+        )  # fmt: skip
         write_bytecode(*(runtime / name for name in names))
         # -s: the zygote runs as root with the sandbox's HOME (/tmp, the host's
         # until the zygote covers it): a user site folder there would run
