@@ -52,19 +52,17 @@ def init(kernel_pid):
             os._exit(os.WEXITSTATUS(status))
 
 
-#: ipykernel's options for every kernel: no history database (nothing to
+#: ipykernel's options for every kernel (whose application, kernel and
+#: streams are ``_sandkernel_kernel``'s): no history database (nothing to
 #: persist in a single-use kernel), inline matplotlib figures as image/png,
-#: no 0.5 ms sleep before each execute_reply, and standard streams that skip
-#: a flush with nothing to send (``_sandkernel_outstream``: a cell that prints
-#: nothing no longer waits on ipykernel's IOPub thread six times). ipykernel
-#: sleeps there so that a client which takes the reply as the cell's end has
-#: likely read the cell's last output first; sandkernel ends a cell at its idle
-#: status, which comes after that output on the same IOPub socket, and so do
-#: Jupyter's own clients. Every cell is half a millisecond shorter.
+#: and no 0.5 ms sleep before each execute_reply. ipykernel sleeps there so
+#: that a client which takes the reply as the cell's end has likely read the
+#: cell's last output first; sandkernel ends a cell at its idle status, which
+#: comes after that output on the same IOPub socket, and so do Jupyter's own
+#: clients. Every cell is half a millisecond shorter.
 KERNEL_OPTIONS = (
     "--HistoryManager.enabled=False",
     "--InlineBackend.figure_formats=png",
-    "--IPKernelApp.outstream_class=_sandkernel_outstream.OutStream",
     "--IPKernelApp.quiet=True",
     "--Kernel._execute_sleep=0",
 )
@@ -78,12 +76,11 @@ def prepare_kernel_app():
     does first. No connection file, key, socket or thread: the kernel makes
     those after the fork (:func:`run_kernel`).
     """
-    import _sandkernel_outstream  # noqa: F401 - every kernel's streams (KERNEL_OPTIONS)
     import _sandkernel_selfcheck  # noqa: F401 - every kernel's first cell calls it
-    from ipykernel.kernelapp import IPKernelApp
+    from _sandkernel_kernel import KernelApp
     from IPython.core.application import BaseIPythonApplication
 
-    app = IPKernelApp.instance()
+    app = KernelApp.instance()
     BaseIPythonApplication.initialize(app, list(KERNEL_OPTIONS))
     _prepare_shell(app)
     return app
@@ -99,9 +96,10 @@ def _prepare_shell(app):
     off (``KERNEL_OPTIONS``), so there is no file and no saving thread.
     A configured kernel or shell class is left to make its own shell.
     """
+    from _sandkernel_kernel import Kernel
     from ipykernel.ipkernel import IPythonKernel
 
-    if app.kernel_class is not IPythonKernel or "IPythonKernel" in app.config:
+    if app.kernel_class is not Kernel or "IPythonKernel" in app.config:
         return
     shell_class = IPythonKernel.shell_class.default_value
     shell_class.instance(
@@ -126,11 +124,11 @@ def run_kernel(args, app=None):
         if path:
             os.makedirs(path, exist_ok=True)
     os.chdir(os.environ.get("SANDKERNEL_WORKSPACE", "/mnt/data"))
-    # The self-check's code (its cell calls it) and the streams' class, from
-    # the runtime, before any file of the user's is on the path; a forked
+    # The kernel's application and the self-check's code (its cell calls it),
+    # from the runtime, before any file of the user's is on the path; a forked
     # kernel has them from the zygote.
-    import _sandkernel_outstream  # noqa: F401
     import _sandkernel_selfcheck  # noqa: F401
+    from _sandkernel_kernel import KernelApp
 
     # Then the runtime's folder leaves the path, and this module sys.modules (a
     # forked kernel's zygote imported it): the user's own launch.py, frames.py
@@ -147,9 +145,7 @@ def run_kernel(args, app=None):
         sys.modules.pop("launch", None)
     sys.argv = [sys.argv[0], *args, *KERNEL_OPTIONS]
     if app is None or len(args) != 2 or args[0] != "-f":
-        from ipykernel import kernelapp
-
-        kernelapp.launch_new_instance()
+        KernelApp.launch_instance()
         return
     from pathlib import Path
 

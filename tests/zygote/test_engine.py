@@ -100,6 +100,42 @@ async def test_a_cell_that_writes_nothing_waits_on_no_flush_and_output_still_arr
     assert r.text == "['stderr', 'stdout']"
 
 
+@pytest.mark.parametrize("zygote", [True, False], ids=["forked", "cold"])
+async def test_the_main_thread_reads_the_shell_requests_and_no_subshell_is_offered(
+    engine_factory: EngineFactory, zygote: bool
+) -> None:
+    engine: Engine = await engine_factory(zygote=zygote)
+    session = await engine.session()
+    assert session.kernel is not None and (session.kernel.forked_pid is not None) == zygote
+    r = await session.run(
+        "import threading\nk = get_ipython().kernel\n"
+        "sorted(t.name for t in threading.enumerate()), k.kernel_info['supported_features']"
+    )
+    names, features = eval(r.text)  # noqa: S307 - the repr of two lists of strings
+    assert "MainThread" in names and "Shell channel" not in names, names
+    assert "kernel subshells" not in features
+    # A cell with top-level await runs on the main thread's loop, as any other.
+    r = await session.run("import asyncio\nawait asyncio.sleep(0.01)\nprint('slept')\n6 * 7")
+    assert r.status == "ok" and r.stdout == "slept\n" and r.text == "42", r
+    r = await session.run("import time\nwhile True: time.sleep(0.01)", timeout_s=0.5)
+    assert r.status == "timeout" and r.kernel_alive, r
+
+
+@pytest.mark.parametrize("zygote", [True, False], ids=["forked", "cold"])
+async def test_a_cell_awaiting_past_its_timeout_is_interrupted_and_the_kernel_survives(
+    engine_factory: EngineFactory, zygote: bool
+) -> None:
+    engine: Engine = await engine_factory(zygote=zygote)
+    session = await engine.session()
+    assert session.kernel is not None and (session.kernel.forked_pid is not None) == zygote
+    await session.run("kept = 'yes'")
+    # Far longer than the interrupt's grace: a kernel that waits the sleep out is killed.
+    r = await session.run("import asyncio\nawait asyncio.sleep(600)", timeout_s=0.5)
+    assert r.status == "timeout" and r.kernel_alive and not r.state_lost, r
+    assert r.error is not None and r.error.name == "CancelledError"
+    assert (await session.run("kept")).text == "'yes'"
+
+
 async def test_a_forked_kernel_shows_figures_as_png_as_a_cold_one(
     engine_factory: EngineFactory,
 ) -> None:

@@ -1,0 +1,144 @@
+"""The kernel's application, kernel and standard streams: ipykernel's, with two threads' trips less.
+
+Loaded from the runtime's folder (``launch.py``) before the user's files are
+on the path; the zygote imports it before it forks.
+
+- **No shell-channel thread.** ipykernel 7 receives every shell request on
+  a thread of its own and passes it to the main thread over an in-process
+  socket, and each reply back the same way, so that a kernel can run
+  "subshells" beside its main shell. sandkernel offers no subshells (a
+  session runs one cell at a time, under the policy's wall timeout; the
+  Jupyter gateway refuses them), so the main thread reads its shell socket
+  itself, as ipykernel 6 did and ipykernel 7 still does when it has no such
+  thread. Each request is one wake-up of a thread shorter on its way in, and
+  each reply on its way out; the kernel's ``kernel_info`` no longer lists
+  "kernel subshells".
+- **No empty flushes.** ipykernel publishes a stream's output from its IOPub
+  thread, and its ``flush()``, called from any other thread, hands the flush
+  to that thread and waits until it has run. A kernel flushes both streams
+  several times per cell (before its displayed value, before its reply,
+  after it), whether the cell wrote anything or not. :class:`OutStream`
+  skips a flush that has nothing to hand over: the text of every write made
+  before it has already gone out on the IOPub socket. What is sent, and its
+  order, are unchanged.
+"""
+
+import asyncio
+import contextlib
+import functools
+import signal
+import threading
+
+from ipykernel.iostream import OutStream as _OutStream
+from ipykernel.ipkernel import IPythonKernel
+from ipykernel.kernelapp import IPKernelApp
+from traitlets import DottedObjectName, Type
+
+
+class _NoShellChannelThread:
+    """Where ipykernel 7 keeps its shell-channel thread: none (false), the main thread's shell.
+
+    ipykernel tests the thread's truth to choose the path without it, and
+    reads ``parent_thread`` (the thread whose shell runs a cell) where it
+    runs a cell with top-level ``await``.
+    """
+
+    def __init__(self):
+        self.parent_thread = threading.main_thread()
+
+    def __bool__(self):
+        return False
+
+
+class Kernel(IPythonKernel):
+    """ipykernel's Python kernel, its shell requests read by the main thread (no subshells)."""
+
+    @property
+    def _supports_kernel_subshells(self):
+        return False
+
+    @contextlib.contextmanager
+    def _cancel_on_sigint(self, future):
+        """Cancel a cell with top-level ``await`` on SIGINT (an interrupt), at once.
+
+        ipykernel's own hands the cancellation to its IOLoop, which a cell
+        awaiting ``asyncio.sleep(60)`` does not wake: the interrupt took effect
+        only when the sleep ended (measured with ipykernel 7.4 outside any
+        sandbox), long after the engine's grace, which then kills the kernel.
+        The cell's own event loop is woken here instead.
+        """
+        loop = asyncio.get_running_loop()
+
+        def handle_sigint(*_args):
+            loop.call_soon_threadsafe(_cancel_unless_done, future)
+
+        saved = signal.signal(signal.SIGINT, handle_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, saved)
+
+
+def _cancel_unless_done(future):
+    if not future.done():
+        future.cancel()
+
+
+class OutStream(_OutStream):
+    """ipykernel's ``OutStream``, whose ``flush()`` returns at once when nothing is pending."""
+
+    def __init__(self, *args, **kwargs):
+        # Before the stream exists: nothing is written yet, so nothing is pending.
+        self._counts_lock = threading.Lock()
+        self._writes = 0  # writes whose text is in the buffers or sent
+        self._sent = 0  # of them, how many are sent on the IOPub socket
+        super().__init__(*args, **kwargs)
+
+    def write(self, string):
+        written = super().write(string)
+        # Counted once the text is in the buffers: a _flush() that counts it
+        # below takes its text with it.
+        with self._counts_lock:
+            self._writes += 1
+        return written
+
+    def _flush(self):
+        with self._counts_lock:
+            writes = self._writes
+        try:
+            super()._flush()
+        finally:
+            # What _flush() publishes, the IOPub thread sends later, in order:
+            # counted as sent once it has. Until then a flush is a full one,
+            # whose wait ends after that send: a program that flushes and then
+            # holds the GIL in C code for good has its output out first.
+            pub_thread = self.pub_thread
+            if pub_thread is None:
+                self._count_sent(writes)
+            else:
+                pub_thread.schedule(functools.partial(self._count_sent, writes))
+
+    def _count_sent(self, writes):
+        with self._counts_lock:
+            self._sent = max(self._sent, writes)
+
+    def flush(self):
+        with self._counts_lock:
+            pending = self._writes != self._sent
+        if pending or getattr(self, "echo", None) is not None:
+            super().flush()
+
+
+class KernelApp(IPKernelApp):
+    """ipykernel's application with :class:`Kernel` and :class:`OutStream`."""
+
+    kernel_class = Type(Kernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)
+    outstream_class = DottedObjectName(f"{__name__}.OutStream").tag(config=True)
+
+    def init_sockets(self):
+        super().init_sockets()
+        thread = getattr(self, "shell_channel_thread", None)  # ipykernel 7 makes one
+        # Only a kernel that knows it has no subshells can do without the thread.
+        if thread is not None and issubclass(self.kernel_class, Kernel):
+            thread.io_loop.close()  # made, never started: its event loop's descriptors
+            self.shell_channel_thread = _NoShellChannelThread()
