@@ -1,4 +1,4 @@
-"""The kernel's application, kernel and standard streams: ipykernel's, with two threads' trips less.
+"""The kernel's application, kernel and standard streams: ipykernel's, with three changes.
 
 Loaded from the runtime's folder (``launch.py``) before the user's files are
 on the path; the zygote imports it before it forks.
@@ -21,6 +21,9 @@ on the path; the zygote imports it before it forks.
   skips a flush that has nothing to hand over: the text of every write made
   before it has already gone out on the IOPub socket. What is sent, and its
   order, are unchanged.
+- **An interrupt cancels a cell awaiting at top level at once**
+  (:meth:`Kernel._cancel_on_sigint`), where ipykernel's waited for the await
+  to end.
 """
 
 import asyncio
