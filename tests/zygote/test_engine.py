@@ -14,10 +14,21 @@ import pytest
 from sandkernel.config import FORKED_CONCURRENT_STARTS, EngineConfig
 from sandkernel.engine import Engine
 from sandkernel.errors import SelfCheckFailed
+from sandkernel.session import Session
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
 EngineFactory = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture(params=[True, False], ids=["forked", "cold"])
+async def forked_or_cold(request: pytest.FixtureRequest, engine_factory: EngineFactory) -> Session:
+    """A session of an engine whose kernels are forked from the zygote, or started cold."""
+    zygote: bool = request.param
+    engine: Engine = await engine_factory(zygote=zygote)
+    session = await engine.session()
+    assert session.kernel is not None and (session.kernel.forked_pid is not None) == zygote
+    return session
 
 
 def test_the_zygote_is_a_setting_users_can_turn_off() -> None:
@@ -53,13 +64,10 @@ async def test_pool_kernels_are_forked_and_self_checked(engine_factory: EngineFa
     assert zygotes is not None and zygotes.status().startswith("zygote fork")
 
 
-@pytest.mark.parametrize("zygote", [True, False], ids=["forked", "cold"])
 async def test_a_kernel_sends_its_reply_without_ipykernels_sleep_and_ends_with_its_output(
-    engine_factory: EngineFactory, zygote: bool
+    forked_or_cold: Session,
 ) -> None:
-    engine: Engine = await engine_factory(zygote=zygote)
-    session = await engine.session()
-    assert session.kernel is not None and (session.kernel.forked_pid is not None) == zygote
+    session = forked_or_cold
     r = await session.run("print('x' * 100_000, end=''); get_ipython().kernel._execute_sleep")
     assert r.status == "ok" and r.text == "0.0" and r.stdout == "x" * 100_000
 
@@ -77,13 +85,10 @@ _Stock.flush = _counting
 """
 
 
-@pytest.mark.parametrize("zygote", [True, False], ids=["forked", "cold"])
 async def test_a_cell_that_writes_nothing_waits_on_no_flush_and_output_still_arrives(
-    engine_factory: EngineFactory, zygote: bool
+    forked_or_cold: Session,
 ) -> None:
-    engine: Engine = await engine_factory(zygote=zygote)
-    session = await engine.session()
-    assert session.kernel is not None and (session.kernel.forked_pid is not None) == zygote
+    session = forked_or_cold
     assert (await session.run(_COUNT_HANDED_FLUSHES)).status == "ok"
     assert (await session.run("1+1")).text == "2"
     r = await session.run("n = len(_handed); _handed.clear(); n")
@@ -100,13 +105,10 @@ async def test_a_cell_that_writes_nothing_waits_on_no_flush_and_output_still_arr
     assert r.text == "['stderr', 'stdout']"
 
 
-@pytest.mark.parametrize("zygote", [True, False], ids=["forked", "cold"])
 async def test_the_main_thread_reads_the_shell_requests_and_no_subshell_is_offered(
-    engine_factory: EngineFactory, zygote: bool
+    forked_or_cold: Session,
 ) -> None:
-    engine: Engine = await engine_factory(zygote=zygote)
-    session = await engine.session()
-    assert session.kernel is not None and (session.kernel.forked_pid is not None) == zygote
+    session = forked_or_cold
     r = await session.run(
         "import threading\nk = get_ipython().kernel\n"
         "sorted(t.name for t in threading.enumerate()), k.kernel_info['supported_features']"
@@ -121,13 +123,10 @@ async def test_the_main_thread_reads_the_shell_requests_and_no_subshell_is_offer
     assert r.status == "timeout" and r.kernel_alive, r
 
 
-@pytest.mark.parametrize("zygote", [True, False], ids=["forked", "cold"])
 async def test_a_cell_awaiting_past_its_timeout_is_interrupted_and_the_kernel_survives(
-    engine_factory: EngineFactory, zygote: bool
+    forked_or_cold: Session,
 ) -> None:
-    engine: Engine = await engine_factory(zygote=zygote)
-    session = await engine.session()
-    assert session.kernel is not None and (session.kernel.forked_pid is not None) == zygote
+    session = forked_or_cold
     await session.run("kept = 'yes'")
     # Far longer than the interrupt's grace: a kernel that waits the sleep out is killed.
     r = await session.run("import asyncio\nawait asyncio.sleep(600)", timeout_s=0.5)
