@@ -20,7 +20,7 @@ import httpx  # noqa: E402
 
 from sandkernel import errors  # noqa: E402
 from sandkernel.daemon import errors as daemon_errors  # noqa: E402
-from sandkernel.errors import FileNotFoundInStore, SessionLost  # noqa: E402
+from sandkernel.errors import FileLost, FileNotFoundInStore, SessionLost  # noqa: E402
 from sandkernel.ray import errors as ray_errors  # noqa: E402
 from sandkernel.ray._protocol import HostClosing, file_tag, node_tag  # noqa: E402
 from tests.ray._daemon import client_of, cluster_engine_as_served, serving  # noqa: E402
@@ -51,40 +51,51 @@ async def test_a_lost_node_answers_410_and_404_with_the_cluster_engines_classes(
 ) -> None:
     assert ray_cluster.cluster is not None
     engine = cluster_engine_as_served(**ray_cluster.engine_kwargs())
-    async with engine, serving(engine) as socket, client_of(socket) as client:
-        ray_cluster.remember(engine.hosts())
-        here = ray.get_runtime_context().get_node_id()
-        doomed_node = next(n for n in ray_cluster.worker_nodes() if n.node_id != here)
-        tag = node_tag(doomed_node.node_id)
-        sessions = [await client.session(f"doomed-{n}") for n in range(6)]
-        (on_doomed, *_) = [s for s in sessions if s.id.startswith(f"{tag}.")]
-        stored = await on_doomed.upload(b"on that node\n", "kept.txt")
-        assert file_tag(stored.id) == tag
-        embedded = await engine.get_session(on_doomed.id)
+    removed = False
+    try:
+        async with engine, serving(engine) as socket, client_of(socket) as client:
+            ray_cluster.remember(engine.hosts())
+            here = ray.get_runtime_context().get_node_id()
+            doomed_node = next(n for n in ray_cluster.worker_nodes() if n.node_id != here)
+            tag = node_tag(doomed_node.node_id)
+            sessions = [await client.session(f"doomed-{n}") for n in range(6)]
+            (on_doomed, *_) = [s for s in sessions if s.id.startswith(f"{tag}.")]
+            stored = await on_doomed.upload(b"on that node\n", "kept.txt")
+            assert file_tag(stored.id) == tag
+            embedded = await engine.get_session(on_doomed.id)
 
-        await asyncio.to_thread(ray_cluster.cluster.remove_node, doomed_node)
-        remote_lost = await raised(on_doomed.run("1"))
-        embedded_lost = await raised(embedded.run("1"))
-        assert type(embedded_lost) is SessionLost and type(remote_lost) is SessionLost
-        assert doomed_node.node_id in str(remote_lost)
-        remote_file = await raised(client.download(stored.id))
-        embedded_file = await raised(engine.download(stored.id))
-        assert isinstance(embedded_file, FileNotFoundInStore)
-        assert type(remote_file) is type(embedded_file)
-        async with httpx.AsyncClient(
-            base_url="http://sandkernel", transport=httpx.AsyncHTTPTransport(uds=str(socket))
-        ) as raw:
-            for method, path, status, error in [
-                ("POST", f"/v1/sessions/{on_doomed.id}/execute", 410, "SessionLost"),
-                ("GET", f"/v1/sessions/{on_doomed.id}", 410, "SessionLost"),
-                ("GET", f"/v1/files/{stored.id}", 404, type(embedded_file).__name__),
-                ("GET", f"/v1/files/{stored.id}/content", 404, type(embedded_file).__name__),
-            ]:
-                body = {"code": "1"} if method == "POST" else None
-                answer = await raw.request(method, path, json=body)
-                assert answer.status_code == status, (method, path, answer.text)
-                assert answer.json()["error"]["type"] == error, (method, path, answer.text)
-        await asyncio.gather(*(s.close() for s in sessions))
-    ray_cluster.remember(engine.hosts())
-    # In this thread: a node installs signal handlers.
-    ray_cluster.cluster.add_node(**NODE_ARGS)
+            await asyncio.to_thread(ray_cluster.cluster.remove_node, doomed_node)
+            removed = True
+            remote_lost = await raised(on_doomed.run("1"))
+            embedded_lost = await raised(embedded.run("1"))
+            assert type(embedded_lost) is SessionLost and type(remote_lost) is SessionLost
+            assert doomed_node.node_id in str(remote_lost)
+            remote_file = await raised(client.download(stored.id))
+            embedded_file = await raised(engine.download(stored.id))
+            # Lost with its node, whether or not the engine's reconciler has
+            # dropped the node yet (it had not, when a call found it gone, and
+            # the file was "not found" until it had).
+            assert type(embedded_file) is FileLost and isinstance(
+                embedded_file, FileNotFoundInStore
+            )
+            assert type(remote_file) is type(embedded_file)
+            async with httpx.AsyncClient(
+                base_url="http://sandkernel", transport=httpx.AsyncHTTPTransport(uds=str(socket))
+            ) as raw:
+                for method, path, status, error in [
+                    ("POST", f"/v1/sessions/{on_doomed.id}/execute", 410, "SessionLost"),
+                    ("GET", f"/v1/sessions/{on_doomed.id}", 410, "SessionLost"),
+                    ("GET", f"/v1/files/{stored.id}", 404, type(embedded_file).__name__),
+                    ("GET", f"/v1/files/{stored.id}/content", 404, type(embedded_file).__name__),
+                ]:
+                    body = {"code": "1"} if method == "POST" else None
+                    answer = await raw.request(method, path, json=body)
+                    assert answer.status_code == status, (method, path, answer.text)
+                    assert answer.json()["error"]["type"] == error, (method, path, answer.text)
+            await asyncio.gather(*(s.close() for s in sessions))
+    finally:
+        ray_cluster.remember(engine.hosts())
+        if removed:
+            # In this thread: a node installs signal handlers. Added back whatever
+            # happened since, so that the next tests have the cluster they expect.
+            ray_cluster.cluster.add_node(**NODE_ARGS)
