@@ -37,12 +37,7 @@ class ClusterFiles(SessionRouting):
         host = self._by_tag.get(tag)
         if host is not None and not host.gone:
             return host
-        if host is not None:
-            # Found gone by a call before the reconciler has moved it to _lost.
-            raise FileLost(
-                f"file {file_id!r} was stored on {host.describe()}, which {host.lost_reason}"
-            )
-        lost = self._lost.get(tag)
+        lost = self._lost_at(tag)
         if lost is not None:
             raise FileLost(f"file {file_id!r} was stored on {lost.where}, which {lost.reason}")
         raise FileNotFoundInStore(f"no file with id {file_id!r}: no node of the cluster has it")

@@ -203,3 +203,7 @@ class LostHost:
     node_id: str
     where: str
     reason: str
+
+    @classmethod
+    def of(cls, host: HostHandle) -> LostHost:
+        return cls(host.node_id, host.describe(), host.lost_reason)

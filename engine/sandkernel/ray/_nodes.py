@@ -63,6 +63,17 @@ class HostDirectory:
                 "the cluster engine is not running: use `async with ClusterEngine(...)`"
             )
 
+    def _lost_at(self, tag: str) -> LostHost | None:
+        """What was lost under ``tag``, if anything.
+
+        A host a call found gone is lost from then on, before the reconciler's
+        next pass moves it from ``_by_tag`` to ``_lost``.
+        """
+        host = self._by_tag.get(tag)
+        if host is not None and host.gone:
+            return LostHost.of(host)
+        return self._lost.get(tag)
+
     def hosts(self) -> list[HostInfo]:
         """The live hosts, one per node."""
         return [h.info for h in self._hosts.values() if not h.gone]
@@ -234,7 +245,7 @@ class HostDirectory:
             del self._hosts[host.node_id]
         if self._by_tag.get(host.tag) is host:
             del self._by_tag[host.tag]
-        self._lost[host.tag] = LostHost(host.node_id, host.describe(), host.lost_reason)
+        self._lost[host.tag] = LostHost.of(host)
         log.warning("sandkernel host on %s %s; its sessions are lost", host.describe(), reason)
         self._capacity_changed()
         if self._wake is not None:

@@ -108,12 +108,7 @@ class SessionRouting(HostDirectory):
         host = self._by_tag.get(tag)
         if host is not None and not host.gone:
             return host
-        if host is not None:
-            # Found gone by a call before the reconciler has moved it to _lost.
-            raise SessionLost(
-                f"session {session_id!r} was on {host.describe()}, which {host.lost_reason}"
-            )
-        lost = self._lost.get(tag)
+        lost = self._lost_at(tag)
         if lost is not None:
             raise SessionLost(f"session {session_id!r} was on {lost.where}, which {lost.reason}")
         raise SessionNotFound(f"no session {session_id!r}: no node of the cluster has tag {tag}")
