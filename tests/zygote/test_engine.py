@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -121,6 +122,28 @@ async def test_the_main_thread_reads_the_shell_requests_and_no_subshell_is_offer
     assert r.status == "ok" and r.stdout == "slept\n" and r.text == "42", r
     r = await session.run("import time\nwhile True: time.sleep(0.01)", timeout_s=0.5)
     assert r.status == "timeout" and r.kernel_alive, r
+
+
+async def test_the_kernel_makes_no_log_record_its_handler_drops_and_still_logs_warnings(
+    forked_or_cold: Session,
+) -> None:
+    session = forked_or_cold
+    await session.run(
+        "import logging\nlog = get_ipython().kernel.log\nmade = []\n"
+        "class Seen(logging.Filter):\n"
+        "    def filter(self, record):\n"
+        "        made.append(record.levelname)\n"
+        "        return False\n"
+        "seen = Seen()\nlog.addFilter(seen)"
+    )
+    assert (await session.run("1 + 1")).text == "2"  # ipykernel logs each request at debug
+    r = await session.run(
+        "log.debug('d')\nlog.warning('w')\nlog.removeFilter(seen)\n"
+        "made, [h.level for h in log.handlers]"
+    )
+    made, handler_levels = eval(r.text)  # noqa: S307 - the repr of two lists
+    assert made == ["WARNING"], f"records made that the handler drops: {made}"
+    assert handler_levels == [logging.WARNING]
 
 
 async def test_a_cell_awaiting_past_its_timeout_is_interrupted_and_the_kernel_survives(
