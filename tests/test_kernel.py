@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
+from sandkernel import kernel as kernel_module
 from sandkernel.errors import KernelDead
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy
@@ -315,3 +317,47 @@ async def test_a_cell_its_caller_gave_up_on_settles_before_the_next_one_runs(
     r = await k.execute("1 + 1")
     # Sent once the interrupted cell had ended: run, not aborted by the kernel.
     assert r.status == "ok" and r.text == "2" and r.execution_count == 2, r
+
+
+async def test_a_flood_of_output_the_engine_cannot_keep_up_with_does_not_hold_its_event_loop(
+    kernel_factory: KernelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    k = await kernel_factory()
+    taken = 0
+    take = SandboxedKernel._take_iopub
+
+    def slowly(self: SandboxedKernel, frames: Any, session: Any) -> None:
+        nonlocal taken
+        taken += 1
+        time.sleep(0.0005)  # slower than the kernel sends: a backlog builds up
+        take(self, frames, session)
+
+    monkeypatch.setattr(SandboxedKernel, "_take_iopub", slowly)
+    seen = [taken]
+
+    async def tick() -> None:  # what every other task of the engine gets to do
+        while True:
+            seen.append(taken)
+            await asyncio.sleep(0)
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        # A thread the cell leaves behind keeps printing, each line its own message.
+        r = await k.execute(
+            "import threading\n"
+            "def flood():\n"
+            "    for i in range(3000):\n"
+            "        print(i, flush=True)\n"
+            "threading.Thread(target=flood).start()"
+        )
+        assert r.status == "ok"
+        deadline = time.monotonic() + 30
+        # Until the count has stood still for 50 ticks: the flood is all taken.
+        while time.monotonic() < deadline and (len(seen) < 50 or seen[-1] != seen[-50]):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    finally:
+        ticker.cancel()
+    steps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    assert sum(steps) > 500, "the flood did not reach the engine"
+    assert max(steps) <= kernel_module._IOPUB_BATCH + 1, "the IOPub reader held the event loop"
+    assert (await k.execute("6 * 7")).text == "42"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from jupyter_client.session import Session
 
-from sandkernel.kernel import _MessageSession
+from sandkernel.messages import MessageSession
 
 KEY = b"k" * 32
 
@@ -20,7 +20,7 @@ def _frames(sender: Session) -> list[bytes]:
 def test_a_message_reads_as_jupyter_clients_but_with_its_dates_as_sent() -> None:
     sender = Session(key=KEY)
     frames = _frames(sender)
-    ours = _MessageSession(key=KEY).deserialize(list(frames))
+    ours = MessageSession(key=KEY).deserialize(list(frames))
     stock = Session(key=KEY).deserialize(list(frames))
     assert isinstance(ours["header"]["date"], str) and ours["header"]["date"].startswith("20")
     assert (
@@ -35,7 +35,7 @@ def test_a_message_reads_as_jupyter_clients_but_with_its_dates_as_sent() -> None
 
 def test_unsigned_forged_replayed_and_short_messages_are_refused() -> None:
     frames = _frames(Session(key=KEY))
-    reader = _MessageSession(key=KEY)
+    reader = MessageSession(key=KEY)
     with pytest.raises(ValueError, match="Unsigned"):
         reader.deserialize([b"", *frames[1:]])
     forged = [b"0" * 64, *frames[1:4], b'{"name": "stdout", "text": "no"}']
@@ -45,4 +45,4 @@ def test_unsigned_forged_replayed_and_short_messages_are_refused() -> None:
     with pytest.raises(ValueError, match="Duplicate Signature"):
         reader.deserialize(list(frames))
     with pytest.raises(TypeError, match="at least 5"):
-        _MessageSession(key=b"").deserialize([b"", frames[1], frames[2]])
+        MessageSession(key=b"").deserialize([b"", frames[1], frames[2]])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import os
 import queue
@@ -24,15 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from jupyter_client.adapter import adapt
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
-from jupyter_client.session import Session
 
 from sandkernel._resources import data_dir
 from sandkernel.errors import BadInput, KernelDead, KernelStartFailed, SelfCheckFailed
 from sandkernel.limits import MAX_TIMEOUT_S
+from sandkernel.messages import MessageSession
 from sandkernel.policy import Policy
 from sandkernel.provisioner import IPC_NAME, SandboxProvisioner
 from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, Status, Usage
@@ -51,6 +49,7 @@ from sandkernel.sandbox.zygote import Zygote, verify_forked
 KERNEL_NAME = "sandkernel-python"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _POLL_S = 0.2  # how often a waiting execute checks that the kernel still lives
+_IOPUB_BATCH = 64  # IOPub messages taken at once before the event loop runs again
 _DISPLAY_MAX_BYTES = 32 << 20
 
 #: The warm-up (see ``SandboxedKernel.prepare``): no name is left behind, and
@@ -69,46 +68,6 @@ def _forget_names(modules: Iterable[str]) -> str:
 
 def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
-
-
-class _MessageSession(Session):
-    """jupyter_client's ``Session``, whose messages keep their header strings as sent.
-
-    jupyter_client matches every string in each message's header and parent
-    header against a date pattern and parses the dates it finds: a fifth of
-    the engine's CPU for a ``1+1`` cell here, five messages a cell, for
-    values the engine never reads. The checks are jupyter_client's: the
-    signature, a replayed one, at least five frames.
-    """
-
-    def deserialize(self, msg_list: Any, content: bool = True, copy: bool = True) -> dict[str, Any]:
-        if not copy:
-            msg_list = [bytes(m.bytes) for m in msg_list[:5]] + list(msg_list[5:])
-        if self.auth is not None:
-            signature = msg_list[0]
-            if not signature:
-                raise ValueError("Unsigned Message")
-            if signature in self.digest_history:
-                raise ValueError(f"Duplicate Signature: {signature!r}")
-            if content:
-                self._add_digest(signature)
-            if not hmac.compare_digest(signature, self.sign(msg_list[1:5])):
-                raise ValueError(f"Invalid Signature: {signature!r}")
-        if len(msg_list) < 5:
-            raise TypeError("malformed message, must have at least 5 elements")
-        header = self.unpack(msg_list[1])
-        buffers = [memoryview(b if copy else bytes(b.bytes)) for b in msg_list[5:]]
-        message = {
-            "header": header,
-            "msg_id": header["msg_id"],
-            "msg_type": header["msg_type"],
-            "parent_header": self.unpack(msg_list[2]),
-            "metadata": self.unpack(msg_list[3]),
-            "content": self.unpack(msg_list[4]) if content else msg_list[4],
-            "buffers": buffers,
-        }
-        result: dict[str, Any] = adapt(message)
-        return result
 
 
 class _Capped:
@@ -361,7 +320,7 @@ class SandboxedKernel:
             ip=str(layout.connection_dir / IPC_NAME),
             connection_file=str(layout.root / "connection.json"),
         )
-        km.session = _MessageSession(key=secrets.token_hex(32).encode(), parent=km)
+        km.session = MessageSession(key=secrets.token_hex(32).encode(), parent=km)
         self._km = km
         async with self._jail.starting("sandboxed kernel", self.shutdown):
             await km.start_kernel(sandbox=self._jail, zygote=self.zygote)
@@ -523,33 +482,52 @@ class SandboxedKernel:
             reader.close()
 
     async def _read_iopub(self, socket: Any, session: Any) -> None:
+        # zmq.asyncio answers an awaited receive at once, without yielding to
+        # the event loop, while a message is queued: a kernel sending faster
+        # than this reads (a thread printing, a flood of displays) would hold
+        # the loop, and every other session, for as long as it kept up. So the
+        # messages already queued are taken _IOPUB_BATCH at a time, through a
+        # plain socket on the same zmq socket, and then the loop runs.
+        queued: zmq.Socket[Any] = zmq.Socket.shadow(socket.underlying)
         with contextlib.suppress(zmq.ZMQError):
             while True:
-                frames = await socket.recv_multipart(copy=False)
-                raw: list[bytes] | None = None
-                if self._iopub_taps:
-                    raw = [f.bytes for f in frames]
-                    for tap in tuple(self._iopub_taps):
-                        tap(raw)
-                sink = self._cell
-                if sink is None or sink.done.done():
-                    continue  # no cell is waiting: dropped unparsed
-                try:
-                    _, parts = session.feed_identities(raw or [f.bytes for f in frames])
-                    msg = session.deserialize(parts)
-                except Exception:  # noqa: BLE001, S112 - malformed or unsigned: not the cell's
-                    continue
-                if msg.get("parent_header", {}).get("msg_id") != sink.msg_id:
-                    continue
-                try:
-                    sink.out.add(msg)
-                    if sink.on_output is not None:
-                        sink.on_output(msg)
-                except Exception as exc:  # noqa: BLE001 - raised to the cell's caller
-                    sink.done.set_exception(exc)
-                    continue
-                if sink.out.idle:
-                    sink.done.set_result(None)
+                self._take_iopub(await socket.recv_multipart(copy=False), session)
+                for _ in range(_IOPUB_BATCH):
+                    if socket.closed:  # by a callback of the message just taken
+                        return
+                    try:
+                        frames = queued.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._take_iopub(frames, session)
+                else:
+                    await asyncio.sleep(0)
+
+    def _take_iopub(self, frames: Sequence[Any], session: Any) -> None:
+        raw: list[bytes] | None = None
+        if self._iopub_taps:
+            raw = [f.bytes for f in frames]
+            for tap in tuple(self._iopub_taps):
+                tap(raw)
+        sink = self._cell
+        if sink is None or sink.done.done():
+            return  # no cell is waiting: dropped unparsed
+        try:
+            _, parts = session.feed_identities(raw or [f.bytes for f in frames])
+            msg = session.deserialize(parts)
+        except Exception:  # noqa: BLE001 - malformed or unsigned: not the cell's
+            return
+        if msg.get("parent_header", {}).get("msg_id") != sink.msg_id:
+            return
+        try:
+            sink.out.add(msg)
+            if sink.on_output is not None:
+                sink.on_output(msg)
+        except Exception as exc:  # noqa: BLE001 - raised to the cell's caller
+            sink.done.set_exception(exc)
+            return
+        if sink.out.idle:
+            sink.done.set_result(None)
 
     def _read_usage(self, *, peak: bool = True, reset_peak: bool = False) -> CgroupUsage:
         """The kernel's cgroup counters, through descriptors kept open between cells.
