@@ -1,4 +1,4 @@
-"""The engine's reading of kernel messages: jupyter_client's checks, its header strings kept."""
+"""The engine's message session: jupyter_client's checks, its header strings kept as sent."""
 
 from __future__ import annotations
 
