@@ -12,7 +12,9 @@ on the path; the zygote imports it before it forks.
   itself, as ipykernel 6 did and ipykernel 7 still does when it has no such
   thread. Each request is one wake-up of a thread shorter on its way in, and
   each reply on its way out; the kernel's ``kernel_info`` no longer lists
-  "kernel subshells".
+  "kernel subshells". Without debugpy (which a forked kernel never has),
+  the debugger's shell socket, connected to the shell socket by ipykernel
+  whether there is a debugger or not, is not made either.
 - **No empty flushes.** ipykernel publishes a stream's output from its IOPub
   thread, and its ``flush()``, called from any other thread, hands the flush
   to that thread and waits until it has run. A kernel flushes both streams
@@ -40,6 +42,8 @@ import logging
 import signal
 import threading
 
+import zmq
+from ipykernel.control import ControlThread
 from ipykernel.iostream import OutStream as _OutStream
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
@@ -151,16 +155,54 @@ class KernelApp(IPKernelApp):
     kernel_class = Type(Kernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)
     outstream_class = DottedObjectName(f"{__name__}.OutStream").tag(config=True)
 
+    #: the shell whose extensions were loaded before the fork (``launch.prepare_kernel_app``)
+    extensions_loaded_into = None
+
+    def init_extensions(self):
+        # IPython looks for "storemagic" on the whole path before it finds
+        # IPython.extensions.storemagic, loaded or not: about half a
+        # millisecond of each kernel's start.
+        if self.shell is None or self.shell is not self.extensions_loaded_into:
+            super().init_extensions()
+
     def get_default_logging_config(self):
         config = super().get_default_logging_config()
         for logger in config.get("loggers", {}).values():
             logger["level"] = logging.getLevelName(self.log_level)
         return config
 
-    def init_sockets(self):
-        super().init_sockets()
-        thread = getattr(self, "shell_channel_thread", None)  # ipykernel 7 makes one
-        # Only a kernel that knows it has no subshells can do without the thread.
-        if thread is not None and issubclass(self.kernel_class, Kernel):
-            thread.io_loop.close()  # made, never started: its event loop's descriptors
-            self.shell_channel_thread = _NoShellChannelThread()
+    def init_control(self, context):
+        """The control socket and its thread: ipykernel's, less what this kernel never uses.
+
+        No shell-channel thread: only a kernel that knows it has no subshells
+        can do without it. And without debugpy (which a forked kernel never
+        has) no debugger's shell socket, which ipykernel connects to the shell
+        socket whether there is a debugger or not: one connection and one
+        thread's event loop fewer at each start. The debugger's own socket
+        stays, unbound, for the kernel's constructor.
+        """
+        if not issubclass(self.kernel_class, Kernel):
+            super().init_control(context)
+            return
+        if _debugpy_available():
+            super().init_control(context)
+            thread = getattr(self, "shell_channel_thread", None)  # ipykernel 7 makes one
+            if thread is not None:
+                thread.io_loop.close()  # made, never started: its event loop's descriptors
+        else:
+            self.control_socket = context.socket(zmq.ROUTER)
+            self.control_socket.linger = 1000
+            self._apply_curve_server_options(self.control_socket)
+            self.control_port = self._bind_socket(self.control_socket, self.control_port)
+            self.debugpy_socket = context.socket(zmq.STREAM)
+            self.debugpy_socket.linger = 1000
+            if hasattr(zmq, "ROUTER_HANDOVER"):
+                self.control_socket.router_handover = 1
+            self.control_thread = ControlThread(daemon=True)
+        self.shell_channel_thread = _NoShellChannelThread()
+
+
+def _debugpy_available():
+    from ipykernel.debugger import _is_debugpy_available
+
+    return _is_debugpy_available

@@ -124,6 +124,21 @@ async def test_the_main_thread_reads_the_shell_requests_and_no_subshell_is_offer
     assert r.status == "timeout" and r.kernel_alive, r
 
 
+async def test_without_debugpy_the_kernel_connects_no_debugger_socket_to_its_shell(
+    forked_or_cold: Session,
+) -> None:
+    """A forked kernel never has debugpy; a cold one has it where the runtime does."""
+    session = forked_or_cold
+    r = await session.run(
+        "from ipykernel.debugger import _is_debugpy_available\n"
+        "k = get_ipython().kernel\n"
+        "_is_debugpy_available, k.debug_shell_socket is None, k.control_thread.is_alive()"
+    )
+    debugger, no_socket, control_thread = eval(r.text)  # noqa: S307 - a tuple of booleans
+    assert no_socket is not debugger, (debugger, no_socket)
+    assert control_thread
+
+
 async def test_the_kernel_makes_no_log_record_its_handler_drops_and_still_logs_warnings(
     forked_or_cold: Session,
 ) -> None:

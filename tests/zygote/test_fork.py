@@ -199,6 +199,41 @@ print(json.dumps({"moved": moved, "full": stat(), "content": full[0] + full[(8 <
 """
 
 
+_EXTENSIONS_PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import launch
+from IPython.core.extensions import ExtensionManager
+from IPython.core.interactiveshell import InteractiveShell
+app = launch.prepare_kernel_app()
+assert InteractiveShell.initialized(), "the zygote made no shell"
+shell = InteractiveShell.instance()
+before_fork = sorted(shell.extension_manager.loaded)
+looked_for = []
+def load_extension(self, name):
+    looked_for.append(name)
+ExtensionManager.load_extension = load_extension
+app.shell = shell  # as IPKernelApp.init_shell sets it in the forked kernel
+app.init_extensions()
+print(json.dumps({"before_fork": before_fork, "looked_for": looked_for}))
+"""
+
+
+def test_a_kernels_extensions_are_loaded_before_the_fork_and_not_looked_for_again(
+    tmp_path: Path,
+) -> None:
+    """IPython's default extension is searched for on the whole path before it is found."""
+    runtime = data_dir("kernels") / "runtime"
+    env = {**os.environ, "IPYTHONDIR": str(tmp_path / "ipython")}
+    out = subprocess.run(
+        [sys.executable, "-c", _EXTENSIONS_PROBE, str(runtime)],
+        capture_output=True, text=True, timeout=60, check=True, env=env,
+    )  # fmt: skip
+    seen = json.loads(out.stdout)
+    assert seen["before_fork"] == ["IPython.extensions.storemagic"], seen
+    assert seen["looked_for"] == [], seen
+
+
 def test_collapse_moves_a_filled_range_to_huge_pages() -> None:
     why = _huge_pages_unsupported()
     if why:
