@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -361,3 +362,46 @@ async def test_a_flood_of_output_the_engine_cannot_keep_up_with_does_not_hold_it
     steps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
     assert max(steps) <= kernel_module._IOPUB_BATCH + 1, "the IOPub reader held the event loop"
     assert (await k.execute("6 * 7")).text == "42"
+
+
+def _stream_frame(text: str, name: str = "stdout") -> bytes:
+    """A stream message's content frame as ipykernel and jupyter_client pack it."""
+    return json.dumps({"name": name, "text": text}, ensure_ascii=False).encode()
+
+
+def test_a_stream_message_too_large_to_parse_keeps_its_head_and_tail() -> None:
+    # Escapes and multi-byte characters everywhere, so that each end is cut
+    # inside one wherever the cut falls.
+    alphabet = 'é\n"\\\t€'
+    for shift in range(len(alphabet)):
+        text = "<" + (alphabet[shift:] + alphabet * 40_000) + ">"
+        out = kernel_module._CellOutput(output_max_bytes=4096)
+        out.cut("stream", memoryview(_stream_frame(text, "stderr")))
+        kept, truncated = out.stderr.value()
+        assert truncated and out.stdout.value() == ("", False)
+        head, note, tail = kept.partition(" bytes cut ...]\n")
+        assert head.startswith("<" + alphabet[shift:]) and tail.endswith(alphabet + ">"), kept
+        assert set(head.split("\n[... ")[0] + tail) <= set(alphabet + "<>"), kept
+        assert 2000 < len(kept.encode()) <= 4096 + 64, len(kept.encode())
+
+
+def test_a_display_value_or_error_too_large_to_parse_is_counted_as_cut() -> None:
+    out = kernel_module._CellOutput(output_max_bytes=4096)
+    for kind in ("display_data", "execute_result"):
+        out.cut(kind, b'{"data": {"text/plain": "' + b"x" * 1000 + b'"}}')
+    out.cut("error", b'{"ename": "ValueError", "evalue": "' + b"z" * 1000 + b'"}')
+    assert out.displays_truncated and out.displays == [] and out.value is None
+    assert out.error is not None and "too large to read" in out.error.value
+
+
+def test_a_value_beyond_what_a_cell_keeps_of_its_displays_is_left_out() -> None:
+    out = kernel_module._CellOutput(output_max_bytes=4096)
+    shown = {"msg_type": "display_data", "content": {"data": {"text/plain": "a"}}}
+    value = {"msg_type": "execute_result", "content": {"data": {"text/plain": "b"}}}
+    out.add(shown, kernel_module._DISPLAY_MAX_BYTES - 10)
+    out.add({**value, "content": {**value["content"], "execution_count": 3}}, 11)
+    assert len(out.displays) == 1 and out.value is None and out.displays_truncated
+    assert out.execution_count == 3
+    fresh = kernel_module._CellOutput(output_max_bytes=4096)
+    fresh.add(value, 11)
+    assert fresh.value is not None and not fresh.displays_truncated

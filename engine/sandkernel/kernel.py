@@ -50,7 +50,17 @@ KERNEL_NAME = "sandkernel-python"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _POLL_S = 0.2  # how often a waiting execute checks that the kernel still lives
 _IOPUB_BATCH = 64  # IOPub messages taken at once before the event loop runs again
+#: The most a cell keeps of its displays and value, in the bytes the kernel sent.
 _DISPLAY_MAX_BYTES = 32 << 20
+#: The largest IOPub message the engine parses. A larger one (a display or
+#: value beyond what a cell keeps, a stream message past its cap many times
+#: over) is counted as cut from its size, its header and parent alone read:
+#: parsing a 200 MiB display held the engine's event loop for seconds, and
+#: its memory grew by a gigabyte.
+_IOPUB_PARSE_MAX_BYTES = _DISPLAY_MAX_BYTES + (64 << 10)
+#: The most an oversized message's header or parent header may take.
+_HEADER_MAX_BYTES = 64 << 10
+_DELIM = b"<IDS|MSG>"  # jupyter_client's: the routing ids end here
 
 #: The warm-up (see ``SandboxedKernel.prepare``): no name is left behind, and
 #: no value is shown (the cell is not silent: a shown value would set ``_``).
@@ -103,6 +113,13 @@ class _Capped:
             joined = joined[-self.half :]
         self.tail = joined
 
+    def add_cut(self, head: str, nbytes: int, tail: str) -> None:
+        """Text of which only ``head`` and ``tail`` were read, about ``nbytes`` cut between."""
+        self.add(head)
+        self.head_len = max(self.head_len, self.half)  # nothing after the cut goes before it
+        self.dropped += nbytes
+        self.add(tail)
+
     def clear(self) -> None:
         self.head, self.head_len, self.tail, self.dropped = [], 0, b"", 0
 
@@ -129,26 +146,25 @@ class _CellOutput:
         self.execution_count: int | None = None
         self.idle = False
 
-    def add(self, msg: dict[str, Any]) -> None:
+    def add(self, msg: dict[str, Any], size: int) -> None:
+        """Fold in one message; ``size``: its content's bytes as the kernel sent them."""
         kind = msg["msg_type"]
         content = msg["content"]
         if kind == "stream":
             target = self.stdout if content.get("name") == "stdout" else self.stderr
             target.add(content.get("text", ""))
         elif kind in ("display_data", "update_display_data"):
-            size = len(json.dumps(content.get("data", {})))
-            if self.display_bytes + size > _DISPLAY_MAX_BYTES:
-                self.displays_truncated = True
+            if not self._fits(size):
                 return
-            self.display_bytes += size
             self.displays.append(
                 DisplayOutput(data=content.get("data", {}), metadata=content.get("metadata", {}))
             )
         elif kind == "execute_result":
-            self.value = DisplayOutput(
-                data=content.get("data", {}), metadata=content.get("metadata", {})
-            )
             self.execution_count = content.get("execution_count")
+            if self._fits(size):
+                self.value = DisplayOutput(
+                    data=content.get("data", {}), metadata=content.get("metadata", {})
+                )
         elif kind == "error":
             self.error = ErrorInfo(
                 name=content.get("ename", ""),
@@ -163,6 +179,76 @@ class _CellOutput:
             self.displays.clear()
         elif kind == "status" and content.get("execution_state") == "idle":
             self.idle = True
+
+    def cut(self, kind: str, content: bytes | memoryview) -> None:
+        """Count a message too large to parse as cut; ``content``: its content frame."""
+        size = len(content)
+        if kind == "stream":
+            # ipykernel sends a stream's name first: {"name": "stderr", "text": ...}.
+            target = self.stderr if b'"stderr"' in bytes(content[:64]) else self.stdout
+            head, tail = _text_ends(content, target.half)
+            target.add_cut(head, size - len(head) - len(tail), tail)
+        elif kind in ("display_data", "update_display_data", "execute_result"):
+            self.displays_truncated = True
+        elif kind == "error":
+            self.error = ErrorInfo(
+                name="", value=f"[an error of {size} bytes, too large to read]", traceback=""
+            )
+
+    def _fits(self, size: int) -> bool:
+        """Whether a display or value of ``size`` bytes fits what the cell keeps of them."""
+        if self.display_bytes + size > _DISPLAY_MAX_BYTES:
+            self.displays_truncated = True
+            return False
+        self.display_bytes += size
+        return True
+
+
+def _text_ends(content: bytes | memoryview, nbytes: int) -> tuple[str, str]:
+    """About the first and last ``nbytes`` of a stream message's text, read from its JSON.
+
+    For a message too large to parse whole: ipykernel sends the text last,
+    ``{"name": "stdout", "text": "..."}``. Each end is cut where it decodes
+    as a JSON string, never inside an escape or a character; from anything
+    else a kernel sends, nothing is read.
+    """
+    head_at = bytes(content[:64]).find(b'"text": "')
+    if head_at < 0 or len(content) < 2 * nbytes + 64:
+        return "", ""
+    first = bytes(content[head_at + 9 : head_at + 9 + nbytes])
+    # The tail, before the closing "}, with a few bytes before it to tell an escape by.
+    last = bytes(content[len(content) - nbytes - 8 : len(content) - 2])
+    head = tail = ""
+    for trim in range(8):
+        with contextlib.suppress(ValueError):
+            head = json.loads(b'"' + first[: len(first) - trim] + b'"')
+            break
+    for at in range(6, 14):
+        if _inside_escape_or_character(last, at):
+            continue
+        with contextlib.suppress(ValueError):
+            tail = json.loads(b'"' + last[at:] + b'"')
+            break
+    return head, tail
+
+
+def _inside_escape_or_character(data: bytes, at: int) -> bool:
+    """Whether string text read from ``data[at:]`` would begin inside an escape or a character."""
+    if 0x80 <= data[at] < 0xC0:  # a UTF-8 continuation byte
+        return True
+
+    def escaping(end: int) -> bool:  # the backslash at data[end] starts an escape
+        run = 0
+        while end - run >= 0 and data[end - run] == 0x5C:
+            run += 1
+        return run % 2 == 1
+
+    if escaping(at - 1):
+        return True
+    return any(
+        data[at - k] == 0x5C and data[at - k + 1] == ord("u") and escaping(at - k)
+        for k in range(2, 6)
+    )
 
 
 class _CellSink:
@@ -512,6 +598,9 @@ class SandboxedKernel:
         sink = self._cell
         if sink is None or sink.done.done():
             return  # no cell is waiting: dropped unparsed
+        if sum(len(f) for f in frames) > _IOPUB_PARSE_MAX_BYTES:
+            self._take_oversized(frames, session, sink)
+            return
         try:
             _, parts = session.feed_identities(raw or [f.bytes for f in frames])
             msg = session.deserialize(parts)
@@ -520,7 +609,7 @@ class SandboxedKernel:
         if msg.get("parent_header", {}).get("msg_id") != sink.msg_id:
             return
         try:
-            sink.out.add(msg)
+            sink.out.add(msg, len(parts[4]))
             if sink.on_output is not None:
                 sink.on_output(msg)
         except Exception as exc:  # noqa: BLE001 - raised to the cell's caller
@@ -528,6 +617,30 @@ class SandboxedKernel:
             return
         if sink.out.idle:
             sink.done.set_result(None)
+
+    @staticmethod
+    def _take_oversized(frames: Sequence[Any], session: Any, sink: _CellSink) -> None:
+        """A message too large to parse: what it was and whose, then counted as cut.
+
+        Its signature is not computed either (over hundreds of MiB): the most
+        a forged one could do is mark the running cell's output as cut, which
+        code in the sandbox can do by printing.
+        """
+        data = [f if isinstance(f, bytes) else f.buffer for f in frames]
+        try:
+            start = next(i for i, f in enumerate(data) if len(f) == len(_DELIM) and f == _DELIM)
+            header, parent, content = data[start + 2], data[start + 3], data[start + 5]
+        except (StopIteration, IndexError):
+            return  # malformed: not the cell's
+        if len(header) > _HEADER_MAX_BYTES or len(parent) > _HEADER_MAX_BYTES:
+            return
+        try:
+            kind = session.unpack(bytes(header)).get("msg_type")
+            parent_id = session.unpack(bytes(parent)).get("msg_id")
+        except Exception:  # noqa: BLE001 - malformed: not the cell's
+            return
+        if parent_id == sink.msg_id and isinstance(kind, str):
+            sink.out.cut(kind, content)
 
     def _read_usage(self, *, peak: bool = True, reset_peak: bool = False) -> CgroupUsage:
         """The kernel's cgroup counters, through descriptors kept open between cells.

@@ -72,7 +72,10 @@ class ExecutionResult(_Model):
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     displays: list[DisplayOutput] = Field(default_factory=list)
-    displays_truncated: bool = False
+    displays_truncated: bool = Field(
+        default=False,
+        description="displays, or the cell's value, were left out: past 32 MiB for the cell",
+    )
     value: DisplayOutput | None = Field(default=None, description="the cell's Out[] value")
     error: ErrorInfo | None = None
     usage: Usage

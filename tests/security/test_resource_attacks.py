@@ -449,6 +449,41 @@ async def test_huge_displays_are_cut_and_the_engine_lets_go_of_them(
     assert after.rss_bytes - before.rss_bytes < 128 << 20, "the engine kept the displays"
 
 
+def _peak_rss_bytes(*, reset: bool = False) -> int:
+    """This process's peak resident memory so far; ``reset``: start counting it afresh."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak becomes the current RSS
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+async def test_a_message_larger_than_a_cell_keeps_is_cut_unread(
+    attacker: Session, bystander: Session
+) -> None:
+    """A display, a print and a value of 36 MiB each: none is parsed, the print's ends are kept."""
+    size = 36 << 20  # beyond the 32 MiB a cell keeps of its displays and value
+    code = _attack(f"""
+        import sys
+        from IPython.display import display
+        display({{'text/plain': 'x' * {size}}}, raw=True)
+        sys.stdout.write('<' + 'y' * {size} + '>')
+        sys.stdout.flush()
+        'z' * {size}
+    """)
+    before = _peak_rss_bytes(reset=True)
+    r, latencies = await while_running(attacker, code, bystander, timeout_s=60)
+    grown = _peak_rss_bytes() - before
+    assert r.status == "ok", (r.status, r.message)
+    assert r.displays_truncated and r.displays == [] and r.value is None
+    assert r.stdout_truncated and "<" + "y" * 1000 in r.stdout, r.stdout[:200]
+    assert r.stdout.endswith("y" * 1000 + ">"), r.stdout[-200:]
+    _bounded(latencies)
+    # Parsing them took about five times their size in the engine at its peak.
+    assert grown < 2 * size, f"the engine's peak memory grew by {grown >> 20} MiB"
+
+
 def test_output_spam_from_an_idle_session_does_not_grow_the_engine(tmp_path: Path) -> None:
     """A thread left running by a finished cell writes 4 MiB chunks while nobody reads."""
     report = tmp_path / "report.json"
