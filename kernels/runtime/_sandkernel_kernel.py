@@ -1,4 +1,4 @@
-"""The kernel's application, kernel and standard streams: ipykernel's, with four changes.
+"""The kernel's application, kernel and standard streams: ipykernel's, with five changes.
 
 Loaded from the runtime's folder (``launch.py``) before the user's files are
 on the path; the zygote imports it before it forks.
@@ -23,6 +23,9 @@ on the path; the zygote imports it before it forks.
   skips a flush that has nothing to hand over: the text of every write made
   before it has already gone out on the IOPub socket. What is sent, and its
   order, are unchanged.
+- **The IOPub thread never waits on itself** (:class:`IOPubThread`): a
+  thread printing faster than it sends could make it block on its own
+  wake-up pipe, and the kernel's output stopped for good.
 - **An interrupt cancels a cell awaiting at top level at once**
   (:meth:`Kernel._cancel_on_sigint`), where ipykernel's waited for the await
   to end.
@@ -44,6 +47,7 @@ import threading
 
 import zmq
 from ipykernel.control import ControlThread
+from ipykernel.iostream import IOPubThread as _IOPubThread
 from ipykernel.iostream import OutStream as _OutStream
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
@@ -149,6 +153,29 @@ class OutStream(_OutStream):
             super().flush()
 
 
+class IOPubThread(_IOPubThread):
+    """ipykernel's IOPub thread, which never waits on itself.
+
+    A function is scheduled on the thread by a wake-up message on a pipe (an
+    inproc socket per scheduling thread) that the IOPub thread alone drains,
+    and the IOPub thread schedules the send of each stream flush it runs on
+    a pipe of its own. A thread printing faster than the IOPub thread sends
+    queues a batch of flushes, which the IOPub thread runs in one go: past
+    the pipe's 1,000 wake-ups it blocked on its own pipe, the only thread
+    that could empty it. The kernel's output stopped for good, and each
+    flush waited out its 10 s timeout. On the IOPub thread itself, the
+    function is queued in the same order and the loop is woken through its
+    own callback instead, which never blocks.
+    """
+
+    def schedule(self, f):
+        if self.thread.is_alive() and threading.current_thread() is self.thread:
+            self._events.append(f)
+            self.io_loop.add_callback(self._handle_event, None)
+        else:
+            super().schedule(f)
+
+
 class KernelApp(IPKernelApp):
     """ipykernel's application with :class:`Kernel` and :class:`OutStream`."""
 
@@ -170,6 +197,18 @@ class KernelApp(IPKernelApp):
         for logger in config.get("loggers", {}).values():
             logger["level"] = logging.getLevelName(self.log_level)
         return config
+
+    def init_iopub(self, context):
+        """ipykernel's, with :class:`IOPubThread`."""
+        self.iopub_socket = context.socket(zmq.XPUB)
+        self.iopub_socket.linger = 1000
+        self._apply_curve_server_options(self.iopub_socket)
+        self.iopub_port = self._bind_socket(self.iopub_socket, self.iopub_port)
+        self.configure_tornado_logger()
+        self.iopub_thread = IOPubThread(self.iopub_socket, pipe=True, session=self.session)
+        self.iopub_thread.start()
+        # As ipykernel: the socket's API, from any thread, through the IOPub thread.
+        self.iopub_socket = self.iopub_thread.background_socket
 
     def init_control(self, context):
         """The control socket and its thread: ipykernel's, less what this kernel never uses.

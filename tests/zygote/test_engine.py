@@ -73,6 +73,27 @@ async def test_a_kernel_sends_its_reply_without_ipykernels_sleep_and_ends_with_i
     assert r.status == "ok" and r.text == "0.0" and r.stdout == "x" * 100_000
 
 
+async def test_the_iopub_thread_scheduling_on_itself_never_waits_on_itself(
+    forked_or_cold: Session,
+) -> None:
+    """Each flush it runs schedules its send; past the pipe's 1,000 wake-ups ipykernel's hung."""
+    session = forked_or_cold
+    r = await session.run(
+        "import threading\n"
+        "pub = get_ipython().kernel.iopub_thread\n"
+        "order, done = [], threading.Event()\n"
+        "def burst():\n"
+        "    for i in range(5000):\n"
+        "        pub.schedule(lambda i=i: order.append(i))\n"
+        "    pub.schedule(done.set)\n"
+        "pub.schedule(burst)\n"
+        "done.wait(10), order == list(range(5000))",
+        timeout_s=20,
+    )
+    assert r.status == "ok" and r.text == "(True, True)", (r.status, r.text, r.message)
+    assert (await session.run("print('still here')")).stdout == "still here\n"
+
+
 #: Counts, in the kernel, the flushes its streams hand to the IOPub thread and wait on.
 _COUNT_HANDED_FLUSHES = """
 import sys
