@@ -365,6 +365,28 @@ async def test_a_flood_of_output_the_engine_cannot_keep_up_with_does_not_hold_it
     assert (await k.execute("6 * 7")).text == "42"
 
 
+async def test_a_cell_whose_idle_status_was_dropped_ends_at_its_reply(
+    kernel_factory: KernelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zmq drops what queues past its limit, the idle status with the rest."""
+    k = await kernel_factory()
+    add = kernel_module._CellOutput.add
+
+    def losing_idle(self: Any, msg: dict[str, Any], size: int) -> None:
+        if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+            return  # as if zmq had dropped it
+        add(self, msg, size)
+
+    monkeypatch.setattr(kernel_module._CellOutput, "add", losing_idle)
+    r = await k.execute("print('out')\n6 * 7", timeout_s=30)
+    assert (r.status, r.text, r.stdout, r.kernel_alive) == ("ok", "42", "out\n", True), r
+    assert r.message is not None and "zmq dropped" in r.message
+    r = await k.execute("1 / 0", timeout_s=30)
+    assert r.status == "error" and r.error is not None and r.error.name == "ZeroDivisionError"
+    monkeypatch.undo()
+    assert (await k.execute("1 + 1")).text == "2"
+
+
 def _stream_frame(text: str, name: str = "stdout") -> bytes:
     """A stream message's content frame as ipykernel and jupyter_client pack it."""
     return json.dumps({"name": name, "text": text}, ensure_ascii=False).encode()

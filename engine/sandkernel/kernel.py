@@ -61,6 +61,10 @@ _IOPUB_PARSE_MAX_BYTES = _DISPLAY_MAX_BYTES + (64 << 10)
 #: The most an oversized message's header or parent header may take.
 _HEADER_MAX_BYTES = 64 << 10
 _DELIM = b"<IDS|MSG>"  # jupyter_client's: the routing ids end here
+#: How long a cell whose reply has come may go without an IOPub message before
+#: its idle status counts as lost (zmq drops what queues past its limit, as
+#: PUB/SUB does, when the engine falls far behind a kernel's output).
+_IDLE_LOST_S = 3.0
 
 #: The warm-up (see ``SandboxedKernel.prepare``): no name is left behind, and
 #: no value is shown (the cell is not silent: a shown value would set ``_``).
@@ -254,7 +258,7 @@ def _inside_escape_or_character(data: bytes, at: int) -> bool:
 class _CellSink:
     """The running cell, as the IOPub reader sees it: its id, its output, who to tell."""
 
-    __slots__ = ("done", "msg_id", "on_output", "out")
+    __slots__ = ("done", "heard_at", "msg_id", "on_output", "out", "reply")
 
     def __init__(self, msg_id: str, out: _CellOutput, on_output: OutputCallback | None) -> None:
         self.msg_id = msg_id
@@ -262,6 +266,10 @@ class _CellSink:
         self.on_output = on_output
         #: set at the cell's idle status, or to what the output callback raised
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: when the cell's last IOPub message, or its reply, was taken (monotonic)
+        self.heard_at = time.monotonic()
+        #: the cell's execute_reply, once read
+        self.reply: dict[str, Any] | None = None
 
 
 class SandboxedKernel:
@@ -608,6 +616,7 @@ class SandboxedKernel:
             return
         if msg.get("parent_header", {}).get("msg_id") != sink.msg_id:
             return
+        sink.heard_at = time.monotonic()
         try:
             sink.out.add(msg, len(parts[4]))
             if sink.on_output is not None:
@@ -724,10 +733,16 @@ class SandboxedKernel:
             message = (
                 "the kernel was shut down while the cell ran (session closed or engine stopped)"
             )
-        reply = None
-        if out.idle:
+        reply = sink.reply
+        if reply is None and out.idle:
             with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
                 reply = await self._shell_reply(msg_id, 1.0)
+        if status is None and not out.idle and sink.reply is not None:
+            note = (
+                "the kernel's output came faster than the engine could take it: zmq "
+                "dropped some of it and the cell's end, and the cell ended at its reply"
+            )
+            message = f"{message}; {note}" if message else note
         after = self._read_usage()
         wall_ms = (time.monotonic() - started) * 1000
         alive = self.alive
@@ -794,7 +809,27 @@ class SandboxedKernel:
             await asyncio.wait([sink.done], timeout=min(remaining, _POLL_S))
             if not sink.done.done() and not self.alive:
                 return False
+            if not sink.done.done() and await self._idle_lost(sink):
+                return True
         sink.done.result()
+        return True
+
+    async def _idle_lost(self, sink: _CellSink) -> bool:
+        """Whether the cell has ended in the kernel but its idle status will never come.
+
+        Past zmq's queue limit a kernel's IOPub messages are dropped, the idle
+        status with them. Once IOPub has been silent for a while, the shell
+        channel is asked, without waiting, for the cell's reply (kept for the
+        result); the cell has ended when that came and IOPub stayed silent
+        :data:`_IDLE_LOST_S` after it too.
+        """
+        if time.monotonic() - sink.heard_at < _IDLE_LOST_S:
+            return False
+        if sink.reply is None:
+            with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
+                sink.reply = await self._shell_reply(sink.msg_id, 0)
+                sink.heard_at = time.monotonic()
+            return False
         return True
 
     async def _shell_reply(self, msg_id: str, within_s: float) -> dict[str, Any]:
@@ -819,7 +854,7 @@ class SandboxedKernel:
         await self._km_interrupt()
         if not await self._collect(sink, time.monotonic() + self.policy.interrupt_grace_s):
             await self._kill()
-        elif self._client is not None:
+        elif self._client is not None and sink.reply is None:
             with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
                 await self._shell_reply(sink.msg_id, 0.5)
 
