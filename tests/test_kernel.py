@@ -387,6 +387,27 @@ async def test_a_cell_whose_idle_status_was_dropped_ends_at_its_reply(
     assert (await k.execute("1 + 1")).text == "2"
 
 
+async def test_shutdown_under_a_silent_cell_whose_reply_is_being_asked_for_gives_killed(
+    kernel_factory: KernelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shell channel is asked for a silent cell's reply; shutdown closes it meanwhile."""
+    k = await kernel_factory()
+    monkeypatch.setattr(kernel_module, "_IDLE_LOST_S", 0.3)
+    asked = asyncio.Event()
+    ask = SandboxedKernel._shell_reply
+
+    async def asking(self: SandboxedKernel, msg_id: str, within_s: float) -> dict[str, Any]:
+        asked.set()
+        return await ask(self, msg_id, within_s)
+
+    monkeypatch.setattr(SandboxedKernel, "_shell_reply", asking)
+    cell = asyncio.ensure_future(k.execute("import time; time.sleep(30)"))
+    await asyncio.wait_for(asked.wait(), 10)
+    await k.shutdown()
+    r = await asyncio.wait_for(cell, 5)
+    assert r.status == "killed" and "shut down while the cell ran" in (r.message or ""), r
+
+
 def _stream_frame(text: str, name: str = "stdout") -> bytes:
     """A stream message's content frame as ipykernel and jupyter_client pack it."""
     return json.dumps({"name": name, "text": text}, ensure_ascii=False).encode()

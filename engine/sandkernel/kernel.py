@@ -825,6 +825,8 @@ class SandboxedKernel:
         """
         if time.monotonic() - sink.heard_at < _IDLE_LOST_S:
             return False
+        if self._closed:  # shutting down: its channels are being closed under it
+            return False
         if sink.reply is None:
             with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
                 sink.reply = await self._shell_reply(sink.msg_id, 0)
