@@ -60,6 +60,7 @@ _DISPLAY_MAX_BYTES = 32 << 20
 _IOPUB_PARSE_MAX_BYTES = _DISPLAY_MAX_BYTES + (64 << 10)
 #: The most an oversized message's header or parent header may take.
 _HEADER_MAX_BYTES = 64 << 10
+_DELIM = b"<IDS|MSG>"  # jupyter_client's: the routing ids end here
 #: How long a cell whose reply has come may go without an IOPub message before
 #: its idle status counts as lost (zmq drops what queues past its limit, as
 #: PUB/SUB does, when the engine falls far behind a kernel's output).
@@ -634,11 +635,11 @@ class SandboxedKernel:
         a forged one could do is mark the running cell's output as cut, which
         code in the sandbox can do by printing.
         """
+        data = [f if isinstance(f, bytes) else f.buffer for f in frames]
         try:
-            # Without copying: only the routing ids before the delimiter are read.
-            _, parts = session.feed_identities(frames, copy=False)
-            header, parent, content = (parts[i].buffer for i in (1, 2, 4))
-        except (ValueError, IndexError):
+            start = next(i for i, f in enumerate(data) if len(f) == len(_DELIM) and f == _DELIM)
+            header, parent, content = data[start + 2], data[start + 3], data[start + 5]
+        except (StopIteration, IndexError):
             return  # malformed: not the cell's
         if len(header) > _HEADER_MAX_BYTES or len(parent) > _HEADER_MAX_BYTES:
             return
