@@ -407,7 +407,7 @@ class SandboxedKernel:
         except asyncio.CancelledError:
             self._closed = True
             raise
-        km = AsyncKernelManager(
+        km = _PinnedKernelManager(
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(data_dir("kernels"))]),
             transport="ipc",
@@ -456,6 +456,8 @@ class SandboxedKernel:
             await asyncio.sleep(0.002)
         self._pinned_fds = _pin(km.ip, ports, folder)
         self._pinned = folder / IPC_NAME
+        if isinstance(km, _PinnedKernelManager):
+            km.pinned_ip = str(self._pinned)
         return str(self._pinned)
 
     async def shutdown(self, *, grace_s: float = 1.0) -> None:
@@ -974,6 +976,30 @@ class SandboxedKernel:
         if problems:
             raise SelfCheckFailed("kernel failed its isolation self-check: " + "; ".join(problems))
         return report
+
+
+class _PinnedKernelManager(AsyncKernelManager):
+    """jupyter_client's manager, whose control socket reaches the kernel's as first bound.
+
+    The manager connects a control socket of its own (interrupts, shutdown
+    requests) as soon as the kernel is launched, by name, and zmq reconnects
+    by name whenever that connection drops: code in the sandbox could rename
+    the socket, link a host socket in its place and drop the connection, and
+    the engine would connect to the host socket as root. Here it is made on
+    first use, once the sockets are pinned, through the pinned names.
+    """
+
+    #: the ip (path prefix) of the pinned sockets (:meth:`SandboxedKernel._pin_sockets`)
+    pinned_ip: str | None = None
+
+    def _connect_control_socket(self) -> None:
+        if self.pinned_ip is not None:  # not yet when the kernel has just been launched
+            super()._connect_control_socket()
+
+    def _make_url(self, channel: str) -> str:
+        # The manager connects nothing but its control socket, and that once pinned.
+        assert self.pinned_ip is not None and self.transport == "ipc"
+        return f"ipc://{self.pinned_ip}-{getattr(self, f'{channel}_port')}"
 
 
 def _all_exist(prefix: str, ports: Sequence[int]) -> bool:

@@ -347,6 +347,70 @@ async def test_other_kernels_connection_files_keys_and_sockets_are_unreachable(
     assert result["grep"] == [] and result["own_key_differs"]
 
 
+async def test_a_kernel_socket_swapped_for_a_host_link_is_never_reconnected_through(
+    kernels: KernelBox,
+) -> None:
+    """zmq reconnects by name: the engine must reach the kernel's sockets as first bound.
+
+    The kernel renames its sockets, links a host socket in their place and
+    drops the engine's connections to its control socket, so that the
+    engine (root, in the host's mounts) reconnects to whatever the names
+    now point to.
+    """
+    k = await kernels.fresh()
+    runtime_root().mkdir(parents=True, exist_ok=True)
+    path = runtime_root() / f"host-{secrets.token_hex(4)}.sock"
+    with socket.socket(socket.AF_UNIX) as host_socket:
+        host_socket.bind(str(path))
+        host_socket.listen()
+        host_socket.setblocking(False)
+        try:
+            dropped = await run_json(
+                k,
+                f"""
+                info = json.load(open('/run/sandkernel/kernel.json'))
+                names = [f"{{info['ip']}}-{{info[c + '_port']}}"
+                         for c in ('shell', 'iopub', 'stdin', 'control')]
+                for name in names:
+                    os.rename(name, name + '.moved')
+                    os.symlink({str(path)!r}, name)
+                result = 0
+                for fd in map(int, os.listdir('/proc/self/fd')):
+                    try:
+                        s = socket.socket(fileno=os.dup(fd))
+                    except OSError:
+                        continue  # not a socket
+                    with s:
+                        if (s.family == socket.AF_UNIX
+                                and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                                and s.getsockname() == names[3]):
+                            s.shutdown(socket.SHUT_RDWR)  # the engine's end sees it closed
+                            result += 1
+                """,
+            )
+            assert dropped >= 1, "no connection of the engine's to the control socket found"
+            # zmq retries a lost connection every 100 ms: ten times over.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.get_running_loop().sock_accept(host_socket), 1)
+            # The engine's interrupt (sent on the control channel) still reaches the kernel.
+            started = asyncio.Event()
+            cell = asyncio.ensure_future(
+                k.execute(
+                    "print('started', flush=True)\nimport time\ntime.sleep(30)",
+                    on_output=lambda m: m["msg_type"] == "stream" and started.set(),
+                )
+            )
+            await asyncio.wait_for(started.wait(), 10)
+            await k.interrupt()
+            interrupted = await asyncio.wait_for(cell, 20)
+            assert interrupted.error is not None and interrupted.error.name == "KeyboardInterrupt"
+            with pytest.raises(BlockingIOError):
+                host_socket.accept()
+        finally:
+            path.unlink()
+    assert (await k.execute("1 + 1")).text == "2"
+
+
 async def test_sysv_ipc_and_abstract_sockets_are_private_to_each_kernel(
     kernels: KernelBox,
 ) -> None:
