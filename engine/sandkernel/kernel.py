@@ -639,6 +639,10 @@ class SandboxedKernel:
         """
         data = [f if isinstance(f, bytes) else f.buffer for f in frames]
         try:
+            # Not Session.feed_identities: it copies every frame before the
+            # delimiter, and the kernel chooses those frames (one of hundreds
+            # of MiB, and no delimiter, would be copied whole). Only a frame
+            # of the delimiter's length is compared here.
             start = next(i for i, f in enumerate(data) if len(f) == len(_DELIM) and f == _DELIM)
             header, parent, content = data[start + 2], data[start + 3], data[start + 5]
         except (StopIteration, IndexError):
