@@ -94,6 +94,20 @@ def test_bad_policy_is_a_clear_error_with_exit_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.sandbox
+def test_a_display_is_never_saved_through_a_link_the_sandbox_planted(tmp_path: Path) -> None:
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    code = (
+        "import base64, os\nfrom IPython.display import display\n"
+        f"os.symlink({str(outside)!r}, 'display-1-1.png')\n"
+        "display({'image/png': base64.b64encode(b'from the sandbox').decode()}, raw=True)"
+    )
+    proc = run_cli("run", "--workspace", str(ws), code)
+    assert not outside.exists()  # the command may run as root: nothing written outside
+    assert (ws / "display-1-1.png").is_symlink()
+    assert "[display 1: image/png not saved as display-1-1.png:" in proc.stderr
+
+
+@pytest.mark.sandbox
 def test_run_lists_produced_files_and_files_get_downloads_them(tmp_path: Path) -> None:
     store = str(tmp_path / "store")
     proc = run_cli("run", "--json", "--store", store, "open('r.csv', 'w').write('a,b\\n1,2\\n')")
@@ -108,6 +122,24 @@ def test_run_lists_produced_files_and_files_get_downloads_them(tmp_path: Path) -
     assert target.read_text() == "a,b\n1,2\n"
     listing = run_cli("files", "--store", store, "list")
     assert produced["id"] in listing.stdout and "s.txt" in listing.stdout
+
+
+@pytest.mark.sandbox
+def test_files_get_by_the_files_own_name_never_replaces_a_file(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    proc = run_cli("run", "--json", "--store", store, "open('.bashrc', 'w').write('evil')")
+    (produced,) = json.loads(proc.stdout)["files"]
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("mine")
+    get = [*SANDKERNEL, "files", "--store", store, "get", produced["id"]]
+    refused = subprocess.run(get, cwd=home, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "already exists: give -o" in refused.stderr
+    assert (home / ".bashrc").read_text() == "mine"
+    into_folder = subprocess.run([*get, "-o", str(home)], capture_output=True, text=True)
+    assert into_folder.returncode == 2 and (home / ".bashrc").read_text() == "mine"
+    named = subprocess.run([*get, "-o", str(home / ".bashrc")], capture_output=True, text=True)
+    assert named.returncode == 0 and (home / ".bashrc").read_text() == "evil"  # asked for
 
 
 @pytest.mark.sandbox

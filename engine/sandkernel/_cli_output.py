@@ -35,9 +35,13 @@ def print_execution_result(result: ExecutionResult, save_dir: Path | None) -> No
         print(f"Out[{result.execution_count}]: {result.text}")
     for n, display in enumerate(result.displays, 1):
         if "image/png" in display.data and save_dir is not None:
-            path = save_dir / f"display-{result.execution_count or 0}-{n}.png"
-            path.write_bytes(base64.b64decode(display.data["image/png"]))
-            print(f"[display {n}: image/png saved to {path}]")
+            name = f"display-{result.execution_count or 0}-{n}.png"
+            try:
+                _save_in_workspace(save_dir, name, base64.b64decode(display.data["image/png"]))
+            except (OSError, ValueError) as exc:
+                print(f"[display {n}: image/png not saved as {name}: {exc}]", file=sys.stderr)
+            else:
+                print(f"[display {n}: image/png saved to {save_dir / name}]")
         else:
             kinds = ", ".join(sorted(display.data))
             print(f"[display {n}: {kinds}]")
@@ -53,6 +57,17 @@ def print_execution_result(result: ExecutionResult, save_dir: Path | None) -> No
             f"{result.error.name}: {result.error.value}" if result.error else ""
         )
         print(f"[{result.status}] {detail}".rstrip(), file=sys.stderr)
+
+
+def _save_in_workspace(workspace: Path, name: str, data: bytes) -> None:
+    """Write ``data`` as ``workspace/name``, never through anything the sandbox put there.
+
+    The workspace is the sandbox's to write, and this process may be root: a
+    symlink planted at that name (to ``/etc/cron.d/…``) must not be followed.
+    """
+    from sandkernel.workspace.place import write_workspace_file  # only with a workspace
+
+    write_workspace_file(workspace, name, data)
 
 
 def print_run_result(result: RunResult, *, json_output: bool) -> int:

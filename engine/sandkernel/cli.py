@@ -134,9 +134,20 @@ def _files(args: argparse.Namespace) -> int:
         elif args.files_command == "get":
             stored = store.get(args.id)
             target = Path(args.output) if args.output else Path(stored.name)
+            # A name the file came with (code in a sandbox chose it) never
+            # replaces a file already there, as `curl -OJ` does; -o FILE does.
+            named_by_file = args.output is None or target.is_dir()
             if target.is_dir():
                 target = target / stored.name
-            with store.open(stored.id) as src, open(target, "wb") as dst:
+            if named_by_file and (
+                Path(stored.name).name != stored.name or stored.name in ("", ".", "..")
+            ):
+                raise BadInput(f"{stored.name!r} is not a plain file name: give -o FILE")
+            try:
+                dst = open(target, "xb" if named_by_file else "wb")  # noqa: SIM115
+            except FileExistsError:
+                raise BadInput(f"{target} already exists: give -o {target} to replace it") from None
+            with store.open(stored.id) as src, dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
             print(f"{stored.id} -> {target} ({stored.size_bytes} bytes, {stored.mime_type})")
