@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import queue
 import re
 import secrets
 import signal
-import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -290,9 +288,6 @@ class SandboxedKernel:
     _usage: UsageReader | None = None
     #: :attr:`workspace`, once resolved (the jail's folder does not move)
     _workspace: Path | None = None
-    #: the kernel's sockets as first bound, pinned (see :meth:`_pin_sockets`)
-    _pinned: Path | None = None
-    _pinned_fds: tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -386,9 +381,8 @@ class SandboxedKernel:
         """
         if self._km is None or not self.alive:
             raise KernelDead(self._dead_reason or "the kernel is not running")
+        # The sockets as bound, through links only root reaches (the provisioner's).
         info: dict[str, Any] = dict(self._km.get_connection_info())
-        if self._pinned is not None:
-            info["ip"] = str(self._pinned)  # the sockets as first bound (_pin_sockets)
         key = info.get("key")
         if isinstance(key, bytes):
             info["key"] = key.decode()
@@ -407,7 +401,7 @@ class SandboxedKernel:
         except asyncio.CancelledError:
             self._closed = True
             raise
-        km = _PinnedKernelManager(
+        km = AsyncKernelManager(
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(data_dir("kernels"))]),
             transport="ipc",
@@ -417,11 +411,9 @@ class SandboxedKernel:
         km.session = MessageSession(key=secrets.token_hex(32).encode(), parent=km)
         self._km = km
         async with self._jail.starting("sandboxed kernel", self.shutdown):
-            await km.start_kernel(sandbox=self._jail, zygote=self.zygote)
-            pinned = await self._pin_sockets(km, layout.root / "pin", timeout_s)
-            client = km.client()
+            await km.start_kernel(sandbox=self._jail, zygote=self.zygote, bind_timeout_s=timeout_s)
+            client = km.client()  # connected through the provisioner's pinned links
             assert isinstance(client, AsyncKernelClient)
-            client.ip = pinned
             # No heartbeat channel: death is told by the process and its cgroup,
             # and each heartbeat is a thread with an event loop and a socket of
             # its own per kernel, which the engine would carry for nothing.
@@ -436,29 +428,6 @@ class SandboxedKernel:
                 self.forked_pid = await asyncio.to_thread(verify_forked, self._jail, forked)
             self._start_drain()
         self.started_at = time.monotonic()
-
-    async def _pin_sockets(self, km: AsyncKernelManager, folder: Path, timeout_s: float) -> str:
-        """The ip (path prefix) to reach the kernel's sockets by, once it has bound them.
-
-        The sockets live in a folder the sandbox writes, and the engine (root,
-        in the host's mount namespace) connects to them, and zmq reconnects by
-        name: code in the sandbox could swap a socket for a symlink to any
-        host socket. So each is opened as first bound (``O_PATH``, not through
-        a symlink, checked to be a socket) and reached through a root-only
-        folder of links to ``/proc/self/fd/N``: the same socket whatever its
-        name in the sandbox points to later.
-        """
-        ports = [km.shell_port, km.iopub_port, km.stdin_port, km.control_port]
-        deadline = time.monotonic() + timeout_s
-        while not _all_exist(km.ip, ports):  # a few stat calls
-            if not self.alive or time.monotonic() > deadline:
-                raise KernelStartFailed("the kernel did not bind its sockets")
-            await asyncio.sleep(0.002)
-        self._pinned_fds = _pin(km.ip, ports, folder)
-        self._pinned = folder / IPC_NAME
-        if isinstance(km, _PinnedKernelManager):
-            km.pinned_ip = str(self._pinned)
-        return str(self._pinned)
 
     async def shutdown(self, *, grace_s: float = 1.0) -> None:
         """End the kernel: SIGTERM to nsjail, SIGKILL after ``grace_s``; remove every trace.
@@ -480,9 +449,6 @@ class SandboxedKernel:
         try:
             await self._jail.stop(grace_s)
         finally:
-            fds, self._pinned_fds = self._pinned_fds, ()
-            for fd in fds:
-                os.close(fd)
             if km is not None:
                 # Connection file, control socket, zmq context, then the
                 # provisioner's cleanup (the jail's cgroup, mounts and folder).
@@ -980,52 +946,6 @@ class SandboxedKernel:
         if problems:
             raise SelfCheckFailed("kernel failed its isolation self-check: " + "; ".join(problems))
         return report
-
-
-class _PinnedKernelManager(AsyncKernelManager):
-    """jupyter_client's manager, whose control socket reaches the kernel's as first bound.
-
-    The manager connects a control socket of its own (interrupts, shutdown
-    requests) as soon as the kernel is launched, by name, and zmq reconnects
-    by name whenever that connection drops: code in the sandbox could rename
-    the socket, link a host socket in its place and drop the connection, and
-    the engine would connect to the host socket as root. Here it is made on
-    first use, once the sockets are pinned, through the pinned names.
-    """
-
-    #: the ip (path prefix) of the pinned sockets (:meth:`SandboxedKernel._pin_sockets`)
-    pinned_ip: str | None = None
-
-    def _connect_control_socket(self) -> None:
-        if self.pinned_ip is not None:  # not yet when the kernel has just been launched
-            super()._connect_control_socket()
-
-    def _make_url(self, channel: str) -> str:
-        # The manager connects nothing but its control socket, and that once pinned.
-        assert self.pinned_ip is not None and self.transport == "ipc"
-        return f"ipc://{self.pinned_ip}-{getattr(self, f'{channel}_port')}"
-
-
-def _all_exist(prefix: str, ports: Sequence[int]) -> bool:
-    return all(os.path.exists(f"{prefix}-{port}") for port in ports)
-
-
-def _pin(prefix: str, ports: Sequence[int], folder: Path) -> tuple[int, ...]:
-    """Open each ``<prefix>-<port>`` socket (not a symlink) and link ``folder`` to it."""
-    folder.mkdir(mode=0o700)
-    fds: list[int] = []
-    try:
-        for port in ports:
-            fd = os.open(f"{prefix}-{port}", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-            fds.append(fd)
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                raise KernelStartFailed(f"{IPC_NAME}-{port} is not the kernel's socket")
-            (folder / f"{IPC_NAME}-{port}").symlink_to(f"/proc/self/fd/{fd}")
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return tuple(fds)
 
 
 async def wait_until_ready(

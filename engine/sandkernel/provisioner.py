@@ -11,8 +11,15 @@ worker's.
 
 The kernel talks over the ``ipc`` transport: its sockets live in a
 per-kernel folder bound into the sandbox at ``/run/sandkernel``. The kernel
-reads a connection file with the in-sandbox paths; the client uses the same
-sockets through their host paths.
+reads a connection file with the in-sandbox paths. Clients never use those
+names: the folder is the sandbox's to write, and zmq (re)connects by name,
+so code in the sandbox could swap a socket for a link to any host socket
+and have the manager's client, root in the host's mounts, connect to it.
+Once the kernel has bound its sockets, each is opened as bound (``O_PATH``,
+not through a link, checked to be a socket), and the connection info this
+provisioner returns points into a root-only folder of links to those
+descriptors (``/proc/self/fd/N``): the same sockets whatever their names in
+the sandbox point to later.
 """
 
 from __future__ import annotations
@@ -20,11 +27,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
+import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
+from sandkernel.errors import KernelStartFailed
 from sandkernel.policy import load_policy
 from sandkernel.sandbox import (
     CONNECTION_DIR_IN_JAIL,
@@ -51,10 +63,16 @@ class SandboxProvisioner(LocalProvisioner):
     zygote: Zygote | None = None
     #: set by launch_kernel() when the kernel was forked from the zygote
     forked: ForkedKernel | None = None
+    #: how long launch_kernel() waits for the kernel to bind its sockets
+    #: (``start_kernel(bind_timeout_s=...)``)
+    bind_timeout_s = 60.0
+    #: the kernel's sockets as bound, which the pinned links lead to
+    pinned_fds: tuple[int, ...] = ()
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         jail = kwargs.pop("sandbox", None)
         self.zygote = kwargs.pop("zygote", None)
+        self.bind_timeout_s = float(kwargs.pop("bind_timeout_s", self.bind_timeout_s))
         if jail is None:
             jail = await self._standalone_jail()
         self.jail = jail
@@ -107,7 +125,9 @@ class SandboxProvisioner(LocalProvisioner):
         """Start nsjail running ``cmd``, the kernel's command inside the jail.
 
         With a zygote, nsjail runs the stub and the kernel is forked into the
-        jail, running ``cmd``'s arguments (``-f <connection file>``).
+        jail, running ``cmd``'s arguments (``-f <connection file>``). Returns
+        once the kernel has bound its sockets, with the connection info of
+        their pinned links (see the module).
 
         The jail starts nsjail (in the jail's folder, ``kwargs["cwd"]``);
         jupyter_client's other Popen options in ``kwargs`` are not used, and
@@ -126,7 +146,34 @@ class SandboxProvisioner(LocalProvisioner):
         self.pid = process.pid
         self.pgid = process.pid  # a session, and so a process group, of its own
         self.cwd = kwargs.get("cwd")
-        return self.connection_info
+        info = self.connection_info.copy()
+        ports = [
+            int(info["shell_port"]),
+            int(info["iopub_port"]),
+            int(info["stdin_port"]),
+            int(info["control_port"]),
+            int(info["hb_port"]),  # for the clients that use it
+        ]
+        info["ip"] = await self._pin_sockets(ports)
+        return info
+
+    async def _pin_sockets(self, ports: Sequence[int]) -> str:
+        """The ip (path prefix) of links to the kernel's sockets as bound; see the module."""
+        assert self.jail is not None and self.jail.layout is not None
+        layout = self.jail.layout
+        named = str(layout.connection_dir / IPC_NAME)
+        deadline = time.monotonic() + self.bind_timeout_s
+        while not _all_exist(named, ports):  # a few stat calls
+            if self.process is None or self.process.poll() is not None:
+                raise KernelStartFailed("the kernel ended before it bound its sockets")
+            if time.monotonic() > deadline:
+                raise KernelStartFailed(
+                    f"the kernel did not bind its sockets within {self.bind_timeout_s:g} s"
+                )
+            await asyncio.sleep(0.002)
+        folder = layout.root / "pin"
+        self.pinned_fds = _pin(named, ports, folder)
+        return str(folder / IPC_NAME)
 
     async def wait(self) -> int | None:
         # LocalProvisioner polls every 100 ms; a pidfd wakes us the moment nsjail exits.
@@ -143,6 +190,9 @@ class SandboxProvisioner(LocalProvisioner):
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
+        fds, self.pinned_fds = self.pinned_fds, ()
+        for fd in fds:
+            os.close(fd)
         jail = self.jail
         if jail is None or restart:
             return
@@ -150,3 +200,25 @@ class SandboxProvisioner(LocalProvisioner):
         if self.owns_host:
             jail.host.close()
         self.jail = None
+
+
+def _all_exist(prefix: str, ports: Sequence[int]) -> bool:
+    return all(os.path.exists(f"{prefix}-{port}") for port in ports)
+
+
+def _pin(prefix: str, ports: Sequence[int], folder: Path) -> tuple[int, ...]:
+    """Open each ``<prefix>-<port>`` socket (not a symlink) and link ``folder`` to it."""
+    folder.mkdir(mode=0o700)
+    fds: list[int] = []
+    try:
+        for port in ports:
+            fd = os.open(f"{prefix}-{port}", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fds.append(fd)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise KernelStartFailed(f"{IPC_NAME}-{port} is not the kernel's socket")
+            (folder / f"{IPC_NAME}-{port}").symlink_to(f"/proc/self/fd/{fd}")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return tuple(fds)

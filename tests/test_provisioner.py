@@ -1,0 +1,113 @@
+"""The provisioner as any Jupyter client uses it: jupyter_client's own manager and client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from sandkernel._resources import data_dir
+from sandkernel.kernel import KERNEL_NAME
+from tests.conftest import runtime_root
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[tuple[AsyncKernelManager, AsyncKernelClient]]:
+    km = AsyncKernelManager(
+        kernel_name=KERNEL_NAME,
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(data_dir("kernels"))]),
+    )
+    await km.start_kernel()
+    client = km.client()
+    assert isinstance(client, AsyncKernelClient)
+    try:
+        client.start_channels()
+        await client.wait_for_ready(timeout=60)
+        yield km, client
+    finally:
+        client.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def _run(client: AsyncKernelClient, code: str) -> dict[str, Any]:
+    """The cell's reply, with its printed text under ``"stdout"``."""
+    msg_id = client.execute(code)
+    stdout = ""
+    while True:
+        msg = await client.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            stdout += msg["content"]["text"]
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    reply: dict[str, Any] = (await client.get_shell_msg(timeout=30))["content"]
+    return {**reply, "stdout": stdout}
+
+
+async def test_a_plain_jupyter_client_reaches_the_kernel_only_through_pinned_links(
+    started: tuple[AsyncKernelManager, AsyncKernelClient],
+) -> None:
+    km, client = started
+    folder = Path(km.ip).parent
+    assert folder.name == "pin" and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for port in (km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port):
+        assert os.readlink(f"{km.ip}-{port}").startswith("/proc/self/fd/")
+    assert (await _run(client, "print(6 * 7)"))["stdout"] == "42\n"
+    assert client.hb_channel.is_beating()  # the heartbeat too, for the clients that use it
+
+
+async def test_a_socket_swapped_for_a_host_link_is_not_reconnected_through(
+    started: tuple[AsyncKernelManager, AsyncKernelClient],
+) -> None:
+    """The attack of the catalogue's kernel tests, against jupyter_client's own manager."""
+    km, client = started
+    runtime_root().mkdir(parents=True, exist_ok=True)
+    path = runtime_root() / f"host-{secrets.token_hex(4)}.sock"
+    with socket.socket(socket.AF_UNIX) as host_socket:
+        host_socket.bind(str(path))
+        host_socket.listen()
+        host_socket.setblocking(False)
+        try:
+            swap = await _run(
+                client,
+                "import json, os, socket\n"
+                "info = json.load(open('/run/sandkernel/kernel.json'))\n"
+                "names = [f\"{info['ip']}-{info[c + '_port']}\"\n"
+                "         for c in ('shell', 'iopub', 'stdin', 'control', 'hb')]\n"
+                "for name in names:\n"
+                "    os.rename(name, name + '.moved')\n"
+                f"    os.symlink({str(path)!r}, name)\n"
+                "dropped = 0\n"
+                "for fd in map(int, os.listdir('/proc/self/fd')):\n"
+                "    try:\n"
+                "        s = socket.socket(fileno=os.dup(fd))\n"
+                "    except OSError:\n"
+                "        continue\n"
+                "    with s:\n"
+                "        if (s.family == socket.AF_UNIX\n"
+                "                and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)\n"
+                "                and s.getsockname() == names[3]):\n"
+                "            s.shutdown(socket.SHUT_RDWR)\n"
+                "            dropped += 1\n"
+                "print(dropped)",
+            )
+            assert swap["status"] == "ok" and int(swap["stdout"]) >= 1, swap
+            # zmq retries a lost connection every 100 ms: ten times over.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.get_running_loop().sock_accept(host_socket), 1)
+        finally:
+            path.unlink()
+    assert (await _run(client, "print(1 + 1)"))["stdout"] == "2\n"
