@@ -25,6 +25,8 @@ class Reply:
     finish_reason: str | None = None
     #: awaited before answering (to hold a reply until something else happened)
     before: Callable[[], Awaitable[None]] | None = None
+    #: streamed: an error event after the text, in place of its end (a model failing mid-way)
+    fails_with: str | None = None
 
 
 def code_call(call_id: str, source: str) -> tuple[str, str, str]:
@@ -179,6 +181,10 @@ async def _write_stream(writer: asyncio.StreamWriter, reply: Reply) -> None:
     for start in range(0, len(text), 8):
         chunk({"content": text[start : start + 8]})
         await writer.drain()
+    if reply.fails_with is not None:
+        error = {"error": {"message": reply.fails_with, "type": "server_error"}}
+        writer.write(f"data: {json.dumps(error)}\n\n".encode())
+        return
     for index, (call_id, name, args) in enumerate(reply.calls):
         half = len(args) // 2
         first = {"index": index, "id": call_id, "type": "function"}

@@ -427,6 +427,33 @@ async def test_streaming_a_function_call_and_a_failed_model_call(
     assert failed[-1].response.error.code == "server_error"
 
 
+async def test_a_model_failing_mid_text_ends_its_message_with_the_text_it_streamed(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(in_order(Reply(content="Hello, wor", fails_with="overloaded")))
+    client = daemon.openai()
+
+    def exercise() -> tuple[list[Any], Response]:
+        events = list(client.responses.create(model=DEPLOYMENT, input="hi", stream=True))
+        return events, client.responses.retrieve(events[-1].response.id)
+
+    events, stored = await anyio.to_thread.run_sync(exercise)
+    kinds = [e.type for e in events]
+    # The message item ends before the response does, as every other item does.
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.failed",
+    ], kinds
+    assert events[-2].item.status == "incomplete"
+    assert stored.status == "failed" and stored.error is not None
+    assert "overloaded" in stored.error.message
+    (message,) = stored.output
+    assert message.type == "message" and message.status == "incomplete"
+    assert [c.text for c in message.content if c.type == "output_text"] == ["Hello, wor"]
+
+
 SALES = b"month,amount\nJan,10\nFeb,14\nMar,17\n"
 READ_SALES_WRONG = (
     "import csv\n"

@@ -518,8 +518,9 @@ class _Turn:
                     request, on_text=text.delta if self.emit is not _no_events else None
                 )
             except ModelCallFailed as exc:
-                self.status = "failed"
-                self.error = {"code": "server_error", "message": str(exc)}
+                if text.opened:  # what the model streamed before it failed ends with it
+                    await text.done(text.streamed, final=False, status="incomplete")
+                self.failed(str(exc))
                 return self
             self.input_tokens += chat.prompt_tokens
             self.output_tokens += chat.completion_tokens
@@ -713,6 +714,16 @@ class _TextItem:
             "status": "in_progress",
             "content": [],
         }
+        self._deltas: list[str] = []
+
+    @property
+    def opened(self) -> bool:
+        return self.index is not None
+
+    @property
+    def streamed(self) -> str:
+        """The text of the deltas so far."""
+        return "".join(self._deltas)
 
     def _where(self) -> dict[str, Any]:
         return {"item_id": self.item["id"], "output_index": self.index, "content_index": 0}
@@ -725,6 +736,7 @@ class _TextItem:
 
     async def delta(self, text: str) -> None:
         await self._open()
+        self._deltas.append(text)
         await self.turn.emit(
             "response.output_text.delta", {**self._where(), "delta": text, "logprobs": []}
         )
