@@ -320,6 +320,11 @@ async def test_metadata_set_while_a_run_is_in_progress_outlasts_its_completion(
         first, answered = client.beta.threads.messages.list(thread_id, order="asc")
         assert first.metadata == {"tag": "read"}
         assert answered.content[0].text.value == "Done."  # type: ignore[union-attr]
+        # An update without metadata leaves it as it is, a run's and a message's.
+        kept = client.beta.threads.runs.update(run_id, thread_id=thread_id)
+        assert (kept.status, kept.metadata) == ("completed", {"tag": "mid-run"})
+        read = client.beta.threads.messages.update(message_id, thread_id=thread_id)
+        assert read.metadata == {"tag": "read"}
         # A later update changes the metadata only: the run stays completed.
         later = client.beta.threads.runs.update(run_id, thread_id=thread_id, metadata={})
         assert (later.status, later.metadata) == ("completed", {})

@@ -427,7 +427,9 @@ class AssistantsService:
         )
 
     async def update_message(self, thread_id: str, message_id: str, body: MessageUpdate) -> Message:
-        await self.message(thread_id, message_id)
+        message = await self.message(thread_id, message_id)
+        if "metadata" not in body.model_fields_set:
+            return message  # nothing to change: a left-out field is left as it is
         # Metadata alone: a run may be writing this message's content meanwhile.
         updated = await self._db(
             self.state.update_metadata, Message, message_id, body.metadata or {}
@@ -604,7 +606,9 @@ class AssistantsService:
         return listed
 
     async def update_run(self, thread_id: str, run_id: str, body: RunUpdate) -> Run:
-        await self.run(thread_id, run_id)
+        run = await self.run(thread_id, run_id)
+        if "metadata" not in body.model_fields_set:
+            return run  # nothing to change: a left-out field is left as it is
         # Metadata alone, read and written at once: the run's task saves its status meanwhile.
         updated = await self._db(self.state.update_metadata, Run, run_id, body.metadata or {})
         if updated is None:
