@@ -34,6 +34,8 @@ async def test_containers_create_list_retrieve_delete(openai_daemon: OpenAIDaemo
         assert client.containers.retrieve(first.id).name == "first"
         assert [c.id for c in client.containers.list()] == [second.id, first.id]
         assert [c.id for c in client.containers.list(order="asc", limit=1).data] == [first.id]
+        assert [c.id for c in client.containers.list(name="first")] == [first.id]
+        assert client.containers.list(name="third").data == []
         with pytest.raises(openai.BadRequestError) as refused:
             client.containers.create(name="big", memory_limit="64g")
         assert refused.value.body is not None and "memory_limit" in str(refused.value.body)

@@ -328,6 +328,7 @@ def _routes(service: AssistantsService) -> list[tuple[str, list[str], Handler]]:
                 limit=_int(q.get("limit"), 100, "limit"),
                 order=_order(q.get("order")),
                 after=q.get("after"),
+                name=q.get("name"),
             )
         )
 

@@ -164,10 +164,17 @@ class Containers:
         except SessionError:
             return None
 
-    async def list(self, *, limit: int, order: Literal["asc", "desc"], after: str | None) -> Page:
+    async def list(
+        self,
+        *,
+        limit: int,
+        order: Literal["asc", "desc"],
+        after: str | None,
+        name: str | None = None,
+    ) -> Page:
         try:
             items, more = await self._db(
-                self.state.page, Container, order=order, after=after, limit=limit
+                self.state.page, Container, name=name, order=order, after=after, limit=limit
             )
         except UnknownCursor:
             raise bad_request(

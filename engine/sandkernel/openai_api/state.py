@@ -316,6 +316,7 @@ class ApiState:
         *,
         thread_id: str | None = None,
         run_id: str | None = None,
+        name: str | None = None,
         order: Literal["asc", "desc"] = "desc",
         after: str | None = None,
         before: str | None = None,
@@ -323,10 +324,15 @@ class ApiState:
     ) -> tuple[list[T], bool]:
         """One page of a list, in OpenAI's cursor semantics; also whether more follow.
 
+        ``name`` keeps only the objects of that ``name`` (containers').
+
         Raises:
             UnknownCursor: ``after`` or ``before`` is not in this list.
         """
         where, params = _filters(cls, thread_id, run_id)
+        if name is not None:
+            where += " AND json_extract(data, '$.name') = ?"
+            params += (name,)
         bounds: tuple[int, ...] = ()
         bounded = ""
         with self._reading() as conn:
