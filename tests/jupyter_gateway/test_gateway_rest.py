@@ -204,6 +204,10 @@ async def test_sessions_crud_as_jupyter_server_defines_it(gateway: Gateway) -> N
         assert (await client.http.get("/api/sessions")).json() == []
         bad = await client.http.post("/api/sessions", json={"kernel": {"name": "python3"}})
         assert bad.status_code == 400
+        named = {"path": "d.ipynb", "name": 5, "kernel": {"name": "python3"}}
+        refused = await client.http.post("/api/sessions", json=named)
+        assert refused.status_code == 400 and "must be strings" in refused.json()["message"]
+        assert (await client.http.get("/api/kernels")).json() == []  # none started for it
 
 
 async def test_max_sessions_holds_for_gateway_kernels(gateway_factory: Any) -> None:

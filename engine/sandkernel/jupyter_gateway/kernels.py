@@ -201,13 +201,11 @@ class JupyterSessions:
         for session in self._live():
             if session.path == path:
                 return session
+        # Checked before a kernel starts: a refused request leaves none behind.
+        name, kind = _text(body.get("name"), ""), _text(body.get("type"), "")
         kernel_id = await self._kernel_for(body.get("kernel") or {})
         session = JupyterSession(
-            id=str(uuid.uuid4()),
-            path=path,
-            name=_text(body.get("name"), ""),
-            type=_text(body.get("type"), ""),
-            kernel_id=kernel_id,
+            id=str(uuid.uuid4()), path=path, name=name, type=kind, kernel_id=kernel_id
         )
         self._sessions[session.id] = session
         return session
