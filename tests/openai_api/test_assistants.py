@@ -154,6 +154,9 @@ async def test_bad_bodies_are_400_naming_the_field(openai_daemon: OpenAIDaemonFa
         assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
         nowhere = await raw.get("/no-such-thing", headers={"api-key": TOKEN})
         assert nowhere.status_code == 404 and nowhere.json()["error"]["message"]
+        wrong_method = await raw.put("/assistants", json={}, headers={"api-key": TOKEN})
+        assert wrong_method.status_code == 405  # the client's mistake, not the server's
+        assert wrong_method.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_threads_and_messages_with_attachments_and_the_seeds_spellings(

@@ -18,17 +18,8 @@ from pydantic import ValidationError
 
 from sandkernel.errors import FileRejected, SandkernelError
 
-_TYPE_BY_STATUS: Final = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    409: "invalid_request_error",
-    410: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-}
+#: Every other 4xx is an ``invalid_request_error`` (a 405 too), a 5xx a ``server_error``.
+_TYPE_BY_STATUS: Final = {429: "rate_limit_error"}
 
 
 class APIError(Exception):
@@ -56,7 +47,9 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _TYPE_BY_STATUS.get(status, "server_error")
+        self.type = type or _TYPE_BY_STATUS.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
 
     def body(self) -> dict[str, Any]:
         """The JSON answer."""
