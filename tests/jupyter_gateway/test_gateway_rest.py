@@ -119,6 +119,20 @@ async def test_unknown_kernel_ids_are_404_on_every_kernel_route(gateway: Gateway
             assert set(response.json()) == {"message", "reason"}
 
 
+async def test_unknown_routes_and_methods_answer_in_jupyters_error_shape(gateway: Gateway) -> None:
+    async with GatewayClient(gateway) as client:
+        for method, path, status in [
+            ("GET", "/api/nothing", 404),
+            ("GET", "/api/kernels/x/y", 404),
+            ("PUT", "/api/kernels", 405),
+        ]:
+            response = await client.http.request(method, path)
+            assert response.status_code == status, (method, path)
+            body = response.json()
+            assert set(body) == {"message", "reason"} and path in body["message"], body
+        assert "GET" in response.headers["allow"]  # the 405 still says what is allowed
+
+
 async def test_restart_is_a_fresh_sandbox_under_the_same_id(gateway: Gateway) -> None:
     async with GatewayClient(gateway) as client:
         kernel_id = await client.start_kernel()

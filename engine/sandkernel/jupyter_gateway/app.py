@@ -25,10 +25,12 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import unquote_plus
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -257,7 +259,17 @@ def create_gateway_app(specs: KernelSpecs, kernels: GatewayKernels | None) -> St
         Route("/api/sessions/{session_id}", _answers_errors(update_session), methods=["PATCH"]),
         Route("/api/sessions/{session_id}", _answers_errors(delete_session), methods=["DELETE"]),
     ]
-    return Starlette(routes=routes)
+    # No route, or not this method: in Jupyter's shape too (Starlette's default is text).
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    reason = HTTPStatus(exc.status_code).phrase
+    message = f"{reason}: {request.method} {request.url.path}"
+    response = _error(exc.status_code, message, reason)
+    response.headers.update(exc.headers or {})  # a 405's Allow
+    return response
 
 
 class JupyterGate:
