@@ -646,6 +646,16 @@ async def test_responses_and_containers_answer_errors_in_openais_shape(
         with pytest.raises(openai.BadRequestError) as bad_limit:
             client.containers.create(name="big", memory_limit="64g")
         assert bad_limit.value.param == "memory_limit"
+        for bad_body in (
+            {"max_output_tokens": 0},
+            {"max_output_tokens": -5},
+            {"metadata": {f"k{i}": "v" for i in range(17)}},
+            {"metadata": {"k": "v" * 513}},
+        ):
+            with pytest.raises(openai.BadRequestError) as refused_body:
+                client.responses.create(model=DEPLOYMENT, input="hi", **bad_body)  # type: ignore[arg-type]
+            assert refused_body.value.param is not None
+            assert refused_body.value.param.startswith(next(iter(bad_body)))
         for refused in (
             lambda: stranger.containers.list(),
             lambda: stranger.containers.retrieve(container.id),
@@ -659,7 +669,7 @@ async def test_responses_and_containers_answer_errors_in_openais_shape(
 
     await anyio.to_thread.run_sync(exercise)
     errors = daemon.clients.checked.errors  # each one checked in OpenAI's shape
-    assert len(errors) == 9 + 3 + 5
+    assert len(errors) == 9 + 3 + 4 + 5
     assert {e["type"] for e in errors} == {"invalid_request_error"}
 
 

@@ -44,6 +44,7 @@ from sandkernel.openai_api.wire import (
     Container,
     ContainerCreate,
     Deleted,
+    Metadata,
     Page,
     ResponseObject,
     new_id,
@@ -72,11 +73,11 @@ class ResponseCreate(BaseModel):
     include: list[str] = Field(default_factory=list)
     store: bool = True
     stream: bool = False
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     # OpenAI's bounds; a NaN would only fail later, at the model call.
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
-    max_output_tokens: int | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
     parallel_tool_calls: bool = True
 
 
