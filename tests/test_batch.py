@@ -23,7 +23,8 @@ import pytest
 
 from sandkernel._resources import data_dir
 from sandkernel.batch import BatchPool, RunRequest, RunResult
-from sandkernel.batch.worker import IMMORTAL_AFTER
+from sandkernel.batch.frames import LENGTH_SIZE, encode_frame
+from sandkernel.batch.worker import IMMORTAL_AFTER, Worker, WorkerConfig, WorkerLost
 from sandkernel.errors import EngineClosed, KernelStartFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox import Runtime, SandboxHost
@@ -799,3 +800,43 @@ async def test_wait_spawned_returns_once_the_pool_is_closed() -> None:
     pool = BatchPool(host=None, workers=1)
     await pool.close()  # never started: nothing will be spawned
     await asyncio.wait_for(pool.wait_spawned(), 1)
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_a_frame_larger_than_any_reply_is_not_read_and_loses_the_worker(
+    host: SandboxHost,
+) -> None:
+    """A server that is not itself cannot make the engine buffer what it likes."""
+    config = WorkerConfig(
+        host=host,
+        policy=Policy(),
+        preload=(),
+        output_max_bytes=1 << 20,
+        fetch_max_bytes=1 << 20,
+        start_timeout_s=5,
+    )
+    worker = Worker(config, on_slot_free=lambda: None, on_lost=lambda _: None)
+    read, write = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(read, False)  # as the worker's end is
+    worker.reply_fd = read
+    try:
+        largest = encode_frame({"ok": True}, [b"x" * (2 << 20)])  # two full outputs: read
+        # More than a pipe holds: written by a thread as the worker reads.
+        writing = asyncio.ensure_future(asyncio.to_thread(_write_all, write, largest))
+        header, (blob,) = await worker._read_frame(time.monotonic() + 10)
+        await writing
+        assert header["ok"] and len(blob) == 2 << 20
+        os.write(write, (1 << 40).to_bytes(LENGTH_SIZE, "little"))  # a TiB announced
+        with pytest.raises(WorkerLost, match="more than any of its replies") as lost:
+            await worker._read_frame(time.monotonic() + 10)
+        assert lost.value.blamed
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

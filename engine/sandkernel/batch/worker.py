@@ -38,6 +38,9 @@ _SERVER_MODULES = ("forkserver.py", "frames.py", "immortal.py")
 #: about 0.3 ms less per program after): a short evaluation never waits for
 #: it, a long one gains from the next program on.
 IMMORTAL_AFTER = 8
+#: What a reply may hold beyond its two outputs and its fetched files: a
+#: check's verdict (the server keeps 4 MiB of it), the header, the paths.
+_REPLY_SLACK_BYTES = 16 << 20
 
 
 @functools.cache
@@ -113,6 +116,10 @@ class Worker:
         self._on_lost = on_lost
         self._on_spawned = on_spawned
         self._buffer = bytearray()
+        #: no reply the server sends is larger: a larger frame means it is not itself
+        self._reply_max_bytes = (
+            2 * config.output_max_bytes + config.fetch_max_bytes + _REPLY_SLACK_BYTES
+        )
         self._unsent = bytearray()
         self._oom_kills = 0
         self._usage: UsageReader | None = None
@@ -312,7 +319,14 @@ class Worker:
 
     async def _read_frame(self, deadline: float | None) -> Reply:
         await self._fill(LENGTH_SIZE, deadline)
-        end = LENGTH_SIZE + frame_body_size(self._buffer)
+        size = frame_body_size(self._buffer)
+        if size > self._reply_max_bytes:
+            # Not read: the engine's memory is not the sandbox's to fill.
+            raise WorkerLost(
+                f"the server sent a frame of {size} bytes, more than any of its replies",
+                blamed=True,
+            )
+        end = LENGTH_SIZE + size
         await self._fill(end, deadline)
         body = bytes(self._buffer[LENGTH_SIZE:end])
         del self._buffer[:end]
