@@ -646,6 +646,12 @@ async def test_responses_and_containers_answer_errors_in_openais_shape(
         with pytest.raises(openai.BadRequestError) as bad_limit:
             client.containers.create(name="big", memory_limit="64g")
         assert bad_limit.value.param == "memory_limit"
+        twice: list[ToolParam] = [
+            {"type": "function", "name": "f", "parameters": {}, "strict": False}
+        ] * 2
+        with pytest.raises(openai.BadRequestError) as repeated:
+            client.responses.create(model=DEPLOYMENT, input="hi", tools=twice)
+        assert repeated.value.param == "tools[1].name"
         for bad_body in (
             {"max_output_tokens": 0},
             {"max_output_tokens": -5},
@@ -669,7 +675,7 @@ async def test_responses_and_containers_answer_errors_in_openais_shape(
 
     await anyio.to_thread.run_sync(exercise)
     errors = daemon.clients.checked.errors  # each one checked in OpenAI's shape
-    assert len(errors) == 9 + 3 + 4 + 5
+    assert len(errors) == 9 + 3 + 1 + 4 + 5
     assert {e["type"] for e in errors} == {"invalid_request_error"}
 
 

@@ -769,6 +769,8 @@ def _tools(
                 raise bad_request(
                     f"A function needs a name other than {PYTHON!r}.", f"tools[{i}].name"
                 )
+            if name in functions:  # as an assistant's tools are checked
+                raise bad_request(f"Two functions are named {name!r}.", f"tools[{i}].name")
             for key, kind_of, what in (
                 ("parameters", dict, "a JSON schema object"),
                 ("description", str, "a string"),
