@@ -516,6 +516,18 @@ async def test_the_policys_environment_is_the_kernels_and_never_the_zygotes(
     assert not marker.exists()
 
 
+async def test_a_forked_kernels_environment_is_a_cold_ones(
+    kernel_factory: KernelFactory, zygote: Zygote
+) -> None:
+    show = "import json, os\nprint(json.dumps(dict(os.environ)))"
+    cold = await _json(await kernel_factory(), show)
+    forked = await _json(await _forked(kernel_factory, zygote), show)
+    assert isinstance(cold, dict) and isinstance(forked, dict)
+    cold.pop("PYDEVD_USE_FRAME_EVAL", None)  # debugpy's, which a forked kernel never imports
+    assert forked == cold
+    assert forked["PAGER"] == "cat" and forked["TERM"] == "xterm-color"  # the shell's
+
+
 async def test_a_policy_setting_what_a_process_reads_as_it_starts_is_not_forked(
     host: SandboxHost,
 ) -> None:
