@@ -18,6 +18,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from sandkernel._resources import data_dir
 from sandkernel.kernel import KERNEL_NAME
+from sandkernel.provisioner import SandboxProvisioner
 from tests.conftest import runtime_root
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -111,3 +112,29 @@ async def test_a_socket_swapped_for_a_host_link_is_not_reconnected_through(
         finally:
             path.unlink()
     assert (await _run(client, "print(1 + 1)"))["stdout"] == "2\n"
+
+
+async def test_a_restart_starts_in_a_new_sandbox_and_leaves_nothing_of_the_old(
+    started: tuple[AsyncKernelManager, AsyncKernelClient],
+) -> None:
+    km, client = started
+    assert (await _run(client, "open('/tmp/old', 'w').write('x')"))["status"] == "ok"
+    provisioner = km.provisioner
+    assert isinstance(provisioner, SandboxProvisioner) and provisioner.jail is not None
+    old = provisioner.jail
+    assert old.layout is not None
+    old_root, old_cgroups = old.layout.root, set(old.cgroup.dirs.values())
+    await km.restart_kernel(now=True)
+    assert not old_root.exists()  # its folder, with its mounts
+    assert not [d for d in old_cgroups if d.exists()]
+    assert provisioner.jail is not None and provisioner.jail is not old
+    # A new sandbox has new sockets: a client connects with the manager's new info.
+    again = km.client()
+    assert isinstance(again, AsyncKernelClient)
+    again.start_channels()
+    try:
+        await again.wait_for_ready(timeout=60)
+        found = await _run(again, "import os\nprint(os.path.exists('/tmp/old'))")
+        assert found["stdout"] == "False\n"  # not the old sandbox again
+    finally:
+        again.stop_channels()

@@ -7,7 +7,9 @@ Jupyter client can start a sandboxed kernel. sandkernel itself passes a
 ``start_kernel(sandbox=...)``; a plain Jupyter client gets a jail, on a host
 of its own, built from the spec's ``config`` (``policy``). Either way the jail
 spawns nsjail, waits for it and removes it: the same lifecycle as a batch
-worker's.
+worker's. A plain client's restart starts the kernel in a new sandbox (the
+old one removed), so its connection info changes: a client reconnects with
+the manager's new info.
 
 The kernel talks over the ``ipc`` transport: its sockets live in a
 per-kernel folder bound into the sandbox at ``/run/sandkernel``. The kernel
@@ -25,6 +27,7 @@ the sandbox point to later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import stat
@@ -115,11 +118,16 @@ class SandboxProvisioner(LocalProvisioner):
         for key, value in list(info.items()):
             if isinstance(value, bytes):
                 info[key] = value.decode()
+        # The folder is the sandbox's to write: in a jail started again, a name
+        # there may be anything it left (a link to a host file, for root to write).
         path = layout.connection_dir / "kernel.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
         with os.fdopen(fd, "w") as f:
+            os.fchown(f.fileno(), SANDBOX_UID, SANDBOX_GID)
             json.dump(info, f)
-        os.chown(path, SANDBOX_UID, SANDBOX_GID)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start nsjail running ``cmd``, the kernel's command inside the jail.
@@ -194,11 +202,13 @@ class SandboxProvisioner(LocalProvisioner):
         for fd in fds:
             os.close(fd)
         jail = self.jail
-        if jail is None or restart:
-            return
+        if jail is None or (restart and not self.owns_host):
+            return  # a jail the caller passed is the caller's, to start again in
+        # A restart of a jail of our own starts in a new one (pre_launch).
         await jail.destroy()
         if self.owns_host:
             jail.host.close()
+            self.owns_host = False
         self.jail = None
 
 
