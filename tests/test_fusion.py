@@ -111,6 +111,10 @@ async def test_bad_files_are_a_sandbox_error_naming_the_problem(
         ({"a.txt": "@@@"}, "base64"),
         ({".": ""}, "names no file"),
         ({"a\ud800.txt": ""}, "not valid UTF-8"),  # JSON's "\ud800" parses to this
+        # Names no file system takes together, or alone: as /run_code answers them.
+        ({"a": "eA==", "a/b": "eA=="}, "could not be written"),
+        ({"a/b": "eA==", "a": "eA=="}, "could not be written"),
+        ({"x" * 300: "eA=="}, "could not be written"),
     ):
         response = await run_jupyter(engine, RunJupyterRequest(cells=["1"], files=files))
         assert response.status is RunStatus.SandboxError and why in response.message

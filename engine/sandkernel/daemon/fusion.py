@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from sandkernel.api import EngineAPI
 from sandkernel.batch import RunRequest, RunResult
+from sandkernel.batch.models import SETUP_FAILED
 from sandkernel.errors import FusionInputError
 from sandkernel.limits import MAX_TIMEOUT_S as MAX_TIMEOUT_S  # a request's longest (a run's)
 from sandkernel.results import ExecutionResult
@@ -361,8 +362,15 @@ async def run_jupyter(
                     "for the policy's",
                     executor_pod_name=pod_name,
                 )
-        for path, data in files.items():
-            await asyncio.to_thread(write_workspace_file, workspace, path, data)
+        try:
+            for path, data in files.items():
+                await asyncio.to_thread(write_workspace_file, workspace, path, data)
+        except (OSError, ValueError) as exc:  # a name no file system takes, a file in a file
+            return RunJupyterResponse(
+                status=RunStatus.SandboxError,
+                message=f"{SETUP_FAILED}: {exc}",
+                executor_pod_name=pod_name,
+            )
         cells: list[CellRunResult] = []
         deadline = started + request.total_timeout
         status = CommandRunStatus.Finished
