@@ -157,6 +157,23 @@ async def test_run_jupyter_runs_cells_in_a_kernel_used_once(daemon_factory: Daem
     assert response.json()["cells"][0]["error"][0]["ename"] == "NameError"
 
 
+async def test_run_jupyter_whose_client_went_interrupts_its_cells_and_frees_the_kernel(
+    daemon_factory: DaemonFactory,
+) -> None:
+    running = await daemon_factory(engine_options={"pool_size": 1})
+    gone = running.raw()
+    body = {"cells": ["import time\ntime.sleep(60)"], "total_timeout": 120}
+    with pytest.raises(httpx.TimeoutException):
+        await gone.post("/run_jupyter", json=body, timeout=2)  # gives up, hangs up
+    await gone.aclose()
+    (info,) = [s for s in await running.engine.sessions() if s.state == "active"]
+    kernel = (await running.engine.get_session(info.id)).kernel
+    assert kernel is not None
+    # Not the 60 s its cell would take: the cell interrupted, the session closed.
+    with anyio.fail_after(15):
+        await kernel.wait_ended()
+
+
 async def test_malformed_sandboxfusion_bodies_get_a_clear_4xx(
     daemon_factory: DaemonFactory,
 ) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+import anyio
+from starlette.requests import Request
 from starlette.types import Message, Receive, Scope
 
 
@@ -42,3 +44,33 @@ def limit_body(receive: Receive, limit: int, too_large: Callable[[], Exception])
         return message
 
     return limited
+
+
+async def unless_gone[T](request: Request, run: Callable[[], Awaitable[T]]) -> T | None:
+    """``run()``'s result; None if the client went first, the run then cancelled.
+
+    As the embedded engine does for a caller that gives up: a cell is
+    interrupted (cancelling a run interrupts its cell), a queued run given
+    up, not left to hold a kernel, a session or a slot until it ends. A
+    streamed run is ended the same way by its response, which watches for
+    the disconnect.
+    """
+    result: T | None = None
+    failed: Exception | None = None
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            # The body was read: what comes next is the client's disconnect.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            result = await run()
+        except Exception as exc:  # noqa: BLE001 - raised below, as itself, not in a group
+            failed = exc
+        group.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+    return result

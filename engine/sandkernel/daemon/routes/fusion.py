@@ -17,10 +17,11 @@ from __future__ import annotations
 import socket
 from typing import Final
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from sandkernel.api import EngineAPI
+from sandkernel.daemon.asgi import unless_gone
 from sandkernel.daemon.fusion import (
     RunCodeRequest,
     RunCodeResponse,
@@ -57,9 +58,13 @@ def add_fusion_routes(app: FastAPI, engine: EngineAPI) -> None:
         responses=error_responses(*ONE_SHOT_RUN, *POOLED_KERNEL),
         tags=["SandboxFusion"],
     )
-    async def fusion_run_jupyter(body: RunJupyterRequest) -> Response:
+    async def fusion_run_jupyter(body: RunJupyterRequest, request: Request) -> Response:
         """SandboxFusion's `/run_jupyter`: the cells in a warm kernel, used once, then destroyed."""
-        return json_response(await run_jupyter(engine, body, pod_name=pod_name))
+        # A client that goes takes its cells with it: interrupted, the kernel freed.
+        response = await unless_gone(request, lambda: run_jupyter(engine, body, pod_name=pod_name))
+        if response is None:
+            return Response(status_code=499)  # nobody reads it: the client went
+        return json_response(response)
 
     @app.get(
         "/v1/ping",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Final
 
 import anyio
@@ -27,6 +27,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from sandkernel.api import ServedEngine, SessionAPI
 from sandkernel.daemon import sse
+from sandkernel.daemon.asgi import unless_gone
 from sandkernel.daemon.responses import error_body, json_response
 from sandkernel.daemon.routes.files import upload_name
 from sandkernel.daemon.routes.lookup import SessionLookup
@@ -178,7 +179,7 @@ def add_session_routes(app: FastAPI, engine: ServedEngine, lookup: SessionLookup
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        result = await _unless_gone(
+        result = await unless_gone(
             request,
             lambda: session.run(
                 body.code, timeout_s=body.timeout_s, restart=body.restart, file_ids=body.file_ids
@@ -296,34 +297,3 @@ async def _stream_run(session: SessionAPI, body: Execute) -> AsyncIterator[bytes
                 upcoming.cancel()
                 await asyncio.wait({upcoming})
             await events.aclose()  # type: ignore[attr-defined]  # an async generator
-
-
-async def _unless_gone(
-    request: Request, run: Callable[[], Awaitable[ExecutionResult]]
-) -> ExecutionResult | None:
-    """``run()``'s result; None if the client went first, the run then cancelled.
-
-    As the embedded engine does for a caller that gives up: the cell is
-    interrupted (cancelling a run interrupts its cell), not left to hold the
-    kernel and the session until it ends. A streamed run is ended the same
-    way by its response, which watches for the disconnect.
-    """
-    result: ExecutionResult | None = None
-    failed: Exception | None = None
-    async with anyio.create_task_group() as group:
-
-        async def watch() -> None:
-            # The body was read: what comes next is the client's disconnect.
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            group.cancel_scope.cancel()
-
-        group.start_soon(watch)
-        try:
-            result = await run()
-        except Exception as exc:  # noqa: BLE001 - raised below, as itself, not in a group
-            failed = exc
-        group.cancel_scope.cancel()
-    if failed is not None:
-        raise failed
-    return result
