@@ -268,6 +268,9 @@ async def test_v1_run_and_the_ndjson_batch_tag_results_with_their_ids(
     assert [json.loads(line)["stdout"] for line in r.text.splitlines()] == ["7\n"]
     r = await raw.post("/v1/runs", json={"runs": [{"code": 1}]})
     assert r.status_code == 422
+    misspelt = {"runs": [{"code": "print(7)"}], "concurency": 4}
+    r = await raw.post("/v1/runs", json=misspelt)
+    assert r.status_code == 422 and "concurency" in r.text  # refused, as /v1/run refuses
 
 
 async def test_the_clients_run_once_and_run_many_mirror_the_engine(

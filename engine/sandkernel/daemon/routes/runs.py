@@ -43,7 +43,7 @@ from typing import Annotated, Any, Final
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandkernel.api import ServedEngine
 from sandkernel.batch import RunRequest, RunResult
@@ -60,6 +60,7 @@ NDJSON: Final = "application/x-ndjson"
 class RunBatch(BaseModel):
     """The JSON form of a ``/v1/runs`` body."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is refused, not ignored
     runs: list[RunRequest] = Field(description="the runs; tag each with `id`")
     concurrency: int | None = Field(
         default=None, ge=1, le=4096, description="runs in flight (default: the batch workers)"
