@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CallToolResult, ImageContent, TextContent
@@ -172,6 +175,37 @@ async def test_mcp_server_on_a_running_daemon(
     assert set(ran.values()) == {"closed"}, ran
     assert (await other.run("secret")).text == "'not for the model'"
     await other.close()
+
+
+async def test_mcp_on_a_daemon_ends_its_sessions_when_terminated(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    running = await daemon_factory()
+    argv = [sys.executable, "-m", "sandkernel.daemon", "mcp", "--socket", str(running.socket)]
+    with (tmp_path / "mcp.log").open("w") as log:
+        async with await anyio.open_process(argv, stderr=log) as server:
+            assert server.stdin is not None and server.stdout is not None
+            replies = BufferedByteReceiveStream(server.stdout)
+
+            async def ask(message: dict[str, object]) -> bytes:
+                await server.stdin.send((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
+                if "id" not in message:
+                    return b""  # a notification: no answer
+                with anyio.fail_after(60):
+                    return await replies.receive_until(b"\n", 1 << 20)
+
+            client = {"name": "t", "version": "1"}
+            hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": client}
+            await ask({"id": 1, "method": "initialize", "params": hello})
+            await ask({"method": "notifications/initialized"})
+            call = {"name": "run_python", "arguments": {"code": "print(6 * 7)"}}
+            assert b"42" in await ask({"id": 2, "method": "tools/call", "params": call})
+            (began,) = [s.id for s in await running.engine.sessions() if s.id.startswith("mcp-")]
+            server.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                assert await server.wait() == -signal.SIGTERM
+    states = {s.id: s.state for s in await running.engine.sessions()}
+    assert states[began] == "closed"  # not left to its TTL in the daemon
 
 
 def test_mcp_on_a_daemon_refuses_engine_options() -> None:

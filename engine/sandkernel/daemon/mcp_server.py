@@ -23,13 +23,17 @@ the daemon's client has the engine's methods, so the code is the same.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import codecs
 import contextlib
 import json
+import os
 import re
 import secrets
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +60,8 @@ _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 _ID_LENGTH: Final = 128
 _MAX_IMAGES: Final = 4
 _READ_LIMIT: Final = 10 << 20
+#: How long a SIGTERM waits for the sessions this server began to end.
+_SIGTERM_CLOSE_S: Final = 10.0
 #: images a model can be shown (MCP's ImageContent), in order of preference
 _IMAGE_TYPES: Final = ("image/png", "image/jpeg", "image/gif", "image/webp")
 
@@ -293,6 +299,38 @@ def build_mcp_server(tools: SandboxTools) -> MCPServer[Any]:
     return server
 
 
+@contextmanager
+def _sessions_closed_on_sigterm(tools: SandboxTools) -> Iterator[None]:
+    """On SIGTERM, end the sessions this server began, then die of it, as asked.
+
+    Over stdio the server waits in a thread reading stdin, which no
+    cancellation interrupts: the sessions are closed from the handler itself.
+    (With an embedded engine, the engine's own handler ends its kernels.)
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield  # the embedding program handles SIGTERM itself
+        return
+    loop = asyncio.get_running_loop()
+    ending: set[asyncio.Task[None]] = set()
+
+    async def close_then_exit() -> None:
+        try:
+            with anyio.move_on_after(_SIGTERM_CLOSE_S):
+                await tools.close_sessions()
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    loop.add_signal_handler(signal.SIGTERM, lambda: ending.add(loop.create_task(close_then_exit())))
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 async def run_mcp_server(
     *, socket: Path | None, engine: ManagedBackend | None, upload_dirs: Sequence[Path] = ()
 ) -> None:
@@ -307,10 +345,11 @@ async def run_mcp_server(
         async with AsyncClient(socket) as client:
             await client.health()  # fail now, with the daemon's address, if it is not there
             tools = SandboxTools(client, upload_dirs=upload_dirs)
-            try:
-                await build_mcp_server(tools).run_stdio_async()
-            finally:
-                await tools.close_sessions()  # the daemon outlives this server
+            with _sessions_closed_on_sigterm(tools):
+                try:
+                    await build_mcp_server(tools).run_stdio_async()
+                finally:
+                    await tools.close_sessions()  # the daemon outlives this server
         return
     if engine is None:
         raise ValueError("give a daemon socket or an engine")
