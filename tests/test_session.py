@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sandkernel.errors import BadInput, KernelDead, SessionClosed, SessionExpired
+from sandkernel.errors import BadInput, FileRejected, KernelDead, SessionClosed, SessionExpired
 from sandkernel.results import ExecutionResult, Usage
 from sandkernel.session import Lifetime, Session, SessionState
 
@@ -305,3 +305,37 @@ async def test_a_session_closed_while_its_dead_kernel_is_replaced_stays_closed()
     assert session.state is SessionState.CLOSED and session.kernel is None
     assert released[-1] is fresh  # the kernel it got is given back, not kept
     assert "start x" not in log
+
+
+class _ClosedWhilePlacing:
+    """A workspace whose session is closed while a file is being placed in it."""
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+
+    async def _placing(self) -> None:
+        assert self.session is not None
+        await self.session.close()  # the kernel, and its folder, go meanwhile
+        raise FileRejected("cannot place 'a.txt' in /mnt/data: No such file or directory")
+
+    async def upload(self, *_: Any, **__: Any) -> Any:
+        await self._placing()
+
+    async def attach(self, *_: Any, **__: Any) -> Any:
+        await self._placing()
+
+
+async def test_a_session_closed_while_a_file_is_placed_says_closed_not_refused() -> None:
+    session, released = make_session(FakeClock(), [])
+    workspace = _ClosedWhilePlacing()
+    workspace.session = session
+    session.workspace = workspace  # type: ignore[assignment]
+    session.kernel.workspace = "/nowhere"  # type: ignore[union-attr]
+    with pytest.raises(SessionClosed):
+        await session.upload(b"x", "a.txt")
+    session2, _ = make_session(FakeClock(), [])
+    workspace.session, session2.workspace = session2, workspace  # type: ignore[assignment]
+    session2.kernel.workspace = "/nowhere"  # type: ignore[union-attr]
+    with pytest.raises(SessionClosed):
+        await session2.attach(["file-1"])
+    assert len(released) == 1  # the first session's kernel went with its close

@@ -10,8 +10,9 @@ the pure :class:`Lifetime`; the engine's reaper applies them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -293,7 +294,8 @@ class Session(StreamsFromRun):
             self._check_usable()  # closed or expired while a cell held the lock
             # A dead kernel has no workspace: the file is placed when a restart makes one.
             folder = self.kernel.workspace if self.kernel is not None else None
-            return await workspace.upload(folder, source, name, retention_s=retention_s)
+            with self._closed_meanwhile():
+                return await workspace.upload(folder, source, name, retention_s=retention_s)
 
     async def attach(self, file_ids: Sequence[str]) -> list[str]:
         """Copy stored files into ``/mnt/data`` now; returns their paths there."""
@@ -303,7 +305,23 @@ class Session(StreamsFromRun):
             self._check_usable()
             if self.kernel is None:
                 raise KernelDead(f"session {self.id!r} has no kernel: {self._dead_message}")
-            return await workspace.attach(self.kernel.workspace, file_ids)
+            with self._closed_meanwhile():
+                return await workspace.attach(self.kernel.workspace, file_ids)
+
+    @contextlib.contextmanager
+    def _closed_meanwhile(self) -> Iterator[None]:
+        """A failure placing files is the session's end if it ended meanwhile.
+
+        Closing does not wait for the session's lock (a cell may hold it for
+        long): its kernel's folder can go while a file is being placed there,
+        and "no such file" would read as the file refused.
+        """
+        try:
+            yield
+        except Exception:
+            if self.closed:
+                self._check_usable()  # SessionClosed or SessionExpired, from what failed
+            raise
 
     async def files(self) -> list[StoredFile]:
         """Files uploaded to this session and produced by it (also after it ended)."""
