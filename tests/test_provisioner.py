@@ -20,6 +20,7 @@ from sandkernel._resources import data_dir
 from sandkernel.kernel import KERNEL_NAME
 from sandkernel.provisioner import SandboxProvisioner
 from tests.conftest import runtime_root
+from tests.security._support import swap_sockets_for_a_link
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -82,29 +83,7 @@ async def test_a_socket_swapped_for_a_host_link_is_not_reconnected_through(
         host_socket.listen()
         host_socket.setblocking(False)
         try:
-            swap = await _run(
-                client,
-                "import json, os, socket\n"
-                "info = json.load(open('/run/sandkernel/kernel.json'))\n"
-                "names = [f\"{info['ip']}-{info[c + '_port']}\"\n"
-                "         for c in ('shell', 'iopub', 'stdin', 'control', 'hb')]\n"
-                "for name in names:\n"
-                "    os.rename(name, name + '.moved')\n"
-                f"    os.symlink({str(path)!r}, name)\n"
-                "dropped = 0\n"
-                "for fd in map(int, os.listdir('/proc/self/fd')):\n"
-                "    try:\n"
-                "        s = socket.socket(fileno=os.dup(fd))\n"
-                "    except OSError:\n"
-                "        continue\n"
-                "    with s:\n"
-                "        if (s.family == socket.AF_UNIX\n"
-                "                and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)\n"
-                "                and s.getsockname() == names[3]):\n"
-                "            s.shutdown(socket.SHUT_RDWR)\n"
-                "            dropped += 1\n"
-                "print(dropped)",
-            )
+            swap = await _run(client, swap_sockets_for_a_link(str(path)))
             assert swap["status"] == "ok" and int(swap["stdout"]) >= 1, swap
             # zmq retries a lost connection every 100 ms: ten times over.
             with pytest.raises(TimeoutError):

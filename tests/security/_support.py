@@ -83,3 +83,37 @@ async def while_running(
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def swap_sockets_for_a_link(target: str) -> str:
+    """A cell that swaps the kernel's sockets for links to ``target`` and drops its control links.
+
+    Each socket is renamed and a symlink to ``target`` (a host socket) put in
+    its place; then every connection accepted on the control socket (the
+    engine's, the manager's) is shut down, so that zmq on the other side
+    reconnects by name. The cell prints how many it dropped.
+    """
+    return textwrap.dedent(
+        f"""
+        import json, os, socket
+        info = json.load(open('/run/sandkernel/kernel.json'))
+        names = [f"{{info['ip']}}-{{info[c + '_port']}}"
+                 for c in ('shell', 'iopub', 'stdin', 'control', 'hb')]
+        for name in names:
+            os.rename(name, name + '.moved')
+            os.symlink({target!r}, name)
+        dropped = 0
+        for fd in map(int, os.listdir('/proc/self/fd')):
+            try:
+                s = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue  # not a socket
+            with s:
+                if (s.family == socket.AF_UNIX
+                        and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                        and s.getsockname() == names[3]):
+                    s.shutdown(socket.SHUT_RDWR)  # the other end sees it closed
+                    dropped += 1
+        print(dropped)
+        """
+    )

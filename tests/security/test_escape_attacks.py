@@ -24,7 +24,7 @@ from sandkernel.sandbox import (
     verify_cgroup_limits,
 )
 from tests.conftest import runtime_root
-from tests.security._support import run, run_json
+from tests.security._support import run, run_json, swap_sockets_for_a_link
 from tests.security.conftest import EngineBox, KernelBox
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -365,29 +365,9 @@ async def test_a_kernel_socket_swapped_for_a_host_link_is_never_reconnected_thro
         host_socket.listen()
         host_socket.setblocking(False)
         try:
-            dropped = await run_json(
-                k,
-                f"""
-                info = json.load(open('/run/sandkernel/kernel.json'))
-                names = [f"{{info['ip']}}-{{info[c + '_port']}}"
-                         for c in ('shell', 'iopub', 'stdin', 'control')]
-                for name in names:
-                    os.rename(name, name + '.moved')
-                    os.symlink({str(path)!r}, name)
-                result = 0
-                for fd in map(int, os.listdir('/proc/self/fd')):
-                    try:
-                        s = socket.socket(fileno=os.dup(fd))
-                    except OSError:
-                        continue  # not a socket
-                    with s:
-                        if (s.family == socket.AF_UNIX
-                                and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                                and s.getsockname() == names[3]):
-                            s.shutdown(socket.SHUT_RDWR)  # the engine's end sees it closed
-                            result += 1
-                """,
-            )
+            swap = await run(k, swap_sockets_for_a_link(str(path)))
+            assert swap.status == "ok", swap
+            dropped = int(swap.stdout)
             assert dropped >= 1, "no connection of the engine's to the control socket found"
             # zmq retries a lost connection every 100 ms: ten times over.
             with pytest.raises(TimeoutError):
