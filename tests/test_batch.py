@@ -819,21 +819,34 @@ async def test_a_frame_larger_than_any_reply_is_not_read_and_loses_the_worker(
     worker = Worker(config, on_slot_free=lambda: None, on_lost=lambda _: None)
     read, write = os.pipe2(os.O_CLOEXEC)
     os.set_blocking(read, False)  # as the worker's end is
+    requests_read, worker.request_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     worker.reply_fd = read
     try:
-        largest = encode_frame({"ok": True}, [b"x" * (2 << 20)])  # two full outputs: read
+        paths = [f"d/{i:04}" * 50 for i in range(100)]  # echoed back in the reply
+        request = encode_frame({"mode": "check", "fetch": paths}, [b"code"])
+        pending = worker.submit(request, 60)
+        bound = worker.outstanding[0].reply_max_bytes
+        # The largest reply: a verdict of 4 MiB of control characters (6 bytes
+        # of JSON each), every path echoed, two full outputs, the files fetched.
+        verdict = "\x01" * (4 << 20)
+        blobs = [b"o" * (1 << 20), b"e" * (1 << 20), b"f" * (1 << 20)]
+        largest = encode_frame({"status": verdict, "missing": paths}, blobs)
+        assert len(largest) - LENGTH_SIZE <= bound
         # More than a pipe holds: written by a thread as the worker reads.
         writing = asyncio.ensure_future(asyncio.to_thread(_write_all, write, largest))
-        header, (blob,) = await worker._read_frame(time.monotonic() + 10)
+        header, read_blobs = await worker._read_frame(time.monotonic() + 30, bound)
         await writing
-        assert header["ok"] and len(blob) == 2 << 20
+        assert header["status"] == verdict and read_blobs == blobs
         os.write(write, (1 << 40).to_bytes(LENGTH_SIZE, "little"))  # a TiB announced
         with pytest.raises(WorkerLost, match="more than any of its replies") as lost:
-            await worker._read_frame(time.monotonic() + 10)
+            await worker._read_frame(time.monotonic() + 10, bound)
         assert lost.value.blamed
+        pending.cancel()
     finally:
-        os.close(read)
-        os.close(write)
+        if worker._timer is not None:
+            worker._timer.cancel()
+        for fd in (read, write, requests_read, worker.request_fd):
+            os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -38,9 +38,11 @@ _SERVER_MODULES = ("forkserver.py", "frames.py", "immortal.py")
 #: about 0.3 ms less per program after): a short evaluation never waits for
 #: it, a long one gains from the next program on.
 IMMORTAL_AFTER = 8
-#: What a reply may hold beyond its two outputs and its fetched files: a
-#: check's verdict (the server keeps 4 MiB of it), the header, the paths.
-_REPLY_SLACK_BYTES = 16 << 20
+#: A check's verdict as the server keeps it (forkserver.py's _STATUS_MAX).
+_VERDICT_MAX_CHARS = 4 << 20
+#: A reply's header beyond what it echoes of its request (the ready frame's
+#: whole size too).
+_HEADER_SLACK_BYTES = 1 << 20
 
 
 @functools.cache
@@ -79,6 +81,8 @@ class WorkerConfig:
 class _Pending:
     limit_s: float
     future: asyncio.Future[Reply]
+    #: no reply to this request is larger (see Worker.submit)
+    reply_max_bytes: int
     #: its caller gave up while it was queued: ended when its turn comes
     abandoned: bool = False
 
@@ -116,10 +120,6 @@ class Worker:
         self._on_lost = on_lost
         self._on_spawned = on_spawned
         self._buffer = bytearray()
-        #: no reply the server sends is larger: a larger frame means it is not itself
-        self._reply_max_bytes = (
-            2 * config.output_max_bytes + config.fetch_max_bytes + _REPLY_SLACK_BYTES
-        )
         self._unsent = bytearray()
         self._oom_kills = 0
         self._usage: UsageReader | None = None
@@ -168,7 +168,9 @@ class Worker:
             self._on_spawned()  # while the sandbox boots
         os.set_blocking(self.request_fd, False)
         os.set_blocking(self.reply_fd, False)
-        header, _ = await self._read_frame(time.monotonic() + config.start_timeout_s)
+        header, _ = await self._read_frame(
+            time.monotonic() + config.start_timeout_s, _HEADER_SLACK_BYTES
+        )
         if not header.get("ready"):
             raise WorkerLost(f"unexpected first frame from the server: {header}", blamed=False)
         self.hello = header
@@ -181,7 +183,15 @@ class Worker:
     def submit(self, frame: bytes, limit_s: float) -> asyncio.Future[Reply]:
         """Queue a request frame; the future gets its reply or a WorkerLost."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(limit_s, loop.create_future())
+        # A reply holds at most two capped outputs and the fetched files, and a
+        # header with a check's verdict and what it echoes of the request (its
+        # paths, in one list or another), each character at most 6 bytes of
+        # JSON: a larger frame is not the server's reply, and is not read into
+        # the engine's memory. (Generous: a bound, not a size.)
+        config = self.config
+        blobs = 2 * config.output_max_bytes + config.fetch_max_bytes
+        header = 6 * (_VERDICT_MAX_CHARS + 2 * len(frame)) + _HEADER_SLACK_BYTES
+        pending = _Pending(limit_s, loop.create_future(), blobs + header)
         self.outstanding.append(pending)
         if len(self.outstanding) == 1:
             self._arm_timer()
@@ -234,7 +244,9 @@ class Worker:
         head_blamed = True
         try:
             while True:
-                header, blobs = await self._read_frame(None)
+                # (with none outstanding, whatever comes is refused below)
+                bound = self.outstanding[0].reply_max_bytes if self.outstanding else 0
+                header, blobs = await self._read_frame(None, max(bound, _HEADER_SLACK_BYTES))
                 if not self.outstanding:
                     reason = "the server answered a request it was not sent"
                     break
@@ -317,10 +329,10 @@ class Worker:
                 raise WorkerLost("the sandbox is gone", blamed=True)
             self._buffer += chunk
 
-    async def _read_frame(self, deadline: float | None) -> Reply:
+    async def _read_frame(self, deadline: float | None, max_bytes: int) -> Reply:
         await self._fill(LENGTH_SIZE, deadline)
         size = frame_body_size(self._buffer)
-        if size > self._reply_max_bytes:
+        if size > max_bytes:
             # Not read: the engine's memory is not the sandbox's to fill.
             raise WorkerLost(
                 f"the server sent a frame of {size} bytes, more than any of its replies",
