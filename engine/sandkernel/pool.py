@@ -283,8 +283,10 @@ class Pool:
         if kernel in self._in_use:
             self._in_use.discard(kernel)
             self.book.released()
-        await kernel.shutdown()
-        self._wake.set()
+        try:
+            await kernel.shutdown()  # shielded inside: it ends even if we are cancelled
+        finally:
+            self._wake.set()  # the slot is free: a cancelled releaser still wakes the waiters
 
     # -- shutdown ----------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
+import anyio
 from pydantic import BaseModel, Field, field_validator
 
 from sandkernel.api import EngineAPI
@@ -406,7 +407,9 @@ async def run_jupyter(
                 left -= len(content)
                 fetched[path] = base64.b64encode(content).decode()
     finally:
-        await session.close()
+        # Also when the request is cancelled (its client went): closed whole.
+        with anyio.CancelScope(shield=True):
+            await session.close()
     driver = CommandRunResult(
         status=status, execution_time=round(time.monotonic() - started, 6), return_code=0
     )
