@@ -184,6 +184,26 @@ async def test_run_jupyter_whose_client_went_interrupts_its_cells_and_frees_the_
     assert used.closed
 
 
+@pytest.mark.parametrize("path", ["/v1/run", "/run_code"])
+async def test_a_one_shot_run_whose_client_went_frees_its_sandbox(
+    daemon_factory: DaemonFactory, path: str
+) -> None:
+    running = await daemon_factory(engine_options={"pool_size": 0, "batch_workers": 1})
+    http = running.raw()
+    sleep = "import time\ntime.sleep(60)"
+    body = {"code": sleep, "timeout_s": 120} if path == "/v1/run" else {
+        "code": sleep, "language": "python", "run_timeout": 120}  # fmt: skip
+    assert (await http.post("/v1/run", json={"code": "1"}, timeout=60)).status_code == 200
+    gone = running.raw()
+    with pytest.raises(httpx.TimeoutException):
+        await gone.post(path, json=body, timeout=2)  # gives up, hangs up
+    await gone.aclose()
+    # The one sandbox is not held for the 60 s: the next run has it at once.
+    with anyio.fail_after(20):
+        after = await http.post("/v1/run", json={"code": "print('next')"}, timeout=60)
+    assert after.json()["stdout"] == "next\n"
+
+
 async def test_malformed_sandboxfusion_bodies_get_a_clear_4xx(
     daemon_factory: DaemonFactory,
 ) -> None:

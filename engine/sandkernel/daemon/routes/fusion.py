@@ -48,9 +48,12 @@ def add_fusion_routes(app: FastAPI, engine: EngineAPI) -> None:
         responses=error_responses(*ONE_SHOT_RUN),
         tags=["SandboxFusion"],
     )
-    async def fusion_run_code(body: RunCodeRequest) -> Response:
+    async def fusion_run_code(body: RunCodeRequest, request: Request) -> Response:
         """SandboxFusion's `/run_code`: `python` and `pytest`, each run in a fresh sandbox."""
-        return json_response(await run_code(engine, body, pod_name=pod_name))
+        response = await unless_gone(request, lambda: run_code(engine, body, pod_name=pod_name))
+        if response is None:
+            return Response(status_code=499)  # nobody reads it: the client went
+        return json_response(response)
 
     @app.post(
         "/run_jupyter",

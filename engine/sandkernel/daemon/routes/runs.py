@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sandkernel.api import ServedEngine
 from sandkernel.batch import RunRequest, RunResult
 from sandkernel.daemon.admission import TICKET_SCOPE_KEY, RunTicket
+from sandkernel.daemon.asgi import unless_gone
 from sandkernel.daemon.routes.raises import ONE_SHOT_RUN
 from sandkernel.daemon.schemas import error_responses
 
@@ -132,8 +133,14 @@ def add_run_routes(app: FastAPI, engine: ServedEngine, *, default_batch_concurre
     async def run(request: Request) -> Response:
         """Run one program on the batch path (a fresh sandboxed fork); nothing is kept."""
         body = _strict(RunRequest, await request.body())
-        results = [r async for r in engine.run_many([body], concurrency=1)]
-        return _json(results[0])
+
+        async def one() -> RunResult:
+            return [r async for r in engine.run_many([body], concurrency=1)][0]
+
+        result = await unless_gone(request, one)  # a client that goes takes its run with it
+        if result is None:
+            return Response(status_code=499)  # nobody reads it: the client went
+        return _json(result)
 
     @app.post(
         "/v1/runs",
