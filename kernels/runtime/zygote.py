@@ -58,8 +58,9 @@ _REPORT_TIMEOUT_S = 20.0
 _CHANNEL = [_DEFAULT_FD]
 #: the IPKernelApp prepared before any fork (launch.prepare_kernel_app), set by _warm_up()
 _KERNEL_APP = [None]
-#: what the imports and the shell's making set in the environment, set by main()
-_ENV_SET_BY_WARM_UP = {}
+#: what making the kernel's shell set in the environment (IPython's TERM, PAGER...),
+#: set by _warm_up()
+_ENV_SET_BY_SHELL = {}
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
@@ -235,11 +236,11 @@ def _become_kernel(request, limits, nice, last_cap, report_fd, outside_cpu_ns):
     _set_cmdline(request["cmdline"])
     # A cold kernel's environment, the policy's variables included: the zygote
     # ran without them (paths it would have read as root on the host). Then
-    # what a cold kernel's start sets over them (the shell's TERM, PAGER...),
-    # which here was set once, in the zygote, before the fork.
+    # what a cold kernel's shell sets over them as it is made (TERM, PAGER...),
+    # which here was made once, in the zygote, before the fork.
     os.environ.clear()
     os.environ.update(item.split("=", 1) for item in request["env"])
-    os.environ.update(_ENV_SET_BY_WARM_UP)
+    os.environ.update(_ENV_SET_BY_SHELL)
 
 
 def _set_cmdline(argv):
@@ -489,7 +490,12 @@ def _warm_up(modules):
         import launch
 
         # What every kernel's IPKernelApp has in common, made once, shared.
+        environ = dict(os.environ)
         _KERNEL_APP[0] = launch.prepare_kernel_app()
+        # A cold kernel's shell sets these over the policy's variables as it is
+        # made; the prewarm modules' imports are not in it (a cold kernel's
+        # set-up cell imports them under the policy's).
+        _ENV_SET_BY_SHELL.update((k, v) for k, v in os.environ.items() if environ.get(k) != v)
     gc.collect()
     immortal = _immortalize()
     # Out of the collector's sight too: a collection in a kernel does not
@@ -533,9 +539,7 @@ def main():
         os._exit(1)  # the engine is already gone
     started = time.monotonic()
     _private_tmp()
-    environ = dict(os.environ)
     imported, immortal, huge_mib = _warm_up(modules)
-    _ENV_SET_BY_WARM_UP.update((k, v) for k, v in os.environ.items() if environ.get(k) != v)
     sock = socket.socket(fileno=_CHANNEL[0])
     threads = len(os.listdir("/proc/self/task"))
     fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
