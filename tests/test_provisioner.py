@@ -11,12 +11,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+import zmq
+import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from sandkernel._resources import data_dir
+from sandkernel.errors import KernelStartFailed
 from sandkernel.kernel import KERNEL_NAME
 from sandkernel.provisioner import SandboxProvisioner
 from tests.conftest import runtime_root
@@ -68,7 +72,17 @@ async def test_a_plain_jupyter_client_reaches_the_kernel_only_through_pinned_lin
     for port in (km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port):
         assert os.readlink(f"{km.ip}-{port}").startswith("/proc/self/fd/")
     assert (await _run(client, "print(6 * 7)"))["stdout"] == "42\n"
-    assert client.hb_channel.is_beating()  # the heartbeat too, for the clients that use it
+    # The heartbeat too, for the clients that use it: it echoes through its link.
+    context = zmq.asyncio.Context()
+    beat = context.socket(zmq.REQ)
+    try:
+        beat.connect(f"ipc://{km.ip}-{km.hb_port}")
+        await beat.send(b"ping")
+        with anyio.fail_after(10):
+            assert await beat.recv() == b"ping"
+    finally:
+        beat.close(linger=0)
+        context.term()
 
 
 async def test_a_socket_swapped_for_a_host_link_is_not_reconnected_through(
@@ -117,3 +131,25 @@ async def test_a_restart_starts_in_a_new_sandbox_and_leaves_nothing_of_the_old(
         assert found["stdout"] == "False\n"  # not the old sandbox again
     finally:
         again.stop_channels()
+
+
+async def test_a_launch_that_fails_leaves_nothing_of_its_sandbox(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[tuple[Path, set[Path]]] = []
+
+    async def never_bound(self: SandboxProvisioner, ports: list[int]) -> str:
+        assert self.jail is not None and self.jail.layout is not None
+        made.append((self.jail.layout.root, set(self.jail.cgroup.dirs.values())))
+        raise KernelStartFailed("the kernel did not bind its sockets")
+
+    monkeypatch.setattr(SandboxProvisioner, "_pin_sockets", never_bound)
+    km = AsyncKernelManager(
+        kernel_name=KERNEL_NAME,
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(data_dir("kernels"))]),
+    )
+    with pytest.raises(KernelStartFailed):
+        await km.start_kernel()
+    ((root, cgroups),) = made
+    # jupyter_client cleans nothing up after a failed launch: the provisioner did.
+    assert not root.exists() and not [d for d in cgroups if d.exists()]

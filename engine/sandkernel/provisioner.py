@@ -21,7 +21,9 @@ Once the kernel has bound its sockets, each is opened as bound (``O_PATH``,
 not through a link, checked to be a socket), and the connection info this
 provisioner returns points into a root-only folder of links to those
 descriptors (``/proc/self/fd/N``): the same sockets whatever their names in
-the sandbox point to later.
+the sandbox point to later. Those links mean the sockets in this process
+only (``/proc/self``): the connection info, and the connection file
+jupyter_client writes from it, are for this process's clients.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
@@ -143,17 +146,28 @@ class SandboxProvisioner(LocalProvisioner):
         """
         if self.jail is None:
             raise RuntimeError("launch_kernel() before pre_launch()")
+        try:
+            return await self._launch(self.jail, cmd, kwargs.get("cwd"))
+        except BaseException:
+            # jupyter_client cleans nothing up after a failed launch: a jail of
+            # our own goes now (a caller's jail is the caller's to destroy).
+            if self.owns_host:
+                with anyio.CancelScope(shield=True):
+                    await self._discard_own_jail()
+            raise
+
+    async def _launch(self, jail: Jail, cmd: list[str], cwd: str | None) -> KernelConnectionInfo:
         if self.zygote is not None:
             # The same sandbox, its init a stub; the kernel is forked into it.
-            self.forked = await self.zygote.fork_into(self.jail, cmd)
-            process = self.jail.process
+            self.forked = await self.zygote.fork_into(jail, cmd)
+            process = jail.process
             assert process is not None
         else:
-            process = self.jail.spawn(cmd)
+            process = jail.spawn(cmd)
         self.process = process
         self.pid = process.pid
         self.pgid = process.pid  # a session, and so a process group, of its own
-        self.cwd = kwargs.get("cwd")
+        self.cwd = cwd
         info = self.connection_info.copy()
         ports = [
             int(info["shell_port"]),
@@ -205,11 +219,20 @@ class SandboxProvisioner(LocalProvisioner):
         if jail is None or (restart and not self.owns_host):
             return  # a jail the caller passed is the caller's, to start again in
         # A restart of a jail of our own starts in a new one (pre_launch).
-        await jail.destroy()
         if self.owns_host:
+            await self._discard_own_jail()
+        else:
+            await jail.destroy()
+            self.jail = None
+
+    async def _discard_own_jail(self) -> None:
+        """Stop and remove the jail made for this kernel, and close its host."""
+        jail, self.jail = self.jail, None
+        self.owns_host = False
+        if jail is not None:
+            await jail.stop()
+            await jail.destroy()
             jail.host.close()
-            self.owns_host = False
-        self.jail = None
 
 
 def _all_exist(prefix: str, ports: Sequence[int]) -> bool:
