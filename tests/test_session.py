@@ -338,4 +338,9 @@ async def test_a_session_closed_while_a_file_is_placed_says_closed_not_refused()
     session2.kernel.workspace = "/nowhere"  # type: ignore[union-attr]
     with pytest.raises(SessionClosed):
         await session2.attach(["file-1"])
+    session3, _ = make_session(FakeClock(), [])
+    workspace.session, session3.workspace = session3, workspace  # type: ignore[assignment]
+    session3.kernel.workspace = "/nowhere"  # type: ignore[union-attr]
+    with pytest.raises(SessionClosed):
+        await session3.run("1", file_ids=["file-1"])  # a cell's files, placed before it runs
     assert len(released) == 1  # the first session's kernel went with its close

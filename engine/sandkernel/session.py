@@ -201,7 +201,8 @@ class Session(StreamsFromRun):
                     # Closed or expired while the kernel was being acquired: that stands.
                     self._check_usable()
                     if self.workspace is not None:
-                        await self.workspace.prepare(fresh.workspace, restart=True)
+                        with self._closed_meanwhile():
+                            await self.workspace.prepare(fresh.workspace, restart=True)
                 except BaseException:
                     await self._release(fresh)
                     raise
@@ -213,7 +214,8 @@ class Session(StreamsFromRun):
             kernel = current
             self.lifetime.ran(self._clock())
             if file_ids and self.workspace is not None:
-                await self.workspace.attach(kernel.workspace, file_ids)
+                with self._closed_meanwhile():
+                    await self.workspace.attach(kernel.workspace, file_ids)
             self._running = True
             try:
                 result = await kernel.execute(code, timeout_s=timeout_s, on_output=on_output)
