@@ -96,15 +96,19 @@ def test_bad_policy_is_a_clear_error_with_exit_2(tmp_path: Path) -> None:
 @pytest.mark.sandbox
 def test_a_display_is_never_saved_through_a_link_the_sandbox_planted(tmp_path: Path) -> None:
     ws, outside = tmp_path / "ws", tmp_path / "outside"
+    ws.mkdir()
+    (tmp_path / "ws-link").symlink_to(ws)  # the user's own link to it is followed
     code = (
         "import base64, os\nfrom IPython.display import display\n"
         f"os.symlink({str(outside)!r}, 'display-1-1.png')\n"
-        "display({'image/png': base64.b64encode(b'from the sandbox').decode()}, raw=True)"
+        "for data in (b'from the sandbox', b'a plain display'):\n"
+        "    display({'image/png': base64.b64encode(data).decode()}, raw=True)"
     )
-    proc = run_cli("run", "--workspace", str(ws), code)
+    proc = run_cli("run", "--workspace", str(tmp_path / "ws-link"), code)
     assert not outside.exists()  # the command may run as root: nothing written outside
     assert (ws / "display-1-1.png").is_symlink()
     assert "[display 1: image/png not saved as display-1-1.png:" in proc.stderr
+    assert (ws / "display-1-2.png").read_bytes() == b"a plain display"  # the next one is
 
 
 @pytest.mark.sandbox

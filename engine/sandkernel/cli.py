@@ -143,13 +143,16 @@ def _files(args: argparse.Namespace) -> int:
                 Path(stored.name).name != stored.name or stored.name in ("", ".", "..")
             ):
                 raise BadInput(f"{stored.name!r} is not a plain file name: give -o FILE")
-            try:
-                dst = open(target, "xb" if named_by_file else "wb")  # noqa: SIM115
-            except FileExistsError:
-                raise BadInput(f"{target} already exists: give -o {target} to replace it") from None
-            with store.open(stored.id) as src, dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
+            with store.open(stored.id) as src:  # first: a file that cannot be read makes none
+                try:
+                    dst = open(target, "xb" if named_by_file else "wb")  # noqa: SIM115
+                except FileExistsError:
+                    raise BadInput(
+                        f"{target} already exists: give -o {target} to replace it"
+                    ) from None
+                with dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
             print(f"{stored.id} -> {target} ({stored.size_bytes} bytes, {stored.mime_type})")
     finally:
         store.close()
@@ -438,6 +441,9 @@ def _cmd_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             args.socket, _read_code(args), timeout_s=args.timeout,
             json_output=args.json, inputs=args.input or (),
         )  # fmt: skip
+    if args.workspace:
+        # Resolved: a link the user gave is theirs to follow (never one inside it).
+        args.workspace = str(Path(args.workspace).resolve())
     return asyncio.run(_run(args))
 
 
