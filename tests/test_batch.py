@@ -804,6 +804,20 @@ async def test_wait_spawned_returns_once_the_pool_is_closed() -> None:
 
 @sandbox
 @pytest.mark.anyio
+async def test_full_outputs_come_back_whole_to_an_idle_worker(pool_factory: PoolFactory) -> None:
+    # The worker waits for a reply before the request is sent: the bound on
+    # the reply is the request's, not the wait's.
+    pool = await pool_factory(output_max_bytes=2 << 20)
+    code = "import sys\nsys.stdout.write('o' * (3 << 20))\nsys.stderr.write('e' * (3 << 20))"
+    for _ in range(2):  # the first run on a fresh worker, then one after it went idle
+        r = await run(pool, code)
+        assert r.status == "ok", r
+        assert len(r.stdout) == len(r.stderr) == 2 << 20
+    assert pool.stats.worker_restarts == 0
+
+
+@sandbox
+@pytest.mark.anyio
 async def test_a_frame_larger_than_any_reply_is_not_read_and_loses_the_worker(
     host: SandboxHost,
 ) -> None:
@@ -834,12 +848,12 @@ async def test_a_frame_larger_than_any_reply_is_not_read_and_loses_the_worker(
         assert len(largest) - LENGTH_SIZE <= bound
         # More than a pipe holds: written by a thread as the worker reads.
         writing = asyncio.ensure_future(asyncio.to_thread(_write_all, write, largest))
-        header, read_blobs = await worker._read_frame(time.monotonic() + 30, bound)
+        header, read_blobs = await worker._read_frame(time.monotonic() + 30, lambda: bound)
         await writing
         assert header["status"] == verdict and read_blobs == blobs
         os.write(write, (1 << 40).to_bytes(LENGTH_SIZE, "little"))  # a TiB announced
         with pytest.raises(WorkerLost, match="more than any of its replies") as lost:
-            await worker._read_frame(time.monotonic() + 10, bound)
+            await worker._read_frame(time.monotonic() + 10, lambda: bound)
         assert lost.value.blamed
         pending.cancel()
     finally:

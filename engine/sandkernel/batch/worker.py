@@ -169,7 +169,7 @@ class Worker:
         os.set_blocking(self.request_fd, False)
         os.set_blocking(self.reply_fd, False)
         header, _ = await self._read_frame(
-            time.monotonic() + config.start_timeout_s, _HEADER_SLACK_BYTES
+            time.monotonic() + config.start_timeout_s, lambda: _HEADER_SLACK_BYTES
         )
         if not header.get("ready"):
             raise WorkerLost(f"unexpected first frame from the server: {header}", blamed=False)
@@ -244,9 +244,7 @@ class Worker:
         head_blamed = True
         try:
             while True:
-                # (with none outstanding, whatever comes is refused below)
-                bound = self.outstanding[0].reply_max_bytes if self.outstanding else 0
-                header, blobs = await self._read_frame(None, max(bound, _HEADER_SLACK_BYTES))
+                header, blobs = await self._read_frame(None, self._reply_bound)
                 if not self.outstanding:
                     reason = "the server answered a request it was not sent"
                     break
@@ -329,10 +327,16 @@ class Worker:
                 raise WorkerLost("the sandbox is gone", blamed=True)
             self._buffer += chunk
 
-    async def _read_frame(self, deadline: float | None, max_bytes: int) -> Reply:
+    def _reply_bound(self) -> int:
+        # Asked once a frame's length has come, not before the wait for it:
+        # an idle worker waits for the reply of a request not sent yet.
+        # (With none outstanding, whatever comes is refused after it is read.)
+        return self.outstanding[0].reply_max_bytes if self.outstanding else _HEADER_SLACK_BYTES
+
+    async def _read_frame(self, deadline: float | None, max_bytes: Callable[[], int]) -> Reply:
         await self._fill(LENGTH_SIZE, deadline)
         size = frame_body_size(self._buffer)
-        if size > max_bytes:
+        if size > max_bytes():
             # Not read: the engine's memory is not the sandbox's to fill.
             raise WorkerLost(
                 f"the server sent a frame of {size} bytes, more than any of its replies",
