@@ -549,12 +549,14 @@ class SandboxedKernel:
         # than this reads (a thread printing, a flood of displays) would hold
         # the loop, and every other session, for as long as it kept up. So the
         # messages already queued are taken _IOPUB_BATCH at a time, through a
-        # plain socket on the same zmq socket, and then the loop runs.
+        # plain socket on the same zmq socket, and then the loop runs: after
+        # every batch, a short one too (the next awaited receive need not
+        # yield, and a kernel sending just fast enough would chain them).
         queued: zmq.Socket[Any] = zmq.Socket.shadow(socket.underlying)
         with contextlib.suppress(zmq.ZMQError):
             while True:
                 self._take_iopub(await socket.recv_multipart(copy=False), session)
-                for _ in range(_IOPUB_BATCH):
+                for _ in range(_IOPUB_BATCH - 1):
                     if socket.closed:  # by a callback of the message just taken
                         return
                     try:
@@ -562,8 +564,7 @@ class SandboxedKernel:
                     except zmq.Again:
                         break
                     self._take_iopub(frames, session)
-                else:
-                    await asyncio.sleep(0)
+                await asyncio.sleep(0)
 
     def _take_iopub(self, frames: Sequence[Any], session: Any) -> None:
         raw: list[bytes] | None = None
