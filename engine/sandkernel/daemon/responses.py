@@ -25,6 +25,14 @@ def json_response(model: BaseModel, status_code: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
+def json_or_gone(model: BaseModel | None) -> Response:
+    """``model`` as the JSON answer, or an empty 499 for None: its client went, nobody reads it.
+
+    For a route that gave up its run when the client left (``asgi.unless_gone``).
+    """
+    return Response(status_code=499) if model is None else json_response(model)
+
+
 def error_body(
     exc: Exception, *, message: str | None = None, details: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from sandkernel.daemon.fusion import (
     run_code,
     run_jupyter,
 )
-from sandkernel.daemon.responses import json_response
+from sandkernel.daemon.responses import json_or_gone
 from sandkernel.daemon.routes.raises import ONE_SHOT_RUN, POOLED_KERNEL
 from sandkernel.daemon.schemas import error_responses
 
@@ -50,10 +50,9 @@ def add_fusion_routes(app: FastAPI, engine: EngineAPI) -> None:
     )
     async def fusion_run_code(body: RunCodeRequest, request: Request) -> Response:
         """SandboxFusion's `/run_code`: `python` and `pytest`, each run in a fresh sandbox."""
-        response = await unless_gone(request, lambda: run_code(engine, body, pod_name=pod_name))
-        if response is None:
-            return Response(status_code=499)  # nobody reads it: the client went
-        return json_response(response)
+        return json_or_gone(
+            await unless_gone(request, lambda: run_code(engine, body, pod_name=pod_name))
+        )
 
     @app.post(
         "/run_jupyter",
@@ -64,10 +63,9 @@ def add_fusion_routes(app: FastAPI, engine: EngineAPI) -> None:
     async def fusion_run_jupyter(body: RunJupyterRequest, request: Request) -> Response:
         """SandboxFusion's `/run_jupyter`: the cells in a warm kernel, used once, then destroyed."""
         # A client that goes takes its cells with it: interrupted, the kernel freed.
-        response = await unless_gone(request, lambda: run_jupyter(engine, body, pod_name=pod_name))
-        if response is None:
-            return Response(status_code=499)  # nobody reads it: the client went
-        return json_response(response)
+        return json_or_gone(
+            await unless_gone(request, lambda: run_jupyter(engine, body, pod_name=pod_name))
+        )
 
     @app.get(
         "/v1/ping",

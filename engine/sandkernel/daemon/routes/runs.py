@@ -49,6 +49,7 @@ from sandkernel.api import ServedEngine
 from sandkernel.batch import RunRequest, RunResult
 from sandkernel.daemon.admission import TICKET_SCOPE_KEY, RunTicket
 from sandkernel.daemon.asgi import unless_gone
+from sandkernel.daemon.responses import json_or_gone
 from sandkernel.daemon.routes.raises import ONE_SHOT_RUN
 from sandkernel.daemon.schemas import error_responses
 
@@ -105,10 +106,6 @@ def _strict[M: BaseModel](model: type[M], body: bytes) -> M:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
-def _json(model: BaseModel) -> Response:
-    return Response(model.model_dump_json(), media_type="application/json")
-
-
 def add_run_routes(app: FastAPI, engine: ServedEngine, *, default_batch_concurrency: int) -> None:
     """Add the one-shot routes to the daemon's application.
 
@@ -137,10 +134,7 @@ def add_run_routes(app: FastAPI, engine: ServedEngine, *, default_batch_concurre
         async def one() -> RunResult:
             return [r async for r in engine.run_many([body], concurrency=1)][0]
 
-        result = await unless_gone(request, one)  # a client that goes takes its run with it
-        if result is None:
-            return Response(status_code=499)  # nobody reads it: the client went
-        return _json(result)
+        return json_or_gone(await unless_gone(request, one))  # its run goes with its client
 
     @app.post(
         "/v1/runs",

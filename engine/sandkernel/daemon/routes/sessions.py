@@ -28,7 +28,7 @@ from fastapi.responses import Response, StreamingResponse
 from sandkernel.api import ServedEngine, SessionAPI
 from sandkernel.daemon import sse
 from sandkernel.daemon.asgi import unless_gone
-from sandkernel.daemon.responses import error_body, json_response
+from sandkernel.daemon.responses import error_body, json_or_gone, json_response
 from sandkernel.daemon.routes.files import upload_name
 from sandkernel.daemon.routes.lookup import SessionLookup
 from sandkernel.daemon.routes.raises import BODY, ENGINE, FILES, NEW_KERNEL, SESSION, UPLOAD
@@ -185,9 +185,7 @@ def add_session_routes(app: FastAPI, engine: ServedEngine, lookup: SessionLookup
                 body.code, timeout_s=body.timeout_s, restart=body.restart, file_ids=body.file_ids
             ),
         )
-        if result is None:
-            return Response(status_code=499)  # nobody reads it: the client went
-        return json_response(result)
+        return json_or_gone(result)
 
     @app.post(
         "/v1/sessions/{session_id}/files",
