@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import secrets
-import socket
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,8 +20,7 @@ from sandkernel._resources import data_dir
 from sandkernel.errors import KernelStartFailed
 from sandkernel.kernel import KERNEL_NAME
 from sandkernel.provisioner import SandboxProvisioner
-from tests.conftest import runtime_root
-from tests.security._support import swap_sockets_for_a_link
+from tests.security._support import host_unix_socket, nothing_connects, swap_sockets_for_a_link
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -90,20 +86,10 @@ async def test_a_socket_swapped_for_a_host_link_is_not_reconnected_through(
 ) -> None:
     """The attack of the catalogue's kernel tests, against jupyter_client's own manager."""
     km, client = started
-    runtime_root().mkdir(parents=True, exist_ok=True)
-    path = runtime_root() / f"host-{secrets.token_hex(4)}.sock"
-    with socket.socket(socket.AF_UNIX) as host_socket:
-        host_socket.bind(str(path))
-        host_socket.listen()
-        host_socket.setblocking(False)
-        try:
-            swap = await _run(client, swap_sockets_for_a_link(str(path)))
-            assert swap["status"] == "ok" and int(swap["stdout"]) >= 1, swap
-            # zmq retries a lost connection every 100 ms: ten times over.
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(asyncio.get_running_loop().sock_accept(host_socket), 1)
-        finally:
-            path.unlink()
+    with host_unix_socket() as (path, host_socket):
+        swap = await _run(client, swap_sockets_for_a_link(path))
+        assert swap["status"] == "ok" and int(swap["stdout"]) >= 1, swap
+        await nothing_connects(host_socket)
     assert (await _run(client, "print(1 + 1)"))["stdout"] == "2\n"
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import secrets
+import socket
 import textwrap
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from sandkernel._attacks import PRELUDE
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.results import ExecutionResult
 from sandkernel.session import Session
+from tests.conftest import runtime_root
 
 
 def _code(code: str) -> str:
@@ -117,3 +124,27 @@ def swap_sockets_for_a_link(target: str) -> str:
         print(dropped)
         """
     )
+
+
+@contextlib.contextmanager
+def host_unix_socket() -> Iterator[tuple[str, socket.socket]]:
+    """A listening, non-blocking Unix socket on the host, and its path; removed after."""
+    runtime_root().mkdir(parents=True, exist_ok=True)
+    path = runtime_root() / f"host-{secrets.token_hex(4)}.sock"
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(path))
+        try:
+            listening.listen()
+            listening.setblocking(False)
+            yield str(path), listening
+        finally:
+            path.unlink()
+
+
+async def nothing_connects(listening: socket.socket, within_s: float = 1.0) -> None:
+    """Fail if anything connects to ``listening`` within ``within_s``.
+
+    zmq retries a lost connection every 100 ms: a second is ten times over.
+    """
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.get_running_loop().sock_accept(listening), within_s)

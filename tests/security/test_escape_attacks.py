@@ -24,7 +24,13 @@ from sandkernel.sandbox import (
     verify_cgroup_limits,
 )
 from tests.conftest import runtime_root
-from tests.security._support import run, run_json, swap_sockets_for_a_link
+from tests.security._support import (
+    host_unix_socket,
+    nothing_connects,
+    run,
+    run_json,
+    swap_sockets_for_a_link,
+)
 from tests.security.conftest import EngineBox, KernelBox
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -358,36 +364,26 @@ async def test_a_kernel_socket_swapped_for_a_host_link_is_never_reconnected_thro
     now point to.
     """
     k = await kernels.fresh()
-    runtime_root().mkdir(parents=True, exist_ok=True)
-    path = runtime_root() / f"host-{secrets.token_hex(4)}.sock"
-    with socket.socket(socket.AF_UNIX) as host_socket:
-        host_socket.bind(str(path))
-        host_socket.listen()
-        host_socket.setblocking(False)
-        try:
-            swap = await run(k, swap_sockets_for_a_link(str(path)))
-            assert swap.status == "ok", swap
-            dropped = int(swap.stdout)
-            assert dropped >= 1, "no connection of the engine's to the control socket found"
-            # zmq retries a lost connection every 100 ms: ten times over.
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(asyncio.get_running_loop().sock_accept(host_socket), 1)
-            # The engine's interrupt (sent on the control channel) still reaches the kernel.
-            started = asyncio.Event()
-            cell = asyncio.ensure_future(
-                k.execute(
-                    "print('started', flush=True)\nimport time\ntime.sleep(30)",
-                    on_output=lambda m: m["msg_type"] == "stream" and started.set(),
-                )
+    with host_unix_socket() as (path, host_socket):
+        swap = await run(k, swap_sockets_for_a_link(path))
+        assert swap.status == "ok", swap
+        dropped = int(swap.stdout)
+        assert dropped >= 1, "no connection of the engine's to the control socket found"
+        await nothing_connects(host_socket)
+        # The engine's interrupt (sent on the control channel) still reaches the kernel.
+        started = asyncio.Event()
+        cell = asyncio.ensure_future(
+            k.execute(
+                "print('started', flush=True)\nimport time\ntime.sleep(30)",
+                on_output=lambda m: m["msg_type"] == "stream" and started.set(),
             )
-            await asyncio.wait_for(started.wait(), 10)
-            await k.interrupt()
-            interrupted = await asyncio.wait_for(cell, 20)
-            assert interrupted.error is not None and interrupted.error.name == "KeyboardInterrupt"
-            with pytest.raises(BlockingIOError):
-                host_socket.accept()
-        finally:
-            path.unlink()
+        )
+        await asyncio.wait_for(started.wait(), 10)
+        await k.interrupt()
+        interrupted = await asyncio.wait_for(cell, 20)
+        assert interrupted.error is not None and interrupted.error.name == "KeyboardInterrupt"
+        with pytest.raises(BlockingIOError):
+            host_socket.accept()
     assert (await k.execute("1 + 1")).text == "2"
 
 
