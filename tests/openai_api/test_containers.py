@@ -14,7 +14,7 @@ from sandkernel.errors import SessionError
 from sandkernel.files import StoredFile
 from sandkernel.openai_api.containers import Containers, _current
 from sandkernel.openai_api.errors import APIError
-from tests.openai_api.conftest import OpenAIDaemonFactory
+from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, OpenAIDaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -123,6 +123,51 @@ async def test_container_files_round_trip_with_sources_and_paths(
         assert {f.filename for f in client.files.list()} == {"seed.csv", "more.txt"}
 
     await anyio.to_thread.run_sync(delete_container)
+
+
+@ASSISTANTS_DEPRECATED[0]
+@ASSISTANTS_DEPRECATED[1]
+async def test_a_container_file_is_not_a_file_of_the_files_api(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    """As OpenAI's: /files neither shows, serves nor deletes a container's files, by any id."""
+    daemon = await openai_daemon()
+    client = daemon.openai()
+    native = daemon.running.client()
+
+    def attempt() -> tuple[str, str]:
+        uploaded = client.files.create(file=("seed.csv", b"a,b\n"), purpose="assistants")
+        container = client.containers.create(name="own", file_ids=[uploaded.id])
+        direct = client.containers.files.create(container.id, file=("mine.txt", b"mine"))
+        [copied] = [f for f in client.containers.files.list(container.id) if f.id != direct.id]
+        for file_id in (direct.id, copied.id):
+            with pytest.raises(openai.NotFoundError):
+                client.files.retrieve(file_id)
+            with pytest.raises(openai.NotFoundError):
+                client.files.content(file_id)
+            with pytest.raises(openai.NotFoundError):
+                client.files.delete(file_id)
+            # Nor is it a file to give by id.
+            with pytest.raises(openai.BadRequestError, match="No file found"):
+                client.containers.create(name="other", file_ids=[file_id])
+            with pytest.raises(openai.BadRequestError, match="No file found"):
+                client.beta.assistants.create(
+                    model="m",
+                    tools=[{"type": "code_interpreter"}],
+                    tool_resources={"code_interpreter": {"file_ids": [file_id]}},
+                )
+        listed = client.containers.files.list(container.id)
+        assert {f.path for f in listed} == {"/mnt/data/seed.csv", "/mnt/data/mine.txt"}
+        assert client.files.retrieve(uploaded.id).filename == "seed.csv"
+        return container.id, direct.id
+
+    container_id, direct_id = await anyio.to_thread.run_sync(attempt)
+    assert [
+        c.name for c in await anyio.to_thread.run_sync(lambda: client.containers.list().data)
+    ] == ["own"]
+    assert (await native.download(direct_id)) == b"mine"
+    session = await native.get_session(container_id)
+    assert (await session.run("print(open('/mnt/data/mine.txt').read())")).stdout == "mine\n"
 
 
 async def test_an_ended_container_is_expired_and_refuses_files(

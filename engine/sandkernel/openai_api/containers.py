@@ -37,6 +37,7 @@ from sandkernel.api import EngineAPI, SessionAPI
 from sandkernel.errors import FileNotFoundInStore, SandkernelError, SessionError
 from sandkernel.files import StoredFile
 from sandkernel.openai_api.errors import APIError, bad_request, from_engine_error, not_found
+from sandkernel.openai_api.placement import uploaded_file
 from sandkernel.openai_api.state import ApiState, UnknownCursor
 from sandkernel.openai_api.wire import (
     Container,
@@ -256,7 +257,7 @@ class Containers:
     async def uploaded(self, file_id: str, param: str) -> StoredFile:
         """The stored file a request names by id (a 400 naming ``param`` if there is none)."""
         try:
-            return await self.engine.file(file_id)
+            return await uploaded_file(self.engine, self.state, file_id)
         except FileNotFoundInStore:
             raise bad_request(f"No file found with id '{file_id}'.", param) from None
 

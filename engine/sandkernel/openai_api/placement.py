@@ -66,6 +66,19 @@ class Workspace:
     session: SessionAPI | None = None
 
 
+async def uploaded_file(engine: EngineAPI, state: ApiState, file_id: str) -> StoredFile:
+    """The file a caller uploaded to ``/files`` with this id.
+
+    Raises:
+        FileNotFoundInStore: there is none, or the id is one of this API's
+            own files (:meth:`ApiState.own_files`), which ``/files`` does not have.
+    """
+    stored = await engine.file(file_id)
+    if await anyio.to_thread.run_sync(state.own_files, [(stored.id, stored.session_id)]):
+        raise FileNotFoundInStore(f"no uploaded file has the id {file_id}")
+    return stored
+
+
 class Placement:
     """Gives assistants and threads their files, through the engine contract."""
 
@@ -78,7 +91,7 @@ class Placement:
         found = []
         for i, file_id in enumerate(file_ids):
             try:
-                found.append(await self.engine.file(file_id))
+                found.append(await uploaded_file(self.engine, self.state, file_id))
             except FileNotFoundInStore:
                 where = (
                     param if len(file_ids) == 1 and not param.endswith("ids") else f"{param}[{i}]"

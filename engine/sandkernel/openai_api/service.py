@@ -27,7 +27,7 @@ from sandkernel.openai_api.chat import AssistantModel
 from sandkernel.openai_api.containers import Containers
 from sandkernel.openai_api.errors import APIError, bad_request, from_engine_error, not_found
 from sandkernel.openai_api.events import RunEvents, Subscription
-from sandkernel.openai_api.placement import Placement
+from sandkernel.openai_api.placement import Placement, uploaded_file
 from sandkernel.openai_api.responses import Responses
 from sandkernel.openai_api.runs import PYTHON, RunDriver, RunLimits, now
 from sandkernel.openai_api.state import ApiState, NotStored, RunState, ThreadBusy, UnknownCursor
@@ -39,7 +39,6 @@ from sandkernel.openai_api.wire import (
     Attachment,
     AttachmentTool,
     CodeInterpreterTool,
-    Container,
     Deleted,
     FileObject,
     FileSearchTool,
@@ -170,14 +169,9 @@ class AssistantsService:
         self, *, purpose: str | None, limit: int, order: Order, after: str | None
     ) -> Page:
         check_limit(limit, 10_000)
-        copies = await self._db(self.state.copies)
-        # Container files are the Containers API's (as OpenAI's are not in /files).
-        containers = {c.id for c in await self._db(self.state.all, Container)}
-        files = [
-            f
-            for f in await self.engine.list_files()
-            if f.id not in copies and f.session_id not in containers
-        ]
+        files = await self.engine.list_files()
+        own = await self._db(self.state.own_files, [(f.id, f.session_id) for f in files])
+        files = [f for f in files if f.id not in own]
         files.sort(key=lambda f: (f.created_at, f.id), reverse=order == "desc")
         objects = [file_object(f) for f in files]
         if purpose is not None:
@@ -210,7 +204,7 @@ class AssistantsService:
 
     async def _stored(self, file_id: str) -> StoredFile:
         try:
-            return await self.engine.file(file_id)
+            return await uploaded_file(self.engine, self.state, file_id)
         except FileNotFoundInStore:
             raise not_found("file", file_id) from None
 

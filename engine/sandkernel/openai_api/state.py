@@ -27,7 +27,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -535,13 +535,25 @@ class ApiState:
             ).fetchall()
         return [FileLink(*row) for row in rows]
 
-    def copies(self) -> set[str]:
-        """The engine ids that are copies made here (not files a caller uploaded)."""
+    def own_files(self, files: Iterable[tuple[str, str | None]]) -> set[str]:
+        """Which engine files, given as (id, session id), are this API's own.
+
+        A copy made here (of an upload, for an assistant or a thread) or a
+        container's file: neither is a file a caller uploaded, and OpenAI's
+        ``/files`` has neither (a container's files are the Containers API's).
+        """
         with self._reading() as conn:
-            rows = conn.execute(
-                "SELECT local_id FROM file_links WHERE local_id != file_id"
-            ).fetchall()
-        return {row[0] for row in rows}
+            copies = {
+                row[0]
+                for row in conn.execute("SELECT local_id FROM file_links WHERE local_id != file_id")
+            }
+            containers = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM objects WHERE kind = ?", (kind_of(Container),)
+                )
+            }
+        return {f for f, session in files if f in copies or session in containers}
 
     def link(self, link: FileLink) -> None:
         with self._transaction() as conn:
