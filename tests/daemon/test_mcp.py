@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import cast
 
 import anyio
 import pytest
@@ -15,6 +16,9 @@ from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CallToolResult, ImageContent, TextContent
 
+from sandkernel.api import EngineAPI
+from sandkernel.daemon.mcp_server import SandboxTools
+from sandkernel.errors import SessionLost
 from tests.conftest import runtime_root
 from tests.daemon.conftest import DaemonFactory
 
@@ -206,6 +210,27 @@ async def test_mcp_on_a_daemon_ends_its_sessions_when_terminated(
                 assert await server.wait() == -signal.SIGTERM
     states = {s.id: s.state for s in await running.engine.sessions()}
     assert states[began] == "closed"  # not left to its TTL in the daemon
+
+
+async def test_the_sessions_it_began_are_closed_together() -> None:
+    """Each close waits for a kernel to stop: they are not waited for one by one."""
+    closing: list[str] = []
+    all_closing = anyio.Event()
+
+    class Backend:
+        async def close_session(self, session_id: str) -> None:
+            closing.append(session_id)
+            if len(closing) == 3:
+                all_closing.set()
+            with anyio.fail_after(5):
+                await all_closing.wait()
+            if session_id == "b":
+                raise SessionLost("its kernel died")  # the others are closed all the same
+
+    tools = SandboxTools(cast(EngineAPI, Backend()))
+    tools.began = {"a", "b", "c"}
+    await tools.close_sessions()
+    assert sorted(closing) == ["a", "b", "c"]
 
 
 def test_mcp_on_a_daemon_refuses_engine_options() -> None:
