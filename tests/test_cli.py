@@ -147,6 +147,29 @@ def test_files_get_by_the_files_own_name_never_replaces_a_file(tmp_path: Path) -
 
 
 @pytest.mark.sandbox
+def test_files_get_takes_no_name_an_upload_could_not_have(tmp_path: Path) -> None:
+    """A terminal's escape sequence (or a folder's separator) in a name from the sandbox."""
+    store = str(tmp_path / "store")
+    code = "open('\\x1b]0;owned\\x07.txt', 'w').write('x'); open('a\\\\b.txt', 'w').write('y')"
+    proc = run_cli("run", "--json", "--store", store, code)
+    assert proc.returncode == 0, proc.stderr
+    produced = {f["name"]: f["id"] for f in json.loads(proc.stdout)["files"]}
+    # Listed printable, their backslashes doubled: still not names to write by.
+    assert set(produced) == {"\\u001b]0;owned\\u0007.txt", "a\\\\b.txt"}
+    here = tmp_path / "here"
+    here.mkdir()
+    for name, file_id in produced.items():
+        get = [*SANDKERNEL, "files", "--store", store, "get", file_id]
+        refused = subprocess.run(get, cwd=here, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "is not a plain file name: give -o" in refused.stderr
+        assert list(here.iterdir()) == []
+        named = subprocess.run([*get, "-o", str(here / "ok.txt")], capture_output=True, text=True)
+        assert named.returncode == 0, named.stderr
+        assert (here / "ok.txt").read_text() == ("x" if "owned" in name else "y")
+        (here / "ok.txt").unlink()
+
+
+@pytest.mark.sandbox
 def test_run_uploads_inputs_first(tmp_path: Path) -> None:
     data = tmp_path / "in.csv"
     data.write_text("x,y\n3,4\n")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sandkernel._cli_types import number
-from sandkernel.errors import BadInput, SandkernelError
+from sandkernel.errors import BadInput, FileRejected, SandkernelError
 from sandkernel.limits import MAX_TIMEOUT_S
 
 #: The ``sandkernel`` parser's set of commands.
@@ -113,6 +113,16 @@ async def _run_once(args: argparse.Namespace) -> int:
     return print_run_result(result, json_output=args.json)
 
 
+def _plain_name(name: str) -> bool:
+    """Whether a stored file's name is one an upload could have: one printable component."""
+    from sandkernel.files import safe_name
+
+    try:
+        return safe_name(name) == name
+    except FileRejected:
+        return False
+
+
 def _files(args: argparse.Namespace) -> int:
     from sandkernel.engine import default_store_dir
     from sandkernel.files import FileStore
@@ -139,9 +149,7 @@ def _files(args: argparse.Namespace) -> int:
             named_by_file = args.output is None or target.is_dir()
             if target.is_dir():
                 target = target / stored.name
-            if named_by_file and (
-                Path(stored.name).name != stored.name or stored.name in ("", ".", "..")
-            ):
+            if named_by_file and not _plain_name(stored.name):
                 raise BadInput(f"{stored.name!r} is not a plain file name: give -o FILE")
             with store.open(stored.id) as src:  # first: a file that cannot be read makes none
                 try:
