@@ -19,7 +19,9 @@ from jupyter_client.manager import AsyncKernelManager
 from sandkernel._resources import data_dir
 from sandkernel.errors import KernelStartFailed
 from sandkernel.kernel import KERNEL_NAME
+from sandkernel.policy import load_policy
 from sandkernel.provisioner import SandboxProvisioner
+from sandkernel.sandbox import Jail, SandboxHost
 from tests.security._support import host_unix_socket, nothing_connects, swap_sockets_for_a_link
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -117,6 +119,49 @@ async def test_a_restart_starts_in_a_new_sandbox_and_leaves_nothing_of_the_old(
         assert found["stdout"] == "False\n"  # not the old sandbox again
     finally:
         again.stop_channels()
+
+
+async def test_a_restart_in_the_callers_sandbox_reaches_the_new_kernel(
+    host: SandboxHost,
+) -> None:
+    """A sandbox passed to start_kernel is the caller's: the kernel starts again in it."""
+    jail = Jail(host, load_policy("default"))
+    await jail.prepare()
+    km = AsyncKernelManager(
+        kernel_name=KERNEL_NAME,
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(data_dir("kernels"))]),
+    )
+    try:
+        await km.start_kernel(sandbox=jail)
+        assert isinstance(km.provisioner, SandboxProvisioner)
+        first = {os.fstat(fd).st_ino for fd in km.provisioner.pinned_fds}
+        client = km.client()
+        assert isinstance(client, AsyncKernelClient)
+        client.start_channels()
+        try:
+            await client.wait_for_ready(timeout=60)
+            assert (await _run(client, "import os\nprint(os.getpid())"))["status"] == "ok"
+            await _run(client, "open('/mnt/data/kept', 'w').write('x')")
+        finally:
+            client.stop_channels()
+        await km.restart_kernel(now=True)
+        assert km.provisioner.jail is jail
+        # Pinned anew, to the new kernel's sockets, not the old ones' names.
+        pinned = {os.fstat(fd).st_ino for fd in km.provisioner.pinned_fds}
+        assert len(pinned) == 5 and not pinned & first
+        again = km.client()
+        assert isinstance(again, AsyncKernelClient)
+        again.start_channels()
+        try:
+            await again.wait_for_ready(timeout=60)
+            found = await _run(again, "print(open('/mnt/data/kept').read())")
+            assert found["stdout"] == "x\n"  # the same sandbox, its workspace kept
+        finally:
+            again.stop_channels()
+    finally:
+        await km.shutdown_kernel(now=True)
+        await jail.stop()
+        await jail.destroy()
 
 
 async def test_a_launch_that_fails_leaves_nothing_of_its_sandbox(

@@ -8,8 +8,9 @@ Jupyter client can start a sandboxed kernel. sandkernel itself passes a
 of its own, built from the spec's ``config`` (``policy``). Either way the jail
 spawns nsjail, waits for it and removes it: the same lifecycle as a batch
 worker's. A plain client's restart starts the kernel in a new sandbox (the
-old one removed), so its connection info changes: a client reconnects with
-the manager's new info.
+old one removed); a restart in a jail the caller passed starts it again in
+that jail. Either way its connection info changes (new sockets, pinned
+anew): a client reconnects with the manager's new info.
 
 The kernel talks over the ``ipc`` transport: its sockets live in a
 per-kernel folder bound into the sandbox at ``/run/sandkernel``. The kernel
@@ -32,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import stat
 import time
 from collections.abc import Sequence
@@ -87,6 +89,9 @@ class SandboxProvisioner(LocalProvisioner):
             raise RuntimeError("start_kernel(sandbox=...) takes a prepared Jail")
         km = self.parent
         if km is not None:
+            # A restart's: it named the old kernel's pinned links, and would be
+            # kept (jupyter_client writes the file only once) over the new ones.
+            km.cleanup_connection_file()
             # sandkernel's kernel sets these before start; a plain Jupyter
             # client gets them here.
             km.transport = "ipc"
@@ -216,8 +221,15 @@ class SandboxProvisioner(LocalProvisioner):
         for fd in fds:
             os.close(fd)
         jail = self.jail
-        if jail is None or (restart and not self.owns_host):
-            return  # a jail the caller passed is the caller's, to start again in
+        if jail is None:
+            return
+        if restart and not self.owns_host:
+            # A jail the caller passed is the caller's, to start again in: its
+            # links go, and the old kernel's socket names, so that the next
+            # launch waits for the new kernel's and pins those.
+            if jail.layout is not None:
+                _unpin(jail.layout)
+            return
         # A restart of a jail of our own starts in a new one (pre_launch).
         if self.owns_host:
             await self._discard_own_jail()
@@ -237,6 +249,20 @@ class SandboxProvisioner(LocalProvisioner):
 
 def _all_exist(prefix: str, ports: Sequence[int]) -> bool:
     return all(os.path.exists(f"{prefix}-{port}") for port in ports)
+
+
+def _unpin(layout: KernelLayout) -> None:
+    """Remove the pinned links and the sockets' names (not what a name links to)."""
+    shutil.rmtree(layout.root / "pin", ignore_errors=True)
+    # The folder is the sandbox's: entries are removed by name, from its fd.
+    folder = os.open(layout.connection_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for name in os.listdir(folder):
+            if name.startswith(f"{IPC_NAME}-"):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(name, dir_fd=folder)
+    finally:
+        os.close(folder)
 
 
 def _pin(prefix: str, ports: Sequence[int], folder: Path) -> tuple[int, ...]:
