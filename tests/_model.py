@@ -95,8 +95,10 @@ class ScriptedModel:
         try:
             async with asyncio.timeout(60):
                 await self._answer(reader, writer)
-        except ConnectionError:
-            pass  # the daemon went away while its call was held: nothing to answer
+        except (ConnectionError, asyncio.IncompleteReadError):
+            # The daemon went away while its call was held, or before it asked
+            # anything (its caller gave up): nothing to answer.
+            pass
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):

@@ -427,6 +427,87 @@ async def test_streaming_a_function_call_and_a_failed_model_call(
     assert failed[-1].response.error.code == "server_error"
 
 
+async def test_a_response_is_retrievable_while_it_runs_and_not_continued_from_until_it_ends(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    held, release, created = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def hold() -> None:
+        held.set()
+        with anyio.fail_after(60):
+            await release.wait()
+
+    daemon = await openai_daemon(in_order(Reply(content="Done.", before=hold)))
+    client = daemon.openai()
+    ids: list[str] = []
+    seen: list[Any] = []
+
+    def stream() -> None:
+        with client.responses.create(model=DEPLOYMENT, input="hi", stream=True) as events:
+            for event in events:
+                seen.append(event)
+                if event.type == "response.created":
+                    ids.append(event.response.id)
+                    anyio.from_thread.run_sync(created.set)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(anyio.to_thread.run_sync, stream)
+        with anyio.fail_after(60):
+            await created.wait()
+            await held.wait()
+        (response_id,) = ids
+        during = await anyio.to_thread.run_sync(client.responses.retrieve, response_id)
+        assert during.status == "in_progress" and during.output == []
+        with pytest.raises(openai.BadRequestError, match="still in progress") as refused:
+
+            def go_on() -> None:
+                client.responses.create(
+                    model=DEPLOYMENT, input="more", previous_response_id=response_id
+                )
+
+            await anyio.to_thread.run_sync(go_on)
+        assert refused.value.param == "previous_response_id"
+        release.set()
+    assert seen[-1].type == "response.completed"
+    after = await anyio.to_thread.run_sync(client.responses.retrieve, response_id)
+    assert after.status == "completed" and after.output_text == "Done."
+
+
+async def test_a_stream_its_client_closes_leaves_its_response_cancelled(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    release = anyio.Event()
+
+    async def hold() -> None:
+        with anyio.fail_after(60):
+            await release.wait()
+
+    daemon = await openai_daemon(in_order(Reply(content="Not read by anyone.", before=hold)))
+    client = daemon.openai()
+
+    def stream_then_close() -> str:
+        with client.responses.create(model=DEPLOYMENT, input="hi", stream=True) as events:
+            for event in events:
+                if event.type == "response.in_progress":
+                    return str(event.response.id)  # leaving the block closes the stream
+        raise AssertionError("the stream ended before the response was in progress")
+
+    response_id = await anyio.to_thread.run_sync(stream_then_close)
+    # If the model was called before the daemon saw the stream close, it answers
+    # now: its first event finds the stream closed.
+    release.set()
+    with anyio.fail_after(60):
+        # Observed as a client would, by retrieving the response: no event tells a
+        # client when the daemon has seen the connection close.
+        while True:
+            found = await anyio.to_thread.run_sync(client.responses.retrieve, response_id)
+            if found.status != "in_progress":
+                break
+            await anyio.sleep(0.05)
+    assert found.status == "cancelled"
+    assert all(item.status == "incomplete" for item in found.output), found.output
+
+
 async def test_a_model_failing_mid_text_ends_its_message_with_the_text_it_streamed(
     openai_daemon: OpenAIDaemonFactory,
 ) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from sandkernel.openai_api.state import (
     INTERRUPTED,
+    RESPONSE_INTERRUPTED,
     ApiState,
     NotStored,
     RunState,
@@ -22,6 +23,7 @@ from sandkernel.openai_api.wire import (
     Message,
     MessageCreationDetails,
     MessageCreationRef,
+    ResponseObject,
     Run,
     RunStep,
     Text,
@@ -220,5 +222,36 @@ def test_reopening_fails_the_runs_a_crashed_daemon_left_running(tmp_path: Path) 
         done = reopened.get(Run, "run-done")
         assert done is not None and done.status == "completed"
         assert reopened.active_run("thread-t") == waiting
+    finally:
+        reopened.close()
+
+
+def test_reopening_fails_the_responses_a_crashed_daemon_left_answering(tmp_path: Path) -> None:
+    path = tmp_path / "openai.sqlite3"
+    state = ApiState(path)
+    state.open()
+    items = [
+        {"id": "ci-1", "type": "code_interpreter_call", "status": "interpreting"},
+        {"id": "msg-1", "type": "message", "status": "in_progress", "content": []},
+    ]
+    common: dict[str, object] = {
+        "created_at": 1, "model": "m", "tools": [], "tool_choice": "auto",
+        "parallel_tool_calls": True,
+    }  # fmt: skip
+    state.save(
+        ResponseObject(id="resp-busy", status="in_progress", output=items, **common),
+        ResponseObject(id="resp-done", status="completed", output=[], **common),
+    )
+    state.close()  # as if the daemon died here
+
+    reopened = ApiState(path)
+    assert reopened.open() == ["resp-busy"]
+    try:
+        busy = reopened.get(ResponseObject, "resp-busy")
+        assert busy is not None and busy.status == "failed"
+        assert busy.error == {"code": "server_error", "message": RESPONSE_INTERRUPTED}
+        assert [i["status"] for i in busy.output] == ["failed", "incomplete"]
+        done = reopened.get(ResponseObject, "resp-done")
+        assert done is not None and done.status == "completed"
     finally:
         reopened.close()

@@ -47,6 +47,7 @@ from sandkernel.openai_api.wire import (
     Metadata,
     Page,
     ResponseObject,
+    end_items,
     new_id,
 )
 from sandkernel.results import ProducedFile
@@ -158,7 +159,7 @@ class Responses:
     async def _previous(self, response_id: str) -> ResponseState:
         """The state of the response continued: a 400 naming it if there is none, as OpenAI's."""
         try:
-            return await self._saved(response_id)
+            found = await self.get(response_id)
         except APIError as exc:
             if exc.status != 404:
                 raise
@@ -168,6 +169,16 @@ class Responses:
                 param="previous_response_id",
                 code="previous_response_not_found",
             ) from None
+        if found.status == "in_progress":
+            raise bad_request(
+                f"Previous response with id '{response_id}' is still in progress: continue "
+                "from it once it has ended.",
+                "previous_response_id",
+            )
+        saved: ResponseState = await self._db(
+            self.state.private, ResponseObject, response_id, ResponseState
+        )
+        return saved
 
     async def create(self, body: ResponseCreate) -> ResponseObject:
         """Answer ``body`` (without streaming)."""
@@ -293,6 +304,31 @@ class Responses:
             container_files=self.containers.current_files,
         )
         answered = len(prepared.transcript)
+        store = prepared.body.store
+
+        def saved(kept: int) -> ResponseState:
+            return ResponseState(
+                transcript=prepared.transcript[:kept],
+                input_items=prepared.input_items,
+                container_id=prepared.container_id,
+            )
+
+        def ended() -> ResponseObject:
+            return prepared.response.model_copy(
+                update={
+                    "status": turn.status,
+                    "output": turn.output,
+                    "usage": turn.usage(),
+                    "error": turn.error,
+                    "incomplete_details": turn.incomplete_details,
+                }
+            )
+
+        if store:
+            # Stored as it starts, in progress: it can be retrieved while it runs.
+            await self._db(
+                self.state.save, prepared.response, private={prepared.response.id: saved(answered)}
+            )
         try:
             await turn.run(self.model, prepared.transcript)
         except Exception as exc:
@@ -302,24 +338,19 @@ class Responses:
             turn.failed(f"The server had an error while answering: {exc!r}")
             # Turns cut off mid-way (a call with no output) would refuse the next response.
             del prepared.transcript[answered:]
-        response = prepared.response.model_copy(
-            update={
-                "status": turn.status,
-                "output": turn.output,
-                "usage": turn.usage(),
-                "error": turn.error,
-                "incomplete_details": turn.incomplete_details,
-            }
-        )
-        if prepared.body.store:
-            saved = ResponseState(
-                transcript=prepared.transcript,
-                input_items=prepared.input_items,
-                container_id=prepared.container_id,
-            )
-            await self._db(self.state.save, response, private={response.id: saved})
-        ended = "response.completed" if turn.status == "completed" else f"response.{turn.status}"
-        await emit(ended, {"response": response.model_dump(mode="json")})
+        except BaseException:
+            # Cancelled: its client went (a stream closed, a request given up).
+            if store:
+                turn.cancelled()
+                with anyio.CancelScope(shield=True):
+                    await self._db(self.state.replace, ended(), private=saved(answered))
+            raise
+        response = ended()
+        if store:
+            # Not brought back if it was deleted meanwhile.
+            await self._db(self.state.replace, response, private=saved(len(prepared.transcript)))
+        kind = "response.completed" if turn.status == "completed" else f"response.{turn.status}"
+        await emit(kind, {"response": response.model_dump(mode="json")})
         return response
 
     async def _container(
@@ -434,7 +465,7 @@ class _Turn:
         self.emit = emit
         self.download = download
         self.output: list[dict[str, Any]] = []
-        self.status: Literal["completed", "failed", "incomplete"] = "completed"
+        self.status: Literal["completed", "failed", "incomplete", "cancelled"] = "completed"
         self.error: dict[str, Any] | None = None
         self.incomplete_details: dict[str, Any] | None = None
         self.input_tokens = 0
@@ -454,10 +485,15 @@ class _Turn:
         """End as failed: items still going end too (as failed code calls, else incomplete)."""
         self.status = "failed"
         self.error = {"code": "server_error", "message": message}
-        for item in self.output:
-            if item["status"] in ("in_progress", "interpreting"):
-                code = item["type"] == "code_interpreter_call"
-                item["status"] = "failed" if code else "incomplete"
+        self._end_items()
+
+    def cancelled(self) -> None:
+        """End as cancelled (its client went): items still going end too."""
+        self.status = "cancelled"
+        self._end_items()
+
+    def _end_items(self) -> None:
+        end_items(self.output)
 
     def usage(self) -> dict[str, Any]:
         return {

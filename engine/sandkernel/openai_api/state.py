@@ -46,6 +46,7 @@ from sandkernel.openai_api.wire import (
     Run,
     RunStep,
     Thread,
+    end_items,
 )
 
 Stored = Assistant | Thread | Message | Run | RunStep | Container | ResponseObject
@@ -84,6 +85,10 @@ CREATE TABLE IF NOT EXISTS file_links (
 CREATE INDEX IF NOT EXISTS file_links_by_file ON file_links (file_id);
 """
 
+RESPONSE_INTERRUPTED: Final = (
+    "the sandkernel daemon stopped while this response was in progress; create a new "
+    "response to continue (its container and files are kept)"
+)
 INTERRUPTED: Final = (
     "the sandkernel daemon stopped while this run was in progress, so its model call and "
     "code execution were lost; create a new run to continue (the thread, its messages and "
@@ -179,7 +184,8 @@ class ApiState:
         """Open (or create) the file; fail the runs the previous daemon left running.
 
         Returns:
-            The ids of the runs failed (or, if they were being cancelled, cancelled).
+            The ids of the runs failed (or, if they were being cancelled, cancelled),
+            then of the responses failed.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -256,16 +262,17 @@ class ApiState:
                         (state.model_dump_json(), object_id),
                     )
 
-    def replace(self, obj: Stored) -> bool:
+    def replace(self, obj: Stored, *, private: BaseModel | None = None) -> bool:
         """Write ``obj`` over its stored self; False (and nothing written) if it is gone.
 
         For a writer that read the object, awaited something, and must not
-        bring it back if it was deleted meanwhile.
+        bring it back if it was deleted meanwhile. ``private``: its private
+        state too (else the stored one is kept).
         """
         with self._transaction() as conn:
             if not _is_stored(conn, kind_of(type(obj)), obj.id):
                 return False
-            _upsert(conn, obj, None)
+            _upsert(conn, obj, private)
         return True
 
     def update_metadata(self, cls: type[T], object_id: str, metadata: dict[str, str]) -> T | None:
@@ -513,6 +520,21 @@ class ApiState:
                             (obj.model_dump_json(), obj.status, obj.id),
                         )
                 failed.append(run.id)
+            # A response the previous daemon was answering: failed as it was left.
+            for (data,) in conn.execute(
+                "SELECT data FROM objects WHERE kind = ? AND status = 'in_progress'",
+                (kind_of(ResponseObject),),
+            ).fetchall():
+                response = ResponseObject.model_validate_json(data)
+                end_items(response.output)
+                response = response.model_copy(
+                    update={
+                        "status": "failed",
+                        "error": {"code": "server_error", "message": RESPONSE_INTERRUPTED},
+                    }
+                )
+                _upsert(conn, response, None)
+                failed.append(response.id)
         return failed
 
     # ----------------------------------------------------------------- file links

@@ -659,7 +659,7 @@ class ResponseObject(_Object):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["completed", "failed", "incomplete", "in_progress", "queued"]
+    status: Literal["completed", "failed", "incomplete", "in_progress", "queued", "cancelled"]
     model: str
     output: list[dict[str, Any]]
     instructions: str | None = None
@@ -674,6 +674,14 @@ class ResponseObject(_Object):
     temperature: float | None = None
     top_p: float | None = None
     max_output_tokens: int | None = None
+
+
+def end_items(output: list[dict[str, Any]]) -> None:
+    """End a response's items still going, in place: code calls as failed, others incomplete."""
+    for item in output:
+        if item.get("status") in ("in_progress", "interpreting"):
+            code = item.get("type") == "code_interpreter_call"
+            item["status"] = "failed" if code else "incomplete"
 
 
 # --------------------------------------------------------------------------- lists
