@@ -89,6 +89,9 @@ BAD_FRAMES: list[tuple[str | bytes, str | None, str]] = [
     ("not json {", None, "not JSON"),
     ("[1, 2]", None, "JSON object"),
     (json.dumps({**message("execute_request", {}), "channel": "nope"}), None, "unknown channel"),
+    # Not a string: refused as any unknown channel (a TypeError before, logged with its traceback).
+    (json.dumps({**message("execute_request", {}), "channel": ["shell"]}), None, "unknown channel"),
+    (json.dumps({**message("execute_request", {}), "channel": {"a": 1}}), None, "unknown channel"),
     (json.dumps({**message("x", {}), "header": {"msg_type": "x"}}), None, "msg_id"),
     (json.dumps({**message("x", {}), "header": "text"}), None, "header"),
     (json.dumps({**message("x", {}), "content": [1]}), None, "content"),

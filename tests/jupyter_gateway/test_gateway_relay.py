@@ -979,3 +979,83 @@ async def test_a_made_up_reply_for_a_client_that_left_reaches_no_other_client() 
         back = harness.client(session_id="leaving")
         reply = await back.until(reply_to(kept))
         assert reply.content["ename"] == "DeadKernelError"
+
+
+async def test_a_shutdown_request_on_shell_restarts_as_one_on_control() -> None:
+    """jupyter_client before 7 sends it on shell, and ipykernel would end there for good."""
+    async with fake_relay() as harness:
+        client = harness.client()
+        request = await client.send(message("shutdown_request", {"restart": True}, "shell"))
+        assert (await client.until(reply_to(request))).content["restart"] is True
+        await client.until(status_is("starting"))
+        await client.until(status_is("idle"))
+        # Done by the gateway, as on control: a fresh kernel, not one told to end.
+        assert len(harness.kernels) == 2 and harness.relay.execution_state == "idle"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [{}, {"code": None}, {"code": 5}, {"code": "1", "user_expressions": ["x"]}],
+    ids=["no-code", "null-code", "number-code", "list-expressions"],
+)
+async def test_an_execute_request_ipykernel_would_never_answer_is_refused(
+    content: dict[str, Any],
+) -> None:
+    """ipykernel sends busy and idle and no reply: the cell would wait, kept, for ever."""
+    async with fake_relay() as harness:
+        client = harness.client()
+        request = message("execute_request", content)
+        await client.send(request)
+        await client.request("kernel_info_request")
+        assert await _next_on(harness.kernel, "shell") == "kernel_info_request"
+        refused = await client.until(_refusal_to(request))
+        assert "content." in refused.content["evalue"]
+        assert harness.relay._cells == {}
+
+
+async def test_a_waiting_cell_keeps_of_its_request_only_what_answers_it() -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        request = execute_request("x = '" + "a" * 100_000 + "'")
+        request["header"]["junk"] = "b" * 100_000
+        await client.send(request)
+        await harness.kernel.receive()
+        (cell,) = harness.relay._cells.values()
+        assert cell.request.content == {} and "junk" not in cell.request.header
+        assert cell.request.header["msg_id"] == request["header"]["msg_id"]
+
+
+async def test_cells_waiting_on_a_kernel_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_module, "_MAX_CELLS", 3)
+    async with fake_relay() as harness:
+        client = harness.client()
+        for _ in range(3):
+            await client.execute("1")
+        over = await client.execute("1")
+        refused = await client.until(_refusal_to(over))
+        assert "3 cells are already waiting" in refused.content["evalue"]
+        assert len(harness.relay._cells) == 3
+
+
+async def test_a_request_reusing_another_clients_pending_msg_id_is_refused_to_it() -> None:
+    """Every client sees the ids on IOPub: reused, the reply would go to the wrong client."""
+    async with fake_relay() as harness:
+        owner, thief = harness.client(session_id="owner"), harness.client(session_id="thief")
+        cell = await owner.execute("1")
+        got = await harness.kernel.receive()
+        stolen = message("history_request", {})
+        stolen["header"]["msg_id"] = cell["header"]["msg_id"]
+        await thief.send(stolen)
+        refused = await thief.until(_refusal_to(stolen))
+        assert "another client's request" in refused.content["evalue"]
+        await owner.request("kernel_info_request")
+        assert await _next_on(harness.kernel, "shell") == "kernel_info_request"
+        harness.kernel.status("busy", got)
+        harness.kernel.status("idle", got)
+        await harness.kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        assert (await owner.until(reply_to(cell))).content["status"] == "ok"
+        await _flushed(thief, harness)
+        assert not any(
+            m.msg_type == "execute_reply" and m.parent_id == cell["header"]["msg_id"]
+            for m in thief.seen
+        )

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
 
+from sandkernel.errors import SessionNotFound
+from sandkernel.jupyter_gateway.kernels import GatewayKernels, JupyterSessions
+from sandkernel.jupyter_gateway.relay import KernelRelay
 from tests.jupyter_gateway._support import Gateway, GatewayClient, execute_request, is_status
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -274,3 +278,61 @@ async def test_a_body_nested_too_deep_to_parse_is_a_bad_input(gateway: Gateway, 
         )
         assert response.status_code == 400
         assert response.json() == {"message": "the body is not JSON", "reason": "BadInput"}
+
+
+class _StartingKernels:
+    """GatewayKernels as JupyterSessions uses it, each start held until ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.started: list[str] = []
+        self.live: dict[str, KernelRelay] = {}
+
+    async def start(self, name: str | None) -> KernelRelay:
+        kernel_id = f"k{len(self.started)}"
+        self.started.append(kernel_id)
+        await self.go.wait()
+        relay = cast(KernelRelay, SimpleNamespace(id=kernel_id))
+        self.live[kernel_id] = relay
+        return relay
+
+    def get(self, kernel_id: str) -> KernelRelay:
+        if kernel_id not in self.live:
+            raise SessionNotFound(kernel_id)
+        return self.live[kernel_id]
+
+    def all(self) -> list[KernelRelay]:
+        return list(self.live.values())
+
+    async def delete(self, kernel_id: str) -> None:
+        self.get(kernel_id)
+        del self.live[kernel_id]
+
+
+async def test_two_requests_for_one_path_at_once_make_one_session_and_one_kernel() -> None:
+    kernels = _StartingKernels()
+    sessions = JupyterSessions(cast(GatewayKernels, kernels))
+    body = {"path": "a.ipynb", "kernel": {"name": "python3"}}
+    first = asyncio.ensure_future(sessions.create(body))
+    second = asyncio.ensure_future(sessions.create(body))
+    await asyncio.sleep(0)  # both are in, the first starting its kernel
+    kernels.go.set()
+    async with asyncio.timeout(10):
+        one, other = await asyncio.gather(first, second)
+    assert one is other and kernels.started == ["k0"]
+
+
+async def test_a_session_deleted_while_its_new_kernel_starts_leaves_no_kernel() -> None:
+    kernels = _StartingKernels()
+    sessions = JupyterSessions(cast(GatewayKernels, kernels))
+    kernels.go.set()
+    session = await sessions.create({"path": "a.ipynb", "kernel": {"name": "python3"}})
+    kernels.go.clear()
+    change = asyncio.ensure_future(sessions.update(session.id, {"kernel": {"name": "python3"}}))
+    await asyncio.sleep(0)  # its new kernel is starting
+    await sessions.delete(session.id)
+    kernels.go.set()
+    with pytest.raises(SessionNotFound):
+        async with asyncio.timeout(10):
+            await change
+    assert kernels.started == ["k0", "k1"] and kernels.live == {}

@@ -103,8 +103,9 @@ def _message(channel: Any, parts: dict[str, Any], buffers: list[bytes]) -> WireM
         # As Jupyter Server does, which some clients rely on.
         _log_no_channel()
         channel = "shell"
-    if channel not in CHANNELS:
-        raise BadInput(f"unknown channel {channel!r}: use one of {', '.join(sorted(CHANNELS))}")
+    if not isinstance(channel, str) or channel not in CHANNELS:
+        shown = repr(channel)[:80]
+        raise BadInput(f"unknown channel {shown}: use one of {', '.join(sorted(CHANNELS))}")
     header = _dict(parts.get("header"), "header")
     for key in ("msg_id", "msg_type"):
         if not isinstance(header.get(key), str) or not header[key]:

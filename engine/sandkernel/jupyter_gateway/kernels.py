@@ -156,6 +156,8 @@ class JupyterSessions:
     def __init__(self, kernels: GatewayKernels) -> None:
         self.kernels = kernels
         self._sessions: dict[str, JupyterSession] = {}
+        #: sessions being created, by path: a second request for the path waits for it
+        self._creating: dict[str, asyncio.Event] = {}
 
     def _live(self) -> list[JupyterSession]:
         # A session whose kernel was deleted is gone with it.
@@ -198,16 +200,28 @@ class JupyterSessions:
         path = body.get("path")
         if not isinstance(path, str) or not path:
             raise BadInput("path is required")
-        for session in self._live():
-            if session.path == path:
-                return session
+        while True:
+            for session in self._live():
+                if session.path == path:
+                    return session
+            creating = self._creating.get(path)
+            if creating is None:
+                break
+            # Two tabs opening one notebook at once: one session, as one after the
+            # other gets (unless the first fails: then this one tries for itself).
+            await creating.wait()
         # Checked before a kernel starts: a refused request leaves none behind.
         name, kind = _text(body.get("name"), ""), _text(body.get("type"), "")
-        kernel_id = await self._kernel_for(body.get("kernel") or {})
-        session = JupyterSession(
-            id=str(uuid.uuid4()), path=path, name=name, type=kind, kernel_id=kernel_id
-        )
-        self._sessions[session.id] = session
+        creating = self._creating[path] = asyncio.Event()
+        try:
+            kernel_id = await self._kernel_for(body.get("kernel") or {})
+            session = JupyterSession(
+                id=str(uuid.uuid4()), path=path, name=name, type=kind, kernel_id=kernel_id
+            )
+            self._sessions[session.id] = session
+        finally:
+            del self._creating[path]
+            creating.set()
         return session
 
     async def update(self, session_id: str, body: dict[str, Any]) -> JupyterSession:
@@ -230,6 +244,14 @@ class JupyterSessions:
                 kernel_id = await self._kernel_for(kernel)
             except SessionNotFound:  # Jupyter Server's answer: a 400
                 raise BadInput(f"No such kernel: {str(kernel.get('id'))[:80]}") from None
+            if self._sessions.get(session.id) is not session:
+                # Deleted while its new kernel started: that kernel is nobody's.
+                if not kernel.get("id") and not any(
+                    s.kernel_id == kernel_id for s in self._sessions.values()
+                ):
+                    with contextlib.suppress(SessionNotFound):
+                        await self.kernels.delete(kernel_id)
+                raise SessionNotFound(f"Session not found: {session_id[:80]}")
         for field, value in changes.items():
             setattr(session, field, value)
         old, session.kernel_id = session.kernel_id, kernel_id

@@ -66,6 +66,9 @@ _SEND_TIMEOUT_S: Final = 5.0  # a kernel that takes no message in this long is n
 _CONNECTION_QUEUE: Final = 10_000  # frames a slow connection may have pending, then it is closed
 _CONNECTION_BYTES: Final = 64 << 20  # and bytes: output is the kernel's to size, not the client's
 _MAX_ROUTES: Final = 10_000  # requests remembered to route their replies
+_MAX_CELLS: Final = 10_000  # cells waiting to run or for their reply, per kernel
+#: what a made-up answer takes of a request's header (the rest is not kept)
+_PARENT_FIELDS: Final = ("msg_id", "msg_type", "session", "username", "date", "version")
 _IOPUB_QUEUE: Final = 1000  # IOPub messages waiting for the relay; past it, dropped (zmq's HWM)
 _IDLE_AFTER_REPLY_S: Final = 5.0  # how long a reply waits for its cell's last IOPub message
 _MAX_MISSED_SESSIONS: Final = 8  # disconnected clients whose messages are kept for them
@@ -224,6 +227,12 @@ class _Cell:
     collected: bool = False  # its files are stored (or being stored): once is all
     done: asyncio.Event = field(default_factory=asyncio.Event)  # its reply or its idle came
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # its IOPub idle came
+
+
+def _as_parent(request: WireMessage) -> WireMessage:
+    """What is kept of a request while it waits: enough to answer it, not its code or buffers."""
+    header: dict[str, Any] = {k: request.header[k] for k in _PARENT_FIELDS if k in request.header}
+    return WireMessage(request.channel, header)
 
 
 @dataclass(frozen=True)
@@ -578,7 +587,7 @@ class KernelRelay:
         await self._handle(connection, msg)
 
     async def _handle(self, connection: Connection, msg: WireMessage) -> None:
-        refusal = self._refusal(msg)
+        refusal = self._refusal(msg) or self._taken(connection, msg)
         if refusal is not None:
             self._refuse(connection, msg, refusal)
             return
@@ -592,7 +601,9 @@ class KernelRelay:
                 connection.send(dead)
             return
         self.last_activity = now_utc()
-        if msg.channel == "control" and msg.msg_type == "shutdown_request":
+        if msg.channel in ("control", "shell") and msg.msg_type == "shutdown_request":
+            # On shell too, where clients before jupyter_client 7 send it and
+            # ipykernel takes it all the same.
             await self._client_shutdown(connection, msg)
             return
         # Serialised first: a message that cannot be (text no UTF-8 encodes) is
@@ -604,7 +615,7 @@ class KernelRelay:
         if msg.channel == "shell":
             self._link.touch(ran=msg.msg_type == "execute_request")
             if msg.msg_type == "execute_request":
-                cell = self._cells[msg.msg_id] = _Cell(msg, connection)
+                cell = self._cells[msg.msg_id] = _Cell(_as_parent(msg), connection)
         elif msg.channel == "stdin" and msg.msg_type == "input_reply":
             self._resume()
         if not await self._send_frames(msg.channel, frames):
@@ -635,6 +646,17 @@ class KernelRelay:
             )
         if msg.msg_type != "execute_request":
             return None
+        # ipykernel answers a cell without code, or with user_expressions that are
+        # not an object, with busy and idle and no reply: a cell waiting forever.
+        if not isinstance(msg.content.get("code"), str):
+            return "an execute_request needs content.code, the cell's source as a string"
+        if not isinstance(msg.content.get("user_expressions", {}), dict):
+            return "an execute_request's content.user_expressions must be an object"
+        if len(self._cells) >= _MAX_CELLS:
+            return (
+                f"{len(self._cells)} cells are already waiting to run or be answered on this "
+                "kernel; send more once some have ended"
+            )
         if msg.channel != "shell":
             return (
                 f"an execute_request on {msg.channel} is not run: cells run on the shell "
@@ -646,6 +668,25 @@ class KernelRelay:
                 "give each request a msg_id of its own"
             )
         return None
+
+    def _taken(self, connection: Connection, msg: WireMessage) -> str | None:
+        """Why a request must not reach the kernel: its ``msg_id`` is another client's request's.
+
+        Replies go to the client whose request they answer, found by that
+        ``msg_id``, which every client sees on IOPub: reused by another, the
+        reply would go to it, and its sender would wait for ever.
+        """
+        if msg.channel not in ("shell", "control") or not msg.msg_type.endswith("_request"):
+            return None
+        owner = self._routes.get(msg.msg_id)
+        while owner is not None and owner.replaced_by is not None:
+            owner = owner.replaced_by
+        if owner is None or owner is connection:
+            return None
+        return (
+            f"msg_id {msg.msg_id[:80]!r} is that of another client's request still waiting "
+            "for its reply; give each request a msg_id of its own"
+        )
 
     def _refuse(self, connection: Connection, msg: WireMessage, reason: str) -> None:
         """Answer a request the kernel will never see: an error reply, then ``idle``, to its sender.
