@@ -260,3 +260,46 @@ async def test_a_model_that_cannot_stream_still_serves_a_streamed_run(
     assert first.text_deltas == ["Whole."] and second.text_deltas == ["Again."]
     # Refused once, asked again without streaming; not streamed after that.
     assert [bool(r.get("stream")) for r in model.requests] == [True, False, False]
+
+
+class _Events(AssistantEventHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def on_event(self, event: Any) -> None:
+        self.events.append(event.event)
+
+
+async def test_an_empty_answer_after_a_message_with_an_image_streams_its_part_too(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    """The handler takes a message's parts from its deltas: one without any broke it."""
+    plot = "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()"
+    daemon = await openai_daemon(
+        in_order(
+            Reply("Plotting.", [code_call("c1", plot)]),
+            Reply("Here it is.", [code_call("c2", "print(1)")]),  # [image_file, text]
+            Reply(""),  # an empty final answer
+        )
+    )
+    client = daemon.openai()
+
+    def flow() -> tuple[_Events, list[list[str]]]:
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT, tools=[{"type": "code_interpreter"}]
+        )
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "plot"}])
+        handler = _Events()
+        with client.beta.threads.runs.stream(
+            thread_id=thread.id, assistant_id=assistant.id, event_handler=handler
+        ) as stream:
+            stream.until_done()
+        listed = client.beta.threads.messages.list(thread.id, order="asc").data
+        return handler, [[part.type for part in m.content] for m in listed]
+
+    handler, parts = await anyio.to_thread.run_sync(flow)
+    assert parts[-2:] == [["image_file", "text"], ["text"]]
+    last = handler.events[-4:]
+    assert last == ["thread.message.delta", "thread.message.completed", *last[2:]]
+    assert handler.events[-1] == "thread.run.completed"

@@ -440,7 +440,10 @@ class _Progress:
         streamed = self.message is not None
         if not streamed:
             await self.start_message()
-            if text:
+            assert self.message is not None
+            # Each part a delta, the empty text of a message with nothing else too:
+            # the client's event handler takes a message's parts from its deltas.
+            if text or not self.message.content:
                 await self.text_delta(text)
         assert self.message is not None and self.step is not None
         files = list(self.rs.pending_files)
