@@ -1349,3 +1349,26 @@ async def test_a_file_the_code_wrote_that_the_answer_does_not_name_is_cited_at_i
         assert later_text.type == "output_text" and later_text.annotations == []
 
     await anyio.to_thread.run_sync(exercise)
+
+
+async def test_an_item_sent_twice_in_one_input_is_a_400_as_openais(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    """Its input items are listed by id: twice the same id, and the cursor never moves on."""
+    daemon = await openai_daemon(in_order(Reply(content="Hello.")))
+    client = daemon.openai()
+
+    def exercise() -> None:
+        first = client.responses.create(model=DEPLOYMENT, input="hi")
+        (answer,) = first.output
+        again: Any = [
+            {"role": "user", "content": "hi"},
+            answer.model_dump(),
+            answer.model_dump(),
+            {"role": "user", "content": "again"},
+        ]
+        with pytest.raises(openai.BadRequestError, match="Duplicate item") as refused:
+            client.responses.create(model=DEPLOYMENT, input=again)
+        assert refused.value.param == "input[2]"
+
+    await anyio.to_thread.run_sync(exercise)

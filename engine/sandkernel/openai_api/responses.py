@@ -911,6 +911,10 @@ def _input(
             raise APIError(
                 400, f"Input items of type {kind!r} are not supported here.", param=where
             )
+        item_id = items[-1]["id"]
+        if any(earlier["id"] == item_id for earlier in items[:-1]):
+            # As OpenAI's: the items are listed (and paged) by their ids.
+            raise bad_request(f"Duplicate item found with id {item_id}.", where)
     answered = {m["tool_call_id"] for m in messages if m["role"] == "tool"}
     for item in items:
         if item["type"] == "function_call" and item["call_id"] not in answered:
