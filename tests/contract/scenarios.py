@@ -72,6 +72,21 @@ async def outputs_stream_before_the_result(api: EngineAPI) -> None:
     await session.close()
 
 
+async def output_holding_unicode_line_breaks_comes_whole(api: EngineAPI) -> None:
+    """U+2028, U+2029 and U+0085 are text in a line of JSON, not its end: streamed, one-shot."""
+    text = "a\u2028b\u2029c\x85d"
+    code = f"print({text!r})"
+    session = await api.session()
+    async with contextlib.aclosing(session.stream(code)) as stream:
+        events = [event async for event in stream]
+    result = events[-1]
+    assert isinstance(result, ExecutionResult) and result.stdout == text + "\n"
+    await session.close()
+    requests = [RunRequest(code=code, id=1), RunRequest(code="print(2)", id=2)]
+    results = [r async for r in api.run_many(requests, concurrency=1)]
+    assert sorted((r.id, r.stdout) for r in results) == [(1, text + "\n"), (2, "2\n")]
+
+
 async def files_go_up_and_come_back_by_id(api: EngineAPI) -> None:
     session = await api.session()
     uploaded = await session.upload(b"x,y\n3,4\n", "in.csv")
@@ -199,6 +214,7 @@ SCENARIOS: list[Scenario] = [
     state_is_kept_across_cells,
     sessions_are_isolated,
     outputs_stream_before_the_result,
+    output_holding_unicode_line_breaks_comes_whole,
     files_go_up_and_come_back_by_id,
     agent_files_are_seen_read_only_by_its_sessions,
     ended_sessions_answer_with_their_error,

@@ -296,6 +296,10 @@ async def test_v1_run_and_the_ndjson_batch_tag_results_with_their_ids(
 
     r = await raw.post("/v1/runs", json={"runs": [{"code": "print(7)", "id": "j"}]})
     assert [json.loads(line)["stdout"] for line in r.text.splitlines()] == ["7\n"]
+    # Characters str.splitlines (and so most line readers) splits on stay inside their line.
+    odd = "a\u2028b\u2029c\x85d"
+    r = await raw.post("/v1/runs", json={"runs": [{"code": f"print({odd!r})"}]})
+    assert [json.loads(line)["stdout"] for line in r.text.splitlines()] == [odd + "\n"]
     r = await raw.post("/v1/runs", json={"runs": [{"code": 1}]})
     assert r.status_code == 422
     misspelt = {"runs": [{"code": "print(7)"}], "concurency": 4}

@@ -195,6 +195,23 @@ def _ndjson(request: RunRequest) -> bytes:
     return request.model_dump_json().encode() + b"\n"
 
 
+async def _lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The body's lines, ended by ``\\n`` (and a ``\\r`` before it) only.
+
+    Not ``aiter_lines``: it splits as ``str.splitlines`` does, also on
+    U+2028 and the like, which a line of JSON may hold raw in a string
+    (a daemon before it escaped them; a program's output).
+    """
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode()
+    if pending:
+        yield pending.removesuffix(b"\r").decode()
+
+
 def _run_line(line: str) -> RunResult:
     """One line of ``/v1/runs``: a result, or the refusal of a run the daemon could not read."""
     raw = json.loads(line)
@@ -433,7 +450,7 @@ class AsyncClient:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for_error(response)
-                async for line in response.aiter_lines():
+                async for line in _lines(response):
                     if line.strip():
                         yield _run_line(line)
 
@@ -595,7 +612,7 @@ class AsyncClient:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for_error(response)
-                async for line in response.aiter_lines():
+                async for line in _lines(response):
                     event = decoder.feed(line)
                     if event is not None:
                         result = _stream_event(event, on_output)

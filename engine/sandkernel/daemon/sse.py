@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 #: iopub message types forwarded to the client, and the event name of each.
 OUTPUT_EVENTS: dict[str, str] = {
@@ -58,9 +58,19 @@ def output_event(message: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     return name, {"msg_type": msg_type, "content": content}
 
 
+#: Line breaks to ``str.splitlines`` (and so to httpx's and requests' line readers)
+#: that JSON may leave raw in a string: escaped, a line of JSON stays one line to all.
+_LINE_BREAKS_IN_JSON: Final = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def json_line(text: str) -> str:
+    """JSON text (pydantic's, which keeps these raw) with no character any reader splits on."""
+    return text.translate(_LINE_BREAKS_IN_JSON)
+
+
 def encode(event: str, data: str) -> bytes:
     """One event; ``data`` is one line of JSON (json.dumps never emits newlines)."""
-    return f"event: {event}\ndata: {data}\n\n".encode()
+    return f"event: {event}\ndata: {json_line(data)}\n\n".encode()
 
 
 def encode_json(event: str, data: Any) -> bytes:

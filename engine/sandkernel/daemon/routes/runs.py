@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandkernel.api import ServedEngine
 from sandkernel.batch import RunRequest, RunResult
+from sandkernel.daemon import sse
 from sandkernel.daemon.admission import TICKET_SCOPE_KEY, RunTicket
 from sandkernel.daemon.asgi import unless_gone
 from sandkernel.daemon.responses import json_or_gone
@@ -176,7 +177,7 @@ def add_run_routes(app: FastAPI, engine: ServedEngine, *, default_batch_concurre
 
 async def _results(results: AsyncIterator[RunResult]) -> AsyncIterator[bytes]:
     async for result in results:
-        yield result.model_dump_json().encode() + b"\n"
+        yield sse.json_line(result.model_dump_json()).encode() + b"\n"
 
 
 async def _admitted_batch(
@@ -234,7 +235,7 @@ async def _ndjson_batch(
     async for result in _admitted_batch(engine, requests(), ticket, wanted):
         while refused:
             yield refused.pop(0)
-        yield result.model_dump_json().encode() + b"\n"
+        yield sse.json_line(result.model_dump_json()).encode() + b"\n"
     for line in refused:
         yield line
 
