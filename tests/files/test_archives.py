@@ -80,6 +80,23 @@ def test_zip_symlink_escaping_its_folder_is_refused(target: str) -> None:
         check_upload("links.zip", _zip_with_link("escape", target))
 
 
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_zip_symlink_whose_target_cannot_be_read_is_refused(method: int) -> None:
+    """A corrupt target raises its codec's own error (zlib.error...), not a 500."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        link = zipfile.ZipInfo("link")
+        link.create_system = 3
+        link.external_attr = 0o120777 << 16
+        link.compress_type = method
+        archive.writestr(link, b"target/of/the/link" * 4)
+    data = bytearray(buf.getvalue())
+    start = 30 + len("link")  # after the entry's local header: its compressed bytes
+    data[start : start + 8] = b"\xff" * 8
+    with pytest.raises(FileRejected, match="'link', which would unpack or link outside"):
+        check_upload("corrupt.zip", bytes(data))
+
+
 def test_zip_symlink_within_its_folder_is_accepted() -> None:
     assert check_upload("links.zip", _zip_with_link("alias", "data/ok.txt")) == (
         "links.zip",

@@ -78,7 +78,7 @@ def _zip_link_escapes(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
     try:
         with archive.open(info) as entry:
             target = entry.read(_ZIP_LINK_MAX_BYTES + 1)
-    except (RuntimeError, NotImplementedError):
+    except Exception:  # noqa: BLE001 - whatever its codec raises (zlib.error...): unreadable
         return True
     return len(target) > _ZIP_LINK_MAX_BYTES or _escapes(target.decode("utf-8", "replace"))
 
