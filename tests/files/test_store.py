@@ -52,6 +52,23 @@ def test_same_content_is_stored_once_and_outlives_one_delete(store: FileStore) -
     assert blob_files(store.root) == []
 
 
+def test_a_file_deleted_while_it_is_opened_is_not_found(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delete lands between the lookup and the open: a not-found, never an OSError."""
+    stored = store.add_bytes(b"going\n", "going.txt")
+    looked_up = store.blob_path
+
+    def then_deleted(file_id: str) -> Path:
+        blob = looked_up(file_id)
+        store.delete(file_id)
+        return blob
+
+    monkeypatch.setattr(store, "blob_path", then_deleted)
+    with pytest.raises(FileNotFoundInStore, match="deleted"):
+        store.open(stored.id)
+
+
 def test_unknown_id_error_names_the_id(store: FileStore) -> None:
     with pytest.raises(FileNotFoundInStore, match="file-000000000000000000000000"):
         store.get("file-000000000000000000000000")

@@ -608,8 +608,21 @@ class FileStore:
         return blob
 
     def open(self, file_id: str) -> BinaryIO:
-        """A binary stream of a file's content; the caller closes it."""
-        return builtins.open(self.blob_path(file_id), "rb")
+        """A binary stream of a file's content; the caller closes it.
+
+        Raises:
+            FileNotFoundInStore: no such id, expired, or deleted, also while
+                this looked it up (its row, then its content).
+        """
+        blob = self.blob_path(file_id)
+        try:
+            return builtins.open(blob, "rb")
+        except FileNotFoundError:
+            self.get(file_id)  # deleted meanwhile: says so
+            raise FileNotFoundInStore(
+                f"the content of {file_id!r} is missing from {str(blob)!r}: the store was "
+                "changed by something other than sandkernel"
+            ) from None
 
     def read_bytes(self, file_id: str) -> bytes:
         """A file's whole content."""
