@@ -143,16 +143,20 @@ async def test_run_jupyter_runs_cells_in_a_kernel_used_once(daemon_factory: Daem
     http = loopback(running)
     body = {
         "cells": ["x = 40 + 2", "print(x)", "open('answer.txt', 'w').write(str(x))", "1/0"],
-        "fetch_files": ["answer.txt"],
+        # A path no file can have (a lone surrogate) is skipped, as /run_code skips it.
+        "fetch_files": ["answer.txt", "\ud800"],
     }
-    response = await http.post("/run_jupyter", json=body)
+    json_body = json.dumps(body)  # the surrogate escaped: valid JSON, as a client sends it
+    response = await http.post(
+        "/run_jupyter", content=json_body, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 200, response.text
     r = response.json()
     assert set(r) == {"status", "message", "driver", "cells", "executor_pod_name", "files"}
     assert len(r["cells"]) == 4
     assert r["cells"][1]["stdout"] == "42\n"
     assert r["cells"][3]["error"] and r["cells"][3]["error"][0]["ename"] == "ZeroDivisionError"
-    assert base64.b64decode(r["files"]["answer.txt"]) == b"42"
+    assert base64.b64decode(r["files"]["answer.txt"]) == b"42" and len(r["files"]) == 1
     # Used once: a second request does not see the first one's variables.
     response = await http.post("/run_jupyter", json={"cells": ["print(x)"]})
     assert response.json()["cells"][0]["error"][0]["ename"] == "NameError"

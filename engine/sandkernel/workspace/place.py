@@ -340,10 +340,13 @@ def _open_folder(workspace: Path, parts: tuple[str, ...], *, create: bool) -> in
 
 
 def read_workspace_file(workspace: Path, rel: str, max_bytes: int = 256 << 20) -> bytes | None:
-    """A regular file's bytes (no symlink followed), or None if absent, odd or too large."""
+    """A regular file's bytes (no symlink followed), or None if absent, odd or too large.
+
+    Odd includes a name no file can have (text that is not UTF-8: a lone surrogate).
+    """
     try:
         with open_workspace_file(workspace, rel) as f:
             data = f.read(max_bytes + 1)
-    except (OSError, SandkernelError):
+    except (OSError, ValueError, SandkernelError):
         return None
     return None if len(data) > max_bytes else data
