@@ -586,13 +586,18 @@ class Engine:
         """Give stored files to an agent (they appear in its sessions, read-only)."""
         store = self._require_store()
         _check_id(agent_id, "agent")
-        attached = []
+        # All checked before any is given: a refused id leaves the agent's files as they were.
         for file_id in file_ids:
             stored = await asyncio.to_thread(store.get, file_id)
             if stored.session_id is not None or stored.agent_id not in (None, agent_id):
                 raise FileNotFoundInStore(f"no file {file_id!r} that can be given to an agent")
-            attached.append(await asyncio.to_thread(store.attach, file_id, agent_id=agent_id))
-        await self._give_to_agent_sessions(agent_id, attached)
+        attached = []
+        try:
+            for file_id in file_ids:
+                attached.append(await asyncio.to_thread(store.attach, file_id, agent_id=agent_id))
+        finally:
+            # Those given (all, unless one went meanwhile) reach its live sessions.
+            await self._give_to_agent_sessions(agent_id, attached)
         return attached
 
     async def _give_to_agent_sessions(self, agent_id: str, files: list[StoredFile]) -> None:

@@ -145,6 +145,16 @@ async def agent_files_are_seen_read_only_by_its_sessions(api: EngineAPI) -> None
     assert session.agent_id == "contract-agent" and other.agent_id is None
     assert (await api.get_session(session.id)).agent_id == "contract-agent"
     assert (await api.session(session.id)).agent_id == "contract-agent"
+    # Given with an id that is not there: none is given, and the live session has no new file.
+    notes = await api.upload(b"notes\n", "notes.txt")
+    with pytest.raises(FileNotFoundInStore):
+        await api.attach_to_agent("contract-agent", [notes.id, "file-000000000000000000000000"])
+    assert notes.id not in {f.id for f in await api.list_files(agent_id="contract-agent")}
+    assert (await session.run("import os; os.path.exists('/mnt/data/notes.txt')")).text == "False"
+    await api.attach_to_agent("contract-agent", [notes.id])
+    assert (await session.run("print(open('/mnt/data/notes.txt').read(), end='')")).stdout == (
+        "notes\n"
+    )
     await session.close()
     await other.close()
 
