@@ -82,3 +82,26 @@ async def test_an_unexpected_failure_is_answered_on_a_connection_that_serves_the
     assert after == before  # the same connection
     assert "Exception in ASGI application" not in caplog.text
     assert "unexpected error" in caplog.text  # logged once, by the daemon, with its id
+
+
+async def test_a_405_allows_exactly_the_methods_that_are_answered() -> None:
+    app = FastAPI()
+    add_error_handlers(app)
+
+    @app.get("/thing")
+    async def thing() -> dict[str, str]:
+        return {}
+
+    @app.delete("/thing")
+    async def drop() -> None:
+        return None
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        refused = await client.post("/thing")
+        assert refused.status_code == 405
+        allowed = [m.strip() for m in refused.headers["allow"].split(",")]
+        assert allowed == ["DELETE", "GET"]
+        for method in allowed:
+            assert (await client.request(method, "/thing")).status_code != 405
+        assert (await client.head("/thing")).status_code == 405  # so not in Allow

@@ -60,13 +60,14 @@ _HTTP_ERROR_TYPES: Final = {
 
 
 def _allowed_methods(app: FastAPI, path: str) -> list[str]:
-    """Every method some route of ``path`` answers (Starlette's 405 names one route's only)."""
+    """Every method some route of ``path`` answers (Starlette's 405 names one route's only).
+
+    Not HEAD for a GET: FastAPI's routes do not answer it (a 405 of its own).
+    """
     methods: set[str] = set()
     for route in app.routes:
         if isinstance(route, APIRoute) and route.path_regex.match(path):
             methods |= route.methods or set()
-    if "GET" in methods:
-        methods.add("HEAD")
     return sorted(methods)
 
 
