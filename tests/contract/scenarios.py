@@ -19,6 +19,7 @@ from sandkernel.batch import RunRequest
 from sandkernel.errors import (
     BadInput,
     FileNotFoundInStore,
+    FileRejected,
     SandkernelError,
     SessionClosed,
     SessionExpired,
@@ -215,6 +216,17 @@ async def bad_input_is_refused_by_name_and_the_engine_serves_on(api: EngineAPI) 
         await api.session("not a valid id/../")
     with pytest.raises((SandkernelError, ValueError)):
         await api.upload(b"MZ\x90\x00", "tool.exe")
+    # Names no backend can take (one the daemon's client could not even send), and ids
+    # that are no path segment: the embedded engine's answers, from every backend.
+    with pytest.raises(FileRejected):
+        await api.upload(b"x", "bad\udcff.txt")
+    for odd in ("a/b", ".", ".."):
+        with pytest.raises(FileNotFoundInStore):
+            await api.file(odd)
+        with pytest.raises(FileNotFoundInStore):
+            await api.download(odd)
+        with pytest.raises(SessionNotFound):
+            await api.get_session(odd)
     session = await api.session()
     assert (await session.run("1 + 1")).text == "2"
     await session.close()

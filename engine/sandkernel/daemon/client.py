@@ -52,13 +52,16 @@ from sandkernel.daemon.paths import default_socket_path
 from sandkernel.daemon.schemas import Extended, Health
 from sandkernel.engine import EngineStats
 from sandkernel.errors import (
+    BadInput,
     DaemonError,
     DaemonUnavailable,
+    FileNotFoundInStore,
     SessionClosed,
     SessionExpired,
+    SessionNotFound,
     error_from_wire,
 )
-from sandkernel.files import StoredFile
+from sandkernel.files import StoredFile, safe_name
 from sandkernel.files._common import open_regular
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
@@ -98,6 +101,34 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
+def _can_be_segment(value: str) -> bool:
+    # A "/" reaches the router decoded, and httpx resolves "." and ".." segments:
+    # the request would go to another route. No id of the engine's is one.
+    return "/" not in value and value not in ("", ".", "..")
+
+
+def _session_seg(session_id: str) -> str:
+    """``session_id`` as a path segment; SessionNotFound, as the engine's, if it cannot be one."""
+    if not _can_be_segment(session_id):
+        raise SessionNotFound(f"no session with id {session_id[:80]!r}")
+    return _seg(session_id)
+
+
+def _file_seg(file_id: str) -> str:
+    """``file_id`` as a path segment; FileNotFoundInStore, as the engine's, if it cannot be one."""
+    if not _can_be_segment(file_id):
+        raise FileNotFoundInStore(
+            f"no file with id {file_id[:80]!r}: it was never stored here or has been deleted"
+        )
+    return _seg(file_id)
+
+
+def _agent_seg(agent_id: str) -> str:
+    if not _can_be_segment(agent_id):
+        raise BadInput(f"invalid agent id {agent_id[:80]!r}")
+    return _seg(agent_id)
+
+
 def _without_none(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
@@ -116,7 +147,7 @@ def _create_session(
 
 
 def _session_info(session_id: str) -> _Call[SessionInfo]:
-    return _Call("GET", f"/v1/sessions/{_seg(session_id)}", _model(SessionInfo))
+    return _Call("GET", f"/v1/sessions/{_session_seg(session_id)}", _model(SessionInfo))
 
 
 def _sessions() -> _Call[list[SessionInfo]]:
@@ -124,7 +155,7 @@ def _sessions() -> _Call[list[SessionInfo]]:
 
 
 def _close_session(session_id: str) -> _Call[None]:
-    return _Call("DELETE", f"/v1/sessions/{_seg(session_id)}", _nothing)
+    return _Call("DELETE", f"/v1/sessions/{_session_seg(session_id)}", _nothing)
 
 
 def _execute_body(
@@ -136,21 +167,21 @@ def _execute_body(
 
 
 def _execute(session_id: str, body: dict[str, Any]) -> _Call[ExecutionResult]:
-    path = f"/v1/sessions/{_seg(session_id)}/execute"
+    path = f"/v1/sessions/{_session_seg(session_id)}/execute"
     return _Call("POST", path, _model(ExecutionResult), json=body)
 
 
 def _session_files(session_id: str) -> _Call[list[StoredFile]]:
-    return _Call("GET", f"/v1/sessions/{_seg(session_id)}/files", _data(StoredFile))
+    return _Call("GET", f"/v1/sessions/{_session_seg(session_id)}/files", _data(StoredFile))
 
 
 def _attach(session_id: str, file_ids: Sequence[str]) -> _Call[list[str]]:
-    path = f"/v1/sessions/{_seg(session_id)}/attach"
+    path = f"/v1/sessions/{_session_seg(session_id)}/attach"
     return _Call("POST", path, lambda r: list(r.json()["data"]), json={"file_ids": list(file_ids)})
 
 
 def _extend(session_id: str, ttl_s: float | None) -> _Call[float]:
-    path = f"/v1/sessions/{_seg(session_id)}/extend"
+    path = f"/v1/sessions/{_session_seg(session_id)}/extend"
     parse = _model(Extended)
     return _Call(
         "POST", path, lambda r: parse(r).expires_at.timestamp(), json=_without_none(ttl_s=ttl_s)
@@ -158,7 +189,7 @@ def _extend(session_id: str, ttl_s: float | None) -> _Call[float]:
 
 
 def _interrupt(session_id: str) -> _Call[None]:
-    return _Call("POST", f"/v1/sessions/{_seg(session_id)}/interrupt", _nothing)
+    return _Call("POST", f"/v1/sessions/{_session_seg(session_id)}/interrupt", _nothing)
 
 
 def _stats() -> _Call[EngineStats]:
@@ -170,7 +201,7 @@ def _health() -> _Call[Health]:
 
 
 def _file(file_id: str) -> _Call[StoredFile]:
-    return _Call("GET", f"/v1/files/{_seg(file_id)}", _model(StoredFile))
+    return _Call("GET", f"/v1/files/{_file_seg(file_id)}", _model(StoredFile))
 
 
 def _list_files(session_id: str | None, agent_id: str | None) -> _Call[list[StoredFile]]:
@@ -179,11 +210,11 @@ def _list_files(session_id: str | None, agent_id: str | None) -> _Call[list[Stor
 
 
 def _delete_file(file_id: str) -> _Call[None]:
-    return _Call("DELETE", f"/v1/files/{_seg(file_id)}", _nothing)
+    return _Call("DELETE", f"/v1/files/{_file_seg(file_id)}", _nothing)
 
 
 def _attach_to_agent(agent_id: str, file_ids: Sequence[str]) -> _Call[list[StoredFile]]:
-    path = f"/v1/agents/{_seg(agent_id)}/files"
+    path = f"/v1/agents/{_agent_seg(agent_id)}/files"
     return _Call("POST", path, _data(StoredFile), json={"file_ids": list(file_ids)})
 
 
@@ -285,9 +316,11 @@ async def _upload_part(
     if isinstance(source, bytes):
         if name is None:
             raise ValueError("uploading bytes needs a name (with its extension)")
+        safe_name(name)  # refused here as the engine refuses it (httpx cannot send some)
         yield name, {"file": (name, source, "application/octet-stream")}
     elif isinstance(source, str | os.PathLike):
         chosen = name or os.fsdecode(os.path.basename(os.fspath(source)))
+        safe_name(chosen)
         # Opened as the engine's store opens a path: a symlink, a FIFO, a folder
         # or a missing file is the same FileRejected, and a FIFO is refused at
         # once rather than waited on. In a worker thread, as any open can stall.
@@ -300,6 +333,7 @@ async def _upload_part(
         chosen = name or os.path.basename(str(getattr(source, "name", "") or ""))
         if not chosen:
             raise ValueError("uploading a stream needs a name (with its extension)")
+        safe_name(chosen)
         yield chosen, {"file": (chosen, source, "application/octet-stream")}
 
 
@@ -543,7 +577,8 @@ class AsyncClient:
         chunks: list[bytes] = []
         size = 0
         with _transport_errors(self.where):
-            async with self._http.stream("GET", f"/v1/files/{_seg(file_id)}/content") as response:
+            content = f"/v1/files/{_file_seg(file_id)}/content"
+            async with self._http.stream("GET", content) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for_error(response)
@@ -558,7 +593,8 @@ class AsyncClient:
         """Stream a stored file into ``path``; returns it."""
         target = Path(path)
         with _transport_errors(self.where):
-            async with self._http.stream("GET", f"/v1/files/{_seg(file_id)}/content") as response:
+            content = f"/v1/files/{_file_seg(file_id)}/content"
+            async with self._http.stream("GET", content) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for_error(response)
@@ -585,7 +621,7 @@ class AsyncClient:
         async with _upload_part(source, name) as (chosen, files):
             with _transport_errors(self.where):
                 response = await self._http.post(
-                    f"/v1/sessions/{_seg(session_id)}/files",
+                    f"/v1/sessions/{_session_seg(session_id)}/files",
                     data=_upload_form(chosen),
                     files=files,
                 )
@@ -603,7 +639,7 @@ class AsyncClient:
         with _transport_errors(self.where):
             async with self._http.stream(
                 "POST",
-                f"/v1/sessions/{_seg(session_id)}/execute",
+                f"/v1/sessions/{_session_seg(session_id)}/execute",
                 json=body,
                 params={"stream": "true"},
                 headers={"Accept": "text/event-stream"},
