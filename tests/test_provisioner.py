@@ -61,6 +61,18 @@ async def _run(client: AsyncKernelClient, code: str) -> dict[str, Any]:
     return {**reply, "stdout": stdout}
 
 
+async def _run_on_a_new_client(km: AsyncKernelManager, code: str) -> dict[str, Any]:
+    """``code`` run by a client made now, from the manager's connection info as it is now."""
+    client = km.client()
+    assert isinstance(client, AsyncKernelClient)
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=60)
+        return await _run(client, code)
+    finally:
+        client.stop_channels()
+
+
 async def test_a_plain_jupyter_client_reaches_the_kernel_only_through_pinned_links(
     started: tuple[AsyncKernelManager, AsyncKernelClient],
 ) -> None:
@@ -110,15 +122,8 @@ async def test_a_restart_starts_in_a_new_sandbox_and_leaves_nothing_of_the_old(
     assert not [d for d in old_cgroups if d.exists()]
     assert provisioner.jail is not None and provisioner.jail is not old
     # A new sandbox has new sockets: a client connects with the manager's new info.
-    again = km.client()
-    assert isinstance(again, AsyncKernelClient)
-    again.start_channels()
-    try:
-        await again.wait_for_ready(timeout=60)
-        found = await _run(again, "import os\nprint(os.path.exists('/tmp/old'))")
-        assert found["stdout"] == "False\n"  # not the old sandbox again
-    finally:
-        again.stop_channels()
+    found = await _run_on_a_new_client(km, "import os\nprint(os.path.exists('/tmp/old'))")
+    assert found["stdout"] == "False\n"  # not the old sandbox again
 
 
 async def test_a_restart_in_the_callers_sandbox_reaches_the_new_kernel(
@@ -135,29 +140,15 @@ async def test_a_restart_in_the_callers_sandbox_reaches_the_new_kernel(
         await km.start_kernel(sandbox=jail)
         assert isinstance(km.provisioner, SandboxProvisioner)
         first = {os.fstat(fd).st_ino for fd in km.provisioner.pinned_fds}
-        client = km.client()
-        assert isinstance(client, AsyncKernelClient)
-        client.start_channels()
-        try:
-            await client.wait_for_ready(timeout=60)
-            assert (await _run(client, "import os\nprint(os.getpid())"))["status"] == "ok"
-            await _run(client, "open('/mnt/data/kept', 'w').write('x')")
-        finally:
-            client.stop_channels()
+        kept = await _run_on_a_new_client(km, "open('/mnt/data/kept', 'w').write('x')")
+        assert kept["status"] == "ok"
         await km.restart_kernel(now=True)
         assert km.provisioner.jail is jail
         # Pinned anew, to the new kernel's sockets, not the old ones' names.
         pinned = {os.fstat(fd).st_ino for fd in km.provisioner.pinned_fds}
         assert len(pinned) == 5 and not pinned & first
-        again = km.client()
-        assert isinstance(again, AsyncKernelClient)
-        again.start_channels()
-        try:
-            await again.wait_for_ready(timeout=60)
-            found = await _run(again, "print(open('/mnt/data/kept').read())")
-            assert found["stdout"] == "x\n"  # the same sandbox, its workspace kept
-        finally:
-            again.stop_channels()
+        found = await _run_on_a_new_client(km, "print(open('/mnt/data/kept').read())")
+        assert found["stdout"] == "x\n"  # the same sandbox, its workspace kept
     finally:
         await km.shutdown_kernel(now=True)
         await jail.stop()
