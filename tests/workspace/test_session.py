@@ -360,6 +360,31 @@ async def test_attaching_a_file_again_gives_its_unchanged_copy_or_a_fresh_one(
     assert store.get(upload.id).path == paths[-1]
 
 
+async def test_a_produced_file_with_an_odd_name_attached_again_is_where_the_code_wrote_it(
+    store: FileStore, tmp_path: Path
+) -> None:
+    """Its stored name is listed escaped; its copy is the file the code wrote, not a second one."""
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    raw = [b"new\nline.txt", b"back\\slash.txt", b"b\xffd.txt", b"plain.txt"]
+    for name in raw:
+        (ws / os.fsdecode(name)).write_bytes(b"from the code " + name)
+    produced = (await workspace.collect(ws, cell(1))).files
+    listed = sorted(f.path for f in produced)
+    assert listed == sorted(
+        ["/mnt/data/new\\nline.txt", "/mnt/data/back\\\\slash.txt", "/mnt/data/b\\xffd.txt",
+         "/mnt/data/plain.txt"]
+    )  # fmt: skip
+    paths = await workspace.attach(ws, [f.id for f in produced])
+    assert sorted(paths) == listed  # where the code wrote each, as its path is listed
+    assert sorted(os.listdir(os.fsencode(ws))) == sorted(raw)  # and no copy beside it
+    # Put back under its own name in a fresh workspace after a restart, too.
+    second = folder(tmp_path, "second")
+    await workspace.prepare(second, restart=True)
+    assert sorted(os.listdir(os.fsencode(second))) == sorted(raw)
+    assert (await workspace.collect(second, cell(2))).files == []
+
+
 async def test_attaching_an_earlier_upload_again_leaves_the_one_that_replaced_it(
     store: FileStore, tmp_path: Path
 ) -> None:

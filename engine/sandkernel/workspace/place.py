@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Final
 
 from sandkernel.errors import FileRejected, FileTooLarge, SandkernelError
-from sandkernel.files import FileStore, StoredFile
+from sandkernel.files import FileStore, StoredFile, listed_file_name, raw_file_name
 from sandkernel.sandbox import SANDBOX_GID, SANDBOX_UID, WORKSPACE_IN_JAIL
 from sandkernel.workspace.scan import DirStamps, Snapshot, open_workspace_file
 
@@ -76,19 +76,32 @@ def _suffixed(name: str, tag: str) -> str:
 MAX_COPIES: Final = 100
 
 
+def own_name(stored: StoredFile) -> str:
+    """The name on disk of ``stored`` (``os.fsdecode``'s form), which it is listed under escaped.
+
+    A produced file's name is listed printable (:func:`listed_file_name`); an
+    upload's has nothing to escape, and is its own.
+    """
+    try:
+        return os.fsdecode(raw_file_name(stored.name))
+    except ValueError:  # not a listed name (none is stored so): taken as it is
+        return stored.name
+
+
 def candidate_names(stored: StoredFile) -> Iterator[str]:
-    """The names ``stored`` is placed under, in the order they are tried.
+    """The names on disk ``stored`` is placed under, in the order they are tried.
 
     Its own name, then suffixed with its id: predictable, so the same file
     lands where it did before. A count follows for a file attached again
     after the code changed its earlier copies (each attach gives the file's
     stored content a name of its own, and never writes over the code's work).
     """
-    yield stored.name
+    name = own_name(stored)
+    yield name
     tag = stored.id[5:13]
-    yield _suffixed(stored.name, tag)
+    yield _suffixed(name, tag)
     for count in range(2, MAX_COPIES + 1):
-        yield _suffixed(stored.name, f"{tag}-{count}")
+        yield _suffixed(name, f"{tag}-{count}")
 
 
 def place_file(
@@ -101,7 +114,7 @@ def place_file(
     subdir: str = "",
     replacing: StoredFile | None = None,
 ) -> str:
-    """Copy a stored file into the workspace; return its path in the sandbox.
+    """Copy a stored file into the workspace; return its path in the sandbox (on disk's form).
 
     A name that already holds exactly this file is where it is (placing it
     again changes nothing); a taken name is left alone and the next of
@@ -138,7 +151,7 @@ def place_file(
                 return _record(state, workspace, prefix + candidate, stored.id)
             if (
                 replacing is not None
-                and candidate == stored.name
+                and candidate == own_name(stored)
                 and _same_file_there(workspace, prefix + candidate, replacing)
             ):
                 # Written beside it, then renamed over it: the name never holds
@@ -249,8 +262,9 @@ def restore_files(
         if stored.session_id is None and stored.agent_id is not None:
             continue
         subdir = str(rel.parent) if str(rel.parent) != "." else ""
-        if stored.name != rel.name:
-            stored = stored.model_copy(update={"name": rel.name})
+        listed = listed_file_name(rel.name)  # a stored name's form
+        if stored.name != listed:
+            stored = stored.model_copy(update={"name": listed})
         try:
             if subdir:
                 # Not followed through a link: a host folder bound as the workspace

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sandkernel.errors import EngineClosed, FileNotFoundInStore, FileRejected, SandkernelError
-from sandkernel.files import FileStore, StoredFile, UploadSource
+from sandkernel.files import FileStore, StoredFile, UploadSource, listed_file_name
 from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
 from sandkernel.workspace.collect import OutputCaps, collect_outputs, shown_images
@@ -111,7 +111,7 @@ class SessionWorkspace:
     def _attach_one(self, store: FileStore, folder: Path, file_id: str) -> str:
         stored = self._usable(store, file_id)
         if stored.session_id is None and stored.agent_id is not None:
-            return place_file(store, stored, folder, self.state, read_only=True)
+            return listed_file_name(place_file(store, stored, folder, self.state, read_only=True))
         if stored.session_id is None:
             stored = store.attach(file_id, session_id=self.session_id)
         # Never replacing: an attach names a file the client already has, maybe
@@ -121,7 +121,7 @@ class SessionWorkspace:
         if stored.origin == "uploaded":
             # A produced file's path is where the code wrote it; it keeps that.
             _record_placement(store, stored, path, None)
-        return path
+        return listed_file_name(path)  # as a produced file's path is listed
 
     def _replaced(self, store: FileStore, new: StoredFile) -> StoredFile | None:
         """The session's own upload that the new upload ``new``, of its name, supersedes, if any.
