@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -80,7 +83,7 @@ async def test_a_plain_jupyter_client_reaches_the_kernel_only_through_pinned_lin
     folder = Path(km.ip).parent
     assert folder.name == "pin" and stat.S_IMODE(folder.stat().st_mode) == 0o700
     for port in (km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port):
-        assert os.readlink(f"{km.ip}-{port}").startswith("/proc/self/fd/")
+        assert os.readlink(f"{km.ip}-{port}").startswith(f"/proc/{os.getpid()}/fd/")
     assert (await _run(client, "print(6 * 7)"))["stdout"] == "42\n"
     # The heartbeat too, for the clients that use it: it echoes through its link.
     context = zmq.asyncio.Context()
@@ -93,6 +96,27 @@ async def test_a_plain_jupyter_client_reaches_the_kernel_only_through_pinned_lin
     finally:
         beat.close(linger=0)
         context.term()
+
+
+async def test_another_process_of_roots_reaches_the_kernel_by_its_connection_file(
+    started: tuple[AsyncKernelManager, AsyncKernelClient],
+) -> None:
+    """As ``jupyter console --existing`` does: the links lead to this process's sockets."""
+    km, _ = started
+    other = textwrap.dedent(f"""
+        from jupyter_client import BlockingKernelClient
+        client = BlockingKernelClient(connection_file={km.connection_file!r})
+        client.load_connection_file()
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+        reply = client.execute_interactive("print(6 * 7)", timeout=60)
+        client.stop_channels()
+        print(reply["content"]["status"])
+    """)
+    done = await anyio.run_process(
+        [sys.executable, "-c", other], check=False, stderr=subprocess.STDOUT
+    )
+    assert done.stdout.decode().splitlines()[-2:] == ["42", "ok"], done.stdout.decode()
 
 
 async def test_a_socket_swapped_for_a_host_link_is_not_reconnected_through(

@@ -21,10 +21,10 @@ and have the manager's client, root in the host's mounts, connect to it.
 Once the kernel has bound its sockets, each is opened as bound (``O_PATH``,
 not through a link, checked to be a socket), and the connection info this
 provisioner returns points into a root-only folder of links to those
-descriptors (``/proc/self/fd/N``): the same sockets whatever their names in
-the sandbox point to later. Those links mean the sockets in this process
-only (``/proc/self``): the connection info, and the connection file
-jupyter_client writes from it, are for this process's clients.
+descriptors (``/proc/<pid>/fd/N``, this process's): the same sockets
+whatever their names in the sandbox point to later. The connection file
+jupyter_client writes from that info serves any client of root's on the
+host (``jupyter console --existing``) while this process holds them.
 """
 
 from __future__ import annotations
@@ -275,7 +275,9 @@ def _pin(prefix: str, ports: Sequence[int], folder: Path) -> tuple[int, ...]:
             fds.append(fd)
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 raise KernelStartFailed(f"{IPC_NAME}-{port} is not the kernel's socket")
-            (folder / f"{IPC_NAME}-{port}").symlink_to(f"/proc/self/fd/{fd}")
+            # By this process's pid, not /proc/self: the connection file means the
+            # same sockets to any other process of root's (jupyter console --existing).
+            (folder / f"{IPC_NAME}-{port}").symlink_to(f"/proc/{os.getpid()}/fd/{fd}")
     except BaseException:
         for fd in fds:
             os.close(fd)
