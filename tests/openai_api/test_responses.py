@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import openai
+import pydantic
 import pytest
 from openai.types.responses import (
     FunctionToolParam,
@@ -1370,5 +1371,55 @@ async def test_an_item_sent_twice_in_one_input_is_a_400_as_openais(
         with pytest.raises(openai.BadRequestError, match="Duplicate item") as refused:
             client.responses.create(model=DEPLOYMENT, input=again)
         assert refused.value.param == "input[2]"
+
+    await anyio.to_thread.run_sync(exercise)
+
+
+class _Answer(pydantic.BaseModel):
+    city: str
+    population: int
+
+
+async def test_the_clients_parse_helper_gets_a_structured_answer(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    """text.format goes to the model as the chat endpoint's response_format; echoed back."""
+    daemon = await openai_daemon(in_order(Reply(content='{"city": "Lyon", "population": 522250}')))
+    client = daemon.openai()
+
+    def exercise() -> Any:
+        return client.responses.parse(
+            model=DEPLOYMENT, input="Lyon?", text_format=_Answer, truncation="auto", user="u-1"
+        )
+
+    parsed = await anyio.to_thread.run_sync(exercise)
+    assert parsed.output_parsed == _Answer(city="Lyon", population=522250)
+    assert (parsed.truncation, parsed.user) == ("auto", "u-1")
+    assert parsed.text is not None and parsed.text.format.type == "json_schema"
+    assert daemon.model is not None
+    (asked,) = daemon.model.requests
+    sent = asked["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["name"] == "_Answer"
+    assert sent["json_schema"]["schema"]["required"] == ["city", "population"]
+
+
+@pytest.mark.parametrize(
+    ("text", "param"),
+    [
+        ({"format": {"type": "xml"}}, "text.format.type"),
+        ({"format": {"type": "json_schema", "name": "x"}}, "text.format"),
+        ({"format": "json"}, "text.format"),
+    ],
+)
+async def test_a_text_format_the_model_cannot_be_asked_for_is_a_400(
+    openai_daemon: OpenAIDaemonFactory, text: Any, param: str
+) -> None:
+    daemon = await openai_daemon(in_order())
+    client = daemon.openai()
+
+    def exercise() -> None:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model=DEPLOYMENT, input="hi", text=text)
+        assert refused.value.param == param
 
     await anyio.to_thread.run_sync(exercise)

@@ -80,6 +80,44 @@ class ResponseCreate(BaseModel):
     top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     max_output_tokens: int | None = Field(default=None, ge=1)
     parallel_tool_calls: bool = True
+    #: the answer's format: ``{"format": {"type": "text" | "json_object" | "json_schema", ...}}``
+    text: dict[str, Any] | None = None
+    #: never truncated here: ``auto`` too sends the whole conversation (the model refuses
+    #: one over its context, as with ``disabled``)
+    truncation: Literal["auto", "disabled"] | None = None
+    #: the end user's id, kept with the response
+    user: str | None = Field(default=None, max_length=256)
+
+
+def _text_format(text: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The response's ``text`` as stored, and the chat endpoint's ``response_format``.
+
+    ``json_schema`` is the Responses API's flat form (``name``, ``schema``,
+    ``strict``, ``description`` beside ``type``); the chat endpoint nests them.
+    """
+    if text is None:
+        return {"format": {"type": "text"}}, None
+    fmt = text.get("format", {"type": "text"})
+    if not isinstance(fmt, dict):
+        raise bad_request("text.format must be an object with a type", "text.format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return {**text, "format": fmt}, None
+    if kind == "json_object":
+        return {**text, "format": fmt}, {"type": "json_object"}
+    if kind == "json_schema":
+        name, schema = fmt.get("name"), fmt.get("schema")
+        if not isinstance(name, str) or not name or not isinstance(schema, dict):
+            raise bad_request(
+                "text.format of type json_schema needs a name (a string) and a schema (an object)",
+                "text.format",
+            )
+        nested = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {**text, "format": fmt}, {"type": "json_schema", "json_schema": nested}
+    raise bad_request(
+        f"text.format of type {kind!r} is not one of text, json_object, json_schema",
+        "text.format.type",
+    )
 
 
 @dataclass
@@ -231,6 +269,7 @@ class Responses:
         if body.previous_response_id is not None:
             history = await self._previous(body.previous_response_id)
         functions, code_tool = _tools(body.tools)
+        text, _ = _text_format(body.text)  # checked before any container is made
         _check_tool_choice(body.tool_choice, functions, code=code_tool is not None)
         input_items, messages, given_files = _input(body.input)
         _check_answers([*history.transcript, *messages])
@@ -276,6 +315,9 @@ class Responses:
             temperature=body.temperature,
             top_p=body.top_p,
             max_output_tokens=body.max_output_tokens,
+            text=text,
+            truncation=body.truncation or "disabled",
+            user=body.user,
         )
         return _Prepared(
             body=body,
@@ -459,6 +501,7 @@ class _Turn:
         container_files: Callable[[str], Awaitable[list[StoredFile]]] | None = None,
     ) -> None:
         self.body = body
+        self.response_format = _text_format(body.text)[1]
         self.session = session
         self.functions = functions
         self.code = code
@@ -548,6 +591,7 @@ class _Turn:
                 temperature=self.body.temperature,
                 top_p=self.body.top_p,
                 parallel_tool_calls=self.body.parallel_tool_calls,
+                response_format=self.response_format,
             )
             text = _TextItem(self)
             try:

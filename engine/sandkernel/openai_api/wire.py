@@ -674,6 +674,9 @@ class ResponseObject(_Object):
     temperature: float | None = None
     top_p: float | None = None
     max_output_tokens: int | None = None
+    text: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    user: str | None = None
 
 
 def end_items(output: list[dict[str, Any]]) -> None:
