@@ -371,6 +371,19 @@ async def test_a_lone_surrogate_in_what_a_check_raised_is_escaped_in_its_verdict
 
 @sandbox
 @pytest.mark.anyio
+async def test_a_verdict_cut_inside_a_character_is_the_check_failing_not_the_server(
+    pool_factory: PoolFactory,
+) -> None:
+    """The report is cut at 4 MiB, here inside an é: the character goes, the verdict stays."""
+    pool = await pool_factory()
+    r = await run(pool, "raise ValueError('\\u00e9' * (3 << 20))", mode="check", timeout_s=10)
+    assert r.status == "error" and r.verdict is not None, r
+    assert r.verdict.startswith("failed: \u00e9\u00e9") and set(r.verdict[8:]) == {"\u00e9"}
+    assert pool.stats.worker_restarts == 0
+
+
+@sandbox
+@pytest.mark.anyio
 async def test_files_left_anywhere_are_gone_for_the_next_run(pool_factory: PoolFactory) -> None:
     pool = await pool_factory()
     left = await run(

