@@ -56,6 +56,37 @@ async def pool_factory(host: SandboxHost) -> AsyncIterator[PoolFactory]:
         await pool.close()
 
 
+@sandbox
+@pytest.mark.anyio
+async def test_a_start_cancelled_with_a_worker_up_stops_it(
+    host: SandboxHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its caller never gets the pool to close: the start closes what it started."""
+    one_up, never = asyncio.Event(), asyncio.Event()
+    add_worker = BatchPool._add_worker
+    calls = 0
+
+    async def second_never_comes(pool: BatchPool, *, initial: bool = False) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await never.wait()
+        await add_worker(pool, initial=initial)
+        one_up.set()
+
+    monkeypatch.setattr(BatchPool, "_add_worker", second_never_comes)
+    pool = BatchPool(host, None, workers=2)
+    starting = asyncio.ensure_future(pool.start())
+    async with asyncio.timeout(60):
+        await one_up.wait()
+    assert len(pool.worker_ids()) == 1
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert pool.worker_ids() == [] and pool._closed
+    # The host fixture finds nothing of the started worker left (sandbox, cgroup, mounts).
+
+
 def program(source: str) -> str:
     return textwrap.dedent(source).lstrip("\n")
 

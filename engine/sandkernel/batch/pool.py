@@ -163,6 +163,15 @@ class BatchPool:
         except BaseExceptionGroup as group_error:
             await self.close()
             raise group_error.exceptions[0] from None
+        except asyncio.CancelledError:
+            # The workers already up go too: the caller never gets this pool to close.
+            closing = asyncio.ensure_future(self.close())
+            try:
+                await asyncio.shield(closing)
+            finally:
+                if not closing.done():  # cancelled again: the close still runs to its end
+                    await asyncio.wait([closing])
+            raise
 
     async def close(self) -> None:
         """Stop every worker and remove its sandbox. Idempotent."""
