@@ -35,6 +35,7 @@ class FakeKernel:
         self.shut = False
         self.alive = True
         self.dead_reason: str | None = None
+        self.workspace = "/nowhere"  # its /mnt/data on the host (the tests place nothing)
 
     async def execute(self, code: str, **_: Any) -> ExecutionResult:
         self.log.append(f"start {code}")
@@ -344,3 +345,89 @@ async def test_a_session_closed_while_a_file_is_placed_says_closed_not_refused()
     with pytest.raises(SessionClosed):
         await session3.run("1", file_ids=["file-1"])  # a cell's files, placed before it runs
     assert len(released) == 1  # the first session's kernel went with its close
+
+
+class _ClosesItsSession:
+    """A workspace whose session is closed while it works, the work itself succeeding."""
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+
+    async def _close(self) -> None:
+        assert self.session is not None
+        await self.session.close()
+
+    async def prepare(self, *_: Any, **__: Any) -> None:
+        await self._close()
+
+    async def attach(self, *_: Any, **__: Any) -> list[str]:
+        await self._close()
+        return ["/mnt/data/a.txt"]
+
+
+async def test_a_session_closed_while_a_restart_puts_its_files_back_stays_closed() -> None:
+    log: list[str] = []
+    session, released = make_session(FakeClock(), log)
+    await session.run("die")
+    workspace = _ClosesItsSession()
+    workspace.session, session.workspace = session, workspace  # type: ignore[assignment]
+    with pytest.raises(SessionClosed):
+        await session.run("x", restart=True)
+    assert session.state is SessionState.CLOSED and session.kernel is None
+    assert len(released) == 2  # the dead kernel, then the fresh one: not kept
+    assert "start x" not in log
+
+
+async def test_a_session_closed_while_a_cells_files_are_placed_says_closed() -> None:
+    """The placing succeeded, the kernel went with the close: not a kernel that died."""
+    log: list[str] = []
+    session, _ = make_session(FakeClock(), log)
+    workspace = _ClosesItsSession()
+    workspace.session, session.workspace = session, workspace  # type: ignore[assignment]
+    session.kernel.workspace = "/nowhere"  # type: ignore[union-attr]
+    with pytest.raises(SessionClosed):
+        await session.run("x", file_ids=["file-1"])
+    assert "start x" not in log
+
+
+async def test_a_process_of_the_cell_killed_for_memory_leaves_the_kernel_and_its_variables() -> (
+    None
+):
+    log: list[str] = []
+    session, released = make_session(FakeClock(), log)
+    kernel = session.kernel
+    oom = ExecutionResult(
+        status="oom",
+        usage=Usage(wall_ms=1),
+        kernel_alive=True,
+        message="the sandbox ran out of memory; a process of the cell was killed",
+    )
+
+    async def child_killed(code: str, **_: Any) -> ExecutionResult:
+        return oom
+
+    kernel.execute = child_killed  # type: ignore[method-assign, union-attr]
+    assert (await session.run("spawn a hog")).status == "oom"
+    assert session.state is SessionState.ACTIVE and session.kernel is kernel
+    assert released == []
+
+
+async def test_a_restart_taking_past_the_ttl_is_not_expired_by_it() -> None:
+    """The run began in time: acquiring the fresh kernel is part of it, as the cell is."""
+    clock, log = FakeClock(), []
+    gate = asyncio.Event()
+    session, _ = make_session(clock, log, ttl_s=10)
+    await session.run("die")
+
+    async def slow_acquire() -> Any:
+        await gate.wait()
+        return FakeKernel(log)
+
+    session._acquire = slow_acquire  # type: ignore[method-assign]
+    restart = asyncio.create_task(session.run("x", restart=True))
+    await asyncio.sleep(0)  # it holds the lock, waiting for a kernel
+    clock.now += 60  # the TTL passes meanwhile
+    assert session.expiry(clock.now) is None  # the reaper leaves it
+    gate.set()
+    result = await restart
+    assert result.status == "ok" and result.state_lost

@@ -24,7 +24,7 @@ from sandkernel.files import StoredFile
 from sandkernel.files import UploadSource as UploadSource  # where the contract imports it from
 from sandkernel.kernel import OutputCallback, SandboxedKernel
 from sandkernel.limits import MAX_TTL_S
-from sandkernel.results import KERNEL_LOST, ExecutionResult
+from sandkernel.results import ExecutionResult
 from sandkernel.streaming import StreamsFromRun
 from sandkernel.workspace import SessionWorkspace
 
@@ -185,58 +185,76 @@ class Session(StreamsFromRun):
         """
         async with self._lock:
             self._check_usable()
-            state_lost = False
-            if self.kernel is not None and not self.kernel.alive:
-                # It died between cells (a thread a cell left, the OOM killer, a kill
-                # from outside): found now, it is a dead kernel like one a cell ended.
-                await self._kernel_died(self.kernel.dead_reason or "it exited between cells")
-            if self.state is SessionState.DEAD:
-                if not (self._restart_dead if restart is None else restart):
-                    raise KernelDead(
-                        f"session {self.id!r}: {self._dead_message}. Its variables are lost; "
-                        "run again with restart=True for a fresh kernel, or open a new session"
-                    )
-                fresh = await self._acquire()
-                try:
-                    # Closed or expired while the kernel was being acquired: that stands.
-                    self._check_usable()
-                    if self.workspace is not None:
-                        with self._closed_meanwhile():
-                            await self.workspace.prepare(fresh.workspace, restart=True)
-                except BaseException:
-                    await self._release(fresh)
-                    raise
-                self.kernel = fresh
-                self.state = SessionState.ACTIVE
-                state_lost = True
-            current = self.kernel
-            assert current is not None
-            kernel = current
-            self.lifetime.ran(self._clock())
-            if file_ids and self.workspace is not None:
-                with self._closed_meanwhile():
-                    await self.workspace.attach(kernel.workspace, file_ids)
+            # From here the run is activity: the TTL and idle timeout do not end the
+            # session while a fresh kernel is acquired, files are placed, the cell runs.
             self._running = True
             try:
-                result = await kernel.execute(code, timeout_s=timeout_s, on_output=on_output)
+                return await self._run_held(code, timeout_s, on_output, restart, file_ids)
             finally:
                 self._running = False
-            self.lifetime.ran(self._clock())
-            self.cells_run += 1
-            if self.workspace is not None and not self.closed:
-                # Before a dead kernel is released: its workspace still exists.
-                result = await self.workspace.collect(kernel.workspace, result)
-            if result.status in KERNEL_LOST or not result.kernel_alive:
-                await self._kernel_died(result.message or result.status)
-            if self.state is SessionState.EXPIRED and result.status == "killed":
-                # Ended by its expiry (max_lifetime_s, or a TTL passed meanwhile): say so.
-                why = self.lifetime.describe(self.ended_reason or "ttl")
-                result = result.model_copy(
-                    update={"message": f"the session expired while the cell ran: {why}"}
+
+    async def _run_held(
+        self,
+        code: str,
+        timeout_s: float | None,
+        on_output: OutputCallback | None,
+        restart: bool | None,
+        file_ids: Sequence[str],
+    ) -> ExecutionResult:
+        """:meth:`run`, the session's lock held and its use checked."""
+        state_lost = False
+        if self.kernel is not None and not self.kernel.alive:
+            # It died between cells (a thread a cell left, the OOM killer, a kill
+            # from outside): found now, it is a dead kernel like one a cell ended.
+            await self._kernel_died(self.kernel.dead_reason or "it exited between cells")
+        if self.state is SessionState.DEAD:
+            if not (self._restart_dead if restart is None else restart):
+                raise KernelDead(
+                    f"session {self.id!r}: {self._dead_message}. Its variables are lost; "
+                    "run again with restart=True for a fresh kernel, or open a new session"
                 )
-            if state_lost:
-                result = result.model_copy(update={"state_lost": True})
-            return result
+            fresh = await self._acquire()
+            try:
+                # Closed or expired while the kernel was being acquired: that stands.
+                self._check_usable()
+                if self.workspace is not None:
+                    with self._closed_meanwhile():
+                        await self.workspace.prepare(fresh.workspace, restart=True)
+                self._check_usable()  # or while its files were put back
+            except BaseException:
+                await self._release(fresh)
+                raise
+            self.kernel = fresh
+            self.state = SessionState.ACTIVE
+            state_lost = True
+        current = self.kernel
+        assert current is not None
+        kernel = current
+        self.lifetime.ran(self._clock())
+        if file_ids and self.workspace is not None:
+            with self._closed_meanwhile():
+                await self.workspace.attach(kernel.workspace, file_ids)
+            # Closed while they were placed: its kernel is gone, which is no death.
+            self._check_usable()
+        result = await kernel.execute(code, timeout_s=timeout_s, on_output=on_output)
+        self.lifetime.ran(self._clock())
+        self.cells_run += 1
+        if self.workspace is not None and not self.closed:
+            # Before a dead kernel is released: its workspace still exists.
+            result = await self.workspace.collect(kernel.workspace, result)
+        # Not the status alone: "oom" with the kernel alive is a process of the
+        # cell killed, the kernel and its variables still there.
+        if not result.kernel_alive:
+            await self._kernel_died(result.message or result.status)
+        if self.state is SessionState.EXPIRED and result.status == "killed":
+            # Ended by its expiry (max_lifetime_s, or a TTL passed meanwhile): say so.
+            why = self.lifetime.describe(self.ended_reason or "ttl")
+            result = result.model_copy(
+                update={"message": f"the session expired while the cell ran: {why}"}
+            )
+        if state_lost:
+            result = result.model_copy(update={"state_lost": True})
+        return result
 
     async def _kernel_died(self, message: str) -> None:
         if self.closed:  # closed or expired while the cell ran: that state stands

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sandkernel.loop.formatting import format_result
 from sandkernel.loop.models import ChatModel, ModelReply, ToolCall, ToolChoice
 from sandkernel.loop.tool import DEFAULT_AVAILABLE_MODULES, TOOL_NAME, python_tool
-from sandkernel.results import KERNEL_LOST, ExecutionResult, ProducedFile
+from sandkernel.results import ExecutionResult, ProducedFile
 
 Outcome = Literal["answered", "max_attempts", "tool_forbidden"]
 
@@ -214,7 +214,9 @@ async def run_loop(
                 available_modules=available_modules,
                 after_restart=restarted,
             )
-            restarted = restarted or result.state_lost or result.status in KERNEL_LOST
+            # Its variables go with its kernel only (a process of the cell killed for
+            # memory leaves them).
+            restarted = restarted or result.state_lost or not result.kernel_alive
             transcript.append(_tool_message(call.id, text + last))
             await emit(
                 LoopEvent(
