@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from sandkernel.api import EngineAPI, SessionAPI
 from sandkernel.config import EngineConfig
+from sandkernel.errors import EngineClosed
 from sandkernel.sandbox import CgroupLayout, iter_sandkernel_cgroups
 from sandkernel.sync import BlockingEngine, BlockingSession, Engine
 from tests.conftest import engine_process, runtime_root
@@ -100,5 +103,50 @@ def test_sigterm_in_an_embedding_process_ends_every_kernel(tmp_path: Path) -> No
     with engine_process(script, ready) as (proc, owner):
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=10) == -signal.SIGTERM
+    assert [p.name for p in root.iterdir() if p.name != "owners"] == []
+    assert not [p for p in iter_sandkernel_cgroups(CgroupLayout.detect()) if owner in p.name]
+
+
+@pytest.mark.sandbox
+def test_after_close_calls_raise_engine_closed_and_a_sessions_close_does_nothing(
+    tmp_path: Path,
+) -> None:
+    """As the async API: not anyio's RuntimeError of a portal no longer running."""
+    engine = Engine(pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(), store_dir=tmp_path)
+    session = engine.session()
+    stream = session.stream("print(1)\n2")
+    next(stream)
+    engine.close()
+    with pytest.raises(EngineClosed):
+        session.run("1")
+    with pytest.raises(EngineClosed):
+        engine.session()
+    with pytest.raises(EngineClosed):
+        engine.stats()
+    with pytest.raises(EngineClosed):
+        next(stream)
+    session.close()  # ended with its engine: nothing to do
+    engine.close()  # idempotent
+
+
+@pytest.mark.sandbox
+def test_an_engine_its_program_never_closes_is_closed_as_the_interpreter_ends(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "rt"
+    script = textwrap.dedent(f"""
+        from sandkernel.sync import Engine
+        engine = Engine(pool_size=1, prewarm_imports=(), runtime_dir={str(root)!r},
+                        store_dir={str(tmp_path / "store")!r})
+        print(engine.backend._host.owner)
+        print(engine.session("x").run("6 * 7").text)
+        # no close(): the interpreter ends here
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    owner, answer = done.stdout.split()
+    assert answer == "42"
     assert [p.name for p in root.iterdir() if p.name != "owners"] == []
     assert not [p for p in iter_sandkernel_cgroups(CgroupLayout.detect()) if owner in p.name]

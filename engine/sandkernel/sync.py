@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import weakref
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from sandkernel.api import ManagedBackend, SessionAPI
+from sandkernel.errors import EngineClosed
 
 if TYPE_CHECKING:
     from sandkernel import engine as _embedded  # noqa: F401 - named in Engine's base, quoted
@@ -59,24 +61,32 @@ __all__ = ["BlockingEngine", "BlockingSession", "Engine", "ManagedBackend"]
 
 
 class _Portal:
-    """Calls into the loop thread: one value, or an async iterator item by item."""
+    """Calls into the loop thread: one value, or an async iterator item by item.
+
+    Once its engine is closed (``closed``), a call raises EngineClosed, as the
+    async API does, not anyio's "portal is not running".
+    """
 
     def __init__(self, portal: BlockingPortal) -> None:
         self.portal = portal
+        self.closed = False
 
     def call[T](self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        if self.closed:
+            raise EngineClosed("the engine is closed")
         return self.portal.call(partial(fn, *args, **kwargs))
 
     def iterate[T](self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
-        iterator = self.portal.call(_made, make)
+        iterator = self.call(_made, make)
         try:
             while True:
-                item = self.portal.call(_next_or_end, iterator)
+                item = self.call(_next_or_end, iterator)
                 if item is _END:
                     return
                 yield item
         finally:
-            self.portal.call(_close, iterator)
+            if not self.closed:  # closed with the engine
+                self.portal.call(_close, iterator)
 
 
 _END: Any = object()
@@ -159,7 +169,8 @@ class BlockingSession:
         return self._portal.call(self._session.info)
 
     def close(self) -> None:
-        self._portal.call(self._session.close)
+        if not self._portal.closed:  # else it ended with its engine
+            self._portal.call(self._session.close)
 
 
 class BlockingEngine[B: ManagedBackend]:
@@ -183,6 +194,18 @@ class BlockingEngine[B: ManagedBackend]:
         except BaseException:
             self._portal_cm.__exit__(None, None, None)
             raise
+        # Never closed by its program (it forgot, or raised first): closed as the
+        # interpreter ends, or it would wait for ever for the loop's thread. Not
+        # atexit, which runs after that wait: threading's own hook runs before
+        # (concurrent.futures ends its workers the same way; last registered, first run).
+        ref = weakref.ref(self)
+
+        def close_at_exit() -> None:
+            engine = ref()
+            if engine is not None:
+                engine.close()
+
+        threading._register_atexit(close_at_exit)  # type: ignore[attr-defined]
 
     @property
     def backend(self) -> B:
@@ -282,6 +305,7 @@ class BlockingEngine[B: ManagedBackend]:
         try:
             self._backend_cm.__exit__(None, None, None)
         finally:
+            self._portal.closed = True
             self._portal_cm.__exit__(None, None, None)
 
     def __enter__(self) -> Self:
