@@ -295,3 +295,20 @@ def test_files_list_on_a_store_that_is_not_there_says_so_and_makes_none(tmp_path
     proc = run_cli("files", "--store", str(missing), "list")
     assert proc.returncode == 2 and f"no file store at {missing}" in proc.stderr, proc.stderr
     assert not missing.exists()
+
+
+def test_files_list_on_a_folder_that_holds_no_store_makes_none_there(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("mine")
+    proc = run_cli("files", "--store", str(folder), "list")
+    assert proc.returncode == 2 and f"no file store at {folder}" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]
+
+
+def test_a_store_path_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    proc = run_cli("run", "--store", str(taken), "1")
+    assert (proc.returncode, "Traceback" in proc.stderr) == (2, False), proc.stderr
+    assert f"cannot open a file store at {str(taken)!r}" in proc.stderr

@@ -128,8 +128,9 @@ def _files(args: argparse.Namespace) -> int:
     from sandkernel.files import FileStore
 
     root = Path(args.store) if args.store else default_store_dir()
-    if not root.is_dir():
-        # Reading a store that is not there: said so, and none made by looking.
+    if not (root / "files.sqlite3").is_file():
+        # Reading a store that is not there (a folder that holds none): said so,
+        # and none made by looking.
         raise BadInput(f"no file store at {root}: give --store, or run something that stores files")
     store = FileStore(root)
     try:

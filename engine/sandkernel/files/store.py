@@ -234,17 +234,23 @@ class FileStore:
         self._tmp = self.root / "tmp"
         self._lock = threading.Lock()
         self._closed = False
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        for directory in (self.root, self._blobs, self._tmp):
-            _make_private_dir(directory)
         db = self.root / "files.sqlite3"
-        # Created here with 0600 so SQLite, which gives its -wal and -shm files
-        # the database's mode, never makes a readable copy of the metadata.
-        fd = os.open(db, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            for directory in (self.root, self._blobs, self._tmp):
+                _make_private_dir(directory)
+            # Created here with 0600 so SQLite, which gives its -wal and -shm files
+            # the database's mode, never makes a readable copy of the metadata.
+            fd = os.open(db, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a file where a folder goes, no permission, a full disk
+            raise FileError(
+                f"cannot open a file store at {str(self.root)!r}: "
+                f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+            ) from None
         self._conn = sqlite3.connect(
             db, isolation_level=None, check_same_thread=False, timeout=30.0
         )
