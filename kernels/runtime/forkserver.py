@@ -486,6 +486,19 @@ def _exit_code(exc):
     return 1
 
 
+def _excepthook_failed(hook_error, exc):
+    """What the interpreter prints when ``sys.excepthook`` raises: both tracebacks."""
+    try:
+        sys.stderr.write("Error in sys.excepthook:\n")
+        hook_error = hook_error.with_traceback(_strip_own_frames(hook_error.__traceback__))
+        hook_error.__context__ = None  # the interpreter calls the hook outside any handler
+        sys.__excepthook__(type(hook_error), hook_error, hook_error.__traceback__)
+        sys.stderr.write("\nOriginal exception was:\n")
+        sys.__excepthook__(type(exc), exc, exc.__traceback__)
+    except BaseException:  # noqa: BLE001, S110 - the program's streams and hooks are its own
+        pass
+
+
 def _strip_own_frames(tb):
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
@@ -529,8 +542,8 @@ def _run_program(program, path, argv):
         try:
             exc = exc.with_traceback(_strip_own_frames(exc.__traceback__))
             sys.excepthook(type(exc), exc, exc.__traceback__)
-        except BaseException:  # noqa: BLE001, S110
-            pass
+        except BaseException as hook_error:  # noqa: BLE001 - printed as Python prints it
+            _excepthook_failed(hook_error, exc)
     code = _interpreter_exit(code)
     if interrupted:
         # As the interpreter does after an uncaught KeyboardInterrupt: die of
