@@ -114,6 +114,7 @@ PYTHON_FILE_CASES = {
     ),
     "keyboard_interrupt": ("raise KeyboardInterrupt\n", b""),
     "stderr_and_unicode": ("import sys\nprint('héllo ✓')\nprint('warn', file=sys.stderr)\n", b""),
+    "compile_warning": ("x = '\\d'\nprint(len(x))\n", b""),
     "failing_excepthook": (
         "import sys\ndef hook(*args):\n    raise RuntimeError('hook')\n"
         "sys.excepthook = hook\nraise ValueError('v')\n",

