@@ -212,3 +212,27 @@ def test_budget_holds_whatever_the_cell_printed() -> None:
         assert len(text) <= budget, budget
         assert text.startswith("Status: error: ValueError: vvv")
     assert "- ... and 20 more" in format_result(result, budget_chars=20000)
+
+
+def test_each_part_gets_its_share_and_the_only_cut_note_is_the_true_one() -> None:
+    """The parts' titles were counted a character short: over budget by one per part,
+    the whole text was cut again, over the real note, which then said 55 characters."""
+    stdout = "a" * 500_000 + "\n[... 1951424 bytes cut ...]\n" + "a" * 500_000
+    result = make_result(
+        status="ok",
+        stdout=stdout,
+        stdout_truncated=True,
+        value=DisplayOutput(data={"text/plain": "3000000"}),
+        execution_count=6,
+    )
+    text = format_result(result, budget_chars=8000)
+    assert len(text) <= 8000
+    (note,) = re.findall(r"\[\.\.\. ([\d,]+) characters", text)
+    assert int(note.replace(",", "")) > 2_900_000
+    assert re.findall(r"^--- .* ---$", text, re.M) == ["--- stdout ---", "--- Out[6] ---"]
+
+
+def test_output_left_out_by_a_cap_is_not_no_output() -> None:
+    for left_out in ({"displays_truncated": True}, {"files_truncated": True}):
+        text = format_result(make_result(status="ok", **left_out), budget_chars=2000)
+        assert text.splitlines()[0] == "Status: ok", left_out

@@ -74,7 +74,7 @@ def format_result(
     tail = _files_section(result) + _hints(result, available_modules, after_restart)
 
     fixed = "\n".join(head + tail)
-    titles = sum(len(p.title) + 9 for p in parts)  # "--- " + title + " ---" + 2 newlines
+    titles = sum(len(p.title) + 10 for p in parts)  # "--- " + title + " ---" + 2 newlines
     room = max(0, budget_chars - len(fixed) - titles)
     shares = _allot([len(p.text) for p in parts], room)
     rendered = list(head)
@@ -97,7 +97,8 @@ class _Part:
 
 def _status_line(result: ExecutionResult) -> str:
     if result.status == "ok":
-        if not (result.stdout or result.stderr or result.displays or result.value or result.files):
+        shown = result.stdout or result.stderr or result.displays or result.value or result.files
+        if not (shown or result.displays_truncated or result.files_truncated):
             return "Status: ok (no output)"
         return "Status: ok"
     if result.status == "error":
