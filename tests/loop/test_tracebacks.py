@@ -86,3 +86,30 @@ def test_deep_recursion_is_shown_once_with_a_count() -> None:
     text = user_traceback(tb)
     assert text.count("def r(n)") == 1
     assert "[... the frame above repeated 977 more times]" in text
+
+
+def test_an_exception_message_with_lines_like_frames_is_kept_whole() -> None:
+    """After the exception's line, the message: "File a.csv: ..." is no frame to fold."""
+    message = (
+        "2 files failed validation:\n\nFile a.csv: missing column 'price'\nrow 3: empty\n\n"
+        'File b.csv: 4 duplicate ids\n  File "x", line 1\nend'
+    )
+    tb = (
+        "---------------------------------------------------------------------------\n"
+        "ValueError                                Traceback (most recent call last)\n"
+        "Cell In[5], line 9\n----> 9 raise ValueError(report)\n\n"
+        f"ValueError: {message}"
+    )
+    assert user_traceback(tb).endswith(f"ValueError: {message}")
+    # A chained traceback after such a message is cleaned as one again.
+    chained = (
+        tb + "\n\nDuring handling of the above exception, another exception occurred:\n\n"
+        "---------------------------------------------------------------------------\n"
+        "KeyError                                  Traceback (most recent call last)\n"
+        "Cell In[5], line 11\n----> 11 d['x']\n\n"
+        "File /usr/lib/python3.12/site-packages/ipykernel/zmqshell.py:1, in f()\n"
+        "----> 1 pass\n\nKeyError: 'x'"
+    )
+    text = user_traceback(chained)
+    assert f"ValueError: {message}" in text and "zmqshell" not in text
+    assert text.endswith("----> 11 d['x']\n\nKeyError: 'x'")

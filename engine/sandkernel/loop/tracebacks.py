@@ -21,6 +21,11 @@ _PLAIN_FRAME = re.compile(
 _IPY_FILE = re.compile(r"^File (?P<path>.+?)(?::\d+)?(?:, in .*)?$")
 _HEADER = re.compile(r"^(\w[\w.]*) {2,}Traceback \(most recent call last\)$")
 _DASHES = re.compile(r"^-{20,}$")
+#: Where a traceback (chained or not) begins: what follows an exception's message.
+_TRACEBACK_START = re.compile(
+    r"^(?:-{20,}$|Traceback \(most recent call last\):$|\w[\w.]* {2,}Traceback \(most recent"
+    r"|The above exception was the direct cause|During handling of the above exception)"
+)
 _HIDDEN_NOTE = re.compile(r"^\[\.\.\. skipping hidden \d+ frames?\]$")
 _ARROW = re.compile(r"^\s*-*>\s*\d+")
 #: Packages whose frames are the interpreter's machinery, never the user's concern.
@@ -76,13 +81,32 @@ def user_traceback(traceback: str) -> str:
 
 
 def _parse_traceback(lines: list[str]) -> list[str | _Frame]:
-    """Lines and frames; blank lines between two frames are absorbed."""
+    """Lines and frames; blank lines between two frames are absorbed.
+
+    Once a traceback's frames are followed by its exception's line, what
+    comes next is the exception's message (which may hold a line such as
+    ``File a.csv: ...``), up to the next traceback or chaining line.
+    """
     items: list[str | _Frame] = []
+    framed = in_message = False
     i = 0
     while i < len(lines):
         line = lines[i]
+        if _TRACEBACK_START.match(line):
+            framed = in_message = False
+        elif framed and line[:1].strip() and not in_message:
+            # At the margin: not "  [Previous line repeated N more times]", nor
+            # IPython's note of hidden frames, nor another frame.
+            in_message = not (
+                _PLAIN_FRAME.match(line) or _IPY_FRAME.match(line) or _HIDDEN_NOTE.match(line)
+            )
+        if in_message:
+            items.append(line)
+            i += 1
+            continue
         plain = _PLAIN_FRAME.match(line)
         if plain or _IPY_FRAME.match(line):
+            framed = True
             frame = [line]
             i += 1
             if plain:
