@@ -18,6 +18,7 @@ from mcp.types import CallToolResult, ImageContent, TextContent
 
 from sandkernel.api import EngineAPI
 from sandkernel.daemon.mcp_server import SandboxTools
+from sandkernel.engine import Engine
 from sandkernel.errors import SessionLost
 from tests.conftest import runtime_root
 from tests.daemon.conftest import DaemonFactory
@@ -249,3 +250,25 @@ def _owned_by_live_process(path: Path) -> bool:
 
     pid = path.name.split("-", 1)[0]
     return pid.isdigit() and psutil.pid_exists(int(pid))
+
+
+async def test_the_applications_session_is_the_models_before_it_runs_anything(
+    tmp_path: Path,
+) -> None:
+    """Its files are listed and read at once; wrapped base64 is base64 too."""
+    async with Engine(
+        pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(),
+        store_dir=tmp_path / "store", handle_sigterm=False,
+    ) as engine:  # fmt: skip
+        app = await engine.session("app-1")
+        sales = await app.upload(b"month,amount\nJan,10\n", "sales.csv")
+        tools = SandboxTools(engine, default_session_id="app-1")
+        listed = json.loads(await tools.list_files())
+        assert [f["id"] for f in listed] == [sales.id]
+        assert "Jan,10" in await tools.read_file(sales.id)
+        wrapped = base64.encodebytes(b"x,y\n" * 40).decode()  # lines of 76 characters
+        assert "\n" in wrapped.strip()
+        answer = await tools.upload_file(content_base64=wrapped, name="wrapped.csv")
+        assert "/mnt/data/wrapped.csv" in answer
+        assert (await app.run("print(open('wrapped.csv').read().count('x,y'))")).stdout == "40\n"
+        await app.close()

@@ -108,7 +108,8 @@ class SandboxTools:
         self.default_session_id = default_session_id or self.namespace
         self.upload_dirs = [Path(d).resolve() for d in upload_dirs]
         #: the sessions the model used through this server: their files are its own
-        self.used: set[str] = set()
+        #: (the application's default session's from the start: it is the model's too)
+        self.used: set[str] = {default_session_id} if default_session_id else set()
         #: the sessions this server began, ended by :meth:`close_sessions`
         self.began: set[str] = set()
 
@@ -214,7 +215,8 @@ class SandboxTools:
             session = await self._session(session_id)
             if content_base64 is not None:
                 try:
-                    data = base64.b64decode(content_base64, validate=True)
+                    # Wrapped lines (base64's 76 columns) are base64 too.
+                    data = base64.b64decode("".join(content_base64.split()), validate=True)
                 except binascii.Error as exc:
                     raise ValueError(f"content_base64 is not valid base64: {exc}") from None
                 if name is None:
