@@ -268,6 +268,9 @@ def test_paths_that_cannot_be_used_are_refused_with_a_message_not_a_traceback(
     latin1.write_bytes(b'print("caf\xe9")\n')
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
+    twin = tmp_path / "elsewhere" / "a-file"  # one /mnt/data: the second would replace it
+    twin.parent.mkdir()
+    twin.write_text("y")
     missing = tmp_path / "missing"
     problems = tmp_path / "problems.jsonl"
     problems.write_text('{"task_id": "t/0", "prompt": "", "test": "", "entry_point": "f"}\n')
@@ -281,6 +284,8 @@ def test_paths_that_cannot_be_used_are_refused_with_a_message_not_a_traceback(
         (["doctor", "--model-key-file", str(missing)], 2, "cannot read --model-key-file"),
         (["serve", "--token-file", str(missing)], 1, "cannot read --token-file"),
         (["solve", "q", "--model", "m", "--out", str(a_file)], 1, "is not a folder"),
+        (["solve", "q", "--model", "m", "--file", str(a_file), "--file", str(twin)], 1,
+         "two files named a-file"),
         (["eval", "--problems", str(problems), "--samples", str(samples), "--no-progress",
           "--workers", "1", "--out", str(missing / "r.jsonl")], 2, f"{missing} is not a folder"),
         (["eval", "--samples", str(samples), "--memory-mb", "8"], 2, "must be at least 16"),

@@ -92,6 +92,14 @@ def run_solve(args: argparse.Namespace) -> int:
     missing = [f for f in args.file if not Path(f).is_file()]
     if missing:
         raise SystemExit(f"sandkernel solve: no such file: {', '.join(missing)}")
+    names = [Path(f).name for f in args.file]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        # One /mnt/data: the second would replace the first, and the model be told of both.
+        raise SystemExit(
+            f"sandkernel solve: two files named {', '.join(twice)}: each --file needs a "
+            "name of its own in /mnt/data (rename or copy one)"
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         # Found now, not after the model's work, when its files are to be saved.

@@ -59,7 +59,9 @@ def _completion(message: object) -> bytes:
 @pytest.mark.parametrize(
     ("body", "why"),
     [(b"<html>not a model</html>", "failed: Expecting value"),
-     (_completion(None), "no usable choice: ValueError: the reply's choice has no message")],
+     (_completion(None), "no usable choice: ValueError: the reply's choice has no message"),
+     # A 200 with an error body: its message is what the user needs.
+     (b'{"error": {"message": "model overloaded"}}', "no choices: model overloaded")],
 )  # fmt: skip
 async def test_a_reply_that_is_no_chat_completion_is_model_call_failed(
     body: bytes, why: str

@@ -158,7 +158,12 @@ class OpenAIChatModel:
 def _reply_of(response: Any) -> ModelReply:
     """The first choice of a chat completion as a :class:`ModelReply`."""
     if not response.choices:
-        raise ValueError("the reply has no choices")
+        # Some servers answer 200 with an error body: its message says what went wrong.
+        error = getattr(response, "error", None)
+        message = error.get("message") if isinstance(error, dict) else error
+        raise ValueError(
+            f"the reply has no choices: {message}" if message else "the reply has no choices"
+        )
     choice = response.choices[0]
     if choice.message is None:
         raise ValueError("the reply's choice has no message")
