@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import secrets
 import signal
 import threading
@@ -55,6 +54,7 @@ from sandkernel.errors import (
 )
 from sandkernel.files import FileStore, StoredFile
 from sandkernel.kernel import SandboxedKernel
+from sandkernel.limits import valid_id
 from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import Pool, PoolStats
 from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile, Usage
@@ -72,7 +72,6 @@ from sandkernel.workspace import OutputCaps, SessionWorkspace
 
 log = logging.getLogger(__name__)
 
-_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _KEEP_ENDED = 10_000  # ended sessions remembered, to answer "expired when and why"
 
 
@@ -778,7 +777,7 @@ def default_store_dir() -> Path:
 
 
 def _check_id(value: str, kind: str) -> None:
-    if not _SESSION_ID.fullmatch(value):
+    if not valid_id(value):
         raise BadInput(
             f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, "
             "digits and ._:@- starting with a letter or digit"

@@ -1,4 +1,4 @@
-"""Bounds on times every entry point refuses to go past (no imports: the CLI loads it).
+"""Bounds every entry point holds to: times, and the form of ids (no imports: the CLI loads it).
 
 A TTL or timeout of ``inf``, ``nan`` or 10**15 seconds is not a wish for a long
 time but a mistake, and the datetime arithmetic behind expiry times cannot
@@ -7,9 +7,20 @@ represent it: it is refused where it comes in, with the bound in the message.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 #: The longest TTL, idle timeout, lifetime or file retention that can be asked for: 30 days.
 MAX_TTL_S: Final = 30 * 24 * 3600.0
 #: The longest wall timeout a cell or run can be given: one day.
 MAX_TIMEOUT_S: Final = 24 * 3600.0
+
+#: A session's or agent's id: 1-128 characters of letters, digits and ._:@-,
+#: starting with a letter or digit (the daemon's routes take the same, ``^...$``).
+ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"
+_ID: Final = re.compile(ID_PATTERN)
+
+
+def valid_id(value: str) -> bool:
+    """Whether ``value`` is a valid session or agent id (see :data:`ID_PATTERN`)."""
+    return _ID.fullmatch(value) is not None

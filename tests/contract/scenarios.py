@@ -132,6 +132,9 @@ async def files_go_up_and_come_back_by_id(api: EngineAPI) -> None:
 
 async def agent_files_are_seen_read_only_by_its_sessions(api: EngineAPI) -> None:
     stored = await api.upload(b"rules\n", "rules.txt", agent_id="contract-agent")
+    # An agent id of 128 characters, as every backend takes it (no node's tag in it).
+    long_agent = "a" * 128
+    assert (await api.upload(b"x\n", "x.txt", agent_id=long_agent)).agent_id == long_agent
     session = await api.session(agent_id="contract-agent")
     result = await session.run(
         "print(open('/mnt/data/rules.txt').read(), end='')\n"
@@ -146,10 +149,13 @@ async def agent_files_are_seen_read_only_by_its_sessions(api: EngineAPI) -> None
     assert session.agent_id == "contract-agent" and other.agent_id is None
     assert (await api.get_session(session.id)).agent_id == "contract-agent"
     assert (await api.session(session.id)).agent_id == "contract-agent"
-    # Given with an id that is not there: none is given, and the live session has no new file.
+    # Given with an id that is not there, or a file another session owns (maybe on another
+    # node): none is given, and the live session has no new file.
     notes = await api.upload(b"notes\n", "notes.txt")
-    with pytest.raises(FileNotFoundInStore):
-        await api.attach_to_agent("contract-agent", [notes.id, "file-000000000000000000000000"])
+    owned = await other.upload(b"other's\n", "owned.txt")
+    for refused in ("file-000000000000000000000000", owned.id):
+        with pytest.raises(FileNotFoundInStore):
+            await api.attach_to_agent("contract-agent", [notes.id, refused])
     assert notes.id not in {f.id for f in await api.list_files(agent_id="contract-agent")}
     assert (await session.run("import os; os.path.exists('/mnt/data/notes.txt')")).text == "False"
     await api.attach_to_agent("contract-agent", [notes.id])

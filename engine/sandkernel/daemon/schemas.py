@@ -14,7 +14,6 @@ Each route's error answers are documented from the classes it may raise
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any, Final, Literal
 
@@ -28,8 +27,7 @@ from sandkernel.files import StoredFile
 from sandkernel.session import SessionInfo
 
 #: A session or agent id, as the engine accepts it.
-ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
-_ID: Final = re.compile(ID_PATTERN.removeprefix("^").removesuffix("$"))
+ID_PATTERN: Final = f"^{limits.ID_PATTERN}$"
 # The longest TTL or retention (30 days) and wall timeout (one day) a request may ask for.
 MAX_TTL_S: Final = limits.MAX_TTL_S
 MAX_TIMEOUT_S: Final = limits.MAX_TIMEOUT_S
@@ -69,7 +67,7 @@ class CreateSession(_Request):
     @field_validator("id", "agent_id")
     @classmethod
     def _check_id(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and _ID.fullmatch(value) is None:
+        if value is not None and not limits.valid_id(value):
             kind = "session" if info.field_name == "id" else "agent"
             raise ValueError(
                 f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, digits and "

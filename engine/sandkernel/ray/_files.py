@@ -18,7 +18,7 @@ from sandkernel.errors import (
 )
 from sandkernel.files import StoredFile
 from sandkernel.ray._handle import HostGone, HostHandle
-from sandkernel.ray._protocol import Raised, check_name, file_tag, session_id_of
+from sandkernel.ray._protocol import Raised, check_agent, file_tag, session_id_of
 from sandkernel.ray._routing import SessionRouting
 from sandkernel.ray._uploads import read_upload
 from sandkernel.ray.errors import FileLost, SessionLost
@@ -97,7 +97,7 @@ class ClusterFiles(SessionRouting):
             session = await self._lookup(session_id)
             return await session._store_upload(source, name, retention_s=retention_s)
         if agent_id is not None:
-            check_name(agent_id, "agent")
+            check_agent(agent_id)
         data, filename = await read_upload(source, name, self.max_upload_bytes)
         home = self._home()
         try:
@@ -114,12 +114,18 @@ class ClusterFiles(SessionRouting):
     async def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
         """Give stored files to an agent: they appear, read-only, in its sessions on every node."""
         self._require_running()
-        check_name(agent_id, "agent")
+        check_agent(agent_id)
         attached: dict[str, StoredFile] = {}
         by_host: dict[str, tuple[HostHandle, list[str]]] = {}
         for file_id in file_ids:
             host = self._file_host(file_id)
             by_host.setdefault(host.node_id, (host, []))[1].append(file_id)
+        # All checked before any is given, as the local engine does: a refused id on
+        # one node leaves the agent's files on the others as they were.
+        for file_id in file_ids:
+            stored = await self.file(file_id)
+            if stored.session_id is not None or stored.agent_id not in (None, agent_id):
+                raise FileNotFoundInStore(f"no file {file_id!r} that can be given to an agent")
         for host, ids in by_host.values():
             try:
                 files: list[StoredFile] = await host.call("attach_to_agent", agent_id, ids)

@@ -55,6 +55,7 @@ from sandkernel.ray._protocol import (
     DEFAULT_NAMESPACE,
     ClusterStats,
     HostConfig,
+    check_agent,
     check_name,
     session_id_of,
 )
@@ -267,7 +268,7 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         """
         self._require_running()
         if agent_id is not None:
-            check_name(agent_id, "agent")
+            check_agent(agent_id)
         host: HostHandle | None = None
         if session_id is None:
             name = f"sess-{secrets.token_hex(8)}"
@@ -280,6 +281,8 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
             if known is not None and not known.closed and not known._host.gone and not past:
                 known._check_usable()
                 return known
+            if known is not None and known.closed and if_expired == "raise":
+                known._check_usable()  # ended before its node left: closed, as it was
             if known is not None and known._host.gone:
                 if if_expired == "raise":
                     raise known._lost_error()
