@@ -54,7 +54,7 @@ from sandkernel.errors import (
 )
 from sandkernel.files import FileStore, StoredFile
 from sandkernel.kernel import SandboxedKernel
-from sandkernel.limits import valid_id
+from sandkernel.limits import id_problem
 from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import Pool, PoolStats
 from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile, Usage
@@ -777,8 +777,6 @@ def default_store_dir() -> Path:
 
 
 def _check_id(value: str, kind: str) -> None:
-    if not valid_id(value):
-        raise BadInput(
-            f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, "
-            "digits and ._:@- starting with a letter or digit"
-        )
+    problem = id_problem(value, kind)
+    if problem is not None:
+        raise BadInput(problem)

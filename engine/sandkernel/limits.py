@@ -1,4 +1,4 @@
-"""Bounds every entry point holds to: times, and the form of ids (no imports: the CLI loads it).
+"""Bounds every entry point holds to: times, and the form of ids (the CLI loads it: only ``re``).
 
 A TTL or timeout of ``inf``, ``nan`` or 10**15 seconds is not a wish for a long
 time but a mistake, and the datetime arithmetic behind expiry times cannot
@@ -21,6 +21,11 @@ ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"
 _ID: Final = re.compile(ID_PATTERN)
 
 
-def valid_id(value: str) -> bool:
-    """Whether ``value`` is a valid session or agent id (see :data:`ID_PATTERN`)."""
-    return _ID.fullmatch(value) is not None
+def id_problem(value: str, kind: str) -> str | None:
+    """Why ``value`` is no valid ``kind`` (session, agent) id, for its sender; None if it is."""
+    if _ID.fullmatch(value) is not None:
+        return None
+    return (
+        f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, digits and ._:@- "
+        "starting with a letter or digit"
+    )

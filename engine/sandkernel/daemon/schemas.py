@@ -67,12 +67,10 @@ class CreateSession(_Request):
     @field_validator("id", "agent_id")
     @classmethod
     def _check_id(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not limits.valid_id(value):
-            kind = "session" if info.field_name == "id" else "agent"
-            raise ValueError(
-                f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, digits and "
-                "._:@- starting with a letter or digit"
-            )
+        kind = "session" if info.field_name == "id" else "agent"
+        problem = None if value is None else limits.id_problem(value, kind)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 

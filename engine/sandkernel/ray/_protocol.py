@@ -27,7 +27,7 @@ from sandkernel.engine import EngineStats
 # HostClosing is sent back by hosts; it lives in the tree with the other errors.
 from sandkernel.errors import BadInput
 from sandkernel.errors import HostClosing as HostClosing
-from sandkernel.limits import valid_id
+from sandkernel.limits import id_problem
 from sandkernel.policy import Policy
 
 TAG_LENGTH = 8
@@ -62,11 +62,9 @@ def host_actor_name(node_id: str) -> str:
 
 def check_agent(agent_id: str) -> None:
     """Refuse an agent id the local engine would refuse (agents carry no node's tag)."""
-    if not valid_id(agent_id):
-        raise BadInput(
-            f"invalid agent id {agent_id[:40]!r}: 1-128 characters of letters, "
-            "digits and ._:@- starting with a letter or digit"
-        )
+    problem = id_problem(agent_id, "agent")
+    if problem is not None:
+        raise BadInput(problem)
 
 
 def check_name(name: str, kind: str = "session") -> None:
