@@ -132,6 +132,8 @@ class _Prepared:
     transcript: list[dict[str, Any]]
     input_items: list[dict[str, Any]]
     container_id: str | None
+    #: the chat endpoint's response_format for the body's ``text.format`` (None: text)
+    response_format: dict[str, Any] | None
 
 
 def _now() -> int:
@@ -269,7 +271,7 @@ class Responses:
         if body.previous_response_id is not None:
             history = await self._previous(body.previous_response_id)
         functions, code_tool = _tools(body.tools)
-        text, _ = _text_format(body.text)  # checked before any container is made
+        text, response_format = _text_format(body.text)  # checked before any container
         _check_tool_choice(body.tool_choice, functions, code=code_tool is not None)
         input_items, messages, given_files = _input(body.input)
         _check_answers([*history.transcript, *messages])
@@ -328,6 +330,7 @@ class Responses:
             transcript=[*history.transcript, *messages],
             input_items=input_items,
             container_id=session.id if session is not None else history.container_id,
+            response_format=response_format,
         )
 
     async def _answer(self, prepared: _Prepared, emit: Emit) -> ResponseObject:
@@ -344,6 +347,7 @@ class Responses:
             self.containers.engine.download,
             container_id=prepared.container_id,
             container_files=self.containers.current_files,
+            response_format=prepared.response_format,
         )
         answered = len(prepared.transcript)
         store = prepared.body.store
@@ -499,9 +503,10 @@ class _Turn:
         *,
         container_id: str | None = None,
         container_files: Callable[[str], Awaitable[list[StoredFile]]] | None = None,
+        response_format: dict[str, Any] | None = None,
     ) -> None:
         self.body = body
-        self.response_format = _text_format(body.text)[1]
+        self.response_format = response_format
         self.session = session
         self.functions = functions
         self.code = code
@@ -528,14 +533,11 @@ class _Turn:
         """End as failed: items still going end too (as failed code calls, else incomplete)."""
         self.status = "failed"
         self.error = {"code": "server_error", "message": message}
-        self._end_items()
+        end_items(self.output)
 
     def cancelled(self) -> None:
         """End as cancelled (its client went): items still going end too."""
         self.status = "cancelled"
-        self._end_items()
-
-    def _end_items(self) -> None:
         end_items(self.output)
 
     def usage(self) -> dict[str, Any]:
