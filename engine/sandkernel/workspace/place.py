@@ -145,13 +145,14 @@ def place_file(
         )
     except OSError as exc:
         raise _not_placed(stored, where, exc) from None
+    own = own_name(stored)
     try:
         for candidate in candidate_names(stored):
             if _same_file_there(workspace, prefix + candidate, stored):
                 return _record(state, workspace, prefix + candidate, stored.id)
             if (
                 replacing is not None
-                and candidate == own_name(stored)
+                and candidate == own
                 and _same_file_there(workspace, prefix + candidate, replacing)
             ):
                 # Written beside it, then renamed over it: the name never holds
