@@ -58,6 +58,8 @@ from sandkernel.sandbox import (
 from sandkernel.sandbox.zygote import ForkedKernel, Zygote
 
 IPC_NAME = "k"
+#: the root-only folder, in the jail's, of the links to the kernel's sockets as bound
+PIN_DIR = "pin"
 CONNECTION_FILE_IN_JAIL = f"{CONNECTION_DIR_IN_JAIL}/kernel.json"
 
 
@@ -198,7 +200,7 @@ class SandboxProvisioner(LocalProvisioner):
                     f"the kernel did not bind its sockets within {self.bind_timeout_s:g} s"
                 )
             await asyncio.sleep(0.002)
-        folder = layout.root / "pin"
+        folder = layout.root / PIN_DIR
         self.pinned_fds = _pin(named, ports, folder)
         return str(folder / IPC_NAME)
 
@@ -253,7 +255,7 @@ def _all_exist(prefix: str, ports: Sequence[int]) -> bool:
 
 def _unpin(layout: KernelLayout) -> None:
     """Remove the pinned links and the sockets' names (not what a name links to)."""
-    shutil.rmtree(layout.root / "pin", ignore_errors=True)
+    shutil.rmtree(layout.root / PIN_DIR, ignore_errors=True)
     # The folder is the sandbox's: entries are removed by name, from its fd.
     folder = os.open(layout.connection_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
