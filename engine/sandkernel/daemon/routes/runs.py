@@ -175,9 +175,14 @@ def add_run_routes(app: FastAPI, engine: ServedEngine, *, default_batch_concurre
         )
 
 
+def _ndjson_line(result: RunResult) -> bytes:
+    """One result, one line (see sse.json_line)."""
+    return sse.json_line(result.model_dump_json()).encode() + b"\n"
+
+
 async def _results(results: AsyncIterator[RunResult]) -> AsyncIterator[bytes]:
     async for result in results:
-        yield sse.json_line(result.model_dump_json()).encode() + b"\n"
+        yield _ndjson_line(result)
 
 
 async def _admitted_batch(
@@ -235,7 +240,7 @@ async def _ndjson_batch(
     async for result in _admitted_batch(engine, requests(), ticket, wanted):
         while refused:
             yield refused.pop(0)
-        yield sse.json_line(result.model_dump_json()).encode() + b"\n"
+        yield _ndjson_line(result)
     for line in refused:
         yield line
 
