@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -132,6 +133,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         except OSError:
             print(f"\nsandkernel test runtime folder not empty: {list(root.iterdir())}")
             session.exitstatus = 1
+
+
+async def cell_under_way(kernel: Any, code: str, *, timeout_s: float = 10) -> asyncio.Future[Any]:
+    """``code`` started on ``kernel``, once it has printed (it must print first): its result."""
+    printed = asyncio.Event()
+    cell = asyncio.ensure_future(
+        kernel.execute(code, on_output=lambda m: m["msg_type"] == "stream" and printed.set())
+    )
+    await asyncio.wait_for(printed.wait(), timeout_s)
+    return cell
 
 
 def runtime_root() -> Path:

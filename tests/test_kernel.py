@@ -16,7 +16,7 @@ from sandkernel.errors import KernelDead
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy
 from sandkernel.sandbox import Runtime, SandboxHost
-from tests.conftest import KernelFactory
+from tests.conftest import KernelFactory, cell_under_way
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -229,14 +229,7 @@ async def test_shutdown_under_a_running_cell_gives_killed_at_once(
     kernel_factory: KernelFactory,
 ) -> None:
     k = await kernel_factory()
-    seen = asyncio.Event()
-    cell = asyncio.ensure_future(
-        k.execute(
-            "print('sleeping', flush=True); import time; time.sleep(30)",
-            on_output=lambda m: m["msg_type"] == "stream" and seen.set(),
-        )
-    )
-    await asyncio.wait_for(seen.wait(), 10)
+    cell = await cell_under_way(k, "print('sleeping', flush=True); import time; time.sleep(30)")
     started = time.monotonic()
     await k.shutdown()
     r = await asyncio.wait_for(cell, 5)

@@ -23,7 +23,7 @@ from sandkernel.sandbox import (
     sandbox_env,
     verify_cgroup_limits,
 )
-from tests.conftest import runtime_root
+from tests.conftest import cell_under_way, runtime_root
 from tests.security._support import (
     host_unix_socket,
     nothing_connects,
@@ -371,14 +371,7 @@ async def test_a_kernel_socket_swapped_for_a_host_link_is_never_reconnected_thro
         assert dropped >= 1, "no connection of the engine's to the control socket found"
         await nothing_connects(host_socket)
         # The engine's interrupt (sent on the control channel) still reaches the kernel.
-        started = asyncio.Event()
-        cell = asyncio.ensure_future(
-            k.execute(
-                "print('started', flush=True)\nimport time\ntime.sleep(30)",
-                on_output=lambda m: m["msg_type"] == "stream" and started.set(),
-            )
-        )
-        await asyncio.wait_for(started.wait(), 10)
+        cell = await cell_under_way(k, "print('started', flush=True)\nimport time\ntime.sleep(30)")
         await k.interrupt()
         interrupted = await asyncio.wait_for(cell, 20)
         assert interrupted.error is not None and interrupted.error.name == "KeyboardInterrupt"
