@@ -12,6 +12,7 @@ from sandkernel.openai_api.state import (
     INTERRUPTED,
     RESPONSE_INTERRUPTED,
     ApiState,
+    FileLink,
     NotStored,
     RunState,
     ThreadBusy,
@@ -20,6 +21,8 @@ from sandkernel.openai_api.state import (
 )
 from sandkernel.openai_api.wire import (
     Assistant,
+    Container,
+    ContainerExpiry,
     Message,
     MessageCreationDetails,
     MessageCreationRef,
@@ -255,3 +258,52 @@ def test_reopening_fails_the_responses_a_crashed_daemon_left_answering(tmp_path:
         assert done is not None and done.status == "completed"
     finally:
         reopened.close()
+
+
+def _container(container_id: str) -> Container:
+    return Container(
+        id=container_id,
+        created_at=1,
+        name=container_id,
+        status="running",
+        expires_after=ContainerExpiry(anchor="last_active_at", minutes=20),
+        last_active_at=1,
+    )
+
+
+def test_own_files_are_the_copies_and_the_containers_files(state: ApiState) -> None:
+    state.save(_container("cntr-1"))
+    state.link(FileLink("thread-1", "file-up", "file-copy", "/mnt/data/a.csv"))
+    state.link(FileLink("asst-1", "file-same", "file-same", None))
+    own = state.own_files(
+        [("file-copy", "sess-t"), ("file-up", None), ("file-same", None), ("file-c", "cntr-1")]
+    )
+    assert own == {"file-copy", "file-c"}
+
+
+def test_a_files_lookup_reads_its_own_rows_not_every_row(state: ApiState) -> None:
+    # A daemon that has served many threads and containers holds many rows;
+    # one file's lookup (every /files/{id} call) must not read them all.
+    for n in range(3000):
+        state.save(_container(f"cntr-{n}"))
+        state.link(FileLink(f"thread-{n}", f"file-up-{n}", f"file-copy-{n}", None))
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    with state._reading() as conn:
+        conn.set_progress_handler(count, 100)
+    try:
+        assert state.own_files([("file-copy-7", None), ("file-x", "cntr-9")]) == {
+            "file-copy-7",
+            "file-x",
+        }
+    finally:
+        with state._reading() as conn:
+            conn.set_progress_handler(None, 100)
+    # A scan of either table takes thousands of SQLite steps (tens of calls);
+    # two indexed lookups take a few dozen.
+    assert steps < 5, f"{steps * 100} SQLite steps for two files"

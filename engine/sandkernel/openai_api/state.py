@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS file_links (
     PRIMARY KEY (owner_id, file_id)
 );
 CREATE INDEX IF NOT EXISTS file_links_by_file ON file_links (file_id);
+CREATE INDEX IF NOT EXISTS file_links_by_local ON file_links (local_id);
 """
 
 RESPONSE_INTERRUPTED: Final = (
@@ -564,15 +565,29 @@ class ApiState:
         container's file: neither is a file a caller uploaded, and OpenAI's
         ``/files`` has neither (a container's files are the Containers API's).
         """
+        files = list(files)
+        ids = json.dumps(sorted({f for f, _ in files}))
+        sessions = json.dumps(sorted({s for _, s in files if s is not None}))
+        # Looked up by id (the ids given as one JSON array; CROSS JOIN keeps
+        # SQLite from scanning every container by kind instead): a file's
+        # lookup costs the same however many files and containers are stored.
         with self._reading() as conn:
             copies = {
                 row[0]
-                for row in conn.execute("SELECT local_id FROM file_links WHERE local_id != file_id")
+                for row in conn.execute(
+                    "SELECT link.local_id FROM json_each(?) AS wanted"
+                    " CROSS JOIN file_links AS link ON link.local_id = wanted.value"
+                    " WHERE link.local_id != link.file_id",
+                    (ids,),
+                )
             }
             containers = {
                 row[0]
                 for row in conn.execute(
-                    "SELECT id FROM objects WHERE kind = ?", (kind_of(Container),)
+                    "SELECT object.id FROM json_each(?) AS wanted"
+                    " CROSS JOIN objects AS object ON object.id = wanted.value"
+                    " WHERE object.kind = ?",
+                    (sessions, kind_of(Container)),
                 )
             }
         return {f for f, session in files if f in copies or session in containers}
