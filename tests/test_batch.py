@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import select
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ import pytest
 
 from sandkernel._resources import data_dir
 from sandkernel.batch import BatchPool, RunRequest, RunResult
-from sandkernel.batch.frames import LENGTH_SIZE, encode_frame
-from sandkernel.batch.worker import IMMORTAL_AFTER, Worker, WorkerConfig, WorkerLost
+from sandkernel.batch.frames import LENGTH_SIZE, encode_frame, frame_body_size, request_frame
+from sandkernel.batch.models import result_from_reply
+from sandkernel.batch.worker import IMMORTAL_AFTER, OomKillLedger, Worker, WorkerConfig, WorkerLost
 from sandkernel.errors import EngineClosed, KernelStartFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox import Runtime, SandboxHost
@@ -392,6 +394,62 @@ async def test_an_oom_kill_in_a_run_that_ends_well_is_not_blamed_on_a_later_run(
     aborted = await run(pool, "import os\nos.abort()\n")
     assert (aborted.status, aborted.return_code) == ("killed", -signal.SIGABRT), aborted
     assert aborted.message == "the run was killed by SIGABRT"
+
+
+@sandbox
+@pytest.mark.anyio
+@pytest.mark.parametrize("first", ["print('first')", "import os\nos.abort()"])
+async def test_an_oom_kill_counted_before_the_reply_before_it_is_read_is_the_killed_runs(
+    pool_factory: PoolFactory, first: str
+) -> None:
+    """Pipelined: the engine reads the first run's reply only once the second was OOM-killed."""
+    pool = await pool_factory(Policy(memory_mb=192))
+    worker = pool._live[0]
+    requests = [
+        RunRequest(code=first, timeout_s=30),
+        # above the sandbox's cgroup limit: the kernel's OOM killer
+        RunRequest(code="x = b'x' * (400 << 20)", timeout_s=30, memory_mb=2048),
+    ]
+    futures = [
+        worker.submit(request_frame(r, timeout_s=30, memory_mb=r.memory_mb or 192), 30)
+        for r in requests
+    ]
+    # The event loop is held until both replies are in: the second run's
+    # reply is written after its child was killed, so the count has risen
+    # before the worker reads either.
+    _hold_replies(worker, 2, time.monotonic() + 60)
+    replies = await asyncio.wait_for(asyncio.gather(*futures), 30)
+    first_result, hog = (
+        result_from_reply(r, header, blobs, timeout_s=30, memory_mb=r.memory_mb,
+                          oom_killed=bool(header.get("oom_killed")))
+        for r, (header, blobs) in zip(requests, replies, strict=True)
+    )  # fmt: skip
+    assert first_result.status == ("ok" if "print" in first else "killed"), first_result
+    assert (hog.status, hog.return_code) == ("oom", -signal.SIGKILL), hog
+
+
+def _hold_replies(worker: Worker, count: int, deadline: float) -> None:
+    """Block until ``count`` replies are in, and leave them to the worker as if it read them late.
+
+    They go into the worker's buffer but for their last byte, which stays in
+    the pipe: the worker's reader wakes when the pipe is readable.
+    """
+    buffer = worker._buffer
+
+    def fill(size: int) -> None:
+        while len(buffer) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([worker.reply_fd], [], [], remaining)[0]:
+                raise TimeoutError(f"{count} replies did not come in time")
+            data = os.read(worker.reply_fd, size - len(buffer))
+            assert data, "the sandbox is gone"
+            buffer.extend(data)
+
+    end = len(buffer)
+    for _ in range(count):
+        fill(end + LENGTH_SIZE)
+        end += LENGTH_SIZE + frame_body_size(bytes(buffer[end : end + LENGTH_SIZE]))
+    fill(end - 1)
 
 
 @sandbox
@@ -917,3 +975,158 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+# ---------------------------------------------------------------------------
+# which run an OOM kill is credited to
+
+
+def test_an_oom_kill_waits_for_a_run_killed_by_a_sigkill_the_server_did_not_send() -> None:
+    ledger = OomKillLedger()
+    ledger.counted(3, sent=0)  # the server's start: no run's
+    # Runs 1 and 2 are sent; run 2 is OOM-killed before run 1's reply is read.
+    ledger.counted(4, sent=2)
+    assert not ledger.replied(killed_unasked=False)  # run 1 ended of itself
+    ledger.counted(4, sent=2)
+    assert ledger.replied(killed_unasked=True)  # run 2: the OOM killer's SIGKILL
+    assert not ledger.unclaimed()
+
+
+def test_a_timed_out_run_does_not_take_the_oom_kill_of_the_run_behind_it() -> None:
+    ledger = OomKillLedger()
+    ledger.counted(1, sent=2)
+    assert not ledger.replied(killed_unasked=False)  # run 1: the server's SIGKILL at its timeout
+    ledger.counted(None, sent=2)  # unreadable now: nothing new, nothing lost
+    assert ledger.replied(killed_unasked=True)
+
+
+def test_an_oom_kill_no_run_can_claim_any_more_is_dropped() -> None:
+    ledger = OomKillLedger()
+    # Run 1's subprocess is OOM-killed and run 1 lives on; runs 2 and 3 are
+    # sent behind it, and run 2 is killed by a signal, not for memory.
+    ledger.counted(1, sent=3)
+    assert not ledger.replied(killed_unasked=False)
+    ledger.counted(1, sent=3)
+    assert not ledger.replied(killed_unasked=False)
+    assert ledger.unclaimed()  # run 3 may still be the one
+    ledger.counted(1, sent=3)
+    assert not ledger.replied(killed_unasked=False)
+    assert not ledger.unclaimed()
+    # Run 4, sent after every run that could own the kill replied, kills itself.
+    ledger.counted(1, sent=4)
+    assert not ledger.replied(killed_unasked=True)
+
+
+def test_each_oom_kill_is_credited_once() -> None:
+    ledger = OomKillLedger()
+    ledger.counted(2, sent=3)  # runs 2 and 3 OOM-killed before run 1's reply is read
+    assert not ledger.replied(killed_unasked=False)
+    assert [ledger.replied(killed_unasked=True) for _ in range(2)] == [True, True]
+    ledger.counted(2, sent=4)
+    assert not ledger.replied(killed_unasked=True)
+
+
+class _OomCount:
+    """The cgroup's OOM-kill count as the worker reads it, set by the test."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def oom_kills(self) -> int | None:
+        return self.count
+
+    def close(self) -> None:
+        pass
+
+
+class _PipedWorker:
+    """A worker without a sandbox: the test writes its replies and sets its OOM-kill count."""
+
+    def __init__(self, host: SandboxHost) -> None:
+        config = WorkerConfig(
+            host=host,
+            policy=Policy(),
+            preload=(),
+            output_max_bytes=1 << 20,
+            fetch_max_bytes=1 << 20,
+            start_timeout_s=5,
+        )
+        self.worker = Worker(config, on_slot_free=lambda: None, on_lost=lambda _: None)
+        self.oom_count = _OomCount()
+        self.worker._usage = self.oom_count  # type: ignore[assignment]
+        self.worker.reply_fd, self._replies = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.worker.reply_fd, False)
+        self._requests, self.worker.request_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def submit(self, count: int) -> list[asyncio.Future[Any]]:
+        futures = [self.worker.submit(encode_frame({"mode": "program"}), 60) for _ in range(count)]
+        self.worker._reader = asyncio.ensure_future(self.worker._read_replies())
+        return futures
+
+    def reply(self, **header: Any) -> None:
+        header = {"exit": None, "signal": None, "timed_out": False, **header}
+        os.write(self._replies, encode_frame(header, [b"", b""]))
+
+    async def server_gone(self) -> None:
+        """EOF on the replies, as when the sandbox dies; the worker's reader ends."""
+        os.close(self._replies)
+        self._replies = -1
+        assert self.worker._reader is not None
+        await asyncio.wait_for(self.worker._reader, 10)
+
+    def close(self) -> None:
+        worker = self.worker
+        if worker._timer is not None:
+            worker._timer.cancel()
+        if worker._reader is not None:
+            worker._reader.cancel()
+        for fd in (worker.reply_fd, self._replies, self._requests, worker.request_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+@pytest.fixture
+def piped_worker(host: SandboxHost) -> Iterator[_PipedWorker]:
+    piped = _PipedWorker(host)
+    try:
+        yield piped
+    finally:
+        piped.close()
+
+
+@sandbox
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "first_ended",
+    [{"exit": 0}, {"signal": signal.SIGABRT}, {"signal": signal.SIGKILL, "timed_out": True}],
+)
+async def test_a_run_oom_killed_while_the_reply_before_it_waits_is_credited_not_that_one(
+    piped_worker: _PipedWorker, first_ended: dict[str, Any]
+) -> None:
+    first, second = piped_worker.submit(2)
+    piped_worker.oom_count.count = 1  # the second run is killed before the first reply is read
+    piped_worker.reply(**first_ended)
+    piped_worker.reply(signal=signal.SIGKILL)
+    (first_header, _), (second_header, _) = await asyncio.wait_for(
+        asyncio.gather(first, second), 10
+    )
+    assert not first_header.get("oom_killed")
+    assert second_header["oom_killed"]
+    await piped_worker.server_gone()
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_a_server_oom_killed_while_the_reply_before_it_waits_is_lost_to_oom(
+    piped_worker: _PipedWorker,
+) -> None:
+    first, second = piped_worker.submit(2)
+    # The server dies in the second run, and the count rises before the first reply is read.
+    piped_worker.oom_count.count = 1
+    piped_worker.reply(exit=0)
+    await piped_worker.server_gone()
+    first_header, _ = await first
+    with pytest.raises(WorkerLost) as lost:
+        await second
+    assert not first_header.get("oom_killed")
+    assert (lost.value.blamed, lost.value.oom) == (True, True)

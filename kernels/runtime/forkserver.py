@@ -1123,6 +1123,8 @@ def serve_one(request, blobs, config):
     del program
     timed_out = _supervise(pid, started + wall_limit, poller, stdin_data, stdin_w, readers)
     if timed_out:
+        # The only signal the server sends the child: a SIGKILL it did not send
+        # (timed_out false) is one the engine may credit to the OOM killer.
         _kill(pid, signal.SIGKILL)
     wait_status, usage = _wait4(pid)
     elapsed = time.perf_counter() - started

@@ -242,7 +242,8 @@ def result_from_reply(
     """Turn the server's reply to ``request`` into a :class:`RunResult` (pure).
 
     Args:
-        oom_killed: the worker's cgroup counted an OOM kill during the run.
+        oom_killed: the worker credited the run with an OOM kill its cgroup
+            counted (the run's process died of the OOM killer's SIGKILL).
     """
     if "setup_error" in header:
         return RunResult(

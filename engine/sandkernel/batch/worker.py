@@ -14,6 +14,7 @@ import asyncio
 import functools
 import json
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -63,6 +64,64 @@ class WorkerLost(Exception):
         super().__init__(reason)
         self.blamed = blamed
         self.oom = oom
+
+
+class OomKillLedger:
+    """Which run each OOM kill the worker's cgroup counts is credited to (sans-IO).
+
+    The count is read as each reply is handled, and with requests pipelined
+    the server can be well into the runs queued behind by then: a kill new at
+    that read is the replying run's or one of the runs sent after it, and the
+    count alone cannot tell which. So a kill waits until a run that can own
+    it claims it: one whose process died of a SIGKILL the server did not send
+    (the OOM killer's signal; the server sends SIGKILL only at a timeout, and
+    says so). A kill no run claims is dropped once every run sent when it
+    was counted has replied: it took a run's subprocess and the run lived on,
+    which its own result already shows.
+
+    Runs are numbered from 1 in the order they are sent.
+    """
+
+    def __init__(self) -> None:
+        #: the cgroup's count at the last read (a fresh cgroup's is 0)
+        self._count = 0
+        self._replied = 0
+        #: kills not credited yet, oldest first: [the last run that can own them, how many]
+        self._unclaimed: deque[list[int]] = deque()
+
+    def counted(self, count: int | None, sent: int) -> None:
+        """The cgroup's count read now, when ``sent`` runs have been sent to the server."""
+        if count is None:
+            # Unreadable now: keep the baseline, so that a count read again
+            # later is not taken for new kills.
+            return
+        # With every run sent answered (the server's start), a kill is no run's.
+        if count > self._count and sent > self._replied:
+            self._unclaimed.append([sent, count - self._count])
+        self._count = count
+
+    def replied(self, *, killed_unasked: bool) -> bool:
+        """The next run replied; whether it is credited with an OOM kill.
+
+        ``killed_unasked``: its process died of a SIGKILL the server did not send.
+        """
+        self._replied += 1
+        credited = False
+        if killed_unasked and self._unclaimed:
+            # Every kill still here can be this run's; the oldest is the one
+            # the fewest later runs can claim.
+            oldest = self._unclaimed[0]
+            oldest[1] -= 1
+            if not oldest[1]:
+                self._unclaimed.popleft()
+            credited = True
+        while self._unclaimed and self._unclaimed[0][0] <= self._replied:
+            self._unclaimed.popleft()
+        return credited
+
+    def unclaimed(self) -> bool:
+        """Whether a kill not credited yet can be the run in progress (the next to reply)."""
+        return bool(self._unclaimed)
 
 
 @dataclass
@@ -121,7 +180,7 @@ class Worker:
         self._on_spawned = on_spawned
         self._buffer = bytearray()
         self._unsent = bytearray()
-        self._oom_kills = 0
+        self._oom = OomKillLedger()
         self._usage: UsageReader | None = None
         self._reader: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -176,7 +235,7 @@ class Worker:
         self.hello = header
         # Kept open: the count is read after every reply (one pread, not an open).
         self._usage = UsageReader(self.jail.cgroup)
-        self.oom_killed_since_last()  # the baseline: what the server's start cost is no run's
+        self._count_oom_kills()  # the baseline: what the server's start cost is no run's
 
     # -- requests ------------------------------------------------------------
 
@@ -258,13 +317,13 @@ class Worker:
                     # Its caller is gone and the server has just started it: end it
                     # (it takes the blame; what is queued behind runs elsewhere).
                     self.kill()
-                # Read after every reply, not only a killed run's: an OOM kill of a
-                # run's own subprocess, in a run that then ends normally, is that
-                # run's; left uncounted, it would be blamed on the next run killed
-                # by a signal, whatever the signal.
-                oom_killed = self.oom_killed_since_last()
-                if header.get("signal") is not None:
-                    header["oom_killed"] = oom_killed
+                # Read after every reply, not only a killed run's: what each read
+                # adds can only be a run still in flight then (OomKillLedger).
+                self._count_oom_kills()
+                header["oom_killed"] = self._oom.replied(
+                    killed_unasked=header.get("signal") == signal.SIGKILL
+                    and not header.get("timed_out")
+                )
                 if not pending.future.done():
                     pending.future.set_result((header, blobs))
                 if header.get("restart"):
@@ -286,7 +345,8 @@ class Worker:
             oom = False
             if self.outstanding and not self._stopping:
                 self.kill()
-                oom = self.oom_killed_since_last()
+                self._count_oom_kills()
+                oom = self._oom.unclaimed()
             blamed = head_blamed and not self._stopping
             while self.outstanding:
                 pending = self.outstanding.popleft()
@@ -348,16 +408,10 @@ class Worker:
         del self._buffer[:end]
         return decode_frame_body(body)
 
-    def oom_killed_since_last(self) -> bool:
-        """Whether the cgroup counted an OOM kill since the last call (and remember)."""
+    def _count_oom_kills(self) -> None:
+        """Read the cgroup's OOM-kill count into the ledger (one ``pread``)."""
         count = None if self._usage is None else self._usage.oom_kills()
-        if count is None:
-            # Unreadable now (or stopped): keep the baseline, so that a count
-            # read again later is not taken for new kills.
-            return False
-        killed = count > self._oom_kills
-        self._oom_kills = count
-        return killed
+        self._oom.counted(count, self.served + len(self.outstanding))
 
     # -- shutdown ------------------------------------------------------------
 
