@@ -25,8 +25,9 @@ from sandkernel import (  # noqa: E402
     SessionNotFound,
 )
 from sandkernel.ray import ClusterEngine, ClusterSession, SessionLost  # noqa: E402
-from sandkernel.ray._protocol import HOST_ACTOR_PREFIX, node_tag  # noqa: E402
+from sandkernel.ray._protocol import HOST_ACTOR_PREFIX, file_tag, node_tag  # noqa: E402
 from sandkernel.ray.cli import diagnose_cluster  # noqa: E402
+from sandkernel.session import SessionState  # noqa: E402
 from tests.ray._support import LocalCluster, leftovers_of, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.sandbox, pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -322,6 +323,85 @@ async def test_an_agent_file_uploaded_while_its_session_opens_reaches_that_sessi
     assert session.node_id == away.node_id and uploaded
     assert (await session.run("print(open('/mnt/data/notes.txt').read(), end='')")).stdout == "v\n"
     await session.close()
+
+
+async def test_an_unowned_upload_attached_on_another_node_becomes_that_sessions(
+    cluster_engine: ClusterEngine,
+) -> None:
+    # As on one machine: the first session to attach a file nobody owns gets it.
+    upload = await cluster_engine.upload(b"x,y\n3,4\n", "claimed.csv")
+    home = file_tag(upload.id)
+    others = sorted(h.tag for h in cluster_engine.hosts() if h.tag != home)
+    claimer = await cluster_engine.session(f"{others[0]}.claimer")
+    assert await claimer.attach([upload.id]) == ["/mnt/data/claimed.csv"]
+    assert (await cluster_engine.file(upload.id)).session_id == claimer.id
+    # Another session, on the upload's node or on a third one, finds it no more.
+    for n, tag in enumerate((home, others[1])):
+        rival = await cluster_engine.session(f"{tag}.rival-{n}")
+        with pytest.raises(FileNotFoundInStore):
+            await rival.attach([upload.id])
+        with pytest.raises(FileNotFoundInStore):
+            await rival.run("1", file_ids=[upload.id])
+        await rival.close()
+    read = await claimer.run("print(open('/mnt/data/claimed.csv').read())", file_ids=[upload.id])
+    assert read.stdout.strip() == "x,y\n3,4"
+    await claimer.close()
+    await cluster_engine.delete_file(upload.id)
+
+
+async def test_separate_uploads_of_one_name_and_content_are_listed_each(
+    cluster_engine: ClusterEngine,
+) -> None:
+    # As Engine.list_files: two uploads are two files, whatever their names and bytes.
+    first = await cluster_engine.upload(b"same bytes", "twin.txt", agent_id="twins")
+    second = await cluster_engine.upload(b"same bytes", "twin.txt", agent_id="twins")
+    assert [f.id for f in await cluster_engine.list_files(agent_id="twins")] == [
+        first.id,
+        second.id,
+    ]
+    # Copied to the other nodes for the agent's sessions there, each is still listed once.
+    home = file_tag(first.id)
+    sessions = [
+        await cluster_engine.session(f"{h.tag}.twins-session", agent_id="twins")
+        for h in cluster_engine.hosts()
+        if h.tag != home
+    ]
+    listed = [f.id for f in await cluster_engine.list_files() if f.agent_id == "twins"]
+    assert listed == [first.id, second.id]
+    await asyncio.gather(*(s.close() for s in sessions))
+    for stored in (first, second):
+        await cluster_engine.delete_file(stored.id)
+
+
+async def test_one_name_opened_by_two_engines_at_once_is_one_session(
+    cluster_engine: ClusterEngine, ray_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [f"contested-{n}" for n in range(4)]
+    async with ClusterEngine(**ray_cluster.engine_kwargs()) as second:
+        # Each engine would open a new session on a node of its own.
+        first_tag, second_tag = sorted(h.tag for h in cluster_engine.hosts())[:2]
+
+        def placing_on(engine: ClusterEngine, tag: str) -> Any:
+            async def place(exclude: Any) -> Any:
+                return engine._by_tag[tag]
+
+            return place
+
+        monkeypatch.setattr(cluster_engine, "_place_session", placing_on(cluster_engine, first_tag))
+        monkeypatch.setattr(second, "_place_session", placing_on(second, second_tag))
+        firsts, seconds = await asyncio.gather(
+            asyncio.gather(*(cluster_engine.session(n) for n in names)),
+            asyncio.gather(*(second.session(n) for n in names)),
+        )
+        # As two callers of Engine.session with one id: both get the one session.
+        assert [s.id for s in seconds] == [s.id for s in firsts]
+        live = [
+            i.id
+            for i in await cluster_engine.sessions()
+            if i.id.partition(".")[2] in names and i.state is SessionState.ACTIVE
+        ]
+        assert sorted(live) == sorted(s.id for s in firsts)
+    await asyncio.gather(*(s.close() for s in firsts))
 
 
 async def test_doctor_runs_on_every_node(

@@ -14,6 +14,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from sandkernel.ray import ClusterEngine, SessionLost  # noqa: E402
+from sandkernel.ray._names import REGISTRY_ACTOR_NAME  # noqa: E402
 from sandkernel.ray._protocol import HOST_ACTOR_PREFIX, host_actor_name  # noqa: E402
 from sandkernel.sandbox import mounts_under  # noqa: E402
 from tests.ray._support import LocalCluster, leftovers_of, wait_until  # noqa: E402
@@ -28,6 +29,14 @@ def host_actors() -> list[str]:
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
         if a["name"].startswith(HOST_ACTOR_PREFIX)
+    ]
+
+
+def name_registries() -> list[str]:
+    return [
+        a["namespace"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"] == REGISTRY_ACTOR_NAME
     ]
 
 
@@ -64,16 +73,22 @@ async def test_a_killed_host_actor_takes_its_kernels_and_is_replaced(
             await victim.run("1")
 
 
-async def test_the_last_engine_to_leave_stops_the_hosts(ray_cluster: LocalCluster) -> None:
+async def test_the_last_engine_to_leave_stops_the_hosts_and_the_name_registry(
+    ray_cluster: LocalCluster,
+) -> None:
     async with ClusterEngine(**ray_cluster.engine_kwargs()) as engine:
-        sessions = await asyncio.gather(*(engine.session() for _ in range(3)))
+        sessions = await asyncio.gather(
+            *(engine.session() for _ in range(2)), engine.session("opened-by-name")
+        )
         assert [r.text for r in await asyncio.gather(*(s.run("2 + 2") for s in sessions))] == [
             "4"
         ] * 3
+        assert ray_cluster.namespace in name_registries()
         hosts = engine.hosts()
         ray_cluster.remember(hosts)
     started = time.monotonic()
     assert await asyncio.to_thread(wait_until, lambda: not host_actors(), 30)
+    assert await asyncio.to_thread(wait_until, lambda: not name_registries(), 30)
     assert await asyncio.to_thread(wait_until, lambda: not any(leftovers_of(h) for h in hosts), 10)
     assert time.monotonic() - started < 30
 

@@ -8,13 +8,16 @@ import pytest
 
 pytest.importorskip("ray")
 
+from sandkernel.limits import id_problem  # noqa: E402 - after the skip
 from sandkernel.ray._protocol import (  # noqa: E402 - after the skip
     MAX_NAME_LENGTH,
     check_name,
+    claimed_from_elsewhere,
     cluster_file_id,
     expand_path,
     file_tag,
     node_tag,
+    owner_id,
     parse_session_id,
     session_id_of,
 )
@@ -58,6 +61,14 @@ def test_file_ids_keep_the_local_shape_and_name_their_node() -> None:
     assert file_tag("3fa2c1d0.thread") is None
     with pytest.raises(ValueError, match="not a stored file id"):
         cluster_file_id("3fa2c1d0", "file-xyz")
+
+
+def test_a_file_claimed_from_another_node_names_that_nodes_session() -> None:
+    recorded = claimed_from_elsewhere("0b199042.thread-42")
+    assert owner_id("3fa2c1d0", recorded) == "0b199042.thread-42"
+    assert owner_id("3fa2c1d0", "thread-42") == "3fa2c1d0.thread-42"
+    # No session of the node's own engine can have that id.
+    assert id_problem(recorded, "session") is not None
 
 
 def test_per_node_paths_expand_tag_and_id() -> None:

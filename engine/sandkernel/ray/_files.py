@@ -210,7 +210,9 @@ class ClusterFiles(SessionRouting):
     ) -> list[StoredFile]:
         """Stored files of every node, optionally of one session or one agent.
 
-        An agent's file copied to several nodes is listed once.
+        Each upload is listed, as by ``Engine.list_files``; a file copied to
+        other nodes (an agent's, or an upload attached to a session elsewhere)
+        is listed once, as its original.
         """
         self._require_running()
         if session_id is not None:
@@ -223,20 +225,21 @@ class ClusterFiles(SessionRouting):
             )
             return files
         replies = await asyncio.gather(
-            *(h.call("list_files", None, agent_id) for h in self._alive()),
-            return_exceptions=True,
+            *(h.call("catalog", agent_id) for h in self._alive()), return_exceptions=True
         )
-        merged: dict[Any, StoredFile] = {}
+        merged: dict[str, StoredFile] = {}  # original's id -> the file listed for it
         for reply in replies:
             if not isinstance(reply, list):
                 continue
-            for f in reply:
-                key: Any = f.id
-                if f.session_id is None and f.agent_id is not None:
-                    key = (f.agent_id, f.name, f.sha256)
-                kept = merged.get(key)
-                if kept is None or f.created_at < kept.created_at:
-                    merged[key] = f
+            for f, origin in reply:
+                kept = merged.get(origin)
+                # The original if its node answered, else the earliest of its copies.
+                if (
+                    kept is None
+                    or f.id == origin
+                    or (kept.id != origin and f.created_at < kept.created_at)
+                ):
+                    merged[origin] = f
         return sorted(merged.values(), key=lambda f: (f.created_at, f.id))
 
     async def delete_file(self, file_id: str) -> None:

@@ -13,6 +13,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from sandkernel.errors import EngineClosed, SandboxUnavailable
 from sandkernel.policy import Policy
 from sandkernel.ray._handle import HostGone, HostHandle, LostHost, alive_nodes, death_reason
+from sandkernel.ray._names import SessionNames
 from sandkernel.ray._protocol import (
     HostClosing,
     HostConfig,
@@ -56,6 +57,7 @@ class HostDirectory:
     _by_name: dict[str, str]  # name -> cluster-wide id
     _capacity: asyncio.Event | None
     _wake: asyncio.Event | None
+    _names: SessionNames
 
     def _require_running(self) -> None:
         if self._state != "running":
@@ -127,7 +129,10 @@ class HostDirectory:
         for node_id in list(self._unavailable):
             if node_id not in alive:
                 del self._unavailable[node_id]
-        await asyncio.gather(*(self._poll(h) for h in list(self._hosts.values())))
+        await asyncio.gather(
+            self._names.renew(self._poll_timeout_s()),
+            *(self._poll(h) for h in list(self._hosts.values())),
+        )
 
     def _eligible(self, node: dict[str, Any]) -> bool:
         if self._node_resource is None:
@@ -261,7 +266,7 @@ class HostDirectory:
         try:
             stats, infos = await asyncio.wait_for(
                 host.call("poll", self._client_id, self._lease_ttl_s, names),
-                timeout=max(5.0, 5 * self._refresh_interval_s),
+                timeout=self._poll_timeout_s(),
             )
         except HostGone:
             self._lose(host, host.lost_reason)
@@ -281,6 +286,9 @@ class HostDirectory:
             session = self._sessions.get(info.id)
             if session is not None:
                 session._update(info)
+
+    def _poll_timeout_s(self) -> float:
+        return max(5.0, 5 * self._refresh_interval_s)
 
     async def _confirm_lost(self, host: HostHandle) -> None:
         """After "unavailable": is the host gone for good? Marks it lost if so (bounded)."""

@@ -46,6 +46,8 @@ _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_NAME_LENGTH - 1}}}")
 _QUALIFIED_SESSION = re.compile(rf"^(?P<tag>[0-9a-f]{{{TAG_LENGTH}}})\.(?P<name>.+)$")
 _CLUSTER_FILE = re.compile(rf"^file-(?P<tag>[0-9a-f]{{{TAG_LENGTH}}})[0-9a-f]{{16}}$")
 _LOCAL_FILE = re.compile(r"^file-[0-9a-f]{24}$")
+#: Marks, in a node's store, the owner of a file claimed by a session of another node.
+_ELSEWHERE = "@"
 
 
 def node_tag(node_id: str) -> str:
@@ -86,6 +88,21 @@ def parse_session_id(session_id: str) -> tuple[str, str] | None:
     """``(tag, name)`` of a cluster-wide session id, or None for a bare name."""
     match = _QUALIFIED_SESSION.match(session_id)
     return None if match is None else (match["tag"], match["name"])
+
+
+def claimed_from_elsewhere(session_id: str) -> str:
+    """How a node's store records its file as a session of another node's (a cluster-wide id).
+
+    A local session id never starts with the mark, so the file is no local session's.
+    """
+    return f"{_ELSEWHERE}{session_id}"
+
+
+def owner_id(tag: str, recorded: str) -> str:
+    """The cluster-wide id of the session owning a file, from the store of the node ``tag``."""
+    if recorded.startswith(_ELSEWHERE):
+        return recorded[len(_ELSEWHERE) :]
+    return session_id_of(tag, recorded)
 
 
 def cluster_file_id(tag: str, local_id: str) -> str:

@@ -12,7 +12,9 @@ How calls travel:
 * **Sessions.** A new session goes to the host with the most free session
   slots (from the hosts' polled figures, adjusted for placements since). Its
   id, ``<tag>.<name>``, names the host, so every later call goes straight to
-  that host's actor: no router, one Ray call per cell.
+  that host's actor: no router, one Ray call per cell. A name is looked up
+  and opened by one engine of the namespace at a time: one live session per
+  name, as on one machine.
 * **One-shot runs** (``run_once``, ``run_many``) go to any host with a free
   batch slot; when every slot is taken the caller waits (back-pressure). A run
   whose host is lost meanwhile is run again elsewhere: it has no state.
@@ -27,8 +29,9 @@ How calls travel:
 
 The engine is built of one module per concern: the host handle
 (``_handle``), the hosts and their reconciler (``_nodes``), session
-placement and lookup (``_routing``), one-shot runs (``_batch``), files
-across nodes (``_files``) and :class:`ClusterSession` (``session``).
+placement and lookup (``_routing``), one name opened by one engine at a time
+(``_names``), one-shot runs (``_batch``), files across nodes (``_files``) and
+:class:`ClusterSession` (``session``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from sandkernel.pool import PoolStats
 from sandkernel.ray._batch import BatchDistribution
 from sandkernel.ray._files import ClusterFiles
 from sandkernel.ray._handle import RUN_ATTEMPTS, HostGone, HostHandle, alive_nodes
+from sandkernel.ray._names import SessionNames
 from sandkernel.ray._protocol import (
     DEFAULT_NAMESPACE,
     ClusterStats,
@@ -146,6 +150,7 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
             lease_ttl_s=lease_ttl_s,
         )
         self._client_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._names = SessionNames(namespace, self._client_id, lease_ttl_s)
         self._state = "new"
         self._owns_ray = False
         self._remote_host = None
@@ -216,7 +221,11 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
             return_exceptions=True,
         )
         hosts = list(self._hosts.values())
-        await asyncio.gather(*(self._leave(h) for h in hosts if not h.gone), return_exceptions=True)
+        await asyncio.gather(
+            self._names.leave(),
+            *(self._leave(h) for h in hosts if not h.gone),
+            return_exceptions=True,
+        )
         for host in hosts:
             host.mark_lost("was left when the engine closed")  # and its channel closed
         if self._owns_ray:
@@ -295,10 +304,14 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
             return await asyncio.shield(pending)
         future: asyncio.Future[ClusterSession] = asyncio.get_running_loop().create_future()
         self._creating[name] = future
+        # Another engine may be opening this name now (a generated one is this
+        # engine's alone): held, it is looked up and opened by one at a time.
+        holding = contextlib.nullcontext() if session_id is None else self._names.holding(name)
         try:
-            if host is None and session_id is not None and name == session_id:
-                host = await self._find_session_host(name)
-            session = await self._open(name, host, agent_id, workspace, if_expired)
+            async with holding:
+                if host is None and session_id is not None and name == session_id:
+                    host = await self._find_session_host(name)
+                session = await self._open(name, host, agent_id, workspace, if_expired)
             future.set_result(session)
             return session
         except BaseException as exc:

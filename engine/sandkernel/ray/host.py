@@ -46,10 +46,12 @@ from sandkernel.ray._protocol import (
     HostStats,
     NeedFiles,
     Raised,
+    claimed_from_elsewhere,
     cluster_file_id,
     expand_path,
     file_tag,
     node_tag,
+    owner_id,
     policy_digest,
     session_id_of,
 )
@@ -485,7 +487,7 @@ class NodeHost:
         return stored.model_copy(
             update={
                 "id": self._ids.outward(stored.id),
-                "session_id": None if session is None else session_id_of(self.tag, session),
+                "session_id": None if session is None else owner_id(self.tag, session),
             }
         )
 
@@ -568,6 +570,21 @@ class NodeHost:
         return [self._outward_file(f) for f in files]
 
     @_replying
+    async def catalog(self, agent_id: str | None) -> list[tuple[StoredFile, str]]:
+        """This node's files (of ``agent_id``, if given), each with the id of its original.
+
+        The original of a copy of another node's file is that file; of any
+        other file, itself. A copy made before this host started (the store
+        outlives it) is not known as one.
+        """
+        files = await self.engine.list_files(agent_id=agent_id)
+        listed = []
+        for stored in files:
+            outward = self._outward_file(stored)
+            listed.append((outward, self._ids.origin(stored.id, outward.id)))
+        return listed
+
+    @_replying
     async def agent_files(self, agent_id: str) -> list[StoredFile]:
         """The files every session of ``agent_id`` on this node sees."""
         files = await self.engine.list_files(agent_id=agent_id)
@@ -618,15 +635,25 @@ class NodeHost:
         ]
 
     @_replying
-    async def export_file(self, file_id: str) -> tuple[StoredFile, bytes, str]:
+    async def export_file(
+        self, file_id: str, claimant: str | None = None
+    ) -> tuple[StoredFile, bytes, str]:
         """A file's metadata (cluster ids), content and original's id, for another node to copy.
 
         A copy's copy is known by its original's id too, so that deleting the
-        original finds every copy, however it travelled.
+        original finds every copy, however it travelled. A file nobody owns
+        becomes the session ``claimant``'s (a cluster-wide id) here, where its
+        id leads every node: as on one machine, the first session to attach it
+        gets it, and no other session finds it then.
         """
         store = self._require_store()
         local = await self._local_id(file_id)
         stored = await asyncio.to_thread(store.get, local)
+        if claimant is not None and stored.session_id is None and stored.agent_id is None:
+            # Refused if another session claimed it meanwhile: this one may not have it.
+            stored = await asyncio.to_thread(
+                functools.partial(store.attach, local, session_id=claimed_from_elsewhere(claimant))
+            )
         data = await asyncio.to_thread(store.read_bytes, local)
         return self._outward_file(stored), data, self._ids.origin(local, file_id)
 
@@ -638,8 +665,8 @@ class NodeHost:
 
         For a session, a file owned by another session or another agent is not
         found, as on one machine. Copies keep their agent, so an agent's file
-        stays read-only; the copy of an unowned upload becomes the session's
-        when it is attached.
+        stays read-only; an unowned upload becomes the session's, the original
+        on its node (see :meth:`export_file`) and the copy here.
         """
         async with self._importing:
             return await self._import_files(sources, session_name)
@@ -648,12 +675,13 @@ class NodeHost:
         self, sources: dict[str, Any], session_name: str | None
     ) -> list[StoredFile]:
         store = self._require_store()
+        claimant = None if session_name is None else session_id_of(self.tag, session_name)
         copies = []
         for file_id, source in sources.items():
             if self._ids.local(file_id) is not None:
                 continue
             try:
-                reply = await source.export_file.remote(file_id)
+                reply = await source.export_file.remote(file_id, claimant)
             except ray.exceptions.RayActorError as exc:
                 raise FileLost(
                     f"file {file_id!r}: the node holding it did not answer ({exc}); "
@@ -676,6 +704,9 @@ class NodeHost:
                     stored.name,
                     origin=stored.origin,
                     mime=stored.mime_type,
+                    # The session's already (it claimed the original): no other
+                    # session of this node finds the copy before it is attached.
+                    session_id=session_name if stored.session_id == claimant else None,
                     agent_id=stored.agent_id,
                     execution_count=stored.execution_count,
                     path=stored.path,
