@@ -260,6 +260,14 @@ class ServedEngine(ManagedBackend, Protocol):
         """A stored file as a blocking binary stream (read it from a worker thread)."""
         ...
 
+    async def session_info(self, session_id: str) -> SessionInfo:
+        """A session it knows, live or ended, by the id or the name it was opened with.
+
+        Raises:
+            SessionNotFound: no such session (a cluster's lost with its node: SessionLost).
+        """
+        ...
+
 
 class KernelConnectionInfo(TypedDict):
     """Where a kernel's Jupyter sockets are and how its messages are signed."""

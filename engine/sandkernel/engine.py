@@ -437,6 +437,17 @@ class Engine:
         """Every session the engine knows, alive or recently ended."""
         return [s.snapshot() for s in self._sessions.values()]
 
+    async def session_info(self, session_id: str) -> SessionInfo:
+        """A session the engine knows, alive or recently ended.
+
+        Raises:
+            SessionNotFound: none has this id (or it ended long ago).
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        return session.snapshot()
+
     def _forget_old_sessions(self) -> None:
         ended = [s for s in self._sessions.values() if s.closed]
         for s in sorted(ended, key=lambda s: s.ended_at or 0)[: max(0, len(ended) - _KEEP_ENDED)]:

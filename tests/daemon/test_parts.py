@@ -142,35 +142,40 @@ def test_records_keep_a_bounded_memory_of_what_they_wrote(
 
 
 @pytest.mark.anyio
-async def test_a_live_session_is_looked_up_by_its_id_not_in_the_whole_list(
+async def test_a_session_live_or_ended_is_looked_up_by_its_id_not_in_the_whole_list(
     tmp_path: Path,
 ) -> None:
     from types import SimpleNamespace
 
     from sandkernel.daemon.routes.lookup import SessionLookup
-    from sandkernel.errors import SessionClosed
+    from sandkernel.errors import SessionLost, SessionNotFound
 
     listed: list[str] = []
 
-    class Live:
-        async def info(self) -> str:
-            return "live info"
-
     class Engine:
-        async def get_session(self, session_id: str) -> Live:
-            if session_id == "ended":
-                raise SessionClosed("closed")
-            return Live()
+        async def session_info(self, session_id: str) -> SimpleNamespace:
+            if session_id not in ("alive", "ended"):
+                raise SessionNotFound(session_id)
+            return SimpleNamespace(id=session_id)
 
         async def sessions(self) -> list[SimpleNamespace]:
             listed.append("listed")
-            return [SimpleNamespace(id="ended")]
+            return [SimpleNamespace(id="alive"), SimpleNamespace(id="ended")]
 
     records = SessionRecords(tmp_path / "records.sqlite3")
     records.open()
+    records.record("gone-in-restart", None)
+    records.finish()
+    records = SessionRecords(tmp_path / "records.sqlite3")
+    records.open()
     lookup = SessionLookup(Engine(), records)  # type: ignore[arg-type]
-    assert await lookup.info("alive") == "live info" and listed == []
-    assert (await lookup.info("ended")).id == "ended" and listed == ["listed"]
+    assert (await lookup.info("alive")).id == "alive"
+    assert (await lookup.info("ended")).id == "ended"
+    assert listed == []
+    with pytest.raises(SessionNotFound):
+        await lookup.info("unknown")
+    with pytest.raises(SessionLost):
+        await lookup.info("gone-in-restart")
     records.finish()
 
 

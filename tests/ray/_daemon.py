@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from sandkernel.api import ServedEngine
 from sandkernel.config import EngineConfig
 from sandkernel.daemon.client import AsyncClient
 from sandkernel.daemon.server import Daemon, DaemonConfig
@@ -26,7 +27,7 @@ def cluster_engine_as_served(**cluster_kwargs: Any) -> ClusterEngine:
 
 
 @contextlib.asynccontextmanager
-async def serving(engine: ClusterEngine) -> AsyncIterator[Path]:
+async def serving(engine: ServedEngine) -> AsyncIterator[Path]:
     """Serve a started ``engine`` on a Unix socket until the block ends; yields the socket."""
     folder = Path(tempfile.mkdtemp(prefix="skr-", dir="/tmp"))  # short: a socket path
     daemon = Daemon(

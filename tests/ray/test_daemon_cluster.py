@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,10 +20,13 @@ ray = pytest.importorskip("ray")
 import httpx  # noqa: E402
 
 from sandkernel import errors  # noqa: E402
+from sandkernel.api import ServedEngine  # noqa: E402
 from sandkernel.daemon import errors as daemon_errors  # noqa: E402
+from sandkernel.engine import Engine  # noqa: E402
 from sandkernel.errors import FileLost, FileNotFoundInStore, SessionLost  # noqa: E402
 from sandkernel.ray import errors as ray_errors  # noqa: E402
 from sandkernel.ray._protocol import HostClosing, file_tag, node_tag  # noqa: E402
+from tests.conftest import runtime_root  # noqa: E402
 from tests.ray._daemon import client_of, cluster_engine_as_served, serving  # noqa: E402
 from tests.ray._support import NODE_ARGS, LocalCluster  # noqa: E402
 
@@ -99,3 +103,50 @@ async def test_a_lost_node_answers_410_and_404_with_the_cluster_engines_classes(
             # In this thread: a node installs signal handlers. Added back whatever
             # happened since, so that the next tests have the cluster they expect.
             ray_cluster.cluster.add_node(**NODE_ARGS)
+
+
+async def ended_session_answers(engine: ServedEngine, name: str) -> list[tuple[int, str]]:
+    """What a daemon serving ``engine`` answers for session ``name``, closed, by that name."""
+    answers = []
+    async with (
+        serving(engine) as socket,
+        httpx.AsyncClient(
+            base_url="http://sandkernel", transport=httpx.AsyncHTTPTransport(uds=str(socket))
+        ) as raw,
+    ):
+        opened = await raw.post("/v1/sessions", json={"id": name})
+        assert opened.status_code == 200, opened.text
+        closed = await raw.delete(f"/v1/sessions/{opened.json()['id']}")
+        assert closed.status_code == 200, closed.text
+        for path in (f"/v1/sessions/{name}", f"/v1/sessions/{name}/files"):
+            answer = await raw.get(path)
+            body = answer.json()
+            what = body["error"]["type"] if "error" in body else str(body.get("state"))
+            answers.append((answer.status_code, what))
+    return answers
+
+
+async def test_an_ended_session_looked_up_by_its_name_answers_as_on_one_machine(
+    ray_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    local = Engine(
+        runtime_dir=runtime_root(),
+        store_dir=tmp_path / "store",
+        pool_size=1,
+        prewarm_imports=(),
+        handle_sigterm=False,
+    )
+    async with local:
+        on_one_machine = await ended_session_answers(local, "ended-by-name")
+    # One machine answers the ended session (200, closed), as the engine lists it.
+    assert on_one_machine == [(200, "closed"), (200, "None")]
+    cluster = cluster_engine_as_served(
+        **ray_cluster.engine_kwargs(
+            namespace=f"{ray_cluster.namespace}-ended",
+            runtime_dir=str(ray_cluster.root / "ended-{node}"),
+            store_dir=str(ray_cluster.stores / "ended-{node}"),
+        )
+    )
+    async with cluster:
+        ray_cluster.remember(cluster.hosts())
+        assert await ended_session_answers(cluster, "ended-by-name") == on_one_machine

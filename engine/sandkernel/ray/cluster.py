@@ -393,6 +393,15 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         self._require_running()
         await (await self._lookup(session_id)).close()
 
+    async def session_info(self, session_id: str) -> SessionInfo:
+        """A session by id or name, alive or recently ended, from its host.
+
+        Raises:
+            SessionNotFound, SessionLost (its node left).
+        """
+        self._require_running()
+        return await (await self._lookup(session_id)).info()
+
     async def sessions(self) -> list[SessionInfo]:
         """Every session of every host (of every engine in the namespace)."""
         self._require_running()

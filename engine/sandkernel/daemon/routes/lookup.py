@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sandkernel.api import EngineAPI, SessionAPI
+from sandkernel.api import ServedEngine, SessionAPI
 from sandkernel.daemon.records import SessionRecords
-from sandkernel.errors import SessionClosed, SessionExpired, SessionLost, SessionNotFound
+from sandkernel.errors import SessionLost, SessionNotFound
 from sandkernel.session import SessionInfo
 
 
@@ -16,7 +16,7 @@ class SessionLookup:
         records: the session records, opened (they remember sessions across restarts).
     """
 
-    def __init__(self, engine: EngineAPI, records: SessionRecords) -> None:
+    def __init__(self, engine: ServedEngine, records: SessionRecords) -> None:
         self.engine = engine
         self.records = records
 
@@ -39,16 +39,6 @@ class SessionLookup:
     async def info(self, session_id: str) -> SessionInfo:
         """A session the engine knows, alive or ended."""
         try:
-            # A live session is found by its id; listing every session (thousands
-            # remembered) for it would cost each lookup time on the event loop.
-            return await (await self.engine.get_session(session_id)).info()
-        except (SessionExpired, SessionClosed):
-            pass  # ended: the engine lists it, with when and why
+            return await self.engine.session_info(session_id)
         except SessionNotFound:
-            pass  # not live here: perhaps listed (a cluster's other engine's)
-        for info in await self.engine.sessions():
-            if info.id == session_id:
-                return info
-        # Not listed: the engine says why (a cluster's session lost with its node is
-        # SessionLost), or the records do (lost in a restart), or it is unknown.
-        return await (await self.live(session_id)).info()
+            raise self.lost_or_unknown(session_id) from None
