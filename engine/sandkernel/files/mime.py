@@ -29,6 +29,8 @@ MIME_TYPES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         ".html": ("text/html",),
         ".java": ("text/x-java",),
         ".json": ("application/json",),
+        # Data files pandas reads as they are (read_json(lines=True), read_csv(sep="\t")).
+        ".jsonl": ("application/jsonl", "application/x-ndjson"),
         ".md": ("text/markdown",),
         ".pdf": ("application/pdf",),
         ".php": ("text/x-php",),
@@ -36,6 +38,7 @@ MIME_TYPES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         ".py": ("text/x-python", "text/x-script.python"),
         ".rb": ("text/x-ruby",),
         ".tex": ("text/x-tex",),
+        ".tsv": ("text/tab-separated-values",),
         ".txt": ("text/plain",),
         ".css": ("text/css",),
         ".jpeg": ("image/jpeg",),
@@ -65,6 +68,8 @@ _TEXTUAL_APPLICATION: Final = frozenset(
     {
         "application/csv",
         "application/json",
+        "application/jsonl",
+        "application/x-ndjson",
         "application/xml",
         "application/typescript",
         "application/javascript",
