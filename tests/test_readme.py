@@ -42,3 +42,11 @@ def test_readme_example_runs_and_prints_what_it_says(block: str, tmp_path: Path)
     )
     assert proc.returncode == 0, proc.stderr
     assert [line.strip() for line in proc.stdout.splitlines()] == expected
+
+
+def test_the_upload_types_it_lists_are_those_accepted() -> None:
+    from sandkernel.files import MIME_TYPES
+
+    paragraph = README.read_text().split("a type a code interpreter takes", 1)[1].split("\n\n")[0]
+    listed = set(re.findall(r"`(\.\w+)`", paragraph))
+    assert listed == set(MIME_TYPES)
