@@ -53,6 +53,16 @@ def test_out_of_range_values_are_refused(settings: dict[str, float]) -> None:
         EngineConfig(**settings)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("module", ["numpy pandas", "os; import sys", "a'b", "", "numpy."])
+def test_a_prewarm_import_that_is_not_a_module_name_is_refused(module: str) -> None:
+    with pytest.raises(ValidationError, match="not a module name"):
+        EngineConfig(prewarm_imports=("numpy", module))
+    assert EngineConfig(prewarm_imports=("numpy", "os.path")).prewarm_imports == (
+        "numpy",
+        "os.path",
+    )
+
+
 def test_build_applies_settings_over_a_config() -> None:
     policy = load_policy(None)
     base = EngineConfig(policy=policy, pool_size=3, prewarm_imports=["json"])  # type: ignore[arg-type]

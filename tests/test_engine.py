@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -76,6 +77,22 @@ async def test_warm_kernels_are_prewarmed_and_self_checked(engine_factory: Engin
     r = await s.run("import sys; 'numpy' in sys.modules, 'numpy' in globals()")
     assert r.text == "(True, False)"
     assert r.execution_count == 1
+
+
+async def test_a_prewarm_module_that_fails_to_import_is_warned_of_and_the_kernel_serves(
+    engine_factory: EngineFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sandkernel.engine")
+    engine = await engine_factory(prewarm_imports=("json", "no_such_module_for_prewarm"))
+    s = await engine.session()
+    assert (await s.run("1 + 1")).text == "2"
+    messages = [r.getMessage() for r in caplog.records]
+    warned = [m for m in messages if "no_such_module_for_prewarm" in m]
+    assert warned == [
+        "prewarm import 'no_such_module_for_prewarm' fails in the sandbox: "
+        "ModuleNotFoundError: No module named 'no_such_module_for_prewarm'"
+    ]
+    assert not [m for m in messages if "'json'" in m]
 
 
 async def test_empty_pool_raises_pool_exhausted_naming_the_setting(

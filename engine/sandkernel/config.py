@@ -18,7 +18,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Self, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES
 from sandkernel.limits import MAX_TIMEOUT_S, MAX_TTL_S
@@ -160,6 +168,16 @@ class EngineConfig(BaseModel):
         if forked:
             return {**data, "max_concurrent_starts": FORKED_CONCURRENT_STARTS}
         return data
+
+    @field_validator("prewarm_imports")
+    @classmethod
+    def _module_names(cls, modules: tuple[str, ...]) -> tuple[str, ...]:
+        # Each becomes an `import` statement of the kernel's set-up cell: a
+        # name that is not a module's would fail every kernel's start.
+        for module in modules:
+            if not all(part.isidentifier() for part in module.split(".")):
+                raise ValueError(f"{module!r} is not a module name (like 'numpy' or 'os.path')")
+        return modules
 
     @model_validator(mode="after")
     def _kernels_cover_the_pool(self) -> Self:

@@ -127,6 +127,8 @@ class Engine:
         self.max_lifetime_s = config.max_lifetime_s
         self.acquire_timeout_s = config.acquire_timeout_s
         self.prewarm_imports = config.prewarm_imports
+        #: prewarm imports already reported failing (each kernel tries them again)
+        self._prewarm_failed: set[str] = set()
         self.self_check = config.self_check
         self.restart_dead_kernels = config.restart_dead_kernels
         self._python = config.python
@@ -286,10 +288,15 @@ class Engine:
         kernel = SandboxedKernel(host, self.policy, workspace=workspace, zygote=zygote)
         try:
             await kernel.start()
-            await kernel.prepare(self_check=self.self_check, imports=self.prewarm_imports)
+            failed = await kernel.prepare(self_check=self.self_check, imports=self.prewarm_imports)
         except BaseException:
             await kernel.shutdown()
             raise
+        for module in failed.keys() - self._prewarm_failed:
+            self._prewarm_failed.add(module)
+            # Not fatal (the user's own import says why), but it costs every
+            # kernel start a failing search, and a misspelt name would go unseen.
+            log.warning("prewarm import %r fails in the sandbox: %s", module, failed[module])
         return kernel
 
     # -- sessions ------------------------------------------------------------------

@@ -71,6 +71,29 @@ _WARM_UP = "(lambda ip: (ip.logger, ip.display_formatter.format(0)))(get_ipython
 #: Optional callback fed each iopub message of a cell as it arrives (streaming).
 OutputCallback = Callable[[dict[str, Any]], None]
 
+#: Starts a line the set-up cell prints on stderr for a prewarm module it could not import.
+_PREWARM_FAILED = "sandkernel-prewarm-failed:"
+
+
+def _prewarm_import(module: str) -> str:
+    """Import ``module`` in the set-up cell; a failure is not fatal but is reported."""
+    return (
+        f"try:\n    import {module}\nexcept Exception as _e:\n"
+        f"    __import__('sys').stderr.write("
+        f"'{_PREWARM_FAILED} {module}: ' + type(_e).__name__ + ': ' + str(_e) + '\\n')\n"
+        "    del _e"
+    )
+
+
+def _prewarm_failures(stderr: str) -> dict[str, str]:
+    """Module -> why, for each prewarm import the set-up cell could not make."""
+    failed = {}
+    for line in stderr.splitlines():
+        if line.startswith(_PREWARM_FAILED):
+            module, _, why = line[len(_PREWARM_FAILED) :].strip().partition(": ")
+            failed[module] = why
+    return failed
+
 
 def _forget_names(modules: Iterable[str]) -> str:
     """``del`` the top-level names the prewarm imports bound, so the user starts clean."""
@@ -854,7 +877,9 @@ class SandboxedKernel:
             return "dead", f"the kernel process exited with code {code}; its variables are lost"
         return "dead", "the kernel stopped responding; its variables are lost"
 
-    async def prepare(self, *, self_check: bool = True, imports: Sequence[str] = ()) -> None:
+    async def prepare(
+        self, *, self_check: bool = True, imports: Sequence[str] = ()
+    ) -> dict[str, str]:
         """Make the kernel ready for a session, in one cell: check it, import, warm it up.
 
         In this order: the isolation self-check (:meth:`self_check`, skipped
@@ -873,6 +898,9 @@ class SandboxedKernel:
         one per step: each round trip costs the engine and the kernel about
         3 ms of CPU.
 
+        Returns:
+            The prewarm imports that failed: module -> why.
+
         Raises:
             KernelStartFailed: the cell did not run to its end (the kernel died,
                 hung) or failed after the check. SelfCheckFailed: a check did
@@ -880,7 +908,7 @@ class SandboxedKernel:
         """
         parts = [SELF_CHECK_PROBE] if self_check else []
         if imports:
-            parts += [f"try:\n    import {m}\nexcept Exception:\n    pass" for m in imports]
+            parts += [_prewarm_import(m) for m in imports]
             parts.append(_forget_names(imports))
         parts.append(_WARM_UP)
         # A cold kernel imports the prewarm modules here (numpy, pandas: seconds).
@@ -895,6 +923,7 @@ class SandboxedKernel:
             self._check_report(result)  # its report missing: the probe itself failed
         if result.status != "ok":
             raise KernelStartFailed(f"set-up cell failed: {result.status}: {result.message}")
+        return _prewarm_failures(result.stderr) if imports else {}
 
     # -- self-check -------------------------------------------------------------
 
