@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import shutil
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +25,7 @@ from sandkernel import (
     SessionState,
 )
 from sandkernel.kernel import SandboxedKernel
+from sandkernel.sandbox.layout import SANDBOX_UID
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 EngineFactory = Callable[..., Awaitable[Engine]]
@@ -380,3 +385,60 @@ async def test_a_timeout_that_is_no_timeout_is_refused(engine_factory: EngineFac
         with pytest.raises(BadInput, match="timeout_s must be above 0 and at most 86400"):
             await s.run("1", timeout_s=timeout_s)
     assert (await s.run("1 + 1", timeout_s=86_400)).text == "2"  # and the session serves on
+
+
+# -- host workspaces: folders given to the sandbox for good -----------------------------
+
+
+async def test_a_new_host_workspace_is_made_and_kept_but_not_the_folder_holding_it(
+    engine_factory: EngineFactory, tmp_path: Path
+) -> None:
+    engine = await engine_factory(pool_size=0)
+    workspace = tmp_path / "made" / "ws"
+    s = await engine.session(workspace=workspace)
+    assert (await s.run("open('/mnt/data/out.txt', 'w').write('kept')")).status == "ok"
+    await engine.close_session(s.id)
+    assert (workspace / "out.txt").read_text() == "kept"
+    assert workspace.stat().st_uid == SANDBOX_UID
+    # The folder it was made in stays the caller's: it holds more than a sandbox may own.
+    assert workspace.parent.stat().st_uid == 0
+    with pytest.raises(BadInput, match="is not empty and is not a sandbox's"):
+        await engine.session(workspace=workspace.parent)
+
+
+async def test_an_empty_host_workspace_is_taken_but_a_hidden_file_makes_one_not_empty(
+    engine_factory: EngineFactory, tmp_path: Path
+) -> None:
+    engine = await engine_factory(pool_size=0)
+    empty, hidden = tmp_path / "empty", tmp_path / "hidden"
+    for folder in (empty, hidden):
+        folder.mkdir()
+        os.chown(folder, 1000, 1000)  # a user's, not root's: the owner does not matter
+    (hidden / ".profile").write_text("echo mine\n")
+    s = await engine.session(workspace=empty)
+    assert (await s.run("open('/mnt/data/out.txt', 'w').write('kept')")).status == "ok"
+    await engine.close_session(s.id)
+    assert (empty / "out.txt").read_text() == "kept"
+    with pytest.raises(BadInput, match=re.escape(f"the workspace {hidden} is not empty")):
+        await engine.session(workspace=hidden)
+    assert hidden.stat().st_uid == 1000
+
+
+async def test_a_host_workspace_a_sandbox_used_is_taken_again_but_not_a_copy_of_it(
+    engine_factory: EngineFactory, tmp_path: Path
+) -> None:
+    engine = await engine_factory(pool_size=0)
+    used = tmp_path / "used"
+    first = await engine.session(workspace=used)
+    assert (await first.run("open('/mnt/data/state.txt', 'w').write('from run 1')")).status == "ok"
+    await engine.close_session(first.id)
+    second = await engine.session(workspace=used)
+    r = await second.run("open('/mnt/data/state.txt').read()")
+    assert r.text == "'from run 1'"
+    await engine.close_session(second.id)
+    # What makes it acceptable is its owner, not what it holds.
+    copy = tmp_path / "copy"
+    shutil.copytree(used, copy)
+    assert copy.stat().st_uid == 0
+    with pytest.raises(BadInput, match=re.escape(f"the workspace {copy} is not empty")):
+        await engine.session(workspace=copy)

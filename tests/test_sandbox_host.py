@@ -1,4 +1,9 @@
-"""Sweeping: what a killed engine left is removed; a live engine's kernels are not."""
+"""The host's side of sandboxes.
+
+Sweeping: what a killed engine left is removed; a live engine's kernels are
+not. Host workspaces: a folder no sandbox may own is refused before anything
+is made.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sandkernel.errors import BadInput
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import load_policy
 from sandkernel.sandbox import SandboxHost, iter_sandkernel_cgroups, mounts_under
+from sandkernel.sandbox import host as sandbox_host
 from tests.conftest import engine_process
 
 pytestmark = pytest.mark.sandbox
@@ -64,3 +71,52 @@ def test_sigkilled_engine_leaves_nothing_once_the_next_one_started(tmp_path: Pat
         if p.info["cmdline"] and owner in " ".join(p.info["cmdline"])
     ]
     assert leftover == []
+
+
+# -- host workspaces: where a sandbox may never own a folder ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("folder", "why"),
+    [
+        ("/", "it is a system folder"),
+        ("/root", "it is a system folder"),
+        ("/home", "it is a system folder"),
+        ("/tmp", "it is a system folder"),
+        ("/var", "it is a system folder"),
+        ("/etc", "it is a system folder"),
+        # Not there yet, so new and empty: still the system's.
+        ("/etc/udev/rules.d/sandkernel-new", "it is inside /etc, a system folder"),
+        ("/usr/local/sandkernel-new", "it is inside /usr, a system folder"),
+        ("/var/log/sandkernel-new", "it is inside /var/log, a system folder"),
+    ],
+)
+def test_system_folders_are_refused_as_host_workspaces(folder: str, why: str) -> None:
+    # Only checked: a wrong acceptance must not give a real system folder away.
+    with pytest.raises(BadInput, match=f"cannot be a sandbox's: {why}"):
+        sandbox_host.check_host_workspace(Path(folder))
+
+
+def test_a_folder_that_holds_a_home_is_refused_as_a_host_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "users" / "someone"
+    home.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(BadInput, match=f"it holds {home}, a home folder"):
+        sandbox_host.check_host_workspace(tmp_path / "users")
+
+
+def test_a_host_workspace_in_the_runtime_folder_is_refused_before_anything_is_made(
+    tmp_path: Path,
+) -> None:
+    with SandboxHost(tmp_path / "rt") as host:
+        spare = host.root / "spare"
+        kernel_id = host.new_kernel_id()
+        try:
+            with pytest.raises(BadInput, match="the engine's own folder"):
+                host.prepare(kernel_id, load_policy(), spare)
+            assert not spare.exists()
+            assert not (host.root / kernel_id).exists()
+        finally:
+            host.destroy(kernel_id)  # what a wrong acceptance made

@@ -6,15 +6,16 @@ The ``host`` fixture fails a test that leaves a folder, cgroup, mount or fd behi
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
 from sandkernel.errors import KernelStartFailed
-from sandkernel.policy import load_policy
+from sandkernel.policy import Policy, load_policy
 from sandkernel.sandbox import Jail, SandboxHost
+from sandkernel.sandbox.cgroups import KernelCgroup
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -115,10 +116,16 @@ async def test_a_cancelled_start_gives_up_and_stays_cancelled(host: SandboxHost)
     assert await jail.stop()
 
 
-async def test_a_prepare_that_fails_midway_leaves_nothing(host: SandboxHost) -> None:
-    # The folder and its tmpfs are made, then the workspace cannot be.
-    jail = Jail(host, load_policy(), workspace=Path("/proc/sandkernel-test/workspace"))
-    with pytest.raises(OSError):
+async def test_a_prepare_that_fails_midway_leaves_nothing(
+    host: SandboxHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The folder, its tmpfs and the workspace's are made, then the cgroup cannot be.
+    def no_room(self: KernelCgroup, policy: Policy) -> None:
+        raise OSError(errno.ENOSPC, "no room for a cgroup")
+
+    monkeypatch.setattr(KernelCgroup, "create", no_room)
+    jail = Jail(host, load_policy())
+    with pytest.raises(OSError, match="no room for a cgroup"):
         await jail.prepare()
     assert not (host.root / jail.kernel_id).exists()
 

@@ -59,6 +59,7 @@ from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import Pool, PoolStats
 from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile, Usage
 from sandkernel.sandbox import Runtime, SandboxHost
+from sandkernel.sandbox.host import check_host_workspace
 from sandkernel.sandbox.zygote import Zygote, ZygoteSupervisor
 from sandkernel.session import (
     Clock,
@@ -316,13 +317,20 @@ class Engine:
             agent_id: the agent the session works for: its files appear in
                 ``/mnt/data``, read-only (only used when the session is created).
             workspace: a host folder to use as ``/mnt/data`` instead of a fresh
-                tmpfs (its size is then not capped). Such a session's kernel is
-                started cold, outside the warm pool.
+                tmpfs, kept afterwards. It becomes the sandbox user's, with all
+                it holds, so it must not exist yet (it is made), be empty, or be
+                one a sandbox used before; give the code files with
+                :meth:`Session.upload`. Never a link, a system or home folder,
+                nor the engine's own. Its size is not capped: the policy's
+                ``workspace_mb`` sizes the tmpfs only (each file is still capped
+                by ``file_size_mb``). Such a session's kernel is started cold,
+                outside the warm pool.
             if_expired: for an id whose session expired or was closed: ``"raise"``
                 (:class:`~sandkernel.errors.SessionExpired` says when and why) or
                 ``"new"`` (start a fresh session under the same id).
 
         Raises:
+            BadInput: the ``workspace`` may not be a sandbox's (nothing was changed).
             PoolExhausted: no kernel within ``acquire_timeout_s``.
             SessionLimitReached: ``max_sessions`` are alive.
             SessionExpired, SessionClosed: see ``if_expired``.
@@ -367,11 +375,21 @@ class Engine:
             _check_id(agent_id, "agent")
         future: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         self._creating[session_id] = future
-        if workspace is None:
-            acquire = partial(pool.acquire, timeout_s=self.acquire_timeout_s)
-        else:
-            acquire = partial(self._start_kernel, Path(workspace))
         try:
+            if workspace is None:
+                acquire = partial(pool.acquire, timeout_s=self.acquire_timeout_s)
+            else:
+                # Refused before a kernel starts for it: a refusal from the
+                # host's claim, at the start, would count as the zygote's
+                # failure. The store is refused too: a sandbox owning a folder
+                # of it could swap the files other sessions get.
+                host, _ = self._require_running()
+                checked = await asyncio.to_thread(
+                    check_host_workspace,
+                    Path(workspace),
+                    also_refused=(self._store_dir, host.root, host.owners_dir),
+                )
+                acquire = partial(self._start_kernel, checked)
             kernel = await acquire()
             files = SessionWorkspace(
                 self._require_store(), self.output_caps, session_id=session_id, agent_id=agent_id
