@@ -271,3 +271,13 @@ def test_accepted_tcp_connections_do_not_wait_for_delayed_acks() -> None:
             with accepted:
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             assert client.fileno() >= 0
+
+
+def test_a_taken_tcp_port_is_refused_saying_where_and_what_to_do() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(DaemonError) as refused:
+            bind_tcp_socket("127.0.0.1", port)
+    message = str(refused.value)
+    assert f"127.0.0.1:{port}" in message and "--tcp" in message and "stop" in message
+    assert "\n" not in message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket as socket_module
 import stat
 import subprocess
 import sys
@@ -107,6 +108,22 @@ def test_tcp_without_a_token_is_refused_at_start(short_dir: Path, tmp_path: Path
     )  # fmt: skip
     assert done.returncode == 2
     assert "needs a bearer token" in done.stderr and "--token" in done.stderr
+    assert not (short_dir / "s").exists()
+
+
+def test_a_tcp_port_in_use_is_refused_in_one_line(short_dir: Path, tmp_path: Path) -> None:
+    with socket_module.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "sandkernel.daemon", "serve", "--socket", str(short_dir / "s"),
+             "--store", str(tmp_path / "store"), "--runtime-dir", str(tmp_path / "rt"),
+             "--pool-size", "0", "--tcp", str(port), "--token", "abc"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    (refusal,) = [line for line in done.stderr.splitlines() if line.startswith("sandkernel:")]
+    assert f"cannot listen on 127.0.0.1:{port}" in refusal and "another port" in refusal
     assert not (short_dir / "s").exists()
 
 

@@ -274,6 +274,12 @@ def _raise_for_error(response: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         error_type = f"HTTP{response.status_code}"
         message = response.text[:1000] or response.reason_phrase
+    if response.status_code == 401 and "authorization" not in response.request.headers:
+        # The daemon's message speaks HTTP; this caller holds a client, not a header.
+        message += (
+            "; this client sent no token: pass it as Client(url=..., token=...) "
+            "(or AsyncClient), or set SANDKERNEL_TOKEN"
+        )
     raise error_from_wire(response.status_code, error_type, message)
 
 

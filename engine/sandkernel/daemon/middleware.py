@@ -72,7 +72,7 @@ class TokenAuth:
                     send,
                     Unauthorized(
                         "this address needs `Authorization: Bearer <token>` with the daemon's "
-                        "token (set by --token or SANDKERNEL_TOKEN when it started)"
+                        "token (set by --token, --token-file or SANDKERNEL_TOKEN when it started)"
                     ),
                     [(b"www-authenticate", b'Bearer realm="sandkernel"')],
                 )

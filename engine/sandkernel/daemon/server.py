@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import math
@@ -37,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+from urllib.parse import unquote_plus
 
 import anyio
 import anyio.abc
@@ -47,6 +49,7 @@ from sandkernel.daemon.admission import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUE
 from sandkernel.daemon.app import DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_UPLOAD_BYTES, create_app
 from sandkernel.daemon.errors import DaemonError
 from sandkernel.daemon.records import SessionRecords
+from sandkernel.daemon.routes.fusion import FUSION_PATHS
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,9 @@ LISTEN_BACKLOG: Final = 2048
 #: File descriptors the daemon needs besides its connections (engine, kernels,
 #: batch workers, store): the usual soft limit, which it ran within before.
 _RESERVED_FDS: Final = 1024
+#: The loggers uvicorn writes request URLs to: each request's (with ``--access-log``)
+#: and each WebSocket handshake's.
+_URL_LOGGERS: Final = ("uvicorn.access", "uvicorn.error")
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,9 @@ class Daemon:
         sockets: list[socket.socket] = []
         bound_inode: int | None = None
         stack = contextlib.AsyncExitStack()
+        redaction = _QueryTokenRedaction()
+        for name in _URL_LOGGERS:
+            logging.getLogger(name).addFilter(redaction)
         try:
             sockets.append(await anyio.to_thread.run_sync(bind_unix_socket, config.socket_path))
             bound_inode = config.socket_path.lstat().st_ino
@@ -247,12 +256,15 @@ class Daemon:
             server.should_exit = self._stop_requested
             where = f"unix:{config.socket_path}"
             if self.tcp_address is not None:
-                where += f" and http://{self.tcp_address[0]}:{self.tcp_address[1]} (token required)"
+                host, port = self.tcp_address
+                where += f" and http://{host}:{port} ({_tcp_access(config)})"
             log.info("sandkernel daemon listening on %s, policy %s", where, self.engine.policy.name)
             task_status.started()
             self.ready.set()
             await server.serve(sockets=sockets)
         finally:
+            for name in _URL_LOGGERS:
+                logging.getLogger(name).removeFilter(redaction)
             for sock in sockets:
                 sock.close()
             _unlink_socket(config.socket_path, bound_inode)
@@ -263,6 +275,46 @@ class Daemon:
             finally:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.records.finish)
+
+
+def _tcp_access(config: DaemonConfig) -> str:
+    """What TCP clients may do, as the startup log says it."""
+    if not config.fusion_without_token:
+        return "token required"
+    opened = ", ".join(sorted(FUSION_PATHS))
+    if config.token:
+        return f"token required, except {opened} from loopback clients"
+    # No token to check: the daemon's other routes refuse every TCP request.
+    return f"without a token: only {opened}, to loopback clients (no token is set for the rest)"
+
+
+class _QueryTokenRedaction(logging.Filter):
+    """Hides the value of every ``token`` query parameter in the URLs uvicorn logs.
+
+    The Jupyter gateway takes ``?token=`` out of the requests it serves before
+    they are logged; nothing else reads it, but a client may send it to any
+    path (Open WebUI's habit), and uvicorn logs the URL of each request with
+    ``--access-log`` and of each WebSocket handshake always.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _redact_query_token(arg) if isinstance(arg, str) and "?" in arg else arg
+                for arg in record.args
+            )
+        return True
+
+
+def _redact_query_token(url: str) -> str:
+    """``url`` (a path and query string) with each ``token`` parameter's value hidden."""
+    path, _, query = url.partition("?")
+    pairs = query.split("&")
+    for i, pair in enumerate(pairs):
+        name, _, _ = pair.partition("=")
+        if unquote_plus(name) == "token":
+            pairs[i] = f"{name}=[redacted]"
+    return f"{path}?{'&'.join(pairs)}"
 
 
 def bind_unix_socket(path: Path, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
@@ -334,7 +386,11 @@ def is_loopback(host: str) -> bool:
 
 
 def bind_tcp_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """A listening TCP socket; warns when the address is not loopback (plain HTTP)."""
+    """A listening TCP socket; warns when the address is not loopback (plain HTTP).
+
+    Raises:
+        DaemonError: the address is taken or cannot be listened on.
+    """
     if not is_loopback(host):
         log.warning(
             "listening on %s:%d, which is not a loopback address: requests and the token "
@@ -343,7 +399,18 @@ def bind_tcp_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> s
             port,
         )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, backlog=backlog)
+    try:
+        listener = socket.create_server((host, port), family=family, backlog=backlog)
+    except OSError as exc:
+        address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise DaemonError(
+                f"cannot listen on {address}: the address is already in use; choose another "
+                "port with --tcp, or stop what holds it (`ss -ltnp` shows what)"
+            ) from None
+        raise DaemonError(
+            f"cannot listen on {address}: {exc.strerror or exc}; check --tcp"
+        ) from None
     # Accepted connections inherit it. Without it, a response written in two
     # parts (headers, then body) waits for the client's delayed ACK: ~40 ms
     # on every request of a kept-alive connection after its first.

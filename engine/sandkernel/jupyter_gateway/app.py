@@ -313,12 +313,12 @@ class JupyterGate:
             receive = _replay(connect, receive)
         if not over_unix_socket(scope):
             given = self._given_token(scope, query_token)
-            if given is None or self._token is None or not hmac.compare_digest(given, self._token):
+            if given is None or not self._is_token(given, from_query=given is query_token):
                 status = 401 if given is None else 403
                 message = (
                     "this address needs the daemon's token: `Authorization: token <token>`, "
-                    "`Authorization: Bearer <token>` or `?token=<token>` (--token or "
-                    "SANDKERNEL_TOKEN when it started)"
+                    "`Authorization: Bearer <token>` or `?token=<token>` (--token, "
+                    "--token-file or SANDKERNEL_TOKEN when it started)"
                     if given is None
                     else "the token is not the daemon's"
                 )
@@ -339,6 +339,16 @@ class JupyterGate:
 
             receive = limit_body(receive, limit, too_large_error)
         await self.gateway_app(scope, receive, send)
+
+    def _is_token(self, given: bytes, *, from_query: bool) -> bool:
+        if self._token is None:
+            return False
+        if hmac.compare_digest(given, self._token):
+            return True
+        # A query string decodes '+' as a space, and a base64 token put in a
+        # URL as it is (Open WebUI builds its kernel WebSocket URL as
+        # `?token={token}`) arrives with spaces where it had '+'.
+        return from_query and hmac.compare_digest(given.replace(b" ", b"+"), self._token)
 
     @staticmethod
     def _given_token(scope: Scope, query_token: bytes | None) -> bytes | None:
