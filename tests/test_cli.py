@@ -59,6 +59,7 @@ def test_doctor_with_ray_refuses_the_options_it_would_not_use(tmp_path: Path) ->
     key.write_text("sk-test")
     for extra in (
         ["--attack"],
+        ["--policy", "strict"],
         ["--model-url", "http://127.0.0.1:9"],
         ["--model-key-file", str(key)],
     ):
@@ -76,6 +77,45 @@ def test_doctor_exits_0_and_lists_each_control() -> None:
     controls += ["memory limit", "pids limit", "cpu quota", "network", "host files"]
     assert set(controls) <= names
     assert report["ok"] is True
+
+
+@pytest.mark.sandbox
+def test_doctor_checks_the_policy_it_is_given_and_its_cold_start(tmp_path: Path) -> None:
+    cold = tmp_path / "cold-start.toml"
+    # PYTHONHASHSEED is read only as an interpreter starts: no kernel can be forked for it.
+    cold.write_text('memory_mb = 256\n[env]\nPYTHONHASHSEED = "0"\n')
+    proc = run_cli("doctor", "--json", "--policy", str(cold))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["policy"] == "cold-start" and report["ok"] is True
+    assert checks["memory limit"]["detail"].endswith(f"(policy: {256 << 20})")
+    start = checks["kernel start path"]
+    assert start["ok"] and start["detail"].startswith("in force: cold start (policy cold-start:")
+    assert "PYTHONHASHSEED" in start["detail"]
+    human = run_cli("doctor", "--policy", str(cold))
+    assert human.stdout.startswith("sandkernel doctor (policy cold-start)\n"), human.stderr
+
+
+@pytest.mark.sandbox
+def test_doctor_checks_the_default_policy_unless_told() -> None:
+    proc = run_cli("doctor", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["policy"] == "default"
+    assert checks["memory limit"]["detail"].endswith(f"(policy: {1024 << 20})")
+    start = checks["kernel start path"]["detail"]
+    assert start.startswith("in force: ") and "EngineConfig.zygote" in start
+
+
+def test_doctor_refuses_a_policy_it_cannot_load_and_attacks_on_another_policy() -> None:
+    unknown = run_cli("doctor", "--policy", "no-such-policy")
+    assert unknown.returncode == 2 and "unknown policy 'no-such-policy'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    attack = run_cli("doctor", "--attack", "--policy", "strict")
+    assert attack.returncode == 2, attack.stderr
+    assert "--attack: tries the default policy, not with --policy" in attack.stderr
 
 
 def test_policy_show_prints_the_rendered_config() -> None:
@@ -211,6 +251,63 @@ def test_run_once_with_an_anti_exit_header_exits_as_the_program() -> None:
     assert (proc.returncode, proc.stdout) == (0, "hello\n"), proc.stderr
     proc = run_cli("run", "--once", header + "assert False")
     assert proc.returncode == 1 and "AssertionError" in proc.stderr
+
+
+@pytest.mark.sandbox
+def test_run_once_dash_reads_the_program_from_stdin_as_python_dash_does() -> None:
+    code = "import sys\nprint(repr(sys.stdin.read()), sys.argv[1:])\nsys.exit(3)"
+    proc = run_cli("run", "--once", "--arg", "x", "-", stdin=code)
+    assert (proc.returncode, proc.stdout) == (3, "'' ['x']\n"), proc.stderr
+
+
+def test_run_help_gives_the_exit_statuses() -> None:
+    proc = run_cli("run", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "exit status: 0 when the code ran without an error" in text
+    assert "With --once, the program's own exit status; 124 when it timed out" in text
+    assert "128+N when killed by signal N" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--once", "--workspace", "{tmp}", "1"], "argument --workspace: not allowed with --once"),
+        (["--once", "--store", "{tmp}", "1"], "argument --store: not allowed with --once"),
+        (["--arg", "X", "1"], "argument --arg: needs --once"),
+        (["-f", "{tmp}/prog.py", "print('from arg')"], "argument -f/--file: not allowed with CODE"),
+        (["--once", "--socket", "{tmp}/s", "--policy", "strict", "1"],
+         "argument --policy: not allowed with --socket"),
+        (["--socket", "{tmp}/s", "--store", "{tmp}", "--workspace", "{tmp}", "1"],
+         "argument --workspace, --store: not allowed with --socket"),
+        (["--once"], "--once: give the program as an argument, '-' (read from stdin) or --file"),
+    ],
+)  # fmt: skip
+def test_run_options_that_conflict_are_refused_with_runs_usage(
+    tmp_path: Path, args: list[str], why: str
+) -> None:
+    (tmp_path / "prog.py").write_text("print('from file')\n")
+    proc = run_cli("run", *(a.replace("{tmp}", str(tmp_path)) for a in args), stdin="print(1)")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("usage: sandkernel run "), proc.stderr
+    assert f"sandkernel run: error: {why}" in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+def test_files_takes_store_before_or_after_its_subcommand(tmp_path: Path) -> None:
+    parser = build_parser("files")
+    for args, store in [
+        (["files", "--store", "a", "list"], "a"),
+        (["files", "list", "--store", "b"], "b"),
+        (["files", "get", "file-1", "--store", "c", "-o", "out"], "c"),
+        (["files", "--store", "a", "info", "--store", "d", "file-1"], "d"),
+        (["files", "--store", "a", "info", "file-1"], "a"),
+        (["files", "list"], None),
+    ]:
+        assert parser.parse_args(args).store == store, args
+    missing = tmp_path / "no-store"
+    proc = run_cli("files", "list", "--store", str(missing))
+    assert proc.returncode == 2 and f"no file store at {missing}" in proc.stderr, proc.stderr
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -79,14 +79,13 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _once_inputs(args: argparse.Namespace) -> tuple[str, bytes, dict[str, bytes]]:
-    """``run --once``: the program, its stdin (ours, unless a terminal) and its files."""
-    if args.file is None and (args.code is None or args.code == "-"):
-        raise SystemExit(
-            "sandkernel run --once: give the program as an argument or --file FILE "
-            "(standard input is the program's)"
-        )
+    """``run --once``: the program, its stdin (ours, unless a terminal) and its files.
+
+    With ``-`` the program is read from our stdin and its own is empty, as for ``python -``.
+    """
     code = _read_code(args)
-    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    reads_ours = args.code == "-" or sys.stdin is None or sys.stdin.isatty()
+    stdin = b"" if reads_ours else sys.stdin.buffer.read()
     files = {Path(path).name: _read_input(path, "--input") for path in args.input or ()}
     return code, stdin, files
 
@@ -103,7 +102,6 @@ async def _run_once(args: argparse.Namespace) -> int:
         pool_size=0,
         batch_workers=1,
         prewarm_imports=(),
-        store_dir=args.store,
     )
     engine = Engine(config, handle_sigterm=False)
     async with engine:
@@ -196,10 +194,27 @@ def _cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The exit statuses of ``sandkernel run``, as its ``--help`` gives them.
+_RUN_EXIT_STATUS = (
+    "exit status: 0 when the code ran without an error, 1 when it did not (an exception, "
+    "a timeout, out of memory), 2 when it could not run (options or input that cannot be "
+    "used, a sandbox that cannot start). With --once, the program's own exit "
+    "status; 124 when it timed out (as coreutils' timeout), 137 when it was killed for "
+    "using too much memory, 128+N when killed by signal N."
+)
+
+
 def _add_run_parser(sub: _SubParsers) -> None:
-    run = sub.add_parser("run", help="run code in a fresh sandboxed kernel")
-    run.add_argument("code", nargs="?", help="Python code; '-' or omitted reads stdin")
-    run.add_argument("-f", "--file", help="read the code from this file")
+    run = sub.add_parser(
+        "run", help="run code in a fresh sandboxed kernel", epilog=_RUN_EXIT_STATUS
+    )
+    run.add_argument(
+        "code",
+        nargs="?",
+        help="Python code; '-' reads stdin, and so does omitting it (not with --once, "
+        "where stdin is the program's)",
+    )
+    run.add_argument("-f", "--file", help="read the code from this file (not with CODE)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--policy", default=None, help="policy name or TOML path (default: default)")
     run.add_argument(
@@ -210,7 +225,9 @@ def _add_run_parser(sub: _SubParsers) -> None:
     )
     run.add_argument("--workspace", help="host folder used as /mnt/data (kept afterwards)")
     run.add_argument("-i", "--input", action="append", help="upload this file to /mnt/data first")
-    run.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
+    run.add_argument(
+        "--store", help="file store folder (default: /var/lib/sandkernel/files; not with --once)"
+    )
     run.add_argument("--socket", help="run in the daemon listening on this Unix socket")
     run.add_argument(
         "--once",
@@ -224,14 +241,19 @@ def _add_run_parser(sub: _SubParsers) -> None:
 
 
 def _add_files_parser(sub: _SubParsers) -> None:
+    store_help = "file store folder (default: /var/lib/sandkernel/files)"
     files = sub.add_parser("files", help="list stored files and download them by id")
-    files.add_argument("--store", help="file store folder (default: /var/lib/sandkernel/files)")
+    files.add_argument("--store", help=store_help)
+    # --store after the sub-command too (`files list --store X`). Suppressed
+    # default: a sub-command's own default would replace a --store given before it.
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
     files_sub = files.add_subparsers(dest="files_command", required=True)
-    files_list = files_sub.add_parser("list", help="stored files")
+    files_list = files_sub.add_parser("list", parents=[store], help="stored files")
     files_list.add_argument("--session", help="only this session's")
-    files_info = files_sub.add_parser("info", help="a file's metadata as JSON")
+    files_info = files_sub.add_parser("info", parents=[store], help="a file's metadata as JSON")
     files_info.add_argument("id")
-    files_get = files_sub.add_parser("get", help="download a file by id")
+    files_get = files_sub.add_parser("get", parents=[store], help="download a file by id")
     files_get.add_argument("id")
     files_get.add_argument("-o", "--output", help="file or folder to write (default: its name)")
 
@@ -240,6 +262,7 @@ def _add_doctor_parser(sub: _SubParsers) -> None:
     doctor = sub.add_parser("doctor", help="check that this machine can sandbox kernels")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--python", help="runtime Python to check (default: this one)")
+    doctor.add_argument("--policy", help="policy name or TOML path to check (default: default)")
     doctor.add_argument(
         "--model-url", help="also check that this OpenAI-compatible chat endpoint answers"
     )
@@ -400,17 +423,26 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             if args.model_key_file
             else None
         )
+        if args.attack and args.policy:
+            # The attack catalogue tries the default policy's sandbox, whichever is checked.
+            print(
+                "sandkernel doctor: --attack: tries the default policy, not with --policy",
+                file=sys.stderr,
+            )
+            return 2
         return run_doctor(
             as_json=args.json,
             python=args.python,
             attack=args.attack,
             model_url=args.model_url,
             model_key=key,
+            policy=args.policy,
         )
     local_only = [
         option
         for option, given in (
             ("--attack", args.attack),
+            ("--policy", args.policy),
             ("--model-url", args.model_url),
             ("--model-key-file", args.model_key_file),
         )
@@ -428,24 +460,53 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return doctor_ray(args.ray, as_json=args.json, python=args.python)
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one command: its errors print that command's usage, not ``sandkernel``'s."""
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    found: argparse.ArgumentParser = commands.choices[command]
+    return found
+
+
+def _refuse_with(
+    run: argparse.ArgumentParser, args: argparse.Namespace, mode: str, why: str, *options: str
+) -> None:
+    """Refuse (exit 2, ``run``'s usage) the ``options`` given with ``mode``, saying why."""
+    given = [o for o in options if getattr(args, o.removeprefix("--"))]
+    if given:
+        run.error(f"argument {', '.join(given)}: not allowed with {mode} ({why})")
+
+
+def _check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse the options of ``run`` that cannot go together, before anything starts."""
+    run = _command_parser(parser, "run")
+    if args.file is not None and args.code is not None:
+        run.error("argument -f/--file: not allowed with CODE (give the code one way)")
+    if args.arg and not args.once:
+        run.error("argument --arg: needs --once (it appends to the program's sys.argv)")
+    if args.once and args.file is None and args.code is None:
+        run.error(
+            "--once: give the program as an argument, '-' (read from stdin) or --file FILE "
+            "(standard input is the program's)"
+        )
+    if args.once:
+        why = "a program runs in a fresh folder and keeps no files"
+        _refuse_with(run, args, "--once", why, "--workspace", "--store")
+    if args.socket:
+        why = "the daemon's are used"
+        _refuse_with(run, args, "--socket", why, "--policy", "--workspace", "--store")
+
+
 def _cmd_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import asyncio
 
     from sandkernel.daemon.cli import run_once_via_daemon, run_via_daemon
 
-    if args.arg and not args.once:
-        parser.error("--arg needs --once")
+    _check_run_options(parser, args)
     if args.once:
-        if args.workspace:
-            parser.error("--workspace is for sessions; --once runs in a fresh folder")
         if args.socket:
-            if args.policy or args.store:
-                parser.error("--policy and --store are the daemon's with --socket")
             return run_once_via_daemon(args.socket, *_once_inputs(args), args=args)
         return asyncio.run(_run_once(args))
     if args.socket:
-        if args.policy or args.workspace or args.store:
-            parser.error("--policy, --workspace and --store are the daemon's with --socket")
         return run_via_daemon(
             args.socket, _read_code(args), timeout_s=args.timeout,
             json_output=args.json, inputs=args.input or (),

@@ -152,10 +152,9 @@ def _prerequisites(python: str | None) -> tuple[list[Check], Runtime | None]:
     return checks, runtime
 
 
-async def _live_checks(runtime: Runtime) -> list[Check]:
+async def _live_checks(runtime: Runtime, policy: Policy) -> list[Check]:
     from sandkernel.kernel import SandboxedKernel
 
-    policy = load_policy("default")
     checks: list[Check] = []
     with SandboxHost(runtime=runtime) as host:
         kernel = SandboxedKernel(host, policy)
@@ -170,7 +169,7 @@ async def _live_checks(runtime: Runtime) -> list[Check]:
             probe_result = await kernel.execute(_PROBE, silent=True, store_history=False)
             probe: dict[str, Any] = json.loads(probe_result.stdout.strip().splitlines()[-1])
             usage_dirs = kernel.cgroup.dirs
-            limits = _cgroup_limits(usage_dirs, host.cgroups.version)
+            limits = _cgroup_limits(usage_dirs, host.cgroups.version, policy)
             isolation = await kernel.execute(
                 SELF_CHECK_PROBE, silent=True, store_history=False, timeout_s=10
             )
@@ -182,10 +181,21 @@ async def _live_checks(runtime: Runtime) -> list[Check]:
             await kernel.shutdown()
         zygote_check = await _zygote_check(host, policy)
     host_ns = _host_ns()
-    expected_top = _EXPECTED_TOP | {Path(m).parts[1] for m in runtime.mounts}
+    mounted = [*runtime.mounts, *policy.readonly_mounts]
+    expected_top = _EXPECTED_TOP | {Path(m).parts[1] for m in mounted}
     unexpected = sorted(set(probe["top"]) - expected_top)
+    # A policy that shares the host's network does so on purpose: said, not failed.
+    shared = f"shared with the host: policy {policy.name} has network = true (trusted code only)"
     for name, inode in probe["ns"].items():
-        checks.append(Check(f"{name} namespace", inode != host_ns[name], f"sandbox {inode}"))
+        if name == "net" and policy.network:
+            checks.append(Check("net namespace", False, f"{inode}, {shared}", critical=False))
+        else:
+            checks.append(Check(f"{name} namespace", inode != host_ns[name], f"sandbox {inode}"))
+    network = (
+        Check("network", False, f"outbound TCP: {probe['tcp']}; {shared}", critical=False)
+        if policy.network
+        else Check("network", probe["tcp"] != "allowed", f"outbound TCP: {probe['tcp']}")
+    )
     checks += [
         Check("unprivileged uid", report["uid"] != 0, f"uid {report['uid']} gid {report['gid']}"),
         Check("capabilities", int(report["cap_eff"], 16) == 0, f"CapEff {report['cap_eff']}"),
@@ -193,7 +203,7 @@ async def _live_checks(runtime: Runtime) -> list[Check]:
               f"NoNewPrivs {report['no_new_privs']}"),
         Check("seccomp", report["seccomp"] == "2", f"Seccomp {report['seccomp']} (filter)"),
         Check("read-only system", not report["usr_writable"], "/usr and the runtime are read-only"),
-        Check("network", probe["tcp"] != "allowed", f"outbound TCP: {probe['tcp']}"),
+        network,
         Check("host files", not unexpected and not probe["shadow"],
               f"/ shows only {', '.join(probe['top'])}"
               + (f"; unexpected: {', '.join(unexpected)}" if unexpected else "")),
@@ -226,8 +236,14 @@ async def _zygote_check(host: SandboxHost, policy: Policy) -> Check:
     """
     from sandkernel.config import DEFAULT_PREWARM, EngineConfig
     from sandkernel.kernel import SandboxedKernel
-    from sandkernel.sandbox.zygote import Zygote
+    from sandkernel.sandbox.zygote import Zygote, fork_refused
 
+    refused = fork_refused(policy)
+    if refused is not None:
+        # The policy's choice, not a fault of this machine: nothing to fix.
+        return Check("kernel start path", True,
+                     f"in force: cold start (policy {policy.name}: {refused})",
+                     critical=False)  # fmt: skip
     on = bool(EngineConfig.model_fields["zygote"].default)
     setting = f"EngineConfig.zygote is {'on' if on else 'off'} by default"
     zygote = Zygote(host, policy, DEFAULT_PREWARM)
@@ -258,8 +274,9 @@ async def _zygote_check(host: SandboxHost, policy: Policy) -> Check:
     return Check("kernel start path", True, detail, critical=False)
 
 
-def _cgroup_limits(dirs: dict[str, Path], version: CgroupVersion) -> dict[str, tuple[str, str]]:
-    policy = load_policy("default")
+def _cgroup_limits(
+    dirs: dict[str, Path], version: CgroupVersion, policy: Policy
+) -> dict[str, tuple[str, str]]:
     quota = round(policy.cpus * 100_000)
 
     def read(path: Path) -> str:
@@ -324,21 +341,29 @@ def run_doctor(
     attack: bool = False,
     model_url: str | None = None,
     model_key: str | None = None,
+    policy: str | Path | Policy | None = None,
 ) -> int:
     """Run every check, print the report, return the exit code (0: safe and working).
 
-    With ``attack``, a quick subset of the attack catalogue runs next (see
-    :mod:`sandkernel._attacks`), once the checks passed; an attack that
-    succeeds makes the exit code 1 too. With ``model_url``, it also says
+    The live checks start kernels under ``policy`` (a name, TOML path or
+    :class:`Policy`; default: ``default``) and hold them to its limits; the
+    report names it, and says which kernel start (zygote fork or cold) is in
+    force for it and why.
+
+    With ``attack``, a quick subset of the attack catalogue runs next, on the
+    ``default`` policy (see :mod:`sandkernel._attacks`), once the checks
+    passed; an attack that succeeds makes the exit code 1 too. With ``model_url``, it also says
     whether that chat endpoint answers (not critical). The checks run on this machine;
     ``sandkernel doctor --ray`` runs them on every node of a Ray cluster
     (:func:`sandkernel.ray.cli.doctor_ray`, which calls this on each node).
     """
+    # Before any check: a policy that cannot be loaded is the caller's error, not a failed check.
+    checked = load_policy(policy)
     os.environ["SANDKERNEL_DOCTOR"] = "1"  # must not be visible inside the sandbox
     checks, runtime = _prerequisites(python)
     if runtime is not None and all(c.ok or not c.critical for c in checks):
         try:
-            checks += asyncio.run(_live_checks(runtime))
+            checks += asyncio.run(_live_checks(runtime, checked))
         except SandkernelError as exc:
             checks.append(Check("kernel start", False, str(exc), "fix the checks above first"))
     else:
@@ -351,13 +376,17 @@ def run_doctor(
     if attack and not failed:
         outcomes = attack_outcomes(python)
     if as_json:
-        report: dict[str, Any] = {"ok": not failed, "checks": [asdict(c) for c in checks]}
+        report: dict[str, Any] = {
+            "ok": not failed,
+            "policy": checked.name,
+            "checks": [asdict(c) for c in checks],
+        }
         if outcomes is not None:
             report |= attacks_json(outcomes)
             report["ok"] = report["ok"] and report["held"] == report["tried"]
         print(json.dumps(report, indent=2))
     else:
-        print("sandkernel doctor")
+        print(f"sandkernel doctor (policy {checked.name})")
         for c in checks:
             mark = "ok  " if c.ok else ("FAIL" if c.critical else "warn")
             print(f"  [{mark}] {c.name:18} {c.detail}")
@@ -365,7 +394,13 @@ def run_doctor(
                 print(f"         {'':18} fix: {c.fix}")
         enforced = [c.name for c in checks if c.ok]
         print(f"\n{len(enforced)} checks passed; enforced: {', '.join(enforced)}")
-        print("result: " + ("the sandbox is safe to use" if not failed else
+        usable = (
+            f"the sandbox works, sharing the host's network (policy {checked.name}): "
+            "for trusted code only"
+            if checked.network
+            else "the sandbox is safe to use"
+        )
+        print("result: " + (usable if not failed else
                             f"UNSAFE or unusable: {len(failed)} check(s) failed"))  # fmt: skip
         if outcomes is not None:
             print()

@@ -14,11 +14,13 @@ import contextlib
 import io
 import json
 import logging
+import os
 import platform
 import socket
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -76,13 +78,63 @@ def _failed_report(why: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+class RayUnreachable(ConnectionError):
+    """``ray.init`` could not connect: nothing answers at the address, or no cluster was found."""
+
+
+#: How long the doctor waits for the cluster's address to take a TCP connection.
+_CONNECT_TIMEOUT_S = 10.0
+
+
+def _endpoint(address: str) -> tuple[str, int] | None:
+    """The host and port ``ray.init(address)`` connects to; None if Ray finds it itself."""
+    if address == "auto":
+        # What ray.init reads for "auto"; without it Ray looks for a local cluster.
+        address = os.environ.get("RAY_ADDRESS", "")
+    if "://" in address and not address.startswith("ray://"):
+        return None  # another scheme's client: its own way to connect
+    try:
+        parts = urlsplit("//" + address.removeprefix("ray://"))
+        port = parts.port
+    except ValueError:
+        return None  # not host:port: ray.init says what is wrong with it
+    if parts.hostname is None or port is None:
+        return None
+    return parts.hostname, port
+
+
+def _connect(address: str, *, timeout_s: float = _CONNECT_TIMEOUT_S) -> None:
+    """``ray.init(address)``, or :class:`RayUnreachable` within ``timeout_s`` if nothing answers.
+
+    ray.init retries an address where nothing listens for many minutes,
+    printing only its own lines: a TCP connection first says so at once.
+    """
+    endpoint = _endpoint(address)
+    where = (
+        f"{address} ({endpoint[0]}:{endpoint[1]})" if address == "auto" and endpoint else address
+    )
+    if endpoint is not None:
+        try:
+            socket.create_connection(endpoint, timeout=timeout_s).close()
+        except OSError as exc:
+            raise RayUnreachable(f"cannot reach Ray at {where}: {exc}") from None
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except ConnectionError as exc:
+        raise RayUnreachable(f"cannot reach Ray at {where}: {exc}") from None
+
+
 def diagnose_cluster(
     address: str | None, *, python: str | None = None, timeout_s: float = 600.0
 ) -> dict[str, dict[str, Any]]:
-    """Run the local doctor on every alive node: node id -> report (ok, checks, node)."""
+    """Run the local doctor on every alive node: node id -> report (ok, checks, node).
+
+    Raises:
+        RayUnreachable: not connected to Ray yet, and it cannot be reached at ``address``.
+    """
     owns = not ray.is_initialized()
     if owns:
-        ray.init(address=address or "auto", logging_level=logging.WARNING, log_to_driver=False)
+        _connect(address or "auto")
     try:
         task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_node_doctor)
         nodes = alive_nodes()
@@ -114,7 +166,11 @@ def diagnose_cluster(
 
 def doctor_ray(address: str | None, *, as_json: bool = False, python: str | None = None) -> int:
     """``sandkernel doctor --ray ADDRESS``: print each node's report; 0 if every node is ready."""
-    reports = diagnose_cluster(address, python=python)
+    try:
+        reports = diagnose_cluster(address, python=python)
+    except RayUnreachable as exc:
+        print(f"sandkernel doctor --ray: {exc}", file=sys.stderr)
+        return 1
     ready = [n for n, r in reports.items() if r["ok"]]
     if as_json:
         print(json.dumps({"ok": len(ready) == len(reports) > 0, "nodes": reports}, indent=2))
