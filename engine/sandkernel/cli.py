@@ -223,7 +223,11 @@ def _add_run_parser(sub: _SubParsers) -> None:
         default=None,
         help="wall timeout in seconds",
     )
-    run.add_argument("--workspace", help="host folder used as /mnt/data (kept afterwards)")
+    run.add_argument(
+        "--workspace",
+        help="host folder used as /mnt/data, kept afterwards: a new or empty one, or one a "
+        "sandbox used before (it becomes the sandbox's; its size is not capped)",
+    )
     run.add_argument("-i", "--input", action="append", help="upload this file to /mnt/data first")
     run.add_argument(
         "--store", help="file store folder (default: /var/lib/sandkernel/files; not with --once)"
