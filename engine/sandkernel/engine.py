@@ -544,8 +544,12 @@ class Engine:
         Args:
             code: the program.
             stdin: what it reads on standard input.
-            files: ``relative path -> bytes`` written into its working directory.
-            fetch_files: relative paths returned afterwards (``RunResult.files``).
+            files: ``relative path -> content`` written into its working
+                directory (text as UTF-8).
+            fetch_files: files returned afterwards (``RunResult.files``): paths
+                relative to the working directory, or absolute in ``/tmp``,
+                ``/dev/shm`` or ``/mnt/data``; any other, and a missing file,
+                is listed in ``RunResult.missing_files``.
             argv: ``sys.argv[1:]``.
             timeout_s: wall limit (default: the policy's ``wall_timeout_s``).
             memory_mb: memory limit of the run (default: the policy's).
