@@ -53,7 +53,9 @@ def test_out_of_range_values_are_refused(settings: dict[str, float]) -> None:
         EngineConfig(**settings)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("module", ["numpy pandas", "os; import sys", "a'b", "", "numpy."])
+@pytest.mark.parametrize(
+    "module", ["numpy pandas", "os; import sys", "a'b", "", "numpy.", "class", "numpy.lambda"]
+)
 def test_a_prewarm_import_that_is_not_a_module_name_is_refused(module: str) -> None:
     with pytest.raises(ValidationError, match="not a module name"):
         EngineConfig(prewarm_imports=("numpy", module))

@@ -442,3 +442,25 @@ def test_a_value_beyond_what_a_cell_keeps_of_its_displays_is_left_out() -> None:
     fresh = kernel_module._CellOutput(output_max_bytes=4096)
     fresh.add(value, 11)
     assert fresh.value is not None and not fresh.displays_truncated
+
+
+def test_a_prewarm_import_failing_oddly_is_reported_and_the_set_up_cell_goes_on(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    class Finder:
+        def find_spec(self, name: str, *args: object) -> None:
+            if name == "odd_prewarm_module":
+                raise Unprintable
+            return None
+
+    monkeypatch.setattr("sys.meta_path", [Finder(), *__import__("sys").meta_path])
+    namespace: dict[str, Any] = {}
+    source = "\n".join(kernel_module._prewarm_import(m) for m in ("odd_prewarm_module", "json"))
+    exec(compile(source, "<set-up>", "exec"), namespace)  # noqa: S102 - the cell's own code
+    assert "json" in namespace and "_e" not in namespace
+    failed = kernel_module._prewarm_failures(capsys.readouterr().err)
+    assert failed == {"odd_prewarm_module": "?"}

@@ -1,10 +1,12 @@
-"""Argument types for numbers the command line accepts: finite, in range, refused clearly."""
+"""Argument types the command line checks: numbers finite and in range, module names."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
+
+from sandkernel.limits import module_name_problem
 
 
 def number[T: (int, float)](
@@ -30,3 +32,13 @@ def number[T: (int, float)](
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def module_list(text: str) -> tuple[str, ...]:
+    """An argparse ``type``: comma-separated module names (``''`` for none), each importable."""
+    modules = tuple(m.strip() for m in text.split(",") if m.strip())
+    for module in modules:
+        problem = module_name_problem(module)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+    return modules

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES
-from sandkernel.limits import MAX_TIMEOUT_S, MAX_TTL_S
+from sandkernel.limits import MAX_TIMEOUT_S, MAX_TTL_S, module_name_problem
 from sandkernel.policy import Policy
 
 DEFAULT_PREWARM: tuple[str, ...] = ("numpy", "pandas", "matplotlib.pyplot")
@@ -175,8 +175,9 @@ class EngineConfig(BaseModel):
         # Each becomes an `import` statement of the kernel's set-up cell: a
         # name that is not a module's would fail every kernel's start.
         for module in modules:
-            if not all(part.isidentifier() for part in module.split(".")):
-                raise ValueError(f"{module!r} is not a module name (like 'numpy' or 'os.path')")
+            problem = module_name_problem(module)
+            if problem is not None:
+                raise ValueError(problem)
         return modules
 
     @model_validator(mode="after")

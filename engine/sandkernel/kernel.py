@@ -77,10 +77,15 @@ _PREWARM_FAILED = "sandkernel-prewarm-failed:"
 
 def _prewarm_import(module: str) -> str:
     """Import ``module`` in the set-up cell; a failure is not fatal but is reported."""
+    # The report is guarded too: an exception whose str() raises must not
+    # fail the set-up cell, which a failing import does not.
     return (
         f"try:\n    import {module}\nexcept Exception as _e:\n"
-        f"    __import__('sys').stderr.write("
+        "    try:\n"
+        f"        __import__('sys').stderr.write("
         f"'{_PREWARM_FAILED} {module}: ' + type(_e).__name__ + ': ' + str(_e) + '\\n')\n"
+        "    except Exception:\n"
+        f"        __import__('sys').stderr.write('{_PREWARM_FAILED} {module}: ?\\n')\n"
         "    del _e"
     )
 

@@ -1,4 +1,6 @@
-"""Bounds every entry point holds to: times, and the form of ids (the CLI loads it: only ``re``).
+"""Bounds every entry point holds to: times, the form of ids and of module names.
+
+The CLI loads it: only ``re`` and ``keyword``.
 
 A TTL or timeout of ``inf``, ``nan`` or 10**15 seconds is not a wish for a long
 time but a mistake, and the datetime arithmetic behind expiry times cannot
@@ -7,6 +9,7 @@ represent it: it is refused where it comes in, with the bound in the message.
 
 from __future__ import annotations
 
+import keyword
 import re
 from typing import Final
 
@@ -29,3 +32,11 @@ def id_problem(value: str, kind: str) -> str | None:
         f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, digits and ._:@- "
         "starting with a letter or digit"
     )
+
+
+def module_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be imported as written (``import name``); None if it can."""
+    parts = name.split(".")
+    if all(part.isidentifier() and not keyword.iskeyword(part) for part in parts):
+        return None
+    return f"{name!r} is not a module name (like 'numpy' or 'os.path')"

@@ -221,7 +221,9 @@ def test_command_line_options() -> None:
     parser = argparse.ArgumentParser()
     add_daemon_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--tcp", "8765", "--pool-size", "4", "--prewarm", ""])
-    assert args.daemon_command == "serve" and args.pool_size == 4 and args.prewarm == ""
+    assert args.daemon_command == "serve" and args.pool_size == 4 and args.prewarm == ()
+    args = parser.parse_args(["serve", "--prewarm", "numpy, os.path,"])
+    assert args.prewarm == ("numpy", "os.path")
     assert args.batch_workers is None and not args.fusion_without_token
     args = parser.parse_args(["serve", "--batch-workers", "3", "--fusion-without-token"])
     assert args.batch_workers == 3 and args.fusion_without_token
@@ -232,6 +234,17 @@ def test_command_line_options() -> None:
         _tcp_address("host:port")
     mcp = parser.parse_args(["mcp", "--socket", "/run/x.sock"])
     assert mcp.daemon_command == "mcp" and mcp.socket == "/run/x.sock"
+
+
+def test_a_prewarm_module_that_is_not_a_module_name_is_an_argument_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = argparse.ArgumentParser(prog="sandkernel")
+    add_daemon_parsers(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["serve", "--prewarm", "numpy pandas"])
+    assert exited.value.code == 2
+    assert "argument --prewarm: 'numpy pandas' is not a module name" in capsys.readouterr().err
 
 
 def test_max_upload_mb_caps_each_file_with_the_body_limit_just_above_it() -> None:

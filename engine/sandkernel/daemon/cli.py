@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandkernel._cli_types import number
+from sandkernel._cli_types import module_list, number
 from sandkernel.daemon.admission import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_QUEUED_BYTES,
@@ -73,6 +73,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--prewarm",
+        type=module_list,
         default=None,
         metavar="MODULES",
         help="comma-separated modules imported in warm kernels ('' for none; "
@@ -211,9 +212,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The :class:`~sandkernel.config.EngineConfig` that ``serve``'s or ``mcp``'s arguments give."""
     from sandkernel.config import DEFAULT_PREWARM, EngineConfig
 
-    prewarm: Sequence[str] = DEFAULT_PREWARM
-    if args.prewarm is not None:
-        prewarm = [m.strip() for m in args.prewarm.split(",") if m.strip()]
+    prewarm: Sequence[str] = DEFAULT_PREWARM if args.prewarm is None else args.prewarm
     settings: dict[str, Any] = {}
     file_cap = _upload_bytes(args)
     if file_cap is not None:
