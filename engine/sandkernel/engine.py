@@ -59,7 +59,7 @@ from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import Pool, PoolStats
 from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile, Usage
 from sandkernel.sandbox import Runtime, SandboxHost
-from sandkernel.sandbox.host import check_host_workspace
+from sandkernel.sandbox.host_workspace import check_host_workspace
 from sandkernel.sandbox.zygote import Zygote, ZygoteSupervisor
 from sandkernel.session import (
     Clock,

@@ -29,7 +29,7 @@ import pytest
 
 from sandkernel.engine import Engine
 from sandkernel.errors import BadInput
-from sandkernel.sandbox import host as sandbox_host
+from sandkernel.sandbox import host_workspace
 from tests.security.conftest import EngineBox
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -199,14 +199,14 @@ def test_a_folder_on_the_path_swapped_for_a_link_gives_nothing_away(
     workspace = shared / "rules.d"
     if when == "after the check":
         workspace.mkdir()
-        checked_only = sandbox_host.check_host_workspace
+        checked_only = host_workspace.check_host_workspace
 
         def check_then_swap(*args: Any, **kwargs: Any) -> Path:
             checked = checked_only(*args, **kwargs)
             swap_for_link(shared, guarded)
             return checked
 
-        monkeypatch.setattr(sandbox_host, "check_host_workspace", check_then_swap)
+        monkeypatch.setattr(host_workspace, "check_host_workspace", check_then_swap)
         why = f"{shared} became a link after it was checked"
     else:
         made_only = os.mkdir
@@ -220,7 +220,7 @@ def test_a_folder_on_the_path_swapped_for_a_link_gives_nothing_away(
         why = f"the folder made or found there is {tmp_path / 'shared-moved' / 'rules.d'} now"
     before = snapshot(guarded)
     with pytest.raises(BadInput, match=re.escape(f"{workspace} cannot be claimed: {why}")):
-        sandbox_host.claim_host_workspace(workspace, also_refused=(guarded,))
+        host_workspace.claim_host_workspace(workspace, also_refused=(guarded,))
     monkeypatch.undo()
     assert snapshot(guarded) == before
     # What the claim made where the folder was is gone again; what was there stays.
@@ -237,7 +237,7 @@ _CLAIMS_THROUGH_BIND_MOUNTS = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from sandkernel.errors import BadInput
-    from sandkernel.sandbox.host import check_host_workspace, claim_host_workspace
+    from sandkernel.sandbox.host_workspace import check_host_workspace, claim_host_workspace
     guarded, alias, host = map(Path, sys.argv[1:4])
     tries = {
         "alias/rules.d": lambda: claim_host_workspace(alias / "rules.d", also_refused=[guarded]),
