@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import threading
 import time
 from collections import Counter
@@ -24,7 +25,8 @@ from sandkernel import (  # noqa: E402
     SessionExpired,
     SessionNotFound,
 )
-from sandkernel.ray import ClusterEngine, ClusterSession, SessionLost  # noqa: E402
+from sandkernel.ray import ClusterEngine, ClusterSession, SessionLost, _names  # noqa: E402
+from sandkernel.ray._names import REGISTRY_ACTOR_NAME, SessionNames  # noqa: E402
 from sandkernel.ray._protocol import HOST_ACTOR_PREFIX, file_tag, node_tag  # noqa: E402
 from sandkernel.ray.cli import diagnose_cluster  # noqa: E402
 from sandkernel.session import SessionState  # noqa: E402
@@ -402,6 +404,70 @@ async def test_one_name_opened_by_two_engines_at_once_is_one_session(
         ]
         assert sorted(live) == sorted(s.id for s in firsts)
     await asyncio.gather(*(s.close() for s in firsts))
+
+
+class UnstartableRegistry:
+    """A name registry that fails as it starts, as one would without sandkernel on the head."""
+
+    def __init__(self) -> None:
+        raise ModuleNotFoundError("No module named 'sandkernel'")
+
+    async def join(self, *args: Any) -> bool:
+        return True
+
+
+def names_of_namespace(
+    engine: ClusterEngine, monkeypatch: pytest.MonkeyPatch, namespace: str
+) -> SessionNames:
+    """The engine with a name registry of ``namespace`` (its hosts stay those of its own)."""
+    names = SessionNames(namespace, engine._client_id, 60.0)
+    monkeypatch.setattr(engine, "_names", names)
+    return names
+
+
+async def test_names_open_without_a_name_registry_that_cannot_be_created(
+    cluster_engine: ClusterEngine,
+    ray_cluster: LocalCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger=_names.__name__)
+    monkeypatch.setattr(_names, "_REACH_TIMEOUT_S", 120.0)  # so that the failure is seen
+    names = names_of_namespace(cluster_engine, monkeypatch, f"{ray_cluster.namespace}-unstartable")
+    names._remote_registry = ray.remote(UnstartableRegistry)
+    sessions = [await cluster_engine.session(f"unregistered-{n}") for n in range(2)]
+    assert [(await s.run("1 + 1")).text for s in sessions] == ["2", "2"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == _names.__name__]
+    assert len(warnings) == 1, warnings
+    assert "could not be created on the head node" in warnings[0]
+    assert "Is sandkernel installed" in warnings[0]
+    await names.leave()
+    await asyncio.gather(*(s.close() for s in sessions))
+
+
+async def test_names_open_without_a_name_registry_that_cannot_be_placed(
+    cluster_engine: ClusterEngine,
+    ray_cluster: LocalCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger=_names.__name__)
+    monkeypatch.setattr(_names, "_REACH_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(_names, "_HEAD_NODE", "sandkernel-test-no-such-node")  # pending forever
+    namespace = f"{ray_cluster.namespace}-unplaceable"
+    names = names_of_namespace(cluster_engine, monkeypatch, namespace)
+    started = time.monotonic()
+    first = await cluster_engine.session("unplaced-1")
+    waited_s = time.monotonic() - started
+    started = time.monotonic()
+    second = await cluster_engine.session("unplaced-2")
+    assert waited_s - (time.monotonic() - started) < 3.0  # the second did not wait for it
+    assert (await second.run("6 * 7")).text == "42"
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == _names.__name__]
+    assert "did not answer within 1 s" in warning
+    await names.leave()
+    ray.kill(ray.get_actor(REGISTRY_ACTOR_NAME, namespace=namespace), no_restart=True)
+    await asyncio.gather(first.close(), second.close())
 
 
 async def test_doctor_runs_on_every_node(
