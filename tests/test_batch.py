@@ -930,15 +930,7 @@ async def test_a_frame_larger_than_any_reply_is_not_read_and_loses_the_worker(
     host: SandboxHost,
 ) -> None:
     """A server that is not itself cannot make the engine buffer what it likes."""
-    config = WorkerConfig(
-        host=host,
-        policy=Policy(),
-        preload=(),
-        output_max_bytes=1 << 20,
-        fetch_max_bytes=1 << 20,
-        start_timeout_s=5,
-    )
-    worker = Worker(config, on_slot_free=lambda: None, on_lost=lambda _: None)
+    worker = _unstarted_worker(host)
     read, write = os.pipe2(os.O_CLOEXEC)
     os.set_blocking(read, False)  # as the worker's end is
     requests_read, worker.request_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -1043,15 +1035,7 @@ class _PipedWorker:
     """A worker without a sandbox: the test writes its replies and sets its OOM-kill count."""
 
     def __init__(self, host: SandboxHost) -> None:
-        config = WorkerConfig(
-            host=host,
-            policy=Policy(),
-            preload=(),
-            output_max_bytes=1 << 20,
-            fetch_max_bytes=1 << 20,
-            start_timeout_s=5,
-        )
-        self.worker = Worker(config, on_slot_free=lambda: None, on_lost=lambda _: None)
+        self.worker = _unstarted_worker(host)
         self.oom_count = _OomCount()
         self.worker._usage = self.oom_count  # type: ignore[assignment]
         self.worker.reply_fd, self._replies = os.pipe2(os.O_CLOEXEC)
@@ -1130,3 +1114,16 @@ async def test_a_server_oom_killed_while_the_reply_before_it_waits_is_lost_to_oo
         await second
     assert not first_header.get("oom_killed")
     assert (lost.value.blamed, lost.value.oom) == (True, True)
+
+
+def _unstarted_worker(host: SandboxHost) -> Worker:
+    """A worker whose sandbox was never started: its test gives it the pipes."""
+    config = WorkerConfig(
+        host=host,
+        policy=Policy(),
+        preload=(),
+        output_max_bytes=1 << 20,
+        fetch_max_bytes=1 << 20,
+        start_timeout_s=5,
+    )
+    return Worker(config, on_slot_free=lambda: None, on_lost=lambda _: None)
