@@ -199,14 +199,14 @@ def test_a_folder_on_the_path_swapped_for_a_link_gives_nothing_away(
     workspace = shared / "rules.d"
     if when == "after the check":
         workspace.mkdir()
-        checked_only = host_workspace.check_host_workspace
+        checked_only = host_workspace._checked
 
         def check_then_swap(*args: Any, **kwargs: Any) -> Path:
             checked = checked_only(*args, **kwargs)
             swap_for_link(shared, guarded)
             return checked
 
-        monkeypatch.setattr(host_workspace, "check_host_workspace", check_then_swap)
+        monkeypatch.setattr(host_workspace, "_checked", check_then_swap)
         why = f"{shared} became a link after it was checked"
     else:
         made_only = os.mkdir

@@ -279,6 +279,11 @@ def check_host_workspace(workspace: Path, *, also_refused: Iterable[Path] = ()) 
     Raises:
         BadInput: it may not be a sandbox's; the message says why and what to give.
     """
+    return _checked(workspace, _protected(also_refused))
+
+
+def _checked(workspace: Path, places: Sequence[_Protected]) -> Path:
+    """:func:`check_host_workspace`, against ``places`` worked out by the caller."""
     try:
         if workspace.is_symlink():
             raise BadInput(
@@ -288,7 +293,6 @@ def check_host_workspace(workspace: Path, *, also_refused: Iterable[Path] = ()) 
         resolved = workspace.resolve()
     except (RuntimeError, OSError) as exc:
         raise _unresolvable(workspace, exc) from None
-    places = _protected(also_refused)
     try:
         chain = _path_chain(resolved)
         _refuse_place(resolved, chain, places)
@@ -355,8 +359,8 @@ def claim_host_workspace(workspace: Path, *, also_refused: Iterable[Path] = ()) 
             made or given to the sandbox user; nothing on the host changed (a
             folder made for it is removed again).
     """
-    resolved = check_host_workspace(workspace, also_refused=also_refused)
     places = _protected(also_refused)
+    resolved = _checked(workspace, places)
     levels = _levels(resolved)
     fds: list[int] = []  # fds[depth] is the folder levels[depth]
     made: list[int] = []  # the depths of the folders made here
