@@ -54,7 +54,7 @@ from sandkernel.errors import (
 )
 from sandkernel.files import FileStore, StoredFile
 from sandkernel.kernel import SandboxedKernel
-from sandkernel.limits import id_problem
+from sandkernel.limits import check_id
 from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import Pool, PoolStats
 from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile, Usage
@@ -339,7 +339,7 @@ class Engine:
         if session_id is None:
             session_id = f"sess-{secrets.token_hex(8)}"
         else:
-            _check_id(session_id, "session")
+            check_id(session_id, "session")
         existing = self._sessions.get(session_id)
         if existing is not None:
             if not existing.closed:
@@ -372,7 +372,7 @@ class Engine:
                 "close some or raise max_sessions"
             )
         if agent_id is not None:
-            _check_id(agent_id, "agent")
+            check_id(agent_id, "agent")
         future: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         self._creating[session_id] = future
         try:
@@ -613,7 +613,7 @@ class Engine:
             session = self.live_session(session_id)
             return await session._store_upload(source, name, retention_s=retention_s)
         if agent_id is not None:
-            _check_id(agent_id, "agent")
+            check_id(agent_id, "agent")
         stored = await asyncio.to_thread(
             store.add_upload, source, name, agent_id=agent_id, retention_s=retention_s
         )
@@ -624,7 +624,7 @@ class Engine:
     async def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
         """Give stored files to an agent (they appear in its sessions, read-only)."""
         store = self._require_store()
-        _check_id(agent_id, "agent")
+        check_id(agent_id, "agent")
         # All checked before any is given: a refused id leaves the agent's files as they were.
         for file_id in file_ids:
             stored = await asyncio.to_thread(store.get, file_id)
@@ -814,9 +814,3 @@ class _CreationAbandoned(Exception):
 def default_store_dir() -> Path:
     """``$SANDKERNEL_STATE_DIR/files``, else ``/var/lib/sandkernel/files``."""
     return Path(os.environ.get("SANDKERNEL_STATE_DIR") or "/var/lib/sandkernel") / "files"
-
-
-def _check_id(value: str, kind: str) -> None:
-    problem = id_problem(value, kind)
-    if problem is not None:
-        raise BadInput(problem)

@@ -1,6 +1,6 @@
 """Bounds every entry point holds to: times, the form of ids and of module names.
 
-The CLI loads it: only ``re`` and ``keyword``.
+The CLI loads it: only ``re``, ``keyword`` and the error tree.
 
 A TTL or timeout of ``inf``, ``nan`` or 10**15 seconds is not a wish for a long
 time but a mistake, and the datetime arithmetic behind expiry times cannot
@@ -12,6 +12,8 @@ from __future__ import annotations
 import keyword
 import re
 from typing import Final
+
+from sandkernel.errors import BadInput
 
 #: The longest TTL, idle timeout, lifetime or file retention that can be asked for: 30 days.
 MAX_TTL_S: Final = 30 * 24 * 3600.0
@@ -32,6 +34,13 @@ def id_problem(value: str, kind: str) -> str | None:
         f"invalid {kind} id {value[:40]!r}: 1-128 characters of letters, digits and ._:@- "
         "starting with a letter or digit"
     )
+
+
+def check_id(value: str, kind: str) -> None:
+    """Refuse ``value`` as a ``kind`` id with :class:`BadInput` saying why (:func:`id_problem`)."""
+    problem = id_problem(value, kind)
+    if problem is not None:
+        raise BadInput(problem)
 
 
 def module_name_problem(name: str) -> str | None:

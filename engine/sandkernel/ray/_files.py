@@ -17,8 +17,9 @@ from sandkernel.errors import (
     SessionNotFound,
 )
 from sandkernel.files import StoredFile
+from sandkernel.limits import check_id
 from sandkernel.ray._handle import HostGone, HostHandle
-from sandkernel.ray._protocol import Raised, check_agent, file_tag, session_id_of
+from sandkernel.ray._protocol import Raised, file_tag, session_id_of
 from sandkernel.ray._routing import SessionRouting
 from sandkernel.ray._uploads import read_upload
 from sandkernel.ray.errors import FileLost, SessionLost
@@ -97,7 +98,7 @@ class ClusterFiles(SessionRouting):
             session = await self._lookup(session_id)
             return await session._store_upload(source, name, retention_s=retention_s)
         if agent_id is not None:
-            check_agent(agent_id)
+            check_id(agent_id, "agent")
         data, filename = await read_upload(source, name, self.max_upload_bytes)
         home = self._home()
         try:
@@ -114,7 +115,7 @@ class ClusterFiles(SessionRouting):
     async def attach_to_agent(self, agent_id: str, file_ids: Sequence[str]) -> list[StoredFile]:
         """Give stored files to an agent: they appear, read-only, in its sessions on every node."""
         self._require_running()
-        check_agent(agent_id)
+        check_id(agent_id, "agent")
         attached: dict[str, StoredFile] = {}
         by_host: dict[str, tuple[HostHandle, list[str]]] = {}
         for file_id in file_ids:

@@ -27,7 +27,6 @@ from sandkernel.engine import EngineStats
 # HostClosing is sent back by hosts; it lives in the tree with the other errors.
 from sandkernel.errors import BadInput
 from sandkernel.errors import HostClosing as HostClosing
-from sandkernel.limits import id_problem
 from sandkernel.policy import Policy
 
 TAG_LENGTH = 8
@@ -60,13 +59,6 @@ def node_tag(node_id: str) -> str:
 
 def host_actor_name(node_id: str) -> str:
     return f"{HOST_ACTOR_PREFIX}{node_id}"
-
-
-def check_agent(agent_id: str) -> None:
-    """Refuse an agent id the local engine would refuse (agents carry no node's tag)."""
-    problem = id_problem(agent_id, "agent")
-    if problem is not None:
-        raise BadInput(problem)
 
 
 def check_name(name: str, kind: str = "session") -> None:

@@ -49,6 +49,7 @@ import ray
 
 from sandkernel.config import EngineConfig, EngineSettings
 from sandkernel.errors import EngineClosed, PoolExhausted, SandboxUnavailable, SessionLimitReached
+from sandkernel.limits import check_id
 from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import PoolStats
 from sandkernel.ray._batch import BatchDistribution
@@ -59,7 +60,6 @@ from sandkernel.ray._protocol import (
     DEFAULT_NAMESPACE,
     ClusterStats,
     HostConfig,
-    check_agent,
     check_name,
     session_id_of,
 )
@@ -277,7 +277,7 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         """
         self._require_running()
         if agent_id is not None:
-            check_agent(agent_id)
+            check_id(agent_id, "agent")
         host: HostHandle | None = None
         if session_id is None:
             name = f"sess-{secrets.token_hex(8)}"
