@@ -398,6 +398,40 @@ async def test_an_oom_kill_in_a_run_that_ends_well_is_not_blamed_on_a_later_run(
 
 @sandbox
 @pytest.mark.anyio
+async def test_a_run_killed_at_its_cpu_limit_is_a_timeout_not_the_oom_kill_before_it(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory(Policy(memory_mb=192))
+    # The first run's subprocess is OOM-killed while the second waits behind
+    # it; the second then dies of the kernel's SIGKILL at the CPU limit it set
+    # itself, which is not the OOM killer's.
+    survivor, spinner = await asyncio.gather(
+        run(
+            pool,
+            """
+            import os
+            pid = os.fork()
+            if pid == 0:
+                chunks = []
+                while True:
+                    chunks.append(b'x' * (8 << 20))
+            ballast = b'x' * (50 << 20)
+            _, status = os.waitpid(pid, 0)
+            print('child killed by', os.WTERMSIG(status) if os.WIFSIGNALED(status) else None)
+            """,
+        ),
+        run(
+            pool,
+            "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 1))\nwhile True: pass",
+        ),
+    )
+    assert (survivor.status, survivor.stdout) == ("ok", f"child killed by {signal.SIGKILL}\n")
+    assert (spinner.status, spinner.return_code) == ("timeout", -signal.SIGKILL), spinner
+    assert spinner.message == "the run exceeded its CPU time limit"
+
+
+@sandbox
+@pytest.mark.anyio
 @pytest.mark.parametrize("first", ["print('first')", "import os\nos.abort()"])
 async def test_an_oom_kill_counted_before_the_reply_before_it_is_read_is_the_killed_runs(
     pool_factory: PoolFactory, first: str
@@ -1082,7 +1116,12 @@ def piped_worker(host: SandboxHost) -> Iterator[_PipedWorker]:
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "first_ended",
-    [{"exit": 0}, {"signal": signal.SIGABRT}, {"signal": signal.SIGKILL, "timed_out": True}],
+    [
+        {"exit": 0},
+        {"signal": signal.SIGABRT},
+        {"signal": signal.SIGKILL, "timed_out": True},
+        {"signal": signal.SIGKILL, "cpu_limited": True},
+    ],
 )
 async def test_a_run_oom_killed_while_the_reply_before_it_waits_is_credited_not_that_one(
     piped_worker: _PipedWorker, first_ended: dict[str, Any]

@@ -82,6 +82,8 @@ def _reply(**header: Any) -> dict[str, Any]:
         ("program", _reply(exit=1, memory_error=True), False, "error", None, 1),
         ("program", _reply(exit=None, signal=9, timed_out=True), False, "timeout", None, -9),
         ("program", _reply(exit=None, signal=24), False, "timeout", None, -24),
+        # SIGKILL at the CPU limit's hard end
+        ("program", _reply(exit=None, signal=9, cpu_limited=True), False, "timeout", None, -9),
         ("program", _reply(exit=None, signal=9), True, "oom", None, -9),
         ("program", _reply(exit=None, signal=11), False, "killed", None, -11),
         ("check", _reply(verdict="passed"), False, "ok", "passed", 0),

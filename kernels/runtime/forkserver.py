@@ -793,6 +793,18 @@ def _supervise(pid, deadline, poller, stdin_data, stdin_w, readers):
             os.close(stdin_w)
 
 
+def _cpu_hard_limit(pid):
+    """The CPU-time hard limit (seconds) of the exited, not yet reaped, child; None if unknown.
+
+    Read from the child itself: a run may have lowered its own.
+    """
+    try:
+        hard = resource.prlimit(pid, resource.RLIMIT_CPU)[1]
+    except (OSError, AttributeError):
+        return None
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
 def _wait4(pid):
     # os.wait4 imports `resource` for its result type, and the guard may have
     # put None in its place in sys.modules.
@@ -1122,10 +1134,14 @@ def serve_one(request, blobs, config):
         raise OSError(error, f"fork: {os.strerror(error)}")
     del program
     timed_out = _supervise(pid, started + wall_limit, poller, stdin_data, stdin_w, readers)
+    cpu_hard_limit = None
     if timed_out:
         # The only signal the server sends the child: a SIGKILL it did not send
-        # (timed_out false) is one the engine may credit to the OOM killer.
+        # (timed_out false), nor the kernel at its CPU limit (cpu_limited), is
+        # one the engine may credit to the OOM killer.
         _kill(pid, signal.SIGKILL)
+    else:
+        cpu_hard_limit = _cpu_hard_limit(pid)
     wait_status, usage = _wait4(pid)
     elapsed = time.perf_counter() - started
     _kill_everything_else()
@@ -1140,14 +1156,22 @@ def serve_one(request, blobs, config):
     verdict = None
     if mode == "check" and report:
         verdict = _verdict(report[1:])
+    cpu_s = usage.ru_utime + usage.ru_stime
+    killed = os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGKILL
     header = {
+        # Killed at its CPU limit's hard end (a run that ignores SIGXCPU, or
+        # lowered its own limit): the kernel's SIGKILL, which the engine must
+        # not take for the OOM killer's.
+        # The kernel checks the limit against its tick-sampled CPU time, which
+        # can run a few per cent ahead of the precise one reported here.
+        "cpu_limited": killed and cpu_hard_limit is not None and cpu_s >= 0.9 * cpu_hard_limit,
         "exit": os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else None,
         "signal": os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None,
         "timed_out": timed_out,
         "verdict": verdict,
         "memory_error": report[:1] == b"M",
         "wall_s": elapsed,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "cpu_s": cpu_s,
         "maxrss_kb": usage.ru_maxrss,
         "minflt": usage.ru_minflt,
         # the server's own share, for tuning: what forking and cleaning up cost

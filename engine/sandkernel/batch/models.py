@@ -284,7 +284,7 @@ def result_from_reply(
     if timed_out:
         status = "timeout"
         message = f"the run exceeded its {timeout_s:g} s wall limit and was killed"
-    elif signum == signal.SIGXCPU:
+    elif signum == signal.SIGXCPU or header.get("cpu_limited"):
         status = "timeout"
         message = "the run exceeded its CPU time limit"
     elif signum is not None and oom_killed:

@@ -75,9 +75,10 @@ class OomKillLedger:
     count alone cannot tell which. So a kill waits until a run that can own
     it claims it: one whose process died of a SIGKILL the server did not send
     (the OOM killer's signal; the server sends SIGKILL only at a timeout, and
-    says so). A kill no run claims is dropped once every run sent when it
-    was counted has replied: it took a run's subprocess and the run lived on,
-    which its own result already shows.
+    says so, as it says when the kernel sent it at the run's CPU limit). A
+    kill no run claims is dropped once every run sent when it was counted has
+    replied: it took a run's subprocess and the run lived on, which its own
+    result already shows.
 
     Runs are numbered from 1 in the order they are sent.
     """
@@ -103,7 +104,8 @@ class OomKillLedger:
     def replied(self, *, killed_unasked: bool) -> bool:
         """The next run replied; whether it is credited with an OOM kill.
 
-        ``killed_unasked``: its process died of a SIGKILL the server did not send.
+        ``killed_unasked``: its process died of a SIGKILL neither the server
+        nor the run's CPU limit sent.
         """
         self._replied += 1
         credited = False
@@ -323,6 +325,7 @@ class Worker:
                 header["oom_killed"] = self._oom.replied(
                     killed_unasked=header.get("signal") == signal.SIGKILL
                     and not header.get("timed_out")
+                    and not header.get("cpu_limited")
                 )
                 if not pending.future.done():
                     pending.future.set_result((header, blobs))
