@@ -37,6 +37,19 @@ def test_text_given_to_a_program_is_written_as_utf8_not_taken_for_base64() -> No
     assert request.files == {"a.txt": b"abcd", "b.bin": b"\x00\xff", "c.txt": b"hello"}
 
 
+def test_text_in_a_request_built_in_python_is_utf8_and_json_keeps_base64() -> None:
+    request = RunRequest(code="pass", stdin="hi", files={"a.txt": "abcd", "b.bin": b"\x00"})
+    assert (request.stdin, request.files) == (b"hi", {"a.txt": b"abcd", "b.bin": b"\x00"})
+    text = request.model_dump_json()
+    assert '"stdin":"aGk="' in text and '"a.txt":"YWJjZA=="' in text
+    for strict in (False, True):
+        assert RunRequest.model_validate_json(text, strict=strict) == request
+    with pytest.raises(ValidationError, match="base64"):
+        RunRequest.model_validate_json('{"code": "", "stdin": "!!"}', strict=True)
+    with pytest.raises(ValidationError, match="lone surrogate"):
+        RunRequest(code="", files={"a.txt": "\ud800"})
+
+
 def test_result_json_carries_files_as_base64() -> None:
     result = RunResult(
         status="ok",

@@ -13,7 +13,18 @@ import signal
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from sandkernel.limits import MAX_TIMEOUT_S
 
@@ -53,6 +64,29 @@ def _utf8_text(text: str) -> str:
 _JsonText = Annotated[str, PlainSerializer(_utf8_text, when_used="json")]
 
 
+#: pydantic's own reading of a string as bytes in JSON: base64 (standard or URL-safe).
+_JSON_BYTES: TypeAdapter[bytes] = TypeAdapter(bytes, config=ConfigDict(val_json_bytes="base64"))
+
+
+def _as_bytes(data: object, info: ValidationInfo) -> object:
+    """A string given for a bytes field, as bytes: base64 in JSON, text (UTF-8) in Python.
+
+    Done here rather than by the field's own validator, which in strict JSON
+    validation no longer sees a JSON string once a validator of the field ran.
+    """
+    if not isinstance(data, str):
+        return data
+    if info.mode == "json":
+        try:
+            return _JSON_BYTES.validate_python(data)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"]) from None
+    try:
+        return data.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text with a lone surrogate cannot be written as UTF-8") from None
+
+
 def _relative_path(path: str) -> str:
     """A path inside the run's working directory, normalised; ValueError if it escapes."""
     if _file_path(path).startswith("/"):
@@ -69,7 +103,8 @@ class RunRequest(BaseModel):
     ``files`` are written into the run's fresh working directory before the
     code starts, at paths relative to it that may not leave it;
     ``fetch_files`` are read back afterwards (see the field). In JSON, bytes
-    (``stdin``, ``files``' contents) are base64.
+    (``stdin``, ``files``' contents) are base64; built in Python, a ``str``
+    given for them is text, written as UTF-8.
     """
 
     model_config = ConfigDict(
@@ -103,6 +138,22 @@ class RunRequest(BaseModel):
         description="address-space limit of the run (default, and at most: the policy's)",
     )
     id: str | int | None = Field(default=None, description="the caller's tag, echoed in the result")
+
+    @field_validator("stdin", mode="wrap")
+    @classmethod
+    def _text_stdin(
+        cls, stdin: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> bytes:
+        return handler(_as_bytes(stdin, info))  # type: ignore[no-any-return]
+
+    @field_validator("files", mode="wrap")
+    @classmethod
+    def _text_files(
+        cls, files: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> dict[str, bytes]:
+        if isinstance(files, Mapping):
+            files = {path: _as_bytes(data, info) for path, data in files.items()}
+        return handler(files)  # type: ignore[no-any-return]
 
     @field_validator("files")
     @classmethod
@@ -142,8 +193,7 @@ class RunRequest(BaseModel):
     ) -> RunRequest:
         """The request ``run_once(code, ...)`` makes, from its arguments.
 
-        Text given for ``stdin`` or a file's content is written as UTF-8 (a
-        ``str`` would otherwise be taken for base64, as JSON carries bytes).
+        Text given for ``stdin`` or a file's content is written as UTF-8.
         """
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         contents = {
