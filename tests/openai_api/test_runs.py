@@ -18,7 +18,7 @@ import pytest
 from openai.types.beta.threads import Run
 from PIL import Image
 
-from sandkernel.openai_api.runs import chat_context
+from sandkernel.openai_api.runs import _annotations, chat_context
 from sandkernel.openai_api.state import RunState
 from sandkernel.openai_api.wire import Message
 from sandkernel.openai_api.wire import Run as StoredRun
@@ -600,3 +600,16 @@ async def test_a_thread_file_whose_place_cannot_be_foreseen_is_told_after_the_fi
     (told,) = _attachments_told(reading)
     assert told.startswith("/mnt/data/data-") and told.removeprefix("/mnt/data/") in listed
     assert told in reading["messages"][0]["content"]
+
+
+def test_a_path_is_annotated_only_where_the_text_names_it_whole() -> None:
+    files = [("file-csv", "/mnt/data/report.csv"), ("file-bak", "/mnt/data/report.csv.bak")]
+    text = "The backup is at sandbox:/mnt/data/report.csv.bak, the table at /mnt/data/report.csv."
+    found = [
+        (a.file_path.file_id, text[a.start_index : a.end_index]) for a in _annotations(text, files)
+    ]
+    assert found == [
+        ("file-bak", "sandbox:/mnt/data/report.csv.bak"),
+        ("file-csv", "/mnt/data/report.csv"),
+    ]
+    assert _annotations("Only sandbox:/mnt/data/report.csv-old here.", files[:1]) == []

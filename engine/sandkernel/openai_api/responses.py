@@ -38,7 +38,7 @@ from sandkernel.loop import format_result, python_tool
 from sandkernel.openai_api.chat import AssistantModel, ChatRequest
 from sandkernel.openai_api.containers import MNT_DATA, Containers, written_by_code
 from sandkernel.openai_api.errors import APIError, bad_request, not_found
-from sandkernel.openai_api.runs import code_argument, result_tail
+from sandkernel.openai_api.runs import code_argument, result_tail, whole_mentions
 from sandkernel.openai_api.state import ApiState, ResponseState
 from sandkernel.openai_api.wire import (
     Container,
@@ -746,7 +746,7 @@ class _Turn:
                 continue
             path = str(stored.path)
             full = path if path.startswith("/") else f"{MNT_DATA}/{path}"
-            start = _mention(text, full)
+            start = next(whole_mentions(text, full), -1)
             end = start + len(full)
             if start < 0:
                 if full not in self.written:
@@ -764,24 +764,6 @@ class _Turn:
             )
         annotations.sort(key=lambda a: a["start_index"])
         return annotations
-
-
-def _mention(text: str, path: str) -> int:
-    """Where ``text`` first names ``path`` whole (not as the start of a longer name), or -1."""
-    start = text.find(path)
-    while start >= 0:
-        rest = text[start + len(path) : start + len(path) + 2]
-        if not rest or not _goes_on(rest):
-            return start
-        start = text.find(path, start + 1)
-    return -1
-
-
-def _goes_on(rest: str) -> bool:
-    """The characters after a path continue its name (``.bak``, ``-2``), not the sentence."""
-    if rest[0].isalnum() or rest[0] in "_-/~":
-        return True
-    return rest[0] == "." and len(rest) > 1 and (rest[1].isalnum() or rest[1] in "_-")
 
 
 class _TextItem:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -884,14 +884,30 @@ def _message_delta(message_id: str, index: int, part: dict[str, Any]) -> dict[st
     }
 
 
+def whole_mentions(text: str, path: str) -> Iterator[int]:
+    """Where ``text`` names ``path`` whole: not as the start of a longer name (``x.csv.bak``)."""
+    start = text.find(path)
+    while start >= 0:
+        rest = text[start + len(path) : start + len(path) + 2]
+        if not rest or not _goes_on(rest):
+            yield start
+        start = text.find(path, start + 1)
+
+
+def _goes_on(rest: str) -> bool:
+    """The characters after a path continue its name (``.bak``, ``-2``), not the sentence."""
+    if rest[0].isalnum() or rest[0] in "_-/~":
+        return True
+    return rest[0] == "." and len(rest) > 1 and (rest[1].isalnum() or rest[1] in "_-")
+
+
 def _annotations(text: str, files: Sequence[tuple[str, str]]) -> list[FilePathAnnotation]:
     """``file_path`` annotations where the text names a file code wrote (``sandbox:/mnt/…``)."""
     found: list[FilePathAnnotation] = []
     for file_id, path in files:
         for needle in (f"sandbox:{path}", path):
-            start = text.find(needle)
             taken = False
-            while start != -1:
+            for start in whole_mentions(text, needle):
                 end = start + len(needle)
                 if not any(a.start_index <= start < a.end_index for a in found):
                     found.append(
@@ -903,7 +919,6 @@ def _annotations(text: str, files: Sequence[tuple[str, str]]) -> list[FilePathAn
                         )
                     )
                     taken = True
-                start = text.find(needle, end)
             if taken:
                 break
     return sorted(found, key=lambda a: a.start_index)
