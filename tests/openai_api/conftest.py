@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -319,3 +321,21 @@ def checked_azure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clients]:
         yield clients
     finally:
         clients.close()
+
+
+def deleted_once_each(delete: Callable[[str], object], ids: list[str]) -> None:
+    """Two DELETEs of each id at once: one answers it deleted, the other 404."""
+    with ThreadPoolExecutor(2) as both:
+        for object_id in ids:
+            start = threading.Barrier(2)
+
+            def once(object_id: str = object_id, start: threading.Barrier = start) -> str:
+                start.wait(10)
+                try:
+                    delete(object_id)
+                except openai.NotFoundError:
+                    return "404"
+                return "deleted"
+
+            answers = [both.submit(once) for _ in range(2)]
+            assert sorted(a.result(30) for a in answers) == ["404", "deleted"]

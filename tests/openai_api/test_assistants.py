@@ -12,7 +12,13 @@ from openai.types.beta import Assistant as OpenAIAssistant
 
 from sandkernel.openai_api.wire import Assistant as StoredAssistant
 from tests._model import Reply, in_order
-from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, DEPLOYMENT, TOKEN, OpenAIDaemonFactory
+from tests.openai_api.conftest import (
+    ASSISTANTS_DEPRECATED,
+    DEPLOYMENT,
+    TOKEN,
+    OpenAIDaemonFactory,
+    deleted_once_each,
+)
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]
 NO_KERNELS = {"pool_size": 0}
@@ -310,3 +316,16 @@ async def test_a_stored_response_format_openai_would_refuse_is_read_as_auto() ->
     assistant = StoredAssistant.model_validate(stored)
     assert assistant.response_format == "auto"
     OpenAIAssistant.model_validate(assistant.model_dump(mode="json"))
+
+
+async def test_a_thread_deleted_twice_at_once_is_deleted_once(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(engine_options=NO_KERNELS)
+    client = daemon.openai()
+
+    def exercise() -> None:
+        ids = [client.beta.threads.create().id for _ in range(5)]
+        deleted_once_each(client.beta.threads.delete, ids)
+
+    await anyio.to_thread.run_sync(exercise)

@@ -14,7 +14,7 @@ from sandkernel.errors import SessionError
 from sandkernel.files import StoredFile
 from sandkernel.openai_api.containers import Containers, _current
 from sandkernel.openai_api.errors import APIError
-from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, OpenAIDaemonFactory
+from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, OpenAIDaemonFactory, deleted_once_each
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -414,3 +414,17 @@ def test_an_upload_without_a_recorded_place_is_listed_unless_a_later_one_took_it
     # A later upload placed elsewhere (its name was taken) took nobody's place.
     beside = upload(3, "/mnt/data/data-00000000.csv", name="data.csv")
     assert [f.id for f in _current("cntr-x", [older, beside])] == [older.id, beside.id]
+
+
+async def test_a_container_deleted_twice_at_once_is_deleted_once(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon()
+    client = daemon.openai()
+
+    def exercise() -> None:
+        ids = [client.containers.create(name=f"c{i}").id for i in range(5)]
+        deleted_once_each(client.containers.delete, ids)
+        assert client.containers.list().data == []
+
+    await anyio.to_thread.run_sync(exercise)

@@ -186,11 +186,12 @@ class Containers:
 
     async def delete(self, container_id: str) -> Deleted:
         await self.get(container_id)
-        await self._discard(container_id)
+        if not await self._discard(container_id):  # a delete that came at the same time took it
+            raise not_found("container", container_id)
         return Deleted(id=container_id, object="container.deleted")
 
-    async def _discard(self, container_id: str) -> None:
-        """End the container's session, delete its files and its record."""
+    async def _discard(self, container_id: str) -> bool:
+        """End the container's session, delete its files and its record; whether it was there."""
         try:
             await self.engine.close_session(container_id)
         except SessionError:
@@ -200,7 +201,7 @@ class Containers:
                 await self.engine.delete_file(file.id)
             except FileNotFoundInStore:
                 pass
-        await self._db(self.state.delete, Container, container_id)
+        return await self._db(self.state.delete, Container, container_id)
 
     # ------------------------------------------------------------------ files
 

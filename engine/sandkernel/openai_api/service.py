@@ -332,8 +332,10 @@ class AssistantsService:
             except SessionError:
                 pass
             await self.placement.drop_owner(thread_id)
-            await self._db(self.state.delete_thread, thread_id)
+            deleted = await self._db(self.state.delete_thread, thread_id)
         self._locks.pop(thread_id, None)
+        if not deleted:  # a delete that came at the same time took it
+            raise not_found("thread", thread_id)
         return Deleted(id=thread_id, object="thread.deleted")
 
     # ------------------------------------------------------------------ messages
