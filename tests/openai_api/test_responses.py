@@ -932,6 +932,8 @@ async def test_malformed_bodies_are_400s_naming_the_field_and_leave_no_container
         ('{"model":"m","input":"hi","tools":[{"type":"code_interpreter",'
          '"container":{"type":"auto","file_ids":["file-000000000000000000000000"]}}]}',
          "tools.container.file_ids[0]"),
+        ('{"model":"m","input":"hi","tools":[{"type":"code_interpreter",'
+         '"container":{"type":"auto","memory_limit":"4g"}}]}', "tools.container.memory_limit"),
         ('{"model":"m","input":"hi","tools":[{"type":"function","name":"f"}],'
          '"tool_choice":{"type":"function","name":["f"]}}', "tool_choice.name"),
         ('{"model":"m","input":"hi","tools":[{"type":"function","name":"f","parameters":"zz"}]}',

@@ -58,6 +58,17 @@ def _now() -> int:
     return int(time.time())
 
 
+def check_memory_limit(memory_limit: object, param: str) -> None:
+    """Refuse a container ``memory_limit`` other than the one every container runs with."""
+    if memory_limit is not None and memory_limit != MEMORY_LIMIT:
+        raise bad_request(
+            f"memory_limit {memory_limit!r} is not offered here: every container runs "
+            f"under the daemon's sandbox policy ({MEMORY_LIMIT!r}; `sandkernel serve "
+            "--policy` chooses the policy). Leave memory_limit out or give '1g'.",
+            param,
+        )
+
+
 class Containers:
     """Containers and their files on an engine, kept in the API's state.
 
@@ -92,13 +103,7 @@ class Containers:
         self, body: ContainerCreate
     ) -> tuple[Container, builtins.list[ContainerFile]]:
         """A new container with ``body.file_ids`` put in it; also where each of those is."""
-        if body.memory_limit is not None and body.memory_limit != MEMORY_LIMIT:
-            raise bad_request(
-                f"memory_limit {body.memory_limit!r} is not offered here: every container runs "
-                f"under the daemon's sandbox policy ({MEMORY_LIMIT!r}; `sandkernel serve "
-                "--policy` chooses the policy). Leave memory_limit out or give '1g'.",
-                "memory_limit",
-            )
+        check_memory_limit(body.memory_limit, "memory_limit")
         file_ids = list(body.file_ids or [])
         stored = [
             await self.uploaded(file_id, f"file_ids[{i}]") for i, file_id in enumerate(file_ids)

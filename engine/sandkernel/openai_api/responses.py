@@ -36,7 +36,12 @@ from sandkernel.errors import ModelCallFailed, SandkernelError
 from sandkernel.files import StoredFile
 from sandkernel.loop import format_result, python_tool
 from sandkernel.openai_api.chat import AssistantModel, ChatRequest
-from sandkernel.openai_api.containers import MNT_DATA, Containers, written_by_code
+from sandkernel.openai_api.containers import (
+    MNT_DATA,
+    Containers,
+    check_memory_limit,
+    written_by_code,
+)
 from sandkernel.openai_api.errors import APIError, bad_request, not_found
 from sandkernel.openai_api.runs import code_argument, result_tail, whole_mentions
 from sandkernel.openai_api.state import ApiState, ResponseState
@@ -447,6 +452,7 @@ def _container_spec(tool: dict[str, Any]) -> tuple[str | None, list[str]]:
             "code_interpreter needs container: a container id, or {'type': 'auto'}",
             "tools.container",
         )
+    check_memory_limit(spec.get("memory_limit"), "tools.container.memory_limit")
     file_ids = spec.get("file_ids")
     if file_ids is None:
         return None, []
