@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +63,8 @@ async def test_code_runs_in_an_auto_container_and_its_file_is_cited(
             model=DEPLOYMENT, tools=AUTO, input="Write a report", include=OUTPUTS
         )
         assert response.status == "completed"
+        assert response.completed_at is not None
+        assert response.created_at <= response.completed_at <= time.time()
         (call,) = _code_calls(response)
         assert call.status == "completed" and "report.txt" in (call.code or "")
         assert call.outputs is not None
@@ -186,7 +189,7 @@ async def test_an_answer_cut_off_by_max_output_tokens_is_incomplete_saying_why(
         )
 
     response = await anyio.to_thread.run_sync(exercise)
-    assert response.status == "incomplete"
+    assert response.status == "incomplete" and response.completed_at is None
     assert response.incomplete_details is not None
     assert response.incomplete_details.reason == "max_output_tokens"
     message = _message(response)
@@ -346,6 +349,7 @@ async def test_streaming_sends_openai_event_sequence(openai_daemon: OpenAIDaemon
         "response.output_item.added",
         "response.content_part.added",
         *["response.output_text.delta"] * kinds.count("response.output_text.delta"),
+        "response.output_text.annotation.added",
         "response.output_text.done",
         "response.content_part.done",
         "response.output_item.done",
@@ -358,6 +362,14 @@ async def test_streaming_sends_openai_event_sequence(openai_daemon: OpenAIDaemon
     completed = events[-1].response
     (citation,) = completed.output[-1].content[0].annotations
     assert citation.filename == "out.txt"
+    (added,) = (e for e in events if e.type == "response.output_text.annotation.added")
+    assert added.annotation is not None and added.annotation_index == 0
+    assert added.annotation.model_dump() == citation.model_dump()
+    assert (added.item_id, added.output_index, added.content_index) == (
+        completed.output[-1].id,
+        len(completed.output) - 1,
+        0,
+    )
     stored = await anyio.to_thread.run_sync(lambda: client.responses.retrieve(completed.id))
     assert stored.output_text == deltas
     assert len(daemon.clients.checked.events) == len(events)  # each one validated

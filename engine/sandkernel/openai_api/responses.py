@@ -368,6 +368,7 @@ class Responses:
             return prepared.response.model_copy(
                 update={
                     "status": turn.status,
+                    "completed_at": int(time.time()) if turn.status == "completed" else None,
                     "output": turn.output,
                     "usage": turn.usage(),
                     "error": turn.error,
@@ -818,6 +819,11 @@ class _TextItem:
         annotations = await self.turn.citations(text) if final else []
         part = {"type": "output_text", "text": text, "annotations": annotations, "logprobs": []}
         where = self._where()
+        for i, annotation in enumerate(annotations):
+            await self.turn.emit(
+                "response.output_text.annotation.added",
+                {**where, "annotation_index": i, "annotation": annotation},
+            )
         await self.turn.emit("response.output_text.done", {**where, "text": text, "logprobs": []})
         await self.turn.emit("response.content_part.done", {**where, "part": part})
         self.item.update(content=[part], status=status)

@@ -660,6 +660,8 @@ class ResponseObject(_Object):
     object: Literal["response"] = "response"
     created_at: int
     status: Literal["completed", "failed", "incomplete", "in_progress", "queued", "cancelled"]
+    #: when it completed (only a completed response has it)
+    completed_at: int | None = None
     model: str
     output: list[dict[str, Any]]
     instructions: str | None = None
