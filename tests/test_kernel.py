@@ -225,6 +225,27 @@ async def test_a_failing_output_callback_is_raised_and_the_kernel_runs_on(
     assert r.status == "ok" and r.text == "2"
 
 
+async def test_a_callback_failing_under_a_running_cell_interrupts_it_before_raising(
+    kernel_factory: KernelFactory,
+) -> None:
+    k = await kernel_factory()
+
+    def fail(message: dict[str, object]) -> None:
+        if message.get("msg_type") == "stream":
+            raise LookupError("the consumer failed")
+
+    started = time.monotonic()
+    with pytest.raises(LookupError, match="the consumer failed"):
+        await k.execute(
+            "print('x', flush=True)\nimport time\ntime.sleep(30)\nfinished = True",
+            on_output=fail,
+            timeout_s=60,
+        )
+    assert time.monotonic() - started < 10
+    r = await k.execute("print('finished' in dir())", timeout_s=10)
+    assert (r.status, r.stdout) == ("ok", "False\n")
+
+
 async def test_shutdown_under_a_running_cell_gives_killed_at_once(
     kernel_factory: KernelFactory,
 ) -> None:

@@ -284,14 +284,19 @@ def _inside_escape_or_character(data: bytes, at: int) -> bool:
 class _CellSink:
     """The running cell, as the IOPub reader sees it: its id, its output, who to tell."""
 
-    __slots__ = ("done", "heard_at", "msg_id", "on_output", "out", "reply")
+    __slots__ = ("done", "failed", "failure", "heard_at", "msg_id", "on_output", "out", "reply")
 
     def __init__(self, msg_id: str, out: _CellOutput, on_output: OutputCallback | None) -> None:
         self.msg_id = msg_id
         self.out = out
         self.on_output = on_output
-        #: set at the cell's idle status, or to what the output callback raised
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        #: set at the cell's idle status (to an exception if its output could not be taken)
+        self.done: asyncio.Future[None] = loop.create_future()
+        #: what the output callback raised: the cell goes on to its end, unheard
+        self.failure: Exception | None = None
+        #: set when ``failure`` is
+        self.failed: asyncio.Future[None] = loop.create_future()
         #: when the cell's last IOPub message, or its reply, was taken (monotonic)
         self.heard_at = time.monotonic()
         #: the cell's execute_reply, once read
@@ -616,11 +621,18 @@ class SandboxedKernel:
         sink.heard_at = time.monotonic()
         try:
             sink.out.add(msg, len(parts[4]))
-            if sink.on_output is not None:
-                sink.on_output(msg)
         except Exception as exc:  # noqa: BLE001 - raised to the cell's caller
             sink.done.set_exception(exc)
             return
+        if sink.on_output is not None:
+            try:
+                sink.on_output(msg)
+            except Exception as exc:  # noqa: BLE001 - raised to the cell's caller
+                # The cell is still the kernel's: its messages are followed to
+                # its end, which the caller waits for (see _run_cell).
+                sink.on_output = None
+                sink.failure = exc
+                sink.failed.set_result(None)
         if sink.out.idle:
             sink.done.set_result(None)
 
@@ -698,7 +710,13 @@ class SandboxedKernel:
         status: Status | None = None
         message: str | None = None
         try:
-            finished = await self._collect(sink, started + limit_s)
+            finished = await self._collect(sink, started + limit_s, until_failure=True)
+            if sink.failure is not None:
+                # The caller's own callback failed: as when the caller cancels,
+                # the cell is interrupted and settled before its error is raised.
+                if not finished:
+                    await self._settle_after_cancel(sink)
+                raise sink.failure
             if not finished and self.alive:
                 status = "timeout"
                 message = f"the cell ran longer than its {limit_s:g} s limit"
@@ -734,6 +752,8 @@ class SandboxedKernel:
             message = (
                 "the kernel was shut down while the cell ran (session closed or engine stopped)"
             )
+        if sink.failure is not None:  # it failed while the timed-out cell was settled
+            raise sink.failure
         reply = sink.reply
         if reply is None and out.idle:
             with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
@@ -796,18 +816,26 @@ class SandboxedKernel:
             state_lost=not alive,
         )
 
-    async def _collect(self, sink: _CellSink, deadline: float) -> bool:
+    async def _collect(
+        self, sink: _CellSink, deadline: float, *, until_failure: bool = False
+    ) -> bool:
         """Wait for the cell's idle status (True), the deadline or the kernel's death.
 
         The IOPub reader folds the messages into the cell's output as they
         come; this wakes every ``_POLL_S`` to see whether the kernel still
-        lives. What the output callback raised is raised here.
+        lives. ``until_failure``: the output callback's failure ends the wait
+        too (False).
         """
+        waited = [sink.done, sink.failed] if until_failure else [sink.done]
         while not sink.done.done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            await asyncio.wait([sink.done], timeout=min(remaining, _POLL_S))
+            await asyncio.wait(
+                waited, timeout=min(remaining, _POLL_S), return_when=asyncio.FIRST_COMPLETED
+            )
+            if sink.failed in waited and sink.failed.done():
+                return False
             if not sink.done.done() and not self.alive:
                 return False
             if not sink.done.done() and await self._idle_lost(sink):
