@@ -14,6 +14,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ImageContent, TextContent
 
 from sandkernel.api import EngineAPI
@@ -272,3 +273,35 @@ async def test_the_applications_session_is_the_models_before_it_runs_anything(
         assert "/mnt/data/wrapped.csv" in answer
         assert (await app.run("print(open('wrapped.csv').read().count('x,y'))")).stdout == "40\n"
         await app.close()
+
+
+async def test_a_folder_swapped_for_a_link_after_the_check_does_not_lead_out_of_uploads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uploads, outside = tmp_path / "uploads", tmp_path / "outside"
+    (uploads / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (uploads / "sub" / "data.txt").write_text("meant to be read\n")
+    (outside / "data.txt").write_text("outside the upload folder\n")
+    resolve = Path.resolve
+
+    def swapped_after_the_check(self: Path, strict: bool = False) -> Path:
+        # What another local process can do between the server's check and its open.
+        resolved = resolve(self, strict)
+        if resolved == uploads / "sub" / "data.txt":
+            (uploads / "sub").rename(uploads / "was-sub")
+            (uploads / "sub").symlink_to(outside)
+        return resolved
+
+    async with Engine(
+        pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(),
+        store_dir=tmp_path / "store", handle_sigterm=False,
+    ) as engine:  # fmt: skip
+        tools = SandboxTools(engine, default_session_id="app-1", upload_dirs=[uploads])
+        monkeypatch.setattr(Path, "resolve", swapped_after_the_check)
+        with pytest.raises(ToolError, match="not under an upload folder"):
+            await tools.upload_file(path=str(uploads / "sub" / "data.txt"))
+        monkeypatch.undo()
+        session = await engine.session("app-1")
+        assert (await session.files()) == []
+        await session.close()

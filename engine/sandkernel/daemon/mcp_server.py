@@ -37,7 +37,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, BinaryIO, Final
 
 import anyio
 from mcp.server.mcpserver import MCPServer
@@ -48,8 +48,9 @@ from pydantic import Field
 from sandkernel import __version__
 from sandkernel.api import EngineAPI, ManagedBackend, SessionAPI
 from sandkernel.daemon.client import AsyncClient
-from sandkernel.errors import FileNotFoundInStore, SandkernelError
+from sandkernel.errors import FileNotFoundInStore, FileRejected, SandkernelError
 from sandkernel.files import StoredFile
+from sandkernel.files._common import open_regular
 from sandkernel.limits import MAX_TIMEOUT_S
 from sandkernel.loop import format_result
 from sandkernel.results import ExecutionResult
@@ -151,20 +152,35 @@ class SandboxTools:
             for session_id in sorted(self.began):
                 group.start_soon(close, session_id)
 
-    def _host_file(self, path: str) -> Path:
-        """``path`` if it is a file under one of the upload folders (symlinks resolved)."""
+    def _open_host_file(self, path: str) -> tuple[BinaryIO, str]:
+        """``path`` opened, and its name, if it is a file under one of the upload folders
+        (symlinks resolved).
+
+        Where it is is checked again on the open file itself: a folder on the
+        way swapped for a symlink between the check and the open (by anyone
+        who can write in an upload folder) would otherwise lead outside them.
+        """
         if not self.upload_dirs:
             raise ValueError(
                 "this server reads no host files: send content_base64, or start it with "
                 "--upload-dir FOLDER to allow files under FOLDER"
             )
         source = Path(path).expanduser().resolve()
+        allowed = ", ".join(str(d) for d in self.upload_dirs)
         if not any(source.is_relative_to(d) for d in self.upload_dirs):
-            allowed = ", ".join(str(d) for d in self.upload_dirs)
             raise ValueError(f"{path} is not under an upload folder ({allowed})")
-        if not source.is_file():
-            raise ValueError(f"{path} is not a file")
-        return source
+        try:
+            handle = open_regular(source)
+        except FileRejected:
+            raise ValueError(f"{path} is not a file") from None
+        try:
+            opened = Path(os.readlink(f"/proc/self/fd/{handle.fileno()}"))
+        except OSError:
+            opened = None
+        if opened is None or not any(opened.is_relative_to(d) for d in self.upload_dirs):
+            handle.close()
+            raise ValueError(f"{path} is not under an upload folder ({allowed})")
+        return handle, source.name
 
     async def run_python(
         self,
@@ -224,8 +240,9 @@ class SandboxTools:
                 stored = await session.upload(data, name)
             else:
                 assert path is not None
-                source = await anyio.to_thread.run_sync(self._host_file, path)
-                stored = await session.upload(source, name)
+                handle, host_name = await anyio.to_thread.run_sync(self._open_host_file, path)
+                with handle:
+                    stored = await session.upload(handle, name or host_name)
             return json.dumps({**_describe(stored), "sandbox_path": f"/mnt/data/{stored.name}"})
 
     async def list_files(
