@@ -173,7 +173,8 @@ async def test_run_code_files_pytest_and_unsupported_language(
         {
             "code": "open('out.bin', 'wb').write(open('in.bin', 'rb').read()[::-1])",
             "language": "python",
-            "files": {"in.bin": base64.b64encode(blob).decode()},
+            # in lines of 76 columns, as base64.encodebytes writes it
+            "files": {"in.bin": base64.encodebytes(blob).decode()},
             "fetch_files": ["out.bin"],
         },
     )

@@ -196,7 +196,8 @@ def decode_files(files: dict[str, str | None]) -> dict[str, bytes]:
     """``path -> base64`` to ``relative path -> bytes``, as SandboxFusion writes them.
 
     As there, a file whose content is not a string (``null``) or whose path
-    holds ``IGNORE_THIS_FILE`` is not written.
+    holds ``IGNORE_THIS_FILE`` is not written, and base64 broken into lines
+    (76 columns, as ``base64.encodebytes`` writes it) is base64.
     """
     decoded = {}
     for path, content in files.items():
@@ -204,7 +205,7 @@ def decode_files(files: dict[str, str | None]) -> dict[str, bytes]:
             continue
         relative = relative_path(path)
         try:
-            decoded[relative] = base64.b64decode(content, validate=True)
+            decoded[relative] = base64.b64decode("".join(content.split()), validate=True)
         except (binascii.Error, ValueError):
             raise FusionInputError(f"file {path!r}: content is not valid base64") from None
     return decoded
