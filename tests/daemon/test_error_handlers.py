@@ -105,3 +105,37 @@ async def test_a_405_allows_exactly_the_methods_that_are_answered() -> None:
         for method in allowed:
             assert (await client.request(method, "/thing")).status_code != 405
         assert (await client.head("/thing")).status_code == 405  # so not in Allow
+
+
+async def test_a_client_gone_before_its_body_arrived_is_no_error_of_the_daemons(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = FastAPI()
+    add_error_handlers(app)
+
+    @app.post("/body")
+    async def body(request: Request) -> int:
+        return len(await request.body())
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/body", "raw_path": b"/body", "query_string": b"",
+        "root_path": "", "headers": [(b"content-length", b"100")], "client": ("127.0.0.1", 1),
+        "server": ("daemon", 80),
+    }  # fmt: skip
+    arrivals = [
+        {"type": "http.request", "body": b"x" * 10, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return arrivals.pop(0) if arrivals else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO):
+        await app(scope, receive, send)  # type: ignore[arg-type]
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

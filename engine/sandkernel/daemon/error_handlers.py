@@ -5,6 +5,7 @@
 - an invalid body or parameter as ``InvalidRequest``: 400 for malformed JSON, else 422;
 - Starlette's own refusals (no such route, wrong method, a body FastAPI could
   not parse, a :class:`~sandkernel.daemon.responses.Refusal`) in the same shape;
+- a client gone before its body arrived as a 400 nobody reads, not logged;
 - anything else as a logged 500, on a connection that stays open
   (:class:`_InternalErrorAnswered`).
 """
@@ -21,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandkernel.daemon.responses import Refusal, error_body, error_response
@@ -146,6 +148,13 @@ def add_error_handlers(app: FastAPI) -> None:
         response.headers.update(headers)
         return response
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # A route reading its body itself finds the client gone: nobody reads
+        # this answer, and nothing went wrong here (as FastAPI's own bodies).
+        log.debug("%s %s: the client left before its body arrived", request.method, request.url)
+        message = "the client went away before its request's body arrived"
+        return error_response(400, {"error": {"type": InvalidRequest.__name__, "message": message}})
+
     async def internal_error(request: Request, exc: Exception) -> Response:
         # Its details (paths, internals) go to the daemon's log, not to the client.
         incident = secrets.token_hex(4)
@@ -165,6 +174,7 @@ def add_error_handlers(app: FastAPI) -> None:
         **{foreign: engine_error for foreign, _ in FOREIGN_ERRORS},
         RequestValidationError: invalid_request,
         HTTPException: http_error,
+        ClientDisconnect: client_gone,
         Exception: internal_error,
     }
     for cls, handler in handlers.items():
