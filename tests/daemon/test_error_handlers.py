@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
+from typing import Any
 
 import httpx
 import pytest
@@ -138,4 +140,48 @@ async def test_a_client_gone_before_its_body_arrived_is_no_error_of_the_daemons(
     with caplog.at_level(logging.INFO):
         await app(scope, receive, send)  # type: ignore[arg-type]
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_request_the_server_cancels_at_its_shutdown_is_answered_engine_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = FastAPI()
+    add_error_handlers(app)
+    running = asyncio.Event()
+
+    @app.get("/long")
+    async def long() -> None:
+        running.set()
+        await asyncio.Event().wait()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/long", "raw_path": b"/long", "query_string": b"",
+        "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": ("daemon", 80),
+    }  # fmt: skip
+    sent: list[dict[str, Any]] = []
+    body_read = False
+
+    async def receive() -> dict[str, object]:
+        nonlocal body_read
+        if not body_read:
+            body_read = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO):
+        request = asyncio.ensure_future(app(scope, receive, send))  # type: ignore[arg-type]
+        await asyncio.wait_for(running.wait(), 10)
+        request.cancel()  # what uvicorn does at its graceful shutdown's deadline
+        await asyncio.wait_for(request, 10)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert (
+        body["error"]["type"] == "EngineClosed" and "graceful-timeout" in body["error"]["message"]
+    )
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -7,11 +7,13 @@
   not parse, a :class:`~sandkernel.daemon.responses.Refusal`) in the same shape;
 - a client gone before its body arrived as a 400 nobody reads, not logged;
 - anything else as a logged 500, on a connection that stays open
-  (:class:`_InternalErrorAnswered`).
+  (:class:`_InternalErrorAnswered`); a request the server cancels at its
+  shutdown's deadline as :class:`~sandkernel.errors.EngineClosed`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -29,6 +31,7 @@ from sandkernel.daemon.responses import Refusal, error_body, error_response
 from sandkernel.errors import (
     FOREIGN_ERRORS,
     INTERNAL_ERROR,
+    EngineClosed,
     InvalidRequest,
     RequestTooLarge,
     SandkernelError,
@@ -107,6 +110,19 @@ class _InternalErrorAnswered:
                 raise
             response = await self.answer(Request(scope, receive), exc)
             await response(scope, receive, send)
+        except asyncio.CancelledError:
+            # Only the server cancels a request's own task: at the deadline of
+            # its graceful shutdown. Said in the error shape, as the engine
+            # closing; raised on, it would be answered with a bare 500 and a
+            # traceback logged for each request still running.
+            if started:
+                raise
+            closed = EngineClosed(
+                "the daemon shut down before this request was done (it waits for "
+                "requests up to `serve --graceful-timeout` seconds)"
+            )
+            log.info("%s %s cut short by the shutdown", scope.get("method"), scope.get("path"))
+            await error_response(closed.http_status, error_body(closed))(scope, receive, send)
 
 
 def add_error_handlers(app: FastAPI) -> None:
