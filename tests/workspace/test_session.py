@@ -8,6 +8,7 @@ import errno
 import os
 import sqlite3
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -225,6 +226,73 @@ async def test_an_agent_file_placed_while_a_cell_is_collected_is_not_produced_by
     assert again.files == []  # and it is not found new by the next scan either
 
 
+async def test_an_agent_file_placed_while_a_cells_files_are_stored_stays_the_agents(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storing a cell's files takes a while (each is synced): a placement then is not lost."""
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1", agent_id="a1")
+    await workspace.prepare(ws, restart=False)
+    (ws / "out.csv").write_text("made,by\ncode,1\n")
+    ref = store.add_bytes(b"shared,ref\n1,2\n", "ref.csv", agent_id="a1")
+    real_add = store.add_stream
+
+    def placed_while_storing(fileobj: BinaryIO, name: str, **kwargs: object) -> object:
+        stored = real_add(fileobj, name, **kwargs)  # type: ignore[arg-type]
+        # After the walk, before the scan is taken in: the client gives the agent a file.
+        asyncio.run(workspace.place_agent_files(ws, [ref]))
+        return stored
+
+    monkeypatch.setattr(store, "add_stream", placed_while_storing)
+    result = await workspace.collect(ws, cell(1))
+    monkeypatch.undo()
+    assert [f.name for f in result.files] == ["out.csv"]
+    assert workspace.state.latest["/mnt/data/ref.csv"] == ref.id
+    again = await workspace.collect(ws, cell(2))
+    assert again.files == []  # not found new, as the session's, by the next scan
+    assert [f.name for f in store.list(session_id="s1")] == ["out.csv"]
+    # A restart puts the agent's read-only copy back, not a writable one of the session's.
+    fresh = folder(tmp_path, "fresh")
+    await workspace.prepare(fresh, restart=True)
+    copy = (fresh / "ref.csv").stat()
+    assert (copy.st_uid, stat.S_IMODE(copy.st_mode)) == (0, 0o444)
+    assert sorted(p.name for p in fresh.iterdir()) == ["out.csv", "ref.csv"]
+
+
+async def test_an_agent_file_the_scan_read_before_its_placement_was_recorded_is_not_produced(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its copy is in the folder a moment before the placement records it: the collect waits."""
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1", agent_id="a1")
+    await workspace.prepare(ws, restart=False)
+    ref = store.add_bytes(b"shared,ref\n1,2\n", "ref.csv", agent_id="a1")
+    copied, read_by_collect = threading.Event(), threading.Event()
+    real_record, real_add = place._record, store.add_stream
+
+    def record_once_read(*args: object) -> str:
+        copied.set()
+        assert read_by_collect.wait(10), "the collect never stored the scanned copy"
+        return real_record(*args)  # type: ignore[arg-type]
+
+    def add_stream(fileobj: BinaryIO, name: str, **kwargs: object) -> object:
+        stored = real_add(fileobj, name, **kwargs)  # type: ignore[arg-type]
+        read_by_collect.set()
+        return stored
+
+    monkeypatch.setattr(place, "_record", record_once_read)
+    monkeypatch.setattr(store, "add_stream", add_stream)
+    placing = asyncio.create_task(workspace.place_agent_files(ws, [ref]))
+    assert await asyncio.to_thread(copied.wait, 10), "the placement never copied the file"
+    result = await workspace.collect(ws, cell(1))
+    await placing
+    monkeypatch.undo()
+    assert read_by_collect.is_set()  # the scan did find the copy, and it was stored
+    assert result.files == [] and store.list(session_id="s1") == []
+    assert workspace.state.latest == {"/mnt/data/ref.csv": ref.id}
+    assert (await workspace.collect(ws, cell(2))).files == []
+
+
 def test_restoring_into_a_reused_folder_follows_no_link_out_of_it(
     store: FileStore, tmp_path: Path
 ) -> None:
@@ -282,6 +350,29 @@ async def test_uploading_a_name_again_replaces_the_sessions_own_earlier_upload(
     listed = {f.id: f.path for f in await workspace.list()}
     assert listed == {first.id: None, corrected.id: "/mnt/data/data.csv"}
     assert (await workspace.collect(ws, cell(1))).files == []  # placed, not produced
+
+
+async def test_an_upload_replaces_the_sessions_earlier_upload_deleted_from_the_store(
+    store: FileStore, tmp_path: Path
+) -> None:
+    """Clients replace a file by deleting its id, then uploading the corrected one."""
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    old = await workspace.upload(ws, b"month,sales\njan,1\n", "sales.csv")
+    store.delete(old.id)
+    corrected = await workspace.upload(ws, b"month,sales\njan,100\n", "sales.csv")
+    assert corrected.path == "/mnt/data/sales.csv"
+    assert sorted(p.name for p in ws.iterdir()) == ["sales.csv"]
+    assert (ws / "sales.csv").read_bytes() == b"month,sales\njan,100\n"
+    assert workspace.state.latest == {"/mnt/data/sales.csv": corrected.id}
+    assert (await workspace.collect(ws, cell(1))).files == []  # placed, not produced
+    # A deleted upload the code changed since is the code's work: the next one goes beside it.
+    store.delete(corrected.id)
+    with (ws / "sales.csv").open("a") as edit:
+        edit.write("feb,7\n")
+    beside = await workspace.upload(ws, b"month,sales\njan,5\n", "sales.csv")
+    assert beside.path == f"/mnt/data/sales-{beside.id[5:13]}.csv"
+    assert (ws / "sales.csv").read_bytes() == b"month,sales\njan,100\nfeb,7\n"
 
 
 async def test_an_upload_leaves_names_the_session_does_not_own_and_says_where_it_went(
@@ -557,3 +648,39 @@ async def test_the_session_cap_never_deletes_a_file_of_the_cell_being_collected(
     with pytest.raises(FileNotFoundInStore):
         store.get(first.files[0].id)
     store.get(first.files[1].id)
+
+
+async def test_the_session_cap_deletes_only_the_sessions_own_superseded_versions(
+    store: FileStore, tmp_path: Path
+) -> None:
+    """Not an earlier session's files (same id), nor one the code removed: never superseded."""
+    caps = OutputCaps(max_session_bytes=3000)
+    earlier = SessionWorkspace(store, caps, session_id="s1")  # before the engine restarted
+    first = folder(tmp_path, "first")
+    (first / "report.txt").write_text("R" * 1000)
+    (report,) = (await earlier.collect(first, cell(1))).files
+    workspace = SessionWorkspace(store, caps, session_id="s1")
+    ws = folder(tmp_path)
+    (ws / "final.txt").write_text("F" * 1000)
+    (final,) = (await workspace.collect(ws, cell(1))).files
+    (ws / "final.txt").unlink()  # the code removes its result: the stored file stays
+    await workspace.collect(ws, cell(2))
+    (ws / "c.txt").write_text("c" * 1500)
+    assert [f.name for f in (await workspace.collect(ws, cell(3))).files] == ["c.txt"]
+    (ws / "d.txt").write_text("d" * 1500)
+    refused = await workspace.collect(ws, cell(4))
+    assert refused.files == [] and refused.files_truncated
+    assert "d.txt (1500 bytes) not stored" in (refused.files_note or "")
+    assert "superseded" not in (refused.files_note or "")
+    assert store.read_bytes(report.id) == b"R" * 1000
+    assert store.read_bytes(final.id) == b"F" * 1000
+    # A version of a path this session wrote again since is what makes room.
+    (ws / "c.txt").write_text("C" * 400)
+    (again,) = (await workspace.collect(ws, cell(5))).files
+    (ws / "d.txt").write_text("D" * 1400)  # a size of its own: seen changed at once
+    stored = await workspace.collect(ws, cell(6))
+    assert [f.name for f in stored.files] == ["d.txt"]
+    assert "1 superseded version(s) of earlier cells' files deleted" in (stored.files_note or "")
+    assert {f.id for f in store.list(session_id="s1")} == {
+        report.id, final.id, again.id, stored.files[0].id
+    }  # fmt: skip

@@ -6,7 +6,8 @@
 ``place``      stored files copied in (:func:`place_file`), a session's
                files restored after a restart, single files read/written
 ``collect``    what a cell produced, registered in the store within the
-               caps of :class:`OutputCaps` (:func:`collect_outputs`)
+               caps of :class:`OutputCaps` (:func:`collect_outputs`), and
+               what a session produced (:class:`ProducedVersions`)
 ``session``    :class:`SessionWorkspace`: one session's files, built from
                the store, the caps and its ids; what a session holds
 =============  ==========================================================
@@ -14,7 +15,7 @@
 
 from __future__ import annotations
 
-from sandkernel.workspace.collect import OutputCaps, collect_outputs
+from sandkernel.workspace.collect import OutputCaps, ProducedVersions, collect_outputs
 from sandkernel.workspace.place import (
     WorkspaceState,
     place_file,
@@ -33,6 +34,7 @@ from sandkernel.workspace.session import SessionWorkspace
 
 __all__ = [
     "OutputCaps",
+    "ProducedVersions",
     "ScanResult",
     "ScannedFile",
     "SessionWorkspace",

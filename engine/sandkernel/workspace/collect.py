@@ -12,9 +12,9 @@ from __future__ import annotations
 import base64
 import binascii
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Container, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Final
 
@@ -39,7 +39,10 @@ class OutputCaps:
     fit, the oldest superseded versions (of a path produced again since, and
     displayed images of earlier cells) are deleted first; what still does not
     fit is not stored, and the result says so. A file of the cell being
-    collected is never deleted to make room: its result lists it.
+    collected is never deleted to make room: its result lists it. Only the
+    session's own files count (see :class:`ProducedVersions`): one the code
+    removed from the workspace is not superseded, and files of an earlier
+    session of the same id are never deleted for this one.
     """
 
     max_files: int = 100
@@ -48,27 +51,63 @@ class OutputCaps:
     max_session_bytes: int | None = None
 
 
+@dataclass
+class ProducedVersions:
+    """The files one session produced, oldest first: what its byte cap counts and may delete.
+
+    Only what this session stored: the files an earlier session of its id
+    produced (before ``if_expired="new"``, or before the engine restarted)
+    stay downloadable, and are neither counted against this one's cap nor
+    deleted to make room in it. The record outlives the session's kernels: a
+    restart's fresh workspace is still the same session's.
+    """
+
+    #: file id -> (its path in the sandbox, "" for a displayed image; its size in bytes)
+    files: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def superseded(self, keep: Container[str]) -> list[str]:
+        """The versions that may be deleted to make room, oldest first.
+
+        A file of a path the session produced again since, and an image an
+        earlier cell displayed; never the last version of a path (a file the
+        code removed from the workspace included), nor one of ``keep``.
+        """
+        last = {path: file_id for file_id, (path, _) in self.files.items() if path}
+        return [
+            file_id
+            for file_id, (path, _) in self.files.items()
+            if file_id not in keep and (not path or last[path] != file_id)
+        ]
+
+
 class _SessionQuota:
     """The room left under :attr:`OutputCaps.max_session_bytes` for one session."""
 
-    def __init__(self, store: FileStore, session_id: str, state: WorkspaceState, cap: int | None):
+    def __init__(
+        self,
+        store: FileStore,
+        session_id: str,
+        state: WorkspaceState,
+        versions: ProducedVersions,
+        cap: int | None,
+    ) -> None:
         self.store, self.session_id, self.state, self.cap = store, session_id, state, cap
-        self._used: int | None = None if cap is not None else 0
+        self.versions = versions
+        #: what the session's files hold: at most the record's sizes (some may have
+        #: been deleted or expired since), until the store is asked
+        self.used = sum(size for _, size in versions.files.values())
+        self._counted = False
         self.evicted = 0
         #: what this cell stored: its result lists these, so they are not superseded
         self.kept: set[str] = set()
 
-    @property
-    def used(self) -> int:
-        """Bytes the session's produced files hold; asked of the store when first needed."""
-        if self._used is None:
-            # Most cells store nothing: they do not pay for this query.
-            self._used = self.store.stored_bytes(session_id=self.session_id, origin="produced")
-        return self._used
-
-    @used.setter
-    def used(self, value: int) -> None:
-        self._used = value
+    def _count(self) -> None:
+        """Make :attr:`used` exact: drop from the record what the store no longer has."""
+        alive = {f.id for f in self.store.list(session_id=self.session_id, origin="produced")}
+        for file_id in [i for i in self.versions.files if i not in alive]:
+            del self.versions.files[file_id]
+        self.used = sum(size for _, size in self.versions.files.values())
+        self._counted = True
 
     def make_room(self, size: int) -> bool:
         """Whether ``size`` more bytes fit, after deleting superseded versions if needed."""
@@ -76,26 +115,37 @@ class _SessionQuota:
             return True
         if size > self.cap:
             return False
-        # A displayed image never enters state.latest: only earlier cells' files
-        # that are not the latest at their path are superseded.
-        current = set(self.state.latest.values()) | self.kept
-        for old in self.store.list(session_id=self.session_id, origin="produced"):
+        if not self._counted:
+            # Most cells fit under the record's upper bound: only those that do
+            # not pay for asking the store.
+            self._count()
+        # What the workspace holds is what a restart puts back: never deleted
+        # (an earlier version attached again, say). A copy, taken at once: an
+        # agent's file may be placed meanwhile, from another thread.
+        keep = set(dict(self.state.latest).values()) | self.kept
+        for old in self.versions.superseded(keep):
             if self.used + size <= self.cap:
                 break
-            if old.id in current:
-                continue
             try:
-                self.store.delete(old.id)
+                self.store.delete(old)
             except SandkernelError:
-                continue  # deleted meanwhile
-            self.used -= old.size_bytes
-            self.evicted += 1
+                pass  # deleted meanwhile: its bytes are free all the same
+            else:
+                self.evicted += 1
+            self.used -= self.versions.files.pop(old)[1]
         return self.used + size <= self.cap
 
-    def stored(self, stored: StoredFile) -> None:
-        """Count a file this cell stored, and keep it from being deleted for room."""
+    def stored(self, stored: StoredFile, path: str) -> None:
+        """Count a file this cell stored (at ``path``; "" if displayed), and keep it."""
         self.used += stored.size_bytes
         self.kept.add(stored.id)
+        self.versions.files[stored.id] = (path, stored.size_bytes)
+
+    def withdrawn(self, stored: StoredFile) -> None:
+        """Stop counting a file this cell stored and then found not to be its own."""
+        self.used -= stored.size_bytes
+        self.kept.discard(stored.id)
+        self.versions.files.pop(stored.id, None)
 
     def refused(self, what: str, size: int) -> str:
         assert self.cap is not None
@@ -114,24 +164,32 @@ def collect_outputs(
     *,
     session_id: str,
     caps: OutputCaps,
+    versions: ProducedVersions,
 ) -> ExecutionResult:
-    """Register what the cell produced and return the result with its ``files``."""
-    # The engine places an agent's files without waiting for a running cell:
-    # one placed while this scan runs is recorded in state.snapshot, and is
-    # neither produced by the cell nor to be forgotten by it.
+    """Register what the cell produced and return the result with its ``files``.
+
+    ``versions`` is the session's record of what it produced (what its byte
+    cap counts); the files this cell stores are added to it.
+    """
+    # The engine places an agent's files without waiting for a running cell,
+    # so even while this collect runs. Each placement records its file in
+    # state.snapshot (under state.lock), which nothing else changes until the
+    # collect takes its scan in: a path whose entry is not the one in ``since``
+    # holds a file placed meanwhile, neither produced by the cell nor to be
+    # forgotten by it.
     since = dict(state.snapshot)
     scan = scan_workspace(
         workspace, since=since, max_files=caps.max_files, max_bytes=caps.max_bytes
     )
-    placed = {p: k for p, k in dict(state.snapshot).items() if since.get(p) != k}
-    produced: list[ProducedFile] = []
     notes = [scan.truncated_reason] if scan.truncated_reason else []
-    quota = _SessionQuota(store, session_id, state, caps.max_session_bytes)
+    quota = _SessionQuota(store, session_id, state, versions, caps.max_session_bytes)
     #: changed files not stored, that the next collect reads again
     retry: list[str] = []
+    #: (relative path, what was stored of it), taken in below
+    stored_files: list[tuple[str, StoredFile]] = []
     for entry in scan.changed:
-        if placed.get(entry.path) == (entry.size_bytes, entry.mtime_ns, entry.inode):
-            continue
+        if state.snapshot.get(entry.path) != since.get(entry.path):
+            continue  # placed since the collect began: not the cell's
         path = f"{WORKSPACE_IN_JAIL}/{entry.path}"
         if not quota.make_room(entry.size_bytes):
             notes.append(quota.refused(entry.path, entry.size_bytes))
@@ -167,22 +225,46 @@ def collect_outputs(
             store.delete(stored.id)  # rewritten since the scan: the caps held for what it read
             retry.append(entry.path)
             continue
-        state.latest[path] = stored.id
-        quota.stored(stored)
-        produced.append(_produced(stored, path, "workspace"))
-    snapshot = {**scan.snapshot, **placed}
-    for rel in retry:
-        # Its entry as before this scan (as the scan's look_again keeps one): the
-        # next scan finds it new or changed, even if its size and times are the same.
-        if rel in since:
-            snapshot[rel] = since[rel]
-        else:
-            snapshot.pop(rel, None)
-    state.snapshot = snapshot
-    # Placed since the walk, or left to retry: the tree is not proved unchanged.
-    state.dirs = None if placed or retry else scan.dirs
-    for path in scan.removed:
-        state.latest.pop(f"{WORKSPACE_IN_JAIL}/{path}", None)
+        quota.stored(stored, path)
+        stored_files.append((entry.path, stored))
+    produced: list[ProducedFile] = []
+    #: stored, then found to be the copy of a file placed meanwhile
+    not_produced: list[str] = []
+    # Storing takes a while (each file is synced to disk): what was placed is
+    # taken again after it, once no placement is under way (one holds the lock
+    # from before its file appears until its entries are in), so that a file
+    # placed during the store loop is as known as one placed during the walk.
+    with state.lock:
+        placed = {p: k for p, k in state.snapshot.items() if since.get(p) != k}
+        for rel, stored in stored_files:
+            if rel in placed:
+                # Read by the scan before the placement recorded it (whole, or
+                # half-written): the placed file, not the cell's.
+                quota.withdrawn(stored)
+                not_produced.append(stored.id)
+                continue
+            path = f"{WORKSPACE_IN_JAIL}/{rel}"
+            state.latest[path] = stored.id
+            produced.append(_produced(stored, path, "workspace"))
+        snapshot = dict(scan.snapshot)
+        for rel in retry:
+            # Its entry as before this scan (as the scan's look_again keeps one): the
+            # next scan finds it new or changed, even if its size and times are the same.
+            if rel in since:
+                snapshot[rel] = since[rel]
+            else:
+                snapshot.pop(rel, None)
+        # A placed file's entry as its placement left it: not found new next time.
+        snapshot.update(placed)
+        state.snapshot = snapshot
+        # Placed since the walk, or left to retry: the tree is not proved unchanged.
+        state.dirs = None if placed or retry else scan.dirs
+        for rel in scan.removed:
+            if rel not in placed:  # gone, then placed again meanwhile: it is there
+                state.latest.pop(f"{WORKSPACE_IN_JAIL}/{rel}", None)
+    for file_id in not_produced:
+        with suppress(SandkernelError, *_STORE_FAILURES):
+            store.delete(file_id)  # else left listed as the session's: harmless, and rare
     produced += _store_displays(store, result, session_id=session_id, caps=caps, quota=quota,
                                 room=caps.max_files - len(produced), notes=notes)  # fmt: skip
     truncated = bool(notes)
@@ -314,7 +396,7 @@ def _store_displays(
         except Exception as exc:  # noqa: BLE001 - a full store must not lose the result
             notes.append(f"{name}: not stored ({_reason(exc)})")
             continue
-        quota.stored(stored)
+        quota.stored(stored, "")
         produced.append(_produced(stored, "", "display"))
     return produced
 

@@ -19,6 +19,7 @@ import hashlib
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -40,6 +41,11 @@ class WorkspaceState:
     #: the directories' stamps when ``snapshot`` was taken, if they can prove the
     #: tree unchanged since (see ``workspace_unchanged``); None: scan next time
     dirs: DirStamps | None = None
+    #: held while a file is placed (from its copy to its entries above) and while a
+    #: collect takes in what it found: the engine places an agent's files without
+    #: waiting for a cell, so a collect can tell a file placed meanwhile from one
+    #: the cell wrote (see :func:`~sandkernel.workspace.collect.collect_outputs`)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 def _stat_key(path: Path) -> tuple[int, int, int]:
@@ -137,6 +143,22 @@ def place_file(
         FileTooLarge: the workspace has no room for the file.
         FileRejected: every name tried is taken, or the workspace refuses the copy.
     """
+    # Held from before the file appears until its entries are in ``state``: a
+    # collect taking in its scan meanwhile waits for them, and so never takes
+    # the copy (whole or half-written) for a file the cell wrote.
+    with state.lock:
+        return _place_locked(store, stored, workspace, state, read_only, subdir, replacing)
+
+
+def _place_locked(
+    store: FileStore,
+    stored: StoredFile,
+    workspace: Path,
+    state: WorkspaceState,
+    read_only: bool,
+    subdir: str,
+    replacing: StoredFile | None,
+) -> str:
     prefix = f"{subdir}/" if subdir else ""
     where = f"{WORKSPACE_IN_JAIL}/{subdir}" if subdir else WORKSPACE_IN_JAIL
     try:

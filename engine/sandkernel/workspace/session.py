@@ -17,7 +17,12 @@ from sandkernel.errors import EngineClosed, FileNotFoundInStore, FileRejected, S
 from sandkernel.files import FileStore, StoredFile, UploadSource, listed_file_name
 from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
-from sandkernel.workspace.collect import OutputCaps, collect_outputs, shown_images
+from sandkernel.workspace.collect import (
+    OutputCaps,
+    ProducedVersions,
+    collect_outputs,
+    shown_images,
+)
 from sandkernel.workspace.place import (
     WorkspaceState,
     candidate_names,
@@ -59,6 +64,11 @@ class SessionWorkspace:
         self.session_id = session_id
         self.agent_id = agent_id
         self.state = WorkspaceState()
+        #: what the session produced, over all its kernels: what its byte cap counts
+        self.versions = ProducedVersions()
+        #: the session's own uploads as placed, by id: what an upload of the name
+        #: replaces, even once deleted from the store (see :meth:`_replaced`)
+        self._uploads: dict[str, StoredFile] = {}
 
     def _open_store(self) -> FileStore:
         if self._store.closed:
@@ -120,7 +130,7 @@ class SessionWorkspace:
         path = place_file(store, stored, folder, self.state, read_only=False)
         if stored.origin == "uploaded":
             # A produced file's path is where the code wrote it; it keeps that.
-            _record_placement(store, stored, path, None)
+            self._remember_upload(_record_placement(store, stored, path, None))
         return listed_file_name(path)  # as a produced file's path is listed
 
     def _replaced(self, store: FileStore, new: StoredFile) -> StoredFile | None:
@@ -131,6 +141,11 @@ class SessionWorkspace:
         uploads give their name up: an agent's file is shared and read-only,
         and a file the code produced (or changed: it is then a produced file)
         is the code's work; ``new`` is placed beside those, suffixed.
+
+        An upload deleted from the store (or expired) since it was placed is
+        replaced too, as it was placed: clients delete a file, then upload
+        the corrected one. Its copy in the workspace, still unchanged, is the
+        deleted file, and the code must find the new content where it read it.
         """
         if new.origin != "uploaded":
             return None
@@ -140,10 +155,19 @@ class SessionWorkspace:
         try:
             earlier = store.get(held)
         except SandkernelError:
-            return None  # deleted or expired: the name is not known to hold it
+            # Only its metadata is gone: as it was placed (its size and hash),
+            # it tells whether the workspace still holds it unchanged.
+            return self._uploads.get(held)
         if earlier.origin == "uploaded" and earlier.session_id == self.session_id:
             return earlier
         return None
+
+    def _remember_upload(self, placed: StoredFile) -> None:
+        """Keep the session's upload as placed; forget those the workspace no longer holds."""
+        held = set(dict(self.state.latest).values())
+        self._uploads = {i: f for i, f in self._uploads.items() if i in held}
+        if placed.id in held:
+            self._uploads[placed.id] = placed
 
     def _usable(self, store: FileStore, file_id: str) -> StoredFile:
         stored = store.get(file_id)
@@ -198,7 +222,9 @@ class SessionWorkspace:
         else:
             path = self._path_after_restart(stored, replaced)
             self.state.latest[path] = stored.id
-        return _record_placement(store, stored, path, replaced)
+        placed = _record_placement(store, stored, path, replaced)
+        self._remember_upload(placed)
+        return placed
 
     def _path_after_restart(self, stored: StoredFile, replaced: StoredFile | None) -> str:
         """Where an upload made while the kernel is dead will be in the next workspace.
@@ -242,6 +268,7 @@ class SessionWorkspace:
             result,
             session_id=self.session_id,
             caps=self.caps,
+            versions=self.versions,
         )
 
     async def list(self) -> list[StoredFile]:
@@ -254,5 +281,6 @@ def _record_placement(
 ) -> StoredFile:
     """Record where an upload is in the sandbox; one it replaced there is nowhere now."""
     if replaced is not None and path == f"{WORKSPACE_IN_JAIL}/{stored.name}":
-        store.set_path(replaced.id, None)
+        with contextlib.suppress(FileNotFoundInStore):  # deleted (or expired): nothing to say
+            store.set_path(replaced.id, None)
     return store.set_path(stored.id, path)
