@@ -13,6 +13,7 @@ from sandkernel import Engine, raw_file_name
 from sandkernel.errors import BadInput, FileNotFoundInStore, FileRejected
 from sandkernel.files import MIME_TYPES
 from sandkernel.policy import load_policy
+from sandkernel.workspace import SessionWorkspace
 from tests.files._samples import SAMPLES
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -81,6 +82,27 @@ async def test_agent_files_are_in_every_session_of_the_agent_read_only(
     late = await engine.upload(b"added later\n", "late.txt", agent_id="analyst")
     r = await mine2.run("print(open('/mnt/data/late.txt').read(), end='')")
     assert r.stdout == "added later\n" and late.agent_id == "analyst"
+
+
+async def test_an_agent_file_given_while_a_session_of_the_agent_is_made_reaches_it(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await engine_factory(pool_size=1)
+    await engine.upload(b"a\n", "early.txt", agent_id="analyst")
+    prepare = SessionWorkspace.prepare
+    given: list[str] = []
+
+    async def given_meanwhile(self: SessionWorkspace, folder: Path, *, restart: bool) -> None:
+        await prepare(self, folder, restart=restart)
+        # After the agent's files were listed, before the session is a live one.
+        given.append((await engine.upload(b"b\n", "late.txt", agent_id="analyst")).id)
+
+    monkeypatch.setattr(SessionWorkspace, "prepare", given_meanwhile)
+    session = await engine.session("m1", agent_id="analyst")
+    monkeypatch.undo()
+    assert given
+    r = await session.run("import os; print(sorted(os.listdir('/mnt/data')))")
+    assert r.stdout == "['early.txt', 'late.txt']\n"
 
 
 async def test_an_agent_upload_skips_a_session_with_no_room_and_reaches_the_others(

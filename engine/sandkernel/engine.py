@@ -413,6 +413,10 @@ class Engine:
             )
             self._sessions[session_id] = session
             self._forget_old_sessions()
+            if agent_id is not None:
+                # Given to the agent while the workspace was filled: listed too
+                # late for it, and given to the live sessions before this was one.
+                await self._give_missed_agent_files(session, files)
             future.set_result(session)
             return session
         except BaseException as exc:
@@ -639,9 +643,21 @@ class Engine:
             await self._give_to_agent_sessions(agent_id, attached)
         return attached
 
-    async def _give_to_agent_sessions(self, agent_id: str, files: list[StoredFile]) -> None:
+    async def _give_missed_agent_files(self, session: Session, files: SessionWorkspace) -> None:
+        """Place the agent's files a new session's workspace does not hold yet."""
+        assert session.agent_id is not None and session.kernel is not None
+        store = self._require_store()
+        listed = await asyncio.to_thread(store.list, agent_id=session.agent_id)
+        held = set(files.state.latest.values())
+        missed = [f for f in listed if f.session_id is None and f.id not in held]
+        if missed:
+            await self._give_to_agent_sessions(session.agent_id, missed, only=session)
+
+    async def _give_to_agent_sessions(
+        self, agent_id: str, files: list[StoredFile], *, only: Session | None = None
+    ) -> None:
         # A copy: sessions come and go while each placement awaits its thread.
-        for session in list(self._sessions.values()):
+        for session in [only] if only is not None else list(self._sessions.values()):
             if (
                 session.agent_id != agent_id
                 or session.closed
