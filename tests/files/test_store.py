@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sandkernel.errors import FileError, FileNotFoundInStore, FileRejected, FileTooLarge
+from sandkernel.errors import BadInput, FileError, FileNotFoundInStore, FileRejected, FileTooLarge
 from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES, MIME_TYPES, FileStore, StoredFile
 from tests.files._samples import blob_files, png_bytes, xlsx_bytes
 
@@ -275,6 +275,15 @@ def test_add_upload_takes_bytes_a_path_or_a_stream(store: FileStore, tmp_path: P
         store.add_upload(b"a,b\n")
     with pytest.raises(ValueError, match="stream needs a name"):
         store.add_upload(io.BytesIO(b"a,b\n"))
+
+
+def test_add_upload_takes_any_bytes_and_refuses_a_text_stream_saying_why(
+    store: FileStore,
+) -> None:
+    for data in (bytearray(b"a,b\n"), memoryview(b"a,b\n")):
+        assert store.add_upload(data, "given.csv").size_bytes == 4  # type: ignore[arg-type]
+    with pytest.raises(BadInput, match="binary mode"):
+        store.add_upload(io.StringIO("a,b\n"), "text.csv")  # type: ignore[arg-type]
 
 
 def test_closed_says_whether_the_store_was_closed(tmp_path: Path) -> None:

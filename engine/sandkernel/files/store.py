@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Final, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sandkernel.errors import FileError, FileNotFoundInStore, FileTooLarge
+from sandkernel.errors import BadInput, FileError, FileNotFoundInStore, FileTooLarge
 from sandkernel.files._common import CHUNK_BYTES, human_size, open_regular
 from sandkernel.files.mime import MIME_TYPES, OCTET_STREAM, extension, mime_for_name
 from sandkernel.files.names import listed_file_name, produced_name, safe_name
@@ -391,12 +391,17 @@ class FileStore:
         owner: dict[str, Any] = {
             "session_id": session_id, "agent_id": agent_id, "retention_s": retention_s,
         }  # fmt: skip
-        if isinstance(source, bytes):
+        if isinstance(source, bytes | bytearray | memoryview):
             if name is None:
                 raise ValueError("uploading bytes needs a name (with its extension)")
-            return self.add_bytes(source, name, **owner)
+            return self.add_bytes(bytes(source), name, **owner)
         if isinstance(source, str | os.PathLike):
             return self.add_file(source, name, **owner)
+        if isinstance(source, io.TextIOBase):
+            raise BadInput(
+                "uploading a text stream: give its bytes (open the file in binary mode, 'rb', "
+                "or encode the text)"
+            )
         if name is None:
             name = os.path.basename(str(getattr(source, "name", "") or "")) or None
             if name is None:
