@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from sandkernel.batch import RunRequest, RunResult, lost_result, result_from_reply
+from sandkernel.errors import BadInput
 
 
 def test_input_paths_must_stay_inside_the_working_dir() -> None:
@@ -48,6 +49,18 @@ def test_text_in_a_request_built_in_python_is_utf8_and_json_keeps_base64() -> No
         RunRequest.model_validate_json('{"code": "", "stdin": "!!"}', strict=True)
     with pytest.raises(ValidationError, match="lone surrogate"):
         RunRequest(code="", files={"a.txt": "\ud800"})
+
+
+def test_run_once_arguments_that_cannot_be_used_are_bad_input_naming_them() -> None:
+    cases = [
+        ({"files": {"../x.txt": b""}}, "files: '../x.txt' is not inside the working directory"),
+        ({"timeout_s": 0}, "timeout_s: Input should be greater than 0"),
+        ({"files": {"main.py": b""}}, "files has 'main.py', the program's own file name"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(BadInput) as refused:
+            RunRequest.program("pass", **arguments)  # type: ignore[arg-type]
+        assert str(refused.value) == f"run_once: {message}"
 
 
 def test_result_json_carries_files_as_base64() -> None:

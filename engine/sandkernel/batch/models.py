@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from sandkernel.errors import BadInput
 from sandkernel.limits import MAX_TIMEOUT_S
 
 RunMode = Literal["program", "check"]
@@ -194,16 +195,28 @@ class RunRequest(BaseModel):
         """The request ``run_once(code, ...)`` makes, from its arguments.
 
         Text given for ``stdin`` or a file's content is written as UTF-8.
+
+        Raises:
+            BadInput: an argument cannot be used (a file path that leaves the
+                working directory, a timeout out of range...); says which and why.
         """
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         contents = {
             path: content.encode() if isinstance(content, str) else content
             for path, content in (files or {}).items()
         }
-        return cls(
-            code=code, stdin=data, files=contents, fetch_files=list(fetch_files),
-            argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb, filename=filename,
-        )  # fmt: skip
+        try:
+            return cls(
+                code=code, stdin=data, files=contents, fetch_files=list(fetch_files),
+                argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb, filename=filename,
+            )  # fmt: skip
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors(include_url=False):
+                where = ".".join(str(part) for part in error["loc"])
+                why = error["msg"].removeprefix("Value error, ")
+                problems.append(f"{where}: {why}" if where else why)
+            raise BadInput(f"run_once: {'; '.join(problems)}") from None
 
     @model_validator(mode="after")
     def _code_file_is_not_an_input(self) -> RunRequest:
