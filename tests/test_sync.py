@@ -8,7 +8,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from pathlib import Path
+from types import FrameType
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -150,3 +156,113 @@ def test_an_engine_its_program_never_closes_is_closed_as_the_interpreter_ends(
     assert answer == "42"
     assert [p.name for p in root.iterdir() if p.name != "owners"] == []
     assert not [p for p in iter_sandkernel_cgroups(CgroupLayout.detect()) if owner in p.name]
+
+
+class _Interrupted(BaseException):
+    """Raised by a signal handler in the waiting thread: not Ctrl-C, any exception."""
+
+
+class _Interruption(NamedTuple):
+    send: Callable[[], None]  # interrupts the test's thread, once, from any thread
+    raises: type[BaseException]  # what the test's thread then raises
+
+
+@pytest.fixture(params=[signal.SIGINT, signal.SIGUSR1], ids=["ctrl-c", "any-exception"])
+def interruption(request: pytest.FixtureRequest) -> Iterator[_Interruption]:
+    signum: int = request.param
+    main = threading.main_thread()
+    assert threading.current_thread() is main  # where a signal's handler runs
+    sent = threading.Event()
+
+    def send() -> None:
+        if not sent.is_set():
+            sent.set()
+            assert main.ident is not None
+            signal.pthread_kill(main.ident, signum)
+
+    if signum == signal.SIGINT:
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        yield _Interruption(send, KeyboardInterrupt)
+        return
+
+    def raise_interrupted(signum: int, frame: FrameType | None) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signum, raise_interrupted)
+    try:
+        yield _Interruption(send, _Interrupted)
+    finally:
+        signal.signal(signum, previous)
+
+
+# Interrupted once it has started; sets ``x`` only if it runs to its end.
+_LONG_CELL = "import time\nprint('started', flush=True)\ntime.sleep(30)\nx = 1"
+
+
+def _says_started(event: object) -> bool:
+    return (
+        isinstance(event, dict)
+        and event.get("msg_type") == "stream"
+        and "started" in event["content"]["text"]
+    )
+
+
+@pytest.mark.sandbox
+def test_a_blocking_run_interrupted_in_its_thread_interrupts_the_cell_and_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interruption: _Interruption
+) -> None:
+    """As the async API's cancelled task: the cell is interrupted before the call raises."""
+    with Engine(
+        pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(), store_dir=tmp_path
+    ) as engine:
+        session = engine.session("interrupted")
+        session.run("kept = 1")
+        behind = engine.call(engine.backend.get_session, session.id)  # what the facade drives
+
+        def on_output(message: dict[str, Any]) -> None:
+            if _says_started(message):  # in the loop's thread, while run() waits for the cell
+                interruption.send()
+
+        monkeypatch.setattr(behind, "run", partial(behind.run, on_output=on_output))
+        began = time.monotonic()
+        with pytest.raises(interruption.raises):
+            session.run(_LONG_CELL, timeout_s=60)
+        assert time.monotonic() - began < 20  # not the cell's 30 s
+
+        began = time.monotonic()
+        after = session.run("print('x' in dir(), kept)")
+        assert time.monotonic() - began < 5  # at once: no cell left running before it
+        assert after.stdout == "False 1\n"  # interrupted, not run to its end; the kernel kept
+
+
+@pytest.mark.sandbox
+def test_a_blocking_stream_interrupted_in_its_thread_interrupts_the_cell_and_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interruption: _Interruption
+) -> None:
+    """The interruption, not the RuntimeError of closing an async generator that runs."""
+    with Engine(
+        pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(), store_dir=tmp_path
+    ) as engine:
+        session = engine.session("streamed")
+        behind = engine.call(engine.backend.get_session, session.id)
+        stream = behind.stream
+
+        async def interrupted_while_waiting(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            async for event in stream(*args, **kwargs):
+                yield event
+                if _says_started(event):  # resumed when the next is asked for: the caller waits
+                    interruption.send()
+
+        monkeypatch.setattr(behind, "stream", interrupted_while_waiting)
+        seen: list[object] = []
+        began = time.monotonic()
+        with pytest.raises(interruption.raises):
+            for event in session.stream(_LONG_CELL, timeout_s=60):
+                seen.append(event)
+        assert time.monotonic() - began < 20  # not the cell's 30 s
+        assert _says_started(seen[-1])
+
+        began = time.monotonic()
+        after = session.run("print('x' in dir())")
+        assert time.monotonic() - began < 5
+        assert after.stdout == "False\n"

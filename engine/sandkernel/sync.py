@@ -2,10 +2,12 @@
 
 One event loop runs in a portal thread (``anyio.from_thread``); the backend
 lives on it, and every method here hands the backend's coroutine of the same
-name to it and waits. No logic lives here, and every method of
-:class:`~sandkernel.api.EngineAPI` and :class:`~sandkernel.api.SessionAPI`
-has its blocking twin with the same parameters (a test checks it), so the
-blocking API cannot drift from the async one::
+name to it and waits; interrupted while it waits (Ctrl-C), it cancels that
+coroutine first, as cancelling the async call would. No other logic lives here,
+and every method of :class:`~sandkernel.api.EngineAPI` and
+:class:`~sandkernel.api.SessionAPI` has its blocking twin with the same
+parameters (a test checks it), so the blocking API cannot drift from the async
+one::
 
     from sandkernel.sync import Engine                  # the embedded engine
 
@@ -23,6 +25,8 @@ blocking API cannot drift from the async one::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import signal
 import threading
@@ -42,6 +46,7 @@ from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from sandkernel.api import ManagedBackend, SessionAPI
@@ -65,6 +70,13 @@ class _Portal:
 
     Once its engine is closed (``closed``), a call raises EngineClosed, as the
     async API does, not anyio's "portal is not running".
+
+    A call interrupted in the calling thread (Ctrl-C, or any exception raised
+    there while it waits) cancels its task on the loop, as cancelling the task
+    of the async API does, waits for that task to end (for
+    :data:`_CANCELLED_WAIT_S` at most), then lets the exception go on: nothing
+    keeps running for a caller that has gone, a cell has been interrupted, and
+    its session is free for the next call.
     """
 
     def __init__(self, portal: BlockingPortal) -> None:
@@ -74,20 +86,43 @@ class _Portal:
     def call[T](self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         if self.closed:
             raise EngineClosed("the engine is closed")
-        return self.portal.call(partial(fn, *args, **kwargs))
+        task = _CallerTask(partial(fn, *args, **kwargs))
+        try:
+            return self.portal.start_task_soon(task.run).result()
+        except BaseException:
+            # Ended: the error is the coroutine's own, and goes on unchanged. Else this
+            # thread was interrupted, maybe before start_task_soon returned (which is
+            # why the task is cancelled through its own handle, not the future).
+            if task.cancel_from_caller():
+                task.ended.wait(_CANCELLED_WAIT_S)
+            raise
 
     def iterate[T](self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
-        iterator = self.call(_made, make)
+        stepper: _Stepper[T] = self.call(_made, partial(_Stepper, make))
         try:
-            while True:
-                item = self.call(_next_or_end, iterator)
-                if item is _END:
-                    return
+            while (item := self.call(stepper.next_or_end)) is not _END:
                 yield item
-        finally:
-            if not self.closed:  # closed with the engine
-                self.portal.call(_close, iterator)
+        except GeneratorExit:  # its reader stopped early
+            if not self.closed:
+                self.call(stepper.close)
+            raise
+        except BaseException:
+            # Interrupted (its pending step has been cancelled) or failed: close it too,
+            # but wait no longer than for a cancellation; a step that outlives that
+            # bound is closed once it ends, on the loop.
+            if not self.closed:
+                closing = self.portal.start_task_soon(stepper.close)
+                if not concurrent.futures.wait([closing], _CANCELLED_WAIT_S).not_done:
+                    closing.result()
+            raise
+        if not self.closed:
+            self.call(stepper.close)
 
+
+# The embedded engine settles a cancelled cell within its policy's interrupt grace
+# (2 s by default), or kills its kernel (5 s more at most). A caller that will not
+# wait that long presses Ctrl-C again, which ends this wait.
+_CANCELLED_WAIT_S = 10.0
 
 _END: Any = object()
 
@@ -97,14 +132,71 @@ async def _made[T](make: Callable[[], T]) -> T:
     return make()
 
 
-async def _next_or_end[T](iterator: AsyncIterator[T]) -> T:
-    return await anext(iterator, _END)
+class _CallerGone(Exception):
+    """How a task its caller cancelled ends: read by nobody, as its caller has gone."""
 
 
-async def _close(iterator: AsyncIterator[Any]) -> None:
-    close = getattr(iterator, "aclose", None)
-    if close is not None:
-        await close()
+class _CallerTask[T]:
+    """One call on the loop, which its caller can cancel from its own thread at any time.
+
+    The handle exists before the task is started, so that a caller interrupted
+    while starting it (before it has the future) can still cancel it.
+    """
+
+    def __init__(self, call: Callable[[], Awaitable[T]]) -> None:
+        self._call = call
+        self._lock = threading.Lock()  # _cancelled and _started, read and set in both threads
+        self._cancelled = False
+        self._started: tuple[asyncio.AbstractEventLoop, anyio.CancelScope] | None = None
+        self.ended = threading.Event()
+
+    async def run(self) -> T:
+        with anyio.CancelScope() as scope:
+            with self._lock:
+                if self._cancelled:
+                    raise _CallerGone
+                self._started = (asyncio.get_running_loop(), scope)
+            try:
+                return await self._call()
+            finally:
+                self.ended.set()
+        raise _CallerGone
+
+    def cancel_from_caller(self) -> bool:
+        """Cancel the call (in the caller's thread); True if it runs, and will end soon."""
+        with self._lock:
+            self._cancelled = True  # one not started yet never starts
+            started = self._started
+        if started is None or self.ended.is_set():
+            return False
+        loop, scope = started
+        try:
+            loop.call_soon_threadsafe(scope.cancel)
+        except RuntimeError:  # the loop has closed: nothing runs on it any more
+            return False
+        return True
+
+
+class _Stepper[T]:
+    """An async iterator driven from another thread one step at a time, in the loop thread.
+
+    Its steps and its close take turns: closing an async generator while a step
+    of it runs (one cancelled and still unwinding) raises RuntimeError.
+    """
+
+    def __init__(self, make: Callable[[], AsyncIterator[T]]) -> None:
+        self._iterator = make()
+        self._turn = anyio.Lock()
+
+    async def next_or_end(self) -> T:
+        async with self._turn:
+            return await anext(self._iterator, _END)
+
+    async def close(self) -> None:
+        async with self._turn:
+            close = getattr(self._iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 class BlockingSession:
