@@ -34,6 +34,8 @@ def test_after_sigkill_and_restart_files_survive_and_old_sessions_are_lost(
             (produced,) = made.files
             uploaded = client.upload(b"a,b\n1,2\n", "in.csv", session_id="before-crash")
             assert session.run("1 + 1").text == "2"
+        survivor = Client(socket)
+        kept = survivor.get_session("before-crash")
         assert stop_process(first.process, signal.SIGKILL) == -signal.SIGKILL
         assert socket.exists()  # a killed daemon cannot remove its socket
 
@@ -50,6 +52,10 @@ def test_after_sigkill_and_restart_files_survive_and_old_sessions_are_lost(
                 client.get_session("before-crash")
             with pytest.raises(SessionLost, match='if_expired="new"'):
                 client.session("before-crash")
+        # A session a client held across the restart: closing it is done, as for any
+        # ended session (its kernel ended with the daemon that ran it).
+        kept.close()
+        survivor.close()
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket))) as raw:
             for method, path in [
                 ("GET", "/v1/sessions/before-crash"),

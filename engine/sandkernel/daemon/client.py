@@ -34,7 +34,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,6 +58,7 @@ from sandkernel.errors import (
     FileNotFoundInStore,
     SessionClosed,
     SessionExpired,
+    SessionLost,
     SessionNotFound,
     error_from_wire,
 )
@@ -719,8 +720,10 @@ class RemoteSession(StreamsFromRun):
         return await self._client._send(_session_info(self.id))
 
     async def close(self) -> None:
-        """End the session and its kernel. Idempotent."""
-        await self._client.close_session(self.id)
+        """End the session and its kernel. Idempotent (also for a session lost in a
+        restart of the daemon: its kernel ended with the daemon that ran it)."""
+        with suppress(SessionLost):
+            await self._client.close_session(self.id)
 
 
 # -- blocking -----------------------------------------------------------------------------
