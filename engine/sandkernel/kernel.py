@@ -27,7 +27,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from sandkernel._resources import data_dir
 from sandkernel.errors import BadInput, KernelDead, KernelStartFailed, SelfCheckFailed
-from sandkernel.limits import MAX_TIMEOUT_S
+from sandkernel.limits import MAX_TIMEOUT_S, check_code_text
 from sandkernel.messages import MessageSession
 from sandkernel.policy import Policy
 from sandkernel.provisioner import IPC_NAME, SandboxProvisioner
@@ -530,14 +530,7 @@ class SandboxedKernel:
             raise BadInput(
                 f"timeout_s must be above 0 and at most {MAX_TIMEOUT_S:g} s (got {timeout_s!r})"
             )
-        try:
-            code.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            # JSON can carry one ("\ud83d"), but a Jupyter message cannot.
-            raise BadInput(
-                f"the code is not valid text: a lone surrogate ({code[exc.start]!r}) at "
-                f"position {exc.start}"
-            ) from None
+        check_code_text(code)
         async with self._lock:
             if not self.alive or self._client is None:
                 raise KernelDead(self._dead_reason or "the kernel is not running")

@@ -49,3 +49,18 @@ def module_name_problem(name: str) -> str | None:
     if all(part.isidentifier() and not keyword.iskeyword(part) for part in parts):
         return None
     return f"{name!r} is not a module name (like 'numpy' or 'os.path')"
+
+
+def check_code_text(code: str) -> None:
+    """Raise :class:`BadInput` if ``code`` cannot be sent as text: a lone surrogate.
+
+    JSON can carry one (``"\\ud83d"``), but neither a Jupyter message nor a
+    request body encoded as UTF-8 can.
+    """
+    try:
+        code.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadInput(
+            f"the code is not valid text: a lone surrogate ({code[exc.start]!r}) at "
+            f"position {exc.start}"
+        ) from None

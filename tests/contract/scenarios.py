@@ -234,6 +234,12 @@ async def bad_input_is_refused_by_name_and_the_engine_serves_on(api: EngineAPI) 
         with pytest.raises(SessionNotFound):
             await api.get_session(odd)
     session = await api.session()
+    # Code no Jupyter message (nor the daemon's client) can carry: the same refusal.
+    with pytest.raises(BadInput, match="lone surrogate"):
+        await session.run("x = '\ud800'")
+    with pytest.raises(BadInput, match="lone surrogate"):
+        async for _ in session.stream("x = '\ud800'"):
+            pass
     assert (await session.run("1 + 1")).text == "2"
     await session.close()
 

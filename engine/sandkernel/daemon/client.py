@@ -64,6 +64,7 @@ from sandkernel.errors import (
 )
 from sandkernel.files import StoredFile, safe_name
 from sandkernel.files._common import open_regular
+from sandkernel.limits import check_code_text
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
 from sandkernel.streaming import StreamsFromRun
@@ -162,6 +163,7 @@ def _close_session(session_id: str) -> _Call[None]:
 def _execute_body(
     code: str, timeout_s: float | None, restart: bool | None, file_ids: Sequence[str]
 ) -> dict[str, Any]:
+    check_code_text(code)  # refused here as the engine refuses it (httpx cannot send it)
     return _without_none(
         code=code, timeout_s=timeout_s, restart=restart, file_ids=list(file_ids) or None
     )
