@@ -12,7 +12,13 @@ import anyio
 import pytest
 
 from sandkernel.daemon.client import AsyncClient, Client
-from sandkernel.errors import FileNotFoundInStore, FileRejected, SessionClosed, SessionNotFound
+from sandkernel.errors import (
+    EngineClosed,
+    FileNotFoundInStore,
+    FileRejected,
+    SessionClosed,
+    SessionNotFound,
+)
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionState
 from sandkernel.workspace.place import MAX_COPIES
@@ -223,6 +229,31 @@ async def test_a_client_without_a_daemon_says_how_to_start_one(short_dir: Any) -
     async with AsyncClient(short_dir / "none.sock") as client:
         with pytest.raises(DaemonUnavailable, match="sandkernel serve"):
             await client.health()
+
+
+async def test_a_client_closed_under_its_calls_says_so(daemon_factory: DaemonFactory) -> None:
+    running = await daemon_factory()
+    client = running.client()
+    session = await client.session("closed-under")
+    started = anyio.Event()
+
+    def seen(message: dict[str, Any]) -> None:
+        started.set()
+
+    async with anyio.create_task_group() as group:
+
+        async def close_once_started() -> None:
+            await started.wait()
+            await client.aclose()
+
+        group.start_soon(close_once_started)
+        with pytest.raises(EngineClosed, match="closed while the call ran"):
+            await session.run(
+                "print('started', flush=True)\nimport time\ntime.sleep(60)", on_output=seen
+            )
+    with pytest.raises(EngineClosed, match="the client is closed"):
+        await client.health()
+    await running.engine.close_session("closed-under")
 
 
 async def test_a_client_leaving_a_stream_stops_its_cell(daemon_factory: DaemonFactory) -> None:

@@ -55,6 +55,7 @@ from sandkernel.errors import (
     BadInput,
     DaemonError,
     DaemonUnavailable,
+    EngineClosed,
     FileNotFoundInStore,
     SessionClosed,
     SessionExpired,
@@ -368,19 +369,24 @@ def _where(socket: str | os.PathLike[str] | None, url: str | None) -> tuple[str,
 
 
 @contextmanager
-def _transport_errors(where: str) -> Iterator[None]:
+def _transport_errors(where: str, http: httpx.AsyncClient) -> Iterator[None]:
+    """httpx's errors as the tree's; a client closed before or during the call is EngineClosed."""
+    if http.is_closed:
+        raise EngineClosed("the client is closed")
     try:
         yield
-    except httpx.ConnectError as exc:
-        raise DaemonUnavailable(
-            f"cannot reach the sandkernel daemon at {where} ({exc}): start it with "
-            "`sandkernel serve`, or pass the socket it listens on"
-        ) from exc
-    except httpx.TimeoutException as exc:
-        raise DaemonError(
-            f"the sandkernel daemon at {where} did not answer in time: {exc!r}"
-        ) from exc
     except httpx.TransportError as exc:
+        if http.is_closed:  # closed (by another task or thread) while the call ran
+            raise EngineClosed("the client was closed while the call ran") from exc
+        if isinstance(exc, httpx.ConnectError):
+            raise DaemonUnavailable(
+                f"cannot reach the sandkernel daemon at {where} ({exc}): start it with "
+                "`sandkernel serve`, or pass the socket it listens on"
+            ) from exc
+        if isinstance(exc, httpx.TimeoutException):
+            raise DaemonError(
+                f"the sandkernel daemon at {where} did not answer in time: {exc!r}"
+            ) from exc
         raise DaemonError(f"the connection to the daemon at {where} failed: {exc!r}") from exc
 
 
@@ -428,7 +434,7 @@ class AsyncClient:
         await self._http.aclose()
 
     async def _send[T](self, call: _Call[T], http_timeout: httpx.Timeout | None = None) -> T:
-        with _transport_errors(self.where):
+        with _transport_errors(self.where, self._http):
             response = await self._http.request(
                 call.method,
                 call.path,
@@ -484,7 +490,7 @@ class AsyncClient:
                     yield _ndjson(request)
 
         params = {"concurrency": str(concurrency)} if concurrency is not None else None
-        with _transport_errors(self.where):
+        with _transport_errors(self.where, self._http):
             async with self._http.stream(
                 "POST", "/v1/runs", content=body(), params=params,
                 headers={"content-type": "application/x-ndjson"},
@@ -563,7 +569,7 @@ class AsyncClient:
         """
         async with _upload_part(source, name) as (chosen, files):
             form = _upload_form(chosen, session_id, agent_id, retention_s)
-            with _transport_errors(self.where):
+            with _transport_errors(self.where, self._http):
                 response = await self._http.post("/v1/files", data=form, files=files)
         _raise_for_error(response)
         return StoredFile.model_validate_json(response.content)
@@ -585,7 +591,7 @@ class AsyncClient:
         """
         chunks: list[bytes] = []
         size = 0
-        with _transport_errors(self.where):
+        with _transport_errors(self.where, self._http):
             content = f"/v1/files/{_file_seg(file_id)}/content"
             async with self._http.stream("GET", content) as response:
                 if response.status_code >= 400:
@@ -601,7 +607,7 @@ class AsyncClient:
     async def download_to(self, file_id: str, path: str | os.PathLike[str]) -> Path:
         """Stream a stored file into ``path``; returns it."""
         target = Path(path)
-        with _transport_errors(self.where):
+        with _transport_errors(self.where, self._http):
             content = f"/v1/files/{_file_seg(file_id)}/content"
             async with self._http.stream("GET", content) as response:
                 if response.status_code >= 400:
@@ -628,7 +634,7 @@ class AsyncClient:
         self, session_id: str, source: UploadSource, name: str | None
     ) -> StoredFile:
         async with _upload_part(source, name) as (chosen, files):
-            with _transport_errors(self.where):
+            with _transport_errors(self.where, self._http):
                 response = await self._http.post(
                     f"/v1/sessions/{_session_seg(session_id)}/files",
                     data=_upload_form(chosen),
@@ -645,7 +651,7 @@ class AsyncClient:
         http_timeout: httpx.Timeout,
     ) -> ExecutionResult:
         decoder = sse.Decoder()
-        with _transport_errors(self.where):
+        with _transport_errors(self.where, self._http):
             async with self._http.stream(
                 "POST",
                 f"/v1/sessions/{_session_seg(session_id)}/execute",
