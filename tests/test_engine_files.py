@@ -185,6 +185,24 @@ async def test_after_a_restart_a_session_file_keeps_its_name_over_an_agent_file(
     ]
 
 
+async def test_a_restart_says_which_files_it_could_not_put_back(
+    engine_factory: EngineFactory,
+) -> None:
+    engine = await engine_factory()
+    s = await engine.session("own")
+    made = await s.run(
+        "open('/mnt/data/kept.txt', 'w').write('k'); open('/mnt/data/gone.txt', 'w').write('g')"
+    )
+    await engine.delete_file({f.name: f for f in made.files}["gone.txt"].id)
+    assert (await s.run("import os; os._exit(3)")).status == "dead"
+    after = await s.run("import os; print(sorted(os.listdir('/mnt/data')))", restart=True)
+    assert after.state_lost and after.stdout == "['kept.txt']\n"
+    assert after.files_note == (
+        "not put back after the kernel restarted (deleted, or expired): /mnt/data/gone.txt"
+    )
+    assert (await s.run("1")).files_note is None
+
+
 async def test_csv_png_and_shown_figure_come_back_as_three_files(
     engine_factory: EngineFactory,
 ) -> None:

@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel
 
 from sandkernel.errors import BadInput, KernelDead, SessionClosed, SessionExpired
-from sandkernel.files import StoredFile
+from sandkernel.files import StoredFile, listed_file_name
 from sandkernel.files import UploadSource as UploadSource  # where the contract imports it from
 from sandkernel.kernel import OutputCallback, SandboxedKernel
 from sandkernel.limits import MAX_TTL_S
@@ -253,7 +254,14 @@ class Session(StreamsFromRun):
                 update={"message": f"the session expired while the cell ran: {why}"}
             )
         if state_lost:
-            result = result.model_copy(update={"state_lost": True})
+            update: dict[str, Any] = {"state_lost": True}
+            if self.workspace is not None and self.workspace.not_restored:
+                paths = ", ".join(listed_file_name(p) for p in self.workspace.not_restored)
+                note = f"not put back after the kernel restarted (deleted, or expired): {paths}"
+                if result.files_note:
+                    note = f"{result.files_note}; {note}"
+                update["files_note"] = note
+            result = result.model_copy(update=update)
         return result
 
     async def _kernel_died(self, message: str) -> None:

@@ -69,6 +69,9 @@ class SessionWorkspace:
         #: the session's own uploads as placed, by id: what an upload of the name
         #: replaces, even once deleted from the store (see :meth:`_replaced`)
         self._uploads: dict[str, StoredFile] = {}
+        #: paths the last restart could not put back (deleted or expired, or their
+        #: place taken); the restart's first result says so
+        self.not_restored: list[str] = []
 
     def _open_store(self) -> FileStore:
         if self._store.closed:
@@ -86,8 +89,11 @@ class SessionWorkspace:
         previous, self.state = dict(self.state.latest), WorkspaceState()
         # A fresh workspace is empty: proved so now, its first cell needs no scan.
         self.state.dirs = empty_workspace_stamps(folder)
+        self.not_restored = []
         if restart and previous:
-            await asyncio.to_thread(restore_files, store, previous, folder, self.state)
+            self.not_restored = await asyncio.to_thread(
+                restore_files, store, previous, folder, self.state
+            )
         if self.agent_id is not None:
             agent_files = await asyncio.to_thread(store.list, agent_id=self.agent_id)
             await self.place_agent_files(folder, [f for f in agent_files if f.session_id is None])
