@@ -152,6 +152,19 @@ SMALL_FRAME_HTML = (
     "  </thead>\n  <tbody>\n    <tr><th>0</th><td>1</td><td>a</td></tr>\n"
     "    <tr><th>1</th><td>2</td><td>b</td></tr>\n  </tbody>\n</table>"
 )
+# `sales.groupby("month").sum()` in the README's task: the answer is in its last row.
+_MONTHLY_UNITS = [5, 7, 6, 8, 9, 4, 6, 7, 5, 8, 6, 99]
+MONTHLY_FRAME = "       units  revenue\nmonth                \n" + "\n".join(
+    f"{month:<5}{units:>7}{units * 10:>9}" for month, units in enumerate(_MONTHLY_UNITS, 1)
+)
+MONTHLY_FRAME_HTML = (
+    '<table border="1" class="dataframe">\n  <tbody>\n'
+    + "".join(
+        f"    <tr><th>{month}</th><td>{units}</td><td>{units * 10}</td></tr>\n"
+        for month, units in enumerate(_MONTHLY_UNITS, 1)
+    )
+    + "  </tbody>\n</table>"
+)
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5E"
 
 

@@ -8,6 +8,8 @@ from sandkernel.loop import format_result
 from sandkernel.results import DisplayOutput, ErrorInfo
 from tests.loop._support import (
     DATAFRAME_HTML,
+    MONTHLY_FRAME,
+    MONTHLY_FRAME_HTML,
     PNG_B64,
     SMALL_FRAME,
     SMALL_FRAME_HTML,
@@ -106,7 +108,7 @@ def test_snapshot_produced_files_and_images() -> None:
     assert "[image displayed]" in text  # the svg: no file was stored for it
 
 
-def test_snapshot_dataframe_value_is_summarised() -> None:
+def test_snapshot_dataframe_repr_is_kept_whole_under_its_shape() -> None:
     result = make_result(
         status="ok",
         displays=[DisplayOutput(data={"text/plain": SMALL_FRAME, "text/html": SMALL_FRAME_HTML})],
@@ -115,8 +117,34 @@ def test_snapshot_dataframe_value_is_summarised() -> None:
     )
     text = format_result(result)
     check_snapshot("dataframe", text)
-    assert "DataFrame, 100 rows x 3 columns" in text and "DataFrame, 2 rows x 2 columns" in text
-    assert "98  294" not in text  # summarised, not dumped
+    assert "DataFrame, 100 rows x 3 columns:\n      a    b    c\n0     0    1    2\n" in text
+    assert "DataFrame, 2 rows x 2 columns:\n" + SMALL_FRAME in text
+    assert text.endswith("\n99  297  298  299")  # pandas' own tail rows: all of its repr
+    assert "[100 rows x 3 columns]" not in text  # its footer is the title
+
+
+def test_a_dataframe_that_fits_is_shown_whole() -> None:
+    """The README's task: the month that sold most is the frame's 12th and last row."""
+    frame = DisplayOutput(data={"text/plain": MONTHLY_FRAME, "text/html": MONTHLY_FRAME_HTML})
+    text = format_result(make_result(status="ok", value=frame, execution_count=1))
+    assert text == "Status: ok\n--- Out[1] ---\nDataFrame, 12 rows x 2 columns:\n" + MONTHLY_FRAME
+
+
+def test_a_dataframe_over_its_share_keeps_head_and_tail_and_counts_the_cut() -> None:
+    rows = [f"{i:<5}{i * 7:>8}" for i in range(500)]  # display.max_rows = None: every row
+    plain = "     value\n" + "\n".join(rows) + "\n\n[500 rows x 1 columns]"
+    frame = DisplayOutput(data={"text/plain": plain})
+    text = format_result(
+        make_result(status="ok", value=frame, execution_count=2), budget_chars=2000
+    )
+    assert len(text) <= 2000
+    assert text.startswith("Status: ok\n--- Out[2] ---\nDataFrame, 500 rows x 1 columns:\n")
+    assert "\n     value\n0           0\n" in text and text.endswith("\n499      3493")
+    note = re.search(r"\[\.\.\. ([\d,]+) characters \(([\d,]+) lines\) cut \.\.\.\]", text)
+    assert note is not None, text
+    kept = [line for line in text.split("\n") if line in rows]
+    # every row is either shown or counted as cut
+    assert int(note.group(2).replace(",", "")) + len(kept) == len(rows)
 
 
 # --------------------------------------------------------------------------- format_result

@@ -20,8 +20,6 @@ from sandkernel.results import KERNEL_LOST, DisplayOutput, ExecutionResult, Prod
 _DF_FOOTER = re.compile(r"\n\[(\d+) rows x (\d+) columns\]\s*$")
 _DF_HTML = re.compile(r"<table\b[^>]*\bclass=\"[^\"]*\bdataframe\b")
 _DF_HTML_SHAPE = re.compile(r"<p>(\d+) rows × (\d+) columns</p>")
-_DF_MAX_LINES = 10
-_DF_MAX_LINE_CHARS = 160
 _ENGINE_CUT = re.compile(r"\n\[\.\.\. (\d+) (?:bytes|characters) cut \.\.\.\]\n")
 _CELL_FILE = re.compile(r"\(\d+\.py, line (\d+)\)")
 _MISSING_MODULE = re.compile(r"No module named '([^']+)'")
@@ -45,7 +43,8 @@ def format_result(
     The status comes first, on one line. Then stdout, stderr, displays, the
     cell's value and the traceback share what the budget leaves, each kept
     whole if it fits and otherwise cut in the middle (head and tail kept, with
-    a note of how much was cut). Tracebacks keep the user's frames only:
+    a note of how much was cut); a DataFrame's repr is headed by its shape.
+    Tracebacks keep the user's frames only:
     IPython/ipykernel internals are dropped, library frames are folded into a
     count. Produced files and a one-line hint for common failures close it.
 
@@ -181,17 +180,11 @@ def _dataframe_summary(data: Mapping[str, Any]) -> str | None:
     title = f"DataFrame, {shape[0]} rows x {shape[1]} columns" if shape else "DataFrame"
     if plain is None:
         return f"{title} (no text form)"
+    # Its repr is kept whole, like any part: pandas already bounds it (display.max_rows
+    # and max_columns elide the middle), and the budget cuts it in the middle, with a
+    # note, only when it is over its share; the answer is often in its last rows.
     body = plain[: footer.start()] if footer else plain
-    lines = body.rstrip("\n").split("\n")
-    shown = [
-        line if len(line) <= _DF_MAX_LINE_CHARS else line[: _DF_MAX_LINE_CHARS - 3] + "..."
-        for line in lines[:_DF_MAX_LINES]
-    ]
-    if len(lines) <= _DF_MAX_LINES and shown == lines:
-        return f"{title}:\n" + "\n".join(shown)
-    more = len(lines) - len(shown)
-    note = f"[... {more} more lines of its repr not shown" if more else "[... lines cut"
-    return f"{title}; the first lines of its repr:\n" + "\n".join(shown) + f"\n{note} ...]"
+    return f"{title}:\n" + body.rstrip("\n")
 
 
 def _dataframe_shape(footer: re.Match[str] | None, html: str | None) -> tuple[int, int] | None:
