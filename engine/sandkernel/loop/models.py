@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sandkernel.errors import ModelCallFailed
 
@@ -22,9 +24,31 @@ if TYPE_CHECKING:
 #: As in OpenAI's API: may, must or must not call a tool.
 ToolChoice = Literal["auto", "required", "none"]
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x20\x7f]")
+
+
+def _valid_text(text: str) -> str:
+    """``text`` with each lone surrogate written as its escape (``\\ud83d``): valid Unicode.
+
+    A model's JSON can hold half of a character (a ``"\\ud83d"`` escape alone):
+    such text cannot be encoded, so the next request, which sends it back,
+    would fail. Inside JSON text (tool arguments) the escape means the same
+    character as before, so a ``code`` argument that holds one is still told
+    apart and explained; in prose it shows what the model sent.
+    """
+    if _SURROGATE.search(text) is None:
+        return text
+    # Pairs that arrived as two code units become their character; lone halves, escapes.
+    whole = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    return whole.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 class ToolCall(BaseModel):
-    """A tool call as the model sent it; ``arguments`` is the raw JSON text."""
+    """A tool call as the model sent it; ``arguments`` is the raw JSON text.
+
+    Its text is valid Unicode: a lone surrogate is written as its ``\\udXXXX`` escape.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -32,15 +56,29 @@ class ToolCall(BaseModel):
     name: str
     arguments: str
 
+    @field_validator("id", "name", "arguments")
+    @classmethod
+    def _as_valid_text(cls, value: str) -> str:
+        return _valid_text(value)
+
 
 class ModelReply(BaseModel):
-    """One assistant turn: text, tool calls, or both."""
+    """One assistant turn: text, tool calls, or both.
+
+    Its text is valid Unicode (a lone surrogate is written as its ``\\udXXXX``
+    escape), so it can always be sent back to the model.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
     finish_reason: str | None = None
+
+    @field_validator("content", "finish_reason")
+    @classmethod
+    def _as_valid_text(cls, value: str | None) -> str | None:
+        return None if value is None else _valid_text(value)
 
 
 class ChatModel(Protocol):
@@ -96,6 +134,14 @@ class OpenAIChatModel:
             api_key = os.environ.get("OPENAI_API_KEY")
         if api_key is None and base_url is not None:
             api_key = "not-needed"  # local servers ignore it; the client insists on one
+        url = base_url if base_url is not None else os.environ.get("OPENAI_BASE_URL")
+        problem = _base_url_problem(url) if url else None
+        if problem is not None:
+            # Said here, naming the URL, not as the HTTP library's error on the first call.
+            raise ModelCallFailed(
+                f"the chat model's base URL {url!r} is not a valid URL: {problem} "
+                "(expected one like http://127.0.0.1:8080/v1)"
+            )
         self.model = model
         self.create_kwargs = dict(create_kwargs or {})
         try:
@@ -139,12 +185,8 @@ class OpenAIChatModel:
                 **extra,
                 **self.create_kwargs,
             )
-        except (openai.OpenAIError, ValueError) as exc:  # ValueError: a body not JSON
-            where = str(self.client.base_url)
-            raise ModelCallFailed(
-                f"the chat model {self.model!r} at {where} failed: {exc} "
-                "(check the base URL, model name and API key)"
-            ) from exc
+        except (openai.OpenAIError, ValueError) as exc:  # ValueError: a body not JSON...
+            raise self._call_failed(exc) from exc
         try:
             return _reply_of(response)
         except (AttributeError, TypeError, ValueError) as exc:  # ValidationError too
@@ -153,6 +195,54 @@ class OpenAIChatModel:
                 f"the chat model {self.model!r} replied with no usable choice: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+
+    def _call_failed(self, exc: Exception) -> ModelCallFailed:
+        """The :class:`ModelCallFailed` for what ``chat.completions.create`` raised.
+
+        The advice fits the failure: only a server not reached, a refused key or
+        an unknown URL or model point at the settings.
+        """
+        import openai
+
+        failed = f"the chat model {self.model!r} at {self.client.base_url}"
+        if isinstance(exc, UnicodeEncodeError):
+            # Text of the conversation (the caller's messages) that no request can carry.
+            return ModelCallFailed(
+                f"the messages for the chat model {self.model!r} could not be sent: they hold "
+                f"text that is not valid Unicode ({exc}); replace lone surrogates"
+            )
+        if isinstance(exc, openai.APIConnectionError):  # timeouts included
+            return ModelCallFailed(
+                f"{failed} could not be reached: {exc} (check the base URL and that the "
+                "server is running)"
+            )
+        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+            return ModelCallFailed(f"{failed} refused the call: {exc} (check the API key)")
+        if isinstance(exc, openai.NotFoundError):
+            return ModelCallFailed(f"{failed} failed: {exc} (check the base URL and model name)")
+        if isinstance(exc, json.JSONDecodeError):
+            return ModelCallFailed(
+                f"{failed} failed: {exc} (its reply is not JSON: check that the base URL is "
+                "the API root of an OpenAI-compatible server, usually ending in /v1)"
+            )
+        return ModelCallFailed(f"{failed} failed: {exc}")
+
+
+def _base_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an OpenAI-compatible endpoint's base URL, or None if it can."""
+    odd = _CONTROL.search(url)
+    if odd is not None:
+        return f"it holds {odd.group()!r} at position {odd.start()}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - parsed on access: a port that is no number raises
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "it does not start with http:// or https://"
+    if not parts.hostname:
+        return "it names no host"
+    return None
 
 
 def _reply_of(response: Any) -> ModelReply:
@@ -168,17 +258,31 @@ def _reply_of(response: Any) -> ModelReply:
     if choice.message is None:
         raise ValueError("the reply's choice has no message")
     calls = []
-    for n, call in enumerate(choice.message.tool_calls or []):
+    sent = choice.message.tool_calls or []
+    taken = {call.id for call in sent if call.id}
+    for n, call in enumerate(sent):
         function = getattr(call, "function", None)
         if function is None:  # a custom (non-function) tool call: not ours
             continue
         arguments = function.arguments
         if not isinstance(arguments, str):  # some servers send an object, not JSON text
             arguments = json.dumps(arguments)
-        # Some servers leave the id out: the tool message must still answer the call.
-        calls.append(ToolCall(id=call.id or f"call_{n}", name=function.name, arguments=arguments))
+        # Some servers leave the id out: the tool message must still answer the call,
+        # and answer it alone, so the id made for it is none of the reply's others.
+        call_id = call.id or _unused_id(f"call_{n}", taken)
+        calls.append(ToolCall(id=call_id, name=function.name, arguments=arguments))
     return ModelReply(
         content=choice.message.content,
         tool_calls=calls,
         finish_reason=choice.finish_reason,
     )
+
+
+def _unused_id(wanted: str, taken: set[str]) -> str:
+    """``wanted``, or ``wanted_2``, ``wanted_3``...: the first not in ``taken``, now taken."""
+    candidate, n = wanted, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{wanted}_{n}"
+    taken.add(candidate)
+    return candidate
