@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sandkernel.doctor import check_model_endpoint
+from sandkernel import doctor
+from sandkernel.doctor import Check, check_model_endpoint
 
 
 class _Models(BaseHTTPRequestHandler):
@@ -62,3 +63,27 @@ def test_nothing_listening_is_reported_not_raised() -> None:
         port = probe.getsockname()[1]
     check = check_model_endpoint(f"http://127.0.0.1:{port}/v1", timeout_s=2)
     assert not check.ok and "--model-url" in (check.fix or "")
+
+
+def test_a_mistyped_url_is_reported_not_raised() -> None:
+    check = check_model_endpoint("http://127.0.0.1:8o80/v1", timeout_s=2)
+    assert not check.ok and not check.critical
+    assert (
+        check.detail == "http://127.0.0.1:8o80/v1/models is not a valid URL: Invalid port: '8o80'"
+    )
+    assert "--model-url" in (check.fix or "")
+
+
+def test_doctor_with_a_mistyped_url_warns_and_prints_every_check(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SANDKERNEL_DOCTOR", "")  # run_doctor sets it: put back after the test
+    prerequisites = [Check("python", True, "engine on Python 3.12"), Check("root", False, "euid 7")]
+    monkeypatch.setattr(doctor, "_prerequisites", lambda python: (prerequisites, None))
+    exit_code = doctor.run_doctor(model_url="http://127.0.0.1:8o80/v1")
+    printed = capsys.readouterr().out
+    assert "  [ok  ] python " in printed and "  [FAIL] root " in printed
+    assert (
+        "  [warn] model endpoint     http://127.0.0.1:8o80/v1/models is not a valid URL" in printed
+    )
+    assert exit_code == 1 and "result: UNSAFE or unusable: 2 check(s) failed" in printed

@@ -318,6 +318,10 @@ def check_model_endpoint(url: str, key: str | None = None, *, timeout_s: float =
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         response = httpx.get(target, headers=headers, timeout=timeout_s)
+    except httpx.InvalidURL as exc:  # a mistyped URL (port 8o80): not an HTTPError
+        invalid = f"{target} is not a valid URL: {exc}"
+        correct = "correct --model-url, e.g. http://127.0.0.1:8080/v1"
+        return Check("model endpoint", False, invalid, correct, critical=False)
     except httpx.HTTPError as exc:
         return Check("model endpoint", False, f"{target}: {exc}", fix, critical=False)
     if response.status_code == 401:
