@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from sandkernel import cli
 from sandkernel._solve_cli import _Progress, add_solve_parser, run_solve, solve_with_engine
+from sandkernel.errors import FileNotFoundInStore, ModelCallFailed
 from sandkernel.loop import LoopEvent, ModelReply, ToolCall
 from tests._model import ScriptedModel, in_order
-from tests.loop._support import EngineFactory, code, completion
+from tests.loop._support import EngineFactory, code, completion, produced
 
 
 @pytest.mark.sandbox
@@ -56,6 +58,64 @@ async def test_solve_prints_each_attempt_and_saves_the_chart(
     assert saved["summary.csv"].startswith(b",month,sales\ncount,2.0,2.0")
     pngs = [name for name, data in saved.items() if data.startswith(b"\x89PNG")]
     assert pngs == ["image-2-1.png"], sorted(saved)
+
+
+@pytest.mark.sandbox
+@pytest.mark.anyio
+async def test_solve_keeps_the_files_made_before_the_model_failed(
+    engine_factory: EngineFactory, tmp_path: Path
+) -> None:
+    engine = await engine_factory()
+    report = "open('/mnt/data/report.csv', 'w').write('a,b\\n1,2\\n')\nprint('saved')"
+    parser = argparse.ArgumentParser()
+    add_solve_parser(parser.add_subparsers(dest="command"))
+    out = io.StringIO()
+    # One reply, then the endpoint fails (500: the script has no more replies).
+    async with ScriptedModel(in_order(completion(None, [("c1", code(report))]))) as server:
+        args = parser.parse_args(
+            ["solve", "Make a report", "--base-url", server.base_url, "--model", "scripted"]
+            + ["--api-key", "sk-test", "--out", str(tmp_path / "out")]
+        )
+        with pytest.raises(ModelCallFailed, match="500"):
+            await solve_with_engine(args, engine, out=out, client_kwargs={"max_retries": 0})
+    assert len(server.requests) == 2
+    assert (tmp_path / "out" / "report.csv").read_text() == "a,b\n1,2\n"
+    printed = out.getvalue()
+    assert printed.endswith(
+        f"\nfiles saved in {tmp_path / 'out'}/ before the failure: report.csv\n"
+    )
+
+
+@pytest.mark.anyio
+async def test_files_that_cannot_be_saved_after_a_failure_are_listed_by_id(
+    tmp_path: Path,
+) -> None:
+    from sandkernel._solve_cli import _save_after_failure
+
+    class StoreGone:
+        async def download(self, file_id: str) -> bytes:
+            raise FileNotFoundInStore(f"no stored file {file_id}")
+
+    chart = produced("chart.png", "image/png", 10)
+    out = io.StringIO()
+    await _save_after_failure(StoreGone(), [chart], str(tmp_path / "out"), out)  # type: ignore[arg-type]
+    assert f"\n  {chart.id}  chart.png\n" in out.getvalue()
+    assert "sandkernel files get ID" in out.getvalue()
+
+
+def test_solve_with_a_base_url_that_is_no_url_says_so_before_a_sandbox_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    def no_engine(**kwargs: object) -> None:
+        raise AssertionError("a sandbox was started for a model that cannot be called")
+
+    monkeypatch.setattr("sandkernel.engine.Engine", no_engine)
+    url = "http://127.0.0.1:8o80/v1"  # the letter o for a zero
+    argv = ["solve", "Sum 1..10", "--base-url", url, "--model", "m", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("sandkernel: ")
+    assert f"base URL {url!r} is not a valid URL" in error and "8o80" in error
 
 
 def test_solve_parser_takes_the_documented_options(monkeypatch: pytest.MonkeyPatch) -> None:

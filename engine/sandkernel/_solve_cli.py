@@ -6,12 +6,14 @@
         --base-url http://127.0.0.1:8080/v1 --model qwen2.5-coder
 
 Each attempt is printed as it happens (the code, its status, a short output),
-then the model's answer; the files the code produced are saved to ``--out``.
+then the model's answer; the files the code produced are saved to ``--out``,
+also when the loop fails part way (the model stops answering).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -21,8 +23,10 @@ from sandkernel._cli_types import number
 from sandkernel.limits import MAX_TIMEOUT_S
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sandkernel.api import EngineAPI
-    from sandkernel.loop import LoopEvent, LoopResult
+    from sandkernel.loop import ChatModel, LoopEvent, LoopResult, OpenAIChatModel
     from sandkernel.results import ProducedFile
 
 SYSTEM_PROMPT = (
@@ -118,8 +122,20 @@ def run_solve(args: argparse.Namespace) -> int:
 async def _solve(args: argparse.Namespace) -> int:
     from sandkernel.engine import Engine
 
-    async with Engine(pool_size=1, policy=args.policy) as engine:
-        return await solve_with_engine(args, engine)
+    # The model's client first: a base URL that is no URL is said before a sandbox starts.
+    async with _chat_model(args) as model, Engine(pool_size=1, policy=args.policy) as engine:
+        return await solve_with_engine(args, engine, model=model)
+
+
+def _chat_model(
+    args: argparse.Namespace, client_kwargs: dict[str, Any] | None = None
+) -> OpenAIChatModel:
+    from sandkernel.loop import OpenAIChatModel
+
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    return OpenAIChatModel(
+        model=args.model, base_url=args.base_url, api_key=api_key, **(client_kwargs or {})
+    )
 
 
 async def solve_with_engine(
@@ -128,18 +144,63 @@ async def solve_with_engine(
     *,
     out: TextIO | None = None,
     client_kwargs: dict[str, Any] | None = None,
+    model: ChatModel | None = None,
 ) -> int:
     """The ``solve`` command on a running engine (the CLI starts one with ``pool_size=1``).
+
+    The files the code produced are saved to ``--out`` also when the loop
+    fails part way; the error is raised after that.
 
     Args:
         args: parsed by the parser :func:`add_solve_parser` adds.
         engine: a started engine.
         out: where progress and the answer are printed (default: stdout).
         client_kwargs: passed to ``AsyncOpenAI`` (``timeout``, ``max_retries``...).
+        model: the chat model to ask (default: an :class:`~sandkernel.loop.OpenAIChatModel`
+            made of ``args`` and ``client_kwargs``, closed at the end).
     """
-    from sandkernel.loop import OpenAIChatModel, run_loop
-
     stream = out if out is not None else sys.stdout
+    produced: list[ProducedFile] = []
+    progress = _Progress(stream, args.max_attempts)
+
+    def on_event(event: LoopEvent) -> None:
+        progress(event)
+        if event.result is not None:
+            produced.extend(event.result.files)
+
+    async with contextlib.AsyncExitStack() as owned:
+        if model is None:
+            model = await owned.enter_async_context(_chat_model(args, client_kwargs))
+        try:
+            result = await _run_in_a_session(args, engine, model, stream, on_event)
+        except Exception:
+            # The model (or the session) failed after the code made files: the
+            # user keeps them. The error itself is the caller's to report.
+            await _save_after_failure(engine, produced, args.out, stream)
+            raise
+    if result.answered:
+        print(f"\n=== answer ===\n{result.final_answer or '(empty answer)'}", file=stream)
+    else:
+        print(f"\n=== stopped ({result.outcome}) ===\n{result.message}", file=stream)
+        if result.final_answer:
+            print(f"The model's last words: {result.final_answer}", file=stream)
+    saved = await _save_files(engine, result.files, Path(args.out))
+    if saved:
+        print(f"\nfiles saved in {args.out}/: {', '.join(p.name for p in saved)}", file=stream)
+    stream.flush()
+    return 0 if result.answered else 1
+
+
+async def _run_in_a_session(
+    args: argparse.Namespace,
+    engine: EngineAPI,
+    model: ChatModel,
+    stream: TextIO,
+    on_event: Callable[[LoopEvent], None],
+) -> LoopResult:
+    """Upload ``--file``s to a new session and run the loop there; the session ends with it."""
+    from sandkernel.loop import run_loop
+
     session = await engine.session()
     try:
         uploaded = await _upload(engine, session.id, args.file, stream)
@@ -150,32 +211,38 @@ async def solve_with_engine(
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": task},
         ]
-        api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-        async with OpenAIChatModel(
-            model=args.model, base_url=args.base_url, api_key=api_key, **(client_kwargs or {})
-        ) as model:
-            result = await run_loop(
-                model,
-                messages,
-                session,
-                max_attempts=args.max_attempts,
-                tool_choice=args.tool_choice,
-                timeout_s=args.timeout,
-                on_event=_Progress(stream, args.max_attempts),
-            )
+        return await run_loop(
+            model,
+            messages,
+            session,
+            max_attempts=args.max_attempts,
+            tool_choice=args.tool_choice,
+            timeout_s=args.timeout,
+            on_event=on_event,
+        )
     finally:
         await session.close()
-    if result.answered:
-        print(f"\n=== answer ===\n{result.final_answer or '(empty answer)'}", file=stream)
+
+
+async def _save_after_failure(
+    engine: EngineAPI, files: list[ProducedFile], out_dir: str, stream: TextIO
+) -> None:
+    """Save ``files`` in ``out_dir`` and say so; if that fails too, list their ids."""
+    from sandkernel.errors import SandkernelError
+
+    if not files:
+        return
+    try:
+        saved = await _save_files(engine, files, Path(out_dir))
+    except (SandkernelError, OSError) as exc:
+        print(f"\nthe files could not be saved in {out_dir}/ ({exc}); get them with "
+              "`sandkernel files get ID`:", file=stream)  # fmt: skip
+        for file in _latest_versions(files):
+            print(f"  {file.id}  {file.name}", file=stream)
     else:
-        print(f"\n=== stopped ({result.outcome}) ===\n{result.message}", file=stream)
-        if result.final_answer:
-            print(f"The model's last words: {result.final_answer}", file=stream)
-    saved = await _save_files(engine, result, Path(args.out))
-    if saved:
-        print(f"\nfiles saved in {args.out}/: {', '.join(p.name for p in saved)}", file=stream)
+        names = ", ".join(p.name for p in saved)
+        print(f"\nfiles saved in {out_dir}/ before the failure: {names}", file=stream)
     stream.flush()
-    return 0 if result.answered else 1
 
 
 async def _upload(engine: EngineAPI, session_id: str, files: list[str], out: TextIO) -> list[str]:
@@ -190,11 +257,11 @@ async def _upload(engine: EngineAPI, session_id: str, files: list[str], out: Tex
     return names
 
 
-async def _save_files(engine: EngineAPI, result: LoopResult, out_dir: Path) -> list[Path]:
+async def _save_files(engine: EngineAPI, files: list[ProducedFile], out_dir: Path) -> list[Path]:
     """Save the files the code produced (its displayed images included) in ``out_dir``."""
     import asyncio
 
-    wanted = [(f.name, await engine.download(f.id)) for f in _latest_versions(result.files)]
+    wanted = [(f.name, await engine.download(f.id)) for f in _latest_versions(files)]
     return await asyncio.to_thread(_write_files, out_dir, wanted)
 
 
