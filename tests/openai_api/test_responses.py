@@ -8,7 +8,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import openai
@@ -93,6 +93,31 @@ async def test_code_runs_in_an_auto_container_and_its_file_is_cited(
     await anyio.to_thread.run_sync(exercise)
     assert daemon.clients.checked.bodies.count("response") >= 2
     assert "item:message" in daemon.clients.checked.bodies
+
+
+async def test_tool_calls_a_model_sent_without_ids_get_ids_of_their_own(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    no_id = cast(str, None)  # as some servers send them
+    script = in_order(
+        Reply(
+            calls=[(no_id, "python", json.dumps({"code": "print(1)"})), code_call("call_0", "2")]
+        ),
+        Reply(content="done"),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def exercise() -> Response:
+        return client.responses.create(model=DEPLOYMENT, tools=AUTO, input="Run it")
+
+    response = await anyio.to_thread.run_sync(exercise)
+    assert response.status == "completed" and response.output_text == "done"
+    assert daemon.model is not None
+    answered = [
+        m["tool_call_id"] for m in daemon.model.requests[1]["messages"] if m["role"] == "tool"
+    ]
+    assert len(answered) == 2 and len(set(answered)) == 2 and "call_0" in answered
 
 
 async def test_previous_response_continues_in_the_same_container(

@@ -269,7 +269,7 @@ def _reply_of(response: Any) -> ModelReply:
             arguments = json.dumps(arguments)
         # Some servers leave the id out: the tool message must still answer the call,
         # and answer it alone, so the id made for it is none of the reply's others.
-        call_id = call.id or _unused_id(f"call_{n}", taken)
+        call_id = call.id or unused_call_id(f"call_{n}", taken)
         calls.append(ToolCall(id=call_id, name=function.name, arguments=arguments))
     return ModelReply(
         content=choice.message.content,
@@ -278,8 +278,11 @@ def _reply_of(response: Any) -> ModelReply:
     )
 
 
-def _unused_id(wanted: str, taken: set[str]) -> str:
-    """``wanted``, or ``wanted_2``, ``wanted_3``...: the first not in ``taken``, now taken."""
+def unused_call_id(wanted: str, taken: set[str]) -> str:
+    """``wanted``, or ``wanted_2``, ``wanted_3``...: the first not in ``taken``, now taken.
+
+    The id made for a tool call a server sent without one: none of the reply's others.
+    """
     candidate, n = wanted, 1
     while candidate in taken:
         n += 1

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sandkernel.errors import ModelCallFailed
 from sandkernel.loop import ModelReply, ToolCall
+from sandkernel.loop.models import unused_call_id
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -165,12 +166,16 @@ class ChatEndpoint:
             raise ModelCallFailed(f"the chat model {request.model!r} replied with no choices")
         choice = response.choices[0]
         calls = []
-        for call in choice.message.tool_calls or []:
+        sent = choice.message.tool_calls or []
+        taken = {call.id for call in sent if call.id}
+        for n, call in enumerate(sent):
             function = getattr(call, "function", None)
             if function is None:  # a custom (non-function) tool call: not one of ours
                 continue
+            # Some servers leave the id out: the tool's answer still needs one of its own.
+            call_id = call.id or unused_call_id(f"call_{n}", taken)
             calls.append(
-                ToolCall(id=call.id, name=function.name, arguments=_text(function.arguments))
+                ToolCall(id=call_id, name=function.name, arguments=_text(function.arguments))
             )
         usage = response.usage
         return ChatTurn(
@@ -215,8 +220,13 @@ class ChatEndpoint:
                                 call["args"].append(part.function.arguments)
                     if choice.finish_reason is not None:
                         got.finish_reason = choice.finish_reason
+        taken = {c["id"] for c in got.calls.values() if c["id"]}
         calls = [
-            ToolCall(id=c["id"] or f"call-{i}", name=c["name"], arguments="".join(c["args"]))
+            ToolCall(
+                id=c["id"] or unused_call_id(f"call_{i}", taken),
+                name=c["name"],
+                arguments="".join(c["args"]),
+            )
             for i, c in sorted(got.calls.items())
         ]
         return ChatTurn(
