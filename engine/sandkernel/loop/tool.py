@@ -33,7 +33,7 @@ def python_tool(*, available_modules: Sequence[str] = DEFAULT_AVAILABLE_MODULES)
         "(charts, CSV, Excel...): files saved in /mnt/data are returned to the user. "
         "There is no internet access, so pip install does not work; installed besides the "
         f"standard library: {libraries}. Each call has a time limit and a memory limit. "
-        "The result starts with a status line (ok, error, timeout, oom, dead), then "
+        "The result starts with a status line (ok, error, timeout, oom, killed, dead), then "
         "stdout and stderr (long output is cut in the middle), the value of the last "
         "expression, images displayed (plt.show()), the traceback of your code if it "
         "failed, and the files created. If the code fails, read the error, fix the code "
