@@ -121,6 +121,8 @@ async def test_max_attempts_stops_a_model_that_never_fixes_its_code(
     assert result.message is not None and "stopped after 2 code executions" in result.message
     assert result.attempts == 2 and [r.status for r in result.executions] == ["error", "error"]
     assert len(server.requests) == 3  # asked once more after the last execution, no more
+    # ... for its answer: no tool call may come of it
+    assert [r["tool_choice"] for r in server.requests] == ["auto", "auto", "none"]
     messages = tool_messages(result.transcript)
     assert "last code execution allowed (2)" in messages[1]
     assert messages[2].startswith("Not run: the limit of 2 code executions")

@@ -93,9 +93,10 @@ async def run_loop(
     reads the error and tries again. The loop ends when the model replies
     without a tool call (``answered``). Every tool call counts as an attempt,
     malformed ones included (they get a message explaining the expected
-    arguments). After the last allowed attempt the model is asked once more so
-    it can answer; if it asks to run code again, the loop ends with
-    ``max_attempts``, so the model is called at most ``max_attempts + 1`` times.
+    arguments). After the last allowed attempt the model is asked once more,
+    with ``tool_choice="none"``, so it answers; if it asks to run code again,
+    the loop ends with ``max_attempts``, so the model is called at most
+    ``max_attempts + 1`` times.
 
     A kernel that dies (out of memory, killed) is replaced on the next run and
     the model is told its variables are gone.
@@ -230,6 +231,10 @@ async def run_loop(
             )
         if choice == "required":
             choice = "auto"
+        if attempts >= max_attempts:
+            # The call after the last execution is for the answer: told so (a model
+            # that calls the tool all the same still ends the loop, above).
+            choice = "none"
 
 
 def _code_of(call: ToolCall) -> tuple[str | None, str]:
