@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import queue
-import re
 import secrets
 import signal
 import time
@@ -31,7 +30,14 @@ from sandkernel.limits import MAX_TIMEOUT_S, check_code_text
 from sandkernel.messages import MessageSession
 from sandkernel.policy import Policy
 from sandkernel.provisioner import IPC_NAME, SandboxProvisioner
-from sandkernel.results import DisplayOutput, ErrorInfo, ExecutionResult, Status, Usage
+from sandkernel.results import (
+    DisplayOutput,
+    ErrorInfo,
+    ExecutionResult,
+    Status,
+    Usage,
+    strip_ansi,
+)
 from sandkernel.sandbox import (
     SELF_CHECK_PROBE,
     CgroupUsage,
@@ -45,7 +51,6 @@ from sandkernel.sandbox.cgroups import UsageReader
 from sandkernel.sandbox.zygote import Zygote, verify_forked
 
 KERNEL_NAME = "sandkernel-python"
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _POLL_S = 0.2  # how often a waiting execute checks that the kernel still lives
 _IOPUB_BATCH = 64  # IOPub messages taken at once before the event loop runs again
 #: The most a cell keeps of its displays and value, in the bytes the kernel sent.
@@ -104,10 +109,6 @@ def _forget_names(modules: Iterable[str]) -> str:
     """``del`` the top-level names the prewarm imports bound, so the user starts clean."""
     names = list(dict.fromkeys(m.split(".")[0] for m in modules))
     return "\n".join(f"globals().pop({n!r}, None)" for n in names)
-
-
-def strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
 
 
 class _Capped:

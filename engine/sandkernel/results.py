@@ -6,6 +6,7 @@ set and says what happened; the other fields say what was seen.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +15,13 @@ Status = Literal["ok", "error", "timeout", "oom", "killed", "dead"]
 
 #: Statuses after which the kernel is gone (its variables are lost).
 KERNEL_LOST: frozenset[str] = frozenset({"oom", "killed", "dead"})
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without its terminal colour and cursor codes (ANSI CSI sequences)."""
+    return _ANSI.sub("", text)
 
 
 class _Model(BaseModel):

@@ -264,3 +264,12 @@ def test_output_left_out_by_a_cap_is_not_no_output() -> None:
     for left_out in ({"displays_truncated": True}, {"files_truncated": True}):
         text = format_result(make_result(status="ok", **left_out), budget_chars=2000)
         assert text.splitlines()[0] == "Status: ok", left_out
+
+
+def test_colour_codes_in_the_output_do_not_reach_the_model() -> None:
+    result = make_result(
+        status="ok", stdout="\x1b[31mred\x1b[0m plain\n", stderr="\x1b[1;33mwarn\x1b[0m\n"
+    )
+    text = format_result(result)
+    assert "\x1b" not in text
+    assert "--- stdout ---\nred plain" in text and "--- stderr ---\nwarn" in text

@@ -15,7 +15,13 @@ from typing import Any
 
 from sandkernel.loop.tool import DEFAULT_AVAILABLE_MODULES
 from sandkernel.loop.tracebacks import user_traceback
-from sandkernel.results import KERNEL_LOST, DisplayOutput, ExecutionResult, ProducedFile
+from sandkernel.results import (
+    KERNEL_LOST,
+    DisplayOutput,
+    ExecutionResult,
+    ProducedFile,
+    strip_ansi,
+)
 
 _DF_FOOTER = re.compile(r"\n\[(\d+) rows x (\d+) columns\]\s*$")
 _DF_HTML = re.compile(r"<table\b[^>]*\bclass=\"[^\"]*\bdataframe\b")
@@ -122,11 +128,12 @@ def _one_line(text: str, limit: int) -> str:
 def _variable_parts(result: ExecutionResult) -> list[_Part]:
     parts: list[_Part] = []
     display_files = [f for f in result.files if f.source == "display"]
+    # Colour codes (a library's coloured log, a progress bar) are noise to a model.
     if result.stdout:
-        stdout = result.stdout.removesuffix("\n")
+        stdout = strip_ansi(result.stdout).removesuffix("\n")
         parts.append(_Part("stdout", stdout, _full_stream_file(result, "stdout")))
     if result.stderr:
-        stderr = result.stderr.removesuffix("\n")
+        stderr = strip_ansi(result.stderr).removesuffix("\n")
         parts.append(_Part("stderr", stderr, _full_stream_file(result, "stderr")))
     if result.displays or result.displays_truncated:
         lines = [_render_bundle(d, display_files, "displayed") for d in result.displays]
