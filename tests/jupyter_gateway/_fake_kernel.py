@@ -136,6 +136,8 @@ class FakeLink:
         self.collected: list[bool] = []
         #: per call to ``collect``: the displays it was given to store
         self.displays: list[list[DisplayOutput]] = []
+        #: calls to ``collect`` that ran to their end (not cancelled)
+        self.stored = 0
 
     @property
     def session_id(self) -> str:
@@ -172,6 +174,7 @@ class FakeLink:
         self.displays.append(list(displays))
         self.collecting.set()
         await self.collect_gate.wait()
+        self.stored += 1
         return []
 
     def ended_because(self, fallback: str) -> str:

@@ -260,3 +260,35 @@ async def test_a_client_reconnecting_with_its_session_id_gets_what_it_missed(
         fresh = await client.connect(kernel_id, session_id="new")
         assert (await fresh.execute("print('now')")).stdout == "now\n"
         assert not any(m["parent_header"].get("msg_id") == msg_id for m in fresh.seen)
+
+
+async def test_a_kernel_info_request_while_a_cell_runs_leaves_the_kernel_busy(
+    gateway: Gateway,
+) -> None:
+    """JupyterLab sends one on every connect; Jupyter Server's state ignores its status."""
+    async with GatewayClient(gateway) as client:
+        kernel_id = await client.start_kernel()
+        runner = await client.connect(kernel_id)
+        # Running until the test answers its input(): busy all that time.
+        msg_id = await runner.send(execute_request("value = input('go? ')", allow_stdin=True))
+        request = await runner.until(lambda m: m["header"]["msg_type"] == "input_request")
+        if not any(is_status("busy")(m) for m in runner.seen):  # IOPub travels apart
+            await runner.until(is_status("busy"))
+        assert (await client.kernel(kernel_id))["execution_state"] == "busy"
+        newcomer = await client.connect(kernel_id)
+        info_id = await newcomer.send(message("kernel_info_request", {}, channel="control"))
+
+        def of_info(m: dict[str, Any]) -> bool:
+            return bool(m["parent_header"].get("msg_id") == info_id)
+
+        info = await newcomer.until(lambda m: of_info(m) and m["channel"] == "control")
+        assert info["content"]["status"] == "ok"
+        # Its idle too (the reply and the idle travel apart: either may come first).
+        if not any(of_info(m) and is_status("idle")(m) for m in newcomer.seen):
+            await newcomer.until(lambda m: of_info(m) and is_status("idle")(m))
+        assert (await client.kernel(kernel_id))["execution_state"] == "busy"
+        answer = message("input_reply", {"value": "yes"}, channel="stdin")
+        answer["parent_header"] = request["header"]
+        await runner.send(answer)
+        assert (await runner.result_of(msg_id)).status == "ok"
+        assert (await client.kernel(kernel_id))["execution_state"] == "idle"

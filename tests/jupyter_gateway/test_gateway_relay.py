@@ -26,7 +26,6 @@ from sandkernel.jupyter_gateway.codec import encode as codec_encode
 from sandkernel.jupyter_gateway.kernels import GatewayKernels
 from sandkernel.jupyter_gateway.relay import (
     _CONNECTION_BYTES,
-    _CONNECTION_QUEUE,
     CLOSE_TOO_SLOW,
     Connection,
     _handshake,
@@ -103,13 +102,22 @@ def _stream(text: str) -> WireMessage:
     )
 
 
-async def test_a_client_too_slow_for_its_messages_is_closed_and_its_writer_ends() -> None:
+async def test_a_client_too_slow_for_many_small_messages_is_closed_and_its_writer_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bound = 1 << 16
+    monkeypatch.setattr(relay_module, "_CONNECTION_BYTES", bound)
     ws = FakeWebSocket(stuck=True)
     connection = Connection(cast(WebSocket, ws), None, None)
     writer = asyncio.ensure_future(connection.write_loop())
-    # One frame in the stuck send, a full queue, then one too many.
-    for _ in range(_CONNECTION_QUEUE + 2):
-        connection.send(_stream("x"))
+    small = _stream("x")
+    frame = len(codec_encode(small, None))
+    # Fewer bytes than the bound (and far fewer frames than any count a client might be
+    # closed at), but more once each frame's upkeep is counted: a client is closed for
+    # what it costs to keep.
+    count = bound // frame - 1
+    for _ in range(count):
+        connection.send(small)
     async with asyncio.timeout(DEADLINE_S):
         await writer
     assert connection.closed
@@ -117,11 +125,29 @@ async def test_a_client_too_slow_for_its_messages_is_closed_and_its_writer_ends(
     assert ws.close_code == CLOSE_TOO_SLOW
 
 
+async def test_a_client_is_not_closed_for_the_count_of_its_frames_below_the_byte_bound() -> None:
+    """The README's promise: closed once 64 MiB behind, not at some count of small messages."""
+    ws = FakeWebSocket(stuck=True)
+    connection = Connection(cast(WebSocket, ws), None, None)
+    writer = asyncio.ensure_future(connection.write_loop())
+    for _ in range(30_000):  # a cell's `for i in range(30_000): display(i)`
+        connection.send(_stream("x"))
+    assert not connection.closed
+    ws.reading.set()
+    for _ in range(30_000):
+        async with asyncio.timeout(DEADLINE_S):
+            await ws.frames.get()
+    connection.close()
+    async with asyncio.timeout(DEADLINE_S):
+        await writer
+    assert ws.close_code == 1000
+
+
 async def test_a_client_too_slow_for_the_bytes_of_its_messages_is_closed() -> None:
     ws = FakeWebSocket(stuck=True)
     connection = Connection(cast(WebSocket, ws), None, None)
     writer = asyncio.ensure_future(connection.write_loop())
-    # Far fewer frames than the queue takes, but more bytes than a client may owe.
+    # A few frames, but more bytes than a client may owe.
     big = _stream("x" * (1 << 20))
     for _ in range((_CONNECTION_BYTES >> 20) + 2):
         connection.send(big)
@@ -168,10 +194,10 @@ async def test_what_a_gone_client_missed_is_kept_within_a_byte_bound(
         await watcher.until(lambda m: m.content.get("text") == "last")
         back = harness.client(session_id="away")
         texts = []
-        while len(texts) < 3:
-            texts.append((await back.next()).content["text"][:1])
-        # The first ones, as many as fit; not the other 7, nor "last".
-        assert texts == ["0", "1", "2"]
+        while len(texts) < 4:
+            texts.append((await back.next()).content["text"].rstrip("x"))
+        # The latest ones, as many as fit (a cell's last output, its error, matter most).
+        assert texts == ["7", "8", "9", "last"]
         assert back.ws.frames.empty()
 
 
@@ -277,8 +303,9 @@ async def test_the_websocket_handler_ends_when_its_slow_client_is_closed() -> No
         async with asyncio.timeout(DEADLINE_S):
             await reading.wait()
         assert relay.connection_count == 1
-        for _ in range(_CONNECTION_QUEUE + 2):
-            relay.broadcast(_stream("x"))
+        big = _stream("x" * (1 << 20))
+        for _ in range((_CONNECTION_BYTES >> 20) + 2):
+            relay.broadcast(big)
         # Waited for, not cancelled: a cancelled handler would still wait for its writer.
         done, _ = await asyncio.wait({handler}, timeout=DEADLINE_S)
         assert handler in done, "the handler did not end"
@@ -1059,3 +1086,221 @@ async def test_a_request_reusing_another_clients_pending_msg_id_is_refused_to_it
             m.msg_type == "execute_reply" and m.parent_id == cell["header"]["msg_id"]
             for m in thief.seen
         )
+
+
+# -- a cell's files are stored before clients see it end ----------------------------------
+
+
+async def test_a_cells_idle_comes_after_its_reply_once_its_files_are_stored() -> None:
+    """A client that takes the idle for the cell's end (Open WebUI) finds its files stored."""
+    async with fake_relay() as harness:
+        client = harness.client()
+        kernel, link = harness.kernel, harness.link
+        link.collect_gate.clear()
+        first = await client.execute("open('/mnt/data/a.csv', 'w').write('a')")
+        second = await client.execute("print('next')")
+        got, got_next = await kernel.receive(), await kernel.receive()
+        first_id = first["header"]["msg_id"]
+        kernel.status("busy", got)
+        kernel.status("idle", got)
+        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        # Storing begins once the cell's idle came: the relay has it by now.
+        async with asyncio.timeout(DEADLINE_S):
+            await link.collecting.wait()
+        # The kernel goes on with the next cell meanwhile.
+        kernel.status("busy", got_next)
+        kernel.publish("stream", {"name": "stdout", "text": "next\n"}, got_next)
+        harness.relay.broadcast(_stream("marker"))  # straight to the clients
+        await client.until(lambda m: m.content.get("text") == "marker")
+        assert not any(status_is("idle", first_id)(m) or reply_to(first)(m) for m in client.seen)
+        link.collect_gate.set()
+        await client.until(lambda m: m.content.get("text") == "next\n")
+        assert link.stored == 1
+        seen = client.seen
+        [reply] = [i for i, m in enumerate(seen) if reply_to(first)(m)]
+        [idle] = [i for i, m in enumerate(seen) if status_is("idle", first_id)(m)]
+        [busy_next] = [
+            i for i, m in enumerate(seen) if status_is("busy", got_next["header"]["msg_id"])(m)
+        ]
+        # In the order the kernel sent them: the reply, its idle, then the next cell.
+        assert reply < idle < busy_next
+        assert second["header"]["msg_id"] == got_next["header"]["msg_id"]
+
+
+@pytest.mark.parametrize("end", ["shutdown", "restart"])
+async def test_a_delete_or_restart_as_a_cell_ends_waits_for_its_files_to_be_stored(
+    end: str,
+) -> None:
+    async with fake_relay() as harness:
+        client = harness.client()
+        link = harness.link
+        request = await answered_while_storing(harness, client)
+        ending = asyncio.ensure_future(getattr(harness.relay, end)())
+        # Runs after the delete's (or restart's) first step: one that does not wait
+        # for the cell would cancel storing its files before this lets it end.
+        link.collect_gate.set()
+        async with asyncio.timeout(DEADLINE_S):
+            await ending
+        assert link.stored == 1
+        assert (await client.until(reply_to(request))).content["status"] == "ok"
+        await client.until(status_is("idle", request["header"]["msg_id"]))
+        if end == "restart":
+            # ...all of it before the fresh kernel starts.
+            await client.until(status_is("starting"))
+
+
+async def test_output_held_behind_a_storing_cells_idle_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "_MAX_HELD", 5)
+    async with fake_relay() as harness:
+        client = harness.client()
+        kernel, link = harness.kernel, harness.link
+        request = await answered_while_storing(harness, client)  # held: its files are storing
+        for n in range(5):  # the idle and these make one more than the bound
+            kernel.publish("stream", {"name": "stdout", "text": f"{n}"})
+        # All of it goes out, though storing the cell's files has not ended.
+        await client.until(lambda m: m.content.get("text") == "4")
+        assert any(status_is("idle", request["header"]["msg_id"])(m) for m in client.seen)
+        assert link.stored == 0
+        link.collect_gate.set()
+        await client.until(reply_to(request))
+
+
+# -- a client that comes back gets its answers ---------------------------------------------
+
+
+async def test_a_client_closed_as_too_slow_gets_its_queued_reply_and_what_followed_on_return(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "_CONNECTION_BYTES", 1 << 20)
+    async with fake_relay() as harness:
+        kernel = harness.kernel
+        slow = harness.client(session_id="lab", stuck=True)
+        watcher = harness.client()
+        reply_queued = asyncio.Event()
+        send = slow.connection.send
+
+        def noting(msg: WireMessage) -> None:
+            send(msg)
+            if msg.channel == "shell":
+                reply_queued.set()
+
+        monkeypatch.setattr(slow.connection, "send", noting)
+        request = await slow.request("kernel_info_request")
+        got = await kernel.receive()
+        chunk = "x" * (600 << 10)
+        kernel.publish("stream", {"name": "stdout", "text": "1" + chunk})
+        await kernel.reply(got, "kernel_info_reply", {"status": "ok"})
+        async with asyncio.timeout(DEADLINE_S):
+            await reply_queued.wait()  # behind output the client does not read
+        assert not slow.connection.closed
+        kernel.publish("stream", {"name": "stdout", "text": "2" + chunk})  # one too many
+        assert await slow.closed() == CLOSE_TOO_SLOW
+        # Until the socket's handler ends (later), what the kernel says is kept for it.
+        kernel.status("busy")
+        kernel.publish("stream", {"name": "stdout", "text": "after"})
+        await watcher.until(lambda m: m.content.get("text") == "after")
+        harness.relay.disconnect(slow.connection)
+        back = harness.client(session_id="lab")
+        assert (await back.until(reply_to(request))).content == {"status": "ok"}
+        rest = [await back.next() for _ in range(3)]
+        assert [m.content.get("text", "")[:1] for m in rest] == ["2", "", "a"]
+        assert status_is("busy")(rest[1])
+        assert back.ws.frames.empty()
+
+
+async def test_what_a_gone_client_missed_keeps_its_reply_and_statuses_over_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "_MAX_MISSED_MESSAGES", 5)
+    async with fake_relay() as harness:
+        kernel = harness.kernel
+        away = harness.client(session_id="away")
+        watcher = harness.client()
+        request = await away.execute("for i in range(20): display(i)")
+        msg_id = request["header"]["msg_id"]
+        got = await kernel.receive()
+        harness.relay.disconnect(away.connection)
+        kernel.status("busy", got)
+        for n in range(20):
+            kernel.publish("display_data", {"data": {"text/plain": str(n)}, "metadata": {}}, got)
+        kernel.status("idle", got)
+        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        await watcher.until(status_is("idle", msg_id))  # the reply went before it
+        back = harness.client(session_id="away")
+        kept = [await back.next() for _ in range(8)]
+        assert back.ws.frames.empty()
+        assert status_is("busy", msg_id)(kept[0])
+        # The latest output, as much as is kept; then what ends the cell, always.
+        assert [m.content["data"]["text/plain"] for m in kept[1:6]] == [
+            "15",
+            "16",
+            "17",
+            "18",
+            "19",
+        ]
+        assert reply_to(request)(kept[6]) and kept[6].content["status"] == "ok"
+        assert status_is("idle", msg_id)(kept[7])
+
+
+# -- the kernel's execution_state, as the REST model says it -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("msg_type", "channel"),
+    [("kernel_info_request", "control"), ("comm_info_request", "shell")],
+)
+async def test_a_request_not_tracked_by_jupyter_server_leaves_a_running_kernel_busy(
+    msg_type: str, channel: str
+) -> None:
+    """JupyterLab asks for kernel_info on every connect, ipywidgets for comm_info."""
+    async with fake_relay() as harness:
+        kernel, relay = harness.kernel, harness.relay
+        runner, other = harness.client(), harness.client()
+        cell = await runner.execute("import time; time.sleep(60)")
+        got = await kernel.receive()
+        kernel.status("busy", got)
+        await other.until(status_is("busy", cell["header"]["msg_id"]))
+        assert GatewayKernels.model(relay)["execution_state"] == "busy"
+        request = await other.request(msg_type, channel)
+        asked = await kernel.receive(channel)
+        kernel.status("busy", asked)
+        kernel.status("idle", asked)
+        await kernel.reply(asked, msg_type.replace("_request", "_reply"), {"status": "ok"}, channel)
+        # Both relayed (the reply and the idle travel apart: either may come first).
+        idle = status_is("idle", request["header"]["msg_id"])
+        await other.until(reply_to(request))
+        if not any(idle(m) for m in other.seen):
+            await other.until(idle)
+        assert GatewayKernels.model(relay)["execution_state"] == "busy"
+        kernel.status("idle", got)
+        await kernel.reply(got, "execute_reply", {"status": "ok", "execution_count": 1})
+        await runner.until(status_is("idle", cell["header"]["msg_id"]))
+        assert GatewayKernels.model(relay)["execution_state"] == "idle"
+
+
+async def test_a_client_back_with_its_session_id_gets_the_replies_its_stale_socket_had_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with fake_relay() as harness:
+        kernel = harness.kernel
+        stale = harness.client(session_id="same", stuck=True)  # its network went away
+        reply_queued = asyncio.Event()
+        send = stale.connection.send
+
+        def noting(msg: WireMessage) -> None:
+            send(msg)
+            if msg.channel == "shell":
+                reply_queued.set()
+
+        monkeypatch.setattr(stale.connection, "send", noting)
+        request = await stale.request("kernel_info_request")
+        got = await kernel.receive()
+        kernel.publish("stream", {"name": "stdout", "text": "never read"})
+        await kernel.reply(got, "kernel_info_reply", {"status": "ok"})
+        async with asyncio.timeout(DEADLINE_S):
+            await reply_queued.wait()
+        new = harness.client(session_id="same")
+        assert await stale.closed() == 1000
+        assert (await new.until(reply_to(request))).content == {"status": "ok"}

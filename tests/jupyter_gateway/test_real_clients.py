@@ -417,3 +417,28 @@ async def test_open_webui_gets_an_error(target: Target) -> None:
     result = await open_webui_execute(target.url, "print('before')\n1 / 0", target.token)
     assert result["stdout"] == "before", result
     assert "ZeroDivisionError" in result["stderr"], result
+
+
+@pytest.mark.anyio
+async def test_open_webui_finds_the_files_its_cell_wrote_stored(target: Target) -> None:
+    """Open WebUI deletes the kernel at the cell's idle: what the cell wrote is stored anyway."""
+    if not target.sandboxed:
+        pytest.skip("/v1/sessions/{id}/files is sandkernel's API")
+    code = (
+        "open('/mnt/data/answer.csv', 'w').write('month,sales\\njan,3\\n')\n"
+        "open('/mnt/data/model.bin', 'wb').write(bytes(50 << 20))\n"  # takes a while to store
+        "print('saved')"
+    )
+    result = await open_webui_execute(target.url, code, target.token, timeout_s=90)
+    assert result["stdout"] == "saved", result
+    async with httpx.AsyncClient(base_url=target.url, timeout=10) as http:
+        kernel = await http.get(f"/api/kernels/{result['kernel_id']}", headers=target.headers)
+        listed = await http.get(
+            f"/v1/sessions/{result['kernel_id']}/files",
+            headers={"Authorization": f"Bearer {target.token}"},
+        )
+    assert kernel.status_code == 404, "the kernel was not deleted"
+    assert listed.status_code == 200, listed.text
+    sizes = {f["name"]: f["size_bytes"] for f in listed.json()["data"]}
+    assert sizes.get("answer.csv") == len("month,sales\njan,3\n"), sizes
+    assert sizes.get("model.bin") == 50 << 20, sizes

@@ -28,19 +28,24 @@ request it answers. What the engine enforces on its own cells holds here too:
   gets an ``error`` and an ``execute_reply``, then every connection gets IOPub
   ``status: dead``; the kernel is never used again (a restart is a fresh
   sandbox, and what clients send while it comes is held for it);
-- after each ``execute_reply`` the files the cell wrote under ``/mnt/data``
-  and the images it displayed are stored, as after a cell of the session API.
+- the files a cell wrote under ``/mnt/data`` and the images it displayed are
+  stored, as after a cell of the session API, before clients get its reply
+  or its ``idle`` (the kernel's IOPub waits behind that ``idle`` meanwhile,
+  so that it all comes in the order the kernel sent it); a delete or a
+  restart of the kernel waits for the cells that ended to be stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,17 +68,40 @@ log = logging.getLogger(__name__)
 #: session; its end itself is awaited, and told at once.
 _RECHECK_S: Final = 2.0
 _SEND_TIMEOUT_S: Final = 5.0  # a kernel that takes no message in this long is not waited for
-_CONNECTION_QUEUE: Final = 10_000  # frames a slow connection may have pending, then it is closed
-_CONNECTION_BYTES: Final = 64 << 20  # and bytes: output is the kernel's to size, not the client's
+#: What a slow connection may have pending, then it is closed: output is the
+#: kernel's to size, not the client's. Bytes only, each frame counted with what
+#: keeping it costs (``_FRAME_UPKEEP``), so that many small frames count too.
+_CONNECTION_BYTES: Final = 64 << 20
+_FRAME_UPKEEP: Final = 64  # a queued frame's object and queue slot, about
 _MAX_ROUTES: Final = 10_000  # requests remembered to route their replies
 _MAX_CELLS: Final = 10_000  # cells waiting to run or for their reply, per kernel
 #: what a made-up answer takes of a request's header (the rest is not kept)
 _PARENT_FIELDS: Final = ("msg_id", "msg_type", "session", "username", "date", "version")
 _IOPUB_QUEUE: Final = 1000  # IOPub messages waiting for the relay; past it, dropped (zmq's HWM)
 _IDLE_AFTER_REPLY_S: Final = 5.0  # how long a reply waits for its cell's last IOPub message
+#: IOPub held behind a cell's idle while its files are stored (see KernelRelay._hold);
+#: past it, all of it goes out at once
+_MAX_HELD: Final = 1000
 _MAX_MISSED_SESSIONS: Final = 8  # disconnected clients whose messages are kept for them
-_MAX_MISSED_MESSAGES: Final = 1000  # kept per disconnected client, the first ones
-_MAX_MISSED_BYTES: Final = 16 << 20  # and at most this much of them
+#: Output kept per disconnected client, the latest (the oldest goes first)...
+_MAX_MISSED_MESSAGES: Final = 1000
+_MAX_MISSED_BYTES: Final = 16 << 20  # ...and at most this much of it
+#: Its answers (replies, input requests, statuses: what ends its cells), kept
+#: beside the output and never dropped for it; bounded on their own.
+_MAX_MISSED_ANSWERS: Final = 4000
+_MAX_MISSED_ANSWER_BYTES: Final = 16 << 20
+#: Status messages whose parent is one of these do not change the kernel's
+#: ``execution_state``: Jupyter Server's ``untracked_message_types`` (a client's
+#: kernel_info_request while a cell runs must not make the kernel look idle).
+_UNTRACKED_PARENTS: Final = frozenset(
+    {
+        "comm_info_request",
+        "kernel_info_request",
+        "shutdown_request",
+        "interrupt_request",
+        "debug_request",
+    }
+)
 #: A cell's displayed images kept until its reply, to be stored (the store's own
 #: cap is 100 files a cell): what the kernel displays is the kernel's to size.
 _CELL_IMAGES: Final = 100
@@ -81,6 +109,8 @@ _CELL_IMAGE_BYTES: Final = 64 << 20
 _DRAIN_S: Final = 10.0  # how long a dead kernel's last messages may take to be relayed
 _DRAIN_MAX: Final = 2000  # of a dead kernel's last messages, relayed per socket at most
 _COLLECT_DEAD_S: Final = 5.0  # how long storing a dead kernel's unanswered cell's files may take
+#: How long a delete or a restart waits for the cells that ended to be stored and answered.
+_SETTLE_S: Final = 10.0
 _CLOSE_FLUSH_S: Final = 2.0  # how long a closed connection's queued frames may take to go out
 _CLOSE_S: Final = 5.0  # how long closing a WebSocket is waited for
 #: The close code of a client too slow for its messages: "try again later".
@@ -107,29 +137,47 @@ def _size(msg: WireMessage) -> int:
     return content + sum(len(b) for b in msg.buffers)
 
 
+def _is_answer(msg: WireMessage) -> bool:
+    """What ends a client's requests and cells (replies, input requests, statuses), not output."""
+    return msg.channel != "iopub" or msg.header.get("msg_type") == "status"
+
+
 class Connection:
     """One client's WebSocket on a kernel; frames to it go through a bounded queue.
 
     :meth:`write_loop` sends them, and once the connection is closed (or the
     client is gone) closes the socket and returns, whatever the client does:
-    the WebSocket's handler ends with it.
+    the WebSocket's handler ends with it. The answers among the frames not
+    yet sent (see :meth:`take_unsent_answers`) can go to the client's next
+    connection instead.
     """
 
     def __init__(self, websocket: WebSocket, protocol: str | None, session_id: str | None) -> None:
         self.websocket = websocket
         self.protocol = protocol
         self.session_id = session_id
-        self._queue: asyncio.Queue[str | bytes] = asyncio.Queue(_CONNECTION_QUEUE)
+        # Bounded by bytes (_CONNECTION_BYTES), not by a count of frames.
+        self._queue: asyncio.Queue[str | bytes] = asyncio.Queue()
         self._queued_bytes = 0
+        self._queued = 0  # frames queued so far
+        self._sent = 0  # ...and sent
+        #: the answers among the queued frames, each with its frame's number
+        self._answers: deque[tuple[int, WireMessage]] = deque()
         self._stopped = asyncio.Event()
         self._close_code = 1000
         self._flush = True
         self.closed = False
         #: the connection of the same client that replaced this one, if any
         self.replaced_by: Connection | None = None
+        #: told (at once, before the close) when the connection is closed as too slow
+        self.on_too_slow: Callable[[Connection], None] | None = None
 
     def send(self, msg: WireMessage) -> None:
-        """Queue a message; a connection too slow to take its messages is closed."""
+        """Queue a message; a connection too slow to take its messages is closed.
+
+        Closed so, it takes no more (nor ``msg``): :attr:`on_too_slow` is told,
+        and the client's messages from then on are the relay's to keep for it.
+        """
         if self.closed:
             return
         try:
@@ -137,17 +185,29 @@ class Connection:
         except Exception:  # noqa: BLE001 - one connection's failure is not the others'
             log.exception("a message for a WebSocket client could not be encoded; not sent")
             return
-        if self._queued_bytes + len(frame) > _CONNECTION_BYTES and self._queued_bytes:
+        size = len(frame) + _FRAME_UPKEEP
+        if self._queued_bytes + size > _CONNECTION_BYTES and self._queued_bytes:
             log.warning("a WebSocket client of a kernel is too slow for its output; closing it")
             self.close(CLOSE_TOO_SLOW, flush=False)
+            if self.on_too_slow is not None:
+                self.on_too_slow(self)
             return
-        try:
-            self._queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            log.warning("a WebSocket client of a kernel is too slow; closing it")
-            self.close(CLOSE_TOO_SLOW, flush=False)
-            return
-        self._queued_bytes += len(frame)
+        self._queue.put_nowait(frame)
+        if _is_answer(msg):
+            self._answers.append((self._queued, msg))
+        self._queued += 1
+        self._queued_bytes += size
+
+    def take_unsent_answers(self) -> list[WireMessage]:
+        """The answers queued and not sent yet (one being sent included); taken once.
+
+        For a connection that will send no more: its client gets them on its
+        next connection. One that was being sent as it closed may reach the
+        client twice; clients ignore a reply or status they have had.
+        """
+        answers = [msg for _, msg in self._answers]
+        self._answers.clear()
+        return answers
 
     def close(self, code: int = 1000, *, flush: bool = True) -> None:
         """Stop sending and close the socket with ``code``.
@@ -209,8 +269,12 @@ class Connection:
                     else:
                         await self.websocket.send_bytes(frame)
                 finally:
-                    self._queued_bytes -= len(frame)
+                    self._queued_bytes -= len(frame) + _FRAME_UPKEEP
                     self._queue.task_done()
+                self._sent += 1
+                answers = self._answers
+                while answers and answers[0][0] < self._sent:
+                    answers.popleft()
 
 
 @dataclass
@@ -227,6 +291,47 @@ class _Cell:
     collected: bool = False  # its files are stored (or being stored): once is all
     done: asyncio.Event = field(default_factory=asyncio.Event)  # its reply or its idle came
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # its IOPub idle came
+    answered: asyncio.Event = field(default_factory=asyncio.Event)  # its reply went to clients
+
+
+class _Missed:
+    """What the kernel said while a client (a ``session_id``) was away, kept for it, bounded.
+
+    Its answers (replies, input requests, statuses: what ends its requests
+    and cells) are kept over output: past its bounds, output loses its
+    oldest messages, never an answer. Answers have bounds of their own,
+    which only a kernel flooding them reaches (then the oldest go).
+    """
+
+    def __init__(self) -> None:
+        self._count = 0  # messages kept so far: their order
+        self._output: deque[tuple[int, WireMessage, int]] = deque()
+        self._output_bytes = 0
+        self._answers: deque[tuple[int, WireMessage, int]] = deque()
+        self._answer_bytes = 0
+
+    def keep(self, msg: WireMessage, size: int) -> None:
+        entry = (self._count, msg, size)
+        self._count += 1
+        if _is_answer(msg):
+            self._answers.append(entry)
+            self._answer_bytes += size
+            while len(self._answers) > 1 and (
+                len(self._answers) > _MAX_MISSED_ANSWERS
+                or self._answer_bytes > _MAX_MISSED_ANSWER_BYTES
+            ):
+                self._answer_bytes -= self._answers.popleft()[2]
+        else:
+            self._output.append(entry)
+            self._output_bytes += size
+            while self._output and (
+                len(self._output) > _MAX_MISSED_MESSAGES or self._output_bytes > _MAX_MISSED_BYTES
+            ):
+                self._output_bytes -= self._output.popleft()[2]
+
+    def messages(self) -> list[WireMessage]:
+        """What is kept, in the order it came."""
+        return [m for _, m, _ in heapq.merge(self._output, self._answers, key=lambda e: e[0])]
 
 
 def _as_parent(request: WireMessage) -> WireMessage:
@@ -337,8 +442,11 @@ class KernelRelay:
         #: the latest ``_MAX_ROUTES`` of them: an insertion-ordered set
         self._internal: dict[str, None] = {}
         #: messages kept for clients (by session_id) whose connections are gone
-        self._missed: dict[str, list[WireMessage]] = {}
-        self._missed_bytes: dict[str, int] = {}
+        self._missed: dict[str, _Missed] = {}
+        #: IOPub held back from clients: from the idle of a cell whose reply is not
+        #: out yet (its files are being stored) until it is, each message with the
+        #: cell it is the idle of, if any (see _hold)
+        self._held: list[tuple[WireMessage, _Cell | None]] | None = None
         self._shut_down = False  # by shutdown(): a restart waiting for the lock gives up
         self._restarts = 0  # under way or waiting for the lock
         self._no_restart = asyncio.Event()  # set while _restarts is 0
@@ -441,6 +549,7 @@ class KernelRelay:
     async def detach(self) -> KernelLink | None:
         """Stop relaying and close the sockets; returns the link that was served."""
         await self._stop_tasks()
+        self._release(everything=True)
         self._close_sockets()
         link, self._link = self._link, None
         self._cells.clear()
@@ -457,15 +566,18 @@ class KernelRelay:
         Jupyter Server sends when a kernel died and was restarted automatically,
         and JupyterLab tells its user so ("the kernel appears to have died").
         What clients send meanwhile waits in their handlers (see :meth:`from_client`)
-        and goes to the fresh kernel.
+        and goes to the fresh kernel; the cells that ended are stored and
+        answered first (see :meth:`_settle`).
         """
         self._restarts += 1
         self._no_restart.clear()
         try:
+            await self._settle()
             async with self._lock:
                 if self._shut_down:
                     # Deleted while this waited: no kernel to bring back.
                     raise SessionNotFound(f"kernel {self.id} was shut down")
+                self._release(everything=True)
                 self.broadcast_status("starting")
                 replaced = await self.detach()
                 self.execution_state = "starting"
@@ -484,7 +596,11 @@ class KernelRelay:
                 self._no_restart.set()
 
     async def shutdown(self) -> None:
-        """Stop relaying and close every connection (the session is the caller's to close)."""
+        """Stop relaying and close every connection (the session is the caller's to close).
+
+        The cells that ended are stored and answered first (see :meth:`_settle`).
+        """
+        await self._settle()
         async with self._lock:
             self._shut_down = True
             await self.detach()
@@ -492,6 +608,33 @@ class KernelRelay:
             self.execution_state = "dead"
             for connection in list(self.connections):
                 connection.close()
+
+    async def _settle(self) -> None:
+        """Wait, ``_SETTLE_S`` at most, for the cells that ended to be stored and answered.
+
+        A client may delete the kernel as soon as it sees a cell end (Open
+        WebUI does at its ``idle``): the files the cell wrote are stored all
+        the same, not cut short with the kernel. A cell still running is not
+        waited for.
+        """
+        if self._link is None or self._ending:
+            return
+        ended = [c.answered for c in self._cells.values() if c.done.is_set()]
+        if not ended:
+            return
+        waits = [asyncio.ensure_future(answered.wait()) for answered in ended]
+        try:
+            _, late = await asyncio.wait(waits, timeout=_SETTLE_S)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if late:
+            log.warning(
+                "kernel %s: %d ended cells were not stored within %g s; going on without them",
+                self.id,
+                len(late),
+                _SETTLE_S,
+            )
 
     async def interrupt(self) -> None:
         """Interrupt the running cell (REST ``/interrupt``, and past the wall timeout).
@@ -521,16 +664,28 @@ class KernelRelay:
         if self._shut_down:
             connection.close()
             return
-        if connection.session_id:
-            for stale in [c for c in self.connections if c.session_id == connection.session_id]:
-                self._replace(stale, connection)
+        connection.on_too_slow = self._away
+        session_id = connection.session_id
+        stale = [c for c in self.connections if session_id and c.session_id == session_id]
         self.connections.add(connection)
-        missed = self._missed.pop(connection.session_id or "", None)
-        self._missed_bytes.pop(connection.session_id or "", None)
-        for msg in missed or ():
-            connection.send(msg)
+        for old in stale:
+            self._replace(old, connection)
+        missed = self._missed.pop(session_id or "", None)
+        if missed is not None:
+            self._send_all(connection, missed.messages())
         if self.execution_state == "dead":
-            connection.send(self._status("dead"))
+            self._send_to(connection, self._status("dead"))
+
+    def _send_all(self, connection: Connection, messages: list[WireMessage]) -> None:
+        """``messages`` to ``connection``, in order; what it cannot take is kept for its client."""
+        for index, msg in enumerate(messages):
+            connection.send(msg)
+            if connection.closed:  # too slow already: what is left waits for the next one
+                if connection.session_id:
+                    missed = self._missed_for(connection.session_id)
+                    for rest in messages[index:]:
+                        missed.keep(rest, _size(rest))
+                return
 
     def _replace(self, stale: Connection, connection: Connection) -> None:
         """A client back with its ``session_id`` while its old socket still seems open.
@@ -545,6 +700,8 @@ class KernelRelay:
         # A normal close; were the old socket still read after all, its client may
         # reconnect (JupyterLab does after any close) and replace this one in turn.
         stale.close(flush=False)
+        # What the old socket had still to send of its answers, the new one sends.
+        self._send_all(connection, stale.take_unsent_answers())
         for msg_id, routed in self._routes.items():
             if routed is stale:
                 self._routes[msg_id] = connection
@@ -554,19 +711,39 @@ class KernelRelay:
 
     def disconnect(self, connection: Connection) -> None:
         connection.close()
+        self._away(connection)
+
+    def _away(self, connection: Connection) -> None:
+        """``connection`` takes no more messages: its client left, or was too slow and closed.
+
+        Its routes stay: the replies to what it asked wait for its client (see
+        :meth:`_send_to`). As Jupyter Server does, what the kernel says while a
+        client's last connection is gone waits for it to reconnect (within the
+        bounds of :class:`_Missed`), beginning with the answers the connection
+        had still to send. A replaced connection's late end keeps what was kept
+        for its client already.
+        """
         self.connections.discard(connection)
-        # Its routes stay: the replies to what it asked wait for its client (see _deliver).
+        unsent = connection.take_unsent_answers()
         session_id = connection.session_id
-        if session_id and not any(c.session_id == session_id for c in self.connections):
-            # As Jupyter Server does: what the kernel says while a client's last
-            # connection is gone waits for it to reconnect (within bounds). A
-            # replaced connection's late end keeps what was kept for it already.
-            self._missed.setdefault(session_id, [])
-            self._missed_bytes.setdefault(session_id, 0)
+        if not session_id:
+            return
+        back = [c for c in self.connections if c.session_id == session_id]
+        if back:
+            self._send_all(back[-1], unsent)
+            return
+        missed = self._missed_for(session_id)
+        for msg in unsent:
+            missed.keep(msg, _size(msg))
+
+    def _missed_for(self, session_id: str) -> _Missed:
+        """What is kept for the client ``session_id`` while it is away (kept from now on)."""
+        missed = self._missed.get(session_id)
+        if missed is None:
+            missed = self._missed[session_id] = _Missed()
             while len(self._missed) > _MAX_MISSED_SESSIONS:
-                oldest = next(iter(self._missed))
-                del self._missed[oldest]
-                self._missed_bytes.pop(oldest, None)
+                del self._missed[next(iter(self._missed))]
+        return missed
 
     async def from_client(self, connection: Connection, frame: str | bytes) -> None:
         """Relay one frame a client sent.
@@ -598,7 +775,7 @@ class KernelRelay:
                 )
                 dead = self._status("dead")
                 dead.parent_header = dict(msg.header)
-                connection.send(dead)
+                self._send_to(connection, dead)
             return
         self.last_activity = now_utc()
         if msg.channel in ("control", "shell") and msg.msg_type == "shutdown_request":
@@ -698,19 +875,19 @@ class KernelRelay:
             raise BadInput(reason)
         shown, reply, idle = self._error_answer(msg, reason, "RequestRefused")
         if shown is not None:
-            connection.send(shown)
+            self._send_to(connection, shown)
         if reply.channel not in ("shell", "control"):
             reply.channel = "shell"  # a reply on stdin would be read as an input_request
-        connection.send(reply)
+        self._send_to(connection, reply)
         # Clients wait for the idle as much as for the reply (Open WebUI, JupyterLab's futures).
-        connection.send(idle)
+        self._send_to(connection, idle)
 
     async def _client_shutdown(self, connection: Connection, msg: WireMessage) -> None:
         # The kernel would exit and leave its sandbox for nobody to restart: the
         # gateway does what the request asks of a kernel manager instead.
         restart = bool(msg.content.get("restart"))
         reply = self._reply(msg, "shutdown_reply", {"status": "ok", "restart": restart})
-        connection.send(reply)
+        self._send_to(connection, reply)
         if restart:
             await self.restart()
         elif self._link is not None:
@@ -844,8 +1021,11 @@ class KernelRelay:
         if parent in self._internal:
             return  # the relay's own kernel_info requests (cleared when it detaches)
         if msg.channel == "iopub":
-            self._track(msg)
-            self.broadcast(msg)
+            ended = self._track(msg)
+            if ended is None and self._held is None:
+                self.broadcast(msg)
+            else:
+                self._hold(msg, ended)
             return
         if msg.msg_type == "kernel_info_reply":
             _without_subshells(msg)
@@ -859,6 +1039,8 @@ class KernelRelay:
                 self._deliver(msg)
                 # Only now: a cell still here when the kernel dies gets a reply made up.
                 self._cells.pop(parent, None)
+                cell.answered.set()
+                self._release()
             return
         if msg.channel == "stdin" and msg.msg_type == "input_request" and cell is not None:
             self._pause(cell)
@@ -884,19 +1066,61 @@ class KernelRelay:
         """To ``target`` only; if it is gone, to its client once back with its ``session_id``."""
         if target in self.connections:
             target.send(msg)
-        elif target.session_id:
-            back = [c for c in self.connections if c.session_id == target.session_id]
-            if back:  # its client came back with its session_id
-                back[-1].send(msg)
-            else:
-                self._keep_missed(target.session_id, msg, _size(msg))
+            if not target.closed:
+                return
+            # Closed as too slow by this very message: its client gets it on coming back.
+        session_id = target.session_id
+        if not session_id:
+            return
+        back = [c for c in self.connections if c.session_id == session_id and c is not target]
+        if back:  # its client came back with its session_id
+            back[-1].send(msg)
+            if not back[-1].closed:
+                return
+        self._keep_missed(session_id, msg, _size(msg))
 
-    def _track(self, msg: WireMessage) -> None:
+    def _hold(self, msg: WireMessage, ended: _Cell | None) -> None:
+        """Hold back IOPub from ``ended``'s idle until its reply is out (see :meth:`_release`).
+
+        Its reply waits for its files to be stored: so does its idle, and so
+        does what the kernel sent after it (the next cell's), so that clients
+        get it all in the order the kernel sent it, reply first, as ipykernel
+        sends them. A client that takes a cell's idle for its end (Open WebUI
+        does, and deletes the kernel) then finds its files stored. Bounded:
+        past ``_MAX_HELD`` messages held (a next cell's flood while a large
+        file is stored), all goes out at once. (Code that forges an idle for
+        its own cell, with the kernel's key, holds its output back until the
+        cell ends, and no longer than that bound.)
+        """
+        if self._held is None:
+            self._held = []
+        self._held.append((msg, ended))
+        if len(self._held) > _MAX_HELD:
+            self._release(everything=True)
+
+    def _release(self, *, everything: bool = False) -> None:
+        """Relay the IOPub held back, up to the idle of a cell whose reply is still not out.
+
+        ``everything``: all of it (the kernel is replaced, dying or too chatty).
+        """
+        held, self._held = self._held, None
+        if held is None:
+            return
+        for index, (msg, ended) in enumerate(held):
+            if not everything and ended is not None and not ended.answered.is_set():
+                self._held = held[index:]
+                return
+            self.broadcast(msg)
+
+    def _track(self, msg: WireMessage) -> _Cell | None:
+        """Follow the kernel's state and its cells' timing; the cell whose idle ``msg`` is."""
         cell = self._cells.get(msg.parent_id)
         kind = msg.msg_type
         if kind == "status":
             state = msg.content.get("execution_state")
-            if isinstance(state, str):
+            if isinstance(state, str) and msg.parent_header.get("msg_type") not in (
+                _UNTRACKED_PARENTS
+            ):
                 self.execution_state = state
             if cell is not None and state == "busy" and cell.deadline is None:
                 assert self._link is not None
@@ -910,11 +1134,13 @@ class KernelRelay:
             elif cell is not None and state == "idle":
                 cell.idle.set()
                 self._end_cell(cell)
+                return cell
         elif cell is not None and kind == "display_data":
             self._keep_image(cell, msg.content.get("data"))
         elif cell is not None and kind == "execute_input":
             count = msg.content.get("execution_count")
             cell.execution_count = count if isinstance(count, int) else None
+        return None
 
     def _keep_image(self, cell: _Cell, data: object) -> None:
         """Keep a displayed image to store with the cell's files; nothing else, and bounded."""
@@ -991,23 +1217,18 @@ class KernelRelay:
     def broadcast(self, msg: WireMessage) -> None:
         for connection in list(self.connections):
             connection.send(msg)
+        # After the connections: one closed as too slow by ``msg`` has its client away now.
         if not self._missed:
             return
         size = _size(msg)
-        for session_id in self._missed:
-            self._keep_missed(session_id, msg, size)
+        for missed in self._missed.values():
+            missed.keep(msg, size)
 
     def _keep_missed(self, session_id: str, msg: WireMessage, size: int) -> None:
-        """Keep ``msg`` for a client that is gone (within bounds, the first ones)."""
+        """Keep ``msg`` for a client that is away, if it is (see :class:`_Missed`)."""
         missed = self._missed.get(session_id)
-        if missed is None:
-            return
-        kept = self._missed_bytes.get(session_id, 0)
-        if len(missed) < _MAX_MISSED_MESSAGES and kept + size <= _MAX_MISSED_BYTES:
-            missed.append(msg)
-            self._missed_bytes[session_id] = kept + size
-        else:  # full: the first ones are kept, with no gap among them
-            self._missed_bytes[session_id] = _MAX_MISSED_BYTES + 1
+        if missed is not None:
+            missed.keep(msg, size)
 
     def _status(self, state: str) -> WireMessage:
         raw = self._session.msg("status", {"execution_state": state})
@@ -1044,6 +1265,7 @@ class KernelRelay:
             self._send_to(cell.requester, reply)
         if not cell.idle.is_set():
             self.broadcast(idle)
+        cell.answered.set()
 
     def _error_answer(
         self, request: WireMessage, reason: str, ename: str
@@ -1142,6 +1364,8 @@ class KernelRelay:
                 # Ending it takes its workspace, and what its cells wrote there.
                 await self._collect_and_end(link, list(self._cells.values()), reason)
             await self._drain()
+            # What the kernel said is out before what is made up for it.
+            self._release(everything=True)
             unanswered = list(self._cells.values())
             for cell in unanswered:
                 self._answer_dead_cell(cell, reason)
