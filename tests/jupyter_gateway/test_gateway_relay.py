@@ -1167,6 +1167,20 @@ async def test_output_held_behind_a_storing_cells_idle_is_bounded(
         await client.until(reply_to(request))
 
 
+def _noting_replies(connection: Connection, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set once a reply (a shell message) is queued for ``connection``."""
+    queued = asyncio.Event()
+    send = connection.send
+
+    def noting(msg: WireMessage) -> None:
+        send(msg)
+        if msg.channel == "shell":
+            queued.set()
+
+    monkeypatch.setattr(connection, "send", noting)
+    return queued
+
+
 # -- a client that comes back gets its answers ---------------------------------------------
 
 
@@ -1178,15 +1192,7 @@ async def test_a_client_closed_as_too_slow_gets_its_queued_reply_and_what_follow
         kernel = harness.kernel
         slow = harness.client(session_id="lab", stuck=True)
         watcher = harness.client()
-        reply_queued = asyncio.Event()
-        send = slow.connection.send
-
-        def noting(msg: WireMessage) -> None:
-            send(msg)
-            if msg.channel == "shell":
-                reply_queued.set()
-
-        monkeypatch.setattr(slow.connection, "send", noting)
+        reply_queued = _noting_replies(slow.connection, monkeypatch)
         request = await slow.request("kernel_info_request")
         got = await kernel.receive()
         chunk = "x" * (600 << 10)
@@ -1286,15 +1292,7 @@ async def test_a_client_back_with_its_session_id_gets_the_replies_its_stale_sock
     async with fake_relay() as harness:
         kernel = harness.kernel
         stale = harness.client(session_id="same", stuck=True)  # its network went away
-        reply_queued = asyncio.Event()
-        send = stale.connection.send
-
-        def noting(msg: WireMessage) -> None:
-            send(msg)
-            if msg.channel == "shell":
-                reply_queued.set()
-
-        monkeypatch.setattr(stale.connection, "send", noting)
+        reply_queued = _noting_replies(stale.connection, monkeypatch)
         request = await stale.request("kernel_info_request")
         got = await kernel.receive()
         kernel.publish("stream", {"name": "stdout", "text": "never read"})
