@@ -84,3 +84,20 @@ def test_a_host_workspace_in_the_runtime_folder_is_refused_before_anything_is_ma
             assert not (host.root / kernel_id).exists()
         finally:
             host.destroy(kernel_id)  # what a wrong acceptance made
+
+
+def test_a_host_workspace_in_a_folder_the_engine_refuses_is_refused_at_the_claim(
+    tmp_path: Path,
+) -> None:
+    """The engine's store too: checked where the folder is handed over, not only before."""
+    store = tmp_path / "store"
+    store.mkdir()
+    with SandboxHost(tmp_path / "rt", refused_workspaces=[store]) as host:
+        inside = store / "spare"
+        kernel_id = host.new_kernel_id()
+        try:
+            with pytest.raises(BadInput, match="the engine's own folder"):
+                host.prepare(kernel_id, load_policy(), inside)
+            assert not inside.exists()
+        finally:
+            host.destroy(kernel_id)

@@ -184,7 +184,12 @@ class Engine:
             FileStore, self._store_dir, max_bytes=self.max_upload_bytes
         )
         try:
-            self._host = await asyncio.to_thread(SandboxHost, self._runtime_dir, runtime=runtime)
+            self._host = await asyncio.to_thread(
+                SandboxHost,
+                self._runtime_dir,
+                runtime=runtime,
+                refused_workspaces=[self._store_dir],
+            )
         except BaseException:
             self._store.close()
             raise
@@ -385,9 +390,7 @@ class Engine:
                 # of it could swap the files other sessions get.
                 host, _ = self._require_running()
                 checked = await asyncio.to_thread(
-                    check_host_workspace,
-                    Path(workspace),
-                    also_refused=(self._store_dir, host.root, host.owners_dir),
+                    check_host_workspace, Path(workspace), also_refused=host.refused_workspaces
                 )
                 acquire = partial(self._start_kernel, checked)
             kernel = await acquire()

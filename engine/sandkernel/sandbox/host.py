@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from sandkernel.errors import SandboxUnavailable
@@ -71,6 +72,7 @@ class SandboxHost:
         *,
         runtime: Runtime | None = None,
         sweep: bool = True,
+        refused_workspaces: Iterable[Path] = (),
     ) -> None:
         if os.geteuid() != 0:
             raise SandboxUnavailable(
@@ -93,6 +95,9 @@ class SandboxHost:
         # tell a live owner from a dead one even when it used another root.
         owners = self.owners_dir = owners_dir()
         owners.mkdir(parents=True, exist_ok=True, mode=0o700)
+        #: folders no host workspace may be in: the engine's own (its runtime, its
+        #: owners' locks, and what it adds: its file store), checked at the claim
+        self.refused_workspaces: tuple[Path, ...] = (self.root, owners, *refused_workspaces)
         self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._lock_path = owners / f"{self.owner}.lock"
         self._lock_fd: int | None = os.open(self._lock_path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -124,7 +129,7 @@ class SandboxHost:
         """
         if workspace is not None:
             # Claimed before anything is made: a refusal leaves nothing to undo.
-            workspace = claim_host_workspace(workspace, also_refused=(self.root, self.owners_dir))
+            workspace = claim_host_workspace(workspace, also_refused=self.refused_workspaces)
         layout = KernelLayout(kernel_id, self.root / kernel_id)
         layout.root.mkdir(mode=0o700)
         # The folder is a small tmpfs of its own: the connection dir is
