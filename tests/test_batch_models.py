@@ -56,6 +56,7 @@ def test_run_once_arguments_that_cannot_be_used_are_bad_input_naming_them() -> N
         ({"files": {"../x.txt": b""}}, "files: '../x.txt' is not inside the working directory"),
         ({"timeout_s": 0}, "timeout_s: Input should be greater than 0"),
         ({"files": {"main.py": b""}}, "files has 'main.py', the program's own file name"),
+        ({"stdin": "\ud800"}, "stdin: text with a lone surrogate cannot be written as UTF-8"),
     ]
     for arguments, message in cases:
         with pytest.raises(BadInput) as refused:

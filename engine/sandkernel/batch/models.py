@@ -200,14 +200,11 @@ class RunRequest(BaseModel):
             BadInput: an argument cannot be used (a file path that leaves the
                 working directory, a timeout out of range...); says which and why.
         """
-        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
-        contents = {
-            path: content.encode() if isinstance(content, str) else content
-            for path, content in (files or {}).items()
-        }
         try:
+            # Text is made UTF-8 by the fields' own validators (BadInput if it cannot be).
             return cls(
-                code=code, stdin=data, files=contents, fetch_files=list(fetch_files),
+                code=code, stdin=stdin or b"", files=dict(files or {}),  # type: ignore[arg-type]
+                fetch_files=list(fetch_files),
                 argv=list(argv), timeout_s=timeout_s, memory_mb=memory_mb, filename=filename,
             )  # fmt: skip
         except ValidationError as exc:
