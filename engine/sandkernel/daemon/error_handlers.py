@@ -168,8 +168,8 @@ def add_error_handlers(app: FastAPI) -> None:
         # A route reading its body itself finds the client gone: nobody reads
         # this answer, and nothing went wrong here (as FastAPI's own bodies).
         log.debug("%s %s: the client left before its body arrived", request.method, request.url)
-        message = "the client went away before its request's body arrived"
-        return error_response(400, {"error": {"type": InvalidRequest.__name__, "message": message}})
+        gone = InvalidRequest("the client went away before its request's body arrived")
+        return error_response(gone.http_status, error_body(gone))
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         # Its details (paths, internals) go to the daemon's log, not to the client.

@@ -666,19 +666,6 @@ class FileStore:
             rows = conn.execute(query, params).fetchall()
         return [_record(row) for row in rows]
 
-    def stored_bytes(self, *, session_id: str, origin: Origin | None = None) -> int:
-        """Total size of a session's files that are not expired (of one origin, if given)."""
-        query = """
-            SELECT coalesce(sum(size_bytes), 0) FROM files
-            WHERE session_id = :session_id
-              AND (expires_at IS NULL OR expires_at > :now)
-              AND (:origin IS NULL OR origin = :origin)
-        """
-        params = {"session_id": session_id, "now": self._clock(), "origin": origin}
-        with self._read() as conn:
-            (total,) = conn.execute(query, params).fetchone()
-        return int(total)
-
     # ----------------------------------------------------------------- changing
 
     def attach(

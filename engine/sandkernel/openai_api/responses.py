@@ -368,7 +368,7 @@ class Responses:
             return prepared.response.model_copy(
                 update={
                     "status": turn.status,
-                    "completed_at": int(time.time()) if turn.status == "completed" else None,
+                    "completed_at": _now() if turn.status == "completed" else None,
                     "output": turn.output,
                     "usage": turn.usage(),
                     "error": turn.error,
