@@ -257,8 +257,17 @@ def _reply_of(response: Any) -> ModelReply:
     choice = response.choices[0]
     if choice.message is None:
         raise ValueError("the reply's choice has no message")
+    return ModelReply(
+        content=choice.message.content,
+        tool_calls=tool_calls_of(choice.message),
+        finish_reason=choice.finish_reason,
+    )
+
+
+def tool_calls_of(message: Any) -> list[ToolCall]:
+    """The function tool calls of a chat completion's message (the ``openai`` client's type)."""
     calls = []
-    sent = choice.message.tool_calls or []
+    sent = message.tool_calls or []
     taken = {call.id for call in sent if call.id}
     for n, call in enumerate(sent):
         function = getattr(call, "function", None)
@@ -271,11 +280,7 @@ def _reply_of(response: Any) -> ModelReply:
         # and answer it alone, so the id made for it is none of the reply's others.
         call_id = call.id or unused_call_id(f"call_{n}", taken)
         calls.append(ToolCall(id=call_id, name=function.name, arguments=arguments))
-    return ModelReply(
-        content=choice.message.content,
-        tool_calls=calls,
-        finish_reason=choice.finish_reason,
-    )
+    return calls
 
 
 def unused_call_id(wanted: str, taken: set[str]) -> str:

@@ -11,7 +11,6 @@ streamed and its text handed over as it comes.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sandkernel.errors import ModelCallFailed
 from sandkernel.loop import ModelReply, ToolCall
-from sandkernel.loop.models import unused_call_id
+from sandkernel.loop.models import tool_calls_of, unused_call_id
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -165,23 +164,11 @@ class ChatEndpoint:
         if not response.choices:
             raise ModelCallFailed(f"the chat model {request.model!r} replied with no choices")
         choice = response.choices[0]
-        calls = []
-        sent = choice.message.tool_calls or []
-        taken = {call.id for call in sent if call.id}
-        for n, call in enumerate(sent):
-            function = getattr(call, "function", None)
-            if function is None:  # a custom (non-function) tool call: not one of ours
-                continue
-            # Some servers leave the id out: the tool's answer still needs one of its own.
-            call_id = call.id or unused_call_id(f"call_{n}", taken)
-            calls.append(
-                ToolCall(id=call_id, name=function.name, arguments=_text(function.arguments))
-            )
         usage = response.usage
         return ChatTurn(
             reply=ModelReply(
                 content=choice.message.content,
-                tool_calls=calls,
+                tool_calls=tool_calls_of(choice.message),
                 finish_reason=choice.finish_reason,
             ),
             prompt_tokens=usage.prompt_tokens if usage else 0,
@@ -238,8 +225,3 @@ class ChatEndpoint:
             prompt_tokens=got.prompt_tokens,
             completion_tokens=got.completion_tokens,
         )
-
-
-def _text(arguments: Any) -> str:
-    # Some servers send the arguments as an object rather than JSON text.
-    return arguments if isinstance(arguments, str) else json.dumps(arguments)
