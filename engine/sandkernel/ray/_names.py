@@ -224,12 +224,9 @@ class SessionNames:
         self._issued += 1
         token = self._issued
         self._holding.add(token)
+        actor = None
         try:
             actor = await self._hold(name, token)
-        except BaseException:
-            self._holding.discard(token)
-            raise
-        try:
             yield
         finally:
             self._holding.discard(token)  # the next renewal frees it, should the release be lost
@@ -249,8 +246,8 @@ class SessionNames:
             joined = False
         except ray.exceptions.RayActorError:
             return  # alive, out of reach for now
-        if not joined and self._actor is actor:
-            self._actor = None  # joined again by the next hold
+        if not joined:
+            self._forget(actor)  # joined again by the next hold
 
     async def leave(self) -> None:
         """Release this engine's lease (and with it the registry, if it was the last)."""
