@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import Container, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Final
 
@@ -93,13 +94,17 @@ class _SessionQuota:
     ) -> None:
         self.store, self.session_id, self.state, self.cap = store, session_id, state, cap
         self.versions = versions
-        #: what the session's files hold: at most the record's sizes (some may have
-        #: been deleted or expired since), until the store is asked
-        self.used = sum(size for _, size in versions.files.values())
         self._counted = False
         self.evicted = 0
         #: what this cell stored: its result lists these, so they are not superseded
         self.kept: set[str] = set()
+
+    @cached_property
+    def used(self) -> int:
+        """What the session's files hold: at most the record's sizes (some may have
+        been deleted or expired since), until the store is asked. Added up when first
+        needed: most cells store nothing."""
+        return sum(size for _, size in self.versions.files.values())
 
     def _count(self) -> None:
         """Make :attr:`used` exact: drop from the record what the store no longer has."""
