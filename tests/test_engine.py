@@ -360,7 +360,7 @@ async def test_agent_files_reach_sessions_created_while_they_are_placed(tmp_path
         def __init__(self, name: str) -> None:
             self.name = name
 
-        async def place_agent_files(self, folder: Any, files: Any) -> None:
+        async def give_agent_file(self, folder: Any, stored: Any) -> None:
             placed.append(self.name)
             # Another request creates a session meanwhile.
             engine._sessions[f"new-{len(placed)}"] = FakeSession(f"new-{len(placed)}")  # type: ignore[assignment]

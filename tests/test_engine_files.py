@@ -105,6 +105,28 @@ async def test_an_agent_file_given_while_a_session_of_the_agent_is_made_reaches_
     assert r.stdout == "['early.txt', 'late.txt']\n"
 
 
+async def test_an_agent_file_given_while_a_restart_fills_the_workspace_reaches_it(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await engine_factory(pool_size=1)
+    await engine.upload(b"a\n", "early.txt", agent_id="analyst")
+    session = await engine.session("m1", agent_id="analyst")
+    assert (await session.run("import os; os._exit(3)")).status == "dead"
+    prepare = SessionWorkspace.prepare
+    given: list[str] = []
+
+    async def given_meanwhile(self: SessionWorkspace, folder: Path, *, restart: bool) -> None:
+        await prepare(self, folder, restart=restart)
+        # After the agent's files were listed, before the fresh kernel is the session's.
+        given.append((await engine.upload(b"b\n", "late.txt", agent_id="analyst")).id)
+
+    monkeypatch.setattr(SessionWorkspace, "prepare", given_meanwhile)
+    r = await session.run("import os; print(sorted(os.listdir('/mnt/data')))", restart=True)
+    monkeypatch.undo()
+    assert given and r.state_lost
+    assert r.stdout == "['early.txt', 'late.txt']\n"
+
+
 async def test_an_agent_upload_skips_a_session_with_no_room_and_reaches_the_others(
     engine_factory: EngineFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -259,6 +281,12 @@ async def test_symlink_to_a_host_secret_is_not_followed(
     assert [f.name for f in r.files] == ["fine.txt"]
     for stored in await engine.list_files():
         assert b"HOST-SECRET" not in await engine.download(stored.id)
+    assert r.files_truncated and r.files_note == (
+        "not collected (not regular files): d/etc (a symlink), leak.txt (a symlink), "
+        "leak2.txt (a symlink), pipe.txt (a FIFO)"
+    )
+    again = await s.run("1")
+    assert not again.files_truncated and again.files_note is None  # said once
 
 
 async def test_traversing_and_absolute_names_stay_inside(

@@ -45,7 +45,6 @@ from sandkernel.errors import (
     EngineClosed,
     FileNotFoundInStore,
     KernelDead,
-    SandkernelError,
     SelfCheckFailed,
     SessionClosed,
     SessionExpired,
@@ -416,10 +415,9 @@ class Engine:
             )
             self._sessions[session_id] = session
             self._forget_old_sessions()
-            if agent_id is not None:
-                # Given to the agent while the workspace was filled: listed too
-                # late for it, and given to the live sessions before this was one.
-                await self._give_missed_agent_files(session, files)
+            # Given to the agent while the workspace was filled: listed too late
+            # for it, and given to the live sessions before this was one.
+            await files.give_missed_agent_files(kernel.workspace)
             future.set_result(session)
             return session
         except BaseException as exc:
@@ -646,21 +644,9 @@ class Engine:
             await self._give_to_agent_sessions(agent_id, attached)
         return attached
 
-    async def _give_missed_agent_files(self, session: Session, files: SessionWorkspace) -> None:
-        """Place the agent's files a new session's workspace does not hold yet."""
-        assert session.agent_id is not None and session.kernel is not None
-        store = self._require_store()
-        listed = await asyncio.to_thread(store.list, agent_id=session.agent_id)
-        held = set(files.state.latest.values())
-        missed = [f for f in listed if f.session_id is None and f.id not in held]
-        if missed:
-            await self._give_to_agent_sessions(session.agent_id, missed, only=session)
-
-    async def _give_to_agent_sessions(
-        self, agent_id: str, files: list[StoredFile], *, only: Session | None = None
-    ) -> None:
+    async def _give_to_agent_sessions(self, agent_id: str, files: list[StoredFile]) -> None:
         # A copy: sessions come and go while each placement awaits its thread.
-        for session in [only] if only is not None else list(self._sessions.values()):
+        for session in list(self._sessions.values()):
             if (
                 session.agent_id != agent_id
                 or session.closed
@@ -669,15 +655,7 @@ class Engine:
             ):
                 continue
             for stored in files:
-                try:
-                    await session.workspace.place_agent_files(session.kernel.workspace, [stored])
-                except (SandkernelError, OSError) as exc:
-                    # One session's full (or vanishing) workspace is not the upload's
-                    # failure: the file is the agent's, and the other sessions get it.
-                    log.warning(
-                        "agent %s's session %s did not get %s: %s",
-                        agent_id, session.id, stored.name, exc,
-                    )  # fmt: skip
+                await session.workspace.give_agent_file(session.kernel.workspace, stored)
                 if session.closed or session.kernel is None:
                     break
 

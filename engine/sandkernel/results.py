@@ -99,7 +99,9 @@ class ExecutionResult(_Model):
         default_factory=list, description="files the cell produced, registered in the store"
     )
     files_truncated: bool = Field(
-        default=False, description="some produced files were left out (count or size caps)"
+        default=False,
+        description="some files the cell wrote were left out (the caps, a failing store, "
+        "or not regular files); files_note says which",
     )
     files_note: str | None = Field(default=None, description="why files were left out")
 

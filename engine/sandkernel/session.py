@@ -228,6 +228,11 @@ class Session(StreamsFromRun):
             self.kernel = fresh
             self.state = SessionState.ACTIVE
             state_lost = True
+            if self.workspace is not None:
+                # Given to the agent while the files were put back: the engine gave it to
+                # the sessions that had a kernel, and this one had none then.
+                await self.workspace.give_missed_agent_files(fresh.workspace)
+                self._check_usable()  # closed or expired meanwhile: its kernel is gone
         current = self.kernel
         assert current is not None
         kernel = current

@@ -50,6 +50,8 @@ def test_symlink_to_a_secret_outside_is_never_followed(tmp_path: Path) -> None:
     assert set(result.snapshot) == {"ok.txt"}
     assert ("link.txt", "symlink") in result.skipped
     assert ("linkdir", "symlink") in result.skipped
+    links = ("dangling", "link.txt", "linkdir")
+    assert result.not_regular == {n: ("symlink", os.lstat(root / n).st_ino) for n in links}
     secret_hash = hashlib.sha256(secret_bytes).hexdigest()
     everything = repr(result)
     assert secret_hash not in everything and "SECRET-7f3a9c" not in everything
@@ -99,6 +101,7 @@ def test_fifo_is_skipped_without_hanging(tmp_path: Path) -> None:
     (result,) = scans
     assert [f.path for f in result.changed] == ["data.txt"]
     assert ("pipe", "FIFO") in result.skipped
+    assert result.not_regular == {"pipe": ("FIFO", os.lstat(root / "pipe").st_ino)}
     assert "pipe" not in result.snapshot
     (refusal,) = refusals
     assert "it is a FIFO, not a regular file" in str(refusal)

@@ -106,6 +106,50 @@ async def test_collect_stores_what_a_cell_wrote_within_the_caps(
     assert store.get(produced.id).session_id == "s1"
 
 
+async def test_links_and_fifos_a_cell_makes_are_noted_once_and_never_followed(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    await workspace.prepare(ws, restart=False)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host only")
+    (ws / "out.txt").write_text("made")
+    (ws / "link.txt").symlink_to(secret)
+    os.mkfifo(ws / "pipe")
+    (ws / "sub").mkdir()
+    (ws / "sub" / "host").symlink_to(tmp_path)
+    first = await workspace.collect(ws, cell(1))
+    assert [f.name for f in first.files] == ["out.txt"] and first.files_truncated
+    assert first.files_note == (
+        "not collected (not regular files): link.txt (a symlink), pipe (a FIFO), "
+        "sub/host (a symlink)"
+    )
+    assert [f.name for f in store.list()] == ["out.txt"]
+    second = cell(2)
+    assert await workspace.collect(ws, second) is second  # an earlier cell made them
+    # Made again by a later cell: a new link over the old one, as `ln -sf` does.
+    (ws / "link.new").symlink_to(secret)
+    os.replace(ws / "link.new", ws / "link.txt")
+    third = await workspace.collect(ws, cell(3))
+    assert third.files == [] and third.files_truncated
+    assert third.files_note == "not collected (not regular files): link.txt (a symlink)"
+
+
+async def test_many_links_are_noted_by_a_few_names_and_a_count(
+    store: FileStore, tmp_path: Path
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1")
+    for n in range(1000):
+        (ws / f"link{n:03}").symlink_to("nowhere")
+    result = await workspace.collect(ws, cell(1))
+    assert result.files_note == (
+        "not collected (not regular files): link000 (a symlink), link001 (a symlink), "
+        "link002 (a symlink), link003 (a symlink), link004 (a symlink) and 995 more"
+    )
+
+
 async def test_a_restart_puts_the_sessions_files_into_the_fresh_folder(
     store: FileStore, tmp_path: Path
 ) -> None:
@@ -124,6 +168,38 @@ async def test_a_restart_puts_the_sessions_files_into_the_fresh_folder(
     assert (second / "out" / "made.txt").read_text() == "made"
     again = await workspace.collect(second, cell(2))
     assert again.files == []  # what was put back is not produced again
+
+
+async def test_agent_files_given_while_the_workspace_was_filled_are_placed_after(
+    store: FileStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ws = folder(tmp_path)
+    workspace = SessionWorkspace(store, OutputCaps(), session_id="s1", agent_id="a1")
+    early = store.add_bytes(b"early\n", "early.txt", agent_id="a1")
+    await workspace.prepare(ws, restart=False)
+    # Given to the agent after prepare listed its files, before the session was live.
+    late = store.add_bytes(b"late\n", "late.txt", agent_id="a1")
+    store.add_bytes(b"big" * 1000, "big.txt", agent_id="a1")
+    store.add_bytes(b"theirs\n", "theirs.txt", agent_id="a2")
+    real_copy = place.shutil.copyfileobj
+
+    def no_room_for_big(src: BinaryIO, dst: BinaryIO, length: int = 0) -> None:
+        if src.read(3) == b"big":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        src.seek(0)
+        real_copy(src, dst, length)
+
+    monkeypatch.setattr(place.shutil, "copyfileobj", no_room_for_big)
+    await workspace.give_missed_agent_files(ws)  # a file with no room is no failure
+    assert sorted(p.name for p in ws.iterdir()) == ["early.txt", "late.txt"]
+    assert workspace.state.latest == {
+        "/mnt/data/early.txt": early.id,
+        "/mnt/data/late.txt": late.id,
+    }
+    assert "agent a1's session s1 did not get big.txt: no room for 'big.txt'" in caplog.text
 
 
 async def test_a_closed_store_is_reported_as_the_engine_not_running(

@@ -4,7 +4,8 @@ After each cell, new and changed regular files are registered in the store
 (see :func:`~sandkernel.workspace.scan.scan_workspace`: no symlink is ever
 followed), and so are images the cell displayed. Both come back on the result
 as :class:`~sandkernel.results.ProducedFile`, within the caps of
-:class:`OutputCaps`.
+:class:`OutputCaps`. What a cell made that is not a regular file (a symlink,
+a FIFO, a socket, a device) is not stored: its result's ``files_note`` names it.
 """
 
 from __future__ import annotations
@@ -187,6 +188,12 @@ def collect_outputs(
         workspace, since=since, max_files=caps.max_files, max_bytes=caps.max_bytes
     )
     notes = [scan.truncated_reason] if scan.truncated_reason else []
+    # Noted once each: every later scan finds them again, and they are no later cell's doing.
+    made = {
+        rel: seen[0] for rel, seen in scan.not_regular.items() if state.not_regular.get(rel) != seen
+    }
+    if made:
+        notes.append(_not_regular_note(made))
     quota = _SessionQuota(store, session_id, state, versions, caps.max_session_bytes)
     #: changed files not stored, that the next collect reads again
     retry: list[str] = []
@@ -262,6 +269,7 @@ def collect_outputs(
         # A placed file's entry as its placement left it: not found new next time.
         snapshot.update(placed)
         state.snapshot = snapshot
+        state.not_regular = scan.not_regular
         # Placed since the walk, or left to retry: the tree is not proved unchanged.
         state.dirs = None if placed or retry else scan.dirs
         for rel in scan.removed:
@@ -287,6 +295,18 @@ def collect_outputs(
             "files_note": "; ".join(notes) or None,
         }
     )
+
+
+#: The most symlinks, FIFOs, sockets and devices a note names; the rest are counted.
+_NOT_REGULAR_NAMED: Final = 5
+
+
+def _not_regular_note(made: dict[str, str]) -> str:
+    """The note for what a cell made that is not a regular file (path -> what it is)."""
+    shown = list(made.items())[:_NOT_REGULAR_NAMED]
+    names = ", ".join(f"{listed_file_name(rel)} (a {kind})" for rel, kind in shown)
+    more = f" and {len(made) - len(shown)} more" if len(made) > len(shown) else ""
+    return f"not collected (not regular files): {names}{more}"
 
 
 #: What the store raises when its own disk or database fails, not the file.

@@ -41,6 +41,9 @@ class WorkspaceState:
     #: the directories' stamps when ``snapshot`` was taken, if they can prove the
     #: tree unchanged since (see ``workspace_unchanged``); None: scan next time
     dirs: DirStamps | None = None
+    #: the symlinks, FIFOs, sockets and devices the last scan found (``ScanResult.not_regular``):
+    #: a result has said they were not collected
+    not_regular: dict[str, tuple[str, int]] = field(default_factory=dict)
     #: held while a file is placed (from its copy to its entries above) and while a
     #: collect takes in what it found: the engine places an agent's files without
     #: waiting for a cell, so a collect can tell a file placed meanwhile from one

@@ -14,7 +14,7 @@ import os
 import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Final
 
 from sandkernel.errors import FileError, FileRejected
@@ -64,6 +64,9 @@ class ScanResult:
             ``None`` when they cannot prove a later tree unchanged (something
             was skipped or left out, or a directory changed just before the
             scan): see :func:`workspace_unchanged`.
+        not_regular: The symlinks, FIFOs, sockets and devices among ``skipped``:
+            path -> (what it is, its inode), so that one seen by an earlier
+            scan can be told from one made since.
     """
 
     changed: list[ScannedFile]
@@ -73,6 +76,7 @@ class ScanResult:
     truncated: bool
     truncated_reason: str | None
     dirs: DirStamps | None = None
+    not_regular: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -144,6 +148,7 @@ class _Walk:
         self.changed: list[ScannedFile] = []
         self.snapshot: Snapshot = {}
         self.skipped: list[tuple[str, str]] = []
+        self.not_regular: dict[str, tuple[str, int]] = {}
         self.reasons: list[str] = []
         self.total_bytes = 0
         #: every byte read, stored or not: files rewritten while read are read
@@ -189,7 +194,9 @@ class _Walk:
             elif stat.S_ISREG(seen.st_mode):
                 self.file(dir_fd, entry.name, rel, seen)
             else:
-                self.skipped.append((rel, file_kind(seen.st_mode)))
+                kind = file_kind(seen.st_mode)
+                self.skipped.append((rel, kind))
+                self.not_regular[rel] = (kind, seen.st_ino)
 
     def subdirectory(self, dir_fd: int, name: str, rel: str, depth: int) -> None:
         if depth >= self.max_depth:
@@ -314,6 +321,7 @@ def scan_workspace(
         truncated=bool(walk.reasons),
         truncated_reason="; ".join(walk.reasons) or None,
         dirs=walk.dirs if conclusive else None,
+        not_regular=walk.not_regular,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from sandkernel.workspace.place import (
     restore_files,
 )
 from sandkernel.workspace.scan import empty_workspace_stamps, workspace_unchanged
+
+log = logging.getLogger(__name__)
 
 
 class SessionWorkspace:
@@ -83,7 +86,9 @@ class SessionWorkspace:
         """Fill a new kernel's workspace: after a restart, the session's files; the agent's.
 
         The session's own files go back first, each at its path, so that an
-        agent file whose name one of them took is again the one suffixed.
+        agent file whose name one of them took is again the one suffixed. A
+        file given to the agent meanwhile may be missed: once the kernel is the
+        session's, :meth:`give_missed_agent_files` places it.
         """
         store = self._open_store()
         previous, self.state = dict(self.state.latest), WorkspaceState()
@@ -94,15 +99,48 @@ class SessionWorkspace:
             self.not_restored = await asyncio.to_thread(
                 restore_files, store, previous, folder, self.state
             )
-        if self.agent_id is not None:
-            agent_files = await asyncio.to_thread(store.list, agent_id=self.agent_id)
-            await self.place_agent_files(folder, [f for f in agent_files if f.session_id is None])
+        await self.place_agent_files(folder, await self._missed_agent_files(store))
 
     async def place_agent_files(self, folder: Path, files: Sequence[StoredFile]) -> None:
         """Copy files of the session's agent into the workspace, read-only."""
         store = self._open_store()
         for stored in files:
             await asyncio.to_thread(place_file, store, stored, folder, self.state, read_only=True)
+
+    async def give_agent_file(self, folder: Path, stored: StoredFile) -> None:
+        """Place a file given to the agent in the live session's workspace, or log why not.
+
+        One session's full (or vanishing) workspace is not the file's failure:
+        the file is the agent's, and its other sessions get it.
+        """
+        try:
+            await self.place_agent_files(folder, [stored])
+        except (SandkernelError, OSError) as exc:
+            log.warning(
+                "agent %s's session %s did not get %s: %s",
+                self.agent_id, self.session_id, stored.name, exc,
+            )  # fmt: skip
+
+    async def give_missed_agent_files(self, folder: Path) -> None:
+        """Place the files given to the agent while this workspace was being filled.
+
+        The engine gives a new agent file to the sessions that have a kernel;
+        a session whose workspace is being filled (for its first kernel, or
+        after a restart) is not one of them yet. Called once the new kernel is
+        the session's, after which every file given reaches it, this places
+        those given before.
+        """
+        for stored in await self._missed_agent_files(self._open_store()):
+            await self.give_agent_file(folder, stored)
+
+    async def _missed_agent_files(self, store: FileStore) -> list[StoredFile]:
+        """The files of the session's agent the workspace does not hold (a fresh one: all)."""
+        if self.agent_id is None:
+            return []
+        listed = await asyncio.to_thread(store.list, agent_id=self.agent_id)
+        # A copy, taken at once: an agent's file may be placed meanwhile, from another thread.
+        held = set(dict(self.state.latest).values())
+        return [f for f in listed if f.session_id is None and f.id not in held]
 
     async def attach(self, folder: Path, file_ids: Sequence[str]) -> list[str]:
         """Copy stored files into the workspace; return their paths in the sandbox.
