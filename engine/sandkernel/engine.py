@@ -439,10 +439,15 @@ class Engine:
 
     def live_session(self, session_id: str) -> Session:
         """:meth:`get_session`, for code on the engine's own loop (no await)."""
+        session = self._known(session_id)
+        session._check_usable()
+        return session
+
+    def _known(self, session_id: str) -> Session:
+        """The session with this id, alive or recently ended; SessionNotFound if none."""
         session = self._sessions.get(session_id)
         if session is None:
             raise SessionNotFound(f"no session {session_id!r}")
-        session._check_usable()
         return session
 
     async def kernel_link(self, session_id: str) -> SessionKernelLink:
@@ -458,10 +463,7 @@ class Engine:
 
     async def close_session(self, session_id: str) -> None:
         """Close a session by id (idempotent for ended sessions)."""
-        session = self._sessions.get(session_id)
-        if session is None:
-            raise SessionNotFound(f"no session {session_id!r}")
-        await session.close()
+        await self._known(session_id).close()
 
     async def sessions(self) -> list[SessionInfo]:
         """Every session the engine knows, alive or recently ended."""
@@ -473,10 +475,7 @@ class Engine:
         Raises:
             SessionNotFound: none has this id (or it ended long ago).
         """
-        session = self._sessions.get(session_id)
-        if session is None:
-            raise SessionNotFound(f"no session {session_id!r}")
-        return session.snapshot()
+        return self._known(session_id).snapshot()
 
     def _forget_old_sessions(self) -> None:
         ended = [s for s in self._sessions.values() if s.closed]
