@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -205,3 +206,30 @@ async def _write_stream(writer: asyncio.StreamWriter, reply: Reply) -> None:
         "usage": usage,
     }
     writer.write(f"data: {json.dumps(data)}\n\ndata: [DONE]\n\n".encode())
+
+
+def error_body(message: str) -> bytes:
+    """An OpenAI-shaped error answer's body."""
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
+
+
+class FailingModel(ScriptedModel):
+    """A model server that fails: each model name gets its ``(status line, body)``."""
+
+    def __init__(self, answers: dict[str, tuple[str, bytes]]) -> None:
+        super().__init__(in_order())
+        self.answers = answers
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        length = re.search(r"(?im)^content-length: *(\d+)", head)
+        assert length is not None, head
+        request = json.loads(await reader.readexactly(int(length.group(1))))
+        self.requests.append(request)
+        status, body = self.answers[request["model"]]
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()

@@ -139,7 +139,7 @@ async def test_half_a_character_in_the_arguments_keeps_its_meaning() -> None:
 @pytest.mark.parametrize(
     ("status", "advice"),
     [(401, "(check the API key)"),
-     (404, "(check the base URL and model name)"),
+     (404, "(check the base URL and the model name)"),
      (400, None),  # the server read the request and refused it: no setting is at fault
      (500, None)],
 )  # fmt: skip

@@ -24,7 +24,7 @@ from openai.types.responses import (
 from openai.types.responses.response_output_text import AnnotationContainerFileCitation
 
 from sandkernel.openai_api import responses as responses_module
-from tests._model import Reply, code_call, in_order
+from tests._model import FailingModel, Reply, code_call, error_body, in_order
 from tests.openai_api.conftest import DEPLOYMENT, OpenAIDaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -1462,3 +1462,26 @@ async def test_a_text_format_the_model_cannot_be_asked_for_is_a_400(
         assert refused.value.param == param
 
     await anyio.to_thread.run_sync(exercise)
+
+
+async def test_a_response_the_model_fails_has_openais_error_code_and_says_why(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    answers = {
+        "rate-limited": ("429 Too Many Requests", error_body("Rate limit reached")),
+        "needs-a-key": ("401 Unauthorized", error_body("Incorrect API key provided")),
+    }
+    async with FailingModel(answers) as model:
+        daemon = await openai_daemon(model=model, engine_options={"pool_size": 0})
+        client = daemon.openai()
+
+        def fail() -> dict[str, Response]:
+            return {name: client.responses.create(model=name, input="Hi") for name in answers}
+
+        failed = await anyio.to_thread.run_sync(fail)
+    limited, refused = failed["rate-limited"].error, failed["needs-a-key"].error
+    assert failed["rate-limited"].status == failed["needs-a-key"].status == "failed"
+    assert limited is not None and limited.code == "rate_limit_exceeded"
+    assert "Rate limit reached" in limited.message and "check" not in limited.message
+    assert refused is not None and refused.code == "server_error"
+    assert refused.message.endswith("(check the key in the daemon's --model-key-file)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from sandkernel.openai_api.runs import _annotations, chat_context
 from sandkernel.openai_api.state import RunState
 from sandkernel.openai_api.wire import Message
 from sandkernel.openai_api.wire import Run as StoredRun
-from tests._model import Reply, by_marker, code_call, in_order
+from tests._model import FailingModel, Reply, by_marker, code_call, error_body, in_order
 from tests.openai_api._objects import make_run
 from tests.openai_api.conftest import (
     ASSISTANTS_DEPRECATED,
@@ -197,6 +199,97 @@ async def test_the_same_flow_with_openai_and_base_url(openai_daemon: OpenAIDaemo
 
     await anyio.to_thread.run_sync(flow)
     assert "thread.run" in daemon.clients.checked.bodies
+
+
+@dataclass(frozen=True)
+class ModelFailure:
+    """What the model server answers, and what the run's last_error says of it."""
+
+    status: str
+    body: bytes
+    code: str
+    cause: tuple[str, ...]
+    advice: str | None  # None: no setting is at fault
+
+
+MODEL_FAILURES = {
+    "needs-a-key": ModelFailure(
+        "401 Unauthorized", error_body("Incorrect API key provided"), "server_error",
+        ("refused the call", "Incorrect API key provided"),
+        "(check the key in the daemon's --model-key-file)"),
+    "no-such-model": ModelFailure(
+        "404 Not Found", error_body("The model does not exist"), "server_error",
+        ("'no-such-model'", "The model does not exist"),
+        "(check the daemon's --model-url and the model name)"),
+    "rate-limited": ModelFailure(
+        "429 Too Many Requests", error_body("Rate limit reached"), "rate_limit_exceeded",
+        ("Error code: 429 - ", "Rate limit reached"), None),
+    "too-long": ModelFailure(
+        "400 Bad Request", error_body("maximum context length is 8192 tokens"), "invalid_prompt",
+        ("Error code: 400 - ", "maximum context length"), None),
+    "not-an-api": ModelFailure(
+        "200 OK", b"<html>It works!</html>", "server_error",
+        ("its reply is not JSON",), "check that the daemon's --model-url is the API root"),
+}  # fmt: skip
+
+
+async def test_a_run_the_model_fails_names_the_cause_and_the_setting_to_fix(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    async with FailingModel({n: (f.status, f.body) for n, f in MODEL_FAILURES.items()}) as model:
+        daemon = await openai_daemon(model=model, engine_options={"pool_size": 0})
+        client = daemon.openai()
+
+        def fail_each() -> dict[str, Run]:
+            assistant = client.beta.assistants.create(model=DEPLOYMENT)
+            failed = {}
+            for name in MODEL_FAILURES:
+                thread = client.beta.threads.create(messages=[{"role": "user", "content": "Hi"}])
+                run = client.beta.threads.runs.create_and_poll(
+                    thread_id=thread.id, assistant_id=assistant.id, model=name
+                )
+                failed[name] = client.beta.threads.runs.retrieve(run.id, thread_id=thread.id)
+            return failed
+
+        failed = await anyio.to_thread.run_sync(fail_each)
+    for name, failure in MODEL_FAILURES.items():
+        run = failed[name]
+        assert run.status == "failed" and run.last_error is not None, (name, run)
+        assert run.last_error.code == failure.code, (name, run.last_error)
+        message = run.last_error.message
+        assert all(words in message for words in failure.cause), (name, message)
+        # The cause's own advice and no other: no key blamed for a missing model...
+        if failure.advice is None:
+            assert "check" not in message and "--model" not in message, (name, message)
+        else:
+            assert failure.advice in message and message.count("check") == 1, (name, message)
+            assert message.count("--model") == 1, (name, message)
+
+
+async def test_a_run_whose_model_server_is_not_running_says_it_could_not_be_reached(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    with socket.socket() as probe:  # a port of ours that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+        daemon = await openai_daemon(model_url=url, engine_options={"pool_size": 0})
+        client = daemon.openai()
+
+        def fail() -> Run:
+            assistant = client.beta.assistants.create(model=DEPLOYMENT)
+            thread = client.beta.threads.create(messages=[{"role": "user", "content": "Hi"}])
+            run = client.beta.threads.runs.create_and_poll(
+                thread_id=thread.id, assistant_id=assistant.id
+            )
+            return client.beta.threads.runs.retrieve(run.id, thread_id=thread.id)
+
+        run = await anyio.to_thread.run_sync(fail)
+    assert run.status == "failed" and run.last_error is not None
+    assert run.last_error.code == "server_error"
+    message = run.last_error.message
+    assert f"{url} could not be reached" in message, message
+    assert "(check the daemon's --model-url and that the server is running)" in message
+    assert "--model-key-file" not in message
 
 
 LIST_FILES = "import os\nprint(sorted(os.listdir('/mnt/data')))"

@@ -389,7 +389,8 @@ async def test_run_endings_incomplete_failed_and_create_and_run(
         assert failed.status == "failed" and failed.last_error is not None
         assert failed.last_error.code == "server_error"
         assert (
-            DEPLOYMENT in failed.last_error.message and "--model-url" in failed.last_error.message
+            DEPLOYMENT in failed.last_error.message
+            and "Error code: 500" in failed.last_error.message
         )
         assert failed.failed_at is not None and failed.expires_at is None
 

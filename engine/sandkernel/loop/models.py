@@ -186,46 +186,62 @@ class OpenAIChatModel:
                 **self.create_kwargs,
             )
         except (openai.OpenAIError, ValueError) as exc:  # ValueError: a body not JSON...
-            raise self._call_failed(exc) from exc
-        try:
-            return _reply_of(response)
-        except (AttributeError, TypeError, ValueError) as exc:  # ValidationError too
-            # A server that answered 200 with something else than a chat completion.
-            raise ModelCallFailed(
-                f"the chat model {self.model!r} replied with no usable choice: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise call_failed(self.model, self.client.base_url, exc) from exc
+        return chat_reply(self.model, response)
 
-    def _call_failed(self, exc: Exception) -> ModelCallFailed:
-        """The :class:`ModelCallFailed` for what ``chat.completions.create`` raised.
 
-        The advice fits the failure: only a server not reached, a refused key or
-        an unknown URL or model point at the settings.
-        """
-        import openai
+def call_failed(
+    model: str,
+    base_url: object,
+    exc: Exception,
+    *,
+    url: str = "the base URL",
+    key: str = "the API key",
+) -> ModelCallFailed:
+    """The :class:`ModelCallFailed` for what a ``chat.completions.create`` call raised.
 
-        failed = f"the chat model {self.model!r} at {self.client.base_url}"
-        if isinstance(exc, UnicodeEncodeError):
-            # Text of the conversation (the caller's messages) that no request can carry.
-            return ModelCallFailed(
-                f"the messages for the chat model {self.model!r} could not be sent: they hold "
-                f"text that is not valid Unicode ({exc}); replace lone surrogates"
-            )
-        if isinstance(exc, openai.APIConnectionError):  # timeouts included
-            return ModelCallFailed(
-                f"{failed} could not be reached: {exc} (check the base URL and that the "
-                "server is running)"
-            )
-        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-            return ModelCallFailed(f"{failed} refused the call: {exc} (check the API key)")
-        if isinstance(exc, openai.NotFoundError):
-            return ModelCallFailed(f"{failed} failed: {exc} (check the base URL and model name)")
-        if isinstance(exc, json.JSONDecodeError):
-            return ModelCallFailed(
-                f"{failed} failed: {exc} (its reply is not JSON: check that the base URL is "
-                "the API root of an OpenAI-compatible server, usually ending in /v1)"
-            )
-        return ModelCallFailed(f"{failed} failed: {exc}")
+    The advice fits the failure: only a server not reached, a refused key or
+    an unknown URL or model point at the settings, which ``url`` and ``key``
+    name (a caller that takes them as options of its own names those).
+    """
+    import openai
+
+    failed = f"the chat model {model!r} at {base_url}"
+    if isinstance(exc, UnicodeEncodeError):
+        # Text of the conversation (the caller's messages) that no request can carry.
+        return ModelCallFailed(
+            f"the messages for the chat model {model!r} could not be sent: they hold "
+            f"text that is not valid Unicode ({exc}); replace lone surrogates"
+        )
+    if isinstance(exc, openai.APIConnectionError):  # timeouts included
+        return ModelCallFailed(
+            f"{failed} could not be reached: {exc} (check {url} and that the server is running)"
+        )
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return ModelCallFailed(f"{failed} refused the call: {exc} (check {key})")
+    if isinstance(exc, openai.NotFoundError):
+        return ModelCallFailed(f"{failed} failed: {exc} (check {url} and the model name)")
+    if isinstance(exc, json.JSONDecodeError):
+        return ModelCallFailed(
+            f"{failed} failed: {exc} (its reply is not JSON: check that {url} is "
+            "the API root of an OpenAI-compatible server, usually ending in /v1)"
+        )
+    return ModelCallFailed(f"{failed} failed: {exc}")
+
+
+def chat_reply(model: str, response: Any) -> ModelReply:
+    """The first choice of a chat completion as a :class:`ModelReply`.
+
+    Raises:
+        ModelCallFailed: the server answered with something else than a chat
+            completion (no choices, an error body, not the shape of one).
+    """
+    try:
+        return _reply_of(response)
+    except (AttributeError, TypeError, ValueError) as exc:  # ValidationError too
+        raise ModelCallFailed(
+            f"the chat model {model!r} replied with no usable choice: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _base_url_problem(url: str) -> str | None:
@@ -259,12 +275,12 @@ def _reply_of(response: Any) -> ModelReply:
         raise ValueError("the reply's choice has no message")
     return ModelReply(
         content=choice.message.content,
-        tool_calls=tool_calls_of(choice.message),
+        tool_calls=_tool_calls_of(choice.message),
         finish_reason=choice.finish_reason,
     )
 
 
-def tool_calls_of(message: Any) -> list[ToolCall]:
+def _tool_calls_of(message: Any) -> list[ToolCall]:
     """The function tool calls of a chat completion's message (the ``openai`` client's type)."""
     calls = []
     sent = message.tool_calls or []

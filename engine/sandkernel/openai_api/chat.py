@@ -5,8 +5,9 @@ name with ``auto``/``required``/``none``; a run names its model (Azure's
 "deployment") per request, may force one function, has a token budget and
 reports token usage, so runs call the endpoint through :class:`ChatEndpoint`,
 which gives the same :class:`~sandkernel.loop.ModelReply` and raises the same
-:class:`~sandkernel.errors.ModelCallFailed`. With ``on_text`` the reply is
-streamed and its text handed over as it comes.
+:class:`~sandkernel.errors.ModelCallFailed`, saying what failed as the loop
+says it (unreachable, key refused, unknown model...). With ``on_text`` the
+reply is streamed and its text handed over as it comes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from sandkernel.errors import ModelCallFailed
 from sandkernel.loop import ModelReply, ToolCall
-from sandkernel.loop.models import tool_calls_of, unused_call_id
+from sandkernel.loop.models import call_failed, chat_reply, unused_call_id
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TextCallback = Callable[[str], Awaitable[None]]
+
+#: The daemon's options for what the loop's advice names: the endpoint, its key.
+_URL_OPTION = "the daemon's --model-url"
+_KEY_OPTION = "the key in the daemon's --model-key-file"
 
 
 @dataclass(frozen=True)
@@ -148,10 +153,9 @@ class ChatEndpoint:
             if on_text is not None and turn.reply.content:
                 await on_text(turn.reply.content)
             return turn
-        except openai.OpenAIError as exc:
-            raise ModelCallFailed(
-                f"the chat model {request.model!r} at {self.base_url} failed: {exc} "
-                "(check the model name, the daemon's --model-url and --model-key-file)"
+        except (openai.OpenAIError, ValueError) as exc:  # ValueError: a reply not JSON...
+            raise call_failed(
+                request.model, self.base_url, exc, url=_URL_OPTION, key=_KEY_OPTION
             ) from exc
 
     async def _complete(self, request: ChatRequest, options: dict[str, Any]) -> ChatTurn:
@@ -161,16 +165,9 @@ class ChatEndpoint:
             stream=False,
             **options,
         )
-        if not response.choices:
-            raise ModelCallFailed(f"the chat model {request.model!r} replied with no choices")
-        choice = response.choices[0]
         usage = response.usage
         return ChatTurn(
-            reply=ModelReply(
-                content=choice.message.content,
-                tool_calls=tool_calls_of(choice.message),
-                finish_reason=choice.finish_reason,
-            ),
+            reply=chat_reply(request.model, response),
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
         )
@@ -225,3 +222,22 @@ class ChatEndpoint:
             prompt_tokens=got.prompt_tokens,
             completion_tokens=got.completion_tokens,
         )
+
+
+def run_error_code(
+    failure: ModelCallFailed,
+) -> Literal["server_error", "rate_limit_exceeded", "invalid_prompt"]:
+    """OpenAI's code for a run or response the chat model failed, from what it raised.
+
+    ``rate_limit_exceeded`` when the endpoint limits the rate (429),
+    ``invalid_prompt`` when it refused the conversation (400: too long for the
+    model...), else ``server_error``.
+    """
+    import openai
+
+    cause = failure.__cause__
+    if isinstance(cause, openai.RateLimitError):
+        return "rate_limit_exceeded"
+    if isinstance(cause, openai.BadRequestError):
+        return "invalid_prompt"
+    return "server_error"

@@ -35,7 +35,7 @@ from sandkernel.api import SessionAPI
 from sandkernel.errors import ModelCallFailed, SandkernelError
 from sandkernel.files import StoredFile
 from sandkernel.loop import format_result, python_tool
-from sandkernel.openai_api.chat import AssistantModel, ChatRequest
+from sandkernel.openai_api.chat import AssistantModel, ChatRequest, run_error_code
 from sandkernel.openai_api.containers import (
     MNT_DATA,
     Containers,
@@ -536,10 +536,10 @@ class _Turn:
         self.incomplete_details = {"reason": "max_output_tokens"}
         return self
 
-    def failed(self, message: str) -> None:
+    def failed(self, message: str, code: str = "server_error") -> None:
         """End as failed: items still going end too (as failed code calls, else incomplete)."""
         self.status = "failed"
-        self.error = {"code": "server_error", "message": message}
+        self.error = {"code": code, "message": message}
         end_items(self.output)
 
     def cancelled(self) -> None:
@@ -610,7 +610,7 @@ class _Turn:
             except ModelCallFailed as exc:
                 if text.opened:  # what the model streamed before it failed ends with it
                     await text.done(text.streamed, final=False, status="incomplete")
-                self.failed(str(exc))
+                self.failed(str(exc), run_error_code(exc))
                 return self
             self.input_tokens += chat.prompt_tokens
             self.output_tokens += chat.completion_tokens

@@ -39,7 +39,7 @@ from sandkernel.errors import (
     SessionLimitReached,
 )
 from sandkernel.loop import ModelReply, ToolCall, format_result, python_tool, user_traceback
-from sandkernel.openai_api.chat import AssistantModel, ChatRequest
+from sandkernel.openai_api.chat import AssistantModel, ChatRequest, run_error_code
 from sandkernel.openai_api.events import RunEvents
 from sandkernel.openai_api.placement import Placement, Workspace
 from sandkernel.openai_api.state import ApiState, RunState, ThreadState
@@ -160,7 +160,7 @@ class RunDriver:
         except RunStopped as stop:
             await progress.stop(stop)
         except ModelCallFailed as exc:
-            await progress.stop(RunStopped("failed", str(exc)))
+            await progress.stop(RunStopped("failed", str(exc), code=run_error_code(exc)))
         except (PoolExhausted, SessionLimitReached) as exc:
             await progress.stop(RunStopped("failed", str(exc), code="rate_limit_exceeded"))
         except SandkernelError as exc:
