@@ -273,3 +273,101 @@ def test_colour_codes_in_the_output_do_not_reach_the_model() -> None:
     text = format_result(result)
     assert "\x1b" not in text
     assert "--- stdout ---\nred plain" in text and "--- stderr ---\nwarn" in text
+
+
+def test_an_exception_group_printed_to_stderr_is_shown_as_its_cleaned_traceback() -> None:
+    """IPython prints an ExceptionGroup's traceback to stderr and sends no error message."""
+    stderr = (
+        "loading\n"
+        "  + Exception Group Traceback (most recent call last):\n"
+        '  |   File "/opt/venv/lib/python3.12/site-packages/IPython/core/interactiveshell.py", '
+        "line 3823, in run_code\n"
+        "  |     exec(code_obj, self.user_global_ns, self.user_ns)\n"
+        '  |   File "/tmp/ipykernel_41/2569845120.py", line 2, in <module>\n'
+        '  |     raise ExceptionGroup("many", [ValueError("a"), KeyError("b")])\n'
+        "  | ExceptionGroup: many (2 sub-exceptions)\n"
+        "  +-+---------------- 1 ----------------\n"
+        "    | ValueError: a\n"
+        "    +---------------- 2 ----------------\n"
+        "    | KeyError: 'b'\n"
+        "    +------------------------------------\n"
+    )
+    error = ErrorInfo(name="ExceptionGroup", value="many (2 sub-exceptions)", traceback="")
+    text = format_result(make_result(status="error", stderr=stderr, error=error))
+    assert text == (
+        "Status: error: ExceptionGroup: many (2 sub-exceptions)\n"
+        "--- stderr ---\n"
+        "loading\n"
+        "--- traceback ---\n"
+        "  + Exception Group Traceback (most recent call last):\n"
+        '  |   File "/tmp/ipykernel_41/2569845120.py", line 2, in <module>\n'
+        '  |     raise ExceptionGroup("many", [ValueError("a"), KeyError("b")])\n'
+        "  | ExceptionGroup: many (2 sub-exceptions)\n"
+        "  +-+---------------- 1 ----------------\n"
+        "    | ValueError: a\n"
+        "    +---------------- 2 ----------------\n"
+        "    | KeyError: 'b'\n"
+        "    +------------------------------------"
+    )
+    # An exception raised while a group was handled: the whole chain is the traceback.
+    chained = stderr.removeprefix("loading\n") + (
+        "\nDuring handling of the above exception, another exception occurred:\n\n"
+        "Traceback (most recent call last):\n"
+        '  File "/tmp/ipykernel_41/3769694414.py", line 4, in <module>\n'
+        '    {}["x"]\n'
+        "KeyError: 'x'\n"
+    )
+    error = ErrorInfo(name="KeyError", value="'x'", traceback="")
+    text = format_result(make_result(status="error", stderr=chained, error=error))
+    assert "--- stderr ---" not in text and "interactiveshell" not in text
+    assert text.startswith(
+        "Status: error: KeyError: 'x'\n--- traceback ---\n"
+        "  + Exception Group Traceback (most recent call last):\n"
+    )
+    assert text.endswith(
+        "    | KeyError: 'b'\n    +------------------------------------\n\n"
+        "During handling of the above exception, another exception occurred:\n\n"
+        "Traceback (most recent call last):\n"
+        '  File "/tmp/ipykernel_41/3769694414.py", line 4, in <module>\n'
+        '    {}["x"]\n'
+        "KeyError: 'x'"
+    )
+
+
+def test_the_cut_note_counts_every_line_not_shown_whole() -> None:
+    """Three long lines cut in the middle: the first and last in part, all three counted."""
+    stdout = "\n".join(letter * 2000 for letter in "abc")
+    text = format_result(make_result(status="ok", stdout=stdout), budget_chars=1000)
+    shown = re.fullmatch(
+        r"Status: ok\n--- stdout ---\n(a+)(\n?)"
+        r"\[\.\.\. ([\d,]+) characters \((\d+) lines?\) cut \.\.\.\]\n(c+)",
+        text,
+    )
+    assert shown is not None, text
+    head, newline, cut, lines, tail = shown.groups()
+    assert int(cut.replace(",", "")) == len(stdout) - len(head) - len(tail)
+    assert int(lines) == 3
+    assert newline == "\n"  # the note is on a line of its own, not after the cut "aaa"
+
+
+def test_the_engines_cut_note_is_no_line_and_is_never_cut_in_part() -> None:
+    rows = [f"row {i:04d}" for i in range(400)]
+    # As the engine keeps a stream over its cap: head, its note, tail.
+    stdout = "\n".join(rows[:200]) + "\n\n[... 5000 bytes cut ...]\n" + "\n".join(rows[200:])
+    result = make_result(status="ok", stdout=stdout, stdout_truncated=True)
+    text = format_result(result, budget_chars=1000)
+    note = re.search(r"\[\.\.\. ([\d,]+) characters \(at least ([\d,]+) lines\) cut \.\.\.\]", text)
+    assert note is not None, text
+    kept = [line for line in text.split("\n") if line in rows]
+    # every row is either shown or counted as cut; the engine's note is no row
+    assert int(note.group(2)) + len(kept) == len(rows)
+    assert int(note.group(1).replace(",", "")) == 5000 + 9 * (len(rows) - len(kept))
+    # A cut that falls just after the newline opening the engine's note takes it whole.
+    stdout = "a" * 150 + "\n[... 9000000 bytes cut ...]\n" + "b" * 600
+    result = make_result(status="ok", stdout=stdout, stdout_truncated=True)
+    assert format_result(result, budget_chars=406) == (
+        "Status: ok\n--- stdout ---\n"
+        + "a" * 150
+        + "\n[... 9,000,437 characters (at least 1 line) cut ...]\n"
+        + "b" * 163
+    )

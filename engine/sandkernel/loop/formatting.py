@@ -27,6 +27,14 @@ _DF_FOOTER = re.compile(r"\n\[(\d+) rows x (\d+) columns\]\s*$")
 _DF_HTML = re.compile(r"<table\b[^>]*\bclass=\"[^\"]*\bdataframe\b")
 _DF_HTML_SHAPE = re.compile(r"<p>(\d+) rows × (\d+) columns</p>")
 _ENGINE_CUT = re.compile(r"\n\[\.\.\. (\d+) (?:bytes|characters) cut \.\.\.\]\n")
+#: Where a traceback printed to stderr begins, and what chains it to the one before.
+_PRINTED_TRACEBACK = re.compile(
+    r"^(?:  \+ Exception Group )?Traceback \(most recent call last\):$", re.MULTILINE
+)
+_CHAINED = (
+    "\n\nDuring handling of the above exception, another exception occurred:\n\n",
+    "\n\nThe above exception was the direct cause of the following exception:\n\n",
+)
 _CELL_FILE = re.compile(r"\(\d+\.py, line (\d+)\)")
 _MISSING_MODULE = re.compile(r"No module named '([^']+)'")
 _TIME_LIMIT = re.compile(r"its (\d+(?:\.\d+)?) s limit")
@@ -52,7 +60,8 @@ def format_result(
     a note of how much was cut); a DataFrame's repr is headed by its shape.
     Tracebacks keep the user's frames only:
     IPython/ipykernel internals are dropped, library frames are folded into a
-    count. Produced files and a one-line hint for common failures close it.
+    count; one IPython printed to stderr (an exception group's) is shown as the
+    traceback. Produced files and a one-line hint for common failures close it.
 
     The text depends only on the arguments, so it can be snapshot-tested.
 
@@ -132,8 +141,12 @@ def _variable_parts(result: ExecutionResult) -> list[_Part]:
     if result.stdout:
         stdout = strip_ansi(result.stdout).removesuffix("\n")
         parts.append(_Part("stdout", stdout, _full_stream_file(result, "stdout")))
-    if result.stderr:
-        stderr = strip_ansi(result.stderr).removesuffix("\n")
+    stderr = strip_ansi(result.stderr).removesuffix("\n")
+    error = result.error
+    traceback = error.traceback if error is not None else ""
+    if error is not None and error.name and not traceback:
+        stderr, traceback = _printed_traceback(stderr, error.name)
+    if stderr:
         parts.append(_Part("stderr", stderr, _full_stream_file(result, "stderr")))
     if result.displays or result.displays_truncated:
         lines = [_render_bundle(d, display_files, "displayed") for d in result.displays]
@@ -143,10 +156,26 @@ def _variable_parts(result: ExecutionResult) -> list[_Part]:
     if result.value is not None:
         label = f"Out[{result.execution_count}]" if result.execution_count else "value"
         parts.append(_Part(label, _render_bundle(result.value, display_files, "returned")))
-    if result.error is not None and result.error.traceback:
+    if traceback:
         title = "traceback (where it was stopped)" if result.status == "timeout" else "traceback"
-        parts.append(_Part(title, user_traceback(result.error.traceback)))
+        parts.append(_Part(title, user_traceback(traceback)))
     return parts
+
+
+def _printed_traceback(stderr: str, name: str) -> tuple[str, str]:
+    """``stderr`` split before the traceback of exception ``name`` that ends it, if one does.
+
+    IPython prints an exception group's traceback (or that of an exception
+    raised while one was handled) to stderr, and sends no error message: it is
+    cleaned and shown as the traceback, not left raw in the output.
+    """
+    starts = [match.start() for match in _PRINTED_TRACEBACK.finditer(stderr)]
+    if not starts or name not in stderr[starts[-1] :]:
+        return stderr, ""
+    start = starts.pop()
+    while starts and stderr[:start].endswith(_CHAINED):
+        start = starts.pop()
+    return stderr[:start].removesuffix("\n"), stderr[start:]
 
 
 def _full_stream_file(result: ExecutionResult, stream: str) -> str | None:
@@ -320,13 +349,14 @@ def _cut_middle(text: str, limit: int, *, where: str | None = None) -> str:
     """``text`` within ``limit`` characters: head and tail kept, the middle replaced by a note.
 
     Cuts fall on line ends where one is near. The note counts what was cut,
-    including what the engine itself had already cut from the stream.
+    including what the engine itself had already cut from the stream (its
+    own note is cut whole, never in part), and the lines not shown whole.
     """
     if len(text) <= limit:
         return text
     located = f"; the full output is in {where}" if where else ""
     already_cut = sum(int(m.group(1)) for m in _ENGINE_CUT.finditer(text))
-    widest = _cut_note(len(text) + already_cut, text.count("\n"), located, at_least=True)
+    widest = _cut_note(len(text) + already_cut, text.count("\n") + 1, located, at_least=True)
     keep = max(0, limit - len(widest))
     head = text[: keep // 2]
     tail = text[len(text) - (keep - len(head)) :] if keep - len(head) else ""
@@ -336,17 +366,25 @@ def _cut_middle(text: str, limit: int, *, where: str | None = None) -> str:
     newline = tail.find("\n")
     if 0 <= newline < len(tail) // 2:
         tail = tail[newline + 1 :]
-    middle = text[len(head) : len(text) - len(tail)]
-    cut_chars = len(middle)
-    earlier = _ENGINE_CUT.search(middle)
-    if earlier:
-        cut_chars += int(earlier.group(1)) - len(earlier.group(0))
-    note = _cut_note(cut_chars, middle.count("\n"), located, at_least=earlier is not None)
-    if not head.endswith("\n") and head:
-        note = "\n" + note.lstrip("\n")
-    return (head + note.lstrip("\n") + tail)[: max(limit, 0)]
+    start, end = len(head), len(text) - len(tail)
+    for engine_cut in _ENGINE_CUT.finditer(text):  # a note of the engine the cut reaches
+        if engine_cut.start() < end and engine_cut.end() > start:
+            start, end = min(start, engine_cut.start()), max(end, engine_cut.end())
+    head, middle, tail = text[:start], text[start:end], text[end:]
+    engine_cuts = list(_ENGINE_CUT.finditer(middle))
+    cut_chars = len(middle) + sum(int(m.group(1)) - len(m.group(0)) for m in engine_cuts)
+    # The engine's note is no line of the stream: what it cut is counted as a character,
+    # the least there was, joining the lines around it.
+    cut = _ENGINE_CUT.sub("~", middle)
+    lines = cut.count("\n") + (0 if cut.endswith("\n") else 1)  # a line cut in part counts
+    note = _cut_note(cut_chars, lines, located, at_least=bool(engine_cuts))
+    if head.endswith("\n") or not head:
+        note = note.removeprefix("\n")
+    return (head + note + tail)[: max(limit, 0)]
 
 
 def _cut_note(chars: int, lines: int, located: str, *, at_least: bool) -> str:
-    counted = f"at least {lines:,} lines" if at_least else f"{lines:,} lines"
+    counted = f"{lines:,} line{'s' if lines != 1 else ''}"
+    if at_least:
+        counted = f"at least {counted}"
     return f"\n[... {chars:,} characters ({counted}) cut{located} ...]\n"
