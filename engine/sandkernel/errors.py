@@ -23,9 +23,9 @@ answers it with; the daemon's client raises the class named by the answer's
     │   ├── SessionClosed           410  used after close()
     │   ├── SessionLost             410  its kernel went with a daemon restart or a cluster node
     │   └── SessionLimitReached     429  max_sessions are active (names the setting)
-    ├── FileError                   503  the file store cannot serve (closed or unreadable)
+    ├── FileError                   503  the store cannot serve (closed, read-only, full, damaged)
     │   ├── FileRejected            422  a file was refused (says why and what is allowed)
-    │   │   └── FileTooLarge        413  over the upload size limit (names the setting)
+    │   │   └── FileTooLarge        413  over the upload limit (names the setting), or disk full
     │   └── FileNotFoundInStore     404  no stored file with that id (never stored, deleted...)
     │       └── FileLost            404  the cluster node that stored it is gone
     ├── BadInput (ValueError)       400  input that cannot be used (says which and why)
@@ -188,7 +188,11 @@ class SessionLimitReached(SessionError):
 
 
 class FileError(SandkernelError):
-    """Base for file store errors; raised as such when the store is closed or unreadable."""
+    """Base for file store errors; raised as such when the store cannot serve.
+
+    Closed, not writable (read-only, a full disk), its database held by
+    another process or damaged: the message says which and what fixes it.
+    """
 
     http_status = 503
 
@@ -200,7 +204,10 @@ class FileRejected(FileError):
 
 
 class FileTooLarge(FileRejected):
-    """A file is larger than the store or the engine accepts (the message names the setting)."""
+    """A file is larger than the store or the engine accepts (the message names the setting).
+
+    Also an upload the store's disk has no room for.
+    """
 
     http_status = 413
 

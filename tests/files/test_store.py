@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import io
 import os
+import re
+import sqlite3
 import stat
 import threading
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sandkernel.errors import BadInput, FileError, FileNotFoundInStore, FileRejected, FileTooLarge
 from sandkernel.files import DEFAULT_MAX_UPLOAD_BYTES, MIME_TYPES, FileStore, StoredFile
+from sandkernel.files import store as store_module
 from tests.files._samples import blob_files, png_bytes, xlsx_bytes
 
 
@@ -329,3 +334,258 @@ def test_a_produced_file_is_bounded_by_the_engines_default_upload_cap(tmp_path: 
         )
         assert [f.name for f in store.list()] == ["at-cap.bin"]
         assert list((store.root / "tmp").iterdir()) == []
+
+
+# ----------------------------------------------------------------- faults
+
+
+def _quoted(path: Path) -> str:
+    """A pattern matching ``path`` as an error message quotes it."""
+    return re.escape(repr(str(path)))
+
+
+def _fill(disk: Path) -> Path:
+    """Fill ``disk`` up with one file; remove it to free the space."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_an_add_on_a_full_disk_is_refused_naming_the_store(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def full(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(
+        FileTooLarge,
+        match=f"the disk of the file store at {_quoted(store.root)} is full",
+    ):
+        store.add_bytes(b"a,b\n", "a.csv")
+    monkeypatch.undo()
+    assert list((store.root / "tmp").iterdir()) == []
+    assert store.list() == []
+    assert store.read_bytes(store.add_bytes(b"a,b\n", "a.csv").id) == b"a,b\n"
+
+
+def test_a_source_that_fails_to_be_read_is_not_the_stores_error(store: FileStore) -> None:
+    class Failing:
+        def read(self, size: int = -1, /) -> bytes:
+            raise OSError(errno.EIO, "the client's disk failed")
+
+    with pytest.raises(OSError, match="the client's disk failed") as failed:
+        store.add_stream(Failing(), "a.txt")
+    assert not isinstance(failed.value, FileError)
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_a_store_on_a_full_disk_says_so_until_space_is_freed(small_disk: Path) -> None:
+    with FileStore(small_disk / "store") as store:
+        kept = store.add_bytes(b"kept\n", "kept.txt")
+        with pytest.raises(FileTooLarge, match="the disk of the file store at .* is full"):
+            store.add_bytes(b"x" * 2_000_000, "big.txt")  # larger than the disk
+        assert list((store.root / "tmp").iterdir()) == []
+        filler = _fill(small_disk)
+        with pytest.raises(FileTooLarge, match="is full"):
+            store.add_bytes(b"small\n", "small.txt")
+        # Deleting writes to the database too: a FileError (503), not a refused file.
+        with pytest.raises(FileError, match="is full .*database or disk is full") as refused:
+            store.delete(kept.id)
+        assert type(refused.value) is FileError
+        assert store.read_bytes(kept.id) == b"kept\n"
+        filler.unlink()
+        store.delete(kept.id)
+        assert store.list() == []
+
+
+def test_a_read_only_store_refuses_adds_and_a_start_saying_so(
+    tmp_path: Path, make_read_only: Callable[[Path], None]
+) -> None:
+    root = tmp_path / "store"
+    with FileStore(root) as store:
+        kept = store.add_bytes(b"kept\n", "kept.txt")
+        make_read_only(root)
+        with pytest.raises(
+            FileError, match=f"the file store at {_quoted(root)} is read-only"
+        ) as refused:
+            store.add_bytes(b"new\n", "new.txt")
+        assert type(refused.value) is FileError
+        assert store.read_bytes(kept.id) == b"kept\n"
+    with pytest.raises(FileError, match=f"the file store at {_quoted(root)} is read-only"):
+        FileStore(root)
+
+
+def test_a_delete_whose_content_cannot_be_removed_succeeds_and_leaves_it_to_purge(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    stored = store.add_bytes(b"going\n", "going.txt")
+    blob = store.blob_path(stored.id)
+    unlink = os.unlink
+
+    def refused(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> None:
+        if Path(path) == blob:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    store.delete(stored.id)
+    with pytest.raises(FileNotFoundInStore):
+        store.get(stored.id)
+    assert blob.exists() and "left for a later purge" in caplog.text
+    monkeypatch.undo()
+    store.purge_expired(now=0.0)
+    assert not blob.exists()
+
+
+def test_a_database_another_process_holds_is_a_file_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_BUSY_TIMEOUT_S", 0.0)
+    with FileStore(tmp_path / "store") as store:
+        kept = store.add_bytes(b"kept\n", "kept.txt")
+        db = store.root / "files.sqlite3"
+        holder = sqlite3.connect(db, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            held = f"another process has held the database of the file store at {_quoted(db)}"
+            with pytest.raises(FileError, match=held):
+                store.add_bytes(b"new\n", "new.txt")
+            with pytest.raises(FileError, match=held):
+                store.delete(kept.id)
+            with pytest.raises(FileError, match=held):
+                store.purge_expired(now=0.0)
+            assert [f.id for f in store.list()] == [kept.id]  # reads go on meanwhile
+            holder.execute("COMMIT")
+        finally:
+            holder.close()
+        assert store.read_bytes(store.add_bytes(b"new\n", "new.txt").id) == b"new\n"
+        assert {f.name for f in store.list()} == {"kept.txt", "new.txt"}
+
+
+def _damage(db: Path) -> None:
+    """Overwrite the database's pages after the first (its header and schema)."""
+    with db.open("r+b") as f:
+        f.seek(4096)
+        f.write(b"\xa5" * 8192)
+
+
+def test_a_damaged_database_is_refused_at_start_saying_what_to_do(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    with FileStore(root) as store:
+        for i in range(50):
+            store.add_bytes(b"row %d\n" % i, f"f{i}.txt")
+    db = root / "files.sqlite3"
+    _damage(db)
+    with pytest.raises(
+        FileError, match=f"the database of the file store at {_quoted(db)} is damaged"
+    ):
+        FileStore(root)
+    db.write_bytes(b"garbage" * 20)  # not even a header
+    with pytest.raises(FileError, match="is damaged .*restore it from a backup"):
+        FileStore(root)
+
+
+def test_a_database_damaged_while_open_fails_every_call_with_a_file_error(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    with FileStore(root) as store:  # closing it writes the rows into the database file
+        stored = [store.add_bytes(b"row %d\n" % i, f"f{i}.txt") for i in range(50)]
+    with FileStore(root) as store:
+        db = root / "files.sqlite3"
+        _damage(db)
+        # Another process's write: the store reads the database afresh.
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("PRAGMA user_version = 1")
+        other.close()
+        damaged = f"the database of the file store at {_quoted(db)} is damaged"
+        with pytest.raises(FileError, match=damaged):
+            store.list()
+        with pytest.raises(FileError, match=damaged):
+            store.get(stored[0].id)
+        with pytest.raises(FileError, match=damaged):
+            store.add_bytes(b"new\n", "new.txt")
+        with pytest.raises(FileError, match=damaged):
+            store.delete(stored[1].id)
+
+
+def test_a_truncated_blob_is_refused_and_an_upload_of_its_content_repairs_it(
+    store: FileStore,
+) -> None:
+    data = b"id,value\n" + b"".join(b"%d,%d\n" % (i, i * i) for i in range(2000))
+    first = store.add_bytes(data, "data.csv")
+    blob = store.blob_path(first.id)
+    with blob.open("r+b") as f:
+        f.truncate(100)
+    damaged = re.escape(f"the stored copy of {first.id!r} at {str(blob)!r} is damaged: 100 bytes")
+    with pytest.raises(FileNotFoundInStore, match=damaged):
+        store.read_bytes(first.id)
+    with pytest.raises(FileNotFoundInStore, match=damaged):
+        store.blob_path(first.id)
+    again = store.add_bytes(data, "again.csv")
+    assert store.read_bytes(again.id) == store.read_bytes(first.id) == data
+
+
+def test_an_upload_replaces_a_stored_copy_damaged_in_place(store: FileStore) -> None:
+    data = b"id,value\n1,1\n2,4\n"
+    first = store.add_bytes(data, "data.csv")
+    store.blob_path(first.id).write_bytes(b"Z" * len(data))  # same size, other bytes
+    store.add_bytes(data, "again.csv")
+    assert store.read_bytes(first.id) == data
+    assert len(blob_files(store.root)) == 1
+
+
+def test_purge_goes_past_entries_it_cannot_remove(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with FileStore(tmp_path / "store", clock=lambda: 1000.0) as store:
+        expiring = store.add_bytes(b"expiring\n", "exp.txt", retention_s=10)
+        kept = store.add_bytes(b"kept\n", "kept.txt")
+        odd = store.root / "blobs" / "00" / ("0" * 64)  # named as a blob, but a folder
+        odd.mkdir(parents=True)
+        orphan_hash = hashlib.sha256(b"orphan").hexdigest()
+        orphan = store.root / "blobs" / orphan_hash[:2] / orphan_hash
+        orphan.parent.mkdir(exist_ok=True)
+        orphan.write_bytes(b"orphan")
+        stale_dir = store.root / "tmp" / "incoming-folder"
+        stale_dir.mkdir()
+        stale = store.root / "tmp" / "incoming-stale"
+        stale.write_bytes(b"partial")
+        for partial in (stale_dir, stale):
+            os.utime(partial, (0.0, 0.0))
+        expiring_blob = store.blob_path(expiring.id)
+        assert store.purge_expired(now=5000.0) == 1
+        assert store.purge_expired(now=5000.0) == 0
+        assert not orphan.exists() and not stale.exists() and not expiring_blob.exists()
+        assert odd.is_dir() and stale_dir.is_dir()
+        assert f"cannot remove orphan blob {odd}" in caplog.text
+        assert f"cannot remove partial upload {stale_dir}" in caplog.text
+        assert store.read_bytes(kept.id) == b"kept\n"
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_writes_are_refused_once_the_database_is_deleted_or_replaced(
+    store: FileStore, how: str
+) -> None:
+    kept = store.add_bytes(b"kept\n", "kept.txt")
+    db = store.root / "files.sqlite3"
+    if how == "deleted":
+        for path in store.root.glob("files.sqlite3*"):
+            path.unlink()
+    else:
+        copy = store.root / "copy.sqlite3"
+        copy.write_bytes(db.read_bytes())
+        copy.replace(db)
+    gone = f"the database of the file store at {_quoted(db)} was deleted or replaced"
+    with pytest.raises(FileError, match=gone):
+        store.add_bytes(b"lost\n", "lost.txt")
+    with pytest.raises(FileError, match=gone):
+        store.delete(kept.id)
+    assert [f.name for f in store.list()] == ["kept.txt"]

@@ -9,8 +9,10 @@ expired and the content no file refers to any more.
 from __future__ import annotations
 
 import builtins
+import errno
 import hashlib
 import io
+import logging
 import os
 import re
 import secrets
@@ -39,12 +41,21 @@ from sandkernel.files.upload import (
     check_upload,
 )
 
+log = logging.getLogger(__name__)
+
 Origin = Literal["uploaded", "produced"]
 Scope = Literal["session", "agent", "none"]
 #: What can be uploaded: bytes, a path, or a binary stream.
 UploadSource = bytes | str | os.PathLike[str] | BinaryIO
+#: What the store was doing when its disk or database failed (see FileStore._failure).
+_Action = Literal["open", "add", "use"]
 
 _STALE_TEMP_S: Final = 3600.0
+#: How long a write waits for another process's write lock on the database.
+_BUSY_TIMEOUT_S: Final = 30.0
+_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+_READ_ONLY_ERRNOS: Final = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+_MOVE_STORE: Final = "use another store folder (EngineConfig.store_dir, `sandkernel serve --store`)"
 #: The largest file the store takes from the code (written or displayed),
 #: whatever the upload cap: the engine's default upload cap. The engine's caps
 #: on what a cell and a session produce (OutputCaps) are tighter; this is the
@@ -172,6 +183,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    # Unbuffered, so a failed write is reported once, where it happened, and
+    # never again by a buffer flushed on close.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _unlink_logged(path: str | os.PathLike[str], what: str) -> None:
+    """Remove ``path``; if that fails, log why and leave it for a later purge."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s %s (left for a later purge): %s", what, path, exc)
+
+
 class FileStore:
     """Files kept on disk across restarts, addressed by unguessable ids.
 
@@ -221,7 +250,8 @@ class FileStore:
             clock: Unix time; decides expiry and ``created_at``.
 
         Raises:
-            FileError: the database cannot be opened or is from a newer version.
+            FileError: the store cannot be opened or written, its database is
+                damaged, or is from a newer version.
         """
         self.root = Path(root)
         self._allowed = allowed
@@ -234,31 +264,37 @@ class FileStore:
         self._tmp = self.root / "tmp"
         self._lock = threading.Lock()
         self._closed = False
-        db = self.root / "files.sqlite3"
-        try:
+        self._db = self.root / "files.sqlite3"
+        try:  # a file where a folder goes, no permission, a full disk
             self.root.parent.mkdir(parents=True, exist_ok=True)
             for directory in (self.root, self._blobs, self._tmp):
                 _make_private_dir(directory)
             # Created here with 0600 so SQLite, which gives its -wal and -shm files
             # the database's mode, never makes a readable copy of the metadata.
-            fd = os.open(db, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(self._db, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 os.fchmod(fd, 0o600)
+                opened = os.fstat(fd)
             finally:
                 os.close(fd)
-        except OSError as exc:  # a file where a folder goes, no permission, a full disk
-            raise FileError(
-                f"cannot open a file store at {str(self.root)!r}: "
-                f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
-            ) from None
-        self._conn = sqlite3.connect(
-            db, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
+        except OSError as exc:
+            raise self._failure(exc, "open") from None
+        # Which file was opened: a write checks that it is still the one at that path.
+        self._db_identity = (opened.st_dev, opened.st_ino)
+        with self._mapped("open"):
+            self._conn = sqlite3.connect(
+                self._db, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_S
+            )
         self._conn.row_factory = sqlite3.Row
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed id survives a power loss, as its blob does.
             self._conn.execute("PRAGMA synchronous=FULL")
+            # Damage found now refuses the start, rather than failing calls later.
+            # It reads the whole database: about 2 ms for 3,000 files, 50 ms for 100,000.
+            problem = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise self._damaged(problem)
             self._conn.execute("BEGIN IMMEDIATE")
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if version > _SCHEMA_VERSION:
@@ -273,7 +309,7 @@ class FileStore:
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._conn.close()
-            raise FileError(f"cannot open the file store at {str(self.root)!r}: {exc}") from None
+            raise self._failure(exc, "open") from None
         except BaseException:
             self._conn.close()
             raise
@@ -307,26 +343,104 @@ class FileStore:
         if self._closed:
             raise FileError(f"the file store at {str(self.root)!r} is closed")
 
+    def _failure(self, exc: OSError | sqlite3.Error, action: _Action) -> FileError:
+        """The error for the store's disk or database failing: the cause, and what fixes it.
+
+        A full disk refuses an add as :class:`FileTooLarge` (a smaller file may
+        still fit); anything else is a :class:`FileError`.
+        """
+        root = str(self.root)
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+            if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return FileError(
+                    f"another process has held the database of the file store at "
+                    f"{str(self._db)!r} for more than {_BUSY_TIMEOUT_S:g} s ({exc}): "
+                    f"retry later, end it (`fuser -v {self._db}` shows it), or {_MOVE_STORE}"
+                )
+            if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                return self._damaged(str(exc))
+            full = code == sqlite3.SQLITE_FULL
+            read_only = code == sqlite3.SQLITE_READONLY
+            detail = str(exc)
+        else:
+            full = exc.errno in _FULL_ERRNOS
+            read_only = exc.errno in _READ_ONLY_ERRNOS
+            detail = f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+        if full:
+            message = (
+                f"the disk of the file store at {root!r} is full ({detail}): "
+                f"free space on it, or {_MOVE_STORE}"
+            )
+            return FileTooLarge(message) if action == "add" else FileError(message)
+        if read_only:
+            return FileError(
+                f"the file store at {root!r} is read-only or not writable by this process "
+                f"({detail}): make it writable, or {_MOVE_STORE}"
+            )
+        if action == "open":
+            return FileError(f"cannot open a file store at {root!r}: {detail}")
+        return FileError(f"the file store at {root!r} failed: {detail}")
+
+    def _damaged(self, detail: str) -> FileError:
+        db = str(self._db)
+        return FileError(
+            f"the database of the file store at {db!r} is damaged ({detail}): stop the "
+            f"engine, then restore it from a backup, or recover what it holds (`sqlite3 {db} "
+            ".recover | sqlite3 recovered.sqlite3`, then put that in its place), or move it "
+            "aside with its -wal and -shm files (an empty one is made at the next start; "
+            "the files it listed are lost)"
+        )
+
+    @contextmanager
+    def _mapped(self, action: _Action = "use") -> Iterator[None]:
+        """Raise the store's disk and database failures as :meth:`_failure` says."""
+        try:
+            yield
+        except (OSError, sqlite3.Error) as exc:
+            raise self._failure(exc, action) from None
+
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._ensure_open()
-            yield self._conn
+            with self._mapped():
+                yield self._conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, action: _Action = "use") -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes SQLite's write lock up front; blob renames and unlinks
         # done inside are thereby ordered with other processes' row changes.
         with self._lock:
             self._ensure_open()
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+            self._ensure_same_database()
+            with self._mapped(action):
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:
+                        # Failing too (a damaged database) must not hide the first error.
+                        with suppress(sqlite3.Error):
+                            self._conn.execute("ROLLBACK")
+                    raise
+
+    def _ensure_same_database(self) -> None:
+        """Refuse to write to a database no longer at its path: what it took would be lost."""
+        try:
+            current = os.stat(self._db)
+        except FileNotFoundError:
+            current = None
+        except OSError as exc:
+            raise self._failure(exc, "use") from None
+        if current is None or (current.st_dev, current.st_ino) != self._db_identity:
+            raise FileError(
+                f"the database of the file store at {str(self._db)!r} was deleted or replaced "
+                "while the store was open, so nothing more is written to it: restart the "
+                "engine to open the one there now (restore it from a backup first if it "
+                "was deleted by mistake: a missing database is made anew, empty)"
+            )
 
     def _blob_for(self, sha256: str) -> Path:
         return self._blobs / sha256[:2] / sha256
@@ -522,35 +636,45 @@ class FileStore:
                 agent_id=agent_id,
                 expires_at=None if retention_s is None else now + retention_s,
             )
-            with self._write() as conn:
+            with self._write("add") as conn:
                 self._place_blob(tmp, sha256)
                 conn.execute(_INSERT, record.model_dump())
         finally:
-            with suppress(FileNotFoundError):
-                tmp.unlink()
+            # Gone once placed; one that cannot be removed is swept by purge_expired.
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return record
 
     def _receive(self, fileobj: Readable, name: str, origin: Origin) -> tuple[Path, str, int]:
-        """Copy a stream into ``tmp/``, hashing it and enforcing the size cap of its origin."""
+        """Copy a stream into ``tmp/``, hashing it and enforcing the size cap of its origin.
+
+        Only the store's own writes are mapped to its errors: the source
+        failing to be read is the caller's to report.
+        """
         self._ensure_open()
         # The upload cap is what clients may send: never a bound on what code writes.
         cap = self._max_bytes if origin == "uploaded" else self._max_produced_file_bytes
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="incoming-")
+        with self._mapped("add"):
+            fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="incoming-")
         tmp = Path(tmp_name)
         digest = hashlib.sha256()
         size = 0
         try:
-            with os.fdopen(fd, "wb") as out:
+            try:
                 while chunk := fileobj.read(CHUNK_BYTES):
                     size += len(chunk)
                     if size > cap:
                         raise self._too_large(name, origin)
                     digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+                    with self._mapped("add"):
+                        _write_all(fd, chunk)
+                with self._mapped("add"):
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise
         return tmp, digest.hexdigest(), size
 
@@ -569,11 +693,13 @@ class FileStore:
         )
 
     def _place_blob(self, tmp: Path, sha256: str) -> None:
-        # Called with the write lock held (see _write).
+        # Called with the write lock held (see _write). A blob already there is
+        # replaced too: the new copy is complete and known to match its name,
+        # whereas the old one may have been damaged since, and checking it would
+        # mean reading it all with the lock held. Readers that have it open
+        # keep reading the old file.
         blob = self._blob_for(sha256)
         _make_private_dir(blob.parent)
-        if blob.exists():
-            return  # same content already stored; the caller removes tmp
         os.replace(tmp, blob)
         _fsync_dir(blob.parent)
 
@@ -607,14 +733,27 @@ class FileStore:
         modify or move it.
 
         Raises:
-            FileNotFoundInStore: no such id, expired, or its content is missing.
+            FileNotFoundInStore: no such id, expired, or its content is missing
+                or damaged (not of the size stored).
         """
         record = self.get(file_id)
         blob = self._blob_for(record.sha256)
-        if not blob.is_file():
+        try:
+            size = os.stat(blob).st_size
+        except FileNotFoundError:
+            size = None
+        except OSError as exc:
+            raise self._failure(exc, "use") from None
+        if size is None:
             raise FileNotFoundInStore(
                 f"the content of {file_id!r} is missing from {str(blob)!r}: the store was "
-                "changed by something other than sandkernel"
+                "changed by something other than sandkernel; upload the file again to restore it"
+            )
+        if size != record.size_bytes:
+            raise FileNotFoundInStore(
+                f"the stored copy of {file_id!r} at {str(blob)!r} is damaged: {size} bytes "
+                f"where {record.size_bytes} were stored (changed by something other than "
+                "sandkernel); upload the file again to repair it"
             )
         return blob
 
@@ -623,7 +762,8 @@ class FileStore:
 
         Raises:
             FileNotFoundInStore: no such id, expired, or deleted, also while
-                this looked it up (its row, then its content).
+                this looked it up (its row, then its content); or its content
+                is damaged (see :meth:`blob_path`).
         """
         blob = self.blob_path(file_id)
         try:
@@ -634,6 +774,8 @@ class FileStore:
                 f"the content of {file_id!r} is missing from {str(blob)!r}: the store was "
                 "changed by something other than sandkernel"
             ) from None
+        except OSError as exc:
+            raise self._failure(exc, "use") from None
 
     def read_bytes(self, file_id: str) -> bytes:
         """A file's whole content."""
@@ -733,22 +875,26 @@ class FileStore:
                 )
             conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
         # The row is committed away first: a crash now leaves an orphan blob,
-        # which purge_expired removes, never a row without its blob.
-        self._drop_unreferenced({record.sha256})
+        # which purge_expired removes, never a row without its blob. So does a
+        # failure now, which therefore does not make the delete one.
+        try:
+            self._drop_unreferenced({record.sha256})
+        except FileError as exc:
+            log.warning("deleted %s, leaving its content for a later purge: %s", file_id, exc)
 
     def _drop_unreferenced(self, hashes: Iterable[str]) -> None:
         with self._write() as conn:
             for sha256 in hashes:
                 if conn.execute("SELECT 1 FROM files WHERE sha256 = ?", (sha256,)).fetchone():
                     continue
-                with suppress(FileNotFoundError):
-                    self._blob_for(sha256).unlink()
+                _unlink_logged(self._blob_for(sha256), "unreferenced blob")
 
     def purge_expired(self, now: float) -> int:
         """Delete files expired at ``now`` and content no file refers to.
 
         Also removes blobs left behind by a crash between a delete and its
         blob removal, and partial uploads in ``tmp/`` older than an hour.
+        An entry that cannot be removed is logged and left: it stops no other.
 
         Args:
             now: Unix time.
@@ -756,6 +902,8 @@ class FileStore:
         Returns:
             How many files were deleted.
         """
+        self._ensure_open()
+        self._sweep_partials(now)  # first: it needs no database, so no database error stops it
         with self._write() as conn:
             expired = conn.execute(
                 "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
@@ -768,19 +916,35 @@ class FileStore:
             with os.scandir(self._blobs) as subdirs:
                 fanout = [sub.path for sub in subdirs if sub.is_dir(follow_symlinks=False)]
             for sub in fanout:
-                with os.scandir(sub) as blobs:
-                    orphans = [
-                        blob.path
-                        for blob in blobs
-                        if _HEX64.fullmatch(blob.name) and blob.name not in referenced
-                    ]
+                try:
+                    with os.scandir(sub) as blobs:
+                        orphans = [
+                            blob.path
+                            for blob in blobs
+                            if _HEX64.fullmatch(blob.name) and blob.name not in referenced
+                        ]
+                except OSError as exc:
+                    log.warning("cannot list %s to remove orphan blobs: %s", sub, exc)
+                    continue
                 for orphan in orphans:
-                    with suppress(FileNotFoundError):
-                        os.unlink(orphan)
-        with os.scandir(self._tmp) as partials:
-            for partial in partials:
-                # An add finishing meanwhile renames its file away: not an error.
-                with suppress(FileNotFoundError):
-                    if partial.stat(follow_symlinks=False).st_mtime < now - _STALE_TEMP_S:
-                        os.unlink(partial.path)
+                    _unlink_logged(orphan, "orphan blob")
         return len(expired)
+
+    def _sweep_partials(self, now: float) -> None:
+        """Remove what ``tmp/`` has held for over an hour: adds that never finished."""
+        try:
+            with os.scandir(self._tmp) as entries:
+                partials = builtins.list(entries)
+        except OSError as exc:
+            log.warning("cannot list %s to remove partial uploads: %s", self._tmp, exc)
+            return
+        for partial in partials:
+            try:
+                stale = partial.stat(follow_symlinks=False).st_mtime < now - _STALE_TEMP_S
+            except FileNotFoundError:
+                continue  # an add finishing meanwhile renamed its file away
+            except OSError as exc:
+                log.warning("cannot check partial upload %s: %s", partial.path, exc)
+                continue
+            if stale:
+                _unlink_logged(partial.path, "partial upload")
