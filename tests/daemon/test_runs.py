@@ -241,6 +241,34 @@ async def test_malformed_sandboxfusion_bodies_get_a_clear_4xx(
     assert r["run_result"]["stdout"] == "still here\n"
 
 
+async def test_input_no_run_can_be_given_is_a_sandbox_error_as_sandboxfusion_answers_it(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """JSON's "\\ud800" is a lone surrogate: text no file or stdin holds as UTF-8.
+
+    SandboxFusion answers a request it cannot run with 200 and SandboxError,
+    as /run_code does for a file path no file system takes.
+    """
+    running = await fusion_daemon(daemon_factory)
+    http = loopback(running)
+    headers = {"content-type": "application/json"}
+    bodies = {
+        "stdin": '{"code": "print(1)", "language": "python", "stdin": "a\\ud800b"}',
+        "code": '{"code": "def test_a():\\n    assert \'\\ud800\'\\n", "language": "pytest"}',
+    }
+    for field, body in bodies.items():
+        response = await http.post("/run_code", content=body.encode(), headers=headers)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert set(answer) == RESPONSE_FIELDS
+        assert (answer["status"], answer["run_result"], answer["files"]) == (
+            "SandboxError", None, {},
+        )  # fmt: skip
+        assert answer["message"].startswith(f"{field}: text with a lone surrogate"), answer
+    r = await run_code(http, {"code": "print('still here')", "language": "python"})
+    assert r["run_result"]["stdout"] == "still here\n"
+
+
 async def test_without_the_flag_fusion_routes_need_the_token(
     daemon_factory: DaemonFactory,
 ) -> None:

@@ -7,8 +7,9 @@ forging the run's report) and is run twice in the same test: through the
 public API (``Engine.run_once``, one fresh fork of a warm sandbox) and as a
 plain ``python prog.py`` in a temporary folder with the same interpreter.
 Each passes when the two verdicts agree (exit status, or both timed out, and
-stdout where it is deterministic), no byte of the engine's own protocol shows
-in the run's output, and the next 50 runs on the same workers are correct.
+stdout and stderr where they are deterministic), no byte of the engine's own
+protocol shows in the run's output, and the next 50 runs on the same workers
+are correct.
 
 The terminal summary ends with ``N tricks tried, N gave the plain-python
 verdict`` (counted in ``conftest.py``).
@@ -49,6 +50,11 @@ class Trick:
     same_stdout: bool = True
     #: plain python's stdout goes to /dev/null (too big to hold)
     discard_plain_stdout: bool = False
+    #: compare stderr too (where it is deterministic)
+    same_stderr: bool = False
+    #: plain python runs as a shell's child, as a run is its fork server's: what
+    #: it does to its parent lands on that shell, not on the test's process
+    under_a_shell: bool = False
 
 
 def _trick(name: str, code: str, **kwargs: bool) -> Trick:
@@ -175,6 +181,40 @@ TRICKS = [
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         print('limits changed')
         """,
+    ),
+    _trick(
+        # Its parent is its fork server (PID 1 of the sandbox), of the same uid.
+        "lower_the_parents_open_files_limit_for_good",
+        """
+        import os, resource, time
+        resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))
+        print('lowered', flush=True)
+        time.sleep(0.2)
+        print('still running')
+        """,
+        under_a_shell=True,
+    ),
+    _trick(
+        "lower_the_parents_open_files_soft_limit",
+        """
+        import os, resource, time
+        hard = resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE)[1]
+        resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, hard))
+        print('lowered', flush=True)
+        time.sleep(0.2)
+        print('still running')
+        """,
+        under_a_shell=True,
+    ),
+    _trick(
+        "close_stdout_then_print",
+        """
+        import os
+        print('a', flush=True)
+        os.close(1)
+        print('b')
+        """,
+        same_stderr=True,
     ),
     _trick(
         "address_space_lowered_then_memory_error",
@@ -317,15 +357,22 @@ TRICKS = [
 class Verdict:
     outcome: str  # "timeout" or the exit status (negative: the signal)
     stdout: str
+    stderr: str = ""
 
 
-def plain_python(code: str, workdir: Path, *, discard_stdout: bool) -> Verdict:
+def plain_python(
+    code: str, workdir: Path, *, discard_stdout: bool, under_a_shell: bool = False
+) -> Verdict:
     """``python prog.py`` in ``workdir``, with the interpreter the sandbox runs."""
     workdir.mkdir()
     (workdir / "prog.py").write_text(code)
+    command = [sys.executable, "prog.py"]
+    if under_a_shell:
+        # Not `exec`ed by the shell: it stays the program's parent, and exits with its status.
+        command = ["/bin/sh", "-c", '"$0" "$@"; exit $?', *command]
     try:
         proc = subprocess.run(
-            [sys.executable, "prog.py"],
+            command,
             cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL if discard_stdout else subprocess.PIPE,
@@ -337,12 +384,12 @@ def plain_python(code: str, workdir: Path, *, discard_stdout: bool) -> Verdict:
     except subprocess.TimeoutExpired as exc:
         return Verdict("timeout", (exc.stdout or b"").decode("utf-8", "replace"))
     stdout = "" if proc.stdout is None else proc.stdout.decode("utf-8", "replace")
-    return Verdict(str(proc.returncode), stdout)
+    return Verdict(str(proc.returncode), stdout, proc.stderr.decode("utf-8", "replace"))
 
 
 def ours(result: RunResult) -> Verdict:
     outcome = "timeout" if result.status == "timeout" else str(result.return_code)
-    return Verdict(outcome, result.stdout)
+    return Verdict(outcome, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -355,13 +402,19 @@ async def test_trick_gets_the_plain_python_verdict(
     trick: Trick, batch_engine: Engine, tmp_path: Path
 ) -> None:
     expected = plain_python(
-        trick.code, tmp_path / "plain", discard_stdout=trick.discard_plain_stdout
+        trick.code,
+        tmp_path / "plain",
+        discard_stdout=trick.discard_plain_stdout,
+        under_a_shell=trick.under_a_shell,
     )
     result = await batch_engine.run_once(trick.code, timeout_s=TIMEOUT_S)
     got = ours(result)
     assert got.outcome == expected.outcome, (result.status, result.message, result.stderr[-2000:])
+    assert result.attempts == 1, result.message
     if trick.same_stdout:
         assert got.stdout == expected.stdout
+    if trick.same_stderr:
+        assert got.stderr == expected.stderr
     for marker in PROTOCOL_MARKERS:
         assert marker not in result.stdout, f"protocol bytes in stdout: {marker!r}"
         assert marker not in result.stderr, f"protocol bytes in stderr: {marker!r}"

@@ -42,7 +42,7 @@ from pydantic import BaseModel, Field, field_validator
 from sandkernel.api import EngineAPI
 from sandkernel.batch import RunRequest, RunResult
 from sandkernel.batch.models import SETUP_FAILED
-from sandkernel.errors import FusionInputError
+from sandkernel.errors import BadInput, FusionInputError
 from sandkernel.limits import MAX_TIMEOUT_S as MAX_TIMEOUT_S  # a request's longest (a run's)
 from sandkernel.results import ExecutionResult
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
@@ -299,18 +299,35 @@ async def run_code(
         # The request's own files keep their names: the test file and the program
         # that runs it take names none of them has.
         test_file = _free_name("test_main.py", files)
-        files[test_file] = request.code.encode()
+        try:
+            files[test_file] = request.code.encode()
+        except UnicodeEncodeError:
+            return RunCodeResponse(
+                status=RunStatus.SandboxError,
+                message="code: text with a lone surrogate cannot be written as UTF-8 "
+                "(pytest reads it from a file)",
+                executor_pod_name=pod_name,
+            )
         code, argv = _pytest_main(test_file), list(request.args)
-    run = RunRequest.program(
-        code,
-        stdin=request.stdin,
-        files=files,
-        fetch_files=request.fetch_files,
-        argv=argv,
-        timeout_s=request.run_timeout if request.run_timeout > 0 else None,
-        memory_mb=request.memory_limit_MB if request.memory_limit_MB > 0 else None,
-        filename=_free_name("main.py", files),
-    )
+    try:
+        run = RunRequest.program(
+            code,
+            stdin=request.stdin,
+            files=files,
+            fetch_files=request.fetch_files,
+            argv=argv,
+            timeout_s=request.run_timeout if request.run_timeout > 0 else None,
+            memory_mb=request.memory_limit_MB if request.memory_limit_MB > 0 else None,
+            filename=_free_name("main.py", files),
+        )
+    except BadInput as exc:
+        # Input no run can be given (stdin with a lone surrogate, which JSON's
+        # "\ud800" parses to): a request that cannot run, which SandboxFusion
+        # answers so, as a bad file path above. The message names the field;
+        # "run_once" is not this route's name.
+        return RunCodeResponse(status=RunStatus.SandboxError,
+                               message=str(exc).removeprefix("run_once: "),
+                               executor_pod_name=pod_name)  # fmt: skip
     result = [r async for r in engine.run_many([run], concurrency=1)][0]
     if result.setup_failed:
         # The code never ran: SandboxFusion answers a run it could not set up

