@@ -327,8 +327,9 @@ class Engine:
                 :meth:`Session.upload`. Never a link, a system or home folder,
                 nor the engine's own. Its size is not capped: the policy's
                 ``workspace_mb`` sizes the tmpfs only (each file is still capped
-                by ``file_size_mb``). Such a session's kernel is started cold,
-                outside the warm pool.
+                by ``file_size_mb``). Such a session's kernel is started for it,
+                outside the warm pool: forked from the zygote when one runs
+                (``EngineConfig.zygote``), else cold.
             if_expired: for an id whose session expired or was closed: ``"raise"``
                 (:class:`~sandkernel.errors.SessionExpired` says when and why) or
                 ``"new"`` (start a fresh session under the same id).

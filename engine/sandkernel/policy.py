@@ -70,7 +70,12 @@ class Policy(BaseModel):
     output_max_bytes: int = Field(
         default=1 << 20, ge=1024, description="stdout and stderr kept per cell, each"
     )
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra environment; any variable but TMPDIR, SHELL, PERL5LIB, PERL5OPT "
+        "and PERLLIB makes this policy's kernels start cold, not forked from the zygote "
+        "(it may be read as a process starts)",
+    )
     readonly_mounts: list[str] = Field(
         default_factory=list, description="extra host paths bound read-only at the same path"
     )

