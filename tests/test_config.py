@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sandkernel.config import DEFAULT_PREWARM, EngineConfig, EngineSettings
+from sandkernel.config import (
+    DEFAULT_PREWARM,
+    FORKED_CONCURRENT_STARTS,
+    EngineConfig,
+    EngineSettings,
+)
 from sandkernel.engine import Engine
 from sandkernel.policy import load_policy
 
@@ -97,3 +102,23 @@ def test_engine_refuses_unknown_settings_by_name() -> None:
         Engine(pool_sise=2)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="pool_size"):
         Engine(pool_size=-1)
+
+
+def test_build_derives_max_concurrent_starts_from_the_zygote_it_ends_with() -> None:
+    forked = EngineConfig.build(EngineConfig(zygote=False), {"zygote": True})
+    assert forked.max_concurrent_starts == FORKED_CONCURRENT_STARTS
+    cold = EngineConfig.build(EngineConfig(zygote=True), {"zygote": False})
+    assert cold.max_concurrent_starts == 2
+    # A value that was set is kept, whatever the zygote.
+    for zygote in (True, False):
+        built = EngineConfig.build(EngineConfig(max_concurrent_starts=3), {"zygote": zygote})
+        assert built.max_concurrent_starts == 3
+    # Derived, it was not set: the settings a config was built from are kept as they were.
+    assert EngineConfig(zygote=True).model_fields_set == {"zygote"}
+
+
+@pytest.mark.parametrize("field", ["store_dir", "runtime_dir", "python"])
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(field: str) -> None:
+    with pytest.raises(ValidationError, match=f"{field}\n.*an empty path: give a path, or leave"):
+        EngineConfig(**{field: ""})  # type: ignore[arg-type]
+    assert getattr(EngineConfig(**{field: "/srv/x"}), field) == "/srv/x"  # type: ignore[arg-type]

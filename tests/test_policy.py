@@ -6,7 +6,18 @@ from pathlib import Path
 import pytest
 
 from sandkernel.errors import PolicyError
-from sandkernel.policy import Policy, load_policy, shipped_policy_names
+from sandkernel.limits import MAX_TIMEOUT_S
+from sandkernel.policy import (
+    DEFAULT_SECCOMP_DENY,
+    MAX_INODES,
+    MAX_INTERRUPT_GRACE_S,
+    MAX_NOFILE,
+    MAX_PIDS,
+    MAX_SIZE_MB,
+    Policy,
+    load_policy,
+    shipped_policy_names,
+)
 from sandkernel.sandbox import (
     KernelLayout,
     Runtime,
@@ -109,3 +120,96 @@ def test_rendered_config_matches_snapshot(name: str, tmp_path: Path) -> None:
         snapshot.parent.mkdir(exist_ok=True)
         snapshot.write_text(text)
     assert text == snapshot.read_text(), f"rendering of {name} changed; review and update"
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        # each above what the kernel or nsjail takes: it failed every sandbox's start
+        ("pids_max = 5000000", "pids_max: Input should be less than or equal to 4194304"),
+        ("nofile = 2000000", "nofile: Input should be less than or equal to 1048576"),
+        ("workspace_inodes = 99999999999999999", "workspace_inodes: Input should be less"),
+        # each would overflow the bytes it becomes (tmpfs takes 2**44 MiB as no limit)
+        ("file_size_mb = 100000000000000", "file_size_mb: Input should be less than or equal"),
+        (f"workspace_mb = {1 << 44}", "workspace_mb: Input should be less than or equal"),
+        (f"tmp_mb = {1 << 44}", "tmp_mb: Input should be less than or equal"),
+        (f"shm_mb = {1 << 44}", "shm_mb: Input should be less than or equal"),
+        (f"memory_mb = {1 << 44}", "memory_mb: Input should be less than or equal"),
+        # no deadline can be that far
+        ("wall_timeout_s = inf", "wall_timeout_s: Input should be a finite number"),
+        ("wall_timeout_s = nan", "wall_timeout_s: Input should be a finite number"),
+        ("wall_timeout_s = 86401", "wall_timeout_s: Input should be less than or equal to 86400"),
+        ("interrupt_grace_s = inf", "interrupt_grace_s: Input should be a finite number"),
+        ("interrupt_grace_s = 61", "interrupt_grace_s: Input should be less than or equal to 60"),
+    ],
+)
+def test_a_value_no_sandbox_can_take_is_refused_at_load_naming_the_field(
+    tmp_path: Path, setting: str, problem: str
+) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text(setting + "\n")
+    with pytest.raises(PolicyError) as refused:
+        load_policy(f)
+    assert str(refused.value).startswith(f"policy file {str(f)!r} is invalid: {problem}")
+
+
+def test_the_upper_bounds_themselves_are_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "p.toml"
+    sizes = ("memory_mb", "workspace_mb", "tmp_mb", "shm_mb", "file_size_mb")
+    f.write_text(
+        "".join(f"{field} = {MAX_SIZE_MB}\n" for field in sizes)
+        + f"pids_max = {MAX_PIDS}\nnofile = {MAX_NOFILE}\nworkspace_inodes = {MAX_INODES}\n"
+        + f"wall_timeout_s = {MAX_TIMEOUT_S}\ninterrupt_grace_s = {MAX_INTERRUPT_GRACE_S}\n"
+    )
+    p = load_policy(f)
+    assert (p.pids_max, p.nofile, p.workspace_inodes) == (4_194_304, 1_048_576, 1 << 32)
+    assert p.file_size_mb == p.memory_mb == 1 << 40
+    assert (p.wall_timeout_s, p.interrupt_grace_s) == (24 * 3600, 60)
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("relative/path", "'relative/path' is not an absolute path (like '/opt/data')"),
+        ("./data", "'./data' is not an absolute path (like '/opt/data')"),
+        ("/opt/../etc", "'/opt/../etc' has a '..' component: give the path it leads to"),
+        ("/opt/data/..", "'/opt/data/..' has a '..' component: give the path it leads to"),
+        ("/opt/x\\u0000y", "'/opt/x\\x00y' contains a NUL character"),
+        ("/", "'/' cannot be bound: it would cover the sandbox's own files"),
+    ],
+)
+def test_a_readonly_mount_that_is_no_absolute_path_is_refused_at_load(
+    tmp_path: Path, path: str, problem: str
+) -> None:
+    """nsjail refused it only at the start: "Failed to mount mandatory point"."""
+    f = tmp_path / "p.toml"
+    f.write_text(f'readonly_mounts = ["/opt/fine", "{path}"]\n')
+    with pytest.raises(PolicyError) as refused:
+        load_policy(f)
+    assert str(refused.value) == f"policy file {str(f)!r} is invalid: readonly_mounts: {problem}"
+
+
+def test_a_readonly_mount_need_not_exist_when_the_policy_is_loaded(tmp_path: Path) -> None:
+    """A policy may be written on another machine: a missing path fails the start only."""
+    f = tmp_path / "p.toml"
+    f.write_text(f'readonly_mounts = ["{tmp_path}/absent", "/opt/./data/"]\n')
+    assert load_policy(f).readonly_mounts == [f"{tmp_path}/absent", "/opt/./data/"]
+
+
+@pytest.mark.parametrize(
+    "name", ["ptrace } ALLOW { execve", "Ptrace", "1ptrace", "", "ptrace,bpf", "ptrace "]
+)
+def test_a_seccomp_deny_entry_that_is_no_syscall_name_is_refused_at_load(
+    tmp_path: Path, name: str
+) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text(f'seccomp_deny = ["ptrace", "{name}"]\n')
+    with pytest.raises(PolicyError) as refused:
+        load_policy(f)
+    assert f"is invalid: seccomp_deny: {name!r} is not a syscall name" in str(refused.value)
+
+
+def test_the_default_seccomp_deny_list_has_the_form_of_syscall_names() -> None:
+    # A default is not validated: given as a value, it is.
+    names = [*DEFAULT_SECCOMP_DENY, "_sysctl", "sync_file_range2"]
+    assert Policy(seccomp_deny=names).seccomp_deny == names

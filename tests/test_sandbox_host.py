@@ -1,12 +1,14 @@
 """The host's side of sandboxes.
 
 Sweeping: what a killed engine left is removed; a live engine's kernels are
-not. A host workspace the host refuses leaves nothing made.
+not. A host workspace the host refuses leaves nothing made. What the host
+cannot make fails the start, saying which policy settings it was made from.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import textwrap
 from pathlib import Path
@@ -14,9 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandkernel.errors import BadInput
+from sandkernel.errors import BadInput, KernelStartFailed
 from sandkernel.kernel import SandboxedKernel
-from sandkernel.policy import load_policy
+from sandkernel.policy import Policy, load_policy
 from sandkernel.sandbox import SandboxHost, iter_sandkernel_cgroups, mounts_under
 from tests.conftest import engine_process
 
@@ -101,3 +103,80 @@ def test_a_host_workspace_in_a_folder_the_engine_refuses_is_refused_at_the_claim
             assert not inside.exists()
         finally:
             host.destroy(kernel_id)
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        # pids.max takes at most Linux's PID_MAX_LIMIT (4194304)
+        (
+            {"pids_max": 5_000_000},
+            "cannot create the kernel's cgroup (with the policy's memory_mb = 1024, cpus = 1 "
+            "and pids_max = 5000000): [Errno 22] Invalid argument",
+        ),
+        # tmpfs takes at most about 2**54 files
+        (
+            {"workspace_inodes": 99_999_999_999_999_999},
+            "cannot mount the workspace's tmpfs (sized by the policy's workspace_mb = 1024 and "
+            "workspace_inodes = 99999999999999999): [Errno 22] mount tmpfs at ",
+        ),
+    ],
+)
+def test_what_the_host_refuses_to_prepare_fails_the_start_naming_the_policy_settings(
+    host: SandboxHost, setting: dict[str, int], problem: str
+) -> None:
+    """A value the policy's validation refuses, put past it: the host's refusal is no traceback."""
+    policy = Policy.model_construct(**{**Policy().model_dump(), **setting})
+    kernel_id = host.new_kernel_id()
+    try:
+        with pytest.raises(KernelStartFailed) as failed:
+            host.prepare(kernel_id, policy)
+    finally:
+        host.destroy(kernel_id)
+    message = str(failed.value)
+    assert message.startswith(f"the sandbox could not be prepared: {problem}")
+    assert message.endswith("; run `sandkernel doctor` to check the sandbox")
+
+
+def test_more_open_files_than_the_engine_may_have_fails_the_start_before_anything_is_made(
+    host: SandboxHost,
+) -> None:
+    """nsjail sets the limit once unprivileged: above the engine's own, it failed (EPERM)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # Past the policy's bound if need be: the engine's own limit may be the bound.
+    policy = Policy.model_construct(**{**Policy().model_dump(), "nofile": hard + 1})
+    kernel_id = host.new_kernel_id()
+    try:
+        with pytest.raises(KernelStartFailed) as failed:
+            host.prepare(kernel_id, policy)
+        assert not (host.root / kernel_id).exists()
+    finally:
+        host.destroy(kernel_id)
+    assert str(failed.value) == (
+        f"the policy's nofile = {hard + 1} is above this engine's own hard limit of {hard} open "
+        "files, which a sandbox cannot exceed: lower nofile, or start the engine with a higher "
+        "limit (`ulimit -Hn`, LimitNOFILE= in a systemd unit)"
+    )
+
+
+def test_a_larger_file_than_the_engine_may_write_fails_the_start_before_anything_is_made(
+    host: SandboxHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = resource.getrlimit
+
+    def one_gib_per_file(limit: int) -> tuple[int, int]:
+        return (1 << 30, 1 << 30) if limit == resource.RLIMIT_FSIZE else real(limit)
+
+    monkeypatch.setattr(resource, "getrlimit", one_gib_per_file)
+    kernel_id = host.new_kernel_id()
+    try:
+        with pytest.raises(KernelStartFailed) as failed:
+            host.prepare(kernel_id, Policy(file_size_mb=1025))
+        assert not (host.root / kernel_id).exists()
+        assert str(failed.value).startswith(
+            "the policy's file_size_mb = 1025 is above this engine's own hard limit of 1024 "
+            "MiB per file, which a sandbox cannot exceed: lower file_size_mb"
+        )
+        host.prepare(kernel_id, Policy(file_size_mb=1024))  # as much as the engine may write
+    finally:
+        host.destroy(kernel_id)

@@ -8,12 +8,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import resource
 import signal
 
 import pytest
 
 from sandkernel.errors import KernelStartFailed
-from sandkernel.policy import Policy, load_policy
+from sandkernel.policy import (
+    MAX_INODES,
+    MAX_NOFILE,
+    MAX_PIDS,
+    MAX_SIZE_MB,
+    Policy,
+    load_policy,
+)
 from sandkernel.sandbox import Jail, SandboxHost
 from sandkernel.sandbox.cgroups import KernelCgroup
 
@@ -125,7 +133,7 @@ async def test_a_prepare_that_fails_midway_leaves_nothing(
 
     monkeypatch.setattr(KernelCgroup, "create", no_room)
     jail = Jail(host, load_policy())
-    with pytest.raises(OSError, match="no room for a cgroup"):
+    with pytest.raises(KernelStartFailed, match="cannot create the kernel's cgroup .*no room"):
         await jail.prepare()
     assert not (host.root / jail.kernel_id).exists()
 
@@ -151,3 +159,30 @@ async def test_a_destroy_cancelled_midway_still_ends_before_it_returns(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not layout.root.exists()
+
+
+async def test_a_policy_at_every_upper_bound_starts_with_those_limits(host: SandboxHost) -> None:
+    """The bounds are what the kernel and nsjail take, not more."""
+    sizes = ("memory_mb", "workspace_mb", "tmp_mb", "shm_mb", "file_size_mb")
+    # A sandbox cannot have more open files than the engine's own hard limit
+    # (the host's choice, which root cannot always raise, as in a container).
+    nofile = min(MAX_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    policy = Policy(
+        **dict.fromkeys(sizes, MAX_SIZE_MB),
+        pids_max=MAX_PIDS,
+        nofile=nofile,
+        workspace_inodes=MAX_INODES,
+    )
+    jail = Jail(host, policy)
+    await jail.prepare()
+    try:
+        jail.spawn(shell("grep -E 'Max (file size|open files)' /proc/self/limits"))
+        assert await jail.wait(30)
+        tail = jail.log_tail()
+        assert jail.exit_code == 0, tail
+        pids_max = (jail.cgroup.dirs["pids"] / "pids.max").read_text().strip()
+    finally:
+        await jail.destroy()
+    assert pids_max == str(MAX_PIDS)
+    assert f"Max file size             {MAX_SIZE_MB << 20}" in tail
+    assert f"Max open files            {nofile}" in tail

@@ -22,8 +22,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -155,19 +153,13 @@ class EngineConfig(BaseModel):
         description="how often expired sessions and files are removed",
     )
 
-    @model_validator(mode="before")
+    @field_validator("python", "runtime_dir", "store_dir", mode="before")
     @classmethod
-    def _forked_starts_run_wider(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or "max_concurrent_starts" in data:
-            return data
-        zygote = data.get("zygote", cls.model_fields["zygote"].default)
-        try:
-            forked = TypeAdapter(bool).validate_python(zygote)
-        except ValidationError:
-            return data  # the field's own validation says what is wrong
-        if forked:
-            return {**data, "max_concurrent_starts": FORKED_CONCURRENT_STARTS}
-        return data
+    def _not_empty(cls, path: Any) -> Any:
+        # Path("") is the current folder: an empty setting is a mistake, not a wish for it.
+        if isinstance(path, str) and not path:
+            raise ValueError("an empty path: give a path, or leave it unset for the default")
+        return path
 
     @field_validator("prewarm_imports")
     @classmethod
@@ -186,6 +178,15 @@ class EngineConfig(BaseModel):
             raise ValueError(
                 f"max_kernels ({self.max_kernels}) must be at least pool_size ({self.pool_size})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _forked_starts_run_wider(self) -> Self:
+        # Derived after validation and not marked as set, so that build() with
+        # another zygote derives it again instead of keeping this one's.
+        if self.zygote and "max_concurrent_starts" not in self.model_fields_set:
+            # The model is frozen: this is its construction, not a change.
+            object.__setattr__(self, "max_concurrent_starts", FORKED_CONCURRENT_STARTS)
         return self
 
     @classmethod
@@ -209,8 +210,11 @@ class EngineConfig(BaseModel):
             return cls(**settings)
         if not settings:
             return config
-        # dict(model) keeps the values as they are (a Policy stays a Policy).
-        return cls.model_validate({**dict(config), **settings})
+        # Only what was set: a value derived from another field (max_concurrent_starts
+        # from zygote) is derived again from the settings. The values are kept as
+        # they are (a Policy stays a Policy).
+        explicit = {name: getattr(config, name) for name in config.model_fields_set}
+        return cls.model_validate({**explicit, **settings})
 
 
 class EngineSettings(TypedDict, total=False):

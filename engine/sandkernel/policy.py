@@ -8,14 +8,17 @@ pass the path of their own TOML file wherever a policy name is accepted.
 
 from __future__ import annotations
 
+import re
 import tomllib
-from pathlib import Path
-from typing import Annotated
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from sandkernel._resources import data_dir
 from sandkernel.errors import PolicyError
+from sandkernel.limits import MAX_TIMEOUT_S
 
 # Syscalls a notebook cell never needs and that widen the kernel's attack
 # surface: tracing, namespaces and mounts, kernel keyrings, BPF, perf, module
@@ -37,6 +40,37 @@ DEFAULT_SECCOMP_DENY: tuple[str, ...] = (
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
+# Upper bounds: a value the kernel or nsjail cannot take would otherwise pass
+# here and fail every start of a sandbox (or, for a size, overflow silently).
+
+#: Linux's PID_MAX_LIMIT (64-bit): the most a ``pids.max`` cgroup file takes.
+MAX_PIDS: Final = 4_194_304
+#: Linux's default ``fs.nr_open``, the most RLIMIT_NOFILE may be raised to. A
+#: machine with a higher ``nr_open`` is rare, and a policy may be written on
+#: one machine and used on another: the default is the bound, not this host's.
+#: (A sandbox's start also refuses more than the engine's own hard limit.)
+MAX_NOFILE: Final = 1_048_576
+#: The largest size in MiB (2**40 MiB, 1 EiB). Each size becomes a count of
+#: bytes in 64 bits: the cgroup's ``memory.max``, a tmpfs's ``size=`` (which
+#: takes 2**44 MiB as 0, no limit at all), nsjail's RLIMIT_FSIZE (MiB times
+#: 2**20); and /tmp's and /dev/shm's ``nr_inodes=`` (256 per MiB) stays within
+#: what a recent tmpfs takes (``ULONG_MAX / 1024``, about 2**54).
+MAX_SIZE_MB: Final = 1 << 40
+#: The most files a workspace tmpfs holds (``nr_inodes=``). A recent tmpfs takes
+#: up to about 2**54, but each file costs kernel memory (about a KiB): 2**32
+#: files would already pin terabytes.
+MAX_INODES: Final = 1 << 32
+#: The longest an interrupt may take after a timeout before the kernel is
+#: killed: the grace adds to the wall time of a cell that timed out, and an
+#: interrupt that has not worked in a minute will not.
+MAX_INTERRUPT_GRACE_S: Final = 60.0
+
+#: A syscall's name as kafel, nsjail's seccomp language, reads it. Python has no
+#: table of the syscalls this machine's kernel (or kafel) knows, so only the
+#: shape is checked: a name of another shape would also change the rule it is
+#: written into (``seccomp_policy`` joins the names into kafel text).
+_SYSCALL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
 
 class Policy(BaseModel):
     """Limits and permissions of one sandboxed kernel.
@@ -45,7 +79,8 @@ class Policy(BaseModel):
     file only lists what it changes.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are no limit: a timeout of inf overflows the deadline it becomes.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = "custom"
     description: str = ""
@@ -54,19 +89,62 @@ class Policy(BaseModel):
         description="Share the host's network. Only for trusted code: it removes "
         "the network namespace, so code can reach anything the host can.",
     )
-    memory_mb: int = Field(default=1024, ge=64, description="cgroup memory limit (no swap)")
-    cpus: float = Field(default=1.0, gt=0, le=1024, description="CPU quota in cores")
-    pids_max: int = Field(default=256, ge=16, description="cgroup limit on processes+threads")
-    wall_timeout_s: float = Field(default=60, gt=0, description="default wall timeout per cell")
-    interrupt_grace_s: float = Field(
-        default=2.0, ge=0, description="after a timeout, how long an interrupt may take"
+    memory_mb: int = Field(
+        default=1024,
+        ge=64,
+        le=MAX_SIZE_MB,
+        description="cgroup memory limit (no swap), at most 2**40 MiB",
     )
-    workspace_mb: int = Field(default=1024, ge=1, description="size of /mnt/data")
-    workspace_inodes: PositiveInt = Field(default=65536, description="files in /mnt/data")
-    tmp_mb: int = Field(default=256, ge=1, description="size of the tmpfs /tmp")
-    shm_mb: int = Field(default=64, ge=1, description="size of the tmpfs /dev/shm")
-    nofile: int = Field(default=1024, ge=64, description="RLIMIT_NOFILE")
-    file_size_mb: int = Field(default=512, ge=1, description="RLIMIT_FSIZE: largest file")
+    cpus: float = Field(default=1.0, gt=0, le=1024, description="CPU quota in cores")
+    pids_max: int = Field(
+        default=256,
+        ge=16,
+        le=MAX_PIDS,
+        description=f"cgroup limit on processes+threads, at most {MAX_PIDS} (Linux's "
+        "PID_MAX_LIMIT)",
+    )
+    wall_timeout_s: float = Field(
+        default=60,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="default wall timeout per cell, up to 24 h (the bound of every API)",
+    )
+    interrupt_grace_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=MAX_INTERRUPT_GRACE_S,
+        description="after a timeout, how long an interrupt may take before the kernel is "
+        "killed, at most 60 s",
+    )
+    workspace_mb: int = Field(
+        default=1024, ge=1, le=MAX_SIZE_MB, description="size of /mnt/data, at most 2**40 MiB"
+    )
+    workspace_inodes: PositiveInt = Field(
+        default=65536, le=MAX_INODES, description="files in /mnt/data, at most 2**32"
+    )
+    tmp_mb: int = Field(
+        default=256, ge=1, le=MAX_SIZE_MB, description="size of the tmpfs /tmp, at most 2**40 MiB"
+    )
+    shm_mb: int = Field(
+        default=64,
+        ge=1,
+        le=MAX_SIZE_MB,
+        description="size of the tmpfs /dev/shm, at most 2**40 MiB",
+    )
+    nofile: int = Field(
+        default=1024,
+        ge=64,
+        le=MAX_NOFILE,
+        description=f"RLIMIT_NOFILE, at most {MAX_NOFILE} (Linux's default fs.nr_open, "
+        "above which it cannot be set; few machines raise it) and, when a sandbox starts, "
+        "at most the engine's own hard limit",
+    )
+    file_size_mb: int = Field(
+        default=512,
+        ge=1,
+        le=MAX_SIZE_MB,
+        description="RLIMIT_FSIZE: largest file, at most 2**40 MiB",
+    )
     output_max_bytes: int = Field(
         default=1 << 20, ge=1024, description="stdout and stderr kept per cell, each"
     )
@@ -77,12 +155,44 @@ class Policy(BaseModel):
         "(it may be read as a process starts)",
     )
     readonly_mounts: list[str] = Field(
-        default_factory=list, description="extra host paths bound read-only at the same path"
+        default_factory=list,
+        description="extra host paths bound read-only at the same path: absolute, without "
+        "'..'; not checked when the policy is loaded (it may be written on another "
+        "machine), but a path missing on the host fails the sandbox's start",
     )
     seccomp_deny: list[str] = Field(
         default_factory=lambda: list(DEFAULT_SECCOMP_DENY),
-        description="syscalls that fail with EPERM",
+        description="syscalls that fail with EPERM, by name (only the form of a name is "
+        "checked when the policy is loaded: one nsjail does not know fails the start)",
     )
+
+    @field_validator("readonly_mounts")
+    @classmethod
+    def _absolute_paths(cls, paths: list[str]) -> list[str]:
+        # Each is bound at the same path inside the sandbox, where a relative
+        # path has no meaning (nsjail refuses it at the start).
+        for path in paths:
+            if "\0" in path:
+                raise ValueError(f"{path!r} contains a NUL character")
+            parts = PurePosixPath(path).parts
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} is not an absolute path (like '/opt/data')")
+            if ".." in parts:
+                raise ValueError(f"{path!r} has a '..' component: give the path it leads to")
+            if len(parts) == 1:
+                raise ValueError("'/' cannot be bound: it would cover the sandbox's own files")
+        return paths
+
+    @field_validator("seccomp_deny")
+    @classmethod
+    def _syscall_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if _SYSCALL_NAME.fullmatch(name) is None:
+                raise ValueError(
+                    f"{name[:40]!r} is not a syscall name (lowercase letters, digits and _, "
+                    "like 'ptrace')"
+                )
+        return names
 
 
 def shipped_policy_names() -> list[str]:
@@ -125,7 +235,14 @@ def load_policy(spec: str | Path | Policy | None = None) -> Policy:
         return Policy.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {_message(err)}"
             for err in exc.errors()
         )
         raise PolicyError(f"policy file {str(path)!r} is invalid: {problems}") from None
+
+
+def _message(error: ErrorDetails) -> str:
+    # A validator's own message says it all, without pydantic's "Value error, ".
+    if error["type"] == "value_error" and "ctx" in error:
+        return str(error["ctx"]["error"])
+    return error["msg"]

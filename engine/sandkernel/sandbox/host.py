@@ -13,13 +13,14 @@ import contextlib
 import fcntl
 import os
 import re
+import resource
 import secrets
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from sandkernel.errors import SandboxUnavailable
+from sandkernel.errors import KernelStartFailed, SandboxUnavailable
 from sandkernel.policy import Policy
 from sandkernel.sandbox.cgroups import (
     CgroupLayout,
@@ -126,32 +127,49 @@ class SandboxHost:
 
         Raises:
             BadInput: the workspace may not be a sandbox's (nothing was made).
+            KernelStartFailed: the policy's rlimits are above the engine's own
+                (nothing was made), or a folder, mount or cgroup could not be
+                made (says which, and the policy's settings it was made from;
+                what was made is left for :meth:`destroy`).
         """
+        _check_rlimits(policy)
         if workspace is not None:
             # Claimed before anything is made: a refusal leaves nothing to undo.
             workspace = claim_host_workspace(workspace, also_refused=self.refused_workspaces)
         layout = KernelLayout(kernel_id, self.root / kernel_id)
-        layout.root.mkdir(mode=0o700)
-        # The folder is a small tmpfs of its own: the connection dir is
-        # writable from inside, and the kernel's stdout/stderr (which code in
-        # the sandbox can reach through the descriptors it inherits) go to
-        # ``kernel.out`` here. Neither may fill the host's disk or /run.
-        mount_tmpfs(layout.root, size_mb=KERNEL_DIR_MB, inodes=KERNEL_DIR_INODES, mode=0o700)
-        conn = layout.connection_dir
-        conn.mkdir(mode=0o700)
-        os.chown(conn, SANDBOX_UID, SANDBOX_GID)
+        with _preparing(f"make the kernel's folder {layout.root}", "in the engine's runtime_dir"):
+            layout.root.mkdir(mode=0o700)
+            # The folder is a small tmpfs of its own: the connection dir is
+            # writable from inside, and the kernel's stdout/stderr (which code in
+            # the sandbox can reach through the descriptors it inherits) go to
+            # ``kernel.out`` here. Neither may fill the host's disk or /run.
+            mount_tmpfs(layout.root, size_mb=KERNEL_DIR_MB, inodes=KERNEL_DIR_INODES, mode=0o700)
+            conn = layout.connection_dir
+            conn.mkdir(mode=0o700)
+            os.chown(conn, SANDBOX_UID, SANDBOX_GID)
         ws = layout.workspace
         if workspace is None:
-            ws.mkdir(mode=0o700)
-            # Sticky and world-writable, like /tmp: the sandbox user creates and
-            # owns its files, while files the engine places as root (an agent's)
-            # can be neither changed, deleted nor renamed from inside.
-            mount_tmpfs(
-                ws, size_mb=policy.workspace_mb, inodes=policy.workspace_inodes, mode=0o1777
-            )
+            with _preparing(
+                "mount the workspace's tmpfs",
+                f"sized by the policy's workspace_mb = {policy.workspace_mb} and "
+                f"workspace_inodes = {policy.workspace_inodes}",
+            ):
+                ws.mkdir(mode=0o700)
+                # Sticky and world-writable, like /tmp: the sandbox user creates and
+                # owns its files, while files the engine places as root (an agent's)
+                # can be neither changed, deleted nor renamed from inside.
+                mount_tmpfs(
+                    ws, size_mb=policy.workspace_mb, inodes=policy.workspace_inodes, mode=0o1777
+                )
         else:
-            ws.symlink_to(workspace)
-        KernelCgroup(self.cgroups, kernel_id).create(policy)
+            with _preparing(f"link the host workspace {workspace}", f"at {ws}"):
+                ws.symlink_to(workspace)
+        with _preparing(
+            "create the kernel's cgroup",
+            f"with the policy's memory_mb = {policy.memory_mb}, cpus = {policy.cpus:g} and "
+            f"pids_max = {policy.pids_max}",
+        ):
+            KernelCgroup(self.cgroups, kernel_id).create(policy)
         return layout
 
     def cgroup(self, kernel_id: str) -> KernelCgroup:
@@ -226,6 +244,50 @@ class SandboxHost:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: The policy's rlimits as nsjail sets them: field, resource, the resource's units per
+#: unit of the field, the field's unit, and how the engine's own limit is raised.
+_RLIMITS = (
+    ("nofile", resource.RLIMIT_NOFILE, 1, "open files", "`ulimit -Hn`, LimitNOFILE="),
+    ("file_size_mb", resource.RLIMIT_FSIZE, 1 << 20, "MiB per file", "`ulimit -Hf`, LimitFSIZE="),
+)
+
+
+def _check_rlimits(policy: Policy) -> None:
+    """Refuse rlimits above the engine's own hard limits, which a sandbox cannot exceed.
+
+    nsjail sets them once it has dropped its privileges, so it cannot raise
+    the hard limits it inherited from the engine: above them the start fails
+    (EPERM), after the sandbox was built. The policy's bounds are Linux's
+    (``nofile``: the default ``fs.nr_open``); a host may set lower ones.
+    """
+    for field, limit, unit, what, how in _RLIMITS:
+        value: int = getattr(policy, field)
+        hard = resource.getrlimit(limit)[1]
+        if hard != resource.RLIM_INFINITY and value * unit > hard:
+            raise KernelStartFailed(
+                f"the policy's {field} = {value} is above this engine's own hard limit of "
+                f"{hard // unit} {what}, which a sandbox cannot exceed: lower {field}, or start "
+                f"the engine with a higher limit ({how} in a systemd unit)"
+            )
+
+
+@contextlib.contextmanager
+def _preparing(action: str, settings: str) -> Iterator[None]:
+    """An OSError while doing ``action`` becomes a :class:`KernelStartFailed` saying so.
+
+    The host's refusal (a full disk, a value the kernel does not take) is no
+    traceback for the user: the message names the step, the ``settings`` it
+    used and the command that checks the sandbox.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise KernelStartFailed(
+            f"the sandbox could not be prepared: cannot {action} ({settings}): {exc}; "
+            "run `sandkernel doctor` to check the sandbox"
+        ) from exc
 
 
 def _destroy(layout: CgroupLayout, root: Path, kernel_id: str) -> None:
