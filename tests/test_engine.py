@@ -17,6 +17,7 @@ import pytest
 from sandkernel import (
     BadInput,
     Engine,
+    EngineClosed,
     KernelDead,
     PoolExhausted,
     SessionExpired,
@@ -26,6 +27,8 @@ from sandkernel import (
 )
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.sandbox.layout import SANDBOX_UID
+from sandkernel.workspace import SessionWorkspace
+from tests.conftest import leftovers
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 EngineFactory = Callable[..., Awaitable[Engine]]
@@ -208,6 +211,36 @@ async def test_a_new_session_in_place_of_one_expired_before_the_reap_ends_the_ol
     assert (await engine.stats()).pool.in_use == 1  # the new session's kernel only
 
 
+async def test_callers_replacing_an_expired_session_at_once_get_one_new_session(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [0.0]
+    engine = await engine_factory(
+        pool_size=2, session_ttl_s=100, reap_interval_s=3600, clock=lambda: now[0]
+    )
+    old = await engine.session("t")
+    kernel = old.kernel
+    assert kernel is not None
+    shutdown, ending, gate = kernel.shutdown, asyncio.Event(), asyncio.Event()
+
+    async def slow_shutdown(**options: Any) -> None:
+        ending.set()
+        await gate.wait()
+        await shutdown(**options)
+
+    monkeypatch.setattr(kernel, "shutdown", slow_shutdown)
+    now[0] = 101  # past its TTL; the reaper has not run
+    first = asyncio.create_task(engine.session("t", if_expired="new"))
+    await ending.wait()  # the first caller ends the old kernel
+    async with asyncio.timeout(60):
+        second = await engine.session("t", if_expired="new")  # meanwhile
+        gate.set()
+        assert await first is second
+    assert await engine.get_session("t") is second
+    stats = await engine.stats()
+    assert stats.sessions_active == 1 and stats.pool.in_use == 1
+
+
 async def test_a_bad_agent_id_leaves_the_session_id_usable(engine_factory: EngineFactory) -> None:
     engine = await engine_factory()
     with pytest.raises(BadInput):
@@ -318,6 +351,74 @@ async def test_engine_exit_ends_everything_within_10s(engine_factory: EngineFact
     assert [r.status for r in results] == ["killed", "killed"]
     assert all("shut down" in (r.message or "") for r in results)
     assert all(s.state is SessionState.CLOSED for s in busy)
+
+
+@pytest.mark.parametrize(
+    "held", [SandboxedKernel, SessionWorkspace], ids=["its kernel starting", "its files prepared"]
+)
+async def test_closing_the_engine_as_a_workspace_session_is_made_ends_its_kernel(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, held: type
+) -> None:
+    """A workspace session's kernel is started for it, outside the warm pool."""
+    engine = await engine_factory(pool_size=0)
+    host = engine._host
+    assert host is not None
+    prepare, entered, gate = held.prepare, asyncio.Event(), asyncio.Event()
+
+    async def held_prepare(self: Any, *args: Any, **options: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await prepare(self, *args, **options)
+
+    monkeypatch.setattr(held, "prepare", held_prepare)
+    creating = asyncio.create_task(engine.session(workspace=tmp_path / "ws"))
+    try:
+        async with asyncio.timeout(60):
+            await entered.wait()
+        async with asyncio.timeout(20):
+            await engine.aclose()
+        assert leftovers(host) == []
+    finally:
+        gate.set()
+    with pytest.raises(EngineClosed):
+        await creating
+
+
+async def test_a_session_whose_kernel_came_as_the_engine_closed_is_refused(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing ends the sessions it finds: one made afterwards would outlive the engine."""
+    engine = await engine_factory()
+    pool = engine._pool
+    assert pool is not None
+    prepare, preparing, prepared = SessionWorkspace.prepare, asyncio.Event(), asyncio.Event()
+    close_pool, closing, closed = pool.close, asyncio.Event(), asyncio.Event()
+
+    async def held_prepare(self: SessionWorkspace, folder: Path, *, restart: bool) -> None:
+        preparing.set()
+        await prepared.wait()
+        await prepare(self, folder, restart=restart)
+
+    async def held_close() -> None:
+        closing.set()  # the sessions are ended, the store still open
+        await closed.wait()
+        await close_pool()
+
+    monkeypatch.setattr(SessionWorkspace, "prepare", held_prepare)
+    monkeypatch.setattr(pool, "close", held_close)
+    creating = asyncio.create_task(engine.session("late"))
+    async with asyncio.timeout(60):
+        await preparing.wait()
+        shutting = asyncio.create_task(engine.aclose())
+        await closing.wait()
+        prepared.set()
+        try:
+            with pytest.raises(EngineClosed):
+                await creating
+        finally:
+            closed.set()
+            await shutting
+    assert "late" not in engine._sessions
 
 
 async def test_concurrent_session_calls_for_one_id_share_one_kernel(

@@ -422,6 +422,56 @@ async def test_shutdown_under_a_silent_cell_whose_reply_is_being_asked_for_gives
     assert r.status == "killed" and "shut down while the cell ran" in (r.message or ""), r
 
 
+@pytest.mark.parametrize("when", ["before", "while"])
+async def test_shutdown_as_a_finished_cells_reply_is_read_gives_killed(
+    kernel_factory: KernelFactory, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """The cell's end has come, its reply not yet: shutdown closes the channel it is read on."""
+    k = await kernel_factory()
+    reading, shut = asyncio.Event(), asyncio.Event()
+    read = SandboxedKernel._shell_reply
+
+    async def read_as_it_shuts_down(
+        self: SandboxedKernel, msg_id: str, within_s: float
+    ) -> dict[str, Any]:
+        reading.set()
+        if when == "before":
+            await shut.wait()
+            return await read(self, msg_id, within_s)
+        # A reply that never comes: the read waits on the channel as it is closed.
+        return await read(self, "not-a-cell", 30)
+
+    monkeypatch.setattr(SandboxedKernel, "_shell_reply", read_as_it_shuts_down)
+    cell = asyncio.ensure_future(k.execute("1 + 1"))
+    await asyncio.wait_for(reading.wait(), 10)
+    await k.shutdown()
+    shut.set()
+    r = await asyncio.wait_for(cell, 5)
+    assert (r.status, r.message) == kernel_module._SHUT_DOWN and not r.kernel_alive, r
+
+
+async def test_a_cell_that_sees_its_kernel_end_before_its_shutdown_wakes_it_gives_killed(
+    kernel_factory: KernelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutting down marks the kernel ended, then wakes the cell: it may see the end first."""
+    k = await kernel_factory()
+    cell = await cell_under_way(k, "print('sleeping', flush=True); import time; time.sleep(30)")
+    stop_drain, gate = SandboxedKernel._stop_drain, asyncio.Event()
+
+    async def held_stop_drain(self: SandboxedKernel) -> None:
+        await gate.wait()
+        await stop_drain(self)
+
+    monkeypatch.setattr(SandboxedKernel, "_stop_drain", held_stop_drain)
+    shutdown = asyncio.ensure_future(k.shutdown())
+    try:
+        r = await asyncio.wait_for(cell, 10)
+    finally:
+        gate.set()
+        await shutdown
+    assert (r.status, r.message) == kernel_module._SHUT_DOWN, r
+
+
 def _stream_frame(text: str, name: str = "stdout") -> bytes:
     """A stream message's content frame as ipykernel and jupyter_client pack it."""
     return json.dumps({"name": name, "text": text}, ensure_ascii=False).encode()

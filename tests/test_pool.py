@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sandkernel.errors import KernelStartFailed
+from sandkernel.errors import EngineClosed, KernelStartFailed
 from sandkernel.pool import Pool, PoolBook, percentile
 
 
@@ -143,3 +143,63 @@ async def test_a_start_that_fails_is_counted_failed_and_the_next_one_serves() ->
     finally:
         runner.cancel()
         await pool.close()
+
+
+@pytest.mark.anyio
+async def test_closing_cancels_a_start_outside_the_pool_and_tells_its_caller_closed() -> None:
+    entered, ended = asyncio.Event(), asyncio.Event()
+
+    async def factory() -> Any:
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # a start that takes long
+        finally:
+            ended.set()
+
+    pool = Pool(factory, size=0, max_kernels=1)
+    starting = asyncio.ensure_future(pool.start_outside(factory))
+    await entered.wait()
+    await pool.close()
+    assert ended.is_set()  # the start was cancelled, not left running
+    with pytest.raises(EngineClosed):
+        await starting
+
+
+@pytest.mark.anyio
+async def test_a_kernel_started_outside_the_pool_is_shut_down_on_close_unless_released() -> None:
+    made: list[_FakeKernel] = []
+
+    async def factory() -> Any:
+        made.append(_FakeKernel(len(made)))
+        return made[-1]
+
+    pool = Pool(factory, size=0, max_kernels=1)
+    released = await pool.start_outside(factory)
+    kept = await pool.start_outside(factory)
+    await pool.release(released)
+    assert released.shut_down and not kept.shut_down
+    assert pool.book.in_use == 0  # not one of the pool's own
+    await pool.close()
+    assert kept.shut_down
+    with pytest.raises(EngineClosed):
+        await pool.start_outside(factory)
+
+
+@pytest.mark.anyio
+async def test_a_kernel_started_outside_the_pool_as_its_caller_gave_up_is_shut_down() -> None:
+    made: list[_FakeKernel] = []
+    ready = asyncio.Event()
+
+    async def factory() -> Any:
+        made.append(_FakeKernel(len(made)))
+        ready.set()
+        return made[-1]
+
+    pool = Pool(factory, size=0, max_kernels=1)
+    starting = asyncio.ensure_future(pool.start_outside(factory))
+    await ready.wait()
+    starting.cancel()  # its kernel is ready; the caller has not taken it yet
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert made[0].shut_down
+    await pool.close()

@@ -336,6 +336,7 @@ class Engine:
 
         Raises:
             BadInput: the ``workspace`` may not be a sandbox's (nothing was changed).
+            EngineClosed: the engine is not running, or began closing meanwhile.
             PoolExhausted: no kernel within ``acquire_timeout_s``.
             SessionLimitReached: ``max_sessions`` are alive.
             SessionExpired, SessionClosed: see ``if_expired``.
@@ -360,6 +361,11 @@ class Engine:
                 # Found expired since the reaper's last pass: the new session under
                 # its id replaces it in the table, where the reaper would find it.
                 await existing.expire(existing.ended_reason or "ttl", existing.ended_at or 0.0)
+                # Another caller may have begun (or made) that session while the old
+                # kernel ended: looked up again, so that one id has one session.
+                return await self.session(
+                    session_id, agent_id=agent_id, workspace=workspace, if_expired=if_expired
+                )
         pending = self._creating.get(session_id)
         if pending is not None:
             try:
@@ -378,6 +384,9 @@ class Engine:
             )
         if agent_id is not None:
             check_id(agent_id, "agent")
+        files = SessionWorkspace(
+            self._require_store(), self.output_caps, session_id=session_id, agent_id=agent_id
+        )
         future: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         self._creating[session_id] = future
         try:
@@ -392,13 +401,13 @@ class Engine:
                 checked = await asyncio.to_thread(
                     check_host_workspace, Path(workspace), also_refused=host.refused_workspaces
                 )
-                acquire = partial(self._start_kernel, checked)
+                # Started by the pool, outside its warm kernels: closing it ends this one too.
+                acquire = partial(pool.start_outside, partial(self._start_kernel, checked))
             kernel = await acquire()
-            files = SessionWorkspace(
-                self._require_store(), self.output_caps, session_id=session_id, agent_id=agent_id
-            )
             try:
                 await files.prepare(kernel.workspace, restart=False)
+                # Closing began meanwhile: it ended the sessions it knew, not this one.
+                self._require_running()
             except BaseException:
                 await pool.release(kernel)
                 raise

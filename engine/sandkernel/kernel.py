@@ -73,6 +73,12 @@ _IDLE_LOST_S = 3.0
 #: no value is shown (the cell is not silent: a shown value would set ``_``).
 _WARM_UP = "(lambda ip: (ip.logger, ip.display_formatter.format(0)))(get_ipython())\nNone"
 
+#: A cell's end when its kernel is shut down under it: a result, not an error.
+_SHUT_DOWN: tuple[Status, str] = (
+    "killed",
+    "the kernel was shut down while the cell ran (session closed or engine stopped)",
+)
+
 #: Optional callback fed each iopub message of a cell as it arrives (streaming).
 OutputCallback = Callable[[dict[str, Any]], None]
 
@@ -741,17 +747,13 @@ class SandboxedKernel:
                     settle.result()
                 raise
             # Nobody cancelled us: the kernel was shut down under the running cell
-            # (session closed, engine shutting down). That is a result, not an error.
-            status = "killed"
-            message = (
-                "the kernel was shut down while the cell ran (session closed or engine stopped)"
-            )
+            # (session closed, engine shutting down).
+            status, message = _SHUT_DOWN
         if sink.failure is not None:  # it failed while the timed-out cell was settled
             raise sink.failure
         reply = sink.reply
         if reply is None and out.idle:
-            with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
-                reply = await self._shell_reply(msg_id, 1.0)
+            reply = await self._reply_unless_closed(msg_id, 1.0)
         if status is None and not out.idle and sink.reply is not None:
             note = (
                 "the kernel's output came faster than the engine could take it: zmq "
@@ -770,7 +772,9 @@ class SandboxedKernel:
                    "; a process of the cell was killed")
             )  # fmt: skip
         elif not alive and status is None:
-            status, message = await self._death_status()
+            # Shut down under the cell, which may have seen its sandbox end before
+            # being woken, or its reply cut off: the shutdown, not a death.
+            status, message = _SHUT_DOWN if self._closed else await self._death_status()
         elif status is None:
             status = "error" if out.error is not None else "ok"
             if reply is not None and reply["content"].get("status") == "error":
@@ -851,11 +855,30 @@ class SandboxedKernel:
         if self._closed:  # shutting down: its channels are being closed under it
             return False
         if sink.reply is None:
-            with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
-                sink.reply = await self._shell_reply(sink.msg_id, 0)
+            sink.reply = await self._reply_unless_closed(sink.msg_id, 0)
+            if sink.reply is not None:
                 sink.heard_at = time.monotonic()
             return False
         return True
+
+    async def _reply_unless_closed(self, msg_id: str, within_s: float) -> dict[str, Any] | None:
+        """The cell's execute_reply; None if none came in time or the kernel was shut down.
+
+        Shutting down closes the shell channel under a read: zmq cancels it or
+        finds its socket closed, or jupyter_client its channel gone (an assert).
+        Unless the caller cancelled, that is the kernel's end, not an error.
+        """
+        if self._closed:
+            return None
+        try:
+            return await self._shell_reply(msg_id, within_s)
+        except (queue.Empty, TimeoutError):
+            return None
+        except (asyncio.CancelledError, AssertionError, zmq.ZMQError):
+            task = asyncio.current_task()
+            if self._closed and task is not None and task.cancelling() == 0:
+                return None
+            raise
 
     async def _shell_reply(self, msg_id: str, within_s: float) -> dict[str, Any]:
         assert self._client is not None
@@ -880,8 +903,7 @@ class SandboxedKernel:
         if not await self._collect(sink, time.monotonic() + self.policy.interrupt_grace_s):
             await self._kill()
         elif self._client is not None and sink.reply is None:
-            with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
-                await self._shell_reply(sink.msg_id, 0.5)
+            await self._reply_unless_closed(sink.msg_id, 0.5)
 
     async def _kill(self) -> None:
         self._jail.kill()

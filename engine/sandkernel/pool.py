@@ -164,6 +164,9 @@ class Pool:
         self._warm: deque[SandboxedKernel] = deque()
         self._waiters: deque[asyncio.Future[SandboxedKernel]] = deque()
         self._in_use: set[SandboxedKernel] = set()
+        #: kernels started for one caller outside the warm ones (see :meth:`start_outside`)
+        self._outside: set[SandboxedKernel] = set()
+        self._outside_starts: set[asyncio.Task[SandboxedKernel]] = set()
         self._wake = asyncio.Event()
         self._starts: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -278,8 +281,45 @@ class Pool:
             msg += f"; last start failure: {self.last_start_error}"
         return msg + "; raise pool_size, max_kernels or acquire_timeout_s"
 
+    async def start_outside(self, factory: KernelFactory) -> SandboxedKernel:
+        """Start a kernel for the caller alone, outside the warm ones (a session's own folder).
+
+        Owned by the pool as a handed-out kernel is: :meth:`close` cancels its
+        start or shuts it down, so none outlives the engine; :meth:`release`
+        destroys it. It does not count in the pool's figures.
+
+        Raises:
+            EngineClosed: the pool is shutting down (the kernel, if any, is ended).
+        """
+        if self._closed:
+            raise EngineClosed("the engine is shut down")
+
+        async def start() -> SandboxedKernel:
+            kernel = await factory()
+            # In the step the start ends: close() either cancels it or finds the kernel.
+            self._outside.add(kernel)
+            return kernel
+
+        task = asyncio.ensure_future(start())
+        self._outside_starts.add(task)
+        task.add_done_callback(self._outside_starts.discard)
+        try:
+            kernel = await task  # cancelling the caller cancels the start
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if task.done() and not task.cancelled() and task.exception() is None:
+                await self.release(task.result())  # started as its caller gave up
+            elif self._closed and caller is not None and caller.cancelling() == 0:
+                raise EngineClosed("the engine is shutting down") from None
+            raise
+        if self._closed:  # started as the pool closed, which ended it
+            await self.release(kernel)
+            raise EngineClosed("the engine is shutting down")
+        return kernel
+
     async def release(self, kernel: SandboxedKernel) -> None:
-        """Destroy a kernel handed out by :meth:`acquire` (kernels are never reused)."""
+        """Destroy a kernel from :meth:`acquire` or :meth:`start_outside` (never reused)."""
+        self._outside.discard(kernel)
         if kernel in self._in_use:
             self._in_use.discard(kernel)
             self.book.released()
@@ -297,13 +337,15 @@ class Pool:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(EngineClosed("the engine is shutting down"))
-        for task in list(self._starts):
+        starts = [*self._starts, *self._outside_starts]
+        for task in starts:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, SandkernelError):
-            await asyncio.gather(*self._starts, return_exceptions=True)
-        kernels = list(self._warm) + list(self._in_use)
+            await asyncio.gather(*starts, return_exceptions=True)
+        kernels = list(self._warm) + list(self._in_use) + list(self._outside)
         self._warm.clear()
         self._in_use.clear()
+        self._outside.clear()
         await asyncio.gather(*(k.shutdown() for k in kernels), return_exceptions=True)
 
     def stats(self) -> PoolStats:
