@@ -31,6 +31,7 @@ from sandkernel.errors import EngineClosed, KernelStartFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox import Runtime, SandboxHost
 from sandkernel.sandbox.runtime import _bytecode_is_current
+from tests.conftest import leftovers
 
 PoolFactory = Callable[..., Any]
 
@@ -87,6 +88,54 @@ async def test_a_start_cancelled_with_a_worker_up_stops_it(
         await starting
     assert pool.worker_ids() == [] and pool._closed
     # The host fixture finds nothing of the started worker left (sandbox, cgroup, mounts).
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_a_worker_lost_while_the_pool_closes_is_stopped_with_the_others(
+    host: SandboxHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() waits for a lost worker's replacement; one lost meanwhile is not replaced,
+    and is stopped all the same (as when a stopped evaluation abandons every run at once)."""
+    pool = BatchPool(host, None, workers=2)
+    await pool.start()
+    first, second = pool._live
+    closing = asyncio.Event()
+    add_worker = BatchPool._add_worker
+
+    async def lose_the_second_while_the_pool_closes(
+        pool: BatchPool, *, initial: bool = False
+    ) -> None:
+        await closing.wait()
+        assert pool._closed  # close() waits for this replacement now
+        second.kill()
+        assert second._reader is not None
+        await asyncio.gather(second._reader, return_exceptions=True)  # its loss is seen
+        await add_worker(pool, initial=initial)
+
+    monkeypatch.setattr(BatchPool, "_add_worker", lose_the_second_while_the_pool_closes)
+    first.kill()
+    assert first._reader is not None
+    await asyncio.gather(first._reader, return_exceptions=True)  # its replacement is on its way
+    closing.set()
+    async with asyncio.timeout(60):
+        await pool.close()
+    assert second.jail.layout is not None and not second.jail.layout.root.exists()
+    assert leftovers(host) == []
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_preload_failures_name_each_module_the_servers_could_not_import(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory(preload=("math", "sandkernel_no_such_module", "json"))
+    assert pool.preload_failures() == {
+        "sandkernel_no_such_module": (
+            "ModuleNotFoundError: No module named 'sandkernel_no_such_module'"
+        )
+    }
+    assert (await run(pool, "import math, json\nprint(math.pi > 3)")).stdout == "True\n"
 
 
 def program(source: str) -> str:

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pty
+import secrets
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from sandkernel.cli import _COMMANDS, build_parser
+from sandkernel.files import FileStore
+from sandkernel.sandbox import CgroupLayout
+from sandkernel.sandbox.host import default_runtime_root
 
 SANDKERNEL = [sys.executable, "-m", "sandkernel.cli"]
 
@@ -267,6 +274,7 @@ def test_run_help_gives_the_exit_statuses() -> None:
     assert "exit status: 0 when the code ran without an error" in text
     assert "With --once, the program's own exit status; 124 when it timed out" in text
     assert "128+N when killed by signal N" in text
+    assert "Stopped by SIGTERM or SIGHUP, it removes its sandbox first and exits 128+N" in text
 
 
 @pytest.mark.parametrize(
@@ -379,9 +387,9 @@ def test_paths_that_cannot_be_used_are_refused_with_a_message_not_a_traceback(
         (["run", "--once", "-i", str(missing), "1"], 2, f"cannot read --input {missing}"),
         (["run", "--workspace", str(a_file), "1"], 2, f"the workspace {a_file} is not a folder"),
         (["doctor", "--model-key-file", str(missing)], 2, "cannot read --model-key-file"),
-        (["serve", "--token-file", str(missing)], 1, "cannot read --token-file"),
-        (["solve", "q", "--model", "m", "--out", str(a_file)], 1, "is not a folder"),
-        (["solve", "q", "--model", "m", "--file", str(a_file), "--file", str(twin)], 1,
+        (["serve", "--token-file", str(missing)], 2, f"cannot read --token-file {missing}"),
+        (["solve", "q", "--model", "m", "--out", str(a_file)], 2, "is not a folder"),
+        (["solve", "q", "--model", "m", "--file", str(a_file), "--file", str(twin)], 2,
          "two files named a-file"),
         (["eval", "--problems", str(problems), "--samples", str(samples), "--no-progress",
           "--workers", "1", "--out", str(missing / "r.jsonl")], 2, f"{missing} is not a folder"),
@@ -414,3 +422,148 @@ def test_a_store_path_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     proc = run_cli("run", "--store", str(taken), "1")
     assert (proc.returncode, "Traceback" in proc.stderr) == (2, False), proc.stderr
     assert f"cannot open a file store at {str(taken)!r}" in proc.stderr
+
+
+def _processes_with(marker: str) -> list[int]:
+    """The processes on this machine whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue  # it ended meanwhile
+    return found
+
+
+def _sandboxes_of(pid: int) -> list[Path]:
+    """The run folders and cgroups on this machine of the sandboxes process ``pid`` made."""
+    places = [default_runtime_root(), *CgroupLayout.detect().parent_dirs()]
+    return [path for place in places for path in place.glob(f"{pid}-*")]
+
+
+@pytest.mark.sandbox
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("once", [False, True], ids=["cell", "once"])
+def test_run_stopped_by_sigterm_or_sighup_mid_run_leaves_nothing_and_exits_128_plus_the_signal(
+    once: bool, signum: signal.Signals
+) -> None:
+    tag = secrets.token_hex(6)
+    marker = f"sandkernel-test-{tag}"
+    # A process in the sandbox with the marker in its command line (and not in ours).
+    code = (
+        "import subprocess, sys\n"
+        f"subprocess.run([sys.executable, '-c', 'import time; time.sleep(120)', "
+        f"'sandkernel-test-' + {tag!r}])"
+    )
+    argv = [*SANDKERNEL, "run", *(["--once"] if once else []), code]
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while not _processes_with(marker):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the code did not start within 60 s"
+                time.sleep(0.05)  # polled: a process of another's sandbox, bounded by the deadline
+            assert _sandboxes_of(proc.pid)
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 128 + signum, err
+    assert err.splitlines()[-1] == (
+        f"sandkernel run: stopped by {signum.name}; its sandbox is removed"
+    )
+    assert _sandboxes_of(proc.pid) == [] and _processes_with(marker) == []
+
+
+@pytest.mark.sandbox
+def test_run_once_whose_files_cannot_be_written_says_why_and_exits_2(tmp_path: Path) -> None:
+    policy = tmp_path / "small-files.toml"
+    policy.write_text("file_size_mb = 1\n")
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * (2 << 20))
+    argv = ["run", "--once", "--policy", str(policy), "-i", str(big), "print('ran')"]
+    proc = run_cli(*argv)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr == "[error] the run's files could not be written: File too large\n"
+    as_json = run_cli(*argv, "--json")
+    assert as_json.returncode == 2, as_json.stderr
+    result = json.loads(as_json.stdout)
+    assert (result["status"], result["return_code"]) == ("error", None)
+    assert result["message"] == "the run's files could not be written: File too large"
+
+
+def test_files_get_into_a_folder_that_is_not_there_says_so_in_one_line(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with FileStore(store) as files:
+        stored = files.add_bytes(b"a,b\n", "r.csv", agent_id="agent-1")
+    target = tmp_path / "missing" / "dir" / "r.csv"
+    proc = run_cli("files", "--store", str(store), "get", stored.id, "-o", str(target))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"sandkernel: cannot write {target}: No such file or directory\n"
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["serve", "--tcp", "99999", "--token", "x"],
+         "argument --tcp: the port must be 0-65535 (got '99999')"),
+        (["serve", "--tcp", ":abc", "--token", "x"], "argument --tcp: expected [HOST:]PORT"),
+        (["serve", "--token-file", "{tmp}/missing"],
+         "sandkernel: cannot read --token-file {tmp}/missing: No such file or directory\n"),
+        (["mcp", "--upload-dir", "{tmp}/missing"],
+         "sandkernel: --upload-dir {tmp}/missing: not a folder\n"),
+        (["mcp", "--socket", "{tmp}/d.sock", "--pool-size", "3"],
+         "sandkernel: --pool-size would be ignored with --socket: the daemon's engine has "
+         "its own settings\n"),
+        (["solve", "x", "--model", "m", "--file", "{tmp}/missing.csv"],
+         "sandkernel: --file: no such file: {tmp}/missing.csv\n"),
+        (["solve", "x", "--model", "m", "--out", "{tmp}/a-file"],
+         "sandkernel: --out {tmp}/a-file is not a folder\n"),
+        (["demo", "--out", "{tmp}/a-file"], "sandkernel: --out {tmp}/a-file is not a folder\n"),
+    ],
+)  # fmt: skip
+def test_options_that_cannot_be_used_exit_2_with_one_line_saying_why(
+    tmp_path: Path, args: list[str], why: str
+) -> None:
+    (tmp_path / "a-file").write_text("a file, not a folder")
+    proc = run_cli(*(a.replace("{tmp}", str(tmp_path)) for a in args))
+    why = why.replace("{tmp}", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    if why.endswith("\n"):
+        assert proc.stderr == why  # the whole of it
+    else:
+        assert proc.stderr.startswith(f"usage: sandkernel {args[0]} ")  # argparse's own
+        assert f"sandkernel {args[0]}: error: {why}" in proc.stderr, proc.stderr
+
+
+def test_run_with_no_code_on_a_terminal_is_a_usage_error() -> None:
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [*SANDKERNEL, "run"], stdin=terminal, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("usage: sandkernel run ")
+    assert "sandkernel run: error: give code as an argument, --file FILE, or on stdin" in (
+        proc.stderr
+    )
+
+
+@pytest.mark.sandbox
+def test_run_with_an_empty_store_uses_the_default_one_not_the_current_folder(
+    tmp_path: Path,
+) -> None:
+    proc = subprocess.run(
+        [*SANDKERNEL, "run", "--store", "", "print(1)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (0, "1\n"), proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -663,3 +663,37 @@ def test_eval_says_its_sandbox_cannot_start_before_it_reads_the_input(
     samples.write_text('{"task_id": "no/such/task", "completion": ""}\n')
     with pytest.raises(SandboxUnavailable, match="SANDKERNEL_NSJAIL"):
         run_eval(eval_args("--samples", str(samples), "--workers", "1", "--no-progress"))
+
+
+@sandbox
+def test_eval_warns_of_each_preload_module_its_sandboxes_could_not_import(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], host: SandboxHost
+) -> None:
+    problems, text = _one_problem_three_samples(tmp_path)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(text)
+    code = run_eval(
+        eval_args("--problems", str(problems), "--samples", str(samples), "--k", "1",
+                  "--workers", "1", "--no-progress", "--preload", "math,sandkernel_no_such_module")
+    )  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "sandkernel eval: warning: --preload sandkernel_no_such_module not imported: "
+        "ModuleNotFoundError: No module named 'sandkernel_no_such_module'"
+    ]
+
+
+@pytest.mark.parametrize("preload", ["os;x", "numpy pandas", "math,1x"])
+def test_eval_refuses_a_preload_that_is_not_module_names(
+    preload: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        eval_args("--samples", "s.jsonl", "--preload", preload)
+    assert exited.value.code == 2
+    assert "argument --preload: " in capsys.readouterr().err
+    assert eval_args("--samples", "s.jsonl", "--preload", "").preload == ()
+    assert eval_args("--samples", "s.jsonl", "--preload", "math, os.path").preload == (
+        "math",
+        "os.path",
+    )

@@ -10,7 +10,7 @@ import pytest
 
 from sandkernel import cli
 from sandkernel._solve_cli import _Progress, add_solve_parser, run_solve, solve_with_engine
-from sandkernel.errors import FileNotFoundInStore, ModelCallFailed
+from sandkernel.errors import BadInput, FileNotFoundInStore, ModelCallFailed
 from sandkernel.loop import LoopEvent, ModelReply, ToolCall
 from tests._model import ScriptedModel, in_order
 from tests.loop._support import EngineFactory, code, completion, produced
@@ -140,8 +140,31 @@ def test_solve_without_a_model_to_ask_says_so_before_starting_anything(
         monkeypatch.delenv(name, raising=False)
     parser = argparse.ArgumentParser()
     add_solve_parser(parser.add_subparsers(dest="command"))
-    with pytest.raises(SystemExit, match="set OPENAI_API_KEY .* or --base-url"):
+    with pytest.raises(BadInput, match="set OPENAI_API_KEY .* or --base-url"):
         run_solve(parser.parse_args(["solve", "task", "--model", "m"]))
+
+
+def test_solve_options_that_cannot_be_used_exit_2_with_one_line_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    data, twin, missing = tmp_path / "data.csv", tmp_path / "b" / "data.csv", tmp_path / "m.csv"
+    twin.parent.mkdir()
+    data.write_text("x\n1\n")
+    twin.write_text("y\n2\n")
+    model = ["--base-url", "http://127.0.0.1:9/v1"]
+    for args, why in [
+        ([*model, "--file", str(missing)], f"--file: no such file: {missing}"),
+        ([*model, "--file", str(data), "--file", str(twin)],
+         "two files named data.csv: each --file needs a name of its own in /mnt/data "
+         "(rename or copy one)"),
+        ([*model, "--out", str(data)], f"--out {data} is not a folder"),
+        ([], "no model to ask: set OPENAI_API_KEY (or --api-key) for OpenAI, or --base-url "
+         "for an OpenAI-compatible server"),
+    ]:  # fmt: skip
+        assert cli.main(["solve", "task", "--model", "m", *args]) == 2, args
+        assert capsys.readouterr().err == f"sandkernel: {why}\n"
 
 
 def test_progress_shows_half_a_character_a_model_wrote_escaped() -> None:

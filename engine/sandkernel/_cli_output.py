@@ -71,7 +71,11 @@ def _save_in_workspace(workspace: Path, name: str, data: bytes) -> None:
 
 
 def print_run_result(result: RunResult, *, json_output: bool) -> int:
-    """Print a one-shot run as ``python file.py`` would have; its exit status."""
+    """Print a one-shot run as ``python file.py`` would have; its exit status.
+
+    2 when the program never ran (its files could not be written), as
+    ``sandkernel run --help`` says of a run that could not run.
+    """
     if json_output:
         print(result.model_dump_json(indent=2))
     else:
@@ -80,8 +84,10 @@ def print_run_result(result: RunResult, *, json_output: bool) -> int:
         sys.stderr.write(result.stderr)
         if result.stdout_truncated or result.stderr_truncated:
             print("[output truncated]", file=sys.stderr)
-        if result.status in _ONCE_EXIT:
+        if result.message or result.status in _ONCE_EXIT:
             print(f"[{result.status}] {result.message or ''}".rstrip(), file=sys.stderr)
+    if result.setup_failed:
+        return 2
     code = result.return_code
     if result.status == "killed" and code is not None and code < 0:
         return 128 - code  # as a shell reports `python prog.py` killed by that signal

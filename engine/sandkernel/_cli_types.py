@@ -1,11 +1,15 @@
-"""Argument types the command line checks: numbers finite and in range, module names."""
+"""Argument types the command line checks (numbers finite and in range, module names),
+and how it reads the files its options name.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
+from sandkernel.errors import BadInput
 from sandkernel.limits import module_name_problem
 
 
@@ -42,3 +46,19 @@ def module_list(text: str) -> tuple[str, ...]:
         if problem is not None:
             raise argparse.ArgumentTypeError(problem)
     return modules
+
+
+def read_input(path: str | Path, option: str) -> bytes:
+    """A file the command line names; BadInput (exit 2) if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read {option} {path}: {exc.strerror or exc}") from None
+
+
+def read_text(path: str | Path, option: str) -> str:
+    """:func:`read_input` as UTF-8 text."""
+    try:
+        return read_input(path, option).decode()
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"cannot read {option} {path}: it is not UTF-8 text ({exc})") from None

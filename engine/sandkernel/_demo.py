@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+from sandkernel.errors import BadInput
 from sandkernel.results import ExecutionResult
 from sandkernel.sync import Engine
 
@@ -58,8 +59,17 @@ def _show(title: str, result: ExecutionResult, out_dir: Path) -> None:
 
 
 def run_demo(out_dir: Path) -> int:
-    """Run the tour; write charts to ``out_dir``. Returns a process exit code."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Run the tour; write charts to ``out_dir``. Returns a process exit code.
+
+    Raises:
+        BadInput: ``out_dir`` is not a folder and cannot be made one (before anything starts).
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BadInput(f"--out {out_dir} is not a folder") from None
+    except OSError as exc:
+        raise BadInput(f"cannot make --out {out_dir}: {exc.strerror or exc}") from None
     with Engine(pool_size=1) as engine:
         session = engine.session("demo")
         analysis = session.run(ANALYSIS)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from sandkernel._cli_types import number
+from sandkernel.errors import BadInput
 from sandkernel.limits import MAX_TIMEOUT_S
 
 if TYPE_CHECKING:
@@ -91,27 +92,28 @@ def add_solve_parser(
 def run_solve(args: argparse.Namespace) -> int:
     """Run ``sandkernel solve``: 0 if the model answered, 1 if it did not.
 
-    Engine and model errors are raised (``SandkernelError``) for the caller to report.
+    Options that cannot be used raise BadInput before anything starts; engine
+    and model errors are raised too (``SandkernelError``), for the caller to report.
     """
     missing = [f for f in args.file if not Path(f).is_file()]
     if missing:
-        raise SystemExit(f"sandkernel solve: no such file: {', '.join(missing)}")
+        raise BadInput(f"--file: no such file: {', '.join(missing)}")
     names = [Path(f).name for f in args.file]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         # One /mnt/data: the second would replace the first, and the model be told of both.
-        raise SystemExit(
-            f"sandkernel solve: two files named {', '.join(twice)}: each --file needs a "
+        raise BadInput(
+            f"two files named {', '.join(twice)}: each --file needs a "
             "name of its own in /mnt/data (rename or copy one)"
         )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         # Found now, not after the model's work, when its files are to be saved.
-        raise SystemExit(f"sandkernel solve: --out {out} is not a folder")
+        raise BadInput(f"--out {out} is not a folder")
     if not (args.base_url or args.api_key or os.environ.get("OPENAI_API_KEY")):
         # Said before a sandbox starts, not as the model client's traceback after.
-        raise SystemExit(
-            "sandkernel solve: no model to ask: set OPENAI_API_KEY (or --api-key) for "
+        raise BadInput(
+            "no model to ask: set OPENAI_API_KEY (or --api-key) for "
             "OpenAI, or --base-url for an OpenAI-compatible server"
         )
     import asyncio

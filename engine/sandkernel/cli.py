@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sandkernel._cli_types import number
+from sandkernel._cli_types import number, read_input, read_text
 from sandkernel.errors import BadInput, FileRejected, SandkernelError
 from sandkernel.limits import MAX_TIMEOUT_S
 
@@ -23,46 +23,33 @@ from sandkernel.limits import MAX_TIMEOUT_S
 type _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
-def _read_input(path: str | Path, option: str) -> bytes:
-    """A file the command line names; BadInput (exit 2) if it cannot be read."""
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise BadInput(f"cannot read {option} {path}: {exc.strerror or exc}") from None
-
-
-def _read_text(path: str | Path, option: str) -> str:
-    """:func:`_read_input` as UTF-8 text."""
-    try:
-        return _read_input(path, option).decode()
-    except UnicodeDecodeError as exc:
-        raise BadInput(f"cannot read {option} {path}: it is not UTF-8 text ({exc})") from None
+def _no_stdin() -> bool:
+    """Whether our standard input gives no code: a terminal, or none at all."""
+    return sys.stdin is None or sys.stdin.isatty()
 
 
 def _read_code(args: argparse.Namespace) -> str:
+    """The code to run: CODE, ``--file`` or our stdin (:func:`_check_run_options` saw one)."""
     if args.file is not None:
-        return _read_text(args.file, "--file")
+        return read_text(args.file, "--file")
     if args.code is not None and args.code != "-":
         return str(args.code)
-    if args.code == "-" or not sys.stdin.isatty():
-        return sys.stdin.read()
-    raise SystemExit("sandkernel run: give code as an argument, --file FILE, or on stdin")
+    return sys.stdin.read()
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, code: str) -> int:
     from sandkernel._cli_output import print_execution_result
     from sandkernel.config import EngineConfig
     from sandkernel.engine import Engine
     from sandkernel.policy import load_policy
 
-    code = _read_code(args)
     workspace = Path(args.workspace) if args.workspace else None
     # One kernel, started once: a zygote would be one more interpreter start, not one fewer.
     config = EngineConfig(
         policy=load_policy(args.policy),
         pool_size=0,
         prewarm_imports=(),
-        store_dir=args.store,
+        store_dir=args.store or None,  # '' is the default, as for `files` and `serve`
         zygote=False,
     )
     engine = Engine(config, handle_sigterm=False)
@@ -84,19 +71,20 @@ def _once_inputs(args: argparse.Namespace) -> tuple[str, bytes, dict[str, bytes]
     With ``-`` the program is read from our stdin and its own is empty, as for ``python -``.
     """
     code = _read_code(args)
-    reads_ours = args.code == "-" or sys.stdin is None or sys.stdin.isatty()
+    reads_ours = args.code == "-" or _no_stdin()
     stdin = b"" if reads_ours else sys.stdin.buffer.read()
-    files = {Path(path).name: _read_input(path, "--input") for path in args.input or ()}
+    files = {Path(path).name: read_input(path, "--input") for path in args.input or ()}
     return code, stdin, files
 
 
-async def _run_once(args: argparse.Namespace) -> int:
+async def _run_once(
+    args: argparse.Namespace, code: str, stdin: bytes, files: dict[str, bytes]
+) -> int:
     from sandkernel._cli_output import print_run_result
     from sandkernel.config import EngineConfig
     from sandkernel.engine import Engine
     from sandkernel.policy import load_policy
 
-    code, stdin, files = _once_inputs(args)
     config = EngineConfig(
         policy=load_policy(args.policy),
         pool_size=0,
@@ -157,6 +145,8 @@ def _files(args: argparse.Namespace) -> int:
                     raise BadInput(
                         f"{target} already exists: give -o {target} to replace it"
                     ) from None
+                except OSError as exc:
+                    raise BadInput(f"cannot write {target}: {exc.strerror or exc}") from None
                 with dst:
                     while chunk := src.read(1 << 20):
                         dst.write(chunk)
@@ -200,7 +190,8 @@ _RUN_EXIT_STATUS = (
     "a timeout, out of memory), 2 when it could not run (options or input that cannot be "
     "used, a sandbox that cannot start). With --once, the program's own exit "
     "status; 124 when it timed out (as coreutils' timeout), 137 when it was killed for "
-    "using too much memory, 128+N when killed by signal N."
+    "using too much memory, 128+N when killed by signal N. Stopped by SIGTERM or SIGHUP, "
+    "it removes its sandbox first and exits 128+N."
 )
 
 
@@ -423,7 +414,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         from sandkernel.doctor import run_doctor
 
         key = (
-            _read_text(args.model_key_file, "--model-key-file").strip()
+            read_text(args.model_key_file, "--model-key-file").strip()
             if args.model_key_file
             else None
         )
@@ -492,6 +483,8 @@ def _check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace
             "--once: give the program as an argument, '-' (read from stdin) or --file FILE "
             "(standard input is the program's)"
         )
+    if args.file is None and args.code is None and _no_stdin():
+        run.error("give code as an argument, --file FILE, or on stdin")
     if args.once:
         why = "a program runs in a fresh folder and keeps no files"
         _refuse_with(run, args, "--once", why, "--workspace", "--store")
@@ -503,22 +496,32 @@ def _check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace
 def _cmd_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import asyncio
 
+    from sandkernel._signals import Stopped, stoppable
     from sandkernel.daemon.cli import run_once_via_daemon, run_via_daemon
 
     _check_run_options(parser, args)
+    # Read before anything starts: a signal meanwhile ends the command at once,
+    # with nothing to clean up, rather than wait for the end of our stdin.
     if args.once:
+        inputs = _once_inputs(args)
         if args.socket:
-            return run_once_via_daemon(args.socket, *_once_inputs(args), args=args)
-        return asyncio.run(_run_once(args))
-    if args.socket:
-        return run_via_daemon(
-            args.socket, _read_code(args), timeout_s=args.timeout,
-            json_output=args.json, inputs=args.input or (),
-        )  # fmt: skip
-    if args.workspace:
-        # Resolved: a link the user gave is theirs to follow (never one inside it).
-        args.workspace = str(Path(args.workspace).resolve())
-    return asyncio.run(_run(args))
+            return run_once_via_daemon(args.socket, *inputs, args=args)
+        running = _run_once(args, *inputs)
+    else:
+        code = _read_code(args)
+        if args.socket:
+            return run_via_daemon(
+                args.socket, code, timeout_s=args.timeout,
+                json_output=args.json, inputs=args.input or (),
+            )  # fmt: skip
+        if args.workspace:
+            # Resolved: a link the user gave is theirs to follow (never one inside it).
+            args.workspace = str(Path(args.workspace).resolve())
+        running = _run(args, code)
+    try:
+        return asyncio.run(stoppable(running))
+    except Stopped as stopped:
+        return stopped.report("run", "its sandbox is removed")
 
 
 if __name__ == "__main__":

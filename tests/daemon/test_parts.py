@@ -230,8 +230,11 @@ def test_command_line_options() -> None:
     assert _tcp_address("8765") == ("127.0.0.1", 8765)
     assert _tcp_address("0.0.0.0:1") == ("0.0.0.0", 1)
     assert _tcp_address("[::1]:99") == ("::1", 99)
-    with pytest.raises(SystemExit):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected"):
         _tcp_address("host:port")
+    with pytest.raises(argparse.ArgumentTypeError, match="0-65535"):
+        _tcp_address("99999")
+    assert parser.parse_args(["serve", "--tcp", "[::1]:99"]).tcp == ("::1", 99)
     mcp = parser.parse_args(["mcp", "--socket", "/run/x.sock"])
     assert mcp.daemon_command == "mcp" and mcp.socket == "/run/x.sock"
 

@@ -117,9 +117,13 @@ class BatchPool:
         self._fetch_max_bytes = fetch_max_bytes
         self._start_timeout_s = start_timeout_s
         self._live: list[Worker] = []
+        #: every worker made and not stopped yet, whatever its state (starting,
+        #: taking requests, lost and not replaced yet): close() stops them all
+        self._workers: set[Worker] = set()
         self._spawns = 0
         self._all_spawned = asyncio.Event()
-        self._replacing: set[asyncio.Task[None]] = set()
+        #: starting a worker, at the start or in a lost one's place
+        self._starting: set[asyncio.Task[None]] = set()
         # Callers waiting for a slot, oldest first: a freed slot goes to the
         # oldest, so under load a run waits its turn rather than a random time.
         self._waiting: deque[asyncio.Future[None]] = deque()
@@ -137,6 +141,13 @@ class BatchPool:
     def worker_ids(self) -> list[str]:
         """Kernel ids (cgroup names) of the workers taking requests now."""
         return sorted(w.kernel_id for w in self._live if w.accepting)
+
+    def preload_failures(self) -> dict[str, str]:
+        """The ``preload`` modules the workers up now could not import, each with why."""
+        failed: dict[str, str] = {}
+        for worker in self._live:
+            failed.update(worker.preload_failures())
+        return failed
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -159,7 +170,7 @@ class BatchPool:
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self.workers):
-                    group.create_task(self._add_worker(initial=True))
+                    self._track_start(group.create_task(self._add_worker(initial=True)))
         except BaseExceptionGroup as group_error:
             await self.close()
             raise group_error.exceptions[0] from None
@@ -180,11 +191,14 @@ class BatchPool:
         self._closed = True
         self._all_spawned.set()  # nothing more will be spawned
         self._wake_all()
-        # A replacement being started stops itself once up (bounded by start_timeout_s).
-        if self._replacing:
-            await asyncio.gather(*self._replacing, return_exceptions=True)
-        workers, self._live = self._live, []
-        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+        # A worker being started stops itself once up (bounded by start_timeout_s):
+        # stopped half-way from here, its sandbox could be spawned after its removal.
+        if self._starting:
+            await asyncio.gather(*self._starting, return_exceptions=True)
+        # Every worker not stopped yet, live or lost: one lost while this close
+        # waited above is not replaced, and is stopped here with the others.
+        self._live = []
+        await asyncio.gather(*(self._stop(w) for w in list(self._workers)), return_exceptions=True)
         if self._owns_host and self._host is not None:
             self._host.close()
 
@@ -228,15 +242,33 @@ class BatchPool:
 
     async def _add_worker(self, *, initial: bool = False) -> None:
         worker = self._new_worker(initial=initial)
-        await worker.start()
+        self._workers.add(worker)
+        try:
+            await worker.start()
+        except BaseException:
+            self._workers.discard(worker)  # a failed start removes what it made
+            raise
         if self._closed:
-            await worker.stop()
+            await self._stop(worker)
             return
         self._live.append(worker)
         self._wake_all()
 
+    async def _stop(self, worker: Worker) -> None:
+        try:
+            await worker.stop()
+        finally:
+            self._workers.discard(worker)
+
+    def _track_start(self, task: asyncio.Task[None]) -> None:
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
     def _replace(self, worker: Worker) -> None:
-        """Stop a lost worker and start another in its place, in the background."""
+        """Stop a lost worker and start another in its place, in the background.
+
+        Once the pool is closing, close() stops it (it stops every worker).
+        """
         if worker in self._live:
             self._live.remove(worker)
         if self._closed:
@@ -244,7 +276,7 @@ class BatchPool:
         self.stats.worker_restarts += 1
 
         async def replace() -> None:
-            await worker.stop()
+            await self._stop(worker)
             for attempt in range(3):
                 try:
                     await self._add_worker()
@@ -252,14 +284,13 @@ class BatchPool:
                 except KernelStartFailed as exc:
                     if attempt == 2:
                         self._failure = exc
-                        self._replacing.discard(task)
+                        self._starting.discard(task)
                         self._wake_all()
                         return
                     await asyncio.sleep(0.2 * (attempt + 1))
 
         task = asyncio.ensure_future(replace())
-        self._replacing.add(task)
-        task.add_done_callback(self._replacing.discard)
+        self._track_start(task)
 
     def _slot_freed(self) -> None:
         """A slot came free: wake the caller that has waited longest."""
@@ -297,7 +328,7 @@ class BatchPool:
                 best = self._least_loaded()
                 if best is not None:
                     return best
-            if self._failure is not None and not self._live and not self._replacing:
+            if self._failure is not None and not self._live and not self._starting:
                 raise KernelStartFailed(f"no batch worker left: {self._failure}")
             waiter = asyncio.get_running_loop().create_future()
             # Woken but beaten to the slot: first in line for the next one.

@@ -239,6 +239,13 @@ class Worker:
         self._usage = UsageReader(self.jail.cgroup)
         self._count_oom_kills()  # the baseline: what the server's start cost is no run's
 
+    def preload_failures(self) -> dict[str, str]:
+        """The ``preload`` modules the server could not import, each with why (as it said)."""
+        failed = self.hello.get("failed")
+        if not isinstance(failed, dict):
+            return {}
+        return {m: str(failed[m]) for m in self.config.preload if m in failed}
+
     # -- requests ------------------------------------------------------------
 
     def submit(self, frame: bytes, limit_s: float) -> asyncio.Future[Reply]:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandkernel._cli_types import module_list, number
+from sandkernel._cli_types import module_list, number, read_text
 from sandkernel.daemon.admission import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_QUEUED_BYTES,
@@ -25,7 +25,7 @@ from sandkernel.daemon.admission import (
     QUEUED_RUNS_PER_WORKER,
 )
 from sandkernel.daemon.paths import default_records_path, default_socket_path
-from sandkernel.errors import SandkernelError
+from sandkernel.errors import BadInput, SandkernelError
 from sandkernel.limits import MAX_TIMEOUT_S, MAX_TTL_S
 
 if TYPE_CHECKING:
@@ -44,6 +44,21 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _MISSING_EXTRA = (
     "sandkernel {command} needs the {extra} extra: pip install 'sandkernel[{extra}]' ({exc})"
 )
+
+
+def _tcp_address(value: str) -> tuple[str, int]:
+    """An argparse ``type``: ``[HOST:]PORT`` as (host, port), the host 127.0.0.1 by default."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected [HOST:]PORT (got {value!r})") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"the port must be 0-65535 (got {value!r})")
+    return host, number
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +120,7 @@ def add_daemon_parsers(subparsers: Any) -> None:
     )
     serve.add_argument(
         "--tcp",
+        type=_tcp_address,
         metavar="[HOST:]PORT",
         help="also listen on TCP (host default 127.0.0.1); requires a token, "
         "or --fusion-without-token",
@@ -254,27 +270,9 @@ def _engine(args: argparse.Namespace, *, handle_sigterm: bool) -> ServedEngine:
     return Engine(config, handle_sigterm=handle_sigterm)
 
 
-def _tcp_address(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host = "127.0.0.1"
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        number = int(port)
-    except ValueError:
-        raise SystemExit(f"sandkernel serve: --tcp {value!r}: expected [HOST:]PORT") from None
-    if not 0 <= number <= 65535:
-        raise SystemExit(f"sandkernel serve: --tcp {value!r}: the port must be 0-65535")
-    return host, number
-
-
 def _token(args: argparse.Namespace) -> str | None:
     if args.token_file:
-        try:
-            return Path(args.token_file).read_text(encoding="utf-8").strip() or None
-        except (OSError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise SystemExit(f"sandkernel serve: cannot read --token-file: {why}") from None
+        return read_text(args.token_file, "--token-file").strip() or None
     return args.token or os.environ.get("SANDKERNEL_TOKEN") or None
 
 
@@ -300,7 +298,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
     return DaemonConfig(
         socket_path=Path(args.socket) if args.socket else default_socket_path(),
         records_path=default_records_path(records_store),
-        tcp=_tcp_address(args.tcp) if args.tcp else None,
+        tcp=args.tcp,
         token=_token(args),
         max_json_bytes=int(args.max_json_kb * 1024),
         max_upload_bytes=file_cap + _UPLOAD_FRAMING_BYTES,
@@ -343,12 +341,12 @@ def _mcp(args: argparse.Namespace) -> int:
     folders = [Path(d) for d in args.upload_dir]
     for folder in folders:
         if not folder.is_dir():
-            raise SystemExit(f"sandkernel mcp: --upload-dir {folder}: not a folder")
+            raise BadInput(f"--upload-dir {folder}: not a folder")
     if args.socket:
         given = _engine_options_given(args)
         if given:
-            raise SystemExit(
-                f"sandkernel mcp: {', '.join(given)} would be ignored with --socket: "
+            raise BadInput(
+                f"{', '.join(given)} would be ignored with --socket: "
                 "the daemon's engine has its own settings"
             )
         asyncio.run(run_mcp_server(socket=Path(args.socket), engine=None, upload_dirs=folders))

@@ -28,30 +28,22 @@ from typing import TYPE_CHECKING, Any
 # The parser needs only the defaults. The batch path (pydantic, asyncio, the
 # sandbox) is imported when an evaluation runs; the harness and the problem
 # loader once its sandboxes are spawned, while they boot.
-from sandkernel._cli_types import number
+from sandkernel._cli_types import module_list, number
 from sandkernel.errors import EvalInputError
 from sandkernel.evaluate.defaults import DEFAULT_TIMEOUT_S, HUMANEVAL
 from sandkernel.limits import MAX_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine
     from typing import Protocol
 
     from sandkernel.api import Managed, RunsMany
+    from sandkernel.batch import BatchPool
     from sandkernel.evaluate.harness import EvalSummary
     from sandkernel.evaluate.problems import Problem
     from sandkernel.ray import ClusterEngine
 
     class BatchRunner(RunsMany, Managed, Protocol):
         """What an evaluation runs on: a batch pool or a cluster engine (``async with``)."""
-
-
-class _Stopped(Exception):
-    """A signal stopped the evaluation; everything it started is cleaned up."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 def _ks(text: str) -> list[int]:
@@ -110,9 +102,11 @@ def add_eval_parser(
     )
     parser.add_argument(
         "--preload",
+        type=module_list,
         default=None,
-        help="modules each sandbox imports once, before forking (comma-separated; "
-        "default: the standard-library modules benchmark programs use)",
+        metavar="MODULES",
+        help="modules each sandbox imports once, before forking (comma-separated, '' for "
+        "none; default: the standard-library modules benchmark programs use)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="results file (default: <samples>_results.jsonl)"
@@ -246,11 +240,10 @@ def _checked_input(
 
 def _runner(
     args: argparse.Namespace, workers: int
-) -> tuple[BatchRunner, ClusterEngine | None, Callable[[], Awaitable[None]] | None]:
+) -> tuple[BatchRunner, ClusterEngine | None, BatchPool | None]:
     """The batch pool (or cluster engine) the samples run on, not started yet.
 
-    With it: the cluster engine, if that is the runner, and what to await for
-    the runner's sandboxes to be spawned, if it can say.
+    With it: the cluster engine or the batch pool, whichever the runner is.
     """
     if args.ray is not None:
         from sandkernel.ray import ClusterEngine
@@ -262,55 +255,18 @@ def _runner(
         return cluster, cluster, None
     from sandkernel.batch import DEFAULT_PRELOAD, BatchPool
 
-    preload = (
-        list(DEFAULT_PRELOAD)
-        if args.preload is None
-        else [m.strip() for m in args.preload.split(",") if m.strip()]
-    )
+    preload = DEFAULT_PRELOAD if args.preload is None else args.preload
     pool = BatchPool(policy=args.policy, workers=workers, preload=preload)
-    return pool, None, pool.wait_spawned
+    return pool, None, pool
 
 
-async def _stoppable[T](main: Coroutine[Any, Any, T]) -> T:
-    """Await ``main``; SIGTERM or SIGHUP cancel it, as asyncio's Ctrl-C does.
+def _warn_preload_failures(pool: BatchPool) -> None:
+    """Say which ``--preload`` modules the sandboxes could not import, and why.
 
-    Their default action would end the process there and then, leaving the
-    sandboxes (processes, cgroups, run folders) and the partial results
-    behind: cancelled instead, ``main`` cleans up, then :class:`_Stopped`
-    says which signal it was. A signal the process ignores (``nohup``) or
-    that something else handles is left alone; so is a second one while the
-    clean-up runs (SIGKILL does not wait for it).
+    A warning, not an error: the samples run as they would without it.
     """
-    import asyncio
-    import signal
-    import threading
-
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    received: list[int] = []
-
-    def stop(signum: int) -> None:
-        if not received:
-            received.append(signum)
-            task.cancel()
-
-    handled = []
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(signum) is signal.SIG_DFL:
-                loop.add_signal_handler(signum, stop, signum)
-                handled.append(signum)
-    try:
-        return await main
-    except asyncio.CancelledError:
-        if not received:
-            raise
-        task.uncancel()
-        raise _Stopped(received[0]) from None
-    finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
+    for module, why in pool.preload_failures().items():
+        print(f"sandkernel eval: warning: --preload {module} not imported: {why}", file=sys.stderr)
 
 
 async def _close(runner: BatchRunner) -> None:
@@ -331,7 +287,7 @@ async def _evaluate(
     import asyncio
 
     workers = args.workers or os.cpu_count() or 1
-    runner, cluster, wait_spawned = _runner(args, workers)
+    runner, cluster, pool = _runner(args, workers)
     # The sandboxes boot in processes of their own, which is most of a short
     # evaluation's start: they start first, and the input is read and checked
     # while they boot, once they are spawned (read sooner, it would compete
@@ -340,8 +296,8 @@ async def _evaluate(
     # then called off.
     starting = asyncio.ensure_future(runner.__aenter__())
     try:
-        if wait_spawned is not None:
-            spawned = asyncio.ensure_future(wait_spawned())
+        if pool is not None:
+            spawned = asyncio.ensure_future(pool.wait_spawned())
             try:
                 await asyncio.wait([starting, spawned], return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -359,6 +315,8 @@ async def _evaluate(
             starting.exception()
         await _close(runner)
         raise
+    if pool is not None:
+        _warn_preload_failures(pool)
     from sandkernel.evaluate.harness import evaluate_samples
     from sandkernel.evaluate.problems import read_samples
     from sandkernel.evaluate.progress import Progress
@@ -419,23 +377,18 @@ def run_eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     import asyncio
 
+    from sandkernel._signals import Stopped, stoppable
+
     try:
         # A copy of samples read from a pipe is removed here, whatever ended
         # the run: asyncio.run returns only once the thread writing it is done.
         with contextlib.ExitStack() as spools:
-            summary, workers = asyncio.run(_stoppable(_evaluate(args, spools)))
+            summary, workers = asyncio.run(stoppable(_evaluate(args, spools)))
     except EvalInputError as exc:
         print(f"sandkernel eval: {exc}", file=sys.stderr)
         return 2
-    except _Stopped as stopped:
-        import signal
-
-        name = signal.Signals(stopped.signum).name
-        print(
-            f"sandkernel eval: stopped by {name}; its sandboxes and partial results are removed",
-            file=sys.stderr,
-        )
-        return 128 + stopped.signum
+    except Stopped as stopped:
+        return stopped.report("eval", "its sandboxes and partial results are removed")
     fewest = min((n for n, _ in summary.totals.values()), default=0)
     for k in dict.fromkeys(args.k):
         if f"pass@{k}" not in summary.pass_at_k:
