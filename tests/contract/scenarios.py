@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -20,6 +21,7 @@ from sandkernel.errors import (
     BadInput,
     FileNotFoundInStore,
     FileRejected,
+    KernelDead,
     SandkernelError,
     SessionClosed,
     SessionExpired,
@@ -193,8 +195,22 @@ async def a_session_expires_after_its_ttl(api: EngineAPI) -> None:
     assert abs(info.expires_at.timestamp() - expires_at) < 0.5
     # the TTL has to pass: nothing to wait on but the clock
     await asyncio.sleep(1.6)
-    with pytest.raises(SessionExpired):
+    # Named by the id its backend gave it, and why, in the embedded engine's words.
+    why = rf"^session {re.escape(repr(session.id))} expired at \S+ because no activity for 1 s "
+    with pytest.raises(SessionExpired, match=why + r"\(session_ttl_s\)"):
         await session.run("1")
+
+
+async def a_dead_kernel_is_named_by_its_session(api: EngineAPI) -> None:
+    session = await api.session()
+    await session.run("x = 1")
+    died = await session.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert (died.status, died.kernel_alive) == ("killed", False)
+    with pytest.raises(KernelDead, match=rf"^session {re.escape(repr(session.id))}: its kernel"):
+        await session.run("x")
+    fresh = await session.run("'x' in globals()", restart=True)
+    assert (fresh.text, fresh.state_lost) == ("False", True)
+    await session.close()
 
 
 async def one_shot_runs_are_programs(api: EngineAPI) -> None:
@@ -253,6 +269,7 @@ SCENARIOS: list[Scenario] = [
     agent_files_are_seen_read_only_by_its_sessions,
     ended_sessions_answer_with_their_error,
     a_session_expires_after_its_ttl,
+    a_dead_kernel_is_named_by_its_session,
     one_shot_runs_are_programs,
     stats_count_sessions,
     bad_input_is_refused_by_name_and_the_engine_serves_on,

@@ -7,6 +7,7 @@ last two remove a node (and add one back for the next modules).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -113,6 +114,8 @@ async def test_run_many_spreads_over_every_host(cluster_engine: ClusterEngine) -
         {h.node_id: h.batch_calls - before.get(h.node_id, 0) for h in cluster_engine._alive()}
     )
     assert len([n for n, c in spread.items() if c > 0]) == 3, spread
+    # Several runs to a call while many wait (their results still come one by one).
+    assert sum(spread.values()) <= len(requests) / 2, spread
 
 
 async def test_back_pressure_bounds_runs_in_flight(cluster_engine: ClusterEngine) -> None:
@@ -147,6 +150,33 @@ async def test_back_pressure_bounds_runs_in_flight(cluster_engine: ClusterEngine
         watcher.cancel()
     assert seen == 2 * capacity
     assert 0 < peak <= capacity
+
+
+async def test_runs_spread_over_the_hosts_and_each_result_comes_when_ready(
+    cluster_engine: ClusterEngine,
+) -> None:
+    hosts = cluster_engine._alive()
+    assert {h.batch_slots for h in hosts} == {1}
+    before = {h.node_id: h.batch_calls for h in hosts}
+    # As many runs as hosts: a long one and quick ones, none of which may wait for it.
+    requests = [RunRequest(code="import time; time.sleep(120)", id="long")]
+    requests += [RunRequest(code=f"print({n})", id=n) for n in range(len(hosts) - 1)]
+    quick: list[Any] = []
+    runs = cluster_engine.run_many(requests, concurrency=len(requests))
+    async with contextlib.aclosing(runs) as results, asyncio.timeout(60):
+        async for result in results:
+            quick.append((result.id, result.stdout))
+            if len(quick) == len(hosts) - 1:
+                break
+    assert sorted(quick) == [(n, f"{n}\n") for n in range(len(hosts) - 1)]
+    # One run on each host (each has one slot): none was queued behind another.
+    calls = {h.node_id: h.batch_calls - before[h.node_id] for h in hosts}
+    assert calls == dict.fromkeys(before, 1)
+    # Closing the iteration cancelled the long run, on its host too.
+    assert sum(h.batch_inflight for h in hosts) == 0
+    async with asyncio.timeout(30):
+        while any(h.batch_running for h in (await cluster_engine.stats()).hosts):  # noqa: ASYNC110 - the host's work, bounded
+            await asyncio.sleep(0.1)
 
 
 async def test_an_eval_over_the_cluster_gives_the_local_verdicts(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import pytest
@@ -20,10 +21,13 @@ class Calls:
     def __init__(self) -> None:
         self.started = asyncio.Event()
         self.cancelled = asyncio.Event()
+        self.next_item = asyncio.Event()
 
     async def __call__(self, method: str, args: Sequence[Any]) -> Any:
         if method == "echo":
             return list(args)
+        if method == "count":
+            return self.count(*args)
         if method == "fail":
             raise KeyError("boom")
         self.started.set()
@@ -33,6 +37,17 @@ class Calls:
             self.cancelled.set()
             raise
         return None
+
+    async def count(self, items: int) -> AsyncGenerator[int]:
+        """Yields 0, 1...: each once told to go on."""
+        try:
+            for n in range(items):
+                await self.next_item.wait()
+                self.next_item.clear()
+                yield n
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
 
 
 async def test_calls_are_answered_and_failures_reported() -> None:
@@ -62,6 +77,27 @@ async def test_cancelling_a_call_cancels_it_on_the_host() -> None:
             await task
         await asyncio.wait_for(calls.cancelled.wait(), 5)
         assert client.open
+    finally:
+        client.abort()
+        await server.close()
+
+
+async def test_a_streamed_answer_comes_item_by_item_and_closing_it_cancels_it() -> None:
+    calls = Calls()
+    server = ChannelServer(calls)
+    client = await ChannelClient.connect(await server.start("127.0.0.1"))
+    try:
+        async with contextlib.aclosing(client.stream("count", (3,))) as items:
+            calls.next_item.set()
+            assert await asyncio.wait_for(anext(items), 5) == 0  # before the others exist
+            calls.next_item.set()
+            assert await asyncio.wait_for(anext(items), 5) == 1
+        await asyncio.wait_for(calls.cancelled.wait(), 5)
+        # To its end, then the connection serves on.
+        calls.next_item.set()
+        whole = client.stream("count", (1,))
+        assert [n async for n in whole] == [0]
+        assert await client.call("echo", (1,)) == [1]
     finally:
         client.abort()
         await server.close()

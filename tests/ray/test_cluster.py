@@ -54,6 +54,15 @@ async def wait_for(predicate: Any, timeout_s: float) -> None:
             await asyncio.sleep(0.05)
 
 
+def placing_on(engine: ClusterEngine, tag: str) -> Any:
+    """A session placement that always picks the host tagged ``tag``."""
+
+    async def place(exclude: Any) -> Any:
+        return engine._by_tag[tag]
+
+    return place
+
+
 async def test_one_host_per_node_each_on_its_own_node(
     cluster_engine: ClusterEngine, ray_cluster: LocalCluster
 ) -> None:
@@ -139,6 +148,39 @@ async def test_an_engine_that_closes_closes_only_the_sessions_it_made(
     await mine.close()
 
 
+async def test_the_sessions_of_an_engine_that_died_are_closed_when_its_lease_expires(
+    cluster_engine: ClusterEngine, ray_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tag = cluster_engine.hosts()[0].tag
+    dying = ClusterEngine(**ray_cluster.engine_kwargs(lease_ttl_s=2.0))
+    await dying.start()
+    try:
+        # Everything on one host, which both engines keep using.
+        for engine in (dying, cluster_engine):
+            monkeypatch.setattr(engine, "_place_session", placing_on(engine, tag))
+        its_own = await dying.session("dying-own")
+        shared = await dying.session("dying-shared")
+        assert (await cluster_engine.session("dying-shared")).id == shared.id
+        others = await cluster_engine.session("dying-survivor")
+        await asyncio.gather(*(s.run("kept = 1") for s in (its_own, shared, others)))
+        assert {s.id.partition(".")[0] for s in (its_own, shared, others)} == {tag}
+        # Its process dies (no aclose): it stops renewing its lease.
+        assert dying._reconciler is not None
+        dying._reconciler.cancel()
+
+        async def closed() -> bool:
+            info = await cluster_engine.session_info(its_own.id)
+            return info.state is SessionState.CLOSED
+
+        await wait_for(closed, timeout_s=60)
+        # Only it held that one; the one the other engine opened too, and the other's, stay.
+        for session in (await cluster_engine.get_session(shared.id), others):
+            assert (await session.run("kept + 1")).text == "2"
+    finally:
+        await dying.aclose()
+    await asyncio.gather(*(cluster_engine.close_session(s) for s in (shared.id, others.id)))
+
+
 async def test_a_session_past_its_ttl_is_expired_before_the_reaper_passes(
     ray_cluster: LocalCluster,
 ) -> None:
@@ -193,6 +235,21 @@ async def test_output_streams_while_the_cell_runs(cluster_engine: ClusterEngine)
     assert result.ok and result.stdout == "first\nsecond\n"
     assert [text for _, text in seen] == ["first\n", "second\n"]
     assert seen[1][0] - seen[0][0] > 1.0  # the first came before the cell ended
+    await session.close()
+
+
+async def test_streamed_messages_are_whole_as_the_embedded_engine_gives_them(
+    cluster_engine: ClusterEngine,
+) -> None:
+    session = await cluster_engine.session()
+    messages: list[dict[str, Any]] = []
+    await session.run("print('x')", on_output=messages.append)
+    assert {m["msg_type"] for m in messages} >= {"stream"}
+    for message in messages:
+        assert message.keys() == {
+            "header", "msg_id", "msg_type", "parent_header", "metadata", "content", "buffers"
+        }  # fmt: skip
+        assert message["buffers"] == []
     await session.close()
 
 
@@ -382,13 +439,6 @@ async def test_one_name_opened_by_two_engines_at_once_is_one_session(
     async with ClusterEngine(**ray_cluster.engine_kwargs()) as second:
         # Each engine would open a new session on a node of its own.
         first_tag, second_tag = sorted(h.tag for h in cluster_engine.hosts())[:2]
-
-        def placing_on(engine: ClusterEngine, tag: str) -> Any:
-            async def place(exclude: Any) -> Any:
-                return engine._by_tag[tag]
-
-            return place
-
         monkeypatch.setattr(cluster_engine, "_place_session", placing_on(cluster_engine, first_tag))
         monkeypatch.setattr(second, "_place_session", placing_on(second, second_tag))
         firsts, seconds = await asyncio.gather(

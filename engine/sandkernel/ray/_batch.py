@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
 
 from sandkernel.batch import RunRequest, RunResult, iterate_async
 from sandkernel.errors import SandboxUnavailable
@@ -27,19 +35,30 @@ class BatchDistribution(HostDirectory):
         """One-shot runs the live hosts accept at once: running, or queued on their node."""
         return sum(h.batch_window for h in self._alive())
 
-    def _reserve_batch(self, wanted: int) -> tuple[HostHandle, int] | None:
-        """Room for up to ``wanted`` runs on the host with the most room, or None if full."""
-        best: HostHandle | None = None
-        for host in self._alive():
-            room = host.batch_window - host.batch_inflight
-            if room > 0 and (best is None or room > best.batch_window - best.batch_inflight):
-                best = host
-        if best is None:
-            return None
-        count = min(wanted, best.batch_chunk, best.batch_window - best.batch_inflight)
-        best.batch_inflight += count
-        best.batch_calls += 1
-        return best, count
+    def _reserve_runs(self, wanted: int) -> dict[HostHandle, int]:
+        """Room for up to ``wanted`` runs: how many go to which host (none if all are full).
+
+        Run by run, to the host least loaded for its slots: a host with a free
+        slot comes before any whose slots are all taken, so runs spread over
+        the hosts first and wait on a node only when every node is busy.
+        Beyond its free slots a host takes runs only once it has room for a
+        whole chunk, so that under a steady load runs travel several to a call
+        (their results stream back one by one).
+        """
+        open_hosts = [
+            h for h in self._alive() if h.batch_window - h.batch_inflight >= h.batch_chunk
+        ]
+        placed: dict[HostHandle, int] = {}
+        for _ in range(wanted):
+            roomy = [h for h in open_hosts if placed.get(h, 0) < h.batch_chunk]
+            if not roomy:
+                break
+            best = min(roomy, key=lambda h: h.batch_load)
+            best.batch_inflight += 1
+            placed[best] = placed.get(best, 0) + 1
+        for host in placed:
+            host.batch_calls += 1
+        return placed
 
     async def _wait_for_batch_room(self) -> None:
         """Until some host has room (or a host joins); bounded only if no host is alive."""
@@ -50,13 +69,24 @@ class BatchDistribution(HostDirectory):
         self._capacity.clear()
         await self._capacity.wait()
 
-    async def _run_chunk(self, host: HostHandle, requests: list[RunRequest]) -> list[RunResult]:
-        """One Ray call: ``requests`` on ``host``'s batch path (room reserved by the caller)."""
+    async def _run_chunk(
+        self, host: HostHandle, requests: list[RunRequest]
+    ) -> AsyncGenerator[list[tuple[int, RunResult]]]:
+        """One call: ``requests`` on ``host``'s batch path (room reserved by the caller).
+
+        Yields their results as the host streams them back, each with its
+        request's position in ``requests``; the room of each is freed as it comes.
+        """
+        left = len(requests)
         try:
-            results: list[RunResult] = await host.call("run_batch", requests)
-            return results
+            async with contextlib.aclosing(host.stream("run_batch", requests)) as answers:
+                async for answered in answers:
+                    left -= len(answered)
+                    host.batch_inflight -= len(answered)
+                    self._capacity_changed()
+                    yield answered
         finally:
-            host.batch_inflight -= len(requests)
+            host.batch_inflight -= left
             self._capacity_changed()
 
     async def run_once(
@@ -85,11 +115,12 @@ class BatchDistribution(HostDirectory):
         )  # fmt: skip
         failures: list[str] = []
         while len(failures) < RUN_ATTEMPTS:
-            while (placed := self._reserve_batch(1)) is None:
+            while not (placed := self._reserve_runs(1)):
                 await self._wait_for_batch_room()
-            host, _ = placed
+            (host,) = placed
             try:
-                (result,) = await self._run_chunk(host, [request])
+                answers = self._run_chunk(host, [request])
+                (result,) = [r async for answered in answers for _, r in answered]
                 return result
             except RERUN_ON as exc:
                 failures.append(f"{host.describe()}: {exc}")
@@ -106,12 +137,12 @@ class BatchDistribution(HostDirectory):
     ) -> AsyncIterator[RunResult]:
         """``Engine.run_many`` spread over every host: results as they finish (not in order).
 
-        Requests travel in chunks (several per Ray call) to the hosts with the
-        most room. At most ``concurrency`` requests are held at once (default:
-        :meth:`batch_capacity`); they are read from ``requests`` only as room
-        frees up, so a long or endless source is fine. Requests in flight on a
-        host that is lost are run again elsewhere. Match results to requests
-        with ``RunRequest.id``.
+        Requests go to the least loaded hosts, several per call when many wait;
+        each result comes back as soon as it is ready. At most ``concurrency``
+        requests are held at once (default: :meth:`batch_capacity`); they are
+        read from ``requests`` only as room frees up, so a long or endless
+        source is fine. Requests in flight on a host that is lost are run
+        again elsewhere. Match results to requests with ``RunRequest.id``.
 
         Raises:
             SandboxUnavailable: no host is running, or a request's host was lost three times.
@@ -122,7 +153,8 @@ class BatchDistribution(HostDirectory):
         assert self._capacity is not None
         source = iterate_async(requests)
         pending: deque[tuple[RunRequest, int]] = deque()  # (request, hosts lost under it)
-        running: dict[asyncio.Future[Any], list[tuple[RunRequest, int]]] = {}
+        answers: asyncio.Queue[_Answer] = asyncio.Queue()
+        calls: set[asyncio.Task[None]] = set()
         held = 0  # pulled from the source, not yet yielded
         exhausted = False
         try:
@@ -136,47 +168,81 @@ class BatchDistribution(HostDirectory):
                         break
                     pending.append((request, 0))
                     held += 1
-                while pending and (placed := self._reserve_batch(len(pending))) is not None:
-                    host, count = placed
-                    chunk = [pending.popleft() for _ in range(count)]
-                    sent = asyncio.ensure_future(self._run_chunk(host, [r for r, _ in chunk]))
-                    running[sent] = chunk
-                if not running:
+                for host, count in self._reserve_runs(len(pending)).items():
+                    runs = [pending.popleft() for _ in range(count)]
+                    call = asyncio.create_task(self._run_call(host, runs, answers))
+                    calls.add(call)
+                    call.add_done_callback(calls.discard)
+                if held == len(pending):  # none in flight
                     if exhausted and not pending:
                         return
                     await self._wait_for_batch_room()
                     continue
-                waiters: list[asyncio.Future[Any]] = list(running)
-                room: asyncio.Future[Any] | None = None
-                if pending:  # a host joining, or another caller's runs ending, makes room
+                got: list[_Answer] = []
+                if answers.empty() and not pending:
+                    got.append(await answers.get())
+                elif answers.empty():
+                    # A host joining, or another caller's runs ending, makes room too.
                     self._capacity.clear()
                     room = asyncio.ensure_future(self._capacity.wait())
-                    waiters.append(room)
-                try:
-                    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if room is not None:
-                        room.cancel()
-                for finished in done:
-                    if finished is room:
-                        continue
-                    chunk = running.pop(finished)
+                    answer = asyncio.ensure_future(answers.get())
                     try:
-                        results: list[RunResult] = finished.result()
-                    except RERUN_ON as exc:
-                        if any(lost + 1 >= RUN_ATTEMPTS for _, lost in chunk):
-                            raise SandboxUnavailable(
-                                f"a one-shot run's host was lost {RUN_ATTEMPTS} times "
-                                f"in turn (last: {exc})"
-                            ) from None
-                        log.warning("re-running %d one-shot run(s): %s", len(chunk), exc)
-                        pending.extendleft((r, lost + 1) for r, lost in reversed(chunk))
-                        continue
-                    held -= len(results)
-                    for result in results:
-                        yield result
+                        await asyncio.wait((room, answer), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        room.cancel()
+                        answer.cancel()  # none came yet: the next one stays in the queue
+                    if answer.done() and not answer.cancelled():
+                        got.append(answer.result())
+                while not answers.empty():
+                    got.append(answers.get_nowait())
+                for answered in got:
+                    match answered:
+                        case _Unanswered(runs, exc):
+                            if any(lost + 1 >= RUN_ATTEMPTS for _, lost in runs):
+                                raise SandboxUnavailable(
+                                    f"a one-shot run's host was lost {RUN_ATTEMPTS} times "
+                                    f"in turn (last: {exc})"
+                                ) from None
+                            log.warning("re-running %d one-shot run(s): %s", len(runs), exc)
+                            pending.extendleft((r, lost + 1) for r, lost in reversed(runs))
+                        case Exception():
+                            raise answered
+                        case results:
+                            for result in results:
+                                held -= 1
+                                yield result
         finally:
-            for unfinished in running:
-                unfinished.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+
+    async def _run_call(
+        self, host: HostHandle, runs: list[tuple[RunRequest, int]], answers: asyncio.Queue[_Answer]
+    ) -> None:
+        """One call of :meth:`run_many`: its results go to ``answers`` as they come.
+
+        So do the runs a lost host had not answered, to be run again, and any
+        other failure, to be raised.
+        """
+        unanswered = dict(enumerate(runs))
+        try:
+            async for answered in self._run_chunk(host, [r for r, _ in runs]):
+                for index, _ in answered:
+                    del unanswered[index]
+                answers.put_nowait([result for _, result in answered])
+        except RERUN_ON as exc:
+            answers.put_nowait(_Unanswered(list(unanswered.values()), exc))
+        except Exception as exc:  # noqa: BLE001 - raised by run_many, which reads the queue
+            answers.put_nowait(exc)
+
+
+@dataclass
+class _Unanswered:
+    """Runs of a call whose host was lost before it answered them."""
+
+    runs: list[tuple[RunRequest, int]]
+    error: BaseException
+
+
+#: What a call of ``run_many`` hands back: results, runs to run again, or a failure.
+type _Answer = list[RunResult] | _Unanswered | Exception

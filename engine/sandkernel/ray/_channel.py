@@ -15,8 +15,10 @@ be the token, compared in constant time.
 
 Frames are a 4-byte big-endian length and a pickle: ``("call", id, method,
 args)`` and ``("cancel", id)`` from the driver; ``("reply", id, value)`` or
-``("error", id, text)`` from the host. Closing the connection cancels the
-calls in flight, as cancelling a Ray call does.
+``("error", id, text)`` from the host. A method that answers with an async
+generator streams its answer, as a Ray streaming generator would: an
+``("item", id, value)`` frame per item, then ``("reply", id, None)``. Closing
+the connection cancels the calls in flight, as cancelling a Ray call does.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import logging
 import pickle
 import secrets
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,15 +138,28 @@ class ChannelServer:
     ) -> None:
         try:
             value = await self._handler(method, args)
-            payload = pickle.dumps(("reply", call_id, value), protocol=pickle.HIGHEST_PROTOCOL)
+            if isinstance(value, AsyncGenerator):
+                async with contextlib.aclosing(value) as items:
+                    async for item in items:
+                        await _write(writer, _pickled(("item", call_id, item)))
+                value = None
+            payload = _pickled(("reply", call_id, value))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug on this side: the caller reports it
             log.exception("sandkernel channel: %s failed", method)
-            payload = pickle.dumps(("error", call_id, f"{type(exc).__name__}: {exc}"))
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            writer.write(_frame(payload))
-            await writer.drain()
+            payload = _pickled(("error", call_id, f"{type(exc).__name__}: {exc}"))
+        await _write(writer, payload)
+
+
+def _pickled(message: tuple[Any, ...]) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+async def _write(writer: asyncio.StreamWriter, payload: bytes) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):  # the peer left: its calls end
+        writer.write(_frame(payload))
+        await writer.drain()
 
 
 def _forget(calls: dict[int, Any], call_id: int, _: object) -> None:
@@ -158,7 +173,8 @@ class ChannelClient:
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count()
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        #: the frames of each call in flight, as they come: (kind, value)
+        self._pending: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
         self._closed: str | None = None
         self._receiver = asyncio.create_task(self._receive(), name="sandkernel-channel")
 
@@ -176,24 +192,6 @@ class ChannelClient:
     def open(self) -> bool:
         return self._closed is None
 
-    def submit(self, method: str, args: Sequence[Any]) -> tuple[int, asyncio.Future[Any]]:
-        """Send ``method(*args)`` now, without waiting: its id and the future of its answer.
-
-        Calls are started on the host in the order they are sent.
-        """
-        if self._closed is not None:
-            raise ChannelClosed(self._closed)
-        call_id = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = future
-        future.add_done_callback(functools.partial(_forget, self._pending, call_id))
-        try:
-            self._send(("call", call_id, method, tuple(args)))
-        except (ConnectionError, RuntimeError) as exc:
-            future.cancel()
-            raise ChannelClosed(str(exc)) from None
-        return call_id, future
-
     async def call(self, method: str, args: Sequence[Any]) -> Any:
         """The host's answer to ``method(*args)``. Cancelling the caller cancels it there.
 
@@ -201,37 +199,88 @@ class ChannelClient:
             ChannelClosed: the connection broke before the answer came.
             RuntimeError: the host failed unexpectedly (its log says more).
         """
-        call_id, future = self.submit(method, args)
+        call_id, frames = self._send_call(method, args)
+        answered = False
+        try:
+            await self._drain()
+            _, value = await self._next_frame(frames)
+            answered = True
+            return value
+        finally:
+            self._end_call(call_id, answered)
+
+    async def stream(self, method: str, args: Sequence[Any]) -> AsyncGenerator[Any]:
+        """The items of the host's streamed answer to ``method(*args)``, each as it comes.
+
+        Closing the iterator early, or cancelling its consumer, cancels the call there.
+
+        Raises:
+            ChannelClosed: the connection broke before the answer ended.
+            RuntimeError: the host failed unexpectedly (its log says more).
+        """
+        call_id, frames = self._send_call(method, args)
+        answered = False
+        try:
+            await self._drain()
+            while True:
+                kind, value = await self._next_frame(frames)
+                if kind == "reply":
+                    answered = True
+                    return
+                yield value
+        finally:
+            self._end_call(call_id, answered)
+
+    def _send_call(
+        self, method: str, args: Sequence[Any]
+    ) -> tuple[int, asyncio.Queue[tuple[str, Any]]]:
+        """Send ``method(*args)`` now: its id and the queue its frames arrive in.
+
+        Calls are started on the host in the order they are sent.
+        """
+        if self._closed is not None:
+            raise ChannelClosed(self._closed)
+        call_id = next(self._ids)
+        try:
+            self._send(("call", call_id, method, tuple(args)))
+        except (ConnectionError, RuntimeError) as exc:
+            raise ChannelClosed(str(exc)) from None
+        frames: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._pending[call_id] = frames
+        return call_id, frames
+
+    async def _drain(self) -> None:
         try:
             await self._writer.drain()
         except ConnectionError as exc:
-            future.cancel()
             raise ChannelClosed(str(exc)) from None
-        try:
-            return await future
-        except asyncio.CancelledError:
-            # (Cancelling this call cancelled ``future`` too: only an answer means it is over.)
-            answered = future.done() and not future.cancelled()
-            if self._closed is None and not answered:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    self._send(("cancel", call_id))
-            raise
+
+    @staticmethod
+    async def _next_frame(frames: asyncio.Queue[tuple[str, Any]]) -> tuple[str, Any]:
+        kind, value = await frames.get()
+        if kind == "error":
+            raise RuntimeError(f"the sandkernel host failed: {value}")
+        if kind == "closed":
+            raise ChannelClosed(value)
+        return kind, value
+
+    def _end_call(self, call_id: int, answered: bool) -> None:
+        """Forget a call; cancel it on the host unless it was answered in full."""
+        if self._pending.pop(call_id, None) is not None and not answered and self._closed is None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                self._send(("cancel", call_id))
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        self._writer.write(_frame(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
+        self._writer.write(_frame(_pickled(message)))
 
     async def _receive(self) -> None:
         reason = "the host closed the connection"
         try:
             while True:
                 kind, call_id, value = pickle.loads(await _read_frame(self._reader))  # noqa: S301 - our host
-                future = self._pending.get(call_id)
-                if future is None or future.done():
-                    continue
-                if kind == "reply":
-                    future.set_result(value)
-                else:
-                    future.set_exception(RuntimeError(f"the sandkernel host failed: {value}"))
+                frames = self._pending.get(call_id)
+                if frames is not None:
+                    frames.put_nowait((kind, value))
         except asyncio.CancelledError:
             reason = "the channel was closed"
             raise
@@ -239,9 +288,8 @@ class ChannelClient:
             reason = f"the connection to the host broke ({type(exc).__name__})"
         finally:
             self._closed = reason
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(ChannelClosed(reason))
+            for frames in self._pending.values():
+                frames.put_nowait(("closed", reason))
             self._writer.close()
 
     def abort(self) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ _BIG_ARGUMENT = 1 << 20
 
 log = logging.getLogger(__name__)
 
-MIN_CHUNK = 4  # one-shot runs per Ray call, at least (when that many wait)
+MIN_CHUNK = 4  # one-shot runs per call, at least (when that many wait)
 CHUNKS_PER_HOST = 3  # chunks in flight per host: one finishing, two keeping it busy
 RUN_ATTEMPTS = 3  # hosts a one-shot run (or a session's placement) is tried on before giving up
 
@@ -74,6 +75,11 @@ class HostHandle:
         return CHUNKS_PER_HOST * self.batch_chunk
 
     @property
+    def batch_load(self) -> float:
+        """One-shot runs in flight here per batch slot (below 1: a slot is free)."""
+        return self.batch_inflight / self.batch_slots
+
+    @property
     def gone(self) -> bool:
         return self.lost.done()
 
@@ -122,7 +128,7 @@ class HostHandle:
             raise HostGone(self)
         channel = self.channel
         if channel is not None and channel.open and method in CHANNEL_METHODS:
-            reply = await self._call_channel(channel, method, args)
+            reply = await self._over_channel(channel, channel.call(method, args))
         else:
             if any(isinstance(a, bytes | bytearray) and len(a) > _BIG_ARGUMENT for a in args):
                 # Ray copies the bytes into its object store as the call is made
@@ -135,9 +141,65 @@ class HostHandle:
             raise reply.error
         return reply
 
-    async def _call_channel(self, channel: ChannelClient, method: str, args: Sequence[Any]) -> Any:
+    async def stream(self, method: str, *args: Any) -> AsyncGenerator[Any]:
+        """The items a streaming host method yields, each as it comes; a :class:`Raised` is raised.
+
+        Over the direct channel if open, else as a Ray streaming generator.
+        Closing the iterator early, or cancelling its consumer, cancels the
+        call on the host.
+        """
+        if self.gone:
+            raise HostGone(self)
+        channel = self.channel
+        if channel is not None and channel.open and method in CHANNEL_METHODS:
+            items = self._stream_over_channel(channel, method, args)
+        else:
+            items = self._stream_over_ray(method, args)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if isinstance(item, Raised):
+                    raise item.error
+                yield item
+
+    async def _stream_over_channel(
+        self, channel: ChannelClient, method: str, args: tuple[Any, ...]
+    ) -> AsyncGenerator[Any]:
+        items = channel.stream(method, args)
+        async with contextlib.aclosing(items):  # closed early: cancelled on the host
+            while True:
+                try:
+                    item = await self._over_channel(channel, anext(items))
+                except StopAsyncIteration:
+                    return
+                yield item
+
+    async def _stream_over_ray(self, method: str, args: tuple[Any, ...]) -> AsyncGenerator[Any]:
+        refs = self.submit(method, *args)
+
+        async def next_item() -> Any:
+            return await asyncio.wrap_future((await refs.__anext__()).future())
+
+        ended = False
         try:
-            return await self.guard(channel.call(method, args), cancel=None)
+            while True:
+                try:
+                    item = await self.guard(next_item(), cancel=None)
+                except StopAsyncIteration:
+                    ended = True
+                    return
+                yield item
+        finally:
+            if not ended and not self.gone:
+                ray.cancel(refs)  # cancelled or closed early: the host interrupts it
+
+    async def _over_channel[T](self, channel: ChannelClient, answer: Awaitable[T]) -> T:
+        """A call's answer over the direct channel; a broken channel is told from a lost host.
+
+        A host found lost closes its channel (:meth:`mark_lost`): the answer
+        fails at once, without a race against :attr:`lost` per call.
+        """
+        try:
+            return await answer
         except ChannelClosed as exc:
             if self.channel is channel:
                 self.channel = None  # Ray calls until the next poll reconnects
@@ -150,11 +212,10 @@ class HostHandle:
             ) from None
 
     async def guard[T](self, awaitable: Awaitable[T], *, cancel: Any) -> T:
-        """Await a reply of this host, failing at once when the host is lost meanwhile.
+        """Await a Ray reply of this host, failing at once when the host is lost meanwhile.
 
         Cancelling the caller cancels the call on the host (``ray.cancel`` of
-        ``cancel``, or the channel's cancel frame); there the engine interrupts
-        the cell.
+        ``cancel``); there the engine interrupts the cell.
         """
         future = asyncio.ensure_future(awaitable)
         try:

@@ -34,7 +34,7 @@ TAG_LENGTH = 8
 MAX_NAME_LENGTH = 128 - TAG_LENGTH - 1
 HOST_ACTOR_PREFIX = "sandkernel-host-"
 #: Host methods a driver calls over the direct channel when it can reach it (the
-#: hot path); polls, file transfers and streamed output always go through Ray.
+#: hot path); polls, file transfers and a cell's streamed output always go through Ray.
 CHANNEL_METHODS = frozenset(
     {"open_session", "find_session", "run", "interrupt", "extend", "close_session",
      "session_info", "run_batch"}

@@ -41,8 +41,6 @@ class SessionRouting(HostDirectory):
             self._sessions[session_id] = session
             self._forget_old_sessions()
         else:
-            if info.created_at != session._info.created_at:
-                session._created_here = False  # a new session of that name: not ours yet
             session._update(info)
             if agent_id is not None:
                 session.agent_id = agent_id

@@ -14,9 +14,12 @@ How calls travel:
   id, ``<tag>.<name>``, names the host, so every later call goes straight to
   that host's actor: no router, one Ray call per cell. A name is looked up
   and opened by one engine of the namespace at a time: one live session per
-  name, as on one machine.
-* **One-shot runs** (``run_once``, ``run_many``) go to any host with a free
-  batch slot; when every slot is taken the caller waits (back-pressure). A run
+  name, as on one machine. A session is held by the engines that opened it,
+  and closed once they have all left: closed, or crashed (their lease expired).
+* **One-shot runs** (``run_once``, ``run_many``) go to the hosts least loaded
+  for their batch slots, spread over every host before any gets a queue, and
+  each result comes back as it finishes (several runs travel in one call when
+  many wait). When every host is full the caller waits (back-pressure). A run
   whose host is lost meanwhile is run again elsewhere: it has no state.
 * **Files** live on the node that stored or produced them; their ids carry the
   node's tag. A file attached to a session on another node is copied there
@@ -92,8 +95,9 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         node_resource: run hosts only on nodes that offer this custom Ray
             resource (e.g. ``"sandkernel"``); default: every node.
         refresh_interval_s: how often the reconciler polls nodes and hosts.
-        lease_ttl_s: a host whose clients all stopped renewing for this long
-            shuts its engine down and exits.
+        lease_ttl_s: once this engine has stopped renewing its lease for this
+            long (its process died), its hosts close the sessions it held; a
+            host whose clients all stopped shuts its engine down and exits.
         start_timeout_s: how long ``start()`` waits for ``min_hosts`` hosts.
         min_hosts: hosts ``start()`` waits for.
         **settings: :class:`~sandkernel.config.EngineConfig` fields, applied over
@@ -203,10 +207,15 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         )
 
     async def aclose(self) -> None:
-        """Close the sessions this engine made and leave the hosts (the last client stops them).
+        """Leave the hosts, which close the sessions only this engine held.
 
-        Idempotent. A host that other engines still use keeps running, and so
-        does a session this engine only used: the engine that made it owns it.
+        Idempotent. An engine holds the sessions it opened (made, or opened by
+        name); a session another engine of the namespace also opened stays
+        open, as does a host that other engines still use (the last client
+        to leave stops it). A session only
+        looked up by id or name (``get_session``) is not held. The same
+        happens if this engine's process dies: its hosts close its sessions
+        once its lease (``lease_ttl_s``) expires.
         """
         if self._state in ("closing", "closed", "new"):
             self._state = "closed" if self._state == "new" else self._state
@@ -216,10 +225,6 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(
-            *(s.close() for s in list(self._sessions.values()) if s._created_here and not s.closed),
-            return_exceptions=True,
-        )
         hosts = list(self._hosts.values())
         await asyncio.gather(
             self._names.leave(),
@@ -233,7 +238,10 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         self._state = "closed"
 
     async def _leave(self, host: HostHandle) -> None:
-        """Release this engine's lease; if it was the last, wait (bounded) for the host's exit."""
+        """Release this engine's lease; if it was the last, wait (bounded) for the host's exit.
+
+        The host closes the sessions no other engine holds.
+        """
         last = host.stats is not None and host.stats.clients <= 1
         await host.call("release", self._client_id)
         if not last:
@@ -340,7 +348,9 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
                 if agent_id is not None:
                     await self._sync_agent_files(agent_id, target)
                 ws = None if workspace is None else str(workspace)
-                info, created = await target.call("open_session", name, agent_id, ws, if_expired)
+                info = await target.call(
+                    "open_session", name, self._client_id, agent_id, ws, if_expired
+                )
             except HostGone as exc:
                 if not placed:
                     raise SessionLost(
@@ -365,7 +375,6 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
                 target.free_slots -= 1
                 target.opened += 1
             session = self._register(target, name, info, agent_id)
-            session._created_here = session._created_here or created
             if agent_id is not None:
                 # An agent's file uploaded while the session opened went to the nodes
                 # that had the agent's sessions then: once more, now that it has one.
@@ -385,7 +394,7 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
         """
         self._require_running()
         session = await self._lookup(session_id)
-        session._check_usable()
+        await session._require_usable()
         return session
 
     async def close_session(self, session_id: str) -> None:

@@ -6,14 +6,18 @@ node's warm pool, sessions and file store, and answers the driver's calls.
 
 At its boundary it translates ids (see :mod:`sandkernel.ray._protocol`):
 sessions are known inside by their bare names and outside as
-``<tag>.<name>``; a stored file's local id becomes a cluster id carrying the
-tag. Expected errors (:class:`~sandkernel.errors.SandkernelError`,
-``ValueError``) come back as :class:`~sandkernel.ray._protocol.Raised` values,
-so the driver re-raises them as they were, without Ray's wrapper.
+``<tag>.<name>``, also in the engine's errors; a stored file's local id
+becomes a cluster id carrying the tag. Expected errors
+(:class:`~sandkernel.errors.SandkernelError`, ``ValueError``) come back as
+:class:`~sandkernel.ray._protocol.Raised` values, so the driver re-raises
+them as they were, without Ray's wrapper.
 
-Lifetime: every driver holds a lease, renewed by its poll. When the last
-lease is released or expires, the host closes its engine and kills itself.
-Whatever way the actor's process ends, its guardian (see
+Lifetime: every driver holds a lease, renewed by its poll. A session is held
+by every driver that opened it (made it, or opened it by name); when a
+driver's lease is released or expires (it closed, or crashed), the sessions
+no other driver holds are closed, as an embedded engine's end with its
+process. When the last lease ends, the host closes its engine and kills
+itself. Whatever way the actor's process ends, its guardian (see
 :mod:`sandkernel.ray._guardian`) then sweeps the node of its kernels.
 """
 
@@ -22,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import platform
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Concatenate, Literal, cast
+from typing import Any, Concatenate, Literal
 
 import ray
 
@@ -63,6 +68,10 @@ from sandkernel.session import Session, SessionInfo
 log = logging.getLogger(__name__)
 
 _KEEP_ENDED = 10_000  # as the local engine: ended sessions remembered
+#: How long a one-shot run's result may wait for others of its call, to travel
+#: with them: a message per result cost many short runs a third of their
+#: throughput through Ray calls, and 2.5 times the driver's CPU over the channel.
+RESULT_LINGER_S = 0.01
 
 
 def _replying[**P, R](
@@ -79,6 +88,21 @@ def _replying[**P, R](
     # Ray reads the name and the signature of actor methods.
     functools.update_wrapper(reply, method)
     return reply
+
+
+def _naming_session[**P, R](
+    method: Callable[Concatenate[NodeHost, str, P], Awaitable[R]],
+) -> Callable[Concatenate[NodeHost, str, P], Awaitable[R]]:
+    """Errors about the session ``name`` (the first argument) name it by its cluster-wide id."""
+
+    async def call(self: NodeHost, name: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, name, *args, **kwargs)
+        except (SandkernelError, ValueError) as exc:
+            raise self._outward_error(exc, name) from None
+
+    functools.update_wrapper(call, method)
+    return call
 
 
 class _FileIds:
@@ -153,6 +177,8 @@ class NodeHost:
         self._importing = asyncio.Lock()
         self._sessions: dict[str, Session] = {}
         self._agents: dict[str, str | None] = {}
+        #: session name -> the clients that opened it (see the module's docstring)
+        self._holders: dict[str, set[str]] = {}
         self._leases: dict[str, float] = {}
         self._state: Literal["new", "running", "failed", "closing"] = "new"
         self._failure: SandkernelError | None = None
@@ -205,7 +231,9 @@ class NodeHost:
         """A call that came over the direct channel: the same methods, the same replies."""
         if method not in CHANNEL_METHODS:
             return Raised(ValueError(f"{method!r} is not served over the channel"))
-        return await getattr(self, method)(*args)
+        answer = getattr(self, method)(*args)
+        # A streaming method's items are sent one by one, as Ray streams them.
+        return answer if inspect.isasyncgen(answer) else await answer
 
     def _info(self) -> HostInfo:
         host = self.engine._host
@@ -241,8 +269,9 @@ class NodeHost:
         return self._stats(), infos
 
     async def release(self, client_id: str) -> None:
-        """A client leaves; the last one to leave shuts the host down."""
+        """A client leaves: its sessions are closed; the last one to leave shuts the host down."""
         self._leases.pop(client_id, None)
+        await self._client_left(client_id)
         if not self._leases and self._state == "running":
             self._spawn(self._exit("its last client left"))
 
@@ -262,9 +291,26 @@ class NodeHost:
                 if until < now:
                     log.warning("sandkernel host %s: client %s stopped renewing", self.tag, client)
                     del self._leases[client]
+                    await self._client_left(client)
             if not self._leases:
                 await self._exit("no client renewed its lease")
                 return
+
+    async def _client_left(self, client_id: str) -> None:
+        """Close the sessions ``client_id`` held that no other client holds."""
+        orphans = []
+        for name, holders in self._holders.items():
+            if client_id in holders:
+                holders.remove(client_id)
+                if not holders and not self._sessions[name].closed:
+                    orphans.append(self._sessions[name])
+        if orphans:
+            log.info("sandkernel host %s: client %s left its %d session(s)", self.tag, client_id,
+                     len(orphans))  # fmt: skip
+        # Never raised: the lease watcher calls this, and must live on.
+        for outcome in await asyncio.gather(*(s.close() for s in orphans), return_exceptions=True):
+            if isinstance(outcome, Exception):
+                log.error("sandkernel host %s: closing a session failed: %r", self.tag, outcome)
 
     async def _exit(self, why: str, *, delay_s: float = 0.0) -> None:
         if self._state == "closing":
@@ -303,6 +349,12 @@ class NodeHost:
 
     # -- sessions ---------------------------------------------------------------------
 
+    def _outward_error[E: Exception](self, exc: E, name: str) -> E:
+        """``exc``, naming the session ``name`` by its cluster-wide id (as its callers know it)."""
+        inside, outside = repr(name), repr(session_id_of(self.tag, name))
+        message = str(exc)
+        return type(exc)(message.replace(inside, outside)) if inside in message else exc
+
     def _session_info(self, session: Session) -> SessionInfo:
         if not session.closed:
             # Past its expiry, not yet reaped: expired, as the local engine answers it.
@@ -311,33 +363,37 @@ class NodeHost:
         return session.snapshot().model_copy(update={"id": session_id_of(self.tag, session.id)})
 
     @_replying
+    @_naming_session
     async def open_session(
         self,
         name: str,
+        client_id: str,
         agent_id: str | None,
         workspace: str | None,
         if_expired: Literal["raise", "new"],
-    ) -> tuple[SessionInfo, bool]:
-        """Get or create the session ``name`` (the local engine's semantics).
+    ) -> SessionInfo:
+        """Get or create the session ``name`` (the local engine's semantics), for a client.
 
-        Answers its info and whether this call made it: the engine that made
-        a session closes it when it closes, one that only used it does not.
+        The client holds it from now on, with any other that opened it: it is
+        closed once they have all left.
         """
         session = await self.engine.session(
             name, agent_id=agent_id, workspace=workspace, if_expired=if_expired
         )
-        created = self._sessions.get(name) is not session
-        if created:
+        if self._sessions.get(name) is not session:
             self._sessions[name] = session
             self._agents[name] = session.agent_id
+            self._holders[name] = set()
             self._forget_old_sessions()
-        return self._session_info(session), created
+        self._holders[name].add(client_id)
+        return self._session_info(session)
 
     def _forget_old_sessions(self) -> None:
         ended = [s for s in self._sessions.values() if s.closed]
         for s in sorted(ended, key=lambda s: s.ended_at or 0)[: max(0, len(ended) - _KEEP_ENDED)]:
             del self._sessions[s.id]
             self._agents.pop(s.id, None)
+            self._holders.pop(s.id, None)
 
     @_replying
     async def find_session(self, name: str) -> SessionInfo | None:
@@ -346,6 +402,13 @@ class NodeHost:
         return None if session is None else self._session_info(session)
 
     @_replying
+    @_naming_session
+    async def check_session(self, name: str) -> SessionInfo:
+        """The session ``name`` if it can be used, else the engine's error saying why not."""
+        return self._session_info(self.engine.live_session(name))
+
+    @_replying
+    @_naming_session
     async def run(
         self,
         name: str,
@@ -379,7 +442,7 @@ class NodeHost:
             session = self.engine.live_session(name)
             local_ids = await self._resolve(file_ids) if file_ids else []
         except (SandkernelError, ValueError) as exc:
-            yield Raised(exc)
+            yield Raised(self._outward_error(exc, name))
             return
         if isinstance(local_ids, NeedFiles):
             yield local_ids
@@ -387,8 +450,9 @@ class NodeHost:
         messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
         def on_output(message: dict[str, Any]) -> None:
-            # Buffers are memoryviews (not picklable) and no iopub output uses them.
-            messages.put_nowait({k: v for k, v in message.items() if k != "buffers"})
+            # Buffers are memoryviews, which do not pickle: sent as bytes.
+            buffers = [bytes(b) for b in message.get("buffers") or ()]
+            messages.put_nowait({**message, "buffers": buffers})
 
         task = asyncio.create_task(
             session.run(
@@ -402,7 +466,7 @@ class NodeHost:
             try:
                 result = task.result()
             except (SandkernelError, ValueError) as exc:
-                yield Raised(exc)
+                yield Raised(self._outward_error(exc, name))
                 return
             yield self._outward_result(result), self._session_info(session)
         finally:
@@ -411,23 +475,27 @@ class NodeHost:
                 await asyncio.wait({task})
 
     @_replying
+    @_naming_session
     async def extend(self, name: str, ttl_s: float | None) -> SessionInfo:
         session = self.engine.live_session(name)
         session.extend_now(ttl_s)
         return self._session_info(session)
 
     @_replying
+    @_naming_session
     async def interrupt(self, name: str) -> SessionInfo:
         session = self.engine.live_session(name)
         await session.interrupt()
         return self._session_info(session)
 
     @_replying
+    @_naming_session
     async def close_session(self, name: str) -> SessionInfo:
         await self.engine.close_session(name)
         return self._session_info(self._sessions.get(name) or self.engine.live_session(name))
 
     @_replying
+    @_naming_session
     async def session_info(self, name: str) -> SessionInfo:
         session = self._sessions.get(name)
         if session is None:
@@ -454,26 +522,47 @@ class NodeHost:
 
     # -- one-shot and batch runs ------------------------------------------------------
 
-    @_replying
-    async def run_batch(self, requests: Sequence[RunRequest]) -> list[RunResult]:
-        """Run one-shot requests on this node's batch path; results in the requests' order.
+    async def run_batch(
+        self, requests: Sequence[RunRequest]
+    ) -> AsyncIterator[list[tuple[int, RunResult]] | Raised]:
+        """Run one-shot requests on this node's batch path, streaming their results back.
 
-        The driver sends requests in chunks, so one Ray call carries several runs.
+        Each item holds results with their request's position in ``requests``:
+        a result waits at most :data:`RESULT_LINGER_S` for the others of its
+        call, never for the slowest of them. Ends with a :class:`Raised` if the
+        batch path fails.
         """
         self._batch_running += len(requests)
+        runs = {
+            asyncio.ensure_future(self._run_program(request)): index
+            for index, request in enumerate(requests)
+        }
         try:
-            # Tagged by position for the way back, whatever tags the caller gave them.
-            tagged = [r.model_copy(update={"id": i}) for i, r in enumerate(requests)]
-            results: list[RunResult | None] = [None] * len(requests)
-            async for result in self.engine.run_many(tagged, concurrency=len(tagged)):
-                assert isinstance(result.id, int)
-                results[result.id] = result.model_copy(update={"id": requests[result.id].id})
-            missing = [i for i, r in enumerate(results) if r is None]
-            if missing:  # the batch path answers every request: this would be a bug
-                raise RuntimeError(f"no result for requests {missing} of {len(requests)}")
-            return cast(list[RunResult], results)
+            while runs:
+                done, _ = await asyncio.wait(runs, return_when=asyncio.FIRST_COMPLETED)
+                if len(done) < len(runs):
+                    more, _ = await asyncio.wait(runs.keys() - done, timeout=RESULT_LINGER_S)
+                    done |= more
+                answered = [(runs.pop(run), run.result()) for run in done]
+                self._batch_running -= len(answered)
+                results = [(i, r) for i, r in answered if isinstance(r, RunResult)]
+                if results:
+                    yield results
+                failure = next((r for _, r in answered if isinstance(r, Raised)), None)
+                if failure is not None:
+                    yield failure  # the batch path failed: the others are not run
+                    return
         finally:
-            self._batch_running -= len(requests)
+            self._batch_running -= len(runs)
+            for run in runs:
+                run.cancel()
+            if runs:
+                await asyncio.wait(runs)
+
+    @_replying
+    async def _run_program(self, request: RunRequest) -> RunResult:
+        (result,) = [r async for r in self.engine.run_many([request])]
+        return result
 
     # -- files --------------------------------------------------------------------------
 
@@ -529,6 +618,7 @@ class NodeHost:
         return self._outward_file(stored)
 
     @_replying
+    @_naming_session
     async def upload_to_session(
         self, name: str, data: bytes, filename: str | None, retention_s: float | None = None
     ) -> StoredFile:
@@ -537,6 +627,7 @@ class NodeHost:
         return self._outward_file(stored)
 
     @_replying
+    @_naming_session
     async def attach(self, name: str, file_ids: Sequence[str]) -> list[str] | NeedFiles:
         session = self.engine.live_session(name)
         local_ids = await self._resolve(file_ids)

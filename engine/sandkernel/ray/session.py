@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -11,7 +11,7 @@ from sandkernel.errors import FileNotFoundInStore, SessionClosed, SessionExpired
 from sandkernel.files import StoredFile
 from sandkernel.kernel import OutputCallback
 from sandkernel.ray._handle import HostGone, HostHandle
-from sandkernel.ray._protocol import NeedFiles, Raised, session_id_of
+from sandkernel.ray._protocol import NeedFiles, session_id_of
 from sandkernel.ray._uploads import read_upload
 from sandkernel.ray.errors import HostUnreachable, SessionLost
 from sandkernel.results import ExecutionResult
@@ -63,8 +63,8 @@ class ClusterSession(StreamsFromRun):
         self.agent_id = agent_id
         self._info = info
         self._ttl_s: float = engine.session_ttl_s
-        #: Made by this engine (not only found): closed when the engine closes.
-        self._created_here = False
+        #: Why the session expired, in its host's (the engine's) words, once the host said.
+        self._expired_message: str | None = None
 
     # -- state ----------------------------------------------------------------------
 
@@ -115,30 +115,45 @@ class ClusterSession(StreamsFromRun):
         return not self.closed and self._info.expires_at <= datetime.now(UTC)
 
     def _check_usable(self) -> None:
+        """Raise if the session is known to be closed, expired or lost.
+
+        Why a session expired is its host's to say: until it has, an expired
+        session passes here, and the call this guards gets the host's answer.
+        """
         if self._info.state is SessionState.CLOSED:
             raise SessionClosed(f"session {self.id!r} was closed")
-        if self._info.state is SessionState.EXPIRED:
-            when = self._info.expires_at.isoformat(timespec="seconds")
-            raise SessionExpired(
-                f"session {self.id!r} expired at {when} ({self._info.ended_reason}); its "
-                "kernel was ended. Open a new session (its files stay downloadable by id)"
-            )
+        if self._info.state is SessionState.EXPIRED and self._expired_message is not None:
+            raise SessionExpired(self._expired_message)
         if self._host.gone:
             raise self._lost_error()
 
-    async def _call(self, method: str, *args: Any, usable: bool = True) -> Any:
-        if usable:
-            self._check_usable()
+    async def _require_usable(self) -> None:
+        """:meth:`_check_usable`, once the host has said why, if the session expired."""
+        state = self._info.state
+        if state is SessionState.EXPIRED and self._expired_message is None and not self._host.gone:
+            self._update(await self._call("check_session", self.name, usable=False))
+        self._check_usable()
+
+    @contextlib.contextmanager
+    def _answering(self) -> Iterator[None]:
+        """What the host's errors mean for this session: lost, expired or closed from now on."""
         try:
-            return await self._host.call(method, *args)
+            yield
         except HostGone:
             raise self._lost_error() from None
-        except SessionExpired:
+        except SessionExpired as exc:
+            self._expired_message = str(exc)
             self._mark_ended(SessionState.EXPIRED, "expired")
             raise
         except SessionClosed:
             self._mark_ended(SessionState.CLOSED, "closed")
             raise
+
+    async def _call(self, method: str, *args: Any, usable: bool = True) -> Any:
+        if usable:
+            self._check_usable()
+        with self._answering():
+            return await self._host.call(method, *args)
 
     # -- running code -------------------------------------------------------------------
 
@@ -184,24 +199,15 @@ class ClusterSession(StreamsFromRun):
         on_output: OutputCallback,
     ) -> Any:
         self._check_usable()
-        host = self._host
         final: object = None
-        try:
-            stream = host.submit("run_stream", self.name, code, timeout_s, restart, file_ids)
-            while True:
-                try:
-                    ref = await host.guard(stream.__anext__(), cancel=stream)
-                except StopAsyncIteration:
-                    break
-                item = await host.guard(asyncio.wrap_future(ref.future()), cancel=stream)
-                if isinstance(item, dict):
-                    on_output(item)
-                else:
-                    final = item
-        except HostGone:
-            raise self._lost_error() from None
-        if isinstance(final, Raised):
-            raise final.error
+        with self._answering():
+            stream = self._host.stream("run_stream", self.name, code, timeout_s, restart, file_ids)
+            async with contextlib.aclosing(stream) as items:
+                async for item in items:
+                    if isinstance(item, dict):
+                        on_output(item)
+                    else:
+                        final = item
         if final is None:
             raise HostUnreachable(f"session {self.id!r}: the host's stream ended without a result")
         return final
