@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sandkernel.errors import EngineClosed, KernelStartFailed
-from sandkernel.pool import Pool, PoolBook, percentile
+from sandkernel.pool import FAILED_STARTS_IN_A_ROW, Pool, PoolBook, percentile
 
 
 def test_starts_fill_up_to_target_within_concurrency() -> None:
@@ -203,3 +203,61 @@ async def test_a_kernel_started_outside_the_pool_as_its_caller_gave_up_is_shut_d
         await starting
     assert made[0].shut_down
     await pool.close()
+
+
+def test_a_waiting_caller_ends_the_back_off_and_repeated_failures_are_failing() -> None:
+    book = PoolBook(target_warm=1, max_kernels=4)
+    for _ in range(FAILED_STARTS_IN_A_ROW - 1):
+        book.begin_start()
+        book.start_failed()
+    assert book.retry_delay_s() > 0 and not book.failing()
+    book.waiters = 1
+    assert book.retry_delay_s() == 0  # a caller waits: try again now
+    book.begin_start()
+    book.start_failed()
+    assert book.failing()
+    book.begin_start()
+    book.start_succeeded()
+    assert not book.failing()
+
+
+@pytest.mark.anyio
+async def test_a_caller_waiting_while_every_start_fails_gets_the_failure_not_the_deadline() -> None:
+    async def factory() -> Any:
+        raise KernelStartFailed("nsjail exited with code 255: cannot mount /proc")
+
+    pool = Pool(factory, size=1, max_kernels=2, max_concurrent_starts=1)
+    # Far into its back-off already (16 s before the next start): a caller's
+    # wait ends it, and the caller learns why within a few starts.
+    pool.book.consecutive_failures = 6
+    runner = asyncio.ensure_future(pool.run())
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(KernelStartFailed, match="cannot mount /proc") as raised:
+                await pool.acquire(timeout_s=60)
+        assert "no kernel could start" in str(raised.value)
+        assert pool.book.waiters == 0
+    finally:
+        runner.cancel()
+        await pool.close()
+
+
+@pytest.mark.anyio
+async def test_a_start_failing_now_and_then_keeps_the_caller_waiting_for_the_next() -> None:
+    made: list[_FakeKernel] = []
+
+    async def factory() -> Any:
+        made.append(_FakeKernel(len(made)))
+        if len(made) < FAILED_STARTS_IN_A_ROW:
+            raise KernelStartFailed("start timed out")
+        return made[-1]
+
+    pool = Pool(factory, size=0, max_kernels=2, max_concurrent_starts=1)
+    runner = asyncio.ensure_future(pool.run())
+    try:
+        async with asyncio.timeout(10):
+            assert await pool.acquire(timeout_s=60) is made[-1]
+        assert pool.book.failed == FAILED_STARTS_IN_A_ROW - 1
+    finally:
+        runner.cancel()
+        await pool.close()

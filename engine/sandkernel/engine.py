@@ -338,6 +338,8 @@ class Engine:
             BadInput: the ``workspace`` may not be a sandbox's (nothing was changed).
             EngineClosed: the engine is not running, or began closing meanwhile.
             PoolExhausted: no kernel within ``acquire_timeout_s``.
+            KernelStartFailed: kernels fail to start one after another (says
+                why); raised as soon as that is seen, not at the deadline.
             SessionLimitReached: ``max_sessions`` are alive.
             SessionExpired, SessionClosed: see ``if_expired``.
         """

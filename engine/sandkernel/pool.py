@@ -25,13 +25,18 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from sandkernel.errors import EngineClosed, PoolExhausted, SandkernelError
+from sandkernel.errors import EngineClosed, KernelStartFailed, PoolExhausted, SandkernelError
 from sandkernel.kernel import SandboxedKernel
 
 log = logging.getLogger(__name__)
 
 #: A coroutine that starts, warms and self-checks one kernel.
 KernelFactory = Callable[[], Awaitable[SandboxedKernel]]
+
+#: Kernel starts failing one after another, none succeeding between them,
+#: after which the callers waiting for a kernel get the failure instead of
+#: waiting out ``acquire_timeout_s``.
+FAILED_STARTS_IN_A_ROW = 3
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -79,10 +84,23 @@ class PoolBook:
         return max(0, min(wanted, room, slots))
 
     def retry_delay_s(self) -> float:
-        """Back-off after failed starts, so a broken sandbox does not spin the CPU."""
-        if self.consecutive_failures == 0:
+        """Back-off after failed starts, so a broken sandbox does not spin the CPU.
+
+        None while a caller waits for a kernel: its wait is for a start, and
+        it should learn soon whether one can succeed (see :meth:`failing`).
+        """
+        if self.consecutive_failures == 0 or self.waiters:
             return 0.0
         return float(min(30.0, 0.5 * 2 ** (self.consecutive_failures - 1)))
+
+    def failing(self) -> bool:
+        """Whether starts fail every time, so that a caller waiting for a kernel is told now.
+
+        A start failing now and then (under load, say) is retried and the
+        caller keeps waiting; :data:`FAILED_STARTS_IN_A_ROW` failures with
+        no success between them is a sandbox that cannot start kernels.
+        """
+        return self.consecutive_failures >= FAILED_STARTS_IN_A_ROW
 
     def begin_start(self) -> None:
         self.starting += 1
@@ -177,9 +195,7 @@ class Pool:
     async def run(self) -> None:
         """Start kernels whenever the book says so. Runs until cancelled."""
         while not self._closed:
-            delay = self.book.retry_delay_s()
-            if delay:
-                await asyncio.sleep(delay)
+            await self._back_off()
             for _ in range(self.book.starts_needed()):
                 self.book.begin_start()
                 task = asyncio.create_task(self._start_one())
@@ -187,6 +203,17 @@ class Pool:
                 task.add_done_callback(self._starts.discard)
             self._wake.clear()
             await self._wake.wait()
+
+    async def _back_off(self) -> None:
+        """Wait out the back-off after failed starts; a caller waiting for a kernel ends it."""
+        delay = self.book.retry_delay_s()
+        if not delay:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                while not self.book.waiters and not self._closed:
+                    self._wake.clear()
+                    await self._wake.wait()
 
     async def _start_one(self) -> None:
         try:
@@ -199,6 +226,8 @@ class Pool:
             self.book.start_failed()
             self.last_start_error = str(exc)
             log.warning("kernel start failed: %s", exc)
+            if self.book.failing():
+                self._fail_waiters()
             self._wake.set()
             return
         self.book.start_succeeded()
@@ -209,6 +238,17 @@ class Pool:
         self._warm.append(kernel)
         self._serve_waiters()
         self._wake.set()
+
+    def _fail_waiters(self) -> None:
+        """Tell every caller waiting for a kernel that none can start, and why."""
+        why = (
+            f"no kernel could start: the last {self.book.consecutive_failures} starts "
+            f"failed, the last with: {self.last_start_error}"
+        )
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(KernelStartFailed(why))
 
     def _serve_waiters(self) -> None:
         while self._waiters and self._warm:
@@ -225,6 +265,8 @@ class Pool:
 
         Raises:
             PoolExhausted: none became ready in time (says which setting to raise).
+            KernelStartFailed: starts fail one after another (the last one's error
+                says why), found while waiting, not at the deadline.
             EngineClosed: the pool is shutting down.
         """
         if self._closed:

@@ -58,7 +58,8 @@ class GatewayKernels:
         """A new kernel from the warm pool.
 
         Raises:
-            BadInput: an unknown spec. SessionLimitReached, PoolExhausted: as the engine says.
+            BadInput: an unknown spec. SessionLimitReached, PoolExhausted,
+                KernelStartFailed: as the engine says.
         """
         spec = self.specs.resolve(name)
         kernel_id = str(uuid.uuid4())
