@@ -507,6 +507,24 @@ def test_files_get_into_a_folder_that_is_not_there_says_so_in_one_line(tmp_path:
     assert not (tmp_path / "missing").exists()
 
 
+def test_files_get_of_a_stored_copy_damaged_in_place_says_so_and_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "store"
+    data = b"0123456789\n" * 300_000  # several reads
+    with FileStore(store) as files:
+        stored = files.add_bytes(data, "rows.txt", agent_id="agent-1")
+        with files.blob_path(stored.id).open("r+b") as blob:  # same size, other bytes
+            blob.seek(len(data) - 3)
+            blob.write(b"X")
+    target = tmp_path / "rows.txt"
+    proc = run_cli("files", "--store", str(store), "get", stored.id, "-o", str(target))
+    assert proc.returncode != 0
+    assert f"the stored copy of {stored.id!r}" in proc.stderr
+    assert "is damaged: other bytes" in proc.stderr and "upload the file again" in proc.stderr
+    assert not target.exists()
+
+
 @pytest.mark.parametrize(
     ("args", "why"),
     [

@@ -147,9 +147,15 @@ def _files(args: argparse.Namespace) -> int:
                     ) from None
                 except OSError as exc:
                     raise BadInput(f"cannot write {target}: {exc.strerror or exc}") from None
-                with dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
+                try:
+                    with dst:
+                        while chunk := src.read(1 << 20):
+                            dst.write(chunk)
+                except BaseException:
+                    # Its stored copy found damaged at its end, a full disk...:
+                    # no partial file is left as if it were the file.
+                    target.unlink(missing_ok=True)
+                    raise
             print(f"{stored.id} -> {target} ({stored.size_bytes} bytes, {stored.mime_type})")
     finally:
         store.close()

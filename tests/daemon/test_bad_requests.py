@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import anyio
@@ -259,3 +260,42 @@ async def test_a_file_deleted_as_its_download_begins_is_a_404_not_a_200_cut_shor
     response = await raw.get(f"/v1/files/{kept.id}/content")
     assert response.status_code == 200 and response.content == b"0123456789" * 100
     assert (await raw.get(f"/v1/files/{kept.id}")).status_code == 404
+
+
+async def test_a_stored_copy_damaged_in_place_is_a_404_or_a_download_cut_short_never_whole(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """Same size, other bytes: found by the hash as the file is read, before its end is sent."""
+    from sandkernel.daemon.errors import DaemonError
+
+    running = await daemon_factory()
+    store = running.engine._require_store()
+    small = await running.engine.upload(b"0123456789" * 100, "small.txt")
+    large = await running.engine.upload(b"0123456789\n" * 300_000, "large.txt")  # 3.3 MiB
+    for stored in (small, large):
+        with store.blob_path(stored.id).open("r+b") as blob:
+            blob.seek(stored.size_bytes - 5)
+            blob.write(b"X")
+    raw = running.raw()
+    response = await raw.get(f"/v1/files/{small.id}/content")
+    assert response.status_code == 404, response.text
+    assert error_of(response)["type"] == "FileNotFoundInStore"
+    assert "is damaged: other bytes" in error_of(response)["message"]
+    client = running.client()
+    with pytest.raises(FileNotFoundInStore, match="upload the file again"):
+        await client.download(small.id)
+    # Larger than what is read before the status: the body stops short of
+    # its length, and the client says so instead of returning most of it.
+    async with raw.stream("GET", f"/v1/files/{large.id}/content") as response:
+        assert response.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            await response.aread()
+    with pytest.raises(DaemonError, match=f"download of '{large.id}' .* was cut short after"):
+        await client.download(large.id)
+    target = tmp_path / "large.txt"
+    with pytest.raises(DaemonError, match="cut short"):
+        await client.download_to(large.id, target)
+    assert not target.exists()
+    # The daemon goes on serving: a sound file still downloads whole.
+    sound = await client.upload(b"sound\n", "sound.txt")
+    assert await client.download(sound.id) == b"sound\n"

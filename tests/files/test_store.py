@@ -62,14 +62,14 @@ def test_a_file_deleted_while_it_is_opened_is_not_found(
 ) -> None:
     """The delete lands between the lookup and the open: a not-found, never an OSError."""
     stored = store.add_bytes(b"going\n", "going.txt")
-    looked_up = store.blob_path
+    looked_up = store._checked_blob
 
-    def then_deleted(file_id: str) -> Path:
-        blob = looked_up(file_id)
-        store.delete(file_id)
+    def then_deleted(record: StoredFile) -> Path:
+        blob = looked_up(record)
+        store.delete(record.id)
         return blob
 
-    monkeypatch.setattr(store, "blob_path", then_deleted)
+    monkeypatch.setattr(store, "_checked_blob", then_deleted)
     with pytest.raises(FileNotFoundInStore, match="deleted"):
         store.open(stored.id)
 
@@ -531,6 +531,58 @@ def test_a_truncated_blob_is_refused_and_an_upload_of_its_content_repairs_it(
         store.blob_path(first.id)
     again = store.add_bytes(data, "again.csv")
     assert store.read_bytes(again.id) == store.read_bytes(first.id) == data
+
+
+def test_a_stored_copy_changed_in_place_is_refused_before_its_last_bytes_are_read(
+    store: FileStore,
+) -> None:
+    data = b"".join(b"%08d\n" % i for i in range(300_000))  # 2.7 MiB: several reads
+    stored = store.add_bytes(data, "rows.txt")
+    blob = store.blob_path(stored.id)
+    with blob.open("r+b") as f:  # one byte changed, the size the same
+        f.seek(len(data) // 2)
+        f.write(b"X")
+    damaged = re.escape(f"the stored copy of {stored.id!r} at {str(blob)!r} is damaged: other")
+    with pytest.raises(FileNotFoundInStore, match=damaged):
+        store.read_bytes(stored.id)
+    read = bytearray()
+    with store.open(stored.id) as f, pytest.raises(FileNotFoundInStore, match=damaged):
+        while chunk := f.read(1 << 20):
+            read += chunk
+    assert len(read) < len(data)  # its end never reached the reader
+    with store.open(stored.id) as f:  # a part is not checked: it is what is on disk
+        assert f.read(8) == b"00000000"
+    store.add_bytes(data, "again.txt")  # an upload of the content repairs it
+    assert store.read_bytes(stored.id) == data
+
+
+def test_a_stored_copy_that_grew_or_shrank_while_open_is_refused_at_its_end(
+    store: FileStore,
+) -> None:
+    data = b"x" * 5000
+    stored = store.add_bytes(data, "x.txt")
+    blob = store.blob_path(stored.id)
+    with store.open(stored.id) as f:
+        blob.write_bytes(data + b"more")
+        with pytest.raises(FileNotFoundInStore, match="is damaged: more bytes"):
+            f.read()
+    blob.write_bytes(data)
+    with store.open(stored.id) as f:
+        blob.write_bytes(data[:10])
+        with pytest.raises(FileNotFoundInStore, match="is damaged: only 10 bytes"):
+            f.read()
+
+
+def test_a_sound_stored_copy_reads_whole_in_any_pieces_and_where_sought(store: FileStore) -> None:
+    data = b"0123456789abcdef\n" * 140_000  # 2.3 MiB
+    stored = store.add_bytes(data, "lines.txt")
+    assert store.read_bytes(stored.id) == data
+    with store.open(stored.id) as f:
+        assert b"".join(iter(lambda: f.read(4097), b"")) == data
+    with store.open(stored.id) as f:
+        f.seek(1000)
+        assert f.read(10) == data[1000:1010]
+    assert store.read_bytes(store.add_bytes(b"", "empty.txt").id) == b""
 
 
 def test_an_upload_replaces_a_stored_copy_damaged_in_place(store: FileStore) -> None:

@@ -347,6 +347,23 @@ async def _upload_part(
         yield chosen, {"file": (chosen, source, "application/octet-stream")}
 
 
+@contextmanager
+def _cut_short(where: str, file_id: str, response: httpx.Response) -> Iterator[None]:
+    """A download's body that ends before its length as a :class:`DaemonError` that says so.
+
+    The daemon stops a download it finds damaged once it has begun (see
+    ``FileStore.open``); a daemon that went away midway stops it too.
+    """
+    try:
+        yield
+    except httpx.RemoteProtocolError as exc:
+        raise DaemonError(
+            f"the download of {file_id!r} from the daemon at {where} was cut short after "
+            f"{response.num_bytes_downloaded} of {response.headers.get('content-length', '?')} "
+            "bytes: its stored copy may be damaged or the daemon stopped (its log says which)"
+        ) from exc
+
+
 def _joined(chunks: list[bytes], max_bytes: int | None) -> bytes:
     data = b"".join(chunks)
     return data if max_bytes is None else data[:max_bytes]
@@ -597,11 +614,12 @@ class AsyncClient:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for_error(response)
-                async for chunk in response.aiter_bytes():
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if max_bytes is not None and size >= max_bytes:
-                        break
+                with _cut_short(self.where, file_id, response):
+                    async for chunk in response.aiter_bytes():
+                        chunks.append(chunk)
+                        size += len(chunk)
+                        if max_bytes is not None and size >= max_bytes:
+                            break
         return _joined(chunks, max_bytes)
 
     async def download_to(self, file_id: str, path: str | os.PathLike[str]) -> Path:
@@ -613,9 +631,14 @@ class AsyncClient:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for_error(response)
-                async with await anyio.open_file(target, "wb") as out:
-                    async for chunk in response.aiter_bytes():
-                        await out.write(chunk)
+                try:
+                    async with await anyio.open_file(target, "wb") as out:
+                        with _cut_short(self.where, file_id, response):
+                            async for chunk in response.aiter_bytes():
+                                await out.write(chunk)
+                except DaemonError:
+                    await anyio.Path(target).unlink(missing_ok=True)  # not left as the file
+                    raise
         return target
 
     async def list_files(

@@ -161,6 +161,73 @@ _ID_PATTERN: Final = re.compile(r"file-[0-9a-f]{24}")
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
 
 
+class _Checked(io.RawIOBase):
+    """A stored file's content, read through the SHA-256 it was stored under.
+
+    The read that brings the content to its stored size checks the hash
+    before it returns: a copy changed on disk (same size, other bytes) fails
+    there, and its last bytes never reach the reader, so a download sent
+    with the file's length is cut short rather than delivered whole. A copy
+    that grew or shrank fails too. Seeking elsewhere than where the reads
+    are ends the check: only a read from the start to the end is checked.
+    """
+
+    def __init__(self, raw: io.FileIO, record: StoredFile, path: str) -> None:
+        super().__init__()
+        self._raw = raw
+        self._record = record
+        self._path = path
+        self._hash: Any = hashlib.sha256()
+        self._read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        position = self._raw.seek(offset, whence)
+        if position != self._read:
+            self._hash = None  # not read through from the start: not checked
+        return position
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            super().close()
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._raw.readinto(buffer)
+        if self._hash is None:
+            return count
+        size = self._record.size_bytes
+        if count:
+            self._hash.update(memoryview(buffer)[:count])
+            self._read += count
+            if self._read < size:
+                return count
+        if self._read == size and self._hash.hexdigest() == self._record.sha256:
+            self._hash = None  # checked: what follows is the end
+            return count
+        if self._read == size:
+            found = "other bytes"
+        else:
+            found = f"only {self._read} bytes" if self._read < size else "more bytes"
+        raise FileNotFoundInStore(
+            f"the stored copy of {self._record.id!r} at {self._path!r} is damaged: "
+            f"{found} where the {size} bytes stored were expected (changed by something "
+            "other than sandkernel); upload the file again to repair it"
+        )
+
+
 def _record(row: sqlite3.Row) -> StoredFile:
     # extra="forbid" turns a column the model does not know into a loud error.
     return StoredFile(**{key: row[key] for key in row.keys()})
@@ -736,7 +803,11 @@ class FileStore:
             FileNotFoundInStore: no such id, expired, or its content is missing
                 or damaged (not of the size stored).
         """
-        record = self.get(file_id)
+        return self._checked_blob(self.get(file_id))
+
+    def _checked_blob(self, record: StoredFile) -> Path:
+        """:meth:`blob_path` of a file's record."""
+        file_id = record.id
         blob = self._blob_for(record.sha256)
         try:
             size = os.stat(blob).st_size
@@ -760,14 +831,21 @@ class FileStore:
     def open(self, file_id: str) -> BinaryIO:
         """A binary stream of a file's content; the caller closes it.
 
+        Read from its start to its end, the content is checked against the
+        SHA-256 it was stored under: if it changed on disk since, the read
+        that would return its last bytes raises instead, so that a damaged
+        copy is never read whole as if it were the file (a stream that is
+        sought is not checked).
+
         Raises:
             FileNotFoundInStore: no such id, expired, or deleted, also while
                 this looked it up (its row, then its content); or its content
-                is damaged (see :meth:`blob_path`).
+                is damaged (see :meth:`blob_path`), when opened or when read.
         """
-        blob = self.blob_path(file_id)
+        record = self.get(file_id)
+        blob = self._checked_blob(record)
         try:
-            return builtins.open(blob, "rb")
+            raw = builtins.open(blob, "rb", buffering=0)
         except FileNotFoundError:
             self.get(file_id)  # deleted meanwhile: says so
             raise FileNotFoundInStore(
@@ -776,6 +854,7 @@ class FileStore:
             ) from None
         except OSError as exc:
             raise self._failure(exc, "use") from None
+        return io.BufferedReader(_Checked(raw, record, str(blob)), CHUNK_BYTES)
 
     def read_bytes(self, file_id: str) -> bytes:
         """A file's whole content."""

@@ -13,6 +13,7 @@ Downloads read the file in a worker thread, a chunk at a time.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Final
 from urllib.parse import quote
@@ -28,6 +29,8 @@ from sandkernel.daemon.routes.raises import BODY, ENGINE, FILES, SESSION, UPLOAD
 from sandkernel.daemon.schemas import ID_PATTERN, MAX_TTL_S, Deleted, FileList, error_responses
 from sandkernel.errors import FileError, InvalidRequest, SessionLost, SessionNotFound
 from sandkernel.files import StoredFile
+
+log = logging.getLogger(__name__)
 
 _DOWNLOAD_CHUNK: Final = 1 << 20
 
@@ -157,8 +160,19 @@ async def _read_file(engine: ServedEngine, file_id: str) -> AsyncIterator[bytes]
     """
     handle = await anyio.to_thread.run_sync(engine.open_file, file_id)
     try:
+        # Its first chunk is read before the status is sent too: a file of
+        # one chunk whose stored copy is damaged (which the read that ends
+        # it finds) is its 404, not a 200 cut short.
+        first = await anyio.to_thread.run_sync(handle.read, _DOWNLOAD_CHUNK)
         yield b""
-        while chunk := await anyio.to_thread.run_sync(handle.read, _DOWNLOAD_CHUNK):
+        chunk = first
+        while chunk:
             yield chunk
+            chunk = await anyio.to_thread.run_sync(handle.read, _DOWNLOAD_CHUNK)
+    except FileError as exc:
+        # Found once the status was sent (a damaged copy's end): the body
+        # stops short of its Content-Length, which the client sees.
+        log.error("the download of %s was cut short: %s", file_id, exc)
+        raise
     finally:
         handle.close()
