@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import hashlib
 import inspect
@@ -469,6 +470,27 @@ def test_a_database_another_process_holds_is_a_file_error_naming_it(
             holder.close()
         assert store.read_bytes(store.add_bytes(b"new\n", "new.txt").id) == b"new\n"
         assert {f.name for f in store.list()} == {"kept.txt", "new.txt"}
+
+
+def test_reads_go_on_while_a_write_waits_for_another_process_s_lock(tmp_path: Path) -> None:
+    """A write waiting (up to its busy timeout) for the database holds up no read."""
+    with FileStore(tmp_path / "store") as store:
+        kept = store.add_bytes(b"kept\n", "kept.txt")
+        holder = sqlite3.connect(store.root / "files.sqlite3", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process's write, in progress
+        try:
+            with concurrent.futures.ThreadPoolExecutor(2) as threads:
+                waiting = threads.submit(store.add_bytes, b"new\n", "new.txt")
+                with pytest.raises(concurrent.futures.TimeoutError):
+                    waiting.result(timeout=0.5)  # it waits for the lock
+                reading = threads.submit(
+                    lambda: (store.read_bytes(kept.id), [f.name for f in store.list()])
+                )
+                assert reading.result(timeout=5) == (b"kept\n", ["kept.txt"])
+                holder.execute("COMMIT")
+                assert store.read_bytes(waiting.result(timeout=30).id) == b"new\n"
+        finally:
+            holder.close()
 
 
 def _damage(db: Path) -> None:

@@ -282,10 +282,12 @@ class FileStore:
     blob is in place, and blobs are created and removed only while holding
     SQLite's write lock, so several processes may share one root.
 
-    Thread safety: one SQLite connection serves every thread, guarded by a
-    lock held only for database work; receiving, hashing and checking content
-    happen outside it, so concurrent adds overlap their I/O. The methods are
-    blocking; async code calls them in a worker thread.
+    Thread safety: two SQLite connections serve every thread, one for writes
+    and one for reads, each guarded by a lock held only for database work, so
+    that a write waiting for another process's lock (up to its busy timeout)
+    holds up no read; receiving, hashing and checking content happen outside
+    them, so concurrent adds overlap their I/O. The methods are blocking;
+    async code calls them in a worker thread.
 
     Uploads (``origin="uploaded"``) pass
     :func:`~sandkernel.files.upload.check_upload`; produced files are stored
@@ -330,6 +332,7 @@ class FileStore:
         self._blobs = self.root / "blobs"
         self._tmp = self.root / "tmp"
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self._closed = False
         self._db = self.root / "files.sqlite3"
         try:  # a file where a folder goes, no permission, a full disk
@@ -374,12 +377,24 @@ class FileStore:
                     self._conn.execute(statement)
             self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             self._conn.execute("COMMIT")
+            # In WAL mode a reader waits for no writer, in this process or another.
+            self._reader = sqlite3.connect(
+                self._db, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_S
+            )
+            try:
+                # A first read opens its WAL files now, as the writer's are:
+                # files removed from under the store later are read as they were.
+                self._reader.execute("SELECT 1 FROM files LIMIT 1").fetchall()
+            except BaseException:
+                self._reader.close()
+                raise
         except sqlite3.Error as exc:
             self._conn.close()
             raise self._failure(exc, "open") from None
         except BaseException:
             self._conn.close()
             raise
+        self._reader.row_factory = sqlite3.Row
 
     # ----------------------------------------------------------------- plumbing
 
@@ -396,10 +411,11 @@ class FileStore:
 
     def close(self) -> None:
         """Close the database; later calls raise :class:`FileError`. Idempotent."""
-        with self._lock:
+        with self._lock, self._read_lock:
             if not self._closed:
                 self._closed = True
                 self._conn.close()
+                self._reader.close()
 
     @property
     def closed(self) -> bool:
@@ -469,10 +485,10 @@ class FileStore:
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._read_lock:
             self._ensure_open()
             with self._mapped():
-                yield self._conn
+                yield self._reader
 
     @contextmanager
     def _write(self, action: _Action = "use") -> Iterator[sqlite3.Connection]:
