@@ -4,6 +4,17 @@ Their default action ends the process there and then, leaving its sandboxes
 (nsjail, cgroups, run folders, mounts) behind until another engine sweeps
 them. A command that starts sandboxes (``sandkernel run``, ``sandkernel
 eval``) awaits its work through :func:`stoppable` instead.
+
+One owner per process handles SIGTERM, whichever runs the engine:
+
+* a program embedding an :class:`~sandkernel.Engine` (``handle_sigterm=True``,
+  the default): the engine closes, then the process dies of the signal, as
+  the sender asked, since the program has no clean-up of its own to run;
+* the daemon: the server's graceful shutdown stops the listener, ends the
+  requests, then closes its engine (made with ``handle_sigterm=False``);
+* a command: :func:`stoppable` cancels the command's task, so that the
+  command's own clean-up runs (partial results removed) and it reports the
+  signal in its exit status; its engine, if any, has ``handle_sigterm=False``.
 """
 
 from __future__ import annotations
