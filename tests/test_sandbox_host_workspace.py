@@ -14,6 +14,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,6 +99,71 @@ def test_a_new_folder_in_a_home_outside_its_hidden_folders_is_claimed(
     assert host_workspace.claim_host_workspace(workspace) == workspace
     assert workspace.stat().st_uid == SANDBOX_UID
     assert workspace.parent.stat().st_uid == 0
+
+
+# -- host workspaces: only in places no other user may change ---------------------------
+
+_SOMEONE = 1000  # a user other than root and the sandbox's
+
+
+def test_a_folder_inside_another_users_folder_is_refused_naming_it(tmp_path: Path) -> None:
+    # They could swap theirs for a link to another place while the sandbox
+    # runs, and have the engine read and write there as root.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, _SOMEONE, _SOMEONE)
+    workspace = theirs / "project" / "data"
+    for call in (host_workspace.check_host_workspace, host_workspace.claim_host_workspace):
+        with pytest.raises(
+            BadInput, match=re.escape(f"inside {theirs}, which belongs to uid {_SOMEONE}")
+        ):
+            call(workspace)
+    assert list(theirs.iterdir()) == []
+
+
+def test_a_folder_inside_a_folder_others_may_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(BadInput, match=re.escape(f"inside {shared}, which other users may write")):
+        host_workspace.claim_host_workspace(shared / "ws")
+    assert list(shared.iterdir()) == []
+
+
+def test_a_sticky_folder_is_refused_above_another_users_entry_only(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    scratch.chmod(0o1777)  # as /tmp: each user renames only their own entries
+    workspace = scratch / "ws"
+    assert host_workspace.claim_host_workspace(workspace) == workspace
+    assert workspace.stat().st_uid == SANDBOX_UID
+    (scratch / "theirs").mkdir()
+    os.chown(scratch / "theirs", _SOMEONE, _SOMEONE)
+    (scratch / "theirs").chmod(0o755)
+    with pytest.raises(BadInput, match=re.escape(f"inside {scratch / 'theirs'}, which belongs")):
+        host_workspace.claim_host_workspace(scratch / "theirs" / "ws")
+    ours = scratch / "ours"
+    ours.mkdir(mode=0o755)
+    assert host_workspace.claim_host_workspace(ours / "ws") == ours / "ws"
+
+
+def test_a_folder_given_to_another_user_after_the_check_is_refused_at_the_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    workspace = parent / "ws"
+    checked = host_workspace._checked
+
+    def checked_then_given_away(path: Path, places: Any) -> Path:
+        resolved = checked(path, places)
+        os.chown(parent, _SOMEONE, _SOMEONE)  # between the check and the claim
+        return resolved
+
+    monkeypatch.setattr(host_workspace, "_checked", checked_then_given_away)
+    with pytest.raises(BadInput, match=f"which belongs to uid {_SOMEONE}"):
+        host_workspace.claim_host_workspace(workspace)
+    assert not workspace.exists()
 
 
 @pytest.fixture

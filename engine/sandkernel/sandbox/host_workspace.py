@@ -207,6 +207,42 @@ def _refuse_place(resolved: Path, chain: _Chain, places: Sequence[_Protected]) -
     for parent, info in above:
         if info is not None and not stat.S_ISDIR(info.st_mode):
             raise BadInput(f"the workspace {resolved} cannot be made: {parent} is not a folder")
+    levels = _levels(resolved)
+    for depth, (parent, info) in reversed(list(enumerate(above))):
+        changer = _who_may_swap(info, chain[depth + 1], levels[depth + 1] == resolved)
+        if changer is not None:
+            raise BadInput(
+                f"the workspace {resolved} is inside {parent}, which {changer}: they could "
+                "swap the folders below it for links while the sandbox runs, and have the "
+                "engine read or write elsewhere with its rights. Give a folder in a place "
+                "that only root may change"
+            )
+
+
+def _who_may_swap(
+    info: os.stat_result | None, below: os.stat_result | None, below_is_workspace: bool
+) -> str | None:
+    """Who, besides the engine's user, may rename or replace what is in a folder; None if none.
+
+    A sticky folder (``/tmp``) lets each user rename only their own entries:
+    it is safe above an entry of the engine's user, and above the workspace,
+    which becomes the sandbox user's (whom only sandboxes run as).
+    """
+    if info is None:
+        return None  # made by the engine when claimed
+    trusted = {0, os.geteuid()}
+    if info.st_uid not in trusted:
+        return f"belongs to uid {info.st_uid}"
+    writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if not writable:
+        return None
+    if info.st_mode & stat.S_ISVTX and (
+        below is None or below.st_uid in trusted or below_is_workspace
+    ):
+        return None
+    if info.st_mode & stat.S_ISVTX:
+        return f"lets uid {below.st_uid if below else '?'} rename what it holds"
+    return "other users may write"
 
 
 def _path_chain(resolved: Path) -> list[os.stat_result | None]:
@@ -266,7 +302,10 @@ def check_host_workspace(workspace: Path, *, also_refused: Iterable[Path] = ()) 
     system folder (a new one under ``/dev/shm`` may be), a home folder (even an
     empty one) or a folder in a home's hidden ones (``~/.config``,
     ``~/.local``), under any name a bind mount gives them, nor a folder inside
-    one a sandbox owns (code running there could swap its folders for links).
+    one a sandbox owns (code running there could swap its folders for links)
+    or one another user may change (they could, while the sandbox runs, and
+    the engine reaches the workspace by its path: a sticky folder such as
+    ``/tmp`` is fine above a folder of the engine's user or the workspace).
 
     Args:
         workspace: the folder as the caller gave it.
