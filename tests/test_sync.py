@@ -136,16 +136,21 @@ def test_after_close_calls_raise_engine_closed_and_a_sessions_close_does_nothing
 
 
 @pytest.mark.sandbox
+@pytest.mark.parametrize("then", ["kept", "dropped"])
 def test_an_engine_its_program_never_closes_is_closed_as_the_interpreter_ends(
-    tmp_path: Path,
+    tmp_path: Path, then: str
 ) -> None:
     root = tmp_path / "rt"
     script = textwrap.dedent(f"""
         from sandkernel.sync import Engine
+        # Without a SIGTERM handler, which would refer to it.
         engine = Engine(pool_size=1, prewarm_imports=(), runtime_dir={str(root)!r},
-                        store_dir={str(tmp_path / "store")!r})
+                        store_dir={str(tmp_path / "store")!r}, handle_sigterm=False)
         print(engine.backend._host.owner)
-        print(engine.session("x").run("6 * 7").text)
+        session = engine.session("x")
+        print(session.run("6 * 7").text)
+        if {then!r} == "dropped":  # nothing refers to it any more
+            del engine, session
         # no close(): the interpreter ends here
     """)
     done = subprocess.run(
@@ -156,6 +161,31 @@ def test_an_engine_its_program_never_closes_is_closed_as_the_interpreter_ends(
     assert answer == "42"
     assert [p.name for p in root.iterdir() if p.name != "owners"] == []
     assert not [p for p in iter_sandkernel_cgroups(CgroupLayout.detect()) if owner in p.name]
+
+
+@pytest.mark.sandbox
+def test_a_close_while_another_thread_closes_returns_once_the_engine_is_closed(
+    tmp_path: Path,
+) -> None:
+    engine = Engine(pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(), store_dir=tmp_path)
+    engine.session().run("1")
+    backend = engine.backend
+    closing = threading.Event()
+    stop_backend = engine._backend_cm.__exit__
+
+    def stop_backend_seen(*exc: object) -> object:
+        closing.set()
+        return stop_backend(*exc)
+
+    engine._backend_cm.__exit__ = stop_backend_seen  # type: ignore[method-assign]
+    first = threading.Thread(target=engine.close)
+    first.start()
+    try:
+        assert closing.wait(30)
+        engine.close()
+        assert backend._state == "closed"  # not only begun by the other thread
+    finally:
+        first.join(timeout=30)
 
 
 class _Interrupted(BaseException):

@@ -30,7 +30,6 @@ import concurrent.futures
 import os
 import signal
 import threading
-import weakref
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -286,18 +285,12 @@ class BlockingEngine[B: ManagedBackend]:
         except BaseException:
             self._portal_cm.__exit__(None, None, None)
             raise
-        # Never closed by its program (it forgot, or raised first): closed as the
-        # interpreter ends, or it would wait for ever for the loop's thread. Not
-        # atexit, which runs after that wait: threading's own hook runs before
-        # (concurrent.futures ends its workers the same way; last registered, first run).
-        ref = weakref.ref(self)
-
-        def close_at_exit() -> None:
-            engine = ref()
-            if engine is not None:
-                engine.close()
-
-        threading._register_atexit(close_at_exit)  # type: ignore[attr-defined]
+        self._closing = threading.Lock()
+        # Never closed by its program (it forgot, dropped it, or raised first):
+        # kept alive until closed, and closed as the interpreter ends. Dropped and
+        # collected, it would leave its loop's thread running its backend, with
+        # no one to close it, and its sandboxes behind.
+        _still_open(self)
 
     @property
     def backend(self) -> B:
@@ -390,21 +383,53 @@ class BlockingEngine[B: ManagedBackend]:
         self.call(self._backend.delete_file, file_id)
 
     def close(self) -> None:
-        """Stop the backend (for a client: close its connections), then the loop. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._backend_cm.__exit__(None, None, None)
-        finally:
-            self._portal.closed = True
-            self._portal_cm.__exit__(None, None, None)
+        """Stop the backend (for a client: close its connections), then the loop.
+
+        Idempotent; a call while another thread closes it returns once that is done.
+        """
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._backend_cm.__exit__(None, None, None)
+            finally:
+                self._portal.closed = True
+                self._portal_cm.__exit__(None, None, None)
+                with _OPEN_LOCK:
+                    _OPEN.discard(self)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: The blocking engines not closed yet: each is closed as the interpreter ends.
+_OPEN: set[BlockingEngine[Any]] = set()
+_OPEN_LOCK = threading.Lock()
+_hooked = False
+
+
+def _still_open(engine: BlockingEngine[Any]) -> None:
+    """Hold ``engine`` until it is closed, and close it as the interpreter ends if it is not."""
+    global _hooked
+    with _OPEN_LOCK:
+        _OPEN.add(engine)
+        if not _hooked:
+            # Not atexit, which runs after the interpreter waits for the loops'
+            # threads (for ever, as they run until closed): threading's own hook
+            # runs before (concurrent.futures ends its workers the same way).
+            threading._register_atexit(_close_all_at_exit)  # type: ignore[attr-defined]
+            _hooked = True
+
+
+def _close_all_at_exit() -> None:
+    with _OPEN_LOCK:
+        engines = list(_OPEN)
+    for engine in engines:
+        engine.close()
 
 
 class Engine(BlockingEngine["_embedded.Engine"]):
@@ -439,7 +464,12 @@ class Engine(BlockingEngine["_embedded.Engine"]):
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _restore_sigterm(self) -> None:
-        if self._previous_sigterm is not None:
+        # Only the main thread may set a handler. Closed from another, the
+        # engine's stays: a SIGTERM then finds the engine closed, puts the
+        # previous handler back and takes its default action, as it would have.
+        if self._previous_sigterm is not None and threading.current_thread() is (
+            threading.main_thread()
+        ):
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
 
