@@ -525,6 +525,22 @@ async def test_an_empty_host_workspace_is_taken_but_a_hidden_file_makes_one_not_
     assert hidden.stat().st_uid == 1000
 
 
+async def test_a_host_workspace_removed_under_its_session_loses_no_cell_result(
+    engine_factory: EngineFactory, tmp_path: Path
+) -> None:
+    engine = await engine_factory(pool_size=0)
+    workspace = tmp_path / "ws"
+    s = await engine.session(workspace=workspace)
+    assert (await s.run("x = 41")).status == "ok"
+    shutil.rmtree(workspace)  # from the host, while the session lives
+    r = await s.run("print('still here'); x + 1")
+    assert (r.status, r.stdout, r.text) == ("ok", "still here\n", "42")
+    assert r.files == [] and r.files_truncated
+    assert r.files_note is not None
+    assert "the workspace's files were not collected (cannot scan the workspace" in r.files_note
+    assert (await s.run("x")).text == "41"  # and the next cell's too
+
+
 async def test_a_host_workspace_a_sandbox_used_is_taken_again_but_not_a_copy_of_it(
     engine_factory: EngineFactory, tmp_path: Path
 ) -> None:

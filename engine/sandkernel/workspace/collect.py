@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Final
 
-from sandkernel.errors import SandkernelError
+from sandkernel.errors import FileError, SandkernelError
 from sandkernel.files import FileStore, StoredFile, listed_file_name
 from sandkernel.results import DisplayOutput, ExecutionResult, ProducedFile
 from sandkernel.sandbox import WORKSPACE_IN_JAIL
@@ -184,9 +184,20 @@ def collect_outputs(
     # holds a file placed meanwhile, neither produced by the cell nor to be
     # forgotten by it.
     since = dict(state.snapshot)
-    scan = scan_workspace(
-        workspace, since=since, max_files=caps.max_files, max_bytes=caps.max_bytes
-    )
+    quota = _SessionQuota(store, session_id, state, versions, caps.max_session_bytes)
+    try:
+        scan = scan_workspace(
+            workspace, since=since, max_files=caps.max_files, max_bytes=caps.max_bytes
+        )
+    except FileError as exc:
+        # The folder is gone or cannot be opened (a host workspace removed or
+        # replaced under the session): the cell ran, and its result stands.
+        notes = [f"the workspace's files were not collected ({exc})"]
+        displayed = _store_displays(store, result, session_id=session_id, caps=caps,
+                                    quota=quota, room=caps.max_files, notes=notes)  # fmt: skip
+        return result.model_copy(
+            update={"files": displayed, "files_truncated": True, "files_note": "; ".join(notes)}
+        )
     notes = [scan.truncated_reason] if scan.truncated_reason else []
     # Noted once each: every later scan finds them again, and they are no later cell's doing.
     made = {
@@ -194,7 +205,6 @@ def collect_outputs(
     }
     if made:
         notes.append(_not_regular_note(made))
-    quota = _SessionQuota(store, session_id, state, versions, caps.max_session_bytes)
     #: changed files not stored, that the next collect reads again
     retry: list[str] = []
     #: (relative path, what was stored of it), taken in below
