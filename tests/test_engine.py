@@ -298,6 +298,33 @@ async def test_cancelled_run_interrupts_the_cell_and_session_stays_usable(
     assert (await s.run("'i' in globals() and i < 299")).text == "True"
 
 
+async def test_a_run_cancelled_before_its_cell_begins_is_interrupted_not_killed(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled right after it is sent, its first interrupt can land before the cell
+    begins, where ipykernel ignores it (as here, where the first is dropped)."""
+    engine = await engine_factory()
+    s = await engine.session("early")
+    await s.run("before = 1")
+    interrupt = SandboxedKernel._km_interrupt
+    sent: list[float] = []
+
+    async def first_ignored(kernel: SandboxedKernel) -> None:
+        sent.append(time.monotonic())
+        if len(sent) > 1:
+            await interrupt(kernel)
+
+    monkeypatch.setattr(SandboxedKernel, "_km_interrupt", first_ignored)
+    task = asyncio.create_task(s.run("import time\nfor i in range(300): time.sleep(0.1)"))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    monkeypatch.undo()
+    assert len(sent) >= 2
+    assert (await s.run("before + 1")).text == "2"  # the kernel and its state live on
+
+
 async def test_dead_kernel_marks_session_dead_then_restart(engine_factory: EngineFactory) -> None:
     engine = await engine_factory()
     s = await engine.session("d")

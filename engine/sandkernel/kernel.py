@@ -52,6 +52,8 @@ from sandkernel.sandbox.zygote import Zygote, verify_forked
 
 KERNEL_NAME = "sandkernel-python"
 _POLL_S = 0.2  # how often a waiting execute checks that the kernel still lives
+#: how often a cancelled cell's interrupt is sent again until the cell is seen to begin
+_REINTERRUPT_S = 0.1
 _IOPUB_BATCH = 64  # IOPub messages taken at once before the event loop runs again
 #: The most a cell keeps of its displays and value, in the bytes the kernel sent.
 _DISPLAY_MAX_BYTES = 32 << 20
@@ -899,16 +901,30 @@ class SandboxedKernel:
 
     async def _settle_after_cancel(self, sink: _CellSink) -> None:
         sink.on_output = None  # the caller has gone
+        deadline = time.monotonic() + self.policy.interrupt_grace_s
+        # ipykernel takes SIGINT only while it handles a request: an interrupt
+        # that reaches it before it begins the cell (cancelled right after it
+        # was sent) is ignored, and the cell would run to the grace's end and
+        # its kernel be killed. Until one is sent once the cell is seen to have
+        # begun (its execute_input), each that has not ended it is sent again.
+        begun = sink.out.execution_count is not None
         await self._km_interrupt()
-        if not await self._collect(sink, time.monotonic() + self.policy.interrupt_grace_s):
-            await self._kill()
+        while not begun and time.monotonic() < deadline:
+            if await self._collect(sink, min(deadline, time.monotonic() + _REINTERRUPT_S)):
+                break
+            if not self.alive:
+                break
+            begun = sink.out.execution_count is not None
+            await self._km_interrupt()
+        if not await self._collect(sink, deadline):
+            await self._kill(after="a cancelled cell that did not stop when interrupted")
         elif self._client is not None and sink.reply is None:
             await self._reply_unless_closed(sink.msg_id, 0.5)
 
-    async def _kill(self) -> None:
+    async def _kill(self, after: str = "a timeout it did not survive") -> None:
         self._jail.kill()
         await self._jail.wait(5)
-        self._dead_reason = self._dead_reason or "killed after a timeout it did not survive"
+        self._dead_reason = self._dead_reason or f"killed after {after}"
 
     async def _death_status(self) -> tuple[Status, str]:
         await self._jail.wait(2)
