@@ -166,6 +166,14 @@ def test_a_folder_given_to_another_user_after_the_check_is_refused_at_the_claim(
     assert not workspace.exists()
 
 
+def test_a_read_only_empty_folder_is_given_to_the_sandbox_user_to_write(tmp_path: Path) -> None:
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    assert host_workspace.claim_host_workspace(folder) == folder
+    info = folder.stat()
+    assert info.st_uid == SANDBOX_UID and info.st_mode & 0o777 == 0o755
+
+
 @pytest.fixture
 def new_shm_folder() -> Iterator[Path]:
     """A folder that does not exist yet under ``/dev/shm``, removed afterwards."""

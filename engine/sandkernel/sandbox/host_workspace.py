@@ -441,6 +441,9 @@ def claim_host_workspace(workspace: Path, *, also_refused: Iterable[Path] = ()) 
                 raise BadInput(problem)
             try:
                 os.fchown(folder, SANDBOX_UID, SANDBOX_GID)
+                # Its owner may use it, as a sandbox's /mnt/data must be (a
+                # read-only folder would fail the kernel's self-check).
+                os.fchmod(folder, stat.S_IMODE(info.st_mode) | stat.S_IRWXU)
             except OSError as exc:
                 raise BadInput(
                     f"the workspace {resolved} cannot be given to the sandbox user "
