@@ -713,8 +713,10 @@ class Engine:
         counts = dict.fromkeys(SessionState, 0)
         for s in self._sessions.values():
             counts[s.state] += 1
+        zygotes = self.zygotes
+        start = zygotes.status() if zygotes is not None else "cold start (zygote=False)"
         return EngineStats(
-            pool=pool.stats(),
+            pool=pool.stats().model_copy(update={"kernel_start": start}),
             sessions_active=counts[SessionState.ACTIVE],
             sessions_dead=counts[SessionState.DEAD],
             sessions_expired=counts[SessionState.EXPIRED],

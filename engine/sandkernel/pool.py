@@ -150,6 +150,10 @@ class PoolStats(BaseModel):
     acquire_p50_ms: float | None
     acquire_p99_ms: float | None
     last_start_error: str | None
+    #: which kernel start is in force and why: forked from the zygote, or a
+    #: cold start and why (``zygote=False``, a policy a fork cannot honour, a
+    #: zygote that failed); set by the engine, None from the pool alone
+    kernel_start: str | None = None
 
 
 class Pool:

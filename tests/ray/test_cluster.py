@@ -215,7 +215,11 @@ async def test_twenty_sessions_spread_over_every_node(cluster_engine: ClusterEng
     assert set(per_node) == alive_node_ids()
     assert min(per_node.values()) >= 5, per_node
     await cluster_engine.refresh()
-    assert (await cluster_engine.stats()).sessions_active >= 20
+    stats = await cluster_engine.stats()
+    assert stats.sessions_active >= 20
+    # Each node's kernel start, named by its node.
+    assert stats.pool.kernel_start is not None
+    assert all(f"{host.tag}: " in stats.pool.kernel_start for host in stats.hosts)
     await asyncio.gather(*(s.close() for s in sessions))
 
 

@@ -65,6 +65,7 @@ async def test_pool_kernels_are_forked_and_self_checked(engine_factory: EngineFa
     assert r.status == "ok" and r.text == "(65534, 3)"
     zygotes = engine.zygotes
     assert zygotes is not None and zygotes.status().startswith("zygote fork")
+    assert (await engine.stats()).pool.kernel_start == zygotes.status()
 
 
 async def test_a_kernel_sends_its_reply_without_ipykernels_sleep_and_ends_with_its_output(
@@ -245,6 +246,7 @@ async def test_with_the_setting_off_kernels_start_cold(engine_factory: EngineFac
     session = await engine.session()
     assert engine.zygotes is None
     assert session.kernel is not None and session.kernel.forked_pid is None
+    assert (await engine.stats()).pool.kernel_start == "cold start (zygote=False)"
 
 
 async def test_a_forked_kernel_that_fails_its_outside_check_is_destroyed_and_replaced_cold(
@@ -296,6 +298,8 @@ async def test_an_engine_whose_policy_env_a_fork_cannot_honour_starts_its_kernel
     zygotes = engine.zygotes
     assert zygotes is not None and zygotes.forks == 0
     assert "cold start" in zygotes.status() and "IPYTHONDIR, LC_ALL, TZ" in zygotes.status()
+    # Told to operators where they look: the engine's (and the daemon's) stats.
+    assert (await engine.stats()).pool.kernel_start == zygotes.status()
 
 
 async def test_a_stalled_zygote_holds_new_sessions_up_a_few_seconds_and_is_replaced(

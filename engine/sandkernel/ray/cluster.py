@@ -448,6 +448,12 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
             acquire_p50_ms=max(p50s) if p50s else None,
             acquire_p99_ms=max(p99s) if p99s else None,
             last_start_error=errors[0] if errors else None,
+            kernel_start="; ".join(
+                f"{s.tag}: {s.engine.pool.kernel_start}"
+                for s in hosts
+                if s.engine.pool.kernel_start
+            )
+            or None,
         )
         return ClusterStats(
             pool=pool,
