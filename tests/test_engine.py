@@ -325,6 +325,27 @@ async def test_a_run_cancelled_before_its_cell_begins_is_interrupted_not_killed(
     assert (await s.run("before + 1")).text == "2"  # the kernel and its state live on
 
 
+async def test_an_ended_session_keeps_no_record_of_its_workspace_files_but_they_stay_stored(
+    engine_factory: EngineFactory,
+) -> None:
+    """Ended sessions are kept a while for their info: not with an entry per file they made."""
+    engine = await engine_factory()
+    for end in ("close", "expire"):
+        s = await engine.session(f"many-{end}")
+        r = await s.run("for i in range(50): open(f'/mnt/data/f{i}.txt', 'w').write(str(i))")
+        assert len(r.files) == 50
+        workspace = s.workspace
+        assert workspace is not None and len(workspace.state.snapshot) == 50
+        if end == "close":
+            await s.close()
+        else:
+            await s.expire("idle", time.monotonic())
+        assert workspace.state.snapshot == {} and workspace.versions.files == {}
+        assert s.state.value in ("closed", "expired") and engine._sessions[s.id] is s
+        seventh = next(f for f in r.files if f.name == "f7.txt")
+        assert await engine.download(seventh.id) == b"7"
+
+
 async def test_dead_kernel_marks_session_dead_then_restart(engine_factory: EngineFactory) -> None:
     engine = await engine_factory()
     s = await engine.session("d")

@@ -415,6 +415,8 @@ class Session(StreamsFromRun):
         if kernel is not None:
             # A cell still running sees its kernel end and returns "killed".
             await self._release(kernel)
+        if self.workspace is not None and self.closed:
+            self.workspace.forget()
 
     async def expire(self, reason: str, when: float) -> None:
         """Called by the reaper: end the session as expired."""

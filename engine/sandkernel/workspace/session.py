@@ -76,6 +76,18 @@ class SessionWorkspace:
         #: place taken); the restart's first result says so
         self.not_restored: list[str] = []
 
+    def forget(self) -> None:
+        """Drop what is known of the workspace, once the session has ended.
+
+        Its kernel and folder are gone; an ended session is kept a while for
+        its info, and its workspace's snapshot (an entry per file it held)
+        would be kept with it. Its files stay in the store.
+        """
+        self.state = WorkspaceState()
+        self.versions = ProducedVersions()
+        self._uploads = {}
+        self.not_restored = []
+
     def _open_store(self) -> FileStore:
         if self._store.closed:
             # The engine closes its store as it stops: to the caller, the engine is gone.
