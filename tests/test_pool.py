@@ -243,6 +243,29 @@ async def test_a_caller_waiting_while_every_start_fails_gets_the_failure_not_the
 
 
 @pytest.mark.anyio
+async def test_no_start_is_made_for_a_caller_already_told_that_starts_fail() -> None:
+    starts = 0
+
+    async def factory() -> Any:
+        nonlocal starts
+        starts += 1
+        raise KernelStartFailed("cannot mount /proc")
+
+    pool = Pool(factory, size=0, max_kernels=2, max_concurrent_starts=1)
+    runner = asyncio.ensure_future(pool.run())
+    try:
+        with pytest.raises(KernelStartFailed):
+            await pool.acquire(timeout_s=60)
+        for _ in range(20):  # the pool's task runs whatever it would start now
+            await asyncio.sleep(0)
+        assert starts == FAILED_STARTS_IN_A_ROW
+        assert pool.book.waiters == 0 and pool.book.starting == 0
+    finally:
+        runner.cancel()
+        await pool.close()
+
+
+@pytest.mark.anyio
 async def test_a_start_failing_now_and_then_keeps_the_caller_waiting_for_the_next() -> None:
     made: list[_FakeKernel] = []
 

@@ -39,6 +39,10 @@ KernelFactory = Callable[[], Awaitable[SandboxedKernel]]
 FAILED_STARTS_IN_A_ROW = 3
 
 
+def _failure(waiter: asyncio.Future[SandboxedKernel]) -> BaseException | None:
+    return None if waiter.cancelled() else waiter.exception()
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (``q`` in 0..100); None for no values."""
     if not values:
@@ -253,6 +257,9 @@ class Pool:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(KernelStartFailed(why))
+                # Told now: no longer waiting, so no start is made for it (its
+                # own bookkeeping, in _take, runs only once it resumes).
+                self.book.waiters -= 1
 
     def _serve_waiters(self) -> None:
         while self._waiters and self._warm:
@@ -307,7 +314,8 @@ class Pool:
         except TimeoutError:
             raise PoolExhausted(self._exhausted_message(timeout_s)) from None
         finally:
-            self.book.waiters -= 1
+            if not (waiter.done() and isinstance(_failure(waiter), KernelStartFailed)):
+                self.book.waiters -= 1  # else counted out when it was told
             if not waiter.done():
                 waiter.cancel()
             elif not handed and not waiter.cancelled() and waiter.exception() is None:

@@ -51,7 +51,13 @@ from typing import Literal, Unpack
 import ray
 
 from sandkernel.config import EngineConfig, EngineSettings
-from sandkernel.errors import EngineClosed, PoolExhausted, SandboxUnavailable, SessionLimitReached
+from sandkernel.errors import (
+    EngineClosed,
+    KernelStartFailed,
+    PoolExhausted,
+    SandboxUnavailable,
+    SessionLimitReached,
+)
 from sandkernel.limits import check_id
 from sandkernel.policy import Policy, load_policy
 from sandkernel.pool import PoolStats
@@ -360,7 +366,9 @@ class ClusterEngine(ClusterFiles, BatchDistribution):
                 tried.append(target)
                 last_error = exc
                 continue
-            except (SessionLimitReached, PoolExhausted) as exc:
+            except (SessionLimitReached, PoolExhausted, KernelStartFailed) as exc:
+                # Full, or (KernelStartFailed) unable to start kernels: another
+                # host may have room, or sandboxes that start.
                 if not placed or len(tried) + 1 >= len(self._alive()):
                     raise
                 if isinstance(exc, SessionLimitReached):
