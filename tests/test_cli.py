@@ -523,6 +523,12 @@ def test_files_get_of_a_stored_copy_damaged_in_place_says_so_and_leaves_no_file(
     assert f"the stored copy of {stored.id!r}" in proc.stderr
     assert "is damaged: other bytes" in proc.stderr and "upload the file again" in proc.stderr
     assert not target.exists()
+    # -o naming a link: what it names was written, the link is not removed.
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real.txt")
+    proc = run_cli("files", "--store", str(store), "get", stored.id, "-o", str(link))
+    assert proc.returncode != 0 and "is damaged" in proc.stderr
+    assert link.is_symlink()
 
 
 @pytest.mark.parametrize(

@@ -147,14 +147,19 @@ def _files(args: argparse.Namespace) -> int:
                     ) from None
                 except OSError as exc:
                     raise BadInput(f"cannot write {target}: {exc.strerror or exc}") from None
+                written = os.fstat(dst.fileno())
                 try:
                     with dst:
                         while chunk := src.read(1 << 20):
                             dst.write(chunk)
                 except BaseException:
                     # Its stored copy found damaged at its end, a full disk...:
-                    # no partial file is left as if it were the file.
-                    target.unlink(missing_ok=True)
+                    # no partial file is left as if it were the file. Only the
+                    # regular file written, never what a link or a device
+                    # named by -o is.
+                    from sandkernel.files._common import remove_if_same_file
+
+                    remove_if_same_file(target, written)
                     raise
             print(f"{stored.id} -> {target} ({stored.size_bytes} bytes, {stored.mime_type})")
     finally:

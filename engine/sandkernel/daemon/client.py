@@ -64,7 +64,7 @@ from sandkernel.errors import (
     error_from_wire,
 )
 from sandkernel.files import StoredFile, safe_name
-from sandkernel.files._common import open_regular
+from sandkernel.files._common import open_regular, remove_if_same_file
 from sandkernel.limits import check_code_text
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
@@ -631,14 +631,17 @@ class AsyncClient:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for_error(response)
-                try:
-                    async with await anyio.open_file(target, "wb") as out:
+                async with await anyio.open_file(target, "wb") as out:
+                    written = os.fstat(out.wrapped.fileno())
+                    try:
                         with _cut_short(self.where, file_id, response):
                             async for chunk in response.aiter_bytes():
                                 await out.write(chunk)
-                except DaemonError:
-                    await anyio.Path(target).unlink(missing_ok=True)  # not left as the file
-                    raise
+                    except DaemonError:
+                        # Not left as if it were the file: the regular file
+                        # written only, never what a link or device there is.
+                        await anyio.to_thread.run_sync(remove_if_same_file, target, written)
+                        raise
         return target
 
     async def list_files(

@@ -2,14 +2,17 @@
 
 Private to sandkernel's file handling (this package;
 :mod:`sandkernel.workspace`, whose scans read what the sandbox wrote; and the
-daemon's client, which opens a path to upload as the store does).
+daemon's client, which opens a path to upload as the store does, and
+removes what a failed download left, as ``sandkernel files get`` does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from pathlib import Path
 from typing import BinaryIO, Final
 
 from sandkernel.errors import FileRejected
@@ -65,3 +68,18 @@ def file_kind(mode: int) -> str:
     if stat.S_ISDIR(mode):
         return "directory"
     return "special file"
+
+
+def remove_if_same_file(path: Path, written: os.stat_result) -> None:
+    """Remove ``path`` if it is still the regular file ``written`` describes (``fstat``).
+
+    For a partial copy a failed download leaves: never what a link or a
+    device at ``path`` is, nor a file put there since.
+    """
+    with contextlib.suppress(OSError):
+        found = path.lstat()
+        if stat.S_ISREG(found.st_mode) and (found.st_dev, found.st_ino) == (
+            written.st_dev,
+            written.st_ino,
+        ):
+            path.unlink()

@@ -204,6 +204,13 @@ class _Checked(io.RawIOBase):
         finally:
             super().close()
 
+    def readall(self) -> bytes:
+        # RawIOBase's reads 8 KiB a call, each through readinto in Python.
+        chunks = []
+        while chunk := self.read(CHUNK_BYTES):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def readinto(self, buffer: Any) -> int:
         count = self._raw.readinto(buffer)
         if self._hash is None:

@@ -163,9 +163,12 @@ async def _read_file(engine: ServedEngine, file_id: str) -> AsyncIterator[bytes]
         # Its first chunk is read before the status is sent too: a file of
         # one chunk whose stored copy is damaged (which the read that ends
         # it finds) is its 404, not a 200 cut short.
-        first = await anyio.to_thread.run_sync(handle.read, _DOWNLOAD_CHUNK)
+        chunk = await anyio.to_thread.run_sync(handle.read, _DOWNLOAD_CHUNK)
+    except BaseException:
+        handle.close()
+        raise
+    try:
         yield b""
-        chunk = first
         while chunk:
             yield chunk
             chunk = await anyio.to_thread.run_sync(handle.read, _DOWNLOAD_CHUNK)
