@@ -145,6 +145,11 @@ def test_a_sticky_folder_is_refused_above_another_users_entry_only(tmp_path: Pat
     ours = scratch / "ours"
     ours.mkdir(mode=0o755)
     assert host_workspace.claim_host_workspace(ours / "ws") == ours / "ws"
+    # Another user's empty folder there is theirs to swap until it is claimed.
+    (scratch / "their-ws").mkdir()
+    os.chown(scratch / "their-ws", _SOMEONE, _SOMEONE)
+    with pytest.raises(BadInput, match=f"which lets uid {_SOMEONE} rename what it holds"):
+        host_workspace.claim_host_workspace(scratch / "their-ws")
 
 
 def test_a_folder_given_to_another_user_after_the_check_is_refused_at_the_claim(

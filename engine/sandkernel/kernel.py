@@ -293,10 +293,21 @@ def _inside_escape_or_character(data: bytes, at: int) -> bool:
 class _CellSink:
     """The running cell, as the IOPub reader sees it: its id, its output, who to tell."""
 
-    __slots__ = ("done", "failed", "failure", "heard_at", "msg_id", "on_output", "out", "reply")
+    __slots__ = (
+        "done", "failed", "failure", "heard_at", "msg_id", "on_output", "out", "reply", "silent",
+    )  # fmt: skip
 
-    def __init__(self, msg_id: str, out: _CellOutput, on_output: OutputCallback | None) -> None:
+    def __init__(
+        self,
+        msg_id: str,
+        out: _CellOutput,
+        on_output: OutputCallback | None,
+        *,
+        silent: bool = False,
+    ) -> None:
         self.msg_id = msg_id
+        #: sent silent: the kernel publishes no execute_input for it
+        self.silent = silent
         self.out = out
         self.on_output = on_output
         loop = asyncio.get_running_loop()
@@ -697,7 +708,7 @@ class SandboxedKernel:
         out = _CellOutput(self.policy.output_max_bytes)
         # Registered before anything is awaited: the reader cannot see this
         # cell's first message before the cell is there to take it.
-        sink = self._cell = _CellSink(msg_id, out, on_output)
+        sink = self._cell = _CellSink(msg_id, out, on_output, silent=silent)
         try:
             return await self._run_cell(sink, before, started, timeout)
         finally:
@@ -906,8 +917,9 @@ class SandboxedKernel:
         # that reaches it before it begins the cell (cancelled right after it
         # was sent) is ignored, and the cell would run to the grace's end and
         # its kernel be killed. Until one is sent once the cell is seen to have
-        # begun (its execute_input), each that has not ended it is sent again.
-        begun = sink.out.execution_count is not None
+        # begun (its execute_input), each that has not ended it is sent again
+        # (a silent cell has none to see: its interrupt is sent once).
+        begun = sink.silent or sink.out.execution_count is not None
         await self._km_interrupt()
         while not begun and time.monotonic() < deadline:
             if await self._collect(sink, min(deadline, time.monotonic() + _REINTERRUPT_S)):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import signal
 import threading
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from sandkernel.streaming import StreamEvent
 
 __all__ = ["BlockingEngine", "BlockingSession", "Engine", "ManagedBackend"]
+
+log = logging.getLogger(__name__)
 
 
 class _Portal:
@@ -408,7 +411,9 @@ class BlockingEngine[B: ManagedBackend]:
 
 #: The blocking engines not closed yet: each is closed as the interpreter ends.
 _OPEN: set[BlockingEngine[Any]] = set()
-_OPEN_LOCK = threading.Lock()
+#: Reentrant: a SIGTERM handler (which closes its engine) may run in the main
+#: thread while that thread holds it.
+_OPEN_LOCK = threading.RLock()
 _hooked = False
 
 
@@ -429,7 +434,10 @@ def _close_all_at_exit() -> None:
     with _OPEN_LOCK:
         engines = list(_OPEN)
     for engine in engines:
-        engine.close()
+        try:
+            engine.close()
+        except Exception:  # one that fails to close must not keep the others open
+            log.exception("closing a blocking engine at exit failed")
 
 
 class Engine(BlockingEngine["_embedded.Engine"]):

@@ -225,8 +225,9 @@ def _who_may_swap(
     """Who, besides the engine's user, may rename or replace what is in a folder; None if none.
 
     A sticky folder (``/tmp``) lets each user rename only their own entries:
-    it is safe above an entry of the engine's user, and above the workspace,
-    which becomes the sandbox user's (whom only sandboxes run as).
+    it is safe above an entry of the engine's user, and above a workspace
+    that is new or already the sandbox user's (whom only sandboxes run as);
+    not above one another user owns until it is claimed.
     """
     if info is None:
         return None  # made by the engine when claimed
@@ -237,7 +238,9 @@ def _who_may_swap(
     if not writable:
         return None
     if info.st_mode & stat.S_ISVTX and (
-        below is None or below.st_uid in trusted or below_is_workspace
+        below is None
+        or below.st_uid in trusted
+        or (below_is_workspace and below.st_uid == SANDBOX_UID)
     ):
         return None
     if info.st_mode & stat.S_ISVTX:
