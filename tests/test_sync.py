@@ -188,6 +188,23 @@ def test_a_close_while_another_thread_closes_returns_once_the_engine_is_closed(
         first.join(timeout=30)
 
 
+@pytest.mark.sandbox
+def test_an_engine_closed_from_another_thread_leaves_sigterm_to_the_next_one(
+    tmp_path: Path,
+) -> None:
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    first = Engine(pool_size=0, prewarm_imports=(), runtime_dir=runtime_root(), store_dir=tmp_path)
+    closing = threading.Thread(target=first.close)
+    closing.start()
+    closing.join(timeout=30)
+    second = Engine(pool_size=0, prewarm_imports=(), runtime_dir=runtime_root(), store_dir=tmp_path)
+    try:
+        assert signal.getsignal(signal.SIGTERM) == second._on_sigterm
+    finally:
+        second.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 class _Interrupted(BaseException):
     """Raised by a signal handler in the waiting thread: not Ctrl-C, any exception."""
 

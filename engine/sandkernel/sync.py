@@ -467,9 +467,16 @@ class Engine(BlockingEngine["_embedded.Engine"]):
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        current = signal.getsignal(signal.SIGTERM)
+        stale = getattr(current, "__self__", None)
+        if isinstance(stale, Engine) and stale._closed:
+            # Left by an engine closed from another thread: this one takes its
+            # place, and puts back what was there before it when it closes.
+            current, stale._previous_sigterm = stale._previous_sigterm, None
+        if current is not signal.SIG_DFL:
             return
-        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous_sigterm = current
 
     def _restore_sigterm(self) -> None:
         # Only the main thread may set a handler. Closed from another, the
