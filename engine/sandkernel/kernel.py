@@ -52,8 +52,6 @@ from sandkernel.sandbox.zygote import Zygote, verify_forked
 
 KERNEL_NAME = "sandkernel-python"
 _POLL_S = 0.2  # how often a waiting execute checks that the kernel still lives
-#: how often a cancelled cell's interrupt is sent again until the cell is seen to begin
-_REINTERRUPT_S = 0.1
 _IOPUB_BATCH = 64  # IOPub messages taken at once before the event loop runs again
 #: The most a cell keeps of its displays and value, in the bytes the kernel sent.
 _DISPLAY_MAX_BYTES = 32 << 20
@@ -294,7 +292,8 @@ class _CellSink:
     """The running cell, as the IOPub reader sees it: its id, its output, who to tell."""
 
     __slots__ = (
-        "done", "failed", "failure", "heard_at", "msg_id", "on_output", "out", "reply", "silent",
+        "begun", "done", "failed", "failure", "heard_at", "msg_id", "on_output", "out", "reply",
+        "silent",
     )  # fmt: skip
 
     def __init__(
@@ -313,6 +312,8 @@ class _CellSink:
         loop = asyncio.get_running_loop()
         #: set at the cell's idle status (to an exception if its output could not be taken)
         self.done: asyncio.Future[None] = loop.create_future()
+        #: set at its execute_input: the kernel runs it, and an interrupt reaches it
+        self.begun: asyncio.Future[None] = loop.create_future()
         #: what the output callback raised: the cell goes on to its end, unheard
         self.failure: Exception | None = None
         #: set when ``failure`` is
@@ -634,6 +635,8 @@ class SandboxedKernel:
         sink.heard_at = time.monotonic()
         try:
             sink.out.add(msg, len(parts[4]))
+            if sink.out.execution_count is not None and not sink.begun.done():
+                sink.begun.set_result(None)
         except Exception as exc:  # noqa: BLE001 - raised to the cell's caller
             sink.done.set_exception(exc)
             return
@@ -912,23 +915,25 @@ class SandboxedKernel:
 
     async def _settle_after_cancel(self, sink: _CellSink) -> None:
         sink.on_output = None  # the caller has gone
-        deadline = time.monotonic() + self.policy.interrupt_grace_s
-        # ipykernel takes SIGINT only while it handles a request: an interrupt
-        # that reaches it before it begins the cell (cancelled right after it
-        # was sent) is ignored, and the cell would run to the grace's end and
-        # its kernel be killed. Until one is sent once the cell is seen to have
-        # begun (its execute_input), each that has not ended it is sent again
-        # (a silent cell has none to see: its interrupt is sent once).
-        begun = sink.silent or sink.out.execution_count is not None
-        await self._km_interrupt()
-        while not begun and time.monotonic() < deadline:
-            if await self._collect(sink, min(deadline, time.monotonic() + _REINTERRUPT_S)):
-                break
-            if not self.alive:
-                break
-            begun = sink.out.execution_count is not None
+        if not (sink.silent or sink.begun.done()):
+            # ipykernel takes SIGINT only while it handles a request: sent before
+            # it begins the cell (cancelled right after it was sent), an interrupt
+            # is ignored, and the cell runs to the grace's end and its kernel is
+            # killed. It is sent once the cell is seen to begin (its
+            # execute_input; a silent cell has none), or has ended meanwhile.
+            deadline = time.monotonic() + self.policy.interrupt_grace_s
+            while not (sink.begun.done() or sink.done.done()) and self.alive:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await asyncio.wait(
+                    [sink.begun, sink.done],
+                    timeout=min(remaining, _POLL_S),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        if not sink.done.done():
             await self._km_interrupt()
-        if not await self._collect(sink, deadline):
+        if not await self._collect(sink, time.monotonic() + self.policy.interrupt_grace_s):
             await self._kill(after="a cancelled cell that did not stop when interrupted")
         elif self._client is not None and sink.reply is None:
             await self._reply_unless_closed(sink.msg_id, 0.5)
