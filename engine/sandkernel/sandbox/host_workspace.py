@@ -196,7 +196,8 @@ def _refuse_place(resolved: Path, chain: _Chain, places: Sequence[_Protected]) -
         raise BadInput(
             f"the workspace {resolved} cannot be a sandbox's: {problem}; {_UPLOAD_INSTEAD}"
         )
-    above = list(zip(_levels(resolved)[:-1], chain[:-1], strict=True))
+    levels = _levels(resolved)
+    above = list(zip(levels[:-1], chain[:-1], strict=True))
     for parent, info in reversed(above):
         if info is not None and info.st_uid == SANDBOX_UID:
             raise BadInput(
@@ -207,9 +208,8 @@ def _refuse_place(resolved: Path, chain: _Chain, places: Sequence[_Protected]) -
     for parent, info in above:
         if info is not None and not stat.S_ISDIR(info.st_mode):
             raise BadInput(f"the workspace {resolved} cannot be made: {parent} is not a folder")
-    levels = _levels(resolved)
     for depth, (parent, info) in reversed(list(enumerate(above))):
-        changer = _who_may_swap(info, chain[depth + 1], levels[depth + 1] == resolved)
+        changer = _who_may_swap(info, chain[depth + 1], below_is_workspace=depth + 1 == len(above))
         if changer is not None:
             raise BadInput(
                 f"the workspace {resolved} is inside {parent}, which {changer}: they could "
@@ -220,7 +220,7 @@ def _refuse_place(resolved: Path, chain: _Chain, places: Sequence[_Protected]) -
 
 
 def _who_may_swap(
-    info: os.stat_result | None, below: os.stat_result | None, below_is_workspace: bool
+    info: os.stat_result | None, below: os.stat_result | None, *, below_is_workspace: bool
 ) -> str | None:
     """Who, besides the engine's user, may rename or replace what is in a folder; None if none.
 
@@ -237,15 +237,15 @@ def _who_may_swap(
     writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     if not writable:
         return None
-    if info.st_mode & stat.S_ISVTX and (
+    if not info.st_mode & stat.S_ISVTX:
+        return "other users may write"
+    if (
         below is None
         or below.st_uid in trusted
         or (below_is_workspace and below.st_uid == SANDBOX_UID)
     ):
         return None
-    if info.st_mode & stat.S_ISVTX:
-        return f"lets uid {below.st_uid if below else '?'} rename what it holds"
-    return "other users may write"
+    return f"lets uid {below.st_uid} rename what it holds"
 
 
 def _path_chain(resolved: Path) -> list[os.stat_result | None]:
