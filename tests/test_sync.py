@@ -60,6 +60,27 @@ def test_the_blocking_facade_has_every_method_of_the_contract_with_its_parameter
         assert isinstance(getattr(facade, name, None), property), f"{facade.__name__}.{name}"
 
 
+def test_the_blocking_engine_takes_what_the_embedded_engines_session_takes() -> None:
+    from sandkernel import engine as embedded
+
+    assert "workspace" in inspect.signature(embedded.Engine.session).parameters
+    assert _same_parameters(
+        inspect.signature(Engine.session), inspect.signature(embedded.Engine.session)
+    )
+
+
+@pytest.mark.sandbox
+def test_a_blocking_session_can_have_a_host_folder_as_its_workspace(tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    with Engine(
+        pool_size=0, prewarm_imports=(), runtime_dir=runtime_root(), store_dir=tmp_path / "store"
+    ) as engine:
+        session = engine.session(workspace=workspace)
+        assert session.run("open('/mnt/data/out.txt', 'w').write('kept')").status == "ok"
+        session.close()
+    assert (workspace / "out.txt").read_text() == "kept"
+
+
 def test_every_blocking_backend_is_the_one_facade() -> None:
     from sandkernel.daemon import Client
 

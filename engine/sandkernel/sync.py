@@ -53,6 +53,8 @@ from sandkernel.api import ManagedBackend, SessionAPI
 from sandkernel.errors import EngineClosed
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sandkernel import engine as _embedded  # noqa: F401 - named in Engine's base, quoted
     from sandkernel.batch import RunRequest, RunResult
     from sandkernel.config import EngineConfig
@@ -455,6 +457,28 @@ class Engine(BlockingEngine["_embedded.Engine"]):
         super().__init__(partial(embedded.Engine, config, handle_sigterm=False, **kwargs))
         if wants_sigterm:
             self._install_sigterm()
+
+    def session(
+        self,
+        session_id: str | None = None,
+        *,
+        agent_id: str | None = None,
+        workspace: str | Path | None = None,
+        if_expired: Literal["raise", "new"] = "raise",
+    ) -> BlockingSession:
+        """The session for a conversation id, created if needed.
+
+        Takes what :meth:`sandkernel.engine.Engine.session` takes, a host
+        folder as ``workspace`` too.
+        """
+        session = self.call(
+            self.backend.session,
+            session_id,
+            agent_id=agent_id,
+            workspace=workspace,
+            if_expired=if_expired,
+        )
+        return BlockingSession(self._portal, session)
 
     def reap(self, now: float | None = None) -> list[str]:
         """End every expired session now (see :meth:`sandkernel.engine.Engine.reap`)."""
