@@ -87,6 +87,31 @@ async def test_timeout_interrupts_and_kernel_survives(kernel_factory: KernelFact
     assert (await k.execute("y")).text == "7"
 
 
+async def test_an_interrupt_only_flagged_still_stops_a_cell_asleep_in_a_system_call(
+    kernel_factory: KernelFactory,
+) -> None:
+    # The main thread blocks SIGINT, so the cell's other thread takes it: as
+    # when the signal lands between the main thread's last check and its
+    # sleep, Python's handler is only flagged and the sleep goes on.
+    k = await kernel_factory()
+    cell = await cell_under_way(
+        k,
+        "import signal, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(20,), daemon=True).start()\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
+        "print('sleeping', flush=True)\n"
+        "time.sleep(30)\n"
+        "finished = True",
+    )
+    started = time.monotonic()
+    await k.interrupt()
+    r = await asyncio.wait_for(cell, 10)
+    assert time.monotonic() - started < 2
+    assert r.status == "error" and r.error is not None and r.error.name == "KeyboardInterrupt"
+    r = await k.execute("print('finished' in dir()); import signal, time; time.sleep(0.2)")
+    assert (r.status, r.stdout) == ("ok", "False\n")  # woken once: nothing raised again
+
+
 async def test_uninterruptible_cell_is_killed_and_a_new_kernel_works(
     kernel_factory: KernelFactory,
 ) -> None:

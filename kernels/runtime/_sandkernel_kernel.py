@@ -1,4 +1,4 @@
-"""The kernel's application, kernel and standard streams: ipykernel's, with five changes.
+"""The kernel's application, kernel and standard streams: ipykernel's, with six changes.
 
 Loaded from the runtime's folder (``launch.py``) before the user's files are
 on the path; the zygote imports it before it forks.
@@ -29,6 +29,9 @@ on the path; the zygote imports it before it forks.
 - **An interrupt cancels a cell awaiting at top level at once**
   (:meth:`Kernel._cancel_on_sigint`), where ipykernel's waited for the await
   to end.
+- **An interrupt always reaches a cell waiting in a system call**
+  (:meth:`Kernel._send_interrupt_children`): the main thread is woken until
+  the interrupted request ends.
 - **Less bookkeeping per cell.** The application's logger drops what its
   handler would drop (traitlets leaves it at DEBUG and filters in the
   handler, so ipykernel's four debug lines per cell were each made into a
@@ -74,12 +77,68 @@ class _NoShellChannelThread:
         return False
 
 
+#: The signal that wakes the main thread after an interrupt (see
+#: :meth:`Kernel._wake_main_thread`): one whose default action is to do
+#: nothing, which few programs use (Go's runtime chose it for the same role).
+_WAKE = signal.SIGURG
+#: How often, and how many times, the main thread is woken after an interrupt
+#: while the request it interrupted still runs: for a second at most.
+_WAKE_EVERY_S = 0.05
+_WAKES = 20
+
+
+def _woken(_signum, _frame):
+    """The wake's handler: nothing. Its work is done by its delivery (see ``_wake_main_thread``)."""
+
+
 class Kernel(IPythonKernel):
     """ipykernel's Python kernel, its shell requests read by the main thread (no subshells)."""
+
+    #: Counts the shell requests handled, so that an interrupt's wake-ups end with its request.
+    _requests_begun = 0
 
     @property
     def _supports_kernel_subshells(self):
         return False
+
+    def start(self):
+        super().start()  # in the main thread, the only one that may set a handler
+        signal.signal(_WAKE, _woken)
+
+    def pre_handler_hook(self):
+        self._requests_begun += 1
+        super().pre_handler_hook()
+
+    def _send_interrupt_children(self):
+        """ipykernel's interrupt (SIGINT to the kernel's process group), then wake-ups.
+
+        The signal can be taken while the main thread is between two checks
+        for it and a blocking system call: Python's handler then only flags
+        it, the call (``time.sleep(30)`` in a cell) is not interrupted, and
+        the interrupt took effect when the call returned, long after the
+        engine's grace had ended in a kill (about 1 interrupt in 100 of a
+        sleeping cell, on a busy machine). A signal of another kind, sent to
+        the main thread, interrupts the call, and Python then runs the
+        handlers of every signal flagged: the flagged SIGINT raises
+        ``KeyboardInterrupt``, once however many wake-ups come. A wake-up
+        that finds nothing flagged does nothing (the call goes on).
+        """
+        begun = self._requests_begun
+        super()._send_interrupt_children()
+        if threading.current_thread() is not threading.main_thread():
+            asyncio.get_running_loop().call_later(
+                _WAKE_EVERY_S, self._wake_main_thread, begun, _WAKES
+            )
+
+    def _wake_main_thread(self, begun, left):
+        # Not past the request that was interrupted, nor once the cell has
+        # set a handler of its own for the wake's signal.
+        if left <= 0 or self._requests_begun != begun or signal.getsignal(_WAKE) is not _woken:
+            return
+        signal.pthread_kill(threading.main_thread().ident, _WAKE)
+        asyncio.get_running_loop().call_later(
+            _WAKE_EVERY_S, self._wake_main_thread, begun, left - 1
+        )
 
     @contextlib.contextmanager
     def _cancel_on_sigint(self, future):
