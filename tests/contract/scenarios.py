@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import os
 import re
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,6 +135,50 @@ async def files_go_up_and_come_back_by_id(api: EngineAPI) -> None:
     with pytest.raises(FileNotFoundInStore):
         await api.delete_file(brief.id)
     await session.close()
+
+
+class _ShortReads(io.RawIOBase):
+    """A binary stream whose reads return at most 4 KiB, as a pipe's or a socket's may."""
+
+    name = "short.txt"
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._data.read(min(len(buffer), 4096))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+async def uploads_are_taken_from_any_source_as_the_embedded_engine_takes_them(
+    api: EngineAPI,
+) -> None:
+    data = b"0123456789abcdef\n" * 2048  # 34 KiB
+    for source in (bytearray(data), memoryview(data)):
+        stored = await api.upload(source, "bytes.txt")
+        assert await api.download(stored.id) == data
+    stored = await api.upload(_ShortReads(data))  # read to its end, not one read
+    assert (stored.name, await api.download(stored.id)) == ("short.txt", data)
+    with pytest.raises(BadInput, match="text stream"):
+        await api.upload(io.StringIO("/etc/hostname"), "note.txt")  # never a path
+    with tempfile.TemporaryDirectory() as folder:
+        place = Path(folder)
+        (place / "real.txt").write_bytes(data)
+        (place / "link.txt").symlink_to(place / "real.txt")
+        os.mkfifo(place / "fifo.txt")
+        stored = await api.upload(place / "real.txt")
+        assert (stored.name, await api.download(stored.id)) == ("real.txt", data)
+        # Refused, never followed nor waited on.
+        for refused in ("link.txt", "fifo.txt", "missing.txt"):
+            with pytest.raises(FileRejected):
+                await api.upload(place / refused)
+        with pytest.raises(FileRejected):
+            await api.upload(place, "folder.txt")
 
 
 async def agent_files_are_seen_read_only_by_its_sessions(api: EngineAPI) -> None:
@@ -266,6 +315,7 @@ SCENARIOS: list[Scenario] = [
     outputs_stream_before_the_result,
     output_holding_unicode_line_breaks_comes_whole,
     files_go_up_and_come_back_by_id,
+    uploads_are_taken_from_any_source_as_the_embedded_engine_takes_them,
     agent_files_are_seen_read_only_by_its_sessions,
     ended_sessions_answer_with_their_error,
     a_session_expires_after_its_ttl,

@@ -7,7 +7,9 @@ run in this file's order: the last two remove a node and add one.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
+import io
 import logging
 import threading
 import time
@@ -340,6 +342,54 @@ async def test_a_large_upload_is_handed_to_ray_off_the_event_loop(
     assert await cluster_engine.download(big.id) == b"a,b\n" * (1 << 19)
     for stored in (big, small):
         await cluster_engine.delete_file(stored.id)
+
+
+async def test_a_large_file_damaged_on_disk_is_refused_read_whole_or_in_chunks(
+    cluster_engine: ClusterEngine, ray_cluster: LocalCluster
+) -> None:
+    content = b"".join(b"%07d\n" % i for i in range(3 << 17))  # 3 MiB of text: three chunks
+    stored = await cluster_engine.upload(content, "blob.txt")
+    with cluster_engine.open_file(stored.id) as stream:
+        assert stream.read() == content  # whole, checked
+    (blob,) = ray_cluster.stores.rglob(stored.sha256)
+    blob.chmod(0o600)
+    with blob.open("r+b") as f:  # same size, one byte other, in the last chunk
+        f.seek(len(content) - 10)
+        f.write(b"x")  # a digit before
+    with pytest.raises(FileNotFoundInStore, match="damaged"):
+        await cluster_engine.download(stored.id)
+    with pytest.raises(FileNotFoundInStore, match="damaged"):
+        await cluster_engine.download(stored.id, max_bytes=len(content))
+    with cluster_engine.open_file(stored.id) as stream:
+        assert len(stream.read(1 << 20)) == 1 << 20  # a chunk short of the end: not checked
+        with pytest.raises(FileNotFoundInStore, match="damaged"):
+            stream.read()
+    await cluster_engine.delete_file(stored.id)
+
+
+async def test_a_remote_file_refuses_a_seek_before_its_start(
+    cluster_engine: ClusterEngine,
+) -> None:
+    stored = await cluster_engine.upload(b"0123456789", "digits.txt")
+    with cluster_engine.open_file(stored.id) as stream:
+        stream.seek(4)
+        for offset, whence in ((-1, io.SEEK_SET), (-5, io.SEEK_CUR), (-11, io.SEEK_END)):
+            with pytest.raises(OSError) as raised:
+                stream.seek(offset, whence)
+            assert raised.value.errno == errno.EINVAL
+        assert stream.read(2) == b"45"  # where it was
+    await cluster_engine.delete_file(stored.id)
+
+
+async def test_a_deleted_files_id_is_forgotten_by_its_host(cluster_engine: ClusterEngine) -> None:
+    def known(host: Any, file_id: str) -> bool:
+        return file_id in host._ids._local
+
+    stored = await cluster_engine.upload(b"brief\n", "brief.txt")
+    handle = cluster_engine._file_host(stored.id)
+    assert ray.get(handle.actor.__ray_call__.remote(known, stored.id))
+    await cluster_engine.delete_file(stored.id)
+    assert not ray.get(handle.actor.__ray_call__.remote(known, stored.id))
 
 
 async def test_agent_files_reach_every_node_running_the_agent(

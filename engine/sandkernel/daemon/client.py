@@ -23,6 +23,7 @@ Streamed outputs (``session.stream``, or ``on_output``) are ``{"msg_type",
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import (
@@ -65,6 +66,7 @@ from sandkernel.errors import (
 )
 from sandkernel.files import StoredFile, safe_name
 from sandkernel.files._common import open_regular, remove_if_same_file
+from sandkernel.files.store import TEXT_STREAM_REFUSED
 from sandkernel.limits import check_code_text
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
@@ -323,11 +325,11 @@ async def _upload_part(
     ``filename`` httpx would percent-escape a ``"`` in it, which the daemon
     then stores as it came. A path is opened here, and closed after.
     """
-    if isinstance(source, bytes):
+    if isinstance(source, bytes | bytearray | memoryview):
         if name is None:
             raise ValueError("uploading bytes needs a name (with its extension)")
         safe_name(name)  # refused here as the engine refuses it (httpx cannot send some)
-        yield name, {"file": (name, source, "application/octet-stream")}
+        yield name, {"file": (name, bytes(source), "application/octet-stream")}
     elif isinstance(source, str | os.PathLike):
         chosen = name or os.fsdecode(os.path.basename(os.fspath(source)))
         safe_name(chosen)
@@ -339,6 +341,8 @@ async def _upload_part(
             yield chosen, {"file": (chosen, handle, "application/octet-stream")}
         finally:
             handle.close()
+    elif isinstance(source, io.TextIOBase):
+        raise BadInput(TEXT_STREAM_REFUSED)
     else:
         chosen = name or os.path.basename(str(getattr(source, "name", "") or ""))
         if not chosen:

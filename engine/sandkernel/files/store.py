@@ -63,6 +63,13 @@ _MOVE_STORE: Final = "use another store folder (EngineConfig.store_dir, `sandker
 DEFAULT_MAX_PRODUCED_FILE_BYTES: Final = DEFAULT_MAX_UPLOAD_BYTES
 
 
+#: Why an upload given as a text stream is refused.
+TEXT_STREAM_REFUSED: Final = (
+    "uploading a text stream: give its bytes (open the file in binary mode, 'rb', "
+    "or encode the text)"
+)
+
+
 class Readable(Protocol):
     """What :meth:`FileStore.add_stream` reads from."""
 
@@ -602,10 +609,7 @@ class FileStore:
         if isinstance(source, str | os.PathLike):
             return self.add_file(source, name, **owner)
         if isinstance(source, io.TextIOBase):
-            raise BadInput(
-                "uploading a text stream: give its bytes (open the file in binary mode, 'rb', "
-                "or encode the text)"
-            )
+            raise BadInput(TEXT_STREAM_REFUSED)
         if name is None:
             name = os.path.basename(str(getattr(source, "name", "") or "")) or None
             if name is None:

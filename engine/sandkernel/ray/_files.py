@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import random
 from collections.abc import Sequence
@@ -281,7 +282,9 @@ class RemoteFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
+        if base + offset < 0:  # as a local file's seek
+            raise OSError(errno.EINVAL, f"seek to {base + offset}: before the file's start")
+        self._pos = base + offset
         return self._pos
 
     def readinto(self, buffer: Any) -> int:

@@ -1,37 +1,68 @@
-"""Reading an upload's bytes on the driver's side, before they travel to a node."""
+"""Reading an upload's bytes on the driver's side, before they travel to a node.
+
+A source is taken as the local store takes it (:meth:`FileStore.add_upload`):
+bytes-like content, the path of a regular file (a link, folder, FIFO or
+device is refused, never followed or waited on), or a binary stream read to
+its end. What the store refuses is refused here with the same class.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 
-from sandkernel.errors import FileRejected
-from sandkernel.session import UploadSource
+from sandkernel.errors import BadInput, FileTooLarge
+from sandkernel.files import UploadSource
+from sandkernel.files._common import CHUNK_BYTES, open_regular
+from sandkernel.files.store import TEXT_STREAM_REFUSED, Readable
 
 
 async def read_upload(source: UploadSource, name: str | None, max_bytes: int) -> tuple[bytes, str]:
-    """The bytes and name of an upload, read on this side (at most ``max_bytes``)."""
-    if isinstance(source, bytes):
+    """The bytes and name of an upload, read on this side (at most ``max_bytes``).
+
+    Raises:
+        FileRejected: a path that is not a regular file (or cannot be read).
+        FileTooLarge: more than ``max_bytes``.
+        BadInput: a text stream.
+        ValueError: no name was given and none can be derived.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
         if name is None:
             raise ValueError("uploading bytes needs a name (with its extension)")
-        data = source
+        data = bytes(source)
     elif isinstance(source, str | os.PathLike):
-        name = name or os.path.basename(os.fspath(source))
-        data = await asyncio.to_thread(_read_path, os.fspath(source), max_bytes)
+        name = name or os.fsdecode(os.path.basename(os.fspath(source)))
+        data = await asyncio.to_thread(_read_path, source, max_bytes)
+    elif isinstance(source, io.TextIOBase):
+        raise BadInput(TEXT_STREAM_REFUSED)
     else:
         name = name or os.path.basename(str(getattr(source, "name", "") or "")) or None
         if name is None:
             raise ValueError("uploading a stream needs a name (with its extension)")
-        data = await asyncio.to_thread(source.read, max_bytes + 1)
+        data = await asyncio.to_thread(_read_to_end, source, max_bytes)
     if len(data) > max_bytes:
-        raise FileRejected(
-            f"upload rejected: {name} is larger than {max_bytes} bytes (max_upload_bytes)"
+        raise FileTooLarge(
+            f"upload rejected: {name!r} is larger than {max_bytes} bytes (max_upload_bytes)"
         )
     return data, name
 
 
-def _read_path(path: str, max_bytes: int) -> bytes:
-    # As the local store: a symlink is refused, not followed.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        return f.read(max_bytes + 1)
+def _read_path(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    with open_regular(path) as f:
+        return _read_to_end(f, max_bytes)
+
+
+def _read_to_end(stream: Readable, max_bytes: int) -> bytes:
+    """What ``stream`` holds, to its end or just past ``max_bytes``, however short its reads."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= max_bytes:
+        chunk = stream.read(CHUNK_BYTES)
+        if not chunk:
+            break
+        if not isinstance(chunk, bytes | bytearray | memoryview):
+            raise BadInput(TEXT_STREAM_REFUSED)
+        chunks.append(bytes(chunk))
+        size += len(chunk)
+    return b"".join(chunks)

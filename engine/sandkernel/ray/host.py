@@ -41,6 +41,7 @@ from sandkernel.batch import RunRequest, RunResult
 from sandkernel.engine import Engine, default_store_dir
 from sandkernel.errors import FileNotFoundInStore, SandkernelError
 from sandkernel.files import FileStore, StoredFile
+from sandkernel.files._common import CHUNK_BYTES
 from sandkernel.ray._channel import ChannelServer, Endpoint
 from sandkernel.ray._guardian import start_guardian
 from sandkernel.ray._protocol import (
@@ -645,12 +646,26 @@ class NodeHost:
 
     @_replying
     async def read_chunk(self, file_id: str, offset: int, size: int) -> bytes:
+        """``size`` bytes of a file from ``offset``: one of the chunks a driver reads it in.
+
+        The store checks a file's hash on a read from its start to its end.
+        A chunk that reaches the end is read that way: after its first
+        bytes, the file is read through from the start, so that a copy
+        damaged on disk fails there (as a whole read does) instead of being
+        served chunk by chunk. That costs one more read of the file per
+        download; a chunk short of the end is not checked.
+        """
         store = self._require_store()
         local = await self._local_id(file_id)
 
         def read() -> bytes:
             with store.open(local) as f:
-                f.seek(offset)
+                if offset and offset + size >= os.fstat(f.fileno()).st_size:
+                    left = offset
+                    while left and (skipped := len(f.read(min(left, CHUNK_BYTES)))):
+                        left -= skipped
+                else:
+                    f.seek(offset)
                 return f.read(size)
 
         return await asyncio.to_thread(read)
@@ -687,8 +702,9 @@ class NodeHost:
         # Also a file past its retention, not purged yet: it can still be deleted.
         stored = await asyncio.to_thread(self._require_store().get, local, expired=True)
         await self.engine.delete_file(local)
-        self._ids.forget(local)
-        return self._outward_file(stored)
+        outward = self._outward_file(stored)
+        self._ids.forget(local)  # after naming it: naming a file maps its id
+        return outward
 
     @_replying
     async def drop_copies(self, file_id: str, agent_file: tuple[str, str, str] | None) -> int:
