@@ -57,6 +57,8 @@ def check_code_text(code: str) -> None:
     JSON can carry one (``"\\ud83d"``), but neither a Jupyter message nor a
     request body encoded as UTF-8 can.
     """
+    if not isinstance(code, str):  # a wrong type is the caller's TypeError, on every backend
+        raise TypeError(f"the code must be text (str), not {type(code).__name__}")
     try:
         code.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -125,6 +125,21 @@ async def test_a_session_keeps_its_state_and_its_kernel(cluster_engine: ClusterE
     await dated.close()
 
 
+async def test_an_argument_of_the_wrong_type_is_the_callers_type_error(
+    cluster_engine: ClusterEngine,
+) -> None:
+    # As the embedded engine raises it, not as the host's failure.
+    session = await cluster_engine.session()
+    with pytest.raises(TypeError, match="must be text"):
+        await session.run(123)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await session.extend("60")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await session.run("1", file_ids=[123])  # type: ignore[list-item]
+    assert (await session.run("1 + 1")).text == "2"
+    await session.close()
+
+
 async def test_an_engine_that_closes_closes_only_the_sessions_it_made(
     cluster_engine: ClusterEngine, ray_cluster: LocalCluster
 ) -> None:

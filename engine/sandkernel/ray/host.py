@@ -78,12 +78,16 @@ RESULT_LINGER_S = 0.01
 def _replying[**P, R](
     method: Callable[Concatenate[NodeHost, P], Awaitable[R]],
 ) -> Callable[Concatenate[NodeHost, P], Awaitable[R | Raised]]:
-    """Send expected errors back as values; anything else is a bug and stays an exception."""
+    """Send expected errors back as values; anything else is a bug and stays an exception.
+
+    A ``TypeError`` is expected: a caller's argument of the wrong type, raised
+    to the caller as the embedded engine raises it.
+    """
 
     async def reply(self: NodeHost, /, *args: P.args, **kwargs: P.kwargs) -> R | Raised:
         try:
             return await method(self, *args, **kwargs)
-        except (SandkernelError, ValueError) as exc:
+        except (SandkernelError, ValueError, TypeError) as exc:
             return Raised(exc)
 
     # Ray reads the name and the signature of actor methods.
