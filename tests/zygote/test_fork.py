@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -327,6 +328,47 @@ async def test_forked_kernels_draw_different_random_numbers(
     draws = [await _json(await _forked(kernel_factory, zygote), code) for _ in range(3)]
     assert len({d[0] for d in draws}) == 3, draws  # type: ignore[index]
     assert len({d[1] for d in draws}) == 3, draws  # type: ignore[index]
+
+
+def _private_memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether ``pid``'s private writable memory, where its Python objects are, holds ``needle``."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            fields = line.split()
+            if fields[1] != "rw-p" or (len(fields) > 5 and fields[5] != "[heap]"):
+                continue
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            mem.seek(start)
+            if needle in mem.read(end - start):
+                return True
+    return False
+
+
+async def test_each_forked_kernel_draws_its_own_multiprocessing_authkey(
+    kernel_factory: KernelFactory, host: SandboxHost
+) -> None:
+    """multiprocessing draws it as it is imported: in the zygote, if a prewarm module imports it.
+
+    With the key of a sibling, a kernel could call into that sibling's
+    manager (under a policy with network access, over the host's loopback).
+    """
+    z = Zygote(host, load_policy(None), ("multiprocessing",))
+    await z.start()
+    try:
+        assert "multiprocessing" in z.info["imported"] and z.pid is not None
+        show = (
+            "import json, multiprocessing\n"
+            "print(json.dumps(bytes(multiprocessing.current_process().authkey).hex()))"
+        )
+        kernels = [await _forked(kernel_factory, z) for _ in range(2)]
+        keys = [bytes.fromhex(str(await _json(kernel, show))) for kernel in kernels]
+        pids = [kernels[0].forked_pid, z.pid]
+        found = await asyncio.to_thread(lambda: [_private_memory_holds(p, keys[0]) for p in pids])
+    finally:
+        await z.close()
+    assert len(keys[0]) == 32
+    # Each kernel's own; found where it is held (the kernel's memory), not in the zygote's.
+    assert (keys[0] == keys[1], found) == (False, [True, False]), keys
 
 
 async def test_a_kernel_cannot_signal_ptrace_or_read_the_zygote(
@@ -767,6 +809,108 @@ def test_a_zygote_whose_engine_is_gone_ends_at_once_whatever_the_engines_pid() -
             pass_fds=(theirs.fileno(),), timeout=30, check=False, capture_output=True,
         )  # fmt: skip
         assert gone.returncode == 1 and gone.stderr == b""
+
+
+def _pidfd_of_an_ended_process() -> int:
+    """A pidfd of a process that has exited and been reaped: a sandbox's init gone."""
+    process = subprocess.Popen(["true"])
+    pidfd = os.pidfd_open(process.pid)
+    process.wait()
+    return pidfd
+
+
+def _fds_of(pid: int) -> dict[int, str]:
+    """``pid``'s descriptors and what they name (not the one listing them, closed since)."""
+    fds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+    return fds
+
+
+async def test_a_fork_request_whose_sandbox_is_gone_leaves_the_zygote_no_descriptor(
+    host: SandboxHost,
+) -> None:
+    """Its init exited before the request was served: setns fails once the report pipe is made.
+
+    What a start cancelled while its request is with the zygote leaves (its
+    stub ends at once); the zygote serves on, so each such request counts.
+    """
+    z = Zygote(host, load_policy(None))
+    await z.start()
+    try:
+        assert z.pid is not None
+        before = await asyncio.to_thread(_fds_of, z.pid)
+        for n in range(3):
+            pidfd = await asyncio.to_thread(_pidfd_of_an_ended_process)
+            empty, closed = os.pipe()
+            os.close(closed)
+            output = os.open(os.devnull, os.O_WRONLY)
+            try:
+                reply = await z._request({"id": f"gone-{n}"}, [pidfd, empty, output])
+            finally:
+                for fd in (pidfd, empty, output):
+                    os.close(fd)
+            assert reply == {"ok": False, "error": "ProcessLookupError: [Errno 3] No such process",
+                             "id": f"gone-{n}"}, reply  # fmt: skip
+        # The reply is sent once the request's descriptors are closed: no race.
+        after = await asyncio.to_thread(_fds_of, z.pid)
+        assert z.alive
+    finally:
+        await z.close()
+    assert after == before
+
+
+def _runtime_zygote() -> Any:
+    """``kernels/runtime/zygote.py`` as a module of its own, not left in ``sys.modules``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_sandkernel_runtime_zygote", data_dir("kernels") / "runtime" / "zygote.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("failing", ["setns", "fork"])
+def test_a_fork_that_fails_leaves_the_zygote_no_descriptor(
+    monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """Whichever fails, entering the sandbox's PID namespace or forking into it."""
+    import errno
+
+    runtime = _runtime_zygote()
+    target = os.pidfd_open(os.getpid())  # read for its pid; nothing enters its namespaces
+    entered: list[int] = []
+
+    def setns(fd: int, nstype: int = 0) -> None:
+        # Recorded, not made: this test's process stays in its own namespaces.
+        if failing == "setns" and fd == target:
+            raise ProcessLookupError(errno.ESRCH, "No such process")
+        entered.append(fd)
+
+    def fork() -> int:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")  # its namespace's init gone
+
+    monkeypatch.setattr(runtime.os, "setns", setns)
+    monkeypatch.setattr(runtime.os, "fork", fork)
+    others = [*os.pipe(), os.open(os.devnull, os.O_WRONLY)]
+    fds = [target, *others]
+    try:
+        before = _fds_of(os.getpid())
+        with pytest.raises(OSError, match="No such process" if failing == "setns" else "memory"):
+            runtime._fork_kernel({}, fds)
+        after = _fds_of(os.getpid())
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert after == before
+    # Its own PID namespace restored for its next children, the sandbox's entered first.
+    assert entered[-1] != target and (failing == "setns" or entered[0] == target), entered
 
 
 async def test_a_fork_request_given_up_on_does_not_take_the_next_ones_reply() -> None:
