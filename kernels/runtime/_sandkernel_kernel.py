@@ -131,9 +131,17 @@ class Kernel(IPythonKernel):
             )
 
     def _wake_main_thread(self, begun, left):
-        # Not past the request that was interrupted, nor once the cell has
-        # set a handler of its own for the wake's signal.
-        if left <= 0 or self._requests_begun != begun or signal.getsignal(_WAKE) is not _woken:
+        # Not past the request that was interrupted, nor once SIGINT has no
+        # handler to run (the cell ignores it, or the request has ended), nor
+        # once the cell has set a handler of its own for the wake's signal: a
+        # wake-up interrupts the main thread's system call, and C code that
+        # does not retry one sees it end early.
+        if (
+            left <= 0
+            or self._requests_begun != begun
+            or not callable(signal.getsignal(signal.SIGINT))
+            or signal.getsignal(_WAKE) is not _woken
+        ):
             return
         signal.pthread_kill(threading.main_thread().ident, _WAKE)
         asyncio.get_running_loop().call_later(
