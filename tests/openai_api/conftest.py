@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from openai.types.container_retrieve_response import ContainerRetrieveResponse
 from openai.types.containers.file_retrieve_response import FileRetrieveResponse
 from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 
+from sandkernel.engine import Engine
+from sandkernel.session import SessionState
 from tests._model import Script, ScriptedModel
 from tests.daemon.conftest import DaemonFactory, RunningDaemon
 from tests.daemon.conftest import daemon_factory as daemon_factory  # noqa: F401 - a fixture
@@ -73,6 +76,25 @@ class Rendezvous:
             self._all.set()
         async with asyncio.timeout(self.deadline_s):
             await self._all.wait()
+
+
+async def outlast_expiry(engine: Engine, session_id: str, *, deadline_s: float = 30) -> None:
+    """Hold (a slow model turn) past the expiry the session has now, and as long again.
+
+    Returns as soon as the session ends (nothing kept it alive), or once it
+    lived that long (something did); fails past ``deadline_s``.
+    """
+    expires_at = (await engine.session_info(session_id)).expires_at.timestamp()
+    kept_until = expires_at + max(0.0, expires_at - time.time())
+    give_up = time.monotonic() + deadline_s
+    while True:
+        info = await engine.session_info(session_id)
+        if info.state in (SessionState.EXPIRED, SessionState.CLOSED):
+            return
+        if time.time() >= kept_until:
+            return
+        assert time.monotonic() < give_up, f"session {session_id} neither ended nor lived on"
+        await asyncio.sleep(0.05)  # the poll's pace: the engine announces neither outcome
 
 
 # --------------------------------------------------------------------------- checked clients

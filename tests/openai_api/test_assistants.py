@@ -329,3 +329,27 @@ async def test_a_thread_deleted_twice_at_once_is_deleted_once(
         deleted_once_each(client.beta.threads.delete, ids)
 
     await anyio.to_thread.run_sync(exercise)
+
+
+async def test_an_unknown_cursor_is_a_400_naming_that_cursor_even_when_empty(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    daemon = await openai_daemon(engine_options=NO_KERNELS)
+    client = daemon.openai()
+
+    def check() -> None:
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+        (message,) = client.beta.threads.messages.list(thread.id).data
+        cursors: list[dict[str, str]] = [
+            {"after": ""},
+            {"before": ""},
+            {"after": message.id, "before": "msg_unknown"},
+        ]
+        for cursor in cursors:
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.beta.threads.messages.list(thread.id, **cursor)  # type: ignore[arg-type]
+            unknown = "before" if "before" in cursor else "after"
+            assert refused.value.param == unknown, cursor
+            assert f"'{cursor[unknown]}'" in refused.value.message
+
+    await anyio.to_thread.run_sync(check)

@@ -24,8 +24,14 @@ from openai.types.responses import (
 from openai.types.responses.response_output_text import AnnotationContainerFileCitation
 
 from sandkernel.openai_api import responses as responses_module
+from sandkernel.openai_api.containers import Containers
 from tests._model import FailingModel, Reply, code_call, error_body, in_order
-from tests.openai_api.conftest import DEPLOYMENT, OpenAIDaemonFactory
+from tests.openai_api.conftest import (
+    DEPLOYMENT,
+    OpenAIDaemon,
+    OpenAIDaemonFactory,
+    outlast_expiry,
+)
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 AUTO: list[ToolParam] = [{"type": "code_interpreter", "container": {"type": "auto"}}]
@@ -296,6 +302,49 @@ async def test_an_expired_container_is_replaced_for_the_next_auto_response(
                 input="again",
             )
         assert "expired" in refused.value.message
+
+    await anyio.to_thread.run_sync(exercise)
+
+
+async def test_a_container_lives_through_a_slow_model_turn_of_its_response(
+    openai_daemon: OpenAIDaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Containers, "minute_s", 1.0)  # its 2 "minutes" last 2 s
+    started: list[tuple[OpenAIDaemon, str]] = []
+
+    async def slow_model() -> None:
+        # The model takes longer than the container's expires_after to answer.
+        daemon, container_id = started[0]
+        await outlast_expiry(daemon.running.engine, container_id)
+
+    script = in_order(
+        Reply(calls=[code_call("c1", "x = 41")]),
+        Reply(calls=[code_call("c2", "print(x + 1)")], before=slow_model),
+        Reply(content="It is 42."),
+    )
+    daemon = await openai_daemon(script, engine_options={"reap_interval_s": 0.1})
+    client = daemon.openai()
+
+    def exercise() -> None:
+        container = client.containers.create(
+            name="short", expires_after={"anchor": "last_active_at", "minutes": 2}
+        )
+        started.append((daemon, container.id))
+        response = client.responses.create(
+            model=DEPLOYMENT,
+            input="Go.",
+            tools=[{"type": "code_interpreter", "container": container.id}],
+            include=OUTPUTS,
+        )
+        assert response.status == "completed", response.error
+        first, second = _code_calls(response)
+        assert [first.status, second.status] == ["completed", "completed"]
+        assert second.outputs is not None and second.outputs[0].logs == "42\n"  # type: ignore[union-attr]
+        after = client.containers.retrieve(container.id)
+        assert after.status == "running"
+        # Its use while the model thought counts as activity, as OpenAI's containers count it.
+        assert after.last_active_at is not None and container.last_active_at is not None
+        assert after.last_active_at > container.last_active_at
 
     await anyio.to_thread.run_sync(exercise)
 

@@ -30,8 +30,10 @@ from tests.openai_api.conftest import (
     ASSISTANTS_DEPRECATED,
     DEPLOYMENT,
     TOKEN,
+    OpenAIDaemon,
     OpenAIDaemonFactory,
     Rendezvous,
+    outlast_expiry,
 )
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio, *ASSISTANTS_DEPRECATED]
@@ -293,6 +295,87 @@ async def test_a_run_whose_model_server_is_not_running_says_it_could_not_be_reac
 
 
 LIST_FILES = "import os\nprint(sorted(os.listdir('/mnt/data')))"
+
+
+async def test_a_threads_session_lives_through_a_slow_model_turn_of_its_run(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    started: list[tuple[OpenAIDaemon, str]] = []
+
+    async def slow_model() -> None:
+        # The model takes longer than the session's time to live to answer.
+        daemon, thread_id = started[0]
+        await outlast_expiry(daemon.running.engine, thread_id)
+
+    script = in_order(
+        Reply(None, [code_call("call_set", "x = 41")]),
+        Reply(None, [code_call("call_use", "print(x + 1)")], before=slow_model),
+        Reply("It is 42."),
+    )
+    options = {"session_ttl_s": 2.0, "reap_interval_s": 0.1}
+    daemon = await openai_daemon(script, engine_options=options)
+    client = daemon.openai()
+
+    def flow() -> Run:
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT, tools=[{"type": "code_interpreter"}]
+        )
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Go."}])
+        started.append((daemon, thread.id))
+        run = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=100
+        )
+        assert run.status == "completed", run.last_error
+        steps = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc")
+        calls = [s.step_details.tool_calls[0] for s in steps.data if s.type == "tool_calls"]  # type: ignore[union-attr]
+        assert [c.id for c in calls] == ["call_set", "call_use"]
+        assert calls[1].code_interpreter.outputs[0].logs == "42\n"  # type: ignore[union-attr]
+        return run
+
+    run = await anyio.to_thread.run_sync(flow)
+    # Its variables were there for the second call, and the model was told nothing else.
+    assert daemon.model is not None
+    sent = daemon.model.requests[-1]["messages"]
+    assert not [m for m in sent if m["role"] == "system" and "restarted" in m["content"]]
+    assert (await daemon.running.engine.session_info(run.thread_id)).state == "active"
+
+
+async def test_a_session_ended_between_two_code_calls_of_a_run_is_replaced_saying_so(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    started: list[tuple[OpenAIDaemon, str]] = []
+
+    async def session_ends() -> None:
+        daemon, thread_id = started[0]
+        await daemon.running.engine.close_session(thread_id)
+
+    script = in_order(
+        Reply(None, [code_call("call_set", "x = 41")]),
+        Reply(None, [code_call("call_use", "print('x' in globals())")], before=session_ends),
+        Reply("x is gone."),
+    )
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def flow() -> None:
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT, tools=[{"type": "code_interpreter"}]
+        )
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Go."}])
+        started.append((daemon, thread.id))
+        run = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=100
+        )
+        assert run.status == "completed", run.last_error
+        steps = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc")
+        calls = [s.step_details.tool_calls[0] for s in steps.data if s.type == "tool_calls"]  # type: ignore[union-attr]
+        assert calls[1].code_interpreter.outputs[0].logs == "False\n"  # type: ignore[union-attr]
+
+    await anyio.to_thread.run_sync(flow)
+    assert daemon.model is not None
+    # The model is told its variables are gone, as after any new session of the thread.
+    system = daemon.model.requests[-1]["messages"][0]
+    assert system["role"] == "system" and "was restarted" in system["content"]
 
 
 async def test_two_threads_run_at_once_in_two_sessions_that_see_only_their_files(

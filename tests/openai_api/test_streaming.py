@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 from typing import Any
 
 import anyio
 import anyio.from_thread
+import openai
 import pytest
 from openai import AssistantEventHandler
 from openai.types.beta.threads import Message, Text, TextDelta
 from openai.types.beta.threads.runs import RunStep, ToolCall, ToolCallDelta
 
+from tests import _model
 from tests._model import Reply, ScriptedModel, code_call, in_order
 from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, DEPLOYMENT, OpenAIDaemonFactory
 
@@ -226,8 +228,58 @@ async def test_streamed_tool_outputs_and_a_cancelled_run(
     await anyio.to_thread.run_sync(flow)
     assert daemon.model is not None
     sent = daemon.model.requests[-2]["messages"]
-    cancelled_call = [m for m in sent if m.get("tool_call_id") == "call_wait"]
-    assert cancelled_call and "Not run" in json.dumps(cancelled_call)
+    # Its code ran until it was stopped: the model is told what it did may remain.
+    (cancelled_call,) = [m for m in sent if m.get("tool_call_id") == "call_wait"]
+    assert cancelled_call["content"].startswith("Stopped while running")
+    assert "may have partly run" in cancelled_call["content"]
+
+
+async def test_a_message_deleted_while_its_run_writes_it_stays_deleted(
+    openai_daemon: OpenAIDaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deleted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    write_stream = _model._write_stream
+
+    async def held_after_its_first_part(writer: asyncio.StreamWriter, reply: Reply) -> None:
+        # The model sends the first part of its text, then the rest once the message is deleted.
+        drain = writer.drain
+
+        async def drain_then_hold() -> None:
+            await drain()
+            async with asyncio.timeout(60):
+                await deleted.wait()
+
+        writer.drain = drain_then_hold  # type: ignore[method-assign]
+        await write_stream(writer, reply)
+
+    monkeypatch.setattr(_model, "_write_stream", held_after_its_first_part)
+    daemon = await openai_daemon(in_order(Reply("This answer is written in several parts.")))
+    client = daemon.openai()
+
+    def flow() -> None:
+        assistant = client.beta.assistants.create(model=DEPLOYMENT)
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Go."}])
+        gone: list[str] = []
+        with client.beta.threads.runs.stream(
+            thread_id=thread.id, assistant_id=assistant.id
+        ) as events:
+            for event in events:
+                if event.event == "thread.message.created":
+                    answer = client.beta.threads.messages.delete(event.data.id, thread_id=thread.id)
+                    assert answer.deleted
+                    gone.append(answer.id)
+                    loop.call_soon_threadsafe(deleted.set)
+            run = events.get_final_run()
+        assert run.status == "completed", run.last_error
+        (message_id,) = gone
+        # The run wrote the rest of it and completed it: it is not brought back.
+        with pytest.raises(openai.NotFoundError):
+            client.beta.threads.messages.retrieve(message_id, thread_id=thread.id)
+        listed = client.beta.threads.messages.list(thread.id)
+        assert [m.role for m in listed.data] == ["user"]
+
+    await anyio.to_thread.run_sync(flow)
 
 
 async def test_a_model_that_cannot_stream_still_serves_a_streamed_run(

@@ -158,11 +158,33 @@ class Containers:
                 param=param,
                 code="container_expired",
             )
-        await session.extend(self.ttl_s(container))
-        used = container.model_copy(update={"last_active_at": _now()})
-        if not await self._db(self.state.replace, used):
+        if not await self._renew(container, session):
             raise not_found("container", container_id, param)
         return session
+
+    async def keep_active(self, session: SessionAPI) -> float | None:
+        """Renew the container a response uses: its new expiry (a Unix time).
+
+        Its ``expires_after`` minutes count again from now, and it was last
+        active now. None if it ended or was deleted meanwhile (nothing to renew).
+        """
+        container = await self._db(self.state.get, Container, session.id)
+        if container is None or container.status != "running":
+            return None
+        try:
+            return await self._renew(container, session)
+        except SessionError:
+            return None
+
+    async def _renew(self, container: Container, session: SessionAPI) -> float | None:
+        """Extend the session by the container's minutes and record the use.
+
+        Returns:
+            The session's new expiry; None if the container was deleted meanwhile.
+        """
+        expiry = await session.extend(self.ttl_s(container))
+        used = container.model_copy(update={"last_active_at": _now()})
+        return expiry if await self._db(self.state.replace, used) else None
 
     async def _live(self, container_id: str) -> SessionAPI | None:
         try:

@@ -64,6 +64,8 @@ class Workspace:
     missing: list[str] = field(default_factory=list)
     #: the thread's session, once the run called the interpreter
     session: SessionAPI | None = None
+    #: the thread's session that lived when the run started (its variables are told of)
+    live: SessionAPI | None = None
 
 
 async def uploaded_file(engine: EngineAPI, state: ApiState, file_id: str) -> StoredFile:
@@ -163,11 +165,14 @@ class Placement:
         live = await self._session_of(thread.id)
         if thread_state.session_agent_id != run.assistant_id:
             live = None  # made for another assistant: the first code call replaces it
+        elif live is not None and await _renewed(live) is None:
+            live = None  # ended just now: as if it had not lived
         space = Workspace(
             thread_id=thread.id,
             assistant_id=run.assistant_id,
             replaced=live is None and thread_state.ran_code,
             file_ids=thread_files(thread, messages),
+            live=live,
         )
         links = {link.file_id: link for link in await self._links(thread.id)}
         names = _NewWorkspace()
@@ -217,9 +222,15 @@ class Placement:
         back, and if code ran in the session it replaces, ``space.replaced``
         says so. The thread's files are placed (again, in a new session) and
         ``space`` gets the paths they have.
+
+        The session an earlier call of the run used is renewed; if it ended
+        since (its time to live ran out, it was closed), a new one replaces it
+        as above.
         """
         if space.session is not None:
-            return space.session
+            if await _renewed(space.session) is not None:
+                return space.session
+            space.session = space.live = None
         thread_id = space.thread_id
         thread_state = await self._thread_state(thread_id)
         session = await self._session_of(thread_id)
@@ -245,6 +256,15 @@ class Placement:
         await self._place_thread_files(space, session, links, fresh=False)
         space.session = session
         return session
+
+    async def keep_alive(self, space: Workspace) -> float | None:
+        """Renew the thread's session the run uses: its new expiry (a Unix time).
+
+        None if there is none: no code ran yet and none lived when the run
+        started, or it ended (the run's next code call makes a new one).
+        """
+        session = space.session or space.live
+        return None if session is None else await _renewed(session)
 
     async def _fill(
         self,
@@ -345,6 +365,14 @@ class Placement:
                 continue
             restored[stored.name] = path
         return restored
+
+
+async def _renewed(session: SessionAPI) -> float | None:
+    """Its time to live counted again from now: its new expiry; None if it has ended."""
+    try:
+        return await session.extend()
+    except SessionError:
+        return None
 
 
 class _NewWorkspace:

@@ -20,6 +20,7 @@ same container its variables are still there.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -43,6 +44,7 @@ from sandkernel.openai_api.containers import (
     written_by_code,
 )
 from sandkernel.openai_api.errors import APIError, bad_request, not_found
+from sandkernel.openai_api.keepalive import renewing
 from sandkernel.openai_api.runs import code_argument, result_tail, whole_mentions
 from sandkernel.openai_api.state import ApiState, ResponseState
 from sandkernel.openai_api.wire import (
@@ -381,8 +383,16 @@ class Responses:
             await self._db(
                 self.state.save, prepared.response, private={prepared.response.id: saved(answered)}
             )
+        session = prepared.session
+        # The container stays alive while the response uses it, slow model turns included.
+        kept_alive = (
+            renewing(partial(self.containers.keep_active, session))
+            if session is not None
+            else contextlib.nullcontext()
+        )
         try:
-            await turn.run(self.model, prepared.transcript)
+            async with kept_alive:
+                await turn.run(self.model, prepared.transcript)
         except Exception as exc:
             # Its container is made and may have run code: the response is kept, failed,
             # rather than lost with a 500.

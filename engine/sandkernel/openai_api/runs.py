@@ -21,6 +21,7 @@ the error handed back so the model can fix its code), and its reply types.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -41,6 +42,7 @@ from sandkernel.errors import (
 from sandkernel.loop import ModelReply, ToolCall, format_result, python_tool, user_traceback
 from sandkernel.openai_api.chat import AssistantModel, ChatRequest, run_error_code
 from sandkernel.openai_api.events import RunEvents
+from sandkernel.openai_api.keepalive import renewing
 from sandkernel.openai_api.placement import Placement, Workspace
 from sandkernel.openai_api.state import ApiState, RunState, ThreadState
 from sandkernel.openai_api.wire import (
@@ -88,7 +90,14 @@ PYTHON: Final = str(python_tool()["function"]["name"])
 #: How long a run waits for tool outputs, as OpenAI's runs do.
 REQUIRES_ACTION_TTL_S: Final = 600
 _MAX_LOG_CHARS: Final = 20_000
+#: The answer of a call the run ended before it began (its code never reached the kernel).
 _MISSED_CALL: Final = "Not run: the run ended before this call was answered."
+#: The answer of a code call until its result is known: what the model reads of it if the
+#: run ends while the code runs (cancelled, the daemon stopped).
+_CUT_SHORT_CALL: Final = (
+    "Stopped while running: the run ended while this code was running, so it may have "
+    "partly run; what it did before it stopped (variables set, files written) may remain."
+)
 
 
 def now() -> int:
@@ -155,8 +164,15 @@ class RunDriver:
         progress = await _Progress.load(self, run_id)
         if progress.run.status not in ("queued", "in_progress"):
             return  # settled meanwhile (cancelled while queued)
+        # The thread's session stays alive while the run uses it, slow model turns included.
+        kept_alive = (
+            renewing(progress.keep_alive)
+            if progress.has_code_interpreter
+            else contextlib.nullcontext()
+        )
         try:
-            await progress.go()
+            async with kept_alive:
+                await progress.go()
         except RunStopped as stop:
             await progress.stop(stop)
         except ModelCallFailed as exc:
@@ -196,6 +212,8 @@ class _Progress:
         self.step: RunStep | None = None
         self.message: Message | None = None
         self.turn_usage: Usage | None = None
+        #: what the run's sandbox holds (with code_interpreter), once the run started
+        self.space: Workspace | None = None
 
     @classmethod
     async def load(cls, driver: RunDriver, run_id: str) -> _Progress:
@@ -213,16 +231,21 @@ class _Progress:
 
     # ------------------------------------------------------------------ saving
 
-    async def save(self, *objects: Message | RunStep | Run) -> None:
+    async def save(self, *objects: Message | RunStep | Run, new_message: bool = False) -> None:
         """The run, its private state and ``objects``, in one transaction.
 
         Their metadata is the stored one: the caller may update it while the run
-        goes on, and the run never changes it.
+        goes on, and the run never changes it. A message is written only if it
+        is still stored (``new_message``: it is being made): the caller may
+        delete it while the run writes it, and it stays deleted.
         """
         run, rs, state = self.run, self.rs.model_copy(deep=True), self.driver.state
+        only_stored = () if new_message else [o.id for o in objects if isinstance(o, Message)]
 
         def write() -> Run | None:
-            state.save(*objects, run, private={run.id: rs}, keep_metadata=True)
+            state.save(
+                *objects, run, private={run.id: rs}, keep_metadata=True, only_stored=only_stored
+            )
             return state.get(Run, run.id)
 
         saved = await anyio.to_thread.run_sync(write)
@@ -231,6 +254,12 @@ class _Progress:
 
     def emit(self, event: str, data: Any) -> None:
         self.driver.events.emit(self.run.id, event, data)
+
+    async def keep_alive(self) -> float | None:
+        """Renew the thread's session the run uses (see :meth:`Placement.keep_alive`)."""
+        if self.space is None:
+            return None
+        return await self.driver.placement.keep_alive(self.space)
 
     async def set_run(self, event: str | None = None, **changes: Any) -> None:
         self.run = self.run.model_copy(update=changes)
@@ -261,7 +290,7 @@ class _Progress:
         )
         space: Workspace | None = None
         if self.has_code_interpreter:
-            space = await driver.placement.workspace(thread, self.run, messages)
+            space = self.space = await driver.placement.workspace(thread, self.run, messages)
         if self.step is not None:
             # Tool outputs were submitted: the step that waited for them is done.
             await self.complete_step()
@@ -410,7 +439,7 @@ class _Progress:
             MessageCreationDetails(message_creation=MessageCreationRef(message_id=message.id))
         )
         self.message, self.step = message, step
-        await self.save(message, step)
+        await self.save(message, step, new_message=True)
         self.emit("thread.run.step.created", step)
         self.emit("thread.run.step.in_progress", step)
         self.emit("thread.message.created", message)
@@ -638,6 +667,9 @@ class _Progress:
         logs = _Logs(self, index)
         # The thread's session is made (or taken up again) when code first runs in the run.
         session = await self.driver.placement.ready(space)
+        answer_at = len(self.rs.transcript)
+        self.rs.transcript.append(_tool_message(call.id, _CUT_SHORT_CALL))
+        await self.save()
         result = await _execute(session, code, logs)
         logs.add(result_tail(result))
         outputs: list[LogsOutput | ImageOutput] = []
@@ -674,7 +706,7 @@ class _Progress:
                 f"\n[That was the last code execution allowed in this run "
                 f"({limits.max_code_calls}); answer now with what you have.]"
             )
-        self.rs.transcript.append(_tool_message(call.id, text))
+        self.rs.transcript[answer_at] = _tool_message(call.id, text)
         done = shown.model_copy(
             update={
                 "code_interpreter": CodeInterpreterDetails(

@@ -727,9 +727,8 @@ class AssistantsService:
                 limit=limit,
             )
         except UnknownCursor as exc:
-            raise bad_request(
-                f"No object with id '{exc}' in this list.", "after" if after else "before"
-            ) from None
+            message = f"No object with id '{exc.cursor}' in this list."
+            raise bad_request(message, exc.param) from None
         return page(items, has_more=more)
 
 

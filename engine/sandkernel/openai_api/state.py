@@ -27,7 +27,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +166,12 @@ class ThreadBusy(Exception):
 class UnknownCursor(Exception):
     """A list's ``after`` or ``before`` names no object of that list."""
 
+    def __init__(self, cursor: str, param: Literal["after", "before"]) -> None:
+        super().__init__(cursor)
+        self.cursor = cursor
+        #: which of the two it is
+        self.param = param
+
 
 def kind_of(cls: type[BaseModel]) -> str:
     return _KINDS[cls]
@@ -243,6 +249,7 @@ class ApiState:
         *objects: Stored,
         private: Mapping[str, BaseModel] | None = None,
         keep_metadata: bool = False,
+        only_stored: Collection[str] = (),
     ) -> None:
         """Insert or replace objects (and private states, by object id) in one transaction.
 
@@ -250,9 +257,14 @@ class ApiState:
             keep_metadata: objects already stored keep their stored metadata: for a
                 writer that does not change metadata and whose copies may predate an
                 :meth:`update_metadata` (a run's driver), which would be undone.
+            only_stored: ids of ``objects`` written only over their stored selves: one
+                deleted since the writer made it (a message a run is writing) is not
+                brought back.
         """
         with self._transaction() as conn:
             for obj in objects:
+                if obj.id in only_stored and not _is_stored(conn, kind_of(type(obj)), obj.id):
+                    continue
                 if keep_metadata:
                     obj = _with_stored_metadata(conn, obj)
                 _upsert(conn, obj, (private or {}).get(obj.id))
@@ -344,7 +356,11 @@ class ApiState:
         bounds: tuple[int, ...] = ()
         bounded = ""
         with self._reading() as conn:
-            for cursor, later in ((after, order == "asc"), (before, order == "desc")):
+            cursors: tuple[tuple[str | None, bool, Literal["after", "before"]], ...] = (
+                (after, order == "asc", "after"),
+                (before, order == "desc", "before"),
+            )
+            for cursor, later, param in cursors:
                 if cursor is None:
                     continue
                 row = conn.execute(
@@ -352,7 +368,7 @@ class ApiState:
                     (cursor, *params),
                 ).fetchone()
                 if row is None:
-                    raise UnknownCursor(cursor)
+                    raise UnknownCursor(cursor, param)
                 bounded += " AND seq > ?" if later else " AND seq < ?"
                 bounds += (int(row[0]),)
             # Only ``before`` given: the page is the one just before it, so it is read from
