@@ -297,6 +297,27 @@ async def test_a_run_whose_model_server_is_not_running_says_it_could_not_be_reac
 LIST_FILES = "import os\nprint(sorted(os.listdir('/mnt/data')))"
 
 
+def _run_with_code_calls(
+    daemon: OpenAIDaemon, started: list[tuple[OpenAIDaemon, str]]
+) -> tuple[Run, list[Any]]:
+    """A run of a new thread, to completion: it and its code calls, in order.
+
+    The thread's id goes into ``started`` as soon as the thread is made.
+    """
+    client = daemon.openai()
+    tools: list[Any] = [{"type": "code_interpreter"}]
+    assistant = client.beta.assistants.create(model=DEPLOYMENT, tools=tools)
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": "Go."}])
+    started.append((daemon, thread.id))
+    run = client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=100
+    )
+    assert run.status == "completed", run.last_error
+    steps = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc")
+    calls = [s.step_details.tool_calls[0] for s in steps.data if s.type == "tool_calls"]  # type: ignore[union-attr]
+    return run, calls
+
+
 async def test_a_threads_session_lives_through_a_slow_model_turn_of_its_run(
     openai_daemon: OpenAIDaemonFactory,
 ) -> None:
@@ -314,25 +335,9 @@ async def test_a_threads_session_lives_through_a_slow_model_turn_of_its_run(
     )
     options = {"session_ttl_s": 2.0, "reap_interval_s": 0.1}
     daemon = await openai_daemon(script, engine_options=options)
-    client = daemon.openai()
-
-    def flow() -> Run:
-        assistant = client.beta.assistants.create(
-            model=DEPLOYMENT, tools=[{"type": "code_interpreter"}]
-        )
-        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Go."}])
-        started.append((daemon, thread.id))
-        run = client.beta.threads.runs.create_and_poll(
-            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=100
-        )
-        assert run.status == "completed", run.last_error
-        steps = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc")
-        calls = [s.step_details.tool_calls[0] for s in steps.data if s.type == "tool_calls"]  # type: ignore[union-attr]
-        assert [c.id for c in calls] == ["call_set", "call_use"]
-        assert calls[1].code_interpreter.outputs[0].logs == "42\n"  # type: ignore[union-attr]
-        return run
-
-    run = await anyio.to_thread.run_sync(flow)
+    run, calls = await anyio.to_thread.run_sync(_run_with_code_calls, daemon, started)
+    assert [c.id for c in calls] == ["call_set", "call_use"]
+    assert calls[1].code_interpreter.outputs[0].logs == "42\n"
     # Its variables were there for the second call, and the model was told nothing else.
     assert daemon.model is not None
     sent = daemon.model.requests[-1]["messages"]
@@ -355,23 +360,8 @@ async def test_a_session_ended_between_two_code_calls_of_a_run_is_replaced_sayin
         Reply("x is gone."),
     )
     daemon = await openai_daemon(script)
-    client = daemon.openai()
-
-    def flow() -> None:
-        assistant = client.beta.assistants.create(
-            model=DEPLOYMENT, tools=[{"type": "code_interpreter"}]
-        )
-        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Go."}])
-        started.append((daemon, thread.id))
-        run = client.beta.threads.runs.create_and_poll(
-            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=100
-        )
-        assert run.status == "completed", run.last_error
-        steps = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc")
-        calls = [s.step_details.tool_calls[0] for s in steps.data if s.type == "tool_calls"]  # type: ignore[union-attr]
-        assert calls[1].code_interpreter.outputs[0].logs == "False\n"  # type: ignore[union-attr]
-
-    await anyio.to_thread.run_sync(flow)
+    _, calls = await anyio.to_thread.run_sync(_run_with_code_calls, daemon, started)
+    assert calls[1].code_interpreter.outputs[0].logs == "False\n"
     assert daemon.model is not None
     # The model is told its variables are gone, as after any new session of the thread.
     system = daemon.model.requests[-1]["messages"][0]
