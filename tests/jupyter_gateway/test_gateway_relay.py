@@ -156,6 +156,82 @@ async def test_a_client_too_slow_for_the_bytes_of_its_messages_is_closed() -> No
     assert connection.closed and ws.close_code == CLOSE_TOO_SLOW
 
 
+async def test_a_client_is_closed_for_the_memory_its_text_holds_not_its_count_of_characters() -> (
+    None
+):
+    ws = FakeWebSocket(stuck=True)
+    connection = Connection(cast(WebSocket, ws), None, None)
+    writer = asyncio.ensure_future(connection.write_loop())
+    # A quarter of a MiB of characters a frame, each held in 4 bytes: 64 MiB in 64 frames,
+    # where counting characters would let 256 of them wait.
+    wide = _stream("\U0001f600" * (1 << 18))
+    for _ in range(80):
+        connection.send(wide)
+    async with asyncio.timeout(DEADLINE_S):
+        await writer
+    assert connection.closed and ws.close_code == CLOSE_TOO_SLOW
+
+
+async def test_the_clients_of_one_kernel_are_bounded_together_the_furthest_behind_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "_CONNECTION_BYTES", 1 << 20)
+    monkeypatch.setattr(relay_module, "_KERNEL_BYTES", 2 << 20)
+    async with fake_relay() as harness:
+        reading = harness.client()
+        stuck = [harness.client(stuck=True) for _ in range(4)]
+        # Each stuck client stays under its own MiB; the four together do not.
+        for n in range(8):
+            harness.kernel.publish("stream", {"name": "stdout", "text": f"{n}" * 100_000})
+        for n in range(8):
+            assert (await reading.until(lambda m: m.msg_type == "stream")).content["text"][0] == (
+                str(n)
+            )
+        closed = [c for c in stuck if c.connection.closed]
+        assert len(closed) == 2, "closed until the rest fit in the kernel's bound"
+        for client in closed:
+            assert await client.closed() == CLOSE_TOO_SLOW
+        left = sum(c.connection.queued_bytes for c in stuck if not c.connection.closed)
+        assert left <= 2 << 20
+        assert not reading.connection.closed
+
+
+async def test_messages_a_kernel_printed_fast_are_relayed_one_per_step_of_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not all at once: the daemon's other tasks (other kernels, clients' writers) run between."""
+    async with fake_relay() as harness:
+        client = harness.client()
+        relayed = 0
+        send = client.connection.send
+
+        def counting(msg: WireMessage) -> None:
+            nonlocal relayed
+            relayed += msg.msg_type == "stream"
+            send(msg)
+
+        monkeypatch.setattr(client.connection, "send", counting)
+        for n in range(300):  # all queued for the relay before it runs again
+            harness.kernel.publish("stream", {"name": "stdout", "text": f"{n}\n"})
+        # What another task of the daemon sees: how far the relay got each time it ran.
+        seen = [relayed]  # none yet: the relay has not run since
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def tick() -> None:
+            seen.append(relayed)
+            if relayed < 300:
+                loop.call_soon(tick)
+            else:
+                done.set_result(None)
+
+        loop.call_soon(tick)
+        async with asyncio.timeout(DEADLINE_S):
+            await done
+        steps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+        assert max(steps, default=0) <= 2, "the relay held the event loop"
+
+
 async def test_a_cells_images_are_kept_to_be_stored_nothing_else_and_within_bounds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -43,6 +43,7 @@ import heapq
 import json
 import logging
 import secrets
+import sys
 import time
 import uuid
 from collections import deque
@@ -70,9 +71,13 @@ _RECHECK_S: Final = 2.0
 _SEND_TIMEOUT_S: Final = 5.0  # a kernel that takes no message in this long is not waited for
 #: What a slow connection may have pending, then it is closed: output is the
 #: kernel's to size, not the client's. Bytes only, each frame counted with what
-#: keeping it costs (``_FRAME_UPKEEP``), so that many small frames count too.
+#: keeping it costs (:func:`_held`), so that many small frames count too.
 _CONNECTION_BYTES: Final = 64 << 20
-_FRAME_UPKEEP: Final = 64  # a queued frame's object and queue slot, about
+#: What all the connections of one kernel may have pending together: past it,
+#: the one furthest behind is closed as too slow (several slow clients of one
+#: kernel would otherwise hold 64 MiB each).
+_KERNEL_BYTES: Final = 4 * _CONNECTION_BYTES
+_FRAME_UPKEEP: Final = 64  # a queued frame's queue slot, about
 _MAX_ROUTES: Final = 10_000  # requests remembered to route their replies
 _MAX_CELLS: Final = 10_000  # cells waiting to run or for their reply, per kernel
 #: what a made-up answer takes of a request's header (the rest is not kept)
@@ -137,6 +142,11 @@ def _size(msg: WireMessage) -> int:
     return content + sum(len(b) for b in msg.buffers)
 
 
+def _held(frame: str | bytes) -> int:
+    """The memory a queued frame holds: its object (a text's up to 4 bytes a character)."""
+    return sys.getsizeof(frame) + _FRAME_UPKEEP
+
+
 def _is_answer(msg: WireMessage) -> bool:
     """What ends a client's requests and cells (replies, input requests, statuses), not output."""
     return msg.channel != "iopub" or msg.header.get("msg_type") == "status"
@@ -185,18 +195,27 @@ class Connection:
         except Exception:  # noqa: BLE001 - one connection's failure is not the others'
             log.exception("a message for a WebSocket client could not be encoded; not sent")
             return
-        size = len(frame) + _FRAME_UPKEEP
+        size = _held(frame)
         if self._queued_bytes + size > _CONNECTION_BYTES and self._queued_bytes:
-            log.warning("a WebSocket client of a kernel is too slow for its output; closing it")
-            self.close(CLOSE_TOO_SLOW, flush=False)
-            if self.on_too_slow is not None:
-                self.on_too_slow(self)
+            self.close_as_too_slow()
             return
         self._queue.put_nowait(frame)
         if _is_answer(msg):
             self._answers.append((self._queued, msg))
         self._queued += 1
         self._queued_bytes += size
+
+    @property
+    def queued_bytes(self) -> int:
+        """What the frames not sent yet hold (see :func:`_held`)."""
+        return self._queued_bytes
+
+    def close_as_too_slow(self) -> None:
+        """Close it for the output it could not keep up with, and tell :attr:`on_too_slow`."""
+        log.warning("a WebSocket client of a kernel is too slow for its output; closing it")
+        self.close(CLOSE_TOO_SLOW, flush=False)
+        if self.on_too_slow is not None:
+            self.on_too_slow(self)
 
     def take_unsent_answers(self) -> list[WireMessage]:
         """The answers queued and not sent yet (one being sent included); taken once.
@@ -269,7 +288,7 @@ class Connection:
                     else:
                         await self.websocket.send_bytes(frame)
                 finally:
-                    self._queued_bytes -= len(frame) + _FRAME_UPKEEP
+                    self._queued_bytes -= _held(frame)
                     self._queue.task_done()
                 self._sent += 1
                 answers = self._answers
@@ -965,6 +984,15 @@ class KernelRelay:
                 finally:
                     self._waiting.discard(task)
                 await self._relay(source.channel, frames)
+                if source.channel == "iopub" and source.pending():
+                    # IOPub's is a queue, whose receive returns without waiting
+                    # while it holds messages: a kernel printing fast would have
+                    # them all relayed in one step, each encoded for every client,
+                    # holding the daemon's event loop (every other kernel and
+                    # request) and every client's writer, whose queue then filled
+                    # however fast its client read. With none waiting, the next
+                    # receive waits: no step is added to a cell's round trip.
+                    await asyncio.sleep(0)
 
     async def _relay(self, channel: str, frames: list[bytes]) -> None:
         # The kernel's code holds the key: whatever it sends is checked, and
@@ -1217,6 +1245,14 @@ class KernelRelay:
     def broadcast(self, msg: WireMessage) -> None:
         for connection in list(self.connections):
             connection.send(msg)
+        # Each connection is bounded; together they are too, the furthest behind closed first.
+        pending = sum(c.queued_bytes for c in self.connections)
+        if pending > _KERNEL_BYTES:
+            for slowest in sorted(self.connections, key=lambda c: c.queued_bytes, reverse=True):
+                if pending <= _KERNEL_BYTES:
+                    break
+                pending -= slowest.queued_bytes
+                slowest.close_as_too_slow()
         # After the connections: one closed as too slow by ``msg`` has its client away now.
         if not self._missed:
             return
