@@ -196,6 +196,22 @@ async def test_the_clients_of_one_kernel_are_bounded_together_the_furthest_behin
         assert not reading.connection.closed
 
 
+async def test_a_status_that_closes_a_client_by_the_kernels_bound_is_kept_for_it_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with fake_relay() as harness:
+        relay = harness.relay
+        stuck = [harness.client(stuck=True, session_id=f"tab-{n}") for n in range(2)]
+        relay.broadcast(_stream("x" * 300_000))
+        pending = sum(c.connection.queued_bytes for c in stuck)
+        # The next message takes the two over their bound together: one is closed.
+        monkeypatch.setattr(relay_module, "_KERNEL_BYTES", pending + 1)
+        relay.broadcast_status("busy")
+        (closed,) = [c for c in stuck if c.connection.closed]
+        kept = relay._missed[closed.connection.session_id or ""].messages()
+        assert [m.msg_type for m in kept] == ["status"]
+
+
 async def test_messages_a_kernel_printed_fast_are_relayed_one_per_step_of_the_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

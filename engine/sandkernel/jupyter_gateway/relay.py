@@ -1245,7 +1245,14 @@ class KernelRelay:
     def broadcast(self, msg: WireMessage) -> None:
         for connection in list(self.connections):
             connection.send(msg)
-        # Each connection is bounded; together they are too, the furthest behind closed first.
+        # After the connections: one closed as too slow by ``msg`` has its client away now.
+        if self._missed:
+            size = _size(msg)
+            for missed in self._missed.values():
+                missed.keep(msg, size)
+        # Each connection is bounded; together they are too, the furthest behind closed
+        # first. After the clients away have had ``msg``: one closed here has queued it,
+        # and keeps it if it is an answer (``_away``), once.
         pending = sum(c.queued_bytes for c in self.connections)
         if pending > _KERNEL_BYTES:
             for slowest in sorted(self.connections, key=lambda c: c.queued_bytes, reverse=True):
@@ -1253,12 +1260,6 @@ class KernelRelay:
                     break
                 pending -= slowest.queued_bytes
                 slowest.close_as_too_slow()
-        # After the connections: one closed as too slow by ``msg`` has its client away now.
-        if not self._missed:
-            return
-        size = _size(msg)
-        for missed in self._missed.values():
-            missed.keep(msg, size)
 
     def _keep_missed(self, session_id: str, msg: WireMessage, size: int) -> None:
         """Keep ``msg`` for a client that is away, if it is (see :class:`_Missed`)."""
