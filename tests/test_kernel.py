@@ -112,6 +112,31 @@ async def test_an_interrupt_only_flagged_still_stops_a_cell_asleep_in_a_system_c
     assert (r.status, r.stdout) == ("ok", "False\n")  # woken once: nothing raised again
 
 
+async def test_a_cell_that_goes_on_after_its_interrupt_sees_at_most_one_call_cut_short(
+    kernel_factory: KernelFactory,
+) -> None:
+    k = await kernel_factory()
+    cell = await cell_under_way(
+        k,
+        "import ctypes, time\n"
+        "libc = ctypes.CDLL(None)\n"
+        "print('sleeping', flush=True)\n"
+        "try:\n"
+        "    time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    pass\n"
+        "cut, began = 0, time.monotonic()\n"
+        "while time.monotonic() - began < 1.5:\n"
+        "    started = time.monotonic()\n"
+        "    libc.usleep(100_000)  # C: a signal ends it early, and it is not retried\n"
+        "    cut += time.monotonic() - started < 0.09\n"
+        "print(cut)",
+    )
+    await k.interrupt()
+    r = await asyncio.wait_for(cell, 10)
+    assert r.status == "ok" and int(r.stdout.split()[-1]) <= 1, r
+
+
 async def test_uninterruptible_cell_is_killed_and_a_new_kernel_works(
     kernel_factory: KernelFactory,
 ) -> None:

@@ -30,8 +30,8 @@ on the path; the zygote imports it before it forks.
   (:meth:`Kernel._cancel_on_sigint`), where ipykernel's waited for the await
   to end.
 - **An interrupt always reaches a cell waiting in a system call**
-  (:meth:`Kernel._send_interrupt_children`): the main thread is woken until
-  the interrupted request ends.
+  (:meth:`Kernel._send_interrupt_children`): the main thread, seen asleep in
+  one after the interrupt, is woken once.
 - **Less bookkeeping per cell.** The application's logger drops what its
   handler would drop (traitlets leaves it at DEBUG and filters in the
   handler, so ipykernel's four debug lines per cell were each made into a
@@ -81,10 +81,25 @@ class _NoShellChannelThread:
 #: :meth:`Kernel._wake_main_thread`): one whose default action is to do
 #: nothing, which few programs use (Go's runtime chose it for the same role).
 _WAKE = signal.SIGURG
-#: How often, and how many times, the main thread is woken after an interrupt
-#: while the request it interrupted still runs: for a second at most.
+#: How often, and for how many times, the main thread is looked at after an
+#: interrupt while the request it interrupted runs: for a second at most.
 _WAKE_EVERY_S = 0.05
 _WAKES = 20
+
+
+def _asleep(thread_id):
+    """Whether this process's thread ``thread_id`` sleeps (in a system call a signal ends).
+
+    True too if ``/proc`` cannot tell: a wake-up is then sent.
+    """
+    try:
+        with open(f"/proc/self/task/{thread_id}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    # The state follows the thread's name, which may hold any character but ends with ")".
+    fields = stat[stat.rfind(b")") + 1 :].split()
+    return not fields or fields[0] == b"S"
 
 
 def _woken(_signum, _frame):
@@ -110,7 +125,7 @@ class Kernel(IPythonKernel):
         super().pre_handler_hook()
 
     def _send_interrupt_children(self):
-        """ipykernel's interrupt (SIGINT to the kernel's process group), then wake-ups.
+        """ipykernel's interrupt (SIGINT to the kernel's process group), then a wake-up.
 
         The signal can be taken while the main thread is between two checks
         for it and a blocking system call: Python's handler then only flags
@@ -120,8 +135,11 @@ class Kernel(IPythonKernel):
         sleeping cell, on a busy machine). A signal of another kind, sent to
         the main thread, interrupts the call, and Python then runs the
         handlers of every signal flagged: the flagged SIGINT raises
-        ``KeyboardInterrupt``, once however many wake-ups come. A wake-up
-        that finds nothing flagged does nothing (the call goes on).
+        ``KeyboardInterrupt``. One such wake-up is sent, the first time the
+        main thread is seen asleep in a system call within a second: it then
+        has the SIGINT flagged, or it has already acted on it (a cell that
+        went on after catching it sees one system call end early, as it
+        would for any signal it handles).
         """
         begun = self._requests_begun
         super()._send_interrupt_children()
@@ -133,9 +151,7 @@ class Kernel(IPythonKernel):
     def _wake_main_thread(self, begun, left):
         # Not past the request that was interrupted, nor once SIGINT has no
         # handler to run (the cell ignores it, or the request has ended), nor
-        # once the cell has set a handler of its own for the wake's signal: a
-        # wake-up interrupts the main thread's system call, and C code that
-        # does not retry one sees it end early.
+        # once the cell has set a handler of its own for the wake's signal.
         if (
             left <= 0
             or self._requests_begun != begun
@@ -143,7 +159,11 @@ class Kernel(IPythonKernel):
             or signal.getsignal(_WAKE) is not _woken
         ):
             return
-        signal.pthread_kill(threading.main_thread().ident, _WAKE)
+        main = threading.main_thread()
+        if _asleep(main.native_id):
+            signal.pthread_kill(main.ident, _WAKE)
+            return
+        # Running: it sees a flagged SIGINT at its next check, unless it then blocks.
         asyncio.get_running_loop().call_later(
             _WAKE_EVERY_S, self._wake_main_thread, begun, left - 1
         )
