@@ -20,6 +20,7 @@ import pytest
 from openai.types.beta.threads import Run
 from PIL import Image
 
+from sandkernel.errors import SessionClosed
 from sandkernel.openai_api.runs import _annotations, chat_context
 from sandkernel.openai_api.state import RunState
 from sandkernel.openai_api.wire import Message
@@ -366,6 +367,40 @@ async def test_a_session_ended_between_two_code_calls_of_a_run_is_replaced_sayin
     # The model is told its variables are gone, as after any new session of the thread.
     system = daemon.model.requests[-1]["messages"][0]
     assert system["role"] == "system" and "was restarted" in system["content"]
+
+
+async def test_a_code_call_refused_before_its_code_ran_is_told_as_not_run(
+    openai_daemon: OpenAIDaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandkernel.openai_api import runs as runs_module
+
+    async def refused(session: Any, code: str, logs: Any) -> Any:
+        raise SessionClosed("session 'thread' was closed: its kernel is gone")
+
+    monkeypatch.setattr(runs_module, "_execute", refused)
+    script = in_order(Reply(None, [code_call("call_1", "x = 1")]), Reply("Next."))
+    daemon = await openai_daemon(script)
+    client = daemon.openai()
+
+    def flow() -> None:
+        tools: list[Any] = [{"type": "code_interpreter"}]
+        assistant = client.beta.assistants.create(model=DEPLOYMENT, tools=tools)
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Go."}])
+        first = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=100
+        )
+        assert first.status == "failed" and first.last_error is not None
+        assert "SessionClosed" in first.last_error.message
+        client.beta.threads.messages.create(thread.id, role="user", content="Again.")
+        second = client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=100
+        )
+        assert second.status == "completed", second.last_error
+
+    await anyio.to_thread.run_sync(flow)
+    assert daemon.model is not None
+    told = [m for m in daemon.model.requests[-1]["messages"] if m.get("tool_call_id") == "call_1"]
+    assert [m["content"].split(":")[0] for m in told] == ["Not run"], told
 
 
 async def test_two_threads_run_at_once_in_two_sessions_that_see_only_their_files(

@@ -5,7 +5,8 @@ activity to the engine; the wait for the model between two code calls is
 not, yet the run (or response) still uses the session then: the model is
 told its variables are there, and its next call runs in it. So the session
 is renewed while the run or response goes on, as OpenAI counts a hosted
-container's use, and counts its time to live again only once it is done.
+container's use: each time a third of its time to live is left, so that
+once the run is done it has between two thirds of that time and all of it.
 """
 
 from __future__ import annotations

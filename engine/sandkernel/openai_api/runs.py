@@ -34,9 +34,14 @@ from pydantic import BaseModel
 
 from sandkernel.api import EngineAPI, SessionAPI
 from sandkernel.errors import (
+    BadInput,
+    EngineClosed,
+    KernelDead,
+    KernelStartFailed,
     ModelCallFailed,
     PoolExhausted,
     SandkernelError,
+    SessionError,
     SessionLimitReached,
 )
 from sandkernel.loop import ModelReply, ToolCall, format_result, python_tool, user_traceback
@@ -98,6 +103,13 @@ _CUT_SHORT_CALL: Final = (
     "Stopped while running: the run ended while this code was running, so it may have "
     "partly run; what it did before it stopped (variables set, files written) may remain."
 )
+
+
+#: What the engine raises before a cell is sent, never once it runs (its failures then
+#: are the cell's result): a session gone, no kernel to start, input refused.
+_REFUSED_BEFORE_RUNNING: Final = (
+    SessionError, PoolExhausted, KernelStartFailed, KernelDead, EngineClosed, BadInput,
+)  # fmt: skip
 
 
 def now() -> int:
@@ -670,7 +682,12 @@ class _Progress:
         answer_at = len(self.rs.transcript)
         self.rs.transcript.append(_tool_message(call.id, _CUT_SHORT_CALL))
         await self.save()
-        result = await _execute(session, code, logs)
+        try:
+            result = await _execute(session, code, logs)
+        except _REFUSED_BEFORE_RUNNING:
+            # The code never reached a kernel: the call stays unanswered ("Not run").
+            del self.rs.transcript[answer_at]
+            raise
         logs.add(result_tail(result))
         outputs: list[LogsOutput | ImageOutput] = []
         if logs.text:
