@@ -23,7 +23,6 @@ Streamed outputs (``session.stream``, or ``on_output``) are ``{"msg_type",
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import (
@@ -66,7 +65,7 @@ from sandkernel.errors import (
 )
 from sandkernel.files import StoredFile, safe_name
 from sandkernel.files._common import open_regular, remove_if_same_file
-from sandkernel.files.store import TEXT_STREAM_REFUSED
+from sandkernel.files.store import upload_name
 from sandkernel.limits import check_code_text
 from sandkernel.results import ExecutionResult
 from sandkernel.session import SessionInfo, SessionState, UploadSource
@@ -325,14 +324,11 @@ async def _upload_part(
     ``filename`` httpx would percent-escape a ``"`` in it, which the daemon
     then stores as it came. A path is opened here, and closed after.
     """
+    chosen = upload_name(source, name)
+    safe_name(chosen)  # refused here as the engine refuses it (httpx cannot send some)
     if isinstance(source, bytes | bytearray | memoryview):
-        if name is None:
-            raise ValueError("uploading bytes needs a name (with its extension)")
-        safe_name(name)  # refused here as the engine refuses it (httpx cannot send some)
-        yield name, {"file": (name, bytes(source), "application/octet-stream")}
+        yield chosen, {"file": (chosen, bytes(source), "application/octet-stream")}
     elif isinstance(source, str | os.PathLike):
-        chosen = name or os.fsdecode(os.path.basename(os.fspath(source)))
-        safe_name(chosen)
         # Opened as the engine's store opens a path: a symlink, a FIFO, a folder
         # or a missing file is the same FileRejected, and a FIFO is refused at
         # once rather than waited on. In a worker thread, as any open can stall.
@@ -341,13 +337,7 @@ async def _upload_part(
             yield chosen, {"file": (chosen, handle, "application/octet-stream")}
         finally:
             handle.close()
-    elif isinstance(source, io.TextIOBase):
-        raise BadInput(TEXT_STREAM_REFUSED)
     else:
-        chosen = name or os.path.basename(str(getattr(source, "name", "") or ""))
-        if not chosen:
-            raise ValueError("uploading a stream needs a name (with its extension)")
-        safe_name(chosen)
         yield chosen, {"file": (chosen, source, "application/octet-stream")}
 
 

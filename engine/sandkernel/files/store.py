@@ -70,6 +70,31 @@ TEXT_STREAM_REFUSED: Final = (
 )
 
 
+def upload_name(source: UploadSource, name: str | None) -> str:
+    """The name an upload is stored under: ``name``, else its path's or its stream's own.
+
+    The one rule for every backend: the local store, the daemon's client and
+    the cluster's driver each read a source their way, under this name.
+
+    Raises:
+        BadInput: a text stream (its bytes are wanted).
+        ValueError: no name was given and none can be derived (bytes, a stream
+            without a ``name``).
+    """
+    if isinstance(source, io.TextIOBase):
+        raise BadInput(TEXT_STREAM_REFUSED)
+    if name is not None:
+        return name
+    if isinstance(source, bytes | bytearray | memoryview):
+        raise ValueError("uploading bytes needs a name (with its extension)")
+    if isinstance(source, str | os.PathLike):
+        return os.fsdecode(os.path.basename(os.fspath(source)))
+    derived = os.path.basename(str(getattr(source, "name", "") or ""))
+    if not derived:
+        raise ValueError("uploading a stream needs a name (with its extension)")
+    return derived
+
+
 class Readable(Protocol):
     """What :meth:`FileStore.add_stream` reads from."""
 
@@ -597,23 +622,17 @@ class FileStore:
 
         Raises:
             FileRejected: the name, type, size or content is refused.
+            BadInput: a text stream.
             ValueError: no name was given and none can be derived.
         """
         owner: dict[str, Any] = {
             "session_id": session_id, "agent_id": agent_id, "retention_s": retention_s,
         }  # fmt: skip
+        name = upload_name(source, name)
         if isinstance(source, bytes | bytearray | memoryview):
-            if name is None:
-                raise ValueError("uploading bytes needs a name (with its extension)")
             return self.add_bytes(bytes(source), name, **owner)
         if isinstance(source, str | os.PathLike):
             return self.add_file(source, name, **owner)
-        if isinstance(source, io.TextIOBase):
-            raise BadInput(TEXT_STREAM_REFUSED)
-        if name is None:
-            name = os.path.basename(str(getattr(source, "name", "") or "")) or None
-            if name is None:
-                raise ValueError("uploading a stream needs a name (with its extension)")
         return self.add_stream(source, name, **owner)
 
     def add_file(

@@ -9,13 +9,12 @@ its end. What the store refuses is refused here with the same class.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 
 from sandkernel.errors import BadInput, FileTooLarge
 from sandkernel.files import UploadSource
 from sandkernel.files._common import CHUNK_BYTES, open_regular
-from sandkernel.files.store import TEXT_STREAM_REFUSED, Readable
+from sandkernel.files.store import TEXT_STREAM_REFUSED, Readable, upload_name
 
 
 async def read_upload(source: UploadSource, name: str | None, max_bytes: int) -> tuple[bytes, str]:
@@ -27,19 +26,12 @@ async def read_upload(source: UploadSource, name: str | None, max_bytes: int) ->
         BadInput: a text stream.
         ValueError: no name was given and none can be derived.
     """
+    name = upload_name(source, name)
     if isinstance(source, bytes | bytearray | memoryview):
-        if name is None:
-            raise ValueError("uploading bytes needs a name (with its extension)")
         data = bytes(source)
     elif isinstance(source, str | os.PathLike):
-        name = name or os.fsdecode(os.path.basename(os.fspath(source)))
         data = await asyncio.to_thread(_read_path, source, max_bytes)
-    elif isinstance(source, io.TextIOBase):
-        raise BadInput(TEXT_STREAM_REFUSED)
     else:
-        name = name or os.path.basename(str(getattr(source, "name", "") or "")) or None
-        if name is None:
-            raise ValueError("uploading a stream needs a name (with its extension)")
         data = await asyncio.to_thread(_read_to_end, source, max_bytes)
     if len(data) > max_bytes:
         raise FileTooLarge(
