@@ -31,13 +31,16 @@ _MIN_INTERVAL_S: Final = 0.5
 
 
 @asynccontextmanager
-async def renewing(renew: Renew) -> AsyncIterator[None]:
+async def renewing(renew: Renew | None) -> AsyncIterator[None]:
     """Call ``renew`` now, then again well before each expiry it gives, while the body runs.
 
     What the body raises comes out as itself (not in an exception group), so
     callers handle it as they would without this. The renewals never raise:
-    one that fails is logged and ends them.
+    one that fails is logged and ends them. ``None``: nothing to renew.
     """
+    if renew is None:
+        yield
+        return
     failure: Exception | None = None
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(_renew_until_cancelled, renew)

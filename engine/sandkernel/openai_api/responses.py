@@ -20,7 +20,6 @@ same container its variables are still there.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import time
@@ -385,13 +384,9 @@ class Responses:
             )
         session = prepared.session
         # The container stays alive while the response uses it, slow model turns included.
-        kept_alive = (
-            renewing(partial(self.containers.keep_active, session))
-            if session is not None
-            else contextlib.nullcontext()
-        )
+        keep_active = None if session is None else partial(self.containers.keep_active, session)
         try:
-            async with kept_alive:
+            async with renewing(keep_active):
                 await turn.run(self.model, prepared.transcript)
         except Exception as exc:
             # Its container is made and may have run code: the response is kept, failed,

@@ -21,7 +21,6 @@ the error handed back so the model can fix its code), and its reply types.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -177,13 +176,8 @@ class RunDriver:
         if progress.run.status not in ("queued", "in_progress"):
             return  # settled meanwhile (cancelled while queued)
         # The thread's session stays alive while the run uses it, slow model turns included.
-        kept_alive = (
-            renewing(progress.keep_alive)
-            if progress.has_code_interpreter
-            else contextlib.nullcontext()
-        )
         try:
-            async with kept_alive:
+            async with renewing(progress.keep_alive if progress.has_code_interpreter else None):
                 await progress.go()
         except RunStopped as stop:
             await progress.stop(stop)
