@@ -54,7 +54,7 @@ def test_wheel_contains_policies_kernel_spec_runtime_and_py_typed(tmp_path: Path
         "sandkernel/_data/kernels/sandkernel-python/kernel.json",
         "sandkernel/_data/kernels/runtime/launch.py",
         "sandkernel/_data/kernels/runtime/_sandkernel_kernel.py",
-        "sandkernel/_data/kernels/runtime/_sandkernel_selfcheck.py",
+        "sandkernel/_data/kernels/runtime/_sandkernel_setup.py",
         "sandkernel/_data/kernels/runtime/forkserver.py",
         "sandkernel/_data/kernels/runtime/start_forkserver.py",
         "sandkernel/_data/kernels/runtime/frames.py",

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import anyio
 import pytest
 
 from sandkernel import kernel as kernel_module
+from sandkernel._resources import data_dir
 from sandkernel.errors import KernelDead
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy
@@ -209,8 +213,8 @@ async def test_the_users_modules_are_not_shadowed_by_the_runtimes(
     kernel_factory: KernelFactory,
 ) -> None:
     k = await kernel_factory()
-    # Names of the runtime's own files, and of the self-check's module.
-    for name in ("launch", "zygote", "frames", "_sandkernel_selfcheck"):
+    # Names of the runtime's own files, and of the set-up cell's module.
+    for name in ("launch", "zygote", "frames", "_sandkernel_setup"):
         (k.workspace / f"{name}.py").write_text(f"MINE = {name!r}\ndef report(): return '{{}}'\n")
     r = await k.execute(
         "import launch, zygote, frames\nprint(launch.MINE, zygote.MINE, frames.MINE)"
@@ -565,6 +569,16 @@ def test_a_value_beyond_what_a_cell_keeps_of_its_displays_is_left_out() -> None:
     assert fresh.value is not None and not fresh.displays_truncated
 
 
+def _set_up_module() -> ModuleType:
+    """The set-up cell's runtime module, loaded as the kernel loads it (its own name)."""
+    path = data_dir("kernels") / "runtime" / "_sandkernel_setup.py"
+    spec = importlib.util.spec_from_file_location("_sandkernel_setup", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_a_prewarm_import_failing_oddly_is_reported_and_the_set_up_cell_goes_on(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -578,10 +592,23 @@ def test_a_prewarm_import_failing_oddly_is_reported_and_the_set_up_cell_goes_on(
                 raise Unprintable
             return None
 
-    monkeypatch.setattr("sys.meta_path", [Finder(), *__import__("sys").meta_path])
+    monkeypatch.setattr("sys.meta_path", [Finder(), *sys.meta_path])
+    monkeypatch.setitem(sys.modules, "_sandkernel_setup", _set_up_module())
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
     namespace: dict[str, Any] = {}
-    source = "\n".join(kernel_module._prewarm_import(m) for m in ("odd_prewarm_module", "json"))
-    exec(compile(source, "<set-up>", "exec"), namespace)  # noqa: S102 - the cell's own code
-    assert "json" in namespace and "_e" not in namespace
+    modules = ("odd_prewarm_module", "no_such_prewarm_module", "colorsys")
+    line = kernel_module._prewarm_call(modules)
+    exec(compile(line, "<set-up>", "exec"), namespace)  # noqa: S102 - the cell's own line
+    # Each module was tried, the one that imports is imported, and the user's
+    # namespace has none of their names (nor any other name of the line's).
+    assert "colorsys" in sys.modules
+    assert set(namespace) == {"__builtins__"}
     failed = kernel_module._prewarm_failures(capsys.readouterr().err)
-    assert failed == {"odd_prewarm_module": "?"}
+    assert failed == {
+        "odd_prewarm_module": "?",
+        "no_such_prewarm_module": "ModuleNotFoundError: No module named 'no_such_prewarm_module'",
+    }
+
+
+def test_the_prewarm_report_is_read_with_the_prefix_the_runtime_writes() -> None:
+    assert _set_up_module().PREWARM_FAILED == kernel_module._PREWARM_FAILED

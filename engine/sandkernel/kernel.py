@@ -15,7 +15,7 @@ import queue
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,23 +82,19 @@ _SHUT_DOWN: tuple[Status, str] = (
 #: Optional callback fed each iopub message of a cell as it arrives (streaming).
 OutputCallback = Callable[[dict[str, Any]], None]
 
-#: Starts a line the set-up cell prints on stderr for a prewarm module it could not import.
+#: Starts a line the set-up cell prints on stderr for a prewarm module it could not
+#: import (``PREWARM_FAILED`` in ``kernels/runtime/_sandkernel_setup.py``).
 _PREWARM_FAILED = "sandkernel-prewarm-failed:"
 
 
-def _prewarm_import(module: str) -> str:
-    """Import ``module`` in the set-up cell; a failure is not fatal but is reported."""
-    # The report is guarded too: an exception whose str() raises must not
-    # fail the set-up cell, which a failing import does not.
-    return (
-        f"try:\n    import {module}\nexcept Exception as _e:\n"
-        "    try:\n"
-        f"        __import__('sys').stderr.write("
-        f"'{_PREWARM_FAILED} {module}: ' + type(_e).__name__ + ': ' + str(_e) + '\\n')\n"
-        "    except Exception:\n"
-        f"        __import__('sys').stderr.write('{_PREWARM_FAILED} {module}: ?\\n')\n"
-        "    del _e"
-    )
+def _prewarm_call(modules: Sequence[str]) -> str:
+    """The set-up cell's line that imports ``modules`` in the kernel, binding no name.
+
+    The runtime's function does the imports (``_sandkernel_setup.prewarm``,
+    imported before the kernel started): one short line for IPython to
+    transform and compile in each new kernel, however many modules.
+    """
+    return f"__import__('_sandkernel_setup').prewarm({list(modules)!r})"
 
 
 def _prewarm_failures(stderr: str) -> dict[str, str]:
@@ -109,12 +105,6 @@ def _prewarm_failures(stderr: str) -> dict[str, str]:
             module, _, why = line[len(_PREWARM_FAILED) :].strip().partition(": ")
             failed[module] = why
     return failed
-
-
-def _forget_names(modules: Iterable[str]) -> str:
-    """``del`` the top-level names the prewarm imports bound, so the user starts clean."""
-    names = list(dict.fromkeys(m.split(".")[0] for m in modules))
-    return "\n".join(f"globals().pop({n!r}, None)" for n in names)
 
 
 class _Capped:
@@ -967,7 +957,7 @@ class SandboxedKernel:
         In this order: the isolation self-check (:meth:`self_check`, skipped
         when ``self_check`` is false), the prewarm ``imports`` (a module that
         is missing or fails to import is not fatal: the user's own import will
-        say so; the names they bind are removed) and the warm-up. A kernel's
+        say so; no name is bound in the user's namespace) and the warm-up. A kernel's
         first cell that shows a value costs about 2 ms more than the next
         ones, for one-time work in IPython (it builds its session logger,
         importing ``IPython.core.logger``, and runs its display formatters for
@@ -990,8 +980,7 @@ class SandboxedKernel:
         """
         parts = [SELF_CHECK_PROBE] if self_check else []
         if imports:
-            parts += [_prewarm_import(m) for m in imports]
-            parts.append(_forget_names(imports))
+            parts.append(_prewarm_call(imports))
         parts.append(_WARM_UP)
         # A cold kernel imports the prewarm modules here (numpy, pandas: seconds).
         timeout_s = 120 if imports else 30

@@ -76,7 +76,7 @@ def prepare_kernel_app():
     does first. No connection file, key, socket or thread: the kernel makes
     those after the fork (:func:`run_kernel`).
     """
-    import _sandkernel_selfcheck  # noqa: F401 - every kernel's first cell calls it
+    import _sandkernel_setup  # noqa: F401 - every kernel's first cell calls it
     from _sandkernel_kernel import KernelApp
     from IPython.core.application import BaseIPythonApplication
 
@@ -134,10 +134,10 @@ def run_kernel(args, app=None):
         if path:
             os.makedirs(path, exist_ok=True)
     os.chdir(os.environ.get("SANDKERNEL_WORKSPACE", "/mnt/data"))
-    # The kernel's application and the self-check's code (its cell calls it),
+    # The kernel's application and the set-up cell's code (its cell calls it),
     # from the runtime, before any file of the user's is on the path; a forked
     # kernel has them from the zygote.
-    import _sandkernel_selfcheck  # noqa: F401
+    import _sandkernel_setup  # noqa: F401
     from _sandkernel_kernel import KernelApp
 
     # Then the runtime's folder leaves the path, and this module sys.modules (a

@@ -25,10 +25,10 @@ IPYKERNEL_ENV = frozenset(
 
 #: Run in a kernel, prints one JSON line: who it runs as, its mounts, its
 #: environment and which places it can write. Leaves no name behind. The
-#: check itself is ``kernels/runtime/_sandkernel_selfcheck.py``, imported by
-#: every kernel before it starts (``launch.run_kernel``; a forked kernel has it
-#: from the zygote, compiled and shared): this cell only calls it.
-SELF_CHECK_PROBE = "import _sandkernel_selfcheck as _sk\nprint(_sk.report(), flush=True); del _sk"
+#: check itself is ``report()`` in ``kernels/runtime/_sandkernel_setup.py``,
+#: imported by every kernel before it starts (``launch.run_kernel``; a forked
+#: kernel has it from the zygote, compiled and shared): this cell only calls it.
+SELF_CHECK_PROBE = "import _sandkernel_setup as _sk\nprint(_sk.report(), flush=True); del _sk"
 
 
 def expected_mounts(policy: Policy, runtime: Runtime) -> dict[str, tuple[bool, bool]]:

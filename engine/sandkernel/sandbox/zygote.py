@@ -234,7 +234,7 @@ class Zygote:
         # The stub of every sandbox it forks into, and the zygote, import them.
         names = (
             "launch.py", "immortal.py", "hugepages.py",
-            "_sandkernel_kernel.py", "_sandkernel_selfcheck.py",
+            "_sandkernel_kernel.py", "_sandkernel_setup.py",
         )  # fmt: skip
         write_bytecode(*(runtime / name for name in names))
         # -s: the zygote runs as root with the sandbox's HOME (/tmp, the host's

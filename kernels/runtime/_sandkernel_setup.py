@@ -1,15 +1,22 @@
-"""The self-check a kernel runs before it is handed out (``sandkernel.sandbox.verify``).
+"""What a kernel runs in its set-up cell before it is handed out (``sandkernel.kernel``).
 
-Standard library only and no sandkernel import: it runs in the kernel, in
-the sandbox. Imported once before the kernel starts (by ``launch.py``, or
-by the zygote, whose kernels share its compiled and warmed code), so the
-check's cell is a call, not 30 lines for IPython to transform and compile
-in every new kernel. The module's name is private: a user's own
-``selfcheck.py`` stays theirs.
+The isolation self-check (:func:`report`, checked by ``sandkernel.sandbox.verify``)
+and the prewarm imports (:func:`prewarm`). Standard library only and no
+sandkernel import: it runs in the kernel, in the sandbox. Imported once before
+the kernel starts (by ``launch.py``, or by the zygote, whose kernels share its
+compiled and warmed code), so the set-up cell is two calls, not 30 lines for
+IPython to transform and compile in every new kernel. The module's name is
+private: a user's own ``selfcheck.py`` or ``setup.py`` stays theirs.
 """
 
+import importlib
 import json
 import os
+import sys
+
+#: Starts the line :func:`prewarm` writes on stderr for a module it could not
+#: import (``sandkernel.kernel`` reads it back).
+PREWARM_FAILED = "sandkernel-prewarm-failed:"
 
 
 def _writable(path):
@@ -53,3 +60,21 @@ def report():
             "mounts": mounts,
         }
     )
+
+
+def prewarm(modules):
+    """Import each of ``modules``, binding no name; report on stderr those that fail.
+
+    A module that is missing or fails to import is not fatal: the user's own
+    import will say so. The report is guarded too: an exception whose
+    ``str()`` raises does not stop the others.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            try:
+                why = f"{type(exc).__name__}: {exc}"
+            except Exception:  # noqa: BLE001
+                why = "?"
+            sys.stderr.write(f"{PREWARM_FAILED} {module}: {why}\n")
