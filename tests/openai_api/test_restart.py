@@ -1,8 +1,9 @@
-"""A thread outlives the daemon: its messages, runs and files, and a run interrupted by a stop."""
+"""A thread outlives the daemon: its messages, runs and files; runs and responses a stop ends."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -290,3 +291,77 @@ async def test_a_session_that_did_not_get_its_files_is_made_again_by_the_next_ru
     assert await anyio.to_thread.run_sync(last) == "{'out.csv': 'v1'}\n"
     system = daemon.model.requests[3]["messages"][0]["content"]  # the last run's first
     assert "restarted" in system and "put back: /mnt/data/out.csv." in system
+
+
+async def _stopped_while_streaming(
+    openai_daemon: OpenAIDaemonFactory, stream: Any
+) -> tuple[list[Any], float]:
+    """What ``stream(client)`` saw, its model call held, of a daemon stopped meanwhile.
+
+    With the seconds from the stop to the stream's end.
+    """
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        arrived.set()
+        await release.wait()
+
+    daemon = await openai_daemon(in_order(Reply("never sent", before=hold)), graceful_timeout_s=3)
+    client = daemon.openai()
+    try:
+        async with anyio.create_task_group() as tasks:
+            seen: list[Any] = []
+
+            async def streaming() -> None:
+                seen.extend(await anyio.to_thread.run_sync(stream, client))
+
+            tasks.start_soon(streaming)
+            async with asyncio.timeout(60):
+                await arrived.wait()
+            stopped = time.monotonic()
+            daemon.running.daemon.shutdown()
+        took = time.monotonic() - stopped
+        async with asyncio.timeout(60):
+            await daemon.running.task
+    finally:
+        release.set()
+    return seen, took
+
+
+async def test_a_stop_ends_a_streamed_run_with_its_final_events_within_the_grace_time(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    def stream(client: Any) -> list[Any]:
+        assistant = client.beta.assistants.create(model=DEPLOYMENT)
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Hi."}])
+        with client.beta.threads.runs.create(
+            thread_id=thread.id, assistant_id=assistant.id, stream=True
+        ) as events:
+            return list(events)  # ends at ``done``; a cut stream raises
+
+    seen, took = await _stopped_while_streaming(openai_daemon, stream)
+    assert [e.event for e in seen] == [
+        "thread.run.created",
+        "thread.run.queued",
+        "thread.run.in_progress",
+        "thread.run.failed",
+    ]
+    failed = seen[-1].data
+    assert failed.status == "failed" and failed.last_error is not None
+    assert "shut down while this run was in progress" in failed.last_error.message
+    assert took < 3, "the stream was not ended before the grace time was up"
+
+
+async def test_a_stop_ends_a_streamed_response_as_failed_within_the_grace_time(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    def stream(client: Any) -> list[Any]:
+        with client.responses.create(model=DEPLOYMENT, input="hi", stream=True) as events:
+            return list(events)
+
+    seen, took = await _stopped_while_streaming(openai_daemon, stream)
+    last = seen[-1]
+    assert last.type == "response.failed", [e.type for e in seen]
+    assert last.response.status == "failed" and last.response.error is not None
+    assert "shut down while this response was in progress" in last.response.error.message
+    assert took < 3, "the stream was not ended before the grace time was up"

@@ -152,3 +152,39 @@ def test_a_stream_never_read_is_let_go_when_its_run_ends() -> None:
     assert not hub.watched("run-1")
     # What it was given stays for it, should its body start after all.
     assert never_read._queue.qsize() == 2
+
+
+async def test_a_run_started_once_the_service_winds_down_is_failed_as_it_starts(
+    tmp_path: Path,
+) -> None:
+    service = _service(tmp_path)
+    driven: list[str] = []
+    settled: list[tuple[str, bool]] = []
+
+    going_driven = asyncio.Event()
+
+    async def drive(run_id: str) -> None:
+        await asyncio.sleep(0)  # as the driver's first step, loading the run, awaits
+        driven.append(run_id)
+        going_driven.set()
+        await asyncio.Event().wait()  # runs until cancelled
+
+    async def settle_cancelled(run_id: str, *, by_caller: bool) -> None:
+        settled.append((run_id, by_caller))
+
+    service.driver.drive = drive  # type: ignore[method-assign]
+    service.driver.settle_cancelled = settle_cancelled  # type: ignore[method-assign]
+    async with service:
+        going = _run("in_progress")
+        service._start(going, stream=False)
+        async with asyncio.timeout(10):
+            await going_driven.wait()
+            # The run going is ended, and the wind-down returns once it is settled.
+            await service.wind_down()
+        assert settled == [(going.id, False)]
+        late = _run("queued", id="run-2")
+        service._start(late, stream=False)
+        async with asyncio.timeout(10):
+            await service._finished[late.id].wait()
+        assert settled == [(going.id, False), (late.id, False)]
+        assert driven == [going.id]  # cancelled at its first step: failed as it started

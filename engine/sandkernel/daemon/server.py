@@ -9,9 +9,11 @@
 :func:`run_daemon` is that, plus signals: SIGTERM or SIGINT stops accepting
 connections, lets running requests finish (up to ``graceful_timeout_s``, then
 cancels them, which interrupts their cells), then closes the engine, which ends
-every kernel. The Unix socket is created with mode 0600 (under a restrictive
-umask, then chmod, so it is never reachable by others even for an instant) in
-a folder only its owner can write.
+every kernel. Shortly before that deadline, the OpenAI runs and responses
+still going end as failed, saying the daemon stopped, so that their streams
+end with their final events rather than being cut. The Unix socket is created
+with mode 0600 (under a restrictive umask, then chmod, so it is never reachable
+by others even for an instant) in a folder only its owner can write.
 
 What a flood of clients can make the daemon hold is bounded: one-shot runs
 and their bodies by the run admission (``max_queued_runs``,
@@ -34,7 +36,7 @@ import resource
 import signal
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -150,13 +152,51 @@ class DaemonConfig:
             )
 
 
+#: How long before the end of its grace time a stopping daemon ends the OpenAI
+#: runs and responses still going, so that their streams get their final
+#: events before uvicorn cuts what is left (at most half the grace time).
+WIND_DOWN_LEAD_S = 1.0
+
+
 class _Server(uvicorn.Server):
+    def __init__(
+        self, config: uvicorn.Config, wind_down: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        super().__init__(config)
+        self._wind_down = wind_down
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         # The daemon handles SIGTERM/SIGINT itself for its whole life (the engine
         # starts before uvicorn and closes after it), so uvicorn must not replace
         # those handlers nor re-raise the signal when it is done.
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's graceful shutdown, with what is in flight ended before its deadline.
+
+        Requests get the grace time to finish, as uvicorn gives them; a stream
+        of an OpenAI run or response that would outlast it is ended by its
+        frontend shortly before (its run failed, saying the daemon stopped),
+        with its final events, instead of being cut.
+        """
+        winding = asyncio.ensure_future(self._wind_down_before_deadline())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            winding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await winding
+
+    async def _wind_down_before_deadline(self) -> None:
+        if self._wind_down is None:
+            return
+        grace = float(self.config.timeout_graceful_shutdown or 0)
+        await asyncio.sleep(max(0.0, grace - min(WIND_DOWN_LEAD_S, grace / 2)))
+        try:
+            await self._wind_down()
+        except Exception:
+            log.exception("ending the runs in flight failed; their streams are cut")
 
 
 class Daemon:
@@ -213,7 +253,7 @@ class Daemon:
             # only when a daemon serves.
             from sandkernel.openai_api import openai_gate
 
-            served = await stack.enter_async_context(
+            gate = await stack.enter_async_context(
                 openai_gate(
                     app,
                     self.engine,
@@ -229,7 +269,7 @@ class Daemon:
 
             served = await stack.enter_async_context(
                 jupyter_gate(
-                    served,
+                    gate,
                     self.engine,
                     token=config.token,
                     max_json_bytes=config.max_json_bytes,
@@ -250,7 +290,8 @@ class Daemon:
                     # uvicorn counts the connection asking among the open ones.
                     limit_concurrency=config.max_connections + 1,
                     backlog=LISTEN_BACKLOG,
-                )
+                ),
+                wind_down=gate.wind_down,
             )
             self._server = server
             server.should_exit = self._stop_requested

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
     from sandkernel.api import EngineAPI
+    from sandkernel.openai_api.app import OpenAIGate
 
 __all__ = ["openai_gate"]
 
@@ -51,8 +52,11 @@ async def openai_gate(
     token: str | None,
     max_json_bytes: int,
     max_upload_bytes: int,
-) -> AsyncIterator[ASGIApp]:
+) -> AsyncIterator[OpenAIGate]:
     """``app`` with the OpenAI-compatible routes in front of it, while the block runs.
+
+    The gate's :meth:`~sandkernel.openai_api.app.OpenAIGate.wind_down` ends the
+    runs and responses in flight with their final events (a daemon stopping).
 
     Args:
         app: the daemon's application (every other path goes there).
@@ -77,4 +81,5 @@ async def openai_gate(
             token=token,
             max_json_bytes=max_json_bytes,
             max_upload_bytes=max_upload_bytes,
+            wind_down=service.wind_down,
         )

@@ -91,6 +91,9 @@ class OpenAIGate:
         token: the daemon's token, required over TCP (``None``: TCP is refused here).
         max_json_bytes: largest JSON body.
         max_upload_bytes: largest upload body (``POST .../files``).
+        wind_down: fails the runs and responses still going, their streams
+            still open (:meth:`AssistantsService.wind_down`); the daemon calls
+            it through :meth:`wind_down` before its grace time ends.
     """
 
     def __init__(
@@ -101,12 +104,19 @@ class OpenAIGate:
         token: str | None,
         max_json_bytes: int,
         max_upload_bytes: int,
+        wind_down: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.app = app
         self.openai_app = openai_app
         self._token = token.encode() if token else None
         self.max_json_bytes = max_json_bytes
         self.max_upload_bytes = max_upload_bytes
+        self._wind_down = wind_down
+
+    async def wind_down(self) -> None:
+        """End what is in flight with its final events, before the daemon stops."""
+        if self._wind_down is not None:
+            await self._wind_down()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not is_openai_path(scope["path"]):

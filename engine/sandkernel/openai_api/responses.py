@@ -142,6 +142,13 @@ class _Prepared:
     response_format: dict[str, Any] | None
 
 
+#: A response cut short by the daemon's stop (:meth:`Responses.wind_down`).
+_SHUT_DOWN = (
+    "the sandkernel daemon shut down while this response was in progress; "
+    "create a new response to continue"
+)
+
+
 def _now() -> int:
     return int(time.time())
 
@@ -161,6 +168,14 @@ class Responses:
         self.state = state
         self.containers = containers
         self.model = model
+        self._answering: set[anyio.CancelScope] = set()
+        self._stopping = False
+
+    def wind_down(self) -> None:
+        """End the responses being answered as failed, and those to come: the daemon stops."""
+        self._stopping = True
+        for scope in list(self._answering):
+            scope.cancel()
 
     async def _db[**P, R](self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await anyio.to_thread.run_sync(partial(function, *args, **kwargs))
@@ -386,8 +401,18 @@ class Responses:
         # The container stays alive while the response uses it, slow model turns included.
         keep_active = None if session is None else partial(self.containers.keep_active, session)
         try:
-            async with renewing(keep_active):
-                await turn.run(self.model, prepared.transcript)
+            with anyio.CancelScope() as stopping:
+                self._answering.add(stopping)
+                if self._stopping:
+                    stopping.cancel()
+                try:
+                    async with renewing(keep_active):
+                        await turn.run(self.model, prepared.transcript)
+                finally:
+                    self._answering.discard(stopping)
+            if stopping.cancelled_caught:
+                turn.failed(_SHUT_DOWN)
+                del prepared.transcript[answered:]
         except Exception as exc:
             # Its container is made and may have run code: the response is kept, failed,
             # rather than lost with a 500.

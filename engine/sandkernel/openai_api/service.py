@@ -118,6 +118,7 @@ class AssistantsService:
         self._cancelling: set[str] = set()
         self._finished: dict[str, anyio.Event] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._stopping = False
 
     async def __aenter__(self) -> Self:
         failed = await anyio.to_thread.run_sync(self.state.open)
@@ -142,6 +143,22 @@ class AssistantsService:
                 if self.model is not None:
                     await self.model.aclose()
                 await anyio.to_thread.run_sync(self.state.close)
+
+    async def wind_down(self) -> None:
+        """Fail the runs and responses still going, while their streams can still say so.
+
+        For a daemon that stops: called once its grace time is nearly over,
+        with the streams still open, so that each ends with its final event
+        (``thread.run.failed`` then ``done``, ``response.failed``) rather than
+        being cut. A run started from now on fails as it starts. Leaving the
+        service fails what is left the same way, streams or not.
+        """
+        self._stopping = True
+        for scope in list(self._scopes.values()):
+            scope.cancel()
+        self.responses.wind_down()
+        for finished in list(self._finished.values()):
+            await finished.wait()
 
     async def _db[**P, R](self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """``function`` (a blocking state call) in a worker thread."""
@@ -541,6 +558,8 @@ class AssistantsService:
         try:
             with anyio.CancelScope() as scope:
                 self._scopes[run_id] = scope
+                if self._stopping:
+                    scope.cancel()  # failed at once, as the runs going were
                 try:
                     await self.driver.drive(run_id)
                 finally:
