@@ -132,6 +132,14 @@ async def test_an_argument_of_the_wrong_type_is_the_callers_type_error(
     session = await cluster_engine.session()
     with pytest.raises(TypeError, match="must be text"):
         await session.run(123)  # type: ignore[arg-type]
+    # Streamed, the same: TypeError itself, not Ray's task error that derives from it.
+    with pytest.raises(TypeError, match="must be text") as streamed:
+        await session.run(123, on_output=lambda message: None)  # type: ignore[arg-type]
+    assert type(streamed.value) is TypeError
+    with pytest.raises(TypeError, match="must be text") as streamed:
+        async for _ in session.stream(123):  # type: ignore[arg-type]
+            pass
+    assert type(streamed.value) is TypeError
     with pytest.raises(TypeError):
         await session.extend("60")  # type: ignore[arg-type]
     with pytest.raises(TypeError):

@@ -473,6 +473,11 @@ class NodeHost:
             except (SandkernelError, ValueError) as exc:
                 yield Raised(self._outward_error(exc, name))
                 return
+            except TypeError as exc:
+                # A caller's argument of the wrong type, raised to the caller as
+                # the embedded engine raises it (as :func:`_replying` does).
+                yield Raised(exc)
+                return
             yield self._outward_result(result), self._session_info(session)
         finally:
             if not task.done():
