@@ -164,8 +164,8 @@ class EngineConfig(BaseModel):
     @field_validator("prewarm_imports")
     @classmethod
     def _module_names(cls, modules: tuple[str, ...]) -> tuple[str, ...]:
-        # Each becomes an `import` statement of the kernel's set-up cell: a
-        # name that is not a module's would fail every kernel's start.
+        # Each is imported by the kernel's set-up cell, its name written into the
+        # cell's code: only a module's name may be (checked here, not at each start).
         for module in modules:
             problem = module_name_problem(module)
             if problem is not None:

@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import pytest
 
+from sandkernel.openai_api import responses as responses_module
+from sandkernel.policy import load_policy
 from tests._model import Reply, ScriptedModel, code_call, in_order
 from tests.daemon.conftest import RunningDaemon
 from tests.openai_api.conftest import ASSISTANTS_DEPRECATED, DEPLOYMENT, OpenAIDaemonFactory
@@ -365,3 +369,80 @@ async def test_a_stop_ends_a_streamed_response_as_failed_within_the_grace_time(
     assert last.response.status == "failed" and last.response.error is not None
     assert "shut down while this response was in progress" in last.response.error.message
     assert took < 3, "the stream was not ended before the grace time was up"
+
+
+# A cell an interrupt does not stop: it is killed once the policy's grace is up.
+DEAF_TO_INTERRUPTS = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    "print('running', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+async def test_a_stop_leaves_a_cell_deaf_to_interrupts_its_grace_before_the_streams_deadline(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    # The run ends once its cell is killed, 1.5 s after the interrupt: the stop's
+    # wind-down comes early enough for that, and the run's stream ends whole
+    # within the 5 s grace time.
+    policy = load_policy("default").model_copy(update={"interrupt_grace_s": 1.5})
+    daemon = await openai_daemon(
+        in_order(Reply(None, [code_call("c1", DEAF_TO_INTERRUPTS)]), Reply("never sent")),
+        graceful_timeout_s=5,
+        engine_options={"policy": policy},
+    )
+    client = daemon.openai()
+    running = anyio.Event()
+    token = anyio.lowlevel.current_token()
+
+    def stream() -> list[Any]:
+        assistant = client.beta.assistants.create(
+            model=DEPLOYMENT, tools=[{"type": "code_interpreter"}]
+        )
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Hi."}])
+        seen = []
+        with client.beta.threads.runs.create(
+            thread_id=thread.id, assistant_id=assistant.id, stream=True
+        ) as events:
+            for event in events:  # a cut stream raises
+                seen.append(event)
+                if event.event == "thread.run.step.delta" and "running" in str(event.data):
+                    anyio.from_thread.run_sync(running.set, token=token)
+        return seen
+
+    async with anyio.create_task_group() as tasks:
+        seen: list[Any] = []
+
+        async def streaming() -> None:
+            seen.extend(await anyio.to_thread.run_sync(stream))
+
+        tasks.start_soon(streaming)
+        with anyio.fail_after(60):
+            await running.wait()
+        daemon.running.daemon.shutdown()
+    async with asyncio.timeout(60):
+        await daemon.running.task
+    assert seen[-1].event == "thread.run.failed", [e.event for e in seen]
+    assert "shut down while this run was in progress" in seen[-1].data.last_error.message
+
+
+async def test_a_response_begun_once_the_daemon_winds_down_fails_as_it_begins(
+    openai_daemon: OpenAIDaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request the daemon took before it stopped, answered after its wind-down.
+    made = responses_module.Responses.__init__
+
+    def wound_down(self: responses_module.Responses, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        self.wind_down()
+
+    monkeypatch.setattr(responses_module.Responses, "__init__", wound_down)
+    daemon = await openai_daemon(in_order(Reply("never sent")))
+    client = daemon.openai()
+    response = await anyio.to_thread.run_sync(
+        lambda: client.responses.create(model=DEPLOYMENT, input="hi")
+    )
+    assert response.status == "failed" and response.error is not None
+    assert "shut down while this response was in progress" in response.error.message
+    assert daemon.model is not None and daemon.model.requests == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -188,3 +189,40 @@ async def test_a_run_started_once_the_service_winds_down_is_failed_as_it_starts(
             await service._finished[late.id].wait()
         assert settled == [(going.id, False), (late.id, False)]
         assert driven == [going.id]  # cancelled at its first step: failed as it started
+
+
+async def test_a_cancel_while_a_wound_down_run_is_settled_does_not_settle_it_again(
+    tmp_path: Path,
+) -> None:
+    service = _service(tmp_path)
+    settling, go_on = asyncio.Event(), asyncio.Event()
+    settles: list[bool] = []
+    going = _run("in_progress")
+
+    async def drive(run_id: str) -> None:
+        await asyncio.Event().wait()  # runs until cancelled
+
+    async def settle_cancelled(run_id: str, *, by_caller: bool) -> None:
+        settles.append(by_caller)
+        settling.set()
+        with contextlib.suppress(TimeoutError):  # its reads and writes, while the caller cancels
+            await asyncio.wait_for(go_on.wait(), 5)
+
+    async def stored(thread_id: str, run_id: str) -> Run:
+        return going  # as stored: the settle has not written yet
+
+    service.driver.drive = drive  # type: ignore[method-assign]
+    service.driver.settle_cancelled = settle_cancelled  # type: ignore[method-assign]
+    service.run = stored  # type: ignore[method-assign]
+    async with service:
+        service._start(going, stream=False)
+        await asyncio.sleep(0)  # its task starts
+        async with asyncio.timeout(10):
+            winding = asyncio.ensure_future(service.wind_down())
+            await settling.wait()
+            answer = await service.cancel_run(going.thread_id, going.id)
+            go_on.set()
+            await winding
+    # The task's settle is the only one; the caller was told the run is being cancelled.
+    assert settles == [False]
+    assert answer.status == "cancelling"

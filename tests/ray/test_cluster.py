@@ -140,6 +140,10 @@ async def test_an_argument_of_the_wrong_type_is_the_callers_type_error(
         async for _ in session.stream(123):  # type: ignore[arg-type]
             pass
     assert type(streamed.value) is TypeError
+    with pytest.raises(TypeError) as streamed:
+        async for _ in session.stream("1", file_ids=[123]):  # type: ignore[list-item]
+            pass
+    assert type(streamed.value) is TypeError
     with pytest.raises(TypeError):
         await session.extend("60")  # type: ignore[arg-type]
     with pytest.raises(TypeError):

@@ -9,9 +9,10 @@
 :func:`run_daemon` is that, plus signals: SIGTERM or SIGINT stops accepting
 connections, lets running requests finish (up to ``graceful_timeout_s``, then
 cancels them, which interrupts their cells), then closes the engine, which ends
-every kernel. Shortly before that deadline, the OpenAI runs and responses
-still going end as failed, saying the daemon stopped, so that their streams
-end with their final events rather than being cut. The Unix socket is created
+every kernel. Before that deadline (by the time a cell takes to stop when
+interrupted, and a second), the OpenAI runs and responses still going end as
+failed, saying the daemon stopped, so that their streams end with their final
+events rather than being cut. The Unix socket is created
 with mode 0600 (under a restrictive umask, then chmod, so it is never reachable
 by others even for an instant) in a folder only its owner can write.
 
@@ -152,18 +153,34 @@ class DaemonConfig:
             )
 
 
-#: How long before the end of its grace time a stopping daemon ends the OpenAI
-#: runs and responses still going, so that their streams get their final
-#: events before uvicorn cuts what is left (at most half the grace time).
-WIND_DOWN_LEAD_S = 1.0
+#: What a stopping daemon leaves, past the time a cell takes to stop when it is
+#: interrupted (the policy's ``interrupt_grace_s``, then it is killed), for the
+#: OpenAI runs and responses it ends to save and send their final events before
+#: uvicorn's grace time is up.
+WIND_DOWN_MARGIN_S = 1.0
+
+
+def wind_down_lead_s(interrupt_grace_s: float) -> float:
+    """How long before the end of the grace time a stopping daemon ends what is in flight.
+
+    A run or response running code ends once its cell has stopped: the
+    interrupt's grace and a margin. (The daemon takes at most half its grace
+    time for this: the rest is the requests' to finish.)
+    """
+    return interrupt_grace_s + WIND_DOWN_MARGIN_S
 
 
 class _Server(uvicorn.Server):
     def __init__(
-        self, config: uvicorn.Config, wind_down: Callable[[], Awaitable[None]] | None = None
+        self,
+        config: uvicorn.Config,
+        wind_down: Callable[[], Awaitable[None]] | None = None,
+        *,
+        lead_s: float = WIND_DOWN_MARGIN_S,
     ) -> None:
         super().__init__(config)
         self._wind_down = wind_down
+        self._lead_s = lead_s
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -185,14 +202,14 @@ class _Server(uvicorn.Server):
             await super().shutdown(sockets)
         finally:
             winding.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await winding
+            # Waited for without taking its cancellation for this task's own.
+            await asyncio.wait({winding})
 
     async def _wind_down_before_deadline(self) -> None:
-        if self._wind_down is None:
+        grace = self.config.timeout_graceful_shutdown
+        if self._wind_down is None or grace is None:  # None: uvicorn waits for them all
             return
-        grace = float(self.config.timeout_graceful_shutdown or 0)
-        await asyncio.sleep(max(0.0, grace - min(WIND_DOWN_LEAD_S, grace / 2)))
+        await asyncio.sleep(max(0.0, grace - min(self._lead_s, grace / 2)))
         try:
             await self._wind_down()
         except Exception:
@@ -292,6 +309,7 @@ class Daemon:
                     backlog=LISTEN_BACKLOG,
                 ),
                 wind_down=gate.wind_down,
+                lead_s=wind_down_lead_s(self.engine.policy.interrupt_grace_s),
             )
             self._server = server
             server.should_exit = self._stop_requested

@@ -400,6 +400,7 @@ class Responses:
         session = prepared.session
         # The container stays alive while the response uses it, slow model turns included.
         keep_active = None if session is None else partial(self.containers.keep_active, session)
+        answered_whole = False
         try:
             with anyio.CancelScope() as stopping:
                 self._answering.add(stopping)
@@ -408,9 +409,12 @@ class Responses:
                 try:
                     async with renewing(keep_active):
                         await turn.run(self.model, prepared.transcript)
+                        answered_whole = True
                 finally:
                     self._answering.discard(stopping)
-            if stopping.cancelled_caught:
+            # Not a response already answered, the stop reaching it as its
+            # container's renewals ended.
+            if stopping.cancelled_caught and not answered_whole:
                 turn.failed(_SHUT_DOWN)
                 del prepared.transcript[answered:]
         except Exception as exc:

@@ -555,24 +555,26 @@ class AssistantsService:
 
     async def _run_task(self, run_id: str) -> None:
         finished = self._finished.setdefault(run_id, anyio.Event())
+        scope = anyio.CancelScope()
+        # The run's task until its end is recorded: a cancel meanwhile (its scope
+        # cancelled again, to no effect) is not taken for a run waiting for tool
+        # outputs, which the caller's cancel settles itself, a second time.
+        self._scopes[run_id] = scope
         try:
-            with anyio.CancelScope() as scope:
-                self._scopes[run_id] = scope
+            with scope:
                 if self._stopping:
                     scope.cancel()  # failed at once, as the runs going were
-                try:
-                    await self.driver.drive(run_id)
-                finally:
-                    # The run's next task (after its tool outputs) may be known
-                    # already: only this task's own entries are removed.
-                    if self._scopes.get(run_id) is scope:
-                        del self._scopes[run_id]
+                await self.driver.drive(run_id)
             if scope.cancelled_caught:
                 with anyio.CancelScope(shield=True):
                     await self.driver.settle_cancelled(run_id, by_caller=run_id in self._cancelling)
         except Exception:
             log.exception("run %s: could not record how it ended", run_id)
         finally:
+            # The run's next task (after its tool outputs) may be known already:
+            # only this task's own entries are removed.
+            if self._scopes.get(run_id) is scope:
+                del self._scopes[run_id]
             if self._finished.get(run_id) is finished:
                 del self._finished[run_id]
                 self._cancelling.discard(run_id)

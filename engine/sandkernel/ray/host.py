@@ -449,6 +449,9 @@ class NodeHost:
         except (SandkernelError, ValueError) as exc:
             yield Raised(self._outward_error(exc, name))
             return
+        except TypeError as exc:  # a caller's argument, as below
+            yield Raised(exc)
+            return
         if isinstance(local_ids, NeedFiles):
             yield local_ids
             return
@@ -474,8 +477,8 @@ class NodeHost:
                 yield Raised(self._outward_error(exc, name))
                 return
             except TypeError as exc:
-                # A caller's argument of the wrong type, raised to the caller as
-                # the embedded engine raises it (as :func:`_replying` does).
+                # A caller's argument of the wrong type (the code), raised to the
+                # caller as the embedded engine raises it (as :func:`_replying` does).
                 yield Raised(exc)
                 return
             yield self._outward_result(result), self._session_info(session)
