@@ -13,7 +13,9 @@ from tests.daemon.conftest import DaemonFactory
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
-ENGINE_OPTIONS: dict[str, Any] = {"pool_size": 1, "batch_workers": 1}
+# No reaper pass during a scenario: one that checks a file past its retention,
+# not purged yet, must not race the purge. Expiry is found on use all the same.
+ENGINE_OPTIONS: dict[str, Any] = {"pool_size": 1, "batch_workers": 1, "reap_interval_s": 3600.0}
 
 
 @pytest.fixture(params=["embedded", "daemon"])

@@ -13,6 +13,10 @@ from tests.contract.scenarios import SCENARIOS, Scenario  # noqa: E402
 from tests.ray._daemon import client_of, cluster_engine_as_served, serving  # noqa: E402
 from tests.ray._support import LocalCluster  # noqa: E402
 
+# No reaper pass during a scenario: one that checks a file past its retention,
+# not purged yet, must not race the purge. Expiry is found on use all the same.
+NO_REAPER = {"reap_interval_s": 3600.0}
+
 pytestmark = [pytest.mark.ray, pytest.mark.sandbox, pytest.mark.anyio, pytest.mark.timeout(300)]
 
 
@@ -29,11 +33,23 @@ async def cluster_daemon(ray_cluster: LocalCluster) -> AsyncIterator[EngineAPI]:
             namespace=f"{ray_cluster.namespace}-daemon",
             runtime_dir=str(ray_cluster.root / "daemon-{node}"),
             store_dir=str(ray_cluster.stores / "daemon-{node}"),
+            **NO_REAPER,
         )
     )
     async with engine, serving(engine) as socket, client_of(socket) as client:
         ray_cluster.remember(engine.hosts())
         yield client
+        ray_cluster.remember(engine.hosts())
+
+
+@pytest.fixture(scope="module")
+async def cluster_engine(ray_cluster: LocalCluster) -> AsyncIterator[EngineAPI]:
+    """The ``cluster`` backend: a ClusterEngine over the cluster, closed afterwards."""
+    from sandkernel.ray import ClusterEngine
+
+    async with ClusterEngine(**ray_cluster.engine_kwargs(**NO_REAPER)) as engine:
+        ray_cluster.remember(engine.hosts())
+        yield engine
         ray_cluster.remember(engine.hosts())
 
 
