@@ -346,6 +346,93 @@ async def test_a_threads_session_lives_through_a_slow_model_turn_of_its_run(
     assert (await daemon.running.engine.session_info(run.thread_id)).state == "active"
 
 
+async def test_a_threads_session_lives_while_its_run_waits_for_tool_outputs(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = in_order(
+        Reply(None, [code_call("call_set", "x = 41")]),
+        Reply("Checking.", [("w1", "get_weather", "{}")]),
+        Reply(None, [code_call("call_use", "print(x + 1)")]),
+        Reply("It is 42."),
+    )
+    options = {"session_ttl_s": 2.0, "reap_interval_s": 0.1}
+    daemon = await openai_daemon(script, engine_options=options)
+    client = daemon.openai()
+    tools: list[Any] = [{"type": "code_interpreter"}, WEATHER]
+
+    def until_it_waits() -> Run:
+        assistant = client.beta.assistants.create(model=DEPLOYMENT, tools=tools)
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": "Go."}])
+        return client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=100
+        )
+
+    waiting = await anyio.to_thread.run_sync(until_it_waits)
+    assert waiting.status == "requires_action", waiting.last_error
+    # The caller takes longer than the session's time to live to answer.
+    await outlast_expiry(daemon.running.engine, waiting.thread_id)
+
+    def answered() -> list[Any]:
+        done = client.beta.threads.runs.submit_tool_outputs_and_poll(
+            run_id=waiting.id,
+            thread_id=waiting.thread_id,
+            tool_outputs=[{"tool_call_id": "w1", "output": "sun"}],
+            poll_interval_ms=100,
+        )
+        assert done.status == "completed", done.last_error
+        steps = client.beta.threads.runs.steps.list(done.id, thread_id=done.thread_id, order="asc")
+        return [s.step_details.tool_calls[0] for s in steps.data if s.type == "tool_calls"]  # type: ignore[union-attr]
+
+    calls = await anyio.to_thread.run_sync(answered)
+    assert [c.id for c in calls] == ["call_set", "w1", "call_use"]
+    # Its variables were there after the wait, and the model was told nothing else.
+    assert calls[2].code_interpreter.outputs[0].logs == "42\n"  # type: ignore[union-attr]
+    assert daemon.model is not None
+    sent = daemon.model.requests[-1]["messages"]
+    assert not [m for m in sent if m["role"] == "system" and "restarted" in m["content"]]
+
+
+async def test_a_cancelled_wait_for_tool_outputs_holds_its_session_no_longer(
+    openai_daemon: OpenAIDaemonFactory,
+) -> None:
+    script = by_marker(
+        {
+            f"thread {name}": in_order(
+                Reply(None, [code_call(f"set_{name}", "x = 1")]),
+                Reply("Checking.", [(f"w_{name}", "get_weather", "{}")]),
+            )
+            for name in ("A", "B")
+        }
+    )
+    options = {"session_ttl_s": 2.0, "reap_interval_s": 0.1, "pool_size": 2}
+    daemon = await openai_daemon(script, engine_options=options)
+    client = daemon.openai()
+    tools: list[Any] = [{"type": "code_interpreter"}, WEATHER]
+
+    def waiting_run(name: str) -> Run:
+        assistant = client.beta.assistants.create(model=DEPLOYMENT, tools=tools)
+        thread = client.beta.threads.create(
+            messages=[{"role": "user", "content": f"thread {name}"}]
+        )
+        return client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=100
+        )
+
+    cancelled = await anyio.to_thread.run_sync(waiting_run, "A")
+    assert cancelled.status == "requires_action", cancelled.last_error
+    gone = await anyio.to_thread.run_sync(
+        lambda: client.beta.threads.runs.cancel(cancelled.id, thread_id=cancelled.thread_id)
+    )
+    assert gone.status == "cancelled"
+    # Nothing holds the session now: it ends on its time to live, as any idle session.
+    engine = daemon.running.engine
+    await outlast_expiry(engine, cancelled.thread_id)
+    assert (await engine.session_info(cancelled.thread_id)).state == "expired"
+    # A run left waiting when the daemon stops holds up nothing (the daemon stops here).
+    left = await anyio.to_thread.run_sync(waiting_run, "B")
+    assert left.status == "requires_action", left.last_error
+
+
 async def test_a_session_ended_between_two_code_calls_of_a_run_is_replaced_saying_so(
     openai_daemon: OpenAIDaemonFactory,
 ) -> None:

@@ -13,6 +13,7 @@ import pytest
 from sandkernel.api import EngineAPI
 from sandkernel.openai_api.errors import APIError
 from sandkernel.openai_api.events import RunEvents
+from sandkernel.openai_api.runs import Waiting
 from sandkernel.openai_api.service import AssistantsService
 from sandkernel.openai_api.wire import (
     Container,
@@ -84,6 +85,54 @@ async def test_a_run_task_that_ends_late_leaves_its_next_tasks_bookkeeping(tmp_p
         assert service._finished.get(run.id) is second_ends
         assert run.id in service._scopes
         release_second.set()
+
+
+async def test_a_waiting_runs_session_is_held_until_its_outputs_come_and_not_after(
+    tmp_path: Path,
+) -> None:
+    service = _service(tmp_path)
+    renewals = 0
+    renewed, slow_wait_saved, slow_task_returns = (asyncio.Event() for _ in range(3))
+
+    async def renew() -> float:
+        nonlocal renewals
+        renewals += 1
+        renewed.set()
+        return time.time() + 60
+
+    drives = 0
+
+    async def drive(run_id: str) -> Waiting | None:
+        nonlocal drives
+        drives += 1
+        this = drives
+        if this == 2:
+            # Saved as waiting; its outputs come before this task has returned.
+            slow_wait_saved.set()
+            await slow_task_returns.wait()
+        return Waiting(renew, time.time() + 600) if this <= 2 else None
+
+    service.driver.drive = drive  # type: ignore[method-assign]
+    run = _run("queued")
+    async with service:
+        service._start(run, stream=False)
+        async with asyncio.timeout(10):
+            await renewed.wait()
+        assert run.id in service._holds  # left waiting: its session is held
+        # Its outputs came: the hold ends, and the run's next task drives it.
+        service._release(run.id)
+        assert run.id not in service._holds
+        service._start(run, stream=False)
+        slow_task_ended = service._finished[run.id]
+        async with asyncio.timeout(10):
+            await slow_wait_saved.wait()
+        service._start(run, stream=False)  # the outputs of that wait, before its task ended
+        slow_task_returns.set()
+        async with asyncio.timeout(10):
+            await slow_task_ended.wait()
+        # The task that returned late holds nothing: the run went on without it.
+        assert run.id not in service._holds
+        assert renewals == 1
 
 
 async def test_tool_outputs_for_a_run_that_expired_after_it_was_read_get_a_400(

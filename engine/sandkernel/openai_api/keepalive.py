@@ -7,6 +7,9 @@ told its variables are there, and its next call runs in it. So the session
 is renewed while the run or response goes on, as OpenAI counts a hosted
 container's use: each time a third of its time to live is left, so that
 once the run is done it has between two thirds of that time and all of it.
+A run that waits for the caller's tool outputs holds its session the same
+way until they come or its wait is over (:func:`hold`): its next code call
+runs in the same session, whatever the session's time to live.
 """
 
 from __future__ import annotations
@@ -55,7 +58,17 @@ async def renewing(renew: Renew | None) -> AsyncIterator[None]:
         raise failure
 
 
-async def _renew_until_cancelled(renew: Renew) -> None:
+async def hold(renew: Renew) -> None:
+    """Renew well before each expiry until cancelled, or until there is no session to renew.
+
+    For a session that exists already and that nothing else will make (a run
+    waiting for tool outputs): once it has ended, there is nothing to hold.
+    Never raises but the cancellation.
+    """
+    await _renew_until_cancelled(renew, until_gone=True)
+
+
+async def _renew_until_cancelled(renew: Renew, *, until_gone: bool = False) -> None:
     while True:
         try:
             expiry = await renew()
@@ -63,6 +76,8 @@ async def _renew_until_cancelled(renew: Renew) -> None:
             log.exception("could not renew a session in use; it may expire")
             return
         if expiry is None:
+            if until_gone:
+                return
             await anyio.sleep(_LOOK_AGAIN_S)
             continue
         # A third of what is left: a late wake-up still renews it in time.

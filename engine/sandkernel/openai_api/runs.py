@@ -46,7 +46,7 @@ from sandkernel.errors import (
 from sandkernel.loop import ModelReply, ToolCall, format_result, python_tool, user_traceback
 from sandkernel.openai_api.chat import AssistantModel, ChatRequest, run_error_code
 from sandkernel.openai_api.events import RunEvents
-from sandkernel.openai_api.keepalive import renewing
+from sandkernel.openai_api.keepalive import Renew, renewing
 from sandkernel.openai_api.placement import Placement, Workspace
 from sandkernel.openai_api.state import ApiState, RunState, ThreadState
 from sandkernel.openai_api.wire import (
@@ -151,6 +151,19 @@ class RunStopped(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """A run waiting for tool outputs: what renews its thread's session, and until when.
+
+    Args:
+        renew: renews the session (its new expiry), None once it has ended.
+        until: when the run's wait for tool outputs is over (a Unix time).
+    """
+
+    renew: Renew
+    until: float
+
+
 class RunDriver:
     """Drives runs through their steps; the service owns the tasks it runs in."""
 
@@ -170,15 +183,23 @@ class RunDriver:
         self.model = model
         self.limits = limits or RunLimits()
 
-    async def drive(self, run_id: str) -> None:
-        """Run a queued run until it completes, fails, or waits for tool outputs."""
+    async def drive(self, run_id: str) -> Waiting | None:
+        """Run a queued run until it completes, fails, or waits for tool outputs.
+
+        Returns, for a run left waiting for tool outputs, what renews its
+        thread's session and until when: the caller keeps the session alive
+        while the run waits (:func:`~sandkernel.openai_api.keepalive.hold`).
+        """
         progress = await _Progress.load(self, run_id)
         if progress.run.status not in ("queued", "in_progress"):
-            return  # settled meanwhile (cancelled while queued)
+            return None  # settled meanwhile (cancelled while queued)
         # The thread's session stays alive while the run uses it, slow model turns included.
         try:
             async with renewing(progress.keep_alive if progress.has_code_interpreter else None):
                 await progress.go()
+            run = progress.run
+            if run.status == "requires_action" and progress.has_code_interpreter:
+                return Waiting(renew=progress.keep_alive, until=float(run.expires_at or 0))
         except RunStopped as stop:
             await progress.stop(stop)
         except ModelCallFailed as exc:
@@ -190,6 +211,7 @@ class RunDriver:
         except Exception as exc:
             log.exception("run %s failed", run_id)
             await progress.stop(RunStopped("failed", f"internal error: {exc!r}"))
+        return None
 
     async def settle_cancelled(self, run_id: str, *, by_caller: bool) -> None:
         """After the run's task was cancelled: cancelled (by the caller) or failed (shutdown)."""

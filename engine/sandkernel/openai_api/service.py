@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -27,9 +28,10 @@ from sandkernel.openai_api.chat import AssistantModel
 from sandkernel.openai_api.containers import Containers
 from sandkernel.openai_api.errors import APIError, bad_request, from_engine_error, not_found
 from sandkernel.openai_api.events import RunEvents, Subscription
+from sandkernel.openai_api.keepalive import Renew, hold
 from sandkernel.openai_api.placement import Placement, uploaded_file
 from sandkernel.openai_api.responses import Responses
-from sandkernel.openai_api.runs import PYTHON, RunDriver, RunLimits, now
+from sandkernel.openai_api.runs import PYTHON, RunDriver, RunLimits, Waiting, now
 from sandkernel.openai_api.state import ApiState, NotStored, RunState, ThreadBusy, UnknownCursor
 from sandkernel.openai_api.wire import (
     ACTIVE_RUN_STATUSES,
@@ -115,6 +117,8 @@ class AssistantsService:
         self.driver = RunDriver(engine, self.state, self.events, self.placement, model, limits)
         self._tasks: anyio.abc.TaskGroup | None = None
         self._scopes: dict[str, anyio.CancelScope] = {}
+        #: runs waiting for tool outputs -> the task holding their thread's session
+        self._holds: dict[str, anyio.CancelScope] = {}
         self._cancelling: set[str] = set()
         self._finished: dict[str, anyio.Event] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -134,7 +138,7 @@ class AssistantsService:
     async def __aexit__(self, *exc: object) -> None:
         try:
             if self._tasks is not None:
-                for scope in list(self._scopes.values()):
+                for scope in [*self._scopes.values(), *self._holds.values()]:
                     scope.cancel()
                 await self._tasks.__aexit__(None, None, None)
                 self._tasks = None
@@ -154,7 +158,7 @@ class AssistantsService:
         service fails what is left the same way, streams or not.
         """
         self._stopping = True
-        for scope in list(self._scopes.values()):
+        for scope in [*self._scopes.values(), *self._holds.values()]:
             scope.cancel()
         self.responses.wind_down()
         for finished in list(self._finished.values()):
@@ -560,14 +564,17 @@ class AssistantsService:
         # cancelled again, to no effect) is not taken for a run waiting for tool
         # outputs, which the caller's cancel settles itself, a second time.
         self._scopes[run_id] = scope
+        waiting: Waiting | None = None
         try:
             with scope:
                 if self._stopping:
                     scope.cancel()  # failed at once, as the runs going were
-                await self.driver.drive(run_id)
+                waiting = await self.driver.drive(run_id)
             if scope.cancelled_caught:
                 with anyio.CancelScope(shield=True):
                     await self.driver.settle_cancelled(run_id, by_caller=run_id in self._cancelling)
+            elif waiting is not None:
+                self._hold_while_waiting(run_id, waiting, finished)
         except Exception:
             log.exception("run %s: could not record how it ended", run_id)
         finally:
@@ -579,6 +586,40 @@ class AssistantsService:
                 del self._finished[run_id]
                 self._cancelling.discard(run_id)
             finished.set()
+
+    def _hold_while_waiting(self, run_id: str, waiting: Waiting, finished: anyio.Event) -> None:
+        """Keep the session of a run waiting for tool outputs alive while it waits.
+
+        Until the outputs come (:meth:`submit_tool_outputs`), the run is
+        cancelled, its wait is over, or its session has ended. Without this,
+        a session whose time to live is shorter than the wait (10 minutes)
+        would end meanwhile, and the run's next code call find a new one.
+        ``finished``: the event of the task that drove the run this far.
+        """
+        if self._tasks is None or self._stopping or run_id in self._cancelling:
+            return
+        if self._finished.get(run_id) is not finished:
+            return  # its outputs came already, and its next task was started
+        scope = anyio.CancelScope(
+            deadline=anyio.current_time() + max(0.0, waiting.until - time.time())
+        )
+        # Known at once, not once the task starts: outputs that come before it release it.
+        self._holds[run_id] = scope
+        self._tasks.start_soon(self._hold, run_id, waiting.renew, scope, name=f"hold {run_id}")
+
+    async def _hold(self, run_id: str, renew: Renew, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
+                await hold(renew)
+        finally:
+            if self._holds.get(run_id) is scope:
+                del self._holds[run_id]
+
+    def _release(self, run_id: str) -> None:
+        """Stop holding the session of a run that waited for tool outputs."""
+        scope = self._holds.pop(run_id, None)
+        if scope is not None:
+            scope.cancel()
 
     async def _cancel_task(self, run_id: str, *, wait: bool = False) -> None:
         scope = self._scopes.get(run_id)
@@ -645,6 +686,7 @@ class AssistantsService:
                 self.events.emit(run.id, "thread.run.cancelling", cancelling)
                 return cancelling
             # Not running here (waiting for tool outputs): cancelled at once.
+            self._release(run.id)
             await self.driver.settle_cancelled(run.id, by_caller=True)
             return await self.run(thread_id, run_id)
 
@@ -698,6 +740,7 @@ class AssistantsService:
             if not taken:  # its wait ran out since it was read: it stays expired
                 raise _no_tool_outputs(stored)
             queued = stored
+            self._release(run_id)  # the run's own task renews its session from here
         return queued, self._start(queued, stream=stream)
 
     async def step(self, thread_id: str, run_id: str, step_id: str) -> RunStep:
