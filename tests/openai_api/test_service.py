@@ -11,8 +11,10 @@ from typing import Any, cast
 import pytest
 
 from sandkernel.api import EngineAPI
+from sandkernel.openai_api import service as service_module
 from sandkernel.openai_api.errors import APIError
 from sandkernel.openai_api.events import RunEvents
+from sandkernel.openai_api.keepalive import Renew
 from sandkernel.openai_api.runs import Waiting
 from sandkernel.openai_api.service import AssistantsService
 from sandkernel.openai_api.wire import (
@@ -88,18 +90,23 @@ async def test_a_run_task_that_ends_late_leaves_its_next_tasks_bookkeeping(tmp_p
 
 
 async def test_a_waiting_runs_session_is_held_until_its_outputs_come_and_not_after(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = _service(tmp_path)
-    renewals = 0
-    renewed, slow_wait_saved, slow_task_returns = (asyncio.Event() for _ in range(3))
+    holding, hold_ended = asyncio.Event(), asyncio.Event()
+    holds = 0
 
-    async def renew() -> float:
-        nonlocal renewals
-        renewals += 1
-        renewed.set()
-        return time.time() + 60
+    async def hold(renew: Renew) -> None:
+        nonlocal holds
+        holds += 1
+        holding.set()
+        try:
+            await asyncio.Event().wait()  # renewing, until cancelled
+        finally:
+            hold_ended.set()
 
+    monkeypatch.setattr(service_module, "hold", hold)
+    slow_wait_saved, slow_task_returns = asyncio.Event(), asyncio.Event()
     drives = 0
 
     async def drive(run_id: str) -> Waiting | None:
@@ -110,18 +117,18 @@ async def test_a_waiting_runs_session_is_held_until_its_outputs_come_and_not_aft
             # Saved as waiting; its outputs come before this task has returned.
             slow_wait_saved.set()
             await slow_task_returns.wait()
-        return Waiting(renew, time.time() + 600) if this <= 2 else None
+        return Waiting(_never_renewed, time.time() + 600) if this <= 2 else None
 
     service.driver.drive = drive  # type: ignore[method-assign]
     run = _run("queued")
     async with service:
         service._start(run, stream=False)
         async with asyncio.timeout(10):
-            await renewed.wait()
-        assert run.id in service._holds  # left waiting: its session is held
+            await holding.wait()  # left waiting: its session is held
         # Its outputs came: the hold ends, and the run's next task drives it.
         service._release(run.id)
-        assert run.id not in service._holds
+        async with asyncio.timeout(10):
+            await hold_ended.wait()
         service._start(run, stream=False)
         slow_task_ended = service._finished[run.id]
         async with asyncio.timeout(10):
@@ -130,9 +137,86 @@ async def test_a_waiting_runs_session_is_held_until_its_outputs_come_and_not_aft
         slow_task_returns.set()
         async with asyncio.timeout(10):
             await slow_task_ended.wait()
+        await asyncio.sleep(0)  # a hold it had started would have begun by now
         # The task that returned late holds nothing: the run went on without it.
-        assert run.id not in service._holds
-        assert renewals == 1
+        assert (holds, run.id in service._holds) == (1, False)
+
+
+async def _never_renewed() -> float:
+    raise AssertionError("the hold is replaced in this test")
+
+
+async def test_a_hold_ends_when_the_runs_wait_for_outputs_is_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = _service(tmp_path)
+    renewals = 0
+    hold_ended = asyncio.Event()
+    real_hold = service_module.hold
+
+    async def renew() -> float:
+        nonlocal renewals
+        renewals += 1
+        return time.time() + 60  # next renewal 20 s away: only the deadline ends it sooner
+
+    async def watched_hold(renew: Renew) -> None:
+        try:
+            await real_hold(renew)
+        finally:
+            hold_ended.set()
+
+    async def drive(run_id: str) -> Waiting:
+        return Waiting(renew, time.time() + 0.3)  # its wait is over in 0.3 s
+
+    monkeypatch.setattr(service_module, "hold", watched_hold)
+    service.driver.drive = drive  # type: ignore[method-assign]
+    run = _run("queued")
+    async with service:
+        service._start(run, stream=False)
+        async with asyncio.timeout(10):
+            await hold_ended.wait()
+        assert (renewals, run.id in service._holds) == (1, False)
+
+
+class _ClosingEngine:
+    """An engine whose sessions close at once (all a thread's deletion asks of it)."""
+
+    async def close_session(self, session_id: str) -> None:
+        return None
+
+
+async def test_deleting_a_thread_ends_the_hold_on_its_waiting_runs_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = AssistantsService(
+        cast(EngineAPI, _ClosingEngine()), tmp_path / "state.sqlite3", model=None
+    )
+    holding, hold_ended = asyncio.Event(), asyncio.Event()
+
+    async def hold(renew: Renew) -> None:
+        holding.set()
+        try:
+            await asyncio.Event().wait()  # renewing, until cancelled
+        finally:
+            hold_ended.set()
+
+    waiting = _run("requires_action", expires_at=int(time.time()) + 600)
+
+    async def drive(run_id: str) -> Waiting:
+        service.state.save(waiting)
+        return Waiting(_never_renewed, time.time() + 600)
+
+    monkeypatch.setattr(service_module, "hold", hold)
+    service.driver.drive = drive  # type: ignore[method-assign]
+    async with service:
+        service.state.save(Thread(id="thread-t", created_at=1))
+        service._start(_run("queued"), stream=False)
+        async with asyncio.timeout(10):
+            await holding.wait()
+        await service.delete_thread("thread-t")
+        async with asyncio.timeout(10):
+            await hold_ended.wait()
+        assert waiting.id not in service._holds
 
 
 async def test_tool_outputs_for_a_run_that_expired_after_it_was_read_get_a_400(

@@ -7,9 +7,12 @@ told its variables are there, and its next call runs in it. So the session
 is renewed while the run or response goes on, as OpenAI counts a hosted
 container's use: each time a third of its time to live is left, so that
 once the run is done it has between two thirds of that time and all of it.
-A run that waits for the caller's tool outputs holds its session the same
-way until they come or its wait is over (:func:`hold`): its next code call
-runs in the same session, whatever the session's time to live.
+A run that waits for the caller's tool outputs (with ``code_interpreter``)
+holds its session the same way until they come or its wait is over
+(:func:`hold`): its next code call runs in the same session, even with a
+time to live shorter than the wait. Renewing counts the time to live again;
+an idle timeout (counted from the last cell) and a maximum lifetime still
+apply, as they do between two model turns.
 """
 
 from __future__ import annotations

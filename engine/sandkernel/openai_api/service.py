@@ -117,7 +117,7 @@ class AssistantsService:
         self.driver = RunDriver(engine, self.state, self.events, self.placement, model, limits)
         self._tasks: anyio.abc.TaskGroup | None = None
         self._scopes: dict[str, anyio.CancelScope] = {}
-        #: runs waiting for tool outputs -> the task holding their thread's session
+        #: runs waiting for tool outputs -> the scope of the task holding their thread's session
         self._holds: dict[str, anyio.CancelScope] = {}
         self._cancelling: set[str] = set()
         self._finished: dict[str, anyio.Event] = {}
@@ -136,6 +136,7 @@ class AssistantsService:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._stopping = True  # a run task not begun yet fails as it begins, holding nothing
         try:
             if self._tasks is not None:
                 for scope in [*self._scopes.values(), *self._holds.values()]:
@@ -347,6 +348,7 @@ class AssistantsService:
         async with self._lock(thread_id):
             active = await self._db(self.state.active_run, thread_id)
             if active is not None:
+                self._release(active.id)
                 await self._cancel_task(active.id, wait=True)
             try:
                 await self.engine.close_session(thread_id)
@@ -591,9 +593,10 @@ class AssistantsService:
         """Keep the session of a run waiting for tool outputs alive while it waits.
 
         Until the outputs come (:meth:`submit_tool_outputs`), the run is
-        cancelled, its wait is over, or its session has ended. Without this,
-        a session whose time to live is shorter than the wait (10 minutes)
-        would end meanwhile, and the run's next code call find a new one.
+        cancelled, its thread deleted, its wait over or its session ended,
+        or the service winds down. Without this, a session whose time to
+        live is shorter than the wait (10 minutes) would end meanwhile, and
+        the run's next code call find a new one.
         ``finished``: the event of the task that drove the run this far.
         """
         if self._tasks is None or self._stopping or run_id in self._cancelling:
