@@ -56,11 +56,17 @@ def ray_cluster(ray_clusters: LocalCluster) -> LocalCluster:
 
 
 @pytest.fixture(scope="module")
-async def cluster_engine(ray_cluster: LocalCluster) -> AsyncIterator[object]:
-    """A ClusterEngine over the cluster, shared by a module's tests; closed afterwards."""
+async def cluster_engine(
+    request: pytest.FixtureRequest, ray_cluster: LocalCluster
+) -> AsyncIterator[object]:
+    """A ClusterEngine over the cluster, shared by a module's tests; closed afterwards.
+
+    A module's ``CLUSTER_ENGINE_OPTIONS`` (a dict) are added to its arguments.
+    """
     from sandkernel.ray import ClusterEngine
 
-    engine = ClusterEngine(**ray_cluster.engine_kwargs())
+    options = getattr(request.module, "CLUSTER_ENGINE_OPTIONS", {})
+    engine = ClusterEngine(**ray_cluster.engine_kwargs(**options))
     async with engine:
         ray_cluster.remember(engine.hosts())
         yield engine

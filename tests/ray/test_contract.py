@@ -16,6 +16,8 @@ from tests.ray._support import LocalCluster  # noqa: E402
 # No reaper pass during a scenario: one that checks a file past its retention,
 # not purged yet, must not race the purge. Expiry is found on use all the same.
 NO_REAPER = {"reap_interval_s": 3600.0}
+#: the ``cluster`` backend's (tests/ray/conftest.py: ``cluster_engine``)
+CLUSTER_ENGINE_OPTIONS = NO_REAPER
 
 pytestmark = [pytest.mark.ray, pytest.mark.sandbox, pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -39,17 +41,6 @@ async def cluster_daemon(ray_cluster: LocalCluster) -> AsyncIterator[EngineAPI]:
     async with engine, serving(engine) as socket, client_of(socket) as client:
         ray_cluster.remember(engine.hosts())
         yield client
-        ray_cluster.remember(engine.hosts())
-
-
-@pytest.fixture(scope="module")
-async def cluster_engine(ray_cluster: LocalCluster) -> AsyncIterator[EngineAPI]:
-    """The ``cluster`` backend: a ClusterEngine over the cluster, closed afterwards."""
-    from sandkernel.ray import ClusterEngine
-
-    async with ClusterEngine(**ray_cluster.engine_kwargs(**NO_REAPER)) as engine:
-        ray_cluster.remember(engine.hosts())
-        yield engine
         ray_cluster.remember(engine.hosts())
 
 
