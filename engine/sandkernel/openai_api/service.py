@@ -139,8 +139,7 @@ class AssistantsService:
         self._stopping = True  # a run task not begun yet fails as it begins, holding nothing
         try:
             if self._tasks is not None:
-                for scope in [*self._scopes.values(), *self._holds.values()]:
-                    scope.cancel()
+                self._cancel_all()
                 await self._tasks.__aexit__(None, None, None)
                 self._tasks = None
         finally:
@@ -159,11 +158,15 @@ class AssistantsService:
         service fails what is left the same way, streams or not.
         """
         self._stopping = True
-        for scope in [*self._scopes.values(), *self._holds.values()]:
-            scope.cancel()
+        self._cancel_all()
         self.responses.wind_down()
         for finished in list(self._finished.values()):
             await finished.wait()
+
+    def _cancel_all(self) -> None:
+        """Cancel every run's task and every hold on a waiting run's session."""
+        for scope in [*self._scopes.values(), *self._holds.values()]:
+            scope.cancel()
 
     async def _db[**P, R](self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """``function`` (a blocking state call) in a worker thread."""

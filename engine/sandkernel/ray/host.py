@@ -446,11 +446,8 @@ class NodeHost:
         try:
             session = self.engine.live_session(name)
             local_ids = await self._resolve(file_ids) if file_ids else []
-        except (SandkernelError, ValueError) as exc:
+        except (SandkernelError, ValueError, TypeError) as exc:  # TypeError: as below
             yield Raised(self._outward_error(exc, name))
-            return
-        except TypeError as exc:  # a caller's argument, as below
-            yield Raised(exc)
             return
         if isinstance(local_ids, NeedFiles):
             yield local_ids
@@ -473,13 +470,10 @@ class NodeHost:
                 yield message
             try:
                 result = task.result()
-            except (SandkernelError, ValueError) as exc:
+            except (SandkernelError, ValueError, TypeError) as exc:
+                # TypeError: a caller's argument of the wrong type (the code), raised
+                # to the caller as the embedded engine raises it (as :func:`_replying` does).
                 yield Raised(self._outward_error(exc, name))
-                return
-            except TypeError as exc:
-                # A caller's argument of the wrong type (the code), raised to the
-                # caller as the embedded engine raises it (as :func:`_replying` does).
-                yield Raised(exc)
                 return
             yield self._outward_result(result), self._session_info(session)
         finally:
