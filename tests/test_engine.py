@@ -306,7 +306,7 @@ async def test_a_run_cancelled_before_its_cell_begins_is_interrupted_not_killed(
     engine = await engine_factory()
     s = await engine.session("early")
     await s.run("before = 1")
-    interrupt = SandboxedKernel._km_interrupt
+    interrupt = SandboxedKernel._interrupt_cell
     begun_when_sent: list[bool] = []
 
     async def seen(kernel: SandboxedKernel) -> None:
@@ -314,7 +314,7 @@ async def test_a_run_cancelled_before_its_cell_begins_is_interrupted_not_killed(
         begun_when_sent.append(cell is not None and cell.out.execution_count is not None)
         await interrupt(kernel)
 
-    monkeypatch.setattr(SandboxedKernel, "_km_interrupt", seen)
+    monkeypatch.setattr(SandboxedKernel, "_interrupt_cell", seen)
     for _ in range(3):
         task = asyncio.create_task(s.run("import time\nfor i in range(300): time.sleep(0.1)"))
         await asyncio.sleep(0)

@@ -279,6 +279,32 @@ async def test_a_failing_output_callback_is_raised_and_the_kernel_runs_on(
     assert r.status == "ok" and r.text == "2"
 
 
+async def test_an_interrupt_the_kernel_takes_slowly_does_not_reach_the_next_cell(
+    kernel_factory: KernelFactory,
+) -> None:
+    """The kernel signals itself from its control thread, and replies after: the
+    interrupt of a cell that ended meanwhile is over before the next cell is sent."""
+    k = await kernel_factory()
+    slow_interrupts = (
+        "import time\n"
+        "kernel = get_ipython().kernel\n"
+        "handle = kernel.control_handlers['interrupt_request']\n"
+        "async def slowly(*args):\n"
+        "    time.sleep(0.3)\n"
+        "    return await handle(*args)\n"
+        "kernel.control_handlers['interrupt_request'] = slowly"
+    )
+    assert (await k.execute(slow_interrupts)).status == "ok"
+
+    def fail(message: dict[str, object]) -> None:
+        raise LookupError("the consumer failed")
+
+    with pytest.raises(LookupError, match="the consumer failed"):
+        await k.execute("print('x')", on_output=fail)
+    r = await k.execute("time.sleep(1); 1+1")
+    assert (r.status, r.text) == ("ok", "2")
+
+
 async def test_a_callback_failing_under_a_running_cell_interrupts_it_before_raising(
     kernel_factory: KernelFactory,
 ) -> None:

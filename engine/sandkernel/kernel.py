@@ -68,6 +68,8 @@ _DELIM = b"<IDS|MSG>"  # jupyter_client's: the routing ids end here
 #: its idle status counts as lost (zmq drops what queues past its limit, as
 #: PUB/SUB does, when the engine falls far behind a kernel's output).
 _IDLE_LOST_S = 3.0
+#: how long an interrupt waits for the kernel to say it has signalled itself
+_INTERRUPT_ACK_S = 1.0
 
 #: The warm-up (see ``SandboxedKernel.prepare``): no name is left behind, and
 #: no value is shown (the cell is not silent: a shown value would set ``_``).
@@ -351,6 +353,8 @@ class SandboxedKernel:
         self._km: AsyncKernelManager | None = None
         self._client: AsyncKernelClient | None = None
         self._lock = asyncio.Lock()
+        #: one interrupt at a time reads the control channel for its reply
+        self._interrupting = asyncio.Lock()
         self._drain: asyncio.Task[None] | None = None
         self._dead_reason: str | None = None
         self._closed = False
@@ -726,7 +730,7 @@ class SandboxedKernel:
             if not finished and self.alive:
                 status = "timeout"
                 message = f"the cell ran longer than its {limit_s:g} s limit"
-                await self._km_interrupt()
+                await self._interrupt_cell()
                 grace = time.monotonic() + self.policy.interrupt_grace_s
                 if await self._collect(sink, grace):
                     message += " and was interrupted; the kernel and its variables survive"
@@ -894,14 +898,34 @@ class SandboxedKernel:
             if msg.get("parent_header", {}).get("msg_id") == msg_id:
                 return msg
 
-    async def _km_interrupt(self) -> None:
-        if self._km is not None:
+    async def _interrupt_cell(self) -> None:
+        """Interrupt the running cell; return once the kernel has signalled itself.
+
+        The kernel takes interrupts as messages: its control thread sends its
+        process SIGINT, then replies. jupyter_client's ``interrupt_kernel``
+        sends the request and does not wait, so the SIGINT could come after
+        the cell has ended and land in the session's next cell. Waited for
+        here, a bounded time: a kernel that does not answer is left to the
+        caller's grace and kill.
+        """
+        client = self._client
+        if client is None:  # not started: nothing runs
+            return
+        async with self._interrupting:
             with contextlib.suppress(Exception):
-                await self._km.interrupt_kernel()
+                request = client.session.msg("interrupt_request", content={})
+                client.control_channel.send(request)
+                deadline = time.monotonic() + _INTERRUPT_ACK_S
+                while self.alive:
+                    reply = await client.get_control_msg(
+                        timeout=max(0.0, deadline - time.monotonic())
+                    )
+                    if reply.get("parent_header", {}).get("msg_id") == request["header"]["msg_id"]:
+                        return
 
     async def interrupt(self) -> None:
         """Interrupt the running cell (``KeyboardInterrupt`` in the kernel)."""
-        await self._km_interrupt()
+        await self._interrupt_cell()
 
     async def _settle_after_cancel(self, sink: _CellSink) -> None:
         sink.on_output = None  # the caller has gone
@@ -922,7 +946,7 @@ class SandboxedKernel:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
         if not sink.done.done():
-            await self._km_interrupt()
+            await self._interrupt_cell()
         if not await self._collect(sink, time.monotonic() + self.policy.interrupt_grace_s):
             await self._kill(after="a cancelled cell that did not stop when interrupted")
         elif self._client is not None and sink.reply is None:
