@@ -309,10 +309,10 @@ async def test_a_run_cancelled_before_its_cell_begins_is_interrupted_not_killed(
     interrupt = SandboxedKernel._interrupt_cell
     begun_when_sent: list[bool] = []
 
-    async def seen(kernel: SandboxedKernel) -> None:
+    async def seen(kernel: SandboxedKernel, until: float | None = None) -> None:
         cell = kernel._cell
         begun_when_sent.append(cell is not None and cell.out.execution_count is not None)
-        await interrupt(kernel)
+        await interrupt(kernel, until)
 
     monkeypatch.setattr(SandboxedKernel, "_interrupt_cell", seen)
     for _ in range(3):

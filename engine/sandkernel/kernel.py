@@ -730,8 +730,8 @@ class SandboxedKernel:
             if not finished and self.alive:
                 status = "timeout"
                 message = f"the cell ran longer than its {limit_s:g} s limit"
-                await self._interrupt_cell()
                 grace = time.monotonic() + self.policy.interrupt_grace_s
+                await self._interrupt_cell(grace)
                 if await self._collect(sink, grace):
                     message += " and was interrupted; the kernel and its variables survive"
                 else:
@@ -898,7 +898,7 @@ class SandboxedKernel:
             if msg.get("parent_header", {}).get("msg_id") == msg_id:
                 return msg
 
-    async def _interrupt_cell(self) -> None:
+    async def _interrupt_cell(self, until: float | None = None) -> None:
         """Interrupt the running cell; return once the kernel has signalled itself.
 
         The kernel takes interrupts as messages: its control thread sends its
@@ -906,7 +906,7 @@ class SandboxedKernel:
         sends the request and does not wait, so the SIGINT could come after
         the cell has ended and land in the session's next cell. Waited for
         here, a bounded time: a kernel that does not answer is left to the
-        caller's grace and kill.
+        caller's grace and kill. ``until`` (monotonic) ends the wait sooner.
         """
         client = self._client
         if client is None:  # not started: nothing runs
@@ -916,6 +916,8 @@ class SandboxedKernel:
                 request = client.session.msg("interrupt_request", content={})
                 client.control_channel.send(request)
                 deadline = time.monotonic() + _INTERRUPT_ACK_S
+                if until is not None:
+                    deadline = min(deadline, until)
                 while self.alive:
                     reply = await client.get_control_msg(
                         timeout=max(0.0, deadline - time.monotonic())
@@ -945,9 +947,10 @@ class SandboxedKernel:
                     timeout=min(remaining, _POLL_S),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
+        grace = time.monotonic() + self.policy.interrupt_grace_s
         if not sink.done.done():
-            await self._interrupt_cell()
-        if not await self._collect(sink, time.monotonic() + self.policy.interrupt_grace_s):
+            await self._interrupt_cell(grace)
+        if not await self._collect(sink, grace):
             await self._kill(after="a cancelled cell that did not stop when interrupted")
         elif self._client is not None and sink.reply is None:
             await self._reply_unless_closed(sink.msg_id, 0.5)
