@@ -280,10 +280,12 @@ async def test_a_failing_output_callback_is_raised_and_the_kernel_runs_on(
 
 
 async def test_an_interrupt_the_kernel_takes_slowly_does_not_reach_the_next_cell(
-    kernel_factory: KernelFactory,
+    kernel_factory: KernelFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The kernel signals itself from its control thread, and replies after: the
     interrupt of a cell that ended meanwhile is over before the next cell is sent."""
+    # Its reply waited for as long as it takes: the test is of the order, not of the bound.
+    monkeypatch.setattr(kernel_module, "_INTERRUPT_ACK_S", 30.0)
     k = await kernel_factory()
     slow_interrupts = (
         "import time\n"
@@ -303,6 +305,60 @@ async def test_an_interrupt_the_kernel_takes_slowly_does_not_reach_the_next_cell
         await k.execute("print('x')", on_output=fail)
     r = await k.execute("time.sleep(1); 1+1")
     assert (r.status, r.text) == ("ok", "2")
+
+
+_FLOODS_ITS_CONTROL_SOCKET = """
+import json, time, uuid
+kernel = get_ipython().kernel
+handle = kernel.control_handlers['interrupt_request']
+async def flood(stream, ident, parent):
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        header = {'msg_id': uuid.uuid4().hex, 'msg_type': 'status', 'username': 'u',
+                  'session': 's', 'date': '2020-01-01T00:00:00Z', 'version': '5.3'}
+        frames = [json.dumps(header).encode(), b'{}', b'{}', b'{}']
+        stream.socket.send_multipart(
+            [*ident, b'<IDS|MSG>', kernel.session.sign(frames), *frames])
+    return await handle(stream, ident, parent)
+kernel.control_handlers['interrupt_request'] = flood
+"""
+
+
+async def test_a_kernel_flooding_its_control_socket_holds_an_interrupt_up_no_longer(
+    kernel_factory: KernelFactory,
+) -> None:
+    """Its code is the user's: signed messages as fast as it can send them, never the
+    reply. The interrupt's wait still ends, and so does a timed-out cell's."""
+    k = await kernel_factory()
+    assert (await k.execute(_FLOODS_ITS_CONTROL_SOCKET)).status == "ok"
+    started = time.monotonic()
+    await k.interrupt()
+    assert time.monotonic() - started < 10
+    started = time.monotonic()
+    r = await k.execute("while True: pass", timeout_s=1)
+    assert r.status == "timeout"
+    assert time.monotonic() - started < 1 + k.policy.interrupt_grace_s + 10
+
+
+async def test_an_interrupt_waiting_for_its_reply_ends_quietly_when_the_kernel_is_shut_down(
+    kernel_factory: KernelFactory,
+) -> None:
+    k = await kernel_factory()
+    slow = (
+        "import time\n"
+        "kernel = get_ipython().kernel\n"
+        "handle = kernel.control_handlers['interrupt_request']\n"
+        "async def slowly(*args):\n"
+        "    time.sleep(0.9)\n"
+        "    return await handle(*args)\n"
+        "kernel.control_handlers['interrupt_request'] = slowly"
+    )
+    assert (await k.execute(slow)).status == "ok"
+    interrupting = asyncio.ensure_future(k.interrupt())
+    await asyncio.sleep(0)  # it sends the request and waits for the reply
+    assert not interrupting.done()
+    await k.shutdown()
+    await asyncio.wait_for(interrupting, 5)  # returned, not cancelled
 
 
 async def test_a_callback_failing_under_a_running_cell_interrupts_it_before_raising(

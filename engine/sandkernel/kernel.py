@@ -905,25 +905,40 @@ class SandboxedKernel:
         process SIGINT, then replies. jupyter_client's ``interrupt_kernel``
         sends the request and does not wait, so the SIGINT could come after
         the cell has ended and land in the session's next cell. Waited for
-        here, a bounded time: a kernel that does not answer is left to the
-        caller's grace and kill. ``until`` (monotonic) ends the wait sooner.
+        here, a bounded time whatever the kernel sends meanwhile (its code is
+        the user's, and can flood its control socket): a kernel that does not
+        answer in time is left to the caller's grace and kill. ``until``
+        (monotonic) ends the wait sooner.
         """
         client = self._client
         if client is None:  # not started: nothing runs
             return
-        async with self._interrupting:
-            with contextlib.suppress(Exception):
-                request = client.session.msg("interrupt_request", content={})
-                client.control_channel.send(request)
-                deadline = time.monotonic() + _INTERRUPT_ACK_S
-                if until is not None:
-                    deadline = min(deadline, until)
-                while self.alive:
-                    reply = await client.get_control_msg(
-                        timeout=max(0.0, deadline - time.monotonic())
-                    )
-                    if reply.get("parent_header", {}).get("msg_id") == request["header"]["msg_id"]:
-                        return
+        deadline = time.monotonic() + _INTERRUPT_ACK_S
+        if until is not None:
+            deadline = min(deadline, until)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                async with self._interrupting:
+                    request = client.session.msg("interrupt_request", content={})
+                    client.control_channel.send(request)
+                    wanted = request["header"]["msg_id"]
+                    # A queued message is taken without a pause: the deadline
+                    # is checked here, not only by the timeout's cancellation.
+                    while self.alive and time.monotonic() < deadline:
+                        reply = await client.get_control_msg(
+                            timeout=max(0.0, deadline - time.monotonic())
+                        )
+                        if reply.get("parent_header", {}).get("msg_id") == wanted:
+                            return
+        except asyncio.CancelledError:
+            # Shutting down closes the channel under the wait, and pyzmq cancels
+            # it: the kernel's end, not the caller's cancel.
+            task = asyncio.current_task()
+            if self._closed and task is not None and task.cancelling() == 0:
+                return
+            raise
+        except Exception:  # noqa: BLE001 - no answer in time (or none readable): the caller's grace
+            return
 
     async def interrupt(self) -> None:
         """Interrupt the running cell (``KeyboardInterrupt`` in the kernel)."""
