@@ -86,7 +86,7 @@ async def test_total_timeout_gives_failed_with_time_limit(engine_factory: Engine
     response = await run_jupyter(
         engine, RunJupyterRequest(cells=["x = 1", "while True: pass", "y = 2"], total_timeout=2)
     )
-    assert time.monotonic() - started < 2 + 1.5
+    assert time.monotonic() - started < 2 + 5  # the cell itself would never end
     assert response.status is RunStatus.Failed
     assert response.driver is not None and response.driver.status == "TimeLimitExceeded"
     assert len(response.cells) == 2
@@ -153,7 +153,7 @@ async def test_run_code_time_and_memory_limits(engine_factory: EngineFactory) ->
     engine = await engine_factory(pool_size=0, batch_workers=1)
     started = time.monotonic()
     r = await run(engine, {"code": "while True: pass", "language": "python", "run_timeout": 1})
-    assert time.monotonic() - started < 1 + 1
+    assert time.monotonic() - started < 1 + 5  # its worker started on demand, under load
     assert r["status"] == "Failed" and r["run_result"]["status"] == "TimeLimitExceeded"  # type: ignore[index]
     assert r["run_result"]["return_code"] is None  # type: ignore[index]  # as SandboxFusion's
     r = await run(

@@ -150,7 +150,7 @@ async def test_uninterruptible_cell_is_killed_and_a_new_kernel_works(
         "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
         timeout_s=1,
     )
-    assert time.monotonic() - started < 1 + 2
+    assert time.monotonic() - started < 1 + 0.5 + 5  # the cell itself would never end
     assert r.status == "timeout" and not r.kernel_alive and r.state_lost
     with pytest.raises(KernelDead):
         await k.execute("1")

@@ -321,7 +321,7 @@ async def test_a_stalled_zygote_holds_new_sessions_up_a_few_seconds_and_is_repla
         waited = time.monotonic() - started
         assert later.kernel is not None and later.kernel.forked_pid is None  # cold
         # The reply's deadline and a cold start (a second or two, more under load).
-        assert waited < 15, f"a new session waited {waited:.1f} s for a stalled zygote"
+        assert waited < 30, f"a new session waited {waited:.1f} s for a stalled zygote"
         assert "the zygote did not answer within 5 s" in caplog.text
         r = await running.run("6 * 7")
         assert r.status == "ok" and r.text == "42", r
