@@ -141,6 +141,32 @@ async def test_a_cell_that_goes_on_after_its_interrupt_sees_at_most_one_call_cut
     assert r.status == "ok" and int(r.stdout.split()[-1]) <= 1, r
 
 
+async def test_a_cell_timed_out_before_a_busy_kernel_took_it_up_is_interrupted_not_killed(
+    kernel_factory: KernelFactory,
+) -> None:
+    """The kernel is busy before it takes the next cell up (SIGINT is ignored there) past
+    the cell's timeout: the interrupt is sent once the cell begins, and the kernel lives on."""
+    k = await kernel_factory(Policy(interrupt_grace_s=5))
+    block = (
+        "import time\n"
+        "kernel = get_ipython().kernel\n"
+        "dispatch = kernel.dispatch_shell\n"
+        "blocked = []\n"
+        "async def busy_first(*args, **kwargs):\n"
+        "    kernel.dispatch_shell = dispatch\n"
+        "    blocked.append(time.monotonic())\n"
+        "    time.sleep(2)\n"
+        "    return await dispatch(*args, **kwargs)\n"
+        "kernel.dispatch_shell = busy_first"
+    )
+    assert (await k.execute(block)).status == "ok"
+    r = await k.execute("began = time.monotonic()\nwhile True: time.sleep(0.01)", timeout_s=1)
+    assert r.status == "timeout" and r.kernel_alive and not r.state_lost, r
+    assert r.error is not None and r.error.name == "KeyboardInterrupt"
+    # The loop was blocked before the cell began: what this test is about.
+    assert (await k.execute("print(began > blocked[0])")).stdout == "True\n"
+
+
 async def test_uninterruptible_cell_is_killed_and_a_new_kernel_works(
     kernel_factory: KernelFactory,
 ) -> None:

@@ -730,8 +730,7 @@ class SandboxedKernel:
             if not finished and self.alive:
                 status = "timeout"
                 message = f"the cell ran longer than its {limit_s:g} s limit"
-                grace = time.monotonic() + self.policy.interrupt_grace_s
-                await self._interrupt_cell(grace)
+                grace = await self._interrupt_once_begun(sink)
                 if await self._collect(sink, grace):
                     message += " and was interrupted; the kernel and its variables survive"
                 else:
@@ -946,12 +945,23 @@ class SandboxedKernel:
 
     async def _settle_after_cancel(self, sink: _CellSink) -> None:
         sink.on_output = None  # the caller has gone
+        grace = await self._interrupt_once_begun(sink)
+        if not await self._collect(sink, grace):
+            await self._kill(after="a cancelled cell that did not stop when interrupted")
+        elif self._client is not None and sink.reply is None:
+            await self._reply_unless_closed(sink.msg_id, 0.5)
+
+    async def _interrupt_once_begun(self, sink: _CellSink) -> float:
+        """Interrupt the cell once it is seen to begin; when its grace to stop ends.
+
+        ipykernel takes SIGINT only while it handles a request: sent before it
+        begins the cell (cancelled right after it was sent, or timed out before
+        a busy kernel took it up), an interrupt is ignored, and the cell runs to
+        the grace's end and its kernel is killed. It is sent once the cell is
+        seen to begin (its execute_input; a silent cell has none), or has ended
+        meanwhile, waited for up to a grace; the cell's own grace starts then.
+        """
         if not (sink.silent or sink.begun.done()):
-            # ipykernel takes SIGINT only while it handles a request: sent before
-            # it begins the cell (cancelled right after it was sent), an interrupt
-            # is ignored, and the cell runs to the grace's end and its kernel is
-            # killed. It is sent once the cell is seen to begin (its
-            # execute_input; a silent cell has none), or has ended meanwhile.
             deadline = time.monotonic() + self.policy.interrupt_grace_s
             while not (sink.begun.done() or sink.done.done()) and self.alive:
                 remaining = deadline - time.monotonic()
@@ -965,10 +975,7 @@ class SandboxedKernel:
         grace = time.monotonic() + self.policy.interrupt_grace_s
         if not sink.done.done():
             await self._interrupt_cell(grace)
-        if not await self._collect(sink, grace):
-            await self._kill(after="a cancelled cell that did not stop when interrupted")
-        elif self._client is not None and sink.reply is None:
-            await self._reply_unless_closed(sink.msg_id, 0.5)
+        return grace
 
     async def _kill(self, after: str = "a timeout it did not survive") -> None:
         self._jail.kill()
