@@ -260,6 +260,32 @@ async def test_shutdown_is_idempotent_and_removes_everything(kernel_factory: Ker
     assert not k.cgroup.pids()
 
 
+async def test_a_caller_cancelled_during_shutdown_returns_only_once_nothing_is_left(
+    kernel_factory: KernelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool's start undone after a failed check is cancelled by close(): the jail still goes."""
+    k = await kernel_factory()
+    root = k.workspace.parent
+    stop_drain, entered, gate = SandboxedKernel._stop_drain, asyncio.Event(), asyncio.Event()
+
+    async def held_stop_drain(self: SandboxedKernel) -> None:
+        entered.set()
+        await gate.wait()
+        await stop_drain(self)
+
+    monkeypatch.setattr(SandboxedKernel, "_stop_drain", held_stop_drain)
+    caller = asyncio.ensure_future(k.shutdown())
+    await asyncio.wait_for(entered.wait(), 10)
+    caller.cancel()
+    done, _ = await asyncio.wait([caller], timeout=0.2)
+    assert not done, "the cancelled caller went on while the kernel was still being shut down"
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(caller, 10)
+    assert not root.exists()
+    assert not k.cgroup.pids()
+
+
 @pytest.fixture
 def venv_under_tmp(tmp_path: Path) -> tuple[Path, str]:
     """A pip-less venv under /tmp that reaches this environment's packages by a .pth."""

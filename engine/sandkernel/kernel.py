@@ -25,6 +25,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from sandkernel._resources import data_dir
+from sandkernel._tasks import wait_out
 from sandkernel.errors import BadInput, KernelDead, KernelStartFailed, SelfCheckFailed
 from sandkernel.limits import MAX_TIMEOUT_S, check_code_text
 from sandkernel.messages import MessageSession
@@ -481,13 +482,15 @@ class SandboxedKernel:
         """End the kernel: SIGTERM to nsjail, SIGKILL after ``grace_s``; remove every trace.
 
         Idempotent and bounded in time; safe to call from any state. Runs as one
-        shielded task: a caller that is cancelled does not leave it half done,
-        and every caller waits for the same shutdown.
+        task that every caller waits for. A caller that is cancelled meanwhile
+        still waits for it to end, then raises :class:`asyncio.CancelledError`:
+        once a cancelled start or close has returned, nothing of the kernel is
+        left on the machine.
         """
         if self._shutdown_task is None:
             self._closed = True
             self._shutdown_task = asyncio.ensure_future(self._shutdown(grace_s))
-        await asyncio.shield(self._shutdown_task)
+        await wait_out(self._shutdown_task)
 
     async def _shutdown(self, grace_s: float) -> None:
         await self._stop_drain()
@@ -749,11 +752,8 @@ class SandboxedKernel:
                 # scope cancels every await in it, again and again; the wait is
                 # bounded by the interrupt's grace and the kill.
                 settle = asyncio.ensure_future(self._settle_after_cancel(sink))
-                while not settle.done():
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.shield(settle)
                 with contextlib.suppress(Exception):
-                    settle.result()
+                    await wait_out(settle)
                 raise
             # Nobody cancelled us: the kernel was shut down under the running cell
             # (session closed, engine shutting down).

@@ -170,10 +170,9 @@ async def test_a_healthy_kernel_passes_the_extended_isolation_checks(
         await session.close()
 
 
-async def test_a_kernel_whose_limits_are_missing_is_destroyed_not_handed_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A limit is not applied: the self-check finds it and the kernel never serves."""
+@pytest.fixture
+def pids_limit_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kernel's cgroup is made without its pids limit: its self-check fails."""
     original_create = KernelCgroup.create
 
     def create_without_pids_limit(cgroup: KernelCgroup, policy: Any) -> None:
@@ -181,6 +180,13 @@ async def test_a_kernel_whose_limits_are_missing_is_destroyed_not_handed_out(
         (cgroup.dirs["pids"] / "pids.max").write_text("max")
 
     monkeypatch.setattr(KernelCgroup, "create", create_without_pids_limit)
+
+
+@pytest.mark.usefixtures("pids_limit_missing")
+async def test_a_kernel_whose_limits_are_missing_is_destroyed_not_handed_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A limit is not applied: the self-check finds it and the kernel never serves."""
     async with Engine(
         pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(),
         store_dir=tmp_path / "store", handle_sigterm=False, acquire_timeout_s=60,
@@ -204,6 +210,38 @@ async def test_a_kernel_whose_limits_are_missing_is_destroyed_not_handed_out(
         }
         assert failed
         assert [left for left in leftovers(host) if any(n in left for n in failed)] == []
+    assert leftovers(host) == []
+
+
+@pytest.mark.usefixtures("pids_limit_missing")
+async def test_closing_while_a_failed_kernel_is_undone_waits_until_nothing_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's start is cancelled by close() as it shuts down a kernel that failed its check."""
+    stop_drain, entered, gate = SandboxedKernel._stop_drain, asyncio.Event(), asyncio.Event()
+
+    async def held_stop_drain(self: SandboxedKernel) -> None:
+        entered.set()
+        await gate.wait()
+        await stop_drain(self)
+
+    monkeypatch.setattr(SandboxedKernel, "_stop_drain", held_stop_drain)
+    engine = Engine(
+        pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(),
+        store_dir=tmp_path / "store", handle_sigterm=False,
+    )  # fmt: skip
+    await engine.start()
+    host = engine._host
+    assert host is not None
+    closing = None
+    try:
+        await asyncio.wait_for(entered.wait(), 30)
+        closing = asyncio.ensure_future(engine.aclose())
+        done, _ = await asyncio.wait([closing], timeout=0.2)
+        assert not done, "close() ended while a kernel it had cancelled was still being shut down"
+    finally:
+        gate.set()
+        await asyncio.wait_for(closing if closing is not None else engine.aclose(), 30)
     assert leftovers(host) == []
 
 

@@ -27,6 +27,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+from sandkernel._tasks import wait_out
 from sandkernel.errors import KernelStartFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox.cgroups import KernelCgroup
@@ -126,9 +127,8 @@ class Jail:
             asyncio.to_thread(self.host.prepare, self.kernel_id, self.policy, self._workspace)
         )
         try:
-            self.layout = await asyncio.shield(preparing)
+            self.layout = await wait_out(preparing)
         except BaseException:
-            await asyncio.wait([preparing])
             await self.destroy()
             raise
         return self.layout
@@ -267,8 +267,4 @@ class Jail:
         would go on while the jail's traces still exist.
         """
         destroying = asyncio.ensure_future(asyncio.to_thread(self.host.destroy, self.kernel_id))
-        try:
-            await asyncio.shield(destroying)
-        except asyncio.CancelledError:
-            await asyncio.wait([destroying])
-            raise
+        await wait_out(destroying)
