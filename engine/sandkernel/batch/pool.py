@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from sandkernel._tasks import wait_out
 from sandkernel.batch.frames import request_frame
 from sandkernel.batch.worker import Worker, WorkerConfig, WorkerLost
 from sandkernel.errors import EngineClosed, KernelStartFailed
@@ -159,14 +160,12 @@ class BatchPool:
         if self._host is None:
             making = asyncio.ensure_future(asyncio.to_thread(SandboxHost))
             try:
-                self._host = await asyncio.shield(making)
-            except asyncio.CancelledError:
-                # The thread runs to its end whatever happens here: keep the
-                # host it made, so that close() releases it (its owner lock).
-                await asyncio.wait([making])
+                await wait_out(making)
+            finally:
+                # Kept even if cancelled meanwhile, so that close() releases
+                # the host the thread made (its owner lock).
                 if not making.cancelled() and making.exception() is None:
                     self._host = making.result()
-                raise
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self.workers):
@@ -176,12 +175,7 @@ class BatchPool:
             raise group_error.exceptions[0] from None
         except asyncio.CancelledError:
             # The workers already up go too: the caller never gets this pool to close.
-            closing = asyncio.ensure_future(self.close())
-            try:
-                await asyncio.shield(closing)
-            finally:
-                if not closing.done():  # cancelled again: the close still runs to its end
-                    await asyncio.wait([closing])
+            await wait_out(asyncio.ensure_future(self.close()))
             raise
 
     async def close(self) -> None:

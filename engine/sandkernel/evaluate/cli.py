@@ -273,12 +273,9 @@ async def _close(runner: BatchRunner) -> None:
     """Stop ``runner`` and remove its sandboxes, to the end even if cancelled meanwhile."""
     import asyncio
 
-    closing = asyncio.ensure_future(runner.__aexit__(None, None, None))
-    try:
-        await asyncio.shield(closing)
-    finally:
-        if not closing.done():
-            await asyncio.wait([closing])
+    from sandkernel._tasks import wait_out
+
+    await wait_out(asyncio.ensure_future(runner.__aexit__(None, None, None)))
 
 
 async def _evaluate(

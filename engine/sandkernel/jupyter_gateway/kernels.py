@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import zmq.asyncio
 
+from sandkernel._tasks import wait_out
 from sandkernel.api import ExposesKernels, KernelLink, ServedEngine
 from sandkernel.errors import (
     BadInput,
@@ -71,7 +72,7 @@ class GatewayKernels:
             await relay.attach(await self.kernels.kernel_link(kernel_id))
         except BaseException:
             with contextlib.suppress(SandkernelError):
-                await asyncio.shield(self.engine.close_session(kernel_id))
+                await wait_out(asyncio.ensure_future(self.engine.close_session(kernel_id)))
             raise
         self._relays[kernel_id] = relay
         self._forget_dead()
