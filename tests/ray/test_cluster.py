@@ -262,12 +262,13 @@ async def test_output_streams_while_the_cell_runs(cluster_engine: ClusterEngine)
             seen.append((time.monotonic() - started, message["content"]["text"]))
 
     result = await session.run(
-        "import time\nprint('first', flush=True)\ntime.sleep(1.5)\nprint('second')",
+        "import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')",
         on_output=on_output,
     )
     assert result.ok and result.stdout == "first\nsecond\n"
     assert [text for _, text in seen] == ["first\n", "second\n"]
-    assert seen[1][0] - seen[0][0] > 1.0  # the first came before the cell ended
+    # The first came before the cell ended (a margin of 1.5 s for a loaded machine).
+    assert seen[1][0] - seen[0][0] > 1.5
     await session.close()
 
 
@@ -634,8 +635,9 @@ async def test_a_lost_node_fails_its_sessions_fast_and_only_them(
     await asyncio.sleep(1.0)
     assert [p for p in leftovers_of(host) if p.startswith("process")]
 
-    started = time.monotonic()
     await asyncio.to_thread(ray_cluster.cluster.remove_node, doomed_node)  # type: ignore[union-attr]
+    # Timed from the node's end: removing it takes Ray a while of its own.
+    started = time.monotonic()
     with pytest.raises(SessionLost, match=doomed_node.node_id):
         await in_flight
     for s in doomed:
