@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,31 @@ async def cell_under_way(kernel: Any, code: str, *, timeout_s: float = 10) -> as
     )
     await asyncio.wait_for(printed.wait(), timeout_s)
     return cell
+
+
+@dataclass
+class HeldShutdowns:
+    """Kernels' shutdowns held at their start: ``entered`` once one is, until ``gate`` is set."""
+
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@pytest.fixture
+def held_shutdowns(monkeypatch: pytest.MonkeyPatch) -> HeldShutdowns:
+    """Every kernel's shutdown waits, before it stops anything, for the test to let it go on."""
+    from sandkernel.kernel import SandboxedKernel
+
+    held = HeldShutdowns()
+    stop_drain = SandboxedKernel._stop_drain
+
+    async def held_stop_drain(self: SandboxedKernel) -> None:
+        held.entered.set()
+        await held.gate.wait()
+        await stop_drain(self)
+
+    monkeypatch.setattr(SandboxedKernel, "_stop_drain", held_stop_drain)
+    return held
 
 
 def runtime_root() -> Path:

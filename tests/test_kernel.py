@@ -20,7 +20,7 @@ from sandkernel.errors import KernelDead
 from sandkernel.kernel import SandboxedKernel
 from sandkernel.policy import Policy
 from sandkernel.sandbox import Runtime, SandboxHost
-from tests.conftest import KernelFactory, cell_under_way
+from tests.conftest import HeldShutdowns, KernelFactory, cell_under_way
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
 
@@ -261,25 +261,17 @@ async def test_shutdown_is_idempotent_and_removes_everything(kernel_factory: Ker
 
 
 async def test_a_caller_cancelled_during_shutdown_returns_only_once_nothing_is_left(
-    kernel_factory: KernelFactory, monkeypatch: pytest.MonkeyPatch
+    kernel_factory: KernelFactory, held_shutdowns: HeldShutdowns
 ) -> None:
     """A pool's start undone after a failed check is cancelled by close(): the jail still goes."""
     k = await kernel_factory()
     root = k.workspace.parent
-    stop_drain, entered, gate = SandboxedKernel._stop_drain, asyncio.Event(), asyncio.Event()
-
-    async def held_stop_drain(self: SandboxedKernel) -> None:
-        entered.set()
-        await gate.wait()
-        await stop_drain(self)
-
-    monkeypatch.setattr(SandboxedKernel, "_stop_drain", held_stop_drain)
     caller = asyncio.ensure_future(k.shutdown())
-    await asyncio.wait_for(entered.wait(), 10)
+    await asyncio.wait_for(held_shutdowns.entered.wait(), 10)
     caller.cancel()
     done, _ = await asyncio.wait([caller], timeout=0.2)
     assert not done, "the cancelled caller went on while the kernel was still being shut down"
-    gate.set()
+    held_shutdowns.gate.set()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(caller, 10)
     assert not root.exists()
@@ -639,23 +631,16 @@ async def test_shutdown_as_a_finished_cells_reply_is_read_gives_killed(
 
 
 async def test_a_cell_that_sees_its_kernel_end_before_its_shutdown_wakes_it_gives_killed(
-    kernel_factory: KernelFactory, monkeypatch: pytest.MonkeyPatch
+    kernel_factory: KernelFactory, held_shutdowns: HeldShutdowns
 ) -> None:
     """Shutting down marks the kernel ended, then wakes the cell: it may see the end first."""
     k = await kernel_factory()
     cell = await cell_under_way(k, "print('sleeping', flush=True); import time; time.sleep(30)")
-    stop_drain, gate = SandboxedKernel._stop_drain, asyncio.Event()
-
-    async def held_stop_drain(self: SandboxedKernel) -> None:
-        await gate.wait()
-        await stop_drain(self)
-
-    monkeypatch.setattr(SandboxedKernel, "_stop_drain", held_stop_drain)
     shutdown = asyncio.ensure_future(k.shutdown())
     try:
         r = await asyncio.wait_for(cell, 10)
     finally:
-        gate.set()
+        held_shutdowns.gate.set()
         await shutdown
     assert (r.status, r.message) == kernel_module._SHUT_DOWN, r
 

@@ -34,7 +34,7 @@ from sandkernel.sandbox import (
     verify_cgroup_limits,
     verify_isolation_report,
 )
-from tests.conftest import leftovers, runtime_root
+from tests.conftest import HeldShutdowns, leftovers, runtime_root
 from tests.security.conftest import TIGHT, EngineBox
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.anyio]
@@ -215,17 +215,9 @@ async def test_a_kernel_whose_limits_are_missing_is_destroyed_not_handed_out(
 
 @pytest.mark.usefixtures("pids_limit_missing")
 async def test_closing_while_a_failed_kernel_is_undone_waits_until_nothing_is_left(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, held_shutdowns: HeldShutdowns
 ) -> None:
     """The pool's start is cancelled by close() as it shuts down a kernel that failed its check."""
-    stop_drain, entered, gate = SandboxedKernel._stop_drain, asyncio.Event(), asyncio.Event()
-
-    async def held_stop_drain(self: SandboxedKernel) -> None:
-        entered.set()
-        await gate.wait()
-        await stop_drain(self)
-
-    monkeypatch.setattr(SandboxedKernel, "_stop_drain", held_stop_drain)
     engine = Engine(
         pool_size=1, prewarm_imports=(), runtime_dir=runtime_root(),
         store_dir=tmp_path / "store", handle_sigterm=False,
@@ -235,12 +227,12 @@ async def test_closing_while_a_failed_kernel_is_undone_waits_until_nothing_is_le
     assert host is not None
     closing = None
     try:
-        await asyncio.wait_for(entered.wait(), 30)
+        await asyncio.wait_for(held_shutdowns.entered.wait(), 30)
         closing = asyncio.ensure_future(engine.aclose())
         done, _ = await asyncio.wait([closing], timeout=0.2)
         assert not done, "close() ended while a kernel it had cancelled was still being shut down"
     finally:
-        gate.set()
+        held_shutdowns.gate.set()
         await asyncio.wait_for(closing if closing is not None else engine.aclose(), 30)
     assert leftovers(host) == []
 
