@@ -124,8 +124,8 @@ async def test_a_cell_that_goes_on_after_its_interrupt_sees_at_most_one_call_cut
         k,
         "import ctypes, time\n"
         "libc = ctypes.CDLL(None)\n"
-        "print('sleeping', flush=True)\n"
-        "try:\n"
+        "try:\n"  # the interrupt may come as soon as the print is out
+        "    print('sleeping', flush=True)\n"
         "    time.sleep(30)\n"
         "except KeyboardInterrupt:\n"
         "    pass\n"
