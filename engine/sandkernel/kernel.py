@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -891,11 +891,7 @@ class SandboxedKernel:
 
     async def _shell_reply(self, msg_id: str, within_s: float) -> dict[str, Any]:
         assert self._client is not None
-        deadline = time.monotonic() + within_s
-        while True:
-            msg = await self._client.get_shell_msg(timeout=max(0.0, deadline - time.monotonic()))
-            if msg.get("parent_header", {}).get("msg_id") == msg_id:
-                return msg
+        return await _reply_to(self._client.get_shell_msg, msg_id, time.monotonic() + within_s)
 
     async def _interrupt_cell(self, until: float | None = None) -> None:
         """Interrupt the running cell; return once the kernel has signalled itself.
@@ -920,15 +916,7 @@ class SandboxedKernel:
                 async with self._interrupting:
                     request = client.session.msg("interrupt_request", content={})
                     client.control_channel.send(request)
-                    wanted = request["header"]["msg_id"]
-                    # A queued message is taken without a pause: the deadline
-                    # is checked here, not only by the timeout's cancellation.
-                    while self.alive and time.monotonic() < deadline:
-                        reply = await client.get_control_msg(
-                            timeout=max(0.0, deadline - time.monotonic())
-                        )
-                        if reply.get("parent_header", {}).get("msg_id") == wanted:
-                            return
+                    await _reply_to(client.get_control_msg, request["header"]["msg_id"], deadline)
         except asyncio.CancelledError:
             # Shutting down closes the channel under the wait, and pyzmq cancels
             # it: the kernel's end, not the caller's cancel.
@@ -1096,6 +1084,23 @@ class SandboxedKernel:
         if problems:
             raise SelfCheckFailed("kernel failed its isolation self-check: " + "; ".join(problems))
         return report
+
+
+async def _reply_to(get_msg: Callable[..., Any], msg_id: str, deadline: float) -> dict[str, Any]:
+    """The reply to ``msg_id`` on a channel (``get_msg``: the client's getter for it).
+
+    Raises ``queue.Empty`` or :class:`TimeoutError` once ``deadline``
+    (monotonic) has passed. The kernel runs the user's code, which can flood
+    a channel with signed messages: a queued message is taken without a
+    pause, so the deadline is checked after each one, not only by the read's
+    timeout.
+    """
+    while True:
+        msg = await get_msg(timeout=max(0.0, deadline - time.monotonic()))
+        if msg.get("parent_header", {}).get("msg_id") == msg_id:
+            return cast(dict[str, Any], msg)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no reply to {msg_id} in time")
 
 
 async def wait_until_ready(
