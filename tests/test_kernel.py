@@ -323,6 +323,19 @@ async def test_a_failing_output_callback_is_raised_and_the_kernel_runs_on(
     assert r.status == "ok" and r.text == "2"
 
 
+def _interrupts_taken_after(seconds: float) -> str:
+    """A cell after which the kernel's control thread takes each interrupt ``seconds`` late."""
+    return (
+        "import time\n"
+        "kernel = get_ipython().kernel\n"
+        "handle = kernel.control_handlers['interrupt_request']\n"
+        "async def slowly(*args):\n"
+        f"    time.sleep({seconds})\n"
+        "    return await handle(*args)\n"
+        "kernel.control_handlers['interrupt_request'] = slowly"
+    )
+
+
 async def test_an_interrupt_the_kernel_takes_slowly_does_not_reach_the_next_cell(
     kernel_factory: KernelFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -331,16 +344,7 @@ async def test_an_interrupt_the_kernel_takes_slowly_does_not_reach_the_next_cell
     # Its reply waited for as long as it takes: the test is of the order, not of the bound.
     monkeypatch.setattr(kernel_module, "_INTERRUPT_ACK_S", 30.0)
     k = await kernel_factory()
-    slow_interrupts = (
-        "import time\n"
-        "kernel = get_ipython().kernel\n"
-        "handle = kernel.control_handlers['interrupt_request']\n"
-        "async def slowly(*args):\n"
-        "    time.sleep(0.3)\n"
-        "    return await handle(*args)\n"
-        "kernel.control_handlers['interrupt_request'] = slowly"
-    )
-    assert (await k.execute(slow_interrupts)).status == "ok"
+    assert (await k.execute(_interrupts_taken_after(0.3))).status == "ok"
 
     def fail(message: dict[str, object]) -> None:
         raise LookupError("the consumer failed")
@@ -388,16 +392,7 @@ async def test_an_interrupt_waiting_for_its_reply_ends_quietly_when_the_kernel_i
     kernel_factory: KernelFactory,
 ) -> None:
     k = await kernel_factory()
-    slow = (
-        "import time\n"
-        "kernel = get_ipython().kernel\n"
-        "handle = kernel.control_handlers['interrupt_request']\n"
-        "async def slowly(*args):\n"
-        "    time.sleep(0.9)\n"
-        "    return await handle(*args)\n"
-        "kernel.control_handlers['interrupt_request'] = slowly"
-    )
-    assert (await k.execute(slow)).status == "ok"
+    assert (await k.execute(_interrupts_taken_after(0.9))).status == "ok"
     interrupting = asyncio.ensure_future(k.interrupt())
     await asyncio.sleep(0)  # it sends the request and waits for the reply
     assert not interrupting.done()
