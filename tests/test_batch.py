@@ -475,7 +475,12 @@ async def test_a_run_killed_at_its_cpu_limit_is_a_timeout_not_the_oom_kill_befor
         ),
     )
     assert (survivor.status, survivor.stdout) == ("ok", f"child killed by {signal.SIGKILL}\n")
-    assert (spinner.status, spinner.return_code) == ("timeout", -signal.SIGKILL), spinner
+    # Its CPU time first: the whole result's repr is cut short in a failure.
+    assert (spinner.status, spinner.return_code) == ("timeout", -signal.SIGKILL), (
+        spinner.cpu_time_s,
+        spinner.execution_time_s,
+        spinner.message,
+    )
     assert spinner.message == "the run exceeded its CPU time limit"
 
 
