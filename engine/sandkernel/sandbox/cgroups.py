@@ -310,6 +310,21 @@ class UsageReader:
         """The OOM-kill count alone (None if it cannot be read now): one ``pread``."""
         return self._value("oom_kills")
 
+    def open_oom_kills(self) -> int | None:
+        """A new read-only descriptor of the file the OOM-kill count is in; None if it cannot be.
+
+        For a reader in another process (the batch path's fork server reads
+        the count around each of its runs): an open file of its own, so that
+        neither's reads go through the other's. The caller closes it.
+        """
+        entry = self._files.get("oom_kills")
+        if entry is None:
+            return None
+        try:
+            return os.open(entry[0], os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+
     def reset_peak(self) -> None:
         """Start a new peak-memory window (v1; v2's peak is per kernel lifetime)."""
         if self._peak_resettable:

