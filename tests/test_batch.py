@@ -485,6 +485,19 @@ async def test_a_run_killed_at_its_cpu_limit_is_a_timeout_not_the_oom_kill_befor
     assert spinner.message == "the run exceeded its CPU time limit"
 
 
+#: A program whose subprocess the OOM killer ends while the program waits for it.
+OOM_KILLED_SUBPROCESS = """\
+import os
+pid = os.fork()
+if pid == 0:
+    chunks = []
+    while True:
+        chunks.append(b'x' * (8 << 20))
+_, status = os.waitpid(pid, 0)
+print('child killed by', os.WTERMSIG(status) if os.WIFSIGNALED(status) else None)
+"""
+
+
 @sandbox
 @pytest.mark.anyio
 async def test_a_run_that_kills_itself_is_not_credited_with_the_oom_kill_of_the_run_before(
@@ -516,19 +529,6 @@ async def test_a_run_that_kills_itself_is_not_credited_with_the_oom_kill_of_the_
     assert (survivor.status, survivor.stdout) == ("ok", f"child killed by {signal.SIGKILL}\n")
     assert (suicide.status, suicide.message) == ("killed", "the run was killed by SIGKILL")
     assert [header.get("oom_kills") for header, _ in replies] == [1, 0]
-
-
-#: A program whose subprocess the OOM killer ends while the program waits for it.
-OOM_KILLED_SUBPROCESS = """\
-import os
-pid = os.fork()
-if pid == 0:
-    chunks = []
-    while True:
-        chunks.append(b'x' * (8 << 20))
-_, status = os.waitpid(pid, 0)
-print('child killed by', os.WTERMSIG(status) if os.WIFSIGNALED(status) else None)
-"""
 
 
 @pytest.fixture(params=["server", "engine"])

@@ -104,18 +104,24 @@ def _fake_root(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("name", shipped_policy_names())
-def test_rendered_config_matches_snapshot(name: str, tmp_path: Path) -> None:
-    """Pins the nsjail config each shipped policy renders to (machine-independent)."""
+def _rendered(policy: Policy, host_root: Path, **kwargs: Any) -> str:
+    """The config text of a kernel with fixed paths, rendered against a fake root."""
     config = render_nsjail_config(
-        load_policy(name),
+        policy,
         KernelLayout("1-00000000-00000000", Path("/run/sandkernel/1-00000000-00000000")),
         Runtime(python="/opt/python/bin/python", mounts=("/opt/python",)),
         ["/opt/python/bin/python", "/opt/sandkernel/launch.py", "-f", "/run/sandkernel/k.json"],
-        host_root=_fake_root(tmp_path),
+        host_root=host_root,
         kernel_runtime=Path("/usr/share/sandkernel/runtime"),
+        **kwargs,
     )
-    text = render_config_text(config)
+    return render_config_text(config)
+
+
+@pytest.mark.parametrize("name", shipped_policy_names())
+def test_rendered_config_matches_snapshot(name: str, tmp_path: Path) -> None:
+    """Pins the nsjail config each shipped policy renders to (machine-independent)."""
+    text = _rendered(load_policy(name), _fake_root(tmp_path))
     snapshot = SNAPSHOTS / f"policy_{name}.txtpb"
     if os.environ.get("SANDKERNEL_UPDATE_SNAPSHOTS") == "1":
         snapshot.parent.mkdir(exist_ok=True)
@@ -125,19 +131,8 @@ def test_rendered_config_matches_snapshot(name: str, tmp_path: Path) -> None:
 
 def test_descriptors_passed_to_the_command_are_all_that_the_config_adds(tmp_path: Path) -> None:
     root = _fake_root(tmp_path)
-
-    def rendered(**kwargs: Any) -> list[str]:
-        config = render_nsjail_config(
-            load_policy(),
-            KernelLayout("1-00000000-00000000", Path("/run/sandkernel/1-00000000-00000000")),
-            Runtime(python="/opt/python/bin/python", mounts=("/opt/python",)),
-            ["/opt/python/bin/python", "/opt/sandkernel/start_forkserver.py"],
-            host_root=root,
-            **kwargs,
-        )
-        return render_config_text(config).splitlines()
-
-    plain, passing = rendered(), rendered(pass_fds=(7, 12))
+    plain = _rendered(load_policy(), root).splitlines()
+    passing = _rendered(load_policy(), root, pass_fds=(7, 12)).splitlines()
     assert [line for line in passing if line not in plain] == ["pass_fd: 7", "pass_fd: 12"]
     assert [line for line in plain if line not in passing] == []
 
