@@ -210,29 +210,29 @@ class Worker:
 
     async def _launch(self) -> None:
         config = self.config
-        server_config: dict[str, Any] = {
+        _write_server_bytecode()
+        # Kept open: the count is read after every reply (one pread, not an open).
+        self._usage = UsageReader(self.jail.cgroup)
+        request_r, self.request_fd = os.pipe2(os.O_CLOEXEC)
+        self.reply_fd, reply_w = os.pipe2(os.O_CLOEXEC)
+        # The server reads the sandbox's OOM-kill count before and after each
+        # run, through a descriptor of its own: a kill counted in between is
+        # that run's, which the engine's reads cannot tell with the next run
+        # already under way (OomKillLedger is what it falls back on).
+        oom_kills_fd = self._usage.open_oom_kills()
+        server_config = {
             "preload": list(config.preload),
             "file_size_mb": config.policy.file_size_mb,
             "nofile": config.policy.nofile,
             "output_max_bytes": config.output_max_bytes,
             "fetch_max_bytes": config.fetch_max_bytes,
             "immortal_after": IMMORTAL_AFTER,
+            "oom_kills_fd": oom_kills_fd,
         }
-        _write_server_bytecode()
-        # Kept open: the count is read after every reply (one pread, not an open).
-        self._usage = UsageReader(self.jail.cgroup)
-        # The server reads the sandbox's OOM-kill count before and after each
-        # run, through a descriptor of its own: a kill counted in between is
-        # that run's, which the engine's reads cannot tell with the next run
-        # already under way (OomKillLedger is what it falls back on).
-        oom_kills_fd = self._usage.open_oom_kills()
-        server_config["oom_kills_fd"] = oom_kills_fd
         argv = [
             config.host.runtime.python, "-s", f"{RUNTIME_IN_JAIL}/{_SERVER}",
             json.dumps(server_config),
         ]  # fmt: skip
-        request_r, self.request_fd = os.pipe2(os.O_CLOEXEC)
-        self.reply_fd, reply_w = os.pipe2(os.O_CLOEXEC)
         try:
             self.jail.spawn(
                 argv,
