@@ -711,7 +711,7 @@ def test_a_prewarm_import_failing_oddly_is_reported_and_the_set_up_cell_goes_on(
     monkeypatch.delitem(sys.modules, "colorsys", raising=False)
     namespace: dict[str, Any] = {}
     modules = ("odd_prewarm_module", "no_such_prewarm_module", "colorsys")
-    line = kernel_module._prewarm_call(modules)
+    line = kernel_module._set_up_cell(False, modules)
     exec(compile(line, "<set-up>", "exec"), namespace)  # noqa: S102 - the cell's own line
     # Each module was tried, the one that imports is imported, and the user's
     # namespace has none of their names (nor any other name of the line's).

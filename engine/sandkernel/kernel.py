@@ -72,10 +72,6 @@ _IDLE_LOST_S = 3.0
 #: how long an interrupt waits for the kernel to say it has signalled itself
 _INTERRUPT_ACK_S = 1.0
 
-#: The warm-up (see ``SandboxedKernel.prepare``): no name is left behind, and
-#: no value is shown (the cell is not silent: a shown value would set ``_``).
-_WARM_UP = "(lambda ip: (ip.logger, ip.display_formatter.format(0)))(get_ipython())\nNone"
-
 #: A cell's end when its kernel is shut down under it: a result, not an error.
 _SHUT_DOWN: tuple[Status, str] = (
     "killed",
@@ -90,14 +86,16 @@ OutputCallback = Callable[[dict[str, Any]], None]
 _PREWARM_FAILED = "sandkernel-prewarm-failed:"
 
 
-def _prewarm_call(modules: Sequence[str]) -> str:
-    """The set-up cell's line that imports ``modules`` in the kernel, binding no name.
+def _set_up_cell(self_check: bool, modules: Sequence[str]) -> str:
+    """The set-up cell: one line that binds no name and shows no value.
 
-    The runtime's function does the imports (``_sandkernel_setup.prewarm``,
-    imported before the kernel started): one short line for IPython to
-    transform and compile in each new kernel, however many modules.
+    The runtime's function does the work (``_sandkernel_setup.set_up``,
+    imported before the kernel started): the self-check's report if
+    ``self_check``, the imports of ``modules``, the warm-up. One short
+    statement for IPython to transform and compile in each new kernel,
+    however many modules.
     """
-    return f"__import__('_sandkernel_setup').prewarm({list(modules)!r})"
+    return f"__import__('_sandkernel_setup').set_up({self_check!r}, {list(modules)!r})"
 
 
 def _prewarm_failures(stderr: str) -> dict[str, str]:
@@ -991,20 +989,19 @@ class SandboxedKernel:
     ) -> dict[str, str]:
         """Make the kernel ready for a session, in one cell: check it, import, warm it up.
 
-        In this order: the isolation self-check (:meth:`self_check`, skipped
-        when ``self_check`` is false), the prewarm ``imports`` (a module that
-        is missing or fails to import is not fatal: the user's own import will
-        say so; no name is bound in the user's namespace) and the warm-up. A kernel's
-        first cell that shows a value costs about 2 ms more than the next
-        ones, for one-time work in IPython (it builds its session logger,
-        importing ``IPython.core.logger``, and runs its display formatters for
-        the first time): the warm-up does both now, before a session gets the
-        kernel. The cell is not silent, so that a session's first cell is not
-        the kernel's first to publish its input and run IPython's per-cell
-        hooks (measured: a session's second cell 1 ms faster, its first
-        0.2 ms), but it is kept out of the history: the user's namespace,
-        ``In``/``Out`` and execution count stay as new. One cell rather than
-        one per step: each round trip costs the engine and the kernel about
+        In this order: the isolation self-check (:meth:`self_check`, skipped when
+        ``self_check`` is false), the prewarm ``imports`` (a module that is missing or
+        fails to import is not fatal: the user's own import will say so; no name is
+        bound in the user's namespace) and the warm-up. A kernel's first cell that shows
+        a value costs about 2 ms more than the next ones, for one-time work in IPython
+        (it builds its session logger, importing ``IPython.core.logger``, and runs its
+        display formatters for the first time): the warm-up does both now, before a
+        session gets the kernel (a forked kernel finds both done by its zygote). The
+        cell is not silent, so that a session's first cell is not the kernel's first to
+        publish its input and run IPython's per-cell hooks (measured: a session's second
+        cell 1 ms faster, its first 0.2 ms), but it is kept out of the history: the
+        user's namespace, ``In``/``Out`` and execution count stay as new. One cell
+        rather than one per step: each round trip costs the engine and the kernel about
         3 ms of CPU.
 
         Returns:
@@ -1015,15 +1012,10 @@ class SandboxedKernel:
                 hung) or failed after the check. SelfCheckFailed: a check did
                 not hold, or the check itself failed.
         """
-        parts = [SELF_CHECK_PROBE] if self_check else []
-        if imports:
-            parts.append(_prewarm_call(imports))
-        parts.append(_WARM_UP)
         # A cold kernel imports the prewarm modules here (numpy, pandas: seconds).
         timeout_s = 120 if imports else 30
-        result = await self.execute(
-            "\n".join(parts), silent=False, store_history=False, timeout_s=timeout_s
-        )
+        cell = _set_up_cell(self_check, imports)
+        result = await self.execute(cell, silent=False, store_history=False, timeout_s=timeout_s)
         if result.status not in ("ok", "error"):
             # The kernel died or hung: a start that failed, not a check.
             raise KernelStartFailed(f"set-up cell failed: {result.status}: {result.message}")

@@ -1,10 +1,11 @@
 """What a kernel runs in its set-up cell before it is handed out (``sandkernel.kernel``).
 
-The isolation self-check (:func:`report`, checked by ``sandkernel.sandbox.verify``)
-and the prewarm imports (:func:`prewarm`). Standard library only and no
+The isolation self-check (:func:`report`, checked by ``sandkernel.sandbox.verify``),
+the prewarm imports (:func:`prewarm`) and the warm-up (:func:`warm_up`), in one
+call (:func:`set_up`). Standard library only and no
 sandkernel import: it runs in the kernel, in the sandbox. Imported once before
 the kernel starts (by ``launch.py``, or by the zygote, whose kernels share its
-compiled and warmed code), so the set-up cell is two calls, not 30 lines for
+compiled and warmed code), so the set-up cell is one call, not 30 lines for
 IPython to transform and compile in every new kernel. The module's name is
 private: a user's own ``selfcheck.py`` or ``setup.py`` stays theirs.
 """
@@ -78,3 +79,26 @@ def prewarm(modules):
             except Exception:  # noqa: BLE001
                 why = "?"
             sys.stderr.write(f"{PREWARM_FAILED} {module}: {why}\n")
+
+
+def warm_up(shell):
+    """What a kernel's first cell that shows a value does once: do it now.
+
+    Its session logger is made (importing ``IPython.core.logger``) and its
+    display formatters run for the first time: about 2 ms that a session's
+    first result would otherwise wait for. The zygote does it before it
+    forks, for every kernel it forks.
+    """
+    if shell is not None:
+        shell.logger  # noqa: B018 - a lazy property, made by reading it
+        shell.display_formatter.format(0)
+
+
+def set_up(check, modules):
+    """The set-up cell: the self-check's report if ``check``, the prewarm imports, the warm-up."""
+    if check:
+        print(report(), flush=True)
+    prewarm(modules)
+    from IPython import get_ipython
+
+    warm_up(get_ipython())

@@ -98,6 +98,7 @@ def _prepare_shell(app):
     Its extensions are loaded here too (looking for them took about half a
     millisecond of each start).
     """
+    import _sandkernel_setup
     from _sandkernel_kernel import Kernel
     from ipykernel.ipkernel import IPythonKernel
 
@@ -122,6 +123,8 @@ def _prepare_shell(app):
         app.shell = None
     app.extensions_loaded_into = shell
     _inline_figures()
+    # Shared by every kernel forked, instead of done in each one's set-up cell.
+    _sandkernel_setup.warm_up(shell)
 
 
 def run_kernel(args, app=None):
