@@ -26,6 +26,8 @@ from sandkernel.sandbox import (
     render_nsjail_config,
     seccomp_policy,
 )
+from sandkernel.sandbox import render as render_module
+from sandkernel.sandbox.render import ConfigRenderer
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 
@@ -135,6 +137,62 @@ def test_descriptors_passed_to_the_command_are_all_that_the_config_adds(tmp_path
     passing = _rendered(load_policy(), root, pass_fds=(7, 12)).splitlines()
     assert [line for line in passing if line not in plain] == ["pass_fd: 7", "pass_fd: 12"]
     assert [line for line in plain if line not in passing] == []
+
+
+_RUNTIME = Runtime(python="/opt/python/bin/python", mounts=("/opt/python",))
+_ARGV = ["/opt/python/bin/python", "/opt/sandkernel/launch.py"]
+
+
+def _in_full(policy: Policy, layout: KernelLayout, pass_fds: tuple[int, ...] = ()) -> str:
+    return render_config_text(
+        render_nsjail_config(policy, layout, _RUNTIME, _ARGV, pass_fds=pass_fds)
+    )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        KernelLayout("1-0a0b0c0d-00000001", Path("/run/sandkernel/1-0a0b0c0d-00000001")),
+        KernelLayout("22-ffffffff-12345678", Path("/var/tmp/rt,x=1@h:2/22-ffffffff-12345678")),
+        # what the text format escapes: rendered in full
+        KernelLayout("3-00000000-00000003", Path('/tmp/my "runtime"\\/3-00000000-00000003')),
+        KernelLayout("4-00000000-00000004", Path("/tmp/données\n/4-00000000-00000004")),
+    ],
+)
+def test_a_kept_rendering_gives_each_kernel_the_text_of_its_own_full_rendering(
+    layout: KernelLayout,
+) -> None:
+    renderer = ConfigRenderer()
+    networked = load_policy("networked")
+    first = KernelLayout("9-00000000-00000009", Path("/run/other/9-00000000-00000009"))
+    for policy, pass_fds in [(load_policy(), ()), (networked, ()), (networked, (7,))]:
+        # the second kernel's text is made from the first's rendering
+        assert renderer.text(policy, first, _RUNTIME, _ARGV, pass_fds=pass_fds) == _in_full(
+            policy, first, pass_fds
+        )
+        text = renderer.text(policy, layout, _RUNTIME, _ARGV, pass_fds=pass_fds)
+        assert text == _in_full(policy, layout, pass_fds)
+
+
+def test_a_policy_is_rendered_once_for_all_its_kernels_and_again_once_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rendered: list[str] = []
+    full = render_module.render_nsjail_config
+
+    def counted(policy: Policy, layout: KernelLayout, *args: Any, **kwargs: Any) -> Any:
+        rendered.append(layout.kernel_id)
+        return full(policy, layout, *args, **kwargs)
+
+    monkeypatch.setattr(render_module, "render_nsjail_config", counted)
+    renderer = ConfigRenderer()
+    layouts = [KernelLayout(f"{i}-00000000-0000000{i}", Path(f"/run/k{i}")) for i in range(3)]
+    texts = {renderer.text(load_policy(), layout, _RUNTIME, _ARGV) for layout in layouts}
+    assert len(rendered) == 1 and len(texts) == 3
+    smaller = load_policy().model_copy(update={"memory_mb": 256})
+    renderer.text(smaller, layouts[0], _RUNTIME, _ARGV)
+    renderer.text(smaller, layouts[1], _RUNTIME, _ARGV)
+    assert len(rendered) == 2
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from sandkernel.sandbox.cgroups import (
 from sandkernel.sandbox.host_workspace import claim_host_workspace
 from sandkernel.sandbox.layout import SANDBOX_GID, SANDBOX_UID, KernelLayout
 from sandkernel.sandbox.mounts import mount_tmpfs, mounts_under, unmount
+from sandkernel.sandbox.render import ConfigRenderer
 from sandkernel.sandbox.runtime import Runtime, find_nsjail
 
 #: Size and files of the tmpfs that holds one kernel's runtime folder (config,
@@ -83,6 +84,8 @@ class SandboxHost:
         self.root = root or default_runtime_root()
         self.nsjail = find_nsjail()
         self.runtime = runtime or Runtime.detect()
+        #: its jails' nsjail configs, each policy's rendered once
+        self.configs = ConfigRenderer()
         self.cgroups = CgroupLayout.detect()
         if self.cgroups.version is CgroupVersion.NONE:
             raise SandboxUnavailable(

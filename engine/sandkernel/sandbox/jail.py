@@ -33,7 +33,6 @@ from sandkernel.policy import Policy
 from sandkernel.sandbox.cgroups import KernelCgroup
 from sandkernel.sandbox.host import SandboxHost
 from sandkernel.sandbox.layout import KernelLayout
-from sandkernel.sandbox.render import render_config_text, render_nsjail_config
 
 #: nsjail's own environment; the sandbox's is set by the config alone.
 _NSJAIL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -157,10 +156,10 @@ class Jail:
         layout = self.layout
         if layout is None:
             raise RuntimeError("spawn() before prepare()")
-        config = render_nsjail_config(
+        config = self.host.configs.text(
             self.policy, layout, self.host.runtime, argv, pass_fds=pass_fds
         )
-        layout.config_file.write_text(render_config_text(config))
+        layout.config_file.write_text(config)
         empty: int | None = None
         if stdin is None:
             empty, writer = os.pipe2(os.O_CLOEXEC)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -224,3 +225,53 @@ def render_nsjail_config(
 def render_config_text(config: NsJailConfig) -> str:
     """The nsjail config in protobuf text format, as written to ``--config``."""
     return str(to_textproto(config)) + "\n"
+
+
+#: The kernel a :class:`ConfigRenderer` renders once per policy, runtime and
+#: command, its id and folder then replaced by each kernel's own.
+_STAND_IN = KernelLayout("sandkernel-stand-in-id", Path("/sandkernel-stand-in-root"))
+_STAND_INS = re.compile(f"{re.escape(str(_STAND_IN.root))}|{re.escape(_STAND_IN.kernel_id)}")
+#: An id or path made only of these is written into the text format as it is.
+_VERBATIM = re.compile(r"[\w./+,=@:-]*", re.ASCII)
+
+
+class ConfigRenderer:
+    """Renders kernels' nsjail configs as text, each policy's once.
+
+    Two kernels' configurations differ only in their id and folder. Rendering
+    one costs about a millisecond of each kernel's start: this renders it
+    once per policy, runtime, command and passed descriptors, and puts each
+    kernel's id and folder in. An id or folder that the text format would
+    escape is rendered in full instead.
+
+    Args:
+        keep: renderings kept; past it, all are dropped and made again.
+    """
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._texts: dict[tuple[str, Runtime, tuple[str, ...], tuple[int, ...]], str] = {}
+
+    def text(
+        self,
+        policy: Policy,
+        layout: KernelLayout,
+        runtime: Runtime,
+        argv: list[str],
+        *,
+        pass_fds: Sequence[int] = (),
+    ) -> str:
+        """``render_config_text(render_nsjail_config(...))`` of these arguments."""
+        root, kernel_id = str(layout.root), layout.kernel_id
+        if not (_VERBATIM.fullmatch(root) and _VERBATIM.fullmatch(kernel_id)):
+            config = render_nsjail_config(policy, layout, runtime, argv, pass_fds=pass_fds)
+            return render_config_text(config)
+        key = (policy.model_dump_json(), runtime, tuple(argv), tuple(pass_fds))
+        text = self._texts.get(key)
+        if text is None:
+            if len(self._texts) >= self.keep:
+                self._texts.clear()
+            config = render_nsjail_config(policy, _STAND_IN, runtime, argv, pass_fds=pass_fds)
+            text = self._texts[key] = render_config_text(config)
+        own = {str(_STAND_IN.root): root, _STAND_IN.kernel_id: kernel_id}
+        return _STAND_INS.sub(lambda match: own[match.group()], text)
