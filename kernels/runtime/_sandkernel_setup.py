@@ -1,13 +1,14 @@
 """What a kernel runs in its set-up cell before it is handed out (``sandkernel.kernel``).
 
-The isolation self-check (:func:`report`, checked by ``sandkernel.sandbox.verify``),
-the prewarm imports (:func:`prewarm`) and the warm-up (:func:`warm_up`), in one
-call (:func:`set_up`). Standard library only and no
-sandkernel import: it runs in the kernel, in the sandbox. Imported once before
-the kernel starts (by ``launch.py``, or by the zygote, whose kernels share its
-compiled and warmed code), so the set-up cell is one call, not 30 lines for
-IPython to transform and compile in every new kernel. The module's name is
-private: a user's own ``selfcheck.py`` or ``setup.py`` stays theirs.
+The isolation self-check (:func:`report`, checked by
+``sandkernel.sandbox.verify``), the prewarm imports (:func:`prewarm`) and the
+warm-up (:func:`warm_up`), in one call (:func:`set_up`). The standard library
+and the kernel's own IPython only, no sandkernel import: it runs in the kernel,
+in the sandbox. Imported once before the kernel starts (by ``launch.py``, or by
+the zygote, whose kernels share its compiled and warmed code), so the set-up
+cell is one call, not 30 lines for IPython to transform and compile in every
+new kernel. The module's name is private: a user's own ``selfcheck.py`` or
+``setup.py`` stays theirs.
 """
 
 import importlib
