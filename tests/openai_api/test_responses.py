@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -25,6 +26,8 @@ from openai.types.responses.response_output_text import AnnotationContainerFileC
 
 from sandkernel.openai_api import responses as responses_module
 from sandkernel.openai_api.containers import Containers
+from sandkernel.openai_api.state import ApiState
+from sandkernel.openai_api.wire import ResponseObject
 from tests._model import FailingModel, Reply, code_call, error_body, in_order
 from tests.openai_api.conftest import (
     DEPLOYMENT,
@@ -558,6 +561,36 @@ async def test_a_response_is_retrievable_while_it_runs_and_not_continued_from_un
     assert seen[-1].type == "response.completed"
     after = await anyio.to_thread.run_sync(client.responses.retrieve, response_id)
     assert after.status == "completed" and after.output_text == "Done."
+
+
+async def test_a_response_is_retrievable_as_soon_as_its_first_event_tells_its_id(
+    openai_daemon: OpenAIDaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    told = threading.Event()
+    save = ApiState.save
+
+    def slow_save(self: ApiState, *objects: Any, **kwargs: Any) -> None:
+        if any(isinstance(o, ResponseObject) and o.status == "in_progress" for o in objects):
+            # A slow disk: a client that had its id before this returned would find nothing.
+            told.wait(1.0)
+        save(self, *objects, **kwargs)
+
+    monkeypatch.setattr(ApiState, "save", slow_save)
+    daemon = await openai_daemon(in_order(Reply(content="Hello.")))
+    client = daemon.openai()
+
+    def first_event_then_retrieve() -> tuple[str, Response]:
+        with client.responses.create(model=DEPLOYMENT, input="hi", stream=True) as events:
+            first = next(iter(events))
+            assert first.type == "response.created"
+            try:
+                return first.response.id, client.responses.retrieve(first.response.id)
+            finally:
+                told.set()
+
+    response_id, found = await anyio.to_thread.run_sync(first_event_then_retrieve)
+    assert found.id == response_id
+    assert found.status in ("in_progress", "completed", "cancelled")
 
 
 async def test_a_stream_its_client_closes_leaves_its_response_cancelled(

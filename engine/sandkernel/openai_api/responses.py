@@ -356,9 +356,6 @@ class Responses:
 
     async def _answer(self, prepared: _Prepared, emit: Emit) -> ResponseObject:
         assert self.model is not None
-        started = {"response": prepared.response.model_dump(mode="json")}
-        await emit("response.created", started)
-        await emit("response.in_progress", started)
         turn = _Turn(
             prepared.body,
             prepared.session,
@@ -393,15 +390,19 @@ class Responses:
             )
 
         if store:
-            # Stored as it starts, in progress: it can be retrieved while it runs.
+            # Stored as it starts, in progress, before its first event tells a client
+            # its id: it can be retrieved from then on, while it runs.
             await self._db(
                 self.state.save, prepared.response, private={prepared.response.id: saved(answered)}
             )
+        started = {"response": prepared.response.model_dump(mode="json")}
         session = prepared.session
         # The container stays alive while the response uses it, slow model turns included.
         keep_active = None if session is None else partial(self.containers.keep_active, session)
         answered_whole = False
         try:
+            await emit("response.created", started)
+            await emit("response.in_progress", started)
             with anyio.CancelScope() as stopping:
                 self._answering.add(stopping)
                 if self._stopping:
