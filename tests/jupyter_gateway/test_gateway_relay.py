@@ -760,16 +760,20 @@ async def test_a_kernel_flooding_its_drain_holds_neither_the_event_loop_nor_the_
                     seen.append(relayed)
                 await asyncio.sleep(0)
 
-        ticker = asyncio.ensure_future(tick())
+        ticker: asyncio.Future[None] | None = None
         try:
             assert await asyncio.to_thread(full.wait, DEADLINE_S)
+            # Started once the backlog is there (the relay drains only after the
+            # death): spinning before, it took the GIL from the flooding thread.
+            ticker = asyncio.ensure_future(tick())
             link.die()
             link.collect_gate.set()
             async with asyncio.timeout(3 * DEADLINE_S):
                 await client.until(status_is("dead"))
         finally:
             stop.set()
-            ticker.cancel()
+            if ticker is not None:
+                ticker.cancel()
             await asyncio.to_thread(flooding.join, DEADLINE_S)
         assert not flooding.is_alive()
         steps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
