@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,6 +25,11 @@ from tests.zygote import mode as zygote_mode
 
 if zygote_mode.enabled():
     zygote_mode.install()
+
+# Tallies printed at the end of a run. Plugins of this conftest rather than
+# hooks of their folders' own: under pytest-xdist the reports reach the
+# controller, which loads this conftest only.
+pytest_plugins = ("tests.contract._tally", "tests.security._tally")
 
 
 def sandbox_available() -> str | None:
@@ -112,6 +118,18 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxHost]:
     assert not left, f"sandbox resources left behind: {left}"
     new_fds = fds_opened_since(fds_before)
     assert not new_fds, f"file descriptors left open: {dict(new_fds)}"
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a short path (for Unix sockets, runtime roots), removed after the test.
+
+    Not under ``tmp_path``, whose path grows with the test's name and, under
+    pytest-xdist, with the worker's.
+    """
+    path = Path(tempfile.mkdtemp(prefix="skd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 KernelFactory = Callable[..., Awaitable[Any]]

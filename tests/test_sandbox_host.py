@@ -26,12 +26,12 @@ pytestmark = pytest.mark.sandbox
 
 
 @pytest.mark.anyio
-async def test_a_sweep_spares_a_live_engine_that_uses_another_root(tmp_path: Path) -> None:
-    with SandboxHost(tmp_path / "live-root") as live:
+async def test_a_sweep_spares_a_live_engine_that_uses_another_root(short_dir: Path) -> None:
+    with SandboxHost(short_dir / "live-root") as live:
         kernel = SandboxedKernel(live, load_policy())
         await kernel.start()
         try:
-            with SandboxHost(tmp_path / "other-root") as other:
+            with SandboxHost(short_dir / "other-root") as other:
                 assert kernel.kernel_id not in other.sweep()
             assert kernel.alive
             assert (await kernel.execute("1 + 1")).text == "2"
@@ -39,8 +39,10 @@ async def test_a_sweep_spares_a_live_engine_that_uses_another_root(tmp_path: Pat
             await kernel.shutdown()
 
 
-def test_sigkilled_engine_leaves_nothing_once_the_next_one_started(tmp_path: Path) -> None:
-    root = tmp_path / "rt"
+def test_sigkilled_engine_leaves_nothing_once_the_next_one_started(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    root = short_dir / "rt"
     ready = tmp_path / "ready"
     script = textwrap.dedent(f"""
         import asyncio, pathlib
@@ -73,10 +75,33 @@ def test_sigkilled_engine_leaves_nothing_once_the_next_one_started(tmp_path: Pat
     assert leftover == []
 
 
-def test_a_host_workspace_in_the_runtime_folder_is_refused_before_anything_is_made(
-    tmp_path: Path,
+def test_a_runtime_folder_too_long_for_socket_paths_is_refused_naming_the_setting(
+    short_dir: Path,
 ) -> None:
-    with SandboxHost(tmp_path / "rt") as host:
+    root = short_dir / ("r" * (70 - len(str(short_dir)) - 1))  # one byte too long
+    with pytest.raises(BadInput, match=r"70 bytes long.*--runtime-dir"):
+        SandboxHost(root)
+    assert not root.exists()
+
+
+@pytest.mark.anyio
+async def test_a_kernel_runs_in_the_longest_runtime_folder_allowed(short_dir: Path) -> None:
+    """The room kept for a kernel's socket paths is room enough: no "File name too long"."""
+    root = short_dir / ("r" * (69 - len(str(short_dir)) - 1))
+    assert len(str(root)) == 69
+    with SandboxHost(root) as host:
+        kernel = SandboxedKernel(host, load_policy())
+        try:
+            await kernel.start()
+            assert (await kernel.execute("1 + 1")).text == "2"
+        finally:
+            await kernel.shutdown()
+
+
+def test_a_host_workspace_in_the_runtime_folder_is_refused_before_anything_is_made(
+    short_dir: Path,
+) -> None:
+    with SandboxHost(short_dir / "rt") as host:
         spare = host.root / "spare"
         kernel_id = host.new_kernel_id()
         try:
@@ -89,12 +114,12 @@ def test_a_host_workspace_in_the_runtime_folder_is_refused_before_anything_is_ma
 
 
 def test_a_host_workspace_in_a_folder_the_engine_refuses_is_refused_at_the_claim(
-    tmp_path: Path,
+    tmp_path: Path, short_dir: Path
 ) -> None:
     """The engine's store too: checked where the folder is handed over, not only before."""
     store = tmp_path / "store"
     store.mkdir()
-    with SandboxHost(tmp_path / "rt", refused_workspaces=[store]) as host:
+    with SandboxHost(short_dir / "rt", refused_workspaces=[store]) as host:
         inside = store / "spare"
         kernel_id = host.new_kernel_id()
         try:

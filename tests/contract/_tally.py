@@ -1,7 +1,8 @@
 """The contract suite's tally: scenarios passed per backend, printed at the end of a run.
 
-Its two hooks are imported by the conftest of each test run that has
-contract scenarios (``tests/contract`` and ``tests/ray``).
+A plugin of the root conftest (``pytest_plugins``), so that the process
+that reports a run counts it, pytest-xdist's controller included; it counts
+the scenarios of ``tests/contract`` and of ``tests/ray``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""The contract suite's backends' fixtures, and its tally of scenarios passed per backend."""
+"""The contract suite's backends' fixtures (its tally is ``_tally.py``, a root plugin)."""
 
 from __future__ import annotations
 
 from tests.conftest import engine_factory  # noqa: F401 - fixtures the backends use
-from tests.contract._tally import (  # noqa: F401 - hooks
-    pytest_runtest_logreport,
-    pytest_terminal_summary,
-)
-from tests.daemon.conftest import daemon_factory, short_dir  # noqa: F401
+from tests.daemon.conftest import daemon_factory  # noqa: F401

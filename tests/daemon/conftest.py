@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket as socket_module
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,14 +67,6 @@ class RunningDaemon:
 
 
 DaemonFactory = Callable[..., Awaitable[RunningDaemon]]
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A folder with a short path (for Unix sockets), removed after the test."""
-    path = Path(tempfile.mkdtemp(prefix="skd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

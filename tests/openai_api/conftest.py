@@ -44,7 +44,6 @@ from sandkernel.session import SessionState
 from tests._model import Script, ScriptedModel
 from tests.daemon.conftest import DaemonFactory, RunningDaemon
 from tests.daemon.conftest import daemon_factory as daemon_factory  # noqa: F401 - a fixture
-from tests.daemon.conftest import short_dir as short_dir  # noqa: F401 - a fixture
 
 TOKEN = "openai-api-test-token"
 DEPLOYMENT = "gpt-4o-deployment"

@@ -71,10 +71,3 @@ async def cluster_engine(
         ray_cluster.remember(engine.hosts())
         yield engine
         ray_cluster.remember(engine.hosts())
-
-
-# The tally of the contract's scenarios per backend (tests/ray/test_contract.py).
-from tests.contract._tally import (  # noqa: E402, F401 - hooks
-    pytest_runtest_logreport,
-    pytest_terminal_summary,
-)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from sandkernel.errors import KernelStartFailed, SandboxUnavailable
+from sandkernel.errors import BadInput, KernelStartFailed, SandboxUnavailable
 from sandkernel.policy import Policy
 from sandkernel.sandbox.cgroups import (
     CgroupLayout,
@@ -45,10 +45,34 @@ _JOIN_AND_EXEC = (
     'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 )
 
+#: The longest path a Unix socket can have (``sun_path`` less its NUL).
+_SOCKET_PATH_MAX = 107
+#: What a kernel adds to the runtime root in the paths of the links the engine
+#: connects to its sockets through, ``/<kernel id>/pin/k-<n>`` (provisioner.py),
+#: at most: an owner's pid of 7 digits (pid_max is 2**22 at most), ``n`` of 5.
+_KERNEL_SOCKET_SUFFIX_MAX = len("/4194304-0123abcd-0123abcd/pin/k-12345")
+
 
 def default_runtime_root() -> Path:
     """``$SANDKERNEL_RUNTIME_DIR``, else ``/run/sandkernel``."""
     return Path(os.environ.get("SANDKERNEL_RUNTIME_DIR") or "/run/sandkernel")
+
+
+def _check_root_length(root: Path) -> None:
+    """Refuse a runtime root too long for its kernels' socket paths, before anything is made.
+
+    Otherwise every kernel would start and then fail to connect ("File name
+    too long"), after its sandbox's whole start.
+    """
+    longest = _SOCKET_PATH_MAX - _KERNEL_SOCKET_SUFFIX_MAX
+    length = len(os.fsencode(root))
+    if length > longest:
+        raise BadInput(
+            f"runtime folder {str(root)!r} is {length} bytes long, longer than the {longest} "
+            f"its kernels' socket paths leave room for (a Unix socket's path holds "
+            f"{_SOCKET_PATH_MAX} bytes): choose a shorter runtime_dir (--runtime-dir, "
+            "SANDKERNEL_RUNTIME_DIR)"
+        )
 
 
 def owners_dir() -> Path:
@@ -82,6 +106,7 @@ class SandboxHost:
                 "run the engine as root, see `sandkernel doctor`"
             )
         self.root = root or default_runtime_root()
+        _check_root_length(self.root)
         self.nsjail = find_nsjail()
         self.runtime = runtime or Runtime.detect()
         #: its jails' nsjail configs, each policy's rendered once
