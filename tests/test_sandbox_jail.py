@@ -68,6 +68,20 @@ async def test_stop_kills_the_whole_jail_when_asked_to_end_another_way(
         await jail.destroy()
 
 
+async def test_destroy_reaps_a_jail_whose_stop_was_cut_short(host: SandboxHost) -> None:
+    """No unreaped nsjail, whose ``Popen`` would warn as it is collected, in another test."""
+    jail = Jail(host, load_policy())
+    await jail.prepare()
+    jail.spawn(shell("sleep 60"))
+    stopping = asyncio.ensure_future(jail.stop(30))
+    await asyncio.sleep(0)  # its SIGTERM is sent; the wait for the exit is cancelled
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    await jail.destroy()
+    assert jail.process is not None and jail.process.returncode is not None
+
+
 async def test_stop_terminates_first(host: SandboxHost) -> None:
     jail = Jail(host, load_policy())
     await jail.prepare()

@@ -267,7 +267,7 @@ class Jail:
         return await wait_exit(process, _KILLED_EXIT_S)
 
     async def destroy(self) -> None:
-        """Kill what is left in the jail, unmount and remove its folder and cgroup.
+        """Kill what is left in the jail, unmount and remove its folder and cgroup; reap nsjail.
 
         Idempotent. A cancellation meanwhile (two workers failing at once in
         a pool's start, whose task group then cancels the other) waits for
@@ -276,3 +276,9 @@ class Jail:
         """
         destroying = asyncio.ensure_future(asyncio.to_thread(self.host.destroy, self.kernel_id))
         await wait_out(destroying)
+        # nsjail was in the cgroup the removal emptied: reaped here if its stop
+        # was cut short (cancelled) or never made, not left a zombie whose
+        # Popen warns as it is collected.
+        process = self.process
+        if process is not None and process.poll() is None:
+            await wait_exit(process, _KILLED_EXIT_S)
