@@ -37,7 +37,8 @@ typecheck: setup
 	$(BIN)/mypy
 
 pytest: setup
-	$(BIN)/pytest --ignore=tests/ray $(PYTEST_ARGS)
+	@# A worker per core, up to 4: most of the suite waits on kernels and sockets.
+	$(BIN)/pytest --ignore=tests/ray --numprocesses=auto --maxprocesses=4 $(PYTEST_ARGS)
 	@# Importing Ray leaves threads and fork handlers in the process (filelock's
 	@# refuses forks), which breaks the harnesses that fork: its tests get their own.
 	$(BIN)/pytest tests/ray $(PYTEST_ARGS)

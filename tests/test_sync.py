@@ -114,8 +114,8 @@ def test_sync_engine_takes_a_config_as_the_engine_does(tmp_path: Path) -> None:
 
 
 @pytest.mark.sandbox
-def test_sigterm_in_an_embedding_process_ends_every_kernel(tmp_path: Path) -> None:
-    root = tmp_path / "rt"
+def test_sigterm_in_an_embedding_process_ends_every_kernel(tmp_path: Path, short_dir: Path) -> None:
+    root = short_dir / "rt"
     ready = tmp_path / "ready"
     script = textwrap.dedent(f"""
         import pathlib, time
@@ -159,9 +159,9 @@ def test_after_close_calls_raise_engine_closed_and_a_sessions_close_does_nothing
 @pytest.mark.sandbox
 @pytest.mark.parametrize("then", ["kept", "dropped"])
 def test_an_engine_its_program_never_closes_is_closed_as_the_interpreter_ends(
-    tmp_path: Path, then: str
+    tmp_path: Path, short_dir: Path, then: str
 ) -> None:
-    root = tmp_path / "rt"
+    root = short_dir / "rt"
     script = textwrap.dedent(f"""
         from sandkernel.sync import Engine
         # Without a SIGTERM handler, which would refer to it.

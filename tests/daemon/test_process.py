@@ -122,7 +122,7 @@ def test_a_tcp_port_in_use_is_refused_in_one_line(short_dir: Path, tmp_path: Pat
         port = taken.getsockname()[1]
         done = subprocess.run(
             [sys.executable, "-m", "sandkernel.daemon", "serve", "--socket", str(short_dir / "s"),
-             "--store", str(tmp_path / "store"), "--runtime-dir", str(tmp_path / "rt"),
+             "--store", str(tmp_path / "store"), "--runtime-dir", str(short_dir / "rt"),
              "--pool-size", "0", "--tcp", str(port), "--token", "abc"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
@@ -139,7 +139,7 @@ def test_a_second_daemon_on_the_same_socket_is_refused(short_dir: Path, tmp_path
     try:
         done = subprocess.run(
             [sys.executable, "-m", "sandkernel.daemon", "serve", "--socket", str(socket),
-             "--store", str(tmp_path / "store2"), "--runtime-dir", str(tmp_path / "rt"),
+             "--store", str(tmp_path / "store2"), "--runtime-dir", str(short_dir / "rt"),
              "--pool-size", "0"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip

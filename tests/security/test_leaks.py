@@ -93,10 +93,10 @@ async def test_many_sessions_and_faults_return_to_the_baseline(tmp_path: Path) -
 
 
 def test_a_sigkilled_engine_with_busy_kernels_leaves_nothing_after_the_next_start(
-    tmp_path: Path,
+    tmp_path: Path, short_dir: Path
 ) -> None:
     """Kernels mid-cell, fork trees and daemons, then SIGKILL: the next engine sweeps it all."""
-    root = tmp_path / "rt"
+    root = short_dir / "rt"
     ready = tmp_path / "ready"
     script = textwrap.dedent(f"""
         import asyncio, pathlib
@@ -241,6 +241,7 @@ async def test_closing_while_a_failed_kernel_is_undone_waits_until_nothing_is_le
 
 
 @pytest.mark.slow
+@pytest.mark.early
 async def test_a_minute_of_faults_beside_steady_sessions_gives_no_wrong_result_and_no_leak() -> (
     None
 ):
