@@ -1,4 +1,4 @@
-"""The attack catalogue's fixtures and its tally.
+"""The attack catalogue's fixtures.
 
 Attacks live in ``test_*_attacks.py``; each test runs hostile code through
 the public API and passes when the sandbox held; ``_tally.py`` counts them.
