@@ -756,11 +756,11 @@ async def test_a_policy_with_network_forks_into_the_host_network(
 
 _HOST_CONFIG_PROBE = """
 import asyncio, tempfile
+import sys
 from sandkernel import Engine
-from tests.conftest import runtime_root
 
 async def main():
-    async with Engine(pool_size=0, prewarm_imports=(), runtime_dir=runtime_root(),
+    async with Engine(pool_size=0, prewarm_imports=(), runtime_dir=sys.argv[1],
                       store_dir=tempfile.mkdtemp(), handle_sigterm=False) as engine:
         session = await engine.session()
         assert session.kernel is not None and session.kernel.forked_pid is not None
@@ -772,7 +772,7 @@ asyncio.run(main())
 
 
 def test_a_forked_kernel_sees_neither_the_hosts_name_nor_its_ipython_config(
-    tmp_path: Path,
+    tmp_path: Path, short_dir: Path
 ) -> None:
     # A copy of this machine's /etc with an IPython configuration no sandbox
     # mounts, put over /etc in a mount namespace of the test's own.
@@ -786,7 +786,7 @@ def test_a_forked_kernel_sees_neither_the_hosts_name_nor_its_ipython_config(
     probe.write_text(_HOST_CONFIG_PROBE)
     done = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f'mount --bind "{etc}" /etc && exec "{sys.executable}" "{probe}"'],
+         f'mount --bind "{etc}" /etc && exec "{sys.executable}" "{probe}" "{short_dir}/rt"'],
         capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )  # fmt: skip
