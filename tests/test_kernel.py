@@ -520,9 +520,15 @@ async def test_a_flood_of_output_the_engine_cannot_keep_up_with_does_not_hold_it
     def slowly(self: SandboxedKernel, frames: Any, session: Any) -> None:
         nonlocal taken
         taken += 1
-        if taken >= 1500:  # each of the 1,500 lines is a message of its own
+        # The flood's last line: its lines are a message each, or fewer when the
+        # kernel's IOPub thread, slowed by a busy machine, sends several at once.
+        if b"1499\\n" in frames[-1].bytes:
             flooded.set()
-        time.sleep(0.0005)  # slower than the kernel sends: a backlog builds up
+        # Slower than the kernel sends, so that a backlog builds up: a spin, as a
+        # sleep's wake-up on a busy machine can take milliseconds, 1,500 times.
+        until = time.perf_counter() + 0.0005
+        while time.perf_counter() < until:
+            pass
         take(self, frames, session)
 
     monkeypatch.setattr(SandboxedKernel, "_take_iopub", slowly)
@@ -535,8 +541,8 @@ async def test_a_flood_of_output_the_engine_cannot_keep_up_with_does_not_hold_it
 
     ticker = asyncio.ensure_future(tick())
     try:
-        # A thread the cell leaves behind keeps printing, each line its own message:
-        # fewer than zmq keeps queued (1,000 on each side), so that none is dropped.
+        # A thread the cell leaves behind keeps printing, a message per line at
+        # most: fewer than zmq keeps queued (1,000 on each side), so none is dropped.
         r = await k.execute(
             "import threading\n"
             "def flood():\n"
