@@ -755,8 +755,7 @@ async def test_a_policy_with_network_forks_into_the_host_network(
 
 
 _HOST_CONFIG_PROBE = """
-import asyncio, tempfile
-import sys
+import asyncio, sys, tempfile
 from sandkernel import Engine
 
 async def main():
