@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import select
 import signal
@@ -244,6 +245,28 @@ async def test_the_server_starts_from_the_bytecode_the_engine_wrote(
         assert _bytecode_is_current(source, Path(importlib.util.cache_from_source(str(source))))
     result = await run(pool, "print(open('/proc/1/cmdline').read().split(chr(0))[2])")
     assert result.stdout.strip().endswith("/start_forkserver.py")
+
+
+@sandbox
+def test_the_server_refuses_to_run_as_root_before_it_does_anything(tmp_path: Path) -> None:
+    # PID 1 of a PID namespace, as root, outside any sandbox: what `unshare -fp`
+    # gives. A server that went on would empty the host's /tmp and kill what it
+    # can signal; should the refusal be missing, the first module it preloads
+    # (before any of that) ends it here instead.
+    (tmp_path / "sk_stop_here.py").write_text("import os\nos._exit(42)\n")
+    server = data_dir("kernels") / "runtime" / "start_forkserver.py"
+    config = {"preload": ["sk_stop_here"], "file_size_mb": 1, "nofile": 64,
+              "output_max_bytes": 1 << 10, "fetch_max_bytes": 1 << 10}  # fmt: skip
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", sys.executable, "-s", str(server), json.dumps(config)],
+        env={"PYTHONPATH": str(tmp_path), "PATH": os.environ["PATH"]},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "must run unprivileged inside its sandbox" in result.stderr, result.stderr
+    assert result.returncode == 1 and not result.stdout, result
 
 
 @sandbox

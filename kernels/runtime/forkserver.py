@@ -200,6 +200,20 @@ def _die(code):
             pass
 
 
+def _privileged():
+    """Whether this process is root or holds any capability (unknown counts as yes)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16) != 0
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
 def _prctl(option, value):
     if _libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0) != 0:
         err = ctypes.get_errno()
@@ -1458,6 +1472,11 @@ def main():
         # The clean-up kills every process it can signal: only right as the
         # init of a PID namespace that holds nothing but this server's children.
         sys.exit("forkserver.py must run as PID 1 of its own PID namespace (inside nsjail)")
+    if _privileged():
+        # The clean-up also empties /tmp, /dev/shm, /mnt/data and /run/sandkernel:
+        # the sandbox's own folders, not the host's. Run as root (``unshare -fp``
+        # gives PID 1 outside any sandbox), it would empty the host's.
+        sys.exit("forkserver.py must run unprivileged inside its sandbox (nsjail runs it so)")
     _prctl(_PR_SET_DUMPABLE, 0)
     _install_ipc_filter()  # before any preloaded module runs
     # Python handles SIGINT; PID 1 must handle nothing a sample could send it.
