@@ -591,3 +591,29 @@ def test_run_with_an_empty_store_uses_the_default_one_not_the_current_folder(
     )  # fmt: skip
     assert (proc.returncode, proc.stdout) == (0, "1\n"), proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_given_a_scripts_path_as_code_says_to_use_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "script.py"
+    script.write_text("print('hi')\n")
+    monkeypatch.chdir(tmp_path)
+    for given in ("script.py", str(script)):
+        proc = run_cli("run", given)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{given!r} is a file: run it with --file {given}" in proc.stderr, proc.stderr
+
+
+def test_only_an_existing_files_path_is_taken_for_a_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandkernel.cli import _names_a_script
+
+    (tmp_path / "script.py").write_text("")
+    (tmp_path / "print").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert _names_a_script("script.py") and _names_a_script("./print")
+    # Code that happens to name a file without looking like a path, or no file at all.
+    for code in ("print", "missing.py", "script.py\n", "a\0.py", "x" * 5000 + ".py"):
+        assert not _names_a_script(code), code

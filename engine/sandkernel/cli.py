@@ -482,11 +482,30 @@ def _refuse_with(
         run.error(f"argument {', '.join(given)}: not allowed with {mode} ({why})")
 
 
+def _names_a_script(code: str) -> bool:
+    """Whether CODE is the path of an existing file (a script's name, or with a folder)."""
+    if not (code.endswith(".py") or os.sep in code) or "\n" in code:
+        return False
+    try:
+        return os.path.isfile(code)
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        return False
+
+
 def _check_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse the options of ``run`` that cannot go together, before anything starts."""
     run = _command_parser(parser, "run")
     if args.file is not None and args.code is not None:
         run.error("argument -f/--file: not allowed with CODE (give the code one way)")
+    if args.code is not None and _names_a_script(args.code):
+        # `sandkernel run script.py`, as one runs `python script.py`: as code it
+        # would only fail with a NameError from inside the sandbox.
+        import shlex
+
+        run.error(
+            f"CODE is Python source, and {args.code!r} is a file: run it with "
+            f"--file {shlex.quote(args.code)}"
+        )
     if args.arg and not args.once:
         run.error("argument --arg: needs --once (it appends to the program's sys.argv)")
     if args.once and args.file is None and args.code is None:
