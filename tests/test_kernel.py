@@ -162,9 +162,16 @@ async def test_a_cell_timed_out_before_a_busy_kernel_took_it_up_is_interrupted_n
     assert (await k.execute(block)).status == "ok"
     r = await k.execute("began = time.monotonic()\nwhile True: time.sleep(0.01)", timeout_s=1)
     assert r.status == "timeout" and r.kernel_alive and not r.state_lost, r
-    assert r.error is not None and r.error.name == "KeyboardInterrupt"
     # The loop was blocked before the cell began: what this test is about.
-    assert (await k.execute("print(began > blocked[0])")).stdout == "True\n"
+    check = "print(len(blocked), 'began' in globals() and began > blocked[0])"
+    seen = (await k.execute(check)).stdout
+    if r.error is not None:
+        assert r.error.name == "KeyboardInterrupt" and seen == "1 True\n", (r, seen)
+    else:
+        # The interrupt came between the cell's execute_input and its first line,
+        # in ipykernel's own code, which takes it and ends the request there (a
+        # loaded machine widens that moment): stopped before it ran, all the same.
+        assert seen == "1 False\n", (r, seen)
 
 
 async def test_uninterruptible_cell_is_killed_and_a_new_kernel_works(
