@@ -439,12 +439,16 @@ async def test_huge_displays_are_cut_and_the_engine_lets_go_of_them(
             display({'text/plain': blob, 'text/html': f'<p>{n}</p>'}, raw=True)
         print('done')
     """)
+    _return_freed_memory()
     before = leaks.snapshot(roots=[runtime_root()])
     r, latencies = await while_running(attacker, code, bystander, timeout_s=60)
     assert r.status == "ok" and r.displays_truncated, r.status
     assert sum(len(json.dumps(d.data)) for d in r.displays) <= 32 << 20
     _bounded(latencies)
     del r
+    # 200 MB of displays went through zmq's I/O thread's heap and this one's:
+    # what the engine holds, not what the allocator kept of what it freed.
+    _return_freed_memory()
     after = leaks.snapshot(roots=[runtime_root()])
     assert after.rss_bytes - before.rss_bytes < 128 << 20, "the engine kept the displays"
 
