@@ -7,6 +7,7 @@ import contextlib
 import gc
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,15 @@ def sandbox_available() -> str | None:
 
 
 _WHY_NOT = sandbox_available()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Started as a background job of a shell without job control (a CI step
+    # run with `&`, nohup), the run ignores SIGINT, and so would every process
+    # it starts: Python then installs no KeyboardInterrupt handler. The tests
+    # of ^C expect what a terminal's foreground gives, whatever started them.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
