@@ -31,6 +31,9 @@ from tests.ray._daemon import client_of, cluster_engine_as_served, serving  # no
 from tests.ray._support import NODE_ARGS, LocalCluster  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.sandbox, pytest.mark.anyio, pytest.mark.timeout(300)]
+#: httpx's own 5 s is too short for a session's creation on a fresh cluster,
+#: which waits for a node's first kernel: seconds on a loaded machine.
+RAW_TIMEOUT_S = 60.0
 
 
 async def raised(call: Awaitable[Any]) -> Exception:
@@ -84,7 +87,9 @@ async def test_a_lost_node_answers_410_and_404_with_the_cluster_engines_classes(
             )
             assert type(remote_file) is type(embedded_file)
             async with httpx.AsyncClient(
-                base_url="http://sandkernel", transport=httpx.AsyncHTTPTransport(uds=str(socket))
+                base_url="http://sandkernel",
+                transport=httpx.AsyncHTTPTransport(uds=str(socket)),
+                timeout=RAW_TIMEOUT_S,
             ) as raw:
                 for method, path, status, error in [
                     ("POST", f"/v1/sessions/{on_doomed.id}/execute", 410, "SessionLost"),
@@ -111,7 +116,9 @@ async def ended_session_answers(engine: ServedEngine, name: str) -> list[tuple[i
     async with (
         serving(engine) as socket,
         httpx.AsyncClient(
-            base_url="http://sandkernel", transport=httpx.AsyncHTTPTransport(uds=str(socket))
+            base_url="http://sandkernel",
+            transport=httpx.AsyncHTTPTransport(uds=str(socket)),
+            timeout=RAW_TIMEOUT_S,
         ) as raw,
     ):
         opened = await raw.post("/v1/sessions", json={"id": name})
