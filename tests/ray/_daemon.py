@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from sandkernel.api import ServedEngine
 from sandkernel.config import EngineConfig
 from sandkernel.daemon.client import AsyncClient
@@ -49,4 +51,19 @@ async def serving(engine: ServedEngine) -> AsyncIterator[Path]:
 @contextlib.asynccontextmanager
 async def client_of(socket: Path) -> AsyncIterator[AsyncClient]:
     async with AsyncClient(socket) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def raw_client_of(socket: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A plain HTTP client on the daemon's socket, for requests read as they are answered.
+
+    httpx's own 5 s is too short for a session's creation on a fresh cluster,
+    which waits for a node's first kernel: seconds on a loaded machine.
+    """
+    async with httpx.AsyncClient(
+        base_url="http://sandkernel",
+        transport=httpx.AsyncHTTPTransport(uds=str(socket)),
+        timeout=60.0,
+    ) as client:
         yield client

@@ -17,8 +17,6 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-import httpx  # noqa: E402
-
 from sandkernel import errors  # noqa: E402
 from sandkernel.api import ServedEngine  # noqa: E402
 from sandkernel.daemon import errors as daemon_errors  # noqa: E402
@@ -27,13 +25,10 @@ from sandkernel.errors import FileLost, FileNotFoundInStore, SessionLost  # noqa
 from sandkernel.ray import errors as ray_errors  # noqa: E402
 from sandkernel.ray._protocol import HostClosing, file_tag, node_tag  # noqa: E402
 from tests.conftest import runtime_root  # noqa: E402
-from tests.ray._daemon import client_of, cluster_engine_as_served, serving  # noqa: E402
+from tests.ray._daemon import client_of, cluster_engine_as_served, raw_client_of, serving  # noqa: E402
 from tests.ray._support import NODE_ARGS, LocalCluster  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.sandbox, pytest.mark.anyio, pytest.mark.timeout(300)]
-#: httpx's own 5 s is too short for a session's creation on a fresh cluster,
-#: which waits for a node's first kernel: seconds on a loaded machine.
-RAW_TIMEOUT_S = 60.0
 
 
 async def raised(call: Awaitable[Any]) -> Exception:
@@ -86,11 +81,7 @@ async def test_a_lost_node_answers_410_and_404_with_the_cluster_engines_classes(
                 embedded_file, FileNotFoundInStore
             )
             assert type(remote_file) is type(embedded_file)
-            async with httpx.AsyncClient(
-                base_url="http://sandkernel",
-                transport=httpx.AsyncHTTPTransport(uds=str(socket)),
-                timeout=RAW_TIMEOUT_S,
-            ) as raw:
+            async with raw_client_of(socket) as raw:
                 for method, path, status, error in [
                     ("POST", f"/v1/sessions/{on_doomed.id}/execute", 410, "SessionLost"),
                     ("GET", f"/v1/sessions/{on_doomed.id}", 410, "SessionLost"),
@@ -115,11 +106,7 @@ async def ended_session_answers(engine: ServedEngine, name: str) -> list[tuple[i
     answers = []
     async with (
         serving(engine) as socket,
-        httpx.AsyncClient(
-            base_url="http://sandkernel",
-            transport=httpx.AsyncHTTPTransport(uds=str(socket)),
-            timeout=RAW_TIMEOUT_S,
-        ) as raw,
+        raw_client_of(socket) as raw,
     ):
         opened = await raw.post("/v1/sessions", json={"id": name})
         assert opened.status_code == 200, opened.text
