@@ -19,14 +19,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandkernel._resources import data_dir
 from sandkernel.batch.frames import LENGTH_SIZE, Reply, decode_frame_body, frame_body_size
-from sandkernel.policy import Policy
 from sandkernel.sandbox import RUNTIME_IN_JAIL, Jail, SandboxHost
 from sandkernel.sandbox.cgroups import UsageReader
 from sandkernel.sandbox.runtime import write_bytecode
+
+if TYPE_CHECKING:
+    # Not imported with the worker: a fork server can be spawned before the
+    # policy model is loaded (prestart.py).
+    from sandkernel.policy import Policy
 
 #: After a request's own time limit, how long the server may take to clean
 #: up and answer before the worker is considered hung and replaced.
@@ -131,6 +135,31 @@ class OomKillLedger:
         return bool(self._unclaimed)
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """What a fork server is told when it starts, beside its jail's policy: its ``argv``."""
+
+    python: str
+    preload: tuple[str, ...]
+    file_size_mb: int
+    nofile: int
+    output_max_bytes: int
+    fetch_max_bytes: int
+
+    def argv(self, oom_kills_fd: int | None) -> list[str]:
+        """The server's command in the jail, given the descriptor it reads OOM kills from."""
+        server_config = {
+            "preload": list(self.preload),
+            "file_size_mb": self.file_size_mb,
+            "nofile": self.nofile,
+            "output_max_bytes": self.output_max_bytes,
+            "fetch_max_bytes": self.fetch_max_bytes,
+            "immortal_after": IMMORTAL_AFTER,
+            "oom_kills_fd": oom_kills_fd,
+        }
+        return [self.python, "-s", f"{RUNTIME_IN_JAIL}/{_SERVER}", json.dumps(server_config)]
+
+
 @dataclass
 class WorkerConfig:
     """What every worker of a pool is started with."""
@@ -141,6 +170,79 @@ class WorkerConfig:
     output_max_bytes: int
     fetch_max_bytes: int
     start_timeout_s: float
+
+    def settings(self) -> ServerSettings:
+        return ServerSettings(
+            python=self.host.runtime.python,
+            preload=self.preload,
+            file_size_mb=self.policy.file_size_mb,
+            nofile=self.policy.nofile,
+            output_max_bytes=self.output_max_bytes,
+            fetch_max_bytes=self.fetch_max_bytes,
+        )
+
+
+@dataclass
+class SpawnedServer:
+    """A fork server's jail, spawned and booting: the ends of its pipes, and what it runs."""
+
+    jail: Jail
+    #: the server's stdin and stdout, the engine's ends (non-blocking)
+    request_fd: int
+    reply_fd: int
+    #: its cgroup's counters, kept open
+    usage: UsageReader
+    argv: list[str]
+    pass_fds: tuple[int, ...]
+    config_text: str
+
+    def close(self) -> None:
+        """Close the engine's ends (the jail is its owner's to stop and destroy)."""
+        for fd in (self.request_fd, self.reply_fd):
+            os.close(fd)
+        self.usage.close()
+
+
+def spawn_server(
+    jail: Jail,
+    settings: ServerSettings,
+    render: Callable[[list[str], tuple[int, ...]], str],
+) -> SpawnedServer:
+    """Start the fork server in ``jail`` (prepared), its config ``render(argv, pass_fds)``.
+
+    Raises what the start or ``render`` raised, having closed what it opened.
+    """
+    _write_server_bytecode()
+    # Kept open: the count is read after every reply (one pread, not an open).
+    usage = UsageReader(jail.cgroup)
+    opened: list[int] = []
+    try:
+        request_r, request_w = os.pipe2(os.O_CLOEXEC)
+        opened += (request_r, request_w)
+        reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
+        opened += (reply_r, reply_w)
+        # The server reads the sandbox's OOM-kill count before and after each
+        # run, through a descriptor of its own: a kill counted in between is
+        # that run's, which the engine's reads cannot tell with the next run
+        # already under way (OomKillLedger is what it falls back on).
+        oom_kills_fd = usage.open_oom_kills()
+        pass_fds = () if oom_kills_fd is None else (oom_kills_fd,)
+        opened += pass_fds
+        argv = settings.argv(oom_kills_fd)
+        config_text = render(argv, pass_fds)
+        jail.spawn(
+            argv, stdin=request_r, stdout=reply_w, pass_fds=pass_fds, config_text=config_text
+        )
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        usage.close()
+        raise
+    for fd in (request_r, reply_w, *pass_fds):
+        os.close(fd)
+    os.set_blocking(request_w, False)
+    os.set_blocking(reply_r, False)
+    return SpawnedServer(jail, request_w, reply_r, usage, argv, pass_fds, config_text)
 
 
 @dataclass
@@ -171,9 +273,12 @@ class Worker:
         on_lost: Callable[[Worker], None],
         *,
         on_spawned: Callable[[], None] | None = None,
+        spawned: SpawnedServer | None = None,
     ) -> None:
         self.config = config
-        self.jail = Jail(config.host, config.policy)
+        #: a server spawned already, checked against ``config`` by its caller
+        self._spawned = spawned
+        self.jail = spawned.jail if spawned is not None else Jail(config.host, config.policy)
         self.kernel_id = self.jail.kernel_id
         self.request_fd = -1
         self.reply_fd = -1
@@ -198,59 +303,32 @@ class Worker:
     # -- start -------------------------------------------------------------
 
     async def start(self) -> None:
-        try:
-            await self.jail.prepare()  # undone if cancelled meanwhile
-        except asyncio.CancelledError:
-            self._stopping = True
-            raise
+        if self._spawned is None:
+            try:
+                await self.jail.prepare()  # undone if cancelled meanwhile
+            except asyncio.CancelledError:
+                self._stopping = True
+                raise
         async with self.jail.starting("batch worker", self.stop):
             await self._launch()
         self._reader = asyncio.ensure_future(self._read_replies())
         self.accepting = True
 
     async def _launch(self) -> None:
-        config = self.config
-        _write_server_bytecode()
-        # Kept open: the count is read after every reply (one pread, not an open).
-        self._usage = UsageReader(self.jail.cgroup)
-        request_r, self.request_fd = os.pipe2(os.O_CLOEXEC)
-        self.reply_fd, reply_w = os.pipe2(os.O_CLOEXEC)
-        # The server reads the sandbox's OOM-kill count before and after each
-        # run, through a descriptor of its own: a kill counted in between is
-        # that run's, which the engine's reads cannot tell with the next run
-        # already under way (OomKillLedger is what it falls back on).
-        oom_kills_fd = self._usage.open_oom_kills()
-        server_config = {
-            "preload": list(config.preload),
-            "file_size_mb": config.policy.file_size_mb,
-            "nofile": config.policy.nofile,
-            "output_max_bytes": config.output_max_bytes,
-            "fetch_max_bytes": config.fetch_max_bytes,
-            "immortal_after": IMMORTAL_AFTER,
-            "oom_kills_fd": oom_kills_fd,
-        }
-        argv = [
-            config.host.runtime.python, "-s", f"{RUNTIME_IN_JAIL}/{_SERVER}",
-            json.dumps(server_config),
-        ]  # fmt: skip
-        try:
-            self.jail.spawn(
-                argv,
-                stdin=request_r,
-                stdout=reply_w,
-                pass_fds=() if oom_kills_fd is None else (oom_kills_fd,),
+        server, self._spawned = self._spawned, None
+        if server is None:
+            jail = self.jail
+            server = spawn_server(
+                jail,
+                self.config.settings(),
+                lambda argv, pass_fds: jail.render(argv, pass_fds=pass_fds),
             )
-        finally:
-            os.close(request_r)
-            os.close(reply_w)
-            if oom_kills_fd is not None:
-                os.close(oom_kills_fd)
+        self.request_fd, self.reply_fd = server.request_fd, server.reply_fd
+        self._usage = server.usage
         if self._on_spawned is not None:
             self._on_spawned()  # while the sandbox boots
-        os.set_blocking(self.request_fd, False)
-        os.set_blocking(self.reply_fd, False)
         header, _ = await self._read_frame(
-            time.monotonic() + config.start_timeout_s, lambda: _HEADER_SLACK_BYTES
+            time.monotonic() + self.config.start_timeout_s, lambda: _HEADER_SLACK_BYTES
         )
         if not header.get("ready"):
             raise WorkerLost(f"unexpected first frame from the server: {header}", blamed=False)

@@ -5,6 +5,7 @@ Everything a sandbox needs on the host, one module per concept:
 ============  ================================================================
 ``runtime``   the nsjail binary, and the Python runtime bound into the jail
 ``layout``    paths inside the jail, and one kernel's runtime folder on the host
+``limits``    what a jail is prepared with: a policy's limits, or only those
 ``cgroups``   cgroups v1 or v2 (detected at start), one per kernel, created and
               limited by the engine; nsjail starts inside it
 ``mounts``    the size-limited tmpfs folders (runtime folder, workspace)

@@ -16,9 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandkernel.errors import SandboxUnavailable
-from sandkernel.policy import Policy
+
+if TYPE_CHECKING:
+    from sandkernel.sandbox.limits import JailLimits
 
 CGROUP_PARENT = "sandkernel"
 #: v2, in a cgroup namespace: the leaf the namespace root's own processes move to
@@ -107,7 +110,7 @@ class KernelCgroup:
     def procs_files(self) -> list[Path]:
         return [d / "cgroup.procs" for d in sorted(set(self.dirs.values()))]
 
-    def create(self, policy: Policy) -> None:
+    def create(self, policy: JailLimits) -> None:
         """Create the cgroup dirs and write the policy's limits."""
         ensure_cgroup_parents(self.layout)
         for d in sorted(set(self.dirs.values())):

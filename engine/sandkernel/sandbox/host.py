@@ -18,10 +18,11 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterable, Iterator
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandkernel.errors import BadInput, KernelStartFailed, SandboxUnavailable
-from sandkernel.policy import Policy
 from sandkernel.sandbox.cgroups import (
     CgroupLayout,
     CgroupVersion,
@@ -31,8 +32,14 @@ from sandkernel.sandbox.cgroups import (
 from sandkernel.sandbox.host_workspace import claim_host_workspace
 from sandkernel.sandbox.layout import SANDBOX_GID, SANDBOX_UID, KernelLayout
 from sandkernel.sandbox.mounts import mount_tmpfs, mounts_under, unmount
-from sandkernel.sandbox.render import ConfigRenderer
 from sandkernel.sandbox.runtime import Runtime, find_nsjail
+
+if TYPE_CHECKING:
+    # Neither is imported with the host: a batch pool's sandboxes can be
+    # prepared and spawned before the policy model and nsjail's config
+    # classes are loaded (batch/prestart.py).
+    from sandkernel.sandbox.limits import JailLimits
+    from sandkernel.sandbox.render import ConfigRenderer
 
 #: Size and files of the tmpfs that holds one kernel's runtime folder (config,
 #: logs, the kernel's own output, the connection dir bound into the sandbox).
@@ -109,8 +116,6 @@ class SandboxHost:
         _check_root_length(self.root)
         self.nsjail = find_nsjail()
         self.runtime = runtime or Runtime.detect()
-        #: its jails' nsjail configs, each policy's rendered once
-        self.configs = ConfigRenderer()
         self.cgroups = CgroupLayout.detect()
         if self.cgroups.version is CgroupVersion.NONE:
             raise SandboxUnavailable(
@@ -134,19 +139,27 @@ class SandboxHost:
         if sweep:
             self.sweep()
 
+    @cached_property
+    def configs(self) -> ConfigRenderer:
+        """Its jails' nsjail configs, each policy's rendered once."""
+        from sandkernel.sandbox.render import ConfigRenderer
+
+        return ConfigRenderer()
+
     # -- kernels -----------------------------------------------------------
 
     def new_kernel_id(self) -> str:
         return f"{self.owner}-{secrets.token_hex(4)}"
 
     def prepare(
-        self, kernel_id: str, policy: Policy, workspace: Path | None = None
+        self, kernel_id: str, policy: JailLimits, workspace: Path | None = None
     ) -> KernelLayout:
         """Create a kernel's folder, workspace and cgroup.
 
         Args:
             kernel_id: from :meth:`new_kernel_id`.
-            policy: its limits (cgroup and workspace size).
+            policy: its limits (cgroup and workspace size): a
+                :class:`~sandkernel.policy.Policy`, or only its limits.
             workspace: a host folder to bind as ``/mnt/data`` instead of a
                 fresh size-limited tmpfs; it must be new, empty or already the
                 sandbox user's (see :func:`check_host_workspace`), becomes the
@@ -282,7 +295,7 @@ _RLIMITS = (
 )
 
 
-def _check_rlimits(policy: Policy) -> None:
+def _check_rlimits(policy: JailLimits) -> None:
     """Refuse rlimits above the engine's own hard limits, which a sandbox cannot exceed.
 
     nsjail sets them once it has dropped its privileges, so it cannot raise

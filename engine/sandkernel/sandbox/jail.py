@@ -7,9 +7,9 @@ removal:
 
 * :meth:`Jail.prepare` creates its folder, workspace and cgroup, and removes
   them again if it fails or is cancelled midway;
-* :meth:`Jail.spawn` renders the nsjail config from the policy and starts
-  nsjail inside the cgroup, through the ``sh`` wrapper that joins the cgroup
-  and then becomes nsjail;
+* :meth:`Jail.spawn` renders the nsjail config from the policy (or takes
+  it rendered) and starts nsjail inside the cgroup, through the ``sh``
+  wrapper that joins the cgroup and then becomes nsjail;
 * :meth:`Jail.wait` waits for nsjail on a pidfd, without polling;
 * :meth:`Jail.log_tail` and :meth:`Jail.starting` tell why a start failed;
 * :meth:`Jail.stop` ends nsjail in bounded time (SIGTERM, a grace period,
@@ -26,13 +26,17 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandkernel._tasks import wait_out
 from sandkernel.errors import KernelStartFailed
-from sandkernel.policy import Policy
 from sandkernel.sandbox.cgroups import KernelCgroup
 from sandkernel.sandbox.host import SandboxHost
 from sandkernel.sandbox.layout import KernelLayout
+
+if TYPE_CHECKING:
+    from sandkernel.policy import Policy
+    from sandkernel.sandbox.limits import JailLimits
 
 #: nsjail's own environment; the sandbox's is set by the config alone.
 _NSJAIL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -86,13 +90,27 @@ class Jail:
     Args:
         host: the engine's :class:`~sandkernel.sandbox.host.SandboxHost`.
         policy: limits and permissions; the only source of the nsjail config.
+            ``None`` with ``limits``: the jail is prepared from those, and
+            :meth:`spawn` is given its config rendered.
+        limits: what the jail is prepared with (default: the policy's).
         workspace: a host folder to bind as ``/mnt/data`` instead of a fresh
             size-limited tmpfs.
     """
 
-    def __init__(self, host: SandboxHost, policy: Policy, *, workspace: Path | None = None) -> None:
+    def __init__(
+        self,
+        host: SandboxHost,
+        policy: Policy | None,
+        *,
+        limits: JailLimits | None = None,
+        workspace: Path | None = None,
+    ) -> None:
+        limits = limits or policy
+        if limits is None:
+            raise ValueError("a jail needs a policy or its limits")
         self.host = host
         self.policy = policy
+        self.limits: JailLimits = limits
         self.kernel_id = host.new_kernel_id()
         #: set by :meth:`prepare`
         self.layout: KernelLayout | None = None
@@ -123,7 +141,7 @@ class Jail:
         thread and removes what it made before it raises: nothing is left.
         """
         preparing = asyncio.ensure_future(
-            asyncio.to_thread(self.host.prepare, self.kernel_id, self.policy, self._workspace)
+            asyncio.to_thread(self.host.prepare, self.kernel_id, self.limits, self._workspace)
         )
         try:
             self.layout = await wait_out(preparing)
@@ -139,6 +157,7 @@ class Jail:
         stdin: int | None = None,
         stdout: int | None = None,
         pass_fds: Sequence[int] = (),
+        config_text: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """Render the config that runs ``argv`` in the jail; start nsjail inside the cgroup.
 
@@ -152,14 +171,15 @@ class Jail:
             stdout: a descriptor for nsjail's stdout (default: the jail's output
                 file, ``kernel.out``, where its stderr always goes).
             pass_fds: descriptors the command inherits, at the same numbers.
+            config_text: the config, rendered already (:meth:`render` of
+                ``argv`` and ``pass_fds``, or what its caller knows to be it).
         """
         layout = self.layout
         if layout is None:
             raise RuntimeError("spawn() before prepare()")
-        config = self.host.configs.text(
-            self.policy, layout, self.host.runtime, argv, pass_fds=pass_fds
-        )
-        layout.config_file.write_text(config)
+        if config_text is None:
+            config_text = self.render(argv, pass_fds=pass_fds)
+        layout.config_file.write_text(config_text)
         empty: int | None = None
         if stdin is None:
             empty, writer = os.pipe2(os.O_CLOEXEC)
@@ -180,6 +200,16 @@ class Jail:
             if empty is not None:
                 os.close(empty)
         return self.process
+
+    def render(self, argv: list[str], *, pass_fds: Sequence[int] = ()) -> str:
+        """The nsjail config that runs ``argv`` in this (prepared) jail, from its policy."""
+        if self.layout is None:
+            raise RuntimeError("render() before prepare()")
+        if self.policy is None:
+            raise RuntimeError("a jail made from limits alone is spawned with its config rendered")
+        return self.host.configs.text(
+            self.policy, self.layout, self.host.runtime, argv, pass_fds=pass_fds
+        )
 
     # -- wait and diagnose ---------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,3 +44,25 @@ class KernelLayout:
     @property
     def workspace(self) -> Path:
         return self.root / "workspace"
+
+
+#: The kernel whose config is rendered once per policy, runtime and command
+#: (``ConfigRenderer.template``), its id and folder then replaced by each
+#: kernel's own (:func:`fill_stand_in`).
+STAND_IN = KernelLayout("sandkernel-stand-in-id", Path("/sandkernel-stand-in-root"))
+_STAND_INS = re.compile(f"{re.escape(str(STAND_IN.root))}|{re.escape(STAND_IN.kernel_id)}")
+#: An id or path made only of these is written into the config's text format as it is.
+_VERBATIM = re.compile(r"[\w./+,=@:-]*", re.ASCII)
+
+
+def fill_stand_in(template: str, layout: KernelLayout) -> str | None:
+    """``template`` (a config rendered for :data:`STAND_IN`) made ``layout``'s own.
+
+    None if ``layout``'s id or folder is one the text format would escape:
+    its config is then to be rendered in full.
+    """
+    root, kernel_id = str(layout.root), layout.kernel_id
+    if not (_VERBATIM.fullmatch(root) and _VERBATIM.fullmatch(kernel_id)):
+        return None
+    own = {str(STAND_IN.root): root, STAND_IN.kernel_id: kernel_id}
+    return _STAND_INS.sub(lambda match: own[match.group()], template)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,8 +24,10 @@ from sandkernel.sandbox.layout import (
     RUNTIME_IN_JAIL,
     SANDBOX_GID,
     SANDBOX_UID,
+    STAND_IN,
     WORKSPACE_IN_JAIL,
     KernelLayout,
+    fill_stand_in,
 )
 from sandkernel.sandbox.runtime import Runtime
 
@@ -227,14 +228,6 @@ def render_config_text(config: NsJailConfig) -> str:
     return str(to_textproto(config)) + "\n"
 
 
-#: The kernel a :class:`ConfigRenderer` renders once per policy, runtime and
-#: command, its id and folder then replaced by each kernel's own.
-_STAND_IN = KernelLayout("sandkernel-stand-in-id", Path("/sandkernel-stand-in-root"))
-_STAND_INS = re.compile(f"{re.escape(str(_STAND_IN.root))}|{re.escape(_STAND_IN.kernel_id)}")
-#: An id or path made only of these is written into the text format as it is.
-_VERBATIM = re.compile(r"[\w./+,=@:-]*", re.ASCII)
-
-
 class ConfigRenderer:
     """Renders kernels' nsjail configs as text, each policy's once.
 
@@ -262,16 +255,29 @@ class ConfigRenderer:
         pass_fds: Sequence[int] = (),
     ) -> str:
         """``render_config_text(render_nsjail_config(...))`` of these arguments."""
-        root, kernel_id = str(layout.root), layout.kernel_id
-        if not (_VERBATIM.fullmatch(root) and _VERBATIM.fullmatch(kernel_id)):
+        text = fill_stand_in(self.template(policy, runtime, argv, pass_fds=pass_fds), layout)
+        if text is None:
             config = render_nsjail_config(policy, layout, runtime, argv, pass_fds=pass_fds)
             return render_config_text(config)
+        return text
+
+    def template(
+        self,
+        policy: Policy,
+        runtime: Runtime,
+        argv: list[str],
+        *,
+        pass_fds: Sequence[int] = (),
+    ) -> str:
+        """The config of these arguments for the stand-in kernel (:data:`~.layout.STAND_IN`).
+
+        :func:`~.layout.fill_stand_in` makes it a kernel's own config.
+        """
         key = (policy.model_dump_json(), runtime, tuple(argv), tuple(pass_fds))
         text = self._texts.get(key)
         if text is None:
             if len(self._texts) >= self.keep:
                 self._texts.clear()
-            config = render_nsjail_config(policy, _STAND_IN, runtime, argv, pass_fds=pass_fds)
+            config = render_nsjail_config(policy, STAND_IN, runtime, argv, pass_fds=pass_fds)
             text = self._texts[key] = render_config_text(config)
-        own = {str(_STAND_IN.root): root, _STAND_IN.kernel_id: kernel_id}
-        return _STAND_INS.sub(lambda match: own[match.group()], text)
+        return text
