@@ -31,13 +31,15 @@ Two modes:
 
 Its modules:
 
-==========  ==================================================================
-``models``  :class:`RunRequest`, :class:`RunResult` and the pure functions that
-            turn the server's reply into a result
-``frames``  the engine's side of the frame protocol
-``worker``  one sandbox running the fork server (the pool's internals)
-``pool``    :class:`BatchPool`: the workers, the queue of callers, re-runs
-==========  ==================================================================
+============  ==================================================================
+``models``    :class:`RunRequest`, :class:`RunResult` and the pure functions that
+              turn the server's reply into a result
+``frames``    the engine's side of the frame protocol
+``worker``    one sandbox running the fork server (the pool's internals)
+``prestart``  its sandboxes spawned from a recipe before the policy is loaded,
+              for a pool to check and adopt (``sandkernel eval``'s start)
+``pool``      :class:`BatchPool`: the workers, the queue of callers, re-runs
+============  ==================================================================
 
 The names below are imported from their module on first use: the clients that
 only build requests and read results load neither the pool nor the sandbox.
@@ -64,11 +66,11 @@ if TYPE_CHECKING:
     )
     from sandkernel.batch.pool import (
         DEFAULT_FETCH_MAX_BYTES,
-        DEFAULT_PRELOAD,
         BatchPool,
         BatchStats,
         iterate_async,
     )
+    from sandkernel.batch.worker import DEFAULT_PRELOAD
 
 #: Re-exported name -> the module (under ``sandkernel.batch.``) that defines it.
 _WHERE: dict[str, str] = {
@@ -85,7 +87,7 @@ _WHERE: dict[str, str] = {
     "raised_memory_error": "models",
     "result_from_reply": "models",
     "DEFAULT_FETCH_MAX_BYTES": "pool",
-    "DEFAULT_PRELOAD": "pool",
+    "DEFAULT_PRELOAD": "worker",
     "BatchPool": "pool",
     "BatchStats": "pool",
     "iterate_async": "pool",

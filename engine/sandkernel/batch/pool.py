@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from sandkernel._tasks import wait_out
 from sandkernel.batch.frames import request_frame
-from sandkernel.batch.worker import Worker, WorkerConfig, WorkerLost
+from sandkernel.batch.worker import DEFAULT_PRELOAD, SpawnedServer, Worker, WorkerConfig, WorkerLost
 from sandkernel.errors import EngineClosed, KernelStartFailed
 from sandkernel.policy import Policy, load_policy
 from sandkernel.sandbox import SandboxHost
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     # (``sandkernel eval``) builds the request models while they boot. A caller
     # of run() has them: its request is one.
     from sandkernel.batch.models import RunRequest, RunResult
+    from sandkernel.batch.prestart import Prestarted
 
 
 def _import_result_models() -> None:
@@ -39,14 +40,6 @@ def _import_result_models() -> None:
     """
     import sandkernel.batch.models  # noqa: F401
 
-
-#: Modules the fork server imports before it forks: what typical benchmark
-#: programs import (HumanEval's prompts and tests use these), so that a child
-#: does not pay for importing them. Each adds pages a child may have to copy.
-DEFAULT_PRELOAD: tuple[str, ...] = (
-    "typing", "math", "re", "collections", "itertools", "functools", "string",
-    "random", "copy", "hashlib", "heapq", "bisect",
-)  # fmt: skip
 
 #: Bytes of fetched files returned per run, all files together.
 DEFAULT_FETCH_MAX_BYTES = 64 << 20
@@ -83,6 +76,10 @@ class BatchPool:
             fails with ``killed`` (or ``oom``).
         pipeline_depth: requests queued per worker, the running one included;
             2 keeps the next one waiting in the pipe while one runs.
+        prestarted: fork servers spawned before the policy was loaded, and
+            their host (:func:`~sandkernel.batch.prestart.prestart`; instead
+            of ``host``): the pool owns them, starts with those that fit its
+            policy and settings, and removes the rest.
 
     Use as ``async with BatchPool(...) as pool:`` or call :meth:`start` and
     :meth:`close`.
@@ -100,7 +97,12 @@ class BatchPool:
         start_timeout_s: float = 30.0,
         max_attempts: int = 2,
         pipeline_depth: int = 2,
+        prestarted: Prestarted | None = None,
     ) -> None:
+        if prestarted is not None:
+            if host is not None:
+                raise ValueError("a pool takes a host or prestarted servers, not both")
+            host = prestarted.host
         if workers is not None and workers < 1:
             raise ValueError("workers must be at least 1")
         if max_attempts < 1:
@@ -112,7 +114,8 @@ class BatchPool:
         self.max_attempts = max_attempts
         self.pipeline_depth = pipeline_depth
         self._host = host
-        self._owns_host = host is None
+        self._owns_host = host is None or prestarted is not None
+        self._prestarted = prestarted
         self._preload = tuple(preload)
         self._output_max_bytes = output_max_bytes or self.policy.output_max_bytes
         self._fetch_max_bytes = fetch_max_bytes
@@ -177,6 +180,13 @@ class BatchPool:
             # The workers already up go too: the caller never gets this pool to close.
             await wait_out(asyncio.ensure_future(self.close()))
             raise
+        if self._prestarted is not None:
+            await self._prestarted.discard()  # more than it has workers
+            worker = next(iter(self._live), None)
+            if worker is not None:
+                self._prestarted.remember(
+                    self.policy, worker.config.settings(), oom_kills_fd=worker.oom_kills_fd
+                )
 
     async def close(self) -> None:
         """Stop every worker and remove its sandbox. Idempotent."""
@@ -193,6 +203,8 @@ class BatchPool:
         # waited above is not replaced, and is stopped here with the others.
         self._live = []
         await asyncio.gather(*(self._stop(w) for w in list(self._workers)), return_exceptions=True)
+        if self._prestarted is not None:
+            await self._prestarted.discard()
         if self._owns_host and self._host is not None:
             self._host.close()
 
@@ -203,8 +215,8 @@ class BatchPool:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _new_worker(self, *, initial: bool) -> Worker:
-        config = WorkerConfig(
+    def _worker_config(self) -> WorkerConfig:
+        return WorkerConfig(
             host=self.host,
             policy=self.policy,
             preload=self._preload,
@@ -212,10 +224,15 @@ class BatchPool:
             fetch_max_bytes=self._fetch_max_bytes,
             start_timeout_s=self._start_timeout_s,
         )
+
+    def _new_worker(self, *, initial: bool, spawned: SpawnedServer | None = None) -> Worker:
+        config = self._worker_config()
         # Only the start's workers count towards wait_spawned(); a replacement
         # comes after the start, which has built the result models already.
         on_spawned = self._spawned if initial else None
-        return Worker(config, self._slot_freed, self._replace, on_spawned=on_spawned)
+        return Worker(
+            config, self._slot_freed, self._replace, on_spawned=on_spawned, spawned=spawned
+        )
 
     def _spawned(self) -> None:
         self._spawns += 1
@@ -235,7 +252,10 @@ class BatchPool:
         await self._all_spawned.wait()
 
     async def _add_worker(self, *, initial: bool = False) -> None:
-        worker = self._new_worker(initial=initial)
+        spawned = None
+        if initial and self._prestarted is not None:
+            spawned = await self._prestarted.take(self.policy, self._worker_config().settings())
+        worker = self._new_worker(initial=initial, spawned=spawned)
         self._workers.add(worker)
         try:
             await worker.start()

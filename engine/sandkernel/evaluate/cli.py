@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from sandkernel.api import Managed, RunsMany
     from sandkernel.batch import BatchPool
+    from sandkernel.batch.prestart import Prestarted
     from sandkernel.evaluate.harness import EvalSummary
     from sandkernel.evaluate.problems import Problem
     from sandkernel.ray import ClusterEngine
@@ -238,12 +239,19 @@ def _checked_input(
     return problems, total, samples
 
 
+def _preload(args: argparse.Namespace) -> tuple[str, ...]:
+    from sandkernel.batch.worker import DEFAULT_PRELOAD
+
+    return DEFAULT_PRELOAD if args.preload is None else args.preload
+
+
 def _runner(
-    args: argparse.Namespace, workers: int
+    args: argparse.Namespace, workers: int, prestarted: Prestarted | None
 ) -> tuple[BatchRunner, ClusterEngine | None, BatchPool | None]:
     """The batch pool (or cluster engine) the samples run on, not started yet.
 
     With it: the cluster engine or the batch pool, whichever the runner is.
+    The pool takes ``prestarted`` (its sandboxes, spawned already).
     """
     if args.ray is not None:
         from sandkernel.ray import ClusterEngine
@@ -253,10 +261,11 @@ def _runner(
             args.ray, policy=args.policy, pool_size=0, batch_workers=args.workers
         )
         return cluster, cluster, None
-    from sandkernel.batch import DEFAULT_PRELOAD, BatchPool
+    from sandkernel.batch import BatchPool
 
-    preload = DEFAULT_PRELOAD if args.preload is None else args.preload
-    pool = BatchPool(policy=args.policy, workers=workers, preload=preload)
+    pool = BatchPool(
+        policy=args.policy, workers=workers, preload=_preload(args), prestarted=prestarted
+    )
     return pool, None, pool
 
 
@@ -284,7 +293,22 @@ async def _evaluate(
     import asyncio
 
     workers = args.workers or os.cpu_count() or 1
-    runner, cluster, pool = _runner(args, workers)
+    prestarted = None
+    if args.ray is None:
+        from sandkernel.batch.prestart import prestart
+
+        # Spawned from the recipe an earlier start left, they boot while the
+        # policy model and the rest are imported; the pool checks them
+        # against the policy before it sends them anything.
+        prestarted = await prestart(args.policy, workers=workers, preload=_preload(args))
+    try:
+        runner, cluster, pool = _runner(args, workers, prestarted)
+    except BaseException:
+        if prestarted is not None:
+            from sandkernel._tasks import wait_out
+
+            await wait_out(asyncio.ensure_future(prestarted.aclose()))
+        raise
     # The sandboxes boot in processes of their own, which is most of a short
     # evaluation's start: they start first, and the input is read and checked
     # while they boot, once they are spawned (read sooner, it would compete
