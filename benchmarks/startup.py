@@ -12,18 +12,23 @@ timed from its spawn to its exit:
   canonical solutions with ``--workers 1``, from process start to its exit
   with the results file written: the command's fixed start (the batch path's
   imports, one sandboxed fork server started and stopped) with almost no
-  work in it.
+  work in it. Its fork server is spawned from the recipe its previous run
+  left (``batch/prestart.py``), as for anyone who runs it twice;
+- **sandkernel eval, 2 samples, first start**: the same with no recipe (its
+  runtime folder's recipes removed before every run), as the first run after
+  a reboot or a change of policy is.
 
 The variants alternate within each round, in an order rotated every round,
 after warm-up rounds (page cache, bytecode caches, cgroups), so each ratio
 compares processes that ran side by side. Targets: ``sandkernel --help``
-within 8x and the two-sample ``eval`` within 20x the baseline's median.
+within 8x and the two-sample ``eval`` (both) within 20x the baseline's median.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +45,11 @@ PYTHON = sys.executable
 FULL = {"warmup": 3, "rounds": 40}
 QUICK = {"warmup": 1, "rounds": 5}
 #: Target ratios to the baseline's median.
-TARGETS = {"sandkernel --help": 8.0, "sandkernel eval, 2 samples": 20.0}
+TARGETS = {
+    "sandkernel --help": 8.0,
+    "sandkernel eval, 2 samples": 20.0,
+    "sandkernel eval, 2 samples, first start": 20.0,
+}
 #: Modules a start-up that needs none of the engine should not have loaded.
 HEAVY_MODULES = (
     "asyncio",
@@ -72,6 +81,7 @@ class Variant:
     argv: list[str]
     check: Callable[[subprocess.CompletedProcess[bytes]], None] | None = None
     before: Callable[[], None] | None = None
+    env: dict[str, str] | None = None
 
 
 def _time_once(variant: Variant) -> float:
@@ -80,8 +90,9 @@ def _time_once(variant: Variant) -> float:
         variant.before()
     started = time.perf_counter_ns()
     proc = subprocess.run(
-        variant.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120
-    )
+        variant.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
+        env=variant.env,
+    )  # fmt: skip
     elapsed_ms = (time.perf_counter_ns() - started) / 1e6
     if proc.returncode != 0:
         raise RuntimeError(
@@ -92,7 +103,8 @@ def _time_once(variant: Variant) -> float:
     return elapsed_ms
 
 
-def _eval_variant(work: Path) -> Variant:
+def _eval_variants(work: Path) -> list[Variant]:
+    """The two-sample evaluation run again, and started afresh: each with a runtime folder."""
     problems = load_problems("humaneval")
     samples = work / "samples.jsonl"
     samples.write_text(
@@ -103,9 +115,6 @@ def _eval_variant(work: Path) -> Variant:
     )
     results = work / "results.jsonl"
 
-    def forget_results() -> None:
-        results.unlink(missing_ok=True)
-
     def results_written(_: subprocess.CompletedProcess[bytes]) -> None:
         verdicts = [json.loads(line)["result"] for line in results.read_text().splitlines()]
         if verdicts != ["passed"] * len(_EVAL_SAMPLES):
@@ -113,7 +122,25 @@ def _eval_variant(work: Path) -> Variant:
 
     argv = [*sandkernel_command(), "eval", "--samples", str(samples), "--out", str(results),
             "--workers", "1", "--k", "1", "--ignore-incomplete", "--no-progress"]  # fmt: skip
-    return Variant("sandkernel eval, 2 samples", argv, check=results_written, before=forget_results)
+    variants = []
+    for name, recipes_kept in (("sandkernel eval, 2 samples", True),
+                               ("sandkernel eval, 2 samples, first start", False)):  # fmt: skip
+        runtime = Path(tempfile.mkdtemp(prefix="skb-", dir="/run"))
+
+        def before(runtime: Path = runtime, recipes_kept: bool = recipes_kept) -> None:
+            results.unlink(missing_ok=True)
+            if not recipes_kept:
+                shutil.rmtree(runtime / "recipes", ignore_errors=True)
+
+        env = {**os.environ, "SANDKERNEL_RUNTIME_DIR": str(runtime)}
+        variants.append(Variant(name, argv, check=results_written, before=before, env=env))
+    return variants
+
+
+def _remove_runtime_folders(variants: Sequence[Variant]) -> None:
+    for variant in variants:
+        if variant.env is not None:
+            shutil.rmtree(variant.env["SANDKERNEL_RUNTIME_DIR"], ignore_errors=True)
 
 
 def _modules_loaded(code: str) -> dict[str, Any]:
@@ -147,9 +174,12 @@ def run(*, quick: bool) -> dict[str, Any]:
             Variant("python -c pass", [PYTHON, "-c", "pass"]),
             Variant("import sandkernel", [PYTHON, "-c", "import sandkernel"]),
             Variant("sandkernel --help", [*sandkernel_command(), "--help"]),
-            _eval_variant(Path(tmp)),
+            *_eval_variants(Path(tmp)),
         ]
-        raw = measure(variants, warmup=plan["warmup"], rounds=plan["rounds"])
+        try:
+            raw = measure(variants, warmup=plan["warmup"], rounds=plan["rounds"])
+        finally:
+            _remove_runtime_folders(variants)
     load_after = machine_info()["load_average"]
     modules = {
         "python -c pass": _modules_loaded("pass"),
@@ -186,7 +216,8 @@ def run(*, quick: bool) -> dict[str, Any]:
         f"Interpreter: {PYTHON}; the command: {' '.join(sandkernel_command())}.",
         "sandkernel eval, 2 samples: HumanEval/0 and HumanEval/1's canonical solutions, "
         "--workers 1, the shipped HumanEval with --ignore-incomplete; timed to the "
-        "process's exit, its results file checked after every run.",
+        "process's exit, its results file checked after every run; its fork server "
+        "spawned from the recipe of its previous run, or (first start) with none.",
         "Modules loaded: after the import, or after building the parser and formatting its "
         "help; heavy modules loaded: "
         + "; ".join(f"{n}: {', '.join(m['heavy']) or 'none'}" for n, m in modules.items())
