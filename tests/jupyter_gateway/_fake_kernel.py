@@ -97,6 +97,20 @@ class FakeKernel:
         frames = [*self.identities[channel], b"<IDS|MSG>", self.session.sign(list(parts))]
         await self.sockets[channel].send_multipart([*frames, *parts])
 
+    def hand_to_thread(self, channel: str) -> zmq.Socket[bytes]:
+        """The socket of ``channel``, for one other thread alone from now on (as a kernel's own).
+
+        A ZeroMQ socket may be used by one thread at a time. Once the event
+        loop has awaited on it, pyzmq watches its descriptor and reads its
+        state (``EVENTS``) whenever that fires, which races a send in
+        another thread: libzmq can then fail an assertion and abort the whole
+        process. So the loop stops watching it first (pyzmq's own step at
+        close), and is not to use it again.
+        """
+        sock = self.sockets[channel]
+        sock._clear_io_state()  # type: ignore[no-untyped-call]
+        return zmq.Socket.shadow(sock.underlying)
+
     def publish(
         self, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None = None
     ) -> None:

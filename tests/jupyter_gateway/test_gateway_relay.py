@@ -694,15 +694,18 @@ def _flood_frames(kernel: FakeKernel, identity: list[bytes], count: int) -> list
 
 
 def _flood(
-    kernel: FakeKernel, frames: list[list[bytes]], stop: threading.Event, full: threading.Event
+    sock: zmq.Socket[bytes],
+    frames: list[list[bytes]],
+    stop: threading.Event,
+    full: threading.Event,
 ) -> None:
     """Send ``frames`` on the kernel's shell socket, as fast as the relay's socket takes them.
 
     Runs in a thread of its own, as a kernel runs in a process of its own: the
-    event loop's being held stops nothing here. ``full``: the relay's socket
-    took no more for a while.
+    event loop's being held stops nothing here. ``sock``: the kernel's shell
+    socket, handed to this thread (``FakeKernel.hand_to_thread``). ``full``:
+    the relay's socket took no more for a while.
     """
-    sock: zmq.Socket[bytes] = zmq.Socket.shadow(kernel.sockets["shell"].underlying)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # wait while the relay's socket is full
     sock.setsockopt(zmq.SNDTIMEO, 100)
     for msg in frames:
@@ -749,7 +752,8 @@ async def test_a_kernel_flooding_its_drain_holds_neither_the_event_loop_nor_the_
         await answered_while_storing(harness, client)
         frames = _flood_frames(kernel, kernel.identities["shell"], 30_000)
         stop, full = threading.Event(), threading.Event()
-        flooding = threading.Thread(target=_flood, args=(kernel, frames, stop, full), daemon=True)
+        shell = kernel.hand_to_thread("shell")
+        flooding = threading.Thread(target=_flood, args=(shell, frames, stop, full), daemon=True)
         flooding.start()
         # What another task of the daemon sees: how far the relay got each time it ran.
         seen: list[int] = []
