@@ -105,7 +105,7 @@ class Jail:
         limits: JailLimits | None = None,
         workspace: Path | None = None,
     ) -> None:
-        limits = limits or policy
+        limits = limits if limits is not None else policy
         if limits is None:
             raise ValueError("a jail needs a policy or its limits")
         self.host = host
