@@ -7,6 +7,7 @@ command are the policy's; any other is removed and the recipe rewritten.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +32,9 @@ from sandkernel.batch.prestart import (
     recipe_file,
     write_recipe,
 )
+from sandkernel.batch.worker import DEFAULT_PRELOAD as _DEFAULT
 from sandkernel.batch.worker import ServerSettings
+from sandkernel.errors import PolicyError
 from sandkernel.policy import load_policy
 from sandkernel.sandbox.layout import STAND_IN, KernelLayout
 
@@ -255,3 +259,80 @@ async def test_a_recipe_made_from_the_policy_is_what_the_pool_would_start(
         assert read_recipe(first.path) == make_recipe(
             pool.host, policy, settings, oom_kills_fd=worker.oom_kills_fd
         )
+
+
+# ---------------------------------------------------------------------------
+# sandkernel eval
+
+
+def _eval(runtime_dir: Path, tmp_path: Path, *options: str) -> tuple[int, list[str]]:
+    """``sandkernel eval`` on two HumanEval samples; its exit code and the verdicts."""
+    from sandkernel.evaluate import load_problems
+    from sandkernel.evaluate.cli import add_eval_parser, run_eval
+
+    problems = load_problems("humaneval")
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(
+        "".join(
+            json.dumps({"task_id": t, "completion": completion}) + "\n"
+            for t, completion in (("HumanEval/0", problems["HumanEval/0"].reference),
+                                  ("HumanEval/1", "    return []\n"))
+        )
+    )  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    out.unlink(missing_ok=True)
+    parser = argparse.ArgumentParser(prog="sandkernel")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--samples", str(samples), "--out", str(out),
+                              "--workers", "2", "--k", "1", "--ignore-incomplete",
+                              "--no-progress", *options])  # fmt: skip
+    code = run_eval(args)
+    verdicts = [json.loads(line)["result"] for line in out.read_text().splitlines()]
+    return code, verdicts
+
+
+def _left_by_this_process(runtime_dir: Path) -> list[str]:
+    """Sandboxes of this process's engines: folders in ``runtime_dir``, and cgroups."""
+    from sandkernel.sandbox.cgroups import CgroupLayout
+
+    mine = f"{os.getpid()}-*"
+    found = [str(p) for p in runtime_dir.glob(mine)]
+    for parent in CgroupLayout.detect().parent_dirs():
+        found += [str(p) for p in parent.glob(mine)]
+    return found
+
+
+@sandbox
+def test_eval_runs_its_second_start_on_the_servers_it_spawned_first(
+    runtime_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[bool] = []
+    take = Prestarted.take
+
+    async def spied(self: Prestarted, *args: Any) -> Any:
+        server = await take(self, *args)
+        taken.append(server is not None)
+        return server
+
+    monkeypatch.setattr(Prestarted, "take", spied)
+    for run in range(2):
+        code, verdicts = _eval(runtime_dir, tmp_path)
+        assert code == 0
+        assert verdicts == ["passed", "failed: "], verdicts
+        assert taken == [[False, False], [True, True]][run]
+        taken.clear()
+    assert _left_by_this_process(runtime_dir) == []
+
+
+@sandbox
+def test_eval_with_a_policy_broken_since_its_recipe_removes_the_servers_it_spawned(
+    runtime_dir: Path, tmp_path: Path
+) -> None:
+    policy = tmp_path / "mine.toml"
+    policy.write_text("memory_mb = 512\n")
+    code, _ = _eval(runtime_dir, tmp_path, "--policy", str(policy))
+    assert code == 0 and read_recipe(recipe_file(runtime_dir, str(policy), _DEFAULT)) is not None
+    policy.write_text('memory_mb = "a lot"\n')
+    with pytest.raises(PolicyError, match="memory_mb"):
+        _eval(runtime_dir, tmp_path, "--policy", str(policy))
+    assert _left_by_this_process(runtime_dir) == []
