@@ -125,6 +125,12 @@ def test_only_a_recipe_written_by_the_engine_user_alone_is_read(tmp_path: Path) 
         path.write_text(broken)
         assert read_recipe(path) is None
     assert read_recipe(tmp_path / "none.json") is None
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    assert read_recipe(path) is None  # not read: nothing would ever be written to it
+    path.unlink()
+    path.write_text(recipe.to_json() + " " * (1 << 20))
+    assert read_recipe(path) is None  # not a recipe's size
 
 
 def test_each_policy_and_preload_has_a_recipe_of_its_own(

@@ -18,8 +18,8 @@ and writes the recipe anew. No request reaches a server before that check:
 all that runs in a sandbox not checked yet is the server's own start.
 
 Recipes live in the runtime folder (``/run/sandkernel/recipes``, which a
-reboot empties), one JSON file per policy, root's alone: a file not owned
-by the engine's user or writable by anyone else is ignored.
+reboot empties), one JSON file per policy and preload, root's alone: a file
+not owned by the engine's user or writable by anyone else is ignored.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ RECIPES_DIR = "recipes"
 #: server's own (as the stand-in kernel's id and folder are by its own).
 _FD_STAND_IN = 1_023_456_789
 _FD_STAND_INS = re.compile(rf"\b{_FD_STAND_IN}\b")
+#: A recipe is about 6 KB; a larger file is not one.
+_RECIPE_MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -130,18 +133,28 @@ def recipe_file(root: Path, policy: str | None, preload: Sequence[str]) -> Path:
 
 
 def read_recipe(path: Path) -> Recipe | None:
-    """The recipe in ``path``; None if there is none, or none to trust (owner, mode, format)."""
+    """The recipe in ``path``; None if there is none, or none to trust (kind, owner, mode, format).
+
+    Only a regular file (not a link, not a FIFO that would block the read,
+    at most :data:`_RECIPE_MAX_BYTES`) that the engine's user owns and no one
+    else may write.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    with open(fd, encoding="utf-8") as file:
-        info = os.fstat(file.fileno())
-        if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+    with open(fd, "rb") as file:
+        info = os.fstat(fd)
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or info.st_uid != os.geteuid()
+            or info.st_mode & 0o022
+            or info.st_size > _RECIPE_MAX_BYTES
+        ):
             return None
         try:
-            return Recipe.from_json(file.read())
-        except (ValueError, TypeError, KeyError, AttributeError):
+            return Recipe.from_json(file.read(_RECIPE_MAX_BYTES).decode("utf-8"))
+        except (ValueError, TypeError, KeyError, AttributeError):  # UnicodeDecodeError too
             return None
 
 
