@@ -54,16 +54,12 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     assert left == []
 
 
-def _settings(**changes: object) -> ServerSettings:
+def _recipe(template: str = "x", *, oom_kills_fd: bool = True) -> Recipe:
     settings = ServerSettings(
         python="/usr/bin/python3", preload=PRELOAD, file_size_mb=64, nofile=1024,
         output_max_bytes=1 << 20, fetch_max_bytes=1 << 20,
     )  # fmt: skip
-    return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
-
-
-def _recipe(template: str = "x", *, oom_kills_fd: bool = True) -> Recipe:
-    return Recipe(Limits.of(load_policy()), _settings(), oom_kills_fd, template)
+    return Recipe(Limits.of(load_policy()), settings, oom_kills_fd, template)
 
 
 def _traces(prestarted: Prestarted) -> list[str]:
