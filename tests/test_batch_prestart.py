@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -62,6 +63,13 @@ def _recipe(template: str = "x", *, oom_kills_fd: bool = True) -> Recipe:
     return Recipe(Limits.of(load_policy()), settings, oom_kills_fd, template)
 
 
+class _FullDisk(Recipe):
+    """A recipe whose writing fails half-way, as on a full disk."""
+
+    def to_json(self) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def _traces(prestarted: Prestarted) -> list[str]:
     """What the host of ``prestarted`` has on the machine: kernel folders and cgroups."""
     host = prestarted.host
@@ -104,6 +112,9 @@ def test_only_a_recipe_written_by_the_engine_user_alone_is_read(tmp_path: Path) 
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
     assert list(path.parent.iterdir()) == [path]  # no temporary file left
+    with pytest.raises(OSError, match="No space left"):
+        write_recipe(path, _FullDisk(recipe.limits, recipe.settings, True, "other"))
+    assert list(path.parent.iterdir()) == [path] and read_recipe(path) == recipe
 
     link = tmp_path / "recipes" / "link.json"
     link.symlink_to(path)

@@ -161,14 +161,16 @@ def read_recipe(path: Path) -> Recipe | None:
 def write_recipe(path: Path, recipe: Recipe) -> None:
     """Write ``recipe`` to ``path`` whole (a new file renamed onto it), readable by root alone."""
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=".", suffix=".tmp", delete=False, encoding="utf-8"
-    ) as file:
-        file.write(recipe.to_json())
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")  # 0600
     try:
-        os.replace(file.name, path)
+        with open(fd, "w", encoding="utf-8") as file:
+            file.write(recipe.to_json())
+        os.replace(temporary, path)
     except BaseException:
-        os.unlink(file.name)
+        # A full disk, say: nothing is left of it, and the recipe there (if
+        # any) is as it was.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
         raise
 
 
