@@ -8,6 +8,7 @@ command are the policy's; any other is removed and the recipe rewritten.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import errno
 import json
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from sandkernel.batch import BatchPool, RunRequest
+from sandkernel.batch import prestart as prestart_module
 from sandkernel.batch.prestart import (
     _FD_STAND_IN,
     Limits,
@@ -348,4 +350,36 @@ def test_eval_with_a_policy_broken_since_its_recipe_removes_the_servers_it_spawn
     policy.write_text('memory_mb = "a lot"\n')
     with pytest.raises(PolicyError, match="memory_mb"):
         _eval(runtime_dir, tmp_path, "--policy", str(policy))
+    assert _left_by_this_process(runtime_dir) == []
+
+
+@sandbox
+@pytest.mark.anyio
+async def test_a_prestart_cancelled_midway_leaves_nothing(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await prestart(None, workers=1, preload=PRELOAD)
+    assert first is not None
+    async with BatchPool(workers=1, preload=PRELOAD, prestarted=first):
+        pass
+    spawn = prestart_module._spawn
+    second, never = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def second_never_ends(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            second.set()
+            await never.wait()
+        return await spawn(*args)
+
+    monkeypatch.setattr(prestart_module, "_spawn", second_never_ends)
+    starting = asyncio.ensure_future(prestart(None, workers=2, preload=PRELOAD))
+    async with asyncio.timeout(30):
+        await second.wait()
+    assert _left_by_this_process(runtime_dir)  # the first server, spawned
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
     assert _left_by_this_process(runtime_dir) == []

@@ -24,6 +24,7 @@ not owned by the engine's user or writable by anyone else is ignored.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -37,6 +38,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sandkernel._tasks import wait_out
 from sandkernel.batch.worker import ServerSettings, SpawnedServer, spawn_server
 from sandkernel.sandbox.host import SandboxHost
 from sandkernel.sandbox.jail import Jail
@@ -284,7 +286,9 @@ async def prestart(
         await prestarted.discard()
         prestarted.stale = True
     except BaseException:
-        await prestarted.aclose()
+        # Cancelled, or ^C: what was spawned goes, to the end even if
+        # cancelled again meanwhile.
+        await wait_out(asyncio.ensure_future(prestarted.aclose()))
         raise
     return prestarted
 
