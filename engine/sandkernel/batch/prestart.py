@@ -42,7 +42,7 @@ from sandkernel._tasks import wait_out
 from sandkernel.batch.worker import ServerSettings, SpawnedServer, spawn_server
 from sandkernel.sandbox.host import SandboxHost
 from sandkernel.sandbox.jail import Jail
-from sandkernel.sandbox.layout import KernelLayout, fill_stand_in
+from sandkernel.sandbox.layout import KernelLayout, fill_stand_in, stands_in
 from sandkernel.sandbox.limits import JAIL_LIMIT_FIELDS
 
 if TYPE_CHECKING:
@@ -95,9 +95,9 @@ class Recipe:
 
     def config(self, layout: KernelLayout, pass_fds: Sequence[int]) -> str:
         """The config for a server in ``layout`` passed ``pass_fds``; :class:`_Unfit` if none."""
-        text = fill_stand_in(self.template, layout)
-        if text is None or bool(pass_fds) != self.oom_kills_fd:
+        if not stands_in(layout) or bool(pass_fds) != self.oom_kills_fd:
             raise _Unfit
+        text = fill_stand_in(self.template, layout)
         return _FD_STAND_INS.sub(str(pass_fds[0]), text) if pass_fds else text
 
     def to_json(self) -> str:

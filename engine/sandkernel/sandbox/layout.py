@@ -55,14 +55,22 @@ _STAND_INS = re.compile(f"{re.escape(str(STAND_IN.root))}|{re.escape(STAND_IN.ke
 _VERBATIM = re.compile(r"[\w./+,=@:-]*", re.ASCII)
 
 
-def fill_stand_in(template: str, layout: KernelLayout) -> str | None:
+def stands_in(layout: KernelLayout) -> bool:
+    """Whether ``layout``'s id and folder are written into a config as they are.
+
+    Only then can a config rendered for :data:`STAND_IN` be made its own
+    (:func:`fill_stand_in`); otherwise its config is to be rendered in full.
+    """
+    return bool(_VERBATIM.fullmatch(str(layout.root)) and _VERBATIM.fullmatch(layout.kernel_id))
+
+
+def fill_stand_in(template: str, layout: KernelLayout) -> str:
     """``template`` (a config rendered for :data:`STAND_IN`) made ``layout``'s own.
 
-    None if ``layout``'s id or folder is one the text format would escape:
-    its config is then to be rendered in full.
+    Raises ValueError if ``layout`` does not :func:`stand in <stands_in>`.
     """
+    if not stands_in(layout):
+        raise ValueError(f"kernel {layout.kernel_id!r} in {layout.root} cannot stand in")
     root, kernel_id = str(layout.root), layout.kernel_id
-    if not (_VERBATIM.fullmatch(root) and _VERBATIM.fullmatch(kernel_id)):
-        return None
     own = {str(STAND_IN.root): root, STAND_IN.kernel_id: kernel_id}
     return _STAND_INS.sub(lambda match: own[match.group()], template)

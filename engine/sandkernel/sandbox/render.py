@@ -28,6 +28,7 @@ from sandkernel.sandbox.layout import (
     WORKSPACE_IN_JAIL,
     KernelLayout,
     fill_stand_in,
+    stands_in,
 )
 from sandkernel.sandbox.runtime import Runtime
 
@@ -255,11 +256,10 @@ class ConfigRenderer:
         pass_fds: Sequence[int] = (),
     ) -> str:
         """``render_config_text(render_nsjail_config(...))`` of these arguments."""
-        text = fill_stand_in(self.template(policy, runtime, argv, pass_fds=pass_fds), layout)
-        if text is None:
+        if not stands_in(layout):
             config = render_nsjail_config(policy, layout, runtime, argv, pass_fds=pass_fds)
             return render_config_text(config)
-        return text
+        return fill_stand_in(self.template(policy, runtime, argv, pass_fds=pass_fds), layout)
 
     def template(
         self,
